@@ -1,0 +1,25 @@
+"""MCMC building blocks: kernels as pure steps (RWM, MALA, HMC, Langevin) and adaptation."""
+
+from diffstat.mcmc.adaptation import DualAveraging, WelfordVariance
+from diffstat.mcmc.base import MCMCInfo, MCMCState, init, metropolis_accept
+from diffstat.mcmc.hmc import hmc_step, leapfrog
+from diffstat.mcmc.langevin import UnderdampedState, ula_step, underdamped_init, underdamped_step
+from diffstat.mcmc.mala import mala_step
+from diffstat.mcmc.rwm import rwm_step
+
+__all__ = [
+    "MCMCState",
+    "MCMCInfo",
+    "init",
+    "metropolis_accept",
+    "rwm_step",
+    "mala_step",
+    "hmc_step",
+    "leapfrog",
+    "ula_step",
+    "UnderdampedState",
+    "underdamped_init",
+    "underdamped_step",
+    "DualAveraging",
+    "WelfordVariance",
+]

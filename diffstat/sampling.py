@@ -1,0 +1,158 @@
+"""The front door: ``ds.sample(target, method, ...)`` and the registry of samplers behind it.
+
+A sampler is a function ``fn(target, *, num_samples, num_chains, generator, progress, device,
+**options) -> SamplerResult`` registered under a method name with :func:`register_sampler`; the
+front validates the common arguments, seeds the generator, times and counts the run, and turns
+the result into ``arviz.InferenceData`` (:mod:`diffstat.io`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from diffstat._util import check_positive_int
+from diffstat.target import Target
+
+__all__ = ["sample", "register_sampler", "SamplerResult", "available_methods", "resolve_reference"]
+
+_REGISTRY: dict[str, Callable[..., "SamplerResult"]] = {}
+#: Modules that register samplers when imported; imported lazily by ``sample``.
+_SAMPLER_MODULES = (
+    "diffstat.mcmc.sampler",
+    "diffstat.tempering",
+    "diffstat.diffusion.sampler",
+    "diffstat.smoothing",
+)
+
+
+@dataclass
+class SamplerResult:
+    """What a sampler hands back to the front.
+
+    draws : (chain, draw, dim) tensor in the target's (unconstrained) coordinates, equally weighted.
+    sample_stats : name -> (chain, draw, ...) arrays; must contain ``lp``.
+    groups : extra InferenceData groups, name -> {variable -> array whose first axis is the stage}.
+    attrs : extra ``posterior.attrs`` (``log_normalizer``, ``log_normalizer_se``, settings chosen).
+    """
+
+    draws: torch.Tensor
+    sample_stats: dict[str, object]
+    groups: dict[str, dict[str, object]] = field(default_factory=dict)
+    attrs: dict[str, object] = field(default_factory=dict)
+
+
+def register_sampler(name: str):
+    """Decorator registering ``fn`` as the sampler behind ``ds.sample(target, name, ...)``."""
+
+    def decorator(fn):
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorator
+
+
+def _load_samplers() -> None:
+    import importlib
+
+    for module in _SAMPLER_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:  # a sampler family not built yet
+            if err.name is None or not module.startswith(err.name):
+                raise
+
+
+def available_methods() -> list[str]:
+    """Names of every registered sampling method."""
+    _load_samplers()
+    return sorted(_REGISTRY)
+
+
+def resolve_reference(target: Target, reference) -> torch.distributions.Distribution | None:
+    """The reference a tempering-type method starts from: ``reference`` if given, else the
+    target's own; ``ValueError`` if it is not a distribution on R^dim."""
+    if reference is None:
+        return target.reference
+    if not isinstance(reference, torch.distributions.Distribution):
+        raise ValueError(f"reference must be a torch.distributions.Distribution, got {type(reference).__name__}")
+    shape = tuple(reference.batch_shape + reference.event_shape)
+    if shape != (target.dim,):
+        raise ValueError(f"reference has shape {shape}, but the target has dim={target.dim}")
+    return reference
+
+
+def sample(
+    target: Target,
+    method: str,
+    *,
+    num_samples: int,
+    seed: int,
+    num_chains: int | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    **options,
+):
+    """Draw from ``target`` with ``method``; return ``arviz.InferenceData``.
+
+    Parameters
+    ----------
+    target : Target
+        The unnormalised log-density (``ds.Target`` or ``ds.Target.from_pyro``).
+    method : str
+        One of :func:`available_methods`: ``"mala"``, ``"hmc"``, ``"rwm"``, ``"ais"``, ``"smc"``,
+        ``"pt"``, ``"walk_jump"``, ``"sms"``, ``"diffusion"``.
+    num_samples : int
+        Draws per chain (for particle methods with one chain: the number of particles returned).
+    seed : int
+        Seeds a ``torch.Generator``: the same seed gives the same draws on the same machine.
+    num_chains : int, optional
+        Independent chains; each method has its own default.
+    progress : bool
+        Show a tqdm progress bar.
+    device : str or torch.device, optional
+        Where the computation runs (``"cpu"``, ``"cuda"``); the log-density must accept tensors there.
+    **options
+        Options of the method (see each sampler's docstring).
+    """
+    if not isinstance(target, Target):
+        raise ValueError(f"target must be a diffstat.Target, got {type(target).__name__}")
+    _load_samplers()
+    if method not in _REGISTRY:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(_REGISTRY))}")
+    num_samples = check_positive_int(num_samples, "num_samples")
+    if num_chains is not None:
+        num_chains = check_positive_int(num_chains, "num_chains")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if "reference" in options:
+        options["reference"] = resolve_reference(target, options["reference"])
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+
+    from diffstat import io
+
+    evals_before = target.num_target_evals
+    start = time.perf_counter()
+    result = _REGISTRY[method](
+        target,
+        num_samples=num_samples,
+        num_chains=num_chains,
+        generator=generator,
+        progress=progress,
+        device=device,
+        **options,
+    )
+    elapsed = time.perf_counter() - start
+    attrs = {
+        "method": method,
+        "num_target_evals": int(target.num_target_evals - evals_before),
+        "sampling_time": float(elapsed),
+        "seed": int(seed),
+    }
+    attrs.update(result.attrs)
+    return io.to_inference_data(target, result, attrs)

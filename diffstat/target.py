@@ -1,0 +1,197 @@
+"""The target: an unnormalised log-density on R^dim, batched, counted and validated.
+
+Every sampler in diffstat is driven by a :class:`Target`. It wraps a torch callable
+``log_prob: (n, dim) -> (n,)``, gives its gradient by autograd, counts every point at which the
+log-density (or its gradient) is evaluated, and refuses bad input before any work is done.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+__all__ = ["Target"]
+
+#: Points used to probe a log-density when a Target is built.
+_NUM_PROBE_POINTS = 4
+
+
+class Target:
+    r"""An unnormalised log-density :math:`\log \tilde\pi(x)` on :math:`\mathbb{R}^d`.
+
+    Parameters
+    ----------
+    log_prob : callable
+        Maps a batch ``x: (n, dim)`` to ``(n,)``, written with torch operations so that autograd
+        gives :math:`\nabla_x \log \tilde\pi(x)`. The normalising constant
+        :math:`Z = \int \tilde\pi(x)\,dx` need not be known.
+    dim : int
+        The dimension ``d``.
+    name : str
+        Name of the variable in the returned ``InferenceData``.
+    reference : torch.distributions.Distribution, optional
+        A distribution on R^dim that tempering-type methods start from.
+    dtype : torch.dtype, optional
+        Floating point type of the points; defaults to ``torch.get_default_dtype()``.
+
+    Notes
+    -----
+    ``num_target_evals`` counts points, not calls: evaluating the log-density and its gradient at
+    ``n`` points adds ``n``, whether or not the gradient was asked for.
+
+    Bad input raises ``ValueError`` naming the problem: a ``dim`` that is not a positive integer or
+    that ``log_prob`` does not accept, an output of the wrong shape, NaN or ``+inf`` at the probe
+    points, or a log-density autograd cannot differentiate.
+    """
+
+    def __init__(
+        self,
+        log_prob: Callable[[torch.Tensor], torch.Tensor],
+        dim: int,
+        *,
+        name: str = "x",
+        reference: torch.distributions.Distribution | None = None,
+        dtype: torch.dtype | None = None,
+        validate: bool = True,
+    ):
+        if not callable(log_prob):
+            raise ValueError(f"log_prob must be callable, got {type(log_prob).__name__}")
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        if reference is not None:
+            if not isinstance(reference, torch.distributions.Distribution):
+                raise ValueError("reference must be a torch.distributions.Distribution")
+            shape = tuple(reference.batch_shape + reference.event_shape)
+            if shape != (int(dim),):
+                raise ValueError(
+                    f"reference has shape {shape}, but the target has dim={dim}: "
+                    f"the reference must be a distribution on R^{dim}"
+                )
+        self._log_prob = log_prob
+        self.dim = int(dim)
+        self.name = name
+        self.reference = reference
+        self.dtype = dtype if dtype is not None else torch.get_default_dtype()
+        self.num_target_evals = 0
+        if validate:
+            gen = torch.Generator().manual_seed(0)
+            probe = torch.randn(_NUM_PROBE_POINTS, self.dim, generator=gen, dtype=self.dtype)
+            if reference is not None:
+                with torch.random.fork_rng():
+                    torch.manual_seed(0)
+                    probe = reference.sample((_NUM_PROBE_POINTS,)).to(self.dtype)
+            self.validate(probe)
+            self.num_target_evals = 0
+
+    # ------------------------------------------------------------------ evaluation
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-density at ``x: (n, dim)``, shape ``(n,)``; counts ``n`` evaluations."""
+        self.num_target_evals += x.shape[0]
+        return self._log_prob(x)
+
+    def log_prob_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-density ``(n,)`` and its gradient ``(n, dim)`` at ``x``, detached; counts ``n``."""
+        self.num_target_evals += x.shape[0]
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            lp = self._log_prob(x)
+            (grad,) = torch.autograd.grad(lp.sum(), x)
+        return lp.detach(), grad.detach()
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        r"""The score :math:`\nabla_x \log \tilde\pi(x)`, shape ``(n, dim)``; counts ``n``."""
+        return self.log_prob_and_grad(x)[1]
+
+    __call__ = log_prob
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, x: torch.Tensor) -> None:
+        """Check the log-density at the points ``x: (n, dim)``; raise ``ValueError`` if bad.
+
+        Checks, in order: the points' shape, that ``log_prob`` accepts them, the output's shape,
+        NaN or ``+inf`` values, and that autograd gives a finite-or-NaN gradient of the right shape.
+        """
+        if not torch.is_tensor(x) or x.dim() != 2 or x.shape[1] != self.dim:
+            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"initial points must have shape (n, {self.dim}), got {shape}")
+        n = x.shape[0]
+        self.num_target_evals += n
+        try:
+            with torch.enable_grad():
+                xg = x.detach().clone().requires_grad_(True)
+                lp = self._log_prob(xg)
+        except (RuntimeError, IndexError) as err:
+            raise ValueError(
+                f"log_prob failed on a batch of shape ({n}, {self.dim}): does dim={self.dim} "
+                f"match the log-density? ({err})"
+            ) from err
+        if not torch.is_tensor(lp):
+            raise ValueError(f"log_prob must return a torch tensor, got {type(lp).__name__}")
+        if tuple(lp.shape) != (n,):
+            raise ValueError(
+                f"log_prob must map a batch of shape ({n}, {self.dim}) to shape ({n},), "
+                f"got {tuple(lp.shape)}; check dim and that the log-density sums over the last "
+                "axis only"
+            )
+        if torch.isnan(lp).any():
+            raise ValueError(
+                f"log_prob returned NaN at {int(torch.isnan(lp).sum())} of {n} initial points; "
+                "return -inf outside the support"
+            )
+        if torch.isposinf(lp).any():
+            raise ValueError(f"log_prob returned +inf at {int(torch.isposinf(lp).sum())} of {n} initial points")
+        if not lp.requires_grad:
+            raise ValueError(
+                "log_prob is not differentiable by autograd (its output does not depend on x "
+                "through torch operations; avoid numpy, .item() and .detach() inside it)"
+            )
+        try:
+            (grad,) = torch.autograd.grad(lp.sum(), xg, allow_unused=True)
+        except RuntimeError as err:
+            raise ValueError(f"autograd cannot differentiate log_prob: {err}") from err
+        if grad is None:
+            raise ValueError("log_prob is not differentiable by autograd: its output does not depend on x")
+        finite = torch.isfinite(lp)
+        if finite.any() and (grad[finite] == 0).all(dim=0).any() and n >= 2:
+            cols = torch.nonzero((grad[finite] == 0).all(dim=0)).flatten().tolist()
+            raise ValueError(
+                f"log_prob does not depend on coordinates {cols[:10]} of x: does dim={self.dim} "
+                "match the log-density? (an unnormalised density constant along a coordinate is "
+                "improper)"
+            )
+
+    # ------------------------------------------------------------------ initial points, output
+    def sample_reference(self, n: int, generator: torch.Generator, device=None) -> torch.Tensor:
+        """``n`` draws ``(n, dim)`` from the reference, or from N(0, I) without one."""
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.reference is None:
+            return torch.randn(n, self.dim, generator=generator, dtype=self.dtype, device=device)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            x = self.reference.sample((n,))
+        return x.to(device=device, dtype=self.dtype)
+
+    def reference_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised log-density of the reference at ``x: (n, dim)`` (N(0, I) without one)."""
+        if self.reference is None:
+            return -0.5 * (x**2).sum(-1) - 0.5 * self.dim * np.log(2 * np.pi)
+        return self.reference.log_prob(x)
+
+    def to_posterior(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """Map draws ``x: (chain, draw, dim)`` to the variables reported in ``posterior``."""
+        return {self.name: x.detach().cpu().numpy()}
+
+    def __repr__(self) -> str:
+        return f"Target(name={self.name!r}, dim={self.dim}, num_target_evals={self.num_target_evals})"
+
+    @classmethod
+    def from_pyro(cls, model, *model_args, **model_kwargs) -> "Target":
+        """The posterior of a Pyro model given its arguments; see :mod:`diffstat.pyro_target`."""
+        from diffstat.pyro_target import PyroTarget
+
+        return PyroTarget(model, *model_args, **model_kwargs)
