@@ -155,14 +155,20 @@ class Target:
             raise ValueError(f"autograd cannot differentiate log_prob: {err}") from err
         if grad is None:
             raise ValueError("log_prob is not differentiable by autograd: its output does not depend on x")
+        # A dim larger than the log-density uses: some coordinates have an identically zero
+        # gradient at distinct points while others do not (a density constant along a coordinate
+        # is improper). Skipped when the points coincide or every gradient vanishes.
         finite = torch.isfinite(lp)
-        if finite.any() and (grad[finite] == 0).all(dim=0).any() and n >= 2:
-            cols = torch.nonzero((grad[finite] == 0).all(dim=0)).flatten().tolist()
-            raise ValueError(
-                f"log_prob does not depend on coordinates {cols[:10]} of x: does dim={self.dim} "
-                "match the log-density? (an unnormalised density constant along a coordinate is "
-                "improper)"
-            )
+        if int(finite.sum()) >= 2:
+            g, xs = grad[finite], x[finite]
+            flat = (g == 0).all(dim=0) & (xs != xs[:1]).any(dim=0)
+            if flat.any() and not flat.all() and (g != 0).any():
+                cols = torch.nonzero(flat).flatten().tolist()
+                raise ValueError(
+                    f"log_prob does not depend on coordinates {cols[:10]} of x: does dim={self.dim} "
+                    "match the log-density? (an unnormalised density constant along a coordinate "
+                    "is improper)"
+                )
 
     # ------------------------------------------------------------------ initial points, output
     def sample_reference(self, n: int, generator: torch.Generator, device=None) -> torch.Tensor:

@@ -44,12 +44,13 @@ def mala_step(
     h = as_per_chain(step_size, x)
     m_inv = 1.0 if inv_mass is None else inv_mass
     noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    y = x + h * m_inv * g + torch.sqrt(2 * h * m_inv) * noise
+    h_m = h * m_inv
+    forward_step = h_m * g + torch.sqrt(2 * h_m) * noise  # y - x
+    y = x + forward_step
     lp_y, g_y = log_prob_and_grad(y)
-    log_ratio = (
-        lp_y
-        - state.log_prob
-        + mala_proposal_log_density(x, y, g_y, h, inv_mass)
-        - mala_proposal_log_density(y, x, g, h, inv_mass)
-    )
+    # log q(y | x) = -|noise|^2 / 2 exactly, and x - y - h M^{-1} g_y = -(forward_step + h M^{-1} g_y),
+    # so the ratio needs one quadratic form (mala_proposal_log_density states it in full).
+    backward = forward_step + h_m * g_y
+    log_q_backward = -(backward**2 / m_inv).sum(-1) / (4 * h.squeeze(-1))
+    log_ratio = lp_y - state.log_prob + log_q_backward + 0.5 * (noise**2).sum(-1)
     return metropolis_accept(generator, state, MCMCState(y, lp_y, g_y), log_ratio, x.shape[0])

@@ -3,3 +3,12 @@
 from diffstat.targets.mixture import GaussianMixture
 
 __all__ = ["GaussianMixture"]
+
+from diffstat.targets.banana import BananaMixture, banana_mixture
+from diffstat.targets.funnel import Funnel
+from diffstat.targets.gmm40 import gmm40, nine_modes
+from diffstat.targets.logistic import LogisticRegression, ionosphere, load_dataset, sonar
+from diffstat.targets.manywell import ManyWell
+from diffstat.targets.two_modes import narrow_wide, two_modes
+
+__all__ += ["Funnel", "ManyWell", "two_modes", "narrow_wide", "nine_modes", "gmm40", "BananaMixture", "banana_mixture", "LogisticRegression", "ionosphere", "sonar", "load_dataset"]

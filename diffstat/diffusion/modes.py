@@ -1,0 +1,346 @@
+r"""Explore, group and bank the modes of a target, then restock every mode evenly.
+
+A diffusion model fitted to particles can only place mass where particles were: a mode never
+visited can never be recovered, and importance weights cannot flag it. This module is the first
+half of the diffusion sampler (:mod:`diffstat.diffusion.sampler`):
+
+1. :func:`explore` runs many short MALA chains started from the reference at several start
+   scales, with a per-chain step size adapted on the fly (exploration only needs end points).
+2. :func:`group_by_barrier` groups the end points by mode, robustly: two points share a mode only
+   when :math:`\log p` has no barrier on the segment between them,
+
+   .. math:: \min_{0<s<1} \log p\big((1-s)a + s b\big) \ge \min(\log p(a), \log p(b)) - \tau,
+
+   checked at a few interior points. Chains still in transit (the log-density still climbing over
+   the last quarter of the run, or far below the typical level of their group) are dropped.
+3. :func:`balance_modes` restocks each banked mode with local MALA chains (step size and a
+   diagonal preconditioner adapted per mode) so every mode has the same number of particles, with
+   their gradients, for score matching. Measured on the 10-d narrow-heavy/wide-light mixture,
+   training on the raw explored particles fails and balancing makes it work (REFERENCES.md).
+
+All work is batched over chains; every log-density evaluation goes through the target and is
+counted there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from diffstat._util import check_positive_int, progress_bar
+from diffstat.mcmc.adaptation import DualAveraging
+from diffstat.mcmc.base import LogProbAndGrad, MCMCState
+from diffstat.mcmc.mala import mala_step
+
+__all__ = ["ModeBank", "explore", "no_barrier", "group_by_barrier", "merge_groups", "balance_modes", "explore_modes"]
+
+#: Optimal MALA acceptance rate (Roberts and Rosenthal 1998), the target of every step adaptation.
+_MALA_ACCEPT = 0.574
+
+
+@dataclass
+class ModeBank:
+    r"""Particles grouped by mode.
+
+    x : (n, dim) particles; log_prob : (n,); grad : (n, dim) the target score at ``x``;
+    label : (n,) long, mode index in ``0..num_modes-1``; centers : (K, dim) the highest-density
+    particle of each mode; center_log_prob : (K,); num_evals : target evaluations spent.
+    """
+
+    x: torch.Tensor
+    log_prob: torch.Tensor
+    grad: torch.Tensor
+    label: torch.Tensor
+    centers: torch.Tensor
+    center_log_prob: torch.Tensor
+    num_evals: int = 0
+
+    @property
+    def num_modes(self) -> int:
+        return int(self.centers.shape[0])
+
+    def counts(self) -> torch.Tensor:
+        """Particles per mode, ``(K,)``."""
+        return torch.bincount(self.label, minlength=self.num_modes)
+
+
+def _relabel(x, lp, grad, label, num_evals) -> ModeBank:
+    """Compact labels to ``0..K-1`` (dropping ``label < 0``) and find each mode's best particle."""
+    keep = label >= 0
+    x, lp, grad, label = x[keep], lp[keep], grad[keep], label[keep]
+    _, label = torch.unique(label, return_inverse=True)
+    k = int(label.max()) + 1 if label.numel() else 0
+    best = torch.full((k,), -math.inf, dtype=lp.dtype, device=lp.device).scatter_reduce(0, label, lp, "amax")
+    idx = torch.nonzero(lp == best[label]).flatten()
+    center_idx = torch.empty(k, dtype=torch.long, device=lp.device)
+    center_idx[label[idx]] = idx
+    return ModeBank(x, lp, grad, label, x[center_idx], lp[center_idx], num_evals)
+
+
+def explore(
+    generator: torch.Generator,
+    log_prob_and_grad: LogProbAndGrad,
+    x0: torch.Tensor,
+    num_steps: int,
+    step_size: torch.Tensor,
+) -> tuple[MCMCState, torch.Tensor, torch.Tensor]:
+    r"""Short MALA chains from ``x0: (n, dim)`` with a per-chain step size adapted on the fly,
+    :math:`h \leftarrow h \exp(a - 0.574)` after each step of acceptance probability :math:`a`
+    (the chains only look for modes, so the adaptation need not preserve the target).
+
+    Returns the final state, the per-chain log-density averaged over the third quarter and over
+    the last quarter of the run (``(n,)`` each, used to detect chains still in transit).
+    """
+    state = MCMCState(x0, *log_prob_and_grad(x0))
+    h = step_size.clone()
+    q3 = torch.zeros_like(state.log_prob)
+    q4 = torch.zeros_like(state.log_prob)
+    start3, start4 = num_steps // 2, (3 * num_steps) // 4
+    for i in range(num_steps):
+        state, info = mala_step(generator, state, log_prob_and_grad, h)
+        h = h * torch.exp(info.acceptance_rate - _MALA_ACCEPT)
+        if start3 <= i < start4:
+            q3 = q3 + state.log_prob / (start4 - start3)
+        elif i >= start4:
+            q4 = q4 + state.log_prob / (num_steps - start4)
+    return state, q3, q4
+
+
+def no_barrier(log_prob, a: torch.Tensor, lp_a: torch.Tensor, b: torch.Tensor, lp_b: torch.Tensor, *, num_points: int = 3, tol: float = 1.0) -> torch.Tensor:
+    r"""True where :math:`\log p` has no barrier on the segment from ``a`` to ``b`` (both
+    ``(n, dim)``): at the ``num_points`` interior points :math:`s = j/(m+1)` the log-density stays
+    above :math:`\min(\log p(a), \log p(b)) - \tau`. Costs ``n * num_points`` evaluations."""
+    if a.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.bool, device=a.device)
+    s = torch.arange(1, num_points + 1, dtype=a.dtype, device=a.device) / (num_points + 1)
+    pts = a[:, None, :] + s[None, :, None] * (b - a)[:, None, :]  # (n, m, dim)
+    with torch.no_grad():
+        lp = log_prob(pts.reshape(-1, a.shape[1])).reshape(a.shape[0], num_points)
+    lp = torch.nan_to_num(lp, nan=-math.inf)
+    return lp.min(-1).values >= torch.minimum(lp_a, lp_b) - tol
+
+
+def group_by_barrier(log_prob, x: torch.Tensor, lp: torch.Tensor, *, tol: float = 1.0, num_points: int = 3, max_new: int = 32) -> torch.Tensor:
+    r"""Group points ``x: (n, dim)`` by mode; returns labels ``(n,)`` (long, ``0..K-1``).
+
+    Leader clustering in decreasing :math:`\log p`, batched: in each round every unassigned point
+    is checked (:func:`no_barrier`) against its nearest untried leader (Euclidean distance in
+    coordinates standardised by the points' spread) and joins it if no barrier separates them.
+    The best of the points that failed against every leader become new leaders, up to
+    ``max_new`` per round, each only if it is separated by a barrier from the round's other new
+    leaders. Groups are then merged by :func:`merge_groups`, which follows curved modes.
+    """
+    n = x.shape[0]
+    scale = x.std(0).clamp_min(1e-12) if n > 1 else torch.ones_like(x[0])
+    xs = x / scale
+    order = torch.argsort(lp, descending=True)
+    leaders = [int(order[0])]
+    label = torch.full((n,), -1, dtype=torch.long, device=x.device)
+    label[leaders[0]] = 0
+    tried = torch.zeros(n, 0, dtype=torch.bool, device=x.device)
+    while True:
+        tried = torch.cat([tried, torch.zeros(n, len(leaders) - tried.shape[1], dtype=torch.bool, device=x.device)], 1)
+        todo = torch.nonzero((label < 0) & ~tried.all(-1)).flatten()
+        if todo.numel():
+            lead = torch.tensor(leaders, device=x.device)
+            dist = torch.cdist(xs[todo], xs[lead]).masked_fill(tried[todo], math.inf)
+            k = dist.argmin(-1)
+            ok = no_barrier(log_prob, x[todo], lp[todo], x[lead[k]], lp[lead[k]], num_points=num_points, tol=tol)
+            tried[todo, k] = True
+            label[todo[ok]] = k[ok]
+        homeless = torch.nonzero((label < 0) & tried.all(-1)).flatten()
+        if homeless.numel() == 0:
+            if bool((label >= 0).all()):
+                break
+            continue
+        homeless = homeless[torch.argsort(lp[homeless], descending=True)][:max_new]
+        new = [int(homeless[0])]
+        for j in homeless[1:].tolist():
+            prev = torch.tensor(new, device=x.device)
+            nearest = prev[torch.cdist(xs[j : j + 1], xs[prev]).argmin()]
+            if not bool(no_barrier(log_prob, x[j : j + 1], lp[j : j + 1], x[nearest : nearest + 1], lp[nearest : nearest + 1], num_points=num_points, tol=tol)):
+                new.append(j)
+        for j in new:
+            label[j] = len(leaders)
+            leaders.append(j)
+    return merge_groups(log_prob, x, lp, label, tol=tol, num_points=num_points)
+
+
+def merge_groups(log_prob, x: torch.Tensor, lp: torch.Tensor, label: torch.Tensor, *, tol: float = 1.0, num_points: int = 3, num_pairs: int = 3, how: str = "closest") -> torch.Tensor:
+    r"""Merge groups whose representatives are joined by a barrier-free segment; returns compact
+    labels ``(n,)``.
+
+    ``how="closest"``: the ``num_pairs`` closest pairs of points of two groups (single linkage
+    along the mode, so a curved mode split by leader clustering is rejoined), for end points
+    that were each checked against their leader. ``how="medoid"``: one segment between the two
+    groups' medoids (the member nearest the coordinate-wise median), robust to a few particles
+    that a restocking chain carried into another mode.
+    """
+    if how not in ("closest", "medoid"):
+        raise ValueError(f"how must be 'closest' or 'medoid', got {how!r}")
+    _, label = torch.unique(label, return_inverse=True)
+    k = int(label.max()) + 1
+    if k == 1:
+        return label
+    scale = x.std(0).clamp_min(1e-12)
+    members = [torch.nonzero(label == i).flatten() for i in range(k)]
+    if how == "medoid":
+        reps = []
+        for rows in members:
+            med = x[rows].median(0).values
+            reps.append(rows[((x[rows] - med) / scale).pow(2).sum(-1).argmin()].reshape(1))
+    a_idx, b_idx = [], []
+    for i in range(k):
+        for j in range(i + 1, k):
+            if how == "medoid":
+                a_idx.append(reps[i])
+                b_idx.append(reps[j])
+                continue
+            dist = torch.cdist(x[members[i]] / scale, x[members[j]] / scale).flatten()
+            best = torch.topk(dist, min(num_pairs, dist.numel()), largest=False).indices
+            a_idx.append(members[i][best // members[j].numel()])
+            b_idx.append(members[j][best % members[j].numel()])
+    a_idx, b_idx = torch.cat(a_idx), torch.cat(b_idx)
+    ok = no_barrier(log_prob, x[a_idx], lp[a_idx], x[b_idx], lp[b_idx], num_points=num_points, tol=tol)
+    parent = list(range(k))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for a, b in zip(label[a_idx[ok]].tolist(), label[b_idx[ok]].tolist()):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    roots = torch.tensor([find(i) for i in range(k)], device=x.device)
+    return torch.unique(roots[label], return_inverse=True)[1]
+
+
+def _drop_stragglers(lp: torch.Tensor, label: torch.Tensor, dim: int) -> torch.Tensor:
+    r"""Label ``-1`` for points far below the typical log-density of their group: under a Gaussian
+    mode :math:`\log p = c - \chi^2_d / 2`, so a point more than :math:`3\sqrt{2d} + 2` nats (six
+    standard deviations of :math:`\chi^2_d/2`, plus slack) below the group's median is in transit."""
+    label = label.clone()
+    k = int(label.max()) + 1
+    for i in range(k):
+        rows = label == i
+        med = lp[rows].median()
+        label[rows & (lp < med - 3 * math.sqrt(2 * dim) - 2)] = -1
+    return label
+
+
+def explore_modes(
+    target,
+    generator: torch.Generator,
+    *,
+    num_chains: int = 2000,
+    num_steps: int = 20,
+    start_scales=(0.5, 1.0, 2.0, 4.0),
+    step_size: float = 0.1,
+    tol: float = 1.0,
+    device=None,
+    progress: bool = False,
+) -> ModeBank:
+    r"""Explore from the reference and bank the modes found.
+
+    ``num_chains`` MALA chains of ``num_steps`` steps start at :math:`m + s (x - m)`, ``x`` a
+    reference draw with mean ``m``, the scale ``s`` cycling through ``start_scales`` (wide starts
+    find wide modes; narrow starts find the narrow modes that a wide mode's pull hides from far
+    away). Chains whose mean log-density over the last quarter exceeds that over the third quarter
+    by more than :math:`2\sqrt{d/2} + 1` nats (twice the sd of :math:`\chi^2_d/2`) are still
+    climbing and are dropped; the rest are grouped by :func:`group_by_barrier`.
+    """
+    num_chains = check_positive_int(num_chains, "num_chains")
+    num_steps = check_positive_int(num_steps, "num_steps")
+    scales = torch.as_tensor(start_scales, dtype=target.dtype)
+    if scales.dim() != 1 or scales.numel() == 0 or not bool((scales > 0).all()):
+        raise ValueError(f"start_scales must be positive numbers, got {start_scales!r}")
+    evals0 = target.num_target_evals
+    x = target.sample_reference(num_chains, generator, device)
+    dev = x.device
+    mean = torch.zeros(target.dim, dtype=x.dtype, device=dev)
+    if target.reference is not None:
+        try:
+            mean = target.reference.mean.to(device=dev, dtype=x.dtype)
+        except (NotImplementedError, AttributeError):
+            pass
+    s = scales.to(dev)[torch.arange(num_chains, device=dev) % scales.numel()].unsqueeze(-1)
+    x0 = mean + s * (x - mean)
+    target.validate(x0[: min(num_chains, 16)])
+    h0 = step_size * s.squeeze(-1) ** 2
+    with progress_bar(1, "diffusion: exploring modes", progress) as bar:
+        state, q3, q4 = explore(generator, target.log_prob_and_grad, x0, num_steps, h0)
+        bar.update()
+    settled = torch.isfinite(state.log_prob) & (q4 - q3 <= 2 * math.sqrt(target.dim / 2) + 1)
+    if not bool(settled.any()):
+        raise ValueError("no exploration chain settled in a mode; raise num_steps or check the target")
+    xs, lp, grad = state.x[settled], state.log_prob[settled], state.grad[settled]
+    label = group_by_barrier(target.log_prob, xs, lp, tol=tol)
+    label = _drop_stragglers(lp, label, target.dim)
+    return _relabel(xs, lp, grad, label, target.num_target_evals - evals0)
+
+
+def balance_modes(
+    target,
+    bank: ModeBank,
+    generator: torch.Generator,
+    *,
+    chains_per_mode: int = 128,
+    num_steps: int = 40,
+    keep_every: int = 4,
+    tol: float = 1.0,
+    regroup: bool = True,
+) -> ModeBank:
+    r"""Restock every mode with ``chains_per_mode`` local MALA chains started from its particles.
+
+    One step size per mode is adapted by dual averaging toward acceptance 0.574, and after the
+    first quarter a diagonal preconditioner per mode (the variance of that mode's chains). The
+    states of the second half, every ``keep_every`` steps, are kept: each mode then holds
+    ``chains_per_mode * ceil(num_steps / (2 keep_every))`` particles with their gradients. With
+    ``regroup``, modes whose restocked particles are joined without a barrier
+    (:func:`merge_groups`, e.g. two leaders found in one curved mode, or a straggler that slid
+    into a known mode) are merged.
+    """
+    chains_per_mode = check_positive_int(chains_per_mode, "chains_per_mode")
+    num_steps = check_positive_int(num_steps, "num_steps")
+    evals0 = target.num_target_evals
+    k, dev, dt = bank.num_modes, bank.x.device, bank.x.dtype
+    mode = torch.arange(k, device=dev).repeat_interleave(chains_per_mode)
+    # start each chain at a random particle of its mode
+    start = torch.empty_like(mode)
+    for i in range(k):
+        rows = torch.nonzero(bank.label == i).flatten()
+        pick = torch.randint(0, rows.numel(), (chains_per_mode,), generator=generator, device=generator.device)
+        start[mode == i] = rows[pick.to(dev)]
+    state = MCMCState(bank.x[start], bank.log_prob[start], bank.grad[start])
+    spread = torch.stack([bank.x[bank.label == i].var(0) if int((bank.label == i).sum()) > 2 else torch.ones(target.dim, dtype=dt, device=dev) for i in range(k)])
+    h0 = (0.5 * spread.mean(-1)).clamp(1e-4, 1.0)
+    adapt = DualAveraging(h0.to(dt), _MALA_ACCEPT)
+    inv_mass = torch.ones(k, target.dim, dtype=dt, device=dev)
+    ones = torch.ones_like(mode, dtype=dt)
+    count = torch.zeros(k, dtype=dt, device=dev).index_add_(0, mode, ones)
+    kept = []
+    for i in range(num_steps):
+        h = adapt.step_size if i < num_steps // 2 else adapt.final_step_size
+        state, info = mala_step(generator, state, target.log_prob_and_grad, h[mode], inv_mass[mode])
+        if i < num_steps // 2:
+            acc = torch.zeros(k, dtype=dt, device=dev).index_add_(0, mode, info.acceptance_rate) / count
+            adapt.update(acc)
+        if i == num_steps // 4:
+            mean = torch.zeros(k, target.dim, dtype=dt, device=dev).index_add_(0, mode, state.x) / count[:, None]
+            var = torch.zeros(k, target.dim, dtype=dt, device=dev).index_add_(0, mode, (state.x - mean[mode]) ** 2) / count[:, None]
+            rel = var / var.mean(-1, keepdim=True).clamp_min(1e-12)
+            inv_mass = rel.clamp(1e-3, 1e3)
+            adapt.restart(adapt.final_step_size)
+        if i >= num_steps // 2 and (num_steps - 1 - i) % keep_every == 0:
+            kept.append(state)
+    x = torch.cat([s.x for s in kept])
+    lp = torch.cat([s.log_prob for s in kept])
+    grad = torch.cat([s.grad for s in kept])
+    label = mode.repeat(len(kept))
+    if regroup and k > 1:
+        label = merge_groups(target.log_prob, x, lp, label, tol=tol, how="medoid")
+    return _relabel(x, lp, grad, label, bank.num_evals + target.num_target_evals - evals0)

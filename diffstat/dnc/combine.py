@@ -1,0 +1,160 @@
+r"""``ds.dnc.combine``: from draws of K sub-posteriors to draws of their product.
+
+The sub-posteriors :math:`p_k(\theta) \propto p(\theta)^{1/K} \prod_{i \in \text{shard } k}
+p(y_i \mid \theta)` multiply to the full posterior. A combiner sees only draws from each
+:math:`p_k` (and, where MCMC produced them, the scores :math:`\nabla \log p_k` at those draws) and
+returns equally weighted draws from an approximation of :math:`\prod_k p_k`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from diffstat._util import check_positive_int
+from diffstat.dnc.consensus import combine_consensus
+from diffstat.dnc.gaussian import CombineResult, combine_gaussian
+from diffstat.dnc.semiparametric import combine_semiparametric
+from diffstat.dnc.swiss import combine_swiss
+
+__all__ = ["combine", "COMBINERS", "as_shard_draws"]
+
+
+def _combine_diffusion(*args, **kwargs) -> CombineResult:
+    from diffstat.dnc.diffusion import combine_diffusion  # imports the diffusion toolkit lazily
+
+    return combine_diffusion(*args, **kwargs)
+
+
+#: method name -> combiner ``fn(subposteriors, *, num_samples, generator, scores, progress, **options)``
+COMBINERS: dict[str, Callable[..., CombineResult]] = {
+    "diffusion": _combine_diffusion,
+    "consensus": combine_consensus,
+    "gaussian": combine_gaussian,
+    "semiparametric": combine_semiparametric,
+    "swiss": combine_swiss,
+}
+
+
+class _Posterior:
+    """The minimal target-like object :func:`diffstat.io.to_inference_data` needs."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def to_posterior(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        return {self.name: x.detach().cpu().numpy()}
+
+
+def as_shard_draws(subposteriors, scores=None, *, dtype=torch.float64, device=None):
+    """Validate and convert the shards' draws (and scores) to a list of ``(n_k, dim)`` tensors.
+
+    ``subposteriors``: a list of arrays/tensors ``(n_k, dim)`` (or ``(chain, draw, dim)``) or of
+    InferenceData with one variable. ``scores``: None or one array per shard, same shapes.
+    """
+    from diffstat import io
+
+    if isinstance(subposteriors, (torch.Tensor, np.ndarray)) and np.ndim(subposteriors) == 3:
+        subposteriors = list(subposteriors)
+    if not isinstance(subposteriors, (list, tuple)) or len(subposteriors) < 2:
+        raise ValueError("subposteriors must be a list of at least 2 arrays of draws (n_k, dim), one per shard")
+    draws = [io.draws_from(s).to(dtype=dtype, device=device) for s in subposteriors]
+    dim = draws[0].shape[1]
+    for k, x in enumerate(draws):
+        if x.shape[1] != dim:
+            raise ValueError(f"shard {k} has draws of dimension {x.shape[1]}, shard 0 has {dim}")
+        if x.shape[0] < dim + 2:
+            raise ValueError(f"shard {k} has {x.shape[0]} draws; at least dim + 2 = {dim + 2} are needed")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"shard {k} has non-finite draws")
+    if scores is None:
+        return draws, None
+    if not isinstance(scores, (list, tuple)) or len(scores) != len(draws):
+        raise ValueError(f"scores must be a list of {len(draws)} arrays, one per shard, or None")
+    grads = [io.draws_from(g).to(dtype=dtype, device=device) for g in scores]
+    for k, (x, g) in enumerate(zip(draws, grads)):
+        if g.shape != x.shape:
+            raise ValueError(f"scores of shard {k} have shape {tuple(g.shape)}, its draws {tuple(x.shape)}")
+        if not bool(torch.isfinite(g).all()):
+            raise ValueError(f"scores of shard {k} are not all finite")
+    return draws, grads
+
+
+def combine(
+    subposteriors,
+    method: str,
+    *,
+    scores=None,
+    num_samples: int,
+    seed: int,
+    progress: bool = True,
+    name: str = "x",
+    device=None,
+    **options,
+):
+    r"""Combine draws from K sub-posteriors into draws from their product.
+
+    Parameters
+    ----------
+    subposteriors : list of K arrays ``(n_k, dim)`` or InferenceData with one variable
+        Draws of :math:`p_k \propto p(\theta)^{1/K} p(y_{(k)} \mid \theta)`.
+    method : {"diffusion", "consensus", "gaussian", "semiparametric", "swiss"}
+        ``"diffusion"``: an energy-based diffusion model per shard, the product sampled by
+        annealed MCMC on the sum of energies (:mod:`diffstat.dnc.diffusion`);
+        ``"consensus"``: consensus Monte Carlo (:mod:`~diffstat.dnc.consensus`);
+        ``"gaussian"``: product of Gaussian approximations (:mod:`~diffstat.dnc.gaussian`);
+        ``"semiparametric"``: Neiswanger et al. (:mod:`~diffstat.dnc.semiparametric`);
+        ``"swiss"``: Vyner et al. (:mod:`~diffstat.dnc.swiss`).
+    scores : list of K arrays ``(n_k, dim)``, optional
+        :math:`\nabla \log p_k` at each draw (target score matching for ``"diffusion"``).
+    num_samples : int
+        Number of combined draws.
+    seed : int
+        Seeds a ``torch.Generator``; the same seed gives the same draws on the same machine.
+    progress : bool
+        Show progress bars.
+    name : str
+        Name of the ``posterior`` variable.
+    device : str or torch.device, optional
+        Where the computation runs.
+    **options
+        Options of the combiner (see each module).
+
+    Returns
+    -------
+    arviz.InferenceData
+        ``posterior[name]`` of shape ``(1, num_samples, dim)``; ``sample_stats.lp`` the combiner's
+        estimate of the product log-density (up to a constant; the exact sum of shard
+        log-densities when ``"diffusion"`` is given ``log_probs``); ``posterior.attrs`` with
+        ``method``, ``num_shards``, ``sampling_time``, ``seed``, ``diffstat_version``.
+    """
+    from diffstat import io
+    from diffstat.sampling import SamplerResult
+
+    if method not in COMBINERS:
+        raise ValueError(f"unknown combiner {method!r}; available: {', '.join(sorted(COMBINERS))}")
+    num_samples = check_positive_int(num_samples, "num_samples")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    draws, grads = as_shard_draws(subposteriors, scores, device=device)
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    start = time.perf_counter()
+    result = COMBINERS[method](
+        draws, num_samples=num_samples, generator=generator, scores=grads, progress=progress, **options
+    )
+    elapsed = time.perf_counter() - start
+    stats = {k: (v.unsqueeze(0) if torch.is_tensor(v) else np.asarray(v)[None]) for k, v in result.sample_stats.items()}
+    attrs = {
+        "method": f"dnc_{method}",
+        "num_shards": len(draws),
+        "sampling_time": float(elapsed),
+        "seed": int(seed),
+        "num_target_evals": 0,
+    }
+    attrs.update(result.attrs)
+    sampler_result = SamplerResult(result.draws.unsqueeze(0), stats, result.groups, {})
+    return io.to_inference_data(_Posterior(name), sampler_result, attrs)

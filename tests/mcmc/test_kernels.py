@@ -1,0 +1,135 @@
+"""MCMC kernels: invariance of a Gaussian (exactly, and shown to fail for a broken correction),
+divergence handling, and the MALA proposal density."""
+
+import math
+
+import pytest
+import torch
+
+from diffstat.mcmc import hmc_step, init, mala_step, rwm_step, ula_step, underdamped_init, underdamped_step
+from diffstat.mcmc.mala import mala_proposal_log_density
+
+SCALES = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+
+
+def log_prob_and_grad(x):
+    return -0.5 * ((x / SCALES) ** 2).sum(-1), -x / SCALES**2
+
+
+def exact_draws(n, gen):
+    return torch.randn(n, 3, generator=gen, dtype=torch.float64) * SCALES
+
+
+def variance_z_scores(x):
+    """z-scores of the sample variances against the truth (the variance of s^2 is 2 sigma^4 / n)."""
+    n = x.shape[0]
+    var = x.var(0)
+    return (var - SCALES**2) / (SCALES**2 * math.sqrt(2.0 / n))
+
+
+def broken_mala_step(gen, state, lpg, step_size, inv_mass=None):
+    """MALA with Du et al.'s slip: the proposal density divided by 2h instead of 4h."""
+    x, g = state.x, state.grad
+    h = torch.as_tensor(step_size, dtype=x.dtype)
+    y = x + h * g + torch.sqrt(2 * h) * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    lp_y, g_y = lpg(y)
+    wrong_q = lambda a, b, gb: -((a - b - h * gb) ** 2).sum(-1) / (2 * h)  # noqa: E731
+    log_ratio = lp_y - state.log_prob + wrong_q(x, y, g_y) - wrong_q(y, x, g)
+    from diffstat.mcmc import metropolis_accept
+    from diffstat.mcmc.base import MCMCState
+
+    return metropolis_accept(gen, state, MCMCState(y, lp_y, g_y), log_ratio, x.shape[0])
+
+
+def run_from_stationarity(step, num_moves, gen, **kwargs):
+    state = init(log_prob_and_grad, exact_draws(100_000, gen))
+    for _ in range(num_moves):
+        state, info = step(gen, state, log_prob_and_grad, **kwargs)
+    return state, info
+
+
+@pytest.mark.parametrize(
+    "step, kwargs",
+    [
+        (mala_step, dict(step_size=0.6)),
+        (mala_step, dict(step_size=0.3, inv_mass=SCALES**2)),
+        (hmc_step, dict(step_size=0.4, num_steps=5)),
+        (rwm_step, dict(step_size=1.5)),
+    ],
+    ids=["mala", "mala-preconditioned", "hmc", "rwm"],
+)
+def test_kernel_leaves_gaussian_invariant(step, kwargs):
+    gen = torch.Generator().manual_seed(0)
+    state, info = run_from_stationarity(step, 5, gen, **kwargs)
+    z = variance_z_scores(state.x)
+    assert z.abs().max() < 4.5, z
+    mean_z = state.x.mean(0) / (SCALES / math.sqrt(state.x.shape[0]))
+    assert mean_z.abs().max() < 4.5
+    assert 0.05 < float(info.acceptance_rate.mean()) < 0.999  # the step sizes really reject
+
+
+def test_broken_correction_is_detected():
+    """The same test rejects MALA with the proposal density off by a factor of two."""
+    gen = torch.Generator().manual_seed(0)
+    state, _ = run_from_stationarity(broken_mala_step, 5, gen, step_size=0.6)
+    assert variance_z_scores(state.x).abs().max() > 10
+
+
+def test_mala_fast_ratio_matches_full_proposal_density():
+    """mala_step's shortcut log q(y|x) = -|noise|^2/2 agrees with the density written in full."""
+    gen = torch.Generator().manual_seed(1)
+    x = exact_draws(50, gen)
+    _, g = log_prob_and_grad(x)
+    h = torch.full((50, 1), 0.3, dtype=torch.float64)
+    m_inv = SCALES**2
+    noise = torch.randn(50, 3, generator=gen, dtype=torch.float64)
+    y = x + h * m_inv * g + torch.sqrt(2 * h * m_inv) * noise
+    full = mala_proposal_log_density(y, x, g, h, m_inv)
+    torch.testing.assert_close(full, -0.5 * (noise**2).sum(-1))
+
+
+def test_detailed_balance_of_mala_transition_density():
+    """pi(x) q(y|x) a(x,y) = pi(y) q(x|y) a(y,x) for the MALA transition density (float64)."""
+    gen = torch.Generator().manual_seed(2)
+    x, y = exact_draws(200, gen), exact_draws(200, gen)
+    h = torch.full((200, 1), 0.4, dtype=torch.float64)
+    lx, gx = log_prob_and_grad(x)
+    ly, gy = log_prob_and_grad(y)
+    q_xy = mala_proposal_log_density(y, x, gx, h, None)
+    q_yx = mala_proposal_log_density(x, y, gy, h, None)
+    a_xy = torch.clamp(ly + q_yx - lx - q_xy, max=0)
+    a_yx = torch.clamp(lx + q_xy - ly - q_yx, max=0)
+    torch.testing.assert_close(lx + q_xy + a_xy, ly + q_yx + a_yx, rtol=0, atol=1e-10)
+
+
+def test_nan_proposals_rejected_and_counted():
+    def lpg(x):
+        lp = torch.where(x[:, 0] > 1.0, torch.nan, -0.5 * (x**2).sum(-1))
+        return lp, torch.where(x[:, :1] > 1.0, torch.nan, -x)
+
+    gen = torch.Generator().manual_seed(3)
+    state = init(lpg, torch.zeros(2000, 2, dtype=torch.float64))
+    diverged = 0
+    for _ in range(20):
+        state, info = mala_step(gen, state, lpg, 1.0)
+        diverged += int(info.diverging.sum())
+        assert torch.isfinite(state.x).all() and torch.isfinite(state.log_prob).all()
+        assert not info.is_accepted[info.diverging].any()
+    assert diverged > 0
+    assert (state.x[:, 0] <= 1.0).all()
+
+
+def test_ula_and_underdamped_sample_gaussian_for_small_steps():
+    gen = torch.Generator().manual_seed(4)
+    score = lambda x: log_prob_and_grad(x)[1]  # noqa: E731
+    x = torch.zeros(20_000, 3, dtype=torch.float64)
+    for _ in range(400):
+        x = ula_step(gen, x, score, 0.02)
+    # ULA's bias on a Gaussian is known: the stationary variance is s^2 / (1 - h / (2 s^2)).
+    expected = SCALES**2 / (1 - 0.02 / (2 * SCALES**2))
+    assert ((x.var(0) - expected) / (expected * math.sqrt(2 / 20_000))).abs().max() < 5
+    state = underdamped_init(gen, torch.zeros(20_000, 3, dtype=torch.float64), score)
+    for _ in range(300):
+        state = underdamped_step(gen, state, score, 0.1, friction=1.0)
+    rel = (state.x.var(0) - SCALES**2) / SCALES**2
+    assert rel.abs().max() < 0.1
