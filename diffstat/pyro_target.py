@@ -5,7 +5,7 @@ observed sites :math:`y` is turned into an unnormalised log-density on :math:`\m
 Each site is mapped to an unconstrained vector by the bijection
 :math:`T_s = \mathrm{biject\_to}(\mathrm{support}_s)` (``exp`` for positive sites, stick breaking
 for a simplex of ``K`` components, which then has ``K - 1`` free coordinates), and the flattened
-unconstrained values are concatenated, ``u = (u_1, \dots, u_S)``. The density of ``u`` is
+unconstrained values are concatenated, :math:`u = (u_1, \dots, u_S)`. The density of ``u`` is
 
 .. math::
 
@@ -14,19 +14,29 @@ unconstrained values are concatenated, ``u = (u_1, \dots, u_S)``. The density of
         + \underbrace{\log p(y \mid z)}_{\text{log\_likelihood}(u)},
     \qquad z_s = T_s(u_s),
 
-whose normalising constant is the model evidence :math:`p(y)`. The first part is the prior pushed
-to unconstrained space, the target's ``reference``, so that the tempered path
+whose normalising constant is the model evidence :math:`p(y)`. The first part is the normalised
+prior pushed to unconstrained space, the target's ``reference``, so that the tempered path
 :math:`\text{prior}^{1-\beta}\,\text{posterior}^{\beta} \propto \text{prior} \cdot
 \text{likelihood}^{\beta}`.
 
-Batching over particles: the model runs once for ``n`` points, inside an outer
-``pyro.plate("_particles", n, dim=-(K + 1))`` where ``K`` is the deepest batch dimension any site
-uses, with every latent site set to its batch of values (the trick of Pyro's
-``vectorize_particles``). Each site's ``log_prob`` (times its ``scale``, with its ``mask``) is
-summed over all but the particle dimension. The model must therefore be written with plates and
-broadcasting (no ``.item()``, no Python control flow on latent values, no reduction over all
-dimensions of a latent value); construction checks this by comparing a batched evaluation with
-one-point evaluations and refuses a model where they differ.
+Batching over particles, without a Python loop, in one of two ways:
+
+``"plate"``
+    The model runs once for ``n`` points inside an outer ``pyro.plate("_particles", n,
+    dim=-(K + 1))``, ``K`` the deepest batch dimension of any site, with every latent site set to
+    its batch of values (the trick of Pyro's ``vectorize_particles``); each site's ``log_prob``
+    (times its ``scale``, with its ``mask``) is summed over all but the particle dimension. This
+    needs a model written with plates and right-aligned broadcasting.
+``"vmap"``
+    The one-point log-density is mapped over the batch with ``torch.func.vmap``. This accepts
+    models the plate trick breaks (a vector latent with ``to_event`` used as the location of a
+    plated site next to a scalar latent, say). Prior draws then loop over points (only the
+    reference draws that start a run; every log-density evaluation stays batched).
+
+By default the plate is tried first and ``vmap`` is the fallback. Either way construction compares
+a batched evaluation with one-point runs of the plain model at prior draws, and refuses a model
+where they differ (``.item()``, Python control flow on latent values, a reduction over all the
+dimensions of a latent value).
 """
 
 from __future__ import annotations
@@ -49,11 +59,12 @@ __all__ = ["PyroTarget"]
 
 #: Name of the outer plate over particles (a model site of the same name is refused).
 _PARTICLES = "_particles"
-#: Prior draws used to check at construction that the model is vectorised over particles.
+#: Prior draws at which construction checks a batched evaluation against one-point runs.
 _NUM_CHECK_POINTS = 3
-#: Points per model run when converting draws to the posterior (bounds memory, not a loop over
-#: particles: 10^6 draws take 250 runs).
+#: Points per model run when converting draws for ``posterior`` (bounds memory; 10^6 draws take
+#: 245 runs).
 _CHUNK = 4096
+_MODES = ("plate", "vmap")
 
 
 class _Site(NamedTuple):
@@ -64,20 +75,22 @@ class _Site(NamedTuple):
     unconstrained_shape: tuple[int, ...]
     offset: int
     size: int
-    pad: int  # singleton dims between the particle dim and the site's own batch dims
+    pad: int  # singleton dims between the particle dim and the site's own batch dims (plate mode)
 
 
 class _SetLatents(Messenger):
-    """A Pyro messenger setting each latent site to a batch of values, given in unconstrained
-    space (``u``) or in constrained space (``z``), and recording the other space and log|J|.
+    """Set each latent site to given values, unconstrained (``u``) or constrained (``z``), and
+    record the other space and :math:`\\log|\\det J_T(u)|`.
 
-    It sits outside the particle plate, so each site's ``fn`` is already broadcast over particles
-    and a support that depends on other latent values is batched too.
+    ``batched``: values carry a leading particle dimension, placed at the particle plate's dim.
+    The messenger sits outside the particle plate, so ``msg["fn"]`` is already broadcast over
+    particles and a support that depends on other latent values (``Uniform(0, a)``) is batched too.
     """
 
-    def __init__(self, sites: dict[str, _Site], values: dict[str, torch.Tensor], constrained: bool):
+    def __init__(self, sites: dict[str, _Site], values: dict[str, torch.Tensor], *, constrained: bool, batched: bool):
         super().__init__()
-        self.sites, self.values, self.constrained = sites, values, constrained
+        self.sites, self.values = sites, values
+        self.constrained, self.batched = constrained, batched
         self.z: dict[str, torch.Tensor] = {}
         self.u: dict[str, torch.Tensor] = {}
         self.log_det: dict[str, torch.Tensor] = {}
@@ -88,12 +101,12 @@ class _SetLatents(Messenger):
             return
         transform = biject_to(msg["fn"].support)
         value = self.values[site.name]
-        n = value.shape[0]
+        lead = (value.shape[0],) + (1,) * site.pad if self.batched else ()
         if self.constrained:
-            z = value.reshape((n,) + (1,) * site.pad + site.shape)
+            z = value.reshape(lead + site.shape)
             u = transform.inv(z)
         else:
-            u = value.reshape((n,) + (1,) * site.pad + site.unconstrained_shape)
+            u = value.reshape(lead + site.unconstrained_shape)
             z = transform(u)
         self.z[site.name], self.u[site.name] = z, u
         self.log_det[site.name] = transform.log_abs_det_jacobian(u, z)
@@ -101,11 +114,11 @@ class _SetLatents(Messenger):
 
 
 class _PyroPrior(torch.distributions.Distribution):
-    r"""The model's prior pushed to unconstrained space: a distribution on R^dim.
+    r"""The model's prior pushed to unconstrained space: a normalised distribution on R^dim.
 
-    ``sample`` runs the prior once for all draws (Pyro draws from the global RNG, which
+    ``sample`` runs the prior (Pyro draws from the global RNG, which
     :meth:`Target.sample_reference` seeds from its explicit generator); ``log_prob(u)`` is the
-    prior log-density of :math:`T(u)` plus :math:`\log|\det J_T(u)|` (normalised).
+    prior log-density of :math:`T(u)` plus :math:`\log|\det J_T(u)|`.
     """
 
     arg_constraints: dict = {}
@@ -118,12 +131,10 @@ class _PyroPrior(torch.distributions.Distribution):
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         shape = torch.Size(sample_shape)
-        u = self._target.prior_draws(max(int(np.prod(shape)), 1))
-        return u[: int(np.prod(shape))].reshape(shape + (self._target.dim,))
+        return self._target.prior_draws(int(np.prod(shape))).reshape(shape + (self._target.dim,))
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        flat = value.reshape(-1, self._target.dim)
-        return self._target.log_prior(flat).reshape(value.shape[:-1])
+        return self._target.log_prior(value.reshape(-1, self._target.dim)).reshape(value.shape[:-1])
 
 
 class PyroTarget(Target):
@@ -134,51 +145,63 @@ class PyroTarget(Target):
     model : callable
         A Pyro model; ``model(*model_args, **model_kwargs)`` runs it. Its latent (non-observed)
         ``sample`` sites must be continuous; observed sites, ``pyro.factor`` and
-        ``pyro.deterministic`` are allowed. Plates may not subsample.
+        ``pyro.deterministic`` are allowed; plates may not subsample.
     *model_args, **model_kwargs
         Arguments of the model. Floating-point tensors among them are cast to ``dtype``.
     dtype : torch.dtype, optional
         float32 or float64. Defaults to the promoted dtype of the floating-point tensor arguments,
-        else ``torch.get_default_dtype()``. The model runs with this as torch's default dtype, so
-        constants it creates (``torch.tensor(1.0)``) share it. (``dtype`` is therefore not
-        passed on to the model.)
+        else ``torch.get_default_dtype()``. The model runs with it as torch's default dtype, so
+        constants it creates (``torch.tensor(1.0)``) share it.
+    vectorize : {"plate", "vmap"}, optional
+        How the model is batched over particles (module docstring); by default the plate, with
+        ``vmap`` as the fallback.
 
     Notes
     -----
-    ``dim`` is the total number of unconstrained coordinates; ``sites`` lists each latent site's
-    name, constrained shape and slice of the vector. ``to_posterior`` reports each site by its name
-    in constrained space with shape ``(chain, draw, *site_shape)``.
+    ``dtype`` and ``vectorize`` are keywords of the target, not passed on to the model.
 
-    Device: the model runs on the device of its tensor arguments (CPU if none). For CUDA, pass the
-    model's data already on the device; factory calls inside the model (``torch.zeros(3)``) are
-    then placed on that device too (the model runs under ``with torch.device(device)``), and the
-    sampler must be called with the same ``device=``.
+    ``dim`` is the total number of unconstrained coordinates; ``sites`` maps each latent site's
+    name to its constrained shape and its slice of the vector. ``to_posterior`` reports each site
+    by its name, constrained, with shape ``(chain, draw, *site_shape)``.
+
+    Device: the model runs on the device of its tensor arguments (CPU if none). For CUDA, pass
+    the model's data already on the device and call the sampler with the same ``device=``;
+    factory calls inside the model (``torch.zeros(3)``) are placed there too (the model runs
+    under ``with torch.device(device)``).
 
     Counting: ``log_prob``, ``log_prob_and_grad``, ``log_likelihood`` and
     ``log_prior_and_likelihood`` add ``n`` to ``num_target_evals``; ``log_prior`` (the reference
     density), ``prior_draws``, ``constrain`` and ``unconstrain`` do not.
 
     Raises ``ValueError`` when the model is not callable, fails with the given arguments, has no
-    latent site, has a discrete latent site (enumeration is not supported), subsamples, or is not
-    vectorised over particles.
+    latent site, has a discrete latent site (enumeration is not supported), subsamples, or cannot
+    be evaluated on a batch of particles.
     """
 
-    def __init__(self, model: Callable, *model_args, dtype: torch.dtype | None = None, **model_kwargs):
+    def __init__(
+        self,
+        model: Callable,
+        *model_args,
+        dtype: torch.dtype | None = None,
+        vectorize: str | None = None,
+        **model_kwargs,
+    ):
         if not callable(model):
             raise ValueError(f"model must be a callable Pyro model, got {type(model).__name__}")
-        floats = [a for a in (*model_args, *model_kwargs.values()) if torch.is_tensor(a) and a.is_floating_point()]
+        if vectorize is not None and vectorize not in _MODES:
+            raise ValueError(f"vectorize must be one of {_MODES} or None, got {vectorize!r}")
+        arguments = (*model_args, *model_kwargs.values())
         if dtype is None:
             dtype = torch.get_default_dtype()
-            if floats:
-                dtype = floats[0].dtype
-                for a in floats[1:]:
-                    dtype = torch.promote_types(dtype, a.dtype)
+            floats = [a.dtype for a in arguments if torch.is_tensor(a) and a.is_floating_point()]
+            for i, a in enumerate(floats):
+                dtype = a if i == 0 else torch.promote_types(dtype, a)
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        tensors = [a for a in (*model_args, *model_kwargs.values()) if torch.is_tensor(a)]
-        self.device = tensors[0].device if tensors else torch.device("cpu")
-        if any(t.device != self.device for t in tensors):
-            raise ValueError(f"model tensor arguments lie on several devices: {sorted({str(t.device) for t in tensors})}")
+        devices = {a.device for a in arguments if torch.is_tensor(a)}
+        if len(devices) > 1:
+            raise ValueError(f"the model's tensor arguments lie on several devices: {sorted(map(str, devices))}")
+        self.device = devices.pop() if devices else torch.device("cpu")
 
         def cast(a):
             return a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a
@@ -188,27 +211,31 @@ class PyroTarget(Target):
         self.model_kwargs = {k: cast(v) for k, v in model_kwargs.items()}
         self.dtype = dtype
         self._find_sites()
-        name = getattr(model, "__name__", "model")
-        try:
-            super().__init__(self._log_density, self.dim, name=name, reference=_PyroPrior(self), dtype=dtype)
-            self._check_vectorised()
-        except ValueError:
-            raise
-        except Exception as err:  # shapes that do not broadcast over the plate of particles
+        errors = []
+        for mode in _MODES if vectorize is None else (vectorize,):
+            self.vectorize = mode
+            try:
+                name = getattr(model, "__name__", "model")
+                super().__init__(self._log_density, self.dim, name=name, reference=_PyroPrior(self), dtype=dtype)
+                self._check_batched()
+                break
+            except Exception as err:  # noqa: BLE001  (any failure of the user's model is reported)
+                errors.append(f"{mode}: {type(err).__name__}: {err}")
+        else:
             raise ValueError(
-                f"the model fails on a batch of particles ({type(err).__name__}: {err}); it must be "
-                "vectorised: use plates and broadcasting, and align a scalar latent with a vector one "
-                "by indexing from the right (e.g. s[..., None])"
-            ) from err
+                "the model cannot be evaluated on a batch of particles (" + "; ".join(errors) + "). "
+                "Write it with plates and broadcasting, without .item() or Python control flow on "
+                "latent values"
+            )
         self.num_target_evals = 0
 
     # ------------------------------------------------------------------ model structure
     @contextlib.contextmanager
     def _model_context(self, validate: bool):
-        """Run the model with torch's default dtype = ``self.dtype``, on ``self.device``.
+        """Run the model with torch's default dtype set to ``self.dtype``, on ``self.device``.
 
-        Pyro's argument and support validation is off while sampling (values come from
-        bijections; an overflow must give -inf or NaN, which the kernels reject, not an error).
+        Pyro's argument and support validation is off while sampling: values come from
+        bijections, and an overflow must give -inf or NaN, which the kernels reject, not an error.
         """
         old = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
@@ -224,7 +251,7 @@ class PyroTarget(Target):
         try:
             with self._model_context(validate=True), torch.no_grad():
                 trace = poutine.trace(self.model).get_trace(*self.model_args, **self.model_kwargs)
-        except Exception as err:  # any failure of the user's model is a bad argument
+        except Exception as err:  # noqa: BLE001  (any failure of the user's model is a bad argument)
             raise ValueError(f"running the model with the given arguments failed: {type(err).__name__}: {err}") from err
         depth, sites, offset = 0, [], 0
         for name, site in trace.nodes.items():
@@ -237,8 +264,8 @@ class PyroTarget(Target):
                     raise ValueError(f"plate {name!r} subsamples its data; the log-density must be exact: use the full plate")
                 continue
             fn, value = site["fn"], site["value"]
-            depth = max(depth, len(fn.batch_shape), value.dim() - fn.event_dim)
-            depth = max([depth] + [-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None])
+            plate_dims = [-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
+            depth = max([depth, len(fn.batch_shape), value.dim() - fn.event_dim] + plate_dims)
             if site["is_observed"]:
                 continue
             if fn.support.is_discrete or site["infer"].get("enumerate"):
@@ -248,31 +275,38 @@ class PyroTarget(Target):
                 )
             shape = tuple(value.shape)
             u_shape = tuple(biject_to(fn.support).inverse_shape(torch.Size(shape)))
-            size = int(np.prod(u_shape))
-            sites.append((name, shape, u_shape, offset, size, len(shape) - fn.event_dim))
-            offset += size
+            sites.append((name, shape, u_shape, offset, int(np.prod(u_shape)), len(shape) - fn.event_dim))
+            offset += sites[-1][4]
         if not sites:
             raise ValueError("the model has no latent sample site: there is nothing to sample")
-        self._depth = depth
         self._particle_dim = -(depth + 1)
         self.sites = {s[0]: _Site(*s[:5], pad=depth - s[5]) for s in sites}
         self.dim = offset
 
-    def _run(self, values: dict[str, torch.Tensor] | None, n: int, constrained: bool = False):
-        """Trace the model once for ``n`` particles, the latent sites set to ``values`` (or drawn
-        from the prior when ``values`` is None); return the trace and the messenger."""
-        def vectorised():
-            with pyro.plate(_PARTICLES, n, dim=self._particle_dim):
-                return self.model(*self.model_args, **self.model_kwargs)
+    def _split(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each site's slice of ``u: (..., dim)``."""
+        return {s.name: u[..., s.offset : s.offset + s.size] for s in self.sites.values()}
 
-        setter = _SetLatents(self.sites, values or {}, constrained)
+    def _run(self, values: dict[str, torch.Tensor] | None, *, n: int | None, constrained: bool = False):
+        """Trace the model with the latent sites set to ``values`` (prior draws if None): over
+        ``n`` particles in the particle plate, or once without it when ``n`` is None."""
+        model, args, kwargs = self.model, self.model_args, self.model_kwargs
+        if n is not None:
+
+            def model(*args, **kwargs):
+                with pyro.plate(_PARTICLES, n, dim=self._particle_dim):
+                    return self.model(*args, **kwargs)
+
+        setter = _SetLatents(self.sites, values or {}, constrained=constrained, batched=n is not None)
         with self._model_context(validate=False):
-            trace = poutine.trace(setter(vectorised) if values is not None else vectorised).get_trace()
+            trace = poutine.trace(setter(model) if values is not None else model).get_trace(*args, **kwargs)
         return trace, setter
 
-    def _per_particle(self, t: torch.Tensor, n: int, name: str) -> torch.Tensor:
-        """Sum ``t`` over all but the particle dimension: shape ``(n,)``."""
-        t = torch.as_tensor(t, dtype=self.dtype, device=self.device) if not torch.is_tensor(t) else t
+    def _reduce(self, t, n: int | None, name: str) -> torch.Tensor:
+        """Sum ``t`` over all but the particle dimension, ``(n,)``; over everything if n is None."""
+        t = t if torch.is_tensor(t) else torch.as_tensor(t, dtype=self.dtype, device=self.device)
+        if n is None:
+            return t.sum()
         i = t.dim() + self._particle_dim
         if i < 0:  # no particle dimension: the same value for every particle
             return t.sum().expand(n)
@@ -283,39 +317,41 @@ class PyroTarget(Target):
             raise ValueError(f"site {name!r} does not broadcast over {n} particles (shape {tuple(t.shape)})")
         return t.expand(n)
 
-    # ------------------------------------------------------------------ densities
-    def _split(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {s.name: u[:, s.offset : s.offset + s.size] for s in self.sites.values()}
-
-    def _log_terms(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(log_prior, log_likelihood)`` at ``u: (n, dim)``, each ``(n,)``, in one model run."""
-        if u.dim() != 2 or u.shape[1] != self.dim:
-            raise ValueError(f"points must have shape (n, {self.dim}), got {tuple(u.shape)}")
-        n = u.shape[0]
-        trace, setter = self._run(self._split(u), n)
-        prior = u.new_zeros(n)
-        lik = u.new_zeros(n)
+    def _terms(self, u: torch.Tensor, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log_prior, log_likelihood)`` from one model run at ``u: (n, dim)`` (or ``(dim,)``
+        with ``n`` None, a plain one-point run)."""
+        trace, setter = self._run(self._split(u), n=n)
+        prior = lik = 0.0
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
-            latent = name in self.sites and name in setter.z
+            latent = name in setter.z
             if not latent and not site["is_observed"]:
                 raise ValueError(f"latent site {name!r} was not in the prior trace: dynamic model structure is not supported")
-            lp = scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
-            lp = self._per_particle(lp, n, name)
+            lp = self._reduce(scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"]), n, name)
             if latent:
-                prior = prior + lp + self._per_particle(setter.log_det[name], n, name)
+                prior = prior + lp + self._reduce(setter.log_det[name], n, name)
             else:
                 lik = lik + lp
-        return prior, lik
+        zero = u.new_zeros(() if n is None else (n,))
+        return prior + zero, lik + zero
+
+    # ------------------------------------------------------------------ densities
+    def _log_terms(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log_prior, log_likelihood)`` at ``u: (n, dim)``, each ``(n,)``, batched."""
+        if u.dim() != 2 or u.shape[1] != self.dim:
+            raise ValueError(f"points must have shape (n, {self.dim}), got {tuple(u.shape)}")
+        if self.vectorize == "plate":
+            return self._terms(u, u.shape[0])
+        return torch.func.vmap(lambda v: self._terms(v, None))(u)
 
     def _log_density(self, u: torch.Tensor) -> torch.Tensor:
         prior, lik = self._log_terms(u)
         return prior + lik
 
     def log_prior(self, u: torch.Tensor) -> torch.Tensor:
-        r"""Normalised log-density of the prior pushed to unconstrained space, ``(n,)``: the
-        latent sites' log-densities plus :math:`\log|\det J_T(u)|` (not counted)."""
+        r"""Normalised log-density of the prior pushed to unconstrained space at ``u: (n, dim)``,
+        ``(n,)``: the latent sites' log-densities plus :math:`\log|\det J_T(u)|` (not counted)."""
         return self._log_terms(u)[0]
 
     def log_likelihood(self, u: torch.Tensor) -> torch.Tensor:
@@ -324,66 +360,82 @@ class PyroTarget(Target):
         return self._log_terms(u)[1]
 
     def log_prior_and_likelihood(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both terms from one model run, each ``(n,)`` (differentiable); counts ``n``."""
+        """Both terms from one model run, each ``(n,)`` and differentiable; counts ``n``."""
         self.num_target_evals += u.shape[0]
         return self._log_terms(u)
 
     # ------------------------------------------------------------------ spaces, draws, output
     def prior_draws(self, n: int) -> torch.Tensor:
-        """``n`` prior draws in unconstrained space, ``(n, dim)``, from one model run (global RNG)."""
+        """``n`` prior draws in unconstrained space, ``(n, dim)`` (Pyro samples from the global RNG)."""
         with torch.no_grad():
-            trace, _ = self._run(None, n)
+            if self.vectorize == "plate":
+                trace, _ = self._run(None, n=n)
+                nodes, lead = [trace.nodes], (n,)
+            else:  # vmap cannot draw fresh randomness per point from unbatched parameters
+                nodes, lead = [self._run(None, n=None)[0].nodes for _ in range(n)], (1,)
             parts = []
             for site in self.sites.values():
-                node = trace.nodes[site.name]
-                u = biject_to(node["fn"].support).inv(node["value"])
-                parts.append(u.expand((n,) + (1,) * site.pad + site.unconstrained_shape).reshape(n, site.size))
-        return torch.cat(parts, dim=1).to(self.dtype)
+                us = []
+                for node in (t[site.name] for t in nodes):
+                    u = biject_to(node["fn"].support).inv(node["value"])
+                    us.append(u.reshape(lead + (-1,)).expand(lead + (site.size,)))
+                parts.append(torch.cat(us))
+        return torch.cat(parts, dim=1).to(self.dtype).reshape(n, self.dim)
+
+    def _map_sites(self, values, n: int, constrained: bool, out: str) -> dict[str, torch.Tensor]:
+        """Run the model with latents set to ``values``; return the setter's ``out`` space."""
+        with torch.no_grad():
+            if self.vectorize == "plate":
+                return getattr(self._run(values, n=n, constrained=constrained)[1], out)
+
+            def one(v):
+                return getattr(self._run(v, n=None, constrained=constrained)[1], out)
+
+            return torch.func.vmap(one)(values)
 
     def constrain(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         """Latent values ``{name: (n, *site_shape)}`` in constrained space from ``u: (n, dim)``."""
-        with torch.no_grad():
-            _, setter = self._run(self._split(u), u.shape[0])
-        return {s.name: setter.z[s.name].reshape((u.shape[0],) + s.shape) for s in self.sites.values()}
+        n = u.shape[0]
+        z = self._map_sites(self._split(u.to(self.dtype)), n, False, "z")
+        return {s.name: z[s.name].reshape((n,) + s.shape) for s in self.sites.values()}
 
     def unconstrain(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Unconstrained points ``(n, dim)`` from ``{name: (n, *site_shape)}`` in constrained space."""
+        """Unconstrained points ``(n, dim)`` from ``{name: (n, *site_shape)}`` in constrained space
+        (for example to start chains at given values)."""
         missing = set(self.sites) - set(values)
         if missing:
             raise ValueError(f"values for latent sites {sorted(missing)} are missing")
         values = {k: torch.as_tensor(values[k], dtype=self.dtype, device=self.device) for k in self.sites}
-        n = next(iter(values.values())).shape[0]
+        n = values[next(iter(self.sites))].shape[0]
         for s in self.sites.values():
             if tuple(values[s.name].shape) != (n,) + s.shape:
                 raise ValueError(f"site {s.name!r} needs shape {(n,) + s.shape}, got {tuple(values[s.name].shape)}")
-        with torch.no_grad():
-            _, setter = self._run(values, n, constrained=True)
-        return torch.cat([setter.u[s.name].reshape(n, s.size) for s in self.sites.values()], dim=1)
+        u = self._map_sites(values, n, True, "u")
+        return torch.cat([u[s.name].reshape(n, s.size) for s in self.sites.values()], dim=1)
 
     def to_posterior(self, x: torch.Tensor) -> dict[str, np.ndarray]:
         """Each latent site by name, constrained, shape ``(chain, draw, *site_shape)``."""
         chains, draws = x.shape[:2]
-        flat = x.detach().reshape(-1, self.dim).to(self.dtype)
+        flat = x.detach().reshape(-1, self.dim)
         chunks = [self.constrain(flat[i : i + _CHUNK]) for i in range(0, flat.shape[0], _CHUNK)]
         return {
             s.name: torch.cat([c[s.name] for c in chunks]).reshape((chains, draws) + s.shape).cpu().numpy()
             for s in self.sites.values()
         }
 
-    def _check_vectorised(self) -> None:
-        """Compare one batched evaluation at prior draws with one-point evaluations."""
+    def _check_batched(self) -> None:
+        """Compare a batched evaluation at prior draws with one-point runs of the plain model."""
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(1)
             u = self.prior_draws(_NUM_CHECK_POINTS)
         with torch.no_grad():
             batched = self._log_density(u)
-            single = torch.cat([self._log_density(u[i : i + 1]) for i in range(_NUM_CHECK_POINTS)])
+            single = torch.stack([sum(self._terms(v, None)) for v in u])
         tol = 1e-4 if self.dtype == torch.float32 else 1e-9
         if not torch.allclose(batched, single, rtol=tol, atol=tol, equal_nan=True):
             raise ValueError(
-                "the model is not vectorised over particles: its log-density at a batch of points "
-                f"({batched.tolist()}) differs from the same points one at a time ({single.tolist()}); "
-                "use plates and broadcasting, and do not reduce a latent value over all its dimensions"
+                f"the model is not vectorised over particles: its log-density at a batch of points "
+                f"{batched.tolist()} differs from the same points one at a time {single.tolist()}"
             )
 
     def __repr__(self) -> str:

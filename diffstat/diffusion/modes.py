@@ -34,7 +34,7 @@ from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.mcmc.base import LogProbAndGrad, MCMCState
 from diffstat.mcmc.mala import mala_step
 
-__all__ = ["ModeBank", "explore", "no_barrier", "group_by_barrier", "merge_groups", "balance_modes", "explore_modes"]
+__all__ = ["ModeBank", "explore", "hill_climb", "no_barrier", "group_by_barrier", "merge_groups", "balance_modes", "explore_modes"]
 
 #: Optimal MALA acceptance rate (Roberts and Rosenthal 1998), the target of every step adaptation.
 _MALA_ACCEPT = 0.574
@@ -66,17 +66,20 @@ class ModeBank:
         return torch.bincount(self.label, minlength=self.num_modes)
 
 
-def _relabel(x, lp, grad, label, num_evals) -> ModeBank:
-    """Compact labels to ``0..K-1`` (dropping ``label < 0``) and find each mode's best particle."""
+def _relabel(x, lp, grad, label, num_evals, peak_x=None, peak_lp=None) -> ModeBank:
+    """Compact labels to ``0..K-1`` (dropping ``label < 0``); each mode's centre is the best of
+    ``peak_x`` (climbed points, one per particle; the particles themselves if not given)."""
+    peak_x = x if peak_x is None else peak_x
+    peak_lp = lp if peak_lp is None else peak_lp
     keep = label >= 0
-    x, lp, grad, label = x[keep], lp[keep], grad[keep], label[keep]
+    x, lp, grad, label, peak_x, peak_lp = x[keep], lp[keep], grad[keep], label[keep], peak_x[keep], peak_lp[keep]
     _, label = torch.unique(label, return_inverse=True)
     k = int(label.max()) + 1 if label.numel() else 0
-    best = torch.full((k,), -math.inf, dtype=lp.dtype, device=lp.device).scatter_reduce(0, label, lp, "amax")
-    idx = torch.nonzero(lp == best[label]).flatten()
+    best = torch.full((k,), -math.inf, dtype=lp.dtype, device=lp.device).scatter_reduce(0, label, peak_lp, "amax")
+    idx = torch.nonzero(peak_lp == best[label]).flatten()
     center_idx = torch.empty(k, dtype=torch.long, device=lp.device)
     center_idx[label[idx]] = idx
-    return ModeBank(x, lp, grad, label, x[center_idx], lp[center_idx], num_evals)
+    return ModeBank(x, lp, grad, label, peak_x[center_idx], peak_lp[center_idx], num_evals)
 
 
 def explore(
@@ -108,7 +111,44 @@ def explore(
     return state, q3, q4
 
 
-def no_barrier(log_prob, a: torch.Tensor, lp_a: torch.Tensor, b: torch.Tensor, lp_b: torch.Tensor, *, num_points: int = 3, tol: float = 1.0) -> torch.Tensor:
+def hill_climb(
+    log_prob_and_grad: LogProbAndGrad,
+    x: torch.Tensor,
+    log_prob: torch.Tensor,
+    grad: torch.Tensor,
+    num_steps: int,
+    step_size: torch.Tensor,
+    rtol: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    r"""Gradient ascent toward each point's local maximum, batched, with a per-point step size:
+    :math:`y = x + h \nabla\log p(x)` is kept (and :math:`h \leftarrow 1.5h`) if it raises
+    :math:`\log p`, else :math:`h \leftarrow h/2`. A point stops once its gain falls below ``rtol``
+    nats with an accepted step; only active points are evaluated.
+
+    Returns the climbed points ``(n, dim)``, their log-densities ``(n,)`` and the evaluations spent.
+    Mode centres compare far better than samples: in high dimension typical points lie about
+    :math:`d/2` nats below their peak, under the saddle between nearby modes, so a segment between
+    two samples of different modes need not cross a barrier, while one between their peaks does.
+    """
+    x, lp, g, h = x.clone(), log_prob.clone(), grad.clone(), step_size.clone()
+    active = torch.isfinite(lp)
+    evals = 0
+    for _ in range(num_steps):
+        idx = torch.nonzero(active).flatten()
+        if idx.numel() == 0:
+            break
+        y = x[idx] + h[idx, None] * g[idx]
+        lp_y, g_y = log_prob_and_grad(y)
+        evals += idx.numel()
+        up = torch.isfinite(lp_y) & torch.isfinite(g_y).all(-1) & (lp_y > lp[idx])
+        gain = torch.where(up, lp_y - lp[idx], torch.zeros_like(lp_y))
+        x[idx[up]], lp[idx[up]], g[idx[up]] = y[up], lp_y[up], g_y[up]
+        h[idx] = torch.where(up, 1.5 * h[idx], 0.5 * h[idx])
+        active[idx[up & (gain < rtol)]] = False
+    return x, lp, evals
+
+
+def no_barrier(log_prob, a: torch.Tensor, lp_a: torch.Tensor, b: torch.Tensor, lp_b: torch.Tensor, *, num_points: int = 3, tol: float = 0.5) -> torch.Tensor:
     r"""True where :math:`\log p` has no barrier on the segment from ``a`` to ``b`` (both
     ``(n, dim)``): at the ``num_points`` interior points :math:`s = j/(m+1)` the log-density stays
     above :math:`\min(\log p(a), \log p(b)) - \tau`. Costs ``n * num_points`` evaluations."""
@@ -122,7 +162,7 @@ def no_barrier(log_prob, a: torch.Tensor, lp_a: torch.Tensor, b: torch.Tensor, l
     return lp.min(-1).values >= torch.minimum(lp_a, lp_b) - tol
 
 
-def group_by_barrier(log_prob, x: torch.Tensor, lp: torch.Tensor, *, tol: float = 1.0, num_points: int = 3, max_new: int = 32) -> torch.Tensor:
+def group_by_barrier(log_prob, x: torch.Tensor, lp: torch.Tensor, *, tol: float = 0.5, num_points: int = 3, max_new: int = 32) -> torch.Tensor:
     r"""Group points ``x: (n, dim)`` by mode; returns labels ``(n,)`` (long, ``0..K-1``).
 
     Leader clustering in decreasing :math:`\log p`, batched: in each round every unassigned point
@@ -168,7 +208,7 @@ def group_by_barrier(log_prob, x: torch.Tensor, lp: torch.Tensor, *, tol: float 
     return merge_groups(log_prob, x, lp, label, tol=tol, num_points=num_points)
 
 
-def merge_groups(log_prob, x: torch.Tensor, lp: torch.Tensor, label: torch.Tensor, *, tol: float = 1.0, num_points: int = 3, num_pairs: int = 3, how: str = "closest") -> torch.Tensor:
+def merge_groups(log_prob, x: torch.Tensor, lp: torch.Tensor, label: torch.Tensor, *, tol: float = 0.5, num_points: int = 3, num_pairs: int = 3, how: str = "closest") -> torch.Tensor:
     r"""Merge groups whose representatives are joined by a barrier-free segment; returns compact
     labels ``(n,)``.
 
@@ -238,9 +278,10 @@ def explore_modes(
     *,
     num_chains: int = 2000,
     num_steps: int = 20,
+    num_climb: int = 30,
     start_scales=(0.5, 1.0, 2.0, 4.0),
     step_size: float = 0.1,
-    tol: float = 1.0,
+    tol: float = 0.5,
     device=None,
     progress: bool = False,
 ) -> ModeBank:
@@ -251,7 +292,10 @@ def explore_modes(
     find wide modes; narrow starts find the narrow modes that a wide mode's pull hides from far
     away). Chains whose mean log-density over the last quarter exceeds that over the third quarter
     by more than :math:`2\sqrt{d/2} + 1` nats (twice the sd of :math:`\chi^2_d/2`) are still
-    climbing and are dropped; the rest are grouped by :func:`group_by_barrier`.
+    climbing and are dropped. The rest climb to their local maxima (:func:`hill_climb`, at most
+    ``num_climb`` steps), the climbed points are grouped by :func:`group_by_barrier`, and each
+    chain's end point (a sample, kept with its gradient) takes its climbed point's label.
+    Returns a :class:`ModeBank` whose centres are the best climbed point of each mode.
     """
     num_chains = check_positive_int(num_chains, "num_chains")
     num_steps = check_positive_int(num_steps, "num_steps")
@@ -271,16 +315,21 @@ def explore_modes(
     x0 = mean + s * (x - mean)
     target.validate(x0[: min(num_chains, 16)])
     h0 = step_size * s.squeeze(-1) ** 2
-    with progress_bar(1, "diffusion: exploring modes", progress) as bar:
+    with progress_bar(3, "diffusion: exploring modes", progress) as bar:
         state, q3, q4 = explore(generator, target.log_prob_and_grad, x0, num_steps, h0)
         bar.update()
-    settled = torch.isfinite(state.log_prob) & (q4 - q3 <= 2 * math.sqrt(target.dim / 2) + 1)
-    if not bool(settled.any()):
-        raise ValueError("no exploration chain settled in a mode; raise num_steps or check the target")
-    xs, lp, grad = state.x[settled], state.log_prob[settled], state.grad[settled]
-    label = group_by_barrier(target.log_prob, xs, lp, tol=tol)
+        settled = torch.isfinite(state.log_prob) & (q4 - q3 <= 2 * math.sqrt(target.dim / 2) + 1)
+        if not bool(settled.any()):
+            raise ValueError("no exploration chain settled in a mode; raise num_steps or check the target")
+        xs, lp, grad = state.x[settled], state.log_prob[settled], state.grad[settled]
+        label = _drop_stragglers(lp, torch.zeros_like(lp, dtype=torch.long), target.dim)
+        xs, lp, grad = xs[label >= 0], lp[label >= 0], grad[label >= 0]
+        peak_x, peak_lp, _ = hill_climb(target.log_prob_and_grad, xs, lp, grad, num_climb, h0[settled][label >= 0])
+        bar.update()
+        label = group_by_barrier(target.log_prob, peak_x, peak_lp, tol=tol)
+        bar.update()
     label = _drop_stragglers(lp, label, target.dim)
-    return _relabel(xs, lp, grad, label, target.num_target_evals - evals0)
+    return _relabel(xs, lp, grad, label, target.num_target_evals - evals0, peak_x, peak_lp)
 
 
 def balance_modes(
@@ -291,56 +340,52 @@ def balance_modes(
     chains_per_mode: int = 128,
     num_steps: int = 40,
     keep_every: int = 4,
-    tol: float = 1.0,
-    regroup: bool = True,
 ) -> ModeBank:
     r"""Restock every mode with ``chains_per_mode`` local MALA chains started from its particles.
 
-    One step size per mode is adapted by dual averaging toward acceptance 0.574, and after the
-    first quarter a diagonal preconditioner per mode (the variance of that mode's chains). The
-    states of the second half, every ``keep_every`` steps, are kept: each mode then holds
-    ``chains_per_mode * ceil(num_steps / (2 keep_every))`` particles with their gradients. With
-    ``regroup``, modes whose restocked particles are joined without a barrier
-    (:func:`merge_groups`, e.g. two leaders found in one curved mode, or a straggler that slid
-    into a known mode) are merged.
+    One step size per mode is adapted by dual averaging toward acceptance 0.574 over the first
+    half, with a diagonal preconditioner per mode (the relative variances of that mode's chains)
+    from the first quarter on. The states of the second half, every ``keep_every`` steps, are
+    kept: each mode then holds ``chains_per_mode * ceil(num_steps / (2 keep_every))`` particles,
+    labelled by the mode their chain started in, with their gradients. The centres are kept.
     """
     chains_per_mode = check_positive_int(chains_per_mode, "chains_per_mode")
     num_steps = check_positive_int(num_steps, "num_steps")
+    keep_every = check_positive_int(keep_every, "keep_every")
     evals0 = target.num_target_evals
     k, dev, dt = bank.num_modes, bank.x.device, bank.x.dtype
     mode = torch.arange(k, device=dev).repeat_interleave(chains_per_mode)
-    # start each chain at a random particle of its mode
     start = torch.empty_like(mode)
-    for i in range(k):
+    for i in range(k):  # a loop over modes (few), not over chains
         rows = torch.nonzero(bank.label == i).flatten()
         pick = torch.randint(0, rows.numel(), (chains_per_mode,), generator=generator, device=generator.device)
         start[mode == i] = rows[pick.to(dev)]
     state = MCMCState(bank.x[start], bank.log_prob[start], bank.grad[start])
-    spread = torch.stack([bank.x[bank.label == i].var(0) if int((bank.label == i).sum()) > 2 else torch.ones(target.dim, dtype=dt, device=dev) for i in range(k)])
-    h0 = (0.5 * spread.mean(-1)).clamp(1e-4, 1.0)
-    adapt = DualAveraging(h0.to(dt), _MALA_ACCEPT)
+    count = torch.full((k,), float(chains_per_mode), dtype=dt, device=dev)
+    spread = torch.zeros(k, dtype=dt, device=dev).index_add_(0, bank.label, (bank.x - bank.centers[bank.label]).pow(2).mean(-1))
+    spread = spread / bank.counts().to(dt)
+    adapt = DualAveraging((0.5 * spread).clamp(1e-4, 1.0), _MALA_ACCEPT)
     inv_mass = torch.ones(k, target.dim, dtype=dt, device=dev)
-    ones = torch.ones_like(mode, dtype=dt)
-    count = torch.zeros(k, dtype=dt, device=dev).index_add_(0, mode, ones)
     kept = []
     for i in range(num_steps):
         h = adapt.step_size if i < num_steps // 2 else adapt.final_step_size
         state, info = mala_step(generator, state, target.log_prob_and_grad, h[mode], inv_mass[mode])
         if i < num_steps // 2:
-            acc = torch.zeros(k, dtype=dt, device=dev).index_add_(0, mode, info.acceptance_rate) / count
-            adapt.update(acc)
+            adapt.update(torch.zeros(k, dtype=dt, device=dev).index_add_(0, mode, info.acceptance_rate) / count)
         if i == num_steps // 4:
             mean = torch.zeros(k, target.dim, dtype=dt, device=dev).index_add_(0, mode, state.x) / count[:, None]
             var = torch.zeros(k, target.dim, dtype=dt, device=dev).index_add_(0, mode, (state.x - mean[mode]) ** 2) / count[:, None]
-            rel = var / var.mean(-1, keepdim=True).clamp_min(1e-12)
-            inv_mass = rel.clamp(1e-3, 1e3)
+            inv_mass = (var / var.mean(-1, keepdim=True).clamp_min(1e-12)).clamp(1e-3, 1e3)
             adapt.restart(adapt.final_step_size)
         if i >= num_steps // 2 and (num_steps - 1 - i) % keep_every == 0:
             kept.append(state)
     x = torch.cat([s.x for s in kept])
-    lp = torch.cat([s.log_prob for s in kept])
-    grad = torch.cat([s.grad for s in kept])
-    label = mode.repeat(len(kept))
-    if regroup and k > 1:
-        label = merge_groups(target.log_prob, x, lp, label, tol=tol, how="medoid")
-    return _relabel(x, lp, grad, label, bank.num_evals + target.num_target_evals - evals0)
+    return ModeBank(
+        x,
+        torch.cat([s.log_prob for s in kept]),
+        torch.cat([s.grad for s in kept]),
+        mode.repeat(len(kept)),
+        bank.centers,
+        bank.center_log_prob,
+        bank.num_evals + target.num_target_evals - evals0,
+    )

@@ -101,7 +101,8 @@ class _NoiseConditioned(nn.Module):
         self.dim, self.process, self.sigma_data = dim, process, float(sigma_data)
         self.register_buffer("frequencies", 2.0 ** torch.arange(num_frequencies, dtype=torch.get_default_dtype()), persistent=False)
         emb_dim = 1 + 2 * num_frequencies
-        self.net = _TimeMLP(dim, out_dim, hidden, depth, residual, emb_dim, activation)
+        with torch.random.fork_rng(devices=[]):  # nn.Linear's own init draws from the global RNG:
+            self.net = _TimeMLP(dim, out_dim, hidden, depth, residual, emb_dim, activation)  # undone here
         if generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
         _init_parameters(self.net, generator)

@@ -9,7 +9,7 @@ the power 1/K times the shard's likelihood) independently, and combine the draws
 
 from diffstat.dnc.combine import COMBINERS, combine
 from diffstat.dnc.shards import SubPosterior, pyro_subposteriors, split_indices, subposteriors
-from diffstat.dnc.pipeline import ShardResult, run_pipeline, sample_shards
+from diffstat.dnc.pipeline import ShardFailure, ShardResult, map_with_retries, run_pipeline, sample_shards
 
 __all__ = [
     "combine",
@@ -21,4 +21,6 @@ __all__ = [
     "sample_shards",
     "run_pipeline",
     "ShardResult",
+    "ShardFailure",
+    "map_with_retries",
 ]

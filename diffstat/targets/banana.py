@@ -55,7 +55,13 @@ class BananaMixture:
         if weights.shape != (k,) or (weights < 0).any() or weights.sum() <= 0:
             raise ValueError(f"weights must be {k} non-negative numbers, got {weights}")
         scales = torch.as_tensor(scales, dtype=torch.float64)
-        scales = (scales[:, None] if scales.dim() == 1 else scales).expand(k, d).clone()
+        if scales.dim() == 1:
+            if scales.shape[0] != k:
+                raise ValueError(f"1-d scales are one per component ({k}); give (K, dim) for per-coordinate scales")
+            scales = scales[:, None]
+        if scales.dim() > 2 or not all(s in (1, t) for s, t in zip(scales.shape[-2:] if scales.dim() == 2 else (), (k, d))):
+            raise ValueError(f"scales must be a float, (K,) or (K, dim) = ({k}, {d}), got {tuple(scales.shape)}")
+        scales = scales.expand(k, d).clone()
         if (scales <= 0).any():
             raise ValueError("scales must be positive")
         curvature = torch.as_tensor(curvature, dtype=torch.float64).expand(k).clone()

@@ -120,13 +120,9 @@ class LogisticRegression:
         if k > self.num_data:
             raise ValueError(f"num_shards={k} exceeds the {self.num_data} data points")
         order = torch.arange(self.num_data) if generator is None else torch.randperm(self.num_data, generator=generator, device=generator.device).cpu()
-        shards = []
-        for idx in torch.tensor_split(order, k):
-            shard = LogisticRegression.__new__(LogisticRegression)
-            shard.X, shard.y = self.X[idx], self.y[idx]
-            shard.prior_scale = self.prior_scale * math.sqrt(k)
-            shard._cache = {}
-            shards.append(shard)
+        scale = self.prior_scale * math.sqrt(k)
+        # self.X already holds the intercept column and any standardisation of the full data
+        shards = [LogisticRegression(self.X[idx], self.y[idx], scale, intercept=False) for idx in torch.tensor_split(order, k)]
         return shards
 
     def as_target(self, name: str = "beta", reference=None, dtype=None) -> Target:

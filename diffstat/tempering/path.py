@@ -28,13 +28,33 @@ Every point is evaluated once through ``target.log_prob_and_grad`` (counted in
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Callable, NamedTuple
 
 import torch
 
 from diffstat.mcmc.base import MCMCInfo, MCMCState
+from diffstat.mcmc.hmc import hmc_step
+from diffstat.mcmc.mala import mala_step
+from diffstat.mcmc.rwm import rwm_step
+from diffstat.sampling import resolve_reference
 
-__all__ = ["GeometricPath", "PathState", "tempered_state", "incremental_log_weights", "move"]
+__all__ = [
+    "GeometricPath",
+    "make_path",
+    "PathState",
+    "tempered_state",
+    "incremental_log_weights",
+    "move",
+    "adaptive_moves",
+    "get_kernel",
+    "default_step_size",
+]
+
+#: Target acceptance rates: optimal scaling for MALA (0.574, Roberts and Rosenthal 1998) and RWM
+#: (0.234); 0.8 for HMC (Stan's default; a short trajectory tolerates a lower rate than NUTS).
+TARGET_ACCEPT = {"mala": 0.574, "hmc": 0.8, "rwm": 0.234}
 
 
 class PathState(NamedTuple):
@@ -145,8 +165,12 @@ class GeometricPath:
         return self.target.reference_log_prob(x).to(x.dtype)
 
     def _reference_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.likelihood_tempering and self.reference is None and self.target.reference is None:
-            return self.target.reference_log_prob(x).to(x.dtype), -x  # N(0, I)
+        if not self.likelihood_tempering:
+            if self.reference is None and self.target.reference is None:
+                return self.target.reference_log_prob(x).to(x.dtype), -x  # N(0, I)
+            grad = _gaussian_score(self.reference if self.reference is not None else self.target.reference, x)
+            if grad is not None:
+                return self.reference_log_prob(x), grad
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             lp = self.reference_log_prob(xg)
@@ -172,6 +196,26 @@ class GeometricPath:
             return st.log_prob, st.grad
 
         return log_prob_and_grad
+
+
+def _gaussian_score(dist: torch.distributions.Distribution, x: torch.Tensor) -> torch.Tensor | None:
+    """Closed-form score of a Gaussian reference (``Independent(Normal)`` or
+    ``MultivariateNormal``), or None for any other distribution (autograd is used then)."""
+    D = torch.distributions
+    if isinstance(dist, D.Independent) and isinstance(dist.base_dist, D.Normal) and dist.reinterpreted_batch_ndims == 1:
+        base = dist.base_dist
+        return ((base.loc - x) / base.scale**2).to(x.dtype)
+    if isinstance(dist, D.MultivariateNormal):
+        diff = (dist.loc - x).to(dist.scale_tril.dtype).unsqueeze(-1)
+        return torch.cholesky_solve(diff, dist.scale_tril).squeeze(-1).to(x.dtype)
+    return None
+
+
+def make_path(target, reference=None) -> GeometricPath:
+    """The path a sampler uses: ``reference`` is the ``reference=`` option (checked by
+    :func:`~diffstat.sampling.resolve_reference`); None means the target's own reference, or
+    likelihood tempering for a target with ``log_prior`` and ``log_likelihood``."""
+    return GeometricPath(target, None if reference is None else resolve_reference(target, reference))
 
 
 class _Recorder:
@@ -220,3 +264,65 @@ def move(
     state, info = kernel(generator, tempered_state(ps, beta), density, step_size, inv_mass, **kernel_options)
     new = ps.where(info.is_accepted, density.last)
     return PathState(state.x, *new[1:]), info
+
+
+def get_kernel(name: str, num_leapfrog: int = 5) -> tuple[Callable, float]:
+    """The kernel ``"mala"``, ``"hmc"`` (``num_leapfrog`` steps) or ``"rwm"`` and its target
+    acceptance rate."""
+    kernels = {"mala": mala_step, "hmc": functools.partial(hmc_step, num_steps=int(num_leapfrog)), "rwm": rwm_step}
+    if name not in kernels:
+        raise ValueError(f"unknown kernel {name!r}; choose one of {', '.join(kernels)}")
+    return kernels[name], TARGET_ACCEPT[name]
+
+
+def default_step_size(name: str, dim: int) -> float:
+    r"""A first step size in units of the (preconditioned) scale: for a standard Gaussian in
+    dimension :math:`d` the optimal MALA proposal variance :math:`2h` is about
+    :math:`1.65^2 d^{-1/3}` (Roberts and Rosenthal 1998), so :math:`h = 1.36\, d^{-1/3}`; RWM's is
+    :math:`2.38^2/d` (Gelman, Roberts and Gilks 1996); for HMC a leapfrog step of
+    :math:`d^{-1/4}`. Adaptation corrects all three within a few moves."""
+    if name == "mala":
+        return 1.36 * dim ** (-1.0 / 3.0)
+    if name == "rwm":
+        return 2.38**2 / dim
+    return dim ** (-0.25)
+
+
+def adaptive_moves(
+    kernel: Callable,
+    generator: torch.Generator,
+    ps: PathState,
+    path: GeometricPath,
+    beta,
+    log_step_size: torch.Tensor,
+    num_steps: int,
+    *,
+    inv_mass: torch.Tensor | None = None,
+    target_accept: float = 0.574,
+    adapt_rate: float = 1.0,
+) -> tuple[PathState, torch.Tensor, torch.Tensor]:
+    r"""``num_steps`` moves at inverse temperature ``beta`` with one step size shared by the
+    particles, adapted after each move from the mean acceptance probability :math:`\bar a`:
+
+    .. math:: \log h \leftarrow \log h + \kappa\,(\bar a - a^\star),
+
+    (:math:`\kappa` = ``adapt_rate``, :math:`a^\star` = ``target_accept``), a Robbins-Monro step
+    toward the target rate, as in adaptive SMC (Fearnhead and Taylor 2013; Buchholz et al. 2021).
+    Given the step size, each move leaves :math:`\pi_\beta` invariant; the step size is a
+    function of the whole cloud's past acceptance, not of the particle being moved (the usual
+    adaptive-SMC approximation, whose effect vanishes as the number of particles grows).
+
+    Returns
+    -------
+    (PathState, log_step_size, acceptance)
+        Moved particles, the adapted 0-d ``log_step_size``, and each particle's mean acceptance
+        probability over the moves ``(n,)`` (NaN when ``num_steps`` is 0).
+    """
+    acc_sum = torch.zeros(ps.x.shape[0], dtype=ps.x.dtype, device=ps.x.device)
+    for _ in range(num_steps):
+        ps, info = move(kernel, generator, ps, path, beta, torch.exp(log_step_size), inv_mass)
+        acc_sum = acc_sum + info.acceptance_rate
+        if adapt_rate:
+            log_step_size = log_step_size + adapt_rate * (info.acceptance_rate.mean() - target_accept)
+    acc = acc_sum / num_steps if num_steps else torch.full_like(acc_sum, math.nan)
+    return ps, log_step_size, acc

@@ -1,0 +1,243 @@
+r"""Importance proposals with exact log-densities: per-mode Gaussians, the probability-flow
+pushforward of a fitted diffusion model, and their defensive mixture.
+
+Self-normalised importance sampling needs :math:`\log q(x)` at every proposed point. For the
+defensive mixture
+
+.. math:: q(x) = w_d\, q_{\mathrm{diff}}(x) + (1 - w_d)\, q_{\mathrm{gauss}}(x),
+          \qquad q_{\mathrm{gauss}}(x) = \sum_k \pi_k\, \mathcal N(x; \mu_k, \Sigma_k),
+
+both densities are needed at the points of both components. ``round(w_d n)`` points come from
+the diffusion component and the rest from the Gaussians (stratified counts); weighting every point
+by :math:`p / q` with the mixture density is the balance-heuristic (deterministic mixture)
+estimator of Veach and Guibas and of Owen and Zhou (2000), unbiased for :math:`Z`, and its weights
+are bounded by :math:`p / ((1 - w_d) q_{\mathrm{gauss}})`: never much worse than Gaussian
+importance sampling, whatever the diffusion model learned.
+
+:math:`q_{\mathrm{diff}}` is the law of the probability-flow ODE run from the prior at
+:math:`t_{\max}` to :math:`t_{\min}` (:func:`diffstat.diffusion.reverse.probability_flow`, RK4
+with the exact Jacobian trace). At a Gaussian-proposed point it is computed by
+:func:`ode_log_density`, which runs the same ODE *forward*, from :math:`t_{\min}` to
+:math:`t_{\max}`, on the same time grid with RK4, integrating the divergence alongside:
+
+.. math:: \log q_{\mathrm{diff}}(x) = \log p_{\mathrm{prior}}(x_{t_{\max}})
+          + \int_{t_{\min}}^{t_{\max}} \nabla\!\cdot v(x_t, t)\,dt,
+          \qquad v = f - \tfrac12 g^2 s_\theta.
+
+Both directions discretise the same flow with fourth-order error, so they agree to
+:math:`O(h^4)`; the model lives in whitened coordinates :math:`y = L^{-1}(x - m)`, and
+:math:`\log q_x(x) = \log q_y(y) - \log\lvert\det L\rvert`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from diffstat.diffusion.modes import ModeBank
+
+__all__ = ["GaussianMixtureProposal", "fit_mode_gaussians", "ode_log_density", "DiffusionProposal", "DefensiveMixture", "Whitening"]
+
+
+def _stratified_counts(weights: torch.Tensor, n: int) -> torch.Tensor:
+    """Integer counts ``(K,)`` summing to ``n`` proportional to ``weights`` (largest remainders)."""
+    raw = weights / weights.sum() * n
+    counts = torch.floor(raw).long()
+    rest = n - int(counts.sum())
+    if rest > 0:
+        counts[torch.topk(raw - counts, rest).indices] += 1
+    return counts
+
+
+class GaussianMixtureProposal:
+    r""":math:`q(x) = \sum_k \pi_k \mathcal N(x; \mu_k, L_k L_k^\top)`: means ``(K, dim)``,
+    Cholesky factors ``(K, dim, dim)``, weights ``(K,)``. Draws are stratified over components
+    (``round(pi_k n)`` from component ``k``), which with the mixture density in the weights keeps
+    importance sampling unbiased."""
+
+    def __init__(self, means: torch.Tensor, chols: torch.Tensor, weights: torch.Tensor):
+        self.means, self.chols = means, chols
+        self.weights = weights / weights.sum()
+        self._log_det = 2 * torch.log(torch.diagonal(chols, dim1=-2, dim2=-1)).sum(-1)
+
+    @property
+    def num_components(self) -> int:
+        return self.means.shape[0]
+
+    def with_weights(self, weights: torch.Tensor) -> "GaussianMixtureProposal":
+        return GaussianMixtureProposal(self.means, self.chols, weights.to(self.means))
+
+    def component_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log \pi_k + \log \mathcal N(x; \mu_k, \Sigma_k)`, ``(n, K)``."""
+        d = x.shape[-1]
+        diff = (x[:, None, :] - self.means[None]).unsqueeze(-1)
+        z = torch.linalg.solve_triangular(self.chols[None], diff, upper=False).squeeze(-1)
+        return torch.log(self.weights) - 0.5 * ((z**2).sum(-1) + self._log_det + d * math.log(2 * math.pi))
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(self.component_log_prob(x), -1)
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` draws ``(n, dim)``, stratified over components."""
+        comp = torch.repeat_interleave(torch.arange(self.num_components, device=self.means.device), _stratified_counts(self.weights, n).to(self.means.device))
+        z = torch.randn(n, self.means.shape[1], 1, generator=generator, dtype=self.means.dtype, device=generator.device).to(self.means.device)
+        return self.means[comp] + (self.chols[comp] @ z).squeeze(-1)
+
+
+def fit_mode_gaussians(bank: ModeBank, *, inflate: float = 1.2, ridge: float = 1e-6, weights: torch.Tensor | None = None) -> GaussianMixtureProposal:
+    r"""Moment-matched Gaussian per banked mode, :math:`\mathcal N(\bar x_k, c^2 \hat\Sigma_k)`.
+
+    Moment matching (rather than Laplace at the peak) captures a mode's spread as the restocked
+    chains saw it, at no extra target evaluations; the inflation ``c`` (``inflate``) keeps the
+    proposal's tails heavier than the mode's, which bounds the importance weights of a Gaussian
+    mode. ``ridge`` times the mean variance is added to the diagonal. Mode weights default to
+    uniform.
+    """
+    if not inflate > 0:
+        raise ValueError(f"inflate must be positive, got {inflate}")
+    k, d = bank.num_modes, bank.x.shape[1]
+    means, chols = [], []
+    for i in range(k):  # a loop over modes (few), not over particles
+        xi = bank.x[bank.label == i]
+        mu = xi.mean(0)
+        cov = (xi - mu).T @ (xi - mu) / max(xi.shape[0] - 1, 1) if xi.shape[0] > d else torch.diag(xi.var(0) if xi.shape[0] > 1 else torch.ones(d, dtype=xi.dtype, device=xi.device))
+        cov = cov + (ridge * cov.diagonal().mean().clamp_min(1e-12)) * torch.eye(d, dtype=xi.dtype, device=xi.device)
+        means.append(mu)
+        chols.append(inflate * torch.linalg.cholesky(cov))
+    w = torch.full((k,), 1.0 / k, dtype=bank.x.dtype, device=bank.x.device) if weights is None else weights
+    return GaussianMixtureProposal(torch.stack(means), torch.stack(chols), w)
+
+
+@dataclass(frozen=True)
+class Whitening:
+    r"""The affine map :math:`x = m + L y` from whitened coordinates; ``shift (dim,)``, ``chol
+    (dim, dim)`` lower-triangular. Gradients map as :math:`\nabla_y = L^\top \nabla_x`."""
+
+    shift: torch.Tensor
+    chol: torch.Tensor
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, ridge: float = 1e-6) -> "Whitening":
+        """Mean and covariance of particles ``x: (n, dim)`` (with a small ridge)."""
+        m = x.mean(0)
+        cov = (x - m).T @ (x - m) / max(x.shape[0] - 1, 1)
+        cov = cov + ridge * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        return cls(m, torch.linalg.cholesky(cov))
+
+    @property
+    def log_det(self) -> torch.Tensor:
+        return torch.log(torch.diagonal(self.chol)).sum()
+
+    def to_white(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve_triangular(self.chol, (x - self.shift).T, upper=False).T
+
+    def from_white(self, y: torch.Tensor) -> torch.Tensor:
+        return self.shift + y @ self.chol.T
+
+    def grad_to_white(self, grad_x: torch.Tensor) -> torch.Tensor:
+        return grad_x @ self.chol
+
+
+def _velocity_and_divergence(score_fn, process, y: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Probability-flow velocity ``(n, dim)`` and its exact divergence ``(n,)`` (``dim`` backward
+    passes), detached."""
+    with torch.enable_grad():
+        y = y.detach().requires_grad_(True)
+        tt = t.expand(y.shape[0])
+        v = process.probability_flow_drift(y, tt, score_fn(y, tt))
+        div = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
+        for i in range(y.shape[1]):
+            (gi,) = torch.autograd.grad(v[:, i].sum(), y, retain_graph=i + 1 < y.shape[1])
+            div = div + gi[:, i]
+    return v.detach(), div.detach()
+
+
+def ode_log_density(score_fn, process, y0: torch.Tensor, *, num_steps: int = 50) -> torch.Tensor:
+    r"""Log-density ``(n,)`` at ``y0: (n, dim)`` of the probability-flow pushforward of the prior.
+
+    Integrates :math:`\dot y = v(y, t)` and :math:`\dot\ell = \nabla\cdot v(y, t)` forward from
+    :math:`t_{\min}` to :math:`t_{\max}` with RK4 on the reversed grid of
+    ``process.time_grid(num_steps)`` (the grid the reverse sampler uses), then returns
+    :math:`\log p_{\mathrm{prior}}(y_{t_{\max}}) + \ell`.
+    """
+    grid = process.time_grid(num_steps, dtype=y0.dtype, device=y0.device).flip(0)
+    y = y0.detach()
+    ell = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
+    for j in range(num_steps):
+        t0, t1 = grid[j], grid[j + 1]
+        h = t1 - t0
+        k1, d1 = _velocity_and_divergence(score_fn, process, y, t0)
+        k2, d2 = _velocity_and_divergence(score_fn, process, y + 0.5 * h * k1, t0 + 0.5 * h)
+        k3, d3 = _velocity_and_divergence(score_fn, process, y + 0.5 * h * k2, t0 + 0.5 * h)
+        k4, d4 = _velocity_and_divergence(score_fn, process, y + h * k3, t1)
+        y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        ell = ell + h / 6 * (d1 + 2 * d2 + 2 * d3 + d4)
+    return process.prior_log_prob(y) + ell
+
+
+class DiffusionProposal:
+    r"""The probability-flow pushforward of a score model trained in whitened coordinates.
+
+    ``score_fn(y, t)`` is the model, ``process`` its noising process, ``whitening`` the map to
+    target coordinates, ``num_steps`` RK4 steps (at least 40: at 20 the 99th percentile of the
+    log-density error was 1.3 nats on the 10-d mixture of REFERENCES.md).
+    """
+
+    def __init__(self, score_fn, process, whitening: Whitening, num_steps: int = 50, batch_size: int = 4096):
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be positive, got {num_steps}")
+        self.score_fn, self.process, self.whitening = score_fn, process, whitening
+        self.num_steps, self.batch_size = int(num_steps), int(batch_size)
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` draws ``(n, dim)`` in target coordinates and their exact log-density ``(n,)``."""
+        from diffstat.diffusion.reverse import probability_flow
+
+        dim = self.whitening.shift.shape[0]
+        dtype, device = self.whitening.shift.dtype, self.whitening.shift.device
+        xs, lqs = [], []
+        for start in range(0, n, self.batch_size):
+            m = min(self.batch_size, n - start)
+            yt = self.process.prior_sample(m, dim, generator, dtype=dtype, device=device)
+            y0, log_q = probability_flow(self.score_fn, self.process, yt, num_steps=self.num_steps, log_prob=True, trace="exact")
+            xs.append(self.whitening.from_white(y0.detach()))
+            lqs.append(log_q.detach() - self.whitening.log_det)
+        return torch.cat(xs), torch.cat(lqs)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-density ``(n,)`` at arbitrary points ``x: (n, dim)`` (:func:`ode_log_density`)."""
+        out = [
+            ode_log_density(self.score_fn, self.process, self.whitening.to_white(x[s : s + self.batch_size]), num_steps=self.num_steps)
+            for s in range(0, x.shape[0], self.batch_size)
+        ]
+        return (torch.cat(out) if out else x.new_zeros(0)) - self.whitening.log_det
+
+
+class DefensiveMixture:
+    r"""Defensive mixture :math:`w_d q_{\mathrm{diff}} + (1 - w_d) q_{\mathrm{gauss}}` with
+    stratified counts; ``diffusion`` may be ``None`` (then it is the Gaussian mixture alone, the
+    per-mode Gaussian importance-sampling baseline)."""
+
+    def __init__(self, diffusion: DiffusionProposal | None, gaussians: GaussianMixtureProposal, weight: float = 0.8):
+        if diffusion is not None and not 0.0 < weight < 1.0:
+            raise ValueError(f"the diffusion weight must lie in (0, 1), got {weight}")
+        self.diffusion, self.gaussians = diffusion, gaussians
+        self.weight = 0.0 if diffusion is None else float(weight)
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r"""``n`` draws ``(n, dim)``, their mixture log-density ``(n,)`` and which component drew
+        them (``(n,)`` bool, True for the diffusion)."""
+        n_d = int(round(self.weight * n))
+        x_g = self.gaussians.sample(n - n_d, generator)
+        lg_g = self.gaussians.log_prob(x_g)
+        if self.diffusion is None or n_d == 0:
+            return x_g, lg_g, torch.zeros(n, dtype=torch.bool, device=x_g.device)
+        x_d, ld_d = self.diffusion.sample(n_d, generator)
+        lg_d = self.gaussians.log_prob(x_d)
+        ld_g = self.diffusion.log_prob(x_g) if n - n_d else x_g.new_zeros(0)
+        lw, lg = math.log(self.weight), math.log1p(-self.weight)
+        log_q = torch.cat([torch.logaddexp(lw + ld_d, lg + lg_d), torch.logaddexp(lw + ld_g, lg + lg_g)])
+        from_diffusion = torch.cat([torch.ones(n_d, dtype=torch.bool, device=x_d.device), torch.zeros(n - n_d, dtype=torch.bool, device=x_d.device)])
+        return torch.cat([x_d, x_g]), log_q, from_diffusion

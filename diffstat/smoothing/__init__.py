@@ -1,0 +1,36 @@
+"""Samplers that walk on the Gaussian-smoothed target and jump with the empirical-Bayes denoiser.
+
+- :mod:`diffstat.smoothing.scores`: smoothed-score providers (exact, training-free Laplace with a
+  shared mode bank, importance-sampling and MCMC baselines, learned).
+- :mod:`diffstat.smoothing.laplace`: Hessians, damped Newton, mode bank, mode exploration.
+- :mod:`diffstat.smoothing.walk_jump`: walk-jump sampling (``method="walk_jump"``).
+- :mod:`diffstat.smoothing.sms`: sequential (and joint) multimeasurement sampling (``method="sms"``).
+"""
+
+from diffstat.smoothing.scores import (
+    ExactSmoothedScore,
+    ImportanceSmoothedScore,
+    LaplaceSmoothedScore,
+    LearnedSmoothedScore,
+    MCMCSmoothedScore,
+    SmoothedScore,
+    isotropic_mixture_smoothed_score,
+    resolve_smoothed_score,
+)
+from diffstat.smoothing.sms import conditional_score, default_noise, sms
+from diffstat.smoothing.walk_jump import walk_jump
+
+__all__ = [
+    "SmoothedScore",
+    "ExactSmoothedScore",
+    "LaplaceSmoothedScore",
+    "ImportanceSmoothedScore",
+    "MCMCSmoothedScore",
+    "LearnedSmoothedScore",
+    "resolve_smoothed_score",
+    "isotropic_mixture_smoothed_score",
+    "conditional_score",
+    "default_noise",
+    "sms",
+    "walk_jump",
+]

@@ -1,0 +1,336 @@
+r"""Parallel tempering (replica exchange): ``ds.sample(target, "pt", ...)``.
+
+Each of ``num_chains`` independent runs holds :math:`R` replicas at inverse temperatures
+:math:`0 = \beta_0 < \beta_1 < \dots < \beta_{R-1} = 1` on the geometric path
+(:mod:`diffstat.tempering.path`); all :math:`C R` replicas move in one batch. One iteration:
+
+1. **Local moves.** ``num_mcmc_steps`` MALA (or HMC, RWM) steps per replica, with one step size and
+   diagonal preconditioner per temperature. The :math:`\beta_0 = 0` replica is the reference
+   itself and gets a fresh exact draw instead (``reference_draws``; Syed et al. 2021).
+2. **Swaps**, deterministic even-odd (DEO): at even iterations the pairs :math:`(0,1), (2,3),
+   \dots`, at odd ones :math:`(1,2), (3,4), \dots` propose to exchange states, accepted with
+   probability :math:`\min\{1, \exp[(\beta_{r+1} - \beta_r)(\delta(x_r) - \delta(x_{r+1}))]\}`,
+   :math:`\delta = \log\tilde\pi - \log\rho` (the reference terms cancel). The alternation makes
+   the index process non-reversible, so states cross the ladder in :math:`O(R)` rather than
+   :math:`O(R^2)` iterations (Okabe et al. 2001; Syed, Bouchard-Cote, Deligiannidis and Doucet 2021).
+
+**Ladder adaptation** (warm-up). With :math:`r_i` the mean rejection probability of the pair
+:math:`(i, i+1)` over a round, the communication barrier :math:`\Lambda(\beta_k) = \sum_{i<k} r_i`
+is interpolated linearly and the new ladder equalises it, :math:`\beta_k = \Lambda^{-1}(k\,\Lambda(1)
+/ (R-1))` (Syed et al. 2021, algorithm 4): the optimal swap rates are equal. Rounds double in length
+(the last ladder update halfway through warm-up); step sizes (dual averaging per temperature) and
+preconditioners (per-temperature variances) are carried to the new ladder by interpolation in
+:math:`\beta` and tuned again. :math:`\Lambda(1)` (``global_barrier``) is reported: about
+:math:`2\Lambda + 1` temperatures are a good choice.
+
+**Evidence** by stepping stones over the ladder (Xie et al. 2011), from the post-warm-up states:
+:math:`\log\hat Z = \sum_{r} \log \overline{\exp\{(\beta_{r+1}-\beta_r)\,\delta(x_r)\}}`,
+pooled over chains; its standard error is the spread of the per-chain estimates over
+:math:`\sqrt C` (NaN with one chain). The draws are the cold replicas' states.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from diffstat._util import check_positive_int, check_probability, progress_bar
+from diffstat.mcmc.adaptation import DualAveraging
+from diffstat.sampling import SamplerResult, register_sampler
+from diffstat.tempering.path import make_path, GeometricPath, PathState, default_step_size, get_kernel, move
+from diffstat.tempering.smc import _check_initial, check_options, initial_particles
+
+__all__ = ["PTOutput", "parallel_tempering", "geometric_ladder", "equalize_ladder", "swap_step", "pt_sampler"]
+
+#: Smallest positive temperature of the default geometric ladder.
+_BETA_MIN = 1e-3
+#: Reference draws for the beta = 0 replicas are made this many iterations at a time.
+_REFERENCE_BLOCK = 256
+#: Shortest warm-up round between ladder updates (iterations).
+_MIN_ROUND = 20
+
+
+class PTOutput(NamedTuple):
+    """Cold-chain draws ``(C, T, dim)``, their target log-densities and local acceptance ``(C, T)``;
+    per temperature ``betas``, ``swap_rate`` (pair r to r+1, NaN for the last), ``acceptance_rate``,
+    ``step_size``, ``log_z_increment`` (NaN for the last); ``log_normalizer`` and its ``se``;
+    ``global_barrier``."""
+
+    draws: torch.Tensor
+    lp: torch.Tensor
+    acceptance: torch.Tensor
+    temperatures: dict[str, torch.Tensor]
+    log_normalizer: float
+    log_normalizer_se: float
+    global_barrier: float
+
+
+def geometric_ladder(num_temperatures: int, beta_min: float = _BETA_MIN, *, dtype=torch.float64, device=None) -> torch.Tensor:
+    r"""``(R,)``: :math:`\beta_0 = 0` and :math:`R-1` temperatures geometric from ``beta_min`` to 1."""
+    r = check_positive_int(num_temperatures, "num_temperatures")
+    if r < 2:
+        raise ValueError(f"parallel tempering needs num_temperatures >= 2, got {r}")
+    if not 0 < beta_min < 1:
+        raise ValueError(f"beta_min must lie in (0, 1), got {beta_min}")
+    if r == 2:
+        return torch.tensor([0.0, 1.0], dtype=dtype, device=device)
+    b = torch.logspace(math.log10(beta_min), 0.0, r - 1, dtype=dtype, device=device)
+    b[-1] = 1.0
+    return torch.cat([torch.zeros(1, dtype=dtype, device=device), b])
+
+
+def _interp(xq: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of ``fp: (m, ...)`` given at increasing ``xp: (m,)``."""
+    i = torch.searchsorted(xp, xq).clamp(1, xp.numel() - 1)
+    x0, x1 = xp[i - 1], xp[i]
+    t = ((xq - x0) / (x1 - x0)).clamp(0, 1)
+    t = t.reshape(-1, *([1] * (fp.dim() - 1)))
+    return fp[i - 1] + t * (fp[i] - fp[i - 1])
+
+
+def equalize_ladder(betas: torch.Tensor, rejection: torch.Tensor) -> tuple[torch.Tensor, float]:
+    r"""The ladder with equal estimated barriers between neighbours, and :math:`\Lambda(1)`.
+
+    ``rejection: (R-1,)`` are the pairs' mean rejection probabilities; a tiny floor keeps
+    :math:`\Lambda` strictly increasing so that it can be inverted.
+    """
+    rej = rejection.clamp(min=0.0, max=1.0) + 1e-6
+    lam = torch.cat([torch.zeros(1, dtype=rej.dtype, device=rej.device), torch.cumsum(rej, 0)])
+    grid = torch.linspace(0.0, float(lam[-1]), betas.numel(), dtype=betas.dtype, device=betas.device)
+    new = _interp(grid, lam.to(betas.dtype), betas)
+    new[0], new[-1] = betas[0], betas[-1]
+    return new, float(lam[-1] - rej.numel() * 1e-6)
+
+
+def swap_step(
+    generator: torch.Generator, ps: PathState, betas: torch.Tensor, num_chains: int, parity: int
+) -> tuple[PathState, torch.Tensor, torch.Tensor]:
+    """One DEO round of swaps between neighbours ``(r, r+1)`` with ``r % 2 == parity``.
+
+    ``ps`` holds ``num_chains * R`` replicas, replica ``r`` of chain ``c`` at row ``c * R + r``.
+    Returns the permuted replicas, the swap probabilities ``(C, R-1)`` (0 for pairs not proposed)
+    and the mask of proposed pairs ``(R-1,)``.
+    """
+    r = betas.numel()
+    delta = ps.delta.reshape(num_chains, r)
+    log_a = (betas[1:] - betas[:-1]) * (delta[:, :-1] - delta[:, 1:])
+    log_a = torch.nan_to_num(log_a, nan=-math.inf)
+    proposed = torch.arange(r - 1, device=betas.device) % 2 == parity
+    prob = torch.where(proposed, torch.exp(log_a.clamp(max=0.0)), torch.zeros_like(log_a))
+    u = torch.rand(prob.shape, generator=generator, dtype=prob.dtype, device=prob.device)
+    swap = u < prob
+    ar = torch.arange(r - 1, device=betas.device).expand(num_chains, -1)
+    perm = torch.arange(r, device=betas.device).repeat(num_chains, 1)
+    perm[:, :-1] = torch.where(swap, ar + 1, perm[:, :-1])
+    perm[:, 1:] = torch.where(swap, ar, perm[:, 1:])  # pairs of one parity never overlap
+    rows = (perm + r * torch.arange(num_chains, device=betas.device).unsqueeze(-1)).flatten()
+    return ps.index(rows), prob, proposed
+
+
+def _scatter(ps: PathState, rows: torch.Tensor, sub: PathState) -> PathState:
+    return PathState(*(t.index_copy(0, rows, s) for t, s in zip(ps, sub)))
+
+
+def parallel_tempering(
+    generator: torch.Generator,
+    path: GeometricPath,
+    x0: torch.Tensor,
+    num_chains: int,
+    *,
+    num_samples: int,
+    num_warmup: int | None = None,
+    num_temperatures: int = 10,
+    betas=None,
+    beta_min: float = _BETA_MIN,
+    adapt_ladder: bool = True,
+    kernel: str = "mala",
+    num_mcmc_steps: int = 1,
+    num_leapfrog: int = 5,
+    step_size: float | None = None,
+    target_accept: float | None = None,
+    adapt_mass: bool = True,
+    reference_draws: bool = True,
+    progress: bool = False,
+) -> PTOutput:
+    """Run ``num_chains`` PT runs of ``R`` replicas from ``x0: (num_chains * R, dim)`` (see the
+    module docstring); ``num_warmup`` (default ``num_samples``) iterations of adaptation, then
+    ``num_samples`` recorded iterations. ``betas`` (increasing, from 0 to 1) sets the initial
+    ladder, otherwise :func:`geometric_ladder`."""
+    dtype, device = x0.dtype, x0.device
+    if betas is None:
+        betas = geometric_ladder(num_temperatures, beta_min, dtype=dtype, device=device)
+    else:
+        betas = torch.as_tensor(betas, dtype=dtype, device=device).flatten().clone()
+        if betas.numel() < 2 or float(betas[0]) != 0.0 or float(betas[-1]) != 1.0 or not bool((betas[1:] > betas[:-1]).all()):
+            raise ValueError("betas must be strictly increasing from 0 to 1, with at least 2 temperatures")
+    r, c = betas.numel(), check_positive_int(num_chains, "num_chains")
+    if x0.shape[0] != c * r:
+        raise ValueError(f"x0 must hold num_chains * num_temperatures = {c * r} points, got {x0.shape[0]}")
+    num_samples = check_positive_int(num_samples, "num_samples")
+    num_warmup = num_samples if num_warmup is None else int(num_warmup)
+    if num_warmup < 0:
+        raise ValueError(f"num_warmup must be non-negative, got {num_warmup}")
+    step, default_accept = get_kernel(kernel, num_leapfrog)
+    target_accept = default_accept if target_accept is None else check_probability(target_accept, "target_accept")
+    h0 = default_step_size(kernel, path.dim) if step_size is None else float(step_size)
+    if not h0 > 0:
+        raise ValueError(f"step_size must be positive, got {step_size}")
+
+    ps = path.evaluate(x0)
+    _check_initial(ps)
+    temp_of_row = torch.arange(r, device=device).repeat(c)  # row c * R + t holds temperature t
+    exact = reference_draws and float(betas[0]) == 0.0
+    ref_rows = torch.nonzero(temp_of_row == 0).flatten() if exact else torch.empty(0, dtype=torch.long, device=device)
+    mcmc_rows = torch.nonzero(temp_of_row > 0 if exact else temp_of_row >= 0).flatten()
+    is_ref_temp = torch.zeros(r, dtype=torch.bool, device=device)
+    is_ref_temp[0] = exact
+    # The reference's scale sets the first preconditioner (a wide reference, a narrow target).
+    _, ref_var = torch.var_mean(ps.x, 0)
+    inv_mass = ref_var.clamp_min(1e-12).expand(r, -1).clone() if adapt_mass else None
+    adapt = DualAveraging(torch.full((r,), h0, dtype=dtype, device=device), target_accept)
+    h = adapt.step_size
+
+    updates = sorted({num_warmup // 2**j for j in range(1, 64) if num_warmup // 2**j >= _MIN_ROUND}) if adapt_ladder else []
+    # Preconditioners are re-estimated at the ladder updates (or halfway without them), so the
+    # second half of warm-up always tunes the step sizes for the final ones.
+    mass_window = {num_warmup // 2} if adapt_mass and num_warmup // 2 >= _MIN_ROUND else set()
+    windows = sorted(set(updates) | mass_window)
+    swap_sum = torch.zeros(r - 1, dtype=dtype, device=device)
+    swap_num = torch.zeros(r - 1, dtype=dtype, device=device)
+    acc_sum = torch.zeros(r, dtype=dtype, device=device)
+    mom = [torch.zeros(r, path.dim, dtype=dtype, device=device) for _ in range(2)] + [0]
+    ss_lse = torch.full((c, r - 1), -math.inf, dtype=dtype, device=device)
+    draws = torch.empty(num_samples, c, path.dim, dtype=dtype, device=device)
+    lp = torch.empty(num_samples, c, dtype=dtype, device=device)
+    acc_cold = torch.empty(num_samples, c, dtype=dtype, device=device)
+    cold_rows = torch.arange(c, device=device) * r + (r - 1)
+    barrier = math.nan
+
+    with progress_bar(num_warmup + num_samples, "pt warm-up", progress) as bar:
+        for it in range(num_warmup + num_samples):
+            warm = it < num_warmup
+            if it == num_warmup:
+                h = adapt.final_step_size if num_warmup else h
+                swap_sum.zero_(), swap_num.zero_(), acc_sum.zero_()
+                bar.set_description("pt")
+            # 1. local moves (and exact reference draws at beta = 0)
+            acc = torch.ones(c * r, dtype=dtype, device=device)
+            if exact:
+                if it % _REFERENCE_BLOCK == 0:  # one call per block: reference sampling has overhead
+                    block = path.sample_reference(c * _REFERENCE_BLOCK, generator, device).reshape(_REFERENCE_BLOCK, c, -1)
+                ps = _scatter(ps, ref_rows, path.evaluate(block[it % _REFERENCE_BLOCK]))
+            sub, t_sub = ps.index(mcmc_rows), temp_of_row[mcmc_rows]
+            sub_acc = torch.zeros(len(mcmc_rows), dtype=dtype, device=device)
+            for _ in range(num_mcmc_steps):
+                sub, info = move(step, generator, sub, path, betas[t_sub], h[t_sub], None if inv_mass is None else inv_mass[t_sub])
+                sub_acc = sub_acc + info.acceptance_rate / num_mcmc_steps
+            if num_mcmc_steps:
+                ps = _scatter(ps, mcmc_rows, sub)
+                acc = acc.index_copy(0, mcmc_rows, sub_acc)
+            acc_t = acc.reshape(c, r).mean(0)
+            acc_sum += acc_t
+            if warm:
+                h = adapt.update(torch.where(is_ref_temp, torch.full_like(acc_t, target_accept), acc_t))
+            else:
+                acc_cold[it - num_warmup] = acc[cold_rows]
+            # 2. even-odd swaps
+            if r > 1:
+                ps, prob, proposed = swap_step(generator, ps, betas, c, it % 2)
+                swap_sum += prob.sum(0)
+                swap_num += proposed.to(dtype) * c
+            x_t = ps.x.reshape(c, r, -1)
+            if warm:
+                mom[0] += x_t.sum(0)
+                mom[1] += (x_t**2).sum(0)
+                mom[2] += c
+                if it + 1 in windows:
+                    betas, h, inv_mass, barrier = _end_of_round(
+                        it + 1 in updates, betas, swap_sum, swap_num, adapt, inv_mass, mom, is_ref_temp
+                    )
+                    h = adapt.step_size
+                    swap_sum.zero_(), swap_num.zero_()
+                    mom = [torch.zeros_like(mom[0]), torch.zeros_like(mom[1]), 0]
+            else:
+                j = it - num_warmup
+                draws[j] = x_t[:, -1]
+                lp[j] = ps.target_log_prob[cold_rows]
+                dbeta = betas[1:] - betas[:-1]
+                ss_lse = torch.logaddexp(ss_lse, dbeta * ps.delta.reshape(c, r)[:, :-1])
+            bar.update()
+
+    rate = swap_sum / swap_num.clamp_min(1)
+    _, barrier = equalize_ladder(betas, 1 - rate)
+    log_mean = ss_lse - math.log(num_samples)  # (C, R-1)
+    pooled = torch.logsumexp(ss_lse, 0) - math.log(c * num_samples)
+    per_chain = log_mean.sum(1)
+    se = float(per_chain.std() / math.sqrt(c)) if c > 1 else math.nan
+    nan = torch.full((1,), math.nan, dtype=dtype, device=device)
+    temperatures = {
+        "beta": betas,
+        "swap_rate": torch.cat([rate, nan]),
+        "acceptance_rate": acc_sum / num_samples,
+        "step_size": h,
+        "log_z_increment": torch.cat([pooled, nan]),
+    }
+    return PTOutput(draws.transpose(0, 1), lp.transpose(0, 1), acc_cold.transpose(0, 1), temperatures, float(pooled.sum()), se, barrier)
+
+
+def _end_of_round(update_ladder, betas, swap_sum, swap_num, adapt, inv_mass, mom, is_ref_temp):
+    """End of a warm-up round: new preconditioners from the round's per-temperature variances
+    (regularised as Stan's), a new ladder from the swap rates, and the tuning carried over to it by
+    interpolation in beta; dual averaging restarts from the averaged step sizes."""
+    log_h = torch.log(adapt.final_step_size)
+    if inv_mass is not None and mom[2] > 1:
+        n = mom[2]
+        var = (mom[1] - mom[0] ** 2 / n) / (n - 1)
+        var = (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
+        # A preconditioner at least as good as the old one: scale the step by the change in scale.
+        log_h = log_h + torch.log((inv_mass / var).mean(-1))
+        inv_mass = var
+    barrier = math.nan
+    if update_ladder:
+        rate = swap_sum / swap_num.clamp_min(1)
+        new, barrier = equalize_ladder(betas, 1 - rate)
+        log_h = _interp(new, betas, log_h)
+        if inv_mass is not None:
+            inv_mass = torch.exp(_interp(new, betas, torch.log(inv_mass)))
+        betas = new
+    adapt.restart(torch.exp(log_h))
+    return betas, adapt.step_size, inv_mass, barrier
+
+
+_OPTIONS = {
+    "reference", "num_warmup", "num_temperatures", "betas", "beta_min", "adapt_ladder", "kernel",
+    "num_mcmc_steps", "num_leapfrog", "step_size", "target_accept", "adapt_mass", "reference_draws",
+}
+
+
+@register_sampler("pt")
+def pt_sampler(target, *, num_samples, num_chains, generator, progress, device, **options) -> SamplerResult:
+    """``ds.sample(target, "pt", num_samples=T, num_chains=C, ...)``: ``C`` (default 4) independent
+    parallel-tempering runs batched together; ``T`` draws each from the cold replica.
+
+    Options (see :func:`parallel_tempering`): ``reference``, ``num_warmup`` (``T``),
+    ``num_temperatures`` (10), ``betas``, ``beta_min`` (1e-3), ``adapt_ladder`` (True), ``kernel``
+    (``"mala"``), ``num_mcmc_steps`` (1), ``num_leapfrog`` (5), ``step_size``, ``target_accept``,
+    ``adapt_mass`` (True), ``reference_draws`` (True).
+    """
+    check_options(options, _OPTIONS, "pt")
+    num_chains = 4 if num_chains is None else num_chains
+    path = make_path(target, options.pop("reference", None))
+    betas = options.get("betas")
+    r = len(betas) if betas is not None else int(options.get("num_temperatures", 10))
+    x0 = initial_particles(path, num_chains * r, generator, device)
+    out = parallel_tempering(generator, path, x0, num_chains, num_samples=num_samples, progress=progress, **options)
+    sample_stats = {"lp": out.lp, "acceptance_rate": out.acceptance}
+    attrs = {
+        "log_normalizer": out.log_normalizer,
+        "log_normalizer_se": out.log_normalizer_se,
+        "num_stages": int(out.temperatures["beta"].numel()),
+        "global_barrier": out.global_barrier,
+        "num_warmup": num_samples if options.get("num_warmup") is None else int(options["num_warmup"]),
+        "path": path.kind,
+    }
+    return SamplerResult(out.draws, sample_stats, {"tempering": out.temperatures}, attrs)

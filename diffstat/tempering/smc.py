@@ -1,0 +1,344 @@
+r"""Sequential Monte Carlo sampler with adaptive tempering: ``ds.sample(target, "smc", ...)``.
+
+Particles start as exact draws from the reference :math:`\pi_0 = \rho` and move along the geometric
+path :math:`\pi_\beta \propto \rho^{1-\beta}\tilde\pi^\beta` (:mod:`diffstat.tempering.path`). At
+each stage, from :math:`\beta` with normalised weights :math:`W_i`:
+
+1. **Temperature.** :math:`\beta'` is found by bisection so that the conditional ESS of the
+   increments :math:`g_i = \exp\{(\beta'-\beta)\delta(x_i)\}` is ``target_ess`` times ``n``
+   (Zhou, Johansen and Aston 2016); or 1 if that is reached first.
+2. **Reweight.** :math:`\log w_i \mathrel{+}= \log g_i`, and the evidence increment is
+   :math:`\log \hat Z_{\beta'} - \log \hat Z_\beta = \log \sum_i W_i g_i`.
+3. **Resample** (multinomial, stratified or systematic) only if the ESS fraction falls below
+   ``resample_threshold``; weights are then reset to equal.
+4. **Move.** ``num_mcmc_steps`` MALA (or HMC, RWM) steps leaving :math:`\pi_{\beta'}` invariant,
+   preconditioned by the weighted particle variance, with a step size adapted from the
+   acceptance rate (:func:`~diffstat.tempering.path.adaptive_moves`).
+
+:math:`\log\hat Z = \sum_{\text{stages}} \log\sum_i W_i g_i` is the standard unbiased (on the
+natural scale) SMC estimate of :math:`\log Z` (Del Moral, Doucet and Jasra 2006).
+
+Standard error of :math:`\log \hat Z`
+-------------------------------------
+From the genealogy: with :math:`E_i` the index of the initial particle ("Eve") that particle
+:math:`i` descends from and :math:`S_j = \sum_{i: E_i = j} W_i` the final weight of Eve
+:math:`j`'s family, after :math:`R` resampling events,
+
+* ``multinomial``: Lee and Whiteley (2018), unbiased for :math:`\mathrm{Var}(\hat Z)/Z^2` up to
+  the factor :math:`\hat Z^2`:
+  :math:`\hat v = 1 - \left(\tfrac{n}{n-1}\right)^{R+1}\left(1 - \sum_j S_j^2\right)`
+  (stages without resampling merged into the next, as for any adaptive schedule fixed in advance);
+* ``stratified``/``systematic``: the Chan and Lai (2013) form
+  :math:`\hat v = \sum_j S_j^2 - 1/n`, which treats Eve families as independent; these schemes
+  add less noise than multinomial, so it is conservative (it is exactly 0 when nothing varies).
+
+The reported standard error is the delta-method :math:`\sqrt{\hat v}`. It needs many distinct Eves:
+``num_eves`` is reported, and a value under about 20 means the error bar is unreliable.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from diffstat._util import check_positive_int, check_probability, progress_bar
+from diffstat.sampling import SamplerResult, register_sampler
+from diffstat.tempering.path import (
+    make_path,
+    GeometricPath,
+    PathState,
+    adaptive_moves,
+    default_step_size,
+    get_kernel,
+    incremental_log_weights,
+)
+from diffstat.tempering.resampling import SCHEMES, conditional_ess, ess, resample, weighted_mean_and_variance
+
+__all__ = ["SMCOutput", "adaptive_tempered_smc", "next_beta", "smc_sampler", "genealogy_variance", "preconditioner"]
+
+#: Bisection halvings for the next temperature: 2^-60 is below float64 resolution on [0, 1].
+_NUM_BISECTION = 60
+
+
+class SMCOutput(NamedTuple):
+    """Result of one SMC run.
+
+    particles: the final :class:`PathState` (``n`` particles, before any final resampling).
+    log_weights: (n,) their unnormalised log weights.
+    log_normalizer, log_normalizer_se: :math:`\\log\\hat Z` and its standard error (floats).
+    stages: per-stage tensors ``beta``, ``ess`` (fraction, after reweighting), ``log_z_increment``,
+        ``acceptance_rate`` (mean over particles and moves), ``step_size``, ``resampled``.
+    acceptance: (n,) each particle's mean acceptance over the last stage's moves.
+    num_resampling, num_eves: resampling events and distinct surviving Eves.
+    """
+
+    particles: PathState
+    log_weights: torch.Tensor
+    log_normalizer: float
+    log_normalizer_se: float
+    stages: dict[str, torch.Tensor]
+    acceptance: torch.Tensor
+    num_resampling: int
+    num_eves: int
+
+
+def next_beta(log_w: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor, target_ess: float, criterion: str = "cess") -> torch.Tensor:
+    r"""The next inverse temperature :math:`\beta' \in (\beta, 1]`, by bisection.
+
+    ``criterion="cess"``: :math:`\mathrm{CESS}(\beta') = ` ``target_ess`` :math:`\cdot n`;
+    ``"ess"``: the ESS of the updated weights is ``target_ess`` times the current ESS. Returns 1 if
+    the criterion still holds at 1, else the upper end of the final bisection bracket (so the step
+    is always positive). A 0-d tensor; no host synchronisation.
+    """
+    n = log_w.shape[-1]
+    if criterion == "cess":
+        goal = target_ess * n
+
+        def crit(b):
+            return conditional_ess(log_w, torch.where(delta == -math.inf, -math.inf, (b - beta) * delta))
+
+    elif criterion == "ess":
+        goal = target_ess * ess(log_w)
+
+        def crit(b):
+            return ess(log_w + torch.where(delta == -math.inf, -math.inf, (b - beta) * delta))
+
+    else:
+        raise ValueError(f"criterion must be 'cess' or 'ess', got {criterion!r}")
+    one = torch.ones_like(beta)
+    lo, hi = beta.clone(), one
+    for _ in range(_NUM_BISECTION):
+        mid = 0.5 * (lo + hi)
+        ok = crit(mid) >= goal
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid)
+    return torch.where(crit(one) >= goal, one, hi)
+
+
+def genealogy_variance(log_w: torch.Tensor, eve: torch.Tensor, num_resampling: int, scheme: str) -> tuple[float, int]:
+    r"""Estimate of :math:`\mathrm{Var}(\hat Z)/Z^2` from the Eve indices (module docstring) and
+    the number of distinct Eves with positive weight."""
+    n = log_w.shape[0]
+    w = torch.softmax(log_w, -1)
+    s = torch.zeros(n, dtype=w.dtype, device=w.device).scatter_add_(0, eve, w)
+    sum_s2 = float((s**2).sum())
+    if scheme == "multinomial":
+        v = 1.0 - (n / (n - 1)) ** (num_resampling + 1) * (1.0 - sum_s2)
+    else:
+        v = sum_s2 - 1.0 / n
+    return max(v, 0.0), int((s > 0).sum())
+
+
+def preconditioner(x: torch.Tensor, log_w: torch.Tensor | None) -> torch.Tensor:
+    """Diagonal inverse mass ``(dim,)``: the weighted particle variance, floored at 1e-8 of its
+    largest entry (a coordinate on which the particles have collapsed keeps a usable scale)."""
+    _, var = weighted_mean_and_variance(x, log_w)
+    floor = 1e-8 * var.max()
+    return torch.where(var.max() > 0, var.clamp_min(floor), torch.ones_like(var))
+
+
+def adaptive_tempered_smc(
+    generator: torch.Generator,
+    path: GeometricPath,
+    x0: torch.Tensor,
+    *,
+    target_ess: float = 0.5,
+    criterion: str = "cess",
+    resample_threshold: float = 0.5,
+    resampling: str = "systematic",
+    kernel: str = "mala",
+    num_mcmc_steps: int = 5,
+    num_leapfrog: int = 5,
+    step_size: float | None = None,
+    target_accept: float | None = None,
+    adapt_scale: bool = True,
+    betas=None,
+    max_stages: int = 1000,
+    progress: bool = False,
+) -> SMCOutput:
+    """Run adaptive tempered SMC from the particles ``x0: (n, dim)`` (draws from the reference).
+
+    ``betas`` (increasing, ending at 1) replaces the adaptive choice by a fixed schedule.
+    ``num_mcmc_steps=0`` leaves the particles where they are (reweighting and resampling only),
+    and ``resample_threshold=0`` never resamples. See the module docstring for the rest.
+    """
+    if resampling not in SCHEMES:
+        raise ValueError(f"unknown resampling scheme {resampling!r}; choose one of {', '.join(SCHEMES)}")
+    target_ess = check_probability(target_ess, "target_ess")
+    resample_threshold = float(resample_threshold)
+    if not 0.0 <= resample_threshold <= 1.0:
+        raise ValueError(f"resample_threshold must lie in [0, 1], got {resample_threshold}")
+    if int(num_mcmc_steps) < 0:
+        raise ValueError(f"num_mcmc_steps must be non-negative, got {num_mcmc_steps}")
+    step, default_accept = get_kernel(kernel, num_leapfrog)
+    target_accept = default_accept if target_accept is None else check_probability(target_accept, "target_accept")
+    schedule = None if betas is None else _check_betas(betas, x0)
+    n = x0.shape[0]
+    if n < 2:
+        raise ValueError(f"SMC needs at least 2 particles, got {n}")
+    dtype, device = x0.dtype, x0.device
+
+    ps = path.evaluate(x0)
+    _check_initial(ps)
+    log_w = torch.zeros(n, dtype=dtype, device=device)
+    eve = torch.arange(n, device=device)
+    h0 = default_step_size(kernel, path.dim) if step_size is None else float(step_size)
+    if not h0 > 0:
+        raise ValueError(f"step_size must be positive, got {step_size}")
+    log_h = torch.tensor(math.log(h0), dtype=dtype, device=device)
+    beta = torch.zeros((), dtype=dtype, device=device)
+    records: dict[str, list] = {k: [] for k in ("beta", "ess", "log_z_increment", "acceptance_rate", "step_size", "resampled")}
+    num_resampling = 0
+    acc = torch.full((n,), math.nan, dtype=dtype, device=device)
+    with progress_bar(1000, "smc", progress) as bar:
+        for k in range(max_stages if schedule is None else len(schedule)):
+            if schedule is None:
+                new_beta = next_beta(log_w, ps.delta, beta, target_ess, criterion)
+            else:
+                new_beta = schedule[k]
+            incr = incremental_log_weights(ps, beta, new_beta)
+            log_nw = log_w - torch.logsumexp(log_w, -1)
+            records["log_z_increment"].append(torch.logsumexp(log_nw + incr, -1))
+            log_w = log_w + incr
+            ess_frac = ess(log_w) / n
+            records["ess"].append(ess_frac)
+            resampled = bool(ess_frac < resample_threshold)
+            if resampled:
+                idx = resample(generator, log_w, resampling)
+                ps, eve = ps.index(idx), eve[idx]
+                log_w = torch.zeros_like(log_w)
+                num_resampling += 1
+            inv_mass = preconditioner(ps.x, log_w) if adapt_scale else None
+            records["step_size"].append(torch.exp(log_h))
+            ps, log_h, acc = adaptive_moves(
+                step, generator, ps, path, new_beta, log_h, int(num_mcmc_steps),
+                inv_mass=inv_mass, target_accept=target_accept,
+            )
+            records["beta"].append(new_beta)
+            records["acceptance_rate"].append(acc.mean())
+            records["resampled"].append(resampled)
+            beta = new_beta
+            done = bool(beta >= 1.0)
+            bar.update(int(1000 * float(beta)) - bar.n)
+            bar.set_postfix(stage=k + 1, beta=f"{float(beta):.3g}")
+            if done:
+                break
+        else:
+            if schedule is None:
+                raise RuntimeError(
+                    f"SMC did not reach beta = 1 in {max_stages} stages (beta = {float(beta):.3g}); "
+                    "raise max_stages or lower target_ess"
+                )
+    v, num_eves = genealogy_variance(log_w, eve, num_resampling, resampling)
+    stages = {
+        key: torch.stack([torch.as_tensor(v_, device=device) for v_ in vals]) if vals else torch.empty(0)
+        for key, vals in records.items()
+    }
+    log_z = float(stages["log_z_increment"].sum()) if len(stages["log_z_increment"]) else 0.0
+    return SMCOutput(ps, log_w, log_z, math.sqrt(v), stages, acc, num_resampling, num_eves)
+
+
+def _check_betas(betas, like: torch.Tensor) -> torch.Tensor:
+    b = torch.as_tensor(betas, dtype=like.dtype, device=like.device).flatten()
+    if b.numel() == 0 or not bool((b > 0).all()) or not bool((b[1:] > b[:-1]).all()) or float(b[-1]) != 1.0:
+        raise ValueError("betas must be strictly increasing, positive, and end at 1")
+    return b
+
+
+def _check_initial(ps: PathState) -> None:
+    lp = ps.target_log_prob
+    if torch.isnan(lp).any() or torch.isposinf(lp).any():
+        raise ValueError(f"the target's log-density is NaN or +inf at {int((torch.isnan(lp) | torch.isposinf(lp)).sum())} reference draws")
+    if torch.isneginf(lp).all():
+        raise ValueError("the target's log-density is -inf at every reference draw: the reference misses its support")
+
+
+def initial_particles(path: GeometricPath, n: int, generator: torch.Generator, device) -> torch.Tensor:
+    """``n`` reference draws, with the target checked (``target.validate``) on up to 16 of them."""
+    x0 = path.sample_reference(n, generator, device)
+    path.target.validate(x0[:16])
+    return x0
+
+
+_OPTIONS = {
+    "reference", "target_ess", "criterion", "resample_threshold", "resampling", "kernel", "num_mcmc_steps",
+    "num_leapfrog", "step_size", "target_accept", "adapt_scale", "betas", "max_stages",
+}
+
+
+def check_options(options: dict, allowed: set, method: str) -> None:
+    """``ValueError`` naming any option the method does not know (a typo would silently do nothing)."""
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"unknown option(s) for method {method!r}: {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+
+
+def combine_runs(log_zs: list[float], ses: list[float]) -> tuple[float, float]:
+    r"""Pool independent runs: :math:`\hat Z = \frac1C\sum_c \hat Z_c`, with the delta-method
+    standard error :math:`\sqrt{\sum_c (\hat Z_c / \sum \hat Z)^2\, \mathrm{se}_c^2}`."""
+    lz = torch.tensor(log_zs, dtype=torch.float64)
+    w = torch.softmax(lz, 0)
+    log_z = float(torch.logsumexp(lz, 0) - math.log(len(log_zs)))
+    return log_z, float(torch.sqrt((w**2 * torch.tensor(ses, dtype=torch.float64) ** 2).sum()))
+
+
+def stack_stages(per_run: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
+    """Per-stage arrays of independent runs as ``(stage, chain)``, NaN-padded to the longest run."""
+    length = max(len(r["beta"]) for r in per_run)
+    out = {}
+    for key in per_run[0]:
+        arr = np.full((length, len(per_run)), np.nan)
+        for c, r in enumerate(per_run):
+            vals = r[key].detach().cpu().double().numpy()
+            arr[: len(vals), c] = vals
+        out[key] = arr
+    return out
+
+
+@register_sampler("smc")
+def smc_sampler(target, *, num_samples, num_chains, generator, progress, device, **options) -> SamplerResult:
+    """``ds.sample(target, "smc", num_samples=n, ...)``: adaptive tempered SMC with ``n`` particles.
+
+    Options (see :func:`adaptive_tempered_smc`): ``reference``, ``target_ess`` (0.5), ``criterion``
+    (``"cess"``), ``resample_threshold`` (0.5), ``resampling`` (``"systematic"``), ``kernel``
+    (``"mala"``), ``num_mcmc_steps`` (5), ``num_leapfrog`` (5), ``step_size``, ``target_accept``,
+    ``adapt_scale`` (True), ``betas``, ``max_stages``. ``num_chains`` (default 1) independent runs
+    are made one after another; their evidence estimates are pooled.
+
+    The returned draws are resampled to equal weights with the run's scheme; ``log_weight`` in
+    ``sample_stats`` is each draw's log weight before that final resampling.
+    """
+    check_options(options, _OPTIONS, "smc")
+    num_chains = 1 if num_chains is None else num_chains
+    path = make_path(target, options.pop("reference", None))
+    scheme = options.get("resampling", "systematic")
+    draws, lps, log_ws, accs, runs = [], [], [], [], []
+    for _ in range(num_chains):
+        x0 = initial_particles(path, num_samples, generator, device)
+        out = adaptive_tempered_smc(generator, path, x0, progress=progress, **options)
+        ps, log_w = out.particles, out.log_weights
+        if not bool((log_w == log_w[0]).all()):
+            idx = resample(generator, log_w, scheme)
+            ps, log_w, acc = ps.index(idx), log_w[idx], out.acceptance[idx]
+        else:
+            acc = out.acceptance
+        draws.append(ps.x)
+        lps.append(ps.target_log_prob)
+        log_ws.append(log_w)
+        accs.append(acc)
+        runs.append(out)
+    log_z, se = combine_runs([r.log_normalizer for r in runs], [r.log_normalizer_se for r in runs])
+    sample_stats = {"lp": torch.stack(lps), "acceptance_rate": torch.stack(accs), "log_weight": torch.stack(log_ws)}
+    attrs = {
+        "log_normalizer": log_z,
+        "log_normalizer_se": se,
+        "log_normalizer_se_method": "Lee-Whiteley" if scheme == "multinomial" else "Chan-Lai",
+        "num_stages": max(len(r.stages["beta"]) for r in runs),
+        "num_resampling": sum(r.num_resampling for r in runs),
+        "num_eves": min(r.num_eves for r in runs),
+        "path": path.kind,
+    }
+    return SamplerResult(torch.stack(draws), sample_stats, {"tempering": stack_stages([r.stages for r in runs])}, attrs)
