@@ -151,7 +151,8 @@ class PyroTarget(Target):
     dtype : torch.dtype, optional
         float32 or float64. Defaults to the promoted dtype of the floating-point tensor arguments,
         else ``torch.get_default_dtype()``. The model runs with it as torch's default dtype, so
-        constants it creates (``torch.tensor(1.0)``) share it.
+        constants it creates (``torch.tensor(1.0)``) share it. Pass the data as arguments: data
+        held in a closure keep their own dtype and are not seen when choosing the default.
     vectorize : {"plate", "vmap"}, optional
         How the model is batched over particles (module docstring); by default the plate, with
         ``vmap`` as the fallback.
@@ -261,7 +262,7 @@ class PyroTarget(Target):
                 raise ValueError(f"the site name {_PARTICLES!r} is reserved for the plate over particles")
             if site_is_subsample(site):
                 if site["value"] is not None and site["value"].numel() < site["fn"].size:
-                    raise ValueError(f"plate {name!r} subsamples its data; the log-density must be exact: use the full plate")
+                    raise ValueError(f"plate {name!r} subsamples its data; the log-density must be exact: no subsample_size")
                 continue
             fn, value = site["fn"], site["value"]
             plate_dims = [-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
@@ -327,14 +328,14 @@ class PyroTarget(Target):
                 continue
             latent = name in setter.z
             if not latent and not site["is_observed"]:
-                raise ValueError(f"latent site {name!r} was not in the prior trace: dynamic model structure is not supported")
+                raise ValueError(f"latent site {name!r} was not in the prior trace: dynamic structure is not supported")
             lp = self._reduce(scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"]), n, name)
             if latent:
                 prior = prior + lp + self._reduce(setter.log_det[name], n, name)
             else:
                 lik = lik + lp
-        zero = u.new_zeros(() if n is None else (n,))
-        return prior + zero, lik + zero
+        zero = u.new_zeros(() if n is None else (n,))  # also broadcasts a term without particles
+        return (prior + zero).to(self.dtype), (lik + zero).to(self.dtype)
 
     # ------------------------------------------------------------------ densities
     def _log_terms(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

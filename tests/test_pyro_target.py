@@ -75,7 +75,9 @@ def pyro_loop(model, args, target, u, max_plate_nesting):
         values, grads = [], []
         for point in u:
             point = point.clone().requires_grad_(True)
-            params = {s.name: point[s.offset : s.offset + s.size].reshape(s.unconstrained_shape) for s in target.sites.values()}
+            params = {
+                s.name: point[s.offset : s.offset + s.size].reshape(s.unconstrained_shape) for s in target.sites.values()
+            }
             lp = -potential_fn(params)
             values.append(lp.detach())
             grads.append(torch.autograd.grad(lp, point)[0])
@@ -155,7 +157,12 @@ def test_unconstrained_density_integrates_to_one(prior, lo, hi):
     grid = torch.linspace(lo, hi, 20001, dtype=F64)
     assert abs(float(_integral(target, grid)) - 1.0) < 1e-6
     # without the log-Jacobian the same quadrature is far from 1: the check can fail
-    no_jacobian = ds.Target(lambda u: target.log_prob(u) - biject_to(prior.support).log_abs_det_jacobian(u[:, 0], biject_to(prior.support)(u[:, 0])), 1, dtype=F64)
+    bijection = biject_to(prior.support)
+
+    def no_jacobian_log_prob(u):
+        return target.log_prob(u) - bijection.log_abs_det_jacobian(u[:, 0], bijection(u[:, 0]))
+
+    no_jacobian = ds.Target(no_jacobian_log_prob, 1, dtype=F64)
     assert abs(float(_integral(no_jacobian, grid)) - 1.0) > 0.05
 
 
@@ -186,9 +193,8 @@ def test_normal_normal_prior_likelihood_and_evidence():
     assert target.num_target_evals == grid.shape[0]
     # the model's joint, from a Pyro trace conditioned on each point (mu is unconstrained)
     with float64_default():
-        joint = torch.stack(
-            [poutine.trace(poutine.condition(exact.model, {"mu": m[0]})).get_trace(exact.data).log_prob_sum() for m in grid[::400]]
-        )
+        traces = [poutine.trace(poutine.condition(exact.model, {"mu": m[0]})).get_trace(exact.data) for m in grid[::400]]
+        joint = torch.stack([trace.log_prob_sum() for trace in traces])
     assert torch.allclose((log_prior + log_lik)[::400], joint, rtol=0, atol=1e-10)
     assert torch.allclose(log_prior + log_lik, exact.log_prob(grid), rtol=0, atol=1e-10)
     assert torch.allclose(target.reference.log_prob(grid), log_prior, rtol=0, atol=0)
@@ -251,7 +257,10 @@ def test_float32_and_float64():
 
 
 # ---------------------------------------------------------------------- sampling
-@pytest.mark.parametrize("method, options", [("mala", dict(num_chains=32, num_samples=500)), ("hmc", dict(num_chains=16, num_samples=400, num_leapfrog=3))])
+@pytest.mark.parametrize(
+    "method, options",
+    [("mala", dict(num_chains=32, num_samples=500)), ("hmc", dict(num_chains=16, num_samples=400, num_leapfrog=3))],
+)
 def test_gamma_precision_posterior_mean(method, options):
     exact = GammaPrecision(torch.randn(10, generator=torch.Generator().manual_seed(0), dtype=F64) / 2.0, 2.0, 1.0)
     target = ds.Target.from_pyro(exact.model, exact.data)
@@ -324,3 +333,22 @@ def test_is_a_target():
     target = ds.Target.from_pyro(NormalNormal(torch.zeros(3, 2, dtype=F64)).model)
     assert isinstance(target, PyroTarget) and isinstance(target, ds.Target)
     assert target.dim == 2 and target.sites["mu"].shape == (2,)
+
+
+def test_output_dtype_with_data_in_a_closure():
+    """Data held by the model (not passed) keep their float64; the density is still float32."""
+    exact = GammaPrecision(torch.randn(6, generator=torch.Generator().manual_seed(10), dtype=F64))
+    target = ds.Target.from_pyro(exact.model, dtype=torch.float32)
+    lp, grad = target.log_prob_and_grad(torch.zeros(3, 1))
+    assert lp.dtype == torch.float32 and grad.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda():
+    exact = GammaPrecision(torch.randn(10, generator=torch.Generator().manual_seed(0), dtype=F64) / 2.0, 2.0, 1.0)
+    target = ds.Target.from_pyro(exact.model, exact.data.cuda())
+    assert target.device.type == "cuda"
+    lp_cpu = ds.Target.from_pyro(exact.model, exact.data).log_prob(torch.zeros(4, 1, dtype=F64))
+    assert torch.allclose(target.log_prob(torch.zeros(4, 1, dtype=F64, device="cuda")).cpu(), lp_cpu)
+    idata = ds.sample(target, "mala", num_chains=32, num_samples=500, seed=1, progress=False, device="cuda")
+    assert abs(idata.posterior["tau"].values.mean() / exact.posterior_mean() - 1.0) < 0.03

@@ -186,7 +186,8 @@ class GammaPrecision:
         - \tfrac N2 \log 2\pi`."""
         a, b = self.concentration, self.rate
         a_n, b_n = self.posterior_params()
-        return a * math.log(b) - math.lgamma(a) + math.lgamma(a_n) - a_n * math.log(b_n) - 0.5 * self.num_data * _LOG_2PI
+        log_prior_normalizer = a * math.log(b) - math.lgamma(a)
+        return log_prior_normalizer + math.lgamma(a_n) - a_n * math.log(b_n) - 0.5 * self.num_data * _LOG_2PI
 
     @property
     def log_normalizer(self) -> float:

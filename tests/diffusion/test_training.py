@@ -40,7 +40,7 @@ def relative_score_error(model, mixture, times, n=2000, seed=5):
 
 def _train(loss, model=None, steps=1500, seed=2, **kw):
     x0, grad0 = _data()
-    model = model or ScoreMLP(2, 64, 2, process=PROCESS, seed=1)
+    model = model or ScoreMLP(2, 128, 3, process=PROCESS, seed=1)
     cfg = TrainConfig(num_steps=steps, batch_size=256, lr=3e-3, ema_decay=0.99, loss=loss, lr_schedule="cosine", **kw)
     return train_score_model(model, PROCESS, x0, grad0 if loss != "dsm" else None, config=cfg, generator=torch.Generator().manual_seed(seed))
 
