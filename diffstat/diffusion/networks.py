@@ -123,7 +123,7 @@ class _NoiseConditioned(nn.Module):
             c, c_in = t, None
         else:
             alpha, sigma = self.process.alpha(t), self.process.sigma(t)
-            c = 0.25 * torch.log(sigma)
+            c = 0.25 * torch.log(sigma.clamp_min(1e-8))  # finite at t = 0 (sigma_0 = 0 for VP)
             c_in = torch.rsqrt(alpha**2 * self.sigma_data**2 + sigma**2).unsqueeze(-1)
         wc = c.unsqueeze(-1) * self.frequencies.to(xp)
         e = torch.cat([c.unsqueeze(-1), torch.sin(wc), torch.cos(wc)], -1)

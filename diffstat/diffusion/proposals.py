@@ -38,7 +38,7 @@ import torch
 
 from diffstat.diffusion.modes import ModeBank
 
-__all__ = ["GaussianMixtureProposal", "fit_mode_gaussians", "ode_log_density", "DiffusionProposal", "DefensiveMixture", "Whitening"]
+__all__ = ["GaussianMixtureProposal", "fit_mode_gaussians", "ode_log_density", "DiffusionProposal", "DiffusionMixture", "DefensiveMixture", "Whitening"]
 
 
 def _stratified_counts(weights: torch.Tensor, n: int) -> torch.Tensor:
@@ -119,9 +119,20 @@ class Whitening:
     chol: torch.Tensor
 
     @classmethod
-    def fit(cls, x: torch.Tensor, ridge: float = 1e-6) -> "Whitening":
-        """Mean and covariance of particles ``x: (n, dim)`` (with a small ridge)."""
+    def fit(cls, x: torch.Tensor, kind: str = "diag", ridge: float = 1e-6) -> "Whitening":
+        r"""Standardise particles ``x: (n, dim)``: ``kind="diag"`` by their mean and per-coordinate
+        standard deviations (the default), ``"full"`` by the Cholesky factor of their covariance.
+
+        Full whitening hurts multimodal training sets: the between-mode spread dominates the
+        covariance, so along the line of the modes each mode is squeezed to a sliver (measured on
+        the 10-d narrow-wide mixture trained on exact balanced draws: score error near
+        :math:`t = 0` of 74% with full whitening against 28% per coordinate, same steps).
+        """
+        if kind not in ("diag", "full"):
+            raise ValueError(f"kind must be 'diag' or 'full', got {kind!r}")
         m = x.mean(0)
+        if kind == "diag":
+            return cls(m, torch.diag(x.std(0).clamp_min(1e-12)))
         cov = (x - m).T @ (x - m) / max(x.shape[0] - 1, 1)
         cov = cov + ridge * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
         return cls(m, torch.linalg.cholesky(cov))
@@ -215,12 +226,48 @@ class DiffusionProposal:
         return (torch.cat(out) if out else x.new_zeros(0)) - self.whitening.log_det
 
 
+class DiffusionMixture:
+    r"""A mixture :math:`\sum_k \pi_k q_k` of probability-flow pushforwards, one per mode (each
+    model trained on its own mode's particles, standardised per mode), with stratified counts.
+
+    Its log-density at a point drawn by component ``j`` needs every other component's density
+    there, computed by :func:`ode_log_density` (``K - 1`` forward solves per point).
+    """
+
+    def __init__(self, components: list[DiffusionProposal], weights: torch.Tensor):
+        if len(components) != weights.shape[0] or len(components) == 0:
+            raise ValueError(f"need one weight per component, got {len(components)} components and {tuple(weights.shape)} weights")
+        self.components, self.weights = components, weights / weights.sum()
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` draws ``(n, dim)`` and their mixture log-density ``(n,)``."""
+        counts = _stratified_counts(self.weights, n).tolist()
+        xs, own = [], []
+        for comp, m in zip(self.components, counts):
+            x, lq = comp.sample(m, generator) if m else (None, None)
+            xs.append(x), own.append(lq)
+        x = torch.cat([v for v in xs if v is not None])
+        which = torch.repeat_interleave(torch.arange(len(counts), device=x.device), torch.tensor(counts, device=x.device))
+        table = torch.empty(n, len(counts), dtype=x.dtype, device=x.device)
+        for j, comp in enumerate(self.components):  # a loop over modes (few)
+            mine = which == j
+            if own[j] is not None:
+                table[mine, j] = own[j]
+            if bool((~mine).any()):
+                table[~mine, j] = comp.log_prob(x[~mine])
+        return x, torch.logsumexp(table + torch.log(self.weights.to(x)), -1)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        table = torch.stack([comp.log_prob(x) for comp in self.components], -1)
+        return torch.logsumexp(table + torch.log(self.weights.to(x)), -1)
+
+
 class DefensiveMixture:
     r"""Defensive mixture :math:`w_d q_{\mathrm{diff}} + (1 - w_d) q_{\mathrm{gauss}}` with
     stratified counts; ``diffusion`` may be ``None`` (then it is the Gaussian mixture alone, the
     per-mode Gaussian importance-sampling baseline)."""
 
-    def __init__(self, diffusion: DiffusionProposal | None, gaussians: GaussianMixtureProposal, weight: float = 0.8):
+    def __init__(self, diffusion: DiffusionProposal | DiffusionMixture | None, gaussians: GaussianMixtureProposal, weight: float = 0.8):
         if diffusion is not None and not 0.0 < weight < 1.0:
             raise ValueError(f"the diffusion weight must lie in (0, 1), got {weight}")
         self.diffusion, self.gaussians = diffusion, gaussians

@@ -37,7 +37,7 @@ import torch
 
 from diffstat._util import check_positive_int, check_probability, ess_from_log_weights, log_normalizer_estimate, progress_bar
 from diffstat.diffusion.modes import ModeBank, balance_modes, explore_modes
-from diffstat.diffusion.proposals import DefensiveMixture, DiffusionProposal, GaussianMixtureProposal, Whitening, fit_mode_gaussians
+from diffstat.diffusion.proposals import DefensiveMixture, DiffusionMixture, DiffusionProposal, GaussianMixtureProposal, Whitening, fit_mode_gaussians
 from diffstat.sampling import SamplerResult, register_sampler
 
 __all__ = ["run_diffusion_sampler", "importance_summary"]
@@ -102,10 +102,13 @@ def run_diffusion_sampler(
     refit_steps: int = 500,
     batch_size: int = 256,
     lr: float = 1e-3,
+    refresh_chains: int = 256,
     refresh_steps: int = 20,
     gaussian_rounds: int = 1,
     max_rounds: int = 3,
     target_ess: float = 0.3,
+    per_mode_models: bool | None = None,
+    max_mode_models: int = 4,
 ) -> SamplerResult:
     r"""Run the pipeline of the module docstring; see :func:`diffusion` for the options."""
     from diffstat.diffusion.networks import ScoreMLP
@@ -128,25 +131,45 @@ def run_diffusion_sampler(
     uniform = torch.full((num_modes,), 1.0 / num_modes, dtype=bank.x.dtype, device=dev)
 
     process = VP()
-    model, whitening, train_x, train_g, refreshed = None, None, bank.x, bank.grad, []
-    if use_diffusion:
-        whitening = Whitening.fit(bank.x)
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        model = ScoreMLP(target.dim, hidden, depth, process=process, seed=seed).to(dev)
+    per_mode = use_diffusion and (num_modes <= max_mode_models if per_mode_models is None else bool(per_mode_models))
+    models: list | None = None
+    whitenings: list[Whitening] = []
+    initial, refreshed = bank, []
+
+    def fit_diffusion(pi: torch.Tensor):
+        """Fit (or warm-start) the score model(s) on the training banks; return the proposal."""
+        nonlocal models
+        train = refreshed or [initial]  # the banks restocked from importance particles, once there are any
+        x = torch.cat([b.x for b in train])
+        g = torch.cat([b.grad for b in train])
+        label = torch.cat([b.label for b in train])
+        groups = [label == k for k in range(num_modes)] if per_mode else [torch.ones_like(label, dtype=torch.bool)]
+        first = models is None
+        if first:
+            models = []
+            for rows in groups:
+                whitenings.append(Whitening.fit(x[rows]))
+                seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+                models.append(ScoreMLP(target.dim, hidden, depth, process=process, seed=seed).to(dev))
+        config = TrainConfig(num_steps=train_steps if first else refit_steps, batch_size=batch_size, lr=lr, loss="mixed", lr_schedule="cosine")
+        losses, comps = [], []
+        for k, rows in enumerate(groups):  # a loop over modes (few)
+            fit = train_score_model(models[k], process, whitenings[k].to_white(x[rows]), whitenings[k].grad_to_white(g[rows]), config=config, generator=generator, progress=progress)
+            models[k] = fit.model
+            losses.append(fit.history["train_loss"][-1] if fit.history["train_loss"] else math.nan)
+            comps.append(DiffusionProposal(lambda y, t, m=fit.model: m(y, t), process, whitenings[k], num_steps=ode_steps))
+        proposal = DiffusionMixture(comps, pi) if per_mode else comps[0]
+        return proposal, float(sum(losses) / len(losses))
 
     rounds: list[dict] = []
     pool_x, pool_lw, pool_lp = [], [], []
-    trained = False
+    pi = uniform
     with progress_bar(max_rounds, "diffusion rounds", progress) as bar:
         for r in range(max_rounds):
-            loss, diffusion_now = math.nan, use_diffusion and r >= gaussian_rounds
+            loss, diffusion_now, diffusion = math.nan, use_diffusion and r >= gaussian_rounds, None
             if diffusion_now:
-                config = TrainConfig(num_steps=refit_steps if trained else train_steps, batch_size=batch_size, lr=lr, loss="mixed")
-                fit = train_score_model(model, process, whitening.to_white(train_x), whitening.grad_to_white(train_g), config=config, generator=generator, progress=progress)
-                model, trained = fit.model, True
-                loss = fit.history["train_loss"][-1] if fit.history["train_loss"] else math.nan
-                diffusion = DiffusionProposal(lambda y, t, m=model: m(y, t), process, whitening, num_steps=ode_steps)
-            proposal = DefensiveMixture(diffusion if diffusion_now else None, gaussians, diffusion_weight)
+                diffusion, loss = fit_diffusion(pi)
+            proposal = DefensiveMixture(diffusion, gaussians, diffusion_weight)
             x, log_q, from_diffusion = proposal.sample(num_proposals, generator)
             with torch.no_grad():
                 lp = target.log_prob(x)
@@ -157,19 +180,14 @@ def run_diffusion_sampler(
             rounds.append(summary)
             pool_x.append(x), pool_lw.append(log_w), pool_lp.append(lp)
             bar.update()
-            if r + 1 == max_rounds or (summary["ess"] >= target_ess * num_proposals and (trained or not use_diffusion)):
+            if r + 1 == max_rounds or (summary["ess"] >= target_ess * num_proposals and (models is not None or not use_diffusion)):
                 break
             # restock the modes from the weighted particles (balanced again), refit the Gaussians
-            restart = _resample_bank(target, bank, x, log_w, modes, 2 * chains_per_mode, generator)
-            bank = balance_modes(target, restart, generator, chains_per_mode=2 * chains_per_mode, num_steps=refresh_steps, keep_every=max(refresh_steps // 4, 1))
+            restart = _resample_bank(target, bank, x, log_w, modes, refresh_chains, generator)
+            bank = balance_modes(target, restart, generator, chains_per_mode=refresh_chains, num_steps=refresh_steps, keep_every=max(refresh_steps // 4, 1))
             pi = 0.5 * summary["mode_weights"].to(bank.x.dtype) + 0.5 * uniform
             gaussians = fit_mode_gaussians(bank, inflate=inflate, weights=pi)
-            if use_diffusion:
-                refreshed.append(bank)
-                train_x = torch.cat([b.x for b in refreshed])
-                train_g = torch.cat([b.grad for b in refreshed])
-                if not trained:
-                    whitening = Whitening.fit(train_x)
+            refreshed.append(bank)
 
     # pool the rounds: lambda_r proportional to ESS_r
     ess = torch.tensor([s["ess"] for s in rounds], dtype=torch.float64)

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["log_prob_grad_hessian", "NewtonFit", "damped_newton", "merge_within", "ModeBank", "ExploredModes", "explore_modes"]
+__all__ = ["log_prob_grad_hessian", "NewtonFit", "safe_cholesky", "chol_solve", "damped_newton", "merge_within", "ModeBank", "ExploredModes", "explore_modes"]
 
 #: Newton steps are capped at this many times s * sqrt(d).
 _MAX_STEP = 4.0
@@ -56,28 +56,47 @@ class NewtonFit(NamedTuple):
 
     mean: (n, d) the Laplace mean :math:`x + A^{-1}\\nabla f(x)`.
     log_evidence: (n,) :math:`\\log\\int e^{\\hat f}`, :math:`\\hat f` the quadratic model of ``f``.
-    eigvals, eigvecs: (n, d), (n, d, d) the eigen-decomposition of the (saddle-free) precision A.
+    chol: (n, d, d) lower Cholesky factor ``L`` of the (saddle-free) precision ``A = L L^T``.
     decrement: (n,) Newton decrement :math:`\\nabla f^\\top A^{-1} \\nabla f` (0 at a mode).
     num_hessian_evals: points at which a Hessian was evaluated.
     """
 
     mean: torch.Tensor
     log_evidence: torch.Tensor
-    eigvals: torch.Tensor
-    eigvecs: torch.Tensor
+    chol: torch.Tensor
     decrement: torch.Tensor
     num_hessian_evals: int
 
 
-def _newton_direction(lp, g, hess, x, y, s2):
-    """Gradient of f, the eigenpairs of the saddle-free A and the Newton step."""
+def safe_cholesky(a: torch.Tensor, s2: float) -> torch.Tensor:
+    r"""Lower Cholesky factors of the precisions ``a: (n, d, d)``; rows that are not positive
+    definite are first made so, saddle-free: eigenvalues :math:`\lambda \mapsto \max(|\lambda|,
+    s^{-2})` (an eigen-decomposition only for those rows)."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    bad = (info != 0) | ~torch.isfinite(chol).flatten(1).all(-1)
+    if bad.any():
+        a_bad = torch.nan_to_num(a[bad], nan=0.0, posinf=0.0, neginf=0.0)
+        lam, vec = torch.linalg.eigh(a_bad)
+        lam = torch.maximum(lam.abs(), torch.full_like(lam, 1.0 / s2))
+        chol = chol.clone()
+        chol[bad] = torch.linalg.cholesky(torch.einsum("nde,ne,nfe->ndf", vec, lam, vec))
+    return chol
+
+
+def chol_solve(chol: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A^{-1} b`` and ``L^{-1} b`` for ``A = L L^T``, ``b: (n, d)``."""
+    half = torch.linalg.solve_triangular(chol, b.unsqueeze(-1), upper=False)
+    full = torch.linalg.solve_triangular(chol.transpose(-1, -2), half, upper=True)
+    return full.squeeze(-1), half.squeeze(-1)
+
+
+def _newton_direction(g, hess, x, y, s2):
+    """Gradient of f, the Cholesky factor of the saddle-free A, the Newton step and decrement."""
     grad_f = g - (x - y) / s2
-    lam, vec = torch.linalg.eigh(-hess)
-    lam_a = torch.maximum((lam + 1.0 / s2).abs(), torch.full_like(lam, 1.0 / s2))
-    coef = torch.einsum("nde,nd->ne", vec, grad_f)
-    step = torch.einsum("nde,ne->nd", vec, coef / lam_a)
-    decrement = (coef**2 / lam_a).sum(-1)
-    return grad_f, lam_a, vec, step, decrement
+    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    chol = safe_cholesky(eye / s2 - hess, s2)
+    step, half = chol_solve(chol, grad_f)
+    return grad_f, chol, step, (half**2).sum(-1)
 
 
 def damped_newton(target, x: torch.Tensor, y: torch.Tensor, s2: float, num_steps: int) -> NewtonFit:
@@ -89,7 +108,7 @@ def damped_newton(target, x: torch.Tensor, y: torch.Tensor, s2: float, num_steps
     cap = _MAX_STEP * math.sqrt(s2 * d)
     lp, g, hess = log_prob_grad_hessian(target, x)
     for it in range(num_steps):
-        grad_f, lam_a, vec, step, decrement = _newton_direction(lp, g, hess, x, y, s2)
+        grad_f, chol, step, decrement = _newton_direction(g, hess, x, y, s2)
         if it == num_steps - 1:
             break
         norm = step.norm(dim=-1, keepdim=True)
@@ -102,27 +121,27 @@ def damped_newton(target, x: torch.Tensor, y: torch.Tensor, s2: float, num_steps
         g = torch.where(ok[:, None], g_new, g)
         hess = torch.where(ok[:, None, None], hess_new, hess)
     f = lp - ((x - y) ** 2).sum(-1) / (2 * s2)
-    log_ev = f + 0.5 * decrement + 0.5 * d * math.log(2 * math.pi) - 0.5 * torch.log(lam_a).sum(-1)
+    log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    log_ev = f + 0.5 * decrement + 0.5 * d * math.log(2 * math.pi) - 0.5 * log_det
     log_ev = torch.nan_to_num(log_ev, nan=-math.inf)
-    return NewtonFit(x + step, log_ev, lam_a, vec, decrement, n * num_steps)
+    return NewtonFit(x + step, log_ev, chol, decrement, n * num_steps)
 
 
-def merge_within(means: torch.Tensor, key: torch.Tensor, eigvals: torch.Tensor, eigvecs: torch.Tensor, radius: float) -> torch.Tensor:
+def merge_within(means: torch.Tensor, key: torch.Tensor, chol: torch.Tensor, radius: float) -> torch.Tensor:
     r"""Per chain, which of ``S`` local fits ``means: (n, S, d)`` are distinct modes, ``(n, S)`` bool.
 
     Fits are visited by decreasing ``key`` (e.g. the log-evidence); a fit is a duplicate when an
     earlier one lies within ``radius`` of it in the earlier one's metric
-    :math:`\lVert m_j - m_i\rVert_{A_i}`.
+    :math:`\lVert m_j - m_i\rVert_{A_i} = \lVert L_i^\top (m_j - m_i)\rVert`.
     """
     n, s, d = means.shape
     order = torch.argsort(key, dim=-1, descending=True)
     idx = order[..., None]
     m = torch.gather(means, 1, idx.expand(n, s, d))
-    lam = torch.gather(eigvals, 1, idx.expand(n, s, d))
-    vec = torch.gather(eigvecs, 1, idx[..., None].expand(n, s, d, d))
+    lo = torch.gather(chol, 1, idx[..., None].expand(n, s, d, d))
     diff = m[:, None, :, :] - m[:, :, None, :]  # (n, i, j, d) = m_j - m_i
-    proj = torch.einsum("nide,nijd->nije", vec, diff)
-    dist2 = (proj**2 * lam[:, :, None, :]).sum(-1)  # metric of i
+    proj = torch.einsum("nide,nijd->nije", lo, diff)
+    dist2 = (proj**2).sum(-1)  # metric of i
     earlier = torch.ones(s, s, dtype=torch.bool, device=means.device).triu(1)  # i < j
     dup_sorted = ((dist2 < radius**2) & earlier).any(1) | ~torch.isfinite(torch.gather(key, 1, order))
     keep = torch.empty_like(dup_sorted)
@@ -216,7 +235,7 @@ def explore_modes(target, x: torch.Tensor, *, num_steps: int = 15, prox_scale: f
     x = x.detach()
     for _ in range(num_steps):
         lp, g, hess = log_prob_grad_hessian(target, x)
-        _, _, _, step, _ = _newton_direction(lp, g, hess, x, x, s2)
+        _, _, step, _ = _newton_direction(g, hess, x, x, s2)
         step = step * torch.clamp(_MAX_STEP * math.sqrt(s2 * d) / step.norm(dim=-1, keepdim=True), max=1.0)
         x_new = x + step
         x = torch.where(torch.isfinite(x_new).all(-1, keepdim=True), x_new, x)

@@ -37,7 +37,15 @@ import torch
 from diffstat._util import check_positive_int
 from diffstat.mcmc.base import MCMCState
 from diffstat.mcmc.mala import mala_step
-from diffstat.smoothing.laplace import ModeBank, damped_newton, explore_modes, log_prob_grad_hessian, merge_within
+from diffstat.smoothing.laplace import (
+    ModeBank,
+    chol_solve,
+    damped_newton,
+    explore_modes,
+    log_prob_grad_hessian,
+    merge_within,
+    safe_cholesky,
+)
 
 __all__ = [
     "SmoothedScore",
@@ -154,7 +162,7 @@ class LaplaceSmoothedScore(SmoothedScore):
         num_is: int = 8,
         bank_size: int = 32,
         merge_radius: float = 1.0,
-        cheap_fraction: float = 0.005,
+        cheap_fraction: float = 0.02,
         cheap_patience: int = 3,
         hessian_every: int = 8,
         explore: int = 256,
@@ -182,7 +190,7 @@ class LaplaceSmoothedScore(SmoothedScore):
         self.prev: torch.Tensor | None = None
         self.cheap = False
         self._calm_calls = 0
-        self._curv: tuple[torch.Tensor, torch.Tensor] | None = None  # eigen-decomposition of -H
+        self._neg_hess: torch.Tensor | None = None  # -Hessian at each chain's main mode
         self._calls_since_hessian = 0
 
     # ------------------------------------------------------------------ helpers
@@ -215,43 +223,46 @@ class LaplaceSmoothedScore(SmoothedScore):
             return self._cheap(y, s2)
         if len(self.bank) == 0 and self.explore > 0:
             self.seed_bank(generator=gen)
-        starts = []
+        near, fresh = [], None
         if self.prev is not None:
-            starts.append(self.prev[:, None])
-        if self.num_fresh > 0 or (self.prev is None and len(self.bank) == 0):
+            near.append(self.prev[:, None])
+        if len(self.bank) > 0:
+            near.append(self.bank.modes.to(y)[None].expand(n, -1, -1))
+        if self.num_fresh > 0 or not near:
             k = max(self.num_fresh, 1)
             eps = torch.randn(n, k, d, generator=gen, dtype=y.dtype, device=y.device)
-            starts.append(y[:, None] + math.sqrt(s2) * eps)
-        if len(self.bank) > 0:
-            starts.append(self.bank.modes.to(y)[None].expand(n, -1, -1))
-        x0 = torch.cat(starts, 1)  # (n, S, d)
-        num_starts = x0.shape[1]
-        yy = y[:, None].expand_as(x0).reshape(-1, d)
-        fit = damped_newton(self.target, x0.reshape(-1, d), yy, s2, self.newton_steps)
-        self.num_hessian_evals += fit.num_hessian_evals
-        means = fit.mean.reshape(n, num_starts, d)
-        log_ev = fit.log_evidence.reshape(n, num_starts)
-        evals = fit.eigvals.reshape(n, num_starts, d)
-        evecs = fit.eigvecs.reshape(n, num_starts, d, d)
-        keep = merge_within(means, log_ev, evals, evecs, self.merge_radius)
+            fresh = y[:, None] + math.sqrt(s2) * eps
+        fits = []
+        # starts at known modes need one move; fresh ones climb for newton_steps - 1 moves
+        for x0, steps in ((torch.cat(near, 1) if near else None, 2), (fresh, self.newton_steps)):
+            if x0 is None:
+                continue
+            yy = y[:, None].expand_as(x0).reshape(-1, d)
+            fit = damped_newton(self.target, x0.reshape(-1, d), yy, s2, min(steps, self.newton_steps))
+            self.num_hessian_evals += fit.num_hessian_evals
+            k = x0.shape[1]
+            fits.append((fit.mean.reshape(n, k, d), fit.log_evidence.reshape(n, k), fit.chol.reshape(n, k, d, d), fit.decrement.reshape(n, k)))
+        means, log_ev, chol, decrement = (torch.cat(parts, 1) for parts in zip(*fits))
+        keep = merge_within(means, log_ev, chol, self.merge_radius)
         log_ev = torch.where(keep, log_ev, torch.full_like(log_ev, -math.inf))
         log_r_var = torch.zeros_like(log_ev)
         if self.num_is > 0:
-            log_r, log_r_var = self._is_correction(y, s2, means, log_ev, evals, evecs, keep)
+            log_r, log_r_var = self._is_correction(y, s2, means, log_ev, chol, keep)
             log_ev = log_ev + log_r
-        pi = torch.softmax(log_ev, -1)  # (n, S)
-        pi = torch.nan_to_num(pi, nan=0.0)
+        pi = torch.nan_to_num(torch.softmax(log_ev, -1), nan=0.0)  # (n, S)
         x_hat = (pi[..., None] * means).sum(1)
         dev2 = ((means - x_hat[:, None]) ** 2).sum(-1)
         spread = torch.sqrt((pi**2 * dev2 * log_r_var).sum(-1) / d)
         significant = (pi > 0.01) & keep
         num_modes = significant.sum(-1)
+        rows = torch.arange(n, device=y.device)
         best = pi.argmax(-1)
-        self.prev = means[torch.arange(n, device=y.device), best]
-        best_curv = (evals[torch.arange(n), best] - 1.0 / s2, evecs[torch.arange(n), best])
-        self._curv = best_curv  # eigenpairs of -H at each chain's main mode
+        self.prev = means[rows, best]
+        eye = torch.eye(d, dtype=y.dtype, device=y.device)
+        lo_best = chol[rows, best]
+        self._neg_hess = lo_best @ lo_best.transpose(-1, -2) - eye / s2  # -H at each chain's main mode
         self._calls_since_hessian = 0
-        self.bank.add(means[significant], _precision(evals[significant], evecs[significant]))
+        self._bank_add(y, s2, means, chol, significant & (decrement < 1.0))
         frac_multi = (num_modes >= 2).to(y.dtype).mean()
         self._calm_calls = self._calm_calls + 1 if float(frac_multi) < self.cheap_fraction else 0
         if self._calm_calls >= self.cheap_patience:
@@ -259,17 +270,40 @@ class LaplaceSmoothedScore(SmoothedScore):
         self.last_info = {"spread": spread, "num_modes": num_modes.to(y.dtype)}
         return x_hat
 
-    def _is_correction(self, y, s2, means, log_ev, evals, evecs, keep):
+    def _bank_add(self, y, s2, means, chol, significant) -> None:
+        r"""Offer the target modes near the converged significant local fits to the bank. A posterior mode
+        :math:`m` has :math:`\nabla\log p(m) = (m - y)/s^2`, so one Newton step on :math:`\log p`
+        alone, :math:`\mu = m + P^{-1}(m - y)/s^2` with :math:`P = A - s^{-2} I`, estimates the
+        target's mode (exactly, for a Gaussian mode); fits where :math:`P` is not positive definite
+        are not offered."""
+        m = means[significant]
+        if m.shape[0] == 0:
+            return
+        lo = chol[significant]
+        eye = torch.eye(m.shape[1], dtype=m.dtype, device=m.device)
+        prec = lo @ lo.transpose(-1, -2) - eye / s2
+        lp_chol, info = torch.linalg.cholesky_ex(prec)
+        ok = info == 0
+        if not ok.any():
+            return
+        yy = y[:, None].expand_as(means)[significant]
+        step, _ = chol_solve(lp_chol[ok], (m[ok] - yy[ok]) / s2)
+        self.bank.add(m[ok] + step, prec[ok])
+
+    def _is_correction(self, y, s2, means, log_ev, chol, keep):
         r"""Per-mode IS factors :math:`\log \hat r_j` and their variances ``(n, S)``."""
         n, num_starts, d = means.shape
         k = self.num_is
         gen = self._gen(y)
-        z = torch.randn(n, num_starts, k, d, generator=gen, dtype=y.dtype, device=y.device)
-        # x = m + V diag(lam^-1/2) z ~ N(m, A^{-1})
-        x = means[:, :, None] + torch.einsum("nsde,nske->nskd", evecs, z / evals.sqrt()[:, :, None])
-        # Laplace log-density of each draw under its own component: log E_j + log N(x; m, A^{-1})
-        # normalised so that the ratio is exactly one for a Gaussian mode.
-        log_q = log_ev[:, :, None] - 0.5 * (z**2).sum(-1) - 0.5 * d * math.log(2 * math.pi) + 0.5 * torch.log(evals).sum(-1)[:, :, None]
+        z = torch.randn(n, num_starts, d, k, generator=gen, dtype=y.dtype, device=y.device)
+        # x = m + L^{-T} z ~ N(m, A^{-1})
+        lt = chol.transpose(-1, -2)
+        x = means[..., None] + torch.linalg.solve_triangular(lt, z, upper=True)  # (n, S, d, k)
+        x = x.transpose(-1, -2)  # (n, S, k, d)
+        # Laplace model of f at each draw: log E_j + log N(x; m_j, A_j^{-1}); the ratio is exactly
+        # one for a Gaussian mode.
+        log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+        log_q = log_ev[..., None] - 0.5 * (z**2).sum(-2) - 0.5 * d * math.log(2 * math.pi) + 0.5 * log_det[..., None]
         flat = x.reshape(-1, d)
         idx = keep[:, :, None].expand(n, num_starts, k).reshape(-1)
         log_f = torch.full((flat.shape[0],), -math.inf, dtype=y.dtype, device=y.device)
@@ -290,19 +324,17 @@ class LaplaceSmoothedScore(SmoothedScore):
     def _cheap(self, y: torch.Tensor, s2: float) -> torch.Tensor:
         """One Newton step on :math:`f` from each chain's previous mode, cached curvature."""
         x = self.prev
-        if self._calls_since_hessian >= self.hessian_every or self._curv is None:
+        if self._calls_since_hessian >= self.hessian_every or self._neg_hess is None:
             _, g, hess = log_prob_grad_hessian(self.target, x)
             self.num_hessian_evals += x.shape[0]
-            lam, vec = torch.linalg.eigh(-hess)
-            self._curv = (lam, vec)
+            self._neg_hess = -hess
             self._calls_since_hessian = 0
         else:
             _, g = self.target.log_prob_and_grad(x)
         self._calls_since_hessian += 1
-        lam_h, vec = self._curv
-        lam = torch.clamp(lam_h + 1.0 / s2, min=1.0 / s2)
-        grad_f = g - (x - y) / s2
-        step = torch.einsum("nde,ne->nd", vec, torch.einsum("nde,nd->ne", vec, grad_f) / lam)
+        eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        chol = safe_cholesky(self._neg_hess + eye / s2, s2)
+        step, _ = chol_solve(chol, g - (x - y) / s2)
         x_hat = torch.where(torch.isfinite(step).all(-1, keepdim=True), x + step, x)
         self.prev = x_hat
         n = y.shape[0]
@@ -311,11 +343,6 @@ class LaplaceSmoothedScore(SmoothedScore):
             "num_modes": torch.ones(n, dtype=y.dtype, device=y.device),
         }
         return x_hat
-
-
-def _precision(evals: torch.Tensor, evecs: torch.Tensor) -> torch.Tensor:
-    """``V diag(lam) V^T`` for ``(k, d)`` eigenvalues and ``(k, d, d)`` eigenvectors."""
-    return torch.einsum("kde,ke,kfe->kdf", evecs, evals, evecs)
 
 
 class ImportanceSmoothedScore(SmoothedScore):

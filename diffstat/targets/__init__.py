@@ -16,3 +16,7 @@ __all__ += ["Funnel", "ManyWell", "two_modes", "narrow_wide", "nine_modes", "gmm
 from diffstat.targets.conjugate import GammaPrecision, NormalNormal
 
 __all__ += ["NormalNormal", "GammaPrecision"]
+
+from diffstat.targets.randhie import load_randhie, randhie_poisson
+
+__all__ += ["load_randhie", "randhie_poisson"]

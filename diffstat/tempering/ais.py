@@ -39,7 +39,15 @@ import torch
 
 from diffstat._util import check_positive_int, check_probability, log_normalizer_estimate, progress_bar
 from diffstat.sampling import SamplerResult, register_sampler
-from diffstat.tempering.path import make_path, GeometricPath, PathState, adaptive_moves, default_step_size, get_kernel, incremental_log_weights
+from diffstat.tempering.path import (
+    GeometricPath,
+    PathState,
+    adaptive_moves,
+    default_step_size,
+    get_kernel,
+    incremental_log_weights,
+    make_path,
+)
 from diffstat.tempering.resampling import ess, resample
 from diffstat.tempering.smc import _check_betas, _check_initial, check_options, initial_particles, preconditioner
 
@@ -139,7 +147,7 @@ def ais(
 
 _OPTIONS = {
     "reference", "betas", "num_temperatures", "schedule", "kernel", "num_mcmc_steps", "num_leapfrog",
-    "step_size", "target_accept", "adapt_scale", "resampling",
+    "step_size", "target_accept", "adapt_scale", "resampling", "num_steps",
 }
 
 
@@ -147,11 +155,13 @@ _OPTIONS = {
 def ais_sampler(target, *, num_samples, num_chains, generator, progress, device, **options) -> SamplerResult:
     """``ds.sample(target, "ais", num_samples=n, ...)``: AIS with ``n`` particles per chain.
 
-    Options: ``reference``; ``betas`` or ``num_temperatures`` (200) with ``schedule``
-    (``"geometric"``, ``"sigmoid"``, ``"linear"``); ``kernel`` (``"mala"``), ``num_mcmc_steps`` (1), ``num_leapfrog`` (5),
-    ``step_size``, ``target_accept``, ``adapt_scale`` (True); ``resampling`` (``"systematic"``),
-    the scheme of the final resampling. ``num_chains`` (default 1) groups of particles run in one
-    batch and are resampled separately; ``log_normalizer`` pools all particles.
+    Options: ``reference``; ``betas`` or ``num_temperatures`` (200; alias ``num_steps``, as in
+    TFP's ``sample_annealed_importance_chain``) with ``schedule``
+    (``"geometric"``, ``"sigmoid"``, ``"linear"``); ``kernel`` (``"mala"``), ``num_mcmc_steps``
+    (1), ``num_leapfrog`` (5), ``step_size``, ``target_accept``, ``adapt_scale`` (True);
+    ``resampling`` (``"systematic"``), the scheme of the final resampling. ``num_chains`` (default
+    1) groups of particles run in one batch and are resampled separately; ``log_normalizer`` pools
+    all particles.
 
     The draws are resampled to equal weights; ``log_weight`` in ``sample_stats`` is each draw's
     AIS log weight (that of the particle it was resampled from).
@@ -161,6 +171,10 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
     path = make_path(target, options.pop("reference", None))
     scheme = options.pop("resampling", "systematic")
     betas = options.pop("betas", None)
+    if "num_steps" in options:  # TFP's name for the number of annealing steps
+        if "num_temperatures" in options:
+            raise ValueError("give num_temperatures or its alias num_steps, not both")
+        options["num_temperatures"] = options.pop("num_steps")
     num_temperatures = options.pop("num_temperatures", 200)
     kind = options.pop("schedule", "geometric")
     if betas is None:

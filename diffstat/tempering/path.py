@@ -18,8 +18,10 @@ Two kinds of reference:
   reference, else :math:`\mathcal N(0, I)`; :math:`\pi_\beta \propto \rho^{1-\beta}\tilde\pi^\beta`.
 * **likelihood** (a target with ``log_prior`` and ``log_likelihood`` methods, such as a Pyro
   model, and no ``reference=`` override): :math:`\rho` is the prior and :math:`\delta` the
-  log-likelihood, so :math:`\pi_\beta \propto \text{prior} \times \text{likelihood}^\beta`. It is
-  computed as ``target.log_prob - target.log_prior``, so one counted target evaluation gives both.
+  log-likelihood, so :math:`\pi_\beta \propto \text{prior} \times \text{likelihood}^\beta`. Both
+  come from one model run with ``target.log_prior_and_likelihood`` where the target has it
+  (:class:`~diffstat.pyro_target.PyroTarget`), else as ``target.log_prob - target.log_prior``: one
+  counted target evaluation per point either way.
 
 Every point is evaluated once through ``target.log_prob_and_grad`` (counted in
 ``num_target_evals``); the reference (or prior) is evaluated separately and is free. A
@@ -131,9 +133,8 @@ class GeometricPath:
     def __init__(self, target, reference: torch.distributions.Distribution | None = None):
         self.target = target
         self.reference = reference
-        self.likelihood_tempering = (
-            reference is None and callable(getattr(target, "log_prior", None)) and callable(getattr(target, "log_likelihood", None))
-        )
+        has_terms = callable(getattr(target, "log_prior", None)) and callable(getattr(target, "log_likelihood", None))
+        self.likelihood_tempering = reference is None and has_terms
         self.dim = target.dim
 
     @property
@@ -180,12 +181,31 @@ class GeometricPath:
     # ------------------------------------------------------------------ evaluation (counted)
     def evaluate(self, x: torch.Tensor) -> PathState:
         """Evaluate the target (counts ``n``) and the reference (free) at ``x: (n, dim)``."""
+        if self.likelihood_tempering and callable(getattr(self.target, "log_prior_and_likelihood", None)):
+            return self._evaluate_terms(x)
         base, base_grad = self._reference_and_grad(x)
         lp, grad = self.target.log_prob_and_grad(x)
         delta = lp - base
         # Outside the target's support (lp = -inf) delta is -inf whatever the reference says.
         delta = torch.where(lp == -torch.inf, lp, delta)
         return PathState(x, base, base_grad, delta, grad - base_grad)
+
+    def _evaluate_terms(self, x: torch.Tensor) -> PathState:
+        """Prior and likelihood from one run of the model (``log_prior_and_likelihood``, which
+        counts ``n``), with one backward pass for each gradient."""
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            prior, lik = self.target.log_prior_and_likelihood(xg)
+            (g_prior,) = torch.autograd.grad(prior.sum(), xg, retain_graph=True, allow_unused=True)
+            (g_lik,) = torch.autograd.grad(lik.sum(), xg, allow_unused=True)
+        zeros = torch.zeros_like(x)
+        return PathState(
+            x,
+            prior.detach(),
+            zeros if g_prior is None else g_prior.detach(),
+            lik.detach(),
+            zeros if g_lik is None else g_lik.detach(),
+        )
 
     def log_prob_and_grad(self, beta) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         r"""The tempered :math:`x \mapsto (\log\pi_\beta(x), \nabla\log\pi_\beta(x))` for the MCMC

@@ -20,13 +20,14 @@ is interpolated linearly and the new ladder equalises it, :math:`\beta_k = \Lamb
 / (R-1))` (Syed et al. 2021, algorithm 4): the optimal swap rates are equal. Rounds double in length
 (the last ladder update halfway through warm-up); step sizes (dual averaging per temperature) and
 preconditioners (per-temperature variances) are carried to the new ladder by interpolation in
-:math:`\beta` and tuned again. :math:`\Lambda(1)` (``global_barrier``) is reported: about
-:math:`2\Lambda + 1` temperatures are a good choice.
+:math:`\beta` and tuned again. :math:`\Lambda = \Lambda(1)` (``global_barrier``) is reported;
+Syed et al. suggest about :math:`2\Lambda` temperatures.
 
 **Evidence** by stepping stones over the ladder (Xie et al. 2011), from the post-warm-up states:
 :math:`\log\hat Z = \sum_{r} \log \overline{\exp\{(\beta_{r+1}-\beta_r)\,\delta(x_r)\}}`,
 pooled over chains; its standard error is the spread of the per-chain estimates over
-:math:`\sqrt C` (NaN with one chain). The draws are the cold replicas' states.
+:math:`\sqrt C` (with one chain, of the estimates from 8 batches of iterations). The draws are the
+cold replicas' states.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 from diffstat._util import check_positive_int, check_probability, progress_bar
 from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.sampling import SamplerResult, register_sampler
-from diffstat.tempering.path import make_path, GeometricPath, PathState, default_step_size, get_kernel, move
+from diffstat.tempering.path import GeometricPath, PathState, default_step_size, get_kernel, make_path, move
 from diffstat.tempering.smc import _check_initial, check_options, initial_particles
 
 __all__ = ["PTOutput", "parallel_tempering", "geometric_ladder", "equalize_ladder", "swap_step", "pt_sampler"]
@@ -48,6 +49,8 @@ __all__ = ["PTOutput", "parallel_tempering", "geometric_ladder", "equalize_ladde
 _BETA_MIN = 1e-3
 #: Reference draws for the beta = 0 replicas are made this many iterations at a time.
 _REFERENCE_BLOCK = 256
+#: With a single chain, the evidence's standard error comes from this many batches of iterations.
+_SE_BATCHES = 8
 #: Shortest warm-up round between ladder updates (iterations).
 _MIN_ROUND = 20
 
@@ -67,7 +70,9 @@ class PTOutput(NamedTuple):
     global_barrier: float
 
 
-def geometric_ladder(num_temperatures: int, beta_min: float = _BETA_MIN, *, dtype=torch.float64, device=None) -> torch.Tensor:
+def geometric_ladder(
+    num_temperatures: int, beta_min: float = _BETA_MIN, *, dtype=torch.float64, device=None
+) -> torch.Tensor:
     r"""``(R,)``: :math:`\beta_0 = 0` and :math:`R-1` temperatures geometric from ``beta_min`` to 1."""
     r = check_positive_int(num_temperatures, "num_temperatures")
     if r < 2:
@@ -163,7 +168,8 @@ def parallel_tempering(
         betas = geometric_ladder(num_temperatures, beta_min, dtype=dtype, device=device)
     else:
         betas = torch.as_tensor(betas, dtype=dtype, device=device).flatten().clone()
-        if betas.numel() < 2 or float(betas[0]) != 0.0 or float(betas[-1]) != 1.0 or not bool((betas[1:] > betas[:-1]).all()):
+        increasing = bool((betas[1:] > betas[:-1]).all())
+        if betas.numel() < 2 or float(betas[0]) != 0.0 or float(betas[-1]) != 1.0 or not increasing:
             raise ValueError("betas must be strictly increasing from 0 to 1, with at least 2 temperatures")
     r, c = betas.numel(), check_positive_int(num_chains, "num_chains")
     if x0.shape[0] != c * r:
@@ -192,39 +198,45 @@ def parallel_tempering(
     adapt = DualAveraging(torch.full((r,), h0, dtype=dtype, device=device), target_accept)
     h = adapt.step_size
 
-    updates = sorted({num_warmup // 2**j for j in range(1, 64) if num_warmup // 2**j >= _MIN_ROUND}) if adapt_ladder else []
+    # Ladder updates at num_warmup / 2^j (j >= 1): rounds doubling in length, the last at halfway.
+    updates = {num_warmup // 2**j for j in range(1, 64) if num_warmup // 2**j >= _MIN_ROUND} if adapt_ladder else set()
     # Preconditioners are re-estimated at the ladder updates (or halfway without them), so the
     # second half of warm-up always tunes the step sizes for the final ones.
     mass_window = {num_warmup // 2} if adapt_mass and num_warmup // 2 >= _MIN_ROUND else set()
-    windows = sorted(set(updates) | mass_window)
+    windows = updates | mass_window
     swap_sum = torch.zeros(r - 1, dtype=dtype, device=device)
     swap_num = torch.zeros(r - 1, dtype=dtype, device=device)
     acc_sum = torch.zeros(r, dtype=dtype, device=device)
     mom = [torch.zeros(r, path.dim, dtype=dtype, device=device) for _ in range(2)] + [0]
-    ss_lse = torch.full((c, r - 1), -math.inf, dtype=dtype, device=device)
+    # Stepping-stone sums per unit: each chain, or with one chain, _SE_BATCHES batches of iterations.
+    num_batches = 1 if c > 1 else min(_SE_BATCHES, num_samples)
+    ss_lse = torch.full((c, num_batches, r - 1), -math.inf, dtype=dtype, device=device)
+    batch_size = torch.bincount(torch.arange(num_samples) * num_batches // num_samples, minlength=num_batches)
     draws = torch.empty(num_samples, c, path.dim, dtype=dtype, device=device)
     lp = torch.empty(num_samples, c, dtype=dtype, device=device)
     acc_cold = torch.empty(num_samples, c, dtype=dtype, device=device)
     cold_rows = torch.arange(c, device=device) * r + (r - 1)
-    barrier = math.nan
 
     with progress_bar(num_warmup + num_samples, "pt warm-up", progress) as bar:
         for it in range(num_warmup + num_samples):
             warm = it < num_warmup
             if it == num_warmup:
                 h = adapt.final_step_size if num_warmup else h
-                swap_sum.zero_(), swap_num.zero_(), acc_sum.zero_()
+                for stat in (swap_sum, swap_num, acc_sum):
+                    stat.zero_()
                 bar.set_description("pt")
             # 1. local moves (and exact reference draws at beta = 0)
             acc = torch.ones(c * r, dtype=dtype, device=device)
             if exact:
                 if it % _REFERENCE_BLOCK == 0:  # one call per block: reference sampling has overhead
-                    block = path.sample_reference(c * _REFERENCE_BLOCK, generator, device).reshape(_REFERENCE_BLOCK, c, -1)
+                    block = path.sample_reference(c * _REFERENCE_BLOCK, generator, device)
+                    block = block.reshape(_REFERENCE_BLOCK, c, -1)
                 ps = _scatter(ps, ref_rows, path.evaluate(block[it % _REFERENCE_BLOCK]))
             sub, t_sub = ps.index(mcmc_rows), temp_of_row[mcmc_rows]
             sub_acc = torch.zeros(len(mcmc_rows), dtype=dtype, device=device)
+            sub_inv_mass = None if inv_mass is None else inv_mass[t_sub]
             for _ in range(num_mcmc_steps):
-                sub, info = move(step, generator, sub, path, betas[t_sub], h[t_sub], None if inv_mass is None else inv_mass[t_sub])
+                sub, info = move(step, generator, sub, path, betas[t_sub], h[t_sub], sub_inv_mass)
                 sub_acc = sub_acc + info.acceptance_rate / num_mcmc_steps
             if num_mcmc_steps:
                 ps = _scatter(ps, mcmc_rows, sub)
@@ -246,26 +258,27 @@ def parallel_tempering(
                 mom[1] += (x_t**2).sum(0)
                 mom[2] += c
                 if it + 1 in windows:
-                    betas, h, inv_mass, barrier = _end_of_round(
-                        it + 1 in updates, betas, swap_sum, swap_num, adapt, inv_mass, mom, is_ref_temp
-                    )
+                    rate = swap_sum / swap_num.clamp_min(1)
+                    betas, inv_mass = _end_of_round(it + 1 in updates, betas, rate, adapt, inv_mass, mom)
                     h = adapt.step_size
-                    swap_sum.zero_(), swap_num.zero_()
+                    swap_sum.zero_()
+                    swap_num.zero_()
                     mom = [torch.zeros_like(mom[0]), torch.zeros_like(mom[1]), 0]
             else:
                 j = it - num_warmup
                 draws[j] = x_t[:, -1]
                 lp[j] = ps.target_log_prob[cold_rows]
                 dbeta = betas[1:] - betas[:-1]
-                ss_lse = torch.logaddexp(ss_lse, dbeta * ps.delta.reshape(c, r)[:, :-1])
+                b = j * num_batches // num_samples
+                ss_lse[:, b] = torch.logaddexp(ss_lse[:, b], dbeta * ps.delta.reshape(c, r)[:, :-1])
             bar.update()
 
     rate = swap_sum / swap_num.clamp_min(1)
     _, barrier = equalize_ladder(betas, 1 - rate)
-    log_mean = ss_lse - math.log(num_samples)  # (C, R-1)
-    pooled = torch.logsumexp(ss_lse, 0) - math.log(c * num_samples)
-    per_chain = log_mean.sum(1)
-    se = float(per_chain.std() / math.sqrt(c)) if c > 1 else math.nan
+    units = ss_lse.reshape(c * num_batches, r - 1)
+    pooled = torch.logsumexp(units, 0) - math.log(c * num_samples)  # (R-1,)
+    per_unit = (units - torch.log(batch_size.to(units)).repeat(c).unsqueeze(-1)).sum(1)
+    se = float(per_unit.std() / math.sqrt(per_unit.numel()))
     nan = torch.full((1,), math.nan, dtype=dtype, device=device)
     temperatures = {
         "beta": betas,
@@ -274,31 +287,31 @@ def parallel_tempering(
         "step_size": h,
         "log_z_increment": torch.cat([pooled, nan]),
     }
-    return PTOutput(draws.transpose(0, 1), lp.transpose(0, 1), acc_cold.transpose(0, 1), temperatures, float(pooled.sum()), se, barrier)
+    draws, lp, acc_cold = (t.transpose(0, 1) for t in (draws, lp, acc_cold))
+    return PTOutput(draws, lp, acc_cold, temperatures, float(pooled.sum()), se, barrier)
 
 
-def _end_of_round(update_ladder, betas, swap_sum, swap_num, adapt, inv_mass, mom, is_ref_temp):
+def _end_of_round(update_ladder, betas, swap_rate, adapt, inv_mass, mom):
     """End of a warm-up round: new preconditioners from the round's per-temperature variances
-    (regularised as Stan's), a new ladder from the swap rates, and the tuning carried over to it by
-    interpolation in beta; dual averaging restarts from the averaged step sizes."""
+    (regularised toward 1e-3 as Stan does), a new ladder from the swap rates, the tuning carried
+    over to it by interpolation in beta, and dual averaging restarted from there. Returns the
+    ladder and the preconditioners."""
     log_h = torch.log(adapt.final_step_size)
     if inv_mass is not None and mom[2] > 1:
         n = mom[2]
-        var = (mom[1] - mom[0] ** 2 / n) / (n - 1)
+        var = ((mom[1] - mom[0] ** 2 / n) / (n - 1)).clamp_min(0.0)
         var = (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
-        # A preconditioner at least as good as the old one: scale the step by the change in scale.
+        # Keep the proposal's scale h M^{-1} roughly where it was; dual averaging refines it.
         log_h = log_h + torch.log((inv_mass / var).mean(-1))
         inv_mass = var
-    barrier = math.nan
     if update_ladder:
-        rate = swap_sum / swap_num.clamp_min(1)
-        new, barrier = equalize_ladder(betas, 1 - rate)
+        new, _ = equalize_ladder(betas, 1 - swap_rate)
         log_h = _interp(new, betas, log_h)
         if inv_mass is not None:
             inv_mass = torch.exp(_interp(new, betas, torch.log(inv_mass)))
         betas = new
     adapt.restart(torch.exp(log_h))
-    return betas, adapt.step_size, inv_mass, barrier
+    return betas, inv_mass
 
 
 _OPTIONS = {

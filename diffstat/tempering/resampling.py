@@ -79,7 +79,9 @@ def systematic(generator: torch.Generator, log_w: torch.Tensor, num: int | None 
 SCHEMES = {"multinomial": multinomial, "stratified": stratified, "systematic": systematic}
 
 
-def resample(generator: torch.Generator, log_w: torch.Tensor, scheme: str = "systematic", num: int | None = None) -> torch.Tensor:
+def resample(
+    generator: torch.Generator, log_w: torch.Tensor, scheme: str = "systematic", num: int | None = None
+) -> torch.Tensor:
     """Ancestor indices by the named ``scheme`` (``"multinomial"``, ``"stratified"``, ``"systematic"``)."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown resampling scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")

@@ -44,16 +44,16 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from diffstat._util import check_positive_int, check_probability, progress_bar
+from diffstat._util import check_probability, progress_bar
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.path import (
-    make_path,
     GeometricPath,
     PathState,
     adaptive_moves,
     default_step_size,
     get_kernel,
     incremental_log_weights,
+    make_path,
 )
 from diffstat.tempering.resampling import SCHEMES, conditional_ess, ess, resample, weighted_mean_and_variance
 
@@ -85,7 +85,9 @@ class SMCOutput(NamedTuple):
     num_eves: int
 
 
-def next_beta(log_w: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor, target_ess: float, criterion: str = "cess") -> torch.Tensor:
+def next_beta(
+    log_w: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor, target_ess: float, criterion: str = "cess"
+) -> torch.Tensor:
     r"""The next inverse temperature :math:`\beta' \in (\beta, 1]`, by bisection.
 
     ``criterion="cess"``: :math:`\mathrm{CESS}(\beta') = ` ``target_ess`` :math:`\cdot n`;
@@ -162,8 +164,8 @@ def adaptive_tempered_smc(
     """Run adaptive tempered SMC from the particles ``x0: (n, dim)`` (draws from the reference).
 
     ``betas`` (increasing, ending at 1) replaces the adaptive choice by a fixed schedule.
-    ``num_mcmc_steps=0`` leaves the particles where they are (reweighting and resampling only),
-    and ``resample_threshold=0`` never resamples. See the module docstring for the rest.
+    ``num_mcmc_steps=0`` leaves the particles where they are (reweighting and resampling only);
+    ``resample_threshold=0`` never resamples and ``1`` resamples at every stage. See the module docstring for the rest.
     """
     if resampling not in SCHEMES:
         raise ValueError(f"unknown resampling scheme {resampling!r}; choose one of {', '.join(SCHEMES)}")
@@ -190,7 +192,8 @@ def adaptive_tempered_smc(
         raise ValueError(f"step_size must be positive, got {step_size}")
     log_h = torch.tensor(math.log(h0), dtype=dtype, device=device)
     beta = torch.zeros((), dtype=dtype, device=device)
-    records: dict[str, list] = {k: [] for k in ("beta", "ess", "log_z_increment", "acceptance_rate", "step_size", "resampled")}
+    keys = ("beta", "ess", "log_z_increment", "acceptance_rate", "step_size", "resampled")
+    records: dict[str, list] = {k: [] for k in keys}
     num_resampling = 0
     acc = torch.full((n,), math.nan, dtype=dtype, device=device)
     with progress_bar(1000, "smc", progress) as bar:
@@ -205,7 +208,7 @@ def adaptive_tempered_smc(
             log_w = log_w + incr
             ess_frac = ess(log_w) / n
             records["ess"].append(ess_frac)
-            resampled = bool(ess_frac < resample_threshold)
+            resampled = resample_threshold >= 1.0 or bool(ess_frac < resample_threshold)
             if resampled:
                 idx = resample(generator, log_w, resampling)
                 ps, eve = ps.index(idx), eve[idx]
@@ -251,7 +254,8 @@ def _check_betas(betas, like: torch.Tensor) -> torch.Tensor:
 def _check_initial(ps: PathState) -> None:
     lp = ps.target_log_prob
     if torch.isnan(lp).any() or torch.isposinf(lp).any():
-        raise ValueError(f"the target's log-density is NaN or +inf at {int((torch.isnan(lp) | torch.isposinf(lp)).sum())} reference draws")
+        bad = int((torch.isnan(lp) | torch.isposinf(lp)).sum())
+        raise ValueError(f"the target's log-density is NaN or +inf at {bad} of {lp.numel()} reference draws")
     if torch.isneginf(lp).all():
         raise ValueError("the target's log-density is -inf at every reference draw: the reference misses its support")
 
@@ -273,7 +277,9 @@ def check_options(options: dict, allowed: set, method: str) -> None:
     """``ValueError`` naming any option the method does not know (a typo would silently do nothing)."""
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(f"unknown option(s) for method {method!r}: {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+        raise ValueError(
+            f"unknown option(s) for method {method!r}: {', '.join(unknown)}; known: {', '.join(sorted(allowed))}"
+        )
 
 
 def combine_runs(log_zs: list[float], ses: list[float]) -> tuple[float, float]:

@@ -41,7 +41,8 @@ def relative_score_error(model, mixture, times, n=2000, seed=5):
 def _train(loss, model=None, steps=1500, seed=2, **kw):
     x0, grad0 = _data()
     model = model or ScoreMLP(2, 128, 3, process=PROCESS, seed=1)
-    cfg = TrainConfig(num_steps=steps, batch_size=256, lr=3e-3, ema_decay=0.99, loss=loss, lr_schedule="cosine", **kw)
+    settings = dict(num_steps=steps, batch_size=256, lr=3e-3, ema_decay=0.99, loss=loss, lr_schedule="cosine")
+    cfg = TrainConfig(**{**settings, **kw})
     return train_score_model(model, PROCESS, x0, grad0 if loss != "dsm" else None, config=cfg, generator=torch.Generator().manual_seed(seed))
 
 
@@ -51,15 +52,15 @@ def test_minimiser_is_the_exact_noised_score(loss, times, tol):
     err = relative_score_error(result.model, MIX, times)
     err_other = relative_score_error(result.model, OTHER, times)
     assert err < tol, (loss, err)
-    assert err_other > 10 * tol, (loss, err_other)  # the check rejects a wrong target
+    assert err_other > 5 * tol, (loss, err_other)  # the check rejects a wrong target
     assert result.num_steps == 1500 and len(result.history["val_loss"]) == 15
     assert not result.model.training
 
 
 def test_energy_model_learns_the_noised_log_density():
-    result = _train("mixed", model=EnergyMLP(2, 64, 2, process=PROCESS, seed=1), steps=1200)
+    result = _train("mixed", model=EnergyMLP(2, 64, 3, process=PROCESS, seed=1))
     err = relative_score_error(result.model, MIX, EARLY + LATE[1:])
-    assert err < 0.05, err
+    assert err < 0.03, err
     # exp(-E) is the noised density up to a constant: compare centred log-densities on draws of p_t.
     gen = torch.Generator().manual_seed(9)
     for tv in (0.01, 0.3):
@@ -71,7 +72,7 @@ def test_energy_model_learns_the_noised_log_density():
             lp = mixture.noised(float(PROCESS.alpha(t[0])), float(PROCESS.sigma(t[0]))).log_prob(xt)
             gap = (lq - lq.mean()) - (lp - lp.mean())
             rms = float(gap.pow(2).mean().sqrt())
-            assert (rms < 0.1) == expect_close, (tv, rms)
+            assert (rms < 0.15) if expect_close else (rms > 0.3), (tv, rms)
 
 
 def test_training_is_reproducible_and_ema_is_applied():
@@ -94,7 +95,6 @@ def test_training_is_reproducible_and_ema_is_applied():
 
 def test_early_stopping_returns_the_best_ema_weights():
     # A learning rate far too large makes the held-out loss stop improving quickly.
-    result = _train("mixed", steps=3000, eval_every=10, patience=3, lr_schedule_override=None) if False else None
     x0, grad0 = _data(1000)
     cfg = TrainConfig(num_steps=3000, batch_size=64, lr=0.05, ema_decay=0.0, loss="mixed", eval_every=10, patience=3, val_fraction=0.2)
     result = train_score_model(ScoreMLP(2, 32, 2, process=PROCESS), PROCESS, x0, grad0, config=cfg, generator=torch.Generator().manual_seed(0))

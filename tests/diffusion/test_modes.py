@@ -1,0 +1,100 @@
+"""Mode exploration, grouping by barriers, and balanced restocking (diffstat.diffusion.modes)."""
+
+import math
+
+import pytest
+import torch
+
+from diffstat.diffusion.modes import balance_modes, explore_modes, group_by_barrier, hill_climb, no_barrier
+from diffstat.targets import BananaMixture, GaussianMixture, narrow_wide, nine_modes
+
+
+def _two_gaussians():
+    return GaussianMixture(torch.tensor([[-3.0, 0.0], [3.0, 0.0]]), [0.5, 0.5], scales=[0.5, 0.5]).as_target(dtype=torch.float64)
+
+
+def test_no_barrier_exact_cases():
+    target = _two_gaussians()
+    a = torch.tensor([[-3.2, 0.1], [-3.0, 0.0], [-2.7, -0.2]], dtype=torch.float64)
+    b = torch.tensor([[-2.8, -0.3], [3.0, 0.0], [2.9, 0.2]], dtype=torch.float64)
+    lp_a, lp_b = target.log_prob(a), target.log_prob(b)
+    before = target.num_target_evals
+    ok = no_barrier(target.log_prob, a, lp_a, b, lp_b, num_points=3, tol=0.5)
+    # same mode: log p is concave along the segment, no barrier; across modes: a deep barrier
+    assert ok.tolist() == [True, False, False]
+    assert target.num_target_evals - before == 9  # 3 segments x 3 interior points, counted
+
+
+def test_hill_climb_reaches_the_peaks():
+    target = _two_gaussians()
+    x = torch.tensor([[-2.0, 0.7], [4.1, -0.6]], dtype=torch.float64)
+    lp, grad = target.log_prob_and_grad(x)
+    peak, peak_lp, evals = hill_climb(target.log_prob_and_grad, x, lp, grad, 60, torch.full((2,), 0.05, dtype=torch.float64))
+    assert torch.allclose(peak, torch.tensor([[-3.0, 0.0], [3.0, 0.0]], dtype=torch.float64), atol=0.02)
+    assert (peak_lp >= lp).all() and 0 < evals <= 120
+
+
+def test_explore_finds_the_nine_modes(generator):
+    mix = nine_modes()
+    target = mix.as_target(dtype=torch.float64)
+    before = target.num_target_evals
+    bank = explore_modes(target, generator, num_chains=1000)
+    assert bank.num_modes == 9
+    assert sorted(mix.assign(bank.centers).tolist()) == list(range(9))  # one centre per component
+    assert torch.allclose(bank.centers, mix.means[mix.assign(bank.centers)], atol=0.05)
+    # every banked particle sits in the component of its mode's centre
+    assert (mix.assign(bank.x) == mix.assign(bank.centers)[bank.label]).double().mean() > 0.97
+    assert bank.num_evals == target.num_target_evals - before > 0
+
+
+def test_explore_finds_the_hidden_narrow_mode(generator):
+    """From far away the wide light mode's pull dominates; the narrow start scales find the heavy one."""
+    mix = narrow_wide(10)
+    target = mix.as_target(dtype=torch.float64)
+    bank = explore_modes(target, generator, num_chains=4000)
+    assert bank.num_modes == 2
+    assert sorted(mix.assign(bank.centers).tolist()) == [0, 1]
+
+
+def test_one_mode_is_one_mode(generator):
+    """Negative cases: a Gaussian and a single curved banana are never split into several modes."""
+    gauss = GaussianMixture(torch.zeros(1, 3), scales=[1.0]).as_target(dtype=torch.float64)
+    assert explore_modes(gauss, generator, num_chains=500).num_modes == 1
+    banana = BananaMixture(torch.zeros(1, 4), scales=torch.tensor([[1.5, 0.3, 0.5, 0.5]]), curvature=1.0).as_target(dtype=torch.float64)
+    assert explore_modes(banana, generator, num_chains=500).num_modes == 1
+
+
+def test_grouping_separates_and_joins():
+    target = _two_gaussians()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.tensor([-3.0, 0.0]) + 0.05 * torch.randn(20, 2, generator=gen), torch.tensor([3.0, 0.0]) + 0.05 * torch.randn(10, 2, generator=gen)]).double()
+    label = group_by_barrier(target.log_prob, x, target.log_prob(x))
+    assert label[:20].unique().numel() == 1 and label[20:].unique().numel() == 1 and label[0] != label[20]
+
+
+def test_balance_restocks_every_mode_evenly(generator):
+    mix = GaussianMixture(torch.tensor([[-4.0, 0.0, 0.0], [4.0, 1.0, 0.0]]), [0.9, 0.1], scales=[0.5, 1.0])
+    target = mix.as_target(dtype=torch.float64)
+    bank = explore_modes(target, generator, num_chains=400)
+    assert bank.num_modes == 2
+    before = target.num_target_evals
+    full = balance_modes(target, bank, generator, chains_per_mode=128, num_steps=40, keep_every=4)
+    assert full.counts().tolist() == [640, 640]  # 128 chains x 5 kept states, whatever the weights
+    assert full.num_evals - bank.num_evals == target.num_target_evals - before == 2 * 128 * 40
+    lp, grad = target.log_prob_and_grad(full.x)
+    assert torch.allclose(full.log_prob, lp) and torch.allclose(full.grad, grad)  # gradients kept
+    comp = mix.assign(full.centers)
+    for k in range(2):
+        xk = full.x[full.label == k]
+        sd = mix.covs[comp[k]].diagonal().sqrt()
+        # 128 independent chains per mode: a z-score of 5 on the mean and 35% on the sd
+        assert ((xk.mean(0) - mix.means[comp[k]]).abs() / (sd / math.sqrt(128)) < 5).all()
+        assert ((xk.std(0) / sd - 1).abs() < 0.35).all()
+
+
+def test_bad_input_is_refused(generator):
+    target = _two_gaussians()
+    with pytest.raises(ValueError, match="start_scales"):
+        explore_modes(target, generator, start_scales=(1.0, -2.0))
+    with pytest.raises(ValueError, match="num_chains"):
+        explore_modes(target, generator, num_chains=0)

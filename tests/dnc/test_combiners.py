@@ -1,0 +1,195 @@
+"""Combiners of ``ds.dnc.combine`` against exact products: Gaussian shards (the product is the
+Gaussian product, exactly), and bimodal Gaussian-mixture shards (the product of two Gaussian
+mixtures is a Gaussian mixture, computed here in closed form)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import diffstat as ds
+from diffstat.dnc.gaussian import gaussian_product, sample_moments
+from diffstat.dnc.swiss import swiss_maps
+
+DIM = 2
+
+
+def _gaussian_shards(generator, num_shards=4, n=4000):
+    """Exact draws and scores of K Gaussian sub-posteriors N(m_k, S_k) and their exact product."""
+    means, covs, draws, scores = [], [], [], []
+    for k in range(num_shards):
+        m = torch.randn(DIM, generator=generator, dtype=torch.float64)
+        a = torch.randn(DIM, DIM, generator=generator, dtype=torch.float64)
+        s = a @ a.T + 0.5 * torch.eye(DIM, dtype=torch.float64)
+        x = m + torch.randn(n, DIM, generator=generator, dtype=torch.float64) @ torch.linalg.cholesky(s).T
+        means.append(m)
+        covs.append(s)
+        draws.append(x)
+        scores.append(-(x - m) @ torch.linalg.inv(s))
+    mu, sigma = gaussian_product(means, covs)
+    return draws, scores, mu, sigma
+
+
+def _draws(idata):
+    return torch.as_tensor(idata.posterior["x"].values).reshape(-1, DIM)
+
+
+def _mean_z(x, mu, sigma):
+    """|mean - mu| in units of the Monte Carlo standard error (independent draws), per coordinate."""
+    se = torch.sqrt(torch.diagonal(sigma) / x.shape[0])
+    return ((x.mean(0) - mu) / se).abs()
+
+
+@pytest.mark.parametrize("method", ["gaussian", "consensus", "swiss"])
+def test_gaussian_shards_exact_product(generator, method):
+    draws, scores, mu, sigma = _gaussian_shards(generator)
+    idata = ds.dnc.combine(draws, method, scores=scores, num_samples=4000, seed=1, progress=False)
+    x = _draws(idata)
+    # the plug-in moments carry their own error (4000 draws per shard): allow z < 5
+    assert (_mean_z(x, mu, sigma) < 5).all()
+    _, cov = sample_moments(x)
+    assert torch.allclose(cov, sigma, rtol=0.15, atol=0.02 * float(sigma.diagonal().max()))
+    assert idata.posterior["x"].shape == (1, 4000, DIM)
+    assert "lp" in idata.sample_stats
+    assert idata.posterior.attrs["method"] == f"dnc_{method}"
+    assert idata.posterior.attrs["num_shards"] == 4
+
+
+def test_gaussian_combiner_rejects_wrong_product(generator):
+    """Negative case: the same check fails against the product of the wrong shards."""
+    draws, scores, mu, sigma = _gaussian_shards(generator)
+    idata = ds.dnc.combine(draws[:3], "gaussian", num_samples=4000, seed=1, progress=False)
+    assert (_mean_z(_draws(idata), mu, sigma) > 5).any()
+
+
+def test_swiss_maps_match_moments_exactly(generator):
+    """Identity (float64): every moved shard has exactly the target mean and covariance."""
+    draws, _, _, _ = _gaussian_shards(generator, n=500)
+    mean, cov, maps = swiss_maps(draws)
+    for x, (m_k, a_k) in zip(draws, maps):
+        moved = mean + (x - m_k) @ a_k.T
+        m2, c2 = sample_moments(moved)
+        assert torch.allclose(m2, mean, atol=1e-10)
+        assert torch.allclose(c2, cov, atol=1e-10)
+
+
+def test_semiparametric_gaussian_shards(generator):
+    draws, scores, mu, sigma = _gaussian_shards(generator, n=2000)
+    idata = ds.dnc.combine(draws, "semiparametric", num_samples=2000, seed=2, progress=False, num_sweeps=20)
+    x = _draws(idata)
+    # the kernel adds a small bias (bandwidth h^2/K): a looser bound than the exact combiners
+    assert (_mean_z(x, mu, sigma) < 8).all()
+    assert "semiparametric" in idata.groups()
+
+
+def test_diffusion_gaussian_shards(generator):
+    """Gaussian shards are exact for the Gaussian part: a short fit and annealing keep it."""
+    draws, scores, mu, sigma = _gaussian_shards(generator, n=2000)
+    idata = ds.dnc.combine(draws, "diffusion", scores=scores, num_samples=2000, seed=3, progress=False,
+                           num_steps=100, hidden=16, depth=2, num_levels=20, num_final_steps=60)
+    x = _draws(idata)
+    assert (_mean_z(x, mu, sigma) < 5).all()
+    _, cov = sample_moments(x)
+    assert torch.allclose(cov, sigma, rtol=0.15, atol=0.02 * float(sigma.diagonal().max()))
+    assert "diffusion" in idata.groups()
+    assert idata.posterior.attrs["max_fit_time"] > 0
+
+
+# ----------------------------------------------------------------------------- bimodal shards
+SHARD_A = dict(means=[-2.0, 2.0], weights=[0.7, 0.3], sd=[0.5, 0.5])
+SHARD_B = dict(means=[-2.0, 2.0], weights=[0.6, 0.4], sd=[0.6, 0.6])
+
+
+def _mixture_draws(spec, n, generator):
+    """Draws and exact scores of a 2-d mixture whose components sit at (mean, 0), sd per component."""
+    weights = torch.tensor(spec["weights"], dtype=torch.float64)
+    means = torch.tensor([[m, 0.0] for m in spec["means"]], dtype=torch.float64)
+    sds = torch.tensor(spec["sd"], dtype=torch.float64)
+    comp = torch.multinomial(weights, n, replacement=True, generator=generator)
+    x = means[comp] + sds[comp, None] * torch.randn(n, 2, generator=generator, dtype=torch.float64)
+    log_c = torch.log(weights) - 2 * torch.log(sds) - 0.5 * ((x[:, None] - means) ** 2).sum(-1) / sds**2
+    resp = torch.softmax(log_c, -1)  # (n, 2)
+    score = (resp[..., None] * (means - x[:, None]) / sds[None, :, None] ** 2).sum(1)
+    return x, score
+
+
+def exact_product_weight_negative_mode():
+    r"""Weight of the x_1 < 0 mode of the product of the two mixtures, in closed form:
+    N(x; a, s^2) N(x; b, t^2) = N(a; b, s^2 + t^2) N(x; c, u^2), so the product of mixtures is a
+    mixture with weights proportional to w_i v_j N(a_i; b_j, s_i^2 + t_j^2) (per coordinate; the
+    second coordinate contributes the same factor to every pair with equal variances...). Computed
+    in full here, pair by pair, in 2-d."""
+    terms = {}
+    for i, (a, wa, sa) in enumerate(zip(SHARD_A["means"], SHARD_A["weights"], SHARD_A["sd"])):
+        for j, (b, wb, sb) in enumerate(zip(SHARD_B["means"], SHARD_B["weights"], SHARD_B["sd"])):
+            var = sa**2 + sb**2
+            # 2-d isotropic: N((a,0); (b,0), var I) = exp(-(a-b)^2 / (2 var)) / (2 pi var)
+            log_term = math.log(wa * wb) - (a - b) ** 2 / (2 * var) - math.log(2 * math.pi * var)
+            mean = (a * sb**2 + b * sa**2) / var
+            terms[(i, j)] = (log_term, mean)
+    logs = torch.tensor([v[0] for v in terms.values()])
+    w = torch.softmax(logs, 0)
+    return float(sum(wk for wk, (_, mean) in zip(w, terms.values()) if mean < 0))
+
+
+def _bimodal_shards(generator, n=3000):
+    xa, ga = _mixture_draws(SHARD_A, n, generator)
+    xb, gb = _mixture_draws(SHARD_B, n, generator)
+    return [xa, xb], [ga, gb]
+
+
+def test_exact_product_weight_is_computed_right():
+    # product weights 0.7*0.6 : 0.3*0.4 (the cross pairs are e^{-16/0.61 / 2}-negligible)
+    assert abs(exact_product_weight_negative_mode() - 0.42 / 0.54) < 1e-6
+
+
+def test_bimodal_mode_weights_diffusion_vs_consensus(generator):
+    """The diffusion combiner keeps the product's mode weights within 0.05; consensus Monte
+    Carlo, which averages one draw per shard, puts mass between the modes and fails."""
+    draws, scores = _bimodal_shards(generator)
+    exact = exact_product_weight_negative_mode()
+    idata = ds.dnc.combine(draws, "diffusion", scores=scores, num_samples=3000, seed=4, progress=False,
+                           num_steps=600, hidden=32, depth=2, num_levels=40, num_final_steps=60)
+    x = _draws(idata)
+    weight = float((x[:, 0] < 0).double().mean())
+    se = math.sqrt(exact * (1 - exact) / x.shape[0])
+    assert abs(weight - exact) < 0.05, (weight, exact)
+    # and the draws sit in the modes (nothing between them)
+    assert float(((x[:, 0] > -1) & (x[:, 0] < 1)).double().mean()) < 0.02
+
+    cons = _draws(ds.dnc.combine(draws, "consensus", num_samples=3000, seed=4, progress=False))
+    cons_weight = float((cons[:, 0] < -1).double().mean())
+    assert abs(cons_weight - exact) > 0.05 + 5 * se
+    assert float(((cons[:, 0] > -1) & (cons[:, 0] < 1)).double().mean()) > 0.2
+
+
+# ----------------------------------------------------------------------------- input checks
+def test_bad_input_is_refused(generator):
+    draws, scores, _, _ = _gaussian_shards(generator, n=100)
+    with pytest.raises(ValueError, match="unknown combiner"):
+        ds.dnc.combine(draws, "nope", num_samples=10, seed=0)
+    with pytest.raises(ValueError, match="at least 2"):
+        ds.dnc.combine(draws[:1], "gaussian", num_samples=10, seed=0)
+    with pytest.raises(ValueError, match="dimension"):
+        ds.dnc.combine([draws[0], draws[1][:, :1]], "gaussian", num_samples=10, seed=0)
+    with pytest.raises(ValueError, match="scores of shard 1"):
+        ds.dnc.combine(draws, "gaussian", scores=[scores[0], scores[1][:5]] + scores[2:], num_samples=10, seed=0)
+    with pytest.raises(ValueError, match="non-finite"):
+        bad = draws[0].clone()
+        bad[0, 0] = float("nan")
+        ds.dnc.combine([bad] + draws[1:], "gaussian", num_samples=10, seed=0)
+    with pytest.raises(ValueError, match="num_samples"):
+        ds.dnc.combine(draws, "gaussian", num_samples=0, seed=0)
+    with pytest.raises(ValueError, match="seed"):
+        ds.dnc.combine(draws, "gaussian", num_samples=10, seed=-1)
+
+
+def test_inference_data_input_and_reproducibility(generator):
+    draws, _, _, _ = _gaussian_shards(generator, n=300)
+    import arviz as az
+
+    idatas = [az.from_dict(posterior={"x": x.reshape(3, 100, DIM).numpy()}) for x in draws]
+    a = ds.dnc.combine(idatas, "consensus", num_samples=200, seed=7, progress=False)
+    b = ds.dnc.combine([d.numpy() for d in draws], "consensus", num_samples=200, seed=7, progress=False)
+    np.testing.assert_array_equal(a.posterior["x"].values, b.posterior["x"].values)

@@ -1,0 +1,185 @@
+"""Parallel tempering: the swap move, the ladder rule, mode weights, the output contract."""
+
+import math
+
+import pytest
+import torch
+
+import diffstat as ds
+from diffstat.targets import GaussianMixture
+from diffstat.tempering.path import GeometricPath
+from diffstat.tempering.pt import equalize_ladder, geometric_ladder, swap_step
+
+D = torch.distributions
+F64 = torch.float64
+LOG_Z = 2.3
+WEIGHTS = (0.5, 0.3, 0.2)
+
+
+def gaussian_target(dim=2, mean=1.5, scale=0.5):
+    """exp(LOG_Z) N(mean 1, scale^2 I); with the N(0, I) reference, pi_beta is Gaussian."""
+    m = torch.full((dim,), mean, dtype=F64)
+    target = ds.Target(lambda x: D.Normal(m, scale).log_prob(x).sum(-1) + LOG_Z, dim, dtype=F64)
+
+    def tempered(beta):
+        prec = (1 - beta) + beta / scale**2
+        return beta * mean / scale**2 / prec, 1.0 / prec
+
+    return target, tempered
+
+
+def mixture6(weights=WEIGHTS):
+    means = torch.tensor([[2.5, 2.5, 0, 0, 0, 0], [-2.5, -2.5, 0, 0, 0, 0], [0, 0, 2.5, 2.5, 0, 0]])
+    return GaussianMixture(means, weights, scales=[0.7, 1.0, 0.85], log_normalizer=LOG_Z)
+
+
+def weights_agree(draws, gm, weights, tol=0.05) -> bool:
+    share = torch.bincount(gm.assign(draws), minlength=len(weights)).to(F64) / draws.shape[0]
+    return bool(((share - torch.tensor(weights, dtype=F64)).abs() < tol).all())
+
+
+# ---------------------------------------------------------------------------- swaps
+def test_swap_probabilities_and_permutation(generator):
+    target, _ = gaussian_target()
+    path = GeometricPath(target)
+    betas = torch.tensor([0.0, 0.2, 0.5, 1.0], dtype=F64)
+    c, r = 3, 4
+    num_swapped = 0
+    ps = path.evaluate(torch.randn(c * r, 2, generator=generator, dtype=F64))
+    for parity in (0, 1):
+        new, prob, proposed = swap_step(torch.Generator().manual_seed(4), ps, betas, c, parity)
+        delta = ps.delta.reshape(c, r)
+        expected = torch.exp(((betas[1:] - betas[:-1]) * (delta[:, :-1] - delta[:, 1:])).clamp(max=0.0))
+        assert torch.equal(proposed, torch.arange(r - 1) % 2 == parity)
+        assert torch.allclose(prob, torch.where(proposed, expected, torch.zeros_like(expected)), rtol=0, atol=1e-14)
+        # Within each proposed pair the two states are exchanged or kept; other positions are kept.
+        old_x, new_x = ps.x.reshape(c, r, 2), new.x.reshape(c, r, 2)
+        in_pair = torch.zeros(r, dtype=torch.bool)
+        for p in torch.nonzero(proposed).flatten().tolist():
+            in_pair[p] = in_pair[p + 1] = True
+            swapped = (new_x[:, p] == old_x[:, p + 1]).all(-1)
+            kept = ~swapped
+            num_swapped += int(swapped.sum())
+            assert torch.equal(new_x[swapped, p + 1], old_x[swapped, p])
+            assert torch.equal(new_x[kept, p], old_x[kept, p]) and torch.equal(new_x[kept, p + 1], old_x[kept, p + 1])
+        assert torch.equal(new_x[:, ~in_pair], old_x[:, ~in_pair])
+    assert num_swapped > 0
+
+
+def _swaps_keep_each_temperature_exact(swap, n=20_000, num_rounds=6) -> bool:
+    """Replica r of each of ``n`` chains starts as an exact draw of pi_{beta_r}; after
+    ``num_rounds`` of swaps every position's mean and variance still match (|z| < 4.5)."""
+    target, tempered = gaussian_target()
+    betas = torch.tensor([0.0, 0.1, 0.3, 0.6, 1.0], dtype=F64)
+    gen = torch.Generator().manual_seed(8)
+    mean, var = (torch.tensor(v, dtype=F64) for v in zip(*[tempered(float(b)) for b in betas]))
+    x = mean[None, :, None] + var.sqrt()[None, :, None] * torch.randn(n, 5, 2, generator=gen, dtype=F64)
+    ps = GeometricPath(target).evaluate(x.reshape(-1, 2))
+    for i in range(num_rounds):
+        ps, _, _ = swap(gen, ps, betas, n, i % 2)
+    x = ps.x.reshape(n, 5, 2)
+    z_mean = (x.mean(0) - mean[:, None]) / (var[:, None] / n).sqrt()
+    z_var = (x.var(0) - var[:, None]) / (var[:, None] * math.sqrt(2.0 / n))
+    return bool((z_mean.abs() < 4.5).all() and (z_var.abs() < 4.5).all())
+
+
+def test_swaps_leave_every_tempered_distribution_invariant():
+    assert _swaps_keep_each_temperature_exact(swap_step)
+
+
+def test_invariance_check_rejects_swaps_that_ignore_the_densities():
+    def always_swap(gen, ps, betas, n, parity):  # equal betas: every proposed swap is accepted
+        return swap_step(gen, ps, torch.zeros_like(betas), n, parity)
+
+    assert not _swaps_keep_each_temperature_exact(always_swap)
+
+
+# ---------------------------------------------------------------------------- ladder
+def test_ladder_update_equalises_the_communication_barrier():
+    betas = torch.tensor([0.0, 0.2, 0.5, 1.0], dtype=F64)
+    new, barrier = equalize_ladder(betas, torch.tensor([0.1, 0.5, 0.3], dtype=F64))
+    # Lambda = (0, 0.1, 0.6, 0.9) at betas; equal thirds 0.3 and 0.6 fall at 0.32 and 0.5.
+    assert torch.allclose(new, torch.tensor([0.0, 0.32, 0.5, 1.0], dtype=F64), atol=1e-5)
+    assert math.isclose(barrier, 0.9, abs_tol=1e-9)
+    ladder = geometric_ladder(5, 1e-2)
+    assert torch.allclose(ladder, torch.tensor([0.0, 1e-2, 10 ** (-4 / 3), 10 ** (-2 / 3), 1.0], dtype=F64))
+
+
+# ---------------------------------------------------------------------------- mode weights
+def test_pt_recovers_the_mode_weights_of_a_6d_mixture():
+    gm = mixture6()
+    idata = ds.sample(gm.as_target(dtype=F64), "pt", num_samples=400, num_chains=32, seed=0, progress=False)
+    draws = torch.as_tensor(idata.posterior.x.values).reshape(-1, 6)
+    assert weights_agree(draws, gm, WEIGHTS)
+    swap = idata.tempering.swap_rate.values[:-1]
+    assert swap.max() - swap.min() < 0.1  # the adapted ladder equalises the swap rates
+    attrs = idata.posterior.attrs
+    assert abs(attrs["log_normalizer"] - LOG_Z) <= 3 * attrs["log_normalizer_se"]  # stepping stones
+    # A wrong target (the same modes weighted 0.35 / 0.35 / 0.3) is rejected by the same check.
+    wrong = mixture6((0.35, 0.35, 0.3))
+    idata = ds.sample(wrong.as_target(dtype=F64), "pt", num_samples=400, num_chains=32, seed=0, progress=False)
+    assert not weights_agree(torch.as_tensor(idata.posterior.x.values).reshape(-1, 6), gm, WEIGHTS)
+
+
+# ---------------------------------------------------------------------------- contract
+def test_pt_output_contract_and_evaluation_count():
+    target, _ = gaussian_target(dim=3)
+    c, r, t, w, steps = 3, 4, 60, 40, 2
+    idata = ds.sample(
+        target, "pt", num_samples=t, num_chains=c, seed=0, progress=False,
+        num_temperatures=r, num_warmup=w, num_mcmc_steps=steps,
+    )
+    x = torch.as_tensor(idata.posterior.x.values)
+    assert x.shape == (c, t, 3)
+    lp = torch.as_tensor(idata.sample_stats.lp.values)
+    assert torch.allclose(lp, target.log_prob(x.reshape(-1, 3)).reshape(c, t), rtol=0, atol=1e-12)
+    assert idata.sample_stats.acceptance_rate.shape == (c, t)
+    group = idata.tempering
+    assert group.beta.shape == (r,) and float(group.beta[0]) == 0.0 and float(group.beta[-1]) == 1.0
+    assert {"swap_rate", "acceptance_rate", "step_size", "log_z_increment"} <= set(group.data_vars)
+    attrs = idata.posterior.attrs
+    assert attrs["num_stages"] == r and attrs["method"] == "pt"
+    # Validation of the c r starting points, their evaluation, then per iteration one exact
+    # reference draw per chain and the moves of the other replicas.
+    assert attrs["num_target_evals"] == 2 * c * r + (t + w) * (c + c * (r - 1) * steps)
+
+
+def _cold_chain_is_gaussian(idata, mean, var, z=4.5) -> bool:
+    """Cold-chain mean of each coordinate within ``z`` Monte Carlo standard errors (from the
+    ArviZ effective sample size) of the exact one, and the variance within 15%."""
+    import arviz as az
+
+    x = idata.posterior.x.values
+    ess = az.ess(idata, var_names=["x"]).x.values
+    z_mean = (x.mean((0, 1)) - mean) / (math.sqrt(var) / ess**0.5)
+    return bool((abs(z_mean) < z).all() and (abs(x.var((0, 1)) / var - 1) < 0.15).all())
+
+
+def test_pt_with_a_fixed_ladder_and_mcmc_at_every_temperature():
+    """Without ladder adaptation and without exact reference draws (MALA at beta = 0 as well)."""
+    target, tempered = gaussian_target(dim=3)
+    c, r, t, steps = 8, 4, 400, 1
+    idata = ds.sample(
+        target, "pt", num_samples=t, num_chains=c, seed=2, progress=False,
+        betas=[0.0, 0.3, 0.6, 1.0], adapt_ladder=False, reference_draws=False,
+    )
+    assert torch.allclose(torch.as_tensor(idata.tempering.beta.values), torch.tensor([0.0, 0.3, 0.6, 1.0], dtype=F64))
+    assert idata.posterior.attrs["num_target_evals"] == min(16, c * r) + c * r + 2 * t * c * r * steps
+    mean, var = tempered(1.0)
+    assert _cold_chain_is_gaussian(idata, mean, var)
+    assert not _cold_chain_is_gaussian(idata, mean + 0.1, var)  # a wrong target is rejected
+
+
+def test_pt_single_chain_reports_a_batch_standard_error():
+    target, _ = gaussian_target(dim=2)
+    idata = ds.sample(target, "pt", num_samples=400, num_chains=1, seed=0, progress=False, num_temperatures=5)
+    attrs = idata.posterior.attrs
+    assert 0 < attrs["log_normalizer_se"] < 0.2
+    assert abs(attrs["log_normalizer"] - LOG_Z) <= 3 * attrs["log_normalizer_se"]
+
+
+def test_pt_refuses_bad_options():
+    target, _ = gaussian_target()
+    for bad in (dict(betas=[0.1, 0.5, 1.0]), dict(num_temperatures=1), dict(swap="deo"), dict(num_warmup=-1)):
+        with pytest.raises(ValueError):
+            ds.sample(target, "pt", num_samples=10, seed=0, progress=False, **bad)
