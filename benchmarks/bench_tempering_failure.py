@@ -50,7 +50,8 @@ def path_shares(gm, ref_sd: float, betas) -> list[float]:
                 + b * (-0.5 * math.log(2 * math.pi * float(s) ** 2))
                 + 0.5 * math.log(2 * math.pi / prec)
             )
-            logs.append(b * math.log(float(w)) + d * log_c - 0.5 * b * float((mu**2).sum()) / float(s) ** 2 + 0.5 * prec * float((m**2).sum()))
+            quad = -0.5 * b * float((mu**2).sum()) / float(s) ** 2 + 0.5 * prec * float((m**2).sum())
+            logs.append(b * math.log(float(w)) + d * log_c + quad)
         out.append(1.0 / (1.0 + math.exp(logs[1] - logs[0])))
     return out
 
@@ -93,7 +94,11 @@ def main() -> None:
     configs = [
         ("smc", "smc (target_ess 0.5)", dict(num_samples=args.particles)),
         ("smc", "smc (target_ess 0.9)", dict(num_samples=args.particles, target_ess=0.9)),
-        ("pt", f"pt ({args.pt_temperatures} temperatures)", dict(num_samples=args.pt_samples, num_chains=args.pt_chains, num_temperatures=args.pt_temperatures)),
+        (
+            "pt",
+            f"pt ({args.pt_temperatures} temperatures)",
+            dict(num_samples=args.pt_samples, num_chains=args.pt_chains, num_temperatures=args.pt_temperatures),
+        ),
     ]
     print(f"{'method':<28}{'seed':>5}{'heavy weight':>14}{'log Z err':>11}{'se':>8}{'target evals':>14}{'seconds':>9}")
     for method, label, options in configs:

@@ -12,7 +12,7 @@ FAST_OPTIONS = {
     "mala": dict(num_warmup=50),
     "hmc": dict(num_warmup=50, num_leapfrog=5),
     "rwm": dict(num_warmup=50),
-    "ais": dict(num_steps=20),
+    "ais": dict(num_temperatures=20),
     "smc": dict(),
     "pt": dict(num_warmup=50),
     "walk_jump": dict(),

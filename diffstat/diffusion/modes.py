@@ -284,8 +284,10 @@ def explore_modes(
     tol: float = 0.5,
     device=None,
     progress: bool = False,
+    reference: torch.distributions.Distribution | None = None,
 ) -> ModeBank:
-    r"""Explore from the reference and bank the modes found.
+    r"""Explore from the reference (``reference``, else the target's, else N(0, I)) and bank the
+    modes found.
 
     ``num_chains`` MALA chains of ``num_steps`` steps start at :math:`m + s (x - m)`, ``x`` a
     reference draw with mean ``m``, the scale ``s`` cycling through ``start_scales`` (wide starts
@@ -303,12 +305,19 @@ def explore_modes(
     if scales.dim() != 1 or scales.numel() == 0 or not bool((scales > 0).all()):
         raise ValueError(f"start_scales must be positive numbers, got {start_scales!r}")
     evals0 = target.num_target_evals
-    x = target.sample_reference(num_chains, generator, device)
+    reference = target.reference if reference is None else reference
+    if reference is None:
+        x = target.sample_reference(num_chains, generator, device)
+    else:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            x = reference.sample((num_chains,)).to(device=device, dtype=target.dtype)
     dev = x.device
     mean = torch.zeros(target.dim, dtype=x.dtype, device=dev)
-    if target.reference is not None:
+    if reference is not None:
         try:
-            mean = target.reference.mean.to(device=dev, dtype=x.dtype)
+            mean = reference.mean.to(device=dev, dtype=x.dtype)
         except (NotImplementedError, AttributeError):
             pass
     s = scales.to(dev)[torch.arange(num_chains, device=dev) % scales.numel()].unsqueeze(-1)

@@ -233,8 +233,9 @@ class LaplaceSmoothedScore(SmoothedScore):
             eps = torch.randn(n, k, d, generator=gen, dtype=y.dtype, device=y.device)
             fresh = y[:, None] + math.sqrt(s2) * eps
         fits = []
-        # starts at known modes need one move; fresh ones climb for newton_steps - 1 moves
-        for x0, steps in ((torch.cat(near, 1) if near else None, 2), (fresh, self.newton_steps)):
+        # starts at known modes are fitted where they stand (the fit's Newton step moves the mean);
+        # fresh ones climb for newton_steps - 1 moves first
+        for x0, steps in ((torch.cat(near, 1) if near else None, 1), (fresh, self.newton_steps)):
             if x0 is None:
                 continue
             yy = y[:, None].expand_as(x0).reshape(-1, d)
@@ -247,7 +248,9 @@ class LaplaceSmoothedScore(SmoothedScore):
         log_ev = torch.where(keep, log_ev, torch.full_like(log_ev, -math.inf))
         log_r_var = torch.zeros_like(log_ev)
         if self.num_is > 0:
-            log_r, log_r_var = self._is_correction(y, s2, means, log_ev, chol, keep)
+            # only modes that matter are corrected (Laplace weight above 1e-3)
+            pi_laplace = torch.nan_to_num(torch.softmax(log_ev, -1), nan=0.0)
+            log_r, log_r_var = self._is_correction(y, s2, means, log_ev, chol, keep & (pi_laplace > 1e-3))
             log_ev = log_ev + log_r
         pi = torch.nan_to_num(torch.softmax(log_ev, -1), nan=0.0)  # (n, S)
         x_hat = (pi[..., None] * means).sum(1)

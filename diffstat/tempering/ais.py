@@ -147,7 +147,7 @@ def ais(
 
 _OPTIONS = {
     "reference", "betas", "num_temperatures", "schedule", "kernel", "num_mcmc_steps", "num_leapfrog",
-    "step_size", "target_accept", "adapt_scale", "resampling", "num_steps",
+    "step_size", "target_accept", "adapt_scale", "resampling",
 }
 
 
@@ -155,8 +155,7 @@ _OPTIONS = {
 def ais_sampler(target, *, num_samples, num_chains, generator, progress, device, **options) -> SamplerResult:
     """``ds.sample(target, "ais", num_samples=n, ...)``: AIS with ``n`` particles per chain.
 
-    Options: ``reference``; ``betas`` or ``num_temperatures`` (200; alias ``num_steps``, as in
-    TFP's ``sample_annealed_importance_chain``) with ``schedule``
+    Options: ``reference``; ``betas`` or ``num_temperatures`` (200) with ``schedule``
     (``"geometric"``, ``"sigmoid"``, ``"linear"``); ``kernel`` (``"mala"``), ``num_mcmc_steps``
     (1), ``num_leapfrog`` (5), ``step_size``, ``target_accept``, ``adapt_scale`` (True);
     ``resampling`` (``"systematic"``), the scheme of the final resampling. ``num_chains`` (default
@@ -171,10 +170,6 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
     path = make_path(target, options.pop("reference", None))
     scheme = options.pop("resampling", "systematic")
     betas = options.pop("betas", None)
-    if "num_steps" in options:  # TFP's name for the number of annealing steps
-        if "num_temperatures" in options:
-            raise ValueError("give num_temperatures or its alias num_steps, not both")
-        options["num_temperatures"] = options.pop("num_steps")
     num_temperatures = options.pop("num_temperatures", 200)
     kind = options.pop("schedule", "geometric")
     if betas is None:

@@ -23,8 +23,9 @@ Two kinds of reference:
   (:class:`~diffstat.pyro_target.PyroTarget`), else as ``target.log_prob - target.log_prior``: one
   counted target evaluation per point either way.
 
-Every point is evaluated once through ``target.log_prob_and_grad`` (counted in
-``num_target_evals``); the reference (or prior) is evaluated separately and is free. A
+Every point is evaluated once through the target (``log_prob_and_grad`` or
+``log_prior_and_likelihood``, counted in ``num_target_evals``); a reference evaluated apart from
+the target is free (it is not the target). A
 :class:`PathState` caches both parts, so changing :math:`\beta` never re-evaluates the target.
 """
 

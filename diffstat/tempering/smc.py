@@ -165,7 +165,8 @@ def adaptive_tempered_smc(
 
     ``betas`` (increasing, ending at 1) replaces the adaptive choice by a fixed schedule.
     ``num_mcmc_steps=0`` leaves the particles where they are (reweighting and resampling only);
-    ``resample_threshold=0`` never resamples and ``1`` resamples at every stage. See the module docstring for the rest.
+    ``resample_threshold=0`` never resamples and ``1`` resamples at every stage. See the module
+    docstring for the rest.
     """
     if resampling not in SCHEMES:
         raise ValueError(f"unknown resampling scheme {resampling!r}; choose one of {', '.join(SCHEMES)}")

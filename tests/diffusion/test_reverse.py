@@ -117,11 +117,13 @@ SAMPLERS = {
 }
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
-@pytest.mark.parametrize("process", [VP(), VE(sigma_max=10.0)], ids=repr)
+# The deterministic flow is checked with VP only: it keeps the error of the VE prior N(0, 100 I)
+# against p_T (a 0.025 shift of mode weight here), which the stochastic samplers forget.
+CASES = [(name, process) for process in (VP(), VE(sigma_max=10.0)) for name in SAMPLERS if not (name == "probability_flow" and isinstance(process, VE))]
+
+
+@pytest.mark.parametrize("name,process", CASES, ids=[f"{n}-{type(p).__name__}" for n, p in CASES])
 def test_samplers_reproduce_moments_and_mode_weights(name, process):
-    if name == "probability_flow" and isinstance(process, VE):
-        pytest.skip("a deterministic flow keeps the VE prior's error (N(0, 100 I) vs p_T)")
     gen = torch.Generator().manual_seed(11)
     x_T = process.prior_sample(4000, 2, gen, dtype=torch.float64)
     x = SAMPLERS[name](noised_mixture_score(SEPARATED, process), process, x_T, gen)
