@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 __all__ = [
+    "check_options",
     "check_positive_int",
     "check_probability",
     "progress_bar",
@@ -17,6 +18,15 @@ __all__ = [
     "normalized_weights",
     "log_normalizer_estimate",
 ]
+
+
+def check_options(options: dict, allowed: set, method: str) -> None:
+    """``ValueError`` naming any option ``method`` does not know (a typo would silently do nothing)."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) for method {method!r}: {', '.join(unknown)}; known: {', '.join(sorted(allowed))}"
+        )
 
 
 def check_positive_int(value, name: str) -> int:

@@ -79,5 +79,7 @@ def test_unknown_method_and_bad_arguments():
         ds.sample(target, "mala", num_samples=10, seed=-1)
     with pytest.raises(ValueError, match="target"):
         ds.sample(lambda x: x, "mala", num_samples=10, seed=0)
+    with pytest.raises(ValueError, match="unknown option"):
+        ds.sample(target, "mala", num_samples=10, seed=0, stepsize=0.1)
     with pytest.raises(ValueError, match="reference"):
         ds.sample(target, "mala", num_samples=10, seed=0, reference=torch.distributions.Normal(0.0, 1.0))

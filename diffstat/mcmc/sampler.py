@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from diffstat._util import check_positive_int, check_probability, progress_bar
+from diffstat._util import check_options, check_positive_int, check_probability, progress_bar
 from diffstat.mcmc.adaptation import DualAveraging, WelfordVariance, warmup_windows
 from diffstat.mcmc.base import init as init_state
 from diffstat.mcmc.hmc import hmc_step
@@ -17,6 +17,7 @@ from diffstat.sampling import SamplerResult, register_sampler
 
 __all__ = ["run_mcmc", "initial_points", "find_reasonable_step_size"]
 
+_OPTIONS = {"num_warmup", "step_size", "target_accept", "adapt_mass", "num_leapfrog", "thin", "init"}
 _KERNELS = {"mala": mala_step, "hmc": hmc_step, "rwm": rwm_step}
 #: Target acceptance rates: optimal scaling results for MALA (0.574, Roberts and Rosenthal 1998)
 #: and random walk (0.234), and Stan's default for HMC (0.8).
@@ -141,6 +142,8 @@ def run_mcmc(
 
 def _register(kernel: str):
     def sampler(target, *, num_samples, num_chains, generator, progress, device, **options):
+        options.pop("reference", None)  # MCMC starts from the reference but needs no tempering path
+        check_options(options, _OPTIONS, kernel)
         return run_mcmc(
             target,
             kernel,

@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import torch
 
-from diffstat._util import check_positive_int, check_probability, log_normalizer_estimate, progress_bar
+from diffstat._util import check_options, check_positive_int, check_probability, log_normalizer_estimate, progress_bar
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.path import (
     GeometricPath,
@@ -49,7 +49,7 @@ from diffstat.tempering.path import (
     make_path,
 )
 from diffstat.tempering.resampling import ess, resample
-from diffstat.tempering.smc import _check_betas, _check_initial, check_options, initial_particles, preconditioner
+from diffstat.tempering.smc import _check_betas, _check_initial, initial_particles, preconditioner
 
 __all__ = ["AISOutput", "ais", "schedule", "ais_sampler"]
 

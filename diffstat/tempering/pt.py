@@ -37,11 +37,11 @@ from typing import NamedTuple
 
 import torch
 
-from diffstat._util import check_positive_int, check_probability, progress_bar
+from diffstat._util import check_options, check_positive_int, check_probability, progress_bar
 from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.path import GeometricPath, PathState, default_step_size, get_kernel, make_path, move
-from diffstat.tempering.smc import _check_initial, check_options, initial_particles
+from diffstat.tempering.smc import _check_initial, initial_particles
 
 __all__ = ["PTOutput", "parallel_tempering", "geometric_ladder", "equalize_ladder", "swap_step", "pt_sampler"]
 

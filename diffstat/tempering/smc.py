@@ -44,7 +44,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from diffstat._util import check_probability, progress_bar
+from diffstat._util import check_options, check_probability, progress_bar
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.path import (
     GeometricPath,
@@ -272,15 +272,6 @@ _OPTIONS = {
     "reference", "target_ess", "criterion", "resample_threshold", "resampling", "kernel", "num_mcmc_steps",
     "num_leapfrog", "step_size", "target_accept", "adapt_scale", "betas", "max_stages",
 }
-
-
-def check_options(options: dict, allowed: set, method: str) -> None:
-    """``ValueError`` naming any option the method does not know (a typo would silently do nothing)."""
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) for method {method!r}: {', '.join(unknown)}; known: {', '.join(sorted(allowed))}"
-        )
 
 
 def combine_runs(log_zs: list[float], ses: list[float]) -> tuple[float, float]:
