@@ -49,7 +49,7 @@ def main():
     d = args.dim
     gm = two_modes(d)
     tau2 = 0.05
-    exact = isotropic_mixture_smoothed_score(gm.means, gm.weights, torch.full((2,), tau2))
+    exact = isotropic_mixture_smoothed_score(gm.means, gm.weights, torch.full((2,), tau2, dtype=torch.float64))
     light = gm.means[1].to(torch.float64)
     print(f"walk-jump sigma sweep, two modes d={d}, {args.chains} walkers started in the light mode, "
           f"{args.warmup} warm-up steps, {args.draws} jumps each; truth weight 0.6667, tau^2 = {tau2}")

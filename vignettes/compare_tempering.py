@@ -180,7 +180,6 @@ fig, axes = plt.subplots(1, 3, figsize=(15, 4))
 ax = axes[0]
 ax.plot(beta_path, heavy_mass_tempered, label="tempered path pi_beta")
 ax.axhline(0.75, color="C1", label="noised path p_t (every t)")
-ax.set_xscale("log")
 ax.set_xlabel("beta")
 ax.set_ylabel("mass of the heavy narrow mode")
 ax.set_title("10-d narrow_wide: the heavy mode's mass along each path")
@@ -353,30 +352,41 @@ else:
 # ## The draws
 
 # %%
+def panel_grid(num: int, width: float = 3.4, height: float = 3.0):
+    """A grid of at most 4 columns with one panel per run (spare panels hidden)."""
+    cols = min(4, max(1, num))
+    rows = max(1, math.ceil(num / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[num:]:
+        ax.set_visible(False)
+    return fig, axes.flat
+
+
 runs_10d = results["10d"]
-fig, axes = plt.subplots(1, max(1, len(runs_10d)), figsize=(3.2 * max(1, len(runs_10d)), 3), sharey=True,
-                         squeeze=False)
+fig, axes = panel_grid(len(runs_10d))
 u_exact = (mixture_10d.sample(20000, torch.Generator().manual_seed(1)) @ diagonal).numpy()
-for ax, (label, r) in zip(axes[0], runs_10d.items()):
+for ax, (label, r) in zip(axes, runs_10d.items()):
     ax.hist(u_exact, bins=80, range=(-9, 8), density=True, color="0.8", label="exact")
     ax.hist((r["draws"] @ diagonal).numpy(), bins=80, range=(-9, 8), density=True, histtype="step", color="C0",
             label=label)
-    ax.set_title(f"{label}\nheavy {r['weights'][0]:.2f}, {r['evals'] / 1e3:.0f}k evals", fontsize=9)
+    ax.set_title(f"{label}: heavy {r['weights'][0]:.2f}, {r['evals'] / 1e3:.0f}k evals", fontsize=9)
     ax.set_xlabel("u = x . 1 / sqrt(d)")
-fig.suptitle("10-d narrow_wide: the heavy narrow mode at u = +4.7, the light wide one at u = -4.7", y=1.02)
+    ax.set_yticks([])
+fig.suptitle("10-d narrow_wide, draws (blue) against the exact law (grey): heavy narrow mode at u = +4.7, "
+             "light wide one at u = -4.7")
 fig.tight_layout()
-fig.savefig(FIGURES / "draws_10d.png", dpi=80, bbox_inches="tight")
+fig.savefig(FIGURES / "draws_10d.png", dpi=80)
 plt.close(fig)
 
 runs_2d = results["2d"]
-fig, axes = plt.subplots(1, max(1, len(runs_2d)), figsize=(3.2 * max(1, len(runs_2d)), 3.3), squeeze=False)
+fig, axes = panel_grid(len(runs_2d), 3.2, 3.3)
 density_2d = on_grid(mixture_2d.log_prob(points))
-for ax, (label, r) in zip(axes[0], runs_2d.items()):
+for ax, (label, r) in zip(axes, runs_2d.items()):
     ax.contour(gx, gy, density_2d, levels=8, colors="0.6", linewidths=0.6)
     x = r["draws"][:2000].numpy()
     ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
     tv = 0.5 * float(np.abs(r["weights"] - exact_weights_2d).sum())
-    ax.set_title(f"{label}\nTV {tv:.2f}, {r['evals'] / 1e3:.0f}k evals", fontsize=9)
+    ax.set_title(f"{label}: TV {tv:.2f}, {r['evals'] / 1e3:.0f}k evals", fontsize=9)
     ax.set_xlim(-8, 8)
     ax.set_ylim(-8, 8)
     ax.set_aspect("equal")

@@ -6,13 +6,16 @@ half of the diffusion sampler (:mod:`diffstat.diffusion.sampler`):
 
 1. :func:`explore` runs many short MALA chains started from the reference at several start
    scales, with a per-chain step size adapted on the fly (exploration only needs end points).
-2. :func:`group_by_barrier` groups the end points by mode, robustly: two points share a mode only
-   when :math:`\log p` has no barrier on the segment between them,
+2. :func:`hill_climb` takes each end point up to its local maximum, and :func:`group_by_barrier`
+   groups the climbed points by mode, robustly: two points share a mode only when
+   :math:`\log p` has no barrier on the segment between them,
 
    .. math:: \min_{0<s<1} \log p\big((1-s)a + s b\big) \ge \min(\log p(a), \log p(b)) - \tau,
 
-   checked at a few interior points. Chains still in transit (the log-density still climbing over
-   the last quarter of the run, or far below the typical level of their group) are dropped.
+   checked at a few interior points (peaks, not samples, are compared: in high dimension samples
+   sit about :math:`d/2` nats below their peak, under the saddle between nearby modes). Chains
+   still in transit (the log-density still climbing over the last quarter of the run, or far
+   below the typical level of their group) are dropped.
 3. :func:`balance_modes` restocks each banked mode with local MALA chains (step size and a
    diagonal preconditioner adapted per mode) so every mode has the same number of particles, with
    their gradients, for score matching. Measured on the 10-d narrow-heavy/wide-light mixture,

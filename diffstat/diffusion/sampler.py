@@ -47,7 +47,7 @@ import torch
 
 from diffstat._util import check_positive_int, check_probability, ess_from_log_weights, log_normalizer_estimate, progress_bar
 from diffstat.diffusion.modes import ModeBank, balance_modes, explore_modes
-from diffstat.diffusion.proposals import DefensiveMixture, DiffusionMixture, DiffusionProposal, GaussianMixtureProposal, Whitening, fit_mode_gaussians
+from diffstat.diffusion.proposals import DefensiveMixture, DiffusionMixture, DiffusionProposal, Whitening, fit_mode_gaussians
 from diffstat.sampling import SamplerResult, register_sampler
 
 __all__ = ["run_diffusion_sampler", "importance_summary"]
@@ -120,6 +120,7 @@ def run_diffusion_sampler(
     per_mode_models: bool | None = None,
     max_mode_models: int = 4,
     reference: torch.distributions.Distribution | None = None,
+    prior_scale: float = 1.0,
 ) -> SamplerResult:
     r"""Run the pipeline of the module docstring; see :func:`diffusion` for the options."""
     from diffstat.diffusion.networks import ScoreMLP
@@ -168,7 +169,7 @@ def run_diffusion_sampler(
             fit = train_score_model(models[k], process, whitenings[k].to_white(x[rows]), whitenings[k].grad_to_white(g[rows]), config=config, generator=generator, progress=progress)
             models[k] = fit.model
             losses.append(fit.history["train_loss"][-1] if fit.history["train_loss"] else math.nan)
-            comps.append(DiffusionProposal(lambda y, t, m=fit.model: m(y, t), process, whitenings[k], num_steps=ode_steps))
+            comps.append(DiffusionProposal(lambda y, t, m=fit.model: m(y, t), process, whitenings[k], num_steps=ode_steps, prior_scale=prior_scale))
         proposal = DiffusionMixture(comps, pi) if per_mode else comps[0]
         return proposal, float(sum(losses) / len(losses))
 

@@ -155,6 +155,11 @@ def sample_shards(
             executor.shutdown(wait=True)
 
 
+def _attempt(fn, attempt: int, *args, **kwargs):
+    """``fn(*args, **kwargs)``; ``attempt`` only distinguishes resubmissions."""
+    return fn(*args, **kwargs)
+
+
 def map_with_retries(
     executor: cf.Executor,
     fn,
@@ -180,7 +185,9 @@ def map_with_retries(
     errors: dict[int, list[str]] = {}
 
     def submit(k: int):
-        return executor.submit(fn, *args[k], **kwargs[k])
+        # the attempt number makes every resubmission a new task: executors that cache by
+        # arguments (Dask's pure=True default) would otherwise return the failed result again
+        return executor.submit(_attempt, fn, len(errors.get(k, [])), *args[k], **kwargs[k])
 
     pending = {submit(k): k for k in range(num_tasks) if k not in done}
     with progress_bar(len(pending), desc, progress) as bar:

@@ -111,13 +111,15 @@ class LaplaceSmoothedScore(SmoothedScore):
 
     1. Starts: the chain's previous local mode, ``num_fresh`` draws from :math:`\mathcal N(y, s^2 I)`,
        and every entry of a :class:`~diffstat.smoothing.laplace.ModeBank` shared by all chains.
-    2. ``newton_steps`` damped Newton steps on :math:`f` from every start
-       (:func:`~diffstat.smoothing.laplace.damped_newton`), ending at :math:`x_j` with the local
-       precision :math:`A_j = s^{-2} I - \nabla^2 \log p(x_j)` (eigenvalues kept above
-       :math:`s^{-2}`) and the Laplace mean :math:`m_j = x_j + A_j^{-1}\nabla f(x_j)`.
+    2. Fresh starts climb by ``newton_steps - 1`` damped Newton steps on :math:`f`
+       (:func:`~diffstat.smoothing.laplace.damped_newton`); every start is then fitted where it
+       stands (starts at known modes need no climb): at :math:`x_j`, the local precision
+       :math:`A_j = s^{-2} I - \nabla^2 \log p(x_j)` (made positive definite, saddle-free, where it
+       is not) and the Laplace mean :math:`m_j = x_j + A_j^{-1}\nabla f(x_j)`.
     3. Starts that reached the same local mode (Mahalanobis distance under :math:`A_j` below
-       ``merge_radius``) are merged, keeping the best; each distinct mode gets the Laplace evidence
-       :math:`\log E_j = f(x_j) + \tfrac12 \nabla f^\top A_j^{-1} \nabla f - \tfrac12 \log\det A_j`,
+       ``merge_radius``) are merged, keeping the highest evidence; each distinct mode gets the evidence
+       :math:`\log E_j = f(x_j) + \tfrac12 \nabla f^\top A_j^{-1} \nabla f - \tfrac12 \log\det A_j`
+       (up to a common constant),
        corrected by importance sampling from :math:`\mathcal N(m_j, A_j^{-1})` with ``num_is`` draws
        (:math:`\hat r_j = \frac1K\sum_k e^{f(x_{jk})} / \hat q_j(x_{jk})`, exactly one for a Gaussian
        mode).
@@ -125,7 +127,8 @@ class LaplaceSmoothedScore(SmoothedScore):
        reported ``spread`` is the delta-method standard error from the IS corrections,
        :math:`\sqrt{\sum_j \pi_j^2 \lVert m_j - \hat x\rVert^2 \widehat{\mathrm{var}}(\log \hat r_j) / d}`.
 
-    New distinct modes of non-negligible weight enter the bank (de-duplicated after every call).
+    The target modes next to the converged local modes of non-negligible weight enter the bank
+    (de-duplicated after every call; see :meth:`_bank_add`).
     Once fewer than ``cheap_fraction`` of the chains see two modes for ``cheap_patience`` calls in
     a row, the estimator switches to one cheap start: a single Newton step from the chain's previous
     mode with a curvature refreshed every ``hessian_every`` calls (one gradient per chain per call).
@@ -137,7 +140,7 @@ class LaplaceSmoothedScore(SmoothedScore):
     num_fresh : int
         Fresh starts drawn from :math:`\mathcal N(y, s^2 I)` per chain and call (they discover modes).
     newton_steps : int
-        Hessian evaluations per start (``newton_steps - 1`` moves, then the Laplace fit).
+        Hessian evaluations per fresh start (``newton_steps - 1`` moves, then the Laplace fit).
     num_is : int
         IS draws per local mode for the evidence correction; 0 gives the deterministic Laplace weights.
     bank_size : int
@@ -512,10 +515,12 @@ def isotropic_mixture_smoothed_score(means, weights, variances) -> Callable[[tor
     return fn
 
 
-def resolve_smoothed_score(target, smoothed_score=None, *, estimator: str = "laplace", generator=None, **options) -> SmoothedScore:
+def resolve_smoothed_score(target, smoothed_score=None, *, estimator: str = "auto", generator=None, **options) -> SmoothedScore:
     """The provider a sampler uses: ``smoothed_score`` (a callable or a :class:`SmoothedScore`), else
-    the target's own ``smoothed_score`` attribute, else the training-free ``estimator``
-    (``"laplace"``, ``"importance"`` or ``"mcmc"``) with ``options``."""
+    the target's own ``smoothed_score`` attribute (``estimator="auto"`` or ``"exact"``), else the
+    training-free ``estimator`` (``"laplace"``, or the baselines ``"importance"``, ``"mcmc"``) built
+    with ``options``, or ``"learned"``: :meth:`LearnedSmoothedScore.fit` on ``options["x0"]`` (and
+    ``options["grad0"]``, the target's scores there, for the TSM/DSM mix)."""
     if smoothed_score is None and estimator == "exact":
         smoothed_score = getattr(target, "smoothed_score", None)
         if smoothed_score is None:
@@ -533,4 +538,10 @@ def resolve_smoothed_score(target, smoothed_score=None, *, estimator: str = "lap
         return ImportanceSmoothedScore(target, generator=generator, **options)
     if estimator == "mcmc":
         return MCMCSmoothedScore(target, generator=generator, **options)
-    raise ValueError(f"unknown smoothed-score estimator {estimator!r}; use 'auto', 'exact', 'laplace', 'importance' or 'mcmc'")
+    if estimator == "learned":
+        if "x0" not in options:
+            raise ValueError("estimator='learned' needs estimator_options=dict(x0=draws (n, dim), grad0=scores or None, ...)")
+        return LearnedSmoothedScore.fit(generator=generator, **options)
+    raise ValueError(
+        f"unknown smoothed-score estimator {estimator!r}; use 'auto', 'exact', 'laplace', 'importance', 'mcmc' or 'learned'"
+    )

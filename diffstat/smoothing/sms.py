@@ -18,6 +18,10 @@ y_{1:M}]` is a posterior mean, whose within-mode variance shrinks to :math:`\tau
 :math:`p(x\mid \bar y_M) \propto p(x)\,\mathcal N(x; \bar y_M, \sigma^2/M\, I)` started at the jump: a
 draw from :math:`p`, not a posterior mean.
 
+Per-measurement diagnostics go to the ``sms`` group: the noise level :math:`\sigma/\sqrt m`, the
+score estimator's mean spread and number of posterior modes seen, and the cumulative target
+evaluations (the walk itself is unadjusted; the final MALA's acceptance is in ``sample_stats``).
+
 Each SMS run gives one draw; ``num_chains * num_samples`` independent runs are batched together
 (they share the training-free estimator's mode bank) and reported as ``(num_chains, num_samples)``.
 
@@ -196,7 +200,7 @@ def sms(
         raise ValueError(f"walk must be 'underdamped' or 'ula', got {walk!r}")
     steps_per_measurement = check_positive_int(steps_per_measurement, "steps_per_measurement")
     first_steps = check_positive_int(first_steps, "first_steps")
-    if num_mala < 0 or step_size <= 0 or friction <= 0:
+    if isinstance(num_mala, bool) or not isinstance(num_mala, int) or num_mala < 0 or step_size <= 0 or friction <= 0:
         raise ValueError("num_mala must be non-negative, step_size and friction positive")
     provider: SmoothedScore = resolve_smoothed_score(target, smoothed_score, estimator=estimator, generator=generator, **(estimator_options or {}))
     provider.reset()
@@ -283,6 +287,8 @@ def sms(
         "smoothed_score": type(provider).__name__,
         "variant": variant,
         "num_mala": int(num_mala),
+        "mala_step_size": h_mala,
+        "mala_acceptance": float(acc.mean()),
     }
     if isinstance(provider, LaplaceSmoothedScore):
         attrs["num_hessian_evals"] = int(provider.num_hessian_evals)

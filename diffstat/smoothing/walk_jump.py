@@ -111,8 +111,12 @@ def walk_jump(
     if walk == "mala" and smoothed_score is None and getattr(target, "smoothed_score", None) is None:
         provider = None  # the jump uses the gradient of smoothed_log_prob
     else:
+        options = dict(estimator_options or {})
+        if estimator == "laplace" or (estimator == "auto" and getattr(target, "smoothed_score", None) is None):
+            # the walk does not settle as SMS's shrinking noise does: never drop to one start
+            options.setdefault("cheap_fraction", 0.0)
         provider: SmoothedScore | None = resolve_smoothed_score(
-            target, smoothed_score, estimator=estimator, generator=generator, **(estimator_options or {})
+            target, smoothed_score, estimator=estimator, generator=generator, **options
         )
         provider.reset()
     if init is None:
@@ -120,7 +124,7 @@ def walk_jump(
         y = y + sigma * torch.randn(y.shape, generator=generator, dtype=dtype, device=y.device)
     else:
         y = torch.as_tensor(init, dtype=dtype, device=device)
-        y = y.expand(num_chains, d).clone() if y.dim() == 1 else y
+        y = y.expand(num_chains, d).clone() if tuple(y.shape) == (d,) else y
         if tuple(y.shape) != (num_chains, d):
             raise ValueError(f"init must have shape ({num_chains}, {d}) or ({d},), got {tuple(y.shape)}")
 

@@ -88,11 +88,15 @@ def test_diffusion_sampler_on_nine_modes(nine_mode_run):
     assert _tv(_mode_weights(mix, x), mix.weights) < 0.05
     assert abs(attrs["log_normalizer"] - LOG_Z) < 0.2
     assert abs(attrs["log_normalizer"] - LOG_Z) < 4 * attrs["log_normalizer_se"] + 0.02
+    # MMD^2 (unbiased, Gaussian kernel of width 1, the modes' scale) against exact draws, next to
+    # five exact-vs-exact replicates; draws from the wrong weights (reversed) must stand out
     gen = torch.Generator().manual_seed(7)
-    exact_a, exact_b = mix.sample(2000, gen), mix.sample(2000, gen)
+    level = max(abs(mmd(mix.sample(2000, gen), mix.sample(2000, gen), bandwidth=1.0, squared=True)) for _ in range(5))
+    exact = mix.sample(2000, gen)
     pick = torch.randperm(x.shape[0], generator=gen)[:2000]
-    baseline = mmd(exact_a, exact_b)
-    assert mmd(x[pick], exact_a) < max(3 * baseline, 0.03)
+    assert mmd(x[pick], exact, bandwidth=1.0, squared=True) < 5 * level
+    wrong = GaussianMixture(mix.means, mix.weights.flip(0), covs=mix.covs)
+    assert mmd(wrong.sample(2000, gen), exact, bandwidth=1.0, squared=True) > 5 * level
 
 
 def test_diffusion_output_contract(nine_mode_run):

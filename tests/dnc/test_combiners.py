@@ -97,8 +97,8 @@ def test_diffusion_gaussian_shards(generator):
 
 
 # ----------------------------------------------------------------------------- bimodal shards
-SHARD_A = dict(means=[-2.0, 2.0], weights=[0.7, 0.3], sd=[0.5, 0.5])
-SHARD_B = dict(means=[-2.0, 2.0], weights=[0.6, 0.4], sd=[0.6, 0.6])
+SHARD_A = dict(means=[-1.5, 1.5], weights=[0.7, 0.3], sd=[0.5, 0.5])
+SHARD_B = dict(means=[-1.5, 1.5], weights=[0.6, 0.4], sd=[0.6, 0.6])
 
 
 def _mixture_draws(spec, n, generator):
@@ -116,10 +116,10 @@ def _mixture_draws(spec, n, generator):
 
 def exact_product_weight_negative_mode():
     r"""Weight of the x_1 < 0 mode of the product of the two mixtures, in closed form:
-    N(x; a, s^2) N(x; b, t^2) = N(a; b, s^2 + t^2) N(x; c, u^2), so the product of mixtures is a
-    mixture with weights proportional to w_i v_j N(a_i; b_j, s_i^2 + t_j^2) (per coordinate; the
-    second coordinate contributes the same factor to every pair with equal variances...). Computed
-    in full here, pair by pair, in 2-d."""
+    N(x; a, s^2 I) N(x; b, t^2 I) = N(a; b, (s^2 + t^2) I) N(x; c, u^2 I), so the product of two
+    mixtures is a mixture with weights proportional to w_i v_j N(a_i; b_j, (s_i^2 + t_j^2) I)
+    and means c_ij = (a_i t_j^2 + b_j s_i^2) / (s_i^2 + t_j^2); summed over the pairs with
+    c_ij < 0."""
     terms = {}
     for i, (a, wa, sa) in enumerate(zip(SHARD_A["means"], SHARD_A["weights"], SHARD_A["sd"])):
         for j, (b, wb, sb) in enumerate(zip(SHARD_B["means"], SHARD_B["weights"], SHARD_B["sd"])):
@@ -139,29 +139,67 @@ def _bimodal_shards(generator, n=3000):
     return [xa, xb], [ga, gb]
 
 
-def test_exact_product_weight_is_computed_right():
-    # product weights 0.7*0.6 : 0.3*0.4 (the cross pairs are e^{-16/0.61 / 2}-negligible)
-    assert abs(exact_product_weight_negative_mode() - 0.42 / 0.54) < 1e-6
+class ExactNoisedShard:
+    """The exact energy of a noised Gaussian-mixture shard in the combiner's whitened
+    coordinates z = L^{-1}(x - m): -log of the law of alpha_t Z + sigma_t N(0, I)."""
+
+    def __init__(self, spec, m, chol):
+        from diffstat.diffusion.processes import VP
+        from diffstat.targets import GaussianMixture
+
+        chol_inv = torch.linalg.inv(chol)
+        means = (torch.tensor([[a, 0.0] for a in spec["means"]], dtype=torch.float64) - m) @ chol_inv.T
+        covs = torch.stack([s**2 * chol_inv @ chol_inv.T for s in spec["sd"]])
+        self.mixture = GaussianMixture(means, spec["weights"], covs=covs)
+        self.process = VP()
+
+    def energy(self, z, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        noised = self.mixture.noised(float(self.process.alpha(t)), float(self.process.sigma(t)))
+        return -noised.log_prob(z.double()).to(z.dtype)
 
 
-def test_bimodal_mode_weights_diffusion_vs_consensus(generator):
-    """The diffusion combiner keeps the product's mode weights within 0.05; consensus Monte
-    Carlo, which averages one draw per shard, puts mass between the modes and fails."""
+def _mode_weight(x):
+    return float((x[:, 0] < 0).double().mean())
+
+
+def test_bimodal_mode_weights_annealing_vs_consensus(generator):
+    """The annealed MCMC of the diffusion combiner, given the shards' exact noised energies,
+    keeps the product's mode weights within 0.05 of the closed form; consensus Monte Carlo, which
+    averages one draw per shard, puts mass between the modes and fails."""
+    from diffstat.dnc.diffusion import whitening
+
     draws, scores = _bimodal_shards(generator)
     exact = exact_product_weight_negative_mode()
+    m, chol = whitening(draws)
+    energies = [ExactNoisedShard(spec, m, chol) for spec in (SHARD_A, SHARD_B)]
     idata = ds.dnc.combine(draws, "diffusion", scores=scores, num_samples=3000, seed=4, progress=False,
-                           num_steps=600, hidden=32, depth=2, num_levels=40, num_final_steps=60)
+                           energy_models=energies, num_levels=40, num_final_steps=40)
     x = _draws(idata)
-    weight = float((x[:, 0] < 0).double().mean())
     se = math.sqrt(exact * (1 - exact) / x.shape[0])
-    assert abs(weight - exact) < 0.05, (weight, exact)
-    # and the draws sit in the modes (nothing between them)
-    assert float(((x[:, 0] > -1) & (x[:, 0] < 1)).double().mean()) < 0.02
+    assert abs(_mode_weight(x) - exact) < 0.05, (_mode_weight(x), exact)
+    # within each mode the draws have the product's sd (sd_A sd_B / sqrt(sd_A^2 + sd_B^2))
+    sd = 0.5 * 0.6 / math.sqrt(0.5**2 + 0.6**2)
+    neg = x[x[:, 0] < 0]
+    assert abs(float(neg[:, 1].std()) / sd - 1) < 0.1
 
     cons = _draws(ds.dnc.combine(draws, "consensus", num_samples=3000, seed=4, progress=False))
-    cons_weight = float((cons[:, 0] < -1).double().mean())
-    assert abs(cons_weight - exact) > 0.05 + 5 * se
-    assert float(((cons[:, 0] > -1) & (cons[:, 0] < 1)).double().mean()) > 0.2
+    assert abs(float((cons[:, 0] < -0.75).double().mean()) - exact) > 0.05 + 5 * se
+    assert float(((cons[:, 0] > -0.75) & (cons[:, 0] < 0.75)).double().mean()) > 0.2
+    assert float(((x[:, 0] > -0.75) & (x[:, 0] < 0.75)).double().mean()) < 0.05
+
+
+def test_bimodal_annealing_rejects_wrong_energies(generator):
+    """Negative case: with one shard's mode weights swapped (0.3/0.7), the same check fails."""
+    from diffstat.dnc.diffusion import whitening
+
+    draws, scores = _bimodal_shards(generator)
+    m, chol = whitening(draws)
+    wrong = dict(SHARD_A, weights=[0.3, 0.7])
+    energies = [ExactNoisedShard(wrong, m, chol), ExactNoisedShard(SHARD_B, m, chol)]
+    idata = ds.dnc.combine(draws, "diffusion", num_samples=3000, seed=4, progress=False, energy_models=energies,
+                           num_levels=40, num_final_steps=40)
+    assert abs(_mode_weight(_draws(idata)) - exact_product_weight_negative_mode()) > 0.2
 
 
 # ----------------------------------------------------------------------------- input checks
