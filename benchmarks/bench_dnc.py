@@ -154,7 +154,7 @@ def shard_draws(problem, seed: int, num_chains: int = 20, num_samples: int = 500
 def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict):
     draws, scores, exact, targets, shard_time = shard_draws(problem, seed)
     metric_fns = _metrics()
-    ex = exact.numpy()
+    ex = exact.numpy()  # (reference draws)
     print(f"\n== {problem['name']}: dim {problem['dim']}, {problem['num_shards']} shards, "
           f"{draws[0].shape[0]} draws per shard (shard sampling {shard_time:.1f} s) ==")
     print(f"{'method':<16}{'d_MAH':>8}{'d_IAD':>8}{'d_skew':>8}{'time (s)':>10}")
@@ -167,9 +167,9 @@ def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict):
             method = "diffusion"
         start = time.perf_counter()
         if method == "diffusion":  # the per-shard fits on two worker processes
-            with cf.ProcessPoolExecutor(max_workers=2) as ex:
+            with cf.ProcessPoolExecutor(max_workers=2) as pool:
                 idata = ds.dnc.combine(draws, method, scores=scores, num_samples=num_samples, seed=seed,
-                                       progress=False, executor=ex, **opts)
+                                       progress=False, executor=pool, **opts)
         else:
             idata = ds.dnc.combine(draws, method, scores=scores, num_samples=num_samples, seed=seed, progress=False,
                                    **opts)

@@ -154,8 +154,7 @@ def fit_shard_energy(z: torch.Tensor, grad_z: torch.Tensor, *, shard: int = 0, h
                      num_steps: int = 2000, batch_size: int = 512, lr: float = 2e-3, seed: int = 0,
                      t_min: float = 1e-3, small_t_fraction: float = 0.5, focus_mean: torch.Tensor | None = None,
                      focus_cov: torch.Tensor | None = None, focus_fraction: float = 0.5,
-                     focus_t_max: float | None = None, log_density: torch.Tensor | None = None,
-                     pin_weight: float = 1.0, worker_threads: int | None = 1) -> dict:
+                     focus_t_max: float | None = None, worker_threads: int | None = 1) -> dict:
     r"""Fit one shard's :class:`ShardEnergy` with the mixed TSM/DSM loss (runs in a worker).
 
     Parameters
@@ -177,12 +176,6 @@ def fit_shard_energy(z: torch.Tensor, grad_z: torch.Tensor, *, shard: int = 0, h
         bias is of order :math:`\sigma_t^2`); at larger times, where reweighting would change the
         noised law (and the product's mode weights, which the annealing settles there), only
         uniformly drawn draws are used.
-
-    log_density : (n,), optional
-        The shard's log-density at the draws (free from MCMC). Adds ``pin_weight`` times
-        :math:`\operatorname{Var}_{\text{batch}}[E(z_i, t_{\min}) + \log p(z_i)]`, which ties the
-        energy's values (not only its gradient) to the log-density: score matching alone leaves
-        the offset between two modes free once no draw lies between them.
 
     Returns
     -------
@@ -210,11 +203,6 @@ def fit_shard_energy(z: torch.Tensor, grad_z: torch.Tensor, *, shard: int = 0, h
         maha = (diff * torch.linalg.solve(focus_cov.float(), diff.T).T).sum(-1)
         focus = torch.softmax(-0.5 * maha, 0)
         t_focus = process.t_max if focus_t_max is None else max(min(float(focus_t_max), process.t_max), t_min)
-    if log_density is not None:
-        log_density = log_density.detach().float().reshape(-1)
-        if log_density.shape[0] != n:
-            raise ValueError(f"log_density has {log_density.shape[0]} values for {n} draws")
-    t_low = torch.tensor(t_min, dtype=z.dtype)
     losses = []
     running = torch.zeros(())
     for step in range(num_steps):
@@ -230,9 +218,6 @@ def fit_shard_energy(z: torch.Tensor, grad_z: torch.Tensor, *, shard: int = 0, h
             loss = dsm_loss(model, process, z[idx], gen, t=t)
         else:
             loss = mixed_loss(model, process, z[idx], grad_z[idx], gen, t=t)
-        if log_density is not None:
-            resid = model.energy(z[idx], t_low) + log_density[idx]
-            loss = loss + pin_weight * ((resid - resid.mean()) ** 2).mean() / z.shape[1]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -357,8 +342,6 @@ def combine_diffusion(
     max_retries: int = 2,
     fits: list[dict] | None = None,
     energy_models: list | None = None,
-    log_densities: list | None = None,
-    pin_weight: float = 1.0,
 ) -> CombineResult:
     r"""The diffusion combiner (module notes).
 
@@ -391,9 +374,6 @@ def combine_diffusion(
         Fit the shard models there (with ``max_retries`` retries); default: in this process.
     fits : list of dicts, optional
         Models already fitted by :func:`fit_shard_energy` (on the same whitening): no training.
-    log_densities : list of K tensors ``(n_k,)``, optional
-        Each shard's log-density at its draws (MCMC computes them anyway): ties the energies'
-        values at ``t_min`` to them (``pin_weight``, see :func:`fit_shard_energy`).
     energy_models : list of K objects with ``energy(z, t) -> (n,)``, optional
         Energies of the noised shards in the whitened coordinates of :func:`whitening` (for
         example exact ones, to test the sampler apart from the fit): no training.
@@ -444,11 +424,7 @@ def combine_diffusion(
         fits = [{"fit_time": 0.0} for _ in range(k)]
     elif fits is None:
         args = [(zs[i].cpu(), None if gs[i] is None else gs[i].cpu()) for i in range(k)]
-        if log_densities is not None and len(log_densities) != k:
-            raise ValueError(f"log_densities must hold {k} arrays, one per shard")
-        kwargs = [dict(fit_kwargs, shard=i, seed=seeds[i], pin_weight=pin_weight,
-                       log_density=None if log_densities is None else torch.as_tensor(log_densities[i]).cpu())
-                  for i in range(k)]
+        kwargs = [dict(fit_kwargs, shard=i, seed=seeds[i]) for i in range(k)]
         if executor is None:
             fits = []
             with progress_bar(k, "fitting shard models", progress) as bar:
@@ -493,7 +469,7 @@ def combine_diffusion(
     h = torch.tensor(0.5 * min(1.0, float(torch.linalg.eigvalsh(cov0_w).min())), dtype=sdtype)
     record = {key: [] for key in ("t", "sigma", "ess", "acceptance_rate", "step_size", "resampled")}
     state = None
-    with progress_bar(len(times) + num_final_steps, "annealed SMC", progress) as bar:
+    with progress_bar(len(times) + num_final_steps, "annealed MCMC", progress) as bar:
         for i, t in enumerate(times):
             if i > 0 and reweight:
                 with torch.no_grad():

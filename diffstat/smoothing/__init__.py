@@ -1,18 +1,18 @@
 """Samplers that walk on the Gaussian-smoothed target and jump with the empirical-Bayes denoiser.
 
-- :mod:`diffstat.smoothing.scores`: smoothed-score providers (exact, training-free Laplace with a
-  shared mode bank, importance-sampling and MCMC baselines, learned).
+- :mod:`diffstat.smoothing.scores`: the smoothed-score interface, exact closed forms and the
+  training-free Laplace estimator with a shared mode bank; :mod:`~diffstat.smoothing.baselines`
+  (importance sampling, MCMC) and :mod:`~diffstat.smoothing.learned` (a score network).
 - :mod:`diffstat.smoothing.laplace`: Hessians, damped Newton, mode bank, mode exploration.
 - :mod:`diffstat.smoothing.walk_jump`: walk-jump sampling (``method="walk_jump"``).
 - :mod:`diffstat.smoothing.sms`: sequential (and joint) multimeasurement sampling (``method="sms"``).
 """
 
+from diffstat.smoothing.baselines import ImportanceSmoothedScore, MCMCSmoothedScore
+from diffstat.smoothing.learned import LearnedSmoothedScore
 from diffstat.smoothing.scores import (
     ExactSmoothedScore,
-    ImportanceSmoothedScore,
     LaplaceSmoothedScore,
-    LearnedSmoothedScore,
-    MCMCSmoothedScore,
     SmoothedScore,
     isotropic_mixture_smoothed_score,
     resolve_smoothed_score,

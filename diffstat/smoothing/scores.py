@@ -22,7 +22,8 @@ coordinates; for the Laplace estimator also ``num_modes``). The sources:
   baselines (self-normalised importance sampling from :math:`\mathcal N(y, \sigma^2 I)`; warm-started
   MALA on :math:`p(x\mid y)`). Both get the mode weights wrong on the two-mode target; they are kept
   as the baselines the Laplace estimator must beat.
-- :class:`LearnedSmoothedScore`: a noise-conditional network of :mod:`diffstat.diffusion`.
+- :class:`~diffstat.smoothing.learned.LearnedSmoothedScore`: a noise-conditional network of
+  :mod:`diffstat.diffusion`.
 
 All target evaluations go through the :class:`~diffstat.Target` and are counted there.
 """
@@ -35,8 +36,6 @@ from typing import Callable
 import torch
 
 from diffstat._util import check_positive_int
-from diffstat.mcmc.base import MCMCState
-from diffstat.mcmc.mala import mala_step
 from diffstat.smoothing.laplace import (
     ModeBank,
     chol_solve,
@@ -51,9 +50,6 @@ __all__ = [
     "SmoothedScore",
     "ExactSmoothedScore",
     "LaplaceSmoothedScore",
-    "ImportanceSmoothedScore",
-    "MCMCSmoothedScore",
-    "LearnedSmoothedScore",
     "resolve_smoothed_score",
     "isotropic_mixture_smoothed_score",
 ]
@@ -351,146 +347,6 @@ class LaplaceSmoothedScore(SmoothedScore):
         return x_hat
 
 
-class ImportanceSmoothedScore(SmoothedScore):
-    r"""Baseline: self-normalised importance sampling from :math:`\mathcal N(y, s^2 I)`.
-
-    With :math:`x_i \sim \mathcal N(y, s^2 I)` the Gaussian factor cancels and
-    :math:`\mathbb E[X\mid y] \approx \sum_i w_i x_i`, :math:`w \propto p(x_i)`. Its ESS collapses
-    with the dimension (about 1 at d = 8 on the two-mode target; REFERENCES.md). ``spread`` is the
-    SNIS standard error :math:`\sqrt{\sum_i w_i^2 \lVert x_i - \hat x\rVert^2 / d}`.
-    """
-
-    uses_target = True
-
-    def __init__(self, target, *, num_samples: int = 256, generator: torch.Generator | None = None):
-        super().__init__()
-        self.target = target
-        self.num_samples = check_positive_int(num_samples, "num_samples")
-        self.generator = generator
-
-    def denoise(self, y: torch.Tensor, sigma: float) -> torch.Tensor:
-        n, d = y.shape
-        k = self.num_samples
-        if self.generator is None:
-            self.generator = torch.Generator(device=y.device).manual_seed(0)
-        x = y[:, None] + float(sigma) * torch.randn(n, k, d, generator=self.generator, dtype=y.dtype, device=y.device)
-        log_w = self.target.log_prob(x.reshape(-1, d)).detach().reshape(n, k)
-        w = torch.softmax(torch.nan_to_num(log_w, nan=-math.inf), -1)
-        x_hat = (w[..., None] * x).sum(1)
-        spread = torch.sqrt((w**2 * ((x - x_hat[:, None]) ** 2).sum(-1)).sum(-1) / d)
-        self.last_info = {"spread": spread, "ess": 1.0 / (w**2).sum(-1)}
-        return x_hat
-
-
-class MCMCSmoothedScore(SmoothedScore):
-    r"""Baseline: warm-started MALA on :math:`p(x\mid y) \propto p(x)\,\mathcal N(x; y, s^2 I)`.
-
-    Each chain keeps its last point between calls (started at ``y`` on the first), runs
-    ``num_steps`` MALA steps and averages the last ``num_steps // 2``. A chain inherits its starting
-    basin, so the mode weights follow the starts, not the posterior (REFERENCES.md). The step size
-    is :math:`h = \text{step\_scale}\cdot s^2` capped by a per-call dual-averaging-free rule: halved
-    for the next call when the mean acceptance falls below 0.4, grown when above 0.8. ``spread`` is
-    the standard deviation of the averaged draws over the square root of their number.
-    """
-
-    uses_target = True
-
-    def __init__(self, target, *, num_steps: int = 8, step_scale: float = 0.1, generator: torch.Generator | None = None):
-        super().__init__()
-        self.target = target
-        self.num_steps = check_positive_int(num_steps, "num_steps")
-        self.step_scale = float(step_scale)
-        self.generator = generator
-        self.reset()
-
-    def reset(self) -> None:
-        super().reset()
-        self.prev = None
-        self._scale = self.step_scale
-
-    def denoise(self, y: torch.Tensor, sigma: float) -> torch.Tensor:
-        s2 = float(sigma) ** 2
-        if self.generator is None:
-            self.generator = torch.Generator(device=y.device).manual_seed(0)
-        if self.prev is None or self.prev.shape != y.shape:
-            self.prev = y.clone()
-
-        def log_prob_and_grad(x):
-            lp, g = self.target.log_prob_and_grad(x)
-            return lp - ((x - y) ** 2).sum(-1) / (2 * s2), g - (x - y) / s2
-
-        state = MCMCState(self.prev, *log_prob_and_grad(self.prev))
-        keep = max(self.num_steps // 2, 1)
-        draws, acc = [], []
-        for i in range(self.num_steps):
-            state, info = mala_step(self.generator, state, log_prob_and_grad, self._scale * s2)
-            acc.append(info.acceptance_rate)
-            if i >= self.num_steps - keep:
-                draws.append(state.x)
-        draws = torch.stack(draws, 1)
-        mean_acc = float(torch.stack(acc).mean())
-        self._scale *= 0.5 if mean_acc < 0.4 else (1.5 if mean_acc > 0.8 else 1.0)
-        self.prev = state.x
-        x_hat = draws.mean(1)
-        spread = torch.sqrt(draws.var(1, unbiased=True).mean(-1) / keep) if keep > 1 else torch.zeros_like(y[:, 0])
-        self.last_info = {"spread": spread, "acceptance_rate": torch.stack(acc).mean(0)}
-        return x_hat
-
-
-class LearnedSmoothedScore(SmoothedScore):
-    r"""A noise-conditional score network of :mod:`diffstat.diffusion` as a smoothed score.
-
-    For a process with :math:`X_t = \alpha_t X_0 + \sigma_t Z`, :math:`X_t/\alpha_t = X_0 +
-    (\sigma_t/\alpha_t) Z`, so with :math:`t` solving :math:`\sigma_t / \alpha_t = \sigma`,
-
-    .. math:: \nabla \log q_\sigma(y) = \alpha_t\, s_\theta(\alpha_t y, t).
-
-    (For VE, :math:`\alpha_t = 1` and :math:`t` solves :math:`\sigma_t = \sigma`.) Noise levels
-    outside the process's range are clamped to it. Build one from draws with :meth:`fit`.
-    """
-
-    def __init__(self, model, process):
-        super().__init__()
-        self.model = model
-        self.process = process
-
-    def _time(self, sigma: float, like: torch.Tensor) -> torch.Tensor:
-        lo = torch.tensor(float(self.process.t_min), dtype=like.dtype, device=like.device)
-        hi = torch.tensor(float(self.process.t_max), dtype=like.dtype, device=like.device)
-        for _ in range(60):  # bisection on the monotone ratio sigma_t / alpha_t
-            mid = 0.5 * (lo + hi)
-            ratio = self.process.sigma(mid) / self.process.alpha(mid)
-            lo, hi = (mid, hi) if float(ratio) < sigma else (lo, mid)
-        return 0.5 * (lo + hi)
-
-    def __call__(self, y: torch.Tensor, sigma: float) -> torch.Tensor:
-        t = self._time(float(sigma), y)
-        alpha = self.process.alpha(t).to(y)
-        param = next(self.model.parameters(), None)
-        mdtype = param.dtype if param is not None else y.dtype
-        with torch.no_grad():
-            out = self.model((alpha * y).to(mdtype), t.to(mdtype).expand(y.shape[0]))
-        self.last_info = {"spread": torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)}
-        return alpha * out.to(y.dtype)
-
-    @classmethod
-    def fit(cls, x0: torch.Tensor, grad0: torch.Tensor | None = None, *, generator: torch.Generator,
-            sigma_min: float = 0.01, sigma_max: float = 10.0, config=None, hidden: int = 128, depth: int = 3,
-            progress: bool = False) -> "LearnedSmoothedScore":
-        r"""Fit a :class:`~diffstat.diffusion.networks.ScoreMLP` on a VE process to draws ``x0: (n,
-        dim)`` by DSM, or by the mixed TSM/DSM loss when the target scores ``grad0`` are given."""
-        from diffstat.diffusion.networks import ScoreMLP
-        from diffstat.diffusion.processes import VE
-        from diffstat.diffusion.training import TrainConfig, train_score_model
-
-        process = VE(sigma_min=sigma_min, sigma_max=sigma_max)
-        model = ScoreMLP(x0.shape[1], hidden=hidden, depth=depth, process=process).to(x0.dtype)
-        if config is None:
-            config = TrainConfig(loss="dsm" if grad0 is None else "mixed")
-        result = train_score_model(model, process, x0, grad0, config=config, generator=generator, progress=progress)
-        return cls(result.model, process)
-
-
 def isotropic_mixture_smoothed_score(means, weights, variances) -> Callable[[torch.Tensor, float], torch.Tensor]:
     r"""The exact smoothed score of :math:`\sum_k w_k \mathcal N(\mu_k, v_k I)`, a fast closed form:
     :math:`q_\sigma = \sum_k w_k \mathcal N(\mu_k, (v_k + \sigma^2) I)`, so
@@ -534,11 +390,14 @@ def resolve_smoothed_score(target, smoothed_score=None, *, estimator: str = "aut
         return ExactSmoothedScore(smoothed_score)
     if estimator == "laplace":
         return LaplaceSmoothedScore(target, generator=generator, **options)
-    if estimator == "importance":
-        return ImportanceSmoothedScore(target, generator=generator, **options)
-    if estimator == "mcmc":
-        return MCMCSmoothedScore(target, generator=generator, **options)
+    if estimator in ("importance", "mcmc"):
+        from diffstat.smoothing.baselines import ImportanceSmoothedScore, MCMCSmoothedScore
+
+        cls = ImportanceSmoothedScore if estimator == "importance" else MCMCSmoothedScore
+        return cls(target, generator=generator, **options)
     if estimator == "learned":
+        from diffstat.smoothing.learned import LearnedSmoothedScore
+
         if "x0" not in options:
             raise ValueError("estimator='learned' needs estimator_options=dict(x0=draws (n, dim), grad0=scores or None, ...)")
         return LearnedSmoothedScore.fit(generator=generator, **options)

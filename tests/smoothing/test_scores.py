@@ -1,8 +1,6 @@
 """Smoothed-score providers: exact closed forms, the training-free Laplace estimator (exact on
 Gaussian modes, right posterior mode weights where the baselines fail), counting and input checks."""
 
-import math
-
 import pytest
 import torch
 
