@@ -17,7 +17,8 @@ FAST_OPTIONS = {
     "pt": dict(num_warmup=50),
     "walk_jump": dict(),
     "sms": dict(),
-    "diffusion": dict(),
+    "diffusion": dict(num_explore=200, train_steps=200, refit_steps=50, max_rounds=1, gaussian_rounds=0, num_proposals=512, chains_per_mode=32, refresh_chains=32, ode_steps=40, hidden=32, depth=2),
+    "gaussian_is": dict(num_explore=200, max_rounds=1, num_proposals=512, chains_per_mode=32, refresh_chains=32),
 }
 
 MIXTURE = GaussianMixture([[-1.5, 0.0], [1.5, 0.5]], [0.6, 0.4], scales=[0.6, 0.8], log_normalizer=0.7)
