@@ -162,11 +162,13 @@ def method_options(method: str, budget: int, dim: int, fast: bool) -> tuple[int,
         return max(10, budget // 160), dict(num_chains=8)
     if method in ("diffusion", "gaussian_is"):  # exploration + restocking + proposals, adaptively
         options = dict(num_explore=1000, num_proposals=2048)
-        if method == "diffusion" and fast:
-            options.update(train_steps=400, refit_steps=100, hidden=64)
+        if fast:  # restocking costs chains_per_mode x restock_steps per mode found (many on many-well)
+            options.update(chains_per_mode=32)
+            if method == "diffusion":
+                options.update(train_steps=400, refit_steps=100, hidden=64)
         return 2000, options
     if method == "sms":
-        return (100 if fast else 250), dict(num_chains=1)
+        return (50 if fast else 250), dict(num_chains=1)
     if method == "walk_jump":
         return (20 if fast else 40), dict(num_chains=100)
     raise ValueError(method)

@@ -188,7 +188,7 @@ from dask.distributed import Client, LocalCluster  # noqa: E402
 # guard (with the default "spawn", a script must protect its top level).
 dask.config.set({"distributed.worker.multiprocessing-method": "fork"})
 start = time.perf_counter()
-with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
         Client(cluster) as client:
     print(f"cluster up in {time.perf_counter() - start:.1f} s: {len(client.scheduler_info()['workers'])} workers")
     start = time.perf_counter()

@@ -42,7 +42,7 @@ from diffstat.dnc.gaussian import CombineResult, gaussian_log_prob, gaussian_pro
 __all__ = ["combine_semiparametric"]
 
 
-def _log_weights(u: torch.Tensor, idx: torch.Tensor, h: float, log_f: torch.Tensor, prod_cov: torch.Tensor):
+def _log_weights(u: torch.Tensor, idx: torch.Tensor, h: float, log_f: torch.Tensor):
     r""":math:`\log W_{\mathbf t}` up to a constant, per chain, in whitened coordinates where the
     Gaussian product is N(0, I) (so :math:`\mathcal N(\bar\theta; 0, (1 + h^2/K) I)`).
 
@@ -118,13 +118,13 @@ def combine_semiparametric(
         for sweep in range(num_sweeps):
             frac = min(sweep / half, 1.0)
             h = h_start ** (1 - frac) * h_final**frac  # geometric annealing to the final bandwidth
-            log_w, _ = _log_weights(u, idx, h, log_f, cov)
+            log_w, _ = _log_weights(u, idx, h, log_f)
             accepted = torch.zeros((), dtype=u.dtype, device=device)
             for shard in range(k):  # Gibbs over shards; every chain updates at once
                 proposal = idx.clone()
                 proposal[:, shard] = torch.randint(0, t, (num_samples,), generator=generator,
                                                    device=generator.device).to(device)
-                log_w_new, _ = _log_weights(u, proposal, h, log_f, cov)
+                log_w_new, _ = _log_weights(u, proposal, h, log_f)
                 uniform = torch.rand(num_samples, generator=generator, dtype=u.dtype, device=generator.device).to(device)
                 accept = torch.log(uniform) < log_w_new - log_w
                 idx = torch.where(accept[:, None], proposal, idx)
@@ -133,7 +133,7 @@ def combine_semiparametric(
             bandwidths.append(h)
             accept_rates.append(accepted / k)
             bar.update()
-    _, u_bar = _log_weights(u, idx, h_final, log_f, cov)
+    _, u_bar = _log_weights(u, idx, h_final, log_f)
     # component N(mu_t, Sigma_t) in whitened coordinates: precision K/h^2 + 1, mean K/h^2 u_bar / precision
     prec = k / h_final**2 + 1.0
     noise = torch.randn(num_samples, dim, generator=generator, dtype=u.dtype, device=generator.device).to(device)

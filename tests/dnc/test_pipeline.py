@@ -2,7 +2,6 @@
 shards that fail and are retried, and a conjugate Gaussian model whose posterior is exact."""
 
 import concurrent.futures as cf
-import math
 import os
 import sys
 import warnings
