@@ -29,10 +29,7 @@ TIMEOUT = 600
 
 #: Failures found in other engineers' samplers, reported to the lead: (vignette, method) -> why. A
 #: listed method may print ``[failed]`` (a warning is raised instead); remove the entry once fixed.
-KNOWN_FAILURES = {
-    ("posterior_from_log_prob.py", "sms"): "SMS explores the target from its reference before using sigma= and "
-    "num_measurements=, and finds no mode of the ionosphere posterior (smoothing/sms.py default_noise)",
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 CASES = {
     "compare_tempering.py": {

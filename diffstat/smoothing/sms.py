@@ -69,12 +69,14 @@ def conditional_score(y: torch.Tensor, sum_prev: torch.Tensor, m: int, sigma: fl
     return (ybar - y + (sigma**2 / m) * psi) / sigma**2, ybar, psi
 
 
-def default_noise(target, generator: torch.Generator, device=None, *, num_explore: int = 256) -> dict:
+def default_noise(target, generator: torch.Generator, device=None, *, num_explore: int = 256, need_sigma: bool = True) -> dict:
     r"""The target's geometry for the defaults: ``sigma`` (diameter rule), ``scale`` (root mean
     variance per coordinate), ``center`` ``(d,)``, ``diameter``, ``tau`` and ``source``
     (``"exact"`` from the target's mixture, or ``"explored"``: damped Newton from ``num_explore``
     reference draws, the modes' Laplace mixture giving the moments). The explored modes are returned
-    under ``"modes"`` to seed a mode bank."""
+    under ``"modes"`` to seed a mode bank. If no mode is found and ``need_sigma`` is False (the
+    caller gave ``sigma`` and ``num_measurements``), the reference draws' mean and spread stand in
+    for the centre and scale (``source="reference"``)."""
     exact = getattr(target, "exact", None)
     out: dict = {}
     if exact is not None and hasattr(exact, "means") and hasattr(exact, "covs"):
@@ -85,7 +87,15 @@ def default_noise(target, generator: torch.Generator, device=None, *, num_explor
         x0 = target.sample_reference(num_explore, generator, device)
         modes = explore_modes(target, x0)
         if modes.modes.shape[0] == 0:
-            raise ValueError("SMS could not find a mode of the target from its reference; pass sigma= and num_measurements=")
+            if need_sigma:
+                raise ValueError("SMS could not find a mode of the target from its reference; pass sigma= and num_measurements=")
+            return dict(
+                source="reference",
+                scale=math.sqrt(float(x0.var(0).mean())),
+                center=x0.mean(0).to(device=device, dtype=target.dtype),
+                diameter=math.nan,
+                tau=math.nan,
+            )
         means, covs = modes.modes, torch.linalg.inv(modes.precisions)
         center, cov = modes.mixture_moments()
         out["source"] = "explored"
@@ -204,7 +214,7 @@ def sms(
         raise ValueError("num_mala must be non-negative, step_size and friction positive")
     provider: SmoothedScore = resolve_smoothed_score(target, smoothed_score, estimator=estimator, generator=generator, **(estimator_options or {}))
     provider.reset()
-    geometry = default_noise(target, generator, device)
+    geometry = default_noise(target, generator, device, need_sigma=sigma is None or num_measurements is None)
     if isinstance(provider, LaplaceSmoothedScore) and "modes" in geometry:
         provider.bank.add(geometry["modes"].modes, geometry["modes"].precisions)
     if sigma is None:
