@@ -342,3 +342,21 @@ def test_logistic_generic_data_and_bad_input():
         LogisticRegression(X, 2 * y)
     with pytest.raises(ValueError, match="unknown data set"):
         load_dataset("iris")
+
+
+def test_isotropic_fast_path_equals_the_general_path():
+    """The isotropic shortcut of GaussianMixture gives the same density and score as the
+    triangular-solve path (float64), and full covariances do not take it."""
+    from diffstat.targets import GaussianMixture
+
+    gen = torch.Generator().manual_seed(0)
+    means = torch.randn(3, 5, generator=gen, dtype=torch.float64) * 2
+    iso = GaussianMixture(means, [0.5, 0.3, 0.2], scales=[0.5, 1.0, 0.7])
+    general = GaussianMixture(means, [0.5, 0.3, 0.2], scales=[0.5, 1.0, 0.7])
+    general.iso_var = None
+    x = torch.randn(200, 5, generator=gen, dtype=torch.float64) * 2
+    torch.testing.assert_close(iso.log_prob(x), general.log_prob(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(iso.score(x), general.score(x), rtol=0, atol=1e-12)
+    cov = torch.eye(5, dtype=torch.float64) + 0.3
+    assert GaussianMixture(means[:1], covs=cov[None]).iso_var is None
+    assert GaussianMixture(means[:1], covs=torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))[None]).iso_var is None

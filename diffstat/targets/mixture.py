@@ -54,6 +54,10 @@ class GaussianMixture:
         self.weights = weights / weights.sum()
         self.covs = covs
         self.chol = torch.linalg.cholesky(covs)
+        # Isotropic components (Sigma_k = s_k^2 I) take a fast path without triangular solves.
+        diag = torch.diagonal(covs, dim1=-2, dim2=-1)
+        off_diagonal_zero = torch.equal(covs, torch.diag_embed(diag))
+        self.iso_var = diag[:, 0].clone() if off_diagonal_zero and torch.equal(diag, diag[:, :1].expand_as(diag)) else None
         self.log_normalizer = float(log_normalizer)
         self._cache: dict = {}
 
@@ -75,12 +79,21 @@ class GaussianMixture:
             )
         return self._cache[key]
 
+    def _iso_var(self, like: torch.Tensor) -> torch.Tensor:
+        key = ("iso", like.device, like.dtype)
+        if key not in self._cache:
+            self._cache[key] = self.iso_var.to(device=like.device, dtype=like.dtype)
+        return self._cache[key]
+
     def component_log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """``log w_k + log N(x; mu_k, Sigma_k)`` for each component, shape ``(n, K)``."""
         means, log_w, chol, log_det = self._params(x)
-        diff = (x[:, None, :] - means[None]).unsqueeze(-1)  # (n, K, d, 1)
-        z = torch.linalg.solve_triangular(chol[None], diff, upper=False).squeeze(-1)
-        maha = (z**2).sum(-1)
+        if self.iso_var is not None:
+            maha = ((x[:, None, :] - means[None]) ** 2).sum(-1) / self._iso_var(x)
+        else:
+            diff = (x[:, None, :] - means[None]).unsqueeze(-1)  # (n, K, d, 1)
+            z = torch.linalg.solve_triangular(chol[None], diff, upper=False).squeeze(-1)
+            maha = (z**2).sum(-1)
         return log_w - 0.5 * (maha + log_det + self.dim * math.log(2 * math.pi))
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,6 +108,9 @@ class GaussianMixture:
         r""":math:`\nabla \log p(x) = \sum_k r_k(x) \Sigma_k^{-1}(\mu_k - x)`, ``(n, dim)``."""
         means, _, chol, _ = self._params(x)
         resp = torch.softmax(self.component_log_prob(x), -1)  # (n, K)
+        if self.iso_var is not None:
+            weights = resp / self._iso_var(x)
+            return weights @ means - weights.sum(-1, keepdim=True) * x
         diff = (means[None] - x[:, None, :]).unsqueeze(-1)
         prec_diff = torch.cholesky_solve(diff, chol[None]).squeeze(-1)  # (n, K, d)
         return (resp.unsqueeze(-1) * prec_diff).sum(1)
