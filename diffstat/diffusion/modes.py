@@ -35,12 +35,9 @@ import torch
 from diffstat._util import check_positive_int, progress_bar
 from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.mcmc.base import LogProbAndGrad, MCMCState
-from diffstat.mcmc.mala import mala_step
+from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 
 __all__ = ["ModeBank", "explore", "hill_climb", "no_barrier", "group_by_barrier", "merge_groups", "balance_modes", "explore_modes"]
-
-#: Optimal MALA acceptance rate (Roberts and Rosenthal 1998), the target of every step adaptation.
-_MALA_ACCEPT = 0.574
 
 
 @dataclass
@@ -106,7 +103,7 @@ def explore(
     start3, start4 = num_steps // 2, (3 * num_steps) // 4
     for i in range(num_steps):
         state, info = mala_step(generator, state, log_prob_and_grad, h)
-        h = h * torch.exp(info.acceptance_rate - _MALA_ACCEPT)
+        h = h * torch.exp(info.acceptance_rate - MALA_TARGET_ACCEPT)
         if start3 <= i < start4:
             q3 = q3 + state.log_prob / (start4 - start3)
         elif i >= start4:
@@ -376,7 +373,7 @@ def balance_modes(
     count = torch.full((k,), float(chains_per_mode), dtype=dt, device=dev)
     spread = torch.zeros(k, dtype=dt, device=dev).index_add_(0, bank.label, (bank.x - bank.centers[bank.label]).pow(2).mean(-1))
     spread = spread / bank.counts().to(dt)
-    adapt = DualAveraging((0.5 * spread).clamp(1e-4, 1.0), _MALA_ACCEPT)
+    adapt = DualAveraging((0.5 * spread).clamp(1e-4, 1.0), MALA_TARGET_ACCEPT)
     inv_mass = torch.ones(k, target.dim, dtype=dt, device=dev)
     kept = []
     for i in range(num_steps):

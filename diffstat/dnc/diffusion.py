@@ -59,13 +59,10 @@ from diffstat._util import check_positive_int, ess_from_log_weights, progress_ba
 from diffstat.dnc.gaussian import CombineResult, gaussian_product, sample_moments
 from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.mcmc.base import MCMCState
-from diffstat.mcmc.mala import mala_step
+from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 
 __all__ = ["ShardEnergy", "fit_shard_energy", "load_shard_energy", "whitening", "combine_diffusion",
            "systematic_resample"]
-
-#: Target acceptance of MALA (Roberts and Rosenthal 1998).
-_MALA_ACCEPT = 0.574
 
 
 class ShardEnergy(nn.Module):
@@ -485,7 +482,7 @@ def combine_diffusion(
             state = MCMCState(x_now, *lpg(x_now))
             state, acc = _mala_level(generator, state, lpg, h, mcmc_per_level)
             # Robbins-Monro on log h toward MALA's optimal acceptance; one sync per level
-            h = h * torch.exp(torch.clamp(2.0 * (acc - _MALA_ACCEPT), -1.0, 1.0)).to(sdtype)
+            h = h * torch.exp(torch.clamp(2.0 * (acc - MALA_TARGET_ACCEPT), -1.0, 1.0)).to(sdtype)
             for key, val in (("t", t), ("sigma", float(process.sigma(torch.tensor(t)))), ("ess", float(ess)),
                              ("acceptance_rate", float(acc)), ("step_size", float(h)), ("resampled", resampled)):
                 record[key].append(val)
@@ -501,7 +498,7 @@ def combine_diffusion(
             lpg = product.log_prob_and_grad(t_min)
             x_now = state.x
         state = MCMCState(x_now, *lpg(x_now))
-        adapt = DualAveraging(h.clone(), _MALA_ACCEPT)
+        adapt = DualAveraging(h.clone(), MALA_TARGET_ACCEPT)
         num_adapt = num_final_steps // 2
         final_acc = []
         for j in range(num_final_steps):

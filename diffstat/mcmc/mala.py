@@ -6,7 +6,11 @@ import torch
 
 from diffstat.mcmc.base import LogProbAndGrad, MCMCInfo, MCMCState, as_per_chain, metropolis_accept
 
-__all__ = ["mala_step", "mala_proposal_log_density"]
+__all__ = ["mala_step", "mala_proposal_log_density", "MALA_TARGET_ACCEPT"]
+
+#: Acceptance rate that optimises MALA's efficiency in high dimension (Roberts and Rosenthal 1998);
+#: every step-size adaptation of a MALA kernel in diffstat aims at it.
+MALA_TARGET_ACCEPT = 0.574
 
 
 def mala_proposal_log_density(

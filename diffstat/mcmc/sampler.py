@@ -11,17 +11,17 @@ from diffstat._util import check_options, check_positive_int, check_probability,
 from diffstat.mcmc.adaptation import DualAveraging, WelfordVariance, warmup_windows
 from diffstat.mcmc.base import init as init_state
 from diffstat.mcmc.hmc import hmc_step
-from diffstat.mcmc.mala import mala_step
+from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 from diffstat.mcmc.rwm import rwm_step
 from diffstat.sampling import SamplerResult, register_sampler
 
-__all__ = ["run_mcmc", "initial_points", "find_reasonable_step_size"]
+__all__ = ["TARGET_ACCEPT", "run_mcmc", "initial_points", "find_reasonable_step_size"]
 
 _OPTIONS = {"num_warmup", "step_size", "target_accept", "adapt_mass", "num_leapfrog", "thin", "init"}
 _KERNELS = {"mala": mala_step, "hmc": hmc_step, "rwm": rwm_step}
 #: Target acceptance rates: optimal scaling results for MALA (0.574, Roberts and Rosenthal 1998)
 #: and random walk (0.234), and Stan's default for HMC (0.8).
-_TARGET_ACCEPT = {"mala": 0.574, "hmc": 0.8, "rwm": 0.234}
+TARGET_ACCEPT = {"mala": MALA_TARGET_ACCEPT, "hmc": 0.8, "rwm": 0.234}
 
 
 def initial_points(target, num_chains: int, generator, device, init_x=None) -> torch.Tensor:
@@ -80,7 +80,7 @@ def run_mcmc(
         raise ValueError(f"num_warmup must be non-negative, got {num_warmup}")
     thin = check_positive_int(thin, "thin")
     num_leapfrog = check_positive_int(num_leapfrog, "num_leapfrog")
-    target_accept = _TARGET_ACCEPT[kernel] if target_accept is None else check_probability(target_accept, "target_accept")
+    target_accept = TARGET_ACCEPT[kernel] if target_accept is None else check_probability(target_accept, "target_accept")
     step = _KERNELS[kernel]
     if kernel == "hmc":
         step = functools.partial(hmc_step, num_steps=num_leapfrog)

@@ -48,15 +48,12 @@ from diffstat._util import check_positive_int, progress_bar
 from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.mcmc.base import MCMCState
 from diffstat.mcmc.langevin import ula_step, underdamped_init, underdamped_step
-from diffstat.mcmc.mala import mala_step
+from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.smoothing.laplace import explore_modes
 from diffstat.smoothing.scores import LaplaceSmoothedScore, SmoothedScore, resolve_smoothed_score
 
 __all__ = ["conditional_score", "default_noise", "posterior_mala", "sms"]
-
-#: Optimal MALA acceptance (Roberts and Rosenthal 1998).
-_MALA_ACCEPT = 0.574
 
 
 def conditional_score(y: torch.Tensor, sum_prev: torch.Tensor, m: int, sigma: float, smoothed_score) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,7 +120,7 @@ def posterior_mala(generator, target, x, ybar, s2: float, num_steps: int, step_s
 
     state = MCMCState(x, *log_prob_and_grad(x))
     h0 = 0.5 * s2 * x.shape[1] ** (-1 / 3) if step_size is None else step_size
-    adapt = DualAveraging(torch.tensor(h0, dtype=x.dtype, device=x.device), _MALA_ACCEPT)
+    adapt = DualAveraging(torch.tensor(h0, dtype=x.dtype, device=x.device), MALA_TARGET_ACCEPT)
     num_adapt = num_steps // 2 if step_size is None else 0
     h = adapt.step_size
     acc = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)

@@ -29,13 +29,11 @@ from diffstat._util import check_positive_int, progress_bar
 from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.mcmc.base import MCMCState
 from diffstat.mcmc.langevin import ula_step, underdamped_init, underdamped_step
-from diffstat.mcmc.mala import mala_step
+from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.smoothing.scores import LaplaceSmoothedScore, SmoothedScore, resolve_smoothed_score
 
 __all__ = ["walk_jump"]
-
-_MALA_ACCEPT = 0.574
 
 
 def _smoothed_log_prob_and_grad(smoothed_log_prob, sigma):
@@ -140,7 +138,7 @@ def walk_jump(
     else:
         lqg = _smoothed_log_prob_and_grad(smoothed_log_prob, sigma)
         state = MCMCState(y, *lqg(y))
-        adapt = DualAveraging(torch.tensor(0.25 * sigma**2, dtype=dtype, device=y.device), _MALA_ACCEPT)
+        adapt = DualAveraging(torch.tensor(0.25 * sigma**2, dtype=dtype, device=y.device), MALA_TARGET_ACCEPT)
         h = adapt.step_size
     draws, lps, accs = [], [], []
     stats = {k: [] for k in ("score_spread", "num_modes", "acceptance_rate", "num_target_evals")}

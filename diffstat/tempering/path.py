@@ -42,6 +42,7 @@ from diffstat.mcmc.hmc import hmc_step
 from diffstat.mcmc.mala import mala_step
 from diffstat.mcmc.rwm import rwm_step
 from diffstat.sampling import resolve_reference
+from diffstat.mcmc.sampler import TARGET_ACCEPT
 
 __all__ = [
     "GeometricPath",
@@ -54,10 +55,6 @@ __all__ = [
     "get_kernel",
     "default_step_size",
 ]
-
-#: Target acceptance rates: optimal scaling for MALA (0.574, Roberts and Rosenthal 1998) and RWM
-#: (0.234); 0.8 for HMC (Stan's default; a short trajectory tolerates a lower rate than NUTS).
-TARGET_ACCEPT = {"mala": 0.574, "hmc": 0.8, "rwm": 0.234}
 
 
 class PathState(NamedTuple):
