@@ -16,6 +16,7 @@ import diffstat as ds
 from diffstat.targets import (
     BananaMixture,
     Funnel,
+    GaussianMixture,
     LogisticRegression,
     ManyWell,
     banana_mixture,
@@ -360,3 +361,26 @@ def test_isotropic_fast_path_equals_the_general_path():
     cov = torch.eye(5, dtype=torch.float64) + 0.3
     assert GaussianMixture(means[:1], covs=cov[None]).iso_var is None
     assert GaussianMixture(means[:1], covs=torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))[None]).iso_var is None
+
+
+@pytest.mark.parametrize("weights", [[0.5, -0.1], [0.0, 0.0], [1.0, 2.0, 3.0]])
+def test_mixtures_reject_bad_weights(weights):
+    means = [[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+    with pytest.raises(ValueError, match="weights"):
+        GaussianMixture(means, weights, scales=[1.0, 1.0])
+    with pytest.raises(ValueError, match="weights"):
+        BananaMixture(means, weights)
+
+
+def test_gaussian_mixture_moments_match_exact_draws(generator):
+    """The shared mixture moments (mean, covariance) against 200k exact draws, within 5 MCSE."""
+    mix = GaussianMixture([[-2.0, 0.0], [1.0, 1.0]], [0.3, 0.7], covs=[[[1.0, 0.5], [0.5, 1.0]], [[0.25, 0.0], [0.0, 2.0]]])
+    x = mix.sample(200_000, generator)
+    mcse = x.std(0) / math.sqrt(x.shape[0])
+    assert ((x.mean(0) - mix.mean).abs() < 5 * mcse).all()
+    centred = x - mix.mean
+    products = centred[:, :, None] * centred[:, None, :]  # unbiased for the covariance, entrywise
+    cov_se = products.std(0) / math.sqrt(x.shape[0])
+    assert ((products.mean(0) - mix.cov).abs() < 5 * cov_se).all()
+    wrong = GaussianMixture(mix.means, mix.weights.flip(0), covs=mix.covs)
+    assert not ((x.mean(0) - wrong.mean).abs() < 5 * mcse).all()

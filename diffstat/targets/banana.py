@@ -8,12 +8,12 @@ import math
 import torch
 
 from diffstat._util import check_positive_int
-from diffstat.target import Target
+from diffstat.targets._base import MixtureBase, check_weights
 
 __all__ = ["BananaMixture", "banana_mixture"]
 
 
-class BananaMixture:
+class BananaMixture(MixtureBase):
     r"""A mixture of twisted Gaussians (Haario, Saksman and Tamminen 1999) on :math:`\mathbb R^d`.
 
     Component ``k`` is the law of :math:`\mu_k + \phi_k(Z)` with
@@ -51,9 +51,6 @@ class BananaMixture:
         if means.dim() != 2 or means.shape[1] < 2:
             raise ValueError(f"means must have shape (K, dim) with dim >= 2, got {tuple(means.shape)}")
         k, d = means.shape
-        weights = torch.ones(k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-        if weights.shape != (k,) or (weights < 0).any() or weights.sum() <= 0:
-            raise ValueError(f"weights must be {k} non-negative numbers, got {weights}")
         scales = torch.as_tensor(scales, dtype=torch.float64)
         if scales.dim() == 1:
             if scales.shape[0] != k:
@@ -66,29 +63,15 @@ class BananaMixture:
             raise ValueError("scales must be positive")
         curvature = torch.as_tensor(curvature, dtype=torch.float64).expand(k).clone()
         self.means = means
-        self.weights = weights / weights.sum()
+        self.weights = check_weights(weights, k)
         self.scales = scales
         self.curvature = curvature
         self.log_normalizer = float(log_normalizer)
-        self._cache: dict = {}
-
-    @property
-    def dim(self) -> int:
-        return self.means.shape[1]
-
-    @property
-    def num_components(self) -> int:
-        return self.means.shape[0]
 
     def _params(self, like: torch.Tensor):
-        key = (like.device, like.dtype)
-        if key not in self._cache:
-            log_norm = -torch.log(self.scales).sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
-            self._cache[key] = tuple(
-                t.to(device=like.device, dtype=like.dtype)
-                for t in (self.means, torch.log(self.weights), self.scales, self.curvature, log_norm)
-            )
-        return self._cache[key]
+        """means, log weights, scales, twists and Gaussian log-normalisers on ``like``'s device/dtype."""
+        log_norm = lambda: -torch.log(self.scales).sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)  # noqa: E731
+        return self._on(like, "params", lambda: (self.means, torch.log(self.weights), self.scales, self.curvature, log_norm()))
 
     def untwist(self, x: torch.Tensor) -> torch.Tensor:
         r""":math:`z = \phi_k^{-1}(x - \mu_k)` for every component, ``(n, K, dim)``."""
@@ -104,22 +87,6 @@ class BananaMixture:
         _, log_w, scales, _, log_norm = self._params(x)
         z = self.untwist(x)
         return log_w + log_norm - 0.5 * ((z / scales) ** 2).sum(-1)
-
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised log-density, ``(n,)``."""
-        return torch.logsumexp(self.component_log_prob(x), -1)
-
-    def unnormalized_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """``log p(x) + log_normalizer``: the log-density handed to samplers."""
-        return self.log_prob(x) + self.log_normalizer
-
-    def responsibilities(self, x: torch.Tensor) -> torch.Tensor:
-        """Posterior component probabilities ``(n, K)``."""
-        return torch.softmax(self.component_log_prob(x), -1)
-
-    def assign(self, x: torch.Tensor) -> torch.Tensor:
-        """Most probable component of each point, ``(n,)`` long."""
-        return self.component_log_prob(x).argmax(-1)
 
     def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float64, device=None) -> torch.Tensor:
         r"""Exact draws ``(n, dim)``: a component by its weight, then :math:`\mu_k + \phi_k(Z)`."""
@@ -137,26 +104,6 @@ class BananaMixture:
         var = self.scales**2
         var[:, 1] = var[:, 1] + 2 * self.curvature**2 * self.scales[:, 0] ** 4
         return torch.diag_embed(var)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        """Exact mean ``(dim,)``."""
-        return (self.weights[:, None] * self.means).sum(0)
-
-    @property
-    def cov(self) -> torch.Tensor:
-        """Exact covariance ``(dim, dim)``."""
-        d = self.means - self.mean
-        return (self.weights[:, None, None] * (self.component_covs + d[:, :, None] * d[:, None, :])).sum(0)
-
-    def as_target(self, name: str = "x", reference=None, dtype=None) -> Target:
-        """A :class:`~diffstat.Target` for :math:`Z p(x)` carrying ``exact`` (this mixture)."""
-        target = Target(self.unnormalized_log_prob, self.dim, name=name, reference=reference, dtype=dtype)
-        target.exact = self
-        return target
-
-    def __repr__(self) -> str:
-        return f"BananaMixture(K={self.num_components}, dim={self.dim}, weights={self.weights.tolist()})"
 
 
 def banana_mixture(

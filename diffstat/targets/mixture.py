@@ -8,11 +8,12 @@ import math
 import torch
 
 from diffstat.target import Target
+from diffstat.targets._base import MixtureBase, check_weights
 
 __all__ = ["GaussianMixture"]
 
 
-class GaussianMixture:
+class GaussianMixture(MixtureBase):
     r"""The mixture :math:`p(x) = \sum_k w_k\, \mathcal N(x; \mu_k, \Sigma_k)` on :math:`\mathbb R^d`.
 
     Parameters
@@ -37,9 +38,6 @@ class GaussianMixture:
         if means.dim() != 2:
             raise ValueError(f"means must have shape (K, dim), got {tuple(means.shape)}")
         k, d = means.shape
-        weights = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-        if weights.shape != (k,) or (weights < 0).any() or weights.sum() <= 0:
-            raise ValueError(f"weights must be {k} non-negative numbers, got {weights}")
         if (scales is None) == (covs is None):
             raise ValueError("give exactly one of scales (K,) and covs (K, dim, dim)")
         if scales is not None:
@@ -51,7 +49,7 @@ class GaussianMixture:
         if covs.shape != (k, d, d):
             raise ValueError(f"covs must have shape ({k}, {d}, {d}), got {tuple(covs.shape)}")
         self.means = means
-        self.weights = weights / weights.sum()
+        self.weights = check_weights(weights, k)
         self.covs = covs
         self.chol = torch.linalg.cholesky(covs)
         # Isotropic components (Sigma_k = s_k^2 I) take a fast path without triangular solves.
@@ -59,31 +57,14 @@ class GaussianMixture:
         off_diagonal_zero = torch.equal(covs, torch.diag_embed(diag))
         self.iso_var = diag[:, 0].clone() if off_diagonal_zero and torch.equal(diag, diag[:, :1].expand_as(diag)) else None
         self.log_normalizer = float(log_normalizer)
-        self._cache: dict = {}
-
-    @property
-    def dim(self) -> int:
-        return self.means.shape[1]
-
-    @property
-    def num_components(self) -> int:
-        return self.means.shape[0]
+        self._smoothed: dict[float, GaussianMixture] = {}
 
     def _params(self, like: torch.Tensor):
-        key = (like.device, like.dtype)
-        if key not in self._cache:
-            log_det = 2 * torch.log(torch.diagonal(self.chol, dim1=-2, dim2=-1)).sum(-1)
-            self._cache[key] = tuple(
-                t.to(device=like.device, dtype=like.dtype)
-                for t in (self.means, torch.log(self.weights), self.chol, log_det)
-            )
-        return self._cache[key]
+        """means, log weights, Cholesky factors and log-determinants on ``like``'s device/dtype."""
+        return self._on(like, "params", lambda: (self.means, torch.log(self.weights), self.chol, 2 * torch.log(torch.diagonal(self.chol, dim1=-2, dim2=-1)).sum(-1)))
 
     def _iso_var(self, like: torch.Tensor) -> torch.Tensor:
-        key = ("iso", like.device, like.dtype)
-        if key not in self._cache:
-            self._cache[key] = self.iso_var.to(device=like.device, dtype=like.dtype)
-        return self._cache[key]
+        return self._on(like, "iso", lambda: (self.iso_var,))[0]
 
     def component_log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """``log w_k + log N(x; mu_k, Sigma_k)`` for each component, shape ``(n, K)``."""
@@ -96,14 +77,6 @@ class GaussianMixture:
             maha = (z**2).sum(-1)
         return log_w - 0.5 * (maha + log_det + self.dim * math.log(2 * math.pi))
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised log-density, ``(n,)``."""
-        return torch.logsumexp(self.component_log_prob(x), -1)
-
-    def unnormalized_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """``log p(x) + log_normalizer``: the log-density handed to samplers."""
-        return self.log_prob(x) + self.log_normalizer
-
     def score(self, x: torch.Tensor) -> torch.Tensor:
         r""":math:`\nabla \log p(x) = \sum_k r_k(x) \Sigma_k^{-1}(\mu_k - x)`, ``(n, dim)``."""
         means, _, chol, _ = self._params(x)
@@ -115,14 +88,6 @@ class GaussianMixture:
         prec_diff = torch.cholesky_solve(diff, chol[None]).squeeze(-1)  # (n, K, d)
         return (resp.unsqueeze(-1) * prec_diff).sum(1)
 
-    def responsibilities(self, x: torch.Tensor) -> torch.Tensor:
-        """Posterior component probabilities ``(n, K)``."""
-        return torch.softmax(self.component_log_prob(x), -1)
-
-    def assign(self, x: torch.Tensor) -> torch.Tensor:
-        """Most probable component of each point, ``(n,)`` long."""
-        return self.component_log_prob(x).argmax(-1)
-
     def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float64, device=None) -> torch.Tensor:
         """Exact draws ``(n, dim)``."""
         gen_device = generator.device if generator is not None else torch.device("cpu")
@@ -132,14 +97,9 @@ class GaussianMixture:
         return x.to(device=device or gen_device, dtype=dtype)
 
     @property
-    def mean(self) -> torch.Tensor:
-        return (self.weights[:, None] * self.means).sum(0)
-
-    @property
-    def cov(self) -> torch.Tensor:
-        m = self.mean
-        d = self.means - m
-        return (self.weights[:, None, None] * (self.covs + d[:, :, None] * d[:, None, :])).sum(0)
+    def component_covs(self) -> torch.Tensor:
+        """Component covariances ``(K, dim, dim)``."""
+        return self.covs
 
     def noised(self, alpha: float, sigma: float) -> "GaussianMixture":
         """Law of ``alpha X + sigma N(0, I)``: a mixture with means ``alpha mu_k`` and covariances
@@ -156,18 +116,13 @@ class GaussianMixture:
         r"""Exact :math:`\nabla \log q_\sigma(y)` with :math:`q_\sigma = p * \mathcal N(0, \sigma^2 I)`,
         ``y: (n, dim)``; ``sigma`` a float (one smoothed mixture is cached per value)."""
         sigma = float(sigma)
-        key = ("smoothed", sigma)
-        if key not in self._cache:
-            self._cache[key] = self.noised(1.0, sigma)
-        return self._cache[key].score(y)
+        if sigma not in self._smoothed:
+            self._smoothed[sigma] = self.noised(1.0, sigma)
+        return self._smoothed[sigma].score(y)
 
     def as_target(self, name: str = "x", reference=None, dtype=None) -> Target:
         """A :class:`~diffstat.Target` for :math:`Z p(x)`, carrying ``exact`` (this mixture) and
         ``smoothed_score`` (exact) attributes."""
-        target = Target(self.unnormalized_log_prob, self.dim, name=name, reference=reference, dtype=dtype)
-        target.exact = self
+        target = super().as_target(name, reference, dtype)
         target.smoothed_score = self.smoothed_score
         return target
-
-    def __repr__(self) -> str:
-        return f"GaussianMixture(K={self.num_components}, dim={self.dim}, weights={self.weights.tolist()})"
