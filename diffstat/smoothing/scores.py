@@ -37,6 +37,7 @@ import torch
 
 from diffstat._util import check_positive_int
 from diffstat.smoothing.laplace import (
+    _MAX_STEP,
     ModeBank,
     chol_solve,
     damped_newton,
@@ -243,16 +244,34 @@ class LaplaceSmoothedScore(SmoothedScore):
             k = x0.shape[1]
             fits.append((fit.mean.reshape(n, k, d), fit.log_evidence.reshape(n, k), fit.chol.reshape(n, k, d, d), fit.decrement.reshape(n, k)))
         means, log_ev, chol, decrement = (torch.cat(parts, 1) for parts in zip(*fits))
-        keep = merge_within(means, log_ev, chol, self.merge_radius)
+        # A fit that overflowed (a start far in a tail, where log p or its Hessian is not finite)
+        # carries no weight; a chain left with no finite fit gets NaN (the samplers count it as
+        # divergent) instead of a silent 0 * NaN.
+        finite = torch.isfinite(means).all(-1) & torch.isfinite(log_ev) & torch.isfinite(chol).flatten(2).all(-1)
+        means = torch.where(finite[..., None], means, y[:, None])
+        chol = torch.where(finite[..., None, None], chol, torch.eye(d, dtype=y.dtype, device=y.device) / math.sqrt(s2))
+        log_ev = torch.where(finite, log_ev, torch.full_like(log_ev, -math.inf))
+        keep = merge_within(means, log_ev, chol, self.merge_radius) & finite
         log_ev = torch.where(keep, log_ev, torch.full_like(log_ev, -math.inf))
         log_r_var = torch.zeros_like(log_ev)
+        is_ess = torch.ones_like(log_ev)
         if self.num_is > 0:
             # only modes that matter are corrected (Laplace weight above 1e-3)
             pi_laplace = torch.nan_to_num(torch.softmax(log_ev, -1), nan=0.0)
-            log_r, log_r_var = self._is_correction(y, s2, means, log_ev, chol, keep & (pi_laplace > 1e-3))
+            checked = keep & (pi_laplace > 1e-3)
+            log_r, log_r_var, is_ess = self._is_correction(y, s2, means, log_ev, chol, checked)
             log_ev = log_ev + log_r
+            # a correction can hand the weight to fits the first pass skipped (a bad Laplace fit
+            # between modes loses its overestimated evidence): check those too
+            late = keep & ~checked & (torch.nan_to_num(torch.softmax(log_ev, -1), nan=0.0) > 1e-3)
+            if bool(late.any()):
+                log_r2, var2, ess2 = self._is_correction(y, s2, means, log_ev, chol, late)
+                log_ev = log_ev + log_r2
+                log_r_var = torch.where(late, var2, log_r_var)
+                is_ess = torch.where(late, ess2, is_ess)
         pi = torch.nan_to_num(torch.softmax(log_ev, -1), nan=0.0)  # (n, S)
         x_hat = (pi[..., None] * means).sum(1)
+        x_hat = torch.where(keep.any(-1, keepdim=True), x_hat, torch.full_like(x_hat, math.nan))
         dev2 = ((means - x_hat[:, None]) ** 2).sum(-1)
         spread = torch.sqrt((pi**2 * dev2 * log_r_var).sum(-1) / d)
         significant = (pi > 0.01) & keep
@@ -269,7 +288,12 @@ class LaplaceSmoothedScore(SmoothedScore):
         self._calm_calls = self._calm_calls + 1 if float(frac_multi) < self.cheap_fraction else 0
         if self._calm_calls >= self.cheap_patience:
             self.cheap = True
-        self.last_info = {"spread": spread, "num_modes": num_modes.to(y.dtype)}
+        # the IS ESS fraction of the fits, weighted by their posterior weight: near 1 where the
+        # Laplace fits describe p(x | y); low where p(x | y) is far from Gaussian (the estimate of
+        # E[X | y] is then biased, e.g. toward the joint mode in a funnel's neck) or where the
+        # weight went to a fit the IS step did not check; 1 without IS (num_is=0: no check)
+        fit_ess = torch.where(keep.any(-1), (pi * is_ess).sum(-1), torch.zeros_like(spread))
+        self.last_info = {"spread": spread, "num_modes": num_modes.to(y.dtype), "fit_ess": fit_ess}
         return x_hat
 
     def _bank_add(self, y, s2, means, chol, significant) -> None:
@@ -278,6 +302,7 @@ class LaplaceSmoothedScore(SmoothedScore):
         alone, :math:`\mu = m + P^{-1}(m - y)/s^2` with :math:`P = A - s^{-2} I`, estimates the
         target's mode (exactly, for a Gaussian mode); fits where :math:`P` is not positive definite
         are not offered."""
+        significant = significant & torch.isfinite(y).all(-1, keepdim=True)
         m = means[significant]
         if m.shape[0] == 0:
             return
@@ -290,7 +315,11 @@ class LaplaceSmoothedScore(SmoothedScore):
             return
         yy = y[:, None].expand_as(means)[significant]
         step, _ = chol_solve(lp_chol[ok], (m[ok] - yy[ok]) / s2)
-        self.bank.add(m[ok] + step, prec[ok])
+        # a near-singular P sends the estimate far off (e.g. along a funnel's neck): offer only
+        # finite estimates within the Newton cap of the posterior mode
+        cap = _MAX_STEP * math.sqrt(s2 * m.shape[1])
+        good = torch.isfinite(step).all(-1) & (step.norm(dim=-1) <= cap)
+        self.bank.add((m[ok] + step)[good], prec[ok][good])
 
     def _is_correction(self, y, s2, means, log_ev, chol, keep):
         r"""Per-mode IS factors :math:`\log \hat r_j` and their variances ``(n, S)``."""
@@ -321,7 +350,12 @@ class LaplaceSmoothedScore(SmoothedScore):
         var = rel.var(-1, unbiased=True) / k if k > 1 else torch.zeros_like(log_r)
         log_r = torch.where(keep & torch.isfinite(log_r), log_r, torch.zeros_like(log_r))
         var = torch.where(keep, torch.nan_to_num(var, nan=0.0, posinf=0.0), torch.zeros_like(var))
-        return log_r, var
+        # Kish ESS fraction of the k draws: 1 where the local Gaussian is p(x | y) itself
+        ess = rel.sum(-1) ** 2 / (rel**2).sum(-1) / k
+        # a fit left uncorrected (Laplace weight under 1e-3) is unchecked: 0, so that if the
+        # correction of the others hands it the weight, fit_ess says the estimate is unchecked
+        ess = torch.where(keep, torch.nan_to_num(ess, nan=0.0), torch.zeros_like(ess))
+        return log_r, var, ess
 
     def _cheap(self, y: torch.Tensor, s2: float) -> torch.Tensor:
         """One Newton step on :math:`f` from each chain's previous mode, cached curvature."""

@@ -17,11 +17,25 @@ family of Sachs et al. 2017 used by the public code, whose defaults are :math:`\
 (``smoothed_log_prob=``), a Metropolis-adjusted walk (MALA on :math:`q_\sigma`) removes the
 discretisation bias. The draws are ``num_chains`` walkers in one batch, jumped every ``thin``
 steps after ``num_warmup`` steps.
+
+Divergences: the walk is unadjusted, so an unstable step (a step too large for the curvature of
+:math:`\log q_\sigma`, or a training-free score estimate that fails far in the tails, e.g. in the
+neck of a funnel) sends a walker off. After each step a walker is divergent when its position or
+score is not finite or its kinetic energy explodes (mean squared velocity per coordinate above
+100, for a stationary value of 1; for ULA the squared drift over the noise variance); it is put
+back at its last good point with a fresh velocity. A walker is also divergent when its
+training-free (Laplace) score fails its own check at a step or a jump (importance ESS of the local
+fits under 20%: p(x | y) is far from the Gaussian the estimate assumes and the score is biased, as
+in a funnel's neck, where the estimate follows the joint mode, not the mass, and walkers drift
+down the neck), or when its jump is not finite. From its first divergence after warm-up on, every
+draw of that walker is marked in ``sample_stats["diverging"]``, the counts are in attrs and the
+``walk_jump`` group, and a ``RuntimeWarning`` says so: such draws are not to be trusted.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -45,6 +59,21 @@ def _smoothed_log_prob_and_grad(smoothed_log_prob, sigma):
         return lq.detach(), g.detach()
 
     return fn
+
+
+#: A walker whose mean squared velocity per coordinate (underdamped; stationary value 1) or whose
+#: squared drift over the noise variance per coordinate (ULA) exceeds this has diverged.
+_DIVERGENCE_ENERGY = 100.0
+
+
+#: A jump whose training-free score had an importance ESS fraction below this (about 1.6 of the 8
+#: draws: the local Laplace fits do not describe p(x | y)) is marked divergent.
+_MIN_FIT_ESS = 0.2
+
+
+def _divergent(x: torch.Tensor, grad: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` bool: a walker that left the finite numbers or whose ``energy`` exploded."""
+    return ~torch.isfinite(x).all(-1) | ~torch.isfinite(grad).all(-1) | ~(energy <= _DIVERGENCE_ENERGY)
 
 
 @register_sampler("walk_jump")
@@ -140,18 +169,37 @@ def walk_jump(
         state = MCMCState(y, *lqg(y))
         adapt = DualAveraging(torch.tensor(0.25 * sigma**2, dtype=dtype, device=y.device), MALA_TARGET_ACCEPT)
         h = adapt.step_size
-    draws, lps, accs = [], [], []
-    stats = {k: [] for k in ("score_spread", "num_modes", "acceptance_rate", "num_target_evals")}
+    draws, lps, accs, divs = [], [], [], []
+    stats = {k: [] for k in ("score_spread", "num_modes", "acceptance_rate", "num_target_evals", "num_divergent")}
     total = num_warmup + num_samples * thin
     bar = progress_bar(total, f"walk-jump (sigma={sigma:.3g})", progress)
     acc_sum = torch.zeros(num_chains, dtype=dtype, device=y.device)
+    # walkers that have diverged since warm-up (module docstring, "Divergences")
+    suspect = torch.zeros(num_chains, dtype=torch.bool, device=y.device)
+    num_div_steps = 0
     for i in range(total):
         if walk == "underdamped":
-            state = underdamped_step(generator, state, score, h, friction / sigma)
+            new = underdamped_step(generator, state, score, h, friction / sigma)
+            bad = _divergent(new.x, new.grad, (new.v**2).mean(-1))
+            if bad.any():  # back to the last good point, with a fresh velocity
+                fresh = torch.randn(new.v.shape, generator=generator, dtype=dtype, device=y.device)
+                new = type(new)(*(torch.where(bad[:, None], a, b) for a, b in zip((state.x, fresh, state.grad), new)))
+            state = new
         elif walk == "ula":
-            y = ula_step(generator, y, score, h)
+            g = score(y)
+            y_new = ula_step(generator, y, score, h, grad=g)
+            bad = _divergent(y_new, g, (h * g**2).mean(-1) / 2)  # drift^2 / noise variance per coordinate
+            y = torch.where(bad[:, None], y, y_new)
         else:
             state, info = mala_step(generator, state, lqg, h)
+            bad = info.diverging.to(torch.bool)
+        if provider is not None and "fit_ess" in provider.last_info and provider.last_info["fit_ess"].shape == bad.shape:
+            bad_score = provider.last_info["fit_ess"] < _MIN_FIT_ESS  # the score at the new point failed its check
+        else:
+            bad_score = torch.zeros_like(bad)
+        suspect = suspect | bad | bad_score if i >= num_warmup else suspect
+        num_div_steps = num_div_steps + bad.sum()
+        if walk == "mala":
             if i < num_warmup:
                 h = adapt.update(info.acceptance_rate.mean())
                 if i == num_warmup - 1:
@@ -168,6 +216,13 @@ def walk_jump(
                 yj = state.x
                 g = state.grad if provider is None else score(yj)
             x = yj + sigma**2 * g
+            bad_jump = ~torch.isfinite(x).all(-1)
+            fit_ess = provider.last_info.get("fit_ess") if provider is not None else None
+            if fit_ess is not None and fit_ess.shape == bad_jump.shape:
+                bad_jump = bad_jump | (fit_ess < _MIN_FIT_ESS)
+            # a walker that went wrong once stays suspect: its later draws are marked too
+            suspect = suspect | bad_jump
+            divs.append(suspect.clone())
             draws.append(x)
             lps.append(target.log_prob(x).detach())
             done = (i - num_warmup + 1)
@@ -177,9 +232,23 @@ def walk_jump(
             stats["num_modes"].append(float(info["num_modes"].mean()) if "num_modes" in info else math.nan)
             stats["acceptance_rate"].append(float(accs[-1].mean()))
             stats["num_target_evals"].append(target.num_target_evals - evals0)
+            stats["num_divergent"].append(float(divs[-1].sum()))
     bar.close()
+    diverging = torch.stack(divs, 1)
+    num_div = int(diverging.sum())
+    if num_div:
+        warnings.warn(
+            f"walk-jump diverged: {num_div} of {diverging.numel()} draws follow a divergent walk step or have a "
+            f"non-finite or unreliable jump ({int(num_div_steps)} walk steps reset; sample_stats 'diverging' marks the draws). The "
+            "smoothed score is unreliable there (training-free estimate far in the tails) or the step is too "
+            "large for its curvature: lower step_size, raise sigma, or pass smoothed_score=.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     attrs = {
         "sigma": sigma,
+        "num_divergent": num_div,
+        "num_divergent_steps": int(num_div_steps),
         "walk": walk,
         "walk_step_size": float(h),
         "smoothed_score": type(provider).__name__ if provider is not None else "grad smoothed_log_prob",
@@ -189,7 +258,7 @@ def walk_jump(
         attrs["mode_bank_size"] = len(provider.bank)
     return SamplerResult(
         draws=torch.stack(draws, 1),
-        sample_stats={"lp": torch.stack(lps, 1), "acceptance_rate": torch.stack(accs, 1)},
+        sample_stats={"lp": torch.stack(lps, 1), "acceptance_rate": torch.stack(accs, 1), "diverging": diverging},
         groups={"walk_jump": {k: torch.tensor(v, dtype=torch.float64) for k, v in stats.items()}},
         attrs=attrs,
     )

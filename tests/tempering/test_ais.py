@@ -85,7 +85,8 @@ def test_ais_weights_telescope_to_the_importance_weight_without_moves(generator)
 
 def test_ais_log_weight_in_sample_stats_is_the_draws_importance_weight_without_moves():
     target, _ = gaussian_target()
-    idata = ds.sample(target, "ais", num_samples=200, seed=1, progress=False, num_mcmc_steps=0, num_temperatures=30)
+    with pytest.warns(RuntimeWarning, match="collapsed"):  # plain importance sampling: ESS 3 of 200
+        idata = ds.sample(target, "ais", num_samples=200, seed=1, progress=False, num_mcmc_steps=0, num_temperatures=30)
     x = torch.as_tensor(idata.posterior.x.values[0])
     exact = target.log_prob(x) - D.Normal(0.0, 1.0).log_prob(x).sum(-1)
     assert torch.allclose(torch.as_tensor(idata.sample_stats.log_weight.values[0]), exact, rtol=0, atol=1e-10)
@@ -203,8 +204,14 @@ def test_ais_output_contract_and_evaluation_count():
     attrs = idata.posterior.attrs
     assert attrs["num_stages"] == k and attrs["method"] == "ais"
     assert math.isclose(attrs["log_normalizer"], float(group.log_z_increment.sum()), abs_tol=1e-9)
-    # 16 validation points, the initial particles, and every move's proposals.
-    assert attrs["num_target_evals"] == 16 + chains * n * (1 + k * 2)
+    # 16 validation points, the initial particles, and every move's proposals; the adaptive
+    # schedule's pilot: its own 16 validation points, particles, and 3 moves per stage.
+    pilot = 16 + attrs["num_pilot"] * (1 + 3 * attrs["pilot_stages"])
+    assert attrs["pilot_evals"] == pilot
+    assert attrs["num_target_evals"] == 16 + chains * n * (1 + k * 2) + pilot
+    fixed = ds.sample(target, "ais", num_samples=n, seed=0, progress=False, num_temperatures=k, schedule="linear")
+    assert fixed.posterior.attrs["num_target_evals"] == 16 + n * (1 + k)
+    assert "pilot_evals" not in fixed.posterior.attrs
 
 
 def test_ais_refuses_bad_options():
