@@ -12,6 +12,11 @@ Shards are sampled by MALA through ``ds.dnc.sample_shards`` (the gradients kept)
 is MALA on the full data. Metrics (d_MAH, d_IAD, d_skew) as Trojan et al. define them, against
 their published diffusion figures: mixture d_IAD 0.046; logistic d_MAH 0.094, d_IAD 0.034.
 
+Rows: ``diffusion`` sees only the shards' draws and scores (mode masses from the draw counts);
+``diffusion_lp`` also calls each shard's log-density at a few thousand points to weigh the modes
+(``calibration_log_probs``; the count is printed); ``diffusion_exact`` (not run by default) runs
+the final MCMC on the exact sum of shard log-densities.
+
 Run:  python benchmarks/bench_dnc.py [--problem mixture|logistic|both] [--seed 0]
 Shard draws are cached in benchmarks/_cache_dnc/ (delete to resample).
 """
@@ -151,6 +156,24 @@ def shard_draws(problem, seed: int, num_chains: int = 20, num_samples: int = 500
     return draws, scores, exact, targets, shard_time
 
 
+class _FitCache:
+    """A process pool that remembers finished shard fits, so the diffusion rows share them (same
+    seed, same settings, same draws: the same fits)."""
+
+    def __init__(self, pool):
+        self.pool, self.cache = pool, {}
+
+    def submit(self, fn, *args, **kwargs):
+        key = repr(sorted(kwargs.items())) + repr([float(a.double().sum()) for a in args if torch.is_tensor(a)])
+        if key in self.cache:
+            future = cf.Future()
+            future.set_result(self.cache[key])
+            return future
+        future = self.pool.submit(fn, *args, **kwargs)
+        future.add_done_callback(lambda f: self.cache.__setitem__(key, f.result()) if f.exception() is None else None)
+        return future
+
+
 def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict):
     draws, scores, exact, targets, shard_time = shard_draws(problem, seed)
     metric_fns = _metrics()
@@ -164,17 +187,21 @@ def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict):
           f"{draws[0].shape[0]} draws per shard (shard sampling {shard_time:.1f} s) ==")
     print(f"{'method':<16}{'d_MAH':>8}{'d_IAD':>8}{'d_skew':>8}{'time (s)':>10}")
     rows = {}
+    pool = cf.ProcessPoolExecutor(max_workers=2)  # the per-shard fits on two worker processes
+    fit_cache = _FitCache(pool)
     for method in methods:
         opts = diffusion_options if method.startswith("diffusion") else {}
         name = method
         if method == "diffusion_exact":
             opts = dict(diffusion_options, log_probs=[t.log_prob_and_grad for t in targets])
             method = "diffusion"
+        if method == "diffusion_lp":  # the shards' log-densities weigh the product's modes
+            opts = dict(diffusion_options, calibration_log_probs=[t.log_prob for t in targets])
+            method = "diffusion"
         start = time.perf_counter()
-        if method == "diffusion":  # the per-shard fits on two worker processes
-            with cf.ProcessPoolExecutor(max_workers=2) as pool:
-                idata = ds.dnc.combine(draws, method, scores=scores, num_samples=num_samples, seed=seed,
-                                       progress=False, executor=pool, **opts)
+        if method == "diffusion":
+            idata = ds.dnc.combine(draws, method, scores=scores, num_samples=num_samples, seed=seed,
+                                   progress=False, executor=fit_cache, **opts)
         else:
             idata = ds.dnc.combine(draws, method, scores=scores, num_samples=num_samples, seed=seed, progress=False,
                                    **opts)
@@ -185,8 +212,12 @@ def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict):
         extra = ""
         if method == "diffusion":
             a = idata.posterior.attrs
-            extra = f"   (fit per shard max {a['max_fit_time']:.1f} s, total {a['fit_time']:.1f} s; sampling {a['combine_time']:.1f} s)"
+            extra = (f"   ({'fits reused; ' if name != 'diffusion' else ''}fit per shard max {a['max_fit_time']:.1f} s, total {a['fit_time']:.1f} s; sampling {a['combine_time']:.1f} s;"
+                     f" modes {a['num_modes']}, calibrated {a['num_calibrated_modes']},"
+                     f" shard log-density evaluations {a['num_shard_evals']} per shard"
+                     + (f", final IS ESS {a['final_is_ess']:.2f}" if a['num_shard_evals'] else "") + ")")
         print(f"{name:<16}{vals[0]:>8.3f}{vals[1]:>8.3f}{vals[2]:>8.3f}{elapsed:>10.1f}{extra}")
+    pool.shutdown()
     floor = [f(ex2, ex) for f in metric_fns]
     print(f"{'(exact draws)':<16}{floor[0]:>8.3f}{floor[1]:>8.3f}{floor[2]:>8.3f}   <- {num_samples} reference draws "
           "scored the same way: the Monte Carlo floor")
@@ -200,16 +231,19 @@ def main():
     parser.add_argument("--problem", default="both", choices=["mixture", "logistic", "both"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-samples", type=int, default=10000)
-    parser.add_argument("--methods", default="consensus,gaussian,swiss,semiparametric,diffusion")
-    parser.add_argument("--num-steps", type=int, default=3000)
-    parser.add_argument("--hidden", type=int, default=32)
-    parser.add_argument("--num-levels", type=int, default=50)
-    parser.add_argument("--num-final-steps", type=int, default=100)
+    parser.add_argument("--methods", default="consensus,gaussian,swiss,semiparametric,diffusion,diffusion_lp")
+    parser.add_argument("--num-steps", type=int, default=None, help="default: the combiner's")
+    parser.add_argument("--hidden", type=int, default=None, help="default: the combiner's")
+    parser.add_argument("--num-levels", type=int, default=None, help="default: the combiner's")
+    parser.add_argument("--num-final-steps", type=int, default=None, help="default: the combiner's")
+    parser.add_argument("--no-calibrate", action="store_true", help="diffusion without the mode-weight calibration")
     args = parser.parse_args()
     problems = {"mixture": mixture_problem, "logistic": logistic_problem}
     names = ["mixture", "logistic"] if args.problem == "both" else [args.problem]
-    dopts = dict(num_steps=args.num_steps, hidden=args.hidden, num_levels=args.num_levels,
-                 num_final_steps=args.num_final_steps)
+    dopts = {k: v for k, v in dict(num_steps=args.num_steps, hidden=args.hidden, num_levels=args.num_levels,
+                                   num_final_steps=args.num_final_steps).items() if v is not None}
+    if args.no_calibrate:
+        dopts["calibrate"] = False
     for name in names:
         run(problems[name](), args.seed, args.methods.split(","), args.num_samples, dopts)
 

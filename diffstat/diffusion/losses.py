@@ -45,6 +45,8 @@ __all__ = [
     "dsm_loss",
     "tsm_loss",
     "mixed_loss",
+    "stf_loss",
+    "stf_target",
     "sliced_score_matching_loss",
     "implicit_score_matching_loss",
     "loss_weight",
@@ -140,6 +142,68 @@ def mixed_loss(model, process, x0: torch.Tensor, grad0: torch.Tensor, generator:
     alpha, sigma = process.alpha(t).unsqueeze(-1), process.sigma(t).unsqueeze(-1)
     w = sigma**2 / (alpha**2 + sigma**2)
     target = (1 - w) * grad0 / alpha - w * z / sigma
+    return _regression(model, xt, t, target, loss_weight(process, t, weighting))
+
+
+def stf_target(process, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, reference: torch.Tensor,
+               grad0: torch.Tensor | None = None, reference_grad: torch.Tensor | None = None) -> torch.Tensor:
+    r"""The mixed target averaged over the empirical posterior of a reference set (the stable
+    target field of Xu et al. 2023, here with the TSM/DSM mix).
+
+    With the reference draws :math:`\{x_0\} \cup \{x^{(1)}, \dots, x^{(M)}\}` (each row's own
+    :math:`x_0` first) and :math:`v_i \propto \mathcal N(x_t; \alpha_t x^{(i)}, \sigma_t^2 I)`,
+
+    .. math::
+        Y = \sum_i v_i \Big[(1 - w_t)\,\frac{\nabla\log p_0(x^{(i)})}{\alpha_t}
+            + w_t\,\frac{\alpha_t x^{(i)} - x_t}{\sigma_t^2}\Big],
+        \qquad w_t = \frac{\sigma_t^2}{\alpha_t^2 + \sigma_t^2}
+
+    (:math:`w_t = 1` without gradients): the conditional mean of the mixed target given
+    :math:`x_t` under the empirical law of the reference, i.e. the exact score of the noised
+    empirical law. Where :math:`\sigma_t/\alpha_t` is large against the spacing of the draws
+    this is the noised law's score with little variance (the plain target's variance is
+    :math:`O(d/\sigma_t^2)`), and the relative masses of separated modes, which the scores at
+    the draws do not carry, enter through the weights :math:`v_i`; as :math:`t \to 0` the
+    weights collapse on :math:`x_0` and :math:`Y` becomes the plain target. The bias is that of
+    a kernel estimate with bandwidth :math:`\sigma_t/\alpha_t` from :math:`M + 1` points.
+
+    Shapes: ``xt, x0, grad0 (n, dim)``, ``t (n,)``, ``reference, reference_grad (M, dim)``;
+    returns ``(n, dim)`` (no gradient flows through it).
+    """
+    with torch.no_grad():
+        alpha, sigma = process.alpha(t).unsqueeze(-1), process.sigma(t).unsqueeze(-1)
+        # log v_i up to a per-row constant: (alpha x_t.x_i - alpha^2 |x_i|^2 / 2) / sigma^2
+        logit_ref = (alpha * (xt @ reference.T) - 0.5 * alpha**2 * (reference**2).sum(-1)) / sigma**2
+        logit_own = (alpha * (xt * x0).sum(-1, keepdim=True) - 0.5 * alpha**2 * (x0**2).sum(-1, keepdim=True)) / sigma**2
+        v = torch.softmax(torch.cat([logit_own, logit_ref], 1), 1)  # (n, 1 + M)
+        v_own, v_ref = v[:, :1], v[:, 1:]
+        mean_x = v_own * x0 + v_ref @ reference  # E[x_0 | x_t] under the empirical law
+        dsm = (alpha * mean_x - xt) / sigma**2
+        if grad0 is None or reference_grad is None:
+            return dsm
+        w = sigma**2 / (alpha**2 + sigma**2)
+        tsm = (v_own * grad0 + v_ref @ reference_grad) / alpha
+        return (1 - w) * tsm + w * dsm
+
+
+def stf_loss(model, process, x0: torch.Tensor, grad0: torch.Tensor | None, generator: torch.Generator | None,
+             reference: torch.Tensor, reference_grad: torch.Tensor | None = None, t=None,
+             weighting: Weighting = "none") -> torch.Tensor:
+    r"""Regress :math:`s_\theta(x_t, t)` on :func:`stf_target` (the mixed target averaged over
+    the empirical posterior of ``reference``; pure DSM form when ``grad0`` or
+    ``reference_grad`` is None). Default weight 1, as :func:`mixed_loss`."""
+    if grad0 is not None:
+        grad0 = _check_grad0(x0, grad0)
+    reference = torch.as_tensor(reference).to(device=x0.device, dtype=x0.dtype)
+    if reference.dim() != 2 or reference.shape[1] != x0.shape[1]:
+        raise ValueError(f"reference must have shape (M, {x0.shape[1]}), got {tuple(reference.shape)}")
+    if reference_grad is not None:
+        reference_grad = torch.as_tensor(reference_grad).to(device=x0.device, dtype=x0.dtype)
+        if reference_grad.shape != reference.shape:
+            raise ValueError(f"reference_grad must have the shape of reference {tuple(reference.shape)}")
+    t = _times(process, x0, generator, t)
+    xt, _ = process.marginal_sample(x0, t, generator)
+    target = stf_target(process, xt, t, x0, reference, grad0, reference_grad)
     return _regression(model, xt, t, target, loss_weight(process, t, weighting))
 
 

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 import torch
 
 from diffstat._util import progress_bar
-from diffstat.diffusion.losses import dsm_loss, mixed_loss, sliced_score_matching_loss, tsm_loss
+from diffstat.diffusion.losses import dsm_loss, mixed_loss, sliced_score_matching_loss, stf_loss, tsm_loss
 from diffstat.diffusion.networks import EnergyMLP, ScoreMLP
-from diffstat.diffusion.processes import process_from_dict
+from diffstat.diffusion.processes import _rand, process_from_dict
 
 __all__ = ["TrainConfig", "TrainResult", "train_score_model", "save_model", "load_model"]
 
-_LOSSES = ("dsm", "tsm", "mixed", "ssm")
+_LOSSES = ("dsm", "tsm", "mixed", "ssm", "stf")
 _MODEL_CLASSES = {"ScoreMLP": ScoreMLP, "EnergyMLP": EnergyMLP}
 _FILE_FORMAT = "diffstat.diffusion.model"
 _FILE_VERSION = 1
@@ -49,7 +49,10 @@ class TrainConfig:
         ``lr_schedule="cosine"``).
     ema_decay : float
         EMA rate :math:`\\rho` of the returned weights (0 disables averaging).
-    loss : ``"dsm"``, ``"tsm"``, ``"mixed"`` or ``"ssm"`` (sliced score matching, no target)
+    loss : ``"dsm"``, ``"tsm"``, ``"mixed"``, ``"ssm"`` (sliced score matching, no target) or
+        ``"stf"`` (the mixed target averaged over the empirical posterior of ``num_reference``
+        training points drawn afresh each step, :func:`~diffstat.diffusion.losses.stf_loss`;
+        the DSM form when no ``grad0`` is given)
     val_fraction : float
         Share of the points held out for the validation loss (0: no validation).
     patience : int or None
@@ -67,6 +70,19 @@ class TrainConfig:
         Noise draws per held-out point in the validation loss.
     num_projections : int
         Probes per point for ``loss="ssm"``.
+    num_reference : int
+        Reference points per step for ``loss="stf"``.
+    small_t_fraction : float
+        Share of each batch's times drawn log-uniformly on ``[t_min, t_max]`` instead of
+        uniformly (more weight near :math:`t = 0`; needs ``process.t_min > 0``). 0 keeps the
+        losses' own uniform times.
+    focus_fraction, focus_t_max : float
+        With ``focus_weights`` given to :func:`train_score_model`: this share of each batch is
+        drawn with probability proportional to ``focus_weights`` instead of uniformly, at times
+        log-uniform on ``[t_min, focus_t_max]`` (default ``t_max``). As :math:`t \to 0` the TSM
+        target is the exact score at each point, so reweighting the points moves accuracy to
+        where it is needed without biasing the limit; at larger times only the uniformly drawn
+        points train (reweighting there would change the noised law).
     """
 
     num_steps: int = 2000
@@ -84,9 +100,13 @@ class TrainConfig:
     lr_final_ratio: float = 0.1
     val_repeats: int = 4
     num_projections: int = 1
+    num_reference: int = 1024
+    small_t_fraction: float = 0.0
+    focus_fraction: float = 0.0
+    focus_t_max: float | None = None
 
     def __post_init__(self):
-        for name in ("num_steps", "batch_size", "eval_every", "val_repeats", "num_projections"):
+        for name in ("num_steps", "batch_size", "eval_every", "val_repeats", "num_projections", "num_reference"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
@@ -104,6 +124,10 @@ class TrainConfig:
             raise ValueError("early stopping (patience) needs a held-out split (val_fraction > 0)")
         if self.weighting is not None and self.weighting not in ("sigma2", "g2", "alpha2", "none"):
             raise ValueError(f"TrainConfig.weighting must be None, 'sigma2', 'g2', 'alpha2' or 'none', got {self.weighting!r}")
+        if not 0.0 <= self.small_t_fraction <= 1.0:
+            raise ValueError(f"TrainConfig.small_t_fraction must lie in [0, 1], got {self.small_t_fraction}")
+        if not 0.0 <= self.focus_fraction < 1.0:
+            raise ValueError(f"TrainConfig.focus_fraction must lie in [0, 1), got {self.focus_fraction}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"TrainConfig.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
 
@@ -128,18 +152,44 @@ class TrainResult:
     best_val_loss: float = math.nan
 
 
-def _loss_fn(config: TrainConfig, model, process, generator):
+def _sample_times(config: TrainConfig, process, n: int, generator, dtype, device) -> torch.Tensor | None:
+    """Times for one batch: None (the loss draws them uniformly) unless ``small_t_fraction > 0``,
+    then uniform on ``[t_min, t_max]`` with a share ``small_t_fraction`` log-uniform."""
+    if config.small_t_fraction == 0:
+        return None
+    t = process.sample_time(n, generator, dtype=dtype, device=device)
+    u = _rand((n,), generator, dtype, device)
+    log_uniform = process.t_min * (process.t_max / process.t_min) ** u
+    pick = _rand((n,), generator, dtype, device) < config.small_t_fraction
+    return torch.where(pick, log_uniform, t)
+
+
+def _loss_fn(config: TrainConfig, model, process, reference=None):
+    """The loss ``(x, g, gen) -> scalar``; ``reference = (x_ref, g_ref or None)`` for ``"stf"``."""
     kw = {} if config.weighting is None else {"weighting": config.weighting}
-    if config.loss == "dsm":
-        return lambda x, g, gen: dsm_loss(model, process, x, gen, **kw)
-    if config.loss == "tsm":
-        return lambda x, g, gen: tsm_loss(model, process, x, g, gen, **kw)
-    if config.loss == "mixed":
-        return lambda x, g, gen: mixed_loss(model, process, x, g, gen, **kw)
-    return lambda x, g, gen: sliced_score_matching_loss(model, x, gen, process=process, num_projections=config.num_projections, **kw)
+
+    def fn(x, g, gen, t=None):
+        if t is None:
+            t = _sample_times(config, process, x.shape[0], gen, x.dtype, x.device)
+        if config.loss == "dsm":
+            return dsm_loss(model, process, x, gen, t=t, **kw)
+        if config.loss == "tsm":
+            return tsm_loss(model, process, x, g, gen, t=t, **kw)
+        if config.loss == "mixed":
+            return mixed_loss(model, process, x, g, gen, t=t, **kw)
+        if config.loss == "stf":
+            ref_x, ref_g = reference
+            m = min(config.num_reference, ref_x.shape[0])
+            idx = torch.randint(0, ref_x.shape[0], (m,), generator=gen, device=gen.device).to(ref_x.device)
+            if ref_g is None:
+                return stf_loss(model, process, x, None, gen, ref_x[idx], None, t=t, **kw)
+            return stf_loss(model, process, x, g, gen, ref_x[idx], ref_g[idx], t=t, **kw)
+        return sliced_score_matching_loss(model, x, gen, t=t, process=process, num_projections=config.num_projections, **kw)
+
+    return fn
 
 
-def train_score_model(model: torch.nn.Module, process, x0, grad0=None, *, config: TrainConfig = TrainConfig(), generator: torch.Generator, progress: bool = False) -> TrainResult:
+def train_score_model(model: torch.nn.Module, process, x0, grad0=None, *, config: TrainConfig = TrainConfig(), generator: torch.Generator, progress: bool = False, focus_weights=None) -> TrainResult:
     r"""Fit a score model to draws ``x0`` of :math:`p_0` (with :math:`\nabla\log p_0` at them).
 
     Parameters
@@ -152,6 +202,8 @@ def train_score_model(model: torch.nn.Module, process, x0, grad0=None, *, config
     config : TrainConfig
     generator : torch.Generator, the source of all randomness
     progress : show a tqdm bar with the current losses
+    focus_weights : (n,) non-negative, optional
+        Sampling weights of the focused share of each batch (``config.focus_fraction``).
 
     Returns
     -------
@@ -173,7 +225,24 @@ def train_score_model(model: torch.nn.Module, process, x0, grad0=None, *, config
         grad0 = torch.as_tensor(grad0).to(device=x0.device, dtype=x0.dtype)
         if grad0.shape != x0.shape or not torch.isfinite(grad0).all():
             raise ValueError(f"grad0 must be finite and of shape {tuple(x0.shape)}, got {tuple(grad0.shape)}")
+    elif config.loss == "stf" and grad0 is not None:  # the mixed form; without grad0 the DSM form
+        grad0 = torch.as_tensor(grad0).to(device=x0.device, dtype=x0.dtype)
+        if grad0.shape != x0.shape or not torch.isfinite(grad0).all():
+            raise ValueError(f"grad0 must be finite and of shape {tuple(x0.shape)}, got {tuple(grad0.shape)}")
     else:
+        grad0 = None
+    if config.small_t_fraction > 0 and not process.t_min > 0:
+        raise ValueError("TrainConfig.small_t_fraction > 0 needs a process with t_min > 0 (log-uniform times)")
+    if config.focus_fraction > 0:
+        if focus_weights is None:
+            raise ValueError("TrainConfig.focus_fraction > 0 needs focus_weights (n,)")
+        focus_weights = torch.as_tensor(focus_weights).to(device=x0.device, dtype=torch.float64)
+        if focus_weights.shape != (x0.shape[0],) or not bool((focus_weights >= 0).all()) or not float(focus_weights.sum()) > 0:
+            raise ValueError(f"focus_weights must be non-negative of shape ({x0.shape[0]},) with a positive sum")
+        if not process.t_min > 0:
+            raise ValueError("TrainConfig.focus_fraction > 0 needs a process with t_min > 0 (log-uniform times)")
+    has_grad = grad0 is not None
+    if grad0 is None:
         grad0 = torch.zeros_like(x0)
 
     n = x0.shape[0]
@@ -185,14 +254,20 @@ def train_score_model(model: torch.nn.Module, process, x0, grad0=None, *, config
     g_val = grad0[val_idx].repeat(config.val_repeats, 1)
     val_seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
     batch_size = min(config.batch_size, x_train.shape[0])
+    focus = None
+    if config.focus_fraction > 0:
+        focus = focus_weights[train_idx]
+        num_focus = int(config.focus_fraction * batch_size)
+        t_focus = process.t_max if config.focus_t_max is None else min(max(float(config.focus_t_max), process.t_min), process.t_max)
 
     ema = copy.deepcopy(model)
     for p in ema.parameters():
         p.requires_grad_(False)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    train_loss_fn = _loss_fn(config, model, process, generator)
-    val_loss_fn = _loss_fn(config, ema, process, None)
+    reference = (x_train, g_train if has_grad else None)  # the pool of "stf" reference points
+    train_loss_fn = _loss_fn(config, model, process, reference)
+    val_loss_fn = _loss_fn(config, ema, process, reference)
 
     def validate() -> float:
         if n_val == 0:
@@ -220,7 +295,16 @@ def train_score_model(model: torch.nn.Module, process, x0, grad0=None, *, config
                 scale = config.lr_final_ratio + (1 - config.lr_final_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr * scale
-            loss = train_loss_fn(x_train[idx], g_train[idx], generator)
+            if focus is None or num_focus == 0:
+                loss = train_loss_fn(x_train[idx], g_train[idx], generator)
+            else:  # a share of the batch drawn by focus weight, at small times only
+                idx = idx.clone()
+                idx[:num_focus] = torch.multinomial(focus, num_focus, replacement=True, generator=generator).to(idx.device)
+                t = _sample_times(config, process, idx.shape[0], generator, x0.dtype, x0.device)
+                t = process.sample_time(idx.shape[0], generator, dtype=x0.dtype, device=x0.device) if t is None else t
+                u = _rand((num_focus,), generator, x0.dtype, x0.device)
+                t[:num_focus] = process.t_min * (t_focus / process.t_min) ** u
+                loss = train_loss_fn(x_train[idx], g_train[idx], generator, t)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip is not None:

@@ -7,9 +7,11 @@ et al. 2023).
    :math:`\nabla_z \log p_k = L^\top \nabla_x \log p_k`. A common map keeps the shards' noised laws
    noisings of one variable, so their energies add at every noise level.
 2. **Fit** per shard :math:`E_k(z, t) \approx -\log p_{k,t}(z)`, the law of
-   :math:`\alpha_t Z_k + \sigma_t \varepsilon` under the VP process, with the mixed TSM/DSM loss of
-   the toolkit (:func:`diffstat.diffusion.losses.mixed_loss`) on the stored scores. The energy is a
-   Gaussian part plus a network (:class:`ShardEnergy`):
+   :math:`\alpha_t Z_k + \sigma_t \varepsilon` under the VP process, with the toolkit's
+   :func:`~diffstat.diffusion.training.train_score_model` (Adam, cosine learning rate, EMA of the
+   weights) and the mixed TSM/DSM loss on the stored scores, half of each batch's times
+   log-uniform near :math:`t = 0`. The energy is a Gaussian part plus a network
+   (:class:`ShardEnergy`):
 
    .. math::
        E_k(z, t) = \tfrac12 (z - \alpha_t m_k)^\top (\alpha_t^2 S_k + \sigma_t^2 I)^{-1}
@@ -38,10 +40,48 @@ et al. 2023).
    0.999 against the exact 0.778 with reweighting, 0.782 without). The default is therefore the
    plain annealed MCMC of Trojan et al. and Du et al.
 
-   Training draws are focused on the product region only at small t (``focus_width``): at large
-   t a reweighted training set would change the learned noised laws, hence the mode weights.
-   Measured on the bimodal test (600 training steps, exact weight 0.778): 0.84 to 0.90 with the
-   focused draws trained at every time, 0.858 without focusing, 0.782 with focusing at small t.
+4. **Calibrate the mode weights** (``calibrate=True``, :mod:`diffstat.dnc.mode_weights`). Score
+   matching fixes :math:`\nabla_z E_k`, not the offset of :math:`E_k` between separated modes, so
+   the annealing's mode weights inherit the learned energies' errors at the times where the
+   product's modes part. After half of the final MCMC, the product's modes are found (gradient
+   ascent, end points grouped when no barrier lies between them) and every mode's mass is
+   estimated from the shards' draw counts (reciprocal importance sampling within each basin), or,
+   given ``calibration_log_probs`` (the shards' exact log-densities, called at a few thousand
+   points), as :math:`\int_{A_j}\prod_k p_k` by importance sampling; the particles are resampled
+   to those masses and the MCMC goes on.
+
+What the numbers showed (``python benchmarks/bench_dnc.py --problem mixture``, 10,000 draws,
+exact mode weights 1/6 each; "scratch" = runs on the cached seed-0 shards; 2 shared CPU cores):
+
+* The old defaults (own training loop, width 32, 3,000 steps, no calibration): mode weights 0.083
+  to 0.277, d_MAH 0.386, d_IAD 0.129. More MCMC per annealing level (10 steps, 200 levels) did not
+  help (0.048 to 0.295): the weights come from the learned energies, not from poor mixing.
+* Toolkit training with EMA, no calibration (scratch): width 32 / 3,000 steps 0.096 to 0.240.
+* The ``"stf"`` loss (the mixed target averaged over the empirical posterior of 1,024 draws,
+  :func:`~diffstat.diffusion.losses.stf_loss`, which carries the draw counts into the noised
+  energies; scratch): 0.098 to 0.196 in a prototype, 0.091 to 0.231 through the toolkit, at about
+  3 times the fit time: not the default.
+* Calibration from draw counts (scratch): width 32 / 3,000 steps 0.139 to 0.183; width 64 / 6,000
+  steps 0.142 to 0.199. The counts themselves limit it: the product of the four shards' count
+  fractions alone gives 0.159 to 0.180 (seed 0), 0.153 to 0.180 (seed 1), i.e. d_MAH about 0.028
+  when exact draws are reweighted to them; the learned energies within the basins add to that.
+  A forward importance-sampling variant for the shards was worse (0.138 to 0.201).
+* Calibration from the shards' log-densities (1,024 quasi-random points per mode and shard) plus
+  the final within-mode importance resampling (10,000 more points per shard; ESS 0.97 to 0.99 of
+  the particles, so the learned product is close to exact within the modes), about 16,000
+  evaluations per shard against about 70,000 for the shard's own MCMC: the benchmark's
+  ``diffusion_lp`` row, at the Monte Carlo floor.
+* Benchmark, defaults (width 64, 6,000 steps, focused training, calibration), seeds 0 / 1 / 2:
+  ``diffusion`` d_MAH 0.096 / 0.059 / 0.031, d_IAD 0.024 / 0.037 / 0.013; ``diffusion_lp`` d_MAH
+  0.009 / 0.017 / 0.018, d_IAD 0.007 / 0.012 / 0.008; semiparametric (best classical) d_MAH 0.013
+  / 0.026 / 0.020, d_IAD 0.193 / 0.187 / 0.183; exact-draw floor d_MAH 0.018-0.021, d_IAD
+  0.009-0.010. Logistic toy, seed 0: ``diffusion`` 0.075 / 0.029, ``diffusion_lp`` 0.035 / 0.017
+  (published 0.094 / 0.034). Without focused training the logistic toy fell to 0.237 / 0.085.
+* Bimodal 2-d shards (the test, exact weight 0.778): with the test's settings (width 32, 800
+  steps) calibrated 0.757 to 0.771 over seeds 5 to 8, uncalibrated 0.762 to 0.798; with energies
+  whose mode weights are swapped (0.3/0.7), calibration from the draws restores the exact weight.
+* One shard fit at the defaults, one thread: 17.5 s (3-d mixture shard), 16.9 s (2-d logistic
+  shard) at load 2; 37 to 51 s per shard inside the benchmark's two-process pool at load 3.
 
 Sampling runs in coordinates :math:`w` where the Gaussian product is :math:`\mathcal N(0, I)`
 (a constant Jacobian), so one step size suits every direction.
@@ -57,6 +97,7 @@ from torch import nn
 
 from diffstat._util import check_positive_int, ess_from_log_weights, progress_bar
 from diffstat.dnc.gaussian import CombineResult, gaussian_product, sample_moments
+from diffstat.dnc.mode_weights import calibrate_mode_weights
 from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.mcmc.base import MCMCState
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
@@ -136,54 +177,43 @@ def whitening(subposteriors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Te
     return m, torch.linalg.cholesky(cov)
 
 
-def _training_times(n: int, process, generator, dtype, small_t_fraction: float) -> torch.Tensor:
-    """Times for one batch: uniform on [t_min, t_max], except a fraction drawn log-uniformly
-    (more weight near t = 0, where the product is sampled in the end)."""
-    u = torch.rand(n, generator=generator, dtype=dtype)
-    lo, hi = process.t_min, process.t_max
-    uniform = lo + (hi - lo) * u
-    log_uniform = lo * (hi / lo) ** u
-    pick = torch.rand(n, generator=generator, dtype=dtype) < small_t_fraction
-    return torch.where(pick, log_uniform, uniform)
-
-
-def fit_shard_energy(z: torch.Tensor, grad_z: torch.Tensor, *, shard: int = 0, hidden: int = 64, depth: int = 3,
-                     num_steps: int = 2000, batch_size: int = 512, lr: float = 2e-3, seed: int = 0,
-                     t_min: float = 1e-3, small_t_fraction: float = 0.5, focus_mean: torch.Tensor | None = None,
-                     focus_cov: torch.Tensor | None = None, focus_fraction: float = 0.5,
+def fit_shard_energy(z: torch.Tensor, grad_z: torch.Tensor | None, *, shard: int = 0, hidden: int = 64, depth: int = 3,
+                     num_steps: int = 6000, batch_size: int = 512, lr: float = 2e-3, seed: int = 0,
+                     t_min: float = 1e-3, small_t_fraction: float = 0.5, loss: str = "mixed", num_reference: int = 1024,
+                     ema_decay: float = 0.999, focus_weights: torch.Tensor | None = None, focus_fraction: float = 0.5,
                      focus_t_max: float | None = None, worker_threads: int | None = 1) -> dict:
-    r"""Fit one shard's :class:`ShardEnergy` with the mixed TSM/DSM loss (runs in a worker).
+    r"""Fit one shard's :class:`ShardEnergy` with the toolkit's
+    :func:`~diffstat.diffusion.training.train_score_model` (runs in a worker).
 
     Parameters
     ----------
     z, grad_z : (n, dim)
-        Whitened draws and the scores there; ``grad_z=None`` fits by denoising score matching
-        (:func:`~diffstat.diffusion.losses.dsm_loss`, weight :math:`\sigma_t^2`) instead.
-    num_steps, batch_size, lr
-        Adam with a cosine-decayed learning rate (to 5% of ``lr``).
+        Whitened draws and the scores there (``None``: the DSM form of the loss).
+    loss : ``"mixed"`` (default) or ``"stf"``
+        ``"stf"``: the mixed TSM/DSM target averaged over the empirical posterior of
+        ``num_reference`` draws (:func:`~diffstat.diffusion.losses.stf_loss`; module notes);
+        ``"mixed"``: the plain mixed target (``"dsm"`` without ``grad_z``).
+    num_steps, batch_size, lr, ema_decay
+        Adam with a cosine-decayed learning rate (to 5% of ``lr``); the EMA weights are kept.
     small_t_fraction : float
-        Fraction of each batch's times drawn log-uniformly (see :func:`_training_times`).
-    focus_mean, focus_cov : (dim,), (dim, dim), optional
-        Where the product lives (the Gaussian product, widened). A fraction ``focus_fraction`` of
-        each batch is drawn with probability proportional to
-        :math:`\mathcal N(z_i; \text{focus\_mean}, \text{focus\_cov})`, the rest uniformly,
-        and the focused draws get times log-uniform on ``[t_min, focus_t_max]`` only. As
-        :math:`t \to 0` the TSM target is the exact score at each draw, so reweighting the draws
-        moves the fit's accuracy to the product region without biasing the limit there (the
-        bias is of order :math:`\sigma_t^2`); at larger times, where reweighting would change the
-        noised law (and the product's mode weights, which the annealing settles there), only
-        uniformly drawn draws are used.
+        Share of each batch's times drawn log-uniformly on ``[t_min, 1]``.
+    focus_weights : (n,), optional; focus_fraction, focus_t_max : float
+        A share ``focus_fraction`` of each batch drawn with probability proportional to
+        ``focus_weights`` (where the product lives), at times log-uniform on
+        ``[t_min, focus_t_max]`` (``TrainConfig.focus_fraction``).
 
     Returns
     -------
-    dict with ``state_dict``, the constructor settings, ``loss`` (the training loss every 50
-    steps), ``fit_time`` (seconds) and ``shard``.
+    dict with ``state_dict``, the constructor settings, ``loss`` (training loss history),
+    ``fit_time`` (seconds) and ``shard``.
     """
-    from diffstat.diffusion.losses import dsm_loss, mixed_loss
     from diffstat.diffusion.processes import VP
+    from diffstat.diffusion.training import TrainConfig, train_score_model
 
     if worker_threads is not None:
         torch.set_num_threads(int(worker_threads))
+    if loss not in ("stf", "mixed"):
+        raise ValueError(f"loss must be 'stf' or 'mixed', got {loss!r}")
     start = time.perf_counter()
     z = z.detach().float()
     grad_z = None if grad_z is None else grad_z.detach().float()
@@ -191,41 +221,17 @@ def fit_shard_energy(z: torch.Tensor, grad_z: torch.Tensor, *, shard: int = 0, h
     process = VP(t_min=t_min)
     model = ShardEnergy(mean, cov, hidden=hidden, depth=depth, process=process, seed=seed)
     gen = torch.Generator().manual_seed(int(seed))
-    opt = torch.optim.Adam(model.net.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=num_steps, eta_min=0.05 * lr)
-    n = z.shape[0]
-    focus = None
-    if focus_mean is not None:
-        diff = z - focus_mean.float()
-        maha = (diff * torch.linalg.solve(focus_cov.float(), diff.T).T).sum(-1)
-        focus = torch.softmax(-0.5 * maha, 0)
-        t_focus = process.t_max if focus_t_max is None else max(min(float(focus_t_max), process.t_max), t_min)
-    losses = []
-    running = torch.zeros(())
-    for step in range(num_steps):
-        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
-        if focus is not None:
-            num_focus = int(focus_fraction * idx.shape[0])
-            idx[:num_focus] = torch.multinomial(focus, num_focus, replacement=True, generator=gen)
-        t = _training_times(idx.shape[0], process, gen, z.dtype, small_t_fraction)
-        if focus is not None:
-            u = torch.rand(num_focus, generator=gen, dtype=z.dtype)
-            t[:num_focus] = process.t_min * (t_focus / process.t_min) ** u
-        if grad_z is None:
-            loss = dsm_loss(model, process, z[idx], gen, t=t)
-        else:
-            loss = mixed_loss(model, process, z[idx], grad_z[idx], gen, t=t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
-        running = running + loss.detach()
-        if (step + 1) % 50 == 0:
-            losses.append(float(running) / 50)
-            running = torch.zeros(())
+    config = TrainConfig(num_steps=int(num_steps), batch_size=int(batch_size), lr=lr, ema_decay=ema_decay,
+                         loss=loss if (loss == "stf" or grad_z is not None) else "dsm", val_fraction=0.0,
+                         eval_every=max(1, int(num_steps) // 20), lr_schedule="cosine", lr_final_ratio=0.05,
+                         num_reference=int(num_reference), small_t_fraction=small_t_fraction,
+                         focus_fraction=focus_fraction if focus_weights is not None else 0.0, focus_t_max=focus_t_max,
+                         weighting="sigma2" if grad_z is None else None)
+    result = train_score_model(model, process, z, grad_z, config=config, generator=gen, focus_weights=focus_weights)
     settings = dict(hidden=hidden, depth=depth, t_min=t_min, seed=seed)
-    return {"state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}, "settings": settings,
-            "dim": z.shape[1], "loss": losses, "fit_time": time.perf_counter() - start, "shard": shard}
+    return {"state_dict": {k: v.detach().clone() for k, v in result.model.state_dict().items()}, "settings": settings,
+            "dim": z.shape[1], "loss": result.history["train_loss"], "fit_time": time.perf_counter() - start,
+            "shard": shard}
 
 
 def load_shard_energy(fit: dict) -> ShardEnergy:
@@ -302,6 +308,15 @@ def _exact_log_prob_and_grad(log_probs, to_x, root_x):
     return fn
 
 
+def _sum_log_probs(log_probs, x: torch.Tensor) -> torch.Tensor:
+    """Sum of the shards' log-densities at ``x (n, dim)`` (callables ``x -> lp`` or ``x -> (lp, grad)``)."""
+    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for f in log_probs:
+        out = f(x)
+        total = total + (out[0] if isinstance(out, tuple) else out).detach().to(total)
+    return total
+
+
 def _mala_level(generator, state, lpg, h, num_steps):
     """``num_steps`` MALA steps at one level; returns the state, the mean acceptance per step
     (a tensor) and the number of evaluations."""
@@ -319,12 +334,15 @@ def combine_diffusion(
     generator: torch.Generator,
     scores=None,
     progress: bool = False,
-    hidden: int = 32,
+    hidden: int = 64,
     depth: int = 3,
-    num_steps: int = 3000,
+    num_steps: int = 6000,
     batch_size: int = 512,
     lr: float = 2e-3,
     small_t_fraction: float = 0.5,
+    loss: str = "mixed",
+    num_reference: int = 1024,
+    ema_decay: float = 0.999,
     focus_width: float | None = 3.0,
     focus_fraction: float = 0.5,
     t_min: float = 1e-3,
@@ -339,6 +357,9 @@ def combine_diffusion(
     max_retries: int = 2,
     fits: list[dict] | None = None,
     energy_models: list | None = None,
+    calibrate: bool = True,
+    calibrate_options: dict | None = None,
+    calibration_log_probs=None,
 ) -> CombineResult:
     r"""The diffusion combiner (module notes).
 
@@ -350,12 +371,12 @@ def combine_diffusion(
         them the fit falls back to denoising score matching.
     num_samples : int
         Particles (and draws).
-    hidden, depth, num_steps, batch_size, lr, small_t_fraction
+    hidden, depth, num_steps, batch_size, lr, small_t_fraction, loss, num_reference, ema_decay
         Network and training settings per shard (:func:`fit_shard_energy`).
     focus_width, focus_fraction : float
-        Train with a fraction ``focus_fraction`` of every batch drawn near the Gaussian product
-        (within about ``focus_width`` of its standard deviations), where the product must be
-        accurate; ``focus_width=None`` trains on the shard draws uniformly.
+        Train with a share ``focus_fraction`` of every batch drawn near the Gaussian product
+        (within about ``focus_width`` of its standard deviations), at small times only, where the
+        product must be accurate; ``focus_width=None`` trains on the shard draws uniformly.
     t_min, t_start : float
         The annealing runs from ``t_start`` down to ``t_min`` (the "t = 0" of the model).
     num_levels, mcmc_per_level : int
@@ -371,6 +392,18 @@ def combine_diffusion(
         Fit the shard models there (with ``max_retries`` retries); default: in this process.
     fits : list of dicts, optional
         Models already fitted by :func:`fit_shard_energy` (on the same whitening): no training.
+    calibrate : bool
+        After the first half of the MCMC at ``t_min``, move the product's mass between its modes
+        to the shares estimated from the shards' draw counts
+        (:func:`~diffstat.dnc.mode_weights.calibrate_mode_weights`, with ``calibrate_options``;
+        not with ``log_probs``).
+    calibration_log_probs : list of K callables, optional
+        The shards' exact log-densities (``x -> lp`` or ``x -> (lp, grad)``, original coordinates,
+        any constant), called only to weigh the product's modes: then their masses are
+        :math:`\int_{A_j}\prod_k p_k` by importance sampling (a few hundred points per shard and
+        mode) instead of the draw counts, and at the end the particles are importance-resampled
+        within each mode to the exact product (one more call per particle; ``attrs``:
+        ``num_shard_evals`` per shard, ``final_is_ess`` as a fraction of ``num_samples``).
     energy_models : list of K objects with ``energy(z, t) -> (n,)``, optional
         Energies of the noised shards in the whitened coordinates of :func:`whitening` (for
         example exact ones, to test the sampler apart from the fit): no training.
@@ -381,7 +414,10 @@ def combine_diffusion(
         ``lp``: minus the summed energy at ``t_min`` (or the exact sum with ``log_probs``), in
         original coordinates up to a constant. ``groups["diffusion"]``: per level ``t``,
         ``sigma``, ``ess``, ``acceptance_rate``, ``step_size``, ``resampled``. ``attrs``:
-        ``fit_time`` (sum over shards), ``max_fit_time``, ``combine_time``, ``num_energy_evals``.
+        ``fit_time`` (sum over shards), ``max_fit_time``, ``combine_time``, ``num_energy_evals``,
+        ``num_modes`` (modes of the product found by the calibration; 0 when it did not run),
+        ``num_calibrated_modes``, ``num_shard_evals`` (points at which each shard's
+        ``calibration_log_probs`` was called).
     """
     from diffstat.diffusion.processes import VP
 
@@ -392,6 +428,8 @@ def combine_diffusion(
     k = len(subposteriors)
     if log_probs is not None and len(log_probs) != k:
         raise ValueError(f"log_probs must hold {k} callables, one per shard")
+    if calibration_log_probs is not None and len(calibration_log_probs) != k:
+        raise ValueError(f"calibration_log_probs must hold {k} callables, one per shard")
     x_all = torch.cat(subposteriors)
     dtype, device = x_all.dtype, x_all.device
     m, chol = whitening(subposteriors)
@@ -400,28 +438,32 @@ def combine_diffusion(
     # grad_z = L^T grad_x, as rows; without scores the fit uses denoising score matching
     gs = [None] * k if scores is None else [g @ chol for g in scores]
 
-    # ---- where the product lives: the Gaussian product of the shards, in z, widened
+    # ---- the Gaussian product of the shards, in z: where the annealing starts
     moments = [sample_moments(z) for z in zs]
     mu_p, cov_p = gaussian_product([a for a, _ in moments], [b for _, b in moments])
+    focus_w = [None] * k
     focus = {}
     if focus_width is not None:
-        # focused draws train only while sigma_t is below the product's smallest sd
+        # draws near the Gaussian product (within about focus_width of its sds) train at small t,
+        # while sigma_t is below the product's smallest sd
         sd_min = float(torch.linalg.eigvalsh(cov_p).min().sqrt())
-        t_focus = float(VP(t_min=t_min).time_at_sigma(torch.tensor(min(sd_min, 0.5), dtype=torch.float64)))
-        focus = dict(focus_mean=mu_p.float().cpu(), focus_cov=(focus_width**2 * cov_p).float().cpu(),
-                     focus_fraction=focus_fraction, focus_t_max=t_focus)
+        focus = dict(focus_fraction=focus_fraction,
+                     focus_t_max=float(VP(t_min=t_min).time_at_sigma(torch.tensor(min(sd_min, 0.5), dtype=torch.float64))))
+        prec = torch.linalg.inv(focus_width**2 * cov_p)
+        focus_w = [torch.softmax(-0.5 * (((z - mu_p) @ prec) * (z - mu_p)).sum(-1), 0).float().cpu() for z in zs]
 
     # ---- fit the shard models (in parallel on the executor when given)
     seeds = torch.randint(0, 2**31 - 1, (k,), generator=generator, device=generator.device).tolist()
     fit_kwargs = dict(hidden=hidden, depth=depth, num_steps=num_steps, batch_size=batch_size, lr=lr, t_min=t_min,
-                      small_t_fraction=small_t_fraction, **focus)
+                      small_t_fraction=small_t_fraction, loss=loss, num_reference=num_reference, ema_decay=ema_decay,
+                      **focus)
     if energy_models is not None:
         if len(energy_models) != k:
             raise ValueError(f"energy_models must hold {k} models, one per shard")
         fits = [{"fit_time": 0.0} for _ in range(k)]
     elif fits is None:
         args = [(zs[i].cpu(), None if gs[i] is None else gs[i].cpu()) for i in range(k)]
-        kwargs = [dict(fit_kwargs, shard=i, seed=seeds[i]) for i in range(k)]
+        kwargs = [dict(fit_kwargs, shard=i, seed=seeds[i], focus_weights=focus_w[i]) for i in range(k)]
         if executor is None:
             fits = []
             with progress_bar(k, "fitting shard models", progress) as bar:
@@ -501,7 +543,22 @@ def combine_diffusion(
         adapt = DualAveraging(h.clone(), MALA_TARGET_ACCEPT)
         num_adapt = num_final_steps // 2
         final_acc = []
+        cal_info = {"num_modes": 0, "calibrated": [], "shares_before": [], "shares_after": []}
         for j in range(num_final_steps):
+            if j == num_adapt and calibrate and log_probs is None:
+                root_inv_s = root_inv.to(sdtype)
+                to_w = lambda z_: ((z_.to(sdtype) - product.shift) @ root_inv_s.T)  # noqa: E731
+                to_z = lambda w_: product.shift + w_ @ product.root.T  # noqa: E731
+                exact_lp = None
+                if calibration_log_probs is not None:
+                    exact_lp = lambda z_: _sum_log_probs(calibration_log_probs, m + z_.to(dtype) @ chol.T)  # noqa: E731
+                log_wc, cal_info = calibrate_mode_weights(
+                    generator, state.x, product, t_min, [z.to(device) for z in zs], to_w, to_z,
+                    0.5 * float(adapt.final_step_size), exact_log_prob=exact_lp, **(calibrate_options or {}))
+                if bool((log_wc != 0).any()):
+                    idx = systematic_resample(generator, log_wc).to(device)
+                    state = MCMCState(state.x[idx], state.log_prob[idx], state.grad[idx])
+                    cal_info["labels"] = cal_info["labels"][idx]
             step = adapt.step_size if j < num_adapt else adapt.final_step_size
             state, info = mala_step(generator, state, lpg, step)
             if j < num_adapt:
@@ -509,6 +566,26 @@ def combine_diffusion(
             else:
                 final_acc.append(info.acceptance_rate)
             bar.update()
+    final_ess = float("nan")
+    if calibration_log_probs is not None and log_probs is None:
+        # within each mode, importance-resample the learned product to the exact one (the modes'
+        # masses stay as calibrated): removes the learned energies' bias within the modes
+        z_now = mu_p + state.x.to(dtype) @ root.T
+        log_r = _sum_log_probs(calibration_log_probs, m + z_now @ chol.T) - state.log_prob.double()
+        cal_info["num_shard_evals"] = cal_info.get("num_shard_evals", 0) + num_samples
+        labels = cal_info.get("labels")
+        labels = torch.zeros(num_samples, dtype=torch.long, device=device) if labels is None else labels.to(device)
+        log_w = torch.zeros_like(log_r)
+        ess_sum = 0.0
+        for j in torch.unique(labels).tolist():
+            in_j = labels == j
+            lw = log_r[in_j] - torch.logsumexp(log_r[in_j], 0)
+            log_w[in_j] = lw + math.log(float(in_j.double().mean()))
+            ess_sum += float(ess_from_log_weights(lw)) if j >= 0 else 0.0
+        final_ess = ess_sum / num_samples
+        idx = systematic_resample(generator, log_w).to(device)
+        state = MCMCState(state.x[idx], state.log_prob[idx], state.grad[idx])
+        final_acc = [a[idx] for a in final_acc]
     combine_time = time.perf_counter() - start
     z_final = mu_p + state.x.to(dtype) @ root.T
     draws = m + z_final @ chol.T
@@ -525,5 +602,9 @@ def combine_diffusion(
         "final_step_size": float(adapt.final_step_size),
         "exact_final_target": int(log_probs is not None),
         "num_levels": num_levels,
+        "num_modes": int(cal_info["num_modes"]),
+        "num_calibrated_modes": len(cal_info["calibrated"]),
+        "num_shard_evals": int(cal_info.get("num_shard_evals", 0)),
+        "final_is_ess": final_ess,
     }
     return CombineResult(draws, {"lp": lp, "acceptance_rate": acc_final.to(dtype)}, groups, attrs)
