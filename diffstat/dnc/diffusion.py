@@ -2,25 +2,10 @@ r"""The diffusion combiner: an energy-based diffusion model per shard, the produ
 annealed (SMC-corrected) MCMC on the sum of the energies (Trojan, Fearnhead and Nemeth 2024; Du
 et al. 2023).
 
-1. **Whiten.** One affine map for every shard, :math:`z = L^{-1}(x - m)` with :math:`(m, LL^\top)`
-   the mean and covariance of the pooled shard draws; scores follow,
-   :math:`\nabla_z \log p_k = L^\top \nabla_x \log p_k`. A common map keeps the shards' noised laws
-   noisings of one variable, so their energies add at every noise level.
-2. **Fit** per shard :math:`E_k(z, t) \approx -\log p_{k,t}(z)`, the law of
-   :math:`\alpha_t Z_k + \sigma_t \varepsilon` under the VP process, with the toolkit's
-   :func:`~diffstat.diffusion.training.train_score_model` (Adam, cosine learning rate, EMA of the
-   weights) and the mixed TSM/DSM loss on the stored scores, half of each batch's times
-   log-uniform near :math:`t = 0`. The energy is a Gaussian part plus a network
-   (:class:`ShardEnergy`):
-
-   .. math::
-       E_k(z, t) = \tfrac12 (z - \alpha_t m_k)^\top (\alpha_t^2 S_k + \sigma_t^2 I)^{-1}
-       (z - \alpha_t m_k) + R_k(z, t),
-
-   the exact energy of the noised Gaussian approximation :math:`\mathcal N(m_k, S_k)` plus a
-   residual :math:`R_k` (an :class:`~diffstat.diffusion.networks.EnergyMLP` minus its value at
-   initialisation, so :math:`R_k = 0` at the start: a Gaussian shard is exact before training and
-   the network only learns the non-Gaussian part).
+1. **Whiten** the shards' draws by one common affine map and
+2. **fit** one energy-based diffusion model per shard, a noised-Gaussian energy plus a residual network trained with the
+   mixed TSM/DSM loss on the stored scores, half of each batch's times log-uniform near
+   :math:`t = 0` (:mod:`diffstat.dnc.energy`).
 3. **Sample** :math:`\pi_t(z) \propto \exp(-\sum_k E_k(z, t))`. Start from the product of the
    noised Gaussian parts at ``t_start`` (at :math:`t \to 0` the Gaussian product of the shards),
    then move down a grid of times to ``t_min`` (uniform in :math:`\log\sigma_t`), moving every
@@ -93,171 +78,17 @@ import math
 import time
 
 import torch
-from torch import nn
 
 from diffstat._util import check_positive_int, ess_from_log_weights, progress_bar
 from diffstat.dnc.gaussian import CombineResult, gaussian_product, sample_moments
+from diffstat.dnc.energy import ShardEnergy, fit_shard_energy, load_shard_energy, whitening
 from diffstat.dnc.mode_weights import calibrate_mode_weights
 from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.mcmc.base import MCMCState
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
+from diffstat.tempering.resampling import systematic
 
-__all__ = ["ShardEnergy", "fit_shard_energy", "load_shard_energy", "whitening", "combine_diffusion",
-           "systematic_resample"]
-
-
-class ShardEnergy(nn.Module):
-    r"""Energy :math:`E(z, t)` of one noised sub-posterior: noised-Gaussian part plus a residual
-    network (module notes). ``forward(z, t)`` is the score :math:`-\nabla_z E` (differentiable
-    when gradients are enabled, for training); ``energy(z, t)`` is ``(n,)``.
-
-    Parameters
-    ----------
-    mean : (dim,), cov : (dim, dim)
-        The shard's Gaussian approximation in whitened coordinates.
-    hidden, depth : int
-        Width and depth of the :class:`~diffstat.diffusion.networks.EnergyMLP`.
-    process : VP
-    seed : int
-        Initial weights.
-    """
-
-    def __init__(self, mean: torch.Tensor, cov: torch.Tensor, *, hidden: int = 64, depth: int = 3, process=None,
-                 seed: int = 0):
-        super().__init__()
-        from diffstat.diffusion.networks import EnergyMLP
-        from diffstat.diffusion.processes import VP
-
-        self.process = VP() if process is None else process
-        dim = mean.shape[0]
-        self.dim = dim
-        self.net = EnergyMLP(dim, hidden=hidden, depth=depth, process=self.process, seed=seed)
-        self.register_buffer("mean", mean.detach().clone())
-        self.register_buffer("cov", cov.detach().clone())
-
-    def _gaussian_energy(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        alpha = self.process.alpha(t).to(z)
-        sigma = self.process.sigma(t).to(z)
-        eye = torch.eye(self.dim, dtype=z.dtype, device=z.device)
-        cov = self.cov.to(z)
-        if t.dim() == 0:
-            c = alpha**2 * cov + sigma**2 * eye
-            diff = z - alpha * self.mean.to(z)
-            return 0.5 * (diff * torch.linalg.solve(c, diff.T).T).sum(-1)
-        c = alpha[:, None, None] ** 2 * cov + sigma[:, None, None] ** 2 * eye  # (n, d, d)
-        diff = z - alpha[:, None] * self.mean.to(z)
-        sol = torch.linalg.solve(c, diff.unsqueeze(-1)).squeeze(-1)
-        return 0.5 * (diff * sol).sum(-1)
-
-    def residual(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        r""":math:`R(z, t)` = the EnergyMLP's energy minus its initial value :math:`c_{\rm in}^2
-        \lVert z\rVert^2/2` (zero before training)."""
-        alpha = self.process.alpha(t).to(z)
-        sigma = self.process.sigma(t).to(z)
-        c_in2 = 1.0 / (alpha**2 * self.net.sigma_data**2 + sigma**2)
-        base = 0.5 * c_in2 * (z**2).sum(-1)
-        return self.net.energy(z, t) - base
-
-    def energy(self, z: torch.Tensor, t) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
-        return self._gaussian_energy(z, t) + self.residual(z, t)
-
-    def forward(self, z: torch.Tensor, t) -> torch.Tensor:
-        keep_graph = torch.is_grad_enabled()
-        with torch.enable_grad():
-            zg = z if z.requires_grad else z.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.energy(zg, t).sum(), zg, create_graph=keep_graph)
-        return -grad if keep_graph else -grad.detach()
-
-
-def whitening(subposteriors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""The common affine map of the combiner: mean ``m (dim,)`` and Cholesky factor ``L`` of the
-    pooled draws' covariance, :math:`z = L^{-1}(x - m)`."""
-    m, cov = sample_moments(torch.cat(subposteriors))
-    return m, torch.linalg.cholesky(cov)
-
-
-def fit_shard_energy(z: torch.Tensor, grad_z: torch.Tensor | None, *, shard: int = 0, hidden: int = 64, depth: int = 3,
-                     num_steps: int = 6000, batch_size: int = 512, lr: float = 2e-3, seed: int = 0,
-                     t_min: float = 1e-3, small_t_fraction: float = 0.5, loss: str = "mixed", num_reference: int = 1024,
-                     ema_decay: float = 0.999, focus_weights: torch.Tensor | None = None, focus_fraction: float = 0.5,
-                     focus_t_max: float | None = None, worker_threads: int | None = 1) -> dict:
-    r"""Fit one shard's :class:`ShardEnergy` with the toolkit's
-    :func:`~diffstat.diffusion.training.train_score_model` (runs in a worker).
-
-    Parameters
-    ----------
-    z, grad_z : (n, dim)
-        Whitened draws and the scores there (``None``: the DSM form of the loss).
-    loss : ``"mixed"`` (default) or ``"stf"``
-        ``"stf"``: the mixed TSM/DSM target averaged over the empirical posterior of
-        ``num_reference`` draws (:func:`~diffstat.diffusion.losses.stf_loss`; module notes);
-        ``"mixed"``: the plain mixed target (``"dsm"`` without ``grad_z``).
-    num_steps, batch_size, lr, ema_decay
-        Adam with a cosine-decayed learning rate (to 5% of ``lr``); the EMA weights are kept.
-    small_t_fraction : float
-        Share of each batch's times drawn log-uniformly on ``[t_min, 1]``.
-    focus_weights : (n,), optional; focus_fraction, focus_t_max : float
-        A share ``focus_fraction`` of each batch drawn with probability proportional to
-        ``focus_weights`` (where the product lives), at times log-uniform on
-        ``[t_min, focus_t_max]`` (``TrainConfig.focus_fraction``).
-
-    Returns
-    -------
-    dict with ``state_dict``, the constructor settings, ``loss`` (training loss history),
-    ``fit_time`` (seconds) and ``shard``.
-    """
-    from diffstat.diffusion.processes import VP
-    from diffstat.diffusion.training import TrainConfig, train_score_model
-
-    if worker_threads is not None:
-        torch.set_num_threads(int(worker_threads))
-    if loss not in ("stf", "mixed"):
-        raise ValueError(f"loss must be 'stf' or 'mixed', got {loss!r}")
-    start = time.perf_counter()
-    z = z.detach().float()
-    grad_z = None if grad_z is None else grad_z.detach().float()
-    mean, cov = sample_moments(z)
-    process = VP(t_min=t_min)
-    model = ShardEnergy(mean, cov, hidden=hidden, depth=depth, process=process, seed=seed)
-    gen = torch.Generator().manual_seed(int(seed))
-    config = TrainConfig(num_steps=int(num_steps), batch_size=int(batch_size), lr=lr, ema_decay=ema_decay,
-                         loss=loss if (loss == "stf" or grad_z is not None) else "dsm", val_fraction=0.0,
-                         eval_every=max(1, int(num_steps) // 20), lr_schedule="cosine", lr_final_ratio=0.05,
-                         num_reference=int(num_reference), small_t_fraction=small_t_fraction,
-                         focus_fraction=focus_fraction if focus_weights is not None else 0.0, focus_t_max=focus_t_max,
-                         weighting="sigma2" if grad_z is None else None)
-    result = train_score_model(model, process, z, grad_z, config=config, generator=gen, focus_weights=focus_weights)
-    settings = dict(hidden=hidden, depth=depth, t_min=t_min, seed=seed)
-    return {"state_dict": {k: v.detach().clone() for k, v in result.model.state_dict().items()}, "settings": settings,
-            "dim": z.shape[1], "loss": result.history["train_loss"], "fit_time": time.perf_counter() - start,
-            "shard": shard}
-
-
-def load_shard_energy(fit: dict) -> ShardEnergy:
-    """Rebuild the :class:`ShardEnergy` returned (as a state dict) by :func:`fit_shard_energy`."""
-    from diffstat.diffusion.processes import VP
-
-    s = fit["settings"]
-    dim = fit["dim"]
-    model = ShardEnergy(torch.zeros(dim), torch.eye(dim), hidden=s["hidden"], depth=s["depth"],
-                        process=VP(t_min=s["t_min"]), seed=s["seed"])
-    model.load_state_dict(fit["state_dict"])
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def systematic_resample(generator: torch.Generator, log_w: torch.Tensor) -> torch.Tensor:
-    """Indices ``(n,)`` drawn by systematic resampling from normalised ``exp(log_w)``."""
-    n = log_w.shape[0]
-    w = torch.softmax(log_w, 0)
-    u = (torch.rand((), generator=generator, dtype=w.dtype, device=generator.device).to(w.device)
-         + torch.arange(n, dtype=w.dtype, device=w.device)) / n
-    cdf = torch.cumsum(w, 0)
-    cdf[-1] = 1.0
-    return torch.searchsorted(cdf, u).clamp(max=n - 1)
+__all__ = ["combine_diffusion"]
 
 
 class _Product:
@@ -518,7 +349,7 @@ def combine_diffusion(
             lpg = product.log_prob_and_grad(t)
             x_now = w if state is None else state.x
             if resampled:
-                idx = systematic_resample(generator, log_w).to(device)
+                idx = systematic(generator, log_w).to(device)
                 x_now = x_now[idx]
                 log_w = torch.zeros_like(log_w)
             state = MCMCState(x_now, *lpg(x_now))
@@ -556,7 +387,7 @@ def combine_diffusion(
                     generator, state.x, product, t_min, [z.to(device) for z in zs], to_w, to_z,
                     0.5 * float(adapt.final_step_size), exact_log_prob=exact_lp, **(calibrate_options or {}))
                 if bool((log_wc != 0).any()):
-                    idx = systematic_resample(generator, log_wc).to(device)
+                    idx = systematic(generator, log_wc).to(device)
                     state = MCMCState(state.x[idx], state.log_prob[idx], state.grad[idx])
                     cal_info["labels"] = cal_info["labels"][idx]
             step = adapt.step_size if j < num_adapt else adapt.final_step_size
@@ -583,7 +414,7 @@ def combine_diffusion(
             log_w[in_j] = lw + math.log(float(in_j.double().mean()))
             ess_sum += float(ess_from_log_weights(lw)) if j >= 0 else 0.0
         final_ess = ess_sum / num_samples
-        idx = systematic_resample(generator, log_w).to(device)
+        idx = systematic(generator, log_w).to(device)
         state = MCMCState(state.x[idx], state.log_prob[idx], state.grad[idx])
         final_acc = [a[idx] for a in final_acc]
     combine_time = time.perf_counter() - start

@@ -169,7 +169,7 @@ def test_bimodal_mode_weights_annealing_vs_consensus(generator):
     """The annealed MCMC of the diffusion combiner, given the shards' exact noised energies,
     keeps the product's mode weights within 0.05 of the closed form; consensus Monte Carlo, which
     averages one draw per shard, puts mass between the modes and fails."""
-    from diffstat.dnc.diffusion import whitening
+    from diffstat.dnc.energy import whitening
 
     draws, scores = _bimodal_shards(generator)
     exact = exact_product_weight_negative_mode()
@@ -195,7 +195,7 @@ def test_bimodal_annealing_rejects_wrong_energies(generator):
     """Negative case: with one shard's mode weights swapped (0.3/0.7), the same check fails. With
     the calibration on, the shards' draw counts (which have the right weights) repair the wrong
     energies: the offsets between modes are what it estimates."""
-    from diffstat.dnc.diffusion import whitening
+    from diffstat.dnc.energy import whitening
 
     draws, scores = _bimodal_shards(generator)
     m, chol = whitening(draws)
@@ -280,7 +280,7 @@ def test_inference_data_input_and_reproducibility(generator):
 def test_shard_energy_starts_as_the_noised_gaussian():
     """Identity: before training the energy is exactly the noised Gaussian's, whose score is
     -(alpha^2 S + sigma^2 I)^{-1} (z - alpha m)."""
-    from diffstat.dnc.diffusion import ShardEnergy
+    from diffstat.dnc.energy import ShardEnergy
 
     mean = torch.tensor([0.3, -0.2])
     cov = torch.tensor([[0.5, 0.1], [0.1, 0.3]])
@@ -299,7 +299,7 @@ def test_fit_without_scores_uses_dsm_and_learns():
     """Without scores the fit falls back to denoising score matching; on fixed noise the trained
     model's DSM loss is below the untrained (Gaussian) model's."""
     from diffstat.diffusion.losses import dsm_loss
-    from diffstat.dnc.diffusion import ShardEnergy, fit_shard_energy, load_shard_energy
+    from diffstat.dnc.energy import ShardEnergy, fit_shard_energy, load_shard_energy
     from diffstat.dnc.gaussian import sample_moments
 
     gen = torch.Generator().manual_seed(0)
