@@ -14,13 +14,57 @@ narrow-heavy/wide-light measurements, which fixed every stage below):
    alone. Its weighted particles are resampled (balanced: ``refresh_chains`` per mode) and moved
    by ``refresh_steps`` local MALA steps: a training set that covers each mode's shape, which the
    short restocking chains of step 2 do not (measured on bananas: they stay near their starts).
-4. **Fit** score models (:class:`~diffstat.diffusion.networks.ScoreMLP`, VP process) by the mixed
-   TSM/DSM loss with the gradients already computed, on particles standardised per coordinate,
-   :math:`y = L^{-1}(x - m)`, :math:`\nabla_y \log p = L^\top \nabla_x \log p`: one model per mode
-   (each standardised on its own mode) when there are at most ``max_mode_models`` modes, else one
-   model for all. Measured on the 6-d banana mixture trained on exact draws: a single model over
-   both modes gave a pure-diffusion importance ESS of 2 to 12%, one model per banana 46 to 77%
-   (a unimodal, well-scaled density is much easier to learn).
+4. **Fit** score models (:class:`~diffstat.diffusion.networks.ScoreMLP`, VP process with horizon
+   ``t_max``) by the mixed TSM/DSM loss with the gradients already computed, on whitened
+   particles :math:`y = L^{-1}(x - m)`, :math:`\nabla_y \log p = L^\top \nabla_x \log p`: one
+   model per mode when there are at most ``max_mode_models`` modes, each whitened by its mode's
+   *full* covariance (a unimodal set: the per-coordinate choice is for the one pooled model of
+   many modes, see :meth:`~diffstat.diffusion.proposals.Whitening.fit`). The network's output
+   layer starts at zero and its preconditioned output is the residual to the exact score
+   :math:`-y` of the noised :math:`\mathcal N(0, I)`, so every model starts as its mode's
+   moment-matched Gaussian and learns only the departure from it. Measured on the 6-d banana
+   mixture trained on exact draws: one model over both modes gave a pure-diffusion importance ESS
+   of 2 to 12%, one model per banana 46 to 77%.
+   Training sets: the restocked banks keep every ``refresh_keep_every`` (2) MALA state of the
+   second half of each chain (more particles at no extra evaluations), and with
+   ``train_on_restarts`` the distinct resampled importance particles the chains start from are
+   trained on too: they hold the high-weight points in the bananas' arms, which the short chains
+   spread out or leave (4-d banana mixture, ESS fraction of the first / last diffusion round,
+   seeds 0/2/4: 0.33/0.65, 0.28/0.61, 0.66/0.67 without; 0.61/0.74, 0.52/0.80, 0.69/0.63 with).
+   Distinct, not resampled with repeats: trained with its repeats, a heavy particle copied
+   tens of times became a spike the next fit learned, and the last round collapsed (ESS fraction
+   of the two diffusion rounds, 6-d seed 1: 0.68/0.17 with repeats, 0.56/0.58 distinct; 10-d
+   seed 0: 0.62/0.26 and 0.49/0.66).
+   The horizon ``t_max`` = 0.6 (where :math:`\alpha_t = 0.16`) rather than 1: the linear
+   schedule's :math:`t > 0.6` is pure noise for whitened data, and it wasted half of the
+   training times and ODE steps (one 10-d banana, 8,000 exact draws, 4,000 steps, pure-flow ESS
+   fraction over seeds 0/1/2: 0.55/0.69/- at ``t_max`` = 1, 0.74/0.84/- at 0.6, 0.68/0.86/0.87
+   at 0.5).
+   **Check** (``gaussian_fallback``): from the second diffusion round's point of view the last
+   round's weighted particles are held-out draws of :math:`p`; ``held_out`` (512) per mode are
+   resampled by weight and each mode's defensive mixture
+   :math:`w_d q_{\mathrm{diff},k} + (1-w_d) q_{\mathrm{gauss},k}` is compared with its Gaussian
+   alone by the held-out cross-entropy :math:`\frac1m\sum_i[\log p(x_i) - \log q(x_i)]`
+   (:func:`~diffstat.diffusion.proposals.held_out_cross_entropy`, no target evaluations); a mode
+   whose model loses proposes from its Gaussian (recorded as ``model_choice`` = -1). With
+   ``train_on_restarts`` the held-out draws share high-weight particles with the training set,
+   so the check is lenient toward the model: it catches a failed fit, not a slightly worse one.
+   Measured and not adopted (scratch runs; the options were removed): two or more independent
+   fits per mode, either selected by the same check (the cross-entropies of two fits differed
+   by 0.001 to 0.03 nats while their ESS differed by a factor 2: the check cannot see the tails
+   that decide the ESS) or mixed with equal weights (10-d seed 1 ESS
+   fraction 0.49/0.62 in rounds 2/3 against 0.54/0.61 for one fit with the denser banks, and
+   twice the cost; 4-d seed 0 one round collapsed to 0.008, seed 4 the last round to 0.18);
+   ``refit_steps`` = ``train_steps`` instead of half (4-d seeds 0/2/4: 0.60/0.79/0.73 against
+   0.74/0.80/0.63); a widened base
+   :math:`(1-a)\mathcal N(0, I) + a\,\mathcal N(0, r^2 I)` (``tail_weight`` :math:`a`,
+   ``tail_scale`` :math:`r` of :class:`~diffstat.diffusion.proposals.DiffusionProposal`; the
+   same ODE solve gives its exact density): 4-d seed 0 last-round
+   ESS 0.67 (a = 0.3, r = 1.5), 0.59 (r = 2) against 0.74 without (all three trained on the
+   restarts); ``prior_scale`` 1.15 lowered
+   the exact-draw ESS above to 0.53/0.63/0.64; the :math:`\chi^2` form of the check
+   (:math:`\log\frac1m\sum p/q`) was decided by one far-tail point and chose the Gaussian over a
+   model with three times its ESS.
 5. **Propose and correct**: the defensive mixture
    :math:`q = w_d q_{\mathrm{diff}} + (1 - w_d) q_{\mathrm{gauss}}`
    (:class:`~diffstat.diffusion.proposals.DefensiveMixture`), :math:`q_{\mathrm{diff}}` the
@@ -47,7 +91,7 @@ import torch
 
 from diffstat._util import check_positive_int, check_probability, ess_from_log_weights, log_normalizer_estimate, progress_bar
 from diffstat.diffusion.modes import ModeBank, balance_modes, explore_modes
-from diffstat.diffusion.proposals import DefensiveMixture, DiffusionMixture, DiffusionProposal, Whitening, fit_mode_gaussians
+from diffstat.diffusion.proposals import DefensiveMixture, DiffusionMixture, DiffusionProposal, GaussianComponent, Whitening, fit_mode_gaussians, held_out_cross_entropy
 from diffstat.sampling import SamplerResult, register_sampler
 
 __all__ = ["run_diffusion_sampler", "importance_summary"]
@@ -63,6 +107,26 @@ def importance_summary(log_w: torch.Tensor, modes: torch.Tensor, num_modes: int)
     mode_weights = torch.zeros(num_modes, dtype=w.dtype, device=w.device).index_add_(0, modes, w)
     ess_mode = torch.stack([ess_from_log_weights(log_w[modes == k]) if bool((modes == k).any()) else log_w.new_zeros(()) for k in range(num_modes)])
     return {"log_z": log_z, "se": se, "ess": float(ess_from_log_weights(log_w)), "mode_weights": mode_weights, "ess_per_mode": torch.nan_to_num(ess_mode)}
+
+
+def _resample_per_mode(log_w: torch.Tensor, modes: torch.Tensor, num_modes: int, per_mode: int, generator) -> torch.Tensor:
+    """Indices ``(<= K per_mode,)`` of ``per_mode`` draws per mode from the self-normalised weights
+    within that mode (modes without finite weight are skipped)."""
+    picks = []
+    for k in range(num_modes):  # a loop over modes (few), not over particles
+        rows = torch.nonzero((modes == k) & torch.isfinite(log_w)).flatten()
+        if rows.numel() == 0:
+            continue
+        p = torch.softmax(log_w[rows].double(), 0)
+        picks.append(rows[torch.multinomial(p.to(generator.device), per_mode, replacement=True, generator=generator).to(rows.device)])
+    return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.long, device=log_w.device)
+
+
+def _unique_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct rows of ``x: (n, dim)`` and the index of one occurrence of each."""
+    uniq, inverse = torch.unique(x, dim=0, return_inverse=True)
+    first = torch.full((uniq.shape[0],), x.shape[0], dtype=torch.long, device=x.device).scatter_reduce(0, inverse, torch.arange(x.shape[0], device=x.device), reduce="amin")
+    return uniq, first
 
 
 def _resample_bank(target, bank: ModeBank, x, log_w, modes, per_mode: int, generator) -> ModeBank:
@@ -119,6 +183,12 @@ def run_diffusion_sampler(
     target_ess: float = 0.3,
     per_mode_models: bool | None = None,
     max_mode_models: int = 4,
+    gaussian_fallback: bool = True,
+    held_out: int = 512,
+    t_max: float = 0.6,
+    whiten: str | None = None,
+    refresh_keep_every: int = 2,
+    train_on_restarts: bool = True,
     reference: torch.distributions.Distribution | None = None,
     prior_scale: float = 1.0,
 ) -> SamplerResult:
@@ -128,9 +198,14 @@ def run_diffusion_sampler(
     from diffstat.diffusion.training import TrainConfig, train_score_model
 
     num_chains = 1 if num_chains is None else num_chains
-    for name, value in (("num_proposals", num_proposals), ("max_rounds", max_rounds), ("ode_steps", ode_steps), ("train_steps", train_steps)):
+    for name, value in (("num_proposals", num_proposals), ("max_rounds", max_rounds), ("ode_steps", ode_steps), ("train_steps", train_steps), ("held_out", held_out)):
         check_positive_int(value, name)
     target_ess = check_probability(target_ess, "target_ess", open_interval=False)
+    if whiten not in (None, "full", "diag"):
+        raise ValueError(f"whiten must be None, 'full' or 'diag', got {whiten!r}")
+    if not 0.0 < t_max <= 1.0:
+        raise ValueError(f"t_max must lie in (0, 1], got {t_max}")
+    check_positive_int(refresh_keep_every, "refresh_keep_every")
     if use_diffusion:
         check_probability(diffusion_weight, "diffusion_weight")
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -142,14 +217,18 @@ def run_diffusion_sampler(
     gaussians = fit_mode_gaussians(bank, inflate=inflate)
     uniform = torch.full((num_modes,), 1.0 / num_modes, dtype=bank.x.dtype, device=dev)
 
-    process = VP()
+    process = VP(t_max=t_max)
     per_mode = use_diffusion and (num_modes <= max_mode_models if per_mode_models is None else bool(per_mode_models))
-    models: list | None = None
+    whiten = ("full" if per_mode else "diag") if whiten is None else whiten
+    models: list | None = None  # one per unit
     whitenings: list[Whitening] = []
     initial, refreshed = bank, []
 
-    def fit_diffusion(pi: torch.Tensor):
-        """Fit (or warm-start) the score model(s) on the training banks; return the proposal."""
+    def fit_diffusion(pi: torch.Tensor, held: tuple | None):
+        """Fit (or warm-start) the score model of every unit (a mode, or all modes for one pooled
+        model) on the training banks; with ``gaussian_fallback`` keep it only where its defensive
+        mixture beats the unit's Gaussian in held-out cross-entropy on the particles ``held``.
+        Return the proposal, the mean training loss and the choice per unit (0: model, -1: Gaussian)."""
         nonlocal models
         train = refreshed or [initial]  # the banks restocked from importance particles, once there are any
         x = torch.cat([b.x for b in train])
@@ -160,27 +239,44 @@ def run_diffusion_sampler(
         if first:
             models = []
             for rows in groups:
-                whitenings.append(Whitening.fit(x[rows]))
+                whitenings.append(Whitening.fit(x[rows], kind=whiten))
                 seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
                 models.append(ScoreMLP(target.dim, hidden, depth, process=process, seed=seed).to(dev))
         config = TrainConfig(num_steps=train_steps if first else refit_steps, batch_size=batch_size, lr=lr, loss="mixed", lr_schedule="cosine")
-        losses, comps = [], []
-        for k, rows in enumerate(groups):  # a loop over modes (few)
+        losses, comps, choice = [], [], []
+        lw, lg = math.log(diffusion_weight), math.log1p(-diffusion_weight)
+        for k, rows in enumerate(groups):  # a loop over units (few modes)
             fit = train_score_model(models[k], process, whitenings[k].to_white(x[rows]), whitenings[k].grad_to_white(g[rows]), config=config, generator=generator, progress=progress)
             models[k] = fit.model
             losses.append(fit.history["train_loss"][-1] if fit.history["train_loss"] else math.nan)
-            comps.append(DiffusionProposal(lambda y, t, m=fit.model: m(y, t), process, whitenings[k], num_steps=ode_steps, prior_scale=prior_scale))
+            model_proposal = DiffusionProposal(lambda y, t, m=fit.model: m(y, t), process, whitenings[k], num_steps=ode_steps, prior_scale=prior_scale)
+            pick = 0
+            if held is not None and gaussian_fallback:
+                xh, lph, mode_h = held
+                sel = mode_h == k if per_mode else torch.ones_like(mode_h, dtype=torch.bool)
+                # the unit's Gaussian (its own component, normalised, for a per-mode unit)
+                log_g = gaussians.component_log_prob(xh[sel])[:, k] - torch.log(gaussians.weights[k]) if per_mode else gaussians.log_prob(xh[sel])
+                model_score = held_out_cross_entropy(lph[sel], torch.logaddexp(lw + model_proposal.log_prob(xh[sel]), lg + log_g))
+                pick = -1 if held_out_cross_entropy(lph[sel], log_g) < model_score else 0
+            choice.append(pick)
+            if per_mode:
+                comps.append(model_proposal if pick == 0 else GaussianComponent(gaussians.means[k], gaussians.chols[k]))
+            elif pick == 0:
+                comps.append(model_proposal)
+        if not comps:  # the pooled model lost to the Gaussians: this round is Gaussian IS
+            return None, float(sum(losses) / len(losses)), choice
         proposal = DiffusionMixture(comps, pi) if per_mode else comps[0]
-        return proposal, float(sum(losses) / len(losses))
+        return proposal, float(sum(losses) / len(losses)), choice
 
     rounds: list[dict] = []
     pool_x, pool_lw, pool_lp = [], [], []
-    pi = uniform
+    pi, held = uniform, None
     with progress_bar(max_rounds, "diffusion rounds", progress) as bar:
         for r in range(max_rounds):
             loss, diffusion_now, diffusion = math.nan, use_diffusion and r >= gaussian_rounds, None
+            choice = [-2] * (num_modes if per_mode else 1)  # -2: no diffusion this round
             if diffusion_now:
-                diffusion, loss = fit_diffusion(pi)
+                diffusion, loss, choice = fit_diffusion(pi, held)
             proposal = DefensiveMixture(diffusion, gaussians, diffusion_weight)
             x, log_q, from_diffusion = proposal.sample(num_proposals, generator)
             with torch.no_grad():
@@ -188,18 +284,24 @@ def run_diffusion_sampler(
             log_w = torch.nan_to_num(lp - log_q, nan=-math.inf)
             modes = (gaussians.component_log_prob(x) - torch.log(gaussians.weights)).argmax(-1)
             summary = importance_summary(log_w, modes, num_modes)
-            summary.update(round=r, train_loss=loss, num_target_evals=target.num_target_evals - evals0, diffusion_share=float(from_diffusion.double().mean()))
+            summary.update(round=r, train_loss=loss, num_target_evals=target.num_target_evals - evals0, diffusion_share=float(from_diffusion.double().mean()), choice=choice)
             rounds.append(summary)
             pool_x.append(x), pool_lw.append(log_w), pool_lp.append(lp)
             bar.update()
             if r + 1 == max_rounds or (summary["ess"] >= target_ess * num_proposals and (models is not None or not use_diffusion)):
                 break
+            if use_diffusion:  # held-out particles for the model check: a weighted resample per mode (no target evaluations)
+                idx = _resample_per_mode(log_w, modes, num_modes, held_out, generator)
+                held = (x[idx], lp[idx], modes[idx])
             # restock the modes from the weighted particles (balanced again), refit the Gaussians
             restart = _resample_bank(target, bank, x, log_w, modes, refresh_chains, generator)
-            bank = balance_modes(target, restart, generator, chains_per_mode=refresh_chains, num_steps=refresh_steps, keep_every=max(refresh_steps // 4, 1))
+            bank = balance_modes(target, restart, generator, chains_per_mode=refresh_chains, num_steps=refresh_steps, keep_every=refresh_keep_every)
             pi = 0.5 * summary["mode_weights"].to(bank.x.dtype) + 0.5 * uniform
             gaussians = fit_mode_gaussians(bank, inflate=inflate, weights=pi)
             refreshed.append(bank)
+            if train_on_restarts:  # the distinct resampled importance particles (their gradients are already paid for)
+                _, first_rows = _unique_rows(restart.x)
+                refreshed.append(ModeBank(restart.x[first_rows], restart.log_prob[first_rows], restart.grad[first_rows], restart.label[first_rows], restart.centers, restart.center_log_prob, 0))
 
     # pool the rounds: lambda_r proportional to ESS_r
     ess = torch.tensor([s["ess"] for s in rounds], dtype=torch.float64)
@@ -230,6 +332,7 @@ def run_diffusion_sampler(
             "num_target_evals": torch.tensor([s["num_target_evals"] for s in rounds]),
             "train_loss": torch.tensor([s["train_loss"] for s in rounds], dtype=torch.float64),
             "diffusion_share": torch.tensor([s["diffusion_share"] for s in rounds], dtype=torch.float64),
+            "model_choice": torch.tensor([s["choice"] for s in rounds]),
             "mode_weights": torch.stack([s["mode_weights"].cpu() for s in rounds]),
             "ess_per_mode": torch.stack([s["ess_per_mode"].cpu() for s in rounds]),
             "mode_centers": bank.centers.cpu().unsqueeze(0).expand(len(rounds), -1, -1),
@@ -264,7 +367,10 @@ def diffusion(target, *, num_samples, num_chains, generator, progress, device, *
     steps, the rest from the per-mode Gaussians with covariances inflated by ``inflate`` (1.2);
     at most ``max_rounds`` (3) rounds, stopping once a diffusion round's ESS fraction reaches
     ``target_ess`` (0.3). ``num_chains`` (default 1) times ``num_samples`` draws are resampled
-    from the pooled rounds.
+    from the pooled rounds. Model details (module notes): VP horizon ``t_max`` (0.6); ``whiten``
+    (None: "full" per mode, "diag" for one pooled model); restocked banks keep every
+    ``refresh_keep_every`` (2) state; ``gaussian_fallback`` (True) on ``held_out`` (512)
+    particles per mode; the flow's base widened by ``prior_scale`` (1).
     """
     return run_diffusion_sampler(target, num_samples=num_samples, num_chains=num_chains, generator=generator, progress=progress, device=device, use_diffusion=True, **options)
 
@@ -274,7 +380,7 @@ def gaussian_is(target, *, num_samples, num_chains, generator, progress, device,
     r"""Per-mode Gaussian importance sampling: the same exploration, banking and restocking as
     ``"diffusion"``, then moment-matched Gaussians per mode (no score model). The baseline the
     diffusion sampler must beat where modes are not Gaussian."""
-    for key in ("diffusion_weight", "ode_steps", "hidden", "depth", "train_steps", "refit_steps", "batch_size", "lr"):
+    for key in ("diffusion_weight", "ode_steps", "hidden", "depth", "train_steps", "refit_steps", "batch_size", "lr", "gaussian_fallback", "held_out", "t_max", "whiten", "prior_scale", "train_on_restarts"):
         if key in options:
             raise ValueError(f"option {key!r} does not apply to gaussian_is")
     return run_diffusion_sampler(target, num_samples=num_samples, num_chains=num_chains, generator=generator, progress=progress, device=device, use_diffusion=False, **options)
