@@ -50,7 +50,7 @@ CASES = {
 
 
 def run_vignette(name: str) -> tuple[subprocess.CompletedProcess, float]:
-    env = dict(os.environ, DIFFSTAT_FAST="1", MPLBACKEND="Agg", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, DIFFSTAT_FAST="1", MPLBACKEND="Agg", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     start = time.time()
     proc = subprocess.run([sys.executable, str(VIGNETTES / name)], cwd=VIGNETTES, env=env, capture_output=True,
                           text=True, timeout=TIMEOUT)

@@ -104,7 +104,7 @@ OPTIONS = {
     "smc": dict(num_mcmc_steps=20),
     "pt": dict(num_chains=4),
     "walk_jump": dict(num_chains=4, num_samples=NUM_SAMPLES // 4, sigma=0.3, walk="ula"),
-    "sms": dict(num_chains=1, num_samples=100 if FAST else 500, sigma=0.5, num_measurements=16),
+    "sms": dict(num_chains=1, num_samples=40 if FAST else 500, sigma=0.5, num_measurements=16),
     "diffusion": dict(num_explore=500, train_steps=300, refit_steps=100, hidden=64, num_proposals=1024) if FAST else {},
 }
 METHODS = list(OPTIONS)

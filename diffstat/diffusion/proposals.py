@@ -80,9 +80,11 @@ class GaussianMixtureProposal:
     def component_log_prob(self, x: torch.Tensor) -> torch.Tensor:
         r""":math:`\log \pi_k + \log \mathcal N(x; \mu_k, \Sigma_k)`, ``(n, K)``."""
         d = x.shape[-1]
-        diff = (x[:, None, :] - self.means[None]).unsqueeze(-1)
-        z = torch.linalg.solve_triangular(self.chols[None], diff, upper=False).squeeze(-1)
-        return torch.log(self.weights) - 0.5 * ((z**2).sum(-1) + self._log_det + d * math.log(2 * math.pi))
+        # one triangular solve per component with the points as right-hand sides, (K, d, n): the
+        # Cholesky factors are not broadcast over points (memory K d n, not n K d^2)
+        diff = (x[None] - self.means[:, None, :]).transpose(1, 2)
+        z = torch.linalg.solve_triangular(self.chols, diff, upper=False)
+        return torch.log(self.weights) - 0.5 * ((z**2).sum(1).T + self._log_det + d * math.log(2 * math.pi))
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         return torch.logsumexp(self.component_log_prob(x), -1)

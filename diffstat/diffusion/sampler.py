@@ -41,7 +41,8 @@ narrow-heavy/wide-light measurements, which fixed every stage below):
    fraction over seeds 0/1/2: 0.55/0.69/- at ``t_max`` = 1, 0.74/0.84/- at 0.6, 0.68/0.86/0.87
    at 0.5).
    **Check** (``gaussian_fallback``): from the second diffusion round's point of view the last
-   round's weighted particles are held-out draws of :math:`p`; ``held_out`` (512) per mode are
+   round's weighted particles are held-out draws of :math:`p`; ``held_out`` (512) per mode (in all
+   for one pooled model) are
    resampled by weight and each mode's defensive mixture
    :math:`w_d q_{\mathrm{diff},k} + (1-w_d) q_{\mathrm{gauss},k}` is compared with its Gaussian
    alone by the held-out cross-entropy :math:`\frac1m\sum_i[\log p(x_i) - \log q(x_i)]`
@@ -290,8 +291,9 @@ def run_diffusion_sampler(
             bar.update()
             if r + 1 == max_rounds or (summary["ess"] >= target_ess * num_proposals and (models is not None or not use_diffusion)):
                 break
-            if use_diffusion:  # held-out particles for the model check: a weighted resample per mode (no target evaluations)
-                idx = _resample_per_mode(log_w, modes, num_modes, held_out, generator)
+            if use_diffusion:  # held-out particles for the model check: a weighted resample per unit (no target evaluations)
+                unit = modes if per_mode else torch.zeros_like(modes)  # one pooled model: held_out in all, not per mode
+                idx = _resample_per_mode(log_w, unit, num_modes if per_mode else 1, held_out, generator)
                 held = (x[idx], lp[idx], modes[idx])
             # restock the modes from the weighted particles (balanced again), refit the Gaussians
             restart = _resample_bank(target, bank, x, log_w, modes, refresh_chains, generator)
