@@ -133,14 +133,7 @@ def _unique_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _resample_bank(target, bank: ModeBank, x, log_w, modes, per_mode: int, generator) -> ModeBank:
     """A bank of ``per_mode`` points per mode drawn from the weighted particles of that mode (the
     bank's own particles where a mode received no weight), with fresh gradients."""
-    picks = []
-    for k in range(bank.num_modes):  # a loop over modes (few), not over particles
-        rows = torch.nonzero((modes == k) & torch.isfinite(log_w)).flatten()
-        if rows.numel() == 0:
-            continue
-        p = torch.softmax(log_w[rows], 0)
-        picks.append(rows[torch.multinomial(p.to(generator.device), per_mode, replacement=True, generator=generator).to(rows.device)])
-    idx = torch.cat(picks)
+    idx = _resample_per_mode(log_w, modes, bank.num_modes, per_mode, generator)
     lp, grad = target.log_prob_and_grad(x[idx])
     new = ModeBank(x[idx], lp, grad, modes[idx], bank.centers, bank.center_log_prob, 0)
     missing = [k for k in range(bank.num_modes) if not bool((new.label == k).any())]
