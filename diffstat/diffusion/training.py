@@ -219,13 +219,9 @@ def train_score_model(model: torch.nn.Module, process, x0, grad0=None, *, config
         raise ValueError(f"x0 has dimension {x0.shape[1]} but the model expects {model.dim}")
     if not torch.isfinite(x0).all():
         raise ValueError("x0 contains NaN or infinite values")
-    if config.loss in ("tsm", "mixed"):
-        if grad0 is None:
-            raise ValueError(f"loss={config.loss!r} needs grad0 = grad log p_0(x0); use loss='dsm' without it")
-        grad0 = torch.as_tensor(grad0).to(device=x0.device, dtype=x0.dtype)
-        if grad0.shape != x0.shape or not torch.isfinite(grad0).all():
-            raise ValueError(f"grad0 must be finite and of shape {tuple(x0.shape)}, got {tuple(grad0.shape)}")
-    elif config.loss == "stf" and grad0 is not None:  # the mixed form; without grad0 the DSM form
+    if config.loss in ("tsm", "mixed") and grad0 is None:
+        raise ValueError(f"loss={config.loss!r} needs grad0 = grad log p_0(x0); use loss='dsm' without it")
+    if config.loss in ("tsm", "mixed", "stf") and grad0 is not None:  # "stf" without grad0: its DSM form
         grad0 = torch.as_tensor(grad0).to(device=x0.device, dtype=x0.dtype)
         if grad0.shape != x0.shape or not torch.isfinite(grad0).all():
             raise ValueError(f"grad0 must be finite and of shape {tuple(x0.shape)}, got {tuple(grad0.shape)}")

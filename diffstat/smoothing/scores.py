@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from diffstat._util import check_positive_int
+from diffstat._util import check_positive_int, ess_from_log_weights
 from diffstat.smoothing.laplace import (
     _MAX_STEP,
     ModeBank,
@@ -351,7 +351,7 @@ class LaplaceSmoothedScore(SmoothedScore):
         log_r = torch.where(keep & torch.isfinite(log_r), log_r, torch.zeros_like(log_r))
         var = torch.where(keep, torch.nan_to_num(var, nan=0.0, posinf=0.0), torch.zeros_like(var))
         # Kish ESS fraction of the k draws: 1 where the local Gaussian is p(x | y) itself
-        ess = rel.sum(-1) ** 2 / (rel**2).sum(-1) / k
+        ess = ess_from_log_weights(log_w) / k
         # a fit left uncorrected (Laplace weight under 1e-3) is unchecked: 0, so that if the
         # correction of the others hands it the weight, fit_ess says the estimate is unchecked
         ess = torch.where(keep, torch.nan_to_num(ess, nan=0.0), torch.zeros_like(ess))
