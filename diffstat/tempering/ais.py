@@ -71,7 +71,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from diffstat._util import check_options, check_positive_int, check_probability, log_normalizer_estimate, progress_bar
+from diffstat._util import check_options, check_positive_int, check_probability, log_normalizer_estimate, pareto_k, progress_bar
 from diffstat.mcmc.base import MCMCState
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.path import (
@@ -261,25 +261,6 @@ def thermodynamic_schedule(pilot: PilotRun, num_temperatures: int) -> torch.Tens
     # strictly increasing and positive (ties only when K far exceeds the resolution of float64)
     betas = torch.maximum(betas, torch.arange(1, k_total + 1, dtype=b.dtype, device=b.device) * tiny)
     return betas
-
-
-def pareto_k(log_w: torch.Tensor) -> float:
-    r"""Pareto :math:`\hat k` of the importance weights (PSIS, Vehtari et al. 2024, via ArviZ):
-    above 0.7 the weights' variance is effectively infinite and estimates and their standard
-    errors are unreliable. NaN when it cannot be computed."""
-    import arviz as az
-    import numpy as np
-
-    lw = log_w.detach().double().cpu().numpy()
-    lw = lw[np.isfinite(lw)]
-    if lw.size < 20:
-        return math.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return float(az.psislw(lw - lw.max())[1])
-        except Exception:  # noqa: BLE001 - a diagnostic must not end the run
-            return math.nan
 
 
 def ais(

@@ -149,3 +149,45 @@ def test_bad_options_are_refused():
         ds.sample(target, "gaussian_is", num_samples=10, seed=0, progress=False, t_max=0.5)
     with pytest.raises(ValueError, match="t_max"):
         ds.sample(target, "diffusion", num_samples=10, seed=0, progress=False, t_max=1.5)
+
+
+def test_pareto_k_matches_the_gaussian_tail_index():
+    r"""For :math:`p = \mathcal N(0, s^2)`, :math:`q = \mathcal N(0, 1)` the weights
+    :math:`\exp(x^2(1 - 1/s^2)/2)` have Pareto tail shape :math:`k = 1 - 1/s^2` (0.75 at
+    :math:`s^2 = 4`); a proposal wider than the target (s^2 = 1/2) has no heavy tail, and equal
+    weights have none to fit. The fit uses about 420 tail weights, so its sd is about 0.09. The
+    smoothed weights are normalised, keep zero weights zero, and change only the largest ones."""
+    from diffstat._util import ess_from_log_weights, pareto_smooth
+
+    x = torch.randn(20_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for s2, lo, hi in ((4.0, 0.55, 0.95), (2.0, 0.3, 0.7)):
+        log_w = x**2 * (1 - 1 / s2) / 2
+        smoothed, k = pareto_smooth(log_w)
+        assert lo < k < hi
+        assert float(torch.logsumexp(smoothed, 0)) == pytest.approx(0.0, abs=1e-12)
+        shift = smoothed - log_w  # one constant (the normalisation) except at the smoothed weights
+        changed = (shift - shift.median()).abs() > 1e-9
+        assert 0 < int(changed.sum()) <= 3 * math.sqrt(20_000) + 1 and bool((log_w[changed] >= log_w[~changed].max()).all())
+        assert float(ess_from_log_weights(smoothed)) > float(ess_from_log_weights(log_w))  # the smoothed tail is lighter
+    assert pareto_smooth(x**2 * (1 - 1 / 0.5) / 2)[1] < 0.0
+    smoothed, k = pareto_smooth(torch.tensor([0.0] * 30 + [-math.inf], dtype=torch.float64))
+    assert math.isnan(k) and smoothed.tolist() == [-math.log(30)] * 30 + [-math.inf]
+    assert math.isnan(pareto_smooth(log_w[:19])[1])  # too few weights to fit a tail
+
+
+def test_a_larger_final_round():
+    """``final_proposals`` sizes the last round only; the ESS fraction, the proposal counts and
+    the target evaluations follow it, and the Pareto k of each round is reported."""
+    target = nine_modes(log_normalizer=LOG_Z).as_target(dtype=torch.float64)
+    opts = dict(num_explore=200, max_rounds=2, gaussian_rounds=2, target_ess=1.0, num_proposals=1000, chains_per_mode=32, refresh_chains=32)
+    small = ds.sample(target, "gaussian_is", num_samples=100, seed=0, progress=False, **opts)
+    big = ds.sample(target, "gaussian_is", num_samples=100, seed=0, progress=False, final_proposals=3000, **opts)
+    group = big["diffusion"]
+    assert group["num_proposals"].values.tolist() == [1000, 3000] and big.posterior.attrs["num_proposals"] == 4000
+    assert group["ess_fraction"].values == pytest.approx(group["ess"].values / [1000, 3000])
+    assert big.posterior.attrs["num_target_evals"] - small.posterior.attrs["num_target_evals"] == 2000
+    k = group["pareto_k"].values
+    assert k.shape == (2,) and big.posterior.attrs["pareto_k"] == k[-1] and (k < 0.7).all()
+    assert (group["ess_psis"].values > 0).all() and (group["ess_psis"].values <= [1000, 3000]).all()
+    with pytest.raises(ValueError, match="final_proposals"):
+        ds.sample(target, "gaussian_is", num_samples=10, seed=0, progress=False, final_proposals=0)
