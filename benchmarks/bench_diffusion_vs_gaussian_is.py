@@ -26,7 +26,7 @@ over cores):
 
     python benchmarks/bench_diffusion_vs_gaussian_is.py [--dims 4 6 10] [--seeds 0 ... 9]
         [--train-steps 4000] [--rounds 3] [--num-proposals 4096] [--final-proposals 16384]
-        [--refresh-chains 4096] [--diffusion-weight 0.95]
+        [--refresh-chains 4096] [--diffusion-weight 0.9]
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--num-proposals", type=int, default=4096)
     parser.add_argument("--final-proposals", type=int, default=16384)
     parser.add_argument("--refresh-chains", type=int, default=4096)
-    parser.add_argument("--diffusion-weight", type=float, default=0.95)
+    parser.add_argument("--diffusion-weight", type=float, default=0.9)
     args = parser.parse_args()
     torch.set_num_threads(1)
     summary = []
