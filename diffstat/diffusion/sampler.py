@@ -116,18 +116,20 @@ narrow-heavy/wide-light measurements, which fixed every stage below):
    0.9: the weights stay below :math:`p/(0.1\,q_{\mathrm{gauss}})`, at most 10 times the
    Gaussian importance weights, while the Gaussian draws, which carry little weight once the
    model fits, cost 10% of the proposals. Between 0.8 and 0.95 this trades the cap on the ESS
-   fraction against the tail the flow's holes leave; measured on the banana benchmark below
-   (4,096 restocking chains per mode, last round of 16,384, seeds 0-9), 0.9 against 0.95 gave
-   last-round Kish ESS fractions at d = 10 of at least 0.56 in every seed against 0.06 to
-   0.81, and at d = 4 (seeds 0-6) 0.71 to 0.85 against 0.39 to 0.86; the Pareto-smoothed
-   ESS moved less (d = 10 mean 0.73 against 0.70), since the difference is the tail), :math:`q_{\mathrm{diff}}` the
+   fraction against the tail the flow's holes leave. Measured on the banana benchmark
+   (``benchmarks/bench_diffusion_vs_gaussian_is.py``: 4,096 restocking chains per mode, last
+   round of 16,384, seeds 0-9), 0.9 against 0.95 gave last-round Kish ESS fractions of 0.52 to
+   0.78 against 0.06 to 0.81 at d = 10, and 0.71 to 0.85 against 0.29 to 0.86 at d = 4; the
+   Pareto-smoothed ESS moved less (mean 0.73 against 0.70 at d = 10, 0.80 and 0.81 at d = 4),
+   since the difference is in the tail), :math:`q_{\mathrm{diff}}` the
    probability-flow pushforward (a :math:`\pi`-weighted mixture of the per-mode pushforwards) with
    its exact log-density, evaluated at the Gaussian points by the same ODE run forward. Self-
    normalised weights :math:`w_i = p(x_i)/q(x_i)` give mode weights,
    :math:`\log\hat Z = \log \frac1n\sum_i w_i` with a delta-method standard error, the Kish
    ESS overall and per mode, and the Pareto :math:`\hat k` of the weights
-   (:func:`~diffstat._util.pareto_smooth`: above 0.5 their variance is infinite and one batch's Kish
-   ESS overstates the precision; above 0.7 the estimate is unreliable). While the ESS fraction is below ``target_ess``, restock from the
+   (:func:`~diffstat._util.pareto_smooth`: above 0.5 their variance is infinite and one
+   batch's Kish ESS overstates the precision; above 0.7 the estimate is unreliable, and a
+   warning says so). While the ESS fraction is below ``target_ess``, restock from the
    weighted particles again, refit the Gaussians with :math:`\pi` = half the estimated mode
    weights plus half uniform (so no mode is starved), warm-start the score models on all
    restocked particles, and propose again.
@@ -156,8 +158,8 @@ __all__ = ["run_diffusion_sampler", "importance_summary"]
 def importance_summary(log_w: torch.Tensor, modes: torch.Tensor, num_modes: int) -> dict[str, torch.Tensor | float]:
     r"""Summary of one round's log weights ``(n,)`` with mode assignments ``(n,)``: log Z and its
     standard error, the Kish ESS of the weights and of their Pareto-smoothed version with its
-    :math:`\hat k` (:func:`~diffstat._util.pareto_smooth`), the mode weights :math:`\sum_{i \in k} \bar w_i` and the
-    ESS of the weights within each mode ``(K,)``."""
+    :math:`\hat k` (:func:`~diffstat._util.pareto_smooth`), the mode weights
+    :math:`\sum_{i \in k} \bar w_i` and the ESS of the weights within each mode ``(K,)``."""
     log_w = torch.nan_to_num(log_w.double(), nan=-math.inf)
     log_z, se = log_normalizer_estimate(log_w)
     w = torch.softmax(log_w, 0)
