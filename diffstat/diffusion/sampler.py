@@ -134,10 +134,14 @@ narrow-heavy/wide-light measurements, which fixed every stage below):
    weights plus half uniform (so no mode is starved), warm-start the score models on all
    restocked particles, and propose again.
 
-Rounds are pooled with weights :math:`\lambda_r \propto \mathrm{ESS}_r`:
-:math:`\hat Z = \sum_r \lambda_r \hat Z_r`, and a particle of round :math:`r` carries
-:math:`\lambda_r` times its normalised weight within the round. Each round's estimator is
-consistent, so the pool is too. The returned draws are a multinomial resample of the pool.
+Rounds are pooled with weights :math:`\lambda_r \propto \mathrm{ESS}_r` (Kish, raw weights):
+:math:`\hat Z = \sum_r \lambda_r \hat Z_r`. The returned draws are a multinomial resample in
+which a particle of round :math:`r` carries :math:`\mu_r` times its Pareto-smoothed normalised
+weight within the round, :math:`\mu_r \propto` the round's smoothed ESS: smoothing caps the few
+largest weights of a heavy tail (Pareto :math:`\hat k` 0.5 to 0.7), which would otherwise fill
+the draws with copies of one point, at a small bias (Vehtari et al. 2024); :math:`\hat Z` keeps
+the raw weights, whose mean is unbiased. Each round's estimators are consistent, so the pools
+are too. The reported mode weights are those of the draws' pool.
 """
 
 from __future__ import annotations
@@ -379,7 +383,10 @@ def run_diffusion_sampler(
     z_pool = float((lam * z).sum())
     log_z = rounds[0]["log_z"] + math.log(z_pool)
     log_z_se = float(torch.sqrt((lam**2 * (z * se_rel) ** 2).sum())) / z_pool
-    log_pool = torch.cat([torch.log(lam[r].to(w)) + torch.log_softmax(w.double(), 0).to(w) for r, w in enumerate(pool_lw)])
+    # the draws: each round's Pareto-smoothed weights, rounds pooled by their smoothed ESS
+    ess_psis = torch.tensor([s["ess_psis"] for s in rounds], dtype=torch.float64)
+    lam_draws = ess_psis / ess_psis.sum()
+    log_pool = torch.cat([torch.log(lam_draws[r]).to(w) + pareto_smooth(w)[0].to(w) for r, w in enumerate(pool_lw)])
     all_x, all_lw, all_lp = torch.cat(pool_x), torch.cat(pool_lw), torch.cat(pool_lp)
     n_out = num_samples * num_chains
     p = torch.softmax(log_pool.double(), 0)
