@@ -162,7 +162,7 @@ __all__ = ["run_diffusion_sampler", "importance_summary"]
 def importance_summary(log_w: torch.Tensor, modes: torch.Tensor, num_modes: int) -> dict[str, torch.Tensor | float]:
     r"""Summary of one round's log weights ``(n,)`` with mode assignments ``(n,)``: log Z and its
     standard error, the Kish ESS of the weights and of their Pareto-smoothed version with its
-    :math:`\hat k` (:func:`~diffstat._util.pareto_smooth`), the mode weights
+    :math:`\hat k` (:func:`~diffstat._util.pareto_smooth`; the smoothed log weights as ``log_w_psis``), the mode weights
     :math:`\sum_{i \in k} \bar w_i` and the ESS of the weights within each mode ``(K,)``."""
     log_w = torch.nan_to_num(log_w.double(), nan=-math.inf)
     log_z, se = log_normalizer_estimate(log_w)
@@ -172,7 +172,7 @@ def importance_summary(log_w: torch.Tensor, modes: torch.Tensor, num_modes: int)
     smoothed, k = pareto_smooth(log_w)
     return {
         "log_z": log_z, "se": se, "ess": float(ess_from_log_weights(log_w)), "ess_psis": float(ess_from_log_weights(smoothed)), "pareto_k": k,
-        "mode_weights": mode_weights, "ess_per_mode": torch.nan_to_num(ess_mode),
+        "log_w_psis": smoothed, "mode_weights": mode_weights, "ess_per_mode": torch.nan_to_num(ess_mode),
     }
 
 
@@ -377,6 +377,7 @@ def run_diffusion_sampler(
         )
     # pool the rounds: lambda_r proportional to ESS_r
     ess = torch.tensor([s["ess"] for s in rounds], dtype=torch.float64)
+    sizes = torch.tensor([s["num_proposals"] for s in rounds])
     lam = ess / ess.sum()
     z = torch.tensor([math.exp(s["log_z"] - rounds[0]["log_z"]) for s in rounds], dtype=torch.float64)
     se_rel = torch.tensor([s["se"] for s in rounds], dtype=torch.float64)
@@ -386,7 +387,7 @@ def run_diffusion_sampler(
     # the draws: each round's Pareto-smoothed weights, rounds pooled by their smoothed ESS
     ess_psis = torch.tensor([s["ess_psis"] for s in rounds], dtype=torch.float64)
     lam_draws = ess_psis / ess_psis.sum()
-    log_pool = torch.cat([torch.log(lam_draws[r]).to(w) + pareto_smooth(w)[0].to(w) for r, w in enumerate(pool_lw)])
+    log_pool = torch.cat([torch.log(lam_draws[r]).to(w) + s["log_w_psis"].to(w) for r, (s, w) in enumerate(zip(rounds, pool_lw))])
     all_x, all_lw, all_lp = torch.cat(pool_x), torch.cat(pool_lw), torch.cat(pool_lp)
     n_out = num_samples * num_chains
     p = torch.softmax(log_pool.double(), 0)
@@ -400,8 +401,8 @@ def run_diffusion_sampler(
         "diffusion": {
             "round": torch.tensor([s["round"] for s in rounds]),
             "ess": ess,
-            "ess_fraction": ess / torch.tensor([s["num_proposals"] for s in rounds], dtype=torch.float64),
-            "num_proposals": torch.tensor([s["num_proposals"] for s in rounds]),
+            "ess_fraction": ess / sizes,
+            "num_proposals": sizes,
             "pareto_k": torch.tensor([s["pareto_k"] for s in rounds], dtype=torch.float64),
             "ess_psis": torch.tensor([s["ess_psis"] for s in rounds], dtype=torch.float64),
             "log_normalizer": torch.tensor([s["log_z"] for s in rounds], dtype=torch.float64),
@@ -422,7 +423,7 @@ def run_diffusion_sampler(
         "num_modes": num_modes,
         "num_rounds": len(rounds),
         "ess": float(ess.sum()),
-        "num_proposals": int(sum(s["num_proposals"] for s in rounds)),
+        "num_proposals": int(sizes.sum()),
         "pareto_k": float(rounds[-1]["pareto_k"]),
         "mode_weights": mode_weights.cpu().numpy(),
     }
