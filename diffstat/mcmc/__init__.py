@@ -5,9 +5,11 @@ from diffstat.mcmc.base import MCMCInfo, MCMCState, init, metropolis_accept
 from diffstat.mcmc.hmc import hmc_step, leapfrog
 from diffstat.mcmc.langevin import UnderdampedState, ula_step, underdamped_init, underdamped_step
 from diffstat.mcmc.mala import mala_step
+from diffstat.mcmc.metric import DenseMetric
 from diffstat.mcmc.rwm import rwm_step
 
 __all__ = [
+    "DenseMetric",
     "MCMCState",
     "MCMCInfo",
     "init",

@@ -1,10 +1,11 @@
-"""Hamiltonian Monte Carlo with a leapfrog integrator and a diagonal mass matrix."""
+"""Hamiltonian Monte Carlo with a leapfrog integrator and a diagonal or dense metric."""
 
 from __future__ import annotations
 
 import torch
 
 from diffstat.mcmc.base import LogProbAndGrad, MCMCInfo, MCMCState, as_per_chain, metropolis_accept
+from diffstat.mcmc.metric import Metric, kinetic_energy, sample_momentum, velocity
 
 __all__ = ["hmc_step", "leapfrog"]
 
@@ -15,17 +16,16 @@ def leapfrog(
     grad: torch.Tensor,
     log_prob_and_grad: LogProbAndGrad,
     h: torch.Tensor,
-    inv_mass,
+    inv_mass: Metric,
     num_steps: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""``num_steps`` leapfrog steps of size ``h: (n, 1)`` for :math:`H = -\log\pi(x) + \tfrac12
     p^\top M^{-1} p`. Returns the end point, momentum, log-density and gradient.
     """
-    m_inv = 1.0 if inv_mass is None else inv_mass
     p = p + 0.5 * h * grad
     lp = None
     for i in range(num_steps):
-        x = x + h * m_inv * p
+        x = x + h * velocity(inv_mass, p)
         lp, grad = log_prob_and_grad(x)
         p = p + (h if i < num_steps - 1 else 0.5 * h) * grad
     return x, p, lp, grad
@@ -36,7 +36,7 @@ def hmc_step(
     state: MCMCState,
     log_prob_and_grad: LogProbAndGrad,
     step_size,
-    inv_mass: torch.Tensor | None = None,
+    inv_mass: Metric = None,
     num_steps: int = 10,
 ) -> tuple[MCMCState, MCMCInfo]:
     r"""One HMC step: momentum :math:`p \sim \mathcal N(0, M)`, ``num_steps`` leapfrog steps,
@@ -46,10 +46,9 @@ def hmc_step(
     """
     x = state.x
     h = as_per_chain(step_size, x)
-    m_inv = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device) if inv_mass is None else inv_mass
-    p0 = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) / torch.sqrt(m_inv)
-    y, p1, lp_y, g_y = leapfrog(x, p0, state.grad, log_prob_and_grad, h, m_inv, num_steps)
-    kinetic0 = 0.5 * (p0**2 * m_inv).sum(-1)
-    kinetic1 = 0.5 * (p1**2 * m_inv).sum(-1)
+    p0 = sample_momentum(generator, inv_mass, x)
+    y, p1, lp_y, g_y = leapfrog(x, p0, state.grad, log_prob_and_grad, h, inv_mass, num_steps)
+    kinetic0 = kinetic_energy(inv_mass, p0)
+    kinetic1 = kinetic_energy(inv_mass, p1)
     log_ratio = (lp_y - kinetic1) - (state.log_prob - kinetic0)
     return metropolis_accept(generator, state, MCMCState(y, lp_y, g_y), log_ratio, x.shape[0] * num_steps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffstat.mcmc.base import LogProbAndGrad, MCMCInfo, MCMCState, as_per_chain, metropolis_accept
+from diffstat.mcmc.metric import Metric, inverse_quadratic, scale_noise, velocity
 
 __all__ = ["mala_step", "mala_proposal_log_density", "MALA_TARGET_ACCEPT"]
 
@@ -14,15 +15,14 @@ MALA_TARGET_ACCEPT = 0.574
 
 
 def mala_proposal_log_density(
-    y: torch.Tensor, x: torch.Tensor, grad_x: torch.Tensor, h: torch.Tensor, inv_mass
+    y: torch.Tensor, x: torch.Tensor, grad_x: torch.Tensor, h: torch.Tensor, inv_mass: Metric
 ) -> torch.Tensor:
     r"""Log-density of the MALA proposal :math:`q(y \mid x)`, up to a constant common to both
     directions: :math:`y \sim \mathcal N(x + h M^{-1} \nabla \log\pi(x),\; 2 h M^{-1})`, so
     :math:`\log q = -\lVert y - x - h M^{-1} g \rVert^2_{M} / (4h)`.
     """
-    m_inv = 1.0 if inv_mass is None else inv_mass
-    diff = y - x - h * m_inv * grad_x
-    return -(diff**2 / m_inv).sum(-1) / (4 * h.squeeze(-1))
+    diff = y - x - h * velocity(inv_mass, grad_x)
+    return -inverse_quadratic(inv_mass, diff) / (4 * h.squeeze(-1))
 
 
 def mala_step(
@@ -30,7 +30,7 @@ def mala_step(
     state: MCMCState,
     log_prob_and_grad: LogProbAndGrad,
     step_size,
-    inv_mass: torch.Tensor | None = None,
+    inv_mass: Metric = None,
 ) -> tuple[MCMCState, MCMCInfo]:
     r"""One MALA step with per-chain accept/reject.
 
@@ -41,20 +41,20 @@ def mala_step(
     ----------
     step_size : float or (n,) tensor
         ``h``; the proposal variance is ``2 h M^{-1}``.
-    inv_mass : (dim,) tensor, optional
-        Diagonal of :math:`M^{-1}` (a preconditioner; the posterior variances are a good choice).
+    inv_mass : metric, optional
+        :math:`M^{-1}`: None, a diagonal ``(dim,)``/``(n, dim)`` or a
+        :class:`~diffstat.mcmc.metric.DenseMetric` (a preconditioner; the posterior covariance is a
+        good choice).
     """
     x, g = state.x, state.grad
     h = as_per_chain(step_size, x)
-    m_inv = 1.0 if inv_mass is None else inv_mass
     noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    h_m = h * m_inv
-    forward_step = h_m * g + torch.sqrt(2 * h_m) * noise  # y - x
+    forward_step = h * velocity(inv_mass, g) + torch.sqrt(2 * h) * scale_noise(inv_mass, noise)  # y - x
     y = x + forward_step
     lp_y, g_y = log_prob_and_grad(y)
     # log q(y | x) = -|noise|^2 / 2 exactly, and x - y - h M^{-1} g_y = -(forward_step + h M^{-1} g_y),
     # so the ratio needs one quadratic form (mala_proposal_log_density states it in full).
-    backward = forward_step + h_m * g_y
-    log_q_backward = -(backward**2 / m_inv).sum(-1) / (4 * h.squeeze(-1))
+    backward = forward_step + h * velocity(inv_mass, g_y)
+    log_q_backward = -inverse_quadratic(inv_mass, backward) / (4 * h.squeeze(-1))
     log_ratio = lp_y - state.log_prob + log_q_backward + 0.5 * (noise**2).sum(-1)
     return metropolis_accept(generator, state, MCMCState(y, lp_y, g_y), log_ratio, x.shape[0])
