@@ -8,6 +8,7 @@ the result into ``arviz.InferenceData`` (:mod:`diffstat.io`).
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -15,8 +16,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from diffstat._util import check_positive_int
-from diffstat.target import Target
+from diffstat._util import check_options, check_positive_int
+from diffstat.target import Target, check_reference
 
 __all__ = ["sample", "register_sampler", "SamplerResult", "available_methods", "resolve_reference"]
 
@@ -46,14 +47,36 @@ class SamplerResult:
     attrs: dict[str, object] = field(default_factory=dict)
 
 
-def register_sampler(name: str):
-    """Decorator registering ``fn`` as the sampler behind ``ds.sample(target, name, ...)``."""
+#: Arguments every sampler receives from the front door (not user options).
+_COMMON = {"target", "num_samples", "num_chains", "generator", "progress", "device"}
+_OPTIONS: dict[str, frozenset] = {}
+
+
+def register_sampler(name: str, options=None):
+    """Decorator registering ``fn`` as the sampler behind ``ds.sample(target, name, ...)``.
+
+    ``options``: the names of the options the method accepts. Without it they are read from
+    ``fn``'s keyword parameters; a sampler taking ``**options`` then checks its own. The front door
+    refuses an unknown option with a ``ValueError`` listing the valid ones, before any work.
+    """
 
     def decorator(fn):
         _REGISTRY[name] = fn
+        if options is not None:
+            _OPTIONS[name] = frozenset(options)
+        else:
+            params = inspect.signature(fn).parameters.values()
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                _OPTIONS[name] = frozenset(p.name for p in params) - _COMMON
         return fn
 
     return decorator
+
+
+def method_options(name: str) -> frozenset | None:
+    """The options ``ds.sample(target, name, ...)`` accepts, where the method declares them."""
+    _load_samplers()
+    return _OPTIONS.get(name)
 
 
 def _load_samplers() -> None:
@@ -78,11 +101,7 @@ def resolve_reference(target: Target, reference) -> torch.distributions.Distribu
     target's own; ``ValueError`` if it is not a distribution on R^dim."""
     if reference is None:
         return target.reference
-    if not isinstance(reference, torch.distributions.Distribution):
-        raise ValueError(f"reference must be a torch.distributions.Distribution, got {type(reference).__name__}")
-    shape = tuple(reference.batch_shape + reference.event_shape)
-    if shape != (target.dim,):
-        raise ValueError(f"reference has shape {shape}, but the target has dim={target.dim}")
+    check_reference(reference, target.dim)
     return reference
 
 
@@ -127,8 +146,10 @@ def sample(
     num_samples = check_positive_int(num_samples, "num_samples")
     if num_chains is not None:
         num_chains = check_positive_int(num_chains, "num_chains")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    if method in _OPTIONS:
+        check_options(options, _OPTIONS[method], method)
     if "reference" in options:
         options["reference"] = resolve_reference(target, options["reference"])
     device = torch.device(device) if device is not None else torch.device("cpu")

@@ -12,10 +12,37 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["Target"]
+__all__ = ["Target", "check_reference", "check_dtype"]
 
 #: Points used to probe a log-density when a Target is built.
 _NUM_PROBE_POINTS = 4
+
+
+def check_dtype(dtype) -> torch.dtype:
+    """The points' floating point type: float32 or float64 (None: torch's default); ``ValueError``
+    for integer, bool and half types, on which gradients and accept steps are meaningless or too coarse."""
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    return dtype
+
+
+def check_reference(reference, dim: int) -> None:
+    """``ValueError`` unless ``reference`` is None or a distribution whose single draw is a vector
+    of length ``dim`` (event shape ``(dim,)``, batch shape ``()``)."""
+    if reference is None:
+        return
+    if not isinstance(reference, torch.distributions.Distribution):
+        raise ValueError(f"reference must be a torch.distributions.Distribution, got {type(reference).__name__}")
+    batch, event = tuple(reference.batch_shape), tuple(reference.event_shape)
+    if event != (dim,) or batch != ():
+        hint = ""
+        if batch == (dim,) and event == ():
+            hint = " (a batch of scalar distributions: wrap it as torch.distributions.Independent(..., 1))"
+        raise ValueError(
+            f"reference must be a distribution on R^{dim} with event shape ({dim},) and batch shape (), "
+            f"got batch shape {batch} and event shape {event}{hint}"
+        )
 
 
 class Target:
@@ -62,20 +89,13 @@ class Target:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
-        if reference is not None:
-            if not isinstance(reference, torch.distributions.Distribution):
-                raise ValueError("reference must be a torch.distributions.Distribution")
-            shape = tuple(reference.batch_shape + reference.event_shape)
-            if shape != (int(dim),):
-                raise ValueError(
-                    f"reference has shape {shape}, but the target has dim={dim}: "
-                    f"the reference must be a distribution on R^{dim}"
-                )
+        check_reference(reference, int(dim))
+        dtype = check_dtype(dtype)
         self._log_prob = log_prob
         self.dim = int(dim)
         self.name = name
         self.reference = reference
-        self.dtype = dtype if dtype is not None else torch.get_default_dtype()
+        self.dtype = dtype
         self.num_target_evals = 0
         if validate:
             gen = torch.Generator().manual_seed(0)
@@ -84,7 +104,8 @@ class Target:
                 with torch.random.fork_rng():
                     torch.manual_seed(0)
                     probe = reference.sample((_NUM_PROBE_POINTS,)).to(self.dtype)
-            self.validate(probe)
+            self.validate(probe, initial=False)
+            self._check_not_flat(probe)
             self.num_target_evals = 0
 
     # ------------------------------------------------------------------ evaluation
@@ -109,15 +130,20 @@ class Target:
     __call__ = log_prob
 
     # ------------------------------------------------------------------ validation
-    def validate(self, x: torch.Tensor) -> None:
+    def validate(self, x: torch.Tensor, *, initial: bool = True) -> None:
         """Check the log-density at the points ``x: (n, dim)``; raise ``ValueError`` if bad.
 
-        Checks, in order: the points' shape, that ``log_prob`` accepts them, the output's shape,
-        NaN or ``+inf`` values, and that autograd gives a finite-or-NaN gradient of the right shape.
+        Checks, in order: the points' shape and dtype, that ``log_prob`` accepts them, the output's
+        shape, NaN or ``+inf`` values, that autograd gives a gradient, that the gradient is not NaN
+        where the log-density is finite, and (for ``initial`` points a sampler starts from) that at
+        least one point lies in the support: a chain started where the log-density is -inf
+        everywhere could never accept a move.
         """
         if not torch.is_tensor(x) or x.dim() != 2 or x.shape[1] != self.dim:
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"initial points must have shape (n, {self.dim}), got {shape}")
+        if not torch.is_floating_point(x) or x.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"points must be float32 or float64, got {x.dtype}")
         n = x.shape[0]
         self.num_target_evals += n
         try:
@@ -155,10 +181,21 @@ class Target:
             raise ValueError(f"autograd cannot differentiate log_prob: {err}") from err
         if grad is None:
             raise ValueError("log_prob is not differentiable by autograd: its output does not depend on x")
+        finite = torch.isfinite(lp)
+        if initial and not finite.any():
+            raise ValueError(
+                f"log_prob is -inf at all {n} initial points: no chain would start in the support; "
+                "pass init= points inside the support (or a reference that covers it)"
+            )
+        bad_grad = finite & ~torch.isfinite(grad).all(-1)
+        if bad_grad.any():
+            raise ValueError(
+                f"the gradient of log_prob is NaN or infinite at {int(bad_grad.sum())} of {int(finite.sum())} "
+                "points where log_prob is finite; gradient-based samplers cannot move from there"
+            )
         # A dim larger than the log-density uses: some coordinates have an identically zero
         # gradient at distinct points while others do not (a density constant along a coordinate
         # is improper). Skipped when the points coincide or every gradient vanishes.
-        finite = torch.isfinite(lp)
         if int(finite.sum()) >= 2:
             g, xs = grad[finite], x[finite]
             flat = (g == 0).all(dim=0) & (xs != xs[:1]).any(dim=0)
@@ -169,6 +206,21 @@ class Target:
                     "match the log-density? (an unnormalised density constant along a coordinate "
                     "is improper)"
                 )
+
+    def _check_not_flat(self, probe: torch.Tensor) -> None:
+        """``ValueError`` for a log-density that is the same finite constant at the probe points and
+        at points 1000 times farther out: a density flat over so large a region is improper (no
+        sampler converges on it, and step-size adaptation diverges)."""
+        try:
+            with torch.no_grad():
+                lp = self._log_prob(torch.cat([probe, 1000.0 * probe]))
+        except Exception:  # noqa: BLE001 - far points may be outside what a model accepts: not flat
+            return
+        if torch.isfinite(lp).all() and bool((lp == lp[0]).all()):
+            raise ValueError(
+                "log_prob is the same constant at points up to 1000 times apart: a flat (improper) "
+                "density cannot be sampled; add a proper prior"
+            )
 
     # ------------------------------------------------------------------ initial points, output
     def sample_reference(self, n: int, generator: torch.Generator, device=None) -> torch.Tensor:

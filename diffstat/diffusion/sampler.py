@@ -146,6 +146,7 @@ are too. The reported mode weights are those of the draws' pool.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
@@ -430,7 +431,13 @@ def run_diffusion_sampler(
     return SamplerResult(draws, sample_stats, groups, attrs)
 
 
-@register_sampler("diffusion")
+#: Options of the diffusion and gaussian_is methods: run_diffusion_sampler's keywords.
+_RUN_OPTIONS = frozenset(inspect.signature(run_diffusion_sampler).parameters) - {
+    "target", "num_samples", "num_chains", "generator", "progress", "device", "use_diffusion"
+}
+
+
+@register_sampler("diffusion", options=_RUN_OPTIONS)
 def diffusion(target, *, num_samples, num_chains, generator, progress, device, **options) -> SamplerResult:
     r"""Diffusion sampler from the log-density with importance correction (module docstring).
 
@@ -457,7 +464,7 @@ def diffusion(target, *, num_samples, num_chains, generator, progress, device, *
     return run_diffusion_sampler(target, num_samples=num_samples, num_chains=num_chains, generator=generator, progress=progress, device=device, use_diffusion=True, **options)
 
 
-@register_sampler("gaussian_is")
+@register_sampler("gaussian_is", options=_RUN_OPTIONS)
 def gaussian_is(target, *, num_samples, num_chains, generator, progress, device, **options) -> SamplerResult:
     r"""Per-mode Gaussian importance sampling: the same exploration, banking and restocking as
     ``"diffusion"``, then moment-matched Gaussians per mode (no score model). The baseline the

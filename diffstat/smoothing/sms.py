@@ -98,6 +98,7 @@ def default_noise(target, generator: torch.Generator, device=None, *, num_explor
         out["source"] = "exact"
     else:
         x0 = target.sample_reference(num_explore, generator, device)
+        target.validate(x0[:16])  # a log-density that is -inf (or bad) everywhere is refused before any work
         modes = explore_modes(target, x0)
         if modes.modes.shape[0] == 0:
             if need_sigma:

@@ -148,6 +148,7 @@ def walk_jump(
         provider.reset()
     if init is None:
         y = target.sample_reference(num_chains, generator, device)
+        target.validate(y[:16])  # a log-density that is -inf (or bad) everywhere is refused before any work
         y = y + sigma * torch.randn(y.shape, generator=generator, dtype=dtype, device=y.device)
     else:
         y = torch.as_tensor(init, dtype=dtype, device=device)
