@@ -30,9 +30,8 @@ from diffstat.targets.two_modes import two_modes
 TAU2 = 0.05
 
 
-def fast_target(gm, *, exact: bool):
-    """The isotropic mixture from a fast closed-form log-density; with ``exact`` it also carries the
-    mixture (noise defaults) and its exact smoothed score."""
+def fast_target(gm):
+    """The isotropic mixture from a fast closed-form log-density."""
     d = gm.dim
     means, log_w = gm.means, torch.log(gm.weights)
 
@@ -40,11 +39,13 @@ def fast_target(gm, *, exact: bool):
         sq = ((x[:, None, :] - means.to(x)) ** 2).sum(-1)
         return torch.logsumexp(log_w.to(x) - 0.5 * sq / TAU2 - 0.5 * d * math.log(2 * math.pi * TAU2), -1)
 
-    target = ds.Target(log_prob, d, dtype=torch.float64)
-    if exact:
-        target.exact = gm
-        target.smoothed_score = isotropic_mixture_smoothed_score(gm.means, gm.weights, torch.full((2,), TAU2, dtype=torch.float64))
-    return target
+    return ds.Target(log_prob, d, dtype=torch.float64)
+
+
+def exact_options(gm) -> dict:
+    """The exact smoothed score and geometry, passed explicitly (a target never carries them)."""
+    var = torch.full((2,), TAU2, dtype=torch.float64)
+    return dict(smoothed_score=isotropic_mixture_smoothed_score(gm.means, gm.weights, var), mixture=gm)
 
 
 def summary(gm, idata) -> dict:
@@ -74,10 +75,10 @@ def exact_part(dims, runs, seeds, steps):
     for d in dims:
         gm = two_modes(d)
         for seed in seeds:
-            target = fast_target(gm, exact=True)
+            target = fast_target(gm)
             start = time.perf_counter()
             idata = ds.sample(target, "sms", num_samples=runs // 2, num_chains=2, seed=seed, progress=False,
-                              steps_per_measurement=steps)
+                              steps_per_measurement=steps, **exact_options(gm))
             s = summary(gm, idata)
             ok = abs(s["weight"] - 2 / 3) < 0.03 and all(abs(s[k] / TAU2 - 1) < 0.2 for k in ("trace0", "trace1", "axis0", "axis1"))
             a = idata.posterior.attrs
@@ -91,7 +92,7 @@ def training_free_part(dims, runs, seeds, steps, measurements, smc, estimator="l
     for d in dims:
         gm = two_modes(d)
         for seed in seeds:
-            target = fast_target(gm, exact=False)
+            target = fast_target(gm)
             start = time.perf_counter()
             idata = ds.sample(target, "sms", num_samples=runs // 2, num_chains=2, seed=seed, progress=False,
                               steps_per_measurement=steps, num_measurements=measurements, first_steps=20,
@@ -104,10 +105,10 @@ def training_free_part(dims, runs, seeds, steps, measurements, smc, estimator="l
                   f"evals={budget} (Hessians {a.get('num_hessian_evals', 0)})  bank={a.get('mode_bank_size', '-')}  {elapsed:.1f}s")
             if not smc:
                 continue
-            target = fast_target(gm, exact=False)
+            target = fast_target(gm)
             probe = ds.sample(target, "smc", num_samples=runs, seed=seed, progress=False, num_mcmc_steps=5)
             steps_smc = max(1, round(5 * budget / probe.posterior.attrs["num_target_evals"]))
-            target = fast_target(gm, exact=False)
+            target = fast_target(gm)
             start = time.perf_counter()
             smc_run = ds.sample(target, "smc", num_samples=runs, seed=seed, progress=False, num_mcmc_steps=steps_smc)
             s = summary(gm, smc_run)

@@ -110,7 +110,7 @@ def test_funnel_gradient_is_analytic():
     x1, rest = x[:, 0], x[:, 1:]
     g1 = -x1 / 9 + 0.5 * (rest**2).sum(-1) * torch.exp(-x1) - 0.5 * 4
     expected = torch.cat([g1[:, None], -rest * torch.exp(-x1)[:, None]], 1)
-    assert torch.isfinite(lp).all() and target.exact is funnel
+    assert torch.isfinite(lp).all() and not hasattr(target, "exact")  # no hidden answers
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-10)
 
 

@@ -212,9 +212,9 @@ plt.close(fig)
 #
 # Each method's options below set its budget. The tempering methods start from the wide reference;
 # the diffusion-based ones are given nothing but the log-density as well. `"sms (exact score)"`
-# is SMS run on `mixture.as_target()`, which carries the closed-form smoothed score of the mixture
-# (what `smoothed_score=` of the public API accepts) and its geometry (the distance between the
-# modes, which sets SMS's noise level): not a fair competitor, but it shows what the SMS recursion
+# is SMS given the closed-form smoothed score of the mixture (`smoothed_score=`, as the public API
+# accepts) and its geometry (`mixture=`: the distance between the modes, which sets SMS's noise
+# level): not a fair competitor, but it shows what the SMS recursion
 # does when its denoiser is right.
 
 # %%
@@ -255,8 +255,8 @@ def run(target: ds.Target, label: str, problem: str, mixture, seed: int = SEED):
         print(f"[skip] {label}: method {method!r} is not available in this installation")
         return None
     options = dict(OPTIONS[label][0 if problem == "10d" else 1])
-    if label.endswith("(exact score)"):  # the mixture's own target: closed-form smoothed score and geometry
-        target = mixture.as_target(reference=target.reference, dtype=target.dtype)
+    if label.endswith("(exact score)"):  # the closed-form smoothed score and geometry, passed explicitly
+        options.update(smoothed_score=mixture.smoothed_score, mixture=mixture)
     num_samples = options.pop("num_samples")
     try:
         return ds.sample(target, method, num_samples=num_samples, seed=seed, progress=False, **options)

@@ -12,8 +12,8 @@ Every provider here is a :class:`SmoothedScore`: ``provider(y, sigma) -> (n, dim
 (``spread``: the estimator's standard error of :math:`\mathbb E[X\mid y]`, root mean square over
 coordinates; for the Laplace estimator also ``num_modes``). The sources:
 
-- :class:`ExactSmoothedScore`: a closed form (a user's ``smoothed_score=``, or the
-  ``smoothed_score`` attribute of :meth:`diffstat.targets.GaussianMixture.as_target`).
+- :class:`ExactSmoothedScore`: a closed form passed as ``smoothed_score=`` (for a Gaussian
+  mixture, :meth:`diffstat.targets.GaussianMixture.smoothed_score`).
 - :class:`LaplaceSmoothedScore`: training-free, from the log-density only; the multi-start
   estimator with a mode bank shared by all chains, which keeps the relative masses of the posterior
   modes right (REFERENCES.md, "Measured here: training-free SMS"). Its building blocks, damped
@@ -406,17 +406,15 @@ def isotropic_mixture_smoothed_score(means, weights, variances) -> Callable[[tor
 
 
 def resolve_smoothed_score(target, smoothed_score=None, *, estimator: str = "auto", generator=None, **options) -> SmoothedScore:
-    """The provider a sampler uses: ``smoothed_score`` (a callable or a :class:`SmoothedScore`), else
-    the target's own ``smoothed_score`` attribute (``estimator="auto"`` or ``"exact"``), else the
+    """The provider a sampler uses: ``smoothed_score`` (a callable or a :class:`SmoothedScore`), else the
     training-free ``estimator`` (``"laplace"``, or the baselines ``"importance"``, ``"mcmc"``) built
     with ``options``, or ``"learned"``: :meth:`LearnedSmoothedScore.fit` on ``options["x0"]`` (and
     ``options["grad0"]``, the target's scores there, for the TSM/DSM mix)."""
+    # Exact information comes only through the explicit smoothed_score=, never from an attribute
+    # of the target (a benchmark target must not hand its answer to the sampler unasked).
     if smoothed_score is None and estimator == "exact":
-        smoothed_score = getattr(target, "smoothed_score", None)
-        if smoothed_score is None:
-            raise ValueError("estimator='exact' needs smoothed_score= or a target with a smoothed_score attribute")
+        raise ValueError("estimator='exact' needs smoothed_score=(y, sigma) -> grad log q_sigma(y)")
     if smoothed_score is None and estimator in (None, "auto"):
-        smoothed_score = getattr(target, "smoothed_score", None)
         estimator = "laplace"
     if isinstance(smoothed_score, SmoothedScore):
         return smoothed_score

@@ -82,19 +82,21 @@ def conditional_score(y: torch.Tensor, sum_prev: torch.Tensor, m: int, sigma: fl
     return (ybar - y + (sigma**2 / m) * psi) / sigma**2, ybar, psi
 
 
-def default_noise(target, generator: torch.Generator, device=None, *, num_explore: int = 256, need_sigma: bool = True) -> dict:
+def default_noise(
+    target, generator: torch.Generator, device=None, *, num_explore: int = 256, need_sigma: bool = True, mixture=None
+) -> dict:
     r"""The target's geometry for the defaults: ``sigma`` (diameter rule), ``scale`` (root mean
     variance per coordinate), ``center`` ``(d,)``, ``diameter``, ``tau`` and ``source``
-    (``"exact"`` from the target's mixture, or ``"explored"``: damped Newton from ``num_explore``
+    (``"exact"`` from ``mixture``, an object with ``means``, ``covs``, ``mean`` and ``cov`` such as
+    a :class:`~diffstat.targets.GaussianMixture` passed explicitly, or ``"explored"``: damped Newton from ``num_explore``
     reference draws, the modes' Laplace mixture giving the moments). The explored modes are returned
     under ``"modes"`` to seed a mode bank. If no mode is found and ``need_sigma`` is False (the
     caller gave ``sigma`` and ``num_measurements``), the reference draws' mean and spread stand in
     for the centre and scale (``source="reference"``)."""
-    exact = getattr(target, "exact", None)
     out: dict = {}
-    if exact is not None and hasattr(exact, "means") and hasattr(exact, "covs"):
-        means, covs = exact.means, exact.covs
-        center, cov = exact.mean, exact.cov
+    if mixture is not None:
+        means, covs = mixture.means, mixture.covs
+        center, cov = mixture.mean, mixture.cov
         out["source"] = "exact"
     else:
         x0 = target.sample_reference(num_explore, generator, device)
@@ -189,6 +191,7 @@ def sms(
     w2_tol: float | None = None,
     variant: str = "sms",
     jms_steps: int = 500,
+    mixture=None,
 ) -> SamplerResult:
     r"""Sequential multimeasurement sampling; ``num_chains * num_samples`` independent runs.
 
@@ -212,6 +215,10 @@ def sms(
     w2_tol : float, optional
         Tolerance of the W2 bound that sets ``M``.
     variant : ``"sms"`` or ``"jms"``
+    mixture : optional
+        A Gaussian mixture (``means``, ``covs``, ``mean``, ``cov``) whose exact geometry sets the
+        defaults of ``sigma`` and ``num_measurements``; by default the geometry is explored from the
+        log-density. Exact information is used only when passed explicitly.
     jms_steps : int
         Langevin steps of the joint variant.
     """
@@ -228,7 +235,9 @@ def sms(
         raise ValueError("num_mala must be non-negative, step_size and friction positive")
     provider: SmoothedScore = resolve_smoothed_score(target, smoothed_score, estimator=estimator, generator=generator, **(estimator_options or {}))
     provider.reset()
-    geometry = default_noise(target, generator, device, need_sigma=sigma is None or num_measurements is None)
+    geometry = default_noise(
+        target, generator, device, need_sigma=sigma is None or num_measurements is None, mixture=mixture
+    )
     if isinstance(provider, LaplaceSmoothedScore) and "modes" in geometry:
         provider.bank.add(geometry["modes"].modes, geometry["modes"].precisions)
     if sigma is None:

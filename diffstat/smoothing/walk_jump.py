@@ -135,11 +135,11 @@ def walk_jump(
     if num_warmup < 0 or step_size <= 0 or friction <= 0:
         raise ValueError("num_warmup must be non-negative, step_size and friction positive")
     dtype = target.dtype
-    if walk == "mala" and smoothed_score is None and getattr(target, "smoothed_score", None) is None:
+    if walk == "mala" and smoothed_score is None:
         provider = None  # the jump uses the gradient of smoothed_log_prob
     else:
         options = dict(estimator_options or {})
-        if estimator == "laplace" or (estimator == "auto" and getattr(target, "smoothed_score", None) is None):
+        if smoothed_score is None and estimator in ("laplace", "auto"):
             # the walk does not settle as SMS's shrinking noise does: never drop to one start
             options.setdefault("cheap_fraction", 0.0)
         provider: SmoothedScore | None = resolve_smoothed_score(

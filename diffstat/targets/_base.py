@@ -79,10 +79,9 @@ class MixtureBase:
         return (self.weights[:, None, None] * (self.component_covs + d[:, :, None] * d[:, None, :])).sum(0)
 
     def as_target(self, name: str = "x", reference=None, dtype=None) -> Target:
-        """A :class:`~diffstat.Target` for :math:`Z p(x)` carrying ``exact`` (this mixture)."""
-        target = Target(self.unnormalized_log_prob, self.dim, name=name, reference=reference, dtype=dtype)
-        target.exact = self
-        return target
+        """A :class:`~diffstat.Target` for :math:`Z p(x)`; it carries no answers (exact
+        information goes to a sampler only through explicit options)."""
+        return Target(self.unnormalized_log_prob, self.dim, name=name, reference=reference, dtype=dtype)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(K={self.num_components}, dim={self.dim}, weights={self.weights.tolist()})"

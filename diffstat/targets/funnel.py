@@ -100,10 +100,9 @@ class Funnel:
         return out
 
     def as_target(self, name: str = "x", reference=None, dtype=None) -> Target:
-        """A :class:`~diffstat.Target` for :math:`Z p(x)` carrying ``exact`` (this funnel)."""
-        target = Target(self.unnormalized_log_prob, self.dim, name=name, reference=reference, dtype=dtype)
-        target.exact = self
-        return target
+        """A :class:`~diffstat.Target` for :math:`Z p(x)`; it carries no answers (exact
+        information goes to a sampler only through explicit options)."""
+        return Target(self.unnormalized_log_prob, self.dim, name=name, reference=reference, dtype=dtype)
 
     def __repr__(self) -> str:
         return f"Funnel(dim={self.dim}, scale={self.scale})"

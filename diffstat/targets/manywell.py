@@ -196,10 +196,8 @@ class ManyWell:
 
     def as_target(self, name: str = "x", reference=None, dtype=None) -> Target:
         """A :class:`~diffstat.Target` for the published unnormalised density (log Z =
-        :attr:`log_normalizer`), carrying ``exact`` (this object)."""
-        target = Target(self.unnormalized_log_prob, self.dim, name=name, reference=reference, dtype=dtype)
-        target.exact = self
-        return target
+        :attr:`log_normalizer`), with no attached answers (pass exact information explicitly)."""
+        return Target(self.unnormalized_log_prob, self.dim, name=name, reference=reference, dtype=dtype)
 
     def __repr__(self) -> str:
         return f"ManyWell(dim={self.dim}, a={self.a}, b={self.b}, c={self.c}, log_normalizer={self.log_normalizer:.4f})"

@@ -120,9 +120,3 @@ class GaussianMixture(MixtureBase):
             self._smoothed[sigma] = self.noised(1.0, sigma)
         return self._smoothed[sigma].score(y)
 
-    def as_target(self, name: str = "x", reference=None, dtype=None) -> Target:
-        """A :class:`~diffstat.Target` for :math:`Z p(x)`, carrying ``exact`` (this mixture) and
-        ``smoothed_score`` (exact) attributes."""
-        target = super().as_target(name, reference, dtype)
-        target.smoothed_score = self.smoothed_score
-        return target

@@ -119,11 +119,12 @@ def test_evaluations_counted(generator):
 def test_resolution_and_bad_input(generator):
     gm = two_modes(2)
     target = gm.as_target(dtype=torch.float64)
-    assert isinstance(resolve_smoothed_score(target), ExactSmoothedScore)
+    assert isinstance(resolve_smoothed_score(target), LaplaceSmoothedScore)  # a target carries no answer
+    assert isinstance(resolve_smoothed_score(target, gm.smoothed_score), ExactSmoothedScore)
     assert isinstance(resolve_smoothed_score(target, estimator="laplace"), LaplaceSmoothedScore)
     assert isinstance(resolve_smoothed_score(plain_target(gm)), LaplaceSmoothedScore)
     with pytest.raises(ValueError):
-        resolve_smoothed_score(plain_target(gm), estimator="exact")
+        resolve_smoothed_score(target, estimator="exact")
     with pytest.raises(ValueError):
         resolve_smoothed_score(target, estimator="magic")
     with pytest.raises(ValueError):  # a learned score needs training draws
@@ -161,8 +162,8 @@ def test_learned_provider_dsm_tsm():
         if s <= 1.0:  # the preconditioned network starts near a Gaussian score, fair at large sigma
             assert (untrained.denoise(ys, s) - ys - correction).norm(dim=-1).mean() > 0.5 * scale
     target = ds.Target(gm.unnormalized_log_prob, 2, dtype=torch.float64)
-    target.exact = gm
-    idata = ds.sample(target, "sms", num_samples=500, num_chains=2, seed=0, progress=False, smoothed_score=learned)
+    idata = ds.sample(target, "sms", num_samples=500, num_chains=2, seed=0, progress=False, smoothed_score=learned,
+                      mixture=gm)
     x = torch.as_tensor(idata.posterior["x"].values).reshape(-1, 2)
     assert abs(float((gm.assign(x) == 0).double().mean()) - 0.6) < 0.05
     assert idata.posterior.attrs["smoothed_score"] == "LearnedSmoothedScore"

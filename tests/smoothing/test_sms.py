@@ -19,9 +19,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:More chains")
 HEAVY = 2.0 / 3.0
 
 
-def fast_target(gm: GaussianMixture, *, exact: bool) -> ds.Target:
-    """The isotropic mixture as a Target with a fast closed-form log-density; with ``exact`` it
-    carries the mixture (for the default noise) and a fast exact smoothed score."""
+def fast_target(gm: GaussianMixture) -> ds.Target:
+    """The isotropic mixture as a Target with a fast closed-form log-density."""
     d = gm.dim
     means, log_w = gm.means, torch.log(gm.weights)
     var = torch.diagonal(gm.covs, dim1=-2, dim2=-1)[:, 0]
@@ -30,11 +29,13 @@ def fast_target(gm: GaussianMixture, *, exact: bool) -> ds.Target:
         sq = ((x[:, None, :] - means) ** 2).sum(-1)
         return torch.logsumexp(log_w - 0.5 * sq / var - 0.5 * d * torch.log(2 * math.pi * var), -1)
 
-    target = ds.Target(log_prob, d, dtype=torch.float64)
-    if exact:
-        target.exact = gm
-        target.smoothed_score = isotropic_mixture_smoothed_score(gm.means, gm.weights, var)
-    return target
+    return ds.Target(log_prob, d, dtype=torch.float64)
+
+
+def exact_options(gm: GaussianMixture) -> dict:
+    """The exact smoothed score and geometry, passed explicitly (a target never carries them)."""
+    var = torch.diagonal(gm.covs, dim1=-2, dim2=-1)[:, 0]
+    return dict(smoothed_score=isotropic_mixture_smoothed_score(gm.means, gm.weights, var), mixture=gm)
 
 
 def mode_summary(gm: GaussianMixture, x: torch.Tensor) -> dict:
@@ -109,9 +110,9 @@ def test_sms_exact_scores_two_modes(dim, num_measurements):
     default (sigma, M); d = 32 sets M = sigma^2 / scale^2 instead of the W2 default 4x that, to keep
     the test fast; d = 64 is in benchmarks/bench_sms.py."""
     gm = two_modes(dim)
-    target = fast_target(gm, exact=True)
+    target = fast_target(gm)
     idata = ds.sample(target, "sms", num_samples=2000, num_chains=2, seed=dim, progress=False,
-                      num_measurements=num_measurements, steps_per_measurement=4)
+                      num_measurements=num_measurements, steps_per_measurement=4, **exact_options(gm))
     summary = mode_summary(gm, draws(idata, dim))
     assert acceptable(summary, weight_tol=0.03), summary
     attrs = idata.posterior.attrs
@@ -129,9 +130,9 @@ def test_sms_broken_variants_rejected():
     and (b) SMS driven by the smoothed score of the wrong mixture (weights 1:2)."""
     dim = 8
     gm = two_modes(dim)
-    target = fast_target(gm, exact=True)
+    target = fast_target(gm)
     jump_only = ds.sample(target, "sms", num_samples=500, num_chains=2, seed=1, progress=False,
-                          num_measurements=64, steps_per_measurement=4, num_mala=0)
+                          num_measurements=64, steps_per_measurement=4, num_mala=0, **exact_options(gm))
     summary = mode_summary(gm, draws(jump_only, dim))
     s2 = jump_only.posterior.attrs["final_noise"] ** 2
     assert summary["trace0"] == pytest.approx(TAU2**2 / (TAU2 + s2), rel=0.15)
@@ -139,7 +140,7 @@ def test_sms_broken_variants_rejected():
     wrong_gm = two_modes(dim, weights=(1.0, 2.0))
     wrong = isotropic_mixture_smoothed_score(wrong_gm.means, wrong_gm.weights, torch.full((2,), TAU2, dtype=torch.float64))
     idata = ds.sample(target, "sms", num_samples=500, num_chains=2, seed=1, progress=False,
-                      num_measurements=64, steps_per_measurement=4, smoothed_score=wrong)
+                      num_measurements=64, steps_per_measurement=4, smoothed_score=wrong, mixture=gm)
     summary = mode_summary(gm, draws(idata, dim))
     assert not acceptable(summary, weight_tol=0.03), summary
 
@@ -150,7 +151,7 @@ def test_sms_training_free_two_modes_d8():
     mode exploration): 1000 runs put the heavy weight within 0.05 of 2/3 (MC sd 0.015)."""
     dim = 8
     gm = two_modes(dim)
-    target = fast_target(gm, exact=False)
+    target = fast_target(gm)
     idata = ds.sample(target, "sms", num_samples=500, num_chains=2, seed=3, progress=False,
                       num_measurements=64, steps_per_measurement=4, first_steps=20)
     summary = mode_summary(gm, draws(idata, dim))
