@@ -106,7 +106,8 @@ class Diagnostics:
 
     def attrs(self) -> dict[str, float | int]:
         """The figures as flat ``posterior.attrs`` (numbers only, for netCDF)."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("messages", "e_bfmi", "num_chains", "num_draws")}
+        skip = ("messages", "e_bfmi", "num_chains", "num_draws")
+        out = {k: v for k, v in asdict(self).items() if k not in skip}
         out["stuck_chains"] = len(self.stuck_chains)
         out["low_lp_chains"] = len(self.low_lp_chains)
         if self.e_bfmi:
@@ -178,8 +179,9 @@ def mcmc_diagnostics(draws, sample_stats: dict | None = None) -> Diagnostics:
     Parameters
     ----------
     draws : array or tensor, (chain, draw, dim)
-        The draws (any coordinates: R-hat and ESS are rank-based, so per-coordinate monotone
-        transforms, such as constrained against unconstrained, leave them unchanged).
+        The draws, in any coordinates: the bulk figures are rank-based, so a per-coordinate monotone
+        transform (constrained against unconstrained) leaves them unchanged (the folded R-hat and
+        the tail ESS change a little).
     sample_stats : dict, optional
         Per-draw statistics ``(chain, draw)``: ``lp``, ``acceptance_rate``, ``diverging``,
         ``energy``; each is used where present.
@@ -234,7 +236,9 @@ def _messages(d: Diagnostics, rate: np.ndarray, lp_gap: float, coords) -> list[s
             "mode; start near the mode, lengthen the warm-up, or for a multimodal target use "
             "method 'smc', 'pt' or 'diffusion'."
         )
-    if d.rhat_max > RHAT_MAX or (d.num_draws >= MIN_DRAWS and math.isnan(d.rhat_max)):
+    if d.num_draws >= MIN_DRAWS and math.isnan(d.rhat_max):
+        out.append("R-hat could not be computed (every coordinate constant within chains): nothing moved.")
+    if d.rhat_max > RHAT_MAX:
         out.append(
             f"R-hat {d.rhat_max:.3f} > {RHAT_MAX} (coordinate {coords[0]}): the chains disagree. Run a "
             "longer warm-up and more draws; if the chains sit in different modes (a multimodal target) "
@@ -271,7 +275,8 @@ def warn_if_unreliable(diag: Diagnostics, label: str = "MCMC", stacklevel: int =
     """Emit one ``RuntimeWarning`` listing every problem in ``diag`` (nothing when it is clean)."""
     if diag.messages:
         problems = "\n".join(f"  - {m}" for m in diag.messages)
-        warnings.warn(f"{label}: the result is unreliable:\n{problems}", RuntimeWarning, stacklevel=stacklevel)
+        message = f"{label}: the result is unreliable:\n{problems}"
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
 
 def diagnose(idata, *, warn: bool = True) -> Diagnostics:
@@ -284,7 +289,7 @@ def diagnose(idata, *, warn: bool = True) -> Diagnostics:
     >>> diag.rhat_max, diag.ess_bulk_min, diag.messages  # doctest: +SKIP
     """
     if not hasattr(idata, "posterior"):
-        raise ValueError(f"diagnose needs an InferenceData with a posterior group, got {type(idata).__name__}")
+        raise ValueError(f"diagnose needs InferenceData with a posterior group, got {type(idata).__name__}")
     post = idata.posterior
     chains, n = post.sizes["chain"], post.sizes["draw"]
     parts = [post[v].transpose("chain", "draw", ...).values.reshape(chains, n, -1) for v in post.data_vars]
