@@ -175,7 +175,8 @@ def test_divergences_in_a_funnel_warn():
 def test_diagnose_any_inference_data_with_several_variables():
     x = ar1(9, 0.0, 4, 400, dim=3)
     x[1, :, 2] += 1.0  # chain 1 of variable "b" disagrees
-    idata = az.from_dict(posterior={"a": x[..., 0], "b": x[..., 1:]}, sample_stats={"lp": -(x**2).sum(-1)})
+    posterior = {"a": x[..., 0], "b": x[..., 1:]}
+    idata = az.from_dict(posterior=posterior, sample_stats={"lp": -(x**2).sum(-1)})
     with pytest.warns(RuntimeWarning, match=r"MCMC: the result is unreliable:\n  - R-hat .* \(coordinate 2\)"):
         d = ds.diagnose(idata)
     assert d.num_chains == 4 and d.num_draws == 400 and d.rhat_max > 1.01
