@@ -6,6 +6,7 @@
 """
 
 from diffstat._version import __version__
+from diffstat.diagnostics import diagnose
 from diffstat.sampling import available_methods, register_sampler, sample
 from diffstat.target import Target
 

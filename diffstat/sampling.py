@@ -39,12 +39,16 @@ class SamplerResult:
     sample_stats : name -> (chain, draw, ...) arrays; must contain ``lp``.
     groups : extra InferenceData groups, name -> {variable -> array whose first axis is the stage}.
     attrs : extra ``posterior.attrs`` (``log_normalizer``, ``log_normalizer_se``, settings chosen).
+    diagnose : run the MCMC diagnostics of :mod:`diffstat.diagnostics` on the draws (R-hat, ESS,
+        divergences, stuck chains, E-BFMI): their figures go into ``posterior.attrs`` and one
+        ``RuntimeWarning`` lists every problem found. Set by the MCMC samplers.
     """
 
     draws: torch.Tensor
     sample_stats: dict[str, object]
     groups: dict[str, dict[str, object]] = field(default_factory=dict)
     attrs: dict[str, object] = field(default_factory=dict)
+    diagnose: bool = False
 
 
 #: Arguments every sampler receives from the front door (not user options).
@@ -137,6 +141,11 @@ def sample(
         Where the computation runs (``"cpu"``, ``"cuda"``); the log-density must accept tensors there.
     **options
         Options of the method (see each sampler's docstring).
+
+    MCMC methods are diagnosed after the run (:func:`diffstat.diagnostics.mcmc_diagnostics`):
+    ``posterior.attrs`` gains ``rhat_max``, ``ess_bulk_min``, ``ess_tail_min``, ``num_divergent``,
+    ``divergent_fraction``, ``stuck_chains``, ``low_lp_chains`` (counts) and, where energies are
+    recorded, ``e_bfmi_min``; one ``RuntimeWarning`` lists every problem found and what to do.
     """
     if not isinstance(target, Target):
         raise ValueError(f"target must be a diffstat.Target, got {type(target).__name__}")
@@ -176,4 +185,15 @@ def sample(
         "seed": int(seed),
     }
     attrs.update(result.attrs)
+    if result.diagnose:
+        _diagnose(method, result, attrs)
     return io.to_inference_data(target, result, attrs)
+
+
+def _diagnose(method: str, result: SamplerResult, attrs: dict) -> None:
+    """Diagnose an MCMC result: figures into ``attrs``, one ``RuntimeWarning`` for every problem."""
+    from diffstat.diagnostics import mcmc_diagnostics, warn_if_unreliable
+
+    diag = mcmc_diagnostics(result.draws, result.sample_stats)
+    attrs.update(diag.attrs())
+    warn_if_unreliable(diag, f"ds.sample(..., {method!r})", stacklevel=4)

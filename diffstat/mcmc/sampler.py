@@ -137,7 +137,7 @@ def run_mcmc(
     attrs = {"num_warmup": num_warmup}
     if kernel == "hmc":
         attrs["num_leapfrog"] = num_leapfrog
-    return SamplerResult(draws.transpose(0, 1), sample_stats, attrs=attrs)
+    return SamplerResult(draws.transpose(0, 1), sample_stats, attrs=attrs, diagnose=True)
 
 
 def _register(kernel: str):

@@ -1,0 +1,188 @@
+"""MCMC diagnostics: R-hat, ESS and E-BFMI against arviz and closed forms on synthetic chains, and
+the one RuntimeWarning of ``ds.sample`` provoked by each failure (stuck chain, chains in two
+modes, divergences) but silent on a healthy run."""
+
+import warnings
+
+import arviz as az
+import numpy as np
+import pytest
+import torch
+
+import diffstat as ds
+from diffstat.diagnostics import ESS_PER_CHAIN, e_bfmi, mcmc_diagnostics
+from diffstat.targets import Funnel
+
+F64 = torch.float64
+
+
+def ar1(seed, rho, chains, n, dim=1):
+    """Stationary AR(1) chains x_t = rho x_{t-1} + sqrt(1 - rho^2) e_t, shape (chains, n, dim)."""
+    rng = np.random.default_rng(seed)
+    x = np.empty((chains, n, dim))
+    x[:, 0] = rng.normal(size=(chains, dim))
+    e = rng.normal(size=(chains, n, dim)) * np.sqrt(1 - rho**2)
+    for t in range(1, n):
+        x[:, t] = rho * x[:, t - 1] + e[:, t]
+    return x
+
+
+def sample_quietly(*args, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        idata = ds.sample(*args, progress=False, **kwargs)
+    return idata, [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+# ------------------------------------------------------------------------- synthetic chains
+def test_rhat_and_ess_match_arviz_per_coordinate():
+    x = ar1(0, 0.3, 4, 500, dim=3)
+    x[2, :, 1] += 0.5  # coordinate 1: one chain shifted by half an sd
+    d = mcmc_diagnostics(x)
+    rhat = [az.rhat(x[..., j], method="rank") for j in range(3)]
+    bulk = [az.ess(x[..., j], method="bulk") for j in range(3)]
+    tail = [az.ess(x[..., j], method="tail") for j in range(3)]
+    assert d.rhat_max == pytest.approx(max(rhat), rel=1e-12) and int(np.argmax(rhat)) == 1
+    assert d.rhat_max > 1.01 and max(rhat[0], rhat[2]) < 1.01  # only the shifted coordinate fails
+    assert d.ess_bulk_min == pytest.approx(min(bulk), rel=1e-12)
+    assert d.ess_tail_min == pytest.approx(min(tail), rel=1e-12)
+    assert any("R-hat" in m and "coordinate 1" in m for m in d.messages)
+
+
+def test_ess_of_ar1_chains_is_n_1_minus_rho_over_1_plus_rho():
+    # Bulk ESS of AR(1) is n (1 - rho) / (1 + rho); the estimator's relative sd at 4 x 2000 draws,
+    # rho = 0.5, measured over 40 seeds, is 6.7%: 4 sds is a 27% band.
+    n = 4 * 2000
+    d = mcmc_diagnostics(ar1(1, 0.5, 4, 2000))
+    assert abs(d.ess_bulk_min / (n * 0.5 / 1.5) - 1) < 4 * 0.067
+    # the same band rejects the ESS of the wrong correlation (rho = 0.8) and of iid draws
+    assert abs(d.ess_bulk_min / (n * 0.2 / 1.8) - 1) > 4 * 0.067
+    assert abs(d.ess_bulk_min / n - 1) > 4 * 0.067
+    assert d.rhat_max < 1.01 and d.messages == ()
+
+
+def test_low_ess_is_reported_per_chain():
+    # rho = 0.99: ESS about 4 x 300 x 0.005 = 6, far below 100 per chain.
+    d = mcmc_diagnostics(ar1(2, 0.99, 4, 300))
+    assert d.ess_bulk_min < ESS_PER_CHAIN * 4
+    assert any("ESS" in m and "400 for 4 chains" in m for m in d.messages)
+
+
+def test_e_bfmi_of_ar1_energy_is_2_1_minus_rho():
+    # E-BFMI -> 2 (1 - rho) for an AR(1) energy; per-chain sd measured 0.028 at 1000 draws, rho = 0.9
+    # (40 seeds), so the mean of 4 chains has sd 0.014.
+    energy = ar1(3, 0.9, 4, 1000)[..., 0]
+    b = e_bfmi(energy)
+    assert abs(b.mean() - 0.2) < 4 * 0.014
+    # arviz's estimate (mean square difference over variance) agrees up to the variance's n / (n - 1)
+    np.testing.assert_allclose(b, az.bfmi(energy), rtol=1.5 / 1000)
+    iid = e_bfmi(ar1(3, 0.0, 4, 1000)[..., 0])
+    assert abs(iid.mean() - 0.2) > 4 * 0.014 and abs(iid.mean() - 2.0) < 0.1  # iid: about 2
+    stats = {"energy": energy, "lp": -energy}
+    d = mcmc_diagnostics(ar1(4, 0.0, 4, 1000), stats)
+    assert d.e_bfmi_min == pytest.approx(b.min())
+    assert any("E-BFMI" in m for m in d.messages)
+    healthy = mcmc_diagnostics(ar1(4, 0.0, 4, 1000), {"energy": ar1(5, 0.0, 4, 1000)[..., 0]})
+    assert healthy.messages == () and healthy.e_bfmi_min > 1.5
+
+
+def test_stuck_and_low_lp_chains():
+    x = ar1(6, 0.0, 4, 400, dim=2)
+    lp = -0.5 * (x**2).sum(-1)
+    acc = np.full((4, 400), 0.6)
+    acc[1] = 0.01
+    # chain 3 sits in a minor mode whose log-density is 5 nats lower (lp sd is 1 in 2-d)
+    d = mcmc_diagnostics(x, {"lp": lp - 5.0 * (np.arange(4) == 3)[:, None], "acceptance_rate": acc})
+    assert d.stuck_chains == (1,) and d.low_lp_chains == (3,)
+    # a gap of 1 nat (1 sd) is Monte Carlo scale, not flagged
+    d1 = mcmc_diagnostics(x, {"lp": lp - 1.0 * (np.arange(4) == 3)[:, None]})
+    assert d1.low_lp_chains == () and d1.stuck_chains == ()
+    # without acceptance rates, a chain that never moves is stuck
+    x[2] = x[2, 0]
+    assert mcmc_diagnostics(x).stuck_chains == (2,)
+
+
+def test_one_chain_uses_split_rhat():
+    steady = mcmc_diagnostics(ar1(7, 0.2, 1, 1000))
+    assert steady.rhat_max < 1.01 and steady.messages == ()
+    drift = ar1(7, 0.2, 1, 1000)
+    drift[0, 500:] += 1.0  # the second half moved: split R-hat sees it
+    d = mcmc_diagnostics(drift)
+    assert d.rhat_max > 1.01 and any("One chain" in m for m in d.messages)
+
+
+def test_bad_input_and_too_few_draws():
+    with pytest.raises(ValueError, match="chain, draw, dim"):
+        mcmc_diagnostics(np.zeros((4, 10)))
+    with pytest.raises(ValueError, match="lp"):
+        mcmc_diagnostics(np.zeros((4, 10, 2)), {"lp": np.zeros((4, 9))})
+    with pytest.raises(ValueError, match="energy"):
+        e_bfmi(np.zeros(10))
+    d = mcmc_diagnostics(ar1(8, 0.0, 4, 5))
+    assert np.isnan(d.rhat_max) and any("too few" in m for m in d.messages)
+
+
+# ------------------------------------------------------------------------- through ds.sample
+def test_healthy_run_is_silent_and_reports_figures():
+    target = ds.Target(lambda x: -0.5 * (x**2).sum(-1), 2, dtype=F64)
+    idata, caught = sample_quietly(target, "mala", num_samples=1000, num_chains=4, seed=0)
+    assert caught == []
+    attrs = idata.posterior.attrs
+    assert attrs["rhat_max"] < 1.01 and attrs["ess_bulk_min"] > 400 and attrs["ess_tail_min"] > 400
+    assert attrs["num_divergent"] == 0 and attrs["stuck_chains"] == 0 and attrs["low_lp_chains"] == 0
+    # the helper on the returned InferenceData agrees
+    d = ds.diagnose(idata)
+    assert d.ok and d.rhat_max == pytest.approx(attrs["rhat_max"])
+
+
+def test_chain_stuck_in_a_far_tail_warns_once():
+    # x^4 potential: at x = 10 the gradient is 1000 and the adapted MALA step (set by the chains near
+    # the mode) overshoots by hundreds, so the chain started there never accepts.
+    target = ds.Target(lambda x: -0.25 * (x**4).sum(-1), 2, dtype=F64)
+    init = torch.zeros(4, 2, dtype=F64)
+    init[3] = 10.0
+    with pytest.warns(RuntimeWarning, match=r"(?s)chains stuck \(chain 3.*far below the others") as record:
+        idata = ds.sample(target, "mala", num_samples=300, num_chains=4, seed=0, init=init, progress=False)
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1  # one warning
+    assert idata.posterior.attrs["stuck_chains"] == 1 and idata.posterior.attrs["low_lp_chains"] == 1
+    # the same run started near the mode is clean
+    _, caught = sample_quietly(target, "mala", num_samples=300, num_chains=4, seed=0, init=torch.zeros(2))
+    assert not any("stuck" in str(w.message) for w in caught)
+
+
+def test_chains_in_two_modes_warn_rhat():
+    def log_prob(x):
+        return torch.logaddexp(-0.5 * ((x - 6) ** 2).sum(-1), -0.5 * ((x + 6) ** 2).sum(-1))
+
+    target = ds.Target(log_prob, 2, dtype=F64)
+    init = torch.tensor([[6.0, 6.0], [6.0, 6.0], [-6.0, -6.0], [-6.0, -6.0]], dtype=F64)
+    with pytest.warns(RuntimeWarning, match=r"(?s)R-hat.*'smc', 'pt' or 'diffusion'"):
+        idata = ds.sample(target, "mala", num_samples=300, num_chains=4, seed=0, init=init, progress=False)
+    assert idata.posterior.attrs["rhat_max"] > 1.5
+    # all four chains in one mode: R-hat is fine (MCMC cannot see the other mode)
+    _, caught = sample_quietly(target, "mala", num_samples=300, num_chains=4, seed=0, init=init[0])
+    assert not any("R-hat" in str(w.message) for w in caught)
+
+
+def test_divergences_in_a_funnel_warn():
+    target = Funnel(3).as_target(dtype=F64)
+    with pytest.warns(RuntimeWarning, match=r"divergent transitions .*target_accept"):
+        idata = ds.sample(target, "hmc", num_samples=300, num_chains=4, seed=0, progress=False)
+    assert idata.posterior.attrs["num_divergent"] > 0
+    assert idata.sample_stats["diverging"].values.sum() == idata.posterior.attrs["num_divergent"]
+
+
+def test_diagnose_any_inference_data_with_several_variables():
+    x = ar1(9, 0.0, 4, 400, dim=3)
+    x[1, :, 2] += 1.0  # chain 1 of variable "b" disagrees
+    posterior = {"a": x[..., 0], "b": x[..., 1:]}
+    idata = az.from_dict(posterior=posterior, sample_stats={"lp": -(x**2).sum(-1)})
+    with pytest.warns(RuntimeWarning, match=r"MCMC: the result is unreliable:\n  - R-hat .* \(coordinate 2\)"):
+        d = ds.diagnose(idata)
+    assert d.num_chains == 4 and d.num_draws == 400 and d.rhat_max > 1.01
+    clean = az.from_dict(posterior={"a": x[..., 0]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert ds.diagnose(clean).ok
+    with pytest.raises(ValueError, match="InferenceData"):
+        ds.diagnose(x)
