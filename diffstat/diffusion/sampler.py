@@ -453,7 +453,7 @@ def run_diffusion_sampler(
             x, log_q, from_diffusion = proposal.sample(n_round, generator)
             with torch.no_grad():
                 lp = target.log_prob(x)
-            log_w = torch.nan_to_num(lp - log_q, nan=-math.inf, neginf=-math.inf)  # not the largest finite float
+            log_w = torch.nan_to_num(lp - log_q, nan=-math.inf, neginf=-math.inf)  # keep -inf as -inf
             modes = (gaussians.component_log_prob(x) - torch.log(gaussians.weights)).argmax(-1)
             summary = importance_summary(log_w, modes, num_modes)
             summary.update(round=r, num_proposals=n_round, train_loss=loss, num_target_evals=target.num_target_evals - evals0, diffusion_share=float(from_diffusion.double().mean()), choice=choice)
@@ -527,7 +527,7 @@ def run_diffusion_sampler(
         "reliable": int(pool["reliable"]),
         "num_modes": num_modes,
         "num_rounds": len(rounds),
-        "ess": float(ess.sum()),
+        "ess": float(ess[pool["used"]].sum()),  # of the rounds the draws come from
         "num_proposals": int(sizes.sum()),
         "pareto_k": float(rounds[-1]["pareto_k"]),
         "mode_weights": mode_weights.cpu().numpy(),

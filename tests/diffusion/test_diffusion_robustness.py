@@ -13,13 +13,27 @@ import pytest
 import torch
 
 import diffstat as ds
-from diffstat.diffusion.sampler import MAX_PARETO_K, MIN_ROUND_ESS, importance_summary, pool_rounds, round_missed
+from diffstat.diffusion.sampler import (
+    MAX_PARETO_K,
+    MIN_ROUND_ESS,
+    importance_summary,
+    pool_rounds,
+    round_missed,
+)
 
 #: A 2-d Gaussian of sd 0.001 at (3, 3): narrow enough that a proposal fitted to short chains misses
 #: it by thousands of nats, while a refreshed one finds it.
 CENTER, SD = 3.0, 0.001
 #: Exploration and restocking so short that the first round's Gaussian misses the mode.
-TINY = dict(num_explore=100, explore_steps=3, restock_steps=2, chains_per_mode=16, refresh_chains=32, target_ess=1.0, num_proposals=1000)
+TINY = {
+    "num_explore": 100,
+    "explore_steps": 3,
+    "restock_steps": 2,
+    "chains_per_mode": 16,
+    "refresh_chains": 32,
+    "target_ess": 1.0,
+    "num_proposals": 1000,
+}
 
 
 def _narrow(shift: float) -> tuple[ds.Target, float]:
@@ -31,7 +45,15 @@ def _narrow(shift: float) -> tuple[ds.Target, float]:
 
 def _round(log_z: float, se: float, ess: float, k: float, n: int = 1000) -> dict:
     """A round summary with the fields ``pool_rounds`` reads."""
-    return {"log_z": log_z, "se": se, "ess": ess, "ess_psis": ess, "pareto_k": k, "num_proposals": n, "num_infinite": 0}
+    return {
+        "log_z": log_z,
+        "se": se,
+        "ess": ess,
+        "ess_psis": ess,
+        "pareto_k": k,
+        "num_proposals": n,
+        "num_infinite": 0,
+    }
 
 
 def test_pooling_is_exact_in_log_space_far_beyond_the_float_range():
@@ -55,10 +77,18 @@ def test_pooling_is_exact_in_log_space_far_beyond_the_float_range():
 def test_a_missed_round_is_left_out_and_all_missed_falls_back_to_the_best():
     """A round with k above 0.7 or a Kish ESS below 20 enters neither log Z nor the draws; when
     every round missed, the round of largest ESS stands in alone and the pool is unreliable."""
-    good, heavy, thin = _round(-5.0, 0.01, 500.0, 0.2), _round(-900.0, 0.5, 400.0, 1.3), _round(-4.0, 0.3, 5.0, 0.1)
+    good, heavy, thin = (
+        _round(-5.0, 0.01, 500.0, 0.2),
+        _round(-900.0, 0.5, 400.0, 1.3),
+        _round(-4.0, 0.3, 5.0, 0.1),
+    )
     assert (round_missed(good), round_missed(heavy), round_missed(thin)) == (False, True, True)
-    assert round_missed(_round(0.0, 0.0, MIN_ROUND_ESS - 0.1, 0.0)) and not round_missed(_round(0.0, 0.0, 1000.0, MAX_PARETO_K))
-    assert not round_missed(_round(0.0, 0.0, 1000.0, math.nan))  # equal weights: no tail to fit, a perfect round
+    assert round_missed(_round(0.0, 0.0, MIN_ROUND_ESS - 0.1, 0.0)) and not round_missed(
+        _round(0.0, 0.0, 1000.0, MAX_PARETO_K)
+    )
+    assert not round_missed(
+        _round(0.0, 0.0, 1000.0, math.nan)
+    )  # equal weights: no tail to fit, a perfect round
     assert round_missed({**good, "num_infinite": 1})
     pool = pool_rounds([heavy, good, thin])
     assert pool["used"].tolist() == [False, True, False] and pool["reliable"]
@@ -67,7 +97,9 @@ def test_a_missed_round_is_left_out_and_all_missed_falls_back_to_the_best():
     pool = pool_rounds([heavy, thin])
     assert not pool["reliable"] and pool["used"].tolist() == [True, False] and pool["log_z"] == -900.0
     # a round without any finite weight: log Z -inf with an infinite error, never NaN
-    empty = importance_summary(torch.full((50,), -math.inf, dtype=torch.float64), torch.zeros(50, dtype=torch.long), 2)
+    empty = importance_summary(
+        torch.full((50,), -math.inf, dtype=torch.float64), torch.zeros(50, dtype=torch.long), 2
+    )
     pool = pool_rounds([{**empty, "num_proposals": 50}])
     assert not pool["reliable"] and pool["log_z"] == -math.inf and pool["log_z_se"] == math.inf
     assert not any(math.isnan(float(v)) for v in (*pool["log_mu"], empty["ess"], empty["ess_psis"]))
@@ -80,7 +112,9 @@ def test_importance_summary_counts_infinite_weights_and_never_returns_nan():
     s = importance_summary(log_w, torch.zeros(200, dtype=torch.long), 1)
     assert s["num_infinite"] == 1 and round_missed(s)
     ref = importance_summary(torch.cat([log_w[:3], log_w[5:]]), torch.zeros(198, dtype=torch.long), 1)
-    assert s["log_z"] == pytest.approx(ref["log_z"] + math.log(198 / 200), abs=1e-12) and s["ess"] == pytest.approx(ref["ess"])
+    assert s["log_z"] == pytest.approx(ref["log_z"] + math.log(198 / 200), abs=1e-12) and s[
+        "ess"
+    ] == pytest.approx(ref["ess"])
     assert all(math.isfinite(s[key]) for key in ("log_z", "se", "ess", "ess_psis"))
 
 
@@ -95,11 +129,20 @@ def test_no_overflow_and_log_z_right_when_rounds_differ_by_thousands_of_nats(shi
     target, exact = _narrow(shift)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        idata = ds.sample(target, "gaussian_is", num_samples=2000, seed=0, progress=False, max_rounds=3, refresh_steps=20, **TINY)
+        idata = ds.sample(
+            target,
+            "gaussian_is",
+            num_samples=2000,
+            seed=0,
+            progress=False,
+            max_rounds=3,
+            refresh_steps=20,
+            **TINY,
+        )
     attrs, group = idata.posterior.attrs, idata["diffusion"]
     round_log_z = group["log_normalizer"].values
     assert round_log_z.max() - round_log_z.min() > 709  # the rounds do differ beyond exp's range
-    assert group["used"].values[0] == False and attrs["reliable"] == 1  # noqa: E712 - a numpy bool
+    assert not group["used"].values[0] and attrs["reliable"] == 1
     se = attrs["log_normalizer_se"]
     assert 0 < se < 0.05 and abs(attrs["log_normalizer"] - exact) < 4 * se
     assert abs(attrs["log_normalizer"] - (exact + 0.2)) > 4 * se
@@ -114,15 +157,32 @@ def test_every_round_missed_warns_and_is_marked_unreliable():
     of a handful): a RuntimeWarning names k and the ESS and what to change, ``reliable`` is 0,
     and the draws, their lp and log weights and log Z are finite (no NaN)."""
     target, exact = _narrow(2000.0)
-    with pytest.warns(RuntimeWarning, match=r"every round missed.*Pareto k = .*Kish ESS = .*num_explore") as record:
-        idata = ds.sample(target, "gaussian_is", num_samples=500, seed=0, progress=False, max_rounds=2, refresh_steps=5, **TINY)
+    with pytest.warns(
+        RuntimeWarning, match=r"every round missed.*Pareto k = .*Kish ESS = .*num_explore"
+    ) as record:
+        idata = ds.sample(
+            target,
+            "gaussian_is",
+            num_samples=500,
+            seed=0,
+            progress=False,
+            max_rounds=2,
+            refresh_steps=5,
+            **TINY,
+        )
     assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
     attrs, group = idata.posterior.attrs, idata["diffusion"]
     assert attrs["reliable"] == 0 and int(group["used"].values.sum()) == 1
     assert ((group["pareto_k"].values > MAX_PARETO_K) | (group["ess"].values < MIN_ROUND_ESS)).all()
-    for values in (idata.posterior["x"].values, idata.sample_stats["lp"].values, idata.sample_stats["log_weight"].values):
+    for values in (
+        idata.posterior["x"].values,
+        idata.sample_stats["lp"].values,
+        idata.sample_stats["log_weight"].values,
+    ):
         assert np.isfinite(values).all()
-    assert math.isfinite(attrs["log_normalizer"]) and attrs["log_normalizer"] < exact - 700  # far off, and flagged
+    assert (
+        math.isfinite(attrs["log_normalizer"]) and attrs["log_normalizer"] < exact - 700
+    )  # far off, and flagged
 
 
 def test_a_normal_diffusion_run_does_not_warn():
@@ -130,7 +190,20 @@ def test_a_normal_diffusion_run_does_not_warn():
     with small budgets: no RuntimeWarning, every round used, log Z within 4 standard errors of
     the exact value -2000 + log(2 pi)."""
     target = ds.Target(lambda x: -0.5 * (x**2).sum(-1) - 2000.0, 2, dtype=torch.float64)
-    opts = dict(num_explore=200, explore_steps=10, chains_per_mode=64, refresh_chains=64, train_steps=300, refit_steps=100, hidden=32, depth=2, num_proposals=2000, max_rounds=2, ode_steps=20, held_out=128)
+    opts = {
+        "num_explore": 200,
+        "explore_steps": 10,
+        "chains_per_mode": 64,
+        "refresh_chains": 64,
+        "train_steps": 300,
+        "refit_steps": 100,
+        "hidden": 32,
+        "depth": 2,
+        "num_proposals": 2000,
+        "max_rounds": 2,
+        "ode_steps": 20,
+        "held_out": 128,
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         idata = ds.sample(target, "diffusion", num_samples=500, seed=0, progress=False, **opts)
