@@ -134,14 +134,36 @@ narrow-heavy/wide-light measurements, which fixed every stage below):
    weights plus half uniform (so no mode is starved), warm-start the score models on all
    restocked particles, and propose again.
 
-Rounds are pooled with weights :math:`\lambda_r \propto \mathrm{ESS}_r` (Kish, raw weights):
-:math:`\hat Z = \sum_r \lambda_r \hat Z_r`. The returned draws are a multinomial resample in
-which a particle of round :math:`r` carries :math:`\mu_r` times its Pareto-smoothed normalised
-weight within the round, :math:`\mu_r \propto` the round's smoothed ESS: smoothing caps the few
-largest weights of a heavy tail (Pareto :math:`\hat k` 0.5 to 0.7), which would otherwise fill
-the draws with copies of one point, at a small bias (Vehtari et al. 2024); :math:`\hat Z` keeps
-the raw weights, whose mean is unbiased. Each round's estimators are consistent, so the pools
-are too. The reported mode weights are those of the draws' pool.
+A round **missed** when its weights say so: Pareto :math:`\hat k > 0.7` (``MAX_PARETO_K``: the
+weights' tail is too heavy for the estimate's error to fall at a usable rate, Vehtari et al.
+2024), a Kish ESS below 20 (``MIN_ROUND_ESS``: the whole round rests on a handful of points, too
+few to fit the Pareto tail or to estimate a variance to within 30%), or a weight of :math:`+\infty`
+(a proposal density that underflowed where a draw landed). Every estimate is taken from the rounds
+that did not miss, called *used*, and works on log scales only (real posteriors have
+:math:`|\log Z|` in the thousands, and the rounds' :math:`\log\hat Z_r` may differ by more than
+the 709 nats a float exponent holds):
+
+* :math:`\log\hat Z = \log\sum_{r\ \mathrm{used}} \lambda_r \hat Z_r` by ``logsumexp``, with
+  :math:`\lambda_r \propto` the round's Kish ESS (raw weights) and the delta-method standard error
+  :math:`\sqrt{\sum_r \lambda_r^2 \hat Z_r^2 \mathrm{se}_r^2}/\hat Z`. Each :math:`\hat Z_r` is
+  unbiased given its proposal, so any convex combination is too; a missed round is left out
+  rather than down-weighted, because its :math:`\hat Z_r` is then typically far below
+  :math:`Z` (the mass it misses sits in the tail it has not sampled) and its standard error is
+  not an error bar, so it would move the pool by an amount nothing accounts for.
+* The returned draws are a multinomial resample in which a particle of a used round :math:`r`
+  carries :math:`\mu_r` times its Pareto-smoothed normalised weight within the round,
+  :math:`\mu_r \propto` the round's smoothed ESS: smoothing caps the few largest weights of a
+  heavy tail (Pareto :math:`\hat k` 0.5 to 0.7), which would otherwise fill the draws with
+  copies of one point, at a small bias (Vehtari et al. 2024); :math:`\hat Z` keeps the raw
+  weights, whose mean is unbiased. A missed round contributes no draws.
+
+Each round's estimators are consistent, so the pools are too. The reported mode weights are those
+of the draws' pool. If every round missed, the draws and :math:`\log\hat Z` are those of the round
+with the largest Kish ESS alone, ``attrs["reliable"]`` is 0 (else 1), and a ``RuntimeWarning``
+gives every round's :math:`\hat k` and ESS and what to change; the draws and ``log_weight`` are
+never NaN (a round without a finite weight is resampled uniformly, with ``log_normalizer``
+:math:`-\infty` and an infinite standard error). The per-round ``used`` flags are in the
+``diffusion`` group.
 """
 
 from __future__ import annotations
@@ -157,24 +179,110 @@ from diffstat.diffusion.modes import ModeBank, balance_modes, explore_modes
 from diffstat.diffusion.proposals import DefensiveMixture, DiffusionMixture, DiffusionProposal, GaussianComponent, Whitening, fit_mode_gaussians, held_out_cross_entropy
 from diffstat.sampling import SamplerResult, register_sampler
 
-__all__ = ["run_diffusion_sampler", "importance_summary"]
+__all__ = [
+    "run_diffusion_sampler", "importance_summary", "round_missed", "pool_rounds",
+    "MAX_PARETO_K", "MIN_ROUND_ESS",
+]
+
+#: Above this Pareto k a round's weights are too heavy-tailed to trust (Vehtari et al. 2024).
+MAX_PARETO_K = 0.7
+#: Below this Kish ESS a round rests on a handful of points: fewer than the 20 weights the Pareto
+#: tail fit needs, and a variance estimated from them is off by about sqrt(2/19) = 30%.
+MIN_ROUND_ESS = 20.0
 
 
 def importance_summary(log_w: torch.Tensor, modes: torch.Tensor, num_modes: int) -> dict[str, torch.Tensor | float]:
     r"""Summary of one round's log weights ``(n,)`` with mode assignments ``(n,)``: log Z and its
     standard error, the Kish ESS of the weights and of their Pareto-smoothed version with its
     :math:`\hat k` (:func:`~diffstat._util.pareto_smooth`; the smoothed log weights as ``log_w_psis``), the mode weights
-    :math:`\sum_{i \in k} \bar w_i` and the ESS of the weights within each mode ``(K,)``."""
-    log_w = torch.nan_to_num(log_w.double(), nan=-math.inf)
+    :math:`\sum_{i \in k} \bar w_i` and the ESS of the weights within each mode ``(K,)``.
+
+    A NaN weight counts as zero (a log-density undefined there); a weight of :math:`+\infty` counts
+    as zero too but is reported in ``num_infinite``, which makes the round missed
+    (:func:`round_missed`). A round without a finite weight has log Z :math:`-\infty`, an infinite
+    standard error, zero ESS and zero mode weights, and never a NaN."""
+    log_w = log_w.double()
+    num_infinite = int((log_w == math.inf).sum())
+    log_w = torch.nan_to_num(log_w, nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+    zeros = torch.zeros(num_modes, dtype=log_w.dtype, device=log_w.device)
+    if not bool(torch.isfinite(log_w).any()):
+        return {
+            "log_z": -math.inf, "se": math.inf, "ess": 0.0, "ess_psis": 0.0, "pareto_k": math.nan,
+            "log_w_psis": log_w, "mode_weights": zeros, "ess_per_mode": zeros, "num_infinite": num_infinite,
+        }
     log_z, se = log_normalizer_estimate(log_w)
     w = torch.softmax(log_w, 0)
-    mode_weights = torch.zeros(num_modes, dtype=w.dtype, device=w.device).index_add_(0, modes, w)
+    mode_weights = zeros.index_add(0, modes, w)
     ess_mode = torch.stack([ess_from_log_weights(log_w[modes == k]) if bool((modes == k).any()) else log_w.new_zeros(()) for k in range(num_modes)])
     smoothed, k = pareto_smooth(log_w)
     return {
-        "log_z": log_z, "se": se, "ess": float(ess_from_log_weights(log_w)), "ess_psis": float(ess_from_log_weights(smoothed)), "pareto_k": k,
-        "log_w_psis": smoothed, "mode_weights": mode_weights, "ess_per_mode": torch.nan_to_num(ess_mode),
+        "log_z": log_z, "se": se if math.isfinite(se) else math.inf,
+        "ess": float(ess_from_log_weights(log_w)), "ess_psis": float(ess_from_log_weights(smoothed)),
+        "pareto_k": k, "log_w_psis": smoothed, "mode_weights": mode_weights,
+        "ess_per_mode": torch.nan_to_num(ess_mode), "num_infinite": num_infinite,
     }
+
+
+def round_missed(summary: dict) -> bool:
+    r"""Whether a round (an :func:`importance_summary`) missed the target: Pareto :math:`\hat k`
+    above ``MAX_PARETO_K``, a Kish ESS below ``MIN_ROUND_ESS``, or an infinite weight. A NaN
+    :math:`\hat k` (no tail to fit) decides nothing by itself: with fewer than 20 positive weights
+    the ESS rule already applies, and with equal weights the round is perfect."""
+    heavy = bool(summary["pareto_k"] > MAX_PARETO_K)
+    return heavy or not summary["ess"] >= MIN_ROUND_ESS or summary.get("num_infinite", 0) > 0
+
+
+def _convex(weights: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """Log of ``weights (R,)`` restricted to ``used`` and normalised; equal over ``used`` where they
+    sum to zero there (never NaN)."""
+    w = torch.where(used, weights.clamp_min(0.0), torch.zeros_like(weights))
+    w = w if float(w.sum()) > 0 else used.double()
+    return torch.log(w / w.sum())
+
+
+def pool_rounds(rounds: list[dict]) -> dict:
+    r"""Pool the rounds' summaries (:func:`importance_summary`) by the rule of the module
+    docstring, in log space. Returns ``used (R,)`` bool, ``reliable`` (False when every round
+    missed and the round of largest Kish ESS stands in alone), ``log_z`` and ``log_z_se`` of the
+    pool, and ``log_mu (R,)``, the log share of each round in the returned draws (:math:`-\infty`
+    for a round left out)."""
+    missed = torch.tensor([round_missed(s) for s in rounds])
+    reliable = not bool(missed.all())
+    used = ~missed
+    if not reliable:
+        best = max(range(len(rounds)), key=lambda r: (rounds[r]["ess"], r))  # the later round on a tie
+        used = torch.arange(len(rounds)) == best
+    ess = torch.tensor([s["ess"] for s in rounds], dtype=torch.float64)
+    log_lam = _convex(ess, used)
+    log_zr = torch.tensor([s["log_z"] for s in rounds], dtype=torch.float64)
+    terms = torch.where(used, log_lam + log_zr, torch.full_like(log_zr, -math.inf))
+    log_z = float(torch.logsumexp(terms, 0))
+    se_r = torch.tensor([s["se"] for s in rounds], dtype=torch.float64)
+    if math.isfinite(log_z):  # se(log Z) = sqrt(sum_r (lambda_r Z_r / Z)^2 se_r^2), every ratio at most 1
+        share = torch.exp(terms - log_z)
+        log_z_se = float(torch.sqrt((torch.where(used, share * se_r, torch.zeros_like(se_r)) ** 2).sum()))
+    else:
+        log_z_se = math.inf
+    ess_psis = torch.tensor([s["ess_psis"] for s in rounds], dtype=torch.float64)
+    log_z_se = log_z_se if math.isfinite(log_z_se) else math.inf
+    log_mu = _convex(ess_psis, used)
+    return {"used": used, "reliable": reliable, "log_z": log_z, "log_z_se": log_z_se, "log_mu": log_mu}
+
+
+def _missed_warning(rounds: list[dict], pool: dict) -> str:
+    """The text of the warning when every round missed."""
+    ks = ", ".join(f"{s['pareto_k']:.2f}" for s in rounds)
+    ess = ", ".join(f"{s['ess']:.1f}" for s in rounds)
+    sizes = ", ".join(str(s["num_proposals"]) for s in rounds)
+    best = int(torch.nonzero(pool["used"]).flatten()[0])
+    return (
+        f"diffusion: every round missed the target (Pareto k = {ks} against the limit {MAX_PARETO_K}; "
+        f"Kish ESS = {ess} of {sizes} proposals against the minimum {MIN_ROUND_ESS:.0f}): the proposals did "
+        f"not cover the posterior, and the draws and log Z come from round {best} alone and are unreliable "
+        "(attrs reliable = 0). Give the mode search and the restocking more work (num_explore, "
+        "explore_steps, restock_steps, chains_per_mode, refresh_chains), more rounds (max_rounds), or use "
+        "MCMC ('nuts') or SMC ('smc')."
+    )
 
 
 def _resample_per_mode(log_w: torch.Tensor, modes: torch.Tensor, num_modes: int, per_mode: int, generator) -> torch.Tensor:
@@ -346,14 +454,15 @@ def run_diffusion_sampler(
             x, log_q, from_diffusion = proposal.sample(n_round, generator)
             with torch.no_grad():
                 lp = target.log_prob(x)
-            log_w = torch.nan_to_num(lp - log_q, nan=-math.inf)
+            log_w = torch.nan_to_num(lp - log_q, nan=-math.inf, neginf=-math.inf)  # keep -inf as -inf
             modes = (gaussians.component_log_prob(x) - torch.log(gaussians.weights)).argmax(-1)
             summary = importance_summary(log_w, modes, num_modes)
             summary.update(round=r, num_proposals=n_round, train_loss=loss, num_target_evals=target.num_target_evals - evals0, diffusion_share=float(from_diffusion.double().mean()), choice=choice)
             rounds.append(summary)
             pool_x.append(x), pool_lw.append(log_w), pool_lp.append(lp)
             bar.update()
-            if r + 1 == max_rounds or (summary["ess"] >= target_ess * n_round and (models is not None or not use_diffusion)):
+            enough = summary["ess"] >= target_ess * n_round and not round_missed(summary)
+            if r + 1 == max_rounds or (enough and (models is not None or not use_diffusion)):
                 break
             if use_diffusion:  # held-out particles for the model check: a weighted resample per unit (no target evaluations)
                 unit = modes if per_mode else torch.zeros_like(modes)  # one pooled model: held_out in all, not per mode
@@ -363,32 +472,26 @@ def run_diffusion_sampler(
             restart = _resample_bank(target, bank, x, log_w, modes, refresh_chains, generator)
             bank = balance_modes(target, restart, generator, chains_per_mode=refresh_chains, num_steps=refresh_steps, keep_every=refresh_keep_every)
             pi = 0.5 * summary["mode_weights"].to(bank.x.dtype) + 0.5 * uniform
+            pi = pi / pi.sum()  # the mode weights are all zero where a round had no finite weight
             gaussians = fit_mode_gaussians(bank, inflate=inflate, weights=pi)
             refreshed.append(bank)
             if train_on_restarts:  # the distinct resampled importance particles (their gradients are already paid for)
                 _, first_rows = _unique_rows(restart.x)
                 refreshed.append(ModeBank(restart.x[first_rows], restart.log_prob[first_rows], restart.grad[first_rows], restart.label[first_rows], restart.centers, restart.center_log_prob, 0))
 
-    if rounds[-1]["pareto_k"] > 0.7:  # the PSIS threshold for a reliable importance estimate (Vehtari et al. 2024)
-        warnings.warn(
-            f"Pareto k = {rounds[-1]['pareto_k']:.2f} > 0.7 in the last round: the importance weights are too heavy-tailed for a reliable "
-            "estimate (compare ess with ess_psis in the 'diffusion' group; more restocking chains, refresh_chains, give the score models more data)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    # pool the rounds: lambda_r proportional to ESS_r
+    pool = pool_rounds(rounds)
+    if not pool["reliable"]:
+        warnings.warn(_missed_warning(rounds, pool), RuntimeWarning, stacklevel=2)
     ess = torch.tensor([s["ess"] for s in rounds], dtype=torch.float64)
     sizes = torch.tensor([s["num_proposals"] for s in rounds])
-    lam = ess / ess.sum()
-    z = torch.tensor([math.exp(s["log_z"] - rounds[0]["log_z"]) for s in rounds], dtype=torch.float64)
     se_rel = torch.tensor([s["se"] for s in rounds], dtype=torch.float64)
-    z_pool = float((lam * z).sum())
-    log_z = rounds[0]["log_z"] + math.log(z_pool)
-    log_z_se = float(torch.sqrt((lam**2 * (z * se_rel) ** 2).sum())) / z_pool
-    # the draws: each round's Pareto-smoothed weights, rounds pooled by their smoothed ESS
-    ess_psis = torch.tensor([s["ess_psis"] for s in rounds], dtype=torch.float64)
-    lam_draws = ess_psis / ess_psis.sum()
-    log_pool = torch.cat([torch.log(lam_draws[r]).to(w) + s["log_w_psis"].to(w) for r, (s, w) in enumerate(zip(rounds, pool_lw))])
+    # the draws: each used round's Pareto-smoothed weights, scaled by its share mu_r
+    mu = pool["log_mu"]
+    log_pool = torch.cat([mu[r].to(w) + s["log_w_psis"].to(w) for r, (s, w)
+                          in enumerate(zip(rounds, pool_lw))])
+    if not bool(torch.isfinite(log_pool).any()):  # no finite weight anywhere: the stand-in round, uniformly
+        log_pool = torch.cat([torch.full_like(w, 0.0 if bool(pool["used"][r]) else -math.inf)
+                              for r, w in enumerate(pool_lw)])
     all_x, all_lw, all_lp = torch.cat(pool_x), torch.cat(pool_lw), torch.cat(pool_lp)
     n_out = num_samples * num_chains
     p = torch.softmax(log_pool.double(), 0)
@@ -408,6 +511,7 @@ def run_diffusion_sampler(
             "ess_psis": torch.tensor([s["ess_psis"] for s in rounds], dtype=torch.float64),
             "log_normalizer": torch.tensor([s["log_z"] for s in rounds], dtype=torch.float64),
             "log_normalizer_se": se_rel,
+            "used": pool["used"],
             "num_modes": torch.full((len(rounds),), num_modes),
             "num_target_evals": torch.tensor([s["num_target_evals"] for s in rounds]),
             "train_loss": torch.tensor([s["train_loss"] for s in rounds], dtype=torch.float64),
@@ -419,11 +523,12 @@ def run_diffusion_sampler(
         }
     }
     attrs = {
-        "log_normalizer": log_z,
-        "log_normalizer_se": log_z_se,
+        "log_normalizer": pool["log_z"],
+        "log_normalizer_se": pool["log_z_se"],
+        "reliable": int(pool["reliable"]),
         "num_modes": num_modes,
         "num_rounds": len(rounds),
-        "ess": float(ess.sum()),
+        "ess": float(ess[pool["used"]].sum()),  # of the rounds the draws come from
         "num_proposals": int(sizes.sum()),
         "pareto_k": float(rounds[-1]["pareto_k"]),
         "mode_weights": mode_weights.cpu().numpy(),
@@ -459,7 +564,9 @@ def diffusion(target, *, num_samples, num_chains, generator, progress, device, *
     from the pooled rounds. Model details (module notes): VP horizon ``t_max`` (0.6); ``whiten``
     (None: "full" per mode, "diag" for one pooled model); restocked banks keep every
     ``refresh_keep_every`` (1) state; ``gaussian_fallback`` (True) on ``held_out`` (512)
-    particles per mode; the flow's base widened by ``prior_scale`` (1).
+    particles per mode; the flow's base widened by ``prior_scale`` (1). A round that missed
+    (Pareto k above 0.7, Kish ESS below 20) gives no draws and no log Z; if every round missed, a
+    ``RuntimeWarning`` says so and ``attrs['reliable']`` is 0 (module docstring).
     """
     return run_diffusion_sampler(target, num_samples=num_samples, num_chains=num_chains, generator=generator, progress=progress, device=device, use_diffusion=True, **options)
 
