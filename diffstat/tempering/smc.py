@@ -39,6 +39,7 @@ The reported standard error is the delta-method :math:`\sqrt{\hat v}`. It needs 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -49,12 +50,12 @@ from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.path import (
     GeometricPath,
     PathState,
-    adaptive_moves,
     default_step_size,
     get_kernel,
     incremental_log_weights,
     make_path,
 )
+from diffstat.tempering.moves import METRICS, cluster_particles, decorrelating_moves, particle_metric
 from diffstat.tempering.resampling import SCHEMES, conditional_ess, ess, resample, weighted_mean_and_variance
 
 __all__ = ["SMCOutput", "adaptive_tempered_smc", "next_beta", "smc_sampler", "genealogy_variance", "preconditioner"]
@@ -152,7 +153,11 @@ def adaptive_tempered_smc(
     resample_threshold: float = 0.5,
     resampling: str = "systematic",
     kernel: str = "mala",
-    num_mcmc_steps: int = 5,
+    num_mcmc_steps: int | None = None,
+    max_mcmc_steps: int = 100,
+    decorrelation_tol: float = 0.1,
+    metric: str = "auto",
+    within_modes: bool = True,
     num_leapfrog: int = 5,
     step_size: float | None = None,
     target_accept: float | None = None,
@@ -174,8 +179,12 @@ def adaptive_tempered_smc(
     resample_threshold = float(resample_threshold)
     if not 0.0 <= resample_threshold <= 1.0:
         raise ValueError(f"resample_threshold must lie in [0, 1], got {resample_threshold}")
-    if int(num_mcmc_steps) < 0:
+    if num_mcmc_steps is not None and int(num_mcmc_steps) < 0:
         raise ValueError(f"num_mcmc_steps must be non-negative, got {num_mcmc_steps}")
+    if int(max_mcmc_steps) < 1 or not decorrelation_tol > 0:
+        raise ValueError(f"need max_mcmc_steps >= 1 and decorrelation_tol > 0, got {max_mcmc_steps}, {decorrelation_tol}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     step, default_accept = get_kernel(kernel, num_leapfrog)
     target_accept = default_accept if target_accept is None else check_probability(target_accept, "target_accept")
     schedule = None if betas is None else _check_betas(betas, x0)
@@ -193,7 +202,8 @@ def adaptive_tempered_smc(
         raise ValueError(f"step_size must be positive, got {step_size}")
     log_h = torch.tensor(math.log(h0), dtype=dtype, device=device)
     beta = torch.zeros((), dtype=dtype, device=device)
-    keys = ("beta", "ess", "log_z_increment", "acceptance_rate", "step_size", "resampled")
+    keys = ("beta", "ess", "log_z_increment", "acceptance_rate", "step_size", "resampled", "num_mcmc_steps",
+            "decorrelation", "num_clusters")
     records: dict[str, list] = {k: [] for k in keys}
     num_resampling = 0
     acc = torch.full((n,), math.nan, dtype=dtype, device=device)
@@ -209,18 +219,24 @@ def adaptive_tempered_smc(
             log_w = log_w + incr
             ess_frac = ess(log_w) / n
             records["ess"].append(ess_frac)
+            # The metric from the weighted cloud, before resampling duplicates particles.
+            labels = cluster_particles(ps.x, log_w, generator) if within_modes and adapt_scale else None
+            inv_mass = particle_metric(ps.x, log_w, metric, labels) if adapt_scale else None
             resampled = resample_threshold >= 1.0 or bool(ess_frac < resample_threshold)
             if resampled:
                 idx = resample(generator, log_w, resampling)
                 ps, eve = ps.index(idx), eve[idx]
                 log_w = torch.zeros_like(log_w)
                 num_resampling += 1
-            inv_mass = preconditioner(ps.x, log_w) if adapt_scale else None
             records["step_size"].append(torch.exp(log_h))
-            ps, log_h, acc = adaptive_moves(
-                step, generator, ps, path, new_beta, log_h, int(num_mcmc_steps),
-                inv_mass=inv_mass, target_accept=target_accept,
+            moved = decorrelating_moves(
+                step, generator, ps, path, new_beta, log_h, inv_mass=inv_mass, target_accept=target_accept,
+                num_steps=num_mcmc_steps, max_steps=int(max_mcmc_steps), decorrelation_tol=decorrelation_tol,
             )
+            ps, log_h, acc = moved.particles, moved.log_step_size, moved.acceptance
+            records["num_mcmc_steps"].append(moved.num_steps)
+            records["decorrelation"].append(moved.distance)
+            records["num_clusters"].append(1 if labels is None else int(labels.max()) + 1)
             records["beta"].append(new_beta)
             records["acceptance_rate"].append(acc.mean())
             records["resampled"].append(resampled)
@@ -236,6 +252,8 @@ def adaptive_tempered_smc(
                     f"SMC did not reach beta = 1 in {max_stages} stages (beta = {float(beta):.3g}); "
                     "raise max_stages or lower target_ess"
                 )
+    if num_mcmc_steps is None:
+        _warn_if_capped(records["num_mcmc_steps"], int(max_mcmc_steps))
     v, num_eves = genealogy_variance(log_w, eve, num_resampling, resampling)
     stages = {
         key: torch.stack([torch.as_tensor(v_, device=device) for v_ in vals]) if vals else torch.empty(0)
@@ -243,6 +261,20 @@ def adaptive_tempered_smc(
     }
     log_z = float(stages["log_z_increment"].sum()) if len(stages["log_z_increment"]) else 0.0
     return SMCOutput(ps, log_w, log_z, math.sqrt(v), stages, acc, num_resampling, num_eves)
+
+
+def _warn_if_capped(steps: list[int], cap: int) -> None:
+    """A ``RuntimeWarning`` when the moves of the last stages (the last tenth, at least one) hit
+    ``max_mcmc_steps`` before the particles decorrelated: the final cloud may then still remember
+    where the tempering put it, and its moments and log Z be biased."""
+    last = steps[-max(1, len(steps) // 10):]
+    if last and max(last) >= cap:
+        warnings.warn(
+            f"SMC moves hit max_mcmc_steps = {cap} at the last stages before the particles decorrelated; "
+            "the draws may be biased: raise max_mcmc_steps, use kernel='hmc', or reparametrise the target",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _check_betas(betas, like: torch.Tensor) -> torch.Tensor:
@@ -270,7 +302,7 @@ def initial_particles(path: GeometricPath, n: int, generator: torch.Generator, d
 
 _OPTIONS = {
     "reference", "target_ess", "criterion", "resample_threshold", "resampling", "kernel", "num_mcmc_steps",
-    "num_leapfrog", "step_size", "target_accept", "adapt_scale", "betas", "max_stages",
+    "max_mcmc_steps", "decorrelation_tol", "metric", "within_modes", "num_leapfrog", "step_size", "target_accept", "adapt_scale", "betas", "max_stages",
 }
 
 
