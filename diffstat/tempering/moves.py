@@ -22,8 +22,8 @@ start, Lloyd iterations) as long as the split separates them, recursively up to
 :data:`MAX_CLUSTERS`; the pooled within-cluster covariance is the metric. A split is kept only when
 the within-cluster variance along the line of the two centres is under 0.2 of the total there
 (two equal Gaussians 4 sd apart): a unimodal cloud, even a skewed, uniform or heavy-tailed one
-(0.36, 0.25, 0.5 or more), is not split. The metric is a function of the whole cloud, shared by every particle, so each move
-leaves :math:`\pi_\beta` invariant given it (the usual adaptive-SMC approximation).
+(0.36, 0.25, 0.5 or more), is not split. The metric is a function of the whole cloud, shared by
+every particle, so each move leaves :math:`\pi_\beta` invariant given it (the usual adaptive-SMC approximation).
 
 **Number of moves** (:func:`decorrelating_moves`). After move :math:`k` the mean whitened squared
 distance of the particles from their positions at the start of the stage,
@@ -55,7 +55,15 @@ from diffstat.mcmc.metric import DenseMetric, Metric, inverse_quadratic
 from diffstat.tempering.path import GeometricPath, PathState, move
 from diffstat.tempering.resampling import ess
 
-__all__ = ["METRICS", "MAX_CLUSTERS", "cluster_particles", "particle_metric", "weighted_covariance", "decorrelating_moves", "MoveResult"]
+__all__ = [
+    "MAX_CLUSTERS",
+    "METRICS",
+    "MoveResult",
+    "cluster_particles",
+    "decorrelating_moves",
+    "particle_metric",
+    "weighted_covariance",
+]
 
 METRICS = ("auto", "dense", "diag")
 #: At most this many clusters for the within-mode covariance (splits are recursive 2-means).
@@ -98,7 +106,9 @@ def _two_means(generator, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | No
     return side if bool(within < _SPLIT_RATIO * total) else None
 
 
-def cluster_particles(x: torch.Tensor, log_w: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def cluster_particles(
+    x: torch.Tensor, log_w: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Cluster labels ``(n,)`` (0 to K-1, K at most :data:`MAX_CLUSTERS`) of particles ``x: (n, d)``
     with log weights ``(n,)``, by recursive weighted 2-means splits kept only where they separate
     the cloud (module docstring). A group under ``2(d+1)`` particles is not split."""
@@ -126,7 +136,10 @@ def cluster_particles(x: torch.Tensor, log_w: torch.Tensor, generator: torch.Gen
 
 
 def particle_metric(
-    x: torch.Tensor, log_w: torch.Tensor | None = None, metric: str = "auto", labels: torch.Tensor | None = None
+    x: torch.Tensor,
+    log_w: torch.Tensor | None = None,
+    metric: str = "auto",
+    labels: torch.Tensor | None = None,
 ) -> Metric:
     """The preconditioner of the moves from particles ``x: (n, d)`` with log weights ``(n,)``
     (module docstring): a :class:`DenseMetric` or a diagonal ``(d,)``, from the covariance pooled
@@ -143,7 +156,9 @@ def particle_metric(
     else:
         masses = torch.zeros(int(labels.max()) + 1, dtype=w.dtype, device=w.device).index_add_(0, labels, w)
         cov = sum(
-            m * weighted_covariance(x, torch.where(labels == c, w, 0.0) / m) for c, m in enumerate(masses) if m > 0
+            m * weighted_covariance(x, torch.where(labels == c, w, 0.0) / m)
+            for c, m in enumerate(masses)
+            if m > 0
         )
     var = cov.diagonal()
     if not float(var.max()) > 0:
@@ -201,7 +216,11 @@ def decorrelating_moves(
         if adapt_rate:
             log_step_size = log_step_size + adapt_rate * (info.acceptance_rate.mean() - target_accept)
         history.append(float(inverse_quadratic(inv_mass, ps.x - x0).mean()) / d)
-        if num_steps is None and k >= min_steps and 0 < history[k] <= (1 + decorrelation_tol) * history[k // 2]:
+        if (
+            num_steps is None
+            and k >= min_steps
+            and 0 < history[k] <= (1 + decorrelation_tol) * history[k // 2]
+        ):
             break
     acc = acc_sum / k if k else torch.full_like(acc_sum, math.nan)
     return MoveResult(ps, log_step_size, acc, k, history[k])

@@ -1,19 +1,20 @@
-"""Posteriors with exact answers for the tests of SMC moves on correlated targets (and the benchmark).
+r"""Posteriors with exact answers for the tests of SMC moves on correlated targets (and the benchmark).
 
-* :class:`NIGRegression`: a Gaussian linear model :math:`y = X\\beta + \\varepsilon`,
-  :math:`\\varepsilon \\sim \\mathcal N(0, \\sigma^2 I)`, with the conjugate normal-inverse-gamma prior
-  :math:`\\sigma^2 \\sim \\mathrm{IG}(a_0, b_0)`, :math:`\\beta \\mid \\sigma^2 \\sim \\mathcal N(m_0, \\sigma^2 V_0)`,
-  sampled in :math:`(\\beta, \\log\\sigma)` with the log-Jacobian :math:`\\log 2 + 2\\log\\sigma`. The posterior
-  is NIG with :math:`V_n = (V_0^{-1} + X^\\top X)^{-1}`, :math:`m_n = V_n(V_0^{-1}m_0 + X^\\top y)`,
-  :math:`a_n = a_0 + n/2`, :math:`b_n = b_0 + \\tfrac12(y^\\top y + m_0^\\top V_0^{-1} m_0 - m_n^\\top V_n^{-1} m_n)`:
-  :math:`\\beta` is multivariate t with :math:`2a_n` degrees of freedom, mean :math:`m_n` and covariance
-  :math:`b_n V_n/(a_n - 1)`; :math:`\\sigma^2 \\sim \\mathrm{IG}(a_n, b_n)`, so
-  :math:`E\\sigma = \\sqrt{b_n}\\,\\Gamma(a_n - \\tfrac12)/\\Gamma(a_n)` and :math:`E\\sigma^2 = b_n/(a_n-1)`; the
-  evidence is :math:`\\log p(y) = -\\tfrac n2\\log 2\\pi + \\tfrac12\\log(|V_n|/|V_0|) + a_0\\log b_0 - a_n\\log b_n
-  + \\log\\Gamma(a_n) - \\log\\Gamma(a_0)`. The target carries ``log_prior`` and ``log_likelihood``, so SMC
-  tempers the likelihood from exact prior draws.
-* :func:`regression`: 5 equicorrelated (0.85) predictors, n = 100; :func:`ar5`: a persistent AR(5) series of
-  length 200, its conditional likelihood given the first 5 values a regression on the lags.
+* :class:`NIGRegression`: a Gaussian linear model :math:`y = X\beta + \varepsilon`,
+  :math:`\varepsilon \sim \mathcal N(0, \sigma^2 I)`, with the conjugate normal-inverse-gamma prior
+  :math:`\sigma^2 \sim \mathrm{IG}(a_0, b_0)`, :math:`\beta \mid \sigma^2 \sim \mathcal N(m_0, \sigma^2 V_0)`
+  (here :math:`m_0 = 0`), sampled in :math:`(\beta, \log\sigma)` with the log-Jacobian
+  :math:`\log 2 + 2\log\sigma` of :math:`\sigma^2 = e^{2\log\sigma}`. The posterior is NIG with
+  :math:`V_n = (V_0^{-1} + X^\top X)^{-1}`, :math:`m_n = V_n X^\top y`, :math:`a_n = a_0 + n/2`,
+  :math:`b_n = b_0 + \tfrac12(y^\top y - m_n^\top V_n^{-1} m_n)`: :math:`\beta` is multivariate
+  t with :math:`2a_n` degrees of freedom, mean :math:`m_n` and covariance :math:`b_n V_n/(a_n - 1)`;
+  :math:`\sigma^2 \sim \mathrm{IG}(a_n, b_n)`, so :math:`E\sigma = \sqrt{b_n}\,\Gamma(a_n -
+  \tfrac12)/\Gamma(a_n)` and :math:`E\sigma^2 = b_n/(a_n-1)`; the evidence is
+  :math:`\log p(y) = -\tfrac n2\log 2\pi + \tfrac12\log(|V_n|/|V_0|) + a_0\log b_0 - a_n\log b_n
+  + \log\Gamma(a_n) - \log\Gamma(a_0)`. The target carries ``log_prior`` and ``log_likelihood``,
+  so SMC tempers the likelihood from exact prior draws.
+* :func:`regression`: 5 equicorrelated (0.85) predictors, n = 100; :func:`ar5`: a persistent AR(5)
+  series of length 200, its conditional likelihood given the first 5 values a regression on the lags.
 * :func:`mixture6`: three 6-d Gaussian components with weights 0.5 / 0.3 / 0.2 and different full
   covariances, far apart relative to their widths, with the reference N(0, 36 I).
 """
@@ -46,11 +47,17 @@ class NIGRegression(ds.Target):
         self.bn = self.b0 + 0.5 * float(y @ y - self.mn @ prec_n @ self.mn)
         self.beta_mean = self.mn
         self.beta_sd = torch.sqrt(self.bn / (self.an - 1) * self.Vn.diagonal())
-        self.sigma_mean = math.exp(0.5 * math.log(self.bn) + math.lgamma(self.an - 0.5) - math.lgamma(self.an))
+        self.sigma_mean = math.exp(
+            0.5 * math.log(self.bn) + math.lgamma(self.an - 0.5) - math.lgamma(self.an)
+        )
         self.sigma_sd = math.sqrt(self.bn / (self.an - 1) - self.sigma_mean**2)
         self.log_evidence = (
-            -0.5 * n * math.log(2 * math.pi) + 0.5 * (torch.logdet(self.Vn) - torch.logdet(self.V0)).item()
-            + self.a0 * math.log(self.b0) - self.an * math.log(self.bn) + math.lgamma(self.an) - math.lgamma(self.a0)
+            -0.5 * n * math.log(2 * math.pi)
+            + 0.5 * (torch.logdet(self.Vn) - torch.logdet(self.V0)).item()
+            + self.a0 * math.log(self.b0)
+            - self.an * math.log(self.bn)
+            + math.lgamma(self.an)
+            - math.lgamma(self.a0)
         )
         super().__init__(lambda z: self.log_prior(z) + self.log_likelihood(z, count=False), p + 1, dtype=F64)
 
@@ -59,7 +66,9 @@ class NIGRegression(ds.Target):
         var = torch.exp(2 * s)
         lp_sigma2 = D.InverseGamma(self.a0, self.b0).log_prob(var) + math.log(2.0) + 2 * s
         scale_tril = torch.exp(s)[:, None, None] * self.chol0
-        return lp_sigma2 + D.MultivariateNormal(torch.zeros(self.p, dtype=F64), scale_tril=scale_tril).log_prob(beta)
+        return lp_sigma2 + D.MultivariateNormal(
+            torch.zeros(self.p, dtype=F64), scale_tril=scale_tril
+        ).log_prob(beta)
 
     def log_likelihood(self, z, count=True):
         if count:
@@ -74,7 +83,6 @@ class NIGRegression(ds.Target):
 
     def sample_reference(self, n, generator, device=None):
         """Exact prior draws: sigma^2 = b0 / Gamma(a0), beta = sigma chol0 xi."""
-        g = torch._standard_gamma(torch.full((n,), self.a0, dtype=F64)) if False else None
         u = torch.randn(n, self.p + 1, generator=generator, dtype=F64)
         # Gamma(a0, 1) by Marsaglia-Tsang on the generator (torch's gamma sampler takes no generator).
         g = _gamma(self.a0, n, generator)
@@ -114,9 +122,9 @@ def ar5(seed=0, T=200, phi=(1.2, -0.1, -0.2, 0.1, -0.1)):
     y = torch.zeros(T + burn, dtype=F64)
     eps = 0.5 * torch.randn(T + burn, generator=g, dtype=F64)
     for t in range(k, T + burn):
-        y[t] = (phi * y[t - k:t].flip(0)).sum() + eps[t]
+        y[t] = (phi * y[t - k : t].flip(0)).sum() + eps[t]
     y = y[burn:]
-    lags = torch.stack([y[k - j - 1:T - j - 1] for j in range(k)], -1)
+    lags = torch.stack([y[k - j - 1 : T - j - 1] for j in range(k)], -1)
     return NIGRegression(lags, y[k:])
 
 
@@ -124,14 +132,18 @@ def mixture6(weights=(0.5, 0.3, 0.2), log_normalizer=1.3):
     """Three 6-d components, means 6.9 to 7.3 apart, covariances: the heaviest 0.8^2 times
     equicorrelation 0.5, the next 1.0^2 times a correlation of alternating sign (0.4), the lightest
     0.7^2 I; reference N(0, 36 I)."""
-    means = torch.tensor([[3.0, 3.0, 0, 0, 0, 0], [-3.0, 0.0, 3.0, 0, 0, 0], [0.0, -3.0, -2.0, 0, 0, 2.0]], dtype=F64)
+    means = torch.tensor(
+        [[3.0, 3.0, 0, 0, 0, 0], [-3.0, 0.0, 3.0, 0, 0, 0], [0.0, -3.0, -2.0, 0, 0, 2.0]], dtype=F64
+    )
     eye = torch.eye(6, dtype=F64)
     sign = torch.tensor([1.0, -1.0] * 3, dtype=F64)
-    covs = torch.stack([
-        0.8**2 * (0.5 * torch.ones(6, 6, dtype=F64) + 0.5 * eye),
-        1.0**2 * (0.4 * torch.outer(sign, sign) + 0.6 * eye),
-        0.7**2 * eye,
-    ])
+    covs = torch.stack(
+        [
+            0.8**2 * (0.5 * torch.ones(6, 6, dtype=F64) + 0.5 * eye),
+            1.0**2 * (0.4 * torch.outer(sign, sign) + 0.6 * eye),
+            0.7**2 * eye,
+        ]
+    )
     gm = GaussianMixture(means, weights, covs=covs, log_normalizer=log_normalizer)
     ref = D.Independent(D.Normal(torch.zeros(6, dtype=F64), 6.0 * torch.ones(6, dtype=F64)), 1)
     return gm, gm.as_target(reference=ref, dtype=F64)
@@ -139,7 +151,9 @@ def mixture6(weights=(0.5, 0.3, 0.2), log_normalizer=1.3):
 
 def mixture6_iso(weights=(0.5, 0.3, 0.2), log_normalizer=1.3):
     """The 6-d mixture of ``test_smc.py`` (isotropic components 0.7 / 1.0 / 0.85) from N(0, 36 I)."""
-    means = torch.tensor([[2.5, 2.5, 0, 0, 0, 0], [-2.5, -2.5, 0, 0, 0, 0], [0, 0, 2.5, 2.5, 0, 0]], dtype=F64)
+    means = torch.tensor(
+        [[2.5, 2.5, 0, 0, 0, 0], [-2.5, -2.5, 0, 0, 0, 0], [0, 0, 2.5, 2.5, 0, 0]], dtype=F64
+    )
     gm = GaussianMixture(means, weights, scales=[0.7, 1.0, 0.85], log_normalizer=log_normalizer)
     ref = D.Independent(D.Normal(torch.zeros(6, dtype=F64), 6.0 * torch.ones(6, dtype=F64)), 1)
     return gm, gm.as_target(reference=ref, dtype=F64)

@@ -2,20 +2,23 @@
 pooled over, moves repeated until the particles decorrelate, and SMC at its defaults against exact
 posteriors (a conjugate regression with 5 correlated predictors, an AR(5) model, a 6-d mixture)."""
 
-import math
 import warnings
 
 import pytest
 import torch
+from correlated_targets import ar5, mixture6, regression
 
 import diffstat as ds
 from diffstat.mcmc.metric import DenseMetric
-from diffstat.tempering.moves import cluster_particles, particle_metric, weighted_covariance
-from correlated_targets import ar5, mixture6, regression
+from diffstat.tempering.moves import (
+    cluster_particles,
+    particle_metric,
+    weighted_covariance,
+)
 
 F64 = torch.float64
 #: The settings SMC had before the adaptive moves: 5 MALA moves per stage, diagonal metric.
-OLD = dict(num_mcmc_steps=5, metric="diag", within_modes=False)
+OLD = {"num_mcmc_steps": 5, "metric": "diag", "within_modes": False}
 
 
 def smc_draws(target, seed=0, n=1000, **options):
@@ -65,7 +68,10 @@ def test_dense_metric_is_the_shrunk_weighted_covariance_and_auto_falls_back_to_t
 def test_clusters_split_separated_modes_and_leave_unimodal_clouds_whole(generator):
     means = torch.tensor([[6.0, 0.0, 0.0], [-6.0, 0.0, 0.0], [0.0, 6.0, 0.0]], dtype=F64)
     comp = torch.arange(900) % 3
-    x = means[comp] + torch.randn(900, 3, generator=generator, dtype=F64) * torch.tensor([1.0, 0.6, 0.8])[comp, None]
+    x = (
+        means[comp]
+        + torch.randn(900, 3, generator=generator, dtype=F64) * torch.tensor([1.0, 0.6, 0.8])[comp, None]
+    )
     labels = cluster_particles(x, torch.zeros(900, dtype=F64), generator)
     assert int(labels.max()) + 1 == 3
     # Each cluster is one component (labels are a permutation of the truth).
@@ -75,13 +81,17 @@ def test_clusters_split_separated_modes_and_leave_unimodal_clouds_whole(generato
     assert bool((var < 1.2).all())
     # A correlated Gaussian, a skewed and a heavy-tailed cloud stay one cluster.
     z = torch.randn(900, 3, generator=generator, dtype=F64)
-    for cloud in (z @ torch.tensor([[1.0, 0.0, 0.0], [0.95, 0.3, 0.0], [0.0, 0.0, 3.0]], dtype=F64), z.exp(), z / z[:, :1].abs().sqrt()):
+    for cloud in (
+        z @ torch.tensor([[1.0, 0.0, 0.0], [0.95, 0.3, 0.0], [0.0, 0.0, 3.0]], dtype=F64),
+        z.exp(),
+        z / z[:, :1].abs().sqrt(),
+    ):
         assert int(cluster_particles(cloud, torch.zeros(900, dtype=F64), generator).max()) == 0
 
 
 def test_moves_stop_when_decorrelated_and_the_cap_warns():
     target = regression()
-    draws, idata = smc_draws(target, n=400)
+    _draws, idata = smc_draws(target, n=400)
     steps = idata.tempering.num_mcmc_steps.values[:, 0]
     assert (steps >= 2).all() and (steps < 100).all()
     # The evaluations are the initial particles and one per particle and MALA move.
@@ -109,7 +119,9 @@ def test_smc_defaults_get_sigma_of_an_ar5_model_where_five_diagonal_moves_do_not
     target = ar5()
     draws, idata = smc_draws(target)
     assert regression_agrees(draws, target, sigma_only=True)
-    assert regression_agrees(draws, target, idata.posterior.attrs["log_normalizer"], idata.posterior.attrs["log_normalizer_se"])
+    assert regression_agrees(
+        draws, target, idata.posterior.attrs["log_normalizer"], idata.posterior.attrs["log_normalizer_se"]
+    )
     old, _ = smc_draws(target, **OLD)
     assert not regression_agrees(old, target, sigma_only=True)
 
