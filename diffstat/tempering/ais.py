@@ -71,13 +71,22 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
-from diffstat._util import check_options, check_positive_int, check_probability, log_normalizer_estimate, pareto_k, progress_bar
+from diffstat._util import (
+    check_options,
+    check_positive_int,
+    check_probability,
+    log_normalizer_estimate,
+    pareto_k,
+    progress_bar,
+)
 from diffstat.mcmc.base import MCMCState
 from diffstat.sampling import SamplerResult, register_sampler
+from diffstat.tempering.moves import METRICS, cluster_particles, particle_metric
 from diffstat.tempering.path import (
     GeometricPath,
     PathState,
@@ -88,12 +97,23 @@ from diffstat.tempering.path import (
     make_path,
 )
 from diffstat.tempering.resampling import ess, resample
-from diffstat.tempering.moves import METRICS, cluster_particles, particle_metric
-from diffstat.tempering.smc import _check_betas, _check_initial, initial_particles, next_beta
+from diffstat.tempering.smc import (
+    _check_betas,
+    _check_initial,
+    initial_particles,
+    next_beta,
+)
 
 __all__ = [
-    "AISOutput", "PilotRun", "ais", "schedule", "pilot_run", "thermodynamic_schedule", "dense_kernel",
-    "pareto_k", "ais_sampler",
+    "AISOutput",
+    "PilotRun",
+    "ais",
+    "ais_sampler",
+    "dense_kernel",
+    "pareto_k",
+    "pilot_run",
+    "schedule",
+    "thermodynamic_schedule",
 ]
 
 #: Steepness of the sigmoid schedule (Grosse et al. 2013 use 4).

@@ -60,6 +60,12 @@ import torch
 
 from diffstat._util import check_options, check_probability, progress_bar
 from diffstat.sampling import SamplerResult, register_sampler
+from diffstat.tempering.moves import (
+    METRICS,
+    cluster_particles,
+    decorrelating_moves,
+    particle_metric,
+)
 from diffstat.tempering.path import (
     GeometricPath,
     PathState,
@@ -68,10 +74,9 @@ from diffstat.tempering.path import (
     incremental_log_weights,
     make_path,
 )
-from diffstat.tempering.moves import METRICS, cluster_particles, decorrelating_moves, particle_metric
 from diffstat.tempering.resampling import SCHEMES, conditional_ess, ess, resample
 
-__all__ = ["SMCOutput", "adaptive_tempered_smc", "next_beta", "smc_sampler", "genealogy_variance"]
+__all__ = ["SMCOutput", "adaptive_tempered_smc", "genealogy_variance", "next_beta", "smc_sampler"]
 
 #: Bisection halvings for the next temperature: 2^-60 is below float64 resolution on [0, 1].
 _NUM_BISECTION = 60
@@ -182,18 +187,9 @@ def adaptive_tempered_smc(
     ``resample_threshold=0`` never resamples and ``1`` resamples at every stage. See the module
     docstring for the rest.
     """
-    if resampling not in SCHEMES:
-        raise ValueError(f"unknown resampling scheme {resampling!r}; choose one of {', '.join(SCHEMES)}")
-    target_ess = check_probability(target_ess, "target_ess")
-    resample_threshold = float(resample_threshold)
-    if not 0.0 <= resample_threshold <= 1.0:
-        raise ValueError(f"resample_threshold must lie in [0, 1], got {resample_threshold}")
-    if num_mcmc_steps is not None and int(num_mcmc_steps) < 0:
-        raise ValueError(f"num_mcmc_steps must be non-negative, got {num_mcmc_steps}")
-    if int(max_mcmc_steps) < 1 or not decorrelation_tol > 0:
-        raise ValueError(f"need max_mcmc_steps >= 1 and decorrelation_tol > 0, got {max_mcmc_steps}, {decorrelation_tol}")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    target_ess, resample_threshold = _check_settings(
+        resampling, target_ess, resample_threshold, num_mcmc_steps, max_mcmc_steps, decorrelation_tol, metric
+    )
     step, default_accept = get_kernel(kernel, num_leapfrog)
     target_accept = default_accept if target_accept is None else check_probability(target_accept, "target_accept")
     schedule = None if betas is None else _check_betas(betas, x0)
@@ -211,8 +207,8 @@ def adaptive_tempered_smc(
         raise ValueError(f"step_size must be positive, got {step_size}")
     log_h = torch.tensor(math.log(h0), dtype=dtype, device=device)
     beta = torch.zeros((), dtype=dtype, device=device)
-    keys = ("beta", "ess", "log_z_increment", "acceptance_rate", "step_size", "resampled", "num_mcmc_steps",
-            "decorrelation", "num_clusters")
+    keys = ("ess", "log_z_increment", "step_size", "num_mcmc_steps", "decorrelation", "num_clusters", "beta",
+            "acceptance_rate", "resampled")
     records: dict[str, list] = {k: [] for k in keys}
     num_resampling = 0
     acc = torch.full((n,), math.nan, dtype=dtype, device=device)
@@ -243,12 +239,10 @@ def adaptive_tempered_smc(
                 num_steps=num_mcmc_steps, max_steps=int(max_mcmc_steps), decorrelation_tol=decorrelation_tol,
             )
             ps, log_h, acc = moved.particles, moved.log_step_size, moved.acceptance
-            records["num_mcmc_steps"].append(moved.num_steps)
-            records["decorrelation"].append(moved.distance)
-            records["num_clusters"].append(1 if labels is None else int(labels.max()) + 1)
-            records["beta"].append(new_beta)
-            records["acceptance_rate"].append(acc.mean())
-            records["resampled"].append(resampled)
+            clusters = 1 if labels is None else int(labels.max()) + 1
+            stage = (moved.num_steps, moved.distance, clusters, new_beta, acc.mean(), resampled)
+            for key, value in zip(keys[-6:], stage):
+                records[key].append(value)
             beta = new_beta
             done = bool(beta >= 1.0)
             bar.update(int(1000 * float(beta)) - bar.n)
@@ -262,7 +256,7 @@ def adaptive_tempered_smc(
                     "raise max_stages or lower target_ess"
                 )
     if num_mcmc_steps is None:
-        _warn_if_capped(records["num_mcmc_steps"], int(max_mcmc_steps))
+        _warn_if_capped(records, int(max_mcmc_steps), decorrelation_tol)
     v, num_eves = genealogy_variance(log_w, eve, num_resampling, resampling)
     stages = {
         key: torch.stack([torch.as_tensor(v_, device=device) for v_ in vals]) if vals else torch.empty(0)
@@ -272,12 +266,36 @@ def adaptive_tempered_smc(
     return SMCOutput(ps, log_w, log_z, math.sqrt(v), stages, acc, num_resampling, num_eves)
 
 
-def _warn_if_capped(steps: list[int], cap: int) -> None:
-    """A ``RuntimeWarning`` when the moves of the last stages (the last tenth, at least one) hit
-    ``max_mcmc_steps`` before the particles decorrelated: the final cloud may then still remember
-    where the tempering put it, and its moments and log Z be biased."""
-    last = steps[-max(1, len(steps) // 10):]
-    if last and max(last) >= cap:
+def _check_settings(resampling, target_ess, resample_threshold, num_mcmc_steps, max_steps, tol, metric):
+    """Refuse bad options with a ``ValueError``; returns the checked ``target_ess`` and
+    ``resample_threshold``."""
+    if resampling not in SCHEMES:
+        raise ValueError(f"unknown resampling scheme {resampling!r}; choose one of {', '.join(SCHEMES)}")
+    target_ess = check_probability(target_ess, "target_ess")
+    resample_threshold = float(resample_threshold)
+    if not 0.0 <= resample_threshold <= 1.0:
+        raise ValueError(f"resample_threshold must lie in [0, 1], got {resample_threshold}")
+    if num_mcmc_steps is not None and int(num_mcmc_steps) < 0:
+        raise ValueError(f"num_mcmc_steps must be non-negative, got {num_mcmc_steps}")
+    if int(max_steps) < 1 or not tol > 0:
+        raise ValueError(f"need max_mcmc_steps >= 1 and decorrelation_tol > 0, got {max_steps}, {tol}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    return target_ess, resample_threshold
+
+
+def _warn_if_capped(records: dict[str, list], cap: int, tol: float) -> None:
+    r"""A ``RuntimeWarning`` when the moves of one of the last stages (the last tenth, at least one)
+    hit ``max_mcmc_steps`` before the particles decorrelated, that is with the whitened distance
+    from the start still short of :math:`2(1-\epsilon)` (independent draws give 2): the final cloud
+    may then still remember where the tempering put it, and its moments and log Z be biased. (A
+    distance still growing beyond 2 is particles changing modes, not a lag: no warning.)"""
+    last = max(1, len(records["num_mcmc_steps"]) // 10)
+    capped = [
+        k >= cap and dist < 2 * (1 - tol)
+        for k, dist in zip(records["num_mcmc_steps"][-last:], records["decorrelation"][-last:])
+    ]
+    if any(capped):
         warnings.warn(
             f"SMC moves hit max_mcmc_steps = {cap} at the last stages before the particles decorrelated; "
             "the draws may be biased: raise max_mcmc_steps, use kernel='hmc', or reparametrise the target",

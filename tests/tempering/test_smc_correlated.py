@@ -79,13 +79,13 @@ def test_clusters_split_separated_modes_and_leave_unimodal_clouds_whole(generato
     # The pooled within-cluster variance is the components' (not the 6^2 between them).
     var = particle_metric(x, None, "diag", labels)
     assert bool((var < 1.2).all())
-    # A correlated Gaussian, a skewed and a heavy-tailed cloud stay one cluster.
+    # A correlated Gaussian, a skewed (log-normal), a heavy-tailed (t, 3 df) and a uniform cloud
+    # stay one cluster.
     z = torch.randn(900, 3, generator=generator, dtype=F64)
-    for cloud in (
-        z @ torch.tensor([[1.0, 0.0, 0.0], [0.95, 0.3, 0.0], [0.0, 0.0, 3.0]], dtype=F64),
-        z.exp(),
-        z / z[:, :1].abs().sqrt(),
-    ):
+    chi2 = (torch.randn(900, 3, generator=generator, dtype=F64) ** 2).sum(-1, keepdim=True)
+    corr = torch.tensor([[1.0, 0.0, 0.0], [0.95, 0.3, 0.0], [0.0, 0.0, 3.0]], dtype=F64)
+    uniform = torch.rand(900, 3, generator=generator, dtype=F64)
+    for cloud in (z @ corr, z.exp(), z / (chi2 / 3).sqrt(), uniform):
         assert int(cluster_particles(cloud, torch.zeros(900, dtype=F64), generator).max()) == 0
 
 
