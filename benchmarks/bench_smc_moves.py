@@ -6,7 +6,9 @@ Targets (``tests/tempering/correlated_targets.py``, each with exact answers):
   normal-inverse-gamma prior, sampled in (beta, log sigma); likelihood tempering from the prior;
 * ``ar5``: an AR(5) model (phi = 1.2, -0.1, -0.2, 0.1, -0.1) on 200 simulated values, the same prior
   on its conditional likelihood;
-* ``mixture``: 6-d mixture, weights 0.5 / 0.3 / 0.2, three different full covariances, from N(0, 36 I).
+* ``mixture``: 6-d mixture, weights 0.5 / 0.3 / 0.2, three different full covariances, from N(0, 36 I);
+* ``mixture_iso``: the 6-d mixture of ``tests/tempering/test_smc.py`` (isotropic components of sd
+  0.7 / 1.0 / 0.85, means 2.5 apart per coordinate), from N(0, 36 I), as in issue 13.
 
 Settings: ``old`` (5 MALA moves per stage, diagonal metric of the whole cloud: the defaults before),
 ``new`` (the defaults: dense metric pooled within clusters, moves until decorrelated), and
@@ -18,7 +20,8 @@ sigma's mean error in posterior sd, the largest relative error of a posterior sd
 for the mixture the total variation of the mode shares; the log Z error; all averaged over seeds
 (mean of absolute values, and the worst).
 
-    python benchmarks/bench_smc_moves.py [--seeds 5] [--particles 1000] [--targets regression ar5 mixture]
+    python benchmarks/bench_smc_moves.py [--seeds 5] [--particles 1000]
+        [--targets regression ar5 mixture mixture_iso]
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import torch
 import diffstat as ds
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "tempering"))
-from correlated_targets import ar5, mixture6, regression
+from correlated_targets import ar5, mixture6, mixture6_iso, regression
 
 OLD = {"num_mcmc_steps": 5, "metric": "diag", "within_modes": False}
 
@@ -42,7 +45,7 @@ OLD = {"num_mcmc_steps": 5, "metric": "diag", "within_modes": False}
 def errors(name, target, gm, idata) -> dict[str, float]:
     x = torch.as_tensor(idata.posterior.x.values[0])
     log_z = idata.posterior.attrs["log_normalizer"]
-    if name == "mixture":
+    if name.startswith("mixture"):
         share = torch.bincount(gm.assign(x), minlength=3).to(torch.float64) / x.shape[0]
         return {"tv": 0.5 * float((share - gm.weights).abs().sum()), "log_z": log_z - gm.log_normalizer}
     beta, sigma = x[:, :-1], torch.exp(x[:, -1])
@@ -56,8 +59,8 @@ def errors(name, target, gm, idata) -> dict[str, float]:
 
 
 def build(name):
-    if name == "mixture":
-        return mixture6()
+    if name.startswith("mixture"):
+        return mixture6() if name == "mixture" else mixture6_iso()
     return None, regression() if name == "regression" else ar5()
 
 
@@ -93,7 +96,7 @@ def main():
     )
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--particles", type=int, default=1000)
-    parser.add_argument("--targets", nargs="+", default=["regression", "ar5", "mixture"])
+    parser.add_argument("--targets", nargs="+", default=["regression", "ar5", "mixture", "mixture_iso"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name in args.targets:

@@ -17,10 +17,10 @@ no more moves than an isotropic one.
 
 A multimodal cloud has a covariance dominated by the distances between its modes, which is the wrong
 scale for moves inside each mode. The covariance is therefore estimated **within clusters** of the
-particles (``within_modes``, the default): the particles are split by a weighted 2-means (coordinates
-scaled to unit variance, best of 3 k-means++ starts, Lloyd iterations) as long as the split
-separates them, recursively up to
-:data:`MAX_CLUSTERS`; the pooled within-cluster covariance is the metric. A split is kept only when
+particles (``within_modes``, the default): the particles are split by a weighted 2-means
+(coordinates scaled to unit variance, best of 3 k-means++ starts, Lloyd iterations) as long as the
+split separates them, recursively up to :data:`MAX_CLUSTERS`; the pooled within-cluster covariance
+is the metric. A split is kept only when
 the within-cluster variance along the line of the two centres is under 0.2 of the total there
 (two equal Gaussians 4 sd apart), and when each side holds at least 5% of the weight: a unimodal
 cloud, Gaussian, skewed, uniform or heavy-tailed with finite variance (ratios 0.36, 0.25, 0.5 or
@@ -43,6 +43,11 @@ stop at the first :math:`k \ge` ``min_steps`` with :math:`D_k \le (1 + \epsilon)
 :math:`\hat\Sigma` to be right, only to put the coordinates on comparable scales. pocomc
 (Karamanis et al. 2022) adapts its number of moves in the same spirit, from how far the proposals
 go; Buchholz et al. (2021) tune HMC within SMC from the expected squared jumping distance.
+The mean over particles, not a median, on purpose: where modes separate, the few particles still
+changing modes are what the mode weights depend on, and a median ignores them (on a harder variant
+of the tests' 6-d mixture, mode-weight total variation 0.215 / 0.034 / 0.178 with the median
+against 0.025 / 0.047 / 0.045 with the mean, seeds 0-2). ``min_steps`` = 2 is the least the ratio
+needs; ``max_steps`` = 100 bounds a stage at 100 moves per particle.
 
 The step size is shared by the particles and adapted after every move toward the kernel's target
 acceptance (:func:`~diffstat.tempering.path.adaptive_moves`'s Robbins-Monro rule).
