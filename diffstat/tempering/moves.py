@@ -51,6 +51,16 @@ needs; ``max_steps`` = 100 bounds a stage at 100 moves per particle.
 
 The step size is shared by the particles and adapted after every move toward the kernel's target
 acceptance (:func:`~diffstat.tempering.path.adaptive_moves`'s Robbins-Monro rule).
+
+Measured (``benchmarks/bench_smc_moves.py``, 1000 particles, seeds 0-4; the targets of
+``tests/tempering/test_smc_correlated.py``; errors in posterior sd): on the AR(5) posterior the old
+default (5 diagonal MALA moves per stage, 63k evaluations) errs by 0.52 on a beta mean, 0.72 on
+sigma's and 1.7 nats on log Z; these defaults (183k) by 0.06, 0.03 and 0.16; 15 diagonal moves per
+stage at the same budget by 0.21, 0.07 and 0.49. On the 6-d mixture the mode shares' total
+variation is 0.081 (worst 0.194) with the old default and 0.050 (worst 0.084) with these; 18
+diagonal moves per stage at the same budget do as well (0.035 against 0.044 over 16 seeds): there
+the gain is the number of moves, and the rest at 1000 particles is the Monte Carlo error of the
+shares (0.016 at 3000 particles). On the regression with 5 correlated predictors the three agree.
 """
 
 from __future__ import annotations

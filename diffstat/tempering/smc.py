@@ -22,17 +22,10 @@ each stage, from :math:`\beta` with normalised weights :math:`W_i`:
 
 Why 5 moves per stage (the earlier default) lost mode weight on 6-d three-mode mixtures from
 N(0, 36 I): the incremental weights carry each mode's share from stage to stage only if the
-particles inside each mode are at equilibrium for the current temperature, and near the stages
-where the modes separate also only if enough particles still change modes; 5 moves did neither
-(the narrow heavy mode's particles lag behind its contraction, so its share and log Z come out
-low). The variance of a cloud spanning several modes also sets a scale far too large for moves
-inside each mode. Measured (``benchmarks/bench_smc_moves.py``, 1000 particles, 5 seeds, the 6-d
-mixture of ``tests/tempering/test_smc_correlated.py``): mode-share total variation 0.081 (worst
-0.194) and log Z error 0.19 with 5 moves, 0.050 (worst 0.084) and 0.08 with the defaults here; 18
-diagonal moves per stage at the same budget do as well (over 16 seeds: 0.035 against 0.044), so on
-this target the gain is the number of moves; what remains at 1000 particles is the Monte Carlo
-error of the mode shares (0.016 at 3000 particles). On the AR(5) posterior of the same file the
-dense metric matters at equal budget (largest beta-mean error 0.06 against 0.21 posterior sd).
+particles inside each mode are at equilibrium for the current temperature (and, where the modes
+separate, enough of them still change modes); 5 moves at a scale set by the distances between the
+modes do neither, and the narrow heavy mode's share and log Z come out low. Measured figures are
+in :mod:`diffstat.tempering.moves`.
 
 :math:`\log\hat Z = \sum_{\text{stages}} \log\sum_i W_i g_i` is the standard unbiased (on the
 natural scale) SMC estimate of :math:`\log Z` (Del Moral, Doucet and Jasra 2006).
@@ -291,16 +284,12 @@ def _check_settings(resampling, target_ess, resample_threshold, num_mcmc_steps, 
 
 
 def _warn_if_capped(records: dict[str, list], cap: int, tol: float) -> None:
-    r"""A ``RuntimeWarning`` when the moves of one of the last stages (the last tenth, at least one)
-    hit ``max_mcmc_steps`` before the particles decorrelated, that is with the whitened distance
-    from the start still short of :math:`2(1-\epsilon)` (independent draws give 2): the final cloud
-    may then still remember where the tempering put it, and its moments and log Z be biased. (A
-    distance still growing beyond 2 is particles changing modes, not a lag: no warning.)"""
+    r"""A ``RuntimeWarning`` when one of the last tenth of the stages hit ``max_mcmc_steps`` with the
+    whitened distance from its start short of :math:`2(1-\epsilon)` (independent draws give 2): the
+    draws may still remember where the tempering put them. (Beyond 2 it is particles changing modes.)"""
     last = max(1, len(records["num_mcmc_steps"]) // 10)
-    capped = [
-        k >= cap and dist < 2 * (1 - tol)
-        for k, dist in zip(records["num_mcmc_steps"][-last:], records["decorrelation"][-last:])
-    ]
+    steps, dist = records["num_mcmc_steps"][-last:], records["decorrelation"][-last:]
+    capped = [k >= cap and d < 2 * (1 - tol) for k, d in zip(steps, dist)]
     if any(capped):
         warnings.warn(
             f"SMC moves hit max_mcmc_steps = {cap} at the last stages before the particles decorrelated; "
@@ -335,7 +324,8 @@ def initial_particles(path: GeometricPath, n: int, generator: torch.Generator, d
 
 _OPTIONS = {
     "reference", "target_ess", "criterion", "resample_threshold", "resampling", "kernel", "num_mcmc_steps",
-    "max_mcmc_steps", "decorrelation_tol", "metric", "within_modes", "num_leapfrog", "step_size", "target_accept", "adapt_scale", "betas", "max_stages",
+    "max_mcmc_steps", "decorrelation_tol", "metric", "within_modes", "num_leapfrog", "step_size",
+    "target_accept", "adapt_scale", "betas", "max_stages",
 }
 
 
