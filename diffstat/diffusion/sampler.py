@@ -1,169 +1,70 @@
 r"""``method="diffusion"``: a diffusion sampler trained from the log-density, corrected by
 importance weights; and ``method="gaussian_is"``, its per-mode Gaussian baseline.
 
-The pipeline, in rounds (REFERENCES.md, "Diffusion samplers from a log-density" and the 10-d
-narrow-heavy/wide-light measurements, which fixed every stage below):
+The pipeline, in rounds (REFERENCES.md, "Diffusion samplers from a log-density"; the measurements
+behind each default are in ``docs/diffusion_sampler.md`` beside the benchmarks that reproduce them):
 
 1. **Explore and bank the modes** (:func:`~diffstat.diffusion.modes.explore_modes`): many short
    MALA chains from the reference at several start scales, grouped by mode only where
    :math:`\log p` has a barrier between their climbed end points.
 2. **Balance** (:func:`~diffstat.diffusion.modes.balance_modes`): restock every mode with local
-   MALA chains, so each mode has the same number of training particles, with their gradients.
+   MALA chains, so each mode has the same number of training particles, with their gradients
+   (training on the raw explored particles, a handful in a narrow mode, fails).
 3. **Importance round with the per-mode Gaussians** (``gaussian_rounds``, default 1): the
    moment-matched Gaussians :math:`q_{\mathrm{gauss}} = \sum_k \pi_k \mathcal N(\mu_k, c^2\Sigma_k)`
-   alone. Its weighted particles are resampled (balanced: ``refresh_chains`` per mode) and moved
-   by ``refresh_steps`` local MALA steps: a training set that covers each mode's shape, which the
-   short restocking chains of step 2 do not (measured on bananas: they stay near their starts).
+   alone; its weighted particles are resampled (``refresh_chains`` per mode) and moved by
+   ``refresh_steps`` local MALA steps, a training set that covers each mode's shape.
 4. **Fit** score models (:class:`~diffstat.diffusion.networks.ScoreMLP`, VP process with horizon
-   ``t_max``) by the mixed TSM/DSM loss with the gradients already computed, on whitened
-   particles :math:`y = L^{-1}(x - m)`, :math:`\nabla_y \log p = L^\top \nabla_x \log p`: one
-   model per mode when there are at most ``max_mode_models`` modes, each whitened by its mode's
-   *full* covariance (a unimodal set: the per-coordinate choice is for the one pooled model of
-   many modes, see :meth:`~diffstat.diffusion.proposals.Whitening.fit`). The network's output
-   layer starts at zero and its preconditioned output is the residual to the exact score
-   :math:`-y` of the noised :math:`\mathcal N(0, I)`, so every model starts as its mode's
-   moment-matched Gaussian and learns only the departure from it. Measured on the 6-d banana
-   mixture trained on exact draws: one model over both modes gave a pure-diffusion importance ESS
-   of 2 to 12%, one model per banana 46 to 77%.
-   Training sets: the restocked banks keep every ``refresh_keep_every`` (1) MALA state of the
-   second half of each chain (more particles at no extra evaluations: the fits are data-limited,
-   one 10-d banana trained on 2,000 / 8,000 / 32,000 exact draws gave a pure-flow ESS fraction of
-   0.57 / 0.75 / 0.87; every state against every 2nd, last-round ESS fraction with
-   ``diffusion_weight`` 0.95 on (d, seed) = (10, 1), (4, 4), (10, 3), (6, 3), (6, 1):
-   0.79/0.83/0.76/0.72/0.81 against 0.71/0.76/0.70/0.77/0.18), and with
-   ``train_on_restarts`` the distinct resampled importance particles the chains start from are
-   trained on too: they hold the high-weight points in the bananas' arms, which the short chains
-   spread out or leave (4-d banana mixture, ESS fraction of the first / last diffusion round,
-   seeds 0/2/4: 0.33/0.65, 0.28/0.61, 0.66/0.67 without; 0.61/0.74, 0.52/0.80, 0.69/0.63 with).
-   Distinct, not resampled with repeats: trained with its repeats, a heavy particle copied
-   tens of times became a spike the next fit learned, and the last round collapsed (ESS fraction
-   of the two diffusion rounds, 6-d seed 1: 0.68/0.17 with repeats, 0.56/0.58 distinct; 10-d
-   seed 0: 0.62/0.26 and 0.49/0.66).
-   The horizon ``t_max`` = 0.6 (where :math:`\alpha_t = 0.16`) rather than 1: the linear
-   schedule's :math:`t > 0.6` is pure noise for whitened data, and it wasted half of the
-   training times and ODE steps (one 10-d banana, 8,000 exact draws, 4,000 steps, pure-flow ESS
-   fraction over seeds 0/1/2: 0.55/0.69/- at ``t_max`` = 1, 0.74/0.84/- at 0.6, 0.68/0.86/0.87
-   at 0.5).
-   **Check** (``gaussian_fallback``): from the second diffusion round's point of view the last
-   round's weighted particles are held-out draws of :math:`p`; ``held_out`` (512) per mode (in all
-   for one pooled model) are
-   resampled by weight and each mode's defensive mixture
-   :math:`w_d q_{\mathrm{diff},k} + (1-w_d) q_{\mathrm{gauss},k}` is compared with its Gaussian
-   alone by the held-out cross-entropy :math:`\frac1m\sum_i[\log p(x_i) - \log q(x_i)]`
+   ``t_max`` = 0.6, beyond which the linear schedule is pure noise for whitened data) by the mixed
+   TSM/DSM loss with the gradients already computed, on whitened particles
+   :math:`y = L^{-1}(x - m)`, :math:`\nabla_y \log p = L^\top \nabla_x \log p`: one model per mode
+   when there are at most ``max_mode_models`` modes, each whitened by its mode's full covariance.
+   The output layer starts at zero and the preconditioned output is the residual to the exact
+   score :math:`-y` of the noised :math:`\mathcal N(0, I)`, so every model starts as its mode's
+   Gaussian and learns only the departure from it. The banks keep every MALA state of the second
+   half of each chain, and with ``train_on_restarts`` the distinct (not repeated) resampled
+   importance particles the chains start from: the fits are data-limited.
+   **Check** (``gaussian_fallback``): ``held_out`` weighted particles of the last round per mode
+   compare each mode's defensive mixture with its Gaussian alone by the held-out cross-entropy
+   :math:`\frac1m\sum_i[\log p(x_i) - \log q(x_i)]`
    (:func:`~diffstat.diffusion.proposals.held_out_cross_entropy`, no target evaluations); a mode
-   whose model loses proposes from its Gaussian (recorded as ``model_choice`` = -1). With
-   ``train_on_restarts`` the held-out draws share high-weight particles with the training set,
-   so the check is lenient toward the model: it catches a failed fit, not a slightly worse one.
-   Measured and not adopted (scratch runs; the options were removed): two or more independent
-   fits per mode, either selected by the same check (the cross-entropies of two fits differed
-   by 0.001 to 0.03 nats while their ESS differed by a factor 2: the check cannot see the tails
-   that decide the ESS) or mixed with equal weights (10-d seed 1 ESS
-   fraction 0.49/0.62 in rounds 2/3 against 0.54/0.61 for one fit with the denser banks, and
-   twice the cost; 4-d seed 0 one round collapsed to 0.008, seed 4 the last round to 0.18);
-   ``refit_steps`` = ``train_steps`` instead of half (4-d seeds 0/2/4: 0.60/0.79/0.73 against
-   0.74/0.80/0.63); a widened base
-   :math:`(1-a)\mathcal N(0, I) + a\,\mathcal N(0, r^2 I)` (``tail_weight`` :math:`a`,
-   ``tail_scale`` :math:`r` of :class:`~diffstat.diffusion.proposals.DiffusionProposal`; the
-   same ODE solve gives its exact density): 4-d seed 0 last-round
-   ESS 0.67 (a = 0.3, r = 1.5), 0.59 (r = 2) against 0.74 without (all three trained on the
-   restarts); ``prior_scale`` 1.15 lowered
-   the exact-draw ESS above to 0.53/0.63/0.64; the :math:`\chi^2` form of the check
-   (:math:`\log\frac1m\sum p/q`) was decided by one far-tail point and chose the Gaussian over a
-   model with three times its ESS. Also measured and not adopted (last-round ESS fraction, with
-   ``diffusion_weight`` 0.95 and every state kept unless said): the defensive weight chosen per
-   round among (0.8, 0.95) by the held-out :math:`\chi^2` estimate (it chose 0.8 in 11 of 12
-   rounds; (4, 4), (6, 3), (10, 1): 0.69/0.64/0.16); no EMA of the weights (refits collapsed,
-   (10, 1), (10, 3), (6, 1): 0.43/0.30/0.41); a fresh model at every refit, 4,000 steps, instead
-   of the warm start ((4, 4), (6, 3), (10, 0): 0.19/0.49/0.31 against 0.83/0.72/0.53); keeping
-   the states from a quarter of each chain on, or 512 chains of 80 steps (no gain); restart
-   weights truncated at :math:`\sqrt n\,\bar w` (inactive once a round's ESS is fair); a
-   fourth round (the third diffusion round fell to 0.11, 0.48 and 0.06 on 3 of 6 cases, with
-   refit learning rates 1e-3, 3e-4 and 1e-4 alike); width 256 ((10, 0): 0.28); mode weights
-   :math:`\pi` with 20% instead of half uniform ((10, 0), (4, 4), (6, 3): 0.45/0.85/0.67);
-   keeping the last round's model where the refit's held-out :math:`\chi^2` is worse (it kept
-   the old models at (10, 1), 0.46 against 0.79 for the refit, and missed the collapse at
-   (4, 6), 0.37); a third defensive component, a kernel density of the banked particles that
-   follows the bananas' arms (2.5% of the draws, and 2.5% Gaussians: (4, 0), (4, 1), (10, 2)
-   gave 0.64/0.67/0.12 against 0.81/0.84/0.69); tanh instead of SiLU units (bounded residual
-   far from the data: (4, 6) 0.75 against 0.37, (10, 6) 0.14 against 0.55); and, on exact
-   draws, extra batch share on the far points (``focus_weights`` = squared whitened radius:
-   0.68 against 0.75), the likelihood weighting :math:`g(t)^2` (0.74 against 0.78), or 25 to
-   200 ODE steps on one trained model (0.78 at every count: the error is the model's, not the
-   solver's).
-
-   What is left: a round's ESS is decided by a few draws where
-   :math:`q_{\mathrm{diff}}` falls short of :math:`p` by :math:`e^3` to :math:`e^7`, at the tips
-   of a banana's arms (squared Mahalanobis radius 20 to 40) and in the radial tail, where the
-   fitted flow's density decays too fast and the Gaussians have no mass either. The weights of
-   both methods are heavy-tailed there (Pareto :math:`\hat k` 0.5 to 0.9), so one batch's Kish ESS
-   is decided by its largest weight: one trained 4-d proposal gave 0.25/0.04/0.63/0.76 over four
-   batches of 4,096, and 0.73 and 0.10 over two pools of 32,768 and 16,384. Hence ``pareto_k``
-   and the Pareto-smoothed ESS ``ess_psis`` per round, and ``final_proposals``. Measured on the same
-   trained last-round models (16,384 draws; (d, seed) = (4, 6), (6, 5), (10, 8); defensive
-   weight 0.95) and not adopted, since each changed the lottery and not the tail: defensive
-   Gaussians 1.5 times wider (pooled ESS 0.12/0.03/0.35 against 0.10/0.54/0.46 as is) and
-   Student-t defensive components (5 and 3 degrees of freedom, :math:`\hat k` 0.75 and 0.65
-   against 0.74 at (4, 6); per-mode t importance sampling alone was no better than the
-   Gaussians). The same check pointed at the defensive weight 0.9 (0.10/0.77/0.71), adopted in
-   step 5 after the benchmark. What also moves it is data: with 4,096 instead of 1,024
-   restocking chains per mode (at equal evaluations for both methods), last-round Kish /
-   smoothed ESS fractions at (4, 6) and (10, 8) were 0.86/0.85 and 0.73/0.74, against 0.63/0.70
-   and 0.51/0.59.
-
+   whose model loses proposes from its Gaussian (``model_choice`` = -1). It catches a failed fit,
+   not a slightly worse one.
 5. **Propose and correct**: the defensive mixture
    :math:`q = w_d q_{\mathrm{diff}} + (1 - w_d) q_{\mathrm{gauss}}`
    (:class:`~diffstat.diffusion.proposals.DefensiveMixture`, :math:`w_d` = ``diffusion_weight``,
-   0.9: the weights stay below :math:`p/(0.1\,q_{\mathrm{gauss}})`, at most 10 times the
-   Gaussian importance weights, while the Gaussian draws, which carry little weight once the
-   model fits, cost 10% of the proposals. Between 0.8 and 0.95 this trades the cap on the ESS
-   fraction against the tail the flow's holes leave. Measured on the banana benchmark
-   (``benchmarks/bench_diffusion_vs_gaussian_is.py``: 4,096 restocking chains per mode, last
-   round of 16,384, seeds 0-9), 0.9 against 0.95 gave last-round Kish ESS fractions of 0.52 to
-   0.78 against 0.06 to 0.81 at d = 10, and 0.71 to 0.85 against 0.29 to 0.86 at d = 4; the
-   Pareto-smoothed ESS moved less (mean 0.73 against 0.70 at d = 10, 0.80 and 0.81 at d = 4),
-   since the difference is in the tail), :math:`q_{\mathrm{diff}}` the
-   probability-flow pushforward (a :math:`\pi`-weighted mixture of the per-mode pushforwards) with
-   its exact log-density, evaluated at the Gaussian points by the same ODE run forward. Self-
-   normalised weights :math:`w_i = p(x_i)/q(x_i)` give mode weights,
-   :math:`\log\hat Z = \log \frac1n\sum_i w_i` with a delta-method standard error, the Kish
-   ESS overall and per mode, and the Pareto :math:`\hat k` of the weights
-   (:func:`~diffstat._util.pareto_smooth`: above 0.5 their variance is infinite and one
-   batch's Kish ESS overstates the precision; above 0.7 the estimate is unreliable, and a
-   warning says so). While the ESS fraction is below ``target_ess``, restock from the
-   weighted particles again, refit the Gaussians with :math:`\pi` = half the estimated mode
-   weights plus half uniform (so no mode is starved), warm-start the score models on all
-   restocked particles, and propose again.
+   0.9: the weights stay below 10 times the Gaussian importance weights, while the Gaussian draws
+   cost 10% of the proposals), :math:`q_{\mathrm{diff}}` the probability-flow pushforward with its
+   exact log-density. Self-normalised weights :math:`w_i = p(x_i)/q(x_i)` give mode weights,
+   :math:`\log\hat Z = \log \frac1n\sum_i w_i` with a delta-method standard error, the Kish ESS
+   overall and per mode, and the Pareto :math:`\hat k` of the weights
+   (:func:`~diffstat._util.pareto_smooth`). While the ESS fraction is below ``target_ess``,
+   restock from the weighted particles, refit the Gaussians with :math:`\pi` = half the estimated
+   mode weights plus half uniform (so no mode is starved), warm-start the score models, and
+   propose again; ``final_proposals`` sets the size of the last round.
 
 A round **missed** when its weights say so: Pareto :math:`\hat k > 0.7` (``MAX_PARETO_K``: the
 weights' tail is too heavy for the estimate's error to fall at a usable rate, Vehtari et al.
-2024), a Kish ESS below 20 (``MIN_ROUND_ESS``: the whole round rests on a handful of points, too
-few to fit the Pareto tail or to estimate a variance to within 30%), or a weight of :math:`+\infty`
-(a proposal density that underflowed where a draw landed). Every estimate is taken from the rounds
-that did not miss, called *used*, and works on log scales only (real posteriors have
-:math:`|\log Z|` in the thousands, and the rounds' :math:`\log\hat Z_r` may differ by more than
-the 709 nats a float exponent holds):
+2024), a Kish ESS below 20 (``MIN_ROUND_ESS``: too few points to fit the Pareto tail or to
+estimate a variance to within 30%), or a weight of :math:`+\infty`. Every estimate is taken from
+the rounds that did not miss, called *used*, on log scales only (real posteriors have
+:math:`|\log Z|` in the thousands, beyond the 709 nats a float exponent holds):
 
 * :math:`\log\hat Z = \log\sum_{r\ \mathrm{used}} \lambda_r \hat Z_r` by ``logsumexp``, with
-  :math:`\lambda_r \propto` the round's Kish ESS (raw weights) and the delta-method standard error
+  :math:`\lambda_r \propto` the round's Kish ESS and the delta-method standard error
   :math:`\sqrt{\sum_r \lambda_r^2 \hat Z_r^2 \mathrm{se}_r^2}/\hat Z`. Each :math:`\hat Z_r` is
-  unbiased given its proposal, so any convex combination is too; a missed round is left out
-  rather than down-weighted, because its :math:`\hat Z_r` is then typically far below
-  :math:`Z` (the mass it misses sits in the tail it has not sampled) and its standard error is
-  not an error bar, so it would move the pool by an amount nothing accounts for.
+  unbiased given its proposal, so any convex combination is too; a missed round is left out,
+  because its :math:`\hat Z_r` is typically far below :math:`Z` and its standard error is no
+  error bar.
 * The returned draws are a multinomial resample in which a particle of a used round :math:`r`
-  carries :math:`\mu_r` times its Pareto-smoothed normalised weight within the round,
-  :math:`\mu_r \propto` the round's smoothed ESS: smoothing caps the few largest weights of a
-  heavy tail (Pareto :math:`\hat k` 0.5 to 0.7), which would otherwise fill the draws with
-  copies of one point, at a small bias (Vehtari et al. 2024); :math:`\hat Z` keeps the raw
-  weights, whose mean is unbiased. A missed round contributes no draws.
+  carries :math:`\mu_r` times its Pareto-smoothed normalised weight, :math:`\mu_r \propto` the
+  round's smoothed ESS: smoothing caps the few largest weights of a heavy tail at a small bias
+  (Vehtari et al. 2024); :math:`\hat Z` keeps the raw weights, whose mean is unbiased.
 
-Each round's estimators are consistent, so the pools are too. The reported mode weights are those
-of the draws' pool. If every round missed, the draws and :math:`\log\hat Z` are those of the round
-with the largest Kish ESS alone, ``attrs["reliable"]`` is 0 (else 1), and a ``RuntimeWarning``
-gives every round's :math:`\hat k` and ESS and what to change; the draws and ``log_weight`` are
-never NaN (a round without a finite weight is resampled uniformly, with ``log_normalizer``
-:math:`-\infty` and an infinite standard error). The per-round ``used`` flags are in the
-``diffusion`` group.
+If every round missed, the draws and :math:`\log\hat Z` are those of the round with the largest
+Kish ESS alone, ``attrs["reliable"]`` is 0 (else 1), and a ``RuntimeWarning`` gives every round's
+:math:`\hat k` and ESS and what to change; the draws and ``log_weight`` are never NaN. The
+per-round ``used`` flags are in the ``diffusion`` group.
 """
 
 from __future__ import annotations

@@ -44,23 +44,13 @@ stop at the first :math:`k \ge` ``min_steps`` with :math:`D_k \le (1 + \epsilon)
 (Karamanis et al. 2022) adapts its number of moves in the same spirit, from how far the proposals
 go; Buchholz et al. (2021) tune HMC within SMC from the expected squared jumping distance.
 The mean over particles, not a median, on purpose: where modes separate, the few particles still
-changing modes are what the mode weights depend on, and a median ignores them (on a harder variant
-of the tests' 6-d mixture, mode-weight total variation 0.215 / 0.034 / 0.178 with the median
-against 0.025 / 0.047 / 0.045 with the mean, seeds 0-2). ``min_steps`` = 2 is the least the ratio
+changing modes are what the mode weights depend on, and a median ignores them. ``min_steps`` = 2 is the least the ratio
 needs; ``max_steps`` = 100 bounds a stage at 100 moves per particle.
 
 The step size is shared by the particles and adapted after every move toward the kernel's target
 acceptance (:func:`~diffstat.tempering.path.adaptive_moves`'s Robbins-Monro rule).
 
-Measured (``benchmarks/bench_smc_moves.py``, 1000 particles, seeds 0-4; the targets of
-``tests/tempering/test_smc_correlated.py``; errors in posterior sd): on the AR(5) posterior the old
-default (5 diagonal MALA moves per stage, 63k evaluations) errs by 0.52 on a beta mean, 0.72 on
-sigma's and 1.7 nats on log Z; these defaults (183k) by 0.06, 0.03 and 0.16; 15 diagonal moves per
-stage at the same budget by 0.21, 0.07 and 0.49. On the 6-d mixture the mode shares' total
-variation is 0.081 (worst 0.194) with the old default and 0.050 (worst 0.084) with these; 18
-diagonal moves per stage at the same budget do as well (0.035 against 0.044 over 16 seeds): there
-the gain is the number of moves, and the rest at 1000 particles is the Monte Carlo error of the
-shares (0.016 at 3000 particles). On the regression with 5 correlated predictors the three agree.
+Measurements behind these defaults: ``docs/smc_moves.md`` (``benchmarks/bench_smc_moves.py``).
 """
 
 from __future__ import annotations
