@@ -1,0 +1,154 @@
+r"""Stan's windowed warm-up for a batch of chains, with per-chain step sizes.
+
+Schedule (:func:`~diffstat.mcmc.adaptation.stan_windows`; Stan Reference Manual, "HMC algorithm
+parameters", and ``stan/mcmc/windowed_adaptation.hpp``): a fast window of 75 iterations adapts the
+step size only; slow windows of 25, 50, 100, ... iterations each end with a new metric, estimated from
+that window's draws pooled across all chains (diagonal: the regularised variances; dense: the
+regularised covariance :math:`\tfrac{n}{n+5} S + 10^{-3}\tfrac{5}{n+5} I`); a terminal fast window of
+50 iterations adapts the step size to the final metric. After each metric update the step sizes are
+re-initialised by the doubling heuristic and dual averaging restarts, as in Stan.
+
+Step sizes are **per chain** until the last metric update: every chain runs its own dual averaging
+(Hoffman and Gelman 2014) toward the kernel's target acceptance, so one chain still far in a tail,
+whose step size must be tiny, does not shrink the others'. The terminal window then pools them: one
+step size, started at the median of the chains' re-initialised step sizes, adapted on the acceptance
+averaged over chains (a statistic as many times less noisy as there are chains, over the 50 iterations
+that set the sampling step size). One shared step size for sampling keeps the chains exchangeable
+(R-hat compares like with like; a stuck chain cannot hide behind a step size of its own). Without
+metric windows (``adapt_mass=False`` or under 20 iterations) the step sizes stay per chain and the
+median of their averages is used.
+
+With ``metric="auto"`` the kind is chosen at each metric update from that window's correlations
+(:func:`~diffstat.mcmc.adaptation.choose_metric`); the last choice is the one sampled with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from diffstat.mcmc.adaptation import (
+    AUTO_DENSE_MAX_DIM,
+    DualAveraging,
+    WelfordCovariance,
+    WelfordVariance,
+    choose_metric,
+    stan_windows,
+)
+from diffstat.mcmc.base import LogProbAndGrad, MCMCState
+from diffstat.mcmc.chees import JitteredLength
+from diffstat.mcmc.metric import DenseMetric, Metric
+from diffstat.mcmc.start import initial_step_sizes
+
+__all__ = ["WarmupResult", "windowed_warmup", "METRICS"]
+
+METRICS = ("diag", "dense", "auto")
+
+
+@dataclass
+class WarmupResult:
+    """What warm-up hands to the sampling phase."""
+
+    state: MCMCState
+    step_size: torch.Tensor  # scalar: the median of the per-chain averaged step sizes
+    chain_step_sizes: torch.Tensor  # (n,)
+    inv_mass: Metric
+    metric: str  # "identity", "diag" or "dense"
+    length: float | None  # HMC's jittered trajectory length, if any
+
+
+def _new_accumulator(metric: str, dim: int, device):
+    if metric == "dense" or (metric == "auto" and dim <= AUTO_DENSE_MAX_DIM):
+        return WelfordCovariance(dim, device=device)
+    return WelfordVariance(dim, device=device)
+
+
+def _estimate_metric(acc, metric: str, dtype) -> tuple[Metric, str, float]:
+    """The new metric, its kind, and the largest variance of the window's draws in the metric's
+    units (1 for a metric equal to the estimate; the largest eigenvalue of the correlation matrix
+    for a diagonal metric from a full estimate)."""
+    if isinstance(acc, WelfordVariance):
+        return acc.variance().to(dtype), "diag", 1.0
+    cov = acc.covariance()
+    kind = choose_metric(metric, cov, acc.count)
+    if kind == "dense":
+        return DenseMetric.from_covariance(cov).to(dtype), "dense", 1.0
+    var = cov.diagonal().clone()
+    largest = float(torch.linalg.eigvalsh(cov / torch.outer(var.sqrt(), var.sqrt()))[-1])
+    return var.to(dtype), "diag", largest
+
+
+def windowed_warmup(
+    generator: torch.Generator,
+    state: MCMCState,
+    log_prob_and_grad: LogProbAndGrad,
+    *,
+    step: Callable,
+    accept_prob: Callable,
+    target_accept: float,
+    num_warmup: int,
+    step_size: torch.Tensor,
+    metric: str = "auto",
+    adapt_mass: bool = True,
+    trajectory: JitteredLength | int | None = None,
+    bar=None,
+) -> WarmupResult:
+    """Run ``num_warmup`` adaptive iterations of ``step`` on every chain.
+
+    Parameters
+    ----------
+    step : callable
+        ``step(generator, state, log_prob_and_grad, h, inv_mass, **kw) -> (state, info)``; ``kw`` is
+        ``num_steps=`` when ``trajectory`` is given.
+    accept_prob : callable
+        ``accept_prob(state, h, inv_mass) -> (n,)`` one trial step's acceptance probabilities, for
+        re-initialising the step sizes after a metric update.
+    step_size : (n,) tensor
+        Initial per-chain step sizes.
+    trajectory : JitteredLength, int or None
+        Leapfrog steps for HMC: a jittered length (adapted by ChEES, or set from each new metric),
+        a fixed count, or not applicable (None).
+    """
+    dim, dtype, device = state.x.shape[1], state.x.dtype, state.x.device
+    _, windows, _ = stan_windows(num_warmup) if adapt_mass else (num_warmup, [], 0)
+    ends = {end: start for start, end in windows}
+    starts = {start for start, _ in windows}
+    last_end, pooled = (windows[-1][1] if windows else None), False
+    dual = DualAveraging(step_size, target_accept)
+    inv_mass, kind, acc, collecting = None, "identity", None, False
+    chees = trajectory if isinstance(trajectory, JitteredLength) else None
+    for i in range(num_warmup):
+        if i in starts:
+            acc, collecting = _new_accumulator(metric, dim, device), True
+        h = dual.step_size
+        kw = {}
+        if chees is not None:
+            kw["num_steps"] = chees.num_steps(generator, h)
+        elif trajectory is not None:
+            kw["num_steps"] = trajectory
+        x_before = state.x
+        state, info = step(generator, state, log_prob_and_grad, h, inv_mass, **kw)
+        dual.update(info.acceptance_rate.mean() if pooled else info.acceptance_rate)
+        if chees is not None:
+            chees.update(x_before, info)
+        if collecting:
+            acc.update(state.x)
+        if i + 1 in ends:
+            inv_mass, kind, largest = _estimate_metric(acc, metric, dtype)
+            collecting = False
+            old = dual.final_step_size
+            new = initial_step_sizes(lambda hh: accept_prob(state, hh, inv_mass), old)
+            if chees is not None:
+                chees.rescale(float(new.median() / old.median()))
+                chees.set_from_metric(largest)
+            pooled = i + 1 == last_end
+            dual.restart(torch.exp(torch.log(new).median()) if pooled else new)
+        if bar is not None:
+            bar.update()
+    chain_h = dual.final_step_size if num_warmup else dual.step_size
+    chain_h = chain_h.expand(step_size.shape) if pooled else chain_h
+    h = torch.exp(torch.log(chain_h).median())
+    length = chees.final_length if chees is not None else None
+    return WarmupResult(state, h, chain_h, inv_mass, kind, length)
