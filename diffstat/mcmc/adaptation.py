@@ -37,9 +37,11 @@ class DualAveraging:
     def __post_init__(self):
         self.restart(self.step_size)
 
-    def restart(self, step_size: torch.Tensor) -> None:
+    def restart(self, step_size: torch.Tensor, shrink_factor: float = 10.0) -> None:
+        """Start over from ``step_size``, shrinking toward ``shrink_factor * step_size`` (Stan's 10
+        favours larger steps while there is time to correct; a short window needs 1)."""
         self.step_size = step_size.clone()
-        self.mu = torch.log(10 * step_size)
+        self.mu = torch.log(shrink_factor * step_size)
         self.h_bar = torch.zeros_like(step_size)
         self.log_avg = torch.log(step_size)
         self.t = 0

@@ -134,7 +134,7 @@ class JitteredLength:
         self.log_avg += math.log(factor)
 
     def set_from_metric(self, largest_variance: float) -> None:
-        """At a metric update: :math:`T = \pi\sqrt{\lambda_{\max}}`."""
+        r"""At a metric update: :math:`T = \pi\sqrt{\lambda_{\max}}`."""
         self.log_length = self.log_avg = math.log(math.pi * math.sqrt(largest_variance))
 
     def num_steps(self, generator: torch.Generator, step_size: torch.Tensor, length: float | None = None):

@@ -24,6 +24,7 @@ With ``metric="auto"`` the kind is chosen at each metric update from that window
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -65,19 +66,37 @@ def _new_accumulator(metric: str, dim: int, device):
     return WelfordVariance(dim, device=device)
 
 
-def _estimate_metric(acc, metric: str, dtype) -> tuple[Metric, str, float]:
-    """The new metric, its kind, and the largest variance of the window's draws in the metric's
-    units (1 for a metric equal to the estimate; the largest eigenvalue of the correlation matrix
-    for a diagonal metric from a full estimate)."""
+def _largest_variance(estimate: torch.Tensor, inv_mass: Metric) -> float:
+    r"""The largest variance of a window's estimate (a covariance ``(d, d)`` or variances ``(d,)``)
+    in the units of a metric: the top eigenvalue of :math:`L^{-1}\hat\Sigma L^{-\top}` for
+    :math:`M^{-1} = LL^\top` (with variances only, the largest ratio of variance to metric)."""
+    if estimate.dim() == 1:
+        scale = 1.0 if inv_mass is None else inv_mass
+        if isinstance(inv_mass, DenseMetric):
+            scale = inv_mass.inv_mass.diagonal()
+        return float((estimate / scale).max())
+    if inv_mass is None:
+        whitened = estimate
+    elif isinstance(inv_mass, DenseMetric):
+        chol = inv_mass.chol.to(estimate.dtype)
+        half = torch.linalg.solve_triangular(chol, estimate, upper=False)
+        whitened = torch.linalg.solve_triangular(chol, half.T, upper=False)
+    else:
+        s = inv_mass.to(estimate.dtype).rsqrt()
+        whitened = estimate * torch.outer(s, s)
+    return float(torch.linalg.eigvalsh(0.5 * (whitened + whitened.T))[-1])
+
+
+def _estimate_metric(acc, metric: str, dtype) -> tuple[Metric, str, torch.Tensor]:
+    """The new metric, its kind, and the window's estimate (covariance or variances)."""
     if isinstance(acc, WelfordVariance):
-        return acc.variance().to(dtype), "diag", 1.0
+        var = acc.variance()
+        return var.to(dtype), "diag", var
     cov = acc.covariance()
     kind = choose_metric(metric, cov, acc.count)
     if kind == "dense":
-        return DenseMetric.from_covariance(cov).to(dtype), "dense", 1.0
-    var = cov.diagonal().clone()
-    largest = float(torch.linalg.eigvalsh(cov / torch.outer(var.sqrt(), var.sqrt()))[-1])
-    return var.to(dtype), "diag", largest
+        return DenseMetric.from_covariance(cov).to(dtype), "dense", cov
+    return cov.diagonal().clone().to(dtype), "diag", cov
 
 
 def windowed_warmup(
@@ -136,15 +155,20 @@ def windowed_warmup(
         if collecting:
             acc.update(state.x)
         if i + 1 in ends:
-            inv_mass, kind, largest = _estimate_metric(acc, metric, dtype)
+            old_metric = inv_mass
+            inv_mass, kind, estimate = _estimate_metric(acc, metric, dtype)
             collecting = False
             old = dual.final_step_size
             new = initial_step_sizes(lambda hh: accept_prob(state, hh, inv_mass), old)
-            if chees is not None:
-                chees.rescale(float(new.median() / old.median()))
+            if chees is not None:  # the length follows the widest direction into the new units
+                largest = _largest_variance(estimate, inv_mass)
+                chees.rescale(math.sqrt(largest / _largest_variance(estimate, old_metric)))
                 chees.set_from_metric(largest)
             pooled = i + 1 == last_end
-            dual.restart(torch.exp(torch.log(new).median()) if pooled else new)
+            if pooled:  # a terminal window under 50 iterations cannot undo the overshoot of mu = log(10 h)
+                dual.restart(torch.exp(torch.log(new).median()), 10.0 if num_warmup - i - 1 >= 50 else 1.0)
+            else:
+                dual.restart(new)
         if bar is not None:
             bar.update()
     chain_h = dual.final_step_size if num_warmup else dual.step_size
