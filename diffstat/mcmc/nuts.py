@@ -99,6 +99,11 @@ def _leaf_log_weight(h0: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(h0 - energy, nan=-torch.inf, posinf=-torch.inf)
 
 
+def _directions(generator: torch.Generator, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """For each chain in ``rows``, 1 (extend forward in time) or 0 (backward), each with probability 1/2."""
+    return (torch.rand(rows.shape, generator=generator, dtype=like.dtype, device=like.device) < 0.5).long()
+
+
 def _leapfrog(log_prob_and_grad, x, p, grad, h, inv_mass, live):
     """One leapfrog step of signed size ``h: (B, 1)``; the target is evaluated only at the rows
     ``live`` (``None``: all rows). Returns x, p, grad, log_prob and the number of points evaluated."""
@@ -279,7 +284,7 @@ def nuts_step(
         rows = tree.active.nonzero().squeeze(1)  # the one host sync per doubling
         if rows.numel() == 0:
             break
-        fwd = (torch.rand(rows.shape, generator=generator, dtype=x.dtype, device=x.device) < 0.5).long()
+        fwd = _directions(generator, rows, x)
         start = tuple(tree.ends[name][fwd, rows] for name in ("x", "p", "grad"))
         signed_h = h[rows] * (2.0 * fwd - 1.0).to(x.dtype).unsqueeze(-1)
         sub = _build_subtree(log_prob_and_grad, start, signed_h, _metric_rows(inv_mass, rows), h0[rows], depth,

@@ -148,3 +148,170 @@ def test_outside_the_support_is_a_divergence():
     x = torch.randn(2000, 2, generator=gen, dtype=torch.float64).abs()
     new, info = nuts_step(gen, init(half_normal, x), half_normal, 0.3)
     assert (new.x > 0).all() and info.diverging.double().mean() > 0.5
+
+
+# ---------------------------------------------------------------- a one-chain recursive reference
+REF_SCALES = np.array([1.0, 3.0])
+
+
+def ref_log_prob_and_grad(x):
+    return -0.5 * np.sum((x / REF_SCALES) ** 2), -x / REF_SCALES**2
+
+
+def _criterion(p_sharp_minus, p_sharp_plus, rho):
+    return p_sharp_plus @ rho > 0 and p_sharp_minus @ rho > 0
+
+
+class RecursiveNUTS:
+    """Stan's ``base_nuts.hpp`` transition for one chain, identity metric, written recursively."""
+
+    def __init__(self, rng, h, max_depth=10):
+        self.rng, self.h, self.max_depth = rng, h, max_depth
+
+    def momentum(self, x):
+        return self.rng.standard_normal(x.shape)
+
+    def forward(self):
+        return self.rng.uniform() > 0.5
+
+    def leaf(self, z, sign):
+        x, p, g, _ = z
+        p = p + 0.5 * sign * self.h * g
+        x = x + sign * self.h * p
+        lp, g = ref_log_prob_and_grad(x)
+        return (x, p + 0.5 * sign * self.h * g, g, lp)
+
+    def build_tree(self, depth, z, sign):
+        """Returns (valid, z at the far end, proposal, log weight, rho, p at the near end, p far)."""
+        if depth == 0:
+            z = self.leaf(z, sign)
+            self.n_leapfrog += 1
+            energy = -z[3] + 0.5 * z[1] @ z[1]
+            energy = math.inf if math.isnan(energy) else energy
+            self.divergent = energy - self.h0 > 1000
+            self.sum_metro += min(1.0, math.exp(self.h0 - energy))
+            return not self.divergent, z, z, self.h0 - energy, z[1].copy(), z[1], z[1]
+        valid, z, prop, lw_init, rho_init, p_beg, p_init_end = self.build_tree(depth - 1, z, sign)
+        if not valid:
+            return (False,) + (None,) * 6
+        valid, z, prop_final, lw_final, rho_final, p_final_beg, p_end = self.build_tree(depth - 1, z, sign)
+        if not valid:
+            return (False,) + (None,) * 6
+        lw = np.logaddexp(lw_init, lw_final)
+        if self.rng.uniform() < math.exp(lw_final - lw):
+            prop = prop_final
+        rho = rho_init + rho_final
+        persist = (_criterion(p_beg, p_end, rho) and _criterion(p_beg, p_final_beg, rho_init + p_final_beg)
+                   and _criterion(p_init_end, p_end, rho_final + p_init_end))
+        return persist, z, prop, lw, rho, p_beg, p_end
+
+    def transition(self, x):
+        lp, g = ref_log_prob_and_grad(x)
+        p = self.momentum(x)
+        self.h0, self.n_leapfrog, self.sum_metro = -lp + 0.5 * p @ p, 0, 0.0
+        z_fwd = z_bck = sample = (x, p, g, lp)
+        p_fwd_fwd = p_fwd_bck = p_bck_fwd = p_bck_bck = rho = p
+        log_weight, depth = 0.0, 0
+        while depth < self.max_depth:
+            if self.forward():
+                rho_bck, p_bck_fwd = rho, p_fwd_fwd
+                valid, z_fwd, prop, lw, rho_fwd, p_fwd_bck, p_fwd_fwd = self.build_tree(depth, z_fwd, 1)
+            else:
+                rho_fwd, p_fwd_bck = rho, p_bck_bck
+                valid, z_bck, prop, lw, rho_bck, p_bck_fwd, p_bck_bck = self.build_tree(depth, z_bck, -1)
+            if not valid:
+                break
+            depth += 1
+            if self.rng.uniform() < math.exp(lw - log_weight):  # biased progressive sampling
+                sample = prop
+            log_weight = np.logaddexp(log_weight, lw)
+            rho = rho_bck + rho_fwd
+            if not (_criterion(p_bck_bck, p_fwd_fwd, rho) and _criterion(p_bck_bck, p_fwd_bck, rho_bck + p_fwd_bck)
+                    and _criterion(p_bck_fwd, p_fwd_fwd, rho_fwd + p_bck_fwd)):
+                break
+        energy = -sample[3] + 0.5 * sample[1] @ sample[1]
+        return sample[0], depth, self.n_leapfrog, self.sum_metro / self.n_leapfrog, energy
+
+
+def transition_statistics(x0, x1, depth, n_leapfrog, accept, energy):
+    return dict(depth=np.asarray(depth), n_leapfrog=np.asarray(n_leapfrog), accept=np.asarray(accept),
+                energy=np.asarray(energy), jump=np.sum((np.asarray(x1) - np.asarray(x0)) ** 2, -1))
+
+
+def reference_statistics(num, seed, step_size):
+    rng = np.random.default_rng(seed)
+    nuts = RecursiveNUTS(rng, step_size)
+    x0 = rng.standard_normal((num, 2)) * REF_SCALES
+    out = [nuts.transition(x) for x in x0]
+    return transition_statistics(x0, *[np.array(v) for v in zip(*out)])
+
+
+def batched_statistics(num, seed, step_size):
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.tensor(REF_SCALES)
+
+    def lpg(x):
+        return -0.5 * ((x / scales) ** 2).sum(-1), -x / scales**2
+
+    x0 = torch.randn(num, 2, generator=gen, dtype=torch.float64) * scales
+    new, info = nuts_step(gen, init(lpg, x0), lpg, step_size)
+    return transition_statistics(x0.numpy(), new.x.numpy(), info.tree_depth.numpy(), info.num_leapfrog.numpy(),
+                                 info.acceptance_rate.numpy(), info.energy.numpy())
+
+
+def two_sample_p_values(a, b):
+    """Chi-square test of the tree-depth tables and Kolmogorov-Smirnov tests of the continuous
+    statistics of one transition from a stationary start, reference ``a`` against ``b``."""
+    depths = np.arange(1 + max(a["depth"].max(), b["depth"].max()))
+    table = np.array([[np.sum(s["depth"] == d) for d in depths] for s in (a, b)])
+    table = table[:, table.min(0) >= 5]
+    p = {"depth": stats.chi2_contingency(table)[1]}
+    for key in ("n_leapfrog", "accept", "energy", "jump"):
+        p[key] = stats.ks_2samp(a[key], b[key]).pvalue
+    return p
+
+
+def test_matches_recursive_reference(monkeypatch):
+    """One transition from exact draws of a 2-d Gaussian (scales 1 and 3, step 1.6): tree depth,
+    number of steps, acceptance statistic, energy and squared jump of the batched kernel and of
+    Stan's recursive transition agree (5 two-sample tests, each p > 1e-3); the energy and jump
+    tests tell apart a batched kernel that samples the trajectory uniformly (p < 1e-6)."""
+    reference = reference_statistics(3000, 0, 1.6)
+    p = two_sample_p_values(reference, batched_statistics(20_000, 1, 1.6))
+    assert min(p.values()) > 1e-3, p
+    monkeypatch.setattr(nuts_module, "_leaf_log_weight", lambda h0, energy: torch.zeros_like(energy))
+    p = two_sample_p_values(reference, batched_statistics(20_000, 1, 1.6))
+    assert min(p["energy"], p["jump"]) < 1e-6, p
+
+
+def test_same_trees_as_recursive_reference(monkeypatch):
+    """Exact: 500 chains given the momenta and the directions of the reference's doublings build
+    trees of the same depth and number of steps, with the same acceptance statistic (it does not
+    depend on the multinomial draws), as Stan's recursive transition run chain by chain."""
+    num, step = 500, 1.3
+    rng = np.random.default_rng(7)
+    x0 = rng.standard_normal((num, 2)) * REF_SCALES
+    p0 = rng.standard_normal((num, 2))
+    forward = rng.uniform(size=(num, 10)) < 0.5
+    expected = []
+    for i in range(num):
+        nuts = RecursiveNUTS(rng, step)
+        nuts.momentum = lambda x, i=i: p0[i]
+        steps = iter(forward[i])
+        nuts.forward = lambda steps=steps: next(steps)
+        expected.append(nuts.transition(x0[i])[1:4])
+    depth, n_leapfrog, accept = (np.array(v) for v in zip(*expected))
+
+    calls = iter(range(10))
+    monkeypatch.setattr(nuts_module, "sample_momentum", lambda gen, inv_mass, like: torch.tensor(p0))
+    monkeypatch.setattr(nuts_module, "_directions", lambda gen, rows, like: torch.tensor(forward)[rows, next(calls)].long())
+    scales = torch.tensor(REF_SCALES)
+
+    def lpg(x):
+        return -0.5 * ((x / scales) ** 2).sum(-1), -x / scales**2
+
+    _, info = nuts_step(torch.Generator().manual_seed(0), init(lpg, torch.tensor(x0)), lpg, step)
+    assert len(np.unique(depth)) >= 3  # a mix of trees, so the lockstep masking is exercised
+    np.testing.assert_array_equal(info.tree_depth.numpy(), depth)
+    np.testing.assert_array_equal(info.num_leapfrog.numpy(), n_leapfrog)
+    np.testing.assert_allclose(info.acceptance_rate.numpy(), accept, rtol=1e-12)
