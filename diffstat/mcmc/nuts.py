@@ -99,6 +99,12 @@ def _leaf_log_weight(h0: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(h0 - energy, nan=-torch.inf, posinf=-torch.inf)
 
 
+def _sync_is_free(device: torch.device) -> bool:
+    """Whether reading a flag back to the host costs nothing (the CPU), so that the target can be
+    evaluated only at the chains still growing at every leapfrog step, not only at every doubling."""
+    return device.type == "cpu"
+
+
 def _directions(generator: torch.Generator, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """For each chain in ``rows``, 1 (extend forward in time) or 0 (backward), each with probability 1/2."""
     return (torch.rand(rows.shape, generator=generator, dtype=like.dtype, device=like.device) < 0.5).long()
@@ -279,7 +285,7 @@ def nuts_step(
     v0 = velocity(inv_mass, p0)
     h0 = 0.5 * (p0 * v0).sum(-1) - state.log_prob
     tree = _Tree(state, p0, v0)
-    exact_evals = x.device.type == "cpu"  # a host sync per leapfrog step is free there
+    exact_evals = _sync_is_free(x.device)
     for depth in range(max_tree_depth):
         rows = tree.active.nonzero().squeeze(1)  # the one host sync per doubling
         if rows.numel() == 0:

@@ -284,10 +284,13 @@ def test_matches_recursive_reference(monkeypatch):
     assert min(p["energy"], p["jump"]) < 1e-6, p
 
 
-def test_same_trees_as_recursive_reference(monkeypatch):
+@pytest.mark.parametrize("sync_free", [True, False], ids=["cpu-path", "accelerator-path"])
+def test_same_trees_as_recursive_reference(monkeypatch, sync_free):
     """Exact: 500 chains given the momenta and the directions of the reference's doublings build
     trees of the same depth and number of steps, with the same acceptance statistic (it does not
-    depend on the multinomial draws), as Stan's recursive transition run chain by chain."""
+    depend on the multinomial draws), as Stan's recursive transition run chain by chain; on the
+    accelerator path, which evaluates every chain of a doubling, num_evals counts the extra points."""
+    monkeypatch.setattr(nuts_module, "_sync_is_free", lambda device: sync_free)
     num, step = 500, 1.3
     rng = np.random.default_rng(7)
     x0 = rng.standard_normal((num, 2)) * REF_SCALES
@@ -315,3 +318,7 @@ def test_same_trees_as_recursive_reference(monkeypatch):
     np.testing.assert_array_equal(info.tree_depth.numpy(), depth)
     np.testing.assert_array_equal(info.num_leapfrog.numpy(), n_leapfrog)
     np.testing.assert_allclose(info.acceptance_rate.numpy(), accept, rtol=1e-12)
+    if sync_free:
+        assert info.num_evals == n_leapfrog.sum()
+    else:  # a chain stopped inside a subtree of 2^j steps is evaluated to its end
+        assert n_leapfrog.sum() < info.num_evals <= (2 ** (depth + 1) - 1).sum()
