@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DualAveraging", "WelfordVariance", "WelfordCovariance", "stan_windows", "choose_metric"]
+__all__ = ["DualAveraging", "WelfordCovariance", "WelfordVariance", "choose_metric", "stan_windows"]
 
 
 @dataclass

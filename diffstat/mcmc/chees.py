@@ -17,7 +17,10 @@ the proposal, means taken across chains and the chains weighted by their accepta
 :class:`ChEESAdaptation` ascends it with Adam on :math:`\log T` (learning rate 0.025, the paper's),
 each update clipped to a factor 1.4 (a noisy estimate from few chains cannot throw T far), and
 returns an iterate average of :math:`\log T` (weight :math:`t^{-3/4}` on the newest, as dual averaging
-averages the step size) at the end of warm-up. The estimate is an average across chains: ChEES is meant for runs with many chains.
+averages the step size) at the end of warm-up. The estimate is an average across chains: ChEES is
+meant for runs with many chains (``CHEES_MIN_CHAINS``); with fewer, :class:`JitteredLength` sets the
+length from each new metric instead. When the metric changes, the length is carried into the new units
+by the ratio of the widest direction's sd before and after.
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ import torch
 from diffstat.mcmc.base import LogProbAndGrad, MCMCState, as_per_chain, metropolis_accept
 from diffstat.mcmc.metric import Metric, kinetic_energy, sample_momentum, velocity
 
-__all__ = ["HMCInfo", "jittered_hmc_step", "JitteredLength", "ChEESAdaptation", "MAX_LEAPFROG", "CHEES_MIN_CHAINS"]
+__all__ = [
+    "CHEES_MIN_CHAINS",
+    "MAX_LEAPFROG",
+    "ChEESAdaptation",
+    "HMCInfo",
+    "JitteredLength",
+    "jittered_hmc_step",
+]
 
 #: Cap on leapfrog steps per iteration (a trajectory length that outgrows its step size this much
 #: is a symptom, not a tuning; NUTS's default depth 10 gives the same cap).

@@ -22,21 +22,27 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from diffstat._util import check_options, check_positive_int, check_probability, progress_bar
 from diffstat.mcmc.base import init as init_state
-from diffstat.mcmc.chees import CHEES_MIN_CHAINS, MAX_LEAPFROG, ChEESAdaptation, JitteredLength, jittered_hmc_step
+from diffstat.mcmc.chees import (
+    CHEES_MIN_CHAINS,
+    MAX_LEAPFROG,
+    ChEESAdaptation,
+    JitteredLength,
+    jittered_hmc_step,
+)
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 from diffstat.mcmc.rwm import rwm_step
 from diffstat.mcmc.start import find_start, initial_step_sizes
 from diffstat.mcmc.warmup import METRICS, windowed_warmup
 from diffstat.sampling import SamplerResult, register_sampler
 
-__all__ = ["TARGET_ACCEPT", "KERNELS", "KernelSpec", "run_mcmc", "initial_points"]
+__all__ = ["KERNELS", "TARGET_ACCEPT", "KernelSpec", "initial_points", "run_mcmc"]
 
 #: A chain whose mean acceptance over the draws is below this has not mixed: warn.
 STUCK_ACCEPTANCE = 0.05
@@ -48,7 +54,9 @@ def _hmc_accept_prob(generator, state, log_prob_and_grad, h, inv_mass):
 
 
 def _own_accept_prob(step):
-    return lambda generator, state, lpg, h, inv_mass: step(generator, state, lpg, h, inv_mass)[1].acceptance_rate
+    return lambda generator, state, lpg, h, inv_mass: (
+        step(generator, state, lpg, h, inv_mass)[1].acceptance_rate
+    )
 
 
 def _nuts_step(*args, max_tree_depth=10, **kwargs):
@@ -71,7 +79,10 @@ class KernelSpec:
 KERNELS = {
     "hmc": KernelSpec(jittered_hmc_step, _hmc_accept_prob, 0.8, {"energy": "energy", "n_steps": "n_steps"}),
     "nuts": KernelSpec(
-        _nuts_step, _hmc_accept_prob, 0.8, {"energy": "energy", "n_steps": "num_leapfrog", "tree_depth": "tree_depth"}
+        _nuts_step,
+        _hmc_accept_prob,
+        0.8,
+        {"energy": "energy", "n_steps": "num_leapfrog", "tree_depth": "tree_depth"},
     ),
     "mala": KernelSpec(mala_step, _own_accept_prob(mala_step), MALA_TARGET_ACCEPT),
     "rwm": KernelSpec(rwm_step, _own_accept_prob(rwm_step), 0.234),
@@ -90,7 +101,9 @@ def initial_points(target, num_chains: int, generator, device, init_x=None) -> t
     if x.dim() == 1:
         x = x.expand(num_chains, -1).clone()
     if tuple(x.shape) != (num_chains, target.dim):
-        raise ValueError(f"init must have shape ({num_chains}, {target.dim}) or ({target.dim},), got {tuple(x.shape)}")
+        raise ValueError(
+            f"init must have shape ({num_chains}, {target.dim}) or ({target.dim},), got {tuple(x.shape)}"
+        )
     return x
 
 
@@ -155,7 +168,9 @@ def run_mcmc(
     spec = KERNELS[kernel]
     num_warmup = num_samples if num_warmup is None else int(num_warmup)
     _check(num_warmup, step_size, metric, init_iters, thin)
-    target_accept = spec.target_accept if target_accept is None else check_probability(target_accept, "target_accept")
+    target_accept = (
+        spec.target_accept if target_accept is None else check_probability(target_accept, "target_accept")
+    )
     step = spec.step
     if kernel == "nuts":
         step = functools.partial(step, max_tree_depth=check_positive_int(max_tree_depth, "max_tree_depth"))
@@ -172,14 +187,27 @@ def run_mcmc(
     trajectory = _trajectory(kernel, num_leapfrog, max_leapfrog, num_warmup, h0, num_chains)
     with progress_bar(num_warmup + num_samples * thin, f"{kernel} warm-up", progress) as bar:
         warm = windowed_warmup(
-            generator, state, lpg, step=step, target_accept=target_accept, num_warmup=num_warmup, step_size=h0,
+            generator,
+            state,
+            lpg,
+            step=step,
+            target_accept=target_accept,
+            num_warmup=num_warmup,
+            step_size=h0,
             accept_prob=lambda s, h, m: spec.accept_prob(generator, s, lpg, h, m),
-            metric=metric, adapt_mass=adapt_mass, trajectory=trajectory, bar=bar,
+            metric=metric,
+            adapt_mass=adapt_mass,
+            trajectory=trajectory,
+            bar=bar,
         )
         bar.set_description(kernel)
         draws, stats = _sample(generator, warm, lpg, step, spec, trajectory, num_samples, thin, bar)
-    attrs = {"num_warmup": num_warmup, "metric": warm.metric, "step_size": float(warm.step_size),
-             "chain_step_sizes": [float(h) for h in warm.chain_step_sizes]}
+    attrs = {
+        "num_warmup": num_warmup,
+        "metric": warm.metric,
+        "step_size": float(warm.step_size),
+        "chain_step_sizes": [float(h) for h in warm.chain_step_sizes],
+    }
     if kernel == "hmc":
         if isinstance(trajectory, int):
             attrs["num_leapfrog"] = trajectory
@@ -192,10 +220,11 @@ def run_mcmc(
 
 
 def _sample(generator, warm, lpg, step, spec, trajectory, num_samples, thin, bar):
-    """The sampling phase: ``num_samples * thin`` steps with the warm-up's settings, every ``thin``-th kept."""
+    """The sampling phase: ``num_samples * thin`` steps with the warm-up's settings, every
+    ``thin``-th kept."""
     state, h, inv_mass = warm.state, warm.step_size, warm.inv_mass
     n, dim = state.x.shape
-    like = dict(dtype=state.x.dtype, device=state.x.device)
+    like = {"dtype": state.x.dtype, "device": state.x.device}
     draws = torch.empty(num_samples, n, dim, **like)
     stats = {key: torch.empty(num_samples, n, **like) for key in ("lp", "acceptance_rate", "step_size")}
     stats["diverging"] = torch.empty(num_samples, n, dtype=torch.bool, device=like["device"])
@@ -241,15 +270,21 @@ def _register(kernel: str):
         options.pop("reference", None)  # MCMC starts from the reference but needs no tempering path
         check_options(options, _OPTIONS.get(kernel, _COMMON), kernel)
         return run_mcmc(
-            target, kernel, num_samples=num_samples, num_chains=4 if num_chains is None else num_chains,
-            generator=generator, progress=progress, device=device, **options,
+            target,
+            kernel,
+            num_samples=num_samples,
+            num_chains=4 if num_chains is None else num_chains,
+            generator=generator,
+            progress=progress,
+            device=device,
+            **options,
         )
 
     sampler.__name__ = f"{kernel}_sampler"
     sampler.__doc__ = (
         f"``ds.sample(target, {kernel!r}, ...)``: batched {kernel.upper()} chains (default 4): start "
-        f"phase, Stan's windowed warm-up, sampling; options {', '.join(sorted(_OPTIONS.get(kernel, _COMMON)))} "
-        "(see :func:`run_mcmc`)."
+        "phase, Stan's windowed warm-up, sampling; options "
+        f"{', '.join(sorted(_OPTIONS.get(kernel, _COMMON)))} (see :func:`run_mcmc`)."
     )
     register_sampler(kernel)(sampler)
 

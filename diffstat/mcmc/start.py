@@ -21,7 +21,7 @@ each chain's step size is doubled (or halved) until its one-step acceptance prob
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -71,7 +71,12 @@ def find_start(
         y = x + a_col * g
         lp_y, g_y = log_prob_and_grad(y)
         gain = lp_y - lp
-        ok = torch.isfinite(lp_y) & torch.isfinite(g_y).all(-1) & (gain >= ARMIJO * a * (g * g).sum(-1)) & ~done
+        ok = (
+            torch.isfinite(lp_y)
+            & torch.isfinite(g_y).all(-1)
+            & (gain >= ARMIJO * a * (g * g).sum(-1))
+            & ~done
+        )
         s = y - x
         curv = -((g_y - g) * s).sum(-1)  # s^T H s along the move, for -log pi
         bb = torch.where(curv > 0, (s * s).sum(-1) / curv.clamp_min(1e-300), 4 * a)

@@ -25,8 +25,8 @@ With ``metric="auto"`` the kind is chosen at each metric update from that window
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -43,7 +43,7 @@ from diffstat.mcmc.chees import JitteredLength
 from diffstat.mcmc.metric import DenseMetric, Metric
 from diffstat.mcmc.start import initial_step_sizes
 
-__all__ = ["WarmupResult", "windowed_warmup", "METRICS"]
+__all__ = ["METRICS", "WarmupResult", "windowed_warmup"]
 
 METRICS = ("diag", "dense", "auto")
 
@@ -159,7 +159,7 @@ def windowed_warmup(
             inv_mass, kind, estimate = _estimate_metric(acc, metric, dtype)
             collecting = False
             old = dual.final_step_size
-            new = initial_step_sizes(lambda hh: accept_prob(state, hh, inv_mass), old)
+            new = initial_step_sizes(lambda hh, s=state, m=inv_mass: accept_prob(s, hh, m), old)
             if chees is not None:  # the length follows the widest direction into the new units
                 largest = _largest_variance(estimate, inv_mass)
                 chees.rescale(math.sqrt(largest / _largest_variance(estimate, old_metric)))

@@ -29,7 +29,10 @@ def test_chees_gradient_sign_on_exact_dynamics(length, sign):
     # E_u[sin^2(u T)] = 1/2 - sin(2T) / (4T) rises up to T = 2.25 and falls just after it.
     gen = torch.Generator().manual_seed(0)
     n, u = 20000, 0.7
-    x, p = torch.randn(n, 1, generator=gen, dtype=torch.float64), torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    x, p = (
+        torch.randn(n, 1, generator=gen, dtype=torch.float64),
+        torch.randn(n, 1, generator=gen, dtype=torch.float64),
+    )
     t = u * length
     prop, vel = x * math.cos(t) + p * math.sin(t), -x * math.sin(t) + p * math.cos(t)
     ones = torch.ones(n, dtype=torch.float64)
@@ -46,9 +49,13 @@ def test_jittered_steps_per_chain_match_fixed_steps():
     x = torch.randn(3, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     state = init(target.log_prob_and_grad, x)
     steps = torch.tensor([1, 4, 7])
-    _, mixed = jittered_hmc_step(torch.Generator().manual_seed(2), state, target.log_prob_and_grad, 0.05, None, steps)
+    _, mixed = jittered_hmc_step(
+        torch.Generator().manual_seed(2), state, target.log_prob_and_grad, 0.05, None, steps
+    )
     for c, k in enumerate(steps.tolist()):
-        _, alone = jittered_hmc_step(torch.Generator().manual_seed(2), state, target.log_prob_and_grad, 0.05, None, k)
+        _, alone = jittered_hmc_step(
+            torch.Generator().manual_seed(2), state, target.log_prob_and_grad, 0.05, None, k
+        )
         torch.testing.assert_close(mixed.proposal[c], alone.proposal[c])
         torch.testing.assert_close(mixed.energy[c], alone.energy[c])
 
@@ -63,8 +70,15 @@ def check_draws(idata, shift=0.0):
 @pytest.mark.slow
 @pytest.mark.parametrize("adapt_mass", [False, True])
 def test_chees_length_and_draws_with_256_chains(adapt_mass):
-    idata = ds.sample(ill_conditioned(), "hmc", num_samples=1000, num_chains=256, seed=4, progress=False,
-                      adapt_mass=adapt_mass)
+    idata = ds.sample(
+        ill_conditioned(),
+        "hmc",
+        num_samples=1000,
+        num_chains=256,
+        seed=4,
+        progress=False,
+        adapt_mass=adapt_mass,
+    )
     attrs = idata.posterior.attrs
     # Largest posterior sd in the metric's units: 1 for the identity (SD max 1), and 1 for a diagonal
     # metric estimated from this diagonal target. ChEES should land within a small factor of it.
@@ -75,6 +89,7 @@ def test_chees_length_and_draws_with_256_chains(adapt_mass):
 
 
 def test_chees_draw_check_rejects_a_shifted_target():
-    idata = ds.sample(ill_conditioned(shift=0.02), "hmc", num_samples=300, num_chains=256, seed=4,
-                      progress=False)
+    idata = ds.sample(
+        ill_conditioned(shift=0.02), "hmc", num_samples=300, num_chains=256, seed=4, progress=False
+    )
     assert check_draws(idata)[0] > 4

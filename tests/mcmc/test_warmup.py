@@ -97,10 +97,11 @@ def test_chains_started_in_a_far_tail_reach_the_posterior():
 def test_chains_left_in_the_tail_are_flagged():
     # Without start phase and warm-up, MALA at step 0.01 from the tail (gradients of order 1e5) rejects
     # every proposal: the draws are wrong and the sampler warns.
-    target, mean, sd, _ = poisson_groups(start=9.0)
+    target, mean, _, _ = poisson_groups(start=9.0)
     with pytest.warns(RuntimeWarning, match="have not"):
-        idata = ds.sample(target, "mala", num_samples=50, num_warmup=0, step_size=0.01, num_chains=4, seed=2,
-                          progress=False)
+        idata = ds.sample(
+            target, "mala", num_samples=50, num_warmup=0, step_size=0.01, num_chains=4, seed=2, progress=False
+        )
     est = idata.posterior["x"].mean(("chain", "draw")).values
     assert np.abs(est - mean).max() > 1.0
 
