@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from diffstat._util import check_options, check_positive_int, check_probability, progress_bar
+from diffstat.mcmc.adaptation import choose_metric
 from diffstat.mcmc.base import init as init_state
 from diffstat.mcmc.chees import (
     CHEES_MIN_CHAINS,
@@ -37,6 +38,8 @@ from diffstat.mcmc.chees import (
     jittered_hmc_step,
 )
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
+from diffstat.mcmc.metric import DenseMetric
+from diffstat.mcmc.nuts import nuts_step
 from diffstat.mcmc.rwm import rwm_step
 from diffstat.mcmc.start import find_start, initial_step_sizes
 from diffstat.mcmc.warmup import METRICS, windowed_warmup
@@ -59,12 +62,6 @@ def _own_accept_prob(step):
     )
 
 
-def _nuts_step(*args, max_tree_depth=10, **kwargs):
-    from diffstat.mcmc.nuts import nuts_step  # written on another branch; imported when used
-
-    return nuts_step(*args, max_tree_depth=max_tree_depth, **kwargs)
-
-
 @dataclass(frozen=True)
 class KernelSpec:
     """A kernel as the driver sees it: its step, the acceptance probe used to initialise step sizes,
@@ -79,7 +76,7 @@ class KernelSpec:
 KERNELS = {
     "hmc": KernelSpec(jittered_hmc_step, _hmc_accept_prob, 0.8, {"energy": "energy", "n_steps": "n_steps"}),
     "nuts": KernelSpec(
-        _nuts_step,
+        nuts_step,
         _hmc_accept_prob,
         0.8,
         {"energy": "energy", "n_steps": "num_leapfrog", "tree_depth": "tree_depth"},
@@ -135,6 +132,14 @@ def _trajectory(kernel, num_leapfrog, max_leapfrog, num_warmup, h0, num_chains):
     return JitteredLength(length, max_leapfrog=max_leapfrog)
 
 
+def _first_metric(cov: torch.Tensor, metric: str):
+    """Warm-up's first metric from the Laplace covariance: dense or its diagonal, by the same rule as
+    the windows' estimates (the covariance is exact for a Gaussian, so no sample-noise allowance)."""
+    if choose_metric(metric, cov, count=10**9) == "dense":
+        return DenseMetric.from_covariance(cov)
+    return cov.diagonal().clone()
+
+
 def run_mcmc(
     target,
     kernel: str,
@@ -178,13 +183,18 @@ def run_mcmc(
     x0 = initial_points(target, num_chains, generator, device, init)
     target.validate(x0)
     state = init_state(lpg, x0)
+    inv_mass = None
     if init is None and num_warmup and init_iters:
-        state, _ = find_start(generator, state, lpg, max_iters=init_iters)
+        state, laplace = find_start(generator, state, lpg, max_iters=init_iters)
+        if laplace is not None and adapt_mass:
+            inv_mass = _first_metric(laplace, metric)
     dtype = x0.dtype
     h0 = torch.full((num_chains,), 0.1 if step_size is None else float(step_size), dtype=dtype, device=device)
     if step_size is None and num_warmup:
-        h0 = initial_step_sizes(lambda h: spec.accept_prob(generator, state, lpg, h, None), h0)
+        h0 = initial_step_sizes(lambda h: spec.accept_prob(generator, state, lpg, h, inv_mass), h0)
     trajectory = _trajectory(kernel, num_leapfrog, max_leapfrog, num_warmup, h0, num_chains)
+    if inv_mass is not None and isinstance(trajectory, JitteredLength):
+        trajectory.set_from_metric(1.0)
     with progress_bar(num_warmup + num_samples * thin, f"{kernel} warm-up", progress) as bar:
         warm = windowed_warmup(
             generator,
@@ -198,6 +208,7 @@ def run_mcmc(
             metric=metric,
             adapt_mass=adapt_mass,
             trajectory=trajectory,
+            inv_mass=inv_mass,
             bar=bar,
         )
         bar.set_description(kernel)
@@ -289,12 +300,5 @@ def _register(kernel: str):
     register_sampler(kernel)(sampler)
 
 
-def _nuts_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("diffstat.mcmc.nuts") is not None
-
-
 for _kernel in KERNELS:
-    if _kernel != "nuts" or _nuts_available():
-        _register(_kernel)
+    _register(_kernel)

@@ -112,6 +112,7 @@ def windowed_warmup(
     metric: str = "auto",
     adapt_mass: bool = True,
     trajectory: JitteredLength | int | None = None,
+    inv_mass: Metric = None,
     bar=None,
 ) -> WarmupResult:
     """Run ``num_warmup`` adaptive iterations of ``step`` on every chain.
@@ -126,6 +127,8 @@ def windowed_warmup(
         re-initialising the step sizes after a metric update.
     step_size : (n,) tensor
         Initial per-chain step sizes.
+    inv_mass : metric, optional
+        The metric until the first window ends (the start phase's Laplace covariance, or identity).
     trajectory : JitteredLength, int or None
         Leapfrog steps for HMC: a jittered length (adapted by ChEES, or set from each new metric),
         a fixed count, or not applicable (None).
@@ -136,7 +139,8 @@ def windowed_warmup(
     starts = {start for start, _ in windows}
     last_end, pooled = (windows[-1][1] if windows else None), False
     dual = DualAveraging(step_size, target_accept)
-    inv_mass, kind, acc, collecting = None, "identity", None, False
+    kind = "identity" if inv_mass is None else ("dense" if isinstance(inv_mass, DenseMetric) else "diag")
+    acc, collecting = None, False
     chees = trajectory if isinstance(trajectory, JitteredLength) else None
     for i in range(num_warmup):
         if i in starts:

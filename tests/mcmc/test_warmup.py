@@ -13,7 +13,7 @@ import diffstat as ds
 from diffstat.mcmc.adaptation import choose_metric, stan_windows
 from diffstat.mcmc.sampler import KERNELS
 
-GRADIENT_METHODS = ["hmc"] + (["nuts"] if "nuts" in ds.available_methods() else [])
+GRADIENT_METHODS = ["hmc", "nuts"]
 
 
 def regression_problem(rho=0.9, n=100, d=5, seed=0):
@@ -81,17 +81,18 @@ def poisson_groups(start=6.0):
     return target, mean, sd, log_prob
 
 
-def test_chains_started_in_a_far_tail_reach_the_posterior():
+@pytest.mark.parametrize("method", ["hmc", "nuts", "mala"])
+def test_chains_started_in_a_far_tail_reach_the_posterior(method):
     target, mean, sd, log_prob = poisson_groups()
     start = target.sample_reference(4, torch.Generator().manual_seed(0))
     assert float(log_prob(start).max()) < -1e4  # the starts are far out in the tail
-    idata = ds.sample(target, "hmc", num_samples=1000, num_chains=4, seed=2, progress=False)
+    idata = ds.sample(target, method, num_samples=1000, num_chains=4, seed=2, progress=False)
     est = idata.posterior["x"].mean(("chain", "draw")).values
     mcse = az.mcse(idata, method="mean")["x"].values
-    assert np.abs(est - mean).max() / mcse.max() < 4
+    assert (np.abs(est - mean) / mcse).max() < 4
     est_sd = idata.posterior["x"].values.reshape(-1, 3).std(0)
     assert np.abs(est_sd / sd - 1).max() < 0.15
-    assert float(idata.sample_stats["acceptance_rate"].mean(("draw",)).min()) > 0.5  # every chain moves
+    assert float(idata.sample_stats["acceptance_rate"].mean(("draw",)).min()) > 0.4  # every chain moves
 
 
 def test_chains_left_in_the_tail_are_flagged():
