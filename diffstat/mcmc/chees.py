@@ -13,7 +13,7 @@ ChEES (the change in the estimator of the expected square) is
 a proxy for how fast a trajectory decorrelates the second moments; its derivative in
 :math:`\log T` for one chain is :math:`\delta\,(x' - \bar x')^\top v'\, u T`, with
 :math:`\delta = \lVert x' - \bar x'\rVert^2 - \lVert x - \bar x\rVert^2` and :math:`v'` the velocity at
-the proposal, means taken across chains and the chains weighted by their acceptance probability.
+the proposal, means taken across chains and each chain's term multiplied by its acceptance probability.
 :class:`ChEESAdaptation` ascends it with Adam on :math:`\log T` (learning rate 0.025, the paper's),
 each update clipped to a factor 1.4 (a noisy estimate from few chains cannot throw T far), and
 returns an iterate average of :math:`\log T` (weight :math:`t^{-3/4}` on the newest, as dual averaging
@@ -181,7 +181,10 @@ class ChEESAdaptation(JitteredLength):
         xc, pc = x - x.mean(0), prop - prop.mean(0)
         delta = (pc * pc).sum(-1) - (xc * xc).sum(-1)
         grads = delta * (pc * vel).sum(-1) * self.u * self.length
-        grad = float((alpha * grads).sum() / alpha.sum())
+        # Weighted by acceptance but averaged over all chains, not normalised by the total acceptance:
+        # an iteration where every proposal diverges (early warm-up) then contributes about nothing,
+        # instead of a huge unweighted gradient that would fill Adam's moments for many iterations.
+        grad = float((alpha * grads).mean())
         self.t += 1
         self.m = self.beta1 * self.m + (1 - self.beta1) * grad
         self.v = self.beta2 * self.v + (1 - self.beta2) * grad * grad

@@ -118,7 +118,8 @@ def _check(num_warmup, step_size, metric, init_iters, thin):
 
 def _trajectory(kernel, num_leapfrog, max_leapfrog, num_warmup, h0, num_chains):
     """HMC's leapfrog steps: fixed by ``num_leapfrog``; else a jittered length, adapted by ChEES with
-    at least ``CHEES_MIN_CHAINS`` chains, set from each new metric with fewer."""
+    at least ``CHEES_MIN_CHAINS`` chains (from one step), set from each new metric with fewer (10
+    steps until the first metric)."""
     if kernel != "hmc":
         return None
     if num_leapfrog is not None:
@@ -126,10 +127,12 @@ def _trajectory(kernel, num_leapfrog, max_leapfrog, num_warmup, h0, num_chains):
     max_leapfrog = check_positive_int(max_leapfrog, "max_leapfrog")
     if num_warmup == 0:
         return min(10, max_leapfrog)
-    length = 10 * float(h0.median())
+    h = float(h0.median())
     if num_chains >= CHEES_MIN_CHAINS:
-        return ChEESAdaptation(length, max_leapfrog=max_leapfrog)
-    return JitteredLength(length, max_leapfrog=max_leapfrog)
+        # ChEES climbs from one step: on a Gaussian the jittered criterion has several local maxima
+        # (T = 2.25, 5.45, ... sd), and starting short finds the first, the cheapest.
+        return ChEESAdaptation(h, max_leapfrog=max_leapfrog)
+    return JitteredLength(10 * h, max_leapfrog=max_leapfrog)
 
 
 def _first_metric(cov: torch.Tensor, metric: str):
