@@ -3,12 +3,16 @@ r"""MCMC samplers behind ``ds.sample``: ``"hmc"``, ``"nuts"``, ``"mala"`` and ``
 A run (:func:`run_mcmc`) has three phases, all batched over chains:
 
 1. **Start** (:func:`~diffstat.mcmc.start.find_start`): from reference draws, per-chain gradient
-   ascent, then a jitter, so that chains begin in the bulk of the posterior rather than where a
-   prior draw put them (skipped when ``init=`` gives the starting points, or without warm-up).
+   ascent, then a jitter from the Laplace approximation, so that chains begin in the bulk of the
+   posterior rather than where a prior draw put them; the Laplace covariance is warm-up's first
+   metric (skipped when ``init=`` gives the starting points, or without warm-up).
 2. **Warm-up** (:func:`~diffstat.mcmc.warmup.windowed_warmup`): Stan's windowed adaptation, per-chain
    step sizes by dual averaging, a diagonal or dense metric from draws pooled across chains, and for
-   ``"hmc"`` the ChEES trajectory length (:mod:`diffstat.mcmc.chees`).
+   ``"hmc"`` a jittered trajectory length, adapted by ChEES with 32 chains or more
+   (:mod:`diffstat.mcmc.chees`).
 3. **Sampling** with one shared step size, the final metric and (HMC) jittered trajectory lengths.
+
+A chain whose acceptance rate over the draws is under 5% raises a ``RuntimeWarning``.
 
 Defaults and why: ``num_warmup = num_samples`` (Stan's 1000/1000 ratio); target acceptance 0.8 for
 HMC and NUTS (Stan), 0.574 for MALA and 0.234 for random walk (optimal scaling, Roberts and Rosenthal
@@ -200,22 +204,19 @@ def run_mcmc(
         trajectory.set_from_metric(1.0)
     with progress_bar(num_warmup + num_samples * thin, f"{kernel} warm-up", progress) as bar:
         warm = windowed_warmup(
-            generator,
-            state,
-            lpg,
-            step=step,
-            target_accept=target_accept,
-            num_warmup=num_warmup,
-            step_size=h0,
-            accept_prob=lambda s, h, m: spec.accept_prob(generator, s, lpg, h, m),
-            metric=metric,
-            adapt_mass=adapt_mass,
-            trajectory=trajectory,
-            inv_mass=inv_mass,
-            bar=bar,
-        )
+            generator, state, lpg, step=step, target_accept=target_accept, num_warmup=num_warmup,
+            step_size=h0, accept_prob=lambda s, h, m: spec.accept_prob(generator, s, lpg, h, m),
+            metric=metric, adapt_mass=adapt_mass, trajectory=trajectory, inv_mass=inv_mass, bar=bar,
+        )  # fmt: skip
         bar.set_description(kernel)
         draws, stats = _sample(generator, warm, lpg, step, spec, trajectory, num_samples, thin, bar)
+    attrs = _attrs(kernel, warm, trajectory, num_warmup, max_tree_depth)
+    _warn_stuck(stats["acceptance_rate"])
+    return SamplerResult(draws.transpose(0, 1), {k: v.transpose(0, 1) for k, v in stats.items()}, attrs=attrs)
+
+
+def _attrs(kernel, warm, trajectory, num_warmup, max_tree_depth) -> dict:
+    """The settings warm-up chose, for ``posterior.attrs``."""
     attrs = {
         "num_warmup": num_warmup,
         "metric": warm.metric,
@@ -229,8 +230,7 @@ def run_mcmc(
             attrs["trajectory_length"] = warm.length
     if kernel == "nuts":
         attrs["max_tree_depth"] = int(max_tree_depth)
-    _warn_stuck(stats["acceptance_rate"])
-    return SamplerResult(draws.transpose(0, 1), {k: v.transpose(0, 1) for k, v in stats.items()}, attrs=attrs)
+    return attrs
 
 
 def _sample(generator, warm, lpg, step, spec, trajectory, num_samples, thin, bar):

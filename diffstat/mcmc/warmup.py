@@ -99,6 +99,23 @@ def _estimate_metric(acc, metric: str, dtype) -> tuple[Metric, str, torch.Tensor
     return cov.diagonal().clone().to(dtype), "diag", cov
 
 
+def _end_window(acc, metric, dtype, old_metric, state, accept_prob, dual, jittered, pooled, remaining):
+    """At a slow window's end: the new metric, step sizes re-initialised (pooled to one before the
+    terminal window), the HMC length carried into the new metric's units."""
+    inv_mass, kind, estimate = _estimate_metric(acc, metric, dtype)
+    old = dual.final_step_size
+    new = initial_step_sizes(lambda h: accept_prob(state, h, inv_mass), old)
+    if jittered is not None:  # the length follows the widest direction into the new units
+        largest = _largest_variance(estimate, inv_mass)
+        jittered.rescale(math.sqrt(largest / _largest_variance(estimate, old_metric)))
+        jittered.set_from_metric(largest)
+    if pooled:  # a terminal window under 50 iterations cannot undo the overshoot of mu = log(10 h)
+        dual.restart(torch.exp(torch.log(new).median()), 10.0 if remaining >= 50 else 1.0)
+    else:
+        dual.restart(new)
+    return inv_mass, kind
+
+
 def windowed_warmup(
     generator: torch.Generator,
     state: MCMCState,
@@ -141,42 +158,32 @@ def windowed_warmup(
     dual = DualAveraging(step_size, target_accept)
     kind = "identity" if inv_mass is None else ("dense" if isinstance(inv_mass, DenseMetric) else "diag")
     acc, collecting = None, False
-    chees = trajectory if isinstance(trajectory, JitteredLength) else None
+    jittered = trajectory if isinstance(trajectory, JitteredLength) else None
     for i in range(num_warmup):
         if i in starts:
             acc, collecting = _new_accumulator(metric, dim, device), True
         h = dual.step_size
         kw = {}
-        if chees is not None:
-            kw["num_steps"] = chees.num_steps(generator, h)
+        if jittered is not None:
+            kw["num_steps"] = jittered.num_steps(generator, h)
         elif trajectory is not None:
             kw["num_steps"] = trajectory
         x_before = state.x
         state, info = step(generator, state, log_prob_and_grad, h, inv_mass, **kw)
         dual.update(info.acceptance_rate.mean() if pooled else info.acceptance_rate)
-        if chees is not None:
-            chees.update(x_before, info)
+        if jittered is not None:
+            jittered.update(x_before, info)
         if collecting:
             acc.update(state.x)
         if i + 1 in ends:
-            old_metric = inv_mass
-            inv_mass, kind, estimate = _estimate_metric(acc, metric, dtype)
-            collecting = False
-            old = dual.final_step_size
-            new = initial_step_sizes(lambda hh, s=state, m=inv_mass: accept_prob(s, hh, m), old)
-            if chees is not None:  # the length follows the widest direction into the new units
-                largest = _largest_variance(estimate, inv_mass)
-                chees.rescale(math.sqrt(largest / _largest_variance(estimate, old_metric)))
-                chees.set_from_metric(largest)
             pooled = i + 1 == last_end
-            if pooled:  # a terminal window under 50 iterations cannot undo the overshoot of mu = log(10 h)
-                dual.restart(torch.exp(torch.log(new).median()), 10.0 if num_warmup - i - 1 >= 50 else 1.0)
-            else:
-                dual.restart(new)
+            inv_mass, kind = _end_window(acc, metric, dtype, inv_mass, state, accept_prob, dual, jittered,
+                                         pooled, num_warmup - i - 1)  # fmt: skip
+            collecting = False
         if bar is not None:
             bar.update()
     chain_h = dual.final_step_size if num_warmup else dual.step_size
     chain_h = chain_h.expand(step_size.shape) if pooled else chain_h
     h = torch.exp(torch.log(chain_h).median())
-    length = chees.final_length if chees is not None else None
+    length = jittered.final_length if jittered is not None else None
     return WarmupResult(state, h, chain_h, inv_mass, kind, length)
