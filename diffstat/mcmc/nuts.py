@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 
 from diffstat.mcmc.base import DIVERGENCE_THRESHOLD, LogProbAndGrad, MCMCState, as_per_chain
-from diffstat.mcmc.metric import Metric, sample_momentum, velocity
+from diffstat.mcmc.metric import DenseMetric, Metric, sample_momentum, velocity
 
 __all__ = ["NUTSInfo", "nuts_step"]
 
@@ -67,25 +67,18 @@ class NUTSInfo(NamedTuple):
 
 
 class _Subtree(NamedTuple):
-    """A subtree built from one end of each chain's tree (rows of the doubling's batch)."""
+    """A subtree of :math:`2^j` leaves built from one end of each growing chain's tree."""
 
     valid: torch.Tensor  # (B,) no divergence and no U-turn inside
     first: tuple  # (p, v) at the leaf next to the old tree
-    last: tuple  # (x, p, grad, v) at the far leaf, the tree's new end
+    last: torch.Tensor  # (B, 4 dim) [x, p, grad, v] at the far leaf, the tree's new end
     rho: torch.Tensor  # (B, dim) momentum sum
     log_weight: torch.Tensor  # (B,) log of the sum of the leaves' weights
-    proposal: tuple  # (x, p, grad, log_prob) drawn in proportion to the weights
+    proposal: torch.Tensor  # (B, 2 dim + 2) [x, grad, log_prob, kinetic] drawn in proportion to the weights
     num_leapfrog: torch.Tensor
     sum_accept: torch.Tensor
     diverging: torch.Tensor
     num_evals: int
-
-
-def _metric_rows(inv_mass: Metric, rows: torch.Tensor) -> Metric:
-    """The metric of the chains ``rows`` (only a per-chain diagonal ``(n, dim)`` needs indexing)."""
-    if isinstance(inv_mass, torch.Tensor) and inv_mass.dim() == 2:
-        return inv_mass[rows]
-    return inv_mass
 
 
 def _turning(v_a: torch.Tensor, v_b: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
@@ -110,22 +103,37 @@ def _directions(generator: torch.Generator, rows: torch.Tensor, like: torch.Tens
     return (torch.rand(rows.shape, generator=generator, dtype=like.dtype, device=like.device) < 0.5).long()
 
 
-def _leapfrog(log_prob_and_grad, x, p, grad, h, inv_mass, live):
-    """One leapfrog step of signed size ``h: (B, 1)``; the target is evaluated only at the rows
-    ``live`` (``None``: all rows). Returns x, p, grad, log_prob and the number of points evaluated."""
-    p = p + (0.5 * h) * grad
-    x = x + h * velocity(inv_mass, p)
+def _replace_rows(dst: torch.Tensor, take: torch.Tensor, src: torch.Tensor, sync_free: bool) -> torch.Tensor:
+    """``dst`` with its rows ``take: (B,)`` replaced by those of ``src``. On the CPU the rows are
+    copied in place into ``dst`` (which must be a buffer of the caller's): ``torch.where`` there
+    costs about ten additions per element, and late in a trajectory few rows change."""
+    if sync_free and dst.shape[0] > 64:
+        idx = take.nonzero().squeeze(1)
+        return dst.index_copy_(0, idx, src.index_select(0, idx))
+    return torch.where(take.unsqueeze(-1), src, dst)
+
+
+def _drift(inv_mass: Metric, h: torch.Tensor):
+    r"""The position update :math:`p \mapsto h M^{-1} p` for steps ``h: (B, 1)``, with the diagonal
+    metric folded into the step once per doubling."""
+    if inv_mass is None:
+        return lambda p: h * p
+    if isinstance(inv_mass, DenseMetric):
+        return lambda p: h * (p @ inv_mass.inv_mass)
+    scaled = h * inv_mass
+    return lambda p: scaled * p
+
+
+def _evaluate(log_prob_and_grad, x: torch.Tensor, live: torch.Tensor | None):
+    """Log-density and gradient at the rows ``live`` of ``x`` (``None``: all rows; the others get
+    NaN and 0), and the number of points evaluated."""
     if live is None or bool(live.all()):
         lp, grad = log_prob_and_grad(x)
-        count = x.shape[0]
-    else:
-        idx = live.nonzero().squeeze(1)
-        lp_live, grad_live = log_prob_and_grad(x[idx])
-        lp = torch.full_like(x[:, 0], torch.nan).index_copy_(0, idx, lp_live)
-        grad = torch.zeros_like(x).index_copy_(0, idx, grad_live)
-        count = idx.numel()
-    p = p + (0.5 * h) * grad
-    return x, p, grad, lp, count
+        return lp, grad, x.shape[0]
+    idx = live.nonzero().squeeze(1)
+    lp_live, grad_live = log_prob_and_grad(x.index_select(0, idx))
+    lp = torch.full_like(x[:, 0], torch.nan).index_copy_(0, idx, lp_live)
+    return lp, torch.zeros_like(x).index_copy_(0, idx, grad_live), idx.numel()
 
 
 def _inner_turn(k: int, depth: int, starts: list, ends: list, p, v, cum):
@@ -144,7 +152,7 @@ def _inner_turn(k: int, depth: int, starts: list, ends: list, p, v, cum):
     return turn
 
 
-def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, exact_evals) -> _Subtree:
+def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, sync_free) -> _Subtree:
     """Integrate :math:`2^{depth}` leapfrog steps from ``start = (x, p, grad)`` with signed step
     sizes ``h: (B, 1)``, sampling a candidate and checking U-turns and divergences as it goes.
 
@@ -153,6 +161,7 @@ def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, 
     """
     x, p, grad = start
     batch = x.shape[0]
+    half, drift = 0.5 * h, _drift(inv_mass, h)
     live = torch.ones(batch, dtype=torch.bool, device=x.device)
     num_leapfrog = torch.zeros(batch, dtype=torch.long, device=x.device)
     sum_accept, diverging = torch.zeros_like(h0), torch.zeros_like(live)
@@ -162,22 +171,25 @@ def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, 
     ends: list = [None] * depth
     num_evals, first, proposal = 0, None, None
     for k in range(1 << depth):
-        x, p, grad, lp, count = _leapfrog(log_prob_and_grad, x, p, grad, h, inv_mass, live if exact_evals else None)
+        p = p + half * grad
+        x = x + drift(p)
+        lp, grad, count = _evaluate(log_prob_and_grad, x, live if sync_free else None)
         num_evals += count
+        p = p + half * grad
         v = velocity(inv_mass, p)
-        w = _leaf_log_weight(h0, 0.5 * (p * v).sum(-1) - lp)
+        kinetic = 0.5 * (p * v).sum(-1)
+        w = _leaf_log_weight(h0, kinetic - lp)
         num_leapfrog += live
-        sum_accept += torch.where(live, torch.exp(w.clamp(max=0.0)), 0.0)
+        sum_accept += live * torch.exp(w.clamp(max=0.0))
         div = live & (w < -DIVERGENCE_THRESHOLD)
         diverging |= div
         log_weight = torch.logaddexp(log_weight, w)
+        leaf = torch.cat([x, grad, lp.unsqueeze(-1), kinetic.unsqueeze(-1)], -1)
         if k == 0:
-            proposal, first = (x, p, grad, lp), (p, v)
+            proposal, first = leaf, (p, v)
         else:  # progressive sampling: after leaf k, each leaf so far is held with probability w / W
             u = torch.rand(batch, generator=generator, dtype=h0.dtype, device=h0.device)
-            take = u < torch.exp(w - log_weight)
-            proposal = tuple(torch.where(take.view((-1,) + (1,) * (a.dim() - 1)), b, a)
-                             for a, b in zip(proposal, (x, p, grad, lp)))
+            proposal = _replace_rows(proposal, u < torch.exp(w - log_weight), leaf, sync_free)
         before, cum = cum, cum + p
         for m in range(depth + 1):
             if k % (1 << m) == 0:
@@ -187,59 +199,101 @@ def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, 
             if (k + 1) % (1 << m) == 0:
                 ends[m] = (p, v)
         live = live & ~div if turn is None else live & ~div & ~turn
-        if exact_evals and k + 1 < (1 << depth) and not bool(live.any()):
+        if sync_free and k + 1 < (1 << depth) and not bool(live.any()):
             break  # every row stopped: the rest of the subtree would be discarded anyway
-    return _Subtree(live, first, (x, p, grad, v), cum, log_weight, proposal, num_leapfrog, sum_accept,
+    return _Subtree(live, first, torch.cat([x, p, grad, v], -1), cum, log_weight, proposal, num_leapfrog, sum_accept,
                     diverging, num_evals)
 
 
 class _Tree:
-    """Each chain's trajectory so far, full size ``n``, updated in place after every doubling.
+    """The trajectories of the chains still growing, ``B`` rows for the chains ``rows``: compacted
+    after each doubling, the chains that stop being written to the full-size outputs ``out``.
 
-    The two ends are stacked, index 0 the backward (earliest) end and 1 the forward one.
+    ``ends: (2, B, 4 dim)`` holds [x, p, grad, velocity] at the backward (0) and forward (1) ends,
+    ``sample: (B, 2 dim + 2)`` [x, grad, log_prob, kinetic energy] of the point drawn so far.
     """
 
-    def __init__(self, state: MCMCState, p0: torch.Tensor, v0: torch.Tensor):
+    PER_CHAIN = ("rows", "rho", "sample", "log_weight", "moved", "depth", "num_leapfrog", "sum_accept",
+                 "diverging", "h", "h0")
+    OUTPUTS = ("sample", "moved", "depth", "num_leapfrog", "sum_accept", "diverging")
+
+    def __init__(self, state: MCMCState, p0, h, inv_mass):
         x, n = state.x, state.x.shape[0]
-        self.ends = {name: torch.stack([t, t]) for name, t in (("x", x), ("p", p0), ("grad", state.grad), ("v", v0))}
-        self.rho = p0.clone()
-        self.sample = [x, p0, state.grad, state.log_prob]
-        self.moved = torch.zeros(n, dtype=torch.bool, device=x.device)
+        v0 = velocity(inv_mass, p0)
+        kinetic0 = 0.5 * (p0 * v0).sum(-1)
+        self.ends = torch.cat([x, p0, state.grad, v0], -1).expand(2, -1, -1).contiguous()
+        self.sample = torch.cat([x, state.grad, state.log_prob.unsqueeze(-1), kinetic0.unsqueeze(-1)], -1)
+        self.rows = torch.arange(n, device=x.device)
+        self.rho, self.h, self.h0, self.inv_mass = p0, h, kinetic0 - state.log_prob, inv_mass
         self.log_weight = torch.zeros_like(state.log_prob)  # the start's weight is e^{H0 - H0} = 1
+        self.moved = torch.zeros(n, dtype=torch.bool, device=x.device)
         self.depth = torch.zeros(n, dtype=torch.long, device=x.device)
         self.num_leapfrog = torch.zeros_like(self.depth)
         self.sum_accept = torch.zeros_like(state.log_prob)
         self.diverging = torch.zeros_like(self.moved)
-        self.active = torch.ones_like(self.moved)
+        self.out = {name: torch.empty_like(getattr(self, name)) for name in self.OUTPUTS}
 
-    def merge(self, rows: torch.Tensor, fwd: torch.Tensor, sub: _Subtree, generator: torch.Generator) -> None:
-        """Merge each chain's new subtree (built in direction ``fwd: (B,)`` long, 1 forward) into
-        its tree: biased progressive sampling, the U-turn checks of the merged tree, the new end."""
-        valid = sub.valid
-        old_weight = self.log_weight[rows]
-        u = torch.rand(rows.shape, generator=generator, dtype=old_weight.dtype, device=old_weight.device)
-        take = valid & (u < torch.exp(sub.log_weight - old_weight))
-        for i, new in enumerate(sub.proposal):
-            old = self.sample[i][rows]
-            self.sample[i] = self.sample[i].index_copy(0, rows, torch.where(take.view((-1,) + (1,) * (old.dim() - 1)), new, old))
-        self.moved[rows] = self.moved[rows] | take
-        self.log_weight[rows] = torch.where(valid, torch.logaddexp(old_weight, sub.log_weight), old_weight)
-        back = 1 - fwd
-        v_far, p_near, v_near = self.ends["v"][back, rows], self.ends["p"][fwd, rows], self.ends["v"][fwd, rows]
-        rho_old = self.rho[rows]
-        rho = rho_old + sub.rho
-        (p_first, v_first), v_last = sub.first, sub.last[3]
-        turn = (_turning(v_far, v_last, rho) | _turning(v_far, v_first, rho_old + p_first)
-                | _turning(v_near, v_last, sub.rho + p_near))
-        keep = valid.unsqueeze(-1)
-        for name, new in zip(("x", "p", "grad", "v"), sub.last):
-            self.ends[name][fwd, rows] = torch.where(keep, new, self.ends[name][fwd, rows])
-        self.rho[rows] = torch.where(keep, rho, rho_old)
-        self.depth[rows] += valid
-        self.num_leapfrog[rows] += sub.num_leapfrog
-        self.sum_accept[rows] += sub.sum_accept
-        self.diverging[rows] |= sub.diverging
-        self.active[rows] = valid & ~turn
+    def grow(self, log_prob_and_grad, depth: int, generator: torch.Generator, sync_free: bool) -> int:
+        """Double every tree once (in its own direction), merge, and keep the chains that go on.
+        Returns the number of points evaluated."""
+        batch, dim = self.rho.shape
+        fwd = _directions(generator, self.rows, self.rho)
+        arange = torch.arange(batch, device=fwd.device)
+        flat = self.ends.view(2 * batch, 4 * dim)
+        near = flat.index_select(0, fwd * batch + arange)  # the end the subtree grows from
+        far = flat.index_select(0, (1 - fwd) * batch + arange)
+        x, p, grad, v_near = near.split(dim, -1)
+        signed_h = self.h * (2 * fwd - 1).unsqueeze(-1)
+        sub = _build_subtree(log_prob_and_grad, (x, p, grad), signed_h, self.inv_mass, self.h0, depth, generator,
+                             sync_free)
+        # biased progressive sampling: the subtree's candidate with probability min(1, W_new / W_old)
+        u = torch.rand(batch, generator=generator, dtype=self.h0.dtype, device=self.h0.device)
+        take = sub.valid & (u < torch.exp(sub.log_weight - self.log_weight))
+        self.sample = _replace_rows(self.sample, take, sub.proposal, sync_free)
+        self.moved |= take
+        self.log_weight = torch.logaddexp(self.log_weight, sub.log_weight)  # used only where valid
+        (p_first, v_first), v_last, v_far = sub.first, sub.last[:, 3 * dim:], far[:, 3 * dim:]
+        rho = self.rho + sub.rho
+        turn = (_turning(v_far, v_last, rho) | _turning(v_far, v_first, self.rho + p_first)
+                | _turning(v_near, v_last, sub.rho + p))
+        self.rho = rho
+        self.depth += sub.valid
+        self.num_leapfrog += sub.num_leapfrog
+        self.sum_accept += sub.sum_accept
+        self.diverging |= sub.diverging
+        self._keep(sub.valid & ~turn, fwd, sub.last, far)
+        return sub.num_evals
+
+    def _keep(self, go_on: torch.Tensor, fwd, last, far) -> None:
+        """Write the chains that stop to the outputs and compact the rest; the end in direction
+        ``fwd`` of those that go on becomes the subtree's ``last`` leaf, the other stays ``far``."""
+        keep = go_on.nonzero().squeeze(1)  # the one host sync per doubling
+        if keep.numel() < go_on.numel():
+            self.retire(~go_on)
+            for name in self.PER_CHAIN:
+                setattr(self, name, getattr(self, name).index_select(0, keep))
+            self.inv_mass = _metric_rows(self.inv_mass, keep)
+            fwd, last, far = fwd.index_select(0, keep), last.index_select(0, keep), far.index_select(0, keep)
+        batch = keep.numel()
+        arange = torch.arange(batch, device=fwd.device)
+        self.ends = torch.empty((2, batch, last.shape[1]), dtype=last.dtype, device=last.device)
+        self.ends.view(2 * batch, last.shape[1]).index_copy_(0, fwd * batch + arange, last).index_copy_(
+            0, (1 - fwd) * batch + arange, far)
+
+    def retire(self, stop: torch.Tensor | None = None) -> None:
+        """Write the chains ``stop`` (all when None) to the outputs."""
+        idx = None if stop is None else stop.nonzero().squeeze(1)
+        rows = self.rows if idx is None else self.rows.index_select(0, idx)
+        for name in self.OUTPUTS:
+            value = getattr(self, name)
+            self.out[name].index_copy_(0, rows, value if idx is None else value.index_select(0, idx))
+
+
+def _metric_rows(inv_mass: Metric, rows: torch.Tensor) -> Metric:
+    """The metric of the chains ``rows`` (only a per-chain diagonal ``(n, dim)`` needs indexing)."""
+    if isinstance(inv_mass, torch.Tensor) and inv_mass.dim() == 2:
+        return inv_mass.index_select(0, rows)
+    return inv_mass
 
 
 def nuts_step(
@@ -275,30 +329,23 @@ def nuts_step(
     """
     if max_tree_depth < 1:
         raise ValueError(f"max_tree_depth must be at least 1, got {max_tree_depth}")
-    x = state.x
+    x, dim = state.x, state.x.shape[1]
     num_evals = 0
     if state.grad is None:
         lp, grad = log_prob_and_grad(x)
         state, num_evals = MCMCState(x, lp, grad), x.shape[0]
-    h = as_per_chain(step_size, x)
     p0 = sample_momentum(generator, inv_mass, x)
-    v0 = velocity(inv_mass, p0)
-    h0 = 0.5 * (p0 * v0).sum(-1) - state.log_prob
-    tree = _Tree(state, p0, v0)
-    exact_evals = _sync_is_free(x.device)
+    tree = _Tree(state, p0, as_per_chain(step_size, x), inv_mass)
+    sync_free = _sync_is_free(x.device)
     for depth in range(max_tree_depth):
-        rows = tree.active.nonzero().squeeze(1)  # the one host sync per doubling
-        if rows.numel() == 0:
+        num_evals += tree.grow(log_prob_and_grad, depth, generator, sync_free)
+        if tree.rows.numel() == 0:
             break
-        fwd = _directions(generator, rows, x)
-        start = tuple(tree.ends[name][fwd, rows] for name in ("x", "p", "grad"))
-        signed_h = h[rows] * (2.0 * fwd - 1.0).to(x.dtype).unsqueeze(-1)
-        sub = _build_subtree(log_prob_and_grad, start, signed_h, _metric_rows(inv_mass, rows), h0[rows], depth,
-                             generator, exact_evals)
-        num_evals += sub.num_evals
-        tree.merge(rows, fwd, sub, generator)
-    x_new, p_new, grad_new, lp_new = tree.sample
-    energy = 0.5 * (p_new * velocity(inv_mass, p_new)).sum(-1) - lp_new
-    info = NUTSInfo(tree.sum_accept / tree.num_leapfrog.clamp(min=1), tree.moved, tree.diverging, num_evals,
-                    tree.depth, tree.num_leapfrog, energy)
-    return MCMCState(x_new, lp_new, grad_new), info
+    tree.retire()
+    out = tree.out
+    sample = out["sample"]
+    lp_new, kinetic = sample[:, 2 * dim], sample[:, 2 * dim + 1]
+    info = NUTSInfo(out["sum_accept"] / out["num_leapfrog"].clamp(min=1), out["moved"], out["diverging"], num_evals,
+                    out["depth"], out["num_leapfrog"], kinetic - lp_new)
+    new = MCMCState(sample[:, :dim].contiguous(), lp_new.contiguous(), sample[:, dim:2 * dim].contiguous())
+    return new, info
