@@ -81,10 +81,10 @@ class _Subtree(NamedTuple):
     num_evals: int
 
 
-def _turning(v_a: torch.Tensor, v_b: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
-    r"""The generalised U-turn of a stretch with end velocities :math:`p^\sharp_a, p^\sharp_b` and
-    momentum sum :math:`\rho`: not (:math:`p^\sharp_a\cdot\rho > 0` and :math:`p^\sharp_b\cdot\rho > 0`)."""
-    return ((v_a * rho).sum(-1) <= 0) | ((v_b * rho).sum(-1) <= 0)
+def _turned(pairs: list) -> torch.Tensor:
+    r"""The generalised U-turn criterion over several stretches at once: True where some
+    :math:`p^\sharp\cdot\rho \le 0` among the (velocity at an end, momentum sum) ``pairs``."""
+    return torch.stack([(v * rho).sum(-1) for v, rho in pairs]).amin(0) <= 0
 
 
 def _leaf_log_weight(h0: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
@@ -136,28 +136,37 @@ def _evaluate(log_prob_and_grad, x: torch.Tensor, live: torch.Tensor | None):
     return lp, torch.zeros_like(x).index_copy_(0, idx, grad_live), idx.numel()
 
 
-def _inner_turn(k: int, depth: int, starts: list, ends: list, p, v, cum):
+def _inner_turn(k: int, depth: int, starts: list, ends: list, v, cum):
     """U-turns of the blocks of :math:`2^m` leaves (m >= 1) that leaf ``k`` completes: the whole
-    block, and each half extended by the neighbouring leaf of the other half (Stan 2.21+)."""
-    turn = None
+    block, and each half extended by the neighbouring leaf of the other half (Stan 2.21+).
+
+    With ``cum`` the momentum sum through leaf ``k``, a block ``[a0, b1]`` with halves ending at
+    ``a1`` and starting at ``b0`` has sums ``cum - before(a0)`` (whole), ``after(b0) - before(a0)``
+    (first half and ``b0``) and ``cum - before(a1)`` (``a1`` and the second half). For two leaves
+    the three coincide and one check is made.
+    """
+    pairs = []
     for m in range(1, depth + 1):
         if (k + 1) % (1 << m):
             break
-        _, va0, before_a = starts[m]  # first leaf of the block, momentum sum before it
-        pb0, vb0, before_b = starts[m - 1]  # first leaf of the second half
-        pa1, va1 = ends[m - 1]  # last leaf of the first half
-        rho_a, rho_b = before_b - before_a, cum - before_b
-        t = _turning(va0, v, rho_a + rho_b) | _turning(va0, vb0, rho_a + pb0) | _turning(va1, v, rho_b + pa1)
-        turn = t if turn is None else turn | t
-    return turn
+        va0, before_a0, _ = starts[m]
+        whole = cum - before_a0
+        pairs += [(va0, whole), (v, whole)]
+        if m > 1:
+            vb0, _, after_b0 = starts[m - 1]
+            va1, before_a1 = ends[m - 1]
+            left, right = after_b0 - before_a0, cum - before_a1
+            pairs += [(va0, left), (vb0, left), (va1, right), (v, right)]
+    return _turned(pairs) if pairs else None
 
 
 def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, sync_free) -> _Subtree:
     """Integrate :math:`2^{depth}` leapfrog steps from ``start = (x, p, grad)`` with signed step
     sizes ``h: (B, 1)``, sampling a candidate and checking U-turns and divergences as it goes.
 
-    ``starts[m]`` holds (p, velocity, momentum sum before it) at the first leaf of the open block
-    of :math:`2^m` leaves, ``ends[m]`` (p, velocity) at the last leaf of the last closed one.
+    ``starts[m]`` holds (velocity, momentum sums before and through it) at the first leaf of the
+    open block of :math:`2^m` leaves, ``ends[m]`` (velocity, momentum sum before it) at the last
+    leaf of the last closed one.
     """
     x, p, grad = start
     batch = x.shape[0]
@@ -193,11 +202,11 @@ def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, 
         before, cum = cum, cum + p
         for m in range(depth + 1):
             if k % (1 << m) == 0:
-                starts[m] = (p, v, before)
-        turn = _inner_turn(k, depth, starts, ends, p, v, cum)
+                starts[m] = (v, before, cum)
+        turn = _inner_turn(k, depth, starts, ends, v, cum)
         for m in range(depth):
             if (k + 1) % (1 << m) == 0:
-                ends[m] = (p, v)
+                ends[m] = (v, before)
         live = live & ~div if turn is None else live & ~div & ~turn
         if sync_free and k + 1 < (1 << depth) and not bool(live.any()):
             break  # every row stopped: the rest of the subtree would be discarded anyway
@@ -254,8 +263,9 @@ class _Tree:
         self.log_weight = torch.logaddexp(self.log_weight, sub.log_weight)  # used only where valid
         (p_first, v_first), v_last, v_far = sub.first, sub.last[:, 3 * dim:], far[:, 3 * dim:]
         rho = self.rho + sub.rho
-        turn = (_turning(v_far, v_last, rho) | _turning(v_far, v_first, self.rho + p_first)
-                | _turning(v_near, v_last, sub.rho + p))
+        extended_old, extended_new = self.rho + p_first, sub.rho + p
+        turn = _turned([(v_far, rho), (v_last, rho), (v_far, extended_old), (v_first, extended_old),
+                        (v_near, extended_new), (v_last, extended_new)])
         self.rho = rho
         self.depth += sub.valid
         self.num_leapfrog += sub.num_leapfrog
