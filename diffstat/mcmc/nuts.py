@@ -127,7 +127,7 @@ def _drift(inv_mass: Metric, h: torch.Tensor):
 def _evaluate(log_prob_and_grad, x: torch.Tensor, live: torch.Tensor | None):
     """Log-density and gradient at the rows ``live`` of ``x`` (``None``: all rows; the others get
     NaN and 0), and the number of points evaluated."""
-    if live is None or bool(live.all()):
+    if live is None:
         lp, grad = log_prob_and_grad(x)
         return lp, grad, x.shape[0]
     idx = live.nonzero().squeeze(1)
@@ -169,36 +169,42 @@ def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, 
     leaf of the last closed one.
     """
     x, p, grad = start
-    batch = x.shape[0]
+    batch, size = x.shape[0], 1 << depth
     half, drift = 0.5 * h, _drift(inv_mass, h)
     live = torch.ones(batch, dtype=torch.bool, device=x.device)
-    num_leapfrog = torch.zeros(batch, dtype=torch.long, device=x.device)
-    sum_accept, diverging = torch.zeros_like(h0), torch.zeros_like(live)
+    steps, sum_accept, diverging = torch.zeros_like(h0), torch.zeros_like(h0), torch.zeros_like(live)
     log_weight = torch.full_like(h0, -torch.inf)
+    uniforms = torch.rand((size, batch), generator=generator, dtype=h0.dtype, device=h0.device)
     cum = torch.zeros_like(p)
     starts: list = [None] * (depth + 1)
     ends: list = [None] * depth
     num_evals, first, proposal = 0, None, None
-    for k in range(1 << depth):
+    for k in range(size):
+        evaluate_at = None
+        if sync_free and k:
+            num_live = int(live.sum())
+            if num_live == 0:
+                break  # every row stopped: the rest of the subtree would be discarded anyway
+            evaluate_at = live if num_live < batch else None
         p = p + half * grad
         x = x + drift(p)
-        lp, grad, count = _evaluate(log_prob_and_grad, x, live if sync_free else None)
+        lp, grad, count = _evaluate(log_prob_and_grad, x, evaluate_at)
         num_evals += count
         p = p + half * grad
         v = velocity(inv_mass, p)
         kinetic = 0.5 * (p * v).sum(-1)
         w = _leaf_log_weight(h0, kinetic - lp)
-        num_leapfrog += live
-        sum_accept += live * torch.exp(w.clamp(max=0.0))
-        div = live & (w < -DIVERGENCE_THRESHOLD)
-        diverging |= div
+        live_f = live.to(w.dtype)
+        steps += live_f
+        sum_accept += live_f * torch.exp(w.clamp(max=0.0))
+        bad = w < -DIVERGENCE_THRESHOLD
+        diverging |= live & bad
         log_weight = torch.logaddexp(log_weight, w)
         leaf = torch.cat([x, grad, lp.unsqueeze(-1), kinetic.unsqueeze(-1)], -1)
         if k == 0:
             proposal, first = leaf, (p, v)
         else:  # progressive sampling: after leaf k, each leaf so far is held with probability w / W
-            u = torch.rand(batch, generator=generator, dtype=h0.dtype, device=h0.device)
-            proposal = _replace_rows(proposal, u < torch.exp(w - log_weight), leaf, sync_free)
+            proposal = _replace_rows(proposal, uniforms[k] < torch.exp(w - log_weight), leaf, sync_free)
         before, cum = cum, cum + p
         for m in range(depth + 1):
             if k % (1 << m) == 0:
@@ -207,11 +213,9 @@ def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, 
         for m in range(depth):
             if (k + 1) % (1 << m) == 0:
                 ends[m] = (v, before)
-        live = live & ~div if turn is None else live & ~div & ~turn
-        if sync_free and k + 1 < (1 << depth) and not bool(live.any()):
-            break  # every row stopped: the rest of the subtree would be discarded anyway
-    return _Subtree(live, first, torch.cat([x, p, grad, v], -1), cum, log_weight, proposal, num_leapfrog, sum_accept,
-                    diverging, num_evals)
+        live = live & ~bad if turn is None else live & ~bad & ~turn
+    return _Subtree(live, first, torch.cat([x, p, grad, v], -1), cum, log_weight, proposal, steps.long(),
+                    sum_accept, diverging, num_evals)
 
 
 class _Tree:
