@@ -74,22 +74,23 @@ class _Subtree(NamedTuple):
     last: torch.Tensor  # (B, 4 dim) [x, p, grad, v] at the far leaf, the tree's new end
     rho: torch.Tensor  # (B, dim) momentum sum
     log_weight: torch.Tensor  # (B,) log of the sum of the leaves' weights
-    proposal: torch.Tensor  # (B, 2 dim + 2) [x, grad, log_prob, kinetic] drawn in proportion to the weights
+    proposal: torch.Tensor  # (B, 2 dim + 2) [x, grad, log_prob, 2 kinetic] drawn in proportion to the weights
     num_leapfrog: torch.Tensor
     sum_accept: torch.Tensor
     diverging: torch.Tensor
     num_evals: int
 
 
-def _turned(pairs: list) -> torch.Tensor:
-    r"""The generalised U-turn criterion over several stretches at once: True where some
-    :math:`p^\sharp\cdot\rho \le 0` among the (velocity at an end, momentum sum) ``pairs``."""
-    return torch.stack([(v * rho).sum(-1) for v, rho in pairs]).amin(0) <= 0
+def _no_turn(velocities: list, sums: list) -> torch.Tensor:
+    r"""The generalised U-turn criterion over several stretches at once: True where every
+    :math:`p^\sharp\cdot\rho > 0` for the velocities at the stretches' ends and their momentum sums
+    (paired in order), computed as one stacked product so that the number of operations is fixed."""
+    return (torch.stack(velocities) * torch.stack(sums)).sum(-1).amin(0) > 0
 
 
-def _leaf_log_weight(h0: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+def _leaf_log_weight(h0: torch.Tensor, log_prob: torch.Tensor, twice_kinetic: torch.Tensor) -> torch.Tensor:
     """Log multinomial weight :math:`H_0 - H` of a new point; NaN (a non-finite point) gives -inf."""
-    return torch.nan_to_num(h0 - energy, nan=-torch.inf, posinf=-torch.inf)
+    return torch.nan_to_num(torch.sub(h0 + log_prob, twice_kinetic, alpha=0.5), nan=-torch.inf, posinf=-torch.inf)
 
 
 def _sync_is_free(device: torch.device) -> bool:
@@ -136,8 +137,8 @@ def _evaluate(log_prob_and_grad, x: torch.Tensor, live: torch.Tensor | None):
     return lp, torch.zeros_like(x).index_copy_(0, idx, grad_live), idx.numel()
 
 
-def _inner_turn(k: int, depth: int, starts: list, ends: list, v, cum):
-    """U-turns of the blocks of :math:`2^m` leaves (m >= 1) that leaf ``k`` completes: the whole
+def _inner_no_turn(k: int, depth: int, starts: list, ends: list, v, cum):
+    """No U-turn in the blocks of :math:`2^m` leaves (m >= 1) that leaf ``k`` completes: the whole
     block, and each half extended by the neighbouring leaf of the other half (Stan 2.21+).
 
     With ``cum`` the momentum sum through leaf ``k``, a block ``[a0, b1]`` with halves ending at
@@ -145,19 +146,21 @@ def _inner_turn(k: int, depth: int, starts: list, ends: list, v, cum):
     (first half and ``b0``) and ``cum - before(a1)`` (``a1`` and the second half). For two leaves
     the three coincide and one check is made.
     """
-    pairs = []
+    velocities, sums = [], []
     for m in range(1, depth + 1):
         if (k + 1) % (1 << m):
             break
         va0, before_a0, _ = starts[m]
         whole = cum - before_a0
-        pairs += [(va0, whole), (v, whole)]
+        velocities += [va0, v]
+        sums += [whole, whole]
         if m > 1:
             vb0, _, after_b0 = starts[m - 1]
             va1, before_a1 = ends[m - 1]
             left, right = after_b0 - before_a0, cum - before_a1
-            pairs += [(va0, left), (vb0, left), (va1, right), (v, right)]
-    return _turned(pairs) if pairs else None
+            velocities += [va0, vb0, va1, v]
+            sums += [left, left, right, right]
+    return _no_turn(velocities, sums) if velocities else None
 
 
 def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, sync_free) -> _Subtree:
@@ -172,13 +175,12 @@ def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, 
     batch, size = x.shape[0], 1 << depth
     half, drift = 0.5 * h, _drift(inv_mass, h)
     live = torch.ones(batch, dtype=torch.bool, device=x.device)
-    steps, sum_accept, diverging = torch.zeros_like(h0), torch.zeros_like(h0), torch.zeros_like(live)
     log_weight = torch.full_like(h0, -torch.inf)
     uniforms = torch.rand((size, batch), generator=generator, dtype=h0.dtype, device=h0.device)
     cum = torch.zeros_like(p)
     starts: list = [None] * (depth + 1)
     ends: list = [None] * depth
-    num_evals, first, proposal = 0, None, None
+    num_evals, first, proposal, lives, weights = 0, None, None, [], []
     for k in range(size):
         evaluate_at = None
         if sync_free and k:
@@ -192,15 +194,12 @@ def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, 
         num_evals += count
         p = p + half * grad
         v = velocity(inv_mass, p)
-        kinetic = 0.5 * (p * v).sum(-1)
-        w = _leaf_log_weight(h0, kinetic - lp)
-        live_f = live.to(w.dtype)
-        steps += live_f
-        sum_accept += live_f * torch.exp(w.clamp(max=0.0))
-        bad = w < -DIVERGENCE_THRESHOLD
-        diverging |= live & bad
+        twice_kinetic = (p * v).sum(-1)
+        w = _leaf_log_weight(h0, lp, twice_kinetic)
+        lives.append(live)
+        weights.append(w)
         log_weight = torch.logaddexp(log_weight, w)
-        leaf = torch.cat([x, grad, lp.unsqueeze(-1), kinetic.unsqueeze(-1)], -1)
+        leaf = torch.cat([x, grad, lp.unsqueeze(-1), twice_kinetic.unsqueeze(-1)], -1)
         if k == 0:
             proposal, first = leaf, (p, v)
         else:  # progressive sampling: after leaf k, each leaf so far is held with probability w / W
@@ -209,12 +208,18 @@ def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, 
         for m in range(depth + 1):
             if k % (1 << m) == 0:
                 starts[m] = (v, before, cum)
-        turn = _inner_turn(k, depth, starts, ends, v, cum)
+        no_turn = _inner_no_turn(k, depth, starts, ends, v, cum)
         for m in range(depth):
             if (k + 1) % (1 << m) == 0:
                 ends[m] = (v, before)
-        live = live & ~bad if turn is None else live & ~bad & ~turn
-    return _Subtree(live, first, torch.cat([x, p, grad, v], -1), cum, log_weight, proposal, steps.long(),
+        live = live & (w >= -DIVERGENCE_THRESHOLD)
+        if no_turn is not None:
+            live = live & no_turn
+    # the statistics of the steps taken while the subtree was alive, once per subtree
+    lives_taken, weights = torch.stack(lives), torch.stack(weights)
+    sum_accept = (lives_taken * torch.exp(weights.clamp(max=0.0))).sum(0)
+    diverging = (lives_taken & (weights < -DIVERGENCE_THRESHOLD)).any(0)
+    return _Subtree(live, first, torch.cat([x, p, grad, v], -1), cum, log_weight, proposal, lives_taken.sum(0),
                     sum_accept, diverging, num_evals)
 
 
@@ -223,7 +228,8 @@ class _Tree:
     after each doubling, the chains that stop being written to the full-size outputs ``out``.
 
     ``ends: (2, B, 4 dim)`` holds [x, p, grad, velocity] at the backward (0) and forward (1) ends,
-    ``sample: (B, 2 dim + 2)`` [x, grad, log_prob, kinetic energy] of the point drawn so far.
+    ``sample: (B, 2 dim + 2)`` [x, grad, log_prob, twice the kinetic energy] of the point drawn
+    so far.
     """
 
     PER_CHAIN = ("rows", "rho", "sample", "log_weight", "moved", "depth", "num_leapfrog", "sum_accept",
@@ -233,11 +239,11 @@ class _Tree:
     def __init__(self, state: MCMCState, p0, h, inv_mass):
         x, n = state.x, state.x.shape[0]
         v0 = velocity(inv_mass, p0)
-        kinetic0 = 0.5 * (p0 * v0).sum(-1)
+        twice_kinetic = (p0 * v0).sum(-1)
         self.ends = torch.cat([x, p0, state.grad, v0], -1).expand(2, -1, -1).contiguous()
-        self.sample = torch.cat([x, state.grad, state.log_prob.unsqueeze(-1), kinetic0.unsqueeze(-1)], -1)
+        self.sample = torch.cat([x, state.grad, state.log_prob.unsqueeze(-1), twice_kinetic.unsqueeze(-1)], -1)
         self.rows = torch.arange(n, device=x.device)
-        self.rho, self.h, self.h0, self.inv_mass = p0, h, kinetic0 - state.log_prob, inv_mass
+        self.rho, self.h, self.h0, self.inv_mass = p0, h, 0.5 * twice_kinetic - state.log_prob, inv_mass
         self.log_weight = torch.zeros_like(state.log_prob)  # the start's weight is e^{H0 - H0} = 1
         self.moved = torch.zeros(n, dtype=torch.bool, device=x.device)
         self.depth = torch.zeros(n, dtype=torch.long, device=x.device)
@@ -268,14 +274,14 @@ class _Tree:
         (p_first, v_first), v_last, v_far = sub.first, sub.last[:, 3 * dim:], far[:, 3 * dim:]
         rho = self.rho + sub.rho
         extended_old, extended_new = self.rho + p_first, sub.rho + p
-        turn = _turned([(v_far, rho), (v_last, rho), (v_far, extended_old), (v_first, extended_old),
-                        (v_near, extended_new), (v_last, extended_new)])
+        no_turn = _no_turn([v_far, v_last, v_far, v_first, v_near, v_last],
+                           [rho, rho, extended_old, extended_old, extended_new, extended_new])
         self.rho = rho
         self.depth += sub.valid
         self.num_leapfrog += sub.num_leapfrog
         self.sum_accept += sub.sum_accept
         self.diverging |= sub.diverging
-        self._keep(sub.valid & ~turn, fwd, sub.last, far)
+        self._keep(sub.valid & no_turn, fwd, sub.last, far)
         return sub.num_evals
 
     def _keep(self, go_on: torch.Tensor, fwd, last, far) -> None:
@@ -358,8 +364,8 @@ def nuts_step(
     tree.retire()
     out = tree.out
     sample = out["sample"]
-    lp_new, kinetic = sample[:, 2 * dim], sample[:, 2 * dim + 1]
+    lp_new, twice_kinetic = sample[:, 2 * dim], sample[:, 2 * dim + 1]
     info = NUTSInfo(out["sum_accept"] / out["num_leapfrog"].clamp(min=1), out["moved"], out["diverging"], num_evals,
-                    out["depth"], out["num_leapfrog"], kinetic - lp_new)
+                    out["depth"], out["num_leapfrog"], 0.5 * twice_kinetic - lp_new)
     new = MCMCState(sample[:, :dim].contiguous(), lp_new.contiguous(), sample[:, dim:2 * dim].contiguous())
     return new, info

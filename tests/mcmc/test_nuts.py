@@ -74,10 +74,15 @@ def test_gaussian_is_invariant(kwargs):
         assert not info.diverging.any()
 
 
+def uniform_weights(h0, log_prob, twice_kinetic):
+    """A broken leaf weight: every point of the trajectory weighs 1 (uniform sampling)."""
+    return torch.zeros_like(log_prob)
+
+
 def test_uniform_sampling_breaks_invariance(monkeypatch):
     """The same test rejects NUTS that draws from the trajectory uniformly (weights e^{H0-H}
     replaced by 1): the multinomial weights are what makes the kernel exact."""
-    monkeypatch.setattr(nuts_module, "_leaf_log_weight", lambda h0, energy: torch.zeros_like(energy))
+    monkeypatch.setattr(nuts_module, "_leaf_log_weight", uniform_weights)
     state, _ = run_from_stationarity(20_000, 3, seed=0, **METRICS["dense"])
     assert moment_z_scores(state.x).abs().max() > 10.0
 
@@ -279,7 +284,7 @@ def test_matches_recursive_reference(monkeypatch):
     reference = reference_statistics(3000, 0, 1.6)
     p = two_sample_p_values(reference, batched_statistics(20_000, 1, 1.6))
     assert min(p.values()) > 1e-3, p
-    monkeypatch.setattr(nuts_module, "_leaf_log_weight", lambda h0, energy: torch.zeros_like(energy))
+    monkeypatch.setattr(nuts_module, "_leaf_log_weight", uniform_weights)
     p = two_sample_p_values(reference, batched_statistics(20_000, 1, 1.6))
     assert min(p["energy"], p["jump"]) < 1e-6, p
 
