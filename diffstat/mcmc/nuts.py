@@ -174,9 +174,10 @@ def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, 
     x, p, grad = start
     batch, size = x.shape[0], 1 << depth
     half, drift = 0.5 * h, _drift(inv_mass, h)
+    kick = half * grad
     live = torch.ones(batch, dtype=torch.bool, device=x.device)
     log_weight = torch.full_like(h0, -torch.inf)
-    uniforms = torch.rand((size, batch), generator=generator, dtype=h0.dtype, device=h0.device)
+    log_uniforms = torch.rand((size, batch), generator=generator, dtype=h0.dtype, device=h0.device).log_()
     cum = torch.zeros_like(p)
     starts: list = [None] * (depth + 1)
     ends: list = [None] * depth
@@ -188,11 +189,12 @@ def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, 
             if num_live == 0:
                 break  # every row stopped: the rest of the subtree would be discarded anyway
             evaluate_at = live if num_live < batch else None
-        p = p + half * grad
+        p = p + kick
         x = x + drift(p)
         lp, grad, count = _evaluate(log_prob_and_grad, x, evaluate_at)
         num_evals += count
-        p = p + half * grad
+        kick = half * grad  # this half kick ends this step and starts the next
+        p = p + kick
         v = velocity(inv_mass, p)
         twice_kinetic = (p * v).sum(-1)
         w = _leaf_log_weight(h0, lp, twice_kinetic)
@@ -203,7 +205,7 @@ def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, 
         if k == 0:
             proposal, first = leaf, (p, v)
         else:  # progressive sampling: after leaf k, each leaf so far is held with probability w / W
-            proposal = _replace_rows(proposal, uniforms[k] < torch.exp(w - log_weight), leaf, sync_free)
+            proposal = _replace_rows(proposal, log_uniforms[k] < w - log_weight, leaf, sync_free)
         before, cum = cum, cum + p
         for m in range(depth + 1):
             if k % (1 << m) == 0:
