@@ -231,12 +231,13 @@ class _Tree:
 
     ``ends: (2, B, 4 dim)`` holds [x, p, grad, velocity] at the backward (0) and forward (1) ends,
     ``sample: (B, 2 dim + 2)`` [x, grad, log_prob, twice the kinetic energy] of the point drawn
-    so far.
+    so far, ``chain: (B, 2)`` [step size, H0] and ``stats: (B, 5)`` the counts [moved, depth,
+    leapfrog steps, sum of acceptance probabilities, divergences]: packed so that compacting the
+    batch and retiring chains cost a few row gathers.
     """
 
-    PER_CHAIN = ("rows", "rho", "sample", "log_weight", "moved", "depth", "num_leapfrog", "sum_accept",
-                 "diverging", "h", "h0")
-    OUTPUTS = ("sample", "moved", "depth", "num_leapfrog", "sum_accept", "diverging")
+    PER_CHAIN = ("rows", "chain", "stats", "log_weight", "rho", "sample")
+    OUTPUTS = ("sample", "stats")
 
     def __init__(self, state: MCMCState, p0, h, inv_mass):
         x, n = state.x, state.x.shape[0]
@@ -245,13 +246,10 @@ class _Tree:
         self.ends = torch.cat([x, p0, state.grad, v0], -1).expand(2, -1, -1).contiguous()
         self.sample = torch.cat([x, state.grad, state.log_prob.unsqueeze(-1), twice_kinetic.unsqueeze(-1)], -1)
         self.rows = torch.arange(n, device=x.device)
-        self.rho, self.h, self.h0, self.inv_mass = p0, h, 0.5 * twice_kinetic - state.log_prob, inv_mass
+        self.chain = torch.cat([h, (0.5 * twice_kinetic - state.log_prob).unsqueeze(-1)], -1)
+        self.stats = x.new_zeros((n, 5))
+        self.rho, self.inv_mass = p0, inv_mass
         self.log_weight = torch.zeros_like(state.log_prob)  # the start's weight is e^{H0 - H0} = 1
-        self.moved = torch.zeros(n, dtype=torch.bool, device=x.device)
-        self.depth = torch.zeros(n, dtype=torch.long, device=x.device)
-        self.num_leapfrog = torch.zeros_like(self.depth)
-        self.sum_accept = torch.zeros_like(state.log_prob)
-        self.diverging = torch.zeros_like(self.moved)
         self.out = {name: torch.empty_like(getattr(self, name)) for name in self.OUTPUTS}
 
     def grow(self, log_prob_and_grad, depth: int, generator: torch.Generator, sync_free: bool) -> int:
@@ -264,14 +262,13 @@ class _Tree:
         near = flat.index_select(0, fwd * batch + arange)  # the end the subtree grows from
         far = flat.index_select(0, (1 - fwd) * batch + arange)
         x, p, grad, v_near = near.split(dim, -1)
-        signed_h = self.h * (2 * fwd - 1).unsqueeze(-1)
-        sub = _build_subtree(log_prob_and_grad, (x, p, grad), signed_h, self.inv_mass, self.h0, depth, generator,
-                             sync_free)
+        signed_h = self.chain[:, :1] * (2 * fwd - 1).unsqueeze(-1)
+        sub = _build_subtree(log_prob_and_grad, (x, p, grad), signed_h, self.inv_mass, self.chain[:, 1], depth,
+                             generator, sync_free)
         # biased progressive sampling: the subtree's candidate with probability min(1, W_new / W_old)
-        u = torch.rand(batch, generator=generator, dtype=self.h0.dtype, device=self.h0.device)
+        u = torch.rand(batch, generator=generator, dtype=x.dtype, device=x.device)
         take = sub.valid & (u < torch.exp(sub.log_weight - self.log_weight))
         self.sample = _replace_rows(self.sample, take, sub.proposal, sync_free)
-        self.moved |= take
         self.log_weight = torch.logaddexp(self.log_weight, sub.log_weight)  # used only where valid
         (p_first, v_first), v_last, v_far = sub.first, sub.last[:, 3 * dim:], far[:, 3 * dim:]
         rho = self.rho + sub.rho
@@ -279,10 +276,7 @@ class _Tree:
         no_turn = _no_turn([v_far, v_last, v_far, v_first, v_near, v_last],
                            [rho, rho, extended_old, extended_old, extended_new, extended_new])
         self.rho = rho
-        self.depth += sub.valid
-        self.num_leapfrog += sub.num_leapfrog
-        self.sum_accept += sub.sum_accept
-        self.diverging |= sub.diverging
+        self.stats += torch.stack([take, sub.valid, sub.num_leapfrog, sub.sum_accept, sub.diverging], -1)
         self._keep(sub.valid & no_turn, fwd, sub.last, far)
         return sub.num_evals
 
@@ -364,10 +358,9 @@ def nuts_step(
         if tree.rows.numel() == 0:
             break
     tree.retire()
-    out = tree.out
-    sample = out["sample"]
+    sample, (moved, depth, steps, sum_accept, diverging) = tree.out["sample"], tree.out["stats"].unbind(-1)
     lp_new, twice_kinetic = sample[:, 2 * dim], sample[:, 2 * dim + 1]
-    info = NUTSInfo(out["sum_accept"] / out["num_leapfrog"].clamp(min=1), out["moved"], out["diverging"], num_evals,
-                    out["depth"], out["num_leapfrog"], 0.5 * twice_kinetic - lp_new)
+    info = NUTSInfo(sum_accept / steps.clamp(min=1), moved > 0, diverging > 0, num_evals, depth.long(), steps.long(),
+                    0.5 * twice_kinetic - lp_new)
     new = MCMCState(sample[:, :dim].contiguous(), lp_new.contiguous(), sample[:, dim:2 * dim].contiguous())
     return new, info
