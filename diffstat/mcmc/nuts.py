@@ -43,6 +43,10 @@ from diffstat.mcmc.metric import DenseMetric, Metric, sample_momentum, velocity
 
 __all__ = ["NUTSInfo", "nuts_step"]
 
+#: Batches of more elements than this (rows times dim) take the elementwise paths that cost per
+#: element rather than per operation; below it, operations are dominated by their dispatch.
+_STACK_LIMIT = 8192
+
 
 class NUTSInfo(NamedTuple):
     """What one NUTS transition did, per chain.
@@ -84,7 +88,10 @@ class _Subtree(NamedTuple):
 def _no_turn(velocities: list, sums: list) -> torch.Tensor:
     r"""The generalised U-turn criterion over several stretches at once: True where every
     :math:`p^\sharp\cdot\rho > 0` for the velocities at the stretches' ends and their momentum sums
-    (paired in order), computed as one stacked product so that the number of operations is fixed."""
+    (paired in order). Small batches take one stacked product (few operations, each costing little
+    more than its dispatch); large ones a product per pair (no copies into a stack)."""
+    if velocities[0].numel() > _STACK_LIMIT:
+        return torch.stack([(v * rho).sum(-1) for v, rho in zip(velocities, sums)]).amin(0) > 0
     return (torch.stack(velocities) * torch.stack(sums)).sum(-1).amin(0) > 0
 
 
@@ -108,7 +115,7 @@ def _replace_rows(dst: torch.Tensor, take: torch.Tensor, src: torch.Tensor, sync
     """``dst`` with its rows ``take: (B,)`` replaced by those of ``src``. On the CPU the rows are
     copied in place into ``dst`` (which must be a buffer of the caller's): ``torch.where`` there
     costs about ten additions per element, and late in a trajectory few rows change."""
-    if sync_free and dst.shape[0] > 64:
+    if sync_free and dst.numel() > _STACK_LIMIT:
         idx = take.nonzero().squeeze(1)
         return dst.index_copy_(0, idx, src.index_select(0, idx))
     return torch.where(take.unsqueeze(-1), src, dst)

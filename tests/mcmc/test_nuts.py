@@ -289,13 +289,16 @@ def test_matches_recursive_reference(monkeypatch):
     assert min(p["energy"], p["jump"]) < 1e-6, p
 
 
-@pytest.mark.parametrize("sync_free", [True, False], ids=["cpu-path", "accelerator-path"])
-def test_same_trees_as_recursive_reference(monkeypatch, sync_free):
+@pytest.mark.parametrize("sync_free, stack_limit", [(True, 8192), (True, 0), (False, 8192)],
+                         ids=["cpu-path", "cpu-path-large-batch", "accelerator-path"])
+def test_same_trees_as_recursive_reference(monkeypatch, sync_free, stack_limit):
     """Exact: 500 chains given the momenta and the directions of the reference's doublings build
     trees of the same depth and number of steps, with the same acceptance statistic (it does not
     depend on the multinomial draws), as Stan's recursive transition run chain by chain; on the
-    accelerator path, which evaluates every chain of a doubling, num_evals counts the extra points."""
+    accelerator path, which evaluates every chain of a doubling, num_evals counts the extra points.
+    Small and large batches (the stacked and the per-pair U-turn checks) are both run."""
     monkeypatch.setattr(nuts_module, "_sync_is_free", lambda device: sync_free)
+    monkeypatch.setattr(nuts_module, "_STACK_LIMIT", stack_limit)
     num, step = 500, 1.3
     rng = np.random.default_rng(7)
     x0 = rng.standard_normal((num, 2)) * REF_SCALES
