@@ -4,9 +4,10 @@ For each target and number of chains: tune a step size (dual averaging to accept
 diagonal metric (variances over the warm-up draws) with ``nuts_step``, then time ``--steps`` NUTS
 transitions while recording the batch size of every call to the target, and time, after each
 transition, the same sequence of bare ``log_prob_and_grad`` calls on batches of those sizes
-(interleaved, so that both see the same load on a shared machine). Prints the ratio of the two times (goals: under 2 at 4 chains and under 1.3 at 1,000 chains
-for real-posterior gradients), the share of the sampler's time spent inside the target, and the
-mean tree depth and leapfrog steps. Repeats and reports the median, since these machines are noisy.
+(interleaved, so that both see the same load on a shared machine). Prints the ratio of the two
+times (goals: under 2 at 4 chains and under 1.3 at 1,000 chains for real-posterior gradients), the
+share of the sampler's time spent inside the target, and the mean tree depth and leapfrog steps.
+Repeats and reports the median, since these machines are noisy.
 Targets: (a) a 10-d Gaussian with scales 0.5 to 2 (its gradient is a few elementwise operations, so
 the kernel's own work shows fully); (b) Bayesian logistic regression on the ionosphere data (34-d,
 351 rows, N(0, 1) priors; ``diffstat.targets.logistic.ionosphere``), gradients by autograd.

@@ -38,7 +38,12 @@ from typing import NamedTuple
 
 import torch
 
-from diffstat.mcmc.base import DIVERGENCE_THRESHOLD, LogProbAndGrad, MCMCState, as_per_chain
+from diffstat.mcmc.base import (
+    DIVERGENCE_THRESHOLD,
+    LogProbAndGrad,
+    MCMCState,
+    as_per_chain,
+)
 from diffstat.mcmc.metric import DenseMetric, Metric, sample_momentum, velocity
 
 __all__ = ["NUTSInfo", "nuts_step"]
@@ -97,7 +102,8 @@ def _no_turn(velocities: list, sums: list) -> torch.Tensor:
 
 def _leaf_log_weight(h0: torch.Tensor, log_prob: torch.Tensor, twice_kinetic: torch.Tensor) -> torch.Tensor:
     """Log multinomial weight :math:`H_0 - H` of a new point; NaN (a non-finite point) gives -inf."""
-    return torch.nan_to_num(torch.sub(h0 + log_prob, twice_kinetic, alpha=0.5), nan=-torch.inf, posinf=-torch.inf)
+    log_weight = torch.sub(h0 + log_prob, twice_kinetic, alpha=0.5)
+    return torch.nan_to_num(log_weight, nan=-torch.inf, posinf=-torch.inf)
 
 
 def _sync_is_free(device: torch.device) -> bool:
@@ -228,8 +234,9 @@ def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, 
     lives_taken, weights = torch.stack(lives), torch.stack(weights)
     sum_accept = (lives_taken * torch.exp(weights.clamp(max=0.0))).sum(0)
     diverging = (lives_taken & (weights < -DIVERGENCE_THRESHOLD)).any(0)
-    return _Subtree(live, first, torch.cat([x, p, grad, v], -1), cum, log_weight, proposal, lives_taken.sum(0),
-                    sum_accept, diverging, num_evals)
+    last = torch.cat([x, p, grad, v], -1)
+    return _Subtree(live, first, last, cum, log_weight, proposal, lives_taken.sum(0), sum_accept, diverging,
+                    num_evals)
 
 
 class _Tree:
@@ -251,7 +258,7 @@ class _Tree:
         v0 = velocity(inv_mass, p0)
         twice_kinetic = (p0 * v0).sum(-1)
         self.ends = torch.cat([x, p0, state.grad, v0], -1).expand(2, -1, -1).contiguous()
-        self.sample = torch.cat([x, state.grad, state.log_prob.unsqueeze(-1), twice_kinetic.unsqueeze(-1)], -1)
+        self.sample = torch.cat([x, state.grad, torch.stack([state.log_prob, twice_kinetic], -1)], -1)
         self.rows = torch.arange(n, device=x.device)
         self.chain = torch.cat([h, (0.5 * twice_kinetic - state.log_prob).unsqueeze(-1)], -1)
         self.stats = x.new_zeros((n, 5))
@@ -270,8 +277,8 @@ class _Tree:
         far = flat.index_select(0, (1 - fwd) * batch + arange)
         x, p, grad, v_near = near.split(dim, -1)
         signed_h = self.chain[:, :1] * (2 * fwd - 1).unsqueeze(-1)
-        sub = _build_subtree(log_prob_and_grad, (x, p, grad), signed_h, self.inv_mass, self.chain[:, 1], depth,
-                             generator, sync_free)
+        sub = _build_subtree(log_prob_and_grad, (x, p, grad), signed_h, self.inv_mass, self.chain[:, 1],
+                             depth, generator, sync_free)
         # biased progressive sampling: the subtree's candidate with probability min(1, W_new / W_old)
         u = torch.rand(batch, generator=generator, dtype=x.dtype, device=x.device)
         take = sub.valid & (u < torch.exp(sub.log_weight - self.log_weight))
@@ -367,7 +374,7 @@ def nuts_step(
     tree.retire()
     sample, (moved, depth, steps, sum_accept, diverging) = tree.out["sample"], tree.out["stats"].unbind(-1)
     lp_new, twice_kinetic = sample[:, 2 * dim], sample[:, 2 * dim + 1]
-    info = NUTSInfo(sum_accept / steps.clamp(min=1), moved > 0, diverging > 0, num_evals, depth.long(), steps.long(),
-                    0.5 * twice_kinetic - lp_new)
+    info = NUTSInfo(sum_accept / steps.clamp(min=1), moved > 0, diverging > 0, num_evals, depth.long(),
+                    steps.long(), 0.5 * twice_kinetic - lp_new)
     new = MCMCState(sample[:, :dim].contiguous(), lp_new.contiguous(), sample[:, dim:2 * dim].contiguous())
     return new, info
