@@ -38,10 +38,19 @@ from typing import NamedTuple
 
 import torch
 
-from diffstat.mcmc.base import DIVERGENCE_THRESHOLD, LogProbAndGrad, MCMCState, as_per_chain
-from diffstat.mcmc.metric import Metric, sample_momentum, velocity
+from diffstat.mcmc.base import (
+    DIVERGENCE_THRESHOLD,
+    LogProbAndGrad,
+    MCMCState,
+    as_per_chain,
+)
+from diffstat.mcmc.metric import DenseMetric, Metric, sample_momentum, velocity
 
 __all__ = ["NUTSInfo", "nuts_step"]
+
+#: Batches of more elements than this (rows times dim) take the elementwise paths that cost per
+#: element rather than per operation; below it, operations are dominated by their dispatch.
+_STACK_LIMIT = 8192
 
 
 class NUTSInfo(NamedTuple):
@@ -67,36 +76,34 @@ class NUTSInfo(NamedTuple):
 
 
 class _Subtree(NamedTuple):
-    """A subtree built from one end of each chain's tree (rows of the doubling's batch)."""
+    """A subtree of :math:`2^j` leaves built from one end of each growing chain's tree."""
 
     valid: torch.Tensor  # (B,) no divergence and no U-turn inside
     first: tuple  # (p, v) at the leaf next to the old tree
-    last: tuple  # (x, p, grad, v) at the far leaf, the tree's new end
+    last: torch.Tensor  # (B, 4 dim) [x, p, grad, v] at the far leaf, the tree's new end
     rho: torch.Tensor  # (B, dim) momentum sum
     log_weight: torch.Tensor  # (B,) log of the sum of the leaves' weights
-    proposal: tuple  # (x, p, grad, log_prob) drawn in proportion to the weights
+    proposal: torch.Tensor  # (B, 2 dim + 2) [x, grad, log_prob, 2 kinetic] drawn in proportion to the weights
     num_leapfrog: torch.Tensor
     sum_accept: torch.Tensor
     diverging: torch.Tensor
     num_evals: int
 
 
-def _metric_rows(inv_mass: Metric, rows: torch.Tensor) -> Metric:
-    """The metric of the chains ``rows`` (only a per-chain diagonal ``(n, dim)`` needs indexing)."""
-    if isinstance(inv_mass, torch.Tensor) and inv_mass.dim() == 2:
-        return inv_mass[rows]
-    return inv_mass
+def _no_turn(velocities: list, sums: list) -> torch.Tensor:
+    r"""The generalised U-turn criterion over several stretches at once: True where every
+    :math:`p^\sharp\cdot\rho > 0` for the velocities at the stretches' ends and their momentum sums
+    (paired in order). Small batches take one stacked product (few operations, each costing little
+    more than its dispatch); large ones a product per pair (no copies into a stack)."""
+    if velocities[0].numel() > _STACK_LIMIT:
+        return torch.stack([(v * rho).sum(-1) for v, rho in zip(velocities, sums)]).amin(0) > 0
+    return (torch.stack(velocities) * torch.stack(sums)).sum(-1).amin(0) > 0
 
 
-def _turning(v_a: torch.Tensor, v_b: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
-    r"""The generalised U-turn of a stretch with end velocities :math:`p^\sharp_a, p^\sharp_b` and
-    momentum sum :math:`\rho`: not (:math:`p^\sharp_a\cdot\rho > 0` and :math:`p^\sharp_b\cdot\rho > 0`)."""
-    return ((v_a * rho).sum(-1) <= 0) | ((v_b * rho).sum(-1) <= 0)
-
-
-def _leaf_log_weight(h0: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+def _leaf_log_weight(h0: torch.Tensor, log_prob: torch.Tensor, twice_kinetic: torch.Tensor) -> torch.Tensor:
     """Log multinomial weight :math:`H_0 - H` of a new point; NaN (a non-finite point) gives -inf."""
-    return torch.nan_to_num(h0 - energy, nan=-torch.inf, posinf=-torch.inf)
+    log_weight = torch.sub(h0 + log_prob, twice_kinetic, alpha=0.5)
+    return torch.nan_to_num(log_weight, nan=-torch.inf, posinf=-torch.inf)
 
 
 def _sync_is_free(device: torch.device) -> bool:
@@ -110,136 +117,213 @@ def _directions(generator: torch.Generator, rows: torch.Tensor, like: torch.Tens
     return (torch.rand(rows.shape, generator=generator, dtype=like.dtype, device=like.device) < 0.5).long()
 
 
-def _leapfrog(log_prob_and_grad, x, p, grad, h, inv_mass, live):
-    """One leapfrog step of signed size ``h: (B, 1)``; the target is evaluated only at the rows
-    ``live`` (``None``: all rows). Returns x, p, grad, log_prob and the number of points evaluated."""
-    p = p + (0.5 * h) * grad
-    x = x + h * velocity(inv_mass, p)
-    if live is None or bool(live.all()):
+def _replace_rows(dst: torch.Tensor, take: torch.Tensor, src: torch.Tensor, sync_free: bool) -> torch.Tensor:
+    """``dst`` with its rows ``take: (B,)`` replaced by those of ``src``. On the CPU the rows are
+    copied in place into ``dst`` (which must be a buffer of the caller's): ``torch.where`` there
+    costs about ten additions per element, and late in a trajectory few rows change."""
+    if sync_free and dst.numel() > _STACK_LIMIT:
+        idx = take.nonzero().squeeze(1)
+        return dst.index_copy_(0, idx, src.index_select(0, idx))
+    return torch.where(take.unsqueeze(-1), src, dst)
+
+
+def _drift(inv_mass: Metric, h: torch.Tensor):
+    r"""The position update :math:`p \mapsto h M^{-1} p` for steps ``h: (B, 1)``, with the diagonal
+    metric folded into the step once per doubling."""
+    if inv_mass is None:
+        return lambda p: h * p
+    if isinstance(inv_mass, DenseMetric):
+        return lambda p: h * (p @ inv_mass.inv_mass)
+    scaled = h * inv_mass
+    return lambda p: scaled * p
+
+
+def _evaluate(log_prob_and_grad, x: torch.Tensor, live: torch.Tensor | None):
+    """Log-density and gradient at the rows ``live`` of ``x`` (``None``: all rows; the others get
+    NaN and 0), and the number of points evaluated."""
+    if live is None:
         lp, grad = log_prob_and_grad(x)
-        count = x.shape[0]
-    else:
-        idx = live.nonzero().squeeze(1)
-        lp_live, grad_live = log_prob_and_grad(x[idx])
-        lp = torch.full_like(x[:, 0], torch.nan).index_copy_(0, idx, lp_live)
-        grad = torch.zeros_like(x).index_copy_(0, idx, grad_live)
-        count = idx.numel()
-    p = p + (0.5 * h) * grad
-    return x, p, grad, lp, count
+        return lp, grad, x.shape[0]
+    idx = live.nonzero().squeeze(1)
+    lp_live, grad_live = log_prob_and_grad(x.index_select(0, idx))
+    lp = torch.full_like(x[:, 0], torch.nan).index_copy_(0, idx, lp_live)
+    return lp, torch.zeros_like(x).index_copy_(0, idx, grad_live), idx.numel()
 
 
-def _inner_turn(k: int, depth: int, starts: list, ends: list, p, v, cum):
-    """U-turns of the blocks of :math:`2^m` leaves (m >= 1) that leaf ``k`` completes: the whole
-    block, and each half extended by the neighbouring leaf of the other half (Stan 2.21+)."""
-    turn = None
+def _inner_no_turn(k: int, depth: int, starts: list, ends: list, v, cum):
+    """No U-turn in the blocks of :math:`2^m` leaves (m >= 1) that leaf ``k`` completes: the whole
+    block, and each half extended by the neighbouring leaf of the other half (Stan 2.21+).
+
+    With ``cum`` the momentum sum through leaf ``k``, a block ``[a0, b1]`` with halves ending at
+    ``a1`` and starting at ``b0`` has sums ``cum - before(a0)`` (whole), ``after(b0) - before(a0)``
+    (first half and ``b0``) and ``cum - before(a1)`` (``a1`` and the second half). For two leaves
+    the three coincide and one check is made.
+    """
+    velocities, sums = [], []
     for m in range(1, depth + 1):
         if (k + 1) % (1 << m):
             break
-        _, va0, before_a = starts[m]  # first leaf of the block, momentum sum before it
-        pb0, vb0, before_b = starts[m - 1]  # first leaf of the second half
-        pa1, va1 = ends[m - 1]  # last leaf of the first half
-        rho_a, rho_b = before_b - before_a, cum - before_b
-        t = _turning(va0, v, rho_a + rho_b) | _turning(va0, vb0, rho_a + pb0) | _turning(va1, v, rho_b + pa1)
-        turn = t if turn is None else turn | t
-    return turn
+        va0, before_a0, _ = starts[m]
+        whole = cum - before_a0
+        velocities += [va0, v]
+        sums += [whole, whole]
+        if m > 1:
+            vb0, _, after_b0 = starts[m - 1]
+            va1, before_a1 = ends[m - 1]
+            left, right = after_b0 - before_a0, cum - before_a1
+            velocities += [va0, vb0, va1, v]
+            sums += [left, left, right, right]
+    return _no_turn(velocities, sums) if velocities else None
 
 
-def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, exact_evals) -> _Subtree:
+def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, sync_free) -> _Subtree:
     """Integrate :math:`2^{depth}` leapfrog steps from ``start = (x, p, grad)`` with signed step
     sizes ``h: (B, 1)``, sampling a candidate and checking U-turns and divergences as it goes.
 
-    ``starts[m]`` holds (p, velocity, momentum sum before it) at the first leaf of the open block
-    of :math:`2^m` leaves, ``ends[m]`` (p, velocity) at the last leaf of the last closed one.
+    ``starts[m]`` holds (velocity, momentum sums before and through it) at the first leaf of the
+    open block of :math:`2^m` leaves, ``ends[m]`` (velocity, momentum sum before it) at the last
+    leaf of the last closed one.
     """
     x, p, grad = start
-    batch = x.shape[0]
+    batch, size = x.shape[0], 1 << depth
+    half, drift = 0.5 * h, _drift(inv_mass, h)
+    kick = half * grad
     live = torch.ones(batch, dtype=torch.bool, device=x.device)
-    num_leapfrog = torch.zeros(batch, dtype=torch.long, device=x.device)
-    sum_accept, diverging = torch.zeros_like(h0), torch.zeros_like(live)
     log_weight = torch.full_like(h0, -torch.inf)
+    log_uniforms = torch.rand((size, batch), generator=generator, dtype=h0.dtype, device=h0.device).log_()
     cum = torch.zeros_like(p)
     starts: list = [None] * (depth + 1)
     ends: list = [None] * depth
-    num_evals, first, proposal = 0, None, None
-    for k in range(1 << depth):
-        x, p, grad, lp, count = _leapfrog(log_prob_and_grad, x, p, grad, h, inv_mass, live if exact_evals else None)
+    num_evals, first, proposal, lives, weights = 0, None, None, [], []
+    for k in range(size):
+        evaluate_at = None
+        if sync_free and k:
+            num_live = int(live.sum())
+            if num_live == 0:
+                break  # every row stopped: the rest of the subtree would be discarded anyway
+            evaluate_at = live if num_live < batch else None
+        p = p + kick
+        x = x + drift(p)
+        lp, grad, count = _evaluate(log_prob_and_grad, x, evaluate_at)
         num_evals += count
+        kick = half * grad  # this half kick ends this step and starts the next
+        p = p + kick
         v = velocity(inv_mass, p)
-        w = _leaf_log_weight(h0, 0.5 * (p * v).sum(-1) - lp)
-        num_leapfrog += live
-        sum_accept += torch.where(live, torch.exp(w.clamp(max=0.0)), 0.0)
-        div = live & (w < -DIVERGENCE_THRESHOLD)
-        diverging |= div
+        twice_kinetic = (p * v).sum(-1)
+        w = _leaf_log_weight(h0, lp, twice_kinetic)
+        lives.append(live)
+        weights.append(w)
         log_weight = torch.logaddexp(log_weight, w)
+        leaf = torch.cat([x, grad, lp.unsqueeze(-1), twice_kinetic.unsqueeze(-1)], -1)
         if k == 0:
-            proposal, first = (x, p, grad, lp), (p, v)
+            proposal, first = leaf, (p, v)
         else:  # progressive sampling: after leaf k, each leaf so far is held with probability w / W
-            u = torch.rand(batch, generator=generator, dtype=h0.dtype, device=h0.device)
-            take = u < torch.exp(w - log_weight)
-            proposal = tuple(torch.where(take.view((-1,) + (1,) * (a.dim() - 1)), b, a)
-                             for a, b in zip(proposal, (x, p, grad, lp)))
+            proposal = _replace_rows(proposal, log_uniforms[k] < w - log_weight, leaf, sync_free)
         before, cum = cum, cum + p
         for m in range(depth + 1):
             if k % (1 << m) == 0:
-                starts[m] = (p, v, before)
-        turn = _inner_turn(k, depth, starts, ends, p, v, cum)
+                starts[m] = (v, before, cum)
+        no_turn = _inner_no_turn(k, depth, starts, ends, v, cum)
         for m in range(depth):
             if (k + 1) % (1 << m) == 0:
-                ends[m] = (p, v)
-        live = live & ~div if turn is None else live & ~div & ~turn
-        if exact_evals and k + 1 < (1 << depth) and not bool(live.any()):
-            break  # every row stopped: the rest of the subtree would be discarded anyway
-    return _Subtree(live, first, (x, p, grad, v), cum, log_weight, proposal, num_leapfrog, sum_accept,
-                    diverging, num_evals)
+                ends[m] = (v, before)
+        live = live & (w >= -DIVERGENCE_THRESHOLD)
+        if no_turn is not None:
+            live = live & no_turn
+    # the statistics of the steps taken while the subtree was alive, once per subtree
+    lives_taken, weights = torch.stack(lives), torch.stack(weights)
+    sum_accept = (lives_taken * torch.exp(weights.clamp(max=0.0))).sum(0)
+    diverging = (lives_taken & (weights < -DIVERGENCE_THRESHOLD)).any(0)
+    last = torch.cat([x, p, grad, v], -1)
+    return _Subtree(live, first, last, cum, log_weight, proposal, lives_taken.sum(0), sum_accept, diverging,
+                    num_evals)
 
 
 class _Tree:
-    """Each chain's trajectory so far, full size ``n``, updated in place after every doubling.
+    """The trajectories of the chains still growing, ``B`` rows for the chains ``rows``: compacted
+    after each doubling, the chains that stop being written to the full-size outputs ``out``.
 
-    The two ends are stacked, index 0 the backward (earliest) end and 1 the forward one.
+    ``ends: (2, B, 4 dim)`` holds [x, p, grad, velocity] at the backward (0) and forward (1) ends,
+    ``sample: (B, 2 dim + 2)`` [x, grad, log_prob, twice the kinetic energy] of the point drawn
+    so far, ``chain: (B, 2)`` [step size, H0] and ``stats: (B, 5)`` the counts [moved, depth,
+    leapfrog steps, sum of acceptance probabilities, divergences]: packed so that compacting the
+    batch and retiring chains cost a few row gathers.
     """
 
-    def __init__(self, state: MCMCState, p0: torch.Tensor, v0: torch.Tensor):
-        x, n = state.x, state.x.shape[0]
-        self.ends = {name: torch.stack([t, t]) for name, t in (("x", x), ("p", p0), ("grad", state.grad), ("v", v0))}
-        self.rho = p0.clone()
-        self.sample = [x, p0, state.grad, state.log_prob]
-        self.moved = torch.zeros(n, dtype=torch.bool, device=x.device)
-        self.log_weight = torch.zeros_like(state.log_prob)  # the start's weight is e^{H0 - H0} = 1
-        self.depth = torch.zeros(n, dtype=torch.long, device=x.device)
-        self.num_leapfrog = torch.zeros_like(self.depth)
-        self.sum_accept = torch.zeros_like(state.log_prob)
-        self.diverging = torch.zeros_like(self.moved)
-        self.active = torch.ones_like(self.moved)
+    PER_CHAIN = ("rows", "chain", "stats", "log_weight", "rho", "sample")
+    OUTPUTS = ("sample", "stats")
 
-    def merge(self, rows: torch.Tensor, fwd: torch.Tensor, sub: _Subtree, generator: torch.Generator) -> None:
-        """Merge each chain's new subtree (built in direction ``fwd: (B,)`` long, 1 forward) into
-        its tree: biased progressive sampling, the U-turn checks of the merged tree, the new end."""
-        valid = sub.valid
-        old_weight = self.log_weight[rows]
-        u = torch.rand(rows.shape, generator=generator, dtype=old_weight.dtype, device=old_weight.device)
-        take = valid & (u < torch.exp(sub.log_weight - old_weight))
-        for i, new in enumerate(sub.proposal):
-            old = self.sample[i][rows]
-            self.sample[i] = self.sample[i].index_copy(0, rows, torch.where(take.view((-1,) + (1,) * (old.dim() - 1)), new, old))
-        self.moved[rows] = self.moved[rows] | take
-        self.log_weight[rows] = torch.where(valid, torch.logaddexp(old_weight, sub.log_weight), old_weight)
-        back = 1 - fwd
-        v_far, p_near, v_near = self.ends["v"][back, rows], self.ends["p"][fwd, rows], self.ends["v"][fwd, rows]
-        rho_old = self.rho[rows]
-        rho = rho_old + sub.rho
-        (p_first, v_first), v_last = sub.first, sub.last[3]
-        turn = (_turning(v_far, v_last, rho) | _turning(v_far, v_first, rho_old + p_first)
-                | _turning(v_near, v_last, sub.rho + p_near))
-        keep = valid.unsqueeze(-1)
-        for name, new in zip(("x", "p", "grad", "v"), sub.last):
-            self.ends[name][fwd, rows] = torch.where(keep, new, self.ends[name][fwd, rows])
-        self.rho[rows] = torch.where(keep, rho, rho_old)
-        self.depth[rows] += valid
-        self.num_leapfrog[rows] += sub.num_leapfrog
-        self.sum_accept[rows] += sub.sum_accept
-        self.diverging[rows] |= sub.diverging
-        self.active[rows] = valid & ~turn
+    def __init__(self, state: MCMCState, p0, h, inv_mass):
+        x, n = state.x, state.x.shape[0]
+        v0 = velocity(inv_mass, p0)
+        twice_kinetic = (p0 * v0).sum(-1)
+        self.ends = torch.cat([x, p0, state.grad, v0], -1).expand(2, -1, -1).contiguous()
+        self.sample = torch.cat([x, state.grad, torch.stack([state.log_prob, twice_kinetic], -1)], -1)
+        self.rows = torch.arange(n, device=x.device)
+        self.chain = torch.cat([h, (0.5 * twice_kinetic - state.log_prob).unsqueeze(-1)], -1)
+        self.stats = x.new_zeros((n, 5))
+        self.rho, self.inv_mass = p0, inv_mass
+        self.log_weight = torch.zeros_like(state.log_prob)  # the start's weight is e^{H0 - H0} = 1
+        self.out = {name: torch.empty_like(getattr(self, name)) for name in self.OUTPUTS}
+
+    def grow(self, log_prob_and_grad, depth: int, generator: torch.Generator, sync_free: bool) -> int:
+        """Double every tree once (in its own direction), merge, and keep the chains that go on.
+        Returns the number of points evaluated."""
+        batch, dim = self.rho.shape
+        fwd = _directions(generator, self.rows, self.rho)
+        arange = torch.arange(batch, device=fwd.device)
+        flat = self.ends.view(2 * batch, 4 * dim)
+        near = flat.index_select(0, fwd * batch + arange)  # the end the subtree grows from
+        far = flat.index_select(0, (1 - fwd) * batch + arange)
+        x, p, grad, v_near = near.split(dim, -1)
+        signed_h = self.chain[:, :1] * (2 * fwd - 1).unsqueeze(-1)
+        sub = _build_subtree(log_prob_and_grad, (x, p, grad), signed_h, self.inv_mass, self.chain[:, 1],
+                             depth, generator, sync_free)
+        # biased progressive sampling: the subtree's candidate with probability min(1, W_new / W_old)
+        u = torch.rand(batch, generator=generator, dtype=x.dtype, device=x.device)
+        take = sub.valid & (u < torch.exp(sub.log_weight - self.log_weight))
+        self.sample = _replace_rows(self.sample, take, sub.proposal, sync_free)
+        self.log_weight = torch.logaddexp(self.log_weight, sub.log_weight)  # used only where valid
+        (p_first, v_first), v_last, v_far = sub.first, sub.last[:, 3 * dim:], far[:, 3 * dim:]
+        rho = self.rho + sub.rho
+        extended_old, extended_new = self.rho + p_first, sub.rho + p
+        no_turn = _no_turn([v_far, v_last, v_far, v_first, v_near, v_last],
+                           [rho, rho, extended_old, extended_old, extended_new, extended_new])
+        self.rho = rho
+        self.stats += torch.stack([take, sub.valid, sub.num_leapfrog, sub.sum_accept, sub.diverging], -1)
+        self._keep(sub.valid & no_turn, fwd, sub.last, far)
+        return sub.num_evals
+
+    def _keep(self, go_on: torch.Tensor, fwd, last, far) -> None:
+        """Write the chains that stop to the outputs and compact the rest; the end in direction
+        ``fwd`` of those that go on becomes the subtree's ``last`` leaf, the other stays ``far``."""
+        keep = go_on.nonzero().squeeze(1)  # the one host sync per doubling
+        if keep.numel() < go_on.numel():
+            self.retire(~go_on)
+            for name in self.PER_CHAIN:
+                setattr(self, name, getattr(self, name).index_select(0, keep))
+            self.inv_mass = _metric_rows(self.inv_mass, keep)
+            fwd, last, far = fwd.index_select(0, keep), last.index_select(0, keep), far.index_select(0, keep)
+        batch = keep.numel()
+        arange = torch.arange(batch, device=fwd.device)
+        self.ends = torch.empty((2, batch, last.shape[1]), dtype=last.dtype, device=last.device)
+        self.ends.view(2 * batch, last.shape[1]).index_copy_(0, fwd * batch + arange, last).index_copy_(
+            0, (1 - fwd) * batch + arange, far)
+
+    def retire(self, stop: torch.Tensor | None = None) -> None:
+        """Write the chains ``stop`` (all when None) to the outputs."""
+        idx = None if stop is None else stop.nonzero().squeeze(1)
+        rows = self.rows if idx is None else self.rows.index_select(0, idx)
+        for name in self.OUTPUTS:
+            value = getattr(self, name)
+            self.out[name].index_copy_(0, rows, value if idx is None else value.index_select(0, idx))
+
+
+def _metric_rows(inv_mass: Metric, rows: torch.Tensor) -> Metric:
+    """The metric of the chains ``rows`` (only a per-chain diagonal ``(n, dim)`` needs indexing)."""
+    if isinstance(inv_mass, torch.Tensor) and inv_mass.dim() == 2:
+        return inv_mass.index_select(0, rows)
+    return inv_mass
 
 
 def nuts_step(
@@ -275,30 +359,22 @@ def nuts_step(
     """
     if max_tree_depth < 1:
         raise ValueError(f"max_tree_depth must be at least 1, got {max_tree_depth}")
-    x = state.x
+    x, dim = state.x, state.x.shape[1]
     num_evals = 0
     if state.grad is None:
         lp, grad = log_prob_and_grad(x)
         state, num_evals = MCMCState(x, lp, grad), x.shape[0]
-    h = as_per_chain(step_size, x)
     p0 = sample_momentum(generator, inv_mass, x)
-    v0 = velocity(inv_mass, p0)
-    h0 = 0.5 * (p0 * v0).sum(-1) - state.log_prob
-    tree = _Tree(state, p0, v0)
-    exact_evals = _sync_is_free(x.device)
+    tree = _Tree(state, p0, as_per_chain(step_size, x), inv_mass)
+    sync_free = _sync_is_free(x.device)
     for depth in range(max_tree_depth):
-        rows = tree.active.nonzero().squeeze(1)  # the one host sync per doubling
-        if rows.numel() == 0:
+        num_evals += tree.grow(log_prob_and_grad, depth, generator, sync_free)
+        if tree.rows.numel() == 0:
             break
-        fwd = _directions(generator, rows, x)
-        start = tuple(tree.ends[name][fwd, rows] for name in ("x", "p", "grad"))
-        signed_h = h[rows] * (2.0 * fwd - 1.0).to(x.dtype).unsqueeze(-1)
-        sub = _build_subtree(log_prob_and_grad, start, signed_h, _metric_rows(inv_mass, rows), h0[rows], depth,
-                             generator, exact_evals)
-        num_evals += sub.num_evals
-        tree.merge(rows, fwd, sub, generator)
-    x_new, p_new, grad_new, lp_new = tree.sample
-    energy = 0.5 * (p_new * velocity(inv_mass, p_new)).sum(-1) - lp_new
-    info = NUTSInfo(tree.sum_accept / tree.num_leapfrog.clamp(min=1), tree.moved, tree.diverging, num_evals,
-                    tree.depth, tree.num_leapfrog, energy)
-    return MCMCState(x_new, lp_new, grad_new), info
+    tree.retire()
+    sample, (moved, depth, steps, sum_accept, diverging) = tree.out["sample"], tree.out["stats"].unbind(-1)
+    lp_new, twice_kinetic = sample[:, 2 * dim], sample[:, 2 * dim + 1]
+    info = NUTSInfo(sum_accept / steps.clamp(min=1), moved > 0, diverging > 0, num_evals, depth.long(),
+                    steps.long(), 0.5 * twice_kinetic - lp_new)
+    new = MCMCState(sample[:, :dim].contiguous(), lp_new.contiguous(), sample[:, dim:2 * dim].contiguous())
+    return new, info

@@ -49,14 +49,19 @@ def run_from_stationarity(num_chains, num_moves, seed, **kwargs):
     return state, infos
 
 
-def per_chain_steps(n, low, high, seed=5):
-    return low + (high - low) * torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+def per_chain_values(n, low, high, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    return low + (high - low) * torch.rand(n, generator=gen, dtype=torch.float64)
 
 
-METRICS = {
-    "identity, one step size per chain": dict(step_size=per_chain_steps(20_000, 0.08, 0.22), inv_mass=None),
-    "diagonal": dict(step_size=0.25, inv_mass=SCALES**2),
-    "dense": dict(step_size=0.9, inv_mass=DenseMetric.from_covariance(COV)),
+METRICS = {  # step sizes below 2 / (largest eigenvalue of the preconditioned precision) ** 0.5
+    "identity, one step size per chain": {"step_size": per_chain_values(20_000, 0.08, 0.22), "inv_mass": None},
+    "diagonal": {"step_size": 0.25, "inv_mass": SCALES**2},
+    "diagonal, one per chain": {
+        "step_size": 0.2,
+        "inv_mass": SCALES**2 * per_chain_values(20_000, 0.7, 1.3, 6)[:, None],
+    },
+    "dense": {"step_size": 0.9, "inv_mass": DenseMetric.from_covariance(COV)},
 }
 
 
@@ -74,10 +79,15 @@ def test_gaussian_is_invariant(kwargs):
         assert not info.diverging.any()
 
 
+def uniform_weights(h0, log_prob, twice_kinetic):
+    """A broken leaf weight: every point of the trajectory weighs 1 (uniform sampling)."""
+    return torch.zeros_like(log_prob)
+
+
 def test_uniform_sampling_breaks_invariance(monkeypatch):
     """The same test rejects NUTS that draws from the trajectory uniformly (weights e^{H0-H}
     replaced by 1): the multinomial weights are what makes the kernel exact."""
-    monkeypatch.setattr(nuts_module, "_leaf_log_weight", lambda h0, energy: torch.zeros_like(energy))
+    monkeypatch.setattr(nuts_module, "_leaf_log_weight", uniform_weights)
     state, _ = run_from_stationarity(20_000, 3, seed=0, **METRICS["dense"])
     assert moment_z_scores(state.x).abs().max() > 10.0
 
@@ -129,7 +139,8 @@ def test_divergences_are_flagged_and_contained():
     x = torch.stack([v, torch.exp(v / 2) * torch.randn(2000, generator=gen, dtype=torch.float64)], -1)
     new, info = nuts_step(gen, init(funnel, x), funnel, 1.5)
     assert info.diverging[v < -3].double().mean() > 0.9
-    assert torch.isfinite(new.x).all() and torch.isfinite(new.log_prob).all() and torch.isfinite(info.energy).all()
+    for value in (new.x, new.log_prob, new.grad, info.energy):
+        assert torch.isfinite(value).all()
     assert info.num_evals == int(info.num_leapfrog.sum())
     mouth = v > 2
     _, calm = nuts_step(gen, init(funnel, x[mouth]), funnel, 0.05, max_tree_depth=3)
@@ -226,7 +237,8 @@ class RecursiveNUTS:
                 sample = prop
             log_weight = np.logaddexp(log_weight, lw)
             rho = rho_bck + rho_fwd
-            if not (_criterion(p_bck_bck, p_fwd_fwd, rho) and _criterion(p_bck_bck, p_fwd_bck, rho_bck + p_fwd_bck)
+            if not (_criterion(p_bck_bck, p_fwd_fwd, rho)
+                    and _criterion(p_bck_bck, p_fwd_bck, rho_bck + p_fwd_bck)
                     and _criterion(p_bck_fwd, p_fwd_fwd, rho_fwd + p_bck_fwd)):
                 break
         energy = -sample[3] + 0.5 * sample[1] @ sample[1]
@@ -234,8 +246,8 @@ class RecursiveNUTS:
 
 
 def transition_statistics(x0, x1, depth, n_leapfrog, accept, energy):
-    return dict(depth=np.asarray(depth), n_leapfrog=np.asarray(n_leapfrog), accept=np.asarray(accept),
-                energy=np.asarray(energy), jump=np.sum((np.asarray(x1) - np.asarray(x0)) ** 2, -1))
+    return {"depth": np.asarray(depth), "n_leapfrog": np.asarray(n_leapfrog), "accept": np.asarray(accept),
+                "energy": np.asarray(energy), "jump": np.sum((np.asarray(x1) - np.asarray(x0)) ** 2, -1)}
 
 
 def reference_statistics(num, seed, step_size):
@@ -255,7 +267,8 @@ def batched_statistics(num, seed, step_size):
 
     x0 = torch.randn(num, 2, generator=gen, dtype=torch.float64) * scales
     new, info = nuts_step(gen, init(lpg, x0), lpg, step_size)
-    return transition_statistics(x0.numpy(), new.x.numpy(), info.tree_depth.numpy(), info.num_leapfrog.numpy(),
+    return transition_statistics(x0.numpy(), new.x.numpy(), info.tree_depth.numpy(),
+                                 info.num_leapfrog.numpy(),
                                  info.acceptance_rate.numpy(), info.energy.numpy())
 
 
@@ -279,18 +292,21 @@ def test_matches_recursive_reference(monkeypatch):
     reference = reference_statistics(3000, 0, 1.6)
     p = two_sample_p_values(reference, batched_statistics(20_000, 1, 1.6))
     assert min(p.values()) > 1e-3, p
-    monkeypatch.setattr(nuts_module, "_leaf_log_weight", lambda h0, energy: torch.zeros_like(energy))
+    monkeypatch.setattr(nuts_module, "_leaf_log_weight", uniform_weights)
     p = two_sample_p_values(reference, batched_statistics(20_000, 1, 1.6))
     assert min(p["energy"], p["jump"]) < 1e-6, p
 
 
-@pytest.mark.parametrize("sync_free", [True, False], ids=["cpu-path", "accelerator-path"])
-def test_same_trees_as_recursive_reference(monkeypatch, sync_free):
+@pytest.mark.parametrize("sync_free, stack_limit", [(True, 8192), (True, 0), (False, 8192)],
+                         ids=["cpu-path", "cpu-path-large-batch", "accelerator-path"])
+def test_same_trees_as_recursive_reference(monkeypatch, sync_free, stack_limit):
     """Exact: 500 chains given the momenta and the directions of the reference's doublings build
     trees of the same depth and number of steps, with the same acceptance statistic (it does not
     depend on the multinomial draws), as Stan's recursive transition run chain by chain; on the
-    accelerator path, which evaluates every chain of a doubling, num_evals counts the extra points."""
+    accelerator path, which evaluates every chain of a doubling, num_evals counts the extra points.
+    Small and large batches (the stacked and the per-pair U-turn checks) are both run."""
     monkeypatch.setattr(nuts_module, "_sync_is_free", lambda device: sync_free)
+    monkeypatch.setattr(nuts_module, "_STACK_LIMIT", stack_limit)
     num, step = 500, 1.3
     rng = np.random.default_rng(7)
     x0 = rng.standard_normal((num, 2)) * REF_SCALES
@@ -307,7 +323,8 @@ def test_same_trees_as_recursive_reference(monkeypatch, sync_free):
 
     calls = iter(range(10))
     monkeypatch.setattr(nuts_module, "sample_momentum", lambda gen, inv_mass, like: torch.tensor(p0))
-    monkeypatch.setattr(nuts_module, "_directions", lambda gen, rows, like: torch.tensor(forward)[rows, next(calls)].long())
+    preset = torch.tensor(forward).long()
+    monkeypatch.setattr(nuts_module, "_directions", lambda gen, rows, like: preset[rows, next(calls)])
     scales = torch.tensor(REF_SCALES)
 
     def lpg(x):
