@@ -29,7 +29,7 @@ def correlated_gaussian(dim=100, condition=1e4, seed=0):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_dense_metric_on_ill_conditioned_100d_gaussian(method):
-    # NUTS takes about 1.5 minutes here on 2 busy cores (Python overhead per tree doubling); slow-marked.
+    # NUTS takes about 40 s here on 2 shared cores (hmc about 10 s): slow-marked.
     target, mean, cov = correlated_gaussian()
     idata = ds.sample(target, method, num_samples=1000, num_chains=4, seed=0, progress=False, metric="dense")
     est = idata.posterior["x"].mean(("chain", "draw")).values
