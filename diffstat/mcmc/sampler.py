@@ -1,27 +1,97 @@
-"""MCMC samplers behind ``ds.sample``: ``"mala"``, ``"hmc"`` and ``"rwm"``, with warm-up
-adaptation of the step size (dual averaging) and of a diagonal mass matrix."""
+r"""MCMC samplers behind ``ds.sample``: ``"hmc"``, ``"nuts"``, ``"mala"`` and ``"rwm"``, one driver.
+
+A run (:func:`run_mcmc`) has three phases, all batched over chains:
+
+1. **Start** (:func:`~diffstat.mcmc.start.find_start`): from reference draws, per-chain gradient
+   ascent, then a jitter from the Laplace approximation, so that chains begin in the bulk of the
+   posterior rather than where a prior draw put them; the Laplace covariance is warm-up's first
+   metric (skipped when ``init=`` gives the starting points, or without warm-up).
+2. **Warm-up** (:func:`~diffstat.mcmc.warmup.windowed_warmup`): Stan's windowed adaptation, per-chain
+   step sizes by dual averaging, a diagonal or dense metric from draws pooled across chains, and for
+   ``"hmc"`` a jittered trajectory length, adapted by ChEES with 32 chains or more
+   (:mod:`diffstat.mcmc.chees`).
+3. **Sampling** with one shared step size, the final metric and (HMC) jittered trajectory lengths.
+
+A chain whose acceptance rate over the draws is under 5% raises a ``RuntimeWarning``.
+
+Defaults and why: ``num_warmup = num_samples`` (Stan's 1000/1000 ratio); target acceptance 0.8 for
+HMC and NUTS (Stan), 0.574 for MALA and 0.234 for random walk (optimal scaling, Roberts and Rosenthal
+1998, 2001); ``metric="auto"`` (dense only where the warm-up draws are strongly correlated and
+``dim <= 200``, since a dense metric costs O(dim^2) a step and many draws to estimate);
+``init_iters=200`` ascent iterations (enough to climb from :math:`\log\pi = -10^4` on the targets
+we test, cheap beside warm-up).
+"""
 
 from __future__ import annotations
 
 import functools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from diffstat._util import check_options, check_positive_int, check_probability, progress_bar
-from diffstat.mcmc.adaptation import DualAveraging, WelfordVariance, warmup_windows
+from diffstat.mcmc.adaptation import choose_metric
 from diffstat.mcmc.base import init as init_state
-from diffstat.mcmc.hmc import hmc_step
+from diffstat.mcmc.chees import (
+    CHEES_MIN_CHAINS,
+    MAX_LEAPFROG,
+    ChEESAdaptation,
+    JitteredLength,
+    jittered_hmc_step,
+)
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
+from diffstat.mcmc.metric import DenseMetric
+from diffstat.mcmc.nuts import nuts_step
 from diffstat.mcmc.rwm import rwm_step
+from diffstat.mcmc.start import find_start, initial_step_sizes
+from diffstat.mcmc.warmup import METRICS, windowed_warmup
 from diffstat.sampling import SamplerResult, register_sampler
 
-__all__ = ["TARGET_ACCEPT", "run_mcmc", "initial_points", "find_reasonable_step_size"]
+__all__ = ["KERNELS", "TARGET_ACCEPT", "KernelSpec", "initial_points", "run_mcmc"]
 
-_OPTIONS = {"num_warmup", "step_size", "target_accept", "adapt_mass", "num_leapfrog", "thin", "init"}
-_KERNELS = {"mala": mala_step, "hmc": hmc_step, "rwm": rwm_step}
-#: Target acceptance rates: optimal scaling results for MALA (0.574, Roberts and Rosenthal 1998)
-#: and random walk (0.234), and Stan's default for HMC (0.8).
-TARGET_ACCEPT = {"mala": MALA_TARGET_ACCEPT, "hmc": 0.8, "rwm": 0.234}
+#: A chain whose mean acceptance over the draws is below this has not mixed: warn.
+STUCK_ACCEPTANCE = 0.05
+
+
+def _hmc_accept_prob(generator, state, log_prob_and_grad, h, inv_mass):
+    """One leapfrog step's acceptance probability (Stan initialises HMC step sizes this way)."""
+    return jittered_hmc_step(generator, state, log_prob_and_grad, h, inv_mass, num_steps=1)[1].acceptance_rate
+
+
+def _own_accept_prob(step):
+    return lambda generator, state, lpg, h, inv_mass: (
+        step(generator, state, lpg, h, inv_mass)[1].acceptance_rate
+    )
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """A kernel as the driver sees it: its step, the acceptance probe used to initialise step sizes,
+    its target acceptance, and the extra Info fields recorded as ``sample_stats`` (stat -> field)."""
+
+    step: Callable
+    accept_prob: Callable
+    target_accept: float
+    stats: dict = field(default_factory=dict)
+
+
+KERNELS = {
+    "hmc": KernelSpec(jittered_hmc_step, _hmc_accept_prob, 0.8, {"energy": "energy", "n_steps": "n_steps"}),
+    "nuts": KernelSpec(
+        nuts_step,
+        _hmc_accept_prob,
+        0.8,
+        {"energy": "energy", "n_steps": "num_leapfrog", "tree_depth": "tree_depth"},
+    ),
+    "mala": KernelSpec(mala_step, _own_accept_prob(mala_step), MALA_TARGET_ACCEPT),
+    "rwm": KernelSpec(rwm_step, _own_accept_prob(rwm_step), 0.234),
+}
+#: Target acceptance rates per kernel (read by the tempering path's inner moves).
+TARGET_ACCEPT = {name: spec.target_accept for name, spec in KERNELS.items()}
+_COMMON = {"num_warmup", "step_size", "target_accept", "adapt_mass", "metric", "thin", "init", "init_iters"}
+_OPTIONS = {"hmc": _COMMON | {"num_leapfrog", "max_leapfrog"}, "nuts": _COMMON | {"max_tree_depth"}}
 
 
 def initial_points(target, num_chains: int, generator, device, init_x=None) -> torch.Tensor:
@@ -32,24 +102,49 @@ def initial_points(target, num_chains: int, generator, device, init_x=None) -> t
     if x.dim() == 1:
         x = x.expand(num_chains, -1).clone()
     if tuple(x.shape) != (num_chains, target.dim):
-        raise ValueError(f"init must have shape ({num_chains}, {target.dim}) or ({target.dim},), got {tuple(x.shape)}")
+        raise ValueError(
+            f"init must have shape ({num_chains}, {target.dim}) or ({target.dim},), got {tuple(x.shape)}"
+        )
     return x
 
 
-def find_reasonable_step_size(step, generator, state, log_prob_and_grad, inv_mass, h0=0.1, target=0.5):
-    """Double or halve ``h0`` until the mean acceptance crosses ``target`` (Hoffman and Gelman's
-    heuristic, averaged over chains); at most 40 trial steps, which do not move the chains."""
-    h = h0
-    _, info = step(generator, state, log_prob_and_grad, h, inv_mass)
-    direction = 1.0 if float(info.acceptance_rate.mean()) > target else -1.0
-    for _ in range(40):
-        h_new = h * 2.0**direction
-        _, info = step(generator, state, log_prob_and_grad, h_new, inv_mass)
-        acc = float(info.acceptance_rate.mean())
-        if (direction > 0 and acc < target) or (direction < 0 and acc > target):
-            return h_new if direction < 0 else h
-        h = h_new
-    return h
+def _check(num_warmup, step_size, metric, init_iters, thin):
+    if num_warmup < 0:
+        raise ValueError(f"num_warmup must be non-negative, got {num_warmup}")
+    if step_size is not None and not float(step_size) > 0:
+        raise ValueError(f"step_size must be positive, got {step_size}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if isinstance(init_iters, bool) or not isinstance(init_iters, int) or init_iters < 0:
+        raise ValueError(f"init_iters must be a non-negative integer, got {init_iters!r}")
+    check_positive_int(thin, "thin")
+
+
+def _trajectory(kernel, num_leapfrog, max_leapfrog, num_warmup, h0, num_chains):
+    """HMC's leapfrog steps: fixed by ``num_leapfrog``; else a jittered length, adapted by ChEES with
+    at least ``CHEES_MIN_CHAINS`` chains (from one step), set from each new metric with fewer (10
+    steps until the first metric)."""
+    if kernel != "hmc":
+        return None
+    if num_leapfrog is not None:
+        return check_positive_int(num_leapfrog, "num_leapfrog")
+    max_leapfrog = check_positive_int(max_leapfrog, "max_leapfrog")
+    if num_warmup == 0:
+        return min(10, max_leapfrog)
+    h = float(h0.median())
+    if num_chains >= CHEES_MIN_CHAINS:
+        # ChEES climbs from one step: on a Gaussian the jittered criterion has several local maxima
+        # (T = 2.25, 5.45, ... sd), and starting short finds the first, the cheapest.
+        return ChEESAdaptation(h, max_leapfrog=max_leapfrog)
+    return JitteredLength(10 * h, max_leapfrog=max_leapfrog)
+
+
+def _first_metric(cov: torch.Tensor, metric: str):
+    """Warm-up's first metric from the Laplace covariance: dense or its diagonal, by the same rule as
+    the windows' estimates (the covariance is exact for a Gaussian, so no sample-noise allowance)."""
+    if choose_metric(metric, cov, count=10**9) == "dense":
+        return DenseMetric.from_covariance(cov)
+    return cov.diagonal().clone()
 
 
 def run_mcmc(
@@ -65,85 +160,131 @@ def run_mcmc(
     step_size: float | None = None,
     target_accept: float | None = None,
     adapt_mass: bool = True,
-    num_leapfrog: int = 10,
+    metric: str = "auto",
+    num_leapfrog: int | None = None,
+    max_leapfrog: int = MAX_LEAPFROG,
+    max_tree_depth: int = 10,
     thin: int = 1,
     init=None,
+    init_iters: int = 200,
 ) -> SamplerResult:
-    """Run ``num_chains`` chains of ``kernel`` in one batch: warm-up then ``num_samples`` draws.
+    """Run ``num_chains`` chains of ``kernel`` in one batch: start, warm-up, then ``num_samples`` draws.
 
-    Warm-up adapts one step size shared by all chains by dual averaging on the mean acceptance
-    probability, and a diagonal inverse mass matrix (the pooled variance of the chains' warm-up
-    draws, see :func:`~diffstat.mcmc.adaptation.warmup_windows`).
+    Options: ``num_warmup`` (default ``num_samples``); ``step_size`` (initial, default by the
+    doubling heuristic); ``target_accept``; ``adapt_mass`` (False keeps the identity metric);
+    ``metric`` ``"diag" | "dense" | "auto"``; ``num_leapfrog`` (HMC: fixes the leapfrog steps, else
+    ChEES adapts the trajectory length, with at most ``max_leapfrog`` steps); ``max_tree_depth``
+    (NUTS); ``thin``; ``init`` (starting points, used as given); ``init_iters`` (ascent iterations
+    of the start phase, 0 to skip). See the module docstring for the phases and defaults.
     """
+    spec = KERNELS[kernel]
     num_warmup = num_samples if num_warmup is None else int(num_warmup)
-    if num_warmup < 0:
-        raise ValueError(f"num_warmup must be non-negative, got {num_warmup}")
-    thin = check_positive_int(thin, "thin")
-    num_leapfrog = check_positive_int(num_leapfrog, "num_leapfrog")
-    target_accept = TARGET_ACCEPT[kernel] if target_accept is None else check_probability(target_accept, "target_accept")
-    step = _KERNELS[kernel]
-    if kernel == "hmc":
-        step = functools.partial(hmc_step, num_steps=num_leapfrog)
-    log_prob_and_grad = target.log_prob_and_grad
-
+    _check(num_warmup, step_size, metric, init_iters, thin)
+    target_accept = (
+        spec.target_accept if target_accept is None else check_probability(target_accept, "target_accept")
+    )
+    step = spec.step
+    if kernel == "nuts":
+        step = functools.partial(step, max_tree_depth=check_positive_int(max_tree_depth, "max_tree_depth"))
+    lpg = target.log_prob_and_grad
     x0 = initial_points(target, num_chains, generator, device, init)
     target.validate(x0)
-    state = init_state(log_prob_and_grad, x0)
+    state = init_state(lpg, x0)
     inv_mass = None
-    if step_size is None:
-        h = find_reasonable_step_size(step, generator, state, log_prob_and_grad, inv_mass) if num_warmup else 0.1
-    else:
-        h = float(step_size)
-        if not h > 0:
-            raise ValueError(f"step_size must be positive, got {step_size}")
+    if init is None and num_warmup and init_iters:
+        state, laplace = find_start(generator, state, lpg, max_iters=init_iters)
+        if laplace is not None and adapt_mass:
+            inv_mass = _first_metric(laplace, metric)
     dtype = x0.dtype
-    adapt = DualAveraging(torch.tensor(h, dtype=dtype, device=device), target_accept)
-    windows = warmup_windows(num_warmup) if adapt_mass else []
-    welford = WelfordVariance(target.dim, device=device)
-    window_start = int(0.15 * num_warmup)
-
-    n_keep = num_samples
-    draws = torch.empty(n_keep, num_chains, target.dim, dtype=dtype, device=device)
-    stats = {
-        key: torch.empty(n_keep, num_chains, dtype=dt, device=device)
-        for key, dt in [("lp", dtype), ("acceptance_rate", dtype), ("diverging", torch.bool), ("step_size", dtype)]
-    }
-    h_t = adapt.step_size
+    h0 = torch.full((num_chains,), 0.1 if step_size is None else float(step_size), dtype=dtype, device=device)
+    if step_size is None and num_warmup:
+        h0 = initial_step_sizes(lambda h: spec.accept_prob(generator, state, lpg, h, inv_mass), h0)
+    trajectory = _trajectory(kernel, num_leapfrog, max_leapfrog, num_warmup, h0, num_chains)
+    if inv_mass is not None and isinstance(trajectory, JitteredLength):
+        trajectory.set_from_metric(1.0)
     with progress_bar(num_warmup + num_samples * thin, f"{kernel} warm-up", progress) as bar:
-        for i in range(num_warmup):
-            state, info = step(generator, state, log_prob_and_grad, h_t, inv_mass)
-            h_t = adapt.update(info.acceptance_rate.mean())
-            if adapt_mass and i >= window_start:
-                welford.update(state.x)
-            if i + 1 in windows:
-                inv_mass = welford.variance().to(dtype)
-                welford = WelfordVariance(target.dim, device=device)
-                adapt.restart(adapt.final_step_size)
-                h_t = adapt.step_size
-            bar.update()
-        h_final = adapt.final_step_size if num_warmup else adapt.step_size
+        warm = windowed_warmup(
+            generator, state, lpg, step=step, target_accept=target_accept, num_warmup=num_warmup,
+            step_size=h0, accept_prob=lambda s, h, m: spec.accept_prob(generator, s, lpg, h, m),
+            metric=metric, adapt_mass=adapt_mass, trajectory=trajectory, inv_mass=inv_mass, bar=bar,
+        )  # fmt: skip
         bar.set_description(kernel)
-        for i in range(num_samples * thin):
-            state, info = step(generator, state, log_prob_and_grad, h_final, inv_mass)
-            if (i + 1) % thin == 0:
-                j = i // thin
-                draws[j] = state.x
-                stats["lp"][j] = state.log_prob
-                stats["acceptance_rate"][j] = info.acceptance_rate
-                stats["diverging"][j] = info.diverging
-                stats["step_size"][j] = h_final
-            bar.update()
-    sample_stats = {k: v.transpose(0, 1) for k, v in stats.items()}
-    attrs = {"num_warmup": num_warmup}
+        draws, stats = _sample(generator, warm, lpg, step, spec, trajectory, num_samples, thin, bar)
+    attrs = _attrs(kernel, warm, trajectory, num_warmup, max_tree_depth)
+    _warn_stuck(stats["acceptance_rate"])
+    return SamplerResult(
+        draws.transpose(0, 1), {k: v.transpose(0, 1) for k, v in stats.items()}, attrs=attrs, diagnose=True
+    )
+
+
+def _attrs(kernel, warm, trajectory, num_warmup, max_tree_depth) -> dict:
+    """The settings warm-up chose, for ``posterior.attrs``."""
+    attrs = {
+        "num_warmup": num_warmup,
+        "metric": warm.metric,
+        "step_size": float(warm.step_size),
+        "chain_step_sizes": [float(h) for h in warm.chain_step_sizes],
+    }
     if kernel == "hmc":
-        attrs["num_leapfrog"] = num_leapfrog
-    return SamplerResult(draws.transpose(0, 1), sample_stats, attrs=attrs, diagnose=True)
+        if isinstance(trajectory, int):
+            attrs["num_leapfrog"] = trajectory
+        else:
+            attrs["trajectory_length"] = warm.length
+    if kernel == "nuts":
+        attrs["max_tree_depth"] = int(max_tree_depth)
+    return attrs
+
+
+def _sample(generator, warm, lpg, step, spec, trajectory, num_samples, thin, bar):
+    """The sampling phase: ``num_samples * thin`` steps with the warm-up's settings, every
+    ``thin``-th kept."""
+    state, h, inv_mass = warm.state, warm.step_size, warm.inv_mass
+    n, dim = state.x.shape
+    like = {"dtype": state.x.dtype, "device": state.x.device}
+    draws = torch.empty(num_samples, n, dim, **like)
+    stats = {key: torch.empty(num_samples, n, **like) for key in ("lp", "acceptance_rate", "step_size")}
+    stats["diverging"] = torch.empty(num_samples, n, dtype=torch.bool, device=like["device"])
+    for key in spec.stats:
+        stats[key] = torch.empty(num_samples, n, **like)
+    fixed_steps = None
+    if isinstance(trajectory, int):
+        fixed_steps = trajectory
+    for i in range(num_samples * thin):
+        kw = {}
+        if fixed_steps is not None:
+            kw["num_steps"] = fixed_steps
+        elif isinstance(trajectory, JitteredLength):
+            kw["num_steps"] = trajectory.num_steps(generator, h.expand(n), warm.length)
+        state, info = step(generator, state, lpg, h, inv_mass, **kw)
+        if (i + 1) % thin == 0:
+            j = i // thin
+            draws[j] = state.x
+            stats["lp"][j] = state.log_prob
+            stats["acceptance_rate"][j] = info.acceptance_rate
+            stats["diverging"][j] = info.diverging
+            stats["step_size"][j] = h
+            for key, name in spec.stats.items():
+                stats[key][j] = getattr(info, name)
+        bar.update()
+    return draws, stats
+
+
+def _warn_stuck(acceptance: torch.Tensor) -> None:
+    rate = acceptance.mean(0)
+    stuck = (rate < STUCK_ACCEPTANCE).nonzero().squeeze(-1).tolist()
+    if stuck:
+        warnings.warn(
+            f"chain(s) {stuck} accepted under {STUCK_ACCEPTANCE:.0%} of their proposals: they have not "
+            "reached or do not mix in the posterior; the draws are unreliable",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def _register(kernel: str):
     def sampler(target, *, num_samples, num_chains, generator, progress, device, **options):
         options.pop("reference", None)  # MCMC starts from the reference but needs no tempering path
-        check_options(options, _OPTIONS, kernel)
+        check_options(options, _OPTIONS.get(kernel, _COMMON), kernel)
         return run_mcmc(
             target,
             kernel,
@@ -157,12 +298,12 @@ def _register(kernel: str):
 
     sampler.__name__ = f"{kernel}_sampler"
     sampler.__doc__ = (
-        f"``ds.sample(target, {kernel!r}, ...)``: batched {kernel.upper()} chains (default 4) with "
-        "warm-up adaptation; options of :func:`run_mcmc` (num_warmup, step_size, target_accept, "
-        "adapt_mass, num_leapfrog, thin, init)."
+        f"``ds.sample(target, {kernel!r}, ...)``: batched {kernel.upper()} chains (default 4): start "
+        "phase, Stan's windowed warm-up, sampling; options "
+        f"{', '.join(sorted(_OPTIONS.get(kernel, _COMMON)))} (see :func:`run_mcmc`)."
     )
     register_sampler(kernel)(sampler)
 
 
-for _kernel in _KERNELS:
+for _kernel in KERNELS:
     _register(_kernel)

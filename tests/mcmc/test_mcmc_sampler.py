@@ -67,7 +67,15 @@ def test_same_seed_same_draws_and_init_option():
 
 def test_evaluations_counted():
     target = gaussian_target()
+    # Given starting points (no start phase) and no metric windows (no step-size re-initialisation),
+    # every evaluation is a leapfrog step of warm-up or sampling.
     idata = ds.sample(target, "hmc", num_samples=100, num_warmup=50, num_chains=3, num_leapfrog=7,
-                      step_size=0.1, seed=0, progress=False)
+                      step_size=0.1, seed=0, progress=False, init=MEAN, adapt_mass=False)
     # validation (3) + initial gradient (3) + 150 steps x 7 leapfrog steps x 3 chains
     assert idata.posterior.attrs["num_target_evals"] == 3 + 3 + 150 * 7 * 3
+    # Jittered lengths: the sampling phase evaluates exactly the recorded leapfrog steps.
+    a = ds.sample(target, "hmc", num_samples=40, num_warmup=30, seed=0, progress=False, init=MEAN)
+    b = ds.sample(target, "hmc", num_samples=5, num_warmup=30, seed=0, progress=False, init=MEAN)
+    extra = a.posterior.attrs["num_target_evals"] - b.posterior.attrs["num_target_evals"]
+    steps = a.sample_stats["n_steps"].values
+    assert extra == steps[:, 5:].sum()

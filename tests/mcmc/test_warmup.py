@@ -1,0 +1,135 @@
+"""Warm-up that reaches the posterior from far-away starts at defaults: a collinear linear regression
+(exact Gaussian posterior) and a Poisson model started where log pi is about -4e4 (exact
+log-gamma posterior); Stan's window schedule; the automatic metric choice; option checks."""
+
+import math
+
+import arviz as az
+import numpy as np
+import pytest
+import torch
+
+import diffstat as ds
+from diffstat.mcmc.adaptation import choose_metric, stan_windows
+from diffstat.mcmc.sampler import KERNELS
+
+GRADIENT_METHODS = ["hmc", "nuts"]
+
+
+def regression_problem(rho=0.9, n=100, d=5, seed=0):
+    """y = X beta + N(0, 1) with predictors equicorrelated at ``rho``; flat prior, known noise sd,
+    so the posterior is exactly N(beta_hat, (X^T X)^{-1})."""
+    gen = torch.Generator().manual_seed(seed)
+    corr = (1 - rho) * torch.eye(d, dtype=torch.float64) + rho
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(corr).T
+    beta = torch.tensor([3.0, -2.0, 1.0, 4.0, -3.0], dtype=torch.float64)[:d]
+    y = x @ beta + torch.randn(n, generator=gen, dtype=torch.float64)
+    cov = torch.linalg.inv(x.T @ x)
+    mean = cov @ x.T @ y
+
+    def log_prob(b):
+        return -0.5 * ((y - b @ x.T) ** 2).sum(-1)
+
+    return ds.Target(log_prob, d, dtype=torch.float64), mean.numpy(), cov.numpy()
+
+
+def z_and_sd_error(idata, mean, cov):
+    post = idata.posterior["x"]
+    est_mean = post.mean(("chain", "draw")).values
+    mcse = az.mcse(idata, method="mean")["x"].values
+    sd = post.values.reshape(-1, len(mean)).std(0)
+    return np.abs(est_mean - mean) / mcse, np.abs(sd / np.sqrt(np.diag(cov)) - 1)
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_collinear_regression_from_prior_draws(method):
+    target, mean, cov = regression_problem()
+    idata = ds.sample(target, method, num_samples=1000, num_chains=4, seed=1, progress=False)
+    z, sd_err = z_and_sd_error(idata, mean, cov)
+    assert z.max() < 4, z
+    assert sd_err.max() < 0.15, sd_err
+    assert idata.posterior.attrs["metric"] == "dense"
+    assert float(az.rhat(idata)["x"].max()) < 1.01
+
+
+def test_regression_check_rejects_a_wrong_posterior():
+    # The same check fails against a posterior mean shifted by one posterior sd in one coordinate.
+    target, mean, cov = regression_problem()
+    idata = ds.sample(target, "hmc", num_samples=1000, num_chains=4, seed=1, progress=False)
+    shifted = mean.copy()
+    shifted[0] += math.sqrt(cov[0, 0])
+    assert z_and_sd_error(idata, shifted, cov)[0].max() > 4
+
+
+def poisson_groups(start=6.0):
+    """Three groups of 20 Poisson counts with rate exp(theta_j) and a Gamma(2, 1) prior on each rate
+    (with the Jacobian of lambda = exp(theta)): theta_j | y ~ log Gamma(2 + S_j, 1 + 20), so
+    E theta_j = digamma(2 + S_j) - log 21 and Var theta_j = trigamma(2 + S_j). The reference the
+    chains start from is N(start, 1): at start=6 the log-density there is about -4e4."""
+    gen = torch.Generator().manual_seed(3)
+    rates = torch.tensor([0.5, 3.0, 10.0], dtype=torch.float64)
+    counts = torch.poisson(rates.expand(20, 3), generator=gen)
+    shape, n = 2.0 + counts.sum(0), 20.0
+
+    def log_prob(theta):
+        return (shape * theta - (1.0 + n) * torch.exp(theta)).sum(-1)
+
+    reference = torch.distributions.Normal(torch.full((3,), start, dtype=torch.float64), 1.0)
+    target = ds.Target(log_prob, 3, dtype=torch.float64, reference=reference)
+    mean = (torch.special.digamma(shape) - math.log(1.0 + n)).numpy()
+    sd = torch.special.polygamma(1, shape).sqrt().numpy()
+    return target, mean, sd, log_prob
+
+
+@pytest.mark.parametrize("method", ["hmc", "nuts", "mala"])
+def test_chains_started_in_a_far_tail_reach_the_posterior(method):
+    target, mean, sd, log_prob = poisson_groups()
+    start = target.sample_reference(4, torch.Generator().manual_seed(0))
+    assert float(log_prob(start).max()) < -1e4  # the starts are far out in the tail
+    idata = ds.sample(target, method, num_samples=1000, num_chains=4, seed=2, progress=False)
+    est = idata.posterior["x"].mean(("chain", "draw")).values
+    mcse = az.mcse(idata, method="mean")["x"].values
+    assert (np.abs(est - mean) / mcse).max() < 4
+    est_sd = idata.posterior["x"].values.reshape(-1, 3).std(0)
+    assert np.abs(est_sd / sd - 1).max() < 0.15
+    assert float(idata.sample_stats["acceptance_rate"].mean(("draw",)).min()) > 0.4  # every chain moves
+
+
+def test_chains_left_in_the_tail_are_flagged():
+    # Without start phase and warm-up, MALA at step 0.01 from the tail (gradients of order 1e5) rejects
+    # every proposal: the draws are wrong and the sampler warns.
+    target, mean, _, _ = poisson_groups(start=9.0)
+    with pytest.warns(RuntimeWarning, match="have not"):
+        idata = ds.sample(
+            target, "mala", num_samples=50, num_warmup=0, step_size=0.01, num_chains=4, seed=2, progress=False
+        )
+    est = idata.posterior["x"].mean(("chain", "draw")).values
+    assert np.abs(est - mean).max() > 1.0
+
+
+def test_stan_windows():
+    assert stan_windows(1000) == (75, [(75, 100), (100, 150), (150, 250), (250, 450), (450, 950)], 50)
+    # too short for 75 + 25 + 50: Stan's 15% / 75% / 10%
+    assert stan_windows(100) == (15, [(15, 90)], 10)
+    assert stan_windows(10) == (10, [], 0)
+
+
+def test_choose_metric():
+    eye = torch.eye(5, dtype=torch.float64)
+    assert choose_metric("auto", eye, 1000) == "diag"
+    corr = 0.4 * eye + 0.6
+    assert choose_metric("auto", corr, 1000) == "dense"  # |correlation| 0.6 > 0.5
+    big = torch.eye(300, dtype=torch.float64) * 0.4 + 0.6
+    assert choose_metric("auto", big, 10**5) == "diag"  # too many dimensions for a dense metric
+    assert choose_metric("dense", eye, 10) == "dense"
+
+
+def test_options_are_validated():
+    target, _, _ = regression_problem()
+    with pytest.raises(ValueError, match="metric"):
+        ds.sample(target, "hmc", num_samples=10, seed=0, metric="full", progress=False)
+    with pytest.raises(ValueError, match="known:.*init_iters"):
+        ds.sample(target, "mala", num_samples=10, seed=0, num_leapfrog=3, progress=False)
+    with pytest.raises(ValueError, match="init_iters"):
+        ds.sample(target, "hmc", num_samples=10, seed=0, init_iters=-1, progress=False)
+    assert set(KERNELS) >= {"hmc", "nuts", "mala", "rwm"}
