@@ -25,8 +25,12 @@ fall due are the same for all: the momentum sums and end momenta of the open blo
 checkpoints, one per level (:math:`O(\text{max depth})` storage, the iterative scheme of blackjax and
 TFP). Chains that stopped are dropped from the batch at each doubling (one host sync per doubling);
 on the CPU, where a sync costs nothing, the log-density is also evaluated only at the rows still
-growing inside a doubling, so ``num_evals`` is exactly the number of leapfrog steps taken. The cost
-of a transition is the deepest chain's tree.
+growing inside a doubling, so ``num_evals`` is exactly the number of leapfrog steps taken (on an
+accelerator a chain stopped inside a subtree is evaluated to its end, and those points are counted
+too). The cost of a transition is the deepest chain's tree. Per-chain state is packed into a few
+tensors, so that dropping chains costs a few row gathers, and the momentum-sum statistics of a
+subtree are formed once from the stacked weights: with small batches each operation costs about its
+dispatch, and the count of operations per leapfrog step is what the sampler adds to the gradient.
 
 Defaults: ``max_tree_depth = 10`` (at most 1023 leapfrog steps) is Stan's, a bound on the cost of
 one transition that a well-adapted step size rarely reaches.
