@@ -25,8 +25,12 @@ fall due are the same for all: the momentum sums and end momenta of the open blo
 checkpoints, one per level (:math:`O(\text{max depth})` storage, the iterative scheme of blackjax and
 TFP). Chains that stopped are dropped from the batch at each doubling (one host sync per doubling);
 on the CPU, where a sync costs nothing, the log-density is also evaluated only at the rows still
-growing inside a doubling, so ``num_evals`` is exactly the number of leapfrog steps taken. The cost
-of a transition is the deepest chain's tree.
+growing inside a doubling, so ``num_evals`` is exactly the number of leapfrog steps taken (on an
+accelerator a chain stopped inside a subtree is evaluated to its end, and those points are counted
+too). The cost of a transition is the deepest chain's tree. Per-chain state is packed into a few
+tensors, so that dropping chains costs a few row gathers, and the momentum-sum statistics of a
+subtree are formed once from the stacked weights: with small batches each operation costs about its
+dispatch, and the count of operations per leapfrog step is what the sampler adds to the gradient.
 
 Defaults: ``max_tree_depth = 10`` (at most 1023 leapfrog steps) is Stan's, a bound on the cost of
 one transition that a well-adapted step size rarely reaches.
@@ -138,16 +142,16 @@ def _drift(inv_mass: Metric, h: torch.Tensor):
     return lambda p: scaled * p
 
 
-def _evaluate(log_prob_and_grad, x: torch.Tensor, live: torch.Tensor | None):
-    """Log-density and gradient at the rows ``live`` of ``x`` (``None``: all rows; the others get
-    NaN and 0), and the number of points evaluated."""
+def _evaluate(log_prob_and_grad, x: torch.Tensor, live: torch.Tensor | None, lp, grad):
+    """Log-density and gradient at the rows ``live`` of ``x`` (``None``: all rows), the other rows
+    keeping ``lp`` and ``grad`` (stale values of stopped rows, never used), and the number of
+    points evaluated."""
     if live is None:
         lp, grad = log_prob_and_grad(x)
         return lp, grad, x.shape[0]
     idx = live.nonzero().squeeze(1)
     lp_live, grad_live = log_prob_and_grad(x.index_select(0, idx))
-    lp = torch.full_like(x[:, 0], torch.nan).index_copy_(0, idx, lp_live)
-    return lp, torch.zeros_like(x).index_copy_(0, idx, grad_live), idx.numel()
+    return lp.index_copy(0, idx, lp_live), grad.index_copy(0, idx, grad_live), idx.numel()
 
 
 def _inner_no_turn(k: int, depth: int, starts: list, ends: list, v, cum):
@@ -194,7 +198,7 @@ def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, 
     cum = torch.zeros_like(p)
     starts: list = [None] * (depth + 1)
     ends: list = [None] * depth
-    num_evals, first, proposal, lives, weights = 0, None, None, [], []
+    num_evals, first, proposal, lives, weights, lp = 0, None, None, [], [], None
     for k in range(size):
         evaluate_at = None
         if sync_free and k:
@@ -204,7 +208,7 @@ def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, 
             evaluate_at = live if num_live < batch else None
         p = p + kick
         x = x + drift(p)
-        lp, grad, count = _evaluate(log_prob_and_grad, x, evaluate_at)
+        lp, grad, count = _evaluate(log_prob_and_grad, x, evaluate_at, lp, grad)
         num_evals += count
         kick = half * grad  # this half kick ends this step and starts the next
         p = p + kick
