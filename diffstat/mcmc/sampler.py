@@ -25,7 +25,6 @@ we test, cheap beside warm-up).
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -50,9 +49,6 @@ from diffstat.mcmc.warmup import METRICS, windowed_warmup
 from diffstat.sampling import SamplerResult, register_sampler
 
 __all__ = ["KERNELS", "TARGET_ACCEPT", "KernelSpec", "initial_points", "run_mcmc"]
-
-#: A chain whose mean acceptance over the draws is below this has not mixed: warn.
-STUCK_ACCEPTANCE = 0.05
 
 
 def _hmc_accept_prob(generator, state, log_prob_and_grad, h, inv_mass):
@@ -211,7 +207,6 @@ def run_mcmc(
         bar.set_description(kernel)
         draws, stats = _sample(generator, warm, lpg, step, spec, trajectory, num_samples, thin, bar)
     attrs = _attrs(kernel, warm, trajectory, num_warmup, max_tree_depth)
-    _warn_stuck(stats["acceptance_rate"])
     return SamplerResult(
         draws.transpose(0, 1), {k: v.transpose(0, 1) for k, v in stats.items()}, attrs=attrs, diagnose=True
     )
@@ -267,18 +262,6 @@ def _sample(generator, warm, lpg, step, spec, trajectory, num_samples, thin, bar
                 stats[key][j] = getattr(info, name)
         bar.update()
     return draws, stats
-
-
-def _warn_stuck(acceptance: torch.Tensor) -> None:
-    rate = acceptance.mean(0)
-    stuck = (rate < STUCK_ACCEPTANCE).nonzero().squeeze(-1).tolist()
-    if stuck:
-        warnings.warn(
-            f"chain(s) {stuck} accepted under {STUCK_ACCEPTANCE:.0%} of their proposals: they have not "
-            "reached or do not mix in the posterior; the draws are unreliable",
-            RuntimeWarning,
-            stacklevel=4,
-        )
 
 
 def _register(kernel: str):
