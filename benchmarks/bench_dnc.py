@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 import diffstat as ds
-from diffstat.dnc.models import GaussianPrior, logistic_log_likelihood, mixture_means_log_likelihood
+from diffstat.dnc.models import (GaussianPrior, logistic_log_likelihood, mixture_means_log_likelihood,
+                                 poisson_log_likelihood)
 from diffstat.dnc.shards import subposteriors
 from diffstat.target import Target
 
@@ -106,6 +107,80 @@ def logistic_problem():
                 data=(design, y), dim=2, num_shards=k, symmetric=False, init=-torch.ones(2, dtype=torch.float64))
 
 
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+
+
+def randhie_problem(num_shards: int = 8):
+    """RAND HIE Poisson regression (the vignette's model): 20,190 rows, 10 coefficients, prior
+    N(0, 4 I), random shards; shards sampled by HMC, 4 chains of 1,000 draws (4,000 per shard)."""
+    from diffstat.targets import randhie_poisson
+
+    x, y, _ = randhie_poisson(os.path.join(DATA, "randhie.csv"))
+    return dict(name=f"randhie_k{num_shards}", dataset="randhie", log_prior=GaussianPrior(4.0),
+                log_likelihood=poisson_log_likelihood, data=(x, y), dim=10, num_shards=num_shards, symmetric=False,
+                init=None, split="random", sampler="hmc", num_chains=4, num_samples=1000,
+                options=dict(num_warmup=1000))
+
+
+def newton_mode(log_prob, x0: torch.Tensor, num_iter: int = 50):
+    """Mode and Hessian of a smooth concave log-density ``(n, dim) -> (n,)`` by Newton's method."""
+    x = x0.clone().double()
+    f = lambda v: log_prob(v[None])[0]  # noqa: E731
+    for _ in range(num_iter):
+        grad = torch.func.grad(f)(x)
+        hess = torch.func.hessian(f)(x)
+        step = torch.linalg.solve(hess, grad)
+        x = x - step
+        if float(step.abs().max()) < 1e-12:
+            break
+    return x, torch.func.hessian(f)(x)
+
+
+class _Whitened:
+    """log p(m + L u): a log-density in the coordinates of its Laplace approximation."""
+
+    def __init__(self, log_prob, mode, chol):
+        self.log_prob, self.mode, self.chol = log_prob, mode, chol
+
+    def __call__(self, u):
+        return self.log_prob(self.mode + u @ self.chol.T)
+
+
+def laplace_reference(problem, seed: int, num_chains: int = 40, num_samples: int = 2500):
+    """Full-data reference: MALA (40 chains, 1,000 warm-up, 2,500 draws thinned by 4) in the
+    coordinates where the full posterior's Laplace approximation is N(0, I), so correlated
+    covariates cost nothing; cached per data set."""
+    path = os.path.join(CACHE, f"{problem['dataset']}_reference_{seed}.pt")
+    if os.path.exists(path):
+        return torch.load(path)
+    full = _FullPosterior(problem["log_prior"], problem["log_likelihood"], problem["data"])
+    mode, hess = newton_mode(full, torch.zeros(problem["dim"], dtype=torch.float64))
+    chol = torch.linalg.cholesky(torch.linalg.inv(-hess))
+    target = Target(_Whitened(full, mode, chol), problem["dim"], dtype=torch.float64)
+    start = time.perf_counter()
+    idata = ds.sample(target, "mala", num_samples=num_samples, num_chains=num_chains, seed=seed + 1, progress=False,
+                      num_warmup=1000, thin=4, init=torch.zeros(problem["dim"], dtype=torch.float64))
+    u = torch.as_tensor(idata.posterior["x"].values).reshape(-1, problem["dim"])
+    rhat = float(np.max(__import__("arviz").rhat(idata).x.values))
+    ref = {"exact": mode + u @ chol.T, "time": time.perf_counter() - start, "rhat": rhat}
+    torch.save(ref, path)
+    return ref
+
+
+def laplace_product_bias(problem, targets, exact: np.ndarray) -> float:
+    """d_MAH of the product of the shards' exact Laplace Gaussians N(mode_k, -H_k^{-1})."""
+    from diffstat.dnc.gaussian import gaussian_product
+
+    modes, covs = [], []
+    for t in targets:
+        mode, hess = newton_mode(t.log_prob, torch.zeros(problem["dim"], dtype=torch.float64))
+        modes.append(mode)
+        covs.append(torch.linalg.inv(-hess))
+    mean, _ = gaussian_product(modes, covs)
+    diff = mean.numpy() - exact.mean(0)
+    return float(np.sqrt(diff @ np.linalg.solve(np.cov(exact, rowvar=False), diff)))
+
+
 def _symmetrise(x: torch.Tensor, seed: int) -> torch.Tensor:
     """Apply a uniformly random permutation of the coordinates to every draw."""
     gen = torch.Generator().manual_seed(seed)
@@ -126,18 +201,24 @@ def shard_draws(problem, seed: int, num_chains: int = 20, num_samples: int = 500
     os.makedirs(CACHE, exist_ok=True)
     path = os.path.join(CACHE, f"{problem['name']}_{seed}.pt")
     targets = subposteriors(problem["log_prior"], problem["log_likelihood"], problem["data"], problem["dim"],
-                            problem["num_shards"], seed=seed, method="contiguous")
+                            problem["num_shards"], seed=seed, method=problem.get("split", "contiguous"))
     if os.path.exists(path):
         cached = torch.load(path)
         return cached["draws"], cached["scores"], cached["exact"], targets, cached["shard_time"]
-    options = dict(num_warmup=1000, thin=5, init=problem["init"])
+    options = problem.get("options", dict(num_warmup=1000, thin=5, init=problem["init"]))
     start = time.perf_counter()
     with cf.ProcessPoolExecutor(max_workers=2) as ex:
-        results = ds.dnc.sample_shards(targets, "mala", num_samples=num_samples, seed=seed, num_chains=num_chains,
-                                       executor=ex, progress=False, **options)
+        results = ds.dnc.sample_shards(targets, problem.get("sampler", "mala"),
+                                       num_samples=problem.get("num_samples", num_samples), seed=seed,
+                                       num_chains=problem.get("num_chains", num_chains), executor=ex, progress=False,
+                                       **options)
     shard_time = time.perf_counter() - start
     draws = [r.draws for r in results]
     scores = [r.scores for r in results]
+    if "dataset" in problem:  # real data: a reference shared by every K
+        exact = laplace_reference(problem, seed)["exact"]
+        torch.save({"draws": draws, "scores": scores, "exact": exact, "shard_time": shard_time}, path)
+        return draws, scores, exact, targets, shard_time
     full = Target(_FullPosterior(problem["log_prior"], problem["log_likelihood"], problem["data"]), problem["dim"],
                   dtype=torch.float64)
     # a large reference: num_samples draws for scoring and as many for the Monte Carlo floor

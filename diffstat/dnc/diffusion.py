@@ -35,38 +35,16 @@ et al. 2023).
    points), as :math:`\int_{A_j}\prod_k p_k` by importance sampling; the particles are resampled
    to those masses and the MCMC goes on.
 
-What the numbers showed (``python benchmarks/bench_dnc.py --problem mixture``, 10,000 draws,
-exact mode weights 1/6 each; "scratch" = runs on the cached seed-0 shards; 2 shared CPU cores):
+5. **Exact correction** (``log_probs``, :mod:`diffstat.dnc.exact_smc`). Given the shards' exact
+   log-densities, their sum is the full posterior: an SMC sampler with adaptive tempering moves
+   particles from a Gaussian (the shards' Gaussian product, or with ``fit_energies=True`` a
+   Gaussian fitted to the learned product's draws) to it, with dense-preconditioned MALA moves
+   and resampling; its weights are the importance correction. By default no energy is fitted
+   then (``fit_energies=None``): the SMC does not need the learned product to be consistent,
+   and the fits cost most of the time.
 
-* The old defaults (own training loop, width 32, 3,000 steps, no calibration): mode weights 0.083
-  to 0.277, d_MAH 0.386, d_IAD 0.129. More MCMC per annealing level (10 steps, 200 levels) did not
-  help (0.048 to 0.295): the weights come from the learned energies, not from poor mixing.
-* Toolkit training with EMA, no calibration (scratch): width 32 / 3,000 steps 0.096 to 0.240.
-* The ``"stf"`` loss (the mixed target averaged over the empirical posterior of 1,024 draws,
-  :func:`~diffstat.diffusion.losses.stf_loss`, which carries the draw counts into the noised
-  energies; scratch): 0.098 to 0.196 in a prototype, 0.091 to 0.231 through the toolkit, at about
-  3 times the fit time: not the default.
-* Calibration from draw counts (scratch): width 32 / 3,000 steps 0.139 to 0.183; width 64 / 6,000
-  steps 0.142 to 0.199. The counts themselves limit it: the product of the four shards' count
-  fractions alone gives 0.159 to 0.180 (seed 0), 0.153 to 0.180 (seed 1), i.e. d_MAH about 0.028
-  when exact draws are reweighted to them; the learned energies within the basins add to that.
-  A forward importance-sampling variant for the shards was worse (0.138 to 0.201).
-* Calibration from the shards' log-densities (1,024 quasi-random points per mode and shard) plus
-  the final within-mode importance resampling (10,000 more points per shard; ESS 0.97 to 0.99 of
-  the particles, so the learned product is close to exact within the modes), about 16,000
-  evaluations per shard against about 70,000 for the shard's own MCMC: the benchmark's
-  ``diffusion_lp`` row, at the Monte Carlo floor.
-* Benchmark, defaults (width 64, 6,000 steps, focused training, calibration), seeds 0 / 1 / 2:
-  ``diffusion`` d_MAH 0.096 / 0.059 / 0.031, d_IAD 0.024 / 0.037 / 0.013; ``diffusion_lp`` d_MAH
-  0.009 / 0.017 / 0.018, d_IAD 0.007 / 0.012 / 0.008; semiparametric (best classical) d_MAH 0.013
-  / 0.026 / 0.020, d_IAD 0.193 / 0.187 / 0.183; exact-draw floor d_MAH 0.018-0.021, d_IAD
-  0.009-0.010. Logistic toy, seed 0: ``diffusion`` 0.075 / 0.029, ``diffusion_lp`` 0.035 / 0.017
-  (published 0.094 / 0.034). Without focused training the logistic toy fell to 0.237 / 0.085.
-* Bimodal 2-d shards (the test, exact weight 0.778): with the test's settings (width 32, 800
-  steps) calibrated 0.757 to 0.771 over seeds 5 to 8, uncalibrated 0.762 to 0.798; with energies
-  whose mode weights are swapped (0.3/0.7), calibration from the draws restores the exact weight.
-* One shard fit at the defaults, one thread: 17.5 s (3-d mixture shard), 16.9 s (2-d logistic
-  shard) at load 2; 37 to 51 s per shard inside the benchmark's two-process pool at load 3.
+Measurements (per-seed figures, what was tried and dropped) are in ``docs/dnc.md``, next to
+``benchmarks/bench_dnc.py`` which reproduces them.
 
 Sampling runs in coordinates :math:`w` where the Gaussian product is :math:`\mathcal N(0, I)`
 (a constant Jacobian), so one step size suits every direction.
@@ -116,29 +94,6 @@ class _Product:
         return fn
 
 
-def _exact_log_prob_and_grad(log_probs, to_x, root_x):
-    """Sum of the shards' exact log-densities at ``x = to_x(w)`` and its gradient in ``w``."""
-
-    def fn(w: torch.Tensor):
-        x = to_x(w).double()
-        lp = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
-        grad = torch.zeros_like(x)
-        for f in log_probs:
-            out = f(x)
-            if isinstance(out, tuple):
-                lp_k, g_k = out
-            else:  # a log-density callable: differentiate it here
-                with torch.enable_grad():
-                    xg = x.detach().requires_grad_(True)
-                    lp_k = f(xg)
-                    (g_k,) = torch.autograd.grad(lp_k.sum(), xg)
-            lp = lp + lp_k.detach().to(lp)
-            grad = grad + g_k.detach().to(grad)
-        return lp.to(w.dtype), (grad @ root_x).to(w.dtype)
-
-    return fn
-
-
 def _sum_log_probs(log_probs, x: torch.Tensor) -> torch.Tensor:
     """Sum of the shards' log-densities at ``x (n, dim)`` (callables ``x -> lp`` or ``x -> (lp, grad)``)."""
     total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
@@ -156,6 +111,41 @@ def _mala_level(generator, state, lpg, h, num_steps):
         state, info = mala_step(generator, state, lpg, h)
         acc.append(info.acceptance_rate.mean())
     return state, torch.stack(acc).mean()
+
+
+_LEARNED_OPTIONS = ("hidden", "depth", "num_steps", "batch_size", "lr", "small_t_fraction", "loss", "num_reference",
+                    "ema_decay", "focus_width", "focus_fraction", "t_min", "t_start", "num_levels", "mcmc_per_level",
+                    "num_final_steps", "resample_threshold", "reweight", "executor", "max_retries", "fits",
+                    "energy_models", "calibrate", "calibrate_options", "calibration_log_probs")
+
+
+def _combine_exact(subposteriors, log_probs, *, num_samples, generator, fit_energies, smc_options, scores,
+                   progress, **learned) -> CombineResult:
+    """SMC to the exact sum of the shards' log-densities from the Gaussian product (or, with
+    ``fit_energies``, from a Gaussian fitted to the learned product's draws)."""
+    from diffstat.dnc.exact_smc import exact_product_smc
+
+    k = len(subposteriors)
+    if len(log_probs) != k:
+        raise ValueError(f"log_probs must hold {k} callables, one per shard")
+    start = time.perf_counter()
+    attrs = {"fit_time": 0.0, "max_fit_time": 0.0, "num_energy_evals": 0, "num_modes": 0, "num_calibrated_modes": 0}
+    if fit_energies:
+        learned_result = combine_diffusion(subposteriors, num_samples=num_samples, generator=generator,
+                                           scores=scores, progress=progress, **learned)
+        attrs.update({key: learned_result.attrs[key] for key in attrs})
+        mean, cov = sample_moments(learned_result.draws.double())
+    else:
+        moments = [sample_moments(x.double()) for x in subposteriors]
+        mean, cov = gaussian_product([a for a, _ in moments], [b for _, b in moments])
+    x, lp, info = exact_product_smc(generator, log_probs, mean, cov, num_samples, **(smc_options or {}))
+    dtype = subposteriors[0].dtype
+    groups = {"smc": {key: info[key] for key in ("betas", "ess", "acceptance_rate")}}
+    attrs.update(combine_time=time.perf_counter() - start - attrs["fit_time"], exact_final_target=1,
+                 num_shard_evals=info["num_evals"], smc_stages=info["num_stages"],
+                 log_normalizer=info["log_normalizer"], final_step_size=info["final_step_size"],
+                 start="learned" if fit_energies else "gaussian_product")
+    return CombineResult(x.to(dtype), {"lp": lp.to(dtype)}, groups, attrs)
 
 
 def combine_diffusion(
@@ -191,6 +181,8 @@ def combine_diffusion(
     calibrate: bool = True,
     calibrate_options: dict | None = None,
     calibration_log_probs=None,
+    fit_energies: bool | None = None,
+    smc_options: dict | None = None,
 ) -> CombineResult:
     r"""The diffusion combiner (module notes).
 
@@ -218,7 +210,13 @@ def combine_diffusion(
         Resample when the ESS falls below this fraction of ``num_samples``.
     log_probs : list of K callables, optional
         The shards' exact log-densities (``x -> lp`` or ``x -> (lp, grad)``, original
-        coordinates): the final MCMC then targets their sum, the exact full posterior.
+        coordinates): the draws are then those of an SMC sampler to their sum, the exact full
+        posterior (:func:`~diffstat.dnc.exact_smc.exact_product_smc`, with ``smc_options``).
+    fit_energies : bool, optional
+        With ``log_probs``: start the SMC from a Gaussian fitted to the learned product's draws
+        (True) or from the shards' Gaussian product, with no fit (False, the default: the SMC is
+        consistent from either start and the fits cost most of the time). Ignored without
+        ``log_probs``.
     executor : concurrent.futures.Executor, optional
         Fit the shard models there (with ``max_retries`` retries); default: in this process.
     fits : list of dicts, optional
@@ -252,13 +250,15 @@ def combine_diffusion(
     """
     from diffstat.diffusion.processes import VP
 
+    if log_probs is not None:
+        return _combine_exact(subposteriors, log_probs, num_samples=num_samples, generator=generator,
+                              fit_energies=bool(fit_energies), smc_options=smc_options, scores=scores,
+                              progress=progress, **{k: v for k, v in locals().items() if k in _LEARNED_OPTIONS})
     num_levels = check_positive_int(num_levels, "num_levels")
     mcmc_per_level = check_positive_int(mcmc_per_level, "mcmc_per_level")
     if not 0 < t_min < t_start <= 1.0:
         raise ValueError(f"need 0 < t_min < t_start <= 1, got t_min={t_min}, t_start={t_start}")
     k = len(subposteriors)
-    if log_probs is not None and len(log_probs) != k:
-        raise ValueError(f"log_probs must hold {k} callables, one per shard")
     if calibration_log_probs is not None and len(calibration_log_probs) != k:
         raise ValueError(f"calibration_log_probs must hold {k} callables, one per shard")
     x_all = torch.cat(subposteriors)
@@ -362,21 +362,15 @@ def combine_diffusion(
             bar.update()
 
         # ---- MCMC at t = t_min on the summed energy (or the exact shard log-densities)
-        if log_probs is not None:
-            to_x = lambda w_: m + (mu_p.to(dtype) + w_.to(dtype) @ root.T) @ chol.T  # noqa: E731
-            lpg = _exact_log_prob_and_grad(log_probs, to_x, (chol @ root).to(torch.float64))
-            x_now = state.x.to(dtype)
-            h = h.to(dtype)
-        else:
-            lpg = product.log_prob_and_grad(t_min)
-            x_now = state.x
+        lpg = product.log_prob_and_grad(t_min)
+        x_now = state.x
         state = MCMCState(x_now, *lpg(x_now))
         adapt = DualAveraging(h.clone(), MALA_TARGET_ACCEPT)
         num_adapt = num_final_steps // 2
         final_acc = []
         cal_info = {"num_modes": 0, "calibrated": [], "shares_before": [], "shares_after": []}
         for j in range(num_final_steps):
-            if j == num_adapt and calibrate and log_probs is None:
+            if j == num_adapt and calibrate:
                 root_inv_s = root_inv.to(sdtype)
                 to_w = lambda z_: ((z_.to(sdtype) - product.shift) @ root_inv_s.T)  # noqa: E731
                 to_z = lambda w_: product.shift + w_ @ product.root.T  # noqa: E731
@@ -398,7 +392,7 @@ def combine_diffusion(
                 final_acc.append(info.acceptance_rate)
             bar.update()
     final_ess = float("nan")
-    if calibration_log_probs is not None and log_probs is None:
+    if calibration_log_probs is not None:
         # within each mode, importance-resample the learned product to the exact one (the modes'
         # masses stay as calibrated): removes the learned energies' bias within the modes
         z_now = mu_p + state.x.to(dtype) @ root.T
@@ -431,7 +425,7 @@ def combine_diffusion(
         "combine_time": float(combine_time),
         "num_energy_evals": int(product.num_evals),
         "final_step_size": float(adapt.final_step_size),
-        "exact_final_target": int(log_probs is not None),
+        "exact_final_target": 0,
         "num_levels": num_levels,
         "num_modes": int(cal_info["num_modes"]),
         "num_calibrated_modes": len(cal_info["calibrated"]),
