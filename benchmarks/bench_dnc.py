@@ -291,9 +291,13 @@ def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict):
         vals = [f(approx, ex) for f in metric_fns]
         rows[name] = vals
         extra = ""
-        if method == "diffusion":
-            a = idata.posterior.attrs
-            extra = (f"   ({'fits reused; ' if name != 'diffusion' else ''}fit per shard max {a['max_fit_time']:.1f} s, total {a['fit_time']:.1f} s; sampling {a['combine_time']:.1f} s;"
+        a = idata.posterior.attrs
+        if name == "diffusion_exact":
+            extra = (f"   (SMC from the {a['start']}: {a['smc_stages']} stages, {a['num_shard_evals']} points per "
+                     f"shard; fit {a['fit_time']:.1f} s)")
+        elif method == "diffusion":
+            extra = (f"   ({'fits reused; ' if name != 'diffusion' else ''}fit per shard max {a['max_fit_time']:.1f} s,"
+                     f" total {a['fit_time']:.1f} s; sampling {a['combine_time']:.1f} s;"
                      f" modes {a['num_modes']}, calibrated {a['num_calibrated_modes']},"
                      f" shard log-density evaluations {a['num_shard_evals']} per shard"
                      + (f", final IS ESS {a['final_is_ess']:.2f}" if a['num_shard_evals'] else "") + ")")
@@ -302,17 +306,30 @@ def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict):
     floor = [f(ex2, ex) for f in metric_fns]
     print(f"{'(exact draws)':<16}{floor[0]:>8.3f}{floor[1]:>8.3f}{floor[2]:>8.3f}   <- {num_samples} reference draws "
           "scored the same way: the Monte Carlo floor")
-    pub = PUBLISHED[problem["name"]]
-    print("published diffusion (Trojan et al.): " + ", ".join(f"{k} {v}" for k, v in pub.items()))
+    if "dataset" in problem:
+        bias = laplace_product_bias(problem, targets, exact.numpy())
+        print(f"product of the shards' exact Laplace Gaussians: d_MAH {bias:.3f} (the Gaussian combiners' bias)")
+        classical = [v for k, v in rows.items() if not k.startswith("diffusion")]
+        for k, v in rows.items():
+            if k.startswith("diffusion") and classical:
+                better = all(v[i] < min(c[i] for c in classical) for i in (0, 1))
+                print(f"{k} better than every classical combiner on d_MAH and d_IAD: {better}")
+        print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    else:
+        pub = PUBLISHED[problem["name"]]
+        print("published diffusion (Trojan et al.): " + ", ".join(f"{k} {v}" for k, v in pub.items()))
     return rows
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--problem", default="both", choices=["mixture", "logistic", "both"])
+    parser.add_argument("--problem", default="both",
+                        choices=["mixture", "logistic", "both", "randhie", "real"])
+    parser.add_argument("--shards", default="8,16", help="K for the real data sets")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-samples", type=int, default=10000)
-    parser.add_argument("--methods", default="consensus,gaussian,swiss,semiparametric,diffusion,diffusion_lp")
+    parser.add_argument("--num-samples", type=int, default=None, help="default: 10,000 (toys), 4,000 (real data)")
+    parser.add_argument("--methods", default=None, help="default: consensus,gaussian,swiss,semiparametric, then "
+                        "diffusion,diffusion_lp on the toys, diffusion_exact on real data")
     parser.add_argument("--num-steps", type=int, default=None, help="default: the combiner's")
     parser.add_argument("--hidden", type=int, default=None, help="default: the combiner's")
     parser.add_argument("--num-levels", type=int, default=None, help="default: the combiner's")
@@ -320,13 +337,20 @@ def main():
     parser.add_argument("--no-calibrate", action="store_true", help="diffusion without the mode-weight calibration")
     args = parser.parse_args()
     problems = {"mixture": mixture_problem, "logistic": logistic_problem}
-    names = ["mixture", "logistic"] if args.problem == "both" else [args.problem]
+    for k in (int(v) for v in args.shards.split(",")):
+        problems[f"randhie_k{k}"] = lambda k=k: randhie_problem(k)
+    names = {"both": ["mixture", "logistic"], "real": [n for n in problems if n.startswith("randhie")],
+             "randhie": [n for n in problems if n.startswith("randhie")]}.get(args.problem, [args.problem])
     dopts = {k: v for k, v in dict(num_steps=args.num_steps, hidden=args.hidden, num_levels=args.num_levels,
                                    num_final_steps=args.num_final_steps).items() if v is not None}
     if args.no_calibrate:
         dopts["calibrate"] = False
     for name in names:
-        run(problems[name](), args.seed, args.methods.split(","), args.num_samples, dopts)
+        problem = problems[name]()
+        default = "diffusion_exact" if "dataset" in problem else "diffusion,diffusion_lp"
+        methods = args.methods or f"consensus,gaussian,swiss,semiparametric,{default}"
+        num_samples = 4000 if "dataset" in problem and args.num_samples is None else (args.num_samples or 10000)
+        run(problem, args.seed, methods.split(","), num_samples, dopts)
 
 
 if __name__ == "__main__":

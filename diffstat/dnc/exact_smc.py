@@ -24,8 +24,12 @@ the importance correction, so the draws are consistent for the full posterior wh
 Why start from a Gaussian and not from the shards' draws: the product of disagreeing shards lives
 in their tails (RAND HIE: the Laplace product is 2 posterior sds off), so no shard draw is a good
 proposal, while a Gaussian widened by ``inflation`` covers the full posterior and has a density.
-Defaults: ``inflation = 1.5`` covers a 2-sd displacement of the Gaussian product at a cost of a
-few more stages; ``target_ess = 0.5`` is the usual choice (Zhou, Johansen and Aston 2016).
+Defaults: ``laplace=True`` first moves the Gaussian to the Laplace approximation of the exact
+product (Newton's method from gradients, :func:`laplace_refine`): for a regression posterior on
+many rows it is close to exact, so one tempering stage often suffices; ``inflation = 1.2`` widens
+it enough to cover the posterior's skewed tail; ``target_ess = 0.5`` is the usual choice (Zhou,
+Johansen and Aston 2016); ``num_final_steps = 5`` MALA steps at :math:`\beta = 1` leave a
+duplicate of the last resampling unmoved with probability about :math:`0.43^5 \approx 1.5\%`.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 from diffstat.tempering.resampling import ess, systematic
 from diffstat.tempering.smc import next_beta
 
-__all__ = ["sum_of_log_probs", "exact_product_smc"]
+__all__ = ["sum_of_log_probs", "laplace_refine", "exact_product_smc"]
 
 
 def sum_of_log_probs(log_probs: list[Callable]) -> Callable:
@@ -66,6 +70,51 @@ def sum_of_log_probs(log_probs: list[Callable]) -> Callable:
         return lp, grad
 
     return fn
+
+
+def laplace_refine(log_prob_and_grad: Callable, mean: torch.Tensor, cov: torch.Tensor, *, num_iter: int = 20,
+                   eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor, int]:
+    r"""Mode and Laplace covariance of a log-density from its gradients, starting at a Gaussian.
+
+    Newton's method in the coordinates :math:`u` with :math:`x = m + L u`, :math:`LL^\top` the
+    start covariance: the Hessian :math:`H_u` is the central difference of the gradient at
+    :math:`u \pm \epsilon e_j` (all :math:`2d + 1` points in one call), the step
+    :math:`-H_u^{-1}\nabla_u` is halved until the log-density increases. It stops when the step is
+    below :math:`10^{-8}` start sds, or returns the start unchanged where the Hessian is not negative
+    definite (a product that is not log-concave near its mode: the SMC then starts from the given
+    Gaussian). Returns ``(mode, covariance, number of points evaluated)``.
+
+    ``eps = 1e-3`` start sds: central differences err by :math:`O(\epsilon^2)` times the third
+    derivative, far below the Monte Carlo error of any combiner.
+    """
+    dtype = torch.float64
+    chol = torch.linalg.cholesky(0.5 * (cov + cov.T).to(dtype))
+    dim = mean.shape[0]
+    offsets = torch.cat([torch.zeros(1, dim, dtype=dtype), eps * torch.eye(dim, dtype=dtype),
+                         -eps * torch.eye(dim, dtype=dtype)]).to(mean.device)
+    x = mean.to(dtype)
+    evals = 0
+    for _ in range(num_iter):
+        lp, g = log_prob_and_grad(x + offsets @ chol.T)
+        evals += offsets.shape[0]
+        g_u = g @ chol
+        hess = (g_u[1:dim + 1] - g_u[dim + 1:]) / (2 * eps)
+        hess = 0.5 * (hess + hess.T)
+        neg_chol, not_pd = torch.linalg.cholesky_ex(-hess)
+        if int(not_pd) != 0 or not bool(torch.isfinite(lp[0])):
+            return mean.to(dtype), cov.to(dtype), evals
+        step = torch.cholesky_solve(g_u[0][:, None], neg_chol)[:, 0]
+        for _ in range(10):  # halve until the log-density increases
+            lp_new, _ = log_prob_and_grad((x + chol @ step)[None])
+            evals += 1
+            if bool(lp_new[0] >= lp[0]):
+                break
+            step = 0.5 * step
+        x = x + chol @ step
+        if float(step.abs().max()) < 1e-8:
+            break
+    cov_u = torch.cholesky_inverse(neg_chol)
+    return x, chol @ cov_u @ chol.T, evals
 
 
 def _weighted_moments(x: torch.Tensor, log_w: torch.Tensor):
@@ -135,11 +184,12 @@ def exact_product_smc(
     cov: torch.Tensor,
     num_particles: int,
     *,
-    inflation: float = 1.5,
+    inflation: float = 1.2,
+    laplace: bool = True,
     target_ess: float = 0.5,
     resample_threshold: float = 0.5,
     num_mcmc_steps: int = 4,
-    num_final_steps: int = 10,
+    num_final_steps: int = 5,
     max_stages: int = 200,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     r"""Draws of :math:`\prod_k p_k` by SMC from :math:`\mathcal N(\mu, c^2\Sigma)` (module notes).
@@ -150,7 +200,12 @@ def exact_product_smc(
         The shards' log-densities in the original coordinates (``x -> (lp, grad)`` or
         ``x -> lp``), any additive constants.
     mean : (dim,), cov : (dim, dim)
-        The Gaussian the particles start from (before ``inflation``).
+        The Gaussian the particles start from (before ``inflation``), or with ``laplace`` where
+        the mode search starts.
+    laplace : bool
+        Start from the Laplace approximation of the exact product instead
+        (:func:`laplace_refine`; a few hundred single-point evaluations, next to
+        ``num_particles`` per MALA step).
     num_particles : int
     inflation : float
         :math:`c`, the factor on the Gaussian's standard deviations.
@@ -173,6 +228,10 @@ def exact_product_smc(
     dtype = torch.float64
     mean, cov = mean.to(dtype), cov.to(dtype)
     dim = mean.shape[0]
+    exact = sum_of_log_probs(log_probs)
+    laplace_evals = 0
+    if laplace:
+        mean, cov, laplace_evals = laplace_refine(exact, mean, cov)
     q_cov = inflation**2 * 0.5 * (cov + cov.T)
     q_chol = torch.linalg.cholesky(q_cov)
     q_prec = torch.cholesky_inverse(q_chol)
@@ -180,7 +239,8 @@ def exact_product_smc(
     log_mass_q = torch.log(torch.diagonal(q_chol)).sum() + 0.5 * dim * math.log(2 * math.pi)
     eps = torch.randn(num_particles, dim, generator=generator, dtype=dtype, device=generator.device).to(mean.device)
     x = mean + eps @ q_chol.T
-    parts_obj = _Parts(sum_of_log_probs(log_probs), mean, q_prec)
+    parts_obj = _Parts(exact, mean, q_prec)
+    parts_obj.num_evals = laplace_evals
     cur = parts_obj.evaluate(x)
     beta = torch.zeros((), dtype=dtype, device=x.device)
     log_w = torch.zeros(num_particles, dtype=dtype, device=x.device)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import diffstat as ds
-from diffstat.dnc.exact_smc import exact_product_smc, sum_of_log_probs
+from diffstat.dnc.exact_smc import exact_product_smc, laplace_refine, sum_of_log_probs
 
 # shard k: log p_k(y) = a_k y - b_k e^y per coordinate (the log of a Gamma(a_k, b_k) variable);
 # the product is log Gamma(A, B), A = sum a_k, B = sum b_k: mean digamma(A) - log B, variance trigamma(A).
@@ -38,12 +38,28 @@ def _z_scores(x, mean, cov, n_eff):
     return (x.mean(0) - mean) / torch.sqrt(torch.diagonal(cov) / n_eff)
 
 
-def _run(shards, seed, n=2000):
+def _run(shards, seed, n=2000, laplace=False):
     gen = torch.Generator().manual_seed(seed)
     mean, cov = _exact_moments()
     # a start 3 sds off in both coordinates and half as wide: the product lives in its tail
     start = mean + 3 * torch.sqrt(torch.diagonal(cov))
-    return exact_product_smc(gen, shards, start, 0.25 * cov, n)
+    return exact_product_smc(gen, shards, start, 0.25 * cov, n, laplace=laplace)
+
+
+def test_laplace_refine_finds_the_exact_mode_and_curvature():
+    """log Gamma(A, B) per coordinate: mode y = log(A / B), Hessian -A; from a start 3 sds off."""
+    shards = [LogGammaShard(a, b) for a, b in zip(A_K, B_K)]
+    mean, cov = _exact_moments()
+    mode, lap_cov, evals = laplace_refine(sum_of_log_probs(shards), mean + 3 * torch.sqrt(torch.diagonal(cov)), cov)
+    a, b = A_K.sum(0), B_K.sum(0)
+    assert torch.allclose(mode, MIX @ torch.log(a / b), atol=1e-8)
+    assert torch.allclose(lap_cov, MIX @ torch.diag(1 / a) @ MIX.T, rtol=1e-5)
+    assert 0 < evals < 200
+    # not log-concave (a bimodal product): the start comes back unchanged
+    bimodal = [lambda x: torch.logsumexp(torch.stack([-0.5 * ((x - 2) ** 2).sum(-1), -0.5 * ((x + 2) ** 2).sum(-1)]), 0)]
+    eye = torch.eye(2, dtype=torch.float64)
+    m0, c0, _ = laplace_refine(sum_of_log_probs(bimodal), torch.zeros(2, dtype=torch.float64), eye)
+    assert torch.equal(m0, torch.zeros(2, dtype=torch.float64)) and torch.equal(c0, eye)
 
 
 def test_smc_reaches_the_exact_skewed_product():
