@@ -1,4 +1,5 @@
-"""Divide-and-conquer combiners on Trojan, Fearnhead and Nemeth's (2024) two toy problems.
+"""Divide-and-conquer combiners on Trojan, Fearnhead and Nemeth's (2024) two toy problems and two
+real data sets.
 
 (a) Mixture of Gaussians: y_i from an equal-weight mixture of N(-0.4, 0.2), N(0.4, 0.2), N(0, 0.2),
     N = 2000, the three means unknown with a N(0, 1) prior, 4 contiguous shards. The posterior is
@@ -17,7 +18,19 @@ Rows: ``diffusion`` sees only the shards' draws and scores (mode masses from the
 (``calibration_log_probs``; the count is printed); ``diffusion_exact`` (not run by default) runs
 the final MCMC on the exact sum of shard log-densities.
 
-Run:  python benchmarks/bench_dnc.py [--problem mixture|logistic|both] [--seed 0]
+(c) RAND HIE (``data/randhie.csv``): Poisson regression of outpatient visits, 20,190 rows, 10
+    coefficients, prior N(0, 4 I), random shards, K = 8 and 16 (the README vignette's model).
+(d) ISLP's Default (``data/default.csv``): logistic regression of a rare event (3.3% defaults),
+    10,000 rows, 4 coefficients, prior N(0, 25 I), random shards, K = 8, 16 and 32.
+
+On the real data sets, shards are sampled by HMC (4 chains of 1,000 draws, 4,000 per shard);
+the reference is MALA on the full data in the coordinates of its Laplace approximation (40
+chains of 2,500 draws thinned by 4), cached per data set; the row ``diffusion_exact`` is the
+diffusion combiner given the shards' log-densities (an SMC to their exact sum,
+:mod:`diffstat.dnc.exact_smc`); the product of the shards' exact Laplace Gaussians is printed
+beside it (how far off any Gaussian combiner must be).
+
+Run:  python benchmarks/bench_dnc.py [--problem mixture|logistic|both|randhie|default|real] [--seed 0]
 Shard draws are cached in benchmarks/_cache_dnc/ (delete to resample).
 """
 
@@ -118,6 +131,26 @@ def randhie_problem(num_shards: int = 8):
     x, y, _ = randhie_poisson(os.path.join(DATA, "randhie.csv"))
     return dict(name=f"randhie_k{num_shards}", dataset="randhie", log_prior=GaussianPrior(4.0),
                 log_likelihood=poisson_log_likelihood, data=(x, y), dim=10, num_shards=num_shards, symmetric=False,
+                init=None, split="random", sampler="hmc", num_chains=4, num_samples=1000,
+                options=dict(num_warmup=1000))
+
+
+def default_problem(num_shards: int = 8):
+    """ISLP's Default data (``data/default.csv``): logistic regression of the rare default (333 of
+    10,000) on an intercept, student (0/1), standardised balance and income; prior N(0, 25 I);
+    random shards, so at K = 32 a shard sees about 10 defaults and its sub-posterior is skewed.
+    Shards sampled by HMC, 4 chains of 1,000 draws."""
+    import csv
+
+    with open(os.path.join(DATA, "default.csv"), newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    y = torch.tensor([r[0] == "Yes" for r in rows], dtype=torch.float64)
+    student = torch.tensor([r[1] == "Yes" for r in rows], dtype=torch.float64)
+    num = torch.tensor([[float(r[2]), float(r[3])] for r in rows], dtype=torch.float64)
+    num = (num - num.mean(0)) / num.std(0)
+    x = torch.cat([torch.ones(len(rows), 1, dtype=torch.float64), student[:, None], num], 1)
+    return dict(name=f"default_k{num_shards}", dataset="default", log_prior=GaussianPrior(25.0),
+                log_likelihood=logistic_log_likelihood, data=(x, y), dim=4, num_shards=num_shards, symmetric=False,
                 init=None, split="random", sampler="hmc", num_chains=4, num_samples=1000,
                 options=dict(num_warmup=1000))
 
@@ -266,7 +299,7 @@ def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict):
     ex2 = exact.numpy()[perm[num_samples:2 * num_samples]]
     print(f"\n== {problem['name']}: dim {problem['dim']}, {problem['num_shards']} shards, "
           f"{draws[0].shape[0]} draws per shard (shard sampling {shard_time:.1f} s) ==")
-    print(f"{'method':<16}{'d_MAH':>8}{'d_IAD':>8}{'d_skew':>8}{'time (s)':>10}")
+    print(f"{'method':<16}{'d_MAH':>8}{'d_IAD':>8}{'d_skew':>8}{'time (s)':>10}{'cpu (s)':>9}")
     rows = {}
     pool = cf.ProcessPoolExecutor(max_workers=2)  # the per-shard fits on two worker processes
     fit_cache = _FitCache(pool)
@@ -279,21 +312,21 @@ def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict):
         if method == "diffusion_lp":  # the shards' log-densities weigh the product's modes
             opts = dict(diffusion_options, calibration_log_probs=[t.log_prob for t in targets])
             method = "diffusion"
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if method == "diffusion":
             idata = ds.dnc.combine(draws, method, scores=scores, num_samples=num_samples, seed=seed,
                                    progress=False, executor=fit_cache, **opts)
         else:
             idata = ds.dnc.combine(draws, method, scores=scores, num_samples=num_samples, seed=seed, progress=False,
                                    **opts)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         approx = idata.posterior["x"].values.reshape(-1, problem["dim"])
         vals = [f(approx, ex) for f in metric_fns]
         rows[name] = vals
         extra = ""
         a = idata.posterior.attrs
         if name == "diffusion_exact":
-            extra = (f"   (SMC from the {a['start']}: {a['smc_stages']} stages, {a['num_shard_evals']} points per "
+            extra = (f"   (SMC from {a['start']}: {a['smc_stages']} stage(s), {a['num_shard_evals']} points per "
                      f"shard; fit {a['fit_time']:.1f} s)")
         elif method == "diffusion":
             extra = (f"   ({'fits reused; ' if name != 'diffusion' else ''}fit per shard max {a['max_fit_time']:.1f} s,"
@@ -301,7 +334,7 @@ def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict):
                      f" modes {a['num_modes']}, calibrated {a['num_calibrated_modes']},"
                      f" shard log-density evaluations {a['num_shard_evals']} per shard"
                      + (f", final IS ESS {a['final_is_ess']:.2f}" if a['num_shard_evals'] else "") + ")")
-        print(f"{name:<16}{vals[0]:>8.3f}{vals[1]:>8.3f}{vals[2]:>8.3f}{elapsed:>10.1f}{extra}")
+        print(f"{name:<16}{vals[0]:>8.3f}{vals[1]:>8.3f}{vals[2]:>8.3f}{elapsed:>10.1f}{cpu:>9.1f}{extra}")
     pool.shutdown()
     floor = [f(ex2, ex) for f in metric_fns]
     print(f"{'(exact draws)':<16}{floor[0]:>8.3f}{floor[1]:>8.3f}{floor[2]:>8.3f}   <- {num_samples} reference draws "
@@ -324,8 +357,9 @@ def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--problem", default="both",
-                        choices=["mixture", "logistic", "both", "randhie", "real"])
-    parser.add_argument("--shards", default="8,16", help="K for the real data sets")
+                        choices=["mixture", "logistic", "both", "randhie", "default", "real"])
+    parser.add_argument("--shards", default=None, help="K for the real data sets (default: RAND HIE 8,16; "
+                        "Default 8,16,32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-samples", type=int, default=None, help="default: 10,000 (toys), 4,000 (real data)")
     parser.add_argument("--methods", default=None, help="default: consensus,gaussian,swiss,semiparametric, then "
@@ -337,10 +371,12 @@ def main():
     parser.add_argument("--no-calibrate", action="store_true", help="diffusion without the mode-weight calibration")
     args = parser.parse_args()
     problems = {"mixture": mixture_problem, "logistic": logistic_problem}
-    for k in (int(v) for v in args.shards.split(",")):
-        problems[f"randhie_k{k}"] = lambda k=k: randhie_problem(k)
-    names = {"both": ["mixture", "logistic"], "real": [n for n in problems if n.startswith("randhie")],
-             "randhie": [n for n in problems if n.startswith("randhie")]}.get(args.problem, [args.problem])
+    for data, make, ks in (("randhie", randhie_problem, "8,16"), ("default", default_problem, "8,16,32")):
+        for k in (int(v) for v in (args.shards or ks).split(",")):
+            problems[f"{data}_k{k}"] = lambda k=k, make=make: make(k)
+    by_data = {d: [n for n in problems if n.startswith(d)] for d in ("randhie", "default")}
+    names = {"both": ["mixture", "logistic"], "real": by_data["randhie"] + by_data["default"],
+             **by_data}.get(args.problem, [args.problem])
     dopts = {k: v for k, v in dict(num_steps=args.num_steps, hidden=args.hidden, num_levels=args.num_levels,
                                    num_final_steps=args.num_final_steps).items() if v is not None}
     if args.no_calibrate:

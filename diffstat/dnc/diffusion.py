@@ -12,8 +12,7 @@ et al. 2023).
    particle by MALA steps with a per-chain Metropolis-Hastings accept at each time (proposal
    :math:`y = z + h\nabla\log\pi_t + \sqrt{2h}\,\xi`, whose density has :math:`4h` in the
    denominator: the trap in Du et al.'s public code). Finally MCMC at :math:`t = t_{\min}` (MALA
-   with a dual-averaged step size) on the summed energy, or, with ``log_probs``, on the exact sum
-   of shard log-densities (the full posterior).
+   with a dual-averaged step size) on the summed energy.
 
    Mode weights of a multimodal product are settled by the annealing, at the times where the
    modes part; MCMC at small t cannot move mass between modes. ``reweight=True`` turns the
@@ -144,7 +143,8 @@ def _combine_exact(subposteriors, log_probs, *, num_samples, generator, fit_ener
     attrs.update(combine_time=time.perf_counter() - start - attrs["fit_time"], exact_final_target=1,
                  num_shard_evals=info["num_evals"], smc_stages=info["num_stages"],
                  log_normalizer=info["log_normalizer"], final_step_size=info["final_step_size"],
-                 start="learned" if fit_energies else "gaussian_product")
+                 start=("the learned product" if fit_energies else "the Gaussian product")
+                 + (" moved to the Laplace approximation" if info["laplace"] else ""))
     return CombineResult(x.to(dtype), {"lp": lp.to(dtype)}, groups, attrs)
 
 

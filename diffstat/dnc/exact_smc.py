@@ -269,6 +269,6 @@ def exact_product_smc(
         record["ess"].append(frac)
         record["acceptance_rate"].append(float(acc))
     info = {key: torch.tensor(v, dtype=dtype) for key, v in record.items()}
-    info.update(num_stages=len(record["betas"]) - 1, num_evals=int(parts_obj.num_evals), log_normalizer=log_z,
+    info.update(laplace=bool(laplace), num_stages=len(record["betas"]) - 1, num_evals=int(parts_obj.num_evals), log_normalizer=log_z,
                 final_step_size=float(h))
     return x, cur[0], info

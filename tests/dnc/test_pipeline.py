@@ -221,13 +221,15 @@ def test_dask_pipeline_exact_gaussian_posterior(dask_executor, tmp_path):
 
 def test_dask_diffusion_fits_on_workers(dask_executor):
     """The diffusion combiner's per-shard fits run on the Dask workers; with the exact shard
-    log-densities (exact_log_probs) its final MCMC targets the exact posterior."""
+    log-densities (exact_log_probs) and ``fit_energies=True`` the SMC to the exact posterior starts
+    from the learned product."""
     targets, y = _targets()
     mean, cov = _exact_posterior(y)
     idata, _ = ds.dnc.run_pipeline(
         targets, "diffusion", num_samples=1000, seed=2, executor=dask_executor, shard_samples=250, num_chains=4,
         progress=False, sampler_options=dict(num_warmup=200), exact_log_probs=True,
-        combine_options=dict(num_steps=30, hidden=16, depth=2, num_levels=5, num_final_steps=60),
+        combine_options=dict(num_steps=30, hidden=16, depth=2, num_levels=5, num_final_steps=60,
+                             fit_energies=True),
     )
     attrs = idata.posterior.attrs
     assert attrs["exact_final_target"] == 1 and attrs["max_fit_time"] > 0
