@@ -169,6 +169,23 @@ def always_fail_density(theta):
     raise RuntimeError("must not run")
 
 
+def test_checkpoints_are_written_and_never_recomputed(tmp_path):
+    """A second call with the same checkpoint directory and seed runs no shard (its targets would
+    raise), and returns the same draws; a different seed is not mistaken for them."""
+    targets, _ = _targets()
+    first = ds.dnc.sample_shards(targets, "mala", seed=5, executor=None, progress=False, checkpoint_dir=tmp_path,
+                                 **SAMPLER)
+    assert len(list(tmp_path.glob("shard_*_seed_*.pt"))) == 4 and not list(tmp_path.glob("*.tmp"))
+    failing = [Target(always_fail_density, DIM, validate=False) for _ in range(4)]
+    again = ds.dnc.sample_shards(failing, "mala", seed=5, progress=False, checkpoint_dir=tmp_path, max_retries=0,
+                                 **SAMPLER)
+    assert all(torch.equal(a.draws, b.draws) for a, b in zip(first, again))
+    with pytest.raises(ShardFailure), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.dnc.sample_shards(failing, "mala", seed=6, progress=False, checkpoint_dir=tmp_path, max_retries=0,
+                             **SAMPLER)
+
+
 # ----------------------------------------------------------------------------- Dask cluster
 @pytest.fixture(scope="module")
 def dask_executor():
