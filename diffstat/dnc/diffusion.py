@@ -112,10 +112,13 @@ def _mala_level(generator, state, lpg, h, num_steps):
     return state, torch.stack(acc).mean()
 
 
-_LEARNED_OPTIONS = ("hidden", "depth", "num_steps", "batch_size", "lr", "small_t_fraction", "loss", "num_reference",
-                    "ema_decay", "focus_width", "focus_fraction", "t_min", "t_start", "num_levels", "mcmc_per_level",
-                    "num_final_steps", "resample_threshold", "reweight", "executor", "max_retries", "fits",
-                    "energy_models", "calibrate", "calibrate_options", "calibration_log_probs")
+#: Options of the learned product, passed on when ``fit_energies`` starts the exact SMC from it.
+_LEARNED_OPTIONS = (
+    "hidden", "depth", "num_steps", "batch_size", "lr", "small_t_fraction", "loss", "num_reference", "ema_decay",
+    "focus_width", "focus_fraction", "t_min", "t_start", "num_levels", "mcmc_per_level", "num_final_steps",
+    "resample_threshold", "reweight", "executor", "max_retries", "fits", "energy_models", "calibrate",
+    "calibrate_options", "calibration_log_probs",
+)
 
 
 def _combine_exact(subposteriors, log_probs, *, num_samples, generator, fit_energies, smc_options, scores,
@@ -128,7 +131,7 @@ def _combine_exact(subposteriors, log_probs, *, num_samples, generator, fit_ener
     if len(log_probs) != k:
         raise ValueError(f"log_probs must hold {k} callables, one per shard")
     start = time.perf_counter()
-    attrs = {"fit_time": 0.0, "max_fit_time": 0.0, "num_energy_evals": 0, "num_modes": 0, "num_calibrated_modes": 0}
+    attrs = dict(fit_time=0.0, max_fit_time=0.0, num_energy_evals=0, num_modes=0, num_calibrated_modes=0)
     if fit_energies:
         learned_result = combine_diffusion(subposteriors, num_samples=num_samples, generator=generator,
                                            scores=scores, progress=progress, **learned)
@@ -251,9 +254,10 @@ def combine_diffusion(
     from diffstat.diffusion.processes import VP
 
     if log_probs is not None:
+        learned = {k: v for k, v in locals().items() if k in _LEARNED_OPTIONS}
         return _combine_exact(subposteriors, log_probs, num_samples=num_samples, generator=generator,
                               fit_energies=bool(fit_energies), smc_options=smc_options, scores=scores,
-                              progress=progress, **{k: v for k, v in locals().items() if k in _LEARNED_OPTIONS})
+                              progress=progress, **learned)
     num_levels = check_positive_int(num_levels, "num_levels")
     mcmc_per_level = check_positive_int(mcmc_per_level, "mcmc_per_level")
     if not 0 < t_min < t_start <= 1.0:

@@ -35,7 +35,7 @@ duplicate of the last resampling unmoved with probability about :math:`0.43^5 \a
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -72,8 +72,14 @@ def sum_of_log_probs(log_probs: list[Callable]) -> Callable:
     return fn
 
 
-def laplace_refine(log_prob_and_grad: Callable, mean: torch.Tensor, cov: torch.Tensor, *, num_iter: int = 20,
-                   eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor, int]:
+def laplace_refine(
+    log_prob_and_grad: Callable,
+    mean: torch.Tensor,
+    cov: torch.Tensor,
+    *,
+    num_iter: int = 20,
+    eps: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     r"""Mode and Laplace covariance of a log-density from its gradients, starting at a Gaussian.
 
     Newton's method in the coordinates :math:`u` with :math:`x = m + L u`, :math:`LL^\top` the
@@ -90,15 +96,20 @@ def laplace_refine(log_prob_and_grad: Callable, mean: torch.Tensor, cov: torch.T
     dtype = torch.float64
     chol = torch.linalg.cholesky(0.5 * (cov + cov.T).to(dtype))
     dim = mean.shape[0]
-    offsets = torch.cat([torch.zeros(1, dim, dtype=dtype), eps * torch.eye(dim, dtype=dtype),
-                         -eps * torch.eye(dim, dtype=dtype)]).to(mean.device)
+    offsets = torch.cat(
+        [
+            torch.zeros(1, dim, dtype=dtype),
+            eps * torch.eye(dim, dtype=dtype),
+            -eps * torch.eye(dim, dtype=dtype),
+        ]
+    ).to(mean.device)
     x = mean.to(dtype)
     evals = 0
     for _ in range(num_iter):
         lp, g = log_prob_and_grad(x + offsets @ chol.T)
         evals += offsets.shape[0]
         g_u = g @ chol
-        hess = (g_u[1:dim + 1] - g_u[dim + 1:]) / (2 * eps)
+        hess = (g_u[1 : dim + 1] - g_u[dim + 1 :]) / (2 * eps)
         hess = 0.5 * (hess + hess.T)
         neg_chol, not_pd = torch.linalg.cholesky_ex(-hess)
         if int(not_pd) != 0 or not bool(torch.isfinite(lp[0])):
@@ -167,8 +178,10 @@ def _move(generator, x, parts, beta, log_w, h, num_steps):
     for _ in range(num_steps):
         state, info = mala_step(generator, state, fn, h)
         a = info.is_accepted
-        cur = tuple(torch.where(a.unsqueeze(-1) if old.dim() == 2 else a, new, old)
-                    for new, old in zip(parts_obj.last, cur))
+        cur = tuple(
+            torch.where(a.unsqueeze(-1) if old.dim() == 2 else a, new, old)
+            for new, old in zip(parts_obj.last, cur)
+        )
         acc = info.acceptance_rate.mean()
         accs.append(acc)
         # Robbins-Monro on log h toward MALA's optimal acceptance
@@ -237,7 +250,9 @@ def exact_product_smc(
     q_prec = torch.cholesky_inverse(q_chol)
     # log q is kept without its normaliser: log of the integral of exp(log q)
     log_mass_q = torch.log(torch.diagonal(q_chol)).sum() + 0.5 * dim * math.log(2 * math.pi)
-    eps = torch.randn(num_particles, dim, generator=generator, dtype=dtype, device=generator.device).to(mean.device)
+    eps = torch.randn(num_particles, dim, generator=generator, dtype=dtype, device=generator.device).to(
+        mean.device
+    )
     x = mean + eps @ q_chol.T
     parts_obj = _Parts(exact, mean, q_prec)
     parts_obj.num_evals = laplace_evals
@@ -249,8 +264,10 @@ def exact_product_smc(
     record = {"betas": [0.0], "ess": [1.0], "acceptance_rate": [float("nan")]}
     while float(beta) < 1.0:
         if len(record["betas"]) > max_stages:
-            raise RuntimeError(f"the SMC to the exact product needed more than {max_stages} stages; the start "
-                               "Gaussian is far too narrow or the shard log-densities disagree with the draws")
+            raise RuntimeError(
+                f"the SMC to the exact product needed more than {max_stages} stages; the start "
+                "Gaussian is far too narrow or the shard log-densities disagree with the draws"
+            )
         delta = cur[0] - cur[2]
         delta = torch.where(torch.isnan(delta), -math.inf, delta)
         new_beta = next_beta(log_w, delta, beta, target_ess)
@@ -269,6 +286,11 @@ def exact_product_smc(
         record["ess"].append(frac)
         record["acceptance_rate"].append(float(acc))
     info = {key: torch.tensor(v, dtype=dtype) for key, v in record.items()}
-    info.update(laplace=bool(laplace), num_stages=len(record["betas"]) - 1, num_evals=int(parts_obj.num_evals), log_normalizer=log_z,
-                final_step_size=float(h))
+    info.update(
+        laplace=bool(laplace),
+        num_stages=len(record["betas"]) - 1,
+        num_evals=int(parts_obj.num_evals),
+        log_normalizer=log_z,
+        final_step_size=float(h),
+    )
     return x, cur[0], info

@@ -37,8 +37,8 @@ import torch
 
 from diffstat._util import check_positive_int, progress_bar
 
-__all__ = ["ShardResult", "ShardFailure", "sample_one_shard", "sample_shards", "map_with_retries", "run_pipeline",
-           "shard_seeds", "load_checkpoints"]
+__all__ = ["ShardResult", "ShardFailure", "sample_one_shard", "sample_shards", "map_with_retries",
+           "run_pipeline", "shard_seeds", "load_checkpoints"]
 
 
 @dataclass
@@ -103,7 +103,8 @@ def sample_one_shard(target, method: str, shard: int, num_samples: int, num_chai
         path = _checkpoint_path(checkpoint_dir, shard, seed)
         if os.path.exists(path):
             return torch.load(path, weights_only=False)
-        result = sample_one_shard(target, method, shard, num_samples, num_chains, seed, options, worker_threads)
+        result = sample_one_shard(target, method, shard, num_samples, num_chains, seed, options,
+                                  worker_threads)
         tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
         torch.save(result, tmp)
         os.replace(tmp, path)  # atomic: a reader never sees half a file
@@ -190,8 +191,8 @@ def sample_shards(
     own = executor is None
     if own:
         executor = cf.ProcessPoolExecutor(max_workers=max(1, min(num_shards, os.cpu_count() or 1)))
-    args = [(targets[k], method, k, num_samples, num_chains, seeds[k], options, worker_threads, checkpoint_dir)
-            for k in range(num_shards)]
+    args = [(targets[k], method, k, num_samples, num_chains, seeds[k], options, worker_threads,
+             checkpoint_dir) for k in range(num_shards)]
     try:
         return map_with_retries(executor, sample_one_shard, args, max_retries=max_retries, completed=completed,
                                 progress=progress, desc=f"shards ({method})")

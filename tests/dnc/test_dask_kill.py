@@ -67,11 +67,21 @@ def unneeded_recomputations(runs: dict[int, list[int]], killed: set[int]) -> lis
 
 def _targets(marker_dir):
     gen = torch.Generator().manual_seed(0)
-    y = torch.tensor([1.0, -0.5], dtype=torch.float64) + torch.randn(640, DIM, generator=gen, dtype=torch.float64)
+    y = torch.tensor([1.0, -0.5], dtype=torch.float64) + torch.randn(
+        640, DIM, generator=gen, dtype=torch.float64
+    )
     parts = split_indices(y.shape[0], NUM_SHARDS, seed=0)
-    targets = [Target(SubPosterior(GaussianPrior(PRIOR_VAR), CountingLikelihood(marker_dir, k),
-                                   take_rows((y,), rows), NUM_SHARDS), DIM, dtype=torch.float64, validate=False)
-               for k, rows in enumerate(parts)]
+    targets = [
+        Target(
+            SubPosterior(
+                GaussianPrior(PRIOR_VAR), CountingLikelihood(marker_dir, k), take_rows((y,), rows), NUM_SHARDS
+            ),
+            DIM,
+            dtype=torch.float64,
+            validate=False,
+        )
+        for k, rows in enumerate(parts)
+    ]
     return targets, y
 
 
@@ -90,11 +100,15 @@ def test_dask_64_shards_survive_a_killed_worker(tmp_path):
     distributed = pytest.importorskip("dask.distributed")
     import cloudpickle
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # this test module is not importable on workers
+    cloudpickle.register_pickle_by_value(
+        sys.modules[__name__]
+    )  # this test module is not importable on workers
     markers, checkpoints = tmp_path / "markers", tmp_path / "checkpoints"
     markers.mkdir()
     targets, y = _targets(str(markers))
-    cluster = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None)
+    cluster = distributed.LocalCluster(
+        n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
+    )
     client = distributed.Client(cluster)
     try:
         pids = sorted(client.run(os.getpid).values())
@@ -104,9 +118,18 @@ def test_dask_64_shards_survive_a_killed_worker(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             idata, results = ds.dnc.run_pipeline(
-                targets, "gaussian", num_samples=2000, seed=3, executor=client.get_executor(), max_retries=3,
-                shard_samples=SAMPLER["num_samples"], num_chains=SAMPLER["num_chains"], progress=False,
-                sampler_options=dict(num_warmup=SAMPLER["num_warmup"]), checkpoint_dir=str(checkpoints))
+                targets,
+                "gaussian",
+                num_samples=2000,
+                seed=3,
+                executor=client.get_executor(),
+                max_retries=3,
+                shard_samples=SAMPLER["num_samples"],
+                num_chains=SAMPLER["num_chains"],
+                progress=False,
+                sampler_options=dict(num_warmup=SAMPLER["num_warmup"]),
+                checkpoint_dir=str(checkpoints),
+            )
         killer.join()
         new_pids = set(client.run(os.getpid).values())
     finally:
@@ -128,9 +151,19 @@ def test_dask_64_shards_survive_a_killed_worker(tmp_path):
 
     # the check can fail: a shard whose finished result is thrown away is computed again, and flagged
     k = next(i for i, w in enumerate(workers) if w != pids[0] and len(runs[i]) == 1)
-    os.remove(os.path.join(str(checkpoints), f"shard_{k}_seed_{ds.dnc.pipeline.shard_seeds(3, NUM_SHARDS)[k]}.pt"))
-    again = ds.dnc.sample_shards(targets, "mala", seed=3, executor=None, progress=False, checkpoint_dir=str(checkpoints),
-                                 num_chains=SAMPLER["num_chains"], num_samples=SAMPLER["num_samples"],
-                                 num_warmup=SAMPLER["num_warmup"])
+    os.remove(
+        os.path.join(str(checkpoints), f"shard_{k}_seed_{ds.dnc.pipeline.shard_seeds(3, NUM_SHARDS)[k]}.pt")
+    )
+    again = ds.dnc.sample_shards(
+        targets,
+        "mala",
+        seed=3,
+        executor=None,
+        progress=False,
+        checkpoint_dir=str(checkpoints),
+        num_chains=SAMPLER["num_chains"],
+        num_samples=SAMPLER["num_samples"],
+        num_warmup=SAMPLER["num_warmup"],
+    )
     assert torch.equal(again[k].draws, results[k].draws)  # same seed, same draws
     assert unneeded_recomputations(computations(str(markers)), killed) == [k]

@@ -50,13 +50,19 @@ def test_laplace_refine_finds_the_exact_mode_and_curvature():
     """log Gamma(A, B) per coordinate: mode y = log(A / B), Hessian -A; from a start 3 sds off."""
     shards = [LogGammaShard(a, b) for a, b in zip(A_K, B_K)]
     mean, cov = _exact_moments()
-    mode, lap_cov, evals = laplace_refine(sum_of_log_probs(shards), mean + 3 * torch.sqrt(torch.diagonal(cov)), cov)
+    mode, lap_cov, evals = laplace_refine(
+        sum_of_log_probs(shards), mean + 3 * torch.sqrt(torch.diagonal(cov)), cov
+    )
     a, b = A_K.sum(0), B_K.sum(0)
     assert torch.allclose(mode, MIX @ torch.log(a / b), atol=1e-8)
     assert torch.allclose(lap_cov, MIX @ torch.diag(1 / a) @ MIX.T, rtol=1e-5)
     assert 0 < evals < 200
     # not log-concave (a bimodal product): the start comes back unchanged
-    bimodal = [lambda x: torch.logsumexp(torch.stack([-0.5 * ((x - 2) ** 2).sum(-1), -0.5 * ((x + 2) ** 2).sum(-1)]), 0)]
+    bimodal = [
+        lambda x: torch.logsumexp(
+            torch.stack([-0.5 * ((x - 2) ** 2).sum(-1), -0.5 * ((x + 2) ** 2).sum(-1)]), 0
+        )
+    ]
     eye = torch.eye(2, dtype=torch.float64)
     m0, c0, _ = laplace_refine(sum_of_log_probs(bimodal), torch.zeros(2, dtype=torch.float64), eye)
     assert torch.equal(m0, torch.zeros(2, dtype=torch.float64)) and torch.equal(c0, eye)
@@ -119,4 +125,6 @@ def test_combine_diffusion_with_log_probs_is_exact_and_reproducible():
 def test_log_probs_count_is_checked():
     x = [torch.randn(50, 2, dtype=torch.float64) for _ in range(3)]
     with pytest.raises(ValueError, match="log_probs must hold 3"):
-        ds.dnc.combine(x, "diffusion", num_samples=10, seed=0, progress=False, log_probs=[LogGammaShard(1.0, 1.0)])
+        ds.dnc.combine(
+            x, "diffusion", num_samples=10, seed=0, progress=False, log_probs=[LogGammaShard(1.0, 1.0)]
+        )
