@@ -115,12 +115,16 @@ def laplace_refine(
         if int(not_pd) != 0 or not bool(torch.isfinite(lp[0])):
             return mean.to(dtype), cov.to(dtype), evals
         step = torch.cholesky_solve(g_u[0][:, None], neg_chol)[:, 0]
+        improved = False
         for _ in range(10):  # halve until the log-density increases
             lp_new, _ = log_prob_and_grad((x + chol @ step)[None])
             evals += 1
             if bool(lp_new[0] >= lp[0]):
+                improved = True
                 break
             step = 0.5 * step
+        if not improved:  # at the mode to rounding error: keep x and its Hessian
+            break
         x = x + chol @ step
         if float(step.abs().max()) < 1e-8:
             break
