@@ -96,6 +96,7 @@ def _kill_when(marker_dir, pid, num_markers, killed, timeout=60.0):
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_dask_64_shards_survive_a_killed_worker(tmp_path):
     distributed = pytest.importorskip("dask.distributed")
     import cloudpickle
