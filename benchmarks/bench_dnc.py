@@ -288,7 +288,7 @@ class _FitCache:
         return future
 
 
-def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict):
+def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict, combine_seed: int | None = None):
     draws, scores, exact, targets, shard_time = shard_draws(problem, seed)
     metric_fns = _metrics()
     # Trojan et al. score 10,000 draws against 10,000 exact draws: the KDE bandwidth (Scott's rule)
@@ -301,6 +301,7 @@ def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict):
           f"{draws[0].shape[0]} draws per shard (shard sampling {shard_time:.1f} s) ==")
     print(f"{'method':<16}{'d_MAH':>8}{'d_IAD':>8}{'d_skew':>8}{'time (s)':>10}{'cpu (s)':>9}")
     rows = {}
+    cseed = seed if combine_seed is None else combine_seed
     pool = cf.ProcessPoolExecutor(max_workers=2)  # the per-shard fits on two worker processes
     fit_cache = _FitCache(pool)
     for method in methods:
@@ -314,10 +315,10 @@ def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict):
             method = "diffusion"
         start, cpu_start = time.perf_counter(), time.process_time()
         if method == "diffusion":
-            idata = ds.dnc.combine(draws, method, scores=scores, num_samples=num_samples, seed=seed,
+            idata = ds.dnc.combine(draws, method, scores=scores, num_samples=num_samples, seed=cseed,
                                    progress=False, executor=fit_cache, **opts)
         else:
-            idata = ds.dnc.combine(draws, method, scores=scores, num_samples=num_samples, seed=seed, progress=False,
+            idata = ds.dnc.combine(draws, method, scores=scores, num_samples=num_samples, seed=cseed, progress=False,
                                    **opts)
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         approx = idata.posterior["x"].values.reshape(-1, problem["dim"])
@@ -361,6 +362,7 @@ def main():
     parser.add_argument("--shards", default=None, help="K for the real data sets (default: RAND HIE 8,16; "
                         "Default 8,16,32)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--combine-seed", type=int, default=None, help="seed of the combiners (default: --seed)")
     parser.add_argument("--num-samples", type=int, default=None, help="default: 10,000 (toys), 4,000 (real data)")
     parser.add_argument("--methods", default=None, help="default: consensus,gaussian,swiss,semiparametric, then "
                         "diffusion,diffusion_lp on the toys, diffusion_exact on real data")
@@ -386,7 +388,7 @@ def main():
         default = "diffusion_exact" if "dataset" in problem else "diffusion,diffusion_lp"
         methods = args.methods or f"consensus,gaussian,swiss,semiparametric,{default}"
         num_samples = 4000 if "dataset" in problem and args.num_samples is None else (args.num_samples or 10000)
-        run(problem, args.seed, methods.split(","), num_samples, dopts)
+        run(problem, args.seed, methods.split(","), num_samples, dopts, args.combine_seed)
 
 
 if __name__ == "__main__":
