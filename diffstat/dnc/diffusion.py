@@ -20,9 +20,8 @@ et al. 2023).
    resampling when the ESS falls below ``resample_threshold``), which is right for exact energies
    but not for learned ones: score matching fixes only :math:`\nabla_z E_k`, not how
    :math:`E_k` moves with :math:`t`, nor the offset between modes once no draw lies between
-   them, so the weights inherit those arbitrary offsets (measured on the bimodal test: mode weight
-   0.999 against the exact 0.778 with reweighting, 0.782 without). The default is therefore the
-   plain annealed MCMC of Trojan et al. and Du et al.
+   them, so the weights inherit those arbitrary offsets (``docs/dnc.md``). The default is
+   therefore the plain annealed MCMC of Trojan et al. and Du et al.
 
 4. **Calibrate the mode weights** (``calibrate=True``, :mod:`diffstat.dnc.mode_weights`). Score
    matching fixes :math:`\nabla_z E_k`, not the offset of :math:`E_k` between separated modes, so
@@ -58,7 +57,7 @@ import torch
 
 from diffstat._util import check_positive_int, ess_from_log_weights, progress_bar
 from diffstat.dnc.gaussian import CombineResult, gaussian_product, sample_moments
-from diffstat.dnc.energy import ShardEnergy, fit_shard_energy, load_shard_energy, whitening
+from diffstat.dnc.energy import ShardEnergy, fit_shard_energies, focus_weights, load_shard_energy, whitening
 from diffstat.dnc.mode_weights import calibrate_mode_weights
 from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.mcmc.base import MCMCState
@@ -113,42 +112,10 @@ def _mala_level(generator, state, lpg, h, num_steps):
 
 
 #: Options of the learned product, passed on when ``fit_energies`` starts the exact SMC from it.
-_LEARNED_OPTIONS = (
-    "hidden", "depth", "num_steps", "batch_size", "lr", "small_t_fraction", "loss", "num_reference", "ema_decay",
-    "focus_width", "focus_fraction", "t_min", "t_start", "num_levels", "mcmc_per_level", "num_final_steps",
-    "resample_threshold", "reweight", "executor", "max_retries", "fits", "energy_models", "calibrate",
-    "calibrate_options", "calibration_log_probs",
-)
-
-
-def _combine_exact(subposteriors, log_probs, *, num_samples, generator, fit_energies, smc_options, scores,
-                   progress, **learned) -> CombineResult:
-    """SMC to the exact sum of the shards' log-densities from the Gaussian product (or, with
-    ``fit_energies``, from a Gaussian fitted to the learned product's draws)."""
-    from diffstat.dnc.exact_smc import exact_product_smc
-
-    k = len(subposteriors)
-    if len(log_probs) != k:
-        raise ValueError(f"log_probs must hold {k} callables, one per shard")
-    start = time.perf_counter()
-    attrs = dict(fit_time=0.0, max_fit_time=0.0, num_energy_evals=0, num_modes=0, num_calibrated_modes=0)
-    if fit_energies:
-        learned_result = combine_diffusion(subposteriors, num_samples=num_samples, generator=generator,
-                                           scores=scores, progress=progress, **learned)
-        attrs.update({key: learned_result.attrs[key] for key in attrs})
-        mean, cov = sample_moments(learned_result.draws.double())
-    else:
-        moments = [sample_moments(x.double()) for x in subposteriors]
-        mean, cov = gaussian_product([a for a, _ in moments], [b for _, b in moments])
-    x, lp, info = exact_product_smc(generator, log_probs, mean, cov, num_samples, **(smc_options or {}))
-    dtype = subposteriors[0].dtype
-    groups = {"smc": {key: info[key] for key in ("betas", "ess", "acceptance_rate")}}
-    attrs.update(combine_time=time.perf_counter() - start - attrs["fit_time"], exact_final_target=1,
-                 num_shard_evals=info["num_evals"], smc_stages=info["num_stages"],
-                 log_normalizer=info["log_normalizer"], final_step_size=info["final_step_size"],
-                 start=("the learned product" if fit_energies else "the Gaussian product")
-                 + (" moved to the Laplace approximation" if info["laplace"] else ""))
-    return CombineResult(x.to(dtype), {"lp": lp.to(dtype)}, groups, attrs)
+_LEARNED_OPTIONS = tuple(
+    "hidden depth num_steps batch_size lr small_t_fraction loss num_reference ema_decay focus_width focus_fraction "
+    "t_min t_start num_levels mcmc_per_level num_final_steps resample_threshold reweight executor max_retries fits "
+    "energy_models calibrate calibrate_options calibration_log_probs".split())
 
 
 def combine_diffusion(
@@ -254,10 +221,15 @@ def combine_diffusion(
     from diffstat.diffusion.processes import VP
 
     if log_probs is not None:
-        learned = {k: v for k, v in locals().items() if k in _LEARNED_OPTIONS}
-        return _combine_exact(subposteriors, log_probs, num_samples=num_samples, generator=generator,
-                              fit_energies=bool(fit_energies), smc_options=smc_options, scores=scores,
-                              progress=progress, **learned)
+        from diffstat.dnc.exact_smc import combine_exact
+
+        learned = None
+        if fit_energies:
+            opts = {k: v for k, v in locals().items() if k in _LEARNED_OPTIONS}
+            learned = lambda: combine_diffusion(subposteriors, num_samples=num_samples,  # noqa: E731
+                                                generator=generator, scores=scores, progress=progress, **opts)
+        return combine_exact(subposteriors, log_probs, num_samples=num_samples, generator=generator,
+                             smc_options=smc_options, learned=learned)
     num_levels = check_positive_int(num_levels, "num_levels")
     mcmc_per_level = check_positive_int(mcmc_per_level, "mcmc_per_level")
     if not 0 < t_min < t_start <= 1.0:
@@ -276,16 +248,7 @@ def combine_diffusion(
     # ---- the Gaussian product of the shards, in z: where the annealing starts
     moments = [sample_moments(z) for z in zs]
     mu_p, cov_p = gaussian_product([a for a, _ in moments], [b for _, b in moments])
-    focus_w = [None] * k
-    focus = {}
-    if focus_width is not None:
-        # draws near the Gaussian product (within about focus_width of its sds) train at small t,
-        # while sigma_t is below the product's smallest sd
-        sd_min = float(torch.linalg.eigvalsh(cov_p).min().sqrt())
-        focus = dict(focus_fraction=focus_fraction,
-                     focus_t_max=float(VP(t_min=t_min).time_at_sigma(torch.tensor(min(sd_min, 0.5), dtype=torch.float64))))
-        prec = torch.linalg.inv(focus_width**2 * cov_p)
-        focus_w = [torch.softmax(-0.5 * (((z - mu_p) @ prec) * (z - mu_p)).sum(-1), 0).float().cpu() for z in zs]
+    focus_w, focus = focus_weights(zs, mu_p, cov_p, focus_width, focus_fraction, t_min)
 
     # ---- fit the shard models (in parallel on the executor when given)
     seeds = torch.randint(0, 2**31 - 1, (k,), generator=generator, device=generator.device).tolist()
@@ -299,17 +262,7 @@ def combine_diffusion(
     elif fits is None:
         args = [(zs[i].cpu(), None if gs[i] is None else gs[i].cpu()) for i in range(k)]
         kwargs = [dict(fit_kwargs, shard=i, seed=seeds[i], focus_weights=focus_w[i]) for i in range(k)]
-        if executor is None:
-            fits = []
-            with progress_bar(k, "fitting shard models", progress) as bar:
-                for a, kw in zip(args, kwargs):
-                    fits.append(fit_shard_energy(*a, **kw, worker_threads=None))
-                    bar.update()
-        else:
-            from diffstat.dnc.pipeline import map_with_retries
-
-            fits = map_with_retries(executor, fit_shard_energy, args, kwargs, max_retries=max_retries,
-                                    progress=progress, desc="fitting shard models")
+        fits = fit_shard_energies(args, kwargs, executor, max_retries, progress)
     models = energy_models if energy_models is not None else [load_shard_energy(f).to(device) for f in fits]
 
     # ---- sampling coordinates: the Gaussian product (in z) is N(0, I) in w

@@ -35,16 +35,18 @@ duplicate of the last resampling unmoved with probability about :math:`0.43^5 \a
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 import torch
 
+from diffstat.dnc.gaussian import CombineResult, gaussian_product, sample_moments
 from diffstat.mcmc.base import MCMCState
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 from diffstat.tempering.resampling import ess, systematic
 from diffstat.tempering.smc import next_beta
 
-__all__ = ["sum_of_log_probs", "laplace_refine", "exact_product_smc"]
+__all__ = ["sum_of_log_probs", "laplace_refine", "exact_product_smc", "combine_exact"]
 
 
 def sum_of_log_probs(log_probs: list[Callable]) -> Callable:
@@ -298,3 +300,38 @@ def exact_product_smc(
         final_step_size=float(h),
     )
     return x, cur[0], info
+
+
+def combine_exact(subposteriors: list[torch.Tensor], log_probs: list[Callable], *, num_samples: int,
+                  generator: torch.Generator, smc_options: dict | None = None,
+                  learned: Callable[[], CombineResult] | None = None) -> CombineResult:
+    r"""The diffusion combiner given the shards' log-densities (``combine(..., "diffusion",
+    log_probs=...)``): :func:`exact_product_smc` from the shards' Gaussian product, or from a
+    Gaussian fitted to the draws of ``learned()`` (the learned product, ``fit_energies=True``).
+
+    Returns a CombineResult whose ``lp`` is the exact sum of shard log-densities; ``groups["smc"]``
+    the per-stage ``betas``, ``ess``, ``acceptance_rate``; ``attrs`` the learned product's fit
+    times (0 without it), ``num_shard_evals`` (points per shard), ``smc_stages``,
+    ``log_normalizer``, ``start``.
+    """
+    k = len(subposteriors)
+    if len(log_probs) != k:
+        raise ValueError(f"log_probs must hold {k} callables, one per shard")
+    start = time.perf_counter()
+    attrs = dict(fit_time=0.0, max_fit_time=0.0, num_energy_evals=0, num_modes=0, num_calibrated_modes=0)
+    if learned is not None:
+        learned_result = learned()
+        attrs.update({key: learned_result.attrs[key] for key in attrs})
+        mean, cov = sample_moments(learned_result.draws.double())
+    else:
+        moments = [sample_moments(x.double()) for x in subposteriors]
+        mean, cov = gaussian_product([a for a, _ in moments], [b for _, b in moments])
+    x, lp, info = exact_product_smc(generator, log_probs, mean, cov, num_samples, **(smc_options or {}))
+    dtype = subposteriors[0].dtype
+    groups = {"smc": {key: info[key] for key in ("betas", "ess", "acceptance_rate")}}
+    attrs.update(combine_time=time.perf_counter() - start - attrs["fit_time"], exact_final_target=1,
+                 num_shard_evals=info["num_evals"], smc_stages=info["num_stages"],
+                 log_normalizer=info["log_normalizer"], final_step_size=info["final_step_size"],
+                 start=("the learned product" if learned is not None else "the Gaussian product")
+                 + (" moved to the Laplace approximation" if info["laplace"] else ""))
+    return CombineResult(x.to(dtype), {"lp": lp.to(dtype)}, groups, attrs)
