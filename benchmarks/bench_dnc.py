@@ -27,7 +27,8 @@ On the real data sets, shards are sampled by HMC (4 chains of 1,000 draws, 4,000
 the reference is MALA on the full data in the coordinates of its Laplace approximation (40
 chains of 2,500 draws thinned by 4), cached per data set; the row ``diffusion_exact`` is the
 diffusion combiner given the shards' log-densities (an SMC to their exact sum,
-:mod:`diffstat.dnc.exact_smc`); the product of the shards' exact Laplace Gaussians is printed
+:mod:`diffstat.dnc.exact_smc`); ``diffusion_poly`` is given only the log-densities at the shards'
+draws (with the scores: cubic shard energies, :mod:`diffstat.dnc.surrogate`); the product of the shards' exact Laplace Gaussians is printed
 beside it (how far off any Gaussian combiner must be).
 
 Run:  python benchmarks/bench_dnc.py [--problem mixture|logistic|both|randhie|default|real] [--seed 0]
@@ -310,6 +311,9 @@ def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict, 
         if method == "diffusion_exact":
             opts = dict(diffusion_options, log_probs=[t.log_prob_and_grad for t in targets])
             method = "diffusion"
+        if method == "diffusion_poly":  # cubic shard energies from the log-densities at the draws
+            opts = dict(diffusion_options, draw_log_probs=[t.log_prob(x) for t, x in zip(targets, draws)])
+            method = "diffusion"
         if method == "diffusion_lp":  # the shards' log-densities weigh the product's modes
             opts = dict(diffusion_options, calibration_log_probs=[t.log_prob for t in targets])
             method = "diffusion"
@@ -326,9 +330,9 @@ def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict, 
         rows[name] = vals
         extra = ""
         a = idata.posterior.attrs
-        if name == "diffusion_exact":
+        if name in ("diffusion_exact", "diffusion_poly"):
             extra = (f"   (SMC from {a['start']}: {a['smc_stages']} stage(s), {a['num_shard_evals']} points per "
-                     f"shard; fit {a['fit_time']:.1f} s)")
+                     f"shard; {a.get('shard_energies', 'exact shard log-densities')}, fit {a['fit_time']:.1f} s)")
         elif method == "diffusion":
             extra = (f"   ({'fits reused; ' if name != 'diffusion' else ''}fit per shard max {a['max_fit_time']:.1f} s,"
                      f" total {a['fit_time']:.1f} s; sampling {a['combine_time']:.1f} s;"
@@ -385,7 +389,7 @@ def main():
         dopts["calibrate"] = False
     for name in names:
         problem = problems[name]()
-        default = "diffusion_exact" if "dataset" in problem else "diffusion,diffusion_lp"
+        default = "diffusion_poly,diffusion_exact" if "dataset" in problem else "diffusion,diffusion_lp"
         methods = args.methods or f"consensus,gaussian,swiss,semiparametric,{default}"
         num_samples = 4000 if "dataset" in problem and args.num_samples is None else (args.num_samples or 10000)
         run(problem, args.seed, methods.split(","), num_samples, dopts, args.combine_seed)

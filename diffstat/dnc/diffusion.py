@@ -153,6 +153,8 @@ def combine_diffusion(
     calibration_log_probs=None,
     fit_energies: bool | None = None,
     smc_options: dict | None = None,
+    draw_log_probs=None,
+    surrogate_degree: int = 3,
 ) -> CombineResult:
     r"""The diffusion combiner (module notes).
 
@@ -182,6 +184,11 @@ def combine_diffusion(
         The shards' exact log-densities (``x -> lp`` or ``x -> (lp, grad)``, original
         coordinates): the draws are then those of an SMC sampler to their sum, the exact full
         posterior (:func:`~diffstat.dnc.exact_smc.exact_product_smc`, with ``smc_options``).
+    draw_log_probs : list of K tensors ``(n_k,)``, optional
+        :math:`\log p_k` at each shard's draws (any constant per shard; the pipeline keeps them).
+        With ``scores`` and without ``log_probs``: each shard's energy is a polynomial of degree
+        ``surrogate_degree`` fitted to the values and scores at its draws
+        (:mod:`diffstat.dnc.surrogate`), and the SMC samples the product of those; no network.
     fit_energies : bool, optional
         With ``log_probs``: start the SMC from a Gaussian fitted to the learned product's draws
         (True) or from the shards' Gaussian product, with no fit (False, the default: the SMC is
@@ -220,6 +227,16 @@ def combine_diffusion(
     """
     from diffstat.diffusion.processes import VP
 
+    surrogate_time = None
+    if log_probs is None and draw_log_probs is not None:
+        from diffstat.dnc.surrogate import fit_polynomial_shard
+
+        if scores is None or len(draw_log_probs) != len(subposteriors):
+            raise ValueError("draw_log_probs needs scores and one (n_k,) array per shard")
+        start = time.perf_counter()
+        log_probs = [fit_polynomial_shard(x, g, torch.as_tensor(lp), degree=surrogate_degree)
+                     for x, g, lp in zip(subposteriors, scores, draw_log_probs)]
+        surrogate_time, fit_energies = time.perf_counter() - start, False
     if log_probs is not None:
         from diffstat.dnc.exact_smc import combine_exact
 
@@ -228,8 +245,12 @@ def combine_diffusion(
             opts = {k: v for k, v in locals().items() if k in _LEARNED_OPTIONS}
             learned = lambda: combine_diffusion(subposteriors, num_samples=num_samples,  # noqa: E731
                                                 generator=generator, scores=scores, progress=progress, **opts)
-        return combine_exact(subposteriors, log_probs, num_samples=num_samples, generator=generator,
-                             smc_options=smc_options, learned=learned)
+        result = combine_exact(subposteriors, log_probs, num_samples=num_samples, generator=generator,
+                               smc_options=smc_options, learned=learned)
+        if surrogate_time is not None:
+            result.attrs.update(fit_time=surrogate_time, max_fit_time=surrogate_time, exact_final_target=0,
+                                shard_energies=f"polynomial of degree {surrogate_degree}")
+        return result
     num_levels = check_positive_int(num_levels, "num_levels")
     mcmc_per_level = check_positive_int(mcmc_per_level, "mcmc_per_level")
     if not 0 < t_min < t_start <= 1.0:

@@ -287,6 +287,7 @@ def run_pipeline(
     sampler_options: dict | None = None,
     combine_options: dict | None = None,
     exact_log_probs: bool = False,
+    surrogate: bool = False,
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ):
@@ -308,6 +309,10 @@ def run_pipeline(
     exact_log_probs : bool
         Hand the shards' own log-densities to ``"diffusion"``: its draws are then those of an SMC
         to their exact sum, the full posterior (:mod:`diffstat.dnc.exact_smc`).
+    surrogate : bool
+        Hand the shards' log-densities at their draws to ``"diffusion"``: each shard's energy is
+        then a cubic fitted to the values and scores there (:mod:`diffstat.dnc.surrogate`), with no
+        further call of the shard's log-density and no network.
     checkpoint_dir : path, optional
         Shard results are written there and never recomputed (:func:`sample_shards`).
 
@@ -332,6 +337,8 @@ def run_pipeline(
             options.setdefault("max_retries", max_retries)
             if exact_log_probs:
                 options.setdefault("log_probs", [t.log_prob_and_grad for t in targets])
+            if surrogate:
+                options.setdefault("draw_log_probs", [r.log_probs for r in results])
         idata = combine([r.draws for r in results], combiner, scores=[r.scores for r in results],
                         num_samples=num_samples, seed=seed, progress=progress, **options)
     finally:
