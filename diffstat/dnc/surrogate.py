@@ -40,13 +40,18 @@ def _index_sets(dim: int, degree: int) -> list[torch.Tensor]:
             for r in range(2, degree + 1)]
 
 
-def monomials(u: torch.Tensor, index_sets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def monomials(u: torch.Tensor, index_sets: list[torch.Tensor], damping: float | None = None):
     r"""All monomials :math:`u^\alpha`, :math:`1 \le |\alpha| \le D`, at ``u: (n, d)`` and their
-    gradients: ``(n, P)`` and ``(n, d, P)``, the degree-1 terms first, then ``index_sets`` in order."""
+    gradients: ``(n, P)`` and ``(n, d, P)``, the degree-1 terms first, then ``index_sets`` in order.
+    With ``damping`` :math:`s`, the terms of degree 3 and more are multiplied by
+    :math:`\exp(-\lVert u\rVert^2 / 2s^2)`."""
     n, d = u.shape
     values = [u]
     grads = [torch.eye(d, dtype=u.dtype, device=u.device).expand(n, d, d)]
-    for idx in index_sets:
+    if damping is not None:
+        w = torch.exp(-0.5 * (u**2).sum(-1) / damping**2)  # (n,)
+        w_grad = -u * w[:, None] / damping**2  # (n, d)
+    for r, idx in enumerate(index_sets, start=2):
         factors = u[:, idx]  # (n, P, r)
         values.append(factors.prod(-1))
         g = torch.zeros(n, d, idx.shape[0], dtype=u.dtype, device=u.device)
@@ -54,6 +59,9 @@ def monomials(u: torch.Tensor, index_sets: list[torch.Tensor]) -> tuple[torch.Te
         for p in range(idx.shape[1]):
             others = torch.cat([factors[..., :p], factors[..., p + 1:]], -1).prod(-1)  # (n, P)
             g[:, idx[:, p].to(u.device), cols] += others  # (row, column) pairs unique within one p
+        if damping is not None and r >= 3:
+            g = g * w[:, None, None] + w_grad[:, :, None] * values[-1][:, None, :]
+            values[-1] = values[-1] * w[:, None]
         grads.append(g)
     return torch.cat(values, 1), torch.cat(grads, 2)
 
@@ -61,19 +69,20 @@ def monomials(u: torch.Tensor, index_sets: list[torch.Tensor]) -> tuple[torch.Te
 class PolynomialShard:
     """A fitted shard energy: ``x (n, dim) -> (log p_k(x), grad)`` up to a constant (picklable)."""
 
-    def __init__(self, mean: torch.Tensor, chol: torch.Tensor, coef: torch.Tensor, const: float, degree: int):
+    def __init__(self, mean: torch.Tensor, chol: torch.Tensor, coef: torch.Tensor, const: float, degree: int,
+                 damping: float | None = None):
         self.mean, self.chol_inv = mean, torch.linalg.inv(chol)
-        self.coef, self.const, self.degree = coef, float(const), int(degree)
+        self.coef, self.const, self.degree, self.damping = coef, float(const), int(degree), damping
         self.index_sets = _index_sets(mean.shape[0], degree)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         u = (x.to(self.mean) - self.mean) @ self.chol_inv.T
-        values, grads = monomials(u, self.index_sets)
+        values, grads = monomials(u, self.index_sets, self.damping)
         return self.const + values @ self.coef, (grads @ self.coef) @ self.chol_inv
 
 
 def fit_polynomial_shard(x: torch.Tensor, scores: torch.Tensor, log_probs: torch.Tensor, *,
-                         degree: int = 3) -> PolynomialShard:
+                         degree: int = 3, damping: float | None = None) -> PolynomialShard:
     r"""Least-squares polynomial fit of one shard's log-density to its values and scores at its
     draws (module notes).
 
@@ -84,6 +93,10 @@ def fit_polynomial_shard(x: torch.Tensor, scores: torch.Tensor, log_probs: torch
         constant).
     degree : int
         2 (a Gaussian fitted to the scores) or more; 3 by default (module notes).
+    damping : float, optional
+        :math:`s`: the terms of degree 3 and more are damped by :math:`\exp(-\lVert u\rVert^2/2s^2)`
+        (fitted so), so that far from the draws the quadratic part rules and the product stays
+        proper; None (no damping) for exact polynomials.
     """
     if degree < 2:
         raise ValueError(f"degree must be at least 2, got {degree}")
@@ -92,7 +105,7 @@ def fit_polynomial_shard(x: torch.Tensor, scores: torch.Tensor, log_probs: torch
     mean, cov = sample_moments(x)
     chol = torch.linalg.cholesky(cov)
     u = torch.linalg.solve_triangular(chol, (x - mean).T, upper=False).T
-    values, grads = monomials(u, _index_sets(dim, degree))
+    values, grads = monomials(u, _index_sets(dim, degree), damping)
     num_coef = values.shape[1]
     if n * (dim + 1) < 2 * (num_coef + 1):
         raise ValueError(f"{n} draws are too few for a degree-{degree} fit in {dim} dimensions "
@@ -103,4 +116,4 @@ def fit_polynomial_shard(x: torch.Tensor, scores: torch.Tensor, log_probs: torch
     ])
     target = torch.cat([log_probs, (scores @ chol).reshape(n * dim)])
     solution = torch.linalg.lstsq(design, target[:, None]).solution[:, 0]
-    return PolynomialShard(mean, chol, solution[1:], float(solution[0]), degree)
+    return PolynomialShard(mean, chol, solution[1:], float(solution[0]), degree, damping)
