@@ -238,11 +238,11 @@ def combine_diffusion(
         mu_prod, _ = gaussian_product([a for a, _ in moments], [b for _, b in moments])
         log_probs = []
         for (m_k, c_k), x, g, lp in zip(moments, subposteriors, scores, draw_log_probs):
-            # damp the cubic terms beyond twice the product's distance (in shard sds), at least 3
+            # damp the cubic terms beyond 4 times the product's distance (in shard sds), at least 12
             reach = float(torch.linalg.solve_triangular(torch.linalg.cholesky(c_k), (mu_prod - m_k)[:, None],
                                                         upper=False).norm())
             log_probs.append(fit_polynomial_shard(x, g, torch.as_tensor(lp), degree=surrogate_degree,
-                                                  damping=2.0 * max(reach, 3.0)))
+                                                  damping=4.0 * max(reach, 3.0)))
         surrogate_time, fit_energies = time.perf_counter() - start, False
     if log_probs is not None:
         from diffstat.dnc.exact_smc import combine_exact
