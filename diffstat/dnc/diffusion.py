@@ -57,7 +57,7 @@ import torch
 
 from diffstat._util import check_positive_int, ess_from_log_weights, progress_bar
 from diffstat.dnc.gaussian import CombineResult, gaussian_product, sample_moments
-from diffstat.dnc.energy import ShardEnergy, fit_shard_energies, focus_weights, load_shard_energy, whitening
+from diffstat.dnc.energy import ProductEnergy, fit_shard_energies, focus_weights, load_shard_energy, whitening
 from diffstat.dnc.mode_weights import calibrate_mode_weights
 from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.mcmc.base import MCMCState
@@ -65,31 +65,6 @@ from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 from diffstat.tempering.resampling import systematic
 
 __all__ = ["combine_diffusion"]
-
-
-class _Product:
-    r"""The summed energy :math:`\sum_k E_k(\mu + R w, t)` in sampling coordinates ``w``, and
-    ``log_prob_and_grad`` closures for the MCMC kernels (``-energy`` and its gradient)."""
-
-    def __init__(self, models: list[ShardEnergy], shift: torch.Tensor, root: torch.Tensor):
-        self.models, self.shift, self.root = models, shift, root
-        self.num_evals = 0
-
-    def energy(self, w: torch.Tensor, t: float) -> torch.Tensor:
-        z = self.shift + w @ self.root.T
-        tt = torch.tensor(t, dtype=w.dtype, device=w.device)
-        self.num_evals += w.shape[0]
-        return sum(m.energy(z, tt) for m in self.models)
-
-    def log_prob_and_grad(self, t: float):
-        def fn(w: torch.Tensor):
-            with torch.enable_grad():
-                wg = w.detach().requires_grad_(True)
-                e = self.energy(wg, t)
-                (g,) = torch.autograd.grad(e.sum(), wg)
-            return -e.detach(), -g.detach()
-
-        return fn
 
 
 def _sum_log_probs(log_probs, x: torch.Tensor) -> torch.Tensor:
@@ -113,9 +88,9 @@ def _mala_level(generator, state, lpg, h, num_steps):
 
 #: Options of the learned product, passed on when ``fit_energies`` starts the exact SMC from it.
 _LEARNED_OPTIONS = tuple(
-    "hidden depth num_steps batch_size lr small_t_fraction loss num_reference ema_decay focus_width focus_fraction "
-    "t_min t_start num_levels mcmc_per_level num_final_steps resample_threshold reweight executor max_retries fits "
-    "energy_models calibrate calibrate_options calibration_log_probs".split())
+    "hidden depth num_steps batch_size lr small_t_fraction loss num_reference ema_decay focus_width "
+    "focus_fraction t_min t_start num_levels mcmc_per_level num_final_steps resample_threshold reweight "
+    "executor max_retries fits energy_models calibrate calibrate_options calibration_log_probs".split())
 
 
 def combine_diffusion(
@@ -229,20 +204,10 @@ def combine_diffusion(
 
     surrogate_time = None
     if log_probs is None and draw_log_probs is not None:
-        from diffstat.dnc.surrogate import fit_polynomial_shard
+        from diffstat.dnc.surrogate import fit_polynomial_shards
 
-        if scores is None or len(draw_log_probs) != len(subposteriors):
-            raise ValueError("draw_log_probs needs scores and one (n_k,) array per shard")
         start = time.perf_counter()
-        moments = [sample_moments(x.double()) for x in subposteriors]
-        mu_prod, _ = gaussian_product([a for a, _ in moments], [b for _, b in moments])
-        log_probs = []
-        for (m_k, c_k), x, g, lp in zip(moments, subposteriors, scores, draw_log_probs):
-            # damp the cubic terms beyond 4 times the product's distance (in shard sds), at least 12
-            reach = float(torch.linalg.solve_triangular(torch.linalg.cholesky(c_k), (mu_prod - m_k)[:, None],
-                                                        upper=False).norm())
-            log_probs.append(fit_polynomial_shard(x, g, torch.as_tensor(lp), degree=surrogate_degree,
-                                                  damping=4.0 * max(reach, 3.0)))
+        log_probs = fit_polynomial_shards(subposteriors, scores, draw_log_probs, degree=surrogate_degree)
         surrogate_time, fit_energies = time.perf_counter() - start, False
     if log_probs is not None:
         from diffstat.dnc.exact_smc import combine_exact
@@ -296,7 +261,7 @@ def combine_diffusion(
     # ---- sampling coordinates: the Gaussian product (in z) is N(0, I) in w
     root = torch.linalg.cholesky(cov_p)
     sdtype = torch.float32
-    product = _Product(models, mu_p.to(sdtype), root.to(sdtype))
+    product = ProductEnergy(models, mu_p.to(sdtype), root.to(sdtype))
     process = VP(t_min=t_min)
     start = time.perf_counter()
 

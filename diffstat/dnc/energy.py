@@ -27,7 +27,7 @@ from torch import nn
 
 from diffstat.dnc.gaussian import sample_moments
 
-__all__ = ["ShardEnergy", "fit_shard_energy", "fit_shard_energies", "focus_weights", "load_shard_energy",
+__all__ = ["ShardEnergy", "ProductEnergy", "fit_shard_energy", "fit_shard_energies", "focus_weights", "load_shard_energy",
            "whitening"]
 
 
@@ -93,6 +93,31 @@ class ShardEnergy(nn.Module):
             zg = z if z.requires_grad else z.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(self.energy(zg, t).sum(), zg, create_graph=keep_graph)
         return -grad if keep_graph else -grad.detach()
+
+
+class ProductEnergy:
+    r"""The summed energy :math:`\sum_k E_k(\mu + R w, t)` in sampling coordinates ``w``, and
+    ``log_prob_and_grad`` closures for the MCMC kernels (``-energy`` and its gradient)."""
+
+    def __init__(self, models: list[ShardEnergy], shift: torch.Tensor, root: torch.Tensor):
+        self.models, self.shift, self.root = models, shift, root
+        self.num_evals = 0
+
+    def energy(self, w: torch.Tensor, t: float) -> torch.Tensor:
+        z = self.shift + w @ self.root.T
+        tt = torch.tensor(t, dtype=w.dtype, device=w.device)
+        self.num_evals += w.shape[0]
+        return sum(m.energy(z, tt) for m in self.models)
+
+    def log_prob_and_grad(self, t: float):
+        def fn(w: torch.Tensor):
+            with torch.enable_grad():
+                wg = w.detach().requires_grad_(True)
+                e = self.energy(wg, t)
+                (g,) = torch.autograd.grad(e.sum(), wg)
+            return -e.detach(), -g.detach()
+
+        return fn
 
 
 def whitening(subposteriors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

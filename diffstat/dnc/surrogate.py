@@ -36,9 +36,9 @@ import itertools
 
 import torch
 
-from diffstat.dnc.gaussian import sample_moments
+from diffstat.dnc.gaussian import gaussian_product, sample_moments
 
-__all__ = ["monomials", "PolynomialShard", "fit_polynomial_shard"]
+__all__ = ["monomials", "PolynomialShard", "fit_polynomial_shard", "fit_polynomial_shards"]
 
 
 def _index_sets(dim: int, degree: int) -> list[torch.Tensor]:
@@ -124,3 +124,20 @@ def fit_polynomial_shard(x: torch.Tensor, scores: torch.Tensor, log_probs: torch
     target = torch.cat([log_probs, (scores @ chol).reshape(n * dim)])
     solution = torch.linalg.lstsq(design, target[:, None]).solution[:, 0]
     return PolynomialShard(mean, chol, solution[1:], float(solution[0]), degree, damping)
+
+
+def fit_polynomial_shards(subposteriors: list[torch.Tensor], scores: list[torch.Tensor] | None,
+                          draw_log_probs: list, *, degree: int = 3) -> list[PolynomialShard]:
+    """:func:`fit_polynomial_shard` for every shard, each damped at 4 times the distance, in its
+    own sds, from its mean to the shards' Gaussian product (at least 12; module notes)."""
+    if scores is None or len(draw_log_probs) != len(subposteriors):
+        raise ValueError("draw_log_probs needs scores and one (n_k,) array per shard")
+    moments = [sample_moments(x.double()) for x in subposteriors]
+    mu_prod, _ = gaussian_product([a for a, _ in moments], [b for _, b in moments])
+    fits = []
+    for (m_k, c_k), x, g, lp in zip(moments, subposteriors, scores, draw_log_probs):
+        chol_k = torch.linalg.cholesky(c_k)
+        reach = torch.linalg.solve_triangular(chol_k, (mu_prod - m_k)[:, None], upper=False)
+        fits.append(fit_polynomial_shard(x, g, torch.as_tensor(lp), degree=degree,
+                                         damping=4.0 * max(float(reach.norm()), 3.0)))
+    return fits
