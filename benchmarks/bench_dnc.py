@@ -1,4 +1,5 @@
-"""Divide-and-conquer combiners on Trojan, Fearnhead and Nemeth's (2024) two toy problems.
+"""Divide-and-conquer combiners on Trojan, Fearnhead and Nemeth's (2024) two toy problems and two
+real data sets.
 
 (a) Mixture of Gaussians: y_i from an equal-weight mixture of N(-0.4, 0.2), N(0.4, 0.2), N(0, 0.2),
     N = 2000, the three means unknown with a N(0, 1) prior, 4 contiguous shards. The posterior is
@@ -17,7 +18,20 @@ Rows: ``diffusion`` sees only the shards' draws and scores (mode masses from the
 (``calibration_log_probs``; the count is printed); ``diffusion_exact`` (not run by default) runs
 the final MCMC on the exact sum of shard log-densities.
 
-Run:  python benchmarks/bench_dnc.py [--problem mixture|logistic|both] [--seed 0]
+(c) RAND HIE (``data/randhie.csv``): Poisson regression of outpatient visits, 20,190 rows, 10
+    coefficients, prior N(0, 4 I), random shards, K = 8 and 16 (the README vignette's model).
+(d) ISLP's Default (``data/default.csv``): logistic regression of a rare event (3.3% defaults),
+    10,000 rows, 4 coefficients, prior N(0, 25 I), random shards, K = 8, 16 and 32.
+
+On the real data sets, shards are sampled by HMC (4 chains of 1,000 draws, 4,000 per shard);
+the reference is MALA on the full data in the coordinates of its Laplace approximation (40
+chains of 2,500 draws thinned by 4), cached per data set; the row ``diffusion_exact`` is the
+diffusion combiner given the shards' log-densities (an SMC to their exact sum,
+:mod:`diffstat.dnc.exact_smc`); ``diffusion_poly`` is given only the log-densities at the shards'
+draws (with the scores: cubic shard energies, :mod:`diffstat.dnc.surrogate`); the product of the shards' exact Laplace Gaussians is printed
+beside it (how far off any Gaussian combiner must be).
+
+Run:  python benchmarks/bench_dnc.py [--problem mixture|logistic|both|randhie|default|real] [--seed 0]
 Shard draws are cached in benchmarks/_cache_dnc/ (delete to resample).
 """
 
@@ -33,7 +47,8 @@ import numpy as np
 import torch
 
 import diffstat as ds
-from diffstat.dnc.models import GaussianPrior, logistic_log_likelihood, mixture_means_log_likelihood
+from diffstat.dnc.models import (GaussianPrior, logistic_log_likelihood, mixture_means_log_likelihood,
+                                 poisson_log_likelihood)
 from diffstat.dnc.shards import subposteriors
 from diffstat.target import Target
 
@@ -106,6 +121,100 @@ def logistic_problem():
                 data=(design, y), dim=2, num_shards=k, symmetric=False, init=-torch.ones(2, dtype=torch.float64))
 
 
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+
+
+def randhie_problem(num_shards: int = 8):
+    """RAND HIE Poisson regression (the vignette's model): 20,190 rows, 10 coefficients, prior
+    N(0, 4 I), random shards; shards sampled by HMC, 4 chains of 1,000 draws (4,000 per shard)."""
+    from diffstat.targets import randhie_poisson
+
+    x, y, _ = randhie_poisson(os.path.join(DATA, "randhie.csv"))
+    return dict(name=f"randhie_k{num_shards}", dataset="randhie", log_prior=GaussianPrior(4.0),
+                log_likelihood=poisson_log_likelihood, data=(x, y), dim=10, num_shards=num_shards, symmetric=False,
+                init=None, split="random", sampler="hmc", num_chains=4, num_samples=1000,
+                options=dict(num_warmup=1000))
+
+
+def default_problem(num_shards: int = 8):
+    """ISLP's Default data (``data/default.csv``): logistic regression of the rare default (333 of
+    10,000) on an intercept, student (0/1), standardised balance and income; prior N(0, 25 I);
+    random shards, so at K = 32 a shard sees about 10 defaults and its sub-posterior is skewed.
+    Shards sampled by HMC, 4 chains of 1,000 draws."""
+    import csv
+
+    with open(os.path.join(DATA, "default.csv"), newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    y = torch.tensor([r[0] == "Yes" for r in rows], dtype=torch.float64)
+    student = torch.tensor([r[1] == "Yes" for r in rows], dtype=torch.float64)
+    num = torch.tensor([[float(r[2]), float(r[3])] for r in rows], dtype=torch.float64)
+    num = (num - num.mean(0)) / num.std(0)
+    x = torch.cat([torch.ones(len(rows), 1, dtype=torch.float64), student[:, None], num], 1)
+    return dict(name=f"default_k{num_shards}", dataset="default", log_prior=GaussianPrior(25.0),
+                log_likelihood=logistic_log_likelihood, data=(x, y), dim=4, num_shards=num_shards, symmetric=False,
+                init=None, split="random", sampler="hmc", num_chains=4, num_samples=1000,
+                options=dict(num_warmup=1000))
+
+
+def newton_mode(log_prob, x0: torch.Tensor, num_iter: int = 50):
+    """Mode and Hessian of a smooth concave log-density ``(n, dim) -> (n,)`` by Newton's method."""
+    x = x0.clone().double()
+    f = lambda v: log_prob(v[None])[0]  # noqa: E731
+    for _ in range(num_iter):
+        grad = torch.func.grad(f)(x)
+        hess = torch.func.hessian(f)(x)
+        step = torch.linalg.solve(hess, grad)
+        x = x - step
+        if float(step.abs().max()) < 1e-12:
+            break
+    return x, torch.func.hessian(f)(x)
+
+
+class _Whitened:
+    """log p(m + L u): a log-density in the coordinates of its Laplace approximation."""
+
+    def __init__(self, log_prob, mode, chol):
+        self.log_prob, self.mode, self.chol = log_prob, mode, chol
+
+    def __call__(self, u):
+        return self.log_prob(self.mode + u @ self.chol.T)
+
+
+def laplace_reference(problem, seed: int, num_chains: int = 40, num_samples: int = 2500):
+    """Full-data reference: MALA (40 chains, 1,000 warm-up, 2,500 draws thinned by 4) in the
+    coordinates where the full posterior's Laplace approximation is N(0, I), so correlated
+    covariates cost nothing; cached per data set."""
+    path = os.path.join(CACHE, f"{problem['dataset']}_reference_{seed}.pt")
+    if os.path.exists(path):
+        return torch.load(path)
+    full = _FullPosterior(problem["log_prior"], problem["log_likelihood"], problem["data"])
+    mode, hess = newton_mode(full, torch.zeros(problem["dim"], dtype=torch.float64))
+    chol = torch.linalg.cholesky(torch.linalg.inv(-hess))
+    target = Target(_Whitened(full, mode, chol), problem["dim"], dtype=torch.float64)
+    start = time.perf_counter()
+    idata = ds.sample(target, "mala", num_samples=num_samples, num_chains=num_chains, seed=seed + 1, progress=False,
+                      num_warmup=1000, thin=4, init=torch.zeros(problem["dim"], dtype=torch.float64))
+    u = torch.as_tensor(idata.posterior["x"].values).reshape(-1, problem["dim"])
+    rhat = float(np.max(__import__("arviz").rhat(idata).x.values))
+    ref = {"exact": mode + u @ chol.T, "time": time.perf_counter() - start, "rhat": rhat}
+    torch.save(ref, path)
+    return ref
+
+
+def laplace_product_bias(problem, targets, exact: np.ndarray) -> float:
+    """d_MAH of the product of the shards' exact Laplace Gaussians N(mode_k, -H_k^{-1})."""
+    from diffstat.dnc.gaussian import gaussian_product
+
+    modes, covs = [], []
+    for t in targets:
+        mode, hess = newton_mode(t.log_prob, torch.zeros(problem["dim"], dtype=torch.float64))
+        modes.append(mode)
+        covs.append(torch.linalg.inv(-hess))
+    mean, _ = gaussian_product(modes, covs)
+    diff = mean.numpy() - exact.mean(0)
+    return float(np.sqrt(diff @ np.linalg.solve(np.cov(exact, rowvar=False), diff)))
+
+
 def _symmetrise(x: torch.Tensor, seed: int) -> torch.Tensor:
     """Apply a uniformly random permutation of the coordinates to every draw."""
     gen = torch.Generator().manual_seed(seed)
@@ -126,18 +235,24 @@ def shard_draws(problem, seed: int, num_chains: int = 20, num_samples: int = 500
     os.makedirs(CACHE, exist_ok=True)
     path = os.path.join(CACHE, f"{problem['name']}_{seed}.pt")
     targets = subposteriors(problem["log_prior"], problem["log_likelihood"], problem["data"], problem["dim"],
-                            problem["num_shards"], seed=seed, method="contiguous")
+                            problem["num_shards"], seed=seed, method=problem.get("split", "contiguous"))
     if os.path.exists(path):
         cached = torch.load(path)
         return cached["draws"], cached["scores"], cached["exact"], targets, cached["shard_time"]
-    options = dict(num_warmup=1000, thin=5, init=problem["init"])
+    options = problem.get("options", dict(num_warmup=1000, thin=5, init=problem["init"]))
     start = time.perf_counter()
     with cf.ProcessPoolExecutor(max_workers=2) as ex:
-        results = ds.dnc.sample_shards(targets, "mala", num_samples=num_samples, seed=seed, num_chains=num_chains,
-                                       executor=ex, progress=False, **options)
+        results = ds.dnc.sample_shards(targets, problem.get("sampler", "mala"),
+                                       num_samples=problem.get("num_samples", num_samples), seed=seed,
+                                       num_chains=problem.get("num_chains", num_chains), executor=ex, progress=False,
+                                       **options)
     shard_time = time.perf_counter() - start
     draws = [r.draws for r in results]
     scores = [r.scores for r in results]
+    if "dataset" in problem:  # real data: a reference shared by every K
+        exact = laplace_reference(problem, seed)["exact"]
+        torch.save({"draws": draws, "scores": scores, "exact": exact, "shard_time": shard_time}, path)
+        return draws, scores, exact, targets, shard_time
     full = Target(_FullPosterior(problem["log_prior"], problem["log_likelihood"], problem["data"]), problem["dim"],
                   dtype=torch.float64)
     # a large reference: num_samples draws for scoring and as many for the Monte Carlo floor
@@ -174,7 +289,7 @@ class _FitCache:
         return future
 
 
-def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict):
+def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict, combine_seed: int | None = None):
     draws, scores, exact, targets, shard_time = shard_draws(problem, seed)
     metric_fns = _metrics()
     # Trojan et al. score 10,000 draws against 10,000 exact draws: the KDE bandwidth (Scott's rule)
@@ -185,8 +300,9 @@ def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict):
     ex2 = exact.numpy()[perm[num_samples:2 * num_samples]]
     print(f"\n== {problem['name']}: dim {problem['dim']}, {problem['num_shards']} shards, "
           f"{draws[0].shape[0]} draws per shard (shard sampling {shard_time:.1f} s) ==")
-    print(f"{'method':<16}{'d_MAH':>8}{'d_IAD':>8}{'d_skew':>8}{'time (s)':>10}")
+    print(f"{'method':<16}{'d_MAH':>8}{'d_IAD':>8}{'d_skew':>8}{'time (s)':>10}{'cpu (s)':>9}")
     rows = {}
+    cseed = seed if combine_seed is None else combine_seed
     pool = cf.ProcessPoolExecutor(max_workers=2)  # the per-shard fits on two worker processes
     fit_cache = _FitCache(pool)
     for method in methods:
@@ -195,43 +311,65 @@ def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict):
         if method == "diffusion_exact":
             opts = dict(diffusion_options, log_probs=[t.log_prob_and_grad for t in targets])
             method = "diffusion"
+        if method == "diffusion_poly":  # cubic shard energies from the log-densities at the draws
+            opts = dict(diffusion_options, draw_log_probs=[t.log_prob(x) for t, x in zip(targets, draws)])
+            method = "diffusion"
         if method == "diffusion_lp":  # the shards' log-densities weigh the product's modes
             opts = dict(diffusion_options, calibration_log_probs=[t.log_prob for t in targets])
             method = "diffusion"
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if method == "diffusion":
-            idata = ds.dnc.combine(draws, method, scores=scores, num_samples=num_samples, seed=seed,
+            idata = ds.dnc.combine(draws, method, scores=scores, num_samples=num_samples, seed=cseed,
                                    progress=False, executor=fit_cache, **opts)
         else:
-            idata = ds.dnc.combine(draws, method, scores=scores, num_samples=num_samples, seed=seed, progress=False,
+            idata = ds.dnc.combine(draws, method, scores=scores, num_samples=num_samples, seed=cseed, progress=False,
                                    **opts)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         approx = idata.posterior["x"].values.reshape(-1, problem["dim"])
         vals = [f(approx, ex) for f in metric_fns]
         rows[name] = vals
         extra = ""
-        if method == "diffusion":
-            a = idata.posterior.attrs
-            extra = (f"   ({'fits reused; ' if name != 'diffusion' else ''}fit per shard max {a['max_fit_time']:.1f} s, total {a['fit_time']:.1f} s; sampling {a['combine_time']:.1f} s;"
+        a = idata.posterior.attrs
+        if name in ("diffusion_exact", "diffusion_poly"):
+            extra = (f"   (SMC from {a['start']}: {a['smc_stages']} stage(s), {a['num_shard_evals']} points per "
+                     f"shard; {a.get('shard_energies', 'exact shard log-densities')}, fit {a['fit_time']:.1f} s)")
+        elif method == "diffusion":
+            extra = (f"   ({'fits reused; ' if name != 'diffusion' else ''}fit per shard max {a['max_fit_time']:.1f} s,"
+                     f" total {a['fit_time']:.1f} s; sampling {a['combine_time']:.1f} s;"
                      f" modes {a['num_modes']}, calibrated {a['num_calibrated_modes']},"
                      f" shard log-density evaluations {a['num_shard_evals']} per shard"
                      + (f", final IS ESS {a['final_is_ess']:.2f}" if a['num_shard_evals'] else "") + ")")
-        print(f"{name:<16}{vals[0]:>8.3f}{vals[1]:>8.3f}{vals[2]:>8.3f}{elapsed:>10.1f}{extra}")
+        print(f"{name:<16}{vals[0]:>8.3f}{vals[1]:>8.3f}{vals[2]:>8.3f}{elapsed:>10.1f}{cpu:>9.1f}{extra}")
     pool.shutdown()
     floor = [f(ex2, ex) for f in metric_fns]
     print(f"{'(exact draws)':<16}{floor[0]:>8.3f}{floor[1]:>8.3f}{floor[2]:>8.3f}   <- {num_samples} reference draws "
           "scored the same way: the Monte Carlo floor")
-    pub = PUBLISHED[problem["name"]]
-    print("published diffusion (Trojan et al.): " + ", ".join(f"{k} {v}" for k, v in pub.items()))
+    if "dataset" in problem:
+        bias = laplace_product_bias(problem, targets, exact.numpy())
+        print(f"product of the shards' exact Laplace Gaussians: d_MAH {bias:.3f} (the Gaussian combiners' bias)")
+        classical = [v for k, v in rows.items() if not k.startswith("diffusion")]
+        for k, v in rows.items():
+            if k.startswith("diffusion") and classical:
+                better = all(v[i] < min(c[i] for c in classical) for i in (0, 1))
+                print(f"{k} better than every classical combiner on d_MAH and d_IAD: {better}")
+        print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    else:
+        pub = PUBLISHED[problem["name"]]
+        print("published diffusion (Trojan et al.): " + ", ".join(f"{k} {v}" for k, v in pub.items()))
     return rows
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--problem", default="both", choices=["mixture", "logistic", "both"])
+    parser.add_argument("--problem", default="both",
+                        choices=["mixture", "logistic", "both", "randhie", "default", "real"])
+    parser.add_argument("--shards", default=None, help="K for the real data sets (default: RAND HIE 8,16; "
+                        "Default 8,16,32)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-samples", type=int, default=10000)
-    parser.add_argument("--methods", default="consensus,gaussian,swiss,semiparametric,diffusion,diffusion_lp")
+    parser.add_argument("--combine-seed", type=int, default=None, help="seed of the combiners (default: --seed)")
+    parser.add_argument("--num-samples", type=int, default=None, help="default: 10,000 (toys), 4,000 (real data)")
+    parser.add_argument("--methods", default=None, help="default: consensus,gaussian,swiss,semiparametric, then "
+                        "diffusion,diffusion_lp on the toys, diffusion_exact on real data")
     parser.add_argument("--num-steps", type=int, default=None, help="default: the combiner's")
     parser.add_argument("--hidden", type=int, default=None, help="default: the combiner's")
     parser.add_argument("--num-levels", type=int, default=None, help="default: the combiner's")
@@ -239,13 +377,22 @@ def main():
     parser.add_argument("--no-calibrate", action="store_true", help="diffusion without the mode-weight calibration")
     args = parser.parse_args()
     problems = {"mixture": mixture_problem, "logistic": logistic_problem}
-    names = ["mixture", "logistic"] if args.problem == "both" else [args.problem]
+    for data, make, ks in (("randhie", randhie_problem, "8,16"), ("default", default_problem, "8,16,32")):
+        for k in (int(v) for v in (args.shards or ks).split(",")):
+            problems[f"{data}_k{k}"] = lambda k=k, make=make: make(k)
+    by_data = {d: [n for n in problems if n.startswith(d)] for d in ("randhie", "default")}
+    names = {"both": ["mixture", "logistic"], "real": by_data["randhie"] + by_data["default"],
+             **by_data}.get(args.problem, [args.problem])
     dopts = {k: v for k, v in dict(num_steps=args.num_steps, hidden=args.hidden, num_levels=args.num_levels,
                                    num_final_steps=args.num_final_steps).items() if v is not None}
     if args.no_calibrate:
         dopts["calibrate"] = False
     for name in names:
-        run(problems[name](), args.seed, args.methods.split(","), args.num_samples, dopts)
+        problem = problems[name]()
+        default = "diffusion_poly,diffusion_exact" if "dataset" in problem else "diffusion,diffusion_lp"
+        methods = args.methods or f"consensus,gaussian,swiss,semiparametric,{default}"
+        num_samples = 4000 if "dataset" in problem and args.num_samples is None else (args.num_samples or 10000)
+        run(problem, args.seed, methods.split(","), num_samples, dopts, args.combine_seed)
 
 
 if __name__ == "__main__":

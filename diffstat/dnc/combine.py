@@ -103,7 +103,10 @@ def combine(
         Draws of :math:`p_k \propto p(\theta)^{1/K} p(y_{(k)} \mid \theta)`.
     method : {"diffusion", "consensus", "gaussian", "semiparametric", "swiss"}
         ``"diffusion"``: an energy-based diffusion model per shard, the product sampled by
-        annealed MCMC on the sum of energies (:mod:`diffstat.dnc.diffusion`);
+        annealed MCMC on the sum of energies (:mod:`diffstat.dnc.diffusion`); given the shards'
+        log-densities (``log_probs=``), an SMC sampler to their exact sum, the full posterior,
+        which stays right when the shards disagree or are skewed (:mod:`diffstat.dnc.exact_smc`;
+        ``docs/dnc.md`` says when each combiner is exact, approximately right or biased);
         ``"consensus"``: consensus Monte Carlo (:mod:`~diffstat.dnc.consensus`);
         ``"gaussian"``: product of Gaussian approximations (:mod:`~diffstat.dnc.gaussian`);
         ``"semiparametric"``: Neiswanger et al. (:mod:`~diffstat.dnc.semiparametric`);

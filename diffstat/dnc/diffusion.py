@@ -12,8 +12,7 @@ et al. 2023).
    particle by MALA steps with a per-chain Metropolis-Hastings accept at each time (proposal
    :math:`y = z + h\nabla\log\pi_t + \sqrt{2h}\,\xi`, whose density has :math:`4h` in the
    denominator: the trap in Du et al.'s public code). Finally MCMC at :math:`t = t_{\min}` (MALA
-   with a dual-averaged step size) on the summed energy, or, with ``log_probs``, on the exact sum
-   of shard log-densities (the full posterior).
+   with a dual-averaged step size) on the summed energy.
 
    Mode weights of a multimodal product are settled by the annealing, at the times where the
    modes part; MCMC at small t cannot move mass between modes. ``reweight=True`` turns the
@@ -21,9 +20,8 @@ et al. 2023).
    resampling when the ESS falls below ``resample_threshold``), which is right for exact energies
    but not for learned ones: score matching fixes only :math:`\nabla_z E_k`, not how
    :math:`E_k` moves with :math:`t`, nor the offset between modes once no draw lies between
-   them, so the weights inherit those arbitrary offsets (measured on the bimodal test: mode weight
-   0.999 against the exact 0.778 with reweighting, 0.782 without). The default is therefore the
-   plain annealed MCMC of Trojan et al. and Du et al.
+   them, so the weights inherit those arbitrary offsets (``docs/dnc.md``). The default is
+   therefore the plain annealed MCMC of Trojan et al. and Du et al.
 
 4. **Calibrate the mode weights** (``calibrate=True``, :mod:`diffstat.dnc.mode_weights`). Score
    matching fixes :math:`\nabla_z E_k`, not the offset of :math:`E_k` between separated modes, so
@@ -35,38 +33,16 @@ et al. 2023).
    points), as :math:`\int_{A_j}\prod_k p_k` by importance sampling; the particles are resampled
    to those masses and the MCMC goes on.
 
-What the numbers showed (``python benchmarks/bench_dnc.py --problem mixture``, 10,000 draws,
-exact mode weights 1/6 each; "scratch" = runs on the cached seed-0 shards; 2 shared CPU cores):
+5. **Exact correction** (``log_probs``, :mod:`diffstat.dnc.exact_smc`). Given the shards' exact
+   log-densities, their sum is the full posterior: an SMC sampler with adaptive tempering moves
+   particles from a Gaussian (the shards' Gaussian product, or with ``fit_energies=True`` a
+   Gaussian fitted to the learned product's draws) to it, with dense-preconditioned MALA moves
+   and resampling; its weights are the importance correction. By default no energy is fitted
+   then (``fit_energies=None``): the SMC does not need the learned product to be consistent,
+   and the fits cost most of the time.
 
-* The old defaults (own training loop, width 32, 3,000 steps, no calibration): mode weights 0.083
-  to 0.277, d_MAH 0.386, d_IAD 0.129. More MCMC per annealing level (10 steps, 200 levels) did not
-  help (0.048 to 0.295): the weights come from the learned energies, not from poor mixing.
-* Toolkit training with EMA, no calibration (scratch): width 32 / 3,000 steps 0.096 to 0.240.
-* The ``"stf"`` loss (the mixed target averaged over the empirical posterior of 1,024 draws,
-  :func:`~diffstat.diffusion.losses.stf_loss`, which carries the draw counts into the noised
-  energies; scratch): 0.098 to 0.196 in a prototype, 0.091 to 0.231 through the toolkit, at about
-  3 times the fit time: not the default.
-* Calibration from draw counts (scratch): width 32 / 3,000 steps 0.139 to 0.183; width 64 / 6,000
-  steps 0.142 to 0.199. The counts themselves limit it: the product of the four shards' count
-  fractions alone gives 0.159 to 0.180 (seed 0), 0.153 to 0.180 (seed 1), i.e. d_MAH about 0.028
-  when exact draws are reweighted to them; the learned energies within the basins add to that.
-  A forward importance-sampling variant for the shards was worse (0.138 to 0.201).
-* Calibration from the shards' log-densities (1,024 quasi-random points per mode and shard) plus
-  the final within-mode importance resampling (10,000 more points per shard; ESS 0.97 to 0.99 of
-  the particles, so the learned product is close to exact within the modes), about 16,000
-  evaluations per shard against about 70,000 for the shard's own MCMC: the benchmark's
-  ``diffusion_lp`` row, at the Monte Carlo floor.
-* Benchmark, defaults (width 64, 6,000 steps, focused training, calibration), seeds 0 / 1 / 2:
-  ``diffusion`` d_MAH 0.096 / 0.059 / 0.031, d_IAD 0.024 / 0.037 / 0.013; ``diffusion_lp`` d_MAH
-  0.009 / 0.017 / 0.018, d_IAD 0.007 / 0.012 / 0.008; semiparametric (best classical) d_MAH 0.013
-  / 0.026 / 0.020, d_IAD 0.193 / 0.187 / 0.183; exact-draw floor d_MAH 0.018-0.021, d_IAD
-  0.009-0.010. Logistic toy, seed 0: ``diffusion`` 0.075 / 0.029, ``diffusion_lp`` 0.035 / 0.017
-  (published 0.094 / 0.034). Without focused training the logistic toy fell to 0.237 / 0.085.
-* Bimodal 2-d shards (the test, exact weight 0.778): with the test's settings (width 32, 800
-  steps) calibrated 0.757 to 0.771 over seeds 5 to 8, uncalibrated 0.762 to 0.798; with energies
-  whose mode weights are swapped (0.3/0.7), calibration from the draws restores the exact weight.
-* One shard fit at the defaults, one thread: 17.5 s (3-d mixture shard), 16.9 s (2-d logistic
-  shard) at load 2; 37 to 51 s per shard inside the benchmark's two-process pool at load 3.
+Measurements (per-seed figures, what was tried and dropped) are in ``docs/dnc.md``, next to
+``benchmarks/bench_dnc.py`` which reproduces them.
 
 Sampling runs in coordinates :math:`w` where the Gaussian product is :math:`\mathcal N(0, I)`
 (a constant Jacobian), so one step size suits every direction.
@@ -81,7 +57,7 @@ import torch
 
 from diffstat._util import check_positive_int, ess_from_log_weights, progress_bar
 from diffstat.dnc.gaussian import CombineResult, gaussian_product, sample_moments
-from diffstat.dnc.energy import ShardEnergy, fit_shard_energy, load_shard_energy, whitening
+from diffstat.dnc.energy import ProductEnergy, fit_shard_energies, focus_weights, load_shard_energy, whitening
 from diffstat.dnc.mode_weights import calibrate_mode_weights
 from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.mcmc.base import MCMCState
@@ -89,54 +65,6 @@ from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 from diffstat.tempering.resampling import systematic
 
 __all__ = ["combine_diffusion"]
-
-
-class _Product:
-    r"""The summed energy :math:`\sum_k E_k(\mu + R w, t)` in sampling coordinates ``w``, and
-    ``log_prob_and_grad`` closures for the MCMC kernels (``-energy`` and its gradient)."""
-
-    def __init__(self, models: list[ShardEnergy], shift: torch.Tensor, root: torch.Tensor):
-        self.models, self.shift, self.root = models, shift, root
-        self.num_evals = 0
-
-    def energy(self, w: torch.Tensor, t: float) -> torch.Tensor:
-        z = self.shift + w @ self.root.T
-        tt = torch.tensor(t, dtype=w.dtype, device=w.device)
-        self.num_evals += w.shape[0]
-        return sum(m.energy(z, tt) for m in self.models)
-
-    def log_prob_and_grad(self, t: float):
-        def fn(w: torch.Tensor):
-            with torch.enable_grad():
-                wg = w.detach().requires_grad_(True)
-                e = self.energy(wg, t)
-                (g,) = torch.autograd.grad(e.sum(), wg)
-            return -e.detach(), -g.detach()
-
-        return fn
-
-
-def _exact_log_prob_and_grad(log_probs, to_x, root_x):
-    """Sum of the shards' exact log-densities at ``x = to_x(w)`` and its gradient in ``w``."""
-
-    def fn(w: torch.Tensor):
-        x = to_x(w).double()
-        lp = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
-        grad = torch.zeros_like(x)
-        for f in log_probs:
-            out = f(x)
-            if isinstance(out, tuple):
-                lp_k, g_k = out
-            else:  # a log-density callable: differentiate it here
-                with torch.enable_grad():
-                    xg = x.detach().requires_grad_(True)
-                    lp_k = f(xg)
-                    (g_k,) = torch.autograd.grad(lp_k.sum(), xg)
-            lp = lp + lp_k.detach().to(lp)
-            grad = grad + g_k.detach().to(grad)
-        return lp.to(w.dtype), (grad @ root_x).to(w.dtype)
-
-    return fn
 
 
 def _sum_log_probs(log_probs, x: torch.Tensor) -> torch.Tensor:
@@ -156,6 +84,13 @@ def _mala_level(generator, state, lpg, h, num_steps):
         state, info = mala_step(generator, state, lpg, h)
         acc.append(info.acceptance_rate.mean())
     return state, torch.stack(acc).mean()
+
+
+#: Options of the learned product, passed on when ``fit_energies`` starts the exact SMC from it.
+_LEARNED_OPTIONS = tuple(
+    "hidden depth num_steps batch_size lr small_t_fraction loss num_reference ema_decay focus_width "
+    "focus_fraction t_min t_start num_levels mcmc_per_level num_final_steps resample_threshold reweight "
+    "executor max_retries fits energy_models calibrate calibrate_options calibration_log_probs".split())
 
 
 def combine_diffusion(
@@ -191,6 +126,10 @@ def combine_diffusion(
     calibrate: bool = True,
     calibrate_options: dict | None = None,
     calibration_log_probs=None,
+    fit_energies: bool | None = None,
+    smc_options: dict | None = None,
+    draw_log_probs=None,
+    surrogate_degree: int = 3,
 ) -> CombineResult:
     r"""The diffusion combiner (module notes).
 
@@ -218,7 +157,18 @@ def combine_diffusion(
         Resample when the ESS falls below this fraction of ``num_samples``.
     log_probs : list of K callables, optional
         The shards' exact log-densities (``x -> lp`` or ``x -> (lp, grad)``, original
-        coordinates): the final MCMC then targets their sum, the exact full posterior.
+        coordinates): the draws are then those of an SMC sampler to their sum, the exact full
+        posterior (:func:`~diffstat.dnc.exact_smc.exact_product_smc`, with ``smc_options``).
+    draw_log_probs : list of K tensors ``(n_k,)``, optional
+        :math:`\log p_k` at each shard's draws (any constant per shard; the pipeline keeps them).
+        With ``scores`` and without ``log_probs``: each shard's energy is a polynomial of degree
+        ``surrogate_degree`` fitted to the values and scores at its draws
+        (:mod:`diffstat.dnc.surrogate`), and the SMC samples the product of those; no network.
+    fit_energies : bool, optional
+        With ``log_probs``: start the SMC from a Gaussian fitted to the learned product's draws
+        (True) or from the shards' Gaussian product, with no fit (False, the default: the SMC is
+        consistent from either start and the fits cost most of the time). Ignored without
+        ``log_probs``.
     executor : concurrent.futures.Executor, optional
         Fit the shard models there (with ``max_retries`` retries); default: in this process.
     fits : list of dicts, optional
@@ -252,13 +202,32 @@ def combine_diffusion(
     """
     from diffstat.diffusion.processes import VP
 
+    surrogate_time = None
+    if log_probs is None and draw_log_probs is not None:
+        from diffstat.dnc.surrogate import fit_polynomial_shards
+
+        start = time.perf_counter()
+        log_probs = fit_polynomial_shards(subposteriors, scores, draw_log_probs, degree=surrogate_degree)
+        surrogate_time, fit_energies = time.perf_counter() - start, False
+    if log_probs is not None:
+        from diffstat.dnc.exact_smc import combine_exact
+
+        learned = None
+        if fit_energies:
+            opts = {k: v for k, v in locals().items() if k in _LEARNED_OPTIONS}
+            learned = lambda: combine_diffusion(subposteriors, num_samples=num_samples,  # noqa: E731
+                                                generator=generator, scores=scores, progress=progress, **opts)
+        result = combine_exact(subposteriors, log_probs, num_samples=num_samples, generator=generator,
+                               smc_options=smc_options, learned=learned)
+        if surrogate_time is not None:
+            result.attrs.update(fit_time=surrogate_time, max_fit_time=surrogate_time, exact_final_target=0,
+                                shard_energies=f"polynomial of degree {surrogate_degree}")
+        return result
     num_levels = check_positive_int(num_levels, "num_levels")
     mcmc_per_level = check_positive_int(mcmc_per_level, "mcmc_per_level")
     if not 0 < t_min < t_start <= 1.0:
         raise ValueError(f"need 0 < t_min < t_start <= 1, got t_min={t_min}, t_start={t_start}")
     k = len(subposteriors)
-    if log_probs is not None and len(log_probs) != k:
-        raise ValueError(f"log_probs must hold {k} callables, one per shard")
     if calibration_log_probs is not None and len(calibration_log_probs) != k:
         raise ValueError(f"calibration_log_probs must hold {k} callables, one per shard")
     x_all = torch.cat(subposteriors)
@@ -272,16 +241,7 @@ def combine_diffusion(
     # ---- the Gaussian product of the shards, in z: where the annealing starts
     moments = [sample_moments(z) for z in zs]
     mu_p, cov_p = gaussian_product([a for a, _ in moments], [b for _, b in moments])
-    focus_w = [None] * k
-    focus = {}
-    if focus_width is not None:
-        # draws near the Gaussian product (within about focus_width of its sds) train at small t,
-        # while sigma_t is below the product's smallest sd
-        sd_min = float(torch.linalg.eigvalsh(cov_p).min().sqrt())
-        focus = dict(focus_fraction=focus_fraction,
-                     focus_t_max=float(VP(t_min=t_min).time_at_sigma(torch.tensor(min(sd_min, 0.5), dtype=torch.float64))))
-        prec = torch.linalg.inv(focus_width**2 * cov_p)
-        focus_w = [torch.softmax(-0.5 * (((z - mu_p) @ prec) * (z - mu_p)).sum(-1), 0).float().cpu() for z in zs]
+    focus_w, focus = focus_weights(zs, mu_p, cov_p, focus_width, focus_fraction, t_min)
 
     # ---- fit the shard models (in parallel on the executor when given)
     seeds = torch.randint(0, 2**31 - 1, (k,), generator=generator, device=generator.device).tolist()
@@ -295,23 +255,13 @@ def combine_diffusion(
     elif fits is None:
         args = [(zs[i].cpu(), None if gs[i] is None else gs[i].cpu()) for i in range(k)]
         kwargs = [dict(fit_kwargs, shard=i, seed=seeds[i], focus_weights=focus_w[i]) for i in range(k)]
-        if executor is None:
-            fits = []
-            with progress_bar(k, "fitting shard models", progress) as bar:
-                for a, kw in zip(args, kwargs):
-                    fits.append(fit_shard_energy(*a, **kw, worker_threads=None))
-                    bar.update()
-        else:
-            from diffstat.dnc.pipeline import map_with_retries
-
-            fits = map_with_retries(executor, fit_shard_energy, args, kwargs, max_retries=max_retries,
-                                    progress=progress, desc="fitting shard models")
+        fits = fit_shard_energies(args, kwargs, executor, max_retries, progress)
     models = energy_models if energy_models is not None else [load_shard_energy(f).to(device) for f in fits]
 
     # ---- sampling coordinates: the Gaussian product (in z) is N(0, I) in w
     root = torch.linalg.cholesky(cov_p)
     sdtype = torch.float32
-    product = _Product(models, mu_p.to(sdtype), root.to(sdtype))
+    product = ProductEnergy(models, mu_p.to(sdtype), root.to(sdtype))
     process = VP(t_min=t_min)
     start = time.perf_counter()
 
@@ -362,21 +312,15 @@ def combine_diffusion(
             bar.update()
 
         # ---- MCMC at t = t_min on the summed energy (or the exact shard log-densities)
-        if log_probs is not None:
-            to_x = lambda w_: m + (mu_p.to(dtype) + w_.to(dtype) @ root.T) @ chol.T  # noqa: E731
-            lpg = _exact_log_prob_and_grad(log_probs, to_x, (chol @ root).to(torch.float64))
-            x_now = state.x.to(dtype)
-            h = h.to(dtype)
-        else:
-            lpg = product.log_prob_and_grad(t_min)
-            x_now = state.x
+        lpg = product.log_prob_and_grad(t_min)
+        x_now = state.x
         state = MCMCState(x_now, *lpg(x_now))
         adapt = DualAveraging(h.clone(), MALA_TARGET_ACCEPT)
         num_adapt = num_final_steps // 2
         final_acc = []
         cal_info = {"num_modes": 0, "calibrated": [], "shares_before": [], "shares_after": []}
         for j in range(num_final_steps):
-            if j == num_adapt and calibrate and log_probs is None:
+            if j == num_adapt and calibrate:
                 root_inv_s = root_inv.to(sdtype)
                 to_w = lambda z_: ((z_.to(sdtype) - product.shift) @ root_inv_s.T)  # noqa: E731
                 to_z = lambda w_: product.shift + w_ @ product.root.T  # noqa: E731
@@ -398,7 +342,7 @@ def combine_diffusion(
                 final_acc.append(info.acceptance_rate)
             bar.update()
     final_ess = float("nan")
-    if calibration_log_probs is not None and log_probs is None:
+    if calibration_log_probs is not None:
         # within each mode, importance-resample the learned product to the exact one (the modes'
         # masses stay as calibrated): removes the learned energies' bias within the modes
         z_now = mu_p + state.x.to(dtype) @ root.T
@@ -431,7 +375,7 @@ def combine_diffusion(
         "combine_time": float(combine_time),
         "num_energy_evals": int(product.num_evals),
         "final_step_size": float(adapt.final_step_size),
-        "exact_final_target": int(log_probs is not None),
+        "exact_final_target": 0,
         "num_levels": num_levels,
         "num_modes": int(cal_info["num_modes"]),
         "num_calibrated_modes": len(cal_info["calibrated"]),

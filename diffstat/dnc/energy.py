@@ -27,7 +27,8 @@ from torch import nn
 
 from diffstat.dnc.gaussian import sample_moments
 
-__all__ = ["ShardEnergy", "fit_shard_energy", "load_shard_energy", "whitening"]
+__all__ = ["ShardEnergy", "ProductEnergy", "fit_shard_energy", "fit_shard_energies", "focus_weights", "load_shard_energy",
+           "whitening"]
 
 
 class ShardEnergy(nn.Module):
@@ -94,6 +95,31 @@ class ShardEnergy(nn.Module):
         return -grad if keep_graph else -grad.detach()
 
 
+class ProductEnergy:
+    r"""The summed energy :math:`\sum_k E_k(\mu + R w, t)` in sampling coordinates ``w``, and
+    ``log_prob_and_grad`` closures for the MCMC kernels (``-energy`` and its gradient)."""
+
+    def __init__(self, models: list[ShardEnergy], shift: torch.Tensor, root: torch.Tensor):
+        self.models, self.shift, self.root = models, shift, root
+        self.num_evals = 0
+
+    def energy(self, w: torch.Tensor, t: float) -> torch.Tensor:
+        z = self.shift + w @ self.root.T
+        tt = torch.tensor(t, dtype=w.dtype, device=w.device)
+        self.num_evals += w.shape[0]
+        return sum(m.energy(z, tt) for m in self.models)
+
+    def log_prob_and_grad(self, t: float):
+        def fn(w: torch.Tensor):
+            with torch.enable_grad():
+                wg = w.detach().requires_grad_(True)
+                e = self.energy(wg, t)
+                (g,) = torch.autograd.grad(e.sum(), wg)
+            return -e.detach(), -g.detach()
+
+        return fn
+
+
 def whitening(subposteriors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The common affine map of the combiner: mean ``m (dim,)`` and Cholesky factor ``L`` of the
     pooled draws' covariance, :math:`z = L^{-1}(x - m)`."""
@@ -156,6 +182,41 @@ def fit_shard_energy(z: torch.Tensor, grad_z: torch.Tensor | None, *, shard: int
     return {"state_dict": {k: v.detach().clone() for k, v in result.model.state_dict().items()}, "settings": settings,
             "dim": z.shape[1], "loss": result.history["train_loss"], "fit_time": time.perf_counter() - start,
             "shard": shard}
+
+
+def focus_weights(zs, mu_p, cov_p, focus_width, focus_fraction, t_min):
+    """Per shard, weights ``(n_k,)`` of its draws near the Gaussian product ``N(mu_p, cov_p)``
+    (within about ``focus_width`` of its sds), trained at small t while sigma_t is below the
+    product's smallest sd; and the matching :func:`fit_shard_energy` options. ``focus_width=None``:
+    no focus."""
+    from diffstat.diffusion.processes import VP
+
+    if focus_width is None:
+        return [None] * len(zs), {}
+    sd_min = float(torch.linalg.eigvalsh(cov_p).min().sqrt())
+    sigma = torch.tensor(min(sd_min, 0.5), dtype=torch.float64)
+    focus = dict(focus_fraction=focus_fraction, focus_t_max=float(VP(t_min=t_min).time_at_sigma(sigma)))
+    prec = torch.linalg.inv(focus_width**2 * cov_p)
+    return [torch.softmax(-0.5 * (((z - mu_p) @ prec) * (z - mu_p)).sum(-1), 0).float().cpu() for z in zs], focus
+
+
+def fit_shard_energies(args: list[tuple], kwargs: list[dict], executor=None, max_retries: int = 2,
+                       progress: bool = False) -> list[dict]:
+    """:func:`fit_shard_energy` for every shard: on ``executor`` with retries
+    (:func:`~diffstat.dnc.pipeline.map_with_retries`), or in this process."""
+    from diffstat._util import progress_bar
+
+    if executor is not None:
+        from diffstat.dnc.pipeline import map_with_retries
+
+        return map_with_retries(executor, fit_shard_energy, args, kwargs, max_retries=max_retries,
+                                progress=progress, desc="fitting shard models")
+    fits = []
+    with progress_bar(len(args), "fitting shard models", progress) as bar:
+        for a, kw in zip(args, kwargs):
+            fits.append(fit_shard_energy(*a, **kw, worker_threads=None))
+            bar.update()
+    return fits
 
 
 def load_shard_energy(fit: dict) -> ShardEnergy:

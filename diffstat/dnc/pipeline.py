@@ -7,11 +7,20 @@ draws are kept in the target's unconstrained coordinates together with the log-d
 gradient at each draw (evaluated at the draws: the samplers do not return them), which the
 diffusion combiner's target score matching needs.
 
-Fault tolerance: a shard whose task raises is resubmitted (same seed, so the same draws) up to
+Fault tolerance: a shard whose task raises (or whose worker process dies: Dask reports it as
+``KilledWorker`` or reschedules it itself) is resubmitted (same seed, so the same draws) up to
 ``max_retries`` times, each failure reported by a warning and recorded. Results are collected as
 they finish, so a shard that fails for good never costs the finished ones: :class:`ShardFailure`
 carries every finished :class:`ShardResult`, and ``sample_shards(..., completed=err.completed)``
 resumes with only the missing shards.
+
+Checkpoints (``checkpoint_dir=``): every shard task writes its result to
+``checkpoint_dir/shard_<k>.pt`` (atomically: a temporary file, then a rename) before it returns,
+and a task whose file exists returns it without sampling. A result that was finished on a worker
+that then dies, before the client fetched it, is therefore not recomputed when Dask reruns the
+task, and a later call (or a restarted client) with the same directory runs only the missing
+shards. On several machines the directory must be on a file system that every worker and the
+client see (NFS, a cluster scratch disk); the seeds make a recomputed shard identical anyway.
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ import torch
 
 from diffstat._util import check_positive_int, progress_bar
 
-__all__ = ["ShardResult", "ShardFailure", "sample_one_shard", "sample_shards", "map_with_retries", "run_pipeline", "shard_seeds"]
+__all__ = ["ShardResult", "ShardFailure", "sample_one_shard", "sample_shards", "map_with_retries",
+           "run_pipeline", "shard_seeds", "load_checkpoints"]
 
 
 @dataclass
@@ -67,10 +77,38 @@ def shard_seeds(seed: int, num_shards: int) -> list[int]:
     return [int(c.generate_state(1, dtype=np.uint32)[0]) for c in children]
 
 
+def _checkpoint_path(checkpoint_dir, shard: int, seed: int) -> str:
+    return os.path.join(os.fspath(checkpoint_dir), f"shard_{shard}_seed_{seed}.pt")
+
+
+def load_checkpoints(checkpoint_dir, seeds: list[int]) -> dict[int, ShardResult]:
+    """The shards whose results ``checkpoint_dir`` holds (for these seeds): shard -> ShardResult."""
+    if checkpoint_dir is None:
+        return {}
+    found = {}
+    for k, s in enumerate(seeds):
+        path = _checkpoint_path(checkpoint_dir, k, s)
+        if os.path.exists(path):
+            found[k] = torch.load(path, weights_only=False)
+    return found
+
+
 def sample_one_shard(target, method: str, shard: int, num_samples: int, num_chains, seed: int,
-                     options: dict, worker_threads: int | None = 1) -> ShardResult:
+                     options: dict, worker_threads: int | None = 1, checkpoint_dir=None) -> ShardResult:
     """Sample one sub-posterior (runs in a worker). Calls the registered sampler directly so the
-    draws stay in unconstrained coordinates, then evaluates log-density and gradient at them."""
+    draws stay in unconstrained coordinates, then evaluates log-density and gradient at them.
+    With ``checkpoint_dir``, a result already there is returned as it is, and a new one is written
+    there (module notes)."""
+    if checkpoint_dir is not None:
+        path = _checkpoint_path(checkpoint_dir, shard, seed)
+        if os.path.exists(path):
+            return torch.load(path, weights_only=False)
+        result = sample_one_shard(target, method, shard, num_samples, num_chains, seed, options,
+                                  worker_threads)
+        tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+        torch.save(result, tmp)
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        return result
     from diffstat.sampling import _REGISTRY, _load_samplers
 
     if worker_threads is not None:
@@ -107,6 +145,7 @@ def sample_shards(
     completed: dict[int, ShardResult] | None = None,
     progress: bool = True,
     worker_threads: int | None = 1,
+    checkpoint_dir: str | os.PathLike | None = None,
     **options,
 ) -> list[ShardResult]:
     """Sample every sub-posterior in ``targets`` on ``executor``; return the results in shard order.
@@ -128,6 +167,9 @@ def sample_shards(
         Finished shards from an earlier call (``ShardFailure.completed``): not run again.
     worker_threads : int or None
         ``torch.set_num_threads`` in the worker (None leaves it).
+    checkpoint_dir : path, optional
+        Every finished shard is written there by its worker and never sampled again, by this call
+        or a later one with the same directory and seed (module notes); it is created if missing.
     **options
         Options of the sampler.
 
@@ -143,10 +185,14 @@ def sample_shards(
         raise ValueError(f"max_retries must be a non-negative integer, got {max_retries!r}")
     num_shards = len(targets)
     seeds = shard_seeds(seed, num_shards)
+    if checkpoint_dir is not None:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        completed = {**load_checkpoints(checkpoint_dir, seeds), **(completed or {})}
     own = executor is None
     if own:
         executor = cf.ProcessPoolExecutor(max_workers=max(1, min(num_shards, os.cpu_count() or 1)))
-    args = [(targets[k], method, k, num_samples, num_chains, seeds[k], options, worker_threads) for k in range(num_shards)]
+    args = [(targets[k], method, k, num_samples, num_chains, seeds[k], options, worker_threads,
+             checkpoint_dir) for k in range(num_shards)]
     try:
         return map_with_retries(executor, sample_one_shard, args, max_retries=max_retries, completed=completed,
                                 progress=progress, desc=f"shards ({method})")
@@ -241,14 +287,15 @@ def run_pipeline(
     sampler_options: dict | None = None,
     combine_options: dict | None = None,
     exact_log_probs: bool = False,
+    surrogate: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ):
     r"""From sub-posterior targets to the combined posterior.
 
     Samples every shard (:func:`sample_shards`), then combines with ``ds.dnc.combine(combiner)``,
     passing the stored scores; for ``"diffusion"`` the per-shard model fits also run on
-    ``executor``, and ``exact_log_probs=True`` hands the shards' own log-densities to the combiner
-    for its final MCMC (the exact product at t = 0).
+    ``executor``.
 
     Parameters
     ----------
@@ -259,6 +306,15 @@ def run_pipeline(
         Combined draws.
     shard_samples : int
         Draws per chain on each shard.
+    exact_log_probs : bool
+        Hand the shards' own log-densities to ``"diffusion"``: its draws are then those of an SMC
+        to their exact sum, the full posterior (:mod:`diffstat.dnc.exact_smc`).
+    surrogate : bool
+        Hand the shards' log-densities at their draws to ``"diffusion"``: each shard's energy is
+        then a cubic fitted to the values and scores there (:mod:`diffstat.dnc.surrogate`), with no
+        further call of the shard's log-density and no network.
+    checkpoint_dir : path, optional
+        Shard results are written there and never recomputed (:func:`sample_shards`).
 
     Returns
     -------
@@ -274,13 +330,15 @@ def run_pipeline(
     try:
         results = sample_shards(targets, sampler, num_samples=shard_samples, seed=seed, num_chains=num_chains,
                                 executor=executor, max_retries=max_retries, progress=progress,
-                                **(sampler_options or {}))
+                                checkpoint_dir=checkpoint_dir, **(sampler_options or {}))
         options = dict(combine_options or {})
         if combiner == "diffusion":
             options.setdefault("executor", executor)
             options.setdefault("max_retries", max_retries)
             if exact_log_probs:
                 options.setdefault("log_probs", [t.log_prob_and_grad for t in targets])
+            if surrogate:
+                options.setdefault("draw_log_probs", [r.log_probs for r in results])
         idata = combine([r.draws for r in results], combiner, scores=[r.scores for r in results],
                         num_samples=num_samples, seed=seed, progress=progress, **options)
     finally:

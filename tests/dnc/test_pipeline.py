@@ -169,6 +169,23 @@ def always_fail_density(theta):
     raise RuntimeError("must not run")
 
 
+def test_checkpoints_are_written_and_never_recomputed(tmp_path):
+    """A second call with the same checkpoint directory and seed runs no shard (its targets would
+    raise), and returns the same draws; a different seed is not mistaken for them."""
+    targets, _ = _targets()
+    first = ds.dnc.sample_shards(targets, "mala", seed=5, executor=None, progress=False, checkpoint_dir=tmp_path,
+                                 **SAMPLER)
+    assert len(list(tmp_path.glob("shard_*_seed_*.pt"))) == 4 and not list(tmp_path.glob("*.tmp"))
+    failing = [Target(always_fail_density, DIM, validate=False) for _ in range(4)]
+    again = ds.dnc.sample_shards(failing, "mala", seed=5, progress=False, checkpoint_dir=tmp_path, max_retries=0,
+                                 **SAMPLER)
+    assert all(torch.equal(a.draws, b.draws) for a, b in zip(first, again))
+    with pytest.raises(ShardFailure), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.dnc.sample_shards(failing, "mala", seed=6, progress=False, checkpoint_dir=tmp_path, max_retries=0,
+                             **SAMPLER)
+
+
 # ----------------------------------------------------------------------------- Dask cluster
 @pytest.fixture(scope="module")
 def dask_executor():
@@ -221,13 +238,15 @@ def test_dask_pipeline_exact_gaussian_posterior(dask_executor, tmp_path):
 
 def test_dask_diffusion_fits_on_workers(dask_executor):
     """The diffusion combiner's per-shard fits run on the Dask workers; with the exact shard
-    log-densities (exact_log_probs) its final MCMC targets the exact posterior."""
+    log-densities (exact_log_probs) and ``fit_energies=True`` the SMC to the exact posterior starts
+    from the learned product."""
     targets, y = _targets()
     mean, cov = _exact_posterior(y)
     idata, _ = ds.dnc.run_pipeline(
         targets, "diffusion", num_samples=1000, seed=2, executor=dask_executor, shard_samples=250, num_chains=4,
         progress=False, sampler_options=dict(num_warmup=200), exact_log_probs=True,
-        combine_options=dict(num_steps=30, hidden=16, depth=2, num_levels=5, num_final_steps=60),
+        combine_options=dict(num_steps=30, hidden=16, depth=2, num_levels=5, num_final_steps=60,
+                             fit_energies=True),
     )
     attrs = idata.posterior.attrs
     assert attrs["exact_final_target"] == 1 and attrs["max_fit_time"] > 0
