@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from diffstat._util import check_options, progress_bar
+from diffstat.diffusion.noised_smc_bank import build_mode_bank
 from diffstat.diffusion.noised_smc_path import GuidedState, NoisedPath, Whitening, noise_schedule, pilot_whitening
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT
 from diffstat.mcmc.metric import DenseMetric
@@ -173,15 +174,16 @@ def _reference(target, reference):
 def _setup(target, generator, device, options) -> tuple[NoisedPath, dict]:
     """The pilot (or the given whitening) and the noised path; attrs describing them."""
     mode_scale = options.pop("mode_scale", None)
-    guidance = options.pop("guidance", "power")
+    guidance = options.pop("guidance", "bank")
     whitening = options.pop("whitening", None)
-    pilot_chains = options.pop("pilot_chains", 256)
-    pilot_steps = options.pop("pilot_steps", 100)
+    pilot_chains = options.pop("pilot_chains", 2048)
+    pilot_steps = options.pop("pilot_steps", 25)
     reference = _reference(target, options.pop("reference", None))
-    pilot_evals, s2 = 0, 1.0
+    pilot_evals, s2, points = 0, 1.0, None
     if whitening is None or isinstance(whitening, str):
-        white, s2, pilot_evals = pilot_whitening(target, reference, generator, num_chains=pilot_chains,
-                                                 num_steps=pilot_steps, whiten=whitening or "pilot", device=device)
+        white, s2, pilot_evals, points = pilot_whitening(
+            target, reference, generator, num_chains=pilot_chains, num_steps=pilot_steps,
+            whiten=whitening or "pilot", device=device)
     else:
         mean, cov = (torch.as_tensor(t, dtype=target.dtype, device=device) for t in whitening)
         white = Whitening.from_moments(mean, cov)
@@ -189,8 +191,21 @@ def _setup(target, generator, device, options) -> tuple[NoisedPath, dict]:
         if not float(mode_scale) > 0:
             raise ValueError(f"mode_scale must be positive, got {mode_scale}")
         s2 = min(float(mode_scale) ** 2, 1.0)
-    attrs = {"mode_scale": math.sqrt(s2), "pilot_evals": int(pilot_evals), "guidance": guidance}
-    return NoisedPath(target, white, s2, guidance), attrs
+    path = NoisedPath(target, white, s2, "power" if guidance == "bank" else guidance)
+    num_modes = 0
+    if guidance == "bank":
+        if points is None:
+            raise ValueError("guidance='bank' needs the pilot (whitening='pilot' or 'reference')")
+        x, lp, grad = points
+        z = torch.linalg.solve_triangular(white.chol, (x - white.mean).T, upper=False).T
+        before = target.num_target_evals
+        bank = build_mode_bank(path.log_pi_and_grad, z, lp + white.log_det, grad @ white.chol)
+        pilot_evals += target.num_target_evals - before
+        path = NoisedPath(target, white, s2, "bank", bank)
+        num_modes = bank.means.shape[0]
+    attrs = {"mode_scale": math.sqrt(s2), "pilot_evals": int(pilot_evals), "guidance": guidance,
+             "num_bank_modes": num_modes}
+    return path, attrs
 
 
 @register_sampler("pdds")

@@ -50,6 +50,7 @@ from typing import NamedTuple
 
 import torch
 
+from diffstat.diffusion.noised_smc_bank import bank_log_g
 from diffstat.mcmc.base import MCMCState
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 
@@ -59,11 +60,15 @@ __all__ = ["Whitening", "NoisedPath", "GuidedState", "pilot_whitening", "noise_s
 LOG_NOISE_RANGE = (6.0, -10.0)
 #: Bounds on the estimated squared mode scale (whitened units).
 MODE_SCALE_SQ_BOUNDS = (1e-4, 1.0)
+#: Pilot starts: reference draws shrunk toward its mean by these factors in turn (narrow starts find
+#: narrow modes that a wide mode's pull hides from far away, as in :mod:`diffstat.diffusion.modes`).
+PILOT_START_SCALES = (0.25, 0.5, 1.0)
 #: Smallest curvature -d^2 log pi_z accepted by the Laplace guidance (a convex stretch between modes
 #: would otherwise give no maximum); 0.01 is a scale of 10 whitened units, beyond the reference.
 MIN_CURVATURE = 1e-2
-#: Guidance kinds: PDDS's simple g(a x); its power g(a x)^beta; the Laplace approximation of g_t.
-GUIDANCES = ("simple", "power", "laplace")
+#: Guidance kinds: PDDS's simple g(a x); its power g(a x)^beta; the Laplace approximation of g_t;
+#: the pilot's mode bank times the simple guidance of the residual.
+GUIDANCES = ("simple", "power", "laplace", "bank")
 
 
 class Whitening(NamedTuple):
@@ -115,10 +120,13 @@ class NoisedPath:
         :math:`s^2` of the guidance power (module docstring); 1 gives PDDS's simple guidance.
     """
 
-    def __init__(self, target, whitening: Whitening, mode_scale_sq: float = 1.0, guidance: str = "laplace"):
+    def __init__(self, target, whitening: Whitening, mode_scale_sq: float = 1.0, guidance: str = "power", bank=None):
         if guidance not in GUIDANCES:
             raise ValueError(f"unknown guidance {guidance!r}; choose one of {', '.join(GUIDANCES)}")
+        if guidance == "bank" and bank is None:
+            raise ValueError("guidance='bank' needs a mode bank")
         self.guidance = guidance
+        self.bank = bank
         self.target = target
         self.whitening = whitening
         self.dim = target.dim
@@ -142,10 +150,27 @@ class NoisedPath:
         signal fraction ``rho`` (:math:`a^2`); exactly :math:`\log g(x)` at ``rho = 1``."""
         if self.guidance == "laplace" and float(rho) < 1.0:
             return self._laplace(x, rho)
+        if self.guidance == "bank" and float(rho) < 1.0:
+            return self._bank(x, rho)
         a = torch.sqrt(rho)
         beta = self.beta(rho) if self.guidance == "power" else torch.ones_like(rho)
         lg, grad, lp = self.log_g(a * x)
         return GuidedState(x, beta * lg, (beta * a) * grad, lp)
+
+    def _bank(self, x: torch.Tensor, rho: torch.Tensor) -> GuidedState:
+        """Bank guidance times the simple guidance of the residual (:mod:`~diffstat.diffusion.noised_smc_bank`)."""
+        a = torch.sqrt(rho)
+        y = a * x
+        lg, grad, lp = self.log_g(y)
+        bank_t, grad_t = bank_log_g(self.bank, x, rho)
+        bank_0, grad_0 = bank_log_g(self.bank, y, torch.ones_like(rho))
+        return GuidedState(x, bank_t + lg - bank_0, grad_t + a * (grad - grad_0), lp)
+
+    def log_pi_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:math:`\\log\\pi_z(z)` ``(n,)`` and its gradient ``(n, dim)`` in whitened coordinates."""
+        w = self.whitening
+        lp, grad_x = self.target.log_prob_and_grad(w.to_x(z))
+        return lp + w.log_det, grad_x @ w.chol
 
     def _laplace(self, x: torch.Tensor, rho: torch.Tensor) -> GuidedState:
         r"""Laplace guidance: :math:`F(u) = \log g(u) - \lVert u - y\rVert^2 / (2\lambda)`, ``y = a x``,
@@ -202,9 +227,10 @@ def noise_schedule(num_steps: int, mode_scale_sq: float, dtype=torch.float64, de
 
 
 def pilot_whitening(target, reference, generator, *, num_chains: int = 256, num_steps: int = 100,
-                    whiten: str = "pilot", device=None) -> tuple[Whitening, float, int]:
-    r"""The pilot: ``num_chains`` MALA chains of ``num_steps`` steps started at reference draws,
-    preconditioned by the reference variance, step size adapted toward acceptance 0.574.
+                    whiten: str = "pilot", device=None) -> tuple[Whitening, float, int, tuple]:
+    r"""The pilot: ``num_chains`` MALA chains of ``num_steps`` steps started at reference draws
+    shrunk toward the reference mean by :data:`PILOT_START_SCALES` in turn, preconditioned by the
+    reference variance, with per-chain step sizes :math:`h \leftarrow h\,e^{a - 0.574}`.
 
     Returns the whitening, the squared mode scale :math:`s^2` in whitened units from the score
     identity at the chains' end points (module docstring), and the target evaluations spent. The
@@ -217,15 +243,18 @@ def pilot_whitening(target, reference, generator, *, num_chains: int = 256, num_
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator)))
         x = reference.sample((num_chains,)).to(dtype=dtype, device=device)
-    target.validate(x[:16])
     var = reference.variance.to(dtype=dtype, device=device) if hasattr(reference, "variance") else None
+    centre = reference.mean.to(dtype=dtype, device=device) if hasattr(reference, "mean") else 0.0
+    scale = torch.tensor(PILOT_START_SCALES, dtype=dtype, device=device)[torch.arange(num_chains) % 3]
+    x = centre + scale.unsqueeze(-1) * (x - centre)
+    target.validate(x[:16])
     state = MCMCState(x, *target.log_prob_and_grad(x))
-    log_h = torch.tensor(math.log(0.5 / target.dim ** (1 / 3)), dtype=dtype, device=device)
+    h = 0.1 * scale**2  # per chain, times the reference variance as the metric
     for _ in range(num_steps):
-        state, info = mala_step(generator, state, target.log_prob_and_grad, torch.exp(log_h), var)
-        log_h = log_h + (info.acceptance_rate.mean() - MALA_TARGET_ACCEPT)
+        state, info = mala_step(generator, state, target.log_prob_and_grad, h, var)
+        h = h * torch.exp(info.acceptance_rate - MALA_TARGET_ACCEPT)
     ok = torch.isfinite(state.log_prob)
-    x, grad = state.x[ok], state.grad[ok]
+    x, grad, lp = state.x[ok], state.grad[ok], state.log_prob[ok]
     eye = torch.eye(target.dim, dtype=dtype, device=device)
     if whiten == "pilot":
         mean, cov = x.mean(0), torch.cov(x.T).reshape(target.dim, target.dim)
@@ -241,4 +270,4 @@ def pilot_whitening(target, reference, generator, *, num_chains: int = 256, num_
     grad_z = grad @ white.chol
     s2 = target.dim / float(torch.median((grad_z**2).sum(-1)))
     s2 = min(max(s2, MODE_SCALE_SQ_BOUNDS[0]), MODE_SCALE_SQ_BOUNDS[1])
-    return white, s2, target.num_target_evals - before
+    return white, s2, target.num_target_evals - before, (x, lp, grad)
