@@ -158,13 +158,14 @@ class NoisedPath:
         return GuidedState(x, beta * lg, (beta * a) * grad, lp)
 
     def _bank(self, x: torch.Tensor, rho: torch.Tensor) -> GuidedState:
-        """Bank guidance times the simple guidance of the residual (:mod:`~diffstat.diffusion.noised_smc_bank`)."""
+        """Bank guidance times the power guidance of the residual (:mod:`~diffstat.diffusion.noised_smc_bank`)."""
         a = torch.sqrt(rho)
         y = a * x
         lg, grad, lp = self.log_g(y)
         bank_t, grad_t = bank_log_g(self.bank, x, rho)
         bank_0, grad_0 = bank_log_g(self.bank, y, torch.ones_like(rho))
-        return GuidedState(x, bank_t + lg - bank_0, grad_t + a * (grad - grad_0), lp)
+        beta = self.beta(rho)
+        return GuidedState(x, bank_t + beta * (lg - bank_0), grad_t + (beta * a) * (grad - grad_0), lp)
 
     def log_pi_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:math:`\\log\\pi_z(z)` ``(n,)`` and its gradient ``(n, dim)`` in whitened coordinates."""

@@ -9,6 +9,7 @@ import torch
 
 import diffstat as ds
 from diffstat.diffusion import noised_smc as ns
+from diffstat.diffusion.noised_smc_bank import bank_log_g, build_mode_bank
 from diffstat.diffusion.noised_smc_path import NoisedPath, Whitening, noise_schedule
 from diffstat.targets import GaussianMixture
 
@@ -129,6 +130,38 @@ def test_exact_guidance_weights_become_constant_as_the_steps_shrink():
     assert float(log_w.std()) > 3 * sds[2], (float(log_w.std()), sds)
 
 
+ANISO = GaussianMixture(
+    [[2.0, 0.0, 0.0], [-1.0, 1.5, 0.5]], [0.8, 0.2],
+    covs=[[[0.04, 0.01, 0.0], [0.01, 0.09, 0.0], [0.0, 0.0, 0.02]], 0.5 * torch.eye(3, dtype=F64)], log_normalizer=LOG_Z)
+
+
+def test_mode_bank_recovers_an_anisotropic_mixture_and_its_guidance_is_exact():
+    """From points near each mode, the bank finds the means, covariances and weights (a Gaussian
+    mixture is its own Laplace mixture), and its guidance is the exact noised g_t of the mixture."""
+    target = ANISO.as_target(dtype=F64)
+    path = NoisedPath(target, identity(3), 1.0, "power")
+    gen = torch.Generator().manual_seed(0)
+    z = ANISO.sample(400, gen) + 0.2 * torch.randn(400, 3, generator=gen, dtype=F64)
+    lp, grad = path.log_pi_and_grad(z)
+    bank = build_mode_bank(path.log_pi_and_grad, z, lp, grad)
+    assert bank.means.shape[0] == 2
+    order = torch.argsort(bank.log_mass, descending=True)
+    torch.testing.assert_close(bank.means[order], ANISO.means, rtol=0, atol=1e-6)
+    covs = torch.einsum("jab,jb,jcb->jac", bank.evecs, bank.evals, bank.evecs)[order]
+    torch.testing.assert_close(covs, ANISO.covs, rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.softmax(bank.log_mass[order], 0), ANISO.weights, rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.logsumexp(bank.log_mass, 0), torch.tensor(LOG_Z, dtype=F64), rtol=0, atol=1e-4)
+    rho = torch.tensor(0.3, dtype=F64)
+    x = torch.randn(8, 3, generator=gen, dtype=F64)
+    log_g, _ = bank_log_g(bank, x, rho)
+    noised = ANISO.noised(float(rho.sqrt()), float((1 - rho).sqrt()))
+    exact = noised.log_prob(x) + LOG_Z - D.Normal(0.0, 1.0).log_prob(x).sum(-1)
+    torch.testing.assert_close(log_g, exact, rtol=0, atol=1e-3)
+    bank_path = NoisedPath(target, identity(3), 1.0, "bank", bank)
+    full = bank_path.evaluate(x, rho)  # bank times the residual, which is 1 here
+    torch.testing.assert_close(full.log_g, exact, rtol=0, atol=1e-3)
+
+
 MIXTURE = GaussianMixture([[-2.0, 0.0], [2.0, 1.0]], [0.7, 0.3], scales=[0.5, 0.8], log_normalizer=LOG_Z)
 
 
@@ -148,3 +181,9 @@ def test_front_door_mixture_log_z_and_mode_weights():
 def test_unknown_option_is_refused():
     with pytest.raises(ValueError, match="unknown option"):
         ds.sample(MIXTURE.as_target(dtype=F64), "pdds", num_samples=10, seed=0, num_step=3)
+
+
+def test_few_particles_warn_that_the_error_bar_is_unreliable():
+    with pytest.warns(RuntimeWarning, match="distinct initial particles"):
+        ds.sample(MIXTURE.as_target(dtype=F64), "pdds", num_samples=16, seed=0, progress=False, num_steps=8,
+                  pilot_chains=64)
