@@ -32,7 +32,9 @@ IONOSPHERE_LOG_Z = -111.56
 
 def wide(dim: int, scale: float):
     zeros = torch.zeros(dim, dtype=torch.float64)
-    return torch.distributions.Independent(torch.distributions.Normal(zeros, scale * torch.ones_like(zeros)), 1)
+    return torch.distributions.Independent(
+        torch.distributions.Normal(zeros, scale * torch.ones_like(zeros)), 1
+    )
 
 
 def mixture_metric(gm, heavy: bool = False):
@@ -53,19 +55,36 @@ def problems():
     funnel, well, ion = T.Funnel(10), T.ManyWell(32), T.ionosphere()
     q = float(well.well_probability)
     return {
-        "narrow_wide": (ds.Target(nw.unnormalized_log_prob, 10, reference=wide(10, 4.0), dtype=torch.float64),
-                        nw.log_normalizer, mixture_metric(nw, heavy=True)),
-        "nine_modes": (ds.Target(nine.unnormalized_log_prob, 2, reference=wide(2, 6.0), dtype=torch.float64),
-                       nine.log_normalizer, mixture_metric(nine)),
-        "gmm40": (ds.Target(g40.unnormalized_log_prob, 2, reference=wide(2, 25.0), dtype=torch.float64),
-                  g40.log_normalizer, mixture_metric(g40)),
-        "funnel": (ds.Target(funnel.unnormalized_log_prob, 10, reference=wide(10, 3.0), dtype=torch.float64),
-                   0.0, lambda x: f"sd(x1) {float(x[:, 0].std()):.3f}"),
-        "many_well": (ds.Target(well.unnormalized_log_prob, 32, reference=wide(32, 2.0), dtype=torch.float64),
-                      well.log_normalizer,
-                      lambda x: f"right {float(well.wells(x).double().mean()):.3f} (exact {q:.3f})"),
-        "ionosphere": (ds.Target(ion.log_prob, ion.dim, reference=ion.prior(), dtype=torch.float64),
-                       IONOSPHERE_LOG_Z, lambda x: f"sd(b0) {float(x[:, 0].std()):.3f}"),
+        "narrow_wide": (
+            ds.Target(nw.unnormalized_log_prob, 10, reference=wide(10, 4.0), dtype=torch.float64),
+            nw.log_normalizer,
+            mixture_metric(nw, heavy=True),
+        ),
+        "nine_modes": (
+            ds.Target(nine.unnormalized_log_prob, 2, reference=wide(2, 6.0), dtype=torch.float64),
+            nine.log_normalizer,
+            mixture_metric(nine),
+        ),
+        "gmm40": (
+            ds.Target(g40.unnormalized_log_prob, 2, reference=wide(2, 25.0), dtype=torch.float64),
+            g40.log_normalizer,
+            mixture_metric(g40),
+        ),
+        "funnel": (
+            ds.Target(funnel.unnormalized_log_prob, 10, reference=wide(10, 3.0), dtype=torch.float64),
+            0.0,
+            lambda x: f"sd(x1) {float(x[:, 0].std()):.3f}",
+        ),
+        "many_well": (
+            ds.Target(well.unnormalized_log_prob, 32, reference=wide(32, 2.0), dtype=torch.float64),
+            well.log_normalizer,
+            lambda x: f"right {float(well.wells(x).double().mean()):.3f} (exact {q:.3f})",
+        ),
+        "ionosphere": (
+            ds.Target(ion.log_prob, ion.dim, reference=ion.prior(), dtype=torch.float64),
+            IONOSPHERE_LOG_Z,
+            lambda x: f"sd(b0) {float(x[:, 0].std()):.3f}",
+        ),
     }
 
 
@@ -79,12 +98,16 @@ def run(target, log_z, metric, method, seed, options):
     x = torch.as_tensor(idata.posterior["x"].values).reshape(-1, target.dim)
     err, se = a["log_normalizer"] - log_z, a["log_normalizer_se"]
     flag = " WARN" if any(issubclass(w.category, RuntimeWarning) for w in caught) else ""
-    return (f"{method:5s} err {err:+8.3f} se {se:6.3f} |err|/se {abs(err) / max(se, 1e-12):6.1f}  {metric(x):32s}"
-            f" evals {a['num_target_evals']:8d} {secs:6.1f}s{flag}")
+    return (
+        f"{method:5s} err {err:+8.3f} se {se:6.3f} |err|/se {abs(err) / max(se, 1e-12):6.1f}  {metric(x):32s}"
+        f" evals {a['num_target_evals']:8d} {secs:6.1f}s{flag}"
+    )
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--targets", nargs="*", default=None)
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--particles", type=int, default=2000)
@@ -96,8 +119,11 @@ def main():
     for name in args.targets or list(table):
         target, log_z, metric = table[name]
         for seed in args.seeds:
-            print(f"{name:11s} seed {seed} " + run(target, log_z, metric, "pdds", seed, dict(num_samples=args.particles)),
-                  flush=True)
+            print(
+                f"{name:11s} seed {seed} "
+                + run(target, log_z, metric, "pdds", seed, dict(num_samples=args.particles)),
+                flush=True,
+            )
             if not args.no_smc:
                 opts = dict(num_samples=args.particles, num_mcmc_steps=args.smc_moves)
                 print(f"{name:11s} seed {seed} " + run(target, log_z, metric, "smc", seed, opts), flush=True)

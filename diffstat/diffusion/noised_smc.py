@@ -49,14 +49,20 @@ import torch
 
 from diffstat._util import check_options, progress_bar
 from diffstat.diffusion.noised_smc_bank import build_mode_bank
-from diffstat.diffusion.noised_smc_path import GuidedState, NoisedPath, Whitening, noise_schedule, pilot_whitening
+from diffstat.diffusion.noised_smc_path import (
+    GuidedState,
+    NoisedPath,
+    Whitening,
+    noise_schedule,
+    pilot_whitening,
+)
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT
 from diffstat.mcmc.metric import DenseMetric
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.resampling import SCHEMES, ess, resample
 from diffstat.tempering.smc import combine_runs, genealogy_variance, stack_stages
 
-__all__ = ["NoisedSMCOutput", "noised_smc", "guided_proposal", "incremental_log_weight", "pdds_sampler"]
+__all__ = ["NoisedSMCOutput", "guided_proposal", "incremental_log_weight", "noised_smc", "pdds_sampler"]
 
 #: Fewer distinct initial ancestors than this and the genealogy standard error is unreliable.
 MIN_EVES = 20
@@ -114,9 +120,19 @@ def _moves(path, generator, gs, rho, log_h, log_w, num_steps):
     return gs, log_h, acc_sum / num_steps
 
 
-def noised_smc(generator, path: NoisedPath, num_particles: int, *, num_steps: int = 64, num_mcmc_steps: int = 4,
-               resample_threshold: float = 0.5, resampling: str = "systematic", step_size: float | None = None,
-               progress: bool = False, device=None) -> NoisedSMCOutput:
+def noised_smc(
+    generator,
+    path: NoisedPath,
+    num_particles: int,
+    *,
+    num_steps: int = 64,
+    num_mcmc_steps: int = 4,
+    resample_threshold: float = 0.5,
+    resampling: str = "systematic",
+    step_size: float | None = None,
+    progress: bool = False,
+    device=None,
+) -> NoisedSMCOutput:
     """Run the particle denoising diffusion sampler on ``path`` (module docstring)."""
     n, dim, dtype = num_particles, path.dim, path.target.dtype
     rho = noise_schedule(num_steps, path.mode_scale_sq, dtype=dtype, device=device)
@@ -125,8 +141,18 @@ def noised_smc(generator, path: NoisedPath, num_particles: int, *, num_steps: in
     log_w = gs.log_g.clone()  # gamma_K / N(0, I) = g_K
     log_h = torch.tensor(math.log(step_size if step_size else dim ** (-1 / 3)), dtype=dtype, device=device)
     eve = torch.arange(n, device=device)
-    rec: dict[str, list] = {k: [] for k in ("noise", "guidance_power", "ess", "log_z_increment",
-                                            "acceptance_rate", "step_size", "resampled")}
+    rec: dict[str, list] = {
+        k: []
+        for k in (
+            "noise",
+            "guidance_power",
+            "ess",
+            "log_z_increment",
+            "acceptance_rate",
+            "step_size",
+            "resampled",
+        )
+    }
     num_resampling = 0
     with progress_bar(num_steps + 1, "pdds", progress) as bar:
         for k in range(num_steps, -1, -1):
@@ -148,8 +174,14 @@ def noised_smc(generator, path: NoisedPath, num_particles: int, *, num_steps: in
                 num_resampling += 1
             rec["step_size"].append(torch.exp(log_h))
             gs, log_h, acc = _moves(path, generator, gs, rho[k], log_h, log_w, num_mcmc_steps)
-            for key, val in (("noise", 1 - rho[k]), ("guidance_power", path.beta(rho[k])), ("ess", ess_frac),
-                             ("log_z_increment", incr_z), ("acceptance_rate", acc), ("resampled", resampled)):
+            for key, val in (
+                ("noise", 1 - rho[k]),
+                ("guidance_power", path.beta(rho[k])),
+                ("ess", ess_frac),
+                ("log_z_increment", incr_z),
+                ("acceptance_rate", acc),
+                ("resampled", resampled),
+            ):
                 rec[key].append(torch.as_tensor(val, dtype=dtype, device=device))
             bar.update(1)
     v, num_eves = genealogy_variance(log_w, eve, num_resampling, resampling)
@@ -158,8 +190,19 @@ def noised_smc(generator, path: NoisedPath, num_particles: int, *, num_steps: in
     return NoisedSMCOutput(gs, log_w, log_z, math.sqrt(v), stages, num_resampling, num_eves)
 
 
-_OPTIONS = {"reference", "num_steps", "num_mcmc_steps", "resample_threshold", "resampling", "step_size",
-            "mode_scale", "whitening", "pilot_chains", "pilot_steps", "guidance"}
+_OPTIONS = {
+    "reference",
+    "num_steps",
+    "num_mcmc_steps",
+    "resample_threshold",
+    "resampling",
+    "step_size",
+    "mode_scale",
+    "whitening",
+    "pilot_chains",
+    "pilot_steps",
+    "guidance",
+}
 
 
 def _reference(target, reference):
@@ -182,8 +225,14 @@ def _setup(target, generator, device, options) -> tuple[NoisedPath, dict]:
     pilot_evals, s2, points = 0, 1.0, None
     if whitening is None or isinstance(whitening, str):
         white, s2, pilot_evals, points = pilot_whitening(
-            target, reference, generator, num_chains=pilot_chains, num_steps=pilot_steps,
-            whiten=whitening or "pilot", device=device)
+            target,
+            reference,
+            generator,
+            num_chains=pilot_chains,
+            num_steps=pilot_steps,
+            whiten=whitening or "pilot",
+            device=device,
+        )
     else:
         mean, cov = (torch.as_tensor(t, dtype=target.dtype, device=device) for t in whitening)
         white = Whitening.from_moments(mean, cov)
@@ -201,10 +250,17 @@ def _setup(target, generator, device, options) -> tuple[NoisedPath, dict]:
         before = target.num_target_evals
         bank = build_mode_bank(path.log_pi_and_grad, z, lp + white.log_det, grad @ white.chol)
         pilot_evals += target.num_target_evals - before
-        path = NoisedPath(target, white, s2, "bank", bank)
         num_modes = bank.means.shape[0]
-    attrs = {"mode_scale": math.sqrt(s2), "pilot_evals": int(pilot_evals), "guidance": guidance,
-             "num_bank_modes": num_modes}
+        if num_modes:
+            path = NoisedPath(target, white, s2, "bank", bank)
+        else:
+            guidance = "power"  # nothing settled into a mode: the power guidance alone
+    attrs = {
+        "mode_scale": math.sqrt(s2),
+        "pilot_evals": int(pilot_evals),
+        "guidance": guidance,
+        "num_bank_modes": num_modes,
+    }
     return path, attrs
 
 
@@ -223,7 +279,9 @@ def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device
     """
     check_options(options, _OPTIONS, "pdds")
     if options.get("resampling", "systematic") not in SCHEMES:
-        raise ValueError(f"unknown resampling scheme {options['resampling']!r}; choose one of {', '.join(SCHEMES)}")
+        raise ValueError(
+            f"unknown resampling scheme {options['resampling']!r}; choose one of {', '.join(SCHEMES)}"
+        )
     num_chains = 1 if num_chains is None else num_chains
     if num_samples < 2:
         raise ValueError(f"pdds needs at least 2 particles, got {num_samples}")
@@ -241,12 +299,23 @@ def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device
     log_z, se = combine_runs([r.log_normalizer for r in runs], [r.log_normalizer_se for r in runs])
     num_eves = min(r.num_eves for r in runs)
     if num_eves < MIN_EVES or not np.isfinite(log_z):
-        warnings.warn(f"pdds: only {num_eves} distinct initial particles survive; the log Z standard error "
-                      "is unreliable (raise num_samples or num_mcmc_steps)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"pdds: only {num_eves} distinct initial particles survive; the log Z standard error "
+            "is unreliable (raise num_samples or num_mcmc_steps)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     stages = stack_stages([{k: v for k, v in r.stages.items()} | {"beta": r.stages["noise"]} for r in runs])
     stages.pop("beta")
-    attrs.update({"log_normalizer": log_z, "log_normalizer_se": se, "log_normalizer_se_method": "genealogy",
-                  "num_stages": len(runs[0].stages["noise"]), "num_resampling": sum(r.num_resampling for r in runs),
-                  "num_eves": num_eves})
+    attrs.update(
+        {
+            "log_normalizer": log_z,
+            "log_normalizer_se": se,
+            "log_normalizer_se_method": "genealogy",
+            "num_stages": len(runs[0].stages["noise"]),
+            "num_resampling": sum(r.num_resampling for r in runs),
+            "num_eves": num_eves,
+        }
+    )
     sample_stats = {"lp": torch.stack(lps), "log_weight": torch.stack(log_ws)}
     return SamplerResult(torch.stack(draws), sample_stats, {"diffusion": stages}, attrs)

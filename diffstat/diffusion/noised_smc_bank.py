@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["ModeBank", "build_mode_bank", "bank_log_g"]
+__all__ = ["ModeBank", "bank_log_g", "build_mode_bank"]
 
 #: Candidates closer than this many typical radii sqrt(d / c) of the better one are one mode.
 MERGE_RADIUS = 0.5
@@ -80,23 +80,28 @@ def _newton(log_pi_and_grad, z, lp, grad):
     lp2, grad2 = log_pi_and_grad(newton)
     lps = torch.nan_to_num(torch.stack([lp, lp1, lp2]), nan=-math.inf)
     best, rows = lps.argmax(0), torch.arange(n, device=z.device)
-    pick = lambda *ts: torch.stack(ts)[best, rows]  # noqa: E731
+    pick = lambda *ts: torch.stack(ts)[best, rows]
     return pick(z, z + trial, newton), lps[best, rows], pick(grad, grad1, grad2), curv
 
 
-def build_mode_bank(log_pi_and_grad, z: torch.Tensor, lp: torch.Tensor, grad: torch.Tensor,
-                    num_newton: int = NUM_NEWTON, max_modes: int = MAX_MODES) -> ModeBank:
+def build_mode_bank(
+    log_pi_and_grad,
+    z: torch.Tensor,
+    lp: torch.Tensor,
+    grad: torch.Tensor,
+    num_newton: int = NUM_NEWTON,
+    max_modes: int = MAX_MODES,
+) -> ModeBank:
     r"""The bank from points ``z (n, dim)`` with :math:`\log\pi_z` ``lp (n,)`` and gradient ``grad
     (n, dim)``; ``log_pi_and_grad`` evaluates both at new points (``2 n`` per Newton step, then
     ``dim + 1`` per mode for its Hessian by forward differences of the gradient and a full Newton
     step, after which candidates that met at a centre are merged again). Candidates with a flat or
     convex direction, or whose next Newton step would still be longer than one typical radius, are
     not modes and are dropped. Modes with the ``max_modes`` largest log-densities are kept."""
-    n, d = z.shape
-    m, lpm, g = z, lp, grad
-    for i in range(num_newton):
-        m, lpm, g, c = _newton(log_pi_and_grad, m, lpm, g)
-        curv = c if i == 0 else curv
+    d = z.shape[1]
+    m, lpm, g, curv = _newton(log_pi_and_grad, z, lp, grad)  # the first secant sets the merge radius
+    for _ in range(num_newton - 1):
+        m, lpm, g, _ = _newton(log_pi_and_grad, m, lpm, g)
     keep = torch.tensor(_merge(m, lpm, curv)[:max_modes], device=z.device, dtype=torch.long)
     m, lpm, g, curv = m[keep], lpm[keep], g[keep], curv[keep]
     hess = _hessian(log_pi_and_grad, m, g, curv)
@@ -104,17 +109,23 @@ def build_mode_bank(log_pi_and_grad, z: torch.Tensor, lp: torch.Tensor, grad: to
     lo, hi = CURVATURE_BOUNDS
     peaked = evals[:, 0] > lo  # a flat or convex direction: no mode here
     evals = evals.clamp(lo, hi)
-    newton = lambda grad: torch.einsum("jab,jb->ja", evecs, torch.einsum("jba,jb->ja", evecs, grad) / evals)  # noqa
-    step = newton(g)  # H^{-1} grad
+
+    def newton(grad):  # H^{-1} grad
+        return torch.einsum("jab,jb->ja", evecs, torch.einsum("jba,jb->ja", evecs, grad) / evals)
+
+    step = newton(g)
     lp_new, g_new = log_pi_and_grad(m + step)
     better = torch.nan_to_num(lp_new, nan=-math.inf) > lpm
     m, lpm = torch.where(better.unsqueeze(-1), m + step, m), torch.where(better, lp_new, lpm)
     g = torch.where(better.unsqueeze(-1), g_new, g)
     # a centre: the remaining Newton step is within one typical radius (grad' H^{-1} grad < d)
     settled = peaked & ((g * newton(g)).sum(-1) < d)
-    if bool(settled.any()):
-        m, lpm, evals, evecs = m[settled], lpm[settled], evals[settled], evecs[settled]
-    again = torch.tensor(_merge(m, lpm, evals.mean(-1)), device=z.device, dtype=torch.long)  # now at the centres
+    m, lpm, evals, evecs = m[settled], lpm[settled], evals[settled], evecs[settled]
+    if m.shape[0] == 0:  # no mode (a funnel's neck has none): an empty bank
+        return ModeBank(m, evecs, evals, lpm)
+    again = torch.tensor(
+        _merge(m, lpm, evals.mean(-1)), device=z.device, dtype=torch.long
+    )  # now at the centres
     m, lpm, evals, evecs = m[again], lpm[again], evals[again], evecs[again]
     log_mass = lpm + 0.5 * d * math.log(2 * math.pi) - 0.5 * torch.log(evals).sum(-1)
     ok = log_mass > log_mass.max() - MASS_FLOOR

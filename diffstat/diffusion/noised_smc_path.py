@@ -54,7 +54,7 @@ from diffstat.diffusion.noised_smc_bank import bank_log_g
 from diffstat.mcmc.base import MCMCState
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 
-__all__ = ["Whitening", "NoisedPath", "GuidedState", "pilot_whitening", "noise_schedule"]
+__all__ = ["GuidedState", "NoisedPath", "Whitening", "noise_schedule", "pilot_whitening"]
 
 #: Log relative noise lambda / (a^2 s^2) at the noisiest and the least noisy stage before lambda = 0.
 LOG_NOISE_RANGE = (6.0, -10.0)
@@ -80,7 +80,7 @@ class Whitening(NamedTuple):
     log_det: torch.Tensor
 
     @classmethod
-    def from_moments(cls, mean: torch.Tensor, cov: torch.Tensor) -> "Whitening":
+    def from_moments(cls, mean: torch.Tensor, cov: torch.Tensor) -> Whitening:
         from diffstat.mcmc.metric import DenseMetric
 
         chol = DenseMetric.from_covariance(cov, jitter=1e-8).chol
@@ -99,13 +99,17 @@ class GuidedState(NamedTuple):
     grad_g: torch.Tensor
     target_lp: torch.Tensor
 
-    def index(self, idx: torch.Tensor) -> "GuidedState":
+    def index(self, idx: torch.Tensor) -> GuidedState:
         return GuidedState(*(t[idx] for t in self))
 
-    def where(self, mask: torch.Tensor, other: "GuidedState") -> "GuidedState":
+    def where(self, mask: torch.Tensor, other: GuidedState) -> GuidedState:
         m = mask.unsqueeze(-1)
-        return GuidedState(torch.where(m, other.x, self.x), torch.where(mask, other.log_g, self.log_g),
-                           torch.where(m, other.grad_g, self.grad_g), torch.where(mask, other.target_lp, self.target_lp))
+        return GuidedState(
+            torch.where(m, other.x, self.x),
+            torch.where(mask, other.log_g, self.log_g),
+            torch.where(m, other.grad_g, self.grad_g),
+            torch.where(mask, other.target_lp, self.target_lp),
+        )
 
 
 class NoisedPath:
@@ -120,7 +124,9 @@ class NoisedPath:
         :math:`s^2` of the guidance power (module docstring); 1 gives PDDS's simple guidance.
     """
 
-    def __init__(self, target, whitening: Whitening, mode_scale_sq: float = 1.0, guidance: str = "power", bank=None):
+    def __init__(
+        self, target, whitening: Whitening, mode_scale_sq: float = 1.0, guidance: str = "power", bank=None
+    ):
         if guidance not in GUIDANCES:
             raise ValueError(f"unknown guidance {guidance!r}; choose one of {', '.join(GUIDANCES)}")
         if guidance == "bank" and bank is None:
@@ -158,7 +164,7 @@ class NoisedPath:
         return GuidedState(x, beta * lg, (beta * a) * grad, lp)
 
     def _bank(self, x: torch.Tensor, rho: torch.Tensor) -> GuidedState:
-        """Bank guidance times the power guidance of the residual (:mod:`~diffstat.diffusion.noised_smc_bank`)."""
+        """Bank guidance times the power guidance of the residual (:mod:`.noised_smc_bank`)."""
         a = torch.sqrt(rho)
         y = a * x
         lg, grad, lp = self.log_g(y)
@@ -181,7 +187,7 @@ class NoisedPath:
         modes; drift :math:`a (u^* - y)/\lambda` (the envelope theorem). Two evaluations per point."""
         a, lam = torch.sqrt(rho), 1.0 - rho
         y = a * x
-        lg0, grad0, lp = self.log_g(y)
+        _, grad0, lp = self.log_g(y)
         eta = 1.0 / (1.0 / self.mode_scale_sq - 1.0 + 1.0 / lam)  # Newton step at the pilot's scale
         step = eta * grad0
         lg1, grad1, _ = self.log_g(y + step)
@@ -191,7 +197,9 @@ class NoisedPath:
         kappa = curv_pi - 1.0 + 1.0 / lam
         newton = grad0 / kappa.unsqueeze(-1)
         lg2, _, _ = self.log_g(y + newton)
-        value = torch.maximum(lg1 - 0.5 * sq / lam, lg2 - 0.5 * (newton**2).sum(-1) / lam)  # F at two real points
+        value = torch.maximum(
+            lg1 - 0.5 * sq / lam, lg2 - 0.5 * (newton**2).sum(-1) / lam
+        )  # F at two real points
         log_gt = torch.nan_to_num(value, nan=-math.inf) - 0.5 * self.dim * torch.log(lam * kappa)
         drift = (a / lam) * newton
         return GuidedState(x, log_gt, drift, lp)
@@ -227,8 +235,16 @@ def noise_schedule(num_steps: int, mode_scale_sq: float, dtype=torch.float64, de
     return rho.to(dtype=dtype, device=device)
 
 
-def pilot_whitening(target, reference, generator, *, num_chains: int = 256, num_steps: int = 100,
-                    whiten: str = "pilot", device=None) -> tuple[Whitening, float, int, tuple]:
+def pilot_whitening(
+    target,
+    reference,
+    generator,
+    *,
+    num_chains: int = 256,
+    num_steps: int = 100,
+    whiten: str = "pilot",
+    device=None,
+) -> tuple[Whitening, float, int, tuple]:
     r"""The pilot: ``num_chains`` MALA chains of ``num_steps`` steps started at reference draws
     shrunk toward the reference mean by :data:`PILOT_START_SCALES` in turn, preconditioned by the
     reference variance, with per-chain step sizes :math:`h \leftarrow h\,e^{a - 0.574}`.

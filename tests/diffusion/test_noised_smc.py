@@ -131,8 +131,11 @@ def test_exact_guidance_weights_become_constant_as_the_steps_shrink():
 
 
 ANISO = GaussianMixture(
-    [[2.0, 0.0, 0.0], [-1.0, 1.5, 0.5]], [0.8, 0.2],
-    covs=[[[0.04, 0.01, 0.0], [0.01, 0.09, 0.0], [0.0, 0.0, 0.02]], 0.5 * torch.eye(3, dtype=F64)], log_normalizer=LOG_Z)
+    [[2.0, 0.0, 0.0], [-1.0, 1.5, 0.5]],
+    [0.8, 0.2],
+    covs=[[[0.04, 0.01, 0.0], [0.01, 0.09, 0.0], [0.0, 0.0, 0.02]], 0.5 * torch.eye(3, dtype=F64)],
+    log_normalizer=LOG_Z,
+)
 
 
 def test_mode_bank_recovers_an_anisotropic_mixture_and_its_guidance_is_exact():
@@ -150,7 +153,9 @@ def test_mode_bank_recovers_an_anisotropic_mixture_and_its_guidance_is_exact():
     covs = torch.einsum("jab,jb,jcb->jac", bank.evecs, bank.evals, bank.evecs)[order]
     torch.testing.assert_close(covs, ANISO.covs, rtol=0, atol=1e-4)
     torch.testing.assert_close(torch.softmax(bank.log_mass[order], 0), ANISO.weights, rtol=0, atol=1e-4)
-    torch.testing.assert_close(torch.logsumexp(bank.log_mass, 0), torch.tensor(LOG_Z, dtype=F64), rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        torch.logsumexp(bank.log_mass, 0), torch.tensor(LOG_Z, dtype=F64), rtol=0, atol=1e-4
+    )
     rho = torch.tensor(0.3, dtype=F64)
     x = torch.randn(8, 3, generator=gen, dtype=F64)
     log_g, _ = bank_log_g(bank, x, rho)
@@ -167,7 +172,9 @@ MIXTURE = GaussianMixture([[-2.0, 0.0], [2.0, 1.0]], [0.7, 0.3], scales=[0.5, 0.
 
 def test_front_door_mixture_log_z_and_mode_weights():
     target = MIXTURE.as_target(dtype=F64)
-    idata = ds.sample(target, "pdds", num_samples=1000, seed=0, progress=False, num_steps=32, num_mcmc_steps=2)
+    idata = ds.sample(
+        target, "pdds", num_samples=1000, seed=0, progress=False, num_steps=32, num_mcmc_steps=2
+    )
     attrs = idata.posterior.attrs
     err = attrs["log_normalizer"] - LOG_Z
     assert abs(err) < max(3 * attrs["log_normalizer_se"], 0.02), (err, attrs["log_normalizer_se"])
@@ -185,5 +192,12 @@ def test_unknown_option_is_refused():
 
 def test_few_particles_warn_that_the_error_bar_is_unreliable():
     with pytest.warns(RuntimeWarning, match="distinct initial particles"):
-        ds.sample(MIXTURE.as_target(dtype=F64), "pdds", num_samples=16, seed=0, progress=False, num_steps=8,
-                  pilot_chains=64)
+        ds.sample(
+            MIXTURE.as_target(dtype=F64),
+            "pdds",
+            num_samples=16,
+            seed=0,
+            progress=False,
+            num_steps=8,
+            pilot_chains=64,
+        )
