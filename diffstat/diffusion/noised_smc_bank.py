@@ -49,8 +49,9 @@ CURVATURE_BOUNDS = (1e-2, 1e4)
 #: Secant-Newton steps per pilot point: one is exact for an isotropic Gaussian mode; more bring in
 #: points that ended their pilot chain between modes.
 NUM_NEWTON = 3
-#: Most modes kept (by log-density at the mode): the guidance costs n * J * d^2 per evaluation.
-MAX_MODES = 128
+#: Most modes kept (by log-density at the mode) is this over d^2, at least 16: the guidance costs
+#: n * J * d^2 per evaluation (32 modes in d = 32, where 128 took minutes per run).
+MAX_MODES_TIMES_D2 = 2**15
 #: Modes whose Laplace mass is this many nats below the largest are dropped.
 MASS_FLOOR = 30.0
 
@@ -90,15 +91,17 @@ def build_mode_bank(
     lp: torch.Tensor,
     grad: torch.Tensor,
     num_newton: int = NUM_NEWTON,
-    max_modes: int = MAX_MODES,
+    max_modes: int | None = None,
 ) -> ModeBank:
     r"""The bank from points ``z (n, dim)`` with :math:`\log\pi_z` ``lp (n,)`` and gradient ``grad
     (n, dim)``; ``log_pi_and_grad`` evaluates both at new points (``2 n`` per Newton step, then
     ``dim + 1`` per mode for its Hessian by forward differences of the gradient and a full Newton
     step, after which candidates that met at a centre are merged again). Candidates with a flat or
     convex direction, or whose next Newton step would still be longer than one typical radius, are
-    not modes and are dropped. Modes with the ``max_modes`` largest log-densities are kept."""
+    not modes and are dropped. Modes with the ``max_modes`` largest log-densities are kept (default
+    :data:`MAX_MODES_TIMES_D2` over ``dim`` squared)."""
     d = z.shape[1]
+    max_modes = max(16, MAX_MODES_TIMES_D2 // d**2) if max_modes is None else max_modes
     m, lpm, g, curv = _newton(log_pi_and_grad, z, lp, grad)  # the first secant sets the merge radius
     for _ in range(num_newton - 1):
         m, lpm, g, _ = _newton(log_pi_and_grad, m, lpm, g)
