@@ -251,25 +251,27 @@ def _setup(target, generator, device, options) -> tuple[NoisedPath, dict]:
             raise ValueError(f"mode_scale must be positive, got {mode_scale}")
         s2 = min(float(mode_scale) ** 2, 1.0)
     path = NoisedPath(target, white, s2, "power" if guidance == "bank" else guidance)
-    num_modes = 0
+    num_modes, attrs_bank = 0, {}
     if guidance == "bank":
         if points is None:
             raise ValueError("guidance='bank' needs the pilot (whitening='pilot' or 'reference')")
         x, lp, grad = points
         z = torch.linalg.solve_triangular(white.chol, (x - white.mean).T, upper=False).T
         before = target.num_target_evals
-        bank = build_mode_bank(path.log_pi_and_grad, z, lp + white.log_det, grad @ white.chol)
+        bank, unseen = build_mode_bank(path.log_pi_and_grad, z, lp + white.log_det, grad @ white.chol)
         pilot_evals += target.num_target_evals - before
         num_modes = bank.means.shape[0]
         if num_modes:
             path = NoisedPath(target, white, s2, "bank", bank)
         else:
-            guidance = "power"  # nothing settled into a mode: the power guidance alone
+            guidance = "power"  # no mode settled, or too many unseen: the power guidance alone
+        attrs_bank = {"bank_unseen_mass": unseen}
     attrs = {
         "mode_scale": math.sqrt(s2),
         "pilot_evals": int(pilot_evals),
         "guidance": guidance,
         "num_bank_modes": num_modes,
+        **attrs_bank,
     }
     return path, attrs
 

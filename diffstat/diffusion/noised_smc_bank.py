@@ -52,6 +52,9 @@ NUM_NEWTON = 3
 #: Most modes kept (by log-density at the mode) is this over d^2, at least 16: the guidance costs
 #: n * J * d^2 per evaluation (32 modes in d = 32, where 128 took minutes per run).
 MAX_MODES_TIMES_D2 = 2**15
+#: Largest Good-Turing mass of unseen modes for which the bank is used (a tenth: the rest of the
+#: target still reaches the particles through the residual guidance).
+MAX_UNSEEN = 0.1
 #: Modes whose Laplace mass is this many nats below the largest are dropped.
 MASS_FLOOR = 30.0
 
@@ -92,20 +95,30 @@ def build_mode_bank(
     grad: torch.Tensor,
     num_newton: int = NUM_NEWTON,
     max_modes: int | None = None,
-) -> ModeBank:
+) -> tuple[ModeBank, float]:
     r"""The bank from points ``z (n, dim)`` with :math:`\log\pi_z` ``lp (n,)`` and gradient ``grad
     (n, dim)``; ``log_pi_and_grad`` evaluates both at new points (``2 n`` per Newton step, then
     ``dim + 1`` per mode for its Hessian by forward differences of the gradient and a full Newton
     step, after which candidates that met at a centre are merged again). Candidates with a flat or
     convex direction, or whose next Newton step would still be longer than one typical radius, are
     not modes and are dropped. Modes with the ``max_modes`` largest log-densities are kept (default
-    :data:`MAX_MODES_TIMES_D2` over ``dim`` squared)."""
+    :data:`MAX_MODES_TIMES_D2` over ``dim`` squared).
+
+    Also returns the Good-Turing estimate of the mass of modes the points never reached: the share
+    of points that are alone in their mode (Good 1953). The bank is empty when that exceeds
+    :data:`MAX_UNSEEN` or when there are more modes than ``max_modes``: it would then hold a small
+    part of the target, and between its modes the residual guidance is hundreds of nats (many-well
+    in d = 32: 2^16 modes, a bank of 32, log Z off by -232)."""
     d = z.shape[1]
     max_modes = max(16, MAX_MODES_TIMES_D2 // d**2) if max_modes is None else max_modes
     m, lpm, g, curv = _newton(log_pi_and_grad, z, lp, grad)  # the first secant sets the merge radius
     for _ in range(num_newton - 1):
         m, lpm, g, _ = _newton(log_pi_and_grad, m, lpm, g)
-    keep = torch.tensor(_merge(m, lpm, curv)[:max_modes], device=z.device, dtype=torch.long)
+    kept, counts = _merge(m, lpm, curv)
+    unseen = sum(c == 1 for c in counts) / max(sum(counts), 1)  # Good-Turing: mass of modes not seen
+    if unseen > MAX_UNSEEN or len(kept) > max_modes:
+        return _empty(m), unseen
+    keep = torch.tensor(kept, device=z.device, dtype=torch.long)
     m, lpm, g, curv = m[keep], lpm[keep], g[keep], curv[keep]
     hess = _hessian(log_pi_and_grad, m, g, curv)
     evals, evecs = torch.linalg.eigh(hess)
@@ -125,14 +138,18 @@ def build_mode_bank(
     settled = peaked & ((g * newton(g)).sum(-1) < d)
     m, lpm, evals, evecs = m[settled], lpm[settled], evals[settled], evecs[settled]
     if m.shape[0] == 0:  # no mode (a funnel's neck has none): an empty bank
-        return ModeBank(m, evecs, evals, lpm)
-    again = torch.tensor(
-        _merge(m, lpm, evals.mean(-1)), device=z.device, dtype=torch.long
-    )  # now at the centres
+        return _empty(m), unseen
+    again, _ = _merge(m, lpm, evals.mean(-1))  # now at the centres
+    again = torch.tensor(again, device=z.device, dtype=torch.long)
     m, lpm, evals, evecs = m[again], lpm[again], evals[again], evecs[again]
     log_mass = lpm + 0.5 * d * math.log(2 * math.pi) - 0.5 * torch.log(evals).sum(-1)
     ok = log_mass > log_mass.max() - MASS_FLOOR
-    return ModeBank(m[ok], evecs[ok], 1.0 / evals[ok], log_mass[ok])
+    return ModeBank(m[ok], evecs[ok], 1.0 / evals[ok], log_mass[ok]), unseen
+
+
+def _empty(like: torch.Tensor) -> ModeBank:
+    d = like.shape[1]
+    return ModeBank(like.new_zeros(0, d), like.new_zeros(0, d, d), like.new_zeros(0, d), like.new_zeros(0))
 
 
 def _hessian(log_pi_and_grad, m: torch.Tensor, g: torch.Tensor, curv: torch.Tensor) -> torch.Tensor:
@@ -148,19 +165,24 @@ def _hessian(log_pi_and_grad, m: torch.Tensor, g: torch.Tensor, curv: torch.Tens
     return torch.nan_to_num(0.5 * (hess + hess.transpose(1, 2)))
 
 
-def _merge(m: torch.Tensor, lpm: torch.Tensor, curv: torch.Tensor) -> list[int]:
-    """Greedy merge, highest log-density first: the indices of the points kept as modes."""
+def _merge(m: torch.Tensor, lpm: torch.Tensor, curv: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Greedy merge, highest log-density first: the indices of the points kept as modes, and how
+    many points each absorbed (itself included)."""
     d = m.shape[1]
     keep: list[int] = []
+    counts: list[int] = []
     for i in torch.argsort(lpm, descending=True).tolist():  # a host loop over a few thousand points
         if not math.isfinite(float(lpm[i])):
             continue
         if keep:
             k = torch.tensor(keep, device=m.device)
-            if bool(((((m[k] - m[i]) ** 2).sum(-1) * curv[k] / d) < MERGE_RADIUS**2).any()):
+            near = (((m[k] - m[i]) ** 2).sum(-1) * curv[k] / d) < MERGE_RADIUS**2
+            if bool(near.any()):
+                counts[int(torch.nonzero(near)[0])] += 1
                 continue
         keep.append(i)
-    return keep
+        counts.append(1)
+    return keep, counts
 
 
 def bank_log_g(bank: ModeBank, x: torch.Tensor, rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
