@@ -176,7 +176,8 @@ def _merge(m: torch.Tensor, lpm: torch.Tensor, curv: torch.Tensor) -> tuple[list
             continue
         if keep:
             k = torch.tensor(keep, device=m.device)
-            near = (((m[k] - m[i]) ** 2).sum(-1) * curv[k] / d) < MERGE_RADIUS**2
+            tight = torch.maximum(curv[k], curv[i])  # the smaller radius: a flat point absorbs nothing
+            near = (((m[k] - m[i]) ** 2).sum(-1) * tight / d) < MERGE_RADIUS**2
             if bool(near.any()):
                 counts[int(torch.nonzero(near)[0])] += 1
                 continue
