@@ -114,8 +114,11 @@ def build_mode_bank(
     m, lpm, g, curv = _newton(log_pi_and_grad, z, lp, grad)  # the first secant sets the merge radius
     for _ in range(num_newton - 1):
         m, lpm, g, _ = _newton(log_pi_and_grad, m, lpm, g)
-    kept, counts = _merge(m, lpm, curv)
-    unseen = sum(c == 1 for c in counts) / max(sum(counts), 1)  # Good-Turing: mass of modes not seen
+    kept, _ = _merge(m, lpm, curv)
+    # Good-Turing mass of modes not seen, counted with the kept points' radii: a unimodal but
+    # anisotropic target leaves its Newton points scattered beyond the tight radii
+    counts = _merge(m, lpm, curv, tight=False)[1]
+    unseen = sum(c == 1 for c in counts) / max(sum(counts), 1)
     if unseen > MAX_UNSEEN or len(kept) > max_modes:
         return _empty(m), unseen
     keep = torch.tensor(kept, device=z.device, dtype=torch.long)
@@ -165,9 +168,12 @@ def _hessian(log_pi_and_grad, m: torch.Tensor, g: torch.Tensor, curv: torch.Tens
     return torch.nan_to_num(0.5 * (hess + hess.transpose(1, 2)))
 
 
-def _merge(m: torch.Tensor, lpm: torch.Tensor, curv: torch.Tensor) -> tuple[list[int], list[int]]:
+def _merge(
+    m: torch.Tensor, lpm: torch.Tensor, curv: torch.Tensor, tight: bool = True
+) -> tuple[list[int], list[int]]:
     """Greedy merge, highest log-density first: the indices of the points kept as modes, and how
-    many points each absorbed (itself included)."""
+    many points each absorbed (itself included). Distances are in typical radii of the smaller of
+    the two radii (``tight``) or of the kept point's."""
     d = m.shape[1]
     keep: list[int] = []
     counts: list[int] = []
@@ -176,8 +182,8 @@ def _merge(m: torch.Tensor, lpm: torch.Tensor, curv: torch.Tensor) -> tuple[list
             continue
         if keep:
             k = torch.tensor(keep, device=m.device)
-            tight = torch.maximum(curv[k], curv[i])  # the smaller radius: a flat point absorbs nothing
-            near = (((m[k] - m[i]) ** 2).sum(-1) * tight / d) < MERGE_RADIUS**2
+            c = torch.maximum(curv[k], curv[i]) if tight else curv[k]  # tight: a flat point absorbs nothing
+            near = (((m[k] - m[i]) ** 2).sum(-1) * c / d) < MERGE_RADIUS**2
             if bool(near.any()):
                 counts[int(torch.nonzero(near)[0])] += 1
                 continue
