@@ -13,6 +13,7 @@ from diffstat.diffusion.losses import (
     tsm_loss,
 )
 from diffstat.diffusion.networks import EnergyMLP, ScoreMLP
+from diffstat.diffusion import noised_smc  # noqa: F401  (registers ds.sample(..., "pdds"))
 from diffstat.diffusion.processes import VE, VP, noised_mixture_score, process_from_dict
 from diffstat.diffusion.reverse import (
     annealed_langevin,

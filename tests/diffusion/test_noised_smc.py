@@ -1,0 +1,204 @@
+"""Particle denoising diffusion sampler (``method="pdds"``): exact guidance, weights that telescope
+to the path importance weight, log Z unbiased for any guidance, a broken weight detected, and the
+front door."""
+
+import math
+
+import pytest
+import torch
+
+import diffstat as ds
+from diffstat.diffusion import noised_smc as ns
+from diffstat.diffusion.noised_smc_bank import bank_log_g, build_mode_bank
+from diffstat.diffusion.noised_smc_path import NoisedPath, Whitening, noise_schedule
+from diffstat.targets import GaussianMixture
+
+D = torch.distributions
+F64 = torch.float64
+LOG_Z = 1.7
+MU = torch.tensor([1.0, -0.5, 0.3], dtype=F64)
+
+
+def gaussian_target(scale=0.3, mu=MU):
+    return ds.Target(lambda x: D.Normal(mu, scale).log_prob(x).sum(-1) + LOG_Z, mu.numel(), dtype=F64)
+
+
+def identity(dim):
+    return Whitening.from_moments(torch.zeros(dim, dtype=F64), torch.eye(dim, dtype=F64))
+
+
+def exact_log_gt(x, rho, scale, mu=MU):
+    """log g_t of N(mu, scale^2 I) against N(0, I): the noised target over the reference, times Z."""
+    a, lam = rho.sqrt(), 1 - rho
+    noised = D.Normal(a * mu, (a**2 * scale**2 + lam).sqrt()).log_prob(x).sum(-1)
+    return noised - D.Normal(0.0, 1.0).log_prob(x).sum(-1) + LOG_Z
+
+
+@pytest.mark.parametrize("rho", [0.02, 0.5, 0.95])
+def test_laplace_guidance_is_exact_for_a_gaussian_and_power_up_to_a_constant(rho):
+    rho = torch.tensor(rho, dtype=F64)
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=F64).requires_grad_(True)
+    exact = exact_log_gt(x, rho, 0.3)
+    (grad,) = torch.autograd.grad(exact.sum(), x)
+    x = x.detach()
+    lap = NoisedPath(gaussian_target(), identity(3), 0.3**2, "laplace").evaluate(x, rho)
+    torch.testing.assert_close(lap.log_g, exact.detach(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(lap.grad_g, grad, rtol=0, atol=1e-10)
+    power = NoisedPath(gaussian_target(), identity(3), 0.3**2, "power").evaluate(x, rho)
+    diff = power.log_g - exact.detach()
+    assert float(diff.max() - diff.min()) < 1e-10  # a constant offset, which SMC ignores
+    torch.testing.assert_close(power.grad_g, grad, rtol=0, atol=1e-10)
+    simple = NoisedPath(gaussian_target(), identity(3), 1.0, "simple").evaluate(x, rho)
+    assert float((simple.grad_g - grad).abs().max()) > 0.1  # the simple guidance is not exact here
+
+
+def run_path(path, generator, num_steps, n, broken=False):
+    """Propose and reweight along the path with no resampling and no moves, and compute each
+    particle's path importance weight independently from the densities; returns both ``(n,)``."""
+    rho = noise_schedule(num_steps, path.mode_scale_sq)
+    x = torch.randn(n, path.dim, generator=generator, dtype=F64)
+    gs = path.evaluate(x, rho[-1])
+    log_w = gs.log_g.clone()
+    # path weight = pi_z(x_0) prod_k p_fwd(x_{k+1} | x_k) / (N(x_K; 0, I) prod_k q(x_k | x_{k+1}))
+    log_path = -D.Normal(0.0, 1.0).log_prob(x).sum(-1)
+    for k in range(num_steps - 1, -1, -1):
+        c = torch.sqrt(rho[k + 1] / rho[k])
+        lam = 1 - c**2
+        x_new = ns.guided_proposal(generator, gs, c, lam)
+        new = path.evaluate(x_new, rho[k])
+        incr = ns.incremental_log_weight(gs, new, c, lam)
+        if broken:  # forget the lambda |v|^2 / 2 term of the Gaussian ratio
+            incr = incr - 0.5 * lam * (gs.grad_g**2).sum(-1)
+        log_w = log_w + incr
+        q_mean = c * gs.x + lam * gs.grad_g
+        log_path += D.Normal(c * x_new, lam.sqrt()).log_prob(gs.x).sum(-1)
+        log_path -= D.Normal(q_mean, lam.sqrt()).log_prob(x_new).sum(-1)
+        gs = new
+    log_pi_z = path.target.log_prob(path.whitening.to_x(gs.x)) + path.whitening.log_det
+    return log_w, log_path + log_pi_z
+
+
+@pytest.mark.parametrize("guidance", ["simple", "power", "laplace"])
+def test_weights_telescope_to_the_path_importance_weight(guidance):
+    white = Whitening.from_moments(torch.tensor([0.5, 0.0, 0.2], dtype=F64), 0.5 * torch.eye(3, dtype=F64))
+    path = NoisedPath(gaussian_target(), white, 0.2, guidance)
+    log_w, log_path = run_path(path, torch.Generator().manual_seed(1), 12, 50)
+    torch.testing.assert_close(log_w, log_path, rtol=0, atol=1e-9)
+    broken, log_path_b = run_path(path, torch.Generator().manual_seed(1), 12, 50, broken=True)
+    assert float((broken - log_path_b).abs().max()) > 1e-3  # the identity catches a wrong weight
+
+
+def test_reference_target_gives_constant_weights_and_exact_log_z():
+    target = ds.Target(lambda x: D.Normal(0.0, 1.0).log_prob(x).sum(-1) + LOG_Z, 4, dtype=F64)
+    path = NoisedPath(target, identity(4), 1.0, "simple")
+    out = ns.noised_smc(torch.Generator().manual_seed(0), path, 64, num_steps=10, num_mcmc_steps=1)
+    assert abs(out.log_normalizer - LOG_Z) < 1e-12
+    assert float(out.stages["ess"].min()) > 1 - 1e-12 and out.num_resampling == 0
+
+
+def log_z_hat(path, runs, n=32, num_steps=8, broken=False):
+    """``runs`` independent estimates of log Z from ``n`` particles each: without resampling the
+    particles are independent, so one batch of ``runs * n`` particles is split into groups."""
+    log_w, _ = run_path(path, torch.Generator().manual_seed(5), num_steps, runs * n, broken=broken)
+    return torch.logsumexp(log_w.reshape(runs, n), 1) - math.log(n)
+
+
+def test_log_z_unbiased_for_a_poor_guidance_and_a_wrong_weight_detected():
+    # A poor guidance (PDDS simple guidance on a narrow, off-centre Gaussian) and few steps: the
+    # weights vary a lot, yet Z-hat / Z averages to 1 within its Monte Carlo error.
+    path = NoisedPath(gaussian_target(0.5), identity(3), 1.0, "simple")
+    ratio = torch.exp(log_z_hat(path, 400) - LOG_Z)
+    z = (ratio.mean() - 1) / (ratio.std() / math.sqrt(len(ratio)))
+    assert abs(float(z)) < 4, float(z)
+    assert float(ratio.std()) > 0.05  # the weights do vary: the test has something to check
+    bad = torch.exp(log_z_hat(path, 400, broken=True) - LOG_Z)
+    z_bad = (bad.mean() - 1) / (bad.std() / math.sqrt(len(bad)))
+    assert abs(float(z_bad)) > 4, float(z_bad)
+
+
+def test_exact_guidance_weights_become_constant_as_the_steps_shrink():
+    path = NoisedPath(gaussian_target(0.3), identity(3), 0.3**2, "laplace")
+    sds = []
+    for num_steps in (16, 64, 256):
+        log_w, _ = run_path(path, torch.Generator().manual_seed(2), num_steps, 200)
+        sds.append(float(log_w.std()))
+    # only the time discretisation varies the weights: sd ~ 1 / sqrt(steps), halving per 4x steps
+    ratios = [sds[1] / sds[0], sds[2] / sds[1]]
+    assert all(0.3 < r < 0.7 for r in ratios), sds
+    wrong = NoisedPath(gaussian_target(0.3), identity(3), 1.0, "simple")
+    log_w, _ = run_path(wrong, torch.Generator().manual_seed(2), 256, 200)
+    assert float(log_w.std()) > 3 * sds[2], (float(log_w.std()), sds)
+
+
+ANISO = GaussianMixture(
+    [[2.0, 0.0, 0.0], [-1.0, 1.5, 0.5]],
+    [0.8, 0.2],
+    covs=[[[0.04, 0.01, 0.0], [0.01, 0.09, 0.0], [0.0, 0.0, 0.02]], 0.5 * torch.eye(3, dtype=F64)],
+    log_normalizer=LOG_Z,
+)
+
+
+def test_mode_bank_recovers_an_anisotropic_mixture_and_its_guidance_is_exact():
+    """From points near each mode, the bank finds the means, covariances and weights (a Gaussian
+    mixture is its own Laplace mixture), and its guidance is the exact noised g_t of the mixture."""
+    target = ANISO.as_target(dtype=F64)
+    path = NoisedPath(target, identity(3), 1.0, "power")
+    gen = torch.Generator().manual_seed(0)
+    z = ANISO.sample(400, gen) + 0.2 * torch.randn(400, 3, generator=gen, dtype=F64)
+    lp, grad = path.log_pi_and_grad(z)
+    bank, unseen = build_mode_bank(path.log_pi_and_grad, z, lp, grad)
+    assert unseen == 0.0  # 400 points, two modes: none alone
+    assert bank.means.shape[0] == 2
+    order = torch.argsort(bank.log_mass, descending=True)
+    torch.testing.assert_close(bank.means[order], ANISO.means, rtol=0, atol=1e-6)
+    covs = torch.einsum("jab,jb,jcb->jac", bank.evecs, bank.evals, bank.evecs)[order]
+    torch.testing.assert_close(covs, ANISO.covs, rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.softmax(bank.log_mass[order], 0), ANISO.weights, rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        torch.logsumexp(bank.log_mass, 0), torch.tensor(LOG_Z, dtype=F64), rtol=0, atol=1e-4
+    )
+    rho = torch.tensor(0.3, dtype=F64)
+    x = torch.randn(8, 3, generator=gen, dtype=F64)
+    log_g, _ = bank_log_g(bank, x, rho)
+    noised = ANISO.noised(float(rho.sqrt()), float((1 - rho).sqrt()))
+    exact = noised.log_prob(x) + LOG_Z - D.Normal(0.0, 1.0).log_prob(x).sum(-1)
+    torch.testing.assert_close(log_g, exact, rtol=0, atol=1e-3)
+    bank_path = NoisedPath(target, identity(3), 1.0, "bank", bank)
+    full = bank_path.evaluate(x, rho)  # bank times the residual, which is 1 here
+    torch.testing.assert_close(full.log_g, exact, rtol=0, atol=1e-3)
+
+
+MIXTURE = GaussianMixture([[-2.0, 0.0], [2.0, 1.0]], [0.7, 0.3], scales=[0.5, 0.8], log_normalizer=LOG_Z)
+
+
+def test_front_door_mixture_log_z_and_mode_weights():
+    target = MIXTURE.as_target(dtype=F64)
+    idata = ds.sample(
+        target, "pdds", num_samples=1000, seed=0, progress=False, num_steps=32, num_mcmc_steps=2
+    )
+    attrs = idata.posterior.attrs
+    err = attrs["log_normalizer"] - LOG_Z
+    assert abs(err) < max(3 * attrs["log_normalizer_se"], 0.02), (err, attrs["log_normalizer_se"])
+    x = torch.as_tensor(idata.posterior["x"].values.reshape(-1, 2))
+    share = float((MIXTURE.assign(x) == 0).double().mean())
+    assert abs(share - 0.7) < 0.05, share  # sd of a share of 1000 resampled draws is about 0.015
+    assert idata["diffusion"]["noise"].shape[0] == 33
+    assert attrs["num_target_evals"] > 0
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(ValueError, match="unknown option"):
+        ds.sample(MIXTURE.as_target(dtype=F64), "pdds", num_samples=10, seed=0, num_step=3)
+
+
+def test_few_particles_warn_that_the_error_bar_is_unreliable():
+    with pytest.warns(RuntimeWarning, match="distinct initial particles"):
+        ds.sample(
+            MIXTURE.as_target(dtype=F64),
+            "pdds",
+            num_samples=16,
+            seed=0,
+            progress=False,
+            num_steps=8,
+            pilot_chains=64,
+        )
