@@ -102,3 +102,29 @@ def test_target_round_trip_and_names():
     assert np.allclose(z["beta1"].numpy(), post.reference_draws[:, post.param_names.index("beta1")], rtol=1e-5)
     with pytest.raises(ValueError, match="unknown posterior"):
         pdb.load("no-such-posterior")
+
+
+# ---------------------------------------------------------------------- the scans against Stan's loops
+def test_linear_recurrence_equals_loop():
+    from diffstat.posteriordb.models import linear_recurrence
+
+    g = torch.Generator().manual_seed(0)
+    a, b, x0 = torch.rand(3, 37, generator=g, dtype=torch.float64), torch.randn(3, 37, generator=g,
+                                                                               dtype=torch.float64), torch.randn(3)
+    x0 = x0.double()
+    xs = [x0]
+    for t in range(37):
+        xs.append(a[:, t] * xs[-1] + b[:, t])
+    assert torch.allclose(linear_recurrence(a, b, x0), torch.stack(xs, -1), rtol=1e-12, atol=1e-12)
+
+
+def test_forward_algorithm_equals_stan_loop():
+    from diffstat.posteriordb.models import forward_log_lik
+
+    g = torch.Generator().manual_seed(1)
+    theta = torch.distributions.Dirichlet(torch.ones(3, dtype=torch.float64)).sample((5, 3))
+    log_em = torch.randn(5, 29, 3, generator=g, dtype=torch.float64)
+    gamma = log_em[:, 0]
+    for t in range(1, 29):  # Stan's loop: gamma[t, k] = log_sum_exp_j(gamma[t-1, j] + log theta[j, k]) + em
+        gamma = torch.logsumexp(gamma[:, :, None] + theta.log(), dim=1) + log_em[:, t]
+    assert torch.allclose(forward_log_lik(theta.log(), log_em), torch.logsumexp(gamma, -1), rtol=1e-12)

@@ -155,6 +155,18 @@ def kilpisjarvi(x, y, prior, log_sd_y):
 
 
 # ---------------------------------------------------------------------- time series
+def linear_recurrence(a: torch.Tensor, b: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """``x[t] = a[t] x[t-1] + b[t]`` from ``x[0] = x0``: ``a, b: (..., T-1)``, ``x0: (...)`` ->
+    ``(..., T)``, by a parallel prefix scan of the affine maps (log2 T steps instead of a loop of T,
+    the same products, no division)."""
+    shift, length = 1, a.shape[-1]
+    while shift < length:
+        b = torch.cat([b[..., :shift], a[..., shift:] * b[..., :-shift] + b[..., shift:]], -1)
+        a = torch.cat([a[..., :shift], a[..., shift:] * a[..., :-shift]], -1)
+        shift *= 2
+    return torch.cat([x0[..., None], a * x0[..., None] + b], -1)
+
+
 def garch11(y, sigma1, log_var_y, mu_scale):
     """GARCH(1, 1): ``sigma[t]^2 = alpha0 + alpha1 (y[t-1] - mu)^2 + beta1 sigma[t-1]^2``; flat priors
     on ``mu``, ``alpha0 > 0``, ``alpha1`` in (0, 1), ``beta1`` in (0, 1 - alpha1)."""
@@ -164,12 +176,9 @@ def garch11(y, sigma1, log_var_y, mu_scale):
     upper = 1.0 - alpha1
     beta1 = pyro.sample("beta1", dist.Uniform(torch.zeros_like(upper), upper))
     pyro.factor("beta1_flat", torch.log(upper))  # Uniform(0, 1 - alpha1) has density 1 / (1 - alpha1)
-    var = (sigma1**2).expand(mu.shape)
-    sigmas = [var.sqrt()]
-    for t in range(1, y.shape[0]):
-        var = alpha0 + alpha1 * (y[t - 1] - mu) ** 2 + beta1 * var
-        sigmas.append(var.sqrt())
-    sigma = torch.stack(sigmas, -1)
+    shocks = alpha0[..., None] + alpha1[..., None] * (y[:-1] - mu[..., None]) ** 2
+    var = linear_recurrence(beta1[..., None].expand(shocks.shape), shocks, (sigma1**2).expand(mu.shape))
+    sigma = var.sqrt()
     pyro.sample("y", dist.Normal(mu[..., None].expand(sigma.shape), sigma).to_event(1), obs=y)
 
 
@@ -180,23 +189,25 @@ def arma11(y):
     phi = pyro.sample("phi", dist.Normal(torch.tensor(0.0), 2.0))
     theta = pyro.sample("theta", dist.Normal(torch.tensor(0.0), 2.0))
     sigma = pyro.sample("sigma", dist.HalfCauchy(torch.tensor(2.5)))
-    err = y[0] - (mu + phi * mu)
-    errs = [err]
-    for t in range(1, y.shape[0]):
-        err = y[t] - (mu + phi * y[t - 1] + theta * err)
-        errs.append(err)
-    err = torch.stack(errs, -1)
+    drive = y[1:] - mu[..., None] - phi[..., None] * y[:-1]
+    err = linear_recurrence(-theta[..., None].expand(drive.shape), drive, y[0] - (mu + phi * mu))
     pyro.sample("err", dist.Normal(torch.zeros_like(err), sigma[..., None].expand(err.shape)).to_event(1), obs=err)
 
 
 # ---------------------------------------------------------------------- hidden Markov models
 def forward_log_lik(log_theta: torch.Tensor, log_emission: torch.Tensor) -> torch.Tensor:
-    r"""The forward algorithm: :math:`\log \sum_{z} p(z_1) \prod_t \theta_{z_{t-1} z_t} p(y_t | z_t)`
-    with Stan's start (no initial distribution: ``gamma[1, k]`` is the first emission).
+    r"""The forward algorithm, :math:`\log \sum_z p(y_1 \mid z_1) \prod_{t>1} \theta_{z_{t-1} z_t}
+    p(y_t \mid z_t)`, with Stan's start (no initial distribution: ``gamma[1, k]`` is the first
+    emission). The N - 1 transition-times-emission matrices are multiplied in the (logsumexp, +)
+    semiring by a pairwise tree: log2 N rounds of batched ops instead of a loop of N.
     ``log_theta: (..., K, K)`` (row = from), ``log_emission: (..., N, K)`` -> ``(...,)``."""
-    gamma = log_emission[..., 0, :]
-    for t in range(1, log_emission.shape[-2]):
-        gamma = torch.logsumexp(gamma[..., :, None] + log_theta, dim=-2) + log_emission[..., t, :]
+    mats = log_theta[..., None, :, :] + log_emission[..., 1:, None, :]  # (..., N-1, K, K): step t
+    while mats.shape[-3] > 1:  # multiply neighbours in the (logsumexp, +) semiring, in order
+        odd = mats[..., -1:, :, :] if mats.shape[-3] % 2 else None
+        left, right = mats[..., 0:-1:2, :, :], mats[..., 1::2, :, :]
+        mats = torch.logsumexp(left[..., :, :, None] + right[..., None, :, :], dim=-2)
+        mats = mats if odd is None else torch.cat([mats, odd], -3)
+    gamma = torch.logsumexp(log_emission[..., 0, :, None] + mats[..., 0, :, :], dim=-2)
     return torch.logsumexp(gamma, dim=-1)
 
 
