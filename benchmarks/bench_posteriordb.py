@@ -12,7 +12,7 @@ sd err <= 0.15.
 
 Run:
     python benchmarks/bench_posteriordb.py [--methods smc mala] [--posteriors NAME ...] [--fast]
-        [--time-limit 300] [--seed 0] [--dtype float64]
+        [--time-limit 300] [--seed 0] [--dtype float64] [--init default|stan]
     python benchmarks/bench_posteriordb.py --timing      # dim and seconds per gradient, batch 4 / 1000
 
 Results (JSON lines and the printed table) go to benchmarks/results/ (not tracked).
@@ -44,8 +44,9 @@ HEADER = f"{'posterior':44s} {'method':9s} {'mean err':>8s} {'sd err':>7s} {'R-h
          f"{'evals':>9s} {'sec':>7s}  pass"
 
 
-def run_one(name: str, method: str, seed: int, dtype: str, num_samples: int) -> dict:
-    """One run, in the calling process: the row as a dict."""
+def run_one(name: str, method: str, seed: int, dtype: str, num_samples: int, init: str = "default") -> dict:
+    """One run, in the calling process: the row as a dict. ``init="stan"``: MCMC chains start
+    uniformly in (-2, 2) in unconstrained space, as Stan's do (otherwise at reference draws)."""
     import arviz as az
     import torch
 
@@ -56,8 +57,13 @@ def run_one(name: str, method: str, seed: int, dtype: str, num_samples: int) -> 
     torch.set_num_threads(1)
     post = pdb.load(name, dtype=getattr(torch, dtype))
     num_chains = 4 if method in MCMC else None
+    options = {}
+    if init == "stan" and method in MCMC:
+        g = torch.Generator().manual_seed(seed + 1)
+        u = torch.rand(num_chains, post.target.dim, generator=g, dtype=post.target.dtype)
+        options["init"] = 4 * u - 2
     idata = ds.sample(post.target, method, num_samples=num_samples, num_chains=num_chains, seed=seed,
-                      progress=False)
+                      progress=False, **options)
     cmp = post.compare(idata)
     flat = post.flatten(idata)
     chains = next(iter(flat.values())).shape[0]
@@ -68,7 +74,8 @@ def run_one(name: str, method: str, seed: int, dtype: str, num_samples: int) -> 
     return {
         "posterior": name, "method": method, "dim": post.target.dim, "chains": chains,
         "mean_err": cmp.max_mean_error, "worst_mean": cmp.worst_mean, "sd_err": cmp.max_sd_error,
-        "worst_sd": cmp.worst_sd, "rhat": rhat, "min_ess_bulk": ess, "ess_per_1k_evals": 1000 * ess / max(evals, 1),
+        "worst_sd": cmp.worst_sd, "rhat": rhat, "min_ess_bulk": ess,
+        "ess_per_1k_evals": 1000 * ess / max(evals, 1),
         "evals": evals, "seconds": float(idata.posterior.attrs["sampling_time"]), "passed": cmp.passed(),
     }
 
@@ -80,11 +87,11 @@ def _child(queue, *args) -> None:
         queue.put({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=4)})
 
 
-def run_isolated(name, method, seed, dtype, num_samples, time_limit) -> dict:
+def run_isolated(name, method, seed, dtype, num_samples, time_limit, init="default") -> dict:
     """``run_one`` in a fresh process, killed after ``time_limit`` seconds."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, name, method, seed, dtype, num_samples))
+    proc = ctx.Process(target=_child, args=(queue, name, method, seed, dtype, num_samples, init))
     start = time.perf_counter()
     proc.start()
     try:
@@ -106,7 +113,8 @@ def format_row(r: dict) -> str:
         return f"{r['posterior']:44s} {r['method']:9s} ERROR {r['error'][:150]}"
     rhat = "-" if np.isnan(r["rhat"]) else f"{r['rhat']:.3f}"
     return (f"{r['posterior']:44s} {r['method']:9s} {r['mean_err']:8.3f} {r['sd_err']:7.3f} {rhat:>6s} "
-            f"{r['ess_per_1k_evals']:7.2f} {r['evals']:9d} {r['seconds']:7.1f}  {'yes' if r['passed'] else 'NO'}")
+            f"{r['ess_per_1k_evals']:7.2f} {r['evals']:9d} {r['seconds']:7.1f}  "
+            f"{'yes' if r['passed'] else 'NO'}")
 
 
 def timing(names, repeats: int = 5) -> None:
@@ -140,6 +148,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--dtype", default="float64", choices=("float32", "float64"))
+    parser.add_argument("--init", default="default", choices=("default", "stan"),
+                        help="MCMC starts: the method's default (reference draws) or Stan's uniform(-2, 2)")
     parser.add_argument("--timing", action="store_true", help="only time gradient evaluations")
     args = parser.parse_args()
 
@@ -167,7 +177,8 @@ def main() -> None:
     with open(out, "w") as f:
         for name in names:
             for method in methods:
-                row = run_isolated(name, method, args.seed, args.dtype, args.num_samples, args.time_limit)
+                row = run_isolated(name, method, args.seed, args.dtype, args.num_samples, args.time_limit,
+                                   args.init)
                 print(format_row(row), flush=True)
                 f.write(json.dumps(row) + "\n")
                 f.flush()

@@ -56,7 +56,8 @@ def _gp_wrong_alpha_prior(x, y):
     sq = (x[:, None] - x[None, :]) ** 2
     a, r, s = (p[..., None, None] for p in (alpha, rho, sigma))
     cov = a**2 * torch.exp(-sq / (2 * r**2)) + s * torch.eye(x.shape[0])
-    pyro.sample("y", dist.MultivariateNormal(torch.zeros_like(y), scale_tril=torch.linalg.cholesky(cov)), obs=y)
+    tril = torch.linalg.cholesky(cov)
+    pyro.sample("y", dist.MultivariateNormal(torch.zeros_like(y), scale_tril=tril), obs=y)
 
 
 def test_wrong_prior_scale_in_model_is_rejected():
@@ -99,7 +100,8 @@ def test_target_round_trip_and_names():
     post = pdb.load("garch-garch11")
     u = post.target.unconstrain(post.reference_sites())
     z = post.target.constrain(u)
-    assert np.allclose(z["beta1"].numpy(), post.reference_draws[:, post.param_names.index("beta1")], rtol=1e-5)
+    expected = post.reference_draws[:, post.param_names.index("beta1")]
+    assert np.allclose(z["beta1"].numpy(), expected, rtol=1e-5)
     with pytest.raises(ValueError, match="unknown posterior"):
         pdb.load("no-such-posterior")
 
@@ -109,9 +111,9 @@ def test_linear_recurrence_equals_loop():
     from diffstat.posteriordb.models import linear_recurrence
 
     g = torch.Generator().manual_seed(0)
-    a, b, x0 = torch.rand(3, 37, generator=g, dtype=torch.float64), torch.randn(3, 37, generator=g,
-                                                                               dtype=torch.float64), torch.randn(3)
-    x0 = x0.double()
+    a = torch.rand(3, 37, generator=g, dtype=torch.float64)
+    b = torch.randn(3, 37, generator=g, dtype=torch.float64)
+    x0 = torch.randn(3, generator=g, dtype=torch.float64)
     xs = [x0]
     for t in range(37):
         xs.append(a[:, t] * xs[-1] + b[:, t])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -27,18 +27,18 @@ import torch
 
 from diffstat.posteriordb.models import BUILDERS
 
-__all__ = ["names", "load", "data", "Posterior", "Comparison", "flatten", "SOURCE_COMMIT"]
+__all__ = ["SOURCE_COMMIT", "Comparison", "Posterior", "data", "flatten", "load", "names"]
 
 _DIR = Path(__file__).parent / "data"
 _INDEX_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\[([0-9, ]+)\])?$")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _index() -> dict:
     return json.loads((_DIR / "index.json").read_text())
 
 
-@lru_cache(maxsize=None)
+@cache
 def _npz(file: str) -> dict[str, np.ndarray]:
     with np.load(_DIR / file, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}

@@ -41,7 +41,8 @@ def main(root: str) -> None:
             continue
         index[name] = {"model": info["model_name"], "data": info["data_name"]}
         if info["data_name"] not in {k.split("/")[0] for k in data}:
-            for field, value in _read_zip_json(root / "data" / "data" / f"{info['data_name']}.json.zip").items():
+            fields = _read_zip_json(root / "data" / "data" / f"{info['data_name']}.json.zip")
+            for field, value in fields.items():
                 data[f"{info['data_name']}/{field}"] = np.asarray(value, dtype=np.float64)
         chains = _read_zip_json(root / "reference_posteriors" / "draws" / "draws" / f"{name}.json.zip")
         names = list(chains[0])
@@ -53,7 +54,8 @@ def main(root: str) -> None:
         ref[f"{name}/draws"] = draws[:, ::THIN].reshape(-1, len(names)).astype(np.float32)
     np.savez_compressed(out / "data.npz", **data)
     np.savez_compressed(out / "reference.npz", **ref)
-    (out / "index.json").write_text(json.dumps({"source_commit": SOURCE_COMMIT, "posteriors": index}, indent=1))
+    meta = {"source_commit": SOURCE_COMMIT, "posteriors": index}
+    (out / "index.json").write_text(json.dumps(meta, indent=1))
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def linear_regression(X, y, beta_scale, log_sd_y, sigma_prior: str):
 def _regression(y, columns, sigma_prior="flat"):
     """Builder output for a regression with an intercept and the given predictor columns."""
     X = np.column_stack([np.ones_like(y)] + list(columns))
-    rms = lambda a: np.sqrt(np.mean(a**2))  # noqa: E731
+    rms = lambda a: np.sqrt(np.mean(a**2))
     beta_scale = FLAT_WIDTH * rms(y) / np.array([rms(c) for c in X.T])
     return linear_regression, (_t(X), _t(y), _t(beta_scale), _t(np.log(np.std(y))), sigma_prior)
 
@@ -191,7 +191,8 @@ def arma11(y):
     sigma = pyro.sample("sigma", dist.HalfCauchy(torch.tensor(2.5)))
     drive = y[1:] - mu[..., None] - phi[..., None] * y[:-1]
     err = linear_recurrence(-theta[..., None].expand(drive.shape), drive, y[0] - (mu + phi * mu))
-    pyro.sample("err", dist.Normal(torch.zeros_like(err), sigma[..., None].expand(err.shape)).to_event(1), obs=err)
+    scale = sigma[..., None].expand(err.shape)
+    pyro.sample("err", dist.Normal(torch.zeros_like(err), scale).to_event(1), obs=err)
 
 
 # ---------------------------------------------------------------------- hidden Markov models
@@ -213,8 +214,10 @@ def forward_log_lik(log_theta: torch.Tensor, log_emission: torch.Tensor) -> torc
 
 def _ordered(name, support, loc, means):
     """An ordered vector with Stan's ``normal(means[k], 1)`` on each component (restricted to the
-    ordered set): a wide reference times the factor prior / reference."""
-    base = dist.Normal(loc, 2.0).to_event(1)
+    ordered set): a reference times the factor prior / reference. The reference is a standard
+    normal in the unconstrained coordinates: Pyro's positive-ordered map nests two exponentials
+    (``exp(x0 + exp(x1))``), and a wider one overflows to inf at a few of 1,000 draws."""
+    base = dist.Normal(loc, 1.0).to_event(1)
     ref = dist.TransformedDistribution(base, [biject_to(support)])
     z = pyro.sample(name, ref)
     pyro.factor(f"{name}_prior", dist.Normal(means, 1.0).log_prob(z).sum(-1) - ref.log_prob(z))
@@ -275,7 +278,8 @@ BUILDERS = {
         "earn_height", "log10earn_height", "logearn_height", "logearn_height_male", "logearn_interaction",
         "logearn_interaction_z", "logearn_logheight_male")},
     **{k: (lambda d, k=k: _kidiq(d, k)) for k in (
-        "kidscore_interaction", "kidscore_momhs", "kidscore_momhsiq", "kidscore_momiq", "kidscore_interaction_c",
+        "kidscore_interaction", "kidscore_momhs", "kidscore_momhsiq", "kidscore_momiq",
+        "kidscore_interaction_c",
         "kidscore_interaction_c2", "kidscore_interaction_z", "kidscore_mom_work")},
     **{k: (lambda d, k=k: _mesquite(d, k)) for k in (
         "mesquite", "logmesquite", "logmesquite_logva", "logmesquite_logvas", "logmesquite_logvash",
@@ -286,7 +290,8 @@ BUILDERS = {
         _t(d["x"]), _t(d["y"]), _t([float(d[k]) for k in ("pmualpha", "psalpha", "pmubeta", "psbeta")]),
         _t(np.log(np.std(d["y"]))))),
     "garch11": lambda d: (garch11, (
-        _t(d["y"]), _scalar(d, "sigma1"), _t(np.log(np.var(d["y"]))), _t(FLAT_WIDTH * np.sqrt(np.mean(d["y"] ** 2))))),
+        _t(d["y"]), _scalar(d, "sigma1"), _t(np.log(np.var(d["y"]))),
+        _t(FLAT_WIDTH * np.sqrt(np.mean(d["y"] ** 2))))),
     "arma11": lambda d: (arma11, (_t(d["y"]),)),
     "hmm_example": lambda d: (hmm_example, (_t(d["y"]),)),
     "hmm_drive_0": lambda d: (hmm_drive, (
