@@ -29,11 +29,27 @@ import torch
 from pyro.distributions import constraints
 from torch.distributions import biject_to
 
-__all__ = ["BUILDERS", "flat"]
+__all__ = ["BUILDERS", "Pushforward", "flat", "forward_log_lik", "linear_recurrence"]
 
 #: Width (in its unconstrained coordinate) of the reference drawn for a flat parameter, in units of
 #: the data scale: 10 data scales is wide for every regression of the suite.
 FLAT_WIDTH = 10.0
+
+
+class Pushforward(dist.TransformedDistribution):
+    """``biject_to(support)`` of ``base``, reporting ``support`` itself as its support.
+
+    (Pyro's ``TransformedDistribution`` reports the codomain of the last part of the transform:
+    ``biject_to(positive)`` is exp then an affine map, whose codomain is the real line, so the
+    site would be sampled unconstrained on its own scale.)"""
+
+    def __init__(self, base, support):
+        self._constraint = support
+        super().__init__(base, [biject_to(support)])
+
+    @property
+    def support(self):
+        return self._constraint
 
 
 def flat(name: str, loc: torch.Tensor, scale: torch.Tensor, support=constraints.real, event_dim: int = 0):
@@ -42,7 +58,7 @@ def flat(name: str, loc: torch.Tensor, scale: torch.Tensor, support=constraints.
     :math:`-\log\rho(z)` that makes its prior density constant."""
     base = dist.Normal(loc, scale)
     base = base.to_event(event_dim) if event_dim else base
-    ref = base if support is constraints.real else dist.TransformedDistribution(base, [biject_to(support)])
+    ref = base if support is constraints.real else Pushforward(base, support)
     z = pyro.sample(name, ref)
     pyro.factor(f"{name}_flat", -ref.log_prob(z))
     return z
@@ -218,7 +234,7 @@ def _ordered(name, support, loc, means):
     normal in the unconstrained coordinates: Pyro's positive-ordered map nests two exponentials
     (``exp(x0 + exp(x1))``), and a wider one overflows to inf at a few of 1,000 draws."""
     base = dist.Normal(loc, 1.0).to_event(1)
-    ref = dist.TransformedDistribution(base, [biject_to(support)])
+    ref = Pushforward(base, support)
     z = pyro.sample(name, ref)
     pyro.factor(f"{name}_prior", dist.Normal(means, 1.0).log_prob(z).sum(-1) - ref.log_prob(z))
     return z
