@@ -31,6 +31,7 @@ def test_suite_is_complete():
 @pytest.mark.parametrize("name", NAMES)
 def test_port_matches_reference(name):
     post = pdb.load(name)
+    assert post.target.vectorize == "plate"  # batched by broadcasting, not the vmap fallback
     assert set(post.reference_moments) == set(post.param_names)
     assert post.reference_draws.shape == (1000, len(post.param_names))
     check = stein_check(post)

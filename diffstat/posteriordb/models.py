@@ -43,13 +43,18 @@ class Pushforward(dist.TransformedDistribution):
     ``biject_to(positive)`` is exp then an affine map, whose codomain is the real line, so the
     site would be sampled unconstrained on its own scale.)"""
 
-    def __init__(self, base, support):
+    def __init__(self, base, support, validate_args=None):
         self._constraint = support
-        super().__init__(base, [biject_to(support)])
+        super().__init__(base, [biject_to(support)], validate_args=validate_args)
 
     @property
     def support(self):
         return self._constraint
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(Pushforward, _instance)
+        new._constraint = self._constraint
+        return super().expand(batch_shape, _instance=new)
 
 
 def flat(name: str, loc: torch.Tensor, scale: torch.Tensor, support=constraints.real, event_dim: int = 0):
