@@ -10,12 +10,23 @@ from diffstat.diagnostics import diagnose
 from diffstat.sampling import available_methods, register_sampler, sample
 from diffstat.target import Target
 
-__all__ = ["__version__", "Target", "sample", "available_methods", "register_sampler", "dnc", "metrics", "targets"]
+__all__ = [
+    "__version__",
+    "Target",
+    "sample",
+    "available_methods",
+    "register_sampler",
+    "diagnose",
+    "dnc",
+    "metrics",
+    "targets",
+    "posteriordb",
+]
 
 
 def __getattr__(name):
     # Subpackages load on first use, so `import diffstat` stays light.
-    if name in ("dnc", "metrics", "targets", "diffusion", "tempering", "smoothing", "mcmc"):
+    if name in ("dnc", "metrics", "targets", "diffusion", "tempering", "smoothing", "mcmc", "posteriordb"):
         import importlib
 
         return importlib.import_module(f"diffstat.{name}")
