@@ -43,9 +43,21 @@ from diffstat.targets import banana_mixture
 def run(method: str, dim: int, seed: int, args) -> dict:
     mix = banana_mixture(dim, log_normalizer=1.3)
     target = mix.as_target(dtype=torch.float64)
-    options = dict(max_rounds=args.rounds, gaussian_rounds=1, target_ess=1.0, num_proposals=args.num_proposals, final_proposals=args.final_proposals, refresh_chains=args.refresh_chains, refresh_steps=40)
+    options = dict(
+        max_rounds=args.rounds,
+        gaussian_rounds=1,
+        target_ess=1.0,
+        num_proposals=args.num_proposals,
+        final_proposals=args.final_proposals,
+        refresh_chains=args.refresh_chains,
+        refresh_steps=40,
+    )
     if method == "diffusion":
-        options.update(train_steps=args.train_steps, refit_steps=args.train_steps // 2, diffusion_weight=args.diffusion_weight)
+        options.update(
+            train_steps=args.train_steps,
+            refit_steps=args.train_steps // 2,
+            diffusion_weight=args.diffusion_weight,
+        )
     start = time.perf_counter()
     idata = ds.sample(target, method, num_samples=10_000, seed=seed, progress=False, **options)
     elapsed = time.perf_counter() - start
@@ -70,7 +82,9 @@ def run(method: str, dim: int, seed: int, args) -> dict:
         "logz_err": float(attrs["log_normalizer"] - 1.3),
         "logz_se": float(attrs["log_normalizer_se"]),
         "time": elapsed,
-        "choice": " ".join("/".join(str(int(c)) for c in row) for row in group["model_choice"].values) if "model_choice" in group else "",
+        "choice": " ".join("/".join(str(int(c)) for c in row) for row in group["model_choice"].values)
+        if "model_choice" in group
+        else "",
     }
 
 
@@ -87,29 +101,49 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     summary = []
-    print(f"{'method':12s} {'d':>3s} {'seed':>4s} {'evals':>8s} {'K':>2s} {'ESS last':>9s} {'frac':>6s} {'PSIS':>6s} {'ESS pool':>9s} {'w_heavy':>8s} {'logZ err':>9s} {'se':>6s} {'time':>7s}")
+    print(
+        f"{'method':12s} {'d':>3s} {'seed':>4s} {'evals':>8s} {'K':>2s} {'ESS last':>9s} {'frac':>6s} {'PSIS':>6s} {'ESS pool':>9s} {'w_heavy':>8s} {'logZ err':>9s} {'se':>6s} {'time':>7s}"
+    )
     for dim in args.dims:
-        ratios, means = {"ess_last": [], "psis_last": []}, {(m, key): 0.0 for m in ("gaussian_is", "diffusion") for key in ("ess_last", "psis_last")}
+        ratios, means = (
+            {"ess_last": [], "psis_last": []},
+            {(m, key): 0.0 for m in ("gaussian_is", "diffusion") for key in ("ess_last", "psis_last")},
+        )
         for seed in args.seeds:
             rows = {m: run(m, dim, seed, args) for m in ("gaussian_is", "diffusion")}
             for r in rows.values():
                 print(
                     f"{r['method']:12s} {r['dim']:3d} {r['seed']:4d} {r['evals']:8d} {r['modes']:2d} {r['ess_last']:9.1f} {r['ess_frac_last']:6.3f} {r['psis_frac_last']:6.3f} "
-                    f"{r['ess_pooled']:9.1f} {r['heavy']:8.4f} {r['logz_err']:+9.4f} {r['logz_se']:6.4f} {r['time']:7.1f}  ESS fraction by round: {r['ess_rounds']}; Pareto k by round: {r['pareto_k']}" + (f"; model per mode by round: {r['choice']}" if r["method"] == "diffusion" else ""),
+                    f"{r['ess_pooled']:9.1f} {r['heavy']:8.4f} {r['logz_err']:+9.4f} {r['logz_se']:6.4f} {r['time']:7.1f}  ESS fraction by round: {r['ess_rounds']}; Pareto k by round: {r['pareto_k']}"
+                    + (f"; model per mode by round: {r['choice']}" if r["method"] == "diffusion" else ""),
                     flush=True,
                 )
             for key in ratios:
                 ratios[key].append(rows["diffusion"][key] / rows["gaussian_is"][key])
                 for m in ("gaussian_is", "diffusion"):
                     means[m, key] += rows[m][key] / len(args.seeds)
-        summary.append((dim, ratios, {key: means["diffusion", key] / means["gaussian_is", key] for key in ratios}))
-        print(f"d={dim}: ESS ratio diffusion / gaussian_is (last round, equal evaluations): Kish " + ", ".join(f"{v:.2f}" for v in ratios["ess_last"]) + "; Pareto-smoothed " + ", ".join(f"{v:.2f}" for v in ratios["psis_last"]), flush=True)
+        summary.append(
+            (dim, ratios, {key: means["diffusion", key] / means["gaussian_is", key] for key in ratios})
+        )
+        print(
+            f"d={dim}: ESS ratio diffusion / gaussian_is (last round, equal evaluations): Kish "
+            + ", ".join(f"{v:.2f}" for v in ratios["ess_last"])
+            + "; Pareto-smoothed "
+            + ", ".join(f"{v:.2f}" for v in ratios["psis_last"]),
+            flush=True,
+        )
 
-    print("summary: ESS ratio diffusion / gaussian_is in the last round at equal evaluations, per seed and as the ratio of the mean ESS over the seeds")
+    print(
+        "summary: ESS ratio diffusion / gaussian_is in the last round at equal evaluations, per seed and as the ratio of the mean ESS over the seeds"
+    )
     for dim, ratios, of_means in summary:
         for key, name in (("ess_last", "Kish"), ("psis_last", "Pareto-smoothed")):
             v = ratios[key]
-            print(f"  d={dim:2d} {name:15s}: " + ", ".join(f"{x:.2f}" for x in v) + f"  (min {min(v):.2f}; {sum(x >= 3 for x in v)} of {len(v)} at least 3; ratio of mean ESS {of_means[key]:.2f})")
+            print(
+                f"  d={dim:2d} {name:15s}: "
+                + ", ".join(f"{x:.2f}" for x in v)
+                + f"  (min {min(v):.2f}; {sum(x >= 3 for x in v)} of {len(v)} at least 3; ratio of mean ESS {of_means[key]:.2f})"
+            )
 
 
 if __name__ == "__main__":

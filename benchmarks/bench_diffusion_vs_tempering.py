@@ -56,17 +56,29 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     d = 10
-    wide = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(d, dtype=torch.float64), 4 * torch.ones(d, dtype=torch.float64)), 1)
+    wide = torch.distributions.Independent(
+        torch.distributions.Normal(
+            torch.zeros(d, dtype=torch.float64), 4 * torch.ones(d, dtype=torch.float64)
+        ),
+        1,
+    )
     configs = [("diffusion", "diffusion", dict(num_samples=10_000, num_explore=args.num_explore))]
     if "smc" in ds.available_methods():
-        configs.append(("smc", "smc (reference N(0, 16 I))", dict(num_samples=args.particles, reference=wide)))
+        configs.append(
+            ("smc", "smc (reference N(0, 16 I))", dict(num_samples=args.particles, reference=wide))
+        )
     else:
         print("method 'smc' is not available in this tree: diffusion only")
-    print(f"{'method':<30}{'seed':>5}{'heavy':>8}{'logZ err':>10}{'se':>8}{'modes':>6}{'ESS frac':>9}{'evals':>10}{'seconds':>9}")
+    print(
+        f"{'method':<30}{'seed':>5}{'heavy':>8}{'logZ err':>10}{'se':>8}{'modes':>6}{'ESS frac':>9}{'evals':>10}{'seconds':>9}"
+    )
     for method, label, options in configs:
         for seed in args.seeds:
             r = run(method, seed, args, **options)
-            print(f"{label:<30}{seed:>5}{r['heavy']:>8.3f}{r['logz_err']:>+10.3f}{r['se']:>8.3f}{str(r['modes']):>6}{r['ess']:>9}{r['evals']:>10d}{r['time']:>9.1f}", flush=True)
+            print(
+                f"{label:<30}{seed:>5}{r['heavy']:>8.3f}{r['logz_err']:>+10.3f}{r['se']:>8.3f}{str(r['modes']):>6}{r['ess']:>9}{r['evals']:>10d}{r['time']:>9.1f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,12 @@ import numpy as np
 import torch
 
 import diffstat as ds
-from diffstat.dnc.models import (GaussianPrior, logistic_log_likelihood, mixture_means_log_likelihood,
-                                 poisson_log_likelihood)
+from diffstat.dnc.models import (
+    GaussianPrior,
+    logistic_log_likelihood,
+    mixture_means_log_likelihood,
+    poisson_log_likelihood,
+)
 from diffstat.dnc.shards import subposteriors
 from diffstat.target import Target
 
@@ -106,8 +110,16 @@ def mixture_problem():
     means = torch.tensor([-0.4, 0.4, 0.0], dtype=torch.float64)
     comp = torch.randint(0, 3, (n,), generator=gen)
     y = means[comp] + math.sqrt(0.2) * torch.randn(n, generator=gen, dtype=torch.float64)
-    return dict(name="mixture", log_prior=GaussianPrior(1.0), log_likelihood=mixture_means_log_likelihood,
-                data=(y,), dim=3, num_shards=k, symmetric=True, init=means)
+    return dict(
+        name="mixture",
+        log_prior=GaussianPrior(1.0),
+        log_likelihood=mixture_means_log_likelihood,
+        data=(y,),
+        dim=3,
+        num_shards=k,
+        symmetric=True,
+        init=means,
+    )
 
 
 def logistic_problem():
@@ -117,8 +129,16 @@ def logistic_problem():
     design = torch.stack([torch.ones(n, dtype=torch.float64), x], 1)
     beta = torch.tensor([-3.0, -3.0], dtype=torch.float64)
     y = torch.bernoulli(torch.sigmoid(design @ beta), generator=gen)
-    return dict(name="logistic", log_prior=GaussianPrior(5.0), log_likelihood=logistic_log_likelihood,
-                data=(design, y), dim=2, num_shards=k, symmetric=False, init=-torch.ones(2, dtype=torch.float64))
+    return dict(
+        name="logistic",
+        log_prior=GaussianPrior(5.0),
+        log_likelihood=logistic_log_likelihood,
+        data=(design, y),
+        dim=2,
+        num_shards=k,
+        symmetric=False,
+        init=-torch.ones(2, dtype=torch.float64),
+    )
 
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
@@ -130,10 +150,22 @@ def randhie_problem(num_shards: int = 8):
     from diffstat.targets import randhie_poisson
 
     x, y, _ = randhie_poisson(os.path.join(DATA, "randhie.csv"))
-    return dict(name=f"randhie_k{num_shards}", dataset="randhie", log_prior=GaussianPrior(4.0),
-                log_likelihood=poisson_log_likelihood, data=(x, y), dim=10, num_shards=num_shards, symmetric=False,
-                init=None, split="random", sampler="hmc", num_chains=4, num_samples=1000,
-                options=dict(num_warmup=1000))
+    return dict(
+        name=f"randhie_k{num_shards}",
+        dataset="randhie",
+        log_prior=GaussianPrior(4.0),
+        log_likelihood=poisson_log_likelihood,
+        data=(x, y),
+        dim=10,
+        num_shards=num_shards,
+        symmetric=False,
+        init=None,
+        split="random",
+        sampler="hmc",
+        num_chains=4,
+        num_samples=1000,
+        options=dict(num_warmup=1000),
+    )
 
 
 def default_problem(num_shards: int = 8):
@@ -150,10 +182,22 @@ def default_problem(num_shards: int = 8):
     num = torch.tensor([[float(r[2]), float(r[3])] for r in rows], dtype=torch.float64)
     num = (num - num.mean(0)) / num.std(0)
     x = torch.cat([torch.ones(len(rows), 1, dtype=torch.float64), student[:, None], num], 1)
-    return dict(name=f"default_k{num_shards}", dataset="default", log_prior=GaussianPrior(25.0),
-                log_likelihood=logistic_log_likelihood, data=(x, y), dim=4, num_shards=num_shards, symmetric=False,
-                init=None, split="random", sampler="hmc", num_chains=4, num_samples=1000,
-                options=dict(num_warmup=1000))
+    return dict(
+        name=f"default_k{num_shards}",
+        dataset="default",
+        log_prior=GaussianPrior(25.0),
+        log_likelihood=logistic_log_likelihood,
+        data=(x, y),
+        dim=4,
+        num_shards=num_shards,
+        symmetric=False,
+        init=None,
+        split="random",
+        sampler="hmc",
+        num_chains=4,
+        num_samples=1000,
+        options=dict(num_warmup=1000),
+    )
 
 
 def newton_mode(log_prob, x0: torch.Tensor, num_iter: int = 50):
@@ -192,8 +236,17 @@ def laplace_reference(problem, seed: int, num_chains: int = 40, num_samples: int
     chol = torch.linalg.cholesky(torch.linalg.inv(-hess))
     target = Target(_Whitened(full, mode, chol), problem["dim"], dtype=torch.float64)
     start = time.perf_counter()
-    idata = ds.sample(target, "mala", num_samples=num_samples, num_chains=num_chains, seed=seed + 1, progress=False,
-                      num_warmup=1000, thin=4, init=torch.zeros(problem["dim"], dtype=torch.float64))
+    idata = ds.sample(
+        target,
+        "mala",
+        num_samples=num_samples,
+        num_chains=num_chains,
+        seed=seed + 1,
+        progress=False,
+        num_warmup=1000,
+        thin=4,
+        init=torch.zeros(problem["dim"], dtype=torch.float64),
+    )
     u = torch.as_tensor(idata.posterior["x"].values).reshape(-1, problem["dim"])
     rhat = float(np.max(__import__("arviz").rhat(idata).x.values))
     ref = {"exact": mode + u @ chol.T, "time": time.perf_counter() - start, "rhat": rhat}
@@ -234,18 +287,31 @@ def shard_draws(problem, seed: int, num_chains: int = 20, num_samples: int = 500
     """(draws, scores, log-density callables) of every shard, and the full-data reference draws."""
     os.makedirs(CACHE, exist_ok=True)
     path = os.path.join(CACHE, f"{problem['name']}_{seed}.pt")
-    targets = subposteriors(problem["log_prior"], problem["log_likelihood"], problem["data"], problem["dim"],
-                            problem["num_shards"], seed=seed, method=problem.get("split", "contiguous"))
+    targets = subposteriors(
+        problem["log_prior"],
+        problem["log_likelihood"],
+        problem["data"],
+        problem["dim"],
+        problem["num_shards"],
+        seed=seed,
+        method=problem.get("split", "contiguous"),
+    )
     if os.path.exists(path):
         cached = torch.load(path)
         return cached["draws"], cached["scores"], cached["exact"], targets, cached["shard_time"]
     options = problem.get("options", dict(num_warmup=1000, thin=5, init=problem["init"]))
     start = time.perf_counter()
     with cf.ProcessPoolExecutor(max_workers=2) as ex:
-        results = ds.dnc.sample_shards(targets, problem.get("sampler", "mala"),
-                                       num_samples=problem.get("num_samples", num_samples), seed=seed,
-                                       num_chains=problem.get("num_chains", num_chains), executor=ex, progress=False,
-                                       **options)
+        results = ds.dnc.sample_shards(
+            targets,
+            problem.get("sampler", "mala"),
+            num_samples=problem.get("num_samples", num_samples),
+            seed=seed,
+            num_chains=problem.get("num_chains", num_chains),
+            executor=ex,
+            progress=False,
+            **options,
+        )
     shard_time = time.perf_counter() - start
     draws = [r.draws for r in results]
     scores = [r.scores for r in results]
@@ -253,11 +319,21 @@ def shard_draws(problem, seed: int, num_chains: int = 20, num_samples: int = 500
         exact = laplace_reference(problem, seed)["exact"]
         torch.save({"draws": draws, "scores": scores, "exact": exact, "shard_time": shard_time}, path)
         return draws, scores, exact, targets, shard_time
-    full = Target(_FullPosterior(problem["log_prior"], problem["log_likelihood"], problem["data"]), problem["dim"],
-                  dtype=torch.float64)
+    full = Target(
+        _FullPosterior(problem["log_prior"], problem["log_likelihood"], problem["data"]),
+        problem["dim"],
+        dtype=torch.float64,
+    )
     # a large reference: num_samples draws for scoring and as many for the Monte Carlo floor
-    idata = ds.sample(full, "mala", num_samples=num_samples * 2, num_chains=num_chains * 5, seed=seed + 1,
-                      progress=False, **options)
+    idata = ds.sample(
+        full,
+        "mala",
+        num_samples=num_samples * 2,
+        num_chains=num_chains * 5,
+        seed=seed + 1,
+        progress=False,
+        **options,
+    )
     exact = torch.as_tensor(idata.posterior["x"].values).reshape(-1, problem["dim"])
     if problem["symmetric"]:
         exact = _symmetrise(exact, seed + 2)
@@ -279,17 +355,23 @@ class _FitCache:
         self.pool, self.cache = pool, {}
 
     def submit(self, fn, *args, **kwargs):
-        key = repr(sorted(kwargs.items())) + repr([float(a.double().sum()) for a in args if torch.is_tensor(a)])
+        key = repr(sorted(kwargs.items())) + repr(
+            [float(a.double().sum()) for a in args if torch.is_tensor(a)]
+        )
         if key in self.cache:
             future = cf.Future()
             future.set_result(self.cache[key])
             return future
         future = self.pool.submit(fn, *args, **kwargs)
-        future.add_done_callback(lambda f: self.cache.__setitem__(key, f.result()) if f.exception() is None else None)
+        future.add_done_callback(
+            lambda f: self.cache.__setitem__(key, f.result()) if f.exception() is None else None
+        )
         return future
 
 
-def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict, combine_seed: int | None = None):
+def run(
+    problem, seed: int, methods, num_samples: int, diffusion_options: dict, combine_seed: int | None = None
+):
     draws, scores, exact, targets, shard_time = shard_draws(problem, seed)
     metric_fns = _metrics()
     # Trojan et al. score 10,000 draws against 10,000 exact draws: the KDE bandwidth (Scott's rule)
@@ -297,9 +379,11 @@ def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict, 
     # all chains); a second disjoint subsample scored the same way gives the Monte Carlo floor.
     perm = torch.randperm(exact.shape[0], generator=torch.Generator().manual_seed(seed)).numpy()
     ex = exact.numpy()[perm[:num_samples]]
-    ex2 = exact.numpy()[perm[num_samples:2 * num_samples]]
-    print(f"\n== {problem['name']}: dim {problem['dim']}, {problem['num_shards']} shards, "
-          f"{draws[0].shape[0]} draws per shard (shard sampling {shard_time:.1f} s) ==")
+    ex2 = exact.numpy()[perm[num_samples : 2 * num_samples]]
+    print(
+        f"\n== {problem['name']}: dim {problem['dim']}, {problem['num_shards']} shards, "
+        f"{draws[0].shape[0]} draws per shard (shard sampling {shard_time:.1f} s) =="
+    )
     print(f"{'method':<16}{'d_MAH':>8}{'d_IAD':>8}{'d_skew':>8}{'time (s)':>10}{'cpu (s)':>9}")
     rows = {}
     cseed = seed if combine_seed is None else combine_seed
@@ -319,11 +403,20 @@ def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict, 
             method = "diffusion"
         start, cpu_start = time.perf_counter(), time.process_time()
         if method == "diffusion":
-            idata = ds.dnc.combine(draws, method, scores=scores, num_samples=num_samples, seed=cseed,
-                                   progress=False, executor=fit_cache, **opts)
+            idata = ds.dnc.combine(
+                draws,
+                method,
+                scores=scores,
+                num_samples=num_samples,
+                seed=cseed,
+                progress=False,
+                executor=fit_cache,
+                **opts,
+            )
         else:
-            idata = ds.dnc.combine(draws, method, scores=scores, num_samples=num_samples, seed=cseed, progress=False,
-                                   **opts)
+            idata = ds.dnc.combine(
+                draws, method, scores=scores, num_samples=num_samples, seed=cseed, progress=False, **opts
+            )
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         approx = idata.posterior["x"].values.reshape(-1, problem["dim"])
         vals = [f(approx, ex) for f in metric_fns]
@@ -331,22 +424,31 @@ def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict, 
         extra = ""
         a = idata.posterior.attrs
         if name in ("diffusion_exact", "diffusion_poly"):
-            extra = (f"   (SMC from {a['start']}: {a['smc_stages']} stage(s), {a['num_shard_evals']} points per "
-                     f"shard; {a.get('shard_energies', 'exact shard log-densities')}, fit {a['fit_time']:.1f} s)")
+            extra = (
+                f"   (SMC from {a['start']}: {a['smc_stages']} stage(s), {a['num_shard_evals']} points per "
+                f"shard; {a.get('shard_energies', 'exact shard log-densities')}, fit {a['fit_time']:.1f} s)"
+            )
         elif method == "diffusion":
-            extra = (f"   ({'fits reused; ' if name != 'diffusion' else ''}fit per shard max {a['max_fit_time']:.1f} s,"
-                     f" total {a['fit_time']:.1f} s; sampling {a['combine_time']:.1f} s;"
-                     f" modes {a['num_modes']}, calibrated {a['num_calibrated_modes']},"
-                     f" shard log-density evaluations {a['num_shard_evals']} per shard"
-                     + (f", final IS ESS {a['final_is_ess']:.2f}" if a['num_shard_evals'] else "") + ")")
+            extra = (
+                f"   ({'fits reused; ' if name != 'diffusion' else ''}fit per shard max {a['max_fit_time']:.1f} s,"
+                f" total {a['fit_time']:.1f} s; sampling {a['combine_time']:.1f} s;"
+                f" modes {a['num_modes']}, calibrated {a['num_calibrated_modes']},"
+                f" shard log-density evaluations {a['num_shard_evals']} per shard"
+                + (f", final IS ESS {a['final_is_ess']:.2f}" if a["num_shard_evals"] else "")
+                + ")"
+            )
         print(f"{name:<16}{vals[0]:>8.3f}{vals[1]:>8.3f}{vals[2]:>8.3f}{elapsed:>10.1f}{cpu:>9.1f}{extra}")
     pool.shutdown()
     floor = [f(ex2, ex) for f in metric_fns]
-    print(f"{'(exact draws)':<16}{floor[0]:>8.3f}{floor[1]:>8.3f}{floor[2]:>8.3f}   <- {num_samples} reference draws "
-          "scored the same way: the Monte Carlo floor")
+    print(
+        f"{'(exact draws)':<16}{floor[0]:>8.3f}{floor[1]:>8.3f}{floor[2]:>8.3f}   <- {num_samples} reference draws "
+        "scored the same way: the Monte Carlo floor"
+    )
     if "dataset" in problem:
         bias = laplace_product_bias(problem, targets, exact.numpy())
-        print(f"product of the shards' exact Laplace Gaussians: d_MAH {bias:.3f} (the Gaussian combiners' bias)")
+        print(
+            f"product of the shards' exact Laplace Gaussians: d_MAH {bias:.3f} (the Gaussian combiners' bias)"
+        )
         classical = [v for k, v in rows.items() if not k.startswith("diffusion")]
         for k, v in rows.items():
             if k.startswith("diffusion") and classical:
@@ -361,37 +463,60 @@ def run(problem, seed: int, methods, num_samples: int, diffusion_options: dict, 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--problem", default="both",
-                        choices=["mixture", "logistic", "both", "randhie", "default", "real"])
-    parser.add_argument("--shards", default=None, help="K for the real data sets (default: RAND HIE 8,16; "
-                        "Default 8,16,32)")
+    parser.add_argument(
+        "--problem", default="both", choices=["mixture", "logistic", "both", "randhie", "default", "real"]
+    )
+    parser.add_argument(
+        "--shards", default=None, help="K for the real data sets (default: RAND HIE 8,16; Default 8,16,32)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--combine-seed", type=int, default=None, help="seed of the combiners (default: --seed)")
-    parser.add_argument("--num-samples", type=int, default=None, help="default: 10,000 (toys), 4,000 (real data)")
-    parser.add_argument("--methods", default=None, help="default: consensus,gaussian,swiss,semiparametric, then "
-                        "diffusion,diffusion_lp on the toys, diffusion_exact on real data")
+    parser.add_argument(
+        "--combine-seed", type=int, default=None, help="seed of the combiners (default: --seed)"
+    )
+    parser.add_argument(
+        "--num-samples", type=int, default=None, help="default: 10,000 (toys), 4,000 (real data)"
+    )
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help="default: consensus,gaussian,swiss,semiparametric, then "
+        "diffusion,diffusion_lp on the toys, diffusion_exact on real data",
+    )
     parser.add_argument("--num-steps", type=int, default=None, help="default: the combiner's")
     parser.add_argument("--hidden", type=int, default=None, help="default: the combiner's")
     parser.add_argument("--num-levels", type=int, default=None, help="default: the combiner's")
     parser.add_argument("--num-final-steps", type=int, default=None, help="default: the combiner's")
-    parser.add_argument("--no-calibrate", action="store_true", help="diffusion without the mode-weight calibration")
+    parser.add_argument(
+        "--no-calibrate", action="store_true", help="diffusion without the mode-weight calibration"
+    )
     args = parser.parse_args()
     problems = {"mixture": mixture_problem, "logistic": logistic_problem}
     for data, make, ks in (("randhie", randhie_problem, "8,16"), ("default", default_problem, "8,16,32")):
         for k in (int(v) for v in (args.shards or ks).split(",")):
             problems[f"{data}_k{k}"] = lambda k=k, make=make: make(k)
     by_data = {d: [n for n in problems if n.startswith(d)] for d in ("randhie", "default")}
-    names = {"both": ["mixture", "logistic"], "real": by_data["randhie"] + by_data["default"],
-             **by_data}.get(args.problem, [args.problem])
-    dopts = {k: v for k, v in dict(num_steps=args.num_steps, hidden=args.hidden, num_levels=args.num_levels,
-                                   num_final_steps=args.num_final_steps).items() if v is not None}
+    names = {"both": ["mixture", "logistic"], "real": by_data["randhie"] + by_data["default"], **by_data}.get(
+        args.problem, [args.problem]
+    )
+    dopts = {
+        k: v
+        for k, v in dict(
+            num_steps=args.num_steps,
+            hidden=args.hidden,
+            num_levels=args.num_levels,
+            num_final_steps=args.num_final_steps,
+        ).items()
+        if v is not None
+    }
     if args.no_calibrate:
         dopts["calibrate"] = False
     for name in names:
         problem = problems[name]()
         default = "diffusion_poly,diffusion_exact" if "dataset" in problem else "diffusion,diffusion_lp"
         methods = args.methods or f"consensus,gaussian,swiss,semiparametric,{default}"
-        num_samples = 4000 if "dataset" in problem and args.num_samples is None else (args.num_samples or 10000)
+        num_samples = (
+            4000 if "dataset" in problem and args.num_samples is None else (args.num_samples or 10000)
+        )
         run(problem, args.seed, methods.split(","), num_samples, dopts, args.combine_seed)
 
 

@@ -57,13 +57,22 @@ def main() -> None:
     for name in names:
         target = make_target(name, args.dim)
         # one untimed run first: imports (ArviZ) and allocator warm-up are not the sampler's cost
-        ds.sample(target, "mala", num_samples=20, num_warmup=20, num_chains=args.chains, seed=0, progress=False)
+        ds.sample(
+            target, "mala", num_samples=20, num_warmup=20, num_chains=args.chains, seed=0, progress=False
+        )
         ratios = []
         for rep in range(args.repeats):
             before = target.num_target_evals
             t0 = time.perf_counter()
-            ds.sample(target, "mala", num_samples=args.steps, num_warmup=args.steps, num_chains=args.chains,
-                      seed=rep, progress=False)
+            ds.sample(
+                target,
+                "mala",
+                num_samples=args.steps,
+                num_warmup=args.steps,
+                num_chains=args.chains,
+                seed=rep,
+                progress=False,
+            )
             t_sampler = time.perf_counter() - t0
             calls = (target.num_target_evals - before) // args.chains
             x = torch.randn(args.chains, target.dim)
@@ -72,10 +81,14 @@ def main() -> None:
                 target.log_prob_and_grad(x)
             t_bare = time.perf_counter() - t0
             ratios.append(t_sampler / t_bare)
-            print(f"{name} repeat {rep}: sampler {t_sampler:.3f} s, bare gradients {t_bare:.3f} s "
-                  f"({calls} calls x {args.chains} points), ratio {t_sampler / t_bare:.2f}")
-        print(f"{name} (dim {target.dim}): median ratio sampler / bare gradient time "
-              f"{statistics.median(ratios):.2f} (goal < 1.5)")
+            print(
+                f"{name} repeat {rep}: sampler {t_sampler:.3f} s, bare gradients {t_bare:.3f} s "
+                f"({calls} calls x {args.chains} points), ratio {t_sampler / t_bare:.2f}"
+            )
+        print(
+            f"{name} (dim {target.dim}): median ratio sampler / bare gradient time "
+            f"{statistics.median(ratios):.2f} (goal < 1.5)"
+        )
 
 
 if __name__ == "__main__":

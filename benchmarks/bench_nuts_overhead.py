@@ -87,13 +87,17 @@ def run(name: str, chains: int, steps: int, repeats: int, dtype: torch.dtype) ->
             depth += info.tree_depth.double().mean().item() / steps
             leapfrog += info.num_leapfrog.double().mean().item() / steps
         ratios.append(t_sampler / t_bare)
-        print(f"  {name} {chains} chains, repeat {rep}: sampler {t_sampler:.3f} s (in the target "
-              f"{rec.seconds:.3f} s, {100 * rec.seconds / t_sampler:.0f}%), bare {t_bare:.3f} s over "
-              f"{len(rec.sizes)} calls of mean batch {sum(rec.sizes) / len(rec.sizes):.0f}; step "
-              f"{float(step_size):.3f}, depth {depth:.2f}, leapfrog {leapfrog:.1f}; ratio {ratios[-1]:.2f}")
+        print(
+            f"  {name} {chains} chains, repeat {rep}: sampler {t_sampler:.3f} s (in the target "
+            f"{rec.seconds:.3f} s, {100 * rec.seconds / t_sampler:.0f}%), bare {t_bare:.3f} s over "
+            f"{len(rec.sizes)} calls of mean batch {sum(rec.sizes) / len(rec.sizes):.0f}; step "
+            f"{float(step_size):.3f}, depth {depth:.2f}, leapfrog {leapfrog:.1f}; ratio {ratios[-1]:.2f}"
+        )
     goal = 2.0 if chains <= 4 else 1.3
-    print(f"{name} (dim {dim}) {chains} chains: median ratio sampler / bare gradient time "
-          f"{statistics.median(ratios):.2f} (goal < {goal})")
+    print(
+        f"{name} (dim {dim}) {chains} chains: median ratio sampler / bare gradient time "
+        f"{statistics.median(ratios):.2f} (goal < {goal})"
+    )
 
 
 def main() -> None:

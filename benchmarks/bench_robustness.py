@@ -60,14 +60,26 @@ def bench_ais(seeds):
                 print(f"  {method} {kw}: {err}")
                 break
             a = idata.posterior.attrs
-            extra = "".join(f" {k} {a[k]:.3g}" for k in ("ess", "pareto_k", "log_weight_variance", "expected_log_weight_variance") if k in a)
-            print(f"  {method} {kw} seed {seed}: log Z {a['log_normalizer']:.3f} (err {a['log_normalizer'] - IONOSPHERE_LOG_Z:+.3f}) "
-                  f"se {a['log_normalizer_se']:.3f}{extra} evals {a['num_target_evals']:,} warned {bool(warn)}", flush=True)
+            extra = "".join(
+                f" {k} {a[k]:.3g}"
+                for k in ("ess", "pareto_k", "log_weight_variance", "expected_log_weight_variance")
+                if k in a
+            )
+            print(
+                f"  {method} {kw} seed {seed}: log Z {a['log_normalizer']:.3f} (err {a['log_normalizer'] - IONOSPHERE_LOG_Z:+.3f}) "
+                f"se {a['log_normalizer_se']:.3f}{extra} evals {a['num_target_evals']:,} warned {bool(warn)}",
+                flush=True,
+            )
 
 
 def bench_walk_jump(seeds):
     funnel = T.Funnel(10)
-    ref = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(10, dtype=torch.float64), 3.0 * torch.ones(10, dtype=torch.float64)), 1)
+    ref = torch.distributions.Independent(
+        torch.distributions.Normal(
+            torch.zeros(10, dtype=torch.float64), 3.0 * torch.ones(10, dtype=torch.float64)
+        ),
+        1,
+    )
     target = ds.Target(funnel.unnormalized_log_prob, 10, reference=ref, dtype=torch.float64)
     print("walk-jump on the funnel (d=10; exact: x1 mean 0 sd 3, other sds 9.49, median |x_i| 0.78)")
     for seed in seeds:
@@ -75,41 +87,58 @@ def bench_walk_jump(seeds):
         idata, warn = run(target, "walk_jump", num_samples=20, num_chains=100, seed=seed)  # run_all --fast
         x = torch.as_tensor(idata.posterior.x.values).reshape(-1, 10)
         div = idata.sample_stats.get("diverging")
-        marked = torch.zeros(len(x), dtype=torch.bool) if div is None else torch.as_tensor(div.values).reshape(-1)
+        marked = (
+            torch.zeros(len(x), dtype=torch.bool) if div is None else torch.as_tensor(div.values).reshape(-1)
+        )
         finite = torch.isfinite(x).all(-1)
         keep = finite & ~marked
         line = f"  seed {seed}: {int((~finite).sum())} of {len(x)} draws non-finite, {int(marked.sum())} marked divergent, warned {bool(warn)}"
         if keep.sum() > 1:
             xs = x[keep]
-            line += (f"; unmarked draws: x1 mean {float(xs[:, 0].mean()):.2f} sd {float(xs[:, 0].std()):.2f}, "
-                     f"other sds {float(xs[:, 1:].std(0).mean()):.2f}, median |x_i| {float(xs[:, 1:].abs().median()):.3f}")
-        print(line + f" ({idata.posterior.attrs['num_target_evals']:,} evals, {time.perf_counter() - t0:.0f} s)", flush=True)
+            line += (
+                f"; unmarked draws: x1 mean {float(xs[:, 0].mean()):.2f} sd {float(xs[:, 0].std()):.2f}, "
+                f"other sds {float(xs[:, 1:].std(0).mean()):.2f}, median |x_i| {float(xs[:, 1:].abs().median()):.3f}"
+            )
+        print(
+            line
+            + f" ({idata.posterior.attrs['num_target_evals']:,} evals, {time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
 
 
 def bench_sms(seeds):
     model, target = ionosphere_target()
     plain = ds.Target(model.log_prob, model.dim, dtype=torch.float64)
     refs = {}
-    for name, method, kw in (("HMC 4 x 2000", "hmc", dict(num_samples=2000, num_chains=4, num_warmup=1000)),
-                             ("MALA 4 x 20000", "mala", dict(num_samples=20000, num_chains=4, num_warmup=5000))):
+    for name, method, kw in (
+        ("HMC 4 x 2000", "hmc", dict(num_samples=2000, num_chains=4, num_warmup=1000)),
+        ("MALA 4 x 20000", "mala", dict(num_samples=20000, num_chains=4, num_warmup=5000)),
+    ):
         idata = ds.sample(plain, method, seed=99, progress=False, **kw)
         d = torch.as_tensor(idata.posterior["x"].values).reshape(-1, model.dim)
         refs[name] = (d.mean(0), d.std(0))
     (m_h, s_h), (m_m, s_m) = refs.values()
-    print(f"SMS on ionosphere (sigma 0.5, M 16, 50 draws); HMC vs MALA reference: max |mean diff|/sd "
-          f"{float(((m_h - m_m).abs() / s_h).max()):.3f}, max |log sd ratio| {float((s_h / s_m).log().abs().max()):.3f}")
+    print(
+        f"SMS on ionosphere (sigma 0.5, M 16, 50 draws); HMC vs MALA reference: max |mean diff|/sd "
+        f"{float(((m_h - m_m).abs() / s_h).max()):.3f}, max |log sd ratio| {float((s_h / s_m).log().abs().max()):.3f}"
+    )
     for seed in seeds:
         t0 = time.perf_counter()
         try:
-            idata, warn = run(target, "sms", num_samples=50, num_chains=1, sigma=0.5, num_measurements=16, seed=seed)
+            idata, warn = run(
+                target, "sms", num_samples=50, num_chains=1, sigma=0.5, num_measurements=16, seed=seed
+            )
         except ValueError as err:
             print(f"  seed {seed}: failed: {err}")
             continue
         x = torch.as_tensor(idata.posterior.x.values).reshape(-1, model.dim)
         z = (x.mean(0) - m_h).abs() / s_h
-        print(f"  seed {seed}: max |mean err|/sd {float(z.max()):.2f} (mean over coords {float(z.mean()):.2f}; "
-              f"MC floor for 50 draws ~{1 / math.sqrt(50):.2f}), max |log sd ratio| {float((x.std(0) / s_h).log().abs().max()):.2f}, "
-              f"{idata.posterior.attrs['num_target_evals']:,} evals, {time.perf_counter() - t0:.0f} s, warned {bool(warn)}", flush=True)
+        print(
+            f"  seed {seed}: max |mean err|/sd {float(z.max()):.2f} (mean over coords {float(z.mean()):.2f}; "
+            f"MC floor for 50 draws ~{1 / math.sqrt(50):.2f}), max |log sd ratio| {float((x.std(0) / s_h).log().abs().max()):.2f}, "
+            f"{idata.posterior.attrs['num_target_evals']:,} evals, {time.perf_counter() - t0:.0f} s, warned {bool(warn)}",
+            flush=True,
+        )
 
 
 def main(argv=None):

@@ -63,7 +63,13 @@ def run(target, gm, method, seed, reference, **options):
     x = torch.as_tensor(idata.posterior.x.values).reshape(-1, gm.dim)
     heavy = float((gm.assign(x) == 0).double().mean())
     attrs = idata.posterior.attrs
-    return heavy, attrs["log_normalizer"] - gm.log_normalizer, attrs.get("log_normalizer_se", math.nan), attrs["num_target_evals"], seconds
+    return (
+        heavy,
+        attrs["log_normalizer"] - gm.log_normalizer,
+        attrs.get("log_normalizer_se", math.nan),
+        attrs["num_target_evals"],
+        seconds,
+    )
 
 
 def main() -> None:
@@ -84,12 +90,20 @@ def main() -> None:
     target = gm.as_target(dtype=torch.float64)
     d = gm.dim
     reference = torch.distributions.Independent(
-        torch.distributions.Normal(torch.zeros(d, dtype=torch.float64), args.reference_sd * torch.ones(d, dtype=torch.float64)), 1
+        torch.distributions.Normal(
+            torch.zeros(d, dtype=torch.float64), args.reference_sd * torch.ones(d, dtype=torch.float64)
+        ),
+        1,
     )
     betas = [1e-3, 1e-2, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0]
-    print(f"narrow-wide mixture, d = {d}, true heavy weight 0.75, log Z = {gm.log_normalizer}; reference N(0, {args.reference_sd:g}^2 I)")
+    print(
+        f"narrow-wide mixture, d = {d}, true heavy weight 0.75, log Z = {gm.log_normalizer}; reference N(0, {args.reference_sd:g}^2 I)"
+    )
     print("heavy-mode share of pi_beta along the path:")
-    print("  " + "  ".join(f"b={b:g}: {s:.3f}" for b, s in zip(betas, path_shares(gm, args.reference_sd, betas))))
+    print(
+        "  "
+        + "  ".join(f"b={b:g}: {s:.3f}" for b, s in zip(betas, path_shares(gm, args.reference_sd, betas)))
+    )
 
     configs = [
         ("smc", "smc (target_ess 0.5)", dict(num_samples=args.particles)),
@@ -97,18 +111,27 @@ def main() -> None:
         (
             "pt",
             f"pt ({args.pt_temperatures} temperatures)",
-            dict(num_samples=args.pt_samples, num_chains=args.pt_chains, num_temperatures=args.pt_temperatures),
+            dict(
+                num_samples=args.pt_samples, num_chains=args.pt_chains, num_temperatures=args.pt_temperatures
+            ),
         ),
     ]
-    print(f"{'method':<28}{'seed':>5}{'heavy weight':>14}{'log Z err':>11}{'se':>8}{'target evals':>14}{'seconds':>9}")
+    print(
+        f"{'method':<28}{'seed':>5}{'heavy weight':>14}{'log Z err':>11}{'se':>8}{'target evals':>14}{'seconds':>9}"
+    )
     for method, label, options in configs:
         rows = []
         for seed in range(args.seeds):
             heavy, err, se, evals, seconds = run(target, gm, method, seed, reference, **options)
             rows.append((heavy, err, evals, seconds))
-            print(f"{label:<28}{seed:>5}{heavy:>14.3f}{err:>11.3f}{se:>8.3f}{evals:>14d}{seconds:>9.1f}", flush=True)
+            print(
+                f"{label:<28}{seed:>5}{heavy:>14.3f}{err:>11.3f}{se:>8.3f}{evals:>14d}{seconds:>9.1f}",
+                flush=True,
+            )
         mean = [sum(r[i] for r in rows) / len(rows) for i in range(4)]
-        print(f"{label + ' (mean)':<28}{'':>5}{mean[0]:>14.3f}{mean[1]:>11.3f}{'':>8}{int(mean[2]):>14d}{mean[3]:>9.1f}")
+        print(
+            f"{label + ' (mean)':<28}{'':>5}{mean[0]:>14.3f}{mean[1]:>11.3f}{'':>8}{int(mean[2]):>14d}{mean[3]:>9.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     process = VP()
-    print(f"VP linear, ScoreMLP(d, 128, 3), {args.steps} Adam steps (batch 256, lr 3e-3 cosine), n = {args.n}, {args.seeds} seeds")
-    print(f"{'target':6} {'loss':14} {'err t<=0.05 (mean, per seed)':44} {'err all t (mean)':>16} {'cpu s':>6}")
+    print(
+        f"VP linear, ScoreMLP(d, 128, 3), {args.steps} Adam steps (batch 256, lr 3e-3 cosine), n = {args.n}, {args.seeds} seeds"
+    )
+    print(
+        f"{'target':6} {'loss':14} {'err t<=0.05 (mean, per seed)':44} {'err all t (mean)':>16} {'cpu s':>6}"
+    )
     for name, mixture in mixtures().items():
         d = mixture.dim
         for loss, weighting in VARIANTS:
@@ -70,7 +74,15 @@ def main() -> None:
                 x0 = mixture.sample(args.n, gen, dtype=torch.float32)
                 grad0 = mixture.score(x0.double()).float()
                 model = ScoreMLP(d, 128, 3, process=process, seed=seed)
-                cfg = TrainConfig(num_steps=args.steps, batch_size=256, lr=3e-3, ema_decay=0.995, loss=loss, weighting=weighting, lr_schedule="cosine")
+                cfg = TrainConfig(
+                    num_steps=args.steps,
+                    batch_size=256,
+                    lr=3e-3,
+                    ema_decay=0.995,
+                    loss=loss,
+                    weighting=weighting,
+                    lr_schedule="cosine",
+                )
                 start = time.process_time()
                 result = train_score_model(model, process, x0, grad0, config=cfg, generator=gen)
                 cpu += time.process_time() - start
@@ -78,7 +90,10 @@ def main() -> None:
                 overall.append(score_error(result.model, mixture, process, ALL_TIMES))
             per_seed = ", ".join(f"{v:.4f}" for v in near)
             label = f"{loss}/{weighting}"
-            print(f"{name:6} {label:14} {sum(near) / len(near):.4f} ({per_seed}){'':6} {sum(overall) / len(overall):16.4f} {cpu / args.seeds:6.1f}", flush=True)
+            print(
+                f"{name:6} {label:14} {sum(near) / len(near):.4f} ({per_seed}){'':6} {sum(overall) / len(overall):16.4f} {cpu / args.seeds:6.1f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

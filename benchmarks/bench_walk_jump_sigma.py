@@ -49,11 +49,17 @@ def main():
     d = args.dim
     gm = two_modes(d)
     tau2 = 0.05
-    exact = isotropic_mixture_smoothed_score(gm.means, gm.weights, torch.full((2,), tau2, dtype=torch.float64))
+    exact = isotropic_mixture_smoothed_score(
+        gm.means, gm.weights, torch.full((2,), tau2, dtype=torch.float64)
+    )
     light = gm.means[1].to(torch.float64)
-    print(f"walk-jump sigma sweep, two modes d={d}, {args.chains} walkers started in the light mode, "
-          f"{args.warmup} warm-up steps, {args.draws} jumps each; truth weight 0.6667, tau^2 = {tau2}")
-    print(f"{'score':>8} {'sigma':>6} {'weight':>7} {'var':>8} {'theory':>8} {'switched':>8} {'evals':>10} {'time':>6}")
+    print(
+        f"walk-jump sigma sweep, two modes d={d}, {args.chains} walkers started in the light mode, "
+        f"{args.warmup} warm-up steps, {args.draws} jumps each; truth weight 0.6667, tau^2 = {tau2}"
+    )
+    print(
+        f"{'score':>8} {'sigma':>6} {'weight':>7} {'var':>8} {'theory':>8} {'switched':>8} {'evals':>10} {'time':>6}"
+    )
     for sigma in (float(s) for s in args.sigmas.split(",")):
         sources = [("exact", dict(smoothed_score=exact))]
         if args.training_free:
@@ -61,8 +67,18 @@ def main():
         for name, opts in sources:
             target = fast_two_modes_target(gm, d)
             start = time.perf_counter()
-            idata = ds.sample(target, "walk_jump", num_samples=args.draws, num_chains=args.chains, seed=0,
-                              progress=False, sigma=sigma, num_warmup=args.warmup, init=light, **opts)
+            idata = ds.sample(
+                target,
+                "walk_jump",
+                num_samples=args.draws,
+                num_chains=args.chains,
+                seed=0,
+                progress=False,
+                sigma=sigma,
+                num_warmup=args.warmup,
+                init=light,
+                **opts,
+            )
             elapsed = time.perf_counter() - start
             x = torch.as_tensor(idata.posterior["x"].values)  # (chain, draw, d)
             comp = gm.assign(x.reshape(-1, d)).reshape(x.shape[:2])
@@ -74,8 +90,10 @@ def main():
                 if xs.shape[0] > d:
                     var.append(float(torch.diagonal(torch.cov(xs.T)).mean()))
             theory = tau2**2 / (tau2 + sigma**2)
-            print(f"{name:>8} {sigma:6.2f} {weight:7.3f} {sum(var) / max(len(var), 1):8.4f} {theory:8.4f} "
-                  f"{switched:8.3f} {idata.posterior.attrs['num_target_evals']:10d} {elapsed:6.1f}")
+            print(
+                f"{name:>8} {sigma:6.2f} {weight:7.3f} {sum(var) / max(len(var), 1):8.4f} {theory:8.4f} "
+                f"{switched:8.3f} {idata.posterior.attrs['num_target_evals']:10d} {elapsed:6.1f}"
+            )
 
 
 if __name__ == "__main__":

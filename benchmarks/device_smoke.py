@@ -38,8 +38,15 @@ def main() -> None:
         target = mixture.as_target(dtype=torch.float32)
         start = time.perf_counter()
         try:
-            idata = ds.sample(target, method, num_samples=args.num_samples, seed=0, progress=False,
-                              device=args.device, **FAST.get(method, {}))
+            idata = ds.sample(
+                target,
+                method,
+                num_samples=args.num_samples,
+                seed=0,
+                progress=False,
+                device=args.device,
+                **FAST.get(method, {}),
+            )
         except Exception:  # report and go on: this script is a survey
             failures += 1
             print(f"{method:>10}: FAILED\n{traceback.format_exc(limit=3)}")
@@ -47,8 +54,10 @@ def main() -> None:
         x = torch.as_tensor(idata.posterior["x"].values).reshape(-1, 2).double()
         weight = float((mixture.assign(x) == 0).double().mean())
         log_z = idata.posterior.attrs.get("log_normalizer", float("nan"))
-        print(f"{method:>10}: heavy weight {weight:.3f}  log Z {log_z:7.3f}  "
-              f"evals {idata.posterior.attrs['num_target_evals']:>9}  {time.perf_counter() - start:6.1f} s")
+        print(
+            f"{method:>10}: heavy weight {weight:.3f}  log Z {log_z:7.3f}  "
+            f"evals {idata.posterior.attrs['num_target_evals']:>9}  {time.perf_counter() - start:6.1f} s"
+        )
     raise SystemExit(1 if failures else 0)
 
 

@@ -38,7 +38,7 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -75,38 +75,70 @@ class Problem:
 
 def wide_gaussian(dim: int, scale: float) -> torch.distributions.Distribution:
     zeros = torch.zeros(dim, dtype=torch.float64)
-    return torch.distributions.Independent(torch.distributions.Normal(zeros, scale * torch.ones_like(zeros)), 1)
+    return torch.distributions.Independent(
+        torch.distributions.Normal(zeros, scale * torch.ones_like(zeros)), 1
+    )
 
 
 def mixture_problem(name, mixture, reference_scale, budget, num_exact, generator) -> Problem:
-    target = ds.Target(mixture.unnormalized_log_prob, mixture.dim, reference=wide_gaussian(mixture.dim, reference_scale),
-                       dtype=torch.float64)
+    target = ds.Target(
+        mixture.unnormalized_log_prob,
+        mixture.dim,
+        reference=wide_gaussian(mixture.dim, reference_scale),
+        dtype=torch.float64,
+    )
     exact = mixture.sample(2 * num_exact, generator)
     k = mixture.num_components
 
     def classify(x):
         return metrics.mode_weights(x, classifier=mixture.assign, num_modes=k)
 
-    return Problem(name, target, budget, exact, mixture.log_normalizer, exact.mean(0), exact.std(0), classify,
-                   mixture.weights.numpy())
+    return Problem(
+        name,
+        target,
+        budget,
+        exact,
+        mixture.log_normalizer,
+        exact.mean(0),
+        exact.std(0),
+        classify,
+        mixture.weights.numpy(),
+    )
 
 
 def build_problems(fast: bool, num_exact: int, seed: int, names: list[str] | None) -> list[Problem]:
     gen = torch.Generator().manual_seed(seed + 1000)
     scale = 1 if fast else 2  # budgets double in the full run
     builders: dict[str, Callable[[], Problem]] = {
-        "nine_modes d=2": lambda: mixture_problem("nine_modes d=2", T.nine_modes(), 6.0, 50_000 * scale, num_exact, gen),
-        "narrow_wide d=10": lambda: mixture_problem("narrow_wide d=10", T.narrow_wide(10), 4.0, 100_000 * scale, num_exact,
-                                                    gen),
-        "two_modes d=16": lambda: mixture_problem("two_modes d=16", T.two_modes(16), 3.0, 100_000 * scale, num_exact, gen),
-        "two_modes d=64": lambda: mixture_problem("two_modes d=64", T.two_modes(64), 3.0, 200_000 * scale, num_exact, gen),
+        "nine_modes d=2": lambda: mixture_problem(
+            "nine_modes d=2", T.nine_modes(), 6.0, 50_000 * scale, num_exact, gen
+        ),
+        "narrow_wide d=10": lambda: mixture_problem(
+            "narrow_wide d=10", T.narrow_wide(10), 4.0, 100_000 * scale, num_exact, gen
+        ),
+        "two_modes d=16": lambda: mixture_problem(
+            "two_modes d=16", T.two_modes(16), 3.0, 100_000 * scale, num_exact, gen
+        ),
+        "two_modes d=64": lambda: mixture_problem(
+            "two_modes d=64", T.two_modes(64), 3.0, 200_000 * scale, num_exact, gen
+        ),
         "funnel d=10": lambda: funnel_problem(100_000 * scale, num_exact, gen),
         "many_well d=32": lambda: manywell_problem(200_000 * scale, num_exact, gen),
         "ionosphere d=34": lambda: ionosphere_problem(100_000 * scale, fast, seed),
     }
     if names is None:
-        names = list(builders) if not fast else ["nine_modes d=2", "narrow_wide d=10", "two_modes d=16", "funnel d=10",
-                                                 "many_well d=32", "ionosphere d=34"]
+        names = (
+            list(builders)
+            if not fast
+            else [
+                "nine_modes d=2",
+                "narrow_wide d=10",
+                "two_modes d=16",
+                "funnel d=10",
+                "many_well d=32",
+                "ionosphere d=34",
+            ]
+        )
     unknown = [n for n in names if n not in builders]
     if unknown:
         raise SystemExit(f"unknown targets {unknown}; choose from {list(builders)}")
@@ -115,7 +147,9 @@ def build_problems(fast: bool, num_exact: int, seed: int, names: list[str] | Non
 
 def funnel_problem(budget, num_exact, gen) -> Problem:
     funnel = T.Funnel(10)
-    target = ds.Target(funnel.unnormalized_log_prob, 10, reference=wide_gaussian(10, 3.0), dtype=torch.float64)
+    target = ds.Target(
+        funnel.unnormalized_log_prob, 10, reference=wide_gaussian(10, 3.0), dtype=torch.float64
+    )
     exact = funnel.sample(2 * num_exact, gen)
     return Problem("funnel d=10", target, budget, exact, 0.0, funnel.mean, funnel.variance.sqrt())
 
@@ -130,8 +164,18 @@ def manywell_problem(budget, num_exact, gen) -> Problem:
         right = float(well.wells(torch.as_tensor(x)).double().mean())
         return np.array([right, 1 - right])
 
-    return Problem("many_well d=32", target, budget, exact, well.log_normalizer, well.mean, well.variance.sqrt(), classify,
-                   np.array([q, 1 - q]), ["mode TV: share of the 16 pairs in the right well"])
+    return Problem(
+        "many_well d=32",
+        target,
+        budget,
+        exact,
+        well.log_normalizer,
+        well.mean,
+        well.variance.sqrt(),
+        classify,
+        np.array([q, 1 - q]),
+        ["mode TV: share of the 16 pairs in the right well"],
+    )
 
 
 def ionosphere_problem(budget, fast, seed) -> Problem:
@@ -140,10 +184,20 @@ def ionosphere_problem(budget, fast, seed) -> Problem:
     # The reference moments: a long HMC run (not an exact answer; its Monte Carlo error is in the notes).
     ref_target = ds.Target(model.log_prob, model.dim, dtype=torch.float64)
     n = 1000 if fast else 4000
-    idata = ds.sample(ref_target, "hmc", num_samples=n, num_chains=8, num_warmup=1000, seed=seed + 99, progress=False)
+    idata = ds.sample(
+        ref_target, "hmc", num_samples=n, num_chains=8, num_warmup=1000, seed=seed + 99, progress=False
+    )
     draws = torch.as_tensor(idata.posterior["x"].values).reshape(-1, model.dim)
-    return Problem("ionosphere d=34", target, budget, None, IONOSPHERE_LOG_Z, draws.mean(0), draws.std(0),
-                   notes=[f"reference moments: HMC, 8 x {n} draws; log Z: literature value"])
+    return Problem(
+        "ionosphere d=34",
+        target,
+        budget,
+        None,
+        IONOSPHERE_LOG_Z,
+        draws.mean(0),
+        draws.std(0),
+        notes=[f"reference moments: HMC, 8 x {n} draws; log Z: literature value"],
+    )
 
 
 def method_options(method: str, budget: int, dim: int, fast: bool) -> tuple[int, dict]:
@@ -187,8 +241,14 @@ def run_matched(problem: Problem, method: str, num_samples: int, options: dict, 
     if 1 / 1.5 < evals / problem.budget < 1.5 or new_steps == steps:
         return idata
     seconds = attrs["sampling_time"]
-    idata = ds.sample(problem.target, method, num_samples=num_samples, seed=seed, progress=False,
-                      **{**options, "num_mcmc_steps": new_steps})
+    idata = ds.sample(
+        problem.target,
+        method,
+        num_samples=num_samples,
+        seed=seed,
+        progress=False,
+        **{**options, "num_mcmc_steps": new_steps},
+    )
     idata.posterior.attrs["calibration_evals"] = int(evals)
     idata.posterior.attrs["calibration_seconds"] = float(seconds)
     return idata
@@ -211,7 +271,9 @@ def evaluate(problem: Problem, idata, gen_seed: int) -> dict:
         gen = torch.Generator().manual_seed(gen_seed)
         sub = x[torch.randperm(len(x), generator=gen)[:m]]
         row["SW"] = metrics.sliced_wasserstein(sub, problem.exact_draws[:m])
-        row["SW floor"] = metrics.sliced_wasserstein(problem.exact_draws[half:half + m], problem.exact_draws[:m])
+        row["SW floor"] = metrics.sliced_wasserstein(
+            problem.exact_draws[half : half + m], problem.exact_draws[:m]
+        )
     if problem.mean is not None:
         row["mean err"] = float(((x.mean(0) - problem.mean).abs() / problem.sd).max())
         row["sd err"] = float((x.std(0) / problem.sd).log().abs().max())
@@ -219,7 +281,9 @@ def evaluate(problem: Problem, idata, gen_seed: int) -> dict:
         row["log Z err"] = float(attrs["log_normalizer"]) - problem.log_z
     notes = []
     if "calibration_evals" in attrs:
-        notes.append(f"num_mcmc_steps calibrated by a first run of {attrs['calibration_evals']:,} evaluations")
+        notes.append(
+            f"num_mcmc_steps calibrated by a first run of {attrs['calibration_evals']:,} evaluations"
+        )
     if not bool(finite.all()):
         notes.append(f"{int((~finite).sum())} non-finite draws dropped")
     if notes:
@@ -241,20 +305,33 @@ def fmt(value) -> str:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| target | method | " + " | ".join(COLUMNS) + " | note |",
-             "| --- | --- | " + " | ".join("---:" for _ in COLUMNS) + " | --- |"]
+    lines = [
+        header,
+        "",
+        "| target | method | " + " | ".join(COLUMNS) + " | note |",
+        "| --- | --- | " + " | ".join("---:" for _ in COLUMNS) + " | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['target']} | {r['method']} | " + " | ".join(fmt(r.get(c)) for c in COLUMNS)
-                     + f" | {r.get('note', '')} |")
+        lines.append(
+            f"| {r['target']} | {r['method']} | "
+            + " | ".join(fmt(r.get(c)) for c in COLUMNS)
+            + f" | {r.get('note', '')} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fast", action="store_true", help="smaller budgets and fewer targets")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"Markdown table (default {DEFAULT_OUT})")
-    parser.add_argument("--methods", type=lambda s: s.split(","), default=None, help="comma-separated methods")
-    parser.add_argument("--targets", type=lambda s: s.split(","), default=None, help="comma-separated target names")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"Markdown table (default {DEFAULT_OUT})"
+    )
+    parser.add_argument(
+        "--methods", type=lambda s: s.split(","), default=None, help="comma-separated methods"
+    )
+    parser.add_argument(
+        "--targets", type=lambda s: s.split(","), default=None, help="comma-separated target names"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 unless measuring)")
     args = parser.parse_args(argv)
@@ -282,17 +359,23 @@ def main(argv=None) -> None:
                 row["note"] = f"failed: {type(err).__name__}: {str(err)[:120]}"
                 traceback.print_exc(limit=2)
             rows.append(row)
-            print(f"{problem.name:>18} {method:>12}: " + ", ".join(f"{c} {fmt(row.get(c))}" for c in COLUMNS if c in row)
-                  + (f" [{row['note']}]" if "note" in row else ""), flush=True)
+            print(
+                f"{problem.name:>18} {method:>12}: "
+                + ", ".join(f"{c} {fmt(row.get(c))}" for c in COLUMNS if c in row)
+                + (f" [{row['note']}]" if "note" in row else ""),
+                flush=True,
+            )
     total = time.perf_counter() - start_all
 
     budgets = ", ".join(f"{p.name}: {p.budget:,}" for p in problems)
     notes = "; ".join(f"{p.name}: {n}" for p in problems for n in p.notes)
-    header = (f"Budgets of target evaluations ({'--fast' if args.fast else 'full'} run, seed {args.seed}, "
-              f"{args.threads} torch thread(s), {total / 60:.1f} min in all): {budgets}. "
-              f"SW: sliced 2-Wasserstein distance to exact draws, as many as the method's (at most {num_exact}); "
-              "`SW floor`: the same distance between two independent exact samples of that size. "
-              + (f"Notes: {notes}." if notes else ""))
+    header = (
+        f"Budgets of target evaluations ({'--fast' if args.fast else 'full'} run, seed {args.seed}, "
+        f"{args.threads} torch thread(s), {total / 60:.1f} min in all): {budgets}. "
+        f"SW: sliced 2-Wasserstein distance to exact draws, as many as the method's (at most {num_exact}); "
+        "`SW floor`: the same distance between two independent exact samples of that size. "
+        + (f"Notes: {notes}." if notes else "")
+    )
     table = markdown(rows, header)
     print()
     print(table)

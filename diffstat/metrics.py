@@ -7,7 +7,7 @@ Two-sample statistics are computed in float64 on the device of the first argumen
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -78,7 +78,9 @@ def median_bandwidth(x, y) -> float:
     """The median heuristic: the median Euclidean distance between points of the pooled sample
     (at most 1,000 evenly spaced points of each)."""
     x, y = _two_samples(x, y)
-    pick = lambda t: t[torch.linspace(0, t.shape[0] - 1, min(t.shape[0], _MEDIAN_POINTS), device=t.device).long()]  # noqa: E731
+    pick = lambda t: t[
+        torch.linspace(0, t.shape[0] - 1, min(t.shape[0], _MEDIAN_POINTS), device=t.device).long()
+    ]  # noqa: E731
     z = torch.cat([pick(x), pick(y)])
     dist = _sq_dist(z, z).sqrt()
     iu = torch.triu_indices(z.shape[0], z.shape[0], 1, device=z.device)
@@ -177,7 +179,9 @@ def _wasserstein_pp_sorted(xs: torch.Tensor, ys: torch.Tensor, p: float) -> torc
     n, m = xs.shape[0], ys.shape[0]
     if n == m:
         return (xs - ys).abs().pow(p).mean(0)
-    steps = torch.cat([torch.arange(1, n + 1, device=xs.device) * m, torch.arange(1, m + 1, device=xs.device) * n])
+    steps = torch.cat(
+        [torch.arange(1, n + 1, device=xs.device) * m, torch.arange(1, m + 1, device=xs.device) * n]
+    )
     t = torch.unique(steps)  # sorted break points of both step functions, last one n * m
     width = torch.diff(t, prepend=t.new_zeros(1)).to(torch.float64) / (n * m)
     ix = (t + m - 1) // m - 1  # ceil(u n) - 1 at the right end u = t / (n m) of each piece
@@ -201,14 +205,18 @@ def sliced_wasserstein(
     x, y = _two_samples(x, y)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    theta = torch.randn(num_projections, x.shape[1], generator=generator, dtype=torch.float64, device=generator.device)
+    theta = torch.randn(
+        num_projections, x.shape[1], generator=generator, dtype=torch.float64, device=generator.device
+    )
     theta = (theta / theta.norm(dim=1, keepdim=True)).to(x.device)
     xs = (x @ theta.T).sort(0).values
     ys = (y @ theta.T).sort(0).values
     return float(_wasserstein_pp_sorted(xs, ys, p).mean() ** (1.0 / p))
 
 
-def mode_weights(x, centres=None, *, classifier: Callable | None = None, num_modes: int | None = None) -> np.ndarray:
+def mode_weights(
+    x, centres=None, *, classifier: Callable | None = None, num_modes: int | None = None
+) -> np.ndarray:
     """Fraction of the points ``x: (n, dim)`` in each mode, ``(K,)``.
 
     A point belongs to its nearest centre (Euclidean) among ``centres: (K, dim)``, or to the
@@ -271,10 +279,14 @@ def d_mah(x, reference, *, cov=None) -> float:
             if ref.shape[0] < 2:
                 raise ValueError("need at least 2 reference draws to estimate the covariance")
             cov = torch.cov(ref.T).reshape(ref.shape[1], ref.shape[1])
-    cov = (cov.detach() if torch.is_tensor(cov) else torch.as_tensor(np.asarray(cov))).to(device=x.device, dtype=torch.float64)
+    cov = (cov.detach() if torch.is_tensor(cov) else torch.as_tensor(np.asarray(cov))).to(
+        device=x.device, dtype=torch.float64
+    )
     d = x.shape[1]
     if mu.shape != (d,) or cov.shape != (d, d):
-        raise ValueError(f"reference mean must be ({d},) and cov ({d}, {d}), got {tuple(mu.shape)} and {tuple(cov.shape)}")
+        raise ValueError(
+            f"reference mean must be ({d},) and cov ({d}, {d}), got {tuple(mu.shape)} and {tuple(cov.shape)}"
+        )
     delta = x.mean(0) - mu
     return float(torch.sqrt(delta @ torch.linalg.solve(cov, delta)))
 

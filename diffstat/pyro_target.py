@@ -42,7 +42,8 @@ dimensions of a latent value).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, NamedTuple
+from typing import NamedTuple
+from collections.abc import Callable
 
 import numpy as np
 import pyro
@@ -87,7 +88,9 @@ class _SetLatents(Messenger):
     particles and a support that depends on other latent values (``Uniform(0, a)``) is batched too.
     """
 
-    def __init__(self, sites: dict[str, _Site], values: dict[str, torch.Tensor], *, constrained: bool, batched: bool):
+    def __init__(
+        self, sites: dict[str, _Site], values: dict[str, torch.Tensor], *, constrained: bool, batched: bool
+    ):
         super().__init__()
         self.sites, self.values = sites, values
         self.constrained, self.batched = constrained, batched
@@ -125,7 +128,7 @@ class _PyroPrior(torch.distributions.Distribution):
     support = torch.distributions.constraints.real_vector
     has_rsample = False
 
-    def __init__(self, target: "PyroTarget"):
+    def __init__(self, target: PyroTarget):
         self._target = target
         super().__init__(torch.Size(), torch.Size([target.dim]), validate_args=False)
 
@@ -201,7 +204,9 @@ class PyroTarget(Target):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         devices = {a.device for a in arguments if torch.is_tensor(a)}
         if len(devices) > 1:
-            raise ValueError(f"the model's tensor arguments lie on several devices: {sorted(map(str, devices))}")
+            raise ValueError(
+                f"the model's tensor arguments lie on several devices: {sorted(map(str, devices))}"
+            )
         self.device = devices.pop() if devices else torch.device("cpu")
 
         def cast(a):
@@ -217,7 +222,9 @@ class PyroTarget(Target):
             self.vectorize = mode
             try:
                 name = getattr(model, "__name__", "model")
-                super().__init__(self._log_density, self.dim, name=name, reference=_PyroPrior(self), dtype=dtype)
+                super().__init__(
+                    self._log_density, self.dim, name=name, reference=_PyroPrior(self), dtype=dtype
+                )
                 self._check_batched()
                 break
             except Exception as err:  # noqa: BLE001  (any failure of the user's model is reported)
@@ -253,7 +260,9 @@ class PyroTarget(Target):
             with self._model_context(validate=True), torch.no_grad():
                 trace = poutine.trace(self.model).get_trace(*self.model_args, **self.model_kwargs)
         except Exception as err:  # noqa: BLE001  (any failure of the user's model is a bad argument)
-            raise ValueError(f"running the model with the given arguments failed: {type(err).__name__}: {err}") from err
+            raise ValueError(
+                f"running the model with the given arguments failed: {type(err).__name__}: {err}"
+            ) from err
         depth, sites, offset = 0, [], 0
         for name, site in trace.nodes.items():
             if site["type"] != "sample":
@@ -262,7 +271,9 @@ class PyroTarget(Target):
                 raise ValueError(f"the site name {_PARTICLES!r} is reserved for the plate over particles")
             if site_is_subsample(site):
                 if site["value"] is not None and site["value"].numel() < site["fn"].size:
-                    raise ValueError(f"plate {name!r} subsamples its data; the log-density must be exact: no subsample_size")
+                    raise ValueError(
+                        f"plate {name!r} subsamples its data; the log-density must be exact: no subsample_size"
+                    )
                 continue
             fn, value = site["fn"], site["value"]
             plate_dims = [-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
@@ -312,7 +323,9 @@ class PyroTarget(Target):
         if i < 0:  # no particle dimension: the same value for every particle
             return t.sum().expand(n)
         if any(s != 1 for s in t.shape[:i]):
-            raise ValueError(f"site {name!r} has batch shape {tuple(t.shape)} outside the plate over particles")
+            raise ValueError(
+                f"site {name!r} has batch shape {tuple(t.shape)} outside the plate over particles"
+            )
         t = t.reshape((t.shape[i], -1)).sum(-1)
         if t.shape[0] not in (1, n):
             raise ValueError(f"site {name!r} does not broadcast over {n} particles (shape {tuple(t.shape)})")
@@ -328,8 +341,12 @@ class PyroTarget(Target):
                 continue
             latent = name in setter.z
             if not latent and not site["is_observed"]:
-                raise ValueError(f"latent site {name!r} was not in the prior trace: dynamic structure is not supported")
-            lp = self._reduce(scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"]), n, name)
+                raise ValueError(
+                    f"latent site {name!r} was not in the prior trace: dynamic structure is not supported"
+                )
+            lp = self._reduce(
+                scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"]), n, name
+            )
             if latent:
                 prior = prior + lp + self._reduce(setter.log_det[name], n, name)
             else:
@@ -410,7 +427,9 @@ class PyroTarget(Target):
         n = values[next(iter(self.sites))].shape[0]
         for s in self.sites.values():
             if tuple(values[s.name].shape) != (n,) + s.shape:
-                raise ValueError(f"site {s.name!r} needs shape {(n,) + s.shape}, got {tuple(values[s.name].shape)}")
+                raise ValueError(
+                    f"site {s.name!r} needs shape {(n,) + s.shape}, got {tuple(values[s.name].shape)}"
+                )
         u = self._map_sites(values, n, True, "u")
         return torch.cat([u[s.name].reshape(n, s.size) for s in self.sites.values()], dim=1)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from diffstat.target import Target, check_reference
 
 __all__ = ["sample", "register_sampler", "SamplerResult", "available_methods", "resolve_reference"]
 
-_REGISTRY: dict[str, Callable[..., "SamplerResult"]] = {}
+_REGISTRY: dict[str, Callable[..., SamplerResult]] = {}
 #: Modules that register samplers when imported; imported lazily by ``sample``.
 _SAMPLER_MODULES = (
     "diffstat.mcmc.sampler",

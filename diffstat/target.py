@@ -7,7 +7,7 @@ log-density (or its gradient) is evaluated, and refuses bad input before any wor
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -33,7 +33,9 @@ def check_reference(reference, dim: int) -> None:
     if reference is None:
         return
     if not isinstance(reference, torch.distributions.Distribution):
-        raise ValueError(f"reference must be a torch.distributions.Distribution, got {type(reference).__name__}")
+        raise ValueError(
+            f"reference must be a torch.distributions.Distribution, got {type(reference).__name__}"
+        )
     batch, event = tuple(reference.batch_shape), tuple(reference.event_shape)
     if event != (dim,) or batch != ():
         hint = ""
@@ -169,7 +171,9 @@ class Target:
                 "return -inf outside the support"
             )
         if torch.isposinf(lp).any():
-            raise ValueError(f"log_prob returned +inf at {int(torch.isposinf(lp).sum())} of {n} initial points")
+            raise ValueError(
+                f"log_prob returned +inf at {int(torch.isposinf(lp).sum())} of {n} initial points"
+            )
         if not lp.requires_grad:
             raise ValueError(
                 "log_prob is not differentiable by autograd (its output does not depend on x "
@@ -248,7 +252,7 @@ class Target:
         return f"Target(name={self.name!r}, dim={self.dim}, num_target_evals={self.num_target_evals})"
 
     @classmethod
-    def from_pyro(cls, model, *model_args, **model_kwargs) -> "Target":
+    def from_pyro(cls, model, *model_args, **model_kwargs) -> Target:
         """The posterior of a Pyro model given its arguments; see :mod:`diffstat.pyro_target`."""
         from diffstat.pyro_target import PyroTarget
 

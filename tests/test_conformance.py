@@ -17,8 +17,22 @@ FAST_OPTIONS = {
     "pt": dict(num_warmup=50),
     "walk_jump": dict(),
     "sms": dict(),
-    "diffusion": dict(num_explore=200, train_steps=200, refit_steps=50, max_rounds=1, gaussian_rounds=0, num_proposals=512, chains_per_mode=32, refresh_chains=32, ode_steps=40, hidden=32, depth=2),
-    "gaussian_is": dict(num_explore=200, max_rounds=1, num_proposals=512, chains_per_mode=32, refresh_chains=32),
+    "diffusion": dict(
+        num_explore=200,
+        train_steps=200,
+        refit_steps=50,
+        max_rounds=1,
+        gaussian_rounds=0,
+        num_proposals=512,
+        chains_per_mode=32,
+        refresh_chains=32,
+        ode_steps=40,
+        hidden=32,
+        depth=2,
+    ),
+    "gaussian_is": dict(
+        num_explore=200, max_rounds=1, num_proposals=512, chains_per_mode=32, refresh_chains=32
+    ),
 }
 
 MIXTURE = GaussianMixture([[-1.5, 0.0], [1.5, 0.5]], [0.6, 0.4], scales=[0.6, 0.8], log_normalizer=0.7)
@@ -58,7 +72,9 @@ def test_output_contract(method, tmp_path):
     for group in idata.groups():
         assert group in ("posterior", "sample_stats") or "stage" in idata[group].dims
     # Seeds reproduce
-    again = ds.sample(make_target(), method, num_samples=64, seed=3, progress=False, **FAST_OPTIONS.get(method, {}))
+    again = ds.sample(
+        make_target(), method, num_samples=64, seed=3, progress=False, **FAST_OPTIONS.get(method, {})
+    )
     np.testing.assert_array_equal(again.posterior["theta"].values, values)
     # netCDF round trip
     path = tmp_path / "idata.nc"

@@ -42,7 +42,9 @@ def test_normal_normal_vector_chib_identity():
     mu = torch.randn(5, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
     posterior = torch.distributions.Normal(exact.posterior_mean(), exact.posterior_var().sqrt())
     chib = exact.log_prob(mu) - posterior.log_prob(mu).sum(-1)
-    assert torch.allclose(chib, torch.full((5,), exact.log_marginal_likelihood(), dtype=F64), rtol=0, atol=1e-10)
+    assert torch.allclose(
+        chib, torch.full((5,), exact.log_marginal_likelihood(), dtype=F64), rtol=0, atol=1e-10
+    )
     per_column = sum(NormalNormal(x[:, j], 0.3, 1.7, 1.1).log_marginal_likelihood() for j in range(3))
     assert abs(per_column - exact.log_marginal_likelihood()) < 1e-10
     target = exact.as_target()

@@ -143,13 +143,30 @@ def test_chain_stuck_in_a_far_tail_warns_once():
     init = torch.zeros(4, 2, dtype=F64)
     init[3] = 10.0
     with pytest.warns(RuntimeWarning, match=r"(?s)chains stuck \(chain 3.*far below the others") as record:
-        idata = ds.sample(target, "mala", num_samples=300, num_chains=4, seed=0, init=init, progress=False,
-                          num_warmup=0, step_size=0.3)
+        idata = ds.sample(
+            target,
+            "mala",
+            num_samples=300,
+            num_chains=4,
+            seed=0,
+            init=init,
+            progress=False,
+            num_warmup=0,
+            step_size=0.3,
+        )
     assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1  # one warning
     assert idata.posterior.attrs["stuck_chains"] == 1 and idata.posterior.attrs["low_lp_chains"] == 1
     # the same run started near the mode is clean
-    _, caught = sample_quietly(target, "mala", num_samples=300, num_chains=4, seed=0, init=torch.zeros(2),
-                               num_warmup=0, step_size=0.3)
+    _, caught = sample_quietly(
+        target,
+        "mala",
+        num_samples=300,
+        num_chains=4,
+        seed=0,
+        init=torch.zeros(2),
+        num_warmup=0,
+        step_size=0.3,
+    )
     assert not any("stuck" in str(w.message) for w in caught)
 
 
@@ -180,7 +197,9 @@ def test_diagnose_any_inference_data_with_several_variables():
     x[1, :, 2] += 1.0  # chain 1 of variable "b" disagrees
     posterior = {"a": x[..., 0], "b": x[..., 1:]}
     idata = az.from_dict(posterior=posterior, sample_stats={"lp": -(x**2).sum(-1)})
-    with pytest.warns(RuntimeWarning, match=r"MCMC: the result is unreliable:\n  - R-hat .* \(coordinate 2\)"):
+    with pytest.warns(
+        RuntimeWarning, match=r"MCMC: the result is unreliable:\n  - R-hat .* \(coordinate 2\)"
+    ):
         d = ds.diagnose(idata)
     assert d.num_chains == 4 and d.num_draws == 400 and d.rhat_max > 1.01
     clean = az.from_dict(posterior={"a": x[..., 0]})

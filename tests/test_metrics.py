@@ -46,8 +46,12 @@ def test_mmd_and_energy_match_brute_force(monkeypatch):
     assert median_bandwidth(x, y) == pytest.approx(h, rel=1e-12)
     k = lambda a, b: np.exp(-cdist(a, b, "sqeuclidean") / (2 * h * h))  # noqa: E731
     n, m = len(xn), len(yn)
-    mmd2 = (k(xn, xn).sum() - n) / (n * (n - 1)) + (k(yn, yn).sum() - m) / (m * (m - 1)) - 2 * k(xn, yn).mean()
-    energy = 2 * cdist(xn, yn).mean() - cdist(xn, xn).sum() / (n * (n - 1)) - cdist(yn, yn).sum() / (m * (m - 1))
+    mmd2 = (
+        (k(xn, xn).sum() - n) / (n * (n - 1)) + (k(yn, yn).sum() - m) / (m * (m - 1)) - 2 * k(xn, yn).mean()
+    )
+    energy = (
+        2 * cdist(xn, yn).mean() - cdist(xn, xn).sum() / (n * (n - 1)) - cdist(yn, yn).sum() / (m * (m - 1))
+    )
     monkeypatch.setattr(metrics, "_BLOCK", 7)  # exercise the blocked sums
     assert mmd(x, yn, squared=True) == pytest.approx(mmd2, rel=1e-9)  # torch and numpy inputs mix
     assert mmd(xn, y) == pytest.approx(math.sqrt(mmd2), rel=1e-9)

@@ -23,8 +23,14 @@ NAMES = pdb.names()
 
 def test_suite_is_complete():
     assert len(NAMES) == 37
-    for name in ("garch-garch11", "arma-arma11", "hmm_example-hmm_example", "gp_pois_regr-gp_regr",
-                 "kilpisjarvi_mod-kilpisjarvi", "sblri-blr"):
+    for name in (
+        "garch-garch11",
+        "arma-arma11",
+        "hmm_example-hmm_example",
+        "gp_pois_regr-gp_regr",
+        "kilpisjarvi_mod-kilpisjarvi",
+        "sblri-blr",
+    ):
         assert name in NAMES
 
 

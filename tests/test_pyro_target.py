@@ -76,7 +76,8 @@ def pyro_loop(model, args, target, u, max_plate_nesting):
         for point in u:
             point = point.clone().requires_grad_(True)
             params = {
-                s.name: point[s.offset : s.offset + s.size].reshape(s.unconstrained_shape) for s in target.sites.values()
+                s.name: point[s.offset : s.offset + s.size].reshape(s.unconstrained_shape)
+                for s in target.sites.values()
             }
             lp = -potential_fn(params)
             values.append(lp.detach())
@@ -90,7 +91,12 @@ def test_batched_log_density_equals_pyro_loop(vectorize):
     x, mask = rich_args()
     target = ds.Target.from_pyro(rich_model, x, mask, vectorize=vectorize)
     assert target.vectorize == vectorize and target.dtype == F64
-    assert {k: s.shape for k, s in target.sites.items()} == {"mu": (2,), "sigma": (), "w": (3, 4), "theta": (3,)}
+    assert {k: s.shape for k, s in target.sites.items()} == {
+        "mu": (2,),
+        "sigma": (),
+        "w": (3, 4),
+        "theta": (3,),
+    }
     assert target.dim == 2 + 1 + 3 * 3 + 3  # the simplex of 4 has 3 free coordinates
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -147,7 +153,11 @@ def _integral(target, grid):
 
 @pytest.mark.parametrize(
     "prior, lo, hi",
-    [(dist.Gamma(3.0, 1.5), -25.0, 6.0), (dist.Beta(2.0, 0.7), -25.0, 40.0), (dist.LogNormal(0.3, 0.5), -4.0, 5.0)],
+    [
+        (dist.Gamma(3.0, 1.5), -25.0, 6.0),
+        (dist.Beta(2.0, 0.7), -25.0, 40.0),
+        (dist.LogNormal(0.3, 0.5), -4.0, 5.0),
+    ],
 )
 def test_unconstrained_density_integrates_to_one(prior, lo, hi):
     def model():
@@ -193,12 +203,17 @@ def test_normal_normal_prior_likelihood_and_evidence():
     assert target.num_target_evals == grid.shape[0]
     # the model's joint, from a Pyro trace conditioned on each point (mu is unconstrained)
     with float64_default():
-        traces = [poutine.trace(poutine.condition(exact.model, {"mu": m[0]})).get_trace(exact.data) for m in grid[::400]]
+        traces = [
+            poutine.trace(poutine.condition(exact.model, {"mu": m[0]})).get_trace(exact.data)
+            for m in grid[::400]
+        ]
         joint = torch.stack([trace.log_prob_sum() for trace in traces])
     assert torch.allclose((log_prior + log_lik)[::400], joint, rtol=0, atol=1e-10)
     assert torch.allclose(log_prior + log_lik, exact.log_prob(grid), rtol=0, atol=1e-10)
     assert torch.allclose(target.reference.log_prob(grid), log_prior, rtol=0, atol=0)
-    assert torch.allclose(log_prior, dist.Normal(torch.tensor(0.5, dtype=F64), 2.0).log_prob(grid[:, 0]), rtol=0, atol=1e-12)
+    assert torch.allclose(
+        log_prior, dist.Normal(torch.tensor(0.5, dtype=F64), 2.0).log_prob(grid[:, 0]), rtol=0, atol=1e-12
+    )
     log_z = torch.logsumexp(log_prior + log_lik, 0) + math.log(float(grid[1, 0] - grid[0, 0]))
     assert abs(float(log_z) - exact.log_marginal_likelihood()) < 1e-8
     # tempering the likelihood only: prior * likelihood^beta at beta = 0 is the normalised prior
@@ -206,7 +221,9 @@ def test_normal_normal_prior_likelihood_and_evidence():
 
 
 def test_gamma_precision_evidence_by_quadrature():
-    exact = GammaPrecision(torch.randn(20, generator=torch.Generator().manual_seed(5), dtype=F64) * 0.7, 2.0, 1.5, mean=0.1)
+    exact = GammaPrecision(
+        torch.randn(20, generator=torch.Generator().manual_seed(5), dtype=F64) * 0.7, 2.0, 1.5, mean=0.1
+    )
     target = ds.Target.from_pyro(exact.model, exact.data)
     grid = torch.linspace(-12.0, 8.0, 20001, dtype=F64)[:, None]
     lp = target.log_prob(grid)
@@ -237,7 +254,12 @@ def test_posterior_output_and_round_trip():
         torch.manual_seed(8)
         u = target.prior_draws(12)
     post = target.to_posterior(u.reshape(3, 4, -1))
-    assert {k: v.shape for k, v in post.items()} == {"mu": (3, 4, 2), "sigma": (3, 4), "w": (3, 4, 3, 4), "theta": (3, 4, 3)}
+    assert {k: v.shape for k, v in post.items()} == {
+        "mu": (3, 4, 2),
+        "sigma": (3, 4),
+        "w": (3, 4, 3, 4),
+        "theta": (3, 4, 3),
+    }
     assert (post["sigma"] > 0).all() and np.allclose(post["w"].sum(-1), 1.0)
     values = target.constrain(u)
     assert torch.allclose(target.unconstrain(values), u, atol=1e-10)
@@ -259,10 +281,15 @@ def test_float32_and_float64():
 # ---------------------------------------------------------------------- sampling
 @pytest.mark.parametrize(
     "method, options",
-    [("mala", dict(num_chains=32, num_samples=500)), ("hmc", dict(num_chains=16, num_samples=400, num_leapfrog=3))],
+    [
+        ("mala", dict(num_chains=32, num_samples=500)),
+        ("hmc", dict(num_chains=16, num_samples=400, num_leapfrog=3)),
+    ],
 )
 def test_gamma_precision_posterior_mean(method, options):
-    exact = GammaPrecision(torch.randn(10, generator=torch.Generator().manual_seed(0), dtype=F64) / 2.0, 2.0, 1.0)
+    exact = GammaPrecision(
+        torch.randn(10, generator=torch.Generator().manual_seed(0), dtype=F64) / 2.0, 2.0, 1.0
+    )
     target = ds.Target.from_pyro(exact.model, exact.data)
     idata = ds.sample(target, method, seed=1, progress=False, **options)
     tau = idata.posterior["tau"].values
@@ -275,7 +302,9 @@ def test_gamma_precision_posterior_mean(method, options):
 def test_gamma_precision_missing_jacobian_is_rejected():
     """The same check rejects the density of log(tau) without its log-Jacobian (that density is
     Gamma(a_N - 1, b_N) in tau, so its mean is 1/a_N = 14% low)."""
-    exact = GammaPrecision(torch.randn(10, generator=torch.Generator().manual_seed(0), dtype=F64) / 2.0, 2.0, 1.0)
+    exact = GammaPrecision(
+        torch.randn(10, generator=torch.Generator().manual_seed(0), dtype=F64) / 2.0, 2.0, 1.0
+    )
     target = ds.Target.from_pyro(exact.model, exact.data)
     wrong = ds.Target(lambda u: target.log_prob(u) - u[:, 0], 1, name="log_tau", dtype=F64)
     idata = ds.sample(wrong, "mala", num_chains=32, num_samples=500, seed=1, progress=False)
@@ -345,7 +374,9 @@ def test_output_dtype_with_data_in_a_closure():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda():
-    exact = GammaPrecision(torch.randn(10, generator=torch.Generator().manual_seed(0), dtype=F64) / 2.0, 2.0, 1.0)
+    exact = GammaPrecision(
+        torch.randn(10, generator=torch.Generator().manual_seed(0), dtype=F64) / 2.0, 2.0, 1.0
+    )
     target = ds.Target.from_pyro(exact.model, exact.data.cuda())
     assert target.device.type == "cuda"
     lp_cpu = ds.Target.from_pyro(exact.model, exact.data).log_prob(torch.zeros(4, 1, dtype=F64))

@@ -200,7 +200,9 @@ def test_narrow_wide_modes_are_separated():
     assert torch.sqrt(mix.covs[:, 0, 0]).tolist() == pytest.approx([0.4, 1.0])
     gen = torch.Generator().manual_seed(6)
     comp = torch.multinomial(mix.weights, 20_000, replacement=True, generator=gen)
-    x = mix.means[comp] + torch.sqrt(mix.covs[comp, 0, 0])[:, None] * torch.randn(20_000, 10, generator=gen, dtype=torch.float64)
+    x = mix.means[comp] + torch.sqrt(mix.covs[comp, 0, 0])[:, None] * torch.randn(
+        20_000, 10, generator=gen, dtype=torch.float64
+    )
     nearest = torch.cdist(x, mix.means).argmin(1)
     assert bool((nearest == comp).all())  # nearest mean recovers every component label
     assert bool((mix.assign(x) == comp).all())
@@ -208,7 +210,10 @@ def test_narrow_wide_modes_are_separated():
 
 def test_nine_modes_and_gmm40_normalised_by_2d_quadrature():
     # the trapezoid rule on a Gaussian of sd s with step h errs by about exp(-2 pi^2 s^2 / h^2)
-    for mix, half, n in [(nine_modes(log_normalizer=1.3), 12.0, 241), (gmm40(log_normalizer=-2.0), 48.0, 385)]:
+    for mix, half, n in [
+        (nine_modes(log_normalizer=1.3), 12.0, 241),
+        (gmm40(log_normalizer=-2.0), 48.0, 385),
+    ]:
         t = torch.linspace(-half, half, n, dtype=torch.float64)
         g1, g2 = torch.meshgrid(t, t, indexing="ij")
         log_f = mix.as_target().log_prob(torch.stack([g1, g2], -1).reshape(-1, 2)).reshape(g1.shape)
@@ -223,7 +228,9 @@ def test_nine_modes_and_gmm40_normalised_by_2d_quadrature():
 
 # ---------------------------------------------------------------------------------- bananas
 def test_banana_normalised_by_2d_quadrature():
-    mix = BananaMixture([[-2.0, 0.0], [2.0, 1.0]], [0.3, 0.7], scales=[[1.0, 0.5], [0.8, 0.3]], curvature=[1.0, -0.5])
+    mix = BananaMixture(
+        [[-2.0, 0.0], [2.0, 1.0]], [0.3, 0.7], scales=[[1.0, 0.5], [0.8, 0.3]], curvature=[1.0, -0.5]
+    )
     u = torch.linspace(-10.0, 10.0, 1001, dtype=torch.float64)
     v = torch.linspace(-25.0, 45.0, 3501, dtype=torch.float64)
     gu, gv = torch.meshgrid(u, v, indexing="ij")
@@ -246,7 +253,9 @@ def test_banana_log_z_by_importance_sampling():
     y = x[:, None, :] - mix.means[None]  # (n, K, d)
     zk = y.clone()
     zk[..., 1] -= shift(mix.scales[:, 0], mix.curvature, y[..., 0])
-    log_q = torch.logsumexp(torch.log(mix.weights) + torch.distributions.Normal(0.0, wide).log_prob(zk).sum(-1), -1)
+    log_q = torch.logsumexp(
+        torch.log(mix.weights) + torch.distributions.Normal(0.0, wide).log_prob(zk).sum(-1), -1
+    )
     est, se = is_log_z(mix.as_target().log_prob(x), log_q)
     assert abs(est + 1.5) < 4 * se
     assert abs(est + 1.4) > 4 * se  # off by 0.1: rejected
@@ -305,13 +314,17 @@ def test_logistic_log_prob_and_gradient_are_exact():
     gen = torch.Generator().manual_seed(9)
     beta = 0.3 * torch.randn(7, post.dim, generator=gen, dtype=torch.float64)
     logits = beta @ post.X.T
-    expected = torch.distributions.Bernoulli(logits=logits).log_prob(post.y).sum(-1) + torch.distributions.Normal(
+    expected = torch.distributions.Bernoulli(logits=logits).log_prob(post.y).sum(
+        -1
+    ) + torch.distributions.Normal(
         torch.tensor(0.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)
     ).log_prob(beta).sum(-1)
     torch.testing.assert_close(post.log_prob(beta), expected, rtol=1e-12, atol=1e-10)
     target = post.as_target(dtype=torch.float64)
     _, grad = target.log_prob_and_grad(beta)
-    torch.testing.assert_close(grad, (post.y - torch.sigmoid(logits)) @ post.X - beta / 4.0, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        grad, (post.y - torch.sigmoid(logits)) @ post.X - beta / 4.0, rtol=1e-10, atol=1e-10
+    )
     assert target.num_target_evals == 7
 
 
@@ -322,7 +335,9 @@ def test_logistic_shards_multiply_to_the_posterior():
     beta = torch.randn(5, post.dim, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     diff = sum(s.log_prob(beta) for s in shards) - post.log_prob(beta)
     assert float(diff.max() - diff.min()) < 1e-9  # constant in beta: the product is the posterior
-    wrong = [LogisticRegression(s.X, s.y, post.prior_scale, intercept=False) for s in shards]  # full prior each
+    wrong = [
+        LogisticRegression(s.X, s.y, post.prior_scale, intercept=False) for s in shards
+    ]  # full prior each
     diff = sum(s.log_prob(beta) for s in wrong) - post.log_prob(beta)
     assert float(diff.max() - diff.min()) > 1.0  # rejected
     target = post.as_target(reference=post.prior(), dtype=torch.float64)
@@ -360,7 +375,10 @@ def test_isotropic_fast_path_equals_the_general_path():
     torch.testing.assert_close(iso.score(x), general.score(x), rtol=0, atol=1e-12)
     cov = torch.eye(5, dtype=torch.float64) + 0.3
     assert GaussianMixture(means[:1], covs=cov[None]).iso_var is None
-    assert GaussianMixture(means[:1], covs=torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))[None]).iso_var is None
+    assert (
+        GaussianMixture(means[:1], covs=torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))[None]).iso_var
+        is None
+    )
 
 
 @pytest.mark.parametrize("weights", [[0.5, -0.1], [0.0, 0.0], [1.0, 2.0, 3.0]])
@@ -374,7 +392,9 @@ def test_mixtures_reject_bad_weights(weights):
 
 def test_gaussian_mixture_moments_match_exact_draws(generator):
     """The shared mixture moments (mean, covariance) against 200k exact draws, within 5 MCSE."""
-    mix = GaussianMixture([[-2.0, 0.0], [1.0, 1.0]], [0.3, 0.7], covs=[[[1.0, 0.5], [0.5, 1.0]], [[0.25, 0.0], [0.0, 2.0]]])
+    mix = GaussianMixture(
+        [[-2.0, 0.0], [1.0, 1.0]], [0.3, 0.7], covs=[[[1.0, 0.5], [0.5, 1.0]], [[0.25, 0.0], [0.0, 2.0]]]
+    )
     x = mix.sample(200_000, generator)
     mcse = x.std(0) / math.sqrt(x.shape[0])
     assert ((x.mean(0) - mix.mean).abs() < 5 * mcse).all()

@@ -33,13 +33,22 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 CASES = {
     "compare_tempering.py": {
-        "figures": ["tempered_vs_noised_2d.png", "tempered_vs_noised_10d.png", "draws_10d.png", "draws_2d.png",
-                    "compare_tempering_table.md"],
+        "figures": [
+            "tempered_vs_noised_2d.png",
+            "tempered_vs_noised_10d.png",
+            "draws_10d.png",
+            "draws_2d.png",
+            "compare_tempering_table.md",
+        ],
         "expect": ["-> holds"],
     },
     "posterior_from_log_prob.py": {
-        "figures": ["posterior_trace.png", "posterior_pair.png", "posterior_marginals.png",
-                    "posterior_pyro_vs_torch.png"],
+        "figures": [
+            "posterior_trace.png",
+            "posterior_pair.png",
+            "posterior_marginals.png",
+            "posterior_pyro_vs_torch.png",
+        ],
         "expect": ["r_hat"],
     },
     "combine_subposteriors.py": {
@@ -52,8 +61,14 @@ CASES = {
 def run_vignette(name: str) -> tuple[subprocess.CompletedProcess, float]:
     env = dict(os.environ, DIFFSTAT_FAST="1", MPLBACKEND="Agg", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     start = time.time()
-    proc = subprocess.run([sys.executable, str(VIGNETTES / name)], cwd=VIGNETTES, env=env, capture_output=True,
-                          text=True, timeout=TIMEOUT)
+    proc = subprocess.run(
+        [sys.executable, str(VIGNETTES / name)],
+        cwd=VIGNETTES,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     return proc, start
 
 

@@ -79,8 +79,10 @@ num_data, dim = X.shape
 prior = GaussianPrior(variance=4.0)
 NUM_SHARDS = 8
 shards = subposteriors(prior, poisson_log_likelihood, (X, y), dim, NUM_SHARDS, seed=SEED)
-print(f"{num_data} observations, {dim} coefficients: {', '.join(names)}; {NUM_SHARDS} shards of "
-      f"{len(shards[0].rows)} rows")
+print(
+    f"{num_data} observations, {dim} coefficients: {', '.join(names)}; {NUM_SHARDS} shards of "
+    f"{len(shards[0].rows)} rows"
+)
 
 # Shards are sampled by HMC (4 chains): on these strongly correlated covariates MALA's warm-up
 # can leave a shard unconverged (R-hat far above 1), and every combiner inherits that.
@@ -123,12 +125,21 @@ def whitened_log_prob(u: torch.Tensor) -> torch.Tensor:
 
 full_target = ds.Target(whitened_log_prob, dim, name="u", dtype=torch.float64)
 start = time.perf_counter()
-reference = ds.sample(full_target, "hmc", num_samples=2 * SHARD_SAMPLES, seed=SEED, progress=False,
-                      num_chains=NUM_CHAINS, num_warmup=2 * SHARD_SAMPLES)
+reference = ds.sample(
+    full_target,
+    "hmc",
+    num_samples=2 * SHARD_SAMPLES,
+    seed=SEED,
+    progress=False,
+    num_chains=NUM_CHAINS,
+    num_warmup=2 * SHARD_SAMPLES,
+)
 u_draws = torch.as_tensor(reference.posterior["u"].values).reshape(-1, dim)
 reference_draws = (mode + u_draws @ laplace_chol.T).numpy()
-print(f"full-data HMC: {reference.posterior.attrs['num_target_evals']:,} evaluations of the full "
-      f"log-density, {time.perf_counter() - start:.1f} s")
+print(
+    f"full-data HMC: {reference.posterior.attrs['num_target_evals']:,} evaluations of the full "
+    f"log-density, {time.perf_counter() - start:.1f} s"
+)
 
 # %% [markdown]
 # ## On one machine: a process pool
@@ -140,11 +151,20 @@ print(f"full-data HMC: {reference.posterior.attrs['num_target_evals']:,} evaluat
 
 # %%
 start = time.perf_counter()
-local_shards = ds.dnc.sample_shards(shards, SHARD_SAMPLER, num_samples=SHARD_SAMPLES, seed=SEED, progress=False,
-                                    num_chains=NUM_CHAINS, **SAMPLER_OPTIONS)
+local_shards = ds.dnc.sample_shards(
+    shards,
+    SHARD_SAMPLER,
+    num_samples=SHARD_SAMPLES,
+    seed=SEED,
+    progress=False,
+    num_chains=NUM_CHAINS,
+    **SAMPLER_OPTIONS,
+)
 local_seconds = time.perf_counter() - start
-print(f"sampled {NUM_SHARDS} shards on a process pool in {local_seconds:.1f} s "
-      f"({sum(r.num_target_evals for r in local_shards):,} shard-density evaluations)")
+print(
+    f"sampled {NUM_SHARDS} shards on a process pool in {local_seconds:.1f} s "
+    f"({sum(r.num_target_evals for r in local_shards):,} shard-density evaluations)"
+)
 draws = [r.draws for r in local_shards]
 scores = [r.scores for r in local_shards]
 
@@ -154,8 +174,9 @@ for method in COMBINERS:
     options = DIFFUSION_OPTIONS if method == "diffusion" else {}
     start = time.perf_counter()
     try:
-        combined[method] = ds.dnc.combine(draws, method, scores=scores, num_samples=NUM_COMBINED, seed=SEED,
-                                          progress=False, **options)
+        combined[method] = ds.dnc.combine(
+            draws, method, scores=scores, num_samples=NUM_COMBINED, seed=SEED, progress=False, **options
+        )
     except Exception as err:  # noqa: BLE001 - a vignette reports a broken combiner and goes on
         print(f"[failed] {method}: {type(err).__name__}: {err}")
         continue
@@ -175,8 +196,10 @@ from diffstat import metrics  # noqa: E402
 rows = ["| combiner | d_MAH | d_IAD | d_skew | seconds |", "| --- | ---: | ---: | ---: | ---: |"]
 for method, idata in combined.items():
     x = idata.posterior["x"].values.reshape(-1, dim)
-    rows.append(f"| {method} | {metrics.d_mah(x, reference_draws):.3f} | {metrics.d_iad(x, reference_draws):.3f} | "
-                f"{metrics.d_skew(x, reference_draws):.3f} | {idata.posterior.attrs['sampling_time']:.1f} |")
+    rows.append(
+        f"| {method} | {metrics.d_mah(x, reference_draws):.3f} | {metrics.d_iad(x, reference_draws):.3f} | "
+        f"{metrics.d_skew(x, reference_draws):.3f} | {idata.posterior.attrs['sampling_time']:.1f} |"
+    )
 table = "\n".join(rows)
 print(table)
 (FIGURES / "combine_subposteriors_table.md").write_text(table + "\n")
@@ -189,12 +212,19 @@ for j, ax in enumerate(axes.flat):
     bins = np.linspace(lo - pad, hi + pad, 50)
     ax.hist(reference_draws[:, j], bins=bins, density=True, color="0.8", label="full data (HMC)")
     for method, idata in combined.items():
-        ax.hist(idata.posterior["x"].values.reshape(-1, dim)[:, j], bins=bins, density=True, histtype="step",
-                label=method)
+        ax.hist(
+            idata.posterior["x"].values.reshape(-1, dim)[:, j],
+            bins=bins,
+            density=True,
+            histtype="step",
+            label=method,
+        )
     ax.set_title(names[j], fontsize=9)
     ax.set_yticks([])
 axes[0, 0].legend(fontsize=7)
-fig.suptitle(f"RAND HIE Poisson regression, {NUM_SHARDS} shards: combined marginals against the full-data posterior")
+fig.suptitle(
+    f"RAND HIE Poisson regression, {NUM_SHARDS} shards: combined marginals against the full-data posterior"
+)
 fig.tight_layout()
 fig.savefig(FIGURES / "dnc_marginals.png", dpi=80)
 plt.close(fig)
@@ -218,20 +248,37 @@ from dask.distributed import Client, LocalCluster  # noqa: E402
 # guard (with the default "spawn", a script must protect its top level).
 dask.config.set({"distributed.worker.multiprocessing-method": "fork"})
 start = time.perf_counter()
-with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-        Client(cluster) as client:
-    print(f"cluster up in {time.perf_counter() - start:.1f} s: {len(client.scheduler_info()['workers'])} workers")
+with (
+    LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+    Client(cluster) as client,
+):
+    print(
+        f"cluster up in {time.perf_counter() - start:.1f} s: {len(client.scheduler_info()['workers'])} workers"
+    )
     start = time.perf_counter()
     dask_combined, dask_shards = ds.dnc.run_pipeline(
-        shards, "diffusion", num_samples=NUM_COMBINED, seed=SEED, sampler=SHARD_SAMPLER, shard_samples=SHARD_SAMPLES,
-        num_chains=NUM_CHAINS, executor=client.get_executor(), sampler_options=SAMPLER_OPTIONS,
-        exact_log_probs=True, checkpoint_dir=tempfile.mkdtemp(prefix="dnc_shards_"), progress=False,
+        shards,
+        "diffusion",
+        num_samples=NUM_COMBINED,
+        seed=SEED,
+        sampler=SHARD_SAMPLER,
+        shard_samples=SHARD_SAMPLES,
+        num_chains=NUM_CHAINS,
+        executor=client.get_executor(),
+        sampler_options=SAMPLER_OPTIONS,
+        exact_log_probs=True,
+        checkpoint_dir=tempfile.mkdtemp(prefix="dnc_shards_"),
+        progress=False,
     )
     dask_seconds = time.perf_counter() - start
 workers = sorted({r.worker for r in dask_shards})
 same = all(torch.equal(a.draws, b.draws) for a, b in zip(local_shards, dask_shards))
-print(f"Dask pipeline: {dask_seconds:.1f} s on workers {workers}; shard draws identical to the local run: {same}")
+print(
+    f"Dask pipeline: {dask_seconds:.1f} s on workers {workers}; shard draws identical to the local run: {same}"
+)
 x = dask_combined.posterior["x"].values.reshape(-1, dim)
-print(f"diffusion combiner on Dask: d_MAH {metrics.d_mah(x, reference_draws):.3f}, "
-      f"d_IAD {metrics.d_iad(x, reference_draws):.3f}")
+print(
+    f"diffusion combiner on Dask: d_MAH {metrics.d_mah(x, reference_draws):.3f}, "
+    f"d_IAD {metrics.d_iad(x, reference_draws):.3f}"
+)
 print("figures written to", FIGURES)

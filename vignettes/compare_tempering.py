@@ -82,7 +82,9 @@ mixture_2d = nine_modes()  # means on {-5, 0, 5}^2, weights (k + 1) / 45, sd 0.3
 
 def wide_gaussian(dim: int, scale: float) -> torch.distributions.Distribution:
     zeros = torch.zeros(dim, dtype=torch.float64)
-    return torch.distributions.Independent(torch.distributions.Normal(zeros, scale * torch.ones_like(zeros)), 1)
+    return torch.distributions.Independent(
+        torch.distributions.Normal(zeros, scale * torch.ones_like(zeros)), 1
+    )
 
 
 REFERENCE_SCALE = {"10d": 4.0, "2d": 6.0}  # N(0, 16 I) as in REFERENCES.md; N(0, 36 I) covers the 3 x 3 grid
@@ -136,8 +138,10 @@ for ax in axes.flat:
     ax.set_aspect("equal")
     ax.set_xticks([])
     ax.set_yticks([])
-fig.suptitle("nine_modes: the tempered path (top) loses the light modes and reweights the rest; "
-             "the noised path (bottom) keeps every mode's mass")
+fig.suptitle(
+    "nine_modes: the tempered path (top) loses the light modes and reweights the rest; "
+    "the noised path (bottom) keeps every mode's mass"
+)
 fig.tight_layout()
 fig.savefig(FIGURES / "tempered_vs_noised_2d.png", dpi=80)
 plt.close(fig)
@@ -173,8 +177,13 @@ def tempered_ur(beta: float) -> torch.Tensor:
 
 beta_path = np.concatenate([np.geomspace(1e-4, 0.05, 25), np.linspace(0.05, 1.0, 60)[1:]])
 heavy_mass_tempered = np.array([float(tempered_ur(b)[heavy_region].sum()) for b in beta_path])
-print("heavy-mode mass under pi_beta:", ", ".join(
-    f"{b:g}: {float(tempered_ur(b)[heavy_region].sum()):.3f}" for b in [0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0]))
+print(
+    "heavy-mode mass under pi_beta:",
+    ", ".join(
+        f"{b:g}: {float(tempered_ur(b)[heavy_region].sum()):.3f}"
+        for b in [0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0]
+    ),
+)
 
 fig, axes = plt.subplots(1, 3, figsize=(15, 4))
 ax = axes[0]
@@ -197,8 +206,11 @@ for t in [0.6, 0.4, 0.25, 0.1, 0.0]:
     alpha, sigma = vp_alpha_sigma(t)
     noised = mixture_10d.noised(alpha, sigma)
     sd_u = noised.covs[:, 0, 0].sqrt()
-    density = (noised.weights[:, None] * torch.exp(-0.5 * ((u_grid - alpha * means_u[:, None]) / sd_u[:, None]) ** 2)
-               / (sd_u[:, None] * math.sqrt(2 * math.pi))).sum(0)
+    density = (
+        noised.weights[:, None]
+        * torch.exp(-0.5 * ((u_grid - alpha * means_u[:, None]) / sd_u[:, None]) ** 2)
+        / (sd_u[:, None] * math.sqrt(2 * math.pi))
+    ).sum(0)
     ax.plot(u_grid, density, label=f"t = {t}")
 ax.set_title("noised: law of u")
 ax.set_xlabel("u")
@@ -226,10 +238,24 @@ if FAST:
         "smc": (dict(num_samples=1000, num_mcmc_steps=10), dict(num_samples=1000, num_mcmc_steps=10)),
         "ais": (dict(num_samples=500, num_temperatures=100), dict(num_samples=500, num_temperatures=100)),
         "pt": (dict(num_samples=500, num_chains=4, num_temperatures=10), dict(num_samples=500, num_chains=4)),
-        "diffusion": (dict(num_samples=1000, num_explore=1000, train_steps=400, refit_steps=100, hidden=64,
-                           num_proposals=2048),
-                      dict(num_samples=1000, num_explore=500, train_steps=300, refit_steps=100, hidden=64,
-                           num_proposals=2048)),
+        "diffusion": (
+            dict(
+                num_samples=1000,
+                num_explore=1000,
+                train_steps=400,
+                refit_steps=100,
+                hidden=64,
+                num_proposals=2048,
+            ),
+            dict(
+                num_samples=1000,
+                num_explore=500,
+                train_steps=300,
+                refit_steps=100,
+                hidden=64,
+                num_proposals=2048,
+            ),
+        ),
         "sms": (dict(num_samples=200, num_chains=1), dict(num_samples=25, num_chains=1)),
         "walk_jump": (dict(num_samples=20, num_chains=250), dict(num_samples=10, num_chains=100)),
         "sms (exact score)": (dict(num_samples=500, num_chains=1), dict(num_samples=500, num_chains=1)),
@@ -238,7 +264,10 @@ else:
     OPTIONS = {
         "smc": (dict(num_samples=2000, num_mcmc_steps=10), dict(num_samples=2000, num_mcmc_steps=10)),
         "ais": (dict(num_samples=1000, num_temperatures=100), dict(num_samples=1000, num_temperatures=100)),
-        "pt": (dict(num_samples=1000, num_chains=4, num_temperatures=12), dict(num_samples=1000, num_chains=4)),
+        "pt": (
+            dict(num_samples=1000, num_chains=4, num_temperatures=12),
+            dict(num_samples=1000, num_chains=4),
+        ),
         "diffusion": (dict(num_samples=2000), dict(num_samples=2000)),
         "sms": (dict(num_samples=500, num_chains=1), dict(num_samples=100, num_chains=1)),
         "walk_jump": (dict(num_samples=40, num_chains=500), dict(num_samples=20, num_chains=200)),
@@ -283,8 +312,9 @@ def summarise(idata, mixture) -> dict:
 results: dict[str, dict[str, dict]] = {"10d": {}, "2d": {}}
 for key, problem in problems.items():
     mixture = problem["mixture"]
-    target = ds.Target(mixture.unnormalized_log_prob, problem["dim"], reference=problem["reference"],
-                       dtype=torch.float64)
+    target = ds.Target(
+        mixture.unnormalized_log_prob, problem["dim"], reference=problem["reference"], dtype=torch.float64
+    )
     for label in METHODS:
         start = time.perf_counter()
         idata = run(target, label, key, mixture)
@@ -319,7 +349,11 @@ for label in METHODS:
     if a is None and b is None:
         continue
     cells = [label]
-    cells += [fmt(a["weights"][0]), fmt(a["log_z"]), f"{a['evals']:,}", fmt(a["seconds"], ".1f")] if a else ["-"] * 4
+    cells += (
+        [fmt(a["weights"][0]), fmt(a["log_z"]), f"{a['evals']:,}", fmt(a["seconds"], ".1f")]
+        if a
+        else ["-"] * 4
+    )
     if b:
         tv = 0.5 * float(np.abs(b["weights"] - exact_weights_2d).sum())
         cells += [fmt(tv), fmt(b["log_z"]), f"{b['evals']:,}"]
@@ -341,15 +375,18 @@ if "smc" in results["10d"] and diffusion_based:
     best = min(diffusion_based, key=lambda m: abs(results["10d"][m]["weights"][0] - 0.75))
     best_error = abs(results["10d"][best]["weights"][0] - 0.75)
     holds = best_error < 0.05 and smc_error > 0.5
-    print(f"SMC: heavy-mode weight {results['10d']['smc']['weights'][0]:.3f} (error {smc_error:.3f}) after "
-          f"{results['10d']['smc']['evals']:,} evaluations; {best}: {results['10d'][best]['weights'][0]:.3f} "
-          f"(error {best_error:.3f}) after {results['10d'][best]['evals']:,} evaluations -> "
-          f"{'holds' if holds else 'does NOT hold'}")
+    print(
+        f"SMC: heavy-mode weight {results['10d']['smc']['weights'][0]:.3f} (error {smc_error:.3f}) after "
+        f"{results['10d']['smc']['evals']:,} evaluations; {best}: {results['10d'][best]['weights'][0]:.3f} "
+        f"(error {best_error:.3f}) after {results['10d'][best]['evals']:,} evaluations -> "
+        f"{'holds' if holds else 'does NOT hold'}"
+    )
 else:
     print("[skip] the claim needs SMC and a diffusion-based method")
 
 # %% [markdown]
 # ## The draws
+
 
 # %%
 def panel_grid(num: int, width: float = 3.4, height: float = 3.0):
@@ -367,13 +404,22 @@ fig, axes = panel_grid(len(runs_10d))
 u_exact = (mixture_10d.sample(20000, torch.Generator().manual_seed(1)) @ diagonal).numpy()
 for ax, (label, r) in zip(axes, runs_10d.items()):
     ax.hist(u_exact, bins=80, range=(-9, 8), density=True, color="0.8", label="exact")
-    ax.hist((r["draws"] @ diagonal).numpy(), bins=80, range=(-9, 8), density=True, histtype="step", color="C0",
-            label=label)
+    ax.hist(
+        (r["draws"] @ diagonal).numpy(),
+        bins=80,
+        range=(-9, 8),
+        density=True,
+        histtype="step",
+        color="C0",
+        label=label,
+    )
     ax.set_title(f"{label}: heavy {r['weights'][0]:.2f}, {r['evals'] / 1e3:.0f}k evals", fontsize=9)
     ax.set_xlabel("u = x . 1 / sqrt(d)")
     ax.set_yticks([])
-fig.suptitle("10-d narrow_wide, draws (blue) against the exact law (grey): heavy narrow mode at u = +4.7, "
-             "light wide one at u = -4.7")
+fig.suptitle(
+    "10-d narrow_wide, draws (blue) against the exact law (grey): heavy narrow mode at u = +4.7, "
+    "light wide one at u = -4.7"
+)
 fig.tight_layout()
 fig.savefig(FIGURES / "draws_10d.png", dpi=80)
 plt.close(fig)

@@ -105,7 +105,9 @@ OPTIONS = {
     "pt": dict(num_chains=4),
     "walk_jump": dict(num_chains=4, num_samples=NUM_SAMPLES // 4, sigma=0.3, walk="ula"),
     "sms": dict(num_chains=1, num_samples=40 if FAST else 500, sigma=0.5, num_measurements=16),
-    "diffusion": dict(num_explore=500, train_steps=300, refit_steps=100, hidden=64, num_proposals=1024) if FAST else {},
+    "diffusion": dict(num_explore=500, train_steps=300, refit_steps=100, hidden=64, num_proposals=1024)
+    if FAST
+    else {},
 }
 METHODS = list(OPTIONS)
 
@@ -129,8 +131,10 @@ for method in METHODS:
     idata = run(target, method)
     if idata is not None:
         results[method] = idata
-        print(f"{method:>10}: {idata.posterior.attrs['num_target_evals']:>9,} evaluations, "
-              f"{time.perf_counter() - start:6.1f} s")
+        print(
+            f"{method:>10}: {idata.posterior.attrs['num_target_evals']:>9,} evaluations, "
+            f"{time.perf_counter() - start:6.1f} s"
+        )
 
 # %% [markdown]
 # ## ArviZ summaries
@@ -151,6 +155,7 @@ print(az.summary(reference, var_names=["beta"], coords=coefficients))
 # Against the HMC run: the largest error of a posterior mean in units of the posterior sd, the
 # range of sd ratios, and the log normalising constant where the method estimates it.
 
+
 # %%
 def moments(idata):
     draws = idata.posterior["beta"].values.reshape(-1, dim)
@@ -162,17 +167,21 @@ rows = []
 for method, idata in results.items():
     mean, sd = moments(idata)
     attrs = idata.posterior.attrs
-    rows.append({
-        "method": method,
-        "max |mean err| / sd": float(np.max(np.abs(mean - ref_mean) / ref_sd)),
-        "sd ratio (min)": float(np.min(sd / ref_sd)),
-        "sd ratio (max)": float(np.max(sd / ref_sd)),
-        "log Z": float(attrs.get("log_normalizer", np.nan)),
-        "evaluations": int(attrs["num_target_evals"]),
-        "seconds": float(attrs["sampling_time"]),
-    })
+    rows.append(
+        {
+            "method": method,
+            "max |mean err| / sd": float(np.max(np.abs(mean - ref_mean) / ref_sd)),
+            "sd ratio (min)": float(np.min(sd / ref_sd)),
+            "sd ratio (max)": float(np.max(sd / ref_sd)),
+            "log Z": float(attrs.get("log_normalizer", np.nan)),
+            "evaluations": int(attrs["num_target_evals"]),
+            "seconds": float(attrs["sampling_time"]),
+        }
+    )
 agreement = pd.DataFrame(rows).set_index("method")
-with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 160, "display.max_columns", 20):
+with pd.option_context(
+    "display.float_format", "{:.3f}".format, "display.width", 160, "display.max_columns", 20
+):
     print(agreement)
 print(f"(literature log Z: {LITERATURE_LOG_Z})")
 
@@ -186,8 +195,14 @@ plt.tight_layout()
 plt.savefig(FIGURES / "posterior_trace.png", dpi=90)
 plt.close("all")
 
-az.plot_pair(reference, var_names=["beta"], coords={"beta_dim_0": [1, 3, 5, 7]}, kind="kde", marginals=True,
-             figsize=(7, 7))
+az.plot_pair(
+    reference,
+    var_names=["beta"],
+    coords={"beta_dim_0": [1, 3, 5, 7]},
+    kind="kde",
+    marginals=True,
+    figsize=(7, 7),
+)
 plt.savefig(FIGURES / "posterior_pair.png", dpi=90)
 plt.close("all")
 
@@ -226,16 +241,21 @@ pyro_target = ds.Target.from_pyro(model, X[:, 1:], y)
 print(pyro_target)
 # The Pyro model costs more per evaluation than the plain function (the model runs under
 # torch.func.vmap), so fast mode runs two methods on it with smaller budgets.
-PYRO_OVERRIDES = {"hmc": dict(num_samples=250, num_warmup=250), "smc": dict(num_samples=300, num_mcmc_steps=5)}
+PYRO_OVERRIDES = {
+    "hmc": dict(num_samples=250, num_warmup=250),
+    "smc": dict(num_samples=300, num_mcmc_steps=5),
+}
 pyro_methods = list(PYRO_OVERRIDES) if FAST else METHODS
 pyro_results = {}
 for method in pyro_methods:
     idata = run(pyro_target, method, seed=1, **(PYRO_OVERRIDES.get(method, {}) if FAST else {}))
     if idata is not None:
         pyro_results[method] = idata
-        print(f"pyro {method:>10}: {idata.posterior.attrs['num_target_evals']:>9,} evaluations, "
-              f"{idata.posterior.attrs['sampling_time']:6.1f} s, "
-              f"log Z {idata.posterior.attrs.get('log_normalizer', float('nan')):.2f}")
+        print(
+            f"pyro {method:>10}: {idata.posterior.attrs['num_target_evals']:>9,} evaluations, "
+            f"{idata.posterior.attrs['sampling_time']:6.1f} s, "
+            f"log Z {idata.posterior.attrs.get('log_normalizer', float('nan')):.2f}"
+        )
 
 # %% [markdown]
 # The Pyro model and the plain function describe the same posterior, so their summaries agree up
@@ -249,9 +269,14 @@ if pyro_results:
     plain_draws = reference.posterior["beta"].values.reshape(-1, dim)
     pyro_alpha = pyro_reference.posterior["alpha"].values.reshape(-1)
     pyro_beta = pyro_reference.posterior["beta"].values.reshape(-1, dim - 1)
-    for ax, (label, a, b) in zip(axes, [("intercept", plain_draws[:, 0], pyro_alpha),
-                                        ("beta[1]", plain_draws[:, 1], pyro_beta[:, 0]),
-                                        ("beta[3]", plain_draws[:, 3], pyro_beta[:, 2])]):
+    for ax, (label, a, b) in zip(
+        axes,
+        [
+            ("intercept", plain_draws[:, 0], pyro_alpha),
+            ("beta[1]", plain_draws[:, 1], pyro_beta[:, 0]),
+            ("beta[3]", plain_draws[:, 3], pyro_beta[:, 2]),
+        ],
+    ):
         ax.hist(a, bins=40, density=True, histtype="step", label=f"torch function ({reference_method})")
         ax.hist(b, bins=40, density=True, histtype="step", label="Pyro model")
         ax.set_title(label)

@@ -35,7 +35,7 @@ weighting of Song et al. 2021), ``"alpha2"`` (:math:`\alpha_t^2`, which makes th
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -98,7 +98,14 @@ def _check_grad0(x0: torch.Tensor, grad0) -> torch.Tensor:
     return grad0
 
 
-def dsm_loss(model, process, x0: torch.Tensor, generator: torch.Generator | None, t=None, weighting: Weighting = "sigma2") -> torch.Tensor:
+def dsm_loss(
+    model,
+    process,
+    x0: torch.Tensor,
+    generator: torch.Generator | None,
+    t=None,
+    weighting: Weighting = "sigma2",
+) -> torch.Tensor:
     r"""Denoising score matching: regress :math:`s_\theta(x_t, t)` on :math:`-z/\sigma_t`.
 
     Parameters
@@ -120,7 +127,15 @@ def dsm_loss(model, process, x0: torch.Tensor, generator: torch.Generator | None
     return _regression(model, xt, t, target, loss_weight(process, t, weighting))
 
 
-def tsm_loss(model, process, x0: torch.Tensor, grad0: torch.Tensor, generator: torch.Generator | None, t=None, weighting: Weighting = "alpha2") -> torch.Tensor:
+def tsm_loss(
+    model,
+    process,
+    x0: torch.Tensor,
+    grad0: torch.Tensor,
+    generator: torch.Generator | None,
+    t=None,
+    weighting: Weighting = "alpha2",
+) -> torch.Tensor:
     r"""Target score matching: regress :math:`s_\theta(x_t, t)` on :math:`\nabla\log p_0(x_0)/\alpha_t`.
 
     ``grad0: (n, dim)`` is :math:`\nabla\log p_0` at ``x0``. The default weighting
@@ -133,7 +148,15 @@ def tsm_loss(model, process, x0: torch.Tensor, grad0: torch.Tensor, generator: t
     return _regression(model, xt, t, target, loss_weight(process, t, weighting))
 
 
-def mixed_loss(model, process, x0: torch.Tensor, grad0: torch.Tensor, generator: torch.Generator | None, t=None, weighting: Weighting = "none") -> torch.Tensor:
+def mixed_loss(
+    model,
+    process,
+    x0: torch.Tensor,
+    grad0: torch.Tensor,
+    generator: torch.Generator | None,
+    t=None,
+    weighting: Weighting = "none",
+) -> torch.Tensor:
     r"""TSM/DSM mix: regress on :math:`(1-w_t)\nabla\log p_0(x_0)/\alpha_t - w_t z/\sigma_t`,
     :math:`w_t = \sigma_t^2/(\alpha_t^2+\sigma_t^2)` (bounded target; default weight 1)."""
     grad0 = _check_grad0(x0, grad0)
@@ -145,8 +168,15 @@ def mixed_loss(model, process, x0: torch.Tensor, grad0: torch.Tensor, generator:
     return _regression(model, xt, t, target, loss_weight(process, t, weighting))
 
 
-def stf_target(process, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, reference: torch.Tensor,
-               grad0: torch.Tensor | None = None, reference_grad: torch.Tensor | None = None) -> torch.Tensor:
+def stf_target(
+    process,
+    xt: torch.Tensor,
+    t: torch.Tensor,
+    x0: torch.Tensor,
+    reference: torch.Tensor,
+    grad0: torch.Tensor | None = None,
+    reference_grad: torch.Tensor | None = None,
+) -> torch.Tensor:
     r"""The mixed target averaged over the empirical posterior of a reference set (the stable
     target field of Xu et al. 2023, here with the TSM/DSM mix).
 
@@ -174,7 +204,9 @@ def stf_target(process, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, ref
         alpha, sigma = process.alpha(t).unsqueeze(-1), process.sigma(t).unsqueeze(-1)
         # log v_i up to a per-row constant: (alpha x_t.x_i - alpha^2 |x_i|^2 / 2) / sigma^2
         logit_ref = (alpha * (xt @ reference.T) - 0.5 * alpha**2 * (reference**2).sum(-1)) / sigma**2
-        logit_own = (alpha * (xt * x0).sum(-1, keepdim=True) - 0.5 * alpha**2 * (x0**2).sum(-1, keepdim=True)) / sigma**2
+        logit_own = (
+            alpha * (xt * x0).sum(-1, keepdim=True) - 0.5 * alpha**2 * (x0**2).sum(-1, keepdim=True)
+        ) / sigma**2
         v = torch.softmax(torch.cat([logit_own, logit_ref], 1), 1)  # (n, 1 + M)
         v_own, v_ref = v[:, :1], v[:, 1:]
         mean_x = v_own * x0 + v_ref @ reference  # E[x_0 | x_t] under the empirical law
@@ -186,9 +218,17 @@ def stf_target(process, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, ref
         return (1 - w) * tsm + w * dsm
 
 
-def stf_loss(model, process, x0: torch.Tensor, grad0: torch.Tensor | None, generator: torch.Generator | None,
-             reference: torch.Tensor, reference_grad: torch.Tensor | None = None, t=None,
-             weighting: Weighting = "none") -> torch.Tensor:
+def stf_loss(
+    model,
+    process,
+    x0: torch.Tensor,
+    grad0: torch.Tensor | None,
+    generator: torch.Generator | None,
+    reference: torch.Tensor,
+    reference_grad: torch.Tensor | None = None,
+    t=None,
+    weighting: Weighting = "none",
+) -> torch.Tensor:
     r"""Regress :math:`s_\theta(x_t, t)` on :func:`stf_target` (the mixed target averaged over
     the empirical posterior of ``reference``; pure DSM form when ``grad0`` or
     ``reference_grad`` is None). Default weight 1, as :func:`mixed_loss`."""
@@ -213,7 +253,18 @@ def _noised_inputs(model, x, generator, t, process):
     return xt.detach().requires_grad_(True), t
 
 
-def sliced_score_matching_loss(model, x: torch.Tensor, generator: torch.Generator | None, t=None, process=None, *, projection: str = "rademacher", num_projections: int = 1, variance_reduced: bool = True, weighting: Weighting = "sigma2") -> torch.Tensor:
+def sliced_score_matching_loss(
+    model,
+    x: torch.Tensor,
+    generator: torch.Generator | None,
+    t=None,
+    process=None,
+    *,
+    projection: str = "rademacher",
+    num_projections: int = 1,
+    variance_reduced: bool = True,
+    weighting: Weighting = "sigma2",
+) -> torch.Tensor:
     r"""Sliced score matching: :math:`\mathbb E[\tfrac12\lVert s\rVert^2 + v^\top \nabla_x s\, v]`.
 
     With a ``process``, ``x`` are data :math:`x_0`, noised to :math:`x_t` at times ``t`` (drawn if
@@ -249,7 +300,14 @@ def sliced_score_matching_loss(model, x: torch.Tensor, generator: torch.Generato
     return (lam * per_point).mean()
 
 
-def implicit_score_matching_loss(model, x: torch.Tensor, generator: torch.Generator | None = None, t=None, process=None, weighting: Weighting = "sigma2") -> torch.Tensor:
+def implicit_score_matching_loss(
+    model,
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+    t=None,
+    process=None,
+    weighting: Weighting = "sigma2",
+) -> torch.Tensor:
     r"""Implicit score matching (Hyvarinen 2005) with the exact divergence:
     :math:`\mathbb E[\tfrac12\lVert s\rVert^2 + \sum_i \partial_i s_i]`, one backward pass per
     dimension (for low ``d``). ``x``, ``t`` and ``process`` as in :func:`sliced_score_matching_loss`."""

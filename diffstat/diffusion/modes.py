@@ -37,7 +37,16 @@ from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.mcmc.base import LogProbAndGrad, MCMCState
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 
-__all__ = ["ModeBank", "explore", "hill_climb", "no_barrier", "group_by_barrier", "merge_groups", "balance_modes", "explore_modes"]
+__all__ = [
+    "ModeBank",
+    "explore",
+    "hill_climb",
+    "no_barrier",
+    "group_by_barrier",
+    "merge_groups",
+    "balance_modes",
+    "explore_modes",
+]
 
 
 @dataclass
@@ -72,10 +81,19 @@ def _relabel(x, lp, grad, label, num_evals, peak_x=None, peak_lp=None) -> ModeBa
     peak_x = x if peak_x is None else peak_x
     peak_lp = lp if peak_lp is None else peak_lp
     keep = label >= 0
-    x, lp, grad, label, peak_x, peak_lp = x[keep], lp[keep], grad[keep], label[keep], peak_x[keep], peak_lp[keep]
+    x, lp, grad, label, peak_x, peak_lp = (
+        x[keep],
+        lp[keep],
+        grad[keep],
+        label[keep],
+        peak_x[keep],
+        peak_lp[keep],
+    )
     _, label = torch.unique(label, return_inverse=True)
     k = int(label.max()) + 1 if label.numel() else 0
-    best = torch.full((k,), -math.inf, dtype=lp.dtype, device=lp.device).scatter_reduce(0, label, peak_lp, "amax")
+    best = torch.full((k,), -math.inf, dtype=lp.dtype, device=lp.device).scatter_reduce(
+        0, label, peak_lp, "amax"
+    )
     idx = torch.nonzero(peak_lp == best[label]).flatten()
     center_idx = torch.empty(k, dtype=torch.long, device=lp.device)
     center_idx[label[idx]] = idx
@@ -148,7 +166,16 @@ def hill_climb(
     return x, lp, evals
 
 
-def no_barrier(log_prob, a: torch.Tensor, lp_a: torch.Tensor, b: torch.Tensor, lp_b: torch.Tensor, *, num_points: int = 3, tol: float = 0.5) -> torch.Tensor:
+def no_barrier(
+    log_prob,
+    a: torch.Tensor,
+    lp_a: torch.Tensor,
+    b: torch.Tensor,
+    lp_b: torch.Tensor,
+    *,
+    num_points: int = 3,
+    tol: float = 0.5,
+) -> torch.Tensor:
     r"""True where :math:`\log p` has no barrier on the segment from ``a`` to ``b`` (both
     ``(n, dim)``): at the ``num_points`` interior points :math:`s = j/(m+1)` the log-density stays
     above :math:`\min(\log p(a), \log p(b)) - \tau`. Costs ``n * num_points`` evaluations."""
@@ -162,7 +189,9 @@ def no_barrier(log_prob, a: torch.Tensor, lp_a: torch.Tensor, b: torch.Tensor, l
     return lp.min(-1).values >= torch.minimum(lp_a, lp_b) - tol
 
 
-def group_by_barrier(log_prob, x: torch.Tensor, lp: torch.Tensor, *, tol: float = 0.5, num_points: int = 3, max_new: int = 32) -> torch.Tensor:
+def group_by_barrier(
+    log_prob, x: torch.Tensor, lp: torch.Tensor, *, tol: float = 0.5, num_points: int = 3, max_new: int = 32
+) -> torch.Tensor:
     r"""Group points ``x: (n, dim)`` by mode; returns labels ``(n,)`` (long, ``0..K-1``).
 
     Leader clustering in decreasing :math:`\log p`, batched: in each round every unassigned point
@@ -181,13 +210,17 @@ def group_by_barrier(log_prob, x: torch.Tensor, lp: torch.Tensor, *, tol: float 
     label[leaders[0]] = 0
     tried = torch.zeros(n, 0, dtype=torch.bool, device=x.device)
     while True:
-        tried = torch.cat([tried, torch.zeros(n, len(leaders) - tried.shape[1], dtype=torch.bool, device=x.device)], 1)
+        tried = torch.cat(
+            [tried, torch.zeros(n, len(leaders) - tried.shape[1], dtype=torch.bool, device=x.device)], 1
+        )
         todo = torch.nonzero((label < 0) & ~tried.all(-1)).flatten()
         if todo.numel():
             lead = torch.tensor(leaders, device=x.device)
             dist = torch.cdist(xs[todo], xs[lead]).masked_fill(tried[todo], math.inf)
             k = dist.argmin(-1)
-            ok = no_barrier(log_prob, x[todo], lp[todo], x[lead[k]], lp[lead[k]], num_points=num_points, tol=tol)
+            ok = no_barrier(
+                log_prob, x[todo], lp[todo], x[lead[k]], lp[lead[k]], num_points=num_points, tol=tol
+            )
             tried[todo, k] = True
             label[todo[ok]] = k[ok]
         homeless = torch.nonzero((label < 0) & tried.all(-1)).flatten()
@@ -200,7 +233,17 @@ def group_by_barrier(log_prob, x: torch.Tensor, lp: torch.Tensor, *, tol: float 
         for j in homeless[1:].tolist():
             prev = torch.tensor(new, device=x.device)
             nearest = prev[torch.cdist(xs[j : j + 1], xs[prev]).argmin()]
-            if not bool(no_barrier(log_prob, x[j : j + 1], lp[j : j + 1], x[nearest : nearest + 1], lp[nearest : nearest + 1], num_points=num_points, tol=tol)):
+            if not bool(
+                no_barrier(
+                    log_prob,
+                    x[j : j + 1],
+                    lp[j : j + 1],
+                    x[nearest : nearest + 1],
+                    lp[nearest : nearest + 1],
+                    num_points=num_points,
+                    tol=tol,
+                )
+            ):
                 new.append(j)
         for j in new:
             label[j] = len(leaders)
@@ -208,7 +251,17 @@ def group_by_barrier(log_prob, x: torch.Tensor, lp: torch.Tensor, *, tol: float 
     return merge_groups(log_prob, x, lp, label, tol=tol, num_points=num_points)
 
 
-def merge_groups(log_prob, x: torch.Tensor, lp: torch.Tensor, label: torch.Tensor, *, tol: float = 0.5, num_points: int = 3, num_pairs: int = 3, how: str = "closest") -> torch.Tensor:
+def merge_groups(
+    log_prob,
+    x: torch.Tensor,
+    lp: torch.Tensor,
+    label: torch.Tensor,
+    *,
+    tol: float = 0.5,
+    num_points: int = 3,
+    num_pairs: int = 3,
+    how: str = "closest",
+) -> torch.Tensor:
     r"""Merge groups whose representatives are joined by a barrier-free segment; returns compact
     labels ``(n,)``.
 
@@ -333,7 +386,9 @@ def explore_modes(
         xs, lp, grad = state.x[settled], state.log_prob[settled], state.grad[settled]
         label = _drop_stragglers(lp, torch.zeros_like(lp, dtype=torch.long), target.dim)
         xs, lp, grad = xs[label >= 0], lp[label >= 0], grad[label >= 0]
-        peak_x, peak_lp, _ = hill_climb(target.log_prob_and_grad, xs, lp, grad, num_climb, h0[settled][label >= 0])
+        peak_x, peak_lp, _ = hill_climb(
+            target.log_prob_and_grad, xs, lp, grad, num_climb, h0[settled][label >= 0]
+        )
         bar.update()
         label = group_by_barrier(target.log_prob, peak_x, peak_lp, tol=tol)
         bar.update()
@@ -367,11 +422,15 @@ def balance_modes(
     start = torch.empty_like(mode)
     for i in range(k):  # a loop over modes (few), not over chains
         rows = torch.nonzero(bank.label == i).flatten()
-        pick = torch.randint(0, rows.numel(), (chains_per_mode,), generator=generator, device=generator.device)
+        pick = torch.randint(
+            0, rows.numel(), (chains_per_mode,), generator=generator, device=generator.device
+        )
         start[mode == i] = rows[pick.to(dev)]
     state = MCMCState(bank.x[start], bank.log_prob[start], bank.grad[start])
     count = torch.full((k,), float(chains_per_mode), dtype=dt, device=dev)
-    spread = torch.zeros(k, dtype=dt, device=dev).index_add_(0, bank.label, (bank.x - bank.centers[bank.label]).pow(2).mean(-1))
+    spread = torch.zeros(k, dtype=dt, device=dev).index_add_(
+        0, bank.label, (bank.x - bank.centers[bank.label]).pow(2).mean(-1)
+    )
     spread = spread / bank.counts().to(dt)
     adapt = DualAveraging((0.5 * spread).clamp(1e-4, 1.0), MALA_TARGET_ACCEPT)
     inv_mass = torch.ones(k, target.dim, dtype=dt, device=dev)
@@ -380,10 +439,19 @@ def balance_modes(
         h = adapt.step_size if i < num_steps // 2 else adapt.final_step_size
         state, info = mala_step(generator, state, target.log_prob_and_grad, h[mode], inv_mass[mode])
         if i < num_steps // 2:
-            adapt.update(torch.zeros(k, dtype=dt, device=dev).index_add_(0, mode, info.acceptance_rate) / count)
+            adapt.update(
+                torch.zeros(k, dtype=dt, device=dev).index_add_(0, mode, info.acceptance_rate) / count
+            )
         if i == num_steps // 4:
-            mean = torch.zeros(k, target.dim, dtype=dt, device=dev).index_add_(0, mode, state.x) / count[:, None]
-            var = torch.zeros(k, target.dim, dtype=dt, device=dev).index_add_(0, mode, (state.x - mean[mode]) ** 2) / count[:, None]
+            mean = (
+                torch.zeros(k, target.dim, dtype=dt, device=dev).index_add_(0, mode, state.x) / count[:, None]
+            )
+            var = (
+                torch.zeros(k, target.dim, dtype=dt, device=dev).index_add_(
+                    0, mode, (state.x - mean[mode]) ** 2
+                )
+                / count[:, None]
+            )
             inv_mass = (var / var.mean(-1, keepdim=True).clamp_min(1e-12)).clamp(1e-3, 1e3)
             adapt.restart(adapt.final_step_size)
         if i >= num_steps // 2 and (num_steps - 1 - i) % keep_every == 0:

@@ -56,7 +56,16 @@ class _TimeMLP(nn.Module):
     first adds its input (``h <- h + act(W [h, e] + b)``). The output layer starts at zero.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int, depth: int, residual: bool, emb_dim: int, activation: str):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden: int,
+        depth: int,
+        residual: bool,
+        emb_dim: int,
+        activation: str,
+    ):
         super().__init__()
         self.residual = residual
         self.act = _ACTIVATIONS[activation]()
@@ -87,7 +96,20 @@ def _init_parameters(module: _TimeMLP, generator: torch.Generator) -> None:
 class _NoiseConditioned(nn.Module):
     """Shared parts: argument checks, time embedding, preconditioning, dtype handling."""
 
-    def __init__(self, dim, hidden, depth, residual, process, activation, num_frequencies, sigma_data, seed, generator, out_dim):
+    def __init__(
+        self,
+        dim,
+        hidden,
+        depth,
+        residual,
+        process,
+        activation,
+        num_frequencies,
+        sigma_data,
+        seed,
+        generator,
+        out_dim,
+    ):
         super().__init__()
         for name, v in (("dim", dim), ("hidden", hidden), ("depth", depth)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -99,14 +121,26 @@ class _NoiseConditioned(nn.Module):
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be positive, got {sigma_data}")
         self.dim, self.process, self.sigma_data = dim, process, float(sigma_data)
-        self.register_buffer("frequencies", 2.0 ** torch.arange(num_frequencies, dtype=torch.get_default_dtype()), persistent=False)
+        self.register_buffer(
+            "frequencies",
+            2.0 ** torch.arange(num_frequencies, dtype=torch.get_default_dtype()),
+            persistent=False,
+        )
         emb_dim = 1 + 2 * num_frequencies
         with torch.random.fork_rng(devices=[]):  # nn.Linear's own init draws from the global RNG:
             self.net = _TimeMLP(dim, out_dim, hidden, depth, residual, emb_dim, activation)  # undone here
         if generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
         _init_parameters(self.net, generator)
-        self.init_kwargs = dict(dim=dim, hidden=hidden, depth=depth, residual=residual, activation=activation, num_frequencies=num_frequencies, sigma_data=self.sigma_data)
+        self.init_kwargs = dict(
+            dim=dim,
+            hidden=hidden,
+            depth=depth,
+            residual=residual,
+            activation=activation,
+            num_frequencies=num_frequencies,
+            sigma_data=self.sigma_data,
+        )
 
     def _inputs(self, x: torch.Tensor, t):
         """Checked ``x`` in the parameters' dtype, per-row ``t``, embedding ``e`` and ``c_in``."""
@@ -156,12 +190,40 @@ class ScoreMLP(_NoiseConditioned):
     ``x``'s dtype.
     """
 
-    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, residual: bool = True, *, process=None, parameterization: str = "preconditioned", activation: str = "silu", num_frequencies: int = 4, sigma_data: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        dim: int,
+        hidden: int = 128,
+        depth: int = 3,
+        residual: bool = True,
+        *,
+        process=None,
+        parameterization: str = "preconditioned",
+        activation: str = "silu",
+        num_frequencies: int = 4,
+        sigma_data: float = 1.0,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ):
         if parameterization not in ("preconditioned", "noise"):
-            raise ValueError(f"parameterization must be 'preconditioned' or 'noise', got {parameterization!r}")
+            raise ValueError(
+                f"parameterization must be 'preconditioned' or 'noise', got {parameterization!r}"
+            )
         if parameterization == "noise" and process is None:
             raise ValueError("parameterization='noise' needs a process (it divides by sigma_t)")
-        super().__init__(dim, hidden, depth, residual, process, activation, num_frequencies, sigma_data, seed, generator, out_dim=dim)
+        super().__init__(
+            dim,
+            hidden,
+            depth,
+            residual,
+            process,
+            activation,
+            num_frequencies,
+            sigma_data,
+            seed,
+            generator,
+            out_dim=dim,
+        )
         self.parameterization = parameterization
         self.init_kwargs["parameterization"] = parameterization
 
@@ -188,8 +250,33 @@ class EnergyMLP(_NoiseConditioned):
     ``torch.no_grad()`` it returns a detached score.
     """
 
-    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, residual: bool = True, *, process=None, activation: str = "silu", num_frequencies: int = 4, sigma_data: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None):
-        super().__init__(dim, hidden, depth, residual, process, activation, num_frequencies, sigma_data, seed, generator, out_dim=dim)
+    def __init__(
+        self,
+        dim: int,
+        hidden: int = 128,
+        depth: int = 3,
+        residual: bool = True,
+        *,
+        process=None,
+        activation: str = "silu",
+        num_frequencies: int = 4,
+        sigma_data: float = 1.0,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__(
+            dim,
+            hidden,
+            depth,
+            residual,
+            process,
+            activation,
+            num_frequencies,
+            sigma_data,
+            seed,
+            generator,
+            out_dim=dim,
+        )
 
     def energy(self, x: torch.Tensor, t) -> torch.Tensor:
         r""":math:`E_\theta(x, t)`, shape ``(n,)`` in ``x``'s dtype."""

@@ -92,7 +92,9 @@ class _Process:
 
     def time_grid(self, num_steps: int, dtype=None, device=None) -> torch.Tensor:
         """``num_steps + 1`` equally spaced times from ``t_max`` down to ``t_min``."""
-        return torch.linspace(self.t_max, self.t_min, num_steps + 1, dtype=dtype or torch.get_default_dtype(), device=device)
+        return torch.linspace(
+            self.t_max, self.t_min, num_steps + 1, dtype=dtype or torch.get_default_dtype(), device=device
+        )
 
     # --- SDE ------------------------------------------------------------------------------
     def reverse_drift(self, x: torch.Tensor, t, score: torch.Tensor) -> torch.Tensor:
@@ -111,7 +113,9 @@ class _Process:
         """Standard deviation of the isotropic Gaussian prior at ``t_max``."""
         raise NotImplementedError
 
-    def prior_sample(self, n: int, dim: int, generator: torch.Generator | None, dtype=None, device=None) -> torch.Tensor:
+    def prior_sample(
+        self, n: int, dim: int, generator: torch.Generator | None, dtype=None, device=None
+    ) -> torch.Tensor:
         r"""Draws ``(n, dim)`` from the prior :math:`\mathcal N(0, s_T^2 I)` that stands in for
         :math:`p_{t_{\max}}`."""
         return self.prior_scale() * _randn((n, dim), generator, dtype or torch.get_default_dtype(), device)
@@ -150,7 +154,14 @@ class VP(_Process):
 
     _COSINE_S = 0.008  # the offset of Nichol and Dhariwal, which keeps beta(0) > 0
 
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, schedule: str = "linear", t_min: float = 1e-3, t_max: float = 1.0):
+    def __init__(
+        self,
+        beta_min: float = 0.1,
+        beta_max: float = 20.0,
+        schedule: str = "linear",
+        t_min: float = 1e-3,
+        t_max: float = 1.0,
+    ):
         if schedule not in ("linear", "cosine"):
             raise ValueError(f"schedule must be 'linear' or 'cosine', got {schedule!r}")
         if not (0.0 <= beta_min <= beta_max and beta_max > 0.0):
@@ -206,9 +217,13 @@ class VP(_Process):
                 return integ / self.beta_min
             return (-self.beta_min + torch.sqrt(self.beta_min**2 + 4 * a * integ)) / (2 * a)
         s = self._COSINE_S
-        head = torch.arccos((math.cos(self._phi0) * torch.exp(-0.5 * integ.clamp(max=self._int_star))).clamp(-1, 1))
+        head = torch.arccos(
+            (math.cos(self._phi0) * torch.exp(-0.5 * integ.clamp(max=self._int_star))).clamp(-1, 1)
+        )
         t_head = head * 2 * (1 + s) / math.pi - s
-        return torch.where(integ <= self._int_star, t_head, self._t_star + (integ - self._int_star) / self.beta_max)
+        return torch.where(
+            integ <= self._int_star, t_head, self._t_star + (integ - self._int_star) / self.beta_max
+        )
 
     def drift(self, x: torch.Tensor, t) -> torch.Tensor:
         r""":math:`f(x, t) = -\tfrac12 \beta(t) x`, ``(n, dim)``."""
@@ -222,7 +237,14 @@ class VP(_Process):
         return 1.0
 
     def to_dict(self) -> dict:
-        return {"kind": "VP", "beta_min": self.beta_min, "beta_max": self.beta_max, "schedule": self.schedule, "t_min": self.t_min, "t_max": self.t_max}
+        return {
+            "kind": "VP",
+            "beta_min": self.beta_min,
+            "beta_max": self.beta_max,
+            "schedule": self.schedule,
+            "t_min": self.t_min,
+            "t_max": self.t_max,
+        }
 
     def __repr__(self) -> str:
         return f"VP(beta_min={self.beta_min}, beta_max={self.beta_max}, schedule={self.schedule!r}, t_min={self.t_min}, t_max={self.t_max})"
@@ -238,7 +260,9 @@ class VE(_Process):
     The prior is :math:`\mathcal N(0, \sigma(t_{\max})^2 I)`.
     """
 
-    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 10.0, t_min: float = 0.0, t_max: float = 1.0):
+    def __init__(
+        self, sigma_min: float = 0.01, sigma_max: float = 10.0, t_min: float = 0.0, t_max: float = 1.0
+    ):
         if not (0.0 < sigma_min < sigma_max):
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         self._check_times(t_min, t_max)
@@ -268,7 +292,13 @@ class VE(_Process):
         return self.sigma_min * math.exp(self._log_ratio * self.t_max)
 
     def to_dict(self) -> dict:
-        return {"kind": "VE", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "t_min": self.t_min, "t_max": self.t_max}
+        return {
+            "kind": "VE",
+            "sigma_min": self.sigma_min,
+            "sigma_max": self.sigma_max,
+            "t_min": self.t_min,
+            "t_max": self.t_max,
+        }
 
     def __repr__(self) -> str:
         return f"VE(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, t_min={self.t_min}, t_max={self.t_max})"

@@ -46,7 +46,17 @@ import torch
 
 from diffstat.diffusion.modes import ModeBank
 
-__all__ = ["GaussianMixtureProposal", "GaussianComponent", "fit_mode_gaussians", "ode_log_density", "DiffusionProposal", "DiffusionMixture", "DefensiveMixture", "Whitening", "held_out_cross_entropy"]
+__all__ = [
+    "GaussianMixtureProposal",
+    "GaussianComponent",
+    "fit_mode_gaussians",
+    "ode_log_density",
+    "DiffusionProposal",
+    "DiffusionMixture",
+    "DefensiveMixture",
+    "Whitening",
+    "held_out_cross_entropy",
+]
 
 
 def _stratified_counts(weights: torch.Tensor, n: int) -> torch.Tensor:
@@ -74,7 +84,7 @@ class GaussianMixtureProposal:
     def num_components(self) -> int:
         return self.means.shape[0]
 
-    def with_weights(self, weights: torch.Tensor) -> "GaussianMixtureProposal":
+    def with_weights(self, weights: torch.Tensor) -> GaussianMixtureProposal:
         return GaussianMixtureProposal(self.means, self.chols, weights.to(self.means))
 
     def component_log_prob(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,8 +101,13 @@ class GaussianMixtureProposal:
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """``n`` draws ``(n, dim)``, stratified over components."""
-        comp = torch.repeat_interleave(torch.arange(self.num_components, device=self.means.device), _stratified_counts(self.weights, n).to(self.means.device))
-        z = torch.randn(n, self.means.shape[1], 1, generator=generator, dtype=self.means.dtype, device=generator.device).to(self.means.device)
+        comp = torch.repeat_interleave(
+            torch.arange(self.num_components, device=self.means.device),
+            _stratified_counts(self.weights, n).to(self.means.device),
+        )
+        z = torch.randn(
+            n, self.means.shape[1], 1, generator=generator, dtype=self.means.dtype, device=generator.device
+        ).to(self.means.device)
         return self.means[comp] + (self.chols[comp] @ z).squeeze(-1)
 
 
@@ -102,7 +117,9 @@ class GaussianComponent:
     mode whose score model failed the held-out check of the sampler."""
 
     def __init__(self, mean: torch.Tensor, chol: torch.Tensor):
-        self._mix = GaussianMixtureProposal(mean[None], chol[None], torch.ones(1, dtype=mean.dtype, device=mean.device))
+        self._mix = GaussianMixtureProposal(
+            mean[None], chol[None], torch.ones(1, dtype=mean.dtype, device=mean.device)
+        )
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         x = self._mix.sample(n, generator)
@@ -126,7 +143,9 @@ def held_out_cross_entropy(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
     return float(r.mean())
 
 
-def fit_mode_gaussians(bank: ModeBank, *, inflate: float = 1.2, ridge: float = 1e-6, weights: torch.Tensor | None = None) -> GaussianMixtureProposal:
+def fit_mode_gaussians(
+    bank: ModeBank, *, inflate: float = 1.2, ridge: float = 1e-6, weights: torch.Tensor | None = None
+) -> GaussianMixtureProposal:
     r"""Moment-matched Gaussian per banked mode, :math:`\mathcal N(\bar x_k, c^2 \hat\Sigma_k)`.
 
     Moment matching (rather than Laplace at the peak) captures a mode's spread as the restocked
@@ -142,8 +161,14 @@ def fit_mode_gaussians(bank: ModeBank, *, inflate: float = 1.2, ridge: float = 1
     for i in range(k):  # a loop over modes (few), not over particles
         xi = bank.x[bank.label == i]
         mu = xi.mean(0)
-        cov = (xi - mu).T @ (xi - mu) / max(xi.shape[0] - 1, 1) if xi.shape[0] > d else torch.diag(xi.var(0) if xi.shape[0] > 1 else torch.ones(d, dtype=xi.dtype, device=xi.device))
-        cov = cov + (ridge * cov.diagonal().mean().clamp_min(1e-12)) * torch.eye(d, dtype=xi.dtype, device=xi.device)
+        cov = (
+            (xi - mu).T @ (xi - mu) / max(xi.shape[0] - 1, 1)
+            if xi.shape[0] > d
+            else torch.diag(xi.var(0) if xi.shape[0] > 1 else torch.ones(d, dtype=xi.dtype, device=xi.device))
+        )
+        cov = cov + (ridge * cov.diagonal().mean().clamp_min(1e-12)) * torch.eye(
+            d, dtype=xi.dtype, device=xi.device
+        )
         means.append(mu)
         chols.append(inflate * torch.linalg.cholesky(cov))
     w = torch.full((k,), 1.0 / k, dtype=bank.x.dtype, device=bank.x.device) if weights is None else weights
@@ -159,7 +184,7 @@ class Whitening:
     chol: torch.Tensor
 
     @classmethod
-    def fit(cls, x: torch.Tensor, kind: str = "diag", ridge: float = 1e-6) -> "Whitening":
+    def fit(cls, x: torch.Tensor, kind: str = "diag", ridge: float = 1e-6) -> Whitening:
         r"""Standardise particles ``x: (n, dim)``: ``kind="diag"`` by their mean and per-coordinate
         standard deviations (the default), ``"full"`` by the Cholesky factor of their covariance.
 
@@ -174,7 +199,9 @@ class Whitening:
         if kind == "diag":
             return cls(m, torch.diag(x.std(0).clamp_min(1e-12)))
         cov = (x - m).T @ (x - m) / max(x.shape[0] - 1, 1)
-        cov = cov + ridge * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        cov = cov + ridge * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(
+            x.shape[1], dtype=x.dtype, device=x.device
+        )
         return cls(m, torch.linalg.cholesky(cov))
 
     @property
@@ -191,7 +218,9 @@ class Whitening:
         return grad_x @ self.chol
 
 
-def _velocity_and_divergence(score_fn, process, y: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _velocity_and_divergence(
+    score_fn, process, y: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Probability-flow velocity ``(n, dim)`` and its exact divergence ``(n,)`` (``dim`` backward
     passes), detached."""
     with torch.enable_grad():
@@ -212,16 +241,30 @@ def _prior_log_prob(process, y: torch.Tensor, scale: float) -> torch.Tensor:
     return process.prior_log_prob(y / scale) - y.shape[-1] * math.log(scale)
 
 
-def _base_log_prob(process, y: torch.Tensor, scale: float, tail_weight: float, tail_scale: float) -> torch.Tensor:
+def _base_log_prob(
+    process, y: torch.Tensor, scale: float, tail_weight: float, tail_scale: float
+) -> torch.Tensor:
     r"""Log-density of the base :math:`(1-a)\,\mathcal N(0, (s_T c)^2 I) + a\,\mathcal N(0, (s_T c\,r)^2 I)`
     (``scale`` :math:`c`, ``tail_weight`` :math:`a`, ``tail_scale`` :math:`r`)."""
     core = _prior_log_prob(process, y, scale)
     if tail_weight == 0.0:
         return core
-    return torch.logaddexp(math.log1p(-tail_weight) + core, math.log(tail_weight) + _prior_log_prob(process, y, scale * tail_scale))
+    return torch.logaddexp(
+        math.log1p(-tail_weight) + core,
+        math.log(tail_weight) + _prior_log_prob(process, y, scale * tail_scale),
+    )
 
 
-def ode_log_density(score_fn, process, y0: torch.Tensor, *, num_steps: int = 50, prior_scale: float = 1.0, tail_weight: float = 0.0, tail_scale: float = 1.5) -> torch.Tensor:
+def ode_log_density(
+    score_fn,
+    process,
+    y0: torch.Tensor,
+    *,
+    num_steps: int = 50,
+    prior_scale: float = 1.0,
+    tail_weight: float = 0.0,
+    tail_scale: float = 1.5,
+) -> torch.Tensor:
     r"""Log-density ``(n,)`` at ``y0: (n, dim)`` of the probability-flow pushforward of the prior.
 
     Integrates :math:`\dot y = v(y, t)` and :math:`\dot\ell = \nabla\cdot v(y, t)` forward from
@@ -255,7 +298,17 @@ class DiffusionProposal:
     normalising flow's base), and its log-density stays exact.
     """
 
-    def __init__(self, score_fn, process, whitening: Whitening, num_steps: int = 50, batch_size: int = 4096, prior_scale: float = 1.0, tail_weight: float = 0.0, tail_scale: float = 1.5):
+    def __init__(
+        self,
+        score_fn,
+        process,
+        whitening: Whitening,
+        num_steps: int = 50,
+        batch_size: int = 4096,
+        prior_scale: float = 1.0,
+        tail_weight: float = 0.0,
+        tail_scale: float = 1.5,
+    ):
         if not 0.0 <= tail_weight < 1.0:
             raise ValueError(f"tail_weight must lie in [0, 1), got {tail_weight}")
         if not tail_scale > 0:
@@ -266,7 +319,11 @@ class DiffusionProposal:
         if not prior_scale > 0:
             raise ValueError(f"prior_scale must be positive, got {prior_scale}")
         self.score_fn, self.process, self.whitening = score_fn, process, whitening
-        self.num_steps, self.batch_size, self.prior_scale = int(num_steps), int(batch_size), float(prior_scale)
+        self.num_steps, self.batch_size, self.prior_scale = (
+            int(num_steps),
+            int(batch_size),
+            float(prior_scale),
+        )
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` draws ``(n, dim)`` in target coordinates and their exact log-density ``(n,)``."""
@@ -278,12 +335,23 @@ class DiffusionProposal:
         for start in range(0, n, self.batch_size):
             m = min(self.batch_size, n - start)
             yt = self.prior_scale * self.process.prior_sample(m, dim, generator, dtype=dtype, device=device)
-            if self.tail_weight > 0:  # the base mixture: a share tail_weight of the starts widened by tail_scale
-                wide = torch.rand(m, generator=generator, dtype=dtype, device=generator.device).to(device) < self.tail_weight
+            if (
+                self.tail_weight > 0
+            ):  # the base mixture: a share tail_weight of the starts widened by tail_scale
+                wide = (
+                    torch.rand(m, generator=generator, dtype=dtype, device=generator.device).to(device)
+                    < self.tail_weight
+                )
                 yt = torch.where(wide.unsqueeze(-1), self.tail_scale * yt, yt)
-            y0, log_q = probability_flow(self.score_fn, self.process, yt, num_steps=self.num_steps, log_prob=True, trace="exact")
+            y0, log_q = probability_flow(
+                self.score_fn, self.process, yt, num_steps=self.num_steps, log_prob=True, trace="exact"
+            )
             # probability_flow starts from the unit prior's log-density: swap in the widened one
-            log_q = log_q - self.process.prior_log_prob(yt) + _base_log_prob(self.process, yt, self.prior_scale, self.tail_weight, self.tail_scale)
+            log_q = (
+                log_q
+                - self.process.prior_log_prob(yt)
+                + _base_log_prob(self.process, yt, self.prior_scale, self.tail_weight, self.tail_scale)
+            )
             xs.append(self.whitening.from_white(y0.detach()))
             lqs.append(log_q.detach() - self.whitening.log_det)
         return torch.cat(xs), torch.cat(lqs)
@@ -291,7 +359,15 @@ class DiffusionProposal:
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Log-density ``(n,)`` at arbitrary points ``x: (n, dim)`` (:func:`ode_log_density`)."""
         out = [
-            ode_log_density(self.score_fn, self.process, self.whitening.to_white(x[s : s + self.batch_size]), num_steps=self.num_steps, prior_scale=self.prior_scale, tail_weight=self.tail_weight, tail_scale=self.tail_scale)
+            ode_log_density(
+                self.score_fn,
+                self.process,
+                self.whitening.to_white(x[s : s + self.batch_size]),
+                num_steps=self.num_steps,
+                prior_scale=self.prior_scale,
+                tail_weight=self.tail_weight,
+                tail_scale=self.tail_scale,
+            )
             for s in range(0, x.shape[0], self.batch_size)
         ]
         return (torch.cat(out) if out else x.new_zeros(0)) - self.whitening.log_det
@@ -307,7 +383,9 @@ class DiffusionMixture:
 
     def __init__(self, components: list[DiffusionProposal], weights: torch.Tensor):
         if len(components) != weights.shape[0] or len(components) == 0:
-            raise ValueError(f"need one weight per component, got {len(components)} components and {tuple(weights.shape)} weights")
+            raise ValueError(
+                f"need one weight per component, got {len(components)} components and {tuple(weights.shape)} weights"
+            )
         self.components, self.weights = components, weights / weights.sum()
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,7 +396,9 @@ class DiffusionMixture:
             x, lq = comp.sample(m, generator) if m else (None, None)
             xs.append(x), own.append(lq)
         x = torch.cat([v for v in xs if v is not None])
-        which = torch.repeat_interleave(torch.arange(len(counts), device=x.device), torch.tensor(counts, device=x.device))
+        which = torch.repeat_interleave(
+            torch.arange(len(counts), device=x.device), torch.tensor(counts, device=x.device)
+        )
         table = torch.empty(n, len(counts), dtype=x.dtype, device=x.device)
         for j, comp in enumerate(self.components):  # a loop over modes (few)
             mine = which == j
@@ -338,7 +418,12 @@ class DefensiveMixture:
     stratified counts; ``diffusion`` may be ``None`` (then it is the Gaussian mixture alone, the
     per-mode Gaussian importance-sampling baseline)."""
 
-    def __init__(self, diffusion: DiffusionProposal | DiffusionMixture | None, gaussians: GaussianMixtureProposal, weight: float = 0.8):
+    def __init__(
+        self,
+        diffusion: DiffusionProposal | DiffusionMixture | None,
+        gaussians: GaussianMixtureProposal,
+        weight: float = 0.8,
+    ):
         if diffusion is not None and not 0.0 < weight < 1.0:
             raise ValueError(f"the diffusion weight must lie in (0, 1), got {weight}")
         self.diffusion, self.gaussians = diffusion, gaussians
@@ -357,5 +442,10 @@ class DefensiveMixture:
         ld_g = self.diffusion.log_prob(x_g) if n - n_d else x_g.new_zeros(0)
         lw, lg = math.log(self.weight), math.log1p(-self.weight)
         log_q = torch.cat([torch.logaddexp(lw + ld_d, lg + lg_d), torch.logaddexp(lw + ld_g, lg + lg_g)])
-        from_diffusion = torch.cat([torch.ones(n_d, dtype=torch.bool, device=x_d.device), torch.zeros(n - n_d, dtype=torch.bool, device=x_d.device)])
+        from_diffusion = torch.cat(
+            [
+                torch.ones(n_d, dtype=torch.bool, device=x_d.device),
+                torch.zeros(n - n_d, dtype=torch.bool, device=x_d.device),
+            ]
+        )
         return torch.cat([x_d, x_g]), log_q, from_diffusion

@@ -38,14 +38,21 @@ predictor-corrector).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from diffstat._util import check_positive_int
 from diffstat.diffusion.processes import _randn
 
-__all__ = ["probability_flow", "probability_flow_log_prob", "euler_maruyama", "predictor_corrector", "annealed_langevin", "ddpm_ancestral"]
+__all__ = [
+    "probability_flow",
+    "probability_flow_log_prob",
+    "euler_maruyama",
+    "predictor_corrector",
+    "annealed_langevin",
+    "ddpm_ancestral",
+]
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -78,7 +85,17 @@ def _divergence(v: torch.Tensor, x: torch.Tensor, trace: str, probes: torch.Tens
     return est / probes.shape[0]
 
 
-def probability_flow(score_fn: ScoreFn, process, x: torch.Tensor, *, num_steps: int = 50, log_prob: bool = False, trace: str = "exact", generator: torch.Generator | None = None, num_probes: int = 1):
+def probability_flow(
+    score_fn: ScoreFn,
+    process,
+    x: torch.Tensor,
+    *,
+    num_steps: int = 50,
+    log_prob: bool = False,
+    trace: str = "exact",
+    generator: torch.Generator | None = None,
+    num_probes: int = 1,
+):
     r"""Integrate the probability-flow ODE from ``t_max`` to ``t_min`` with RK4.
 
     Parameters
@@ -108,6 +125,7 @@ def probability_flow(score_fn: ScoreFn, process, x: torch.Tensor, *, num_steps: 
     ts = process.time_grid(num_steps, dtype=x.dtype, device=x.device)
 
     if not log_prob:
+
         def velocity(y, t):
             return process.probability_flow_drift(y, t, _score(score_fn, y, t))
 
@@ -120,7 +138,17 @@ def probability_flow(score_fn: ScoreFn, process, x: torch.Tensor, *, num_steps: 
     return x0, process.prior_log_prob(x) + delta
 
 
-def probability_flow_log_prob(score_fn: ScoreFn, process, x: torch.Tensor, *, num_steps: int = 50, trace: str = "exact", generator: torch.Generator | None = None, num_probes: int = 1, return_prior_point: bool = False):
+def probability_flow_log_prob(
+    score_fn: ScoreFn,
+    process,
+    x: torch.Tensor,
+    *,
+    num_steps: int = 50,
+    trace: str = "exact",
+    generator: torch.Generator | None = None,
+    num_probes: int = 1,
+    return_prior_point: bool = False,
+):
     r"""Log-density at given points ``x: (n, dim)`` of the probability-flow model at ``t_min``.
 
     Integrates the ODE forward, ``t_min -> t_max`` (RK4, ``num_steps``), from :math:`x` to
@@ -147,7 +175,11 @@ def _flow_with_divergence(score_fn, process, x, ts, trace, generator, num_probes
     if trace == "hutchinson":
         if generator is None:
             raise ValueError("trace='hutchinson' needs a generator for its probes")
-        probes = torch.sign(_randn((check_positive_int(num_probes, "num_probes"),) + tuple(x.shape), generator, x.dtype, x.device))
+        probes = torch.sign(
+            _randn(
+                (check_positive_int(num_probes, "num_probes"),) + tuple(x.shape), generator, x.dtype, x.device
+            )
+        )
 
     def augmented(state, t):
         y = state[:, :-1].detach().requires_grad_(True)
@@ -181,7 +213,15 @@ def _em_step(score_fn, process, x, t, t_next, generator, add_noise=True):
     return x_mean + process.diffusion(t) * torch.sqrt(h) * _randn(x.shape, generator, x.dtype, x.device)
 
 
-def euler_maruyama(score_fn: ScoreFn, process, x: torch.Tensor, *, num_steps: int, generator: torch.Generator, denoise: bool = False) -> torch.Tensor:
+def euler_maruyama(
+    score_fn: ScoreFn,
+    process,
+    x: torch.Tensor,
+    *,
+    num_steps: int,
+    generator: torch.Generator,
+    denoise: bool = False,
+) -> torch.Tensor:
     """Euler-Maruyama on the reverse-time SDE from ``t_max`` to ``t_min``.
 
     ``x: (n, dim)`` at ``t_max``; ``denoise=True`` leaves out the noise of the last step (returns
@@ -192,11 +232,29 @@ def euler_maruyama(score_fn: ScoreFn, process, x: torch.Tensor, *, num_steps: in
     ts = process.time_grid(num_steps, dtype=x.dtype, device=x.device)
     with torch.no_grad():
         for k in range(num_steps):
-            x = _em_step(score_fn, process, x, ts[k], ts[k + 1], generator, add_noise=not (denoise and k == num_steps - 1))
+            x = _em_step(
+                score_fn,
+                process,
+                x,
+                ts[k],
+                ts[k + 1],
+                generator,
+                add_noise=not (denoise and k == num_steps - 1),
+            )
     return x
 
 
-def predictor_corrector(score_fn: ScoreFn, process, x: torch.Tensor, *, num_steps: int, num_corrector: int = 1, snr: float = 0.16, generator: torch.Generator, denoise: bool = False) -> torch.Tensor:
+def predictor_corrector(
+    score_fn: ScoreFn,
+    process,
+    x: torch.Tensor,
+    *,
+    num_steps: int,
+    num_corrector: int = 1,
+    snr: float = 0.16,
+    generator: torch.Generator,
+    denoise: bool = False,
+) -> torch.Tensor:
     """Predictor-corrector sampling: ``num_corrector`` Langevin steps on :math:`p_t` (step set by
     ``snr``, module notes), then one Euler-Maruyama step, at each of the ``num_steps`` times.
     Returns ``(n, dim)``."""
@@ -216,11 +274,21 @@ def predictor_corrector(score_fn: ScoreFn, process, x: torch.Tensor, *, num_step
                 ratio = xi.norm(dim=-1).mean() / s.norm(dim=-1).mean().clamp_min(torch.finfo(x.dtype).tiny)
                 eps = 2 * (snr * ratio) ** 2
                 x = x + eps * s + torch.sqrt(2 * eps) * xi
-            x = _em_step(score_fn, process, x, t, ts[k + 1], generator, add_noise=not (denoise and k == num_steps - 1))
+            x = _em_step(
+                score_fn, process, x, t, ts[k + 1], generator, add_noise=not (denoise and k == num_steps - 1)
+            )
     return x
 
 
-def ddpm_ancestral(score_fn: ScoreFn, process, x: torch.Tensor, *, num_steps: int, generator: torch.Generator, denoise: bool = False) -> torch.Tensor:
+def ddpm_ancestral(
+    score_fn: ScoreFn,
+    process,
+    x: torch.Tensor,
+    *,
+    num_steps: int,
+    generator: torch.Generator,
+    denoise: bool = False,
+) -> torch.Tensor:
     """Ancestral sampling through the Gaussian posteriors of the discretised forward chain
     (module notes), for VP and VE alike. ``denoise=True`` returns the last step's mean.
     Returns ``(n, dim)``."""
@@ -239,7 +307,17 @@ def ddpm_ancestral(score_fn: ScoreFn, process, x: torch.Tensor, *, num_steps: in
     return x
 
 
-def annealed_langevin(score_fn: ScoreFn, sigmas, x: torch.Tensor, *, steps_per_level: int, step_scale: float, generator: torch.Generator, process=None, denoise: bool = False) -> torch.Tensor:
+def annealed_langevin(
+    score_fn: ScoreFn,
+    sigmas,
+    x: torch.Tensor,
+    *,
+    steps_per_level: int,
+    step_scale: float,
+    generator: torch.Generator,
+    process=None,
+    denoise: bool = False,
+) -> torch.Tensor:
     r"""Annealed Langevin dynamics (NCSN, Algorithm 1 of Song and Ermon 2019).
 
     Parameters

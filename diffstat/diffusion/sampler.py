@@ -75,14 +75,33 @@ import warnings
 
 import torch
 
-from diffstat._util import check_positive_int, check_probability, ess_from_log_weights, log_normalizer_estimate, pareto_smooth, progress_bar
+from diffstat._util import (
+    check_positive_int,
+    check_probability,
+    ess_from_log_weights,
+    log_normalizer_estimate,
+    pareto_smooth,
+    progress_bar,
+)
 from diffstat.diffusion.modes import ModeBank, balance_modes, explore_modes
-from diffstat.diffusion.proposals import DefensiveMixture, DiffusionMixture, DiffusionProposal, GaussianComponent, Whitening, fit_mode_gaussians, held_out_cross_entropy
+from diffstat.diffusion.proposals import (
+    DefensiveMixture,
+    DiffusionMixture,
+    DiffusionProposal,
+    GaussianComponent,
+    Whitening,
+    fit_mode_gaussians,
+    held_out_cross_entropy,
+)
 from diffstat.sampling import SamplerResult, register_sampler
 
 __all__ = [
-    "run_diffusion_sampler", "importance_summary", "round_missed", "pool_rounds",
-    "MAX_PARETO_K", "MIN_ROUND_ESS",
+    "run_diffusion_sampler",
+    "importance_summary",
+    "round_missed",
+    "pool_rounds",
+    "MAX_PARETO_K",
+    "MIN_ROUND_ESS",
 ]
 
 #: Above this Pareto k a round's weights are too heavy-tailed to trust (Vehtari et al. 2024).
@@ -92,7 +111,9 @@ MAX_PARETO_K = 0.7
 MIN_ROUND_ESS = 20.0
 
 
-def importance_summary(log_w: torch.Tensor, modes: torch.Tensor, num_modes: int) -> dict[str, torch.Tensor | float]:
+def importance_summary(
+    log_w: torch.Tensor, modes: torch.Tensor, num_modes: int
+) -> dict[str, torch.Tensor | float]:
     r"""Summary of one round's log weights ``(n,)`` with mode assignments ``(n,)``: log Z and its
     standard error, the Kish ESS of the weights and of their Pareto-smoothed version with its
     :math:`\hat k` (:func:`~diffstat._util.pareto_smooth`; the smoothed log weights as ``log_w_psis``), the mode weights
@@ -108,19 +129,36 @@ def importance_summary(log_w: torch.Tensor, modes: torch.Tensor, num_modes: int)
     zeros = torch.zeros(num_modes, dtype=log_w.dtype, device=log_w.device)
     if not bool(torch.isfinite(log_w).any()):
         return {
-            "log_z": -math.inf, "se": math.inf, "ess": 0.0, "ess_psis": 0.0, "pareto_k": math.nan,
-            "log_w_psis": log_w, "mode_weights": zeros, "ess_per_mode": zeros, "num_infinite": num_infinite,
+            "log_z": -math.inf,
+            "se": math.inf,
+            "ess": 0.0,
+            "ess_psis": 0.0,
+            "pareto_k": math.nan,
+            "log_w_psis": log_w,
+            "mode_weights": zeros,
+            "ess_per_mode": zeros,
+            "num_infinite": num_infinite,
         }
     log_z, se = log_normalizer_estimate(log_w)
     w = torch.softmax(log_w, 0)
     mode_weights = zeros.index_add(0, modes, w)
-    ess_mode = torch.stack([ess_from_log_weights(log_w[modes == k]) if bool((modes == k).any()) else log_w.new_zeros(()) for k in range(num_modes)])
+    ess_mode = torch.stack(
+        [
+            ess_from_log_weights(log_w[modes == k]) if bool((modes == k).any()) else log_w.new_zeros(())
+            for k in range(num_modes)
+        ]
+    )
     smoothed, k = pareto_smooth(log_w)
     return {
-        "log_z": log_z, "se": se if math.isfinite(se) else math.inf,
-        "ess": float(ess_from_log_weights(log_w)), "ess_psis": float(ess_from_log_weights(smoothed)),
-        "pareto_k": k, "log_w_psis": smoothed, "mode_weights": mode_weights,
-        "ess_per_mode": torch.nan_to_num(ess_mode), "num_infinite": num_infinite,
+        "log_z": log_z,
+        "se": se if math.isfinite(se) else math.inf,
+        "ess": float(ess_from_log_weights(log_w)),
+        "ess_psis": float(ess_from_log_weights(smoothed)),
+        "pareto_k": k,
+        "log_w_psis": smoothed,
+        "mode_weights": mode_weights,
+        "ess_per_mode": torch.nan_to_num(ess_mode),
+        "num_infinite": num_infinite,
     }
 
 
@@ -186,7 +224,9 @@ def _missed_warning(rounds: list[dict], pool: dict) -> str:
     )
 
 
-def _resample_per_mode(log_w: torch.Tensor, modes: torch.Tensor, num_modes: int, per_mode: int, generator) -> torch.Tensor:
+def _resample_per_mode(
+    log_w: torch.Tensor, modes: torch.Tensor, num_modes: int, per_mode: int, generator
+) -> torch.Tensor:
     """Indices ``(<= K per_mode,)`` of ``per_mode`` draws per mode from the self-normalised weights
     within that mode (modes without finite weight are skipped)."""
     picks = []
@@ -195,14 +235,22 @@ def _resample_per_mode(log_w: torch.Tensor, modes: torch.Tensor, num_modes: int,
         if rows.numel() == 0:
             continue
         p = torch.softmax(log_w[rows].double(), 0)
-        picks.append(rows[torch.multinomial(p.to(generator.device), per_mode, replacement=True, generator=generator).to(rows.device)])
+        picks.append(
+            rows[
+                torch.multinomial(p.to(generator.device), per_mode, replacement=True, generator=generator).to(
+                    rows.device
+                )
+            ]
+        )
     return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.long, device=log_w.device)
 
 
 def _unique_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Distinct rows of ``x: (n, dim)`` and the index of one occurrence of each."""
     uniq, inverse = torch.unique(x, dim=0, return_inverse=True)
-    first = torch.full((uniq.shape[0],), x.shape[0], dtype=torch.long, device=x.device).scatter_reduce(0, inverse, torch.arange(x.shape[0], device=x.device), reduce="amin")
+    first = torch.full((uniq.shape[0],), x.shape[0], dtype=torch.long, device=x.device).scatter_reduce(
+        0, inverse, torch.arange(x.shape[0], device=x.device), reduce="amin"
+    )
     return uniq, first
 
 
@@ -216,8 +264,13 @@ def _resample_bank(target, bank: ModeBank, x, log_w, modes, per_mode: int, gener
     for k in missing:
         rows = bank.label == k
         new = ModeBank(
-            torch.cat([new.x, bank.x[rows]]), torch.cat([new.log_prob, bank.log_prob[rows]]), torch.cat([new.grad, bank.grad[rows]]),
-            torch.cat([new.label, bank.label[rows]]), bank.centers, bank.center_log_prob, 0,
+            torch.cat([new.x, bank.x[rows]]),
+            torch.cat([new.log_prob, bank.log_prob[rows]]),
+            torch.cat([new.grad, bank.grad[rows]]),
+            torch.cat([new.label, bank.label[rows]]),
+            bank.centers,
+            bank.center_log_prob,
+            0,
         )
     return new
 
@@ -269,7 +322,13 @@ def run_diffusion_sampler(
     from diffstat.diffusion.training import TrainConfig, train_score_model
 
     num_chains = 1 if num_chains is None else num_chains
-    for name, value in (("num_proposals", num_proposals), ("max_rounds", max_rounds), ("ode_steps", ode_steps), ("train_steps", train_steps), ("held_out", held_out)):
+    for name, value in (
+        ("num_proposals", num_proposals),
+        ("max_rounds", max_rounds),
+        ("ode_steps", ode_steps),
+        ("train_steps", train_steps),
+        ("held_out", held_out),
+    ):
         check_positive_int(value, name)
     target_ess = check_probability(target_ess, "target_ess", open_interval=False)
     if whiten not in (None, "full", "diag"):
@@ -277,20 +336,33 @@ def run_diffusion_sampler(
     if not 0.0 < t_max <= 1.0:
         raise ValueError(f"t_max must lie in (0, 1], got {t_max}")
     check_positive_int(refresh_keep_every, "refresh_keep_every")
-    final_proposals = num_proposals if final_proposals is None else check_positive_int(final_proposals, "final_proposals")
+    final_proposals = (
+        num_proposals if final_proposals is None else check_positive_int(final_proposals, "final_proposals")
+    )
     if use_diffusion:
         check_probability(diffusion_weight, "diffusion_weight")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     evals0 = target.num_target_evals
 
-    bank = explore_modes(target, generator, num_chains=num_explore, num_steps=explore_steps, start_scales=start_scales, device=dev, progress=progress, reference=reference)
+    bank = explore_modes(
+        target,
+        generator,
+        num_chains=num_explore,
+        num_steps=explore_steps,
+        start_scales=start_scales,
+        device=dev,
+        progress=progress,
+        reference=reference,
+    )
     num_modes = bank.num_modes
     bank = balance_modes(target, bank, generator, chains_per_mode=chains_per_mode, num_steps=restock_steps)
     gaussians = fit_mode_gaussians(bank, inflate=inflate)
     uniform = torch.full((num_modes,), 1.0 / num_modes, dtype=bank.x.dtype, device=dev)
 
     process = VP(t_max=t_max)
-    per_mode = use_diffusion and (num_modes <= max_mode_models if per_mode_models is None else bool(per_mode_models))
+    per_mode = use_diffusion and (
+        num_modes <= max_mode_models if per_mode_models is None else bool(per_mode_models)
+    )
     whiten = ("full" if per_mode else "diag") if whiten is None else whiten
     models: list | None = None  # one per unit
     whitenings: list[Whitening] = []
@@ -306,7 +378,9 @@ def run_diffusion_sampler(
         x = torch.cat([b.x for b in train])
         g = torch.cat([b.grad for b in train])
         label = torch.cat([b.label for b in train])
-        groups = [label == k for k in range(num_modes)] if per_mode else [torch.ones_like(label, dtype=torch.bool)]
+        groups = (
+            [label == k for k in range(num_modes)] if per_mode else [torch.ones_like(label, dtype=torch.bool)]
+        )
         first = models is None
         if first:
             models = []
@@ -314,25 +388,53 @@ def run_diffusion_sampler(
                 whitenings.append(Whitening.fit(x[rows], kind=whiten))
                 seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
                 models.append(ScoreMLP(target.dim, hidden, depth, process=process, seed=seed).to(dev))
-        config = TrainConfig(num_steps=train_steps if first else refit_steps, batch_size=batch_size, lr=lr, loss="mixed", lr_schedule="cosine")
+        config = TrainConfig(
+            num_steps=train_steps if first else refit_steps,
+            batch_size=batch_size,
+            lr=lr,
+            loss="mixed",
+            lr_schedule="cosine",
+        )
         losses, comps, choice = [], [], []
         lw, lg = math.log(diffusion_weight), math.log1p(-diffusion_weight)
         for k, rows in enumerate(groups):  # a loop over units (few modes)
-            fit = train_score_model(models[k], process, whitenings[k].to_white(x[rows]), whitenings[k].grad_to_white(g[rows]), config=config, generator=generator, progress=progress)
+            fit = train_score_model(
+                models[k],
+                process,
+                whitenings[k].to_white(x[rows]),
+                whitenings[k].grad_to_white(g[rows]),
+                config=config,
+                generator=generator,
+                progress=progress,
+            )
             models[k] = fit.model
             losses.append(fit.history["train_loss"][-1] if fit.history["train_loss"] else math.nan)
-            model_proposal = DiffusionProposal(lambda y, t, m=fit.model: m(y, t), process, whitenings[k], num_steps=ode_steps, prior_scale=prior_scale)
+            model_proposal = DiffusionProposal(
+                lambda y, t, m=fit.model: m(y, t),
+                process,
+                whitenings[k],
+                num_steps=ode_steps,
+                prior_scale=prior_scale,
+            )
             pick = 0
             if held is not None and gaussian_fallback:
                 xh, lph, mode_h = held
                 sel = mode_h == k if per_mode else torch.ones_like(mode_h, dtype=torch.bool)
                 # the unit's Gaussian (its own component, normalised, for a per-mode unit)
-                log_g = gaussians.component_log_prob(xh[sel])[:, k] - torch.log(gaussians.weights[k]) if per_mode else gaussians.log_prob(xh[sel])
-                model_score = held_out_cross_entropy(lph[sel], torch.logaddexp(lw + model_proposal.log_prob(xh[sel]), lg + log_g))
+                log_g = (
+                    gaussians.component_log_prob(xh[sel])[:, k] - torch.log(gaussians.weights[k])
+                    if per_mode
+                    else gaussians.log_prob(xh[sel])
+                )
+                model_score = held_out_cross_entropy(
+                    lph[sel], torch.logaddexp(lw + model_proposal.log_prob(xh[sel]), lg + log_g)
+                )
                 pick = -1 if held_out_cross_entropy(lph[sel], log_g) < model_score else 0
             choice.append(pick)
             if per_mode:
-                comps.append(model_proposal if pick == 0 else GaussianComponent(gaussians.means[k], gaussians.chols[k]))
+                comps.append(
+                    model_proposal if pick == 0 else GaussianComponent(gaussians.means[k], gaussians.chols[k])
+                )
             elif pick == 0:
                 comps.append(model_proposal)
         mean_loss = float(sum(losses) / len(losses))
@@ -358,27 +460,57 @@ def run_diffusion_sampler(
             log_w = torch.nan_to_num(lp - log_q, nan=-math.inf, neginf=-math.inf)  # keep -inf as -inf
             modes = (gaussians.component_log_prob(x) - torch.log(gaussians.weights)).argmax(-1)
             summary = importance_summary(log_w, modes, num_modes)
-            summary.update(round=r, num_proposals=n_round, train_loss=loss, num_target_evals=target.num_target_evals - evals0, diffusion_share=float(from_diffusion.double().mean()), choice=choice)
+            summary.update(
+                round=r,
+                num_proposals=n_round,
+                train_loss=loss,
+                num_target_evals=target.num_target_evals - evals0,
+                diffusion_share=float(from_diffusion.double().mean()),
+                choice=choice,
+            )
             rounds.append(summary)
             pool_x.append(x), pool_lw.append(log_w), pool_lp.append(lp)
             bar.update()
             enough = summary["ess"] >= target_ess * n_round and not round_missed(summary)
             if r + 1 == max_rounds or (enough and (models is not None or not use_diffusion)):
                 break
-            if use_diffusion:  # held-out particles for the model check: a weighted resample per unit (no target evaluations)
-                unit = modes if per_mode else torch.zeros_like(modes)  # one pooled model: held_out in all, not per mode
+            if (
+                use_diffusion
+            ):  # held-out particles for the model check: a weighted resample per unit (no target evaluations)
+                unit = (
+                    modes if per_mode else torch.zeros_like(modes)
+                )  # one pooled model: held_out in all, not per mode
                 idx = _resample_per_mode(log_w, unit, num_modes if per_mode else 1, held_out, generator)
                 held = (x[idx], lp[idx], modes[idx])
             # restock the modes from the weighted particles (balanced again), refit the Gaussians
             restart = _resample_bank(target, bank, x, log_w, modes, refresh_chains, generator)
-            bank = balance_modes(target, restart, generator, chains_per_mode=refresh_chains, num_steps=refresh_steps, keep_every=refresh_keep_every)
+            bank = balance_modes(
+                target,
+                restart,
+                generator,
+                chains_per_mode=refresh_chains,
+                num_steps=refresh_steps,
+                keep_every=refresh_keep_every,
+            )
             pi = 0.5 * summary["mode_weights"].to(bank.x.dtype) + 0.5 * uniform
             pi = pi / pi.sum()  # the mode weights are all zero where a round had no finite weight
             gaussians = fit_mode_gaussians(bank, inflate=inflate, weights=pi)
             refreshed.append(bank)
-            if train_on_restarts:  # the distinct resampled importance particles (their gradients are already paid for)
+            if (
+                train_on_restarts
+            ):  # the distinct resampled importance particles (their gradients are already paid for)
                 _, first_rows = _unique_rows(restart.x)
-                refreshed.append(ModeBank(restart.x[first_rows], restart.log_prob[first_rows], restart.grad[first_rows], restart.label[first_rows], restart.centers, restart.center_log_prob, 0))
+                refreshed.append(
+                    ModeBank(
+                        restart.x[first_rows],
+                        restart.log_prob[first_rows],
+                        restart.grad[first_rows],
+                        restart.label[first_rows],
+                        restart.centers,
+                        restart.center_log_prob,
+                        0,
+                    )
+                )
 
     pool = pool_rounds(rounds)
     if not pool["reliable"]:
@@ -388,20 +520,29 @@ def run_diffusion_sampler(
     se_rel = torch.tensor([s["se"] for s in rounds], dtype=torch.float64)
     # the draws: each used round's Pareto-smoothed weights, scaled by its share mu_r
     mu = pool["log_mu"]
-    log_pool = torch.cat([mu[r].to(w) + s["log_w_psis"].to(w) for r, (s, w)
-                          in enumerate(zip(rounds, pool_lw))])
+    log_pool = torch.cat(
+        [mu[r].to(w) + s["log_w_psis"].to(w) for r, (s, w) in enumerate(zip(rounds, pool_lw))]
+    )
     if not bool(torch.isfinite(log_pool).any()):  # no finite weight anywhere: the stand-in round, uniformly
-        log_pool = torch.cat([torch.full_like(w, 0.0 if bool(pool["used"][r]) else -math.inf)
-                              for r, w in enumerate(pool_lw)])
+        log_pool = torch.cat(
+            [torch.full_like(w, 0.0 if bool(pool["used"][r]) else -math.inf) for r, w in enumerate(pool_lw)]
+        )
     all_x, all_lw, all_lp = torch.cat(pool_x), torch.cat(pool_lw), torch.cat(pool_lp)
     n_out = num_samples * num_chains
     p = torch.softmax(log_pool.double(), 0)
-    idx = torch.multinomial(p.to(generator.device), n_out, replacement=True, generator=generator).to(all_x.device)
+    idx = torch.multinomial(p.to(generator.device), n_out, replacement=True, generator=generator).to(
+        all_x.device
+    )
     draws = all_x[idx].reshape(num_chains, num_samples, target.dim)
-    sample_stats = {"lp": all_lp[idx].reshape(num_chains, num_samples), "log_weight": all_lw[idx].reshape(num_chains, num_samples)}
+    sample_stats = {
+        "lp": all_lp[idx].reshape(num_chains, num_samples),
+        "log_weight": all_lw[idx].reshape(num_chains, num_samples),
+    }
 
     pooled_modes = (gaussians.component_log_prob(all_x) - torch.log(gaussians.weights)).argmax(-1)
-    mode_weights = torch.zeros(num_modes, dtype=torch.float64, device=all_x.device).index_add_(0, pooled_modes, p.to(all_x.device))
+    mode_weights = torch.zeros(num_modes, dtype=torch.float64, device=all_x.device).index_add_(
+        0, pooled_modes, p.to(all_x.device)
+    )
     groups = {
         "diffusion": {
             "round": torch.tensor([s["round"] for s in rounds]),
@@ -439,7 +580,13 @@ def run_diffusion_sampler(
 
 #: Options of the diffusion and gaussian_is methods: run_diffusion_sampler's keywords.
 _RUN_OPTIONS = frozenset(inspect.signature(run_diffusion_sampler).parameters) - {
-    "target", "num_samples", "num_chains", "generator", "progress", "device", "use_diffusion"
+    "target",
+    "num_samples",
+    "num_chains",
+    "generator",
+    "progress",
+    "device",
+    "use_diffusion",
 }
 
 
@@ -469,7 +616,16 @@ def diffusion(target, *, num_samples, num_chains, generator, progress, device, *
     (Pareto k above 0.7, Kish ESS below 20) gives no draws and no log Z; if every round missed, a
     ``RuntimeWarning`` says so and ``attrs['reliable']`` is 0 (module docstring).
     """
-    return run_diffusion_sampler(target, num_samples=num_samples, num_chains=num_chains, generator=generator, progress=progress, device=device, use_diffusion=True, **options)
+    return run_diffusion_sampler(
+        target,
+        num_samples=num_samples,
+        num_chains=num_chains,
+        generator=generator,
+        progress=progress,
+        device=device,
+        use_diffusion=True,
+        **options,
+    )
 
 
 @register_sampler("gaussian_is", options=_RUN_OPTIONS)
@@ -477,7 +633,31 @@ def gaussian_is(target, *, num_samples, num_chains, generator, progress, device,
     r"""Per-mode Gaussian importance sampling: the same exploration, banking and restocking as
     ``"diffusion"``, then moment-matched Gaussians per mode (no score model). The baseline the
     diffusion sampler must beat where modes are not Gaussian."""
-    for key in ("diffusion_weight", "ode_steps", "hidden", "depth", "train_steps", "refit_steps", "batch_size", "lr", "gaussian_fallback", "held_out", "t_max", "whiten", "prior_scale", "train_on_restarts"):
+    for key in (
+        "diffusion_weight",
+        "ode_steps",
+        "hidden",
+        "depth",
+        "train_steps",
+        "refit_steps",
+        "batch_size",
+        "lr",
+        "gaussian_fallback",
+        "held_out",
+        "t_max",
+        "whiten",
+        "prior_scale",
+        "train_on_restarts",
+    ):
         if key in options:
             raise ValueError(f"option {key!r} does not apply to gaussian_is")
-    return run_diffusion_sampler(target, num_samples=num_samples, num_chains=num_chains, generator=generator, progress=progress, device=device, use_diffusion=False, **options)
+    return run_diffusion_sampler(
+        target,
+        num_samples=num_samples,
+        num_chains=num_chains,
+        generator=generator,
+        progress=progress,
+        device=device,
+        use_diffusion=False,
+        **options,
+    )

@@ -106,7 +106,14 @@ class TrainConfig:
     focus_t_max: float | None = None
 
     def __post_init__(self):
-        for name in ("num_steps", "batch_size", "eval_every", "val_repeats", "num_projections", "num_reference"):
+        for name in (
+            "num_steps",
+            "batch_size",
+            "eval_every",
+            "val_repeats",
+            "num_projections",
+            "num_reference",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
@@ -118,18 +125,26 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.ema_decay must lie in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"TrainConfig.val_fraction must lie in [0, 1), got {self.val_fraction}")
-        if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1):
-            raise ValueError(f"TrainConfig.patience must be None or a positive integer, got {self.patience!r}")
+        if self.patience is not None and (
+            isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1
+        ):
+            raise ValueError(
+                f"TrainConfig.patience must be None or a positive integer, got {self.patience!r}"
+            )
         if self.patience is not None and self.val_fraction == 0:
             raise ValueError("early stopping (patience) needs a held-out split (val_fraction > 0)")
         if self.weighting is not None and self.weighting not in ("sigma2", "g2", "alpha2", "none"):
-            raise ValueError(f"TrainConfig.weighting must be None, 'sigma2', 'g2', 'alpha2' or 'none', got {self.weighting!r}")
+            raise ValueError(
+                f"TrainConfig.weighting must be None, 'sigma2', 'g2', 'alpha2' or 'none', got {self.weighting!r}"
+            )
         if not 0.0 <= self.small_t_fraction <= 1.0:
             raise ValueError(f"TrainConfig.small_t_fraction must lie in [0, 1], got {self.small_t_fraction}")
         if not 0.0 <= self.focus_fraction < 1.0:
             raise ValueError(f"TrainConfig.focus_fraction must lie in [0, 1), got {self.focus_fraction}")
         if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"TrainConfig.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+            raise ValueError(
+                f"TrainConfig.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}"
+            )
 
 
 @dataclass
@@ -184,12 +199,24 @@ def _loss_fn(config: TrainConfig, model, process, reference=None):
             if ref_g is None:
                 return stf_loss(model, process, x, None, gen, ref_x[idx], None, t=t, **kw)
             return stf_loss(model, process, x, g, gen, ref_x[idx], ref_g[idx], t=t, **kw)
-        return sliced_score_matching_loss(model, x, gen, t=t, process=process, num_projections=config.num_projections, **kw)
+        return sliced_score_matching_loss(
+            model, x, gen, t=t, process=process, num_projections=config.num_projections, **kw
+        )
 
     return fn
 
 
-def train_score_model(model: torch.nn.Module, process, x0, grad0=None, *, config: TrainConfig = TrainConfig(), generator: torch.Generator, progress: bool = False, focus_weights=None) -> TrainResult:
+def train_score_model(
+    model: torch.nn.Module,
+    process,
+    x0,
+    grad0=None,
+    *,
+    config: TrainConfig = TrainConfig(),
+    generator: torch.Generator,
+    progress: bool = False,
+    focus_weights=None,
+) -> TrainResult:
     r"""Fit a score model to draws ``x0`` of :math:`p_0` (with :math:`\nabla\log p_0` at them).
 
     Parameters
@@ -228,15 +255,25 @@ def train_score_model(model: torch.nn.Module, process, x0, grad0=None, *, config
     else:
         grad0 = None
     if config.small_t_fraction > 0 and not process.t_min > 0:
-        raise ValueError("TrainConfig.small_t_fraction > 0 needs a process with t_min > 0 (log-uniform times)")
+        raise ValueError(
+            "TrainConfig.small_t_fraction > 0 needs a process with t_min > 0 (log-uniform times)"
+        )
     if config.focus_fraction > 0:
         if focus_weights is None:
             raise ValueError("TrainConfig.focus_fraction > 0 needs focus_weights (n,)")
         focus_weights = torch.as_tensor(focus_weights).to(device=x0.device, dtype=torch.float64)
-        if focus_weights.shape != (x0.shape[0],) or not bool((focus_weights >= 0).all()) or not float(focus_weights.sum()) > 0:
-            raise ValueError(f"focus_weights must be non-negative of shape ({x0.shape[0]},) with a positive sum")
+        if (
+            focus_weights.shape != (x0.shape[0],)
+            or not bool((focus_weights >= 0).all())
+            or not float(focus_weights.sum()) > 0
+        ):
+            raise ValueError(
+                f"focus_weights must be non-negative of shape ({x0.shape[0]},) with a positive sum"
+            )
         if not process.t_min > 0:
-            raise ValueError("TrainConfig.focus_fraction > 0 needs a process with t_min > 0 (log-uniform times)")
+            raise ValueError(
+                "TrainConfig.focus_fraction > 0 needs a process with t_min > 0 (log-uniform times)"
+            )
     has_grad = grad0 is not None
     if grad0 is None:
         grad0 = torch.zeros_like(x0)
@@ -254,7 +291,11 @@ def train_score_model(model: torch.nn.Module, process, x0, grad0=None, *, config
     if config.focus_fraction > 0:
         focus = focus_weights[train_idx]
         num_focus = int(config.focus_fraction * batch_size)
-        t_focus = process.t_max if config.focus_t_max is None else min(max(float(config.focus_t_max), process.t_min), process.t_max)
+        t_focus = (
+            process.t_max
+            if config.focus_t_max is None
+            else min(max(float(config.focus_t_max), process.t_min), process.t_max)
+        )
 
     ema = copy.deepcopy(model)
     for p in ema.parameters():
@@ -282,22 +323,32 @@ def train_score_model(model: torch.nn.Module, process, x0, grad0=None, *, config
     try:
         for step in range(1, config.num_steps + 1):
             if pos + batch_size > x_train.shape[0]:  # a new epoch: fresh permutation
-                order = torch.randperm(x_train.shape[0], generator=generator, device=generator.device).to(x0.device)
+                order = torch.randperm(x_train.shape[0], generator=generator, device=generator.device).to(
+                    x0.device
+                )
                 pos = 0
             idx = order[pos : pos + batch_size]
             pos += batch_size
             if config.lr_schedule == "cosine":
                 frac = (step - 1) / max(config.num_steps - 1, 1)
-                scale = config.lr_final_ratio + (1 - config.lr_final_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+                scale = config.lr_final_ratio + (1 - config.lr_final_ratio) * 0.5 * (
+                    1 + math.cos(math.pi * frac)
+                )
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr * scale
             if focus is None or num_focus == 0:
                 loss = train_loss_fn(x_train[idx], g_train[idx], generator)
             else:  # a share of the batch drawn by focus weight, at small times only
                 idx = idx.clone()
-                idx[:num_focus] = torch.multinomial(focus, num_focus, replacement=True, generator=generator).to(idx.device)
+                idx[:num_focus] = torch.multinomial(
+                    focus, num_focus, replacement=True, generator=generator
+                ).to(idx.device)
                 t = _sample_times(config, process, idx.shape[0], generator, x0.dtype, x0.device)
-                t = process.sample_time(idx.shape[0], generator, dtype=x0.dtype, device=x0.device) if t is None else t
+                t = (
+                    process.sample_time(idx.shape[0], generator, dtype=x0.dtype, device=x0.device)
+                    if t is None
+                    else t
+                )
                 u = _rand((num_focus,), generator, x0.dtype, x0.device)
                 t[:num_focus] = process.t_min * (t_focus / process.t_min) ** u
                 loss = train_loss_fn(x_train[idx], g_train[idx], generator, t)
@@ -337,7 +388,12 @@ def train_score_model(model: torch.nn.Module, process, x0, grad0=None, *, config
     for p in ema.parameters():  # trainable again, so a result can be warm-started
         p.requires_grad_(True)
     ema.eval()
-    return TrainResult(model=ema, history=history, num_steps=step, best_val_loss=best_val if math.isfinite(best_val) else math.nan)
+    return TrainResult(
+        model=ema,
+        history=history,
+        num_steps=step,
+        best_val_loss=best_val if math.isfinite(best_val) else math.nan,
+    )
 
 
 def save_model(path, model: torch.nn.Module, process, config: TrainConfig | None = None) -> None:
@@ -382,11 +438,15 @@ def load_model(path):
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"{path} is not a readable diffstat model file (corrupt or not saved by save_model): {exc}") from exc
+        raise ValueError(
+            f"{path} is not a readable diffstat model file (corrupt or not saved by save_model): {exc}"
+        ) from exc
     if not isinstance(payload, dict) or payload.get("format") != _FILE_FORMAT:
         raise ValueError(f"{path} is not a diffstat model file (no '{_FILE_FORMAT}' header)")
     if payload.get("version") != _FILE_VERSION:
-        raise ValueError(f"{path} has format version {payload.get('version')!r}; this diffstat reads {_FILE_VERSION}")
+        raise ValueError(
+            f"{path} has format version {payload.get('version')!r}; this diffstat reads {_FILE_VERSION}"
+        )
     try:
         cls = _MODEL_CLASSES[payload["model_class"]]
         process = None if payload["process"] is None else process_from_dict(payload["process"])
@@ -398,6 +458,8 @@ def load_model(path):
         model.load_state_dict(payload["state_dict"], strict=True)
         config = None if payload["config"] is None else TrainConfig(**payload["config"])
     except (KeyError, TypeError, RuntimeError, AttributeError, ValueError) as exc:
-        raise ValueError(f"{path} does not describe a consistent model (mismatched architecture, weights or settings): {exc}") from exc
+        raise ValueError(
+            f"{path} does not describe a consistent model (mismatched architecture, weights or settings): {exc}"
+        ) from exc
     model.eval()
     return model, process, config

@@ -9,7 +9,7 @@ returns equally weighted draws from an approximation of :math:`\prod_k p_k`.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -60,7 +60,9 @@ def as_shard_draws(subposteriors, scores=None, *, dtype=torch.float64, device=No
     if isinstance(subposteriors, (torch.Tensor, np.ndarray)) and np.ndim(subposteriors) == 3:
         subposteriors = list(subposteriors)
     if not isinstance(subposteriors, (list, tuple)) or len(subposteriors) < 2:
-        raise ValueError("subposteriors must be a list of at least 2 arrays of draws (n_k, dim), one per shard")
+        raise ValueError(
+            "subposteriors must be a list of at least 2 arrays of draws (n_k, dim), one per shard"
+        )
     draws = [io.draws_from(s).to(dtype=dtype, device=device) for s in subposteriors]
     dim = draws[0].shape[1]
     for k, x in enumerate(draws):
@@ -150,7 +152,10 @@ def combine(
         draws, num_samples=num_samples, generator=generator, scores=grads, progress=progress, **options
     )
     elapsed = time.perf_counter() - start
-    stats = {k: (v.unsqueeze(0) if torch.is_tensor(v) else np.asarray(v)[None]) for k, v in result.sample_stats.items()}
+    stats = {
+        k: (v.unsqueeze(0) if torch.is_tensor(v) else np.asarray(v)[None])
+        for k, v in result.sample_stats.items()
+    }
     attrs = {
         "method": f"dnc_{method}",
         "num_shards": len(draws),

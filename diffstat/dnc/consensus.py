@@ -54,15 +54,20 @@ def combine_consensus(
     covs = [c if weights == "covariance" else torch.diag(torch.diagonal(c)) for _, c in moments]
     precisions = [torch.linalg.inv(c) for c in covs]
     total = torch.linalg.inv(sum(precisions))
-    combined = torch.zeros(num_samples, subposteriors[0].shape[1], dtype=subposteriors[0].dtype,
-                           device=subposteriors[0].device)
+    combined = torch.zeros(
+        num_samples, subposteriors[0].shape[1], dtype=subposteriors[0].dtype, device=subposteriors[0].device
+    )
     for x, prec in zip(subposteriors, precisions):  # a loop over shards, not chains
         n = x.shape[0]
         if num_samples <= n:
             idx = torch.randperm(n, generator=generator, device=generator.device)[:num_samples].to(x.device)
         else:
-            idx = torch.randint(0, n, (num_samples,), generator=generator, device=generator.device).to(x.device)
+            idx = torch.randint(0, n, (num_samples,), generator=generator, device=generator.device).to(
+                x.device
+            )
         combined = combined + x[idx] @ prec.T
     draws = combined @ total.T
     mean, cov = gaussian_product([m for m, _ in moments], [c for _, c in moments])
-    return CombineResult(draws, {"lp": gaussian_log_prob(draws, mean, cov)}, attrs={"consensus_weights": weights})
+    return CombineResult(
+        draws, {"lp": gaussian_log_prob(draws, mean, cov)}, attrs={"consensus_weights": weights}
+    )

@@ -90,7 +90,8 @@ def _mala_level(generator, state, lpg, h, num_steps):
 _LEARNED_OPTIONS = tuple(
     "hidden depth num_steps batch_size lr small_t_fraction loss num_reference ema_decay focus_width "
     "focus_fraction t_min t_start num_levels mcmc_per_level num_final_steps resample_threshold reweight "
-    "executor max_retries fits energy_models calibrate calibrate_options calibration_log_probs".split())
+    "executor max_retries fits energy_models calibrate calibrate_options calibration_log_probs".split()
+)
 
 
 def combine_diffusion(
@@ -215,13 +216,29 @@ def combine_diffusion(
         learned = None
         if fit_energies:
             opts = {k: v for k, v in locals().items() if k in _LEARNED_OPTIONS}
-            learned = lambda: combine_diffusion(subposteriors, num_samples=num_samples,  # noqa: E731
-                                                generator=generator, scores=scores, progress=progress, **opts)
-        result = combine_exact(subposteriors, log_probs, num_samples=num_samples, generator=generator,
-                               smc_options=smc_options, learned=learned)
+            learned = lambda: combine_diffusion(
+                subposteriors,
+                num_samples=num_samples,  # noqa: E731
+                generator=generator,
+                scores=scores,
+                progress=progress,
+                **opts,
+            )
+        result = combine_exact(
+            subposteriors,
+            log_probs,
+            num_samples=num_samples,
+            generator=generator,
+            smc_options=smc_options,
+            learned=learned,
+        )
         if surrogate_time is not None:
-            result.attrs.update(fit_time=surrogate_time, max_fit_time=surrogate_time, exact_final_target=0,
-                                shard_energies=f"polynomial of degree {surrogate_degree}")
+            result.attrs.update(
+                fit_time=surrogate_time,
+                max_fit_time=surrogate_time,
+                exact_final_target=0,
+                shard_energies=f"polynomial of degree {surrogate_degree}",
+            )
         return result
     num_levels = check_positive_int(num_levels, "num_levels")
     mcmc_per_level = check_positive_int(mcmc_per_level, "mcmc_per_level")
@@ -245,9 +262,19 @@ def combine_diffusion(
 
     # ---- fit the shard models (in parallel on the executor when given)
     seeds = torch.randint(0, 2**31 - 1, (k,), generator=generator, device=generator.device).tolist()
-    fit_kwargs = dict(hidden=hidden, depth=depth, num_steps=num_steps, batch_size=batch_size, lr=lr, t_min=t_min,
-                      small_t_fraction=small_t_fraction, loss=loss, num_reference=num_reference, ema_decay=ema_decay,
-                      **focus)
+    fit_kwargs = dict(
+        hidden=hidden,
+        depth=depth,
+        num_steps=num_steps,
+        batch_size=batch_size,
+        lr=lr,
+        t_min=t_min,
+        small_t_fraction=small_t_fraction,
+        loss=loss,
+        num_reference=num_reference,
+        ema_decay=ema_decay,
+        **focus,
+    )
     if energy_models is not None:
         if len(energy_models) != k:
             raise ValueError(f"energy_models must hold {k} models, one per shard")
@@ -274,7 +301,9 @@ def combine_diffusion(
     mu0_w = (mu0 - mu_p) @ root_inv.T
     cov0_w = root_inv @ cov0 @ root_inv.T
     chol0 = torch.linalg.cholesky(0.5 * (cov0_w + cov0_w.T))
-    eps = torch.randn(num_samples, x_all.shape[1], generator=generator, dtype=dtype, device=generator.device).to(device)
+    eps = torch.randn(
+        num_samples, x_all.shape[1], generator=generator, dtype=dtype, device=generator.device
+    ).to(device)
     w = (mu0_w + eps @ chol0.T).to(sdtype)
     log_q0 = -0.5 * (eps**2).sum(-1)
     log_w = torch.zeros(num_samples, dtype=torch.float64, device=device)
@@ -283,8 +312,14 @@ def combine_diffusion(
             log_w = (-product.energy(w, t_start)).double() - log_q0.double()
 
     # time grid uniform in log sigma_t from t_start to t_min
-    sig = torch.exp(torch.linspace(math.log(s0), math.log(float(process.sigma(torch.tensor(t_min, dtype=torch.float64)))),
-                                   num_levels + 1, dtype=torch.float64))
+    sig = torch.exp(
+        torch.linspace(
+            math.log(s0),
+            math.log(float(process.sigma(torch.tensor(t_min, dtype=torch.float64)))),
+            num_levels + 1,
+            dtype=torch.float64,
+        )
+    )
     times = [t_start] + [float(process.time_at_sigma(s)) for s in sig[1:-1]] + [t_min]
     h = torch.tensor(0.5 * min(1.0, float(torch.linalg.eigvalsh(cov0_w).min())), dtype=sdtype)
     record = {key: [] for key in ("t", "sigma", "ess", "acceptance_rate", "step_size", "resampled")}
@@ -306,8 +341,14 @@ def combine_diffusion(
             state, acc = _mala_level(generator, state, lpg, h, mcmc_per_level)
             # Robbins-Monro on log h toward MALA's optimal acceptance; one sync per level
             h = h * torch.exp(torch.clamp(2.0 * (acc - MALA_TARGET_ACCEPT), -1.0, 1.0)).to(sdtype)
-            for key, val in (("t", t), ("sigma", float(process.sigma(torch.tensor(t)))), ("ess", float(ess)),
-                             ("acceptance_rate", float(acc)), ("step_size", float(h)), ("resampled", resampled)):
+            for key, val in (
+                ("t", t),
+                ("sigma", float(process.sigma(torch.tensor(t)))),
+                ("ess", float(ess)),
+                ("acceptance_rate", float(acc)),
+                ("step_size", float(h)),
+                ("resampled", resampled),
+            ):
                 record[key].append(val)
             bar.update()
 
@@ -322,14 +363,23 @@ def combine_diffusion(
         for j in range(num_final_steps):
             if j == num_adapt and calibrate:
                 root_inv_s = root_inv.to(sdtype)
-                to_w = lambda z_: ((z_.to(sdtype) - product.shift) @ root_inv_s.T)  # noqa: E731
+                to_w = lambda z_: (z_.to(sdtype) - product.shift) @ root_inv_s.T  # noqa: E731
                 to_z = lambda w_: product.shift + w_ @ product.root.T  # noqa: E731
                 exact_lp = None
                 if calibration_log_probs is not None:
                     exact_lp = lambda z_: _sum_log_probs(calibration_log_probs, m + z_.to(dtype) @ chol.T)  # noqa: E731
                 log_wc, cal_info = calibrate_mode_weights(
-                    generator, state.x, product, t_min, [z.to(device) for z in zs], to_w, to_z,
-                    0.5 * float(adapt.final_step_size), exact_log_prob=exact_lp, **(calibrate_options or {}))
+                    generator,
+                    state.x,
+                    product,
+                    t_min,
+                    [z.to(device) for z in zs],
+                    to_w,
+                    to_z,
+                    0.5 * float(adapt.final_step_size),
+                    exact_log_prob=exact_lp,
+                    **(calibrate_options or {}),
+                )
                 if bool((log_wc != 0).any()):
                     idx = systematic(generator, log_wc).to(device)
                     state = MCMCState(state.x[idx], state.log_prob[idx], state.grad[idx])
@@ -349,7 +399,9 @@ def combine_diffusion(
         log_r = _sum_log_probs(calibration_log_probs, m + z_now @ chol.T) - state.log_prob.double()
         cal_info["num_shard_evals"] = cal_info.get("num_shard_evals", 0) + num_samples
         labels = cal_info.get("labels")
-        labels = torch.zeros(num_samples, dtype=torch.long, device=device) if labels is None else labels.to(device)
+        labels = (
+            torch.zeros(num_samples, dtype=torch.long, device=device) if labels is None else labels.to(device)
+        )
         log_w = torch.zeros_like(log_r)
         ess_sum = 0.0
         for j in torch.unique(labels).tolist():

@@ -27,8 +27,15 @@ from torch import nn
 
 from diffstat.dnc.gaussian import sample_moments
 
-__all__ = ["ShardEnergy", "ProductEnergy", "fit_shard_energy", "fit_shard_energies", "focus_weights", "load_shard_energy",
-           "whitening"]
+__all__ = [
+    "ShardEnergy",
+    "ProductEnergy",
+    "fit_shard_energy",
+    "fit_shard_energies",
+    "focus_weights",
+    "load_shard_energy",
+    "whitening",
+]
 
 
 class ShardEnergy(nn.Module):
@@ -47,8 +54,16 @@ class ShardEnergy(nn.Module):
         Initial weights.
     """
 
-    def __init__(self, mean: torch.Tensor, cov: torch.Tensor, *, hidden: int = 64, depth: int = 3, process=None,
-                 seed: int = 0):
+    def __init__(
+        self,
+        mean: torch.Tensor,
+        cov: torch.Tensor,
+        *,
+        hidden: int = 64,
+        depth: int = 3,
+        process=None,
+        seed: int = 0,
+    ):
         super().__init__()
         from diffstat.diffusion.networks import EnergyMLP
         from diffstat.diffusion.processes import VP
@@ -127,11 +142,27 @@ def whitening(subposteriors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Te
     return m, torch.linalg.cholesky(cov)
 
 
-def fit_shard_energy(z: torch.Tensor, grad_z: torch.Tensor | None, *, shard: int = 0, hidden: int = 64, depth: int = 3,
-                     num_steps: int = 6000, batch_size: int = 512, lr: float = 2e-3, seed: int = 0,
-                     t_min: float = 1e-3, small_t_fraction: float = 0.5, loss: str = "mixed", num_reference: int = 1024,
-                     ema_decay: float = 0.999, focus_weights: torch.Tensor | None = None, focus_fraction: float = 0.5,
-                     focus_t_max: float | None = None, worker_threads: int | None = 1) -> dict:
+def fit_shard_energy(
+    z: torch.Tensor,
+    grad_z: torch.Tensor | None,
+    *,
+    shard: int = 0,
+    hidden: int = 64,
+    depth: int = 3,
+    num_steps: int = 6000,
+    batch_size: int = 512,
+    lr: float = 2e-3,
+    seed: int = 0,
+    t_min: float = 1e-3,
+    small_t_fraction: float = 0.5,
+    loss: str = "mixed",
+    num_reference: int = 1024,
+    ema_decay: float = 0.999,
+    focus_weights: torch.Tensor | None = None,
+    focus_fraction: float = 0.5,
+    focus_t_max: float | None = None,
+    worker_threads: int | None = 1,
+) -> dict:
     r"""Fit one shard's :class:`ShardEnergy` with the toolkit's
     :func:`~diffstat.diffusion.training.train_score_model` (runs in a worker).
 
@@ -171,17 +202,34 @@ def fit_shard_energy(z: torch.Tensor, grad_z: torch.Tensor | None, *, shard: int
     process = VP(t_min=t_min)
     model = ShardEnergy(mean, cov, hidden=hidden, depth=depth, process=process, seed=seed)
     gen = torch.Generator().manual_seed(int(seed))
-    config = TrainConfig(num_steps=int(num_steps), batch_size=int(batch_size), lr=lr, ema_decay=ema_decay,
-                         loss=loss if (loss == "stf" or grad_z is not None) else "dsm", val_fraction=0.0,
-                         eval_every=max(1, int(num_steps) // 20), lr_schedule="cosine", lr_final_ratio=0.05,
-                         num_reference=int(num_reference), small_t_fraction=small_t_fraction,
-                         focus_fraction=focus_fraction if focus_weights is not None else 0.0, focus_t_max=focus_t_max,
-                         weighting="sigma2" if grad_z is None else None)
-    result = train_score_model(model, process, z, grad_z, config=config, generator=gen, focus_weights=focus_weights)
+    config = TrainConfig(
+        num_steps=int(num_steps),
+        batch_size=int(batch_size),
+        lr=lr,
+        ema_decay=ema_decay,
+        loss=loss if (loss == "stf" or grad_z is not None) else "dsm",
+        val_fraction=0.0,
+        eval_every=max(1, int(num_steps) // 20),
+        lr_schedule="cosine",
+        lr_final_ratio=0.05,
+        num_reference=int(num_reference),
+        small_t_fraction=small_t_fraction,
+        focus_fraction=focus_fraction if focus_weights is not None else 0.0,
+        focus_t_max=focus_t_max,
+        weighting="sigma2" if grad_z is None else None,
+    )
+    result = train_score_model(
+        model, process, z, grad_z, config=config, generator=gen, focus_weights=focus_weights
+    )
     settings = dict(hidden=hidden, depth=depth, t_min=t_min, seed=seed)
-    return {"state_dict": {k: v.detach().clone() for k, v in result.model.state_dict().items()}, "settings": settings,
-            "dim": z.shape[1], "loss": result.history["train_loss"], "fit_time": time.perf_counter() - start,
-            "shard": shard}
+    return {
+        "state_dict": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
+        "settings": settings,
+        "dim": z.shape[1],
+        "loss": result.history["train_loss"],
+        "fit_time": time.perf_counter() - start,
+        "shard": shard,
+    }
 
 
 def focus_weights(zs, mu_p, cov_p, focus_width, focus_fraction, t_min):
@@ -197,11 +245,14 @@ def focus_weights(zs, mu_p, cov_p, focus_width, focus_fraction, t_min):
     sigma = torch.tensor(min(sd_min, 0.5), dtype=torch.float64)
     focus = dict(focus_fraction=focus_fraction, focus_t_max=float(VP(t_min=t_min).time_at_sigma(sigma)))
     prec = torch.linalg.inv(focus_width**2 * cov_p)
-    return [torch.softmax(-0.5 * (((z - mu_p) @ prec) * (z - mu_p)).sum(-1), 0).float().cpu() for z in zs], focus
+    return [
+        torch.softmax(-0.5 * (((z - mu_p) @ prec) * (z - mu_p)).sum(-1), 0).float().cpu() for z in zs
+    ], focus
 
 
-def fit_shard_energies(args: list[tuple], kwargs: list[dict], executor=None, max_retries: int = 2,
-                       progress: bool = False) -> list[dict]:
+def fit_shard_energies(
+    args: list[tuple], kwargs: list[dict], executor=None, max_retries: int = 2, progress: bool = False
+) -> list[dict]:
     """:func:`fit_shard_energy` for every shard: on ``executor`` with retries
     (:func:`~diffstat.dnc.pipeline.map_with_retries`), or in this process."""
     from diffstat._util import progress_bar
@@ -209,8 +260,15 @@ def fit_shard_energies(args: list[tuple], kwargs: list[dict], executor=None, max
     if executor is not None:
         from diffstat.dnc.pipeline import map_with_retries
 
-        return map_with_retries(executor, fit_shard_energy, args, kwargs, max_retries=max_retries,
-                                progress=progress, desc="fitting shard models")
+        return map_with_retries(
+            executor,
+            fit_shard_energy,
+            args,
+            kwargs,
+            max_retries=max_retries,
+            progress=progress,
+            desc="fitting shard models",
+        )
     fits = []
     with progress_bar(len(args), "fitting shard models", progress) as bar:
         for a, kw in zip(args, kwargs):
@@ -225,8 +283,14 @@ def load_shard_energy(fit: dict) -> ShardEnergy:
 
     s = fit["settings"]
     dim = fit["dim"]
-    model = ShardEnergy(torch.zeros(dim), torch.eye(dim), hidden=s["hidden"], depth=s["depth"],
-                        process=VP(t_min=s["t_min"]), seed=s["seed"])
+    model = ShardEnergy(
+        torch.zeros(dim),
+        torch.eye(dim),
+        hidden=s["hidden"],
+        depth=s["depth"],
+        process=VP(t_min=s["t_min"]),
+        seed=s["seed"],
+    )
     model.load_state_dict(fit["state_dict"])
     model.eval()
     for p in model.parameters():

@@ -302,9 +302,15 @@ def exact_product_smc(
     return x, cur[0], info
 
 
-def combine_exact(subposteriors: list[torch.Tensor], log_probs: list[Callable], *, num_samples: int,
-                  generator: torch.Generator, smc_options: dict | None = None,
-                  learned: Callable[[], CombineResult] | None = None) -> CombineResult:
+def combine_exact(
+    subposteriors: list[torch.Tensor],
+    log_probs: list[Callable],
+    *,
+    num_samples: int,
+    generator: torch.Generator,
+    smc_options: dict | None = None,
+    learned: Callable[[], CombineResult] | None = None,
+) -> CombineResult:
     r"""The diffusion combiner given the shards' log-densities (``combine(..., "diffusion",
     log_probs=...)``): :func:`exact_product_smc` from the shards' Gaussian product, or from a
     Gaussian fitted to the draws of ``learned()`` (the learned product, ``fit_energies=True``).
@@ -329,9 +335,14 @@ def combine_exact(subposteriors: list[torch.Tensor], log_probs: list[Callable], 
     x, lp, info = exact_product_smc(generator, log_probs, mean, cov, num_samples, **(smc_options or {}))
     dtype = subposteriors[0].dtype
     groups = {"smc": {key: info[key] for key in ("betas", "ess", "acceptance_rate")}}
-    attrs.update(combine_time=time.perf_counter() - start - attrs["fit_time"], exact_final_target=1,
-                 num_shard_evals=info["num_evals"], smc_stages=info["num_stages"],
-                 log_normalizer=info["log_normalizer"], final_step_size=info["final_step_size"],
-                 start=("the learned product" if learned is not None else "the Gaussian product")
-                 + (" moved to the Laplace approximation" if info["laplace"] else ""))
+    attrs.update(
+        combine_time=time.perf_counter() - start - attrs["fit_time"],
+        exact_final_target=1,
+        num_shard_evals=info["num_evals"],
+        smc_stages=info["num_stages"],
+        log_normalizer=info["log_normalizer"],
+        final_step_size=info["final_step_size"],
+        start=("the learned product" if learned is not None else "the Gaussian product")
+        + (" moved to the Laplace approximation" if info["laplace"] else ""),
+    )
     return CombineResult(x.to(dtype), {"lp": lp.to(dtype)}, groups, attrs)

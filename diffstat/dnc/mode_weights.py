@@ -57,8 +57,15 @@ def ascend(grad_fn, w: torch.Tensor, step: torch.Tensor | float, num_iters: int)
     return w
 
 
-def group_end_points(ends: torch.Tensor, log_prob, tol: float, *, num_checks: int = 8, margin: float = 1.0,
-                     max_groups: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def group_end_points(
+    ends: torch.Tensor,
+    log_prob,
+    tol: float,
+    *,
+    num_checks: int = 8,
+    margin: float = 1.0,
+    max_groups: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Group end points by mode. The first ungrouped point is a centre; a point joins its group
     when it lies within ``tol`` of it or when :math:`\log\pi` on the segment between them never
     falls more than ``margin`` below the lower of its two ends (no barrier: an ascent that has not
@@ -168,8 +175,13 @@ def calibrate_mode_weights(
         labels, centres = group_end_points(ends, lambda x: -product.energy(x, t_min), tol)
     m = centres.shape[0]
     shares = torch.stack([(labels == j).double().mean() for j in range(m)]) if m else torch.zeros(0)
-    info = {"num_modes": int(m), "calibrated": [], "shares_before": shares.tolist(), "shares_after": shares.tolist(),
-            "labels": labels}
+    info = {
+        "num_modes": int(m),
+        "calibrated": [],
+        "shares_before": shares.tolist(),
+        "shares_after": shares.tolist(),
+        "labels": labels,
+    }
     log_w = torch.zeros(n, dtype=torch.float64, device=w.device)
     if m <= 1:
         info["num_energy_evals"] = product.num_evals - evals0
@@ -184,7 +196,9 @@ def calibrate_mode_weights(
         """``num_q_draws`` draws of ``q`` from a scrambled Sobol sequence (quasi-Monte Carlo:
         a smaller error than independent draws for the smooth integrands here)."""
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
-        u = torch.quasirandom.SobolEngine(dim, scramble=True, seed=seed).draw(num_q_draws, dtype=torch.float64)
+        u = torch.quasirandom.SobolEngine(dim, scramble=True, seed=seed).draw(
+            num_q_draws, dtype=torch.float64
+        )
         eps = torch.special.ndtri(u.clamp(1e-12, 1 - 1e-12)).to(q.loc.device)
         return q.loc + eps @ q.scale_tril.T
 
@@ -211,15 +225,24 @@ def calibrate_mode_weights(
             in_j = (labels == j).to(w.device)
             if int(in_j.sum()) < min_points:
                 continue
-            log_mass[j] = forward_log_mass(_gaussian(z_part[in_j], inflate), j, lambda z_: -exact_log_prob(z_))
+            log_mass[j] = forward_log_mass(
+                _gaussian(z_part[in_j], inflate), j, lambda z_: -exact_log_prob(z_)
+            )
             info["num_shard_evals"] += num_q_draws
             info["calibrated"].append(j)
         shard_labels = []
     else:
         # a random subset of each shard's draws (the estimator's 1/n_k is over the subset)
-        shard_z = [z if z.shape[0] <= max_shard_draws else
-                   z[torch.randperm(z.shape[0], generator=generator, device=generator.device)[:max_shard_draws].to(z.device)]
-                   for z in shard_z]
+        shard_z = [
+            z
+            if z.shape[0] <= max_shard_draws
+            else z[
+                torch.randperm(z.shape[0], generator=generator, device=generator.device)[:max_shard_draws].to(
+                    z.device
+                )
+            ]
+            for z in shard_z
+        ]
         shard_labels = [basin_of(z.to(w)).cpu() for z in shard_z]
     tt = torch.tensor(t_min, dtype=w.dtype, device=w.device)
     for j in range(m if exact_log_prob is None else 0):

@@ -37,8 +37,16 @@ import torch
 
 from diffstat._util import check_positive_int, progress_bar
 
-__all__ = ["ShardResult", "ShardFailure", "sample_one_shard", "sample_shards", "map_with_retries",
-           "run_pipeline", "shard_seeds", "load_checkpoints"]
+__all__ = [
+    "ShardResult",
+    "ShardFailure",
+    "sample_one_shard",
+    "sample_shards",
+    "map_with_retries",
+    "run_pipeline",
+    "shard_seeds",
+    "load_checkpoints",
+]
 
 
 @dataclass
@@ -93,8 +101,17 @@ def load_checkpoints(checkpoint_dir, seeds: list[int]) -> dict[int, ShardResult]
     return found
 
 
-def sample_one_shard(target, method: str, shard: int, num_samples: int, num_chains, seed: int,
-                     options: dict, worker_threads: int | None = 1, checkpoint_dir=None) -> ShardResult:
+def sample_one_shard(
+    target,
+    method: str,
+    shard: int,
+    num_samples: int,
+    num_chains,
+    seed: int,
+    options: dict,
+    worker_threads: int | None = 1,
+    checkpoint_dir=None,
+) -> ShardResult:
     """Sample one sub-posterior (runs in a worker). Calls the registered sampler directly so the
     draws stay in unconstrained coordinates, then evaluates log-density and gradient at them.
     With ``checkpoint_dir``, a result already there is returned as it is, and a new one is written
@@ -103,8 +120,9 @@ def sample_one_shard(target, method: str, shard: int, num_samples: int, num_chai
         path = _checkpoint_path(checkpoint_dir, shard, seed)
         if os.path.exists(path):
             return torch.load(path, weights_only=False)
-        result = sample_one_shard(target, method, shard, num_samples, num_chains, seed, options,
-                                  worker_threads)
+        result = sample_one_shard(
+            target, method, shard, num_samples, num_chains, seed, options, worker_threads
+        )
         tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
         torch.save(result, tmp)
         os.replace(tmp, path)  # atomic: a reader never sees half a file
@@ -122,15 +140,30 @@ def sample_one_shard(target, method: str, shard: int, num_samples: int, num_chai
     generator = torch.Generator().manual_seed(int(seed))
     evals0 = target.num_target_evals
     start = time.perf_counter()
-    result = _REGISTRY[method](target, num_samples=num_samples, num_chains=num_chains, generator=generator,
-                               progress=False, device=torch.device("cpu"), **options)
+    result = _REGISTRY[method](
+        target,
+        num_samples=num_samples,
+        num_chains=num_chains,
+        generator=generator,
+        progress=False,
+        device=torch.device("cpu"),
+        **options,
+    )
     draws = result.draws.reshape(-1, result.draws.shape[-1]).detach()
     log_probs, scores = target.log_prob_and_grad(draws)
     elapsed = time.perf_counter() - start
     acc = result.sample_stats.get("acceptance_rate")
     acc = float(torch.as_tensor(acc).float().mean()) if acc is not None else float("nan")
-    return ShardResult(shard, draws, scores, log_probs, int(target.num_target_evals - evals0), elapsed, acc,
-                       worker=f"{socket.gethostname()}:{os.getpid()}")
+    return ShardResult(
+        shard,
+        draws,
+        scores,
+        log_probs,
+        int(target.num_target_evals - evals0),
+        elapsed,
+        acc,
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+    )
 
 
 def sample_shards(
@@ -191,11 +224,20 @@ def sample_shards(
     own = executor is None
     if own:
         executor = cf.ProcessPoolExecutor(max_workers=max(1, min(num_shards, os.cpu_count() or 1)))
-    args = [(targets[k], method, k, num_samples, num_chains, seeds[k], options, worker_threads,
-             checkpoint_dir) for k in range(num_shards)]
+    args = [
+        (targets[k], method, k, num_samples, num_chains, seeds[k], options, worker_threads, checkpoint_dir)
+        for k in range(num_shards)
+    ]
     try:
-        return map_with_retries(executor, sample_one_shard, args, max_retries=max_retries, completed=completed,
-                                progress=progress, desc=f"shards ({method})")
+        return map_with_retries(
+            executor,
+            sample_one_shard,
+            args,
+            max_retries=max_retries,
+            completed=completed,
+            progress=progress,
+            desc=f"shards ({method})",
+        )
     finally:
         if own:
             executor.shutdown(wait=True)
@@ -248,12 +290,18 @@ def map_with_retries(
                     errors.setdefault(k, []).append(msg)
                     attempt = len(errors[k])
                     if attempt <= max_retries:
-                        warnings.warn(f"shard {k} failed (attempt {attempt}): {msg}; retrying", RuntimeWarning,
-                                      stacklevel=2)
+                        warnings.warn(
+                            f"shard {k} failed (attempt {attempt}): {msg}; retrying",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
                         pending[submit(k)] = k
                     else:
-                        warnings.warn(f"shard {k} failed {attempt} times, giving up: {msg}", RuntimeWarning,
-                                      stacklevel=2)
+                        warnings.warn(
+                            f"shard {k} failed {attempt} times, giving up: {msg}",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
                         bar.update()
                     continue
                 if isinstance(res, ShardResult):
@@ -328,9 +376,18 @@ def run_pipeline(
     if own:
         executor = cf.ProcessPoolExecutor(max_workers=max(1, min(len(targets), os.cpu_count() or 1)))
     try:
-        results = sample_shards(targets, sampler, num_samples=shard_samples, seed=seed, num_chains=num_chains,
-                                executor=executor, max_retries=max_retries, progress=progress,
-                                checkpoint_dir=checkpoint_dir, **(sampler_options or {}))
+        results = sample_shards(
+            targets,
+            sampler,
+            num_samples=shard_samples,
+            seed=seed,
+            num_chains=num_chains,
+            executor=executor,
+            max_retries=max_retries,
+            progress=progress,
+            checkpoint_dir=checkpoint_dir,
+            **(sampler_options or {}),
+        )
         options = dict(combine_options or {})
         if combiner == "diffusion":
             options.setdefault("executor", executor)
@@ -339,8 +396,15 @@ def run_pipeline(
                 options.setdefault("log_probs", [t.log_prob_and_grad for t in targets])
             if surrogate:
                 options.setdefault("draw_log_probs", [r.log_probs for r in results])
-        idata = combine([r.draws for r in results], combiner, scores=[r.scores for r in results],
-                        num_samples=num_samples, seed=seed, progress=progress, **options)
+        idata = combine(
+            [r.draws for r in results],
+            combiner,
+            scores=[r.scores for r in results],
+            num_samples=num_samples,
+            seed=seed,
+            progress=progress,
+            **options,
+        )
     finally:
         if own:
             executor.shutdown(wait=True)

@@ -37,7 +37,13 @@ import math
 import torch
 
 from diffstat._util import check_positive_int, progress_bar
-from diffstat.dnc.gaussian import CombineResult, gaussian_log_prob, gaussian_product, sample_moments, sqrtm_psd
+from diffstat.dnc.gaussian import (
+    CombineResult,
+    gaussian_log_prob,
+    gaussian_product,
+    sample_moments,
+    sqrtm_psd,
+)
 
 __all__ = ["combine_semiparametric"]
 
@@ -122,10 +128,13 @@ def combine_semiparametric(
             accepted = torch.zeros((), dtype=u.dtype, device=device)
             for shard in range(k):  # Gibbs over shards; every chain updates at once
                 proposal = idx.clone()
-                proposal[:, shard] = torch.randint(0, t, (num_samples,), generator=generator,
-                                                   device=generator.device).to(device)
+                proposal[:, shard] = torch.randint(
+                    0, t, (num_samples,), generator=generator, device=generator.device
+                ).to(device)
                 log_w_new, _ = _log_weights(u, proposal, h, log_f)
-                uniform = torch.rand(num_samples, generator=generator, dtype=u.dtype, device=generator.device).to(device)
+                uniform = torch.rand(
+                    num_samples, generator=generator, dtype=u.dtype, device=generator.device
+                ).to(device)
                 accept = torch.log(uniform) < log_w_new - log_w
                 idx = torch.where(accept[:, None], proposal, idx)
                 log_w = torch.where(accept, log_w_new, log_w)
@@ -136,10 +145,20 @@ def combine_semiparametric(
     _, u_bar = _log_weights(u, idx, h_final, log_f)
     # component N(mu_t, Sigma_t) in whitened coordinates: precision K/h^2 + 1, mean K/h^2 u_bar / precision
     prec = k / h_final**2 + 1.0
-    noise = torch.randn(num_samples, dim, generator=generator, dtype=u.dtype, device=generator.device).to(device)
+    noise = torch.randn(num_samples, dim, generator=generator, dtype=u.dtype, device=generator.device).to(
+        device
+    )
     u_draw = (k / h_final**2) * u_bar / prec + noise / math.sqrt(prec)
     draws = mean + u_draw @ root.T
-    groups = {"semiparametric": {"bandwidth": torch.tensor(bandwidths), "acceptance_rate": torch.stack(accept_rates)}}
+    groups = {
+        "semiparametric": {
+            "bandwidth": torch.tensor(bandwidths),
+            "acceptance_rate": torch.stack(accept_rates),
+        }
+    }
     return CombineResult(
-        draws, {"lp": gaussian_log_prob(draws, mean, cov)}, groups, attrs={"bandwidth": h_final, "num_sweeps": num_sweeps}
+        draws,
+        {"lp": gaussian_log_prob(draws, mean, cov)},
+        groups,
+        attrs={"bandwidth": h_final, "num_sweeps": num_sweeps},
     )

@@ -13,7 +13,7 @@ axis (the plate), with every latent site's log-density scaled by 1/K (:func:`pyr
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,7 +24,9 @@ from diffstat.target import Target
 __all__ = ["split_indices", "take_rows", "SubPosterior", "subposteriors", "pyro_subposteriors"]
 
 
-def split_indices(num_rows: int, num_shards: int, *, seed: int, method: str = "random", strata=None) -> list[np.ndarray]:
+def split_indices(
+    num_rows: int, num_shards: int, *, seed: int, method: str = "random", strata=None
+) -> list[np.ndarray]:
     """Row indices of each shard, a partition of ``range(num_rows)`` into near-equal parts.
 
     Parameters
@@ -143,8 +145,12 @@ def subposteriors(
     parts = split_indices(num_rows, num_shards, seed=seed, method=method, strata=strata)
     targets = []
     for k, rows in enumerate(parts):
-        target = Target(SubPosterior(log_prior, log_likelihood, take_rows(data, rows), num_shards), dim,
-                        name=name, dtype=dtype)
+        target = Target(
+            SubPosterior(log_prior, log_likelihood, take_rows(data, rows), num_shards),
+            dim,
+            name=name,
+            dtype=dtype,
+        )
         target.rows, target.shard = rows, k
         targets.append(target)
     return targets

@@ -43,8 +43,10 @@ __all__ = ["monomials", "PolynomialShard", "fit_polynomial_shard", "fit_polynomi
 
 def _index_sets(dim: int, degree: int) -> list[torch.Tensor]:
     """Per degree r = 2..degree, the multi-indices (P_r, r) of the monomials of that degree."""
-    return [torch.tensor(list(itertools.combinations_with_replacement(range(dim), r)), dtype=torch.long)
-            for r in range(2, degree + 1)]
+    return [
+        torch.tensor(list(itertools.combinations_with_replacement(range(dim), r)), dtype=torch.long)
+        for r in range(2, degree + 1)
+    ]
 
 
 def monomials(u: torch.Tensor, index_sets: list[torch.Tensor], damping: float | None = None):
@@ -64,7 +66,7 @@ def monomials(u: torch.Tensor, index_sets: list[torch.Tensor], damping: float | 
         g = torch.zeros(n, d, idx.shape[0], dtype=u.dtype, device=u.device)
         cols = torch.arange(idx.shape[0], device=u.device)
         for p in range(idx.shape[1]):
-            others = torch.cat([factors[..., :p], factors[..., p + 1:]], -1).prod(-1)  # (n, P)
+            others = torch.cat([factors[..., :p], factors[..., p + 1 :]], -1).prod(-1)  # (n, P)
             g[:, idx[:, p].to(u.device), cols] += others  # (row, column) pairs unique within one p
         if damping is not None and r >= 3:
             g = g * w[:, None, None] + w_grad[:, :, None] * values[-1][:, None, :]
@@ -76,8 +78,15 @@ def monomials(u: torch.Tensor, index_sets: list[torch.Tensor], damping: float | 
 class PolynomialShard:
     """A fitted shard energy: ``x (n, dim) -> (log p_k(x), grad)`` up to a constant (picklable)."""
 
-    def __init__(self, mean: torch.Tensor, chol: torch.Tensor, coef: torch.Tensor, const: float, degree: int,
-                 damping: float | None = None):
+    def __init__(
+        self,
+        mean: torch.Tensor,
+        chol: torch.Tensor,
+        coef: torch.Tensor,
+        const: float,
+        degree: int,
+        damping: float | None = None,
+    ):
         self.mean, self.chol_inv = mean, torch.linalg.inv(chol)
         self.coef, self.const, self.degree, self.damping = coef, float(const), int(degree), damping
         self.index_sets = _index_sets(mean.shape[0], degree)
@@ -88,8 +97,14 @@ class PolynomialShard:
         return self.const + values @ self.coef, (grads @ self.coef) @ self.chol_inv
 
 
-def fit_polynomial_shard(x: torch.Tensor, scores: torch.Tensor, log_probs: torch.Tensor, *,
-                         degree: int = 3, damping: float | None = None) -> PolynomialShard:
+def fit_polynomial_shard(
+    x: torch.Tensor,
+    scores: torch.Tensor,
+    log_probs: torch.Tensor,
+    *,
+    degree: int = 3,
+    damping: float | None = None,
+) -> PolynomialShard:
     r"""Least-squares polynomial fit of one shard's log-density to its values and scores at its
     draws (module notes).
 
@@ -115,19 +130,28 @@ def fit_polynomial_shard(x: torch.Tensor, scores: torch.Tensor, log_probs: torch
     values, grads = monomials(u, _index_sets(dim, degree), damping)
     num_coef = values.shape[1]
     if n * (dim + 1) < 2 * (num_coef + 1):
-        raise ValueError(f"{n} draws are too few for a degree-{degree} fit in {dim} dimensions "
-                         f"({num_coef + 1} coefficients)")
-    design = torch.cat([
-        torch.cat([torch.ones(n, 1, dtype=x.dtype), values], 1),
-        torch.cat([torch.zeros(n * dim, 1, dtype=x.dtype), grads.reshape(n * dim, num_coef)], 1),
-    ])
+        raise ValueError(
+            f"{n} draws are too few for a degree-{degree} fit in {dim} dimensions "
+            f"({num_coef + 1} coefficients)"
+        )
+    design = torch.cat(
+        [
+            torch.cat([torch.ones(n, 1, dtype=x.dtype), values], 1),
+            torch.cat([torch.zeros(n * dim, 1, dtype=x.dtype), grads.reshape(n * dim, num_coef)], 1),
+        ]
+    )
     target = torch.cat([log_probs, (scores @ chol).reshape(n * dim)])
     solution = torch.linalg.lstsq(design, target[:, None]).solution[:, 0]
     return PolynomialShard(mean, chol, solution[1:], float(solution[0]), degree, damping)
 
 
-def fit_polynomial_shards(subposteriors: list[torch.Tensor], scores: list[torch.Tensor] | None,
-                          draw_log_probs: list, *, degree: int = 3) -> list[PolynomialShard]:
+def fit_polynomial_shards(
+    subposteriors: list[torch.Tensor],
+    scores: list[torch.Tensor] | None,
+    draw_log_probs: list,
+    *,
+    degree: int = 3,
+) -> list[PolynomialShard]:
     """:func:`fit_polynomial_shard` for every shard, each damped at 4 times the distance, in its
     own sds, from its mean to the shards' Gaussian product (at least 12; module notes)."""
     if scores is None or len(draw_log_probs) != len(subposteriors):
@@ -138,6 +162,9 @@ def fit_polynomial_shards(subposteriors: list[torch.Tensor], scores: list[torch.
     for (m_k, c_k), x, g, lp in zip(moments, subposteriors, scores, draw_log_probs):
         chol_k = torch.linalg.cholesky(c_k)
         reach = torch.linalg.solve_triangular(chol_k, (mu_prod - m_k)[:, None], upper=False)
-        fits.append(fit_polynomial_shard(x, g, torch.as_tensor(lp), degree=degree,
-                                         damping=4.0 * max(float(reach.norm()), 3.0)))
+        fits.append(
+            fit_polynomial_shard(
+                x, g, torch.as_tensor(lp), degree=degree, damping=4.0 * max(float(reach.norm()), 3.0)
+            )
+        )
     return fits

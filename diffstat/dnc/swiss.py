@@ -19,7 +19,13 @@ from __future__ import annotations
 
 import torch
 
-from diffstat.dnc.gaussian import CombineResult, gaussian_log_prob, gaussian_product, sample_moments, sqrtm_psd
+from diffstat.dnc.gaussian import (
+    CombineResult,
+    gaussian_log_prob,
+    gaussian_product,
+    sample_moments,
+    sqrtm_psd,
+)
 
 __all__ = ["combine_swiss", "swiss_maps"]
 
@@ -62,4 +68,6 @@ def combine_swiss(
     else:
         idx = torch.randint(0, n, (num_samples,), generator=generator, device=generator.device)
     draws = pooled[idx.to(pooled.device)]
-    return CombineResult(draws, {"lp": gaussian_log_prob(draws, mean, cov)}, attrs={"swiss_formulation": formulation})
+    return CombineResult(
+        draws, {"lp": gaussian_log_prob(draws, mean, cov)}, attrs={"swiss_formulation": formulation}
+    )

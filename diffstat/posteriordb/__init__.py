@@ -62,7 +62,7 @@ def _check_name(name: str) -> dict:
 def data(name: str) -> dict[str, np.ndarray]:
     """A copy of the data set of posterior ``name`` (field -> float64 array), to inspect or perturb."""
     prefix = _check_name(name)["data"] + "/"
-    return {k[len(prefix):]: v.copy() for k, v in _npz("data.npz").items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v.copy() for k, v in _npz("data.npz").items() if k.startswith(prefix)}
 
 
 def _split_name(flat_name: str) -> tuple[str, tuple[int, ...]]:
@@ -142,8 +142,9 @@ class Posterior:
         mean, sd = ref[f"{name}/mean"], ref[f"{name}/sd"]
         self.reference_moments = {k: (float(m), float(s)) for k, m, s in zip(self.param_names, mean, sd)}
         self.reference_draws = ref[f"{name}/draws"]
-        self.model, self.model_args = BUILDERS[self.model_name](data_override if data_override is not None
-                                                                 else data(name))
+        self.model, self.model_args = BUILDERS[self.model_name](
+            data_override if data_override is not None else data(name)
+        )
         self.target = Target.from_pyro(self.model, *self.model_args, dtype=dtype)
 
     def flatten(self, values) -> dict[str, np.ndarray]:

@@ -136,8 +136,9 @@ def _kidiq(d, kind):
 
 
 def _mesquite(d, kind):
-    d1, d2, ch, th, de, g, w = (d[k] for k in ("diam1", "diam2", "canopy_height", "total_height", "density",
-                                                "group", "weight"))
+    d1, d2, ch, th, de, g, w = (
+        d[k] for k in ("diam1", "diam2", "canopy_height", "total_height", "density", "group", "weight")
+    )
     if kind == "mesquite":
         return _regression(w, [d1, d2, ch, th, de, g])
     lcv, lca, lcs = np.log(d1 * d2 * ch), np.log(d1 * d2), np.log(d1 / d2)
@@ -153,8 +154,16 @@ def _mesquite(d, kind):
 
 def _nes(d):
     age = d["age_discrete"]
-    cols = [d["real_ideo"], d["race_adj"], (age == 2) * 1.0, (age == 3) * 1.0, (age == 4) * 1.0, d["educ1"],
-            d["gender"], d["income"]]
+    cols = [
+        d["real_ideo"],
+        d["race_adj"],
+        (age == 2) * 1.0,
+        (age == 3) * 1.0,
+        (age == 4) * 1.0,
+        d["educ1"],
+        d["gender"],
+        d["income"],
+    ]
     return _regression(d["partyid7"], cols)
 
 
@@ -295,29 +304,71 @@ def _scalar(d, k):
 
 
 BUILDERS = {
-    **{k: (lambda d, k=k: _earnings(d, k)) for k in (
-        "earn_height", "log10earn_height", "logearn_height", "logearn_height_male", "logearn_interaction",
-        "logearn_interaction_z", "logearn_logheight_male")},
-    **{k: (lambda d, k=k: _kidiq(d, k)) for k in (
-        "kidscore_interaction", "kidscore_momhs", "kidscore_momhsiq", "kidscore_momiq",
-        "kidscore_interaction_c",
-        "kidscore_interaction_c2", "kidscore_interaction_z", "kidscore_mom_work")},
-    **{k: (lambda d, k=k: _mesquite(d, k)) for k in (
-        "mesquite", "logmesquite", "logmesquite_logva", "logmesquite_logvas", "logmesquite_logvash",
-        "logmesquite_logvolume")},
+    **{
+        k: (lambda d, k=k: _earnings(d, k))
+        for k in (
+            "earn_height",
+            "log10earn_height",
+            "logearn_height",
+            "logearn_height_male",
+            "logearn_interaction",
+            "logearn_interaction_z",
+            "logearn_logheight_male",
+        )
+    },
+    **{
+        k: (lambda d, k=k: _kidiq(d, k))
+        for k in (
+            "kidscore_interaction",
+            "kidscore_momhs",
+            "kidscore_momhsiq",
+            "kidscore_momiq",
+            "kidscore_interaction_c",
+            "kidscore_interaction_c2",
+            "kidscore_interaction_z",
+            "kidscore_mom_work",
+        )
+    },
+    **{
+        k: (lambda d, k=k: _mesquite(d, k))
+        for k in (
+            "mesquite",
+            "logmesquite",
+            "logmesquite_logva",
+            "logmesquite_logvas",
+            "logmesquite_logvash",
+            "logmesquite_logvolume",
+        )
+    },
     "nes": _nes,
     "blr": lambda d: (blr, (_t(d["X"]), _t(d["y"]))),
-    "kilpisjarvi": lambda d: (kilpisjarvi, (
-        _t(d["x"]), _t(d["y"]), _t([float(d[k]) for k in ("pmualpha", "psalpha", "pmubeta", "psbeta")]),
-        _t(np.log(np.std(d["y"]))))),
-    "garch11": lambda d: (garch11, (
-        _t(d["y"]), _scalar(d, "sigma1"), _t(np.log(np.var(d["y"]))),
-        _t(FLAT_WIDTH * np.sqrt(np.mean(d["y"] ** 2))))),
+    "kilpisjarvi": lambda d: (
+        kilpisjarvi,
+        (
+            _t(d["x"]),
+            _t(d["y"]),
+            _t([float(d[k]) for k in ("pmualpha", "psalpha", "pmubeta", "psbeta")]),
+            _t(np.log(np.std(d["y"]))),
+        ),
+    ),
+    "garch11": lambda d: (
+        garch11,
+        (
+            _t(d["y"]),
+            _scalar(d, "sigma1"),
+            _t(np.log(np.var(d["y"]))),
+            _t(FLAT_WIDTH * np.sqrt(np.mean(d["y"] ** 2))),
+        ),
+    ),
     "arma11": lambda d: (arma11, (_t(d["y"]),)),
     "hmm_example": lambda d: (hmm_example, (_t(d["y"]),)),
-    "hmm_drive_0": lambda d: (hmm_drive, (
-        _t(d["u"]), _t(d["v"]), _t(d["alpha"]), _t(1.0), _t(1.0), "exponential")),
-    "hmm_drive_1": lambda d: (hmm_drive, (
-        _t(d["u"]), _t(d["v"]), _t(d["alpha"]), _scalar(d, "tau"), _scalar(d, "rho"), "normal")),
+    "hmm_drive_0": lambda d: (
+        hmm_drive,
+        (_t(d["u"]), _t(d["v"]), _t(d["alpha"]), _t(1.0), _t(1.0), "exponential"),
+    ),
+    "hmm_drive_1": lambda d: (
+        hmm_drive,
+        (_t(d["u"]), _t(d["v"]), _t(d["alpha"]), _scalar(d, "tau"), _scalar(d, "rho"), "normal"),
+    ),
     "gp_regr": lambda d: (gp_regr, (_t(d["x"]), _t(d["y"]))),
 }

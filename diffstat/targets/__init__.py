@@ -11,7 +11,20 @@ from diffstat.targets.logistic import LogisticRegression, ionosphere, load_datas
 from diffstat.targets.manywell import ManyWell
 from diffstat.targets.two_modes import narrow_wide, two_modes
 
-__all__ += ["Funnel", "ManyWell", "two_modes", "narrow_wide", "nine_modes", "gmm40", "BananaMixture", "banana_mixture", "LogisticRegression", "ionosphere", "sonar", "load_dataset"]
+__all__ += [
+    "Funnel",
+    "ManyWell",
+    "two_modes",
+    "narrow_wide",
+    "nine_modes",
+    "gmm40",
+    "BananaMixture",
+    "banana_mixture",
+    "LogisticRegression",
+    "ionosphere",
+    "sonar",
+    "load_dataset",
+]
 
 from diffstat.targets.conjugate import GammaPrecision, NormalNormal
 

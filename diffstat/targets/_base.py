@@ -12,7 +12,11 @@ __all__ = ["MixtureBase", "check_weights"]
 
 def check_weights(weights, k: int) -> torch.Tensor:
     """Normalised mixture weights ``(k,)`` in float64 (equal when ``weights`` is None)."""
-    w = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    w = (
+        torch.full((k,), 1.0 / k, dtype=torch.float64)
+        if weights is None
+        else torch.as_tensor(weights, dtype=torch.float64)
+    )
     if w.shape != (k,) or bool((w < 0).any()) or not bool(w.sum() > 0):
         raise ValueError(f"weights must be {k} non-negative numbers with a positive sum, got {w}")
     return w / w.sum()
@@ -84,4 +88,6 @@ class MixtureBase:
         return Target(self.unnormalized_log_prob, self.dim, name=name, reference=reference, dtype=dtype)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(K={self.num_components}, dim={self.dim}, weights={self.weights.tolist()})"
+        return (
+            f"{type(self).__name__}(K={self.num_components}, dim={self.dim}, weights={self.weights.tolist()})"
+        )

@@ -54,10 +54,16 @@ class BananaMixture(MixtureBase):
         scales = torch.as_tensor(scales, dtype=torch.float64)
         if scales.dim() == 1:
             if scales.shape[0] != k:
-                raise ValueError(f"1-d scales are one per component ({k}); give (K, dim) for per-coordinate scales")
+                raise ValueError(
+                    f"1-d scales are one per component ({k}); give (K, dim) for per-coordinate scales"
+                )
             scales = scales[:, None]
-        if scales.dim() > 2 or not all(s in (1, t) for s, t in zip(scales.shape[-2:] if scales.dim() == 2 else (), (k, d))):
-            raise ValueError(f"scales must be a float, (K,) or (K, dim) = ({k}, {d}), got {tuple(scales.shape)}")
+        if scales.dim() > 2 or not all(
+            s in (1, t) for s, t in zip(scales.shape[-2:] if scales.dim() == 2 else (), (k, d))
+        ):
+            raise ValueError(
+                f"scales must be a float, (K,) or (K, dim) = ({k}, {d}), got {tuple(scales.shape)}"
+            )
         scales = scales.expand(k, d).clone()
         if (scales <= 0).any():
             raise ValueError("scales must be positive")
@@ -71,7 +77,11 @@ class BananaMixture(MixtureBase):
     def _params(self, like: torch.Tensor):
         """means, log weights, scales, twists and Gaussian log-normalisers on ``like``'s device/dtype."""
         log_norm = lambda: -torch.log(self.scales).sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)  # noqa: E731
-        return self._on(like, "params", lambda: (self.means, torch.log(self.weights), self.scales, self.curvature, log_norm()))
+        return self._on(
+            like,
+            "params",
+            lambda: (self.means, torch.log(self.weights), self.scales, self.curvature, log_norm()),
+        )
 
     def untwist(self, x: torch.Tensor) -> torch.Tensor:
         r""":math:`z = \phi_k^{-1}(x - \mu_k)` for every component, ``(n, K, dim)``."""
@@ -88,7 +98,9 @@ class BananaMixture(MixtureBase):
         z = self.untwist(x)
         return log_w + log_norm - 0.5 * ((z / scales) ** 2).sum(-1)
 
-    def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float64, device=None) -> torch.Tensor:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, dtype=torch.float64, device=None
+    ) -> torch.Tensor:
         r"""Exact draws ``(n, dim)``: a component by its weight, then :math:`\mu_k + \phi_k(Z)`."""
         n = check_positive_int(n, "n")
         gen_device = generator.device if generator is not None else torch.device("cpu")
@@ -128,9 +140,17 @@ def banana_mixture(
     """
     dim = check_positive_int(dim, "dim")
     if dim < 3:
-        raise ValueError(f"banana_mixture needs dim >= 3 (two twisted and at least one separating coordinate), got {dim}")
+        raise ValueError(
+            f"banana_mixture needs dim >= 3 (two twisted and at least one separating coordinate), got {dim}"
+        )
     ones = torch.ones(dim, dtype=torch.float64)
     means = torch.stack([-offset * ones, offset * ones])
     scales = torch.full((2, dim), float(scale), dtype=torch.float64)
     scales[:, 0] = twist_scale
-    return BananaMixture(means, torch.as_tensor(weights, dtype=torch.float64), scales=scales, curvature=curvature, log_normalizer=log_normalizer)
+    return BananaMixture(
+        means,
+        torch.as_tensor(weights, dtype=torch.float64),
+        scales=scales,
+        curvature=curvature,
+        log_normalizer=log_normalizer,
+    )

@@ -110,7 +110,9 @@ class NormalNormal:
         r"""Unnormalised posterior :math:`\log p(\mu) + \log p(x \mid \mu)` at ``mu: (n, dim)``,
         shape ``(n,)``; it integrates to :math:`p(x)`."""
         x = self.data.reshape(self.num_data, 1, self.dim).to(mu)
-        prior = -0.5 * ((mu - self.prior_mean) / self.prior_sd) ** 2 - math.log(self.prior_sd) - 0.5 * _LOG_2PI
+        prior = (
+            -0.5 * ((mu - self.prior_mean) / self.prior_sd) ** 2 - math.log(self.prior_sd) - 0.5 * _LOG_2PI
+        )
         lik = -0.5 * ((x - mu) / self.sd) ** 2 - math.log(self.sd) - 0.5 * _LOG_2PI
         return prior.sum(-1) + lik.sum((0, -1))
 

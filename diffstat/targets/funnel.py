@@ -69,7 +69,9 @@ class Funnel:
         """``log p(x) + log_normalizer``: the log-density handed to samplers."""
         return self.log_prob(x) + self.log_normalizer
 
-    def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float64, device=None) -> torch.Tensor:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, dtype=torch.float64, device=None
+    ) -> torch.Tensor:
         """Exact draws ``(n, dim)``: ``x_1 = sigma_1 z_1``, ``x_i = e^{x_1 / 2} z_i``."""
         n = check_positive_int(n, "n")
         gen_device = generator.device if generator is not None else torch.device("cpu")

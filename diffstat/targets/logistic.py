@@ -111,7 +111,7 @@ class LogisticRegression:
     #: The same function under the name the exact targets use for the density given to samplers.
     unnormalized_log_prob = log_prob
 
-    def split(self, num_shards: int, generator: torch.Generator | None = None) -> list["LogisticRegression"]:
+    def split(self, num_shards: int, generator: torch.Generator | None = None) -> list[LogisticRegression]:
         r"""Sub-posteriors for divide and conquer: the data split into ``num_shards`` shards (a
         random partition when ``generator`` is given, else consecutive blocks), each with the
         prior raised to the power :math:`1/K`, i.e. prior scale :math:`s\sqrt K`. The product of
@@ -119,10 +119,17 @@ class LogisticRegression:
         k = check_positive_int(num_shards, "num_shards")
         if k > self.num_data:
             raise ValueError(f"num_shards={k} exceeds the {self.num_data} data points")
-        order = torch.arange(self.num_data) if generator is None else torch.randperm(self.num_data, generator=generator, device=generator.device).cpu()
+        order = (
+            torch.arange(self.num_data)
+            if generator is None
+            else torch.randperm(self.num_data, generator=generator, device=generator.device).cpu()
+        )
         scale = self.prior_scale * math.sqrt(k)
         # self.X already holds the intercept column and any standardisation of the full data
-        shards = [LogisticRegression(self.X[idx], self.y[idx], scale, intercept=False) for idx in torch.tensor_split(order, k)]
+        shards = [
+            LogisticRegression(self.X[idx], self.y[idx], scale, intercept=False)
+            for idx in torch.tensor_split(order, k)
+        ]
         return shards
 
     def as_target(self, name: str = "beta", reference=None, dtype=None) -> Target:
@@ -133,7 +140,9 @@ class LogisticRegression:
     def prior(self) -> torch.distributions.Distribution:
         """The prior as a distribution on R^dim (float64), for use as a tempering ``reference``."""
         zeros = torch.zeros(self.dim, dtype=torch.float64)
-        return torch.distributions.Independent(torch.distributions.Normal(zeros, self.prior_scale * torch.ones_like(zeros)), 1)
+        return torch.distributions.Independent(
+            torch.distributions.Normal(zeros, self.prior_scale * torch.ones_like(zeros)), 1
+        )
 
     def __repr__(self) -> str:
         return f"LogisticRegression(N={self.num_data}, dim={self.dim}, prior_scale={self.prior_scale})"

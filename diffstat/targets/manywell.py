@@ -144,14 +144,20 @@ class ManyWell:
         while have < n:
             m = int(1.05 * (n - have)) + 16
             cell = torch.multinomial(cell_prob, m, replacement=True, generator=generator)
-            u = edges[cell] + width[cell] * torch.rand(m, generator=generator, dtype=torch.float64, device=device)
+            u = edges[cell] + width[cell] * torch.rand(
+                m, generator=generator, dtype=torch.float64, device=device
+            )
             log_accept = -(self.a * u + self.b * u**2 + self.c * u**4) - bound[cell]
-            keep = torch.log(torch.rand(m, generator=generator, dtype=torch.float64, device=device)) < log_accept
+            keep = (
+                torch.log(torch.rand(m, generator=generator, dtype=torch.float64, device=device)) < log_accept
+            )
             out.append(u[keep])
             have += int(keep.sum())
         return torch.cat(out)[:n]
 
-    def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float64, device=None) -> torch.Tensor:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, dtype=torch.float64, device=None
+    ) -> torch.Tensor:
         """Exact draws ``(n, dim)``: the double-well coordinates by :meth:`sample_well_coordinate`,
         the others standard normal."""
         n = check_positive_int(n, "n")

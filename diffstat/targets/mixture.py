@@ -7,7 +7,6 @@ import math
 
 import torch
 
-from diffstat.target import Target
 from diffstat.targets._base import MixtureBase, check_weights
 
 __all__ = ["GaussianMixture"]
@@ -55,13 +54,26 @@ class GaussianMixture(MixtureBase):
         # Isotropic components (Sigma_k = s_k^2 I) take a fast path without triangular solves.
         diag = torch.diagonal(covs, dim1=-2, dim2=-1)
         off_diagonal_zero = torch.equal(covs, torch.diag_embed(diag))
-        self.iso_var = diag[:, 0].clone() if off_diagonal_zero and torch.equal(diag, diag[:, :1].expand_as(diag)) else None
+        self.iso_var = (
+            diag[:, 0].clone()
+            if off_diagonal_zero and torch.equal(diag, diag[:, :1].expand_as(diag))
+            else None
+        )
         self.log_normalizer = float(log_normalizer)
         self._smoothed: dict[float, GaussianMixture] = {}
 
     def _params(self, like: torch.Tensor):
         """means, log weights, Cholesky factors and log-determinants on ``like``'s device/dtype."""
-        return self._on(like, "params", lambda: (self.means, torch.log(self.weights), self.chol, 2 * torch.log(torch.diagonal(self.chol, dim1=-2, dim2=-1)).sum(-1)))
+        return self._on(
+            like,
+            "params",
+            lambda: (
+                self.means,
+                torch.log(self.weights),
+                self.chol,
+                2 * torch.log(torch.diagonal(self.chol, dim1=-2, dim2=-1)).sum(-1),
+            ),
+        )
 
     def _iso_var(self, like: torch.Tensor) -> torch.Tensor:
         return self._on(like, "iso", lambda: (self.iso_var,))[0]
@@ -88,7 +100,9 @@ class GaussianMixture(MixtureBase):
         prec_diff = torch.cholesky_solve(diff, chol[None]).squeeze(-1)  # (n, K, d)
         return (resp.unsqueeze(-1) * prec_diff).sum(1)
 
-    def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float64, device=None) -> torch.Tensor:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, dtype=torch.float64, device=None
+    ) -> torch.Tensor:
         """Exact draws ``(n, dim)``."""
         gen_device = generator.device if generator is not None else torch.device("cpu")
         comp = torch.multinomial(self.weights.to(gen_device), n, replacement=True, generator=generator)
@@ -101,7 +115,7 @@ class GaussianMixture(MixtureBase):
         """Component covariances ``(K, dim, dim)``."""
         return self.covs
 
-    def noised(self, alpha: float, sigma: float) -> "GaussianMixture":
+    def noised(self, alpha: float, sigma: float) -> GaussianMixture:
         """Law of ``alpha X + sigma N(0, I)``: a mixture with means ``alpha mu_k`` and covariances
         ``alpha^2 Sigma_k + sigma^2 I`` (same log_normalizer)."""
         eye = torch.eye(self.dim, dtype=torch.float64)
@@ -119,4 +133,3 @@ class GaussianMixture(MixtureBase):
         if sigma not in self._smoothed:
             self._smoothed[sigma] = self.noised(1.0, sigma)
         return self._smoothed[sigma].score(y)
-

@@ -32,7 +32,9 @@ def _default_path() -> Path:
         if path.exists():
             return path
     raise ValueError(
-        "randhie.csv not found in " + ", ".join(str(c) for c in candidates) + "; pass path= or set DIFFSTAT_DATA"
+        "randhie.csv not found in "
+        + ", ".join(str(c) for c in candidates)
+        + "; pass path= or set DIFFSTAT_DATA"
     )
 
 
@@ -56,4 +58,8 @@ def randhie_poisson(path=None, *, standardize: bool = True, dtype=torch.float64)
     if standardize:
         x = (x - x.mean(0)) / x.std(0)
     design = np.concatenate([np.ones((x.shape[0], 1)), x], axis=1)
-    return torch.as_tensor(design, dtype=dtype), torch.as_tensor(y, dtype=dtype), ("intercept",) + tuple(names)
+    return (
+        torch.as_tensor(design, dtype=dtype),
+        torch.as_tensor(y, dtype=dtype),
+        ("intercept",) + tuple(names),
+    )

@@ -51,7 +51,12 @@ def two_modes(
     means = torch.stack([-a * ones, a * ones])
     if centered:
         means = means + (a / 3.0) * ones
-    return GaussianMixture(means, torch.as_tensor(weights, dtype=torch.float64), scales=variance**0.5, log_normalizer=log_normalizer)
+    return GaussianMixture(
+        means,
+        torch.as_tensor(weights, dtype=torch.float64),
+        scales=variance**0.5,
+        log_normalizer=log_normalizer,
+    )
 
 
 def narrow_wide(
@@ -74,4 +79,9 @@ def narrow_wide(
     dim = check_positive_int(dim, "dim")
     ones = torch.ones(dim, dtype=torch.float64)
     means = torch.stack([offset * ones, -offset * ones])
-    return GaussianMixture(means, torch.as_tensor(weights, dtype=torch.float64), scales=torch.as_tensor(scales, dtype=torch.float64), log_normalizer=log_normalizer)
+    return GaussianMixture(
+        means,
+        torch.as_tensor(weights, dtype=torch.float64),
+        scales=torch.as_tensor(scales, dtype=torch.float64),
+        log_normalizer=log_normalizer,
+    )

@@ -9,7 +9,13 @@ import torch
 import diffstat as ds
 from diffstat.diffusion.networks import ScoreMLP
 from diffstat.diffusion.processes import VP, noised_mixture_score
-from diffstat.diffusion.proposals import DefensiveMixture, DiffusionProposal, GaussianMixtureProposal, Whitening, ode_log_density
+from diffstat.diffusion.proposals import (
+    DefensiveMixture,
+    DiffusionProposal,
+    GaussianMixtureProposal,
+    Whitening,
+    ode_log_density,
+)
 from diffstat.diffusion.reverse import probability_flow
 from diffstat.diffusion.sampler import run_diffusion_sampler
 from diffstat.metrics import mmd
@@ -27,7 +33,13 @@ def _tv(p, q):
 
 
 def test_gaussian_mixture_proposal_density_is_exact(generator):
-    mix = GaussianMixture(torch.tensor([[0.0, 1.0, 2.0], [30.0, -1.0, 0.5]]), [0.3, 0.7], covs=torch.stack([torch.eye(3) * 0.5, torch.tensor([[1.0, 0.3, 0.0], [0.3, 2.0, 0.1], [0.0, 0.1, 0.7]])]))
+    mix = GaussianMixture(
+        torch.tensor([[0.0, 1.0, 2.0], [30.0, -1.0, 0.5]]),
+        [0.3, 0.7],
+        covs=torch.stack(
+            [torch.eye(3) * 0.5, torch.tensor([[1.0, 0.3, 0.0], [0.3, 2.0, 0.1], [0.0, 0.1, 0.7]])]
+        ),
+    )
     prop = GaussianMixtureProposal(mix.means, mix.chol, mix.weights)
     x = prop.sample(1000, generator)
     assert torch.allclose(prop.log_prob(x), mix.log_prob(x), atol=1e-12)
@@ -47,7 +59,9 @@ def test_ode_log_density_with_the_exact_score():
     exact = mix.noised(float(process.alpha(t_min)), float(process.sigma(t_min))).log_prob(x)
     err = (ode_log_density(score, process, x, num_steps=40) - exact).abs()
     assert float(err.max()) < 0.05  # RK4 converged; what is left is the prior's mismatch at t_max
-    y0, log_q = probability_flow(score, process, process.prior_sample(100, 2, gen, dtype=torch.float64), num_steps=40, log_prob=True)
+    y0, log_q = probability_flow(
+        score, process, process.prior_sample(100, 2, gen, dtype=torch.float64), num_steps=40, log_prob=True
+    )
     assert torch.allclose(ode_log_density(score, process, y0, num_steps=40), log_q, atol=1e-3)
 
 
@@ -57,9 +71,16 @@ def test_defensive_mixture_density_integrates_to_one():
     model = ScoreMLP(2, 16, 1, process=process, seed=0)
     with torch.no_grad():  # an untrained but non-trivial model
         model.net.out.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(1))
-    whitening = Whitening(torch.tensor([0.5, -0.5], dtype=torch.float64), torch.diag(torch.tensor([1.5, 0.8], dtype=torch.float64)))
+    whitening = Whitening(
+        torch.tensor([0.5, -0.5], dtype=torch.float64),
+        torch.diag(torch.tensor([1.5, 0.8], dtype=torch.float64)),
+    )
     diffusion = DiffusionProposal(lambda y, t: model(y, t), process, whitening, num_steps=40)
-    gauss = GaussianMixtureProposal(torch.tensor([[2.0, 0.0]], dtype=torch.float64), 0.7 * torch.eye(2, dtype=torch.float64)[None], torch.ones(1, dtype=torch.float64))
+    gauss = GaussianMixtureProposal(
+        torch.tensor([[2.0, 0.0]], dtype=torch.float64),
+        0.7 * torch.eye(2, dtype=torch.float64)[None],
+        torch.ones(1, dtype=torch.float64),
+    )
     mixture = DefensiveMixture(diffusion, gauss, weight=0.7)
     grid = torch.linspace(-7.0, 8.0, 70, dtype=torch.float64)
     xy = torch.cartesian_prod(grid, grid)
@@ -76,7 +97,16 @@ def test_defensive_mixture_density_integrates_to_one():
 def nine_mode_run():
     mix = nine_modes(log_normalizer=LOG_Z)
     target = mix.as_target(dtype=torch.float64)
-    idata = ds.sample(target, "diffusion", num_samples=10_000, seed=1, progress=False, max_rounds=2, train_steps=1500, num_proposals=6000)
+    idata = ds.sample(
+        target,
+        "diffusion",
+        num_samples=10_000,
+        seed=1,
+        progress=False,
+        max_rounds=2,
+        train_steps=1500,
+        num_proposals=6000,
+    )
     return mix, target, idata
 
 
@@ -93,7 +123,9 @@ def test_diffusion_sampler_on_nine_modes(nine_mode_run):
     # MMD^2 (unbiased, Gaussian kernel of width 1, the modes' scale) against exact draws, next to
     # five exact-vs-exact replicates; draws from the wrong weights (reversed) must stand out
     gen = torch.Generator().manual_seed(7)
-    level = max(abs(mmd(mix.sample(2000, gen), mix.sample(2000, gen), bandwidth=1.0, squared=True)) for _ in range(5))
+    level = max(
+        abs(mmd(mix.sample(2000, gen), mix.sample(2000, gen), bandwidth=1.0, squared=True)) for _ in range(5)
+    )
     exact = mix.sample(2000, gen)
     pick = torch.randperm(x.shape[0], generator=gen)[:2000]
     assert mmd(x[pick], exact, bandwidth=1.0, squared=True) < 5 * level
@@ -111,7 +143,15 @@ def test_diffusion_output_contract(nine_mode_run):
     assert torch.allclose(torch.as_tensor(stats["lp"].values[0]), mix.unnormalized_log_prob(x[0]), atol=1e-8)
     assert "log_weight" in stats and bool(torch.isfinite(torch.as_tensor(stats["log_weight"].values)).all())
     group = idata["diffusion"]
-    for name in ("ess", "ess_fraction", "log_normalizer", "num_modes", "num_target_evals", "mode_weights", "ess_per_mode"):
+    for name in (
+        "ess",
+        "ess_fraction",
+        "log_normalizer",
+        "num_modes",
+        "num_target_evals",
+        "mode_weights",
+        "ess_per_mode",
+    ):
         assert group[name].dims[0] == "stage"
     evals = group["num_target_evals"].values
     assert (evals[1:] > evals[:-1]).all() and evals[-1] == attrs["num_target_evals"]
@@ -119,7 +159,9 @@ def test_diffusion_output_contract(nine_mode_run):
     choice = group["model_choice"].values
     assert choice.shape == (len(evals), 1) and (choice[0] == -2).all() and set(choice[1:].ravel()) <= {-1, 0}
     default_weight = inspect.signature(run_diffusion_sampler).parameters["diffusion_weight"].default
-    assert group["diffusion_share"].values[-1] == pytest.approx(default_weight if choice[-1, 0] == 0 else 0.0, abs=1e-3)
+    assert group["diffusion_share"].values[-1] == pytest.approx(
+        default_weight if choice[-1, 0] == 0 else 0.0, abs=1e-3
+    )
     assert float(group["ess_per_mode"].values[-1].min()) > 10  # every mode is covered
 
 
@@ -127,7 +169,14 @@ def test_gaussian_is_and_a_wrong_target_is_rejected():
     """The per-mode Gaussian baseline passes the same check against the exact weights, and the
     check rejects the answer when the truth it is compared with is wrong (weights reversed)."""
     mix = nine_modes(log_normalizer=LOG_Z)
-    idata = ds.sample(mix.as_target(dtype=torch.float64), "gaussian_is", num_samples=10_000, seed=0, progress=False, num_proposals=8000)
+    idata = ds.sample(
+        mix.as_target(dtype=torch.float64),
+        "gaussian_is",
+        num_samples=10_000,
+        seed=0,
+        progress=False,
+        num_proposals=8000,
+    )
     x = torch.as_tensor(idata.posterior["x"].values).reshape(-1, 2)
     est = _mode_weights(mix, x)
     assert _tv(est, mix.weights) < 0.05
@@ -135,7 +184,14 @@ def test_gaussian_is_and_a_wrong_target_is_rejected():
     assert _tv(est, mix.weights.flip(0)) > 0.2
     # and a sampler run on the wrong target (weights reversed) fails the check against the truth
     wrong = GaussianMixture(mix.means, mix.weights.flip(0), covs=mix.covs, log_normalizer=LOG_Z)
-    idata = ds.sample(wrong.as_target(dtype=torch.float64), "gaussian_is", num_samples=10_000, seed=0, progress=False, num_proposals=8000)
+    idata = ds.sample(
+        wrong.as_target(dtype=torch.float64),
+        "gaussian_is",
+        num_samples=10_000,
+        seed=0,
+        progress=False,
+        num_proposals=8000,
+    )
     x = torch.as_tensor(idata.posterior["x"].values).reshape(-1, 2)
     assert _tv(_mode_weights(mix, x), mix.weights) > 0.2
 
@@ -170,8 +226,12 @@ def test_pareto_k_matches_the_gaussian_tail_index():
         assert float(torch.logsumexp(smoothed, 0)) == pytest.approx(0.0, abs=1e-12)
         shift = smoothed - log_w  # one constant (the normalisation) except at the smoothed weights
         changed = (shift - shift.median()).abs() > 1e-9
-        assert 0 < int(changed.sum()) <= 3 * math.sqrt(20_000) + 1 and bool((log_w[changed] >= log_w[~changed].max()).all())
-        assert float(ess_from_log_weights(smoothed)) > float(ess_from_log_weights(log_w))  # the smoothed tail is lighter
+        assert 0 < int(changed.sum()) <= 3 * math.sqrt(20_000) + 1 and bool(
+            (log_w[changed] >= log_w[~changed].max()).all()
+        )
+        assert float(ess_from_log_weights(smoothed)) > float(
+            ess_from_log_weights(log_w)
+        )  # the smoothed tail is lighter
     assert pareto_smooth(x**2 * (1 - 1 / 0.5) / 2)[1] < 0.0
     smoothed, k = pareto_smooth(torch.tensor([0.0] * 30 + [-math.inf], dtype=torch.float64))
     assert math.isnan(k) and smoothed.tolist() == [-math.log(30)] * 30 + [-math.inf]
@@ -182,11 +242,24 @@ def test_a_larger_final_round():
     """``final_proposals`` sizes the last round only; the ESS fraction, the proposal counts and
     the target evaluations follow it, and the Pareto k of each round is reported."""
     target = nine_modes(log_normalizer=LOG_Z).as_target(dtype=torch.float64)
-    opts = dict(num_explore=200, max_rounds=2, gaussian_rounds=2, target_ess=1.0, num_proposals=1000, chains_per_mode=32, refresh_chains=32)
+    opts = dict(
+        num_explore=200,
+        max_rounds=2,
+        gaussian_rounds=2,
+        target_ess=1.0,
+        num_proposals=1000,
+        chains_per_mode=32,
+        refresh_chains=32,
+    )
     small = ds.sample(target, "gaussian_is", num_samples=100, seed=0, progress=False, **opts)
-    big = ds.sample(target, "gaussian_is", num_samples=100, seed=0, progress=False, final_proposals=3000, **opts)
+    big = ds.sample(
+        target, "gaussian_is", num_samples=100, seed=0, progress=False, final_proposals=3000, **opts
+    )
     group = big["diffusion"]
-    assert group["num_proposals"].values.tolist() == [1000, 3000] and big.posterior.attrs["num_proposals"] == 4000
+    assert (
+        group["num_proposals"].values.tolist() == [1000, 3000]
+        and big.posterior.attrs["num_proposals"] == 4000
+    )
     assert group["ess_fraction"].values == pytest.approx(group["ess"].values / [1000, 3000])
     assert big.posterior.attrs["num_target_evals"] - small.posterior.attrs["num_target_evals"] == 2000
     k = group["pareto_k"].values
@@ -206,7 +279,17 @@ def test_heavy_tailed_weights_are_flagged():
     import warnings
 
     target = ds.Target(lambda x: -0.5 * (x**2).sum(-1), 2, dtype=torch.float64)
-    opts = dict(num_samples=100, seed=0, progress=False, num_explore=400, max_rounds=2, target_ess=1.0, num_proposals=4000, final_proposals=16_000, refresh_chains=128)
+    opts = dict(
+        num_samples=100,
+        seed=0,
+        progress=False,
+        num_explore=400,
+        max_rounds=2,
+        target_ess=1.0,
+        num_proposals=4000,
+        final_proposals=16_000,
+        refresh_chains=128,
+    )
     with pytest.warns(RuntimeWarning, match="Pareto k"):
         narrow = ds.sample(target, "gaussian_is", inflate=0.25, **opts)
     assert narrow.posterior.attrs["pareto_k"] > 0.7

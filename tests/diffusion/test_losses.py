@@ -11,7 +11,15 @@ import math
 import pytest
 import torch
 
-from diffstat.diffusion import VE, VP, dsm_loss, implicit_score_matching_loss, mixed_loss, sliced_score_matching_loss, tsm_loss
+from diffstat.diffusion import (
+    VE,
+    VP,
+    dsm_loss,
+    implicit_score_matching_loss,
+    mixed_loss,
+    sliced_score_matching_loss,
+    tsm_loss,
+)
 from diffstat.diffusion.losses import loss_weight
 
 S0, D, T = 1.5, 2, 0.3
@@ -43,7 +51,14 @@ def test_dsm_tsm_mixed_expectations(process, generator):
         model = lambda x, t: -c * x  # noqa: E731
         exact, _ = _closed_forms(process, c)
         losses = {
-            "dsm": lambda g: dsm_loss(model, process, S0 * torch.randn(n, D, generator=g, dtype=torch.float64), g, t=_time(process), weighting="none"),
+            "dsm": lambda g: dsm_loss(
+                model,
+                process,
+                S0 * torch.randn(n, D, generator=g, dtype=torch.float64),
+                g,
+                t=_time(process),
+                weighting="none",
+            ),
             "tsm": lambda g: _tsm(tsm_loss, model, process, g, n),
             "mixed": lambda g: _tsm(mixed_loss, model, process, g, n),
         }
@@ -75,7 +90,12 @@ def test_weightings_scale_the_loss(generator):
     t = torch.full((64,), T, dtype=torch.float64)
     state = generator.get_state()
     base = dsm_loss(model, vp, x0, generator, t=t, weighting="none")
-    for weighting, factor in (("sigma2", vp.sigma(t[0]) ** 2), ("g2", vp.beta(t[0])), ("alpha2", vp.alpha(t[0]) ** 2), (lambda tt: 3.0 * torch.ones_like(tt), 3.0)):
+    for weighting, factor in (
+        ("sigma2", vp.sigma(t[0]) ** 2),
+        ("g2", vp.beta(t[0])),
+        ("alpha2", vp.alpha(t[0]) ** 2),
+        (lambda tt: 3.0 * torch.ones_like(tt), 3.0),
+    ):
         generator.set_state(state)
         weighted = dsm_loss(model, vp, x0, generator, t=t, weighting=weighting)
         torch.testing.assert_close(weighted, base * factor)
@@ -128,8 +148,22 @@ def test_ism_and_ssm_have_gradients_and_use_the_process(generator):
     # N(0, I) for every t, so ISM = (1/2 E|x|^2 - d)/d = -1/2 at any t (weighting 'none').
     model = torch.nn.Linear(2, 2, dtype=torch.float64)
     x0 = torch.randn(64, 2, generator=generator, dtype=torch.float64)
-    for loss in (implicit_score_matching_loss(lambda x, t: model(x), x0, generator, process=VP()), sliced_score_matching_loss(lambda x, t: model(x), x0, generator, process=VP())):
+    for loss in (
+        implicit_score_matching_loss(lambda x, t: model(x), x0, generator, process=VP()),
+        sliced_score_matching_loss(lambda x, t: model(x), x0, generator, process=VP()),
+    ):
         grads = torch.autograd.grad(loss, list(model.parameters()))
         assert all(torch.isfinite(g).all() for g in grads)
-    vals = torch.stack([implicit_score_matching_loss(lambda x, t: -x, torch.randn(2000, 2, generator=generator, dtype=torch.float64), generator, process=VP(), weighting="none").detach() for _ in range(10)])
+    vals = torch.stack(
+        [
+            implicit_score_matching_loss(
+                lambda x, t: -x,
+                torch.randn(2000, 2, generator=generator, dtype=torch.float64),
+                generator,
+                process=VP(),
+                weighting="none",
+            ).detach()
+            for _ in range(10)
+        ]
+    )
     assert abs(float(vals.mean()) + 0.5) < 4.5 * float(vals.std()) / math.sqrt(10)

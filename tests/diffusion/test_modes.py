@@ -10,7 +10,9 @@ from diffstat.targets import BananaMixture, GaussianMixture, narrow_wide, nine_m
 
 
 def _two_gaussians():
-    return GaussianMixture(torch.tensor([[-3.0, 0.0], [3.0, 0.0]]), [0.5, 0.5], scales=[0.5, 0.5]).as_target(dtype=torch.float64)
+    return GaussianMixture(torch.tensor([[-3.0, 0.0], [3.0, 0.0]]), [0.5, 0.5], scales=[0.5, 0.5]).as_target(
+        dtype=torch.float64
+    )
 
 
 def test_no_barrier_exact_cases():
@@ -29,7 +31,9 @@ def test_hill_climb_reaches_the_peaks():
     target = _two_gaussians()
     x = torch.tensor([[-2.0, 0.7], [4.1, -0.6]], dtype=torch.float64)
     lp, grad = target.log_prob_and_grad(x)
-    peak, peak_lp, evals = hill_climb(target.log_prob_and_grad, x, lp, grad, 60, torch.full((2,), 0.05, dtype=torch.float64))
+    peak, peak_lp, evals = hill_climb(
+        target.log_prob_and_grad, x, lp, grad, 60, torch.full((2,), 0.05, dtype=torch.float64)
+    )
     assert torch.allclose(peak, torch.tensor([[-3.0, 0.0], [3.0, 0.0]], dtype=torch.float64), atol=0.02)
     assert (peak_lp >= lp).all() and 0 < evals <= 120
 
@@ -60,14 +64,21 @@ def test_one_mode_is_one_mode(generator):
     """Negative cases: a Gaussian and a single curved banana are never split into several modes."""
     gauss = GaussianMixture(torch.zeros(1, 3), scales=[1.0]).as_target(dtype=torch.float64)
     assert explore_modes(gauss, generator, num_chains=500).num_modes == 1
-    banana = BananaMixture(torch.zeros(1, 4), scales=torch.tensor([[1.5, 0.3, 0.5, 0.5]]), curvature=1.0).as_target(dtype=torch.float64)
+    banana = BananaMixture(
+        torch.zeros(1, 4), scales=torch.tensor([[1.5, 0.3, 0.5, 0.5]]), curvature=1.0
+    ).as_target(dtype=torch.float64)
     assert explore_modes(banana, generator, num_chains=500).num_modes == 1
 
 
 def test_grouping_separates_and_joins():
     target = _two_gaussians()
     gen = torch.Generator().manual_seed(3)
-    x = torch.cat([torch.tensor([-3.0, 0.0]) + 0.05 * torch.randn(20, 2, generator=gen), torch.tensor([3.0, 0.0]) + 0.05 * torch.randn(10, 2, generator=gen)]).double()
+    x = torch.cat(
+        [
+            torch.tensor([-3.0, 0.0]) + 0.05 * torch.randn(20, 2, generator=gen),
+            torch.tensor([3.0, 0.0]) + 0.05 * torch.randn(10, 2, generator=gen),
+        ]
+    ).double()
     label = group_by_barrier(target.log_prob, x, target.log_prob(x))
     assert label[:20].unique().numel() == 1 and label[20:].unique().numel() == 1 and label[0] != label[20]
 

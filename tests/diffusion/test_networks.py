@@ -65,7 +65,13 @@ def test_energy_score_is_minus_energy_gradient(process):
     x = torch.randn(8, 3, dtype=torch.float64, generator=gen)
     t = torch.rand(8, dtype=torch.float64, generator=gen) * 0.9 + 0.05
     h = 1e-6
-    fd = torch.stack([(model.energy(x + h * e, t) - model.energy(x - h * e, t)) / (2 * h) for e in torch.eye(3, dtype=torch.float64)], -1)
+    fd = torch.stack(
+        [
+            (model.energy(x + h * e, t) - model.energy(x - h * e, t)) / (2 * h)
+            for e in torch.eye(3, dtype=torch.float64)
+        ],
+        -1,
+    )
     with torch.no_grad():
         score = model(x, t)
     assert not score.requires_grad

@@ -9,7 +9,13 @@ import torch
 from diffstat.diffusion import VE, VP, noised_mixture_score, process_from_dict
 from diffstat.targets.mixture import GaussianMixture
 
-PROCESSES = [VP(), VP(schedule="cosine"), VP(beta_min=1.0, beta_max=1.0), VE(), VE(sigma_min=0.05, sigma_max=20.0, t_min=1e-3, t_max=0.9)]
+PROCESSES = [
+    VP(),
+    VP(schedule="cosine"),
+    VP(beta_min=1.0, beta_max=1.0),
+    VE(),
+    VE(sigma_min=0.05, sigma_max=20.0, t_min=1e-3, t_max=0.9),
+]
 TIMES = torch.tensor([1e-3, 0.02, 0.3, 0.7, 0.89, 0.905, 0.95], dtype=torch.float64)  # 0.9008: cosine cap
 
 
@@ -19,7 +25,9 @@ def test_vp_alpha_is_exp_of_integrated_beta(process):
     for t in TIMES.tolist():
         u = torch.linspace(0, t, 20001, dtype=torch.float64)
         integral = torch.trapezoid(process.beta(u), u)
-        assert float(process.alpha(torch.tensor(t, dtype=torch.float64))) == pytest.approx(math.exp(-0.5 * float(integral)), rel=1e-7)
+        assert float(process.alpha(torch.tensor(t, dtype=torch.float64))) == pytest.approx(
+            math.exp(-0.5 * float(integral)), rel=1e-7
+        )
     a, s = process.alpha(TIMES), process.sigma(TIMES)
     torch.testing.assert_close(a**2 + s**2, torch.ones_like(TIMES), rtol=0, atol=1e-14)
 
@@ -41,12 +49,16 @@ def test_sde_coefficients_generate_the_marginals(process):
     # For dX = a(t) X dt + g(t) dW: d alpha/dt = a alpha and d sigma^2/dt = 2 a sigma^2 + g^2.
     # a(t) is read from drift(x, t) at x = 1, so this ties drift/diffusion to alpha/sigma.
     h = 1e-6
-    t = TIMES[(TIMES > process.t_min + 2 * h) & (TIMES < process.t_max - 2 * h) & ((TIMES - 0.9008).abs() > 1e-3)]
+    t = TIMES[
+        (TIMES > process.t_min + 2 * h) & (TIMES < process.t_max - 2 * h) & ((TIMES - 0.9008).abs() > 1e-3)
+    ]
     a = process.drift(torch.ones(t.shape[0], 1, dtype=torch.float64), t).squeeze(-1)
     d_alpha = (process.alpha(t + h) - process.alpha(t - h)) / (2 * h)
     d_var = (process.sigma(t + h) ** 2 - process.sigma(t - h) ** 2) / (2 * h)
     torch.testing.assert_close(d_alpha, a * process.alpha(t), rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(d_var, 2 * a * process.sigma(t) ** 2 + process.diffusion(t) ** 2, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(
+        d_var, 2 * a * process.sigma(t) ** 2 + process.diffusion(t) ** 2, rtol=1e-6, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("process", PROCESSES, ids=repr)
@@ -64,7 +76,9 @@ def test_reverse_and_flow_drifts():
     torch.testing.assert_close(vp.probability_flow_drift(x, t, -x), torch.zeros_like(x))
     torch.testing.assert_close(vp.reverse_drift(x, t, -x), 0.5 * vp.beta(t)[:, None] * x)
     ve = VE()
-    torch.testing.assert_close(ve.reverse_drift(x, 0.4, -x), ve.diffusion(torch.tensor(0.4, dtype=torch.float64)) ** 2 * x)
+    torch.testing.assert_close(
+        ve.reverse_drift(x, 0.4, -x), ve.diffusion(torch.tensor(0.4, dtype=torch.float64)) ** 2 * x
+    )
 
 
 @pytest.mark.parametrize("process", [VP(), VE()], ids=repr)

@@ -7,7 +7,12 @@ import torch
 
 from diffstat.diffusion.networks import ScoreMLP
 from diffstat.diffusion.processes import VP
-from diffstat.diffusion.proposals import DiffusionProposal, GaussianComponent, Whitening, held_out_cross_entropy
+from diffstat.diffusion.proposals import (
+    DiffusionProposal,
+    GaussianComponent,
+    Whitening,
+    held_out_cross_entropy,
+)
 
 
 def _normal_log_prob(x, mean, scale):
@@ -29,7 +34,9 @@ def test_held_out_cross_entropy_estimates_kl():
         se = float((log_p - log_q).std()) / math.sqrt(n)
         assert abs(est - exact) < 4 * se + 1e-12
         assert abs(est - (exact + 0.05)) > 4 * se or se == 0.0  # the check can fail
-    assert held_out_cross_entropy(log_p, _normal_log_prob(x, 0.0, 1.0)) < held_out_cross_entropy(log_p, _normal_log_prob(x, 0.3, 1.0))
+    assert held_out_cross_entropy(log_p, _normal_log_prob(x, 0.0, 1.0)) < held_out_cross_entropy(
+        log_p, _normal_log_prob(x, 0.3, 1.0)
+    )
     # a NaN density counts as a failed proposal, never as a good one
     bad = _normal_log_prob(x, 0.0, 1.0).clone()
     bad[0] = math.nan
@@ -54,8 +61,13 @@ def test_widened_base_pushforward_is_a_density():
     model = ScoreMLP(2, 16, 1, process=process, seed=0)
     with torch.no_grad():  # an untrained but non-trivial model
         model.net.out.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(1))
-    whitening = Whitening(torch.tensor([0.5, -0.5], dtype=torch.float64), torch.tensor([[1.2, 0.0], [0.5, 0.8]], dtype=torch.float64))
-    prop = DiffusionProposal(lambda y, t: model(y, t), process, whitening, num_steps=40, tail_weight=0.3, tail_scale=1.5)
+    whitening = Whitening(
+        torch.tensor([0.5, -0.5], dtype=torch.float64),
+        torch.tensor([[1.2, 0.0], [0.5, 0.8]], dtype=torch.float64),
+    )
+    prop = DiffusionProposal(
+        lambda y, t: model(y, t), process, whitening, num_steps=40, tail_weight=0.3, tail_scale=1.5
+    )
     grid = torch.linspace(-9.0, 10.0, 80, dtype=torch.float64)
     xy = torch.cartesian_prod(grid, grid)
     mass = float(torch.exp(prop.log_prob(xy)).sum() * (grid[1] - grid[0]) ** 2)

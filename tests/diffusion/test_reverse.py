@@ -26,7 +26,9 @@ MIX = GaussianMixture([[-1.5, 0.0], [1.5, 0.5], [0.0, -1.5]], [0.5, 0.3, 0.2], s
 OTHER = GaussianMixture([[-1.5, 0.5], [1.5, 0.0], [0.0, -1.0]], [0.3, 0.5, 0.2], scales=[0.4, 0.6, 0.5])
 # well separated modes for the mode-weight checks (misassignment negligible)
 SEPARATED = GaussianMixture([[-3.0, 0.0], [3.0, 1.0], [0.0, -3.0]], [0.5, 0.3, 0.2], scales=[0.5, 0.7, 0.6])
-WRONG_WEIGHTS = GaussianMixture([[-3.0, 0.0], [3.0, 1.0], [0.0, -3.0]], [0.4, 0.35, 0.25], scales=[0.5, 0.7, 0.6])
+WRONG_WEIGHTS = GaussianMixture(
+    [[-3.0, 0.0], [3.0, 1.0], [0.0, -3.0]], [0.4, 0.35, 0.25], scales=[0.5, 0.7, 0.6]
+)
 
 
 def _at(process, mixture, t):
@@ -54,7 +56,9 @@ def test_flow_density_integrates_to_one_and_equals_the_mixture(process):
     if isinstance(process, VP) and process.schedule == "linear":  # alpha_T = 0.0066: prior error small
         assert float((log_q - exact)[high].abs().max()) < 0.02
     # able to fail: the flow of another mixture's score does not give this density
-    wrong, x_T = probability_flow_log_prob(noised_mixture_score(OTHER, process), process, x[high], num_steps=40, return_prior_point=True)
+    wrong, x_T = probability_flow_log_prob(
+        noised_mixture_score(OTHER, process), process, x[high], num_steps=40, return_prior_point=True
+    )
     wrong = wrong - process.prior_log_prob(x_T) + _at(process, OTHER, process.t_max).log_prob(x_T)
     assert float((wrong - exact[high]).abs().max()) > 0.5
 
@@ -70,7 +74,9 @@ def test_reverse_flow_log_density_exact_and_hutchinson(generator):
     err = log_q - _at(vp, MIX, vp.t_min).log_prob(x0)
     assert float(err.abs().quantile(0.99)) < 0.02
     # Hutchinson: same points, unbiased log-density
-    x0_h, log_q_h = probability_flow(score, vp, x_T, num_steps=40, log_prob=True, trace="hutchinson", generator=generator)
+    x0_h, log_q_h = probability_flow(
+        score, vp, x_T, num_steps=40, log_prob=True, trace="hutchinson", generator=generator
+    )
     torch.testing.assert_close(x0_h, x0)
     diff = log_q_h - log_q
     assert float(diff.std()) > 0.01  # it is random ...
@@ -85,13 +91,18 @@ def test_exact_divergence_of_an_energy_model():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype))
-    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).requires_grad_(
+        True
+    )
     t = torch.full((5,), 0.2, dtype=torch.float64)
     with torch.enable_grad():
         div = _divergence(model(x, t), x, "exact", None)
     h = 1e-5
     with torch.no_grad():
-        fd = sum((model(x + h * e, t)[:, i] - model(x - h * e, t)[:, i]) / (2 * h) for i, e in enumerate(torch.eye(3, dtype=torch.float64)))
+        fd = sum(
+            (model(x + h * e, t)[:, i] - model(x - h * e, t)[:, i]) / (2 * h)
+            for i, e in enumerate(torch.eye(3, dtype=torch.float64))
+        )
     torch.testing.assert_close(div, fd, rtol=1e-6, atol=1e-6)
 
 
@@ -119,7 +130,12 @@ SAMPLERS = {
 
 # The deterministic flow is checked with VP only: it keeps the error of the VE prior N(0, 100 I)
 # against p_T (a 0.025 shift of mode weight here), which the stochastic samplers forget.
-CASES = [(name, process) for process in (VP(), VE(sigma_max=10.0)) for name in SAMPLERS if not (name == "probability_flow" and isinstance(process, VE))]
+CASES = [
+    (name, process)
+    for process in (VP(), VE(sigma_max=10.0))
+    for name in SAMPLERS
+    if not (name == "probability_flow" and isinstance(process, VE))
+]
 
 
 @pytest.mark.parametrize("name,process", CASES, ids=[f"{n}-{type(p).__name__}" for n, p in CASES])
@@ -134,7 +150,13 @@ def test_samplers_reproduce_moments_and_mode_weights(name, process):
 def test_sampler_check_rejects_a_wrong_score():
     vp = VP()
     gen = torch.Generator().manual_seed(11)
-    x = euler_maruyama(noised_mixture_score(WRONG_WEIGHTS, vp), vp, vp.prior_sample(4000, 2, gen, dtype=torch.float64), num_steps=200, generator=gen)
+    x = euler_maruyama(
+        noised_mixture_score(WRONG_WEIGHTS, vp),
+        vp,
+        vp.prior_sample(4000, 2, gen, dtype=torch.float64),
+        num_steps=200,
+        generator=gen,
+    )
     assert float(_z_scores(x, _at(vp, SEPARATED, vp.t_min)).max()) > 4.5
 
 
@@ -143,11 +165,21 @@ def test_annealed_langevin_reproduces_the_smoothed_mixture():
     gen = torch.Generator().manual_seed(12)
     sigmas = torch.logspace(math.log10(8.0), math.log10(0.05), 30, dtype=torch.float64)
     x = 8.0 * torch.randn(3000, 2, generator=gen, dtype=torch.float64)
-    x = annealed_langevin(noised_mixture_score(SEPARATED, ve), sigmas, x, steps_per_level=20, step_scale=1e-3, generator=gen, process=ve)
+    x = annealed_langevin(
+        noised_mixture_score(SEPARATED, ve),
+        sigmas,
+        x,
+        steps_per_level=20,
+        step_scale=1e-3,
+        generator=gen,
+        process=ve,
+    )
     assert float(_z_scores(x, SEPARATED.noised(1.0, 0.05)).max()) < 4.5
     # the same with the score called at the noise level itself (no process)
     exact_by_sigma = lambda y, s: SEPARATED.smoothed_score(y, float(s[0]))  # noqa: E731
-    x = annealed_langevin(exact_by_sigma, sigmas[-3:], x, steps_per_level=5, step_scale=1e-3, generator=gen, denoise=True)
+    x = annealed_langevin(
+        exact_by_sigma, sigmas[-3:], x, steps_per_level=5, step_scale=1e-3, generator=gen, denoise=True
+    )
     assert x.shape == (3000, 2) and torch.isfinite(x).all()
 
 

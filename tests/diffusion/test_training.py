@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 
-from diffstat.diffusion import VP, EnergyMLP, ScoreMLP, TrainConfig, load_model, noised_mixture_score, save_model, train_score_model
+from diffstat.diffusion import (
+    VP,
+    EnergyMLP,
+    ScoreMLP,
+    TrainConfig,
+    load_model,
+    noised_mixture_score,
+    save_model,
+    train_score_model,
+)
 from diffstat.targets.mixture import GaussianMixture
 
 MIX = GaussianMixture([[-1.5, 0.0], [1.5, 0.5], [0.0, -1.5]], [0.5, 0.3, 0.2], scales=[0.4, 0.6, 0.5])
@@ -43,10 +52,19 @@ def _train(loss, model=None, steps=1500, seed=2, **kw):
     model = model or ScoreMLP(2, 128, 3, process=PROCESS, seed=1)
     settings = dict(num_steps=steps, batch_size=256, lr=3e-3, ema_decay=0.99, loss=loss, lr_schedule="cosine")
     cfg = TrainConfig(**{**settings, **kw})
-    return train_score_model(model, PROCESS, x0, grad0 if loss != "dsm" else None, config=cfg, generator=torch.Generator().manual_seed(seed))
+    return train_score_model(
+        model,
+        PROCESS,
+        x0,
+        grad0 if loss != "dsm" else None,
+        config=cfg,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
-@pytest.mark.parametrize("loss,times,tol", [("dsm", LATE, 0.03), ("tsm", EARLY, 0.03), ("mixed", EARLY + LATE[1:], 0.03)])
+@pytest.mark.parametrize(
+    "loss,times,tol", [("dsm", LATE, 0.03), ("tsm", EARLY, 0.03), ("mixed", EARLY + LATE[1:], 0.03)]
+)
 def test_minimiser_is_the_exact_noised_score(loss, times, tol):
     result = _train(loss)
     err = relative_score_error(result.model, MIX, times)
@@ -96,15 +114,35 @@ def test_training_is_reproducible_and_ema_is_applied():
 def test_early_stopping_returns_the_best_ema_weights():
     # A learning rate far too large makes the held-out loss stop improving quickly.
     x0, grad0 = _data(1000)
-    cfg = TrainConfig(num_steps=3000, batch_size=64, lr=0.05, ema_decay=0.0, loss="mixed", eval_every=10, patience=3, val_fraction=0.2)
-    result = train_score_model(ScoreMLP(2, 32, 2, process=PROCESS), PROCESS, x0, grad0, config=cfg, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(
+        num_steps=3000,
+        batch_size=64,
+        lr=0.05,
+        ema_decay=0.0,
+        loss="mixed",
+        eval_every=10,
+        patience=3,
+        val_fraction=0.2,
+    )
+    result = train_score_model(
+        ScoreMLP(2, 32, 2, process=PROCESS),
+        PROCESS,
+        x0,
+        grad0,
+        config=cfg,
+        generator=torch.Generator().manual_seed(0),
+    )
     vals = result.history["val_loss"]
     assert result.num_steps < 3000 and result.num_steps == result.history["step"][-1]
     best = min(vals)
     assert result.best_val_loss == best and vals.index(best) == len(vals) - 4  # 3 evaluations without gain
     # the returned weights are the best ones: recompute their held-out loss from scratch
-    cfg_eval = TrainConfig(num_steps=1, batch_size=64, lr=1e-12, ema_decay=0.0, loss="mixed", eval_every=1, val_fraction=0.2)
-    again = train_score_model(result.model, PROCESS, x0, grad0, config=cfg_eval, generator=torch.Generator().manual_seed(0))
+    cfg_eval = TrainConfig(
+        num_steps=1, batch_size=64, lr=1e-12, ema_decay=0.0, loss="mixed", eval_every=1, val_fraction=0.2
+    )
+    again = train_score_model(
+        result.model, PROCESS, x0, grad0, config=cfg_eval, generator=torch.Generator().manual_seed(0)
+    )
     assert again.history["val_loss"][0] == pytest.approx(best, rel=1e-3)
 
 
@@ -129,7 +167,14 @@ def test_bad_input():
 def test_progress_bar_runs(capsys):
     x0, grad0 = _data(200)
     cfg = TrainConfig(num_steps=5, batch_size=32, eval_every=2, loss="ssm")
-    result = train_score_model(ScoreMLP(2, 8, 1, process=PROCESS), PROCESS, x0, config=cfg, generator=torch.Generator().manual_seed(0), progress=True)
+    result = train_score_model(
+        ScoreMLP(2, 8, 1, process=PROCESS),
+        PROCESS,
+        x0,
+        config=cfg,
+        generator=torch.Generator().manual_seed(0),
+        progress=True,
+    )
     assert result.history["step"] == [2, 4, 5] and all(math.isfinite(v) for v in result.history["val_loss"])
 
 
@@ -168,7 +213,13 @@ def test_load_rejects_corrupt_and_mismatched_files(tmp_path):
     payload = torch.load(good, weights_only=True)
     payload["config"]["not_an_option"] = 1
     torch.save(payload, tmp_path / "badconfig.pt")
-    for name, match in (("truncated", "corrupt"), ("garbage", "corrupt"), ("foreign", "not a diffstat model"), ("mismatch", "consistent"), ("badconfig", "consistent")):
+    for name, match in (
+        ("truncated", "corrupt"),
+        ("garbage", "corrupt"),
+        ("foreign", "not a diffstat model"),
+        ("mismatch", "consistent"),
+        ("badconfig", "consistent"),
+    ):
         with pytest.raises(ValueError, match=match):
             load_model(tmp_path / f"{name}.pt")
     with pytest.raises(FileNotFoundError):

@@ -86,8 +86,19 @@ def test_semiparametric_gaussian_shards(generator):
 def test_diffusion_gaussian_shards(generator):
     """Gaussian shards are exact for the Gaussian part: a short fit and annealing keep it."""
     draws, scores, mu, sigma = _gaussian_shards(generator, n=2000)
-    idata = ds.dnc.combine(draws, "diffusion", scores=scores, num_samples=2000, seed=3, progress=False,
-                           num_steps=100, hidden=16, depth=2, num_levels=20, num_final_steps=60)
+    idata = ds.dnc.combine(
+        draws,
+        "diffusion",
+        scores=scores,
+        num_samples=2000,
+        seed=3,
+        progress=False,
+        num_steps=100,
+        hidden=16,
+        depth=2,
+        num_levels=20,
+        num_final_steps=60,
+    )
     x = _draws(idata)
     assert (_mean_z(x, mu, sigma) < 5).all()
     _, cov = sample_moments(x)
@@ -175,8 +186,18 @@ def test_bimodal_mode_weights_annealing_vs_consensus(generator):
     exact = exact_product_weight_negative_mode()
     m, chol = whitening(draws)
     energies = [ExactNoisedShard(spec, m, chol) for spec in (SHARD_A, SHARD_B)]
-    idata = ds.dnc.combine(draws, "diffusion", scores=scores, num_samples=3000, seed=4, progress=False,
-                           energy_models=energies, num_levels=40, num_final_steps=40, calibrate=False)
+    idata = ds.dnc.combine(
+        draws,
+        "diffusion",
+        scores=scores,
+        num_samples=3000,
+        seed=4,
+        progress=False,
+        energy_models=energies,
+        num_levels=40,
+        num_final_steps=40,
+        calibrate=False,
+    )
     x = _draws(idata)
     se = math.sqrt(exact * (1 - exact) / x.shape[0])
     assert abs(_mode_weight(x) - exact) < 0.05, (_mode_weight(x), exact)
@@ -201,7 +222,9 @@ def test_bimodal_annealing_rejects_wrong_energies(generator):
     m, chol = whitening(draws)
     wrong = dict(SHARD_A, weights=[0.3, 0.7])
     energies = [ExactNoisedShard(wrong, m, chol), ExactNoisedShard(SHARD_B, m, chol)]
-    options = dict(num_samples=3000, seed=4, progress=False, energy_models=energies, num_levels=40, num_final_steps=40)
+    options = dict(
+        num_samples=3000, seed=4, progress=False, energy_models=energies, num_levels=40, num_final_steps=40
+    )
     idata = ds.dnc.combine(draws, "diffusion", calibrate=False, **options)
     assert abs(_mode_weight(_draws(idata)) - exact_product_weight_negative_mode()) > 0.2
     idata = ds.dnc.combine(draws, "diffusion", **options)
@@ -222,14 +245,24 @@ def test_bimodal_mode_weights_learned_energies(generator):
     assert idata.posterior.attrs["num_modes"] == 2 and idata.posterior.attrs["num_calibrated_modes"] == 2
     assert abs(_mode_weight(x) - exact) < 0.05, (_mode_weight(x), exact)
     cons = _draws(ds.dnc.combine(draws, "consensus", num_samples=3000, seed=5, progress=False))
-    assert abs(_mode_weight(cons) - exact) > 0.05 or float(((cons[:, 0] > -0.75) & (cons[:, 0] < 0.75)).double().mean()) > 0.2
+    assert (
+        abs(_mode_weight(cons) - exact) > 0.05
+        or float(((cons[:, 0] > -0.75) & (cons[:, 0] < 0.75)).double().mean()) > 0.2
+    )
     # with the shards' exact log-densities weighing the modes (counted evaluations)
     from diffstat.targets import GaussianMixture
 
-    log_probs = [GaussianMixture(torch.tensor([[a, 0.0] for a in spec["means"]], dtype=torch.float64), spec["weights"],
-                                 scales=spec["sd"]).log_prob for spec in (SHARD_A, SHARD_B)]
-    idata = ds.dnc.combine(draws, "diffusion", scores=scores, seed=5, progress=False, calibration_log_probs=log_probs,
-                           **LEARNED)
+    log_probs = [
+        GaussianMixture(
+            torch.tensor([[a, 0.0] for a in spec["means"]], dtype=torch.float64),
+            spec["weights"],
+            scales=spec["sd"],
+        ).log_prob
+        for spec in (SHARD_A, SHARD_B)
+    ]
+    idata = ds.dnc.combine(
+        draws, "diffusion", scores=scores, seed=5, progress=False, calibration_log_probs=log_probs, **LEARNED
+    )
     assert abs(_mode_weight(_draws(idata)) - exact) < 0.05, (_mode_weight(_draws(idata)), exact)
     assert idata.posterior.attrs["num_shard_evals"] > 0 and idata.posterior.attrs["final_is_ess"] > 0.5
 
@@ -255,7 +288,9 @@ def test_bad_input_is_refused(generator):
     with pytest.raises(ValueError, match="dimension"):
         ds.dnc.combine([draws[0], draws[1][:, :1]], "gaussian", num_samples=10, seed=0)
     with pytest.raises(ValueError, match="scores of shard 1"):
-        ds.dnc.combine(draws, "gaussian", scores=[scores[0], scores[1][:5]] + scores[2:], num_samples=10, seed=0)
+        ds.dnc.combine(
+            draws, "gaussian", scores=[scores[0], scores[1][:5]] + scores[2:], num_samples=10, seed=0
+        )
     with pytest.raises(ValueError, match="non-finite"):
         bad = draws[0].clone()
         bad[0, 0] = float("nan")

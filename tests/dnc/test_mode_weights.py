@@ -38,8 +38,12 @@ def test_stf_target_is_the_noised_empirical_score(generator):
     y = a * x0 + s * z
     target = stf_target(process, y, t, x0, pts)
     # the empirical law on {own x0} U pts (the own point is counted twice)
-    exact = torch.stack([_noised_empirical_score(y[i:i + 1], t[i:i + 1], torch.cat([x0[i:i + 1], pts]), process)[0]
-                         for i in range(n)])
+    exact = torch.stack(
+        [
+            _noised_empirical_score(y[i : i + 1], t[i : i + 1], torch.cat([x0[i : i + 1], pts]), process)[0]
+            for i in range(n)
+        ]
+    )
     torch.testing.assert_close(target, exact, rtol=1e-9, atol=1e-9)
     plain = -z / s
     assert float((plain - exact).norm(dim=-1).mean()) > 0.5
@@ -50,7 +54,9 @@ def test_stf_training_runs_and_checks_input(generator):
     process = VP()
     x0 = torch.randn(500, 2, generator=generator)
     model = EnergyMLP(2, hidden=16, depth=2, process=process, seed=0)
-    cfg = TrainConfig(num_steps=60, batch_size=64, loss="stf", num_reference=128, small_t_fraction=0.5, eval_every=20)
+    cfg = TrainConfig(
+        num_steps=60, batch_size=64, loss="stf", num_reference=128, small_t_fraction=0.5, eval_every=20
+    )
     res = train_score_model(model, process, x0, -x0, config=cfg, generator=generator)
     assert res.num_steps == 60 and all(math.isfinite(v) for v in res.history["train_loss"])
     res = train_score_model(model, process, x0, None, config=cfg, generator=generator)
@@ -64,6 +70,7 @@ def test_stf_training_runs_and_checks_input(generator):
 def test_group_end_points_by_barrier():
     """Two wells of a 2-d double-well density: end points spread along the flat direction of one
     well join one group (no barrier), the two wells stay apart (a barrier of about 8 nats)."""
+
     def log_prob(x):
         return -2.0 * (x[:, 0] ** 2 - 1.0) ** 2 * 4 - 0.001 * x[:, 1] ** 2
 

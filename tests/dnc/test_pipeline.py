@@ -46,7 +46,10 @@ def always_fail(theta, data):
 
 def _data(n=200, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.tensor([1.0, -0.5], dtype=torch.float64) + torch.randn(n, DIM, generator=gen, dtype=torch.float64),)
+    return (
+        torch.tensor([1.0, -0.5], dtype=torch.float64)
+        + torch.randn(n, DIM, generator=gen, dtype=torch.float64),
+    )
 
 
 def _exact_posterior(y):
@@ -56,12 +59,17 @@ def _exact_posterior(y):
 
 def _targets(num_shards=4, likelihoods=None, seed=0):
     data = _data()
-    targets = subposteriors(GaussianPrior(PRIOR_VAR), normal_log_likelihood, data, DIM, num_shards, seed=seed,
-                            method="random")
+    targets = subposteriors(
+        GaussianPrior(PRIOR_VAR), normal_log_likelihood, data, DIM, num_shards, seed=seed, method="random"
+    )
     if likelihoods:
         for k, lik in likelihoods.items():
-            targets[k] = Target(SubPosterior(GaussianPrior(PRIOR_VAR), lik, targets[k]._log_prob.data, num_shards), DIM,
-                                dtype=torch.float64, validate=False)
+            targets[k] = Target(
+                SubPosterior(GaussianPrior(PRIOR_VAR), lik, targets[k]._log_prob.data, num_shards),
+                DIM,
+                dtype=torch.float64,
+                validate=False,
+            )
     return targets, data[0]
 
 
@@ -134,7 +142,9 @@ def test_local_pool_retries_a_failing_shard(tmp_path):
     targets, _ = _targets(likelihoods={1: FailOnce(str(tmp_path / "marker"))})
     with cf.ProcessPoolExecutor(max_workers=2) as ex, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = ds.dnc.sample_shards(targets, "mala", seed=5, executor=ex, max_retries=1, progress=False, **SAMPLER)
+        results = ds.dnc.sample_shards(
+            targets, "mala", seed=5, executor=ex, max_retries=1, progress=False, **SAMPLER
+        )
     assert [r.attempts for r in results] == [1, 2, 1, 1]
     assert "injected transient failure" in results[1].errors[0]
     assert any("shard 1 failed (attempt 1)" in str(w.message) for w in caught)
@@ -152,15 +162,20 @@ def test_permanent_failure_keeps_finished_shards(tmp_path):
     with cf.ProcessPoolExecutor(max_workers=2) as ex, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(ShardFailure, match="shard 2") as info:
-            ds.dnc.sample_shards(targets, "mala", seed=5, executor=ex, max_retries=1, progress=False, **SAMPLER)
+            ds.dnc.sample_shards(
+                targets, "mala", seed=5, executor=ex, max_retries=1, progress=False, **SAMPLER
+            )
         err = info.value
         assert sorted(err.completed) == [0, 1, 3]
         assert len(err.failures[2]) == 2
         # resume: only shard 2 runs (the others would fail if they were run again)
         clean, _ = _targets()
-        resumed_targets = [Target(always_fail_density, DIM, validate=False) if k != 2 else clean[2] for k in range(4)]
-        results = ds.dnc.sample_shards(resumed_targets, "mala", seed=5, executor=ex, completed=err.completed,
-                                       progress=False, **SAMPLER)
+        resumed_targets = [
+            Target(always_fail_density, DIM, validate=False) if k != 2 else clean[2] for k in range(4)
+        ]
+        results = ds.dnc.sample_shards(
+            resumed_targets, "mala", seed=5, executor=ex, completed=err.completed, progress=False, **SAMPLER
+        )
     assert [r.shard for r in results] == [0, 1, 2, 3]
     assert results[0] is err.completed[0]
 
@@ -173,17 +188,20 @@ def test_checkpoints_are_written_and_never_recomputed(tmp_path):
     """A second call with the same checkpoint directory and seed runs no shard (its targets would
     raise), and returns the same draws; a different seed is not mistaken for them."""
     targets, _ = _targets()
-    first = ds.dnc.sample_shards(targets, "mala", seed=5, executor=None, progress=False, checkpoint_dir=tmp_path,
-                                 **SAMPLER)
+    first = ds.dnc.sample_shards(
+        targets, "mala", seed=5, executor=None, progress=False, checkpoint_dir=tmp_path, **SAMPLER
+    )
     assert len(list(tmp_path.glob("shard_*_seed_*.pt"))) == 4 and not list(tmp_path.glob("*.tmp"))
     failing = [Target(always_fail_density, DIM, validate=False) for _ in range(4)]
-    again = ds.dnc.sample_shards(failing, "mala", seed=5, progress=False, checkpoint_dir=tmp_path, max_retries=0,
-                                 **SAMPLER)
+    again = ds.dnc.sample_shards(
+        failing, "mala", seed=5, progress=False, checkpoint_dir=tmp_path, max_retries=0, **SAMPLER
+    )
     assert all(torch.equal(a.draws, b.draws) for a, b in zip(first, again))
     with pytest.raises(ShardFailure), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds.dnc.sample_shards(failing, "mala", seed=6, progress=False, checkpoint_dir=tmp_path, max_retries=0,
-                             **SAMPLER)
+        ds.dnc.sample_shards(
+            failing, "mala", seed=6, progress=False, checkpoint_dir=tmp_path, max_retries=0, **SAMPLER
+        )
 
 
 # ----------------------------------------------------------------------------- Dask cluster
@@ -192,8 +210,12 @@ def dask_executor():
     distributed = pytest.importorskip("dask.distributed")
     import cloudpickle
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # this test module is not importable on workers
-    cluster = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None)
+    cloudpickle.register_pickle_by_value(
+        sys.modules[__name__]
+    )  # this test module is not importable on workers
+    cluster = distributed.LocalCluster(
+        n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
+    )
     client = distributed.Client(cluster)
     try:
         yield client.get_executor()
@@ -213,9 +235,18 @@ def test_dask_pipeline_exact_gaussian_posterior(dask_executor, tmp_path):
     mean, cov = _exact_posterior(y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        idata, results = ds.dnc.run_pipeline(targets, "gaussian", num_samples=4000, seed=11, executor=dask_executor,
-                                             shard_samples=300, num_chains=4, max_retries=2, progress=False,
-                                             sampler_options=dict(num_warmup=200))
+        idata, results = ds.dnc.run_pipeline(
+            targets,
+            "gaussian",
+            num_samples=4000,
+            seed=11,
+            executor=dask_executor,
+            shard_samples=300,
+            num_chains=4,
+            max_retries=2,
+            progress=False,
+            sampler_options=dict(num_warmup=200),
+        )
     assert results[3].attempts == 2
     assert idata.posterior.attrs["max_shard_attempts"] == 2
     assert len({r.worker for r in results}) == 2  # both worker processes did work
@@ -227,10 +258,25 @@ def test_dask_pipeline_exact_gaussian_posterior(dask_executor, tmp_path):
     assert ((sd_ratio - 1).abs() < 0.15).all()
 
     # negative: a prior that is not raised to 1/K (K priors in the product) is rejected
-    wrong = [Target(SubPosterior(GaussianPrior(PRIOR_VAR), normal_log_likelihood, t._log_prob.data, 1), DIM,
-                    dtype=torch.float64) for t in _targets()[0]]
-    bad, _ = ds.dnc.run_pipeline(wrong, "gaussian", num_samples=4000, seed=11, executor=dask_executor,
-                                 shard_samples=300, num_chains=4, progress=False, sampler_options=dict(num_warmup=200))
+    wrong = [
+        Target(
+            SubPosterior(GaussianPrior(PRIOR_VAR), normal_log_likelihood, t._log_prob.data, 1),
+            DIM,
+            dtype=torch.float64,
+        )
+        for t in _targets()[0]
+    ]
+    bad, _ = ds.dnc.run_pipeline(
+        wrong,
+        "gaussian",
+        num_samples=4000,
+        seed=11,
+        executor=dask_executor,
+        shard_samples=300,
+        num_chains=4,
+        progress=False,
+        sampler_options=dict(num_warmup=200),
+    )
     xb = torch.as_tensor(bad.posterior["x"].values).reshape(-1, DIM)
     sd_ratio_bad = torch.sqrt(torch.diagonal(torch.cov(xb.T)) / torch.diagonal(cov))
     assert ((sd_ratio_bad - 1).abs() > 0.15).any()  # the product's sd is 1/sqrt(2) of the truth
@@ -243,10 +289,19 @@ def test_dask_diffusion_fits_on_workers(dask_executor):
     targets, y = _targets()
     mean, cov = _exact_posterior(y)
     idata, _ = ds.dnc.run_pipeline(
-        targets, "diffusion", num_samples=1000, seed=2, executor=dask_executor, shard_samples=250, num_chains=4,
-        progress=False, sampler_options=dict(num_warmup=200), exact_log_probs=True,
-        combine_options=dict(num_steps=30, hidden=16, depth=2, num_levels=5, num_final_steps=60,
-                             fit_energies=True),
+        targets,
+        "diffusion",
+        num_samples=1000,
+        seed=2,
+        executor=dask_executor,
+        shard_samples=250,
+        num_chains=4,
+        progress=False,
+        sampler_options=dict(num_warmup=200),
+        exact_log_probs=True,
+        combine_options=dict(
+            num_steps=30, hidden=16, depth=2, num_levels=5, num_final_steps=60, fit_energies=True
+        ),
     )
     attrs = idata.posterior.attrs
     assert attrs["exact_final_target"] == 1 and attrs["max_fit_time"] > 0

@@ -11,7 +11,9 @@ from tests.dnc.test_exact_smc import A_K, B_K, MIX, LogGammaShard, _exact_moment
 
 
 def test_monomial_gradients_match_autograd():
-    u = torch.randn(7, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    u = torch.randn(7, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(
+        True
+    )
     from diffstat.dnc.surrogate import _index_sets
 
     values, grads = monomials(u, _index_sets(3, 3))
@@ -27,7 +29,12 @@ def test_fit_is_exact_for_a_cubic_log_density():
     coef = torch.randn(3, dtype=torch.float64, generator=gen)
 
     def cubic(x):
-        return -0.5 * (x**2).sum(-1) + coef[0] * x[:, 0] ** 3 + coef[1] * x[:, 0] * x[:, 1] ** 2 + coef[2] * x[:, 1]
+        return (
+            -0.5 * (x**2).sum(-1)
+            + coef[0] * x[:, 0] ** 3
+            + coef[1] * x[:, 0] * x[:, 1] ** 2
+            + coef[2] * x[:, 1]
+        )
 
     x = torch.randn(200, 2, dtype=torch.float64, generator=gen) * 0.7 + 0.3
     xg = x.clone().requires_grad_(True)
@@ -70,8 +77,9 @@ def test_product_from_draws_scores_and_values():
         scores.append(torch.autograd.grad(lp.sum(), xg)[0])
         values.append(lp.detach())
     mean, cov = _exact_moments(A2, B2)
-    idata = ds.dnc.combine(draws, "diffusion", scores=scores, num_samples=2000, seed=4, progress=False,
-                           draw_log_probs=values)
+    idata = ds.dnc.combine(
+        draws, "diffusion", scores=scores, num_samples=2000, seed=4, progress=False, draw_log_probs=values
+    )
     x = torch.as_tensor(idata.posterior["x"].values).reshape(-1, 2)
     assert idata.posterior.attrs["shard_energies"] == "polynomial of degree 3"
     assert _z_scores(x, mean, cov, 500).abs().max() < 4.0
@@ -79,7 +87,15 @@ def test_product_from_draws_scores_and_values():
     xg = torch.as_tensor(gauss.posterior["x"].values).reshape(-1, 2)
     assert _z_scores(xg, mean, cov, 2000).abs().max() > 4.0
     # the check can fail: quadratic energies (a Gaussian per shard, fitted to the scores) are off too
-    quad = ds.dnc.combine(draws, "diffusion", scores=scores, num_samples=2000, seed=4, progress=False,
-                          draw_log_probs=values, surrogate_degree=2)
+    quad = ds.dnc.combine(
+        draws,
+        "diffusion",
+        scores=scores,
+        num_samples=2000,
+        seed=4,
+        progress=False,
+        draw_log_probs=values,
+        surrogate_degree=2,
+    )
     xq = torch.as_tensor(quad.posterior["x"].values).reshape(-1, 2)
     assert _z_scores(xq, mean, cov, 500).abs().max() > 4.0
