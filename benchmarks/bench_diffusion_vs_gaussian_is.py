@@ -102,7 +102,8 @@ def main() -> None:
     torch.set_num_threads(1)
     summary = []
     print(
-        f"{'method':12s} {'d':>3s} {'seed':>4s} {'evals':>8s} {'K':>2s} {'ESS last':>9s} {'frac':>6s} {'PSIS':>6s} {'ESS pool':>9s} {'w_heavy':>8s} {'logZ err':>9s} {'se':>6s} {'time':>7s}"
+        f"{'method':12s} {'d':>3s} {'seed':>4s} {'evals':>8s} {'K':>2s} {'ESS last':>9s} {'frac':>6s} "
+        f"{'PSIS':>6s} {'ESS pool':>9s} {'w_heavy':>8s} {'logZ err':>9s} {'se':>6s} {'time':>7s}"
     )
     for dim in args.dims:
         ratios, means = (
@@ -113,8 +114,11 @@ def main() -> None:
             rows = {m: run(m, dim, seed, args) for m in ("gaussian_is", "diffusion")}
             for r in rows.values():
                 print(
-                    f"{r['method']:12s} {r['dim']:3d} {r['seed']:4d} {r['evals']:8d} {r['modes']:2d} {r['ess_last']:9.1f} {r['ess_frac_last']:6.3f} {r['psis_frac_last']:6.3f} "
-                    f"{r['ess_pooled']:9.1f} {r['heavy']:8.4f} {r['logz_err']:+9.4f} {r['logz_se']:6.4f} {r['time']:7.1f}  ESS fraction by round: {r['ess_rounds']}; Pareto k by round: {r['pareto_k']}"
+                    f"{r['method']:12s} {r['dim']:3d} {r['seed']:4d} {r['evals']:8d} {r['modes']:2d} "
+                    f"{r['ess_last']:9.1f} {r['ess_frac_last']:6.3f} {r['psis_frac_last']:6.3f} "
+                    f"{r['ess_pooled']:9.1f} {r['heavy']:8.4f} {r['logz_err']:+9.4f} {r['logz_se']:6.4f} "
+                    f"{r['time']:7.1f}  ESS fraction by round: {r['ess_rounds']}; "
+                    f"Pareto k by round: {r['pareto_k']}"
                     + (f"; model per mode by round: {r['choice']}" if r["method"] == "diffusion" else ""),
                     flush=True,
                 )
@@ -134,7 +138,8 @@ def main() -> None:
         )
 
     print(
-        "summary: ESS ratio diffusion / gaussian_is in the last round at equal evaluations, per seed and as the ratio of the mean ESS over the seeds"
+        "summary: ESS ratio diffusion / gaussian_is in the last round at equal evaluations, "
+        "per seed and as the ratio of the mean ESS over the seeds"
     )
     for dim, ratios, of_means in summary:
         for key, name in (("ess_last", "Kish"), ("psis_last", "Pareto-smoothed")):
@@ -142,7 +147,8 @@ def main() -> None:
             print(
                 f"  d={dim:2d} {name:15s}: "
                 + ", ".join(f"{x:.2f}" for x in v)
-                + f"  (min {min(v):.2f}; {sum(x >= 3 for x in v)} of {len(v)} at least 3; ratio of mean ESS {of_means[key]:.2f})"
+                + f"  (min {min(v):.2f}; {sum(x >= 3 for x in v)} of {len(v)} at least 3; "
+                f"ratio of mean ESS {of_means[key]:.2f})"
             )
 
 

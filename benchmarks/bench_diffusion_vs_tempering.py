@@ -70,7 +70,8 @@ def main() -> None:
     else:
         print("method 'smc' is not available in this tree: diffusion only")
     print(
-        f"{'method':<30}{'seed':>5}{'heavy':>8}{'logZ err':>10}{'se':>8}{'modes':>6}{'ESS frac':>9}{'evals':>10}{'seconds':>9}"
+        f"{'method':<30}{'seed':>5}{'heavy':>8}{'logZ err':>10}{'se':>8}"
+        f"{'modes':>6}{'ESS frac':>9}{'evals':>10}{'seconds':>9}"
     )
     for method, label, options in configs:
         for seed in args.seeds:

@@ -28,8 +28,8 @@ the reference is MALA on the full data in the coordinates of its Laplace approxi
 chains of 2,500 draws thinned by 4), cached per data set; the row ``diffusion_exact`` is the
 diffusion combiner given the shards' log-densities (an SMC to their exact sum,
 :mod:`diffstat.dnc.exact_smc`); ``diffusion_poly`` is given only the log-densities at the shards'
-draws (with the scores: cubic shard energies, :mod:`diffstat.dnc.surrogate`); the product of the shards' exact Laplace Gaussians is printed
-beside it (how far off any Gaussian combiner must be).
+draws (with the scores: cubic shard energies, :mod:`diffstat.dnc.surrogate`); the product of the shards'
+exact Laplace Gaussians is printed beside it (how far off any Gaussian combiner must be).
 
 Run:  python benchmarks/bench_dnc.py [--problem mixture|logistic|both|randhie|default|real] [--seed 0]
 Shard draws are cached in benchmarks/_cache_dnc/ (delete to resample).
@@ -430,7 +430,8 @@ def run(
             )
         elif method == "diffusion":
             extra = (
-                f"   ({'fits reused; ' if name != 'diffusion' else ''}fit per shard max {a['max_fit_time']:.1f} s,"
+                f"   ({'fits reused; ' if name != 'diffusion' else ''}"
+                f"fit per shard max {a['max_fit_time']:.1f} s,"
                 f" total {a['fit_time']:.1f} s; sampling {a['combine_time']:.1f} s;"
                 f" modes {a['num_modes']}, calibrated {a['num_calibrated_modes']},"
                 f" shard log-density evaluations {a['num_shard_evals']} per shard"
@@ -441,7 +442,8 @@ def run(
     pool.shutdown()
     floor = [f(ex2, ex) for f in metric_fns]
     print(
-        f"{'(exact draws)':<16}{floor[0]:>8.3f}{floor[1]:>8.3f}{floor[2]:>8.3f}   <- {num_samples} reference draws "
+        f"{'(exact draws)':<16}{floor[0]:>8.3f}{floor[1]:>8.3f}{floor[2]:>8.3f}   "
+        f"<- {num_samples} reference draws "
         "scored the same way: the Monte Carlo floor"
     )
     if "dataset" in problem:

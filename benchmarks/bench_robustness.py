@@ -66,7 +66,8 @@ def bench_ais(seeds):
                 if k in a
             )
             print(
-                f"  {method} {kw} seed {seed}: log Z {a['log_normalizer']:.3f} (err {a['log_normalizer'] - IONOSPHERE_LOG_Z:+.3f}) "
+                f"  {method} {kw} seed {seed}: log Z {a['log_normalizer']:.3f} "
+                f"(err {a['log_normalizer'] - IONOSPHERE_LOG_Z:+.3f}) "
                 f"se {a['log_normalizer_se']:.3f}{extra} evals {a['num_target_evals']:,} warned {bool(warn)}",
                 flush=True,
             )
@@ -92,12 +93,16 @@ def bench_walk_jump(seeds):
         )
         finite = torch.isfinite(x).all(-1)
         keep = finite & ~marked
-        line = f"  seed {seed}: {int((~finite).sum())} of {len(x)} draws non-finite, {int(marked.sum())} marked divergent, warned {bool(warn)}"
+        line = (
+            f"  seed {seed}: {int((~finite).sum())} of {len(x)} draws non-finite, "
+            f"{int(marked.sum())} marked divergent, warned {bool(warn)}"
+        )
         if keep.sum() > 1:
             xs = x[keep]
             line += (
                 f"; unmarked draws: x1 mean {float(xs[:, 0].mean()):.2f} sd {float(xs[:, 0].std()):.2f}, "
-                f"other sds {float(xs[:, 1:].std(0).mean()):.2f}, median |x_i| {float(xs[:, 1:].abs().median()):.3f}"
+                f"other sds {float(xs[:, 1:].std(0).mean()):.2f}, "
+                f"median |x_i| {float(xs[:, 1:].abs().median()):.3f}"
             )
         print(
             line
@@ -120,7 +125,8 @@ def bench_sms(seeds):
     (m_h, s_h), (m_m, s_m) = refs.values()
     print(
         f"SMS on ionosphere (sigma 0.5, M 16, 50 draws); HMC vs MALA reference: max |mean diff|/sd "
-        f"{float(((m_h - m_m).abs() / s_h).max()):.3f}, max |log sd ratio| {float((s_h / s_m).log().abs().max()):.3f}"
+        f"{float(((m_h - m_m).abs() / s_h).max()):.3f}, "
+        f"max |log sd ratio| {float((s_h / s_m).log().abs().max()):.3f}"
     )
     for seed in seeds:
         t0 = time.perf_counter()
@@ -134,9 +140,12 @@ def bench_sms(seeds):
         x = torch.as_tensor(idata.posterior.x.values).reshape(-1, model.dim)
         z = (x.mean(0) - m_h).abs() / s_h
         print(
-            f"  seed {seed}: max |mean err|/sd {float(z.max()):.2f} (mean over coords {float(z.mean()):.2f}; "
-            f"MC floor for 50 draws ~{1 / math.sqrt(50):.2f}), max |log sd ratio| {float((x.std(0) / s_h).log().abs().max()):.2f}, "
-            f"{idata.posterior.attrs['num_target_evals']:,} evals, {time.perf_counter() - t0:.0f} s, warned {bool(warn)}",
+            f"  seed {seed}: max |mean err|/sd {float(z.max()):.2f} "
+            f"(mean over coords {float(z.mean()):.2f}; "
+            f"MC floor for 50 draws ~{1 / math.sqrt(50):.2f}), "
+            f"max |log sd ratio| {float((x.std(0) / s_h).log().abs().max()):.2f}, "
+            f"{idata.posterior.attrs['num_target_evals']:,} evals, "
+            f"{time.perf_counter() - t0:.0f} s, warned {bool(warn)}",
             flush=True,
         )
 

@@ -97,7 +97,8 @@ def main() -> None:
     )
     betas = [1e-3, 1e-2, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0]
     print(
-        f"narrow-wide mixture, d = {d}, true heavy weight 0.75, log Z = {gm.log_normalizer}; reference N(0, {args.reference_sd:g}^2 I)"
+        f"narrow-wide mixture, d = {d}, true heavy weight 0.75, log Z = {gm.log_normalizer}; "
+        f"reference N(0, {args.reference_sd:g}^2 I)"
     )
     print("heavy-mode share of pi_beta along the path:")
     print(
@@ -117,7 +118,8 @@ def main() -> None:
         ),
     ]
     print(
-        f"{'method':<28}{'seed':>5}{'heavy weight':>14}{'log Z err':>11}{'se':>8}{'target evals':>14}{'seconds':>9}"
+        f"{'method':<28}{'seed':>5}{'heavy weight':>14}{'log Z err':>11}{'se':>8}"
+        f"{'target evals':>14}{'seconds':>9}"
     )
     for method, label, options in configs:
         rows = []
@@ -130,7 +132,8 @@ def main() -> None:
             )
         mean = [sum(r[i] for r in rows) / len(rows) for i in range(4)]
         print(
-            f"{label + ' (mean)':<28}{'':>5}{mean[0]:>14.3f}{mean[1]:>11.3f}{'':>8}{int(mean[2]):>14d}{mean[3]:>9.1f}"
+            f"{label + ' (mean)':<28}{'':>5}{mean[0]:>14.3f}{mean[1]:>11.3f}{'':>8}"
+            f"{int(mean[2]):>14d}{mean[3]:>9.1f}"
         )
 
 

@@ -60,7 +60,8 @@ def main() -> None:
     torch.set_num_threads(1)
     process = VP()
     print(
-        f"VP linear, ScoreMLP(d, 128, 3), {args.steps} Adam steps (batch 256, lr 3e-3 cosine), n = {args.n}, {args.seeds} seeds"
+        f"VP linear, ScoreMLP(d, 128, 3), {args.steps} Adam steps (batch 256, lr 3e-3 cosine), "
+        f"n = {args.n}, {args.seeds} seeds"
     )
     print(
         f"{'target':6} {'loss':14} {'err t<=0.05 (mean, per seed)':44} {'err all t (mean)':>16} {'cpu s':>6}"
@@ -91,7 +92,8 @@ def main() -> None:
             per_seed = ", ".join(f"{v:.4f}" for v in near)
             label = f"{loss}/{weighting}"
             print(
-                f"{name:6} {label:14} {sum(near) / len(near):.4f} ({per_seed}){'':6} {sum(overall) / len(overall):16.4f} {cpu / args.seeds:6.1f}",
+                f"{name:6} {label:14} {sum(near) / len(near):.4f} ({per_seed}){'':6} "
+                f"{sum(overall) / len(overall):16.4f} {cpu / args.seeds:6.1f}",
                 flush=True,
             )
 

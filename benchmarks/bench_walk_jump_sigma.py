@@ -58,7 +58,8 @@ def main():
         f"{args.warmup} warm-up steps, {args.draws} jumps each; truth weight 0.6667, tau^2 = {tau2}"
     )
     print(
-        f"{'score':>8} {'sigma':>6} {'weight':>7} {'var':>8} {'theory':>8} {'switched':>8} {'evals':>10} {'time':>6}"
+        f"{'score':>8} {'sigma':>6} {'weight':>7} {'var':>8} "
+        f"{'theory':>8} {'switched':>8} {'evals':>10} {'time':>6}"
     )
     for sigma in (float(s) for s in args.sigmas.split(",")):
         sources = [("exact", dict(smoothed_score=exact))]

@@ -27,7 +27,8 @@ def check_options(options: dict, allowed: set, method: str) -> None:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(
-            f"unknown option(s) for method {method!r}: {', '.join(unknown)}; known: {', '.join(sorted(allowed))}"
+            f"unknown option(s) for method {method!r}: {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(allowed))}"
         )
 
 

@@ -65,6 +65,7 @@ _NUM_CHECK_POINTS = 3
 #: Points per model run when converting draws for ``posterior`` (bounds memory; 10^6 draws take
 #: 245 runs).
 _CHUNK = 4096
+_EMPTY_SHAPE = torch.Size()
 _MODES = ("plate", "vmap")
 
 
@@ -132,7 +133,7 @@ class _PyroPrior(torch.distributions.Distribution):
         self._target = target
         super().__init__(torch.Size(), torch.Size([target.dim]), validate_args=False)
 
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape=_EMPTY_SHAPE) -> torch.Tensor:
         shape = torch.Size(sample_shape)
         return self._target.prior_draws(int(np.prod(shape))).reshape(shape + (self._target.dim,))
 
@@ -272,7 +273,8 @@ class PyroTarget(Target):
             if site_is_subsample(site):
                 if site["value"] is not None and site["value"].numel() < site["fn"].size:
                     raise ValueError(
-                        f"plate {name!r} subsamples its data; the log-density must be exact: no subsample_size"
+                        f"plate {name!r} subsamples its data; "
+                        "the log-density must be exact: no subsample_size"
                     )
                 continue
             fn, value = site["fn"], site["value"]

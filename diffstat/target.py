@@ -194,7 +194,8 @@ class Target:
         bad_grad = finite & ~torch.isfinite(grad).all(-1)
         if bad_grad.any():
             raise ValueError(
-                f"the gradient of log_prob is NaN or infinite at {int(bad_grad.sum())} of {int(finite.sum())} "
+                f"the gradient of log_prob is NaN or infinite at {int(bad_grad.sum())} "
+                f"of {int(finite.sum())} "
                 "points where log_prob is finite; gradient-based samplers cannot move from there"
             )
         # A dim larger than the log-density uses: some coordinates have an identically zero

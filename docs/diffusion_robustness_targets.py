@@ -1,6 +1,7 @@
 """Real-style targets for the diffusion sampler (notes: docs/diffusion_robustness.md).
 
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python docs/diffusion_robustness_targets.py TARGET METHOD ["opt=value, ..."]
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 \\
+        python docs/diffusion_robustness_targets.py TARGET METHOD ["opt=value, ..."]
 
 TARGET: reg (conjugate regression, 10 predictors of correlation 0.9^|i-j|, n = 200, known sigma),
 ar2 (Pyro AR(2), half-normal sigma; METHOD exact gives the quadrature answer), kidiq, earnings,
@@ -326,7 +327,7 @@ if __name__ == "__main__":
             )
         except Exception as e:
             print(f"CRASH {type(e).__name__}: {e}  after {time.time() - t0:.0f}s")
-            raise SystemExit
+            raise SystemExit from e
     print(f"{which} {method} {time.time() - t0:.0f}s")
     for w in caught:
         if issubclass(w.category, RuntimeWarning):

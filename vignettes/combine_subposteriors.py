@@ -253,7 +253,8 @@ with (
     Client(cluster) as client,
 ):
     print(
-        f"cluster up in {time.perf_counter() - start:.1f} s: {len(client.scheduler_info()['workers'])} workers"
+        f"cluster up in {time.perf_counter() - start:.1f} s: "
+        f"{len(client.scheduler_info()['workers'])} workers"
     )
     start = time.perf_counter()
     dask_combined, dask_shards = ds.dnc.run_pipeline(
@@ -274,7 +275,8 @@ with (
 workers = sorted({r.worker for r in dask_shards})
 same = all(torch.equal(a.draws, b.draws) for a, b in zip(local_shards, dask_shards))
 print(
-    f"Dask pipeline: {dask_seconds:.1f} s on workers {workers}; shard draws identical to the local run: {same}"
+    f"Dask pipeline: {dask_seconds:.1f} s on workers {workers}; "
+    f"shard draws identical to the local run: {same}"
 )
 x = dask_combined.posterior["x"].values.reshape(-1, dim)
 print(

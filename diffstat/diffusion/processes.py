@@ -247,7 +247,10 @@ class VP(_Process):
         }
 
     def __repr__(self) -> str:
-        return f"VP(beta_min={self.beta_min}, beta_max={self.beta_max}, schedule={self.schedule!r}, t_min={self.t_min}, t_max={self.t_max})"
+        return (
+            f"VP(beta_min={self.beta_min}, beta_max={self.beta_max}, schedule={self.schedule!r}, "
+            f"t_min={self.t_min}, t_max={self.t_max})"
+        )
 
 
 class VE(_Process):
@@ -301,11 +304,15 @@ class VE(_Process):
         }
 
     def __repr__(self) -> str:
-        return f"VE(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, t_min={self.t_min}, t_max={self.t_max})"
+        return (
+            f"VE(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, "
+            f"t_min={self.t_min}, t_max={self.t_max})"
+        )
 
 
 def process_from_dict(spec: dict) -> VP | VE:
-    """Rebuild a process from :meth:`to_dict` output (used by :func:`~diffstat.diffusion.training.load_model`)."""
+    """Rebuild a process from :meth:`to_dict` output
+    (used by :func:`~diffstat.diffusion.training.load_model`)."""
     if not isinstance(spec, dict) or spec.get("kind") not in ("VP", "VE"):
         raise ValueError(f"not a process description: {spec!r}")
     kwargs = {k: v for k, v in spec.items() if k != "kind"}

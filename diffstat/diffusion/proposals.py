@@ -384,7 +384,8 @@ class DiffusionMixture:
     def __init__(self, components: list[DiffusionProposal], weights: torch.Tensor):
         if len(components) != weights.shape[0] or len(components) == 0:
             raise ValueError(
-                f"need one weight per component, got {len(components)} components and {tuple(weights.shape)} weights"
+                f"need one weight per component, got {len(components)} components "
+                f"and {tuple(weights.shape)} weights"
             )
         self.components, self.weights = components, weights / weights.sum()
 

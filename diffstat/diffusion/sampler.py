@@ -116,8 +116,8 @@ def importance_summary(
 ) -> dict[str, torch.Tensor | float]:
     r"""Summary of one round's log weights ``(n,)`` with mode assignments ``(n,)``: log Z and its
     standard error, the Kish ESS of the weights and of their Pareto-smoothed version with its
-    :math:`\hat k` (:func:`~diffstat._util.pareto_smooth`; the smoothed log weights as ``log_w_psis``), the mode weights
-    :math:`\sum_{i \in k} \bar w_i` and the ESS of the weights within each mode ``(K,)``.
+    :math:`\hat k` (:func:`~diffstat._util.pareto_smooth`; the smoothed log weights as ``log_w_psis``), the
+    mode weights :math:`\sum_{i \in k} \bar w_i` and the ESS of the weights within each mode ``(K,)``.
 
     A NaN weight counts as zero (a log-density undefined there); a weight of :math:`+\infty` counts
     as zero too but is reported in ``num_infinite``, which makes the round missed

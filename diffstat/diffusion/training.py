@@ -135,7 +135,8 @@ class TrainConfig:
             raise ValueError("early stopping (patience) needs a held-out split (val_fraction > 0)")
         if self.weighting is not None and self.weighting not in ("sigma2", "g2", "alpha2", "none"):
             raise ValueError(
-                f"TrainConfig.weighting must be None, 'sigma2', 'g2', 'alpha2' or 'none', got {self.weighting!r}"
+                "TrainConfig.weighting must be None, 'sigma2', 'g2', 'alpha2' or 'none', "
+                f"got {self.weighting!r}"
             )
         if not 0.0 <= self.small_t_fraction <= 1.0:
             raise ValueError(f"TrainConfig.small_t_fraction must lie in [0, 1], got {self.small_t_fraction}")
@@ -459,7 +460,8 @@ def load_model(path):
         config = None if payload["config"] is None else TrainConfig(**payload["config"])
     except (KeyError, TypeError, RuntimeError, AttributeError, ValueError) as exc:
         raise ValueError(
-            f"{path} does not describe a consistent model (mismatched architecture, weights or settings): {exc}"
+            f"{path} does not describe a consistent model "
+            f"(mismatched architecture, weights or settings): {exc}"
         ) from exc
     model.eval()
     return model, process, config

@@ -3,8 +3,8 @@ annealed (SMC-corrected) MCMC on the sum of the energies (Trojan, Fearnhead and 
 et al. 2023).
 
 1. **Whiten** the shards' draws by one common affine map and
-2. **fit** one energy-based diffusion model per shard, a noised-Gaussian energy plus a residual network trained with the
-   mixed TSM/DSM loss on the stored scores, half of each batch's times log-uniform near
+2. **fit** one energy-based diffusion model per shard, a noised-Gaussian energy plus a residual network
+   trained with the mixed TSM/DSM loss on the stored scores, half of each batch's times log-uniform near
    :math:`t = 0` (:mod:`diffstat.dnc.energy`).
 3. **Sample** :math:`\pi_t(z) \propto \exp(-\sum_k E_k(z, t))`. Start from the product of the
    noised Gaussian parts at ``t_start`` (at :math:`t \to 0` the Gaussian product of the shards),
@@ -363,7 +363,8 @@ def combine_diffusion(
         for j in range(num_final_steps):
             if j == num_adapt and calibrate:
                 root_inv_s = root_inv.to(sdtype)
-                to_w = lambda z_: (z_.to(sdtype) - product.shift) @ root_inv_s.T  # noqa: E731
+                # B023: to_w is called only inside this iteration (by calibrate_mode_weights below)
+                to_w = lambda z_: (z_.to(sdtype) - product.shift) @ root_inv_s.T  # noqa: E731, B023
                 to_z = lambda w_: product.shift + w_ @ product.root.T  # noqa: E731
                 exact_lp = None
                 if calibration_log_probs is not None:

@@ -206,4 +206,7 @@ class ManyWell:
         return Target(self.unnormalized_log_prob, self.dim, name=name, reference=reference, dtype=dtype)
 
     def __repr__(self) -> str:
-        return f"ManyWell(dim={self.dim}, a={self.a}, b={self.b}, c={self.c}, log_normalizer={self.log_normalizer:.4f})"
+        return (
+            f"ManyWell(dim={self.dim}, a={self.a}, b={self.b}, c={self.c}, "
+            f"log_normalizer={self.log_normalizer:.4f})"
+        )

@@ -23,7 +23,8 @@ def two_modes(
     r"""The unequal two-mode target of SLIPS (Grenioux et al. 2024, their ``make_target``).
 
     .. math::
-        p = w_1\, \mathcal N(-a \mathbf 1 + c \mathbf 1, v I) + w_2\, \mathcal N(a \mathbf 1 + c \mathbf 1, v I),
+        p = w_1\, \mathcal N(-a \mathbf 1 + c \mathbf 1, v I)
+            + w_2\, \mathcal N(a \mathbf 1 + c \mathbf 1, v I),
         \qquad c = a / 3 \text{ if centered else } 0,
 
     with weights 2 : 1 (the heavy mode at :math:`-a\mathbf 1`), :math:`v = 0.05`, and ``d`` from 8

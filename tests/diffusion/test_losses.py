@@ -48,10 +48,10 @@ def _closed_forms(process, c):
 def test_dsm_tsm_mixed_expectations(process, generator):
     n = 5000
     for c in (0.2, 0.7):
-        model = lambda x, t: -c * x  # noqa: E731
+        model = lambda x, t, c=c: -c * x  # noqa: E731
         exact, _ = _closed_forms(process, c)
         losses = {
-            "dsm": lambda g: dsm_loss(
+            "dsm": lambda g, model=model: dsm_loss(
                 model,
                 process,
                 S0 * torch.randn(n, D, generator=g, dtype=torch.float64),
@@ -59,8 +59,8 @@ def test_dsm_tsm_mixed_expectations(process, generator):
                 t=_time(process),
                 weighting="none",
             ),
-            "tsm": lambda g: _tsm(tsm_loss, model, process, g, n),
-            "mixed": lambda g: _tsm(mixed_loss, model, process, g, n),
+            "tsm": lambda g, model=model: _tsm(tsm_loss, model, process, g, n),
+            "mixed": lambda g, model=model: _tsm(mixed_loss, model, process, g, n),
         }
         for name, fn in losses.items():
             mean, se = _batches(fn, generator)

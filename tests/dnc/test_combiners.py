@@ -18,7 +18,7 @@ DIM = 2
 def _gaussian_shards(generator, num_shards=4, n=4000):
     """Exact draws and scores of K Gaussian sub-posteriors N(m_k, S_k) and their exact product."""
     means, covs, draws, scores = [], [], [], []
-    for k in range(num_shards):
+    for _ in range(num_shards):
         m = torch.randn(DIM, generator=generator, dtype=torch.float64)
         a = torch.randn(DIM, DIM, generator=generator, dtype=torch.float64)
         s = a @ a.T + 0.5 * torch.eye(DIM, dtype=torch.float64)
