@@ -99,6 +99,7 @@ NUM_SAMPLES = 500 if FAST else 2000
 # number of measurements here rather than from exploring the target.
 OPTIONS = {
     "mala": dict(num_chains=4, num_samples=4 * NUM_SAMPLES, num_warmup=NUM_SAMPLES),
+    "nuts": dict(num_chains=4, num_warmup=NUM_SAMPLES),
     "hmc": dict(num_chains=4, num_warmup=NUM_SAMPLES),
     "ais": dict(num_temperatures=500),
     "smc": dict(num_mcmc_steps=20),
@@ -143,7 +144,7 @@ for method in METHODS:
 # needs several chains: the particle methods return one chain of equally weighted draws).
 
 # %%
-reference_method = "hmc" if "hmc" in results else next(iter(results))
+reference_method = "nuts" if "nuts" in results else next(iter(results))
 reference = results[reference_method]
 coefficients = {"beta_dim_0": [0, 1, 2, 3]}  # the intercept and the first three features
 print(az.summary(reference, var_names=["beta"], coords=coefficients))
@@ -152,7 +153,7 @@ print(az.summary(reference, var_names=["beta"], coords=coefficients))
 # %% [markdown]
 # ## How the methods agree
 #
-# Against the HMC run: the largest error of a posterior mean in units of the posterior sd, the
+# Against the NUTS run: the largest error of a posterior mean in units of the posterior sd, the
 # range of sd ratios, and the log normalising constant where the method estimates it.
 
 
@@ -242,7 +243,7 @@ print(pyro_target)
 # The Pyro model costs more per evaluation than the plain function (the model runs under
 # torch.func.vmap), so fast mode runs two methods on it with smaller budgets.
 PYRO_OVERRIDES = {
-    "hmc": dict(num_samples=250, num_warmup=250),
+    "nuts": dict(num_samples=250, num_warmup=250),
     "smc": dict(num_samples=300, num_mcmc_steps=5),
 }
 pyro_methods = list(PYRO_OVERRIDES) if FAST else METHODS
@@ -263,7 +264,7 @@ for method in pyro_methods:
 
 # %%
 if pyro_results:
-    pyro_reference = pyro_results.get("hmc", next(iter(pyro_results.values())))
+    pyro_reference = pyro_results.get("nuts", next(iter(pyro_results.values())))
     print(az.summary(pyro_reference, var_names=["alpha", "beta"], coords={"beta_dim_0": [0, 2]}))
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     plain_draws = reference.posterior["beta"].values.reshape(-1, dim)
