@@ -173,6 +173,11 @@ class NoisedPath:
         beta = self.beta(rho)
         return GuidedState(x, bank_t + beta * (lg - bank_0), grad_t + (beta * a) * (grad - grad_0), lp)
 
+    def target_lp(self, gs: GuidedState) -> torch.Tensor:
+        """The target log-density :math:`\\log\\tilde\\pi(m + Lx)` ``(n,)`` of a state at zero noise,
+        from its :math:`\\log\\hat g_0 = \\log g` (no evaluation)."""
+        return gs.log_g - self.whitening.log_det - 0.5 * (gs.x**2).sum(-1) - self._half_log_2pi
+
     def log_pi_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:math:`\\log\\pi_z(z)` ``(n,)`` and its gradient ``(n, dim)`` in whitened coordinates."""
         w = self.whitening
