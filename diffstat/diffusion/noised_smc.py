@@ -63,9 +63,11 @@ from diffstat.diffusion.noised_smc_path import (
     GuidedState,
     NoisedPath,
     Whitening,
+    local_mala_step,
     noise_schedule,
     pilot_whitening,
 )
+from diffstat.mcmc.mala import MALA_TARGET_ACCEPT
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.moves import cluster_particles, decorrelating_moves, particle_metric
 from diffstat.tempering.path import PathState, default_step_size, get_kernel
@@ -129,7 +131,9 @@ def _moves(path, generator, gs, rho, log_h, log_w, num_steps, kernel, max_steps)
         return gs, log_h, nan.expand(gs.x.shape[0]), 0, math.nan
     labels = cluster_particles(gs.x, log_w, generator)
     metric = particle_metric(gs.x, log_w, "auto", labels)
-    step, target_accept = get_kernel(kernel)
+    step, target_accept = (
+        (local_mala_step, MALA_TARGET_ACCEPT) if kernel == "local_mala" else get_kernel(kernel)
+    )
     ps = PathState(gs.x, NoisedPath.log_reference(gs.x), -gs.x, gs.log_g, gs.grad_g)
     res = decorrelating_moves(
         step,
@@ -169,7 +173,7 @@ def noised_smc(
     x = torch.randn(n, dim, generator=generator, dtype=dtype, device=device)
     gs = path.evaluate(x, rho[-1])
     log_w = gs.log_g.clone()  # gamma_K / N(0, I) = g_K
-    h0 = step_size if step_size else default_step_size(kernel, dim)
+    h0 = step_size if step_size else default_step_size("mala" if kernel == "local_mala" else kernel, dim)
     log_h = torch.tensor(math.log(h0), dtype=dtype, device=device)
     eve = torch.arange(n, device=device)
     rec: dict[str, list] = {
