@@ -22,14 +22,21 @@ In whitened coordinates with reference :math:`\mathcal N(0, I)` and targets
    :math:`\hat g_0 = g`, and the guidance only sets its variance. :math:`\log\hat Z
    \mathrel{+}= \log\sum_i W_i w'_i/w_i`.
 4. **Resample** (systematic by default) when the ESS fraction falls below ``resample_threshold``.
-5. **Move** by ``num_mcmc_steps`` MALA steps leaving :math:`\gamma_k` invariant, with the dense
-   metric of the weighted particle covariance (:class:`~diffstat.mcmc.metric.DenseMetric`) and a
-   step size adapted toward acceptance 0.574 (Robbins-Monro on its logarithm, carried across
-   stages).
+5. **Move** the particles by MCMC leaving :math:`\gamma_k` invariant, with the tempering samplers'
+   machinery (:mod:`diffstat.tempering.moves`): the metric is the particle covariance pooled within
+   clusters (:func:`~diffstat.tempering.moves.particle_metric`, so the distance between modes does
+   not set the step inside them), the step size is adapted toward the kernel's acceptance
+   (Robbins-Monro on its logarithm, carried across levels), and the moves number ``num_mcmc_steps``
+   or, with ``num_mcmc_steps=None``, repeat until the particles decorrelate from the level's start
+   (:func:`~diffstat.tempering.moves.decorrelating_moves`, at most ``max_mcmc_steps``). Kernels:
+   ``"mala"``, ``"hmc"``, or ``"local_mala"``
+   (:func:`~diffstat.diffusion.noised_smc_path.local_mala_step`, a step that shrinks where the
+   target is locally narrower than the metric).
 
 :math:`\hat Z` is unbiased on the natural scale. Its standard error comes from the genealogy
-(:func:`diffstat.tempering.smc.genealogy_variance`, Chan and Lai 2013 for systematic resampling);
-independent runs (``num_chains``) are pooled.
+(:func:`diffstat.tempering.smc.genealogy_variance`, Chan and Lai 2013 for systematic resampling)
+and, with ``num_chains`` independent runs, from their spread; a warning names what makes a run
+unreliable (:mod:`diffstat.diffusion.noised_smc_check`).
 
 Guidance and pilot
 ------------------
@@ -43,8 +50,9 @@ SMC weights correct the rest. Without a bank (no settled mode) it is the power g
 
 Defaults: 64 noise levels (log-uniform in relative noise; fewer raise the weight variance, more
 cost evaluations linearly); 4 MALA moves per level (enough to decorrelate resampled copies within
-a mode at modest cost); resampling at ESS 0.5 (the usual adaptive rule); a pilot of 2048 chains of
-25 steps (on the 10-d narrow-heavy/wide-light mixture 8 to 14 of them reach the heavy mode, which
+a mode at modest cost; the decorrelating rule reaches its cap of 20 at every level on a mixture of
+a narrow and a wide mode, tripling the cost, with the shared step set by the narrow mode);
+resampling at ESS 0.5 (the usual adaptive rule); a pilot of 2048 chains of 25 steps (on the 10-d narrow-heavy/wide-light mixture 8 to 14 of them reach the heavy mode, which
 must be in the bank: with 256 chains none did and the mode was lost).
 """
 
@@ -323,12 +331,14 @@ def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device
     with ``n`` particles per run.
 
     Options: ``reference`` (where the pilot starts; default the target's, else N(0, I)),
-    ``num_steps`` (64), ``num_mcmc_steps`` (4), ``resample_threshold`` (0.5), ``resampling``
-    (``"systematic"``), ``step_size`` (initial MALA step, default ``dim^(-1/3)``), ``mode_scale``
+    ``num_steps`` (64), ``num_mcmc_steps`` (4; None: until decorrelated), ``max_mcmc_steps`` (20),
+    ``kernel`` (``"mala"``, ``"hmc"``, ``"local_mala"``), ``resample_threshold`` (0.5), ``resampling``
+    (``"systematic"``), ``step_size`` (initial step, default the kernel's), ``mode_scale``
     (the power guidance's :math:`s`, default estimated), ``guidance`` (``"bank"``; ``"power"``,
     ``"simple"``, ``"laplace"``), ``whitening`` (``"pilot"``, ``"reference"`` or ``(mean, cov)``),
     ``pilot_chains`` (2048), ``pilot_steps`` (25).
-    ``num_chains`` (default 1) independent runs share the pilot; their evidence estimates are pooled.
+    ``num_chains`` (default 1) independent runs share the pilot; their evidence estimates are pooled
+    and, from two runs on, their spread gives the standard error when it exceeds the genealogy's.
     The draws are the final particles resampled to equal weights.
     """
     check_options(options, _OPTIONS, "pdds")
