@@ -52,8 +52,9 @@ Defaults: 64 noise levels (log-uniform in relative noise; fewer raise the weight
 cost evaluations linearly); 4 MALA moves per level (enough to decorrelate resampled copies within
 a mode at modest cost; the decorrelating rule reaches its cap of 20 at every level on a mixture of
 a narrow and a wide mode, tripling the cost, with the shared step set by the narrow mode);
-resampling at ESS 0.5 (the usual adaptive rule); a pilot of 2048 chains of 25 steps (on the 10-d narrow-heavy/wide-light mixture 8 to 14 of them reach the heavy mode, which
-must be in the bank: with 256 chains none did and the mode was lost).
+resampling at ESS 0.5 (the usual adaptive rule); a pilot of 2048 chains of 25 steps (on the 10-d
+narrow-heavy/wide-light mixture 8 to 14 of them reach the heavy mode, which must be in the bank:
+with 256 chains none did and the mode was lost).
 """
 
 from __future__ import annotations
