@@ -12,6 +12,11 @@ Run (one thread; about 10 minutes for everything)::
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_noised_smc.py --seeds 0 1 2
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_noised_smc.py --targets nine_modes --seeds 0
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_noised_smc.py --targets funnel --no-smc \
+        --chains 4 --particles 500 --pdds num_mcmc_steps=None kernel="'local_mala'"
+
+``--pdds key=value`` passes options to pdds (values read as Python literals); WARN marks a run that
+raised a RuntimeWarning (pdds: its reliability warning).
 """
 
 from __future__ import annotations
