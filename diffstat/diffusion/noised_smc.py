@@ -86,6 +86,22 @@ from diffstat.tempering.smc import genealogy_variance, stack_stages
 __all__ = ["NoisedSMCOutput", "guided_proposal", "incremental_log_weight", "noised_smc", "pdds_sampler"]
 
 
+#: Per-level records of a run (the ``diffusion`` group of the output).
+STAGE_KEYS = (
+    "noise",
+    "guidance_power",
+    "ess",
+    "cess",
+    "log_z_increment",
+    "num_moves",
+    "decorrelation",
+    "acceptance_rate",
+    "stuck",
+    "step_size",
+    "resampled",
+)
+
+
 class NoisedSMCOutput(NamedTuple):
     """One run: final ``particles`` (whitened, before final resampling), their ``log_weights (n,)``,
     ``log_normalizer`` and its ``log_normalizer_se``, per-stage ``stages`` tensors, the number of
@@ -161,6 +177,20 @@ def _moves(path, generator, gs, rho, log_h, log_w, num_steps, kernel, max_steps)
     return out, res.log_step_size, res.acceptance, res.num_steps, res.distance
 
 
+def _advance(generator, path, gs, log_w, rho_from, rho_to):
+    """One level down: propose, reweight; the state, log weights, log Z increment and the
+    conditional ESS fraction of the incremental weights (Zhou, Johansen and Aston 2016)."""
+    c = torch.sqrt(rho_from / rho_to)
+    lam = 1.0 - c**2
+    new = path.evaluate(guided_proposal(generator, gs, c, lam), rho_to)
+    incr = incremental_log_weight(gs, new, c, lam)
+    incr = torch.nan_to_num(incr, nan=-math.inf, posinf=-math.inf)
+    log_wn = log_w - torch.logsumexp(log_w, -1)
+    incr_z = torch.logsumexp(log_wn + incr, -1)
+    cess = torch.exp(2 * incr_z - torch.logsumexp(log_wn + 2 * incr, -1))
+    return new, log_w + incr, incr_z, cess
+
+
 def noised_smc(
     generator,
     path: NoisedPath,
@@ -185,22 +215,7 @@ def noised_smc(
     h0 = step_size if step_size else default_step_size("mala" if kernel == "local_mala" else kernel, dim)
     log_h = torch.tensor(math.log(h0), dtype=dtype, device=device)
     eve = torch.arange(n, device=device)
-    rec: dict[str, list] = {
-        k: []
-        for k in (
-            "noise",
-            "guidance_power",
-            "ess",
-            "cess",
-            "log_z_increment",
-            "num_moves",
-            "decorrelation",
-            "acceptance_rate",
-            "stuck",
-            "step_size",
-            "resampled",
-        )
-    }
+    rec: dict[str, list] = {k: [] for k in STAGE_KEYS}
     num_resampling = 0
     with progress_bar(num_steps + 1, "pdds", progress) as bar:
         for k in range(num_steps, -1, -1):
@@ -208,15 +223,7 @@ def noised_smc(
                 incr_z = torch.logsumexp(log_w, -1) - math.log(n)
                 cess = ess(log_w) / n
             else:
-                c = torch.sqrt(rho[k + 1] / rho[k])
-                lam = 1.0 - c**2
-                new = path.evaluate(guided_proposal(generator, gs, c, lam), rho[k])
-                incr = incremental_log_weight(gs, new, c, lam)
-                incr = torch.nan_to_num(incr, nan=-math.inf, posinf=-math.inf)
-                log_wn = log_w - torch.logsumexp(log_w, -1)
-                incr_z = torch.logsumexp(log_wn + incr, -1)
-                cess = torch.exp(2 * incr_z - torch.logsumexp(log_wn + 2 * incr, -1))
-                gs, log_w = new, log_w + incr
+                gs, log_w, incr_z, cess = _advance(generator, path, gs, log_w, rho[k + 1], rho[k])
             ess_frac = ess(log_w) / n
             resampled = bool(ess_frac < resample_threshold)
             if resampled:
