@@ -146,7 +146,7 @@ class _StagePath:
         return PathState(x, NoisedPath.log_reference(x), -x, gs.log_g, gs.grad_g)
 
 
-def _moves(path, generator, gs, rho, log_h, log_w, num_steps, kernel, max_steps):
+def _moves(path, generator, gs, rho, log_h, log_w, num_steps, kernel, max_steps, within_modes=True):
     r"""MCMC moves leaving :math:`\gamma_k` invariant with the tempering samplers' machinery: the
     within-cluster particle metric and moves repeated until the particles decorrelate from the stage
     start (``num_steps`` None) or exactly ``num_steps``. Returns the state, the log step size, the
@@ -154,7 +154,7 @@ def _moves(path, generator, gs, rho, log_h, log_w, num_steps, kernel, max_steps)
     nan = torch.full((), math.nan, dtype=gs.x.dtype, device=gs.x.device)
     if num_steps == 0:
         return gs, log_h, nan.expand(gs.x.shape[0]), 0, math.nan
-    labels = cluster_particles(gs.x, log_w, generator)
+    labels = cluster_particles(gs.x, log_w, generator) if within_modes else None
     metric = particle_metric(gs.x, log_w, "auto", labels)
     step, target_accept = (
         (local_mala_step, MALA_TARGET_ACCEPT) if kernel == "local_mala" else get_kernel(kernel)
@@ -200,6 +200,7 @@ def noised_smc(
     num_mcmc_steps: int | None = 4,
     max_mcmc_steps: int = 20,
     kernel: str = "mala",
+    within_modes: bool = True,
     resample_threshold: float = 0.5,
     resampling: str = "systematic",
     step_size: float | None = None,
@@ -232,7 +233,16 @@ def noised_smc(
                 num_resampling += 1
             rec["step_size"].append(torch.exp(log_h))
             gs, log_h, acc, num_moves, dist = _moves(
-                path, generator, gs, rho[k], log_h, log_w, num_mcmc_steps, kernel, max_mcmc_steps
+                path,
+                generator,
+                gs,
+                rho[k],
+                log_h,
+                log_w,
+                num_mcmc_steps,
+                kernel,
+                max_mcmc_steps,
+                within_modes,
             )
             for key, val in (
                 ("noise", 1 - rho[k]),
@@ -261,6 +271,7 @@ _OPTIONS = {
     "num_mcmc_steps",
     "max_mcmc_steps",
     "kernel",
+    "within_modes",
     "resample_threshold",
     "resampling",
     "step_size",
@@ -340,7 +351,8 @@ def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device
 
     Options: ``reference`` (where the pilot starts; default the target's, else N(0, I)),
     ``num_steps`` (64), ``num_mcmc_steps`` (4; None: until decorrelated), ``max_mcmc_steps`` (20),
-    ``kernel`` (``"mala"``, ``"hmc"``, ``"local_mala"``), ``resample_threshold`` (0.5), ``resampling``
+    ``kernel`` (``"mala"``, ``"hmc"``, ``"local_mala"``), ``within_modes`` (True: the metric
+    pooled within clusters of the particles), ``resample_threshold`` (0.5), ``resampling``
     (``"systematic"``), ``step_size`` (initial step, default the kernel's), ``mode_scale``
     (the power guidance's :math:`s`, default estimated), ``guidance`` (``"bank"``; ``"power"``,
     ``"simple"``, ``"laplace"``), ``whitening`` (``"pilot"``, ``"reference"`` or ``(mean, cov)``),
