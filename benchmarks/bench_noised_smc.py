@@ -12,11 +12,17 @@ Run (one thread; about 10 minutes for everything)::
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_noised_smc.py --seeds 0 1 2
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_noised_smc.py --targets nine_modes --seeds 0
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_noised_smc.py --targets funnel --no-smc \
+        --chains 4 --particles 500 --pdds num_mcmc_steps=None kernel="'local_mala'"
+
+``--pdds key=value`` passes options to pdds (values read as Python literals); WARN marks a run that
+raised a RuntimeWarning (pdds: its reliability warning).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import time
 import warnings
 
@@ -113,15 +119,20 @@ def main():
     parser.add_argument("--particles", type=int, default=2000)
     parser.add_argument("--smc-moves", type=int, default=20)
     parser.add_argument("--no-smc", action="store_true")
+    parser.add_argument("--chains", type=int, default=1, help="pdds num_chains (independent runs)")
+    parser.add_argument(
+        "--pdds", nargs="*", default=[], help="pdds options as key=value (values read as Python literals)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     table = problems()
+    pdds_options = dict(num_samples=args.particles, num_chains=args.chains)
+    pdds_options.update({k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.pdds)})
     for name in args.targets or list(table):
         target, log_z, metric = table[name]
         for seed in args.seeds:
             print(
-                f"{name:11s} seed {seed} "
-                + run(target, log_z, metric, "pdds", seed, dict(num_samples=args.particles)),
+                f"{name:11s} seed {seed} " + run(target, log_z, metric, "pdds", seed, pdds_options),
                 flush=True,
             )
             if not args.no_smc:

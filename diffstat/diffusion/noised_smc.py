@@ -22,14 +22,21 @@ In whitened coordinates with reference :math:`\mathcal N(0, I)` and targets
    :math:`\hat g_0 = g`, and the guidance only sets its variance. :math:`\log\hat Z
    \mathrel{+}= \log\sum_i W_i w'_i/w_i`.
 4. **Resample** (systematic by default) when the ESS fraction falls below ``resample_threshold``.
-5. **Move** by ``num_mcmc_steps`` MALA steps leaving :math:`\gamma_k` invariant, with the dense
-   metric of the weighted particle covariance (:class:`~diffstat.mcmc.metric.DenseMetric`) and a
-   step size adapted toward acceptance 0.574 (Robbins-Monro on its logarithm, carried across
-   stages).
+5. **Move** the particles by MCMC leaving :math:`\gamma_k` invariant, with the tempering samplers'
+   machinery (:mod:`diffstat.tempering.moves`): the metric is the particle covariance pooled within
+   clusters (:func:`~diffstat.tempering.moves.particle_metric`, so the distance between modes does
+   not set the step inside them), the step size is adapted toward the kernel's acceptance
+   (Robbins-Monro on its logarithm, carried across levels), and the moves number ``num_mcmc_steps``
+   or, with ``num_mcmc_steps=None``, repeat until the particles decorrelate from the level's start
+   (:func:`~diffstat.tempering.moves.decorrelating_moves`, at most ``max_mcmc_steps``). Kernels:
+   ``"mala"``, ``"hmc"``, or ``"local_mala"``
+   (:func:`~diffstat.diffusion.noised_smc_path.local_mala_step`, a step that shrinks where the
+   target is locally narrower than the metric).
 
 :math:`\hat Z` is unbiased on the natural scale. Its standard error comes from the genealogy
-(:func:`diffstat.tempering.smc.genealogy_variance`, Chan and Lai 2013 for systematic resampling);
-independent runs (``num_chains``) are pooled.
+(:func:`diffstat.tempering.smc.genealogy_variance`, Chan and Lai 2013 for systematic resampling)
+and, with ``num_chains`` independent runs, from their spread; a warning names what makes a run
+unreliable (:mod:`diffstat.diffusion.noised_smc_check`).
 
 Guidance and pilot
 ------------------
@@ -43,9 +50,11 @@ SMC weights correct the rest. Without a bank (no settled mode) it is the power g
 
 Defaults: 64 noise levels (log-uniform in relative noise; fewer raise the weight variance, more
 cost evaluations linearly); 4 MALA moves per level (enough to decorrelate resampled copies within
-a mode at modest cost); resampling at ESS 0.5 (the usual adaptive rule); a pilot of 2048 chains of
-25 steps (on the 10-d narrow-heavy/wide-light mixture 8 to 14 of them reach the heavy mode, which
-must be in the bank: with 256 chains none did and the mode was lost).
+a mode at modest cost; the decorrelating rule reaches its cap of 20 at every level on a mixture of
+a narrow and a wide mode, tripling the cost, with the shared step set by the narrow mode);
+resampling at ESS 0.5 (the usual adaptive rule); a pilot of 2048 chains of 25 steps (on the 10-d
+narrow-heavy/wide-light mixture 8 to 14 of them reach the heavy mode, which must be in the bank:
+with 256 chains none did and the mode was lost).
 """
 
 from __future__ import annotations
@@ -54,28 +63,43 @@ import math
 import warnings
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from diffstat._util import check_options, progress_bar
 from diffstat.diffusion.noised_smc_bank import build_mode_bank
+from diffstat.diffusion.noised_smc_check import STUCK_ACCEPTANCE, pooled_log_z, reliability_problems
 from diffstat.diffusion.noised_smc_path import (
     GuidedState,
     NoisedPath,
     Whitening,
+    local_mala_step,
     noise_schedule,
     pilot_whitening,
 )
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT
-from diffstat.mcmc.metric import DenseMetric
 from diffstat.sampling import SamplerResult, register_sampler
+from diffstat.tempering.moves import cluster_particles, decorrelating_moves, particle_metric
+from diffstat.tempering.path import PathState, default_step_size, get_kernel
 from diffstat.tempering.resampling import SCHEMES, ess, resample
-from diffstat.tempering.smc import combine_runs, genealogy_variance, stack_stages
+from diffstat.tempering.smc import genealogy_variance, stack_stages
 
 __all__ = ["NoisedSMCOutput", "guided_proposal", "incremental_log_weight", "noised_smc", "pdds_sampler"]
 
-#: Fewer distinct initial ancestors than this and the genealogy standard error is unreliable.
-MIN_EVES = 20
+
+#: Per-level records of a run (the ``diffusion`` group of the output).
+STAGE_KEYS = (
+    "noise",
+    "guidance_power",
+    "ess",
+    "cess",
+    "log_z_increment",
+    "num_moves",
+    "decorrelation",
+    "acceptance_rate",
+    "stuck",
+    "step_size",
+    "resampled",
+)
 
 
 class NoisedSMCOutput(NamedTuple):
@@ -109,25 +133,62 @@ def incremental_log_weight(old: GuidedState, new: GuidedState, c, lam) -> torch.
     return -(e * v).sum(-1) + 0.5 * lam * (v**2).sum(-1) + new.log_g - old.log_g
 
 
-def _metric(x: torch.Tensor, log_w: torch.Tensor) -> DenseMetric:
-    """Dense metric from the weighted particle covariance."""
-    w = torch.softmax(log_w, -1)
-    mean = w @ x
-    d = x - mean
-    return DenseMetric.from_covariance((w[:, None] * d).T @ d, jitter=1e-6)
+class _StagePath:
+    r"""The stage target :math:`\gamma_k` in the form the tempering moves take
+    (:func:`~diffstat.tempering.path.move` at ``beta = 1``): ``base`` is :math:`\log\mathcal N(x; 0,
+    I)` and ``delta`` is :math:`\log\hat g_k(x)`."""
+
+    def __init__(self, path: NoisedPath, rho: torch.Tensor):
+        self.path, self.rho = path, rho
+
+    def evaluate(self, x: torch.Tensor) -> PathState:
+        gs = self.path.evaluate(x, self.rho)
+        return PathState(x, NoisedPath.log_reference(x), -x, gs.log_g, gs.grad_g)
 
 
-def _moves(path, generator, gs, rho, log_h, log_w, num_steps):
-    """``num_steps`` MALA moves at signal fraction ``rho``; returns state, log step, mean acceptance."""
+def _moves(path, generator, gs, rho, log_h, log_w, num_steps, kernel, max_steps, within_modes=True):
+    r"""MCMC moves leaving :math:`\gamma_k` invariant with the tempering samplers' machinery: the
+    within-cluster particle metric and moves repeated until the particles decorrelate from the stage
+    start (``num_steps`` None) or exactly ``num_steps``. Returns the state, the log step size, the
+    mean acceptance, the number of moves and the final decorrelation :math:`D_k`."""
+    nan = torch.full((), math.nan, dtype=gs.x.dtype, device=gs.x.device)
     if num_steps == 0:
-        return gs, log_h, torch.full((), math.nan, dtype=gs.x.dtype, device=gs.x.device)
-    metric = _metric(gs.x, log_w)
-    acc_sum = 0.0
-    for _ in range(num_steps):
-        gs, acc = path.mala(generator, gs, rho, torch.exp(log_h), metric)
-        acc_sum = acc_sum + acc.mean()
-        log_h = log_h + (acc.mean() - MALA_TARGET_ACCEPT)
-    return gs, log_h, acc_sum / num_steps
+        return gs, log_h, nan.expand(gs.x.shape[0]), 0, math.nan
+    labels = cluster_particles(gs.x, log_w, generator) if within_modes else None
+    metric = particle_metric(gs.x, log_w, "auto", labels)
+    step, target_accept = (
+        (local_mala_step, MALA_TARGET_ACCEPT) if kernel == "local_mala" else get_kernel(kernel)
+    )
+    ps = PathState(gs.x, NoisedPath.log_reference(gs.x), -gs.x, gs.log_g, gs.grad_g)
+    res = decorrelating_moves(
+        step,
+        generator,
+        ps,
+        _StagePath(path, rho),
+        1.0,
+        log_h,
+        inv_mass=metric,
+        target_accept=target_accept,
+        num_steps=num_steps,
+        max_steps=max_steps,
+    )
+    p = res.particles
+    out = GuidedState(p.x, p.delta, p.delta_grad, torch.full_like(p.delta, math.nan))
+    return out, res.log_step_size, res.acceptance, res.num_steps, res.distance
+
+
+def _advance(generator, path, gs, log_w, rho_from, rho_to):
+    """One level down: propose, reweight; the state, log weights, log Z increment and the
+    conditional ESS fraction of the incremental weights (Zhou, Johansen and Aston 2016)."""
+    c = torch.sqrt(rho_from / rho_to)
+    lam = 1.0 - c**2
+    new = path.evaluate(guided_proposal(generator, gs, c, lam), rho_to)
+    incr = incremental_log_weight(gs, new, c, lam)
+    incr = torch.nan_to_num(incr, nan=-math.inf, posinf=-math.inf)
+    log_wn = log_w - torch.logsumexp(log_w, -1)
+    incr_z = torch.logsumexp(log_wn + incr, -1)
+    cess = torch.exp(2 * incr_z - torch.logsumexp(log_wn + 2 * incr, -1))
+    return new, log_w + incr, incr_z, cess
 
 
 def noised_smc(
@@ -136,7 +197,10 @@ def noised_smc(
     num_particles: int,
     *,
     num_steps: int = 64,
-    num_mcmc_steps: int = 4,
+    num_mcmc_steps: int | None = 4,
+    max_mcmc_steps: int = 20,
+    kernel: str = "mala",
+    within_modes: bool = True,
     resample_threshold: float = 0.5,
     resampling: str = "systematic",
     step_size: float | None = None,
@@ -149,33 +213,18 @@ def noised_smc(
     x = torch.randn(n, dim, generator=generator, dtype=dtype, device=device)
     gs = path.evaluate(x, rho[-1])
     log_w = gs.log_g.clone()  # gamma_K / N(0, I) = g_K
-    log_h = torch.tensor(math.log(step_size if step_size else dim ** (-1 / 3)), dtype=dtype, device=device)
+    h0 = step_size if step_size else default_step_size("mala" if kernel == "local_mala" else kernel, dim)
+    log_h = torch.tensor(math.log(h0), dtype=dtype, device=device)
     eve = torch.arange(n, device=device)
-    rec: dict[str, list] = {
-        k: []
-        for k in (
-            "noise",
-            "guidance_power",
-            "ess",
-            "log_z_increment",
-            "acceptance_rate",
-            "step_size",
-            "resampled",
-        )
-    }
+    rec: dict[str, list] = {k: [] for k in STAGE_KEYS}
     num_resampling = 0
     with progress_bar(num_steps + 1, "pdds", progress) as bar:
         for k in range(num_steps, -1, -1):
             if k == num_steps:
                 incr_z = torch.logsumexp(log_w, -1) - math.log(n)
+                cess = ess(log_w) / n
             else:
-                c = torch.sqrt(rho[k + 1] / rho[k])
-                lam = 1.0 - c**2
-                new = path.evaluate(guided_proposal(generator, gs, c, lam), rho[k])
-                incr = incremental_log_weight(gs, new, c, lam)
-                incr = torch.nan_to_num(incr, nan=-math.inf, posinf=-math.inf)
-                incr_z = torch.logsumexp(log_w - torch.logsumexp(log_w, -1) + incr, -1)
-                gs, log_w = new, log_w + incr
+                gs, log_w, incr_z, cess = _advance(generator, path, gs, log_w, rho[k + 1], rho[k])
             ess_frac = ess(log_w) / n
             resampled = bool(ess_frac < resample_threshold)
             if resampled:
@@ -183,18 +232,34 @@ def noised_smc(
                 gs, eve, log_w = gs.index(idx), eve[idx], torch.zeros_like(log_w)
                 num_resampling += 1
             rec["step_size"].append(torch.exp(log_h))
-            gs, log_h, acc = _moves(path, generator, gs, rho[k], log_h, log_w, num_mcmc_steps)
+            gs, log_h, acc, num_moves, dist = _moves(
+                path,
+                generator,
+                gs,
+                rho[k],
+                log_h,
+                log_w,
+                num_mcmc_steps,
+                kernel,
+                max_mcmc_steps,
+                within_modes,
+            )
             for key, val in (
                 ("noise", 1 - rho[k]),
                 ("guidance_power", path.beta(rho[k])),
                 ("ess", ess_frac),
+                ("cess", cess),
                 ("log_z_increment", incr_z),
-                ("acceptance_rate", acc),
+                ("num_moves", num_moves),
+                ("decorrelation", dist),
+                ("acceptance_rate", acc.mean()),
+                ("stuck", (acc < STUCK_ACCEPTANCE).to(dtype).mean()),
                 ("resampled", resampled),
             ):
                 rec[key].append(torch.as_tensor(val, dtype=dtype, device=device))
             bar.update(1)
     v, num_eves = genealogy_variance(log_w, eve, num_resampling, resampling)
+    gs = gs._replace(target_lp=path.target_lp(gs))
     stages = {key: torch.stack(vals) for key, vals in rec.items()}
     log_z = float(stages["log_z_increment"].sum())
     return NoisedSMCOutput(gs, log_w, log_z, math.sqrt(v), stages, num_resampling, num_eves)
@@ -204,6 +269,9 @@ _OPTIONS = {
     "reference",
     "num_steps",
     "num_mcmc_steps",
+    "max_mcmc_steps",
+    "kernel",
+    "within_modes",
     "resample_threshold",
     "resampling",
     "step_size",
@@ -282,12 +350,15 @@ def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device
     with ``n`` particles per run.
 
     Options: ``reference`` (where the pilot starts; default the target's, else N(0, I)),
-    ``num_steps`` (64), ``num_mcmc_steps`` (4), ``resample_threshold`` (0.5), ``resampling``
-    (``"systematic"``), ``step_size`` (initial MALA step, default ``dim^(-1/3)``), ``mode_scale``
+    ``num_steps`` (64), ``num_mcmc_steps`` (4; None: until decorrelated), ``max_mcmc_steps`` (20),
+    ``kernel`` (``"mala"``, ``"hmc"``, ``"local_mala"``), ``within_modes`` (True: the metric
+    pooled within clusters of the particles), ``resample_threshold`` (0.5), ``resampling``
+    (``"systematic"``), ``step_size`` (initial step, default the kernel's), ``mode_scale``
     (the power guidance's :math:`s`, default estimated), ``guidance`` (``"bank"``; ``"power"``,
     ``"simple"``, ``"laplace"``), ``whitening`` (``"pilot"``, ``"reference"`` or ``(mean, cov)``),
     ``pilot_chains`` (2048), ``pilot_steps`` (25).
-    ``num_chains`` (default 1) independent runs share the pilot; their evidence estimates are pooled.
+    ``num_chains`` (default 1) independent runs share the pilot; their evidence estimates are pooled
+    and, from two runs on, their spread gives the standard error when it exceeds the genealogy's.
     The draws are the final particles resampled to equal weights.
     """
     check_options(options, _OPTIONS, "pdds")
@@ -309,12 +380,13 @@ def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device
         lps.append(out.particles.target_lp[idx])
         log_ws.append(out.log_weights[idx])
         runs.append(out)
-    log_z, se = combine_runs([r.log_normalizer for r in runs], [r.log_normalizer_se for r in runs])
-    num_eves = min(r.num_eves for r in runs)
-    if num_eves < MIN_EVES or not np.isfinite(log_z):
+    log_z, se, se_method = pooled_log_z([r.log_normalizer for r in runs], [r.log_normalizer_se for r in runs])
+    problems = reliability_problems(runs, log_z)
+    if problems:
         warnings.warn(
-            f"pdds: only {num_eves} distinct initial particles survive; the log Z standard error "
-            "is unreliable (raise num_samples or num_mcmc_steps)",
+            "pdds: the log Z estimate and its standard error are unreliable: "
+            + "; ".join(problems)
+            + " (raise num_samples, num_chains or num_mcmc_steps)",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -324,10 +396,10 @@ def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device
         {
             "log_normalizer": log_z,
             "log_normalizer_se": se,
-            "log_normalizer_se_method": "genealogy",
+            "log_normalizer_se_method": se_method,
             "num_stages": len(runs[0].stages["noise"]),
             "num_resampling": sum(r.num_resampling for r in runs),
-            "num_eves": num_eves,
+            "num_eves": min(r.num_eves for r in runs),
         }
     )
     sample_stats = {"lp": torch.stack(lps), "log_weight": torch.stack(log_ws)}

@@ -51,10 +51,18 @@ from typing import NamedTuple
 import torch
 
 from diffstat.diffusion.noised_smc_bank import bank_log_g
-from diffstat.mcmc.base import MCMCState
-from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
+from diffstat.mcmc.base import MCMCState, as_per_chain, metropolis_accept
+from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_proposal_log_density, mala_step
+from diffstat.mcmc.metric import scale_noise, velocity
 
-__all__ = ["GuidedState", "NoisedPath", "Whitening", "noise_schedule", "pilot_whitening"]
+__all__ = [
+    "GuidedState",
+    "NoisedPath",
+    "Whitening",
+    "local_mala_step",
+    "noise_schedule",
+    "pilot_whitening",
+]
 
 #: Log relative noise lambda / (a^2 s^2) at the noisiest and the least noisy stage before lambda = 0.
 LOG_NOISE_RANGE = (6.0, -10.0)
@@ -173,6 +181,11 @@ class NoisedPath:
         beta = self.beta(rho)
         return GuidedState(x, bank_t + beta * (lg - bank_0), grad_t + (beta * a) * (grad - grad_0), lp)
 
+    def target_lp(self, gs: GuidedState) -> torch.Tensor:
+        """The target log-density :math:`\\log\\tilde\\pi(m + Lx)` ``(n,)`` of a state at zero noise,
+        from its :math:`\\log\\hat g_0 = \\log g` (no evaluation)."""
+        return gs.log_g - self.whitening.log_det - 0.5 * (gs.x**2).sum(-1) - self._half_log_2pi
+
     def log_pi_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:math:`\\log\\pi_z(z)` ``(n,)`` and its gradient ``(n, dim)`` in whitened coordinates."""
         w = self.whitening
@@ -288,3 +301,30 @@ def pilot_whitening(
     s2 = target.dim / float(torch.median((grad_z**2).sum(-1)))
     s2 = min(max(s2, MODE_SCALE_SQ_BOUNDS[0]), MODE_SCALE_SQ_BOUNDS[1])
     return white, s2, target.num_target_evals - before, (x, lp, grad)
+
+
+def local_mala_step(generator, state: MCMCState, log_prob_and_grad, step_size, inv_mass=None):
+    r"""MALA with a position-dependent step :math:`h(x) = h\,\min\{1, d / \lVert\nabla\log\gamma(x)
+    \rVert^2_{M^{-1}}\}`: the score identity :math:`\mathbb E\lVert\nabla\log\gamma\rVert^2_{M^{-1}}
+    = d` of a Gaussian whose covariance is :math:`M^{-1}` makes the factor about 1 where the metric
+    fits and shrinks the step where the target is locally narrower than the metric (a funnel's neck,
+    where one shared step size never accepts). The proposal :math:`y \sim \mathcal N(x + h(x)
+    M^{-1}\nabla\log\gamma(x), 2h(x) M^{-1})` is corrected by Metropolis-Hastings with the reverse
+    density at :math:`h(y)` (Girolami and Calderhead 2011 with a scalar position-dependent metric),
+    so :math:`\gamma` is invariant. Same signature as :func:`~diffstat.mcmc.mala.mala_step`."""
+    x, g = state.x, state.grad
+    d = x.shape[-1]
+
+    def local(grad):
+        sq = (grad * velocity(inv_mass, grad)).sum(-1)
+        return step_size * torch.clamp(d / sq.clamp_min(torch.finfo(x.dtype).tiny), max=1.0)
+
+    h_x = as_per_chain(local(g), x)
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    y = x + h_x * velocity(inv_mass, g) + torch.sqrt(2 * h_x) * scale_noise(inv_mass, noise)
+    lp_y, g_y = log_prob_and_grad(y)
+    h_y = as_per_chain(torch.nan_to_num(local(g_y), nan=1.0), x)
+    log_fwd = mala_proposal_log_density(y, x, g, h_x, inv_mass) - 0.5 * d * torch.log(h_x.squeeze(-1))
+    log_bwd = mala_proposal_log_density(x, y, g_y, h_y, inv_mass) - 0.5 * d * torch.log(h_y.squeeze(-1))
+    log_ratio = lp_y - state.log_prob + log_bwd - log_fwd
+    return metropolis_accept(generator, state, MCMCState(y, lp_y, g_y), log_ratio, x.shape[0])

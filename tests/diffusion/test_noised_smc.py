@@ -3,6 +3,7 @@ to the path importance weight, log Z unbiased for any guidance, a broken weight 
 front door."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -202,3 +203,114 @@ def test_few_particles_warn_that_the_error_bar_is_unreliable():
             num_steps=8,
             pilot_chains=64,
         )
+
+
+def test_pooled_standard_error_is_the_runs_spread_when_it_is_larger():
+    from diffstat.diffusion.noised_smc_check import pooled_log_z
+
+    log_zs = [0.0, math.log(2.0), math.log(3.0)]  # Z-hats 1, 2, 3: pooled Z = 2
+    log_z, se, how = pooled_log_z(log_zs, [0.01] * 3)
+    assert abs(log_z - math.log(2.0)) < 1e-12 and how == "runs"
+    assert abs(se - 0.5 / math.sqrt(3.0)) < 1e-12  # sd(Z_r / Z) = sd(0.5, 1, 1.5) = 0.5
+    _, se_g, how_g = pooled_log_z(log_zs, [2.0] * 3)
+    assert how_g == "genealogy" and se_g > 0.5 / math.sqrt(3.0)
+    assert pooled_log_z([0.3], [0.1]) == (0.3, 0.1, "genealogy")
+
+
+def fake_run(log_z, se, stuck=0.0, acc=0.57, eves=100, levels=16):
+    stages = {"acceptance_rate": torch.full((levels,), acc), "stuck": torch.full((levels,), stuck)}
+    return ns.NoisedSMCOutput(None, None, log_z, se, stages, 3, eves)
+
+
+def test_reliability_checks_flag_disagreeing_runs_stuck_particles_and_few_eves():
+    from diffstat.diffusion.noised_smc_check import reliability_problems
+
+    agree = [fake_run(0.1 * (i % 2), 0.1) for i in range(4)]
+    assert reliability_problems(agree, 0.05) == []
+    apart = [fake_run(0.5 * i, 0.05) for i in range(4)]  # each claims 0.05, they spread by 0.6
+    assert any("disagrees" in p for p in reliability_problems(apart, 0.7))
+    assert any("did not move" in p for p in reliability_problems([fake_run(0.0, 0.1, stuck=0.2)], 0.0))
+    assert any("accept" in p for p in reliability_problems([fake_run(0.0, 0.1, acc=0.01)], 0.0))
+    assert any("distinct initial" in p for p in reliability_problems([fake_run(0.0, 0.1, eves=3)], 0.0))
+
+
+def test_funnel_error_bar_holds_or_the_run_warns():
+    """The funnel's neck is out of reach of the moves: log Z is biased far beyond the genealogy error
+    bar (the failure this test guards), so the front door must either widen the bar or warn."""
+    from diffstat.targets import Funnel
+
+    ref = D.Independent(D.Normal(torch.zeros(10, dtype=F64), 3 * torch.ones(10, dtype=F64)), 1)
+    target = ds.Target(Funnel(10).unnormalized_log_prob, 10, reference=ref, dtype=F64)
+    opts = dict(num_samples=300, num_chains=4, seed=0, progress=False, num_steps=32, pilot_chains=512)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        idata = ds.sample(target, "pdds", **opts)
+    attrs = idata.posterior.attrs
+    err, se = attrs["log_normalizer"], attrs["log_normalizer_se"]  # exact log Z = 0
+    warned = any("unreliable" in str(w.message) for w in caught if w.category is RuntimeWarning)
+    assert abs(err) <= 3 * se or warned, (err, se)
+    # the failure is real: the four runs agree with each other (so their spread cannot widen the bar)
+    # and miss the neck together, more than 3 s.e. below the exact value; only the warning saves it
+    assert err < -0.3 and abs(err) > 3 * se and warned, (err, se)
+
+
+def test_healthy_runs_do_not_warn_and_decorrelating_hmc_moves_work():
+    target = MIXTURE.as_target(dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        idata = ds.sample(
+            target,
+            "pdds",
+            num_samples=500,
+            num_chains=3,
+            seed=1,
+            progress=False,
+            num_steps=32,
+            num_mcmc_steps=None,
+            max_mcmc_steps=10,
+            kernel="hmc",
+        )
+    attrs = idata.posterior.attrs
+    assert abs(attrs["log_normalizer"] - LOG_Z) < 3 * attrs["log_normalizer_se"]
+    moves = idata["diffusion"]["num_moves"].values
+    assert moves.min() >= 2 and moves.max() <= 10
+    lp = torch.as_tensor(idata.sample_stats["lp"].values[0, :5])
+    x = torch.as_tensor(idata.posterior["x"].values[0, :5])
+    torch.testing.assert_close(lp, MIXTURE.as_target(dtype=F64).log_prob(x), rtol=0, atol=1e-9)
+
+
+def test_local_mala_keeps_the_funnel_invariant_and_moves_in_its_neck():
+    """Exact funnel draws stay exact under 20 position-dependent MALA moves (x_1's mean and variance
+    within 4 MC s.e.), the same statistic rejects draws whose x_1 has sd 1.6 (a sampler that misses
+    the neck), and in the neck (x_1 < -3) the local step accepts where MALA's shared step does not."""
+    from diffstat.diffusion.noised_smc_path import local_mala_step
+    from diffstat.mcmc.base import MCMCState
+    from diffstat.mcmc.mala import mala_step
+    from diffstat.targets import Funnel
+
+    funnel, gen = Funnel(10), torch.Generator().manual_seed(3)
+    target = funnel.as_target(dtype=F64)
+    x0 = funnel.sample(4000, gen)
+    neck = x0[:, 0] < -3
+
+    def run(kernel, x):
+        state, acc = MCMCState(x, *target.log_prob_and_grad(x)), torch.zeros(x.shape[0], dtype=F64)
+        for _ in range(20):
+            state, info = kernel(gen, state, target.log_prob_and_grad, torch.tensor(0.3, dtype=F64))
+            acc += info.acceptance_rate / 20
+        return state.x, acc
+
+    def z_scores(x1):
+        n = x1.numel()
+        return float(x1.mean() / (3 / math.sqrt(n))), float((x1.var() - 9) / (9 * math.sqrt(2 / n)))
+
+    x, acc = run(local_mala_step, x0)
+    assert max(abs(z) for z in z_scores(x[:, 0])) < 4, z_scores(x[:, 0])
+    assert float((x - x0).abs().mean()) > 0.1  # the kernel moved the particles
+    wrong = 1.6 * torch.randn(4000, generator=gen, dtype=F64)
+    assert max(abs(z) for z in z_scores(wrong)) > 4
+    _, acc_mala = run(mala_step, x0)
+    assert float(acc[neck].mean()) > 0.3 and float(acc_mala[neck].mean()) < 0.1, (
+        float(acc[neck].mean()),
+        float(acc_mala[neck].mean()),
+    )

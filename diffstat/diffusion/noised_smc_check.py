@@ -1,0 +1,103 @@
+r"""Error bars and reliability checks of the particle denoising diffusion sampler (``method="pdds"``).
+
+Standard error
+--------------
+Each run's :math:`\log\hat Z_r` carries the genealogy standard error :math:`s_r`
+(:func:`~diffstat.tempering.smc.genealogy_variance`, Chan and Lai 2013). With :math:`R \ge 2`
+independent runs (``num_chains``) the pooled :math:`\hat Z = \frac1R\sum_r\hat Z_r` also gets the
+standard error of the runs' spread, by the delta method
+:math:`\mathrm{se} = \mathrm{sd}(\hat Z_r / \hat Z) / \sqrt R`; the reported error bar is the larger
+of the two (the genealogy alone misses what no particle saw, the spread of a few runs is itself
+noisy).
+
+Checks (each gives one ``RuntimeWarning`` naming the reason)
+------------------------------------------------------------
+* fewer than :data:`MIN_EVES` distinct initial particles survive in a run (the genealogy estimate
+  of the variance then has too few terms), or a log Z that is not finite;
+* the runs disagree with their own error bars: :math:`\chi^2 = \sum_r (\log\hat Z_r -
+  \overline{\log\hat Z})^2 / s_r^2` beyond the :math:`1 - ` :data:`CHI2_ALPHA` quantile of
+  :math:`\chi^2_{R-1}` (runs that each report a small error but land far apart have missed
+  different parts of the target);
+* at the last :data:`LAST_LEVELS` levels the moves' mean acceptance is under :data:`MIN_ACCEPTANCE`
+  (the step size collapsed), or over :data:`MAX_STUCK` of the particles accept fewer than
+  :data:`STUCK_ACCEPTANCE` of their moves at a level (on average over those levels): one step size
+  shared by the particles cannot move them, as in a funnel's neck, and their placement rests on
+  the weights alone, which cannot bring particles into a region none reached. (The moves reaching
+  their cap before decorrelating is no such sign: on a narrow-heavy/wide-light mixture, whose log Z
+  is right, they reach it at every level, the shared step being small for the wide mode.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy import stats
+
+from diffstat.tempering.smc import combine_runs
+
+__all__ = [
+    "CHI2_ALPHA",
+    "LAST_LEVELS",
+    "MAX_STUCK",
+    "MIN_ACCEPTANCE",
+    "MIN_EVES",
+    "STUCK_ACCEPTANCE",
+    "pooled_log_z",
+    "reliability_problems",
+]
+
+#: Fewer distinct initial ancestors than this and the genealogy standard error is unreliable.
+MIN_EVES = 20
+#: Level of the runs-against-genealogy consistency test (one false alarm in a thousand calls).
+CHI2_ALPHA = 1e-3
+#: The levels nearest zero noise whose moves are checked (an eighth of the default 64).
+LAST_LEVELS = 8
+#: Mean acceptance below which the last levels' moves are said not to move (a tuned MALA or HMC
+#: runs at 0.57 to 0.65; a tenth of that means the step size collapsed).
+MIN_ACCEPTANCE = 0.05
+#: A particle whose moves at a level accept less than this on average has not moved there.
+STUCK_ACCEPTANCE = 0.05
+#: Largest share of stuck particles at the last levels that passes (module docstring): a tenth, the
+#: share of the weight that a region may hold unexplored before log Z is off by about 0.1.
+MAX_STUCK = 0.1
+
+
+def pooled_log_z(log_zs: list[float], ses: list[float]) -> tuple[float, float, str]:
+    """Pooled log Z of independent runs, its standard error and how it was obtained (``"genealogy"``
+    or ``"runs"``, module docstring)."""
+    log_z, se = combine_runs(log_zs, ses)
+    if len(log_zs) < 2 or not math.isfinite(log_z):
+        return log_z, se, "genealogy"
+    ratio = torch.exp(torch.tensor(log_zs, dtype=torch.float64) - log_z)
+    se_runs = float(ratio.std() / math.sqrt(len(log_zs)))
+    return (log_z, se_runs, "runs") if se_runs > se else (log_z, se, "genealogy")
+
+
+def reliability_problems(runs, log_z: float) -> list[str]:
+    """The reasons (module docstring) why the runs' estimate is unreliable; empty when none.
+    ``runs`` are :class:`~diffstat.diffusion.noised_smc.NoisedSMCOutput`."""
+    problems = []
+    num_eves = min(r.num_eves for r in runs)
+    if num_eves < MIN_EVES or not np.isfinite(log_z):
+        problems.append(f"only {num_eves} distinct initial particles survive")
+    lz = np.array([r.log_normalizer for r in runs])
+    se = np.array([r.log_normalizer_se for r in runs])
+    if len(runs) >= 2 and np.all(np.isfinite(lz)) and np.all(se > 0):
+        chi2 = float((((lz - lz.mean()) / se) ** 2).sum())
+        if stats.chi2.sf(chi2, len(runs) - 1) < CHI2_ALPHA:
+            problems.append(
+                f"the runs' log Z spread (sd {lz.std(ddof=1):.3f}) disagrees with their genealogy "
+                f"standard errors (about {float(np.median(se)):.3f})"
+            )
+    acc = np.array([float(r.stages["acceptance_rate"][-LAST_LEVELS:].mean()) for r in runs])
+    if np.any(acc < MIN_ACCEPTANCE):
+        problems.append(f"the moves at the last levels accept {acc.min():.3f} of proposals")
+    stuck = np.array([float(r.stages["stuck"][-LAST_LEVELS:].mean()) for r in runs])
+    if np.any(stuck > MAX_STUCK):
+        problems.append(
+            f"{stuck.max():.0%} of the particles did not move at the last {LAST_LEVELS} levels "
+            f"(acceptance under {STUCK_ACCEPTANCE}): a region the shared step size cannot enter"
+        )
+    return problems
