@@ -54,12 +54,12 @@ import warnings
 import torch
 
 from diffstat._util import check_positive_int, progress_bar
-from diffstat.mcmc.adaptation import DualAveraging
-from diffstat.mcmc.base import MCMCState
 from diffstat.mcmc.langevin import ula_step, underdamped_init, underdamped_step
-from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 from diffstat.sampling import SamplerResult, register_sampler
+from diffstat.smoothing.correction import posterior_mala
+from diffstat.smoothing.fit import learned_score_report
 from diffstat.smoothing.laplace import explore_modes
+from diffstat.smoothing.learned import LearnedSmoothedScore
 from diffstat.smoothing.scores import LaplaceSmoothedScore, SmoothedScore, resolve_smoothed_score
 
 __all__ = ["conditional_score", "default_noise", "posterior_mala", "sms"]
@@ -70,6 +70,12 @@ __all__ = ["conditional_score", "default_noise", "posterior_mala", "sms"]
 #: log-gamma coordinates (d = 4, sigma 1, M 4) give 0.74 with means off by 0.34 sd (z = 6.8 at 400
 #: draws): any visible departure from Gaussian local posteriors biases the estimate.
 _MIN_MEAN_FIT_ESS = 0.9
+
+#: Final MALA steps on p(x | ybar_M) after the jump: 100 where the score is exact or training-free (the
+#: measured within-mode variance was then the target's, REFERENCES.md); 30 with a learned score, so
+#: that draws from a kept score cost about 31 target evaluations each (measured in docs/sms.md).
+_DEFAULT_MALA = 100
+_LEARNED_MALA = 30
 
 
 def conditional_score(y: torch.Tensor, sum_prev: torch.Tensor, m: int, sigma: float, smoothed_score) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,34 +134,6 @@ def default_noise(
     return out
 
 
-def posterior_mala(generator, target, x, ybar, s2: float, num_steps: int, step_size: float | None = None):
-    r"""``num_steps`` MALA steps on :math:`p(x\mid\bar y) \propto p(x)\,\mathcal N(x; \bar y, s^2 I)`
-    from ``x``, one step size shared by all chains tuned by dual averaging over the first half.
-    Returns ``(x, target log-density at x, mean acceptance per chain over the second half, step)``."""
-
-    def log_prob_and_grad(z):
-        lp, g = target.log_prob_and_grad(z)
-        return lp - ((z - ybar) ** 2).sum(-1) / (2 * s2), g - (z - ybar) / s2
-
-    state = MCMCState(x, *log_prob_and_grad(x))
-    h0 = 0.5 * s2 * x.shape[1] ** (-1 / 3) if step_size is None else step_size
-    adapt = DualAveraging(torch.tensor(h0, dtype=x.dtype, device=x.device), MALA_TARGET_ACCEPT)
-    num_adapt = num_steps // 2 if step_size is None else 0
-    h = adapt.step_size
-    acc = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    for i in range(num_steps):
-        state, info = mala_step(generator, state, log_prob_and_grad, h)
-        if i < num_adapt:
-            h = adapt.update(info.acceptance_rate.mean())
-            if i == num_adapt - 1:
-                h = adapt.final_step_size
-        else:
-            acc = acc + info.acceptance_rate
-    acc = acc / max(num_steps - num_adapt, 1)
-    lp = state.log_prob + ((state.x - ybar) ** 2).sum(-1) / (2 * s2)
-    return state.x, lp, acc, float(h)
-
-
 def _walk(generator, y, score, num_steps, step_size, friction, walk):
     """``num_steps`` Langevin steps on ``score`` from ``y``; returns the end point."""
     if walk == "underdamped":
@@ -187,7 +165,7 @@ def sms(
     step_size: float = 0.5,
     friction: float = 1.0,
     walk: str = "underdamped",
-    num_mala: int = 100,
+    num_mala: int | None = None,
     w2_tol: float | None = None,
     variant: str = "sms",
     jms_steps: int = 500,
@@ -231,13 +209,25 @@ def sms(
         raise ValueError(f"walk must be 'underdamped' or 'ula', got {walk!r}")
     steps_per_measurement = check_positive_int(steps_per_measurement, "steps_per_measurement")
     first_steps = check_positive_int(first_steps, "first_steps")
-    if isinstance(num_mala, bool) or not isinstance(num_mala, int) or num_mala < 0 or step_size <= 0 or friction <= 0:
-        raise ValueError("num_mala must be non-negative, step_size and friction positive")
+    evals_fit = target.num_target_evals
     provider: SmoothedScore = resolve_smoothed_score(target, smoothed_score, estimator=estimator, generator=generator, **(estimator_options or {}))
     provider.reset()
-    geometry = default_noise(
-        target, generator, device, need_sigma=sigma is None or num_measurements is None, mixture=mixture
-    )
+    learned = isinstance(provider, LearnedSmoothedScore)
+    if num_mala is None:
+        num_mala = _LEARNED_MALA if learned else _DEFAULT_MALA
+    if isinstance(num_mala, bool) or not isinstance(num_mala, int) or num_mala < 0 or step_size <= 0 or friction <= 0:
+        raise ValueError("num_mala must be non-negative, step_size and friction positive")
+    score_attrs, rejected = {}, False
+    if learned:
+        fitted_here = smoothed_score is None
+        score_attrs, rejected = learned_score_report(
+            provider, target, target.num_target_evals - evals_fit if fitted_here else None)
+    if learned and mixture is None and provider.geometry is not None:
+        geometry = dict(provider.geometry, center=provider.geometry["center"].to(device=device, dtype=target.dtype))
+    else:
+        geometry = default_noise(
+            target, generator, device, need_sigma=sigma is None or num_measurements is None, mixture=mixture
+        )
     if isinstance(provider, LaplaceSmoothedScore) and "modes" in geometry:
         provider.bank.add(geometry["modes"].modes, geometry["modes"].precisions)
     if sigma is None:
@@ -313,7 +303,7 @@ def sms(
     bar.close()
     s2_final = sigma**2 / big_m
     if num_mala > 0:
-        x, lp, acc, h_mala = posterior_mala(generator, target, x_hat, ybar, s2_final, num_mala)
+        x, lp, acc, h_mala, _ = posterior_mala(generator, target, x_hat, ybar, s2_final, num_mala)
     else:
         x, lp = x_hat, target.log_prob(x_hat).detach()
         acc, h_mala = torch.ones(n, dtype=dtype, device=device), math.nan
@@ -322,14 +312,15 @@ def sms(
     # mode bank is shared, so a failed check marks every draw; a non-finite draw is marked anyway
     fit_ess = float(fit_ess_sum.mean()) / fit_ess_count if fit_ess_count else 1.0
     score_failed = fit_ess < _MIN_MEAN_FIT_ESS
-    diverging = ~torch.isfinite(x).all(-1) | ~torch.isfinite(lp) | score_failed
+    diverging = ~torch.isfinite(x).all(-1) | ~torch.isfinite(lp) | score_failed | rejected
     num_div = int(diverging.sum())
     if num_div:
         warnings.warn(
             f"SMS: {num_div} of {n} draws are unreliable (sample_stats 'diverging'): "
             + (f"the training-free smoothed score failed its self-check (mean importance ESS fraction of its "
                f"Laplace fits {fit_ess:.2f} < {_MIN_MEAN_FIT_ESS}: p(x | y) is far from Gaussian and its estimate of "
-               "E[X | y] biased; pass smoothed_score= or use an MCMC method)" if score_failed else "non-finite draws"),
+               "E[X | y] biased; pass smoothed_score= or use an MCMC method)" if score_failed
+               else "the smoothed score passed was fitted to another target" if rejected else "non-finite draws"),
             RuntimeWarning,
             stacklevel=2,
         )
@@ -347,6 +338,8 @@ def sms(
         "mala_acceptance": float(acc.mean()),
         "num_divergent": num_div,
         "score_fit_ess": fit_ess,
+        "correction_evals": int(n * (num_mala + 1)) if num_mala > 0 else n,
+        **score_attrs,
     }
     if isinstance(provider, LaplaceSmoothedScore):
         attrs["num_hessian_evals"] = int(provider.num_hessian_evals)
