@@ -75,17 +75,27 @@ class LearnedSmoothedScore(SmoothedScore):
         return int(getattr(self.model, "dim", self.center.shape[0] if self.center is not None else -1))
 
     def _time(self, sigma: float, like: torch.Tensor) -> torch.Tensor:
-        lo = torch.tensor(float(self.process.t_min), dtype=torch.float64)
-        hi = torch.tensor(float(self.process.t_max), dtype=torch.float64)
-        for _ in range(60):  # bisection on the monotone ratio sigma_t / alpha_t
-            mid = 0.5 * (lo + hi)
-            ratio = self.process.sigma(mid) / self.process.alpha(mid)
-            lo, hi = (mid, hi) if float(ratio) < sigma else (lo, mid)
-        return (0.5 * (lo + hi)).to(device=like.device)
+        """The time whose noise ratio :math:`\sigma_t/\alpha_t` is ``sigma`` (clamped to the process's
+        range), by 60 bisection halvings on the monotone ratio, cached per noise level (SMS asks for
+        the same few levels thousands of times)."""
+        cache = self.__dict__.setdefault("_t_cache", {})
+        if sigma not in cache:
+            lo = torch.tensor(float(self.process.t_min), dtype=torch.float64)
+            hi = torch.tensor(float(self.process.t_max), dtype=torch.float64)
+            for _ in range(60):
+                mid = 0.5 * (lo + hi)
+                ratio = self.process.sigma(mid) / self.process.alpha(mid)
+                lo, hi = (mid, hi) if float(ratio) < sigma else (lo, mid)
+            if len(cache) > 4096:
+                cache.clear()
+            cache[sigma] = 0.5 * (lo + hi)
+        return cache[sigma].to(device=like.device)
 
     def _max_sigma(self) -> float:
-        t = torch.tensor(float(self.process.t_max), dtype=torch.float64)
-        return self.scale * float(self.process.sigma(t) / self.process.alpha(t))
+        if "_sigma_max" not in self.__dict__:
+            t = torch.tensor(float(self.process.t_max), dtype=torch.float64)
+            self._sigma_max = self.scale * float(self.process.sigma(t) / self.process.alpha(t))
+        return self._sigma_max
 
     def __call__(self, y: torch.Tensor, sigma: float) -> torch.Tensor:
         sigma = float(sigma)

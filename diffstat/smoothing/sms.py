@@ -30,6 +30,11 @@ the ionosphere posterior the check gives 0.4 to 0.5 and the draws' means are off
 posterior sds, while a Gaussian with the same moments gives 1.0 and no bias), so every draw is marked in ``sample_stats["diverging"]`` (non-finite draws
 are marked in any case) and a ``RuntimeWarning`` says so.
 
+Default smoothed score: a network fitted from the log-density (:mod:`diffstat.smoothing.fit`), whose
+cost is paid once; a kept score (``smoothed_score=``) draws further batches at the cost of the final
+MALA alone (``correction_evals`` in attrs; ``score_*`` attrs report its fit and its check against
+this target, and a score fitted to another target marks every draw).
+
 Each SMS run gives one draw; ``num_chains * num_samples`` independent runs are batched together
 (they share the training-free estimator's mode bank) and reported as ``(num_chains, num_samples)``.
 
@@ -178,18 +183,21 @@ def sms(
     sigma, num_measurements : optional
         The noise level and ``M``; defaults from the diameter rule and the W2 bound (module doc).
     smoothed_score : callable or SmoothedScore, optional
-        ``(y, sigma) -> grad log q_sigma(y)``; else the target's ``smoothed_score`` attribute
-        (``estimator="auto"``), else the training-free ``estimator`` (``"laplace"``, the default
-        when nothing exact is known; ``"importance"``, ``"mcmc"``: baselines), built with
-        ``estimator_options``.
+        ``(y, sigma) -> grad log q_sigma(y)``, or a kept
+        :class:`~diffstat.smoothing.learned.LearnedSmoothedScore` (no new target evaluations but
+        its check and the final MALA; its particles set the defaults of ``sigma`` and ``M``); else
+        the ``estimator``: ``"learned"`` (default, ``"auto"``: fitted here by
+        :func:`~diffstat.smoothing.fit.fit_smoothed_score` with ``estimator_options``), or the
+        training-free ``"laplace"``, ``"importance"``, ``"mcmc"``.
     steps_per_measurement, first_steps : int
         Langevin steps for each :math:`y_m`, :math:`m \ge 2`, and for :math:`y_1`.
     step_size, friction : float
         In units of :math:`\sigma`: the walk uses :math:`h` = ``step_size`` :math:`\sigma` and
         friction ``friction`` :math:`/\sigma` (the public walk-jump defaults 0.5 and 1 at
         :math:`\sigma = 1`); ULA (``walk="ula"``) uses :math:`h` = ``step_size`` :math:`\cdot 0.1\sigma^2`.
-    num_mala : int
-        MALA steps on :math:`p(x\mid\bar y_M)` after the jump (0: return the jump itself).
+    num_mala : int, optional
+        MALA steps on :math:`p(x\mid\bar y_M)` after the jump (0: return the jump itself); default
+        30 with a learned score, 100 otherwise.
     w2_tol : float, optional
         Tolerance of the W2 bound that sets ``M``.
     variant : ``"sms"`` or ``"jms"``
@@ -209,6 +217,10 @@ def sms(
         raise ValueError(f"walk must be 'underdamped' or 'ula', got {walk!r}")
     steps_per_measurement = check_positive_int(steps_per_measurement, "steps_per_measurement")
     first_steps = check_positive_int(first_steps, "first_steps")
+    if sigma is not None and not float(sigma) > 0:  # bad input refused before any work (a fit, a search)
+        raise ValueError(f"sigma must be positive, got {sigma}")
+    if num_measurements is not None:
+        check_positive_int(num_measurements, "num_measurements")
     evals_fit = target.num_target_evals
     provider: SmoothedScore = resolve_smoothed_score(target, smoothed_score, estimator=estimator, generator=generator, **(estimator_options or {}))
     provider.reset()
