@@ -4,7 +4,9 @@ For each target and seed: fit the score (``ds.smoothing.fit_smoothed_score``), r
 first batch: its evaluations per draw include the fit's), then a second SMS batch and a walk-jump
 batch from the kept score (only the final MALA correction and the score's check evaluate the
 target). Printed side by side: heavy-mode weight (mixtures with two modes), total variation of the
-mode weights (mixtures), evaluations per draw, seconds, divergent and non-finite draws.
+mode weights (mixtures), evaluations per draw, seconds (wall and CPU: the machine the figures were
+measured on was shared, so CPU time is the fairer figure), divergent and non-finite draws. The first
+batch's figures include the fit's.
 
     python benchmarks/bench_sms_learned.py --targets two_modes8,two_modes32,two_modes64 --seeds 0,1,2
     python benchmarks/bench_sms_learned.py --targets narrow_wide10,nine_modes,funnel10,ionosphere --seeds 0 [--jms]
@@ -43,11 +45,11 @@ def make(name: str):
     return gm.as_target(dtype=torch.float64), gm
 
 
-def summary(gm, idata, evals: int, seconds: float) -> dict:
+def summary(gm, idata, evals: int, seconds: float, cpu: float) -> dict:
     x = torch.as_tensor(idata.posterior[list(idata.posterior.data_vars)[0]].values)
     x = x.reshape(-1, x.shape[-1])
     n = x.shape[0]
-    out = {"evals/draw": evals / n, "s": seconds, "div": int(idata.sample_stats["diverging"].values.sum()),
+    out = {"evals/draw": evals / n, "wall_s": seconds, "cpu_s": cpu, "div": int(idata.sample_stats["diverging"].values.sum()),
            "nan": int((~torch.isfinite(x).all(-1)).sum())}
     if gm is not None:
         w = torch.bincount(gm.assign(x[torch.isfinite(x).all(-1)]), minlength=gm.num_components).double() / n
@@ -58,11 +60,11 @@ def summary(gm, idata, evals: int, seconds: float) -> dict:
 
 def run(name: str, seed: int, num_draws: int, walkers: int, fit_options: dict, jms: bool) -> None:
     target, gm = make(name)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         score = fit_smoothed_score(target, seed=seed, **fit_options)
-        fit_s = time.perf_counter() - t0
+        fit_s, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
         fit_evals = score.info["num_target_evals"]
         rows = {}
         for label, method, options in (
@@ -73,18 +75,18 @@ def run(name: str, seed: int, num_draws: int, walkers: int, fit_options: dict, j
             ("walk-jump 2nd", "walk_jump", dict(num_chains=walkers, num_samples=num_draws // walkers, thin=10)),
         ):
             target.num_target_evals = 0
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             idata = ds.sample(target, method, seed=seed + (7 if "2nd" in label else 0), progress=False,
                               smoothed_score=score, **options)
-            secs = time.perf_counter() - t1
+            secs, cpu = time.perf_counter() - t1, time.process_time() - c1
             evals = idata.posterior.attrs["num_target_evals"]
             if label == "sms 1st":
-                evals, secs = evals + fit_evals, secs + fit_s
-            rows[label] = summary(gm, idata, evals, secs)
+                evals, secs, cpu = evals + fit_evals, secs + fit_s, cpu + fit_cpu
+            rows[label] = summary(gm, idata, evals, secs, cpu)
             cells = " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[label].items())
             print(f"  {name} seed {seed} {label:14s} {cells}", flush=True)
     exact = f" (exact {float(gm.weights.max()):.3f})" if gm is not None else ""
-    print(f"{name} seed {seed}: fit {fit_evals} evals, {fit_s:.0f} s, held-out Fisher divergence "
+    print(f"{name} seed {seed}: fit {fit_evals} evals, {fit_s:.0f} s wall, {fit_cpu:.0f} s cpu, held-out Fisher divergence "
           f"{score.info['fisher_divergence']:.3g}{exact}", flush=True)
     for w in {str(w.message)[:160] for w in caught if issubclass(w.category, RuntimeWarning)}:
         print("  warning:", w, flush=True)

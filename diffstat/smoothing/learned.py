@@ -75,7 +75,7 @@ class LearnedSmoothedScore(SmoothedScore):
         return int(getattr(self.model, "dim", self.center.shape[0] if self.center is not None else -1))
 
     def _time(self, sigma: float, like: torch.Tensor) -> torch.Tensor:
-        """The time whose noise ratio :math:`\sigma_t/\alpha_t` is ``sigma`` (clamped to the process's
+        r"""The time whose noise ratio :math:`\sigma_t/\alpha_t` is ``sigma`` (clamped to the process's
         range), by 60 bisection halvings on the monotone ratio, cached per noise level (SMS asks for
         the same few levels thousands of times)."""
         cache = self.__dict__.setdefault("_t_cache", {})

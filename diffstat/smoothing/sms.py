@@ -175,6 +175,7 @@ def sms(
     variant: str = "sms",
     jms_steps: int = 500,
     mixture=None,
+    max_evals_per_draw: float | None = 1e4,
 ) -> SamplerResult:
     r"""Sequential multimeasurement sampling; ``num_chains * num_samples`` independent runs.
 
@@ -207,6 +208,11 @@ def sms(
         log-density. Exact information is used only when passed explicitly.
     jms_steps : int
         Langevin steps of the joint variant.
+    max_evals_per_draw : float or None
+        Budget of a training-free estimator (``"laplace"``, ``"importance"``, ``"mcmc"``), in target
+        evaluations per draw (default 1e4, the cost a learned score stays under with its fit): once
+        spent, the measurements stop at the current ``m`` (the W2 bound grows to
+        :math:`\sigma^2 d/m`, reported) and a ``RuntimeWarning`` says so. None: no cap.
     """
     num_chains = 4 if num_chains is None else num_chains
     n = num_chains * num_samples
@@ -256,6 +262,8 @@ def sms(
     h = step_size * sigma if walk == "underdamped" else step_size * 0.1 * sigma**2
     gamma = friction / sigma
     evals0 = target.num_target_evals
+    budget_hit = False
+    budget = None if (max_evals_per_draw is None or learned or not provider.uses_target) else max_evals_per_draw * n
     stats = {k: [] for k in ("noise_level", "score_spread", "num_modes", "score_fit_ess", "num_target_evals")}
     fit_ess_sum = torch.zeros(n, dtype=target.dtype, device=device)
     fit_ess_count = 0
@@ -292,6 +300,15 @@ def sms(
             x_hat = provider.denoise(ybar, sigma / math.sqrt(m))
             record(m, target.num_target_evals - evals0)
             bar.update(1)
+            if budget is not None and target.num_target_evals - evals0 > budget and m < big_m:
+                warnings.warn(
+                    f"SMS: the training-free smoothed score ({type(provider).__name__}) spent its budget of "
+                    f"{max_evals_per_draw:g} target evaluations per draw after {m} of {big_m} measurements; "
+                    f"the run ends there (W2 bound sigma^2 d / m = {sigma**2 * d / m:.3g} instead of "
+                    f"{sigma**2 * d / big_m:.3g}). Use the learned score (the default) or raise max_evals_per_draw.",
+                    RuntimeWarning, stacklevel=2)
+                big_m, budget_hit = m, True
+                break
         ybar = total / big_m
     else:
         x_rough = center + geometry["scale"] * torch.randn(n, 1, d, generator=generator, dtype=dtype, device=device)
@@ -341,6 +358,7 @@ def sms(
         "num_measurements": big_m,
         "final_noise": math.sqrt(s2_final),
         "w2_bound": sigma**2 * d / big_m,
+        "budget_hit": budget_hit,
         "w2_tol": float(w2_tol),
         "noise_source": geometry["source"],
         "smoothed_score": type(provider).__name__,

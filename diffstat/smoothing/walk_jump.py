@@ -120,6 +120,7 @@ def walk_jump(
     thin: int = 1,
     init=None,
     num_mala: int | None = None,
+    max_evals_per_draw: float | None = 1e4,
 ) -> SamplerResult:
     r"""Walk-jump sampling: ``num_chains`` walkers, ``num_samples`` jumps each.
 
@@ -149,6 +150,10 @@ def walk_jump(
         MALA steps on :math:`p(x\mid y)` from each jump (:mod:`~diffstat.smoothing.correction`: a draw of
         :math:`p` instead of the posterior mean). Default 20 with a learned score (its within-mode shape
         is approximate; the target's is restored at 21 evaluations per draw), else 0 (the classic jump).
+    max_evals_per_draw : float or None
+        Budget of a training-free estimator in target evaluations per requested draw (default 1e4):
+        once spent, the walk stops with the draws made so far (at least one jump per walker) and a
+        ``RuntimeWarning`` says so. None: no cap.
     """
     num_chains = 4 if num_chains is None else num_chains
     d = target.dim
@@ -207,6 +212,10 @@ def walk_jump(
         return provider(z, sigma)
 
     evals0 = target.num_target_evals
+    budget_hit = False
+    budget = None
+    if max_evals_per_draw is not None and provider is not None and provider.uses_target and not learned:
+        budget = max_evals_per_draw * num_chains * num_samples
     if walk == "underdamped":
         state = underdamped_init(generator, y, score)
         h = step_size * sigma
@@ -255,7 +264,8 @@ def walk_jump(
             else:
                 acc_sum = acc_sum + info.acceptance_rate
         bar.update(1)
-        if i >= num_warmup and (i - num_warmup + 1) % thin == 0:
+        over = budget is not None and target.num_target_evals - evals0 > budget
+        if (i >= num_warmup and (i - num_warmup + 1) % thin == 0) or over:
             if walk == "underdamped":
                 yj, g = state.x, state.grad
             elif walk == "ula":
@@ -273,7 +283,7 @@ def walk_jump(
             divs.append(suspect.clone())
             draws.append(x)
             walkers.append(yj)
-            done = (i - num_warmup + 1)
+            done = max(i - num_warmup + 1, 1)
             accs.append(acc_sum / done if walk == "mala" else torch.ones(num_chains, dtype=dtype, device=y.device))
             info = provider.last_info if provider is not None else {}
             stats["score_spread"].append(float(info["spread"].mean()) if "spread" in info else 0.0)
@@ -281,6 +291,14 @@ def walk_jump(
             stats["acceptance_rate"].append(float(accs[-1].mean()))
             stats["num_target_evals"].append(target.num_target_evals - evals0)
             stats["num_divergent"].append(float(divs[-1].sum()))
+        if over:
+            warnings.warn(
+                f"walk-jump: the training-free smoothed score ({type(provider).__name__}) spent its budget of "
+                f"{max_evals_per_draw:g} target evaluations per draw after {i + 1} of {total} walk steps; the run "
+                f"ends with {len(draws)} of {num_samples} draws per walker. Use the learned score (the default) or "
+                "raise max_evals_per_draw.", RuntimeWarning, stacklevel=2)
+            budget_hit = True
+            break
     bar.close()
     x_all, lp, h_corr = _correct(generator, target, torch.stack(draws, 1), torch.stack(walkers, 1), sigma, num_mala)
     diverging = torch.stack(divs, 1) | ~torch.isfinite(lp) | rejected
@@ -304,6 +322,7 @@ def walk_jump(
         "smoothed_score": type(provider).__name__ if provider is not None else "grad smoothed_log_prob",
         "num_mala": int(num_mala),
         "mala_step_size": h_corr,
+        "budget_hit": budget_hit,
         "correction_evals": int(diverging.numel() * (num_mala + 1)) if num_mala > 0 else int(diverging.numel()),
         **score_attrs,
     }

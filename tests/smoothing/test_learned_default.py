@@ -134,3 +134,19 @@ def test_bad_fit_is_warned_about():
     with pytest.warns(RuntimeWarning, match="Fisher divergence"):
         score = fit_smoothed_score(target, seed=0, num_particles=256, train_steps=2)
     assert score.info["fisher_divergence"] > 0.1
+
+
+def test_training_free_budget_cap():
+    """The Laplace estimator, kept as an option, stops at its evaluation budget with a warning: SMS ends
+    at the measurement where it ran out (reported), walk-jump with the draws made so far."""
+    target = two_modes(4).as_target(dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="spent its budget"):
+        idata = ds.sample(target, "sms", num_samples=20, num_chains=1, seed=0, progress=False, estimator="laplace",
+                          num_measurements=64, num_mala=2, max_evals_per_draw=300)
+    attrs = idata.posterior.attrs
+    assert attrs["budget_hit"] == 1 and attrs["num_measurements"] < 64
+    assert torch.isfinite(torch.as_tensor(idata.posterior["x"].values)).all()
+    with pytest.warns(RuntimeWarning, match="spent its budget"):
+        wj = ds.sample(target, "walk_jump", num_samples=10, num_chains=10, seed=0, progress=False, estimator="laplace",
+                       max_evals_per_draw=50)
+    assert wj.posterior.attrs["budget_hit"] == 1 and 1 <= wj.posterior.sizes["draw"] < 10
