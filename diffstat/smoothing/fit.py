@@ -203,7 +203,7 @@ def learned_score_report(provider: LearnedSmoothedScore, target, training_evals:
         "score_log_prob_mismatch": float(check["log_prob_mismatch"]),
         "score_population": str(provider.info.get("population", "")),
     }
-    rejected = not check["log_prob_mismatch"] <= _MAX_MISMATCH
+    rejected = check["log_prob_mismatch"] > _MAX_MISMATCH  # NaN: a score without held-out particles, unchecked
     if rejected:
         warnings.warn(
             f"the smoothed score passed was fitted to another target: log p minus the fitted log-density "
