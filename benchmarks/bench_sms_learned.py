@@ -9,13 +9,13 @@ measured on was shared, so CPU time is the fairer figure), divergent and non-fin
 batch's figures include the fit's.
 
     python benchmarks/bench_sms_learned.py --targets two_modes8,two_modes32,two_modes64 --seeds 0,1,2
-    python benchmarks/bench_sms_learned.py --targets narrow_wide10,nine_modes,funnel10,ionosphere --seeds 0 [--jms]
+    python benchmarks/bench_sms_learned.py --targets narrow_wide10,nine_modes,funnel10,ionosphere \
+        --seeds 0 [--jms]
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 import warnings
 
@@ -30,13 +30,13 @@ def make(name: str):
     from diffstat import targets
 
     if name.startswith("two_modes"):
-        gm = targets.two_modes(int(name[len("two_modes"):]))
+        gm = targets.two_modes(int(name[len("two_modes") :]))
     elif name.startswith("narrow_wide"):
-        gm = targets.narrow_wide(int(name[len("narrow_wide"):]))
+        gm = targets.narrow_wide(int(name[len("narrow_wide") :]))
     elif name == "nine_modes":
         gm = targets.nine_modes()
     elif name.startswith("funnel"):
-        return targets.Funnel(int(name[len("funnel"):])).as_target(dtype=torch.float64), None
+        return targets.Funnel(int(name[len("funnel") :])).as_target(dtype=torch.float64), None
     elif name == "ionosphere":
         model = targets.ionosphere()
         return model.as_target(dtype=torch.float64), None
@@ -49,8 +49,13 @@ def summary(gm, idata, evals: int, seconds: float, cpu: float) -> dict:
     x = torch.as_tensor(idata.posterior[list(idata.posterior.data_vars)[0]].values)
     x = x.reshape(-1, x.shape[-1])
     n = x.shape[0]
-    out = {"evals/draw": evals / n, "wall_s": seconds, "cpu_s": cpu, "div": int(idata.sample_stats["diverging"].values.sum()),
-           "nan": int((~torch.isfinite(x).all(-1)).sum())}
+    out = {
+        "evals/draw": evals / n,
+        "wall_s": seconds,
+        "cpu_s": cpu,
+        "div": int(idata.sample_stats["diverging"].values.sum()),
+        "nan": int((~torch.isfinite(x).all(-1)).sum()),
+    }
     if gm is not None:
         w = torch.bincount(gm.assign(x[torch.isfinite(x).all(-1)]), minlength=gm.num_components).double() / n
         out["heavy"] = float(w[int(gm.weights.argmax())])
@@ -70,24 +75,48 @@ def run(name: str, seed: int, num_draws: int, walkers: int, fit_options: dict, j
         for label, method, options in (
             ("sms 1st", "sms", dict(num_chains=4, num_samples=num_draws // 4)),
             ("sms 2nd", "sms", dict(num_chains=4, num_samples=num_draws // 4)),
-            *((("jms 2nd", "sms", dict(num_chains=4, num_samples=num_draws // 4, variant="jms", jms_steps=200)),)
-              if jms else ()),
-            ("walk-jump 2nd", "walk_jump", dict(num_chains=walkers, num_samples=num_draws // walkers, thin=10)),
+            *(
+                (
+                    (
+                        "jms 2nd",
+                        "sms",
+                        dict(num_chains=4, num_samples=num_draws // 4, variant="jms", jms_steps=200),
+                    ),
+                )
+                if jms
+                else ()
+            ),
+            (
+                "walk-jump 2nd",
+                "walk_jump",
+                dict(num_chains=walkers, num_samples=num_draws // walkers, thin=10),
+            ),
         ):
             target.num_target_evals = 0
             t1, c1 = time.perf_counter(), time.process_time()
-            idata = ds.sample(target, method, seed=seed + (7 if "2nd" in label else 0), progress=False,
-                              smoothed_score=score, **options)
+            idata = ds.sample(
+                target,
+                method,
+                seed=seed + (7 if "2nd" in label else 0),
+                progress=False,
+                smoothed_score=score,
+                **options,
+            )
             secs, cpu = time.perf_counter() - t1, time.process_time() - c1
             evals = idata.posterior.attrs["num_target_evals"]
             if label == "sms 1st":
                 evals, secs, cpu = evals + fit_evals, secs + fit_s, cpu + fit_cpu
             rows[label] = summary(gm, idata, evals, secs, cpu)
-            cells = " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[label].items())
+            cells = " ".join(
+                f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[label].items()
+            )
             print(f"  {name} seed {seed} {label:14s} {cells}", flush=True)
     exact = f" (exact {float(gm.weights.max()):.3f})" if gm is not None else ""
-    print(f"{name} seed {seed}: fit {fit_evals} evals, {fit_s:.0f} s wall, {fit_cpu:.0f} s cpu, held-out Fisher divergence "
-          f"{score.info['fisher_divergence']:.3g}{exact}", flush=True)
+    print(
+        f"{name} seed {seed}: fit {fit_evals} evals, {fit_s:.0f} s wall, {fit_cpu:.0f} s cpu, "
+        f"held-out Fisher divergence {score.info['fisher_divergence']:.3g}{exact}",
+        flush=True,
+    )
     for w in {str(w.message)[:160] for w in caught if issubclass(w.category, RuntimeWarning)}:
         print("  warning:", w, flush=True)
 

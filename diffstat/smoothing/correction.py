@@ -22,8 +22,16 @@ from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 __all__ = ["posterior_mala"]
 
 
-def posterior_mala(generator, target, x, ybar, s2: float, num_steps: int, step_size: float | None = None,
-                   scale2: float | None = None):
+def posterior_mala(
+    generator,
+    target,
+    x,
+    ybar,
+    s2: float,
+    num_steps: int,
+    step_size: float | None = None,
+    scale2: float | None = None,
+):
     r"""``num_steps`` MALA steps on :math:`p(x\mid\bar y) \propto p(x)\,\mathcal N(x; \bar y, s^2 I)`
     from ``x: (n, d)``, one step size shared by all chains tuned by dual averaging over the first half.
 

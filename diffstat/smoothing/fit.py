@@ -57,12 +57,28 @@ def particle_geometry(x: torch.Tensor, generator: torch.Generator, max_pairs_poi
     iu = torch.triu_indices(xs.shape[0], xs.shape[0], 1)
     diameter = float(d2[iu[0], iu[1]].quantile(0.99).sqrt()) if xs.shape[0] > 1 else 0.0
     scale = math.sqrt(float(x.double().var(0).mean()))
-    return dict(source="particles", center=x.double().mean(0), scale=scale, diameter=diameter,
-                tau=math.nan, sigma=max(diameter, scale))
+    return dict(
+        source="particles",
+        center=x.double().mean(0),
+        scale=scale,
+        diameter=diameter,
+        tau=math.nan,
+        sigma=max(diameter, scale),
+    )
 
 
-def _train(model, process, u, gu, generator, num_steps: int, batch_size: int, lr: float, num_reference: int,
-           loss: str):
+def _train(
+    model,
+    process,
+    u,
+    gu,
+    generator,
+    num_steps: int,
+    batch_size: int,
+    lr: float,
+    num_reference: int,
+    loss: str,
+):
     r"""Adam (cosine learning rate, EMA of the weights at rate 0.999 after a warm-up) on the stable-target
     (``loss="stf"``) or plain mixed TSM/DSM loss, weighted by :math:`\lambda = 1 + \sigma^2`: the
     preconditioned network's output error then counts alike at every noise level (with weight 1 the
@@ -86,7 +102,9 @@ def _train(model, process, u, gu, generator, num_steps: int, batch_size: int, lr
             group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - 1) / max(num_steps - 1, 1))))
         idx = torch.randint(0, n, (batch_size,), generator=generator, device=generator.device).to(u.device)
         if loss == "stf":
-            ref = torch.randint(0, n, (min(num_reference, n),), generator=generator, device=generator.device).to(u.device)
+            ref = torch.randint(
+                0, n, (min(num_reference, n),), generator=generator, device=generator.device
+            ).to(u.device)
             value = stf_loss(model, process, u[idx], gu[idx], generator, u[ref], gu[ref], weighting=weighting)
         else:
             value = mixed_loss(model, process, u[idx], gu[idx], generator, weighting=weighting)
@@ -101,17 +119,36 @@ def _train(model, process, u, gu, generator, num_steps: int, batch_size: int, lr
     return ema
 
 
-def fit_smoothed_score(target, *, generator: torch.Generator | None = None, seed: int | None = None, device=None,
-                       population="modes", num_particles: int = 4096, population_options: dict | None = None,
-                       held_out: float = 0.1, hidden: int = 128, depth: int = 3, train_steps: int = 2000,
-                       batch_size: int = 512, lr: float = 2e-3, sigma_min: float = 0.01, sigma_max: float | None = None,
-                       max_fisher: float = _MAX_FISHER, keep_particles: int = 4096, progress: bool = False,
-                       dtype=torch.float32, loss: str = "stf", num_reference: int = 1024) -> LearnedSmoothedScore:
+def fit_smoothed_score(
+    target,
+    *,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    device=None,
+    population="modes",
+    num_particles: int = 4096,
+    population_options: dict | None = None,
+    held_out: float = 0.1,
+    hidden: int = 128,
+    depth: int = 3,
+    train_steps: int = 2000,
+    batch_size: int = 512,
+    lr: float = 2e-3,
+    sigma_min: float = 0.01,
+    sigma_max: float | None = None,
+    max_fisher: float = _MAX_FISHER,
+    keep_particles: int = 4096,
+    progress: bool = False,
+    dtype=torch.float32,
+    loss: str = "stf",
+    num_reference: int = 1024,
+) -> LearnedSmoothedScore:
     r"""A :class:`~diffstat.smoothing.learned.LearnedSmoothedScore` for ``target`` (module doc).
 
     Parameters
     ----------
-    population : ``"modes"``, ``"smc"`` or a callable ``(target, n, generator, device, **options) -> Population``
+    population : ``"modes"``, ``"smc"`` or a callable
+        ``(target, n, generator, device, **options) -> Population``
     num_particles : int
     population_options : dict, optional
         Keyword options of the population source.
@@ -148,25 +185,42 @@ def fit_smoothed_score(target, *, generator: torch.Generator | None = None, seed
     ok = torch.isfinite(pop.x).all(-1) & torch.isfinite(pop.grad).all(-1) & torch.isfinite(pop.log_prob)
     x, g, lp = pop.x[ok], pop.grad[ok], pop.log_prob[ok]
     if x.shape[0] < 16:
-        raise ValueError(f"the population source {pop.source!r} returned {x.shape[0]} finite particles; need 16 or more")
+        raise ValueError(
+            f"the population source {pop.source!r} returned {x.shape[0]} finite particles; need 16 or more"
+        )
     perm = torch.randperm(x.shape[0], generator=generator, device=generator.device).to(x.device)
     n_held = max(int(held_out * x.shape[0]), 8)
     held, train = perm[:n_held], perm[n_held:]
     geometry = particle_geometry(x[train], generator)
+    # local (within-mode) scale from the Fisher information: d / E|grad log p|^2 = tau^2 for Gaussian modes
+    geometry["tau"] = math.sqrt(target.dim / float((g[held] ** 2).sum(-1).mean().clamp_min(1e-300)))
     center, c = geometry["center"].to(x), geometry["scale"]
-    s_max = (2.0 * geometry["diameter"] / c if sigma_max is None else float(sigma_max))
+    s_max = 2.0 * geometry["diameter"] / c if sigma_max is None else float(sigma_max)
     process = VE(sigma_min=float(sigma_min), sigma_max=max(s_max, 4.0))
     u = ((x[train] - center) / c).to(dtype)
     gu = (g[train] * c).to(dtype)
     model = ScoreMLP(target.dim, hidden=hidden, depth=depth, process=process, generator=generator).to(dtype)
     net = _train(model, process, u, gu, generator, train_steps, batch_size, lr, num_reference, loss)
-    keep = train[: keep_particles]
+    keep = train[:keep_particles]
     particles = {"x": x[keep], "held_x": x[held], "held_grad": g[held], "held_lp": lp[held]}
-    info = {"num_target_evals": int(target.num_target_evals - evals0), "population": pop.source,
-            "num_particles": int(x.shape[0]), "train_steps": int(train_steps),
-            "sigma_min": float(sigma_min) * c, "sigma_max": process.sigma_max * c}
-    score = LearnedSmoothedScore(net, process, center=geometry["center"], scale=c,
-                                 variance=c**2, particles=particles, info=info, geometry=geometry)
+    info = {
+        "num_target_evals": int(target.num_target_evals - evals0),
+        "population": pop.source,
+        "num_particles": int(x.shape[0]),
+        "train_steps": int(train_steps),
+        "sigma_min": float(sigma_min) * c,
+        "sigma_max": process.sigma_max * c,
+    }
+    score = LearnedSmoothedScore(
+        net,
+        process,
+        center=geometry["center"],
+        scale=c,
+        variance=c**2,
+        particles=particles,
+        info=info,
+        geometry=geometry,
+    )
     check = score.check()  # the held-out particles' scores are the population's: no new evaluation
     score.info["fisher_divergence"] = check["fisher_divergence"]
     score.info["fit_seconds"] = time.perf_counter() - t0
@@ -174,8 +228,11 @@ def fit_smoothed_score(target, *, generator: torch.Generator | None = None, seed
         warnings.warn(
             f"the learned smoothed score is far from the target's at small noise: held-out relative Fisher "
             f"divergence {check['fisher_divergence']:.3g} > {max_fisher} (population {pop.source!r}, "
-            f"{x.shape[0]} particles); more particles or training steps, or another population source, may help",
-            RuntimeWarning, stacklevel=2)
+            f"{x.shape[0]} particles); more particles or training steps, or another population source, "
+            "may help",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return score
 
 
@@ -184,8 +241,9 @@ def fit_smoothed_score(target, *, generator: torch.Generator | None = None, seed
 _MAX_MISMATCH = 1e-3
 
 
-def learned_score_report(provider: LearnedSmoothedScore, target, training_evals: int | None,
-                         num_points: int = 256) -> tuple[dict, bool]:
+def learned_score_report(
+    provider: LearnedSmoothedScore, target, training_evals: int | None, num_points: int = 256
+) -> tuple[dict, bool]:
     """Attributes and the verdict of a sampler run with a learned score: fitted in this run
     (``training_evals`` given; its fit's own check) or kept from an earlier fit (checked now against
     ``target`` on ``num_points`` held-out particles, at one evaluation each). Returns ``(attrs,
@@ -194,7 +252,10 @@ def learned_score_report(provider: LearnedSmoothedScore, target, training_evals:
     if training_evals is None:
         check = provider.check(target, num_points)
     else:
-        check = {"fisher_divergence": provider.info.get("fisher_divergence", math.nan), "log_prob_mismatch": 0.0}
+        check = {
+            "fisher_divergence": provider.info.get("fisher_divergence", math.nan),
+            "log_prob_mismatch": 0.0,
+        }
     attrs = {
         "score_fitted_here": training_evals is not None,
         "score_training_evals": int(training_evals or 0),
@@ -203,15 +264,23 @@ def learned_score_report(provider: LearnedSmoothedScore, target, training_evals:
         "score_log_prob_mismatch": float(check["log_prob_mismatch"]),
         "score_population": str(provider.info.get("population", "")),
     }
-    rejected = check["log_prob_mismatch"] > _MAX_MISMATCH  # NaN: a score without held-out particles, unchecked
+    rejected = (
+        check["log_prob_mismatch"] > _MAX_MISMATCH
+    )  # NaN: a score without held-out particles, unchecked
     if rejected:
         warnings.warn(
-            f"the smoothed score passed was fitted to another target: log p minus the fitted log-density "
-            f"varies over its held-out particles (relative spread {check['log_prob_mismatch']:.3g} > {_MAX_MISMATCH}); "
-            "every draw is marked in sample_stats 'diverging'. Refit with ds.smoothing.fit_smoothed_score(target).",
-            RuntimeWarning, stacklevel=3)
+            f"the smoothed score passed was fitted to another target: log p minus the fitted "
+            f"log-density varies over its held-out particles (relative spread "
+            f"{check['log_prob_mismatch']:.3g} > {_MAX_MISMATCH}); every draw is marked in sample_stats "
+            "'diverging'. Refit with ds.smoothing.fit_smoothed_score(target).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     elif training_evals is None and not check["fisher_divergence"] <= _MAX_FISHER:
         warnings.warn(
             f"the learned smoothed score is far from the target's at small noise (held-out relative Fisher "
-            f"divergence {check['fisher_divergence']:.3g} > {_MAX_FISHER})", RuntimeWarning, stacklevel=3)
+            f"divergence {check['fisher_divergence']:.3g} > {_MAX_FISHER})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return attrs, rejected

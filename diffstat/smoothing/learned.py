@@ -59,8 +59,18 @@ class LearnedSmoothedScore(SmoothedScore):
         Defaults for SMS (``sigma``, ``scale``, ``diameter``, ``tau``), from the particles.
     """
 
-    def __init__(self, model, process, *, center=None, scale: float = 1.0, variance: float | None = None,
-                 particles: dict | None = None, info: dict | None = None, geometry: dict | None = None):
+    def __init__(
+        self,
+        model,
+        process,
+        *,
+        center=None,
+        scale: float = 1.0,
+        variance: float | None = None,
+        particles: dict | None = None,
+        info: dict | None = None,
+        geometry: dict | None = None,
+    ):
         super().__init__()
         self.model, self.process = model, process
         self.center = None if center is None else torch.as_tensor(center, dtype=torch.float64)
@@ -100,8 +110,14 @@ class LearnedSmoothedScore(SmoothedScore):
     def __call__(self, y: torch.Tensor, sigma: float) -> torch.Tensor:
         sigma = float(sigma)
         if y.dim() != 2 or (self.dim > 0 and y.shape[1] != self.dim):
-            raise ValueError(f"the learned score is for dimension {self.dim}, got points of shape {tuple(y.shape)}")
-        center = torch.zeros(y.shape[1], dtype=y.dtype, device=y.device) if self.center is None else self.center.to(y)
+            raise ValueError(
+                f"the learned score is for dimension {self.dim}, got points of shape {tuple(y.shape)}"
+            )
+        center = (
+            torch.zeros(y.shape[1], dtype=y.dtype, device=y.device)
+            if self.center is None
+            else self.center.to(y)
+        )
         self.last_info = {"spread": torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)}
         if self.variance is not None and sigma > self._max_sigma():
             return -(y - center) / (self.variance + sigma**2)
@@ -128,7 +144,9 @@ class LearnedSmoothedScore(SmoothedScore):
             lp, g = self.particles["held_lp"][: x.shape[0]], self.particles["held_grad"][: x.shape[0]]
         else:
             if target.dim != self.dim:
-                raise ValueError(f"the learned score is for dimension {self.dim}, the target has {target.dim}")
+                raise ValueError(
+                    f"the learned score is for dimension {self.dim}, the target has {target.dim}"
+                )
             x = x.to(dtype=target.dtype)
             lp, g = target.log_prob_and_grad(x)
             lp, g = lp.detach().cpu(), g.detach().cpu()
@@ -152,15 +170,24 @@ class LearnedSmoothedScore(SmoothedScore):
             raise ValueError(f"only ScoreMLP-based scores can be saved, got {type(self.model).__name__}")
         param = next(self.model.parameters())
         payload = {
-            "format": _FILE_FORMAT, "version": _FILE_VERSION,
-            "model_kwargs": dict(self.model.init_kwargs), "process": self.process.to_dict(),
+            "format": _FILE_FORMAT,
+            "version": _FILE_VERSION,
+            "model_kwargs": dict(self.model.init_kwargs),
+            "process": self.process.to_dict(),
             "dtype": str(param.dtype).replace("torch.", ""),
             "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "center": None if self.center is None else self.center.cpu(), "scale": self.scale,
-            "variance": self.variance, "particles": dict(self.particles),
+            "center": None if self.center is None else self.center.cpu(),
+            "scale": self.scale,
+            "variance": self.variance,
+            "particles": dict(self.particles),
             "info": {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, bool))},
-            "geometry": None if self.geometry is None else {k: float(v) if isinstance(v, (int, float)) else v
-                                                            for k, v in self.geometry.items() if k != "center"},
+            "geometry": None
+            if self.geometry is None
+            else {
+                k: float(v) if isinstance(v, (int, float)) else v
+                for k, v in self.geometry.items()
+                if k != "center"
+            },
         }
         torch.save(payload, path)
 
@@ -176,8 +203,14 @@ class LearnedSmoothedScore(SmoothedScore):
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises several types for truncated or foreign files
             raise ValueError(f"{path} is not a readable smoothed-score file: {exc}") from exc
-        if not isinstance(payload, dict) or payload.get("format") != _FILE_FORMAT or payload.get("version") != _FILE_VERSION:
-            raise ValueError(f"{path} is not a diffstat smoothed-score file (format {_FILE_FORMAT} v{_FILE_VERSION})")
+        if (
+            not isinstance(payload, dict)
+            or payload.get("format") != _FILE_FORMAT
+            or payload.get("version") != _FILE_VERSION
+        ):
+            raise ValueError(
+                f"{path} is not a diffstat smoothed-score file (format {_FILE_FORMAT} v{_FILE_VERSION})"
+            )
         try:
             process = process_from_dict(payload["process"])
             model = ScoreMLP(**payload["model_kwargs"], process=process).to(getattr(torch, payload["dtype"]))
@@ -188,13 +221,31 @@ class LearnedSmoothedScore(SmoothedScore):
         geometry = payload["geometry"]
         if geometry is not None and payload["center"] is not None:
             geometry["center"] = payload["center"]
-        return cls(model, process, center=payload["center"], scale=payload["scale"], variance=payload["variance"],
-                   particles=payload["particles"], info=payload["info"], geometry=geometry)
+        return cls(
+            model,
+            process,
+            center=payload["center"],
+            scale=payload["scale"],
+            variance=payload["variance"],
+            particles=payload["particles"],
+            info=payload["info"],
+            geometry=geometry,
+        )
 
     @classmethod
-    def fit(cls, x0: torch.Tensor, grad0: torch.Tensor | None = None, *, generator: torch.Generator,
-            sigma_min: float = 0.01, sigma_max: float = 10.0, config=None, hidden: int = 128, depth: int = 3,
-            progress: bool = False) -> "LearnedSmoothedScore":
+    def fit(
+        cls,
+        x0: torch.Tensor,
+        grad0: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator,
+        sigma_min: float = 0.01,
+        sigma_max: float = 10.0,
+        config=None,
+        hidden: int = 128,
+        depth: int = 3,
+        progress: bool = False,
+    ) -> "LearnedSmoothedScore":
         r"""Fit a :class:`~diffstat.diffusion.networks.ScoreMLP` on a VE process to given draws ``x0: (n,
         dim)`` by DSM, or by the mixed TSM/DSM loss when the target scores ``grad0`` are given (no
         whitening, no held-out checks; :func:`~diffstat.smoothing.fit.fit_smoothed_score` does both
@@ -207,5 +258,7 @@ class LearnedSmoothedScore(SmoothedScore):
         model = ScoreMLP(x0.shape[1], hidden=hidden, depth=depth, process=process).to(x0.dtype)
         if config is None:
             config = TrainConfig(loss="dsm" if grad0 is None else "mixed")
-        result = train_score_model(model, process, x0, grad0, config=config, generator=generator, progress=progress)
+        result = train_score_model(
+            model, process, x0, grad0, config=config, generator=generator, progress=progress
+        )
         return cls(result.model, process)

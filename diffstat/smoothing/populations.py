@@ -56,24 +56,43 @@ def _move(target, x, generator, num_moves: int) -> tuple[torch.Tensor, torch.Ten
     return x, lp.detach(), g.detach()
 
 
-def modes_population(target, num_particles: int, generator: torch.Generator, device=None, *, num_moves: int = 20,
-                     chains_per_mode: int = 512, num_proposals: int = 16384, **options) -> Population:
+def modes_population(
+    target,
+    num_particles: int,
+    generator: torch.Generator,
+    device=None,
+    *,
+    num_moves: int = 20,
+    chains_per_mode: int = 512,
+    num_proposals: int = 16384,
+    **options,
+) -> Population:
     """Per-mode Gaussian importance sampling (module doc), resampled and moved; ``options`` go to
     :func:`diffstat.diffusion.sampler.run_diffusion_sampler` (larger restocks and proposals than its
     defaults: the per-mode covariances and masses need them in 64 dimensions)."""
     from diffstat.diffusion.sampler import run_diffusion_sampler
 
     evals0 = target.num_target_evals
-    out = run_diffusion_sampler(target, num_samples=num_particles, num_chains=1, generator=generator, progress=False,
-                                device=device, use_diffusion=False, chains_per_mode=chains_per_mode,
-                                num_proposals=num_proposals, **options)
+    out = run_diffusion_sampler(
+        target,
+        num_samples=num_particles,
+        num_chains=1,
+        generator=generator,
+        progress=False,
+        device=device,
+        use_diffusion=False,
+        chains_per_mode=chains_per_mode,
+        num_proposals=num_proposals,
+        **options,
+    )
     x = out.draws.reshape(-1, target.dim).to(device=device, dtype=target.dtype)
     x, lp, g = _move(target, x, generator, num_moves)
     return Population(x, g, lp, target.num_target_evals - evals0, "modes")
 
 
-def smc_population(target, num_particles: int, generator: torch.Generator, device=None, *, num_moves: int = 0,
-                   **options) -> Population:
+def smc_population(
+    target, num_particles: int, generator: torch.Generator, device=None, *, num_moves: int = 0, **options
+) -> Population:
     """Adaptive tempered SMC (``options`` as :func:`~diffstat.tempering.smc.adaptive_tempered_smc`,
     plus ``reference``), resampled to equal weights; the gradients are SMC's own."""
     from diffstat.tempering.path import make_path
@@ -82,7 +101,9 @@ def smc_population(target, num_particles: int, generator: torch.Generator, devic
 
     evals0 = target.num_target_evals
     path = make_path(target, options.pop("reference", None))
-    out = adaptive_tempered_smc(generator, path, initial_particles(path, num_particles, generator, device), **options)
+    out = adaptive_tempered_smc(
+        generator, path, initial_particles(path, num_particles, generator, device), **options
+    )
     ps, log_w = out.particles, out.log_weights
     if not bool((log_w == log_w[0]).all()):
         ps = ps.index(resample(generator, log_w, "systematic"))

@@ -255,6 +255,11 @@ def sms(
         raise ValueError(f"sigma must be positive, got {sigma}")
     if w2_tol is None:
         w2_tol = d * (0.5 * geometry["scale"]) ** 2
+        if learned and math.isfinite(geometry.get("tau", math.nan)):
+            # measurements cost no target evaluation here: end at a noise of at most twice the within-mode
+            # scale, where p(x | ybar) is one mode and the final MALA need not choose between modes (with
+            # modes closer than the overall scale, e.g. nine modes 5 apart, overall scale 4.2); at most 4x M
+            w2_tol = max(d * min(0.5 * geometry["scale"], 2 * geometry["tau"]) ** 2, w2_tol / 4)
     if num_measurements is None:
         num_measurements = max(1, math.ceil(sigma**2 * d / w2_tol))
     big_m = check_positive_int(num_measurements, "num_measurements")

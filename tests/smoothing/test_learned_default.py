@@ -48,7 +48,9 @@ def test_fitted_score_two_modes_d8(problem):
     gm, target, score = problem
     assert score.info["fisher_divergence"] < 0.05 and score.info["population"] == "modes"
     target.num_target_evals = 0
-    idata = ds.sample(target, "sms", num_samples=500, num_chains=2, seed=1, progress=False, smoothed_score=score)
+    idata = ds.sample(
+        target, "sms", num_samples=500, num_chains=2, seed=1, progress=False, smoothed_score=score
+    )
     weight, var0, n = mode_summary(gm, idata)
     assert acceptable(weight, var0, n), (weight, var0)
     per_draw = (score.info["num_target_evals"] + idata.posterior.attrs["num_target_evals"]) / n
@@ -60,7 +62,9 @@ def test_second_batch_costs_only_the_correction(problem):
     """A kept score: the run's evaluations are exactly the check's and the final MALA's (31 per draw)."""
     gm, target, score = problem
     target.num_target_evals = 0
-    idata = ds.sample(target, "sms", num_samples=500, num_chains=2, seed=2, progress=False, smoothed_score=score)
+    idata = ds.sample(
+        target, "sms", num_samples=500, num_chains=2, seed=2, progress=False, smoothed_score=score
+    )
     attrs = idata.posterior.attrs
     n = 1000
     assert attrs["score_fitted_here"] == 0 and attrs["score_training_evals"] == 0
@@ -70,8 +74,16 @@ def test_second_batch_costs_only_the_correction(problem):
     assert acceptable(*mode_summary(gm, idata))
     # walk-jump from the same score: walkers start at its particles, 21 evaluations per draw
     target.num_target_evals = 0
-    wj = ds.sample(target, "walk_jump", num_samples=2, num_chains=500, thin=10, seed=3, progress=False,
-                   smoothed_score=score)
+    wj = ds.sample(
+        target,
+        "walk_jump",
+        num_samples=2,
+        num_chains=500,
+        thin=10,
+        seed=3,
+        progress=False,
+        smoothed_score=score,
+    )
     assert wj.posterior.attrs["num_target_evals"] == wj.posterior.attrs["score_check_evals"] + 21 * 1000
     assert acceptable(*mode_summary(gm, wj))
 
@@ -104,12 +116,14 @@ def test_wrong_score_rejected(problem):
     wrong_gm = two_modes(DIM, weights=(1.0, 2.0))
     wrong_target = wrong_gm.as_target(dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="fitted to another target"):
-        idata = ds.sample(wrong_target, "sms", num_samples=250, num_chains=2, seed=4, progress=False,
-                          smoothed_score=score)
+        idata = ds.sample(
+            wrong_target, "sms", num_samples=250, num_chains=2, seed=4, progress=False, smoothed_score=score
+        )
     assert idata.sample_stats["diverging"].values.all()
     assert idata.posterior.attrs["score_log_prob_mismatch"] > 0.01
-    weight_light_target = float((wrong_gm.assign(torch.as_tensor(idata.posterior["x"].values).reshape(-1, DIM)) == 0)
-                                .double().mean())
+    weight_light_target = float(
+        (wrong_gm.assign(torch.as_tensor(idata.posterior["x"].values).reshape(-1, DIM)) == 0).double().mean()
+    )
     assert abs(weight_light_target - 1.0 / 3.0) > 0.2  # the draws follow the fitted, wrong, weights
 
 
@@ -119,8 +133,15 @@ def test_default_estimator_fits_a_score():
     target = two_modes(2).as_target(dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        idata = ds.sample(target, "sms", num_samples=20, num_chains=1, seed=0, progress=False,
-                          estimator_options=dict(num_particles=256, train_steps=50))
+        idata = ds.sample(
+            target,
+            "sms",
+            num_samples=20,
+            num_chains=1,
+            seed=0,
+            progress=False,
+            estimator_options=dict(num_particles=256, train_steps=50),
+        )
     attrs = idata.posterior.attrs
     assert attrs["smoothed_score"] == "LearnedSmoothedScore" and attrs["score_fitted_here"] == 1
     assert attrs["score_training_evals"] > 0
@@ -141,12 +162,30 @@ def test_training_free_budget_cap():
     at the measurement where it ran out (reported), walk-jump with the draws made so far."""
     target = two_modes(4).as_target(dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="spent its budget"):
-        idata = ds.sample(target, "sms", num_samples=20, num_chains=1, seed=0, progress=False, estimator="laplace",
-                          num_measurements=64, num_mala=2, max_evals_per_draw=300)
+        idata = ds.sample(
+            target,
+            "sms",
+            num_samples=20,
+            num_chains=1,
+            seed=0,
+            progress=False,
+            estimator="laplace",
+            num_measurements=64,
+            num_mala=2,
+            max_evals_per_draw=300,
+        )
     attrs = idata.posterior.attrs
     assert attrs["budget_hit"] == 1 and attrs["num_measurements"] < 64
     assert torch.isfinite(torch.as_tensor(idata.posterior["x"].values)).all()
     with pytest.warns(RuntimeWarning, match="spent its budget"):
-        wj = ds.sample(target, "walk_jump", num_samples=10, num_chains=10, seed=0, progress=False, estimator="laplace",
-                       max_evals_per_draw=50)
+        wj = ds.sample(
+            target,
+            "walk_jump",
+            num_samples=10,
+            num_chains=10,
+            seed=0,
+            progress=False,
+            estimator="laplace",
+            max_evals_per_draw=50,
+        )
     assert wj.posterior.attrs["budget_hit"] == 1 and 1 <= wj.posterior.sizes["draw"] < 10
