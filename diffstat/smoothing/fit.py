@@ -67,6 +67,28 @@ def particle_geometry(x: torch.Tensor, generator: torch.Generator, max_pairs_poi
     )
 
 
+#: The kernel estimate of the kept particles replaces the network from the smallest noise at which the
+#: kernel weights of held-out noisy points have a median effective sample size of at least this.
+_KERNEL_ESS = 64
+
+
+def kernel_threshold(x: torch.Tensor, held: torch.Tensor, generator: torch.Generator, scale: float,
+                     sigma_max: float, min_ess: float = _KERNEL_ESS) -> float | None:
+    r"""The smallest noise (geometric grid from ``0.01 scale`` to ``sigma_max``) at which the kernel
+    weights :math:`v_i \propto e^{-\lVert y - x_i\rVert^2/(2\sigma^2)}` of ``y = held + sigma z`` over the
+    particles ``x`` have a median Kish ESS of ``min_ess`` or more; None if none."""
+    grid = torch.logspace(math.log10(0.01 * scale), math.log10(sigma_max), 40, dtype=torch.float64)
+    h = held[:256].double()
+    xs = x.double()
+    for s in grid.tolist():
+        y = h + s * torch.randn(h.shape, generator=generator, dtype=h.dtype, device=generator.device).to(h)
+        logit = (y @ xs.T - 0.5 * (xs**2).sum(-1)) / s**2
+        v = torch.softmax(logit, -1)
+        if float((1.0 / (v**2).sum(-1)).median()) >= min_ess:
+            return s
+    return None
+
+
 def _train(
     model,
     process,
@@ -141,6 +163,7 @@ def fit_smoothed_score(
     progress: bool = False,
     dtype=torch.float32,
     loss: str = "stf",
+    kernel: bool = True,
     num_reference: int = 1024,
 ) -> LearnedSmoothedScore:
     r"""A :class:`~diffstat.smoothing.learned.LearnedSmoothedScore` for ``target`` (module doc).
@@ -158,6 +181,11 @@ def fit_smoothed_score(
         Network and training settings.
     sigma_min, sigma_max : float
         Trained noise range in units of the particles' scale (``sigma_max`` default: module doc).
+    kernel : bool
+        Above the noise where the kept particles' kernel weights have an ESS of 64
+        (:func:`kernel_threshold`), use the particles' kernel estimate instead of the network (measured
+        at d = 32: the network's denoiser was 17 to 25% off the exact one at noise 1 to 12, and walk-jump
+        and SMS gave heavy weight 0.40 and 0.48 for 0.667).
     max_fisher : float
         Warn when the held-out relative Fisher divergence exceeds this.
     keep_particles : int
@@ -202,7 +230,7 @@ def fit_smoothed_score(
     model = ScoreMLP(target.dim, hidden=hidden, depth=depth, process=process, generator=generator).to(dtype)
     net = _train(model, process, u, gu, generator, train_steps, batch_size, lr, num_reference, loss)
     keep = train[:keep_particles]
-    particles = {"x": x[keep], "held_x": x[held], "held_grad": g[held], "held_lp": lp[held]}
+    particles = {"x": x[keep], "grad": g[keep], "held_x": x[held], "held_grad": g[held], "held_lp": lp[held]}
     info = {
         "num_target_evals": int(target.num_target_evals - evals0),
         "population": pop.source,
@@ -211,6 +239,10 @@ def fit_smoothed_score(
         "sigma_min": float(sigma_min) * c,
         "sigma_max": process.sigma_max * c,
     }
+    if kernel:
+        k = kernel_threshold(x[keep], x[held], generator, c, process.sigma_max * c)
+        if k is not None:
+            info["kernel_sigma"] = k
     score = LearnedSmoothedScore(
         net,
         process,

@@ -79,6 +79,8 @@ class LearnedSmoothedScore(SmoothedScore):
         self.particles = {k: torch.as_tensor(v).detach().cpu() for k, v in (particles or {}).items()}
         self.info = dict(info or {})
         self.geometry = None if geometry is None else dict(geometry)
+        #: noise from which on the kernel estimate of the kept particles replaces the network (None: never)
+        self.kernel_sigma = self.info.get("kernel_sigma")
 
     @property
     def dim(self) -> int:
@@ -121,6 +123,8 @@ class LearnedSmoothedScore(SmoothedScore):
         self.last_info = {"spread": torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)}
         if self.variance is not None and sigma > self._max_sigma():
             return -(y - center) / (self.variance + sigma**2)
+        if self.kernel_sigma is not None and sigma >= self.kernel_sigma and "grad" in self.particles:
+            return self._kernel(y, sigma)
         t = self._time(sigma / self.scale, y)
         alpha = self.process.alpha(t).to(y)
         param = next(self.model.parameters(), None)
@@ -129,6 +133,19 @@ class LearnedSmoothedScore(SmoothedScore):
         with torch.no_grad():
             out = self.model((alpha * u).to(mdtype), t.to(mdtype).expand(y.shape[0]))
         return alpha * out.to(y.dtype) / self.scale
+
+    def _kernel(self, y: torch.Tensor, sigma: float) -> torch.Tensor:
+        r"""The smoothed score of the kept particles' empirical law, TSM/DSM mixed:
+        :math:`\sum_i v_i [(1 - w) \nabla\log p(x_i) + w (x_i - y)/\sigma^2]`, :math:`v_i \propto
+        e^{-\lVert y - x_i\rVert^2/(2\sigma^2)}`, :math:`w = \sigma^2/(c^2 + \sigma^2)`. Both terms have
+        :math:`\nabla\log q_\sigma(y)` as their mean under :math:`p(x\mid y)`; the kernel estimate
+        is unbiased for the particles' law and carries the modes' masses directly."""
+        x = self.particles["x"].to(y)
+        g = self.particles["grad"].to(y)
+        logit = (y @ x.T - 0.5 * (x**2).sum(-1)) / sigma**2
+        v = torch.softmax(logit, -1)
+        w = sigma**2 / (self.scale**2 + sigma**2)
+        return (1 - w) * (v @ g) + w * (v @ x - y) / sigma**2
 
     # ------------------------------------------------------------------ checks
     def check(self, target=None, num_points: int | None = None) -> dict:
