@@ -10,6 +10,9 @@ Coordinates: the network sees :math:`u = (y - m)/c` (``center`` :math:`m`, scala
 
 on a VE process (for a VP process :math:`X_t/\alpha_t = X_0 + (\sigma_t/\alpha_t) Z`, so ``t`` solves
 :math:`\sigma_t/\alpha_t = \sigma/c` and the score is :math:`\alpha_t s_\theta(\alpha_t u, t)/c`).
+From the noise ``kernel_sigma`` on (set by the fit where the kernel weights have enough effective
+samples) the score is the kept particles' kernel estimate (:meth:`LearnedSmoothedScore._kernel`), which
+carries the modes' masses exactly as the particles do; the network serves the smaller noises.
 Above the trained range the score is that of the population's moment Gaussian smoothed,
 :math:`-(y - m)/(v + \sigma^2)` (:math:`v` the mean variance per coordinate: at such noise the modes
 are one blob); below it, the smallest trained level is used.
