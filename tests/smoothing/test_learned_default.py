@@ -17,6 +17,8 @@ from diffstat.targets.two_modes import two_modes
 pytestmark = pytest.mark.filterwarnings("ignore:More chains")
 
 HEAVY, TAU2, DIM = 2.0 / 3.0, 0.05, 8
+#: Fewer measurements and steps than the defaults (M about 200, 8 steps), as in test_sms.py: CPU time.
+FAST = {"num_measurements": 64, "steps_per_measurement": 4}
 #: Cheaper than the defaults (2,048 particles, 1,000 steps), to keep the file under 90 s on 2 cores.
 FIT = dict(num_particles=2048, train_steps=1000)
 
@@ -49,7 +51,7 @@ def test_fitted_score_two_modes_d8(problem):
     assert score.info["fisher_divergence"] < 0.05 and score.info["population"] == "modes"
     target.num_target_evals = 0
     idata = ds.sample(
-        target, "sms", num_samples=500, num_chains=2, seed=1, progress=False, smoothed_score=score
+        target, "sms", num_samples=500, num_chains=2, seed=1, progress=False, smoothed_score=score, **FAST
     )
     weight, var0, n = mode_summary(gm, idata)
     assert acceptable(weight, var0, n), (weight, var0)
@@ -63,7 +65,7 @@ def test_second_batch_costs_only_the_correction(problem):
     gm, target, score = problem
     target.num_target_evals = 0
     idata = ds.sample(
-        target, "sms", num_samples=500, num_chains=2, seed=2, progress=False, smoothed_score=score
+        target, "sms", num_samples=500, num_chains=2, seed=2, progress=False, smoothed_score=score, **FAST
     )
     attrs = idata.posterior.attrs
     n = 1000
@@ -117,7 +119,14 @@ def test_wrong_score_rejected(problem):
     wrong_target = wrong_gm.as_target(dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="fitted to another target"):
         idata = ds.sample(
-            wrong_target, "sms", num_samples=250, num_chains=2, seed=4, progress=False, smoothed_score=score
+            wrong_target,
+            "sms",
+            num_samples=250,
+            num_chains=2,
+            seed=4,
+            progress=False,
+            smoothed_score=score,
+            **FAST,
         )
     assert idata.sample_stats["diverging"].values.all()
     assert idata.posterior.attrs["score_log_prob_mismatch"] > 0.01
