@@ -1,7 +1,36 @@
-r"""A learned smoothed score: a noise-conditional network of :mod:`diffstat.diffusion` fitted by
-denoising or target score matching (the toolkit's :func:`~diffstat.diffusion.training.train_score_model`)."""
+r"""A learned smoothed score: a noise-conditional network of :mod:`diffstat.diffusion` that gives
+:math:`\nabla\log q_\sigma` for every :math:`\sigma`, kept, saved and passed back as
+``smoothed_score=`` so that later runs draw fresh samples without new target evaluations (apart from
+the final correction). Fitted from the log-density by :func:`~diffstat.smoothing.fit.fit_smoothed_score`.
+
+Coordinates: the network sees :math:`u = (y - m)/c` (``center`` :math:`m`, scalar ``scale``
+:math:`c`: isotropic, so the noise stays isotropic, :math:`\sigma_u = \sigma / c`) and
+
+.. math:: \nabla_y \log q_\sigma(y) = \tfrac1c\, s_\theta(u, t), \qquad \sigma_t = \sigma / c
+
+on a VE process (for a VP process :math:`X_t/\alpha_t = X_0 + (\sigma_t/\alpha_t) Z`, so ``t`` solves
+:math:`\sigma_t/\alpha_t = \sigma/c` and the score is :math:`\alpha_t s_\theta(\alpha_t u, t)/c`).
+From the noise ``kernel_sigma`` on (set by the fit where the kernel weights have enough effective
+samples) the score is the kept particles' kernel estimate (:meth:`LearnedSmoothedScore._kernel`), which
+carries the modes' masses exactly as the particles do; the network serves the smaller noises.
+Above the trained range the score is that of the population's moment Gaussian smoothed,
+:math:`-(y - m)/(v + \sigma^2)` (:math:`v` the mean variance per coordinate: at such noise the modes
+are one blob); below it, the smallest trained level is used.
+
+Self-checks (:meth:`LearnedSmoothedScore.check`), on the held-out particles kept with the score:
+the relative Fisher divergence :math:`\sum_i\lVert s(x_i, \sigma_{\min}) - \nabla\log p(x_i)\rVert^2 /
+\sum_i\lVert\nabla\log p(x_i)\rVert^2` against the target's true score (how far the learned score
+is from the target's as :math:`\sigma \to 0`), and the spread of :math:`\log p(x_i) - \log
+p_{\rm fit}(x_i)` (zero up to a constant when the target is the one the score was fitted to; a
+score fitted to another target, even one with the same local shapes and other mode weights, is
+rejected). Files hold only tensors and plain values: :meth:`load` reads them with
+``torch.load(weights_only=True)``.
+"""
 
 from __future__ import annotations
+
+import math
+import os
 
 import torch
 
@@ -9,49 +38,238 @@ from diffstat.smoothing.scores import SmoothedScore
 
 __all__ = ["LearnedSmoothedScore"]
 
+_FILE_FORMAT = "diffstat.smoothing.learned"
+_FILE_VERSION = 1
+
 
 class LearnedSmoothedScore(SmoothedScore):
-    r"""A noise-conditional score network of :mod:`diffstat.diffusion` as a smoothed score.
+    r"""A noise-conditional score network as a smoothed score (module notes).
 
-    For a process with :math:`X_t = \alpha_t X_0 + \sigma_t Z`, :math:`X_t/\alpha_t = X_0 +
-    (\sigma_t/\alpha_t) Z`, so with :math:`t` solving :math:`\sigma_t / \alpha_t = \sigma`,
-
-    .. math:: \nabla \log q_\sigma(y) = \alpha_t\, s_\theta(\alpha_t y, t).
-
-    (For VE, :math:`\alpha_t = 1` and :math:`t` solves :math:`\sigma_t = \sigma`.) Noise levels
-    outside the process's range are clamped to it. Build one from draws with :meth:`fit`.
+    Parameters
+    ----------
+    model : ScoreMLP (or any module ``(u, t) -> (n, d)``)
+    process : VE or VP
+    center : (d,), optional; scale : float
+        The affine map to the network's coordinates (default identity).
+    variance : float, optional
+        Mean variance per coordinate of the data (the Gaussian used above the trained range).
+    particles : dict, optional
+        ``x`` (training particles kept to start walkers) and ``held_x``, ``held_grad``, ``held_lp``
+        (held-out particles with the target's score and log-density, for :meth:`check`).
+    info : dict, optional
+        Plain values describing the fit (evaluations, population source, checks).
+    geometry : dict, optional
+        Defaults for SMS (``sigma``, ``scale``, ``diameter``, ``tau``), from the particles.
     """
 
-    def __init__(self, model, process):
+    def __init__(
+        self,
+        model,
+        process,
+        *,
+        center=None,
+        scale: float = 1.0,
+        variance: float | None = None,
+        particles: dict | None = None,
+        info: dict | None = None,
+        geometry: dict | None = None,
+    ):
         super().__init__()
-        self.model = model
-        self.process = process
+        self.model, self.process = model, process
+        self.center = None if center is None else torch.as_tensor(center, dtype=torch.float64)
+        self.scale = float(scale)
+        self.variance = None if variance is None else float(variance)
+        self.particles = {k: torch.as_tensor(v).detach().cpu() for k, v in (particles or {}).items()}
+        self.info = dict(info or {})
+        self.geometry = None if geometry is None else dict(geometry)
+        #: noise from which on the kernel estimate of the kept particles replaces the network (None: never)
+        self.kernel_sigma = self.info.get("kernel_sigma")
+
+    @property
+    def dim(self) -> int:
+        return int(getattr(self.model, "dim", self.center.shape[0] if self.center is not None else -1))
 
     def _time(self, sigma: float, like: torch.Tensor) -> torch.Tensor:
-        lo = torch.tensor(float(self.process.t_min), dtype=like.dtype, device=like.device)
-        hi = torch.tensor(float(self.process.t_max), dtype=like.dtype, device=like.device)
-        for _ in range(60):  # bisection on the monotone ratio sigma_t / alpha_t
-            mid = 0.5 * (lo + hi)
-            ratio = self.process.sigma(mid) / self.process.alpha(mid)
-            lo, hi = (mid, hi) if float(ratio) < sigma else (lo, mid)
-        return 0.5 * (lo + hi)
+        r"""The time whose noise ratio :math:`\sigma_t/\alpha_t` is ``sigma`` (clamped to the process's
+        range), by 60 bisection halvings on the monotone ratio, cached per noise level (SMS asks for
+        the same few levels thousands of times)."""
+        cache = self.__dict__.setdefault("_t_cache", {})
+        if sigma not in cache:
+            lo = torch.tensor(float(self.process.t_min), dtype=torch.float64)
+            hi = torch.tensor(float(self.process.t_max), dtype=torch.float64)
+            for _ in range(60):
+                mid = 0.5 * (lo + hi)
+                ratio = self.process.sigma(mid) / self.process.alpha(mid)
+                lo, hi = (mid, hi) if float(ratio) < sigma else (lo, mid)
+            if len(cache) > 4096:
+                cache.clear()
+            cache[sigma] = 0.5 * (lo + hi)
+        return cache[sigma].to(device=like.device)
+
+    def _max_sigma(self) -> float:
+        if "_sigma_max" not in self.__dict__:
+            t = torch.tensor(float(self.process.t_max), dtype=torch.float64)
+            self._sigma_max = self.scale * float(self.process.sigma(t) / self.process.alpha(t))
+        return self._sigma_max
 
     def __call__(self, y: torch.Tensor, sigma: float) -> torch.Tensor:
-        t = self._time(float(sigma), y)
+        sigma = float(sigma)
+        if y.dim() != 2 or (self.dim > 0 and y.shape[1] != self.dim):
+            raise ValueError(
+                f"the learned score is for dimension {self.dim}, got points of shape {tuple(y.shape)}"
+            )
+        center = (
+            torch.zeros(y.shape[1], dtype=y.dtype, device=y.device)
+            if self.center is None
+            else self.center.to(y)
+        )
+        self.last_info = {"spread": torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)}
+        if self.variance is not None and sigma > self._max_sigma():
+            return -(y - center) / (self.variance + sigma**2)
+        if self.kernel_sigma is not None and sigma >= self.kernel_sigma and "grad" in self.particles:
+            return self._kernel(y, sigma)
+        t = self._time(sigma / self.scale, y)
         alpha = self.process.alpha(t).to(y)
         param = next(self.model.parameters(), None)
         mdtype = param.dtype if param is not None else y.dtype
+        u = (y - center) / self.scale
         with torch.no_grad():
-            out = self.model((alpha * y).to(mdtype), t.to(mdtype).expand(y.shape[0]))
-        self.last_info = {"spread": torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)}
-        return alpha * out.to(y.dtype)
+            out = self.model((alpha * u).to(mdtype), t.to(mdtype).expand(y.shape[0]))
+        return alpha * out.to(y.dtype) / self.scale
+
+    def _kernel(self, y: torch.Tensor, sigma: float) -> torch.Tensor:
+        r"""The smoothed score of the kept particles' empirical law, TSM/DSM mixed:
+        :math:`\sum_i v_i [(1 - w) \nabla\log p(x_i) + w (x_i - y)/\sigma^2]`, :math:`v_i \propto
+        e^{-\lVert y - x_i\rVert^2/(2\sigma^2)}`, :math:`w = \sigma^2/(c^2 + \sigma^2)`. Both terms have
+        :math:`\nabla\log q_\sigma(y)` as their mean under :math:`p(x\mid y)`; the kernel estimate
+        is unbiased for the particles' law and carries the modes' masses directly."""
+        x = self.particles["x"].to(y)
+        g = self.particles["grad"].to(y)
+        logit = (y @ x.T - 0.5 * (x**2).sum(-1)) / sigma**2
+        v = torch.softmax(logit, -1)
+        w = sigma**2 / (self.scale**2 + sigma**2)
+        return (1 - w) * (v @ g) + w * (v @ x - y) / sigma**2
+
+    # ------------------------------------------------------------------ checks
+    def check(self, target=None, num_points: int | None = None) -> dict:
+        r"""Held-out checks against ``target`` (module notes): ``fisher_divergence`` (relative, at the
+        smallest trained noise), ``log_prob_mismatch`` (standard deviation of :math:`\log p -
+        \log p_{\rm fit}` over the held-out particles, relative to that of :math:`\log p_{\rm fit}`)
+        and ``num_points``. Costs one target evaluation per held-out particle used; with ``target=None``
+        the stored scores are used (no evaluation, mismatch 0)."""
+        if "held_x" not in self.particles:
+            return {"fisher_divergence": math.nan, "log_prob_mismatch": math.nan, "num_points": 0}
+        x = self.particles["held_x"][: num_points or None]
+        if target is None:
+            lp, g = self.particles["held_lp"][: x.shape[0]], self.particles["held_grad"][: x.shape[0]]
+        else:
+            if target.dim != self.dim:
+                raise ValueError(
+                    f"the learned score is for dimension {self.dim}, the target has {target.dim}"
+                )
+            x = x.to(dtype=target.dtype)
+            lp, g = target.log_prob_and_grad(x)
+            lp, g = lp.detach().cpu(), g.detach().cpu()
+        t = torch.tensor(float(self.process.t_min), dtype=torch.float64)
+        s_min = self.scale * float(self.process.sigma(t) / self.process.alpha(t))
+        s = self(x, s_min)
+        fisher = float(((s - g) ** 2).sum() / (g**2).sum().clamp_min(1e-300))
+        delta = lp.double() - self.particles["held_lp"][: x.shape[0]].double()
+        spread = float(self.particles["held_lp"][: x.shape[0]].double().std()) if x.shape[0] > 1 else 1.0
+        mismatch = float(delta.std() / max(spread, 1.0)) if x.shape[0] > 1 else 0.0
+        if not math.isfinite(mismatch):
+            mismatch = math.inf
+        return {"fisher_divergence": fisher, "log_prob_mismatch": mismatch, "num_points": int(x.shape[0])}
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path) -> None:
+        """Write the score to ``path`` (tensors and plain values only; see :meth:`load`)."""
+        from diffstat.diffusion.networks import ScoreMLP
+
+        if not isinstance(self.model, ScoreMLP):
+            raise ValueError(f"only ScoreMLP-based scores can be saved, got {type(self.model).__name__}")
+        param = next(self.model.parameters())
+        payload = {
+            "format": _FILE_FORMAT,
+            "version": _FILE_VERSION,
+            "model_kwargs": dict(self.model.init_kwargs),
+            "process": self.process.to_dict(),
+            "dtype": str(param.dtype).replace("torch.", ""),
+            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "center": None if self.center is None else self.center.cpu(),
+            "scale": self.scale,
+            "variance": self.variance,
+            "particles": dict(self.particles),
+            "info": {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, bool))},
+            "geometry": None
+            if self.geometry is None
+            else {
+                k: float(v) if isinstance(v, (int, float)) else v
+                for k, v in self.geometry.items()
+                if k != "center"
+            },
+        }
+        torch.save(payload, path)
 
     @classmethod
-    def fit(cls, x0: torch.Tensor, grad0: torch.Tensor | None = None, *, generator: torch.Generator,
-            sigma_min: float = 0.01, sigma_max: float = 10.0, config=None, hidden: int = 128, depth: int = 3,
-            progress: bool = False) -> "LearnedSmoothedScore":
-        r"""Fit a :class:`~diffstat.diffusion.networks.ScoreMLP` on a VE process to draws ``x0: (n,
-        dim)`` by DSM, or by the mixed TSM/DSM loss when the target scores ``grad0`` are given."""
+    def load(cls, path) -> "LearnedSmoothedScore":
+        """Read what :meth:`save` wrote (``weights_only=True``: no code is unpickled)."""
+        from diffstat.diffusion.networks import ScoreMLP
+        from diffstat.diffusion.processes import process_from_dict
+
+        if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
+            raise FileNotFoundError(f"no smoothed-score file at {path}")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for truncated or foreign files
+            raise ValueError(f"{path} is not a readable smoothed-score file: {exc}") from exc
+        if (
+            not isinstance(payload, dict)
+            or payload.get("format") != _FILE_FORMAT
+            or payload.get("version") != _FILE_VERSION
+        ):
+            raise ValueError(
+                f"{path} is not a diffstat smoothed-score file (format {_FILE_FORMAT} v{_FILE_VERSION})"
+            )
+        try:
+            process = process_from_dict(payload["process"])
+            model = ScoreMLP(**payload["model_kwargs"], process=process).to(getattr(torch, payload["dtype"]))
+            model.load_state_dict(payload["state_dict"], strict=True)
+        except (KeyError, TypeError, RuntimeError, AttributeError, ValueError) as exc:
+            raise ValueError(f"{path} does not describe a consistent score network: {exc}") from exc
+        model.eval()
+        geometry = payload["geometry"]
+        if geometry is not None and payload["center"] is not None:
+            geometry["center"] = payload["center"]
+        return cls(
+            model,
+            process,
+            center=payload["center"],
+            scale=payload["scale"],
+            variance=payload["variance"],
+            particles=payload["particles"],
+            info=payload["info"],
+            geometry=geometry,
+        )
+
+    @classmethod
+    def fit(
+        cls,
+        x0: torch.Tensor,
+        grad0: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator,
+        sigma_min: float = 0.01,
+        sigma_max: float = 10.0,
+        config=None,
+        hidden: int = 128,
+        depth: int = 3,
+        progress: bool = False,
+    ) -> "LearnedSmoothedScore":
+        r"""Fit a :class:`~diffstat.diffusion.networks.ScoreMLP` on a VE process to given draws ``x0: (n,
+        dim)`` by DSM, or by the mixed TSM/DSM loss when the target scores ``grad0`` are given (no
+        whitening, no held-out checks; :func:`~diffstat.smoothing.fit.fit_smoothed_score` does both
+        from the log-density)."""
         from diffstat.diffusion.networks import ScoreMLP
         from diffstat.diffusion.processes import VE
         from diffstat.diffusion.training import TrainConfig, train_score_model
@@ -60,5 +278,7 @@ class LearnedSmoothedScore(SmoothedScore):
         model = ScoreMLP(x0.shape[1], hidden=hidden, depth=depth, process=process).to(x0.dtype)
         if config is None:
             config = TrainConfig(loss="dsm" if grad0 is None else "mixed")
-        result = train_score_model(model, process, x0, grad0, config=config, generator=generator, progress=progress)
+        result = train_score_model(
+            model, process, x0, grad0, config=config, generator=generator, progress=progress
+        )
         return cls(result.model, process)

@@ -406,16 +406,19 @@ def isotropic_mixture_smoothed_score(means, weights, variances) -> Callable[[tor
 
 
 def resolve_smoothed_score(target, smoothed_score=None, *, estimator: str = "auto", generator=None, **options) -> SmoothedScore:
-    """The provider a sampler uses: ``smoothed_score`` (a callable or a :class:`SmoothedScore`), else the
-    training-free ``estimator`` (``"laplace"``, or the baselines ``"importance"``, ``"mcmc"``) built
-    with ``options``, or ``"learned"``: :meth:`LearnedSmoothedScore.fit` on ``options["x0"]`` (and
-    ``options["grad0"]``, the target's scores there, for the TSM/DSM mix)."""
+    """The provider a sampler uses: ``smoothed_score`` (a callable or a :class:`SmoothedScore`), else
+    ``estimator``: ``"learned"`` (the default, ``"auto"``): a score network fitted from the log-density by
+    :func:`~diffstat.smoothing.fit.fit_smoothed_score` with ``options`` (or, given ``options["x0"]`` and
+    ``options["grad0"]``, :meth:`LearnedSmoothedScore.fit` to those draws); or the training-free
+    ``"laplace"`` and the baselines ``"importance"``, ``"mcmc"``, built with ``options``. The
+    learned score is the default because its cost is paid once (a particle population and a short
+    training) and it can be kept and reused, while the training-free ones pay per draw and per step."""
     # Exact information comes only through the explicit smoothed_score=, never from an attribute
     # of the target (a benchmark target must not hand its answer to the sampler unasked).
     if smoothed_score is None and estimator == "exact":
         raise ValueError("estimator='exact' needs smoothed_score=(y, sigma) -> grad log q_sigma(y)")
     if smoothed_score is None and estimator in (None, "auto"):
-        estimator = "laplace"
+        estimator = "learned"
     if isinstance(smoothed_score, SmoothedScore):
         return smoothed_score
     if smoothed_score is not None:
@@ -430,9 +433,11 @@ def resolve_smoothed_score(target, smoothed_score=None, *, estimator: str = "aut
     if estimator == "learned":
         from diffstat.smoothing.learned import LearnedSmoothedScore
 
-        if "x0" not in options:
-            raise ValueError("estimator='learned' needs estimator_options=dict(x0=draws (n, dim), grad0=scores or None, ...)")
-        return LearnedSmoothedScore.fit(generator=generator, **options)
+        if "x0" in options:  # a score fitted to given draws (and scores)
+            return LearnedSmoothedScore.fit(generator=generator, **options)
+        from diffstat.smoothing.fit import fit_smoothed_score
+
+        return fit_smoothed_score(target, generator=generator, **options)
     raise ValueError(
         f"unknown smoothed-score estimator {estimator!r}; use 'auto', 'exact', 'laplace', 'importance', 'mcmc' or 'learned'"
     )

@@ -30,6 +30,11 @@ the ionosphere posterior the check gives 0.4 to 0.5 and the draws' means are off
 posterior sds, while a Gaussian with the same moments gives 1.0 and no bias), so every draw is marked in ``sample_stats["diverging"]`` (non-finite draws
 are marked in any case) and a ``RuntimeWarning`` says so.
 
+Default smoothed score: a network fitted from the log-density (:mod:`diffstat.smoothing.fit`), whose
+cost is paid once; a kept score (``smoothed_score=``) draws further batches at the cost of the final
+MALA alone (``correction_evals`` in attrs; ``score_*`` attrs report its fit and its check against
+this target, and a score fitted to another target marks every draw).
+
 Each SMS run gives one draw; ``num_chains * num_samples`` independent runs are batched together
 (they share the training-free estimator's mode bank) and reported as ``(num_chains, num_samples)``.
 
@@ -54,12 +59,12 @@ import warnings
 import torch
 
 from diffstat._util import check_positive_int, progress_bar
-from diffstat.mcmc.adaptation import DualAveraging
-from diffstat.mcmc.base import MCMCState
 from diffstat.mcmc.langevin import ula_step, underdamped_init, underdamped_step
-from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 from diffstat.sampling import SamplerResult, register_sampler
+from diffstat.smoothing.correction import posterior_mala
+from diffstat.smoothing.fit import learned_score_report
 from diffstat.smoothing.laplace import explore_modes
+from diffstat.smoothing.learned import LearnedSmoothedScore
 from diffstat.smoothing.scores import LaplaceSmoothedScore, SmoothedScore, resolve_smoothed_score
 
 __all__ = ["conditional_score", "default_noise", "posterior_mala", "sms"]
@@ -70,6 +75,12 @@ __all__ = ["conditional_score", "default_noise", "posterior_mala", "sms"]
 #: log-gamma coordinates (d = 4, sigma 1, M 4) give 0.74 with means off by 0.34 sd (z = 6.8 at 400
 #: draws): any visible departure from Gaussian local posteriors biases the estimate.
 _MIN_MEAN_FIT_ESS = 0.9
+
+#: Final MALA steps on p(x | ybar_M) after the jump: 100 where the score is exact or training-free (the
+#: measured within-mode variance was then the target's, REFERENCES.md); 30 with a learned score, so
+#: that draws from a kept score cost about 31 target evaluations each (measured in docs/sms.md).
+_DEFAULT_MALA = 100
+_LEARNED_MALA = 30
 
 
 def conditional_score(y: torch.Tensor, sum_prev: torch.Tensor, m: int, sigma: float, smoothed_score) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,34 +139,6 @@ def default_noise(
     return out
 
 
-def posterior_mala(generator, target, x, ybar, s2: float, num_steps: int, step_size: float | None = None):
-    r"""``num_steps`` MALA steps on :math:`p(x\mid\bar y) \propto p(x)\,\mathcal N(x; \bar y, s^2 I)`
-    from ``x``, one step size shared by all chains tuned by dual averaging over the first half.
-    Returns ``(x, target log-density at x, mean acceptance per chain over the second half, step)``."""
-
-    def log_prob_and_grad(z):
-        lp, g = target.log_prob_and_grad(z)
-        return lp - ((z - ybar) ** 2).sum(-1) / (2 * s2), g - (z - ybar) / s2
-
-    state = MCMCState(x, *log_prob_and_grad(x))
-    h0 = 0.5 * s2 * x.shape[1] ** (-1 / 3) if step_size is None else step_size
-    adapt = DualAveraging(torch.tensor(h0, dtype=x.dtype, device=x.device), MALA_TARGET_ACCEPT)
-    num_adapt = num_steps // 2 if step_size is None else 0
-    h = adapt.step_size
-    acc = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    for i in range(num_steps):
-        state, info = mala_step(generator, state, log_prob_and_grad, h)
-        if i < num_adapt:
-            h = adapt.update(info.acceptance_rate.mean())
-            if i == num_adapt - 1:
-                h = adapt.final_step_size
-        else:
-            acc = acc + info.acceptance_rate
-    acc = acc / max(num_steps - num_adapt, 1)
-    lp = state.log_prob + ((state.x - ybar) ** 2).sum(-1) / (2 * s2)
-    return state.x, lp, acc, float(h)
-
-
 def _walk(generator, y, score, num_steps, step_size, friction, walk):
     """``num_steps`` Langevin steps on ``score`` from ``y``; returns the end point."""
     if walk == "underdamped":
@@ -187,11 +170,12 @@ def sms(
     step_size: float = 0.5,
     friction: float = 1.0,
     walk: str = "underdamped",
-    num_mala: int = 100,
+    num_mala: int | None = None,
     w2_tol: float | None = None,
     variant: str = "sms",
     jms_steps: int = 500,
     mixture=None,
+    max_evals_per_draw: float | None = 1e4,
 ) -> SamplerResult:
     r"""Sequential multimeasurement sampling; ``num_chains * num_samples`` independent runs.
 
@@ -200,18 +184,21 @@ def sms(
     sigma, num_measurements : optional
         The noise level and ``M``; defaults from the diameter rule and the W2 bound (module doc).
     smoothed_score : callable or SmoothedScore, optional
-        ``(y, sigma) -> grad log q_sigma(y)``; else the target's ``smoothed_score`` attribute
-        (``estimator="auto"``), else the training-free ``estimator`` (``"laplace"``, the default
-        when nothing exact is known; ``"importance"``, ``"mcmc"``: baselines), built with
-        ``estimator_options``.
+        ``(y, sigma) -> grad log q_sigma(y)``, or a kept
+        :class:`~diffstat.smoothing.learned.LearnedSmoothedScore` (no new target evaluations but
+        its check and the final MALA; its particles set the defaults of ``sigma`` and ``M``); else
+        the ``estimator``: ``"learned"`` (default, ``"auto"``: fitted here by
+        :func:`~diffstat.smoothing.fit.fit_smoothed_score` with ``estimator_options``), or the
+        training-free ``"laplace"``, ``"importance"``, ``"mcmc"``.
     steps_per_measurement, first_steps : int
         Langevin steps for each :math:`y_m`, :math:`m \ge 2`, and for :math:`y_1`.
     step_size, friction : float
         In units of :math:`\sigma`: the walk uses :math:`h` = ``step_size`` :math:`\sigma` and
         friction ``friction`` :math:`/\sigma` (the public walk-jump defaults 0.5 and 1 at
         :math:`\sigma = 1`); ULA (``walk="ula"``) uses :math:`h` = ``step_size`` :math:`\cdot 0.1\sigma^2`.
-    num_mala : int
-        MALA steps on :math:`p(x\mid\bar y_M)` after the jump (0: return the jump itself).
+    num_mala : int, optional
+        MALA steps on :math:`p(x\mid\bar y_M)` after the jump (0: return the jump itself); default
+        30 with a learned score, 100 otherwise.
     w2_tol : float, optional
         Tolerance of the W2 bound that sets ``M``.
     variant : ``"sms"`` or ``"jms"``
@@ -221,6 +208,11 @@ def sms(
         log-density. Exact information is used only when passed explicitly.
     jms_steps : int
         Langevin steps of the joint variant.
+    max_evals_per_draw : float or None
+        Budget of a training-free estimator (``"laplace"``, ``"importance"``, ``"mcmc"``), in target
+        evaluations per draw (default 1e4, the cost a learned score stays under with its fit): once
+        spent, the measurements stop at the current ``m`` (the W2 bound grows to
+        :math:`\sigma^2 d/m`, reported) and a ``RuntimeWarning`` says so. None: no cap.
     """
     num_chains = 4 if num_chains is None else num_chains
     n = num_chains * num_samples
@@ -231,13 +223,29 @@ def sms(
         raise ValueError(f"walk must be 'underdamped' or 'ula', got {walk!r}")
     steps_per_measurement = check_positive_int(steps_per_measurement, "steps_per_measurement")
     first_steps = check_positive_int(first_steps, "first_steps")
-    if isinstance(num_mala, bool) or not isinstance(num_mala, int) or num_mala < 0 or step_size <= 0 or friction <= 0:
-        raise ValueError("num_mala must be non-negative, step_size and friction positive")
+    if sigma is not None and not float(sigma) > 0:  # bad input refused before any work (a fit, a search)
+        raise ValueError(f"sigma must be positive, got {sigma}")
+    if num_measurements is not None:
+        check_positive_int(num_measurements, "num_measurements")
+    evals_fit = target.num_target_evals
     provider: SmoothedScore = resolve_smoothed_score(target, smoothed_score, estimator=estimator, generator=generator, **(estimator_options or {}))
     provider.reset()
-    geometry = default_noise(
-        target, generator, device, need_sigma=sigma is None or num_measurements is None, mixture=mixture
-    )
+    learned = isinstance(provider, LearnedSmoothedScore)
+    if num_mala is None:
+        num_mala = _LEARNED_MALA if learned else _DEFAULT_MALA
+    if isinstance(num_mala, bool) or not isinstance(num_mala, int) or num_mala < 0 or step_size <= 0 or friction <= 0:
+        raise ValueError("num_mala must be non-negative, step_size and friction positive")
+    score_attrs, rejected = {}, False
+    if learned:
+        fitted_here = smoothed_score is None
+        score_attrs, rejected = learned_score_report(
+            provider, target, target.num_target_evals - evals_fit if fitted_here else None)
+    if learned and mixture is None and provider.geometry is not None:
+        geometry = dict(provider.geometry, center=provider.geometry["center"].to(device=device, dtype=target.dtype))
+    else:
+        geometry = default_noise(
+            target, generator, device, need_sigma=sigma is None or num_measurements is None, mixture=mixture
+        )
     if isinstance(provider, LaplaceSmoothedScore) and "modes" in geometry:
         provider.bank.add(geometry["modes"].modes, geometry["modes"].precisions)
     if sigma is None:
@@ -247,6 +255,11 @@ def sms(
         raise ValueError(f"sigma must be positive, got {sigma}")
     if w2_tol is None:
         w2_tol = d * (0.5 * geometry["scale"]) ** 2
+        if learned and math.isfinite(geometry.get("tau", math.nan)):
+            # measurements cost no target evaluation here: end at a noise of at most twice the within-mode
+            # scale, where p(x | ybar) is one mode and the final MALA need not choose between modes (with
+            # modes closer than the overall scale, e.g. nine modes 5 apart, overall scale 4.2); at most 4x M
+            w2_tol = max(d * min(0.5 * geometry["scale"], 2 * geometry["tau"]) ** 2, w2_tol / 4)
     if num_measurements is None:
         num_measurements = max(1, math.ceil(sigma**2 * d / w2_tol))
     big_m = check_positive_int(num_measurements, "num_measurements")
@@ -254,6 +267,8 @@ def sms(
     h = step_size * sigma if walk == "underdamped" else step_size * 0.1 * sigma**2
     gamma = friction / sigma
     evals0 = target.num_target_evals
+    budget_hit = False
+    budget = None if (max_evals_per_draw is None or learned or not provider.uses_target) else max_evals_per_draw * n
     stats = {k: [] for k in ("noise_level", "score_spread", "num_modes", "score_fit_ess", "num_target_evals")}
     fit_ess_sum = torch.zeros(n, dtype=target.dtype, device=device)
     fit_ess_count = 0
@@ -290,6 +305,15 @@ def sms(
             x_hat = provider.denoise(ybar, sigma / math.sqrt(m))
             record(m, target.num_target_evals - evals0)
             bar.update(1)
+            if budget is not None and target.num_target_evals - evals0 > budget and m < big_m:
+                warnings.warn(
+                    f"SMS: the training-free smoothed score ({type(provider).__name__}) spent its budget of "
+                    f"{max_evals_per_draw:g} target evaluations per draw after {m} of {big_m} measurements; "
+                    f"the run ends there (W2 bound sigma^2 d / m = {sigma**2 * d / m:.3g} instead of "
+                    f"{sigma**2 * d / big_m:.3g}). Use the learned score (the default) or raise max_evals_per_draw.",
+                    RuntimeWarning, stacklevel=2)
+                big_m, budget_hit = m, True
+                break
         ybar = total / big_m
     else:
         x_rough = center + geometry["scale"] * torch.randn(n, 1, d, generator=generator, dtype=dtype, device=device)
@@ -313,7 +337,7 @@ def sms(
     bar.close()
     s2_final = sigma**2 / big_m
     if num_mala > 0:
-        x, lp, acc, h_mala = posterior_mala(generator, target, x_hat, ybar, s2_final, num_mala)
+        x, lp, acc, h_mala, _ = posterior_mala(generator, target, x_hat, ybar, s2_final, num_mala)
     else:
         x, lp = x_hat, target.log_prob(x_hat).detach()
         acc, h_mala = torch.ones(n, dtype=dtype, device=device), math.nan
@@ -322,14 +346,15 @@ def sms(
     # mode bank is shared, so a failed check marks every draw; a non-finite draw is marked anyway
     fit_ess = float(fit_ess_sum.mean()) / fit_ess_count if fit_ess_count else 1.0
     score_failed = fit_ess < _MIN_MEAN_FIT_ESS
-    diverging = ~torch.isfinite(x).all(-1) | ~torch.isfinite(lp) | score_failed
+    diverging = ~torch.isfinite(x).all(-1) | ~torch.isfinite(lp) | score_failed | rejected
     num_div = int(diverging.sum())
     if num_div:
         warnings.warn(
             f"SMS: {num_div} of {n} draws are unreliable (sample_stats 'diverging'): "
             + (f"the training-free smoothed score failed its self-check (mean importance ESS fraction of its "
                f"Laplace fits {fit_ess:.2f} < {_MIN_MEAN_FIT_ESS}: p(x | y) is far from Gaussian and its estimate of "
-               "E[X | y] biased; pass smoothed_score= or use an MCMC method)" if score_failed else "non-finite draws"),
+               "E[X | y] biased; pass smoothed_score= or use an MCMC method)" if score_failed
+               else "the smoothed score passed was fitted to another target" if rejected else "non-finite draws"),
             RuntimeWarning,
             stacklevel=2,
         )
@@ -338,6 +363,7 @@ def sms(
         "num_measurements": big_m,
         "final_noise": math.sqrt(s2_final),
         "w2_bound": sigma**2 * d / big_m,
+        "budget_hit": budget_hit,
         "w2_tol": float(w2_tol),
         "noise_source": geometry["source"],
         "smoothed_score": type(provider).__name__,
@@ -347,6 +373,8 @@ def sms(
         "mala_acceptance": float(acc.mean()),
         "num_divergent": num_div,
         "score_fit_ess": fit_ess,
+        "correction_evals": int(n * (num_mala + 1)) if num_mala > 0 else n,
+        **score_attrs,
     }
     if isinstance(provider, LaplaceSmoothedScore):
         attrs["num_hessian_evals"] = int(provider.num_hessian_evals)

@@ -45,6 +45,9 @@ from diffstat.mcmc.base import MCMCState
 from diffstat.mcmc.langevin import ula_step, underdamped_init, underdamped_step
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 from diffstat.sampling import SamplerResult, register_sampler
+from diffstat.smoothing.correction import posterior_mala
+from diffstat.smoothing.fit import learned_score_report
+from diffstat.smoothing.learned import LearnedSmoothedScore
 from diffstat.smoothing.scores import LaplaceSmoothedScore, SmoothedScore, resolve_smoothed_score
 
 __all__ = ["walk_jump"]
@@ -76,6 +79,26 @@ def _divergent(x: torch.Tensor, grad: torch.Tensor, energy: torch.Tensor) -> tor
     return ~torch.isfinite(x).all(-1) | ~torch.isfinite(grad).all(-1) | ~(energy <= _DIVERGENCE_ENERGY)
 
 
+#: MALA steps on p(x | y) after each jump with a learned score (``num_mala``): 20 gave the target's
+#: within-mode variance on the two-mode target (docs/sms.md); 30 are used by SMS, whose final noise is larger.
+_LEARNED_MALA = 20
+
+
+def _correct(generator, target, x, y, sigma: float, num_mala: int):
+    """The final correction of every jump ``x: (chains, draws, d)`` at its walker ``y``: ``num_mala``
+    MALA steps on p(x | y) (none: the jumps themselves). Returns ``(x, lp (chains, draws), step)``."""
+    shape = x.shape
+    flat, yf = x.reshape(-1, shape[-1]), y.reshape(-1, shape[-1])
+    if num_mala == 0:
+        return x, target.log_prob(flat).detach().reshape(shape[:2]), math.nan
+    ok = torch.isfinite(flat).all(-1)
+    flat = torch.where(ok[:, None], flat, yf)
+    out, lp, _, h, _ = posterior_mala(generator, target, flat, yf, sigma**2, num_mala)
+    out = torch.where(ok[:, None], out, torch.full_like(out, math.nan))
+    lp = torch.where(ok, lp.detach(), torch.full_like(lp, math.nan))
+    return out.reshape(shape), lp.reshape(shape[:2]), h
+
+
 @register_sampler("walk_jump")
 def walk_jump(
     target,
@@ -96,6 +119,8 @@ def walk_jump(
     num_warmup: int | None = None,
     thin: int = 1,
     init=None,
+    num_mala: int | None = None,
+    max_evals_per_draw: float | None = 1e4,
 ) -> SamplerResult:
     r"""Walk-jump sampling: ``num_chains`` walkers, ``num_samples`` jumps each.
 
@@ -118,7 +143,17 @@ def walk_jump(
     thin : int
         Walk steps between jumps.
     init : (num_chains, dim) or (dim,), optional
-        Starting walkers; default reference draws plus :math:`\sigma` noise.
+        Starting walkers; default: with a learned score, its kept particles (drawn with replacement)
+        plus :math:`\sigma` noise, i.e. draws of :math:`q_\sigma` with the population's mode weights
+        (the walk need not cross between modes); else reference draws plus :math:`\sigma` noise.
+    num_mala : int, optional
+        MALA steps on :math:`p(x\mid y)` from each jump (:mod:`~diffstat.smoothing.correction`: a draw of
+        :math:`p` instead of the posterior mean). Default 20 with a learned score (its within-mode shape
+        is approximate; the target's is restored at 21 evaluations per draw), else 0 (the classic jump).
+    max_evals_per_draw : float or None
+        Budget of a training-free estimator in target evaluations per requested draw (default 1e4):
+        once spent, the walk stops with the draws made so far (at least one jump per walker) and a
+        ``RuntimeWarning`` says so. None: no cap.
     """
     num_chains = 4 if num_chains is None else num_chains
     d = target.dim
@@ -135,31 +170,52 @@ def walk_jump(
     if num_warmup < 0 or step_size <= 0 or friction <= 0:
         raise ValueError("num_warmup must be non-negative, step_size and friction positive")
     dtype = target.dtype
+    if init is not None:  # checked before any work (a learned default would fit a score first)
+        init = torch.as_tensor(init, dtype=dtype, device=device)
+        init = init.expand(num_chains, d).clone() if tuple(init.shape) == (d,) else init
+        if tuple(init.shape) != (num_chains, d):
+            raise ValueError(f"init must have shape ({num_chains}, {d}) or ({d},), got {tuple(init.shape)}")
+    evals_fit = target.num_target_evals
     if walk == "mala" and smoothed_score is None:
         provider = None  # the jump uses the gradient of smoothed_log_prob
     else:
         options = dict(estimator_options or {})
-        if smoothed_score is None and estimator in ("laplace", "auto"):
+        if smoothed_score is None and estimator == "laplace":
             # the walk does not settle as SMS's shrinking noise does: never drop to one start
             options.setdefault("cheap_fraction", 0.0)
         provider: SmoothedScore | None = resolve_smoothed_score(
             target, smoothed_score, estimator=estimator, generator=generator, **options
         )
         provider.reset()
-    if init is None:
+    learned = isinstance(provider, LearnedSmoothedScore)
+    num_mala = (_LEARNED_MALA if learned else 0) if num_mala is None else num_mala
+    if isinstance(num_mala, bool) or not isinstance(num_mala, int) or num_mala < 0:
+        raise ValueError(f"num_mala must be a non-negative integer, got {num_mala!r}")
+    score_attrs, rejected = {}, False
+    if learned:
+        fitted_here = smoothed_score is None
+        score_attrs, rejected = learned_score_report(
+            provider, target, target.num_target_evals - evals_fit if fitted_here else None)
+    if init is None and learned and "x" in provider.particles:
+        pool = provider.particles["x"]
+        idx = torch.randint(0, pool.shape[0], (num_chains,), generator=generator, device=generator.device)
+        y = pool[idx.cpu()].to(device=device, dtype=dtype)
+        y = y + sigma * torch.randn(y.shape, generator=generator, dtype=dtype, device=y.device)
+    elif init is None:
         y = target.sample_reference(num_chains, generator, device)
         target.validate(y[:16])  # a log-density that is -inf (or bad) everywhere is refused before any work
         y = y + sigma * torch.randn(y.shape, generator=generator, dtype=dtype, device=y.device)
     else:
-        y = torch.as_tensor(init, dtype=dtype, device=device)
-        y = y.expand(num_chains, d).clone() if tuple(y.shape) == (d,) else y
-        if tuple(y.shape) != (num_chains, d):
-            raise ValueError(f"init must have shape ({num_chains}, {d}) or ({d},), got {tuple(y.shape)}")
+        y = init
 
     def score(z):
         return provider(z, sigma)
 
     evals0 = target.num_target_evals
+    budget_hit = False
+    budget = None
+    if max_evals_per_draw is not None and provider is not None and provider.uses_target and not learned:
+        budget = max_evals_per_draw * num_chains * num_samples
     if walk == "underdamped":
         state = underdamped_init(generator, y, score)
         h = step_size * sigma
@@ -170,7 +226,7 @@ def walk_jump(
         state = MCMCState(y, *lqg(y))
         adapt = DualAveraging(torch.tensor(0.25 * sigma**2, dtype=dtype, device=y.device), MALA_TARGET_ACCEPT)
         h = adapt.step_size
-    draws, lps, accs, divs = [], [], [], []
+    draws, walkers, accs, divs = [], [], [], []
     stats = {k: [] for k in ("score_spread", "num_modes", "acceptance_rate", "num_target_evals", "num_divergent")}
     total = num_warmup + num_samples * thin
     bar = progress_bar(total, f"walk-jump (sigma={sigma:.3g})", progress)
@@ -208,7 +264,8 @@ def walk_jump(
             else:
                 acc_sum = acc_sum + info.acceptance_rate
         bar.update(1)
-        if i >= num_warmup and (i - num_warmup + 1) % thin == 0:
+        over = budget is not None and target.num_target_evals - evals0 > budget
+        if (i >= num_warmup and (i - num_warmup + 1) % thin == 0) or over:
             if walk == "underdamped":
                 yj, g = state.x, state.grad
             elif walk == "ula":
@@ -225,8 +282,8 @@ def walk_jump(
             suspect = suspect | bad_jump
             divs.append(suspect.clone())
             draws.append(x)
-            lps.append(target.log_prob(x).detach())
-            done = (i - num_warmup + 1)
+            walkers.append(yj)
+            done = max(i - num_warmup + 1, 1)
             accs.append(acc_sum / done if walk == "mala" else torch.ones(num_chains, dtype=dtype, device=y.device))
             info = provider.last_info if provider is not None else {}
             stats["score_spread"].append(float(info["spread"].mean()) if "spread" in info else 0.0)
@@ -234,12 +291,22 @@ def walk_jump(
             stats["acceptance_rate"].append(float(accs[-1].mean()))
             stats["num_target_evals"].append(target.num_target_evals - evals0)
             stats["num_divergent"].append(float(divs[-1].sum()))
+        if over:
+            warnings.warn(
+                f"walk-jump: the training-free smoothed score ({type(provider).__name__}) spent its budget of "
+                f"{max_evals_per_draw:g} target evaluations per draw after {i + 1} of {total} walk steps; the run "
+                f"ends with {len(draws)} of {num_samples} draws per walker. Use the learned score (the default) or "
+                "raise max_evals_per_draw.", RuntimeWarning, stacklevel=2)
+            budget_hit = True
+            break
     bar.close()
-    diverging = torch.stack(divs, 1)
+    x_all, lp, h_corr = _correct(generator, target, torch.stack(draws, 1), torch.stack(walkers, 1), sigma, num_mala)
+    diverging = torch.stack(divs, 1) | ~torch.isfinite(lp) | rejected
     num_div = int(diverging.sum())
     if num_div:
         warnings.warn(
-            f"walk-jump diverged: {num_div} of {diverging.numel()} draws follow a divergent walk step or have a "
+            ("the smoothed score passed was fitted to another target; " if rejected else "")
+            + f"walk-jump diverged: {num_div} of {diverging.numel()} draws follow a divergent walk step or have a "
             f"non-finite or unreliable jump ({int(num_div_steps)} walk steps reset; sample_stats 'diverging' marks the draws). The "
             "smoothed score is unreliable there (training-free estimate far in the tails) or the step is too "
             "large for its curvature: lower step_size, raise sigma, or pass smoothed_score=.",
@@ -253,13 +320,18 @@ def walk_jump(
         "walk": walk,
         "walk_step_size": float(h),
         "smoothed_score": type(provider).__name__ if provider is not None else "grad smoothed_log_prob",
+        "num_mala": int(num_mala),
+        "mala_step_size": h_corr,
+        "budget_hit": budget_hit,
+        "correction_evals": int(diverging.numel() * (num_mala + 1)) if num_mala > 0 else int(diverging.numel()),
+        **score_attrs,
     }
     if isinstance(provider, LaplaceSmoothedScore):
         attrs["num_hessian_evals"] = int(provider.num_hessian_evals)
         attrs["mode_bank_size"] = len(provider.bank)
     return SamplerResult(
-        draws=torch.stack(draws, 1),
-        sample_stats={"lp": torch.stack(lps, 1), "acceptance_rate": torch.stack(accs, 1), "diverging": diverging},
+        draws=x_all,
+        sample_stats={"lp": lp, "acceptance_rate": torch.stack(accs, 1), "diverging": diverging},
         groups={"walk_jump": {k: torch.tensor(v, dtype=torch.float64) for k, v in stats.items()}},
         attrs=attrs,
     )

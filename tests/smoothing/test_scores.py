@@ -1,12 +1,15 @@
 """Smoothed-score providers: exact closed forms, the training-free Laplace estimator (exact on
 Gaussian modes, right posterior mode weights where the baselines fail), counting and input checks."""
 
+import warnings
+
 import pytest
 import torch
 
 import diffstat as ds
 from diffstat.smoothing import (
     ExactSmoothedScore,
+    LearnedSmoothedScore,
     ImportanceSmoothedScore,
     LaplaceSmoothedScore,
     MCMCSmoothedScore,
@@ -119,16 +122,20 @@ def test_evaluations_counted(generator):
 def test_resolution_and_bad_input(generator):
     gm = two_modes(2)
     target = gm.as_target(dtype=torch.float64)
-    assert isinstance(resolve_smoothed_score(target), LaplaceSmoothedScore)  # a target carries no answer
+    # a target carries no answer: the default is a score learned from its log-density (issue 17; it was
+    # the training-free Laplace estimator before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a 20-step fit is far from the target's score
+        learned = resolve_smoothed_score(target, generator=generator, num_particles=256, train_steps=20)
+    assert isinstance(learned, LearnedSmoothedScore)
     assert isinstance(resolve_smoothed_score(target, gm.smoothed_score), ExactSmoothedScore)
     assert isinstance(resolve_smoothed_score(target, estimator="laplace"), LaplaceSmoothedScore)
-    assert isinstance(resolve_smoothed_score(plain_target(gm)), LaplaceSmoothedScore)
     with pytest.raises(ValueError):
         resolve_smoothed_score(target, estimator="exact")
     with pytest.raises(ValueError):
         resolve_smoothed_score(target, estimator="magic")
-    with pytest.raises(ValueError):  # a learned score needs training draws
-        resolve_smoothed_score(plain_target(gm), estimator="learned")
+    with pytest.raises(ValueError):  # an unknown population source for the learned score
+        resolve_smoothed_score(plain_target(gm), estimator="learned", population="magic")
     with pytest.raises(ValueError):
         ExactSmoothedScore(3.0)
     bad = ExactSmoothedScore(lambda y, s: y[:, :1])

@@ -153,7 +153,7 @@ def test_sms_training_free_two_modes_d8():
     gm = two_modes(dim)
     target = fast_target(gm)
     idata = ds.sample(target, "sms", num_samples=500, num_chains=2, seed=3, progress=False,
-                      num_measurements=64, steps_per_measurement=4, first_steps=20)
+                      num_measurements=64, steps_per_measurement=4, first_steps=20, estimator="laplace")
     summary = mode_summary(gm, draws(idata, dim))
     assert acceptable(summary, weight_tol=0.05), summary
     attrs = idata.posterior.attrs
@@ -176,7 +176,7 @@ def test_jms_gaussian_moments(generator):
     gm = GaussianMixture(mu[None], torch.ones(1), covs=torch.diag(v)[None])
     target = gm.as_target(dtype=torch.float64)
     idata = ds.sample(target, "sms", num_samples=1000, num_chains=2, seed=5, progress=False,
-                      variant="jms", num_measurements=16, jms_steps=200)
+                      variant="jms", num_measurements=16, jms_steps=200, estimator="laplace")
     x = draws(idata, 2)
     n = x.shape[0]
     assert ((x.mean(0) - mu).abs() / (v / n).sqrt() < 4).all(), x.mean(0)

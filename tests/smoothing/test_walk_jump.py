@@ -45,7 +45,7 @@ def test_jumps_gaussian_closed_form(walk):
     tau2, sigma = 0.8, 1.0
     gm = GaussianMixture(mu[None], torch.ones(1), scales=[math.sqrt(tau2)])
     smoothed = gm.noised(1.0, sigma)
-    options = dict(smoothed_log_prob=lambda y, s: smoothed.log_prob(y)) if walk == "mala" else {}
+    options = dict(smoothed_log_prob=lambda y, s: smoothed.log_prob(y)) if walk == "mala" else dict(estimator="laplace")
     idata = ds.sample(gm.as_target(dtype=torch.float64), "walk_jump", num_samples=5, num_chains=2000, seed=2,
                       progress=False, sigma=sigma, walk=walk, num_warmup=60, thin=4, **options)
     x = torch.as_tensor(idata.posterior["x"].values)[:, -1]

@@ -1,0 +1,141 @@
+"""SMS and walk-jump from the log-density alone with the learned smoothed score (issue 17).
+
+For each target and seed: fit the score (``ds.smoothing.fit_smoothed_score``), run SMS with it (the
+first batch: its evaluations per draw include the fit's), then a second SMS batch and a walk-jump
+batch from the kept score (only the final MALA correction and the score's check evaluate the
+target). Printed side by side: heavy-mode weight (mixtures with two modes), total variation of the
+mode weights (mixtures), evaluations per draw, seconds (wall and CPU: the machine the figures were
+measured on was shared, so CPU time is the fairer figure), divergent and non-finite draws. The first
+batch's figures include the fit's.
+
+    python benchmarks/bench_sms_learned.py --targets two_modes8,two_modes32,two_modes64 --seeds 0,1,2
+    python benchmarks/bench_sms_learned.py --targets narrow_wide10,nine_modes,funnel10,ionosphere \
+        --seeds 0 [--jms]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+
+import diffstat as ds
+from diffstat.smoothing.fit import fit_smoothed_score
+
+
+def make(name: str):
+    """``(target, mixture or None)``; every target from its log-density only."""
+    from diffstat import targets
+
+    if name.startswith("two_modes"):
+        gm = targets.two_modes(int(name[len("two_modes") :]))
+    elif name.startswith("narrow_wide"):
+        gm = targets.narrow_wide(int(name[len("narrow_wide") :]))
+    elif name == "nine_modes":
+        gm = targets.nine_modes()
+    elif name.startswith("funnel"):
+        return targets.Funnel(int(name[len("funnel") :])).as_target(dtype=torch.float64), None
+    elif name == "ionosphere":
+        model = targets.ionosphere()
+        return model.as_target(dtype=torch.float64), None
+    else:
+        raise ValueError(name)
+    return gm.as_target(dtype=torch.float64), gm
+
+
+def summary(gm, idata, evals: int, seconds: float, cpu: float) -> dict:
+    x = torch.as_tensor(idata.posterior[list(idata.posterior.data_vars)[0]].values)
+    x = x.reshape(-1, x.shape[-1])
+    n = x.shape[0]
+    out = {
+        "evals/draw": evals / n,
+        "wall_s": seconds,
+        "cpu_s": cpu,
+        "div": int(idata.sample_stats["diverging"].values.sum()),
+        "nan": int((~torch.isfinite(x).all(-1)).sum()),
+    }
+    if gm is not None:
+        w = torch.bincount(gm.assign(x[torch.isfinite(x).all(-1)]), minlength=gm.num_components).double() / n
+        out["heavy"] = float(w[int(gm.weights.argmax())])
+        out["TV"] = 0.5 * float((w - gm.weights).abs().sum())
+    return out
+
+
+def run(name: str, seed: int, num_draws: int, walkers: int, fit_options: dict, jms: bool) -> None:
+    target, gm = make(name)
+    t0, c0 = time.perf_counter(), time.process_time()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        score = fit_smoothed_score(target, seed=seed, **fit_options)
+        fit_s, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
+        fit_evals = score.info["num_target_evals"]
+        rows = {}
+        for label, method, options in (
+            ("sms 1st", "sms", dict(num_chains=4, num_samples=num_draws // 4)),
+            ("sms 2nd", "sms", dict(num_chains=4, num_samples=num_draws // 4)),
+            *(
+                (
+                    (
+                        "jms 2nd",
+                        "sms",
+                        dict(num_chains=4, num_samples=num_draws // 4, variant="jms", jms_steps=200),
+                    ),
+                )
+                if jms
+                else ()
+            ),
+            (
+                "walk-jump 2nd",
+                "walk_jump",
+                dict(num_chains=walkers, num_samples=num_draws // walkers, thin=10),
+            ),
+        ):
+            target.num_target_evals = 0
+            t1, c1 = time.perf_counter(), time.process_time()
+            idata = ds.sample(
+                target,
+                method,
+                seed=seed + (7 if "2nd" in label else 0),
+                progress=False,
+                smoothed_score=score,
+                **options,
+            )
+            secs, cpu = time.perf_counter() - t1, time.process_time() - c1
+            evals = idata.posterior.attrs["num_target_evals"]
+            if label == "sms 1st":
+                evals, secs, cpu = evals + fit_evals, secs + fit_s, cpu + fit_cpu
+            rows[label] = summary(gm, idata, evals, secs, cpu)
+            cells = " ".join(
+                f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[label].items()
+            )
+            print(f"  {name} seed {seed} {label:14s} {cells}", flush=True)
+    exact = f" (exact {float(gm.weights.max()):.3f})" if gm is not None else ""
+    print(
+        f"{name} seed {seed}: fit {fit_evals} evals, {fit_s:.0f} s wall, {fit_cpu:.0f} s cpu, "
+        f"held-out Fisher divergence {score.info['fisher_divergence']:.3g}{exact}",
+        flush=True,
+    )
+    for w in {str(w.message)[:160] for w in caught if issubclass(w.category, RuntimeWarning)}:
+        print("  warning:", w, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--targets", default="two_modes8,narrow_wide10,nine_modes")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--draws", type=int, default=2000)
+    parser.add_argument("--walkers", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jms", action="store_true", help="also the joint variant (slow: M * d coordinates)")
+    parser.add_argument("--fit", default="{}", help="fit_smoothed_score options, a Python dict literal")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for name in args.targets.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            run(name, seed, args.draws, args.walkers, eval(args.fit), args.jms)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+r"""Particle populations of the target, with their target gradients: the training data of a learned
+smoothed score (:func:`~diffstat.smoothing.fit.fit_smoothed_score`).
+
+A population source is any function
+
+    ``source(target, num_particles, generator, device, **options) -> Population``
+
+so the sampler behind the score can be switched (e.g. to a noised-path SMC) by passing a callable as
+``population=``. The learned score inherits the population's mode weights: at large noise the
+smoothed score is decided by the relative masses of the modes, which the particles alone carry.
+
+- ``"modes"`` (default): the mode exploration, restocking and per-mode Gaussian importance sampling
+  of :mod:`diffstat.diffusion.sampler` (``method="gaussian_is"``), which estimates each mode's
+  mass by importance sampling within it, resampled to equal weights and moved by ``num_moves`` MALA
+  steps on :math:`p` (they keep :math:`p` invariant and, for separated modes, the mode weights; they
+  spread the resampled copies and give the gradients at no extra cost). Measured (2,000 draws,
+  seed 0, before the moves): heavy weight 0.739 for 0.75 on the 10-d narrow-heavy/wide-light
+  mixture, total variation 0.017 over the nine modes in 2-d, 0.670 for 2/3 on the 8-d two-mode
+  target; 0.612 at d = 64 with the sampler's own defaults (hence the larger defaults here).
+- ``"smc"``: adaptive tempered SMC from the reference (:mod:`diffstat.tempering.smc`), keeping the
+  target gradients SMC computed. Tempering lets mode weights drift (measured, 2,000 particles,
+  seed 0: heavy weight 0.512 for 0.75 on the narrow-heavy case, 0.556 for 2/3 and 1.000 at d = 8
+  and 64 on the two-mode target; nine modes, TV 0.687): kept as an option for unimodal targets.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+
+from diffstat.smoothing.correction import posterior_mala
+
+__all__ = ["Population", "modes_population", "smc_population", "get_population"]
+
+
+class Population(NamedTuple):
+    """Equally weighted particles ``x: (n, d)`` of the target with ``grad: (n, d)`` (the target's
+    score there), ``log_prob: (n,)``, the target evaluations spent (int) and the source's name."""
+
+    x: torch.Tensor
+    grad: torch.Tensor
+    log_prob: torch.Tensor
+    num_target_evals: int
+    source: str
+
+
+def _move(target, x, generator, num_moves: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``num_moves`` MALA steps on ``p`` (step from the particles' spread); ``(x, lp, grad)``."""
+    if num_moves == 0:
+        lp, g = target.log_prob_and_grad(x)
+        return x, lp.detach(), g.detach()
+    scale2 = float(x.var(0).min().clamp_min(1e-12)) if x.shape[0] > 1 else 1.0
+    x, lp, _, _, g = posterior_mala(generator, target, x, x, math.inf, num_moves, scale2=scale2)
+    return x, lp.detach(), g.detach()
+
+
+def modes_population(
+    target,
+    num_particles: int,
+    generator: torch.Generator,
+    device=None,
+    *,
+    num_moves: int = 20,
+    chains_per_mode: int = 512,
+    num_proposals: int = 16384,
+    **options,
+) -> Population:
+    """Per-mode Gaussian importance sampling (module doc), resampled and moved; ``options`` go to
+    :func:`diffstat.diffusion.sampler.run_diffusion_sampler` (larger restocks and proposals than its
+    defaults: the per-mode covariances and masses need them in 64 dimensions)."""
+    from diffstat.diffusion.sampler import run_diffusion_sampler
+
+    evals0 = target.num_target_evals
+    out = run_diffusion_sampler(
+        target,
+        num_samples=num_particles,
+        num_chains=1,
+        generator=generator,
+        progress=False,
+        device=device,
+        use_diffusion=False,
+        chains_per_mode=chains_per_mode,
+        num_proposals=num_proposals,
+        **options,
+    )
+    x = out.draws.reshape(-1, target.dim).to(device=device, dtype=target.dtype)
+    x, lp, g = _move(target, x, generator, num_moves)
+    return Population(x, g, lp, target.num_target_evals - evals0, "modes")
+
+
+def smc_population(
+    target, num_particles: int, generator: torch.Generator, device=None, *, num_moves: int = 0, **options
+) -> Population:
+    """Adaptive tempered SMC (``options`` as :func:`~diffstat.tempering.smc.adaptive_tempered_smc`,
+    plus ``reference``), resampled to equal weights; the gradients are SMC's own."""
+    from diffstat.tempering.path import make_path
+    from diffstat.tempering.resampling import resample
+    from diffstat.tempering.smc import adaptive_tempered_smc, initial_particles
+
+    evals0 = target.num_target_evals
+    path = make_path(target, options.pop("reference", None))
+    out = adaptive_tempered_smc(
+        generator, path, initial_particles(path, num_particles, generator, device), **options
+    )
+    ps, log_w = out.particles, out.log_weights
+    if not bool((log_w == log_w[0]).all()):
+        ps = ps.index(resample(generator, log_w, "systematic"))
+    x, lp, g = ps.x, ps.target_log_prob, ps.base_grad + ps.delta_grad
+    if num_moves > 0:
+        x, lp, g = _move(target, x, generator, num_moves)
+    return Population(x.detach(), g.detach(), lp.detach(), target.num_target_evals - evals0, "smc")
+
+
+_SOURCES: dict[str, Callable[..., Population]] = {"modes": modes_population, "smc": smc_population}
+
+
+def get_population(source) -> Callable[..., Population]:
+    """The population function named ``source`` (``"modes"``, ``"smc"``) or ``source`` itself if callable."""
+    if callable(source):
+        return source
+    if source not in _SOURCES:
+        raise ValueError(f"population must be one of {sorted(_SOURCES)} or a callable, got {source!r}")
+    return _SOURCES[source]
