@@ -65,44 +65,75 @@ def summary(gm, idata) -> dict:
 
 
 def fmt(s: dict) -> str:
-    return (f"weight {s['weight']:.4f} (err {s['weight'] - 2 / 3:+.4f})  var heavy {s['trace0']:.4f}/{s['axis0']:.4f}"
-            f"  var light {s['trace1']:.4f}/{s['axis1']:.4f}")
+    return (
+        f"weight {s['weight']:.4f} (err {s['weight'] - 2 / 3:+.4f})  var heavy "
+        f"{s['trace0']:.4f}/{s['axis0']:.4f}"
+        f"  var light {s['trace1']:.4f}/{s['axis1']:.4f}"
+    )
 
 
 def exact_part(dims, runs, seeds, steps):
-    print(f"SMS with exact smoothed scores, {runs} runs, steps_per_measurement={steps}, default sigma and M "
-          "(variances: mean per coordinate / along the axis, truth 0.05)")
+    print(
+        f"SMS with exact smoothed scores, {runs} runs, steps_per_measurement={steps}, default sigma and M "
+        "(variances: mean per coordinate / along the axis, truth 0.05)"
+    )
     for d in dims:
         gm = two_modes(d)
         for seed in seeds:
             target = fast_target(gm)
             start = time.perf_counter()
-            idata = ds.sample(target, "sms", num_samples=runs // 2, num_chains=2, seed=seed, progress=False,
-                              steps_per_measurement=steps, **exact_options(gm))
+            idata = ds.sample(
+                target,
+                "sms",
+                num_samples=runs // 2,
+                num_chains=2,
+                seed=seed,
+                progress=False,
+                steps_per_measurement=steps,
+                **exact_options(gm),
+            )
             s = summary(gm, idata)
-            ok = abs(s["weight"] - 2 / 3) < 0.03 and all(abs(s[k] / TAU2 - 1) < 0.2 for k in ("trace0", "trace1", "axis0", "axis1"))
+            ok = abs(s["weight"] - 2 / 3) < 0.03 and all(
+                abs(s[k] / TAU2 - 1) < 0.2 for k in ("trace0", "trace1", "axis0", "axis1")
+            )
             a = idata.posterior.attrs
-            print(f"d={d:3d} seed={seed} sigma={a['sigma']:.2f} M={a['num_measurements']:5d}  {fmt(s)}  "
-                  f"pass={ok}  evals={a['num_target_evals']}  {time.perf_counter() - start:.1f}s")
+            print(
+                f"d={d:3d} seed={seed} sigma={a['sigma']:.2f} M={a['num_measurements']:5d}  {fmt(s)}  "
+                f"pass={ok}  evals={a['num_target_evals']}  {time.perf_counter() - start:.1f}s"
+            )
 
 
 def training_free_part(dims, runs, seeds, steps, measurements, smc, estimator="laplace"):
-    print(f"Training-free SMS (estimator {estimator}), {runs} runs, M={measurements or 'default'}, "
-          f"steps_per_measurement={steps}; SMC tempering at equal target evaluations")
+    print(
+        f"Training-free SMS (estimator {estimator}), {runs} runs, M={measurements or 'default'}, "
+        f"steps_per_measurement={steps}; SMC tempering at equal target evaluations"
+    )
     for d in dims:
         gm = two_modes(d)
         for seed in seeds:
             target = fast_target(gm)
             start = time.perf_counter()
-            idata = ds.sample(target, "sms", num_samples=runs // 2, num_chains=2, seed=seed, progress=False,
-                              steps_per_measurement=steps, num_measurements=measurements, first_steps=20,
-                              estimator=estimator)
+            idata = ds.sample(
+                target,
+                "sms",
+                num_samples=runs // 2,
+                num_chains=2,
+                seed=seed,
+                progress=False,
+                steps_per_measurement=steps,
+                num_measurements=measurements,
+                first_steps=20,
+                estimator=estimator,
+            )
             elapsed = time.perf_counter() - start
             s = summary(gm, idata)
             a = idata.posterior.attrs
             budget = a["num_target_evals"]
-            print(f"d={d:3d} seed={seed} SMS  sigma={a['sigma']:.2f} M={a['num_measurements']:4d}  {fmt(s)}  "
-                  f"evals={budget} (Hessians {a.get('num_hessian_evals', 0)})  bank={a.get('mode_bank_size', '-')}  {elapsed:.1f}s")
+            print(
+                f"d={d:3d} seed={seed} SMS  sigma={a['sigma']:.2f} M={a['num_measurements']:4d}  {fmt(s)}  "
+                f"evals={budget} (Hessians {a.get('num_hessian_evals', 0)})  "
+                f"bank={a.get('mode_bank_size', '-')}  {elapsed:.1f}s"
+            )
             if not smc:
                 continue
             target = fast_target(gm)
@@ -110,10 +141,14 @@ def training_free_part(dims, runs, seeds, steps, measurements, smc, estimator="l
             steps_smc = max(1, round(5 * budget / probe.posterior.attrs["num_target_evals"]))
             target = fast_target(gm)
             start = time.perf_counter()
-            smc_run = ds.sample(target, "smc", num_samples=runs, seed=seed, progress=False, num_mcmc_steps=steps_smc)
+            smc_run = ds.sample(
+                target, "smc", num_samples=runs, seed=seed, progress=False, num_mcmc_steps=steps_smc
+            )
             s = summary(gm, smc_run)
-            print(f"d={d:3d} seed={seed} SMC  num_mcmc_steps={steps_smc}  {fmt(s)}  "
-                  f"evals={smc_run.posterior.attrs['num_target_evals']}  {time.perf_counter() - start:.1f}s")
+            print(
+                f"d={d:3d} seed={seed} SMC  num_mcmc_steps={steps_smc}  {fmt(s)}  "
+                f"evals={smc_run.posterior.attrs['num_target_evals']}  {time.perf_counter() - start:.1f}s"
+            )
 
 
 def main():
@@ -134,7 +169,9 @@ def main():
         exact_part(dims, args.runs or 4000, seeds, args.steps)
     else:
         dims = [int(v) for v in (args.dims or "8,16,32").split(",")]
-        training_free_part(dims, args.runs or 1000, seeds, args.steps, args.measurements, not args.no_smc, args.estimator)
+        training_free_part(
+            dims, args.runs or 1000, seeds, args.steps, args.measurements, not args.no_smc, args.estimator
+        )
 
 
 if __name__ == "__main__":

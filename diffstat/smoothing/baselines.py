@@ -41,7 +41,9 @@ class ImportanceSmoothedScore(SmoothedScore):
         k = self.num_samples
         if self.generator is None:
             self.generator = torch.Generator(device=y.device).manual_seed(0)
-        x = y[:, None] + float(sigma) * torch.randn(n, k, d, generator=self.generator, dtype=y.dtype, device=y.device)
+        x = y[:, None] + float(sigma) * torch.randn(
+            n, k, d, generator=self.generator, dtype=y.dtype, device=y.device
+        )
         log_w = self.target.log_prob(x.reshape(-1, d)).detach().reshape(n, k)
         w = torch.softmax(torch.nan_to_num(log_w, nan=-math.inf), -1)
         x_hat = (w[..., None] * x).sum(1)
@@ -63,7 +65,9 @@ class MCMCSmoothedScore(SmoothedScore):
 
     uses_target = True
 
-    def __init__(self, target, *, num_steps: int = 8, step_scale: float = 0.1, generator: torch.Generator | None = None):
+    def __init__(
+        self, target, *, num_steps: int = 8, step_scale: float = 0.1, generator: torch.Generator | None = None
+    ):
         super().__init__()
         self.target = target
         self.num_steps = check_positive_int(num_steps, "num_steps")
@@ -100,6 +104,8 @@ class MCMCSmoothedScore(SmoothedScore):
         self._scale *= 0.5 if mean_acc < 0.4 else (1.5 if mean_acc > 0.8 else 1.0)
         self.prev = state.x
         x_hat = draws.mean(1)
-        spread = torch.sqrt(draws.var(1, unbiased=True).mean(-1) / keep) if keep > 1 else torch.zeros_like(y[:, 0])
+        spread = (
+            torch.sqrt(draws.var(1, unbiased=True).mean(-1) / keep) if keep > 1 else torch.zeros_like(y[:, 0])
+        )
         self.last_info = {"spread": spread, "acceptance_rate": torch.stack(acc).mean(0)}
         return x_hat

@@ -77,8 +77,14 @@ def particle_geometry(x: torch.Tensor, generator: torch.Generator, max_pairs_poi
 _KERNEL_ESS = 64
 
 
-def kernel_threshold(x: torch.Tensor, held: torch.Tensor, generator: torch.Generator, scale: float,
-                     sigma_max: float, min_ess: float = _KERNEL_ESS) -> float | None:
+def kernel_threshold(
+    x: torch.Tensor,
+    held: torch.Tensor,
+    generator: torch.Generator,
+    scale: float,
+    sigma_max: float,
+    min_ess: float = _KERNEL_ESS,
+) -> float | None:
     r"""The smallest noise (geometric grid from ``0.01 scale`` to ``sigma_max``) at which the kernel
     weights :math:`v_i \propto e^{-\lVert y - x_i\rVert^2/(2\sigma^2)}` of ``y = held + sigma z`` over the
     particles ``x`` have a median Kish ESS of ``min_ess`` or more; None if none."""

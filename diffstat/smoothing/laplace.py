@@ -16,7 +16,8 @@ at :math:`4 s \sqrt d` (a draw of :math:`\mathcal N(y, s^2 I)` lies about :math:
 ``y``), and the ascent is monotone: a step that lowers the objective is refused and the next one
 shrunk fourfold (a trust factor per start, doubled back after each accepted step). Without this,
 Newton ascent on a logistic-regression posterior oscillated (far from the mode the saturated
-likelihood has almost no curvature, so the full step overshoots) and never reached the mode. Batched eigen-decompositions are ten times slower than Cholesky factorisations on CPU, so
+likelihood has almost no curvature, so the full step overshoots) and never reached the mode. Batched
+eigen-decompositions are ten times slower than Cholesky factorisations on CPU, so
 they are only used for the rows that need them.
 """
 
@@ -27,7 +28,17 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["log_prob_grad_hessian", "NewtonFit", "safe_cholesky", "chol_solve", "damped_newton", "merge_within", "ModeBank", "ExploredModes", "explore_modes"]
+__all__ = [
+    "log_prob_grad_hessian",
+    "NewtonFit",
+    "safe_cholesky",
+    "chol_solve",
+    "damped_newton",
+    "merge_within",
+    "ModeBank",
+    "ExploredModes",
+    "explore_modes",
+]
 
 #: Newton steps are capped at this many times s * sqrt(d).
 _MAX_STEP = 4.0
@@ -121,7 +132,11 @@ def damped_newton(target, x: torch.Tensor, y: torch.Tensor, s2: float, num_steps
         step = step * torch.clamp(cap / norm, max=1.0) * trust
         x_new = x + step
         lp_new, g_new, hess_new = log_prob_grad_hessian(target, x_new)
-        ok = torch.isfinite(lp_new) & torch.isfinite(g_new).all(-1) & torch.isfinite(hess_new).flatten(1).all(-1)
+        ok = (
+            torch.isfinite(lp_new)
+            & torch.isfinite(g_new).all(-1)
+            & torch.isfinite(hess_new).flatten(1).all(-1)
+        )
         # monotone: a step that lowers f is refused and the next one shrunk (far from a mode the
         # curvature of, e.g., a logistic likelihood vanishes and the full Newton step overshoots)
         f_old = lp - ((x - y) ** 2).sum(-1) / (2 * s2)
@@ -199,7 +214,9 @@ class ModeBank:
             return
         points, precisions = points[: self.max_new], precisions[: self.max_new]
         dist2 = self._dist2(points, points, precisions)  # metric of the second index
-        earlier = torch.ones(points.shape[0], points.shape[0], dtype=torch.bool, device=points.device).tril(-1)
+        earlier = torch.ones(points.shape[0], points.shape[0], dtype=torch.bool, device=points.device).tril(
+            -1
+        )
         dup = ((dist2 < r2) & earlier).any(-1)
         new, new_prec = points[~dup], precisions[~dup]
         new_counts = torch.ones(new.shape[0], dtype=points.dtype, device=points.device)
@@ -250,11 +267,19 @@ def explore_modes(target, x: torch.Tensor, *, num_steps: int = 15, prox_scale: f
     trust = torch.ones(n, 1, dtype=x.dtype, device=x.device)
     for _ in range(num_steps):
         _, _, step, _ = _newton_direction(g, hess, x, x, s2)
-        step = step * torch.clamp(_MAX_STEP * math.sqrt(s2 * d) / step.norm(dim=-1, keepdim=True), max=1.0) * trust
+        step = (
+            step
+            * torch.clamp(_MAX_STEP * math.sqrt(s2 * d) / step.norm(dim=-1, keepdim=True), max=1.0)
+            * trust
+        )
         x_new = x + step
         lp_new, g_new, hess_new = log_prob_grad_hessian(target, x_new)
         # monotone ascent: a step that lowers log p is refused and the next one shrunk
-        ok = torch.isfinite(lp_new) & torch.isfinite(g_new).all(-1) & torch.isfinite(hess_new).flatten(1).all(-1)
+        ok = (
+            torch.isfinite(lp_new)
+            & torch.isfinite(g_new).all(-1)
+            & torch.isfinite(hess_new).flatten(1).all(-1)
+        )
         ok = ok & (lp_new >= lp - 1e-12 * lp.abs())
         x = torch.where(ok[:, None], x_new, x)
         lp, g = torch.where(ok, lp_new, lp), torch.where(ok[:, None], g_new, g)

@@ -212,7 +212,7 @@ class LearnedSmoothedScore(SmoothedScore):
         torch.save(payload, path)
 
     @classmethod
-    def load(cls, path) -> "LearnedSmoothedScore":
+    def load(cls, path) -> LearnedSmoothedScore:
         """Read what :meth:`save` wrote (``weights_only=True``: no code is unpickled)."""
         from diffstat.diffusion.networks import ScoreMLP
         from diffstat.diffusion.processes import process_from_dict
@@ -265,7 +265,7 @@ class LearnedSmoothedScore(SmoothedScore):
         hidden: int = 128,
         depth: int = 3,
         progress: bool = False,
-    ) -> "LearnedSmoothedScore":
+    ) -> LearnedSmoothedScore:
         r"""Fit a :class:`~diffstat.diffusion.networks.ScoreMLP` on a VE process to given draws ``x0: (n,
         dim)`` by DSM, or by the mixed TSM/DSM loss when the target scores ``grad0`` are given (no
         whitening, no held-out checks; :func:`~diffstat.smoothing.fit.fit_smoothed_score` does both

@@ -26,7 +26,8 @@ smoothed score is decided by the relative masses of the modes, which the particl
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
+from collections.abc import Callable
 
 import torch
 

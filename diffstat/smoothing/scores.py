@@ -31,7 +31,7 @@ All target evaluations go through the :class:`~diffstat.Target` and are counted 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -88,7 +88,9 @@ class ExactSmoothedScore(SmoothedScore):
     def __init__(self, fn: Callable[[torch.Tensor, float], torch.Tensor]):
         super().__init__()
         if not callable(fn):
-            raise ValueError(f"smoothed_score must be callable (y, sigma) -> (n, dim), got {type(fn).__name__}")
+            raise ValueError(
+                f"smoothed_score must be callable (y, sigma) -> (n, dim), got {type(fn).__name__}"
+            )
         self.fn = fn
 
     def __call__(self, y: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -242,14 +244,25 @@ class LaplaceSmoothedScore(SmoothedScore):
             fit = damped_newton(self.target, x0.reshape(-1, d), yy, s2, min(steps, self.newton_steps))
             self.num_hessian_evals += fit.num_hessian_evals
             k = x0.shape[1]
-            fits.append((fit.mean.reshape(n, k, d), fit.log_evidence.reshape(n, k), fit.chol.reshape(n, k, d, d), fit.decrement.reshape(n, k)))
+            fits.append(
+                (
+                    fit.mean.reshape(n, k, d),
+                    fit.log_evidence.reshape(n, k),
+                    fit.chol.reshape(n, k, d, d),
+                    fit.decrement.reshape(n, k),
+                )
+            )
         means, log_ev, chol, decrement = (torch.cat(parts, 1) for parts in zip(*fits))
         # A fit that overflowed (a start far in a tail, where log p or its Hessian is not finite)
         # carries no weight; a chain left with no finite fit gets NaN (the samplers count it as
         # divergent) instead of a silent 0 * NaN.
-        finite = torch.isfinite(means).all(-1) & torch.isfinite(log_ev) & torch.isfinite(chol).flatten(2).all(-1)
+        finite = (
+            torch.isfinite(means).all(-1) & torch.isfinite(log_ev) & torch.isfinite(chol).flatten(2).all(-1)
+        )
         means = torch.where(finite[..., None], means, y[:, None])
-        chol = torch.where(finite[..., None, None], chol, torch.eye(d, dtype=y.dtype, device=y.device) / math.sqrt(s2))
+        chol = torch.where(
+            finite[..., None, None], chol, torch.eye(d, dtype=y.dtype, device=y.device) / math.sqrt(s2)
+        )
         log_ev = torch.where(finite, log_ev, torch.full_like(log_ev, -math.inf))
         keep = merge_within(means, log_ev, chol, self.merge_radius) & finite
         log_ev = torch.where(keep, log_ev, torch.full_like(log_ev, -math.inf))
@@ -334,7 +347,12 @@ class LaplaceSmoothedScore(SmoothedScore):
         # Laplace model of f at each draw: log E_j + log N(x; m_j, A_j^{-1}); the ratio is exactly
         # one for a Gaussian mode.
         log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-        log_q = log_ev[..., None] - 0.5 * (z**2).sum(-2) - 0.5 * d * math.log(2 * math.pi) + 0.5 * log_det[..., None]
+        log_q = (
+            log_ev[..., None]
+            - 0.5 * (z**2).sum(-2)
+            - 0.5 * d * math.log(2 * math.pi)
+            + 0.5 * log_det[..., None]
+        )
         flat = x.reshape(-1, d)
         idx = keep[:, :, None].expand(n, num_starts, k).reshape(-1)
         log_f = torch.full((flat.shape[0],), -math.inf, dtype=y.dtype, device=y.device)
@@ -381,7 +399,9 @@ class LaplaceSmoothedScore(SmoothedScore):
         return x_hat
 
 
-def isotropic_mixture_smoothed_score(means, weights, variances) -> Callable[[torch.Tensor, float], torch.Tensor]:
+def isotropic_mixture_smoothed_score(
+    means, weights, variances
+) -> Callable[[torch.Tensor, float], torch.Tensor]:
     r"""The exact smoothed score of :math:`\sum_k w_k \mathcal N(\mu_k, v_k I)`, a fast closed form:
     :math:`q_\sigma = \sum_k w_k \mathcal N(\mu_k, (v_k + \sigma^2) I)`, so
 
@@ -391,7 +411,9 @@ def isotropic_mixture_smoothed_score(means, weights, variances) -> Callable[[tor
     ``means: (K, d)``, ``weights: (K,)``, ``variances: (K,)``; returns ``fn(y (n, d), sigma)``.
     """
     means = torch.as_tensor(means, dtype=torch.float64)
-    log_w = torch.log(torch.as_tensor(weights, dtype=torch.float64) / torch.as_tensor(weights, dtype=torch.float64).sum())
+    log_w = torch.log(
+        torch.as_tensor(weights, dtype=torch.float64) / torch.as_tensor(weights, dtype=torch.float64).sum()
+    )
     variances = torch.as_tensor(variances, dtype=torch.float64).expand(means.shape[0])
     d = means.shape[1]
 
@@ -405,7 +427,9 @@ def isotropic_mixture_smoothed_score(means, weights, variances) -> Callable[[tor
     return fn
 
 
-def resolve_smoothed_score(target, smoothed_score=None, *, estimator: str = "auto", generator=None, **options) -> SmoothedScore:
+def resolve_smoothed_score(
+    target, smoothed_score=None, *, estimator: str = "auto", generator=None, **options
+) -> SmoothedScore:
     """The provider a sampler uses: ``smoothed_score`` (a callable or a :class:`SmoothedScore`), else
     ``estimator``: ``"learned"`` (the default, ``"auto"``): a score network fitted from the log-density by
     :func:`~diffstat.smoothing.fit.fit_smoothed_score` with ``options`` (or, given ``options["x0"]`` and
@@ -439,5 +463,6 @@ def resolve_smoothed_score(target, smoothed_score=None, *, estimator: str = "aut
 
         return fit_smoothed_score(target, generator=generator, **options)
     raise ValueError(
-        f"unknown smoothed-score estimator {estimator!r}; use 'auto', 'exact', 'laplace', 'importance', 'mcmc' or 'learned'"
+        f"unknown smoothed-score estimator {estimator!r}; use 'auto', 'exact', 'laplace', 'importance', "
+        "'mcmc' or 'learned'"
     )

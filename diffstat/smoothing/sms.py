@@ -27,7 +27,8 @@ its local fits (``fit_ess``: 1 where they are p(x | y) itself, as for Gaussian m
 the run is in attrs (``score_fit_ess``) and per measurement in the ``sms`` group; below 0.9 the
 estimate of E[X | y] is biased (the Laplace mean is the mode of a skewed p(x | y), not its mean; on
 the ionosphere posterior the check gives 0.4 to 0.5 and the draws' means are off by up to 1.3
-posterior sds, while a Gaussian with the same moments gives 1.0 and no bias), so every draw is marked in ``sample_stats["diverging"]`` (non-finite draws
+posterior sds, while a Gaussian with the same moments gives 1.0 and no bias), so every draw is marked in
+``sample_stats["diverging"]`` (non-finite draws
 are marked in any case) and a ``RuntimeWarning`` says so.
 
 Default smoothed score: a network fitted from the log-density (:mod:`diffstat.smoothing.fit`), whose
@@ -83,7 +84,9 @@ _DEFAULT_MALA = 100
 _LEARNED_MALA = 30
 
 
-def conditional_score(y: torch.Tensor, sum_prev: torch.Tensor, m: int, sigma: float, smoothed_score) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def conditional_score(
+    y: torch.Tensor, sum_prev: torch.Tensor, m: int, sigma: float, smoothed_score
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""The score of :math:`p(y_m \mid y_{1:m-1})` at ``y: (n, d)``, given the sum of the previous
     measurements ``sum_prev: (n, d)`` (zero for ``m = 1``, where this is the score of
     :math:`q_\sigma`). Returns ``(score, ybar, psi)`` with :math:`\psi = \nabla\log
@@ -94,12 +97,19 @@ def conditional_score(y: torch.Tensor, sum_prev: torch.Tensor, m: int, sigma: fl
 
 
 def default_noise(
-    target, generator: torch.Generator, device=None, *, num_explore: int = 256, need_sigma: bool = True, mixture=None
+    target,
+    generator: torch.Generator,
+    device=None,
+    *,
+    num_explore: int = 256,
+    need_sigma: bool = True,
+    mixture=None,
 ) -> dict:
     r"""The target's geometry for the defaults: ``sigma`` (diameter rule), ``scale`` (root mean
     variance per coordinate), ``center`` ``(d,)``, ``diameter``, ``tau`` and ``source``
     (``"exact"`` from ``mixture``, an object with ``means``, ``covs``, ``mean`` and ``cov`` such as
-    a :class:`~diffstat.targets.GaussianMixture` passed explicitly, or ``"explored"``: damped Newton from ``num_explore``
+    a :class:`~diffstat.targets.GaussianMixture` passed explicitly, or ``"explored"``: damped Newton from
+    ``num_explore``
     reference draws, the modes' Laplace mixture giving the moments). The explored modes are returned
     under ``"modes"`` to seed a mode bank. If no mode is found and ``need_sigma`` is False (the
     caller gave ``sigma`` and ``num_measurements``), the reference draws' mean and spread stand in
@@ -115,7 +125,10 @@ def default_noise(
         modes = explore_modes(target, x0)
         if modes.modes.shape[0] == 0:
             if need_sigma:
-                raise ValueError("SMS could not find a mode of the target from its reference; pass sigma= and num_measurements=")
+                raise ValueError(
+                    "SMS could not find a mode of the target from its reference; pass sigma= and "
+                    "num_measurements="
+                )
             return dict(
                 source="reference",
                 scale=math.sqrt(float(x0.var(0).mean())),
@@ -228,20 +241,31 @@ def sms(
     if num_measurements is not None:
         check_positive_int(num_measurements, "num_measurements")
     evals_fit = target.num_target_evals
-    provider: SmoothedScore = resolve_smoothed_score(target, smoothed_score, estimator=estimator, generator=generator, **(estimator_options or {}))
+    provider: SmoothedScore = resolve_smoothed_score(
+        target, smoothed_score, estimator=estimator, generator=generator, **(estimator_options or {})
+    )
     provider.reset()
     learned = isinstance(provider, LearnedSmoothedScore)
     if num_mala is None:
         num_mala = _LEARNED_MALA if learned else _DEFAULT_MALA
-    if isinstance(num_mala, bool) or not isinstance(num_mala, int) or num_mala < 0 or step_size <= 0 or friction <= 0:
+    if (
+        isinstance(num_mala, bool)
+        or not isinstance(num_mala, int)
+        or num_mala < 0
+        or step_size <= 0
+        or friction <= 0
+    ):
         raise ValueError("num_mala must be non-negative, step_size and friction positive")
     score_attrs, rejected = {}, False
     if learned:
         fitted_here = smoothed_score is None
         score_attrs, rejected = learned_score_report(
-            provider, target, target.num_target_evals - evals_fit if fitted_here else None)
+            provider, target, target.num_target_evals - evals_fit if fitted_here else None
+        )
     if learned and mixture is None and provider.geometry is not None:
-        geometry = dict(provider.geometry, center=provider.geometry["center"].to(device=device, dtype=target.dtype))
+        geometry = dict(
+            provider.geometry, center=provider.geometry["center"].to(device=device, dtype=target.dtype)
+        )
     else:
         geometry = default_noise(
             target, generator, device, need_sigma=sigma is None or num_measurements is None, mixture=mixture
@@ -268,7 +292,11 @@ def sms(
     gamma = friction / sigma
     evals0 = target.num_target_evals
     budget_hit = False
-    budget = None if (max_evals_per_draw is None or learned or not provider.uses_target) else max_evals_per_draw * n
+    budget = (
+        None
+        if (max_evals_per_draw is None or learned or not provider.uses_target)
+        else max_evals_per_draw * n
+    )
     stats = {k: [] for k in ("noise_level", "score_spread", "num_modes", "score_fit_ess", "num_target_evals")}
     fit_ess_sum = torch.zeros(n, dtype=target.dtype, device=device)
     fit_ess_count = 0
@@ -289,17 +317,25 @@ def sms(
     center = geometry["center"]
     spread0 = math.sqrt(sigma**2 + geometry["scale"] ** 2)
     y0 = center + spread0 * torch.randn(n, d, generator=generator, dtype=dtype, device=device)
-    bar = progress_bar(big_m if variant == "sms" else jms_steps, f"{variant} (sigma={sigma:.3g}, M={big_m})", progress)
+    bar = progress_bar(
+        big_m if variant == "sms" else jms_steps, f"{variant} (sigma={sigma:.3g}, M={big_m})", progress
+    )
     if variant == "sms":
         total = torch.zeros(n, d, dtype=dtype, device=device)
         x_hat = None
         for m in range(1, big_m + 1):
 
-            def score(y, m=m):
+            def score(y, m=m, total=total):
                 return conditional_score(y, total, m, sigma, provider)[0]
 
-            start = y0 if m == 1 else x_hat + sigma * torch.randn(n, d, generator=generator, dtype=dtype, device=device)
-            y = _walk(generator, start, score, first_steps if m == 1 else steps_per_measurement, h, gamma, walk)
+            start = (
+                y0
+                if m == 1
+                else x_hat + sigma * torch.randn(n, d, generator=generator, dtype=dtype, device=device)
+            )
+            y = _walk(
+                generator, start, score, first_steps if m == 1 else steps_per_measurement, h, gamma, walk
+            )
             total = total + y
             ybar = total / m
             x_hat = provider.denoise(ybar, sigma / math.sqrt(m))
@@ -310,13 +346,18 @@ def sms(
                     f"SMS: the training-free smoothed score ({type(provider).__name__}) spent its budget of "
                     f"{max_evals_per_draw:g} target evaluations per draw after {m} of {big_m} measurements; "
                     f"the run ends there (W2 bound sigma^2 d / m = {sigma**2 * d / m:.3g} instead of "
-                    f"{sigma**2 * d / big_m:.3g}). Use the learned score (the default) or raise max_evals_per_draw.",
-                    RuntimeWarning, stacklevel=2)
+                    f"{sigma**2 * d / big_m:.3g}). Use the learned score (the default) or raise "
+                    "max_evals_per_draw.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 big_m, budget_hit = m, True
                 break
         ybar = total / big_m
     else:
-        x_rough = center + geometry["scale"] * torch.randn(n, 1, d, generator=generator, dtype=dtype, device=device)
+        x_rough = center + geometry["scale"] * torch.randn(
+            n, 1, d, generator=generator, dtype=dtype, device=device
+        )
         ys = x_rough + sigma * torch.randn(n, big_m, d, generator=generator, dtype=dtype, device=device)
         s_m = sigma / math.sqrt(big_m)
 
@@ -351,10 +392,17 @@ def sms(
     if num_div:
         warnings.warn(
             f"SMS: {num_div} of {n} draws are unreliable (sample_stats 'diverging'): "
-            + (f"the training-free smoothed score failed its self-check (mean importance ESS fraction of its "
-               f"Laplace fits {fit_ess:.2f} < {_MIN_MEAN_FIT_ESS}: p(x | y) is far from Gaussian and its estimate of "
-               "E[X | y] biased; pass smoothed_score= or use an MCMC method)" if score_failed
-               else "the smoothed score passed was fitted to another target" if rejected else "non-finite draws"),
+            + (
+                "the training-free smoothed score failed its self-check (mean importance ESS fraction of "
+                "its "
+                f"Laplace fits {fit_ess:.2f} < {_MIN_MEAN_FIT_ESS}: p(x | y) is far from Gaussian and its "
+                "estimate of "
+                "E[X | y] biased; pass smoothed_score= or use an MCMC method)"
+                if score_failed
+                else "the smoothed score passed was fitted to another target"
+                if rejected
+                else "non-finite draws"
+            ),
             RuntimeWarning,
             stacklevel=2,
         )

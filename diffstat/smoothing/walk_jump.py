@@ -195,7 +195,8 @@ def walk_jump(
     if learned:
         fitted_here = smoothed_score is None
         score_attrs, rejected = learned_score_report(
-            provider, target, target.num_target_evals - evals_fit if fitted_here else None)
+            provider, target, target.num_target_evals - evals_fit if fitted_here else None
+        )
     if init is None and learned and "x" in provider.particles:
         pool = provider.particles["x"]
         idx = torch.randint(0, pool.shape[0], (num_chains,), generator=generator, device=generator.device)
@@ -227,7 +228,9 @@ def walk_jump(
         adapt = DualAveraging(torch.tensor(0.25 * sigma**2, dtype=dtype, device=y.device), MALA_TARGET_ACCEPT)
         h = adapt.step_size
     draws, walkers, accs, divs = [], [], [], []
-    stats = {k: [] for k in ("score_spread", "num_modes", "acceptance_rate", "num_target_evals", "num_divergent")}
+    stats = {
+        k: [] for k in ("score_spread", "num_modes", "acceptance_rate", "num_target_evals", "num_divergent")
+    }
     total = num_warmup + num_samples * thin
     bar = progress_bar(total, f"walk-jump (sigma={sigma:.3g})", progress)
     acc_sum = torch.zeros(num_chains, dtype=dtype, device=y.device)
@@ -240,7 +243,9 @@ def walk_jump(
             bad = _divergent(new.x, new.grad, (new.v**2).mean(-1))
             if bad.any():  # back to the last good point, with a fresh velocity
                 fresh = torch.randn(new.v.shape, generator=generator, dtype=dtype, device=y.device)
-                new = type(new)(*(torch.where(bad[:, None], a, b) for a, b in zip((state.x, fresh, state.grad), new)))
+                new = type(new)(
+                    *(torch.where(bad[:, None], a, b) for a, b in zip((state.x, fresh, state.grad), new))
+                )
             state = new
         elif walk == "ula":
             g = score(y)
@@ -250,8 +255,14 @@ def walk_jump(
         else:
             state, info = mala_step(generator, state, lqg, h)
             bad = info.diverging.to(torch.bool)
-        if provider is not None and "fit_ess" in provider.last_info and provider.last_info["fit_ess"].shape == bad.shape:
-            bad_score = provider.last_info["fit_ess"] < _MIN_FIT_ESS  # the score at the new point failed its check
+        if (
+            provider is not None
+            and "fit_ess" in provider.last_info
+            and provider.last_info["fit_ess"].shape == bad.shape
+        ):
+            bad_score = (
+                provider.last_info["fit_ess"] < _MIN_FIT_ESS
+            )  # the score at the new point failed its check
         else:
             bad_score = torch.zeros_like(bad)
         suspect = suspect | bad | bad_score if i >= num_warmup else suspect
@@ -284,7 +295,9 @@ def walk_jump(
             draws.append(x)
             walkers.append(yj)
             done = max(i - num_warmup + 1, 1)
-            accs.append(acc_sum / done if walk == "mala" else torch.ones(num_chains, dtype=dtype, device=y.device))
+            accs.append(
+                acc_sum / done if walk == "mala" else torch.ones(num_chains, dtype=dtype, device=y.device)
+            )
             info = provider.last_info if provider is not None else {}
             stats["score_spread"].append(float(info["spread"].mean()) if "spread" in info else 0.0)
             stats["num_modes"].append(float(info["num_modes"].mean()) if "num_modes" in info else math.nan)
@@ -293,21 +306,31 @@ def walk_jump(
             stats["num_divergent"].append(float(divs[-1].sum()))
         if over:
             warnings.warn(
-                f"walk-jump: the training-free smoothed score ({type(provider).__name__}) spent its budget of "
-                f"{max_evals_per_draw:g} target evaluations per draw after {i + 1} of {total} walk steps; the run "
-                f"ends with {len(draws)} of {num_samples} draws per walker. Use the learned score (the default) or "
-                "raise max_evals_per_draw.", RuntimeWarning, stacklevel=2)
+                f"walk-jump: the training-free smoothed score ({type(provider).__name__}) spent its "
+                "budget of "
+                f"{max_evals_per_draw:g} target evaluations per draw after {i + 1} of {total} walk steps; "
+                "the run "
+                f"ends with {len(draws)} of {num_samples} draws per walker. Use the learned score (the "
+                "default) or "
+                "raise max_evals_per_draw.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             budget_hit = True
             break
     bar.close()
-    x_all, lp, h_corr = _correct(generator, target, torch.stack(draws, 1), torch.stack(walkers, 1), sigma, num_mala)
+    x_all, lp, h_corr = _correct(
+        generator, target, torch.stack(draws, 1), torch.stack(walkers, 1), sigma, num_mala
+    )
     diverging = torch.stack(divs, 1) | ~torch.isfinite(lp) | rejected
     num_div = int(diverging.sum())
     if num_div:
         warnings.warn(
             ("the smoothed score passed was fitted to another target; " if rejected else "")
-            + f"walk-jump diverged: {num_div} of {diverging.numel()} draws follow a divergent walk step or have a "
-            f"non-finite or unreliable jump ({int(num_div_steps)} walk steps reset; sample_stats 'diverging' marks the draws). The "
+            + f"walk-jump diverged: {num_div} of {diverging.numel()} draws follow a divergent walk step "
+            "or have a "
+            f"non-finite or unreliable jump ({int(num_div_steps)} walk steps reset; sample_stats "
+            "'diverging' marks the draws). The "
             "smoothed score is unreliable there (training-free estimate far in the tails) or the step is too "
             "large for its curvature: lower step_size, raise sigma, or pass smoothed_score=.",
             RuntimeWarning,
@@ -323,7 +346,9 @@ def walk_jump(
         "num_mala": int(num_mala),
         "mala_step_size": h_corr,
         "budget_hit": budget_hit,
-        "correction_evals": int(diverging.numel() * (num_mala + 1)) if num_mala > 0 else int(diverging.numel()),
+        "correction_evals": int(diverging.numel() * (num_mala + 1))
+        if num_mala > 0
+        else int(diverging.numel()),
         **score_attrs,
     }
     if isinstance(provider, LaplaceSmoothedScore):

@@ -16,7 +16,9 @@ F64 = torch.float64
 
 
 def funnel_target(dim=10):
-    ref = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(dim, dtype=F64), 3.0 * torch.ones(dim, dtype=F64)), 1)
+    ref = torch.distributions.Independent(
+        torch.distributions.Normal(torch.zeros(dim, dtype=F64), 3.0 * torch.ones(dim, dtype=F64)), 1
+    )
     return ds.Target(Funnel(dim).unnormalized_log_prob, dim, reference=ref, dtype=F64)
 
 
@@ -59,8 +61,16 @@ def test_mode_bank_refuses_non_finite_modes():
 def test_walk_jump_on_the_funnel_reports_divergence():
     target = funnel_target()
     with pytest.warns(RuntimeWarning, match="walk-jump diverged"):
-        idata = ds.sample(target, "walk_jump", num_samples=5, num_chains=20, num_warmup=40, seed=0, progress=False,
-                          estimator="laplace")  # the training-free estimator's failure (no longer the default)
+        idata = ds.sample(
+            target,
+            "walk_jump",
+            num_samples=5,
+            num_chains=20,
+            num_warmup=40,
+            seed=0,
+            progress=False,
+            estimator="laplace",
+        )  # the training-free estimator's failure (no longer the default)
     x = idata.posterior.x.values
     div = idata.sample_stats.diverging.values
     assert div.shape == x.shape[:2] and div.dtype == bool
@@ -75,8 +85,17 @@ def test_walk_jump_on_gaussian_modes_reports_none():
     target = mix.as_target(dtype=F64)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        idata = ds.sample(target, "walk_jump", num_samples=5, num_chains=20, num_warmup=40, seed=0, progress=False,
-                          estimator="laplace", estimator_options=dict(explore=64))
+        idata = ds.sample(
+            target,
+            "walk_jump",
+            num_samples=5,
+            num_chains=20,
+            num_warmup=40,
+            seed=0,
+            progress=False,
+            estimator="laplace",
+            estimator_options=dict(explore=64),
+        )
     assert not idata.sample_stats.diverging.values.any() and idata.posterior.attrs["num_divergent"] == 0
 
 
@@ -86,8 +105,19 @@ def test_exploding_walk_is_caught():
     target = ds.Target(lambda x: -0.5 * (x**2).sum(-1) / 0.01, 3, dtype=F64)
     score = lambda y, s: -y / (0.01 + s**2)  # noqa: E731
     with pytest.warns(RuntimeWarning, match="walk-jump diverged"):
-        idata = ds.sample(target, "walk_jump", num_samples=5, num_chains=8, num_warmup=20, seed=0, progress=False,
-                          sigma=0.1, smoothed_score=score, walk="ula", step_size=40.0)
+        idata = ds.sample(
+            target,
+            "walk_jump",
+            num_samples=5,
+            num_chains=8,
+            num_warmup=20,
+            seed=0,
+            progress=False,
+            sigma=0.1,
+            smoothed_score=score,
+            walk="ula",
+            step_size=40.0,
+        )
     assert idata.sample_stats.diverging.values.mean() > 0.5
     assert idata.posterior.attrs["num_divergent_steps"] > 0
     assert torch.isfinite(torch.as_tensor(idata.posterior.x.values)).all()
@@ -115,8 +145,18 @@ def test_sms_flags_a_biased_training_free_run():
     d, n = 4, 200
     target = ds.Target(lambda x: (x - torch.exp(x)).sum(-1), d, dtype=F64)
     with pytest.warns(RuntimeWarning, match="self-check"):
-        idata = ds.sample(target, "sms", num_samples=n, num_chains=1, seed=0, progress=False, sigma=1.0,
-                          num_measurements=4, num_mala=20, estimator="laplace")
+        idata = ds.sample(
+            target,
+            "sms",
+            num_samples=n,
+            num_chains=1,
+            seed=0,
+            progress=False,
+            sigma=1.0,
+            num_measurements=4,
+            num_mala=20,
+            estimator="laplace",
+        )
     x = torch.as_tensor(idata.posterior.x.values).reshape(-1, d)
     z = (x.mean(0) + 0.5772157) / math.sqrt(math.pi**2 / 6 / n)
     assert float(z.abs().max()) > 4  # the bias the flag is about is real ...
@@ -126,6 +166,16 @@ def test_sms_flags_a_biased_training_free_run():
     g = ds.Target(lambda x: -0.5 * ((x + 0.5772157) ** 2).sum(-1) / (math.pi**2 / 6), d, dtype=F64)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        idata = ds.sample(g, "sms", num_samples=50, num_chains=1, seed=0, progress=False, sigma=1.0,
-                          num_measurements=4, num_mala=20, estimator="laplace")
+        idata = ds.sample(
+            g,
+            "sms",
+            num_samples=50,
+            num_chains=1,
+            seed=0,
+            progress=False,
+            sigma=1.0,
+            num_measurements=4,
+            num_mala=20,
+            estimator="laplace",
+        )
     assert not idata.sample_stats.diverging.values.any() and idata.posterior.attrs["score_fit_ess"] > 0.99

@@ -87,7 +87,11 @@ def test_laplace_beats_baselines_on_mode_weights(generator):
     d, s = 8, 1.5
     gm = two_modes(d)
     t = torch.linspace(0.3, 0.7, 40, dtype=torch.float64)[:, None]
-    y = (1 - t) * gm.means[0] + t * gm.means[1] + 0.3 * torch.randn(40, d, generator=generator, dtype=torch.float64)
+    y = (
+        (1 - t) * gm.means[0]
+        + t * gm.means[1]
+        + 0.3 * torch.randn(40, d, generator=generator, dtype=torch.float64)
+    )
     exact = y + s**2 * gm.smoothed_score(y, s)
     errors = {}
     for name, est in (
@@ -148,7 +152,8 @@ def test_resolution_and_bad_input(generator):
 def test_learned_provider_dsm_tsm():
     """A noise-conditional ScoreMLP on a VE process, fitted by the mixed TSM/DSM loss to 4000 exact
     draws of a 2-d mixture: its denoiser is within 30% of the exact one's correction |E[X|y] - y| at
-    sigma = 0.3, 1, 2 (measured 8%, 7%, 19%), an untrained network is not (98%, 65% at 0.3, 1), and SMS driven by the
+    sigma = 0.3, 1, 2 (measured 8%, 7%, 19%), an untrained network is not (98%, 65% at 0.3, 1), and SMS
+    driven by the
     learned score recovers the mixture weight 0.6 within 0.05 (1000 runs, MC sd 0.015)."""
     from diffstat.diffusion.networks import ScoreMLP
     from diffstat.diffusion.processes import VE
@@ -158,9 +163,18 @@ def test_learned_provider_dsm_tsm():
     gm = GaussianMixture([[-1.5, 0.0], [1.5, 0.5]], [0.6, 0.4], scales=[0.6, 0.8])
     gen = torch.Generator().manual_seed(0)
     x0 = gm.sample(4000, gen)
-    learned = LearnedSmoothedScore.fit(x0, gm.score(x0), generator=gen, hidden=64, depth=2, sigma_max=5.0,
-                                       config=TrainConfig(num_steps=800, loss="mixed"))
-    untrained = LearnedSmoothedScore(ScoreMLP(2, hidden=64, depth=2, process=VE(sigma_max=5.0)).double(), VE(sigma_max=5.0))
+    learned = LearnedSmoothedScore.fit(
+        x0,
+        gm.score(x0),
+        generator=gen,
+        hidden=64,
+        depth=2,
+        sigma_max=5.0,
+        config=TrainConfig(num_steps=800, loss="mixed"),
+    )
+    untrained = LearnedSmoothedScore(
+        ScoreMLP(2, hidden=64, depth=2, process=VE(sigma_max=5.0)).double(), VE(sigma_max=5.0)
+    )
     for s in (0.3, 1.0, 2.0):
         ys = gm.noised(1.0, s).sample(500, gen)
         correction = s**2 * gm.smoothed_score(ys, s)
@@ -169,8 +183,16 @@ def test_learned_provider_dsm_tsm():
         if s <= 1.0:  # the preconditioned network starts near a Gaussian score, fair at large sigma
             assert (untrained.denoise(ys, s) - ys - correction).norm(dim=-1).mean() > 0.5 * scale
     target = ds.Target(gm.unnormalized_log_prob, 2, dtype=torch.float64)
-    idata = ds.sample(target, "sms", num_samples=500, num_chains=2, seed=0, progress=False, smoothed_score=learned,
-                      mixture=gm)
+    idata = ds.sample(
+        target,
+        "sms",
+        num_samples=500,
+        num_chains=2,
+        seed=0,
+        progress=False,
+        smoothed_score=learned,
+        mixture=gm,
+    )
     x = torch.as_tensor(idata.posterior["x"].values).reshape(-1, 2)
     assert abs(float((gm.assign(x) == 0).double().mean()) - 0.6) < 0.05
     assert idata.posterior.attrs["smoothed_score"] == "LearnedSmoothedScore"

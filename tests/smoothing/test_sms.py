@@ -111,8 +111,17 @@ def test_sms_exact_scores_two_modes(dim, num_measurements):
     the test fast; d = 64 is in benchmarks/bench_sms.py."""
     gm = two_modes(dim)
     target = fast_target(gm)
-    idata = ds.sample(target, "sms", num_samples=2000, num_chains=2, seed=dim, progress=False,
-                      num_measurements=num_measurements, steps_per_measurement=4, **exact_options(gm))
+    idata = ds.sample(
+        target,
+        "sms",
+        num_samples=2000,
+        num_chains=2,
+        seed=dim,
+        progress=False,
+        num_measurements=num_measurements,
+        steps_per_measurement=4,
+        **exact_options(gm),
+    )
     summary = mode_summary(gm, draws(idata, dim))
     assert acceptable(summary, weight_tol=0.03), summary
     attrs = idata.posterior.attrs
@@ -122,7 +131,7 @@ def test_sms_exact_scores_two_modes(dim, num_measurements):
         scale2 = float(torch.diagonal(gm.cov).mean())
         assert attrs["num_measurements"] == math.ceil(attrs["sigma"] ** 2 * dim / (dim * scale2 / 4))
     assert idata.sms["noise_level"].shape == (attrs["num_measurements"],)
-    assert (idata.sample_stats["acceptance_rate"].values.mean() > 0.3)
+    assert idata.sample_stats["acceptance_rate"].values.mean() > 0.3
 
 
 def test_sms_broken_variants_rejected():
@@ -131,16 +140,38 @@ def test_sms_broken_variants_rejected():
     dim = 8
     gm = two_modes(dim)
     target = fast_target(gm)
-    jump_only = ds.sample(target, "sms", num_samples=500, num_chains=2, seed=1, progress=False,
-                          num_measurements=64, steps_per_measurement=4, num_mala=0, **exact_options(gm))
+    jump_only = ds.sample(
+        target,
+        "sms",
+        num_samples=500,
+        num_chains=2,
+        seed=1,
+        progress=False,
+        num_measurements=64,
+        steps_per_measurement=4,
+        num_mala=0,
+        **exact_options(gm),
+    )
     summary = mode_summary(gm, draws(jump_only, dim))
     s2 = jump_only.posterior.attrs["final_noise"] ** 2
     assert summary["trace0"] == pytest.approx(TAU2**2 / (TAU2 + s2), rel=0.15)
     assert not acceptable(summary, weight_tol=0.03)
     wrong_gm = two_modes(dim, weights=(1.0, 2.0))
-    wrong = isotropic_mixture_smoothed_score(wrong_gm.means, wrong_gm.weights, torch.full((2,), TAU2, dtype=torch.float64))
-    idata = ds.sample(target, "sms", num_samples=500, num_chains=2, seed=1, progress=False,
-                      num_measurements=64, steps_per_measurement=4, smoothed_score=wrong, mixture=gm)
+    wrong = isotropic_mixture_smoothed_score(
+        wrong_gm.means, wrong_gm.weights, torch.full((2,), TAU2, dtype=torch.float64)
+    )
+    idata = ds.sample(
+        target,
+        "sms",
+        num_samples=500,
+        num_chains=2,
+        seed=1,
+        progress=False,
+        num_measurements=64,
+        steps_per_measurement=4,
+        smoothed_score=wrong,
+        mixture=gm,
+    )
     summary = mode_summary(gm, draws(idata, dim))
     assert not acceptable(summary, weight_tol=0.03), summary
 
@@ -152,8 +183,18 @@ def test_sms_training_free_two_modes_d8():
     dim = 8
     gm = two_modes(dim)
     target = fast_target(gm)
-    idata = ds.sample(target, "sms", num_samples=500, num_chains=2, seed=3, progress=False,
-                      num_measurements=64, steps_per_measurement=4, first_steps=20, estimator="laplace")
+    idata = ds.sample(
+        target,
+        "sms",
+        num_samples=500,
+        num_chains=2,
+        seed=3,
+        progress=False,
+        num_measurements=64,
+        steps_per_measurement=4,
+        first_steps=20,
+        estimator="laplace",
+    )
     summary = mode_summary(gm, draws(idata, dim))
     assert acceptable(summary, weight_tol=0.05), summary
     attrs = idata.posterior.attrs
@@ -175,8 +216,18 @@ def test_jms_gaussian_moments(generator):
     v = torch.tensor([0.5, 2.0], dtype=torch.float64)
     gm = GaussianMixture(mu[None], torch.ones(1), covs=torch.diag(v)[None])
     target = gm.as_target(dtype=torch.float64)
-    idata = ds.sample(target, "sms", num_samples=1000, num_chains=2, seed=5, progress=False,
-                      variant="jms", num_measurements=16, jms_steps=200, estimator="laplace")
+    idata = ds.sample(
+        target,
+        "sms",
+        num_samples=1000,
+        num_chains=2,
+        seed=5,
+        progress=False,
+        variant="jms",
+        num_measurements=16,
+        jms_steps=200,
+        estimator="laplace",
+    )
     x = draws(idata, 2)
     n = x.shape[0]
     assert ((x.mean(0) - mu).abs() / (v / n).sqrt() < 4).all(), x.mean(0)
@@ -185,7 +236,13 @@ def test_jms_gaussian_moments(generator):
 
 def test_sms_bad_input(generator):
     target = GaussianMixture(torch.zeros(1, 2), torch.ones(1), scales=[1.0]).as_target(dtype=torch.float64)
-    for options in (dict(variant="joint"), dict(walk="hmc"), dict(sigma=-1.0), dict(num_measurements=0),
-                    dict(estimator="nope", smoothed_score=None), dict(steps_per_measurement=0)):
+    for options in (
+        dict(variant="joint"),
+        dict(walk="hmc"),
+        dict(sigma=-1.0),
+        dict(num_measurements=0),
+        dict(estimator="nope", smoothed_score=None),
+        dict(steps_per_measurement=0),
+    ):
         with pytest.raises(ValueError):
             sms(target, num_samples=4, num_chains=1, generator=generator, **options)

@@ -45,9 +45,24 @@ def test_jumps_gaussian_closed_form(walk):
     tau2, sigma = 0.8, 1.0
     gm = GaussianMixture(mu[None], torch.ones(1), scales=[math.sqrt(tau2)])
     smoothed = gm.noised(1.0, sigma)
-    options = dict(smoothed_log_prob=lambda y, s: smoothed.log_prob(y)) if walk == "mala" else dict(estimator="laplace")
-    idata = ds.sample(gm.as_target(dtype=torch.float64), "walk_jump", num_samples=5, num_chains=2000, seed=2,
-                      progress=False, sigma=sigma, walk=walk, num_warmup=60, thin=4, **options)
+    options = (
+        dict(smoothed_log_prob=lambda y, s: smoothed.log_prob(y))
+        if walk == "mala"
+        else dict(estimator="laplace")
+    )
+    idata = ds.sample(
+        gm.as_target(dtype=torch.float64),
+        "walk_jump",
+        num_samples=5,
+        num_chains=2000,
+        seed=2,
+        progress=False,
+        sigma=sigma,
+        walk=walk,
+        num_warmup=60,
+        thin=4,
+        **options,
+    )
     x = torch.as_tensor(idata.posterior["x"].values)[:, -1]
     n = x.shape[0]
     var = tau2**2 / (tau2 + sigma**2)
@@ -61,8 +76,18 @@ def test_walk_jump_training_free_two_modes_d8():
     """From the log-density only, sigma = 2, 500 walkers all started in the light mode: the jumps put
     the heavy weight within 0.1 of 2/3 (MC sd about 0.02 with autocorrelation)."""
     gm = two_modes(8)
-    idata = ds.sample(fast_target(gm), "walk_jump", num_samples=50, num_chains=500, seed=4, progress=False,
-                      sigma=2.0, num_warmup=100, init=gm.means[1], estimator="laplace")
+    idata = ds.sample(
+        fast_target(gm),
+        "walk_jump",
+        num_samples=50,
+        num_chains=500,
+        seed=4,
+        progress=False,
+        sigma=2.0,
+        num_warmup=100,
+        init=gm.means[1],
+        estimator="laplace",
+    )
     weight = heavy_weight(gm, idata)
     assert abs(weight - HEAVY) < 0.1, weight
     attrs = idata.posterior.attrs
@@ -75,22 +100,62 @@ def test_walk_jump_rejections():
     """The same check rejects a walk whose sigma is too small to cross (sigma = 0.5 from the light
     mode: weight 0), and a walk driven by the smoothed score of the wrong mixture (weights 1:2)."""
     gm = two_modes(8)
-    exact = isotropic_mixture_smoothed_score(gm.means, gm.weights, torch.full((2,), 0.05, dtype=torch.float64))
-    stuck = ds.sample(fast_target(gm), "walk_jump", num_samples=20, num_chains=300, seed=4, progress=False,
-                      sigma=0.5, num_warmup=100, init=gm.means[1], smoothed_score=exact)
+    exact = isotropic_mixture_smoothed_score(
+        gm.means, gm.weights, torch.full((2,), 0.05, dtype=torch.float64)
+    )
+    stuck = ds.sample(
+        fast_target(gm),
+        "walk_jump",
+        num_samples=20,
+        num_chains=300,
+        seed=4,
+        progress=False,
+        sigma=0.5,
+        num_warmup=100,
+        init=gm.means[1],
+        smoothed_score=exact,
+    )
     assert abs(heavy_weight(gm, stuck) - HEAVY) > 0.1
     wrong_gm = two_modes(8, weights=(1.0, 2.0))
-    wrong = isotropic_mixture_smoothed_score(wrong_gm.means, wrong_gm.weights, torch.full((2,), 0.05, dtype=torch.float64))
-    idata = ds.sample(fast_target(gm), "walk_jump", num_samples=20, num_chains=300, seed=4, progress=False,
-                      sigma=2.0, num_warmup=100, init=gm.means[1], smoothed_score=wrong)
+    wrong = isotropic_mixture_smoothed_score(
+        wrong_gm.means, wrong_gm.weights, torch.full((2,), 0.05, dtype=torch.float64)
+    )
+    idata = ds.sample(
+        fast_target(gm),
+        "walk_jump",
+        num_samples=20,
+        num_chains=300,
+        seed=4,
+        progress=False,
+        sigma=2.0,
+        num_warmup=100,
+        init=gm.means[1],
+        smoothed_score=wrong,
+    )
     assert abs(heavy_weight(gm, idata) - HEAVY) > 0.1
-    right = ds.sample(fast_target(gm), "walk_jump", num_samples=20, num_chains=300, seed=4, progress=False,
-                      sigma=2.0, num_warmup=100, init=gm.means[1], smoothed_score=exact)
+    right = ds.sample(
+        fast_target(gm),
+        "walk_jump",
+        num_samples=20,
+        num_chains=300,
+        seed=4,
+        progress=False,
+        sigma=2.0,
+        num_warmup=100,
+        init=gm.means[1],
+        smoothed_score=exact,
+    )
     assert abs(heavy_weight(gm, right) - HEAVY) < 0.1
 
 
 def test_walk_jump_bad_input(generator):
     target = GaussianMixture(torch.zeros(1, 2), torch.ones(1), scales=[1.0]).as_target(dtype=torch.float64)
-    for options in (dict(walk="mala"), dict(walk="hmc"), dict(sigma=0.0), dict(thin=0), dict(init=torch.zeros(3))):
+    for options in (
+        dict(walk="mala"),
+        dict(walk="hmc"),
+        dict(sigma=0.0),
+        dict(thin=0),
+        dict(init=torch.zeros(3)),
+    ):
         with pytest.raises(ValueError):
             walk_jump(target, num_samples=4, num_chains=2, generator=generator, **options)
