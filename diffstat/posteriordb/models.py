@@ -294,8 +294,14 @@ def gp_regr(x, y):
     sq = (x[:, None] - x[None, :]) ** 2
     a, r, s = (p[..., None, None] for p in (alpha, rho, sigma))
     cov = a**2 * torch.exp(-sq / (2 * r**2)) + s * torch.eye(x.shape[0])
-    tril = torch.linalg.cholesky(cov)
+    # A kernel matrix that is numerically not positive definite is outside the support, as Stan
+    # rejects such a proposal: log-density -inf there (identity factor to keep the graph finite).
+    tril, info = torch.linalg.cholesky_ex(cov)
+    bad = info != 0
+    eye = torch.eye(x.shape[0], dtype=cov.dtype)
+    tril = torch.where(bad[..., None, None], eye, tril)
     pyro.sample("y", dist.MultivariateNormal(torch.zeros_like(y), scale_tril=tril), obs=y)
+    pyro.factor("y_not_positive_definite", torch.where(bad, -torch.inf, 0.0))
 
 
 # ---------------------------------------------------------------------- the table
