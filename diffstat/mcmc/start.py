@@ -168,14 +168,15 @@ def _newton(log_prob_and_grad, x, lp, g, max_iters: int):
         y = x.unsqueeze(1) + ts[:, None] * torch.nan_to_num(d).unsqueeze(1)  # (n, k, dim)
         lp_y, g_y = log_prob_and_grad(y.reshape(-1, dim))
         lp_y, g_y = lp_y.reshape(n, -1), g_y.reshape(n, -1, dim)
-        valid = torch.isfinite(lp_y) & torch.isfinite(g_y).all(-1) & (lp_y - lp[:, None] >= ARMIJO * ts * dec[:, None])
+        armijo = lp_y - lp[:, None] >= ARMIJO * ts * dec[:, None]
+        valid = torch.isfinite(lp_y) & torch.isfinite(g_y).all(-1) & armijo
         first = valid.to(torch.int8).argmax(-1)  # the largest t that passes
         ok = active & valid.any(-1)
         stuck = stuck | (active & ~ok)
         rows = torch.arange(n, device=x.device)
         k = ok.unsqueeze(-1)
-        x, lp, g = torch.where(k, y[rows, first], x), torch.where(ok, lp_y[rows, first], lp), torch.where(
-            k, g_y[rows, first], g)
+        x, lp = torch.where(k, y[rows, first], x), torch.where(ok, lp_y[rows, first], lp)
+        g = torch.where(k, g_y[rows, first], g)
         if bool(ok.any()):
             hess = torch.where(ok[:, None, None], _hessian(log_prob_and_grad, x, g), hess)
     return x, lp, g, hess
