@@ -166,7 +166,10 @@ def _newton(log_prob_and_grad, x, lp, g, max_iters: int):
         if not bool(active.any()):
             break
         y = x.unsqueeze(1) + ts[:, None] * torch.nan_to_num(d).unsqueeze(1)  # (n, k, dim)
-        lp_y, g_y = log_prob_and_grad(y.reshape(-1, dim))
+        try:
+            lp_y, g_y = log_prob_and_grad(y.reshape(-1, dim))
+        except Exception:  # noqa: BLE001  (a model may raise far out, e.g. a non-PD kernel matrix: stop)
+            break
         lp_y, g_y = lp_y.reshape(n, -1), g_y.reshape(n, -1, dim)
         armijo = lp_y - lp[:, None] >= ARMIJO * ts * dec[:, None]
         valid = torch.isfinite(lp_y) & torch.isfinite(g_y).all(-1) & armijo
