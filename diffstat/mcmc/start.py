@@ -11,6 +11,10 @@ the inverse of a Rayleigh quotient of the Hessian, so the ascent adapts to the l
 no extra cost: a few tens of iterations cross many orders of magnitude of log-density. Like the first
 L-BFGS stage of Pathfinder (Zhang et al. 2022) this aims at the bulk, not at an exact mode: the
 iterations are capped (default 200), so a density unbounded above (a funnel's neck) is not chased far.
+Up to ``dim = 200`` the ascent is followed by at most 10 damped Newton steps with the finite-difference
+Hessian, its eigenvalues made positive (:func:`_newton`), until the Newton decrement is under 1: the
+ascent's stopping rule also fires where the density is nearly flat in some directions, far from the
+bulk, and Newton's step does not depend on the scaling that stalls it.
 
 The result is jittered by a draw from the Laplace approximation there, :math:`\mathcal N(0, H^{-1})`
 with :math:`H` the Hessian of :math:`-\log\pi` by forward differences of the gradient (``dim``
@@ -44,6 +48,13 @@ LAPLACE_MAX_DIM = 200
 #: A chain stops climbing once an accepted step gains fewer nats than this (near a mode, where the
 #: kernel's own warm-up does better than more optimisation).
 GAIN_TOL = 1e-2
+#: Newton steps after the ascent (``dim <= LAPLACE_MAX_DIM``), each ``dim + 1`` evaluations per chain:
+#: near a mode Newton converges in a few steps, and 10 bounds the cost where it does not (a density
+#: unbounded above, such as a funnel's neck, is not chased far).
+NEWTON_ITERS = 10
+#: A chain stops its Newton steps once its Newton decrement (twice the gain the local quadratic model
+#: still promises) is under 1: it is then within about one posterior sd of the mode in the Laplace metric.
+NEWTON_TOL = 1.0
 
 
 def find_start(
@@ -105,7 +116,8 @@ def find_start(
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         noise = a_min.sqrt().unsqueeze(-1) * noise
         if x.shape[1] <= LAPLACE_MAX_DIM:
-            noise, cov = _laplace_jitter(log_prob_and_grad, x, g, noise, a_min)
+            x, lp, g, hess = _newton(log_prob_and_grad, x, lp, g, NEWTON_ITERS)
+            noise, cov = _laplace_jitter(hess, noise, a_min)
         y = x + noise
         lp_y, g_y = log_prob_and_grad(y)
         ok = torch.isfinite(lp_y) & torch.isfinite(g_y).all(-1)
@@ -114,18 +126,69 @@ def find_start(
     return MCMCState(x, lp, g), cov
 
 
-def _laplace_jitter(log_prob_and_grad, x, g, noise, a_min):
-    r"""Finite-difference Hessians of :math:`-\log\pi` at each chain's point (``dim`` extra
-    evaluations per chain, one batch); where one is positive definite, the chain's isotropic jitter
-    ``noise = sqrt(a_min) z`` becomes :math:`H^{-1/2} z`. Returns the new noise and the inverse of
-    the mean Hessian over those chains (None if no chain has a positive definite one)."""
+def _hessian(log_prob_and_grad, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Hessians ``(n, dim, dim)`` of :math:`-\\log\\pi` at ``x: (n, dim)`` by forward differences of
+    the gradient ``g`` (``dim`` evaluations per chain, one batch), symmetrised, non-finite entries -1."""
     n, dim = x.shape
     step = math.sqrt(torch.finfo(x.dtype).eps) * x.abs().clamp_min(1.0)  # (n, dim)
     shifted = x.unsqueeze(1) + torch.diag_embed(step)  # (n, dim, dim): row i moves coordinate i
     _, g_shift = log_prob_and_grad(shifted.reshape(n * dim, dim))
     hess = -(g_shift.reshape(n, dim, dim) - g.unsqueeze(1)) / step.unsqueeze(-1)
     hess = 0.5 * (hess + hess.transpose(1, 2))
-    hess = torch.nan_to_num(hess, nan=-1.0, posinf=-1.0, neginf=-1.0)
+    return torch.nan_to_num(hess, nan=-1.0, posinf=-1.0, neginf=-1.0)
+
+
+def _newton(log_prob_and_grad, x, lp, g, max_iters: int):
+    r"""Modified Newton steps per chain, :math:`x + t\,|H|^{-1}\nabla\log\pi` with :math:`|H|` the
+    Hessian of :math:`-\log\pi` with its eigenvalues replaced by their absolute values (floored at
+    :math:`10^{-12}` of the largest; finite differences make near-zero ones of either sign), and ``t``
+    the largest of :math:`1, 4^{-1}, \dots, 4^{-11}` passing the Armijo test (all tried in one batch),
+    while the Newton decrement :math:`\lambda^2 = \nabla\log\pi^\top |H|^{-1}\nabla\log\pi` exceeds
+    ``NEWTON_TOL``. Returns ``(x, lp, g, hess)``, ``hess`` the Hessians at the returned points.
+
+    Why: the gradient ascent's stopping rule (a step gaining under ``GAIN_TOL`` nats) also fires where
+    the density is nearly flat in some directions, far from the bulk (measured on the posteriordb kidiq
+    regression: the ascent stops at a residual scale 90 times too large, where the coefficients' curvature
+    is 1e-4, at log-density -3174 against -1915 in the bulk; NUTS warm-up then spent 8 times the
+    sampling phase's gradients climbing). Newton's step does not depend on that scaling; for a
+    regression at fixed scale it solves the coefficients in one step."""
+    n, dim = x.shape
+    ts = 4.0 ** -torch.arange(12, dtype=x.dtype, device=x.device)  # (k,)
+    hess = _hessian(log_prob_and_grad, x, g)
+    stuck = torch.zeros_like(lp, dtype=torch.bool)
+    for _ in range(max_iters):
+        lam, vec = torch.linalg.eigh(hess)
+        lam = lam.abs()
+        lam = lam.clamp_min(1e-12 * lam.amax(-1, keepdim=True)).clamp_min(1e-300)
+        d = (vec @ ((vec.transpose(1, 2) @ g.unsqueeze(-1)).squeeze(-1) / lam).unsqueeze(-1)).squeeze(-1)
+        dec = (g * d).sum(-1)
+        active = torch.isfinite(dec) & (dec > NEWTON_TOL) & ~stuck
+        if not bool(active.any()):
+            break
+        y = x.unsqueeze(1) + ts[:, None] * torch.nan_to_num(d).unsqueeze(1)  # (n, k, dim)
+        try:
+            lp_y, g_y = log_prob_and_grad(y.reshape(-1, dim))
+        except Exception:  # noqa: BLE001  (a model may raise far out, e.g. a non-PD kernel matrix: stop)
+            break
+        lp_y, g_y = lp_y.reshape(n, -1), g_y.reshape(n, -1, dim)
+        armijo = lp_y - lp[:, None] >= ARMIJO * ts * dec[:, None]
+        valid = torch.isfinite(lp_y) & torch.isfinite(g_y).all(-1) & armijo
+        first = valid.to(torch.int8).argmax(-1)  # the largest t that passes
+        ok = active & valid.any(-1)
+        stuck = stuck | (active & ~ok)
+        rows = torch.arange(n, device=x.device)
+        k = ok.unsqueeze(-1)
+        x, lp = torch.where(k, y[rows, first], x), torch.where(ok, lp_y[rows, first], lp)
+        g = torch.where(k, g_y[rows, first], g)
+        if bool(ok.any()):
+            hess = torch.where(ok[:, None, None], _hessian(log_prob_and_grad, x, g), hess)
+    return x, lp, g, hess
+
+
+def _laplace_jitter(hess, noise, a_min):
+    r"""Where a chain's Hessian ``hess: (n, dim, dim)`` of :math:`-\log\pi` is positive definite, its
+    isotropic jitter ``noise = sqrt(a_min) z`` becomes :math:`H^{-1/2} z`. Returns the new noise and the
+    inverse of the mean Hessian over those chains (None if no chain has a positive definite one)."""
     chol, info = torch.linalg.cholesky_ex(hess)
     pd = info == 0
     if not bool(pd.any()):

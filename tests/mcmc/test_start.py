@@ -1,0 +1,34 @@
+"""The start phase: ascent, Newton refinement, Laplace jitter (diffstat.mcmc.start)."""
+
+import torch
+
+from diffstat.mcmc.base import init
+from diffstat.mcmc.start import find_start
+
+
+def _regression_like():
+    """log pi(b, s) = -n s - r(b) exp(-2 s) / 2 with r(b) = 1 + (b - 50)^2 * 100: a coefficient b
+    whose curvature vanishes as the scale exp(s) grows (the geometry of a flat-prior regression)."""
+    n = 400.0
+
+    def lpg(x):
+        x = x.detach().requires_grad_(True)
+        b, s = x[:, 0], x[:, 1]
+        lp = -n * s - (1 + 100 * (b - 50) ** 2) * torch.exp(-2 * s) / 2
+        (g,) = torch.autograd.grad(lp.sum(), x)
+        return lp.detach(), g
+
+    return lpg
+
+
+def test_start_reaches_the_mode_region_of_a_flat_valley(generator):
+    lpg = _regression_like()
+    x0 = torch.tensor([[0.0, 6.0], [200.0, 8.0], [-100.0, 5.0], [10.0, 7.0]], dtype=torch.float64)
+    state, cov = find_start(generator, init(lpg, x0), lpg)
+    # mode: b = 50, exp(-2 s) = n, s = -log(n) / 2; the Laplace jitter puts lp within ~chi2_2 / 2 of it
+    s_mode = -0.5 * torch.log(torch.tensor(400.0, dtype=torch.float64))
+    lp_mode = lpg(torch.tensor([[50.0, float(s_mode)]], dtype=torch.float64))[0]
+    assert bool((state.log_prob > lp_mode - 10).all()), (state.log_prob, lp_mode)
+    assert cov is not None
+    # Laplace variance of b at the mode: exp(2 s) / 100 = 1 / (100 n)
+    assert abs(float(cov[0, 0]) * 100 * 400 - 1) < 0.05
