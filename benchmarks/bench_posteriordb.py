@@ -36,12 +36,21 @@ METHODS = ("nuts", "hmc", "mala", "smc", "ais", "pt", "diffusion")
 MCMC = ("nuts", "hmc", "mala", "rwm")
 #: One or two of each kind of model.
 FAST = (
-    "kidiq-kidscore_momhs", "earnings-logearn_height", "mesquite-logmesquite", "nes1980-nes",
-    "kilpisjarvi_mod-kilpisjarvi", "sblri-blr", "garch-garch11", "arma-arma11", "hmm_example-hmm_example",
+    "kidiq-kidscore_momhs",
+    "earnings-logearn_height",
+    "mesquite-logmesquite",
+    "nes1980-nes",
+    "kilpisjarvi_mod-kilpisjarvi",
+    "sblri-blr",
+    "garch-garch11",
+    "arma-arma11",
+    "hmm_example-hmm_example",
     "gp_pois_regr-gp_regr",
 )
-HEADER = f"{'posterior':44s} {'method':9s} {'mean err':>8s} {'sd err':>7s} {'R-hat':>6s} {'ESS/1k':>7s} " \
-         f"{'evals':>9s} {'sec':>7s}  pass"
+HEADER = (
+    f"{'posterior':44s} {'method':9s} {'mean err':>8s} {'sd err':>7s} {'R-hat':>6s} {'ESS/1k':>7s} "
+    f"{'evals':>9s} {'sec':>7s}  pass"
+)
 
 
 def run_one(name: str, method: str, seed: int, dtype: str, num_samples: int, init: str = "default") -> dict:
@@ -62,8 +71,15 @@ def run_one(name: str, method: str, seed: int, dtype: str, num_samples: int, ini
         g = torch.Generator().manual_seed(seed + 1)
         u = torch.rand(num_chains, post.target.dim, generator=g, dtype=post.target.dtype)
         options["init"] = 4 * u - 2
-    idata = ds.sample(post.target, method, num_samples=num_samples, num_chains=num_chains, seed=seed,
-                      progress=False, **options)
+    idata = ds.sample(
+        post.target,
+        method,
+        num_samples=num_samples,
+        num_chains=num_chains,
+        seed=seed,
+        progress=False,
+        **options,
+    )
     cmp = post.compare(idata)
     flat = post.flatten(idata)
     chains = next(iter(flat.values())).shape[0]
@@ -72,11 +88,20 @@ def run_one(name: str, method: str, seed: int, dtype: str, num_samples: int, ini
     rhat = float(max(az.rhat(ds_)[k].item() for k in flat)) if chains > 1 else float("nan")
     evals = int(idata.posterior.attrs["num_target_evals"])
     return {
-        "posterior": name, "method": method, "dim": post.target.dim, "chains": chains,
-        "mean_err": cmp.max_mean_error, "worst_mean": cmp.worst_mean, "sd_err": cmp.max_sd_error,
-        "worst_sd": cmp.worst_sd, "rhat": rhat, "min_ess_bulk": ess,
+        "posterior": name,
+        "method": method,
+        "dim": post.target.dim,
+        "chains": chains,
+        "mean_err": cmp.max_mean_error,
+        "worst_mean": cmp.worst_mean,
+        "sd_err": cmp.max_sd_error,
+        "worst_sd": cmp.worst_sd,
+        "rhat": rhat,
+        "min_ess_bulk": ess,
         "ess_per_1k_evals": 1000 * ess / max(evals, 1),
-        "evals": evals, "seconds": float(idata.posterior.attrs["sampling_time"]), "passed": cmp.passed(),
+        "evals": evals,
+        "seconds": float(idata.posterior.attrs["sampling_time"]),
+        "passed": cmp.passed(),
     }
 
 
@@ -112,9 +137,11 @@ def format_row(r: dict) -> str:
     if "error" in r:
         return f"{r['posterior']:44s} {r['method']:9s} ERROR {r['error'][:150]}"
     rhat = "-" if np.isnan(r["rhat"]) else f"{r['rhat']:.3f}"
-    return (f"{r['posterior']:44s} {r['method']:9s} {r['mean_err']:8.3f} {r['sd_err']:7.3f} {rhat:>6s} "
-            f"{r['ess_per_1k_evals']:7.2f} {r['evals']:9d} {r['seconds']:7.1f}  "
-            f"{'yes' if r['passed'] else 'NO'}")
+    return (
+        f"{r['posterior']:44s} {r['method']:9s} {r['mean_err']:8.3f} {r['sd_err']:7.3f} {rhat:>6s} "
+        f"{r['ess_per_1k_evals']:7.2f} {r['evals']:9d} {r['seconds']:7.1f}  "
+        f"{'yes' if r['passed'] else 'NO'}"
+    )
 
 
 def timing(names, repeats: int = 5) -> None:
@@ -148,8 +175,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--dtype", default="float64", choices=("float32", "float64"))
-    parser.add_argument("--init", default="default", choices=("default", "stan"),
-                        help="MCMC starts: the method's default (reference draws) or Stan's uniform(-2, 2)")
+    parser.add_argument(
+        "--init",
+        default="default",
+        choices=("default", "stan"),
+        help="MCMC starts: the method's default (reference draws) or Stan's uniform(-2, 2)",
+    )
     parser.add_argument("--timing", action="store_true", help="only time gradient evaluations")
     args = parser.parse_args()
 
@@ -177,8 +208,9 @@ def main() -> None:
     with open(out, "w") as f:
         for name in names:
             for method in methods:
-                row = run_isolated(name, method, args.seed, args.dtype, args.num_samples, args.time_limit,
-                                   args.init)
+                row = run_isolated(
+                    name, method, args.seed, args.dtype, args.num_samples, args.time_limit, args.init
+                )
                 print(format_row(row), flush=True)
                 f.write(json.dumps(row) + "\n")
                 f.flush()

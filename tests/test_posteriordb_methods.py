@@ -28,8 +28,10 @@ MEAN_TOL, SD_TOL = 0.15, 0.15
 #: (method, posterior): each method on a regression with a half-Cauchy scale or tight normal priors;
 #: SMC also on flat priors (NUTS there costs about 4 times as much and is left to the benchmark).
 CASES = [
-    ("nuts", "kidiq-kidscore_momhs"), ("nuts", "sblri-blr"),
-    ("smc", "earnings-logearn_height"), ("smc", "sblri-blr"),
+    ("nuts", "kidiq-kidscore_momhs"),
+    ("nuts", "sblri-blr"),
+    ("smc", "earnings-logearn_height"),
+    ("smc", "sblri-blr"),
 ]
 
 

@@ -8,7 +8,8 @@ A kernel is a pair of pure functions, ``init(log_prob_and_grad, x) -> State`` an
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
+from collections.abc import Callable
 
 import torch
 

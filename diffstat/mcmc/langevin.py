@@ -5,8 +5,8 @@ goes to zero (or are corrected by the caller).
 
 from __future__ import annotations
 
-import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
+from collections.abc import Callable
 
 import torch
 

@@ -17,7 +17,7 @@ no correlations.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 
@@ -40,7 +40,7 @@ class DenseMetric(NamedTuple):
     chol: torch.Tensor
 
     @classmethod
-    def from_covariance(cls, cov: torch.Tensor, jitter: float = 1e-10) -> "DenseMetric":
+    def from_covariance(cls, cov: torch.Tensor, jitter: float = 1e-10) -> DenseMetric:
         r"""A dense metric from a covariance ``(dim, dim)`` (symmetrised; a relative jitter of
         ``jitter`` times its mean variance is added until the Cholesky factorisation succeeds)."""
         if cov.dim() != 2 or cov.shape[0] != cov.shape[1]:
@@ -54,11 +54,13 @@ class DenseMetric(NamedTuple):
                 return cls(chol @ chol.T, chol)
         raise ValueError("the covariance for the dense metric is not positive definite")
 
-    def to(self, dtype=None, device=None) -> "DenseMetric":
-        return DenseMetric(self.inv_mass.to(dtype=dtype, device=device), self.chol.to(dtype=dtype, device=device))
+    def to(self, dtype=None, device=None) -> DenseMetric:
+        return DenseMetric(
+            self.inv_mass.to(dtype=dtype, device=device), self.chol.to(dtype=dtype, device=device)
+        )
 
 
-Metric = Union[None, torch.Tensor, DenseMetric]
+Metric = torch.Tensor | DenseMetric | None
 
 
 def velocity(inv_mass: Metric, p: torch.Tensor) -> torch.Tensor:

@@ -239,8 +239,9 @@ def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, 
     sum_accept = (lives_taken * torch.exp(weights.clamp(max=0.0))).sum(0)
     diverging = (lives_taken & (weights < -DIVERGENCE_THRESHOLD)).any(0)
     last = torch.cat([x, p, grad, v], -1)
-    return _Subtree(live, first, last, cum, log_weight, proposal, lives_taken.sum(0), sum_accept, diverging,
-                    num_evals)
+    return _Subtree(
+        live, first, last, cum, log_weight, proposal, lives_taken.sum(0), sum_accept, diverging, num_evals
+    )
 
 
 class _Tree:
@@ -281,18 +282,28 @@ class _Tree:
         far = flat.index_select(0, (1 - fwd) * batch + arange)
         x, p, grad, v_near = near.split(dim, -1)
         signed_h = self.chain[:, :1] * (2 * fwd - 1).unsqueeze(-1)
-        sub = _build_subtree(log_prob_and_grad, (x, p, grad), signed_h, self.inv_mass, self.chain[:, 1],
-                             depth, generator, sync_free)
+        sub = _build_subtree(
+            log_prob_and_grad,
+            (x, p, grad),
+            signed_h,
+            self.inv_mass,
+            self.chain[:, 1],
+            depth,
+            generator,
+            sync_free,
+        )
         # biased progressive sampling: the subtree's candidate with probability min(1, W_new / W_old)
         u = torch.rand(batch, generator=generator, dtype=x.dtype, device=x.device)
         take = sub.valid & (u < torch.exp(sub.log_weight - self.log_weight))
         self.sample = _replace_rows(self.sample, take, sub.proposal, sync_free)
         self.log_weight = torch.logaddexp(self.log_weight, sub.log_weight)  # used only where valid
-        (p_first, v_first), v_last, v_far = sub.first, sub.last[:, 3 * dim:], far[:, 3 * dim:]
+        (p_first, v_first), v_last, v_far = sub.first, sub.last[:, 3 * dim :], far[:, 3 * dim :]
         rho = self.rho + sub.rho
         extended_old, extended_new = self.rho + p_first, sub.rho + p
-        no_turn = _no_turn([v_far, v_last, v_far, v_first, v_near, v_last],
-                           [rho, rho, extended_old, extended_old, extended_new, extended_new])
+        no_turn = _no_turn(
+            [v_far, v_last, v_far, v_first, v_near, v_last],
+            [rho, rho, extended_old, extended_old, extended_new, extended_new],
+        )
         self.rho = rho
         self.stats += torch.stack([take, sub.valid, sub.num_leapfrog, sub.sum_accept, sub.diverging], -1)
         self._keep(sub.valid & no_turn, fwd, sub.last, far)
@@ -312,7 +323,8 @@ class _Tree:
         arange = torch.arange(batch, device=fwd.device)
         self.ends = torch.empty((2, batch, last.shape[1]), dtype=last.dtype, device=last.device)
         self.ends.view(2 * batch, last.shape[1]).index_copy_(0, fwd * batch + arange, last).index_copy_(
-            0, (1 - fwd) * batch + arange, far)
+            0, (1 - fwd) * batch + arange, far
+        )
 
     def retire(self, stop: torch.Tensor | None = None) -> None:
         """Write the chains ``stop`` (all when None) to the outputs."""
@@ -378,7 +390,14 @@ def nuts_step(
     tree.retire()
     sample, (moved, depth, steps, sum_accept, diverging) = tree.out["sample"], tree.out["stats"].unbind(-1)
     lp_new, twice_kinetic = sample[:, 2 * dim], sample[:, 2 * dim + 1]
-    info = NUTSInfo(sum_accept / steps.clamp(min=1), moved > 0, diverging > 0, num_evals, depth.long(),
-                    steps.long(), 0.5 * twice_kinetic - lp_new)
-    new = MCMCState(sample[:, :dim].contiguous(), lp_new.contiguous(), sample[:, dim:2 * dim].contiguous())
+    info = NUTSInfo(
+        sum_accept / steps.clamp(min=1),
+        moved > 0,
+        diverging > 0,
+        num_evals,
+        depth.long(),
+        steps.long(),
+        0.5 * twice_kinetic - lp_new,
+    )
+    new = MCMCState(sample[:, :dim].contiguous(), lp_new.contiguous(), sample[:, dim : 2 * dim].contiguous())
     return new, info

@@ -52,7 +52,8 @@ of independent weights. Measured (20 seeds, 500 particles, K = 200, the 3-mode m
 ``tests/tempering/test_ais.py``): the root mean square of error / SE is 1.27 (d = 2) and 1.30
 (d = 10) for the default against 0.97 to 0.98 for the geometric schedule, whose errors are 1.4 to
 1.8 times larger (sd of the error 0.025 / 0.027 against 0.035 / 0.050): the small delta-method SE
-misses part of the variance of the share of particles per mode. With a fixed schedule, one step size is carried from temperature to temperature and
+misses part of the variance of the share of particles per mode. With a fixed schedule, one step size
+is carried from temperature to temperature and
 adapted after every move from the mean acceptance probability, with (``adapt_scale``) the metric of
 :func:`~diffstat.tempering.moves.particle_metric` from the weighted particles (``metric="auto"``: the
 shrunk dense covariance while the ESS is at least 10 per dimension, else the diagonal variance;
@@ -153,7 +154,9 @@ class PilotRun(NamedTuple):
     num_evals: int
 
 
-def schedule(num_temperatures: int, kind: str = "geometric", *, dtype=torch.float64, device=None) -> torch.Tensor:
+def schedule(
+    num_temperatures: int, kind: str = "geometric", *, dtype=torch.float64, device=None
+) -> torch.Tensor:
     """``num_temperatures`` inverse temperatures ``(K,)`` in (0, 1], increasing, the last 1 (the
     starting 0 is implicit), for the fixed kinds ``"geometric"``, ``"sigmoid"``, ``"linear"``."""
     k_total = check_positive_int(num_temperatures, "num_temperatures")
@@ -187,7 +190,9 @@ def dense_kernel(kernel: Callable, chol: torch.Tensor) -> Callable:
             lp, g = log_prob_and_grad(zz @ lt)
             return lp, g @ chol
 
-        new, info = kernel(generator, MCMCState(z, state.log_prob, state.grad @ chol), in_z, step_size, None, **options)
+        new, info = kernel(
+            generator, MCMCState(z, state.log_prob, state.grad @ chol), in_z, step_size, None, **options
+        )
         grad_x = torch.linalg.solve_triangular(lt, new.grad.T, upper=True).T
         return MCMCState(new.x @ lt, new.log_prob, grad_x), info
 
@@ -234,7 +239,14 @@ def pilot_run(
         ps = ps.index(resample(generator, incremental_log_weights(ps, beta, new_beta), "systematic"))
         chol = _pilot_cholesky(ps.x, generator)
         ps, log_h, _ = adaptive_moves(
-            dense_kernel(step, chol), generator, ps, path, new_beta, log_h, int(num_mcmc_steps), target_accept=target_accept
+            dense_kernel(step, chol),
+            generator,
+            ps,
+            path,
+            new_beta,
+            log_h,
+            int(num_mcmc_steps),
+            target_accept=target_accept,
         )
         beta = new_beta
         betas.append(beta)
@@ -244,10 +256,19 @@ def pilot_run(
         if bool(beta >= 1.0):
             break
     else:
-        raise RuntimeError(f"the AIS pilot did not reach beta = 1 in {max_stages} stages; pass betas= or schedule=")
+        raise RuntimeError(
+            f"the AIS pilot did not reach beta = 1 in {max_stages} stages; pass betas= or schedule="
+        )
     b, sd = torch.stack(betas), torch.stack(sds)
-    length = torch.cat([torch.zeros(1, dtype=dtype, device=b.device), torch.cumsum(0.5 * (sd[1:] + sd[:-1]) * (b[1:] - b[:-1]), 0)])
-    return PilotRun(b, sd, length, torch.stack(chols), torch.stack(log_hs), path.target.num_target_evals - before)
+    length = torch.cat(
+        [
+            torch.zeros(1, dtype=dtype, device=b.device),
+            torch.cumsum(0.5 * (sd[1:] + sd[:-1]) * (b[1:] - b[:-1]), 0),
+        ]
+    )
+    return PilotRun(
+        b, sd, length, torch.stack(chols), torch.stack(log_hs), path.target.num_target_evals - before
+    )
 
 
 def _pilot_cholesky(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -314,7 +335,9 @@ def ais(
     if int(num_mcmc_steps) < 0:
         raise ValueError(f"num_mcmc_steps must be non-negative, got {num_mcmc_steps}")
     step, default_accept = get_kernel(kernel, num_leapfrog)
-    target_accept = default_accept if target_accept is None else check_probability(target_accept, "target_accept")
+    target_accept = (
+        default_accept if target_accept is None else check_probability(target_accept, "target_accept")
+    )
     h0 = default_step_size(kernel, path.dim) if step_size is None else float(step_size)
     if not h0 > 0:
         raise ValueError(f"step_size must be positive, got {step_size}")
@@ -325,7 +348,9 @@ def ais(
     log_w = torch.zeros(n, dtype=dtype, device=device)
     log_h = torch.tensor(math.log(h0), dtype=dtype, device=device)
     beta = torch.zeros((), dtype=dtype, device=device)
-    records: dict[str, list] = {k: [] for k in ("beta", "ess", "log_z_increment", "acceptance_rate", "step_size")}
+    records: dict[str, list] = {
+        k: [] for k in ("beta", "ess", "log_z_increment", "acceptance_rate", "step_size")
+    }
     acc = torch.full((n,), math.nan, dtype=dtype, device=device)
     if preconditioners is not None:
         pilot_betas, pilot_chol, pilot_log_h = preconditioners
@@ -345,8 +370,16 @@ def ais(
             elif adapt_scale and num_mcmc_steps:
                 inv_mass = particle_metric(ps.x, log_w, metric)
             ps, log_h, acc = adaptive_moves(
-                kern, generator, ps, path, new_beta, log_h, int(num_mcmc_steps),
-                inv_mass=inv_mass, target_accept=target_accept, adapt_rate=0.0 if preconditioners is not None else 1.0,
+                kern,
+                generator,
+                ps,
+                path,
+                new_beta,
+                log_h,
+                int(num_mcmc_steps),
+                inv_mass=inv_mass,
+                target_accept=target_accept,
+                adapt_rate=0.0 if preconditioners is not None else 1.0,
             )
             records["beta"].append(new_beta)
             records["acceptance_rate"].append(acc.mean())
@@ -357,8 +390,20 @@ def ais(
 
 
 _OPTIONS = {
-    "reference", "betas", "num_temperatures", "schedule", "kernel", "num_mcmc_steps", "num_leapfrog",
-    "step_size", "target_accept", "adapt_scale", "metric", "resampling", "num_pilot", "min_ess",
+    "reference",
+    "betas",
+    "num_temperatures",
+    "schedule",
+    "kernel",
+    "num_mcmc_steps",
+    "num_leapfrog",
+    "step_size",
+    "target_accept",
+    "adapt_scale",
+    "metric",
+    "resampling",
+    "num_pilot",
+    "min_ess",
 }
 
 
@@ -393,8 +438,13 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
     used = "betas" if betas is not None else kind
     if betas is None and kind == "adaptive":
         pilot = pilot_run(
-            generator, path, num_pilot, kernel=options.get("kernel", "mala"),
-            num_leapfrog=options.get("num_leapfrog", 5), target_accept=options.get("target_accept"), device=device,
+            generator,
+            path,
+            num_pilot,
+            kernel=options.get("kernel", "mala"),
+            num_leapfrog=options.get("num_leapfrog", 5),
+            target_accept=options.get("target_accept"),
+            device=device,
         )
         betas = thermodynamic_schedule(pilot, num_temperatures)
         options["preconditioners"] = (pilot.betas, pilot.chol, pilot.log_step_size)
@@ -412,7 +462,9 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
     out = ais(generator, path, x0, betas, progress=progress, **options)
     log_z, se = log_normalizer_estimate(out.log_weights)
     chains = torch.arange(num_chains, device=device).unsqueeze(-1) * num_samples
-    idx = torch.stack([resample(generator, lw, scheme) for lw in out.log_weights.reshape(num_chains, num_samples)])
+    idx = torch.stack(
+        [resample(generator, lw, scheme) for lw in out.log_weights.reshape(num_chains, num_samples)]
+    )
     idx = (idx + chains).flatten()
     ps = out.particles.index(idx)
     shape = (num_chains, num_samples)
@@ -441,7 +493,8 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
         warnings.warn(
             f"AIS weights collapsed: ESS {final_ess:.1f} of {total} particles, Pareto k {khat:.2f} "
             f"(log-weight variance {attrs['log_weight_variance']:.3g}); log Z = {log_z:.3f} and its standard "
-            f"error {se:.3g} are unreliable. Raise num_temperatures (or num_mcmc_steps), or use method='smc'.",
+            f"error {se:.3g} are unreliable. Raise num_temperatures (or num_mcmc_steps), "
+            "or use method='smc'.",
             RuntimeWarning,
             stacklevel=2,
         )

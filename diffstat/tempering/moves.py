@@ -44,7 +44,8 @@ stop at the first :math:`k \ge` ``min_steps`` with :math:`D_k \le (1 + \epsilon)
 (Karamanis et al. 2022) adapts its number of moves in the same spirit, from how far the proposals
 go; Buchholz et al. (2021) tune HMC within SMC from the expected squared jumping distance.
 The mean over particles, not a median, on purpose: where modes separate, the few particles still
-changing modes are what the mode weights depend on, and a median ignores them. ``min_steps`` = 2 is the least the ratio
+changing modes are what the mode weights depend on, and a median ignores them. ``min_steps`` = 2
+is the least the ratio
 needs; ``max_steps`` = 100 bounds a stage at 100 moves per particle.
 
 The step size is shared by the particles and adapted after every move toward the kernel's target

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
+from collections.abc import Callable
 
 import torch
 
@@ -72,11 +73,11 @@ class PathState(NamedTuple):
         """The target's (unnormalised) log-density ``(n,)`` at the particles."""
         return self.base + self.delta
 
-    def index(self, idx: torch.Tensor) -> "PathState":
+    def index(self, idx: torch.Tensor) -> PathState:
         """Particles selected (or resampled) by ``idx: (m,)`` long."""
         return PathState(*(t[idx] for t in self))
 
-    def where(self, mask: torch.Tensor, other: "PathState") -> "PathState":
+    def where(self, mask: torch.Tensor, other: PathState) -> PathState:
         """Per particle, ``other`` where ``mask (n,)`` is True, else ``self``."""
         return PathState(*(_where(mask, a, b) for a, b in zip(other, self)))
 
@@ -131,7 +132,9 @@ class GeometricPath:
     def __init__(self, target, reference: torch.distributions.Distribution | None = None):
         self.target = target
         self.reference = reference
-        has_terms = callable(getattr(target, "log_prior", None)) and callable(getattr(target, "log_likelihood", None))
+        has_terms = callable(getattr(target, "log_prior", None)) and callable(
+            getattr(target, "log_likelihood", None)
+        )
         self.likelihood_tempering = reference is None and has_terms
         self.dim = target.dim
 
@@ -220,7 +223,11 @@ def _gaussian_score(dist: torch.distributions.Distribution, x: torch.Tensor) -> 
     """Closed-form score of a Gaussian reference (``Independent(Normal)`` or
     ``MultivariateNormal``), or None for any other distribution (autograd is used then)."""
     D = torch.distributions
-    if isinstance(dist, D.Independent) and isinstance(dist.base_dist, D.Normal) and dist.reinterpreted_batch_ndims == 1:
+    if (
+        isinstance(dist, D.Independent)
+        and isinstance(dist.base_dist, D.Normal)
+        and dist.reinterpreted_batch_ndims == 1
+    ):
         base = dist.base_dist
         return ((base.loc - x) / base.scale**2).to(x.dtype)
     if isinstance(dist, D.MultivariateNormal):
@@ -287,7 +294,11 @@ def move(
 def get_kernel(name: str, num_leapfrog: int = 5) -> tuple[Callable, float]:
     """The kernel ``"mala"``, ``"hmc"`` (``num_leapfrog`` steps) or ``"rwm"`` and its target
     acceptance rate."""
-    kernels = {"mala": mala_step, "hmc": functools.partial(hmc_step, num_steps=int(num_leapfrog)), "rwm": rwm_step}
+    kernels = {
+        "mala": mala_step,
+        "hmc": functools.partial(hmc_step, num_steps=int(num_leapfrog)),
+        "rwm": rwm_step,
+    }
     if name not in kernels:
         raise ValueError(f"unknown kernel {name!r}; choose one of {', '.join(kernels)}")
     return kernels[name], TARGET_ACCEPT[name]

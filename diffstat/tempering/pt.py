@@ -179,7 +179,9 @@ def parallel_tempering(
     if num_warmup < 0:
         raise ValueError(f"num_warmup must be non-negative, got {num_warmup}")
     step, default_accept = get_kernel(kernel, num_leapfrog)
-    target_accept = default_accept if target_accept is None else check_probability(target_accept, "target_accept")
+    target_accept = (
+        default_accept if target_accept is None else check_probability(target_accept, "target_accept")
+    )
     h0 = default_step_size(kernel, path.dim) if step_size is None else float(step_size)
     if not h0 > 0:
         raise ValueError(f"step_size must be positive, got {step_size}")
@@ -188,7 +190,11 @@ def parallel_tempering(
     _check_initial(ps)
     temp_of_row = torch.arange(r, device=device).repeat(c)  # row c * R + t holds temperature t
     exact = reference_draws and float(betas[0]) == 0.0
-    ref_rows = torch.nonzero(temp_of_row == 0).flatten() if exact else torch.empty(0, dtype=torch.long, device=device)
+    ref_rows = (
+        torch.nonzero(temp_of_row == 0).flatten()
+        if exact
+        else torch.empty(0, dtype=torch.long, device=device)
+    )
     mcmc_rows = torch.nonzero(temp_of_row > 0 if exact else temp_of_row >= 0).flatten()
     is_ref_temp = torch.zeros(r, dtype=torch.bool, device=device)
     is_ref_temp[0] = exact
@@ -199,7 +205,11 @@ def parallel_tempering(
     h = adapt.step_size
 
     # Ladder updates at num_warmup / 2^j (j >= 1): rounds doubling in length, the last at halfway.
-    updates = {num_warmup // 2**j for j in range(1, 64) if num_warmup // 2**j >= _MIN_ROUND} if adapt_ladder else set()
+    updates = (
+        {num_warmup // 2**j for j in range(1, 64) if num_warmup // 2**j >= _MIN_ROUND}
+        if adapt_ladder
+        else set()
+    )
     # Preconditioners are re-estimated at the ladder updates (or halfway without them), so the
     # second half of warm-up always tunes the step sizes for the final ones.
     mass_window = {num_warmup // 2} if adapt_mass and num_warmup // 2 >= _MIN_ROUND else set()
@@ -315,8 +325,19 @@ def _end_of_round(update_ladder, betas, swap_rate, adapt, inv_mass, mom):
 
 
 _OPTIONS = {
-    "reference", "num_warmup", "num_temperatures", "betas", "beta_min", "adapt_ladder", "kernel",
-    "num_mcmc_steps", "num_leapfrog", "step_size", "target_accept", "adapt_mass", "reference_draws",
+    "reference",
+    "num_warmup",
+    "num_temperatures",
+    "betas",
+    "beta_min",
+    "adapt_ladder",
+    "kernel",
+    "num_mcmc_steps",
+    "num_leapfrog",
+    "step_size",
+    "target_accept",
+    "adapt_mass",
+    "reference_draws",
 }
 
 
@@ -336,7 +357,9 @@ def pt_sampler(target, *, num_samples, num_chains, generator, progress, device, 
     betas = options.get("betas")
     r = len(betas) if betas is not None else int(options.get("num_temperatures", 10))
     x0 = initial_particles(path, num_chains * r, generator, device)
-    out = parallel_tempering(generator, path, x0, num_chains, num_samples=num_samples, progress=progress, **options)
+    out = parallel_tempering(
+        generator, path, x0, num_chains, num_samples=num_samples, progress=progress, **options
+    )
     sample_stats = {"lp": out.lp, "acceptance_rate": out.acceptance}
     attrs = {
         "log_normalizer": out.log_normalizer,

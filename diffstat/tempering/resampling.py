@@ -110,7 +110,9 @@ def conditional_ess(log_w: torch.Tensor, log_incr: torch.Tensor) -> torch.Tensor
     return n * torch.exp(num - den)
 
 
-def weighted_mean_and_variance(x: torch.Tensor, log_w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def weighted_mean_and_variance(
+    x: torch.Tensor, log_w: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-normalised weighted mean ``(dim,)`` and variance ``(dim,)`` of particles ``x: (n, dim)``."""
     if log_w is None:
         return x.mean(0), x.var(0, unbiased=False)

@@ -140,7 +140,9 @@ def next_beta(
     return torch.where(crit(one) >= goal, one, hi)
 
 
-def genealogy_variance(log_w: torch.Tensor, eve: torch.Tensor, num_resampling: int, scheme: str) -> tuple[float, int]:
+def genealogy_variance(
+    log_w: torch.Tensor, eve: torch.Tensor, num_resampling: int, scheme: str
+) -> tuple[float, int]:
     r"""Estimate of :math:`\mathrm{Var}(\hat Z)/Z^2` from the Eve indices (module docstring) and
     the number of distinct Eves with positive weight."""
     n = log_w.shape[0]
@@ -190,7 +192,9 @@ def adaptive_tempered_smc(
         resampling, target_ess, resample_threshold, num_mcmc_steps, max_mcmc_steps, decorrelation_tol, metric
     )
     step, default_accept = get_kernel(kernel, num_leapfrog)
-    target_accept = default_accept if target_accept is None else check_probability(target_accept, "target_accept")
+    target_accept = (
+        default_accept if target_accept is None else check_probability(target_accept, "target_accept")
+    )
     schedule = None if betas is None else _check_betas(betas, x0)
     n = x0.shape[0]
     if n < 2:
@@ -206,8 +210,17 @@ def adaptive_tempered_smc(
         raise ValueError(f"step_size must be positive, got {step_size}")
     log_h = torch.tensor(math.log(h0), dtype=dtype, device=device)
     beta = torch.zeros((), dtype=dtype, device=device)
-    keys = ("ess", "log_z_increment", "step_size", "num_mcmc_steps", "decorrelation", "num_clusters", "beta",
-            "acceptance_rate", "resampled")
+    keys = (
+        "ess",
+        "log_z_increment",
+        "step_size",
+        "num_mcmc_steps",
+        "decorrelation",
+        "num_clusters",
+        "beta",
+        "acceptance_rate",
+        "resampled",
+    )
     records: dict[str, list] = {k: [] for k in keys}
     num_resampling = 0
     acc = torch.full((n,), math.nan, dtype=dtype, device=device)
@@ -234,8 +247,17 @@ def adaptive_tempered_smc(
                 num_resampling += 1
             records["step_size"].append(torch.exp(log_h))
             moved = decorrelating_moves(
-                step, generator, ps, path, new_beta, log_h, inv_mass=inv_mass, target_accept=target_accept,
-                num_steps=num_mcmc_steps, max_steps=int(max_mcmc_steps), decorrelation_tol=decorrelation_tol,
+                step,
+                generator,
+                ps,
+                path,
+                new_beta,
+                log_h,
+                inv_mass=inv_mass,
+                target_accept=target_accept,
+                num_steps=num_mcmc_steps,
+                max_steps=int(max_mcmc_steps),
+                decorrelation_tol=decorrelation_tol,
             )
             ps, log_h, acc = moved.particles, moved.log_step_size, moved.acceptance
             clusters = 1 if labels is None else int(labels.max()) + 1
@@ -312,7 +334,9 @@ def _check_initial(ps: PathState) -> None:
         bad = int((torch.isnan(lp) | torch.isposinf(lp)).sum())
         raise ValueError(f"the target's log-density is NaN or +inf at {bad} of {lp.numel()} reference draws")
     if torch.isneginf(lp).all():
-        raise ValueError("the target's log-density is -inf at every reference draw: the reference misses its support")
+        raise ValueError(
+            "the target's log-density is -inf at every reference draw: the reference misses its support"
+        )
 
 
 def initial_particles(path: GeometricPath, n: int, generator: torch.Generator, device) -> torch.Tensor:
@@ -323,9 +347,23 @@ def initial_particles(path: GeometricPath, n: int, generator: torch.Generator, d
 
 
 _OPTIONS = {
-    "reference", "target_ess", "criterion", "resample_threshold", "resampling", "kernel", "num_mcmc_steps",
-    "max_mcmc_steps", "decorrelation_tol", "metric", "within_modes", "num_leapfrog", "step_size",
-    "target_accept", "adapt_scale", "betas", "max_stages",
+    "reference",
+    "target_ess",
+    "criterion",
+    "resample_threshold",
+    "resampling",
+    "kernel",
+    "num_mcmc_steps",
+    "max_mcmc_steps",
+    "decorrelation_tol",
+    "metric",
+    "within_modes",
+    "num_leapfrog",
+    "step_size",
+    "target_accept",
+    "adapt_scale",
+    "betas",
+    "max_stages",
 }
 
 
@@ -386,7 +424,11 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
         accs.append(acc)
         runs.append(out)
     log_z, se = combine_runs([r.log_normalizer for r in runs], [r.log_normalizer_se for r in runs])
-    sample_stats = {"lp": torch.stack(lps), "acceptance_rate": torch.stack(accs), "log_weight": torch.stack(log_ws)}
+    sample_stats = {
+        "lp": torch.stack(lps),
+        "acceptance_rate": torch.stack(accs),
+        "log_weight": torch.stack(log_ws),
+    }
     attrs = {
         "log_normalizer": log_z,
         "log_normalizer_se": se,
@@ -396,4 +438,6 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
         "num_eves": min(r.num_eves for r in runs),
         "path": path.kind,
     }
-    return SamplerResult(torch.stack(draws), sample_stats, {"tempering": stack_stages([r.stages for r in runs])}, attrs)
+    return SamplerResult(
+        torch.stack(draws), sample_stats, {"tempering": stack_stages([r.stages for r in runs])}, attrs
+    )

@@ -10,7 +10,8 @@ import torch
 import diffstat as ds
 
 COV = torch.tensor(
-    [[1.0, 0.5, 0.0, 0.0], [0.5, 2.0, 0.3, 0.0], [0.0, 0.3, 1.0, 0.2], [0.0, 0.0, 0.2, 0.5]], dtype=torch.float64
+    [[1.0, 0.5, 0.0, 0.0], [0.5, 2.0, 0.3, 0.0], [0.0, 0.3, 1.0, 0.2], [0.0, 0.0, 0.2, 0.5]],
+    dtype=torch.float64,
 )
 MEAN = torch.tensor([1.0, -1.0, 0.5, 2.0], dtype=torch.float64)
 PREC = torch.linalg.inv(COV)
@@ -50,7 +51,9 @@ def test_correlated_gaussian_means_and_rhat(method):
 @pytest.mark.parametrize("method", ["mala", "hmc"])
 def test_wrong_target_is_rejected(method):
     # Draws from a target shifted by 0.15 sd fail the same 4-MCSE check.
-    idata = ds.sample(gaussian_target(shift=0.15), method, num_samples=2000, num_chains=4, seed=11, progress=False)
+    idata = ds.sample(
+        gaussian_target(shift=0.15), method, num_samples=2000, num_chains=4, seed=11, progress=False
+    )
     assert np.abs(z_scores(idata)).max() > 4
 
 
@@ -61,7 +64,9 @@ def test_same_seed_same_draws_and_init_option():
     c = ds.sample(target, "mala", num_samples=30, seed=6, progress=False)
     np.testing.assert_array_equal(a.posterior["x"].values, b.posterior["x"].values)
     assert not np.array_equal(a.posterior["x"].values, c.posterior["x"].values)
-    d = ds.sample(target, "hmc", num_samples=5, num_warmup=0, step_size=1e-3, seed=0, init=MEAN, progress=False)
+    d = ds.sample(
+        target, "hmc", num_samples=5, num_warmup=0, step_size=1e-3, seed=0, init=MEAN, progress=False
+    )
     assert np.abs(d.posterior["x"].values - MEAN.numpy()).max() < 0.1
 
 
@@ -69,8 +74,19 @@ def test_evaluations_counted():
     target = gaussian_target()
     # Given starting points (no start phase) and no metric windows (no step-size re-initialisation),
     # every evaluation is a leapfrog step of warm-up or sampling.
-    idata = ds.sample(target, "hmc", num_samples=100, num_warmup=50, num_chains=3, num_leapfrog=7,
-                      step_size=0.1, seed=0, progress=False, init=MEAN, adapt_mass=False)
+    idata = ds.sample(
+        target,
+        "hmc",
+        num_samples=100,
+        num_warmup=50,
+        num_chains=3,
+        num_leapfrog=7,
+        step_size=0.1,
+        seed=0,
+        progress=False,
+        init=MEAN,
+        adapt_mass=False,
+    )
     # validation (3) + initial gradient (3) + 150 steps x 7 leapfrog steps x 3 chains
     assert idata.posterior.attrs["num_target_evals"] == 3 + 3 + 150 * 7 * 3
     # Jittered lengths: the sampling phase evaluates exactly the recorded leapfrog steps.

@@ -52,7 +52,9 @@ def test_dense_mala_proposal_density_matches_multivariate_normal():
 
 
 @pytest.mark.parametrize(
-    "step, kwargs", [(mala_step, dict(step_size=0.7)), (hmc_step, dict(step_size=0.5, num_steps=4))], ids=["mala", "hmc"]
+    "step, kwargs",
+    [(mala_step, dict(step_size=0.7)), (hmc_step, dict(step_size=0.5, num_steps=4))],
+    ids=["mala", "hmc"],
 )
 def test_dense_metric_kernels_leave_correlated_gaussian_invariant(step, kwargs):
     gen = torch.Generator().manual_seed(2)
@@ -82,8 +84,11 @@ def test_inconsistent_metric_is_detected():
         y = x + h * (g @ COV) + math.sqrt(2 * h) * scale_noise(metric, noise)
         ly, gy = log_prob_and_grad(y)
         hh = torch.full((x.shape[0], 1), h, dtype=x.dtype)
-        log_ratio = ly - state.log_prob + mala_proposal_log_density(x, y, gy, hh, None) - mala_proposal_log_density(
-            y, x, g, hh, None
+        log_ratio = (
+            ly
+            - state.log_prob
+            + mala_proposal_log_density(x, y, gy, hh, None)
+            - mala_proposal_log_density(y, x, g, hh, None)
         )
         from diffstat.mcmc.base import MCMCState, metropolis_accept
 

@@ -57,8 +57,10 @@ def per_chain_values(n, low, high, seed=5):
 # step sizes below the leapfrog's stability limit, twice the smallest standard deviation of the
 # preconditioned target (0.15, 0.23 and 1 for the identity, diagonal and dense metrics)
 METRICS = {
-    "identity, one step size per chain": {"step_size": per_chain_values(20_000, 0.08, 0.22),
-                                          "inv_mass": None},
+    "identity, one step size per chain": {
+        "step_size": per_chain_values(20_000, 0.08, 0.22),
+        "inv_mass": None,
+    },
     "diagonal": {"step_size": 0.25, "inv_mass": SCALES**2},
     "diagonal, one per chain": {
         "step_size": 0.2,
@@ -215,8 +217,11 @@ class RecursiveNUTS:
         if self.rng.uniform() < math.exp(lw_final - lw):
             prop = prop_final
         rho = rho_init + rho_final
-        persist = (_criterion(p_beg, p_end, rho) and _criterion(p_beg, p_final_beg, rho_init + p_final_beg)
-                   and _criterion(p_init_end, p_end, rho_final + p_init_end))
+        persist = (
+            _criterion(p_beg, p_end, rho)
+            and _criterion(p_beg, p_final_beg, rho_init + p_final_beg)
+            and _criterion(p_init_end, p_end, rho_final + p_init_end)
+        )
         return persist, z, prop, lw, rho, p_beg, p_end
 
     def transition(self, x):
@@ -240,17 +245,24 @@ class RecursiveNUTS:
                 sample = prop
             log_weight = np.logaddexp(log_weight, lw)
             rho = rho_bck + rho_fwd
-            if not (_criterion(p_bck_bck, p_fwd_fwd, rho)
-                    and _criterion(p_bck_bck, p_fwd_bck, rho_bck + p_fwd_bck)
-                    and _criterion(p_bck_fwd, p_fwd_fwd, rho_fwd + p_bck_fwd)):
+            if not (
+                _criterion(p_bck_bck, p_fwd_fwd, rho)
+                and _criterion(p_bck_bck, p_fwd_bck, rho_bck + p_fwd_bck)
+                and _criterion(p_bck_fwd, p_fwd_fwd, rho_fwd + p_bck_fwd)
+            ):
                 break
         energy = -sample[3] + 0.5 * sample[1] @ sample[1]
         return sample[0], depth, self.n_leapfrog, self.sum_metro / self.n_leapfrog, energy
 
 
 def transition_statistics(x0, x1, depth, n_leapfrog, accept, energy):
-    return {"depth": np.asarray(depth), "n_leapfrog": np.asarray(n_leapfrog), "accept": np.asarray(accept),
-                "energy": np.asarray(energy), "jump": np.sum((np.asarray(x1) - np.asarray(x0)) ** 2, -1)}
+    return {
+        "depth": np.asarray(depth),
+        "n_leapfrog": np.asarray(n_leapfrog),
+        "accept": np.asarray(accept),
+        "energy": np.asarray(energy),
+        "jump": np.sum((np.asarray(x1) - np.asarray(x0)) ** 2, -1),
+    }
 
 
 def reference_statistics(num, seed, step_size):
@@ -270,9 +282,14 @@ def batched_statistics(num, seed, step_size):
 
     x0 = torch.randn(num, 2, generator=gen, dtype=torch.float64) * scales
     new, info = nuts_step(gen, init(lpg, x0), lpg, step_size)
-    return transition_statistics(x0.numpy(), new.x.numpy(), info.tree_depth.numpy(),
-                                 info.num_leapfrog.numpy(),
-                                 info.acceptance_rate.numpy(), info.energy.numpy())
+    return transition_statistics(
+        x0.numpy(),
+        new.x.numpy(),
+        info.tree_depth.numpy(),
+        info.num_leapfrog.numpy(),
+        info.acceptance_rate.numpy(),
+        info.energy.numpy(),
+    )
 
 
 def two_sample_p_values(a, b):
@@ -300,8 +317,11 @@ def test_matches_recursive_reference(monkeypatch):
     assert min(p["energy"], p["jump"]) < 1e-6, p
 
 
-@pytest.mark.parametrize("sync_free, stack_limit", [(True, 8192), (True, 0), (False, 8192)],
-                         ids=["cpu-path", "cpu-path-large-batch", "accelerator-path"])
+@pytest.mark.parametrize(
+    "sync_free, stack_limit",
+    [(True, 8192), (True, 0), (False, 8192)],
+    ids=["cpu-path", "cpu-path-large-batch", "accelerator-path"],
+)
 def test_same_trees_as_recursive_reference(monkeypatch, sync_free, stack_limit):
     """Exact: 500 chains given the momenta and the directions of the reference's doublings build
     trees of the same depth and number of steps, with the same acceptance statistic (it does not

@@ -46,10 +46,14 @@ class ConjugateNormal(ds.Target):
 
     def __init__(self, dim=4, m=20, tau=2.0, sigma=0.5, seed=0):
         g = torch.Generator().manual_seed(seed)
-        self.y = torch.randn(dim, generator=g, dtype=F64) + sigma * torch.randn(m, dim, generator=g, dtype=F64)
+        self.y = torch.randn(dim, generator=g, dtype=F64) + sigma * torch.randn(
+            m, dim, generator=g, dtype=F64
+        )
         self.tau, self.sigma = tau, sigma
         self.prior = D.Independent(D.Normal(torch.zeros(dim, dtype=F64), tau * torch.ones(dim, dtype=F64)), 1)
-        super().__init__(lambda u: self.log_prior(u) + self.log_likelihood(u), dim, reference=self.prior, dtype=F64)
+        super().__init__(
+            lambda u: self.log_prior(u) + self.log_likelihood(u), dim, reference=self.prior, dtype=F64
+        )
 
     def log_prior(self, u):
         return self.prior.log_prob(u)
@@ -86,7 +90,9 @@ def test_ais_weights_telescope_to_the_importance_weight_without_moves(generator)
 def test_ais_log_weight_in_sample_stats_is_the_draws_importance_weight_without_moves():
     target, _ = gaussian_target()
     with pytest.warns(RuntimeWarning, match="collapsed"):  # plain importance sampling: ESS 3 of 200
-        idata = ds.sample(target, "ais", num_samples=200, seed=1, progress=False, num_mcmc_steps=0, num_temperatures=30)
+        idata = ds.sample(
+            target, "ais", num_samples=200, seed=1, progress=False, num_mcmc_steps=0, num_temperatures=30
+        )
     x = torch.as_tensor(idata.posterior.x.values[0])
     exact = target.log_prob(x) - D.Normal(0.0, 1.0).log_prob(x).sum(-1)
     assert torch.allclose(torch.as_tensor(idata.sample_stats.log_weight.values[0]), exact, rtol=0, atol=1e-10)
@@ -112,7 +118,9 @@ def _detailed_balance_gap(kernel, beta=0.4, h=0.3) -> float:
     gen = torch.Generator().manual_seed(5)
     ps = path.evaluate(1.5 * torch.randn(64, 3, generator=gen, dtype=F64))
     _, info = move(kernel, torch.Generator().manual_seed(9), ps, path, beta, h)
-    noise = torch.randn(ps.x.shape, generator=torch.Generator().manual_seed(9), dtype=F64)  # the kernel's draw
+    noise = torch.randn(
+        ps.x.shape, generator=torch.Generator().manual_seed(9), dtype=F64
+    )  # the kernel's draw
     sx = tempered_state(ps, beta)
     y = sx.x + h * sx.grad + math.sqrt(2 * h) * noise
     sy = tempered_state(path.evaluate(y), beta)
@@ -150,7 +158,11 @@ def _stays_gaussian(kernel, beta=0.3, n=20_000, num_moves=5, h=0.5) -> bool:
 def _ula(generator, state, log_prob_and_grad, step_size, inv_mass=None):
     """Unadjusted Langevin: MALA's proposal, always accepted (not invariant)."""
     x = state.x
-    y = x + step_size * state.grad + math.sqrt(2 * step_size) * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    y = (
+        x
+        + step_size * state.grad
+        + math.sqrt(2 * step_size) * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    )
     lp_y, g_y = log_prob_and_grad(y)
     ones = torch.ones(x.shape[0], dtype=torch.bool)
     return MCMCState(y, lp_y, g_y), MCMCInfo(ones.to(x.dtype), ones, ~ones, x.shape[0])
@@ -169,7 +181,9 @@ def test_invariance_check_rejects_an_unadjusted_kernel():
 @pytest.mark.parametrize("dim", [2, 10])
 def test_ais_log_normalizer_on_gaussian_mixtures(dim):
     target = mixture(dim).as_target(dtype=F64)
-    runs = [ds.sample(target, "ais", num_samples=500, seed=s, progress=False).posterior.attrs for s in range(3)]
+    runs = [
+        ds.sample(target, "ais", num_samples=500, seed=s, progress=False).posterior.attrs for s in range(3)
+    ]
     est, ses = [a["log_normalizer"] for a in runs], [a["log_normalizer_se"] for a in runs]
     assert log_z_agrees(est, ses, LOG_Z, tol=0.25)
     # A wrong target, the same mixture with log Z larger by 0.5, is rejected by the same rule
@@ -180,7 +194,9 @@ def test_ais_log_normalizer_on_gaussian_mixtures(dim):
 def test_ais_evidence_of_a_conjugate_model_tempering_the_likelihood():
     target = ConjugateNormal()
     assert GeometricPath(target).kind == "likelihood"
-    runs = [ds.sample(target, "ais", num_samples=500, seed=s, progress=False).posterior.attrs for s in range(3)]
+    runs = [
+        ds.sample(target, "ais", num_samples=500, seed=s, progress=False).posterior.attrs for s in range(3)
+    ]
     est, ses = [a["log_normalizer"] for a in runs], [a["log_normalizer_se"] for a in runs]
     assert runs[0]["path"] == "likelihood"
     assert log_z_agrees(est, ses, target.evidence(), tol=0.25)
@@ -191,7 +207,16 @@ def test_ais_evidence_of_a_conjugate_model_tempering_the_likelihood():
 def test_ais_output_contract_and_evaluation_count():
     target, _ = gaussian_target()
     n, chains, k = 200, 2, 20
-    idata = ds.sample(target, "ais", num_samples=n, num_chains=chains, seed=0, progress=False, num_temperatures=k, num_mcmc_steps=2)
+    idata = ds.sample(
+        target,
+        "ais",
+        num_samples=n,
+        num_chains=chains,
+        seed=0,
+        progress=False,
+        num_temperatures=k,
+        num_mcmc_steps=2,
+    )
     x = torch.as_tensor(idata.posterior.x.values)
     assert x.shape == (chains, n, 3)
     lp = torch.as_tensor(idata.sample_stats.lp.values)
@@ -209,13 +234,21 @@ def test_ais_output_contract_and_evaluation_count():
     pilot = 16 + attrs["num_pilot"] * (1 + 3 * attrs["pilot_stages"])
     assert attrs["pilot_evals"] == pilot
     assert attrs["num_target_evals"] == 16 + chains * n * (1 + k * 2) + pilot
-    fixed = ds.sample(target, "ais", num_samples=n, seed=0, progress=False, num_temperatures=k, schedule="linear")
+    fixed = ds.sample(
+        target, "ais", num_samples=n, seed=0, progress=False, num_temperatures=k, schedule="linear"
+    )
     assert fixed.posterior.attrs["num_target_evals"] == 16 + n * (1 + k)
     assert "pilot_evals" not in fixed.posterior.attrs
 
 
 def test_ais_refuses_bad_options():
     target, _ = gaussian_target()
-    for bad in (dict(betas=[0.5, 0.2, 1.0]), dict(betas=[0.5, 0.9]), dict(num_temperature=10), dict(kernel="nuts"), dict(schedule="cosine")):
+    for bad in (
+        dict(betas=[0.5, 0.2, 1.0]),
+        dict(betas=[0.5, 0.9]),
+        dict(num_temperature=10),
+        dict(kernel="nuts"),
+        dict(schedule="cosine"),
+    ):
         with pytest.raises(ValueError):
             ds.sample(target, "ais", num_samples=10, seed=0, progress=False, **bad)

@@ -44,7 +44,9 @@ def test_collapse_is_flagged_not_silent():
     # 20-d, strongly correlated: 50 geometric temperatures leave one particle with all the weight
     target, log_z = linear_regression(20, 100, rho=0.8)
     with pytest.warns(RuntimeWarning, match="collapsed"):
-        idata = ds.sample(target, "ais", num_samples=200, num_temperatures=50, schedule="geometric", seed=0, progress=False)
+        idata = ds.sample(
+            target, "ais", num_samples=200, num_temperatures=50, schedule="geometric", seed=0, progress=False
+        )
     attrs = idata.posterior.attrs
     assert attrs["log_normalizer_reliable"] is False or attrs["log_normalizer_reliable"] == 0
     assert attrs["ess"] < 30 and attrs["ess_fraction"] == pytest.approx(attrs["ess"] / 200)
@@ -88,8 +90,12 @@ def test_thermodynamic_schedule_equalises_length():
     # are beta_k = 0.01 * (101^(k/K) - 1), exactly
     b = torch.linspace(0, 1, 20001, dtype=F64)
     sd = 1 / (b + 0.01)
-    length = torch.cat([torch.zeros(1, dtype=F64), torch.cumsum(0.5 * (sd[1:] + sd[:-1]) * (b[1:] - b[:-1]), 0)])
-    pilot = PilotRun(b, sd, length, torch.eye(2, dtype=F64).expand(len(b), 2, 2), torch.zeros((), dtype=F64), 0)
+    length = torch.cat(
+        [torch.zeros(1, dtype=F64), torch.cumsum(0.5 * (sd[1:] + sd[:-1]) * (b[1:] - b[:-1]), 0)]
+    )
+    pilot = PilotRun(
+        b, sd, length, torch.eye(2, dtype=F64).expand(len(b), 2, 2), torch.zeros((), dtype=F64), 0
+    )
     k = torch.arange(1, 11, dtype=F64)
     exact = 0.01 * (101 ** (k / 10) - 1)
     got = thermodynamic_schedule(pilot, 10)

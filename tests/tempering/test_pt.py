@@ -51,7 +51,9 @@ def test_swap_probabilities_and_permutation(generator):
         delta = ps.delta.reshape(c, r)
         expected = torch.exp(((betas[1:] - betas[:-1]) * (delta[:, :-1] - delta[:, 1:])).clamp(max=0.0))
         assert torch.equal(proposed, torch.arange(r - 1) % 2 == parity)
-        assert torch.allclose(prob, torch.where(proposed, expected, torch.zeros_like(expected)), rtol=0, atol=1e-14)
+        assert torch.allclose(
+            prob, torch.where(proposed, expected, torch.zeros_like(expected)), rtol=0, atol=1e-14
+        )
         # Within each proposed pair the two states are exchanged or kept; other positions are kept.
         old_x, new_x = ps.x.reshape(c, r, 2), new.x.reshape(c, r, 2)
         in_pair = torch.zeros(r, dtype=torch.bool)
@@ -61,7 +63,9 @@ def test_swap_probabilities_and_permutation(generator):
             kept = ~swapped
             num_swapped += int(swapped.sum())
             assert torch.equal(new_x[swapped, p + 1], old_x[swapped, p])
-            assert torch.equal(new_x[kept, p], old_x[kept, p]) and torch.equal(new_x[kept, p + 1], old_x[kept, p + 1])
+            assert torch.equal(new_x[kept, p], old_x[kept, p]) and torch.equal(
+                new_x[kept, p + 1], old_x[kept, p + 1]
+            )
         assert torch.equal(new_x[:, ~in_pair], old_x[:, ~in_pair])
     assert num_swapped > 0
 
@@ -117,7 +121,9 @@ def test_pt_recovers_the_mode_weights_of_a_6d_mixture():
     assert abs(attrs["log_normalizer"] - LOG_Z) <= 3 * attrs["log_normalizer_se"]  # stepping stones
     # A wrong target (the same modes weighted 0.35 / 0.35 / 0.3) is rejected by the same check.
     wrong = mixture6((0.35, 0.35, 0.3))
-    idata = ds.sample(wrong.as_target(dtype=F64), "pt", num_samples=400, num_chains=32, seed=0, progress=False)
+    idata = ds.sample(
+        wrong.as_target(dtype=F64), "pt", num_samples=400, num_chains=32, seed=0, progress=False
+    )
     assert not weights_agree(torch.as_tensor(idata.posterior.x.values).reshape(-1, 6), gm, WEIGHTS)
 
 
@@ -126,8 +132,15 @@ def test_pt_output_contract_and_evaluation_count():
     target, _ = gaussian_target(dim=3)
     c, r, t, w, steps = 3, 4, 60, 40, 2
     idata = ds.sample(
-        target, "pt", num_samples=t, num_chains=c, seed=0, progress=False,
-        num_temperatures=r, num_warmup=w, num_mcmc_steps=steps,
+        target,
+        "pt",
+        num_samples=t,
+        num_chains=c,
+        seed=0,
+        progress=False,
+        num_temperatures=r,
+        num_warmup=w,
+        num_mcmc_steps=steps,
     )
     x = torch.as_tensor(idata.posterior.x.values)
     assert x.shape == (c, t, 3)
@@ -160,10 +173,19 @@ def test_pt_with_a_fixed_ladder_and_mcmc_at_every_temperature():
     target, tempered = gaussian_target(dim=3)
     c, r, t, steps = 8, 4, 400, 1
     idata = ds.sample(
-        target, "pt", num_samples=t, num_chains=c, seed=2, progress=False,
-        betas=[0.0, 0.3, 0.6, 1.0], adapt_ladder=False, reference_draws=False,
+        target,
+        "pt",
+        num_samples=t,
+        num_chains=c,
+        seed=2,
+        progress=False,
+        betas=[0.0, 0.3, 0.6, 1.0],
+        adapt_ladder=False,
+        reference_draws=False,
     )
-    assert torch.allclose(torch.as_tensor(idata.tempering.beta.values), torch.tensor([0.0, 0.3, 0.6, 1.0], dtype=F64))
+    assert torch.allclose(
+        torch.as_tensor(idata.tempering.beta.values), torch.tensor([0.0, 0.3, 0.6, 1.0], dtype=F64)
+    )
     assert idata.posterior.attrs["num_target_evals"] == min(16, c * r) + c * r + 2 * t * c * r * steps
     mean, var = tempered(1.0)
     assert _cold_chain_is_gaussian(idata, mean, var)

@@ -55,7 +55,9 @@ def _copies_are_unbiased(sample, log_w, reps=400, m=50) -> bool:
     (the variance of one run's count is at most m W (1 - W), the multinomial one)."""
     gen = torch.Generator().manual_seed(11)
     w = torch.softmax(log_w, 0)
-    counts = torch.stack([torch.bincount(sample(gen, log_w, m), minlength=w.numel()) for _ in range(reps)]).double()
+    counts = torch.stack(
+        [torch.bincount(sample(gen, log_w, m), minlength=w.numel()) for _ in range(reps)]
+    ).double()
     se = torch.sqrt(m * w * (1 - w) / reps)
     return bool(((counts.mean(0) - m * w).abs() / se < 4.5).all())
 
@@ -80,7 +82,9 @@ def test_ess_and_conditional_ess_closed_forms():
     n = 8
     assert torch.isclose(ess(torch.zeros(n, dtype=torch.float64)), torch.tensor(8.0, dtype=torch.float64))
     # Two particles with weights 1 and 3: (1 + 3)^2 / (1 + 9) = 1.6.
-    assert torch.isclose(ess(torch.log(torch.tensor([1.0, 3.0], dtype=torch.float64))), torch.tensor(1.6, dtype=torch.float64))
+    assert torch.isclose(
+        ess(torch.log(torch.tensor([1.0, 3.0], dtype=torch.float64))), torch.tensor(1.6, dtype=torch.float64)
+    )
     # CESS with equal current weights is the ESS of the increments; both ignore constant shifts.
     incr = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.isclose(conditional_ess(torch.zeros(n, dtype=torch.float64), incr), ess(incr))
@@ -91,7 +95,10 @@ def test_ess_and_conditional_ess_closed_forms():
     g = torch.exp(incr)
     assert torch.isclose(c, n * (w * g).sum() ** 2 / (w * g**2).sum())
     # Constant increments lose nothing.
-    assert torch.isclose(conditional_ess(log_w, torch.full((n,), 5.0, dtype=torch.float64)), torch.tensor(float(n), dtype=torch.float64))
+    assert torch.isclose(
+        conditional_ess(log_w, torch.full((n,), 5.0, dtype=torch.float64)),
+        torch.tensor(float(n), dtype=torch.float64),
+    )
 
 
 def test_weighted_moments():

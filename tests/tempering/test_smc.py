@@ -79,7 +79,9 @@ def test_smc_on_the_reference_itself_is_exact():
     """Target = reference: every increment is 0, log Z = 0 exactly, and the Chan-Lai variance of the
     systematic scheme is 0 however often it resamples."""
     target = ds.Target(lambda x: -0.5 * (x**2).sum(-1) - 0.5 * 2 * math.log(2 * math.pi), 2, dtype=F64)
-    idata = ds.sample(target, "smc", num_samples=100, seed=0, progress=False, betas=[0.3, 0.6, 1.0], resample_threshold=1.0)
+    idata = ds.sample(
+        target, "smc", num_samples=100, seed=0, progress=False, betas=[0.3, 0.6, 1.0], resample_threshold=1.0
+    )
     attrs = idata.posterior.attrs
     assert attrs["num_resampling"] == 3
     assert attrs["log_normalizer"] == 0.0 and attrs["log_normalizer_se"] < 1e-7  # sqrt of rounding
@@ -103,23 +105,31 @@ def test_next_temperature_hits_the_conditional_ess_target(generator):
 @pytest.mark.parametrize("dim", [2, 10])
 def test_smc_log_normalizer_on_gaussian_mixtures(dim):
     target = mixture(dim).as_target(dtype=F64)
-    runs = [ds.sample(target, "smc", num_samples=1000, seed=s, progress=False).posterior.attrs for s in range(3)]
+    runs = [
+        ds.sample(target, "smc", num_samples=1000, seed=s, progress=False).posterior.attrs for s in range(3)
+    ]
     est, ses = [a["log_normalizer"] for a in runs], [a["log_normalizer_se"] for a in runs]
     assert log_z_agrees(est, ses, LOG_Z, tol=0.1)
     # A wrong target, the mixture with log Z larger by 0.3, is rejected by the same rule.
     assert not log_z_agrees(est, ses, LOG_Z + 0.3, tol=0.1)
 
 
-@pytest.mark.parametrize("kind, resampling", [("normal", "systematic"), ("normal", "multinomial"), ("gamma", "stratified")])
+@pytest.mark.parametrize(
+    "kind, resampling", [("normal", "systematic"), ("normal", "multinomial"), ("gamma", "stratified")]
+)
 def test_smc_evidence_of_conjugate_pyro_models_tempering_the_likelihood(kind, resampling):
     target, evidence = pyro_conjugate(kind)
     runs = [
-        ds.sample(target, "smc", num_samples=1000, seed=s, progress=False, resampling=resampling).posterior.attrs
+        ds.sample(
+            target, "smc", num_samples=1000, seed=s, progress=False, resampling=resampling
+        ).posterior.attrs
         for s in range(3)
     ]
     est, ses = [a["log_normalizer"] for a in runs], [a["log_normalizer_se"] for a in runs]
     assert runs[0]["path"] == "likelihood"
-    assert runs[0]["log_normalizer_se_method"] == ("Lee-Whiteley" if resampling == "multinomial" else "Chan-Lai")
+    assert runs[0]["log_normalizer_se_method"] == (
+        "Lee-Whiteley" if resampling == "multinomial" else "Chan-Lai"
+    )
     assert log_z_agrees(est, ses, evidence, tol=0.1)
     assert not log_z_agrees(est, ses, evidence + 0.3, tol=0.1)
 
@@ -135,12 +145,16 @@ def test_smc_counts_one_evaluation_per_point_on_a_pyro_model():
 # ---------------------------------------------------------------------------- mode weights
 def test_smc_recovers_the_mode_weights_of_a_6d_mixture():
     gm = mixture6()
-    idata = ds.sample(gm.as_target(dtype=F64), "smc", num_samples=2000, seed=0, progress=False, target_ess=0.9)
+    idata = ds.sample(
+        gm.as_target(dtype=F64), "smc", num_samples=2000, seed=0, progress=False, target_ess=0.9
+    )
     draws = torch.as_tensor(idata.posterior.x.values[0])
     assert weights_agree(draws, gm, WEIGHTS)
     # A wrong target (the same modes weighted 0.35 / 0.35 / 0.3) is rejected by the same check.
     wrong = mixture6((0.35, 0.35, 0.3))
-    idata = ds.sample(wrong.as_target(dtype=F64), "smc", num_samples=2000, seed=0, progress=False, target_ess=0.9)
+    idata = ds.sample(
+        wrong.as_target(dtype=F64), "smc", num_samples=2000, seed=0, progress=False, target_ess=0.9
+    )
     assert not weights_agree(torch.as_tensor(idata.posterior.x.values[0]), gm, WEIGHTS)
 
 
@@ -172,8 +186,13 @@ def test_smc_output_contract_and_evaluation_count():
 def test_smc_refuses_bad_options():
     target = gaussian_target()
     bad_options = (
-        dict(target_ess=1.5), dict(resampling="residual"), dict(criterion="kl"), dict(resample_threshold=2.0),
-        dict(num_mcmc_step=3), dict(betas=[0.5, 0.4, 1.0]), dict(reference=D.Normal(0.0, 1.0)),
+        dict(target_ess=1.5),
+        dict(resampling="residual"),
+        dict(criterion="kl"),
+        dict(resample_threshold=2.0),
+        dict(num_mcmc_step=3),
+        dict(betas=[0.5, 0.4, 1.0]),
+        dict(reference=D.Normal(0.0, 1.0)),
     )
     for bad in bad_options:
         with pytest.raises(ValueError):
