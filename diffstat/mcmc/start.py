@@ -16,6 +16,9 @@ Hessian, its eigenvalues made positive (:func:`_newton`), until the Newton decre
 ascent's stopping rule also fires where the density is nearly flat in some directions, far from the
 bulk, and Newton's step does not depend on the scaling that stalls it.
 
+A chain whose climbed log-density lies more than 10 + 2 dim nats below the best chain's (stalled in
+a far flat region or a spurious mode) restarts from the best chain's point (:func:`_restart_stragglers`).
+
 The result is jittered by a draw from the Laplace approximation there, :math:`\mathcal N(0, H^{-1})`
 with :math:`H` the Hessian of :math:`-\log\pi` by forward differences of the gradient (``dim``
 evaluations per chain, for ``dim <= 200``), so chains start spread as the posterior is, not piled at the
@@ -111,6 +114,7 @@ def find_start(
         if it % 10 == 9 and bool(done.all()):
             break
     a_min = torch.where(torch.isfinite(a_min), a_min, a)
+    x, lp, g, a_min = _restart_stragglers(x, lp, g, a_min)
     cov = None
     if jitter:
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
@@ -124,6 +128,26 @@ def find_start(
         k = ok.unsqueeze(-1)
         x, lp, g = torch.where(k, y, x), torch.where(ok, lp_y, lp), torch.where(k, g_y, g)
     return MCMCState(x, lp, g), cov
+
+
+def _restart_stragglers(x, lp, g, a_min):
+    """Chains whose climbed log-density lies more than ``STRAGGLER_GAP`` (10 + 2 dim) nats below the
+    best chain's are moved to the best chain's point (the jitter then sets them apart): a chain that
+    stalled in a far, flat region or a spurious local mode would otherwise start warm-up there and,
+    stuck, drag down the step size every chain shares in the end. Between the peaks of modes that
+    carry real mass the gap is a few nats (the log of a mass ratio, plus a volume term of order
+    dim), so a chain in a real mode is kept."""
+    finite = torch.isfinite(lp)
+    if not bool(finite.any()):
+        return x, lp, g, a_min
+    best = int(torch.argmax(torch.where(finite, lp, -torch.inf)))
+    far = ~finite | (lp < lp[best] - (10.0 + 2.0 * x.shape[1]))
+    k = far.unsqueeze(-1)
+    x = torch.where(k, x[best], x)
+    g = torch.where(k, g[best], g)
+    lp = torch.where(far, lp[best], lp)
+    a_min = torch.where(far, a_min[best], a_min)
+    return x, lp, g, a_min
 
 
 def _hessian(log_prob_and_grad, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
