@@ -127,8 +127,9 @@ def sample(
     target : Target
         The unnormalised log-density (``ds.Target`` or ``ds.Target.from_pyro``).
     method : str
-        One of :func:`available_methods`: ``"mala"``, ``"hmc"``, ``"rwm"``, ``"ais"``, ``"smc"``,
-        ``"pt"``, ``"walk_jump"``, ``"sms"``, ``"diffusion"``.
+        One of :func:`available_methods`: ``"nuts"``, ``"hmc"``, ``"mala"``, ``"rwm"``,
+        ``"ais"``, ``"smc"``, ``"pt"``, ``"pdds"``, ``"diffusion"``, ``"gaussian_is"``,
+        ``"walk_jump"``, ``"sms"``.
     num_samples : int
         Draws per chain (for particle methods with one chain: the number of particles returned).
     seed : int
