@@ -43,6 +43,7 @@ import torch
 from diffstat.dnc.gaussian import CombineResult, gaussian_product, sample_moments
 from diffstat.mcmc.base import MCMCState
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
+from diffstat.tempering.moves import weighted_covariance
 from diffstat.tempering.resampling import ess, systematic
 from diffstat.tempering.smc import next_beta
 
@@ -136,9 +137,7 @@ def laplace_refine(
 
 def _weighted_moments(x: torch.Tensor, log_w: torch.Tensor):
     w = torch.softmax(log_w, 0)
-    mean = w @ x
-    c = x - mean
-    cov = (c * w[:, None]).T @ c
+    mean, cov = w @ x, weighted_covariance(x, w)
     scale = torch.diagonal(cov).mean()
     return mean, 0.5 * (cov + cov.T) + 1e-10 * scale * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
 

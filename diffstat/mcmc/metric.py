@@ -29,7 +29,6 @@ __all__ = [
     "sample_momentum",
     "scale_noise",
     "inverse_quadratic",
-    "metric_scale",
 ]
 
 
@@ -107,12 +106,3 @@ def inverse_quadratic(inv_mass: Metric, v: torch.Tensor) -> torch.Tensor:
         w = torch.linalg.solve_triangular(inv_mass.chol, v.T, upper=False)
         return (w**2).sum(0)
     return (v**2 / inv_mass).sum(-1)
-
-
-def metric_scale(inv_mass: Metric) -> torch.Tensor | None:
-    """The marginal variances the metric assumes, ``(dim,)`` or ``(n, dim)`` (None for identity)."""
-    if inv_mass is None:
-        return None
-    if isinstance(inv_mass, DenseMetric):
-        return inv_mass.inv_mass.diagonal()
-    return inv_mass
