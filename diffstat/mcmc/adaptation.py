@@ -84,12 +84,13 @@ class WelfordVariance:
         self.m2 = self.m2 + m2_b + delta**2 * self.count * n_b / n
         self.count = n
 
-    def variance(self, regularize: bool = True) -> torch.Tensor:
-        """Sample variance; regularised toward 1e-3 as Stan does, (n var + 5e-3) / (n + 5)."""
+    def variance(self, regularize: bool = True, floor=1e-3) -> torch.Tensor:
+        """Sample variance, regularised as Stan does, (n var + 5 floor) / (n + 5); ``floor``: a
+        scalar or ``(dim,)`` (Stan's is 1e-3)."""
         var = self.m2 / max(self.count - 1, 1)
         if regularize:
             n = self.count
-            var = (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
+            var = (n / (n + 5.0)) * var + floor * (5.0 / (n + 5.0))
         return var
 
 
@@ -113,19 +114,20 @@ class WelfordCovariance:
         self.scatter = self.scatter + centred.T @ centred + torch.outer(delta, delta) * self.count * n_b / n
         self.count = n
 
-    def covariance(self, regularize: bool = True) -> torch.Tensor:
+    def covariance(self, regularize: bool = True, floor=1e-3) -> torch.Tensor:
         r"""Sample covariance :math:`S`, shrunk as Stan does, :math:`\tfrac{n}{n+5} S +
-        10^{-3} \tfrac{5}{n+5} I`, so that a short window cannot give a singular metric."""
+        \tfrac{5}{n+5} \operatorname{diag}(f)`, so that a short window cannot give a singular
+        metric; ``floor`` :math:`f` is a scalar or ``(dim,)`` (Stan's is :math:`10^{-3}`)."""
         n = self.count
         cov = self.scatter / max(n - 1, 1)
         if regularize:
-            eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-            cov = (n / (n + 5.0)) * cov + 1e-3 * (5.0 / (n + 5.0)) * eye
+            f = torch.as_tensor(floor, dtype=cov.dtype, device=cov.device).expand(cov.shape[0])
+            cov = (n / (n + 5.0)) * cov + (5.0 / (n + 5.0)) * torch.diag(f)
         return cov
 
-    def variance(self, regularize: bool = True) -> torch.Tensor:
+    def variance(self, regularize: bool = True, floor=1e-3) -> torch.Tensor:
         """The diagonal of :meth:`covariance` (Stan's diagonal regularisation is the same)."""
-        return self.covariance(regularize).diagonal().clone()
+        return self.covariance(regularize, floor).diagonal().clone()
 
 
 def stan_windows(num_warmup: int, init_buffer: int = 75, term_buffer: int = 50, base_window: int = 25):

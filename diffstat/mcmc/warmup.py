@@ -4,7 +4,9 @@ Schedule (:func:`~diffstat.mcmc.adaptation.stan_windows`; Stan Reference Manual,
 parameters", and ``stan/mcmc/windowed_adaptation.hpp``): a fast window of 75 iterations adapts the
 step size only; slow windows of 25, 50, 100, ... iterations each end with a new metric, estimated from
 that window's draws pooled across all chains (diagonal: the regularised variances; dense: the
-regularised covariance :math:`\tfrac{n}{n+5} S + 10^{-3}\tfrac{5}{n+5} I`); a terminal fast window of
+regularised covariance :math:`\tfrac{n}{n+5} S + 10^{-3}\tfrac{5}{n+5} D`, with :math:`D` the
+current metric's variances, or :math:`I` while the metric is the identity: Stan's shrinkage in the
+units of the metric in use, see :data:`FLOOR`); a terminal fast window of
 50 iterations adapts the step size to the final metric. After each metric update the step sizes are
 re-initialised by the doubling heuristic and dual averaging restarts, as in Stan.
 
@@ -52,6 +54,12 @@ METRICS = ("diag", "dense", "auto")
 #: that forces tiny steps (measured: NUTS on the 100-d test Gaussian spent 5x more gradients in
 #: warm-up than in sampling).
 DENSE_MIN_DRAWS_PER_DIM = 10
+#: Stan shrinks a window's estimate toward 1e-3 I, a floor fixed in absolute units: on a regression
+#: with an uncentred predictor (posteriordb's earnings and kilpisjarvi, correlations 0.998 to 0.99999,
+#: the narrowest posterior variance 1e-9 to 1.5e-7) it widens the metric's narrowest direction 300 to
+#: 50,000 times and forces trees of 50+ leapfrog steps. Here the floor is this fraction of the
+#: current metric's variances (:func:`_floor`).
+FLOOR = 1e-3
 
 
 @dataclass
@@ -93,16 +101,29 @@ def _largest_variance(estimate: torch.Tensor, inv_mass: Metric) -> float:
     return float(torch.linalg.eigvalsh(0.5 * (whitened + whitened.T))[-1])
 
 
+def _floor(current: Metric, dim: int, device) -> torch.Tensor:
+    r"""The variances a window's estimate is shrunk toward: :math:`10^{-3}` times the current
+    metric's variances (Stan's :math:`10^{-3}` in the units of the metric in use, so the same
+    shrinkage on any scale), or :math:`10^{-3}` while the metric is the identity."""
+    if current is None:
+        return torch.full((dim,), FLOOR, dtype=torch.float64, device=device)
+    var = current.inv_mass.diagonal() if isinstance(current, DenseMetric) else current
+    if var.dim() == 2:  # per-chain diagonal metrics
+        var = var.mean(0)
+    return FLOOR * var.to(torch.float64)
+
+
 def _estimate_metric(acc, metric: str, dtype, current: Metric) -> tuple[Metric, str, torch.Tensor]:
     """The new metric, its kind, and the window's estimate (covariance or variances).
 
     A dense estimate from fewer than ``DENSE_MIN_DRAWS_PER_DIM * dim`` draws is not used: the current
     dense metric (the Laplace covariance, or an earlier window's) is kept, or else the diagonal is.
     """
+    floor = _floor(current, acc.mean.shape[0], acc.mean.device)
     if isinstance(acc, WelfordVariance):
-        var = acc.variance()
+        var = acc.variance(floor=floor)
         return var.to(dtype), "diag", var
-    cov = acc.covariance()
+    cov = acc.covariance(floor=floor)
     kind = choose_metric(metric, cov, acc.count)
     if kind == "dense" and acc.count < DENSE_MIN_DRAWS_PER_DIM * cov.shape[0]:
         if isinstance(current, DenseMetric):

@@ -135,3 +135,35 @@ def test_options_are_validated():
     with pytest.raises(ValueError, match="init_iters"):
         ds.sample(target, "hmc", num_samples=10, seed=0, init_iters=-1, progress=False)
     assert set(KERNELS) >= {"hmc", "nuts", "mala", "rwm"}
+
+
+def uncentred_regression(n=60, seed=0):
+    """y = a + b t + N(0, 0.5^2) with t the years 1952..2011 uncentred (kilpisjarvi's design): the
+    posterior of (a, b) is exactly Gaussian, correlation -0.99999, variances 1e2 and 3e-5 apart by
+    eight orders of magnitude in its eigenvalues."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.arange(1952.0, 1952.0 + n, dtype=torch.float64)
+    design = torch.stack([torch.ones_like(t), t], -1)
+    y = -30.0 + 0.02 * t + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)
+    prec = design.T @ design / 0.25
+    cov = torch.linalg.inv(prec)
+    mean = cov @ design.T @ y / 0.25
+
+    def log_prob(b):
+        return -0.5 * ((y - b @ design.T) ** 2).sum(-1) / 0.25
+
+    return ds.Target(log_prob, 2, dtype=torch.float64), mean.numpy(), cov.numpy()
+
+
+def test_uncentred_regression_is_cheap_and_right():
+    # Stan's absolute 1e-3 shrinkage of the window covariance widens the narrowest direction
+    # (variance 1e-9) tens of thousands of times: measured with it, 60 leapfrog steps per draw and
+    # 318k evaluations, R-hat 1.03; shrinking in the metric's own units, 2.8 steps and 14k.
+    target, mean, cov = uncentred_regression()
+    idata = ds.sample(target, "nuts", num_samples=500, num_chains=4, seed=0, progress=False)
+    z, sd_err = z_and_sd_error(idata, mean, cov)
+    assert z.max() < 4, z
+    assert sd_err.max() < 0.15, sd_err
+    steps = idata.sample_stats["n_steps"].values
+    assert steps.mean() < 12, steps.mean()
+    assert int(idata.posterior.attrs["num_target_evals"]) < 25_000
