@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import time
 import traceback
 import warnings
@@ -203,7 +204,7 @@ def main() -> None:
             print(f"note: method {m!r} is not available in this diffstat; skipped")
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = RESULTS / f"posteriordb_{stamp}.jsonl"
+    out = RESULTS / f"posteriordb_{stamp}_{'-'.join(methods)}_{os.getpid()}.jsonl"
     print(HEADER, flush=True)
     with open(out, "w") as f:
         for name in names:
