@@ -45,7 +45,7 @@ from diffstat.mcmc.chees import JitteredLength
 from diffstat.mcmc.metric import DenseMetric, Metric
 from diffstat.mcmc.start import initial_step_sizes
 
-__all__ = ["METRICS", "WarmupResult", "windowed_warmup"]
+__all__ = ["METRICS", "WarmupResult", "whitening_loss", "windowed_warmup"]
 
 METRICS = ("diag", "dense", "auto")
 #: A dense metric is estimated only from at least this many draws per dimension: with n draws in d
@@ -113,12 +113,59 @@ def _floor(current: Metric, dim: int, device) -> torch.Tensor:
     return FLOOR * var.to(torch.float64)
 
 
-def _estimate_metric(acc, metric: str, dtype, current: Metric) -> tuple[Metric, str, torch.Tensor]:
+def whitening_loss(inv_mass: Metric, cov_x: torch.Tensor, cov_g: torch.Tensor) -> float:
+    r"""How badly a metric :math:`\Sigma = M^{-1}` whitens a window's draws and their gradients:
+    :math:`\operatorname{tr}(\Sigma^{-1} C_x) + \operatorname{tr}(\Sigma C_g)`, with :math:`C_x` the
+    draws' covariance and :math:`C_g` the gradients' (``(d, d)``, or variances ``(d,)``).
+
+    On a Gaussian posterior :math:`C_g = C_x^{-1}`, and the loss is
+    :math:`\sum_i (\lambda_i + 1/\lambda_i) \ge 2d` over the eigenvalues :math:`\lambda_i` of
+    :math:`\Sigma^{-1} C_x`, equal to :math:`2d` only at :math:`\Sigma = C_x`: it charges a metric
+    too wide in some direction as much as one too narrow, the two ways a metric shortens the step
+    size or lengthens the trajectories. The gradients' covariance (Fisher's identity:
+    :math:`E[\nabla\log\pi\,\nabla\log\pi^\top] = E[-\nabla^2 \log\pi]`) sees the posterior's
+    curvature, which a few hundred autocorrelated draws estimate poorly in its narrow directions (the
+    same criterion as nutpie's metric adaptation, Seyboldt et al. 2025).
+    """
+    cov_x, cov_g = cov_x.to(torch.float64), cov_g.to(torch.float64)
+    dense = cov_x.dim() == 2
+    if isinstance(inv_mass, DenseMetric):
+        chol = inv_mass.chol.to(torch.float64)
+        if not dense:
+            return float((torch.cholesky_inverse(chol).diagonal() * cov_x).sum()
+                         + (chol @ chol.T).diagonal().mul(cov_g).sum())  # fmt: skip
+        return float(torch.cholesky_solve(cov_x, chol).diagonal().sum() + ((chol @ chol.T) * cov_g).sum())
+    var = (
+        torch.ones(cov_x.shape[0], dtype=torch.float64, device=cov_x.device) if inv_mass is None else inv_mass
+    )
+    var = var.to(torch.float64)
+    var = var.mean(0) if var.dim() == 2 else var
+    vx, vg = (cov_x.diagonal(), cov_g.diagonal()) if dense else (cov_x, cov_g)
+    return float((vx / var).sum() + (var * vg).sum())
+
+
+def _estimate_metric(acc, acc_g, metric: str, dtype, current: Metric) -> tuple[Metric, str, torch.Tensor]:
     """The new metric, its kind, and the window's estimate (covariance or variances).
 
     A dense estimate from fewer than ``DENSE_MIN_DRAWS_PER_DIM * dim`` draws is not used: the current
     dense metric (the Laplace covariance, or an earlier window's) is kept, or else the diagonal is.
+    The current metric is also kept where it whitens the window's draws and gradients better than the
+    estimate (:func:`whitening_loss`): a start-phase Laplace covariance is often closer to the
+    posterior's than a window of a few hundred autocorrelated draws.
     """
+    new, kind, estimate = _window_metric(acc, metric, dtype, current)
+    if new is current or current is None:
+        return new, kind, estimate
+    unregularised = (
+        acc.variance(regularize=False) if isinstance(acc, WelfordVariance) else acc.covariance(False)
+    )
+    cov_g = acc_g.variance(False) if isinstance(acc_g, WelfordVariance) else acc_g.covariance(False)
+    if whitening_loss(current, unregularised, cov_g) < whitening_loss(new, unregularised, cov_g):
+        return current, ("dense" if isinstance(current, DenseMetric) else "diag"), estimate
+    return new, kind, estimate
+
+
+def _window_metric(acc, metric: str, dtype, current: Metric) -> tuple[Metric, str, torch.Tensor]:
     floor = _floor(current, acc.mean.shape[0], acc.mean.device)
     if isinstance(acc, WelfordVariance):
         var = acc.variance(floor=floor)
@@ -134,10 +181,10 @@ def _estimate_metric(acc, metric: str, dtype, current: Metric) -> tuple[Metric, 
     return cov.diagonal().clone().to(dtype), "diag", cov
 
 
-def _end_window(acc, metric, dtype, old_metric, state, accept_prob, dual, jittered, pooled, remaining):
+def _end_window(acc, acc_g, metric, dtype, old_metric, state, accept_prob, dual, jittered, pooled, remaining):
     """At a slow window's end: the new metric, step sizes re-initialised (pooled to one before the
     terminal window), the HMC length carried into the new metric's units."""
-    inv_mass, kind, estimate = _estimate_metric(acc, metric, dtype, old_metric)
+    inv_mass, kind, estimate = _estimate_metric(acc, acc_g, metric, dtype, old_metric)
     old = dual.final_step_size
     new = initial_step_sizes(lambda h: accept_prob(state, h, inv_mass), old)
     if jittered is not None and inv_mass is not old_metric:  # follow the widest direction's scale
@@ -192,11 +239,15 @@ def windowed_warmup(
     last_end, pooled = (windows[-1][1] if windows else None), False
     dual = DualAveraging(step_size, target_accept)
     kind = "identity" if inv_mass is None else ("dense" if isinstance(inv_mass, DenseMetric) else "diag")
-    acc, collecting = None, False
+    acc, acc_g, collecting = None, None, False
     jittered = trajectory if isinstance(trajectory, JitteredLength) else None
     for i in range(num_warmup):
         if i in starts:
-            acc, collecting = _new_accumulator(metric, dim, device), True
+            acc, acc_g, collecting = (
+                _new_accumulator(metric, dim, device),
+                _new_accumulator(metric, dim, device),
+                True,
+            )
         h = dual.step_size
         kw = {}
         if jittered is not None:
@@ -210,10 +261,11 @@ def windowed_warmup(
             jittered.update(x_before, info)
         if collecting:
             acc.update(state.x)
+            acc_g.update(state.grad)
         if i + 1 in ends:
             pooled = i + 1 == last_end
-            inv_mass, kind = _end_window(acc, metric, dtype, inv_mass, state, accept_prob, dual, jittered,
-                                         pooled, num_warmup - i - 1)  # fmt: skip
+            inv_mass, kind = _end_window(acc, acc_g, metric, dtype, inv_mass, state, accept_prob, dual,
+                                         jittered, pooled, num_warmup - i - 1)  # fmt: skip
             collecting = False
         if bar is not None:
             bar.update()

@@ -167,3 +167,25 @@ def test_uncentred_regression_is_cheap_and_right():
     steps = idata.sample_stats["n_steps"].values
     assert steps.mean() < 12, steps.mean()
     assert int(idata.posterior.attrs["num_target_evals"]) < 25_000
+
+
+def test_whitening_loss_is_smallest_at_the_posterior_covariance():
+    # On a Gaussian, C_g = C_x^{-1}: the loss is sum(lambda + 1/lambda) >= 2d, 2d exactly at the
+    # covariance itself, and larger for a metric too wide or too narrow in one direction.
+    from diffstat.mcmc.metric import DenseMetric
+    from diffstat.mcmc.warmup import whitening_loss
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    cov = a @ a.T + 0.1 * torch.eye(4, dtype=torch.float64)
+    prec = torch.linalg.inv(cov)
+    best = whitening_loss(DenseMetric.from_covariance(cov), cov, prec)
+    assert best == pytest.approx(8.0, rel=1e-10)
+    u = torch.linalg.eigh(cov).eigenvectors[:, :1]
+    for factor in (0.5, 2.0):
+        off = cov + (factor - 1) * u @ u.T * float(u.T @ cov @ u)
+        assert whitening_loss(DenseMetric.from_covariance(off), cov, prec) > best + 0.4
+    # a diagonal metric on variances: the same sum over coordinates
+    var = torch.tensor([1.0, 4.0], dtype=torch.float64)
+    assert whitening_loss(var, var, 1 / var) == pytest.approx(4.0)
+    assert whitening_loss(None, var, 1 / var) == pytest.approx(5 + 1.25)
