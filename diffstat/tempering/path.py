@@ -32,7 +32,6 @@ the target is free (it is not the target). A
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 from collections.abc import Callable
 
@@ -52,7 +51,6 @@ __all__ = [
     "tempered_state",
     "incremental_log_weights",
     "move",
-    "adaptive_moves",
     "get_kernel",
     "default_step_size",
 ]
@@ -315,43 +313,3 @@ def default_step_size(name: str, dim: int) -> float:
     if name == "rwm":
         return 2.38**2 / dim
     return dim ** (-0.25)
-
-
-def adaptive_moves(
-    kernel: Callable,
-    generator: torch.Generator,
-    ps: PathState,
-    path: GeometricPath,
-    beta,
-    log_step_size: torch.Tensor,
-    num_steps: int,
-    *,
-    inv_mass: torch.Tensor | None = None,
-    target_accept: float = 0.574,
-    adapt_rate: float = 1.0,
-) -> tuple[PathState, torch.Tensor, torch.Tensor]:
-    r"""``num_steps`` moves at inverse temperature ``beta`` with one step size shared by the
-    particles, adapted after each move from the mean acceptance probability :math:`\bar a`:
-
-    .. math:: \log h \leftarrow \log h + \kappa\,(\bar a - a^\star),
-
-    (:math:`\kappa` = ``adapt_rate``, :math:`a^\star` = ``target_accept``), a Robbins-Monro step
-    toward the target rate, as in adaptive SMC (Fearnhead and Taylor 2013; Buchholz et al. 2021).
-    Given the step size, each move leaves :math:`\pi_\beta` invariant; the step size is a
-    function of the whole cloud's past acceptance, not of the particle being moved (the usual
-    adaptive-SMC approximation, whose effect vanishes as the number of particles grows).
-
-    Returns
-    -------
-    (PathState, log_step_size, acceptance)
-        Moved particles, the adapted 0-d ``log_step_size``, and each particle's mean acceptance
-        probability over the moves ``(n,)`` (NaN when ``num_steps`` is 0).
-    """
-    acc_sum = torch.zeros(ps.x.shape[0], dtype=ps.x.dtype, device=ps.x.device)
-    for _ in range(num_steps):
-        ps, info = move(kernel, generator, ps, path, beta, torch.exp(log_step_size), inv_mass)
-        acc_sum = acc_sum + info.acceptance_rate
-        if adapt_rate:
-            log_step_size = log_step_size + adapt_rate * (info.acceptance_rate.mean() - target_accept)
-    acc = acc_sum / num_steps if num_steps else torch.full_like(acc_sum, math.nan)
-    return ps, log_step_size, acc

@@ -41,7 +41,7 @@ from diffstat._util import check_options, check_positive_int, check_probability,
 from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.path import GeometricPath, PathState, default_step_size, get_kernel, make_path, move
-from diffstat.tempering.smc import _check_initial, initial_particles
+from diffstat.tempering.core import check_initial, initial_particles
 
 __all__ = ["PTOutput", "parallel_tempering", "geometric_ladder", "equalize_ladder", "swap_step", "pt_sampler"]
 
@@ -187,7 +187,7 @@ def parallel_tempering(
         raise ValueError(f"step_size must be positive, got {step_size}")
 
     ps = path.evaluate(x0)
-    _check_initial(ps)
+    check_initial(ps)
     temp_of_row = torch.arange(r, device=device).repeat(c)  # row c * R + t holds temperature t
     exact = reference_draws and float(betas[0]) == 0.0
     ref_rows = (

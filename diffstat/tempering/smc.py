@@ -59,23 +59,29 @@ import torch
 
 from diffstat._util import check_options, check_probability, progress_bar
 from diffstat.sampling import SamplerResult, register_sampler
-from diffstat.tempering.moves import (
-    METRICS,
-    cluster_particles,
-    decorrelating_moves,
-    particle_metric,
+from diffstat.tempering.core import (
+    MoveConfig,
+    StageInfo,
+    check_betas,
+    check_resampling,
+    cloud_metric,
+    identity_metric,
+    init_tempered,
+    initial_particles,
+    stack_stage_infos,
+    tempered_step,
 )
-from diffstat.tempering.path import (
-    GeometricPath,
-    PathState,
-    default_step_size,
-    get_kernel,
-    incremental_log_weights,
-    make_path,
-)
-from diffstat.tempering.resampling import SCHEMES, conditional_ess, ess, resample
+from diffstat.tempering.path import GeometricPath, PathState, default_step_size, make_path
+from diffstat.tempering.resampling import conditional_ess, ess, resample
 
-__all__ = ["SMCOutput", "adaptive_tempered_smc", "genealogy_variance", "next_beta", "smc_sampler"]
+__all__ = [
+    "SMCOutput",
+    "adaptive_tempered_smc",
+    "genealogy_variance",
+    "initial_particles",
+    "next_beta",
+    "smc_sampler",
+]
 
 #: Bisection halvings for the next temperature: 2^-60 is below float64 resolution on [0, 1].
 _NUM_BISECTION = 60
@@ -186,164 +192,78 @@ def adaptive_tempered_smc(
     at most ``max_mcmc_steps``; a ``RuntimeWarning`` when the cap is hit at the last stages);
     ``num_mcmc_steps=0`` leaves the particles where they are (reweighting and resampling only);
     ``resample_threshold=0`` never resamples and ``1`` resamples at every stage. See the module
-    docstring for the rest.
+    docstring for the rest; each stage is :func:`~diffstat.tempering.core.tempered_step`.
     """
-    target_ess, resample_threshold = _check_settings(
-        resampling, target_ess, resample_threshold, num_mcmc_steps, max_mcmc_steps, decorrelation_tol, metric
-    )
-    step, default_accept = get_kernel(kernel, num_leapfrog)
-    target_accept = (
-        default_accept if target_accept is None else check_probability(target_accept, "target_accept")
-    )
-    schedule = None if betas is None else _check_betas(betas, x0)
-    n = x0.shape[0]
-    if n < 2:
-        raise ValueError(f"SMC needs at least 2 particles, got {n}")
-    dtype, device = x0.dtype, x0.device
-
-    ps = path.evaluate(x0)
-    _check_initial(ps)
-    log_w = torch.zeros(n, dtype=dtype, device=device)
-    eve = torch.arange(n, device=device)
-    h0 = default_step_size(kernel, path.dim) if step_size is None else float(step_size)
-    if not h0 > 0:
-        raise ValueError(f"step_size must be positive, got {step_size}")
-    log_h = torch.tensor(math.log(h0), dtype=dtype, device=device)
-    beta = torch.zeros((), dtype=dtype, device=device)
-    keys = (
-        "ess",
-        "log_z_increment",
-        "step_size",
-        "num_mcmc_steps",
-        "decorrelation",
-        "num_clusters",
-        "beta",
-        "acceptance_rate",
-        "resampled",
-    )
-    records: dict[str, list] = {k: [] for k in keys}
-    num_resampling = 0
-    acc = torch.full((n,), math.nan, dtype=dtype, device=device)
+    target_ess = check_probability(target_ess, "target_ess")
+    resample_threshold = check_resampling(resampling, resample_threshold)
+    moves = MoveConfig(kernel, num_leapfrog, target_accept, num_mcmc_steps, max_mcmc_steps, decorrelation_tol)
+    cloud = cloud_metric(metric, within_modes)
+    precondition = cloud if adapt_scale else identity_metric
+    schedule = None if betas is None else check_betas(betas, x0)
+    if x0.shape[0] < 2:
+        raise ValueError(f"SMC needs at least 2 particles, got {x0.shape[0]}")
+    state = init_tempered(path, x0, default_step_size(kernel, path.dim) if step_size is None else step_size)
+    infos: list[StageInfo] = []
     with progress_bar(1000, "smc", progress) as bar:
         for k in range(max_stages if schedule is None else len(schedule)):
             if schedule is None:
-                new_beta = next_beta(log_w, ps.delta, beta, target_ess, criterion)
+                new_beta = next_beta(
+                    state.log_weights, state.particles.delta, state.beta, target_ess, criterion
+                )
             else:
                 new_beta = schedule[k]
-            incr = incremental_log_weights(ps, beta, new_beta)
-            log_nw = log_w - torch.logsumexp(log_w, -1)
-            records["log_z_increment"].append(torch.logsumexp(log_nw + incr, -1))
-            log_w = log_w + incr
-            ess_frac = ess(log_w) / n
-            records["ess"].append(ess_frac)
-            # The metric from the weighted cloud, before resampling duplicates particles.
-            labels = cluster_particles(ps.x, log_w, generator) if within_modes and adapt_scale else None
-            inv_mass = particle_metric(ps.x, log_w, metric, labels) if adapt_scale else None
-            resampled = resample_threshold >= 1.0 or bool(ess_frac < resample_threshold)
-            if resampled:
-                idx = resample(generator, log_w, resampling)
-                ps, eve = ps.index(idx), eve[idx]
-                log_w = torch.zeros_like(log_w)
-                num_resampling += 1
-            records["step_size"].append(torch.exp(log_h))
-            moved = decorrelating_moves(
-                step,
+            state, info = tempered_step(
                 generator,
-                ps,
-                path,
+                state,
                 new_beta,
-                log_h,
-                inv_mass=inv_mass,
-                target_accept=target_accept,
-                num_steps=num_mcmc_steps,
-                max_steps=int(max_mcmc_steps),
-                decorrelation_tol=decorrelation_tol,
+                path=path,
+                moves=moves,
+                precondition=precondition,
+                stage=k,
+                resample_threshold=resample_threshold,
+                scheme=resampling,
             )
-            ps, log_h, acc = moved.particles, moved.log_step_size, moved.acceptance
-            clusters = 1 if labels is None else int(labels.max()) + 1
-            stage = (moved.num_steps, moved.distance, clusters, new_beta, acc.mean(), resampled)
-            for key, value in zip(keys[-6:], stage):
-                records[key].append(value)
-            beta = new_beta
-            done = bool(beta >= 1.0)
-            bar.update(int(1000 * float(beta)) - bar.n)
-            bar.set_postfix(stage=k + 1, beta=f"{float(beta):.3g}")
-            if done:
+            infos.append(info)
+            bar.update(int(1000 * float(state.beta)) - bar.n)
+            bar.set_postfix(stage=k + 1, beta=f"{float(state.beta):.3g}")
+            if bool(state.beta >= 1.0):
                 break
         else:
             if schedule is None:
                 raise RuntimeError(
-                    f"SMC did not reach beta = 1 in {max_stages} stages (beta = {float(beta):.3g}); "
+                    f"SMC did not reach beta = 1 in {max_stages} stages (beta = {float(state.beta):.3g}); "
                     "raise max_stages or lower target_ess"
                 )
     if num_mcmc_steps is None:
-        _warn_if_capped(records, int(max_mcmc_steps), decorrelation_tol)
-    v, num_eves = genealogy_variance(log_w, eve, num_resampling, resampling)
-    stages = {
-        key: torch.stack([torch.as_tensor(v_, device=device) for v_ in vals]) if vals else torch.empty(0)
-        for key, vals in records.items()
-    }
-    log_z = float(stages["log_z_increment"].sum()) if len(stages["log_z_increment"]) else 0.0
-    return SMCOutput(ps, log_w, log_z, math.sqrt(v), stages, acc, num_resampling, num_eves)
+        _warn_if_capped(infos, int(max_mcmc_steps), decorrelation_tol)
+    v, num_eves = genealogy_variance(state.log_weights, state.eve, state.num_resampling, resampling)
+    stages = stack_stage_infos(infos)
+    log_z = float(stages["log_z_increment"].sum()) if infos else 0.0
+    acceptance = infos[-1].acceptance if infos else torch.full((x0.shape[0],), math.nan, dtype=x0.dtype)
+    return SMCOutput(
+        state.particles,
+        state.log_weights,
+        log_z,
+        math.sqrt(v),
+        stages,
+        acceptance,
+        state.num_resampling,
+        num_eves,
+    )
 
 
-def _check_settings(resampling, target_ess, resample_threshold, num_mcmc_steps, max_steps, tol, metric):
-    """Refuse bad options with a ``ValueError``; returns the checked ``target_ess`` and
-    ``resample_threshold``."""
-    if resampling not in SCHEMES:
-        raise ValueError(f"unknown resampling scheme {resampling!r}; choose one of {', '.join(SCHEMES)}")
-    target_ess = check_probability(target_ess, "target_ess")
-    resample_threshold = float(resample_threshold)
-    if not 0.0 <= resample_threshold <= 1.0:
-        raise ValueError(f"resample_threshold must lie in [0, 1], got {resample_threshold}")
-    if num_mcmc_steps is not None and int(num_mcmc_steps) < 0:
-        raise ValueError(f"num_mcmc_steps must be non-negative, got {num_mcmc_steps}")
-    if int(max_steps) < 1 or not tol > 0:
-        raise ValueError(f"need max_mcmc_steps >= 1 and decorrelation_tol > 0, got {max_steps}, {tol}")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    return target_ess, resample_threshold
-
-
-def _warn_if_capped(records: dict[str, list], cap: int, tol: float) -> None:
+def _warn_if_capped(infos: list[StageInfo], cap: int, tol: float) -> None:
     r"""A ``RuntimeWarning`` when one of the last tenth of the stages hit ``max_mcmc_steps`` with the
     whitened distance from its start short of :math:`2(1-\epsilon)` (independent draws give 2): the
     draws may still remember where the tempering put them. (Beyond 2 it is particles changing modes.)"""
-    last = max(1, len(records["num_mcmc_steps"]) // 10)
-    steps, dist = records["num_mcmc_steps"][-last:], records["decorrelation"][-last:]
-    capped = [k >= cap and d < 2 * (1 - tol) for k, d in zip(steps, dist)]
-    if any(capped):
+    last = infos[-max(1, len(infos) // 10) :]
+    if any(i.num_mcmc_steps >= cap and i.decorrelation < 2 * (1 - tol) for i in last):
         warnings.warn(
             f"SMC moves hit max_mcmc_steps = {cap} at the last stages before the particles decorrelated; "
             "the draws may be biased: raise max_mcmc_steps, use kernel='hmc', or reparametrise the target",
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-def _check_betas(betas, like: torch.Tensor) -> torch.Tensor:
-    b = torch.as_tensor(betas, dtype=like.dtype, device=like.device).flatten()
-    if b.numel() == 0 or not bool((b > 0).all()) or not bool((b[1:] > b[:-1]).all()) or float(b[-1]) != 1.0:
-        raise ValueError("betas must be strictly increasing, positive, and end at 1")
-    return b
-
-
-def _check_initial(ps: PathState) -> None:
-    lp = ps.target_log_prob
-    if torch.isnan(lp).any() or torch.isposinf(lp).any():
-        bad = int((torch.isnan(lp) | torch.isposinf(lp)).sum())
-        raise ValueError(f"the target's log-density is NaN or +inf at {bad} of {lp.numel()} reference draws")
-    if torch.isneginf(lp).all():
-        raise ValueError(
-            "the target's log-density is -inf at every reference draw: the reference misses its support"
-        )
-
-
-def initial_particles(path: GeometricPath, n: int, generator: torch.Generator, device) -> torch.Tensor:
-    """``n`` reference draws, with the target checked (``target.validate``) on up to 16 of them."""
-    x0 = path.sample_reference(n, generator, device)
-    path.target.validate(x0[:16])
-    return x0
 
 
 _OPTIONS = {

@@ -1,0 +1,273 @@
+r"""One stage of tempering as a pure step, shared by SMC, AIS and the AIS pilot.
+
+A population of weighted particles on the geometric path (:mod:`diffstat.tempering.path`) is a
+:class:`TemperedState`. :func:`tempered_step` takes it from :math:`\beta` to :math:`\beta'`:
+
+1. **Reweight**: :math:`\log w_i \mathrel{+}= (\beta' - \beta)\,\delta(x_i)`; the evidence increment
+   is :math:`\log\sum_i W_i e^{(\beta'-\beta)\delta(x_i)}` with :math:`W` the normalised weights
+   before the update, so the increments sum to :math:`\log\hat Z` (Del Moral, Doucet and Jasra 2006;
+   without resampling they telescope to AIS's :math:`\log\frac1n\sum_i w_i`, Neal 2001).
+2. **Precondition**: a metric for the moves, from the weighted cloud *before* resampling duplicates
+   particles (:func:`cloud_metric`), or fixed in advance (:func:`fixed_metrics`, from a pilot).
+3. **Resample** when the ESS fraction is under ``resample_threshold`` (0: never, as AIS; 1: at
+   every stage, as the pilot); the weights are then reset to equal and the Eve indices follow.
+4. **Move**: MCMC steps leaving :math:`\pi_{\beta'}` invariant
+   (:func:`~diffstat.tempering.moves.decorrelating_moves`: a fixed count, or until the particles
+   have decorrelated from where the stage started).
+
+The drivers (:func:`~diffstat.tempering.smc.adaptive_tempered_smc`, :func:`~diffstat.tempering.ais.ais`,
+:func:`~diffstat.tempering.schedules.pilot_run`) only choose :math:`\beta'` and record the stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from diffstat._util import check_probability
+from diffstat.mcmc.metric import DenseMetric, Metric
+from diffstat.tempering.moves import METRICS, cluster_particles, decorrelating_moves, particle_metric
+from diffstat.tempering.path import GeometricPath, PathState, get_kernel, incremental_log_weights
+from diffstat.tempering.resampling import SCHEMES, ess, resample
+
+__all__ = [
+    "MoveConfig",
+    "StageInfo",
+    "TemperedState",
+    "check_betas",
+    "check_initial",
+    "cloud_metric",
+    "fixed_metrics",
+    "init_tempered",
+    "initial_particles",
+    "stack_stage_infos",
+    "tempered_step",
+]
+
+
+@dataclass(frozen=True)
+class MoveConfig:
+    """How particles move at each stage, validated on construction.
+
+    ``kernel`` ``"mala"`` | ``"hmc"`` (``num_leapfrog`` steps) | ``"rwm"``; ``target_accept`` (None:
+    the kernel's own, 0.574 / 0.8 / 0.234); ``num_mcmc_steps`` (None: until decorrelated, at most
+    ``max_mcmc_steps``, tolerance ``decorrelation_tol``); ``adapt_rate`` of the Robbins-Monro step
+    size rule (0: step sizes fixed in advance).
+    """
+
+    kernel: str = "mala"
+    num_leapfrog: int = 5
+    target_accept: float | None = None
+    num_mcmc_steps: int | None = None
+    max_mcmc_steps: int = 100
+    decorrelation_tol: float = 0.1
+    adapt_rate: float = 1.0
+
+    def __post_init__(self):
+        step, default_accept = get_kernel(self.kernel, self.num_leapfrog)  # refuses unknown kernels
+        accept = (
+            default_accept
+            if self.target_accept is None
+            else check_probability(self.target_accept, "target_accept")
+        )
+        object.__setattr__(self, "target_accept", accept)
+        if self.num_mcmc_steps is not None and int(self.num_mcmc_steps) < 0:
+            raise ValueError(f"num_mcmc_steps must be non-negative, got {self.num_mcmc_steps}")
+        if int(self.max_mcmc_steps) < 1 or not self.decorrelation_tol > 0:
+            raise ValueError(
+                f"need max_mcmc_steps >= 1 and decorrelation_tol > 0, got {self.max_mcmc_steps}, "
+                f"{self.decorrelation_tol}"
+            )
+
+    @property
+    def step(self) -> Callable:
+        return get_kernel(self.kernel, self.num_leapfrog)[0]
+
+
+class TemperedState(NamedTuple):
+    """Particles at inverse temperature ``beta`` (0-d) with log weights ``(n,)``, the shared 0-d
+    ``log_step_size`` of the moves, each particle's Eve (initial ancestor) index ``(n,)``, and the
+    number of resampling events so far."""
+
+    particles: PathState
+    log_weights: torch.Tensor
+    beta: torch.Tensor
+    log_step_size: torch.Tensor
+    eve: torch.Tensor
+    num_resampling: int
+
+
+class StageInfo(NamedTuple):
+    """One stage: ``beta``, ``ess`` (fraction, after reweighting), ``log_z_increment``,
+    ``step_size`` (of the moves), ``num_mcmc_steps``, ``decorrelation`` (the final mean whitened
+    squared distance from the stage's start, per dimension), ``num_clusters`` (of the metric),
+    ``acceptance_rate`` (mean), ``resampled``; ``acceptance`` ``(n,)`` each particle's mean over
+    the stage's moves."""
+
+    beta: torch.Tensor
+    ess: torch.Tensor
+    log_z_increment: torch.Tensor
+    step_size: torch.Tensor
+    num_mcmc_steps: int
+    decorrelation: float
+    num_clusters: int
+    acceptance_rate: torch.Tensor
+    resampled: bool
+    acceptance: torch.Tensor
+
+
+#: ``precondition(generator, stage, particles, log_weights) -> (metric, log_step_size or None,
+#: num_clusters)``: the metric of the stage's moves, and a step size that replaces the adapted one.
+Preconditioner = Callable[
+    [torch.Generator, int, PathState, torch.Tensor], tuple[Metric, torch.Tensor | None, int]
+]
+
+
+def cloud_metric(metric: str = "auto", within_modes: bool = True) -> Preconditioner:
+    """The weighted particles' covariance (:func:`~diffstat.tempering.moves.particle_metric`), pooled
+    within the clusters of :func:`~diffstat.tempering.moves.cluster_particles` when ``within_modes``."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+
+    def precondition(generator, stage, particles, log_weights):
+        labels = cluster_particles(particles.x, log_weights, generator) if within_modes else None
+        clusters = 1 if labels is None else int(labels.max()) + 1
+        return particle_metric(particles.x, log_weights, metric, labels), None, clusters
+
+    return precondition
+
+
+def identity_metric(generator, stage, particles, log_weights):
+    """No preconditioning (unit metric), the step size adapted as usual."""
+    return None, None, 1
+
+
+def fixed_metrics(chol: torch.Tensor, log_step_size: torch.Tensor, which: torch.Tensor) -> Preconditioner:
+    """Metrics and step sizes fixed in advance: stage ``k`` uses the dense metric with lower
+    Cholesky factor ``chol[which[k]]`` (``chol: (S, d, d)``) and the step size
+    ``exp(log_step_size[which[k]])``, so no quantity shared by the particles depends on them."""
+
+    def precondition(generator, stage, particles, log_weights):
+        factor = chol[which[stage]]
+        return DenseMetric(factor @ factor.T, factor), log_step_size[which[stage]], 1
+
+    return precondition
+
+
+def init_tempered(path: GeometricPath, x0: torch.Tensor, step_size: float) -> TemperedState:
+    """Equal-weight particles at :math:`\\beta = 0` from reference draws ``x0: (n, dim)``."""
+    if not step_size > 0:
+        raise ValueError(f"step_size must be positive, got {step_size}")
+    n, dtype, device = x0.shape[0], x0.dtype, x0.device
+    particles = path.evaluate(x0)
+    check_initial(particles)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    log_h = torch.log(torch.tensor(float(step_size), dtype=dtype, device=device))
+    return TemperedState(
+        particles, torch.zeros(n, dtype=dtype, device=device), zero, log_h, torch.arange(n, device=device), 0
+    )
+
+
+def tempered_step(
+    generator: torch.Generator,
+    state: TemperedState,
+    new_beta: torch.Tensor,
+    *,
+    path: GeometricPath,
+    moves: MoveConfig,
+    precondition: Preconditioner = identity_metric,
+    stage: int = 0,
+    resample_threshold: float = 0.5,
+    scheme: str = "systematic",
+) -> tuple[TemperedState, StageInfo]:
+    """One stage from ``state.beta`` to ``new_beta`` (module docstring); ``stage`` is its index,
+    passed to ``precondition``."""
+    ps, log_w = state.particles, state.log_weights
+    incr = incremental_log_weights(ps, state.beta, new_beta)
+    log_z_increment = torch.logsumexp(torch.log_softmax(log_w, -1) + incr, -1)
+    log_w = log_w + incr
+    ess_frac = ess(log_w) / log_w.shape[0]
+    inv_mass, log_h, clusters = precondition(generator, stage, ps, log_w)
+    log_h = state.log_step_size if log_h is None else log_h.to(state.log_step_size)
+    eve, num_resampling = state.eve, state.num_resampling
+    resampled = resample_threshold >= 1.0 or bool(ess_frac < resample_threshold)
+    if resampled:
+        idx = resample(generator, log_w, scheme)
+        ps, eve, log_w, num_resampling = ps.index(idx), eve[idx], torch.zeros_like(log_w), num_resampling + 1
+    moved = decorrelating_moves(
+        moves.step,
+        generator,
+        ps,
+        path,
+        new_beta,
+        log_h,
+        inv_mass=inv_mass,
+        target_accept=moves.target_accept,
+        num_steps=moves.num_mcmc_steps,
+        max_steps=int(moves.max_mcmc_steps),
+        decorrelation_tol=moves.decorrelation_tol,
+        adapt_rate=moves.adapt_rate,
+    )
+    info = StageInfo(
+        new_beta,
+        ess_frac,
+        log_z_increment,
+        torch.exp(log_h),
+        moved.num_steps,
+        moved.distance,
+        clusters,
+        moved.acceptance.mean(),
+        resampled,
+        moved.acceptance,
+    )
+    new = TemperedState(moved.particles, log_w, new_beta, moved.log_step_size, eve, num_resampling)
+    return new, info
+
+
+def stack_stage_infos(infos: list[StageInfo]) -> dict[str, torch.Tensor]:
+    """Per-stage tensors ``(stages,)`` of every :class:`StageInfo` field but ``acceptance``."""
+    fields = [f for f in StageInfo._fields if f != "acceptance"]
+    if not infos:
+        return {f: torch.empty(0) for f in fields}
+    device = infos[0].ess.device
+    return {f: torch.stack([torch.as_tensor(getattr(i, f), device=device) for i in infos]) for f in fields}
+
+
+def check_resampling(scheme: str, resample_threshold: float) -> float:
+    """Refuse an unknown resampling scheme or a threshold outside [0, 1]; the threshold as a float."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown resampling scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    threshold = float(resample_threshold)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"resample_threshold must lie in [0, 1], got {resample_threshold}")
+    return threshold
+
+
+def check_betas(betas, like: torch.Tensor) -> torch.Tensor:
+    """A fixed schedule as a tensor ``(K,)``: strictly increasing, positive, ending at 1."""
+    b = torch.as_tensor(betas, dtype=like.dtype, device=like.device).flatten()
+    if b.numel() == 0 or not bool((b > 0).all()) or not bool((b[1:] > b[:-1]).all()) or float(b[-1]) != 1.0:
+        raise ValueError("betas must be strictly increasing, positive, and end at 1")
+    return b
+
+
+def check_initial(ps: PathState) -> None:
+    """Refuse reference draws where the target is NaN or +inf, or -inf at every one of them."""
+    lp = ps.target_log_prob
+    if torch.isnan(lp).any() or torch.isposinf(lp).any():
+        bad = int((torch.isnan(lp) | torch.isposinf(lp)).sum())
+        raise ValueError(f"the target's log-density is NaN or +inf at {bad} of {lp.numel()} reference draws")
+    if torch.isneginf(lp).all():
+        raise ValueError(
+            "the target's log-density is -inf at every reference draw: the reference misses its support"
+        )
+
+
+def initial_particles(path: GeometricPath, n: int, generator: torch.Generator, device) -> torch.Tensor:
+    """``n`` reference draws, with the target checked (``target.validate``) on up to 16 of them."""
+    x0 = path.sample_reference(n, generator, device)
+    path.target.validate(x0[:16])
+    return x0

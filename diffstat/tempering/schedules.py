@@ -1,0 +1,178 @@
+r"""Temperature schedules for AIS: fixed (geometric, sigmoid, linear) and by thermodynamic length.
+
+Fixed schedules (:func:`schedule`): geometric, :math:`\beta_k = \beta_{\min}^{1 - k/K}`
+(:math:`\beta_{\min} = 10^{-4}`, :math:`\beta_0 = 0`), dense at small :math:`\beta` where a
+concentrated likelihood changes the density fastest; ``"sigmoid"``, the schedule of Grosse, Maddison and
+Salakhutdinov (2013), :math:`\tilde\beta_k = \sigma(\kappa (2k/K - 1))` rescaled to run from 0 to 1
+(:math:`\kappa = 4`), dense at both ends; ``"linear"``, equal steps.
+
+By **thermodynamic length** (:func:`thermodynamic_schedule`, AIS's default). Under exact transitions the
+AIS log weight is a sum of independent terms, :math:`\mathrm{Var}\log w \approx \sum_k (\beta_k -
+\beta_{k-1})^2\,\mathrm{Var}_{\pi_{\beta_k}}(\delta)`, which for a fixed number of temperatures
+:math:`K` is smallest when every step has the same length :math:`\int_{\beta_{k-1}}^{\beta_k}
+\mathrm{sd}_{\pi_\beta}(\delta)\,d\beta = \Lambda / K`, :math:`\Lambda` the thermodynamic length of
+the path (Gelman and Meng 1998; Grosse et al. 2013); the variance is then about :math:`\Lambda^2/K`.
+A pilot (:func:`pilot_run`: adaptive tempered SMC resampled at every stage, each stage
+:func:`~diffstat.tempering.core.tempered_step`) measures :math:`\mathrm{sd}_{\pi_\beta}(\delta)`,
+the particle covariance (pooled within clusters, so each mode of a multimodal stage is moved at its
+own scale) and the adapted step size at its stages; AIS then uses them, fixed in advance.
+Measurements behind the defaults: ``docs/ais.md``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from diffstat._util import check_positive_int
+from diffstat.tempering.core import (
+    MoveConfig,
+    cloud_metric,
+    init_tempered,
+    initial_particles,
+    tempered_step,
+)
+from diffstat.tempering.moves import cluster_particles, particle_metric
+from diffstat.tempering.path import GeometricPath, default_step_size
+from diffstat.tempering.smc import next_beta
+
+__all__ = ["PilotRun", "pilot_run", "schedule", "thermodynamic_schedule"]
+
+#: Steepness of the sigmoid schedule (Grosse et al. 2013 use 4).
+_SIGMOID_STEEPNESS = 4.0
+#: Smallest positive temperature of the geometric schedule.
+_GEOMETRIC_BETA_MIN = 1e-4
+
+
+class PilotRun(NamedTuple):
+    r"""What the pilot measured at its ``S + 1`` stages (the first at :math:`\beta = 0`).
+
+    betas: (S+1,) from 0 to 1. sd: (S+1,) :math:`\mathrm{sd}_{\pi_\beta}(\delta)` of its particles.
+    length: (S+1,) cumulative thermodynamic length (trapezoid rule). chol: (S+1, d, d) lower
+    Cholesky factors of the shrunk particle covariances. log_step_size: (S+1,) the step size adapted
+    by the end of each stage (the first: the default). num_evals: target evaluations spent.
+    """
+
+    betas: torch.Tensor
+    sd: torch.Tensor
+    length: torch.Tensor
+    chol: torch.Tensor
+    log_step_size: torch.Tensor
+    num_evals: int
+
+
+def schedule(
+    num_temperatures: int, kind: str = "geometric", *, dtype=torch.float64, device=None
+) -> torch.Tensor:
+    """``num_temperatures`` inverse temperatures ``(K,)`` in (0, 1], increasing, the last 1 (the
+    starting 0 is implicit), for the fixed kinds ``"geometric"``, ``"sigmoid"``, ``"linear"``."""
+    k_total = check_positive_int(num_temperatures, "num_temperatures")
+    k = torch.arange(k_total + 1, dtype=dtype, device=device) / k_total
+    if kind == "sigmoid":
+        s = torch.sigmoid(_SIGMOID_STEEPNESS * (2 * k - 1))
+        b = (s - s[0]) / (s[-1] - s[0])
+    elif kind == "geometric":
+        b = _GEOMETRIC_BETA_MIN ** (1 - k)
+        b[0] = 0.0
+    elif kind == "linear":
+        b = k
+    else:
+        raise ValueError(f"schedule must be 'adaptive', 'sigmoid', 'geometric' or 'linear', got {kind!r}")
+    b[-1] = 1.0
+    return b[1:]
+
+
+def pilot_run(
+    generator: torch.Generator,
+    path: GeometricPath,
+    num_particles: int,
+    *,
+    kernel: str = "mala",
+    num_mcmc_steps: int = 3,
+    num_leapfrog: int = 5,
+    target_cess: float = 0.5,
+    target_accept: float | None = None,
+    device=None,
+    max_stages: int = 1000,
+) -> PilotRun:
+    r"""Adaptive tempered SMC with ``num_particles`` particles, resampled (systematic) at every
+    stage, the next temperature by bisection on the conditional ESS (``target_cess``), each stage
+    moved by ``num_mcmc_steps`` dense-preconditioned moves (covariance pooled within clusters).
+    Records :math:`\mathrm{sd}_{\pi_\beta}(\delta)` and the particle covariance after the moves."""
+    n = check_positive_int(num_particles, "num_pilot")
+    if n < 4:
+        raise ValueError(f"num_pilot must be at least 4, got {n}")
+    before = path.target.num_target_evals
+    moves = MoveConfig(kernel, num_leapfrog, target_accept, int(num_mcmc_steps))
+    state = init_tempered(
+        path, initial_particles(path, n, generator, device), default_step_size(kernel, path.dim)
+    )
+    records = [_pilot_record(state, generator)]
+    for k in range(max_stages):
+        new_beta = next_beta(state.log_weights, state.particles.delta, state.beta, target_cess)
+        state, _ = tempered_step(
+            generator,
+            state,
+            new_beta,
+            path=path,
+            moves=moves,
+            precondition=cloud_metric("dense"),
+            stage=k,
+            resample_threshold=1.0,
+        )
+        records.append(_pilot_record(state, generator))
+        if bool(state.beta >= 1.0):
+            break
+    else:
+        raise RuntimeError(
+            f"the AIS pilot did not reach beta = 1 in {max_stages} stages; pass betas= or schedule="
+        )
+    b, sd, chol, log_h = (torch.stack(r) for r in zip(*records))
+    length = torch.cat(
+        [
+            torch.zeros(1, dtype=b.dtype, device=b.device),
+            torch.cumsum(0.5 * (sd[1:] + sd[:-1]) * (b[1:] - b[:-1]), 0),
+        ]
+    )
+    return PilotRun(b, sd, length, chol, log_h, path.target.num_target_evals - before)
+
+
+def _pilot_record(state, generator) -> tuple[torch.Tensor, ...]:
+    """``(beta, sd of delta, Cholesky factor of the clustered covariance, log step size)``."""
+    d = state.particles.delta[torch.isfinite(state.particles.delta)]
+    sd = d.std() if d.numel() > 1 else torch.zeros_like(state.beta)
+    return state.beta, sd, _pilot_cholesky(state.particles.x, generator), state.log_step_size
+
+
+def _pilot_cholesky(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Lower Cholesky factor ``(d, d)`` of the dense metric of
+    :func:`~diffstat.tempering.moves.particle_metric` (the covariance pooled within the particles'
+    clusters, shrunk toward its diagonal by ``min(1, d/n)``): a mixture's modes each moved at their
+    own scale."""
+    labels = cluster_particles(x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device), generator)
+    return particle_metric(x, None, "dense", labels).chol
+
+
+def thermodynamic_schedule(pilot: PilotRun, num_temperatures: int) -> torch.Tensor:
+    r"""``num_temperatures`` inverse temperatures ``(K,)`` at equal thermodynamic length along the
+    pilot's path: :math:`\Lambda(\beta_k) = k\Lambda/K`, :math:`\Lambda` interpolated linearly
+    between the pilot's stages (where it does not grow, the pilot's own betas are spread evenly)."""
+    k_total = check_positive_int(num_temperatures, "num_temperatures")
+    b, length = pilot.betas, pilot.length
+    if not float(length[-1]) > 0:  # delta constant along the path: any schedule is exact
+        return torch.arange(1, k_total + 1, dtype=b.dtype, device=b.device) / k_total
+    # a small share of each stage's beta-step keeps the map strictly increasing
+    s = torch.arange(len(b), dtype=b.dtype, device=b.device) / (len(b) - 1)
+    pos = length / length[-1] + 1e-6 * s
+    pos = pos / pos[-1]
+    q = torch.arange(1, k_total + 1, dtype=b.dtype, device=b.device) / k_total
+    j = torch.searchsorted(pos, q).clamp(1, len(b) - 1)
+    t = ((q - pos[j - 1]) / (pos[j] - pos[j - 1])).clamp(0.0, 1.0)
+    betas = b[j - 1] + t * (b[j] - b[j - 1])
+    betas[-1] = 1.0
+    betas = torch.cummax(betas, 0).values
+    tiny = torch.finfo(b.dtype).eps
+    # strictly increasing and positive (ties only when K far exceeds the resolution of float64)
+    betas = torch.maximum(betas, torch.arange(1, k_total + 1, dtype=b.dtype, device=b.device) * tiny)
+    return betas
