@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from diffstat._util import check_options, check_positive_int
-from diffstat.target import Target, check_reference
+from diffstat.target import Target, resolve_reference
 
 __all__ = ["sample", "register_sampler", "SamplerResult", "available_methods", "resolve_reference"]
 
@@ -87,26 +87,13 @@ def _load_samplers() -> None:
     import importlib
 
     for module in _SAMPLER_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:  # a sampler family not built yet
-            if err.name is None or not module.startswith(err.name):
-                raise
+        importlib.import_module(module)
 
 
 def available_methods() -> list[str]:
     """Names of every registered sampling method."""
     _load_samplers()
     return sorted(_REGISTRY)
-
-
-def resolve_reference(target: Target, reference) -> torch.distributions.Distribution | None:
-    """The reference a tempering-type method starts from: ``reference`` if given, else the
-    target's own; ``ValueError`` if it is not a distribution on R^dim."""
-    if reference is None:
-        return target.reference
-    check_reference(reference, target.dim)
-    return reference
 
 
 def sample(

@@ -47,6 +47,15 @@ def check_reference(reference, dim: int) -> None:
         )
 
 
+def resolve_reference(target, reference) -> torch.distributions.Distribution | None:
+    """The reference a tempering-type method starts from: ``reference`` if given, else the
+    target's own; ``ValueError`` if it is not a distribution on R^dim."""
+    if reference is None:
+        return target.reference
+    check_reference(reference, target.dim)
+    return reference
+
+
 class Target:
     r"""An unnormalised log-density :math:`\log \tilde\pi(x)` on :math:`\mathbb{R}^d`.
 

@@ -7,7 +7,11 @@ import torch
 from diffstat.mcmc.base import LogProbAndGrad, MCMCInfo, MCMCState, as_per_chain, metropolis_accept
 from diffstat.mcmc.metric import Metric, kinetic_energy, sample_momentum, velocity
 
-__all__ = ["hmc_step", "leapfrog"]
+__all__ = ["HMC_TARGET_ACCEPT", "hmc_step", "leapfrog"]
+
+#: Stan's target acceptance for HMC and NUTS (Betancourt, Byrne and Girolami 2014 give 0.6 to 0.9 as
+#: the efficient range; 0.8 leaves room for the tails of a heavier-tailed posterior).
+HMC_TARGET_ACCEPT = 0.8
 
 
 def leapfrog(

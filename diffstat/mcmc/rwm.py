@@ -7,7 +7,10 @@ import torch
 from diffstat.mcmc.base import LogProbAndGrad, MCMCInfo, MCMCState, as_per_chain, metropolis_accept
 from diffstat.mcmc.metric import Metric, scale_noise
 
-__all__ = ["rwm_step"]
+__all__ = ["RWM_TARGET_ACCEPT", "rwm_step"]
+
+#: The optimal acceptance of random-walk Metropolis in high dimension (Roberts, Gelman and Gilks 1997).
+RWM_TARGET_ACCEPT = 0.234
 
 
 def rwm_step(

@@ -40,10 +40,11 @@ from diffstat.mcmc.chees import (
     JitteredLength,
     jittered_hmc_step,
 )
+from diffstat.mcmc.hmc import HMC_TARGET_ACCEPT
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 from diffstat.mcmc.metric import DenseMetric
 from diffstat.mcmc.nuts import nuts_step
-from diffstat.mcmc.rwm import rwm_step
+from diffstat.mcmc.rwm import RWM_TARGET_ACCEPT, rwm_step
 from diffstat.mcmc.start import find_start, initial_step_sizes
 from diffstat.mcmc.warmup import METRICS, windowed_warmup
 from diffstat.sampling import SamplerResult, register_sampler
@@ -74,15 +75,17 @@ class KernelSpec:
 
 
 KERNELS = {
-    "hmc": KernelSpec(jittered_hmc_step, _hmc_accept_prob, 0.8, {"energy": "energy", "n_steps": "n_steps"}),
+    "hmc": KernelSpec(
+        jittered_hmc_step, _hmc_accept_prob, HMC_TARGET_ACCEPT, {"energy": "energy", "n_steps": "n_steps"}
+    ),
     "nuts": KernelSpec(
         nuts_step,
         _hmc_accept_prob,
-        0.8,
+        HMC_TARGET_ACCEPT,
         {"energy": "energy", "n_steps": "num_leapfrog", "tree_depth": "tree_depth"},
     ),
     "mala": KernelSpec(mala_step, _own_accept_prob(mala_step), MALA_TARGET_ACCEPT),
-    "rwm": KernelSpec(rwm_step, _own_accept_prob(rwm_step), 0.234),
+    "rwm": KernelSpec(rwm_step, _own_accept_prob(rwm_step), RWM_TARGET_ACCEPT),
 }
 #: Target acceptance rates per kernel (read by the tempering path's inner moves).
 TARGET_ACCEPT = {name: spec.target_accept for name, spec in KERNELS.items()}

@@ -38,11 +38,10 @@ from collections.abc import Callable
 import torch
 
 from diffstat.mcmc.base import MCMCInfo, MCMCState
-from diffstat.mcmc.hmc import hmc_step
-from diffstat.mcmc.mala import mala_step
-from diffstat.mcmc.rwm import rwm_step
-from diffstat.sampling import resolve_reference
-from diffstat.mcmc.sampler import TARGET_ACCEPT
+from diffstat.mcmc.hmc import HMC_TARGET_ACCEPT, hmc_step
+from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
+from diffstat.mcmc.rwm import RWM_TARGET_ACCEPT, rwm_step
+from diffstat.target import resolve_reference
 
 __all__ = [
     "GeometricPath",
@@ -236,7 +235,7 @@ def _gaussian_score(dist: torch.distributions.Distribution, x: torch.Tensor) -> 
 
 def make_path(target, reference=None) -> GeometricPath:
     """The path a sampler uses: ``reference`` is the ``reference=`` option (checked by
-    :func:`~diffstat.sampling.resolve_reference`); None means the target's own reference, or
+    :func:`~diffstat.target.resolve_reference`); None means the target's own reference, or
     likelihood tempering for a target with ``log_prior`` and ``log_likelihood``."""
     return GeometricPath(target, None if reference is None else resolve_reference(target, reference))
 
@@ -293,13 +292,13 @@ def get_kernel(name: str, num_leapfrog: int = 5) -> tuple[Callable, float]:
     """The kernel ``"mala"``, ``"hmc"`` (``num_leapfrog`` steps) or ``"rwm"`` and its target
     acceptance rate."""
     kernels = {
-        "mala": mala_step,
-        "hmc": functools.partial(hmc_step, num_steps=int(num_leapfrog)),
-        "rwm": rwm_step,
+        "mala": (mala_step, MALA_TARGET_ACCEPT),
+        "hmc": (functools.partial(hmc_step, num_steps=int(num_leapfrog)), HMC_TARGET_ACCEPT),
+        "rwm": (rwm_step, RWM_TARGET_ACCEPT),
     }
     if name not in kernels:
         raise ValueError(f"unknown kernel {name!r}; choose one of {', '.join(kernels)}")
-    return kernels[name], TARGET_ACCEPT[name]
+    return kernels[name]
 
 
 def default_step_size(name: str, dim: int) -> float:
