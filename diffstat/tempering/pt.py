@@ -32,6 +32,7 @@ cold replicas' states.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -138,6 +139,130 @@ def _scatter(ps: PathState, rows: torch.Tensor, sub: PathState) -> PathState:
     return PathState(*(t.index_copy(0, rows, s) for t, s in zip(ps, sub)))
 
 
+class PTState(NamedTuple):
+    """``C`` runs of ``R`` replicas: ``particles`` (``C R`` rows, replica ``t`` of run ``c`` at row
+    ``c R + t``), the ladder ``betas: (R,)``, per-temperature ``step_size: (R,)`` and diagonal
+    ``inv_mass: (R, dim)`` (or None)."""
+
+    particles: PathState
+    betas: torch.Tensor
+    step_size: torch.Tensor
+    inv_mass: torch.Tensor | None
+
+
+class PTInfo(NamedTuple):
+    """One iteration: each replica's local acceptance ``(C R,)`` (1 for exact reference draws), the
+    swap probabilities ``(C, R-1)`` (0 for pairs not proposed) and the proposed pairs ``(R-1,)``."""
+
+    acceptance: torch.Tensor
+    swap_prob: torch.Tensor
+    proposed: torch.Tensor
+
+
+class _Layout(NamedTuple):
+    """Which rows hold which temperature: ``temp_of_row (C R,)``, the rows refreshed by exact
+    reference draws, those moved by MCMC, the cold rows ``(C,)``, and ``C``."""
+
+    temp_of_row: torch.Tensor
+    ref_rows: torch.Tensor
+    mcmc_rows: torch.Tensor
+    cold_rows: torch.Tensor
+    num_chains: int
+
+
+def _layout(c: int, r: int, exact: bool, device) -> _Layout:
+    temp_of_row = torch.arange(r, device=device).repeat(c)
+    none = torch.empty(0, dtype=torch.long, device=device)
+    ref_rows = torch.nonzero(temp_of_row == 0).flatten() if exact else none
+    mcmc_rows = torch.nonzero(temp_of_row > 0 if exact else temp_of_row >= 0).flatten()
+    return _Layout(temp_of_row, ref_rows, mcmc_rows, torch.arange(c, device=device) * r + (r - 1), c)
+
+
+def pt_step(
+    generator: torch.Generator,
+    state: PTState,
+    parity: int,
+    *,
+    path: GeometricPath,
+    layout: _Layout,
+    kernel,
+    num_mcmc_steps: int,
+    reference_x: torch.Tensor | None = None,
+) -> tuple[PTState, PTInfo]:
+    """One PT iteration: fresh reference draws ``reference_x: (C, dim)`` at the ``beta = 0`` rows
+    (if any), ``num_mcmc_steps`` local moves of the other replicas, then the DEO swaps of parity
+    ``parity`` (module docstring)."""
+    ps, betas = state.particles, state.betas
+    acc = torch.ones(ps.x.shape[0], dtype=ps.x.dtype, device=ps.x.device)
+    if reference_x is not None:
+        ps = _scatter(ps, layout.ref_rows, path.evaluate(reference_x))
+    rows = layout.mcmc_rows
+    sub, t_sub = ps.index(rows), layout.temp_of_row[rows]
+    sub_acc = torch.zeros(len(rows), dtype=acc.dtype, device=acc.device)
+    sub_inv_mass = None if state.inv_mass is None else state.inv_mass[t_sub]
+    for _ in range(num_mcmc_steps):
+        sub, info = move(kernel, generator, sub, path, betas[t_sub], state.step_size[t_sub], sub_inv_mass)
+        sub_acc = sub_acc + info.acceptance_rate / num_mcmc_steps
+    if num_mcmc_steps:
+        ps, acc = _scatter(ps, rows, sub), acc.index_copy(0, rows, sub_acc)
+    r = betas.numel()
+    prob = torch.zeros(layout.num_chains, r - 1, dtype=acc.dtype, device=acc.device)
+    proposed = torch.zeros(r - 1, dtype=torch.bool, device=acc.device)
+    if r > 1:
+        ps, prob, proposed = swap_step(generator, ps, betas, layout.num_chains, parity)
+    return state._replace(particles=ps), PTInfo(acc, prob, proposed)
+
+
+def _check_ladder(betas, num_temperatures, beta_min, dtype, device) -> torch.Tensor:
+    if betas is None:
+        return geometric_ladder(num_temperatures, beta_min, dtype=dtype, device=device)
+    betas = torch.as_tensor(betas, dtype=dtype, device=device).flatten().clone()
+    increasing = bool((betas[1:] > betas[:-1]).all())
+    if betas.numel() < 2 or float(betas[0]) != 0.0 or float(betas[-1]) != 1.0 or not increasing:
+        raise ValueError("betas must be strictly increasing from 0 to 1, with at least 2 temperatures")
+    return betas
+
+
+def _warmup_windows(num_warmup: int, adapt_ladder: bool, adapt_mass: bool) -> tuple[set, set]:
+    """Iterations ending a warm-up round: ladder updates at ``num_warmup / 2^j`` (j >= 1, rounds
+    doubling in length, the last halfway), and preconditioner updates at those or, without them,
+    halfway, so the second half of warm-up always tunes the step sizes for the final ones."""
+    rounds = {num_warmup // 2**j for j in range(1, 64) if num_warmup // 2**j >= _MIN_ROUND}
+    updates = rounds if adapt_ladder else set()
+    mass = {num_warmup // 2} if adapt_mass and num_warmup // 2 >= _MIN_ROUND else set()
+    return updates, updates | mass
+
+
+class _Sums(NamedTuple):
+    """Running sums over a round or the sampling phase: swap probabilities and proposals ``(R-1,)``,
+    acceptance ``(R,)``, and the first two moments of the replicas per temperature with their count."""
+
+    swap: torch.Tensor
+    swap_num: torch.Tensor
+    acc: torch.Tensor
+    m1: torch.Tensor
+    m2: torch.Tensor
+    count: int
+
+    @classmethod
+    def zeros(cls, r: int, dim: int, dtype, device) -> _Sums:
+        z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        return cls(z(r - 1), z(r - 1), z(r), z(r, dim), z(r, dim), 0)
+
+    def add(self, info: PTInfo, x_t: torch.Tensor, moments: bool) -> _Sums:
+        c, r = x_t.shape[:2]
+        swap = self.swap + info.swap_prob.sum(0)
+        swap_num = self.swap_num + info.proposed.to(swap.dtype) * c
+        acc = self.acc + info.acceptance.reshape(c, r).mean(0)
+        if not moments:
+            return _Sums(swap, swap_num, acc, self.m1, self.m2, self.count)
+        return _Sums(swap, swap_num, acc, self.m1 + x_t.sum(0), self.m2 + (x_t**2).sum(0), self.count + c)
+
+    @property
+    def swap_rate(self) -> torch.Tensor:
+        return self.swap / self.swap_num.clamp_min(1)
+
+
 def parallel_tempering(
     generator: torch.Generator,
     path: GeometricPath,
@@ -164,13 +289,7 @@ def parallel_tempering(
     ``num_samples`` recorded iterations. ``betas`` (increasing, from 0 to 1) sets the initial
     ladder, otherwise :func:`geometric_ladder`."""
     dtype, device = x0.dtype, x0.device
-    if betas is None:
-        betas = geometric_ladder(num_temperatures, beta_min, dtype=dtype, device=device)
-    else:
-        betas = torch.as_tensor(betas, dtype=dtype, device=device).flatten().clone()
-        increasing = bool((betas[1:] > betas[:-1]).all())
-        if betas.numel() < 2 or float(betas[0]) != 0.0 or float(betas[-1]) != 1.0 or not increasing:
-            raise ValueError("betas must be strictly increasing from 0 to 1, with at least 2 temperatures")
+    betas = _check_ladder(betas, num_temperatures, beta_min, dtype, device)
     r, c = betas.numel(), check_positive_int(num_chains, "num_chains")
     if x0.shape[0] != c * r:
         raise ValueError(f"x0 must hold num_chains * num_temperatures = {c * r} points, got {x0.shape[0]}")
@@ -179,122 +298,103 @@ def parallel_tempering(
     if num_warmup < 0:
         raise ValueError(f"num_warmup must be non-negative, got {num_warmup}")
     step, default_accept = get_kernel(kernel, num_leapfrog)
-    target_accept = (
-        default_accept if target_accept is None else check_probability(target_accept, "target_accept")
-    )
+    if target_accept is None:
+        target_accept = default_accept
+    target_accept = check_probability(target_accept, "target_accept")
     h0 = default_step_size(kernel, path.dim) if step_size is None else float(step_size)
     if not h0 > 0:
         raise ValueError(f"step_size must be positive, got {step_size}")
-
     ps = path.evaluate(x0)
     check_initial(ps)
-    temp_of_row = torch.arange(r, device=device).repeat(c)  # row c * R + t holds temperature t
     exact = reference_draws and float(betas[0]) == 0.0
-    ref_rows = (
-        torch.nonzero(temp_of_row == 0).flatten()
-        if exact
-        else torch.empty(0, dtype=torch.long, device=device)
-    )
-    mcmc_rows = torch.nonzero(temp_of_row > 0 if exact else temp_of_row >= 0).flatten()
+    layout = _layout(c, r, exact, device)
+    # The reference's scale sets the first preconditioner (a wide reference, a narrow target).
+    inv_mass = torch.var_mean(ps.x, 0)[0].clamp_min(1e-12).expand(r, -1).clone() if adapt_mass else None
+    adapt = DualAveraging(torch.full((r,), h0, dtype=dtype, device=device), target_accept)
+    state = PTState(ps, betas, adapt.step_size, inv_mass)
+    step_fn = functools.partial(pt_step, path=path, layout=layout, kernel=step, num_mcmc_steps=num_mcmc_steps)
+    with progress_bar(num_warmup + num_samples, "pt warm-up", progress) as bar:
+        adapt_what = (adapt_ladder, adapt_mass)
+        state, block = _warmup(
+            generator, state, step_fn, adapt, num_warmup, adapt_what, exact, path, layout, bar
+        )
+        bar.set_description("pt")
+        return _sample(generator, state, step_fn, num_samples, num_warmup, (exact, block), path, layout, bar)
+
+
+def _reference_draws(generator, path, it: int, c: int, block, device):
+    """Exact reference draws ``(C, dim)`` for iteration ``it``, made ``_REFERENCE_BLOCK`` iterations at
+    a time (reference sampling has a per-call overhead); returns them and the block."""
+    if it % _REFERENCE_BLOCK == 0:
+        block = path.sample_reference(c * _REFERENCE_BLOCK, generator, device)
+        block = block.reshape(_REFERENCE_BLOCK, c, -1)
+    return block[it % _REFERENCE_BLOCK], block
+
+
+def _warmup(generator, state, step_fn, adapt, num_warmup, adapt_what, exact, path, layout, bar):
+    """``num_warmup`` iterations tuning the step sizes per temperature by dual averaging, with the
+    ladder and preconditioners updated at the ends of rounds (:func:`_end_of_round`). Returns the
+    state and the current block of reference draws."""
+    c, r, dim = layout.num_chains, state.betas.numel(), state.particles.x.shape[1]
+    dtype, device = state.betas.dtype, state.betas.device
+    updates, windows = _warmup_windows(num_warmup, *adapt_what)
     is_ref_temp = torch.zeros(r, dtype=torch.bool, device=device)
     is_ref_temp[0] = exact
-    # The reference's scale sets the first preconditioner (a wide reference, a narrow target).
-    _, ref_var = torch.var_mean(ps.x, 0)
-    inv_mass = ref_var.clamp_min(1e-12).expand(r, -1).clone() if adapt_mass else None
-    adapt = DualAveraging(torch.full((r,), h0, dtype=dtype, device=device), target_accept)
-    h = adapt.step_size
+    sums, block = _Sums.zeros(r, dim, dtype, device), None
+    for it in range(num_warmup):
+        ref_x, block = _reference_draws(generator, path, it, c, block, device) if exact else (None, block)
+        state, info = step_fn(generator, state, it % 2, reference_x=ref_x)
+        acc_t = info.acceptance.reshape(c, r).mean(0)
+        h = adapt.update(torch.where(is_ref_temp, torch.full_like(acc_t, adapt.target_accept), acc_t))
+        state = state._replace(step_size=h)
+        sums = sums.add(info, state.particles.x.reshape(c, r, -1), moments=True)
+        if it + 1 in windows:
+            moments = [sums.m1, sums.m2, sums.count]
+            update = it + 1 in updates
+            betas, inv_mass = _end_of_round(
+                update, state.betas, sums.swap_rate, adapt, state.inv_mass, moments
+            )
+            state = PTState(state.particles, betas, adapt.step_size, inv_mass)
+            sums = _Sums.zeros(r, dim, dtype, device)
+        bar.update()
+    return state._replace(step_size=adapt.final_step_size if num_warmup else state.step_size), block
 
-    # Ladder updates at num_warmup / 2^j (j >= 1): rounds doubling in length, the last at halfway.
-    updates = (
-        {num_warmup // 2**j for j in range(1, 64) if num_warmup // 2**j >= _MIN_ROUND}
-        if adapt_ladder
-        else set()
-    )
-    # Preconditioners are re-estimated at the ladder updates (or halfway without them), so the
-    # second half of warm-up always tunes the step sizes for the final ones.
-    mass_window = {num_warmup // 2} if adapt_mass and num_warmup // 2 >= _MIN_ROUND else set()
-    windows = updates | mass_window
-    swap_sum = torch.zeros(r - 1, dtype=dtype, device=device)
-    swap_num = torch.zeros(r - 1, dtype=dtype, device=device)
-    acc_sum = torch.zeros(r, dtype=dtype, device=device)
-    mom = [torch.zeros(r, path.dim, dtype=dtype, device=device) for _ in range(2)] + [0]
-    # Stepping-stone sums per unit: each chain, or with one chain, _SE_BATCHES batches of iterations.
+
+def _sample(generator, state, step_fn, num_samples, num_warmup, reference, path, layout, bar) -> PTOutput:
+    """``num_samples`` recorded iterations: the cold replicas' draws, and stepping-stone sums per unit
+    (each chain, or with one chain, ``_SE_BATCHES`` batches of iterations) for the evidence.
+    ``reference``: whether the beta = 0 replicas are exact draws, and warm-up's block of them."""
+    c, r, dim = layout.num_chains, state.betas.numel(), state.particles.x.shape[1]
+    dtype, device = state.betas.dtype, state.betas.device
     num_batches = 1 if c > 1 else min(_SE_BATCHES, num_samples)
     ss_lse = torch.full((c, num_batches, r - 1), -math.inf, dtype=dtype, device=device)
+    draws = torch.empty(num_samples, c, dim, dtype=dtype, device=device)
+    lp, acc_cold = (torch.empty(num_samples, c, dtype=dtype, device=device) for _ in range(2))
+    (exact, block), dbeta = reference, state.betas[1:] - state.betas[:-1]
+    sums = _Sums.zeros(r, dim, dtype, device)
+    for j in range(num_samples):
+        it = num_warmup + j
+        ref_x, block = _reference_draws(generator, path, it, c, block, device) if exact else (None, block)
+        state, info = step_fn(generator, state, it % 2, reference_x=ref_x)
+        sums = sums.add(info, state.particles.x.reshape(c, r, -1), moments=False)
+        acc_cold[j] = info.acceptance[layout.cold_rows]
+        draws[j] = state.particles.x.reshape(c, r, -1)[:, -1]
+        lp[j] = state.particles.target_log_prob[layout.cold_rows]
+        b = j * num_batches // num_samples
+        ss_lse[:, b] = torch.logaddexp(ss_lse[:, b], dbeta * state.particles.delta.reshape(c, r)[:, :-1])
+        bar.update()
     batch_size = torch.bincount(torch.arange(num_samples) * num_batches // num_samples, minlength=num_batches)
-    draws = torch.empty(num_samples, c, path.dim, dtype=dtype, device=device)
-    lp = torch.empty(num_samples, c, dtype=dtype, device=device)
-    acc_cold = torch.empty(num_samples, c, dtype=dtype, device=device)
-    cold_rows = torch.arange(c, device=device) * r + (r - 1)
-
-    with progress_bar(num_warmup + num_samples, "pt warm-up", progress) as bar:
-        for it in range(num_warmup + num_samples):
-            warm = it < num_warmup
-            if it == num_warmup:
-                h = adapt.final_step_size if num_warmup else h
-                for stat in (swap_sum, swap_num, acc_sum):
-                    stat.zero_()
-                bar.set_description("pt")
-            # 1. local moves (and exact reference draws at beta = 0)
-            acc = torch.ones(c * r, dtype=dtype, device=device)
-            if exact:
-                if it % _REFERENCE_BLOCK == 0:  # one call per block: reference sampling has overhead
-                    block = path.sample_reference(c * _REFERENCE_BLOCK, generator, device)
-                    block = block.reshape(_REFERENCE_BLOCK, c, -1)
-                ps = _scatter(ps, ref_rows, path.evaluate(block[it % _REFERENCE_BLOCK]))
-            sub, t_sub = ps.index(mcmc_rows), temp_of_row[mcmc_rows]
-            sub_acc = torch.zeros(len(mcmc_rows), dtype=dtype, device=device)
-            sub_inv_mass = None if inv_mass is None else inv_mass[t_sub]
-            for _ in range(num_mcmc_steps):
-                sub, info = move(step, generator, sub, path, betas[t_sub], h[t_sub], sub_inv_mass)
-                sub_acc = sub_acc + info.acceptance_rate / num_mcmc_steps
-            if num_mcmc_steps:
-                ps = _scatter(ps, mcmc_rows, sub)
-                acc = acc.index_copy(0, mcmc_rows, sub_acc)
-            acc_t = acc.reshape(c, r).mean(0)
-            acc_sum += acc_t
-            if warm:
-                h = adapt.update(torch.where(is_ref_temp, torch.full_like(acc_t, target_accept), acc_t))
-            else:
-                acc_cold[it - num_warmup] = acc[cold_rows]
-            # 2. even-odd swaps
-            if r > 1:
-                ps, prob, proposed = swap_step(generator, ps, betas, c, it % 2)
-                swap_sum += prob.sum(0)
-                swap_num += proposed.to(dtype) * c
-            x_t = ps.x.reshape(c, r, -1)
-            if warm:
-                mom[0] += x_t.sum(0)
-                mom[1] += (x_t**2).sum(0)
-                mom[2] += c
-                if it + 1 in windows:
-                    rate = swap_sum / swap_num.clamp_min(1)
-                    betas, inv_mass = _end_of_round(it + 1 in updates, betas, rate, adapt, inv_mass, mom)
-                    h = adapt.step_size
-                    swap_sum.zero_()
-                    swap_num.zero_()
-                    mom = [torch.zeros_like(mom[0]), torch.zeros_like(mom[1]), 0]
-            else:
-                j = it - num_warmup
-                draws[j] = x_t[:, -1]
-                lp[j] = ps.target_log_prob[cold_rows]
-                dbeta = betas[1:] - betas[:-1]
-                b = j * num_batches // num_samples
-                ss_lse[:, b] = torch.logaddexp(ss_lse[:, b], dbeta * ps.delta.reshape(c, r)[:, :-1])
-            bar.update()
-
-    rate = swap_sum / swap_num.clamp_min(1)
-    _, barrier = equalize_ladder(betas, 1 - rate)
     units = ss_lse.reshape(c * num_batches, r - 1)
     pooled = torch.logsumexp(units, 0) - math.log(c * num_samples)  # (R-1,)
     per_unit = (units - torch.log(batch_size.to(units)).repeat(c).unsqueeze(-1)).sum(1)
     se = float(per_unit.std() / math.sqrt(per_unit.numel()))
+    _, barrier = equalize_ladder(state.betas, 1 - sums.swap_rate)
     nan = torch.full((1,), math.nan, dtype=dtype, device=device)
     temperatures = {
-        "beta": betas,
-        "swap_rate": torch.cat([rate, nan]),
-        "acceptance_rate": acc_sum / num_samples,
-        "step_size": h,
+        "beta": state.betas,
+        "swap_rate": torch.cat([sums.swap_rate, nan]),
+        "acceptance_rate": sums.acc / num_samples,
+        "step_size": state.step_size,
         "log_z_increment": torch.cat([pooled, nan]),
     }
     draws, lp, acc_cold = (t.transpose(0, 1) for t in (draws, lp, acc_cold))

@@ -7,7 +7,7 @@ import torch
 
 import diffstat as ds
 from diffstat.targets import GaussianMixture
-from diffstat.tempering.path import GeometricPath
+from diffstat.tempering.path import GeometricPath, move
 from diffstat.tempering.pt import equalize_ladder, geometric_ladder, swap_step
 
 D = torch.distributions
@@ -205,3 +205,23 @@ def test_pt_refuses_bad_options():
     for bad in (dict(betas=[0.1, 0.5, 1.0]), dict(num_temperatures=1), dict(swap="deo"), dict(num_warmup=-1)):
         with pytest.raises(ValueError):
             ds.sample(target, "pt", num_samples=10, seed=0, progress=False, **bad)
+
+
+def test_first_preconditioner_is_the_reference_variance(monkeypatch):
+    # Before the first warm-up window PT preconditions every temperature by the reference draws'
+    # variance. It once took their mean (clamped at 1e-12), freezing the coordinates whose mean came
+    # out negative (checked: this test then fails).
+    import diffstat.tempering.pt as pt
+
+    seen = []
+
+    def recording_move(kernel, generator, ps, path, beta, h, inv_mass=None, **kw):
+        seen.append(inv_mass)
+        return move(kernel, generator, ps, path, beta, h, inv_mass, **kw)
+
+    monkeypatch.setattr(pt, "move", recording_move)
+    reference = D.Independent(D.Normal(torch.zeros(3, dtype=F64), 2 * torch.ones(3, dtype=F64)), 1)
+    target = ds.Target(lambda x: D.Normal(1.0, 0.5).log_prob(x).sum(-1), 3, dtype=F64, reference=reference)
+    ds.sample(target, "pt", num_samples=5, num_warmup=0, num_chains=50, seed=0, progress=False)
+    first = seen[0]
+    assert first.shape[1] == 3 and bool(((first > 2.5) & (first < 6.0)).all()), first
