@@ -185,10 +185,10 @@ def init(generator: torch.Generator, target, config: DiffusionConfig, device=Non
     return RoundState(bank, gaussians, uniform, (bank,), None, None, None, 0, per_mode, evals0)
 
 
-def _restart_bank(target, bank: ModeBank, pop: Population, per_mode: int, generator) -> ModeBank:
-    """A bank of ``per_mode`` points per mode drawn from the weighted particles of that mode (the
+def _restart_bank(target, bank: ModeBank, pop: Population, count: int, generator) -> ModeBank:
+    """A bank of ``count`` points per mode drawn from the weighted particles of that mode (the
     bank's own particles where a mode received no weight), with fresh gradients."""
-    idx = resample_per_mode(pop.log_w, pop.mode, bank.num_modes, per_mode, generator)
+    idx = resample_per_mode(pop.log_w, pop.mode, bank.num_modes, count, generator)
     lp, grad = target.log_prob_and_grad(pop.x[idx])
     new = ModeBank(pop.x[idx], lp, grad, pop.mode[idx], bank.centers, bank.center_log_prob, 0)
     for k in range(bank.num_modes):  # a loop over modes (few): those that received no weight

@@ -30,7 +30,7 @@ import torch
 from diffstat._util import progress_bar
 from diffstat.diffusion.losses import dsm_loss, mixed_loss, sliced_score_matching_loss, stf_loss, tsm_loss
 from diffstat.diffusion.model_io import load_model, save_model
-from diffstat.diffusion.processes import _rand
+from diffstat.diffusion.processes import uniform_draws
 from diffstat.diffusion.train_config import TrainConfig
 
 __all__ = [
@@ -73,9 +73,9 @@ def _sample_times(config: TrainConfig, process, n: int, generator, dtype, device
     if config.small_t_fraction == 0:
         return None
     t = process.sample_time(n, generator, dtype=dtype, device=device)
-    u = _rand((n,), generator, dtype, device)
+    u = uniform_draws((n,), generator, dtype, device)
     log_uniform = process.t_min * (process.t_max / process.t_min) ** u
-    pick = _rand((n,), generator, dtype, device) < config.small_t_fraction
+    pick = uniform_draws((n,), generator, dtype, device) < config.small_t_fraction
     return torch.where(pick, log_uniform, t)
 
 
@@ -249,7 +249,7 @@ def _focused_batch(generator, idx, data: TrainData, config: TrainConfig, process
     x = data.x
     t = _sample_times(config, process, idx.shape[0], generator, x.dtype, x.device)
     t = process.sample_time(idx.shape[0], generator, dtype=x.dtype, device=x.device) if t is None else t
-    u = _rand((data.num_focus,), generator, x.dtype, x.device)
+    u = uniform_draws((data.num_focus,), generator, x.dtype, x.device)
     t[: data.num_focus] = process.t_min * (data.t_focus / process.t_min) ** u
     return idx, t
 
@@ -338,10 +338,8 @@ def train_score_model(
             bar.update(1)
             if state.step % config.eval_every and state.step < config.num_steps:
                 continue
-            train_loss, val = (
-                float(window_sum) / window_len,
-                validate(state, process, config, generator.device),
-            )
+            train_loss = float(window_sum) / window_len
+            val = validate(state, process, config, generator.device)
             window_sum, window_len = torch.zeros_like(window_sum), 0
             for key, value in zip(history, (state.step, train_loss, val)):
                 history[key].append(value)
