@@ -6,8 +6,10 @@ half of the diffusion sampler (:mod:`diffstat.diffusion.sampler`):
 
 1. :func:`explore` runs many short MALA chains started from the reference at several start
    scales, with a per-chain step size adapted on the fly (exploration only needs end points).
-2. :func:`hill_climb` takes each end point up to its local maximum, and :func:`group_by_barrier`
-   groups the climbed points by mode, robustly: two points share a mode only when
+2. :func:`~diffstat.diffusion.barriers.hill_climb` takes each end point up to its local maximum,
+   and :func:`~diffstat.diffusion.barriers.group_by_barrier` (both in
+   :mod:`diffstat.diffusion.barriers`, re-exported here) groups the climbed points by mode,
+   robustly: two points share a mode only when
    :math:`\log p` has no barrier on the segment between them,
 
    .. math:: \min_{0<s<1} \log p\big((1-s)a + s b\big) \ge \min(\log p(a), \log p(b)) - \tau,
