@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 import torch
 
-from diffstat.diffusion.processes import _as_time, _randn
+from diffstat.diffusion.processes import as_time, normal_draws
 
 __all__ = [
     "dsm_loss",
@@ -77,7 +77,7 @@ def _times(process, x: torch.Tensor, generator, t) -> torch.Tensor:
         if process is None:
             return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         return process.sample_time(x.shape[0], generator, dtype=x.dtype, device=x.device)
-    t = _as_time(t, x)
+    t = as_time(t, x)
     t = t.expand(x.shape[0]) if t.dim() == 0 else t
     if t.shape != (x.shape[0],):
         raise ValueError(f"t must be 0-d or of shape ({x.shape[0]},), got {tuple(t.shape)}")
@@ -288,7 +288,7 @@ def sliced_score_matching_loss(
     with torch.enable_grad():
         xr = xt.repeat(num_projections, 1).detach().requires_grad_(True)
         tr = t.repeat(num_projections)
-        v = _randn(xr.shape, generator, xr.dtype, xr.device)
+        v = normal_draws(xr.shape, generator, xr.dtype, xr.device)
         if projection == "rademacher":
             v = torch.sign(v)
         s = model(xr, tr)

@@ -42,7 +42,7 @@ import math
 import torch
 from torch import nn
 
-from diffstat.diffusion.processes import VE, VP, _as_time
+from diffstat.diffusion.processes import VE, VP, as_time
 
 __all__ = ["ScoreMLP", "EnergyMLP"]
 
@@ -148,7 +148,7 @@ class _NoiseConditioned(nn.Module):
             raise ValueError(f"x must have shape (n, {self.dim}), got {tuple(x.shape)}")
         dtype = self.net.out.weight.dtype
         xp = x.to(dtype)
-        t = _as_time(t, xp)
+        t = as_time(t, xp)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         if t.shape != (x.shape[0],):

@@ -59,6 +59,7 @@ with 256 chains none did and the mode was lost).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import NamedTuple
@@ -66,16 +67,9 @@ from typing import NamedTuple
 import torch
 
 from diffstat._util import check_options, progress_bar
-from diffstat.diffusion.noised_smc_bank import build_mode_bank
 from diffstat.diffusion.noised_smc_check import STUCK_ACCEPTANCE, pooled_log_z, reliability_problems
-from diffstat.diffusion.noised_smc_path import (
-    GuidedState,
-    NoisedPath,
-    Whitening,
-    local_mala_step,
-    noise_schedule,
-    pilot_whitening,
-)
+from diffstat.diffusion.noised_smc_path import GuidedState, NoisedPath, local_mala_step, noise_schedule
+from diffstat.diffusion.noised_smc_setup import setup_path
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.moves import cluster_particles, decorrelating_moves, particle_metric
@@ -206,8 +200,10 @@ def noised_smc(
     step_size: float | None = None,
     progress: bool = False,
     device=None,
+    bar=None,
 ) -> NoisedSMCOutput:
-    """Run the particle denoising diffusion sampler on ``path`` (module docstring)."""
+    """Run the particle denoising diffusion sampler on ``path`` (module docstring). Progress goes to
+    ``bar`` (one update per level) where given, else to a bar of its own when ``progress``."""
     n, dim, dtype = num_particles, path.dim, path.target.dtype
     rho = noise_schedule(num_steps, path.mode_scale_sq, dtype=dtype, device=device)
     x = torch.randn(n, dim, generator=generator, dtype=dtype, device=device)
@@ -218,7 +214,11 @@ def noised_smc(
     eve = torch.arange(n, device=device)
     rec: dict[str, list] = {k: [] for k in STAGE_KEYS}
     num_resampling = 0
-    with progress_bar(num_steps + 1, "pdds", progress) as bar:
+    with (
+        contextlib.nullcontext(bar)
+        if bar is not None
+        else progress_bar(num_steps + 1, "pdds", progress) as bar
+    ):
         for k in range(num_steps, -1, -1):
             if k == num_steps:
                 incr_z = torch.logsumexp(log_w, -1) - math.log(n)
@@ -283,67 +283,6 @@ _OPTIONS = {
 }
 
 
-def _reference(target, reference):
-    if reference is not None:
-        return reference
-    if target.reference is not None:
-        return target.reference
-    zeros = torch.zeros(target.dim, dtype=target.dtype)
-    return torch.distributions.Independent(torch.distributions.Normal(zeros, torch.ones_like(zeros)), 1)
-
-
-def _setup(target, generator, device, options) -> tuple[NoisedPath, dict]:
-    """The pilot (or the given whitening) and the noised path; attrs describing them."""
-    mode_scale = options.pop("mode_scale", None)
-    guidance = options.pop("guidance", "bank")
-    whitening = options.pop("whitening", None)
-    pilot_chains = options.pop("pilot_chains", 2048)
-    pilot_steps = options.pop("pilot_steps", 25)
-    reference = _reference(target, options.pop("reference", None))
-    pilot_evals, s2, points = 0, 1.0, None
-    if whitening is None or isinstance(whitening, str):
-        white, s2, pilot_evals, points = pilot_whitening(
-            target,
-            reference,
-            generator,
-            num_chains=pilot_chains,
-            num_steps=pilot_steps,
-            whiten=whitening or "pilot",
-            device=device,
-        )
-    else:
-        mean, cov = (torch.as_tensor(t, dtype=target.dtype, device=device) for t in whitening)
-        white = Whitening.from_moments(mean, cov)
-    if mode_scale is not None:
-        if not float(mode_scale) > 0:
-            raise ValueError(f"mode_scale must be positive, got {mode_scale}")
-        s2 = min(float(mode_scale) ** 2, 1.0)
-    path = NoisedPath(target, white, s2, "power" if guidance == "bank" else guidance)
-    num_modes, attrs_bank = 0, {}
-    if guidance == "bank":
-        if points is None:
-            raise ValueError("guidance='bank' needs the pilot (whitening='pilot' or 'reference')")
-        x, lp, grad = points
-        z = torch.linalg.solve_triangular(white.chol, (x - white.mean).T, upper=False).T
-        before = target.num_target_evals
-        bank, unseen = build_mode_bank(path.log_pi_and_grad, z, lp + white.log_det, grad @ white.chol)
-        pilot_evals += target.num_target_evals - before
-        num_modes = bank.means.shape[0]
-        if num_modes:
-            path = NoisedPath(target, white, s2, "bank", bank)
-        else:
-            guidance = "power"  # no mode settled, or too many unseen: the power guidance alone
-        attrs_bank = {"bank_unseen_mass": unseen}
-    attrs = {
-        "mode_scale": math.sqrt(s2),
-        "pilot_evals": int(pilot_evals),
-        "guidance": guidance,
-        "num_bank_modes": num_modes,
-        **attrs_bank,
-    }
-    return path, attrs
-
-
 @register_sampler("pdds")
 def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device, **options) -> SamplerResult:
     """``ds.sample(target, "pdds", num_samples=n, ...)``: the particle denoising diffusion sampler
@@ -369,17 +308,17 @@ def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device
     num_chains = 1 if num_chains is None else num_chains
     if num_samples < 2:
         raise ValueError(f"pdds needs at least 2 particles, got {num_samples}")
-    path, attrs = _setup(target, generator, device, options)
+    path, attrs = setup_path(target, generator, device, options)
     scheme = options.get("resampling", "systematic")
     draws, lps, log_ws, runs = [], [], [], []
-    for _ in range(num_chains):
-        out = noised_smc(generator, path, num_samples, progress=progress, device=device, **options)
-        idx = resample(generator, out.log_weights, scheme)
-        z = out.particles.x[idx]
-        draws.append(path.whitening.to_x(z))
-        lps.append(out.particles.target_lp[idx])
-        log_ws.append(out.log_weights[idx])
-        runs.append(out)
+    with progress_bar(num_chains * (options.get("num_steps", 64) + 1), "pdds", progress) as bar:
+        for _ in range(num_chains):  # each run resampled before the next starts
+            out = noised_smc(generator, path, num_samples, device=device, bar=bar, **options)
+            idx = resample(generator, out.log_weights, scheme)
+            draws.append(path.whitening.to_x(out.particles.x[idx]))
+            lps.append(out.particles.target_lp[idx])
+            log_ws.append(out.log_weights[idx])
+            runs.append(out)
     log_z, se, se_method = pooled_log_z([r.log_normalizer for r in runs], [r.log_normalizer_se for r in runs])
     problems = reliability_problems(runs, log_z)
     if problems:

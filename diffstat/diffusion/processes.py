@@ -22,10 +22,19 @@ import math
 
 import torch
 
-__all__ = ["VP", "VE", "process_from_dict", "noised_mixture_score"]
+__all__ = [
+    "VP",
+    "VE",
+    "process_from_dict",
+    "noised_mixture_score",
+    "as_time",
+    "normal_draws",
+    "uniform_draws",
+]
 
 
-def _as_time(t, like: torch.Tensor | None = None) -> torch.Tensor:
+def as_time(t, like: torch.Tensor | None = None) -> torch.Tensor:
+    """A time ``t`` (number or tensor) as a tensor, on ``like``'s device and dtype where given."""
     if isinstance(t, torch.Tensor):
         return t if like is None else t.to(device=like.device, dtype=like.dtype)
     if like is not None:
@@ -38,14 +47,15 @@ def _per_row(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.unsqueeze(-1) if v.dim() == 1 else v
 
 
-def _randn(shape, generator: torch.Generator | None, dtype, device) -> torch.Tensor:
+def normal_draws(shape, generator: torch.Generator | None, dtype, device) -> torch.Tensor:
     """Standard normal draws made on the generator's device, then moved to ``device``."""
     gen_device = generator.device if generator is not None else torch.device(device or "cpu")
     z = torch.randn(shape, generator=generator, dtype=dtype, device=gen_device)
     return z.to(device) if device is not None else z
 
 
-def _rand(shape, generator: torch.Generator | None, dtype, device) -> torch.Tensor:
+def uniform_draws(shape, generator: torch.Generator | None, dtype, device) -> torch.Tensor:
+    """Uniform draws on [0, 1) made on the generator's device, then moved to ``device``."""
     gen_device = generator.device if generator is not None else torch.device(device or "cpu")
     u = torch.rand(shape, generator=generator, dtype=dtype, device=gen_device)
     return u.to(device) if device is not None else u
@@ -80,14 +90,14 @@ class _Process:
         -------
         xt, z : (n, dim) each
         """
-        t = _as_time(t, x0)
-        z = _randn(x0.shape, generator, x0.dtype, x0.device)
+        t = as_time(t, x0)
+        z = normal_draws(x0.shape, generator, x0.dtype, x0.device)
         xt = _per_row(self.alpha(t), x0) * x0 + _per_row(self.sigma(t), x0) * z
         return xt, z
 
     def sample_time(self, n: int, generator: torch.Generator | None, dtype=None, device=None) -> torch.Tensor:
         """``n`` times uniform on ``[t_min, t_max]``, shape ``(n,)``."""
-        u = _rand((n,), generator, dtype or torch.get_default_dtype(), device)
+        u = uniform_draws((n,), generator, dtype or torch.get_default_dtype(), device)
         return self.t_min + (self.t_max - self.t_min) * u
 
     def time_grid(self, num_steps: int, dtype=None, device=None) -> torch.Tensor:
@@ -100,12 +110,12 @@ class _Process:
     def reverse_drift(self, x: torch.Tensor, t, score: torch.Tensor) -> torch.Tensor:
         r"""Drift :math:`f(x, t) - g(t)^2 s` of the reverse-time SDE (in forward time; a step from
         :math:`t` to :math:`t - h` moves by :math:`-h` times this plus :math:`g\sqrt h\,\xi`)."""
-        t = _as_time(t, x)
+        t = as_time(t, x)
         return self.drift(x, t) - _per_row(self.diffusion(t) ** 2, x) * score
 
     def probability_flow_drift(self, x: torch.Tensor, t, score: torch.Tensor) -> torch.Tensor:
         r"""Velocity :math:`f(x, t) - \tfrac12 g(t)^2 s` of the probability-flow ODE."""
-        t = _as_time(t, x)
+        t = as_time(t, x)
         return self.drift(x, t) - 0.5 * _per_row(self.diffusion(t) ** 2, x) * score
 
     # --- prior ----------------------------------------------------------------------------
@@ -118,7 +128,9 @@ class _Process:
     ) -> torch.Tensor:
         r"""Draws ``(n, dim)`` from the prior :math:`\mathcal N(0, s_T^2 I)` that stands in for
         :math:`p_{t_{\max}}`."""
-        return self.prior_scale() * _randn((n, dim), generator, dtype or torch.get_default_dtype(), device)
+        return self.prior_scale() * normal_draws(
+            (n, dim), generator, dtype or torch.get_default_dtype(), device
+        )
 
     def prior_log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised log-density of the prior at ``x: (n, dim)``, shape ``(n,)``."""
@@ -183,7 +195,7 @@ class VP(_Process):
 
     def beta(self, t) -> torch.Tensor:
         r""":math:`\beta(t)`."""
-        t = _as_time(t)
+        t = as_time(t)
         if self.schedule == "linear":
             return self.beta_min + (self.beta_max - self.beta_min) * t
         raw = math.pi / (1 + self._COSINE_S) * torch.tan(self._phi(t.clamp(max=self._t_star)))
@@ -191,7 +203,7 @@ class VP(_Process):
 
     def integrated_beta(self, t) -> torch.Tensor:
         r""":math:`\int_0^t \beta(u)\,du = -2 \log\alpha_t`."""
-        t = _as_time(t)
+        t = as_time(t)
         if self.schedule == "linear":
             return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
         tc = t.clamp(max=self._t_star)
@@ -207,7 +219,7 @@ class VP(_Process):
 
     def time_at_sigma(self, sigma) -> torch.Tensor:
         r"""The time :math:`t` with :math:`\sigma_t` = ``sigma`` (inverse of :meth:`sigma`)."""
-        sigma = _as_time(sigma)
+        sigma = as_time(sigma)
         if ((sigma <= 0) | (sigma >= 1)).any():
             raise ValueError("a VP process has 0 < sigma_t < 1")
         integ = -torch.log1p(-(sigma**2))
@@ -227,7 +239,7 @@ class VP(_Process):
 
     def drift(self, x: torch.Tensor, t) -> torch.Tensor:
         r""":math:`f(x, t) = -\tfrac12 \beta(t) x`, ``(n, dim)``."""
-        return -0.5 * _per_row(self.beta(_as_time(t, x)), x) * x
+        return -0.5 * _per_row(self.beta(as_time(t, x)), x) * x
 
     def diffusion(self, t) -> torch.Tensor:
         r""":math:`g(t) = \sqrt{\beta(t)}`."""
@@ -273,14 +285,14 @@ class VE(_Process):
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)
 
     def log_alpha(self, t) -> torch.Tensor:
-        return torch.zeros_like(_as_time(t))
+        return torch.zeros_like(as_time(t))
 
     def sigma(self, t) -> torch.Tensor:
-        return self.sigma_min * torch.exp(self._log_ratio * _as_time(t))
+        return self.sigma_min * torch.exp(self._log_ratio * as_time(t))
 
     def time_at_sigma(self, sigma) -> torch.Tensor:
         r"""The time :math:`t` with :math:`\sigma(t)` = ``sigma``."""
-        sigma = _as_time(sigma)
+        sigma = as_time(sigma)
         if (sigma <= 0).any():
             raise ValueError("sigma must be positive")
         return torch.log(sigma / self.sigma_min) / self._log_ratio
@@ -337,7 +349,7 @@ def noised_mixture_score(mixture, process):
         return cache[tv]
 
     def score_fn(x: torch.Tensor, t) -> torch.Tensor:
-        t = _as_time(t, x)
+        t = as_time(t, x)
         if t.dim() == 0 or bool((t == t.reshape(-1)[0]).all()):
             return noised(float(t.reshape(-1)[0])).score(x)
         out = torch.empty_like(x)

@@ -34,17 +34,24 @@ exact pushforward density at the cost of one solve: :class:`DiffusionProposal` t
 ``tail_weight`` :math:`a`, ``tail_scale`` :math:`r`), heavier-tailed along the learned shape
 (measured on the banana mixture: it did not raise the ESS; the sampler leaves :math:`a = 0`).
 :class:`GaussianComponent` stands in for a mode whose model failed the sampler's held-out
-check (:func:`held_out_cross_entropy`).
+check (:func:`held_out_cross_entropy`). The Gaussian parts live in :mod:`diffstat.diffusion.gaussians`
+and are re-exported here.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from diffstat.diffusion.modes import ModeBank
+from diffstat.diffusion.gaussians import (
+    GaussianComponent,
+    GaussianMixtureProposal,
+    Whitening,
+    fit_mode_gaussians,
+    held_out_cross_entropy,
+    stratified_counts,
+)
 
 __all__ = [
     "GaussianMixtureProposal",
@@ -57,165 +64,6 @@ __all__ = [
     "Whitening",
     "held_out_cross_entropy",
 ]
-
-
-def _stratified_counts(weights: torch.Tensor, n: int) -> torch.Tensor:
-    """Integer counts ``(K,)`` summing to ``n`` proportional to ``weights`` (largest remainders)."""
-    raw = weights / weights.sum() * n
-    counts = torch.floor(raw).long()
-    rest = n - int(counts.sum())
-    if rest > 0:
-        counts[torch.topk(raw - counts, rest).indices] += 1
-    return counts
-
-
-class GaussianMixtureProposal:
-    r""":math:`q(x) = \sum_k \pi_k \mathcal N(x; \mu_k, L_k L_k^\top)`: means ``(K, dim)``,
-    Cholesky factors ``(K, dim, dim)``, weights ``(K,)``. Draws are stratified over components
-    (``round(pi_k n)`` from component ``k``), which with the mixture density in the weights keeps
-    importance sampling unbiased."""
-
-    def __init__(self, means: torch.Tensor, chols: torch.Tensor, weights: torch.Tensor):
-        self.means, self.chols = means, chols
-        self.weights = weights / weights.sum()
-        self._log_det = 2 * torch.log(torch.diagonal(chols, dim1=-2, dim2=-1)).sum(-1)
-
-    @property
-    def num_components(self) -> int:
-        return self.means.shape[0]
-
-    def with_weights(self, weights: torch.Tensor) -> GaussianMixtureProposal:
-        return GaussianMixtureProposal(self.means, self.chols, weights.to(self.means))
-
-    def component_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        r""":math:`\log \pi_k + \log \mathcal N(x; \mu_k, \Sigma_k)`, ``(n, K)``."""
-        d = x.shape[-1]
-        # one triangular solve per component with the points as right-hand sides, (K, d, n): the
-        # Cholesky factors are not broadcast over points (memory K d n, not n K d^2)
-        diff = (x[None] - self.means[:, None, :]).transpose(1, 2)
-        z = torch.linalg.solve_triangular(self.chols, diff, upper=False)
-        return torch.log(self.weights) - 0.5 * ((z**2).sum(1).T + self._log_det + d * math.log(2 * math.pi))
-
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.logsumexp(self.component_log_prob(x), -1)
-
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``n`` draws ``(n, dim)``, stratified over components."""
-        comp = torch.repeat_interleave(
-            torch.arange(self.num_components, device=self.means.device),
-            _stratified_counts(self.weights, n).to(self.means.device),
-        )
-        z = torch.randn(
-            n, self.means.shape[1], 1, generator=generator, dtype=self.means.dtype, device=generator.device
-        ).to(self.means.device)
-        return self.means[comp] + (self.chols[comp] @ z).squeeze(-1)
-
-
-class GaussianComponent:
-    r"""One Gaussian :math:`\mathcal N(\mu, L L^\top)` with the interface of
-    :class:`DiffusionProposal` (``sample`` returns draws and their log-density): the stand-in for a
-    mode whose score model failed the held-out check of the sampler."""
-
-    def __init__(self, mean: torch.Tensor, chol: torch.Tensor):
-        self._mix = GaussianMixtureProposal(
-            mean[None], chol[None], torch.ones(1, dtype=mean.dtype, device=mean.device)
-        )
-
-    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self._mix.sample(n, generator)
-        return x, self._mix.log_prob(x)
-
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        return self._mix.log_prob(x)
-
-
-def held_out_cross_entropy(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
-    r""":math:`\frac1m \sum_i [\log p(x_i) - \log q(x_i)]` at draws :math:`x_i \sim p` (``(m,)``
-    each; :math:`p` unnormalised): up to the constant :math:`\log Z` it estimates
-    :math:`\mathrm{KL}(p\,\|\,q)`, the held-out negative log-likelihood of the proposal. Lower is
-    better; only differences between proposals evaluated at the same points are meaningful.
-
-    (The :math:`\chi^2` form :math:`\log\frac1m\sum_i p(x_i)/q(x_i)`, whose inverse is the ideal
-    ESS fraction, was tried first: on the banana mixture one far-tail point, duplicated by the
-    weighted resampling, decided it, and it preferred the Gaussian to a model whose measured ESS
-    was three times the Gaussian's.)"""
-    r = torch.nan_to_num(log_p.double() - log_q.double(), nan=math.inf, neginf=-1e300)
-    return float(r.mean())
-
-
-def fit_mode_gaussians(
-    bank: ModeBank, *, inflate: float = 1.2, ridge: float = 1e-6, weights: torch.Tensor | None = None
-) -> GaussianMixtureProposal:
-    r"""Moment-matched Gaussian per banked mode, :math:`\mathcal N(\bar x_k, c^2 \hat\Sigma_k)`.
-
-    Moment matching (rather than Laplace at the peak) captures a mode's spread as the restocked
-    chains saw it, at no extra target evaluations; the inflation ``c`` (``inflate``) keeps the
-    proposal's tails heavier than the mode's, which bounds the importance weights of a Gaussian
-    mode. ``ridge`` times the mean variance is added to the diagonal. Mode weights default to
-    uniform.
-    """
-    if not inflate > 0:
-        raise ValueError(f"inflate must be positive, got {inflate}")
-    k, d = bank.num_modes, bank.x.shape[1]
-    means, chols = [], []
-    for i in range(k):  # a loop over modes (few), not over particles
-        xi = bank.x[bank.label == i]
-        mu = xi.mean(0)
-        cov = (
-            (xi - mu).T @ (xi - mu) / max(xi.shape[0] - 1, 1)
-            if xi.shape[0] > d
-            else torch.diag(xi.var(0) if xi.shape[0] > 1 else torch.ones(d, dtype=xi.dtype, device=xi.device))
-        )
-        cov = cov + (ridge * cov.diagonal().mean().clamp_min(1e-12)) * torch.eye(
-            d, dtype=xi.dtype, device=xi.device
-        )
-        means.append(mu)
-        chols.append(inflate * torch.linalg.cholesky(cov))
-    w = torch.full((k,), 1.0 / k, dtype=bank.x.dtype, device=bank.x.device) if weights is None else weights
-    return GaussianMixtureProposal(torch.stack(means), torch.stack(chols), w)
-
-
-@dataclass(frozen=True)
-class Whitening:
-    r"""The affine map :math:`x = m + L y` from whitened coordinates; ``shift (dim,)``, ``chol
-    (dim, dim)`` lower-triangular. Gradients map as :math:`\nabla_y = L^\top \nabla_x`."""
-
-    shift: torch.Tensor
-    chol: torch.Tensor
-
-    @classmethod
-    def fit(cls, x: torch.Tensor, kind: str = "diag", ridge: float = 1e-6) -> Whitening:
-        r"""Standardise particles ``x: (n, dim)``: ``kind="diag"`` by their mean and per-coordinate
-        standard deviations (the default), ``"full"`` by the Cholesky factor of their covariance.
-
-        Full whitening hurts multimodal training sets: the between-mode spread dominates the
-        covariance, so along the line of the modes each mode is squeezed to a sliver (measured on
-        the 10-d narrow-wide mixture trained on exact balanced draws: score error near
-        :math:`t = 0` of 74% with full whitening against 28% per coordinate, same steps).
-        """
-        if kind not in ("diag", "full"):
-            raise ValueError(f"kind must be 'diag' or 'full', got {kind!r}")
-        m = x.mean(0)
-        if kind == "diag":
-            return cls(m, torch.diag(x.std(0).clamp_min(1e-12)))
-        cov = (x - m).T @ (x - m) / max(x.shape[0] - 1, 1)
-        cov = cov + ridge * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(
-            x.shape[1], dtype=x.dtype, device=x.device
-        )
-        return cls(m, torch.linalg.cholesky(cov))
-
-    @property
-    def log_det(self) -> torch.Tensor:
-        return torch.log(torch.diagonal(self.chol)).sum()
-
-    def to_white(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.solve_triangular(self.chol, (x - self.shift).T, upper=False).T
-
-    def from_white(self, y: torch.Tensor) -> torch.Tensor:
-        return self.shift + y @ self.chol.T
-
-    def grad_to_white(self, grad_x: torch.Tensor) -> torch.Tensor:
-        return grad_x @ self.chol
 
 
 def _velocity_and_divergence(
@@ -391,7 +239,7 @@ class DiffusionMixture:
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` draws ``(n, dim)`` and their mixture log-density ``(n,)``."""
-        counts = _stratified_counts(self.weights, n).tolist()
+        counts = stratified_counts(self.weights, n).tolist()
         xs, own = [], []
         for comp, m in zip(self.components, counts):
             x, lq = comp.sample(m, generator) if m else (None, None)

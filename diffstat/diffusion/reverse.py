@@ -43,7 +43,7 @@ from collections.abc import Callable
 import torch
 
 from diffstat._util import check_positive_int
-from diffstat.diffusion.processes import _randn
+from diffstat.diffusion.processes import normal_draws
 
 __all__ = [
     "probability_flow",
@@ -176,7 +176,7 @@ def _flow_with_divergence(score_fn, process, x, ts, trace, generator, num_probes
         if generator is None:
             raise ValueError("trace='hutchinson' needs a generator for its probes")
         probes = torch.sign(
-            _randn(
+            normal_draws(
                 (check_positive_int(num_probes, "num_probes"),) + tuple(x.shape), generator, x.dtype, x.device
             )
         )
@@ -210,7 +210,7 @@ def _em_step(score_fn, process, x, t, t_next, generator, add_noise=True):
     x_mean = x - h * drift
     if not add_noise:
         return x_mean
-    return x_mean + process.diffusion(t) * torch.sqrt(h) * _randn(x.shape, generator, x.dtype, x.device)
+    return x_mean + process.diffusion(t) * torch.sqrt(h) * normal_draws(x.shape, generator, x.dtype, x.device)
 
 
 def euler_maruyama(
@@ -268,7 +268,7 @@ def predictor_corrector(
             t = ts[k]
             for _ in range(num_corrector):
                 s = _score(score_fn, x, t)
-                xi = _randn(x.shape, generator, x.dtype, x.device)
+                xi = normal_draws(x.shape, generator, x.dtype, x.device)
                 # batch-averaged norms (Song et al.): a step that depended on each point's own
                 # score norm would be state-dependent and bias the Langevin stationary law.
                 ratio = xi.norm(dim=-1).mean() / s.norm(dim=-1).mean().clamp_min(torch.finfo(x.dtype).tiny)
@@ -303,7 +303,9 @@ def ddpm_ancestral(
             var_ts = sig_t2 - a_ts**2 * sig_s2
             x = (x + var_ts * _score(score_fn, x, t)) / a_ts
             if not (denoise and k == num_steps - 1):
-                x = x + torch.sqrt(var_ts * sig_s2 / sig_t2) * _randn(x.shape, generator, x.dtype, x.device)
+                x = x + torch.sqrt(var_ts * sig_s2 / sig_t2) * normal_draws(
+                    x.shape, generator, x.dtype, x.device
+                )
     return x
 
 
@@ -350,7 +352,7 @@ def annealed_langevin(
         for sigma, c in zip(sigmas, conds):
             a = step_scale * sigma**2 / sigma_last**2
             for _ in range(steps_per_level):
-                xi = _randn(x.shape, generator, x.dtype, x.device)
+                xi = normal_draws(x.shape, generator, x.dtype, x.device)
                 x = x + 0.5 * a * _score(score_fn, x, c) + torch.sqrt(a) * xi
         if denoise:
             x = x + sigma_last**2 * _score(score_fn, x, conds[-1])

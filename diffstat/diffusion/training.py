@@ -10,142 +10,41 @@ Everything random (the split, the batches, the diffusion times and noises) comes
 ``generator`` passed in, so a run is reproducible on the same machine. The held-out loss uses
 one fixed set of times and noises (seeded once from the generator), so successive evaluations
 are comparable and early stopping is not driven by fresh Monte Carlo noise.
+
+The loop is :func:`init` (the split, the EMA copy, the optimiser) and :func:`step` (one Adam step
+on one mini-batch, then the EMA update) over a :class:`TrainState`; :func:`train_score_model` is the
+driver that records the losses, evaluates the held-out loss and stops early. The settings are a
+:class:`~diffstat.diffusion.train_config.TrainConfig`; saving and loading are in
+:mod:`diffstat.diffusion.model_io` (both re-exported here).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from diffstat._util import progress_bar
 from diffstat.diffusion.losses import dsm_loss, mixed_loss, sliced_score_matching_loss, stf_loss, tsm_loss
-from diffstat.diffusion.networks import EnergyMLP, ScoreMLP
-from diffstat.diffusion.processes import _rand, process_from_dict
+from diffstat.diffusion.model_io import load_model, save_model
+from diffstat.diffusion.processes import uniform_draws
+from diffstat.diffusion.train_config import TrainConfig
 
-__all__ = ["TrainConfig", "TrainResult", "train_score_model", "save_model", "load_model"]
-
-_LOSSES = ("dsm", "tsm", "mixed", "ssm", "stf")
-_MODEL_CLASSES = {"ScoreMLP": ScoreMLP, "EnergyMLP": EnergyMLP}
-_FILE_FORMAT = "diffstat.diffusion.model"
-_FILE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training settings.
-
-    Attributes
-    ----------
-    num_steps : int
-        Adam steps (mini-batches).
-    batch_size : int
-    lr : float
-        Adam learning rate (constant, or cosine-decayed to ``lr * lr_final_ratio`` with
-        ``lr_schedule="cosine"``).
-    ema_decay : float
-        EMA rate :math:`\\rho` of the returned weights (0 disables averaging).
-    loss : ``"dsm"``, ``"tsm"``, ``"mixed"``, ``"ssm"`` (sliced score matching, no target) or
-        ``"stf"`` (the mixed target averaged over the empirical posterior of ``num_reference``
-        training points drawn afresh each step, :func:`~diffstat.diffusion.losses.stf_loss`;
-        the DSM form when no ``grad0`` is given)
-    val_fraction : float
-        Share of the points held out for the validation loss (0: no validation).
-    patience : int or None
-        Early stopping: stop after this many evaluations of the held-out loss without
-        improvement, and return the best EMA weights. None trains for ``num_steps``.
-    eval_every : int
-        Steps between evaluations of the held-out loss (and history entries).
-    weighting : str or None
-        :math:`\\lambda(t)` for the loss (``"sigma2"``, ``"g2"``, ``"alpha2"``, ``"none"``); None
-        uses the loss's default.
-    weight_decay : float
-    grad_clip : float or None
-        Clip the gradient norm at this value.
-    val_repeats : int
-        Noise draws per held-out point in the validation loss.
-    num_projections : int
-        Probes per point for ``loss="ssm"``.
-    num_reference : int
-        Reference points per step for ``loss="stf"``.
-    small_t_fraction : float
-        Share of each batch's times drawn log-uniformly on ``[t_min, t_max]`` instead of
-        uniformly (more weight near :math:`t = 0`; needs ``process.t_min > 0``). 0 keeps the
-        losses' own uniform times.
-    focus_fraction, focus_t_max : float
-        With ``focus_weights`` given to :func:`train_score_model`: this share of each batch is
-        drawn with probability proportional to ``focus_weights`` instead of uniformly, at times
-        log-uniform on ``[t_min, focus_t_max]`` (default ``t_max``). As :math:`t \to 0` the TSM
-        target is the exact score at each point, so reweighting the points moves accuracy to
-        where it is needed without biasing the limit; at larger times only the uniformly drawn
-        points train (reweighting there would change the noised law).
-    """
-
-    num_steps: int = 2000
-    batch_size: int = 256
-    lr: float = 1e-3
-    ema_decay: float = 0.999
-    loss: str = "mixed"
-    val_fraction: float = 0.1
-    patience: int | None = None
-    eval_every: int = 100
-    weighting: str | None = None
-    weight_decay: float = 0.0
-    grad_clip: float | None = None
-    lr_schedule: str = "constant"
-    lr_final_ratio: float = 0.1
-    val_repeats: int = 4
-    num_projections: int = 1
-    num_reference: int = 1024
-    small_t_fraction: float = 0.0
-    focus_fraction: float = 0.0
-    focus_t_max: float | None = None
-
-    def __post_init__(self):
-        for name in (
-            "num_steps",
-            "batch_size",
-            "eval_every",
-            "val_repeats",
-            "num_projections",
-            "num_reference",
-        ):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
-        if self.loss not in _LOSSES:
-            raise ValueError(f"TrainConfig.loss must be one of {_LOSSES}, got {self.loss!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"TrainConfig.ema_decay must lie in [0, 1), got {self.ema_decay}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"TrainConfig.val_fraction must lie in [0, 1), got {self.val_fraction}")
-        if self.patience is not None and (
-            isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1
-        ):
-            raise ValueError(
-                f"TrainConfig.patience must be None or a positive integer, got {self.patience!r}"
-            )
-        if self.patience is not None and self.val_fraction == 0:
-            raise ValueError("early stopping (patience) needs a held-out split (val_fraction > 0)")
-        if self.weighting is not None and self.weighting not in ("sigma2", "g2", "alpha2", "none"):
-            raise ValueError(
-                "TrainConfig.weighting must be None, 'sigma2', 'g2', 'alpha2' or 'none', "
-                f"got {self.weighting!r}"
-            )
-        if not 0.0 <= self.small_t_fraction <= 1.0:
-            raise ValueError(f"TrainConfig.small_t_fraction must lie in [0, 1], got {self.small_t_fraction}")
-        if not 0.0 <= self.focus_fraction < 1.0:
-            raise ValueError(f"TrainConfig.focus_fraction must lie in [0, 1), got {self.focus_fraction}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(
-                f"TrainConfig.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}"
-            )
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TrainData",
+    "TrainState",
+    "TrainInfo",
+    "init",
+    "step",
+    "train_score_model",
+    "save_model",
+    "load_model",
+]
 
 
 @dataclass
@@ -174,9 +73,9 @@ def _sample_times(config: TrainConfig, process, n: int, generator, dtype, device
     if config.small_t_fraction == 0:
         return None
     t = process.sample_time(n, generator, dtype=dtype, device=device)
-    u = _rand((n,), generator, dtype, device)
+    u = uniform_draws((n,), generator, dtype, device)
     log_uniform = process.t_min * (process.t_max / process.t_min) ** u
-    pick = _rand((n,), generator, dtype, device) < config.small_t_fraction
+    pick = uniform_draws((n,), generator, dtype, device) < config.small_t_fraction
     return torch.where(pick, log_uniform, t)
 
 
@@ -207,36 +106,52 @@ def _loss_fn(config: TrainConfig, model, process, reference=None):
     return fn
 
 
-def train_score_model(
-    model: torch.nn.Module,
-    process,
-    x0,
-    grad0=None,
-    *,
-    config: TrainConfig = TrainConfig(),
-    generator: torch.Generator,
-    progress: bool = False,
-    focus_weights=None,
-) -> TrainResult:
-    r"""Fit a score model to draws ``x0`` of :math:`p_0` (with :math:`\nabla\log p_0` at them).
+class TrainData(NamedTuple):
+    """The training and held-out points of one run.
 
-    Parameters
-    ----------
-    model : ScoreMLP, EnergyMLP or any module ``(x, t) -> (n, dim)``; trained in place (its
-        final raw weights), while the result carries the EMA weights.
-    process : VP or VE
-    x0 : (n, dim) training points
-    grad0 : (n, dim) :math:`\nabla\log p_0(x_0)`; required by ``"tsm"`` and ``"mixed"``.
-    config : TrainConfig
-    generator : torch.Generator, the source of all randomness
-    progress : show a tqdm bar with the current losses
-    focus_weights : (n,) non-negative, optional
-        Sampling weights of the focused share of each batch (``config.focus_fraction``).
-
-    Returns
-    -------
-    TrainResult
+    x, grad : (m, dim) training points and their scores (zeros where none were given, ``has_grad``
+    False); x_val, g_val : (val_repeats * n_val, dim) the held-out points, repeated; val_seed : the
+    seed of the held-out times and noises; batch_size : min(config, m); focus : (m,) the focus
+    weights of the training points or None, ``num_focus`` of each batch drawn by them at times up
+    to ``t_focus``.
     """
+
+    x: torch.Tensor
+    grad: torch.Tensor
+    has_grad: bool
+    x_val: torch.Tensor
+    g_val: torch.Tensor
+    val_seed: int
+    batch_size: int
+    focus: torch.Tensor | None
+    num_focus: int
+    t_focus: float
+
+
+class TrainState(NamedTuple):
+    """The optimiser state: the ``model`` with its raw weights and the ``ema`` copy (both updated in
+    place by :func:`step`, as torch optimisers do), the Adam ``optimizer``, the ``data``, the epoch's
+    permutation ``order`` with the position ``pos`` in it, and the steps taken."""
+
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    data: TrainData
+    order: torch.Tensor | None
+    pos: int
+    step: int
+
+
+class TrainInfo(NamedTuple):
+    """One step's training ``loss`` (a detached 0-d tensor: no host sync in the loop) and ``lr``."""
+
+    loss: torch.Tensor
+    lr: float
+
+
+def _checked_inputs(model, process, x0, grad0, config: TrainConfig, focus_weights):
+    """``x0``, ``grad0`` (None where the loss does not use it) and ``focus_weights`` on the model's
+    device and dtype, or a ``ValueError`` naming what is wrong."""
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
     param = next(model.parameters())
@@ -275,193 +190,172 @@ def train_score_model(
             raise ValueError(
                 "TrainConfig.focus_fraction > 0 needs a process with t_min > 0 (log-uniform times)"
             )
-    has_grad = grad0 is not None
-    if grad0 is None:
-        grad0 = torch.zeros_like(x0)
+    return x0, grad0, focus_weights
 
+
+def init(generator, model, process, x0, grad0, config: TrainConfig, focus_weights=None) -> TrainState:
+    """Split checked points ``x0 (n, dim)`` (scores ``grad0`` or None) into training and held-out
+    parts by one random permutation, draw the held-out seed, and set up the EMA copy and Adam."""
+    has_grad = grad0 is not None
+    grad0 = grad0 if has_grad else torch.zeros_like(x0)
     n = x0.shape[0]
     perm = torch.randperm(n, generator=generator, device=generator.device).to(x0.device)
     n_val = int(math.floor(config.val_fraction * n))
     val_idx, train_idx = perm[:n_val], perm[n_val:]
-    x_train, g_train = x0[train_idx], grad0[train_idx]
-    x_val = x0[val_idx].repeat(config.val_repeats, 1)
-    g_val = grad0[val_idx].repeat(config.val_repeats, 1)
     val_seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
-    batch_size = min(config.batch_size, x_train.shape[0])
-    focus = None
+    batch_size = min(config.batch_size, n - n_val)
+    focus, num_focus, t_focus = None, 0, process.t_max
     if config.focus_fraction > 0:
-        focus = focus_weights[train_idx]
-        num_focus = int(config.focus_fraction * batch_size)
-        t_focus = (
-            process.t_max
-            if config.focus_t_max is None
-            else min(max(float(config.focus_t_max), process.t_min), process.t_max)
-        )
-
+        focus, num_focus = focus_weights[train_idx], int(config.focus_fraction * batch_size)
+        if config.focus_t_max is not None:
+            t_focus = min(max(float(config.focus_t_max), process.t_min), process.t_max)
+    data = TrainData(
+        x0[train_idx],
+        grad0[train_idx],
+        has_grad,
+        x0[val_idx].repeat(config.val_repeats, 1),
+        grad0[val_idx].repeat(config.val_repeats, 1),
+        val_seed,
+        batch_size,
+        focus,
+        num_focus,
+        t_focus,
+    )
     ema = copy.deepcopy(model)
     for p in ema.parameters():
         p.requires_grad_(False)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    reference = (x_train, g_train if has_grad else None)  # the pool of "stf" reference points
-    train_loss_fn = _loss_fn(config, model, process, reference)
-    val_loss_fn = _loss_fn(config, ema, process, reference)
+    return TrainState(model, ema, optimizer, data, None, n - n_val, 0)
 
-    def validate() -> float:
-        if n_val == 0:
-            return math.nan
-        gen = torch.Generator(device=generator.device).manual_seed(val_seed)
-        if config.loss == "ssm":
-            return float(val_loss_fn(x_val, g_val, gen).detach())
-        with torch.no_grad():
-            return float(val_loss_fn(x_val, g_val, gen))
 
+def _learning_rate(config: TrainConfig, k: int) -> float:
+    """The rate of step ``k`` (1-based): constant, or cosine from ``lr`` to ``lr * lr_final_ratio``."""
+    if config.lr_schedule != "cosine":
+        return config.lr
+    frac = (k - 1) / max(config.num_steps - 1, 1)
+    return config.lr * (
+        config.lr_final_ratio + (1 - config.lr_final_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    )
+
+
+def _focused_batch(generator, idx, data: TrainData, config: TrainConfig, process):
+    """The batch ``idx`` with its first ``num_focus`` points redrawn by focus weight, and its times:
+    the focused points' log-uniform on ``[t_min, t_focus]`` (small times only)."""
+    idx = idx.clone()
+    idx[: data.num_focus] = torch.multinomial(
+        data.focus, data.num_focus, replacement=True, generator=generator
+    ).to(idx.device)
+    x = data.x
+    t = _sample_times(config, process, idx.shape[0], generator, x.dtype, x.device)
+    t = process.sample_time(idx.shape[0], generator, dtype=x.dtype, device=x.device) if t is None else t
+    u = uniform_draws((data.num_focus,), generator, x.dtype, x.device)
+    t[: data.num_focus] = process.t_min * (data.t_focus / process.t_min) ** u
+    return idx, t
+
+
+def step(generator, state: TrainState, process, config: TrainConfig) -> tuple[TrainState, TrainInfo]:
+    """One Adam step on the next mini-batch (a fresh permutation at each epoch), then the EMA update
+    :math:`\\bar\\theta \\leftarrow \\rho_k\\bar\\theta + (1-\\rho_k)\\theta` with the warm-up
+    :math:`\\rho_k = \\min(\\rho, (1+k)/(10+k))`."""
+    data, order, pos, k = state.data, state.order, state.pos, state.step + 1
+    m, bs = data.x.shape[0], data.batch_size
+    if pos + bs > m:  # a new epoch: fresh permutation
+        order, pos = torch.randperm(m, generator=generator, device=generator.device).to(data.x.device), 0
+    idx, t = order[pos : pos + bs], None
+    lr = _learning_rate(config, k)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    if data.focus is not None and data.num_focus > 0:  # a share of the batch drawn by focus weight
+        idx, t = _focused_batch(generator, idx, data, config, process)
+    loss_fn = _loss_fn(config, state.model, process, (data.x, data.grad if data.has_grad else None))
+    loss = loss_fn(data.x[idx], data.grad[idx], generator, t)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip)
+    state.optimizer.step()
+    rho = min(config.ema_decay, (1 + k) / (10 + k))
+    with torch.no_grad():
+        for p_ema, p in zip(state.ema.parameters(), state.model.parameters()):
+            p_ema.lerp_(p, 1.0 - rho)
+    return state._replace(order=order, pos=pos + bs, step=k), TrainInfo(loss.detach(), lr)
+
+
+def validate(state: TrainState, process, config: TrainConfig, device) -> float:
+    """The EMA weights' loss on the held-out points, with the same times and noises every time
+    (a generator on ``device`` seeded by ``val_seed``); NaN without a held-out split."""
+    data = state.data
+    if data.x_val.shape[0] == 0:
+        return math.nan
+    gen = torch.Generator(device=device).manual_seed(data.val_seed)
+    fn = _loss_fn(config, state.ema, process, (data.x, data.grad if data.has_grad else None))
+    if config.loss == "ssm":  # needs autograd through the model for its divergence
+        return float(fn(data.x_val, data.g_val, gen).detach())
+    with torch.no_grad():
+        return float(fn(data.x_val, data.g_val, gen))
+
+
+def train_score_model(
+    model: torch.nn.Module,
+    process,
+    x0,
+    grad0=None,
+    *,
+    config: TrainConfig = TrainConfig(),  # noqa: B008 (frozen, so immutable)
+    generator: torch.Generator,
+    progress: bool = False,
+    focus_weights=None,
+) -> TrainResult:
+    r"""Fit a score model to draws ``x0`` of :math:`p_0` (with :math:`\nabla\log p_0` at them).
+
+    Parameters
+    ----------
+    model : ScoreMLP, EnergyMLP or any module ``(x, t) -> (n, dim)``; trained in place (its
+        final raw weights), while the result carries the EMA weights.
+    process : VP or VE
+    x0 : (n, dim) training points
+    grad0 : (n, dim) :math:`\nabla\log p_0(x_0)`; required by ``"tsm"`` and ``"mixed"``.
+    config : TrainConfig
+    generator : torch.Generator, the source of all randomness
+    progress : show a tqdm bar with the current losses
+    focus_weights : (n,) non-negative, optional
+        Sampling weights of the focused share of each batch (``config.focus_fraction``).
+
+    Returns
+    -------
+    TrainResult
+    """
+    x0, grad0, focus_weights = _checked_inputs(model, process, x0, grad0, config, focus_weights)
+    state = init(generator, model, process, x0, grad0, config, focus_weights)
     history = {"step": [], "train_loss": [], "val_loss": []}
     best_val, best_state, bad_evals = math.inf, None, 0
-    window_sum = torch.zeros((), dtype=x0.dtype, device=x0.device)
-    window_len, order, pos, step = 0, None, n, 0
-    bar = progress_bar(config.num_steps, "training score model", progress)
-    try:
-        for step in range(1, config.num_steps + 1):
-            if pos + batch_size > x_train.shape[0]:  # a new epoch: fresh permutation
-                order = torch.randperm(x_train.shape[0], generator=generator, device=generator.device).to(
-                    x0.device
-                )
-                pos = 0
-            idx = order[pos : pos + batch_size]
-            pos += batch_size
-            if config.lr_schedule == "cosine":
-                frac = (step - 1) / max(config.num_steps - 1, 1)
-                scale = config.lr_final_ratio + (1 - config.lr_final_ratio) * 0.5 * (
-                    1 + math.cos(math.pi * frac)
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr * scale
-            if focus is None or num_focus == 0:
-                loss = train_loss_fn(x_train[idx], g_train[idx], generator)
-            else:  # a share of the batch drawn by focus weight, at small times only
-                idx = idx.clone()
-                idx[:num_focus] = torch.multinomial(
-                    focus, num_focus, replacement=True, generator=generator
-                ).to(idx.device)
-                t = _sample_times(config, process, idx.shape[0], generator, x0.dtype, x0.device)
-                t = (
-                    process.sample_time(idx.shape[0], generator, dtype=x0.dtype, device=x0.device)
-                    if t is None
-                    else t
-                )
-                u = _rand((num_focus,), generator, x0.dtype, x0.device)
-                t[:num_focus] = process.t_min * (t_focus / process.t_min) ** u
-                loss = train_loss_fn(x_train[idx], g_train[idx], generator, t)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            rho = min(config.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p, 1.0 - rho)
-            window_sum += loss.detach()
-            window_len += 1
+    window_sum, window_len = torch.zeros((), dtype=x0.dtype, device=x0.device), 0
+    with progress_bar(config.num_steps, "training score model", progress) as bar:
+        while state.step < config.num_steps:
+            state, info = step(generator, state, process, config)
+            window_sum, window_len = window_sum + info.loss, window_len + 1
             bar.update(1)
-            if step % config.eval_every == 0 or step == config.num_steps:
-                train_loss = float(window_sum) / window_len
-                window_sum.zero_()
-                window_len = 0
-                val = validate()
-                history["step"].append(step)
-                history["train_loss"].append(train_loss)
-                history["val_loss"].append(val)
-                bar.set_postfix(loss=f"{train_loss:.4g}", val=f"{val:.4g}")
-                if val < best_val:
-                    best_val, bad_evals = val, 0
-                    if config.patience is not None:
-                        best_state = copy.deepcopy(ema.state_dict())
-                elif config.patience is not None:
-                    bad_evals += 1
-                    if bad_evals >= config.patience:
-                        break
-    finally:
-        bar.close()
+            if state.step % config.eval_every and state.step < config.num_steps:
+                continue
+            train_loss = float(window_sum) / window_len
+            val = validate(state, process, config, generator.device)
+            window_sum, window_len = torch.zeros_like(window_sum), 0
+            for key, value in zip(history, (state.step, train_loss, val)):
+                history[key].append(value)
+            bar.set_postfix(loss=f"{train_loss:.4g}", val=f"{val:.4g}")
+            if val < best_val:
+                best_val, bad_evals = val, 0
+                best_state = copy.deepcopy(state.ema.state_dict()) if config.patience is not None else None
+            elif config.patience is not None:
+                bad_evals += 1
+                if bad_evals >= config.patience:
+                    break
+    ema = state.ema
     if best_state is not None:
         ema.load_state_dict(best_state)
     for p in ema.parameters():  # trainable again, so a result can be warm-started
         p.requires_grad_(True)
     ema.eval()
-    return TrainResult(
-        model=ema,
-        history=history,
-        num_steps=step,
-        best_val_loss=best_val if math.isfinite(best_val) else math.nan,
-    )
-
-
-def save_model(path, model: torch.nn.Module, process, config: TrainConfig | None = None) -> None:
-    """Save a :class:`ScoreMLP` or :class:`EnergyMLP` with its process and training settings.
-
-    The file holds only tensors and plain Python values, so :func:`load_model` reads it with
-    ``torch.load(weights_only=True)`` (no code is unpickled).
-    """
-    name = type(model).__name__
-    if name not in _MODEL_CLASSES or not hasattr(model, "init_kwargs"):
-        raise ValueError(f"save_model saves ScoreMLP or EnergyMLP models, got {name}")
-    param = next(model.parameters())
-    payload = {
-        "format": _FILE_FORMAT,
-        "version": _FILE_VERSION,
-        "model_class": name,
-        "model_kwargs": dict(model.init_kwargs),
-        "model_uses_process": model.process is not None,
-        "process": None if process is None else process.to_dict(),
-        "config": None if config is None else dataclasses.asdict(config),
-        "dtype": str(param.dtype).replace("torch.", ""),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
-    if model.process is not None and process is not None and model.process.to_dict() != process.to_dict():
-        raise ValueError(f"the model was built with {model.process!r} but process is {process!r}")
-    torch.save(payload, path)
-
-
-def load_model(path):
-    """Load what :func:`save_model` wrote: returns ``(model, process, config)``, the model in eval mode.
-
-    Raises
-    ------
-    FileNotFoundError
-        If ``path`` does not exist.
-    ValueError
-        If the file is corrupt, is not a diffstat model file, or its weights do not fit the
-        recorded architecture.
-    """
-    if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
-        raise FileNotFoundError(f"no model file at {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise ValueError(
-            f"{path} is not a readable diffstat model file (corrupt or not saved by save_model): {exc}"
-        ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != _FILE_FORMAT:
-        raise ValueError(f"{path} is not a diffstat model file (no '{_FILE_FORMAT}' header)")
-    if payload.get("version") != _FILE_VERSION:
-        raise ValueError(
-            f"{path} has format version {payload.get('version')!r}; this diffstat reads {_FILE_VERSION}"
-        )
-    try:
-        cls = _MODEL_CLASSES[payload["model_class"]]
-        process = None if payload["process"] is None else process_from_dict(payload["process"])
-        kwargs = dict(payload["model_kwargs"])
-        if cls is EnergyMLP:
-            kwargs.pop("parameterization", None)
-        model = cls(**kwargs, process=process if payload["model_uses_process"] else None)
-        model = model.to(getattr(torch, payload["dtype"]))
-        model.load_state_dict(payload["state_dict"], strict=True)
-        config = None if payload["config"] is None else TrainConfig(**payload["config"])
-    except (KeyError, TypeError, RuntimeError, AttributeError, ValueError) as exc:
-        raise ValueError(
-            f"{path} does not describe a consistent model "
-            f"(mismatched architecture, weights or settings): {exc}"
-        ) from exc
-    model.eval()
-    return model, process, config
+    best = best_val if math.isfinite(best_val) else math.nan
+    return TrainResult(model=ema, history=history, num_steps=state.step, best_val_loss=best)

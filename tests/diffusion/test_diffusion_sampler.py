@@ -1,6 +1,5 @@
 """The diffusion sampler (method="diffusion"), its proposals and the per-mode Gaussian baseline."""
 
-import inspect
 import math
 
 import pytest
@@ -17,7 +16,7 @@ from diffstat.diffusion.proposals import (
     ode_log_density,
 )
 from diffstat.diffusion.reverse import probability_flow
-from diffstat.diffusion.sampler import run_diffusion_sampler
+from diffstat.diffusion.rounds import DiffusionConfig
 from diffstat.metrics import mmd
 from diffstat.targets import GaussianMixture, nine_modes
 
@@ -158,7 +157,7 @@ def test_diffusion_output_contract(nine_mode_run):
     # one pooled model for nine modes: the held-out check kept it (0) or fell back to the Gaussians (-1)
     choice = group["model_choice"].values
     assert choice.shape == (len(evals), 1) and (choice[0] == -2).all() and set(choice[1:].ravel()) <= {-1, 0}
-    default_weight = inspect.signature(run_diffusion_sampler).parameters["diffusion_weight"].default
+    default_weight = DiffusionConfig().diffusion_weight
     assert group["diffusion_share"].values[-1] == pytest.approx(
         default_weight if choice[-1, 0] == 0 else 0.0, abs=1e-3
     )

@@ -1,0 +1,385 @@
+r"""The rounds of the diffusion sampler as small steps: ``init`` explores and banks the modes,
+``step`` runs one importance round, ``done`` says when to stop.
+
+A round (:func:`step`) restocks the modes from the previous round's weighted particles (from the
+second round on), fits or warm-starts the score models (in a diffusion round), proposes from the
+defensive mixture and weighs the proposals by :math:`p / q`. The state carries what the next round
+needs: the latest restocked bank, the per-mode Gaussians and their weights :math:`\pi`, the
+training banks, the score models and the held-out particles of their check. The pipeline, its
+references and the reasons for every default are in :mod:`diffstat.diffusion.sampler`; the
+defaults here are the ones it documents.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from diffstat._util import check_positive_int, check_probability
+from diffstat.diffusion.importance import (
+    importance_summary,
+    resample_per_mode,
+    round_missed,
+    unique_rows,
+)
+from diffstat.diffusion.modes import ModeBank, balance_modes, explore_modes
+from diffstat.diffusion.networks import ScoreMLP
+from diffstat.diffusion.processes import VP
+from diffstat.diffusion.proposals import (
+    DefensiveMixture,
+    DiffusionMixture,
+    DiffusionProposal,
+    GaussianComponent,
+    GaussianMixtureProposal,
+    Whitening,
+    fit_mode_gaussians,
+    held_out_cross_entropy,
+)
+from diffstat.diffusion.training import TrainConfig, train_score_model
+
+__all__ = ["DiffusionConfig", "Population", "RoundInfo", "RoundState", "Units", "done", "init", "step"]
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The options of ``method="diffusion"`` and ``"gaussian_is"``, validated once; the meaning
+    and the reason for each default are in :func:`diffstat.diffusion.sampler.diffusion`.
+    ``use_diffusion=False`` gives per-mode Gaussian importance sampling (no score model)."""
+
+    use_diffusion: bool = True
+    num_explore: int = 2000
+    explore_steps: int = 20
+    start_scales: tuple = (0.5, 1.0, 2.0, 4.0)
+    chains_per_mode: int = 128
+    restock_steps: int = 40
+    num_proposals: int = 4096
+    final_proposals: int | None = None
+    diffusion_weight: float = 0.9
+    inflate: float = 1.2
+    ode_steps: int = 50
+    hidden: int = 128
+    depth: int = 3
+    train_steps: int = 2000
+    refit_steps: int = 500
+    batch_size: int = 256
+    lr: float = 1e-3
+    refresh_chains: int = 256
+    refresh_steps: int = 20
+    gaussian_rounds: int = 1
+    max_rounds: int = 3
+    target_ess: float = 0.3
+    per_mode_models: bool | None = None
+    max_mode_models: int = 4
+    gaussian_fallback: bool = True
+    held_out: int = 512
+    t_max: float = 0.6
+    whiten: str | None = None
+    refresh_keep_every: int = 1
+    train_on_restarts: bool = True
+    reference: torch.distributions.Distribution | None = None
+    prior_scale: float = 1.0
+
+    def __post_init__(self):
+        for name in ("num_proposals", "max_rounds", "ode_steps", "train_steps", "held_out"):
+            check_positive_int(getattr(self, name), name)
+        object.__setattr__(
+            self, "target_ess", check_probability(self.target_ess, "target_ess", open_interval=False)
+        )
+        if self.whiten not in (None, "full", "diag"):
+            raise ValueError(f"whiten must be None, 'full' or 'diag', got {self.whiten!r}")
+        if not 0.0 < self.t_max <= 1.0:
+            raise ValueError(f"t_max must lie in (0, 1], got {self.t_max}")
+        check_positive_int(self.refresh_keep_every, "refresh_keep_every")
+        if self.final_proposals is not None:
+            check_positive_int(self.final_proposals, "final_proposals")
+        if self.use_diffusion:
+            check_probability(self.diffusion_weight, "diffusion_weight")
+
+    def round_size(self, r: int) -> int:
+        """Proposals in round ``r`` (0-based): ``final_proposals`` in the last round, when given."""
+        last = r + 1 == self.max_rounds and self.final_proposals is not None
+        return int(self.final_proposals if last else self.num_proposals)
+
+
+class Units(NamedTuple):
+    """The score models, one per unit (a mode, or all modes for one pooled model), each on its
+    whitened coordinates, with the VP process they were built with."""
+
+    process: VP
+    models: tuple
+    whitenings: tuple
+
+
+class Population(NamedTuple):
+    """One round's proposals: ``x (n, dim)``, ``log_prob (n,)``, ``log_w (n,)`` (:math:`-\\infty`
+    where undefined) and ``mode (n,)``, the Gaussian component that best explains each point."""
+
+    x: torch.Tensor
+    log_prob: torch.Tensor
+    log_w: torch.Tensor
+    mode: torch.Tensor
+
+
+class RoundInfo(NamedTuple):
+    """One round's weighted ``population``, its ``summary`` (an
+    :func:`~diffstat.diffusion.importance.importance_summary` with the round's ``round``,
+    ``num_proposals``, ``train_loss``, ``diffusion_share`` and per-unit model ``choice``: 0 the
+    model, -1 its Gaussian, -2 no diffusion this round) and the target evaluations since ``init``."""
+
+    population: Population
+    summary: dict
+    num_target_evals: int
+
+
+class RoundState(NamedTuple):
+    """What the next round needs.
+
+    bank : the latest restocked :class:`~diffstat.diffusion.modes.ModeBank` (its centres are the
+    modes'); gaussians : the per-mode Gaussians, weighted by ``pi (K,)``; train : the banks the score
+    models train on; units : the score models (None before the first fit); held : held-out
+    ``(x, log_prob, mode)`` for the model check (None before the first round); last : the previous
+    round's :class:`RoundInfo` (None before the first); round : rounds run; per_mode : one model
+    per mode; evals0 : the target's evaluation count when ``init`` began.
+    """
+
+    bank: ModeBank
+    gaussians: GaussianMixtureProposal
+    pi: torch.Tensor
+    train: tuple
+    units: Units | None
+    held: tuple | None
+    last: RoundInfo | None
+    round: int
+    per_mode: bool
+    evals0: int
+
+
+def init(generator: torch.Generator, target, config: DiffusionConfig, device=None) -> RoundState:
+    """Explore the modes from the reference, restock each with ``chains_per_mode`` MALA chains,
+    and fit the per-mode Gaussians with uniform weights (steps 1 and 2 of the pipeline)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    evals0 = target.num_target_evals
+    bank = explore_modes(
+        target,
+        generator,
+        num_chains=config.num_explore,
+        num_steps=config.explore_steps,
+        start_scales=config.start_scales,
+        device=dev,
+        reference=config.reference,
+    )
+    num_modes = bank.num_modes
+    bank = balance_modes(
+        target, bank, generator, chains_per_mode=config.chains_per_mode, num_steps=config.restock_steps
+    )
+    gaussians = fit_mode_gaussians(bank, inflate=config.inflate)
+    uniform = torch.full((num_modes,), 1.0 / num_modes, dtype=bank.x.dtype, device=dev)
+    per_mode = config.use_diffusion and (
+        num_modes <= config.max_mode_models
+        if config.per_mode_models is None
+        else bool(config.per_mode_models)
+    )
+    return RoundState(bank, gaussians, uniform, (bank,), None, None, None, 0, per_mode, evals0)
+
+
+def _restart_bank(target, bank: ModeBank, pop: Population, count: int, generator) -> ModeBank:
+    """A bank of ``count`` points per mode drawn from the weighted particles of that mode (the
+    bank's own particles where a mode received no weight), with fresh gradients."""
+    idx = resample_per_mode(pop.log_w, pop.mode, bank.num_modes, count, generator)
+    lp, grad = target.log_prob_and_grad(pop.x[idx])
+    new = ModeBank(pop.x[idx], lp, grad, pop.mode[idx], bank.centers, bank.center_log_prob, 0)
+    for k in range(bank.num_modes):  # a loop over modes (few): those that received no weight
+        if bool((new.label == k).any()):
+            continue
+        rows = bank.label == k
+        new = ModeBank(
+            torch.cat([new.x, bank.x[rows]]),
+            torch.cat([new.log_prob, bank.log_prob[rows]]),
+            torch.cat([new.grad, bank.grad[rows]]),
+            torch.cat([new.label, bank.label[rows]]),
+            bank.centers,
+            bank.center_log_prob,
+            0,
+        )
+    return new
+
+
+def _restock(generator: torch.Generator, state: RoundState, target, config: DiffusionConfig) -> RoundState:
+    """Between rounds: held-out particles for the model check (a weighted resample per unit, no
+    target evaluations), the modes restocked from the weighted particles and balanced again, and
+    the Gaussians refitted with :math:`\\pi` = half the estimated mode weights plus half uniform
+    (so no mode is starved). The first restock replaces the explored bank as training data."""
+    pop, summary, num_modes = state.last.population, state.last.summary, state.bank.num_modes
+    held = state.held
+    if config.use_diffusion:  # one pooled model: held_out over all modes, not per mode
+        unit = pop.mode if state.per_mode else torch.zeros_like(pop.mode)
+        idx = resample_per_mode(
+            pop.log_w, unit, num_modes if state.per_mode else 1, config.held_out, generator
+        )
+        held = (pop.x[idx], pop.log_prob[idx], pop.mode[idx])
+    restart = _restart_bank(target, state.bank, pop, config.refresh_chains, generator)
+    bank = balance_modes(
+        target,
+        restart,
+        generator,
+        chains_per_mode=config.refresh_chains,
+        num_steps=config.refresh_steps,
+        keep_every=config.refresh_keep_every,
+    )
+    uniform = torch.full((num_modes,), 1.0 / num_modes, dtype=bank.x.dtype, device=state.pi.device)
+    pi = 0.5 * summary["mode_weights"].to(bank.x.dtype) + 0.5 * uniform
+    pi = pi / pi.sum()  # the mode weights are all zero where a round had no finite weight
+    new = (bank,)
+    if config.train_on_restarts:  # the distinct resampled particles (their gradients are paid for)
+        _, rows = unique_rows(restart.x)
+        new += (
+            ModeBank(
+                restart.x[rows],
+                restart.log_prob[rows],
+                restart.grad[rows],
+                restart.label[rows],
+                restart.centers,
+                restart.center_log_prob,
+                0,
+            ),
+        )
+    train = new if state.round == 1 else state.train + new
+    gaussians = fit_mode_gaussians(bank, inflate=config.inflate, weights=pi)
+    return state._replace(bank=bank, gaussians=gaussians, pi=pi, train=train, held=held)
+
+
+def _new_units(generator, x, groups, dim: int, config: DiffusionConfig, per_mode: bool, device) -> Units:
+    """One whitening and one zero-output :class:`ScoreMLP` (seeded from ``generator``) per unit."""
+    process = VP(t_max=config.t_max)
+    kind = ("full" if per_mode else "diag") if config.whiten is None else config.whiten
+    whitenings, models = [], []
+    for rows in groups:
+        whitenings.append(Whitening.fit(x[rows], kind=kind))
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        models.append(ScoreMLP(dim, config.hidden, config.depth, process=process, seed=seed).to(device))
+    return Units(process, tuple(models), tuple(whitenings))
+
+
+def _model_loses(proposal, k: int, state: RoundState, config: DiffusionConfig) -> bool:
+    """Whether unit ``k``'s Gaussian alone beats its defensive mixture with the model in held-out
+    cross-entropy on the held-out particles (for a per-mode unit, those of its mode and its own
+    component, normalised)."""
+    xh, lph, mode_h = state.held
+    sel = mode_h == k if state.per_mode else torch.ones_like(mode_h, dtype=torch.bool)
+    g = state.gaussians
+    log_g = (
+        g.component_log_prob(xh[sel])[:, k] - torch.log(g.weights[k])
+        if state.per_mode
+        else g.log_prob(xh[sel])
+    )
+    lw, lg = math.log(config.diffusion_weight), math.log1p(-config.diffusion_weight)
+    model_score = held_out_cross_entropy(
+        lph[sel], torch.logaddexp(lw + proposal.log_prob(xh[sel]), lg + log_g)
+    )
+    return held_out_cross_entropy(lph[sel], log_g) < model_score
+
+
+def _fit_units(generator, state: RoundState, dim: int, config: DiffusionConfig):
+    """Fit (or warm-start) the score model of every unit on the training banks; with
+    ``gaussian_fallback`` keep it only where :func:`_model_loses` says it does not. Returns the
+    units, the diffusion proposal (None where the one pooled model lost), the mean final training
+    loss and the choice per unit (0: model, -1: Gaussian)."""
+    x = torch.cat([b.x for b in state.train])
+    g = torch.cat([b.grad for b in state.train])
+    label = torch.cat([b.label for b in state.train])
+    num_modes = state.bank.num_modes
+    groups = (
+        [label == k for k in range(num_modes)]
+        if state.per_mode
+        else [torch.ones_like(label, dtype=torch.bool)]
+    )
+    first = state.units is None
+    units = _new_units(generator, x, groups, dim, config, state.per_mode, x.device) if first else state.units
+    train = TrainConfig(
+        num_steps=config.train_steps if first else config.refit_steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        loss="mixed",
+        lr_schedule="cosine",
+    )
+    models, losses, comps, choice = list(units.models), [], [], []
+    for k, rows in enumerate(groups):  # a loop over units (few modes)
+        white = units.whitenings[k]
+        fit = train_score_model(
+            models[k],
+            units.process,
+            white.to_white(x[rows]),
+            white.grad_to_white(g[rows]),
+            config=train,
+            generator=generator,
+        )
+        models[k] = fit.model
+        losses.append(fit.history["train_loss"][-1] if fit.history["train_loss"] else math.nan)
+        proposal = DiffusionProposal(
+            lambda y, t, m=fit.model: m(y, t),
+            units.process,
+            white,
+            num_steps=config.ode_steps,
+            prior_scale=config.prior_scale,
+        )
+        lost = (
+            state.held is not None and config.gaussian_fallback and _model_loses(proposal, k, state, config)
+        )
+        choice.append(-1 if lost else 0)
+        if state.per_mode:
+            comps.append(
+                GaussianComponent(state.gaussians.means[k], state.gaussians.chols[k]) if lost else proposal
+            )
+        elif not lost:
+            comps.append(proposal)
+    units = units._replace(models=tuple(models))
+    mean_loss = float(sum(losses) / len(losses))
+    if not comps:  # the pooled model lost to the Gaussians: this round is Gaussian IS
+        return units, None, mean_loss, choice
+    return units, (DiffusionMixture(comps, state.pi) if state.per_mode else comps[0]), mean_loss, choice
+
+
+def step(generator: torch.Generator, state: RoundState, target, config: DiffusionConfig):
+    """One importance round: restock from the previous round (from the second round on), fit the
+    score models (in a diffusion round, from round ``gaussian_rounds`` on), propose from the
+    defensive mixture, weigh by :math:`p / q`. Returns the new state and the round's
+    :class:`RoundInfo`."""
+    if state.last is not None:
+        state = _restock(generator, state, target, config)
+    r, units, diffusion, loss = state.round, state.units, None, math.nan
+    choice = [-2] * (state.bank.num_modes if state.per_mode else 1)  # -2: no diffusion this round
+    if config.use_diffusion and r >= config.gaussian_rounds:
+        units, diffusion, loss, choice = _fit_units(generator, state, target.dim, config)
+    proposal = DefensiveMixture(diffusion, state.gaussians, config.diffusion_weight)
+    n = config.round_size(r)
+    x, log_q, from_diffusion = proposal.sample(n, generator)
+    with torch.no_grad():
+        lp = target.log_prob(x)
+    log_w = torch.nan_to_num(lp - log_q, nan=-math.inf, neginf=-math.inf)  # keep -inf as -inf
+    g = state.gaussians
+    modes = (g.component_log_prob(x) - torch.log(g.weights)).argmax(-1)
+    summary = importance_summary(log_w, modes, state.bank.num_modes)
+    evals = target.num_target_evals - state.evals0
+    summary.update(
+        round=r,
+        num_proposals=n,
+        train_loss=loss,
+        num_target_evals=evals,
+        diffusion_share=float(from_diffusion.double().mean()),
+        choice=choice,
+    )
+    info = RoundInfo(Population(x, lp, log_w, modes), summary, evals)
+    return state._replace(units=units, last=info, round=r + 1), info
+
+
+def done(state: RoundState, info: RoundInfo, config: DiffusionConfig) -> bool:
+    """Stop after ``max_rounds``, or once a round that did not miss reaches an ESS fraction of
+    ``target_ess``, provided the score models have been fitted (or there are none to fit)."""
+    s = info.summary
+    enough = s["ess"] >= config.target_ess * s["num_proposals"] and not round_missed(s)
+    return state.round == config.max_rounds or (
+        enough and (state.units is not None or not config.use_diffusion)
+    )
