@@ -17,7 +17,7 @@ import torch
 
 from diffstat.smoothing import adaptive_mala
 
-__all__ = ["posterior_mala", "correct_jumps"]
+__all__ = ["posterior_mala", "correct", "correct_jumps", "check_num_mala"]
 
 
 def posterior_mala(
@@ -72,3 +72,19 @@ def correct_jumps(generator, target, x: torch.Tensor, y: torch.Tensor, s2: float
     out = torch.where(ok[:, None], out, torch.full_like(out, math.nan))
     lp = torch.where(ok, lp.detach(), torch.full_like(lp, math.nan))
     return out.reshape(shape), lp.reshape(shape[:2]), h
+
+
+def check_num_mala(num_mala, default: int) -> int:
+    """``num_mala`` (correction steps), ``default`` when None; a non-negative integer."""
+    num_mala = default if num_mala is None else num_mala
+    if isinstance(num_mala, bool) or not isinstance(num_mala, int) or num_mala < 0:
+        raise ValueError(f"num_mala must be a non-negative integer, got {num_mala!r}")
+    return num_mala
+
+
+def correct(generator, target, x: torch.Tensor, y: torch.Tensor, s2: float, num_mala: int):
+    """SMS's correction of the jumps ``x: (n, d)`` at ``y: (n, d)``: :func:`posterior_mala`, or with
+    ``num_mala = 0`` the jumps themselves. Returns ``(x, lp (n,), acceptance (n,), step size)``."""
+    if num_mala > 0:
+        return posterior_mala(generator, target, x, y, s2, num_mala)[:4]
+    return x, target.log_prob(x).detach(), torch.ones(x.shape[0], dtype=x.dtype, device=x.device), math.nan

@@ -41,6 +41,7 @@ import warnings
 import torch
 
 from diffstat._util import check_positive_int
+from diffstat.smoothing.geometry import particle_geometry
 from diffstat.smoothing.learned import LearnedSmoothedScore
 from diffstat.smoothing.populations import get_population
 
@@ -49,27 +50,6 @@ __all__ = ["fit_smoothed_score", "particle_geometry"]
 #: A held-out relative Fisher divergence above this is warned about (the learned score is off by
 #: more than a third of the true score's size at small noise).
 _MAX_FISHER = 0.1
-
-
-def particle_geometry(x: torch.Tensor, generator: torch.Generator, max_pairs_points: int = 1024) -> dict:
-    r"""Defaults for SMS from particles ``x: (n, d)``: ``center``, ``scale`` (root mean variance per
-    coordinate), ``diameter`` (99% quantile of pairwise distances, which includes the within-mode
-    spread and so errs large) and ``sigma`` = ``diameter`` (the diameter rule, log-concave side)."""
-    n = x.shape[0]
-    idx = torch.randperm(n, generator=generator, device=generator.device)[:max_pairs_points].to(x.device)
-    xs = x[idx].double()
-    d2 = torch.cdist(xs, xs).pow(2)
-    iu = torch.triu_indices(xs.shape[0], xs.shape[0], 1)
-    diameter = float(d2[iu[0], iu[1]].quantile(0.99).sqrt()) if xs.shape[0] > 1 else 0.0
-    scale = math.sqrt(float(x.double().var(0).mean()))
-    return dict(
-        source="particles",
-        center=x.double().mean(0),
-        scale=scale,
-        diameter=diameter,
-        tau=math.nan,
-        sigma=max(diameter, scale),
-    )
 
 
 #: The kernel estimate of the kept particles replaces the network from the smallest noise at which the

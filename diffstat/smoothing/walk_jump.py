@@ -52,7 +52,7 @@ import torch
 
 from diffstat._util import check_positive_int, progress_bar
 from diffstat.sampling import SamplerResult, register_sampler
-from diffstat.smoothing.correction import correct_jumps
+from diffstat.smoothing.correction import check_num_mala, correct_jumps
 from diffstat.smoothing.fit import learned_score_report
 from diffstat.smoothing.learned import LearnedSmoothedScore
 from diffstat.smoothing.scores import LaplaceSmoothedScore, resolve_smoothed_score
@@ -348,9 +348,7 @@ def walk_jump(
         target, smoothed_score, estimator, estimator_options, walk, generator
     )
     learned = isinstance(provider, LearnedSmoothedScore)
-    num_mala = (_LEARNED_MALA if learned else 0) if num_mala is None else num_mala
-    if isinstance(num_mala, bool) or not isinstance(num_mala, int) or num_mala < 0:
-        raise ValueError(f"num_mala must be a non-negative integer, got {num_mala!r}")
+    num_mala = check_num_mala(num_mala, _LEARNED_MALA if learned else 0)
     y = _initial_walkers(target, provider, init, num_chains, sigma, generator, device)
     kernel = _make_walk(walk, provider, smoothed_log_prob, sigma, step_size, friction, num_warmup)
     capped = provider is not None and provider.uses_target and not learned
