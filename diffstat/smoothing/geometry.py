@@ -6,11 +6,12 @@ A geometry is a dict: ``center`` ``(d,)``, ``scale`` (root mean variance per coo
 mode exploration from the log-density (:func:`default_noise`), or the particles of a learned score
 (:func:`particle_geometry`).
 
-SMS's defaults (:func:`noise_levels`): :math:`\sigma = \sqrt{\max(R^2 - \tau^2, \tau^2)}`, the
-diameter rule of the paper's public code (every conditional log-concave); :math:`M` from the W2 bound
-:math:`W_2^2 \le \sigma^2 d / M \le` ``w2_tol``, default ``w2_tol`` :math:`= d\,(s/2)^2` with
-:math:`s` = ``scale`` (the bound's noise per coordinate at most half the target's spread; the final
-MALA removes the rest).
+SMS's defaults (:func:`noise_levels`): :math:`\sigma = \sqrt{\max(R^2 - \tau^2, \tau^2)}` (:math:`R`
+the diameter, :math:`\tau` the largest within-mode standard deviation), the diameter rule of the
+paper's public code (every conditional log-concave); :math:`M` from the W2 bound :math:`W_2^2 \le
+\sigma^2 d / M \le` ``w2_tol``, default ``w2_tol`` :math:`= d\,(s/2)^2` with :math:`s` = ``scale``
+(the bound's noise per coordinate at most half the target's spread; the final MALA removes the
+rest).
 """
 
 from __future__ import annotations

@@ -47,13 +47,9 @@ Structure: the measurement steps are :mod:`~diffstat.smoothing.measurements` (``
 MALA :mod:`~diffstat.smoothing.correction` on the shared runner
 :mod:`~diffstat.smoothing.adaptive_mala`; :func:`sms` validates, drives and reports.
 
-Defaults (reported in ``posterior.attrs``): :math:`\sigma = \sqrt{\max(R^2 - \tau^2, \tau^2)}` with
-:math:`R` the largest distance between modes and :math:`\tau` the largest component standard
-deviation (the diameter rule of the paper's public code), taken from the target's exact mixture
-when it carries one, else from a quick mode exploration; :math:`M` from the W2 bound
-:math:`W_2^2 \le \sigma^2 d / M \le` ``w2_tol``, with default ``w2_tol`` :math:`= d\,(s/2)^2`,
-:math:`s^2` the target's mean variance per coordinate (the bound's noise per coordinate at most
-half the target's spread; the final MALA removes the rest).
+Defaults (reported in ``posterior.attrs``): :math:`\sigma` by the diameter rule of the paper's public
+code and :math:`M` by a W2 bound (:mod:`~diffstat.smoothing.geometry`), from the geometry of an exact
+mixture passed as ``mixture=``, of a learned score's particles, or of a quick mode exploration.
 
 The joint variant (JMS, ``variant="jms"``) runs underdamped Langevin on all :math:`M` measurements
 at once, with :math:`\nabla_{y_i}\log p(y_{1:M}) = \frac1M\nabla\log q_{\sigma/\sqrt M}(\bar y) -
