@@ -342,13 +342,13 @@ def learned_score_report(
             f"{check['log_prob_mismatch']:.3g} > {_MAX_MISMATCH}); every draw is marked in sample_stats "
             "'diverging'. Refit with ds.smoothing.fit_smoothed_score(target).",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     elif training_evals is None and not check["fisher_divergence"] <= _MAX_FISHER:
         warnings.warn(
             f"the learned smoothed score is far from the target's at small noise (held-out relative Fisher "
             f"divergence {check['fisher_divergence']:.3g} > {_MAX_FISHER})",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return attrs, rejected

@@ -158,7 +158,7 @@ def _run_sms(generator, target, provider, y0, sigma, big_m, make_walk, steps, ma
                 f"{sigma**2 * d / big_m:.3g}). Use the learned score (the default) or raise "
                 "max_evals_per_draw.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             return _Run(state.total / m, state.jump, m, diag, True)
     return _Run(state.total / big_m, state.jump, big_m, diag, False)
