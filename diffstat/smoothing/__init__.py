@@ -1,14 +1,18 @@
 """Samplers that walk on the Gaussian-smoothed target and jump with the empirical-Bayes denoiser.
 
-- :mod:`diffstat.smoothing.scores`: the smoothed-score interface, exact closed forms and the
-  training-free Laplace estimator with a shared mode bank; :mod:`~diffstat.smoothing.baselines`
-  (importance sampling, MCMC) and :mod:`~diffstat.smoothing.learned` (a score network).
-- :mod:`diffstat.smoothing.fit`: ``fit_smoothed_score(target)``, the learned score from the log-density
-  (the default estimator), trained on a particle population of :mod:`~diffstat.smoothing.populations`.
-- :mod:`diffstat.smoothing.correction`: the final MALA correction on p(x | y).
-- :mod:`diffstat.smoothing.laplace`: Hessians, damped Newton, mode bank, mode exploration.
-- :mod:`diffstat.smoothing.walk_jump`: walk-jump sampling (``method="walk_jump"``).
-- :mod:`diffstat.smoothing.sms`: sequential (and joint) multimeasurement sampling (``method="sms"``).
+- Smoothed scores: the interface (:mod:`~diffstat.smoothing.base`), the front that picks one
+  (:mod:`~diffstat.smoothing.scores`), the training-free Laplace estimator with a shared mode bank
+  (:mod:`~diffstat.smoothing.laplace_score`, on the Hessians, damped Newton, mode bank and mode
+  exploration of :mod:`~diffstat.smoothing.laplace`), the baselines
+  (:mod:`~diffstat.smoothing.baselines`) and a score network (:mod:`~diffstat.smoothing.learned`),
+  fitted from the log-density by :mod:`~diffstat.smoothing.fit` (the default estimator) on a
+  particle population of :mod:`~diffstat.smoothing.populations`.
+- Kernels: the Langevin walks (:mod:`~diffstat.smoothing.walks`), the one adaptive MALA runner
+  (:mod:`~diffstat.smoothing.adaptive_mala`) and the final MALA correction on p(x | y)
+  (:mod:`~diffstat.smoothing.correction`); SMS's measurement steps
+  (:mod:`~diffstat.smoothing.measurements`) and noise defaults (:mod:`~diffstat.smoothing.geometry`).
+- Samplers: walk-jump (:mod:`~diffstat.smoothing.walk_jump`, ``method="walk_jump"``) and sequential
+  (and joint) multimeasurement sampling (:mod:`~diffstat.smoothing.sms`, ``method="sms"``).
 """
 
 from diffstat.smoothing.baselines import ImportanceSmoothedScore, MCMCSmoothedScore

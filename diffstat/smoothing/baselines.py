@@ -14,7 +14,7 @@ import torch
 from diffstat._util import check_positive_int
 from diffstat.mcmc.base import MCMCState
 from diffstat.mcmc.mala import mala_step
-from diffstat.smoothing.scores import SmoothedScore
+from diffstat.smoothing.base import SmoothedScore
 
 __all__ = ["ImportanceSmoothedScore", "MCMCSmoothedScore"]
 

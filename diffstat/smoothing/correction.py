@@ -15,11 +15,9 @@ import math
 
 import torch
 
-from diffstat.mcmc.adaptation import DualAveraging
-from diffstat.mcmc.base import MCMCState
-from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
+from diffstat.smoothing import adaptive_mala
 
-__all__ = ["posterior_mala"]
+__all__ = ["posterior_mala", "correct", "correct_jumps", "check_num_mala"]
 
 
 def posterior_mala(
@@ -37,8 +35,9 @@ def posterior_mala(
 
     The first step size is :math:`0.5\, v\, d^{-1/3}` (the MALA scaling) with :math:`v` = ``s2``,
     an upper bound on the posterior variance per coordinate, or ``scale2`` when given (needed for
-    ``s2 = inf``, plain MALA on :math:`p`). Returns ``(x, target log-density at x, mean acceptance
-    per chain over the second half, step)``."""
+    ``s2 = inf``, plain MALA on :math:`p`). The chains run on :mod:`~diffstat.smoothing.adaptive_mala`.
+    Returns ``(x (n, d), the target's log-density at x (n,), mean acceptance per chain over the
+    second half (n,), step size, the target's score at x (n, d))``."""
     finite = math.isfinite(s2)
 
     def log_prob_and_grad(z):
@@ -47,24 +46,45 @@ def posterior_mala(
             return lp, g
         return lp - ((z - ybar) ** 2).sum(-1) / (2 * s2), g - (z - ybar) / s2
 
-    state = MCMCState(x, *log_prob_and_grad(x))
     v = min(s2, scale2) if scale2 is not None else s2
     if not math.isfinite(v):
         raise ValueError("posterior_mala with s2 = inf needs scale2 (a variance scale) or step_size")
     h0 = 0.5 * v * x.shape[1] ** (-1 / 3) if step_size is None else step_size
-    adapt = DualAveraging(torch.tensor(h0, dtype=x.dtype, device=x.device), MALA_TARGET_ACCEPT)
     num_adapt = num_steps // 2 if step_size is None else 0
-    h = adapt.step_size
-    acc = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    for i in range(num_steps):
-        state, info = mala_step(generator, state, log_prob_and_grad, h)
-        if i < num_adapt:
-            h = adapt.update(info.acceptance_rate.mean())
-            if i == num_adapt - 1:
-                h = adapt.final_step_size
-        else:
-            acc = acc + info.acceptance_rate
-    acc = acc / max(num_steps - num_adapt, 1)
-    lp = state.log_prob + (((state.x - ybar) ** 2).sum(-1) / (2 * s2) if finite else 0.0)
-    grad = state.grad + ((state.x - ybar) / s2 if finite else 0.0)
-    return state.x, lp, acc, float(h), grad
+    state, _ = adaptive_mala.run(generator, log_prob_and_grad, x, num_steps, h0, num_adapt)
+    chain = state.chain
+    lp = chain.log_prob + (((chain.x - ybar) ** 2).sum(-1) / (2 * s2) if finite else 0.0)
+    grad = chain.grad + ((chain.x - ybar) / s2 if finite else 0.0)
+    return chain.x, lp, adaptive_mala.mean_acceptance(state), float(state.step_size), grad
+
+
+def correct_jumps(generator, target, x: torch.Tensor, y: torch.Tensor, s2: float, num_mala: int):
+    """Walk-jump's correction of every jump ``x: (chains, draws, d)`` at its walker ``y`` (same shape):
+    ``num_mala`` steps of :func:`posterior_mala` on p(x | y) with noise variance ``s2`` (none: the
+    jumps themselves). A non-finite jump stays NaN. Returns ``(x, lp (chains, draws), step size)``."""
+    shape = x.shape
+    flat, yf = x.reshape(-1, shape[-1]), y.reshape(-1, shape[-1])
+    if num_mala == 0:
+        return x, target.log_prob(flat).detach().reshape(shape[:2]), math.nan
+    ok = torch.isfinite(flat).all(-1)
+    flat = torch.where(ok[:, None], flat, yf)
+    out, lp, _, h, _ = posterior_mala(generator, target, flat, yf, s2, num_mala)
+    out = torch.where(ok[:, None], out, torch.full_like(out, math.nan))
+    lp = torch.where(ok, lp.detach(), torch.full_like(lp, math.nan))
+    return out.reshape(shape), lp.reshape(shape[:2]), h
+
+
+def check_num_mala(num_mala, default: int) -> int:
+    """``num_mala`` (correction steps), ``default`` when None; a non-negative integer."""
+    num_mala = default if num_mala is None else num_mala
+    if isinstance(num_mala, bool) or not isinstance(num_mala, int) or num_mala < 0:
+        raise ValueError(f"num_mala must be a non-negative integer, got {num_mala!r}")
+    return num_mala
+
+
+def correct(generator, target, x: torch.Tensor, y: torch.Tensor, s2: float, num_mala: int):
+    """SMS's correction of the jumps ``x: (n, d)`` at ``y: (n, d)``: :func:`posterior_mala`, or with
+    ``num_mala = 0`` the jumps themselves. Returns ``(x, lp (n,), acceptance (n,), step size)``."""
+    if num_mala > 0:
+        return posterior_mala(generator, target, x, y, s2, num_mala)[:4]
+    return x, target.log_prob(x).detach(), torch.ones(x.shape[0], dtype=x.dtype, device=x.device), math.nan

@@ -36,11 +36,14 @@ of width 128 and depth 3 trained for 2,000 Adam steps on batches of 512 (cosine 
 from __future__ import annotations
 
 import math
+import time
 import warnings
+from typing import NamedTuple
 
 import torch
 
 from diffstat._util import check_positive_int
+from diffstat.smoothing.geometry import particle_geometry
 from diffstat.smoothing.learned import LearnedSmoothedScore
 from diffstat.smoothing.populations import get_population
 
@@ -49,27 +52,6 @@ __all__ = ["fit_smoothed_score", "particle_geometry"]
 #: A held-out relative Fisher divergence above this is warned about (the learned score is off by
 #: more than a third of the true score's size at small noise).
 _MAX_FISHER = 0.1
-
-
-def particle_geometry(x: torch.Tensor, generator: torch.Generator, max_pairs_points: int = 1024) -> dict:
-    r"""Defaults for SMS from particles ``x: (n, d)``: ``center``, ``scale`` (root mean variance per
-    coordinate), ``diameter`` (99% quantile of pairwise distances, which includes the within-mode
-    spread and so errs large) and ``sigma`` = ``diameter`` (the diameter rule, log-concave side)."""
-    n = x.shape[0]
-    idx = torch.randperm(n, generator=generator, device=generator.device)[:max_pairs_points].to(x.device)
-    xs = x[idx].double()
-    d2 = torch.cdist(xs, xs).pow(2)
-    iu = torch.triu_indices(xs.shape[0], xs.shape[0], 1)
-    diameter = float(d2[iu[0], iu[1]].quantile(0.99).sqrt()) if xs.shape[0] > 1 else 0.0
-    scale = math.sqrt(float(x.double().var(0).mean()))
-    return dict(
-        source="particles",
-        center=x.double().mean(0),
-        scale=scale,
-        diameter=diameter,
-        tau=math.nan,
-        sigma=max(diameter, scale),
-    )
 
 
 #: The kernel estimate of the kept particles replaces the network from the smallest noise at which the
@@ -204,13 +186,10 @@ def fit_smoothed_score(
     dtype : the network's dtype (float32: twice as fast on CPU; its error is far below the fit's).
 
     The fitted score's ``info`` holds ``num_target_evals`` (spent here), ``population``,
-    ``num_particles``, ``fisher_divergence``, ``train_loss`` and ``fit_seconds``.
+    ``num_particles``, ``train_steps``, ``sigma_min``, ``sigma_max`` (in the target's units),
+    ``kernel_sigma`` (where the kernel takes over), ``fisher_divergence`` and ``fit_seconds``.
     """
-    import time
-
-    from diffstat.diffusion.networks import ScoreMLP
-    from diffstat.diffusion.processes import VE
-
+    t0 = time.perf_counter()
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
     num_particles = check_positive_int(num_particles, "num_particles")
@@ -218,9 +197,38 @@ def fit_smoothed_score(
         raise ValueError(f"loss must be 'stf' or 'mixed', got {loss!r}")
     if not 0.0 < held_out < 0.5:
         raise ValueError(f"held_out must lie in (0, 0.5), got {held_out}")
-    t0 = time.perf_counter()
     evals0 = target.num_target_evals
-    pop = get_population(population)(target, num_particles, generator, device, **(population_options or {}))
+    split = _population(target, population, num_particles, population_options, held_out, generator, device)
+    geometry = _geometry(target.dim, split, generator)
+    training = (train_steps, batch_size, lr, num_reference, loss)
+    net, process = _network(
+        split, geometry, (hidden, depth), training, (sigma_min, sigma_max), dtype, generator
+    )
+    c = geometry["scale"]
+    info = {"num_target_evals": int(target.num_target_evals - evals0), "population": split.source}
+    info.update(num_particles=int(split.x.shape[0]), train_steps=int(train_steps))
+    info.update(sigma_min=float(sigma_min) * c, sigma_max=process.sigma_max * c)
+    score = _assemble(net, process, split, geometry, info, keep_particles, kernel, generator)
+    _check_fit(score, max_fisher, split, t0)
+    return score
+
+
+class _Split(NamedTuple):
+    """Steps 1 and 2: the finite particles ``x (n, d)``, ``grad (n, d)``, ``log_prob (n,)``, the
+    indices of the training and held-out ones, and the population source's name."""
+
+    x: torch.Tensor
+    grad: torch.Tensor
+    log_prob: torch.Tensor
+    train: torch.Tensor
+    held: torch.Tensor
+    source: str
+
+
+def _population(target, population, num_particles, options, held_out, generator, device) -> _Split:
+    """Draw the population (step 1), keep its finite particles (16 at least) and hold out a share
+    ``held_out`` of them, 8 at least (step 2)."""
+    pop = get_population(population)(target, num_particles, generator, device, **(options or {}))
     ok = torch.isfinite(pop.x).all(-1) & torch.isfinite(pop.grad).all(-1) & torch.isfinite(pop.log_prob)
     x, g, lp = pop.x[ok], pop.grad[ok], pop.log_prob[ok]
     if x.shape[0] < 16:
@@ -229,54 +237,71 @@ def fit_smoothed_score(
         )
     perm = torch.randperm(x.shape[0], generator=generator, device=generator.device).to(x.device)
     n_held = max(int(held_out * x.shape[0]), 8)
-    held, train = perm[:n_held], perm[n_held:]
-    geometry = particle_geometry(x[train], generator)
-    # local (within-mode) scale from the Fisher information: d / E|grad log p|^2 = tau^2 for Gaussian modes
-    geometry["tau"] = math.sqrt(target.dim / float((g[held] ** 2).sum(-1).mean().clamp_min(1e-300)))
+    return _Split(x, g, lp, perm[n_held:], perm[:n_held], pop.source)
+
+
+def _geometry(dim: int, split: _Split, generator) -> dict:
+    r"""The training particles' geometry (:func:`~diffstat.smoothing.geometry.particle_geometry`), with
+    the local (within-mode) scale from the Fisher information of the held-out ones:
+    :math:`d / \mathbb E\lVert\nabla\log p\rVert^2 = \tau^2` for Gaussian modes."""
+    geometry = particle_geometry(split.x[split.train], generator)
+    fisher = float((split.grad[split.held] ** 2).sum(-1).mean().clamp_min(1e-300))
+    geometry["tau"] = math.sqrt(dim / fisher)
+    return geometry
+
+
+def _network(split: _Split, geometry: dict, shape, training, noise_range, dtype, generator):
+    """Steps 3 and 4: whiten the training particles and their scores, and train a
+    :class:`~diffstat.diffusion.networks.ScoreMLP` of ``shape = (hidden, depth)`` on a VE process
+    over ``noise_range = (sigma_min, sigma_max)`` in whitened units (``sigma_max`` at least 4).
+    Returns ``(network, process)``."""
+    from diffstat.diffusion.networks import ScoreMLP
+    from diffstat.diffusion.processes import VE
+
+    x, g = split.x[split.train], split.grad[split.train]
     center, c = geometry["center"].to(x), geometry["scale"]
+    sigma_min, sigma_max = noise_range
     s_max = 2.0 * geometry["diameter"] / c if sigma_max is None else float(sigma_max)
     process = VE(sigma_min=float(sigma_min), sigma_max=max(s_max, 4.0))
-    u = ((x[train] - center) / c).to(dtype)
-    gu = (g[train] * c).to(dtype)
-    model = ScoreMLP(target.dim, hidden=hidden, depth=depth, process=process, generator=generator).to(dtype)
-    net = _train(model, process, u, gu, generator, train_steps, batch_size, lr, num_reference, loss)
-    keep = train[:keep_particles]
-    particles = {"x": x[keep], "grad": g[keep], "held_x": x[held], "held_grad": g[held], "held_lp": lp[held]}
-    info = {
-        "num_target_evals": int(target.num_target_evals - evals0),
-        "population": pop.source,
-        "num_particles": int(x.shape[0]),
-        "train_steps": int(train_steps),
-        "sigma_min": float(sigma_min) * c,
-        "sigma_max": process.sigma_max * c,
-    }
+    u, gu = ((x - center) / c).to(dtype), (g * c).to(dtype)
+    hidden, depth = shape
+    model = ScoreMLP(x.shape[1], hidden=hidden, depth=depth, process=process, generator=generator).to(dtype)
+    return _train(model, process, u, gu, generator, *training), process
+
+
+def _assemble(net, process, split: _Split, geometry, info, keep_particles, kernel, generator):
+    """The score with its kept particles (``keep_particles`` training ones and the held-out ones) and,
+    with ``kernel``, the noise above which their kernel estimate replaces the network (step 5)."""
+    x, g, keep, held = split.x, split.grad, split.train[:keep_particles], split.held
+    c = geometry["scale"]
+    particles = {"x": x[keep], "grad": g[keep], "held_x": x[held], "held_grad": g[held]}
+    particles["held_lp"] = split.log_prob[held]
     if kernel:
         k = kernel_threshold(x[keep], x[held], generator, c, process.sigma_max * c)
         if k is not None:
             info["kernel_sigma"] = k
-    score = LearnedSmoothedScore(
-        net,
-        process,
-        center=geometry["center"],
-        scale=c,
-        variance=c**2,
-        particles=particles,
-        info=info,
+    return LearnedSmoothedScore(
+        net, process, center=geometry["center"], scale=c, variance=c**2, particles=particles, info=info,
         geometry=geometry,
-    )
-    check = score.check()  # the held-out particles' scores are the population's: no new evaluation
+    )  # fmt: skip
+
+
+def _check_fit(score: LearnedSmoothedScore, max_fisher: float, split: _Split, t0: float) -> None:
+    """Step 6: the held-out relative Fisher divergence (the held-out particles' scores are the
+    population's: no new evaluation) into ``score.info``, with the fit's time; a warning above
+    ``max_fisher``."""
+    check = score.check()
     score.info["fisher_divergence"] = check["fisher_divergence"]
     score.info["fit_seconds"] = time.perf_counter() - t0
     if not check["fisher_divergence"] <= max_fisher:
         warnings.warn(
             f"the learned smoothed score is far from the target's at small noise: held-out relative Fisher "
-            f"divergence {check['fisher_divergence']:.3g} > {max_fisher} (population {pop.source!r}, "
-            f"{x.shape[0]} particles); more particles or training steps, or another population source, "
+            f"divergence {check['fisher_divergence']:.3g} > {max_fisher} (population {split.source!r}, "
+            f"{split.x.shape[0]} particles); more particles or training steps, or another population source, "
             "may help",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return score
 
 
 #: A kept score whose held-out log-density differences to the target spread by more than this (relative
@@ -317,13 +342,13 @@ def learned_score_report(
             f"{check['log_prob_mismatch']:.3g} > {_MAX_MISMATCH}); every draw is marked in sample_stats "
             "'diverging'. Refit with ds.smoothing.fit_smoothed_score(target).",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     elif training_evals is None and not check["fisher_divergence"] <= _MAX_FISHER:
         warnings.warn(
             f"the learned smoothed score is far from the target's at small noise (held-out relative Fisher "
             f"divergence {check['fisher_divergence']:.3g} > {_MAX_FISHER})",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return attrs, rejected

@@ -38,10 +38,11 @@ __all__ = [
     "ModeBank",
     "ExploredModes",
     "explore_modes",
+    "MAX_STEP",
 ]
 
 #: Newton steps are capped at this many times s * sqrt(d).
-_MAX_STEP = 4.0
+MAX_STEP = 4.0
 
 
 def log_prob_grad_hessian(target, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -121,7 +122,7 @@ def damped_newton(target, x: torch.Tensor, y: torch.Tensor, s2: float, num_steps
     Laplace approximation, :math:`\log E = f(x) + \tfrac12 \nabla f^\top A^{-1}\nabla f +
     \tfrac d2 \log 2\pi - \tfrac12 \log\det A`."""
     n, d = x.shape
-    cap = _MAX_STEP * math.sqrt(s2 * d)
+    cap = MAX_STEP * math.sqrt(s2 * d)
     lp, g, hess = log_prob_grad_hessian(target, x)
     trust = torch.ones(n, 1, dtype=x.dtype, device=x.device)
     for it in range(num_steps):
@@ -269,7 +270,7 @@ def explore_modes(target, x: torch.Tensor, *, num_steps: int = 15, prox_scale: f
         _, _, step, _ = _newton_direction(g, hess, x, x, s2)
         step = (
             step
-            * torch.clamp(_MAX_STEP * math.sqrt(s2 * d) / step.norm(dim=-1, keepdim=True), max=1.0)
+            * torch.clamp(MAX_STEP * math.sqrt(s2 * d) / step.norm(dim=-1, keepdim=True), max=1.0)
             * trust
         )
         x_new = x + step

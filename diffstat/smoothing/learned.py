@@ -34,7 +34,7 @@ import os
 
 import torch
 
-from diffstat.smoothing.scores import SmoothedScore
+from diffstat.smoothing.base import SmoothedScore
 
 __all__ = ["LearnedSmoothedScore"]
 

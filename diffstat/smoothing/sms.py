@@ -36,16 +36,20 @@ cost is paid once; a kept score (``smoothed_score=``) draws further batches at t
 MALA alone (``correction_evals`` in attrs; ``score_*`` attrs report its fit and its check against
 this target, and a score fitted to another target marks every draw).
 
-Each SMS run gives one draw; ``num_chains * num_samples`` independent runs are batched together
-(they share the training-free estimator's mode bank) and reported as ``(num_chains, num_samples)``.
+Chains: each SMS run gives one independent draw; ``num_chains * num_samples`` runs are batched
+together (they share the training-free estimator's mode bank) and reported as ``(num_chains,
+num_samples)``: ``num_samples`` draws per chain, as for every method, each chain ``num_samples``
+independent runs (so its draws are uncorrelated and R-hat is about 1 by construction). A
+training-free score that spends its budget shortens the runs (fewer measurements), not the draws.
 
-Defaults (reported in ``posterior.attrs``): :math:`\sigma = \sqrt{\max(R^2 - \tau^2, \tau^2)}` with
-:math:`R` the largest distance between modes and :math:`\tau` the largest component standard
-deviation (the diameter rule of the paper's public code), taken from the target's exact mixture
-when it carries one, else from a quick mode exploration; :math:`M` from the W2 bound
-:math:`W_2^2 \le \sigma^2 d / M \le` ``w2_tol``, with default ``w2_tol`` :math:`= d\,(s/2)^2`,
-:math:`s^2` the target's mean variance per coordinate (the bound's noise per coordinate at most
-half the target's spread; the final MALA removes the rest).
+Structure: the measurement steps are :mod:`~diffstat.smoothing.measurements` (``sms_init`` /
+``sms_step``, and the joint walk), the noise defaults :mod:`~diffstat.smoothing.geometry`, the final
+MALA :mod:`~diffstat.smoothing.correction` on the shared runner
+:mod:`~diffstat.smoothing.adaptive_mala`; :func:`sms` validates, drives and reports.
+
+Defaults (reported in ``posterior.attrs``): :math:`\sigma` by the diameter rule of the paper's public
+code and :math:`M` by a W2 bound (:mod:`~diffstat.smoothing.geometry`), from the geometry of an exact
+mixture passed as ``mixture=``, of a learned score's particles, or of a quick mode exploration.
 
 The joint variant (JMS, ``variant="jms"``) runs underdamped Langevin on all :math:`M` measurements
 at once, with :math:`\nabla_{y_i}\log p(y_{1:M}) = \frac1M\nabla\log q_{\sigma/\sqrt M}(\bar y) -
@@ -56,17 +60,27 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from diffstat._util import check_positive_int, progress_bar
-from diffstat.mcmc.langevin import ula_step, underdamped_init, underdamped_step
 from diffstat.sampling import SamplerResult, register_sampler
-from diffstat.smoothing.correction import posterior_mala
+from diffstat.smoothing.correction import check_num_mala, correct, posterior_mala
 from diffstat.smoothing.fit import learned_score_report
-from diffstat.smoothing.laplace import explore_modes
+from diffstat.smoothing.geometry import default_noise, noise_levels
 from diffstat.smoothing.learned import LearnedSmoothedScore
+from diffstat.smoothing.measurements import (
+    conditional_score,
+    jms_init,
+    jms_jump,
+    joint_walk,
+    sms_init,
+    sms_step,
+)
 from diffstat.smoothing.scores import LaplaceSmoothedScore, SmoothedScore, resolve_smoothed_score
+from diffstat.smoothing.walks import ula_walk, underdamped_walk
 
 __all__ = ["conditional_score", "default_noise", "posterior_mala", "sms"]
 
@@ -83,85 +97,177 @@ _MIN_MEAN_FIT_ESS = 0.9
 _DEFAULT_MALA = 100
 _LEARNED_MALA = 30
 
-
-def conditional_score(
-    y: torch.Tensor, sum_prev: torch.Tensor, m: int, sigma: float, smoothed_score
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""The score of :math:`p(y_m \mid y_{1:m-1})` at ``y: (n, d)``, given the sum of the previous
-    measurements ``sum_prev: (n, d)`` (zero for ``m = 1``, where this is the score of
-    :math:`q_\sigma`). Returns ``(score, ybar, psi)`` with :math:`\psi = \nabla\log
-    q_{\sigma/\sqrt m}(\bar y_m)`."""
-    ybar = (sum_prev + y) / m
-    psi = smoothed_score(ybar, sigma / math.sqrt(m))
-    return (ybar - y + (sigma**2 / m) * psi) / sigma**2, ybar, psi
+_STATS = ("noise_level", "score_spread", "num_modes", "score_fit_ess", "num_target_evals")
 
 
-def default_noise(
-    target,
-    generator: torch.Generator,
-    device=None,
-    *,
-    num_explore: int = 256,
-    need_sigma: bool = True,
-    mixture=None,
-) -> dict:
-    r"""The target's geometry for the defaults: ``sigma`` (diameter rule), ``scale`` (root mean
-    variance per coordinate), ``center`` ``(d,)``, ``diameter``, ``tau`` and ``source``
-    (``"exact"`` from ``mixture``, an object with ``means``, ``covs``, ``mean`` and ``cov`` such as
-    a :class:`~diffstat.targets.GaussianMixture` passed explicitly, or ``"explored"``: damped Newton from
-    ``num_explore``
-    reference draws, the modes' Laplace mixture giving the moments). The explored modes are returned
-    under ``"modes"`` to seed a mode bank. If no mode is found and ``need_sigma`` is False (the
-    caller gave ``sigma`` and ``num_measurements``), the reference draws' mean and spread stand in
-    for the centre and scale (``source="reference"``)."""
-    out: dict = {}
-    if mixture is not None:
-        means, covs = mixture.means, mixture.covs
-        center, cov = mixture.mean, mixture.cov
-        out["source"] = "exact"
-    else:
-        x0 = target.sample_reference(num_explore, generator, device)
-        target.validate(x0[:16])  # a log-density that is -inf (or bad) everywhere is refused before any work
-        modes = explore_modes(target, x0)
-        if modes.modes.shape[0] == 0:
-            if need_sigma:
-                raise ValueError(
-                    "SMS could not find a mode of the target from its reference; pass sigma= and "
-                    "num_measurements="
-                )
-            return dict(
-                source="reference",
-                scale=math.sqrt(float(x0.var(0).mean())),
-                center=x0.mean(0).to(device=device, dtype=target.dtype),
-                diameter=math.nan,
-                tau=math.nan,
+class _Diagnostics:
+    """The ``sms`` group, one row per record, and the running mean of the score's ``fit_ess``."""
+
+    def __init__(self, n: int, dtype, device):
+        self.rows = {k: [] for k in _STATS}
+        self.fit_ess_sum = torch.zeros(n, dtype=dtype, device=device)
+        self.fit_ess_count = 0
+
+    def record(self, noise_level: float, info: dict, num_evals: int) -> None:
+        fit_ess = info.get("fit_ess")
+        if fit_ess is not None and fit_ess.shape == self.fit_ess_sum.shape:
+            self.fit_ess_sum = self.fit_ess_sum + fit_ess.to(self.fit_ess_sum)
+            self.fit_ess_count += 1
+        row = (
+            noise_level,
+            float(info["spread"].mean()) if "spread" in info else math.nan,
+            float(info["num_modes"].mean()) if "num_modes" in info else math.nan,
+            float(fit_ess.mean()) if fit_ess is not None else math.nan,
+            num_evals,
+        )
+        for key, value in zip(_STATS, row):
+            self.rows[key].append(value)
+
+    def fit_ess(self) -> float:
+        """Mean ``fit_ess`` over chains and records (1 when the score reports none)."""
+        return float(self.fit_ess_sum.mean()) / self.fit_ess_count if self.fit_ess_count else 1.0
+
+
+class _Run(NamedTuple):
+    """A driver's output: ``ybar`` and the jump ``x_hat`` ``(n, d)``, the measurements made, the
+    diagnostics and whether the budget ran out."""
+
+    ybar: torch.Tensor
+    x_hat: torch.Tensor
+    num_measurements: int
+    diagnostics: _Diagnostics
+    budget_hit: bool
+
+
+def _run_sms(generator, target, provider, y0, sigma, big_m, make_walk, steps, max_evals, bar) -> _Run:
+    """The sequential driver: :func:`~diffstat.smoothing.measurements.sms_step` for ``m = 1..M``, with
+    ``steps = (first_steps, steps_per_measurement)`` walk steps; stops early once ``max_evals`` target
+    evaluations per draw are spent (None: no cap)."""
+    (n, d), evals = y0.shape, 0
+    diag, state = _Diagnostics(n, y0.dtype, y0.device), sms_init(y0)
+    for m in range(1, big_m + 1):
+        state, info = sms_step(generator, state, provider, sigma, make_walk, steps[m > 1], target)
+        evals += info.num_evals
+        diag.record(info.noise_level, info.score_info, evals)
+        bar.update(1)
+        if max_evals is not None and evals > max_evals * n and m < big_m:
+            warnings.warn(
+                f"SMS: the training-free smoothed score ({type(provider).__name__}) spent its budget of "
+                f"{max_evals:g} target evaluations per draw after {m} of {big_m} measurements; "
+                f"the run ends there (W2 bound sigma^2 d / m = {sigma**2 * d / m:.3g} instead of "
+                f"{sigma**2 * d / big_m:.3g}). Use the learned score (the default) or raise "
+                "max_evals_per_draw.",
+                RuntimeWarning,
+                stacklevel=4,
             )
-        means, covs = modes.modes, torch.linalg.inv(modes.precisions)
-        center, cov = modes.mixture_moments()
-        out["source"] = "explored"
-        out["modes"] = modes
-    diameter = float(torch.cdist(means, means).max()) if means.shape[0] > 1 else 0.0
-    tau2 = float(torch.linalg.eigvalsh(covs).max())
-    out.update(
-        sigma=math.sqrt(max(diameter**2 - tau2, tau2)),
-        scale=math.sqrt(float(torch.diagonal(cov).mean())),
-        center=center.to(device=device, dtype=target.dtype),
-        diameter=diameter,
-        tau=math.sqrt(tau2),
+            return _Run(state.total / m, state.jump, m, diag, True)
+    return _Run(state.total / big_m, state.jump, big_m, diag, False)
+
+
+def _run_jms(generator, target, provider, geometry, sigma, big_m, walk_settings, shape, bar) -> _Run:
+    """The joint driver: ``num_steps`` steps of the joint walk (``walk_settings = (step_size, friction,
+    num_steps)``), recorded about 50 times, then the jump; ``shape = (n, d)``."""
+    (n, d), (step_size, friction, num_steps) = shape, walk_settings
+    evals0, center = target.num_target_evals, geometry["center"]
+    kernel = joint_walk(provider, sigma, big_m, step_size, friction)
+    state = jms_init(generator, kernel, center, geometry["scale"], sigma, (n, big_m, d))
+    diag = _Diagnostics(n, center.dtype, center.device)
+    for i in range(num_steps):
+        state, _ = kernel.step(generator, state)
+        if (i + 1) % max(num_steps // 50, 1) == 0 or i == num_steps - 1:
+            diag.record(sigma / math.sqrt(big_m), provider.last_info, target.num_target_evals - evals0)
+        bar.update(1)
+    ybar, x_hat = jms_jump(kernel, state, provider, sigma, big_m)
+    return _Run(ybar, x_hat, big_m, diag, False)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The walk options of :func:`sms` (``step_size`` and ``friction`` in units of sigma), validated
+    here with the noise options, before any work."""
+
+    variant: str
+    walk: str
+    steps_per_measurement: int
+    first_steps: int
+    step_size: float
+    friction: float
+    jms_steps: int
+
+    def __post_init__(self):
+        if self.variant not in ("sms", "jms"):
+            raise ValueError(f"variant must be 'sms' or 'jms', got {self.variant!r}")
+        if self.walk not in ("underdamped", "ula"):
+            raise ValueError(f"walk must be 'underdamped' or 'ula', got {self.walk!r}")
+        check_positive_int(self.steps_per_measurement, "steps_per_measurement")
+        check_positive_int(self.first_steps, "first_steps")
+        if not (self.step_size > 0 and self.friction > 0):
+            raise ValueError("step_size and friction must be positive")
+
+    @staticmethod
+    def check_noise(sigma, num_measurements) -> None:
+        """``sigma`` positive and ``num_measurements`` a positive integer, where given."""
+        if sigma is not None and not float(sigma) > 0:
+            raise ValueError(f"sigma must be positive, got {sigma}")
+        if num_measurements is not None:
+            check_positive_int(num_measurements, "num_measurements")
+
+    def drive(self, generator, target, provider, geometry, sigma, big_m, n, max_evals, progress) -> _Run:
+        """Start near :math:`q_\\sigma` (centre plus :math:`\\sqrt{\\sigma^2 + s^2}` noise, drawn for
+        both variants) and run the variant's driver."""
+        h = self.step_size * sigma if self.walk == "underdamped" else self.step_size * 0.1 * sigma**2
+        gamma, d, center = self.friction / sigma, target.dim, geometry["center"]
+        spread0 = math.sqrt(sigma**2 + geometry["scale"] ** 2)
+        y0 = center + spread0 * torch.randn(
+            n, d, generator=generator, dtype=center.dtype, device=center.device
+        )
+        length = big_m if self.variant == "sms" else self.jms_steps
+        bar = progress_bar(length, f"{self.variant} (sigma={sigma:.3g}, M={big_m})", progress)
+        if self.variant == "sms":
+            make_walk = (
+                (lambda s: underdamped_walk(s, h, gamma))
+                if self.walk == "underdamped"
+                else (lambda s: ula_walk(s, h))
+            )
+            steps = (self.first_steps, self.steps_per_measurement)
+            run = _run_sms(generator, target, provider, y0, sigma, big_m, make_walk, steps, max_evals, bar)
+        else:
+            run = _run_jms(
+                generator, target, provider, geometry, sigma, big_m, (h, gamma, self.jms_steps), (n, d), bar
+            )
+        bar.close()
+        return run
+
+
+def _score(target, smoothed_score, estimator, estimator_options, generator):
+    """The smoothed score, reset, and for a learned one
+    :func:`~diffstat.smoothing.fit.learned_score_report`'s ``(attrs, rejected)``."""
+    evals0 = target.num_target_evals
+    provider: SmoothedScore = resolve_smoothed_score(
+        target, smoothed_score, estimator=estimator, generator=generator, **(estimator_options or {})
     )
-    return out
+    provider.reset()
+    if not isinstance(provider, LearnedSmoothedScore):
+        return provider, {}, False
+    fitted = target.num_target_evals - evals0 if smoothed_score is None else None
+    return provider, *learned_score_report(provider, target, fitted)
 
 
-def _walk(generator, y, score, num_steps, step_size, friction, walk):
-    """``num_steps`` Langevin steps on ``score`` from ``y``; returns the end point."""
-    if walk == "underdamped":
-        state = underdamped_init(generator, y, score)
-        for _ in range(num_steps):
-            state = underdamped_step(generator, state, score, step_size, friction)
-        return state.x
-    for _ in range(num_steps):
-        y = ula_step(generator, y, score, step_size)
-    return y
+def _noise(target, provider, mixture, given: tuple, generator, device):
+    """``(geometry, sigma, M, w2_tol)`` from ``given = (sigma, num_measurements, w2_tol)`` and the
+    geometry: a learned score's particles', else :func:`~diffstat.smoothing.geometry.default_noise`'s
+    (whose explored modes seed a training-free score's mode bank)."""
+    learned = isinstance(provider, LearnedSmoothedScore)
+    if learned and mixture is None and provider.geometry is not None:
+        center = provider.geometry["center"].to(device=device, dtype=target.dtype)
+        geometry = dict(provider.geometry, center=center)
+    else:
+        need_sigma = given[0] is None or given[1] is None
+        geometry = default_noise(target, generator, device, need_sigma=need_sigma, mixture=mixture)
+    if isinstance(provider, LaplaceSmoothedScore) and "modes" in geometry:
+        provider.bank.add(geometry["modes"].modes, geometry["modes"].precisions)
+    sigma, big_m, w2_tol = noise_levels(geometry, target.dim, *given, learned)
+    return geometry, sigma, check_positive_int(big_m, "num_measurements"), w2_tol
 
 
 @register_sampler("sms")
@@ -190,12 +296,14 @@ def sms(
     mixture=None,
     max_evals_per_draw: float | None = 1e4,
 ) -> SamplerResult:
-    r"""Sequential multimeasurement sampling; ``num_chains * num_samples`` independent runs.
+    r"""Sequential multimeasurement sampling: ``num_chains * num_samples`` independent runs, one draw
+    each, reported as ``num_chains`` chains (default 4) of ``num_samples`` draws (module doc).
 
     Parameters
     ----------
-    sigma, num_measurements : optional
-        The noise level and ``M``; defaults from the diameter rule and the W2 bound (module doc).
+    sigma, num_measurements, w2_tol : optional
+        The noise level and ``M``; defaults from the diameter rule and the W2 bound with tolerance
+        ``w2_tol`` (:mod:`~diffstat.smoothing.geometry`).
     smoothed_score : callable or SmoothedScore, optional
         ``(y, sigma) -> grad log q_sigma(y)``, or a kept
         :class:`~diffstat.smoothing.learned.LearnedSmoothedScore` (no new target evaluations but
@@ -212,15 +320,12 @@ def sms(
     num_mala : int, optional
         MALA steps on :math:`p(x\mid\bar y_M)` after the jump (0: return the jump itself); default
         30 with a learned score, 100 otherwise.
-    w2_tol : float, optional
-        Tolerance of the W2 bound that sets ``M``.
-    variant : ``"sms"`` or ``"jms"``
+    variant, jms_steps : ``"sms"`` or ``"jms"``; int
+        Sequential or joint; Langevin steps of the joint variant.
     mixture : optional
         A Gaussian mixture (``means``, ``covs``, ``mean``, ``cov``) whose exact geometry sets the
         defaults of ``sigma`` and ``num_measurements``; by default the geometry is explored from the
         log-density. Exact information is used only when passed explicitly.
-    jms_steps : int
-        Langevin steps of the joint variant.
     max_evals_per_draw : float or None
         Budget of a training-free estimator (``"laplace"``, ``"importance"``, ``"mcmc"``), in target
         evaluations per draw (default 1e4, the cost a learned score stays under with its fit): once
@@ -229,212 +334,65 @@ def sms(
     """
     num_chains = 4 if num_chains is None else num_chains
     n = num_chains * num_samples
-    d = target.dim
-    if variant not in ("sms", "jms"):
-        raise ValueError(f"variant must be 'sms' or 'jms', got {variant!r}")
-    if walk not in ("underdamped", "ula"):
-        raise ValueError(f"walk must be 'underdamped' or 'ula', got {walk!r}")
-    steps_per_measurement = check_positive_int(steps_per_measurement, "steps_per_measurement")
-    first_steps = check_positive_int(first_steps, "first_steps")
-    if sigma is not None and not float(sigma) > 0:  # bad input refused before any work (a fit, a search)
-        raise ValueError(f"sigma must be positive, got {sigma}")
-    if num_measurements is not None:
-        check_positive_int(num_measurements, "num_measurements")
-    evals_fit = target.num_target_evals
-    provider: SmoothedScore = resolve_smoothed_score(
-        target, smoothed_score, estimator=estimator, generator=generator, **(estimator_options or {})
-    )
-    provider.reset()
+    opts = _Options(variant, walk, steps_per_measurement, first_steps, step_size, friction, jms_steps)
+    opts.check_noise(sigma, num_measurements)  # bad input refused before any work (a fit, a search)
+    provider, score_attrs, rejected = _score(target, smoothed_score, estimator, estimator_options, generator)
     learned = isinstance(provider, LearnedSmoothedScore)
-    if num_mala is None:
-        num_mala = _LEARNED_MALA if learned else _DEFAULT_MALA
-    if (
-        isinstance(num_mala, bool)
-        or not isinstance(num_mala, int)
-        or num_mala < 0
-        or step_size <= 0
-        or friction <= 0
-    ):
-        raise ValueError("num_mala must be non-negative, step_size and friction positive")
-    score_attrs, rejected = {}, False
-    if learned:
-        fitted_here = smoothed_score is None
-        score_attrs, rejected = learned_score_report(
-            provider, target, target.num_target_evals - evals_fit if fitted_here else None
-        )
-    if learned and mixture is None and provider.geometry is not None:
-        geometry = dict(
-            provider.geometry, center=provider.geometry["center"].to(device=device, dtype=target.dtype)
-        )
-    else:
-        geometry = default_noise(
-            target, generator, device, need_sigma=sigma is None or num_measurements is None, mixture=mixture
-        )
-    if isinstance(provider, LaplaceSmoothedScore) and "modes" in geometry:
-        provider.bank.add(geometry["modes"].modes, geometry["modes"].precisions)
-    if sigma is None:
-        sigma = geometry["sigma"]
-    sigma = float(sigma)
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
-    if w2_tol is None:
-        w2_tol = d * (0.5 * geometry["scale"]) ** 2
-        if learned and math.isfinite(geometry.get("tau", math.nan)):
-            # measurements cost no target evaluation here: end at a noise of at most twice the within-mode
-            # scale, where p(x | ybar) is one mode and the final MALA need not choose between modes (with
-            # modes closer than the overall scale, e.g. nine modes 5 apart, overall scale 4.2); at most 4x M
-            w2_tol = max(d * min(0.5 * geometry["scale"], 2 * geometry["tau"]) ** 2, w2_tol / 4)
-    if num_measurements is None:
-        num_measurements = max(1, math.ceil(sigma**2 * d / w2_tol))
-    big_m = check_positive_int(num_measurements, "num_measurements")
-    dtype = target.dtype
-    h = step_size * sigma if walk == "underdamped" else step_size * 0.1 * sigma**2
-    gamma = friction / sigma
-    evals0 = target.num_target_evals
-    budget_hit = False
-    budget = (
-        None
-        if (max_evals_per_draw is None or learned or not provider.uses_target)
-        else max_evals_per_draw * n
+    num_mala = check_num_mala(num_mala, _LEARNED_MALA if learned else _DEFAULT_MALA)
+    geometry, sigma, big_m, w2_tol = _noise(
+        target, provider, mixture, (sigma, num_measurements, w2_tol), generator, device
     )
-    stats = {k: [] for k in ("noise_level", "score_spread", "num_modes", "score_fit_ess", "num_target_evals")}
-    fit_ess_sum = torch.zeros(n, dtype=target.dtype, device=device)
-    fit_ess_count = 0
+    max_evals = max_evals_per_draw if provider.uses_target and not learned else None
+    run = opts.drive(generator, target, provider, geometry, sigma, big_m, n, max_evals, progress)
+    s2 = sigma**2 / run.num_measurements
+    x, lp, acc, h_mala = correct(generator, target, run.x_hat, run.ybar, s2, num_mala)
+    attrs = {"sigma": sigma, "w2_tol": w2_tol, "noise_source": geometry["source"], "variant": variant}
+    attrs.update(num_mala=num_mala, mala_step_size=h_mala, mala_acceptance=float(acc.mean()), **score_attrs)
+    return _result(x, lp, acc, (num_chains, num_samples), run, provider, rejected, attrs)
 
-    def record(m, evals):
-        nonlocal fit_ess_sum, fit_ess_count
-        info = provider.last_info
-        stats["noise_level"].append(sigma / math.sqrt(m))
-        stats["score_spread"].append(float(info["spread"].mean()) if "spread" in info else math.nan)
-        stats["num_modes"].append(float(info["num_modes"].mean()) if "num_modes" in info else math.nan)
-        fit_ess = info.get("fit_ess")
-        if fit_ess is not None and fit_ess.shape == (n,):
-            fit_ess_sum = fit_ess_sum + fit_ess.to(fit_ess_sum)
-            fit_ess_count += 1
-        stats["score_fit_ess"].append(float(fit_ess.mean()) if fit_ess is not None else math.nan)
-        stats["num_target_evals"].append(evals)
 
-    center = geometry["center"]
-    spread0 = math.sqrt(sigma**2 + geometry["scale"] ** 2)
-    y0 = center + spread0 * torch.randn(n, d, generator=generator, dtype=dtype, device=device)
-    bar = progress_bar(
-        big_m if variant == "sms" else jms_steps, f"{variant} (sigma={sigma:.3g}, M={big_m})", progress
-    )
-    if variant == "sms":
-        total = torch.zeros(n, d, dtype=dtype, device=device)
-        x_hat = None
-        for m in range(1, big_m + 1):
-
-            def score(y, m=m, total=total):
-                return conditional_score(y, total, m, sigma, provider)[0]
-
-            start = (
-                y0
-                if m == 1
-                else x_hat + sigma * torch.randn(n, d, generator=generator, dtype=dtype, device=device)
-            )
-            y = _walk(
-                generator, start, score, first_steps if m == 1 else steps_per_measurement, h, gamma, walk
-            )
-            total = total + y
-            ybar = total / m
-            x_hat = provider.denoise(ybar, sigma / math.sqrt(m))
-            record(m, target.num_target_evals - evals0)
-            bar.update(1)
-            if budget is not None and target.num_target_evals - evals0 > budget and m < big_m:
-                warnings.warn(
-                    f"SMS: the training-free smoothed score ({type(provider).__name__}) spent its budget of "
-                    f"{max_evals_per_draw:g} target evaluations per draw after {m} of {big_m} measurements; "
-                    f"the run ends there (W2 bound sigma^2 d / m = {sigma**2 * d / m:.3g} instead of "
-                    f"{sigma**2 * d / big_m:.3g}). Use the learned score (the default) or raise "
-                    "max_evals_per_draw.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                big_m, budget_hit = m, True
-                break
-        ybar = total / big_m
-    else:
-        x_rough = center + geometry["scale"] * torch.randn(
-            n, 1, d, generator=generator, dtype=dtype, device=device
-        )
-        ys = x_rough + sigma * torch.randn(n, big_m, d, generator=generator, dtype=dtype, device=device)
-        s_m = sigma / math.sqrt(big_m)
-
-        def joint_score(flat):
-            yy = flat.reshape(n, big_m, d)
-            yb = yy.mean(1)
-            psi = provider(yb, s_m)
-            return (psi[:, None] / big_m - (yy - yb[:, None]) / sigma**2).reshape(n, big_m * d)
-
-        state = underdamped_init(generator, ys.reshape(n, -1), joint_score)
-        for i in range(jms_steps):
-            state = underdamped_step(generator, state, joint_score, h, gamma)
-            if (i + 1) % max(jms_steps // 50, 1) == 0 or i == jms_steps - 1:
-                record(big_m, target.num_target_evals - evals0)
-            bar.update(1)
-        ybar = state.x.reshape(n, big_m, d).mean(1)
-        x_hat = provider.denoise(ybar, s_m)
-    bar.close()
-    s2_final = sigma**2 / big_m
-    if num_mala > 0:
-        x, lp, acc, h_mala, _ = posterior_mala(generator, target, x_hat, ybar, s2_final, num_mala)
-    else:
-        x, lp = x_hat, target.log_prob(x_hat).detach()
-        acc, h_mala = torch.ones(n, dtype=dtype, device=device), math.nan
-    shape = (num_chains, num_samples)
-    # the self-check of the training-free score (module docstring): its bias is systematic and the
-    # mode bank is shared, so a failed check marks every draw; a non-finite draw is marked anyway
-    fit_ess = float(fit_ess_sum.mean()) / fit_ess_count if fit_ess_count else 1.0
+def _result(x, lp, acc, shape, run: _Run, provider, rejected: bool, attrs: dict) -> SamplerResult:
+    """Draws ``(num_chains, num_samples, d)`` with their divergence marks: the score's self-check
+    (module doc; its bias is systematic and the mode bank shared, so a failed check marks every draw),
+    a score fitted to another target, non-finite draws; and the attrs."""
+    n, big_m, sigma, num_mala = x.shape[0], run.num_measurements, attrs["sigma"], attrs["num_mala"]
+    fit_ess = run.diagnostics.fit_ess()
     score_failed = fit_ess < _MIN_MEAN_FIT_ESS
     diverging = ~torch.isfinite(x).all(-1) | ~torch.isfinite(lp) | score_failed | rejected
     num_div = int(diverging.sum())
     if num_div:
-        warnings.warn(
-            f"SMS: {num_div} of {n} draws are unreliable (sample_stats 'diverging'): "
-            + (
-                "the training-free smoothed score failed its self-check (mean importance ESS fraction of "
-                "its "
-                f"Laplace fits {fit_ess:.2f} < {_MIN_MEAN_FIT_ESS}: p(x | y) is far from Gaussian and its "
-                "estimate of "
-                "E[X | y] biased; pass smoothed_score= or use an MCMC method)"
-                if score_failed
-                else "the smoothed score passed was fitted to another target"
-                if rejected
-                else "non-finite draws"
-            ),
-            RuntimeWarning,
-            stacklevel=2,
+        reason = (
+            f"the training-free smoothed score failed its self-check (mean importance ESS fraction of its "
+            f"Laplace fits {fit_ess:.2f} < {_MIN_MEAN_FIT_ESS}: p(x | y) is far from Gaussian and its "
+            "estimate of E[X | y] biased; pass smoothed_score= or use an MCMC method)"
+            if score_failed
+            else "the smoothed score passed was fitted to another target"
+            if rejected
+            else "non-finite draws"
         )
-    attrs = {
-        "sigma": sigma,
-        "num_measurements": big_m,
-        "final_noise": math.sqrt(s2_final),
-        "w2_bound": sigma**2 * d / big_m,
-        "budget_hit": budget_hit,
-        "w2_tol": float(w2_tol),
-        "noise_source": geometry["source"],
-        "smoothed_score": type(provider).__name__,
-        "variant": variant,
-        "num_mala": int(num_mala),
-        "mala_step_size": h_mala,
-        "mala_acceptance": float(acc.mean()),
-        "num_divergent": num_div,
-        "score_fit_ess": fit_ess,
-        "correction_evals": int(n * (num_mala + 1)) if num_mala > 0 else n,
-        **score_attrs,
-    }
+        warnings.warn(
+            f"SMS: {num_div} of {n} draws are unreliable (sample_stats 'diverging'): " + reason,
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    attrs.update(
+        num_measurements=big_m,
+        final_noise=math.sqrt(sigma**2 / big_m),
+        w2_bound=sigma**2 * x.shape[1] / big_m,
+        budget_hit=run.budget_hit,
+        smoothed_score=type(provider).__name__,
+        num_divergent=num_div,
+        score_fit_ess=fit_ess,
+        correction_evals=int(n * (num_mala + 1)) if num_mala > 0 else n,
+    )
     if isinstance(provider, LaplaceSmoothedScore):
         attrs["num_hessian_evals"] = int(provider.num_hessian_evals)
         attrs["mode_bank_size"] = len(provider.bank)
+    stats = {"lp": lp, "acceptance_rate": acc, "step_size": torch.full_like(lp, attrs["mala_step_size"])}
+    stats["diverging"] = diverging
     return SamplerResult(
-        draws=x.reshape(*shape, d),
-        sample_stats={
-            "lp": lp.reshape(shape),
-            "acceptance_rate": acc.reshape(shape),
-            "step_size": torch.full(shape, h_mala, dtype=dtype),
-            "diverging": diverging.reshape(shape),
-        },
-        groups={"sms": {k: torch.tensor(v, dtype=torch.float64) for k, v in stats.items()}},
+        draws=x.reshape(*shape, x.shape[1]),
+        sample_stats={k: v.reshape(shape) for k, v in stats.items()},
+        groups={"sms": {k: torch.tensor(v, dtype=torch.float64) for k, v in run.diagnostics.rows.items()}},
         attrs=attrs,
     )

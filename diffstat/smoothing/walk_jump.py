@@ -15,8 +15,18 @@ The walk is the BAOAB underdamped scheme (:func:`diffstat.mcmc.langevin.underdam
 family of Sachs et al. 2017 used by the public code, whose defaults are :math:`\sigma = 1`, step
 :math:`0.5\sigma`, friction 1) or ULA; when the smoothed log-density is known up to a constant
 (``smoothed_log_prob=``), a Metropolis-adjusted walk (MALA on :math:`q_\sigma`) removes the
-discretisation bias. The draws are ``num_chains`` walkers in one batch, jumped every ``thin``
-steps after ``num_warmup`` steps.
+discretisation bias (:mod:`~diffstat.smoothing.walks`; its step size is tuned by the dual-averaging
+runner that SMS's final correction also uses, :mod:`~diffstat.smoothing.adaptive_mala`).
+
+Chains: a chain is one walker, an independent run; ``num_chains`` walkers run in one batch, each
+jumped every ``thin`` steps after ``num_warmup`` steps, so the draws are ``(num_chains,
+num_samples)``: ``num_samples`` draws per chain, autocorrelated along the chain as an MCMC chain's
+are. Only a training-free score that spends its evaluation budget ends the run early, with fewer
+draws per chain (``budget_hit`` in attrs, and a warning).
+
+The algorithm as steps: :func:`init` (walkers and their divergence marks), :func:`step` (one walk
+step, with divergence checks) and :func:`jump` (the denoiser at the walkers); :func:`walk_jump` is
+the driver.
 
 Divergences: the walk is unadjusted, so an unstable step (a step too large for the curvature of
 :math:`\log q_\sigma`, or a training-free score estimate that fails far in the tails, e.g. in the
@@ -36,67 +46,239 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any, NamedTuple
 
 import torch
 
 from diffstat._util import check_positive_int, progress_bar
-from diffstat.mcmc.adaptation import DualAveraging
-from diffstat.mcmc.base import MCMCState
-from diffstat.mcmc.langevin import ula_step, underdamped_init, underdamped_step
-from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 from diffstat.sampling import SamplerResult, register_sampler
-from diffstat.smoothing.correction import posterior_mala
+from diffstat.smoothing.correction import check_num_mala, correct_jumps
 from diffstat.smoothing.fit import learned_score_report
 from diffstat.smoothing.learned import LearnedSmoothedScore
-from diffstat.smoothing.scores import LaplaceSmoothedScore, SmoothedScore, resolve_smoothed_score
+from diffstat.smoothing.scores import LaplaceSmoothedScore, resolve_smoothed_score
+from diffstat.smoothing.walks import Walk, mala_walk, ula_walk, underdamped_walk
 
-__all__ = ["walk_jump"]
-
-
-def _smoothed_log_prob_and_grad(smoothed_log_prob, sigma):
-    def fn(y):
-        with torch.enable_grad():
-            yg = y.detach().requires_grad_(True)
-            lq = smoothed_log_prob(yg, sigma)
-            (g,) = torch.autograd.grad(lq.sum(), yg)
-        return lq.detach(), g.detach()
-
-    return fn
-
-
-#: A walker whose mean squared velocity per coordinate (underdamped; stationary value 1) or whose
-#: squared drift over the noise variance per coordinate (ULA) exceeds this has diverged.
-_DIVERGENCE_ENERGY = 100.0
-
+__all__ = ["walk_jump", "WalkJumpState", "WalkJumpInfo", "init", "step", "jump"]
 
 #: A jump whose training-free score had an importance ESS fraction below this (about 1.6 of the 8
 #: draws: the local Laplace fits do not describe p(x | y)) is marked divergent.
 _MIN_FIT_ESS = 0.2
-
-
-def _divergent(x: torch.Tensor, grad: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
-    """``(n,)`` bool: a walker that left the finite numbers or whose ``energy`` exploded."""
-    return ~torch.isfinite(x).all(-1) | ~torch.isfinite(grad).all(-1) | ~(energy <= _DIVERGENCE_ENERGY)
-
 
 #: MALA steps on p(x | y) after each jump with a learned score (``num_mala``): 20 gave the target's
 #: within-mode variance on the two-mode target (docs/sms.md); 30 are used by SMS, whose final noise is larger.
 _LEARNED_MALA = 20
 
 
-def _correct(generator, target, x, y, sigma: float, num_mala: int):
-    """The final correction of every jump ``x: (chains, draws, d)`` at its walker ``y``: ``num_mala``
-    MALA steps on p(x | y) (none: the jumps themselves). Returns ``(x, lp (chains, draws), step)``."""
-    shape = x.shape
-    flat, yf = x.reshape(-1, shape[-1]), y.reshape(-1, shape[-1])
-    if num_mala == 0:
-        return x, target.log_prob(flat).detach().reshape(shape[:2]), math.nan
-    ok = torch.isfinite(flat).all(-1)
-    flat = torch.where(ok[:, None], flat, yf)
-    out, lp, _, h, _ = posterior_mala(generator, target, flat, yf, sigma**2, num_mala)
-    out = torch.where(ok[:, None], out, torch.full_like(out, math.nan))
-    lp = torch.where(ok, lp.detach(), torch.full_like(lp, math.nan))
-    return out.reshape(shape), lp.reshape(shape[:2]), h
+class WalkJumpState(NamedTuple):
+    """The walkers between two steps.
+
+    walk: the walk's state (:mod:`~diffstat.smoothing.walks`), positions ``(n, dim)``.
+    suspect: (n,) bool, walkers that diverged after warm-up (their later draws are marked).
+    num_div_steps: () tensor, walk steps that diverged so far.
+    iteration: walk steps taken.
+    """
+
+    walk: Any
+    suspect: torch.Tensor
+    num_div_steps: torch.Tensor
+    iteration: int
+
+
+class WalkJumpInfo(NamedTuple):
+    """One walk step: ``diverging (n,)`` (the walk step), ``bad_score (n,)`` (the training-free
+    score failed its check), ``acceptance_rate (n,)`` and ``num_evals``, the target evaluations
+    (those of a training-free score; 0 for a learned or exact one)."""
+
+    diverging: torch.Tensor
+    bad_score: torch.Tensor
+    acceptance_rate: torch.Tensor
+    num_evals: int
+
+
+def _failed_check(provider, like: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` bool: the provider's last call failed its own check (Laplace fits' ESS fraction)."""
+    fit_ess = provider.last_info.get("fit_ess") if provider is not None else None
+    if fit_ess is not None and fit_ess.shape == like.shape:
+        return fit_ess < _MIN_FIT_ESS
+    return torch.zeros_like(like, dtype=torch.bool)
+
+
+def init(generator: torch.Generator, walk: Walk, y: torch.Tensor) -> WalkJumpState:
+    """Walkers at ``y: (n, dim)``, none suspect."""
+    n = y.shape[0]
+    suspect = torch.zeros(n, dtype=torch.bool, device=y.device)
+    return WalkJumpState(walk.init(generator, y), suspect, torch.zeros((), dtype=torch.long), 0)
+
+
+def step(
+    generator: torch.Generator, state: WalkJumpState, walk: Walk, provider, num_warmup: int, target
+) -> tuple[WalkJumpState, WalkJumpInfo]:
+    """One walk step; after warm-up, a walker whose step diverged or whose score failed its check
+    becomes suspect."""
+    evals0 = target.num_target_evals
+    walk_state, info = walk.step(generator, state.walk)
+    bad = info.diverging
+    bad_score = _failed_check(provider, bad)
+    suspect = state.suspect | bad | bad_score if state.iteration >= num_warmup else state.suspect
+    new = WalkJumpState(walk_state, suspect, state.num_div_steps + bad.sum(), state.iteration + 1)
+    return new, WalkJumpInfo(bad, bad_score, info.acceptance_rate, target.num_target_evals - evals0)
+
+
+def jump(
+    state: WalkJumpState, walk: Walk, sigma: float, provider=None, score=None
+) -> tuple[torch.Tensor, torch.Tensor, WalkJumpState]:
+    r"""The empirical-Bayes jump :math:`\hat x = y + \sigma^2 \nabla\log q_\sigma(y)` at the walkers
+    ``y``, with the walk's own gradient or ``score: (n, dim) -> (n, dim)`` when given (a Metropolis
+    walk on ``smoothed_log_prob`` jumps with the provider's score when there is one). Returns
+    ``(x (n, dim), y (n, dim), state)``, a walker whose jump is not finite or whose training-free
+    score failed its check marked suspect."""
+    y = walk.position(state.walk)
+    g = walk.score(state.walk) if score is None else score(y)
+    x = y + sigma**2 * g
+    bad_jump = ~torch.isfinite(x).all(-1)
+    bad_jump = bad_jump | _failed_check(provider, bad_jump)
+    return x, y, state._replace(suspect=state.suspect | bad_jump)
+
+
+class _Run(NamedTuple):
+    """A driver's output: ``draws``, ``walkers`` and ``acceptance`` ``(n, k, ...)``, ``suspect (n, k)``,
+    the ``walk_jump`` group's per-draw ``stats``, the final state and whether the budget ran out."""
+
+    draws: torch.Tensor
+    walkers: torch.Tensor
+    acceptance: torch.Tensor
+    suspect: torch.Tensor
+    stats: dict
+    state: WalkJumpState
+    budget_hit: bool
+
+
+_STATS = ("score_spread", "num_modes", "acceptance_rate", "num_target_evals", "num_divergent")
+
+
+def _stats(provider, acceptance: torch.Tensor, num_evals: int, suspect: torch.Tensor) -> tuple:
+    """One row of the ``walk_jump`` group, in the order of ``_STATS``."""
+    info = provider.last_info if provider is not None else {}
+    spread = float(info["spread"].mean()) if "spread" in info else 0.0
+    modes = float(info["num_modes"].mean()) if "num_modes" in info else math.nan
+    return spread, modes, float(acceptance.mean()), num_evals, float(suspect.sum())
+
+
+def _run(generator, target, walk, y, provider, sigma, jump_score, schedule, max_evals, progress) -> _Run:
+    """The driver: ``num_warmup + num_samples * thin`` walk steps from ``y``, a jump every ``thin``
+    steps after warm-up; a run whose training-free score spends ``max_evals`` target evaluations per
+    requested draw (None: no cap) jumps once more and stops."""
+    num_warmup, num_samples, thin = schedule
+    budget = None if max_evals is None else max_evals * y.shape[0] * num_samples
+    evals0 = target.num_target_evals
+    state, total, rows = init(generator, walk, y), num_warmup + num_samples * thin, []
+    bar = progress_bar(total, f"walk-jump (sigma={sigma:.3g})", progress)
+    for i in range(total):
+        state, _ = step(generator, state, walk, provider, num_warmup, target)
+        bar.update(1)
+        over = budget is not None and target.num_target_evals - evals0 > budget
+        if (i >= num_warmup and (i - num_warmup + 1) % thin == 0) or over:
+            x, yj, state = jump(state, walk, sigma, provider, jump_score)
+            acc = walk.acceptance(state.walk)
+            stats = _stats(provider, acc, target.num_target_evals - evals0, state.suspect)
+            rows.append((x, yj, acc, state.suspect.clone(), stats))
+        if over:
+            warnings.warn(
+                f"walk-jump: the training-free smoothed score ({type(provider).__name__}) spent its "
+                f"budget of {max_evals:g} target evaluations per draw after {i + 1} of {total} walk steps; "
+                f"the run ends with {len(rows)} of {num_samples} draws per walker. Use the learned score "
+                "(the default) or raise max_evals_per_draw.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            break
+    bar.close()
+    x, yj, acc, suspect, stats = zip(*rows)
+    columns = {k: list(v) for k, v in zip(_STATS, zip(*stats))}
+    stack = (torch.stack(t, 1) for t in (x, yj, acc, suspect))
+    return _Run(*stack, columns, state, bool(over))
+
+
+def _check(
+    target, shape, device, sigma, walk, smoothed_log_prob, thin, num_warmup, step_size, friction, init_x
+):
+    """Validated ``(sigma, walk, thin, num_warmup, init)``, before any work (a learned default would fit
+    a score first); ``shape`` is ``(num_chains, num_samples)``."""
+    num_chains, num_samples = shape
+    sigma = float(sigma)
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma}")
+    walk = ("mala" if smoothed_log_prob is not None else "underdamped") if walk is None else walk
+    if walk not in ("underdamped", "ula", "mala"):
+        raise ValueError(f"walk must be 'underdamped', 'ula' or 'mala', got {walk!r}")
+    if walk == "mala" and smoothed_log_prob is None:
+        raise ValueError("walk='mala' needs smoothed_log_prob=(y, sigma) -> log q_sigma(y) + const")
+    thin = check_positive_int(thin, "thin")
+    num_warmup = max(num_samples, 100) if num_warmup is None else int(num_warmup)
+    if num_warmup < 0 or step_size <= 0 or friction <= 0:
+        raise ValueError("num_warmup must be non-negative, step_size and friction positive")
+    d = target.dim
+    if init_x is not None:
+        init_x = torch.as_tensor(init_x, dtype=target.dtype, device=device)
+        init_x = init_x.expand(num_chains, d).clone() if tuple(init_x.shape) == (d,) else init_x
+        if tuple(init_x.shape) != (num_chains, d):
+            raise ValueError(f"init must have shape ({num_chains}, {d}) or ({d},), got {tuple(init_x.shape)}")
+    return sigma, walk, thin, num_warmup, init_x
+
+
+def _provider(target, smoothed_score, estimator, estimator_options, walk, generator):
+    """The smoothed score (None for a Metropolis walk without one: it jumps with the gradient of
+    ``smoothed_log_prob``), and for a learned one :func:`~diffstat.smoothing.fit.learned_score_report`'s
+    ``(attrs, rejected)``."""
+    if walk == "mala" and smoothed_score is None:
+        return None, {}, False
+    options = dict(estimator_options or {})
+    if smoothed_score is None and estimator == "laplace":
+        # the walk does not settle as SMS's shrinking noise does: never drop to one start
+        options.setdefault("cheap_fraction", 0.0)
+    evals0 = target.num_target_evals
+    provider = resolve_smoothed_score(
+        target, smoothed_score, estimator=estimator, generator=generator, **options
+    )
+    provider.reset()
+    if not isinstance(provider, LearnedSmoothedScore):
+        return provider, {}, False
+    fitted = target.num_target_evals - evals0 if smoothed_score is None else None
+    return provider, *learned_score_report(provider, target, fitted)
+
+
+def _initial_walkers(target, provider, init_x, num_chains, sigma, generator, device) -> torch.Tensor:
+    r"""``init`` as given; else a learned score's kept particles (with replacement) or reference draws,
+    plus :math:`\sigma` noise: draws of :math:`q_\sigma`."""
+    if init_x is not None:
+        return init_x
+    dtype = target.dtype
+    if isinstance(provider, LearnedSmoothedScore) and "x" in provider.particles:
+        pool = provider.particles["x"]
+        idx = torch.randint(0, pool.shape[0], (num_chains,), generator=generator, device=generator.device)
+        y = pool[idx.cpu()].to(device=device, dtype=dtype)
+    else:
+        y = target.sample_reference(num_chains, generator, device)
+        target.validate(y[:16])  # a log-density that is -inf (or bad) everywhere is refused before any work
+    return y + sigma * torch.randn(y.shape, generator=generator, dtype=dtype, device=y.device)
+
+
+def _make_walk(walk, provider, smoothed_log_prob, sigma, step_size, friction, num_warmup) -> Walk:
+    r"""The walk on :math:`q_\sigma`, in units of sigma (module doc); MALA starts at
+    :math:`0.25\sigma^2` and adapts over warm-up."""
+    if walk == "underdamped":
+        return underdamped_walk(lambda z: provider(z, sigma), step_size * sigma, friction / sigma, True)
+    if walk == "ula":
+        return ula_walk(lambda z: provider(z, sigma), step_size * 0.1 * sigma**2, True)
+
+    def log_prob_and_grad(y):
+        with torch.enable_grad():
+            yg = y.detach().requires_grad_(True)
+            lq = smoothed_log_prob(yg, sigma)
+            (g,) = torch.autograd.grad(lq.sum(), yg)
+        return lq.detach(), g.detach()
+
+    return mala_walk(log_prob_and_grad, 0.25 * sigma**2, num_warmup)
 
 
 @register_sampler("walk_jump")
@@ -122,7 +304,7 @@ def walk_jump(
     num_mala: int | None = None,
     max_evals_per_draw: float | None = 1e4,
 ) -> SamplerResult:
-    r"""Walk-jump sampling: ``num_chains`` walkers, ``num_samples`` jumps each.
+    r"""Walk-jump sampling: ``num_chains`` independent walkers (default 4), ``num_samples`` jumps each.
 
     Parameters
     ----------
@@ -133,8 +315,7 @@ def walk_jump(
     smoothed_log_prob : callable, optional
         ``(y, sigma) -> log q_sigma(y) + const``, ``(n,)``, differentiable; enables the
         Metropolis-adjusted walk (``walk="mala"``, the default when it is given).
-    walk : ``"underdamped"`` (default), ``"ula"`` or ``"mala"``
-    step_size, friction : float
+    walk, step_size, friction : ``"underdamped"`` (default), ``"ula"`` or ``"mala"``; floats
         Underdamped: step ``step_size * sigma``, friction ``friction / sigma`` (public defaults 0.5
         and 1 at sigma = 1). ULA: step ``step_size * 0.1 * sigma**2``. MALA: tuned by dual averaging
         during warm-up.
@@ -154,209 +335,62 @@ def walk_jump(
         Budget of a training-free estimator in target evaluations per requested draw (default 1e4):
         once spent, the walk stops with the draws made so far (at least one jump per walker) and a
         ``RuntimeWarning`` says so. None: no cap.
+
+    Returns draws ``(num_chains, num_samples, dim)`` (fewer per chain only when the budget runs out),
+    ``sample_stats`` ``lp``, ``acceptance_rate``, ``diverging``, the ``walk_jump`` group (per draw).
     """
     num_chains = 4 if num_chains is None else num_chains
-    d = target.dim
-    sigma = float(sigma)
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
-    walk = ("mala" if smoothed_log_prob is not None else "underdamped") if walk is None else walk
-    if walk not in ("underdamped", "ula", "mala"):
-        raise ValueError(f"walk must be 'underdamped', 'ula' or 'mala', got {walk!r}")
-    if walk == "mala" and smoothed_log_prob is None:
-        raise ValueError("walk='mala' needs smoothed_log_prob=(y, sigma) -> log q_sigma(y) + const")
-    thin = check_positive_int(thin, "thin")
-    num_warmup = max(num_samples, 100) if num_warmup is None else int(num_warmup)
-    if num_warmup < 0 or step_size <= 0 or friction <= 0:
-        raise ValueError("num_warmup must be non-negative, step_size and friction positive")
-    dtype = target.dtype
-    if init is not None:  # checked before any work (a learned default would fit a score first)
-        init = torch.as_tensor(init, dtype=dtype, device=device)
-        init = init.expand(num_chains, d).clone() if tuple(init.shape) == (d,) else init
-        if tuple(init.shape) != (num_chains, d):
-            raise ValueError(f"init must have shape ({num_chains}, {d}) or ({d},), got {tuple(init.shape)}")
-    evals_fit = target.num_target_evals
-    if walk == "mala" and smoothed_score is None:
-        provider = None  # the jump uses the gradient of smoothed_log_prob
-    else:
-        options = dict(estimator_options or {})
-        if smoothed_score is None and estimator == "laplace":
-            # the walk does not settle as SMS's shrinking noise does: never drop to one start
-            options.setdefault("cheap_fraction", 0.0)
-        provider: SmoothedScore | None = resolve_smoothed_score(
-            target, smoothed_score, estimator=estimator, generator=generator, **options
-        )
-        provider.reset()
-    learned = isinstance(provider, LearnedSmoothedScore)
-    num_mala = (_LEARNED_MALA if learned else 0) if num_mala is None else num_mala
-    if isinstance(num_mala, bool) or not isinstance(num_mala, int) or num_mala < 0:
-        raise ValueError(f"num_mala must be a non-negative integer, got {num_mala!r}")
-    score_attrs, rejected = {}, False
-    if learned:
-        fitted_here = smoothed_score is None
-        score_attrs, rejected = learned_score_report(
-            provider, target, target.num_target_evals - evals_fit if fitted_here else None
-        )
-    if init is None and learned and "x" in provider.particles:
-        pool = provider.particles["x"]
-        idx = torch.randint(0, pool.shape[0], (num_chains,), generator=generator, device=generator.device)
-        y = pool[idx.cpu()].to(device=device, dtype=dtype)
-        y = y + sigma * torch.randn(y.shape, generator=generator, dtype=dtype, device=y.device)
-    elif init is None:
-        y = target.sample_reference(num_chains, generator, device)
-        target.validate(y[:16])  # a log-density that is -inf (or bad) everywhere is refused before any work
-        y = y + sigma * torch.randn(y.shape, generator=generator, dtype=dtype, device=y.device)
-    else:
-        y = init
-
-    def score(z):
-        return provider(z, sigma)
-
-    evals0 = target.num_target_evals
-    budget_hit = False
-    budget = None
-    if max_evals_per_draw is not None and provider is not None and provider.uses_target and not learned:
-        budget = max_evals_per_draw * num_chains * num_samples
-    if walk == "underdamped":
-        state = underdamped_init(generator, y, score)
-        h = step_size * sigma
-    elif walk == "ula":
-        h = step_size * 0.1 * sigma**2
-    else:
-        lqg = _smoothed_log_prob_and_grad(smoothed_log_prob, sigma)
-        state = MCMCState(y, *lqg(y))
-        adapt = DualAveraging(torch.tensor(0.25 * sigma**2, dtype=dtype, device=y.device), MALA_TARGET_ACCEPT)
-        h = adapt.step_size
-    draws, walkers, accs, divs = [], [], [], []
-    stats = {
-        k: [] for k in ("score_spread", "num_modes", "acceptance_rate", "num_target_evals", "num_divergent")
-    }
-    total = num_warmup + num_samples * thin
-    bar = progress_bar(total, f"walk-jump (sigma={sigma:.3g})", progress)
-    acc_sum = torch.zeros(num_chains, dtype=dtype, device=y.device)
-    # walkers that have diverged since warm-up (module docstring, "Divergences")
-    suspect = torch.zeros(num_chains, dtype=torch.bool, device=y.device)
-    num_div_steps = 0
-    for i in range(total):
-        if walk == "underdamped":
-            new = underdamped_step(generator, state, score, h, friction / sigma)
-            bad = _divergent(new.x, new.grad, (new.v**2).mean(-1))
-            if bad.any():  # back to the last good point, with a fresh velocity
-                fresh = torch.randn(new.v.shape, generator=generator, dtype=dtype, device=y.device)
-                new = type(new)(
-                    *(torch.where(bad[:, None], a, b) for a, b in zip((state.x, fresh, state.grad), new))
-                )
-            state = new
-        elif walk == "ula":
-            g = score(y)
-            y_new = ula_step(generator, y, score, h, grad=g)
-            bad = _divergent(y_new, g, (h * g**2).mean(-1) / 2)  # drift^2 / noise variance per coordinate
-            y = torch.where(bad[:, None], y, y_new)
-        else:
-            state, info = mala_step(generator, state, lqg, h)
-            bad = info.diverging.to(torch.bool)
-        if (
-            provider is not None
-            and "fit_ess" in provider.last_info
-            and provider.last_info["fit_ess"].shape == bad.shape
-        ):
-            bad_score = (
-                provider.last_info["fit_ess"] < _MIN_FIT_ESS
-            )  # the score at the new point failed its check
-        else:
-            bad_score = torch.zeros_like(bad)
-        suspect = suspect | bad | bad_score if i >= num_warmup else suspect
-        num_div_steps = num_div_steps + bad.sum()
-        if walk == "mala":
-            if i < num_warmup:
-                h = adapt.update(info.acceptance_rate.mean())
-                if i == num_warmup - 1:
-                    h = adapt.final_step_size
-            else:
-                acc_sum = acc_sum + info.acceptance_rate
-        bar.update(1)
-        over = budget is not None and target.num_target_evals - evals0 > budget
-        if (i >= num_warmup and (i - num_warmup + 1) % thin == 0) or over:
-            if walk == "underdamped":
-                yj, g = state.x, state.grad
-            elif walk == "ula":
-                yj, g = y, score(y)
-            else:
-                yj = state.x
-                g = state.grad if provider is None else score(yj)
-            x = yj + sigma**2 * g
-            bad_jump = ~torch.isfinite(x).all(-1)
-            fit_ess = provider.last_info.get("fit_ess") if provider is not None else None
-            if fit_ess is not None and fit_ess.shape == bad_jump.shape:
-                bad_jump = bad_jump | (fit_ess < _MIN_FIT_ESS)
-            # a walker that went wrong once stays suspect: its later draws are marked too
-            suspect = suspect | bad_jump
-            divs.append(suspect.clone())
-            draws.append(x)
-            walkers.append(yj)
-            done = max(i - num_warmup + 1, 1)
-            accs.append(
-                acc_sum / done if walk == "mala" else torch.ones(num_chains, dtype=dtype, device=y.device)
-            )
-            info = provider.last_info if provider is not None else {}
-            stats["score_spread"].append(float(info["spread"].mean()) if "spread" in info else 0.0)
-            stats["num_modes"].append(float(info["num_modes"].mean()) if "num_modes" in info else math.nan)
-            stats["acceptance_rate"].append(float(accs[-1].mean()))
-            stats["num_target_evals"].append(target.num_target_evals - evals0)
-            stats["num_divergent"].append(float(divs[-1].sum()))
-        if over:
-            warnings.warn(
-                f"walk-jump: the training-free smoothed score ({type(provider).__name__}) spent its "
-                "budget of "
-                f"{max_evals_per_draw:g} target evaluations per draw after {i + 1} of {total} walk steps; "
-                "the run "
-                f"ends with {len(draws)} of {num_samples} draws per walker. Use the learned score (the "
-                "default) or "
-                "raise max_evals_per_draw.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            budget_hit = True
-            break
-    bar.close()
-    x_all, lp, h_corr = _correct(
-        generator, target, torch.stack(draws, 1), torch.stack(walkers, 1), sigma, num_mala
+    sigma, walk, thin, num_warmup, init = _check(
+        target, (num_chains, num_samples), device, sigma, walk, smoothed_log_prob, thin, num_warmup,
+        step_size, friction, init,
+    )  # fmt: skip
+    provider, score_attrs, rejected = _provider(
+        target, smoothed_score, estimator, estimator_options, walk, generator
     )
-    diverging = torch.stack(divs, 1) | ~torch.isfinite(lp) | rejected
-    num_div = int(diverging.sum())
+    learned = isinstance(provider, LearnedSmoothedScore)
+    num_mala = check_num_mala(num_mala, _LEARNED_MALA if learned else 0)
+    y = _initial_walkers(target, provider, init, num_chains, sigma, generator, device)
+    kernel = _make_walk(walk, provider, smoothed_log_prob, sigma, step_size, friction, num_warmup)
+    capped = provider is not None and provider.uses_target and not learned
+    jump_score = (lambda z: provider(z, sigma)) if walk == "mala" and provider is not None else None
+    schedule = (num_warmup, num_samples, thin)
+    max_evals = max_evals_per_draw if capped else None
+    run = _run(generator, target, kernel, y, provider, sigma, jump_score, schedule, max_evals, progress)
+    x, lp, h_corr = correct_jumps(generator, target, run.draws, run.walkers, sigma**2, num_mala)
+    attrs = {"walk": walk, "walk_step_size": kernel.step_size(run.state.walk), "num_mala": num_mala}
+    return _result(x, lp, run, provider, sigma, rejected, dict(attrs, mala_step_size=h_corr, **score_attrs))
+
+
+def _result(x, lp, run: _Run, provider, sigma, rejected, attrs) -> SamplerResult:
+    """The draws with their divergence marks and warning, and the attrs."""
+    diverging = run.suspect | ~torch.isfinite(lp) | rejected
+    num_div, num_div_steps = int(diverging.sum()), int(run.state.num_div_steps)
     if num_div:
         warnings.warn(
             ("the smoothed score passed was fitted to another target; " if rejected else "")
-            + f"walk-jump diverged: {num_div} of {diverging.numel()} draws follow a divergent walk step "
-            "or have a "
-            f"non-finite or unreliable jump ({int(num_div_steps)} walk steps reset; sample_stats "
-            "'diverging' marks the draws). The "
-            "smoothed score is unreliable there (training-free estimate far in the tails) or the step is too "
-            "large for its curvature: lower step_size, raise sigma, or pass smoothed_score=.",
+            + f"walk-jump diverged: {num_div} of {diverging.numel()} draws follow a divergent walk step or "
+            f"have a non-finite or unreliable jump ({num_div_steps} walk steps reset; sample_stats "
+            "'diverging' marks the draws). The smoothed score is unreliable there (training-free estimate "
+            "far in the tails) or the step is too large for its curvature: lower step_size, raise sigma, or "
+            "pass smoothed_score=.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     attrs = {
         "sigma": sigma,
         "num_divergent": num_div,
-        "num_divergent_steps": int(num_div_steps),
-        "walk": walk,
-        "walk_step_size": float(h),
+        "num_divergent_steps": num_div_steps,
         "smoothed_score": type(provider).__name__ if provider is not None else "grad smoothed_log_prob",
-        "num_mala": int(num_mala),
-        "mala_step_size": h_corr,
-        "budget_hit": budget_hit,
-        "correction_evals": int(diverging.numel() * (num_mala + 1))
-        if num_mala > 0
-        else int(diverging.numel()),
-        **score_attrs,
+        "budget_hit": run.budget_hit,
+        "correction_evals": int(diverging.numel() * (attrs["num_mala"] + 1)),
+        **attrs,
     }
     if isinstance(provider, LaplaceSmoothedScore):
         attrs["num_hessian_evals"] = int(provider.num_hessian_evals)
         attrs["mode_bank_size"] = len(provider.bank)
     return SamplerResult(
-        draws=x_all,
-        sample_stats={"lp": lp, "acceptance_rate": torch.stack(accs, 1), "diverging": diverging},
-        groups={"walk_jump": {k: torch.tensor(v, dtype=torch.float64) for k, v in stats.items()}},
+        draws=x,
+        sample_stats={"lp": lp, "acceptance_rate": run.acceptance, "diverging": diverging},
+        groups={"walk_jump": {k: torch.tensor(v, dtype=torch.float64) for k, v in run.stats.items()}},
         attrs=attrs,
     )
