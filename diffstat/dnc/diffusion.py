@@ -176,10 +176,10 @@ def _combine_learned(subposteriors, scores, num_samples, generator, progress, op
     """Steps 1 to 4 of the module notes: whiten, fit, anneal, calibrate."""
     from diffstat.diffusion.processes import VP
 
-    anneal = opts.anneal
-    frame, zs, moments, cov_p, fits, models = _whiten_and_fit(
-        subposteriors, scores, generator, progress, opts
-    )
+    anneal, k = opts.anneal, len(subposteriors)
+    if opts.calibration_log_probs is not None and len(opts.calibration_log_probs) != k:
+        raise ValueError(f"calibration_log_probs must hold {k} callables, one per shard")
+    frame, zs, moments, fits, models = _whiten_and_fit(subposteriors, scores, generator, progress, opts)
     product = ProductEnergy(models, frame.mu.to(SAMPLING_DTYPE), frame.root.to(SAMPLING_DTYPE))
     process = VP(t_min=anneal.t_min)
     start = time.perf_counter()
@@ -222,7 +222,7 @@ def _whiten_and_fit(subposteriors, scores, generator, progress, opts):
     if opts.energy_models is not None:
         if len(opts.energy_models) != k:
             raise ValueError(f"energy_models must hold {k} models, one per shard")
-        return frame, zs, moments, cov_p, [{"fit_time": 0.0}] * k, opts.energy_models
+        return frame, zs, moments, [{"fit_time": 0.0}] * k, opts.energy_models
     fits = opts.fits
     if fits is None:
         args = [(zs[i].cpu(), None if gs[i] is None else gs[i].cpu()) for i in range(k)]
@@ -230,7 +230,7 @@ def _whiten_and_fit(subposteriors, scores, generator, progress, opts):
         kwargs = [dict(base, shard=i, seed=seeds[i], focus_weights=focus_w[i]) for i in range(k)]
         fits = fit_shard_energies(args, kwargs, opts.executor, opts.max_retries, progress)
     device = subposteriors[0].device
-    return frame, zs, moments, cov_p, fits, [load_shard_energy(f).to(device) for f in fits]
+    return frame, zs, moments, fits, [load_shard_energy(f).to(device) for f in fits]
 
 
 def _sum_log_probs(log_probs, x: torch.Tensor) -> torch.Tensor:

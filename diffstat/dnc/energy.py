@@ -226,8 +226,8 @@ def _train_config(
     focus_fraction, focus_t_max,
 ):  # fmt: skip
     """The toolkit's ``TrainConfig`` for one shard: Adam with a cosine decay to 5% of ``lr``, the
-    loss ``"dsm"`` (weighted by sigma^2) where no scores were stored, no validation split (the
-    shard's draws are few), the loss recorded 20 times."""
+    loss ``"dsm"`` (weighted by sigma^2) where no scores were stored, no validation split (every
+    draw trains), the loss recorded 20 times."""
     from diffstat.diffusion.training import TrainConfig
 
     return TrainConfig(

@@ -5,23 +5,24 @@ r"""The settings of the diffusion combiner and of its parts, as frozen dataclass
 declares is refused with a ``ValueError`` that lists the valid ones, before any work. The nested
 dictionaries ``calibrate_options`` and ``smc_options`` are checked the same way.
 
-Why each default is what it is:
+Why each default is what it is (measurements in ``docs/dnc.md``):
 
-- **Fit** (:class:`FitOptions`, :func:`~diffstat.dnc.energy.fit_shard_energy`): a 3-layer MLP of
-  width 64 suffices for the residual of a shard whose Gaussian part is exact; 6000 Adam steps of
-  512 draws at ``lr = 2e-3`` with a cosine decay and EMA 0.999 bring the mixed TSM/DSM loss to its
-  plateau on the benchmark problems; half of each batch's times log-uniform near :math:`t = 0`
-  (``small_t_fraction = 0.5``), where the product is read off; ``focus_fraction = 0.5`` of each
-  batch within ``focus_width = 3`` product sds of the Gaussian product, where the product lives.
-- **Annealing** (:class:`AnnealOptions`, :mod:`diffstat.dnc.annealing`): from ``t_start = 1`` (the
-  noised product is then the Gaussian it starts from) to ``t_min = 1e-3`` (the model's "t = 0"),
-  50 levels uniform in :math:`\log\sigma_t` with 2 MALA steps each, then 100 MALA steps at
-  ``t_min`` (half tune the step size); plain annealed MCMC (``reweight = False``), since SMC
-  weights inherit the learned energies' arbitrary offsets between modes (``docs/dnc.md``).
-- **Calibration** (:class:`CalibrationOptions`, :mod:`diffstat.dnc.mode_weights`): 60 ascent steps
-  reach a mode from the particles; 1024 quasi-Monte Carlo draws per basin estimate its mass to a
-  few per cent; ``shrink = 0.7`` keeps :math:`q/p` bounded; ``inflate = 1.5`` covers a basin's tails.
-- **SMC** (:class:`SMCOptions`, :mod:`diffstat.dnc.exact_smc`): defaults explained there.
+- **Fit** (:class:`FitOptions`, :func:`~diffstat.dnc.energy.fit_shard_energy`): width 64 and 6000
+  steps with focused training are the settings of the benchmark rows in ``docs/dnc.md``;
+  without focused training (``focus_width=None``) the logistic toy's d_MAH rose from 0.075 to
+  0.237. The ``"stf"`` loss cost about 3 times the fit time for no clear gain: ``"mixed"``.
+- **Annealing** (:class:`AnnealOptions`, :mod:`diffstat.dnc.annealing`): from ``t_start = 1``,
+  where the noised shards are nearly Gaussian (the start is the product of their noised Gaussian
+  parts), to ``t_min = 1e-3``, the model's "t = 0". More MCMC per level (10 steps, 200 levels)
+  did not improve the mode weights, which come from the learned energies: 50 levels of 2 steps.
+  No reweighting (``reweight = False``):
+  on the bimodal test the SMC weights gave mode weight 0.999 against the exact 0.778 (0.782
+  without), since they inherit the learned energies' offsets between modes.
+- **Calibration** (:class:`CalibrationOptions`, :mod:`diffstat.dnc.mode_weights`): on by default,
+  with the same fits (width 32, 3,000 steps) it narrowed the mixture benchmark's mode weights from
+  0.096-0.240 to 0.139-0.183 (exact 1/6); ``shrink < 1`` keeps the reciprocal importance
+  ratios :math:`q/p` bounded.
+- **SMC** (:class:`SMCOptions`, :mod:`diffstat.dnc.exact_smc`): its module notes say why.
 """
 
 from __future__ import annotations
@@ -146,6 +147,8 @@ class DiffusionOptions:
         MALA steps at ``t_min`` (half of them tune the step size, the rest sample).
     resample_threshold : float
         Resample when the ESS falls below this fraction of ``num_samples``.
+    reweight : bool
+        Weight the annealing's particles as sequential Monte Carlo (:mod:`diffstat.dnc.annealing`).
     log_probs : list of K callables, optional
         The shards' exact log-densities (``x -> lp`` or ``x -> (lp, grad)``, original
         coordinates): the draws are then those of an SMC sampler to their sum, the exact full
@@ -156,13 +159,16 @@ class DiffusionOptions:
         With ``scores`` and without ``log_probs``: each shard's energy is a polynomial of degree
         ``surrogate_degree`` fitted to the values and scores at its draws
         (:mod:`diffstat.dnc.surrogate`), and the SMC samples the product of those; no network.
+    surrogate_degree : int
+        The polynomials' degree (3: :mod:`diffstat.dnc.surrogate` says why).
     fit_energies : bool, optional
         With ``log_probs``: start the SMC from a Gaussian fitted to the learned product's draws
         (True) or from the shards' Gaussian product, with no fit (False, the default: the SMC is
         consistent from either start and the fits cost most of the time). Ignored without
         ``log_probs``.
-    executor : concurrent.futures.Executor, optional
-        Fit the shard models there (with ``max_retries`` retries); default: in this process.
+    executor : concurrent.futures.Executor, optional; max_retries : int
+        Fit the shard models there, each retried up to ``max_retries`` times
+        (:mod:`diffstat.dnc.tasks`); default: in this process.
     fits : list of dicts, optional
         Models already fitted by :func:`~diffstat.dnc.energy.fit_shard_energy` (on the same
         whitening): no training.

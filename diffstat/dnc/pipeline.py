@@ -86,14 +86,22 @@ def check_sampler(method: str, options: dict) -> None:
         check_options(options, allowed, method)
 
 
-def _probe(target, num_chains, seed: int) -> None:
-    """Evaluate the shard's log-density and gradient at the reference points an MCMC sampler
-    starts from (a generator of its own: the sampler's draws do not change). An exception of the
-    user's code reaches the caller as it was raised; the samplers' input validation would re-word
-    it as a dimension mismatch. Not counted in ``num_target_evals``, like the target's validation
-    at construction."""
-    generator = torch.Generator().manual_seed(int(seed))
-    target.log_prob_and_grad(target.sample_reference(4 if num_chains is None else num_chains, generator))
+def _probe(target, num_chains, seed: int, init=None) -> None:
+    """Evaluate the shard's log-density and gradient where an MCMC sampler starts: at ``init`` if
+    given, else at the reference draws it would take (from a generator of its own: the sampler's
+    draws do not change). An exception of the user's code reaches the caller as it was raised,
+    where the samplers' input validation would re-word it as a dimension mismatch. Not counted in
+    ``num_target_evals``, like the target's validation at construction."""
+    if init is not None:
+        x = torch.as_tensor(init, dtype=target.dtype)
+        if x.dim() not in (1, 2) or x.shape[-1] != target.dim:
+            return  # the sampler refuses a misshapen init with its own message
+        x = x.reshape(-1, target.dim)
+    else:
+        x = target.sample_reference(
+            4 if num_chains is None else num_chains, torch.Generator().manual_seed(int(seed))
+        )
+    target.log_prob_and_grad(x)
 
 
 def sample_one_shard(
@@ -125,7 +133,7 @@ def sample_one_shard(
     if worker_threads is not None:
         torch.set_num_threads(int(worker_threads))
     sampler = _registered(method)
-    _probe(target, num_chains, seed)
+    _probe(target, num_chains, seed, options.get("init"))
     generator = torch.Generator().manual_seed(int(seed))
     evals0, start = target.num_target_evals, time.perf_counter()
     result = sampler(
