@@ -8,19 +8,21 @@ returns equally weighted draws from an approximation of :math:`\prod_k p_k`.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from diffstat._util import check_positive_int
+from diffstat._util import check_options, check_positive_int
 from diffstat.dnc.consensus import combine_consensus
 from diffstat.dnc.gaussian import CombineResult, combine_gaussian
+from diffstat.dnc.options import DIFFUSION_OPTIONS
 from diffstat.dnc.semiparametric import combine_semiparametric
 from diffstat.dnc.swiss import combine_swiss
 
-__all__ = ["combine", "COMBINERS", "as_shard_draws"]
+__all__ = ["combine", "COMBINERS", "as_shard_draws", "combiner_options", "check_combiner"]
 
 
 def _combine_diffusion(*args, **kwargs) -> CombineResult:
@@ -37,6 +39,32 @@ COMBINERS: dict[str, Callable[..., CombineResult]] = {
     "semiparametric": combine_semiparametric,
     "swiss": combine_swiss,
 }
+
+
+#: What the front passes to every combiner; the rest of a combiner's keywords are its options.
+_FRONT = frozenset({"num_samples", "generator", "scores", "progress"})
+
+
+def combiner_options(method: str) -> frozenset | None:
+    """The options ``combine(..., method, **options)`` accepts: the diffusion combiner's
+    (:data:`~diffstat.dnc.options.DIFFUSION_OPTIONS`), or another combiner's keyword-only
+    parameters; None for a combiner that takes ``**options`` (it checks its own)."""
+    if method == "diffusion":
+        return DIFFUSION_OPTIONS
+    params = inspect.signature(COMBINERS[method]).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind is p.KEYWORD_ONLY) - _FRONT
+
+
+def check_combiner(method: str, options: dict) -> None:
+    """``ValueError`` for an unknown combiner or an option it does not take, each listing the valid
+    names: checked before any work (and by the pipeline before any shard is sampled)."""
+    if method not in COMBINERS:
+        raise ValueError(f"unknown combiner {method!r}; available: {', '.join(sorted(COMBINERS))}")
+    allowed = combiner_options(method)
+    if allowed is not None:
+        check_options(options, allowed, method)
 
 
 class _Posterior:
@@ -126,7 +154,8 @@ def combine(
     device : str or torch.device, optional
         Where the computation runs.
     **options
-        Options of the combiner (see each module).
+        Options of the combiner (see each module); an unknown one is a ``ValueError`` listing the
+        valid ones (:func:`combiner_options`).
 
     Returns
     -------
@@ -136,11 +165,7 @@ def combine(
         log-densities when ``"diffusion"`` is given ``log_probs``); ``posterior.attrs`` with
         ``method``, ``num_shards``, ``sampling_time``, ``seed``, ``diffstat_version``.
     """
-    from diffstat import io
-    from diffstat.sampling import SamplerResult
-
-    if method not in COMBINERS:
-        raise ValueError(f"unknown combiner {method!r}; available: {', '.join(sorted(COMBINERS))}")
+    check_combiner(method, options)
     num_samples = check_positive_int(num_samples, "num_samples")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -151,17 +176,25 @@ def combine(
     result = COMBINERS[method](
         draws, num_samples=num_samples, generator=generator, scores=grads, progress=progress, **options
     )
-    elapsed = time.perf_counter() - start
-    stats = {
-        k: (v.unsqueeze(0) if torch.is_tensor(v) else np.asarray(v)[None])
-        for k, v in result.sample_stats.items()
-    }
     attrs = {
         "method": f"dnc_{method}",
         "num_shards": len(draws),
-        "sampling_time": float(elapsed),
+        "sampling_time": float(time.perf_counter() - start),
         "seed": int(seed),
         "num_target_evals": 0,
+    }
+    return _to_inference_data(result, name, attrs)
+
+
+def _to_inference_data(result: CombineResult, name: str, attrs: dict):
+    """``arviz.InferenceData`` of one chain: the draws, ``sample_stats``, the combiner's groups,
+    and ``attrs`` updated by the combiner's own."""
+    from diffstat import io
+    from diffstat.sampling import SamplerResult
+
+    stats = {
+        k: (v.unsqueeze(0) if torch.is_tensor(v) else np.asarray(v)[None])
+        for k, v in result.sample_stats.items()
     }
     attrs.update(result.attrs)
     sampler_result = SamplerResult(result.draws.unsqueeze(0), stats, result.groups, {})

@@ -6,13 +6,9 @@ et al. 2023).
 2. **fit** one energy-based diffusion model per shard, a noised-Gaussian energy plus a residual network
    trained with the mixed TSM/DSM loss on the stored scores, half of each batch's times log-uniform near
    :math:`t = 0` (:mod:`diffstat.dnc.energy`).
-3. **Sample** :math:`\pi_t(z) \propto \exp(-\sum_k E_k(z, t))`. Start from the product of the
-   noised Gaussian parts at ``t_start`` (at :math:`t \to 0` the Gaussian product of the shards),
-   then move down a grid of times to ``t_min`` (uniform in :math:`\log\sigma_t`), moving every
-   particle by MALA steps with a per-chain Metropolis-Hastings accept at each time (proposal
-   :math:`y = z + h\nabla\log\pi_t + \sqrt{2h}\,\xi`, whose density has :math:`4h` in the
-   denominator: the trap in Du et al.'s public code). Finally MCMC at :math:`t = t_{\min}` (MALA
-   with a dual-averaged step size) on the summed energy.
+3. **Sample** :math:`\pi_t(z) \propto \exp(-\sum_k E_k(z, t))` by annealed MCMC from the product
+   of the noised Gaussian parts at ``t_start`` down to ``t_min``, then MALA at ``t_min``
+   (:mod:`diffstat.dnc.annealing`: an ``init``/``step`` pair over the annealing levels).
 
    Mode weights of a multimodal product are settled by the annealing, at the times where the
    modes part; MCMC at small t cannot move mass between modes. ``reweight=True`` turns the
@@ -50,48 +46,30 @@ Sampling runs in coordinates :math:`w` where the Gaussian product is :math:`\mat
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
+from typing import NamedTuple
 
 import torch
 
-from diffstat._util import check_positive_int, ess_from_log_weights, progress_bar
-from diffstat.dnc.gaussian import CombineResult, gaussian_product, sample_moments
+from diffstat._util import progress_bar
+from diffstat.dnc.annealing import (
+    SAMPLING_DTYPE,
+    anneal_init,
+    anneal_step,
+    resample_within_modes,
+    sample_at_t_min,
+    start_gaussian,
+    time_grid,
+)
 from diffstat.dnc.energy import ProductEnergy, fit_shard_energies, focus_weights, load_shard_energy, whitening
+from diffstat.dnc.gaussian import CombineResult, gaussian_product, sample_moments
 from diffstat.dnc.mode_weights import calibrate_mode_weights
-from diffstat.mcmc.adaptation import DualAveraging
+from diffstat.dnc.options import DiffusionOptions
 from diffstat.mcmc.base import MCMCState
-from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 from diffstat.tempering.resampling import systematic
 
 __all__ = ["combine_diffusion"]
-
-
-def _sum_log_probs(log_probs, x: torch.Tensor) -> torch.Tensor:
-    """Sum of the shards' log-densities at ``x (n, dim)`` (callables ``x -> lp`` or ``x -> (lp, grad)``)."""
-    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    for f in log_probs:
-        out = f(x)
-        total = total + (out[0] if isinstance(out, tuple) else out).detach().to(total)
-    return total
-
-
-def _mala_level(generator, state, lpg, h, num_steps):
-    """``num_steps`` MALA steps at one level; returns the state, the mean acceptance per step
-    (a tensor) and the number of evaluations."""
-    acc = []
-    for _ in range(num_steps):
-        state, info = mala_step(generator, state, lpg, h)
-        acc.append(info.acceptance_rate.mean())
-    return state, torch.stack(acc).mean()
-
-
-#: Options of the learned product, passed on when ``fit_energies`` starts the exact SMC from it.
-_LEARNED_OPTIONS = tuple(
-    "hidden depth num_steps batch_size lr small_t_fraction loss num_reference ema_decay focus_width "
-    "focus_fraction t_min t_start num_levels mcmc_per_level num_final_steps resample_threshold reweight "
-    "executor max_retries fits energy_models calibrate calibrate_options calibration_log_probs".split()
-)
 
 
 def combine_diffusion(
@@ -101,36 +79,7 @@ def combine_diffusion(
     generator: torch.Generator,
     scores=None,
     progress: bool = False,
-    hidden: int = 64,
-    depth: int = 3,
-    num_steps: int = 6000,
-    batch_size: int = 512,
-    lr: float = 2e-3,
-    small_t_fraction: float = 0.5,
-    loss: str = "mixed",
-    num_reference: int = 1024,
-    ema_decay: float = 0.999,
-    focus_width: float | None = 3.0,
-    focus_fraction: float = 0.5,
-    t_min: float = 1e-3,
-    t_start: float = 1.0,
-    num_levels: int = 50,
-    mcmc_per_level: int = 2,
-    num_final_steps: int = 100,
-    resample_threshold: float = 0.5,
-    reweight: bool = False,
-    log_probs=None,
-    executor=None,
-    max_retries: int = 2,
-    fits: list[dict] | None = None,
-    energy_models: list | None = None,
-    calibrate: bool = True,
-    calibrate_options: dict | None = None,
-    calibration_log_probs=None,
-    fit_energies: bool | None = None,
-    smc_options: dict | None = None,
-    draw_log_probs=None,
-    surrogate_degree: int = 3,
+    **options,
 ) -> CombineResult:
     r"""The diffusion combiner (module notes).
 
@@ -142,53 +91,12 @@ def combine_diffusion(
         them the fit falls back to denoising score matching.
     num_samples : int
         Particles (and draws).
-    hidden, depth, num_steps, batch_size, lr, small_t_fraction, loss, num_reference, ema_decay
-        Network and training settings per shard (:func:`fit_shard_energy`).
-    focus_width, focus_fraction : float
-        Train with a share ``focus_fraction`` of every batch drawn near the Gaussian product
-        (within about ``focus_width`` of its standard deviations), at small times only, where the
-        product must be accurate; ``focus_width=None`` trains on the shard draws uniformly.
-    t_min, t_start : float
-        The annealing runs from ``t_start`` down to ``t_min`` (the "t = 0" of the model).
-    num_levels, mcmc_per_level : int
-        Times on the grid (uniform in :math:`\log\sigma_t`) and MALA steps per time.
-    num_final_steps : int
-        MALA steps at ``t_min`` (half of them tune the step size, the rest sample).
-    resample_threshold : float
-        Resample when the ESS falls below this fraction of ``num_samples``.
-    log_probs : list of K callables, optional
-        The shards' exact log-densities (``x -> lp`` or ``x -> (lp, grad)``, original
-        coordinates): the draws are then those of an SMC sampler to their sum, the exact full
-        posterior (:func:`~diffstat.dnc.exact_smc.exact_product_smc`, with ``smc_options``).
-    draw_log_probs : list of K tensors ``(n_k,)``, optional
-        :math:`\log p_k` at each shard's draws (any constant per shard; the pipeline keeps them).
-        With ``scores`` and without ``log_probs``: each shard's energy is a polynomial of degree
-        ``surrogate_degree`` fitted to the values and scores at its draws
-        (:mod:`diffstat.dnc.surrogate`), and the SMC samples the product of those; no network.
-    fit_energies : bool, optional
-        With ``log_probs``: start the SMC from a Gaussian fitted to the learned product's draws
-        (True) or from the shards' Gaussian product, with no fit (False, the default: the SMC is
-        consistent from either start and the fits cost most of the time). Ignored without
-        ``log_probs``.
-    executor : concurrent.futures.Executor, optional
-        Fit the shard models there (with ``max_retries`` retries); default: in this process.
-    fits : list of dicts, optional
-        Models already fitted by :func:`fit_shard_energy` (on the same whitening): no training.
-    calibrate : bool
-        After the first half of the MCMC at ``t_min``, move the product's mass between its modes
-        to the shares estimated from the shards' draw counts
-        (:func:`~diffstat.dnc.mode_weights.calibrate_mode_weights`, with ``calibrate_options``;
-        not with ``log_probs``).
-    calibration_log_probs : list of K callables, optional
-        The shards' exact log-densities (``x -> lp`` or ``x -> (lp, grad)``, original coordinates,
-        any constant), called only to weigh the product's modes: then their masses are
-        :math:`\int_{A_j}\prod_k p_k` by importance sampling (a few hundred points per shard and
-        mode) instead of the draw counts, and at the end the particles are importance-resampled
-        within each mode to the exact product (one more call per particle; ``attrs``:
-        ``num_shard_evals`` per shard, ``final_is_ess`` as a fraction of ``num_samples``).
-    energy_models : list of K objects with ``energy(z, t) -> (n,)``, optional
-        Energies of the noised shards in the whitened coordinates of :func:`whitening` (for
-        example exact ones, to test the sampler apart from the fit): no training.
+    **options
+        The settings and inputs of :class:`~diffstat.dnc.options.DiffusionOptions`, which documents
+        each (``log_probs``: the shards' exact log-densities, then an SMC to their sum;
+        ``draw_log_probs``: polynomial shard energies; ``energy_models`` or ``fits``: no training;
+        ``calibrate``, ``calibration_log_probs``: the mode weights). Any other name is a
+        ``ValueError`` that lists the valid ones.
 
     Returns
     -------
@@ -201,238 +109,206 @@ def combine_diffusion(
         ``num_calibrated_modes``, ``num_shard_evals`` (points at which each shard's
         ``calibration_log_probs`` was called).
     """
+    opts = DiffusionOptions.from_kwargs(options)
+    if opts.log_probs is None and opts.draw_log_probs is not None:
+        return _combine_surrogate(subposteriors, scores, num_samples, generator, opts)
+    if opts.log_probs is not None:
+        return _combine_exact(subposteriors, scores, num_samples, generator, progress, opts)
+    return _combine_learned(subposteriors, scores, num_samples, generator, progress, opts)
+
+
+def _combine_surrogate(subposteriors, scores, num_samples, generator, opts) -> CombineResult:
+    """Polynomial shard energies fitted at the draws (:mod:`diffstat.dnc.surrogate`), their
+    product sampled by the SMC of :mod:`diffstat.dnc.exact_smc` as if it were exact."""
+    from diffstat.dnc.exact_smc import combine_exact
+    from diffstat.dnc.surrogate import fit_polynomial_shards
+
+    start = time.perf_counter()
+    log_probs = fit_polynomial_shards(
+        subposteriors, scores, opts.draw_log_probs, degree=opts.surrogate_degree
+    )
+    fit_time = time.perf_counter() - start
+    result = combine_exact(
+        subposteriors, log_probs, num_samples=num_samples, generator=generator, options=opts.smc
+    )
+    result.attrs.update(
+        fit_time=fit_time,
+        max_fit_time=fit_time,
+        exact_final_target=0,
+        shard_energies=f"polynomial of degree {opts.surrogate_degree}",
+    )
+    return result
+
+
+def _combine_exact(subposteriors, scores, num_samples, generator, progress, opts) -> CombineResult:
+    """The SMC to the exact sum of ``log_probs``, started from the learned product with
+    ``fit_energies`` (:func:`~diffstat.dnc.exact_smc.combine_exact`)."""
+    from diffstat.dnc.exact_smc import combine_exact
+
+    learned = None
+    if opts.fit_energies:
+        inner = dataclasses.replace(opts, log_probs=None, draw_log_probs=None, fit_energies=None)
+        learned = lambda: _combine_learned(subposteriors, scores, num_samples, generator, progress, inner)  # noqa: E731
+    return combine_exact(
+        subposteriors,
+        opts.log_probs,
+        num_samples=num_samples,
+        generator=generator,
+        options=opts.smc,
+        learned=learned,
+    )
+
+
+class _Frame(NamedTuple):
+    r"""The combiner's coordinates: :math:`x = m + L z` (the common whitening of the shards) and
+    :math:`z = \mu + R w` (``R R^T`` the shards' Gaussian product in ``z``: sampling coordinates)."""
+
+    m: torch.Tensor
+    chol: torch.Tensor
+    mu: torch.Tensor
+    root: torch.Tensor
+
+    def x_of_w(self, w: torch.Tensor) -> torch.Tensor:
+        return self.m + (self.mu + w.to(self.mu.dtype) @ self.root.T) @ self.chol.T
+
+
+def _combine_learned(subposteriors, scores, num_samples, generator, progress, opts) -> CombineResult:
+    """Steps 1 to 4 of the module notes: whiten, fit, anneal, calibrate."""
     from diffstat.diffusion.processes import VP
 
-    surrogate_time = None
-    if log_probs is None and draw_log_probs is not None:
-        from diffstat.dnc.surrogate import fit_polynomial_shards
-
-        start = time.perf_counter()
-        log_probs = fit_polynomial_shards(subposteriors, scores, draw_log_probs, degree=surrogate_degree)
-        surrogate_time, fit_energies = time.perf_counter() - start, False
-    if log_probs is not None:
-        from diffstat.dnc.exact_smc import combine_exact
-
-        learned = None
-        if fit_energies:
-            opts = {k: v for k, v in locals().items() if k in _LEARNED_OPTIONS}
-            learned = lambda: combine_diffusion(
-                subposteriors,
-                num_samples=num_samples,  # noqa: E731
-                generator=generator,
-                scores=scores,
-                progress=progress,
-                **opts,
-            )
-        result = combine_exact(
-            subposteriors,
-            log_probs,
-            num_samples=num_samples,
-            generator=generator,
-            smc_options=smc_options,
-            learned=learned,
-        )
-        if surrogate_time is not None:
-            result.attrs.update(
-                fit_time=surrogate_time,
-                max_fit_time=surrogate_time,
-                exact_final_target=0,
-                shard_energies=f"polynomial of degree {surrogate_degree}",
-            )
-        return result
-    num_levels = check_positive_int(num_levels, "num_levels")
-    mcmc_per_level = check_positive_int(mcmc_per_level, "mcmc_per_level")
-    if not 0 < t_min < t_start <= 1.0:
-        raise ValueError(f"need 0 < t_min < t_start <= 1, got t_min={t_min}, t_start={t_start}")
-    k = len(subposteriors)
-    if calibration_log_probs is not None and len(calibration_log_probs) != k:
+    anneal, k = opts.anneal, len(subposteriors)
+    if opts.calibration_log_probs is not None and len(opts.calibration_log_probs) != k:
         raise ValueError(f"calibration_log_probs must hold {k} callables, one per shard")
-    x_all = torch.cat(subposteriors)
-    dtype, device = x_all.dtype, x_all.device
+    frame, zs, moments, fits, models = _whiten_and_fit(subposteriors, scores, generator, progress, opts)
+    product = ProductEnergy(models, frame.mu.to(SAMPLING_DTYPE), frame.root.to(SAMPLING_DTYPE))
+    process = VP(t_min=anneal.t_min)
+    start = time.perf_counter()
+    mean0, cov0 = start_gaussian(process, moments, frame.mu, frame.root, anneal.t_start)
+    state = anneal_init(generator, product, mean0, cov0, num_samples, anneal)
+    times = time_grid(process, anneal.t_start, anneal.t_min, anneal.num_levels)
+    calibrate = _calibrator(generator, product, frame, zs, opts) if opts.calibrate else None
+    levels = []
+    with progress_bar(len(times) + anneal.num_final_steps, "annealed MCMC", progress) as bar:
+        for t in times:
+            state, info = anneal_step(generator, state, product, t, anneal)
+            levels.append(info)
+            bar.update()
+        mcmc, accs, final_step, cal_info = sample_at_t_min(
+            generator, state, product, anneal.num_final_steps, calibrate, bar
+        )
+    cal_info = cal_info or {"num_modes": 0, "calibrated": []}
+    final_ess = float("nan")
+    if opts.calibration_log_probs is not None:
+        mcmc, accs, final_ess = _exact_within_modes(generator, mcmc, accs, frame, cal_info, opts)
+    stats = dict(combine_time=time.perf_counter() - start, final_step_size=final_step, final_is_ess=final_ess)
+    return _result(frame, mcmc, accs, levels, process, product, fits, cal_info, stats, opts)
+
+
+def _whiten_and_fit(subposteriors, scores, generator, progress, opts):
+    """Steps 1 and 2: the coordinates, the whitened draws ``zs``, the shards' moments and
+    Gaussian product in ``z``, and the fitted models (with the fits' records)."""
+    k = len(subposteriors)
     m, chol = whitening(subposteriors)
     chol_inv = torch.linalg.inv(chol)
     zs = [(x - m) @ chol_inv.T for x in subposteriors]
     # grad_z = L^T grad_x, as rows; without scores the fit uses denoising score matching
     gs = [None] * k if scores is None else [g @ chol for g in scores]
-
-    # ---- the Gaussian product of the shards, in z: where the annealing starts
     moments = [sample_moments(z) for z in zs]
     mu_p, cov_p = gaussian_product([a for a, _ in moments], [b for _, b in moments])
-    focus_w, focus = focus_weights(zs, mu_p, cov_p, focus_width, focus_fraction, t_min)
-
-    # ---- fit the shard models (in parallel on the executor when given)
+    frame = _Frame(m, chol, mu_p, torch.linalg.cholesky(cov_p))
+    fit, t_min = opts.fit, opts.anneal.t_min
+    focus_w, focus = focus_weights(zs, mu_p, cov_p, fit.focus_width, fit.focus_fraction, t_min)
     seeds = torch.randint(0, 2**31 - 1, (k,), generator=generator, device=generator.device).tolist()
-    fit_kwargs = dict(
-        hidden=hidden,
-        depth=depth,
-        num_steps=num_steps,
-        batch_size=batch_size,
-        lr=lr,
-        t_min=t_min,
-        small_t_fraction=small_t_fraction,
-        loss=loss,
-        num_reference=num_reference,
-        ema_decay=ema_decay,
-        **focus,
-    )
-    if energy_models is not None:
-        if len(energy_models) != k:
+    if opts.energy_models is not None:
+        if len(opts.energy_models) != k:
             raise ValueError(f"energy_models must hold {k} models, one per shard")
-        fits = [{"fit_time": 0.0} for _ in range(k)]
-    elif fits is None:
+        return frame, zs, moments, [{"fit_time": 0.0}] * k, opts.energy_models
+    fits = opts.fits
+    if fits is None:
         args = [(zs[i].cpu(), None if gs[i] is None else gs[i].cpu()) for i in range(k)]
-        kwargs = [dict(fit_kwargs, shard=i, seed=seeds[i], focus_weights=focus_w[i]) for i in range(k)]
-        fits = fit_shard_energies(args, kwargs, executor, max_retries, progress)
-    models = energy_models if energy_models is not None else [load_shard_energy(f).to(device) for f in fits]
+        base = dict(fit.training(), t_min=t_min, **focus)
+        kwargs = [dict(base, shard=i, seed=seeds[i], focus_weights=focus_w[i]) for i in range(k)]
+        fits = fit_shard_energies(args, kwargs, opts.executor, opts.max_retries, progress)
+    device = subposteriors[0].device
+    return frame, zs, moments, fits, [load_shard_energy(f).to(device) for f in fits]
 
-    # ---- sampling coordinates: the Gaussian product (in z) is N(0, I) in w
-    root = torch.linalg.cholesky(cov_p)
-    sdtype = torch.float32
-    product = ProductEnergy(models, mu_p.to(sdtype), root.to(sdtype))
-    process = VP(t_min=t_min)
-    start = time.perf_counter()
 
-    # start: the product of the noised Gaussian parts at t_start (exact Gaussian), in w
-    ts = torch.tensor(t_start, dtype=torch.float64)
-    a0, s0 = float(process.alpha(ts)), float(process.sigma(ts))
-    eye = torch.eye(x_all.shape[1], dtype=dtype, device=device)
-    mu0, cov0 = gaussian_product([a0 * a for a, _ in moments], [a0**2 * b + s0**2 * eye for _, b in moments])
-    root_inv = torch.linalg.inv(root)
-    mu0_w = (mu0 - mu_p) @ root_inv.T
-    cov0_w = root_inv @ cov0 @ root_inv.T
-    chol0 = torch.linalg.cholesky(0.5 * (cov0_w + cov0_w.T))
-    eps = torch.randn(
-        num_samples, x_all.shape[1], generator=generator, dtype=dtype, device=generator.device
-    ).to(device)
-    w = (mu0_w + eps @ chol0.T).to(sdtype)
-    log_q0 = -0.5 * (eps**2).sum(-1)
-    log_w = torch.zeros(num_samples, dtype=torch.float64, device=device)
-    if reweight:
-        with torch.no_grad():
-            log_w = (-product.energy(w, t_start)).double() - log_q0.double()
+def _sum_log_probs(log_probs, x: torch.Tensor) -> torch.Tensor:
+    """Sum of the shards' log-densities at ``x (n, dim)`` (callables ``x -> lp`` or ``x -> (lp, grad)``)."""
+    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for f in log_probs:
+        out = f(x)
+        total = total + (out[0] if isinstance(out, tuple) else out).detach().to(total)
+    return total
 
-    # time grid uniform in log sigma_t from t_start to t_min
-    sig = torch.exp(
-        torch.linspace(
-            math.log(s0),
-            math.log(float(process.sigma(torch.tensor(t_min, dtype=torch.float64)))),
-            num_levels + 1,
-            dtype=torch.float64,
-        )
-    )
-    times = [t_start] + [float(process.time_at_sigma(s)) for s in sig[1:-1]] + [t_min]
-    h = torch.tensor(0.5 * min(1.0, float(torch.linalg.eigvalsh(cov0_w).min())), dtype=sdtype)
-    record = {key: [] for key in ("t", "sigma", "ess", "acceptance_rate", "step_size", "resampled")}
-    state = None
-    with progress_bar(len(times) + num_final_steps, "annealed MCMC", progress) as bar:
-        for i, t in enumerate(times):
-            if i > 0 and reweight:
-                with torch.no_grad():
-                    log_w = log_w + (-product.energy(state.x, t) - state.log_prob).double()
-            ess = ess_from_log_weights(log_w) / num_samples
-            resampled = bool(ess < resample_threshold) or (reweight and i == len(times) - 1)
-            lpg = product.log_prob_and_grad(t)
-            x_now = w if state is None else state.x
-            if resampled:
-                idx = systematic(generator, log_w).to(device)
-                x_now = x_now[idx]
-                log_w = torch.zeros_like(log_w)
-            state = MCMCState(x_now, *lpg(x_now))
-            state, acc = _mala_level(generator, state, lpg, h, mcmc_per_level)
-            # Robbins-Monro on log h toward MALA's optimal acceptance; one sync per level
-            h = h * torch.exp(torch.clamp(2.0 * (acc - MALA_TARGET_ACCEPT), -1.0, 1.0)).to(sdtype)
-            for key, val in (
-                ("t", t),
-                ("sigma", float(process.sigma(torch.tensor(t)))),
-                ("ess", float(ess)),
-                ("acceptance_rate", float(acc)),
-                ("step_size", float(h)),
-                ("resampled", resampled),
-            ):
-                record[key].append(val)
-            bar.update()
 
-        # ---- MCMC at t = t_min on the summed energy (or the exact shard log-densities)
-        lpg = product.log_prob_and_grad(t_min)
-        x_now = state.x
-        state = MCMCState(x_now, *lpg(x_now))
-        adapt = DualAveraging(h.clone(), MALA_TARGET_ACCEPT)
-        num_adapt = num_final_steps // 2
-        final_acc = []
-        cal_info = {"num_modes": 0, "calibrated": [], "shares_before": [], "shares_after": []}
-        for j in range(num_final_steps):
-            if j == num_adapt and calibrate:
-                root_inv_s = root_inv.to(sdtype)
-                # B023: to_w is called only inside this iteration (by calibrate_mode_weights below)
-                to_w = lambda z_: (z_.to(sdtype) - product.shift) @ root_inv_s.T  # noqa: E731, B023
-                to_z = lambda w_: product.shift + w_ @ product.root.T  # noqa: E731
-                exact_lp = None
-                if calibration_log_probs is not None:
-                    exact_lp = lambda z_: _sum_log_probs(calibration_log_probs, m + z_.to(dtype) @ chol.T)  # noqa: E731
-                log_wc, cal_info = calibrate_mode_weights(
-                    generator,
-                    state.x,
-                    product,
-                    t_min,
-                    [z.to(device) for z in zs],
-                    to_w,
-                    to_z,
-                    0.5 * float(adapt.final_step_size),
-                    exact_log_prob=exact_lp,
-                    **(calibrate_options or {}),
-                )
-                if bool((log_wc != 0).any()):
-                    idx = systematic(generator, log_wc).to(device)
-                    state = MCMCState(state.x[idx], state.log_prob[idx], state.grad[idx])
-                    cal_info["labels"] = cal_info["labels"][idx]
-            step = adapt.step_size if j < num_adapt else adapt.final_step_size
-            state, info = mala_step(generator, state, lpg, step)
-            if j < num_adapt:
-                adapt.update(info.acceptance_rate.mean())
-            else:
-                final_acc.append(info.acceptance_rate)
-            bar.update()
-    final_ess = float("nan")
-    if calibration_log_probs is not None:
-        # within each mode, importance-resample the learned product to the exact one (the modes'
-        # masses stay as calibrated): removes the learned energies' bias within the modes
-        z_now = mu_p + state.x.to(dtype) @ root.T
-        log_r = _sum_log_probs(calibration_log_probs, m + z_now @ chol.T) - state.log_prob.double()
-        cal_info["num_shard_evals"] = cal_info.get("num_shard_evals", 0) + num_samples
-        labels = cal_info.get("labels")
-        labels = (
-            torch.zeros(num_samples, dtype=torch.long, device=device) if labels is None else labels.to(device)
-        )
-        log_w = torch.zeros_like(log_r)
-        ess_sum = 0.0
-        for j in torch.unique(labels).tolist():
-            in_j = labels == j
-            lw = log_r[in_j] - torch.logsumexp(log_r[in_j], 0)
-            log_w[in_j] = lw + math.log(float(in_j.double().mean()))
-            ess_sum += float(ess_from_log_weights(lw)) if j >= 0 else 0.0
-        final_ess = ess_sum / num_samples
-        idx = systematic(generator, log_w).to(device)
-        state = MCMCState(state.x[idx], state.log_prob[idx], state.grad[idx])
-        final_acc = [a[idx] for a in final_acc]
-    combine_time = time.perf_counter() - start
-    z_final = mu_p + state.x.to(dtype) @ root.T
-    draws = m + z_final @ chol.T
-    # lp in original coordinates up to the constant log|det| of the whitening
-    lp = state.log_prob.to(dtype)
-    acc_final = torch.stack(final_acc).mean(0) if final_acc else torch.full((num_samples,), float("nan"))
+def _calibrator(generator, product, frame: _Frame, zs, opts):
+    """``(mcmc, step) -> (mcmc, info)``: the particles resampled to the calibrated mode weights
+    (:func:`~diffstat.dnc.mode_weights.calibrate_mode_weights`), step 4 of the module notes."""
+    root_inv = torch.linalg.inv(frame.root).to(SAMPLING_DTYPE)
+    device = frame.m.device
+    shard_z = [z.to(device) for z in zs]
+    exact_lp = None
+    if opts.calibration_log_probs is not None:
+        exact_lp = lambda z_: _sum_log_probs(
+            opts.calibration_log_probs, frame.m + z_.to(frame.m.dtype) @ frame.chol.T
+        )  # noqa: E731
+
+    def calibrate(mcmc: MCMCState, step: float):
+        log_w, info = calibrate_mode_weights(
+            generator, mcmc.x, product, opts.anneal.t_min, shard_z,
+            lambda z_: (z_.to(SAMPLING_DTYPE) - product.shift) @ root_inv.T,
+            lambda w_: product.shift + w_ @ product.root.T,
+            step, exact_log_prob=exact_lp, **dataclasses.asdict(opts.calibration),
+        )  # fmt: skip
+        if bool((log_w != 0).any()):
+            idx = systematic(generator, log_w).to(device)
+            mcmc = MCMCState(mcmc.x[idx], mcmc.log_prob[idx], mcmc.grad[idx])
+            info["labels"] = info["labels"][idx]
+        return mcmc, info
+
+    return calibrate
+
+
+def _exact_within_modes(generator, mcmc, accs, frame: _Frame, cal_info: dict, opts):
+    """Within each mode, importance-resample the learned product to the exact one (the modes'
+    masses stay as calibrated): removes the learned energies' bias within the modes."""
+    num_samples = mcmc.x.shape[0]
+    log_r = _sum_log_probs(opts.calibration_log_probs, frame.x_of_w(mcmc.x)) - mcmc.log_prob.double()
+    cal_info["num_shard_evals"] = cal_info.get("num_shard_evals", 0) + num_samples
+    idx, final_ess = resample_within_modes(generator, log_r, cal_info.get("labels"))
+    mcmc = MCMCState(mcmc.x[idx], mcmc.log_prob[idx], mcmc.grad[idx])
+    return mcmc, [a[idx] for a in accs], final_ess
+
+
+def _result(frame, mcmc, accs, levels, process, product, fits, cal_info, stats, opts) -> CombineResult:
+    """The draws in original coordinates, ``lp`` (minus the summed energy, up to the constant
+    log-determinant of the whitening), the per-level group and the attributes."""
+    dtype = frame.m.dtype
+    num_samples = mcmc.x.shape[0]
+    acc = torch.stack(accs).mean(0) if accs else torch.full((num_samples,), float("nan"))
+    record = {
+        "t": [info.t for info in levels],
+        "sigma": [float(process.sigma(torch.tensor(info.t))) for info in levels],
+        "ess": [float(info.ess) for info in levels],
+        "acceptance_rate": [float(info.acceptance_rate) for info in levels],
+        "step_size": [float(info.step_size) for info in levels],
+        "resampled": [info.resampled for info in levels],
+    }
     groups = {"diffusion": {key: torch.tensor(val, dtype=torch.float64) for key, val in record.items()}}
     fit_times = [float(f["fit_time"]) for f in fits]
     attrs = {
         "fit_time": float(sum(fit_times)),
         "max_fit_time": float(max(fit_times)),
-        "combine_time": float(combine_time),
+        "combine_time": float(stats["combine_time"]),
         "num_energy_evals": int(product.num_evals),
-        "final_step_size": float(adapt.final_step_size),
+        "final_step_size": float(stats["final_step_size"]),
         "exact_final_target": 0,
-        "num_levels": num_levels,
+        "num_levels": opts.anneal.num_levels,
         "num_modes": int(cal_info["num_modes"]),
         "num_calibrated_modes": len(cal_info["calibrated"]),
         "num_shard_evals": int(cal_info.get("num_shard_evals", 0)),
-        "final_is_ess": final_ess,
+        "final_is_ess": stats["final_is_ess"],
     }
-    return CombineResult(draws, {"lp": lp, "acceptance_rate": acc_final.to(dtype)}, groups, attrs)
+    stats = {"lp": mcmc.log_prob.to(dtype), "acceptance_rate": acc.to(dtype)}
+    return CombineResult(frame.x_of_w(mcmc.x), stats, groups, attrs)

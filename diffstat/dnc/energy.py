@@ -25,7 +25,9 @@ import time
 import torch
 from torch import nn
 
+from diffstat._util import progress_bar
 from diffstat.dnc.gaussian import sample_moments
+from diffstat.dnc.tasks import map_with_retries
 
 __all__ = [
     "ShardEnergy",
@@ -189,7 +191,7 @@ def fit_shard_energy(
     ``fit_time`` (seconds) and ``shard``.
     """
     from diffstat.diffusion.processes import VP
-    from diffstat.diffusion.training import TrainConfig, train_score_model
+    from diffstat.diffusion.training import train_score_model
 
     if worker_threads is not None:
         torch.set_num_threads(int(worker_threads))
@@ -202,34 +204,48 @@ def fit_shard_energy(
     process = VP(t_min=t_min)
     model = ShardEnergy(mean, cov, hidden=hidden, depth=depth, process=process, seed=seed)
     gen = torch.Generator().manual_seed(int(seed))
-    config = TrainConfig(
+    config = _train_config(
+        num_steps, batch_size, lr, ema_decay, loss, grad_z is not None, num_reference, small_t_fraction,
+        focus_fraction if focus_weights is not None else 0.0, focus_t_max,
+    )  # fmt: skip
+    result = train_score_model(
+        model, process, z, grad_z, config=config, generator=gen, focus_weights=focus_weights
+    )
+    return {
+        "state_dict": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
+        "settings": dict(hidden=hidden, depth=depth, t_min=t_min, seed=seed),
+        "dim": z.shape[1],
+        "loss": result.history["train_loss"],
+        "fit_time": time.perf_counter() - start,
+        "shard": shard,
+    }
+
+
+def _train_config(
+    num_steps, batch_size, lr, ema_decay, loss, has_scores, num_reference, small_t_fraction,
+    focus_fraction, focus_t_max,
+):  # fmt: skip
+    """The toolkit's ``TrainConfig`` for one shard: Adam with a cosine decay to 5% of ``lr``, the
+    loss ``"dsm"`` (weighted by sigma^2) where no scores were stored, no validation split (every
+    draw trains), the loss recorded 20 times."""
+    from diffstat.diffusion.training import TrainConfig
+
+    return TrainConfig(
         num_steps=int(num_steps),
         batch_size=int(batch_size),
         lr=lr,
         ema_decay=ema_decay,
-        loss=loss if (loss == "stf" or grad_z is not None) else "dsm",
+        loss=loss if (loss == "stf" or has_scores) else "dsm",
         val_fraction=0.0,
         eval_every=max(1, int(num_steps) // 20),
         lr_schedule="cosine",
         lr_final_ratio=0.05,
         num_reference=int(num_reference),
         small_t_fraction=small_t_fraction,
-        focus_fraction=focus_fraction if focus_weights is not None else 0.0,
+        focus_fraction=focus_fraction,
         focus_t_max=focus_t_max,
-        weighting="sigma2" if grad_z is None else None,
+        weighting=None if has_scores else "sigma2",
     )
-    result = train_score_model(
-        model, process, z, grad_z, config=config, generator=gen, focus_weights=focus_weights
-    )
-    settings = dict(hidden=hidden, depth=depth, t_min=t_min, seed=seed)
-    return {
-        "state_dict": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
-        "settings": settings,
-        "dim": z.shape[1],
-        "loss": result.history["train_loss"],
-        "fit_time": time.perf_counter() - start,
-        "shard": shard,
-    }
 
 
 def focus_weights(zs, mu_p, cov_p, focus_width, focus_fraction, t_min):
@@ -254,12 +270,8 @@ def fit_shard_energies(
     args: list[tuple], kwargs: list[dict], executor=None, max_retries: int = 2, progress: bool = False
 ) -> list[dict]:
     """:func:`fit_shard_energy` for every shard: on ``executor`` with retries
-    (:func:`~diffstat.dnc.pipeline.map_with_retries`), or in this process."""
-    from diffstat._util import progress_bar
-
+    (:func:`~diffstat.dnc.tasks.map_with_retries`), or in this process."""
     if executor is not None:
-        from diffstat.dnc.pipeline import map_with_retries
-
         return map_with_retries(
             executor,
             fit_shard_energy,

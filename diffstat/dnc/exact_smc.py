@@ -34,20 +34,32 @@ duplicate of the last resampling unmoved with probability about :math:`0.43^5 \a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from diffstat.dnc.gaussian import CombineResult, gaussian_product, sample_moments
+from diffstat.dnc.options import SMCOptions, from_kwargs
 from diffstat.mcmc.base import MCMCState
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 from diffstat.tempering.moves import weighted_covariance
 from diffstat.tempering.resampling import ess, systematic
 from diffstat.tempering.smc import next_beta
 
-__all__ = ["sum_of_log_probs", "laplace_refine", "exact_product_smc", "combine_exact"]
+__all__ = [
+    "sum_of_log_probs",
+    "laplace_refine",
+    "SMCState",
+    "SMCInfo",
+    "smc_init",
+    "smc_step",
+    "exact_product_smc",
+    "combine_exact",
+]
 
 
 def sum_of_log_probs(log_probs: list[Callable]) -> Callable:
@@ -142,13 +154,15 @@ def _weighted_moments(x: torch.Tensor, log_w: torch.Tensor):
     return mean, 0.5 * (cov + cov.T) + 1e-10 * scale * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
 
 
-class _Parts:
-    """The particles' exact log-density ``lp``, gradient ``g`` and reference log-density ``lq``,
-    gradient ``gq``; the tempered log-density in white coordinates ``u`` (``x = m + L u``)."""
+class _Path:
+    """The geometric path from the reference Gaussian ``q`` to the exact product: at ``x (n, dim)``,
+    the exact log-density ``lp`` and gradient ``g``, the reference's ``lq`` and ``gq``; the tempered
+    log-density in white coordinates ``u`` (``x = m + L u``); ``num_evals`` counts the points at
+    which the shards' log-densities were evaluated."""
 
-    def __init__(self, exact, q_mean, q_prec):
+    def __init__(self, exact, q_mean, q_prec, num_evals: int = 0):
         self.exact, self.q_mean, self.q_prec = exact, q_mean, q_prec
-        self.num_evals = 0
+        self.num_evals = num_evals
 
     def evaluate(self, x):
         lp, g = self.exact(x)
@@ -170,12 +184,35 @@ class _Parts:
         return fn
 
 
-def _move(generator, x, parts, beta, log_w, h, num_steps):
+class SMCState(NamedTuple):
+    """Particles ``x (n, dim)`` (float64), the path's parts at them ``(lp, g, lq, gq)``, the
+    temperature ``beta`` and log-weights ``log_w (n,)``, the MALA step size, and the running
+    estimate of the product's log-normaliser."""
+
+    x: torch.Tensor
+    parts: tuple
+    beta: torch.Tensor
+    log_w: torch.Tensor
+    step_size: torch.Tensor
+    log_normalizer: float
+
+
+class SMCInfo(NamedTuple):
+    """One stage: its ``beta``, the ESS fraction after reweighting, the mean MALA acceptance,
+    whether the particles were resampled, and the points evaluated (``num_evals``)."""
+
+    beta: float
+    ess: float
+    acceptance_rate: torch.Tensor
+    resampled: bool
+    num_evals: int
+
+
+def _move(generator, x, path, cur, beta, log_w, h, num_steps):
     """``num_steps`` dense-preconditioned MALA steps on pi_beta; returns x, parts, h, mean acceptance."""
     m, cov = _weighted_moments(x, log_w)
     chol = torch.linalg.cholesky(cov)
-    parts_obj, cur = parts
-    fn = parts_obj.tempered(beta, m, chol)
+    fn = path.tempered(beta, m, chol)
     u = torch.linalg.solve_triangular(chol, (x - m).T, upper=False).T
     lp, g, lq, gq = cur
     state = MCMCState(u, beta * lp + (1 - beta) * lq, (beta * g + (1 - beta) * gq) @ chol)
@@ -185,14 +222,61 @@ def _move(generator, x, parts, beta, log_w, h, num_steps):
         a = info.is_accepted
         cur = tuple(
             torch.where(a.unsqueeze(-1) if old.dim() == 2 else a, new, old)
-            for new, old in zip(parts_obj.last, cur)
+            for new, old in zip(path.last, cur)
         )
         acc = info.acceptance_rate.mean()
         accs.append(acc)
         # Robbins-Monro on log h toward MALA's optimal acceptance
         h = h * torch.exp(torch.clamp(2.0 * (acc - MALA_TARGET_ACCEPT), -1.0, 1.0))
     x = m + state.x @ chol.T
-    return x, (parts_obj, cur), h, torch.stack(accs).mean()
+    return x, cur, h, torch.stack(accs).mean()
+
+
+def smc_init(generator, log_probs, mean, cov, num_particles: int, options: SMCOptions):
+    r"""Exact draws of :math:`q = \mathcal N(\mu, c^2\Sigma)` (after the Laplace refinement with
+    ``options.laplace``): the state at :math:`\beta = 0` and the path."""
+    dtype = torch.float64
+    mean, cov = mean.to(dtype), cov.to(dtype)
+    exact = sum_of_log_probs(log_probs)
+    laplace_evals = 0
+    if options.laplace:
+        mean, cov, laplace_evals = laplace_refine(exact, mean, cov)
+    q_chol = torch.linalg.cholesky(options.inflation**2 * 0.5 * (cov + cov.T))
+    # log q is kept without its normaliser: log of the integral of exp(log q)
+    log_mass_q = torch.log(torch.diagonal(q_chol)).sum() + 0.5 * mean.shape[0] * math.log(2 * math.pi)
+    eps = torch.randn(num_particles, mean.shape[0], generator=generator, dtype=dtype, device=generator.device)
+    x = mean + eps.to(mean.device) @ q_chol.T
+    path = _Path(exact, mean, torch.cholesky_inverse(q_chol), laplace_evals)
+    like = dict(dtype=dtype, device=x.device)
+    state = SMCState(
+        x, path.evaluate(x), torch.zeros((), **like), torch.zeros(num_particles, **like),
+        torch.tensor(0.5, **like), float(log_mass_q),
+    )  # fmt: skip
+    return state, path
+
+
+def smc_step(generator, state: SMCState, path: _Path, options: SMCOptions) -> tuple[SMCState, SMCInfo]:
+    r"""One stage: the next :math:`\beta` at conditional ESS ``target_ess``, reweighting, resampling
+    below ``resample_threshold`` (and always at :math:`\beta = 1`), then MALA moves."""
+    x, cur, beta, log_w, h, log_z = state
+    evals0 = path.num_evals
+    delta = cur[0] - cur[2]
+    delta = torch.where(torch.isnan(delta), -math.inf, delta)
+    new_beta = next_beta(log_w, delta, beta, options.target_ess)
+    incr = (new_beta - beta) * delta
+    log_z += float(torch.logsumexp(torch.log_softmax(log_w, 0) + incr, 0))
+    log_w, beta = log_w + incr, new_beta
+    frac = float(ess(log_w)) / x.shape[0]
+    final = float(beta) >= 1.0
+    resampled = frac < options.resample_threshold or final
+    if resampled:
+        idx = systematic(generator, log_w).to(x.device)
+        x, cur = x[idx], tuple(c[idx] for c in cur)
+        log_w = torch.zeros_like(log_w)
+    steps = options.num_final_steps if final else options.num_mcmc_steps
+    x, cur, h, acc = _move(generator, x, path, cur, beta, log_w, h, steps)
+    info = SMCInfo(float(beta), frac, acc, resampled, path.num_evals - evals0)
+    return SMCState(x, cur, beta, log_w, h, log_z), info
 
 
 def exact_product_smc(
@@ -201,14 +285,7 @@ def exact_product_smc(
     mean: torch.Tensor,
     cov: torch.Tensor,
     num_particles: int,
-    *,
-    inflation: float = 1.2,
-    laplace: bool = True,
-    target_ess: float = 0.5,
-    resample_threshold: float = 0.5,
-    num_mcmc_steps: int = 4,
-    num_final_steps: int = 5,
-    max_stages: int = 200,
+    **options,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     r"""Draws of :math:`\prod_k p_k` by SMC from :math:`\mathcal N(\mu, c^2\Sigma)` (module notes).
 
@@ -220,19 +297,16 @@ def exact_product_smc(
     mean : (dim,), cov : (dim, dim)
         The Gaussian the particles start from (before ``inflation``), or with ``laplace`` where
         the mode search starts.
-    laplace : bool
-        Start from the Laplace approximation of the exact product instead
-        (:func:`laplace_refine`; a few hundred single-point evaluations, next to
-        ``num_particles`` per MALA step).
     num_particles : int
-    inflation : float
-        :math:`c`, the factor on the Gaussian's standard deviations.
-    target_ess, resample_threshold : float
-        Conditional-ESS fraction per stage; ESS fraction that triggers resampling.
-    num_mcmc_steps, num_final_steps : int
-        MALA steps per stage and at :math:`\beta = 1` after the last resampling.
-    max_stages : int
-        A ``RuntimeError`` beyond this many stages (a start far too narrow for the target).
+    **options
+        :class:`~diffstat.dnc.options.SMCOptions` (``ValueError`` for any other name):
+        ``laplace`` (start from the Laplace approximation of the exact product,
+        :func:`laplace_refine`: a few hundred single-point evaluations, next to ``num_particles``
+        per MALA step); ``inflation`` (:math:`c`, the factor on the Gaussian's standard
+        deviations); ``target_ess``, ``resample_threshold`` (conditional-ESS fraction per stage;
+        ESS fraction that triggers resampling); ``num_mcmc_steps``, ``num_final_steps`` (MALA steps
+        per stage and at :math:`\beta = 1` after the last resampling); ``max_stages`` (a
+        ``RuntimeError`` beyond this many stages: a start far too narrow for the target).
 
     Returns
     -------
@@ -243,62 +317,28 @@ def exact_product_smc(
         shard's log-density was evaluated), ``log_normalizer`` (of :math:`\prod_k p_k` with the
         given constants, the SMC estimate).
     """
-    dtype = torch.float64
-    mean, cov = mean.to(dtype), cov.to(dtype)
-    dim = mean.shape[0]
-    exact = sum_of_log_probs(log_probs)
-    laplace_evals = 0
-    if laplace:
-        mean, cov, laplace_evals = laplace_refine(exact, mean, cov)
-    q_cov = inflation**2 * 0.5 * (cov + cov.T)
-    q_chol = torch.linalg.cholesky(q_cov)
-    q_prec = torch.cholesky_inverse(q_chol)
-    # log q is kept without its normaliser: log of the integral of exp(log q)
-    log_mass_q = torch.log(torch.diagonal(q_chol)).sum() + 0.5 * dim * math.log(2 * math.pi)
-    eps = torch.randn(num_particles, dim, generator=generator, dtype=dtype, device=generator.device).to(
-        mean.device
-    )
-    x = mean + eps @ q_chol.T
-    parts_obj = _Parts(exact, mean, q_prec)
-    parts_obj.num_evals = laplace_evals
-    cur = parts_obj.evaluate(x)
-    beta = torch.zeros((), dtype=dtype, device=x.device)
-    log_w = torch.zeros(num_particles, dtype=dtype, device=x.device)
-    h = torch.tensor(0.5, dtype=dtype, device=x.device)
-    log_z = float(log_mass_q)
+    opts = from_kwargs(SMCOptions, options, "exact_product_smc")
+    state, path = smc_init(generator, log_probs, mean, cov, num_particles, opts)
     record = {"betas": [0.0], "ess": [1.0], "acceptance_rate": [float("nan")]}
-    while float(beta) < 1.0:
-        if len(record["betas"]) > max_stages:
+    while float(state.beta) < 1.0:
+        if len(record["betas"]) > opts.max_stages:
             raise RuntimeError(
-                f"the SMC to the exact product needed more than {max_stages} stages; the start "
+                f"the SMC to the exact product needed more than {opts.max_stages} stages; the start "
                 "Gaussian is far too narrow or the shard log-densities disagree with the draws"
             )
-        delta = cur[0] - cur[2]
-        delta = torch.where(torch.isnan(delta), -math.inf, delta)
-        new_beta = next_beta(log_w, delta, beta, target_ess)
-        incr = (new_beta - beta) * delta
-        log_z += float(torch.logsumexp(torch.log_softmax(log_w, 0) + incr, 0))
-        log_w = log_w + incr
-        beta = new_beta
-        frac = float(ess(log_w)) / num_particles
-        if frac < resample_threshold or float(beta) >= 1.0:
-            idx = systematic(generator, log_w).to(x.device)
-            x, cur = x[idx], tuple(c[idx] for c in cur)
-            log_w = torch.zeros_like(log_w)
-        steps = num_final_steps if float(beta) >= 1.0 else num_mcmc_steps
-        x, (parts_obj, cur), h, acc = _move(generator, x, (parts_obj, cur), beta, log_w, h, steps)
-        record["betas"].append(float(beta))
-        record["ess"].append(frac)
-        record["acceptance_rate"].append(float(acc))
-    info = {key: torch.tensor(v, dtype=dtype) for key, v in record.items()}
+        state, step = smc_step(generator, state, path, opts)
+        record["betas"].append(step.beta)
+        record["ess"].append(step.ess)
+        record["acceptance_rate"].append(float(step.acceptance_rate))
+    info = {key: torch.tensor(v, dtype=torch.float64) for key, v in record.items()}
     info.update(
-        laplace=bool(laplace),
+        laplace=bool(opts.laplace),
         num_stages=len(record["betas"]) - 1,
-        num_evals=int(parts_obj.num_evals),
-        log_normalizer=log_z,
-        final_step_size=float(h),
+        num_evals=int(path.num_evals),
+        log_normalizer=state.log_normalizer,
+        final_step_size=float(state.step_size),
     )
-    return x, cur[0], info
+    return state.x, state.parts[0], info
 
 
 def combine_exact(
@@ -307,12 +347,13 @@ def combine_exact(
     *,
     num_samples: int,
     generator: torch.Generator,
-    smc_options: dict | None = None,
+    options: SMCOptions | None = None,
     learned: Callable[[], CombineResult] | None = None,
 ) -> CombineResult:
     r"""The diffusion combiner given the shards' log-densities (``combine(..., "diffusion",
     log_probs=...)``): :func:`exact_product_smc` from the shards' Gaussian product, or from a
-    Gaussian fitted to the draws of ``learned()`` (the learned product, ``fit_energies=True``).
+    Gaussian fitted to the draws of ``learned()`` (the learned product, ``fit_energies=True``);
+    ``options``: the SMC's settings.
 
     Returns a CombineResult whose ``lp`` is the exact sum of shard log-densities; ``groups["smc"]``
     the per-stage ``betas``, ``ess``, ``acceptance_rate``; ``attrs`` the learned product's fit
@@ -331,7 +372,8 @@ def combine_exact(
     else:
         moments = [sample_moments(x.double()) for x in subposteriors]
         mean, cov = gaussian_product([a for a, _ in moments], [b for _, b in moments])
-    x, lp, info = exact_product_smc(generator, log_probs, mean, cov, num_samples, **(smc_options or {}))
+    smc = dataclasses.asdict(options or SMCOptions())
+    x, lp, info = exact_product_smc(generator, log_probs, mean, cov, num_samples, **smc)
     dtype = subposteriors[0].dtype
     groups = {"smc": {key: info[key] for key in ("betas", "ess", "acceptance_rate")}}
     attrs.update(

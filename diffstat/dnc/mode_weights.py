@@ -168,84 +168,106 @@ def calibrate_mode_weights(
     n, dim = w.shape
     min_points = 4 * (dim + 2) if min_points is None else min_points
     grad_fn = product.log_prob_and_grad(t_min)
-    tol = 2.0 * math.sqrt(float(step))
     evals0 = product.num_evals
     with torch.no_grad():
         ends = ascend(grad_fn, w, step, num_iters)
+        tol = 2.0 * math.sqrt(float(step))
         labels, centres = group_end_points(ends, lambda x: -product.energy(x, t_min), tol)
     m = centres.shape[0]
     shares = torch.stack([(labels == j).double().mean() for j in range(m)]) if m else torch.zeros(0)
-    info = {
-        "num_modes": int(m),
-        "calibrated": [],
-        "shares_before": shares.tolist(),
-        "shares_after": shares.tolist(),
-        "labels": labels,
-    }
+    info = {"num_modes": int(m), "calibrated": [], "shares_before": shares.tolist(), "num_shard_evals": 0}
+    info.update(shares_after=shares.tolist(), labels=labels)
     log_w = torch.zeros(n, dtype=torch.float64, device=w.device)
-    if m <= 1:
-        info["num_energy_evals"] = product.num_evals - evals0
-        info["num_shard_evals"] = 0
-        return log_w, info
+    if m > 1:
+        basins = _Basins(generator, grad_fn, centres, step, num_iters, to_w, num_q_draws)
+        z_part = to_z(w).double()
+        if exact_log_prob is not None:
+            log_mass = _exact_masses(basins, z_part, labels, exact_log_prob, min_points, inflate, info)
+        else:
+            shard_z = [_subset(generator, z, max_shard_draws) for z in shard_z]
+            log_mass = _draw_count_masses(
+                basins, w, z_part, labels, product, t_min, shard_z, min_points, shrink, info
+            )
+        log_w = _to_log_weights(shares, log_mass, info, labels, log_w)
+    info["num_energy_evals"] = product.num_evals - evals0
+    return log_w, info
 
-    def basin_of(z: torch.Tensor) -> torch.Tensor:
+
+class _Basins:
+    """The product's basins of attraction at ``t_min``: where gradient ascent from a point ends
+    (nearest centre), and the masses of Gaussians within a basin by quasi-Monte Carlo."""
+
+    def __init__(self, generator, grad_fn, centres, step, num_iters, to_w, num_q_draws):
+        self.generator, self.grad_fn, self.centres = generator, grad_fn, centres
+        self.step, self.num_iters, self.to_w, self.num_q_draws = step, num_iters, to_w, num_q_draws
+
+    def of(self, z: torch.Tensor) -> torch.Tensor:
+        """Basin ``(n,)`` of every point ``z (n, dim)`` in the models' coordinates."""
         with torch.no_grad():
-            return assign_to_centres(ascend(grad_fn, to_w(z), step, num_iters), centres)
+            return assign_to_centres(
+                ascend(self.grad_fn, self.to_w(z), self.step, self.num_iters), self.centres
+            )
 
-    def q_draws(q) -> torch.Tensor:
+    def draws(self, q) -> torch.Tensor:
         """``num_q_draws`` draws of ``q`` from a scrambled Sobol sequence (quasi-Monte Carlo:
         a smaller error than independent draws for the smooth integrands here)."""
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
-        u = torch.quasirandom.SobolEngine(dim, scramble=True, seed=seed).draw(
-            num_q_draws, dtype=torch.float64
-        )
+        gen = self.generator
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=gen.device))
+        engine = torch.quasirandom.SobolEngine(q.loc.shape[0], scramble=True, seed=seed)
+        u = engine.draw(self.num_q_draws, dtype=torch.float64)
         eps = torch.special.ndtri(u.clamp(1e-12, 1 - 1e-12)).to(q.loc.device)
         return q.loc + eps @ q.scale_tril.T
 
-    def q_mass(q, j: int) -> torch.Tensor:
+    def log_q_mass(self, q, j: int) -> torch.Tensor:
         r""":math:`\log \hat Q`: the share of draws of ``q`` whose ascent ends in basin ``j``."""
-        draws = q_draws(q)
-        return torch.log((basin_of(draws) == j).double().mean().clamp_min(1.0 / num_q_draws))
+        in_j = self.of(self.draws(q)) == j
+        return torch.log(in_j.double().mean().clamp_min(1.0 / self.num_q_draws))
 
-    def forward_log_mass(q, j: int, energy) -> torch.Tensor:
+    def log_mass(self, q, j: int, energy) -> torch.Tensor:
         r""":math:`\log \int_{A_j} e^{-E}` by importance sampling from ``q`` (``energy(z) -> (n,)``)."""
-        draws = q_draws(q)
-        in_j = basin_of(draws) == j
+        draws = self.draws(q)
+        in_j = self.of(draws) == j
         with torch.no_grad():
             log_r = -energy(draws).double() - q.log_prob(draws)
         log_r = torch.where(in_j, log_r, torch.full_like(log_r, -math.inf))
-        return torch.logsumexp(log_r, 0) - math.log(num_q_draws)
+        return torch.logsumexp(log_r, 0) - math.log(self.num_q_draws)
 
-    z_part = to_z(w).double()
+
+def _subset(generator: torch.Generator, z: torch.Tensor, max_draws: int) -> torch.Tensor:
+    """A random subset of ``max_draws`` rows of ``z`` (all of them when there are fewer)."""
+    if z.shape[0] <= max_draws:
+        return z
+    return z[
+        torch.randperm(z.shape[0], generator=generator, device=generator.device)[:max_draws].to(z.device)
+    ]
+
+
+def _exact_masses(basins, z_part, labels, exact_log_prob, min_points, inflate, info) -> torch.Tensor:
+    r""":math:`\log W_j = \log\int_{A_j}\prod_k p_k` by importance sampling from a Gaussian fitted
+    to the particles in :math:`A_j`; NaN for basins with fewer than ``min_points`` particles."""
+    m = basins.centres.shape[0]
     log_mass = torch.full((m,), float("nan"), dtype=torch.float64)
-    info["num_shard_evals"] = 0
-    if exact_log_prob is not None:
-        # the exact sum of shard log-densities: W_j = int_{A_j} prod_k p_k by importance sampling
-        for j in range(m):
-            in_j = (labels == j).to(w.device)
-            if int(in_j.sum()) < min_points:
-                continue
-            log_mass[j] = forward_log_mass(
-                _gaussian(z_part[in_j], inflate), j, lambda z_: -exact_log_prob(z_)
-            )
-            info["num_shard_evals"] += num_q_draws
-            info["calibrated"].append(j)
-        shard_labels = []
-    else:
-        # a random subset of each shard's draws (the estimator's 1/n_k is over the subset)
-        shard_z = [
-            z
-            if z.shape[0] <= max_shard_draws
-            else z[
-                torch.randperm(z.shape[0], generator=generator, device=generator.device)[:max_shard_draws].to(
-                    z.device
-                )
-            ]
-            for z in shard_z
-        ]
-        shard_labels = [basin_of(z.to(w)).cpu() for z in shard_z]
+    for j in range(m):
+        in_j = (labels == j).to(z_part.device)
+        if int(in_j.sum()) < min_points:
+            continue
+        log_mass[j] = basins.log_mass(_gaussian(z_part[in_j], inflate), j, lambda z_: -exact_log_prob(z_))
+        info["num_shard_evals"] += basins.num_q_draws
+        info["calibrated"].append(j)
+    return log_mass
+
+
+def _draw_count_masses(
+    basins, w, z_part, labels, product, t_min, shard_z, min_points, shrink, info
+) -> torch.Tensor:
+    r""":math:`\log W_j = \sum_k \hat\delta_{kj} + \log\hat{\mathcal Z}_j` by reciprocal importance
+    sampling over the particles and the shards' draws in :math:`A_j` (module notes); NaN for
+    basins with fewer than ``min_points`` particles or draws of some shard."""
+    m = basins.centres.shape[0]
+    log_mass = torch.full((m,), float("nan"), dtype=torch.float64)
+    shard_labels = [basins.of(z.to(w)).cpu() for z in shard_z]
     tt = torch.tensor(t_min, dtype=w.dtype, device=w.device)
-    for j in range(m if exact_log_prob is None else 0):
+    for j in range(m):
         in_j = (labels == j).cpu()
         if int(in_j.sum()) < min_points or any(int((lab == j).sum()) < min_points for lab in shard_labels):
             continue
@@ -254,28 +276,31 @@ def calibrate_mode_weights(
         qj = _gaussian(zj, shrink)
         with torch.no_grad():
             e_sum = product.energy(w[in_j.to(w.device)], t_min).double()
-        total = q_mass(qj, j) - _log_reciprocal(zj, e_sum, zj.shape[0], qj)
+        total = basins.log_q_mass(qj, j) - _log_reciprocal(zj, e_sum, zj.shape[0], qj)
         # shards: delta_kj by reciprocal importance sampling over the shard's draws in A_j
         for k, (z, lab) in enumerate(zip(shard_z, shard_labels)):
             zk = z[lab.to(z.device) == j].to(w.device).double()
             qk = _gaussian(zk, shrink)
             with torch.no_grad():
                 e_k = product.models[k].energy(zk.to(w.dtype), tt).double()
-            total = total + _log_reciprocal(zk, e_k, z.shape[0], qk) - q_mass(qk, j)
+            total = total + _log_reciprocal(zk, e_k, z.shape[0], qk) - basins.log_q_mass(qk, j)
         log_mass[j] = total
         info["calibrated"].append(j)
+    return log_mass
+
+
+def _to_log_weights(shares, log_mass, info, labels, log_w) -> torch.Tensor:
+    """Log-weights that give the calibrated basins (two or more) their estimated masses, within the
+    share the annealing gave them together; ``log_w`` (zeros) unchanged otherwise."""
     cal = torch.tensor(info["calibrated"], dtype=torch.long)
-    if cal.numel() >= 2:
-        # the calibrated basins share the mass the annealing gave them together
-        total_share = shares[cal].sum()
-        new = torch.softmax(log_mass[cal], 0) * total_share
-        after = shares.clone()
-        after[cal] = new
-        ratio = torch.zeros(m, dtype=torch.float64)
-        ratio[cal] = torch.log(new) - torch.log(shares[cal])
-        log_w = ratio.to(w.device)[labels.clamp_min(0)]
-        log_w = torch.where(labels >= 0, log_w, torch.zeros_like(log_w))
-        info["shares_after"] = after.tolist()
-    info["labels"] = labels
-    info["num_energy_evals"] = product.num_evals - evals0
-    return log_w, info
+    if cal.numel() < 2:
+        return log_w
+    total_share = shares[cal].sum()
+    new = torch.softmax(log_mass[cal], 0) * total_share
+    after = shares.clone()
+    after[cal] = new
+    ratio = torch.zeros(shares.shape[0], dtype=torch.float64)
+    ratio[cal] = torch.log(new) - torch.log(shares[cal])
+    log_w = ratio.to(log_w.device)[labels.clamp_min(0)]
+    info["shares_after"] = after.tolist()
+    return torch.where(labels >= 0, log_w, torch.zeros_like(log_w))

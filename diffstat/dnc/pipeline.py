@@ -7,12 +7,12 @@ draws are kept in the target's unconstrained coordinates together with the log-d
 gradient at each draw (evaluated at the draws: the samplers do not return them), which the
 diffusion combiner's target score matching needs.
 
-Fault tolerance: a shard whose task raises (or whose worker process dies: Dask reports it as
-``KilledWorker`` or reschedules it itself) is resubmitted (same seed, so the same draws) up to
-``max_retries`` times, each failure reported by a warning and recorded. Results are collected as
-they finish, so a shard that fails for good never costs the finished ones: :class:`ShardFailure`
+Fault tolerance (:mod:`diffstat.dnc.tasks`): a shard whose task raises, or whose worker dies, is
+resubmitted (same seed, so the same draws) up to ``max_retries`` times; :class:`ShardFailure`
 carries every finished :class:`ShardResult`, and ``sample_shards(..., completed=err.completed)``
-resumes with only the missing shards.
+resumes with only the missing shards. The sampler's name and declared options, and the combiner's,
+are checked before any shard is submitted; an exception of the user's log-density reaches the user
+with its own type and message.
 
 Checkpoints (``checkpoint_dir=``): every shard task writes its result to
 ``checkpoint_dir/shard_<k>.pt`` (atomically: a temporary file, then a rename) before it returns,
@@ -26,18 +26,20 @@ client see (NFS, a cluster scratch disk); the seeds make a recomputed shard iden
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import socket
 import time
-import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from diffstat._util import check_positive_int, progress_bar
+from diffstat._util import check_options, check_positive_int
+from diffstat.dnc.combine import check_combiner, combine
+from diffstat.dnc.tasks import ShardFailure, ShardResult, check_max_retries, map_with_retries
 
 __all__ = [
+    "check_sampler",
     "ShardResult",
     "ShardFailure",
     "sample_one_shard",
@@ -47,36 +49,6 @@ __all__ = [
     "shard_seeds",
     "load_checkpoints",
 ]
-
-
-@dataclass
-class ShardResult:
-    """One shard's draws in the target's unconstrained coordinates.
-
-    draws : (n, dim) flattened over chains; scores : (n, dim) gradients of the shard's
-    log-density at the draws; log_probs : (n,) the log-density there.
-    """
-
-    shard: int
-    draws: torch.Tensor
-    scores: torch.Tensor
-    log_probs: torch.Tensor
-    num_target_evals: int
-    sampling_time: float
-    acceptance_rate: float = float("nan")
-    attempts: int = 1
-    worker: str = ""
-    errors: list[str] = field(default_factory=list)
-
-
-class ShardFailure(RuntimeError):
-    """Some shards failed ``max_retries + 1`` times. ``completed``: shard -> ShardResult of every
-    shard that finished; ``failures``: shard -> the error messages of its attempts."""
-
-    def __init__(self, message: str, completed: dict[int, ShardResult], failures: dict[int, list[str]]):
-        super().__init__(message)
-        self.completed = completed
-        self.failures = failures
 
 
 def shard_seeds(seed: int, num_shards: int) -> list[int]:
@@ -99,6 +71,37 @@ def load_checkpoints(checkpoint_dir, seeds: list[int]) -> dict[int, ShardResult]
         if os.path.exists(path):
             found[k] = torch.load(path, weights_only=False)
     return found
+
+
+def check_sampler(method: str, options: dict) -> None:
+    """``ValueError`` for an unknown shard sampler, listing the valid ones, or for an option the
+    sampler declares it does not take: checked before any shard is submitted."""
+    from diffstat.sampling import available_methods, method_options
+
+    methods = available_methods()
+    if method not in methods:
+        raise ValueError(f"unknown shard sampler {method!r}; available: {', '.join(methods)}")
+    allowed = method_options(method)
+    if allowed is not None:
+        check_options(options, allowed, method)
+
+
+def _probe(target, num_chains, seed: int, init=None) -> None:
+    """Evaluate the shard's log-density and gradient where an MCMC sampler starts: at ``init`` if
+    given, else at the reference draws it would take (from a generator of its own: the sampler's
+    draws do not change). An exception of the user's code reaches the caller as it was raised,
+    where the samplers' input validation would re-word it as a dimension mismatch. Not counted in
+    ``num_target_evals``, like the target's validation at construction."""
+    if init is not None:
+        x = torch.as_tensor(init, dtype=target.dtype)
+        if x.dim() not in (1, 2) or x.shape[-1] != target.dim:
+            return  # the sampler refuses a misshapen init with its own message
+        x = x.reshape(-1, target.dim)
+    else:
+        x = target.sample_reference(
+            4 if num_chains is None else num_chains, torch.Generator().manual_seed(int(seed))
+        )
+    target.log_prob_and_grad(x)
 
 
 def sample_one_shard(
@@ -127,43 +130,36 @@ def sample_one_shard(
         torch.save(result, tmp)
         os.replace(tmp, path)  # atomic: a reader never sees half a file
         return result
-    from diffstat.sampling import _REGISTRY, _load_samplers
-
     if worker_threads is not None:
         torch.set_num_threads(int(worker_threads))
-    import diffstat.mcmc.sampler  # noqa: F401 - registers the MCMC samplers without loading the rest
-
-    if method not in _REGISTRY:
-        _load_samplers()
-    if method not in _REGISTRY:
-        raise ValueError(f"unknown sampler {method!r}; available: {', '.join(sorted(_REGISTRY))}")
+    sampler = _registered(method)
+    _probe(target, num_chains, seed, options.get("init"))
     generator = torch.Generator().manual_seed(int(seed))
-    evals0 = target.num_target_evals
-    start = time.perf_counter()
-    result = _REGISTRY[method](
-        target,
-        num_samples=num_samples,
-        num_chains=num_chains,
-        generator=generator,
-        progress=False,
-        device=torch.device("cpu"),
-        **options,
-    )
+    evals0, start = target.num_target_evals, time.perf_counter()
+    result = sampler(
+        target, num_samples=num_samples, num_chains=num_chains, generator=generator, progress=False,
+        device=torch.device("cpu"), **options,
+    )  # fmt: skip
     draws = result.draws.reshape(-1, result.draws.shape[-1]).detach()
     log_probs, scores = target.log_prob_and_grad(draws)
     elapsed = time.perf_counter() - start
     acc = result.sample_stats.get("acceptance_rate")
     acc = float(torch.as_tensor(acc).float().mean()) if acc is not None else float("nan")
-    return ShardResult(
-        shard,
-        draws,
-        scores,
-        log_probs,
-        int(target.num_target_evals - evals0),
-        elapsed,
-        acc,
-        worker=f"{socket.gethostname()}:{os.getpid()}",
-    )
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    evals = int(target.num_target_evals - evals0)
+    return ShardResult(shard, draws, scores, log_probs, evals, elapsed, acc, worker=worker)
+
+
+def _registered(method: str):
+    """The sampler registered as ``method``, loading the MCMC samplers alone when it is one of them."""
+    import diffstat.mcmc.sampler  # noqa: F401 - registers the MCMC samplers without loading the rest
+    from diffstat.sampling import _REGISTRY, _load_samplers
+
+    if method not in _REGISTRY:
+        _load_samplers()
+    if method not in _REGISTRY:
+        raise ValueError(f"unknown shard sampler {method!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[method]
 
 
 def sample_shards(
@@ -187,7 +183,7 @@ def sample_shards(
     ----------
     targets : list of K Targets (picklable: module-level callables, see :mod:`diffstat.dnc.shards`)
     method : str
-        Any ``ds.sample`` method (``"mala"``, ``"hmc"``, ...).
+        Any ``ds.sample`` method (``"mala"``, ``"hmc"``, ...); checked before any shard is submitted.
     num_samples, num_chains : int
         Per shard, as in ``ds.sample``.
     seed : int
@@ -209,116 +205,41 @@ def sample_shards(
     Raises
     ------
     ShardFailure
-        If a shard still fails after ``max_retries`` retries; it carries every finished result.
+        If a shard still fails after ``max_retries`` retries; it carries every finished result and
+        is chained to the shard's own exception.
     """
     if not targets:
         raise ValueError("targets must be a non-empty list of sub-posterior Targets")
     num_samples = check_positive_int(num_samples, "num_samples")
-    if isinstance(max_retries, bool) or not isinstance(max_retries, (int, np.integer)) or max_retries < 0:
-        raise ValueError(f"max_retries must be a non-negative integer, got {max_retries!r}")
-    num_shards = len(targets)
-    seeds = shard_seeds(seed, num_shards)
+    max_retries = check_max_retries(max_retries)
+    check_sampler(method, options)
+    seeds = shard_seeds(seed, len(targets))
     if checkpoint_dir is not None:
         os.makedirs(checkpoint_dir, exist_ok=True)
         completed = {**load_checkpoints(checkpoint_dir, seeds), **(completed or {})}
-    own = executor is None
-    if own:
-        executor = cf.ProcessPoolExecutor(max_workers=max(1, min(num_shards, os.cpu_count() or 1)))
     args = [
-        (targets[k], method, k, num_samples, num_chains, seeds[k], options, worker_threads, checkpoint_dir)
-        for k in range(num_shards)
+        (target, method, k, num_samples, num_chains, seeds[k], options, worker_threads, checkpoint_dir)
+        for k, target in enumerate(targets)
     ]
-    try:
+    with _executor(executor, len(targets)) as pool:
         return map_with_retries(
-            executor,
-            sample_one_shard,
-            args,
-            max_retries=max_retries,
-            completed=completed,
-            progress=progress,
-            desc=f"shards ({method})",
-        )
+            pool, sample_one_shard, args, max_retries=max_retries, completed=completed,
+            progress=progress, desc=f"shards ({method})",
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _executor(executor: cf.Executor | None, num_tasks: int):
+    """``executor`` as it is, or a ``ProcessPoolExecutor`` of ``min(num_tasks, cpu_count)`` workers,
+    shut down on leaving the ``with`` block."""
+    if executor is not None:
+        yield executor
+        return
+    pool = cf.ProcessPoolExecutor(max_workers=max(1, min(num_tasks, os.cpu_count() or 1)))
+    try:
+        yield pool
     finally:
-        if own:
-            executor.shutdown(wait=True)
-
-
-def _attempt(fn, attempt: int, *args, **kwargs):
-    """``fn(*args, **kwargs)``; ``attempt`` only distinguishes resubmissions."""
-    return fn(*args, **kwargs)
-
-
-def map_with_retries(
-    executor: cf.Executor,
-    fn,
-    args: list[tuple],
-    kwargs: list[dict] | None = None,
-    *,
-    max_retries: int = 2,
-    completed: dict | None = None,
-    progress: bool = False,
-    desc: str = "shards",
-) -> list:
-    """``[fn(*args[k], **kwargs[k]) for k]`` on ``executor``, each task retried up to
-    ``max_retries`` times when it raises (a warning per failure); results in task order.
-
-    Results are kept as they finish; tasks in ``completed`` (index -> result) are not run. If a
-    task still fails, :class:`ShardFailure` is raised carrying every finished result.
-    """
-    if isinstance(max_retries, bool) or not isinstance(max_retries, (int, np.integer)) or max_retries < 0:
-        raise ValueError(f"max_retries must be a non-negative integer, got {max_retries!r}")
-    num_tasks = len(args)
-    kwargs = [{} for _ in range(num_tasks)] if kwargs is None else kwargs
-    done: dict = dict(completed or {})
-    errors: dict[int, list[str]] = {}
-
-    def submit(k: int):
-        # the attempt number makes every resubmission a new task: executors that cache by
-        # arguments (Dask's pure=True default) would otherwise return the failed result again
-        return executor.submit(_attempt, fn, len(errors.get(k, [])), *args[k], **kwargs[k])
-
-    pending = {submit(k): k for k in range(num_tasks) if k not in done}
-    with progress_bar(len(pending), desc, progress) as bar:
-        while pending:
-            finished, _ = cf.wait(list(pending), return_when=cf.FIRST_COMPLETED)
-            for future in finished:
-                k = pending.pop(future)
-                try:
-                    res = future.result()
-                except Exception as err:  # noqa: BLE001 - any worker error is retried and reported
-                    msg = f"{type(err).__name__}: {err}"
-                    errors.setdefault(k, []).append(msg)
-                    attempt = len(errors[k])
-                    if attempt <= max_retries:
-                        warnings.warn(
-                            f"shard {k} failed (attempt {attempt}): {msg}; retrying",
-                            RuntimeWarning,
-                            stacklevel=2,
-                        )
-                        pending[submit(k)] = k
-                    else:
-                        warnings.warn(
-                            f"shard {k} failed {attempt} times, giving up: {msg}",
-                            RuntimeWarning,
-                            stacklevel=2,
-                        )
-                        bar.update()
-                    continue
-                if isinstance(res, ShardResult):
-                    res.attempts = len(errors.get(k, [])) + 1
-                    res.errors = list(errors.get(k, []))
-                done[k] = res
-                bar.update()
-    failed = {k: v for k, v in errors.items() if k not in done}
-    if failed:
-        raise ShardFailure(
-            f"{len(failed)} of {num_tasks} shards failed after {max_retries} retries: "
-            + "; ".join(f"shard {k}: {v[-1]}" for k, v in sorted(failed.items()))
-            + f". The {len(done)} finished shards are in .completed (pass completed= to resume).",
-            done,
-            failed,
-        )
-    return [done[k] for k in range(num_tasks)]
+        pool.shutdown(wait=True)
 
 
 def run_pipeline(
@@ -364,52 +285,47 @@ def run_pipeline(
     checkpoint_dir : path, optional
         Shard results are written there and never recomputed (:func:`sample_shards`).
 
+    The sampler, the combiner and their options are checked (``ValueError``) before any shard runs.
+
     Returns
     -------
     (arviz.InferenceData, list of ShardResult)
         The combined posterior (attrs add ``shard_num_target_evals``, ``shard_sampling_time``
         (the sum over shards) and ``max_shard_attempts``) and the per-shard results.
     """
-    from diffstat.dnc.combine import combine
-
-    own = executor is None
-    if own:
-        executor = cf.ProcessPoolExecutor(max_workers=max(1, min(len(targets), os.cpu_count() or 1)))
-    try:
+    sampler_options = dict(sampler_options or {})
+    check_sampler(sampler, sampler_options)
+    options = dict(combine_options or {})
+    check_combiner(combiner, {**_DIFFUSION_INPUTS, **options} if combiner == "diffusion" else options)
+    with _executor(executor, len(targets)) as pool:
         results = sample_shards(
-            targets,
-            sampler,
-            num_samples=shard_samples,
-            seed=seed,
-            num_chains=num_chains,
-            executor=executor,
-            max_retries=max_retries,
-            progress=progress,
-            checkpoint_dir=checkpoint_dir,
-            **(sampler_options or {}),
-        )
-        options = dict(combine_options or {})
+            targets, sampler, num_samples=shard_samples, seed=seed, num_chains=num_chains, executor=pool,
+            max_retries=max_retries, progress=progress, checkpoint_dir=checkpoint_dir, **sampler_options,
+        )  # fmt: skip
         if combiner == "diffusion":
-            options.setdefault("executor", executor)
-            options.setdefault("max_retries", max_retries)
-            if exact_log_probs:
-                options.setdefault("log_probs", [t.log_prob_and_grad for t in targets])
-            if surrogate:
-                options.setdefault("draw_log_probs", [r.log_probs for r in results])
+            inputs = _diffusion_inputs(pool, max_retries, targets, results, exact_log_probs, surrogate)
+            options = {**inputs, **options}
         idata = combine(
-            [r.draws for r in results],
-            combiner,
-            scores=[r.scores for r in results],
-            num_samples=num_samples,
-            seed=seed,
-            progress=progress,
-            **options,
-        )
-    finally:
-        if own:
-            executor.shutdown(wait=True)
+            [r.draws for r in results], combiner, scores=[r.scores for r in results],
+            num_samples=num_samples, seed=seed, progress=progress, **options,
+        )  # fmt: skip
     idata.posterior.attrs["shard_num_target_evals"] = int(sum(r.num_target_evals for r in results))
     idata.posterior.attrs["shard_sampling_time"] = float(sum(r.sampling_time for r in results))
     idata.posterior.attrs["max_shard_attempts"] = int(max(r.attempts for r in results))
     idata.posterior.attrs["shard_sampler"] = sampler
     return idata, results
+
+
+#: What the pipeline may hand to the diffusion combiner besides the user's ``combine_options``.
+_DIFFUSION_INPUTS = dict.fromkeys(("executor", "max_retries", "log_probs", "draw_log_probs"))
+
+
+def _diffusion_inputs(executor, max_retries, targets, results, exact_log_probs, surrogate) -> dict:
+    """The diffusion combiner's fits run on the pipeline's executor; with ``exact_log_probs`` it gets
+    the shards' log-densities, with ``surrogate`` their values at the draws."""
+    inputs = dict(executor=executor, max_retries=max_retries)
+    if exact_log_probs:
+        inputs["log_probs"] = [t.log_prob_and_grad for t in targets]
+    if surrogate:
+        inputs["draw_log_probs"] = [r.log_probs for r in results]
+    return inputs

@@ -33,6 +33,7 @@ the first half of the sweeps, as Neiswanger et al. anneal it with the iteration 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -45,7 +46,7 @@ from diffstat.dnc.gaussian import (
     sqrtm_psd,
 )
 
-__all__ = ["combine_semiparametric"]
+__all__ = ["combine_semiparametric", "GibbsState", "GibbsInfo", "gibbs_sweep"]
 
 
 def _log_weights(u: torch.Tensor, idx: torch.Tensor, h: float, log_f: torch.Tensor):
@@ -96,69 +97,91 @@ def combine_semiparametric(
         bandwidth and the acceptance rate per sweep.
     """
     num_sweeps = check_positive_int(num_sweeps, "num_sweeps")
+    mean, cov, root, u, log_f, spread = _whitened_shards(subposteriors)
+    k, t, dim = u.shape
+    h_final = spread * t ** (-1.0 / (dim + 4)) if bandwidth is None else float(bandwidth)
+    h_start = spread if bandwidth_start is None else float(bandwidth_start)
+    if not (h_final > 0 and h_start > 0):
+        raise ValueError(f"bandwidths must be positive, got {h_final}, {h_start}")
+    h_start = max(h_start, h_final)
+    idx = torch.randint(0, t, (num_samples, k), generator=generator, device=generator.device)
+    state, infos = GibbsState(idx.to(u.device)), []
+    half = max(num_sweeps // 2, 1)
+    with progress_bar(num_sweeps, "semiparametric", progress) as bar:
+        for sweep in range(num_sweeps):
+            frac = min(sweep / half, 1.0)  # geometric annealing to the final bandwidth
+            state, info = gibbs_sweep(generator, state, u, log_f, h_start ** (1 - frac) * h_final**frac)
+            infos.append(info)
+            bar.update()
+    draws = mean + _draw_components(generator, state, u, log_f, h_final) @ root.T
+    groups = {
+        "semiparametric": {
+            "bandwidth": torch.tensor([info.bandwidth for info in infos]),
+            "acceptance_rate": torch.stack([info.acceptance_rate for info in infos]),
+        }
+    }
+    attrs = {"bandwidth": h_final, "num_sweeps": num_sweeps}
+    return CombineResult(draws, {"lp": gaussian_log_prob(draws, mean, cov)}, groups, attrs=attrs)
+
+
+class GibbsState(NamedTuple):
+    """The index tuple ``idx (C, K)`` of every chain: one draw of each shard."""
+
+    idx: torch.Tensor
+
+
+class GibbsInfo(NamedTuple):
+    r"""One sweep: its bandwidth, the mean acceptance over shards and chains, and ``num_evals``
+    (mixture weights :math:`W_{\mathbf t}` evaluated, one per chain and proposal)."""
+
+    bandwidth: float
+    acceptance_rate: torch.Tensor
+    num_evals: int
+
+
+def _whitened_shards(subposteriors: list[torch.Tensor]):
+    r"""The Gaussian product ``(mean, cov)`` and its root, the last T draws of every shard whitened
+    by it ``u (K, T, dim)``, :math:`\log \hat f_k` at them ``(K, T)`` and the mean shard sd."""
     moments = [sample_moments(x) for x in subposteriors]
     mean, cov = gaussian_product([m for m, _ in moments], [c for _, c in moments])
     root_inv = sqrtm_psd(cov, inverse=True)
-    root = torch.linalg.inv(root_inv)
     t = min(x.shape[0] for x in subposteriors)
     # equal numbers of draws per shard (the last t of each) so the draws stack as (K, T, dim)
     u = torch.stack([(x[-t:] - mean) @ root_inv.T for x in subposteriors])
-    k, _, dim = u.shape
     u_mean = u.mean(1, keepdim=True)
     u_cov = torch.einsum("kti,ktj->kij", u - u_mean, u - u_mean) / (t - 1)
     chol = torch.linalg.cholesky(u_cov)
     z = torch.linalg.solve_triangular(chol, (u - u_mean).transpose(1, 2), upper=False)  # (K, dim, T)
     log_f = -0.5 * (z**2).sum(1) - torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(-1, keepdim=True)
     spread = float(torch.sqrt(torch.diagonal(u_cov, dim1=1, dim2=2)).mean())
-    h_final = spread * t ** (-1.0 / (dim + 4)) if bandwidth is None else float(bandwidth)
-    h_start = spread if bandwidth_start is None else float(bandwidth_start)
-    if not (h_final > 0 and h_start > 0):
-        raise ValueError(f"bandwidths must be positive, got {h_final}, {h_start}")
-    h_start = max(h_start, h_final)
+    return mean, cov, torch.linalg.inv(root_inv), u, log_f, spread
 
-    device = u.device
-    idx = torch.randint(0, t, (num_samples, k), generator=generator, device=generator.device).to(device)
-    half = max(num_sweeps // 2, 1)
-    bandwidths, accept_rates = [], []
-    with progress_bar(num_sweeps, "semiparametric", progress) as bar:
-        for sweep in range(num_sweeps):
-            frac = min(sweep / half, 1.0)
-            h = h_start ** (1 - frac) * h_final**frac  # geometric annealing to the final bandwidth
-            log_w, _ = _log_weights(u, idx, h, log_f)
-            accepted = torch.zeros((), dtype=u.dtype, device=device)
-            for shard in range(k):  # Gibbs over shards; every chain updates at once
-                proposal = idx.clone()
-                proposal[:, shard] = torch.randint(
-                    0, t, (num_samples,), generator=generator, device=generator.device
-                ).to(device)
-                log_w_new, _ = _log_weights(u, proposal, h, log_f)
-                uniform = torch.rand(
-                    num_samples, generator=generator, dtype=u.dtype, device=generator.device
-                ).to(device)
-                accept = torch.log(uniform) < log_w_new - log_w
-                idx = torch.where(accept[:, None], proposal, idx)
-                log_w = torch.where(accept, log_w_new, log_w)
-                accepted = accepted + accept.to(u.dtype).mean()
-            bandwidths.append(h)
-            accept_rates.append(accepted / k)
-            bar.update()
-    _, u_bar = _log_weights(u, idx, h_final, log_f)
-    # component N(mu_t, Sigma_t) in whitened coordinates: precision K/h^2 + 1, mean K/h^2 u_bar / precision
-    prec = k / h_final**2 + 1.0
-    noise = torch.randn(num_samples, dim, generator=generator, dtype=u.dtype, device=generator.device).to(
-        device
-    )
-    u_draw = (k / h_final**2) * u_bar / prec + noise / math.sqrt(prec)
-    draws = mean + u_draw @ root.T
-    groups = {
-        "semiparametric": {
-            "bandwidth": torch.tensor(bandwidths),
-            "acceptance_rate": torch.stack(accept_rates),
-        }
-    }
-    return CombineResult(
-        draws,
-        {"lp": gaussian_log_prob(draws, mean, cov)},
-        groups,
-        attrs={"bandwidth": h_final, "num_sweeps": num_sweeps},
-    )
+
+def gibbs_sweep(generator, state: GibbsState, u, log_f, h: float) -> tuple[GibbsState, GibbsInfo]:
+    r"""One Metropolis-within-Gibbs sweep at bandwidth ``h``: for every shard in turn, every chain
+    proposes a uniform new index and accepts it with probability :math:`\min(1, W'/W)`."""
+    idx, device = state.idx, u.device
+    (num_chains, k), t = idx.shape, u.shape[1]
+    log_w, _ = _log_weights(u, idx, h, log_f)
+    accepted = torch.zeros((), dtype=u.dtype, device=device)
+    for shard in range(k):  # Gibbs over shards; every chain updates at once
+        proposal = idx.clone()
+        new = torch.randint(0, t, (num_chains,), generator=generator, device=generator.device)
+        proposal[:, shard] = new.to(device)
+        log_w_new, _ = _log_weights(u, proposal, h, log_f)
+        uniform = torch.rand(num_chains, generator=generator, dtype=u.dtype, device=generator.device)
+        accept = torch.log(uniform.to(device)) < log_w_new - log_w
+        idx = torch.where(accept[:, None], proposal, idx)
+        log_w = torch.where(accept, log_w_new, log_w)
+        accepted = accepted + accept.to(u.dtype).mean()
+    return GibbsState(idx), GibbsInfo(h, accepted / k, num_chains * (k + 1))
+
+
+def _draw_components(generator, state: GibbsState, u, log_f, h: float) -> torch.Tensor:
+    """One draw ``(C, dim)`` per chain from its Gaussian component, in whitened coordinates:
+    precision K/h^2 + 1, mean (K/h^2) u_bar / precision."""
+    k, _, dim = u.shape
+    _, u_bar = _log_weights(u, state.idx, h, log_f)
+    prec = k / h**2 + 1.0
+    noise = torch.randn(state.idx.shape[0], dim, generator=generator, dtype=u.dtype, device=generator.device)
+    return (k / h**2) * u_bar / prec + noise.to(u.device) / math.sqrt(prec)

@@ -301,6 +301,27 @@ def test_bad_input_is_refused(generator):
         ds.dnc.combine(draws, "gaussian", num_samples=10, seed=-1)
 
 
+@pytest.mark.parametrize("method", sorted(ds.dnc.COMBINERS))
+def test_unknown_option_is_refused_with_the_valid_ones(generator, method):
+    """Every combiner: a mistyped option is a ValueError naming it and every valid option."""
+    from diffstat.dnc.combine import combiner_options
+
+    draws, scores, _, _ = _gaussian_shards(generator, n=100)
+    with pytest.raises(ValueError, match=f"unknown option.*'{method}': bogus_option; known: ") as info:
+        ds.dnc.combine(draws, method, scores=scores, num_samples=10, seed=0, progress=False, bogus_option=1)
+    assert all(name in str(info.value) for name in combiner_options(method))
+
+
+@pytest.mark.parametrize(
+    "nested, typo, valid",
+    [("smc_options", "laplce", "laplace"), ("calibrate_options", "num_iter", "num_iters")],
+)
+def test_diffusion_refuses_unknown_nested_options(generator, nested, typo, valid):
+    draws, scores, _, _ = _gaussian_shards(generator, n=100)
+    with pytest.raises(ValueError, match=f"unknown option.*{typo};.*{valid}"):
+        ds.dnc.combine(draws, "diffusion", num_samples=10, seed=0, progress=False, **{nested: {typo: 1}})
+
+
 def test_inference_data_input_and_reproducibility(generator):
     draws, _, _, _ = _gaussian_shards(generator, n=300)
     import arviz as az

@@ -44,6 +44,17 @@ def always_fail(theta, data):
     raise RuntimeError("injected permanent failure")
 
 
+def users_own_failure(theta, data):
+    raise RuntimeError("the user's own message")
+
+
+class _NoSubmit(cf.Executor):
+    """An executor that fails the test if anything is submitted to it."""
+
+    def submit(self, *args, **kwargs):
+        raise AssertionError("a task was submitted")
+
+
 def _data(n=200, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return (
@@ -202,6 +213,42 @@ def test_checkpoints_are_written_and_never_recomputed(tmp_path):
         ds.dnc.sample_shards(
             failing, "mala", seed=6, progress=False, checkpoint_dir=tmp_path, max_retries=0, **SAMPLER
         )
+
+
+def test_user_exception_reaches_the_user_unchanged():
+    """A shard log-density's own exception is not re-worded as a dimension mismatch: in the worker
+    it propagates as raised, and the ShardFailure names its type and message and is chained to it."""
+    targets, _ = _targets(likelihoods={1: users_own_failure})
+    with pytest.raises(RuntimeError, match="the user's own message") as info:
+        sample_one_shard(targets[1], "mala", 1, 10, 4, 0, {"num_warmup": 10}, None)
+    assert type(info.value) is RuntimeError
+    with cf.ThreadPoolExecutor(max_workers=2) as ex, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ShardFailure) as info:
+            ds.dnc.sample_shards(
+                targets, "mala", num_samples=20, num_warmup=20, seed=0, executor=ex, max_retries=0,
+                progress=False, worker_threads=None,
+            )  # fmt: skip
+    message = str(info.value)
+    assert "shard 1: RuntimeError: the user's own message" in message and "does dim" not in message
+    assert type(info.value.__cause__) is RuntimeError
+    assert str(info.value.__cause__) == "the user's own message"
+
+
+def test_unknown_sampler_combiner_or_option_is_refused_before_submission():
+    """Checked up front, each ``ValueError`` listing the valid names: nothing reaches the executor."""
+    targets, _ = _targets()
+    kwargs = dict(num_samples=10, seed=0, executor=_NoSubmit(), progress=False)
+    with pytest.raises(ValueError, match="unknown shard sampler 'nope'; available: .*mala"):
+        ds.dnc.sample_shards(targets, "nope", **kwargs)
+    with pytest.raises(ValueError, match="unknown shard sampler 'nope'; available: .*mala"):
+        ds.dnc.run_pipeline(targets, "gaussian", sampler="nope", **kwargs)
+    with pytest.raises(ValueError, match="unknown combiner 'nope'; available: .*gaussian"):
+        ds.dnc.run_pipeline(targets, "nope", **kwargs)
+    with pytest.raises(ValueError, match="unknown option.*num_sweep;.*num_sweeps"):
+        ds.dnc.run_pipeline(targets, "semiparametric", combine_options={"num_sweep": 3}, **kwargs)
+    with pytest.raises(ValueError, match="unknown option.*num_level;.*num_levels"):
+        ds.dnc.run_pipeline(targets, "diffusion", combine_options={"num_level": 3}, **kwargs)
 
 
 # ----------------------------------------------------------------------------- Dask cluster
