@@ -43,17 +43,22 @@ from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.path import GeometricPath, PathState, default_step_size, get_kernel, make_path, move
 from diffstat.tempering.core import check_initial, initial_particles
+from diffstat.tempering.ladder import (
+    BETA_MIN,
+    check_ladder,
+    end_of_round,
+    equalize_ladder,
+    geometric_ladder,
+    swap_step,
+    warmup_windows,
+)
 
 __all__ = ["PTOutput", "parallel_tempering", "geometric_ladder", "equalize_ladder", "swap_step", "pt_sampler"]
 
-#: Smallest positive temperature of the default geometric ladder.
-_BETA_MIN = 1e-3
 #: Reference draws for the beta = 0 replicas are made this many iterations at a time.
 _REFERENCE_BLOCK = 256
 #: With a single chain, the evidence's standard error comes from this many batches of iterations.
 _SE_BATCHES = 8
-#: Shortest warm-up round between ladder updates (iterations).
-_MIN_ROUND = 20
 
 
 class PTOutput(NamedTuple):
@@ -69,70 +74,6 @@ class PTOutput(NamedTuple):
     log_normalizer: float
     log_normalizer_se: float
     global_barrier: float
-
-
-def geometric_ladder(
-    num_temperatures: int, beta_min: float = _BETA_MIN, *, dtype=torch.float64, device=None
-) -> torch.Tensor:
-    r"""``(R,)``: :math:`\beta_0 = 0` and :math:`R-1` temperatures geometric from ``beta_min`` to 1."""
-    r = check_positive_int(num_temperatures, "num_temperatures")
-    if r < 2:
-        raise ValueError(f"parallel tempering needs num_temperatures >= 2, got {r}")
-    if not 0 < beta_min < 1:
-        raise ValueError(f"beta_min must lie in (0, 1), got {beta_min}")
-    if r == 2:
-        return torch.tensor([0.0, 1.0], dtype=dtype, device=device)
-    b = torch.logspace(math.log10(beta_min), 0.0, r - 1, dtype=dtype, device=device)
-    b[-1] = 1.0
-    return torch.cat([torch.zeros(1, dtype=dtype, device=device), b])
-
-
-def _interp(xq: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-    """Piecewise-linear interpolation of ``fp: (m, ...)`` given at increasing ``xp: (m,)``."""
-    i = torch.searchsorted(xp, xq).clamp(1, xp.numel() - 1)
-    x0, x1 = xp[i - 1], xp[i]
-    t = ((xq - x0) / (x1 - x0)).clamp(0, 1)
-    t = t.reshape(-1, *([1] * (fp.dim() - 1)))
-    return fp[i - 1] + t * (fp[i] - fp[i - 1])
-
-
-def equalize_ladder(betas: torch.Tensor, rejection: torch.Tensor) -> tuple[torch.Tensor, float]:
-    r"""The ladder with equal estimated barriers between neighbours, and :math:`\Lambda(1)`.
-
-    ``rejection: (R-1,)`` are the pairs' mean rejection probabilities; a tiny floor keeps
-    :math:`\Lambda` strictly increasing so that it can be inverted.
-    """
-    rej = rejection.clamp(min=0.0, max=1.0) + 1e-6
-    lam = torch.cat([torch.zeros(1, dtype=rej.dtype, device=rej.device), torch.cumsum(rej, 0)])
-    grid = torch.linspace(0.0, float(lam[-1]), betas.numel(), dtype=betas.dtype, device=betas.device)
-    new = _interp(grid, lam.to(betas.dtype), betas)
-    new[0], new[-1] = betas[0], betas[-1]
-    return new, float(lam[-1] - rej.numel() * 1e-6)
-
-
-def swap_step(
-    generator: torch.Generator, ps: PathState, betas: torch.Tensor, num_chains: int, parity: int
-) -> tuple[PathState, torch.Tensor, torch.Tensor]:
-    """One DEO round of swaps between neighbours ``(r, r+1)`` with ``r % 2 == parity``.
-
-    ``ps`` holds ``num_chains * R`` replicas, replica ``r`` of chain ``c`` at row ``c * R + r``.
-    Returns the permuted replicas, the swap probabilities ``(C, R-1)`` (0 for pairs not proposed)
-    and the mask of proposed pairs ``(R-1,)``.
-    """
-    r = betas.numel()
-    delta = ps.delta.reshape(num_chains, r)
-    log_a = (betas[1:] - betas[:-1]) * (delta[:, :-1] - delta[:, 1:])
-    log_a = torch.nan_to_num(log_a, nan=-math.inf)
-    proposed = torch.arange(r - 1, device=betas.device) % 2 == parity
-    prob = torch.where(proposed, torch.exp(log_a.clamp(max=0.0)), torch.zeros_like(log_a))
-    u = torch.rand(prob.shape, generator=generator, dtype=prob.dtype, device=prob.device)
-    swap = u < prob
-    ar = torch.arange(r - 1, device=betas.device).expand(num_chains, -1)
-    perm = torch.arange(r, device=betas.device).repeat(num_chains, 1)
-    perm[:, :-1] = torch.where(swap, ar + 1, perm[:, :-1])
-    perm[:, 1:] = torch.where(swap, ar, perm[:, 1:])  # pairs of one parity never overlap
-    rows = (perm + r * torch.arange(num_chains, device=betas.device).unsqueeze(-1)).flatten()
-    return ps.index(rows), prob, proposed
 
 
 def _scatter(ps: PathState, rows: torch.Tensor, sub: PathState) -> PathState:
@@ -213,26 +154,6 @@ def pt_step(
     return state._replace(particles=ps), PTInfo(acc, prob, proposed)
 
 
-def _check_ladder(betas, num_temperatures, beta_min, dtype, device) -> torch.Tensor:
-    if betas is None:
-        return geometric_ladder(num_temperatures, beta_min, dtype=dtype, device=device)
-    betas = torch.as_tensor(betas, dtype=dtype, device=device).flatten().clone()
-    increasing = bool((betas[1:] > betas[:-1]).all())
-    if betas.numel() < 2 or float(betas[0]) != 0.0 or float(betas[-1]) != 1.0 or not increasing:
-        raise ValueError("betas must be strictly increasing from 0 to 1, with at least 2 temperatures")
-    return betas
-
-
-def _warmup_windows(num_warmup: int, adapt_ladder: bool, adapt_mass: bool) -> tuple[set, set]:
-    """Iterations ending a warm-up round: ladder updates at ``num_warmup / 2^j`` (j >= 1, rounds
-    doubling in length, the last halfway), and preconditioner updates at those or, without them,
-    halfway, so the second half of warm-up always tunes the step sizes for the final ones."""
-    rounds = {num_warmup // 2**j for j in range(1, 64) if num_warmup // 2**j >= _MIN_ROUND}
-    updates = rounds if adapt_ladder else set()
-    mass = {num_warmup // 2} if adapt_mass and num_warmup // 2 >= _MIN_ROUND else set()
-    return updates, updates | mass
-
-
 class _Sums(NamedTuple):
     """Running sums over a round or the sampling phase: swap probabilities and proposals ``(R-1,)``,
     acceptance ``(R,)``, and the first two moments of the replicas per temperature with their count."""
@@ -273,7 +194,7 @@ def parallel_tempering(
     num_warmup: int | None = None,
     num_temperatures: int = 10,
     betas=None,
-    beta_min: float = _BETA_MIN,
+    beta_min: float = BETA_MIN,
     adapt_ladder: bool = True,
     kernel: str = "mala",
     num_mcmc_steps: int = 1,
@@ -289,7 +210,7 @@ def parallel_tempering(
     ``num_samples`` recorded iterations. ``betas`` (increasing, from 0 to 1) sets the initial
     ladder, otherwise :func:`geometric_ladder`."""
     dtype, device = x0.dtype, x0.device
-    betas = _check_ladder(betas, num_temperatures, beta_min, dtype, device)
+    betas = check_ladder(betas, num_temperatures, beta_min, dtype, device)
     r, c = betas.numel(), check_positive_int(num_chains, "num_chains")
     if x0.shape[0] != c * r:
         raise ValueError(f"x0 must hold num_chains * num_temperatures = {c * r} points, got {x0.shape[0]}")
@@ -333,11 +254,11 @@ def _reference_draws(generator, path, it: int, c: int, block, device):
 
 def _warmup(generator, state, step_fn, adapt, num_warmup, adapt_what, exact, path, layout, bar):
     """``num_warmup`` iterations tuning the step sizes per temperature by dual averaging, with the
-    ladder and preconditioners updated at the ends of rounds (:func:`_end_of_round`). Returns the
+    ladder and preconditioners updated at the ends of rounds (:func:`end_of_round`). Returns the
     state and the current block of reference draws."""
     c, r, dim = layout.num_chains, state.betas.numel(), state.particles.x.shape[1]
     dtype, device = state.betas.dtype, state.betas.device
-    updates, windows = _warmup_windows(num_warmup, *adapt_what)
+    updates, windows = warmup_windows(num_warmup, *adapt_what)
     is_ref_temp = torch.zeros(r, dtype=torch.bool, device=device)
     is_ref_temp[0] = exact
     sums, block = _Sums.zeros(r, dim, dtype, device), None
@@ -351,7 +272,7 @@ def _warmup(generator, state, step_fn, adapt, num_warmup, adapt_what, exact, pat
         if it + 1 in windows:
             moments = [sums.m1, sums.m2, sums.count]
             update = it + 1 in updates
-            betas, inv_mass = _end_of_round(
+            betas, inv_mass = end_of_round(
                 update, state.betas, sums.swap_rate, adapt, state.inv_mass, moments
             )
             state = PTState(state.particles, betas, adapt.step_size, inv_mass)
@@ -399,29 +320,6 @@ def _sample(generator, state, step_fn, num_samples, num_warmup, reference, path,
     }
     draws, lp, acc_cold = (t.transpose(0, 1) for t in (draws, lp, acc_cold))
     return PTOutput(draws, lp, acc_cold, temperatures, float(pooled.sum()), se, barrier)
-
-
-def _end_of_round(update_ladder, betas, swap_rate, adapt, inv_mass, mom):
-    """End of a warm-up round: new preconditioners from the round's per-temperature variances
-    (regularised toward 1e-3 as Stan does), a new ladder from the swap rates, the tuning carried
-    over to it by interpolation in beta, and dual averaging restarted from there. Returns the
-    ladder and the preconditioners."""
-    log_h = torch.log(adapt.final_step_size)
-    if inv_mass is not None and mom[2] > 1:
-        n = mom[2]
-        var = ((mom[1] - mom[0] ** 2 / n) / (n - 1)).clamp_min(0.0)
-        var = (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
-        # Keep the proposal's scale h M^{-1} roughly where it was; dual averaging refines it.
-        log_h = log_h + torch.log((inv_mass / var).mean(-1))
-        inv_mass = var
-    if update_ladder:
-        new, _ = equalize_ladder(betas, 1 - swap_rate)
-        log_h = _interp(new, betas, log_h)
-        if inv_mass is not None:
-            inv_mass = torch.exp(_interp(new, betas, torch.log(inv_mass)))
-        betas = new
-    adapt.restart(torch.exp(log_h))
-    return betas, inv_mass
 
 
 _OPTIONS = {
