@@ -178,36 +178,9 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
     num_chains = 1 if num_chains is None else num_chains
     path = make_path(target, options.pop("reference", None))
     scheme = options.pop("resampling", "systematic")
-    betas = options.pop("betas", None)
-    num_temperatures = options.pop("num_temperatures", 200)
-    kind = options.pop("schedule", "adaptive")
     min_ess = float(options.pop("min_ess", _MIN_ESS))
     total = num_chains * num_samples
-    num_pilot = options.pop("num_pilot", min(256, max(64, total // 4)))
-    pilot_attrs: dict = {}
-    used = "betas" if betas is not None else kind
-    if betas is None and kind == "adaptive":
-        pilot = pilot_run(
-            generator,
-            path,
-            num_pilot,
-            kernel=options.get("kernel", "mala"),
-            num_leapfrog=options.get("num_leapfrog", 5),
-            target_accept=options.get("target_accept"),
-            device=device,
-        )
-        betas = thermodynamic_schedule(pilot, num_temperatures)
-        options["preconditioners"] = (pilot.betas, pilot.chol, pilot.log_step_size)
-        lam = float(pilot.length[-1])
-        pilot_attrs = {
-            "pilot_evals": int(pilot.num_evals),
-            "num_pilot": int(num_pilot),
-            "pilot_stages": len(pilot.betas) - 1,
-            "thermodynamic_length": lam,
-            "expected_log_weight_variance": lam**2 / len(betas),
-        }
-    elif betas is None:
-        betas = schedule(num_temperatures, kind, dtype=target.dtype, device=device)
+    betas, used, pilot_attrs = _schedule(generator, path, options, total, device, target.dtype)
     x0 = initial_particles(path, total, generator, device)
     out = ais(generator, path, x0, betas, progress=progress, **options)
     log_z, se = log_normalizer_estimate(out.log_weights)
@@ -249,3 +222,36 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
             stacklevel=2,
         )
     return SamplerResult(ps.x.reshape(*shape, -1), sample_stats, {"tempering": out.stages}, attrs)
+
+
+def _schedule(generator, path, options: dict, total: int, device, dtype) -> tuple[torch.Tensor, str, dict]:
+    """The temperatures, the kind of schedule used, and the pilot's attrs; pops the schedule options
+    from ``options`` (and, for the adaptive schedule, adds the pilot's ``preconditioners``)."""
+    betas = options.pop("betas", None)
+    num_temperatures = options.pop("num_temperatures", 200)
+    kind = options.pop("schedule", "adaptive")
+    num_pilot = options.pop("num_pilot", min(256, max(64, total // 4)))
+    if betas is not None:
+        return betas, "betas", {}
+    if kind != "adaptive":
+        return schedule(num_temperatures, kind, dtype=dtype, device=device), kind, {}
+    pilot = pilot_run(
+        generator,
+        path,
+        num_pilot,
+        kernel=options.get("kernel", "mala"),
+        num_leapfrog=options.get("num_leapfrog", 5),
+        target_accept=options.get("target_accept"),
+        device=device,
+    )
+    betas = thermodynamic_schedule(pilot, num_temperatures)
+    options["preconditioners"] = (pilot.betas, pilot.chol, pilot.log_step_size)
+    lam = float(pilot.length[-1])
+    attrs = {
+        "pilot_evals": int(pilot.num_evals),
+        "num_pilot": int(num_pilot),
+        "pilot_stages": len(pilot.betas) - 1,
+        "thermodynamic_length": lam,
+        "expected_log_weight_variance": lam**2 / len(betas),
+    }
+    return betas, kind, attrs

@@ -50,14 +50,16 @@ The reported standard error is the delta-method :math:`\sqrt{\hat v}`. It needs 
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from diffstat._util import check_options, check_probability, progress_bar
+from diffstat._util import check_options, check_positive_int, check_probability, progress_bar
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.core import (
     MoveConfig,
@@ -162,67 +164,104 @@ def genealogy_variance(
     return max(v, 0.0), int((s > 0).sum())
 
 
-def adaptive_tempered_smc(
-    generator: torch.Generator,
-    path: GeometricPath,
-    x0: torch.Tensor,
-    *,
-    target_ess: float = 0.5,
-    criterion: str = "cess",
-    resample_threshold: float = 0.5,
-    resampling: str = "systematic",
-    kernel: str = "mala",
-    num_mcmc_steps: int | None = None,
-    max_mcmc_steps: int = 100,
-    decorrelation_tol: float = 0.1,
-    metric: str = "auto",
-    within_modes: bool = True,
-    num_leapfrog: int = 5,
-    step_size: float | None = None,
-    target_accept: float | None = None,
-    adapt_scale: bool = True,
-    betas=None,
-    max_stages: int = 1000,
-    progress: bool = False,
-) -> SMCOutput:
-    """Run adaptive tempered SMC from the particles ``x0: (n, dim)`` (draws from the reference).
+@dataclass(frozen=True)
+class SMCConfig:
+    """The options of adaptive tempered SMC, validated on construction (a ``ValueError`` naming the bad
+    one). ``target_ess`` (0.5) and ``criterion`` (``"cess"``) set the next temperature;
+    ``resample_threshold`` (0.5: resample when the ESS fraction falls under it; 0 never, 1 always) and
+    ``resampling`` (``"systematic"``, the least noisy of the three schemes); the moves: ``kernel``,
+    ``num_leapfrog``, ``target_accept``, ``num_mcmc_steps`` (None: until decorrelated),
+    ``max_mcmc_steps`` (100), ``decorrelation_tol`` (0.1), as :class:`~diffstat.tempering.core.MoveConfig`;
+    ``metric`` (``"auto"``) and ``within_modes`` (True) of the particle metric, or ``adapt_scale=False``
+    for none; ``step_size`` (None: :func:`~diffstat.tempering.path.default_step_size`); ``betas`` (a
+    fixed schedule instead of the adaptive one); ``max_stages`` (1000)."""
 
-    ``betas`` (increasing, ending at 1) replaces the adaptive choice by a fixed schedule.
+    target_ess: float = 0.5
+    criterion: str = "cess"
+    resample_threshold: float = 0.5
+    resampling: str = "systematic"
+    kernel: str = "mala"
+    num_mcmc_steps: int | None = None
+    max_mcmc_steps: int = 100
+    decorrelation_tol: float = 0.1
+    metric: str = "auto"
+    within_modes: bool = True
+    num_leapfrog: int = 5
+    step_size: float | None = None
+    target_accept: float | None = None
+    adapt_scale: bool = True
+    betas: object = None
+    max_stages: int = 1000
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_ess", check_probability(self.target_ess, "target_ess"))
+        if self.criterion not in ("cess", "ess"):
+            raise ValueError(f"criterion must be 'cess' or 'ess', got {self.criterion!r}")
+        threshold = check_resampling(self.resampling, self.resample_threshold)
+        object.__setattr__(self, "resample_threshold", threshold)
+        object.__setattr__(self, "max_stages", check_positive_int(self.max_stages, "max_stages"))
+        self.moves  # noqa: B018 (validates the move options)
+        cloud_metric(self.metric, self.within_modes)  # validates the metric
+        if self.step_size is not None and not float(self.step_size) > 0:
+            raise ValueError(f"step_size must be positive, got {self.step_size}")
+
+    @property
+    def moves(self) -> MoveConfig:
+        return MoveConfig(
+            self.kernel,
+            self.num_leapfrog,
+            self.target_accept,
+            self.num_mcmc_steps,
+            self.max_mcmc_steps,
+            self.decorrelation_tol,
+        )
+
+    @classmethod
+    def from_options(cls, options: dict, method: str = "smc") -> SMCConfig:
+        """From keyword options; an unknown one is a ``ValueError`` listing the valid ones."""
+        check_options(options, {f.name for f in fields(cls)}, method)
+        return cls(**options)
+
+
+def adaptive_tempered_smc(
+    generator: torch.Generator, path: GeometricPath, x0: torch.Tensor, *, progress: bool = False, **options
+) -> SMCOutput:
+    """Run adaptive tempered SMC from the particles ``x0: (n, dim)`` (draws from the reference), with
+    the options of :class:`SMCConfig`; each stage is :func:`~diffstat.tempering.core.tempered_step`.
+
     ``num_mcmc_steps=None`` (default) moves each stage until decorrelated (``decorrelation_tol``,
     at most ``max_mcmc_steps``; a ``RuntimeWarning`` when the cap is hit at the last stages);
-    ``num_mcmc_steps=0`` leaves the particles where they are (reweighting and resampling only);
-    ``resample_threshold=0`` never resamples and ``1`` resamples at every stage. See the module
-    docstring for the rest; each stage is :func:`~diffstat.tempering.core.tempered_step`.
+    ``num_mcmc_steps=0`` leaves the particles where they are (reweighting and resampling only).
     """
-    target_ess = check_probability(target_ess, "target_ess")
-    resample_threshold = check_resampling(resampling, resample_threshold)
-    moves = MoveConfig(kernel, num_leapfrog, target_accept, num_mcmc_steps, max_mcmc_steps, decorrelation_tol)
-    cloud = cloud_metric(metric, within_modes)
-    precondition = cloud if adapt_scale else identity_metric
-    schedule = None if betas is None else check_betas(betas, x0)
+    config = SMCConfig.from_options(options)
+    schedule = None if config.betas is None else check_betas(config.betas, x0)
     if x0.shape[0] < 2:
         raise ValueError(f"SMC needs at least 2 particles, got {x0.shape[0]}")
-    state = init_tempered(path, x0, default_step_size(kernel, path.dim) if step_size is None else step_size)
-    infos: list[StageInfo] = []
+    precondition = cloud_metric(config.metric, config.within_modes) if config.adapt_scale else identity_metric
+    h0 = default_step_size(config.kernel, path.dim) if config.step_size is None else config.step_size
+    state, infos = init_tempered(path, x0, h0), []
+    step = functools.partial(
+        tempered_step,
+        path=path,
+        moves=config.moves,
+        precondition=precondition,
+        resample_threshold=config.resample_threshold,
+        scheme=config.resampling,
+    )
     with progress_bar(1000, "smc", progress) as bar:
-        for k in range(max_stages if schedule is None else len(schedule)):
+        for k in range(config.max_stages if schedule is None else len(schedule)):
             if schedule is None:
-                new_beta = next_beta(
-                    state.log_weights, state.particles.delta, state.beta, target_ess, criterion
+                args = (
+                    state.log_weights,
+                    state.particles.delta,
+                    state.beta,
+                    config.target_ess,
+                    config.criterion,
                 )
+                new_beta = next_beta(*args)
             else:
                 new_beta = schedule[k]
-            state, info = tempered_step(
-                generator,
-                state,
-                new_beta,
-                path=path,
-                moves=moves,
-                precondition=precondition,
-                stage=k,
-                resample_threshold=resample_threshold,
-                scheme=resampling,
-            )
+            state, info = step(generator, state, new_beta, stage=k)
             infos.append(info)
             bar.update(int(1000 * float(state.beta)) - bar.n)
             bar.set_postfix(stage=k + 1, beta=f"{float(state.beta):.3g}")
@@ -231,12 +270,16 @@ def adaptive_tempered_smc(
         else:
             if schedule is None:
                 raise RuntimeError(
-                    f"SMC did not reach beta = 1 in {max_stages} stages (beta = {float(state.beta):.3g}); "
-                    "raise max_stages or lower target_ess"
+                    f"SMC did not reach beta = 1 in {config.max_stages} stages "
+                    f"(beta = {float(state.beta):.3g}); raise max_stages or lower target_ess"
                 )
-    if num_mcmc_steps is None:
-        _warn_if_capped(infos, int(max_mcmc_steps), decorrelation_tol)
-    v, num_eves = genealogy_variance(state.log_weights, state.eve, state.num_resampling, resampling)
+    if config.num_mcmc_steps is None:
+        _warn_if_capped(infos, int(config.max_mcmc_steps), config.decorrelation_tol)
+    return _output(state, infos, config.resampling, x0)
+
+
+def _output(state, infos, scheme: str, x0) -> SMCOutput:
+    v, num_eves = genealogy_variance(state.log_weights, state.eve, state.num_resampling, scheme)
     stages = stack_stage_infos(infos)
     log_z = float(stages["log_z_increment"].sum()) if infos else 0.0
     acceptance = infos[-1].acceptance if infos else torch.full((x0.shape[0],), math.nan, dtype=x0.dtype)
@@ -266,25 +309,7 @@ def _warn_if_capped(infos: list[StageInfo], cap: int, tol: float) -> None:
         )
 
 
-_OPTIONS = {
-    "reference",
-    "target_ess",
-    "criterion",
-    "resample_threshold",
-    "resampling",
-    "kernel",
-    "num_mcmc_steps",
-    "max_mcmc_steps",
-    "decorrelation_tol",
-    "metric",
-    "within_modes",
-    "num_leapfrog",
-    "step_size",
-    "target_accept",
-    "adapt_scale",
-    "betas",
-    "max_stages",
-}
+_OPTIONS = {"reference"} | {f.name for f in fields(SMCConfig)}
 
 
 def combine_runs(log_zs: list[float], ses: list[float]) -> tuple[float, float]:
