@@ -55,6 +55,7 @@ from diffstat.tempering.core import (
 )
 from diffstat.tempering.path import GeometricPath, PathState, default_step_size, make_path
 from diffstat.tempering.resampling import ess, resample
+from diffstat.tempering.smc import stack_stages
 from diffstat.tempering.schedules import PilotRun, pilot_run, schedule, thermodynamic_schedule
 
 __all__ = [
@@ -163,65 +164,73 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
 
     Options: ``reference``; ``betas`` or ``num_temperatures`` (200) with ``schedule``
     (``"adaptive"``: thermodynamic length from a pilot of ``num_pilot`` particles, default
-    ``min(256, max(64, n_total // 4))``; or the fixed ``"geometric"``, ``"sigmoid"``,
-    ``"linear"``); ``kernel`` (``"mala"``), ``num_mcmc_steps`` (1), ``num_leapfrog`` (5),
-    ``step_size``, ``target_accept``, ``adapt_scale`` (True), ``metric`` (``"auto"``, fixed schedules);
-    ``resampling`` (``"systematic"``), the
-    scheme of the final resampling; ``min_ess`` (30), below which the result is flagged as
-    collapsed (a ``RuntimeWarning``). ``num_chains`` (default 1) groups of particles run in one
-    batch and are resampled separately; ``log_normalizer`` pools all particles.
+    ``min(256, max(64, n // 4))``; or the fixed ``"geometric"``, ``"sigmoid"``, ``"linear"``);
+    ``kernel`` (``"mala"``), ``num_mcmc_steps`` (1), ``num_leapfrog`` (5), ``step_size``,
+    ``target_accept``, ``adapt_scale`` (True), ``metric`` (``"auto"``, fixed schedules);
+    ``resampling`` (``"systematic"``), the scheme of the final resampling; ``min_ess`` (30), below
+    which the result is flagged as collapsed (a ``RuntimeWarning``). ``num_chains`` (default 1)
+    independent runs, each with its own pilot, one after another (so R-hat across chains also sees a
+    pilot that missed part of the posterior); ``log_normalizer`` pools the particles of all runs (each
+    run's weights are unbiased for :math:`Z`).
 
-    The draws are resampled to equal weights; ``log_weight`` in ``sample_stats`` is each draw's
-    AIS log weight (that of the particle it was resampled from).
+    The draws are resampled to equal weights, per run; ``log_weight`` in ``sample_stats`` is each
+    draw's AIS log weight (that of the particle it was resampled from).
     """
     check_options(options, _OPTIONS, "ais")
     num_chains = 1 if num_chains is None else num_chains
     path = make_path(target, options.pop("reference", None))
     scheme = options.pop("resampling", "systematic")
     min_ess = float(options.pop("min_ess", _MIN_ESS))
-    total = num_chains * num_samples
-    betas, used, pilot_attrs = _schedule(generator, path, options, total, device, target.dtype)
-    x0 = initial_particles(path, total, generator, device)
-    out = ais(generator, path, x0, betas, progress=progress, **options)
-    log_z, se = log_normalizer_estimate(out.log_weights)
-    chains = torch.arange(num_chains, device=device).unsqueeze(-1) * num_samples
-    idx = torch.stack(
-        [resample(generator, lw, scheme) for lw in out.log_weights.reshape(num_chains, num_samples)]
-    )
-    idx = (idx + chains).flatten()
-    ps = out.particles.index(idx)
-    shape = (num_chains, num_samples)
+    runs, pilots, used = [], [], None
+    for _ in range(num_chains):
+        run_options = dict(options)
+        betas, used, pilot_attrs = _schedule(generator, path, run_options, num_samples, device, target.dtype)
+        x0 = initial_particles(path, num_samples, generator, device)
+        out = ais(generator, path, x0, betas, progress=progress, **run_options)
+        runs.append((out, resample(generator, out.log_weights, scheme)))
+        pilots.append(pilot_attrs)
+    log_w = torch.cat([out.log_weights for out, _ in runs])
+    log_z, se = log_normalizer_estimate(log_w)
     sample_stats = {
-        "lp": ps.target_log_prob.reshape(shape),
-        "acceptance_rate": out.acceptance[idx].reshape(shape),
-        "log_weight": out.log_weights[idx].reshape(shape),
+        "lp": torch.stack([out.particles.target_log_prob[idx] for out, idx in runs]),
+        "acceptance_rate": torch.stack([out.acceptance[idx] for out, idx in runs]),
+        "log_weight": torch.stack([out.log_weights[idx] for out, idx in runs]),
     }
-    final_ess = float(ess(out.log_weights))
-    khat = pareto_k(out.log_weights)
+    draws = torch.stack([out.particles.x[idx] for out, idx in runs])
+    final_ess = float(ess(log_w))
+    khat = pareto_k(log_w)
     reliable = final_ess >= min_ess and not khat > _MAX_PARETO_K
     attrs = {
         "log_normalizer": log_z,
         "log_normalizer_se": se,
         "log_normalizer_reliable": bool(reliable),
-        "num_stages": len(out.stages["beta"]),
+        "num_stages": max(len(out.stages["beta"]) for out, _ in runs),
         "ess": final_ess,
-        "ess_fraction": final_ess / total,
+        "ess_fraction": final_ess / log_w.numel(),
         "pareto_k": khat,
-        "log_weight_variance": float(out.log_weights[torch.isfinite(out.log_weights)].var()),
+        "log_weight_variance": float(log_w[torch.isfinite(log_w)].var()),
         "schedule": used,
         "path": path.kind,
-        **pilot_attrs,
+        **_pooled_pilot_attrs(pilots),
     }
     if not reliable:
         warnings.warn(
-            f"AIS weights collapsed: ESS {final_ess:.1f} of {total} particles, Pareto k {khat:.2f} "
+            f"AIS weights collapsed: ESS {final_ess:.1f} of {log_w.numel()} particles, Pareto k {khat:.2f} "
             f"(log-weight variance {attrs['log_weight_variance']:.3g}); log Z = {log_z:.3f} and its standard "
             f"error {se:.3g} are unreliable. Raise num_temperatures (or num_mcmc_steps), "
             "or use method='smc'.",
             RuntimeWarning,
             stacklevel=2,
         )
-    return SamplerResult(ps.x.reshape(*shape, -1), sample_stats, {"tempering": out.stages}, attrs)
+    groups = {"tempering": stack_stages([out.stages for out, _ in runs])}
+    return SamplerResult(draws, sample_stats, groups, attrs)
+
+
+def _pooled_pilot_attrs(pilots: list[dict]) -> dict:
+    """The runs' pilot attrs: evaluations summed, the rest from the first run (one run: as they are)."""
+    if not pilots or not pilots[0]:
+        return {}
+    return {**pilots[0], "pilot_evals": sum(p["pilot_evals"] for p in pilots)}
 
 
 def _schedule(generator, path, options: dict, total: int, device, dtype) -> tuple[torch.Tensor, str, dict]:

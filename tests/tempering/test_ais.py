@@ -223,17 +223,24 @@ def test_ais_output_contract_and_evaluation_count():
     assert torch.allclose(lp, target.log_prob(x.reshape(-1, 3)).reshape(chains, n), rtol=0, atol=1e-12)
     for key in ("log_weight", "acceptance_rate"):
         assert idata.sample_stats[key].shape == (chains, n)
-    group = idata.tempering
-    assert group.beta.shape == (k,) and float(group.beta[-1]) == 1.0
+    group = idata.tempering  # (stage, chain): the chains are independent runs, each with its pilot
+    assert group.beta.shape == (k, chains) and bool((group.beta[-1] == 1.0).all())
     assert {"ess", "log_z_increment", "acceptance_rate", "step_size"} <= set(group.data_vars)
     attrs = idata.posterior.attrs
     assert attrs["num_stages"] == k and attrs["method"] == "ais"
-    assert math.isclose(attrs["log_normalizer"], float(group.log_z_increment.sum()), abs_tol=1e-9)
-    # 16 validation points, the initial particles, and every move's proposals; the adaptive
-    # schedule's pilot: its own 16 validation points, particles, and 3 moves per stage.
-    pilot = 16 + attrs["num_pilot"] * (1 + 3 * attrs["pilot_stages"])
-    assert attrs["pilot_evals"] == pilot
-    assert attrs["num_target_evals"] == 16 + chains * n * (1 + k * 2) + pilot
+    per_run = torch.as_tensor(group.log_z_increment.sum("stage").values)
+    assert math.isclose(attrs["log_normalizer"], float(log_mean_exp(per_run)), abs_tol=1e-9)
+    # Per run: 16 validation points, the initial particles, and every move's proposals; plus the
+    # pilots' evaluations.
+    assert attrs["num_target_evals"] == chains * (16 + n * (1 + k * 2)) + attrs["pilot_evals"]
+    one = ds.sample(
+        target, "ais", num_samples=n, seed=0, progress=False, num_temperatures=k, num_mcmc_steps=2
+    )
+    a1 = one.posterior.attrs
+    # the adaptive schedule's pilot: its own 16 validation points, particles, and 3 moves per stage.
+    pilot = 16 + a1["num_pilot"] * (1 + 3 * a1["pilot_stages"])
+    assert a1["pilot_evals"] == pilot
+    assert a1["num_target_evals"] == 16 + n * (1 + k * 2) + pilot
     fixed = ds.sample(
         target, "ais", num_samples=n, seed=0, progress=False, num_temperatures=k, schedule="linear"
     )
