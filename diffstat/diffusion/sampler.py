@@ -78,6 +78,7 @@ import dataclasses
 import math
 import warnings
 
+import numpy as np
 import torch
 
 from diffstat._util import check_options, progress_bar
@@ -90,6 +91,7 @@ from diffstat.diffusion.importance import (
     round_missed,
 )
 from diffstat.diffusion.rounds import DiffusionConfig, RoundInfo, RoundState, done, init, step
+from diffstat.tempering.smc import combine_runs
 from diffstat.sampling import SamplerResult, register_sampler
 
 __all__ = [
@@ -118,27 +120,81 @@ def run_diffusion_sampler(
     **options,
 ) -> SamplerResult:
     r"""Run the pipeline of the module docstring: ``init``, then rounds of ``step`` until ``done``,
-    then pool the rounds and resample ``num_chains * num_samples`` draws (``num_chains`` None: 1).
+    then pool the rounds and resample ``num_samples`` draws; ``num_chains`` (None: 1) independent runs.
     ``options`` are the fields of :class:`~diffstat.diffusion.rounds.DiffusionConfig` (see
     :func:`diffusion`); ``use_diffusion=False`` is ``method="gaussian_is"``. One progress bar
     counts the exploration and the rounds; the inner phases are silent."""
     method = "diffusion" if use_diffusion else "gaussian_is"
     check_options(options, RUN_OPTIONS, method)
     config = DiffusionConfig(use_diffusion=use_diffusion, **options)
-    with progress_bar(config.max_rounds + 1, f"{method}: exploring modes", progress) as bar:
-        state = init(generator, target, config, device)
-        bar.update()
-        infos: list[RoundInfo] = []
-        for r in range(config.max_rounds):
-            bar.set_description(f"{method}: round {r + 1}")
-            state, info = step(generator, state, target, config)
-            infos.append(info)
-            bar.set_postfix(ess=f"{info.summary['ess']:.0f}")
-            bar.update()
-            if done(state, info, config):
-                break
     n_chains = 1 if num_chains is None else num_chains
-    return _result(generator, state, infos, num_samples, n_chains, target.dim)
+    results = []
+    with progress_bar(n_chains * (config.max_rounds + 1), f"{method}: exploring modes", progress) as bar:
+        for _ in range(n_chains):
+            state, infos = _one_run(generator, target, config, device, bar, method)
+            results.append(_result(generator, state, infos, num_samples, 1, target.dim))
+    return results[0] if n_chains == 1 else _stack_runs(results)
+
+
+def _one_run(generator, target, config: DiffusionConfig, device, bar, method: str):
+    """One independent run: ``init``, then rounds of ``step`` until ``done``; the final state and the
+    rounds' infos. Updates ``bar`` once for the exploration and once per round."""
+    bar.set_description(f"{method}: exploring modes")
+    state = init(generator, target, config, device)
+    bar.update()
+    infos: list[RoundInfo] = []
+    for r in range(config.max_rounds):
+        bar.set_description(f"{method}: round {r + 1}")
+        state, info = step(generator, state, target, config)
+        infos.append(info)
+        bar.set_postfix(ess=f"{info.summary['ess']:.0f}")
+        bar.update()
+        if done(state, info, config):
+            bar.update(config.max_rounds - r - 1)
+            break
+    return state, infos
+
+
+def _stack_runs(results: list[SamplerResult]) -> SamplerResult:
+    """Independent runs as chains: draws and statistics stacked, each group's per-round arrays as
+    ``(round, chain, ...)`` padded with NaN (runs differ in rounds and modes), log Z pooled over runs
+    (:func:`~diffstat.tempering.smc.combine_runs`); ``mode_weights`` per run, NaN-padded."""
+    draws = torch.cat([r.draws for r in results])
+    stats = {
+        k: torch.cat([torch.as_tensor(r.sample_stats[k]) for r in results]) for k in results[0].sample_stats
+    }
+    groups = {
+        name: {
+            key: _pad_stack([r.groups[name][key] for r in results], axis=1) for key in results[0].groups[name]
+        }
+        for name in results[0].groups
+    }
+    attrs = dict(results[0].attrs)
+    log_z, se = combine_runs(
+        [r.attrs["log_normalizer"] for r in results], [r.attrs["log_normalizer_se"] for r in results]
+    )
+    attrs.update(
+        log_normalizer=log_z,
+        log_normalizer_se=se,
+        reliable=min(int(r.attrs["reliable"]) for r in results),
+        num_modes=max(int(r.attrs["num_modes"]) for r in results),
+        num_rounds=max(int(r.attrs["num_rounds"]) for r in results),
+        ess=sum(float(r.attrs["ess"]) for r in results),
+        num_proposals=sum(int(r.attrs["num_proposals"]) for r in results),
+        pareto_k=max(float(r.attrs["pareto_k"]) for r in results),
+        mode_weights=_pad_stack([r.attrs["mode_weights"] for r in results], axis=0),
+    )
+    return SamplerResult(draws, stats, groups, attrs)
+
+
+def _pad_stack(arrays: list, axis: int) -> np.ndarray:
+    """Arrays of the same rank stacked along a new ``axis``, each padded with NaN to the largest shape."""
+    arrays = [np.asarray(torch.as_tensor(a).detach().cpu().double()) for a in arrays]
+    shape = np.max([a.shape for a in arrays], axis=0)
+    out = np.full((len(arrays), *shape), np.nan)
+    for i, a in enumerate(arrays):
+        out[(i, *(slice(0, n) for n in a.shape))] = a
+    return np.moveaxis(out, 0, axis)
 
 
 def _pooled_log_weights(rounds: list[dict], pool: dict, log_ws: list[torch.Tensor]) -> torch.Tensor:
@@ -242,8 +298,8 @@ def diffusion(target, *, num_samples, num_chains, generator, progress, device, *
     ``diffusion_weight`` (0.9) of them by the probability-flow ODE with ``ode_steps`` (50) RK4
     steps, the rest from the per-mode Gaussians with covariances inflated by ``inflate`` (1.2);
     at most ``max_rounds`` (3) rounds, stopping once a diffusion round's ESS fraction reaches
-    ``target_ess`` (0.3). ``num_chains`` (default 1) times ``num_samples`` draws are resampled
-    from the pooled rounds. Model details (module notes): VP horizon ``t_max`` (0.6); ``whiten``
+    ``target_ess`` (0.3). ``num_chains`` (default 1) independent runs, one after another, each giving
+    ``num_samples`` draws resampled from its pooled rounds (log Z pooled over the runs). Model details (module notes): VP horizon ``t_max`` (0.6); ``whiten``
     (None: "full" per mode, "diag" for one pooled model); restocked banks keep every
     ``refresh_keep_every`` (1) state; ``gaussian_fallback`` (True) on ``held_out`` (512)
     particles per mode; the flow's base widened by ``prior_scale`` (1). A round that missed
