@@ -299,7 +299,8 @@ def diffusion(target, *, num_samples, num_chains, generator, progress, device, *
     steps, the rest from the per-mode Gaussians with covariances inflated by ``inflate`` (1.2);
     at most ``max_rounds`` (3) rounds, stopping once a diffusion round's ESS fraction reaches
     ``target_ess`` (0.3). ``num_chains`` (default 1) independent runs, one after another, each giving
-    ``num_samples`` draws resampled from its pooled rounds (log Z pooled over the runs). Model details (module notes): VP horizon ``t_max`` (0.6); ``whiten``
+    ``num_samples`` draws resampled from its pooled rounds (log Z pooled over the runs). Model
+    details (module notes): VP horizon ``t_max`` (0.6); ``whiten``
     (None: "full" per mode, "diag" for one pooled model); restocked banks keep every
     ``refresh_keep_every`` (1) state; ``gaussian_fallback`` (True) on ``held_out`` (512)
     particles per mode; the flow's base widened by ``prior_scale`` (1). A round that missed
