@@ -80,8 +80,9 @@ class Target:
     ``n`` points adds ``n``, whether or not the gradient was asked for.
 
     Bad input raises ``ValueError`` naming the problem: a ``dim`` that is not a positive integer or
-    that ``log_prob`` does not accept, an output of the wrong shape, NaN or ``+inf`` at the probe
-    points, or a log-density autograd cannot differentiate.
+    that ``log_prob`` does not accept (where it accepts another width), an output of the wrong
+    shape, NaN or ``+inf`` at the probe points, or a log-density autograd cannot differentiate. An
+    exception of the user's own log-density otherwise reaches the user unchanged.
     """
 
     def __init__(
@@ -144,7 +145,10 @@ class Target:
     def validate(self, x: torch.Tensor, *, initial: bool = True) -> None:
         """Check the log-density at the points ``x: (n, dim)``; raise ``ValueError`` if bad.
 
-        Checks, in order: the points' shape and dtype, that ``log_prob`` accepts them, the output's
+        Checks, in order: the points' shape and dtype, that ``log_prob`` accepts them (a
+        ``RuntimeError`` or ``IndexError`` of the user's log-density becomes a ``ValueError`` only
+        where ``log_prob`` accepts points of another width, a dimension mismatch; otherwise it is
+        re-raised unchanged, with a note naming the batch), the output's
         shape, NaN or ``+inf`` values, that autograd gives a gradient, that the gradient is not NaN
         where the log-density is finite, and (for ``initial`` points a sampler starts from) that at
         least one point lies in the support: a chain started where the log-density is -inf
@@ -162,10 +166,15 @@ class Target:
                 xg = x.detach().clone().requires_grad_(True)
                 lp = self._log_prob(xg)
         except (RuntimeError, IndexError) as err:
-            raise ValueError(
-                f"log_prob failed on a batch of shape ({n}, {self.dim}): does dim={self.dim} "
-                f"match the log-density? ({err})"
-            ) from err
+            width = self._accepted_width(x)
+            if width is not None:
+                raise ValueError(
+                    f"log_prob fails on points of dim={self.dim} ({type(err).__name__}: {err}) but "
+                    f"accepts points of dim={width}: pass dim={width}"
+                ) from err
+            if hasattr(err, "add_note"):  # Python 3.11+
+                err.add_note(f"raised by log_prob on a batch of shape ({n}, {self.dim}) in Target.validate")
+            raise
         if not torch.is_tensor(lp):
             raise ValueError(f"log_prob must return a torch tensor, got {type(lp).__name__}")
         if tuple(lp.shape) != (n,):
@@ -220,6 +229,23 @@ class Target:
                     "match the log-density? (an unnormalised density constant along a coordinate "
                     "is improper)"
                 )
+
+    def _accepted_width(self, x: torch.Tensor) -> int | None:
+        """The first width ``k != dim`` (of 1 to ``2 dim + 8``, at most 64 tried) at which
+        ``log_prob`` maps ``(n, k)`` points to ``(n,)``, or None: run only after ``log_prob`` raised
+        on the points ``x: (n, dim)``, so that a dimension mismatch is reported as one only where it is
+        established, and any other exception of the user's reaches them unchanged."""
+        n, gen = x.shape[0], torch.Generator().manual_seed(0)
+        widths = [k for k in range(1, 2 * self.dim + 9) if k != self.dim][:64]
+        for k in widths:
+            try:
+                with torch.no_grad():
+                    lp = self._log_prob(torch.randn(n, k, generator=gen, dtype=x.dtype).to(x.device))
+            except Exception:  # noqa: BLE001 - a width the log-density refuses is not the one
+                continue
+            if torch.is_tensor(lp) and tuple(lp.shape) == (n,):
+                return k
+        return None
 
     def _check_not_flat(self, probe: torch.Tensor) -> None:
         """``ValueError`` for a log-density that is the same finite constant at the probe points and
