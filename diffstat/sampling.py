@@ -13,10 +13,9 @@ import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
-from diffstat._util import check_options, check_positive_int
+from diffstat._util import check_options, check_positive_int, check_seed
 from diffstat.target import Target, resolve_reference
 
 __all__ = ["sample", "register_sampler", "SamplerResult", "available_methods", "resolve_reference"]
@@ -143,8 +142,7 @@ def sample(
     num_samples = check_positive_int(num_samples, "num_samples")
     if num_chains is not None:
         num_chains = check_positive_int(num_chains, "num_chains")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    seed = check_seed(seed)
     if method in _OPTIONS:
         check_options(options, _OPTIONS[method], method)
     if "reference" in options:

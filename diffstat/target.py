@@ -148,11 +148,12 @@ class Target:
         Checks, in order: the points' shape and dtype, that ``log_prob`` accepts them (a
         ``RuntimeError`` or ``IndexError`` of the user's log-density becomes a ``ValueError`` only
         where ``log_prob`` accepts points of another width, a dimension mismatch; otherwise it is
-        re-raised unchanged, with a note naming the batch), the output's
-        shape, NaN or ``+inf`` values, that autograd gives a gradient, that the gradient is not NaN
-        where the log-density is finite, and (for ``initial`` points a sampler starts from) that at
-        least one point lies in the support: a chain started where the log-density is -inf
-        everywhere could never accept a move.
+        re-raised unchanged), the output's shape and dtype, NaN or ``+inf`` values, that autograd
+        gives a gradient, that the gradient is not NaN where the log-density is finite, and (for
+        ``initial`` points a sampler starts from) that at least one point lies in the support (a
+        chain started where the log-density is -inf everywhere could never accept a move) and that
+        a log-density equal at distinct starting points is not the same constant 1000 times
+        farther out (a flat, improper density).
         """
         if not torch.is_tensor(x) or x.dim() != 2 or x.shape[1] != self.dim:
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
@@ -172,9 +173,7 @@ class Target:
                     f"log_prob fails on points of dim={self.dim} ({type(err).__name__}: {err}) but "
                     f"accepts points of dim={width}: pass dim={width}"
                 ) from err
-            if hasattr(err, "add_note"):  # Python 3.11+
-                err.add_note(f"raised by log_prob on a batch of shape ({n}, {self.dim}) in Target.validate")
-            raise
+            raise  # the user's own exception, unchanged
         if not torch.is_tensor(lp):
             raise ValueError(f"log_prob must return a torch tensor, got {type(lp).__name__}")
         if tuple(lp.shape) != (n,):
@@ -182,6 +181,11 @@ class Target:
                 f"log_prob must map a batch of shape ({n}, {self.dim}) to shape ({n},), "
                 f"got {tuple(lp.shape)}; check dim and that the log-density sums over the last "
                 "axis only"
+            )
+        if lp.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"log_prob must return float32 or float64 values, got dtype {lp.dtype}: an integer or "
+                "bool output has no gradient, and half precision is too coarse for accept steps"
             )
         if torch.isnan(lp).any():
             raise ValueError(
@@ -209,6 +213,8 @@ class Target:
                 f"log_prob is -inf at all {n} initial points: no chain would start in the support; "
                 "pass init= points inside the support (or a reference that covers it)"
             )
+        if initial and bool(finite.all()) and bool((lp == lp[0]).all()) and bool((x != x[:1]).any()):
+            self._check_not_flat(x.detach())  # one constant at distinct starting points: flat?
         bad_grad = finite & ~torch.isfinite(grad).all(-1)
         if bad_grad.any():
             raise ValueError(
