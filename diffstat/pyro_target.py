@@ -286,12 +286,14 @@ class PyroTarget(Target):
     def log_likelihood(self, u: torch.Tensor) -> torch.Tensor:
         r"""Log-likelihood :math:`\log p(y \mid T(u))` of the observed sites, ``(n,)``; counts ``n``."""
         self.num_target_evals += u.shape[0]
-        return self._log_terms(u)[1]
+        return self.count_nan(self._log_terms(u)[1])
 
     def log_prior_and_likelihood(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both terms from one model run, each ``(n,)`` and differentiable; counts ``n``."""
         self.num_target_evals += u.shape[0]
-        return self._log_terms(u)
+        prior, lik = self._log_terms(u)
+        self.count_nan(prior.detach() + lik.detach())
+        return prior, lik
 
     # ------------------------------------------------------------------ spaces, draws, output
     def prior_draws(self, n: int) -> torch.Tensor:

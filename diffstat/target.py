@@ -77,7 +77,8 @@ class Target:
     Notes
     -----
     ``num_target_evals`` counts points, not calls: evaluating the log-density and its gradient at
-    ``n`` points adds ``n``, whether or not the gradient was asked for.
+    ``n`` points adds ``n``, whether or not the gradient was asked for. ``num_nan_evals`` counts
+    the points among them where the log-density was NaN.
 
     Bad input raises ``ValueError`` naming the problem: a ``dim`` that is not a positive integer or
     that ``log_prob`` does not accept (where it accepts another width), an output of the wrong
@@ -109,6 +110,7 @@ class Target:
         self.reference = reference
         self.dtype = dtype
         self.num_target_evals = 0
+        self._nan_evals = 0  # a tensor once counted: no host sync per evaluation
         if validate:
             gen = torch.Generator().manual_seed(0)
             probe = torch.randn(_NUM_PROBE_POINTS, self.dim, generator=gen, dtype=self.dtype)
@@ -124,7 +126,7 @@ class Target:
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Log-density at ``x: (n, dim)``, shape ``(n,)``; counts ``n`` evaluations."""
         self.num_target_evals += x.shape[0]
-        return self._log_prob(x)
+        return self.count_nan(self._log_prob(x))
 
     def log_prob_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-density ``(n,)`` and its gradient ``(n, dim)`` at ``x``, detached; counts ``n``."""
@@ -133,7 +135,20 @@ class Target:
             x = x.detach().requires_grad_(True)
             lp = self._log_prob(x)
             (grad,) = torch.autograd.grad(lp.sum(), x)
-        return lp.detach(), grad.detach()
+        return self.count_nan(lp.detach()), grad.detach()
+
+    def count_nan(self, lp: torch.Tensor) -> torch.Tensor:
+        """Add the NaN entries of log-density values ``lp: (n,)`` to :attr:`num_nan_evals`; return
+        ``lp``. Accumulated on ``lp``'s device, so counting adds no host synchronisation."""
+        if torch.is_tensor(lp) and lp.is_floating_point():
+            self._nan_evals = self._nan_evals + torch.isnan(lp.detach()).sum()
+        return lp
+
+    @property
+    def num_nan_evals(self) -> int:
+        """Points at which the log-density returned NaN since the Target was built (runtime
+        trouble: the front door warns when a run meets any)."""
+        return int(self._nan_evals)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         r"""The score :math:`\nabla_x \log \tilde\pi(x)`, shape ``(n, dim)``; counts ``n``."""
