@@ -177,31 +177,7 @@ class Target:
             raise ValueError(f"points must be float32 or float64, got {x.dtype}")
         n = x.shape[0]
         self.num_target_evals += n
-        try:
-            with torch.enable_grad():
-                xg = x.detach().clone().requires_grad_(True)
-                lp = self._log_prob(xg)
-        except (RuntimeError, IndexError) as err:
-            width = self._accepted_width(x)
-            if width is not None:
-                raise ValueError(
-                    f"log_prob fails on points of dim={self.dim} ({type(err).__name__}: {err}) but "
-                    f"accepts points of dim={width}: pass dim={width}"
-                ) from err
-            raise  # the user's own exception, unchanged
-        if not torch.is_tensor(lp):
-            raise ValueError(f"log_prob must return a torch tensor, got {type(lp).__name__}")
-        if tuple(lp.shape) != (n,):
-            raise ValueError(
-                f"log_prob must map a batch of shape ({n}, {self.dim}) to shape ({n},), "
-                f"got {tuple(lp.shape)}; check dim and that the log-density sums over the last "
-                "axis only"
-            )
-        if lp.dtype not in (torch.float32, torch.float64):
-            raise ValueError(
-                f"log_prob must return float32 or float64 values, got dtype {lp.dtype}: an integer or "
-                "bool output has no gradient, and half precision is too coarse for accept steps"
-            )
+        xg, lp = self._evaluate_for_validation(x)
         if torch.isnan(lp).any():
             raise ValueError(
                 f"log_prob returned NaN at {int(torch.isnan(lp).sum())} of {n} initial points; "
@@ -230,6 +206,44 @@ class Target:
             )
         if initial and bool(finite.all()) and bool((lp == lp[0]).all()) and bool((x != x[:1]).any()):
             self._check_not_flat(x.detach())  # one constant at distinct starting points: flat?
+        self._check_gradient(x, finite, grad)
+
+    def _evaluate_for_validation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(xg, lp)``: the points as a leaf that requires grad and ``log_prob`` there, ``(n,)``,
+        checked to be a float32/float64 tensor of that shape; a dimension mismatch the user's own
+        exception reveals is a ``ValueError`` (:meth:`_accepted_width`), any other exception of
+        theirs is re-raised unchanged."""
+        n = x.shape[0]
+        try:
+            with torch.enable_grad():
+                xg = x.detach().clone().requires_grad_(True)
+                lp = self._log_prob(xg)
+        except (RuntimeError, IndexError) as err:
+            width = self._accepted_width(x)
+            if width is not None:
+                raise ValueError(
+                    f"log_prob fails on points of dim={self.dim} ({type(err).__name__}: {err}) but "
+                    f"accepts points of dim={width}: pass dim={width}"
+                ) from err
+            raise  # the user's own exception, unchanged
+        if not torch.is_tensor(lp):
+            raise ValueError(f"log_prob must return a torch tensor, got {type(lp).__name__}")
+        if tuple(lp.shape) != (n,):
+            raise ValueError(
+                f"log_prob must map a batch of shape ({n}, {self.dim}) to shape ({n},), "
+                f"got {tuple(lp.shape)}; check dim and that the log-density sums over the last "
+                "axis only"
+            )
+        if lp.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"log_prob must return float32 or float64 values, got dtype {lp.dtype}: an integer or "
+                "bool output has no gradient, and half precision is too coarse for accept steps"
+            )
+        return xg, lp
+
+    def _check_gradient(self, x: torch.Tensor, finite: torch.Tensor, grad: torch.Tensor) -> None:
+        """``ValueError`` for a NaN or infinite gradient where the log-density is finite
+        (``finite: (n,)``), or for coordinates of ``x: (n, dim)`` the log-density ignores."""
         bad_grad = finite & ~torch.isfinite(grad).all(-1)
         if bad_grad.any():
             raise ValueError(
