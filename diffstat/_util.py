@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 __all__ = [
     "check_options",
     "check_positive_int",
+    "check_seed",
     "check_probability",
     "progress_bar",
     "log_mean_exp",
@@ -37,6 +38,15 @@ def check_positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def check_seed(seed) -> int:
+    """Return ``seed`` as an int, or raise ``ValueError`` unless it is an integer in [0, 2**63): the
+    range ``torch.Generator.manual_seed`` takes (a larger one overflows inside torch, a bool or a
+    float is a mistake)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    return int(seed)
 
 
 def check_probability(value, name: str, *, open_interval: bool = True) -> float:

@@ -3,9 +3,9 @@ r"""The posterior of a Pyro model as a :class:`~diffstat.target.Target` in uncon
 A Pyro model with latent sites :math:`z_1, \dots, z_S` (each with its own shape and support) and
 observed sites :math:`y` is turned into an unnormalised log-density on :math:`\mathbb{R}^{dim}`.
 Each site is mapped to an unconstrained vector by the bijection
-:math:`T_s = \mathrm{biject\_to}(\mathrm{support}_s)` (``exp`` for positive sites, stick breaking
-for a simplex of ``K`` components, which then has ``K - 1`` free coordinates), and the flattened
-unconstrained values are concatenated, :math:`u = (u_1, \dots, u_S)`. The density of ``u`` is
+:math:`T_s = \mathrm{biject\_to}(\mathrm{support}_s)` (:mod:`diffstat.pyro_sites`: the sites,
+their bijections and the sums over particles), and the flattened unconstrained values are
+concatenated, :math:`u = (u_1, \dots, u_S)`. The density of ``u`` is
 
 .. math::
 
@@ -41,8 +41,6 @@ dimensions of a latent value).
 
 from __future__ import annotations
 
-import contextlib
-from typing import NamedTuple
 from collections.abc import Callable
 
 import numpy as np
@@ -50,71 +48,31 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
-from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
-from torch.distributions import biject_to
 
+from diffstat.pyro_sites import (
+    PARTICLES,
+    SetLatents,
+    model_context,
+    sum_over_particles,
+    trace_sites,
+    unconstrain_draw,
+)
 from diffstat.target import Target
 
 __all__ = ["PyroTarget"]
 
-#: Name of the outer plate over particles (a model site of the same name is refused).
-_PARTICLES = "_particles"
 #: Prior draws at which construction checks a batched evaluation against one-point runs.
 _NUM_CHECK_POINTS = 3
 #: Points per model run when converting draws for ``posterior`` (bounds memory; 10^6 draws take
 #: 245 runs).
 _CHUNK = 4096
+#: Times prior draws without a finite unconstrained value are drawn again before the model is
+#: refused: a float32 draw lands on a support's boundary with probability of order 1e-4 (an
+#: LKJCholesky(3, 0.5) draw), so ten rounds fail only for a prior that puts mass there.
+_MAX_REDRAWS = 10
 _EMPTY_SHAPE = torch.Size()
 _MODES = ("plate", "vmap")
-
-
-class _Site(NamedTuple):
-    """A latent site: its value's shape (batch + event) and its slice of the unconstrained vector."""
-
-    name: str
-    shape: tuple[int, ...]
-    unconstrained_shape: tuple[int, ...]
-    offset: int
-    size: int
-    pad: int  # singleton dims between the particle dim and the site's own batch dims (plate mode)
-
-
-class _SetLatents(Messenger):
-    """Set each latent site to given values, unconstrained (``u``) or constrained (``z``), and
-    record the other space and :math:`\\log|\\det J_T(u)|`.
-
-    ``batched``: values carry a leading particle dimension, placed at the particle plate's dim.
-    The messenger sits outside the particle plate, so ``msg["fn"]`` is already broadcast over
-    particles and a support that depends on other latent values (``Uniform(0, a)``) is batched too.
-    """
-
-    def __init__(
-        self, sites: dict[str, _Site], values: dict[str, torch.Tensor], *, constrained: bool, batched: bool
-    ):
-        super().__init__()
-        self.sites, self.values = sites, values
-        self.constrained, self.batched = constrained, batched
-        self.z: dict[str, torch.Tensor] = {}
-        self.u: dict[str, torch.Tensor] = {}
-        self.log_det: dict[str, torch.Tensor] = {}
-
-    def _pyro_sample(self, msg) -> None:
-        site = self.sites.get(msg["name"])
-        if site is None or msg["is_observed"]:
-            return
-        transform = biject_to(msg["fn"].support)
-        value = self.values[site.name]
-        lead = (value.shape[0],) + (1,) * site.pad if self.batched else ()
-        if self.constrained:
-            z = value.reshape(lead + site.shape)
-            u = transform.inv(z)
-        else:
-            u = value.reshape(lead + site.unconstrained_shape)
-            z = transform(u)
-        self.z[site.name], self.u[site.name] = z, u
-        self.log_det[site.name] = transform.log_abs_det_jacobian(u, z)
-        msg["value"] = z
 
 
 class _PyroPrior(torch.distributions.Distribution):
@@ -239,21 +197,9 @@ class PyroTarget(Target):
         self.num_target_evals = 0
 
     # ------------------------------------------------------------------ model structure
-    @contextlib.contextmanager
     def _model_context(self, validate: bool):
-        """Run the model with torch's default dtype set to ``self.dtype``, on ``self.device``.
-
-        Pyro's argument and support validation is off while sampling: values come from
-        bijections, and an overflow must give -inf or NaN, which the kernels reject, not an error.
-        """
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-        try:
-            device = torch.device(self.device) if self.device.type != "cpu" else contextlib.nullcontext()
-            with pyro.validation_enabled(validate), device:
-                yield
-        finally:
-            torch.set_default_dtype(old)
+        """Run the model with torch's default dtype ``self.dtype``, on ``self.device``."""
+        return model_context(self.dtype, self.device, validate)
 
     def _find_sites(self) -> None:
         """Trace the prior once: latent sites, their shapes and supports, the particle dim."""
@@ -264,38 +210,7 @@ class PyroTarget(Target):
             raise ValueError(
                 f"running the model with the given arguments failed: {type(err).__name__}: {err}"
             ) from err
-        depth, sites, offset = 0, [], 0
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            if name == _PARTICLES:
-                raise ValueError(f"the site name {_PARTICLES!r} is reserved for the plate over particles")
-            if site_is_subsample(site):
-                if site["value"] is not None and site["value"].numel() < site["fn"].size:
-                    raise ValueError(
-                        f"plate {name!r} subsamples its data; "
-                        "the log-density must be exact: no subsample_size"
-                    )
-                continue
-            fn, value = site["fn"], site["value"]
-            plate_dims = [-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
-            depth = max([depth, len(fn.batch_shape), value.dim() - fn.event_dim] + plate_dims)
-            if site["is_observed"]:
-                continue
-            if fn.support.is_discrete or site["infer"].get("enumerate"):
-                raise ValueError(
-                    f"latent site {name!r} is discrete ({type(fn).__name__}): diffstat samples continuous "
-                    "latent sites only; marginalise it out of the model (enumeration is not supported)"
-                )
-            shape = tuple(value.shape)
-            u_shape = tuple(biject_to(fn.support).inverse_shape(torch.Size(shape)))
-            sites.append((name, shape, u_shape, offset, int(np.prod(u_shape)), len(shape) - fn.event_dim))
-            offset += sites[-1][4]
-        if not sites:
-            raise ValueError("the model has no latent sample site: there is nothing to sample")
-        self._particle_dim = -(depth + 1)
-        self.sites = {s[0]: _Site(*s[:5], pad=depth - s[5]) for s in sites}
-        self.dim = offset
+        self.sites, self._particle_dim, self.dim = trace_sites(trace)
 
     def _split(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each site's slice of ``u: (..., dim)``."""
@@ -308,30 +223,18 @@ class PyroTarget(Target):
         if n is not None:
 
             def model(*args, **kwargs):
-                with pyro.plate(_PARTICLES, n, dim=self._particle_dim):
+                with pyro.plate(PARTICLES, n, dim=self._particle_dim):
                     return self.model(*args, **kwargs)
 
-        setter = _SetLatents(self.sites, values or {}, constrained=constrained, batched=n is not None)
+        setter = SetLatents(self.sites, values or {}, constrained=constrained, batched=n is not None)
         with self._model_context(validate=False):
             trace = poutine.trace(setter(model) if values is not None else model).get_trace(*args, **kwargs)
         return trace, setter
 
     def _reduce(self, t, n: int | None, name: str) -> torch.Tensor:
         """Sum ``t`` over all but the particle dimension, ``(n,)``; over everything if n is None."""
-        t = t if torch.is_tensor(t) else torch.as_tensor(t, dtype=self.dtype, device=self.device)
-        if n is None:
-            return t.sum()
-        i = t.dim() + self._particle_dim
-        if i < 0:  # no particle dimension: the same value for every particle
-            return t.sum().expand(n)
-        if any(s != 1 for s in t.shape[:i]):
-            raise ValueError(
-                f"site {name!r} has batch shape {tuple(t.shape)} outside the plate over particles"
-            )
-        t = t.reshape((t.shape[i], -1)).sum(-1)
-        if t.shape[0] not in (1, n):
-            raise ValueError(f"site {name!r} does not broadcast over {n} particles (shape {tuple(t.shape)})")
-        return t.expand(n)
+        like = torch.empty((), dtype=self.dtype, device=self.device)
+        return sum_over_particles(t, n, self._particle_dim, name, like)
 
     def _terms(self, u: torch.Tensor, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log_prior, log_likelihood)`` from one model run at ``u: (n, dim)`` (or ``(dim,)``
@@ -362,8 +265,14 @@ class PyroTarget(Target):
         if u.dim() != 2 or u.shape[1] != self.dim:
             raise ValueError(f"points must have shape (n, {self.dim}), got {tuple(u.shape)}")
         if self.vectorize == "plate":
-            return self._terms(u, u.shape[0])
-        return torch.func.vmap(lambda v: self._terms(v, None))(u)
+            terms = self._terms(u, u.shape[0])
+        else:
+            terms = torch.func.vmap(lambda v: self._terms(v, None))(u)
+        if not (u.requires_grad and torch.is_grad_enabled()):
+            return terms
+        # A term that does not depend on u (no observed site: the likelihood is 0) stays in the
+        # graph with a zero gradient, so that autograd can differentiate each term on its own.
+        return tuple(t if t.requires_grad else t + (0.0 * u).sum(-1) for t in terms)
 
     def _log_density(self, u: torch.Tensor) -> torch.Tensor:
         prior, lik = self._log_terms(u)
@@ -377,30 +286,47 @@ class PyroTarget(Target):
     def log_likelihood(self, u: torch.Tensor) -> torch.Tensor:
         r"""Log-likelihood :math:`\log p(y \mid T(u))` of the observed sites, ``(n,)``; counts ``n``."""
         self.num_target_evals += u.shape[0]
-        return self._log_terms(u)[1]
+        return self.count_nan(self._log_terms(u)[1])
 
     def log_prior_and_likelihood(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both terms from one model run, each ``(n,)`` and differentiable; counts ``n``."""
         self.num_target_evals += u.shape[0]
-        return self._log_terms(u)
+        prior, lik = self._log_terms(u)
+        self.count_nan(prior.detach() + lik.detach())
+        return prior, lik
 
     # ------------------------------------------------------------------ spaces, draws, output
     def prior_draws(self, n: int) -> torch.Tensor:
-        """``n`` prior draws in unconstrained space, ``(n, dim)`` (Pyro samples from the global RNG)."""
+        """``n`` prior draws in unconstrained space, ``(n, dim)`` (Pyro samples from the global RNG).
+
+        A draw without a finite unconstrained value (rounded onto the boundary of a support, see
+        :mod:`diffstat.pyro_sites`) is drawn again, up to ``_MAX_REDRAWS`` times; its image would
+        be NaN, which would end a run that starts from it or, for tempering, draws it mid-run.
+        ``ValueError`` if draws stay non-finite (a prior with mass on a boundary, or NaN draws).
+        """
+        u = self._prior_draws(n)
+        for _ in range(_MAX_REDRAWS):
+            bad = ~torch.isfinite(u).all(-1)
+            if not bool(bad.any()):
+                return u
+            u[bad] = self._prior_draws(int(bad.sum()))
+        bad = ~torch.isfinite(u).all(0)
+        names = [s.name for s in self.sites.values() if bool(bad[s.offset : s.offset + s.size].any())]
+        raise ValueError(
+            f"prior draws of latent sites {names} have no finite unconstrained value in {self.dtype} "
+            f"after {_MAX_REDRAWS} redraws: the prior puts mass on the boundary of their support "
+            "(or draws NaN); use dtype=torch.float64 or a prior inside the support"
+        )
+
+    def _prior_draws(self, n: int) -> torch.Tensor:
+        """``n`` prior draws ``(n, dim)`` in unconstrained space, possibly non-finite."""
         with torch.no_grad():
             if self.vectorize == "plate":
-                trace, _ = self._run(None, n=n)
-                nodes, lead = [trace.nodes], (n,)
+                u = unconstrain_draw(self._run(None, n=n)[0], self.sites, (n,))
             else:  # vmap cannot draw fresh randomness per point from unbatched parameters
-                nodes, lead = [self._run(None, n=None)[0].nodes for _ in range(n)], (1,)
-            parts = []
-            for site in self.sites.values():
-                us = []
-                for node in (t[site.name] for t in nodes):
-                    u = biject_to(node["fn"].support).inv(node["value"])
-                    us.append(u.reshape(lead + (-1,)).expand(lead + (site.size,)))
-                parts.append(torch.cat(us))
-        return torch.cat(parts, dim=1).to(self.dtype).reshape(n, self.dim)
+                runs = (self._run(None, n=None)[0] for _ in range(n))
+                u = torch.cat([unconstrain_draw(trace, self.sites, (1,)) for trace in runs])
+        return u.to(self.dtype).reshape(n, self.dim)
 
     def _map_sites(self, values, n: int, constrained: bool, out: str) -> dict[str, torch.Tensor]:
         """Run the model with latents set to ``values``; return the setter's ``out`` space."""

@@ -13,10 +13,9 @@ import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
-from diffstat._util import check_options, check_positive_int
+from diffstat._util import check_options, check_positive_int, check_seed
 from diffstat.target import Target, resolve_reference
 
 __all__ = ["sample", "register_sampler", "SamplerResult", "available_methods", "resolve_reference"]
@@ -143,8 +142,7 @@ def sample(
     num_samples = check_positive_int(num_samples, "num_samples")
     if num_chains is not None:
         num_chains = check_positive_int(num_chains, "num_chains")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    seed = check_seed(seed)
     if method in _OPTIONS:
         check_options(options, _OPTIONS[method], method)
     if "reference" in options:
@@ -154,7 +152,7 @@ def sample(
 
     from diffstat import io
 
-    evals_before = target.num_target_evals
+    evals_before, nan_before = target.num_target_evals, target.num_nan_evals
     start = time.perf_counter()
     result = _REGISTRY[method](
         target,
@@ -173,9 +171,27 @@ def sample(
         "seed": int(seed),
     }
     attrs.update(result.attrs)
+    _warn_if_nan(method, target.num_nan_evals - nan_before, attrs["num_target_evals"])
     if result.diagnose:
         _diagnose(method, result, attrs)
     return io.to_inference_data(target, result, attrs)
+
+
+def _warn_if_nan(method: str, num_nan: int, num_evals: int) -> None:
+    """``RuntimeWarning`` for a run that met NaN log-densities (runtime trouble the first look at
+    the starting points cannot see): the samplers reject such points, so no draw is NaN, but a
+    NaN that hides probability mass (an overflow such as inf - inf) takes that mass out silently."""
+    if num_nan:
+        import warnings
+
+        warnings.warn(
+            f"ds.sample(..., {method!r}): the log-density returned NaN at {num_nan} of {num_evals} "
+            "points evaluated during the run; they were rejected, so the draws miss any mass there. "
+            "Return -inf outside the support, and look for an overflow (inf - inf, 0 * inf) where "
+            "it is NaN",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _diagnose(method: str, result: SamplerResult, attrs: dict) -> None:

@@ -77,11 +77,13 @@ class Target:
     Notes
     -----
     ``num_target_evals`` counts points, not calls: evaluating the log-density and its gradient at
-    ``n`` points adds ``n``, whether or not the gradient was asked for.
+    ``n`` points adds ``n``, whether or not the gradient was asked for. ``num_nan_evals`` counts
+    the points among them where the log-density was NaN.
 
     Bad input raises ``ValueError`` naming the problem: a ``dim`` that is not a positive integer or
-    that ``log_prob`` does not accept, an output of the wrong shape, NaN or ``+inf`` at the probe
-    points, or a log-density autograd cannot differentiate.
+    that ``log_prob`` does not accept (where it accepts another width), an output of the wrong
+    shape, NaN or ``+inf`` at the probe points, or a log-density autograd cannot differentiate. An
+    exception of the user's own log-density otherwise reaches the user unchanged.
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class Target:
         self.reference = reference
         self.dtype = dtype
         self.num_target_evals = 0
+        self._nan_evals = 0  # a tensor once counted: no host sync per evaluation
         if validate:
             gen = torch.Generator().manual_seed(0)
             probe = torch.randn(_NUM_PROBE_POINTS, self.dim, generator=gen, dtype=self.dtype)
@@ -123,7 +126,7 @@ class Target:
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Log-density at ``x: (n, dim)``, shape ``(n,)``; counts ``n`` evaluations."""
         self.num_target_evals += x.shape[0]
-        return self._log_prob(x)
+        return self.count_nan(self._log_prob(x))
 
     def log_prob_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-density ``(n,)`` and its gradient ``(n, dim)`` at ``x``, detached; counts ``n``."""
@@ -132,7 +135,20 @@ class Target:
             x = x.detach().requires_grad_(True)
             lp = self._log_prob(x)
             (grad,) = torch.autograd.grad(lp.sum(), x)
-        return lp.detach(), grad.detach()
+        return self.count_nan(lp.detach()), grad.detach()
+
+    def count_nan(self, lp: torch.Tensor) -> torch.Tensor:
+        """Add the NaN entries of log-density values ``lp: (n,)`` to :attr:`num_nan_evals`; return
+        ``lp``. Accumulated on ``lp``'s device, so counting adds no host synchronisation."""
+        if torch.is_tensor(lp) and lp.is_floating_point():
+            self._nan_evals = self._nan_evals + torch.isnan(lp.detach()).sum()
+        return lp
+
+    @property
+    def num_nan_evals(self) -> int:
+        """Points at which the log-density returned NaN since the Target was built (runtime
+        trouble: the front door warns when a run meets any)."""
+        return int(self._nan_evals)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         r"""The score :math:`\nabla_x \log \tilde\pi(x)`, shape ``(n, dim)``; counts ``n``."""
@@ -144,11 +160,15 @@ class Target:
     def validate(self, x: torch.Tensor, *, initial: bool = True) -> None:
         """Check the log-density at the points ``x: (n, dim)``; raise ``ValueError`` if bad.
 
-        Checks, in order: the points' shape and dtype, that ``log_prob`` accepts them, the output's
-        shape, NaN or ``+inf`` values, that autograd gives a gradient, that the gradient is not NaN
-        where the log-density is finite, and (for ``initial`` points a sampler starts from) that at
-        least one point lies in the support: a chain started where the log-density is -inf
-        everywhere could never accept a move.
+        Checks, in order: the points' shape and dtype, that ``log_prob`` accepts them (a
+        ``RuntimeError`` or ``IndexError`` of the user's log-density becomes a ``ValueError`` only
+        where ``log_prob`` accepts points of another width, a dimension mismatch; otherwise it is
+        re-raised unchanged), the output's shape and dtype, NaN or ``+inf`` values, that autograd
+        gives a gradient, that the gradient is not NaN where the log-density is finite, and (for
+        ``initial`` points a sampler starts from) that at least one point lies in the support (a
+        chain started where the log-density is -inf everywhere could never accept a move) and that
+        a log-density equal at distinct starting points is not the same constant 1000 times
+        farther out (a flat, improper density).
         """
         if not torch.is_tensor(x) or x.dim() != 2 or x.shape[1] != self.dim:
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
@@ -157,23 +177,7 @@ class Target:
             raise ValueError(f"points must be float32 or float64, got {x.dtype}")
         n = x.shape[0]
         self.num_target_evals += n
-        try:
-            with torch.enable_grad():
-                xg = x.detach().clone().requires_grad_(True)
-                lp = self._log_prob(xg)
-        except (RuntimeError, IndexError) as err:
-            raise ValueError(
-                f"log_prob failed on a batch of shape ({n}, {self.dim}): does dim={self.dim} "
-                f"match the log-density? ({err})"
-            ) from err
-        if not torch.is_tensor(lp):
-            raise ValueError(f"log_prob must return a torch tensor, got {type(lp).__name__}")
-        if tuple(lp.shape) != (n,):
-            raise ValueError(
-                f"log_prob must map a batch of shape ({n}, {self.dim}) to shape ({n},), "
-                f"got {tuple(lp.shape)}; check dim and that the log-density sums over the last "
-                "axis only"
-            )
+        xg, lp = self._evaluate_for_validation(x)
         if torch.isnan(lp).any():
             raise ValueError(
                 f"log_prob returned NaN at {int(torch.isnan(lp).sum())} of {n} initial points; "
@@ -200,6 +204,46 @@ class Target:
                 f"log_prob is -inf at all {n} initial points: no chain would start in the support; "
                 "pass init= points inside the support (or a reference that covers it)"
             )
+        if initial and bool(finite.all()) and bool((lp == lp[0]).all()) and bool((x != x[:1]).any()):
+            self._check_not_flat(x.detach())  # one constant at distinct starting points: flat?
+        self._check_gradient(x, finite, grad)
+
+    def _evaluate_for_validation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(xg, lp)``: the points as a leaf that requires grad and ``log_prob`` there, ``(n,)``,
+        checked to be a float32/float64 tensor of that shape; a dimension mismatch the user's own
+        exception reveals is a ``ValueError`` (:meth:`_accepted_width`), any other exception of
+        theirs is re-raised unchanged."""
+        n = x.shape[0]
+        try:
+            with torch.enable_grad():
+                xg = x.detach().clone().requires_grad_(True)
+                lp = self._log_prob(xg)
+        except (RuntimeError, IndexError) as err:
+            width = self._accepted_width(x)
+            if width is not None:
+                raise ValueError(
+                    f"log_prob fails on points of dim={self.dim} ({type(err).__name__}: {err}) but "
+                    f"accepts points of dim={width}: pass dim={width}"
+                ) from err
+            raise  # the user's own exception, unchanged
+        if not torch.is_tensor(lp):
+            raise ValueError(f"log_prob must return a torch tensor, got {type(lp).__name__}")
+        if tuple(lp.shape) != (n,):
+            raise ValueError(
+                f"log_prob must map a batch of shape ({n}, {self.dim}) to shape ({n},), "
+                f"got {tuple(lp.shape)}; check dim and that the log-density sums over the last "
+                "axis only"
+            )
+        if lp.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"log_prob must return float32 or float64 values, got dtype {lp.dtype}: an integer or "
+                "bool output has no gradient, and half precision is too coarse for accept steps"
+            )
+        return xg, lp
+
+    def _check_gradient(self, x: torch.Tensor, finite: torch.Tensor, grad: torch.Tensor) -> None:
+        """``ValueError`` for a NaN or infinite gradient where the log-density is finite
+        (``finite: (n,)``), or for coordinates of ``x: (n, dim)`` the log-density ignores."""
         bad_grad = finite & ~torch.isfinite(grad).all(-1)
         if bad_grad.any():
             raise ValueError(
@@ -220,6 +264,23 @@ class Target:
                     "match the log-density? (an unnormalised density constant along a coordinate "
                     "is improper)"
                 )
+
+    def _accepted_width(self, x: torch.Tensor) -> int | None:
+        """The first width ``k != dim`` (of 1 to ``2 dim + 8``, at most 64 tried) at which
+        ``log_prob`` maps ``(n, k)`` points to ``(n,)``, or None: run only after ``log_prob`` raised
+        on the points ``x: (n, dim)``, so that a dimension mismatch is reported as one only where it is
+        established, and any other exception of the user's reaches them unchanged."""
+        n, gen = x.shape[0], torch.Generator().manual_seed(0)
+        widths = [k for k in range(1, 2 * self.dim + 9) if k != self.dim][:64]
+        for k in widths:
+            try:
+                with torch.no_grad():
+                    lp = self._log_prob(torch.randn(n, k, generator=gen, dtype=x.dtype).to(x.device))
+            except Exception:  # noqa: BLE001 - a width the log-density refuses is not the one
+                continue
+            if torch.is_tensor(lp) and tuple(lp.shape) == (n,):
+                return k
+        return None
 
     def _check_not_flat(self, probe: torch.Tensor) -> None:
         """``ValueError`` for a log-density that is the same finite constant at the probe points and

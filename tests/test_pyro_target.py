@@ -12,7 +12,7 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer.mcmc.util import initialize_model
-from torch.distributions import biject_to, transforms
+from torch.distributions import biject_to, constraints, transforms
 
 import diffstat as ds
 from diffstat.pyro_target import PyroTarget
@@ -310,6 +310,94 @@ def test_gamma_precision_missing_jacobian_is_rejected():
     idata = ds.sample(wrong, "mala", num_chains=32, num_samples=500, seed=1, progress=False)
     tau = np.exp(idata.posterior["log_tau"].values)
     assert abs(tau.mean() / exact.posterior_mean() - 1.0) > 0.03
+
+
+# ---------------------------------------------------------------------- LKJCholesky with Dirichlet
+ETA, ALPHA = 2.0, torch.tensor([1.0, 2.0, 3.0, 4.0])
+COUNTS = torch.tensor([1, 2, 2, 3])  # the observed categories 0..3, counted
+
+
+def lkj_dirichlet(y):
+    """A 3-d LKJCholesky and a 4-d Dirichlet with categorical data: the posterior of ``p`` is
+    Dirichlet(alpha + counts); ``L`` is untouched by the data, so LKJ(eta) is its posterior."""
+    pyro.sample("L", dist.LKJCholesky(3, ETA))
+    p = pyro.sample("p", dist.Dirichlet(ALPHA))
+    with pyro.plate("n", y.shape[0]):
+        pyro.sample("y", dist.Categorical(p), obs=y)
+
+
+def _z(x: np.ndarray, truth: float) -> float:
+    """|mean - truth| in Monte Carlo standard errors, the MCSE from arviz's bulk ESS of ``x:
+    (chain, draw)``."""
+    import arviz as az
+
+    return abs(float(x.mean()) - truth) / (float(x.std()) / math.sqrt(float(az.ess(x))))
+
+
+def test_lkj_and_dirichlet_posterior_by_nuts():
+    """NUTS, float32 (the model's default here), 4 chains: the simplex's posterior means
+    (alpha + counts) / sum and, for each off-diagonal correlation r of L L^T, whose LKJ(eta)
+    marginal on (-1, 1) is Beta(eta - 1 + d/2, eta - 1 + d/2): E r = 0 and E r^2 = 1 / (2a + 1)."""
+    y = torch.repeat_interleave(torch.arange(4), COUNTS)
+    target = ds.Target.from_pyro(lkj_dirichlet, y)
+    assert target.dtype == torch.float32 and target.dim == 3 + 3
+    idata = ds.sample(target, "nuts", num_chains=4, num_samples=400, seed=2, progress=False)
+    p, L = idata.posterior["p"].values, idata.posterior["L"].values
+    assert p.shape == (4, 400, 4) and L.shape == (4, 400, 3, 3)
+    assert np.isfinite(p).all() and np.isfinite(L).all() and np.isfinite(idata.sample_stats["lp"]).all()
+    post = (ALPHA + COUNTS) / (ALPHA + COUNTS).sum()
+    assert max(_z(p[..., k], float(post[k])) for k in range(4)) < 4.0
+    # the check has power: the prior means alpha / sum(alpha) are rejected
+    prior = ALPHA / ALPHA.sum()
+    assert max(_z(p[..., k], float(prior[k])) for k in range(4)) > 4.0
+    corr = L @ np.swapaxes(L, -1, -2)
+    a = ETA - 1 + 3 / 2
+    for i, j in [(1, 0), (2, 0), (2, 1)]:
+        r = corr[..., i, j]
+        assert _z(r, 0.0) < 4.0 and _z(r**2, 1 / (2 * a + 1)) < 4.0, (i, j)
+
+
+def test_float32_prior_draws_on_a_support_boundary_are_drawn_again():
+    """In float32 an LKJCholesky(3, 0.5) draw can round onto a correlation of +-1, whose
+    unconstrained value is infinite and whose image is then NaN (the cause of NaN reference draws
+    that ended tempering runs): such draws are drawn again, and the rest are unchanged."""
+
+    def model():
+        pyro.sample("L", dist.LKJCholesky(3, 0.5))
+        pyro.sample("p", dist.Dirichlet(ALPHA))
+
+    target = ds.Target.from_pyro(model, dtype=torch.float32)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        raw = dist.LKJCholesky(3, torch.tensor(0.5)).sample((20000,))
+    assert not torch.isfinite(biject_to(constraints.corr_cholesky).inv(raw)).all()  # the cause
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        u = target.prior_draws(20000)
+    assert torch.isfinite(u).all()
+    z = target.constrain(u)
+    assert torch.isfinite(z["L"]).all() and torch.isfinite(z["p"]).all()
+    assert torch.isfinite(target.log_prob(u)).all()
+
+
+def test_tempering_a_model_without_observed_sites():
+    """No observed site: the likelihood is 0 with a zero gradient, the evidence is exactly 1 and
+    SMC returns the prior (this crashed in autograd before: the likelihood had no graph)."""
+
+    def model():
+        pyro.sample("L", dist.LKJCholesky(3, ETA))
+        pyro.sample("p", dist.Dirichlet(ALPHA))
+
+    target = ds.Target.from_pyro(model, dtype=F64)
+    u = target.prior_draws(5).requires_grad_(True)
+    prior, lik = target.log_prior_and_likelihood(u)
+    (grad,) = torch.autograd.grad(lik.sum(), u)
+    assert torch.equal(lik.detach(), torch.zeros(5, dtype=F64)) and torch.equal(grad, torch.zeros_like(u))
+    idata = ds.sample(target, "smc", num_samples=2000, seed=0, progress=False)
+    assert idata.posterior.attrs["log_normalizer"] == 0.0
+    p = idata.posterior["p"].values.reshape(-1, 4)
+    se = np.sqrt((ALPHA / ALPHA.sum() * (1 - ALPHA / ALPHA.sum()) / (ALPHA.sum() + 1)).numpy() / 2000)
+    assert (np.abs(p.mean(0) - (ALPHA / ALPHA.sum()).numpy()) < 5 * se).all()
 
 
 # ---------------------------------------------------------------------- bad input

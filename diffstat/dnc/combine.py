@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from diffstat._util import check_options, check_positive_int
+from diffstat._util import check_options, check_positive_int, check_seed
 from diffstat.dnc.consensus import combine_consensus
 from diffstat.dnc.gaussian import CombineResult, combine_gaussian
 from diffstat.dnc.options import DIFFUSION_OPTIONS
@@ -167,8 +167,7 @@ def combine(
     """
     check_combiner(method, options)
     num_samples = check_positive_int(num_samples, "num_samples")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = check_seed(seed)
     device = torch.device(device) if device is not None else torch.device("cpu")
     draws, grads = as_shard_draws(subposteriors, scores, device=device)
     generator = torch.Generator(device=device).manual_seed(int(seed))

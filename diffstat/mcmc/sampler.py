@@ -269,7 +269,6 @@ def _sample(generator, warm, lpg, step, spec, trajectory, num_samples, thin, bar
 
 def _register(kernel: str):
     def sampler(target, *, num_samples, num_chains, generator, progress, device, **options):
-        options.pop("reference", None)  # MCMC starts from the reference but needs no tempering path
         check_options(options, _OPTIONS.get(kernel, _COMMON), kernel)
         return run_mcmc(
             target,
