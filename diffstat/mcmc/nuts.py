@@ -132,12 +132,14 @@ def _replace_rows(dst: torch.Tensor, take: torch.Tensor, src: torch.Tensor, sync
 
 
 def _drift(inv_mass: Metric, h: torch.Tensor):
-    r"""The position update :math:`x \mapsto x + h M^{-1} p` for steps ``h: (B, 1)``, one fused
-    multiply-add, with the diagonal metric folded into the step once per doubling."""
+    r"""The position update :math:`p \mapsto h M^{-1} p` for steps ``h: (B, 1)``, with the diagonal
+    metric folded into the step once per doubling."""
+    if inv_mass is None:
+        return lambda p: h * p
     if isinstance(inv_mass, DenseMetric):
-        return lambda x, p: torch.addcmul(x, h, p @ inv_mass.inv_mass)
-    scaled = h if inv_mass is None else h * inv_mass
-    return lambda x, p: torch.addcmul(x, scaled, p)
+        return lambda p: h * (p @ inv_mass.inv_mass)
+    scaled = h * inv_mass
+    return lambda p: scaled * p
 
 
 def _evaluate(log_prob_and_grad, x: torch.Tensor, live: torch.Tensor | None, lp, grad):
@@ -189,6 +191,7 @@ def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, 
     x, p, grad = start
     batch, size = x.shape[0], 1 << depth
     half, drift = 0.5 * h, _drift(inv_mass, h)
+    kick = half * grad
     live = torch.ones(batch, dtype=torch.bool, device=x.device)
     log_weight = torch.full_like(h0, -torch.inf)
     log_uniforms = torch.rand((size, batch), generator=generator, dtype=h0.dtype, device=h0.device).log_()
@@ -203,11 +206,12 @@ def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, 
             if num_live == 0:
                 break  # every row stopped: the rest of the subtree would be discarded anyway
             evaluate_at = live if num_live < batch else None
-        p = torch.addcmul(p, half, grad)  # half kicks and the drift as fused multiply-adds
-        x = drift(x, p)
+        p = p + kick
+        x = x + drift(p)
         lp, grad, count = _evaluate(log_prob_and_grad, x, evaluate_at, lp, grad)
         num_evals += count
-        p = torch.addcmul(p, half, grad)
+        kick = half * grad  # this half kick ends this step and starts the next
+        p = p + kick
         v = velocity(inv_mass, p)
         twice_kinetic = (p * v).sum(-1)
         w = _leaf_log_weight(h0, lp, twice_kinetic)
