@@ -88,10 +88,10 @@ def tune(lpg, dim, chains, dtype, gen, warmup=150):
     return state, adapt.final_step_size, inv_mass
 
 
-def run(name: str, chains: int, steps: int, repeats: int, dtype: torch.dtype) -> None:
+def run(name: str, chains: int, steps: int, repeats: int, dtype: torch.dtype, warmup: int = 150) -> None:
     lpg, dim = make_target(name, dtype)
     gen = torch.Generator().manual_seed(0)
-    state, step_size, inv_mass = tune(lpg, dim, chains, dtype, gen)
+    state, step_size, inv_mass = tune(lpg, dim, chains, dtype, gen, warmup)
     ratios = []
     for rep in range(repeats):
         rec = Recorder(lpg)
@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--chains", type=int, nargs="+", help="default 4 1000 (posteriordb: 4)")
     parser.add_argument("--steps", type=int, default=100, help="timed NUTS transitions per repeat")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=150, help="tuning transitions per phase (two phases)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     args = parser.parse_args()
@@ -137,7 +138,7 @@ def main() -> None:
     chains_list = args.chains or ([4] if args.target == "posteriordb" else [4, 1000])
     for name in names:
         for chains in chains_list:
-            run(name, chains, args.steps, args.repeats, getattr(torch, args.dtype))
+            run(name, chains, args.steps, args.repeats, getattr(torch, args.dtype), args.warmup)
 
 
 if __name__ == "__main__":
