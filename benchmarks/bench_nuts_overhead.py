@@ -131,14 +131,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=150, help="tuning transitions per phase (two phases)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "float64"], help="float32; posteriordb: float64")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = {"both": ["gaussian", "logistic"], "posteriordb": args.posteriors}.get(args.target, [args.target])
     chains_list = args.chains or ([4] if args.target == "posteriordb" else [4, 1000])
+    dtype = getattr(torch, args.dtype or ("float64" if args.target == "posteriordb" else "float32"))
     for name in names:
         for chains in chains_list:
-            run(name, chains, args.steps, args.repeats, getattr(torch, args.dtype), args.warmup)
+            run(name, chains, args.steps, args.repeats, dtype, args.warmup)
 
 
 if __name__ == "__main__":
