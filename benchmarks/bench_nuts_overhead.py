@@ -10,9 +10,12 @@ share of the sampler's time spent inside the target, and the mean tree depth and
 Repeats and reports the median, since these machines are noisy.
 Targets: (a) a 10-d Gaussian with scales 0.5 to 2 (its gradient is a few elementwise operations, so
 the kernel's own work shows fully); (b) Bayesian logistic regression on the ionosphere data (34-d,
-351 rows, N(0, 1) priors; ``diffstat.targets.logistic.ionosphere``), gradients by autograd.
+351 rows, N(0, 1) priors; ``diffstat.targets.logistic.ionosphere``), gradients by autograd; (c) with
+``--target posteriordb``, posteriors of the posteriordb suite (``diffstat.posteriordb``, Pyro
+models in unconstrained space; ``--posteriors`` picks them), by default at 4 chains, the goal of 2.
 
     python benchmarks/bench_nuts_overhead.py [--target gaussian|logistic|both] [--chains 4 1000]
+    python benchmarks/bench_nuts_overhead.py --target posteriordb [--posteriors NAME ...]
 """
 
 from __future__ import annotations
@@ -24,15 +27,34 @@ import time
 import torch
 
 from diffstat.mcmc import DualAveraging, init, nuts_step
+from diffstat import posteriordb
 from diffstat.targets.logistic import ionosphere
 
 
+#: posteriordb posteriors timed by default: regressions, a time series, a hidden Markov model and a
+#: Gaussian process (the kinds of ``bench_posteriordb.py --fast``).
+POSTERIORS = (
+    "kidiq-kidscore_momhs",
+    "earnings-logearn_height",
+    "kilpisjarvi_mod-kilpisjarvi",
+    "sblri-blr",
+    "arma-arma11",
+    "garch-garch11",
+    "hmm_example-hmm_example",
+    "gp_pois_regr-gp_regr",
+)
+
+
 def make_target(name: str, dtype: torch.dtype):
-    """``log_prob_and_grad`` and a starting sampler for the target."""
+    """``log_prob_and_grad`` and the dimension of the target: ``"gaussian"``, ``"logistic"`` or a
+    posteriordb name."""
     if name == "gaussian":
         scales = torch.linspace(0.5, 2.0, 10, dtype=dtype)
         return (lambda x: (-0.5 * ((x / scales) ** 2).sum(-1), -x / scales**2)), 10
-    target = ionosphere().as_target(dtype=dtype)
+    if name == "logistic":
+        target = ionosphere().as_target(dtype=dtype)
+    else:
+        target = posteriordb.load(name, dtype=dtype).target
     return target.log_prob_and_grad, target.dim
 
 
@@ -66,10 +88,10 @@ def tune(lpg, dim, chains, dtype, gen, warmup=150):
     return state, adapt.final_step_size, inv_mass
 
 
-def run(name: str, chains: int, steps: int, repeats: int, dtype: torch.dtype) -> None:
+def run(name: str, chains: int, steps: int, repeats: int, dtype: torch.dtype, warmup: int = 150) -> None:
     lpg, dim = make_target(name, dtype)
     gen = torch.Generator().manual_seed(0)
-    state, step_size, inv_mass = tune(lpg, dim, chains, dtype, gen)
+    state, step_size, inv_mass = tune(lpg, dim, chains, dtype, gen, warmup)
     ratios = []
     for rep in range(repeats):
         rec = Recorder(lpg)
@@ -102,18 +124,22 @@ def run(name: str, chains: int, steps: int, repeats: int, dtype: torch.dtype) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", choices=["gaussian", "logistic", "both"], default="both")
-    parser.add_argument("--chains", type=int, nargs="+", default=[4, 1000])
+    parser.add_argument("--target", choices=["gaussian", "logistic", "both", "posteriordb"], default="both")
+    parser.add_argument("--posteriors", nargs="+", default=list(POSTERIORS), help="with --target posteriordb")
+    parser.add_argument("--chains", type=int, nargs="+", help="default 4 1000 (posteriordb: 4)")
     parser.add_argument("--steps", type=int, default=100, help="timed NUTS transitions per repeat")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=150, help="tuning transitions per phase (two phases)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "float64"], help="float32; posteriordb: float64")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    names = ["gaussian", "logistic"] if args.target == "both" else [args.target]
+    names = {"both": ["gaussian", "logistic"], "posteriordb": args.posteriors}.get(args.target, [args.target])
+    chains_list = args.chains or ([4] if args.target == "posteriordb" else [4, 1000])
+    dtype = getattr(torch, args.dtype or ("float64" if args.target == "posteriordb" else "float32"))
     for name in names:
-        for chains in args.chains:
-            run(name, chains, args.steps, args.repeats, getattr(torch, args.dtype))
+        for chains in chains_list:
+            run(name, chains, args.steps, args.repeats, dtype, args.warmup)
 
 
 if __name__ == "__main__":

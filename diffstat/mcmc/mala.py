@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffstat.mcmc.base import LogProbAndGrad, MCMCInfo, MCMCState, as_per_chain, metropolis_accept
-from diffstat.mcmc.metric import Metric, inverse_quadratic, scale_noise, velocity
+from diffstat.mcmc.metric import DenseMetric, Metric, inverse_quadratic, scale_noise, velocity
 
 __all__ = ["mala_step", "mala_proposal_log_density", "MALA_TARGET_ACCEPT"]
 
@@ -25,6 +25,17 @@ def mala_proposal_log_density(
     return -inverse_quadratic(inv_mass, diff) / (4 * h.squeeze(-1))
 
 
+def _diagonal_drift(step_size, inv_mass: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    r""":math:`h M^{-1}` for a diagonal (or identity) metric: ``(dim,)`` when the step size is a scalar
+    and the metric shared, else ``(n, dim)``."""
+    h = torch.as_tensor(step_size, dtype=x.dtype, device=x.device)
+    if h.dim():
+        h = h.reshape(-1, 1)
+    if inv_mass is None:
+        return h * torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+    return h * inv_mass
+
+
 def mala_step(
     generator: torch.Generator,
     state: MCMCState,
@@ -35,26 +46,53 @@ def mala_step(
     r"""One MALA step with per-chain accept/reject.
 
     Proposal :math:`y = x + h M^{-1} \nabla\log\pi(x) + \sqrt{2h}\, M^{-1/2} \xi`, accepted with
-    probability :math:`\min\{1, \pi(y) q(x\mid y) / (\pi(x) q(y \mid x))\}`.
+    probability :math:`\min\{1, \pi(y) q(x\mid y) / (\pi(x) q(y \mid x))\}`. Since
+    :math:`\log q(y \mid x) = -\lVert\xi\rVert^2/2` exactly and :math:`x - y - h M^{-1} \nabla\log\pi(y)
+    = -(y - x + h M^{-1} \nabla\log\pi(y))`, the ratio needs one quadratic form
+    (:func:`mala_proposal_log_density` states it in full).
 
     Parameters
     ----------
+    generator : torch.Generator
+        The source of the proposal noise and the accept draws.
+    state : MCMCState
+        Current points ``x: (n, dim)`` with their log-densities ``(n,)`` and gradients ``(n, dim)``.
+    log_prob_and_grad : callable
+        ``(n, dim) -> ((n,), (n, dim))``.
     step_size : float or (n,) tensor
         ``h``; the proposal variance is ``2 h M^{-1}``.
     inv_mass : metric, optional
         :math:`M^{-1}`: None, a diagonal ``(dim,)``/``(n, dim)`` or a
         :class:`~diffstat.mcmc.metric.DenseMetric` (a preconditioner; the posterior covariance is a
         good choice).
+
+    Returns
+    -------
+    (MCMCState, MCMCInfo)
+        The new points and, per chain, the acceptance probability, acceptance and divergence.
     """
     x, g = state.x, state.grad
-    h = as_per_chain(step_size, x)
     noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    forward_step = h * velocity(inv_mass, g) + torch.sqrt(2 * h) * scale_noise(inv_mass, noise)  # y - x
-    y = x + forward_step
-    lp_y, g_y = log_prob_and_grad(y)
-    # log q(y | x) = -|noise|^2 / 2 exactly, and x - y - h M^{-1} g_y = -(forward_step + h M^{-1} g_y),
-    # so the ratio needs one quadratic form (mala_proposal_log_density states it in full).
-    backward = forward_step + h * velocity(inv_mass, g_y)
-    log_q_backward = -inverse_quadratic(inv_mass, backward) / (4 * h.squeeze(-1))
-    log_ratio = lp_y - state.log_prob + log_q_backward + 0.5 * (noise**2).sum(-1)
+    if isinstance(inv_mass, DenseMetric):
+        h = as_per_chain(step_size, x)
+        forward = h * velocity(inv_mass, g) + torch.sqrt(2 * h) * scale_noise(inv_mass, noise)  # y - x
+        y = x + forward
+        lp_y, g_y = log_prob_and_grad(y)
+        backward = forward + h * velocity(inv_mass, g_y)  # y - x + h M^{-1} grad(y)
+        log_q_backward = -inverse_quadratic(inv_mass, backward) / (4 * h.squeeze(-1))
+        log_ratio = lp_y - state.log_prob + log_q_backward + 0.5 * (noise**2).sum(-1)
+    else:
+        # the diagonal metric is folded into the step once: drift = h M^{-1}, elementwise
+        drift = _diagonal_drift(step_size, inv_mass, x)
+        forward = torch.addcmul(drift * g, (2 * drift).sqrt_(), noise)  # y - x
+        y = x + forward
+        lp_y, g_y = log_prob_and_grad(y)
+        backward = forward.addcmul_(drift, g_y).square_()  # (y - x + h M^{-1} grad(y))^2, in place
+        neg_precision = drift.reciprocal().mul_(-0.25)  # log q(x | y) = sum(backward * neg_precision)
+        log_ratio = lp_y - state.log_prob
+        if drift.dim() == 1:  # shared: both row sums as matrix-vector products, the cheapest reduction
+            halves = torch.full_like(drift, 0.5)
+            log_ratio = log_ratio.addmv_(noise.square_(), halves).addmv_(backward, neg_precision)
+        else:
+            log_ratio = log_ratio + noise.square_().mul_(0.5).addcmul_(backward, neg_precision).sum(-1)
     return metropolis_accept(generator, state, MCMCState(y, lp_y, g_y), log_ratio, x.shape[0])

@@ -281,17 +281,9 @@ class _Tree:
         near = flat.index_select(0, fwd * batch + arange)  # the end the subtree grows from
         far = flat.index_select(0, (1 - fwd) * batch + arange)
         x, p, grad, v_near = near.split(dim, -1)
-        signed_h = self.chain[:, :1] * (2 * fwd - 1).unsqueeze(-1)
-        sub = _build_subtree(
-            log_prob_and_grad,
-            (x, p, grad),
-            signed_h,
-            self.inv_mass,
-            self.chain[:, 1],
-            depth,
-            generator,
-            sync_free,
-        )
+        h, h0 = self.chain[:, :1] * (2 * fwd - 1).unsqueeze(-1), self.chain[:, 1]  # signed steps, H0
+        start = (x, p, grad)
+        sub = _build_subtree(log_prob_and_grad, start, h, self.inv_mass, h0, depth, generator, sync_free)
         # biased progressive sampling: the subtree's candidate with probability min(1, W_new / W_old)
         u = torch.rand(batch, generator=generator, dtype=x.dtype, device=x.device)
         take = sub.valid & (u < torch.exp(sub.log_weight - self.log_weight))

@@ -235,34 +235,27 @@ def _attrs(kernel, warm, trajectory, num_warmup, max_tree_depth) -> dict:
 
 def _sample(generator, warm, lpg, step, spec, trajectory, num_samples, thin, bar):
     """The sampling phase: ``num_samples * thin`` steps with the warm-up's settings, every
-    ``thin``-th kept."""
+    ``thin``-th kept in buffers allocated once: ``draws: (num_samples, n, dim)`` and the per-draw
+    statistics ``(num_samples, n)`` (the step size, constant here, is written once)."""
     state, h, inv_mass = warm.state, warm.step_size, warm.inv_mass
     n, dim = state.x.shape
     like = {"dtype": state.x.dtype, "device": state.x.device}
     draws = torch.empty(num_samples, n, dim, **like)
+    recorded = {"lp": None, "acceptance_rate": "acceptance_rate", "diverging": "diverging", **spec.stats}
     stats = {key: torch.empty(num_samples, n, **like) for key in ("lp", "acceptance_rate", "step_size")}
     stats["diverging"] = torch.empty(num_samples, n, dtype=torch.bool, device=like["device"])
-    for key in spec.stats:
-        stats[key] = torch.empty(num_samples, n, **like)
-    fixed_steps = None
-    if isinstance(trajectory, int):
-        fixed_steps = trajectory
+    stats.update({key: torch.empty(num_samples, n, **like) for key in spec.stats})
+    stats["step_size"].fill_(h)
+    kw = {"num_steps": trajectory} if isinstance(trajectory, int) else {}
     for i in range(num_samples * thin):
-        kw = {}
-        if fixed_steps is not None:
-            kw["num_steps"] = fixed_steps
-        elif isinstance(trajectory, JitteredLength):
+        if isinstance(trajectory, JitteredLength):
             kw["num_steps"] = trajectory.num_steps(generator, h.expand(n), warm.length)
         state, info = step(generator, state, lpg, h, inv_mass, **kw)
         if (i + 1) % thin == 0:
             j = i // thin
             draws[j] = state.x
-            stats["lp"][j] = state.log_prob
-            stats["acceptance_rate"][j] = info.acceptance_rate
-            stats["diverging"][j] = info.diverging
-            stats["step_size"][j] = h
-            for key, name in spec.stats.items():
-                stats[key][j] = getattr(info, name)
+            for key, name in recorded.items():
+                stats[key][j] = state.log_prob if name is None else getattr(info, name)
         bar.update()
     return draws, stats
 
