@@ -37,7 +37,7 @@ from diffstat.tempering.moves import cluster_particles, particle_metric
 from diffstat.tempering.path import GeometricPath, default_step_size
 from diffstat.tempering.smc import next_beta
 
-__all__ = ["PilotRun", "pilot_run", "schedule", "thermodynamic_schedule"]
+__all__ = ["PilotRun", "pilot_run", "schedule", "thermodynamic_length", "thermodynamic_schedule"]
 
 #: Steepness of the sigmoid schedule (Grosse et al. 2013 use 4).
 _SIGMOID_STEEPNESS = 4.0
@@ -129,13 +129,25 @@ def pilot_run(
             f"the AIS pilot did not reach beta = 1 in {max_stages} stages; pass betas= or schedule="
         )
     b, sd, chol, log_h = (torch.stack(r) for r in zip(*records))
-    length = torch.cat(
-        [
-            torch.zeros(1, dtype=b.dtype, device=b.device),
-            torch.cumsum(0.5 * (sd[1:] + sd[:-1]) * (b[1:] - b[:-1]), 0),
-        ]
-    )
+    length = thermodynamic_length(b, sd)
     return PilotRun(b, sd, length, chol, log_h, path.target.num_target_evals - before)
+
+
+def thermodynamic_length(betas: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
+    r"""Cumulative thermodynamic length ``(S+1,)`` at the pilot's stages: the trapezoid rule on
+    :math:`\mathrm{sd}_{\pi_\beta}(\delta)`, except where an end of a stage has an infinite or NaN sd
+    (at :math:`\beta = 0` a diffuse prior can put :math:`\delta` at :math:`-10^{17}` and beyond, so
+    its spread overflows): the finite end is used there, and a stage with neither finite gets the
+    largest finite stage length (its share of the schedule is then that of the pilot's own steps)."""
+    db = betas[1:] - betas[:-1]
+    left, right = sd[:-1], sd[1:]
+    both = torch.isfinite(left) & torch.isfinite(right)
+    one = torch.where(torch.isfinite(left), left, right)
+    seg = db * torch.where(both, 0.5 * (left + right), one)
+    finite = torch.isfinite(seg)
+    fill = seg[finite].max() if bool(finite.any()) else torch.ones((), dtype=seg.dtype, device=seg.device)
+    seg = torch.where(finite, seg, fill)
+    return torch.cat([torch.zeros(1, dtype=betas.dtype, device=betas.device), torch.cumsum(seg, 0)])
 
 
 def _pilot_record(state, generator) -> tuple[torch.Tensor, ...]:

@@ -102,3 +102,21 @@ def test_thermodynamic_schedule_equalises_length():
     assert torch.allclose(got, exact, rtol=1e-3, atol=1e-6)
     assert not torch.allclose(torch.linspace(0.1, 1, 10, dtype=F64), exact, rtol=1e-3, atol=1e-6)
     assert bool((got[1:] > got[:-1]).all()) and float(got[-1]) == 1.0
+
+
+def test_thermodynamic_length_survives_an_infinite_spread_at_beta_zero():
+    # A diffuse prior can put delta at -1e17 and beyond at beta = 0 (posteriordb's arma11): the
+    # spread there overflows to inf, and the trapezoid rule then gave an infinite length and a NaN
+    # schedule (AIS refused its own betas). The finite end of that stage is used instead.
+    from diffstat.tempering.ais import PilotRun, thermodynamic_schedule
+    from diffstat.tempering.schedules import thermodynamic_length
+
+    b = torch.tensor([0.0, 1e-18, 1e-3, 0.1, 1.0], dtype=F64)
+    sd = torch.tensor([math.inf, 9e16, 600.0, 200.0, 10.0], dtype=F64)
+    length = thermodynamic_length(b, sd)
+    assert bool(torch.isfinite(length).all()) and bool((length[1:] > length[:-1]).all())
+    assert float(length[1]) == pytest.approx(1e-18 * 9e16)
+    assert float(length[2] - length[1]) == pytest.approx(0.5 * (9e16 + 600) * (1e-3 - 1e-18))
+    pilot = PilotRun(b, sd, length, torch.eye(2, dtype=F64).expand(5, 2, 2), torch.zeros(5, dtype=F64), 0)
+    got = thermodynamic_schedule(pilot, 50)
+    assert bool(torch.isfinite(got).all()) and bool((got[1:] > got[:-1]).all()) and float(got[-1]) == 1.0
