@@ -13,6 +13,11 @@ import torch
 
 import diffstat as ds
 from diffstat.dnc.combine import COMBINERS, combiner_options
+from test_bad_inputs import (
+    flat,
+    gaussian,
+    nan_gradient,
+)  # the bad densities, defined once
 
 METHODS = ds.available_methods()
 COMBINER_NAMES = sorted(COMBINERS)
@@ -35,30 +40,8 @@ class Counted:
         return self.fn(x)
 
 
-def gaussian(x):
-    return -0.5 * (x**2).sum(-1)
-
-
 def minus_inf_everywhere(x):
     return torch.full(x.shape[:1], -torch.inf, dtype=x.dtype) + 0.0 * x.sum(-1)
-
-
-class _NaNGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return -0.5 * (x**2).sum(-1)
-
-    @staticmethod
-    def backward(ctx, g):
-        return torch.full((g.shape[0], D), float("nan"), dtype=g.dtype)
-
-
-def nan_gradient(x):
-    return _NaNGradient.apply(x)
-
-
-def flat(x):
-    return 0.0 * x.sum(-1)
 
 
 def half_output(x):
