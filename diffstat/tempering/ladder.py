@@ -111,22 +111,34 @@ def warmup_windows(num_warmup: int, adapt_ladder: bool, adapt_mass: bool) -> tup
 
 
 def end_of_round(update_ladder, betas, swap_rate, adapt, inv_mass, mom):
-    """End of a warm-up round: new preconditioners from the round's per-temperature variances
-    (regularised toward 1e-3 as Stan does), a new ladder from the swap rates, the tuning carried
+    """End of a warm-up round: new preconditioners from the round's per-temperature variances or, with
+    a dense metric (``inv_mass: (R, dim, dim)``), covariances (shrunk toward 1e-3 of the current
+    variances), a new ladder from the swap rates, the tuning carried
     over to it by interpolation in beta, and dual averaging restarted from there. Returns the
     ladder and the preconditioners."""
     log_h = torch.log(adapt.final_step_size)
     if inv_mass is not None and mom[2] > 1:
-        n = mom[2]
-        var = ((mom[1] - mom[0] ** 2 / n) / (n - 1)).clamp_min(0.0)
-        var = (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
+        n, dense = mom[2], inv_mass.dim() == 3
+        old_var = inv_mass.diagonal(dim1=-2, dim2=-1) if dense else inv_mass
+        # shrunk toward 1e-3 of the current variances: Stan's shrinkage in the metric's own units
+        # (an absolute 1e-3 swamps the narrow directions of an uncentred regression)
+        floor = 1e-3 * old_var * (5.0 / (n + 5.0))
+        if dense:
+            cov = (mom[1] - mom[0].unsqueeze(-1) * mom[0].unsqueeze(-2) / n) / (n - 1)
+            estimate = (n / (n + 5.0)) * cov + torch.diag_embed(floor)
+            var = estimate.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300)
+        else:
+            var = ((mom[1] - mom[0] ** 2 / n) / (n - 1)).clamp_min(0.0)
+            estimate = var = (n / (n + 5.0)) * var + floor
         # Keep the proposal's scale h M^{-1} roughly where it was; dual averaging refines it.
-        log_h = log_h + torch.log((inv_mass / var).mean(-1))
-        inv_mass = var
+        log_h = log_h + torch.log((old_var / var).mean(-1))
+        inv_mass = estimate
     if update_ladder:
         new, _ = equalize_ladder(betas, 1 - swap_rate)
         log_h = _interp(new, betas, log_h)
-        if inv_mass is not None:
+        if inv_mass is not None and inv_mass.dim() == 3:  # a convex combination of covariances
+            inv_mass = _interp(new, betas, inv_mass)
+        elif inv_mass is not None:
             inv_mass = torch.exp(_interp(new, betas, torch.log(inv_mass)))
         betas = new
     adapt.restart(torch.exp(log_h))

@@ -5,7 +5,9 @@ Each of ``num_chains`` independent runs holds :math:`R` replicas at inverse temp
 (:mod:`diffstat.tempering.path`); all :math:`C R` replicas move in one batch. One iteration:
 
 1. **Local moves.** ``num_mcmc_steps`` MALA (or HMC, RWM) steps per replica, with one step size and
-   diagonal preconditioner per temperature. The :math:`\beta_0 = 0` replica is the reference
+   one preconditioner per temperature: the replicas' covariance at that temperature (dense up to
+   ``dim = 200``, as MCMC's metric, else diagonal), re-estimated at the ends of warm-up rounds.
+   The :math:`\beta_0 = 0` replica is the reference
    itself and gets a fresh exact draw instead (``reference_draws``; Syed et al. 2021).
 2. **Swaps**, deterministic even-odd (DEO): at even iterations the pairs :math:`(0,1), (2,3),
    \dots`, at odd ones :math:`(1,2), (3,4), \dots` propose to exchange states, accepted with
@@ -39,7 +41,9 @@ from typing import NamedTuple
 import torch
 
 from diffstat._util import check_options, check_positive_int, check_probability, progress_bar
+from diffstat.mcmc.adaptation import AUTO_DENSE_MAX_DIM as DENSE_MAX_DIM
 from diffstat.mcmc.adaptation import DualAveraging
+from diffstat.mcmc.metric import DenseMetric
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.path import GeometricPath, PathState, default_step_size, get_kernel, make_path, move
 from diffstat.tempering.core import check_initial, initial_particles
@@ -89,6 +93,7 @@ class PTState(NamedTuple):
     betas: torch.Tensor
     step_size: torch.Tensor
     inv_mass: torch.Tensor | None
+    factors: tuple = ()  # the dense metrics of inv_mass (R, dim, dim), factorised once per round
 
 
 class PTInfo(NamedTuple):
@@ -140,10 +145,13 @@ def pt_step(
     rows = layout.mcmc_rows
     sub, t_sub = ps.index(rows), layout.temp_of_row[rows]
     sub_acc = torch.zeros(len(rows), dtype=acc.dtype, device=acc.device)
-    sub_inv_mass = None if state.inv_mass is None else state.inv_mass[t_sub]
-    for _ in range(num_mcmc_steps):
-        sub, info = move(kernel, generator, sub, path, betas[t_sub], state.step_size[t_sub], sub_inv_mass)
-        sub_acc = sub_acc + info.acceptance_rate / num_mcmc_steps
+    if state.inv_mass is not None and state.inv_mass.dim() == 3:
+        sub, sub_acc = _dense_moves(generator, sub, t_sub, state, path, kernel, num_mcmc_steps)
+    else:
+        sub_inv_mass = None if state.inv_mass is None else state.inv_mass[t_sub]
+        for _ in range(num_mcmc_steps):
+            sub, info = move(kernel, generator, sub, path, betas[t_sub], state.step_size[t_sub], sub_inv_mass)
+            sub_acc = sub_acc + info.acceptance_rate / num_mcmc_steps
     if num_mcmc_steps:
         ps, acc = _scatter(ps, rows, sub), acc.index_copy(0, rows, sub_acc)
     r = betas.numel()
@@ -152,6 +160,32 @@ def pt_step(
     if r > 1:
         ps, prob, proposed = swap_step(generator, ps, betas, layout.num_chains, parity)
     return state._replace(particles=ps), PTInfo(acc, prob, proposed)
+
+
+def _with_factors(state: PTState) -> PTState:
+    """``state`` with the Cholesky factors of its dense metrics (none for a diagonal one)."""
+    if not _is_dense(state):
+        return state._replace(factors=())
+    return state._replace(factors=tuple(DenseMetric.from_covariance(c) for c in state.inv_mass))
+
+
+def _is_dense(state: PTState) -> bool:
+    return state.inv_mass is not None and state.inv_mass.dim() == 3
+
+
+def _dense_moves(generator, sub: PathState, t_sub, state: PTState, path, kernel, num_mcmc_steps: int):
+    """The local moves with a dense metric per temperature (``state.inv_mass: (R, dim, dim)``), one
+    temperature at a time; returns the moved replicas and their mean acceptance ``(rows,)``."""
+    acc = torch.zeros(t_sub.shape[0], dtype=sub.x.dtype, device=sub.x.device)
+    for t in torch.unique(t_sub).tolist():
+        rows = torch.nonzero(t_sub == t).flatten()
+        part, metric = sub.index(rows), state.factors[t]
+        part_acc = torch.zeros(rows.numel(), dtype=acc.dtype, device=acc.device)
+        for _ in range(num_mcmc_steps):
+            part, info = move(kernel, generator, part, path, state.betas[t], state.step_size[t], metric)
+            part_acc = part_acc + info.acceptance_rate / num_mcmc_steps
+        sub, acc = _scatter(sub, rows, part), acc.index_copy(0, rows, part_acc)
+    return sub, acc
 
 
 class _Sums(NamedTuple):
@@ -166,9 +200,10 @@ class _Sums(NamedTuple):
     count: int
 
     @classmethod
-    def zeros(cls, r: int, dim: int, dtype, device) -> _Sums:
+    def zeros(cls, r: int, dim: int, dtype, device, dense: bool = False) -> _Sums:
+        """Empty sums; ``dense``: second moments as outer products ``(R, dim, dim)``."""
         z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
-        return cls(z(r - 1), z(r - 1), z(r), z(r, dim), z(r, dim), 0)
+        return cls(z(r - 1), z(r - 1), z(r), z(r, dim), z(r, dim, dim) if dense else z(r, dim), 0)
 
     def add(self, info: PTInfo, x_t: torch.Tensor, moments: bool) -> _Sums:
         c, r = x_t.shape[:2]
@@ -177,7 +212,8 @@ class _Sums(NamedTuple):
         acc = self.acc + info.acceptance.reshape(c, r).mean(0)
         if not moments:
             return _Sums(swap, swap_num, acc, self.m1, self.m2, self.count)
-        return _Sums(swap, swap_num, acc, self.m1 + x_t.sum(0), self.m2 + (x_t**2).sum(0), self.count + c)
+        second = torch.einsum("crd,cre->rde", x_t, x_t) if self.m2.dim() == 3 else (x_t**2).sum(0)
+        return _Sums(swap, swap_num, acc, self.m1 + x_t.sum(0), self.m2 + second, self.count + c)
 
     @property
     def swap_rate(self) -> torch.Tensor:
@@ -231,8 +267,10 @@ def parallel_tempering(
     layout = _layout(c, r, exact, device)
     # The reference's scale sets the first preconditioner (a wide reference, a narrow target).
     inv_mass = torch.var_mean(ps.x, 0)[0].clamp_min(1e-12).expand(r, -1).clone() if adapt_mass else None
+    if inv_mass is not None and path.dim <= DENSE_MAX_DIM:  # dense per temperature, as MCMC's metric
+        inv_mass = torch.diag_embed(inv_mass)
     adapt = DualAveraging(torch.full((r,), h0, dtype=dtype, device=device), target_accept)
-    state = PTState(ps, betas, adapt.step_size, inv_mass)
+    state = _with_factors(PTState(ps, betas, adapt.step_size, inv_mass))
     step_fn = functools.partial(pt_step, path=path, layout=layout, kernel=step, num_mcmc_steps=num_mcmc_steps)
     with progress_bar(num_warmup + num_samples, "pt warm-up", progress) as bar:
         adapt_what = (adapt_ladder, adapt_mass)
@@ -261,7 +299,7 @@ def _warmup(generator, state, step_fn, adapt, num_warmup, adapt_what, exact, pat
     updates, windows = warmup_windows(num_warmup, *adapt_what)
     is_ref_temp = torch.zeros(r, dtype=torch.bool, device=device)
     is_ref_temp[0] = exact
-    sums, block = _Sums.zeros(r, dim, dtype, device), None
+    sums, block = _Sums.zeros(r, dim, dtype, device, _is_dense(state)), None
     for it in range(num_warmup):
         ref_x, block = _reference_draws(generator, path, it, c, block, device) if exact else (None, block)
         state, info = step_fn(generator, state, it % 2, reference_x=ref_x)
@@ -275,8 +313,8 @@ def _warmup(generator, state, step_fn, adapt, num_warmup, adapt_what, exact, pat
             betas, inv_mass = end_of_round(
                 update, state.betas, sums.swap_rate, adapt, state.inv_mass, moments
             )
-            state = PTState(state.particles, betas, adapt.step_size, inv_mass)
-            sums = _Sums.zeros(r, dim, dtype, device)
+            state = _with_factors(PTState(state.particles, betas, adapt.step_size, inv_mass))
+            sums = _Sums.zeros(r, dim, dtype, device, _is_dense(state))
         bar.update()
     return state._replace(step_size=adapt.final_step_size if num_warmup else state.step_size), block
 

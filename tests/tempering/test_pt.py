@@ -7,6 +7,7 @@ import torch
 
 import diffstat as ds
 from diffstat.targets import GaussianMixture
+from diffstat.mcmc.metric import DenseMetric
 from diffstat.tempering.path import GeometricPath, move
 from diffstat.tempering.pt import equalize_ladder, geometric_ladder, swap_step
 
@@ -223,5 +224,31 @@ def test_first_preconditioner_is_the_reference_variance(monkeypatch):
     reference = D.Independent(D.Normal(torch.zeros(3, dtype=F64), 2 * torch.ones(3, dtype=F64)), 1)
     target = ds.Target(lambda x: D.Normal(1.0, 0.5).log_prob(x).sum(-1), 3, dtype=F64, reference=reference)
     ds.sample(target, "pt", num_samples=5, num_warmup=0, num_chains=50, seed=0, progress=False)
-    first = seen[0]
-    assert first.shape[1] == 3 and bool(((first > 2.5) & (first < 6.0)).all()), first
+    first = seen[0]  # a dense metric per temperature (dim <= 200), its variances the reference's
+    var = first.inv_mass.diagonal() if isinstance(first, DenseMetric) else first
+    assert var.shape[-1] == 3 and bool(((var > 2.5) & (var < 6.0)).all()), var
+
+
+def test_dense_metric_per_temperature_mixes_a_correlated_posterior(monkeypatch):
+    # A Gaussian with correlation 0.9995: with a dense metric per temperature the cold chains mix
+    # (bulk ESS several hundred, R-hat near 1); forcing the diagonal metric (as PT had) fails this
+    # (measured: R-hat 1.019, means 1.8 MCSE off, and far lower ESS).
+    import arviz as az
+
+    import diffstat.tempering.pt as pt
+
+    rho, mean = 0.9995, torch.tensor([1.0, -1.0], dtype=F64)
+    mvn = D.MultivariateNormal(mean, 0.25 * torch.tensor([[1.0, rho], [rho, 1.0]], dtype=F64))
+    target = ds.Target(mvn.log_prob, 2, dtype=F64)
+
+    def run():
+        return ds.sample(target, "pt", num_samples=1000, seed=0, progress=False)
+
+    idata = run()
+    ess = float(az.ess(idata)["x"].min())
+    assert float(az.rhat(idata)["x"].max()) < 1.01 and ess > 400, ess
+    z = (idata.posterior["x"].mean(("chain", "draw")).values - mean.numpy()) / az.mcse(idata)["x"].values
+    assert abs(z).max() < 4
+    monkeypatch.setattr(pt, "DENSE_MAX_DIM", 0)
+    diag = run()
+    assert float(az.ess(diag)["x"].min()) < ess / 3
