@@ -16,6 +16,7 @@ import math
 import torch
 
 from diffstat._util import check_positive_int
+from diffstat.mcmc.warmup import DENSE_MIN_DRAWS_PER_DIM
 from diffstat.tempering.path import PathState
 
 __all__ = ["end_of_round", "equalize_ladder", "geometric_ladder", "swap_step"]
@@ -125,6 +126,8 @@ def end_of_round(update_ladder, betas, swap_rate, adapt, inv_mass, mom):
         floor = 1e-3 * old_var * (5.0 / (n + 5.0))
         if dense:
             cov = (mom[1] - mom[0].unsqueeze(-1) * mom[0].unsqueeze(-2) / n) / (n - 1)
+            if n < DENSE_MIN_DRAWS_PER_DIM * cov.shape[-1]:  # too few draws for the correlations
+                cov = torch.diag_embed(cov.diagonal(dim1=-2, dim2=-1).clamp_min(0.0))
             estimate = (n / (n + 5.0)) * cov + torch.diag_embed(floor)
             var = estimate.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300)
         else:
