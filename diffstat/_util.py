@@ -134,3 +134,14 @@ def log_normalizer_estimate(log_w: torch.Tensor) -> tuple[float, float]:
     rel = torch.exp(log_w - log_z)  # w_i / mean(w)
     se = float(rel.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
     return log_z, se
+
+
+def pad_stack(arrays: list, axis: int) -> np.ndarray:
+    """Arrays (tensors or numpy) of the same rank stacked along a new ``axis``, each padded with NaN
+    to the largest shape (independent runs of unequal length as chains)."""
+    arrays = [np.asarray(torch.as_tensor(a).detach().cpu().double()) for a in arrays]
+    shape = np.max([a.shape for a in arrays], axis=0)
+    out = np.full((len(arrays), *shape), np.nan)
+    for i, a in enumerate(arrays):
+        out[(i, *(slice(0, n) for n in a.shape))] = a
+    return np.moveaxis(out, 0, axis)

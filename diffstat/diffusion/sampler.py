@@ -78,10 +78,9 @@ import dataclasses
 import math
 import warnings
 
-import numpy as np
 import torch
 
-from diffstat._util import check_options, progress_bar
+from diffstat._util import check_options, pad_stack, progress_bar
 from diffstat.diffusion.importance import (
     MAX_PARETO_K,
     MIN_ROUND_ESS,
@@ -165,7 +164,7 @@ def _stack_runs(results: list[SamplerResult]) -> SamplerResult:
     }
     groups = {
         name: {
-            key: _pad_stack([r.groups[name][key] for r in results], axis=1) for key in results[0].groups[name]
+            key: pad_stack([r.groups[name][key] for r in results], axis=1) for key in results[0].groups[name]
         }
         for name in results[0].groups
     }
@@ -182,19 +181,9 @@ def _stack_runs(results: list[SamplerResult]) -> SamplerResult:
         ess=sum(float(r.attrs["ess"]) for r in results),
         num_proposals=sum(int(r.attrs["num_proposals"]) for r in results),
         pareto_k=max(float(r.attrs["pareto_k"]) for r in results),
-        mode_weights=_pad_stack([r.attrs["mode_weights"] for r in results], axis=0),
+        mode_weights=pad_stack([r.attrs["mode_weights"] for r in results], axis=0),
     )
     return SamplerResult(draws, stats, groups, attrs)
-
-
-def _pad_stack(arrays: list, axis: int) -> np.ndarray:
-    """Arrays of the same rank stacked along a new ``axis``, each padded with NaN to the largest shape."""
-    arrays = [np.asarray(torch.as_tensor(a).detach().cpu().double()) for a in arrays]
-    shape = np.max([a.shape for a in arrays], axis=0)
-    out = np.full((len(arrays), *shape), np.nan)
-    for i, a in enumerate(arrays):
-        out[(i, *(slice(0, n) for n in a.shape))] = a
-    return np.moveaxis(out, 0, axis)
 
 
 def _pooled_log_weights(rounds: list[dict], pool: dict, log_ws: list[torch.Tensor]) -> torch.Tensor:

@@ -101,16 +101,20 @@ def _largest_variance(estimate: torch.Tensor, inv_mass: Metric) -> float:
     return float(torch.linalg.eigvalsh(0.5 * (whitened + whitened.T))[-1])
 
 
+def _variances(metric: Metric, dim: int, device) -> torch.Tensor:
+    """The variances ``(dim,)`` of a metric in float64: its diagonal (averaged over chains for
+    per-chain metrics), ones for the identity."""
+    if metric is None:
+        return torch.ones(dim, dtype=torch.float64, device=device)
+    var = metric.inv_mass.diagonal() if isinstance(metric, DenseMetric) else metric
+    return (var.mean(0) if var.dim() == 2 else var).to(torch.float64)
+
+
 def _floor(current: Metric, dim: int, device) -> torch.Tensor:
     r"""The variances a window's estimate is shrunk toward: :math:`10^{-3}` times the current
     metric's variances (Stan's :math:`10^{-3}` in the units of the metric in use, so the same
     shrinkage on any scale), or :math:`10^{-3}` while the metric is the identity."""
-    if current is None:
-        return torch.full((dim,), FLOOR, dtype=torch.float64, device=device)
-    var = current.inv_mass.diagonal() if isinstance(current, DenseMetric) else current
-    if var.dim() == 2:  # per-chain diagonal metrics
-        var = var.mean(0)
-    return FLOOR * var.to(torch.float64)
+    return FLOOR * _variances(current, dim, device)
 
 
 def whitening_loss(inv_mass: Metric, cov_x: torch.Tensor, cov_g: torch.Tensor) -> float:
@@ -130,16 +134,13 @@ def whitening_loss(inv_mass: Metric, cov_x: torch.Tensor, cov_g: torch.Tensor) -
     cov_x, cov_g = cov_x.to(torch.float64), cov_g.to(torch.float64)
     dense = cov_x.dim() == 2
     if isinstance(inv_mass, DenseMetric):
-        chol = inv_mass.chol.to(torch.float64)
+        chol, sigma = inv_mass.chol.to(torch.float64), inv_mass.inv_mass.to(torch.float64)
         if not dense:
-            return float((torch.cholesky_inverse(chol).diagonal() * cov_x).sum()
-                         + (chol @ chol.T).diagonal().mul(cov_g).sum())  # fmt: skip
-        return float(torch.cholesky_solve(cov_x, chol).diagonal().sum() + ((chol @ chol.T) * cov_g).sum())
-    var = (
-        torch.ones(cov_x.shape[0], dtype=torch.float64, device=cov_x.device) if inv_mass is None else inv_mass
-    )
-    var = var.to(torch.float64)
-    var = var.mean(0) if var.dim() == 2 else var
+            return float(
+                (torch.cholesky_inverse(chol).diagonal() * cov_x).sum() + (sigma.diagonal() * cov_g).sum()
+            )
+        return float(torch.cholesky_solve(cov_x, chol).diagonal().sum() + (sigma * cov_g).sum())
+    var = _variances(inv_mass, cov_x.shape[0], cov_x.device)
     vx, vg = (cov_x.diagonal(), cov_g.diagonal()) if dense else (cov_x, cov_g)
     return float((vx / var).sum() + (var * vg).sum())
 

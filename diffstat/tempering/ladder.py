@@ -16,7 +16,7 @@ import math
 import torch
 
 from diffstat._util import check_positive_int
-from diffstat.mcmc.warmup import DENSE_MIN_DRAWS_PER_DIM
+from diffstat.mcmc.warmup import DENSE_MIN_DRAWS_PER_DIM, FLOOR
 from diffstat.tempering.path import PathState
 
 __all__ = ["end_of_round", "equalize_ladder", "geometric_ladder", "swap_step"]
@@ -123,7 +123,7 @@ def end_of_round(update_ladder, betas, swap_rate, adapt, inv_mass, mom):
         old_var = inv_mass.diagonal(dim1=-2, dim2=-1) if dense else inv_mass
         # shrunk toward 1e-3 of the current variances: Stan's shrinkage in the metric's own units
         # (an absolute 1e-3 swamps the narrow directions of an uncentred regression)
-        floor = 1e-3 * old_var * (5.0 / (n + 5.0))
+        floor = FLOOR * old_var * (5.0 / (n + 5.0))
         if dense:
             cov = (mom[1] - mom[0].unsqueeze(-1) * mom[0].unsqueeze(-2) / n) / (n - 1)
             if n < DENSE_MIN_DRAWS_PER_DIM * cov.shape[-1]:  # too few draws for the correlations

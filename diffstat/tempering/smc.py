@@ -59,7 +59,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from diffstat._util import check_options, check_positive_int, check_probability, progress_bar
+from diffstat._util import check_options, pad_stack, check_positive_int, check_probability, progress_bar
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.core import (
     MoveConfig,
@@ -323,15 +323,7 @@ def combine_runs(log_zs: list[float], ses: list[float]) -> tuple[float, float]:
 
 def stack_stages(per_run: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
     """Per-stage arrays of independent runs as ``(stage, chain)``, NaN-padded to the longest run."""
-    length = max(len(r["beta"]) for r in per_run)
-    out = {}
-    for key in per_run[0]:
-        arr = np.full((length, len(per_run)), np.nan)
-        for c, r in enumerate(per_run):
-            vals = r[key].detach().cpu().double().numpy()
-            arr[: len(vals), c] = vals
-        out[key] = arr
-    return out
+    return {key: pad_stack([r[key] for r in per_run], axis=1) for key in per_run[0]}
 
 
 @register_sampler("smc")
