@@ -35,6 +35,7 @@ Measurements behind the defaults (schedules compared, standard-error calibration
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import NamedTuple
 
@@ -69,6 +70,14 @@ __all__ = [
     "thermodynamic_schedule",
 ]
 
+#: The adaptive schedule's number of temperatures is this times the squared thermodynamic length
+#: (clipped to [MIN_TEMPERATURES, MAX_TEMPERATURES]): with exact moves the log-weight variance is
+#: about Lambda^2 / K, and one MALA move per temperature leaves the particles lagging the path by an
+#: autocorrelation time of a few moves, which multiplies it by about 1 + 2 tau (5 to 10 on the
+#: posteriordb suite); K = 8 Lambda^2 keeps the variance near 1 (docs/ais.md).
+LENGTH_FACTOR = 8.0
+MIN_TEMPERATURES = 200
+MAX_TEMPERATURES = 2000
 #: Below this final ESS (or above Pareto k 0.7) the estimate is flagged as collapsed.
 _MIN_ESS = 30.0
 _MAX_PARETO_K = 0.7
@@ -237,13 +246,14 @@ def _schedule(generator, path, options: dict, total: int, device, dtype) -> tupl
     """The temperatures, the kind of schedule used, and the pilot's attrs; pops the schedule options
     from ``options`` (and, for the adaptive schedule, adds the pilot's ``preconditioners``)."""
     betas = options.pop("betas", None)
-    num_temperatures = options.pop("num_temperatures", 200)
+    num_temperatures = options.pop("num_temperatures", None)
     kind = options.pop("schedule", "adaptive")
     num_pilot = options.pop("num_pilot", min(256, max(64, total // 4)))
     if betas is not None:
         return betas, "betas", {}
     if kind != "adaptive":
-        return schedule(num_temperatures, kind, dtype=dtype, device=device), kind, {}
+        k = MIN_TEMPERATURES if num_temperatures is None else num_temperatures
+        return schedule(k, kind, dtype=dtype, device=device), kind, {}
     pilot = pilot_run(
         generator,
         path,
@@ -253,9 +263,11 @@ def _schedule(generator, path, options: dict, total: int, device, dtype) -> tupl
         target_accept=options.get("target_accept"),
         device=device,
     )
+    lam = float(pilot.length[-1])
+    if num_temperatures is None:
+        num_temperatures = min(max(math.ceil(LENGTH_FACTOR * lam**2), MIN_TEMPERATURES), MAX_TEMPERATURES)
     betas = thermodynamic_schedule(pilot, num_temperatures)
     options["preconditioners"] = (pilot.betas, pilot.chol, pilot.log_step_size)
-    lam = float(pilot.length[-1])
     attrs = {
         "pilot_evals": int(pilot.num_evals),
         "num_pilot": int(num_pilot),

@@ -104,19 +104,69 @@ def test_thermodynamic_schedule_equalises_length():
     assert bool((got[1:] > got[:-1]).all()) and float(got[-1]) == 1.0
 
 
-def test_thermodynamic_length_survives_an_infinite_spread_at_beta_zero():
-    # A diffuse prior can put delta at -1e17 and beyond at beta = 0 (posteriordb's arma11): the
-    # spread there overflows to inf, and the trapezoid rule then gave an infinite length and a NaN
-    # schedule (AIS refused its own betas). The finite end of that stage is used instead.
-    from diffstat.tempering.ais import PilotRun, thermodynamic_schedule
+def test_thermodynamic_length_reads_each_stage_ess():
+    # log-normal incremental weights with variance s^2 have ESS fraction exp(-s^2): a stage of ESS
+    # fraction exp(-s^2) has length s, exactly; an infinite or zero spread at beta = 0 (a diffuse
+    # prior, posteriordb's arma11) no longer enters
     from diffstat.tempering.schedules import thermodynamic_length
 
-    b = torch.tensor([0.0, 1e-18, 1e-3, 0.1, 1.0], dtype=F64)
-    sd = torch.tensor([math.inf, 9e16, 600.0, 200.0, 10.0], dtype=F64)
-    length = thermodynamic_length(b, sd)
-    assert bool(torch.isfinite(length).all()) and bool((length[1:] > length[:-1]).all())
-    assert float(length[1]) == pytest.approx(1e-18 * 9e16)
-    assert float(length[2] - length[1]) == pytest.approx(0.5 * (9e16 + 600) * (1e-3 - 1e-18))
-    pilot = PilotRun(b, sd, length, torch.eye(2, dtype=F64).expand(5, 2, 2), torch.zeros(5, dtype=F64), 0)
-    got = thermodynamic_schedule(pilot, 50)
-    assert bool(torch.isfinite(got).all()) and bool((got[1:] > got[:-1]).all()) and float(got[-1]) == 1.0
+    s = torch.tensor([0.83, 0.5, 0.1, 0.0], dtype=F64)
+    length = thermodynamic_length(torch.exp(-(s**2)))
+    assert torch.allclose(length, torch.cat([torch.zeros(1, dtype=F64), s.cumsum(0)]), atol=1e-12)
+    assert bool(torch.isfinite(thermodynamic_length(torch.tensor([0.0, 1e-320, 0.5], dtype=F64))).all())
+
+
+def test_schedule_is_geometric_within_a_stage():
+    # two stages of equal length: half the temperatures in each, spaced geometrically within the
+    # second (from 0.01 to 1) and linearly within the first (from 0 to 0.01)
+    from diffstat.tempering.ais import PilotRun, thermodynamic_schedule
+
+    b = torch.tensor([0.0, 0.01, 1.0], dtype=F64)
+    pilot = PilotRun(
+        b,
+        torch.ones(3, dtype=F64),
+        torch.tensor([0.0, 1.0, 2.0], dtype=F64),
+        torch.eye(2, dtype=F64).expand(3, 2, 2),
+        torch.zeros(3, dtype=F64),
+        0,
+    )
+    got = thermodynamic_schedule(pilot, 8)
+    k = torch.arange(1, 5, dtype=F64)
+    assert torch.allclose(got[:4], 0.01 * k / 4, rtol=1e-4)
+    assert torch.allclose(got[4:], 0.01 * 100 ** (k / 4), rtol=1e-4)
+
+
+def test_heavy_tailed_reference_does_not_wreck_the_schedule():
+    # A Cauchy reference (scale 10) for a narrow Gaussian target (sd 0.01, normalised: log Z = 0):
+    # at beta = 0 a few far-tail particles put delta at -1e10 and the spread of delta at 1e9, so
+    # the trapezoid rule on that spread gave the first pilot stage (beta up to about 1e-8) 97% of
+    # the path's length and AIS collapsed (ESS 1.5 of 500, log Z -1.3 +- 0.8). The pilot's stage
+    # ESS sees the weights: the same run with that schedule is right.
+    from diffstat.tempering.ais import ais
+    from diffstat.tempering.path import make_path
+    from diffstat.tempering.resampling import ess
+    from diffstat.tempering.schedules import pilot_run, thermodynamic_schedule
+
+    d = 3
+    ref = D.Independent(D.StudentT(1.0, torch.zeros(d, dtype=F64), 10 * torch.ones(d, dtype=F64)), 1)
+    tgt = D.Independent(D.Normal(torch.ones(d, dtype=F64), 0.01 * torch.ones(d, dtype=F64)), 1)
+    target = ds.Target(tgt.log_prob, d, dtype=F64)
+    attrs, caught = _run(target, 0, num_samples=500, reference=ref)
+    assert not caught
+    assert abs(attrs["log_normalizer"]) < 3 * attrs["log_normalizer_se"] + 0.05
+    assert attrs["ess"] > 100
+    # the same pilot and number of temperatures, lengths by the trapezoid rule on sd(delta)
+    path = make_path(target, ref)
+    pilot = pilot_run(torch.Generator().manual_seed(0), path, 256)
+    seg = (pilot.betas[1:] - pilot.betas[:-1]) * 0.5 * (pilot.sd[1:] + pilot.sd[:-1])
+    old = pilot._replace(length=torch.cat([torch.zeros(1, dtype=F64), seg.cumsum(0)]))
+    g = torch.Generator().manual_seed(1)
+    x0 = ref.sample((500,))
+    out = ais(
+        g,
+        path,
+        x0,
+        thermodynamic_schedule(old, attrs["num_stages"]),
+        preconditioners=(pilot.betas, pilot.chol, pilot.log_step_size),
+    )
+    assert float(ess(out.log_weights)) < 20
