@@ -80,7 +80,15 @@ from diffstat.tempering.ladder import (
     warmup_windows,
 )
 
-__all__ = ["PTOutput", "parallel_tempering", "geometric_ladder", "equalize_ladder", "swap_step", "pt_sampler"]
+__all__ = [
+    "PTOutput",
+    "parallel_tempering",
+    "whitened_move",
+    "geometric_ladder",
+    "equalize_ladder",
+    "swap_step",
+    "pt_sampler",
+]
 
 #: Reference draws for the beta = 0 replicas are made this many iterations at a time.
 _REFERENCE_BLOCK = 256
@@ -176,7 +184,7 @@ def pt_step(
     beta, h = betas[t_sub], state.step_size[t_sub]
     sub_acc = torch.zeros(len(rows), dtype=acc.dtype, device=acc.device)
     sub_div = torch.zeros(len(rows), dtype=torch.bool, device=acc.device)
-    # the rows hold the same temperatures in every run: the factors of one run's, (R', dim, dim)
+    # every run's rows hold the same temperatures in the same order: the first run's factors (R', dim, dim)
     chol = state.chol[t_sub[: len(rows) // layout.num_chains]] if state.chol is not None else None
     inv_mass = None if state.inv_mass is None or chol is not None else state.inv_mass[t_sub]
     for _ in range(num_mcmc_steps):
@@ -215,19 +223,19 @@ def whitened_move(kernel, generator, ps: PathState, path, beta, step_size, chol:
     def grad_u(g):  # L_t^T g per row
         return torch.einsum("ted,cte->ctd", chol, g.reshape(shape)).reshape(g.shape)
 
-    evaluated = []
+    last = []  # the PathState of the last points evaluated
 
     def log_prob_and_grad(u):
         x = ps.x + torch.einsum("ted,ctd->cte", chol, u.reshape(shape)).reshape(u.shape)  # x + L_t u
-        evaluated.append(path.evaluate(x))
-        st = tempered_state(evaluated[-1], beta)
+        last[:] = [path.evaluate(x)]
+        st = tempered_state(last[0], beta)
         return st.log_prob, grad_u(st.grad)
 
     start = tempered_state(ps, beta)
     origin = MCMCState(torch.zeros_like(ps.x), start.log_prob, grad_u(start.grad))
     _, info = kernel(generator, origin, log_prob_and_grad, step_size, None)
     # the kernel's last evaluation is its proposal (true of MALA, HMC, RWM)
-    return ps.where(info.is_accepted, evaluated[-1]), info
+    return ps.where(info.is_accepted, last[0]), info
 
 
 def _with_factors(state: PTState) -> PTState:
