@@ -40,7 +40,8 @@ class SamplerResult:
     attrs : extra ``posterior.attrs`` (``log_normalizer``, ``log_normalizer_se``, settings chosen).
     diagnose : run the MCMC diagnostics of :mod:`diffstat.diagnostics` on the draws (R-hat, ESS,
         divergences, stuck chains, E-BFMI): their figures go into ``posterior.attrs`` and one
-        ``RuntimeWarning`` lists every problem found. Set by the MCMC samplers.
+        ``RuntimeWarning`` lists every problem found. Set by the MCMC samplers and by PT (the cold
+        chains of its independent runs are MCMC chains).
     """
 
     draws: torch.Tensor
@@ -129,7 +130,7 @@ def sample(
     **options
         Options of the method (see each sampler's docstring).
 
-    MCMC methods are diagnosed after the run (:func:`diffstat.diagnostics.mcmc_diagnostics`):
+    MCMC methods and PT are diagnosed after the run (:func:`diffstat.diagnostics.mcmc_diagnostics`):
     ``posterior.attrs`` gains ``rhat_max``, ``ess_bulk_min``, ``ess_tail_min``, ``num_divergent``,
     ``divergent_fraction``, ``stuck_chains``, ``low_lp_chains`` (counts) and, where energies are
     recorded, ``e_bfmi_min``; one ``RuntimeWarning`` lists every problem found and what to do.

@@ -29,7 +29,21 @@ Syed et al. suggest about :math:`2\Lambda` temperatures.
 :math:`\log\hat Z = \sum_{r} \log \overline{\exp\{(\beta_{r+1}-\beta_r)\,\delta(x_r)\}}`,
 pooled over chains; its standard error is the spread of the per-chain estimates over
 :math:`\sqrt C` (with one chain, of the estimates from 8 batches of iterations). The draws are the
-cold replicas' states.
+cold replicas' states after warm-up.
+
+**Diagnosis.** The ``C`` runs are independent, so their cold chains are diagnosed as MCMC chains
+(:func:`diffstat.diagnostics.mcmc_diagnostics`: R-hat, bulk and tail ESS, stuck chains, the lp
+gap, divergences of the cold chain's moves): runs that sit in different modes because the swaps
+cannot carry states between them disagree, and R-hat says so. ``sample_stats`` hold, per draw, the
+cold replica's local acceptance probability (``acceptance_rate``, what the stuck-chain rule reads),
+whether one of its moves diverged, and the acceptance probability of the swap between the two
+coldest replicas (``swap_acceptance``, NaN at the iterations whose DEO parity does not propose it).
+
+**Dense moves.** With a dense metric :math:`\Sigma_t = L_t L_t^\top` per temperature, each replica
+moves in the coordinates :math:`u` of :math:`x' = x + L_t u` around its current point :math:`x`
+with the identity metric (:math:`\nabla_u = L_t^\top \nabla_x`); MALA, HMC and RWM are affine
+invariant, so this is the move with metric :math:`\Sigma_t`, and the factors of all temperatures
+are applied in one batched product, whatever the number of temperatures.
 """
 
 from __future__ import annotations
@@ -43,9 +57,18 @@ import torch
 from diffstat._util import check_options, check_positive_int, check_probability, progress_bar
 from diffstat.mcmc.adaptation import AUTO_DENSE_MAX_DIM as DENSE_MAX_DIM
 from diffstat.mcmc.adaptation import DualAveraging
+from diffstat.mcmc.base import MCMCState
 from diffstat.mcmc.metric import DenseMetric
 from diffstat.sampling import SamplerResult, register_sampler
-from diffstat.tempering.path import GeometricPath, PathState, default_step_size, get_kernel, make_path, move
+from diffstat.tempering.path import (
+    GeometricPath,
+    PathState,
+    default_step_size,
+    get_kernel,
+    make_path,
+    move,
+    tempered_state,
+)
 from diffstat.tempering.core import check_initial, initial_particles
 from diffstat.tempering.ladder import (
     BETA_MIN,
@@ -57,7 +80,15 @@ from diffstat.tempering.ladder import (
     warmup_windows,
 )
 
-__all__ = ["PTOutput", "parallel_tempering", "geometric_ladder", "equalize_ladder", "swap_step", "pt_sampler"]
+__all__ = [
+    "PTOutput",
+    "parallel_tempering",
+    "whitened_move",
+    "geometric_ladder",
+    "equalize_ladder",
+    "swap_step",
+    "pt_sampler",
+]
 
 #: Reference draws for the beta = 0 replicas are made this many iterations at a time.
 _REFERENCE_BLOCK = 256
@@ -66,14 +97,16 @@ _SE_BATCHES = 8
 
 
 class PTOutput(NamedTuple):
-    """Cold-chain draws ``(C, T, dim)``, their target log-densities and local acceptance ``(C, T)``;
-    per temperature ``betas``, ``swap_rate`` (pair r to r+1, NaN for the last), ``acceptance_rate``,
-    ``step_size``, ``log_z_increment`` (NaN for the last); ``log_normalizer`` and its ``se``;
-    ``global_barrier``."""
+    """Cold-chain draws ``(C, T, dim)``; their target log-densities, local acceptance, divergences and
+    the coldest pair's swap acceptance (NaN where not proposed), each ``(C, T)``; per temperature
+    ``betas``, ``swap_rate`` (pair r to r+1, NaN for the last), ``acceptance_rate``, ``step_size``,
+    ``log_z_increment`` (NaN for the last); ``log_normalizer`` and its ``se``; ``global_barrier``."""
 
     draws: torch.Tensor
     lp: torch.Tensor
     acceptance: torch.Tensor
+    diverging: torch.Tensor
+    swap_acceptance: torch.Tensor
     temperatures: dict[str, torch.Tensor]
     log_normalizer: float
     log_normalizer_se: float
@@ -87,20 +120,23 @@ def _scatter(ps: PathState, rows: torch.Tensor, sub: PathState) -> PathState:
 class PTState(NamedTuple):
     """``C`` runs of ``R`` replicas: ``particles`` (``C R`` rows, replica ``t`` of run ``c`` at row
     ``c R + t``), the ladder ``betas: (R,)``, per-temperature ``step_size: (R,)`` and diagonal
-    ``inv_mass: (R, dim)`` (or None)."""
+    ``inv_mass: (R, dim)`` or dense ``(R, dim, dim)`` (or None); for a dense one its lower Cholesky
+    factors ``chol: (R, dim, dim)``, computed once per warm-up round."""
 
     particles: PathState
     betas: torch.Tensor
     step_size: torch.Tensor
     inv_mass: torch.Tensor | None
-    factors: tuple = ()  # the dense metrics of inv_mass (R, dim, dim), factorised once per round
+    chol: torch.Tensor | None = None
 
 
 class PTInfo(NamedTuple):
-    """One iteration: each replica's local acceptance ``(C R,)`` (1 for exact reference draws), the
-    swap probabilities ``(C, R-1)`` (0 for pairs not proposed) and the proposed pairs ``(R-1,)``."""
+    """One iteration: each replica's local acceptance and whether one of its moves diverged ``(C R,)``
+    (1 and False for exact reference draws), the swap probabilities ``(C, R-1)`` (0 for pairs not
+    proposed) and the proposed pairs ``(R-1,)``."""
 
     acceptance: torch.Tensor
+    diverging: torch.Tensor
     swap_prob: torch.Tensor
     proposed: torch.Tensor
 
@@ -140,52 +176,77 @@ def pt_step(
     ``parity`` (module docstring)."""
     ps, betas = state.particles, state.betas
     acc = torch.ones(ps.x.shape[0], dtype=ps.x.dtype, device=ps.x.device)
+    diverging = torch.zeros(ps.x.shape[0], dtype=torch.bool, device=ps.x.device)
     if reference_x is not None:
         ps = _scatter(ps, layout.ref_rows, path.evaluate(reference_x))
     rows = layout.mcmc_rows
     sub, t_sub = ps.index(rows), layout.temp_of_row[rows]
+    beta, h = betas[t_sub], state.step_size[t_sub]
     sub_acc = torch.zeros(len(rows), dtype=acc.dtype, device=acc.device)
-    if state.inv_mass is not None and state.inv_mass.dim() == 3:
-        sub, sub_acc = _dense_moves(generator, sub, t_sub, state, path, kernel, num_mcmc_steps)
-    else:
-        sub_inv_mass = None if state.inv_mass is None else state.inv_mass[t_sub]
-        for _ in range(num_mcmc_steps):
-            sub, info = move(kernel, generator, sub, path, betas[t_sub], state.step_size[t_sub], sub_inv_mass)
-            sub_acc = sub_acc + info.acceptance_rate / num_mcmc_steps
+    sub_div = torch.zeros(len(rows), dtype=torch.bool, device=acc.device)
+    # every run's rows hold the same temperatures in the same order: the first run's factors (R', dim, dim)
+    chol = state.chol[t_sub[: len(rows) // layout.num_chains]] if state.chol is not None else None
+    inv_mass = None if state.inv_mass is None or chol is not None else state.inv_mass[t_sub]
+    for _ in range(num_mcmc_steps):
+        if chol is not None:
+            sub, info = whitened_move(kernel, generator, sub, path, beta, h, chol)
+        else:
+            sub, info = move(kernel, generator, sub, path, beta, h, inv_mass)
+        sub_acc, sub_div = sub_acc + info.acceptance_rate / num_mcmc_steps, sub_div | info.diverging
     if num_mcmc_steps:
         ps, acc = _scatter(ps, rows, sub), acc.index_copy(0, rows, sub_acc)
+        diverging = diverging.index_copy(0, rows, sub_div)
     r = betas.numel()
     prob = torch.zeros(layout.num_chains, r - 1, dtype=acc.dtype, device=acc.device)
     proposed = torch.zeros(r - 1, dtype=torch.bool, device=acc.device)
     if r > 1:
         ps, prob, proposed = swap_step(generator, ps, betas, layout.num_chains, parity)
-    return state._replace(particles=ps), PTInfo(acc, prob, proposed)
+    return state._replace(particles=ps), PTInfo(acc, diverging, prob, proposed)
+
+
+def whitened_move(kernel, generator, ps: PathState, path, beta, step_size, chol: torch.Tensor):
+    r"""One move of ``kernel`` with a dense metric :math:`L_t L_t^\top` per temperature, all
+    temperatures in one batch.
+
+    The ``n = C R'`` replicas ``ps`` hold ``R'`` temperatures in the same order in each of ``C``
+    runs (row ``c R' + t``), ``chol: (R', dim, dim)`` their lower Cholesky factors. Each replica moves
+    in the coordinates :math:`u` of :math:`x' = x + L_t u` around its current point with the identity
+    metric: the density's gradient is :math:`L_t^\top \nabla_x`, a proposal :math:`u` is the point
+    :math:`x + L_t u`, and both are one batched product over temperatures. MALA, HMC and RWM are affine
+    invariant, so this is the move of :func:`~diffstat.tempering.path.move` with the metric
+    :math:`L_t L_t^\top`, up to floating-point reassociation, drawing the same random numbers as the
+    diagonal moves of the same rows. ``beta``, ``step_size``: ``(n,)``. Returns the moved replicas (a
+    rejected one keeps its state exactly) and the kernel's info.
+    """
+    shape = (-1, chol.shape[0], ps.x.shape[1])  # (C, R', dim)
+
+    def grad_u(g):  # L_t^T g per row
+        return torch.einsum("ted,cte->ctd", chol, g.reshape(shape)).reshape(g.shape)
+
+    last = []  # the PathState of the last points evaluated
+
+    def log_prob_and_grad(u):
+        x = ps.x + torch.einsum("ted,ctd->cte", chol, u.reshape(shape)).reshape(u.shape)  # x + L_t u
+        last[:] = [path.evaluate(x)]
+        st = tempered_state(last[0], beta)
+        return st.log_prob, grad_u(st.grad)
+
+    start = tempered_state(ps, beta)
+    origin = MCMCState(torch.zeros_like(ps.x), start.log_prob, grad_u(start.grad))
+    _, info = kernel(generator, origin, log_prob_and_grad, step_size, None)
+    # the kernel's last evaluation is its proposal (true of MALA, HMC, RWM)
+    return ps.where(info.is_accepted, last[0]), info
 
 
 def _with_factors(state: PTState) -> PTState:
     """``state`` with the Cholesky factors of its dense metrics (none for a diagonal one)."""
     if not _is_dense(state):
-        return state._replace(factors=())
-    return state._replace(factors=tuple(DenseMetric.from_covariance(c) for c in state.inv_mass))
+        return state._replace(chol=None)
+    return state._replace(chol=torch.stack([DenseMetric.from_covariance(c).chol for c in state.inv_mass]))
 
 
 def _is_dense(state: PTState) -> bool:
     return state.inv_mass is not None and state.inv_mass.dim() == 3
-
-
-def _dense_moves(generator, sub: PathState, t_sub, state: PTState, path, kernel, num_mcmc_steps: int):
-    """The local moves with a dense metric per temperature (``state.inv_mass: (R, dim, dim)``), one
-    temperature at a time; returns the moved replicas and their mean acceptance ``(rows,)``."""
-    acc = torch.zeros(t_sub.shape[0], dtype=sub.x.dtype, device=sub.x.device)
-    for t in torch.unique(t_sub).tolist():
-        rows = torch.nonzero(t_sub == t).flatten()
-        part, metric = sub.index(rows), state.factors[t]
-        part_acc = torch.zeros(rows.numel(), dtype=acc.dtype, device=acc.device)
-        for _ in range(num_mcmc_steps):
-            part, info = move(kernel, generator, part, path, state.betas[t], state.step_size[t], metric)
-            part_acc = part_acc + info.acceptance_rate / num_mcmc_steps
-        sub, acc = _scatter(sub, rows, part), acc.index_copy(0, rows, part_acc)
-    return sub, acc
 
 
 class _Sums(NamedTuple):
@@ -328,7 +389,8 @@ def _sample(generator, state, step_fn, num_samples, num_warmup, reference, path,
     num_batches = 1 if c > 1 else min(_SE_BATCHES, num_samples)
     ss_lse = torch.full((c, num_batches, r - 1), -math.inf, dtype=dtype, device=device)
     draws = torch.empty(num_samples, c, dim, dtype=dtype, device=device)
-    lp, acc_cold = (torch.empty(num_samples, c, dtype=dtype, device=device) for _ in range(2))
+    lp, acc_cold, swap_cold = (torch.empty(num_samples, c, dtype=dtype, device=device) for _ in range(3))
+    div_cold = torch.empty(num_samples, c, dtype=torch.bool, device=device)
     (exact, block), dbeta = reference, state.betas[1:] - state.betas[:-1]
     sums = _Sums.zeros(r, dim, dtype, device)
     for j in range(num_samples):
@@ -337,6 +399,8 @@ def _sample(generator, state, step_fn, num_samples, num_warmup, reference, path,
         state, info = step_fn(generator, state, it % 2, reference_x=ref_x)
         sums = sums.add(info, state.particles.x.reshape(c, r, -1), moments=False)
         acc_cold[j] = info.acceptance[layout.cold_rows]
+        div_cold[j] = info.diverging[layout.cold_rows]
+        swap_cold[j] = torch.where(info.proposed[-1], info.swap_prob[:, -1], math.nan)
         draws[j] = state.particles.x.reshape(c, r, -1)[:, -1]
         lp[j] = state.particles.target_log_prob[layout.cold_rows]
         b = j * num_batches // num_samples
@@ -356,8 +420,10 @@ def _sample(generator, state, step_fn, num_samples, num_warmup, reference, path,
         "step_size": state.step_size,
         "log_z_increment": torch.cat([pooled, nan]),
     }
-    draws, lp, acc_cold = (t.transpose(0, 1) for t in (draws, lp, acc_cold))
-    return PTOutput(draws, lp, acc_cold, temperatures, float(pooled.sum()), se, barrier)
+    draws, lp, acc_cold, div_cold, swap_cold = (
+        t.transpose(0, 1) for t in (draws, lp, acc_cold, div_cold, swap_cold)
+    )
+    return PTOutput(draws, lp, acc_cold, div_cold, swap_cold, temperatures, float(pooled.sum()), se, barrier)
 
 
 _OPTIONS = {
@@ -380,7 +446,8 @@ _OPTIONS = {
 @register_sampler("pt")
 def pt_sampler(target, *, num_samples, num_chains, generator, progress, device, **options) -> SamplerResult:
     """``ds.sample(target, "pt", num_samples=T, num_chains=C, ...)``: ``C`` (default 4) independent
-    parallel-tempering runs batched together; ``T`` draws each from the cold replica.
+    parallel-tempering runs batched together; ``T`` draws each from the cold replica, diagnosed as
+    ``C`` MCMC chains (module docstring).
 
     Options (see :func:`parallel_tempering`): ``reference``, ``num_warmup`` (``T``),
     ``num_temperatures`` (10), ``betas``, ``beta_min`` (1e-3), ``adapt_ladder`` (True), ``kernel``
@@ -396,7 +463,12 @@ def pt_sampler(target, *, num_samples, num_chains, generator, progress, device, 
     out = parallel_tempering(
         generator, path, x0, num_chains, num_samples=num_samples, progress=progress, **options
     )
-    sample_stats = {"lp": out.lp, "acceptance_rate": out.acceptance}
+    sample_stats = {
+        "lp": out.lp,
+        "acceptance_rate": out.acceptance,
+        "diverging": out.diverging,
+        "swap_acceptance": out.swap_acceptance,
+    }
     attrs = {
         "log_normalizer": out.log_normalizer,
         "log_normalizer_se": out.log_normalizer_se,
@@ -405,4 +477,4 @@ def pt_sampler(target, *, num_samples, num_chains, generator, progress, device, 
         "num_warmup": num_samples if options.get("num_warmup") is None else int(options["num_warmup"]),
         "path": path.kind,
     }
-    return SamplerResult(out.draws, sample_stats, {"tempering": out.temperatures}, attrs)
+    return SamplerResult(out.draws, sample_stats, {"tempering": out.temperatures}, attrs, diagnose=True)
