@@ -132,15 +132,20 @@ def explore(
     return state, q3, q4
 
 
-def _drop_stragglers(lp: torch.Tensor, label: torch.Tensor, dim: int) -> torch.Tensor:
+def _drop_stragglers(lp: torch.Tensor, label: torch.Tensor, dim: int, anchored=None) -> torch.Tensor:
     r"""Label ``-1`` for points far below the typical log-density of their group: under a Gaussian
     mode :math:`\log p = c - \chi^2_d / 2`, so a point more than :math:`3\sqrt{2d} + 2` nats (six
-    standard deviations of :math:`\chi^2_d/2`, plus slack) below the group's median is in transit."""
+    standard deviations of :math:`\chi^2_d/2`, plus slack) below the group's median is in transit.
+    Where the group holds ``anchored`` points ``(n,)`` bool (draws of a tempered SMC run, which
+    approximate the group's own distribution), the margin is counted from the lowest of them
+    instead: chains from the reference that are stuck far from the posterior can be the majority
+    of a group, and then its median is theirs."""
     label = label.clone()
     k = int(label.max()) + 1
     for i in range(k):
         rows = label == i
-        med = lp[rows].median()
+        anchor = rows if anchored is None else rows & anchored
+        med = lp[rows].median() if anchored is None or not bool(anchor.any()) else lp[anchor].min()
         label[rows & (lp < med - 3 * math.sqrt(2 * dim) - 2)] = -1
     return label
 
@@ -158,6 +163,7 @@ def explore_modes(
     device=None,
     progress: bool = False,
     reference: torch.distributions.Distribution | None = None,
+    extra_starts: torch.Tensor | None = None,
 ) -> ModeBank:
     r"""Explore from the reference (``reference``, else the target's, else N(0, I)) and bank the
     modes found.
@@ -170,6 +176,8 @@ def explore_modes(
     climbing and are dropped. The rest climb to their local maxima (:func:`hill_climb`, at most
     ``num_climb`` steps), the climbed points are grouped by :func:`group_by_barrier`, and each
     chain's end point (a sample, kept with its gradient) takes its climbed point's label.
+    ``extra_starts`` ``(m, dim)``: further chains started there (at scale 1), e.g. the particles of
+    a tempered SMC run that reached the posterior where chains from the reference cannot.
     Returns a :class:`ModeBank` whose centres are the best climbed point of each mode.
     """
     num_chains = check_positive_int(num_chains, "num_chains")
@@ -195,6 +203,9 @@ def explore_modes(
             pass
     s = scales.to(dev)[torch.arange(num_chains, device=dev) % scales.numel()].unsqueeze(-1)
     x0 = mean + s * (x - mean)
+    if extra_starts is not None:
+        x0 = torch.cat([x0, extra_starts.to(x0)])
+        s = torch.cat([s, torch.ones(extra_starts.shape[0], 1, dtype=s.dtype, device=dev)])
     target.validate(x0[: min(num_chains, 16)])
     h0 = step_size * s.squeeze(-1) ** 2
     with progress_bar(3, "diffusion: exploring modes", progress) as bar:
@@ -203,16 +214,18 @@ def explore_modes(
         settled = torch.isfinite(state.log_prob) & (q4 - q3 <= 2 * math.sqrt(target.dim / 2) + 1)
         if not bool(settled.any()):
             raise ValueError("no exploration chain settled in a mode; raise num_steps or check the target")
+        from_smc = torch.arange(x0.shape[0], device=dev) >= num_chains
         xs, lp, grad = state.x[settled], state.log_prob[settled], state.grad[settled]
-        label = _drop_stragglers(lp, torch.zeros_like(lp, dtype=torch.long), target.dim)
-        xs, lp, grad = xs[label >= 0], lp[label >= 0], grad[label >= 0]
+        from_smc = from_smc[settled]
+        label = _drop_stragglers(lp, torch.zeros_like(lp, dtype=torch.long), target.dim, from_smc)
+        xs, lp, grad, from_smc = xs[label >= 0], lp[label >= 0], grad[label >= 0], from_smc[label >= 0]
         peak_x, peak_lp, _ = hill_climb(
             target.log_prob_and_grad, xs, lp, grad, num_climb, h0[settled][label >= 0]
         )
         bar.update()
         label = group_by_barrier(target.log_prob, peak_x, peak_lp, tol=tol)
         bar.update()
-    label = _drop_stragglers(lp, label, target.dim)
+    label = _drop_stragglers(lp, label, target.dim, from_smc)
     return _relabel(xs, lp, grad, label, target.num_target_evals - evals0, peak_x, peak_lp)
 
 

@@ -24,8 +24,10 @@ from diffstat.diffusion.sampler import (
 #: A 2-d Gaussian of sd 0.001 at (3, 3): narrow enough that a proposal fitted to short chains misses
 #: it by thousands of nats, while a refreshed one finds it.
 CENTER, SD = 3.0, 0.001
-#: Exploration and restocking so short that the first round's Gaussian misses the mode.
+#: Exploration and restocking so short that the first round's Gaussian misses the mode (and no
+#: tempered SMC run, whose particles would find it).
 TINY = {
+    "smc_explore": 0,
     "num_explore": 100,
     "explore_steps": 3,
     "restock_steps": 2,
@@ -180,9 +182,9 @@ def test_every_round_missed_warns_and_is_marked_unreliable():
         idata.sample_stats["log_weight"].values,
     ):
         assert np.isfinite(values).all()
-    assert (
-        math.isfinite(attrs["log_normalizer"]) and attrs["log_normalizer"] < exact - 700
-    )  # far off, and flagged
+    # far off, and flagged (the refreshed bank is 96 copies of one point, so its Gaussian has no
+    # width and the error can have either sign)
+    assert math.isfinite(attrs["log_normalizer"]) and abs(attrs["log_normalizer"] - exact) > 700
 
 
 def test_a_normal_diffusion_run_does_not_warn():
