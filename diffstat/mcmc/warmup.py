@@ -8,7 +8,10 @@ regularised covariance :math:`\tfrac{n}{n+5} S + 10^{-3}\tfrac{5}{n+5} D`, with 
 current metric's variances, or :math:`I` while the metric is the identity: Stan's shrinkage in the
 units of the metric in use, see :data:`FLOOR`); a terminal fast window of
 50 iterations adapts the step size to the final metric. After each metric update the step sizes are
-re-initialised by the doubling heuristic and dual averaging restarts, as in Stan.
+re-initialised by the doubling heuristic and dual averaging restarts, as in Stan; a window whose
+estimate does not replace the current metric (too few draws for a dense one, or the current one
+whitens the window better) leaves the step sizes to their running dual averaging, since what they
+were adapted to has not changed.
 
 Step sizes are **per chain** until the last metric update: every chain runs its own dual averaging
 (Hoffman and Gelman 2014) toward the kernel's target acceptance, so one chain still far in a tail,
