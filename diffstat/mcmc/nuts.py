@@ -142,14 +142,13 @@ def _drift(inv_mass: Metric, h: torch.Tensor):
     return lambda p: scaled * p
 
 
-def _evaluate(log_prob_and_grad, x: torch.Tensor, live: torch.Tensor | None, lp, grad):
-    """Log-density and gradient at the rows ``live`` of ``x`` (``None``: all rows), the other rows
+def _evaluate(log_prob_and_grad, x: torch.Tensor, idx: torch.Tensor | None, lp, grad):
+    """Log-density and gradient at the rows ``idx`` of ``x`` (``None``: all rows), the other rows
     keeping ``lp`` and ``grad`` (stale values of stopped rows, never used), and the number of
     points evaluated."""
-    if live is None:
+    if idx is None:
         lp, grad = log_prob_and_grad(x)
         return lp, grad, x.shape[0]
-    idx = live.nonzero().squeeze(1)
     lp_live, grad_live = log_prob_and_grad(x.index_select(0, idx))
     return lp.index_copy(0, idx, lp_live), grad.index_copy(0, idx, grad_live), idx.numel()
 
@@ -202,10 +201,10 @@ def _build_subtree(log_prob_and_grad, start, h, inv_mass, h0, depth, generator, 
     for k in range(size):
         evaluate_at = None
         if sync_free and k:
-            num_live = int(live.sum())
-            if num_live == 0:
+            idx = live.nonzero().squeeze(1)
+            if idx.numel() == 0:
                 break  # every row stopped: the rest of the subtree would be discarded anyway
-            evaluate_at = live if num_live < batch else None
+            evaluate_at = idx if idx.numel() < batch else None
         p = p + kick
         x = x + drift(p)
         lp, grad, count = _evaluate(log_prob_and_grad, x, evaluate_at, lp, grad)
@@ -277,9 +276,9 @@ class _Tree:
         batch, dim = self.rho.shape
         fwd = _directions(generator, self.rows, self.rho)
         arange = torch.arange(batch, device=fwd.device)
-        flat = self.ends.view(2 * batch, 4 * dim)
-        near = flat.index_select(0, fwd * batch + arange)  # the end the subtree grows from
-        far = flat.index_select(0, (1 - fwd) * batch + arange)
+        flat, near_rows = self.ends.view(2 * batch, 4 * dim), fwd * batch + arange
+        near = flat.index_select(0, near_rows)  # the end the subtree grows from
+        v_far = flat[:, 3 * dim :].index_select(0, (1 - fwd) * batch + arange)
         x, p, grad, v_near = near.split(dim, -1)
         h, h0 = self.chain[:, :1] * (2 * fwd - 1).unsqueeze(-1), self.chain[:, 1]  # signed steps, H0
         start = (x, p, grad)
@@ -289,7 +288,7 @@ class _Tree:
         take = sub.valid & (u < torch.exp(sub.log_weight - self.log_weight))
         self.sample = _replace_rows(self.sample, take, sub.proposal, sync_free)
         self.log_weight = torch.logaddexp(self.log_weight, sub.log_weight)  # used only where valid
-        (p_first, v_first), v_last, v_far = sub.first, sub.last[:, 3 * dim :], far[:, 3 * dim :]
+        (p_first, v_first), v_last = sub.first, sub.last[:, 3 * dim :]
         rho = self.rho + sub.rho
         extended_old, extended_new = self.rho + p_first, sub.rho + p
         no_turn = _no_turn(
@@ -298,25 +297,20 @@ class _Tree:
         )
         self.rho = rho
         self.stats += torch.stack([take, sub.valid, sub.num_leapfrog, sub.sum_accept, sub.diverging], -1)
-        self._keep(sub.valid & no_turn, fwd, sub.last, far)
+        self._keep(sub.valid & no_turn, near_rows, sub.last)
         return sub.num_evals
 
-    def _keep(self, go_on: torch.Tensor, fwd, last, far) -> None:
-        """Write the chains that stop to the outputs and compact the rest; the end in direction
-        ``fwd`` of those that go on becomes the subtree's ``last`` leaf, the other stays ``far``."""
+    def _keep(self, go_on: torch.Tensor, near_rows, last) -> None:
+        """The subtree's ``last`` leaf becomes each tree's end it grew from (rows ``near_rows`` of
+        the flattened ends, in place); write the chains that stop to the outputs and compact the rest."""
+        self.ends.view(-1, last.shape[1]).index_copy_(0, near_rows, last)
         keep = go_on.nonzero().squeeze(1)  # the one host sync per doubling
         if keep.numel() < go_on.numel():
             self.retire(~go_on)
             for name in self.PER_CHAIN:
                 setattr(self, name, getattr(self, name).index_select(0, keep))
             self.inv_mass = _metric_rows(self.inv_mass, keep)
-            fwd, last, far = fwd.index_select(0, keep), last.index_select(0, keep), far.index_select(0, keep)
-        batch = keep.numel()
-        arange = torch.arange(batch, device=fwd.device)
-        self.ends = torch.empty((2, batch, last.shape[1]), dtype=last.dtype, device=last.device)
-        self.ends.view(2 * batch, last.shape[1]).index_copy_(0, fwd * batch + arange, last).index_copy_(
-            0, (1 - fwd) * batch + arange, far
-        )
+            self.ends = self.ends.index_select(1, keep)
 
     def retire(self, stop: torch.Tensor | None = None) -> None:
         """Write the chains ``stop`` (all when None) to the outputs."""

@@ -8,7 +8,10 @@ regularised covariance :math:`\tfrac{n}{n+5} S + 10^{-3}\tfrac{5}{n+5} D`, with 
 current metric's variances, or :math:`I` while the metric is the identity: Stan's shrinkage in the
 units of the metric in use, see :data:`FLOOR`); a terminal fast window of
 50 iterations adapts the step size to the final metric. After each metric update the step sizes are
-re-initialised by the doubling heuristic and dual averaging restarts, as in Stan.
+re-initialised by the doubling heuristic and dual averaging restarts, as in Stan; a window whose
+estimate does not replace the current metric (too few draws for a dense one, or the current one
+whitens the window better) leaves the step sizes to their running dual averaging, since what they
+were adapted to has not changed.
 
 Step sizes are **per chain** until the last metric update: every chain runs its own dual averaging
 (Hoffman and Gelman 2014) toward the kernel's target acceptance, so one chain still far in a tail,
@@ -184,8 +187,19 @@ def _window_metric(acc, metric: str, dtype, current: Metric) -> tuple[Metric, st
 
 def _end_window(acc, acc_g, metric, dtype, old_metric, state, accept_prob, dual, jittered, pooled, remaining):
     """At a slow window's end: the new metric, step sizes re-initialised (pooled to one before the
-    terminal window), the HMC length carried into the new metric's units."""
+    terminal window), the HMC length carried into the new metric's units.
+
+    When the current metric is kept, the step sizes adapted to it stay valid, so dual averaging goes
+    on where it was (Stan restarts it only because its metric always changes): a restart's
+    :math:`\\mu = \\log 10h` sends the step sizes up and then overshoots down, and NUTS pays for every
+    small step with a doubled tree. Before the terminal window the chains' averaged step sizes are then
+    pooled at their median, centred there (no push toward larger steps: nothing changed to explore).
+    """
     inv_mass, kind, estimate = _estimate_metric(acc, acc_g, metric, dtype, old_metric)
+    if inv_mass is old_metric:
+        if pooled:
+            dual.restart(torch.exp(torch.log(dual.final_step_size).median()), 1.0)
+        return inv_mass, kind
     old = dual.final_step_size
     new = initial_step_sizes(lambda h: accept_prob(state, h, inv_mass), old)
     if jittered is not None and inv_mass is not old_metric:  # follow the widest direction's scale

@@ -189,3 +189,35 @@ def test_whitening_loss_is_smallest_at_the_posterior_covariance():
     var = torch.tensor([1.0, 4.0], dtype=torch.float64)
     assert whitening_loss(var, var, 1 / var) == pytest.approx(4.0)
     assert whitening_loss(None, var, 1 / var) == pytest.approx(5 + 1.25)
+
+
+def test_a_kept_metric_keeps_the_adapted_step_sizes():
+    # A window too short for a dense estimate (10 draws in 3-d, under DENSE_MIN_DRAWS_PER_DIM) keeps
+    # the current dense metric: dual averaging then goes on untouched, without the trial steps of a
+    # re-initialisation (the probe raises if called); before the terminal window the chains' averaged
+    # step sizes are pooled at their median, centred there (mu = log h, not log 10 h).
+    from diffstat.mcmc.adaptation import DualAveraging, WelfordCovariance
+    from diffstat.mcmc.metric import DenseMetric
+    from diffstat.mcmc.warmup import _end_window
+
+    gen = torch.Generator().manual_seed(0)
+    acc, acc_g = WelfordCovariance(3), WelfordCovariance(3)
+    acc.update(torch.randn(10, 3, generator=gen, dtype=torch.float64))
+    acc_g.update(torch.randn(10, 3, generator=gen, dtype=torch.float64))
+    current = DenseMetric.from_covariance(torch.eye(3, dtype=torch.float64))
+
+    def probe(state, h, inv_mass):
+        raise AssertionError("the step sizes were re-initialised")
+
+    dual = DualAveraging(torch.tensor([0.1, 0.2, 0.4, 0.8], dtype=torch.float64), 0.8)
+    for a in (0.9, 0.7, 0.95):
+        dual.update(torch.tensor([a, 0.6, 0.85, 0.5], dtype=torch.float64))
+    step, averaged, h_bar = dual.step_size.clone(), dual.final_step_size.clone(), dual.h_bar.clone()
+    args = (acc, acc_g, "dense", torch.float64, current, None, probe, dual, None)
+    inv_mass, kind = _end_window(*args, False, 100)
+    assert inv_mass is current and kind == "dense"
+    assert dual.t == 3 and torch.equal(dual.step_size, step) and torch.equal(dual.h_bar, h_bar)
+    inv_mass, _ = _end_window(*args, True, 50)
+    pooled = torch.exp(torch.log(averaged).median())
+    assert inv_mass is current and dual.t == 0
+    assert torch.allclose(dual.step_size, pooled) and torch.allclose(dual.mu, torch.log(pooled))
