@@ -206,7 +206,7 @@ def explore_modes(
     if extra_starts is not None:
         x0 = torch.cat([x0, extra_starts.to(x0)])
         s = torch.cat([s, torch.ones(extra_starts.shape[0], 1, dtype=s.dtype, device=dev)])
-    target.validate(x0[: min(num_chains, 16)])
+    target.validate(x[: min(num_chains, 16)])  # reference draws: a start scaled 4 times may be NaN
     h0 = step_size * s.squeeze(-1) ** 2
     with progress_bar(3, "diffusion: exploring modes", progress) as bar:
         state, q3, q4 = explore(generator, target.log_prob_and_grad, x0, num_steps, h0)
