@@ -179,15 +179,12 @@ def _normal_scores(ordered: np.ndarray, order: np.ndarray, shape: tuple[int, ...
     change = ordered[:, 1:] != ordered[:, :-1]  # a new value starts after position i
     if change.all():  # no ties: rank i + 1 at sorted position i, the same scores for every row
         scores = np.broadcast_to(table[::2], (k, size))
-    else:
-        index = np.arange(size)
+    else:  # runs of equal values (MCMC repeats a draw at every rejection): first + last per run
         starts = np.ones((k, size), dtype=bool)
         starts[:, 1:] = change
-        ends = np.ones((k, size), dtype=bool)
-        ends[:, :-1] = change
-        first = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
-        last = np.minimum.accumulate(np.where(ends, index, size - 1)[:, ::-1], axis=1)[:, ::-1]
-        scores = table[first + last]
+        first = np.flatnonzero(starts)  # every row starts a run
+        length = np.diff(first, append=k * size)
+        scores = table[np.repeat(2 * (first % size) + length - 1, length)].reshape(k, size)
     z = np.empty((k, size))
     np.put_along_axis(z, order, scores, axis=1)
     return z.reshape(shape)
