@@ -260,9 +260,11 @@ def _ess(y: np.ndarray) -> np.ndarray:
     flat = y.reshape(k, -1)
     constant = flat.max(axis=1) - flat.min(axis=1) < np.finfo(float).resolution
     means = y.mean(axis=2, keepdims=True)
-    spectrum = fft.rfft(y - means, n=fft.next_fast_len(2 * n, real=True), axis=2)
+    padded = np.zeros((k, chains, fft.next_fast_len(2 * n, real=True)))  # zero-padded: no circular wrap
+    np.subtract(y, means, out=padded[:, :, :n])
+    spectrum = fft.rfft(padded, axis=2)
     power = (spectrum.real**2 + spectrum.imag**2).mean(axis=1)  # averaged over chains: irfft is linear
-    acov = fft.irfft(power, n=fft.next_fast_len(2 * n, real=True), axis=1)[:, :n] / n
+    acov = fft.irfft(power, n=padded.shape[2], axis=1)[:, :n] / n
     mean_var = acov[:, :1] * n / (n - 1.0)
     var_plus = mean_var * (n - 1.0) / n + means[..., 0].var(axis=1, ddof=1)[:, None]
     rho = 1.0 - (mean_var - acov) / var_plus
