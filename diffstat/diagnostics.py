@@ -26,10 +26,11 @@ From draws ``(chain, draw, dim)`` and per-draw sample statistics (``lp``, ``acce
 
   :func:`rank_diagnostics` computes these for every coordinate at once and reproduces
   :func:`arviz.rhat` (``method="rank"``) and :func:`arviz.ess` (``"bulk"``, ``"tail"``) to
-  rounding, several times faster: arviz loops over coordinates and ranks the same draws three
-  times each, where here one sort per coordinate gives the normal scores of R-hat and bulk ESS, the
-  folded draws' order (merged from it in linear time) and the tail quantiles, and one batched FFT
-  per statistic gives every chain's autocovariances.
+  rounding, 1.7 to 6 times faster (``docs/mala_overhead.md``): arviz loops over coordinates and
+  ranks the same draws three times each, where here one sort per coordinate, of its runs of
+  repeated draws (a rejected MCMC step repeats the draw), gives the normal scores of R-hat and bulk
+  ESS, the folded draws' order (merged from it in linear time) and the tail quantiles, and one
+  batched FFT per statistic gives every chain's autocovariances.
 - the **number and fraction of divergent transitions** (the kernel's ``diverging`` flag).
 - **stuck chains**: a chain whose mean acceptance probability is below
   :data:`STUCK_ACCEPTANCE`, or (without ``acceptance_rate``) whose draws changed in fewer than
@@ -54,6 +55,7 @@ import functools
 import math
 import warnings
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -167,26 +169,74 @@ def _split_chains(x: np.ndarray) -> np.ndarray:
     return np.concatenate([x[:, :, : n // 2], x[:, :, n // 2 + 1 :]], axis=1)
 
 
-def _normal_scores(ordered: np.ndarray, order: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    r"""Normal scores of pooled values from their sort: ``ordered`` ``(k, S)`` ascending, ``order``
-    ``(k, S)`` their positions in the pooled rows; returns ``z`` of ``shape`` ``(k, chains, n)``.
+class _Pooled(NamedTuple):
+    """One coordinate's draws pooled over chains and sorted, each run of repeats in a chain (an MCMC
+    draw repeats at every rejection) one item: ``values`` ascending, ``weight`` the run lengths,
+    ``cum`` their cumulative sums (the sorted position after each item) and ``runs`` each item's
+    run index in draw order, all ``(m,)``. The ranks are those of the ``S`` draws, but only ``m``
+    items are sorted: at MALA's acceptance of 0.57, 57% of the draws."""
 
-    Average ranks of ties, :math:`r = (\mathrm{first} + \mathrm{last})/2 + 1` over a run of equal
-    values, so :math:`2r - 2` is an integer below :math:`2S - 1` and :math:`\Phi^{-1}` is evaluated
-    once per possible rank on a table shared by all rows, then scattered back to the draws."""
-    k, size = ordered.shape
+    values: np.ndarray
+    weight: np.ndarray
+    cum: np.ndarray
+    runs: np.ndarray
+
+    def at(self, position: int) -> float:
+        """The value at 0-based ``position`` of all ``S`` draws sorted."""
+        return self.values[np.searchsorted(self.cum, position, side="right")]
+
+
+def _pool(x: np.ndarray) -> tuple[list[_Pooled], list[np.ndarray | None]]:
+    """Each row of ``x: (k, chains, n)`` as a :class:`_Pooled`, and each draw's run index ``(S,)``
+    per row (None where no draw repeats its predecessor: every run is one draw)."""
+    k, size = x.shape[0], x.shape[1] * x.shape[2]
+    new = np.ones(x.shape, dtype=bool)
+    new[:, :, 1:] = x[:, :, 1:] != x[:, :, :-1]
+    new, flat = new.reshape(k, -1), x.reshape(k, -1)
+    rows, draw_runs = [], []
+    for row in range(k):
+        if new[row].all():
+            order = np.argsort(flat[row])
+            ones = np.ones(size, dtype=np.int64)
+            rows.append(_Pooled(flat[row, order], ones, np.arange(1, size + 1), order))
+            draw_runs.append(None)
+            continue
+        start = np.flatnonzero(new[row])
+        order = np.argsort(flat[row, start])
+        weight = np.diff(start, append=size)[order]
+        rows.append(_Pooled(flat[row, start[order]], weight, np.cumsum(weight), order))
+        draw_runs.append(np.cumsum(new[row]) - 1)
+    return rows, draw_runs
+
+
+def _normal_scores(rows: list[_Pooled], runs: list, shape: tuple[int, ...]) -> np.ndarray:
+    r"""Normal scores of every draw, ``z`` of ``shape`` ``(k, chains, n)``, from the sorted runs
+    and each draw's run index (:func:`_pool`).
+
+    A value's average rank among all :math:`S` draws is :math:`r = (\#\{< v\} + \#\{\le v\} + 1)/2`,
+    so :math:`2r - 2` is an integer below :math:`2S - 1` and :math:`\Phi^{-1}` is evaluated once per
+    possible rank on a table shared by all rows, then spread back to the draws through their runs."""
+    size = shape[1] * shape[2]
     table = _score_table(size)
-    change = ordered[:, 1:] != ordered[:, :-1]  # a new value starts after position i
-    if change.all():  # no ties: rank i + 1 at sorted position i, the same scores for every row
-        scores = np.broadcast_to(table[::2], (k, size))
-    else:  # runs of equal values (MCMC repeats a draw at every rejection): first + last per run
-        starts = np.ones((k, size), dtype=bool)
-        starts[:, 1:] = change
-        first = np.flatnonzero(starts)  # every row starts a run
-        length = np.diff(first, append=k * size)
-        scores = table[np.repeat(2 * (first % size) + length - 1, length)].reshape(k, size)
-    z = np.empty((k, size))
-    np.put_along_axis(z, order, scores, axis=1)
+    z = np.empty((len(rows), size))
+    for row, p in enumerate(rows):
+        change = p.values[1:] != p.values[:-1]
+        if runs[row] is None and change.all():  # all draws distinct: rank i + 1 at position i
+            z[row, p.runs] = table[::2]
+            continue
+        less = p.cum - p.weight
+        if change.all():
+            twice = less + p.cum - 1
+        else:  # equal values in several runs share the counts of their first and last item
+            first = np.flatnonzero(np.concatenate([[True], change]))
+            length = np.diff(first, append=len(p.values))
+            twice = np.repeat(less[first] + p.cum[first + length - 1] - 1, length)
+        if runs[row] is None:  # one draw per run
+            z[row, p.runs] = table[twice]
+        else:
+            by_run = np.empty(len(p.values))
+            by_run[p.runs] = table[twice]
+            z[row] = by_run[runs[row]]
     return z.reshape(shape)
 
 
@@ -202,27 +252,23 @@ def _score_table(size: int) -> np.ndarray:
     return table
 
 
-def _sorted(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row of ``x: (k, chains, n)`` pooled and sorted: the values and their positions ``(k, S)``."""
-    flat = x.reshape(x.shape[0], -1)
-    order = np.argsort(flat, axis=1)
-    return np.take_along_axis(flat, order, axis=1), order
-
-
-def _folded_sorted(ordered: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    r"""The sort of :math:`|x - \mathrm{median}|` from the sort of ``x``, without sorting again: the
-    values below the median, reversed, and the others are two ascending runs, which a stable sort
-    (timsort) merges in linear time."""
-    k, size = ordered.shape
+def _folded(p: _Pooled) -> _Pooled:
+    r"""The sorted runs of :math:`|x - \mathrm{median}|` from those of ``x``, without sorting again:
+    the runs below the median, reversed, and the others are two ascending sequences, which a stable
+    sort (timsort) merges in linear time."""
+    size = int(p.cum[-1])
     mid = size // 2
-    median = ordered[:, mid] if size % 2 else (ordered[:, mid - 1] + ordered[:, mid]) / 2
-    folded = np.abs(ordered - median[:, None])
-    runs, positions = np.empty_like(folded), np.empty_like(order)
-    for row, below in enumerate((ordered < median[:, None]).sum(axis=1)):
-        runs[row, :below], runs[row, below:] = folded[row, :below][::-1], folded[row, below:]
-        positions[row, :below], positions[row, below:] = order[row, :below][::-1], order[row, below:]
-    merged = np.argsort(runs, axis=1, kind="stable")
-    return np.take_along_axis(runs, merged, axis=1), np.take_along_axis(positions, merged, axis=1)
+    median = p.at(mid) if size % 2 else (p.at(mid - 1) + p.at(mid)) / 2
+    below = int(np.searchsorted(p.values, median, side="left"))
+    index = np.arange(len(p.values))
+    two_runs = np.concatenate([index[:below][::-1], index[below:]])
+    folded = np.abs(p.values[two_runs] - median)
+    merged = np.argsort(folded, kind="stable")
+    source = two_runs[merged]
+    if len(p.values) == size:  # one draw per run: the weights stay ones
+        return _Pooled(folded[merged], p.weight, p.cum, p.runs[source])
+    weight = p.weight[source]
+    return _Pooled(folded[merged], weight, np.cumsum(weight), p.runs[source])
 
 
 def _split_rhat(z: np.ndarray) -> np.ndarray:
@@ -235,12 +281,13 @@ def _split_rhat(z: np.ndarray) -> np.ndarray:
     return np.sqrt((between / within + n - 1) / n)
 
 
-def _rank_rhat(split: np.ndarray, ordered: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rank-normalised split R-hat of ``split: (k, chains, n)`` (the larger of the bulk and the folded
-    value, NaN ranked first as Python's ``max`` does) and the bulk normal scores."""
-    z = _normal_scores(ordered, order, split.shape)
+def _rank_rhat(shape: tuple[int, ...], rows: list[_Pooled], runs: list) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-normalised split R-hat of split draws of ``shape`` ``(k, chains, n)`` from their sorted
+    runs (the larger of the bulk and the folded value, NaN ranked first as Python's ``max`` does)
+    and the bulk normal scores."""
+    z = _normal_scores(rows, runs, shape)
     bulk = _split_rhat(z)
-    folded = _split_rhat(_normal_scores(*_folded_sorted(ordered, order), split.shape))
+    folded = _split_rhat(_normal_scores([_folded(p) for p in rows], runs, shape))
     return np.where(folded > bulk, folded, bulk), z
 
 
@@ -284,17 +331,17 @@ def _ess(y: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(rho[:, 1]) & ~constant, np.nan, ess)
 
 
-def _tail_ess(x: np.ndarray, ordered: np.ndarray) -> np.ndarray:
-    """Tail ESS of each row of ``x: (k, chains, n)`` from its pooled sorted values ``(k, S)``: the
-    smaller ESS of the indicators of the 5% and 95% quantiles (type 7, computed as arviz's
-    ``mquantiles`` does, so that a tie at the quantile is classified the same way)."""
-    size = ordered.shape[1]
+def _tail_ess(x: np.ndarray, at) -> np.ndarray:
+    """Tail ESS of each row of ``x: (k, chains, n)``, ``at(j)`` giving every row's ``j``-th smallest
+    draw ``(k,)``: the smaller ESS of the indicators of the 5% and 95% quantiles (type 7, computed as
+    arviz's ``mquantiles`` does, so that a tie at the quantile is classified the same way)."""
+    size = x.shape[1] * x.shape[2]
     out = []
     for p in (0.05, 0.95):
         aleph = size * p + (1.0 - p)  # mquantiles with alphap = betap = 1
         j = int(np.floor(np.clip(aleph, 1, size - 1)))
         gamma = float(np.clip(aleph - j, 0, 1))
-        q = (1.0 - gamma) * ordered[:, j - 1] + gamma * ordered[:, j]
+        q = (1.0 - gamma) * at(j - 1) + gamma * at(j)
         out.append(_ess(_split_chains((x <= q[:, None, None]).astype(float))))
     low, high = out
     return np.where(high < low, high, low)
@@ -305,10 +352,10 @@ def rank_diagnostics(draws) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     Vehtari, Gelman, Simpson, Carpenter and Buerkner (2021), as ``arviz.rhat(method="rank")`` and
     ``arviz.ess(method="bulk" | "tail")`` compute them coordinate by coordinate (the figures agree to
-    rounding), but batched: one sort per coordinate serves the normal scores of R-hat and bulk ESS,
-    the folded draws' sort is merged from it, the tail quantiles are read off it, and one FFT per
-    statistic covers every chain and coordinate. With one chain, R-hat compares its quarters
-    (the chain is halved, and each half split again) and ESS its halves.
+    rounding), but batched: one sort per coordinate (of its runs of repeated draws) serves the normal
+    scores of R-hat and bulk ESS, the folded draws' sort is merged from it, the tail quantiles are
+    read off it, and one FFT per statistic covers every chain and coordinate. With one chain, R-hat
+    compares its quarters (the chain is halved, and each half split again) and ESS its halves.
 
     Parameters
     ----------
@@ -326,16 +373,19 @@ def rank_diagnostics(draws) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     invalid = np.isnan(x).any(axis=(1, 2))
     x[invalid] = 0.0
     split = _split_chains(x)
-    ordered, order = _sorted(split)
+    rows, runs = _pool(split)
     if chains > 1:
-        rhat, z = _rank_rhat(split, ordered, order)
+        rhat, z = _rank_rhat(split.shape, rows, runs)
     else:  # halves as two chains, split again into quarters; bulk ESS still on the halves
         halves = _split_chains(x[:, :, : 2 * (n // 2)].reshape(x.shape[0], 2, n // 2))
-        rhat = _rank_rhat(halves, *_sorted(halves))[0]
-        z = _normal_scores(ordered, order, split.shape)
+        rhat = _rank_rhat(halves.shape, *_pool(halves))[0]
+        z = _normal_scores(rows, runs, split.shape)
     bulk = _ess(z)
-    pooled = ordered if n % 2 == 0 else np.sort(x.reshape(x.shape[0], -1), axis=1)
-    tail = _tail_ess(x, pooled)
+    if n % 2 == 0:  # the split chains hold every draw
+        tail = _tail_ess(x, lambda j: np.array([p.at(j) for p in rows]))
+    else:
+        ordered = np.sort(x.reshape(x.shape[0], -1), axis=1)
+        tail = _tail_ess(x, lambda j: ordered[:, j])
     return tuple(np.where(invalid, np.nan, v) for v in (rhat, bulk, tail))
 
 

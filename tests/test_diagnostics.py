@@ -68,9 +68,9 @@ def arviz_rank_diagnostics(x):
 def test_rank_diagnostics_reproduce_arviz(chains, n, rho):
     # every branch: one chain (R-hat on quarters), odd and tiny draw counts (Geyer's loop never runs
     # at n = 8 split), strong and negative autocorrelation, and per coordinate: AR(1) draws, heavy
-    # ties (three values), ties on a grid, Cauchy tails, a constant, one chain shifted, a NaN
+    # ties (three values), ties on a grid, Cauchy tails, a constant, one chain shifted, a NaN, held draws
     rng = np.random.default_rng(chains * 1000 + n)
-    x = ar1(n, rho, chains, n, dim=8)
+    x = ar1(n, rho, chains, n, dim=9)
     x[..., 1] = rng.integers(0, 3, size=(chains, n))
     x[..., 2] = np.round(x[..., 2] * 2) / 2
     x[..., 3] = rng.standard_cauchy(size=(chains, n)) ** 3
@@ -78,6 +78,8 @@ def test_rank_diagnostics_reproduce_arviz(chains, n, rho):
     x[0, :, 5] += 1.0
     x[..., 6] = np.where(np.arange(n) < n // 3, x[..., 6], 0.0)  # ties at the median and quantiles
     x[0, n // 2, 7] = np.nan  # a NaN draw: that coordinate's figures are NaN
+    for t in range(1, n):  # repeats, as MCMC rejections leave them: about 40% of steps hold the draw
+        x[:, t, 8] = np.where(rng.random(chains) < 0.4, x[:, t - 1, 8], x[:, t, 8])
     for mine, theirs in zip(rank_diagnostics(x), arviz_rank_diagnostics(x)):
         np.testing.assert_allclose(mine, theirs, rtol=1e-10, atol=0)
 
