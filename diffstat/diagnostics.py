@@ -26,7 +26,7 @@ From draws ``(chain, draw, dim)`` and per-draw sample statistics (``lp``, ``acce
 
   :func:`rank_diagnostics` computes these for every coordinate at once and reproduces
   :func:`arviz.rhat` (``method="rank"``) and :func:`arviz.ess` (``"bulk"``, ``"tail"``) to
-  rounding, 1.7 to 6 times faster (``docs/mala_overhead.md``): arviz loops over coordinates and
+  rounding, 2.7 to 6 times faster (``docs/mala_overhead.md``): arviz loops over coordinates and
   ranks the same draws three times each, where here one sort per coordinate, of its runs of
   repeated draws (a rejected MCMC step repeats the draw), gives the normal scores of R-hat and bulk
   ESS, the folded draws' order (merged from it in linear time) and the tail quantiles, and one
