@@ -4,15 +4,19 @@ Runs, in one process and back to back, (a) ``ds.sample(target, "mala")`` with 1,
 phase, warm-up, sampling, diagnostics and the ArviZ conversion: the user's wall time) and (b) the
 same number of bare ``target.log_prob_and_grad`` calls on batches of 1,000 points, and prints the
 ratio of the two times (goals: at most 2.5 on the Gaussian, 1.3 on the logistic posterior), and
-the same ratio without the time spent in the MCMC diagnostics (rank-normalised R-hat and ESS over
-every chain, timed by wrapping ``diffstat.diagnostics.mcmc_diagnostics``), which at 1,000 chains
-costs more than the sampling itself on cheap targets. Repeats a few times and reports the
-medians, because these machines are noisy. Two cheap targets: an anisotropic Gaussian (the
-gradient costs about 50 microseconds per 1,000 points, so the kernel's own elementwise work shows
-fully) and the Bayesian logistic regression on the ionosphere data in ``data/`` (351 rows, 35
-coefficients).
+the same ratio without the time spent in the MCMC diagnostics (rank-normalised R-hat, bulk and
+tail ESS of every coordinate, :func:`diffstat.diagnostics.rank_diagnostics`, timed by wrapping
+``diffstat.diagnostics.mcmc_diagnostics``): at 1,000 chains they sort every coordinate's
+1,000 x ``--steps`` draws, which on a cheap target costs as much as the sampling. Repeats a few
+times and reports the medians, because these machines are noisy. Two cheap targets: an anisotropic
+Gaussian (the gradient costs about 0.2 ms per 1,000 points, so the kernel's own elementwise work
+and its random numbers show fully) and the Bayesian logistic regression on the ionosphere data in
+``data/`` (351 rows, 34 coefficients; warm-up picks a dense metric there, so each MALA step adds
+three small matrix products and a triangular solve). Measured figures, and where the time goes:
+``docs/mala_overhead.md``.
 
-    python benchmarks/bench_mala_overhead.py [--target gaussian|logistic|both] [--chains 1000]
+    python benchmarks/bench_mala_overhead.py [--target gaussian|logistic|both] [--chains 1000] [--steps 300]
+        [--phases]  # also the seconds of each phase and of the gradient calls inside the run
 """
 
 from __future__ import annotations
@@ -28,23 +32,36 @@ import torch
 
 import diffstat as ds
 import diffstat.diagnostics
+import diffstat.io
+import diffstat.mcmc.sampler
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "ionosphere.csv"
 GOALS = {"gaussian": 2.5, "logistic": 1.3}
+#: What ``--phases`` times: (module, function, label); the diagnostics are timed always.
+PHASES = [
+    (diffstat.mcmc.sampler, "find_start", "start"),
+    (diffstat.mcmc.sampler, "initial_step_sizes", "step-size init"),
+    (diffstat.mcmc.sampler, "windowed_warmup", "warm-up"),
+    (diffstat.mcmc.sampler, "_sample", "sampling"),
+    (diffstat.io, "to_inference_data", "InferenceData"),
+]
 
 
 class Timed:
-    """Wraps a function and adds up the seconds spent in it."""
+    """Wraps a function and adds up the seconds spent in it, and of those the seconds spent inside
+    another ``Timed`` (``inner``: the gradient calls made within a phase)."""
 
-    def __init__(self, fn):
-        self.fn, self.seconds = fn, 0.0
+    def __init__(self, fn, inner: Timed | None = None):
+        self.fn, self.inner, self.seconds, self.inner_seconds = fn, inner, 0.0, 0.0
 
     def __call__(self, *args, **kwargs):
-        t0 = time.perf_counter()
+        t0, inner0 = time.perf_counter(), self.inner.seconds if self.inner else 0.0
         try:
             return self.fn(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - t0
+            if self.inner:
+                self.inner_seconds += self.inner.seconds - inner0
 
 
 def make_target(name: str, dim: int) -> ds.Target:
@@ -72,20 +89,32 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500, help="warm-up and sampling steps each")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--phases", action="store_true", help="also time each phase and the gradient calls inside it"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     diagnose = diffstat.diagnostics.mcmc_diagnostics = Timed(diffstat.diagnostics.mcmc_diagnostics)
+    phases, originals = {}, {label: getattr(module, fn) for module, fn, label in PHASES}
     names = ["gaussian", "logistic"] if args.target == "both" else [args.target]
     for name in names:
         target = make_target(name, args.dim)
+        gradient = Timed(target.log_prob_and_grad)
+        if args.phases:  # the driver looks these up as module globals at each call, so wrapping works
+            target.log_prob_and_grad = gradient
+            for module, fn, label in PHASES:
+                phases[label] = Timed(originals[label], inner=gradient)
+                setattr(module, fn, phases[label])
         # one untimed run first: imports (ArviZ) and allocator warm-up are not the sampler's cost
         ds.sample(
             target, "mala", num_samples=20, num_warmup=20, num_chains=args.chains, seed=0, progress=False
         )
         ratios, without = [], []
         for rep in range(args.repeats):
-            before, diagnose.seconds = target.num_target_evals, 0.0
+            before, diagnose.seconds, gradient.seconds = target.num_target_evals, 0.0, 0.0
+            for timed in phases.values():
+                timed.seconds = timed.inner_seconds = 0.0
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # short runs at 1,000 chains warn about ESS
@@ -99,6 +128,7 @@ def main() -> None:
                     progress=False,
                 )
             t_sampler = time.perf_counter() - t0
+            in_run = gradient.seconds
             calls = (target.num_target_evals - before) // args.chains
             x = torch.randn(args.chains, target.dim)
             t0 = time.perf_counter()
@@ -112,6 +142,12 @@ def main() -> None:
                 f"bare gradients {t_bare:.3f} s ({calls} calls x {args.chains} points), ratio "
                 f"{ratios[-1]:.2f}, without diagnostics {without[-1]:.2f}"
             )
+            if args.phases:
+                print(
+                    "  phases, s (of which gradient calls): "
+                    + ", ".join(f"{k} {t.seconds:.3f} ({t.inner_seconds:.3f})" for k, t in phases.items())
+                    + f"; all gradient calls of the run {in_run:.3f} s (bare {t_bare:.3f} s)"
+                )
         print(
             f"{name} (dim {target.dim}): median ratio sampler / bare gradient time "
             f"{statistics.median(ratios):.2f} (goal <= {GOALS[name]}), without diagnostics "

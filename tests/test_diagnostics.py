@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import diffstat as ds
-from diffstat.diagnostics import ESS_PER_CHAIN, e_bfmi, mcmc_diagnostics
+from diffstat.diagnostics import ESS_PER_CHAIN, e_bfmi, ess_needed, mcmc_diagnostics, rank_diagnostics
 from diffstat.targets import Funnel
 
 F64 = torch.float64
@@ -49,6 +49,41 @@ def test_rhat_and_ess_match_arviz_per_coordinate():
     assert any("R-hat" in m and "coordinate 1" in m for m in d.messages)
 
 
+def arviz_rank_diagnostics(x):
+    """arviz's rank R-hat (on the two halves of a single chain, as mcmc_diagnostics feeds it), bulk
+    and tail ESS of every coordinate of ``x: (chain, draw, dim)``."""
+    chains, n, _ = x.shape
+    split = x if chains > 1 else x[:, : 2 * (n // 2)].reshape(2, n // 2, -1)
+    return (
+        az.rhat({"x": split}, method="rank")["x"].values,
+        az.ess({"x": x}, method="bulk")["x"].values,
+        az.ess({"x": x}, method="tail")["x"].values,
+    )
+
+
+@pytest.mark.parametrize(
+    "chains, n, rho",
+    [(4, 200, 0.3), (1, 101, 0.5), (3, 51, -0.4), (7, 9, 0.0), (2, 8, 0.9), (1, 8, 0.2), (4, 400, 0.97)],
+)
+def test_rank_diagnostics_reproduce_arviz(chains, n, rho):
+    # every branch: one chain (R-hat on quarters), odd and tiny draw counts (Geyer's loop never runs
+    # at n = 8 split), strong and negative autocorrelation, and per coordinate: AR(1) draws, heavy
+    # ties (three values), ties on a grid, Cauchy tails, a constant, one chain shifted, a NaN, held draws
+    rng = np.random.default_rng(chains * 1000 + n)
+    x = ar1(n, rho, chains, n, dim=9)
+    x[..., 1] = rng.integers(0, 3, size=(chains, n))
+    x[..., 2] = np.round(x[..., 2] * 2) / 2
+    x[..., 3] = rng.standard_cauchy(size=(chains, n)) ** 3
+    x[..., 4] = 1.5
+    x[0, :, 5] += 1.0
+    x[..., 6] = np.where(np.arange(n) < n // 3, x[..., 6], 0.0)  # ties at the median and quantiles
+    x[0, n // 2, 7] = np.nan  # a NaN draw: that coordinate's figures are NaN
+    for t in range(1, n):  # repeats, as MCMC rejections leave them: about 40% of steps hold the draw
+        x[:, t, 8] = np.where(rng.random(chains) < 0.4, x[:, t - 1, 8], x[:, t, 8])
+    for mine, theirs in zip(rank_diagnostics(x), arviz_rank_diagnostics(x)):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-10, atol=0)
+
+
 def test_ess_of_ar1_chains_is_n_1_minus_rho_over_1_plus_rho():
     # Bulk ESS of AR(1) is n (1 - rho) / (1 + rho); the estimator's relative sd at 4 x 2000 draws,
     # rho = 0.5, measured over 40 seeds, is 6.7%: 4 sds is a 27% band.
@@ -66,6 +101,19 @@ def test_low_ess_is_reported_per_chain():
     d = mcmc_diagnostics(ar1(2, 0.99, 4, 300))
     assert d.ess_bulk_min < ESS_PER_CHAIN * 4
     assert any("ESS" in m and "400 for 4 chains" in m for m in d.messages)
+
+
+def test_ess_threshold_is_100_per_chain_up_to_four_chains():
+    assert [ess_needed(c) for c in (1, 2, 4, 1000)] == [100, 200, 400, 400]
+    # 1,000 well-mixed chains of 50 iid draws: ESS about 50,000, far above Vehtari et al.'s 400 (100
+    # per chain for all 1,000 chains would ask 100,000 and warn)
+    many = mcmc_diagnostics(ar1(10, 0.0, 1000, 50, dim=2))
+    assert 400 < many.ess_bulk_min < 100 * 1000 and many.messages == ()
+    # 4 chains of AR(1) draws with rho = 0.85: ESS about 4000 x 0.15 / 1.85 = 324, above 100 per
+    # chain for one chain's worth but below the 400 four chains need
+    few = mcmc_diagnostics(ar1(11, 0.85, 4, 1000))
+    assert 100 < few.ess_bulk_min < 400
+    assert any("ESS" in m and "below 400 for 4 chains" in m for m in few.messages)
 
 
 def test_e_bfmi_of_ar1_energy_is_2_1_minus_rho():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 
 from diffstat.mcmc.base import LogProbAndGrad, MCMCInfo, MCMCState, as_per_chain, metropolis_accept
 from diffstat.mcmc.metric import DenseMetric, Metric, inverse_quadratic, scale_noise, velocity
 
-__all__ = ["mala_step", "mala_proposal_log_density", "MALA_TARGET_ACCEPT"]
+__all__ = ["mala_step", "mala_fixed_step", "mala_proposal_log_density", "MALA_TARGET_ACCEPT"]
 
 #: Acceptance rate that optimises MALA's efficiency in high dimension (Roberts and Rosenthal 1998);
 #: every step-size adaptation of a MALA kernel in diffstat aims at it.
@@ -71,28 +74,64 @@ def mala_step(
     (MCMCState, MCMCInfo)
         The new points and, per chain, the acceptance probability, acceptance and divergence.
     """
+    return _step(generator, state, log_prob_and_grad, inv_mass, _constants(step_size, inv_mass, state.x))
+
+
+def mala_fixed_step(step_size, inv_mass: Metric, like: torch.Tensor) -> Callable:
+    r""":func:`mala_step` with the step size and metric fixed, as in the sampling phase: the per-step
+    constants (:math:`h M^{-1}`, :math:`\sqrt{2 h M^{-1}}`, :math:`-1/(4 h M^{-1})`) are computed once
+    here, not at every step. Returns ``step(generator, state, log_prob_and_grad) -> (state, info)``,
+    whose draws equal :func:`mala_step`'s bit for bit; ``like: (n, dim)`` gives dtype and device."""
+    constants = _constants(step_size, inv_mass, like)
+    return lambda generator, state, log_prob_and_grad: _step(
+        generator, state, log_prob_and_grad, inv_mass, constants
+    )
+
+
+class _Constants(NamedTuple):
+    r"""What a step needs of ``h`` and :math:`M^{-1}`. Diagonal metric: ``drift`` :math:`h M^{-1}`
+    (``(dim,)`` shared or ``(n, dim)``), ``scale`` :math:`\sqrt{2 h M^{-1}}`, ``precision``
+    :math:`-1/(4 h M^{-1})` (the weight of the backward quadratic) and ``halves`` (0.5 per
+    coordinate, shared case only). Dense metric: ``drift`` is :math:`h` ``(n, 1)``, ``scale``
+    :math:`\sqrt{2h}` and ``precision`` the quadratic's divisor :math:`4h` ``(n,)``."""
+
+    drift: torch.Tensor
+    scale: torch.Tensor
+    precision: torch.Tensor
+    halves: torch.Tensor | None
+
+
+def _constants(step_size, inv_mass: Metric, x: torch.Tensor) -> _Constants:
+    if isinstance(inv_mass, DenseMetric):
+        h = as_per_chain(step_size, x)
+        return _Constants(h, torch.sqrt(2 * h), 4 * h.squeeze(-1), None)
+    # the diagonal metric is folded into the step once: drift = h M^{-1}, elementwise
+    drift = _diagonal_drift(step_size, inv_mass, x)
+    halves = torch.full_like(drift, 0.5) if drift.dim() == 1 else None
+    return _Constants(drift, (2 * drift).sqrt_(), drift.reciprocal().mul_(-0.25), halves)
+
+
+def _step(generator, state: MCMCState, log_prob_and_grad, inv_mass: Metric, c: _Constants):
+    """One MALA step (:func:`mala_step`) from precomputed constants."""
     x, g = state.x, state.grad
     noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     if isinstance(inv_mass, DenseMetric):
-        h = as_per_chain(step_size, x)
-        forward = h * velocity(inv_mass, g) + torch.sqrt(2 * h) * scale_noise(inv_mass, noise)  # y - x
+        h = c.drift
+        forward = h * velocity(inv_mass, g) + c.scale * scale_noise(inv_mass, noise)  # y - x
         y = x + forward
         lp_y, g_y = log_prob_and_grad(y)
         backward = forward + h * velocity(inv_mass, g_y)  # y - x + h M^{-1} grad(y)
-        log_q_backward = -inverse_quadratic(inv_mass, backward) / (4 * h.squeeze(-1))
+        log_q_backward = -inverse_quadratic(inv_mass, backward) / c.precision
         log_ratio = lp_y - state.log_prob + log_q_backward + 0.5 * (noise**2).sum(-1)
     else:
-        # the diagonal metric is folded into the step once: drift = h M^{-1}, elementwise
-        drift = _diagonal_drift(step_size, inv_mass, x)
-        forward = torch.addcmul(drift * g, (2 * drift).sqrt_(), noise)  # y - x
+        drift = c.drift
+        forward = torch.addcmul(drift * g, c.scale, noise)  # y - x
         y = x + forward
         lp_y, g_y = log_prob_and_grad(y)
         backward = forward.addcmul_(drift, g_y).square_()  # (y - x + h M^{-1} grad(y))^2, in place
-        neg_precision = drift.reciprocal().mul_(-0.25)  # log q(x | y) = sum(backward * neg_precision)
-        log_ratio = lp_y - state.log_prob
-        if drift.dim() == 1:  # shared: both row sums as matrix-vector products, the cheapest reduction
-            halves = torch.full_like(drift, 0.5)
-            log_ratio = log_ratio.addmv_(noise.square_(), halves).addmv_(backward, neg_precision)
+        log_ratio = lp_y - state.log_prob  # log q(x | y) = sum(backward * precision)
+        if c.halves is not None:  # shared: both row sums as matrix-vector products, the cheapest
+            log_ratio = log_ratio.addmv_(noise.square_(), c.halves).addmv_(backward, c.precision)
         else:
-            log_ratio = log_ratio + noise.square_().mul_(0.5).addcmul_(backward, neg_precision).sum(-1)
+            log_ratio = log_ratio + noise.square_().mul_(0.5).addcmul_(backward, c.precision).sum(-1)
     return metropolis_accept(generator, state, MCMCState(y, lp_y, g_y), log_ratio, x.shape[0])

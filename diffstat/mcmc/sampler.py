@@ -41,7 +41,7 @@ from diffstat.mcmc.chees import (
     jittered_hmc_step,
 )
 from diffstat.mcmc.hmc import HMC_TARGET_ACCEPT
-from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
+from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_fixed_step, mala_step
 from diffstat.mcmc.metric import DenseMetric
 from diffstat.mcmc.nuts import nuts_step
 from diffstat.mcmc.rwm import RWM_TARGET_ACCEPT, rwm_step
@@ -66,12 +66,23 @@ def _own_accept_prob(step):
 @dataclass(frozen=True)
 class KernelSpec:
     """A kernel as the driver sees it: its step, the acceptance probe used to initialise step sizes,
-    its target acceptance, and the extra Info fields recorded as ``sample_stats`` (stat -> field)."""
+    its target acceptance, the extra Info fields recorded as ``sample_stats`` (stat -> field), and
+    optionally ``fixed(step_size, inv_mass, like) -> step(generator, state, lpg, **kw)``, the step
+    with the sampling phase's fixed step size and metric whose per-step constants are computed once
+    (the same draws, bit for bit)."""
 
     step: Callable
     accept_prob: Callable
     target_accept: float
     stats: dict = field(default_factory=dict)
+    fixed: Callable | None = None
+
+    def with_fixed(self, step: Callable, step_size, inv_mass, like: torch.Tensor) -> Callable:
+        """``step`` (this kernel's, possibly with options bound) with ``step_size`` and ``inv_mass``
+        fixed, as ``step(generator, state, lpg, **kw)``."""
+        if self.fixed is not None:
+            return self.fixed(step_size, inv_mass, like)
+        return lambda generator, state, lpg, **kw: step(generator, state, lpg, step_size, inv_mass, **kw)
 
 
 KERNELS = {
@@ -84,7 +95,7 @@ KERNELS = {
         HMC_TARGET_ACCEPT,
         {"energy": "energy", "n_steps": "num_leapfrog", "tree_depth": "tree_depth"},
     ),
-    "mala": KernelSpec(mala_step, _own_accept_prob(mala_step), MALA_TARGET_ACCEPT),
+    "mala": KernelSpec(mala_step, _own_accept_prob(mala_step), MALA_TARGET_ACCEPT, fixed=mala_fixed_step),
     "rwm": KernelSpec(rwm_step, _own_accept_prob(rwm_step), RWM_TARGET_ACCEPT),
 }
 #: Target acceptance rates per kernel (read by the tempering path's inner moves).
@@ -247,10 +258,12 @@ def _sample(generator, warm, lpg, step, spec, trajectory, num_samples, thin, bar
     stats.update({key: torch.empty(num_samples, n, **like) for key in spec.stats})
     stats["step_size"].fill_(h)
     kw = {"num_steps": trajectory} if isinstance(trajectory, int) else {}
+    jittered = isinstance(trajectory, JitteredLength)
+    fixed = spec.with_fixed(step, h, inv_mass, state.x)
     for i in range(num_samples * thin):
-        if isinstance(trajectory, JitteredLength):
+        if jittered:
             kw["num_steps"] = trajectory.num_steps(generator, h.expand(n), warm.length)
-        state, info = step(generator, state, lpg, h, inv_mass, **kw)
+        state, info = fixed(generator, state, lpg, **kw)
         if (i + 1) % thin == 0:
             j = i // thin
             draws[j] = state.x

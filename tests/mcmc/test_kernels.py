@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from diffstat.mcmc import hmc_step, init, mala_step, rwm_step, ula_step, underdamped_init, underdamped_step
-from diffstat.mcmc.mala import mala_proposal_log_density
+from diffstat.mcmc.mala import mala_fixed_step, mala_proposal_log_density
+from diffstat.mcmc.metric import DenseMetric
 
 SCALES = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
 
@@ -133,3 +134,34 @@ def test_ula_and_underdamped_sample_gaussian_for_small_steps():
         state = underdamped_step(gen, state, score, 0.1, friction=1.0)
     rel = (state.x.var(0) - SCALES**2) / SCALES**2
     assert rel.abs().max() < 0.1
+
+
+@pytest.mark.parametrize(
+    "step_size, inv_mass",
+    [
+        (0.3, None),  # identity metric, scalar step
+        (0.3, torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)),  # shared diagonal metric
+        (torch.linspace(0.1, 0.5, 8, dtype=torch.float64), SCALES**2),  # per-chain step sizes
+        (0.3, DenseMetric.from_covariance(torch.tensor([[1.0, 0.3, 0.0], [0.3, 2.0, 0.5], [0.0, 0.5, 1.5]]))),
+    ],
+)
+def test_mala_fixed_step_is_mala_step_bit_for_bit(step_size, inv_mass):
+    # the sampling phase computes the step's constants once: the chain must not change by one bit
+    if isinstance(inv_mass, DenseMetric):
+        inv_mass = inv_mass.to(torch.float64)
+    x0 = torch.randn(8, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3
+
+    def run(step):
+        gen, state = torch.Generator().manual_seed(2), init(log_prob_and_grad, x0)
+        out = []
+        for _ in range(20):
+            state, info = step(gen, state)
+            out += [state.x, state.log_prob, state.grad, info.acceptance_rate]
+        return torch.cat([t.reshape(-1) for t in out])
+
+    fixed = mala_fixed_step(step_size, inv_mass, x0)
+    reference = run(lambda gen, s: mala_step(gen, s, log_prob_and_grad, step_size, inv_mass))
+    assert torch.equal(run(lambda gen, s: fixed(gen, s, log_prob_and_grad)), reference)
+    # the comparison sees a change in the last bits of the step size
+    nudged = mala_fixed_step(torch.as_tensor(step_size, dtype=torch.float64) * (1 + 1e-15), inv_mass, x0)
+    assert not torch.equal(run(lambda gen, s: nudged(gen, s, log_prob_and_grad)), reference)
