@@ -13,7 +13,6 @@ defaults here are the ones it documents.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -26,7 +25,7 @@ from diffstat.diffusion.importance import (
     round_missed,
     unique_rows,
 )
-from diffstat.diffusion.modes import ModeBank, balance_modes, explore_modes
+from diffstat.diffusion.modes import ModeBank, balance_modes, explore_modes, smc_seeds
 from diffstat.diffusion.networks import ScoreMLP
 from diffstat.diffusion.processes import VP
 from diffstat.diffusion.proposals import (
@@ -172,7 +171,7 @@ def init(generator: torch.Generator, target, config: DiffusionConfig, device=Non
         start_scales=config.start_scales,
         device=dev,
         reference=config.reference,
-        extra_starts=_smc_particles(generator, target, config, dev),
+        extra_starts=smc_seeds(generator, target, config.smc_explore, config.reference, dev),
     )
     num_modes = bank.num_modes
     bank = balance_modes(
@@ -186,30 +185,6 @@ def init(generator: torch.Generator, target, config: DiffusionConfig, device=Non
         else bool(config.per_mode_models)
     )
     return RoundState(bank, gaussians, uniform, (bank,), None, None, None, 0, per_mode, evals0)
-
-
-def _smc_particles(generator, target, config: DiffusionConfig, device) -> torch.Tensor | None:
-    """``smc_explore`` particles of adaptive tempered SMC from the reference (the ``"smc"``
-    method's algorithm and defaults), resampled to equal weights; None when ``smc_explore`` is 0.
-    Chains from the reference alone do not reach a regression posterior that is thousands of times
-    narrower than its prior and strongly correlated (posteriordb's earnings, kidiq, mesquite, nes);
-    tempering with moves preconditioned by the particles' covariance does. 256 particles: enough
-    for a dense covariance in the suite's dimensions at a quarter of ``"smc"``'s cost; they only
-    seed the mode search, so their bias (moves capped on the hardest posteriors) is corrected by
-    the importance weights and is not warned about."""
-    if not config.smc_explore:
-        return None
-    from diffstat.tempering.core import initial_particles
-    from diffstat.tempering.path import make_path
-    from diffstat.tempering.resampling import resample
-    from diffstat.tempering.smc import adaptive_tempered_smc
-
-    path = make_path(target, config.reference)
-    x0 = initial_particles(path, config.smc_explore, generator, device)
-    with warnings.catch_warnings():  # its moves capped or biased: the importance weights correct it
-        warnings.filterwarnings("ignore", message="SMC moves hit max_mcmc_steps", category=RuntimeWarning)
-        out = adaptive_tempered_smc(generator, path, x0)
-    return out.particles.x[resample(generator, out.log_weights, "systematic")]
 
 
 def _restart_bank(target, bank: ModeBank, pop: Population, count: int, generator) -> ModeBank:

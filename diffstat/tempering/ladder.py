@@ -12,14 +12,24 @@ interpolation; :func:`end_of_round` carries the per-temperature tuning to a new 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from diffstat._util import check_positive_int
+from diffstat.mcmc.metric import DenseMetric
 from diffstat.mcmc.warmup import DENSE_MIN_DRAWS_PER_DIM, FLOOR
 from diffstat.tempering.path import PathState
 
-__all__ = ["end_of_round", "equalize_ladder", "geometric_ladder", "swap_step"]
+__all__ = [
+    "RoundSums",
+    "end_of_round",
+    "equalize_ladder",
+    "geometric_ladder",
+    "is_dense",
+    "swap_step",
+    "with_factors",
+]
 
 #: Smallest positive temperature of the default geometric ladder.
 BETA_MIN = 1e-3
@@ -146,3 +156,47 @@ def end_of_round(update_ladder, betas, swap_rate, adapt, inv_mass, mom):
         betas = new
     adapt.restart(torch.exp(log_h))
     return betas, inv_mass
+
+
+def with_factors(state):
+    """``state`` (a PT state) with the Cholesky factors of its dense metrics (none for a diagonal one)."""
+    if not is_dense(state):
+        return state._replace(chol=None)
+    return state._replace(chol=torch.stack([DenseMetric.from_covariance(c).chol for c in state.inv_mass]))
+
+
+def is_dense(state) -> bool:
+    """Whether ``state`` (a PT state) carries a dense metric per temperature ``(R, dim, dim)``."""
+    return state.inv_mass is not None and state.inv_mass.dim() == 3
+
+
+class RoundSums(NamedTuple):
+    """Running sums over a round or the sampling phase: swap probabilities and proposals ``(R-1,)``,
+    acceptance ``(R,)``, and the first two moments of the replicas per temperature with their count."""
+
+    swap: torch.Tensor
+    swap_num: torch.Tensor
+    acc: torch.Tensor
+    m1: torch.Tensor
+    m2: torch.Tensor
+    count: int
+
+    @classmethod
+    def zeros(cls, r: int, dim: int, dtype, device, dense: bool = False) -> RoundSums:
+        """Empty sums; ``dense``: second moments as outer products ``(R, dim, dim)``."""
+        z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        return cls(z(r - 1), z(r - 1), z(r), z(r, dim), z(r, dim, dim) if dense else z(r, dim), 0)
+
+    def add(self, info, x_t: torch.Tensor, moments: bool) -> RoundSums:
+        c, r = x_t.shape[:2]
+        swap = self.swap + info.swap_prob.sum(0)
+        swap_num = self.swap_num + info.proposed.to(swap.dtype) * c
+        acc = self.acc + info.acceptance.reshape(c, r).mean(0)
+        if not moments:
+            return RoundSums(swap, swap_num, acc, self.m1, self.m2, self.count)
+        second = torch.einsum("crd,cre->rde", x_t, x_t) if self.m2.dim() == 3 else (x_t**2).sum(0)
+        return RoundSums(swap, swap_num, acc, self.m1 + x_t.sum(0), self.m2 + second, self.count + c)
+
+    @property
+    def swap_rate(self) -> torch.Tensor:
+        return self.swap / self.swap_num.clamp_min(1)

@@ -62,7 +62,8 @@ from typing import NamedTuple
 import torch
 
 from diffstat.mcmc.metric import DenseMetric, Metric, inverse_quadratic
-from diffstat.tempering.path import GeometricPath, PathState, move
+from diffstat.mcmc.base import MCMCState
+from diffstat.tempering.path import GeometricPath, PathState, move, tempered_state
 from diffstat.tempering.resampling import ess
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "decorrelating_moves",
     "particle_metric",
     "weighted_covariance",
+    "whitened_move",
 ]
 
 METRICS = ("auto", "dense", "diag")
@@ -246,3 +248,37 @@ def decorrelating_moves(
             break
     acc = acc_sum / k if k else torch.full_like(acc_sum, math.nan)
     return MoveResult(ps, log_step_size, acc, k, history[k])
+
+
+def whitened_move(kernel, generator, ps: PathState, path, beta, step_size, chol: torch.Tensor):
+    r"""One move of ``kernel`` with a dense metric :math:`L_t L_t^\top` per temperature, all
+    temperatures in one batch.
+
+    The ``n = C R'`` replicas ``ps`` hold ``R'`` temperatures in the same order in each of ``C``
+    runs (row ``c R' + t``), ``chol: (R', dim, dim)`` their lower Cholesky factors. Each replica moves
+    in the coordinates :math:`u` of :math:`x' = x + L_t u` around its current point with the identity
+    metric: the density's gradient is :math:`L_t^\top \nabla_x`, a proposal :math:`u` is the point
+    :math:`x + L_t u`, and both are one batched product over temperatures. MALA, HMC and RWM are affine
+    invariant, so this is the move of :func:`~diffstat.tempering.path.move` with the metric
+    :math:`L_t L_t^\top`, up to floating-point reassociation, drawing the same random numbers as the
+    diagonal moves of the same rows. ``beta``, ``step_size``: ``(n,)``. Returns the moved replicas (a
+    rejected one keeps its state exactly) and the kernel's info.
+    """
+    shape = (-1, chol.shape[0], ps.x.shape[1])  # (C, R', dim)
+
+    def grad_u(g):  # L_t^T g per row
+        return torch.einsum("ted,cte->ctd", chol, g.reshape(shape)).reshape(g.shape)
+
+    last = []  # the PathState of the last points evaluated
+
+    def log_prob_and_grad(u):
+        x = ps.x + torch.einsum("ted,ctd->cte", chol, u.reshape(shape)).reshape(u.shape)  # x + L_t u
+        last[:] = [path.evaluate(x)]
+        st = tempered_state(last[0], beta)
+        return st.log_prob, grad_u(st.grad)
+
+    start = tempered_state(ps, beta)
+    origin = MCMCState(torch.zeros_like(ps.x), start.log_prob, grad_u(start.grad))
+    _, info = kernel(generator, origin, log_prob_and_grad, step_size, None)
+    # the kernel's last evaluation is its proposal (true of MALA, HMC, RWM)
+    return ps.where(info.is_accepted, last[0]), info

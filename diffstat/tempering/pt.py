@@ -39,11 +39,7 @@ cold replica's local acceptance probability (``acceptance_rate``, what the stuck
 whether one of its moves diverged, and the acceptance probability of the swap between the two
 coldest replicas (``swap_acceptance``, NaN at the iterations whose DEO parity does not propose it).
 
-**Dense moves.** With a dense metric :math:`\Sigma_t = L_t L_t^\top` per temperature, each replica
-moves in the coordinates :math:`u` of :math:`x' = x + L_t u` around its current point :math:`x`
-with the identity metric (:math:`\nabla_u = L_t^\top \nabla_x`); MALA, HMC and RWM are affine
-invariant, so this is the move with metric :math:`\Sigma_t`, and the factors of all temperatures
-are applied in one batched product, whatever the number of temperatures.
+**Dense moves**: all temperatures' factors in one product (:func:`~diffstat.tempering.moves.whitened_move`).
 """
 
 from __future__ import annotations
@@ -57,8 +53,6 @@ import torch
 from diffstat._util import check_options, check_positive_int, check_probability, progress_bar
 from diffstat.mcmc.adaptation import AUTO_DENSE_MAX_DIM as DENSE_MAX_DIM
 from diffstat.mcmc.adaptation import DualAveraging
-from diffstat.mcmc.base import MCMCState
-from diffstat.mcmc.metric import DenseMetric
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.path import (
     GeometricPath,
@@ -67,7 +61,6 @@ from diffstat.tempering.path import (
     get_kernel,
     make_path,
     move,
-    tempered_state,
 )
 from diffstat.tempering.core import check_initial, initial_particles
 from diffstat.tempering.ladder import (
@@ -76,9 +69,13 @@ from diffstat.tempering.ladder import (
     end_of_round,
     equalize_ladder,
     geometric_ladder,
+    RoundSums,
+    is_dense,
     swap_step,
     warmup_windows,
+    with_factors,
 )
+from diffstat.tempering.moves import whitened_move
 
 __all__ = [
     "PTOutput",
@@ -204,83 +201,6 @@ def pt_step(
     return state._replace(particles=ps), PTInfo(acc, diverging, prob, proposed)
 
 
-def whitened_move(kernel, generator, ps: PathState, path, beta, step_size, chol: torch.Tensor):
-    r"""One move of ``kernel`` with a dense metric :math:`L_t L_t^\top` per temperature, all
-    temperatures in one batch.
-
-    The ``n = C R'`` replicas ``ps`` hold ``R'`` temperatures in the same order in each of ``C``
-    runs (row ``c R' + t``), ``chol: (R', dim, dim)`` their lower Cholesky factors. Each replica moves
-    in the coordinates :math:`u` of :math:`x' = x + L_t u` around its current point with the identity
-    metric: the density's gradient is :math:`L_t^\top \nabla_x`, a proposal :math:`u` is the point
-    :math:`x + L_t u`, and both are one batched product over temperatures. MALA, HMC and RWM are affine
-    invariant, so this is the move of :func:`~diffstat.tempering.path.move` with the metric
-    :math:`L_t L_t^\top`, up to floating-point reassociation, drawing the same random numbers as the
-    diagonal moves of the same rows. ``beta``, ``step_size``: ``(n,)``. Returns the moved replicas (a
-    rejected one keeps its state exactly) and the kernel's info.
-    """
-    shape = (-1, chol.shape[0], ps.x.shape[1])  # (C, R', dim)
-
-    def grad_u(g):  # L_t^T g per row
-        return torch.einsum("ted,cte->ctd", chol, g.reshape(shape)).reshape(g.shape)
-
-    last = []  # the PathState of the last points evaluated
-
-    def log_prob_and_grad(u):
-        x = ps.x + torch.einsum("ted,ctd->cte", chol, u.reshape(shape)).reshape(u.shape)  # x + L_t u
-        last[:] = [path.evaluate(x)]
-        st = tempered_state(last[0], beta)
-        return st.log_prob, grad_u(st.grad)
-
-    start = tempered_state(ps, beta)
-    origin = MCMCState(torch.zeros_like(ps.x), start.log_prob, grad_u(start.grad))
-    _, info = kernel(generator, origin, log_prob_and_grad, step_size, None)
-    # the kernel's last evaluation is its proposal (true of MALA, HMC, RWM)
-    return ps.where(info.is_accepted, last[0]), info
-
-
-def _with_factors(state: PTState) -> PTState:
-    """``state`` with the Cholesky factors of its dense metrics (none for a diagonal one)."""
-    if not _is_dense(state):
-        return state._replace(chol=None)
-    return state._replace(chol=torch.stack([DenseMetric.from_covariance(c).chol for c in state.inv_mass]))
-
-
-def _is_dense(state: PTState) -> bool:
-    return state.inv_mass is not None and state.inv_mass.dim() == 3
-
-
-class _Sums(NamedTuple):
-    """Running sums over a round or the sampling phase: swap probabilities and proposals ``(R-1,)``,
-    acceptance ``(R,)``, and the first two moments of the replicas per temperature with their count."""
-
-    swap: torch.Tensor
-    swap_num: torch.Tensor
-    acc: torch.Tensor
-    m1: torch.Tensor
-    m2: torch.Tensor
-    count: int
-
-    @classmethod
-    def zeros(cls, r: int, dim: int, dtype, device, dense: bool = False) -> _Sums:
-        """Empty sums; ``dense``: second moments as outer products ``(R, dim, dim)``."""
-        z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
-        return cls(z(r - 1), z(r - 1), z(r), z(r, dim), z(r, dim, dim) if dense else z(r, dim), 0)
-
-    def add(self, info: PTInfo, x_t: torch.Tensor, moments: bool) -> _Sums:
-        c, r = x_t.shape[:2]
-        swap = self.swap + info.swap_prob.sum(0)
-        swap_num = self.swap_num + info.proposed.to(swap.dtype) * c
-        acc = self.acc + info.acceptance.reshape(c, r).mean(0)
-        if not moments:
-            return _Sums(swap, swap_num, acc, self.m1, self.m2, self.count)
-        second = torch.einsum("crd,cre->rde", x_t, x_t) if self.m2.dim() == 3 else (x_t**2).sum(0)
-        return _Sums(swap, swap_num, acc, self.m1 + x_t.sum(0), self.m2 + second, self.count + c)
-
-    @property
-    def swap_rate(self) -> torch.Tensor:
-        return self.swap / self.swap_num.clamp_min(1)
-
-
 def parallel_tempering(
     generator: torch.Generator,
     path: GeometricPath,
@@ -331,7 +251,7 @@ def parallel_tempering(
     if inv_mass is not None and path.dim <= DENSE_MAX_DIM:  # dense per temperature, as MCMC's metric
         inv_mass = torch.diag_embed(inv_mass)
     adapt = DualAveraging(torch.full((r,), h0, dtype=dtype, device=device), target_accept)
-    state = _with_factors(PTState(ps, betas, adapt.step_size, inv_mass))
+    state = with_factors(PTState(ps, betas, adapt.step_size, inv_mass))
     step_fn = functools.partial(pt_step, path=path, layout=layout, kernel=step, num_mcmc_steps=num_mcmc_steps)
     with progress_bar(num_warmup + num_samples, "pt warm-up", progress) as bar:
         adapt_what = (adapt_ladder, adapt_mass)
@@ -360,7 +280,7 @@ def _warmup(generator, state, step_fn, adapt, num_warmup, adapt_what, exact, pat
     updates, windows = warmup_windows(num_warmup, *adapt_what)
     is_ref_temp = torch.zeros(r, dtype=torch.bool, device=device)
     is_ref_temp[0] = exact
-    sums, block = _Sums.zeros(r, dim, dtype, device, _is_dense(state)), None
+    sums, block = RoundSums.zeros(r, dim, dtype, device, is_dense(state)), None
     for it in range(num_warmup):
         ref_x, block = _reference_draws(generator, path, it, c, block, device) if exact else (None, block)
         state, info = step_fn(generator, state, it % 2, reference_x=ref_x)
@@ -374,8 +294,8 @@ def _warmup(generator, state, step_fn, adapt, num_warmup, adapt_what, exact, pat
             betas, inv_mass = end_of_round(
                 update, state.betas, sums.swap_rate, adapt, state.inv_mass, moments
             )
-            state = _with_factors(PTState(state.particles, betas, adapt.step_size, inv_mass))
-            sums = _Sums.zeros(r, dim, dtype, device, _is_dense(state))
+            state = with_factors(PTState(state.particles, betas, adapt.step_size, inv_mass))
+            sums = RoundSums.zeros(r, dim, dtype, device, is_dense(state))
         bar.update()
     return state._replace(step_size=adapt.final_step_size if num_warmup else state.step_size), block
 
@@ -392,7 +312,7 @@ def _sample(generator, state, step_fn, num_samples, num_warmup, reference, path,
     lp, acc_cold, swap_cold = (torch.empty(num_samples, c, dtype=dtype, device=device) for _ in range(3))
     div_cold = torch.empty(num_samples, c, dtype=torch.bool, device=device)
     (exact, block), dbeta = reference, state.betas[1:] - state.betas[:-1]
-    sums = _Sums.zeros(r, dim, dtype, device)
+    sums = RoundSums.zeros(r, dim, dtype, device)
     for j in range(num_samples):
         it = num_warmup + j
         ref_x, block = _reference_draws(generator, path, it, c, block, device) if exact else (None, block)
