@@ -22,6 +22,7 @@ __all__ = [
     "GaussianMixtureProposal",
     "GaussianComponent",
     "fit_mode_gaussians",
+    "proposal_width",
     "Whitening",
     "held_out_cross_entropy",
     "stratified_counts",
@@ -110,6 +111,26 @@ def held_out_cross_entropy(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
     was three times the Gaussian's.)"""
     r = torch.nan_to_num(log_p.double() - log_q.double(), nan=math.inf, neginf=-1e300)
     return float(r.mean())
+
+
+def proposal_width(gaussians: GaussianMixtureProposal, bank: ModeBank) -> torch.Tensor:
+    r"""Per mode ``(K,)``: :math:`\operatorname{tr}(\Sigma_k \hat I_k)/d`, the proposal covariance
+    :math:`\Sigma_k = L_k L_k^\top` against the Fisher information
+    :math:`\hat I_k = \overline{\nabla\log p\,\nabla\log p^\top}` of the mode's banked particles.
+
+    For any smooth density the covariance is at least the inverse Fisher information (the
+    Cramer-Rao bound for a location family), so a proposal fitted to draws of the mode has a width
+    of at least ``inflate**2`` (1.44). Far below 1, the proposal is narrower than the mode itself
+    can be: fitted to chains stuck where a step size collapsed, it covers a sliver, and its
+    importance weights, all alike, cannot show it (measured: a regression posterior of
+    correlation -0.99999 proposed from such a bank, width 1e-28, Kish ESS 2,300 of 4,096, draws
+    with sd 1e-14 of the truth). Modes with no banked particles get ``inf``."""
+    k, d = gaussians.num_components, bank.x.shape[1]
+    white = torch.einsum("nde,nd->ne", gaussians.chols[bank.label], bank.grad)  # L_k^T g
+    total = torch.zeros(k, dtype=white.dtype, device=white.device)
+    total = total.index_add_(0, bank.label, white.pow(2).sum(-1))
+    count = torch.bincount(bank.label, minlength=k).to(white.dtype)
+    return torch.where(count > 0, total / (d * count.clamp_min(1)), torch.full_like(total, math.inf))
 
 
 def ridged_covariance(x: torch.Tensor, ridge: float) -> torch.Tensor:

@@ -20,6 +20,7 @@ from diffstat._util import ess_from_log_weights, log_normalizer_estimate, pareto
 __all__ = [
     "MAX_PARETO_K",
     "MIN_ROUND_ESS",
+    "MIN_PROPOSAL_WIDTH",
     "importance_summary",
     "round_missed",
     "pool_rounds",
@@ -33,6 +34,10 @@ MAX_PARETO_K = 0.7
 #: Below this Kish ESS a round rests on a handful of points: fewer than the 20 weights the Pareto
 #: tail fit needs, and a variance estimated from them is off by about sqrt(2/19) = 30%.
 MIN_ROUND_ESS = 20.0
+#: Below this proposal width (:func:`~diffstat.diffusion.gaussians.proposal_width`, at least 1 for a
+#: proposal fitted to draws of its mode) a mode's Gaussian is at least three times narrower than the
+#: mode can be, and its equal-looking weights hide the mass it never proposes.
+MIN_PROPOSAL_WIDTH = 0.1
 
 
 def importance_summary(
@@ -88,11 +93,13 @@ def importance_summary(
 
 def round_missed(summary: dict) -> bool:
     r"""Whether a round (an :func:`importance_summary`) missed the target: Pareto :math:`\hat k`
-    above ``MAX_PARETO_K``, a Kish ESS below ``MIN_ROUND_ESS``, or an infinite weight. A NaN
+    above ``MAX_PARETO_K``, a Kish ESS below ``MIN_ROUND_ESS``, an infinite weight, or a
+    proposal narrower than ``MIN_PROPOSAL_WIDTH`` for a mode holding weight. A NaN
     :math:`\hat k` (no tail to fit) decides nothing by itself: with fewer than 20 positive weights
     the ESS rule already applies, and with equal weights the round is perfect."""
     heavy = bool(summary["pareto_k"] > MAX_PARETO_K)
-    return heavy or not summary["ess"] >= MIN_ROUND_ESS or summary.get("num_infinite", 0) > 0
+    narrow = summary.get("proposal_width", math.inf) < MIN_PROPOSAL_WIDTH
+    return heavy or narrow or not summary["ess"] >= MIN_ROUND_ESS or summary.get("num_infinite", 0) > 0
 
 
 def _convex(weights: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
@@ -137,10 +144,12 @@ def missed_warning(rounds: list[dict], pool: dict) -> str:
     ks = ", ".join(f"{s['pareto_k']:.2f}" for s in rounds)
     ess = ", ".join(f"{s['ess']:.1f}" for s in rounds)
     sizes = ", ".join(str(s["num_proposals"]) for s in rounds)
+    width = ", ".join(f"{s.get('proposal_width', math.inf):.3g}" for s in rounds)
     best = int(torch.nonzero(pool["used"]).flatten()[0])
     return (
         f"diffusion: every round missed the target (Pareto k = {ks} against the limit {MAX_PARETO_K}; "
-        f"Kish ESS = {ess} of {sizes} proposals against the minimum {MIN_ROUND_ESS:.0f}): the proposals did "
+        f"Kish ESS = {ess} of {sizes} proposals against the minimum {MIN_ROUND_ESS:.0f}; proposal width = "
+        f"{width} against the minimum {MIN_PROPOSAL_WIDTH}): the proposals did "
         f"not cover the posterior, and the draws and log Z come from round {best} alone and are unreliable "
         "(attrs reliable = 0). Give the mode search and the restocking more work (num_explore, "
         "explore_steps, restock_steps, chains_per_mode, refresh_chains), more rounds (max_rounds), or use "

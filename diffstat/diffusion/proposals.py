@@ -49,6 +49,7 @@ from diffstat.diffusion.gaussians import (
     GaussianMixtureProposal,
     Whitening,
     fit_mode_gaussians,
+    proposal_width,
     held_out_cross_entropy,
     stratified_counts,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "GaussianMixtureProposal",
     "GaussianComponent",
     "fit_mode_gaussians",
+    "proposal_width",
     "ode_log_density",
     "DiffusionProposal",
     "DiffusionMixture",

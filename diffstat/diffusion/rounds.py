@@ -36,6 +36,7 @@ from diffstat.diffusion.proposals import (
     GaussianMixtureProposal,
     Whitening,
     fit_mode_gaussians,
+    proposal_width,
     held_out_cross_entropy,
 )
 from diffstat.diffusion.training import TrainConfig, train_score_model
@@ -364,6 +365,8 @@ def step(generator: torch.Generator, state: RoundState, target, config: Diffusio
     g = state.gaussians
     modes = (g.component_log_prob(x) - torch.log(g.weights)).argmax(-1)
     summary = importance_summary(log_w, modes, state.bank.num_modes)
+    held = summary["mode_weights"].to(x.dtype) > 0.01  # the modes that hold weight
+    width = proposal_width(g, state.bank)
     evals = target.num_target_evals - state.evals0
     summary.update(
         round=r,
@@ -372,6 +375,7 @@ def step(generator: torch.Generator, state: RoundState, target, config: Diffusio
         num_target_evals=evals,
         diffusion_share=float(from_diffusion.double().mean()),
         choice=choice,
+        proposal_width=float(width[held].min()) if bool(held.any()) else math.inf,
     )
     info = RoundInfo(Population(x, lp, log_w, modes), summary, evals)
     return state._replace(units=units, last=info, round=r + 1), info
