@@ -169,11 +169,13 @@ _OPTIONS = {
 
 @register_sampler("ais")
 def ais_sampler(target, *, num_samples, num_chains, generator, progress, device, **options) -> SamplerResult:
-    """``ds.sample(target, "ais", num_samples=n, ...)``: AIS with ``n`` particles per chain.
+    r"""``ds.sample(target, "ais", num_samples=n, ...)``: AIS with ``n`` particles per chain.
 
-    Options: ``reference``; ``betas`` or ``num_temperatures`` (200) with ``schedule``
-    (``"adaptive"``: thermodynamic length from a pilot of ``num_pilot`` particles, default
-    ``min(256, max(64, n // 4))``; or the fixed ``"geometric"``, ``"sigmoid"``, ``"linear"``);
+    Options: ``reference``; ``betas`` or ``num_temperatures`` with ``schedule``
+    (``"adaptive"``: thermodynamic length :math:`\Lambda` from a pilot of ``num_pilot`` particles,
+    default ``min(256, max(64, n // 4))``, and by default ``LENGTH_FACTOR`` :math:`\Lambda^2`
+    temperatures within [``MIN_TEMPERATURES``, ``MAX_TEMPERATURES``] = [200, 2000]; or the fixed
+    ``"geometric"``, ``"sigmoid"``, ``"linear"`` with 200 by default);
     ``kernel`` (``"mala"``), ``num_mcmc_steps`` (1), ``num_leapfrog`` (5), ``step_size``,
     ``target_accept``, ``adapt_scale`` (True), ``metric`` (``"auto"``, fixed schedules);
     ``resampling`` (``"systematic"``), the scheme of the final resampling; ``min_ess`` (30), below

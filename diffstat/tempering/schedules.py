@@ -13,9 +13,10 @@ AIS log weight is a sum of independent terms, :math:`\mathrm{Var}\log w \approx 
 \mathrm{sd}_{\pi_\beta}(\delta)\,d\beta = \Lambda / K`, :math:`\Lambda` the thermodynamic length of
 the path (Gelman and Meng 1998; Grosse et al. 2013); the variance is then about :math:`\Lambda^2/K`.
 A pilot (:func:`pilot_run`: adaptive tempered SMC resampled at every stage, each stage
-:func:`~diffstat.tempering.core.tempered_step`) measures :math:`\mathrm{sd}_{\pi_\beta}(\delta)`,
-the particle covariance (pooled within clusters, so each mode of a multimodal stage is moved at its
-own scale) and the adapted step size at its stages; AIS then uses them, fixed in advance.
+:func:`~diffstat.tempering.core.tempered_step`) measures each stage's length from the ESS of its
+reweighting (:func:`thermodynamic_length`), the particle covariance (pooled within clusters, so
+each mode of a multimodal stage is moved at its own scale) and the adapted step size at its stages;
+AIS then uses them, fixed in advance.
 Measurements behind the defaults: ``docs/ais.md``.
 """
 
