@@ -56,3 +56,24 @@ def test_diffusion_reaches_a_posterior_far_narrower_than_its_prior(smc_explore):
         assert (width > 1.0).all() and reliable == 1 and not missed, width
     else:  # never silently wrong
         assert (width < 1e-6).any() and reliable == 0 and len(missed) == 1, width
+
+
+def test_proposal_width_is_inflate_squared_for_a_fitted_gaussian():
+    # exact draws of N(mu, S) with their exact scores -S^-1 (x - mu): the moment-matched proposal
+    # c^2 S has width c^2 tr(S S^-1) / d = c^2 (2,000 draws in 3-d: about 2% noise); a proposal ten
+    # times narrower in sd has width c^2 / 100
+    from diffstat.diffusion.gaussians import GaussianMixtureProposal, fit_mode_gaussians, proposal_width
+    from diffstat.diffusion.modes import ModeBank
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 3, generator=g, dtype=F64)
+    cov = a @ a.T + 0.5 * torch.eye(3, dtype=F64)
+    mu = torch.tensor([1.0, -2.0, 3.0], dtype=F64)
+    x = mu + torch.randn(2000, 3, generator=g, dtype=F64) @ torch.linalg.cholesky(cov).T
+    grad = -(x - mu) @ torch.linalg.inv(cov)
+    label = torch.zeros(2000, dtype=torch.long)
+    bank = ModeBank(x, torch.zeros(2000, dtype=F64), grad, label, mu[None], torch.zeros(1, dtype=F64))
+    fitted = fit_mode_gaussians(bank, inflate=1.2)
+    assert float(proposal_width(fitted, bank)[0]) == pytest.approx(1.44, rel=0.05)
+    narrow = GaussianMixtureProposal(fitted.means, fitted.chols / 10, fitted.weights)
+    assert float(proposal_width(narrow, bank)[0]) == pytest.approx(0.0144, rel=0.05)
