@@ -95,6 +95,8 @@ class DiffusionConfig:
         if not 0.0 < self.t_max <= 1.0:
             raise ValueError(f"t_max must lie in (0, 1], got {self.t_max}")
         check_positive_int(self.refresh_keep_every, "refresh_keep_every")
+        if self.smc_explore != 0:  # 0 switches the SMC seeds off
+            check_positive_int(self.smc_explore, "smc_explore")
         if self.final_proposals is not None:
             check_positive_int(self.final_proposals, "final_proposals")
         if self.use_diffusion:

@@ -77,3 +77,11 @@ def test_proposal_width_is_inflate_squared_for_a_fitted_gaussian():
     assert float(proposal_width(fitted, bank)[0]) == pytest.approx(1.44, rel=0.05)
     narrow = GaussianMixtureProposal(fitted.means, fitted.chols / 10, fitted.weights)
     assert float(proposal_width(narrow, bank)[0]) == pytest.approx(0.0144, rel=0.05)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "256"])
+def test_smc_explore_is_validated(bad):
+    target, _, _ = _target()
+    with pytest.raises(ValueError, match="smc_explore"):
+        ds.sample(target, "diffusion", num_samples=10, seed=0, progress=False, smc_explore=bad)
+    assert target.num_target_evals == 0  # refused before any work
