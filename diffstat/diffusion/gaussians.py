@@ -141,7 +141,8 @@ def ridged_covariance(x: torch.Tensor, ridge: float) -> torch.Tensor:
     units. A ridge on the mean variance instead swamps a coordinate whose scale is far below the
     others' (posteriordb's earnings-earn_height: variances 9e7 and 4e-4 after the log transform of
     sigma, and 1e-6 of their mean made the proposal 270 times too wide along log sigma)."""
-    cov = (x - x.mean(0)).T @ (x - x.mean(0)) / max(x.shape[0] - 1, 1)
+    centred = x - x.mean(0)
+    cov = centred.T @ centred / max(x.shape[0] - 1, 1)
     return cov + torch.diag(ridge * cov.diagonal().clamp_min(1e-300))
 
 

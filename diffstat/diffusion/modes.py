@@ -40,6 +40,10 @@ from diffstat.diffusion.barriers import group_by_barrier, hill_climb, merge_grou
 from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.mcmc.base import LogProbAndGrad, MCMCState
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
+from diffstat.tempering.core import initial_particles
+from diffstat.tempering.path import make_path
+from diffstat.tempering.resampling import resample
+from diffstat.tempering.smc import adaptive_tempered_smc
 
 __all__ = [
     "ModeBank",
@@ -314,11 +318,6 @@ def smc_seeds(generator, target, num_particles: int, reference=None, device=None
     the importance weights and is not warned about."""
     if not num_particles:
         return None
-    from diffstat.tempering.core import initial_particles
-    from diffstat.tempering.path import make_path
-    from diffstat.tempering.resampling import resample
-    from diffstat.tempering.smc import adaptive_tempered_smc
-
     path = make_path(target, reference)
     x0 = initial_particles(path, num_particles, generator, device)
     with warnings.catch_warnings():  # its moves capped or biased: the importance weights correct it

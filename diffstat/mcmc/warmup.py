@@ -202,7 +202,7 @@ def _end_window(acc, acc_g, metric, dtype, old_metric, state, accept_prob, dual,
         return inv_mass, kind
     old = dual.final_step_size
     new = initial_step_sizes(lambda h: accept_prob(state, h, inv_mass), old)
-    if jittered is not None and inv_mass is not old_metric:  # follow the widest direction's scale
+    if jittered is not None:  # follow the widest direction's scale
         largest = _largest_variance(estimate, inv_mass)
         jittered.rescale(math.sqrt(largest / _largest_variance(estimate, old_metric)))
         jittered.set_from_metric(largest)
