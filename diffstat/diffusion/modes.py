@@ -115,13 +115,14 @@ def explore(
     x0: torch.Tensor,
     num_steps: int,
     step_size: torch.Tensor,
-) -> tuple[MCMCState, torch.Tensor, torch.Tensor]:
+) -> tuple[MCMCState, torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Short MALA chains from ``x0: (n, dim)`` with a per-chain step size adapted on the fly,
     :math:`h \leftarrow h \exp(a - 0.574)` after each step of acceptance probability :math:`a`
     (the chains only look for modes, so the adaptation need not preserve the target).
 
     Returns the final state, the per-chain log-density averaged over the third quarter and over
-    the last quarter of the run (``(n,)`` each, used to detect chains still in transit).
+    the last quarter of the run (``(n,)`` each, used to detect chains still in transit), and the
+    adapted step sizes ``(n,)``.
     """
     state = MCMCState(x0, *log_prob_and_grad(x0))
     h = step_size.clone()
@@ -135,7 +136,42 @@ def explore(
             q3 = q3 + state.log_prob / (start4 - start3)
         elif i >= start4:
             q4 = q4 + state.log_prob / (num_steps - start4)
-    return state, q3, q4
+    return state, q3, q4, h
+
+
+def screen(
+    generator: torch.Generator,
+    log_prob_and_grad: LogProbAndGrad,
+    x0: torch.Tensor,
+    step_size: torch.Tensor,
+    num_steps: int,
+    keep: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Many cheap starts, ``keep`` survivors: :func:`explore` runs ``num_steps`` steps from every
+    row of ``x0: (n, dim)`` (in batches of ``keep``, so memory is that of the surviving chains),
+    then the ``keep // 2`` chains with the highest final log-density survive, and the others are
+    drawn uniformly at random from the rest.
+
+    A mode whose basin of attraction holds a small share of the starts is found only by starting
+    many chains, and after a few steps a chain in the basin of a high, narrow mode already sits
+    far above the others (on ``narrow_wide(12, scales=(0.3, 1))`` 0.04% of the starts reach the
+    heavy mode, and after 4 to 8 steps nearly all of them rank in the top 0.1% by log-density), so
+    screening by log-density buys starts at a few evaluations each; the random half keeps the
+    wide, low modes that plain exploration finds. Returns the survivors' points ``(keep, dim)``
+    and adapted step sizes ``(keep,)``.
+    """
+    ends, lps, hs = [], [], []
+    for rows in torch.split(torch.arange(x0.shape[0], device=x0.device), keep):
+        state, _, _, h = explore(generator, log_prob_and_grad, x0[rows], num_steps, step_size[rows])
+        ends.append(state.x)
+        lps.append(torch.nan_to_num(state.log_prob, nan=-math.inf))
+        hs.append(h)
+    x, lp, h = torch.cat(ends), torch.cat(lps), torch.cat(hs)
+    order = lp.argsort(descending=True)
+    rest = order[keep // 2 :]
+    pick = torch.randperm(rest.numel(), generator=generator, device=generator.device)
+    chosen = torch.cat([order[: keep // 2], rest[pick[: keep - keep // 2].to(rest.device)]])
+    return x[chosen], h[chosen]
 
 
 def _drop_stragglers(lp: torch.Tensor, label: torch.Tensor, dim: int, anchored=None) -> torch.Tensor:
@@ -162,6 +198,8 @@ def explore_modes(
     *,
     num_chains: int = 2000,
     num_steps: int = 20,
+    num_screen: int = 0,
+    screen_steps: int = 6,
     num_climb: int = 30,
     start_scales=(0.5, 1.0, 2.0, 4.0),
     step_size: float = 0.1,
@@ -182,24 +220,30 @@ def explore_modes(
     climbing and are dropped. The rest climb to their local maxima (:func:`hill_climb`, at most
     ``num_climb`` steps), the climbed points are grouped by :func:`group_by_barrier`, and each
     chain's end point (a sample, kept with its gradient) takes its climbed point's label.
+    With ``num_screen`` larger than ``num_chains``, that many starts are screened first
+    (:func:`screen`, ``screen_steps`` steps each) and ``num_chains`` of them go on.
     ``extra_starts`` ``(m, dim)``: further chains started there (at scale 1), e.g. the particles of
     a tempered SMC run that reached the posterior where chains from the reference cannot.
     Returns a :class:`ModeBank` whose centres are the best climbed point of each mode.
     """
     num_chains = check_positive_int(num_chains, "num_chains")
     num_steps = check_positive_int(num_steps, "num_steps")
+    screen_steps = check_positive_int(screen_steps, "screen_steps")
+    if num_screen != 0:
+        check_positive_int(num_screen, "num_screen")
+    num_starts = max(num_chains, num_screen)
     scales = torch.as_tensor(start_scales, dtype=target.dtype)
     if scales.dim() != 1 or scales.numel() == 0 or not bool((scales > 0).all()):
         raise ValueError(f"start_scales must be positive numbers, got {start_scales!r}")
     evals0 = target.num_target_evals
     reference = target.reference if reference is None else reference
     if reference is None:
-        x = target.sample_reference(num_chains, generator, device)
+        x = target.sample_reference(num_starts, generator, device)
     else:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            x = reference.sample((num_chains,)).to(device=device, dtype=target.dtype)
+            x = reference.sample((num_starts,)).to(device=device, dtype=target.dtype)
     dev = x.device
     mean = torch.zeros(target.dim, dtype=x.dtype, device=dev)
     if reference is not None:
@@ -207,15 +251,17 @@ def explore_modes(
             mean = reference.mean.to(device=dev, dtype=x.dtype)
         except (NotImplementedError, AttributeError):
             pass
-    s = scales.to(dev)[torch.arange(num_chains, device=dev) % scales.numel()].unsqueeze(-1)
-    x0 = mean + s * (x - mean)
-    if extra_starts is not None:
-        x0 = torch.cat([x0, extra_starts.to(x0)])
-        s = torch.cat([s, torch.ones(extra_starts.shape[0], 1, dtype=s.dtype, device=dev)])
-    target.validate(x[: min(num_chains, 16)])  # reference draws: a start scaled 4 times may be NaN
-    h0 = step_size * s.squeeze(-1) ** 2
+    s = scales.to(dev)[torch.arange(num_starts, device=dev) % scales.numel()]
+    x0 = mean + s.unsqueeze(-1) * (x - mean)
+    target.validate(x[: min(num_starts, 16)])  # reference draws: a start scaled 4 times may be NaN
+    h0 = step_size * s**2
     with progress_bar(3, "diffusion: exploring modes", progress) as bar:
-        state, q3, q4 = explore(generator, target.log_prob_and_grad, x0, num_steps, h0)
+        if num_starts > num_chains:
+            x0, h0 = screen(generator, target.log_prob_and_grad, x0, h0, screen_steps, num_chains)
+        if extra_starts is not None:
+            x0 = torch.cat([x0, extra_starts.to(x0)])
+            h0 = torch.cat([h0, torch.full((extra_starts.shape[0],), step_size).to(h0)])
+        state, q3, q4, _ = explore(generator, target.log_prob_and_grad, x0, num_steps, h0)
         bar.update()
         settled = torch.isfinite(state.log_prob) & (q4 - q3 <= 2 * math.sqrt(target.dim / 2) + 1)
         if not bool(settled.any()):

@@ -54,6 +54,8 @@ class DiffusionConfig:
     num_explore: int = 2000
     smc_explore: int = 256
     explore_steps: int = 20
+    screen_ratio: int = 16
+    screen_steps: int = 6
     start_scales: tuple = (0.5, 1.0, 2.0, 4.0)
     chains_per_mode: int = 128
     restock_steps: int = 40
@@ -97,6 +99,8 @@ class DiffusionConfig:
         check_positive_int(self.refresh_keep_every, "refresh_keep_every")
         if self.smc_explore != 0:  # 0 switches the SMC seeds off
             check_positive_int(self.smc_explore, "smc_explore")
+        check_positive_int(self.screen_ratio, "screen_ratio")  # 1: no screening
+        check_positive_int(self.screen_steps, "screen_steps")
         if self.final_proposals is not None:
             check_positive_int(self.final_proposals, "final_proposals")
         if self.use_diffusion:
@@ -171,6 +175,8 @@ def init(generator: torch.Generator, target, config: DiffusionConfig, device=Non
         generator,
         num_chains=config.num_explore,
         num_steps=config.explore_steps,
+        num_screen=config.screen_ratio * config.num_explore,
+        screen_steps=config.screen_steps,
         start_scales=config.start_scales,
         device=dev,
         reference=config.reference,

@@ -5,7 +5,9 @@ The pipeline, in rounds (REFERENCES.md, "Diffusion samplers from a log-density";
 behind each default are in ``docs/diffusion_sampler.md`` beside the benchmarks that reproduce them):
 
 1. **Explore and bank the modes** (:func:`~diffstat.diffusion.modes.explore_modes`): many short
-   MALA chains from the reference at several start scales, and more from the particles of a short
+   MALA chains from the reference at several start scales (the survivors of ``screen_ratio`` times
+   as many starts screened by a few steps each: a narrow high mode whose basin holds a tiny share
+   of the starts is found by many cheap starts), and more from the particles of a short
    adaptive tempered SMC run (``smc_explore`` particles, the ``"smc"`` method's algorithm), grouped
    by mode only where :math:`\log p` has a barrier between their climbed end points. The scaled
    starts find narrow modes that a wide mode hides from tempering; the SMC particles reach the
@@ -280,8 +282,12 @@ def diffusion(target, *, num_samples, num_chains, generator, progress, device, *
 
     Options (defaults): exploration ``num_explore`` chains (2000) of ``explore_steps`` MALA steps
     (20) from ``reference`` (the target's, else N(0, I)) scaled by each of ``start_scales``
-    ((0.5, 1, 2, 4)), and from the ``smc_explore`` (256; 0 for none) particles of a tempered SMC
-    run; restocking ``chains_per_mode`` chains (128) of ``restock_steps`` steps
+    ((0.5, 1, 2, 4)), chosen from ``screen_ratio`` (16; 1 for none) times as many starts after
+    ``screen_steps`` (6) steps each, half the highest in log-density and half at random (the
+    basin-hit rate per start is fixed by the geometry, so discovery is bought with cheap starts:
+    on narrow_wide(12, scales=(0.3, 1)) 0.04% of the starts reach the heavy mode, and after 4 to 8
+    steps they rank at the top), and from the ``smc_explore`` (256; 0 for none) particles of a
+    tempered SMC run; restocking ``chains_per_mode`` chains (128) of ``restock_steps`` steps
     (40); ``gaussian_rounds`` (1) rounds of per-mode Gaussian importance sampling first; after
     each round, ``refresh_chains`` (256) particles per mode resampled and moved by
     ``refresh_steps`` (20) MALA steps; score models ``hidden`` (128) x ``depth`` (3), one per mode
