@@ -57,3 +57,23 @@ def test_hessian_in_batches_of_the_chains_equals_one_call(monkeypatch):
     assert torch.equal(start._hessian(lpg, x, g), batched) and sizes == [9000]
     exact = torch.diag_embed(1 / scales**2 + 12 * x**2)
     torch.testing.assert_close(batched, exact, rtol=1e-6, atol=1e-6)
+
+
+def test_newton_direction_by_cholesky_equals_the_eigendecomposition():
+    # positive definite Hessians take the Cholesky path and agree with |H|^{-1} g to rounding; an
+    # indefinite one and one with an eigenvalue under EIGEN_FLOOR of the largest (where |H| is not H)
+    # take the eigendecomposition, and equal it exactly
+    from diffstat.mcmc import start
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 5, 5, generator=gen, dtype=torch.float64)
+    hess = a @ a.transpose(1, 2) + 0.5 * torch.eye(5, dtype=torch.float64)
+    q, _ = torch.linalg.qr(a[4])
+    hess[4] = q @ torch.diag(torch.tensor([1.0, 2.0, -3.0, 4.0, 5.0], dtype=torch.float64)) @ q.T
+    hess[5] = q @ torch.diag(torch.tensor([1e-14, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)) @ q.T
+    g = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    fast, exact = start._newton_direction(hess, g), start._eigen_direction(hess, g)
+    torch.testing.assert_close(fast[:4], exact[:4], rtol=1e-10, atol=1e-12)
+    assert torch.equal(fast[4:], exact[4:])
+    # the Cholesky direction would have ignored the floor: 1e14 times longer along q[:, 0]
+    assert not torch.allclose(torch.linalg.solve(hess[5], g[5]), exact[5])
