@@ -31,13 +31,15 @@ From draws ``(chain, draw, dim)`` and per-draw sample statistics (``lp``, ``acce
   repeated draws (a rejected MCMC step repeats the draw), gives the normal scores of R-hat and bulk
   ESS, the folded draws' order (merged from it in linear time) and the tail quantiles, and one
   batched FFT per statistic gives every chain's autocovariances.
-- **many chains** (more than :data:`RANK_CHAINS`): the rank statistics above are computed on
-  :data:`RANK_CHAINS` chains spread evenly over the run, their ESS multiplied by the number of
-  chains over :data:`RANK_CHAINS` (ESS adds over independent chains), and R-hat is the larger of
-  their rank R-hat and the split R-hat of all chains' draws (Gelman et al. 2013), which two sums
-  give without a sort (:func:`~diffstat.rank_stats.many_chain_diagnostics`). At 1,000 chains of
-  300 draws this costs a few percent of the full sort, and a few chains away from the others (a
-  second mode, a far tail) still raise R-hat even where none is among the ranked chains.
+- **many chains** (more than :data:`RANK_CHAINS`): R-hat is the larger of the split R-hat of all
+  chains' draws and that of the folded draws :math:`|x - \mathrm{median}|` (Gelman et al. 2013;
+  the bulk and folded R-hat above without the normal scores, which with many chains change it by
+  at most 2e-4, measured even on Cauchy draws), by two sums each; bulk and tail ESS are the rank statistics
+  above of :data:`RANK_CHAINS` chains spread evenly over the run, multiplied by the number of
+  chains over :data:`RANK_CHAINS` (ESS adds over independent chains)
+  (:func:`~diffstat.rank_stats.many_chain_diagnostics`). At 1,000 chains of 300 draws this costs
+  about 1/40 of the full sort, and a few chains away from the others (a second mode, a far tail)
+  still raise R-hat.
 - the **number and fraction of divergent transitions** (the kernel's ``diverging`` flag).
 - **stuck chains**: a chain whose mean acceptance probability is below
   :data:`STUCK_ACCEPTANCE`, or (without ``acceptance_rate``) whose draws changed in fewer than
@@ -105,11 +107,10 @@ STUCK_ACCEPTANCE = 0.05
 #: where the others almost never go (for a Gaussian target lp has sd sqrt(d/2) and 3 sds is a tail
 #: of under 1%), while Monte Carlo noise moves a chain's mean lp by far less than one sd.
 LP_GAP_SD = 3.0
-#: With more chains than this the rank statistics (a sort of every coordinate's draws) are computed
-#: on this many chains spread over the run, their ESS scaled to all chains, and R-hat is also taken
-#: over all chains' draws unranked (:func:`many_chain_diagnostics`): at 1,000 chains the full sort
-#: cost more than the sampling (``docs/mala_overhead.md``), while 16 chains give the rank statistics
-#: four times the draws Vehtari et al. (2021) designed them for (4 chains).
+#: With more chains than this, R-hat is taken over all chains' draws unranked and the rank ESS on
+#: this many chains spread over the run, scaled to all chains (:func:`many_chain_diagnostics`): at
+#: 1,000 chains the full sort cost more than the sampling (``docs/mala_overhead.md``), while 16
+#: chains give the ESS four times the chains Vehtari et al. (2021) designed it for (4).
 RANK_CHAINS = 16
 #: Fewer draws per chain than this and R-hat / ESS are not computed (arviz's minimum is 4 per chain,
 #: and 8 leaves one chain 2 draws in each of the quarters its R-hat compares).

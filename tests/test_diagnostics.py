@@ -180,16 +180,21 @@ def test_bad_input_and_too_few_draws():
 
 
 # ------------------------------------------------------------------------- many chains
-def test_many_chains_rank_statistics_of_a_subset_and_split_rhat_of_all():
+def test_many_chains_rank_ess_of_a_subset_and_split_rhat_of_all():
     x = ar1(12, 0.3, 200, 61, dim=4)
     x[5, :, 3] += 0.5  # chain 5 (not in the subset) shifted in coordinate 3
     subset = rank_chain_subset(200, RANK_CHAINS)
     assert len(subset) == RANK_CHAINS and 5 not in subset and subset[0] == 0 and subset[-1] == 199
     rhat, bulk, tail = many_chain_diagnostics(x, RANK_CHAINS)
-    sub_rhat, sub_bulk, sub_tail = rank_diagnostics(x[subset])
+    _, sub_bulk, sub_tail = rank_diagnostics(x[subset])
     np.testing.assert_allclose(bulk, sub_bulk * 200 / RANK_CHAINS, rtol=1e-12)
     np.testing.assert_allclose(tail, sub_tail * 200 / RANK_CHAINS, rtol=1e-12)
-    np.testing.assert_allclose(rhat, np.maximum(sub_rhat, split_rhat(x)), rtol=1e-12)
+    median = np.median(x[subset].reshape(-1, 4), axis=0)
+    np.testing.assert_allclose(rhat, np.maximum(split_rhat(x), split_rhat(np.abs(x - median))), rtol=1e-12)
+    # the folded draws see chains whose spread differs: a tenth of the chains at twice the sd
+    wide = ar1(15, 0.0, 200, 100, dim=1)
+    wide[::10] *= 2.0
+    assert split_rhat(wide)[0] < 1.01 < many_chain_diagnostics(wide, RANK_CHAINS)[0][0]
     # split_rhat is arviz's split R-hat of the draws, also for a mean far from zero
     x[..., 1] = 1e4 + 1e-2 * x[..., 1]
     for draws in (x, x.astype(np.float32)):  # float32 draws are summed in float64
@@ -199,6 +204,9 @@ def test_many_chains_rank_statistics_of_a_subset_and_split_rhat_of_all():
     assert mcmc_diagnostics(x[:RANK_CHAINS]).ess_bulk_min == pytest.approx(
         rank_diagnostics(x[:RANK_CHAINS])[1].min(), rel=1e-12
     )
+    # a NaN draw in a chain outside the subset: that coordinate's figures are NaN, as with all chains
+    x[7, 3, 2] = np.nan
+    assert all(np.isnan(v[2]) and not np.isnan(v[1]) for v in many_chain_diagnostics(x, RANK_CHAINS))
 
 
 def test_many_chains_ess_of_ar1_chains():
@@ -222,8 +230,9 @@ def test_many_chains_warn_on_chains_outside_the_rank_subset():
     d = mcmc_diagnostics(far, {"lp": -0.5 * (far**2).sum(-1)})
     assert d.rhat_max > 1.03 and d.low_lp_chains == (5,)
     assert any("R-hat" in m for m in d.messages) and any("far below" in m for m in d.messages)
-    # the 16 ranked chains alone would not have seen it
+    # neither would the 16 ranked chains, nor the rank R-hat of all chains (the scores saturate)
     assert rank_diagnostics(far[rank_chain_subset(1000, RANK_CHAINS)])[0].max() < 1.01
+    assert rank_diagnostics(far)[0].max() < 1.01
     # a tenth of the chains in a second mode of equal density: R-hat, whichever chains they are
     modes = x.copy()
     modes[1::10] += 12.0
