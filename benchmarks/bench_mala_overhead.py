@@ -5,8 +5,8 @@ phase, warm-up, sampling, diagnostics and the ArviZ conversion: the user's wall 
 same number of bare ``target.log_prob_and_grad`` calls on batches of 1,000 points, and prints the
 ratio of the two times (goals: at most 2.5 on the Gaussian, 1.3 on the logistic posterior), and
 the same ratio without the time spent in the MCMC diagnostics (R-hat, bulk and tail ESS of every
-coordinate; beyond 16 chains the rank statistics of 16 chains and the split R-hat of all,
-:func:`diffstat.rank_stats.many_chain_diagnostics`; timed by wrapping
+coordinate; beyond 16 chains the split R-hat of all chains' draws and folded draws and the rank
+ESS of 16 chains, :func:`diffstat.rank_stats.many_chain_diagnostics`; timed by wrapping
 ``diffstat.diagnostics.mcmc_diagnostics``). Repeats a few
 times and reports the medians, because these machines are noisy. Two cheap targets: an anisotropic
 Gaussian (the gradient costs about 0.2 ms per 1,000 points, so the kernel's own elementwise work
