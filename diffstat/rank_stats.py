@@ -7,6 +7,11 @@ coordinate at once (Vehtari, Gelman, Simpson, Carpenter and Buerkner 2021): the 
 per coordinate (a chain's repeated draws sorted as one item) gives the bulk normal scores, the
 folded order and the tail quantiles, and one batched FFT the autocovariances of every chain and
 coordinate.
+
+With many chains that sort costs more than the sampling on a cheap target (1.0 to 1.9 s for
+1,000 x 300 x 10 draws): :func:`many_chain_diagnostics` then takes R-hat from all chains without
+ranks (:func:`split_rhat` of the draws and the folded draws, two sums each) and the ESS from the
+rank statistics of a fixed number of chains (:func:`rank_ess`), scaled to all of them.
 """
 
 from __future__ import annotations
