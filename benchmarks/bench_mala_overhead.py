@@ -4,15 +4,15 @@ Runs, in one process and back to back, (a) ``ds.sample(target, "mala")`` with 1,
 phase, warm-up, sampling, diagnostics and the ArviZ conversion: the user's wall time) and (b) the
 same number of bare ``target.log_prob_and_grad`` calls on batches of 1,000 points, and prints the
 ratio of the two times (goals: at most 2.5 on the Gaussian, 1.3 on the logistic posterior), and
-the same ratio without the time spent in the MCMC diagnostics (rank-normalised R-hat, bulk and
-tail ESS of every coordinate, :func:`diffstat.diagnostics.rank_diagnostics`, timed by wrapping
-``diffstat.diagnostics.mcmc_diagnostics``): at 1,000 chains they sort every coordinate's
-1,000 x ``--steps`` draws, which on a cheap target costs as much as the sampling. Repeats a few
+the same ratio without the time spent in the MCMC diagnostics (R-hat, bulk and tail ESS of every
+coordinate; beyond 16 chains the split R-hat of all chains' draws and folded draws and the rank
+ESS of 16 chains, :func:`diffstat.rank_stats.many_chain_diagnostics`; timed by wrapping
+``diffstat.diagnostics.mcmc_diagnostics``). Repeats a few
 times and reports the medians, because these machines are noisy. Two cheap targets: an anisotropic
 Gaussian (the gradient costs about 0.2 ms per 1,000 points, so the kernel's own elementwise work
 and its random numbers show fully) and the Bayesian logistic regression on the ionosphere data in
 ``data/`` (351 rows, 34 coefficients; warm-up picks a dense metric there, so each MALA step adds
-three small matrix products and a triangular solve). Measured figures, and where the time goes:
+three small matrix products). Measured figures, and where the time goes:
 ``docs/mala_overhead.md``.
 
     python benchmarks/bench_mala_overhead.py [--target gaussian|logistic|both] [--chains 1000] [--steps 300]

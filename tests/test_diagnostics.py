@@ -10,7 +10,16 @@ import pytest
 import torch
 
 import diffstat as ds
-from diffstat.diagnostics import ESS_PER_CHAIN, e_bfmi, ess_needed, mcmc_diagnostics, rank_diagnostics
+from diffstat.diagnostics import (
+    ESS_PER_CHAIN,
+    RANK_CHAINS,
+    e_bfmi,
+    ess_needed,
+    many_chain_diagnostics,
+    mcmc_diagnostics,
+    rank_diagnostics,
+)
+from diffstat.rank_stats import rank_chain_subset, split_rhat
 from diffstat.targets import Funnel
 
 F64 = torch.float64
@@ -170,6 +179,68 @@ def test_bad_input_and_too_few_draws():
     assert np.isnan(d.rhat_max) and any("too few" in m for m in d.messages)
 
 
+# ------------------------------------------------------------------------- many chains
+def test_many_chains_rank_ess_of_a_subset_and_split_rhat_of_all():
+    x = ar1(12, 0.3, 200, 61, dim=4)
+    x[5, :, 3] += 0.5  # chain 5 (not in the subset) shifted in coordinate 3
+    subset = rank_chain_subset(200, RANK_CHAINS)
+    assert len(subset) == RANK_CHAINS and 5 not in subset and subset[0] == 0 and subset[-1] == 199
+    rhat, bulk, tail = many_chain_diagnostics(x, RANK_CHAINS)
+    _, sub_bulk, sub_tail = rank_diagnostics(x[subset])
+    np.testing.assert_allclose(bulk, sub_bulk * 200 / RANK_CHAINS, rtol=1e-12)
+    np.testing.assert_allclose(tail, sub_tail * 200 / RANK_CHAINS, rtol=1e-12)
+    median = np.median(x[subset].reshape(-1, 4), axis=0)
+    np.testing.assert_allclose(rhat, np.maximum(split_rhat(x), split_rhat(np.abs(x - median))), rtol=1e-12)
+    # the folded draws see chains whose spread differs: a tenth of the chains at twice the sd
+    wide = ar1(15, 0.0, 200, 100, dim=1)
+    wide[::10] *= 2.0
+    assert split_rhat(wide)[0] < 1.01 < many_chain_diagnostics(wide, RANK_CHAINS)[0][0]
+    # split_rhat is arviz's split R-hat of the draws, also for a mean far from zero
+    x[..., 1] = 1e4 + 1e-2 * x[..., 1]
+    for draws in (x, x.astype(np.float32)):  # float32 draws are summed in float64
+        arviz_split = [az.rhat(draws[..., j].astype(float), method="split") for j in range(4)]
+        np.testing.assert_allclose(split_rhat(draws), arviz_split, rtol=1e-10)
+    # up to RANK_CHAINS chains everything is computed on all of them
+    assert mcmc_diagnostics(x[:RANK_CHAINS]).ess_bulk_min == pytest.approx(
+        rank_diagnostics(x[:RANK_CHAINS])[1].min(), rel=1e-12
+    )
+    # a NaN draw in a chain outside the subset: that coordinate's figures are NaN, as with all chains
+    x[7, 3, 2] = np.nan
+    assert all(np.isnan(v[2]) and not np.isnan(v[1]) for v in many_chain_diagnostics(x, RANK_CHAINS))
+
+
+def test_many_chains_ess_of_ar1_chains():
+    # 200 AR(1) chains of 100 draws, rho = 0.5: ESS n (1 - rho) / (1 + rho) = 6667; the scaled
+    # 16-chain estimate measured over 40 seeds: mean 1.053 of it, relative sd 0.113, so 4 sds is 0.45
+    truth = 200 * 100 * 0.5 / 1.5
+    d = mcmc_diagnostics(ar1(13, 0.5, 200, 100))
+    assert abs(d.ess_bulk_min / truth - 1) < 4 * 0.113
+    # the band rejects the ESS of iid draws and of rho = 0.8
+    assert abs(d.ess_bulk_min / (200 * 100) - 1) > 4 * 0.113
+    assert abs(d.ess_bulk_min / (200 * 100 * 0.2 / 1.8) - 1) > 4 * 0.113
+
+
+def test_many_chains_warn_on_chains_outside_the_rank_subset():
+    x = ar1(14, 0.0, 1000, 100, dim=2)
+    lp = -0.5 * (x**2).sum(-1)
+    assert 5 not in rank_chain_subset(1000, RANK_CHAINS)
+    far = x.copy()
+    # one chain of 1,000 ten sds out: B = 50 * 100 / 1000 over halves of 50, R-hat about 1.04
+    far[5] += 10.0
+    d = mcmc_diagnostics(far, {"lp": -0.5 * (far**2).sum(-1)})
+    assert d.rhat_max > 1.03 and d.low_lp_chains == (5,)
+    assert any("R-hat" in m for m in d.messages) and any("far below" in m for m in d.messages)
+    # neither would the 16 ranked chains, nor the rank R-hat of all chains (the scores saturate)
+    assert rank_diagnostics(far[rank_chain_subset(1000, RANK_CHAINS)])[0].max() < 1.01
+    assert rank_diagnostics(far)[0].max() < 1.01
+    # a tenth of the chains in a second mode of equal density: R-hat, whichever chains they are
+    modes = x.copy()
+    modes[1::10] += 12.0
+    d = mcmc_diagnostics(modes, {"lp": lp})
+    assert d.rhat_max > 1.5 and any("R-hat" in m for m in d.messages)
+    assert mcmc_diagnostics(x, {"lp": lp}).messages == ()
+
+
 # ------------------------------------------------------------------------- through ds.sample
 def test_healthy_run_is_silent_and_reports_figures():
     target = ds.Target(lambda x: -0.5 * (x**2).sum(-1), 2, dtype=F64)
@@ -256,3 +327,26 @@ def test_diagnose_any_inference_data_with_several_variables():
         assert ds.diagnose(clean).ok
     with pytest.raises(ValueError, match="InferenceData"):
         ds.diagnose(x)
+
+
+def test_many_chains_provoked_failures_warn_through_ds_sample():
+    # the two provoked failures above with 64 chains, beyond RANK_CHAINS: the far-tail chain (5) is
+    # not among the ranked chains
+    target = ds.Target(lambda x: -0.25 * (x**4).sum(-1), 2, dtype=F64)
+    init = torch.zeros(64, 2, dtype=F64)
+    init[5] = 10.0
+    with pytest.warns(RuntimeWarning, match=r"(?s)chains stuck \(chain 5\D.*far below the others"):
+        ds.sample(target, "mala", num_samples=300, num_chains=64, seed=0, init=init, progress=False,
+                  num_warmup=0, step_size=0.3)  # fmt: skip
+
+    def log_prob(x):
+        return torch.logaddexp(-0.5 * ((x - 6) ** 2).sum(-1), -0.5 * ((x + 6) ** 2).sum(-1))
+
+    bimodal = ds.Target(log_prob, 2, dtype=F64)
+    init = torch.full((64, 2), 6.0, dtype=F64)
+    init[1::2] = -6.0
+    with pytest.warns(RuntimeWarning, match=r"(?s)R-hat.*'smc', 'pt' or 'diffusion'"):
+        idata = ds.sample(bimodal, "mala", num_samples=300, num_chains=64, seed=0, init=init, progress=False)
+    assert idata.posterior.attrs["rhat_max"] > 1.5
+    _, caught = sample_quietly(bimodal, "mala", num_samples=300, num_chains=64, seed=0, init=init[0])
+    assert not any("R-hat" in str(w.message) for w in caught)

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from diffstat.mcmc.base import LogProbAndGrad, MCMCInfo, MCMCState, as_per_chain, metropolis_accept
-from diffstat.mcmc.metric import DenseMetric, Metric, inverse_quadratic, scale_noise, velocity
+from diffstat.mcmc.metric import DenseMetric, Metric, inverse_quadratic, velocity
 
 __all__ = ["mala_step", "mala_fixed_step", "mala_proposal_log_density", "MALA_TARGET_ACCEPT"]
 
@@ -116,13 +116,15 @@ def _step(generator, state: MCMCState, log_prob_and_grad, inv_mass: Metric, c: _
     x, g = state.x, state.grad
     noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     if isinstance(inv_mass, DenseMetric):
-        h = c.drift
-        forward = h * velocity(inv_mass, g) + c.scale * scale_noise(inv_mass, noise)  # y - x
-        y = x + forward
+        # M^{-1} = L L^T: y - x = L u with u = h L^T grad(x) + sqrt(2h) xi, so the backward
+        # quadratic's L^{-1}(y - x + h M^{-1} grad(y)) = u + h L^T grad(y): three products with L
+        # (rows times L, or L^T), no triangular solve (which cost 4 to 5 times a product at 1000 x 34)
+        h, chol = c.drift, inv_mass.chol
+        u = torch.addcmul(c.scale * noise, h, g @ chol)
+        y = x + u @ chol.T
         lp_y, g_y = log_prob_and_grad(y)
-        backward = forward + h * velocity(inv_mass, g_y)  # y - x + h M^{-1} grad(y)
-        log_q_backward = -inverse_quadratic(inv_mass, backward) / c.precision
-        log_ratio = lp_y - state.log_prob + log_q_backward + 0.5 * (noise**2).sum(-1)
+        backward = u.addcmul_(h, g_y @ chol).square_().sum(-1)  # |L^{-1}(y - x + h M^{-1} grad(y))|^2
+        log_ratio = lp_y - state.log_prob - backward / c.precision + 0.5 * noise.square_().sum(-1)
     else:
         drift = c.drift
         forward = torch.addcmul(drift * g, c.scale, noise)  # y - x

@@ -55,6 +55,13 @@ GAIN_TOL = 1e-2
 #: near a mode Newton converges in a few steps, and 10 bounds the cost where it does not (a density
 #: unbounded above, such as a funnel's neck, is not chased far).
 NEWTON_ITERS = 10
+#: Newton's step treats eigenvalues of the Hessian under this fraction of the largest as this
+#: fraction (finite differences make near-zero ones of either sign).
+EIGEN_FLOOR = 1e-12
+#: The Hessian's and Newton's evaluations, a multiple of the chains, are made in batches of the chains
+#: but of at least this many points: below about a thousand points a call's fixed cost (Python,
+#: autograd, dispatch) dominates, and a few chains' dim x chains points then go in one call.
+MIN_BATCH = 1024
 #: A chain stops its Newton steps once its Newton decrement (twice the gain the local quadratic model
 #: still promises) is under 1: it is then within about one posterior sd of the mode in the Laplace metric.
 NEWTON_TOL = 1.0
@@ -150,13 +157,28 @@ def _restart_stragglers(x, lp, g, a_min):
     return x, lp, g, a_min
 
 
+def _in_batches(log_prob_and_grad, points: torch.Tensor, chains: int):
+    """``log_prob_and_grad`` of ``points: (m, dim)`` evaluated in batches of ``max(chains,
+    MIN_BATCH)`` rows: no larger than the batch the target sees at every MCMC step where that is
+    large. One call on all ``m`` rows (``dim`` or 12 times the chains) is slower per point where the
+    target's intermediates outgrow the caches (measured 2 to 3 times slower per point at 34,000
+    rows than at 1,000 on the 34-d logistic posterior, whose logits alone are then 48 MB) and can
+    exhaust a GPU's memory."""
+    size = max(chains, MIN_BATCH)
+    if points.shape[0] <= size:
+        return log_prob_and_grad(points)
+    parts = [log_prob_and_grad(chunk) for chunk in points.split(size)]
+    return torch.cat([lp for lp, _ in parts]), torch.cat([g for _, g in parts])
+
+
 def _hessian(log_prob_and_grad, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Hessians ``(n, dim, dim)`` of :math:`-\\log\\pi` at ``x: (n, dim)`` by forward differences of
-    the gradient ``g`` (``dim`` evaluations per chain, one batch), symmetrised, non-finite entries -1."""
+    the gradient ``g`` (``dim`` evaluations per chain, in batches of ``n`` points), symmetrised,
+    non-finite entries -1."""
     n, dim = x.shape
     step = math.sqrt(torch.finfo(x.dtype).eps) * x.abs().clamp_min(1.0)  # (n, dim)
     shifted = x.unsqueeze(1) + torch.diag_embed(step)  # (n, dim, dim): row i moves coordinate i
-    _, g_shift = log_prob_and_grad(shifted.reshape(n * dim, dim))
+    _, g_shift = _in_batches(log_prob_and_grad, shifted.reshape(n * dim, dim), n)
     hess = -(g_shift.reshape(n, dim, dim) - g.unsqueeze(1)) / step.unsqueeze(-1)
     hess = 0.5 * (hess + hess.transpose(1, 2))
     return torch.nan_to_num(hess, nan=-1.0, posinf=-1.0, neginf=-1.0)
@@ -181,17 +203,14 @@ def _newton(log_prob_and_grad, x, lp, g, max_iters: int):
     hess = _hessian(log_prob_and_grad, x, g)
     stuck = torch.zeros_like(lp, dtype=torch.bool)
     for _ in range(max_iters):
-        lam, vec = torch.linalg.eigh(hess)
-        lam = lam.abs()
-        lam = lam.clamp_min(1e-12 * lam.amax(-1, keepdim=True)).clamp_min(1e-300)
-        d = (vec @ ((vec.transpose(1, 2) @ g.unsqueeze(-1)).squeeze(-1) / lam).unsqueeze(-1)).squeeze(-1)
+        d = _newton_direction(hess, g)
         dec = (g * d).sum(-1)
         active = torch.isfinite(dec) & (dec > NEWTON_TOL) & ~stuck
         if not bool(active.any()):
             break
         y = x.unsqueeze(1) + ts[:, None] * torch.nan_to_num(d).unsqueeze(1)  # (n, k, dim)
         try:
-            lp_y, g_y = log_prob_and_grad(y.reshape(-1, dim))
+            lp_y, g_y = _in_batches(log_prob_and_grad, y.reshape(-1, dim), n)
         except Exception:  # noqa: BLE001  (a model may raise far out, e.g. a non-PD kernel matrix: stop)
             break
         lp_y, g_y = lp_y.reshape(n, -1), g_y.reshape(n, -1, dim)
@@ -207,6 +226,37 @@ def _newton(log_prob_and_grad, x, lp, g, max_iters: int):
         if bool(ok.any()):
             hess = torch.where(ok[:, None, None], _hessian(log_prob_and_grad, x, g), hess)
     return x, lp, g, hess
+
+
+def _eigen_direction(hess: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    r""":math:`|H|^{-1} g` by eigendecomposition: the eigenvalues' absolute values, floored at
+    ``EIGEN_FLOOR`` times the largest (and at 1e-300)."""
+    lam, vec = torch.linalg.eigh(hess)
+    lam = lam.abs()
+    lam = lam.clamp_min(EIGEN_FLOOR * lam.amax(-1, keepdim=True)).clamp_min(1e-300)
+    return (vec @ ((vec.transpose(1, 2) @ g.unsqueeze(-1)).squeeze(-1) / lam).unsqueeze(-1)).squeeze(-1)
+
+
+def _newton_direction(hess: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    r"""The modified Newton direction :math:`|H|^{-1} g` of every chain, ``hess: (n, dim, dim)``,
+    ``g: (n, dim)``. Where :math:`H = LL^\top` is positive definite with
+    :math:`\operatorname{tr}(H)\operatorname{tr}(H^{-1}) \le 1/\text{EIGEN\_FLOOR}`, no eigenvalue
+    is under ``EIGEN_FLOOR`` times the largest (:math:`\lambda_{\max} \le \operatorname{tr} H`,
+    :math:`1/\lambda_{\min} \le \operatorname{tr} H^{-1} = \lVert L^{-1}\rVert_F^2`), so
+    :math:`|H| = H` exactly and the direction is :math:`L^{-\top}L^{-1}g` by a Cholesky factor, an
+    order of magnitude cheaper than :func:`_eigen_direction` (measured 0.01 against 0.13 s for
+    1,000 Hessians 34 x 34); the other chains take the eigendecomposition."""
+    chol, info = torch.linalg.cholesky_ex(hess)
+    eye = torch.eye(hess.shape[-1], dtype=hess.dtype, device=hess.device).expand_as(hess)
+    inv_chol = torch.linalg.solve_triangular(chol, eye, upper=False)
+    bound = hess.diagonal(dim1=-2, dim2=-1).sum(-1) * inv_chol.square().sum((-2, -1))
+    fast = (info == 0) & (bound <= 1 / EIGEN_FLOOR)  # NaN bounds fail
+    half = (inv_chol @ g.unsqueeze(-1)).squeeze(-1)  # L^{-1} g
+    d = (inv_chol.transpose(1, 2) @ half.unsqueeze(-1)).squeeze(-1)
+    slow = (~fast).nonzero().squeeze(1)
+    if slow.numel():
+        d = d.index_copy(0, slow, _eigen_direction(hess.index_select(0, slow), g.index_select(0, slow)))
+    return d
 
 
 def _laplace_jitter(hess, noise, a_min):

@@ -32,3 +32,48 @@ def test_start_reaches_the_mode_region_of_a_flat_valley(generator):
     assert cov is not None
     # Laplace variance of b at the mode: exp(2 s) / 100 = 1 / (100 n)
     assert abs(float(cov[0, 0]) * 100 * 400 - 1) < 0.05
+
+
+def test_hessian_in_batches_of_the_chains_equals_one_call(monkeypatch):
+    # 3,000 chains of a 3-d target: the 9,000 shifted points go in batches of 3,000 (at least
+    # MIN_BATCH); the Hessians are those of one call on all points, bit for bit (the target is
+    # elementwise), and every point is evaluated once
+    from diffstat.mcmc import start
+
+    scales = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    sizes = []
+
+    def lpg(x):
+        sizes.append(x.shape[0])
+        return -0.5 * ((x / scales) ** 2).sum(-1) - (x**4).sum(-1), -x / scales**2 - 4 * x**3
+
+    x = torch.randn(3000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = lpg(x)[1]
+    sizes.clear()
+    batched = start._hessian(lpg, x, g)
+    assert sizes == [3000, 3000, 3000]
+    monkeypatch.setattr(start, "MIN_BATCH", 10**6)
+    sizes.clear()
+    assert torch.equal(start._hessian(lpg, x, g), batched) and sizes == [9000]
+    exact = torch.diag_embed(1 / scales**2 + 12 * x**2)
+    torch.testing.assert_close(batched, exact, rtol=1e-6, atol=1e-6)
+
+
+def test_newton_direction_by_cholesky_equals_the_eigendecomposition():
+    # positive definite Hessians take the Cholesky path and agree with |H|^{-1} g to rounding; an
+    # indefinite one and one with an eigenvalue under EIGEN_FLOOR of the largest (where |H| is not H)
+    # take the eigendecomposition, and equal it exactly
+    from diffstat.mcmc import start
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 5, 5, generator=gen, dtype=torch.float64)
+    hess = a @ a.transpose(1, 2) + 0.5 * torch.eye(5, dtype=torch.float64)
+    q, _ = torch.linalg.qr(a[4])
+    hess[4] = q @ torch.diag(torch.tensor([1.0, 2.0, -3.0, 4.0, 5.0], dtype=torch.float64)) @ q.T
+    hess[5] = q @ torch.diag(torch.tensor([1e-14, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)) @ q.T
+    g = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    fast, exact = start._newton_direction(hess, g), start._eigen_direction(hess, g)
+    torch.testing.assert_close(fast[:4], exact[:4], rtol=1e-10, atol=1e-12)
+    assert torch.equal(fast[4:], exact[4:])
+    # the Cholesky direction would have ignored the floor: 1e14 times longer along q[:, 0]
+    assert not torch.allclose(torch.linalg.solve(hess[5], g[5]), exact[5])
