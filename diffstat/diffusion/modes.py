@@ -155,7 +155,7 @@ def screen(
     A mode whose basin of attraction holds a small share of the starts is found only by starting
     many chains, and after a few steps a chain in the basin of a high, narrow mode already sits
     far above the others (on ``narrow_wide(12, scales=(0.3, 1))`` 0.04% of the starts reach the
-    heavy mode, and after 4 to 8 steps nearly all of them rank in the top 0.1% by log-density), so
+    heavy mode, and after 8 steps they rank in the top 0.04% by log-density; docs/diffusion_sampler.md), so
     screening by log-density buys starts at a few evaluations each; the random half keeps the
     wide, low modes that plain exploration finds. Returns the survivors' points ``(keep, dim)``
     and adapted step sizes ``(keep,)``.

@@ -285,7 +285,7 @@ def diffusion(target, *, num_samples, num_chains, generator, progress, device, *
     ((0.5, 1, 2, 4)), chosen from ``screen_ratio`` (16; 1 for none) times as many starts after
     ``screen_steps`` (6) steps each, half the highest in log-density and half at random (the
     basin-hit rate per start is fixed by the geometry, so discovery is bought with cheap starts:
-    on narrow_wide(12, scales=(0.3, 1)) 0.04% of the starts reach the heavy mode, and after 4 to 8
+    on narrow_wide(12, scales=(0.3, 1)) 0.04% of the starts reach the heavy mode, and after a few
     steps they rank at the top), and from the ``smc_explore`` (256; 0 for none) particles of a
     tempered SMC run; restocking ``chains_per_mode`` chains (128) of ``restock_steps`` steps
     (40); ``gaussian_rounds`` (1) rounds of per-mode Gaussian importance sampling first; after
