@@ -200,8 +200,18 @@ class Whitening:
             return cls(m, torch.diag(x.std(0).clamp_min(1e-12)))
         return cls(m, torch.linalg.cholesky(ridged_covariance(x, ridge)))
 
+    @classmethod
+    def from_moments(cls, mean: torch.Tensor, cov: torch.Tensor) -> Whitening:
+        """The whitening of a given mean ``(dim,)`` and covariance ``(dim, dim)``, factorised with a
+        relative jitter where it is not numerically positive definite
+        (:meth:`~diffstat.mcmc.metric.DenseMetric.from_covariance`)."""
+        from diffstat.mcmc.metric import DenseMetric
+
+        return cls(mean, DenseMetric.from_covariance(cov, jitter=1e-8).chol)
+
     @property
     def log_det(self) -> torch.Tensor:
+        r""":math:`\log|\det L|`, the log-Jacobian of :meth:`from_white`."""
         return torch.log(torch.diagonal(self.chol)).sum()
 
     def to_white(self, x: torch.Tensor) -> torch.Tensor:

@@ -315,7 +315,7 @@ def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device
         for _ in range(num_chains):  # each run resampled before the next starts
             out = noised_smc(generator, path, num_samples, device=device, bar=bar, **options)
             idx = resample(generator, out.log_weights, scheme)
-            draws.append(path.whitening.to_x(out.particles.x[idx]))
+            draws.append(path.whitening.from_white(out.particles.x[idx]))
             lps.append(out.particles.target_lp[idx])
             log_ws.append(out.log_weights[idx])
             runs.append(out)

@@ -50,6 +50,7 @@ from typing import NamedTuple
 
 import torch
 
+from diffstat.diffusion.gaussians import Whitening
 from diffstat.diffusion.noised_smc_bank import bank_log_g
 from diffstat.mcmc.base import MCMCState, as_per_chain, metropolis_accept
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_proposal_log_density, mala_step
@@ -58,7 +59,6 @@ from diffstat.mcmc.metric import scale_noise, velocity
 __all__ = [
     "GuidedState",
     "NoisedPath",
-    "Whitening",
     "local_mala_step",
     "noise_schedule",
     "pilot_whitening",
@@ -77,25 +77,6 @@ MIN_CURVATURE = 1e-2
 #: Guidance kinds: PDDS's simple g(a x); its power g(a x)^beta; the Laplace approximation of g_t;
 #: the pilot's mode bank times the simple guidance of the residual.
 GUIDANCES = ("simple", "power", "laplace", "bank")
-
-
-class Whitening(NamedTuple):
-    """The affine map ``x = mean + z @ chol.T`` (``mean (dim,)``, lower ``chol (dim, dim)``) and
-    ``log_det = log |det chol|``."""
-
-    mean: torch.Tensor
-    chol: torch.Tensor
-    log_det: torch.Tensor
-
-    @classmethod
-    def from_moments(cls, mean: torch.Tensor, cov: torch.Tensor) -> Whitening:
-        from diffstat.mcmc.metric import DenseMetric
-
-        chol = DenseMetric.from_covariance(cov, jitter=1e-8).chol
-        return cls(mean, chol, torch.log(chol.diagonal()).sum())
-
-    def to_x(self, z: torch.Tensor) -> torch.Tensor:
-        return self.mean + z @ self.chol.T
 
 
 class GuidedState(NamedTuple):
@@ -155,7 +136,7 @@ class NoisedPath:
     def log_g(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:math:`\\log g(y)` ``(n,)``, its gradient ``(n, dim)`` and :math:`\\log\\tilde\\pi(m + Ly)`."""
         w = self.whitening
-        lp, grad_x = self.target.log_prob_and_grad(w.to_x(y))
+        lp, grad_x = self.target.log_prob_and_grad(w.from_white(y))
         log_g = lp + w.log_det + 0.5 * (y**2).sum(-1) + self._half_log_2pi
         return log_g, grad_x @ w.chol + y, lp
 
@@ -189,7 +170,7 @@ class NoisedPath:
     def log_pi_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:math:`\\log\\pi_z(z)` ``(n,)`` and its gradient ``(n, dim)`` in whitened coordinates."""
         w = self.whitening
-        lp, grad_x = self.target.log_prob_and_grad(w.to_x(z))
+        lp, grad_x = self.target.log_prob_and_grad(w.from_white(z))
         return lp + w.log_det, grad_x @ w.chol
 
     def _laplace(self, x: torch.Tensor, rho: torch.Tensor) -> GuidedState:

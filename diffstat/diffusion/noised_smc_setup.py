@@ -14,7 +14,8 @@ import math
 import torch
 
 from diffstat.diffusion.noised_smc_bank import build_mode_bank
-from diffstat.diffusion.noised_smc_path import NoisedPath, Whitening, pilot_whitening
+from diffstat.diffusion.gaussians import Whitening
+from diffstat.diffusion.noised_smc_path import NoisedPath, pilot_whitening
 
 __all__ = ["default_reference", "setup_path"]
 
@@ -61,7 +62,7 @@ def setup_path(target, generator, device, options) -> tuple[NoisedPath, dict]:
         if points is None:
             raise ValueError("guidance='bank' needs the pilot (whitening='pilot' or 'reference')")
         x, lp, grad = points
-        z = torch.linalg.solve_triangular(white.chol, (x - white.mean).T, upper=False).T
+        z = white.to_white(x)
         before = target.num_target_evals
         bank, unseen = build_mode_bank(path.log_pi_and_grad, z, lp + white.log_det, grad @ white.chol)
         pilot_evals += target.num_target_evals - before

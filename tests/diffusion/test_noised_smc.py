@@ -11,7 +11,8 @@ import torch
 import diffstat as ds
 from diffstat.diffusion import noised_smc as ns
 from diffstat.diffusion.noised_smc_bank import bank_log_g, build_mode_bank
-from diffstat.diffusion.noised_smc_path import NoisedPath, Whitening, noise_schedule
+from diffstat.diffusion.gaussians import Whitening
+from diffstat.diffusion.noised_smc_path import NoisedPath, noise_schedule
 from diffstat.targets import GaussianMixture
 
 D = torch.distributions
@@ -75,7 +76,7 @@ def run_path(path, generator, num_steps, n, broken=False):
         log_path += D.Normal(c * x_new, lam.sqrt()).log_prob(gs.x).sum(-1)
         log_path -= D.Normal(q_mean, lam.sqrt()).log_prob(x_new).sum(-1)
         gs = new
-    log_pi_z = path.target.log_prob(path.whitening.to_x(gs.x)) + path.whitening.log_det
+    log_pi_z = path.target.log_prob(path.whitening.from_white(gs.x)) + path.whitening.log_det
     return log_w, log_path + log_pi_z
 
 
