@@ -25,9 +25,10 @@ from diffstat.diffusion.sampler import (
 #: it by thousands of nats, while a refreshed one finds it.
 CENTER, SD = 3.0, 0.001
 #: Exploration and restocking so short that the first round's Gaussian misses the mode (and no
-#: tempered SMC run, whose particles would find it).
+#: tempered SMC run or screening of many starts, which would find it).
 TINY = {
     "smc_explore": 0,
+    "screen_ratio": 1,
     "num_explore": 100,
     "explore_steps": 3,
     "restock_steps": 2,
