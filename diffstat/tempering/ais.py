@@ -57,7 +57,13 @@ from diffstat.tempering.core import (
 from diffstat.tempering.path import GeometricPath, PathState, default_step_size, make_path
 from diffstat.tempering.resampling import ess, resample
 from diffstat.tempering.smc import stack_stages
-from diffstat.tempering.schedules import PilotRun, pilot_run, schedule, thermodynamic_schedule
+from diffstat.tempering.schedules import (
+    PilotRun,
+    pilot_reference,
+    pilot_run,
+    schedule,
+    thermodynamic_schedule,
+)
 
 __all__ = [
     "AISOutput",
@@ -78,8 +84,11 @@ __all__ = [
 LENGTH_FACTOR = 8.0
 MIN_TEMPERATURES = 200
 MAX_TEMPERATURES = 2000
-#: Below this final ESS (or above Pareto k 0.7) the estimate is flagged as collapsed.
-_MIN_ESS = 30.0
+#: Below this final ESS (or above Pareto k 0.7) the result is flagged as collapsed: with ESS 100 the
+#: draws' Monte Carlo error is 0.1 posterior sd in a mean and about 7% in an sd (a Gaussian
+#: marginal), what an answer right to 0.15 sd and 15% needs (30 let posteriordb's arma11 through with
+#: an sd 20% off: 37 effective draws).
+MIN_ESS = 100.0
 _MAX_PARETO_K = 0.7
 
 
@@ -151,6 +160,7 @@ def ais(
 
 _OPTIONS = {
     "reference",
+    "fit_reference",
     "betas",
     "num_temperatures",
     "schedule",
@@ -171,69 +181,84 @@ _OPTIONS = {
 def ais_sampler(target, *, num_samples, num_chains, generator, progress, device, **options) -> SamplerResult:
     r"""``ds.sample(target, "ais", num_samples=n, ...)``: AIS with ``n`` particles per chain.
 
-    Options: ``reference``; ``betas`` or ``num_temperatures`` with ``schedule``
-    (``"adaptive"``: thermodynamic length :math:`\Lambda` from a pilot of ``num_pilot`` particles,
-    default ``min(256, max(64, n // 4))``, and by default ``LENGTH_FACTOR`` :math:`\Lambda^2`
-    temperatures within [``MIN_TEMPERATURES``, ``MAX_TEMPERATURES``] = [200, 2000]; or the fixed
-    ``"geometric"``, ``"sigmoid"``, ``"linear"`` with 200 by default);
-    ``kernel`` (``"mala"``), ``num_mcmc_steps`` (1), ``num_leapfrog`` (5), ``step_size``,
-    ``target_accept``, ``adapt_scale`` (True), ``metric`` (``"auto"``, fixed schedules);
-    ``resampling`` (``"systematic"``), the scheme of the final resampling; ``min_ess`` (30), below
-    which the result is flagged as collapsed (a ``RuntimeWarning``). ``num_chains`` (default 1)
-    independent runs, each with its own pilot, one after another (so R-hat across chains also sees a
-    pilot that missed part of the posterior); ``log_normalizer`` pools the particles of all runs (each
-    run's weights are unbiased for :math:`Z`).
+    Options: ``reference``, a distribution on R^dim to start from (default: the target's own
+    reference, or the prior of a model with ``log_prior`` and ``log_likelihood``, whose likelihood
+    is then tempered); ``fit_reference`` (True): with the adaptive schedule and no ``reference``,
+    start instead from a Gaussian fitted by a pilot along the prior's path
+    (:func:`~diffstat.tempering.schedules.pilot_reference`); ``betas`` or ``num_temperatures`` with
+    ``schedule`` (``"adaptive"``: a pilot of ``num_pilot`` particles, default
+    ``min(256, max(64, n // 4))``, along the path AIS follows measures its thermodynamic length
+    :math:`\Lambda`, and by default
+    ``LENGTH_FACTOR`` :math:`\Lambda^2` temperatures within [``MIN_TEMPERATURES``,
+    ``MAX_TEMPERATURES``] = [200, 2000]; or the fixed ``"geometric"``, ``"sigmoid"``, ``"linear"`` with
+    200 by default); ``kernel`` (``"mala"``), ``num_mcmc_steps`` (1), ``num_leapfrog`` (5),
+    ``step_size``, ``target_accept``, ``adapt_scale`` (True), ``metric`` (``"auto"``, fixed
+    schedules); ``resampling`` (``"systematic"``), the scheme of the final resampling; ``min_ess``
+    (``MIN_ESS`` = 100), below which the result is flagged as collapsed (a ``RuntimeWarning``).
+    ``num_chains`` (default 1) independent runs, each with its own pilots, one after another (so
+    R-hat across chains also sees a pilot that missed part of the posterior); ``log_normalizer``
+    pools the particles of all runs (each run's weights are unbiased for :math:`Z`).
 
     The draws are resampled to equal weights, per run; ``log_weight`` in ``sample_stats`` is each
-    draw's AIS log weight (that of the particle it was resampled from).
+    draw's AIS log weight (that of the particle it was resampled from), and attrs'
+    ``num_distinct`` counts the distinct particles among the draws.
     """
     check_options(options, _OPTIONS, "ais")
     num_chains = 1 if num_chains is None else num_chains
-    path = make_path(target, options.pop("reference", None))
+    reference = options.pop("reference", None)
+    fit = bool(options.pop("fit_reference", True)) and reference is None
+    path = make_path(target, reference)
     scheme = options.pop("resampling", "systematic")
-    min_ess = float(options.pop("min_ess", _MIN_ESS))
+    min_ess = float(options.pop("min_ess", MIN_ESS))
     runs, pilots, used = [], [], None
     for _ in range(num_chains):
         run_options = dict(options)
-        betas, used, pilot_attrs = _schedule(generator, path, run_options, num_samples, device, target.dtype)
-        x0 = initial_particles(path, num_samples, generator, device)
-        out = ais(generator, path, x0, betas, progress=progress, **run_options)
-        runs.append((out, resample(generator, out.log_weights, scheme)))
+        run_path, betas, used, pilot_attrs = _schedule(
+            generator, path, run_options, num_samples, device, target.dtype, fit
+        )
+        x0 = initial_particles(run_path, num_samples, generator, device)
+        out = ais(generator, run_path, x0, betas, progress=progress, **run_options)
+        runs.append((out, resample(generator, out.log_weights, scheme), run_path))
         pilots.append(pilot_attrs)
-    log_w = torch.cat([out.log_weights for out, _ in runs])
+    log_w = torch.cat([out.log_weights for out, _, _ in runs])
     log_z, se = log_normalizer_estimate(log_w)
     sample_stats = {
-        "lp": torch.stack([out.particles.target_log_prob[idx] for out, idx in runs]),
-        "acceptance_rate": torch.stack([out.acceptance[idx] for out, idx in runs]),
-        "log_weight": torch.stack([out.log_weights[idx] for out, idx in runs]),
+        "lp": torch.stack([out.particles.target_log_prob[idx] for out, idx, _ in runs]),
+        "acceptance_rate": torch.stack([out.acceptance[idx] for out, idx, _ in runs]),
+        "log_weight": torch.stack([out.log_weights[idx] for out, idx, _ in runs]),
     }
-    draws = torch.stack([out.particles.x[idx] for out, idx in runs])
+    draws = torch.stack([out.particles.x[idx] for out, idx, _ in runs])
     final_ess = float(ess(log_w))
     khat = pareto_k(log_w)
     reliable = final_ess >= min_ess and not khat > _MAX_PARETO_K
+    ref_kind = "given" if reference is not None else "pilot" if runs[0][2] is not path else "prior"
+    distinct = sum(int(torch.unique(idx).numel()) for _, idx, _ in runs)
     attrs = {
         "log_normalizer": log_z,
         "log_normalizer_se": se,
         "log_normalizer_reliable": bool(reliable),
-        "num_stages": max(len(out.stages["beta"]) for out, _ in runs),
+        "num_stages": max(len(out.stages["beta"]) for out, _, _ in runs),
         "ess": final_ess,
         "ess_fraction": final_ess / log_w.numel(),
+        "num_distinct": distinct,
         "pareto_k": khat,
         "log_weight_variance": float(log_w[torch.isfinite(log_w)].var()),
         "schedule": used,
-        "path": path.kind,
+        "path": runs[0][2].kind,
+        "reference": ref_kind,
         **_pooled_pilot_attrs(pilots),
     }
     if not reliable:
         warnings.warn(
             f"AIS weights collapsed: ESS {final_ess:.1f} of {log_w.numel()} particles, Pareto k {khat:.2f} "
             f"(log-weight variance {attrs['log_weight_variance']:.3g}); log Z = {log_z:.3f} and its standard "
-            f"error {se:.3g} are unreliable. Raise num_temperatures (or num_mcmc_steps), "
-            "or use method='smc'.",
+            f"error {se:.3g} are unreliable, and the draws, a resample of {distinct} distinct particles, "
+            f"carry Monte Carlo errors of about 1/sqrt(ESS) = {1 / math.sqrt(max(final_ess, 1.0)):.2f} "
+            "posterior sd in a mean. Raise num_temperatures (or num_mcmc_steps), or use method='smc'.",
             RuntimeWarning,
             stacklevel=2,
         )
-    groups = {"tempering": stack_stages([out.stages for out, _ in runs])}
+    groups = {"tempering": stack_stages([out.stages for out, _, _ in runs])}
     return SamplerResult(draws, sample_stats, groups, attrs)
 
 
@@ -244,37 +269,44 @@ def _pooled_pilot_attrs(pilots: list[dict]) -> dict:
     return {**pilots[0], "pilot_evals": sum(p["pilot_evals"] for p in pilots)}
 
 
-def _schedule(generator, path, options: dict, total: int, device, dtype) -> tuple[torch.Tensor, str, dict]:
-    """The temperatures, the kind of schedule used, and the pilot's attrs; pops the schedule options
-    from ``options`` (and, for the adaptive schedule, adds the pilot's ``preconditioners``)."""
+def _schedule(
+    generator, path, options: dict, total: int, device, dtype, fit: bool
+) -> tuple[GeometricPath, torch.Tensor, str, dict]:
+    """The path (from the pilot's fitted reference when ``fit``), the temperatures, the kind of
+    schedule used, and the pilots' attrs; pops the schedule options from ``options`` (and, for the
+    adaptive schedule, adds the pilot's ``preconditioners``)."""
     betas = options.pop("betas", None)
     num_temperatures = options.pop("num_temperatures", None)
     kind = options.pop("schedule", "adaptive")
     num_pilot = options.pop("num_pilot", min(256, max(64, total // 4)))
     if betas is not None:
-        return betas, "betas", {}
+        return path, betas, "betas", {}
     if kind != "adaptive":
         k = MIN_TEMPERATURES if num_temperatures is None else num_temperatures
-        return schedule(k, kind, dtype=dtype, device=device), kind, {}
-    pilot = pilot_run(
-        generator,
-        path,
-        num_pilot,
+        return path, schedule(k, kind, dtype=dtype, device=device), kind, {}
+    pilot_options = dict(
         kernel=options.get("kernel", "mala"),
         num_leapfrog=options.get("num_leapfrog", 5),
         target_accept=options.get("target_accept"),
         device=device,
     )
+    pilot = pilot_run(generator, path, num_pilot, **pilot_options)
+    attrs = {"pilot_evals": int(pilot.num_evals), "num_pilot": int(num_pilot)}
+    reference = pilot_reference(pilot.particles) if fit else None
+    if reference is not None:
+        attrs["prior_thermodynamic_length"] = float(pilot.length[-1])
+        attrs["reference_pilot_stages"] = len(pilot.betas) - 1
+        path = make_path(path.target, reference)
+        pilot = pilot_run(generator, path, num_pilot, **pilot_options)
+        attrs["pilot_evals"] += int(pilot.num_evals)
     lam = float(pilot.length[-1])
     if num_temperatures is None:
         num_temperatures = min(max(math.ceil(LENGTH_FACTOR * lam**2), MIN_TEMPERATURES), MAX_TEMPERATURES)
     betas = thermodynamic_schedule(pilot, num_temperatures)
     options["preconditioners"] = (pilot.betas, pilot.chol, pilot.log_step_size)
-    attrs = {
-        "pilot_evals": int(pilot.num_evals),
-        "num_pilot": int(num_pilot),
+    attrs |= {
         "pilot_stages": len(pilot.betas) - 1,
         "thermodynamic_length": lam,
         "expected_log_weight_variance": lam**2 / len(betas),
     }
-    return betas, kind, attrs
+    return path, betas, kind, attrs
