@@ -16,20 +16,28 @@ so :math:`\hat Z = \frac1n\sum_i w_i`, with the importance-sampling (delta-metho
 weights telescope to :math:`\delta(x_0) = \log\tilde\pi(x_0) - \log\rho(x_0)`: plain importance
 sampling from the reference.
 
-Schedule (:mod:`diffstat.tempering.schedules`): by default ``"adaptive"``, at equal thermodynamic
-length measured by a pilot, whose covariances precondition the moves (dense, pooled within clusters,
-so each mode is moved at its own scale) and whose adapted step sizes are used, all fixed before the
-run: no quantity shared by the particles is adapted during it, so they stay independent and
-:math:`\hat Z` unbiased, its standard error that of independent weights. The pilot is independent of
-the main run; its evaluations are counted (``pilot_evals``). With a fixed schedule (``"geometric"``,
-``"sigmoid"``, ``"linear"`` or ``betas=``), one step size is carried from temperature to temperature
-and adapted after every move from the mean acceptance, with the metric of
+Reference and schedule (:mod:`diffstat.tempering.schedules`): by default (``fit_reference``, with
+the ``"adaptive"`` schedule and no ``reference=``) AIS starts not from the prior but from a Gaussian
+fitted to the particles of a pilot, :math:`\mathcal N(\bar x, 1.5^2\hat\Sigma)`, refitted along the
+path from each fit while that shortens the path (at most ``MAX_REFITS`` times). The variance of
+:math:`\log w` grows with the squared thermodynamic length :math:`\Lambda^2` of the path, and from a
+diffuse prior :math:`\Lambda` is 10 to 26 on posteriordb's regressions, where the moves cannot keep
+the particles on the path; from the fitted Gaussian it is 0.7 to 2. The temperatures are at equal
+thermodynamic length measured by the pilot along the path AIS follows, whose covariances
+precondition the moves (dense, pooled within clusters, so each mode is moved at its own scale) and
+whose adapted step sizes are used, all fixed before the run: no quantity shared by the particles is
+adapted during it, so they stay independent and :math:`\hat Z` unbiased (the pilots are independent
+of the run and the reference is normalised), its standard error that of independent weights. The
+pilots' evaluations are counted (``pilot_evals``). With a fixed schedule (``"geometric"``,
+``"sigmoid"``, ``"linear"`` or ``betas=``), AIS starts from the prior, one step size is carried from
+temperature to temperature and adapted after every move from the mean acceptance, with the metric of
 :func:`~diffstat.tempering.moves.particle_metric` from the weighted particles (``metric="auto"``).
 
 Collapse is reported, never silent: the final ESS, its fraction and the Pareto :math:`\hat k` of the
 log weights (Vehtari et al. 2024) are in attrs, the per-temperature ESS in the ``tempering`` group,
-and a ``RuntimeWarning`` is issued when ESS < ``min_ess`` (30) or :math:`\hat k > 0.7`: then the
-delta-method standard error is itself unreliable, and ``log_normalizer_reliable`` is False.
+and a ``RuntimeWarning`` is issued when ESS < ``min_ess`` (100: the draws, a resample of the
+weighted particles, then carry Monte Carlo errors above 0.1 sd in a mean) or :math:`\hat k > 0.7`:
+then the delta-method standard error is itself unreliable, and ``log_normalizer_reliable`` is False.
 Measurements behind the defaults (schedules compared, standard-error calibration): ``docs/ais.md``.
 """
 
@@ -217,12 +225,21 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
     runs, pilots, used = [], [], None
     for _ in range(num_chains):
         run_options = dict(options)
-        run_path, betas, used, pilot_attrs = _schedule(
+        plans, used, pilot_attrs = _schedule(
             generator, path, run_options, num_samples, device, target.dtype, fit
         )
-        x0 = initial_particles(run_path, num_samples, generator, device)
-        out = ais(generator, run_path, x0, betas, progress=progress, **run_options)
-        runs.append((out, resample(generator, out.log_weights, scheme), run_path))
+        for i, plan in enumerate(plans):
+            try:
+                x0 = initial_particles(plan.path, num_samples, generator, device)
+                run_options |= plan.options
+                out = ais(generator, plan.path, x0, plan.betas, progress=progress, **run_options)
+                break
+            except ValueError as err:  # the target NaN or +inf at a draw of the fitted reference
+                if i == len(plans) - 1:
+                    raise
+                pilot_attrs["reference_fallback"] = str(err)
+        pilot_attrs |= plan.attrs
+        runs.append((out, resample(generator, out.log_weights, scheme), plan.path))
         pilots.append(pilot_attrs)
     log_w = torch.cat([out.log_weights for out, _, _ in runs])
     log_z, se = log_normalizer_estimate(log_w)
@@ -273,21 +290,29 @@ def _pooled_pilot_attrs(pilots: list[dict]) -> dict:
     return {**pilots[0], "pilot_evals": sum(p["pilot_evals"] for p in pilots)}
 
 
-def _schedule(
-    generator, path, options: dict, total: int, device, dtype, fit: bool
-) -> tuple[GeometricPath, torch.Tensor, str, dict]:
-    """The path (from the pilot's fitted reference when ``fit``), the temperatures, the kind of
-    schedule used, and the pilots' attrs; pops the schedule options from ``options`` (and, for the
-    adaptive schedule, adds the pilot's ``preconditioners``)."""
+class _Plan(NamedTuple):
+    """A run's path, temperatures ``(K,)``, the options they fix (the pilot's ``preconditioners``)
+    and their attrs."""
+
+    path: GeometricPath
+    betas: torch.Tensor
+    options: dict
+    attrs: dict
+
+
+def _schedule(generator, path, options: dict, total: int, device, dtype, fit: bool):
+    """``(plans, kind, attrs)``: the run's :class:`_Plan` (from the pilot's fitted reference when
+    ``fit``, then the prior's as a fallback), the kind of schedule, and the pilots' attrs; pops the
+    schedule options from ``options``."""
     betas = options.pop("betas", None)
     num_temperatures = options.pop("num_temperatures", None)
     kind = options.pop("schedule", "adaptive")
     num_pilot = options.pop("num_pilot", min(256, max(64, total // 4)))
     if betas is not None:
-        return path, betas, "betas", {}
+        return [_Plan(path, betas, {}, {})], "betas", {}
     if kind != "adaptive":
         k = MIN_TEMPERATURES if num_temperatures is None else num_temperatures
-        return path, schedule(k, kind, dtype=dtype, device=device), kind, {}
+        return [_Plan(path, schedule(k, kind, dtype=dtype, device=device), {}, {})], kind, {}
     pilot_options = dict(
         kernel=options.get("kernel", "mala"),
         num_leapfrog=options.get("num_leapfrog", 5),
@@ -300,29 +325,40 @@ def _schedule(
         "num_pilot": int(num_pilot),
         "pilot_stages_total": len(pilot.betas) - 1,
     }
+    plans = [_plan(path, pilot, num_temperatures)]
     if fit:
-        path, pilot, attrs = _fit_reference(generator, path, pilot, num_pilot, pilot_options, attrs)
+        fitted, fitted_pilot = _fit_reference(generator, path, pilot, num_pilot, pilot_options, attrs)
+        if fitted is not path:
+            plans.insert(0, _plan(fitted, fitted_pilot, num_temperatures))
+    return plans, kind, attrs
+
+
+def _plan(path, pilot: PilotRun, num_temperatures: int | None) -> _Plan:
+    r"""The temperatures at equal thermodynamic length along the pilot's path, by default
+    ``LENGTH_FACTOR`` :math:`\Lambda^2` of them (within [``MIN_TEMPERATURES``, ``MAX_TEMPERATURES``]),
+    with the pilot's preconditioners."""
     lam = float(pilot.length[-1])
     if num_temperatures is None:
         num_temperatures = min(max(math.ceil(LENGTH_FACTOR * lam**2), MIN_TEMPERATURES), MAX_TEMPERATURES)
     betas = thermodynamic_schedule(pilot, num_temperatures)
-    options["preconditioners"] = (pilot.betas, pilot.chol, pilot.log_step_size)
-    attrs |= {
+    attrs = {
         "pilot_stages": len(pilot.betas) - 1,
         "thermodynamic_length": lam,
         "expected_log_weight_variance": lam**2 / len(betas),
     }
-    return path, betas, kind, attrs
+    return _Plan(path, betas, {"preconditioners": (pilot.betas, pilot.chol, pilot.log_step_size)}, attrs)
 
 
 def _fit_reference(generator, path, pilot, num_pilot, pilot_options, attrs):
     """The path from a reference fitted to the pilot's particles
     (:func:`~diffstat.tempering.schedules.pilot_reference`), refitted to the particles of the pilot
-    along it up to ``MAX_REFITS`` times; the shortest path measured, with its pilot. A pilot along a
-    long path lags it (3 moves per stage) and ends off the posterior (posteriordb's mesquite: means
-    8.6 sd off, sds 1.7 to 4.3 times too wide); along the short path from its fit it tracks, and
-    the next fit is close (length 14.0, then 6.6, 1.8, 1.8 where the fit to Stan's draws gives 1.7).
-    The refits stop when one shortens the path by less than ``1 - REFIT_GAIN``."""
+    along it up to ``MAX_REFITS`` times: the shortest path measured, with its pilot (``attrs`` are
+    updated). A pilot along a long path lags it (3 moves per stage) and ends off the posterior
+    (posteriordb's mesquite: means 8.6 sd off, sds 1.7 to 4.3 times too wide); along the short path
+    from its fit it tracks, and the next fit is close (length 14.0, then 6.6, 1.8, 1.8 where a fit
+    to Stan's draws gives 1.7). The refits stop when one shortens the path by less than
+    ``1 - REFIT_GAIN``, or when the target is NaN or +inf at a draw of the fitted reference (a
+    region the pilot's particles did not reach)."""
     attrs |= {"prior_thermodynamic_length": float(pilot.length[-1]), "num_refits": 0}
     best_path, best = path, pilot
     for _ in range(MAX_REFITS):
@@ -330,7 +366,13 @@ def _fit_reference(generator, path, pilot, num_pilot, pilot_options, attrs):
         if reference is None:
             break
         path = make_path(path.target, reference)
-        pilot = pilot_run(generator, path, num_pilot, **pilot_options)
+        before = path.target.num_target_evals
+        try:
+            pilot = pilot_run(generator, path, num_pilot, **pilot_options)
+        except ValueError as err:
+            attrs["pilot_evals"] += path.target.num_target_evals - before
+            attrs["reference_fallback"] = str(err)
+            break
         attrs["pilot_evals"] += int(pilot.num_evals)
         attrs["num_refits"] += 1
         attrs["pilot_stages_total"] += len(pilot.betas) - 1
@@ -339,4 +381,4 @@ def _fit_reference(generator, path, pilot, num_pilot, pilot_options, attrs):
             best_path, best = path, pilot
         if not shorter:
             break
-    return best_path, best, attrs
+    return best_path, best

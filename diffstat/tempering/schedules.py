@@ -16,7 +16,8 @@ A pilot (:func:`pilot_run`: adaptive tempered SMC resampled at every stage, each
 :func:`~diffstat.tempering.core.tempered_step`) measures each stage's length from the ESS of its
 reweighting (:func:`thermodynamic_length`), the particle covariance (pooled within clusters, so
 each mode of a multimodal stage is moved at its own scale) and the adapted step size at its stages;
-AIS then uses them, fixed in advance.
+AIS then uses them, fixed in advance. The pilot's final particles also fit AIS's default reference
+(:func:`pilot_reference`), a widened Gaussian from which the path to the posterior is short.
 Measurements behind the defaults: ``docs/ais.md``.
 """
 
