@@ -354,11 +354,11 @@ def _fit_reference(generator, path, pilot, num_pilot, pilot_options, attrs):
     (:func:`~diffstat.tempering.schedules.pilot_reference`), refitted to the particles of the pilot
     along it up to ``MAX_REFITS`` times: the shortest path measured, with its pilot (``attrs`` are
     updated). A pilot along a long path lags it (3 moves per stage) and ends off the posterior
-    (posteriordb's mesquite: means 6.2 sd off, sds 1.4 to 3.1 times too wide); along the shorter path
-    from its fit it tracks better, and the next fit is close (length 13.7, then 5.2, 1.56, 1.50, where
-    a fit to Stan's draws gives 1.44; docs/ais.md). The refits stop when one shortens the path by less than
-    ``1 - REFIT_GAIN``, or when the target is NaN or +inf at a draw of the fitted reference (a
-    region the pilot's particles did not reach)."""
+    (posteriordb's mesquite: means 6.2 sd off, sds 1.4 to 3.1 times too wide); along the shorter
+    path from its fit it tracks better, and the next fit is close (length 13.7, then 5.2, 1.56,
+    1.50, where a fit to Stan's draws gives 1.44; docs/ais.md). The refits stop when one shortens
+    the path by less than ``1 - REFIT_GAIN``, or when the target is NaN or +inf at a draw of the
+    fitted reference (a region the pilot's particles did not reach)."""
     attrs |= {"prior_thermodynamic_length": float(pilot.length[-1]), "num_refits": 0}
     best_path, best = path, pilot
     for _ in range(MAX_REFITS):
