@@ -18,20 +18,21 @@ sampling from the reference.
 
 Reference and schedule (:mod:`diffstat.tempering.schedules`): by default (``fit_reference``, with
 the ``"adaptive"`` schedule and no ``reference=``) AIS starts not from the prior but from a Gaussian
-fitted to the particles of a pilot, :math:`\mathcal N(\bar x, 1.5^2\hat\Sigma)`, refitted along the
-path from each fit while that shortens the path (at most ``MAX_REFITS`` times). The variance of
-:math:`\log w` grows with the squared thermodynamic length :math:`\Lambda^2` of the path, and from a
-diffuse prior :math:`\Lambda` is 10 to 26 on posteriordb's regressions, where the moves cannot keep
-the particles on the path; from the fitted Gaussian it is 0.7 to 2. The temperatures are at equal
-thermodynamic length measured by the pilot along the path AIS follows, whose covariances
-precondition the moves (dense, pooled within clusters, so each mode is moved at its own scale) and
-whose adapted step sizes are used, all fixed before the run: no quantity shared by the particles is
-adapted during it, so they stay independent and :math:`\hat Z` unbiased (the pilots are independent
-of the run and the reference is normalised), its standard error that of independent weights. The
-pilots' evaluations are counted (``pilot_evals``). With a fixed schedule (``"geometric"``,
-``"sigmoid"``, ``"linear"`` or ``betas=``), AIS starts from the prior, one step size is carried from
-temperature to temperature and adapted after every move from the mean acceptance, with the metric of
-:func:`~diffstat.tempering.moves.particle_metric` from the weighted particles (``metric="auto"``).
+fitted to the particles of a pilot, :math:`\mathcal N(\bar x, 1.5^2\hat\Sigma)`, refitted to the
+particles of a pilot along the path from each fit until the fit settles (``_fit_reference``). The
+variance of :math:`\log w` grows with the squared thermodynamic length :math:`\Lambda^2` of the path:
+from a diffuse prior :math:`\Lambda` is 10 to 26 on posteriordb's regressions, where the moves cannot
+keep the particles on the path; from the fitted Gaussian it is 0.7 to 3.7 (docs/ais.md). The
+temperatures are at equal thermodynamic length measured by the pilot along the path AIS follows,
+whose covariances precondition the moves (dense, pooled within clusters, so each mode is moved at
+its own scale) and whose adapted step sizes are used, all fixed before the run: no quantity shared
+by the particles is adapted during it, so they stay independent and :math:`\hat Z` unbiased (the
+pilots are independent of the run and the reference is normalised), its standard error that of
+independent weights. The pilots' evaluations are counted (``pilot_evals``). With a fixed schedule
+(``"geometric"``, ``"sigmoid"``, ``"linear"`` or ``betas=``), AIS starts from the prior, one step
+size is carried from temperature to temperature and adapted after every move from the mean
+acceptance, with the metric of :func:`~diffstat.tempering.moves.particle_metric` from the weighted
+particles (``metric="auto"``).
 
 Collapse is reported, never silent: the final ESS, its fraction and the Pareto :math:`\hat k` of the
 log weights (Vehtari et al. 2024) are in attrs, the per-temperature ESS in the ``tempering`` group,
