@@ -370,7 +370,7 @@ def _fit_reference(generator, path, pilot, num_pilot, pilot_options, attrs):
     ``SETTLED_SHIFT`` of its sd and shortens the path by less than ``1 - REFIT_GAIN``; where it has
     not after ``MAX_REFITS`` refits, the refits start again with moves until decorrelated
     (:func:`~diffstat.tempering.moves.decorrelating_moves`, as SMC's), which follow a posterior
-    that 3 moves a stage do not (earnings-earn_height: a correlation of -0.999 on the dollar
+    that 3 moves a stage do not (earnings-earn_height: a correlation of -0.998 on the dollar
     scale). The refits also stop where the target is NaN or +inf at a draw of the fitted reference
     (a region the pilot's particles did not reach)."""
     attrs |= {"prior_thermodynamic_length": float(pilot.length[-1]), "num_refits": 0}

@@ -164,12 +164,12 @@ def pilot_reference(x: torch.Tensor, scale: float = REFERENCE_SCALE):
     :math:`\hat\Sigma` the particles' covariance (over all of them, not pooled within clusters: the
     reference must cover every mode), shrunk toward its diagonal by :math:`\min(1, d/n)` only when
     :math:`n < 10 d`: shrinking by 1% where two coordinates correlate at 0.9999 (posteriordb's
-    kilpisjarvi, a regression on the year) widens the narrow direction tenfold, and the path from
-    there is as long as one from a reference ten times too wide. None when the particles are not
+    kilpisjarvi, a regression on the year) makes the narrow direction 906 times too wide in
+    variance, and the path from there 3 to 4 long instead of 0.75. None when the particles are not
     finite or have no spread.
 
     The path from the prior of a diffuse model to its posterior is long (thermodynamic length 10
-    to 26 on posteriordb's regressions, whose priors are 10^4 to 10^8 times wider), the path from
+    to 26 on posteriordb's regressions, whose priors are far wider than their posteriors), the path from
     this reference short (that between two Gaussians, :math:`\sqrt{2d}\log s`, plus the target's
     departure from a Gaussian and the fit's error); the reference is normalised and fixed before
     the run, so AIS's :math:`\hat Z` stays unbiased (Neal 2001 allows any normalised initial
