@@ -88,6 +88,8 @@ def run_one(name: str, method: str, seed: int, dtype: str, num_samples: int, ini
     ess = float(min(az.ess(ds_, method="bulk")[k].item() for k in flat))
     rhat = float(max(az.rhat(ds_)[k].item() for k in flat)) if chains > 1 else float("nan")
     evals = int(idata.posterior.attrs["num_target_evals"])
+    # AIS: the ESS of its weights (the draws are a resample of them)
+    extra = {"weight_ess": float(idata.posterior.attrs["ess"])} if method == "ais" else {}
     return {
         "posterior": name,
         "method": method,
@@ -103,6 +105,7 @@ def run_one(name: str, method: str, seed: int, dtype: str, num_samples: int, ini
         "evals": evals,
         "seconds": float(idata.posterior.attrs["sampling_time"]),
         "passed": cmp.passed(),
+        **extra,
     }
 
 

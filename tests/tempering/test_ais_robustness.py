@@ -170,3 +170,23 @@ def test_heavy_tailed_reference_does_not_wreck_the_schedule():
         preconditioners=(pilot.betas, pilot.chol, pilot.log_step_size),
     )
     assert float(ess(out.log_weights)) < 20
+
+
+def test_fitted_reference_falls_back_where_the_target_is_nan():
+    # N(0, I), NaN where x_0 > 2, started from its own narrow reference N(0, 0.3^2 I): the fitted
+    # Gaussian (the pilot's N(0, I) widened 1.5 times) puts draws where the target is NaN, so AIS
+    # keeps the target's own reference instead of raising, and says why
+    d = 3
+    narrow = D.Independent(D.Normal(torch.zeros(d, dtype=F64), 0.3 * torch.ones(d, dtype=F64)), 1)
+    gauss = D.Independent(D.Normal(torch.zeros(d, dtype=F64), torch.ones(d, dtype=F64)), 1)
+
+    def nan_beyond(x):
+        return torch.where(x[:, 0] > 2.0, torch.full_like(x[:, 0], float("nan")), gauss.log_prob(x))
+
+    target = ds.Target(nan_beyond, d, dtype=F64, reference=narrow)
+    attrs, _ = _run(target, 0, num_samples=200)
+    assert attrs["reference"] == "prior" and "NaN" in attrs["reference_fallback"]
+    # the same target without the NaN region is run from the fitted reference
+    attrs, _ = _run(ds.Target(gauss.log_prob, d, dtype=F64, reference=narrow), 0, num_samples=200)
+    assert attrs["reference"] == "pilot" and "reference_fallback" not in attrs
+    assert abs(attrs["log_normalizer"]) < 3 * attrs["log_normalizer_se"] + 0.05
