@@ -66,13 +66,16 @@ from diffstat.tempering.core import (
 from diffstat.tempering.path import GeometricPath, PathState, default_step_size, make_path
 from diffstat.tempering.resampling import ess, resample
 from diffstat.tempering.smc import stack_stages
-from diffstat.tempering.schedules import (
-    PilotRun,
-    pilot_reference,
-    pilot_run,
-    schedule,
-    thermodynamic_schedule,
+from diffstat.tempering.ais_plan import (  # noqa: F401 (constants re-exported: ais.LENGTH_FACTOR ...)
+    LENGTH_FACTOR,
+    MAX_REFITS,
+    MAX_TEMPERATURES,
+    MIN_TEMPERATURES,
+    REFIT_GAIN,
+    SETTLED_SHIFT,
+    plan_schedule,
 )
+from diffstat.tempering.schedules import PilotRun, pilot_run, schedule, thermodynamic_schedule
 
 __all__ = [
     "AISOutput",
@@ -85,23 +88,6 @@ __all__ = [
     "thermodynamic_schedule",
 ]
 
-#: The adaptive schedule's number of temperatures is this times the squared thermodynamic length
-#: (clipped to [MIN_TEMPERATURES, MAX_TEMPERATURES]): with exact moves the log-weight variance is
-#: about Lambda^2 / K, and one MALA move per temperature leaves the particles lagging the path by an
-#: autocorrelation time of a few moves, which multiplies it by about 1 + 2 tau (5 to 10 on the
-#: posteriordb suite); K = 8 Lambda^2 keeps the variance near 1 (docs/ais.md).
-LENGTH_FACTOR = 8.0
-MIN_TEMPERATURES = 200
-MAX_TEMPERATURES = 2000
-#: The pilot's reference is refitted (each time to the particles of a pilot along the path from the
-#: last fit) until a refit moves no mean by more than SETTLED_SHIFT of its (widened) sd and shortens
-#: the path by less than 1 - REFIT_GAIN, at most MAX_REFITS times with 3 moves per stage, then as
-#: many with decorrelating moves (``_fit_reference``). Half an sd of the widened fit is within the
-#: noise of a 256-particle fit's mean by far in few dimensions (0.1 sd), and the path shortens by a
-#: few percent between fits that agree.
-MAX_REFITS = 3
-REFIT_GAIN = 0.8
-SETTLED_SHIFT = 0.5
 #: Below this final ESS (or above Pareto k 0.7) the result is flagged as collapsed: with ESS 100 the
 #: draws' Monte Carlo error is 0.1 posterior sd in a mean and about 7% in an sd (a Gaussian
 #: marginal), what an answer right to 0.15 sd and 15% needs (30 let posteriordb's arma11 through with
@@ -230,22 +216,10 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
     min_ess = float(options.pop("min_ess", MIN_ESS))
     runs, pilots, used = [], [], None
     for _ in range(num_chains):
-        run_options = dict(options)
-        plans, used, pilot_attrs = _schedule(
-            generator, path, run_options, num_samples, device, target.dtype, fit
+        out, run_path, used, pilot_attrs = _one_run(
+            generator, path, dict(options), num_samples, device, target.dtype, fit, progress
         )
-        for i, plan in enumerate(plans):
-            try:
-                x0 = initial_particles(plan.path, num_samples, generator, device)
-                run_options |= plan.options
-                out = ais(generator, plan.path, x0, plan.betas, progress=progress, **run_options)
-                break
-            except ValueError as err:  # the target NaN or +inf at a draw of the fitted reference
-                if i == len(plans) - 1:
-                    raise
-                pilot_attrs["reference_fallback"] = str(err)
-        pilot_attrs |= plan.attrs
-        runs.append((out, resample(generator, out.log_weights, scheme), plan.path))
+        runs.append((out, resample(generator, out.log_weights, scheme), run_path))
         pilots.append(pilot_attrs)
     log_w = torch.cat([out.log_weights for out, _, _ in runs])
     log_z, se = log_normalizer_estimate(log_w)
@@ -276,15 +250,7 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
         **_pooled_pilot_attrs(pilots),
     }
     if not reliable:
-        warnings.warn(
-            f"AIS weights collapsed: ESS {final_ess:.1f} of {log_w.numel()} particles, Pareto k {khat:.2f} "
-            f"(log-weight variance {attrs['log_weight_variance']:.3g}); log Z = {log_z:.3f} and its standard "
-            f"error {se:.3g} are unreliable, and the draws, a resample of {distinct} distinct particles, "
-            f"carry Monte Carlo errors of about 1/sqrt(ESS) = {1 / math.sqrt(max(final_ess, 1.0)):.2f} "
-            "posterior sd in a mean. Raise num_temperatures (or num_mcmc_steps), or use method='smc'.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        warnings.warn(_collapse_message(attrs, log_w.numel()), RuntimeWarning, stacklevel=2)
     groups = {"tempering": stack_stages([out.stages for out, _, _ in runs])}
     return SamplerResult(draws, sample_stats, groups, attrs)
 
@@ -296,116 +262,31 @@ def _pooled_pilot_attrs(pilots: list[dict]) -> dict:
     return {**pilots[0], "pilot_evals": sum(p["pilot_evals"] for p in pilots)}
 
 
-class _Plan(NamedTuple):
-    """A run's path, temperatures ``(K,)``, the options they fix (the pilot's ``preconditioners``)
-    and their attrs."""
+def _one_run(generator, path, options: dict, num_samples: int, device, dtype, fit: bool, progress):
+    """One AIS run from its plan (:func:`~diffstat.tempering.ais_plan.plan_schedule`): along the
+    path from the fitted reference, or the prior's where the target is NaN or +inf at a draw of the
+    fitted reference. Returns the output, the path run, the kind of schedule and the pilots' attrs."""
+    plans, used, pilot_attrs = plan_schedule(generator, path, options, num_samples, device, dtype, fit)
+    for i, plan in enumerate(plans):
+        try:
+            x0 = initial_particles(plan.path, num_samples, generator, device)
+            out = ais(generator, plan.path, x0, plan.betas, progress=progress, **(options | plan.options))
+            break
+        except ValueError as err:  # the target NaN or +inf at a draw of the fitted reference
+            if i == len(plans) - 1:
+                raise
+            pilot_attrs["reference_fallback"] = str(err)
+    return out, plan.path, used, pilot_attrs | plan.attrs
 
-    path: GeometricPath
-    betas: torch.Tensor
-    options: dict
-    attrs: dict
 
-
-def _schedule(generator, path, options: dict, total: int, device, dtype, fit: bool):
-    """``(plans, kind, attrs)``: the run's :class:`_Plan` (from the pilot's fitted reference when
-    ``fit``, then the prior's as a fallback), the kind of schedule, and the pilots' attrs; pops the
-    schedule options from ``options``."""
-    betas = options.pop("betas", None)
-    num_temperatures = options.pop("num_temperatures", None)
-    kind = options.pop("schedule", "adaptive")
-    num_pilot = options.pop("num_pilot", min(256, max(64, total // 4)))
-    if betas is not None:
-        return [_Plan(path, betas, {}, {})], "betas", {}
-    if kind != "adaptive":
-        k = MIN_TEMPERATURES if num_temperatures is None else num_temperatures
-        return [_Plan(path, schedule(k, kind, dtype=dtype, device=device), {}, {})], kind, {}
-    pilot_options = dict(
-        kernel=options.get("kernel", "mala"),
-        num_leapfrog=options.get("num_leapfrog", 5),
-        target_accept=options.get("target_accept"),
-        device=device,
+def _collapse_message(attrs: dict, num_particles: int) -> str:
+    """The warning text of a run whose weights collapsed (ESS under ``min_ess`` or k above 0.7)."""
+    final_ess = attrs["ess"]
+    return (
+        f"AIS weights collapsed: ESS {final_ess:.1f} of {num_particles} particles, Pareto k "
+        f"{attrs['pareto_k']:.2f} (log-weight variance {attrs['log_weight_variance']:.3g}); log Z = "
+        f"{attrs['log_normalizer']:.3f} and its standard error {attrs['log_normalizer_se']:.3g} are "
+        f"unreliable, and the draws, a resample of {attrs['num_distinct']} distinct particles, carry "
+        f"Monte Carlo errors of about 1/sqrt(ESS) = {1 / math.sqrt(max(final_ess, 1.0)):.2f} posterior "
+        "sd in a mean. Raise num_temperatures (or num_mcmc_steps), or use method='smc'."
     )
-    pilot = pilot_run(generator, path, num_pilot, **pilot_options)
-    attrs = {
-        "pilot_evals": int(pilot.num_evals),
-        "num_pilot": int(num_pilot),
-        "pilot_stages_total": len(pilot.betas) - 1,
-    }
-    plans = [_plan(path, pilot, num_temperatures)]
-    if fit:
-        fitted, fitted_pilot = _fit_reference(generator, path, pilot, num_pilot, pilot_options, attrs)
-        if fitted is not path:
-            plans.insert(0, _plan(fitted, fitted_pilot, num_temperatures))
-    return plans, kind, attrs
-
-
-def _plan(path, pilot: PilotRun, num_temperatures: int | None) -> _Plan:
-    r"""The temperatures at equal thermodynamic length along the pilot's path, by default
-    ``LENGTH_FACTOR`` :math:`\Lambda^2` of them (within [``MIN_TEMPERATURES``, ``MAX_TEMPERATURES``]),
-    with the pilot's preconditioners."""
-    lam = float(pilot.length[-1])
-    if num_temperatures is None:
-        num_temperatures = min(max(math.ceil(LENGTH_FACTOR * lam**2), MIN_TEMPERATURES), MAX_TEMPERATURES)
-    betas = thermodynamic_schedule(pilot, num_temperatures)
-    attrs = {
-        "pilot_stages": len(pilot.betas) - 1,
-        "thermodynamic_length": lam,
-        "expected_log_weight_variance": lam**2 / len(betas),
-    }
-    return _Plan(path, betas, {"preconditioners": (pilot.betas, pilot.chol, pilot.log_step_size)}, attrs)
-
-
-def _fit_reference(generator, path, pilot, num_pilot, pilot_options, attrs):
-    """The path from a reference fitted to the pilot's particles
-    (:func:`~diffstat.tempering.schedules.pilot_reference`), refitted to the particles of the pilot
-    along it until the fit settles: the shortest fitted path measured, with its pilot (``attrs``
-    are updated), or the prior's path when no fit could be run.
-
-    A pilot along a long path lags it (3 moves per stage) and ends off the posterior
-    (posteriordb's mesquite: means 6.2 sd off, sds 1.4 to 3.1 times too wide); along the shorter
-    path from its fit it tracks better, and the next fit is close (length 13.7, then 5.2, 1.56,
-    1.50, where a fit to Stan's draws gives 1.44; docs/ais.md). The prior's path is not a candidate:
-    its length is measured by the pilot that lags it most (mesquite_logvolume: 5.0 measured, a
-    log-weight variance of 10^17 run). The fit has settled when a refit moves no mean by more than
-    ``SETTLED_SHIFT`` of its sd and shortens the path by less than ``1 - REFIT_GAIN``; where it has
-    not after ``MAX_REFITS`` refits, the refits start again with moves until decorrelated
-    (:func:`~diffstat.tempering.moves.decorrelating_moves`, as SMC's), which follow a posterior
-    that 3 moves a stage do not (earnings-earn_height: a correlation of -0.998 on the dollar
-    scale). The refits also stop where the target is NaN or +inf at a draw of the fitted reference
-    (a region the pilot's particles did not reach)."""
-    attrs |= {"prior_thermodynamic_length": float(pilot.length[-1]), "num_refits": 0}
-    best_path, best, previous = path, None, None
-    for steps in (3, None):
-        options = pilot_options | {"num_mcmc_steps": steps}
-        for _ in range(MAX_REFITS):
-            reference = pilot_reference(pilot.particles)
-            if reference is None:
-                return best_path, best or pilot
-            fitted = make_path(path.target, reference)
-            before = path.target.num_target_evals
-            try:
-                pilot = pilot_run(generator, fitted, num_pilot, **options)
-            except ValueError as err:
-                attrs["pilot_evals"] += path.target.num_target_evals - before
-                attrs["reference_fallback"] = str(err)
-                return best_path, best or pilot
-            attrs["pilot_evals"] += int(pilot.num_evals)
-            attrs["num_refits"] += 1
-            attrs["pilot_stages_total"] += len(pilot.betas) - 1
-            attrs["refit_moves"] = "decorrelating" if steps is None else steps
-            length = float(pilot.length[-1])
-            settled = previous is not None and (
-                _mean_shift(reference, previous[0]) < SETTLED_SHIFT and length >= REFIT_GAIN * previous[1]
-            )
-            if best is None or length < float(best.length[-1]):
-                best_path, best = fitted, pilot
-            if settled:
-                return best_path, best
-            previous = (reference, length)
-    return best_path, best
-
-
-def _mean_shift(reference, previous) -> float:
-    """The largest change of a mean between two fitted references, in sds of the new one."""
-    sd = reference.covariance_matrix.diagonal().sqrt()
-    return float(((reference.loc - previous.loc).abs() / sd).max())
