@@ -15,9 +15,11 @@ Carlo error is far below the errors the table is about.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -89,10 +91,21 @@ def _child(queue, fn, args) -> None:
         queue.put({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=4)})
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live process so far (Linux ``/proc``; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def run_with_time_limit(fn: Callable[..., dict], args: tuple, time_limit: float) -> dict:
     """``fn(*args)`` (a picklable, module-level function returning a dict) in a fresh ``spawn``
-    process, killed after ``time_limit`` seconds. Returns its dict, ``{"error": ...}`` if it
-    raised, or ``{"timeout": time_limit}``; ``wall_seconds`` is added (start-up included)."""
+    process, killed after ``time_limit`` seconds of wall-clock time. Returns its dict,
+    ``{"error": ...}`` if it raised, or ``{"timeout": time_limit, "cpu_seconds": ...}`` with the
+    CPU time the child had used (on a shared machine a run can time out having had a fraction of
+    a core); ``wall_seconds`` is added (start-up included)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, fn, args))
@@ -101,7 +114,7 @@ def run_with_time_limit(fn: Callable[..., dict], args: tuple, time_limit: float)
     try:
         row = queue.get(timeout=time_limit)
     except Exception:  # noqa: BLE001 - queue.Empty: the time limit
-        row = {"timeout": time_limit}
+        row = {"timeout": time_limit, "cpu_seconds": cpu_seconds(proc.pid)}
     proc.join(5)
     if proc.is_alive():
         proc.kill()
