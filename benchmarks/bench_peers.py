@@ -257,6 +257,29 @@ def markdown(rows: list[dict], header: str) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict]) -> str:
+    """The log Z errors side by side: one line per target and seed, one column per method, each cell
+    ``error (x ratio to the best peer)``, or why there is none."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cells: dict[tuple, dict[str, str]] = {}
+    for r in rows:
+        if "log Z err" in r:
+            ratio = f" ({r['/ best']:.2g}x)" if "/ best" in r else ""
+            cell = f"{r['log Z err']:+.3f}{ratio}"
+        else:
+            cell = r.get("note", "-").split(" (")[0].split(":")[0]
+        cells.setdefault((r["target"], r["seed"]), {})[r["method"]] = cell
+    lines = [
+        "log Z error (times the best peer's |error|):",
+        "",
+        "| target | seed | " + " | ".join(methods) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in methods) + " |",
+    ]
+    for (target, seed), by_method in cells.items():
+        lines.append(f"| {target} | {seed} | " + " | ".join(by_method.get(m, "-") for m in methods) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fast", action="store_true", help=f"only {', '.join(FAST)}")
@@ -272,7 +295,7 @@ def main(argv=None) -> None:
         rows = [json.loads(line) for path in args.table for line in path.read_text().splitlines()]
         add_ratios(rows)
         header = f"Rows of {', '.join(p.name for p in args.table)}. {RATIO_NOTE}"
-        print(markdown(rows, header))
+        print(markdown(rows, header) + "\n\n" + summary(rows))
         return
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -326,7 +349,7 @@ def main(argv=None) -> None:
         f"Seeds {args.seeds}, {'--fast' if args.fast else 'every target'}, time limit "
         f"{args.time_limit:.0f} s per run, one torch thread, {total:.0f} min in all. {RATIO_NOTE}"
     )
-    table = markdown(rows, header)
+    table = markdown(rows, header) + "\n\n" + summary(rows)
     stem.with_suffix(".md").write_text(table + "\n")
     print("\n" + table + f"\n\nwritten to {stem.with_suffix('.md')}")
 
