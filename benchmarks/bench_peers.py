@@ -169,7 +169,7 @@ def run_ours(method: str, target, seed: int) -> dict:
     }
     warned = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     if warned:
-        row["note"] = "warned: " + warned[0][:100]
+        row["note"] = "warned: " + " ".join(warned[0].split())[:100]
     return row
 
 
@@ -252,25 +252,25 @@ def markdown(rows: list[dict], header: str) -> str:
         lines.append(
             f"| {r['target']} | {r['seed']} | {r['method']} | "
             + " | ".join(c or "-" for c in cells)
-            + f" | {r.get('note', '')} |"
+            + f" | {' '.join(r.get('note', '').split())} |"  # a table cell holds no line break
         )
     return "\n".join(lines)
 
 
 def summary(rows: list[dict]) -> str:
     """The log Z errors side by side: one line per target and seed, one column per method, each cell
-    ``error (x ratio to the best peer)``, or why there is none."""
+    ``error (x ratio to the best peer)`` marked ``w`` where the method warned, or why there is none."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cells: dict[tuple, dict[str, str]] = {}
     for r in rows:
         if "log Z err" in r:
             ratio = f" ({r['/ best']:.2g}x)" if "/ best" in r else ""
-            cell = f"{r['log Z err']:+.3f}{ratio}"
+            cell = f"{r['log Z err']:+.3f}{ratio}" + (" w" if "warned" in r.get("note", "") else "")
         else:
             cell = r.get("note", "-").split(" (")[0].split(":")[0]
         cells.setdefault((r["target"], r["seed"]), {})[r["method"]] = cell
     lines = [
-        "log Z error (times the best peer's |error|):",
+        "log Z error (times the best peer's |error|; w: the method warned that its result is unreliable):",
         "",
         "| target | seed | " + " | ".join(methods) + " |",
         "| --- | ---: | " + " | ".join("---:" for _ in methods) + " |",
