@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import time
 import traceback
 from collections.abc import Callable
@@ -84,11 +85,12 @@ def suite(fast: bool, num_exact: int, seed: int) -> dict[str, Callable[[], Probl
     }
 
 
-def _child(queue, fn, args) -> None:
+def _child(queue, fn, blob: bytes) -> None:
     try:
-        queue.put(fn(*args))
+        row = fn(*pickle.loads(blob))
     except Exception as err:  # noqa: BLE001 - reported as a row
-        queue.put({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=4)})
+        row = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=4)}
+    queue.put(pickle.dumps(row))
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -105,14 +107,20 @@ def run_with_time_limit(fn: Callable[..., dict], args: tuple, time_limit: float)
     process, killed after ``time_limit`` seconds of wall-clock time. Returns its dict,
     ``{"error": ...}`` if it raised, or ``{"timeout": time_limit, "cpu_seconds": ...}`` with the
     CPU time the child had used (on a shared machine a run can time out having had a fraction of
-    a core); ``wall_seconds`` is added (start-up included)."""
+    a core); ``wall_seconds`` is added (start-up included).
+
+    Arguments and result cross as bytes of the standard pickler: multiprocessing's own pickler,
+    with torch's reductions, moves every tensor it sends to shared memory, which frees the
+    parent's storage under any NumPy view of it (a mixture's ``weights.numpy()`` read garbage after
+    the first run).
+    """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, fn, args))
+    proc = ctx.Process(target=_child, args=(queue, fn, pickle.dumps(args)))
     start = time.perf_counter()
     proc.start()
     try:
-        row = queue.get(timeout=time_limit)
+        row = pickle.loads(queue.get(timeout=time_limit))
     except Exception:  # noqa: BLE001 - queue.Empty: the time limit
         row = {"timeout": time_limit, "cpu_seconds": cpu_seconds(proc.pid)}
     proc.join(5)
