@@ -236,24 +236,8 @@ def explore_modes(
     if scales.dim() != 1 or scales.numel() == 0 or not bool((scales > 0).all()):
         raise ValueError(f"start_scales must be positive numbers, got {start_scales!r}")
     evals0 = target.num_target_evals
-    reference = target.reference if reference is None else reference
-    if reference is None:
-        x = target.sample_reference(num_starts, generator, device)
-    else:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            x = reference.sample((num_starts,)).to(device=device, dtype=target.dtype)
-    dev = x.device
-    mean = torch.zeros(target.dim, dtype=x.dtype, device=dev)
-    if reference is not None:
-        try:
-            mean = reference.mean.to(device=dev, dtype=x.dtype)
-        except (NotImplementedError, AttributeError):
-            pass
-    s = scales.to(dev)[torch.arange(num_starts, device=dev) % scales.numel()]
-    x0 = mean + s.unsqueeze(-1) * (x - mean)
-    target.validate(x[: min(num_starts, 16)])  # reference draws: a start scaled 4 times may be NaN
+    x0, s = _starts(target, generator, num_starts, scales, reference, device)
+    dev = x0.device
     h0 = step_size * s**2
     with progress_bar(3, "diffusion: exploring modes", progress) as bar:
         if num_starts > num_chains:
@@ -279,6 +263,31 @@ def explore_modes(
         bar.update()
     label = _drop_stragglers(lp, label, target.dim, from_smc)
     return _relabel(xs, lp, grad, label, target.num_target_evals - evals0, peak_x, peak_lp)
+
+
+def _starts(target, generator, num_starts: int, scales: torch.Tensor, reference, device):
+    """``num_starts`` starts :math:`m + s (x - m)` from reference draws ``x`` (``reference``, else
+    the target's, else N(0, I); ``m`` its mean), the scale ``s`` cycling through ``scales``;
+    returns the starts ``(num_starts, dim)`` and their scales ``(num_starts,)``. The unscaled
+    draws are validated (a start scaled 4 times may be NaN where the draw is not)."""
+    reference = target.reference if reference is None else reference
+    if reference is None:
+        x = target.sample_reference(num_starts, generator, device)
+    else:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            x = reference.sample((num_starts,)).to(device=device, dtype=target.dtype)
+    dev = x.device
+    mean = torch.zeros(target.dim, dtype=x.dtype, device=dev)
+    if reference is not None:
+        try:
+            mean = reference.mean.to(device=dev, dtype=x.dtype)
+        except (NotImplementedError, AttributeError):
+            pass
+    s = scales.to(dev)[torch.arange(num_starts, device=dev) % scales.numel()]
+    target.validate(x[: min(num_starts, 16)])
+    return mean + s.unsqueeze(-1) * (x - mean), s
 
 
 def balance_modes(
