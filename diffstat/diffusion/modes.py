@@ -148,7 +148,8 @@ def screen(
     keep: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Many cheap starts, ``keep`` survivors: :func:`explore` runs ``num_steps`` steps from every
-    row of ``x0: (n, dim)`` (in batches of ``keep``, so memory is that of the surviving chains),
+    row of ``x0: (n, dim)`` (in batches of ``keep``: the target never sees a larger batch than the
+    survivors'),
     then the ``keep // 2`` chains with the highest final log-density survive, and the others are
     drawn uniformly at random from the rest.
 
