@@ -148,10 +148,9 @@ def screen(
     keep: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Many cheap starts, ``keep`` survivors: :func:`explore` runs ``num_steps`` steps from every
-    row of ``x0: (n, dim)`` (in batches of ``keep``: the target never sees a larger batch than the
-    survivors'),
-    then the ``keep // 2`` chains with the highest final log-density survive, and the others are
-    drawn uniformly at random from the rest.
+    row of ``x0: (n, dim)`` in batches of ``keep`` (the target never sees a larger batch than the
+    survivors'), then the ``keep // 2`` chains with the highest final log-density survive, and the
+    others are drawn uniformly at random from the rest.
 
     A mode whose basin of attraction holds a small share of the starts is found only by starting
     many chains, and after a few steps a chain in the basin of a high, narrow mode already sits
