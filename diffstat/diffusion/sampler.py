@@ -280,33 +280,32 @@ def _round_group(rounds: list[dict], pool: dict, state: RoundState) -> dict[str,
 def diffusion(target, *, num_samples, num_chains, generator, progress, device, **options) -> SamplerResult:
     r"""Diffusion sampler from the log-density with importance correction (module docstring).
 
-    Options (defaults): exploration ``num_explore`` chains (2000) of ``explore_steps`` MALA steps
-    (20) from ``reference`` (the target's, else N(0, I)) scaled by each of ``start_scales``
-    ((0.5, 1, 2, 4)), chosen from ``screen_ratio`` (16; 1 for none) times as many starts after
-    ``screen_steps`` (6) steps each, half the highest in log-density and half at random (the
-    basin-hit rate per start is fixed by the geometry, so discovery is bought with cheap starts:
-    on narrow_wide(12, scales=(0.3, 1)) 0.04% of the starts reach the heavy mode, and after a few
-    steps they rank at the top), and from the ``smc_explore`` (256; 0 for none) particles of a
-    tempered SMC run; restocking ``chains_per_mode`` chains (128) of ``restock_steps`` steps
-    (40); ``gaussian_rounds`` (1) rounds of per-mode Gaussian importance sampling first; after
-    each round, ``refresh_chains`` (256) particles per mode resampled and moved by
-    ``refresh_steps`` (20) MALA steps; score models ``hidden`` (128) x ``depth`` (3), one per mode
-    if ``per_mode_models`` (None: when at most ``max_mode_models`` (4) modes), ``train_steps``
-    (2000) Adam steps of the mixed loss (cosine learning rate from ``lr``, 1e-3; ``batch_size``
-    256), ``refit_steps`` (500) in later rounds; ``num_proposals`` (4096) per round
-    (``final_proposals`` in the last of ``max_rounds``; None: the same; the rounds before it only
-    adapt, so a larger last round buys a better answer at one target evaluation per draw),
-    ``diffusion_weight`` (0.9) of them by the probability-flow ODE with ``ode_steps`` (50) RK4
-    steps, the rest from the per-mode Gaussians with covariances inflated by ``inflate`` (1.2);
-    at most ``max_rounds`` (3) rounds, stopping once a diffusion round's ESS fraction reaches
-    ``target_ess`` (0.3). ``num_chains`` (default 1) independent runs, one after another, each giving
-    ``num_samples`` draws resampled from its pooled rounds (log Z pooled over the runs). Model
-    details (module notes): VP horizon ``t_max`` (0.6); ``whiten``
-    (None: "full" per mode, "diag" for one pooled model); restocked banks keep every
-    ``refresh_keep_every`` (1) state; ``gaussian_fallback`` (True) on ``held_out`` (512)
-    particles per mode; the flow's base widened by ``prior_scale`` (1). A round that missed
-    (Pareto k above 0.7, Kish ESS below 20) gives no draws and no log Z; if every round missed, a
-    ``RuntimeWarning`` says so and ``attrs['reliable']`` is 0 (module docstring).
+    Options (defaults): exploration ``num_explore`` chains (2000) of ``explore_steps`` MALA steps (20)
+    from ``reference`` (the target's, else N(0, I)) scaled by each of ``start_scales`` ((0.5, 1, 2, 4)),
+    chosen from ``screen_ratio`` (16; 1 for none) times as many starts after ``screen_steps`` (6) steps
+    each, half the highest in log-density and half at random (the basin-hit rate per start is fixed by the
+    geometry, so discovery is bought with cheap starts: on narrow_wide(12, scales=(0.3, 1)) 0.04% of the
+    starts reach the heavy mode, and after a few steps they rank at the top; 16 costs 224,000 evaluations
+    and gives that sibling about three expected hits, 6 lies between the 4 and 8 steps after which the
+    hits were measured on top), and from the ``smc_explore`` (256; 0 for none) particles of a tempered SMC
+    run; restocking ``chains_per_mode`` chains (128) of ``restock_steps`` steps (40); ``gaussian_rounds``
+    (1) rounds of per-mode Gaussian importance sampling first; after each round, ``refresh_chains`` (256)
+    particles per mode resampled and moved by ``refresh_steps`` (20) MALA steps; score models ``hidden``
+    (128) x ``depth`` (3), one per mode if ``per_mode_models`` (None: when at most ``max_mode_models`` (4)
+    modes), ``train_steps`` (2000) Adam steps of the mixed loss (cosine learning rate from ``lr``, 1e-3;
+    ``batch_size`` 256), ``refit_steps`` (500) in later rounds; ``num_proposals`` (4096) per round
+    (``final_proposals`` in the last of ``max_rounds``; None: the same; the rounds before it only adapt,
+    so a larger last round buys a better answer at one target evaluation per draw), ``diffusion_weight``
+    (0.9) of them by the probability-flow ODE with ``ode_steps`` (50) RK4 steps, the rest from the
+    per-mode Gaussians with covariances inflated by ``inflate`` (1.2); at most ``max_rounds`` (3) rounds,
+    stopping once a diffusion round's ESS fraction reaches ``target_ess`` (0.3). ``num_chains`` (default
+    1) independent runs, one after another, each giving ``num_samples`` draws resampled from its pooled
+    rounds (log Z pooled over the runs). Model details (module notes): VP horizon ``t_max`` (0.6);
+    ``whiten`` (None: "full" per mode, "diag" for one pooled model); restocked banks keep every
+    ``refresh_keep_every`` (1) state; ``gaussian_fallback`` (True) on ``held_out`` (512) particles per
+    mode; the flow's base widened by ``prior_scale`` (1). A round that missed (Pareto k above 0.7, Kish
+    ESS below 20) gives no draws and no log Z; if every round missed, a ``RuntimeWarning`` says so and
+    ``attrs['reliable']`` is 0 (module docstring).
     """
     return run_diffusion_sampler(
         target,
