@@ -126,16 +126,20 @@ Preconditioner = Callable[
 ]
 
 
-def cloud_metric(metric: str = "auto", within_modes: bool = True) -> Preconditioner:
-    """The weighted particles' covariance (:func:`~diffstat.tempering.moves.particle_metric`), pooled
-    within the clusters of :func:`~diffstat.tempering.moves.cluster_particles` when ``within_modes``."""
+def cloud_metric(
+    metric: str = "auto", within_modes: bool = True, shrink_until: float | None = None
+) -> Preconditioner:
+    """The weighted particles' covariance (:func:`~diffstat.tempering.moves.particle_metric`, with its
+    ``shrink_until``), pooled within the clusters of :func:`~diffstat.tempering.moves.cluster_particles`
+    when ``within_modes``."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
 
     def precondition(generator, stage, particles, log_weights):
         labels = cluster_particles(particles.x, log_weights, generator) if within_modes else None
         clusters = 1 if labels is None else int(labels.max()) + 1
-        return particle_metric(particles.x, log_weights, metric, labels), None, clusters
+        dense = particle_metric(particles.x, log_weights, metric, labels, shrink_until=shrink_until)
+        return dense, None, clusters
 
     return precondition
 

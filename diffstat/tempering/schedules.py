@@ -31,11 +31,12 @@ from diffstat._util import check_positive_int
 from diffstat.mcmc.metric import DenseMetric
 from diffstat.tempering.core import (
     MoveConfig,
+    cloud_metric,
     init_tempered,
     initial_particles,
     tempered_step,
 )
-from diffstat.tempering.moves import cluster_particles, particle_metric
+from diffstat.tempering.moves import particle_metric
 from diffstat.tempering.path import GeometricPath, default_step_size
 from diffstat.tempering.smc import next_beta
 
@@ -201,24 +202,22 @@ def _pilot_record(state, generator) -> tuple[torch.Tensor, ...]:
     """``(beta, sd of delta, Cholesky factor of the clustered covariance, log step size)``."""
     d = state.particles.delta[torch.isfinite(state.particles.delta)]
     sd = d.std() if d.numel() > 1 else torch.zeros_like(state.beta)
-    return state.beta, sd, _pilot_cholesky(state.particles.x, generator), state.log_step_size
+    return state.beta, sd, _pilot_cholesky(state.particles, generator), state.log_step_size
 
 
-def _pilot_metric(generator, stage, particles, log_weights):
-    """The pilot's moves' preconditioner (a :data:`~diffstat.tempering.core.Preconditioner`): the
-    dense covariance of the weighted particles pooled within their clusters, as SMC's, but shrunk
-    toward its diagonal only below ``_DENSE_RATIO`` effective particles per dimension."""
-    labels = cluster_particles(particles.x, log_weights, generator)
-    metric = particle_metric(particles.x, log_weights, "dense", labels, shrink_until=_DENSE_RATIO)
-    return metric, None, int(labels.max()) + 1
+#: The pilot's moves' preconditioner: the dense covariance of the weighted particles pooled within
+#: their clusters, as SMC's, but shrunk toward its diagonal only below ``_DENSE_RATIO`` effective
+#: particles per dimension.
+_pilot_metric = cloud_metric("dense", shrink_until=_DENSE_RATIO)
 
 
-def _pilot_cholesky(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Lower Cholesky factor ``(d, d)`` of the metric of :func:`_pilot_metric` for equally weighted
-    particles ``x: (n, d)`` (a mixture's modes each moved at their own scale)."""
-    log_w = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    labels = cluster_particles(x, log_w, generator)
-    metric = particle_metric(x, log_w, "dense", labels, shrink_until=_DENSE_RATIO)
+def _pilot_cholesky(particles, generator: torch.Generator) -> torch.Tensor:
+    """Lower Cholesky factor ``(d, d)`` of :data:`_pilot_metric` for equally weighted particles
+    (``particles.x: (n, d)``; a mixture's modes each moved at their own scale)."""
+    x = particles.x
+    metric = _pilot_metric(
+        generator, None, particles, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    )[0]
     return metric.chol if isinstance(metric, DenseMetric) else torch.diag(metric.sqrt())
 
 
