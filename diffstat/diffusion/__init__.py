@@ -6,10 +6,11 @@ imported by the ``ds.sample`` front when needed, not here.
 
 Layout, parts first: ``processes`` (VP, VE), ``networks``, ``losses``, ``train_config`` and
 ``training`` (an ``init``/``step`` pair over an optimiser state, and its driver), ``model_io``
-(save and load), ``reverse`` (reverse-time samplers); the diffusion sampler's ``barriers`` and
-``modes`` (finding and banking modes), ``gaussians`` and ``proposals`` (importance proposals with
-exact densities), ``importance`` (judging and pooling rounds), ``rounds`` (``init``/``step`` of one
-round) and ``sampler`` (the driver); PDDS in ``noised_smc`` with its ``noised_smc_*`` parts.
+(save and load), ``reverse`` (reverse-time samplers); the diffusion sampler's ``modes`` (finding
+and banking modes, on :mod:`diffstat.modes`), ``gaussians`` and ``proposals`` (importance
+proposals with exact densities), ``importance`` (judging and pooling rounds), ``rounds``
+(``init``/``step`` of one round) and ``sampler`` (the driver); PDDS in ``noised_smc`` with its
+``noised_smc_*`` parts.
 """
 
 from diffstat.diffusion.losses import (

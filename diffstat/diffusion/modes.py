@@ -6,10 +6,10 @@ half of the diffusion sampler (:mod:`diffstat.diffusion.sampler`):
 
 1. :func:`explore` runs many short MALA chains started from the reference at several start
    scales, with a per-chain step size adapted on the fly (exploration only needs end points).
-2. :func:`~diffstat.diffusion.barriers.hill_climb` takes each end point up to its local maximum,
-   and :func:`~diffstat.diffusion.barriers.group_by_barrier` (both in
-   :mod:`diffstat.diffusion.barriers`, re-exported here) groups the climbed points by mode,
-   robustly: two points share a mode only when
+2. :func:`~diffstat.modes.climb.hill_climb` takes each end point up to its local maximum,
+   and :func:`~diffstat.modes.barriers.group_by_barrier` (the package's mode finder,
+   :mod:`diffstat.modes`) groups the climbed points by mode, robustly: two points share a mode
+   only when
    :math:`\log p` has no barrier on the segment between them,
 
    .. math:: \min_{0<s<1} \log p\big((1-s)a + s b\big) \ge \min(\log p(a), \log p(b)) - \tau,
@@ -36,10 +36,11 @@ from dataclasses import dataclass
 import torch
 
 from diffstat._util import check_positive_int, progress_bar
-from diffstat.diffusion.barriers import group_by_barrier, hill_climb, merge_groups, no_barrier
 from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.mcmc.base import LogProbAndGrad, MCMCState
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
+from diffstat.modes.barriers import group_by_barrier
+from diffstat.modes.climb import hill_climb
 from diffstat.tempering.core import initial_particles
 from diffstat.tempering.path import make_path
 from diffstat.tempering.resampling import resample
@@ -48,10 +49,7 @@ from diffstat.tempering.smc import adaptive_tempered_smc
 __all__ = [
     "ModeBank",
     "explore",
-    "hill_climb",
-    "no_barrier",
-    "group_by_barrier",
-    "merge_groups",
+    "screen",
     "balance_modes",
     "explore_modes",
     "smc_seeds",

@@ -8,8 +8,9 @@ This module uses it.
 
 Partition the space into the basins of attraction :math:`A_j` of the modes of the product
 :math:`\pi(z) \propto \exp(-\sum_k E_k(z, t_{\min}))` (gradient ascent from every point, end points
-grouped). On :math:`A_j` write the shard's density as :math:`p_k(z) = e^{-E_k(z) + \delta_{kj}}`:
-a learned energy is right within a basin up to the constant :math:`\delta_{kj}`. For any density
+grouped; :mod:`diffstat.modes`). On :math:`A_j` write the shard's density as
+:math:`p_k(z) = e^{-E_k(z) + \delta_{kj}}`: a learned energy is right within a basin up to the
+constant :math:`\delta_{kj}`. For any density
 :math:`q` (a Gaussian fitted to the shard's draws in :math:`A_j`, its covariance shrunk so that
 :math:`q/p_k` stays bounded),
 
@@ -42,19 +43,10 @@ import math
 
 import torch
 
-__all__ = ["ascend", "group_end_points", "assign_to_centres", "calibrate_mode_weights"]
+from diffstat.modes.barriers import group_by_leaders
+from diffstat.modes.climb import ascend
 
-
-def ascend(grad_fn, w: torch.Tensor, step: torch.Tensor | float, num_iters: int) -> torch.Tensor:
-    r"""Gradient ascent :math:`w \leftarrow w + \text{step}\,\nabla\log\pi(w)`, ``num_iters`` times,
-    batched over the rows of ``w (n, dim)``; returns the end points ``(n, dim)``. ``grad_fn(w)``
-    returns ``(log_prob, grad)``. A step that makes a row non-finite leaves it where it was."""
-    for _ in range(num_iters):
-        _, g = grad_fn(w)
-        new = w + step * g
-        ok = torch.isfinite(new).all(-1, keepdim=True)
-        w = torch.where(ok, new, w)
-    return w
+__all__ = ["group_end_points", "assign_to_centres", "calibrate_mode_weights"]
 
 
 def group_end_points(
@@ -66,31 +58,16 @@ def group_end_points(
     margin: float = 1.0,
     max_groups: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Group end points by mode. The first ungrouped point is a centre; a point joins its group
-    when it lies within ``tol`` of it or when :math:`\log\pi` on the segment between them never
-    falls more than ``margin`` below the lower of its two ends (no barrier: an ascent that has not
-    converged along a flat direction still joins). Returns ``labels (n,)`` and ``centres (m, dim)``;
-    after ``max_groups`` groups the rest are labelled -1. ``log_prob(x) -> (n,)``."""
-    labels = torch.full((ends.shape[0],), -1, dtype=torch.long, device=ends.device)
-    lp_ends = log_prob(ends)
-    fractions = torch.linspace(0, 1, num_checks + 2, dtype=ends.dtype, device=ends.device)[1:-1]
-    centres = []
-    while len(centres) < max_groups:
-        free = (labels < 0).nonzero().squeeze(-1)
-        if free.numel() == 0:
-            break
-        c = ends[free[0]]
-        pts = ends[free]
-        join = ((pts - c) ** 2).sum(-1) <= tol**2
-        rest = (~join).nonzero().squeeze(-1)
-        if rest.numel():
-            seg = c + fractions[:, None, None] * (pts[rest] - c)  # (checks, r, dim)
-            lp_seg = log_prob(seg.reshape(-1, ends.shape[1])).reshape(num_checks, -1)
-            floor = torch.minimum(lp_ends[free[0]], lp_ends[free[rest]]) - margin
-            join[rest] = (lp_seg >= floor).all(0)
-        labels[free[join]] = len(centres)
-        centres.append(c)
-    return labels, torch.stack(centres) if centres else ends[:0]
+    r"""Group gradient-ascent end points ``ends: (n, dim)`` by mode with
+    :func:`~diffstat.modes.barriers.group_by_leaders`: a point within ``tol`` of its group's first
+    point joins it, and so does one with no barrier between them at ``num_checks`` interior points
+    with a ``margin`` in nats. The margin is a nat, not the half nat of an exact target's peaks:
+    the ends lie on a learned energy, off by a few tenths of a nat, and a fixed-step ascent need not
+    have converged along a flat direction. Returns ``labels (n,)`` (-1 after ``max_groups``
+    groups) and ``centres (m, dim)``. ``log_prob(x) -> (n,)``."""
+    return group_by_leaders(
+        log_prob, ends, radius=tol, tol=margin, num_points=num_checks, max_groups=max_groups
+    )
 
 
 def assign_to_centres(ends: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 - Smoothed scores: the interface (:mod:`~diffstat.smoothing.base`), the front that picks one
   (:mod:`~diffstat.smoothing.scores`), the training-free Laplace estimator with a shared mode bank
   (:mod:`~diffstat.smoothing.laplace_score`, on the Hessians, damped Newton, mode bank and mode
-  exploration of :mod:`~diffstat.smoothing.laplace`), the baselines
+  exploration of :mod:`~diffstat.modes.laplace` and :mod:`~diffstat.smoothing.laplace`), the baselines
   (:mod:`~diffstat.smoothing.baselines`) and a score network (:mod:`~diffstat.smoothing.learned`),
   fitted from the log-density by :mod:`~diffstat.smoothing.fit` (the default estimator) on a
   particle population of :mod:`~diffstat.smoothing.populations`.

@@ -1,8 +1,9 @@
 r"""The training-free smoothed score: multi-start Laplace fits of :math:`p(x\mid y)` with a mode bank
 shared by all chains, corrected by importance sampling (:class:`LaplaceSmoothedScore`).
 
-Its building blocks (damped Newton ascent, Hessians, the mode bank, mode exploration) are
-:mod:`diffstat.smoothing.laplace`; REFERENCES.md ("Measured here: training-free SMS") records why a
+Its building blocks are damped Newton ascent, Hessians and the merging of fits
+(:mod:`diffstat.modes.laplace`) and the mode bank and mode exploration
+(:mod:`diffstat.smoothing.laplace`); REFERENCES.md ("Measured here: training-free SMS") records why a
 shared bank: it keeps the relative masses of the posterior modes right, where per-chain starts
 find only the modes near each chain.
 """
@@ -15,16 +16,15 @@ import torch
 
 from diffstat._util import check_positive_int, ess_from_log_weights
 from diffstat.smoothing.base import SmoothedScore
-from diffstat.smoothing.laplace import (
+from diffstat.modes.laplace import (
     MAX_STEP,
-    ModeBank,
     chol_solve,
     damped_newton,
-    explore_modes,
     log_prob_grad_hessian,
     merge_within,
     safe_cholesky,
 )
+from diffstat.smoothing.laplace import ModeBank, explore_modes
 
 __all__ = ["LaplaceSmoothedScore"]
 
@@ -38,7 +38,7 @@ class LaplaceSmoothedScore(SmoothedScore):
     1. Starts: the chain's previous local mode, ``num_fresh`` draws from :math:`\mathcal N(y, s^2 I)`,
        and every entry of a :class:`~diffstat.smoothing.laplace.ModeBank` shared by all chains.
     2. Fresh starts climb by ``newton_steps - 1`` damped Newton steps on :math:`f`
-       (:func:`~diffstat.smoothing.laplace.damped_newton`); every start is then fitted where it
+       (:func:`~diffstat.modes.laplace.damped_newton`); every start is then fitted where it
        stands (starts at known modes need no climb): at :math:`x_j`, the local precision
        :math:`A_j = s^{-2} I - \nabla^2 \log p(x_j)` (made positive definite, saddle-free, where it
        is not) and the Laplace mean :math:`m_j = x_j + A_j^{-1}\nabla f(x_j)`.

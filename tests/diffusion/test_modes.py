@@ -1,19 +1,14 @@
-"""Mode exploration, grouping by barriers, and balanced restocking (diffstat.diffusion.modes)."""
+"""Mode exploration, grouping by barriers, and balanced restocking (diffstat.diffusion.modes on
+diffstat.modes)."""
 
 import math
 
 import pytest
 import torch
 
-from diffstat.diffusion.modes import (
-    balance_modes,
-    explore_modes,
-    group_by_barrier,
-    hill_climb,
-    no_barrier,
-    explore,
-    screen,
-)
+from diffstat.diffusion.modes import balance_modes, explore, explore_modes, screen
+from diffstat.modes.barriers import group_by_barrier, no_barrier
+from diffstat.modes.climb import hill_climb
 from diffstat.targets import BananaMixture, GaussianMixture, narrow_wide, nine_modes
 
 

@@ -127,7 +127,8 @@ def test_mode_exploration_converges_on_a_logistic_posterior():
     # far from the mode a logistic likelihood is flat (saturated), so the full Newton step
     # overshoots; the old ascent oscillated and found no mode (SMS then ran from garbage: jump
     # means ~30 sds off on ionosphere). With monotone steps every start reaches the one mode.
-    from diffstat.smoothing.laplace import explore_modes, log_prob_grad_hessian
+    from diffstat.modes.laplace import log_prob_grad_hessian
+    from diffstat.smoothing.laplace import explore_modes
     from diffstat.targets import ionosphere
 
     model = ionosphere()

@@ -16,7 +16,8 @@ from diffstat.smoothing import (
     isotropic_mixture_smoothed_score,
     resolve_smoothed_score,
 )
-from diffstat.smoothing.laplace import explore_modes, log_prob_grad_hessian
+from diffstat.modes.laplace import log_prob_grad_hessian
+from diffstat.smoothing.laplace import explore_modes
 from diffstat.targets import GaussianMixture
 from diffstat.targets.two_modes import two_modes
 

@@ -1,16 +1,21 @@
-r"""Find the peaks of a target and group points by mode where :math:`\log p` has a barrier between
-them: the mode identification behind :func:`~diffstat.diffusion.modes.explore_modes`.
+r"""Group points by mode where :math:`\log p` has a barrier between them: the barrier test that the
+diffusion sampler's mode search (:func:`~diffstat.diffusion.modes.explore_modes`) and divide and
+conquer's basins (:mod:`diffstat.dnc.mode_weights`) share.
 
-:func:`hill_climb` takes points up to their local maxima, and :func:`group_by_barrier` groups the
-climbed points by leader clustering: two points share a mode only when :math:`\log p` has no
-barrier on the segment between them,
+Two points share a mode only when :math:`\log p` has no barrier on the segment between them,
 
 .. math:: \min_{0<s<1} \log p\big((1-s)a + s b\big) \ge \min(\log p(a), \log p(b)) - \tau,
 
-checked at a few interior points (:func:`no_barrier`). Peaks, not samples, are compared: in high
-dimension samples sit about :math:`d/2` nats below their peak, under the saddle between nearby
-modes. :func:`merge_groups` then merges groups, following curved modes. Defaults:
-:math:`\tau` = 0.5 nats and three interior points, three target evaluations per pair checked.
+checked at ``num_points`` interior points :math:`s = j/(m+1)` (:func:`no_barrier`). Two leader
+clusterings use it: :func:`group_by_barrier` (leaders by decreasing :math:`\log p`, each point
+against its nearest leader, then :func:`merge_groups` to follow curved modes) for climbed peaks of
+an exact target, and :func:`group_by_leaders` (points in the given order, each leader against every
+free point, a Euclidean radius joining without a test) for end points of a fixed-step ascent on a
+learned density. Peaks, not samples, are compared: in high dimension samples sit about :math:`d/2`
+nats below their peak, under the saddle between nearby modes. Defaults: :math:`\tau` = 0.5 nats and
+three interior points, three target evaluations per pair checked (a peak is exact to the climb's
+tolerance, so a small margin suffices); divide and conquer passes its own (8 points, 1 nat: its
+learned energies are off by a few tenths of a nat). The climbs are in :mod:`diffstat.modes.climb`.
 """
 
 from __future__ import annotations
@@ -19,46 +24,7 @@ import math
 
 import torch
 
-from diffstat.mcmc.base import LogProbAndGrad
-
-__all__ = ["hill_climb", "no_barrier", "group_by_barrier", "merge_groups"]
-
-
-def hill_climb(
-    log_prob_and_grad: LogProbAndGrad,
-    x: torch.Tensor,
-    log_prob: torch.Tensor,
-    grad: torch.Tensor,
-    num_steps: int,
-    step_size: torch.Tensor,
-    rtol: float = 1e-3,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    r"""Gradient ascent toward each point's local maximum, batched, with a per-point step size:
-    :math:`y = x + h \nabla\log p(x)` is kept (and :math:`h \leftarrow 1.5h`) if it raises
-    :math:`\log p`, else :math:`h \leftarrow h/2`. A point stops once its gain falls below ``rtol``
-    nats with an accepted step; only active points are evaluated.
-
-    Returns the climbed points ``(n, dim)``, their log-densities ``(n,)`` and the evaluations spent.
-    Mode centres compare far better than samples: in high dimension typical points lie about
-    :math:`d/2` nats below their peak, under the saddle between nearby modes, so a segment between
-    two samples of different modes need not cross a barrier, while one between their peaks does.
-    """
-    x, lp, g, h = x.clone(), log_prob.clone(), grad.clone(), step_size.clone()
-    active = torch.isfinite(lp)
-    evals = 0
-    for _ in range(num_steps):
-        idx = torch.nonzero(active).flatten()
-        if idx.numel() == 0:
-            break
-        y = x[idx] + h[idx, None] * g[idx]
-        lp_y, g_y = log_prob_and_grad(y)
-        evals += idx.numel()
-        up = torch.isfinite(lp_y) & torch.isfinite(g_y).all(-1) & (lp_y > lp[idx])
-        gain = torch.where(up, lp_y - lp[idx], torch.zeros_like(lp_y))
-        x[idx[up]], lp[idx[up]], g[idx[up]] = y[up], lp_y[up], g_y[up]
-        h[idx] = torch.where(up, 1.5 * h[idx], 0.5 * h[idx])
-        active[idx[up & (gain < rtol)]] = False
-    return x, lp, evals
+__all__ = ["no_barrier", "group_by_barrier", "merge_groups", "group_by_leaders"]
 
 
 def no_barrier(
@@ -76,7 +42,7 @@ def no_barrier(
     above :math:`\min(\log p(a), \log p(b)) - \tau`. Costs ``n * num_points`` evaluations."""
     if a.shape[0] == 0:
         return torch.zeros(0, dtype=torch.bool, device=a.device)
-    s = torch.arange(1, num_points + 1, dtype=a.dtype, device=a.device) / (num_points + 1)
+    s = torch.linspace(0, 1, num_points + 2, dtype=a.dtype, device=a.device)[1:-1]
     pts = a[:, None, :] + s[None, :, None] * (b - a)[:, None, :]  # (n, m, dim)
     with torch.no_grad():
         lp = log_prob(pts.reshape(-1, a.shape[1])).reshape(a.shape[0], num_points)
@@ -205,3 +171,43 @@ def merge_groups(
             parent[max(ra, rb)] = min(ra, rb)
     roots = torch.tensor([find(i) for i in range(k)], device=x.device)
     return torch.unique(roots[label], return_inverse=True)[1]
+
+
+def group_by_leaders(
+    log_prob,
+    x: torch.Tensor,
+    *,
+    radius: float,
+    tol: float = 0.5,
+    num_points: int = 3,
+    max_groups: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Group points ``x: (n, dim)`` by mode in the order given; returns ``labels (n,)`` (long) and
+    the leaders ``(m, dim)``.
+
+    The first ungrouped point leads a new group; every ungrouped point joins it when it lies within
+    ``radius`` of it or when :func:`no_barrier` (``num_points``, ``tol``) finds no barrier between
+    them (an ascent that has not converged along a flat direction still joins). After
+    ``max_groups`` groups the rest are labelled -1. One leader against all free points per round,
+    so the cost is that of the groups found, whatever the order of the points.
+    """
+    labels = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+    lp = log_prob(x)
+    leaders = []
+    while len(leaders) < max_groups:
+        free = (labels < 0).nonzero().squeeze(-1)
+        if free.numel() == 0:
+            break
+        c = x[free[0]]
+        pts = x[free]
+        join = ((pts - c) ** 2).sum(-1) <= radius**2
+        rest = (~join).nonzero().squeeze(-1)
+        if rest.numel():
+            lead = c.expand(rest.numel(), -1)
+            lp_lead = lp[free[0]].expand(rest.numel())
+            join[rest] = no_barrier(
+                log_prob, lead, lp_lead, pts[rest], lp[free[rest]], num_points=num_points, tol=tol
+            )
+        labels[free[join]] = len(leaders)
+        leaders.append(c)
+    return labels, torch.stack(leaders) if leaders else x[:0]
