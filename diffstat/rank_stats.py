@@ -136,23 +136,14 @@ def _folded(p: _Pooled) -> _Pooled:
     return _Pooled(folded[merged], weight, np.cumsum(weight), p.runs[source])
 
 
-def _split_rhat(z: np.ndarray) -> np.ndarray:
-    r"""Split R-hat of each row of ``z: (k, chains, n)`` (already split):
-    :math:`\sqrt{(B/W + n - 1)/n}`, :math:`B = n\,\mathrm{var}(\bar z_c)`, :math:`W` the mean
-    within-chain variance."""
-    n = z.shape[2]
-    between = n * z.mean(axis=2).var(axis=1, ddof=1)
-    within = z.var(axis=2, ddof=1).mean(axis=1)
-    return np.sqrt((between / within + n - 1) / n)
-
-
 def _rank_rhat(shape: tuple[int, ...], rows: list[_Pooled], runs: list) -> tuple[np.ndarray, np.ndarray]:
     """Rank-normalised split R-hat of split draws of ``shape`` ``(k, chains, n)`` from their sorted
     runs (the larger of the bulk and the folded value, NaN ranked first as Python's ``max`` does)
     and the bulk normal scores."""
     z = _normal_scores(rows, runs, shape)
-    bulk = _split_rhat(z)
-    folded = _split_rhat(_normal_scores([_folded(p) for p in rows], runs, shape))
+    folded = _normal_scores([_folded(p) for p in rows], runs, shape)
+    by_chain = (z.transpose(1, 2, 0), folded.transpose(1, 2, 0))  # (chains, n, k) views
+    bulk, folded = (_rhat_of_chains([y], y[:, :1]) for y in by_chain)
     return np.where(folded > bulk, folded, bulk), z
 
 
@@ -270,23 +261,36 @@ def _rank_statistics(draws, with_rhat: bool) -> tuple:
 def split_rhat(draws, shift: bool = True) -> np.ndarray:
     r"""Split R-hat of the draws themselves (Gelman et al. 2013, BDA3 section 11.4), every
     coordinate of ``draws: (chain, draw, dim)`` at once: each chain halved (the middle draw of an
-    odd chain dropped), :math:`\hat R = \sqrt{(B/W + n - 1)/n}` over the :math:`2C` halves of
-    :math:`n` draws, with :math:`B` ``n`` times the variance of the halves' means and :math:`W`
-    their mean variance. Instead of a sort, two sums per half (of the draws and of their squares,
-    in float64, after subtracting each chain's first draw with ``shift``, so that a mean far from
-    zero cancels no digits; draws centred already, such as folded ones, need no shift). Returns
-    ``(dim,)``, NaN for a constant or NaN coordinate."""
+    odd chain dropped) and the :math:`2C` halves passed to :func:`_rhat_of_chains` as they lie,
+    without a copy of all draws. ``shift``: subtract each chain's first draw from both its halves
+    before summing, so that a mean far from zero cancels no digits (draws centred already, such
+    as folded ones, need no shift). Returns ``(dim,)``, NaN for a constant or NaN coordinate."""
     draws = np.asarray(draws)
     n = draws.shape[1] // 2
-    means, within = [], 0.0
-    first = draws[:, :1] if shift else None
-    for half in (draws[:, :n], draws[:, draws.shape[1] - n :]):
-        y = half if first is None else half - first
+    origin = draws[:, :1] if shift else None
+    return _rhat_of_chains([draws[:, :n], draws[:, draws.shape[1] - n :]], origin)
+
+
+def _rhat_of_chains(parts: list[np.ndarray], origin: np.ndarray | None) -> np.ndarray:
+    r"""R-hat over the chains of every array of ``parts``, each ``(C_i, n, dim)`` (chains already
+    split): :math:`\hat R = \sqrt{(B/W + n - 1)/n}`, :math:`B` ``n`` times the variance of the
+    chains' means, :math:`W` their mean within-chain variance (both with ``ddof=1``). Each chain's
+    mean and variance come from two sums in float64, of its draws and of their squares, after
+    subtracting ``origin`` ``(C, 1, dim)`` (a draw of each chain, so that a mean far from zero
+    cancels no digits; None: nothing), and float32 draws are not copied to float64: the one R-hat
+    of the rank statistics (on normal scores, equal to arviz's to 1e-12) and of :func:`split_rhat`
+    (on the draws of many chains)."""
+    n = parts[0].shape[1]
+    means, variances = [], []
+    for y in parts:
+        if origin is not None:
+            y = y - origin
         total = y.sum(axis=1, dtype=np.float64)  # (C, dim)
         squares = np.einsum("cnd,cnd->cd", y, y, dtype=np.float64)
-        means.append(total / n if first is None else total / n + first[:, 0])
-        within = within + ((squares - total * total / n) / (n - 1)).mean(axis=0) / 2
+        means.append(total / n if origin is None else total / n + origin[:, 0])
+        variances.append((squares - total * total / n) / (n - 1))
     between = n * np.concatenate(means).var(axis=0, ddof=1)
+    within = np.concatenate(variances).mean(axis=0)
     return np.sqrt((between / within + n - 1) / n)
 
 

@@ -5,8 +5,7 @@ Both rest on :mod:`diffstat.modes.laplace` (Hessians, capped monotone Newton asc
 in their own metric). :class:`ModeBank` holds the modes found so far, shared by all chains of
 :class:`~diffstat.smoothing.laplace_score.LaplaceSmoothedScore`; :func:`explore_modes` climbs from
 reference draws by proximal Newton and keeps the end points that are modes, merged within two
-standard deviations (a bank entry absorbs candidates within ``merge_radius``, two by default in the
-estimator: one standard deviation either side).
+standard deviations of each other.
 """
 
 from __future__ import annotations
@@ -92,7 +91,8 @@ def explore_modes(target, x: torch.Tensor, *, num_steps: int = 15, prox_scale: f
     r"""Climb from the points ``x: (n, d)`` to the target's modes and merge the end points.
 
     Proximal Newton (Levenberg-Marquardt) iterations :math:`x \leftarrow x + (|{-\nabla^2\log p}| +
-    \rho^{-2} I)^{-1}\nabla \log p` with :math:`\rho` = ``prox_scale``; end points with a Newton
+    \rho^{-2} I)^{-1}\nabla \log p` with :math:`\rho` = ``prox_scale``, capped and monotone
+    (:func:`~diffstat.modes.laplace.newton_ascent` without ``y``); end points with a Newton
     decrement below one and a positive-definite :math:`-\nabla^2\log p` are modes, merged when within
     two standard deviations. Each mode's Laplace log-mass is :math:`\log p(\mu) + \tfrac d2\log 2\pi -
     \tfrac12\log\det P`.
