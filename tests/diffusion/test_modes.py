@@ -1,5 +1,5 @@
-"""Mode exploration, grouping by barriers, and balanced restocking (diffstat.diffusion.modes on
-diffstat.modes)."""
+"""Mode exploration, screening and balanced restocking (diffstat.diffusion.modes); the barrier test
+and climbs it uses are tested in tests/modes."""
 
 import math
 
@@ -7,8 +7,6 @@ import pytest
 import torch
 
 from diffstat.diffusion.modes import balance_modes, explore, explore_modes, screen
-from diffstat.modes.barriers import group_by_barrier, no_barrier
-from diffstat.modes.climb import hill_climb
 from diffstat.targets import BananaMixture, GaussianMixture, narrow_wide, nine_modes
 
 
@@ -16,29 +14,6 @@ def _two_gaussians():
     return GaussianMixture(torch.tensor([[-3.0, 0.0], [3.0, 0.0]]), [0.5, 0.5], scales=[0.5, 0.5]).as_target(
         dtype=torch.float64
     )
-
-
-def test_no_barrier_exact_cases():
-    target = _two_gaussians()
-    a = torch.tensor([[-3.2, 0.1], [-3.0, 0.0], [-2.7, -0.2]], dtype=torch.float64)
-    b = torch.tensor([[-2.8, -0.3], [3.0, 0.0], [2.9, 0.2]], dtype=torch.float64)
-    lp_a, lp_b = target.log_prob(a), target.log_prob(b)
-    before = target.num_target_evals
-    ok = no_barrier(target.log_prob, a, lp_a, b, lp_b, num_points=3, tol=0.5)
-    # same mode: log p is concave along the segment, no barrier; across modes: a deep barrier
-    assert ok.tolist() == [True, False, False]
-    assert target.num_target_evals - before == 9  # 3 segments x 3 interior points, counted
-
-
-def test_hill_climb_reaches_the_peaks():
-    target = _two_gaussians()
-    x = torch.tensor([[-2.0, 0.7], [4.1, -0.6]], dtype=torch.float64)
-    lp, grad = target.log_prob_and_grad(x)
-    peak, peak_lp, evals = hill_climb(
-        target.log_prob_and_grad, x, lp, grad, 60, torch.full((2,), 0.05, dtype=torch.float64)
-    )
-    assert torch.allclose(peak, torch.tensor([[-3.0, 0.0], [3.0, 0.0]], dtype=torch.float64), atol=0.02)
-    assert (peak_lp >= lp).all() and 0 < evals <= 120
 
 
 def test_explore_finds_the_nine_modes(generator):
@@ -114,19 +89,6 @@ def test_one_mode_is_one_mode(generator):
         torch.zeros(1, 4), scales=torch.tensor([[1.5, 0.3, 0.5, 0.5]]), curvature=1.0
     ).as_target(dtype=torch.float64)
     assert explore_modes(banana, generator, num_chains=500).num_modes == 1
-
-
-def test_grouping_separates_and_joins():
-    target = _two_gaussians()
-    gen = torch.Generator().manual_seed(3)
-    x = torch.cat(
-        [
-            torch.tensor([-3.0, 0.0]) + 0.05 * torch.randn(20, 2, generator=gen),
-            torch.tensor([3.0, 0.0]) + 0.05 * torch.randn(10, 2, generator=gen),
-        ]
-    ).double()
-    label = group_by_barrier(target.log_prob, x, target.log_prob(x))
-    assert label[:20].unique().numel() == 1 and label[20:].unique().numel() == 1 and label[0] != label[20]
 
 
 def test_balance_restocks_every_mode_evenly(generator):
