@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import scipy.stats
 import torch
 
 from diffstat._util import ess_from_log_weights, log_normalizer_estimate, pareto_smooth
@@ -24,7 +25,10 @@ __all__ = [
     "importance_summary",
     "round_missed",
     "pool_rounds",
+    "round_agreement",
     "missed_warning",
+    "unreliable_reasons",
+    "unreliable_warning",
     "resample_per_mode",
     "unique_rows",
 ]
@@ -34,6 +38,15 @@ MAX_PARETO_K = 0.7
 #: Below this Kish ESS a round rests on a handful of points: fewer than the 20 weights the Pareto
 #: tail fit needs, and a variance estimated from them is off by about sqrt(2/19) = 30%.
 MIN_ROUND_ESS = 20.0
+#: Below this p-value of Cochran's Q the used rounds' log Z estimates disagree beyond their standard
+#: errors (:func:`round_agreement`): one in a thousand runs of a sound sampler is flagged, while a
+#: proposal that misses mass shows up as rounds tens of standard errors apart.
+MIN_AGREEMENT_P = 1e-3
+#: A run whose last round wastes more than this share of its proposals (Kish ESS fraction below it)
+#: after every round of learning has a proposal that does not match the target's shape: on Neal's
+#: funnel the last rounds end at 0.01 to 0.09 with log Z 0.6 to 1.2 nats low, while runs that are
+#: right end at 0.15 to 0.93 (``docs/diffusion_sampler.md``).
+MIN_FINAL_ESS_FRACTION = 0.1
 #: Below this proposal width (:func:`~diffstat.diffusion.gaussians.proposal_width`, at least 1 for a
 #: proposal fitted to draws of its mode) a mode's Gaussian is at least three times narrower than the
 #: mode can be, and its equal-looking weights hide the mass it never proposes.
@@ -110,12 +123,38 @@ def _convex(weights: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
     return torch.log(w / w.sum())
 
 
+def round_agreement(rounds: list[dict], used: torch.Tensor) -> tuple[float, int]:
+    r"""Cochran's :math:`Q = \sum_r (\ell_r - \bar\ell)^2/s_r^2` of the used rounds' log Z estimates
+    :math:`\ell_r` with standard errors :math:`s_r` (:math:`\bar\ell` their inverse-variance mean) and
+    its degrees of freedom (used rounds with a finite positive error, minus one; 0 when fewer than
+    two). Each round's :math:`\hat Z_r` is unbiased for the same Z, so where the errors are honest
+    :math:`Q` is about :math:`\chi^2` with that many degrees of freedom (Cochran 1954); a proposal
+    that misses part of the target's mass misses a different part in each round, and the rounds then
+    lie many standard errors apart (Neal's funnel: 0.3 to 0.9 nats at errors of 0.03 to 0.08)."""
+    rows = [
+        r
+        for r, s in enumerate(rounds)
+        if bool(used[r]) and math.isfinite(s["log_z"]) and 0.0 < s["se"] < math.inf
+    ]
+    if len(rows) < 2:
+        return 0.0, 0
+    ell = torch.tensor([rounds[r]["log_z"] for r in rows], dtype=torch.float64)
+    prec = torch.tensor([rounds[r]["se"] ** -2 for r in rows], dtype=torch.float64)
+    mean = (prec * ell).sum() / prec.sum()
+    return float((prec * (ell - mean) ** 2).sum()), len(rows) - 1
+
+
 def pool_rounds(rounds: list[dict]) -> dict:
     r"""Pool the rounds' summaries (:func:`importance_summary`) by the rule of the module
     docstring, in log space. Returns ``used (R,)`` bool, ``reliable`` (False when every round
     missed and the round of largest Kish ESS stands in alone), ``log_z`` and ``log_z_se`` of the
     pool, and ``log_mu (R,)``, the log share of each round in the returned draws (:math:`-\infty`
-    for a round left out)."""
+    for a round left out).
+
+    The standard error is the delta method's (``log_z_se_delta``) times the Birge ratio
+    :math:`\max(1, \sqrt{Q/\nu})` of :func:`round_agreement` (Birge 1932: errors scaled until the
+    rounds' scatter is what they claim); ``agreement_p`` is :math:`P(\chi^2_\nu > Q)` (1 with one
+    round) and ``rounds_agree`` whether it is at least ``MIN_AGREEMENT_P``."""
     missed = torch.tensor([round_missed(s) for s in rounds])
     reliable = not bool(missed.all())
     used = ~missed
@@ -136,7 +175,18 @@ def pool_rounds(rounds: list[dict]) -> dict:
     ess_psis = torch.tensor([s["ess_psis"] for s in rounds], dtype=torch.float64)
     log_z_se = log_z_se if math.isfinite(log_z_se) else math.inf
     log_mu = _convex(ess_psis, used)
-    return {"used": used, "reliable": reliable, "log_z": log_z, "log_z_se": log_z_se, "log_mu": log_mu}
+    q, dof = round_agreement(rounds, used)
+    p_value = float(scipy.stats.chi2.sf(q, dof)) if dof else 1.0
+    return {
+        "used": used,
+        "reliable": reliable,
+        "log_z": log_z,
+        "log_z_se": log_z_se * max(1.0, math.sqrt(q / dof)) if dof else log_z_se,
+        "log_z_se_delta": log_z_se,
+        "agreement_p": p_value,
+        "rounds_agree": p_value >= MIN_AGREEMENT_P,
+        "log_mu": log_mu,
+    }
 
 
 def missed_warning(rounds: list[dict], pool: dict) -> str:
@@ -154,6 +204,40 @@ def missed_warning(rounds: list[dict], pool: dict) -> str:
         "(attrs reliable = 0). Give the mode search and the restocking more work (num_explore, "
         "explore_steps, restock_steps, chains_per_mode, refresh_chains), more rounds (max_rounds), or use "
         "MCMC ('nuts') or SMC ('smc')."
+    )
+
+
+def unreliable_reasons(
+    rounds: list[dict], pool: dict, min_final: float = MIN_FINAL_ESS_FRACTION
+) -> list[str]:
+    """Why a pool whose rounds did not all miss is still unreliable (empty when nothing is wrong): the
+    used rounds' log Z estimates disagree beyond their errors (:func:`round_agreement`), or the last
+    round's Kish ESS fraction is below ``min_final``."""
+    reasons = []
+    if not pool["rounds_agree"]:
+        used = [r for r in range(len(rounds)) if bool(pool["used"][r])]
+        est = ", ".join(f"{rounds[r]['log_z']:.3f} +- {rounds[r]['se']:.3f}" for r in used)
+        reasons.append(
+            f"the rounds' log Z estimates ({est}) disagree beyond their standard errors (Cochran's Q, "
+            f"p = {pool['agreement_p']:.1e} < {MIN_AGREEMENT_P}; the error is scaled by their scatter)"
+        )
+    last = rounds[-1]
+    fraction = last["ess"] / max(last["num_proposals"], 1)
+    if fraction < min_final:
+        reasons.append(
+            f"the last round's ESS is {fraction:.3f} of its proposals (below {min_final:.2g}) after "
+            f"{len(rounds)} rounds of learning"
+        )
+    return reasons
+
+
+def unreliable_warning(reasons: list[str]) -> str:
+    """The text of the warning for :func:`unreliable_reasons`."""
+    return (
+        "diffusion: " + "; and ".join(reasons) + ". The proposals do not match the target's shape and "
+        "miss part of its mass, so log Z is likely too low and the draws lack that part (attrs reliable = "
+        "0). Targets with a neck or a heavy tail (Neal's funnel) need MCMC with divergence checks "
+        "('nuts'), a reparameterisation, or more rounds (max_rounds) and larger rounds (num_proposals)."
     )
 
 

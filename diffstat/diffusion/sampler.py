@@ -72,6 +72,14 @@ Kish ESS alone, ``attrs["reliable"]`` is 0 (else 1), and a ``RuntimeWarning`` gi
 :math:`\hat k` and ESS and what to change; the draws and ``log_weight`` are never NaN. The
 per-round ``used`` flags are in the ``diffusion`` group.
 
+A proposal that misses part of the mass in every round passes the rule above (no weight there to
+be heavy), so two more checks judge the run as a whole, and either makes ``reliable`` 0 with a
+``RuntimeWarning``: the used rounds' :math:`\log\hat Z_r` must agree within their errors
+(Cochran's Q above the :math:`\chi^2` quantile at ``MIN_AGREEMENT_P``; the reported error is
+scaled by the Birge ratio :math:`\max(1, \sqrt{Q/\nu})` in any case), and the last round's ESS
+fraction must reach ``MIN_FINAL_ESS_FRACTION`` (0.1; or ``target_ess`` if lower): after every
+round of learning, a proposal that still wastes nine in ten draws does not fit the target's shape.
+
 The code follows the pipeline in small steps: :func:`~diffstat.diffusion.rounds.init` (steps 1 and
 2), :func:`~diffstat.diffusion.rounds.step` (one round: restock, fit, propose and weigh) and the
 judging and pooling of rounds in :mod:`diffstat.diffusion.importance`; :func:`run_diffusion_sampler`
@@ -89,11 +97,15 @@ import torch
 from diffstat._util import check_options, pad_stack, progress_bar
 from diffstat.diffusion.importance import (
     MAX_PARETO_K,
+    MIN_FINAL_ESS_FRACTION,
     MIN_ROUND_ESS,
     importance_summary,
     missed_warning,
     pool_rounds,
+    round_agreement,
     round_missed,
+    unreliable_reasons,
+    unreliable_warning,
 )
 from diffstat.diffusion.rounds import DiffusionConfig, RoundInfo, RoundState, done, init, step
 from diffstat.tempering.smc import combine_runs
@@ -104,6 +116,7 @@ __all__ = [
     "importance_summary",
     "round_missed",
     "pool_rounds",
+    "round_agreement",
     "MAX_PARETO_K",
     "MIN_ROUND_ESS",
     "RUN_OPTIONS",
@@ -137,7 +150,7 @@ def run_diffusion_sampler(
     with progress_bar(n_chains * (config.max_rounds + 1), f"{method}: exploring modes", progress) as bar:
         for _ in range(n_chains):
             state, infos = _one_run(generator, target, config, device, bar, method)
-            results.append(_result(generator, state, infos, num_samples, 1, target.dim))
+            results.append(_result(generator, state, infos, num_samples, 1, target.dim, config.target_ess))
     return results[0] if n_chains == 1 else _stack_runs(results)
 
 
@@ -182,6 +195,7 @@ def _stack_runs(results: list[SamplerResult]) -> SamplerResult:
         log_normalizer=log_z,
         log_normalizer_se=se,
         reliable=min(int(r.attrs["reliable"]) for r in results),
+        round_agreement_p=min(float(r.attrs["round_agreement_p"]) for r in results),
         num_modes=max(int(r.attrs["num_modes"]) for r in results),
         num_rounds=max(int(r.attrs["num_rounds"]) for r in results),
         ess=sum(float(r.attrs["ess"]) for r in results),
@@ -207,12 +221,15 @@ def _pooled_log_weights(rounds: list[dict], pool: dict, log_ws: list[torch.Tenso
     return log_pool
 
 
-def _result(generator, state: RoundState, infos: list[RoundInfo], num_samples, num_chains, dim):
+def _result(generator, state: RoundState, infos: list[RoundInfo], num_samples, num_chains, dim, target_ess):
     """Pool the rounds (warning when every round missed) and resample the draws from them."""
     rounds = [info.summary for info in infos]
     pool = pool_rounds(rounds)
+    reasons = unreliable_reasons(rounds, pool, min(MIN_FINAL_ESS_FRACTION, target_ess))
     if not pool["reliable"]:
         warnings.warn(missed_warning(rounds, pool), RuntimeWarning, stacklevel=3)
+    elif reasons:
+        warnings.warn(unreliable_warning(reasons), RuntimeWarning, stacklevel=3)
     pops = [info.population for info in infos]
     log_pool = _pooled_log_weights(rounds, pool, [p.log_w for p in pops])
     all_x, all_lw, all_lp = (torch.cat([getattr(p, f) for p in pops]) for f in ("x", "log_w", "log_prob"))
@@ -236,7 +253,8 @@ def _result(generator, state: RoundState, infos: list[RoundInfo], num_samples, n
     attrs = {
         "log_normalizer": pool["log_z"],
         "log_normalizer_se": pool["log_z_se"],
-        "reliable": int(pool["reliable"]),
+        "reliable": int(pool["reliable"] and not reasons),
+        "round_agreement_p": pool["agreement_p"],
         "num_modes": num_modes,
         "num_rounds": len(rounds),
         "ess": float(ess[pool["used"]].sum()),  # of the rounds the draws come from
