@@ -150,7 +150,8 @@ class RoundState(NamedTuple):
     models train on; units : the score models (None before the first fit); held : held-out
     ``(x, log_prob, mode)`` for the model check (None before the first round); last : the previous
     round's :class:`RoundInfo` (None before the first); round : rounds run; per_mode : one model
-    per mode; evals0 : the target's evaluation count when ``init`` began.
+    per mode; evals0 : the target's evaluation count when ``init`` began; explore_nan : the NaN
+    log-densities met by the mode search (far from the posterior, where real models overflow).
     """
 
     bank: ModeBank
@@ -163,13 +164,14 @@ class RoundState(NamedTuple):
     round: int
     per_mode: bool
     evals0: int
+    explore_nan: int = 0
 
 
 def init(generator: torch.Generator, target, config: DiffusionConfig, device=None) -> RoundState:
     """Explore the modes from the reference, restock each with ``chains_per_mode`` MALA chains,
     and fit the per-mode Gaussians with uniform weights (steps 1 and 2 of the pipeline)."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    evals0 = target.num_target_evals
+    evals0, nan0 = target.num_target_evals, target.num_nan_evals
     bank = explore_modes(
         target,
         generator,
@@ -182,6 +184,7 @@ def init(generator: torch.Generator, target, config: DiffusionConfig, device=Non
         reference=config.reference,
         extra_starts=smc_seeds(generator, target, config.smc_explore, config.reference, dev),
     )
+    explore_nan = target.num_nan_evals - nan0
     num_modes = bank.num_modes
     bank = balance_modes(
         target, bank, generator, chains_per_mode=config.chains_per_mode, num_steps=config.restock_steps
@@ -193,7 +196,7 @@ def init(generator: torch.Generator, target, config: DiffusionConfig, device=Non
         if config.per_mode_models is None
         else bool(config.per_mode_models)
     )
-    return RoundState(bank, gaussians, uniform, (bank,), None, None, None, 0, per_mode, evals0)
+    return RoundState(bank, gaussians, uniform, (bank,), None, None, None, 0, per_mode, evals0, explore_nan)
 
 
 def _restart_bank(target, bank: ModeBank, pop: Population, count: int, generator) -> ModeBank:

@@ -201,6 +201,7 @@ def _stack_runs(results: list[SamplerResult]) -> SamplerResult:
         ess=sum(float(r.attrs["ess"]) for r in results),
         num_proposals=sum(int(r.attrs["num_proposals"]) for r in results),
         pareto_k=max(float(r.attrs["pareto_k"]) for r in results),
+        num_nan_exploration=sum(int(r.attrs["num_nan_exploration"]) for r in results),
         mode_weights=pad_stack([r.attrs["mode_weights"] for r in results], axis=0),
     )
     return SamplerResult(draws, stats, groups, attrs)
@@ -261,6 +262,7 @@ def _result(generator, state: RoundState, infos: list[RoundInfo], num_samples, n
         "num_proposals": int(groups["diffusion"]["num_proposals"].sum()),
         "pareto_k": float(rounds[-1]["pareto_k"]),
         "mode_weights": mode_weights.cpu().numpy(),
+        "num_nan_exploration": int(state.explore_nan),
     }
     return SamplerResult(draws, sample_stats, groups, attrs)
 
