@@ -56,7 +56,7 @@ from diffstat.dnc.models import (
     mixture_means_log_likelihood,
     poisson_log_likelihood,
 )
-from diffstat.dnc.shards import subposteriors
+from diffstat.dnc.shards import SubPosterior, subposteriors, take_rows
 from diffstat.target import Target
 
 torch.set_num_threads(1)
@@ -303,7 +303,12 @@ def laplace_product_bias(problem, targets, exact: np.ndarray) -> float:
 
     modes, covs = [], []
     for t in targets:
-        mode, hess = newton_mode(t.log_prob, torch.zeros(problem["dim"], dtype=torch.float64))
+        # the shard's log-density as a plain callable: torch.func transforms of a Target's log_prob
+        # trip over its NaN counter (a tensor kept across calls)
+        shard = SubPosterior(
+            problem["log_prior"], problem["log_likelihood"], take_rows(problem["data"], t.rows), len(targets)
+        )
+        mode, hess = newton_mode(shard, torch.zeros(problem["dim"], dtype=torch.float64))
         modes.append(mode)
         covs.append(torch.linalg.inv(-hess))
     mean, _ = gaussian_product(modes, covs)
