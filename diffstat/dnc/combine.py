@@ -21,8 +21,16 @@ from diffstat.dnc.gaussian import CombineResult, combine_gaussian
 from diffstat.dnc.options import DIFFUSION_OPTIONS
 from diffstat.dnc.semiparametric import combine_semiparametric
 from diffstat.dnc.swiss import combine_swiss
+from diffstat.dnc.tasks import ShardResult
 
-__all__ = ["combine", "COMBINERS", "as_shard_draws", "combiner_options", "check_combiner"]
+__all__ = [
+    "combine",
+    "COMBINERS",
+    "as_shard_draws",
+    "carried_log_probs",
+    "combiner_options",
+    "check_combiner",
+]
 
 
 def _combine_diffusion(*args, **kwargs) -> CombineResult:
@@ -77,11 +85,19 @@ class _Posterior:
         return {self.name: x.detach().cpu().numpy()}
 
 
+def _draws_of(shard) -> torch.Tensor:
+    """One shard's draws ``(n, dim)``: a :class:`ShardResult`'s, or :func:`diffstat.io.draws_from`'s."""
+    from diffstat import io
+
+    return shard.draws if isinstance(shard, ShardResult) else io.draws_from(shard)
+
+
 def as_shard_draws(subposteriors, scores=None, *, dtype=torch.float64, device=None):
     """Validate and convert the shards' draws (and scores) to a list of ``(n_k, dim)`` tensors.
 
-    ``subposteriors``: a list of arrays/tensors ``(n_k, dim)`` (or ``(chain, draw, dim)``) or of
-    InferenceData with one variable. ``scores``: None or one array per shard, same shapes.
+    ``subposteriors``: a list of arrays/tensors ``(n_k, dim)`` (or ``(chain, draw, dim)``), of
+    InferenceData with one variable, or of :class:`~diffstat.dnc.tasks.ShardResult` (whose scores
+    are used when ``scores`` is None). ``scores``: None or one array per shard, same shapes.
     """
     from diffstat import io
 
@@ -91,7 +107,9 @@ def as_shard_draws(subposteriors, scores=None, *, dtype=torch.float64, device=No
         raise ValueError(
             "subposteriors must be a list of at least 2 arrays of draws (n_k, dim), one per shard"
         )
-    draws = [io.draws_from(s).to(dtype=dtype, device=device) for s in subposteriors]
+    if scores is None and all(isinstance(s, ShardResult) for s in subposteriors):
+        scores = [s.scores for s in subposteriors]
+    draws = [_draws_of(s).to(dtype=dtype, device=device) for s in subposteriors]
     dim = draws[0].shape[1]
     for k, x in enumerate(draws):
         if x.shape[1] != dim:
@@ -113,6 +131,40 @@ def as_shard_draws(subposteriors, scores=None, *, dtype=torch.float64, device=No
     return draws, grads
 
 
+def carried_log_probs(subposteriors, draws: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    r""":math:`\log p_k` at every shard's draws where every input carries it, else None: a
+    :class:`~diffstat.dnc.tasks.ShardResult`'s ``log_probs``, or an InferenceData's
+    ``sample_stats.lp`` (``ds.sample``'s target log-density at each draw), flattened over chains as
+    its draws are. ``draws``: the shards' draws from :func:`as_shard_draws` (device, dtype, and
+    the count each log-density must match). ``ValueError`` for a carried log-density that is not
+    finite or does not match the draws."""
+    if isinstance(subposteriors, (torch.Tensor, np.ndarray)):
+        return None
+    out = []
+    for k, (shard, x) in enumerate(zip(subposteriors, draws)):
+        if isinstance(shard, ShardResult):
+            lp = torch.as_tensor(shard.log_probs)
+        elif hasattr(shard, "sample_stats") and "lp" in shard.sample_stats:
+            lp = torch.as_tensor(np.asarray(shard.sample_stats["lp"].values))
+        else:
+            return None
+        lp = lp.reshape(-1).to(dtype=x.dtype, device=x.device)
+        if lp.shape[0] != x.shape[0]:
+            raise ValueError(f"shard {k} carries {lp.shape[0]} log-densities for {x.shape[0]} draws")
+        if not bool(torch.isfinite(lp).all()):
+            raise ValueError(
+                f"the log-densities that shard {k} carries are not all finite; pass draw_log_probs=None "
+                "to combine without them"
+            )
+        out.append(lp)
+    return out
+
+
+#: Inputs of the diffusion combiner that choose its route; when none is given, ``combine`` takes
+#: ``draw_log_probs`` from the inputs (:func:`carried_log_probs`).
+_ROUTE_INPUTS = frozenset({"log_probs", "draw_log_probs", "energy_models", "fits", "calibration_log_probs"})
+
+
 def combine(
     subposteriors,
     method: str,
@@ -129,20 +181,32 @@ def combine(
 
     Parameters
     ----------
-    subposteriors : list of K arrays ``(n_k, dim)`` or InferenceData with one variable
-        Draws of :math:`p_k \propto p(\theta)^{1/K} p(y_{(k)} \mid \theta)`.
+    subposteriors : list of K arrays ``(n_k, dim)``, InferenceData or ShardResult
+        Draws of :math:`p_k \propto p(\theta)^{1/K} p(y_{(k)} \mid \theta)`. InferenceData of
+        ``ds.sample`` and the :class:`~diffstat.dnc.tasks.ShardResult` of
+        :func:`~diffstat.dnc.pipeline.sample_shards` also carry :math:`\log p_k` at the draws
+        (``sample_stats.lp``, ``log_probs``), which ``"diffusion"`` then uses (below).
     method : {"diffusion", "consensus", "gaussian", "semiparametric", "swiss"}
-        ``"diffusion"``: an energy-based diffusion model per shard, the product sampled by
-        annealed MCMC on the sum of energies (:mod:`diffstat.dnc.diffusion`); given the shards'
+        ``"diffusion"`` takes the most accurate route its inputs allow (:mod:`diffstat.dnc.diffusion`;
+        ``docs/dnc.md`` says when each is exact, approximately right or biased): given the shards'
         log-densities (``log_probs=``), an SMC sampler to their exact sum, the full posterior,
-        which stays right when the shards disagree or are skewed (:mod:`diffstat.dnc.exact_smc`;
-        ``docs/dnc.md`` says when each combiner is exact, approximately right or biased);
+        consistent whatever the shards (:mod:`diffstat.dnc.exact_smc`); else, given scores and the
+        log-densities at the draws (``draw_log_probs=``, by default taken from inputs that carry
+        them), the same SMC on damped cubic shard energies fitted there
+        (:mod:`diffstat.dnc.surrogate`), right while the product lies within a few shard sds of
+        the shards' draws and the shards are unimodal; else (or with ``draw_log_probs=None``) an
+        energy-based diffusion model per shard fitted to the draws and scores, the product sampled
+        by annealed MCMC on the sum of energies (Trojan et al.), biased where the product lies in
+        the shards' far tails. The log-densities a Pyro target's ``sample_stats.lp`` carries are
+        those of its unconstrained coordinates: for a constrained site pass
+        ``draw_log_probs=None`` (or unconstrained draws as arrays, with their ``draw_log_probs``).
         ``"consensus"``: consensus Monte Carlo (:mod:`~diffstat.dnc.consensus`);
         ``"gaussian"``: product of Gaussian approximations (:mod:`~diffstat.dnc.gaussian`);
         ``"semiparametric"``: Neiswanger et al. (:mod:`~diffstat.dnc.semiparametric`);
         ``"swiss"``: Vyner et al. (:mod:`~diffstat.dnc.swiss`).
     scores : list of K arrays ``(n_k, dim)``, optional
-        :math:`\nabla \log p_k` at each draw (target score matching for ``"diffusion"``).
+        :math:`\nabla \log p_k` at each draw (target score matching for ``"diffusion"``, and
+        needed by its cubic shard energies); default: a ShardResult's ``scores``.
     num_samples : int
         Number of combined draws.
     seed : int
@@ -170,6 +234,10 @@ def combine(
     seed = check_seed(seed)
     device = torch.device(device) if device is not None else torch.device("cpu")
     draws, grads = as_shard_draws(subposteriors, scores, device=device)
+    if method == "diffusion" and grads is not None and not _ROUTE_INPUTS & options.keys():
+        carried = carried_log_probs(subposteriors, draws)
+        if carried is not None:
+            options["draw_log_probs"] = carried
     generator = torch.Generator(device=device).manual_seed(int(seed))
     start = time.perf_counter()
     result = COMBINERS[method](

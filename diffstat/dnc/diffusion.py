@@ -1,6 +1,15 @@
 r"""The diffusion combiner: an energy-based diffusion model per shard, the product sampled by an
 annealed (SMC-corrected) MCMC on the sum of the energies (Trojan, Fearnhead and Nemeth 2024; Du
-et al. 2023).
+et al. 2023), with two routes that use the shards' log-densities instead of learned energies.
+
+The route follows the inputs, the most accurate first: with ``log_probs`` (the shards' own
+log-density callables) an SMC sampler to their exact sum, the full posterior (step 5; consistent
+whatever the shards, and the default of :func:`~diffstat.dnc.pipeline.run_pipeline`); else, with
+``draw_log_probs`` and scores (the values and gradients at the draws, which
+``ds.dnc.combine`` takes from inputs that carry them), the same SMC on damped cubic shard
+energies fitted there (:mod:`diffstat.dnc.surrogate`); else steps 1 to 4, the learned energies
+of Trojan et al., which see the shards only where their draws are and are biased when the
+product lies in the shards' tails (RAND HIE: d_MAH about 2.3, ``docs/dnc.md``).
 
 1. **Whiten** the shards' draws by one common affine map and
 2. **fit** one energy-based diffusion model per shard, a noised-Gaussian energy plus a residual network
@@ -104,29 +113,39 @@ def combine_diffusion(
         ``lp``: minus the summed energy at ``t_min`` (or the exact sum with ``log_probs``), in
         original coordinates up to a constant. ``groups["diffusion"]``: per level ``t``,
         ``sigma``, ``ess``, ``acceptance_rate``, ``step_size``, ``resampled``. ``attrs``:
+        ``route`` (``"exact"``: SMC to the sum of ``log_probs``; ``"cubic"``: SMC to the sum of
+        cubic shard energies; ``"learned"``: annealed MCMC on learned energies),
         ``fit_time`` (sum over shards), ``max_fit_time``, ``combine_time``, ``num_energy_evals``,
         ``num_modes`` (modes of the product found by the calibration; 0 when it did not run),
         ``num_calibrated_modes``, ``num_shard_evals`` (points at which each shard's
         ``calibration_log_probs`` was called).
     """
     opts = DiffusionOptions.from_kwargs(options)
-    if opts.log_probs is None and opts.draw_log_probs is not None:
-        return _combine_surrogate(subposteriors, scores, num_samples, generator, opts)
     if opts.log_probs is not None:
-        return _combine_exact(subposteriors, scores, num_samples, generator, progress, opts)
-    return _combine_learned(subposteriors, scores, num_samples, generator, progress, opts)
+        result, route = _combine_exact(subposteriors, scores, num_samples, generator, progress, opts), "exact"
+    elif opts.draw_log_probs is not None:
+        result, route = _combine_surrogate(subposteriors, scores, num_samples, generator, opts), "cubic"
+    else:
+        result, route = (
+            _combine_learned(subposteriors, scores, num_samples, generator, progress, opts),
+            "learned",
+        )
+    result.attrs["route"] = route
+    return result
 
 
 def _combine_surrogate(subposteriors, scores, num_samples, generator, opts) -> CombineResult:
-    """Polynomial shard energies fitted at the draws (:mod:`diffstat.dnc.surrogate`), their
-    product sampled by the SMC of :mod:`diffstat.dnc.exact_smc` as if it were exact."""
+    """Polynomial shard energies fitted at the draws (:mod:`diffstat.dnc.surrogate`; on
+    ``executor`` when given), their product sampled by the SMC of :mod:`diffstat.dnc.exact_smc`
+    as if it were exact."""
     from diffstat.dnc.exact_smc import combine_exact
     from diffstat.dnc.surrogate import fit_polynomial_shards
 
     start = time.perf_counter()
     log_probs = fit_polynomial_shards(
-        subposteriors, scores, opts.draw_log_probs, degree=opts.surrogate_degree
-    )
+        subposteriors, scores, opts.draw_log_probs, degree=opts.surrogate_degree,
+        executor=opts.executor, max_retries=opts.max_retries,
+    )  # fmt: skip
     fit_time = time.perf_counter() - start
     result = combine_exact(
         subposteriors, log_probs, num_samples=num_samples, generator=generator, options=opts.smc

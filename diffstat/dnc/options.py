@@ -155,9 +155,10 @@ class DiffusionOptions:
         posterior (:func:`~diffstat.dnc.exact_smc.exact_product_smc`, with ``smc_options``, a dict
         of :class:`~diffstat.dnc.options.SMCOptions`).
     draw_log_probs : list of K tensors ``(n_k,)``, optional
-        :math:`\log p_k` at each shard's draws (any constant per shard; the pipeline keeps them).
-        With ``scores`` and without ``log_probs``: each shard's energy is a polynomial of degree
-        ``surrogate_degree`` fitted to the values and scores at its draws
+        :math:`\log p_k` at each shard's draws (any constant per shard; the pipeline keeps them,
+        and ``ds.dnc.combine`` takes them from inputs that carry them unless this is given, None
+        included). With ``scores`` and without ``log_probs``: each shard's energy is a polynomial
+        of degree ``surrogate_degree`` fitted to the values and scores at its draws
         (:mod:`diffstat.dnc.surrogate`), and the SMC samples the product of those; no network.
     surrogate_degree : int
         The polynomials' degree (3: :mod:`diffstat.dnc.surrogate` says why).
@@ -167,8 +168,8 @@ class DiffusionOptions:
         consistent from either start and the fits cost most of the time). Ignored without
         ``log_probs``.
     executor : concurrent.futures.Executor, optional; max_retries : int
-        Fit the shard models there, each retried up to ``max_retries`` times
-        (:mod:`diffstat.dnc.tasks`); default: in this process.
+        Fit the shard models (networks, or the cubics of ``draw_log_probs``) there, each retried
+        up to ``max_retries`` times (:mod:`diffstat.dnc.tasks`); default: in this process.
     fits : list of dicts, optional
         Models already fitted by :func:`~diffstat.dnc.energy.fit_shard_energy` (on the same
         whitening): no training.

@@ -255,8 +255,7 @@ def run_pipeline(
     max_retries: int = 2,
     sampler_options: dict | None = None,
     combine_options: dict | None = None,
-    exact_log_probs: bool = False,
-    surrogate: bool = False,
+    log_probs: str | None = "exact",
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ):
@@ -275,13 +274,19 @@ def run_pipeline(
         Combined draws.
     shard_samples : int
         Draws per chain on each shard.
-    exact_log_probs : bool
-        Hand the shards' own log-densities to ``"diffusion"``: its draws are then those of an SMC
-        to their exact sum, the full posterior (:mod:`diffstat.dnc.exact_smc`).
-    surrogate : bool
-        Hand the shards' log-densities at their draws to ``"diffusion"``: each shard's energy is
-        then a cubic fitted to the values and scores there (:mod:`diffstat.dnc.surrogate`), with no
-        further call of the shard's log-density and no network.
+    log_probs : {"exact", "draws", None}
+        What ``"diffusion"`` is given besides the shards' draws and scores (ignored by the other
+        combiners). ``"exact"`` (the default): the shards' own log-densities; its draws are then
+        those of an SMC to their exact sum, the full posterior (:mod:`diffstat.dnc.exact_smc`),
+        which stays right when the shards disagree or are skewed, at the cost of evaluating every
+        shard at every particle a few times, in this process. ``"draws"``: only the log-densities
+        at the shards' draws; each shard's energy is a damped cubic fitted to the values and scores
+        there (:mod:`diffstat.dnc.surrogate`), with no further call of a shard's log-density
+        (approximately right while the product lies within a few shard sds of each shard's draws
+        and the shards are unimodal). ``None``: learned energy-based diffusion models fitted to the
+        draws and scores (Trojan et al.), biased where the product lies in the shards' tails
+        (``docs/dnc.md`` has the figures). The default is the only route that is consistent
+        whatever the shards; an input of the same name in ``combine_options`` takes precedence.
     checkpoint_dir : path, optional
         Shard results are written there and never recomputed (:func:`sample_shards`).
 
@@ -296,6 +301,8 @@ def run_pipeline(
     sampler_options = dict(sampler_options or {})
     check_sampler(sampler, sampler_options)
     options = dict(combine_options or {})
+    if log_probs not in _LOG_PROB_ROUTES:
+        raise ValueError(f"log_probs must be one of {_LOG_PROB_ROUTES}, got {log_probs!r}")
     check_combiner(combiner, {**_DIFFUSION_INPUTS, **options} if combiner == "diffusion" else options)
     with _executor(executor, len(targets)) as pool:
         results = sample_shards(
@@ -303,7 +310,7 @@ def run_pipeline(
             max_retries=max_retries, progress=progress, checkpoint_dir=checkpoint_dir, **sampler_options,
         )  # fmt: skip
         if combiner == "diffusion":
-            inputs = _diffusion_inputs(pool, max_retries, targets, results, exact_log_probs, surrogate)
+            inputs = _diffusion_inputs(pool, max_retries, targets, results, log_probs)
             options = {**inputs, **options}
         idata = combine(
             [r.draws for r in results], combiner, scores=[r.scores for r in results],
@@ -318,14 +325,17 @@ def run_pipeline(
 
 #: What the pipeline may hand to the diffusion combiner besides the user's ``combine_options``.
 _DIFFUSION_INPUTS = dict.fromkeys(("executor", "max_retries", "log_probs", "draw_log_probs"))
+#: The values of ``run_pipeline(..., log_probs=)``.
+_LOG_PROB_ROUTES = ("exact", "draws", None)
 
 
-def _diffusion_inputs(executor, max_retries, targets, results, exact_log_probs, surrogate) -> dict:
-    """The diffusion combiner's fits run on the pipeline's executor; with ``exact_log_probs`` it gets
-    the shards' log-densities, with ``surrogate`` their values at the draws."""
-    inputs = dict(executor=executor, max_retries=max_retries)
-    if exact_log_probs:
+def _diffusion_inputs(executor, max_retries, targets, results, log_probs) -> dict:
+    """The diffusion combiner's fits run on the pipeline's executor; with ``log_probs="exact"`` it
+    gets the shards' log-densities, with ``"draws"`` their values at the draws, with None neither
+    (``draw_log_probs=None`` says so explicitly: no route is taken from the inputs)."""
+    inputs = dict(executor=executor, max_retries=max_retries, draw_log_probs=None)
+    if log_probs == "exact":
         inputs["log_probs"] = [t.log_prob_and_grad for t in targets]
-    if surrogate:
+    elif log_probs == "draws":
         inputs["draw_log_probs"] = [r.log_probs for r in results]
     return inputs

@@ -37,6 +37,7 @@ import itertools
 import torch
 
 from diffstat.dnc.gaussian import gaussian_product, sample_moments
+from diffstat.dnc.tasks import map_with_retries
 
 __all__ = ["monomials", "PolynomialShard", "fit_polynomial_shard", "fit_polynomial_shards"]
 
@@ -145,26 +146,39 @@ def fit_polynomial_shard(
     return PolynomialShard(mean, chol, solution[1:], float(solution[0]), degree, damping)
 
 
+def _fit_in_worker(x, scores, log_probs, degree, damping, worker_threads):
+    """:func:`fit_polynomial_shard` in a worker process, on ``worker_threads`` torch threads."""
+    if worker_threads is not None:
+        torch.set_num_threads(int(worker_threads))
+    return fit_polynomial_shard(x, scores, log_probs, degree=degree, damping=damping)
+
+
 def fit_polynomial_shards(
     subposteriors: list[torch.Tensor],
     scores: list[torch.Tensor] | None,
     draw_log_probs: list,
     *,
     degree: int = 3,
+    executor=None,
+    max_retries: int = 2,
 ) -> list[PolynomialShard]:
     """:func:`fit_polynomial_shard` for every shard, each damped at 4 times the distance, in its
-    own sds, from its mean to the shards' Gaussian product (at least 12; module notes)."""
+    own sds, from its mean to the shards' Gaussian product (at least 12; module notes): on
+    ``executor`` (one task per shard, one torch thread each, retried up to ``max_retries`` times:
+    :func:`~diffstat.dnc.tasks.map_with_retries`), or in this process."""
     if scores is None or len(draw_log_probs) != len(subposteriors):
         raise ValueError("draw_log_probs needs scores and one (n_k,) array per shard")
     moments = [sample_moments(x.double()) for x in subposteriors]
     mu_prod, _ = gaussian_product([a for a, _ in moments], [b for _, b in moments])
-    fits = []
+    args = []
     for (m_k, c_k), x, g, lp in zip(moments, subposteriors, scores, draw_log_probs):
         chol_k = torch.linalg.cholesky(c_k)
         reach = torch.linalg.solve_triangular(chol_k, (mu_prod - m_k)[:, None], upper=False)
-        fits.append(
-            fit_polynomial_shard(
-                x, g, torch.as_tensor(lp), degree=degree, damping=4.0 * max(float(reach.norm()), 3.0)
-            )
-        )
-    return fits
+        damping = 4.0 * max(float(reach.norm()), 3.0)
+        args.append((x.cpu(), g.cpu(), torch.as_tensor(lp).cpu(), degree, damping))
+    if executor is None:
+        return [fit_polynomial_shard(*a[:3], degree=degree, damping=a[4]) for a in args]
+    return map_with_retries(
+        executor, _fit_in_worker, [(*a, 1) for a in args], max_retries=max_retries,
+        desc="fitting cubic shard energies",
+    )  # fmt: skip

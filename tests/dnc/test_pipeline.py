@@ -249,6 +249,25 @@ def test_unknown_sampler_combiner_or_option_is_refused_before_submission():
         ds.dnc.run_pipeline(targets, "semiparametric", combine_options={"num_sweep": 3}, **kwargs)
     with pytest.raises(ValueError, match="unknown option.*num_level;.*num_levels"):
         ds.dnc.run_pipeline(targets, "diffusion", combine_options={"num_level": 3}, **kwargs)
+    with pytest.raises(ValueError, match="log_probs must be one of"):
+        ds.dnc.run_pipeline(targets, "diffusion", log_probs="exactly", **kwargs)
+
+
+def test_pipeline_diffusion_routes():
+    """At the defaults the pipeline hands ``"diffusion"`` the shards' log-densities (the SMC to
+    their exact sum); ``log_probs="draws"`` gives it the values at the draws (cubic energies).
+    Both recover the conjugate posterior; the route is recorded in ``posterior.attrs``."""
+    targets, y = _targets()
+    mean, cov = _exact_posterior(y)
+    kwargs = dict(num_samples=1000, seed=2, shard_samples=250, num_chains=4, progress=False)
+    kwargs.update(sampler_options=dict(num_warmup=200))
+    with cf.ThreadPoolExecutor(2) as pool:
+        for route, expected in (("exact", "exact"), ("draws", "cubic")):
+            options = {} if route == "exact" else dict(log_probs=route)
+            idata, _ = ds.dnc.run_pipeline(targets, "diffusion", executor=pool, **kwargs, **options)
+            assert idata.posterior.attrs["route"] == expected
+            x = torch.as_tensor(idata.posterior["x"].values).reshape(-1, DIM)
+            assert (_z(x, mean, cov) < 0.35).all(), route
 
 
 # ----------------------------------------------------------------------------- Dask cluster
@@ -331,8 +350,8 @@ def test_dask_pipeline_exact_gaussian_posterior(dask_executor, tmp_path):
 
 def test_dask_diffusion_fits_on_workers(dask_executor):
     """The diffusion combiner's per-shard fits run on the Dask workers; with the exact shard
-    log-densities (exact_log_probs) and ``fit_energies=True`` the SMC to the exact posterior starts
-    from the learned product."""
+    log-densities (the pipeline's default) and ``fit_energies=True`` the SMC to the exact
+    posterior starts from the learned product."""
     targets, y = _targets()
     mean, cov = _exact_posterior(y)
     idata, _ = ds.dnc.run_pipeline(
@@ -345,7 +364,6 @@ def test_dask_diffusion_fits_on_workers(dask_executor):
         num_chains=4,
         progress=False,
         sampler_options=dict(num_warmup=200),
-        exact_log_probs=True,
         combine_options=dict(
             num_steps=30, hidden=16, depth=2, num_levels=5, num_final_steps=60, fit_energies=True
         ),

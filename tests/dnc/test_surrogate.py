@@ -1,6 +1,7 @@
 """Polynomial shard energies: exact for polynomial log-densities, and the product of skewed,
 disagreeing shards recovered from their draws, scores and log-densities at the draws only."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,3 +100,45 @@ def test_product_from_draws_scores_and_values():
     )
     xq = torch.as_tensor(quad.posterior["x"].values).reshape(-1, 2)
     assert _z_scores(xq, mean, cov, 500).abs().max() > 4.0
+
+
+def test_combine_takes_log_probs_from_inputs_that_carry_them():
+    """``ds.dnc.combine(..., "diffusion")`` given ShardResults, or InferenceData with
+    ``sample_stats.lp`` and scores, fits cubic shard energies to the carried log-densities: the
+    same draws as passing ``draw_log_probs`` by hand. ``draw_log_probs=None`` opts out (the
+    learned energies; a few training steps here), and a carried log-density that does not match
+    the draws is refused."""
+    import arviz as az
+
+    from diffstat.dnc.tasks import ShardResult
+
+    draws = _shard_draws()
+    shards = [LogGammaShard(a, b) for a, b in zip(A2, B2)]
+    scores, values = [], []
+    for f, x in zip(shards, draws):
+        xg = x.clone().requires_grad_(True)
+        lp = f(xg)
+        scores.append(torch.autograd.grad(lp.sum(), xg)[0])
+        values.append(lp.detach())
+    kwargs = dict(num_samples=500, seed=4, progress=False)
+    by_hand = ds.dnc.combine(draws, "diffusion", scores=scores, draw_log_probs=values, **kwargs)
+    results = [ShardResult(k, x, g, v, 0, 0.0) for k, (x, g, v) in enumerate(zip(draws, scores, values))]
+    idatas = [
+        az.from_dict(
+            posterior={"x": x.reshape(2, -1, 2).numpy()}, sample_stats={"lp": v.reshape(2, -1).numpy()}
+        )
+        for x, v in zip(draws, values)
+    ]
+    for inputs, extra in ((results, {}), (idatas, dict(scores=scores))):
+        carried = ds.dnc.combine(inputs, "diffusion", **extra, **kwargs)
+        assert carried.posterior.attrs["route"] == "cubic"
+        # equal up to rounding: two identical calls differ by about 1e-12 (the least-squares fits)
+        assert np.allclose(carried.posterior["x"].values, by_hand.posterior["x"].values, rtol=0, atol=1e-9)
+    learned = ds.dnc.combine(
+        results, "diffusion", draw_log_probs=None, num_steps=5, hidden=8, depth=1, num_levels=2,
+        num_final_steps=4, calibrate=False, **kwargs,
+    )  # fmt: skip
+    assert learned.posterior.attrs["route"] == "learned"
+    results[1].log_probs = values[1][:-1]
+    with pytest.raises(ValueError, match="shard 1 carries 1499 log-densities for 1500 draws"):
+        ds.dnc.combine(results, "diffusion", **kwargs)
