@@ -74,18 +74,12 @@ def test_second_batch_costs_only_the_correction(problem):
     assert attrs["correction_evals"] == n * (attrs["num_mala"] + 1)
     assert attrs["num_target_evals"] / n <= 50
     assert acceptable(*mode_summary(gm, idata))
-    # walk-jump from the same score: walkers start at its particles, 21 evaluations per draw
+    # walk-jump from the same score: walkers start at its particles, 21 evaluations per draw; 4 chains
+    # of 250 draws (each chain 250 walkers jumped once: the contract's shape, no more chains than draws)
     target.num_target_evals = 0
-    wj = ds.sample(
-        target,
-        "walk_jump",
-        num_samples=2,
-        num_chains=500,
-        thin=10,
-        seed=3,
-        progress=False,
-        smoothed_score=score,
-    )
+    wj = ds.sample(target, "walk_jump", num_samples=250, seed=3, progress=False, smoothed_score=score)
+    assert (wj.posterior.sizes["chain"], wj.posterior.sizes["draw"]) == (4, 250)
+    assert wj.posterior.attrs["walkers_per_chain"] == 250
     assert wj.posterior.attrs["num_target_evals"] == wj.posterior.attrs["score_check_evals"] + 21 * 1000
     assert acceptable(*mode_summary(gm, wj))
 
