@@ -15,7 +15,7 @@ batch's figures include the fit's.
 
     python benchmarks/bench_sms_learned.py --targets two_modes8,two_modes32,two_modes64 --seeds 0,1,2
     python benchmarks/bench_sms_learned.py --targets narrow_wide10,nine_modes,funnel10,ionosphere \
-        --seeds 0 [--jms] [--draws 4000]
+        --seeds 0 [--batches "sms 1st,jms 2nd"] [--draws 4000]
 """
 
 from __future__ import annotations
@@ -97,7 +97,16 @@ def summary(name, gm, idata, evals: int, seconds: float, cpu: float) -> dict:
     return out
 
 
-def run(name: str, seed: int, num_draws: int, fit_options: dict, jms: bool) -> None:
+#: The batches: label, method, options beyond 4 chains of ``draws / 4``.
+BATCHES = {
+    "sms 1st": ("sms", {}),
+    "sms 2nd": ("sms", {}),
+    "jms 2nd": ("sms", dict(variant="jms", jms_steps=200)),
+    "walk-jump 2nd": ("walk_jump", {}),
+}
+
+
+def run(name: str, seed: int, num_draws: int, fit_options: dict, batches: list[str]) -> None:
     target, gm = make(name)
     t0, c0 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings(record=True) as caught:
@@ -106,22 +115,9 @@ def run(name: str, seed: int, num_draws: int, fit_options: dict, jms: bool) -> N
         fit_s, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
         fit_evals = score.info["num_target_evals"]
         rows = {}
-        for label, method, options in (
-            ("sms 1st", "sms", dict(num_chains=4, num_samples=num_draws // 4)),
-            ("sms 2nd", "sms", dict(num_chains=4, num_samples=num_draws // 4)),
-            *(
-                (
-                    (
-                        "jms 2nd",
-                        "sms",
-                        dict(num_chains=4, num_samples=num_draws // 4, variant="jms", jms_steps=200),
-                    ),
-                )
-                if jms
-                else ()
-            ),
-            ("walk-jump 2nd", "walk_jump", dict(num_chains=4, num_samples=num_draws // 4)),
-        ):
+        for label in batches:
+            method, extra = BATCHES[label]
+            options = dict(num_chains=4, num_samples=num_draws // 4, **extra)
             target.num_target_evals = 0
             t1, c1 = time.perf_counter(), time.process_time()
             idata = ds.sample(
@@ -157,13 +153,17 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--draws", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--jms", action="store_true", help="also the joint variant (slow: M * d coordinates)")
+    parser.add_argument(
+        "--batches",
+        default="sms 1st,sms 2nd,walk-jump 2nd",
+        help=f"comma-separated, of {list(BATCHES)} (the joint variant is slow: M * d coordinates)",
+    )
     parser.add_argument("--fit", default="{}", help="fit_smoothed_score options, a Python dict literal")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.targets.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            run(name, seed, args.draws, eval(args.fit), args.jms)
+            run(name, seed, args.draws, eval(args.fit), args.batches.split(","))
 
 
 if __name__ == "__main__":

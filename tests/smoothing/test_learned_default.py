@@ -84,6 +84,20 @@ def test_second_batch_costs_only_the_correction(problem):
     assert acceptable(*mode_summary(gm, wj))
 
 
+def test_kernel_is_the_particles_smoothed_score(problem):
+    """Above ``kernel_sigma`` the score is the exact gradient of log (1/n) sum_i N(y; x_i, sigma^2 I) over
+    the kept particles (autograd in float64; the kernel runs in float32)."""
+    _, _, score = problem
+    x = score.particles["x"].double()
+    y = x[:64] + torch.randn(64, DIM, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for sigma in (score.kernel_sigma, 2 * score.kernel_sigma):
+        yg = y.clone().requires_grad_(True)
+        log_q = torch.logsumexp(-((yg[:, None] - x[None]) ** 2).sum(-1) / (2 * sigma**2), -1)
+        (exact,) = torch.autograd.grad(log_q.sum(), yg)
+        err = (score(y, sigma) - exact).norm(dim=-1) / exact.norm(dim=-1)
+        assert float(err.max()) < 1e-3, float(err.max())
+
+
 def test_save_load_round_trip(problem, tmp_path):
     gm, target, score = problem
     path = tmp_path / "score.pt"
