@@ -14,6 +14,7 @@ against the exact moments (funnel) or a long NUTS run (ionosphere, 4 x 5,000 dra
 batch's figures include the fit's.
 
     python benchmarks/bench_sms_learned.py --targets two_modes8,two_modes32,two_modes64 --seeds 0,1,2
+    python benchmarks/bench_sms_learned.py --targets two_modes64w3 --seeds 0   # weights 3:1, as issue 17
     python benchmarks/bench_sms_learned.py --targets narrow_wide10,nine_modes,funnel10,ionosphere \
         --seeds 0 [--batches "sms 1st,jms 2nd"] [--draws 4000]
 """
@@ -36,8 +37,9 @@ def make(name: str):
     """``(target, mixture or None)``; every target from its log-density only."""
     from diffstat import targets
 
-    if name.startswith("two_modes"):
-        gm = targets.two_modes(int(name[len("two_modes") :]))
+    if name.startswith("two_modes"):  # "two_modes64": weights 2:1 (SLIPS); "two_modes64w3": 3:1 (issue 17)
+        dim, _, heavy = name[len("two_modes") :].partition("w")
+        gm = targets.two_modes(int(dim), weights=(float(heavy or 2), 1.0))
     elif name.startswith("narrow_wide"):
         gm = targets.narrow_wide(int(name[len("narrow_wide") :]))
     elif name == "nine_modes":
