@@ -223,8 +223,8 @@ def method_options(method: str, budget: int, dim: int, fast: bool) -> tuple[int,
         return 2000, options
     if method == "sms":
         return (50 if fast else 250), dict(num_chains=1)
-    if method == "walk_jump":
-        return (20 if fast else 40), dict(num_chains=100)
+    if method == "walk_jump":  # 4 chains of independent walkers (issue 14: no more chains than draws)
+        return (500 if fast else 1000), dict(num_chains=4)
     raise ValueError(method)
 
 

@@ -19,9 +19,9 @@ Algorithm:
    gradients are those the population sampler already computed.
 5. **Kernel above a noise threshold**: from the smallest noise at which the kernel weights of noisy
    held-out points over the kept particles have a median ESS of 64 (:func:`kernel_threshold`), the
-   score is the particles' kernel estimate (the mixed target averaged over the empirical posterior,
-   as in the loss), not the network: in 32-d the network's denoiser was 17 to 25% off there and
-   shifted the mode weights; the kernel is 0.6 to 3% off at noise 3 to 12 (docs/sms.md).
+   score is the exact smoothed score of the kept particles' empirical law (a gradient field whose
+   modes carry the particles' masses), not the network: in 32-d the network's denoiser was 17 to 25%
+   off there and shifted the mode weights (docs/sms.md).
 6. **Check** on the held-out particles (:meth:`~diffstat.smoothing.learned.LearnedSmoothedScore.check`):
    relative Fisher divergence against the true score at the smallest noise; a ``RuntimeWarning``
    above ``max_fisher``.

@@ -11,8 +11,9 @@ Coordinates: the network sees :math:`u = (y - m)/c` (``center`` :math:`m`, scala
 on a VE process (for a VP process :math:`X_t/\alpha_t = X_0 + (\sigma_t/\alpha_t) Z`, so ``t`` solves
 :math:`\sigma_t/\alpha_t = \sigma/c` and the score is :math:`\alpha_t s_\theta(\alpha_t u, t)/c`).
 From the noise ``kernel_sigma`` on (set by the fit where the kernel weights have enough effective
-samples) the score is the kept particles' kernel estimate (:meth:`LearnedSmoothedScore._kernel`), which
-carries the modes' masses exactly as the particles do; the network serves the smaller noises.
+samples) the score is that of the kept particles' smoothed empirical law
+(:meth:`LearnedSmoothedScore._kernel`), which carries the modes' masses exactly as the particles do;
+the network serves the smaller noises.
 Above the trained range the score is that of the population's moment Gaussian smoothed,
 :math:`-(y - m)/(v + \sigma^2)` (:math:`v` the mean variance per coordinate: at such noise the modes
 are one blob); below it, the smallest trained level is used.
@@ -126,7 +127,7 @@ class LearnedSmoothedScore(SmoothedScore):
         self.last_info = {"spread": torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)}
         if self.variance is not None and sigma > self._max_sigma():
             return -(y - center) / (self.variance + sigma**2)
-        if self.kernel_sigma is not None and sigma >= self.kernel_sigma and "grad" in self.particles:
+        if self.kernel_sigma is not None and sigma >= self.kernel_sigma and "x" in self.particles:
             return self._kernel(y, sigma)
         t = self._time(sigma / self.scale, y)
         alpha = self.process.alpha(t).to(y)
@@ -138,17 +139,30 @@ class LearnedSmoothedScore(SmoothedScore):
         return alpha * out.to(y.dtype) / self.scale
 
     def _kernel(self, y: torch.Tensor, sigma: float) -> torch.Tensor:
-        r"""The smoothed score of the kept particles' empirical law, TSM/DSM mixed:
-        :math:`\sum_i v_i [(1 - w) \nabla\log p(x_i) + w (x_i - y)/\sigma^2]`, :math:`v_i \propto
-        e^{-\lVert y - x_i\rVert^2/(2\sigma^2)}`, :math:`w = \sigma^2/(c^2 + \sigma^2)`. Both terms have
-        :math:`\nabla\log q_\sigma(y)` as their mean under :math:`p(x\mid y)`; the kernel estimate
-        is unbiased for the particles' law and carries the modes' masses directly."""
-        x = self.particles["x"].to(y)
-        g = self.particles["grad"].to(y)
-        logit = (y @ x.T - 0.5 * (x**2).sum(-1)) / sigma**2
-        v = torch.softmax(logit, -1)
-        w = sigma**2 / (self.scale**2 + sigma**2)
-        return (1 - w) * (v @ g) + w * (v @ x - y) / sigma**2
+        r"""The exact smoothed score of the kept particles' empirical law,
+        :math:`\nabla\log \frac1n\sum_i \mathcal N(y; x_i, \sigma^2 I) = (\sum_i v_i x_i - y)/\sigma^2`,
+        :math:`v_i \propto e^{-\lVert y - x_i\rVert^2/(2\sigma^2)}`: a gradient field whose modes carry
+        exactly the particles' masses. The TSM-mixed average :math:`\sum_i v_i[(1 - w)\nabla\log
+        p(x_i) + w(x_i - y)/\sigma^2]` has the same mean under :math:`p` but is a frozen noisy field, not
+        a gradient, and moved the mode weights (nine modes, walk-jump at :math:`\sigma = 1`: TV 0.089
+        against 0.031 here, 4,000 draws; docs/sms.md).
+
+        The products with the particles, :math:`O(n \cdot` particles :math:`\cdot d)` and the whole
+        cost, run in float32 (twice as fast on CPU; the logits' rounding error, about :math:`10^{-7}
+        \lVert x\rVert^2/\sigma^2`, is far below one at the noise where the kernel serves), the
+        difference :math:`\bar x - y` in ``y``'s dtype."""
+        x, half_sq = self._kernel_particles(y.device)
+        v = torch.softmax((y.to(torch.float32) @ x.T - half_sq) / sigma**2, -1)
+        return ((v @ x).to(y) - y) / sigma**2
+
+    def _kernel_particles(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept particles and half their squared norms, float32 on ``device``, cached."""
+        cache = self.__dict__.get("_kernel_cache")
+        if cache is None or cache[0].device != torch.device(device):
+            x = self.particles["x"].to(device=device, dtype=torch.float32)
+            cache = (x, 0.5 * (x.double() ** 2).sum(-1).to(torch.float32))
+            self._kernel_cache = cache
+        return cache
 
     # ------------------------------------------------------------------ checks
     def check(self, target=None, num_points: int | None = None) -> dict:

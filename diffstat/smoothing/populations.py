@@ -17,6 +17,11 @@ smoothed score is decided by the relative masses of the modes, which the particl
   seed 0, before the moves): heavy weight 0.739 for 0.75 on the 10-d narrow-heavy/wide-light
   mixture, total variation 0.017 over the nine modes in 2-d, 0.670 for 2/3 on the 8-d two-mode
   target; 0.612 at d = 64 with the sampler's own defaults (hence the larger defaults here).
+  The proposals' covariances are inflated by :func:`default_inflate` (1.2, the sampler's default, in
+  low dimension; :math:`1 + 0.4/\sqrt d` above): for a Gaussian mode the importance weights of
+  :math:`\mathcal N(\mu, c^2\Sigma)` have second moment :math:`(c^2/\sqrt{2c^2 - 1})^d`, 22.7 at
+  :math:`c = 1.2`, :math:`d = 64` (ESS fraction 4%: measured 4.0%, and the mode masses off by up to
+  0.05), 1.4 on the rule (measured 28%; heavy weight 0.661 and 0.654 for 2/3, seeds 0 and 1).
 - ``"smc"``: adaptive tempered SMC from the reference (:mod:`diffstat.tempering.smc`), keeping the
   target gradients SMC computed. Tempering lets mode weights drift (measured, 2,000 particles,
   seed 0: heavy weight 0.512 for 0.75 on the narrow-heavy case, 0.556 for 2/3 and 1.000 at d = 8
@@ -33,7 +38,7 @@ import torch
 
 from diffstat.smoothing.correction import posterior_mala
 
-__all__ = ["Population", "modes_population", "smc_population", "get_population"]
+__all__ = ["Population", "default_inflate", "modes_population", "smc_population", "get_population"]
 
 
 class Population(NamedTuple):
@@ -57,6 +62,14 @@ def _move(target, x, generator, num_moves: int) -> tuple[torch.Tensor, torch.Ten
     return x, lp.detach(), g.detach()
 
 
+def default_inflate(dim: int) -> float:
+    r"""The proposals' inflation :math:`c = \min(1.2, 1 + 0.4/\sqrt d)` (module doc): the weights'
+    second moment :math:`(c^2/\sqrt{2c^2-1})^d \approx e^{d(c^2-1)^2/2}` stays near
+    :math:`e^{0.32}` however large ``dim``, while some inflation still covers a covariance estimated
+    a little too narrow."""
+    return min(1.2, 1.0 + 0.4 / math.sqrt(dim))
+
+
 def modes_population(
     target,
     num_particles: int,
@@ -66,14 +79,17 @@ def modes_population(
     num_moves: int = 20,
     chains_per_mode: int = 512,
     num_proposals: int = 16384,
+    inflate: float | None = None,
     **options,
 ) -> Population:
     """Per-mode Gaussian importance sampling (module doc), resampled and moved; ``options`` go to
     :func:`diffstat.diffusion.sampler.run_diffusion_sampler` (larger restocks and proposals than its
-    defaults: the per-mode covariances and masses need them in 64 dimensions)."""
+    defaults: the per-mode covariances and masses need them in 64 dimensions; ``inflate`` default
+    :func:`default_inflate`)."""
     from diffstat.diffusion.sampler import run_diffusion_sampler
 
     evals0 = target.num_target_evals
+    inflate = default_inflate(target.dim) if inflate is None else inflate
     out = run_diffusion_sampler(
         target,
         num_samples=num_particles,
@@ -84,6 +100,7 @@ def modes_population(
         use_diffusion=False,
         chains_per_mode=chains_per_mode,
         num_proposals=num_proposals,
+        inflate=inflate,
         **options,
     )
     x = out.draws.reshape(-1, target.dim).to(device=device, dtype=target.dtype)

@@ -18,11 +18,18 @@ family of Sachs et al. 2017 used by the public code, whose defaults are :math:`\
 discretisation bias (:mod:`~diffstat.smoothing.walks`; its step size is tuned by the dual-averaging
 runner that SMS's final correction also uses, :mod:`~diffstat.smoothing.adaptive_mala`).
 
-Chains: a chain is one walker, an independent run; ``num_chains`` walkers run in one batch, each
-jumped every ``thin`` steps after ``num_warmup`` steps, so the draws are ``(num_chains,
-num_samples)``: ``num_samples`` draws per chain, autocorrelated along the chain as an MCMC chain's
-are. Only a training-free score that spends its evaluation budget ends the run early, with fewer
-draws per chain (``budget_hit`` in attrs, and a warning).
+Chains: a chain is an independent run of ``walkers_per_chain`` walkers :math:`W`, and its
+``num_samples`` draws are their jumps in turn (draw :math:`j` is jump :math:`\lfloor j/W\rfloor` of
+walker :math:`j \bmod W`), each walker jumped every ``thin`` steps after ``num_warmup`` steps; all
+``num_chains * W`` walkers run in one batch and the draws are ``(num_chains, num_samples)``, as for
+every method. With :math:`W = 1` (the default unless the score is learned) a chain is the classic
+single walker, autocorrelated as an MCMC chain is. A walk at small :math:`\sigma` does not cross
+between separated modes, so a chain of one walker holds one mode: with a learned score the walkers
+start at draws of :math:`q_\sigma` with the population's mode weights and the default is :math:`W`
+= ``num_samples``, one jump per walker, independent draws (as SMS's chains are), and the mode weights
+come from where the walkers start, not from one walker crossing. Only a training-free score that
+spends its evaluation budget ends the run early, with fewer draws per chain (``budget_hit`` in
+attrs, and a warning).
 
 The algorithm as steps: :func:`init` (walkers and their divergence marks), :func:`step` (one walk
 step, with divergence checks) and :func:`jump` (the denoiser at the walkers); :func:`walk_jump` is
@@ -142,7 +149,8 @@ def jump(
 
 class _Run(NamedTuple):
     """A driver's output: ``draws``, ``walkers`` and ``acceptance`` ``(n, k, ...)``, ``suspect (n, k)``,
-    the ``walk_jump`` group's per-draw ``stats``, the final state and whether the budget ran out."""
+    the ``walk_jump`` group's ``stats`` (one row per jump round), the final state and whether the
+    budget ran out."""
 
     draws: torch.Tensor
     walkers: torch.Tensor
@@ -165,9 +173,9 @@ def _stats(provider, acceptance: torch.Tensor, num_evals: int, suspect: torch.Te
 
 
 def _run(generator, target, walk, y, provider, sigma, jump_score, schedule, max_evals, progress) -> _Run:
-    """The driver: ``num_warmup + num_samples * thin`` walk steps from ``y``, a jump every ``thin``
+    """The driver: ``num_warmup + num_jumps * thin`` walk steps from ``y``, a jump every ``thin``
     steps after warm-up; a run whose training-free score spends ``max_evals`` target evaluations per
-    requested draw (None: no cap) jumps once more and stops."""
+    draw (None: no cap) jumps once more and stops."""
     num_warmup, num_samples, thin = schedule
     budget = None if max_evals is None else max_evals * y.shape[0] * num_samples
     evals0 = target.num_target_evals
@@ -186,7 +194,7 @@ def _run(generator, target, walk, y, provider, sigma, jump_score, schedule, max_
             warnings.warn(
                 f"walk-jump: the training-free smoothed score ({type(provider).__name__}) spent its "
                 f"budget of {max_evals:g} target evaluations per draw after {i + 1} of {total} walk steps; "
-                f"the run ends with {len(rows)} of {num_samples} draws per walker. Use the learned score "
+                f"the run ends with {len(rows)} of {num_samples} jumps per walker. Use the learned score "
                 "(the default) or raise max_evals_per_draw.",
                 RuntimeWarning,
                 stacklevel=3,
@@ -203,8 +211,11 @@ def _check(
     target, shape, device, sigma, walk, smoothed_log_prob, thin, num_warmup, step_size, friction, init_x
 ):
     """Validated ``(sigma, walk, thin, num_warmup, init)``, before any work (a learned default would fit
-    a score first); ``shape`` is ``(num_chains, num_samples)``."""
-    num_chains, num_samples = shape
+    a score first); ``shape`` is ``(num_chains, num_samples, walkers_per_chain or None)``; ``num_warmup``
+    None stays None (its default depends on the walkers per chain)."""
+    num_chains, num_samples, walkers = shape
+    if walkers is not None:
+        walkers = check_positive_int(walkers, "walkers_per_chain")
     sigma = float(sigma)
     if not sigma > 0:
         raise ValueError(f"sigma must be positive, got {sigma}")
@@ -214,8 +225,8 @@ def _check(
     if walk == "mala" and smoothed_log_prob is None:
         raise ValueError("walk='mala' needs smoothed_log_prob=(y, sigma) -> log q_sigma(y) + const")
     thin = check_positive_int(thin, "thin")
-    num_warmup = max(num_samples, 100) if num_warmup is None else int(num_warmup)
-    if num_warmup < 0 or step_size <= 0 or friction <= 0:
+    num_warmup = None if num_warmup is None else int(num_warmup)
+    if (num_warmup is not None and num_warmup < 0) or step_size <= 0 or friction <= 0:
         raise ValueError("num_warmup must be non-negative, step_size and friction positive")
     d = target.dim
     if init_x is not None:
@@ -247,11 +258,14 @@ def _provider(target, smoothed_score, estimator, estimator_options, walk, genera
     return provider, *learned_score_report(provider, target, fitted)
 
 
-def _initial_walkers(target, provider, init_x, num_chains, sigma, generator, device) -> torch.Tensor:
-    r"""``init`` as given; else a learned score's kept particles (with replacement) or reference draws,
-    plus :math:`\sigma` noise: draws of :math:`q_\sigma`."""
+def _initial_walkers(target, provider, init_x, shape, sigma, generator, device) -> torch.Tensor:
+    r"""``(num_chains * W, d)`` walkers for ``shape = (num_chains, W)``, chain by chain: ``init`` as given
+    (each chain's row repeated for its ``W`` walkers); else a learned score's kept particles (with
+    replacement) or reference draws, plus :math:`\sigma` noise: draws of :math:`q_\sigma`."""
+    num_chains, walkers = shape
     if init_x is not None:
-        return init_x
+        return init_x.repeat_interleave(walkers, 0)
+    num_chains = num_chains * walkers
     dtype = target.dtype
     if isinstance(provider, LearnedSmoothedScore) and "x" in provider.particles:
         pool = provider.particles["x"]
@@ -303,8 +317,10 @@ def walk_jump(
     init=None,
     num_mala: int | None = None,
     max_evals_per_draw: float | None = 1e4,
+    walkers_per_chain: int | None = None,
 ) -> SamplerResult:
-    r"""Walk-jump sampling: ``num_chains`` independent walkers (default 4), ``num_samples`` jumps each.
+    r"""Walk-jump sampling: ``num_chains`` independent chains (default 4) of ``num_samples`` jumps, each
+    chain ``walkers_per_chain`` walkers (module doc).
 
     Parameters
     ----------
@@ -320,7 +336,8 @@ def walk_jump(
         and 1 at sigma = 1). ULA: step ``step_size * 0.1 * sigma**2``. MALA: tuned by dual averaging
         during warm-up.
     num_warmup : int, optional
-        Walk steps before the first jump (default ``max(num_samples, 100)``).
+        Walk steps before the first jump (default ``max(J, 100)``, ``J`` the jumps per walker,
+        ``ceil(num_samples / walkers_per_chain)``).
     thin : int
         Walk steps between jumps.
     init : (num_chains, dim) or (dim,), optional
@@ -335,30 +352,53 @@ def walk_jump(
         Budget of a training-free estimator in target evaluations per requested draw (default 1e4):
         once spent, the walk stops with the draws made so far (at least one jump per walker) and a
         ``RuntimeWarning`` says so. None: no cap.
+    walkers_per_chain : int, optional
+        Walkers whose jumps, taken in turn, make a chain's draws. Default ``num_samples`` with a learned
+        score and no ``init`` (one jump per walker: independent draws whose mode weights are the
+        population's, module doc), else 1 (one walker per chain, the classic walk-jump).
 
     Returns draws ``(num_chains, num_samples, dim)`` (fewer per chain only when the budget runs out),
-    ``sample_stats`` ``lp``, ``acceptance_rate``, ``diverging``, the ``walk_jump`` group (per draw).
+    ``sample_stats`` ``lp``, ``acceptance_rate``, ``diverging``, the ``walk_jump`` group (one row per
+    jump round).
     """
     num_chains = 4 if num_chains is None else num_chains
     sigma, walk, thin, num_warmup, init = _check(
-        target, (num_chains, num_samples), device, sigma, walk, smoothed_log_prob, thin, num_warmup,
-        step_size, friction, init,
+        target, (num_chains, num_samples, walkers_per_chain), device, sigma, walk, smoothed_log_prob, thin,
+        num_warmup, step_size, friction, init,
     )  # fmt: skip
     provider, score_attrs, rejected = _provider(
         target, smoothed_score, estimator, estimator_options, walk, generator
     )
     learned = isinstance(provider, LearnedSmoothedScore)
     num_mala = check_num_mala(num_mala, _LEARNED_MALA if learned else 0)
-    y = _initial_walkers(target, provider, init, num_chains, sigma, generator, device)
+    if walkers_per_chain is None:
+        walkers_per_chain = num_samples if learned and init is None else 1
+    num_jumps = -(-num_samples // walkers_per_chain)
+    num_warmup = max(num_jumps, 100) if num_warmup is None else num_warmup
+    y = _initial_walkers(target, provider, init, (num_chains, walkers_per_chain), sigma, generator, device)
     kernel = _make_walk(walk, provider, smoothed_log_prob, sigma, step_size, friction, num_warmup)
     capped = provider is not None and provider.uses_target and not learned
     jump_score = (lambda z: provider(z, sigma)) if walk == "mala" and provider is not None else None
-    schedule = (num_warmup, num_samples, thin)
+    schedule = (num_warmup, num_jumps, thin)
     max_evals = max_evals_per_draw if capped else None
     run = _run(generator, target, kernel, y, provider, sigma, jump_score, schedule, max_evals, progress)
+    run = _in_chains(run, num_chains, walkers_per_chain, num_samples)
     x, lp, h_corr = correct_jumps(generator, target, run.draws, run.walkers, sigma**2, num_mala)
     attrs = {"walk": walk, "walk_step_size": kernel.step_size(run.state.walk), "num_mala": num_mala}
+    attrs["walkers_per_chain"] = walkers_per_chain
     return _result(x, lp, run, provider, sigma, rejected, dict(attrs, mala_step_size=h_corr, **score_attrs))
+
+
+def _in_chains(run: _Run, num_chains: int, walkers: int, num_samples: int) -> _Run:
+    """The per-walker jumps ``(num_chains * W, J, ...)`` as chains ``(num_chains, min(J W, num_samples),
+    ...)``: draw ``j`` of a chain is jump ``j // W`` of its walker ``j % W``."""
+
+    def arrange(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(num_chains, walkers, *t.shape[1:]).transpose(1, 2)
+        return t.reshape(num_chains, -1, *t.shape[3:])[:, :num_samples]
+
+    fields = ("draws", "walkers", "acceptance", "suspect")
+    return run._replace(**{k: arrange(getattr(run, k)) for k in fields})
 
 
 def _result(x, lp, run: _Run, provider, sigma, rejected, attrs) -> SamplerResult:

@@ -74,20 +74,28 @@ def test_second_batch_costs_only_the_correction(problem):
     assert attrs["correction_evals"] == n * (attrs["num_mala"] + 1)
     assert attrs["num_target_evals"] / n <= 50
     assert acceptable(*mode_summary(gm, idata))
-    # walk-jump from the same score: walkers start at its particles, 21 evaluations per draw
+    # walk-jump from the same score: walkers start at its particles, 21 evaluations per draw; 4 chains
+    # of 250 draws (each chain 250 walkers jumped once: the contract's shape, no more chains than draws)
     target.num_target_evals = 0
-    wj = ds.sample(
-        target,
-        "walk_jump",
-        num_samples=2,
-        num_chains=500,
-        thin=10,
-        seed=3,
-        progress=False,
-        smoothed_score=score,
-    )
+    wj = ds.sample(target, "walk_jump", num_samples=250, seed=3, progress=False, smoothed_score=score)
+    assert (wj.posterior.sizes["chain"], wj.posterior.sizes["draw"]) == (4, 250)
+    assert wj.posterior.attrs["walkers_per_chain"] == 250
     assert wj.posterior.attrs["num_target_evals"] == wj.posterior.attrs["score_check_evals"] + 21 * 1000
     assert acceptable(*mode_summary(gm, wj))
+
+
+def test_kernel_is_the_particles_smoothed_score(problem):
+    """Above ``kernel_sigma`` the score is the exact gradient of log (1/n) sum_i N(y; x_i, sigma^2 I) over
+    the kept particles (autograd in float64; the kernel runs in float32)."""
+    _, _, score = problem
+    x = score.particles["x"].double()
+    y = x[:64] + torch.randn(64, DIM, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for sigma in (score.kernel_sigma, 2 * score.kernel_sigma):
+        yg = y.clone().requires_grad_(True)
+        log_q = torch.logsumexp(-((yg[:, None] - x[None]) ** 2).sum(-1) / (2 * sigma**2), -1)
+        (exact,) = torch.autograd.grad(log_q.sum(), yg)
+        err = (score(y, sigma) - exact).norm(dim=-1) / exact.norm(dim=-1)
+        assert float(err.max()) < 1e-3, float(err.max())
 
 
 def test_save_load_round_trip(problem, tmp_path):

@@ -148,6 +148,35 @@ def test_walk_jump_rejections():
     assert abs(heavy_weight(gm, right) - HEAVY) < 0.1
 
 
+def test_chains_of_walkers():
+    """``walkers_per_chain`` W: a chain's draws are its own W walkers' jumps in turn, trimmed to
+    ``num_samples``. Two chains started in the two modes (16 apart, sigma 0.5: no walker crosses): every
+    draw of a chain lies in its own mode, and the shape is (num_chains, num_samples) however W divides it."""
+    gm = two_modes(8)
+    exact = isotropic_mixture_smoothed_score(
+        gm.means, gm.weights, torch.full((2,), 0.05, dtype=torch.float64)
+    )
+    for num_samples in (6, 7):
+        idata = ds.sample(
+            fast_target(gm),
+            "walk_jump",
+            num_samples=num_samples,
+            num_chains=2,
+            walkers_per_chain=3,
+            seed=0,
+            progress=False,
+            sigma=0.5,
+            num_warmup=20,
+            init=gm.means,
+            smoothed_score=exact,
+        )
+        x = torch.as_tensor(idata.posterior["x"].values)
+        assert x.shape == (2, num_samples, 8) and idata.posterior.attrs["walkers_per_chain"] == 3
+        comp = gm.assign(x.reshape(-1, 8)).reshape(2, num_samples)
+        assert (comp[0] == 0).all() and (comp[1] == 1).all()
+        assert idata.sample_stats["diverging"].shape == (2, num_samples)
+
+
 def test_walk_jump_bad_input(generator):
     target = GaussianMixture(torch.zeros(1, 2), torch.ones(1), scales=[1.0]).as_target(dtype=torch.float64)
     for options in (
@@ -156,6 +185,7 @@ def test_walk_jump_bad_input(generator):
         dict(sigma=0.0),
         dict(thin=0),
         dict(init=torch.zeros(3)),
+        dict(walkers_per_chain=0),
     ):
         with pytest.raises(ValueError):
             walk_jump(target, num_samples=4, num_chains=2, generator=generator, **options)
