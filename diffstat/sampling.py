@@ -171,23 +171,22 @@ def sample(
         "sampling_time": float(elapsed),
         "seed": int(seed),
     }
-    attrs.update(result.attrs)
-    attrs["num_nan_evals"] = int(target.num_nan_evals - nan_before)
-    _warn_if_nan(
-        method, attrs["num_nan_evals"] - attrs.get("num_nan_exploration", 0), attrs["num_target_evals"]
-    )
+    attrs.update(result.attrs, num_nan_evals=int(target.num_nan_evals - nan_before))
+    _warn_if_nan(method, attrs)
     if result.diagnose:
         _diagnose(method, result, attrs)
     return io.to_inference_data(target, result, attrs)
 
 
-def _warn_if_nan(method: str, num_nan: int, num_evals: int) -> None:
+def _warn_if_nan(method: str, attrs: dict) -> None:
     """``RuntimeWarning`` for a run that met NaN log-densities (runtime trouble the first look at
     the starting points cannot see): the samplers reject such points, so no draw is NaN, but a
     NaN that hides probability mass (an overflow such as inf - inf) takes that mass out silently.
-    ``num_nan`` leaves out the NaNs a sampler reports as met while searching far from the posterior
+    The count leaves out the NaNs a sampler reports as met while searching far from the posterior
     (``attrs["num_nan_exploration"]``: the diffusion sampler's mode search starts at up to four
     times the reference's scale, where real models overflow); ``attrs["num_nan_evals"]`` counts all."""
+    num_nan = attrs["num_nan_evals"] - attrs.get("num_nan_exploration", 0)
+    num_evals = attrs["num_target_evals"]
     if num_nan:
         import warnings
 

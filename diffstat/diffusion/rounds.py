@@ -19,12 +19,7 @@ from typing import NamedTuple
 import torch
 
 from diffstat._util import check_positive_int, check_probability
-from diffstat.diffusion.importance import (
-    importance_summary,
-    resample_per_mode,
-    round_missed,
-    unique_rows,
-)
+from diffstat.diffusion.importance import importance_summary, resample_per_mode, round_missed, unique_rows
 from diffstat.diffusion.modes import ModeBank, balance_modes, explore_modes, smc_seeds
 from diffstat.diffusion.networks import ScoreMLP
 from diffstat.diffusion.processes import VP
@@ -150,9 +145,8 @@ class RoundState(NamedTuple):
     models train on; units : the score models (None before the first fit); held : held-out
     ``(x, log_prob, mode)`` for the model check (None before the first round); last : the previous
     round's :class:`RoundInfo` (None before the first); round : rounds run; per_mode : one model
-    per mode; evals0 : the target's evaluation count when ``init`` began; explore_nan : the NaN
-    log-densities met by the mode search (far from the posterior, where real models overflow).
-    """
+    per mode; evals0 : the target's evaluation count when ``init`` began; explore_nan : NaN
+    log-densities met by the mode search (far from the posterior, where real models overflow)."""
 
     bank: ModeBank
     gaussians: GaussianMixtureProposal

@@ -165,6 +165,12 @@ def carried_log_probs(subposteriors, draws: list[torch.Tensor]) -> list[torch.Te
 _ROUTE_INPUTS = frozenset({"log_probs", "draw_log_probs", "energy_models", "fits", "calibration_log_probs"})
 
 
+def _carried_route(subposteriors, draws) -> dict:
+    """``{"draw_log_probs": ...}`` when the inputs carry log-densities at their draws, else ``{}``."""
+    carried = carried_log_probs(subposteriors, draws)
+    return {} if carried is None else {"draw_log_probs": carried}
+
+
 def combine(
     subposteriors,
     method: str,
@@ -211,12 +217,8 @@ def combine(
         Number of combined draws.
     seed : int
         Seeds a ``torch.Generator``; the same seed gives the same draws on the same machine.
-    progress : bool
-        Show progress bars.
-    name : str
-        Name of the ``posterior`` variable.
-    device : str or torch.device, optional
-        Where the computation runs.
+    progress, name, device : bool, str, str or torch.device
+        Show progress bars; the name of the ``posterior`` variable; where the computation runs.
     **options
         Options of the combiner (see each module); an unknown one is a ``ValueError`` listing the
         valid ones (:func:`combiner_options`).
@@ -235,9 +237,7 @@ def combine(
     device = torch.device(device) if device is not None else torch.device("cpu")
     draws, grads = as_shard_draws(subposteriors, scores, device=device)
     if method == "diffusion" and grads is not None and not _ROUTE_INPUTS & options.keys():
-        carried = carried_log_probs(subposteriors, draws)
-        if carried is not None:
-            options["draw_log_probs"] = carried
+        options.update(_carried_route(subposteriors, draws))
     generator = torch.Generator(device=device).manual_seed(int(seed))
     start = time.perf_counter()
     result = COMBINERS[method](

@@ -57,13 +57,19 @@ from typing import Any, NamedTuple
 
 import torch
 
-from diffstat._util import check_positive_int, progress_bar
+from diffstat._util import progress_bar
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.smoothing.correction import check_num_mala, correct_jumps
-from diffstat.smoothing.fit import learned_score_report
 from diffstat.smoothing.learned import LearnedSmoothedScore
-from diffstat.smoothing.scores import LaplaceSmoothedScore, resolve_smoothed_score
-from diffstat.smoothing.walks import Walk, mala_walk, ula_walk, underdamped_walk
+from diffstat.smoothing.scores import LaplaceSmoothedScore
+from diffstat.smoothing.walk_jump_setup import (
+    check_options,
+    initial_walkers,
+    jump_schedule,
+    make_walk,
+    resolve_provider,
+)
+from diffstat.smoothing.walks import Walk
 
 __all__ = ["walk_jump", "WalkJumpState", "WalkJumpInfo", "init", "step", "jump"]
 
@@ -172,10 +178,12 @@ def _stats(provider, acceptance: torch.Tensor, num_evals: int, suspect: torch.Te
     return spread, modes, float(acceptance.mean()), num_evals, float(suspect.sum())
 
 
-def _run(generator, target, walk, y, provider, sigma, jump_score, schedule, max_evals, progress) -> _Run:
+def _run(generator, target, walk, y, provider, sigma, mala: bool, schedule, max_evals, progress) -> _Run:
     """The driver: ``num_warmup + num_jumps * thin`` walk steps from ``y``, a jump every ``thin``
-    steps after warm-up; a run whose training-free score spends ``max_evals`` target evaluations per
-    draw (None: no cap) jumps once more and stops."""
+    steps after warm-up (a Metropolis walk jumps with the provider's score when there is one); a run
+    whose training-free score spends ``max_evals`` target evaluations per draw (None: no cap) jumps
+    once more and stops."""
+    jump_score = (lambda z: provider(z, sigma)) if mala and provider is not None else None
     num_warmup, num_samples, thin = schedule
     budget = None if max_evals is None else max_evals * y.shape[0] * num_samples
     evals0 = target.num_target_evals
@@ -207,94 +215,6 @@ def _run(generator, target, walk, y, provider, sigma, jump_score, schedule, max_
     return _Run(*stack, columns, state, bool(over))
 
 
-def _check(
-    target, shape, device, sigma, walk, smoothed_log_prob, thin, num_warmup, step_size, friction, init_x
-):
-    """Validated ``(sigma, walk, thin, num_warmup, init)``, before any work (a learned default would fit
-    a score first); ``shape`` is ``(num_chains, num_samples, walkers_per_chain or None)``; ``num_warmup``
-    None stays None (its default depends on the walkers per chain)."""
-    num_chains, num_samples, walkers = shape
-    if walkers is not None:
-        walkers = check_positive_int(walkers, "walkers_per_chain")
-    sigma = float(sigma)
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
-    walk = ("mala" if smoothed_log_prob is not None else "underdamped") if walk is None else walk
-    if walk not in ("underdamped", "ula", "mala"):
-        raise ValueError(f"walk must be 'underdamped', 'ula' or 'mala', got {walk!r}")
-    if walk == "mala" and smoothed_log_prob is None:
-        raise ValueError("walk='mala' needs smoothed_log_prob=(y, sigma) -> log q_sigma(y) + const")
-    thin = check_positive_int(thin, "thin")
-    num_warmup = None if num_warmup is None else int(num_warmup)
-    if (num_warmup is not None and num_warmup < 0) or step_size <= 0 or friction <= 0:
-        raise ValueError("num_warmup must be non-negative, step_size and friction positive")
-    d = target.dim
-    if init_x is not None:
-        init_x = torch.as_tensor(init_x, dtype=target.dtype, device=device)
-        init_x = init_x.expand(num_chains, d).clone() if tuple(init_x.shape) == (d,) else init_x
-        if tuple(init_x.shape) != (num_chains, d):
-            raise ValueError(f"init must have shape ({num_chains}, {d}) or ({d},), got {tuple(init_x.shape)}")
-    return sigma, walk, thin, num_warmup, init_x
-
-
-def _provider(target, smoothed_score, estimator, estimator_options, walk, generator):
-    """The smoothed score (None for a Metropolis walk without one: it jumps with the gradient of
-    ``smoothed_log_prob``), and for a learned one :func:`~diffstat.smoothing.fit.learned_score_report`'s
-    ``(attrs, rejected)``."""
-    if walk == "mala" and smoothed_score is None:
-        return None, {}, False
-    options = dict(estimator_options or {})
-    if smoothed_score is None and estimator == "laplace":
-        # the walk does not settle as SMS's shrinking noise does: never drop to one start
-        options.setdefault("cheap_fraction", 0.0)
-    evals0 = target.num_target_evals
-    provider = resolve_smoothed_score(
-        target, smoothed_score, estimator=estimator, generator=generator, **options
-    )
-    provider.reset()
-    if not isinstance(provider, LearnedSmoothedScore):
-        return provider, {}, False
-    fitted = target.num_target_evals - evals0 if smoothed_score is None else None
-    return provider, *learned_score_report(provider, target, fitted)
-
-
-def _initial_walkers(target, provider, init_x, shape, sigma, generator, device) -> torch.Tensor:
-    r"""``(num_chains * W, d)`` walkers for ``shape = (num_chains, W)``, chain by chain: ``init`` as given
-    (each chain's row repeated for its ``W`` walkers); else a learned score's kept particles (with
-    replacement) or reference draws, plus :math:`\sigma` noise: draws of :math:`q_\sigma`."""
-    num_chains, walkers = shape
-    if init_x is not None:
-        return init_x.repeat_interleave(walkers, 0)
-    num_chains = num_chains * walkers
-    dtype = target.dtype
-    if isinstance(provider, LearnedSmoothedScore) and "x" in provider.particles:
-        pool = provider.particles["x"]
-        idx = torch.randint(0, pool.shape[0], (num_chains,), generator=generator, device=generator.device)
-        y = pool[idx.cpu()].to(device=device, dtype=dtype)
-    else:
-        y = target.sample_reference(num_chains, generator, device)
-        target.validate(y[:16])  # a log-density that is -inf (or bad) everywhere is refused before any work
-    return y + sigma * torch.randn(y.shape, generator=generator, dtype=dtype, device=y.device)
-
-
-def _make_walk(walk, provider, smoothed_log_prob, sigma, step_size, friction, num_warmup) -> Walk:
-    r"""The walk on :math:`q_\sigma`, in units of sigma (module doc); MALA starts at
-    :math:`0.25\sigma^2` and adapts over warm-up."""
-    if walk == "underdamped":
-        return underdamped_walk(lambda z: provider(z, sigma), step_size * sigma, friction / sigma, True)
-    if walk == "ula":
-        return ula_walk(lambda z: provider(z, sigma), step_size * 0.1 * sigma**2, True)
-
-    def log_prob_and_grad(y):
-        with torch.enable_grad():
-            yg = y.detach().requires_grad_(True)
-            lq = smoothed_log_prob(yg, sigma)
-            (g,) = torch.autograd.grad(lq.sum(), yg)
-        return lq.detach(), g.detach()
-
-    return mala_walk(log_prob_and_grad, 0.25 * sigma**2, num_warmup)
-
-
 @register_sampler("walk_jump")
 def walk_jump(
     target,
@@ -324,68 +244,57 @@ def walk_jump(
 
     Parameters
     ----------
-    sigma : float
-        Noise level of :math:`q_\sigma` (default 1, the public code's).
-    smoothed_score, estimator, estimator_options :
-        The smoothed score, as for SMS (:func:`diffstat.smoothing.scores.resolve_smoothed_score`).
+    sigma, smoothed_score, estimator, estimator_options : float; as for SMS
+        Noise level of :math:`q_\sigma` (default 1, the public code's); the smoothed score
+        (:func:`diffstat.smoothing.scores.resolve_smoothed_score`).
     smoothed_log_prob : callable, optional
         ``(y, sigma) -> log q_sigma(y) + const``, ``(n,)``, differentiable; enables the
         Metropolis-adjusted walk (``walk="mala"``, the default when it is given).
     walk, step_size, friction : ``"underdamped"`` (default), ``"ula"`` or ``"mala"``; floats
         Underdamped: step ``step_size * sigma``, friction ``friction / sigma`` (public defaults 0.5
-        and 1 at sigma = 1). ULA: step ``step_size * 0.1 * sigma**2``. MALA: tuned by dual averaging
-        during warm-up.
-    num_warmup : int, optional
+        and 1 at sigma = 1). ULA: step ``step_size * 0.1 * sigma**2``. MALA: dual averaging in warm-up.
+    num_warmup, thin : int
         Walk steps before the first jump (default ``max(J, 100)``, ``J`` the jumps per walker,
-        ``ceil(num_samples / walkers_per_chain)``).
-    thin : int
-        Walk steps between jumps.
+        ``ceil(num_samples / walkers_per_chain)``) and between jumps (1).
     init : (num_chains, dim) or (dim,), optional
-        Starting walkers; default: with a learned score, its kept particles (drawn with replacement)
-        plus :math:`\sigma` noise, i.e. draws of :math:`q_\sigma` with the population's mode weights
-        (the walk need not cross between modes); else reference draws plus :math:`\sigma` noise.
+        Starting walkers; default: a learned score's kept particles (with replacement), else reference
+        draws, plus :math:`\sigma` noise (with a learned score: draws of :math:`q_\sigma`, module doc).
     num_mala : int, optional
         MALA steps on :math:`p(x\mid y)` from each jump (:mod:`~diffstat.smoothing.correction`: a draw of
         :math:`p` instead of the posterior mean). Default 20 with a learned score (its within-mode shape
         is approximate; the target's is restored at 21 evaluations per draw), else 0 (the classic jump).
     max_evals_per_draw : float or None
-        Budget of a training-free estimator in target evaluations per requested draw (default 1e4):
-        once spent, the walk stops with the draws made so far (at least one jump per walker) and a
-        ``RuntimeWarning`` says so. None: no cap.
+        Budget of a training-free estimator in target evaluations per requested draw (default 1e4; None:
+        no cap): once spent, the walk stops with the draws made so far and a ``RuntimeWarning``.
     walkers_per_chain : int, optional
         Walkers whose jumps, taken in turn, make a chain's draws. Default ``num_samples`` with a learned
         score and no ``init`` (one jump per walker: independent draws whose mode weights are the
         population's, module doc), else 1 (one walker per chain, the classic walk-jump).
 
-    Returns draws ``(num_chains, num_samples, dim)`` (fewer per chain only when the budget runs out),
-    ``sample_stats`` ``lp``, ``acceptance_rate``, ``diverging``, the ``walk_jump`` group (one row per
-    jump round).
+    Returns draws ``(num_chains, num_samples, dim)`` (fewer per chain only when the budget runs out), ``lp``,
+    ``acceptance_rate``, ``diverging`` in sample_stats, the ``walk_jump`` group (a row per jump round).
     """
     num_chains = 4 if num_chains is None else num_chains
-    sigma, walk, thin, num_warmup, init = _check(
+    sigma, walk, thin, num_warmup, init = check_options(
         target, (num_chains, num_samples, walkers_per_chain), device, sigma, walk, smoothed_log_prob, thin,
         num_warmup, step_size, friction, init,
     )  # fmt: skip
-    provider, score_attrs, rejected = _provider(
+    provider, score_attrs, rejected = resolve_provider(
         target, smoothed_score, estimator, estimator_options, walk, generator
     )
     learned = isinstance(provider, LearnedSmoothedScore)
     num_mala = check_num_mala(num_mala, _LEARNED_MALA if learned else 0)
-    if walkers_per_chain is None:
-        walkers_per_chain = num_samples if learned and init is None else 1
-    num_jumps = -(-num_samples // walkers_per_chain)
-    num_warmup = max(num_jumps, 100) if num_warmup is None else num_warmup
-    y = _initial_walkers(target, provider, init, (num_chains, walkers_per_chain), sigma, generator, device)
-    kernel = _make_walk(walk, provider, smoothed_log_prob, sigma, step_size, friction, num_warmup)
+    walkers, num_jumps, num_warmup = jump_schedule(num_samples, walkers_per_chain, num_warmup, learned, init)
+    y = initial_walkers(target, provider, init, (num_chains, walkers), sigma, generator, device)
+    kernel = make_walk(walk, provider, smoothed_log_prob, sigma, step_size, friction, num_warmup)
     capped = provider is not None and provider.uses_target and not learned
-    jump_score = (lambda z: provider(z, sigma)) if walk == "mala" and provider is not None else None
     schedule = (num_warmup, num_jumps, thin)
     max_evals = max_evals_per_draw if capped else None
-    run = _run(generator, target, kernel, y, provider, sigma, jump_score, schedule, max_evals, progress)
-    run = _in_chains(run, num_chains, walkers_per_chain, num_samples)
+    run = _run(generator, target, kernel, y, provider, sigma, walk == "mala", schedule, max_evals, progress)
+    run = _in_chains(run, num_chains, walkers, num_samples)
     x, lp, h_corr = correct_jumps(generator, target, run.draws, run.walkers, sigma**2, num_mala)
-    attrs = {"walk": walk, "walk_step_size": kernel.step_size(run.state.walk), "num_mala": num_mala}
-    attrs["walkers_per_chain"] = walkers_per_chain
+    attrs = {"walk": walk, "walk_step_size": kernel.step_size(run.state.walk), "num_mala": num_mala,
+             "walkers_per_chain": walkers}  # fmt: skip
     return _result(x, lp, run, provider, sigma, rejected, dict(attrs, mala_step_size=h_corr, **score_attrs))
 
 
