@@ -207,6 +207,7 @@ def fit_smoothed_score(
     c = geometry["scale"]
     info = {"num_target_evals": int(target.num_target_evals - evals0), "population": split.source}
     info.update(num_particles=int(split.x.shape[0]), train_steps=int(train_steps))
+    info.update(num_nan_exploration=split.num_nan_exploration)
     info.update(sigma_min=float(sigma_min) * c, sigma_max=process.sigma_max * c)
     score = _assemble(net, process, split, geometry, info, keep_particles, kernel, generator)
     _check_fit(score, max_fisher, split, t0)
@@ -215,7 +216,8 @@ def fit_smoothed_score(
 
 class _Split(NamedTuple):
     """Steps 1 and 2: the finite particles ``x (n, d)``, ``grad (n, d)``, ``log_prob (n,)``, the
-    indices of the training and held-out ones, and the population source's name."""
+    indices of the training and held-out ones, the population source's name and the NaN
+    log-densities its mode search met."""
 
     x: torch.Tensor
     grad: torch.Tensor
@@ -223,6 +225,7 @@ class _Split(NamedTuple):
     train: torch.Tensor
     held: torch.Tensor
     source: str
+    num_nan_exploration: int = 0
 
 
 def _population(target, population, num_particles, options, held_out, generator, device) -> _Split:
@@ -237,7 +240,8 @@ def _population(target, population, num_particles, options, held_out, generator,
         )
     perm = torch.randperm(x.shape[0], generator=generator, device=generator.device).to(x.device)
     n_held = max(int(held_out * x.shape[0]), 8)
-    return _Split(x, g, lp, perm[n_held:], perm[:n_held], pop.source)
+    nan_explore = int(getattr(pop, "num_nan_exploration", 0))
+    return _Split(x, g, lp, perm[n_held:], perm[:n_held], pop.source, nan_explore)
 
 
 def _geometry(dim: int, split: _Split, generator) -> dict:
@@ -331,6 +335,8 @@ def learned_score_report(
         "score_fisher_divergence": float(check["fisher_divergence"]),
         "score_log_prob_mismatch": float(check["log_prob_mismatch"]),
         "score_population": str(provider.info.get("population", "")),
+        # NaNs the population's mode search met in this run, left out of the front door's NaN warning
+        "num_nan_exploration": int(provider.info.get("num_nan_exploration", 0)) if training_evals else 0,
     }
     rejected = (
         check["log_prob_mismatch"] > _MAX_MISMATCH

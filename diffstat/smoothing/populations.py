@@ -43,13 +43,15 @@ __all__ = ["Population", "default_inflate", "modes_population", "smc_population"
 
 class Population(NamedTuple):
     """Equally weighted particles ``x: (n, d)`` of the target with ``grad: (n, d)`` (the target's
-    score there), ``log_prob: (n,)``, the target evaluations spent (int) and the source's name."""
+    score there), ``log_prob: (n,)``, the target evaluations spent (int), the source's name and the
+    NaN log-densities met by a mode search far from the posterior (counted, not warned about)."""
 
     x: torch.Tensor
     grad: torch.Tensor
     log_prob: torch.Tensor
     num_target_evals: int
     source: str
+    num_nan_exploration: int = 0
 
 
 def _move(target, x, generator, num_moves: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,7 +107,8 @@ def modes_population(
     )
     x = out.draws.reshape(-1, target.dim).to(device=device, dtype=target.dtype)
     x, lp, g = _move(target, x, generator, num_moves)
-    return Population(x, g, lp, target.num_target_evals - evals0, "modes")
+    nan_explore = int(out.attrs["num_nan_exploration"])
+    return Population(x, g, lp, target.num_target_evals - evals0, "modes", nan_explore)
 
 
 def smc_population(
