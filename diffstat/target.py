@@ -56,6 +56,12 @@ def resolve_reference(target, reference) -> torch.distributions.Distribution | N
     return reference
 
 
+def _functorch_wrapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` lives inside a ``torch.func`` transform (False where torch cannot say)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    return bool(functorch is not None and functorch.is_functorch_wrapped_tensor(t))
+
+
 class Target:
     r"""An unnormalised log-density :math:`\log \tilde\pi(x)` on :math:`\mathbb{R}^d`.
 
@@ -139,8 +145,10 @@ class Target:
 
     def count_nan(self, lp: torch.Tensor) -> torch.Tensor:
         """Add the NaN entries of log-density values ``lp: (n,)`` to :attr:`num_nan_evals`; return
-        ``lp``. Accumulated on ``lp``'s device, so counting adds no host synchronisation."""
-        if torch.is_tensor(lp) and lp.is_floating_point():
+        ``lp``. Accumulated on ``lp``'s device, so counting adds no host synchronisation. Inside a
+        ``torch.func`` transform (``vmap``, ``hessian``) ``lp`` is a functorch tensor that must not
+        outlive the transform, so its NaNs are not counted there."""
+        if torch.is_tensor(lp) and lp.is_floating_point() and not _functorch_wrapped(lp):
             self._nan_evals = self._nan_evals + torch.isnan(lp.detach()).sum()
         return lp
 

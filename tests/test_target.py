@@ -1,5 +1,7 @@
 """Target: counting, gradients, and the four bad inputs refused before any work."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -94,3 +96,24 @@ def test_reference_draws_and_density():
     plain = ds.Target(gaussian_log_prob, 2)
     z = torch.zeros(1, 2)
     assert float(plain.reference_log_prob(z)) == pytest.approx(-np.log(2 * np.pi))
+
+
+def test_a_target_works_inside_torch_func_transforms_and_counts_nans_outside():
+    """``torch.func.hessian`` and ``vmap(grad)`` through ``Target.log_prob`` give the exact Hessian
+    and scores of a standard normal, also when called twice (the NaN counter once kept a functorch
+    tensor past its transform and the second call failed an internal assertion); NaNs outside the
+    transforms are still counted."""
+    target = ds.Target(lambda x: -0.5 * (x**2).sum(-1), 2, dtype=torch.float64)
+
+    def f(x):
+        return target.log_prob(x[None])[0]
+
+    x = torch.ones(2, dtype=torch.float64)
+    for _ in range(2):
+        assert torch.equal(torch.func.hessian(f)(x), -torch.eye(2, dtype=torch.float64))
+        assert torch.equal(
+            torch.func.vmap(torch.func.grad(f))(torch.ones(3, 2, dtype=torch.float64)),
+            -torch.ones(3, 2, dtype=torch.float64),
+        )
+    target.log_prob(torch.full((3, 2), math.nan, dtype=torch.float64))
+    assert target.num_nan_evals == 3
