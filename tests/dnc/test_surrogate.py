@@ -66,17 +66,22 @@ def _shard_draws(n=1500, seed=3):
     return draws
 
 
-def test_product_from_draws_scores_and_values():
-    """Skewed log-gamma shards that disagree: the Gaussian product is measurably off, the cubic
-    fits to each shard's draws, scores and log-densities there recover the product's mean."""
-    draws = _shard_draws()
-    shards = [LogGammaShard(a, b) for a, b in zip(A2, B2)]
+def _scores_and_values(draws):
+    """Each log-gamma shard's score and log-density at its draws."""
     scores, values = [], []
-    for f, x in zip(shards, draws):
+    for f, x in zip([LogGammaShard(a, b) for a, b in zip(A2, B2)], draws):
         xg = x.clone().requires_grad_(True)
         lp = f(xg)
         scores.append(torch.autograd.grad(lp.sum(), xg)[0])
         values.append(lp.detach())
+    return scores, values
+
+
+def test_product_from_draws_scores_and_values():
+    """Skewed log-gamma shards that disagree: the Gaussian product is measurably off, the cubic
+    fits to each shard's draws, scores and log-densities there recover the product's mean."""
+    draws = _shard_draws()
+    scores, values = _scores_and_values(draws)
     mean, cov = _exact_moments(A2, B2)
     idata = ds.dnc.combine(
         draws, "diffusion", scores=scores, num_samples=2000, seed=4, progress=False, draw_log_probs=values
@@ -113,13 +118,7 @@ def test_combine_takes_log_probs_from_inputs_that_carry_them():
     from diffstat.dnc.tasks import ShardResult
 
     draws = _shard_draws()
-    shards = [LogGammaShard(a, b) for a, b in zip(A2, B2)]
-    scores, values = [], []
-    for f, x in zip(shards, draws):
-        xg = x.clone().requires_grad_(True)
-        lp = f(xg)
-        scores.append(torch.autograd.grad(lp.sum(), xg)[0])
-        values.append(lp.detach())
+    scores, values = _scores_and_values(draws)
     kwargs = dict(num_samples=500, seed=4, progress=False)
     by_hand = ds.dnc.combine(draws, "diffusion", scores=scores, draw_log_probs=values, **kwargs)
     results = [ShardResult(k, x, g, v, 0, 0.0) for k, (x, g, v) in enumerate(zip(draws, scores, values))]
