@@ -14,10 +14,13 @@ with the next :math:`\beta` chosen so that the conditional ESS of the incrementa
 :math:`\exp\{(\beta' - \beta)(\sum_k\log p_k - \log q)\}` is ``target_ess`` times the number of
 particles (:func:`~diffstat.tempering.smc.next_beta`), systematic resampling when the ESS falls
 below ``resample_threshold``, and ``num_mcmc_steps`` MALA steps per stage, preconditioned by the
-particles' weighted covariance (a dense Cholesky factor: MALA runs in coordinates where the
-particles are white, so one step size suits every direction; shards of a regression with
-correlated covariates need it). At :math:`\beta = 1` the particles are resampled once more and
-moved ``num_final_steps`` times on the exact posterior. This is the standard SMC sampler of Del
+particles' weighted covariance (a dense metric, unshrunk once the ESS exceeds 10 dimensions: one
+step size then suits every direction; shards of a regression with correlated covariates need it).
+At :math:`\beta = 1` the particles are resampled once more and moved ``num_final_steps`` times on
+the exact posterior. Each stage is the tempering samplers' own
+:func:`~diffstat.tempering.core.tempered_step` on a :class:`~diffstat.tempering.path.GeometricPath`
+from :math:`q` (its step size adapted by the same Robbins-Monro rule); this module only builds the
+start and the path. This is the standard SMC sampler of Del
 Moral, Doucet and Jasra (2006) with the adaptive tempering of Jasra et al. (2011); the weights are
 the importance correction, so the draws are consistent for the full posterior whatever :math:`q`.
 
@@ -38,25 +41,18 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 
 from diffstat.dnc.gaussian import CombineResult, gaussian_product, sample_moments
 from diffstat.dnc.options import SMCOptions, from_kwargs
-from diffstat.mcmc.base import MCMCState
-from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
-from diffstat.tempering.moves import weighted_covariance
-from diffstat.tempering.resampling import ess, systematic
+from diffstat.tempering.core import MoveConfig, cloud_metric, init_tempered, stack_stage_infos, tempered_step
+from diffstat.tempering.path import GeometricPath, default_step_size
 from diffstat.tempering.smc import next_beta
 
 __all__ = [
     "sum_of_log_probs",
     "laplace_refine",
-    "SMCState",
-    "SMCInfo",
-    "smc_init",
-    "smc_step",
     "exact_product_smc",
     "combine_exact",
 ]
@@ -147,94 +143,25 @@ def laplace_refine(
     return x, chol @ cov_u @ chol.T, evals
 
 
-def _weighted_moments(x: torch.Tensor, log_w: torch.Tensor):
-    w = torch.softmax(log_w, 0)
-    mean, cov = w @ x, weighted_covariance(x, w)
-    scale = torch.diagonal(cov).mean()
-    return mean, 0.5 * (cov + cov.T) + 1e-10 * scale * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+class _SummedShards:
+    r"""The exact product as the tempering path's target: ``log_prob_and_grad`` sums the shards'
+    log-densities (a NaN is read as :math:`-\infty`, outside the support) and counts the points."""
+
+    reference = None
+    dtype = torch.float64
+
+    def __init__(self, exact: Callable, dim: int):
+        self.exact, self.dim, self.num_target_evals = exact, dim, 0
+
+    def log_prob_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.num_target_evals += x.shape[0]
+        lp, grad = self.exact(x)
+        return torch.where(torch.isnan(lp), -math.inf, lp), grad
 
 
-class _Path:
-    """The geometric path from the reference Gaussian ``q`` to the exact product: at ``x (n, dim)``,
-    the exact log-density ``lp`` and gradient ``g``, the reference's ``lq`` and ``gq``; the tempered
-    log-density in white coordinates ``u`` (``x = m + L u``); ``num_evals`` counts the points at
-    which the shards' log-densities were evaluated."""
-
-    def __init__(self, exact, q_mean, q_prec, num_evals: int = 0):
-        self.exact, self.q_mean, self.q_prec = exact, q_mean, q_prec
-        self.num_evals = num_evals
-
-    def evaluate(self, x):
-        lp, g = self.exact(x)
-        d = x - self.q_mean
-        gq = -d @ self.q_prec
-        lq = 0.5 * (d * gq).sum(-1)
-        self.num_evals += x.shape[0]
-        return lp, g, lq, gq
-
-    def tempered(self, beta, m, chol):
-        """``u -> (log pi_beta, grad_u)``, remembering the parts at the last proposal."""
-
-        def fn(u):
-            x = m + u @ chol.T
-            self.last = self.evaluate(x)
-            lp, g, lq, gq = self.last
-            return beta * lp + (1 - beta) * lq, (beta * g + (1 - beta) * gq) @ chol
-
-        return fn
-
-
-class SMCState(NamedTuple):
-    """Particles ``x (n, dim)`` (float64), the path's parts at them ``(lp, g, lq, gq)``, the
-    temperature ``beta`` and log-weights ``log_w (n,)``, the MALA step size, and the running
-    estimate of the product's log-normaliser."""
-
-    x: torch.Tensor
-    parts: tuple
-    beta: torch.Tensor
-    log_w: torch.Tensor
-    step_size: torch.Tensor
-    log_normalizer: float
-
-
-class SMCInfo(NamedTuple):
-    """One stage: its ``beta``, the ESS fraction after reweighting, the mean MALA acceptance,
-    whether the particles were resampled, and the points evaluated (``num_evals``)."""
-
-    beta: float
-    ess: float
-    acceptance_rate: torch.Tensor
-    resampled: bool
-    num_evals: int
-
-
-def _move(generator, x, path, cur, beta, log_w, h, num_steps):
-    """``num_steps`` dense-preconditioned MALA steps on pi_beta; returns x, parts, h, mean acceptance."""
-    m, cov = _weighted_moments(x, log_w)
-    chol = torch.linalg.cholesky(cov)
-    fn = path.tempered(beta, m, chol)
-    u = torch.linalg.solve_triangular(chol, (x - m).T, upper=False).T
-    lp, g, lq, gq = cur
-    state = MCMCState(u, beta * lp + (1 - beta) * lq, (beta * g + (1 - beta) * gq) @ chol)
-    accs = []
-    for _ in range(num_steps):
-        state, info = mala_step(generator, state, fn, h)
-        a = info.is_accepted
-        cur = tuple(
-            torch.where(a.unsqueeze(-1) if old.dim() == 2 else a, new, old)
-            for new, old in zip(path.last, cur)
-        )
-        acc = info.acceptance_rate.mean()
-        accs.append(acc)
-        # Robbins-Monro on log h toward MALA's optimal acceptance
-        h = h * torch.exp(torch.clamp(2.0 * (acc - MALA_TARGET_ACCEPT), -1.0, 1.0))
-    x = m + state.x @ chol.T
-    return x, cur, h, torch.stack(accs).mean()
-
-
-def smc_init(generator, log_probs, mean, cov, num_particles: int, options: SMCOptions):
-    r"""Exact draws of :math:`q = \mathcal N(\mu, c^2\Sigma)` (after the Laplace refinement with
-    ``options.laplace``): the state at :math:`\beta = 0` and the path."""
+def _start(log_probs, mean, cov, options: SMCOptions) -> tuple[GeometricPath, int]:
+    r"""The geometric path from :math:`q = \mathcal N(\mu, c^2\Sigma)` (after the Laplace refinement
+    with ``options.laplace``) to the summed shard log-densities, and the refinement's evaluations."""
     dtype = torch.float64
     mean, cov = mean.to(dtype), cov.to(dtype)
     exact = sum_of_log_probs(log_probs)
@@ -242,41 +169,8 @@ def smc_init(generator, log_probs, mean, cov, num_particles: int, options: SMCOp
     if options.laplace:
         mean, cov, laplace_evals = laplace_refine(exact, mean, cov)
     q_chol = torch.linalg.cholesky(options.inflation**2 * 0.5 * (cov + cov.T))
-    # log q is kept without its normaliser: log of the integral of exp(log q)
-    log_mass_q = torch.log(torch.diagonal(q_chol)).sum() + 0.5 * mean.shape[0] * math.log(2 * math.pi)
-    eps = torch.randn(num_particles, mean.shape[0], generator=generator, dtype=dtype, device=generator.device)
-    x = mean + eps.to(mean.device) @ q_chol.T
-    path = _Path(exact, mean, torch.cholesky_inverse(q_chol), laplace_evals)
-    like = dict(dtype=dtype, device=x.device)
-    state = SMCState(
-        x, path.evaluate(x), torch.zeros((), **like), torch.zeros(num_particles, **like),
-        torch.tensor(0.5, **like), float(log_mass_q),
-    )  # fmt: skip
-    return state, path
-
-
-def smc_step(generator, state: SMCState, path: _Path, options: SMCOptions) -> tuple[SMCState, SMCInfo]:
-    r"""One stage: the next :math:`\beta` at conditional ESS ``target_ess``, reweighting, resampling
-    below ``resample_threshold`` (and always at :math:`\beta = 1`), then MALA moves."""
-    x, cur, beta, log_w, h, log_z = state
-    evals0 = path.num_evals
-    delta = cur[0] - cur[2]
-    delta = torch.where(torch.isnan(delta), -math.inf, delta)
-    new_beta = next_beta(log_w, delta, beta, options.target_ess)
-    incr = (new_beta - beta) * delta
-    log_z += float(torch.logsumexp(torch.log_softmax(log_w, 0) + incr, 0))
-    log_w, beta = log_w + incr, new_beta
-    frac = float(ess(log_w)) / x.shape[0]
-    final = float(beta) >= 1.0
-    resampled = frac < options.resample_threshold or final
-    if resampled:
-        idx = systematic(generator, log_w).to(x.device)
-        x, cur = x[idx], tuple(c[idx] for c in cur)
-        log_w = torch.zeros_like(log_w)
-    steps = options.num_final_steps if final else options.num_mcmc_steps
-    x, cur, h, acc = _move(generator, x, path, cur, beta, log_w, h, steps)
-    info = SMCInfo(float(beta), frac, acc, resampled, path.num_evals - evals0)
-    return SMCState(x, cur, beta, log_w, h, log_z), info
+    reference = torch.distributions.MultivariateNormal(mean, scale_tril=q_chol)
+    return GeometricPath(_SummedShards(exact, mean.shape[0]), reference), laplace_evals
 
 
 def exact_product_smc(
@@ -318,27 +212,49 @@ def exact_product_smc(
         given constants, the SMC estimate).
     """
     opts = from_kwargs(SMCOptions, options, "exact_product_smc")
-    state, path = smc_init(generator, log_probs, mean, cov, num_particles, opts)
-    record = {"betas": [0.0], "ess": [1.0], "acceptance_rate": [float("nan")]}
+    path, laplace_evals = _start(log_probs, mean, cov, opts)
+    state = init_tempered(
+        path, path.sample_reference(num_particles, generator), default_step_size("mala", path.dim)
+    )
+    metric = cloud_metric("dense", within_modes=False, shrink_until=10.0)
+    moves, final_moves = (
+        MoveConfig(num_mcmc_steps=opts.num_mcmc_steps),
+        MoveConfig(num_mcmc_steps=opts.num_final_steps),
+    )
+    infos = []
     while float(state.beta) < 1.0:
-        if len(record["betas"]) > opts.max_stages:
+        if len(infos) >= opts.max_stages:
             raise RuntimeError(
                 f"the SMC to the exact product needed more than {opts.max_stages} stages; the start "
                 "Gaussian is far too narrow or the shard log-densities disagree with the draws"
             )
-        state, step = smc_step(generator, state, path, opts)
-        record["betas"].append(step.beta)
-        record["ess"].append(step.ess)
-        record["acceptance_rate"].append(float(step.acceptance_rate))
-    info = {key: torch.tensor(v, dtype=torch.float64) for key, v in record.items()}
+        new_beta = next_beta(state.log_weights, state.particles.delta, state.beta, opts.target_ess)
+        final = bool(new_beta >= 1.0)  # resample, then the final moves on the exact product
+        state, info = tempered_step(
+            generator,
+            state,
+            new_beta,
+            path=path,
+            moves=final_moves if final else moves,
+            precondition=metric,
+            stage=len(infos),
+            resample_threshold=1.0 if final else opts.resample_threshold,
+        )
+        infos.append(info)
+    stages = stack_stage_infos(infos)
+    start = {"beta": 0.0, "ess": 1.0, "acceptance_rate": math.nan}
+    info = {
+        key: torch.cat([torch.tensor([start[field]], dtype=torch.float64), stages[field].double().cpu()])
+        for key, field in (("betas", "beta"), ("ess", "ess"), ("acceptance_rate", "acceptance_rate"))
+    }
     info.update(
         laplace=bool(opts.laplace),
-        num_stages=len(record["betas"]) - 1,
-        num_evals=int(path.num_evals),
-        log_normalizer=state.log_normalizer,
-        final_step_size=float(state.step_size),
+        num_stages=len(infos),
+        num_evals=int(laplace_evals + path.target.num_target_evals),
+        log_normalizer=float(stages["log_z_increment"].sum()),
+        final_step_size=float(torch.exp(state.log_step_size)),
     )
-    return state.x, state.parts[0], info
+    return state.particles.x, state.particles.target_log_prob, info
 
 
 def combine_exact(
