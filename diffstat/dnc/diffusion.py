@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -115,6 +116,8 @@ def combine_diffusion(
         ``sigma``, ``ess``, ``acceptance_rate``, ``step_size``, ``resampled``. ``attrs``:
         ``route`` (``"exact"``: SMC to the sum of ``log_probs``; ``"cubic"``: SMC to the sum of
         cubic shard energies; ``"learned"``: annealed MCMC on learned energies),
+        ``polynomial_misfit`` (the cubic route: the fits' joint RMS error at the draws in nats,
+        :func:`~diffstat.dnc.surrogate.product_misfit`; a ``RuntimeWarning`` above 0.3),
         ``fit_time`` (sum over shards), ``max_fit_time``, ``combine_time``, ``num_energy_evals``,
         ``num_modes`` (modes of the product found by the calibration; 0 when it did not run),
         ``num_calibrated_modes``, ``num_shard_evals`` (points at which each shard's
@@ -139,7 +142,7 @@ def _combine_surrogate(subposteriors, scores, num_samples, generator, opts) -> C
     ``executor`` when given), their product sampled by the SMC of :mod:`diffstat.dnc.exact_smc`
     as if it were exact."""
     from diffstat.dnc.exact_smc import combine_exact
-    from diffstat.dnc.surrogate import fit_polynomial_shards
+    from diffstat.dnc.surrogate import MAX_PRODUCT_MISFIT, fit_polynomial_shards, product_misfit
 
     start = time.perf_counter()
     log_probs = fit_polynomial_shards(
@@ -147,12 +150,24 @@ def _combine_surrogate(subposteriors, scores, num_samples, generator, opts) -> C
         executor=opts.executor, max_retries=opts.max_retries,
     )  # fmt: skip
     fit_time = time.perf_counter() - start
+    misfit = product_misfit(log_probs)
+    if misfit > MAX_PRODUCT_MISFIT:
+        warnings.warn(
+            f"dnc.combine: the polynomial shard energies miss the shards' log-densities at their own "
+            f"draws by {misfit:.2f} nats (root sum of squares over the shards; limit {MAX_PRODUCT_MISFIT}): "
+            "a shard is multimodal or too skewed for a polynomial, and the product built from them is "
+            "likely biased. Pass the shards' log-density callables (log_probs=, the exact route), or "
+            "draw_log_probs=None for the learned energies.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     result = combine_exact(
         subposteriors, log_probs, num_samples=num_samples, generator=generator, options=opts.smc
     )
     result.attrs.update(
         fit_time=fit_time,
         max_fit_time=fit_time,
+        polynomial_misfit=misfit,
         exact_final_target=0,
         shard_energies=f"polynomial of degree {opts.surrogate_degree}",
     )

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import diffstat as ds
-from diffstat.dnc.surrogate import fit_polynomial_shard, monomials
+from diffstat.dnc.surrogate import MAX_PRODUCT_MISFIT, fit_polynomial_shard, monomials
 
 from tests.dnc.test_exact_smc import A_K, B_K, MIX, LogGammaShard, _exact_moments, _z_scores
 
@@ -47,6 +47,7 @@ def test_fit_is_exact_for_a_cubic_log_density():
     (g_exact,) = torch.autograd.grad(cubic(farg).sum(), farg)
     torch.testing.assert_close(lp, cubic(far) + 5.0, rtol=0, atol=1e-7)
     torch.testing.assert_close(g, g_exact, rtol=0, atol=1e-7)
+    assert shard.misfit < 1e-9
     with pytest.raises(ValueError, match="too few"):
         fit_polynomial_shard(x[:3], grad[:3], cubic(x[:3]))
 
@@ -88,21 +89,24 @@ def test_product_from_draws_scores_and_values():
     )
     x = torch.as_tensor(idata.posterior["x"].values).reshape(-1, 2)
     assert idata.posterior.attrs["shard_energies"] == "polynomial of degree 3"
+    assert idata.posterior.attrs["polynomial_misfit"] < MAX_PRODUCT_MISFIT  # unimodal: no warning
     assert _z_scores(x, mean, cov, 500).abs().max() < 4.0
     gauss = ds.dnc.combine(draws, "gaussian", num_samples=2000, seed=4, progress=False)
     xg = torch.as_tensor(gauss.posterior["x"].values).reshape(-1, 2)
     assert _z_scores(xg, mean, cov, 2000).abs().max() > 4.0
-    # the check can fail: quadratic energies (a Gaussian per shard, fitted to the scores) are off too
-    quad = ds.dnc.combine(
-        draws,
-        "diffusion",
-        scores=scores,
-        num_samples=2000,
-        seed=4,
-        progress=False,
-        draw_log_probs=values,
-        surrogate_degree=2,
-    )
+    # the check can fail: quadratic energies (a Gaussian per shard, fitted to the scores) are off
+    # too, and their misfit at the draws says so
+    with pytest.warns(RuntimeWarning, match="polynomial shard energies miss"):
+        quad = ds.dnc.combine(
+            draws,
+            "diffusion",
+            scores=scores,
+            num_samples=2000,
+            seed=4,
+            progress=False,
+            draw_log_probs=values,
+            surrogate_degree=2,
+        )
     xq = torch.as_tensor(quad.posterior["x"].values).reshape(-1, 2)
     assert _z_scores(xq, mean, cov, 500).abs().max() > 4.0
 
@@ -141,3 +145,31 @@ def test_combine_takes_log_probs_from_inputs_that_carry_them():
     results[1].log_probs = values[1][:-1]
     with pytest.raises(ValueError, match="shard 1 carries 1499 log-densities for 1500 draws"):
         ds.dnc.combine(results, "diffusion", **kwargs)
+
+
+def test_the_cubic_route_warns_where_the_shards_are_multimodal():
+    """Shards whose log-densities have two modes (+-a, sd 0.5) are no polynomial: the fits miss their
+    values at the draws by far more than the skewed log-gamma shards' (above), and the product
+    built from them is then not trusted: a warning and ``polynomial_misfit`` in the attrs."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.tensor([1.5, 0.0], dtype=torch.float64)
+
+    def two_modes(x):
+        return torch.logsumexp(
+            torch.stack([-((x - a) ** 2).sum(-1), -((x + a) ** 2).sum(-1)]) / (2 * 0.25), 0
+        )
+
+    draws, scores, values = [], [], []
+    for _ in range(3):
+        sign = torch.where(torch.rand(1500, 1, generator=gen, dtype=torch.float64) < 0.5, 1.0, -1.0)
+        x = sign * a + 0.5 * torch.randn(1500, 2, generator=gen, dtype=torch.float64)
+        xg = x.clone().requires_grad_(True)
+        lp = two_modes(xg)
+        scores.append(torch.autograd.grad(lp.sum(), xg)[0])
+        draws.append(x)
+        values.append(lp.detach())
+    with pytest.warns(RuntimeWarning, match="polynomial shard energies miss"):
+        idata = ds.dnc.combine(
+            draws, "diffusion", scores=scores, draw_log_probs=values, num_samples=500, seed=0, progress=False
+        )
+    assert idata.posterior.attrs["polynomial_misfit"] > 2 * MAX_PRODUCT_MISFIT
