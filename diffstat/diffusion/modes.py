@@ -23,7 +23,8 @@ half of the diffusion sampler (:mod:`diffstat.diffusion.sampler`):
    nearest neighbour only, three evaluations per point). Above ``MAX_UNSEEN`` the points cannot
    list the modes (many-well(32): 2^16 modes, nearly every point alone in its own), grouping
    them would cost a barrier test per pair of modes (2 million evaluations for 773 of them),
-   and the bank holds them all as one pooled mode.
+   and the bank holds the SMC seeds' end points as one pooled mode, with every end point as its
+   ``support``.
 3. :func:`balance_modes` restocks each banked mode with local MALA chains (step size and a
    diagonal preconditioner adapted per mode) so every mode has the same number of particles, with
    their gradients, for score matching. Measured on the 10-d narrow-heavy/wide-light mixture,
@@ -78,7 +79,8 @@ class ModeBank:
     label : (n,) long, mode index in ``0..num_modes-1``; centers : (K, dim) the highest-density
     particle of each mode; center_log_prob : (K,); num_evals : target evaluations spent;
     unseen_mass : the Good-Turing mass of the modes the exploration never reached
-    (:func:`unseen_mode_mass`); above ``MAX_UNSEEN`` the bank is one pooled mode of many.
+    (:func:`unseen_mode_mass`); above ``MAX_UNSEEN`` the bank is one pooled mode of many, and
+    support : (m, dim) every explored end point, which marks where its modes lie (None otherwise).
     """
 
     x: torch.Tensor
@@ -89,6 +91,7 @@ class ModeBank:
     center_log_prob: torch.Tensor
     num_evals: int = 0
     unseen_mass: float = 0.0
+    support: torch.Tensor | None = None
 
     @property
     def num_modes(self) -> int:
@@ -257,8 +260,10 @@ def explore_modes(
     ``extra_starts`` ``(m, dim)``: further chains started there (at scale 1), e.g. the particles of
     a tempered SMC run that reached the posterior where chains from the reference cannot.
     Where :func:`unseen_mode_mass` of the climbed points exceeds ``MAX_UNSEEN`` they are not
-    grouped: the bank holds them all as one mode (its ``unseen_mass`` says so), whose centre is
-    the best climbed point.
+    grouped: the bank holds the end points of the ``extra_starts`` chains (all of them where there
+    are none) as one mode (its ``unseen_mass`` says so, its ``support`` keeps every end point),
+    whose centre is their best climbed point: the SMC particles visit modes in proportion to their
+    mass, chains from the reference in proportion to their basins.
     Returns a :class:`ModeBank` whose centres are the best climbed point of each mode.
     """
     num_chains = check_positive_int(num_chains, "num_chains")
@@ -305,6 +310,7 @@ def explore_modes(
     label = _drop_stragglers(lp, label, target.dim, from_smc)
     bank = _relabel(xs, lp, grad, label, target.num_target_evals - evals0, peak_x, peak_lp)
     bank.unseen_mass = unseen
+    bank.support = xs if unseen > MAX_UNSEEN else None
     return bank
 
 
@@ -403,6 +409,7 @@ def balance_modes(
         bank.center_log_prob,
         bank.num_evals + target.num_target_evals - evals0,
         bank.unseen_mass,
+        bank.support,
     )
 
 

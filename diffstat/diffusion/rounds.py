@@ -238,7 +238,7 @@ def _fit_gaussians(bank: ModeBank, config: DiffusionConfig, weights=None):
     the coordinates (many-well(32), seed 0, ESS fractions of the three rounds 0.09/0.10/0.13 widened
     by 1.2, 0.18/0.25/0.27 by 1.1, 0.15/0.28/0.26 by 1; Pareto k at most 0.48 in all)."""
     if _pooled(bank):
-        return MeanFieldMixture.fit(bank.x, inflate=math.sqrt(config.inflate))
+        return MeanFieldMixture.fit(bank.x, support=bank.support, inflate=math.sqrt(config.inflate))
     return fit_mode_gaussians(bank, inflate=config.inflate, weights=weights)
 
 
@@ -248,7 +248,15 @@ def _restart_bank(target, bank: ModeBank, pop: Population, count: int, generator
     idx = resample_per_mode(pop.log_w, pop.mode, bank.num_modes, count, generator)
     lp, grad = target.log_prob_and_grad(pop.x[idx])
     new = ModeBank(
-        pop.x[idx], lp, grad, pop.mode[idx], bank.centers, bank.center_log_prob, 0, bank.unseen_mass
+        pop.x[idx],
+        lp,
+        grad,
+        pop.mode[idx],
+        bank.centers,
+        bank.center_log_prob,
+        0,
+        bank.unseen_mass,
+        bank.support,
     )
     for k in range(bank.num_modes):  # a loop over modes (few): those that received no weight
         if bool((new.label == k).any()):
@@ -263,6 +271,7 @@ def _restart_bank(target, bank: ModeBank, pop: Population, count: int, generator
             bank.center_log_prob,
             0,
             bank.unseen_mass,
+            bank.support,
         )
     return new
 
