@@ -20,7 +20,8 @@ import torch
 
 from diffstat._util import check_positive_int, check_probability
 from diffstat.diffusion.importance import importance_summary, resample_per_mode, round_missed, unique_rows
-from diffstat.diffusion.modes import ModeBank, balance_modes, explore_modes, smc_seeds
+from diffstat.diffusion.gaussians import MeanFieldMixture
+from diffstat.diffusion.modes import MAX_UNSEEN, ModeBank, balance_modes, explore_modes, smc_seeds
 from diffstat.diffusion.networks import ScoreMLP
 from diffstat.diffusion.processes import VP
 from diffstat.diffusion.proposals import (
@@ -36,7 +37,34 @@ from diffstat.diffusion.proposals import (
 )
 from diffstat.diffusion.training import TrainConfig, train_score_model
 
-__all__ = ["DiffusionConfig", "Population", "RoundInfo", "RoundState", "Units", "done", "init", "step"]
+__all__ = [
+    "DiffusionConfig",
+    "Population",
+    "RoundInfo",
+    "RoundState",
+    "Units",
+    "done",
+    "init",
+    "step",
+    "chains_per_mode",
+    "MAX_FULL_MODES",
+]
+
+#: Banks of at most this many modes restock every mode with the configured number of chains
+#: (``chains_per_mode``, ``refresh_chains``); a larger bank shares that total, 64 modes' worth, among
+#: its modes (:func:`chains_per_mode`), so the restocking never costs more than on a 64-mode target
+#: (GMM-40's 40 modes and every few-mode target are untouched). Without the cap the work grew with
+#: the bank: at ``run_all.py --fast``'s options many-well(32) banked 773 modes, whose restocking
+#: (32 chains of 40 steps, then twice 256 of 21, per mode) comes to 9.3 of the run's 11.7 million
+#: evaluations.
+MAX_FULL_MODES = 64
+
+
+def chains_per_mode(count: int, num_modes: int) -> int:
+    """Chains per mode when ``count`` are configured per mode and the bank holds ``num_modes``:
+    ``count`` up to ``MAX_FULL_MODES`` modes, then ``count * MAX_FULL_MODES // num_modes`` (at least
+    one), a total budget shared by the modes."""
+    return count if num_modes <= MAX_FULL_MODES else max(1, count * MAX_FULL_MODES // num_modes)
 
 
 @dataclass(frozen=True)
@@ -181,16 +209,37 @@ def init(generator: torch.Generator, target, config: DiffusionConfig, device=Non
     explore_nan = target.num_nan_evals - nan0
     num_modes = bank.num_modes
     bank = balance_modes(
-        target, bank, generator, chains_per_mode=config.chains_per_mode, num_steps=config.restock_steps
+        target,
+        bank,
+        generator,
+        chains_per_mode=chains_per_mode(config.chains_per_mode, num_modes),
+        num_steps=config.restock_steps,
     )
-    gaussians = fit_mode_gaussians(bank, inflate=config.inflate)
+    gaussians = _fit_gaussians(bank, config)
     uniform = torch.full((num_modes,), 1.0 / num_modes, dtype=bank.x.dtype, device=dev)
     per_mode = config.use_diffusion and (
-        num_modes <= config.max_mode_models
+        num_modes <= config.max_mode_models and not _pooled(bank)
         if config.per_mode_models is None
         else bool(config.per_mode_models)
     )
     return RoundState(bank, gaussians, uniform, (bank,), None, None, None, 0, per_mode, evals0, explore_nan)
+
+
+def _pooled(bank: ModeBank) -> bool:
+    """Whether the bank holds many modes as one (their unseen mass above ``MAX_UNSEEN``)."""
+    return bank.unseen_mass > MAX_UNSEEN
+
+
+def _fit_gaussians(bank: ModeBank, config: DiffusionConfig, weights=None):
+    """The Gaussian part of the proposal: per-mode Gaussians, or for a pooled bank the product of
+    per-coordinate mixtures (:class:`~diffstat.diffusion.gaussians.MeanFieldMixture`), which covers
+    the combinations of modes that no list holds, widened by the square root of ``inflate``: each
+    coordinate's two components already follow its shape, and the widening's cost multiplies over
+    the coordinates (many-well(32), seed 0, ESS fractions of the three rounds 0.09/0.10/0.13 widened
+    by 1.2, 0.18/0.25/0.27 by 1.1, 0.15/0.28/0.26 by 1; Pareto k at most 0.48 in all)."""
+    if _pooled(bank):
+        return MeanFieldMixture.fit(bank.x, support=bank.support, inflate=math.sqrt(config.inflate))
+    return fit_mode_gaussians(bank, inflate=config.inflate, weights=weights)
 
 
 def _restart_bank(target, bank: ModeBank, pop: Population, count: int, generator) -> ModeBank:
@@ -198,7 +247,17 @@ def _restart_bank(target, bank: ModeBank, pop: Population, count: int, generator
     bank's own particles where a mode received no weight), with fresh gradients."""
     idx = resample_per_mode(pop.log_w, pop.mode, bank.num_modes, count, generator)
     lp, grad = target.log_prob_and_grad(pop.x[idx])
-    new = ModeBank(pop.x[idx], lp, grad, pop.mode[idx], bank.centers, bank.center_log_prob, 0)
+    new = ModeBank(
+        pop.x[idx],
+        lp,
+        grad,
+        pop.mode[idx],
+        bank.centers,
+        bank.center_log_prob,
+        0,
+        bank.unseen_mass,
+        bank.support,
+    )
     for k in range(bank.num_modes):  # a loop over modes (few): those that received no weight
         if bool((new.label == k).any()):
             continue
@@ -211,6 +270,8 @@ def _restart_bank(target, bank: ModeBank, pop: Population, count: int, generator
             bank.centers,
             bank.center_log_prob,
             0,
+            bank.unseen_mass,
+            bank.support,
         )
     return new
 
@@ -228,12 +289,13 @@ def _restock(generator: torch.Generator, state: RoundState, target, config: Diff
             pop.log_w, unit, num_modes if state.per_mode else 1, config.held_out, generator
         )
         held = (pop.x[idx], pop.log_prob[idx], pop.mode[idx])
-    restart = _restart_bank(target, state.bank, pop, config.refresh_chains, generator)
+    count = chains_per_mode(config.refresh_chains, num_modes)
+    restart = _restart_bank(target, state.bank, pop, count, generator)
     bank = balance_modes(
         target,
         restart,
         generator,
-        chains_per_mode=config.refresh_chains,
+        chains_per_mode=count,
         num_steps=config.refresh_steps,
         keep_every=config.refresh_keep_every,
     )
@@ -255,7 +317,7 @@ def _restock(generator: torch.Generator, state: RoundState, target, config: Diff
             ),
         )
     train = new if state.round == 1 else state.train + new
-    gaussians = fit_mode_gaussians(bank, inflate=config.inflate, weights=pi)
+    gaussians = _fit_gaussians(bank, config, weights=pi)
     return state._replace(bank=bank, gaussians=gaussians, pi=pi, train=train, held=held)
 
 

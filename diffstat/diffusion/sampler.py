@@ -13,9 +13,18 @@ behind each default are in ``docs/diffusion_sampler.md`` beside the benchmarks t
    starts find narrow modes that a wide mode hides from tempering; the SMC particles reach the
    posteriors that short chains from a diffuse prior never do (regressions thousands of times
    narrower than the prior and correlated at 0.999: posteriordb's earnings, kidiq, mesquite, nes).
+   Where the climbed points cannot list the modes (their Good-Turing unseen mass, the share of
+   points alone in their mode, above ``MAX_UNSEEN`` = 0.1: many-well(32) has :math:`2^{16}` modes),
+   they are not grouped (a barrier test per pair of modes) and the SMC particles, which visit modes
+   in proportion to their mass, form one *pooled* mode; its Gaussian part is then the product of
+   per-coordinate two-component mixtures (:class:`~diffstat.diffusion.gaussians.MeanFieldMixture`),
+   which covers every combination of the coordinates' components that no list of modes holds.
 2. **Balance** (:func:`~diffstat.diffusion.modes.balance_modes`): restock every mode with local
    MALA chains, so each mode has the same number of training particles, with their gradients
-   (training on the raw explored particles, a handful in a narrow mode, fails).
+   (training on the raw explored particles, a handful in a narrow mode, fails). A bank of more
+   than ``MAX_FULL_MODES`` (64) modes shares 64 modes' worth of chains among them
+   (:func:`~diffstat.diffusion.rounds.chains_per_mode`, here and at every restock), so the work
+   does not grow with the bank.
 3. **Importance round with the per-mode Gaussians** (``gaussian_rounds``, default 1): the
    moment-matched Gaussians :math:`q_{\mathrm{gauss}} = \sum_k \pi_k \mathcal N(\mu_k, c^2\Sigma_k)`
    alone; its weighted particles are resampled (``refresh_chains`` per mode) and moved by
@@ -312,7 +321,8 @@ def diffusion(target, *, num_samples, num_chains, generator, progress, device, *
     (1) rounds of per-mode Gaussian importance sampling first; after each round, ``refresh_chains`` (256)
     particles per mode resampled and moved by ``refresh_steps`` (20) MALA steps; score models ``hidden``
     (128) x ``depth`` (3), one per mode if ``per_mode_models`` (None: when at most ``max_mode_models`` (4)
-    modes), ``train_steps`` (2000) Adam steps of the mixed loss (cosine learning rate from ``lr``, 1e-3;
+    modes are listed; a pooled bank, module docstring, has one model), ``train_steps`` (2000) Adam steps
+    of the mixed loss (cosine learning rate from ``lr``, 1e-3;
     ``batch_size`` 256), ``refit_steps`` (500) in later rounds; ``num_proposals`` (4096) per round
     (``final_proposals`` in the last of ``max_rounds``; None: the same; the rounds before it only adapt,
     so a larger last round buys a better answer at one target evaluation per draw), ``diffusion_weight``
