@@ -274,11 +274,11 @@ def split_rhat(draws, shift: bool = True, fold_at=None) -> np.ndarray:
     return _rhat_of_chains([draws[:, :n], draws[:, draws.shape[1] - n :]], origin, fold_at)
 
 
-#: R-hat's sums run over this many chains at a time: a block's float64 copy (32 chains of 150 draws
-#: of 34 coordinates: 1.3 MB) stays in the cache, where numpy's float64 sums over all chains at once
-#: went to memory and back for each of their passes: 2.5 to 3 times faster at 1,000 chains of 300
-#: draws of 10 or 34 coordinates (``docs/mala_overhead.md``), the same sums to rounding.
-RHAT_BLOCK_CHAINS = 32
+#: R-hat's sums run over blocks of about this many numbers (2 MiB in float64), a block of chains or of
+#: draws, whichever axis is the outer one in memory: a block's float64 copy stays in the cache, where
+#: numpy's float64 sums over all chains at once went to memory and back for each of their passes
+#: (1.3 to 2 times faster on 1,000 chains of 300 draws of 10 or 34 coordinates, ``docs/mala_overhead.md``).
+RHAT_BLOCK_ELEMENTS = 2**18
 
 
 def _as_tensor(x: np.ndarray) -> torch.Tensor:
@@ -291,21 +291,30 @@ def _as_tensor(x: np.ndarray) -> torch.Tensor:
 
 def _chain_sums(y: torch.Tensor, origin: torch.Tensor | None, fold_at: torch.Tensor | None):
     """Sums over the draws of each chain of ``y: (C, n, dim)``, of ``y - origin`` (``(C, 1, dim)``,
-    or ``y`` itself) or of ``|y - fold_at|``, and of their squares: ``(C, dim)`` each, float64,
-    :data:`RHAT_BLOCK_CHAINS` chains at a time (a float32 ``y`` is copied to float64 a block at a time)."""
-    chains, dim = y.shape[0], y.shape[2]
-    total = torch.empty(chains, dim, dtype=torch.float64)
-    squares = torch.empty_like(total)
-    for start in range(0, chains, RHAT_BLOCK_CHAINS):
-        rows = slice(start, start + RHAT_BLOCK_CHAINS)
-        block = y[rows]
+    or ``y`` itself) or of ``|y - fold_at|``, and of their squares: ``(C, dim)`` each, float64, a
+    block of chains or of draws at a time (:data:`RHAT_BLOCK_ELEMENTS`; a float32 ``y`` is copied
+    to float64 a block at a time). Draws stored draw by draw (``ds.sample``'s ``(draw, chain, dim)``
+    transposed) are cut into blocks of draws, so that every block is a few contiguous slabs."""
+    chains, n, dim = y.shape
+    by_draws = y.stride(1) > y.stride(0)
+    axis, length = (1, n) if by_draws else (0, chains)
+    step = max(1, RHAT_BLOCK_ELEMENTS // max(1, y.numel() // max(1, length)))
+    total = torch.zeros(chains, dim, dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for start in range(0, length, step):
+        size = min(step, length - start)
+        block = y.narrow(axis, start, size)
         if fold_at is not None:
             block = (block - fold_at).abs_()
         elif origin is not None:
-            block = block - origin[rows]
+            block = block - (origin if by_draws else origin.narrow(0, start, size))
         block = block.to(torch.float64)
-        total[rows] = block.sum(1)
-        squares[rows] = (block * block).sum(1)
+        if by_draws:
+            total += block.sum(1)
+            squares += (block * block).sum(1)
+        else:
+            total[start : start + size] = block.sum(1)
+            squares[start : start + size] = (block * block).sum(1)
     return total, squares
 
 
