@@ -20,6 +20,7 @@ import functools
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 __all__ = ["rank_diagnostics", "rank_ess", "many_chain_diagnostics", "split_rhat", "rank_chain_subset"]
 
@@ -258,40 +259,86 @@ def _rank_statistics(draws, with_rhat: bool) -> tuple:
     return tuple(None if v is None else np.where(invalid, np.nan, v) for v in (rhat, bulk, tail))
 
 
-def split_rhat(draws, shift: bool = True) -> np.ndarray:
+def split_rhat(draws, shift: bool = True, fold_at=None) -> np.ndarray:
     r"""Split R-hat of the draws themselves (Gelman et al. 2013, BDA3 section 11.4), every
     coordinate of ``draws: (chain, draw, dim)`` at once: each chain halved (the middle draw of an
     odd chain dropped) and the :math:`2C` halves passed to :func:`_rhat_of_chains` as they lie,
     without a copy of all draws. ``shift``: subtract each chain's first draw from both its halves
     before summing, so that a mean far from zero cancels no digits (draws centred already, such
-    as folded ones, need no shift). Returns ``(dim,)``, NaN for a constant or NaN coordinate."""
+    as folded ones, need no shift). ``fold_at`` ``(dim,)``: the R-hat of the folded draws
+    :math:`|x - \text{fold\_at}|` instead (no shift), folded block by block. Returns ``(dim,)``,
+    NaN for a constant or NaN coordinate."""
     draws = np.asarray(draws)
     n = draws.shape[1] // 2
-    origin = draws[:, :1] if shift else None
-    return _rhat_of_chains([draws[:, :n], draws[:, draws.shape[1] - n :]], origin)
+    origin = draws[:, :1] if shift and fold_at is None else None
+    return _rhat_of_chains([draws[:, :n], draws[:, draws.shape[1] - n :]], origin, fold_at)
 
 
-def _rhat_of_chains(parts: list[np.ndarray], origin: np.ndarray | None) -> np.ndarray:
+#: R-hat's sums run over blocks of about this many numbers (2 MiB in float64), a block of chains or of
+#: draws, whichever axis is the outer one in memory: a block's float64 copy stays in the cache, where
+#: numpy's float64 sums over all chains at once went to memory and back for each of their passes
+#: (1.3 to 2 times faster on 1,000 chains of 300 draws of 10 or 34 coordinates, ``docs/mala_overhead.md``).
+RHAT_BLOCK_ELEMENTS = 2**18
+
+
+def _as_tensor(x: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``x``'s memory (only read here), or of a copy where torch cannot share it
+    (negative strides) or would warn (a read-only array)."""
+    if not x.flags.writeable or any(stride < 0 for stride in x.strides):
+        x = np.array(x)
+    return torch.from_numpy(x)
+
+
+def _chain_sums(y: torch.Tensor, origin: torch.Tensor | None, fold_at: torch.Tensor | None):
+    """Sums over the draws of each chain of ``y: (C, n, dim)``, of ``y - origin`` (``(C, 1, dim)``,
+    or ``y`` itself) or of ``|y - fold_at|``, and of their squares: ``(C, dim)`` each, float64, a
+    block of chains or of draws at a time (:data:`RHAT_BLOCK_ELEMENTS`; a float32 ``y`` is copied
+    to float64 a block at a time). Draws stored draw by draw (``ds.sample``'s ``(draw, chain, dim)``
+    transposed) are cut into blocks of draws, so that every block is a few contiguous slabs."""
+    chains, n, dim = y.shape
+    by_draws = y.stride(1) > y.stride(0)
+    axis, length = (1, n) if by_draws else (0, chains)
+    step = max(1, RHAT_BLOCK_ELEMENTS // max(1, y.numel() // max(1, length)))
+    total = torch.zeros(chains, dim, dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for start in range(0, length, step):
+        size = min(step, length - start)
+        block = y.narrow(axis, start, size)
+        if fold_at is not None:
+            block = (block - fold_at).abs_()
+        elif origin is not None:
+            block = block - (origin if by_draws else origin.narrow(0, start, size))
+        block = block.to(torch.float64)
+        if by_draws:
+            total += block.sum(1)
+            squares += (block * block).sum(1)
+        else:
+            total[start : start + size] = block.sum(1)
+            squares[start : start + size] = (block * block).sum(1)
+    return total, squares
+
+
+def _rhat_of_chains(parts: list[np.ndarray], origin: np.ndarray | None, fold_at=None) -> np.ndarray:
     r"""R-hat over the chains of every array of ``parts``, each ``(C_i, n, dim)`` (chains already
     split): :math:`\hat R = \sqrt{(B/W + n - 1)/n}`, :math:`B` ``n`` times the variance of the
     chains' means, :math:`W` their mean within-chain variance (both with ``ddof=1``). Each chain's
     mean and variance come from two sums in float64, of its draws and of their squares, after
     subtracting ``origin`` ``(C, 1, dim)`` (a draw of each chain, so that a mean far from zero
-    cancels no digits; None: nothing), and float32 draws are not copied to float64: the one R-hat
-    of the rank statistics (on normal scores, equal to arviz's to 1e-12) and of :func:`split_rhat`
-    (on the draws of many chains)."""
+    cancels no digits; None: nothing), or of the folded draws :math:`|x - \text{fold\_at}|`
+    (:func:`_chain_sums`), and float32 draws are copied to float64 only a block of chains at a time:
+    the one R-hat of the rank statistics (on normal scores, equal to arviz's to 1e-12) and of
+    :func:`split_rhat` (on the draws of many chains)."""
     n = parts[0].shape[1]
+    shift = None if origin is None else _as_tensor(np.asarray(origin))
+    fold = None if fold_at is None else torch.from_numpy(np.array(fold_at, dtype=parts[0].dtype))
     means, variances = [], []
-    for y in parts:
-        if origin is not None:
-            y = y - origin
-        total = y.sum(axis=1, dtype=np.float64)  # (C, dim)
-        squares = np.einsum("cnd,cnd->cd", y, y, dtype=np.float64)
-        means.append(total / n if origin is None else total / n + origin[:, 0])
+    for part in parts:
+        total, squares = _chain_sums(_as_tensor(part), shift, fold)
+        means.append(total / n if shift is None else total / n + shift[:, 0].to(torch.float64))
         variances.append((squares - total * total / n) / (n - 1))
-    between = n * np.concatenate(means).var(axis=0, ddof=1)
-    within = np.concatenate(variances).mean(axis=0)
-    return np.sqrt((between / within + n - 1) / n)
+    between = n * torch.cat(means).var(0)
+    within = torch.cat(variances).mean(0)
+    return torch.sqrt((between / within + n - 1) / n).numpy()
 
 
 def rank_chain_subset(chains: int, size: int) -> np.ndarray:
@@ -343,8 +390,8 @@ def many_chain_diagnostics(draws, rank_chains: int) -> tuple[np.ndarray, np.ndar
     subset = rank_chain_subset(chains, rank_chains)
     ranked = draws[subset]
     bulk, tail = rank_ess(ranked)
-    folded = np.subtract(draws, np.median(ranked.reshape(-1, dim), axis=0).astype(draws.dtype))
-    rhat = np.maximum(split_rhat(draws), split_rhat(np.abs(folded, out=folded), shift=False))
+    median = np.median(ranked.reshape(-1, dim), axis=0).astype(draws.dtype)
+    rhat = np.maximum(split_rhat(draws), split_rhat(draws, fold_at=median))
     scale = chains / len(subset)
     bulk, tail = bulk * scale, tail * scale
     if np.isnan(draws).any():  # as rank_diagnostics: every figure of a coordinate with a NaN draw

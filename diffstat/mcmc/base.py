@@ -15,7 +15,15 @@ import torch
 
 LogProbAndGrad = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
-__all__ = ["MCMCState", "MCMCInfo", "LogProbAndGrad", "init", "metropolis_accept", "as_per_chain"]
+__all__ = [
+    "MCMCState",
+    "MCMCInfo",
+    "LogProbAndGrad",
+    "init",
+    "metropolis_accept",
+    "as_per_chain",
+    "rows_finite",
+]
 
 #: A proposal whose log acceptance ratio is below minus this many nats counts as a divergence
 #: (the numerical integrator blew up); it is rejected like any other.
@@ -57,6 +65,15 @@ def as_per_chain(value, like: torch.Tensor) -> torch.Tensor:
     if value.dim() == 0:
         return value.expand(like.shape[0]).unsqueeze(-1)
     return value.reshape(-1, 1)
+
+
+def rows_finite(t: torch.Tensor) -> torch.Tensor:
+    """``(n,)``: True where every entry of the row of ``t: (n, dim)`` is finite, the same mask as
+    ``torch.isfinite(t).all(-1)``. Computed as the finiteness of the row sums of ``t * 0`` (0 for
+    a finite entry, NaN for an infinite or NaN one, and no overflow): a reduction of booleans over
+    the last dimension is slow on the CPU, about 0.1 ms at 1,000 x 10 and 0.5 ms at 1,000 x 34,
+    10 to 25 times this (``docs/mala_overhead.md``), more than the logistic target's gradient."""
+    return torch.isfinite((t * 0).sum(-1))
 
 
 def metropolis_accept(

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from diffstat.mcmc.base import LogProbAndGrad, MCMCState, as_per_chain, metropolis_accept
+from diffstat.mcmc.base import LogProbAndGrad, MCMCState, as_per_chain, metropolis_accept, rows_finite
 from diffstat.mcmc.metric import Metric, kinetic_energy, sample_momentum, velocity
 
 __all__ = [
@@ -174,7 +174,7 @@ class ChEESAdaptation(JitteredLength):
     def update(self, x: torch.Tensor, info: HMCInfo) -> None:
         """One Adam step from the chains' start points ``x: (n, dim)`` and their step's info."""
         prop, vel, alpha = info.proposal, info.proposal_velocity, info.acceptance_rate
-        finite = torch.isfinite(prop).all(-1) & torch.isfinite(vel).all(-1) & (alpha > 0)
+        finite = rows_finite(prop) & rows_finite(vel) & (alpha > 0)
         if int(finite.sum()) < 2:
             return
         x, prop, vel, alpha = x[finite], prop[finite], vel[finite], alpha[finite]

@@ -232,7 +232,7 @@ def _attrs(kernel, warm, trajectory, num_warmup, max_tree_depth) -> dict:
         "num_warmup": num_warmup,
         "metric": warm.metric,
         "step_size": float(warm.step_size),
-        "chain_step_sizes": [float(h) for h in warm.chain_step_sizes],
+        "chain_step_sizes": warm.chain_step_sizes.tolist(),  # one conversion, not a float() per chain
     }
     if kernel == "hmc":
         if isinstance(trajectory, int):

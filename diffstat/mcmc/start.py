@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 import torch
 
-from diffstat.mcmc.base import LogProbAndGrad, MCMCState
+from diffstat.mcmc.base import LogProbAndGrad, MCMCState, rows_finite
 
 __all__ = ["find_start", "initial_step_sizes"]
 
@@ -103,12 +103,7 @@ def find_start(
         y = x + a_col * g
         lp_y, g_y = log_prob_and_grad(y)
         gain = lp_y - lp
-        ok = (
-            torch.isfinite(lp_y)
-            & torch.isfinite(g_y).all(-1)
-            & (gain >= ARMIJO * a * (g * g).sum(-1))
-            & ~done
-        )
+        ok = torch.isfinite(lp_y) & rows_finite(g_y) & (gain >= ARMIJO * a * (g * g).sum(-1)) & ~done
         s = y - x
         curv = -((g_y - g) * s).sum(-1)  # s^T H s along the move, for -log pi
         bb = torch.where(curv > 0, (s * s).sum(-1) / curv.clamp_min(1e-300), 4 * a)
@@ -131,7 +126,7 @@ def find_start(
             noise, cov = _laplace_jitter(hess, noise, a_min)
         y = x + noise
         lp_y, g_y = log_prob_and_grad(y)
-        ok = torch.isfinite(lp_y) & torch.isfinite(g_y).all(-1)
+        ok = torch.isfinite(lp_y) & rows_finite(g_y)
         k = ok.unsqueeze(-1)
         x, lp, g = torch.where(k, y, x), torch.where(ok, lp_y, lp), torch.where(k, g_y, g)
     return MCMCState(x, lp, g), cov
@@ -215,7 +210,7 @@ def _newton(log_prob_and_grad, x, lp, g, max_iters: int):
             break
         lp_y, g_y = lp_y.reshape(n, -1), g_y.reshape(n, -1, dim)
         armijo = lp_y - lp[:, None] >= ARMIJO * ts * dec[:, None]
-        valid = torch.isfinite(lp_y) & torch.isfinite(g_y).all(-1) & armijo
+        valid = torch.isfinite(lp_y) & rows_finite(g_y) & armijo
         first = valid.to(torch.int8).argmax(-1)  # the largest t that passes
         ok = active & valid.any(-1)
         stuck = stuck | (active & ~ok)
