@@ -212,7 +212,7 @@ def method_options(method: str, budget: int, dim: int, fast: bool) -> tuple[int,
         return max(10, budget // 80), dict(num_chains=4, num_temperatures=10)
     if method == "mala":  # 8 chains x (warm-up + draws)
         return max(10, budget // 16), dict(num_chains=8)
-    if method == "hmc":  # 8 chains x (warm-up + draws) x 10 leapfrog steps
+    if method == "hmc":  # 8 chains x (warm-up + draws) x about 10 leapfrog steps (then rescaled)
         return max(10, budget // 160), dict(num_chains=8)
     if method in ("diffusion", "gaussian_is"):  # exploration + restocking + proposals, adaptively
         options = dict(num_explore=1000, num_proposals=2048)
@@ -229,26 +229,28 @@ def method_options(method: str, budget: int, dim: int, fast: bool) -> tuple[int,
 
 
 def run_matched(problem: Problem, method: str, num_samples: int, options: dict, seed: int):
-    """``ds.sample``; SMC, whose number of temperatures adapts to the target, is run once more with
-    ``num_mcmc_steps`` rescaled when the first run missed the budget by more than a factor 1.5
-    (the row reports the second run; its note gives the first run's evaluations)."""
+    """``ds.sample``; SMC, whose number of temperatures adapts to the target, and HMC, whose trajectory
+    lengths adapt, are run once more when the first run missed the budget by more than a factor 1.5:
+    SMC with ``num_mcmc_steps`` rescaled, HMC with ``num_samples`` (and so its warm-up, as long)
+    rescaled (the row reports the second run; its note gives the first run's evaluations)."""
     idata = ds.sample(problem.target, method, num_samples=num_samples, seed=seed, progress=False, **options)
-    if method != "smc":
+    if method not in ("smc", "hmc"):
         return idata
     attrs = idata.posterior.attrs
-    evals, steps = attrs["num_target_evals"], options["num_mcmc_steps"]
-    new_steps = max(1, round((steps + 1) * problem.budget / evals) - 1)
-    if 1 / 1.5 < evals / problem.budget < 1.5 or new_steps == steps:
+    evals = attrs["num_target_evals"]
+    if method == "smc":
+        steps = options["num_mcmc_steps"]
+        new_steps = max(1, round((steps + 1) * problem.budget / evals) - 1)
+        unchanged = new_steps == steps
+        num_samples, options = num_samples, {**options, "num_mcmc_steps": new_steps}
+    else:
+        new_samples = max(10, round(num_samples * problem.budget / evals))
+        unchanged = new_samples == num_samples
+        num_samples = new_samples
+    if 1 / 1.5 < evals / problem.budget < 1.5 or unchanged:
         return idata
     seconds = attrs["sampling_time"]
-    idata = ds.sample(
-        problem.target,
-        method,
-        num_samples=num_samples,
-        seed=seed,
-        progress=False,
-        **{**options, "num_mcmc_steps": new_steps},
-    )
+    idata = ds.sample(problem.target, method, num_samples=num_samples, seed=seed, progress=False, **options)
     idata.posterior.attrs["calibration_evals"] = int(evals)
     idata.posterior.attrs["calibration_seconds"] = float(seconds)
     return idata
@@ -281,9 +283,8 @@ def evaluate(problem: Problem, idata, gen_seed: int) -> dict:
         row["log Z err"] = float(attrs["log_normalizer"]) - problem.log_z
     notes = []
     if "calibration_evals" in attrs:
-        notes.append(
-            f"num_mcmc_steps calibrated by a first run of {attrs['calibration_evals']:,} evaluations"
-        )
+        what = "num_mcmc_steps" if attrs.get("method") == "smc" else "num_samples"
+        notes.append(f"{what} calibrated by a first run of {attrs['calibration_evals']:,} evaluations")
     if not bool(finite.all()):
         notes.append(f"{int((~finite).sum())} non-finite draws dropped")
     if notes:
