@@ -345,7 +345,8 @@ def sms(
     max_evals = max_evals_per_draw if provider.uses_target and not learned else None
     run = opts.drive(generator, target, provider, geometry, sigma, big_m, n, max_evals, progress)
     s2 = sigma**2 / run.num_measurements
-    x, lp, acc, h_mala = correct(generator, target, run.x_hat, run.ybar, s2, num_mala)
+    fisher = provider.fisher_information() if learned else None  # the correction's preconditioner
+    x, lp, acc, h_mala = correct(generator, target, run.x_hat, run.ybar, s2, num_mala, fisher)
     attrs = {"sigma": sigma, "w2_tol": w2_tol, "noise_source": geometry["source"], "variant": variant}
     attrs.update(num_mala=num_mala, mala_step_size=h_mala, mala_acceptance=float(acc.mean()), **score_attrs)
     return _result(x, lp, acc, (num_chains, num_samples), run, provider, rejected, attrs)

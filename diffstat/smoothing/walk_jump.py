@@ -292,7 +292,8 @@ def walk_jump(
     max_evals = max_evals_per_draw if capped else None
     run = _run(generator, target, kernel, y, provider, sigma, walk == "mala", schedule, max_evals, progress)
     run = _in_chains(run, num_chains, walkers, num_samples)
-    x, lp, h_corr = correct_jumps(generator, target, run.draws, run.walkers, sigma**2, num_mala)
+    fisher = provider.fisher_information() if learned else None  # the correction's preconditioner
+    x, lp, h_corr = correct_jumps(generator, target, run.draws, run.walkers, sigma**2, num_mala, fisher)
     attrs = {"walk": walk, "walk_step_size": kernel.step_size(run.state.walk), "num_mala": num_mala,
              "walkers_per_chain": walkers}  # fmt: skip
     return _result(x, lp, run, provider, sigma, rejected, dict(attrs, mala_step_size=h_corr, **score_attrs))
