@@ -68,7 +68,7 @@ import torch
 from diffstat._util import check_positive_int, progress_bar
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.smoothing.correction import check_num_mala, correct, posterior_mala
-from diffstat.smoothing.fit import learned_score_report
+from diffstat.smoothing.fit import learned_score_report, worded_for
 from diffstat.smoothing.geometry import default_noise, noise_levels
 from diffstat.smoothing.learned import LearnedSmoothedScore
 from diffstat.smoothing.measurements import (
@@ -243,9 +243,10 @@ def _score(target, smoothed_score, estimator, estimator_options, generator):
     """The smoothed score, reset, and for a learned one
     :func:`~diffstat.smoothing.fit.learned_score_report`'s ``(attrs, rejected)``."""
     evals0 = target.num_target_evals
-    provider: SmoothedScore = resolve_smoothed_score(
-        target, smoothed_score, estimator=estimator, generator=generator, **(estimator_options or {})
-    )
+    with worded_for("sms"):
+        provider: SmoothedScore = resolve_smoothed_score(
+            target, smoothed_score, estimator=estimator, generator=generator, **(estimator_options or {})
+        )
     provider.reset()
     if not isinstance(provider, LearnedSmoothedScore):
         return provider, {}, False
