@@ -1,8 +1,9 @@
 """The learned smoothed score, the default when no smoothed score is given (issue 17): fitted from the
 log-density of the unequal two-mode target (weights 2:1, covariance 0.05 I, d = 8), it gives SMS the
 heavy weight and the within-mode variance; a kept score draws a second batch with no target evaluation
-beyond the final correction and its check; it survives a save/load round trip bit for bit; and it is
-rejected on a target it was not fitted to."""
+beyond the final correction and its check; it survives a save/load round trip bit for bit; it is
+rejected on a target it was not fitted to; and the fit's warnings name the sampler that was called and
+options it takes."""
 
 import math
 import warnings
