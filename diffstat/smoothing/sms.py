@@ -16,7 +16,8 @@ With :math:`\sigma` large enough every conditional is log-concave. The jump
 y_{1:M}]` is a posterior mean, whose within-mode variance shrinks to :math:`\tau^4/(\tau^2 +
 \sigma^2/M)`; so the output is the end of ``num_mala`` MALA steps on
 :math:`p(x\mid \bar y_M) \propto p(x)\,\mathcal N(x; \bar y_M, \sigma^2/M\, I)` started at the jump: a
-draw from :math:`p`, not a posterior mean.
+draw from :math:`p`, not a posterior mean (with a learned score, preconditioned by its particles'
+Fisher information: :mod:`~diffstat.smoothing.correction`).
 
 Per-measurement diagnostics go to the ``sms`` group: the noise level :math:`\sigma/\sqrt m`, the
 score estimator's mean spread and number of posterior modes seen, and the cumulative target

@@ -262,7 +262,8 @@ def walk_jump(
     num_mala : int, optional
         MALA steps on :math:`p(x\mid y)` from each jump (:mod:`~diffstat.smoothing.correction`: a draw of
         :math:`p` instead of the posterior mean). Default 20 with a learned score (its within-mode shape
-        is approximate; the target's is restored at 21 evaluations per draw), else 0 (the classic jump).
+        is approximate; the target's is restored at 21 evaluations per draw, the steps preconditioned by
+        the score's Fisher information), else 0 (the classic jump).
     max_evals_per_draw : float or None
         Budget of a training-free estimator in target evaluations per requested draw (default 1e4; None:
         no cap): once spent, the walk stops with the draws made so far and a ``RuntimeWarning``.
