@@ -35,6 +35,7 @@ of width 128 and depth 3 trained for 2,000 Adam steps on batches of 512 (cosine 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -45,9 +46,9 @@ import torch
 from diffstat._util import check_positive_int
 from diffstat.smoothing.geometry import particle_geometry
 from diffstat.smoothing.learned import LearnedSmoothedScore
-from diffstat.smoothing.populations import get_population
+from diffstat.smoothing.populations import FitWarning, get_population
 
-__all__ = ["fit_smoothed_score", "particle_geometry"]
+__all__ = ["fit_smoothed_score", "particle_geometry", "worded_for"]
 
 #: A held-out relative Fisher divergence above this is warned about (the learned score is off by
 #: more than a third of the true score's size at small noise).
@@ -298,14 +299,31 @@ def _check_fit(score: LearnedSmoothedScore, max_fisher: float, split: _Split, t0
     score.info["fisher_divergence"] = check["fisher_divergence"]
     score.info["fit_seconds"] = time.perf_counter() - t0
     if not check["fisher_divergence"] <= max_fisher:
-        warnings.warn(
-            f"the learned smoothed score is far from the target's at small noise: held-out relative Fisher "
-            f"divergence {check['fisher_divergence']:.3g} > {max_fisher} (population {split.source!r}, "
-            f"{split.x.shape[0]} particles); more particles or training steps, or another population source, "
-            "may help",
-            RuntimeWarning,
-            stacklevel=3,
+        n, steps = int(split.x.shape[0]), int(score.info["train_steps"])
+        problem = (
+            f"is far from the target's at small noise: held-out relative Fisher divergence "
+            f"{check['fisher_divergence']:.3g} > {max_fisher} (population {split.source!r}, {n} particles, "
+            f"{steps} training steps)"
         )
+        more = dict(num_particles=2 * n, train_steps=2 * steps)
+        fallback = "or try another population source (the option 'population')"
+        warnings.warn(FitWarning("the learned smoothed score", problem, more, False, fallback), stacklevel=3)
+
+
+@contextlib.contextmanager
+def worded_for(caller: str):
+    """Inside, the :class:`~diffstat.smoothing.populations.FitWarning` s of a fit are re-issued worded for
+    ``caller`` (``"sms"`` or ``"walk_jump"``, which pass the fit's options in ``estimator_options``);
+    other warnings pass unchanged, in order, at their own locations."""
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:  # a fit that raises still shows what it warned about first
+        for w in caught:
+            message = w.message.for_caller(caller) if isinstance(w.message, FitWarning) else w.message
+            warnings.warn_explicit(message, w.category, w.filename, w.lineno, source=w.source)
 
 
 #: A kept score whose held-out log-density differences to the target spread by more than this (relative

@@ -164,6 +164,20 @@ class LearnedSmoothedScore(SmoothedScore):
             self._kernel_cache = cache
         return cache
 
+    def fisher_information(self) -> torch.Tensor | None:
+        r"""The mean outer product of the target's score over the kept training particles, ``(d, d)``
+        float64 (cached): :math:`F = \mathbb E_p[\nabla\log p\,\nabla\log p^\top] = \mathbb
+        E_p[-\nabla^2\log p]`, for a Gaussian mode its precision and for separated modes the modes'
+        precisions averaged by mass: a within-mode shape, where the particles' covariance would also
+        hold the spread between modes. The final correction's preconditioner
+        (:func:`~diffstat.smoothing.correction.posterior_metric`). None without kept scores."""
+        if "grad" not in self.particles:
+            return None
+        if "_fisher" not in self.__dict__:
+            g = self.particles["grad"].double()
+            self._fisher = g.T @ g / g.shape[0]
+        return self._fisher
+
     # ------------------------------------------------------------------ checks
     def check(self, target=None, num_points: int | None = None) -> dict:
         r"""Held-out checks against ``target`` (module notes): ``fisher_divergence`` (relative, at the

@@ -26,19 +26,74 @@ smoothed score is decided by the relative masses of the modes, which the particl
   target gradients SMC computed. Tempering lets mode weights drift (measured, 2,000 particles,
   seed 0: heavy weight 0.512 for 0.75 on the narrow-heavy case, 0.556 for 2/3 and 1.000 at d = 8
   and 64 on the two-mode target; nine modes, TV 0.687): kept as an option for unimodal targets.
+
+Warnings: the ``"modes"`` source runs the diffusion pipeline inside, whose own warnings speak of
+``diffusion`` options the caller of :func:`~diffstat.smoothing.fit.fit_smoothed_score`, ``sms`` or
+``walk_jump`` never passed. They are replaced by a :class:`FitWarning` that says what the population
+got wrong and which of the caller's own options give it more work (:meth:`FitWarning.for_caller`
+words them for ``sms`` and ``walk_jump``, which reach the population through ``estimator_options``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from diffstat.smoothing.correction import posterior_mala
 
-__all__ = ["Population", "default_inflate", "modes_population", "smc_population", "get_population"]
+__all__ = [
+    "FitWarning",
+    "Population",
+    "default_inflate",
+    "modes_population",
+    "smc_population",
+    "get_population",
+]
+
+_FITTERS = ("fit_smoothed_score", "sms", "walk_jump")
+
+
+class FitWarning(RuntimeWarning):
+    """A warning of the score's fit, worded for its caller: ``subject`` (what is wrong, e.g. "the
+    population that trains the smoothed score"), ``problem`` (how), ``options``, a dict of the fit's
+    options that give it more work (of the population source when ``population_level``), and
+    ``fallback``, what to do if that does not help. The text names the caller (one of
+    ``fit_smoothed_score``, ``sms``, ``walk_jump``) and passes the options as that caller takes them:
+    ``fit_smoothed_score`` as keywords, ``sms`` and ``walk_jump`` inside ``estimator_options``."""
+
+    def __init__(
+        self,
+        subject: str,
+        problem: str,
+        options: dict,
+        population_level: bool,
+        fallback: str = "",
+        caller: str = "fit_smoothed_score",
+    ):
+        if caller not in _FITTERS:
+            raise ValueError(f"caller must be one of {_FITTERS}, got {caller!r}")
+        self.subject, self.problem, self.options, self.fallback = subject, problem, dict(options), fallback
+        self.population_level, self.caller = population_level, caller
+        super().__init__(self._text())
+
+    def for_caller(self, caller: str) -> FitWarning:
+        """The same warning worded for ``caller``."""
+        return FitWarning(
+            self.subject, self.problem, self.options, self.population_level, self.fallback, caller
+        )
+
+    def _text(self) -> str:
+        opts = {"population_options": self.options} if self.population_level else self.options
+        if self.caller == "fit_smoothed_score":
+            how = ", ".join(f"{k}={v!r}" for k, v in opts.items())
+        else:
+            how = f"estimator_options={opts!r}"
+        tail = f"; {self.fallback}" if self.fallback else ""
+        return f"{self.caller}: {self.subject} {self.problem}. Give it more work with {how}{tail}."
 
 
 class Population(NamedTuple):
@@ -92,23 +147,53 @@ def modes_population(
 
     evals0 = target.num_target_evals
     inflate = default_inflate(target.dim) if inflate is None else inflate
-    out = run_diffusion_sampler(
-        target,
-        num_samples=num_particles,
-        num_chains=1,
-        generator=generator,
-        progress=False,
-        device=device,
-        use_diffusion=False,
-        chains_per_mode=chains_per_mode,
-        num_proposals=num_proposals,
-        inflate=inflate,
-        **options,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run_diffusion_sampler(
+            target,
+            num_samples=num_particles,
+            num_chains=1,
+            generator=generator,
+            progress=False,
+            device=device,
+            use_diffusion=False,
+            chains_per_mode=chains_per_mode,
+            num_proposals=num_proposals,
+            inflate=inflate,
+            **options,
+        )
+    for w in caught:  # the pipeline's own warnings, but its "diffusion: ..." ones in the caller's words
+        if not str(w.message).startswith("diffusion:"):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    if any(str(w.message).startswith("diffusion:") for w in caught):
+        warnings.warn(_unreliable(out, chains_per_mode, num_proposals), stacklevel=2)
     x = out.draws.reshape(-1, target.dim).to(device=device, dtype=target.dtype)
     x, lp, g = _move(target, x, generator, num_moves)
     nan_explore = int(out.attrs["num_nan_exploration"])
     return Population(x, g, lp, target.num_target_evals - evals0, "modes", nan_explore)
+
+
+def _unreliable(out, chains_per_mode: int, num_proposals: int) -> FitWarning:
+    """The :class:`FitWarning` for an importance run the pipeline judged unreliable: every round's
+    Pareto k and ESS fraction, and twice the restocking chains, proposals and rounds."""
+    from diffstat.diffusion.importance import MAX_PARETO_K, MIN_FINAL_ESS_FRACTION
+
+    group = out.groups["diffusion"]
+    ks = ", ".join(f"{float(k):.2f}" for k in group["pareto_k"].flatten())
+    fractions = ", ".join(f"{float(f):.3f}" for f in group["ess_fraction"].flatten())
+    rounds = int(out.attrs["num_rounds"])
+    problem = (
+        f"(population='modes', per-mode importance sampling) is unreliable: its {rounds} rounds had "
+        f"Pareto k {ks} and ESS fractions {fractions} of their proposals (trusted: k at most {MAX_PARETO_K} "
+        f"and a last fraction of {MIN_FINAL_ESS_FRACTION} or more), so the particles likely lack part of "
+        "the target's mass (a neck or a heavy tail), and the smoothed score and every draw from it "
+        "inherit that"
+    )
+    options = dict(
+        chains_per_mode=2 * chains_per_mode, num_proposals=2 * num_proposals, max_rounds=2 * rounds
+    )
+    fallback = "if that does not help, sample this target with MCMC ('nuts')"
+    return FitWarning("the population that trains the smoothed score", problem, options, True, fallback)
 
 
 def smc_population(

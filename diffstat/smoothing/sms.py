@@ -16,7 +16,8 @@ With :math:`\sigma` large enough every conditional is log-concave. The jump
 y_{1:M}]` is a posterior mean, whose within-mode variance shrinks to :math:`\tau^4/(\tau^2 +
 \sigma^2/M)`; so the output is the end of ``num_mala`` MALA steps on
 :math:`p(x\mid \bar y_M) \propto p(x)\,\mathcal N(x; \bar y_M, \sigma^2/M\, I)` started at the jump: a
-draw from :math:`p`, not a posterior mean.
+draw from :math:`p`, not a posterior mean (with a learned score, preconditioned by its particles'
+Fisher information: :mod:`~diffstat.smoothing.correction`).
 
 Per-measurement diagnostics go to the ``sms`` group: the noise level :math:`\sigma/\sqrt m`, the
 score estimator's mean spread and number of posterior modes seen, and the cumulative target
@@ -68,7 +69,7 @@ import torch
 from diffstat._util import check_positive_int, progress_bar
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.smoothing.correction import check_num_mala, correct, posterior_mala
-from diffstat.smoothing.fit import learned_score_report
+from diffstat.smoothing.fit import learned_score_report, worded_for
 from diffstat.smoothing.geometry import default_noise, noise_levels
 from diffstat.smoothing.learned import LearnedSmoothedScore
 from diffstat.smoothing.measurements import (
@@ -243,9 +244,10 @@ def _score(target, smoothed_score, estimator, estimator_options, generator):
     """The smoothed score, reset, and for a learned one
     :func:`~diffstat.smoothing.fit.learned_score_report`'s ``(attrs, rejected)``."""
     evals0 = target.num_target_evals
-    provider: SmoothedScore = resolve_smoothed_score(
-        target, smoothed_score, estimator=estimator, generator=generator, **(estimator_options or {})
-    )
+    with worded_for("sms"):
+        provider: SmoothedScore = resolve_smoothed_score(
+            target, smoothed_score, estimator=estimator, generator=generator, **(estimator_options or {})
+        )
     provider.reset()
     if not isinstance(provider, LearnedSmoothedScore):
         return provider, {}, False
@@ -345,7 +347,8 @@ def sms(
     max_evals = max_evals_per_draw if provider.uses_target and not learned else None
     run = opts.drive(generator, target, provider, geometry, sigma, big_m, n, max_evals, progress)
     s2 = sigma**2 / run.num_measurements
-    x, lp, acc, h_mala = correct(generator, target, run.x_hat, run.ybar, s2, num_mala)
+    fisher = provider.fisher_information() if learned else None  # the correction's preconditioner
+    x, lp, acc, h_mala = correct(generator, target, run.x_hat, run.ybar, s2, num_mala, fisher)
     attrs = {"sigma": sigma, "w2_tol": w2_tol, "noise_source": geometry["source"], "variant": variant}
     attrs.update(num_mala=num_mala, mala_step_size=h_mala, mala_acceptance=float(acc.mean()), **score_attrs)
     return _result(x, lp, acc, (num_chains, num_samples), run, provider, rejected, attrs)

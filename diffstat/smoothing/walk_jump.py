@@ -262,7 +262,8 @@ def walk_jump(
     num_mala : int, optional
         MALA steps on :math:`p(x\mid y)` from each jump (:mod:`~diffstat.smoothing.correction`: a draw of
         :math:`p` instead of the posterior mean). Default 20 with a learned score (its within-mode shape
-        is approximate; the target's is restored at 21 evaluations per draw), else 0 (the classic jump).
+        is approximate; the target's is restored at 21 evaluations per draw, the steps preconditioned by
+        the score's Fisher information), else 0 (the classic jump).
     max_evals_per_draw : float or None
         Budget of a training-free estimator in target evaluations per requested draw (default 1e4; None:
         no cap): once spent, the walk stops with the draws made so far and a ``RuntimeWarning``.
@@ -292,7 +293,8 @@ def walk_jump(
     max_evals = max_evals_per_draw if capped else None
     run = _run(generator, target, kernel, y, provider, sigma, walk == "mala", schedule, max_evals, progress)
     run = _in_chains(run, num_chains, walkers, num_samples)
-    x, lp, h_corr = correct_jumps(generator, target, run.draws, run.walkers, sigma**2, num_mala)
+    fisher = provider.fisher_information() if learned else None  # the correction's preconditioner
+    x, lp, h_corr = correct_jumps(generator, target, run.draws, run.walkers, sigma**2, num_mala, fisher)
     attrs = {"walk": walk, "walk_step_size": kernel.step_size(run.state.walk), "num_mala": num_mala,
              "walkers_per_chain": walkers}  # fmt: skip
     return _result(x, lp, run, provider, sigma, rejected, dict(attrs, mala_step_size=h_corr, **score_attrs))

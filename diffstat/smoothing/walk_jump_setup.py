@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from diffstat._util import check_positive_int
-from diffstat.smoothing.fit import learned_score_report
+from diffstat.smoothing.fit import learned_score_report, worded_for
 from diffstat.smoothing.learned import LearnedSmoothedScore
 from diffstat.smoothing.scores import resolve_smoothed_score
 from diffstat.smoothing.walks import Walk, mala_walk, ula_walk, underdamped_walk
@@ -56,9 +56,10 @@ def resolve_provider(target, smoothed_score, estimator, estimator_options, walk,
         # the walk does not settle as SMS's shrinking noise does: never drop to one start
         options.setdefault("cheap_fraction", 0.0)
     evals0 = target.num_target_evals
-    provider = resolve_smoothed_score(
-        target, smoothed_score, estimator=estimator, generator=generator, **options
-    )
+    with worded_for("walk_jump"):
+        provider = resolve_smoothed_score(
+            target, smoothed_score, estimator=estimator, generator=generator, **options
+        )
     provider.reset()
     if not isinstance(provider, LearnedSmoothedScore):
         return provider, {}, False

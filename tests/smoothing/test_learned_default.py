@@ -1,8 +1,9 @@
 """The learned smoothed score, the default when no smoothed score is given (issue 17): fitted from the
 log-density of the unequal two-mode target (weights 2:1, covariance 0.05 I, d = 8), it gives SMS the
 heavy weight and the within-mode variance; a kept score draws a second batch with no target evaluation
-beyond the final correction and its check; it survives a save/load round trip bit for bit; and it is
-rejected on a target it was not fitted to."""
+beyond the final correction and its check; it survives a save/load round trip bit for bit; it is
+rejected on a target it was not fitted to; and the fit's warnings name the sampler that was called and
+options it takes."""
 
 import math
 import warnings
@@ -206,3 +207,40 @@ def test_training_free_budget_cap():
             max_evals_per_draw=50,
         )
     assert wj.posterior.attrs["budget_hit"] == 1 and 1 <= wj.posterior.sizes["draw"] < 10
+
+
+def test_fit_warnings_speak_to_the_caller():
+    """The population's diffusion pipeline misses part of a funnel's mass (cheap settings): an sms or
+    walk_jump user is told so in the sampler's own name ("sms: the population that trains the smoothed
+    score ..."), with options that sampler takes (``estimator_options``), never "diffusion: ..."; the
+    options named are accepted as given; fit_smoothed_score's wording passes them as its keywords."""
+    from diffstat.smoothing.populations import FitWarning
+    from diffstat.targets import Funnel
+
+    target = Funnel(3).as_target(dtype=torch.float64)
+    cheap = dict(
+        num_particles=256, train_steps=50, population_options=dict(chains_per_mode=64, num_proposals=1024)
+    )
+    run = dict(num_samples=20, num_chains=1, seed=0, progress=False, num_mala=2)
+    for method, extra in (("sms", dict(num_measurements=8)), ("walk_jump", {})):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds.sample(target, method, estimator_options=cheap, **run, **extra)
+        texts = [str(w.message) for w in caught]
+        assert not any(t.startswith("diffusion:") for t in texts), texts
+        population = [w.message for w in caught if "population that trains" in str(w.message)]
+        assert len(population) == 1 and isinstance(population[0], FitWarning), texts
+        assert str(population[0]).startswith(f"{method}: the population that trains the smoothed score")
+        assert (
+            "estimator_options={'population_options': {'chains_per_mode': 128, 'num_proposals': 2048"
+            in str(population[0])
+        )
+    more = dict(cheap, population_options=dict(cheap["population_options"], **population[0].options))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ds.sample(target, "walk_jump", estimator_options=more, **run)  # the named options are accepted
+    direct = str(population[0].for_caller("fit_smoothed_score"))
+    assert (
+        direct.startswith("fit_smoothed_score: ") and "population_options={'chains_per_mode': 128" in direct
+    )
+    assert "estimator_options" not in direct
