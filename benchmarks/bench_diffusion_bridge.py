@@ -60,7 +60,8 @@ def run(name: str, seed: int, moments) -> str:
     if moments is not None:
         mean, sd = moments
         extra = f"means {float(((x.mean(0) - mean) / sd).abs().max()):.3f} sd"
-    flags = "; ".join(str(w.message)[:70] for w in caught if w.category is RuntimeWarning) or "-"
+    flags = "; ".join(str(w.message)[:40] for w in caught if w.category is RuntimeWarning) or "-"
+    flags += f" ({a['bridge_failures']})" if a.get("bridge_failures") else ""
     bridge = (
         f"{a['bridge_particles']} / {a['bridge_stages']} / {a['bridge_eves']}"
         if a["correction"] == "smc"

@@ -89,6 +89,17 @@ scaled by the Birge ratio :math:`\max(1, \sqrt{Q/\nu})` in any case), and the la
 fraction must reach ``MIN_FINAL_ESS_FRACTION`` (0.1; or ``target_ess`` if lower): after every
 round of learning, a proposal that still wastes nine in ten draws does not fit the target's shape.
 
+**The SMC bridge** (:mod:`diffstat.diffusion.bridge`, ``bridge`` = True). Where those rules make
+the rounds unreliable, importance sampling, SMC with one stage, is replaced by many: adaptive
+tempered SMC on :math:`q^{1-\beta}p^\beta` from the rounds' Gaussian mixture :math:`q` (the estimated
+mode weights with 10% uniform), whose log Z (unbiased, genealogy standard error), draws and per-stage
+records (``bridge_*`` in the ``diffusion`` group) are then returned, with ``attrs["correction"]`` =
+``"smc"`` (else ``"importance"``) and the rounds' own estimate as ``importance_log_normalizer``. It
+spends what the rounds left of ``max_evals`` (1,000,000, the whole run's budget). A bridge that
+degenerates (too few particles, collapsed genealogy, moves that do not move or never settle) keeps
+``reliable`` 0 and the warning, which then names its failure too. Runs whose rounds are reliable
+never start it, and are unchanged bit for bit.
+
 The code follows the pipeline in small steps: :func:`~diffstat.diffusion.rounds.init` (steps 1 and
 2), :func:`~diffstat.diffusion.rounds.step` (one round: restock, fit, propose and weigh) and the
 judging and pooling of rounds in :mod:`diffstat.diffusion.importance`; :func:`run_diffusion_sampler`
@@ -319,6 +330,7 @@ def _result(
             bridge_eves=bridge.num_eves,
             bridge_distinct=bridge.distinct,
             bridge_evals=bridge.num_evals,
+            bridge_failures="; ".join(bridge_why),
         )
     attrs["mode_weights"] = mode_weights.cpu().numpy()
     sample_stats = {"lp": lp.reshape(1, num_samples), "log_weight": log_w.reshape(1, num_samples)}
@@ -420,8 +432,12 @@ def diffusion(target, *, num_samples, num_chains, generator, progress, device, *
     ``whiten`` (None: "full" per mode, "diag" for one pooled model); restocked banks keep every
     ``refresh_keep_every`` (1) state; ``gaussian_fallback`` (True) on ``held_out`` (512) particles per
     mode; the flow's base widened by ``prior_scale`` (1). A round that missed (Pareto k above 0.7, Kish
-    ESS below 20) gives no draws and no log Z; if every round missed, a ``RuntimeWarning`` says so and
-    ``attrs['reliable']`` is 0 (module docstring).
+    ESS below 20) gives no draws and no log Z; where every round missed or the run-level checks fail,
+    the SMC bridge (``bridge``, True) corrects the run within ``max_evals`` (1,000,000) evaluations in
+    all, with ``bridge_particles`` (None: 400 evaluations each of what is left, 128 to 4,096) and
+    ``bridge_moves`` per stage (None: until decorrelated); if it cannot (``bridge=False``, no budget
+    left, or a bridge that degenerates), a ``RuntimeWarning`` says so and ``attrs['reliable']`` is 0
+    (module docstring).
     """
     return run_diffusion_sampler(
         target,
