@@ -46,12 +46,12 @@ def nuts_moments(model, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(0), x.std(0)
 
 
-def run(name: str, seed: int, moments) -> str:
+def run(name: str, seed: int, moments, **options) -> str:
     target, _ = make_target(name)
     start = time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        idata = ds.sample(target, "diffusion", num_samples=2000, seed=seed, progress=False)
+        idata = ds.sample(target, "diffusion", num_samples=2000, seed=seed, progress=False, **options)
     seconds = time.time() - start
     a = idata.posterior.attrs
     x = torch.as_tensor(idata.posterior["x"].values).reshape(-1, target.dim)
@@ -80,13 +80,15 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["sonar", "ionosphere", "funnel"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--nuts-seed", type=int, default=None, help="compare means with NUTS draws")
+    parser.add_argument("--max-evals", type=int, default=None, help="the run's budget (default 1e6)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name in args.targets:
         model = make_target(name)[1]
         moments = None if args.nuts_seed is None or model is None else nuts_moments(model, args.nuts_seed)
         for seed in args.seeds:
-            print(run(name, seed, moments), flush=True)
+            options = {} if args.max_evals is None else {"max_evals": args.max_evals}
+            print(run(name, seed, moments, **options), flush=True)
 
 
 if __name__ == "__main__":
