@@ -8,7 +8,8 @@ Layout, parts first: ``processes`` (VP, VE), ``networks``, ``losses``, ``train_c
 ``training`` (an ``init``/``step`` pair over an optimiser state, and its driver), ``model_io``
 (save and load), ``reverse`` (reverse-time samplers); the diffusion sampler's ``modes`` (finding
 and banking modes, on :mod:`diffstat.modes`), ``gaussians`` and ``proposals`` (importance
-proposals with exact densities), ``importance`` (judging and pooling rounds), ``rounds``
+proposals with exact densities), ``importance`` (judging and pooling rounds), ``bridge`` (the SMC
+correction where the rounds are unreliable), ``rounds``
 (``init``/``step`` of one round) and ``sampler`` (the driver); PDDS in ``noised_smc`` with its
 ``noised_smc_*`` parts.
 """

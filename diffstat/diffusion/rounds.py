@@ -108,6 +108,10 @@ class DiffusionConfig:
     train_on_restarts: bool = True
     reference: torch.distributions.Distribution | None = None
     prior_scale: float = 1.0
+    bridge: bool = True
+    max_evals: int = 1_000_000
+    bridge_particles: int | None = None
+    bridge_moves: int | None = None
 
     def __post_init__(self):
         for name in ("num_proposals", "max_rounds", "ode_steps", "train_steps", "held_out"):
@@ -126,6 +130,12 @@ class DiffusionConfig:
         check_positive_int(self.screen_steps, "screen_steps")
         if self.final_proposals is not None:
             check_positive_int(self.final_proposals, "final_proposals")
+        check_positive_int(self.max_evals, "max_evals")
+        particles = self.bridge_particles
+        if particles is not None and check_positive_int(particles, "bridge_particles") < 2:
+            raise ValueError(f"bridge_particles must be at least 2, got {self.bridge_particles}")
+        if self.bridge_moves is not None and int(self.bridge_moves) < 0:
+            raise ValueError(f"bridge_moves must be non-negative, got {self.bridge_moves}")
         if self.use_diffusion:
             check_probability(self.diffusion_weight, "diffusion_weight")
 

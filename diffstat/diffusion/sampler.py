@@ -89,6 +89,17 @@ scaled by the Birge ratio :math:`\max(1, \sqrt{Q/\nu})` in any case), and the la
 fraction must reach ``MIN_FINAL_ESS_FRACTION`` (0.1; or ``target_ess`` if lower): after every
 round of learning, a proposal that still wastes nine in ten draws does not fit the target's shape.
 
+**The SMC bridge** (:mod:`diffstat.diffusion.bridge`, ``bridge`` = True). Where those rules make
+the rounds unreliable, importance sampling, SMC with one stage, is replaced by many: adaptive
+tempered SMC on :math:`q^{1-\beta}p^\beta` from the rounds' Gaussian mixture :math:`q` (the estimated
+mode weights with 10% uniform), whose log Z (unbiased, genealogy standard error), draws and per-stage
+records (``bridge_*`` in the ``diffusion`` group) are then returned, with ``attrs["correction"]`` =
+``"smc"`` (else ``"importance"``) and the rounds' own estimate as ``importance_log_normalizer``. It
+spends what the rounds left of ``max_evals`` (1,000,000, the whole run's budget). A bridge that
+degenerates (too few particles, collapsed genealogy, moves that do not move or never settle) keeps
+``reliable`` 0 and the warning, which then names its failure too. Runs whose rounds are reliable
+never start it, and are unchanged bit for bit.
+
 The code follows the pipeline in small steps: :func:`~diffstat.diffusion.rounds.init` (steps 1 and
 2), :func:`~diffstat.diffusion.rounds.step` (one round: restock, fit, propose and weigh) and the
 judging and pooling of rounds in :mod:`diffstat.diffusion.importance`; :func:`run_diffusion_sampler`
@@ -104,6 +115,13 @@ import warnings
 import torch
 
 from diffstat._util import check_options, pad_stack, progress_bar
+from diffstat.diffusion.bridge import (
+    MIN_PARTICLES,
+    ProposalDistribution,
+    bridge_reasons,
+    bridge_weights,
+    smc_bridge,
+)
 from diffstat.diffusion.importance import (
     MAX_PARETO_K,
     MIN_FINAL_ESS_FRACTION,
@@ -159,7 +177,7 @@ def run_diffusion_sampler(
     with progress_bar(n_chains * (config.max_rounds + 1), f"{method}: exploring modes", progress) as bar:
         for _ in range(n_chains):
             state, infos = _one_run(generator, target, config, device, bar, method)
-            results.append(_result(generator, state, infos, num_samples, 1, target.dim, config.target_ess))
+            results.append(_result(generator, target, state, infos, num_samples, config))
     return results[0] if n_chains == 1 else _stack_runs(results)
 
 
@@ -212,6 +230,7 @@ def _stack_runs(results: list[SamplerResult]) -> SamplerResult:
         pareto_k=max(float(r.attrs["pareto_k"]) for r in results),
         num_nan_exploration=sum(int(r.attrs["num_nan_exploration"]) for r in results),
         mode_weights=pad_stack([r.attrs["mode_weights"] for r in results], axis=0),
+        correction="smc" if any(r.attrs["correction"] == "smc" for r in results) else "importance",
     )
     return SamplerResult(draws, stats, groups, attrs)
 
@@ -231,53 +250,123 @@ def _pooled_log_weights(rounds: list[dict], pool: dict, log_ws: list[torch.Tenso
     return log_pool
 
 
-def _result(generator, state: RoundState, infos: list[RoundInfo], num_samples, num_chains, dim, target_ess):
-    """Pool the rounds (warning when every round missed) and resample the draws from them."""
+def _result(
+    generator, target, state: RoundState, infos: list[RoundInfo], num_samples: int, config: DiffusionConfig
+):
+    """Pool the rounds; where the run-level checks find them unreliable, bridge from their proposal
+    by SMC (:mod:`diffstat.diffusion.bridge`) within the budget left; warn where neither is reliable.
+    Resample ``num_samples`` draws from the rounds or take them from the bridge."""
     rounds = [info.summary for info in infos]
     pool = pool_rounds(rounds)
-    reasons = unreliable_reasons(rounds, pool, min(MIN_FINAL_ESS_FRACTION, target_ess))
-    if not pool["reliable"]:
-        warnings.warn(missed_warning(rounds, pool), RuntimeWarning, stacklevel=3)
-    elif reasons:
-        warnings.warn(unreliable_warning(reasons), RuntimeWarning, stacklevel=3)
+    reasons = unreliable_reasons(rounds, pool, min(MIN_FINAL_ESS_FRACTION, config.target_ess))
     pops = [info.population for info in infos]
     log_pool = _pooled_log_weights(rounds, pool, [p.log_w for p in pops])
     all_x, all_lw, all_lp = (torch.cat([getattr(p, f) for p in pops]) for f in ("x", "log_w", "log_prob"))
     p = torch.softmax(log_pool.double(), 0)
-    n_out = num_samples * num_chains
-    idx = torch.multinomial(p.to(generator.device), n_out, replacement=True, generator=generator).to(
-        all_x.device
-    )
-    draws = all_x[idx].reshape(num_chains, num_samples, dim)
-    sample_stats = {
-        "lp": all_lp[idx].reshape(num_chains, num_samples),
-        "log_weight": all_lw[idx].reshape(num_chains, num_samples),
-    }
     g, num_modes = state.gaussians, state.bank.num_modes
     pooled_modes = (g.component_log_prob(all_x) - torch.log(g.weights)).argmax(-1)
     mode_weights = torch.zeros(num_modes, dtype=torch.float64, device=all_x.device).index_add_(
         0, pooled_modes, p.to(all_x.device)
     )
-    groups = {"diffusion": _round_group(rounds, pool, state)}
+    rounds_reliable = pool["reliable"] and not reasons
+    bridge, bridge_why = None, []
+    budget = config.max_evals - (target.num_target_evals - state.evals0)
+    if not rounds_reliable and config.bridge:
+        if budget >= 2 * MIN_PARTICLES:
+            q = ProposalDistribution(g.with_weights(bridge_weights(mode_weights)))
+            bridge = smc_bridge(
+                generator,
+                target,
+                q,
+                budget=budget,
+                num_particles=config.bridge_particles,
+                num_moves=config.bridge_moves,
+            )
+            bridge_why = bridge_reasons(bridge)
+        else:
+            left = f"{max(budget, 0):,} of max_evals = {config.max_evals:,}"
+            bridge_why = [f"no SMC bridge: the rounds left {left} evaluations"]
+    if not rounds_reliable and (bridge is None or bridge_why):
+        base = missed_warning(rounds, pool) if not pool["reliable"] else unreliable_warning(reasons)
+        tail = "" if not bridge_why else " And " + "; ".join(bridge_why) + "."
+        warnings.warn(base + tail, RuntimeWarning, stacklevel=3)
+    groups = {"diffusion": _round_group(rounds, pool, state, bridge)}
     ess = groups["diffusion"]["ess"]
     attrs = {
         "log_normalizer": pool["log_z"],
         "log_normalizer_se": pool["log_z_se"],
-        "reliable": int(pool["reliable"] and not reasons),
+        "reliable": int(rounds_reliable),
         "round_agreement_p": pool["agreement_p"],
         "num_modes": num_modes,
         "num_rounds": len(rounds),
         "ess": float(ess[pool["used"]].sum()),  # of the rounds the draws come from
         "num_proposals": int(groups["diffusion"]["num_proposals"].sum()),
         "pareto_k": float(rounds[-1]["pareto_k"]),
-        "mode_weights": mode_weights.cpu().numpy(),
         "num_nan_exploration": int(state.explore_nan),
+        "correction": "importance" if bridge is None else "smc",
     }
-    return SamplerResult(draws, sample_stats, groups, attrs)
+    if bridge is None:
+        idx = torch.multinomial(p.to(generator.device), num_samples, replacement=True, generator=generator)
+        idx = idx.to(all_x.device)
+        draws, lp, log_w = all_x[idx], all_lp[idx], all_lw[idx]
+    else:
+        draws, lp = _bridge_draws(generator, bridge, num_samples)
+        log_w = torch.zeros_like(lp)
+        modes = (g.component_log_prob(draws) - torch.log(g.weights)).argmax(-1)
+        mode_weights = torch.zeros(num_modes, dtype=torch.float64, device=draws.device).index_add_(
+            0, modes, torch.full_like(lp, 1.0 / lp.shape[0], dtype=torch.float64)
+        )
+        ess_last = bridge.stages["ess"][-1:]  # the last stage's ESS fraction before its resampling
+        last_ess = float(ess_last.sum()) * bridge.num_particles
+        attrs.update(
+            log_normalizer=bridge.log_z,
+            log_normalizer_se=bridge.log_z_se,
+            reliable=int(not bridge_why),
+            ess=last_ess,
+            importance_log_normalizer=pool["log_z"],
+            importance_log_normalizer_se=pool["log_z_se"],
+            bridge_particles=bridge.num_particles,
+            bridge_stages=len(bridge.stages["beta"]),
+            bridge_eves=bridge.num_eves,
+            bridge_distinct=bridge.distinct,
+            bridge_evals=bridge.num_evals,
+            bridge_failures="; ".join(bridge_why),
+        )
+    attrs["mode_weights"] = mode_weights.cpu().numpy()
+    sample_stats = {"lp": lp.reshape(1, num_samples), "log_weight": log_w.reshape(1, num_samples)}
+    return SamplerResult(draws.reshape(1, num_samples, target.dim), sample_stats, groups, attrs)
 
 
-def _round_group(rounds: list[dict], pool: dict, state: RoundState) -> dict[str, torch.Tensor]:
-    """The per-round records, the ``diffusion`` group of the output (one entry per round)."""
+def _bridge_draws(generator, bridge, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_samples`` of the bridge's equally weighted draws (without repeats where it has enough)
+    with their log-densities."""
+    n = bridge.num_particles
+    if num_samples <= n:
+        idx = torch.randperm(n, generator=generator, device=generator.device)[:num_samples]
+    else:
+        idx = torch.randint(0, n, (num_samples,), generator=generator, device=generator.device)
+    idx = idx.to(bridge.x.device)
+    return bridge.x[idx], bridge.lp[idx]
+
+
+#: The SMC bridge's per-stage records in the ``diffusion`` group, as ``bridge_<field>``.
+BRIDGE_FIELDS = (
+    "beta",
+    "ess",
+    "log_z_increment",
+    "acceptance_rate",
+    "step_size",
+    "num_mcmc_steps",
+    "decorrelation",
+    "num_clusters",
+    "resampled",
+)
+
+
+def _round_group(rounds: list[dict], pool: dict, state: RoundState, bridge=None) -> dict[str, torch.Tensor]:
+    """The per-round records, the ``diffusion`` group of the output (one entry per round), and the SMC
+    bridge's per-stage records ``bridge_<field> (round, stage)``: the bridge follows the last round, so
+    its stages fill the last row and the others are NaN (no stages where no bridge ran)."""
 
     def column(key, dtype=None):
         return torch.tensor([s[key] for s in rounds], dtype=dtype)
@@ -302,7 +391,16 @@ def _round_group(rounds: list[dict], pool: dict, state: RoundState) -> dict[str,
         "mode_weights": torch.stack([s["mode_weights"].cpu() for s in rounds]),
         "ess_per_mode": torch.stack([s["ess_per_mode"].cpu() for s in rounds]),
         "mode_centers": state.bank.centers.cpu().unsqueeze(0).expand(len(rounds), -1, -1),
-    }
+    } | {f"bridge_{f}": _bridge_rows(bridge, f, len(rounds)) for f in BRIDGE_FIELDS}
+
+
+def _bridge_rows(bridge, field: str, num_rounds: int) -> torch.Tensor:
+    """The bridge's per-stage ``field`` in the last of ``num_rounds`` rows ``(R, stages)``, NaN above."""
+    stages = 0 if bridge is None else len(bridge.stages["beta"])
+    out = torch.full((num_rounds, stages), math.nan, dtype=torch.float64)
+    if stages:
+        out[-1] = bridge.stages[field].detach().double().cpu()
+    return out
 
 
 @register_sampler("diffusion", options=RUN_OPTIONS)
@@ -334,8 +432,12 @@ def diffusion(target, *, num_samples, num_chains, generator, progress, device, *
     ``whiten`` (None: "full" per mode, "diag" for one pooled model); restocked banks keep every
     ``refresh_keep_every`` (1) state; ``gaussian_fallback`` (True) on ``held_out`` (512) particles per
     mode; the flow's base widened by ``prior_scale`` (1). A round that missed (Pareto k above 0.7, Kish
-    ESS below 20) gives no draws and no log Z; if every round missed, a ``RuntimeWarning`` says so and
-    ``attrs['reliable']`` is 0 (module docstring).
+    ESS below 20) gives no draws and no log Z; where every round missed or the run-level checks fail,
+    the SMC bridge (``bridge``, True) corrects the run within ``max_evals`` (1,000,000) evaluations in
+    all, with ``bridge_particles`` (None: 400 evaluations each of what is left, 128 to 4,096) and
+    ``bridge_moves`` per stage (None: until decorrelated); if it cannot (``bridge=False``, no budget
+    left, or a bridge that degenerates), a ``RuntimeWarning`` says so and ``attrs['reliable']`` is 0
+    (module docstring).
     """
     return run_diffusion_sampler(
         target,
