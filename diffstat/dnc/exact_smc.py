@@ -173,6 +173,18 @@ def _start(log_probs, mean, cov, options: SMCOptions) -> tuple[GeometricPath, in
     return GeometricPath(_SummedShards(exact, mean.shape[0]), reference), laplace_evals
 
 
+def _record(stages: dict[str, torch.Tensor]) -> dict:
+    """Per-stage ``betas``, ``ess``, ``acceptance_rate`` from beta = 0 on (float64), and the SMC
+    estimate ``log_normalizer``, the sum of the stages' increments."""
+    start = {"beta": 0.0, "ess": 1.0, "acceptance_rate": math.nan}
+    info = {
+        key: torch.cat([torch.tensor([start[field]], dtype=torch.float64), stages[field].double().cpu()])
+        for key, field in (("betas", "beta"), ("ess", "ess"), ("acceptance_rate", "acceptance_rate"))
+    }
+    info["log_normalizer"] = float(stages["log_z_increment"].sum())
+    return info
+
+
 def exact_product_smc(
     generator: torch.Generator,
     log_probs: list[Callable],
@@ -241,17 +253,11 @@ def exact_product_smc(
             resample_threshold=1.0 if final else opts.resample_threshold,
         )
         infos.append(info)
-    stages = stack_stage_infos(infos)
-    start = {"beta": 0.0, "ess": 1.0, "acceptance_rate": math.nan}
-    info = {
-        key: torch.cat([torch.tensor([start[field]], dtype=torch.float64), stages[field].double().cpu()])
-        for key, field in (("betas", "beta"), ("ess", "ess"), ("acceptance_rate", "acceptance_rate"))
-    }
+    info = _record(stack_stage_infos(infos))
     info.update(
         laplace=bool(opts.laplace),
         num_stages=len(infos),
         num_evals=int(laplace_evals + path.target.num_target_evals),
-        log_normalizer=float(stages["log_z_increment"].sum()),
         final_step_size=float(torch.exp(state.log_step_size)),
     )
     return state.particles.x, state.particles.target_log_prob, info

@@ -28,9 +28,8 @@ its local fits (``fit_ess``: 1 where they are p(x | y) itself, as for Gaussian m
 the run is in attrs (``score_fit_ess``) and per measurement in the ``sms`` group; below 0.9 the
 estimate of E[X | y] is biased (the Laplace mean is the mode of a skewed p(x | y), not its mean; on
 the ionosphere posterior the check gives 0.4 to 0.5 and the draws' means are off by up to 1.3
-posterior sds, while a Gaussian with the same moments gives 1.0 and no bias), so every draw is marked in
-``sample_stats["diverging"]`` (non-finite draws
-are marked in any case) and a ``RuntimeWarning`` says so.
+posterior sds, while a Gaussian with the same moments gives 1.0 and no bias), so every draw is
+marked in ``sample_stats["diverging"]`` (non-finite draws always) and a ``RuntimeWarning`` says so.
 
 Default smoothed score: a network fitted from the log-density (:mod:`diffstat.smoothing.fit`), whose
 cost is paid once; a kept score (``smoothed_score=``) draws further batches at the cost of the final

@@ -245,8 +245,7 @@ def walk_jump(
     Parameters
     ----------
     sigma, smoothed_score, estimator, estimator_options : float; as for SMS
-        Noise level of :math:`q_\sigma` (default 1, the public code's); the smoothed score
-        (:func:`diffstat.smoothing.scores.resolve_smoothed_score`).
+        Noise level of :math:`q_\sigma` (default 1, the public code's); the smoothed score (as SMS's).
     smoothed_log_prob : callable, optional
         ``(y, sigma) -> log q_sigma(y) + const``, ``(n,)``, differentiable; enables the
         Metropolis-adjusted walk (``walk="mala"``, the default when it is given).
@@ -288,9 +287,8 @@ def walk_jump(
     walkers, num_jumps, num_warmup = jump_schedule(num_samples, walkers_per_chain, num_warmup, learned, init)
     y = initial_walkers(target, provider, init, (num_chains, walkers), sigma, generator, device)
     kernel = make_walk(walk, provider, smoothed_log_prob, sigma, step_size, friction, num_warmup)
-    capped = provider is not None and provider.uses_target and not learned
-    schedule = (num_warmup, num_jumps, thin)
-    max_evals = max_evals_per_draw if capped else None
+    capped = provider is not None and provider.uses_target and not learned  # a training-free estimator
+    schedule, max_evals = (num_warmup, num_jumps, thin), (max_evals_per_draw if capped else None)
     run = _run(generator, target, kernel, y, provider, sigma, walk == "mala", schedule, max_evals, progress)
     run = _in_chains(run, num_chains, walkers, num_samples)
     fisher = provider.fisher_information() if learned else None  # the correction's preconditioner
