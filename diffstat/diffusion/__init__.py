@@ -7,10 +7,11 @@ imported by the ``ds.sample`` front when needed, not here.
 Layout, parts first: ``processes`` (VP, VE), ``networks``, ``losses``, ``train_config`` and
 ``training`` (an ``init``/``step`` pair over an optimiser state, and its driver), ``model_io``
 (save and load), ``reverse`` (reverse-time samplers); the diffusion sampler's ``modes`` (finding
-and banking modes, on :mod:`diffstat.modes`), ``gaussians`` and ``proposals`` (importance
-proposals with exact densities), ``importance`` (judging and pooling rounds), ``bridge`` (the SMC
-correction where the rounds are unreliable), ``rounds``
-(``init``/``step`` of one round) and ``sampler`` (the driver); PDDS in ``noised_smc`` with its
+and banking modes, on :mod:`diffstat.modes`), ``restock`` (restocking the modes evenly),
+``gaussians`` and ``proposals`` (importance proposals with exact densities), ``importance``
+(judging and pooling rounds), ``bridge`` (the SMC correction where the rounds are unreliable),
+``sampler_config`` (its options), ``rounds`` (``init``/``step`` of one round), ``sampler`` (the
+driver) and ``sampler_output`` (assembling its output); PDDS in ``noised_smc`` with its
 ``noised_smc_*`` parts.
 """
 

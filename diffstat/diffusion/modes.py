@@ -1,4 +1,4 @@
-r"""Explore, group and bank the modes of a target, then restock every mode evenly.
+r"""Explore, group and bank the modes of a target; :mod:`diffstat.diffusion.restock` restocks them.
 
 A diffusion model fitted to particles can only place mass where particles were: a mode never
 visited can never be recovered, and importance weights cannot flag it. This module is the first
@@ -25,10 +25,8 @@ half of the diffusion sampler (:mod:`diffstat.diffusion.sampler`):
    them would cost a barrier test per pair of modes (2 million evaluations for 773 of them),
    and the bank holds the SMC seeds' end points as one pooled mode, with every end point as its
    ``support``.
-3. :func:`balance_modes` restocks each banked mode with local MALA chains (step size and a
-   diagonal preconditioner adapted per mode) so every mode has the same number of particles, with
-   their gradients, for score matching. Measured on the 10-d narrow-heavy/wide-light mixture,
-   training on the raw explored particles fails and balancing makes it work (REFERENCES.md).
+3. :func:`~diffstat.diffusion.restock.balance_modes` then restocks each banked mode with local
+   MALA chains, so every mode has the same number of particles for score matching.
 
 All work is batched over chains; every log-density evaluation goes through the target and is
 counted there.
@@ -43,7 +41,6 @@ from dataclasses import dataclass
 import torch
 
 from diffstat._util import check_positive_int, progress_bar
-from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.mcmc.base import LogProbAndGrad, MCMCState
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 from diffstat.modes.barriers import group_by_barrier, no_barrier
@@ -57,7 +54,6 @@ __all__ = [
     "ModeBank",
     "explore",
     "screen",
-    "balance_modes",
     "explore_modes",
     "smc_seeds",
     "unseen_mode_mass",
@@ -299,19 +295,27 @@ def explore_modes(
             target.log_prob_and_grad, xs, lp, grad, num_climb, h0[settled][label >= 0]
         )
         bar.update()
-        unseen = unseen_mode_mass(target.log_prob, peak_x, peak_lp, tol=tol)
-        if unseen > MAX_UNSEEN:  # too many modes to list: one pooled mode, of the SMC particles if any
-            label = torch.zeros_like(peak_lp, dtype=torch.long)
-            if bool(from_smc.any()):
-                label[~from_smc] = -1
-        else:
-            label = group_by_barrier(target.log_prob, peak_x, peak_lp, tol=tol)
+        label, unseen = _label_peaks(target.log_prob, peak_x, peak_lp, from_smc, tol)
         bar.update()
     label = _drop_stragglers(lp, label, target.dim, from_smc)
     bank = _relabel(xs, lp, grad, label, target.num_target_evals - evals0, peak_x, peak_lp)
     bank.unseen_mass = unseen
     bank.support = xs if unseen > MAX_UNSEEN else None
     return bank
+
+
+def _label_peaks(log_prob, peak_x, peak_lp, from_smc, tol: float) -> tuple[torch.Tensor, float]:
+    """Mode labels ``(n,)`` of the climbed peaks ``peak_x: (n, dim)`` and their unseen mode mass:
+    grouped by :func:`group_by_barrier` where :func:`unseen_mode_mass` is at most ``MAX_UNSEEN``;
+    above it, too many modes to list, so one pooled mode (label 0) of the points ``from_smc``
+    ``(n,)`` bool where there are any (the others ``-1``), else of all points."""
+    unseen = unseen_mode_mass(log_prob, peak_x, peak_lp, tol=tol)
+    if unseen > MAX_UNSEEN:
+        label = torch.zeros_like(peak_lp, dtype=torch.long)
+        if bool(from_smc.any()):
+            label[~from_smc] = -1
+        return label, unseen
+    return group_by_barrier(log_prob, peak_x, peak_lp, tol=tol), unseen
 
 
 def _starts(target, generator, num_starts: int, scales: torch.Tensor, reference, device):
@@ -337,80 +341,6 @@ def _starts(target, generator, num_starts: int, scales: torch.Tensor, reference,
     s = scales.to(dev)[torch.arange(num_starts, device=dev) % scales.numel()]
     target.validate(x[: min(num_starts, 16)])
     return mean + s.unsqueeze(-1) * (x - mean), s
-
-
-def balance_modes(
-    target,
-    bank: ModeBank,
-    generator: torch.Generator,
-    *,
-    chains_per_mode: int = 128,
-    num_steps: int = 40,
-    keep_every: int = 4,
-) -> ModeBank:
-    r"""Restock every mode with ``chains_per_mode`` local MALA chains started from its particles.
-
-    One step size per mode is adapted by dual averaging toward acceptance 0.574 over the first
-    half, with a diagonal preconditioner per mode (the relative variances of that mode's chains)
-    from the first quarter on. The states of the second half, every ``keep_every`` steps, are
-    kept: each mode then holds ``chains_per_mode * ceil(num_steps / (2 keep_every))`` particles,
-    labelled by the mode their chain started in, with their gradients. The centres are kept.
-    """
-    chains_per_mode = check_positive_int(chains_per_mode, "chains_per_mode")
-    num_steps = check_positive_int(num_steps, "num_steps")
-    keep_every = check_positive_int(keep_every, "keep_every")
-    evals0 = target.num_target_evals
-    k, dev, dt = bank.num_modes, bank.x.device, bank.x.dtype
-    mode = torch.arange(k, device=dev).repeat_interleave(chains_per_mode)
-    start = torch.empty_like(mode)
-    for i in range(k):  # a loop over modes (few), not over chains
-        rows = torch.nonzero(bank.label == i).flatten()
-        pick = torch.randint(
-            0, rows.numel(), (chains_per_mode,), generator=generator, device=generator.device
-        )
-        start[mode == i] = rows[pick.to(dev)]
-    state = MCMCState(bank.x[start], bank.log_prob[start], bank.grad[start])
-    count = torch.full((k,), float(chains_per_mode), dtype=dt, device=dev)
-    spread = torch.zeros(k, dtype=dt, device=dev).index_add_(
-        0, bank.label, (bank.x - bank.centers[bank.label]).pow(2).mean(-1)
-    )
-    spread = spread / bank.counts().to(dt)
-    adapt = DualAveraging((0.5 * spread).clamp(1e-4, 1.0), MALA_TARGET_ACCEPT)
-    inv_mass = torch.ones(k, target.dim, dtype=dt, device=dev)
-    kept = []
-    for i in range(num_steps):
-        h = adapt.step_size if i < num_steps // 2 else adapt.final_step_size
-        state, info = mala_step(generator, state, target.log_prob_and_grad, h[mode], inv_mass[mode])
-        if i < num_steps // 2:
-            adapt.update(
-                torch.zeros(k, dtype=dt, device=dev).index_add_(0, mode, info.acceptance_rate) / count
-            )
-        if i == num_steps // 4:
-            mean = (
-                torch.zeros(k, target.dim, dtype=dt, device=dev).index_add_(0, mode, state.x) / count[:, None]
-            )
-            var = (
-                torch.zeros(k, target.dim, dtype=dt, device=dev).index_add_(
-                    0, mode, (state.x - mean[mode]) ** 2
-                )
-                / count[:, None]
-            )
-            inv_mass = (var / var.mean(-1, keepdim=True).clamp_min(1e-12)).clamp(1e-3, 1e3)
-            adapt.restart(adapt.final_step_size)
-        if i >= num_steps // 2 and (num_steps - 1 - i) % keep_every == 0:
-            kept.append(state)
-    x = torch.cat([s.x for s in kept])
-    return ModeBank(
-        x,
-        torch.cat([s.log_prob for s in kept]),
-        torch.cat([s.grad for s in kept]),
-        mode.repeat(len(kept)),
-        bank.centers,
-        bank.center_log_prob,
-        bank.num_evals + target.num_target_evals - evals0,
-        bank.unseen_mass,
-        bank.support,
-    )
 
 
 def smc_seeds(generator, target, num_particles: int, reference=None, device=None) -> torch.Tensor | None:

@@ -19,7 +19,7 @@ behind each default are in ``docs/diffusion_sampler.md`` beside the benchmarks t
    in proportion to their mass, form one *pooled* mode; its Gaussian part is then the product of
    per-coordinate two-component mixtures (:class:`~diffstat.diffusion.gaussians.MeanFieldMixture`),
    which covers every combination of the coordinates' components that no list of modes holds.
-2. **Balance** (:func:`~diffstat.diffusion.modes.balance_modes`): restock every mode with local
+2. **Balance** (:func:`~diffstat.diffusion.restock.balance_modes`): restock every mode with local
    MALA chains, so each mode has the same number of training particles, with their gradients
    (training on the raw explored particles, a handful in a narrow mode, fails). A bank of more
    than ``MAX_FULL_MODES`` (64) modes shares 64 modes' worth of chains among them
@@ -114,7 +114,7 @@ import warnings
 
 import torch
 
-from diffstat._util import check_options, pad_stack, progress_bar
+from diffstat._util import check_options, progress_bar
 from diffstat.diffusion.bridge import (
     MIN_PARTICLES,
     ProposalDistribution,
@@ -134,8 +134,9 @@ from diffstat.diffusion.importance import (
     unreliable_reasons,
     unreliable_warning,
 )
-from diffstat.diffusion.rounds import DiffusionConfig, RoundInfo, RoundState, done, init, step
-from diffstat.tempering.smc import combine_runs
+from diffstat.diffusion.rounds import RoundInfo, RoundState, done, init, step
+from diffstat.diffusion.sampler_config import DiffusionConfig
+from diffstat.diffusion.sampler_output import bridge_draws, round_group, stack_runs
 from diffstat.sampling import SamplerResult, register_sampler
 
 __all__ = [
@@ -166,7 +167,7 @@ def run_diffusion_sampler(
 ) -> SamplerResult:
     r"""Run the pipeline of the module docstring: ``init``, then rounds of ``step`` until ``done``,
     then pool the rounds and resample ``num_samples`` draws; ``num_chains`` (None: 1) independent runs.
-    ``options`` are the fields of :class:`~diffstat.diffusion.rounds.DiffusionConfig` (see
+    ``options`` are the fields of :class:`~diffstat.diffusion.sampler_config.DiffusionConfig` (see
     :func:`diffusion`); ``use_diffusion=False`` is ``method="gaussian_is"``. One progress bar
     counts the exploration and the rounds; the inner phases are silent."""
     method = "diffusion" if use_diffusion else "gaussian_is"
@@ -178,7 +179,7 @@ def run_diffusion_sampler(
         for _ in range(n_chains):
             state, infos = _one_run(generator, target, config, device, bar, method)
             results.append(_result(generator, target, state, infos, num_samples, config))
-    return results[0] if n_chains == 1 else _stack_runs(results)
+    return results[0] if n_chains == 1 else stack_runs(results)
 
 
 def _one_run(generator, target, config: DiffusionConfig, device, bar, method: str):
@@ -198,41 +199,6 @@ def _one_run(generator, target, config: DiffusionConfig, device, bar, method: st
             bar.update(config.max_rounds - r - 1)
             break
     return state, infos
-
-
-def _stack_runs(results: list[SamplerResult]) -> SamplerResult:
-    """Independent runs as chains: draws and statistics stacked, each group's per-round arrays as
-    ``(round, chain, ...)`` padded with NaN (runs differ in rounds and modes), log Z pooled over runs
-    (:func:`~diffstat.tempering.smc.combine_runs`); ``mode_weights`` per run, NaN-padded."""
-    draws = torch.cat([r.draws for r in results])
-    stats = {
-        k: torch.cat([torch.as_tensor(r.sample_stats[k]) for r in results]) for k in results[0].sample_stats
-    }
-    groups = {
-        name: {
-            key: pad_stack([r.groups[name][key] for r in results], axis=1) for key in results[0].groups[name]
-        }
-        for name in results[0].groups
-    }
-    attrs = dict(results[0].attrs)
-    log_z, se = combine_runs(
-        [r.attrs["log_normalizer"] for r in results], [r.attrs["log_normalizer_se"] for r in results]
-    )
-    attrs.update(
-        log_normalizer=log_z,
-        log_normalizer_se=se,
-        reliable=min(int(r.attrs["reliable"]) for r in results),
-        round_agreement_p=min(float(r.attrs["round_agreement_p"]) for r in results),
-        num_modes=max(int(r.attrs["num_modes"]) for r in results),
-        num_rounds=max(int(r.attrs["num_rounds"]) for r in results),
-        ess=sum(float(r.attrs["ess"]) for r in results),
-        num_proposals=sum(int(r.attrs["num_proposals"]) for r in results),
-        pareto_k=max(float(r.attrs["pareto_k"]) for r in results),
-        num_nan_exploration=sum(int(r.attrs["num_nan_exploration"]) for r in results),
-        mode_weights=pad_stack([r.attrs["mode_weights"] for r in results], axis=0),
-        correction="smc" if any(r.attrs["correction"] == "smc" for r in results) else "importance",
-    )
-    return SamplerResult(draws, stats, groups, attrs)
 
 
 def _pooled_log_weights(rounds: list[dict], pool: dict, log_ws: list[torch.Tensor]) -> torch.Tensor:
@@ -270,27 +236,14 @@ def _result(
     )
     rounds_reliable = pool["reliable"] and not reasons
     bridge, bridge_why = None, []
-    budget = config.max_evals - (target.num_target_evals - state.evals0)
     if not rounds_reliable and config.bridge:
-        if budget >= 2 * MIN_PARTICLES:
-            q = ProposalDistribution(g.with_weights(bridge_weights(mode_weights)))
-            bridge = smc_bridge(
-                generator,
-                target,
-                q,
-                budget=budget,
-                num_particles=config.bridge_particles,
-                num_moves=config.bridge_moves,
-            )
-            bridge_why = bridge_reasons(bridge)
-        else:
-            left = f"{max(budget, 0):,} of max_evals = {config.max_evals:,}"
-            bridge_why = [f"no SMC bridge: the rounds left {left} evaluations"]
+        budget = config.max_evals - (target.num_target_evals - state.evals0)
+        bridge, bridge_why = _run_bridge(generator, target, g, mode_weights, budget, config)
     if not rounds_reliable and (bridge is None or bridge_why):
         base = missed_warning(rounds, pool) if not pool["reliable"] else unreliable_warning(reasons)
         tail = "" if not bridge_why else " And " + "; ".join(bridge_why) + "."
         warnings.warn(base + tail, RuntimeWarning, stacklevel=3)
-    groups = {"diffusion": _round_group(rounds, pool, state, bridge)}
+    groups = {"diffusion": round_group(rounds, pool, state, bridge)}
     ess = groups["diffusion"]["ess"]
     attrs = {
         "log_normalizer": pool["log_z"],
@@ -310,7 +263,7 @@ def _result(
         idx = idx.to(all_x.device)
         draws, lp, log_w = all_x[idx], all_lp[idx], all_lw[idx]
     else:
-        draws, lp = _bridge_draws(generator, bridge, num_samples)
+        draws, lp = bridge_draws(generator, bridge, num_samples)
         log_w = torch.zeros_like(lp)
         modes = (g.component_log_prob(draws) - torch.log(g.weights)).argmax(-1)
         mode_weights = torch.zeros(num_modes, dtype=torch.float64, device=draws.device).index_add_(
@@ -337,70 +290,24 @@ def _result(
     return SamplerResult(draws.reshape(1, num_samples, target.dim), sample_stats, groups, attrs)
 
 
-def _bridge_draws(generator, bridge, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num_samples`` of the bridge's equally weighted draws (without repeats where it has enough)
-    with their log-densities."""
-    n = bridge.num_particles
-    if num_samples <= n:
-        idx = torch.randperm(n, generator=generator, device=generator.device)[:num_samples]
-    else:
-        idx = torch.randint(0, n, (num_samples,), generator=generator, device=generator.device)
-    idx = idx.to(bridge.x.device)
-    return bridge.x[idx], bridge.lp[idx]
-
-
-#: The SMC bridge's per-stage records in the ``diffusion`` group, as ``bridge_<field>``.
-BRIDGE_FIELDS = (
-    "beta",
-    "ess",
-    "log_z_increment",
-    "acceptance_rate",
-    "step_size",
-    "num_mcmc_steps",
-    "decorrelation",
-    "num_clusters",
-    "resampled",
-)
-
-
-def _round_group(rounds: list[dict], pool: dict, state: RoundState, bridge=None) -> dict[str, torch.Tensor]:
-    """The per-round records, the ``diffusion`` group of the output (one entry per round), and the SMC
-    bridge's per-stage records ``bridge_<field> (round, stage)``: the bridge follows the last round, so
-    its stages fill the last row and the others are NaN (no stages where no bridge ran)."""
-
-    def column(key, dtype=None):
-        return torch.tensor([s[key] for s in rounds], dtype=dtype)
-
-    ess, sizes = column("ess", torch.float64), column("num_proposals")
-    return {
-        "round": column("round"),
-        "ess": ess,
-        "ess_fraction": ess / sizes,
-        "num_proposals": sizes,
-        "pareto_k": column("pareto_k", torch.float64),
-        "ess_psis": column("ess_psis", torch.float64),
-        "log_normalizer": column("log_z", torch.float64),
-        "log_normalizer_se": column("se", torch.float64),
-        "used": pool["used"],
-        "num_modes": torch.full((len(rounds),), state.bank.num_modes),
-        "num_target_evals": column("num_target_evals"),
-        "train_loss": column("train_loss", torch.float64),
-        "diffusion_share": column("diffusion_share", torch.float64),
-        "proposal_width": column("proposal_width", torch.float64),
-        "model_choice": column("choice"),
-        "mode_weights": torch.stack([s["mode_weights"].cpu() for s in rounds]),
-        "ess_per_mode": torch.stack([s["ess_per_mode"].cpu() for s in rounds]),
-        "mode_centers": state.bank.centers.cpu().unsqueeze(0).expand(len(rounds), -1, -1),
-    } | {f"bridge_{f}": _bridge_rows(bridge, f, len(rounds)) for f in BRIDGE_FIELDS}
-
-
-def _bridge_rows(bridge, field: str, num_rounds: int) -> torch.Tensor:
-    """The bridge's per-stage ``field`` in the last of ``num_rounds`` rows ``(R, stages)``, NaN above."""
-    stages = 0 if bridge is None else len(bridge.stages["beta"])
-    out = torch.full((num_rounds, stages), math.nan, dtype=torch.float64)
-    if stages:
-        out[-1] = bridge.stages[field].detach().double().cpu()
-    return out
+def _run_bridge(generator, target, gaussians, mode_weights, budget: int, config: DiffusionConfig):
+    """The SMC bridge (:func:`~diffstat.diffusion.bridge.smc_bridge`) from the rounds' Gaussians
+    reweighted by :func:`~diffstat.diffusion.bridge.bridge_weights` of ``mode_weights (K,)``, within
+    ``budget`` target evaluations; returns the bridge (None where the budget is below two bridges'
+    minimum particles) and the reasons it is not reliable (a list of sentences, empty where it is)."""
+    if budget < 2 * MIN_PARTICLES:
+        left = f"{max(budget, 0):,} of max_evals = {config.max_evals:,}"
+        return None, [f"no SMC bridge: the rounds left {left} evaluations"]
+    q = ProposalDistribution(gaussians.with_weights(bridge_weights(mode_weights)))
+    bridge = smc_bridge(
+        generator,
+        target,
+        q,
+        budget=budget,
+        num_particles=config.bridge_particles,
+        num_moves=config.bridge_moves,
+    )
+    return bridge, bridge_reasons(bridge)
 
 
 @register_sampler("diffusion", options=RUN_OPTIONS)

@@ -16,7 +16,7 @@ from diffstat.diffusion.proposals import (
     ode_log_density,
 )
 from diffstat.diffusion.reverse import probability_flow
-from diffstat.diffusion.rounds import DiffusionConfig
+from diffstat.diffusion.sampler_config import DiffusionConfig
 from diffstat.metrics import mmd
 from diffstat.targets import GaussianMixture, nine_modes
 

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from diffstat.diffusion.modes import balance_modes, explore, explore_modes, screen
+from diffstat.diffusion.modes import explore, explore_modes, screen
+from diffstat.diffusion.restock import balance_modes
 from diffstat.targets import BananaMixture, GaussianMixture, narrow_wide, nine_modes
 
 
