@@ -6,8 +6,9 @@ method reported a failure (the vignettes print ``[failed] <method>: <error>`` in
 so that a vignette still runs while a sampler is broken), that every figure was written afresh, and
 the vignettes' own checks (the tempering claim, identical shard draws on the Dask cluster).
 
-Together the three took 112 s (27 + 41 + 44 s) on the 2-core development machine at a load of about
-2, and 5.6 minutes at a load of 6; they are marked ``slow``.
+Together the three took 435 s (221 + 139 + 75 s) in the full suite on the 2-core development machine
+at a load of 3 to 4 (the learned smoothed scores of SMS and walk-jump are most of it); they are
+marked ``slow``.
 """
 
 from __future__ import annotations
