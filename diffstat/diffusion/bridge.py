@@ -10,7 +10,8 @@ Importance sampling is sequential Monte Carlo with one stage: it is exact only w
     \pi_\beta(x) \propto q(x)^{1-\beta}\, p(x)^{\beta}, \qquad 0 = \beta_0 < \dots < \beta_S = 1,
 
 with :math:`q` the per-mode Gaussian mixture of the rounds (:class:`ProposalDistribution`: a
-closed-form density, exact draws). Each stage is the tempering samplers' own
+closed-form density, exact draws), run by :func:`~diffstat.tempering.to_target.temper_to_target`
+(as the D&C exact-product SMC), each stage the tempering samplers' own
 :func:`~diffstat.tempering.core.tempered_step`: the next :math:`\beta` where the conditional ESS of
 the increments is 0.5 (:func:`~diffstat.tempering.smc.next_beta`; Zhou, Johansen and Aston 2016),
 systematic resampling below an ESS fraction of 0.5, MALA moves preconditioned by the particles'
@@ -54,9 +55,10 @@ import torch
 
 from diffstat.diffusion.gaussians import GaussianMixtureProposal, MeanFieldMixture
 from diffstat.diffusion.importance import MIN_ROUND_ESS, unique_rows
-from diffstat.tempering.core import MoveConfig, cloud_metric, init_tempered, stack_stage_infos, tempered_step
-from diffstat.tempering.path import GeometricPath, default_step_size
-from diffstat.tempering.smc import genealogy_variance, next_beta
+from diffstat.tempering.core import MoveConfig, cloud_metric, stack_stage_infos
+from diffstat.tempering.path import GeometricPath
+from diffstat.tempering.smc import genealogy_variance
+from diffstat.tempering.to_target import temper_to_target
 
 __all__ = [
     "ProposalDistribution",
@@ -213,26 +215,14 @@ def smc_bridge(
     path = GeometricPath(target, q)
     n = bridge_size(budget, num_particles)
     evals0 = target.num_target_evals
-    x0 = path.sample_reference(n, generator)
-    state = init_tempered(path, x0, default_step_size("mala", path.dim))
-    metric = cloud_metric("dense", within_modes=True, shrink_until=10.0)
-    infos = []
-    while float(state.beta) < 1.0 and len(infos) < MAX_STAGES:
-        new_beta = next_beta(state.log_weights, state.particles.delta, state.beta, 0.5)
-        final = bool(new_beta >= 1.0)  # resample, then move on the target itself
-        left = budget - (target.num_target_evals - evals0)
-        moves = _move_cap(left, n, final, num_moves)
-        state, info = tempered_step(
-            generator,
-            state,
-            new_beta,
-            path=path,
-            moves=moves,
-            precondition=metric,
-            stage=len(infos),
-            resample_threshold=1.0 if final else 0.5,
-        )
-        infos.append(info)
+    state, infos = temper_to_target(
+        generator,
+        path,
+        n,
+        moves=lambda final: _move_cap(budget - (target.num_target_evals - evals0), n, final, num_moves),
+        precondition=cloud_metric("dense", within_modes=True, shrink_until=10.0),
+        max_stages=MAX_STAGES,
+    )
     v, num_eves = genealogy_variance(state.log_weights, state.eve, state.num_resampling, "systematic")
     stages = stack_stage_infos(infos)
     x, lp = state.particles.x, state.particles.target_log_prob

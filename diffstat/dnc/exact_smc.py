@@ -17,10 +17,10 @@ below ``resample_threshold``, and ``num_mcmc_steps`` MALA steps per stage, preco
 particles' weighted covariance (a dense metric, unshrunk once the ESS exceeds 10 dimensions: one
 step size then suits every direction; shards of a regression with correlated covariates need it).
 At :math:`\beta = 1` the particles are resampled once more and moved ``num_final_steps`` times on
-the exact posterior. Each stage is the tempering samplers' own
-:func:`~diffstat.tempering.core.tempered_step` on a :class:`~diffstat.tempering.path.GeometricPath`
-from :math:`q` (its step size adapted by the same Robbins-Monro rule); this module only builds the
-start and the path. This is the standard SMC sampler of Del
+the exact posterior. The run is :func:`~diffstat.tempering.to_target.temper_to_target` (each stage
+the tempering samplers' own :func:`~diffstat.tempering.core.tempered_step`, its step size adapted by
+the same Robbins-Monro rule) on a :class:`~diffstat.tempering.path.GeometricPath` from :math:`q`;
+this module only builds the start and the path. This is the standard SMC sampler of Del
 Moral, Doucet and Jasra (2006) with the adaptive tempering of Jasra et al. (2011); the weights are
 the importance correction, so the draws are consistent for the full posterior whatever :math:`q`.
 
@@ -46,9 +46,9 @@ import torch
 
 from diffstat.dnc.gaussian import CombineResult, gaussian_product, sample_moments
 from diffstat.dnc.options import SMCOptions, from_kwargs
-from diffstat.tempering.core import MoveConfig, cloud_metric, init_tempered, stack_stage_infos, tempered_step
-from diffstat.tempering.path import GeometricPath, default_step_size
-from diffstat.tempering.smc import next_beta
+from diffstat.tempering.core import MoveConfig, cloud_metric, stack_stage_infos
+from diffstat.tempering.path import GeometricPath
+from diffstat.tempering.to_target import temper_to_target
 
 __all__ = [
     "sum_of_log_probs",
@@ -225,34 +225,25 @@ def exact_product_smc(
     """
     opts = from_kwargs(SMCOptions, options, "exact_product_smc")
     path, laplace_evals = _start(log_probs, mean, cov, opts)
-    state = init_tempered(
-        path, path.sample_reference(num_particles, generator), default_step_size("mala", path.dim)
-    )
-    metric = cloud_metric("dense", within_modes=False, shrink_until=10.0)
     moves, final_moves = (
         MoveConfig(num_mcmc_steps=opts.num_mcmc_steps),
         MoveConfig(num_mcmc_steps=opts.num_final_steps),
     )
-    infos = []
-    while float(state.beta) < 1.0:
-        if len(infos) >= opts.max_stages:
-            raise RuntimeError(
-                f"the SMC to the exact product needed more than {opts.max_stages} stages; the start "
-                "Gaussian is far too narrow or the shard log-densities disagree with the draws"
-            )
-        new_beta = next_beta(state.log_weights, state.particles.delta, state.beta, opts.target_ess)
-        final = bool(new_beta >= 1.0)  # resample, then the final moves on the exact product
-        state, info = tempered_step(
-            generator,
-            state,
-            new_beta,
-            path=path,
-            moves=final_moves if final else moves,
-            precondition=metric,
-            stage=len(infos),
-            resample_threshold=1.0 if final else opts.resample_threshold,
+    state, infos = temper_to_target(
+        generator,
+        path,
+        num_particles,
+        moves=lambda final: final_moves if final else moves,
+        precondition=cloud_metric("dense", within_modes=False, shrink_until=10.0),
+        target_ess=opts.target_ess,
+        resample_threshold=opts.resample_threshold,
+        max_stages=opts.max_stages,
+    )
+    if float(state.beta) < 1.0:
+        raise RuntimeError(
+            f"the SMC to the exact product needed more than {opts.max_stages} stages; the start "
+            "Gaussian is far too narrow or the shard log-densities disagree with the draws"
         )
-        infos.append(info)
     info = _record(stack_stage_infos(infos))
     info.update(
         laplace=bool(opts.laplace),
