@@ -21,6 +21,7 @@ The drivers (:func:`~diffstat.tempering.smc.adaptive_tempered_smc`, :func:`~diff
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -50,12 +51,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class MoveConfig:
-    """How particles move at each stage, validated on construction.
+    r"""How particles move at each stage, validated on construction.
 
     ``kernel`` ``"mala"`` | ``"hmc"`` (``num_leapfrog`` steps) | ``"rwm"``; ``target_accept`` (None:
     the kernel's own, 0.574 / 0.8 / 0.234); ``num_mcmc_steps`` (None: until decorrelated, at most
     ``max_mcmc_steps``, tolerance ``decorrelation_tol``); ``adapt_rate`` of the Robbins-Monro step
-    size rule (0: step sizes fixed in advance).
+    size rule (0: step sizes fixed in advance); ``step_jitter`` :math:`a \ge 0`: each particle's step
+    size at each move is the adapted one times :math:`e^{a u}`, :math:`u \sim U(-1, 1)` (0: off, the
+    default, as it helped nowhere it was measured: ``docs/smc_funnel.md``).
     """
 
     kernel: str = "mala"
@@ -65,6 +68,7 @@ class MoveConfig:
     max_mcmc_steps: int = 100
     decorrelation_tol: float = 0.1
     adapt_rate: float = 1.0
+    step_jitter: float = 0.0
 
     def __post_init__(self):
         step, default_accept = get_kernel(self.kernel, self.num_leapfrog)  # refuses unknown kernels
@@ -81,6 +85,8 @@ class MoveConfig:
                 f"need max_mcmc_steps >= 1 and decorrelation_tol > 0, got {self.max_mcmc_steps}, "
                 f"{self.decorrelation_tol}"
             )
+        if not 0 <= float(self.step_jitter) < math.inf:
+            raise ValueError(f"step_jitter must be finite and non-negative, got {self.step_jitter}")
 
     @property
     def step(self) -> Callable:
@@ -214,6 +220,7 @@ def tempered_step(
         max_steps=int(moves.max_mcmc_steps),
         decorrelation_tol=moves.decorrelation_tol,
         adapt_rate=moves.adapt_rate,
+        step_jitter=float(moves.step_jitter),
     )
     info = StageInfo(
         new_beta,

@@ -51,6 +51,15 @@ needs; ``max_steps`` = 100 bounds a stage at 100 moves per particle.
 The step size is shared by the particles and adapted after every move toward the kernel's target
 acceptance (:func:`~diffstat.tempering.path.adaptive_moves`'s Robbins-Monro rule).
 
+**Randomised step sizes** (``step_jitter`` :math:`a > 0`; 0, the default, is off). Each particle's
+step size at each move is :math:`h_i = h\, e^{a u_i}`, :math:`u_i \sim U(-1, 1)` drawn independently
+of the particles' positions, so the move is a mixture over :math:`h_i` of :math:`\pi_\beta`-invariant
+kernels and leaves :math:`\pi_\beta` invariant (Buchholz, Chopin and Jacob 2021 randomise HMC's step
+in SMC the same way); the centre :math:`h` is adapted as above on the mean acceptance. Meant for
+targets whose local scale varies along the cloud (Neal's funnel): one global :math:`h` cannot suit
+the neck and the mouth. Measured there and elsewhere, and not adopted as the default:
+``docs/smc_funnel.md``.
+
 Measurements behind these defaults: ``docs/smc_moves.md`` (``benchmarks/bench_smc_moves.py``).
 """
 
@@ -225,19 +234,26 @@ def decorrelating_moves(
     max_steps: int = 100,
     decorrelation_tol: float = 0.1,
     adapt_rate: float = 1.0,
+    step_jitter: float = 0.0,
 ) -> MoveResult:
     r"""Moves at ``beta`` until :math:`D_k \le (1+\epsilon) D_{\lfloor k/2\rfloor}` (module
     docstring), between ``min_steps`` and ``max_steps``; exactly ``num_steps`` moves when given.
     After each move :math:`\log h \mathrel{+}= \kappa(\bar a - a^\star)` (``adapt_rate``,
-    ``target_accept``)."""
+    ``target_accept``). ``step_jitter`` :math:`a`: each particle moves at :math:`h e^{a u}`,
+    :math:`u \sim U(-1, 1)` fresh per particle and move (module docstring); 0 draws nothing."""
     x0 = ps.x
-    d = x0.shape[1]
+    n, d = x0.shape
     acc_sum = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
     cap = max_steps if num_steps is None else int(num_steps)
     history = [0.0]
     k = 0
     while k < cap:
-        ps, info = move(kernel, generator, ps, path, beta, torch.exp(log_step_size), inv_mass)
+        if step_jitter:
+            u = torch.rand(n, generator=generator, dtype=x0.dtype, device=x0.device).mul_(2).sub_(1)
+            step_size = torch.exp(log_step_size + step_jitter * u)
+        else:
+            step_size = torch.exp(log_step_size)
+        ps, info = move(kernel, generator, ps, path, beta, step_size, inv_mass)
         k += 1
         acc_sum = acc_sum + info.acceptance_rate
         if adapt_rate:

@@ -166,14 +166,16 @@ def genealogy_variance(
 
 @dataclass(frozen=True)
 class SMCConfig:
-    """The options of adaptive tempered SMC, validated on construction (a ``ValueError`` naming the bad
+    r"""The options of adaptive tempered SMC, validated on construction (a ``ValueError`` naming the bad
     one). ``target_ess`` (0.5) and ``criterion`` (``"cess"``) set the next temperature;
     ``resample_threshold`` (0.5: resample when the ESS fraction falls under it; 0 never, 1 always) and
     ``resampling`` (``"systematic"``, the least noisy of the three schemes); the moves: ``kernel``,
     ``num_leapfrog``, ``target_accept``, ``num_mcmc_steps`` (None: until decorrelated),
     ``max_mcmc_steps`` (100), ``decorrelation_tol`` (0.1), as :class:`~diffstat.tempering.core.MoveConfig`;
     ``metric`` (``"auto"``) and ``within_modes`` (True) of the particle metric, or ``adapt_scale=False``
-    for none; ``step_size`` (None: :func:`~diffstat.tempering.path.default_step_size`); ``betas`` (a
+    for none; ``step_size`` (None: :func:`~diffstat.tempering.path.default_step_size`); ``step_jitter``
+    (0: each particle's step size at each move randomised by :math:`e^{a u}`, :math:`u \sim U(-1, 1)`,
+    when positive, :mod:`diffstat.tempering.moves`); ``betas`` (a
     fixed schedule instead of the adaptive one); ``max_stages`` (1000)."""
 
     target_ess: float = 0.5
@@ -190,6 +192,7 @@ class SMCConfig:
     step_size: float | None = None
     target_accept: float | None = None
     adapt_scale: bool = True
+    step_jitter: float = 0.0
     betas: object = None
     max_stages: int = 1000
 
@@ -214,6 +217,7 @@ class SMCConfig:
             self.num_mcmc_steps,
             self.max_mcmc_steps,
             self.decorrelation_tol,
+            step_jitter=self.step_jitter,
         )
 
     @classmethod
@@ -335,7 +339,7 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     (``"mala"``), ``num_mcmc_steps`` (None: adapted per stage), ``max_mcmc_steps`` (100),
     ``decorrelation_tol`` (0.1), ``metric`` (``"auto"``, ``"dense"``, ``"diag"``), ``within_modes``
     (True), ``num_leapfrog`` (5), ``step_size``, ``target_accept``, ``adapt_scale`` (True),
-    ``betas``, ``max_stages``. ``num_chains`` (default 1) independent runs
+    ``step_jitter`` (0), ``betas``, ``max_stages``. ``num_chains`` (default 1) independent runs
     are made one after another; their evidence estimates are pooled.
 
     The returned draws are resampled to equal weights with the run's scheme; ``log_weight`` in
