@@ -57,8 +57,8 @@ class MoveConfig:
     the kernel's own, 0.574 / 0.8 / 0.234); ``num_mcmc_steps`` (None: until decorrelated, at most
     ``max_mcmc_steps``, tolerance ``decorrelation_tol``); ``adapt_rate`` of the Robbins-Monro step
     size rule (0: step sizes fixed in advance); ``step_jitter`` :math:`a \ge 0`: each particle's step
-    size at each move is the adapted one times :math:`e^{a u}`, :math:`u \sim U(-1, 1)` (0: off, the
-    default, as it helped nowhere it was measured: ``docs/smc_funnel.md``).
+    size at each move is the adapted one times :math:`e^{a u}`, :math:`u \sim U(-1, 1)` (0, the
+    default: off; why, :mod:`diffstat.tempering.moves`).
     """
 
     kernel: str = "mala"

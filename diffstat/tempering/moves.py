@@ -51,14 +51,17 @@ needs; ``max_steps`` = 100 bounds a stage at 100 moves per particle.
 The step size is shared by the particles and adapted after every move toward the kernel's target
 acceptance (:func:`~diffstat.tempering.path.adaptive_moves`'s Robbins-Monro rule).
 
-**Randomised step sizes** (``step_jitter`` :math:`a > 0`; 0, the default, is off). Each particle's
-step size at each move is :math:`h_i = h\, e^{a u_i}`, :math:`u_i \sim U(-1, 1)` drawn independently
-of the particles' positions, so the move is a mixture over :math:`h_i` of :math:`\pi_\beta`-invariant
-kernels and leaves :math:`\pi_\beta` invariant (Buchholz, Chopin and Jacob 2021 randomise HMC's step
-in SMC the same way); the centre :math:`h` is adapted as above on the mean acceptance. Meant for
-targets whose local scale varies along the cloud (Neal's funnel): one global :math:`h` cannot suit
-the neck and the mouth. Measured there and elsewhere, and not adopted as the default:
-``docs/smc_funnel.md``.
+**Randomised step sizes** (``step_jitter`` :math:`a > 0`; 0, the default, is off and draws nothing).
+Each particle's step size at each move is :math:`h_i = h\, e^{a u_i}`, :math:`u_i \sim U(-1, 1)`
+drawn independently of the particles' positions, so the move is a mixture over :math:`h_i` of
+:math:`\pi_\beta`-invariant kernels and leaves :math:`\pi_\beta` invariant (the random step sizes of
+Buchholz, Chopin and Jacob 2021 for HMC within SMC); the centre :math:`h` is adapted as above on the
+mean acceptance. It is for targets whose local scale varies across the cloud, such as Neal's funnel,
+where one :math:`h` cannot suit both the neck and the mouth: :math:`a = 3` spans a factor
+:math:`e^{6} \approx 400` in :math:`h`. Off by default because, measured (``docs/smc_funnel.md``),
+it fills the funnel's neck only together with many more moves per stage and still leaves log Z
+0.2 to 0.4 low there, while on well-scaled targets it costs 1.2 to 3.8 times the evaluations for
+the same accuracy (the decorrelation rule needs more of the less efficient moves).
 
 Measurements behind these defaults: ``docs/smc_moves.md`` (``benchmarks/bench_smc_moves.py``).
 """
