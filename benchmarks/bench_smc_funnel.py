@@ -191,10 +191,18 @@ def trace(args) -> None:
             x0 = initial_particles(path, args.particles, generator, None)
             h0 = default_step_size(config.kernel, args.dim) if config.step_size is None else config.step_size
             state, log_z = init_tempered(path, x0, h0), 0.0
-            for k in range(config.max_stages):
-                beta = next_beta(
-                    state.log_weights, state.particles.delta, state.beta, config.target_ess, config.criterion
-                )
+            schedule = None if config.betas is None else torch.as_tensor(config.betas, dtype=torch.float64)
+            for k in range(config.max_stages if schedule is None else len(schedule)):
+                if schedule is None:
+                    beta = next_beta(
+                        state.log_weights,
+                        state.particles.delta,
+                        state.beta,
+                        config.target_ess,
+                        config.criterion,
+                    )
+                else:
+                    beta = schedule[k]
                 state, info = tempered_step(
                     generator,
                     state,
