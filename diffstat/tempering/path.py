@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import torch
 
-from diffstat.mcmc.base import MCMCInfo, MCMCState
+from diffstat.mcmc.base import MCMCInfo, MCMCState, rows_finite
 from diffstat.mcmc.hmc import HMC_TARGET_ACCEPT, hmc_step
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 from diffstat.mcmc.rwm import RWM_TARGET_ACCEPT, rwm_step
@@ -153,7 +153,13 @@ class GeometricPath:
         return x.to(device=device, dtype=self.target.dtype)
 
     def reference_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised reference log-density ``(n,)``: not a target evaluation, not counted."""
+        r"""Normalised reference log-density ``(n,)``: not a target evaluation, not counted. A row
+        that is not finite (a trajectory that overflowed) gets :math:`-\infty`, so that the move
+        is rejected, instead of the ``ValueError`` of a distribution's argument check."""
+        bad = ~rows_finite(x)
+        if bool(bad.any()):
+            safe = torch.where(bad.unsqueeze(-1), torch.zeros_like(x), x)
+            return self.reference_log_prob(safe).masked_fill(bad, -torch.inf)
         if self.likelihood_tempering:
             before = self.target.num_target_evals
             lp = self.target.log_prior(x)
