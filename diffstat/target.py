@@ -29,7 +29,9 @@ def check_dtype(dtype) -> torch.dtype:
 
 def check_reference(reference, dim: int) -> None:
     """``ValueError`` unless ``reference`` is None or a distribution whose single draw is a vector
-    of length ``dim`` (event shape ``(dim,)``, batch shape ``()``)."""
+    of length ``dim`` (event shape ``(dim,)``, batch shape ``()``) with support on all of R^dim (a
+    bounded reference's log-density has no gradient or refuses points outside its support, and a
+    geometric path from it never reaches target mass outside it)."""
     if reference is None:
         return
     if not isinstance(reference, torch.distributions.Distribution):
@@ -45,6 +47,30 @@ def check_reference(reference, dim: int) -> None:
             f"reference must be a distribution on R^{dim} with event shape ({dim},) and batch shape (), "
             f"got batch shape {batch} and event shape {event}{hint}"
         )
+    support = _support(reference)
+    if support is not None and not _is_real(support):
+        raise ValueError(
+            f"reference must have support on all of R^{dim} (a tempering path from it must reach every "
+            f"point the target can reach), got {type(reference).__name__} with support {support}; use "
+            "e.g. a Normal, StudentT or MultivariateNormal, or sample in unconstrained coordinates"
+        )
+
+
+def _support(reference):
+    """The reference's support constraint, or None where the distribution does not say."""
+    try:
+        return reference.support
+    except NotImplementedError:
+        return None
+
+
+def _is_real(constraint) -> bool:
+    """Whether ``constraint`` is the whole real line in every coordinate (``real``, ``real_vector``,
+    ``independent(real, k)``, a mixture's constraint of ``real``)."""
+    constraints = torch.distributions.constraints
+    while hasattr(constraint, "base_constraint"):  # independent(...), MixtureSameFamily's
+        constraint = constraint.base_constraint
+    return isinstance(constraint, type(constraints.real))
 
 
 def resolve_reference(target, reference) -> torch.distributions.Distribution | None:

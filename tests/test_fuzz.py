@@ -150,6 +150,30 @@ def test_reference_without_independent_is_refused(method):
     assert counted.points == before
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("support", ["uniform", "gamma"])
+def test_reference_with_bounded_support_is_refused(method, support):
+    """A reference on a box or the positive orthant: its log-density refuses (Gamma) or cannot
+    differentiate (Uniform) points outside it, and a tempering path from it never reaches the
+    target's mass beyond it. Refused before any target evaluation, naming the support (these
+    crashed mid-run with a distribution's argument check or an autograd error); methods that take
+    no reference refuse the option. The Target refuses it too."""
+    counted = Counted(gaussian)
+    target = ds.Target(counted, D, dtype=F64)
+    before = counted.points
+    ones = torch.ones(D, dtype=F64)
+    base = {
+        "uniform": torch.distributions.Uniform(-5 * ones, 5 * ones),
+        "gamma": torch.distributions.Gamma(2 * ones, ones),
+    }[support]
+    reference = torch.distributions.Independent(base, 1)
+    with pytest.raises(ValueError, match="support on all of R|unknown option.*reference"):
+        _sample(target, method, reference=reference)
+    with pytest.raises(ValueError, match="support on all of R"):
+        ds.Target(counted, D, dtype=F64, reference=reference)
+    assert counted.points == before
+
+
 class ReferenceUsed(Exception):
     """Raised by :class:`Tripwire` when a method draws from or evaluates the reference."""
 
