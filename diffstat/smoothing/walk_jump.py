@@ -45,8 +45,14 @@ training-free (Laplace) score fails its own check at a step or a jump (importanc
 fits under 20%: p(x | y) is far from the Gaussian the estimate assumes and the score is biased, as
 in a funnel's neck, where the estimate follows the joint mode, not the mass, and walkers drift
 down the neck), or when its jump is not finite. From its first divergence after warm-up on, every
-draw of that walker is marked in ``sample_stats["diverging"]``, the counts are in attrs and the
-``walk_jump`` group, and a ``RuntimeWarning`` says so: such draws are not to be trusted.
+draw of that walker is marked in ``sample_stats["diverging"]``. A walker can also be lost without
+a divergent step, drifting where the smoothed score no longer holds (a learned score beyond its
+particles): a corrected draw whose log-density falls far below the target's own draws' (a learned
+score's held-out particles, else the run's other draws) is marked too
+(:mod:`~diffstat.smoothing.walk_jump_checks`; ``num_low_log_prob`` and ``log_prob_floor`` in
+attrs). The counts are in attrs and the ``walk_jump`` group, and a ``RuntimeWarning`` gives them by
+reason: such draws are not to be trusted, and with a tenth of the draws or more marked it calls the
+run as a whole unreliable.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.smoothing.correction import check_num_mala, correct_jumps
 from diffstat.smoothing.learned import LearnedSmoothedScore
 from diffstat.smoothing.scores import LaplaceSmoothedScore
+from diffstat.smoothing.walk_jump_checks import divergence_message, draw_floor
 from diffstat.smoothing.walk_jump_setup import (
     check_options,
     initial_walkers,
@@ -76,21 +83,6 @@ __all__ = ["walk_jump", "WalkJumpState", "WalkJumpInfo", "init", "step", "jump"]
 #: A jump whose training-free score had an importance ESS fraction below this (about 1.6 of the 8
 #: draws: the local Laplace fits do not describe p(x | y)) is marked divergent.
 _MIN_FIT_ESS = 0.2
-
-#: A draw whose log-density is below the reference's anchor by more than max(_FLOOR_NATS, _FLOOR_SDS robust
-#: sd) is marked (:func:`log_prob_floor`): 20 nats is a density ratio of 5e-9, and 5 sd below the anchor is
-#: out of reach of a correct draw whatever the dimension (the log-density of a Gaussian draw in d dimensions
-#: has sd sqrt(d / 2)).
-_FLOOR_NATS, _FLOOR_SDS = 20.0, 5.0
-
-#: The anchor's quantile when the run's own draws are the reference: a quarter of them may be far off and
-#: still not move it (its breakdown point), and a minor mode holding more than a quarter lies above it.
-_FLOOR_QUANTILE = 0.25
-
-#: A run with this share of its draws marked or more is called unreliable as a whole in the warning: where
-#: walk-jump is right (tests/smoothing, narrow_wide(10), nine modes, ionosphere) none is marked, and where a
-#: tenth of the walkers were lost the others crossed the same regions (docs/sms.md, many-well).
-_UNRELIABLE_SHARE = 0.1
 
 #: MALA steps on p(x | y) after each jump with a learned score (``num_mala``): 20 gave the target's
 #: within-mode variance on the two-mode target (docs/sms.md); 30 are used by SMS, whose final noise is larger.
@@ -166,20 +158,6 @@ def jump(
     bad_jump = ~torch.isfinite(x).all(-1)
     bad_jump = bad_jump | _failed_check(provider, bad_jump)
     return x, y, state._replace(suspect=state.suspect | bad_jump)
-
-
-def log_prob_floor(reference: torch.Tensor, quantile: float) -> float:
-    r"""The lowest log-density a draw of the target can be expected to have, from ``reference: (m,)``,
-    log-densities of the target's own points: the ``quantile`` of the finite ones (0: their minimum)
-    less :math:`\max(20, 5 s)`, with :math:`s` = IQR / 1.349, a robust standard deviation (module
-    doc). With the held-out particles of a learned score (draws of the target that the judged draws
-    are not among), the minimum; with the run's own draws, their lower quartile. ``-inf`` (nothing
-    marked) with fewer than 8 finite values."""
-    ref = reference[torch.isfinite(reference)].double().cpu()
-    if ref.numel() < 8:
-        return -math.inf
-    q = torch.quantile(ref, torch.tensor([quantile, 0.25, 0.75], dtype=torch.float64))
-    return float(q[0]) - max(_FLOOR_NATS, _FLOOR_SDS * float(q[2] - q[1]) / 1.349)
 
 
 class _Run(NamedTuple):
@@ -301,7 +279,9 @@ def walk_jump(
         population's, module doc), else 1 (one walker per chain, the classic walk-jump).
 
     Returns draws ``(num_chains, num_samples, dim)`` (fewer per chain only when the budget runs out), ``lp``,
-    ``acceptance_rate``, ``diverging`` in sample_stats, the ``walk_jump`` group (a row per jump round).
+    ``acceptance_rate``, ``diverging`` in sample_stats, the ``walk_jump`` group (a row per jump round);
+    attrs include ``num_divergent``, ``num_low_log_prob`` (of them, marked for their log-density) and
+    ``log_prob_floor`` (NaN when ``num_mala`` is 0: uncorrected jumps are not held to it).
     """
     num_chains = 4 if num_chains is None else num_chains
     sigma, walk, thin, num_warmup, init = check_options(
@@ -339,58 +319,11 @@ def _in_chains(run: _Run, num_chains: int, walkers: int, num_samples: int) -> _R
     return run._replace(**{k: arrange(getattr(run, k)) for k in fields})
 
 
-def _floor(provider, lp: torch.Tensor, marked: torch.Tensor) -> tuple[float, str]:
-    """:func:`log_prob_floor` from a learned score's held-out particles when it has 8 or more, else from
-    the draws ``lp`` not already ``marked``; with the reference in words."""
-    held = provider.particles.get("held_lp") if isinstance(provider, LearnedSmoothedScore) else None
-    if held is not None and int(torch.isfinite(held).sum()) >= 8:
-        return log_prob_floor(held, 0.0), "the lowest of the smoothed score's held-out particles"
-    return log_prob_floor(lp[~marked], _FLOOR_QUANTILE), "the lower quartile of the other draws"
-
-
-def _warn(num_div: int, n: int, counts: tuple, floor: float, reference: str, rejected: bool) -> str:
-    """The ``RuntimeWarning`` of a run with ``num_div`` of ``n`` draws marked: how many for each reason
-    (``counts``: after a walk divergence, below the ``floor``, walk steps reset), and whether the run as
-    a whole is unreliable (a tenth of the draws or more marked)."""
-    num_walk, num_low, num_steps = counts
-    why = ["all of them for that reason"] if rejected else []
-    if num_walk and not rejected:
-        why.append(
-            f"{num_walk} follow a divergent walk step or have a non-finite or unreliable jump "
-            f"({num_steps} walk steps reset)"
-        )
-    if num_low and not rejected:
-        why.append(
-            f"{num_low} have a log-density below {floor:.4g}, more than max({_FLOOR_NATS:g}, "
-            f"{_FLOOR_SDS:g} sd) below {reference}: out of reach of a draw of the target"
-        )
-    share = num_div / n
-    whole = ""
-    if share > 0.5:
-        whole = "Most draws are marked: the run as a whole is unreliable. "
-    elif share >= _UNRELIABLE_SHARE:
-        whole = (
-            f"{share:.0%} of the draws are marked: the run as a whole is unreliable (the unmarked draws "
-            "come from walkers that went through the same regions). "
-        )
-    prefix = "the smoothed score passed was fitted to another target; " if rejected else ""
-    return (
-        f"{prefix}walk-jump diverged: {num_div} of {n} draws are marked in sample_stats 'diverging': "
-        + "; ".join(why)
-        + ". "
-        + whole
-        + "The walkers reached regions where the smoothed score does not hold (a learned score far from "
-        "its particles, a training-free estimate far in the tails) or the step is too large for the "
-        "curvature of log q_sigma: lower step_size, raise sigma, give a learned score more work "
-        "(estimator_options), or pass smoothed_score=."
-    )
-
-
 def _result(x, lp, run: _Run, provider, sigma, rejected, attrs) -> SamplerResult:
     """The draws with their divergence marks (the walk's, a non-finite log-density, and one below
-    :func:`log_prob_floor`) and warning, and the attrs."""
+    :func:`~diffstat.smoothing.walk_jump_checks.draw_floor`) and warning, and the attrs."""
     walk_marks = run.suspect | ~torch.isfinite(lp)
-    floor, reference = _floor(provider, lp, walk_marks)
+    floor, reference = draw_floor(provider, lp, walk_marks, attrs["num_mala"])
     low = (lp < floor) & ~walk_marks & (not rejected)  # a rejected score's particles are another target's
     diverging = walk_marks | low | rejected
     num_div, num_div_steps = int(diverging.sum()), int(run.state.num_div_steps)
@@ -398,7 +331,7 @@ def _result(x, lp, run: _Run, provider, sigma, rejected, attrs) -> SamplerResult
         n = diverging.numel()
         counts = (int(walk_marks.sum()), int(low.sum()), num_div_steps)
         warnings.warn(
-            _warn(num_div, n, counts, floor, reference, rejected),
+            divergence_message(num_div, n, counts, floor, reference, rejected),
             RuntimeWarning,
             stacklevel=3,
         )

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import diffstat as ds
-from diffstat.smoothing.walk_jump import log_prob_floor
+from diffstat.smoothing.walk_jump_checks import log_prob_floor
 
 #: ArviZ warns when there are more chains than draws: intended here (independent runs).
 pytestmark = pytest.mark.filterwarnings("ignore:More chains")
@@ -25,17 +25,17 @@ def flat_far_score(y: torch.Tensor, sigma: float) -> torch.Tensor:
     return -inside * y / (1 + sigma**2)
 
 
-def run(num_far: int) -> tuple:
-    """20 one-walker chains of 10 jumps at sigma = 1, ``num_far`` of them started at 50 in every
-    coordinate (the last ones); the others at the mode. Returns the marks ``(20, 10)``, the attrs and the
-    RuntimeWarnings' messages."""
+def run(num_far: int, num_mala: int = 10) -> tuple:
+    """20 one-walker chains of 10 jumps at sigma = 1, each corrected by ``num_mala`` MALA steps on
+    p(x | y), ``num_far`` of them started at 50 in every coordinate (the last ones), the others at the
+    mode. Returns the marks ``(20, 10)``, the attrs and the RuntimeWarnings' messages."""
     target = ds.Target(lambda x: -0.5 * (x**2).sum(-1), DIM, dtype=torch.float64)
     init = torch.zeros(20, DIM, dtype=torch.float64)
     init[20 - num_far :] = 50.0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         idata = ds.sample(target, "walk_jump", num_samples=10, num_chains=20, seed=3, progress=False,
-                          smoothed_score=flat_far_score, init=init)  # fmt: skip
+                          smoothed_score=flat_far_score, init=init, num_mala=num_mala)  # fmt: skip
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     return torch.as_tensor(idata.sample_stats["diverging"].values), idata.posterior.attrs, messages
 
@@ -55,10 +55,13 @@ def test_lost_walkers_marked():
 
 def test_right_draws_unmarked():
     """The same walk with every chain at the mode: nothing marked, no warning, and the floor well below
-    the draws' lowest log-density."""
+    the draws' lowest log-density. Uncorrected jumps (posterior means, which may lie between modes by
+    design) are not held to a floor: the lost walkers' jumps are not marked then."""
     marks, attrs, messages = run(0)
     assert not marks.any() and attrs["num_low_log_prob"] == 0 and not messages
     assert attrs["log_prob_floor"] < -20
+    marks, attrs, _ = run(3, num_mala=0)
+    assert not marks.any() and math.isnan(attrs["log_prob_floor"])
 
 
 @pytest.mark.parametrize("dim", [2, 200])
