@@ -47,8 +47,8 @@ in a funnel's neck, where the estimate follows the joint mode, not the mass, and
 down the neck), or when its jump is not finite. From its first divergence after warm-up on, every
 draw of that walker is marked in ``sample_stats["diverging"]``. A walker can also be lost without
 a divergent step, drifting where the smoothed score no longer holds (a learned score beyond its
-particles): a corrected draw whose log-density falls far below the target's own draws' (a learned
-score's held-out particles, else the run's other draws) is marked too
+particles): a corrected draw whose log-density falls far below the target's own draws' (the held-out
+particles of a score fitted in the run, else the run's other draws) is marked too
 (:mod:`~diffstat.smoothing.walk_jump_checks`; ``num_low_log_prob`` and ``log_prob_floor`` in
 attrs). The counts are in attrs and the ``walk_jump`` group, and a ``RuntimeWarning`` gives them by
 reason: such draws are not to be trusted, and with a tenth of the draws or more marked it calls the
@@ -323,7 +323,9 @@ def _result(x, lp, run: _Run, provider, sigma, rejected, attrs) -> SamplerResult
     """The draws with their divergence marks (the walk's, a non-finite log-density, and one below
     :func:`~diffstat.smoothing.walk_jump_checks.draw_floor`) and warning, and the attrs."""
     walk_marks = run.suspect | ~torch.isfinite(lp)
-    floor, reference = draw_floor(provider, lp, walk_marks, attrs["num_mala"])
+    # a kept score's held-out log-densities may differ from this target's by a constant (its check allows one)
+    held = provider.particles.get("held_lp") if attrs.get("score_fitted_here") else None
+    floor, reference = draw_floor(lp, walk_marks, attrs["num_mala"], held)
     low = (lp < floor) & ~walk_marks & (not rejected)  # a rejected score's particles are another target's
     diverging = walk_marks | low | rejected
     num_div, num_div_steps = int(diverging.sum()), int(run.state.num_div_steps)

@@ -6,20 +6,23 @@ beyond 5 in some coordinate (4,000 exact draws stay within 4.6), 381 of them wit
 after warm-up. Out there the learned score is far too weak, then points outward, and their kinetic
 energy stays near its stationary value; their jumps landed farther out still (:math:`|x|` up to
 394), and the correction on :math:`p(x\mid y)` cannot bring them back (from such a :math:`y` the
-posterior itself lies far out). Their log-densities,
-though, are far below any the target's own draws reach, and that is what this module checks.
+posterior itself lies far out). Their log-densities, though, are far below any the target's own
+draws reach, and that is what this module checks.
 
 The floor (:func:`log_prob_floor`): an anchor from reference log-densities less
 :math:`\max(20, 5 s)`, :math:`s` a robust standard deviation of the reference (IQR / 1.349). 20 nats
 is a density ratio of 2e-9; 5 sd below the anchor is out of reach of a correct draw in any dimension
 (the log-density of a Gaussian draw in :math:`d` dimensions has sd :math:`\sqrt{d/2}`: 500 draws'
 floor spares 100,000 fresh ones at d = 2 and 200, ``tests/smoothing/test_walk_jump_checks.py``).
-The reference (:func:`draw_floor`): a learned score's held-out particles, which are draws of the
-target (each with its log-density, so no new evaluation) and not among the draws judged, with their
-minimum as the anchor (a stray particle only lowers the floor); else the run's draws not already
-marked, with their lower quartile as the anchor (up to a quarter of them may be far off and still not
-move it; beyond that the check cannot see them). Only corrected draws (``num_mala`` > 0) are held to
-it: an uncorrected jump is a posterior mean, which lies between separated modes by design.
+
+The reference (:func:`draw_floor`): the held-out particles of a learned score fitted in the run,
+draws of the target with their log-densities (no new evaluation) and not among the draws judged,
+with their minimum as the anchor (a stray particle only lowers the floor). Otherwise (a kept score's
+log-densities may be in another normalisation: its check allows a constant) the run's draws not
+already marked, with their lower quartile as the anchor: up to a quarter of them may be far off and
+still not move it; beyond that this reference cannot see them. Only corrected draws (``num_mala`` >
+0) are held to the floor: an uncorrected jump is a posterior mean, which lies between separated
+modes by design.
 """
 
 from __future__ import annotations
@@ -27,8 +30,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-from diffstat.smoothing.learned import LearnedSmoothedScore
 
 __all__ = ["log_prob_floor", "draw_floor", "divergence_message"]
 
@@ -58,15 +59,17 @@ def log_prob_floor(reference: torch.Tensor, quantile: float) -> float:
     return float(q[0]) - max(_FLOOR_NATS, _FLOOR_SDS * float(q[2] - q[1]) / 1.349)
 
 
-def draw_floor(provider, lp: torch.Tensor, marked: torch.Tensor, num_mala: int) -> tuple[float, str]:
-    """:func:`log_prob_floor` of a run with draws' log-densities ``lp`` (any shape): from a learned
-    score's held-out particles when it has 8 or more, else from the draws not already ``marked`` (same
-    shape); with the reference in words. NaN (nothing below) for uncorrected jumps (``num_mala`` 0)."""
+def draw_floor(
+    lp: torch.Tensor, marked: torch.Tensor, num_mala: int, particles_lp: torch.Tensor | None = None
+) -> tuple[float, str]:
+    """:func:`log_prob_floor` of a run with draws' log-densities ``lp`` (any shape): from
+    ``particles_lp: (m,)``, a learned score's held-out particles, when 8 or more are finite, else from the
+    draws not already ``marked`` (same shape as ``lp``); with the reference in words. NaN (nothing below)
+    for uncorrected jumps (``num_mala`` 0)."""
     if num_mala == 0:
         return math.nan, ""
-    held = provider.particles.get("held_lp") if isinstance(provider, LearnedSmoothedScore) else None
-    if held is not None and int(torch.isfinite(held).sum()) >= 8:
-        return log_prob_floor(held, 0.0), "the lowest of the smoothed score's held-out particles"
+    if particles_lp is not None and int(torch.isfinite(particles_lp).sum()) >= 8:
+        return log_prob_floor(particles_lp, 0.0), "the lowest of the smoothed score's held-out particles"
     return log_prob_floor(lp[~marked], _FLOOR_QUANTILE), "the lower quartile of the other draws"
 
 
