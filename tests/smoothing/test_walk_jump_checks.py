@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import diffstat as ds
-from diffstat.smoothing.walk_jump_checks import log_prob_floor
+from diffstat.smoothing.walk_jump_checks import draw_floor, log_prob_floor
 
 #: ArviZ warns when there are more chains than draws: intended here (independent runs).
 pytestmark = pytest.mark.filterwarnings("ignore:More chains")
@@ -77,3 +77,18 @@ def test_log_prob_floor_spares_target_draws(dim):
         assert floor < float(fresh.min())
         assert floor > float(reference.median()) - max(10 * math.sqrt(dim / 2), 30)
     assert log_prob_floor(torch.full((5,), -1.0), 0.25) == -math.inf  # too few to judge
+
+
+def test_draw_floor_reference():
+    """A fitted score's held-out particles set the floor from their minimum (the draws, half of them far
+    off, do not move it); without them the draws' lower quartile does; uncorrected jumps get none."""
+    gen = torch.Generator().manual_seed(1)
+    particles = -0.5 * (torch.randn(400, 8, generator=gen, dtype=torch.float64) ** 2).sum(-1)
+    lp = torch.cat([particles[:100], torch.full((100,), -1e4, dtype=torch.float64)]).reshape(4, 50)
+    marked = torch.zeros(4, 50, dtype=torch.bool)
+    floor, words = draw_floor(lp, marked, 20, particles)
+    assert floor == log_prob_floor(particles, 0.0) and "held-out particles" in words
+    assert (lp < floor).sum() == 100
+    floor, words = draw_floor(lp, marked, 20)
+    assert floor == log_prob_floor(lp.reshape(-1), 0.25) and "lower quartile" in words
+    assert math.isnan(draw_floor(lp, marked, 0, particles)[0])
