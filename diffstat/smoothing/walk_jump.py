@@ -45,8 +45,14 @@ training-free (Laplace) score fails its own check at a step or a jump (importanc
 fits under 20%: p(x | y) is far from the Gaussian the estimate assumes and the score is biased, as
 in a funnel's neck, where the estimate follows the joint mode, not the mass, and walkers drift
 down the neck), or when its jump is not finite. From its first divergence after warm-up on, every
-draw of that walker is marked in ``sample_stats["diverging"]``, the counts are in attrs and the
-``walk_jump`` group, and a ``RuntimeWarning`` says so: such draws are not to be trusted.
+draw of that walker is marked in ``sample_stats["diverging"]``. A walker can also be lost without
+a divergent step, drifting where the smoothed score no longer holds (a learned score beyond its
+particles): a corrected draw whose log-density falls far below the target's own draws' (the held-out
+particles of a score fitted in the run, else the run's other draws) is marked too
+(:mod:`~diffstat.smoothing.walk_jump_checks`; ``num_low_log_prob`` and ``log_prob_floor`` in
+attrs). The counts are in attrs and the ``walk_jump`` group, and a ``RuntimeWarning`` gives them by
+reason: such draws are not to be trusted, and with a tenth of the draws or more marked it calls the
+run as a whole unreliable.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.smoothing.correction import check_num_mala, correct_jumps
 from diffstat.smoothing.learned import LearnedSmoothedScore
 from diffstat.smoothing.scores import LaplaceSmoothedScore
+from diffstat.smoothing.walk_jump_checks import divergence_message, draw_floor
 from diffstat.smoothing.walk_jump_setup import (
     check_options,
     initial_walkers,
@@ -272,7 +279,9 @@ def walk_jump(
         population's, module doc), else 1 (one walker per chain, the classic walk-jump).
 
     Returns draws ``(num_chains, num_samples, dim)`` (fewer per chain only when the budget runs out), ``lp``,
-    ``acceptance_rate``, ``diverging`` in sample_stats, the ``walk_jump`` group (a row per jump round).
+    ``acceptance_rate``, ``diverging`` in sample_stats, the ``walk_jump`` group (a row per jump round);
+    attrs include ``num_divergent``, ``num_low_log_prob`` (of them, marked for their log-density) and
+    ``log_prob_floor`` (NaN when ``num_mala`` is 0: uncorrected jumps are not held to it).
     """
     num_chains = 4 if num_chains is None else num_chains
     sigma, walk, thin, num_warmup, init = check_options(
@@ -311,17 +320,20 @@ def _in_chains(run: _Run, num_chains: int, walkers: int, num_samples: int) -> _R
 
 
 def _result(x, lp, run: _Run, provider, sigma, rejected, attrs) -> SamplerResult:
-    """The draws with their divergence marks and warning, and the attrs."""
-    diverging = run.suspect | ~torch.isfinite(lp) | rejected
+    """The draws with their divergence marks (the walk's, a non-finite log-density, and one below
+    :func:`~diffstat.smoothing.walk_jump_checks.draw_floor`) and warning, and the attrs."""
+    walk_marks = run.suspect | ~torch.isfinite(lp)
+    # a kept score's held-out log-densities may differ from this target's by a constant (its check allows one)
+    held = provider.particles.get("held_lp") if attrs.get("score_fitted_here") else None
+    floor, reference = draw_floor(lp, walk_marks, attrs["num_mala"], held)
+    low = (lp < floor) & ~walk_marks & (not rejected)  # a rejected score's particles are another target's
+    diverging = walk_marks | low | rejected
     num_div, num_div_steps = int(diverging.sum()), int(run.state.num_div_steps)
     if num_div:
+        n = diverging.numel()
+        counts = (int(walk_marks.sum()), int(low.sum()), num_div_steps)
         warnings.warn(
-            ("the smoothed score passed was fitted to another target; " if rejected else "")
-            + f"walk-jump diverged: {num_div} of {diverging.numel()} draws follow a divergent walk step or "
-            f"have a non-finite or unreliable jump ({num_div_steps} walk steps reset; sample_stats "
-            "'diverging' marks the draws). The smoothed score is unreliable there (training-free estimate "
-            "far in the tails) or the step is too large for its curvature: lower step_size, raise sigma, or "
-            "pass smoothed_score=.",
+            divergence_message(num_div, n, counts, floor, reference, rejected),
             RuntimeWarning,
             stacklevel=3,
         )
@@ -329,6 +341,8 @@ def _result(x, lp, run: _Run, provider, sigma, rejected, attrs) -> SamplerResult
         "sigma": sigma,
         "num_divergent": num_div,
         "num_divergent_steps": num_div_steps,
+        "num_low_log_prob": int(low.sum()),
+        "log_prob_floor": floor,
         "smoothed_score": type(provider).__name__ if provider is not None else "grad smoothed_log_prob",
         "budget_hit": run.budget_hit,
         "correction_evals": int(diverging.numel() * (attrs["num_mala"] + 1)),
