@@ -18,6 +18,22 @@ Above the trained range the score is that of the population's moment Gaussian sm
 :math:`-(y - m)/(v + \sigma^2)` (:math:`v` the mean variance per coordinate: at such noise the modes
 are one blob); below it, the smallest trained level is used.
 
+Tail: a network extrapolates where it saw no training input, and on many_well(32) its score beyond the
+particles was far too weak and then pointed outward, so walk-jump's walkers drifted off (docs/sms.md).
+The denoiser :math:`\hat x(y) = y + \sigma^2\nabla\log q_\sigma(y) = \mathbb E[X \mid Y = y]` (Tweedie)
+is a posterior mean of :math:`X \sim p`, so it lies in the convex hull of :math:`p`'s support; the
+network's denoiser is held to outer bounds of the kept particles' hull (their range on each principal
+axis of their covariance and on each coordinate, then their largest distance from :math:`m`), and the
+score is :math:`(\hat x_{\rm held} - y)/\sigma^2` (:meth:`LearnedSmoothedScore._with_tail`). Beyond the
+particles' radius :math:`R` it points inward with a radial pull of at least :math:`(\lVert y -
+m\rVert - R)/\sigma^2`, the true smoothed score's growth for a target with tails lighter than
+:math:`\mathcal N(0, \sigma^2)` (no target evaluation: the score stays training-free to evaluate);
+where the network's denoiser lies within the bounds (nearly every point inside the data) the output is
+the network's, bit for bit. Only from the modes' local scale :math:`\tau = (d/\overline{\lVert\nabla
+\log p\rVert^2})^{1/2}` of the kept particles' scores on: below it :math:`\hat x \approx y`, and a fresh
+draw of :math:`p` a little beyond the particles' range (a held-out one, at the check's noise) would get
+an error of its excess over :math:`\sigma^2`.
+
 Self-checks (:meth:`LearnedSmoothedScore.check`), on the held-out particles kept with the score:
 the relative Fisher divergence :math:`\sum_i\lVert s(x_i, \sigma_{\min}) - \nabla\log p(x_i)\rVert^2 /
 \sum_i\lVert\nabla\log p(x_i)\rVert^2` against the target's true score (how far the learned score
