@@ -18,6 +18,22 @@ Above the trained range the score is that of the population's moment Gaussian sm
 :math:`-(y - m)/(v + \sigma^2)` (:math:`v` the mean variance per coordinate: at such noise the modes
 are one blob); below it, the smallest trained level is used.
 
+Tail: a network extrapolates where it saw no training input, and on many_well(32) its score beyond the
+particles was far too weak and then pointed outward, so walk-jump's walkers drifted off (docs/sms.md).
+The denoiser :math:`\hat x(y) = y + \sigma^2\nabla\log q_\sigma(y) = \mathbb E[X \mid Y = y]` (Tweedie)
+is a posterior mean of :math:`X \sim p`, so it lies in the convex hull of :math:`p`'s support; the
+network's denoiser is held to outer bounds of the kept particles' hull (their range on each principal
+axis of their covariance and on each coordinate, then their largest distance from :math:`m`), and the
+score is :math:`(\hat x_{\rm held} - y)/\sigma^2` (:meth:`LearnedSmoothedScore._with_tail`). Beyond the
+particles' radius :math:`R` it points inward with a radial pull of at least :math:`(\lVert y -
+m\rVert - R)/\sigma^2`, the true smoothed score's growth for a target with tails lighter than
+:math:`\mathcal N(0, \sigma^2)` (no target evaluation: the score stays training-free to evaluate);
+where the network's denoiser lies within the bounds (nearly every point inside the data) the output is
+the network's, bit for bit. Only from the modes' local scale :math:`\tau = (d/\overline{\lVert\nabla
+\log p\rVert^2})^{1/2}` of the kept particles' scores on: below it :math:`\hat x \approx y`, and a fresh
+draw of :math:`p` a little beyond the particles' range (a held-out one, at the check's noise) would get
+an error of its excess over :math:`\sigma^2`.
+
 Self-checks (:meth:`LearnedSmoothedScore.check`), on the held-out particles kept with the score:
 the relative Fisher divergence :math:`\sum_i\lVert s(x_i, \sigma_{\min}) - \nabla\log p(x_i)\rVert^2 /
 \sum_i\lVert\nabla\log p(x_i)\rVert^2` against the target's true score (how far the learned score
@@ -136,7 +152,47 @@ class LearnedSmoothedScore(SmoothedScore):
         u = (y - center) / self.scale
         with torch.no_grad():
             out = self.model((alpha * u).to(mdtype), t.to(mdtype).expand(y.shape[0]))
-        return alpha * out.to(y.dtype) / self.scale
+        return self._with_tail(y, sigma, alpha * out.to(y.dtype) / self.scale)
+
+    def _support_frame(self) -> tuple | None:
+        r"""The kept particles' outer bounds (module notes, "Tail"), float64, cached: ``(m, axes, box,
+        coord_box, radius, tau)``: ``axes (d, d)`` the eigenvectors of their covariance about ``m``,
+        ``box = (lo, hi)`` their range ``(d,)`` on each of these axes and ``coord_box`` on each
+        coordinate (both relative to ``m``), ``radius`` their largest distance from ``m``, ``tau`` the
+        modes' local scale :math:`\sqrt{d / \overline{\lVert\nabla\log p\rVert^2}}` from their scores
+        (0 without). None without kept particles."""
+        if "x" not in self.particles:
+            return None
+        if "_support" not in self.__dict__:
+            x = self.particles["x"].double()
+            m = torch.zeros(x.shape[1], dtype=x.dtype) if self.center is None else self.center.to(x)
+            axes = torch.linalg.eigh(torch.cov((x - m).T).reshape(x.shape[1], x.shape[1]))[1]
+            p = (x - m) @ axes
+            g = self.particles.get("grad")
+            tau = 0.0 if g is None else math.sqrt(x.shape[1] / float((g.double() ** 2).sum(-1).mean()))
+            box, coord_box = (p.amin(0), p.amax(0)), ((x - m).amin(0), (x - m).amax(0))
+            self._support = (m, axes, box, coord_box, float((x - m).norm(dim=-1).max()), tau)
+        return self._support
+
+    def _with_tail(self, y: torch.Tensor, sigma: float, out: torch.Tensor) -> torch.Tensor:
+        r"""The network's score ``out: (n, d)`` at ``y: (n, d)`` with its denoiser :math:`\hat x = y +
+        \sigma^2 s` held to the kept particles' outer bounds (module notes, "Tail"): clamped to their
+        range on each principal axis, then on each coordinate, then moved toward :math:`m` onto the ball
+        of their largest radius; the score is :math:`(\hat x_{\rm held} - y)/\sigma^2`. Rows whose
+        denoiser lies within the bounds are ``out`` unchanged, bit for bit; so is every row below the
+        local scale ``tau``."""
+        frame = self._support_frame()
+        if frame is None or sigma < frame[-1]:
+            return out
+        m, axes = frame[0].to(y), frame[1].to(y)
+        (lo, hi), (clo, chi), radius = [b.to(y) for b in frame[2]], [b.to(y) for b in frame[3]], frame[4]
+        d = y + sigma**2 * out - m
+        p = d @ axes
+        held = d + (torch.minimum(torch.maximum(p, lo), hi) - p) @ axes.T
+        held = torch.minimum(torch.maximum(held, clo), chi)
+        held = held * (radius / held.norm(dim=-1, keepdim=True)).clamp(max=1.0)
+        moved = (held != d).any(-1, keepdim=True)
+        return torch.where(moved, (m + held - y) / sigma**2, out)
 
     def _kernel(self, y: torch.Tensor, sigma: float) -> torch.Tensor:
         r"""The exact smoothed score of the kept particles' empirical law,
