@@ -92,9 +92,10 @@ round of learning, a proposal that still wastes nine in ten draws does not fit t
 **The SMC bridge** (:mod:`diffstat.diffusion.bridge`, ``bridge`` = True). Where those rules make
 the rounds unreliable, importance sampling, SMC with one stage, is replaced by many: adaptive
 tempered SMC on :math:`q^{1-\beta}p^\beta` from the rounds' Gaussian mixture :math:`q` (the estimated
-mode weights with 10% uniform), whose log Z (unbiased, genealogy standard error), draws and per-stage
-records (``bridge_*`` in the ``diffusion`` group) are then returned, with ``attrs["correction"]`` =
-``"smc"`` (else ``"importance"``) and the rounds' own estimate as ``importance_log_normalizer``. It
+mode weights with 10% uniform; each mode's Gaussian joined by its Laplace fit), whose log Z
+(unbiased, genealogy standard error), draws and per-stage records (``bridge_*`` in the ``diffusion``
+group) are then returned, with ``attrs["correction"]`` = ``"smc"`` (else ``"importance"``) and the
+rounds' own estimate as ``importance_log_normalizer``. It
 spends what the rounds left of ``max_evals`` (1,000,000, the whole run's budget). A bridge that
 degenerates (too few particles, collapsed genealogy, moves that do not move or never settle) keeps
 ``reliable`` 0 and the warning, which then names its failure too. Runs whose rounds are reliable
@@ -121,6 +122,7 @@ from diffstat.diffusion.bridge import (
     bridge_reasons,
     bridge_weights,
     smc_bridge,
+    with_laplace,
 )
 from diffstat.diffusion.importance import (
     MAX_PARETO_K,
@@ -292,18 +294,22 @@ def _result(
 
 def _run_bridge(generator, target, gaussians, mode_weights, budget: int, config: DiffusionConfig):
     """The SMC bridge (:func:`~diffstat.diffusion.bridge.smc_bridge`) from the rounds' Gaussians
-    reweighted by :func:`~diffstat.diffusion.bridge.bridge_weights` of ``mode_weights (K,)``, within
+    reweighted by :func:`~diffstat.diffusion.bridge.bridge_weights` of ``mode_weights (K,)``, each
+    mode's joined by its Laplace Gaussian (:func:`~diffstat.diffusion.bridge.with_laplace`), within
     ``budget`` target evaluations; returns the bridge (None where the budget is below two bridges'
     minimum particles) and the reasons it is not reliable (a list of sentences, empty where it is)."""
     if budget < 2 * MIN_PARTICLES:
         left = f"{max(budget, 0):,} of max_evals = {config.max_evals:,}"
         return None, [f"no SMC bridge: the rounds left {left} evaluations"]
-    q = ProposalDistribution(gaussians.with_weights(bridge_weights(mode_weights)))
+    before = target.num_target_evals
+    q = ProposalDistribution(
+        with_laplace(target, gaussians.with_weights(bridge_weights(mode_weights)), config.inflate)
+    )
     bridge = smc_bridge(
         generator,
         target,
         q,
-        budget=budget,
+        budget=budget - (target.num_target_evals - before),
         num_particles=config.bridge_particles,
         num_moves=config.bridge_moves,
     )

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import diffstat as ds
-from diffstat.diffusion.bridge import ProposalDistribution, smc_bridge
+from diffstat.diffusion.bridge import LAPLACE_NEWTON_STEPS, ProposalDistribution, smc_bridge, with_laplace
 from diffstat.diffusion.gaussians import GaussianMixtureProposal
 from diffstat.diffusion.importance import MAX_PARETO_K, MIN_ROUND_ESS
 
@@ -108,3 +108,27 @@ def test_a_starved_bridge_still_warns(starve):
     a = idata.posterior.attrs
     assert a["correction"] == "smc" and a["reliable"] == 0
     assert a["num_target_evals"] <= starve.get("max_evals", 1_000_000)
+
+
+def test_with_laplace_adds_the_exact_gaussian_at_half_of_each_modes_weight():
+    """On the 40-d correlated Gaussian the Laplace component is the target itself, inflated: its mean
+    is the exact mean and its covariance ``inflate`` times the exact covariance (to 1e-8), from a
+    moment Gaussian centred 0.5 off; the moment Gaussian keeps half the weight. A log-density whose
+    Hessian is not negative definite there (a saddle of x_0^2 - x_1^2) leaves the mixture as it was.
+    Evaluations: 11 per mode."""
+    target = _gaussian_target()
+    start = GaussianMixtureProposal(
+        (MEAN + 0.5)[None], torch.eye(DIM, dtype=torch.float64)[None], torch.ones(1, dtype=torch.float64)
+    )
+    mix = with_laplace(target, start, 1.2)
+    assert mix.num_components == 2
+    assert torch.allclose(mix.weights, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    assert torch.allclose(mix.means[1], MEAN, atol=1e-8)
+    cov = mix.chols[1] @ mix.chols[1].T
+    assert torch.allclose(cov, 1.2 * COV, rtol=1e-8, atol=1e-10)
+    assert target.num_target_evals == LAPLACE_NEWTON_STEPS + 1
+    saddle = ds.Target(lambda x: x[:, 0] ** 2 - x[:, 1] ** 2, 2, dtype=torch.float64)
+    two = GaussianMixtureProposal(
+        torch.zeros(1, 2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)[None], torch.ones(1)
+    )
+    assert with_laplace(saddle, two, 1.2) is two
