@@ -13,6 +13,7 @@ __all__ = [
     "check_positive_int",
     "check_seed",
     "check_probability",
+    "check_device",
     "progress_bar",
     "log_mean_exp",
     "ess_from_log_weights",
@@ -47,6 +48,33 @@ def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     return int(seed)
+
+
+def check_device(device) -> torch.device:
+    """Return ``device`` as a ``torch.device`` (None: the CPU), or raise ``ValueError`` unless it names
+    a device this torch build can run on now: the CPU, a CUDA device whose index exists, or MPS where
+    it is available. Checked before any work: otherwise an unavailable device fails later inside
+    torch (creating its generator) with an error that does not name the argument."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda', got {device!r}") from err
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count and (dev.index is None or dev.index < count):
+            return dev
+        have = f"{count} CUDA device(s)" if count else "no usable CUDA device"
+        raise ValueError(f"device={device!r} is not available: this machine has {have}; use device='cpu'")
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return dev
+        raise ValueError(f"device={device!r} is not available: MPS is not available here; use device='cpu'")
+    raise ValueError(f"device={device!r} is not supported: use 'cpu', 'cuda' or 'mps'")
 
 
 def check_probability(value, name: str, *, open_interval: bool = True) -> float:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from diffstat._util import check_options, check_positive_int, check_seed
+from diffstat._util import check_device, check_options, check_positive_int, check_seed
 from diffstat.dnc.consensus import combine_consensus
 from diffstat.dnc.gaussian import CombineResult, combine_gaussian
 from diffstat.dnc.options import DIFFUSION_OPTIONS
@@ -234,7 +234,7 @@ def combine(
     check_combiner(method, options)
     num_samples = check_positive_int(num_samples, "num_samples")
     seed = check_seed(seed)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = check_device(device)
     draws, grads = as_shard_draws(subposteriors, scores, device=device)
     if method == "diffusion" and grads is not None and not _ROUTE_INPUTS & options.keys():
         options.update(_carried_route(subposteriors, draws))
