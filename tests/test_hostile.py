@@ -120,3 +120,20 @@ def test_cluster_particles_with_one_weighted_particle():
     log_w[4] = 0.0
     labels = cluster_particles(x, log_w, g)
     assert labels.shape == (21,) and int(labels.max()) == 0
+
+
+# ---------------------------------------------------------------------- Pyro models
+def test_pyro_site_without_a_bijection_is_refused():
+    """A Wishart (positive definite) latent: torch registers no bijection for its support, and
+    ``from_pyro`` let ``NotImplementedError`` out of ``biject_to``; now a ValueError naming the site
+    and its support."""
+    import pyro
+    import pyro.distributions as dist
+
+    def model():
+        cov = pyro.sample("cov", dist.Wishart(torch.tensor(4.0, dtype=F64), torch.eye(2, dtype=F64)))
+        obs = torch.tensor([0.5, 0.2], dtype=F64)
+        pyro.sample("obs", dist.MultivariateNormal(torch.zeros(2, dtype=F64), covariance_matrix=cov), obs=obs)
+
+    with pytest.raises(ValueError, match="'cov'.*(Wishart).*PositiveDefinite"):
+        ds.Target.from_pyro(model)
