@@ -137,3 +137,91 @@ def test_pyro_site_without_a_bijection_is_refused():
 
     with pytest.raises(ValueError, match="'cov'.*(Wishart).*PositiveDefinite"):
         ds.Target.from_pyro(model)
+
+
+def _pyro_positive_model(y):
+    import pyro
+    import pyro.distributions as dist
+
+    s = pyro.sample("s", dist.HalfNormal(torch.tensor(1.0, dtype=F64)))
+    mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=F64), 10.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu, s), obs=y)
+
+
+# ---------------------------------------------------------------------- references without moments
+def _references_without_moments() -> dict:
+    z, o = torch.zeros(2, dtype=F64), torch.ones(2, dtype=F64)
+    affine = torch.distributions.transforms.AffineTransform(1.0, 2.0)
+    return {
+        # mean and variance raise NotImplementedError
+        "transformed": torch.distributions.Independent(
+            torch.distributions.TransformedDistribution(torch.distributions.Normal(z, o), [affine]), 1
+        ),
+        # mean NaN, variance inf
+        "cauchy": torch.distributions.Independent(torch.distributions.StudentT(1.0, z, o), 1),
+    }
+
+
+@pytest.mark.parametrize("case", ["transformed", "cauchy"])
+def test_pdds_reference_without_finite_moments(case):
+    """PDDS's pilot read ``reference.mean`` and ``reference.variance`` guarded by ``hasattr``, which
+    does not catch the ``NotImplementedError`` a distribution without moments raises (every
+    Pyro model's prior: ``pdds`` crashed on every ``from_pyro`` target), and a Cauchy's NaN mean
+    made every start NaN. Such a reference now runs the pilot centred at 0, unpreconditioned."""
+    reference = _references_without_moments()[case]
+    idata = _sample(ds.Target(gaussian, 2, dtype=F64), "pdds", num_samples=16, reference=reference)
+    assert np.isfinite(idata.posterior["x"].values).all()
+    with pytest.raises(ValueError, match="whitening='reference'"):
+        _sample(ds.Target(gaussian, 2, dtype=F64), "pdds", reference=reference, whitening="reference")
+
+
+def test_pdds_on_a_pyro_model():
+    """The user's path to the bug above: ``pdds`` on a Pyro model (prior without moments)."""
+    y = torch.tensor([0.3, 1.2, -0.4, 2.1, 0.8], dtype=F64)
+    idata = _sample(ds.Target.from_pyro(_pyro_positive_model, y), "pdds", num_samples=16)
+    assert (idata.posterior["s"].values > 0).all() and np.isfinite(idata.posterior["mu"].values).all()
+
+
+def test_unknown_pdds_whitening_is_refused_before_any_work():
+    counted = Counted(gaussian)
+    target = ds.Target(counted, 2, dtype=F64)
+    before = counted.points
+    with pytest.raises(ValueError, match="whitening"):
+        _sample(target, "pdds", whitening="pilott")
+    assert counted.points == before
+
+
+# ---------------------------------------------------------------------- divide and conquer
+def _degenerate_shards(case: str) -> list:
+    g = torch.Generator().manual_seed(0)
+    good = [torch.randn(40, 2, generator=g, dtype=F64) for _ in range(3)]
+    a = torch.randn(40, 1, generator=g, dtype=F64)
+    bad = {
+        "constant-coordinate": torch.cat([a, torch.zeros_like(a)], 1),  # a coordinate never moves
+        "stuck-chain": torch.ones(40, 2, dtype=F64),  # every draw the same point
+        "collinear": torch.cat([a, 2.0 * a], 1),  # x_1 = 2 x_0 exactly
+    }[case]
+    return [good[0], bad, good[2]]
+
+
+@pytest.mark.parametrize("method", COMBINER_NAMES)
+@pytest.mark.parametrize("case", ["constant-coordinate", "stuck-chain", "collinear"])
+def test_shard_with_singular_covariance_is_refused(method, case):
+    """A shard whose draws do not spread in every direction (a stuck chain, a coordinate that never
+    moves, an exactly redundant coordinate): every moment-based combiner crashed inverting its
+    covariance (``torch.linalg.inv``: "the input matrix is singular"). Refused by the shared
+    validation of the draws, naming the shard, before any combiner runs."""
+    with pytest.raises(ValueError, match="shard 1: .*(never change|span only 1 of 2)"):
+        ds.dnc.combine(_degenerate_shards(case), method, num_samples=8, seed=0, progress=False)
+
+
+def test_strongly_correlated_shard_is_accepted():
+    """The rank check is not a correlation threshold: correlation 0.9999 is a valid shard."""
+    g = torch.Generator().manual_seed(1)
+    shards = []
+    for _ in range(2):
+        a, b = torch.randn(2, 200, 1, generator=g, dtype=F64)
+        shards.append(torch.cat([a, a + 0.014 * b], 1))
+    idata = ds.dnc.combine(shards, "gaussian", num_samples=8, seed=0, progress=False)
+    assert np.isfinite(idata.posterior["x"].values).all()
