@@ -4,6 +4,8 @@ method and crashed mid-run inside torch, instead of a ``ValueError`` naming the 
 work (the contract of ``/work/shared/API.md``). Inputs the contract already covered are in
 ``tests/test_fuzz.py``."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -225,3 +227,55 @@ def test_strongly_correlated_shard_is_accepted():
         shards.append(torch.cat([a, a + 0.014 * b], 1))
     idata = ds.dnc.combine(shards, "gaussian", num_samples=8, seed=0, progress=False)
     assert np.isfinite(idata.posterior["x"].values).all()
+
+
+# ---------------------------------------------------------------------- float types
+W64 = torch.tensor([1.0, 2.0], dtype=torch.float64)
+
+
+def computes_in_float64(x):
+    """A log-density whose parameters are float64: float32 points give a float64 value."""
+    return -0.5 * ((x * W64) ** 2).sum(-1)
+
+
+def computes_in_float32(x):
+    """A log-density that computes in float32 whatever the points' type."""
+    return -0.5 * ((x.float() * W64.float()) ** 2).sum(-1)
+
+
+def _smoothed_score(y, sigma):
+    """The exact smoothed score of N(0, diag(1, 1/4)): walk-jump and SMS skip their estimator."""
+    return -y / (W64.to(y) ** -2 + sigma**2)
+
+
+#: Short runs of every method (the MCMC defaults are already short at 8 draws).
+SHORT = {
+    "ais": dict(num_temperatures=10),
+    "diffusion": dict(
+        num_explore=100, train_steps=50, refit_steps=10, max_rounds=1, gaussian_rounds=0,
+        num_proposals=128, chains_per_mode=8, refresh_chains=8, ode_steps=10, hidden=16, depth=2,
+    ),
+    "gaussian_is": dict(
+        num_explore=100, max_rounds=1, num_proposals=128, chains_per_mode=8, refresh_chains=8
+    ),
+    "sms": dict(smoothed_score=_smoothed_score),
+    "walk_jump": dict(smoothed_score=_smoothed_score),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "fn, dtype",
+    [(computes_in_float64, torch.float32), (computes_in_float32, torch.float64)],
+    ids=["float32-points-float64-value", "float64-points-float32-value"],
+)
+def test_log_density_in_the_other_float_type(method, fn, dtype):
+    """API.md: float32 and float64 both work. A log-density whose value comes back in the other
+    float type than its points (float64 parameters, or a model computing in float32) crashed MALA,
+    HMC, SMS, AIS, SMC, PT and PDDS mid-run with torch dtype errors ("addmv input tensors must have
+    the same dtype"). The Target casts the value to the points' type, once for every sampler."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # short runs are flagged unreliable
+        idata = _sample(ds.Target(fn, 2, dtype=dtype), method, **SHORT.get(method, {}))
+    assert np.isfinite(idata.posterior["x"].values).all()
+    assert np.isfinite(idata.sample_stats["lp"].values).all()
