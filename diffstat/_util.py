@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 __all__ = [
     "check_options",
     "check_positive_int",
+    "check_nonnegative_int",
     "check_seed",
     "check_probability",
     "check_device",
@@ -38,6 +39,14 @@ def check_positive_int(value, name: str) -> int:
     """Return ``value`` as an int, or raise ``ValueError`` if it is not a positive integer."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_nonnegative_int(value, name: str) -> int:
+    """Return ``value`` as an int, or raise ``ValueError`` if it is not an integer >= 0 (a count that
+    may be zero: warm-up iterations, moves; a float would be truncated silently)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     return int(value)
 
 
