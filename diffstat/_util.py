@@ -11,8 +11,10 @@ from tqdm.auto import tqdm
 __all__ = [
     "check_options",
     "check_positive_int",
+    "check_nonnegative_int",
     "check_seed",
     "check_probability",
+    "check_device",
     "progress_bar",
     "log_mean_exp",
     "ess_from_log_weights",
@@ -40,6 +42,14 @@ def check_positive_int(value, name: str) -> int:
     return int(value)
 
 
+def check_nonnegative_int(value, name: str) -> int:
+    """Return ``value`` as an int, or raise ``ValueError`` if it is not an integer >= 0 (a count that
+    may be zero: warm-up iterations, moves; a float would be truncated silently)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
 def check_seed(seed) -> int:
     """Return ``seed`` as an int, or raise ``ValueError`` unless it is an integer in [0, 2**63): the
     range ``torch.Generator.manual_seed`` takes (a larger one overflows inside torch, a bool or a
@@ -47,6 +57,33 @@ def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     return int(seed)
+
+
+def check_device(device) -> torch.device:
+    """Return ``device`` as a ``torch.device`` (None: the CPU), or raise ``ValueError`` unless it names
+    a device this torch build can run on now: the CPU, a CUDA device whose index exists, or MPS where
+    it is available. Checked before any work: otherwise an unavailable device fails later inside
+    torch (creating its generator) with an error that does not name the argument."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda', got {device!r}") from err
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count and (dev.index is None or dev.index < count):
+            return dev
+        have = f"{count} CUDA device(s)" if count else "no usable CUDA device"
+        raise ValueError(f"device={device!r} is not available: this machine has {have}; use device='cpu'")
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return dev
+        raise ValueError(f"device={device!r} is not available: MPS is not available here; use device='cpu'")
+    raise ValueError(f"device={device!r} is not supported: use 'cpu', 'cuda' or 'mps'")
 
 
 def check_probability(value, name: str, *, open_interval: bool = True) -> float:

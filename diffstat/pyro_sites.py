@@ -113,7 +113,8 @@ def model_context(dtype: torch.dtype, device: torch.device, validate: bool):
 
 def trace_sites(trace) -> tuple[dict[str, Site], int, int]:
     """From a prior trace: the latent sites, the particle plate's dim and the total unconstrained
-    dimension; ``ValueError`` for a reserved name, subsampling, a discrete latent or no latent."""
+    dimension; ``ValueError`` for a reserved name, subsampling, a discrete latent, a latent whose support
+    torch cannot map to R^k (positive definite matrices) or no latent."""
     depth, sites, offset = 0, [], 0
     for name, site in trace.nodes.items():
         if site["type"] != "sample":
@@ -137,7 +138,15 @@ def trace_sites(trace) -> tuple[dict[str, Site], int, int]:
                 "latent sites only; marginalise it out of the model (enumeration is not supported)"
             )
         shape = tuple(value.shape)
-        u_shape = tuple(biject_to(fn.support).inverse_shape(torch.Size(shape)))
+        try:
+            bijection = biject_to(fn.support)
+        except NotImplementedError as err:  # torch registers no bijection for this support
+            raise ValueError(
+                f"latent site {name!r} ({type(fn).__name__}) has support {fn.support}, which torch "
+                "cannot map to unconstrained coordinates; reparameterise it (a covariance as "
+                "LKJCholesky correlations times positive scales, say)"
+            ) from err
+        u_shape = tuple(bijection.inverse_shape(torch.Size(shape)))
         sites.append((name, shape, u_shape, offset, int(np.prod(u_shape)), len(shape) - fn.event_dim))
         offset += sites[-1][4]
     if not sites:

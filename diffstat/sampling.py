@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from diffstat._util import check_options, check_positive_int, check_seed
+from diffstat._util import check_device, check_options, check_positive_int, check_seed
 from diffstat.target import Target, resolve_reference
 
 __all__ = ["sample", "register_sampler", "SamplerResult", "available_methods", "resolve_reference"]
@@ -144,11 +144,11 @@ def sample(
     if num_chains is not None:
         num_chains = check_positive_int(num_chains, "num_chains")
     seed = check_seed(seed)
+    device = check_device(device)
     if method in _OPTIONS:
         check_options(options, _OPTIONS[method], method)
     if "reference" in options:
         options["reference"] = resolve_reference(target, options["reference"])
-    device = torch.device(device) if device is not None else torch.device("cpu")
     generator = torch.Generator(device=device).manual_seed(int(seed))
 
     from diffstat import io

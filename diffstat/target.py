@@ -156,18 +156,21 @@ class Target:
 
     # ------------------------------------------------------------------ evaluation
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Log-density at ``x: (n, dim)``, shape ``(n,)``; counts ``n`` evaluations."""
+        """Log-density at ``x: (n, dim)``, shape ``(n,)`` in ``x``'s dtype (a log-density computed
+        in the other float type, by parameters of their own, is cast: the samplers combine it with
+        the points); counts ``n`` evaluations."""
         self.num_target_evals += x.shape[0]
-        return self.count_nan(self._log_prob(x))
+        return self.count_nan(self._log_prob(x).to(x.dtype))
 
     def log_prob_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-density ``(n,)`` and its gradient ``(n, dim)`` at ``x``, detached; counts ``n``."""
+        """Log-density ``(n,)`` and its gradient ``(n, dim)`` at ``x``, detached, both in ``x``'s
+        dtype (:meth:`log_prob`); counts ``n``."""
         self.num_target_evals += x.shape[0]
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             lp = self._log_prob(x)
             (grad,) = torch.autograd.grad(lp.sum(), x)
-        return self.count_nan(lp.detach()), grad.detach()
+        return self.count_nan(lp.detach().to(x.dtype)), grad.detach()
 
     def count_nan(self, lp: torch.Tensor) -> torch.Tensor:
         """Add the NaN entries of log-density values ``lp: (n,)`` to :attr:`num_nan_evals`; return

@@ -66,7 +66,7 @@ from typing import NamedTuple
 
 import torch
 
-from diffstat._util import check_options, progress_bar
+from diffstat._util import check_nonnegative_int, check_options, check_positive_int, progress_bar
 from diffstat.diffusion.noised_smc_check import STUCK_ACCEPTANCE, pooled_log_z, reliability_problems
 from diffstat.diffusion.noised_smc_path import GuidedState, NoisedPath, local_mala_step, noise_schedule
 from diffstat.diffusion.noised_smc_setup import setup_path
@@ -283,6 +283,25 @@ _OPTIONS = {
 }
 
 
+def _check_settings(options: dict) -> None:
+    """``ValueError`` for a bad count or scale among PDDS's options, before the pilot's first
+    evaluation (each is otherwise met where it is used: after the pilot, or never, a negative
+    ``pilot_steps`` running no pilot moves)."""
+    for name in ("num_steps", "max_mcmc_steps"):
+        if name in options:
+            check_positive_int(options[name], name)
+    if options.get("pilot_chains") is not None:
+        if check_positive_int(options["pilot_chains"], "pilot_chains") < 2:
+            raise ValueError("pilot_chains must be at least 2 (the whitening is their covariance), got 1")
+    for name in ("num_mcmc_steps", "pilot_steps"):
+        if options.get(name) is not None:
+            check_nonnegative_int(options[name], name)
+    for name in ("mode_scale", "step_size"):
+        value = options.get(name)
+        if value is not None and not 0 < float(value) < math.inf:
+            raise ValueError(f"{name} must be positive and finite, got {value}")
+
+
 @register_sampler("pdds")
 def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device, **options) -> SamplerResult:
     """``ds.sample(target, "pdds", num_samples=n, ...)``: the particle denoising diffusion sampler
@@ -308,6 +327,7 @@ def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device
     num_chains = 1 if num_chains is None else num_chains
     if num_samples < 2:
         raise ValueError(f"pdds needs at least 2 particles, got {num_samples}")
+    _check_settings(options)
     path, attrs = setup_path(target, generator, device, options)
     scheme = options.get("resampling", "systematic")
     draws, lps, log_ws, runs = [], [], [], []

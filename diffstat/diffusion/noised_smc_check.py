@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from diffstat.tempering.smc import combine_runs
+from diffstat.tempering.smc import MIN_EVES, combine_runs
 
 __all__ = [
     "CHI2_ALPHA",
@@ -48,8 +48,6 @@ __all__ = [
     "reliability_problems",
 ]
 
-#: Fewer distinct initial ancestors than this and the genealogy standard error is unreliable.
-MIN_EVES = 20
 #: Level of the runs-against-genealogy consistency test (one false alarm in a thousand calls).
 CHI2_ALPHA = 1e-3
 #: The levels nearest zero noise whose moves are checked (an eighth of the default 64).

@@ -249,13 +249,21 @@ def pilot_whitening(
     modes the chains reached) or the reference's own moments (``"reference"``: a reference chosen
     to cover every mode keeps covering them, where short chains may all fall into one basin).
     """
+    if whiten not in ("pilot", "reference"):
+        raise ValueError(f"whitening must be 'pilot', 'reference' or (mean, cov), got {whiten!r}")
     dtype = target.dtype
     before = target.num_target_evals
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator)))
         x = reference.sample((num_chains,)).to(dtype=dtype, device=device)
-    var = reference.variance.to(dtype=dtype, device=device) if hasattr(reference, "variance") else None
-    centre = reference.mean.to(dtype=dtype, device=device) if hasattr(reference, "mean") else 0.0
+    var = _moment(reference, "variance", dtype, device)
+    centre = _moment(reference, "mean", dtype, device)
+    if whiten == "reference" and (centre is None or var is None):
+        raise ValueError(
+            f"whitening='reference' needs a reference with a finite mean and variance; "
+            f"{type(reference).__name__} gives none: use whitening='pilot'"
+        )
+    centre = 0.0 if centre is None else centre
     scale = torch.tensor(PILOT_START_SCALES, dtype=dtype, device=device)[torch.arange(num_chains) % 3]
     x = centre + scale.unsqueeze(-1) * (x - centre)
     target.validate(x[:16])
@@ -270,18 +278,27 @@ def pilot_whitening(
     if whiten == "pilot":
         mean, cov = x.mean(0), torch.cov(x.T).reshape(target.dim, target.dim)
         cov = cov + 1e-6 * cov.diagonal().mean() * eye
-    elif whiten == "reference":
-        mean = reference.mean.to(dtype=dtype, device=device)
-        cov = torch.diag_embed(var) if var is not None else eye
+    else:  # "reference"
+        mean, cov = centre, torch.diag_embed(var)
         if hasattr(reference, "covariance_matrix"):
             cov = reference.covariance_matrix.to(dtype=dtype, device=device)
-    else:
-        raise ValueError(f"whitening must be 'pilot', 'reference' or (mean, cov), got {whiten!r}")
     white = Whitening.from_moments(mean, cov)
     grad_z = grad @ white.chol
     s2 = target.dim / float(torch.median((grad_z**2).sum(-1)))
     s2 = min(max(s2, MODE_SCALE_SQ_BOUNDS[0]), MODE_SCALE_SQ_BOUNDS[1])
     return white, s2, target.num_target_evals - before, (x, lp, grad)
+
+
+def _moment(reference, name: str, dtype, device) -> torch.Tensor | None:
+    """The reference's ``mean`` or ``variance`` ``(dim,)``, or None where the distribution does not
+    give one (``NotImplementedError``: a Pyro model's prior, a transformed distribution) or it is
+    not finite (a Cauchy's): the pilot then centres its starts at 0 and runs unpreconditioned."""
+    try:
+        value = getattr(reference, name)
+    except (NotImplementedError, AttributeError):
+        return None
+    value = torch.as_tensor(value).to(dtype=dtype, device=device)
+    return value if bool(torch.isfinite(value).all()) else None
 
 
 def local_mala_step(generator, state: MCMCState, log_prob_and_grad, step_size, inv_mass=None):

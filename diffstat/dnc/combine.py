@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from diffstat._util import check_options, check_positive_int, check_seed
+from diffstat._util import check_device, check_options, check_positive_int, check_seed
 from diffstat.dnc.consensus import combine_consensus
 from diffstat.dnc.gaussian import CombineResult, combine_gaussian
 from diffstat.dnc.options import DIFFUSION_OPTIONS
@@ -118,6 +118,7 @@ def as_shard_draws(subposteriors, scores=None, *, dtype=torch.float64, device=No
             raise ValueError(f"shard {k} has {x.shape[0]} draws; at least dim + 2 = {dim + 2} are needed")
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"shard {k} has non-finite draws")
+        _check_spread(x, k)
     if scores is None:
         return draws, None
     if not isinstance(scores, (list, tuple)) or len(scores) != len(draws):
@@ -129,6 +130,29 @@ def as_shard_draws(subposteriors, scores=None, *, dtype=torch.float64, device=No
         if not bool(torch.isfinite(g).all()):
             raise ValueError(f"scores of shard {k} are not all finite")
     return draws, grads
+
+
+def _check_spread(x: torch.Tensor, k: int) -> None:
+    """``ValueError`` for shard ``k``'s draws ``x: (n, dim)`` whose sample covariance is singular: a
+    coordinate that never moves, or coordinates that move together exactly (a stuck chain, or a
+    parameter the shard model does not identify). Every combiner fits moments or a density to the
+    draws and would invert that covariance. The rank is that of the centred draws scaled to unit
+    sd, at ``torch.linalg.matrix_rank``'s default tolerance (n times machine epsilon relative to
+    the largest singular value), so a correlation of 0.9999 passes and an exact 1 does not."""
+    sd = x.std(0)
+    constant = torch.nonzero(sd == 0).flatten().tolist()
+    if constant:
+        raise ValueError(
+            f"shard {k}: coordinates {constant[:10]} of its draws never change (a stuck chain?); "
+            "every combiner needs draws that spread in every coordinate"
+        )
+    rank = int(torch.linalg.matrix_rank((x - x.mean(0)) / sd))
+    if rank < x.shape[1]:
+        raise ValueError(
+            f"shard {k}: its draws span only {rank} of {x.shape[1]} dimensions (coordinates that are "
+            "exact linear combinations of others): their covariance is singular; drop the redundant "
+            "coordinates"
+        )
 
 
 def carried_log_probs(subposteriors, draws: list[torch.Tensor]) -> list[torch.Tensor] | None:
@@ -234,7 +258,7 @@ def combine(
     check_combiner(method, options)
     num_samples = check_positive_int(num_samples, "num_samples")
     seed = check_seed(seed)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = check_device(device)
     draws, grads = as_shard_draws(subposteriors, scores, device=device)
     if method == "diffusion" and grads is not None and not _ROUTE_INPUTS & options.keys():
         options.update(_carried_route(subposteriors, draws))

@@ -30,7 +30,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffstat._util import check_options, check_positive_int, check_probability, progress_bar
+from diffstat._util import (
+    check_nonnegative_int,
+    check_options,
+    check_positive_int,
+    check_probability,
+    progress_bar,
+)
 from diffstat.mcmc.adaptation import choose_metric
 from diffstat.mcmc.base import init as init_state
 from diffstat.mcmc.chees import (
@@ -115,12 +121,17 @@ def initial_points(target, num_chains: int, generator, device, init_x=None) -> t
         raise ValueError(
             f"init must have shape ({num_chains}, {target.dim}) or ({target.dim},), got {tuple(x.shape)}"
         )
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("init has NaN or infinite entries: starting points must be finite")
     return x
 
 
-def _check(num_warmup, step_size, metric, init_iters, thin):
-    if num_warmup < 0:
-        raise ValueError(f"num_warmup must be non-negative, got {num_warmup}")
+def _check(num_warmup, step_size, metric, init_iters, thin, num_leapfrog, max_leapfrog):
+    """``ValueError`` for a bad setting, before the first evaluation of the target."""
+    check_nonnegative_int(num_warmup, "num_warmup")
+    if num_leapfrog is not None:
+        check_positive_int(num_leapfrog, "num_leapfrog")
+    check_positive_int(max_leapfrog, "max_leapfrog")
     if step_size is not None and not float(step_size) > 0:
         raise ValueError(f"step_size must be positive, got {step_size}")
     if metric not in METRICS:
@@ -188,8 +199,9 @@ def run_mcmc(
     of the start phase, 0 to skip). See the module docstring for the phases and defaults.
     """
     spec = KERNELS[kernel]
-    num_warmup = num_samples if num_warmup is None else int(num_warmup)
-    _check(num_warmup, step_size, metric, init_iters, thin)
+    num_warmup = num_samples if num_warmup is None else num_warmup
+    _check(num_warmup, step_size, metric, init_iters, thin, num_leapfrog, max_leapfrog)
+    num_warmup = int(num_warmup)
     target_accept = (
         spec.target_accept if target_accept is None else check_probability(target_accept, "target_accept")
     )

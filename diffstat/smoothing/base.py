@@ -52,11 +52,20 @@ class ExactSmoothedScore(SmoothedScore):
                 f"smoothed_score must be callable (y, sigma) -> (n, dim), got {type(fn).__name__}"
             )
         self.fn = fn
+        self._checked = False
 
     def __call__(self, y: torch.Tensor, sigma: float) -> torch.Tensor:
         out = self.fn(y, float(sigma))
         if not torch.is_tensor(out) or out.shape != y.shape:
             shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
             raise ValueError(f"smoothed_score must return a tensor of shape {tuple(y.shape)}, got {shape}")
+        if not self._checked:  # the first call only: no host synchronisation per step
+            bad = torch.isfinite(y).all(-1) & ~torch.isfinite(out).all(-1)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"smoothed_score returned NaN or infinite values at {int(bad.sum())} of {y.shape[0]} "
+                    "finite starting points"
+                )
+            self._checked = True
         self.last_info = {"spread": torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)}
         return out.to(y.dtype)

@@ -109,8 +109,8 @@ def noise_levels(geometry: dict, dim: int, sigma, num_measurements, w2_tol, lear
     not choose between modes (modes closer than the overall scale, e.g. nine modes 5 apart, overall
     scale 4.2), at most 4x M."""
     sigma = float(geometry["sigma"] if sigma is None else sigma)
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
+    if not 0 < sigma < math.inf:
+        raise ValueError(f"sigma must be positive and finite, got {sigma}")
     if w2_tol is None:
         w2_tol = dim * (0.5 * geometry["scale"]) ** 2
         if learned and math.isfinite(geometry.get("tau", math.nan)):

@@ -207,8 +207,8 @@ class _Options:
     @staticmethod
     def check_noise(sigma, num_measurements) -> None:
         """``sigma`` positive and ``num_measurements`` a positive integer, where given."""
-        if sigma is not None and not float(sigma) > 0:
-            raise ValueError(f"sigma must be positive, got {sigma}")
+        if sigma is not None and not 0 < float(sigma) < math.inf:
+            raise ValueError(f"sigma must be positive and finite, got {sigma}")
         if num_measurements is not None:
             check_positive_int(num_measurements, "num_measurements")
 

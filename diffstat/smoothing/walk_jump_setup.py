@@ -4,6 +4,8 @@ on :math:`q_\sigma`."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from diffstat._util import check_positive_int
@@ -25,8 +27,8 @@ def check_options(
     if walkers is not None:
         walkers = check_positive_int(walkers, "walkers_per_chain")
     sigma = float(sigma)
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
+    if not 0 < sigma < math.inf:
+        raise ValueError(f"sigma must be positive and finite, got {sigma}")
     walk = ("mala" if smoothed_log_prob is not None else "underdamped") if walk is None else walk
     if walk not in ("underdamped", "ula", "mala"):
         raise ValueError(f"walk must be 'underdamped', 'ula' or 'mala', got {walk!r}")

@@ -50,7 +50,7 @@ from typing import NamedTuple
 
 import torch
 
-from diffstat._util import check_options, log_normalizer_estimate, pareto_k, progress_bar
+from diffstat._util import check_options, check_positive_int, log_normalizer_estimate, pareto_k, progress_bar
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.core import (
     MoveConfig,
@@ -208,6 +208,7 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
     ``num_distinct`` counts the distinct particles among the draws.
     """
     check_options(options, _OPTIONS, "ais")
+    _check_settings(options)
     num_chains = 1 if num_chains is None else num_chains
     reference = options.pop("reference", None)
     fit = bool(options.pop("fit_reference", True)) and reference is None
@@ -253,6 +254,23 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
         warnings.warn(_collapse_message(attrs, log_w.numel()), RuntimeWarning, stacklevel=2)
     groups = {"tempering": stack_stages([out.stages for out, _, _ in runs])}
     return SamplerResult(draws, sample_stats, groups, attrs)
+
+
+def _check_settings(options: dict) -> None:
+    """``ValueError`` for a bad value among the options the pilot and the run check where they use
+    them (the moves, the schedule, the step size), raised before the pilot's first evaluation."""
+    MoveConfig(
+        options.get("kernel", "mala"),
+        options.get("num_leapfrog", 5),
+        options.get("target_accept"),
+        options.get("num_mcmc_steps", 1),
+    )
+    for name in ("num_temperatures", "num_pilot"):
+        if options.get(name) is not None:
+            check_positive_int(options[name], name)
+    step_size = options.get("step_size")
+    if step_size is not None and not float(step_size) > 0:
+        raise ValueError(f"step_size must be positive, got {step_size}")
 
 
 def _pooled_pilot_attrs(pilots: list[dict]) -> dict:

@@ -119,7 +119,11 @@ def _two_means(generator, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | No
     scaled to unit weighted variance, or None when none separates the cloud (the within-cluster
     variance along the centres' line is not under :data:`_SPLIT_RATIO` of the total there)."""
     mean = w @ x
-    z = (x - mean) / (w @ (x - mean) ** 2).sqrt().clamp_min(1e-300)
+    # A coordinate in which every weighted particle agrees (weight on one particle, say, the others
+    # outside a hard boundary) keeps its scale: dividing by a zero sd would overflow the zero-weight
+    # particles' distances to inf, and 0 * inf is a NaN probability in the k-means++ draw.
+    sd = (w @ (x - mean) ** 2).sqrt()
+    z = (x - mean) / torch.where(sd > 0, sd, torch.ones_like(sd))
     best, best_ratio = None, _SPLIT_RATIO
     for _ in range(_RESTARTS):
         far = torch.multinomial(w * (z**2).sum(-1) + 1e-300, 1, generator=generator)

@@ -50,7 +50,13 @@ from typing import NamedTuple
 
 import torch
 
-from diffstat._util import check_options, check_positive_int, check_probability, progress_bar
+from diffstat._util import (
+    check_nonnegative_int,
+    check_options,
+    check_positive_int,
+    check_probability,
+    progress_bar,
+)
 from diffstat.mcmc.adaptation import AUTO_DENSE_MAX_DIM as DENSE_MAX_DIM
 from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.sampling import SamplerResult, register_sampler
@@ -201,6 +207,36 @@ def pt_step(
     return state._replace(particles=ps), PTInfo(acc, diverging, prob, proposed)
 
 
+def check_settings(
+    num_samples,
+    num_warmup,
+    num_temperatures,
+    betas,
+    beta_min,
+    kernel,
+    num_leapfrog,
+    step_size,
+    target_accept,
+    *,
+    dtype=torch.float64,
+    device=None,
+) -> tuple[torch.Tensor, int, float]:
+    """``(betas (R,), num_warmup, target_accept)`` checked and resolved from PT's settings, or a
+    ``ValueError`` naming the bad one: no target evaluation is needed, so ``ds.sample`` checks
+    them before it draws the starting points."""
+    betas = check_ladder(betas, num_temperatures, beta_min, dtype, device)
+    num_samples = check_positive_int(num_samples, "num_samples")
+    num_warmup = check_nonnegative_int(num_samples if num_warmup is None else num_warmup, "num_warmup")
+    if target_accept is None:
+        target_accept = get_kernel(kernel, num_leapfrog)[1]  # also refuses an unknown kernel
+    else:
+        get_kernel(kernel, num_leapfrog)
+    target_accept = check_probability(target_accept, "target_accept")
+    if step_size is not None and not float(step_size) > 0:
+        raise ValueError(f"step_size must be positive, got {step_size}")
+    return betas, int(num_warmup), target_accept
+
+
 def parallel_tempering(
     generator: torch.Generator,
     path: GeometricPath,
@@ -227,21 +263,15 @@ def parallel_tempering(
     ``num_samples`` recorded iterations. ``betas`` (increasing, from 0 to 1) sets the initial
     ladder, otherwise :func:`geometric_ladder`."""
     dtype, device = x0.dtype, x0.device
-    betas = check_ladder(betas, num_temperatures, beta_min, dtype, device)
+    betas, num_warmup, target_accept = check_settings(
+        num_samples, num_warmup, num_temperatures, betas, beta_min, kernel, num_leapfrog, step_size,
+        target_accept, dtype=dtype, device=device,
+    )  # fmt: skip
     r, c = betas.numel(), check_positive_int(num_chains, "num_chains")
     if x0.shape[0] != c * r:
         raise ValueError(f"x0 must hold num_chains * num_temperatures = {c * r} points, got {x0.shape[0]}")
-    num_samples = check_positive_int(num_samples, "num_samples")
-    num_warmup = num_samples if num_warmup is None else int(num_warmup)
-    if num_warmup < 0:
-        raise ValueError(f"num_warmup must be non-negative, got {num_warmup}")
-    step, default_accept = get_kernel(kernel, num_leapfrog)
-    if target_accept is None:
-        target_accept = default_accept
-    target_accept = check_probability(target_accept, "target_accept")
+    step = get_kernel(kernel, num_leapfrog)[0]
     h0 = default_step_size(kernel, path.dim) if step_size is None else float(step_size)
-    if not h0 > 0:
-        raise ValueError(f"step_size must be positive, got {step_size}")
     ps = path.evaluate(x0)
     check_initial(ps)
     exact = reference_draws and float(betas[0]) == 0.0
@@ -377,9 +407,12 @@ def pt_sampler(target, *, num_samples, num_chains, generator, progress, device, 
     check_options(options, _OPTIONS, "pt")
     num_chains = 4 if num_chains is None else num_chains
     path = make_path(target, options.pop("reference", None))
-    betas = options.get("betas")
-    r = len(betas) if betas is not None else int(options.get("num_temperatures", 10))
-    x0 = initial_particles(path, num_chains * r, generator, device)
+    betas = check_settings(
+        num_samples, options.get("num_warmup"), options.get("num_temperatures", 10), options.get("betas"),
+        options.get("beta_min", BETA_MIN), options.get("kernel", "mala"), options.get("num_leapfrog", 5),
+        options.get("step_size"), options.get("target_accept"),
+    )[0]  # fmt: skip
+    x0 = initial_particles(path, num_chains * betas.numel(), generator, device)
     out = parallel_tempering(
         generator, path, x0, num_chains, num_samples=num_samples, progress=progress, **options
     )

@@ -45,7 +45,8 @@ From the genealogy: with :math:`E_i` the index of the initial particle ("Eve") t
   add less noise than multinomial, so it is conservative (it is exactly 0 when nothing varies).
 
 The reported standard error is the delta-method :math:`\sqrt{\hat v}`. It needs many distinct Eves:
-``num_eves`` is reported, and a value under about 20 means the error bar is unreliable.
+``num_eves`` is reported, and under :data:`MIN_EVES` (20) ``ds.sample`` warns that log Z, its error
+bar and the draws (descendants of so few initial particles) are unreliable.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ from diffstat.tempering.path import GeometricPath, PathState, default_step_size,
 from diffstat.tempering.resampling import conditional_ess, ess, resample
 
 __all__ = [
+    "MIN_EVES",
     "SMCOutput",
     "adaptive_tempered_smc",
     "genealogy_variance",
@@ -85,6 +87,9 @@ __all__ = [
     "smc_sampler",
 ]
 
+#: Fewer distinct initial ancestors (Eves) than this and the genealogy standard error of log Z is
+#: unreliable (its variance estimate sums over Eve families: too few terms); PDDS uses the same.
+MIN_EVES = 20
 #: Bisection halvings for the next temperature: 2^-60 is below float64 resolution on [0, 1].
 _NUM_BISECTION = 60
 
@@ -348,6 +353,7 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     check_options(options, _OPTIONS, "smc")
     num_chains = 1 if num_chains is None else num_chains
     path = make_path(target, options.pop("reference", None))
+    SMCConfig.from_options(dict(options))  # a bad value is refused before the first evaluation
     scheme = options.get("resampling", "systematic")
     draws, lps, log_ws, accs, runs = [], [], [], [], []
     for _ in range(num_chains):
@@ -365,6 +371,16 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
         accs.append(acc)
         runs.append(out)
     log_z, se = combine_runs([r.log_normalizer for r in runs], [r.log_normalizer_se for r in runs])
+    num_eves = min(r.num_eves for r in runs)
+    if num_eves < MIN_EVES:
+        warnings.warn(
+            f"SMC: only {num_eves} distinct initial particles survive (of {num_samples}); log Z = "
+            f"{log_z:.3f} and its standard error {se:.3f} are unreliable (the genealogy estimate of "
+            f"the variance needs at least {MIN_EVES} Eves), and so are the draws, descendants of so "
+            "few particles. Raise num_samples (the particles) or num_mcmc_steps",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     sample_stats = {
         "lp": torch.stack(lps),
         "acceptance_rate": torch.stack(accs),
@@ -376,7 +392,7 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
         "log_normalizer_se_method": "Lee-Whiteley" if scheme == "multinomial" else "Chan-Lai",
         "num_stages": max(len(r.stages["beta"]) for r in runs),
         "num_resampling": sum(r.num_resampling for r in runs),
-        "num_eves": min(r.num_eves for r in runs),
+        "num_eves": num_eves,
         "path": path.kind,
     }
     return SamplerResult(
