@@ -12,30 +12,12 @@ import torch
 
 import diffstat as ds
 from diffstat.dnc.combine import COMBINERS
+from test_bad_inputs import gaussian
+from test_fuzz import Counted, _sample  # the helpers, defined once
 
 METHODS = ds.available_methods()
 COMBINER_NAMES = sorted(COMBINERS)
 F64 = torch.float64
-
-
-class Counted:
-    """A log-density that counts the points it is called at."""
-
-    def __init__(self, fn):
-        self.fn, self.points = fn, 0
-
-    def __call__(self, x):
-        self.points += x.shape[0]
-        return self.fn(x)
-
-
-def gaussian(x):
-    return -0.5 * (x**2).sum(-1)
-
-
-def _sample(target, method, **kwargs):
-    kwargs = {"num_samples": 8, "seed": 0, "progress": False, **kwargs}
-    return ds.sample(target, method, **kwargs)
 
 
 # ---------------------------------------------------------------------- devices
