@@ -175,10 +175,10 @@ def with_laplace(target, mixture, inflate: float):
     s2 = 100.0 * float(torch.diagonal(covs, dim1=-2, dim2=-1).max())  # a proximal scale far above the modes'
     m, _, g, hess = newton_ascent(target, mixture.means, s2, LAPLACE_NEWTON_STEPS)
     prec_chol, info = torch.linalg.cholesky_ex(-hess)
+    m = m + torch.cholesky_solve(g.unsqueeze(-1), prec_chol).squeeze(-1)  # the quadratic model's peak
     ok = (info == 0) & torch.isfinite(prec_chol).flatten(1).all(-1) & torch.isfinite(m).all(-1)
     if not bool(ok.any()):
         return mixture
-    m = m + torch.cholesky_solve(g.unsqueeze(-1), prec_chol).squeeze(-1)  # the quadratic model's peak
     cov = inflate * torch.cholesky_inverse(prec_chol[ok])
     chol, info = torch.linalg.cholesky_ex(cov)
     good = info == 0
