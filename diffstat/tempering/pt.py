@@ -45,6 +45,7 @@ coldest replicas (``swap_acceptance``, NaN at the iterations whose DEO parity do
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import NamedTuple
 
@@ -205,6 +206,19 @@ def pt_step(
     if r > 1:
         ps, prob, proposed = swap_step(generator, ps, betas, layout.num_chains, parity)
     return state._replace(particles=ps), PTInfo(acc, diverging, prob, proposed)
+
+
+#: The settings of :func:`parallel_tempering` that :func:`check_settings` checks, in its order.
+_CHECKED_SETTINGS = (
+    "num_warmup",
+    "num_temperatures",
+    "betas",
+    "beta_min",
+    "kernel",
+    "num_leapfrog",
+    "step_size",
+    "target_accept",
+)
 
 
 def check_settings(
@@ -407,11 +421,9 @@ def pt_sampler(target, *, num_samples, num_chains, generator, progress, device, 
     check_options(options, _OPTIONS, "pt")
     num_chains = 4 if num_chains is None else num_chains
     path = make_path(target, options.pop("reference", None))
-    betas = check_settings(
-        num_samples, options.get("num_warmup"), options.get("num_temperatures", 10), options.get("betas"),
-        options.get("beta_min", BETA_MIN), options.get("kernel", "mala"), options.get("num_leapfrog", 5),
-        options.get("step_size"), options.get("target_accept"),
-    )[0]  # fmt: skip
+    defaults = inspect.signature(parallel_tempering).parameters  # the run's own defaults, stated once
+    settings = [options.get(name, defaults[name].default) for name in _CHECKED_SETTINGS]
+    betas = check_settings(num_samples, *settings)[0]
     x0 = initial_particles(path, num_chains * betas.numel(), generator, device)
     out = parallel_tempering(
         generator, path, x0, num_chains, num_samples=num_samples, progress=progress, **options

@@ -48,6 +48,13 @@ def _narrow(shift: float) -> tuple[ds.Target, float]:
     return target, shift + math.log(2 * math.pi * SD**2)
 
 
+def _gaussian_is_narrow(target, num_samples: int, **options):
+    """``gaussian_is`` on the narrow Gaussian with the ``TINY`` exploration, seed 0."""
+    return ds.sample(
+        target, "gaussian_is", num_samples=num_samples, seed=0, progress=False, **options, **TINY
+    )
+
+
 def _round(log_z: float, se: float, ess: float, k: float, n: int = 1000) -> dict:
     """A round summary with the fields ``pool_rounds`` reads."""
     return {
@@ -168,16 +175,7 @@ def test_no_overflow_and_log_z_right_when_rounds_differ_by_thousands_of_nats(shi
     target, exact = _narrow(shift)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        idata = ds.sample(
-            target,
-            "gaussian_is",
-            num_samples=2000,
-            seed=0,
-            progress=False,
-            max_rounds=3,
-            refresh_steps=20,
-            **TINY,
-        )
+        idata = _gaussian_is_narrow(target, 2000, max_rounds=3, refresh_steps=20)
     attrs, group = idata.posterior.attrs, idata["diffusion"]
     round_log_z = group["log_normalizer"].values
     assert round_log_z.max() - round_log_z.min() > 709  # the rounds do differ beyond exp's range
@@ -200,17 +198,7 @@ def test_every_round_missed_warns_and_is_marked_unreliable():
     with pytest.warns(
         RuntimeWarning, match=r"every round missed.*Pareto k = .*Kish ESS = .*num_explore"
     ) as record:
-        idata = ds.sample(
-            target,
-            "gaussian_is",
-            num_samples=500,
-            seed=0,
-            progress=False,
-            max_rounds=2,
-            refresh_steps=5,
-            bridge=False,
-            **TINY,
-        )
+        idata = _gaussian_is_narrow(target, 500, max_rounds=2, refresh_steps=5, bridge=False)
     assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
     attrs, group = idata.posterior.attrs, idata["diffusion"]
     assert attrs["reliable"] == 0 and int(group["used"].values.sum()) == 1
@@ -230,20 +218,11 @@ def test_the_bridge_from_the_laplace_gaussian_rescues_rounds_that_all_missed():
     """The same run with the SMC bridge (the default): every round still misses, but the bridge starts
     from the mode's Laplace Gaussian, which for this Gaussian target is the target itself (inflated),
     so the run is right without a warning: log Z within 4 of its standard errors of the exact value
-    (and not 0.2 off), mean and sd within 5 and 15% of their Monte Carlo errors' reach."""
+    (and not 0.2 off), the mean within 5 Monte Carlo standard errors and the sd within 15%."""
     target, exact = _narrow(2000.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        idata = ds.sample(
-            target,
-            "gaussian_is",
-            num_samples=500,
-            seed=0,
-            progress=False,
-            max_rounds=2,
-            refresh_steps=5,
-            **TINY,
-        )
+        idata = _gaussian_is_narrow(target, 500, max_rounds=2, refresh_steps=5)
     attrs, group = idata.posterior.attrs, idata["diffusion"]
     assert ((group["pareto_k"].values > MAX_PARETO_K) | (group["ess"].values < MIN_ROUND_ESS)).all()
     assert attrs["correction"] == "smc" and attrs["reliable"] == 1
