@@ -1,7 +1,9 @@
 """``nuts`` and ``smc`` at their defaults on a fast subset of the posteriordb suite (issue 13).
 
-Acceptance: ``ds.sample(post.target, method, num_samples=1000, seed=s)`` (4 chains for NUTS, one
-run for SMC) gives every posterior mean within 0.15 reference sd and every sd within 15%.
+Acceptance: ``ds.sample(post.target, method, num_samples=1000, seed=s)`` (4 chains for NUTS, four
+runs for SMC) gives every posterior mean within 0.15 reference sd and every sd within 15%. Here SMC
+makes one run on the earnings regression (its default four cost 2.4M evaluations there): the
+pooled draws of four independent runs can only have smaller Monte Carlo errors than one run's.
 
 Why these thresholds are tests that can fail and not flaky: with an effective sample size of a few
 hundred (NUTS on these posteriors gives more than 1,000 over 4 chains; SMC with 1,000 particles
@@ -39,7 +41,7 @@ CASES = [
 def test_method_matches_reference(method, name):
     torch.set_num_threads(1)
     post = pdb.load(name)
-    num_chains = 4 if method == "nuts" else None
+    num_chains = 1 if (method, name) == ("smc", "earnings-logearn_height") else None
     idata = ds.sample(post.target, method, num_samples=1000, num_chains=num_chains, seed=0, progress=False)
     cmp = post.compare(idata)
     assert cmp.max_mean_error < MEAN_TOL, (cmp.worst_mean, cmp.max_mean_error)
@@ -54,5 +56,5 @@ def test_wrong_posterior_is_rejected():
     data = pdb.data(name)
     data["kid_score"] = data["kid_score"] + 0.2 * 19.9
     shifted = pdb.load(name, data=data)
-    idata = ds.sample(shifted.target, "smc", num_samples=1000, seed=0, progress=False)
+    idata = ds.sample(shifted.target, "smc", num_samples=1000, num_chains=1, seed=0, progress=False)
     assert not pdb.load(name).compare(idata).passed(MEAN_TOL, SD_TOL)

@@ -75,7 +75,8 @@ from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.moves import cluster_particles, decorrelating_moves, particle_metric
 from diffstat.tempering.path import PathState, default_step_size, get_kernel
 from diffstat.tempering.resampling import SCHEMES, ess, resample
-from diffstat.tempering.smc import genealogy_variance, stack_stages
+from diffstat.tempering.runs import stack_stages
+from diffstat.tempering.smc import genealogy_variance
 
 __all__ = ["NoisedSMCOutput", "guided_proposal", "incremental_log_weight", "noised_smc", "pdds_sampler"]
 

@@ -14,10 +14,10 @@ Checks (each gives one ``RuntimeWarning`` naming the reason)
 ------------------------------------------------------------
 * fewer than :data:`MIN_EVES` distinct initial particles survive in a run (the genealogy estimate
   of the variance then has too few terms), or a log Z that is not finite;
-* the runs disagree with their own error bars: :math:`\chi^2 = \sum_r (\log\hat Z_r -
-  \overline{\log\hat Z})^2 / s_r^2` beyond the :math:`1 - ` :data:`CHI2_ALPHA` quantile of
-  :math:`\chi^2_{R-1}` (runs that each report a small error but land far apart have missed
-  different parts of the target);
+* the runs disagree with their own error bars: Cochran's :math:`Q = \sum_r (\log\hat Z_r -
+  \bar\ell)^2 / s_r^2` beyond the :math:`1 - ` :data:`CHI2_ALPHA` quantile of
+  :math:`\chi^2_{R-1}` (:func:`~diffstat.tempering.runs.runs_agreement`; runs that each report a
+  small error but land far apart have missed different parts of the target);
 * at the last :data:`LAST_LEVELS` levels the moves' mean acceptance is under :data:`MIN_ACCEPTANCE`
   (the step size collapsed), or over :data:`MAX_STUCK` of the particles accept fewer than
   :data:`STUCK_ACCEPTANCE` of their moves at a level (on average over those levels): one step size
@@ -29,13 +29,11 @@ Checks (each gives one ``RuntimeWarning`` naming the reason)
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
-import torch
-from scipy import stats
 
-from diffstat.tempering.smc import MIN_EVES, combine_runs
+from diffstat.tempering.runs import CHI2_ALPHA, pooled_log_z, runs_agreement
+from diffstat.tempering.smc import MIN_EVES
 
 __all__ = [
     "CHI2_ALPHA",
@@ -48,8 +46,6 @@ __all__ = [
     "reliability_problems",
 ]
 
-#: Level of the runs-against-genealogy consistency test (one false alarm in a thousand calls).
-CHI2_ALPHA = 1e-3
 #: The levels nearest zero noise whose moves are checked (an eighth of the default 64).
 LAST_LEVELS = 8
 #: Mean acceptance below which the last levels' moves are said not to move (a tuned MALA or HMC
@@ -62,17 +58,6 @@ STUCK_ACCEPTANCE = 0.05
 MAX_STUCK = 0.1
 
 
-def pooled_log_z(log_zs: list[float], ses: list[float]) -> tuple[float, float, str]:
-    """Pooled log Z of independent runs, its standard error and how it was obtained (``"genealogy"``
-    or ``"runs"``, module docstring)."""
-    log_z, se = combine_runs(log_zs, ses)
-    if len(log_zs) < 2 or not math.isfinite(log_z):
-        return log_z, se, "genealogy"
-    ratio = torch.exp(torch.tensor(log_zs, dtype=torch.float64) - log_z)
-    se_runs = float(ratio.std() / math.sqrt(len(log_zs)))
-    return (log_z, se_runs, "runs") if se_runs > se else (log_z, se, "genealogy")
-
-
 def reliability_problems(runs, log_z: float) -> list[str]:
     """The reasons (module docstring) why the runs' estimate is unreliable; empty when none.
     ``runs`` are :class:`~diffstat.diffusion.noised_smc.NoisedSMCOutput`."""
@@ -82,13 +67,11 @@ def reliability_problems(runs, log_z: float) -> list[str]:
         problems.append(f"only {num_eves} distinct initial particles survive")
     lz = np.array([r.log_normalizer for r in runs])
     se = np.array([r.log_normalizer_se for r in runs])
-    if len(runs) >= 2 and np.all(np.isfinite(lz)) and np.all(se > 0):
-        chi2 = float((((lz - lz.mean()) / se) ** 2).sum())
-        if stats.chi2.sf(chi2, len(runs) - 1) < CHI2_ALPHA:
-            problems.append(
-                f"the runs' log Z spread (sd {lz.std(ddof=1):.3f}) disagrees with their genealogy "
-                f"standard errors (about {float(np.median(se)):.3f})"
-            )
+    if runs_agreement(list(lz), list(se)) < CHI2_ALPHA:
+        problems.append(
+            f"the runs' log Z spread (sd {lz.std(ddof=1):.3f}) disagrees with their genealogy "
+            f"standard errors (about {float(np.median(se)):.3f})"
+        )
     acc = np.array([float(r.stages["acceptance_rate"][-LAST_LEVELS:].mean()) for r in runs])
     if np.any(acc < MIN_ACCEPTANCE):
         problems.append(f"the moves at the last levels accept {acc.min():.3f} of proposals")

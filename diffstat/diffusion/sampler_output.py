@@ -14,7 +14,7 @@ import torch
 from diffstat._util import pad_stack
 from diffstat.diffusion.rounds import RoundState
 from diffstat.sampling import SamplerResult
-from diffstat.tempering.smc import combine_runs
+from diffstat.tempering.runs import combine_runs
 
 __all__ = ["BRIDGE_FIELDS", "bridge_draws", "bridge_rows", "round_group", "stack_runs"]
 
@@ -22,7 +22,7 @@ __all__ = ["BRIDGE_FIELDS", "bridge_draws", "bridge_rows", "round_group", "stack
 def stack_runs(results: list[SamplerResult]) -> SamplerResult:
     """Independent runs as chains: draws and statistics stacked, each group's per-round arrays as
     ``(round, chain, ...)`` padded with NaN (runs differ in rounds and modes), log Z pooled over runs
-    (:func:`~diffstat.tempering.smc.combine_runs`); ``mode_weights`` per run, NaN-padded."""
+    (:func:`~diffstat.tempering.runs.combine_runs`); ``mode_weights`` per run, NaN-padded."""
     draws = torch.cat([r.draws for r in results])
     stats = {
         k: torch.cat([torch.as_tensor(r.sample_stats[k]) for r in results]) for k in results[0].sample_stats

@@ -8,6 +8,7 @@ from diffstat.tempering.ais import ais, schedule
 from diffstat.tempering.path import GeometricPath, PathState, incremental_log_weights, move, tempered_state
 from diffstat.tempering.pt import parallel_tempering
 from diffstat.tempering.smc import adaptive_tempered_smc, next_beta
+from diffstat.tempering.smc_sampler import smc_sampler
 
 __all__ = [
     "GeometricPath",
@@ -20,5 +21,6 @@ __all__ = [
     "schedule",
     "adaptive_tempered_smc",
     "next_beta",
+    "smc_sampler",
     "parallel_tempering",
 ]

@@ -65,7 +65,7 @@ from diffstat.tempering.core import (
 )
 from diffstat.tempering.path import GeometricPath, PathState, default_step_size, make_path
 from diffstat.tempering.resampling import ess, resample
-from diffstat.tempering.smc import stack_stages
+from diffstat.tempering.runs import stack_stages
 from diffstat.tempering.ais_plan import (  # noqa: F401 (constants re-exported: ais.LENGTH_FACTOR ...)
     LENGTH_FACTOR,
     MAX_REFITS,

@@ -51,17 +51,16 @@ bar and the draws (descendants of so few initial particles) are unreliable.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
-from diffstat._util import check_options, pad_stack, check_positive_int, check_probability, progress_bar
-from diffstat.sampling import SamplerResult, register_sampler
+from diffstat._util import check_options, check_positive_int, check_probability, progress_bar
 from diffstat.tempering.core import (
     MoveConfig,
     StageInfo,
@@ -74,8 +73,8 @@ from diffstat.tempering.core import (
     stack_stage_infos,
     tempered_step,
 )
-from diffstat.tempering.path import GeometricPath, PathState, default_step_size, make_path
-from diffstat.tempering.resampling import conditional_ess, ess, resample
+from diffstat.tempering.path import GeometricPath, PathState, default_step_size
+from diffstat.tempering.resampling import conditional_ess, ess
 
 __all__ = [
     "MIN_EVES",
@@ -84,7 +83,6 @@ __all__ = [
     "genealogy_variance",
     "initial_particles",
     "next_beta",
-    "smc_sampler",
 ]
 
 #: Fewer distinct initial ancestors (Eves) than this and the genealogy standard error of log Z is
@@ -233,7 +231,13 @@ class SMCConfig:
 
 
 def adaptive_tempered_smc(
-    generator: torch.Generator, path: GeometricPath, x0: torch.Tensor, *, progress: bool = False, **options
+    generator: torch.Generator,
+    path: GeometricPath,
+    x0: torch.Tensor,
+    *,
+    progress: bool = False,
+    bar=None,
+    **options,
 ) -> SMCOutput:
     """Run adaptive tempered SMC from the particles ``x0: (n, dim)`` (draws from the reference), with
     the options of :class:`SMCConfig`; each stage is :func:`~diffstat.tempering.core.tempered_step`.
@@ -241,6 +245,7 @@ def adaptive_tempered_smc(
     ``num_mcmc_steps=None`` (default) moves each stage until decorrelated (``decorrelation_tol``,
     at most ``max_mcmc_steps``; a ``RuntimeWarning`` when the cap is hit at the last stages);
     ``num_mcmc_steps=0`` leaves the particles where they are (reweighting and resampling only).
+    ``bar``: a tqdm bar to advance by 1,000 over the run (else one of its own when ``progress``).
     """
     config = SMCConfig.from_options(options)
     schedule = None if config.betas is None else check_betas(config.betas, x0)
@@ -257,7 +262,8 @@ def adaptive_tempered_smc(
         resample_threshold=config.resample_threshold,
         scheme=config.resampling,
     )
-    with progress_bar(1000, "smc", progress) as bar:
+    with progress_bar(1000, "smc", progress) if bar is None else contextlib.nullcontext(bar) as bar:
+        done = 0
         for k in range(config.max_stages if schedule is None else len(schedule)):
             if schedule is None:
                 args = (
@@ -272,7 +278,8 @@ def adaptive_tempered_smc(
                 new_beta = schedule[k]
             state, info = step(generator, state, new_beta, stage=k)
             infos.append(info)
-            bar.update(int(1000 * float(state.beta)) - bar.n)
+            bar.update(int(1000 * float(state.beta)) - done)
+            done = int(1000 * float(state.beta))
             bar.set_postfix(stage=k + 1, beta=f"{float(state.beta):.3g}")
             if bool(state.beta >= 1.0):
                 break
@@ -316,85 +323,3 @@ def _warn_if_capped(infos: list[StageInfo], cap: int, tol: float) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-_OPTIONS = {"reference"} | {f.name for f in fields(SMCConfig)}
-
-
-def combine_runs(log_zs: list[float], ses: list[float]) -> tuple[float, float]:
-    r"""Pool independent runs: :math:`\hat Z = \frac1C\sum_c \hat Z_c`, with the delta-method
-    standard error :math:`\sqrt{\sum_c (\hat Z_c / \sum \hat Z)^2\, \mathrm{se}_c^2}`."""
-    lz = torch.tensor(log_zs, dtype=torch.float64)
-    w = torch.softmax(lz, 0)
-    log_z = float(torch.logsumexp(lz, 0) - math.log(len(log_zs)))
-    return log_z, float(torch.sqrt((w**2 * torch.tensor(ses, dtype=torch.float64) ** 2).sum()))
-
-
-def stack_stages(per_run: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
-    """Per-stage arrays of independent runs as ``(stage, chain)``, NaN-padded to the longest run."""
-    return {key: pad_stack([r[key] for r in per_run], axis=1) for key in per_run[0]}
-
-
-@register_sampler("smc")
-def smc_sampler(target, *, num_samples, num_chains, generator, progress, device, **options) -> SamplerResult:
-    """``ds.sample(target, "smc", num_samples=n, ...)``: adaptive tempered SMC with ``n`` particles.
-
-    Options (see :func:`adaptive_tempered_smc`): ``reference``, ``target_ess`` (0.5), ``criterion``
-    (``"cess"``), ``resample_threshold`` (0.5), ``resampling`` (``"systematic"``), ``kernel``
-    (``"mala"``), ``num_mcmc_steps`` (None: adapted per stage), ``max_mcmc_steps`` (100),
-    ``decorrelation_tol`` (0.1), ``metric`` (``"auto"``, ``"dense"``, ``"diag"``), ``within_modes``
-    (True), ``num_leapfrog`` (5), ``step_size``, ``target_accept``, ``adapt_scale`` (True),
-    ``step_jitter`` (0), ``betas``, ``max_stages``. ``num_chains`` (default 1) independent runs
-    are made one after another; their evidence estimates are pooled.
-
-    The returned draws are resampled to equal weights with the run's scheme; ``log_weight`` in
-    ``sample_stats`` is each draw's log weight before that final resampling.
-    """
-    check_options(options, _OPTIONS, "smc")
-    num_chains = 1 if num_chains is None else num_chains
-    path = make_path(target, options.pop("reference", None))
-    SMCConfig.from_options(dict(options))  # a bad value is refused before the first evaluation
-    scheme = options.get("resampling", "systematic")
-    draws, lps, log_ws, accs, runs = [], [], [], [], []
-    for _ in range(num_chains):
-        x0 = initial_particles(path, num_samples, generator, device)
-        out = adaptive_tempered_smc(generator, path, x0, progress=progress, **options)
-        ps, log_w = out.particles, out.log_weights
-        if not bool((log_w == log_w[0]).all()):
-            idx = resample(generator, log_w, scheme)
-            ps, log_w, acc = ps.index(idx), log_w[idx], out.acceptance[idx]
-        else:
-            acc = out.acceptance
-        draws.append(ps.x)
-        lps.append(ps.target_log_prob)
-        log_ws.append(log_w)
-        accs.append(acc)
-        runs.append(out)
-    log_z, se = combine_runs([r.log_normalizer for r in runs], [r.log_normalizer_se for r in runs])
-    num_eves = min(r.num_eves for r in runs)
-    if num_eves < MIN_EVES:
-        warnings.warn(
-            f"SMC: only {num_eves} distinct initial particles survive (of {num_samples}); log Z = "
-            f"{log_z:.3f} and its standard error {se:.3f} are unreliable (the genealogy estimate of "
-            f"the variance needs at least {MIN_EVES} Eves), and so are the draws, descendants of so "
-            "few particles. Raise num_samples (the particles) or num_mcmc_steps",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    sample_stats = {
-        "lp": torch.stack(lps),
-        "acceptance_rate": torch.stack(accs),
-        "log_weight": torch.stack(log_ws),
-    }
-    attrs = {
-        "log_normalizer": log_z,
-        "log_normalizer_se": se,
-        "log_normalizer_se_method": "Lee-Whiteley" if scheme == "multinomial" else "Chan-Lai",
-        "num_stages": max(len(r.stages["beta"]) for r in runs),
-        "num_resampling": sum(r.num_resampling for r in runs),
-        "num_eves": num_eves,
-        "path": path.kind,
-    }
-    return SamplerResult(
-        torch.stack(draws), sample_stats, {"tempering": stack_stages([r.stages for r in runs])}, attrs
-    )

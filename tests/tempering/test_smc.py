@@ -3,6 +3,8 @@ estimator, log Z on mixtures and a conjugate model, mode weights, the output con
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -77,13 +79,13 @@ def test_smc_weights_and_evidence_telescope_without_moves_or_resampling(generato
 
 def test_smc_on_the_reference_itself_is_exact():
     """Target = reference: every increment is 0, log Z = 0 exactly, and the Chan-Lai variance of the
-    systematic scheme is 0 however often it resamples."""
+    systematic scheme is 0 however often it resamples; so are the four runs' pool and its spread."""
     target = ds.Target(lambda x: -0.5 * (x**2).sum(-1) - 0.5 * 2 * math.log(2 * math.pi), 2, dtype=F64)
     idata = ds.sample(
         target, "smc", num_samples=100, seed=0, progress=False, betas=[0.3, 0.6, 1.0], resample_threshold=1.0
     )
     attrs = idata.posterior.attrs
-    assert attrs["num_resampling"] == 3
+    assert attrs["num_resampling"] == 4 * 3 and attrs["runs_agreement_p"] == 1.0
     assert attrs["log_normalizer"] == 0.0 and attrs["log_normalizer_se"] < 1e-7  # sqrt of rounding
 
 
@@ -121,7 +123,7 @@ def test_smc_evidence_of_conjugate_pyro_models_tempering_the_likelihood(kind, re
     target, evidence = pyro_conjugate(kind)
     runs = [
         ds.sample(
-            target, "smc", num_samples=1000, seed=s, progress=False, resampling=resampling
+            target, "smc", num_samples=1000, num_chains=1, seed=s, progress=False, resampling=resampling
         ).posterior.attrs
         for s in range(3)
     ]
@@ -136,7 +138,7 @@ def test_smc_evidence_of_conjugate_pyro_models_tempering_the_likelihood(kind, re
 
 def test_smc_counts_one_evaluation_per_point_on_a_pyro_model():
     target, _ = pyro_conjugate("normal")
-    idata = ds.sample(target, "smc", num_samples=200, seed=0, progress=False, num_mcmc_steps=2)
+    idata = ds.sample(target, "smc", num_samples=200, num_chains=1, seed=0, progress=False, num_mcmc_steps=2)
     attrs = idata.posterior.attrs
     assert attrs["num_target_evals"] == 16 + 200 * (1 + 2 * attrs["num_stages"])
     assert list(idata.posterior.data_vars) == ["mu"] and idata.posterior.mu.shape == (1, 200, 3)
@@ -146,14 +148,20 @@ def test_smc_counts_one_evaluation_per_point_on_a_pyro_model():
 def test_smc_recovers_the_mode_weights_of_a_6d_mixture():
     gm = mixture6()
     idata = ds.sample(
-        gm.as_target(dtype=F64), "smc", num_samples=2000, seed=0, progress=False, target_ess=0.9
+        gm.as_target(dtype=F64), "smc", num_samples=2000, num_chains=1, seed=0, progress=False, target_ess=0.9
     )
     draws = torch.as_tensor(idata.posterior.x.values[0])
     assert weights_agree(draws, gm, WEIGHTS)
     # A wrong target (the same modes weighted 0.35 / 0.35 / 0.3) is rejected by the same check.
     wrong = mixture6((0.35, 0.35, 0.3))
     idata = ds.sample(
-        wrong.as_target(dtype=F64), "smc", num_samples=2000, seed=0, progress=False, target_ess=0.9
+        wrong.as_target(dtype=F64),
+        "smc",
+        num_samples=2000,
+        num_chains=1,
+        seed=0,
+        progress=False,
+        target_ess=0.9,
     )
     assert not weights_agree(torch.as_tensor(idata.posterior.x.values[0]), gm, WEIGHTS)
 
@@ -162,7 +170,7 @@ def test_smc_recovers_the_mode_weights_of_a_6d_mixture():
 def test_smc_output_contract_and_evaluation_count():
     target = gaussian_target()
     n = 300
-    idata = ds.sample(target, "smc", num_samples=n, seed=0, progress=False, num_mcmc_steps=3)
+    idata = ds.sample(target, "smc", num_samples=n, num_chains=1, seed=0, progress=False, num_mcmc_steps=3)
     x = torch.as_tensor(idata.posterior.x.values)
     assert x.shape == (1, n, 3)
     lp = torch.as_tensor(idata.sample_stats.lp.values[0])
@@ -178,9 +186,13 @@ def test_smc_output_contract_and_evaluation_count():
     assert k == len(betas) and attrs["method"] == "smc"
     assert math.isclose(attrs["log_normalizer"], float(group.log_z_increment.sum()), abs_tol=1e-9)
     assert attrs["num_target_evals"] == 16 + n * (1 + 3 * k)
-    # Independent runs as chains: their per-stage diagnostics side by side.
-    idata = ds.sample(target, "smc", num_samples=50, num_chains=2, seed=0, progress=False)
-    assert idata.posterior.x.shape == (2, 50, 3) and idata.tempering.beta.shape[1] == 2
+    # Independent runs as chains (4 by default): their per-stage diagnostics side by side, and the
+    # pooled log Z the log of the mean of the runs' Z estimates.
+    idata = ds.sample(target, "smc", num_samples=50, seed=0, progress=False)
+    assert idata.posterior.x.shape == (4, 50, 3) and idata.tempering.beta.shape[1] == 4
+    per_run = torch.as_tensor(np.nansum(idata.tempering.log_z_increment.values, 0))
+    pooled = float(torch.logsumexp(per_run, 0) - math.log(4))
+    assert math.isclose(idata.posterior.attrs["log_normalizer"], pooled, rel_tol=0, abs_tol=1e-12)
 
 
 def test_smc_refuses_bad_options():

@@ -4,6 +4,7 @@ posteriors (a conjugate regression with 5 correlated predictors, an AR(5) model,
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from correlated_targets import ar5, mixture6, regression
@@ -22,8 +23,10 @@ OLD = {"num_mcmc_steps": 5, "metric": "diag", "within_modes": False}
 
 
 def smc_draws(target, seed=0, n=1000, **options):
+    """The draws of every run (chain) pooled, and the InferenceData."""
     idata = ds.sample(target, "smc", num_samples=n, seed=seed, progress=False, **options)
-    return torch.as_tensor(idata.posterior.x.values[0]), idata
+    x = torch.as_tensor(idata.posterior.x.values)
+    return x.reshape(-1, x.shape[-1]), idata
 
 
 def regression_agrees(draws, exact, log_z=None, log_z_se=0.0, *, sigma_only=False) -> bool:
@@ -91,16 +94,16 @@ def test_clusters_split_separated_modes_and_leave_unimodal_clouds_whole(generato
 
 def test_moves_stop_when_decorrelated_and_the_cap_warns():
     target = regression()
-    _draws, idata = smc_draws(target, n=400)
+    _draws, idata = smc_draws(target, n=400, num_chains=1)
     steps = idata.tempering.num_mcmc_steps.values[:, 0]
     assert (steps >= 2).all() and (steps < 100).all()
     # The evaluations are the initial particles and one per particle and MALA move.
     assert idata.posterior.attrs["num_target_evals"] == 16 + 400 * (1 + int(steps.sum()))
     with pytest.warns(RuntimeWarning, match="max_mcmc_steps"):
-        smc_draws(target, n=400, max_mcmc_steps=2, kernel="rwm")
+        smc_draws(target, n=400, num_chains=1, max_mcmc_steps=2, kernel="rwm")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        smc_draws(target, n=400, num_mcmc_steps=2)  # a fixed number of moves: no warning
+        smc_draws(target, n=400, num_chains=1, num_mcmc_steps=2)  # a fixed number of moves: no warning
 
 
 # ---------------------------------------------------------------------------- exact posteriors
@@ -122,7 +125,7 @@ def test_smc_defaults_get_sigma_of_an_ar5_model_where_five_diagonal_moves_do_not
     assert regression_agrees(
         draws, target, idata.posterior.attrs["log_normalizer"], idata.posterior.attrs["log_normalizer_se"]
     )
-    old, _ = smc_draws(target, **OLD)
+    old, _ = smc_draws(target, num_chains=1, **OLD)
     assert not regression_agrees(old, target, sigma_only=True)
 
 
@@ -135,14 +138,16 @@ def mixture_agrees(draws, log_z, gm, weights) -> bool:
 
 
 def test_smc_defaults_get_the_mode_weights_of_a_6d_mixture_from_a_wide_reference():
-    """3000 particles: over seeds 0-7 the total variation was 0.003 to 0.033 (mean 0.016) and the
-    log Z error at most 0.092; at 1000 particles the mode shares' Monte Carlo error alone is about
-    0.04 (total variation mean 0.044 over 16 seeds), too close to 0.05 for a test."""
+    """At the defaults (four runs of 1,000 particles), seeds 0-23: total variation mean 0.026, above
+    0.05 on 2 seeds (0.050, 0.059), log Z error at most 0.14 (one run of 1,000: mean 0.053 over seeds
+    0-11, 5 above 0.05, log Z error up to 0.17; the shares carry the per-mode evidence noise, which
+    four runs halve). Seed 0: 0.015 and -0.055."""
     gm, target = mixture6()
-    draws, idata = smc_draws(target, n=3000)
+    draws, idata = smc_draws(target)
     log_z = idata.posterior.attrs["log_normalizer"]
     assert mixture_agrees(draws, log_z, gm, (0.5, 0.3, 0.2))
     # The same modes weighted 0.35 / 0.35 / 0.3 are rejected by the same check.
     assert not mixture_agrees(draws, log_z, gm, (0.35, 0.35, 0.3))
     # The clusters found the three modes at the last stage.
-    assert int(idata.tempering.num_clusters.values[-1, 0]) >= 3
+    clusters = idata.tempering.num_clusters.values[:, 0]
+    assert int(clusters[~np.isnan(clusters)][-1]) >= 3

@@ -88,7 +88,9 @@ def log_z_agrees(estimates, ses, truth, tol) -> bool:
 def test_smc_log_normalizer_with_jitter_on():
     target = gaussian(torch.tensor([0.2, 1.0, 3.0], dtype=F64))
     runs = [
-        ds.sample(target, "smc", num_samples=1000, seed=s, progress=False, step_jitter=2.0).posterior.attrs
+        ds.sample(
+            target, "smc", num_samples=1000, num_chains=1, seed=s, progress=False, step_jitter=2.0
+        ).posterior.attrs
         for s in range(3)
     ]
     est, ses = [a["log_normalizer"] for a in runs], [a["log_normalizer_se"] for a in runs]

@@ -1,0 +1,114 @@
+"""The front door of adaptive tempered SMC: ``ds.sample(target, "smc", ...)`` runs
+:func:`~diffstat.tempering.smc.adaptive_tempered_smc` ``num_chains`` times and pools the runs
+(:mod:`diffstat.tempering.runs`)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import fields
+
+import torch
+
+from diffstat._util import check_options, progress_bar
+from diffstat.sampling import SamplerResult, register_sampler
+from diffstat.tempering.core import initial_particles
+from diffstat.tempering.path import make_path
+from diffstat.tempering.resampling import resample
+from diffstat.tempering.runs import CHI2_ALPHA, pooled_log_z, runs_agreement, stack_stages
+from diffstat.tempering.smc import MIN_EVES, SMCConfig, adaptive_tempered_smc
+
+__all__ = ["smc_sampler"]
+
+_OPTIONS = {"reference"} | {f.name for f in fields(SMCConfig)}
+
+
+@register_sampler("smc")
+def smc_sampler(target, *, num_samples, num_chains, generator, progress, device, **options) -> SamplerResult:
+    r"""``ds.sample(target, "smc", num_samples=n, ...)``: adaptive tempered SMC with ``n`` particles
+    per run, ``num_chains`` (default 4) independent runs, each returned as a chain.
+
+    Options (see :func:`adaptive_tempered_smc`): ``reference``, ``target_ess`` (0.5), ``criterion``
+    (``"cess"``), ``resample_threshold`` (0.5), ``resampling`` (``"systematic"``), ``kernel``
+    (``"mala"``), ``num_mcmc_steps`` (None: adapted per stage), ``max_mcmc_steps`` (100),
+    ``decorrelation_tol`` (0.1), ``metric`` (``"auto"``, ``"dense"``, ``"diag"``), ``within_modes``
+    (True), ``num_leapfrog`` (5), ``step_size``, ``target_accept``, ``adapt_scale`` (True),
+    ``step_jitter`` (0), ``betas``, ``max_stages``.
+
+    Why four runs: the share of each mode in the draws is the ratio of the per-mode evidence
+    estimates, so it carries their noise, about that of :math:`\log\hat Z` (0.1 at 1,000 particles on
+    a 6-d three-mode mixture, mode weights off by 0.05 in total variation on 5 seeds in 12 with
+    one run); four runs halve it, and their agreement is checked (:mod:`diffstat.tempering.runs`):
+    a ``RuntimeWarning`` when their log Z estimates disagree beyond their errors. The pooled
+    :math:`\hat Z` is the mean of the runs'; its standard error the larger of the genealogy's and
+    the runs' spread. Each run's draws are its particles resampled to equal weights with the run's
+    scheme; ``log_weight`` in ``sample_stats`` is each draw's log weight before that resampling.
+    """
+    check_options(options, _OPTIONS, "smc")
+    num_chains = 4 if num_chains is None else num_chains
+    path = make_path(target, options.pop("reference", None))
+    SMCConfig.from_options(dict(options))  # a bad value is refused before the first evaluation
+    scheme = options.get("resampling", "systematic")
+    draws, lps, log_ws, accs, runs = [], [], [], [], []
+    with progress_bar(1000 * num_chains, "smc", progress) as bar:
+        for _ in range(num_chains):
+            x0 = initial_particles(path, num_samples, generator, device)
+            out = adaptive_tempered_smc(generator, path, x0, bar=bar, **options)
+            ps, log_w = out.particles, out.log_weights
+            if not bool((log_w == log_w[0]).all()):
+                idx = resample(generator, log_w, scheme)
+                ps, log_w, acc = ps.index(idx), log_w[idx], out.acceptance[idx]
+            else:
+                acc = out.acceptance
+            draws.append(ps.x)
+            lps.append(ps.target_log_prob)
+            log_ws.append(log_w)
+            accs.append(acc)
+            runs.append(out)
+    log_zs, ses = [r.log_normalizer for r in runs], [r.log_normalizer_se for r in runs]
+    log_z, se, se_method = pooled_log_z(log_zs, ses)
+    agreement = runs_agreement(log_zs, ses)
+    num_eves = min(r.num_eves for r in runs)
+    _warn_if_unreliable(num_eves, num_samples, log_zs, ses, agreement, log_z, se)
+    sample_stats = {
+        "lp": torch.stack(lps),
+        "acceptance_rate": torch.stack(accs),
+        "log_weight": torch.stack(log_ws),
+    }
+    genealogy = "Lee-Whiteley" if scheme == "multinomial" else "Chan-Lai"
+    attrs = {
+        "log_normalizer": log_z,
+        "log_normalizer_se": se,
+        "log_normalizer_se_method": genealogy if se_method == "genealogy" else "runs",
+        "runs_agreement_p": agreement,
+        "num_stages": max(len(r.stages["beta"]) for r in runs),
+        "num_resampling": sum(r.num_resampling for r in runs),
+        "num_eves": num_eves,
+        "path": path.kind,
+    }
+    return SamplerResult(
+        torch.stack(draws), sample_stats, {"tempering": stack_stages([r.stages for r in runs])}, attrs
+    )
+
+
+def _warn_if_unreliable(num_eves, num_samples, log_zs, ses, agreement, log_z, se) -> None:
+    """The run-level ``RuntimeWarning``s of :func:`smc_sampler`: too few surviving Eves, or runs
+    whose log Z estimates disagree beyond their errors."""
+    if num_eves < MIN_EVES:
+        warnings.warn(
+            f"SMC: only {num_eves} distinct initial particles survive (of {num_samples}); log Z = "
+            f"{log_z:.3f} and its standard error {se:.3f} are unreliable (the genealogy estimate of "
+            f"the variance needs at least {MIN_EVES} Eves), and so are the draws, descendants of so "
+            "few particles. Raise num_samples (the particles) or num_mcmc_steps",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    if agreement < CHI2_ALPHA:
+        est = ", ".join(f"{lz:.3f} +- {s:.3f}" for lz, s in zip(log_zs, ses))
+        warnings.warn(
+            f"SMC: the {len(log_zs)} runs' log Z estimates ({est}) disagree beyond their standard errors "
+            f"(Cochran's Q, p = {agreement:.1e} < {CHI2_ALPHA}): the runs found different parts of the "
+            "target (a mode some runs missed, or moves that do not mix), so the draws' mode weights and "
+            "log Z are unreliable. Raise num_samples (the particles), target_ess or max_mcmc_steps",
+            RuntimeWarning,
+            stacklevel=3,
+        )
