@@ -10,17 +10,19 @@ Targets (``tests/tempering/correlated_targets.py``, each with exact answers):
 * ``mixture_iso``: the 6-d mixture of ``tests/tempering/test_smc.py`` (isotropic components of sd
   0.7 / 1.0 / 0.85, means 2.5 apart per coordinate), from N(0, 36 I), as in issue 13.
 
-Settings: ``old`` (5 MALA moves per stage, diagonal metric of the whole cloud: the defaults before),
-``new`` (the defaults: dense metric pooled within clusters, moves until decorrelated), and
-``old@budget`` (the old diagonal metric with as many moves per stage as ``new`` used on average, so
-both spend about the same number of target evaluations).
+Settings, one run each: ``old`` (5 MALA moves per stage, diagonal metric of the whole cloud: the
+defaults before), ``new`` (the moves of the defaults: dense metric pooled within clusters, moves until
+decorrelated), and ``old@budget`` (the old diagonal metric with as many moves per stage as ``new``
+used on average, so both spend about the same number of target evaluations); then ``default (4
+runs)``, the defaults themselves: four independent runs of ``new``, their draws pooled. With
+``--runs`` only ``new`` (one run) and the default (four runs) are run.
 
 Columns: target evaluations; for the regressions the largest |error| of a beta mean in posterior sd,
 sigma's mean error in posterior sd, the largest relative error of a posterior sd (beta and sigma);
 for the mixture the total variation of the mode shares; the log Z error; all averaged over seeds
 (mean of absolute values, and the worst).
 
-    python benchmarks/bench_smc_moves.py [--seeds 5] [--particles 1000]
+    python benchmarks/bench_smc_moves.py [--seeds 5] [--first-seed 0] [--particles 1000] [--runs]
         [--targets regression ar5 mixture mixture_iso]
 """
 
@@ -43,7 +45,8 @@ OLD = {"num_mcmc_steps": 5, "metric": "diag", "within_modes": False}
 
 
 def errors(name, target, gm, idata) -> dict[str, float]:
-    x = torch.as_tensor(idata.posterior.x.values[0])
+    x = torch.as_tensor(idata.posterior.x.values)
+    x = x.reshape(-1, x.shape[-1])  # every run's draws
     log_z = idata.posterior.attrs["log_normalizer"]
     if name.startswith("mixture"):
         share = torch.bincount(gm.assign(x), minlength=3).to(torch.float64) / x.shape[0]
@@ -95,19 +98,34 @@ def main():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--runs", action="store_true", help="one run against the default four only")
     parser.add_argument("--particles", type=int, default=1000)
     parser.add_argument("--targets", nargs="+", default=["regression", "ar5", "mixture", "mixture_iso"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name in args.targets:
         print(f"== {name} ({args.seeds} seeds, {args.particles} particles)")
-        new = [run(name, s, args.particles, {}) for s in range(args.seeds)]
-        old = [run(name, s, args.particles, OLD) for s in range(args.seeds)]
-        # as many moves per stage as the new defaults made on average (evals per particle per stage)
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        new = [run(name, s, args.particles, {"num_chains": 1}) for s in seeds]
+        default = [run(name, s, args.particles, {}) for s in seeds]
+        if args.runs:
+            for label, rows in (("new (1 run)", new), ("default (4 runs)", default)):
+                print(f"  {label:24s} {summary(rows)}")
+            continue
+        old = [run(name, s, args.particles, OLD | {"num_chains": 1}) for s in seeds]
+        # as many moves per stage as the new moves made on average (evals per particle per stage)
         per_stage = sum(r["evals"] / args.particles / r["stages"] for r in new) / len(new)
         steps = max(5, round(per_stage))
-        budget = [run(name, s, args.particles, {**OLD, "num_mcmc_steps": steps}) for s in range(args.seeds)]
-        for label, rows in (("old", old), ("new", new), (f"old@budget ({steps}/stage)", budget)):
+        opts = {**OLD, "num_mcmc_steps": steps, "num_chains": 1}
+        budget = [run(name, s, args.particles, opts) for s in seeds]
+        rows_by_label = (
+            ("old", old),
+            ("new", new),
+            (f"old@budget ({steps}/stage)", budget),
+            ("default (4 runs)", default),
+        )
+        for label, rows in rows_by_label:
             print(f"  {label:24s} {summary(rows)}")
         for s, (o, n) in enumerate(zip(old, new)):
             diff = "  ".join(
@@ -115,7 +133,7 @@ def main():
                 for k in o
                 if k not in ("evals", "stages", "seconds", "warned")
             )
-            print(f"    seed {s}: {diff}")
+            print(f"    seed {seeds[s]}: {diff}")
 
 
 if __name__ == "__main__":
