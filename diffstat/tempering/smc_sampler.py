@@ -14,7 +14,14 @@ from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.core import initial_particles
 from diffstat.tempering.path import make_path
 from diffstat.tempering.resampling import resample
-from diffstat.tempering.runs import CHI2_ALPHA, pooled_log_z, runs_agreement, stack_stages
+from diffstat.tempering.runs import (
+    CHI2_ALPHA,
+    max_runs_rhat,
+    pooled_log_z,
+    runs_agreement,
+    runs_rhat,
+    stack_stages,
+)
 from diffstat.tempering.smc import MIN_EVES, SMCConfig, adaptive_tempered_smc
 
 __all__ = ["smc_sampler"]
@@ -38,7 +45,8 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     estimates, so it carries their noise, about that of :math:`\log\hat Z` (0.1 at 1,000 particles on
     a 6-d three-mode mixture, mode weights off by 0.05 in total variation on 5 seeds in 12 with
     one run); four runs halve it, and their agreement is checked (:mod:`diffstat.tempering.runs`):
-    a ``RuntimeWarning`` when their log Z estimates disagree beyond their errors. The pooled
+    a ``RuntimeWarning`` when their log Z estimates disagree beyond their errors or their draws
+    do (R-hat across runs, ``rhat_max`` in attrs): runs that found different modes. The pooled
     :math:`\hat Z` is the mean of the runs'; its standard error the larger of the genealogy's and
     the runs' spread. Each run's draws are its particles resampled to equal weights with the run's
     scheme; ``log_weight`` in ``sample_stats`` is each draw's log weight before that resampling.
@@ -66,9 +74,9 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
             runs.append(out)
     log_zs, ses = [r.log_normalizer for r in runs], [r.log_normalizer_se for r in runs]
     log_z, se, se_method = pooled_log_z(log_zs, ses)
-    agreement = runs_agreement(log_zs, ses)
+    agreement, rhat = runs_agreement(log_zs, ses), runs_rhat(torch.stack(draws))
     num_eves = min(r.num_eves for r in runs)
-    _warn_if_unreliable(num_eves, num_samples, log_zs, ses, agreement, log_z, se)
+    _warn_if_unreliable(num_eves, num_samples, log_zs, ses, agreement, rhat, log_z, se)
     sample_stats = {
         "lp": torch.stack(lps),
         "acceptance_rate": torch.stack(accs),
@@ -80,6 +88,7 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
         "log_normalizer_se": se,
         "log_normalizer_se_method": genealogy if se_method == "genealogy" else "runs",
         "runs_agreement_p": agreement,
+        "rhat_max": rhat,
         "num_stages": max(len(r.stages["beta"]) for r in runs),
         "num_resampling": sum(r.num_resampling for r in runs),
         "num_eves": num_eves,
@@ -90,9 +99,9 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     )
 
 
-def _warn_if_unreliable(num_eves, num_samples, log_zs, ses, agreement, log_z, se) -> None:
-    """The run-level ``RuntimeWarning``s of :func:`smc_sampler`: too few surviving Eves, or runs
-    whose log Z estimates disagree beyond their errors."""
+def _warn_if_unreliable(num_eves, num_samples, log_zs, ses, agreement, rhat, log_z, se) -> None:
+    """The run-level ``RuntimeWarning``s of :func:`smc_sampler`: too few surviving Eves; runs whose
+    log Z estimates or draws disagree."""
     if num_eves < MIN_EVES:
         warnings.warn(
             f"SMC: only {num_eves} distinct initial particles survive (of {num_samples}); log Z = "
@@ -102,13 +111,25 @@ def _warn_if_unreliable(num_eves, num_samples, log_zs, ses, agreement, log_z, se
             RuntimeWarning,
             stacklevel=3,
         )
+    reasons = []
     if agreement < CHI2_ALPHA:
         est = ", ".join(f"{lz:.3f} +- {s:.3f}" for lz, s in zip(log_zs, ses))
+        reasons.append(
+            f"their log Z estimates ({est}) disagree beyond their standard errors (Cochran's Q, "
+            f"p = {agreement:.1e} < {CHI2_ALPHA})"
+        )
+    if rhat > max_runs_rhat(num_samples):
+        reasons.append(
+            f"their draws disagree (R-hat across runs {rhat:.3f} > {max_runs_rhat(num_samples):.3f})"
+        )
+    if reasons:
         warnings.warn(
-            f"SMC: the {len(log_zs)} runs' log Z estimates ({est}) disagree beyond their standard errors "
-            f"(Cochran's Q, p = {agreement:.1e} < {CHI2_ALPHA}): the runs found different parts of the "
-            "target (a mode some runs missed, or moves that do not mix), so the draws' mode weights and "
-            "log Z are unreliable. Raise num_samples (the particles), target_ess or max_mcmc_steps",
+            f"SMC: the {len(log_zs)} runs found different parts of the target: "
+            + "; ".join(reasons)
+            + ". A mode some runs missed, or moves that do not mix: the draws' mode weights and log Z are "
+            "unreliable. Give a reference= that covers the posterior (wider than it; the default is the "
+            "target's reference, else N(0, I)), raise num_samples (the particles) or target_ess, or use "
+            "method='diffusion' or 'pt'",
             RuntimeWarning,
             stacklevel=3,
         )
