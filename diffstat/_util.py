@@ -10,6 +10,9 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "check_options",
+    "check_bool",
+    "check_option_types",
+    "option_kinds",
     "check_positive_int",
     "check_nonnegative_int",
     "check_seed",
@@ -33,6 +36,43 @@ def check_options(options: dict, allowed: set, method: str) -> None:
             f"unknown option(s) for method {method!r}: {', '.join(unknown)}; "
             f"known: {', '.join(sorted(allowed))}"
         )
+
+
+def check_bool(value, name: str) -> bool:
+    """Return ``value`` as a bool, or raise ``ValueError`` unless it is ``True`` or ``False`` (a numpy
+    bool too): a string such as ``"no"`` is truthy and would switch the option on silently."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def option_kinds(parameters) -> dict[str, str]:
+    """``name -> "bool" | "int"`` for the options whose type can be checked: those annotated ``bool``
+    or ``int`` (either or ``None``), from ``inspect.Parameter`` or ``dataclasses.Field`` objects (whose
+    annotations, under ``from __future__ import annotations``, are strings)."""
+    kinds = {}
+    for p in parameters:
+        annotation = getattr(p, "annotation", getattr(p, "type", None))
+        if isinstance(annotation, type):
+            annotation = annotation.__name__
+        types = {t.strip() for t in str(annotation).split("|")} - {"None"}
+        if types in ({"bool"}, {"int"}):
+            kinds[p.name] = types.pop()
+    return kinds
+
+
+def check_option_types(options: dict, kinds: dict[str, str], method: str) -> None:
+    """``ValueError`` for an option whose value is not of its kind (:func:`option_kinds`): a bool option
+    given anything but ``True`` or ``False``, an integer option given a float or a bool (``int()``
+    would truncate it silently). ``None`` passes (an optional option's default)."""
+    for name, value in options.items():
+        kind = kinds.get(name)
+        if value is None or kind is None:
+            continue
+        if kind == "bool":
+            check_bool(value, f"{method}: option {name}")
+        elif isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{method}: option {name} must be an integer, got {value!r}")
 
 
 def check_positive_int(value, name: str) -> int:

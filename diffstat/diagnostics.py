@@ -197,9 +197,10 @@ def _lp_gap(lp: np.ndarray) -> tuple[tuple[int, ...], float]:
     """Chains whose mean lp is more than LP_GAP_SD within-chain sds below the median chain's."""
     if lp.shape[0] < 2:
         return (), 0.0
-    means = lp.mean(axis=1)
-    sd = float(np.median(lp.std(axis=1)))
-    gap = np.median(means) - means
+    with np.errstate(invalid="ignore"):  # chains at lp = -inf: no gap is measured (NaN), none flagged
+        means = lp.mean(axis=1)
+        sd = float(np.median(lp.std(axis=1)))
+        gap = np.median(means) - means
     low = tuple(int(c) for c in np.flatnonzero(gap > LP_GAP_SD * sd))
     return low, float(gap.max() / sd) if sd > 0 else math.inf
 
@@ -320,11 +321,12 @@ def _messages(d: Diagnostics, rate: np.ndarray, lp_gap: float, coords) -> list[s
     return out
 
 
-def warn_if_unreliable(diag: Diagnostics, label: str = "MCMC", stacklevel: int = 3) -> None:
-    """Emit one ``RuntimeWarning`` listing every problem in ``diag`` (nothing when it is clean)."""
+def warn_if_unreliable(diag: Diagnostics, label: str = "MCMC", stacklevel: int = 3, advice: str = "") -> None:
+    """Emit one ``RuntimeWarning`` listing every problem in ``diag`` (nothing when it is clean), with
+    ``advice`` (what to change for the method at hand) as its last line."""
     if diag.messages:
         problems = "\n".join(f"  - {m}" for m in diag.messages)
-        message = f"{label}: the result is unreliable:\n{problems}"
+        message = f"{label}: the result is unreliable:\n{problems}" + (f"\n{advice}" if advice else "")
         warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
 

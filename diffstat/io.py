@@ -4,6 +4,8 @@ returns a DataTree with another signature, so nothing else in the package touche
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -48,7 +50,11 @@ def to_inference_data(target, result, attrs: dict):
         raise ValueError(f"draws must be (chain, draw, dim), got {tuple(draws.shape)}")
     posterior = target.to_posterior(draws.detach())
     sample_stats = {k: to_numpy(v) for k, v in result.sample_stats.items()}
-    idata = az.from_dict(posterior=posterior, sample_stats=sample_stats)
+    with warnings.catch_warnings():
+        # ArviZ guesses a transposed array when chains outnumber draws; ours are (chain, draw) by
+        # construction (a few draws of many chains is a valid request), so the guess is only noise
+        warnings.filterwarnings("ignore", "More chains", UserWarning)
+        idata = az.from_dict(posterior=posterior, sample_stats=sample_stats)
     extra = {}
     for group, variables in result.groups.items():
         data_vars = {}

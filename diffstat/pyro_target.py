@@ -99,6 +99,24 @@ class _PyroPrior(torch.distributions.Distribution):
         return self._target.log_prior(value.reshape(-1, self._target.dim)).reshape(value.shape[:-1])
 
 
+def _non_float_observations(trace) -> str:
+    """A hint naming the observed sites of ``trace`` whose values are not floating point ("" if none)."""
+    if trace is None:
+        return ""
+    sites = [
+        f"{name!r} ({site['value'].dtype})"
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and site["is_observed"] and torch.is_tensor(site["value"])
+        and not site["value"].is_floating_point()
+    ]  # fmt: skip
+    if not sites:
+        return ""
+    return (
+        f". Observed site(s) {', '.join(sites)} hold non-floating values, which this distribution cannot "
+        "score: pass the observations as floating-point tensors (y.double())"
+    )
+
+
 class PyroTarget(Target):
     r"""The posterior of a Pyro model, as a density on the unconstrained space R^dim.
 
@@ -202,13 +220,19 @@ class PyroTarget(Target):
         return model_context(self.dtype, self.device, validate)
 
     def _find_sites(self) -> None:
-        """Trace the prior once: latent sites, their shapes and supports, the particle dim."""
+        """Trace the prior once: latent sites, their shapes and supports, the particle dim. Its log
+        density is computed there too, so that a model that cannot score its own prior draw (an
+        observation of integer or bool dtype where the distribution computes in floats, as
+        ``Bernoulli`` does) is refused here, naming the site, not later as a batching failure."""
+        trace = None
         try:
             with self._model_context(validate=True), torch.no_grad():
                 trace = poutine.trace(self.model).get_trace(*self.model_args, **self.model_kwargs)
+                trace.log_prob_sum()
         except Exception as err:  # noqa: BLE001  (any failure of the user's model is a bad argument)
             raise ValueError(
-                f"running the model with the given arguments failed: {type(err).__name__}: {err}"
+                "running the model with the given arguments failed: "
+                f"{type(err).__name__}: {str(err).rstrip('.')}" + _non_float_observations(trace)
             ) from err
         self.sites, self._particle_dim, self.dim = trace_sites(trace)
 

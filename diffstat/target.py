@@ -110,7 +110,8 @@ class Target:
     -----
     ``num_target_evals`` counts points, not calls: evaluating the log-density and its gradient at
     ``n`` points adds ``n``, whether or not the gradient was asked for. ``num_nan_evals`` counts
-    the points among them where the log-density was NaN.
+    the points among them where the log-density was NaN, ``num_posinf_evals`` those where it was
+    ``+inf``.
 
     Bad input raises ``ValueError`` naming the problem: a ``dim`` that is not a positive integer or
     that ``log_prob`` does not accept (where it accepts another width), an output of the wrong
@@ -143,6 +144,7 @@ class Target:
         self.dtype = dtype
         self.num_target_evals = 0
         self._nan_evals = 0  # a tensor once counted: no host sync per evaluation
+        self._posinf_evals = 0
         if validate:
             gen = torch.Generator().manual_seed(0)
             probe = torch.randn(_NUM_PROBE_POINTS, self.dim, generator=gen, dtype=self.dtype)
@@ -173,12 +175,14 @@ class Target:
         return self.count_nan(lp.detach().to(x.dtype)), grad.detach()
 
     def count_nan(self, lp: torch.Tensor) -> torch.Tensor:
-        """Add the NaN entries of log-density values ``lp: (n,)`` to :attr:`num_nan_evals`; return
-        ``lp``. Accumulated on ``lp``'s device, so counting adds no host synchronisation. Inside a
-        ``torch.func`` transform (``vmap``, ``hessian``) ``lp`` is a functorch tensor that must not
-        outlive the transform, so its NaNs are not counted there."""
+        """Add the NaN entries of log-density values ``lp: (n,)`` to :attr:`num_nan_evals` and the
+        ``+inf`` ones to :attr:`num_posinf_evals`; return ``lp``. Accumulated on ``lp``'s device, so
+        counting adds no host synchronisation. Inside a ``torch.func`` transform (``vmap``,
+        ``hessian``) ``lp`` is a functorch tensor that must not outlive the transform, so its NaNs
+        are not counted there."""
         if torch.is_tensor(lp) and lp.is_floating_point() and not _functorch_wrapped(lp):
             self._nan_evals = self._nan_evals + torch.isnan(lp.detach()).sum()
+            self._posinf_evals = self._posinf_evals + torch.isposinf(lp.detach()).sum()
         return lp
 
     @property
@@ -186,6 +190,12 @@ class Target:
         """Points at which the log-density returned NaN since the Target was built (runtime
         trouble: the front door warns when a run meets any)."""
         return int(self._nan_evals)
+
+    @property
+    def num_posinf_evals(self) -> int:
+        """Points at which the log-density returned ``+inf`` since the Target was built (the first look
+        refuses it at the starting points; met later in a run, the front door warns)."""
+        return int(self._posinf_evals)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         r"""The score :math:`\nabla_x \log \tilde\pi(x)`, shape ``(n, dim)``; counts ``n``."""

@@ -354,3 +354,229 @@ def test_nan_smoothed_score_is_refused(method):
             method,
             smoothed_score=lambda y, s: torch.full_like(y, torch.nan),
         )
+
+
+# ---------------------------------------------------------------------- round 2: diagnostics that warn
+def two_separated_modes(x):
+    """0.5 N(4 * 1, I) + 0.5 N(-4 * 1, I) in d = 2: modes 11 sds apart."""
+    return torch.logsumexp(torch.stack([-0.5 * ((x - 4.0) ** 2).sum(-1), -0.5 * ((x + 4.0) ** 2).sum(-1)]), 0)
+
+
+def _two_modes_smoothed_score(y, sigma):
+    """The exact score of ``two_separated_modes`` smoothed by N(0, sigma^2 I): modes N(+-4, 1 + sigma^2)."""
+    v = 1.0 + sigma**2
+    w = torch.softmax(torch.stack([-0.5 * ((y - 4.0) ** 2).sum(-1), -0.5 * ((y + 4.0) ** 2).sum(-1)]) / v, 0)
+    return (w[0, :, None] * (4.0 - y) + w[1, :, None] * (-4.0 - y)) / v
+
+
+def test_walk_jump_chains_in_different_modes_warn():
+    """Walk-jump at sigma = 1 on two modes 11 sds apart: each chain (one walker) stayed in the mode it
+    started in (two chains at +4, two at -4; R-hat 1.79), so the mode weights were those of the starts,
+    and the run was silent (walk-jump's chains were never diagnosed). Its one-walker chains are now
+    diagnosed as MCMC chains; a long walk on a Gaussian stays silent."""
+    target = ds.Target(two_separated_modes, 2, dtype=F64)
+    with pytest.warns(RuntimeWarning, match=r"(?s)R-hat .* the chains disagree.*raise sigma"):
+        idata = _sample(target, "walk_jump", num_samples=200, smoothed_score=_two_modes_smoothed_score)
+    means = idata.posterior["x"].values[..., 0].mean(1)
+    assert (means > 3).any() and (means < -3).any()  # the premise: chains in different modes
+    assert idata.posterior.attrs["rhat_max"] > 1.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        idata = _sample(
+            ds.Target(gaussian, 2, dtype=F64), "walk_jump", num_samples=1000, thin=4,
+            smoothed_score=lambda y, s: -y / (1 + s**2),
+        )  # fmt: skip
+    assert idata.posterior.attrs["rhat_max"] < 1.01 and idata.posterior.attrs["ess_bulk_min"] > 400
+
+
+def test_ais_with_few_particles_says_so_not_collapsed():
+    """AIS with 8 particles on N(0, I): ESS 8.0 of 8, even weights, was reported as "AIS weights
+    collapsed" (the ESS bar of 100 cannot be met by 8 particles). Now the warning says too few
+    particles; weights that do collapse (plain importance sampling, no moves) still say collapsed."""
+    target = ds.Target(gaussian, 2, dtype=F64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        idata = _sample(target, "ais")
+    (message,) = [str(w.message) for w in caught if w.category is RuntimeWarning]
+    assert message.startswith("AIS with too few particles") and "collapsed" not in message
+    assert idata.posterior.attrs["ess"] > 7.5 and not idata.posterior.attrs["log_normalizer_reliable"]
+    wide = torch.distributions.Independent(
+        torch.distributions.Normal(torch.zeros(2, dtype=F64), 20.0 * torch.ones(2, dtype=F64)), 1
+    )
+    with pytest.warns(RuntimeWarning, match="AIS weights collapsed"):
+        _sample(target, "ais", num_samples=64, num_mcmc_steps=0, schedule="geometric", reference=wide)
+
+
+#: (method, option, value): a bool option given a string or a number, an integer option a float.
+BAD_OPTION_TYPES = [
+    ("mala", "adapt_mass", "yes"),
+    ("nuts", "adapt_mass", 1),
+    ("hmc", "num_leapfrog", 5.0),
+    ("mala", "num_warmup", 10.5),
+    ("pt", "adapt_ladder", "no"),
+    ("pt", "num_warmup", 10.5),
+    ("pt", "reference_draws", "False"),
+    ("ais", "fit_reference", "no"),
+    ("ais", "adapt_scale", "yes"),
+    ("ais", "num_mcmc_steps", 2.5),
+    ("pdds", "within_modes", "yes"),
+    ("diffusion", "bridge", "no"),
+    ("gaussian_is", "num_explore", 100.5),
+    ("walk_jump", "num_warmup", 10.5),
+    ("walk_jump", "num_mala", 2.0),
+    ("sms", "num_measurements", 4.5),
+]
+
+
+@pytest.mark.parametrize(
+    "method, option, value", BAD_OPTION_TYPES, ids=[f"{m}-{o}-{v!r}" for m, o, v in BAD_OPTION_TYPES]
+)
+def test_option_of_the_wrong_type_is_refused_before_any_work(method, option, value):
+    """``adapt_mass="yes"`` ran (any non-empty string is truthy: ``"no"`` switched an option on) and
+    ``num_warmup=10.5`` was truncated to 10 by walk-jump and PT. The front door now checks every option
+    annotated ``bool`` or ``int`` in the method's signature (or its options' dataclass) before any
+    work; numpy integers and bools pass."""
+    counted = Counted(gaussian)
+    target = ds.Target(counted, 2, dtype=F64)
+    before = counted.points
+    with pytest.raises(ValueError, match=f"{option} must be"):
+        _sample(target, method, **{option: value})
+    assert counted.points == before
+
+
+def test_numpy_integer_and_bool_options_are_accepted():
+    target = ds.Target(gaussian, 2, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # short runs are flagged unreliable
+        idata = _sample(target, "mala", num_warmup=np.int64(10), adapt_mass=np.bool_(False), seed=np.int64(3))
+    assert idata.posterior.attrs["seed"] == 3
+
+
+@pytest.mark.parametrize("option, value", [("reweight", "yes"), ("num_levels", 4.5), ("calibrate", 0)])
+def test_combiner_option_of_the_wrong_type_is_refused(option, value):
+    g = torch.Generator().manual_seed(0)
+    shards = [torch.randn(40, 2, generator=g, dtype=F64) for _ in range(3)]
+    with pytest.raises(ValueError, match=f"{option} must be"):
+        ds.dnc.combine(shards, "diffusion", num_samples=8, seed=0, progress=False, **{option: value})
+
+
+@pytest.mark.parametrize("method", COMBINER_NAMES)
+def test_combining_shards_that_do_not_overlap_warns(method):
+    """Shards N(0, I) and N(10 * e_0, I) (their draws never meet: 7 sds of their difference apart)
+    were combined with no warning: their product lies in both shards' far tails, where their draws
+    say nothing. Now a RuntimeWarning gives the distance; three shards of one posterior stay silent."""
+    if method == "diffusion":
+        pytest.skip("the check is the front's, before any combiner: the cheap combiners show it")
+    g = torch.Generator().manual_seed(0)
+    apart = [torch.randn(200, 2, generator=g, dtype=F64) for _ in range(2)]
+    apart[1][:, 0] += 10.0
+    with pytest.warns(RuntimeWarning, match=r"shards 0 and 1 are (6\.9|7\.\d) sds apart"):
+        idata = ds.dnc.combine(apart, method, num_samples=8, seed=0, progress=False)
+    assert idata.posterior.attrs["max_shard_separation"] > 6.5
+    theta = torch.randn(3, 1, 2, generator=g, dtype=F64)  # each shard's estimate scatters by its sd
+    same = [t + torch.randn(200, 2, generator=g, dtype=F64) for t in theta]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ds.dnc.combine(same, method, num_samples=8, seed=0, progress=False)
+
+
+#: Words of the warnings that numpy, torch and ArviZ raise on statistics of too few values.
+_LIBRARY_NOISE = ("degrees of freedom", "encountered in", "empty slice", "More chains")
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("num_samples", [1, 2])
+def test_tiny_runs_leak_no_library_warnings(method, num_samples):
+    """At one or two draws in d = 1 torch warned from inside the samplers ("std(): degrees of freedom
+    is <= 0" from PT's log Z standard error of one unit, "var(): ..." from AIS's log-weight variance
+    of one particle) and ArviZ from the conversion ("More chains (4) than draws (1)", for every
+    method with more chains than draws). Now they compute NaN where one value has no spread, and the
+    conversion knows its arrays are (chain, draw). A particle method that needs two refuses one."""
+    options = dict(SHORT.get(method, {}))
+    if method in ("sms", "walk_jump"):
+        options["smoothed_score"] = lambda y, s: -y / (1 + s**2)
+    target = ds.Target(gaussian, 1, dtype=F64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            idata = _sample(target, method, num_samples=num_samples, **options)
+        except ValueError as err:
+            assert num_samples == 1 and "at least 2" in str(err)
+            return
+    noise = [str(w.message) for w in caught if any(s in str(w.message) for s in _LIBRARY_NOISE)]
+    assert not noise and not [w for w in caught if issubclass(w.category, UserWarning)]
+    assert np.isfinite(idata.posterior["x"].values).all()
+
+
+def plus_inf_beyond(x):
+    """N(0, I), but +inf where x_0 > 2.5: not at the starts, met mid-run."""
+    lp = gaussian(x)
+    return torch.where(x[:, 0] > 2.5, torch.full_like(lp, torch.inf), lp)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_plus_inf_met_mid_run_is_warned(method):
+    """A log-density that is +inf off the starting points passed the first look; every sampler then
+    rejected the +inf points silently (no draw beyond 2.5, where N(0, 1) has 0.6% of its mass), while
+    NaN met mid-run was warned about. Now +inf is counted as NaN is (``num_posinf_evals``) and warned
+    about; a method whose first look meets it (its starts cover the region) refuses it."""
+    options = dict(SHORT.get(method, {}))
+    if method in ("sms", "walk_jump"):
+        options["smoothed_score"] = lambda y, s: -y / (1 + s**2)
+    target = ds.Target(plus_inf_beyond, 2, dtype=F64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            idata = _sample(target, method, num_samples=64, **options)
+        except ValueError as err:
+            assert "+inf" in str(err)
+            return
+    met = idata.posterior.attrs["num_posinf_evals"]
+    warned = [str(w.message) for w in caught if "returned +inf" in str(w.message)]
+    assert len(warned) == (1 if met else 0) and np.isfinite(idata.sample_stats["lp"].values).all()
+    if met:
+        assert f"+inf at {met} of" in warned[0]
+
+
+def _bernoulli_model(y):
+    import pyro
+    import pyro.distributions as dist
+
+    p = pyro.sample("p", dist.Beta(torch.tensor(1.0, dtype=F64), torch.tensor(1.0, dtype=F64)))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Bernoulli(p), obs=y)
+
+
+@pytest.mark.parametrize("y", [torch.tensor([1, 0, 1, 1]), torch.tensor([True, False, True, True])])
+def test_pyro_observations_of_integer_dtype_are_named(y):
+    """A Bernoulli site observed with int64 or bool values: ``from_pyro`` blamed batching ("the model
+    cannot be evaluated on a batch of particles (plate: RuntimeError: result type Float can't be cast
+    to the desired output type Long ...)") though one point fails alike. The prior trace now computes
+    its log-density, and the error names the observed site and its dtype; float observations work,
+    and a Poisson site takes its integer counts as they are."""
+    with pytest.raises(ValueError, match=r"Observed site\(s\) 'y' \(torch\.(int64|bool)\).*floating"):
+        ds.Target.from_pyro(_bernoulli_model, y)
+    assert ds.Target.from_pyro(_bernoulli_model, y.double()).dim == 1
+
+    def poisson(counts):
+        import pyro
+        import pyro.distributions as dist
+
+        lam = pyro.sample("lam", dist.Gamma(torch.tensor(2.0, dtype=F64), torch.tensor(1.0, dtype=F64)))
+        with pyro.plate("data", len(counts)):
+            pyro.sample("counts", dist.Poisson(lam), obs=counts)
+
+    assert ds.Target.from_pyro(poisson, torch.tensor([3, 1, 4, 1, 5])).dim == 1
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_walk_jump_non_finite_init_is_refused(value):
+    """``init`` with NaN or inf entries: MCMC refused it, walk-jump returned NaN draws (marked, with
+    three warnings). Refused before any work."""
+    counted = Counted(gaussian)
+    target = ds.Target(counted, 2, dtype=F64)
+    before = counted.points
+    with pytest.raises(ValueError, match="init has NaN or infinite entries"):
+        init = torch.full((4, 2), value, dtype=F64)
+        _sample(target, "walk_jump", init=init, smoothed_score=_smoothed_score)
+    assert counted.points == before

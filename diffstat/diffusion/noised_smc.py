@@ -303,7 +303,7 @@ def _check_settings(options: dict) -> None:
             raise ValueError(f"{name} must be positive and finite, got {value}")
 
 
-@register_sampler("pdds")
+@register_sampler("pdds", typed_by=noised_smc)
 def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device, **options) -> SamplerResult:
     """``ds.sample(target, "pdds", num_samples=n, ...)``: the particle denoising diffusion sampler
     with ``n`` particles per run.

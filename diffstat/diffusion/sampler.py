@@ -316,7 +316,7 @@ def _run_bridge(generator, target, gaussians, mode_weights, budget: int, config:
     return bridge, bridge_reasons(bridge)
 
 
-@register_sampler("diffusion", options=RUN_OPTIONS)
+@register_sampler("diffusion", options=RUN_OPTIONS, typed_by=DiffusionConfig)
 def diffusion(target, *, num_samples, num_chains, generator, progress, device, **options) -> SamplerResult:
     r"""Diffusion sampler from the log-density with importance correction (module docstring).
 
@@ -364,7 +364,7 @@ def diffusion(target, *, num_samples, num_chains, generator, progress, device, *
     )
 
 
-@register_sampler("gaussian_is", options=RUN_OPTIONS)
+@register_sampler("gaussian_is", options=RUN_OPTIONS, typed_by=DiffusionConfig)
 def gaussian_is(target, *, num_samples, num_chains, generator, progress, device, **options) -> SamplerResult:
     r"""Per-mode Gaussian importance sampling: the same exploration, banking and restocking as
     ``"diffusion"``, then moment-matched Gaussians per mode (no score model). The baseline the

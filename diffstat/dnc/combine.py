@@ -30,6 +30,7 @@ __all__ = [
     "carried_log_probs",
     "combiner_options",
     "check_combiner",
+    "shard_separation",
 ]
 
 
@@ -262,6 +263,7 @@ def combine(
     draws, grads = as_shard_draws(subposteriors, scores, device=device)
     if method == "diffusion" and grads is not None and not _ROUTE_INPUTS & options.keys():
         options.update(_carried_route(subposteriors, draws))
+    separation = shard_separation(draws)
     generator = torch.Generator(device=device).manual_seed(int(seed))
     start = time.perf_counter()
     result = COMBINERS[method](
@@ -273,8 +275,58 @@ def combine(
         "sampling_time": float(time.perf_counter() - start),
         "seed": int(seed),
         "num_target_evals": 0,
+        "max_shard_separation": separation[0],
     }
+    _warn_if_apart(separation, draws[0].shape[1], len(draws))
     return _to_inference_data(result, name, attrs)
+
+
+#: Overall chance that Gaussian sub-posteriors of one posterior are called apart (Bonferroni over the
+#: pairs): a false alarm once in a million combinations, so the warning means disagreement.
+_APART_LEVEL = 1e-6
+
+
+def shard_separation(draws: list[torch.Tensor]) -> tuple[float, int, int]:
+    r"""The largest distance between two shards' means in the sd of their difference: over pairs
+    :math:`k < l`, :math:`D_{kl} = \sqrt{(\mu_k - \mu_l)^\top (\Sigma_k + \Sigma_l)^{-1} (\mu_k - \mu_l)}`
+    with each shard's sample mean and covariance, from ``draws``, K tensors ``(n_k, dim)``. Returns
+    ``(D, k, l)`` for the farthest pair. Sub-posteriors of one posterior (each about
+    :math:`\mathcal N(\theta, \Sigma_k)` around estimates that scatter by :math:`\Sigma_k`) give
+    :math:`D_{kl}^2 \sim \chi^2_d`."""
+    means = [x.mean(0) for x in draws]
+    covs = [torch.atleast_2d(torch.cov(x.T)) for x in draws]
+    best = (0.0, 0, 1)
+    for k in range(len(draws)):
+        for j in range(k + 1, len(draws)):
+            diff = means[k] - means[j]
+            d2 = float(diff @ torch.linalg.solve(covs[k] + covs[j], diff))
+            if d2 > best[0] ** 2:
+                best = (d2**0.5, k, j)
+    return best
+
+
+def _warn_if_apart(separation: tuple[float, int, int], dim: int, num_shards: int) -> None:
+    r"""``RuntimeWarning`` when the farthest pair of shards (:func:`shard_separation`) lies beyond the
+    :math:`\chi^2_d` quantile at ``_APART_LEVEL`` over the pairs: the shards disagree, their draws
+    barely overlap (in one dimension beyond 4.9 sds of the difference, about 7 sds of one shard), and
+    the product lies in the tails of some shards, where their draws say nothing about them."""
+    from scipy.stats import chi2
+
+    distance, k, j = separation
+    limit = float(chi2.isf(_APART_LEVEL / (num_shards * (num_shards - 1) / 2), dim)) ** 0.5
+    if distance > limit:
+        import warnings
+
+        warnings.warn(
+            f"ds.dnc.combine: shards {k} and {j} are {distance:.1f} sds apart (the distance of their means "
+            f"in the sd of their difference, from their own draws; sub-posteriors of one posterior are "
+            f"within {limit:.1f}): their draws hardly overlap, so the product lies in the far tails of "
+            "some shards, where their draws say nothing about them, and the combined draws are not to "
+            "be trusted. Check the shards (a chain stuck in a minor mode, a shard of other data or "
+            "of another model).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _to_inference_data(result: CombineResult, name: str, attrs: dict):

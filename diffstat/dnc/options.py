@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from diffstat._util import check_options, check_positive_int
+from diffstat._util import check_option_types, check_options, check_positive_int, option_kinds
 
 __all__ = [
     "FitOptions",
@@ -51,6 +51,7 @@ def from_kwargs(cls, options: dict | None, method: str):
     """``cls(**options)``, refusing unknown names with a ``ValueError`` that lists the valid ones."""
     options = dict(options or {})
     check_options(options, _names(cls), method)
+    check_option_types(options, option_kinds(dataclasses.fields(cls)), method)
     return cls(**options)
 
 
@@ -213,6 +214,10 @@ class DiffusionOptions:
         """Sort the flat keywords of ``combine(..., "diffusion", **options)`` into the groups;
         ``ValueError`` listing the valid names for any other."""
         check_options(options, DIFFUSION_OPTIONS, "diffusion")
+        kinds = {}
+        for group in (FitOptions, AnnealOptions, cls):
+            kinds.update(option_kinds(dataclasses.fields(group)))
+        check_option_types(options, kinds, "diffusion")
         fit = {k: v for k, v in options.items() if k in _names(FitOptions)}
         anneal = {k: v for k, v in options.items() if k in _names(AnnealOptions)}
         rest = {k: v for k, v in options.items() if k in _TOP}

@@ -305,7 +305,7 @@ def _register(kernel: str):
         "phase, Stan's windowed warm-up, sampling; options "
         f"{', '.join(sorted(_OPTIONS.get(kernel, _COMMON)))} (see :func:`run_mcmc`)."
     )
-    register_sampler(kernel)(sampler)
+    register_sampler(kernel, typed_by=run_mcmc)(sampler)
 
 
 for _kernel in KERNELS:

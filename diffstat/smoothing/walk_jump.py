@@ -27,7 +27,11 @@ single walker, autocorrelated as an MCMC chain is. A walk at small :math:`\sigma
 between separated modes, so a chain of one walker holds one mode: with a learned score the walkers
 start at draws of :math:`q_\sigma` with the population's mode weights and the default is :math:`W`
 = ``num_samples``, one jump per walker, independent draws (as SMS's chains are), and the mode weights
-come from where the walkers start, not from one walker crossing. Only a training-free score that
+come from where the walkers start, not from one walker crossing. Chains of one walker are Markov
+chains and are diagnosed as MCMC chains (:mod:`~diffstat.diagnostics`: R-hat, bulk and tail ESS, stuck
+and low-lp chains, on the draws and ``lp``), so chains that sit in different modes are called
+unreliable; with :math:`W > 1` a chain interleaves walkers, whose draws R-hat and ESS do not describe.
+Only a training-free score that
 spends its evaluation budget ends the run early, with fewer draws per chain (``budget_hit`` in
 attrs, and a warning).
 
@@ -173,6 +177,13 @@ class _Run(NamedTuple):
     state: WalkJumpState
     budget_hit: bool
 
+
+#: The last line of the diagnostics' warning on chains of one walker each.
+_ONE_WALKER_ADVICE = (
+    "walk-jump: each chain is one walker, which stays in the mode it starts in unless sigma is comparable "
+    "to the distance between modes; raise sigma, or use the learned score (the default), whose walkers "
+    "start with the modes' weights."
+)
 
 _STATS = ("score_spread", "num_modes", "acceptance_rate", "num_target_evals", "num_divergent")
 
@@ -356,4 +367,7 @@ def _result(x, lp, run: _Run, provider, sigma, rejected, attrs) -> SamplerResult
         sample_stats={"lp": lp, "acceptance_rate": run.acceptance, "diverging": diverging},
         groups={"walk_jump": {k: torch.tensor(v, dtype=torch.float64) for k, v in run.stats.items()}},
         attrs=attrs,
+        diagnose=attrs["walkers_per_chain"] == 1,
+        diagnose_stats=("lp", "acceptance_rate"),  # its marks are warned about above
+        diagnose_advice=_ONE_WALKER_ADVICE,
     )

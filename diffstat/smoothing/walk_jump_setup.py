@@ -44,6 +44,8 @@ def check_options(
         init_x = init_x.expand(num_chains, d).clone() if tuple(init_x.shape) == (d,) else init_x
         if tuple(init_x.shape) != (num_chains, d):
             raise ValueError(f"init must have shape ({num_chains}, {d}) or ({d},), got {tuple(init_x.shape)}")
+        if not bool(torch.isfinite(init_x).all()):
+            raise ValueError("init has NaN or infinite entries: starting walkers must be finite")
     return sigma, walk, thin, num_warmup, init_x
 
 

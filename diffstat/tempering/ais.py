@@ -50,7 +50,14 @@ from typing import NamedTuple
 
 import torch
 
-from diffstat._util import check_options, check_positive_int, log_normalizer_estimate, pareto_k, progress_bar
+from diffstat._util import (
+    check_bool,
+    check_options,
+    check_positive_int,
+    log_normalizer_estimate,
+    pareto_k,
+    progress_bar,
+)
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.core import (
     MoveConfig,
@@ -94,6 +101,11 @@ __all__ = [
 #: an sd 20% off: 37 effective draws).
 MIN_ESS = 100.0
 _MAX_PARETO_K = 0.7
+#: Weights with an ESS of at least this fraction of the particles are not collapsed, however few the
+#: particles: for log-normal weights Kish's ESS is about n exp(-Var log w), so half means a log-weight
+#: variance near log 2, even weights. A run with fewer than ``2 * min_ess`` particles that misses
+#: ``min_ess`` with such weights is flagged for too few particles, not for collapsed weights.
+_EVEN_FRACTION = 0.5
 
 
 class AISOutput(NamedTuple):
@@ -181,7 +193,7 @@ _OPTIONS = {
 }
 
 
-@register_sampler("ais")
+@register_sampler("ais", typed_by=ais)
 def ais_sampler(target, *, num_samples, num_chains, generator, progress, device, **options) -> SamplerResult:
     r"""``ds.sample(target, "ais", num_samples=n, ...)``: AIS with ``n`` particles per chain.
 
@@ -198,7 +210,8 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
     200 by default); ``kernel`` (``"mala"``), ``num_mcmc_steps`` (1), ``num_leapfrog`` (5),
     ``step_size``, ``target_accept``, ``adapt_scale`` (True), ``metric`` (``"auto"``, fixed
     schedules); ``resampling`` (``"systematic"``), the scheme of the final resampling; ``min_ess``
-    (``MIN_ESS`` = 100), below which the result is flagged as collapsed (a ``RuntimeWarning``).
+    (``MIN_ESS`` = 100), below which the result is flagged unreliable (a ``RuntimeWarning``): its
+    weights collapsed, or with even weights (ESS at least half the particles) too few particles.
     ``num_chains`` (default 1) independent runs, each with its own pilots, one after another (so
     R-hat across chains also sees a pilot that missed part of the posterior); ``log_normalizer``
     pools the particles of all runs (each run's weights are unbiased for :math:`Z`).
@@ -211,7 +224,7 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
     _check_settings(options)
     num_chains = 1 if num_chains is None else num_chains
     reference = options.pop("reference", None)
-    fit = bool(options.pop("fit_reference", True)) and reference is None
+    fit = check_bool(options.pop("fit_reference", True), "fit_reference") and reference is None
     path = make_path(target, reference)
     scheme = options.pop("resampling", "systematic")
     min_ess = float(options.pop("min_ess", MIN_ESS))
@@ -244,16 +257,21 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
         "ess_fraction": final_ess / log_w.numel(),
         "num_distinct": distinct,
         "pareto_k": khat,
-        "log_weight_variance": float(log_w[torch.isfinite(log_w)].var()),
+        "log_weight_variance": _variance(log_w[torch.isfinite(log_w)]),
         "schedule": used,
         "path": runs[0][2].kind,
         "reference": ref_kind,
         **_pooled_pilot_attrs(pilots),
     }
     if not reliable:
-        warnings.warn(_collapse_message(attrs, log_w.numel()), RuntimeWarning, stacklevel=2)
+        warnings.warn(_collapse_message(attrs, log_w.numel(), min_ess), RuntimeWarning, stacklevel=3)
     groups = {"tempering": stack_stages([out.stages for out, _, _ in runs])}
     return SamplerResult(draws, sample_stats, groups, attrs)
+
+
+def _variance(values: torch.Tensor) -> float:
+    """The sample variance of ``values: (n,)``; NaN for fewer than two (no spread to estimate)."""
+    return float(values.var()) if values.numel() > 1 else math.nan
 
 
 def _check_settings(options: dict) -> None:
@@ -297,9 +315,19 @@ def _one_run(generator, path, options: dict, num_samples: int, device, dtype, fi
     return out, plan.path, used, pilot_attrs | plan.attrs
 
 
-def _collapse_message(attrs: dict, num_particles: int) -> str:
-    """The warning text of a run whose weights collapsed (ESS under ``min_ess`` or k above 0.7)."""
+def _collapse_message(attrs: dict, num_particles: int, min_ess: float) -> str:
+    """The warning text of a run flagged unreliable (ESS under ``min_ess`` or k above 0.7): its weights
+    collapsed, or they are even (ESS at least ``_EVEN_FRACTION`` of the particles, k fine) and there are
+    too few particles to reach ``min_ess``."""
     final_ess = attrs["ess"]
+    if final_ess >= _EVEN_FRACTION * num_particles and not attrs["pareto_k"] > _MAX_PARETO_K:
+        return (
+            f"AIS with too few particles: ESS {final_ess:.1f} of {num_particles} particles (the weights are "
+            f"even) is below min_ess = {min_ess:g}; log Z = {attrs['log_normalizer']:.3f} +- "
+            f"{attrs['log_normalizer_se']:.3g} and the draws carry Monte Carlo errors of about 1/sqrt(ESS) = "
+            f"{1 / math.sqrt(max(final_ess, 1.0)):.2f} posterior sd in a mean. Raise num_samples: about "
+            f"{math.ceil(min_ess * num_particles / final_ess)} particles in all would reach it."
+        )
     return (
         f"AIS weights collapsed: ESS {final_ess:.1f} of {num_particles} particles, Pareto k "
         f"{attrs['pareto_k']:.2f} (log-weight variance {attrs['log_weight_variance']:.3g}); log Z = "

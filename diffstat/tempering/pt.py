@@ -374,7 +374,8 @@ def _sample(generator, state, step_fn, num_samples, num_warmup, reference, path,
     units = ss_lse.reshape(c * num_batches, r - 1)
     pooled = torch.logsumexp(units, 0) - math.log(c * num_samples)  # (R-1,)
     per_unit = (units - torch.log(batch_size.to(units)).repeat(c).unsqueeze(-1)).sum(1)
-    se = float(per_unit.std() / math.sqrt(per_unit.numel()))
+    # one unit (one run of one draw) has no spread to estimate: its standard error is unknown (NaN)
+    se = float(per_unit.std() / math.sqrt(per_unit.numel())) if per_unit.numel() > 1 else math.nan
     _, barrier = equalize_ladder(state.betas, 1 - sums.swap_rate)
     nan = torch.full((1,), math.nan, dtype=dtype, device=device)
     temperatures = {
@@ -407,7 +408,7 @@ _OPTIONS = {
 }
 
 
-@register_sampler("pt")
+@register_sampler("pt", typed_by=parallel_tempering)
 def pt_sampler(target, *, num_samples, num_chains, generator, progress, device, **options) -> SamplerResult:
     """``ds.sample(target, "pt", num_samples=T, num_chains=C, ...)``: ``C`` (default 4) independent
     parallel-tempering runs batched together; ``T`` draws each from the cold replica, diagnosed as

@@ -15,6 +15,8 @@ from diffstat.smoothing.walk_jump_checks import draw_floor, log_prob_floor
 pytestmark = pytest.mark.filterwarnings("ignore:More chains")
 
 DIM, RADIUS = 4, 6.0
+#: The start of the MCMC diagnostics' warning on one-walker chains (diffstat.diagnostics).
+_DIAGNOSED = "ds.sample(..., 'walk_jump'): the result is unreliable"
 
 
 def flat_far_score(y: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -37,6 +39,8 @@ def run(num_far: int, num_mala: int = 10) -> tuple:
         idata = ds.sample(target, "walk_jump", num_samples=10, num_chains=20, seed=3, progress=False,
                           smoothed_score=flat_far_score, init=init, num_mala=num_mala)  # fmt: skip
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    # the marks' warning only: chains of 10 draws are also called unreliable by the MCMC diagnostics
+    messages = [m for m in messages if not m.startswith(_DIAGNOSED)]
     return torch.as_tensor(idata.sample_stats["diverging"].values), idata.posterior.attrs, messages
 
 
