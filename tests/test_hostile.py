@@ -425,6 +425,9 @@ BAD_OPTION_TYPES = [
     ("walk_jump", "num_warmup", 10.5),
     ("walk_jump", "num_mala", 2.0),
     ("sms", "num_measurements", 4.5),
+    ("smc", "within_modes", "yes"),
+    ("smc", "adapt_scale", 0),
+    ("smc", "max_mcmc_steps", 10.5),
 ]
 
 

@@ -29,7 +29,7 @@ __all__ = ["smc_sampler"]
 _OPTIONS = {"reference"} | {f.name for f in fields(SMCConfig)}
 
 
-@register_sampler("smc")
+@register_sampler("smc", typed_by=SMCConfig)
 def smc_sampler(target, *, num_samples, num_chains, generator, progress, device, **options) -> SamplerResult:
     r"""``ds.sample(target, "smc", num_samples=n, ...)``: adaptive tempered SMC with ``n`` particles
     per run, ``num_chains`` (default 4) independent runs, each returned as a chain.
