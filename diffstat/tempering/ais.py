@@ -44,6 +44,7 @@ Measurements behind the defaults (schedules compared, standard-error calibration
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import NamedTuple
@@ -134,6 +135,7 @@ def ais(
     metric: str = "auto",
     preconditioners: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     progress: bool = False,
+    bar=None,
 ) -> AISOutput:
     """Run AIS from the reference draws ``x0: (n, dim)`` through ``betas: (K,)`` (ending at 1).
 
@@ -142,7 +144,9 @@ def ais(
     chol (S, d, d), log_step_size (S,))``: the dense preconditioners and step sizes of a pilot; the
     move at ``beta`` uses those of the first pilot stage at or above it, fixed in advance (no
     adaptation in the run, so the particles stay independent and the standard error is that of
-    independent weights; ``step_size`` and ``adapt_scale`` are then ignored).
+    independent weights; ``step_size`` and ``adapt_scale`` are then ignored). ``bar``: a tqdm bar
+    to advance by one per temperature (its total raised by ``K``), else one of its own when
+    ``progress``.
     """
     betas = check_betas(betas, x0)
     fixed = preconditioners is not None
@@ -156,8 +160,11 @@ def ais(
         which = torch.searchsorted(pilot_betas.to(betas), betas).clamp(max=len(pilot_betas) - 1)
         precondition = fixed_metrics(pilot_chol, pilot_log_h, which)
     state = init_tempered(path, x0, default_step_size(kernel, path.dim) if step_size is None else step_size)
+    if bar is not None:
+        bar.total += len(betas)
+        bar.refresh()
     infos = []
-    with progress_bar(len(betas), "ais", progress) as bar:
+    with progress_bar(len(betas), "ais", progress) if bar is None else contextlib.nullcontext(bar) as bar:
         for k, new_beta in enumerate(betas):
             state, info = tempered_step(
                 generator,
@@ -229,12 +236,13 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
     scheme = options.pop("resampling", "systematic")
     min_ess = float(options.pop("min_ess", MIN_ESS))
     runs, pilots, used = [], [], None
-    for _ in range(num_chains):
-        out, run_path, used, pilot_attrs = _one_run(
-            generator, path, dict(options), num_samples, device, target.dtype, fit, progress
-        )
-        runs.append((out, resample(generator, out.log_weights, scheme), run_path))
-        pilots.append(pilot_attrs)
+    with progress_bar(0, "ais", progress) as bar:  # one bar for every run's temperatures
+        for _ in range(num_chains):
+            out, run_path, used, pilot_attrs = _one_run(
+                generator, path, dict(options), num_samples, device, target.dtype, fit, bar
+            )
+            runs.append((out, resample(generator, out.log_weights, scheme), run_path))
+            pilots.append(pilot_attrs)
     log_w = torch.cat([out.log_weights for out, _, _ in runs])
     log_z, se = log_normalizer_estimate(log_w)
     sample_stats = {
@@ -298,7 +306,7 @@ def _pooled_pilot_attrs(pilots: list[dict]) -> dict:
     return {**pilots[0], "pilot_evals": sum(p["pilot_evals"] for p in pilots)}
 
 
-def _one_run(generator, path, options: dict, num_samples: int, device, dtype, fit: bool, progress):
+def _one_run(generator, path, options: dict, num_samples: int, device, dtype, fit: bool, bar):
     """One AIS run from its plan (:func:`~diffstat.tempering.ais_plan.plan_schedule`): along the
     path from the fitted reference, or the prior's where the target is NaN or +inf at a draw of the
     fitted reference. Returns the output, the path run, the kind of schedule and the pilots' attrs."""
@@ -306,7 +314,7 @@ def _one_run(generator, path, options: dict, num_samples: int, device, dtype, fi
     for i, plan in enumerate(plans):
         try:
             x0 = initial_particles(plan.path, num_samples, generator, device)
-            out = ais(generator, plan.path, x0, plan.betas, progress=progress, **(options | plan.options))
+            out = ais(generator, plan.path, x0, plan.betas, bar=bar, **(options | plan.options))
             break
         except ValueError as err:  # the target NaN or +inf at a draw of the fitted reference
             if i == len(plans) - 1:
