@@ -298,8 +298,10 @@ def test_chains_in_two_modes_warn_rhat():
     with pytest.warns(RuntimeWarning, match=r"(?s)R-hat.*'smc', 'pt' or 'diffusion'"):
         idata = ds.sample(target, "mala", num_samples=300, num_chains=4, seed=0, init=init, progress=False)
     assert idata.posterior.attrs["rhat_max"] > 1.5
-    # all four chains in one mode: R-hat is fine (MCMC cannot see the other mode)
-    _, caught = sample_quietly(target, "mala", num_samples=300, num_chains=4, seed=0, init=init[0])
+    # all four chains in one mode: R-hat is fine (MCMC cannot see the other mode). 2,000 draws: at 300
+    # the R-hat of chains in one mode exceeds 1.01 by chance on 4 seeds of 10 (up to 1.025); at 2,000
+    # it is under 1.002 unless a chain did cross (seed 3 of 0-9: 1.58, rightly flagged).
+    _, caught = sample_quietly(target, "mala", num_samples=2000, num_chains=4, seed=0, init=init[0])
     assert not any("R-hat" in str(w.message) for w in caught)
 
 
