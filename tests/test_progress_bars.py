@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import diffstat as ds
-import diffstat._util as util
 from diffstat.targets import GaussianMixture
 
 MIXTURE = GaussianMixture([[-1.5, 0.0], [1.5, 0.5]], [0.6, 0.4], scales=[0.6, 0.8], log_normalizer=0.7)
@@ -40,21 +39,6 @@ SMALL = {
         num_explore=100, max_rounds=1, num_proposals=256, chains_per_mode=16, refresh_chains=16
     ),
 }
-
-
-@pytest.fixture
-def shown_bars(monkeypatch):
-    """The descriptions of the bars ``progress_bar`` opened and did not disable."""
-    shown = []
-    real = util.tqdm
-
-    def counting(*args, **kwargs):
-        if not kwargs.get("disable", False):
-            shown.append(kwargs.get("desc"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(util, "tqdm", counting)
-    return shown
 
 
 @pytest.mark.parametrize("method", ds.available_methods())

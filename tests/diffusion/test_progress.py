@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import diffstat as ds
-import diffstat._util as util
 from diffstat.targets import nine_modes
 
 #: Small settings: the test counts bars, it does not judge the draws.
@@ -22,21 +21,6 @@ SMALL = {
     "target_ess": 1.0,  # never reached: every round runs
 }
 DIFFUSION = {"train_steps": 20, "refit_steps": 10, "hidden": 16, "depth": 1, "held_out": 32, "ode_steps": 4}
-
-
-@pytest.fixture
-def shown_bars(monkeypatch):
-    """The descriptions of the bars ``progress_bar`` opened and did not disable."""
-    shown = []
-    real = util.tqdm
-
-    def counting(*args, **kwargs):
-        if not kwargs.get("disable", False):
-            shown.append(kwargs.get("desc"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(util, "tqdm", counting)
-    return shown
 
 
 @pytest.mark.parametrize(
