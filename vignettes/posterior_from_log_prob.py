@@ -96,16 +96,19 @@ NUM_SAMPLES = 500 if FAST else 2000
 # sigma = 0.3, below the posterior sds of most coefficients (0.3 to 0.6; the public default
 # sigma = 1 is wider than the posterior), with the unadjusted Langevin walk; its draws are the
 # jumps E[X | y], so narrower than the posterior by construction. SMS gets its noise level and
-# number of measurements here rather than from exploring the target.
+# number of measurements here rather than from exploring the target. SMC runs once (`num_chains=1`).
+# Fast mode: the learned smoothed scores of walk-jump and SMS train 500 steps instead of 2,000 (the
+# fit is most of their time).
+SHORT_FIT = dict(estimator_options=dict(train_steps=500)) if FAST else {}
 OPTIONS = {
     "mala": dict(num_chains=4, num_samples=4 * NUM_SAMPLES, num_warmup=NUM_SAMPLES),
     "nuts": dict(num_chains=4, num_warmup=NUM_SAMPLES),
     "hmc": dict(num_chains=4, num_warmup=NUM_SAMPLES),
     "ais": dict(num_temperatures=500),
-    "smc": dict(num_mcmc_steps=20),
+    "smc": dict(num_mcmc_steps=20, num_chains=1),
     "pt": dict(num_chains=4),
-    "walk_jump": dict(num_chains=4, num_samples=NUM_SAMPLES // 4, sigma=0.3, walk="ula"),
-    "sms": dict(num_chains=1, num_samples=40 if FAST else 500, sigma=0.5, num_measurements=16),
+    "walk_jump": dict(num_chains=4, num_samples=NUM_SAMPLES // 4, sigma=0.3, walk="ula", **SHORT_FIT),
+    "sms": dict(num_chains=1, num_samples=40 if FAST else 500, sigma=0.5, num_measurements=16, **SHORT_FIT),
     "diffusion": dict(num_explore=500, train_steps=300, refit_steps=100, hidden=64, num_proposals=1024)
     if FAST
     else {},

@@ -32,9 +32,11 @@ def normal_log_likelihood(theta, data):
 
 class CountingLikelihood:
     """``normal_log_likelihood`` that marks every computation of its shard (module notes) and
-    sleeps ``delay`` seconds per call, so that a shard takes long enough to be caught running."""
+    sleeps ``delay`` seconds per call, so that a shard takes long enough to be caught running (1 ms:
+    about 0.2 s of sleep per shard; at 2 ms the sleeps were about half of the 30 s test; in three
+    runs at 1 ms a shard was running at the kill, and computed again, each time)."""
 
-    def __init__(self, marker_dir: str, shard: int, delay: float = 0.002):
+    def __init__(self, marker_dir: str, shard: int, delay: float = 0.001):
         self.marker_dir, self.shard, self.delay = marker_dir, shard, delay
         self.marked = False
 
