@@ -57,7 +57,11 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     SMCConfig.from_options(dict(options))  # a bad value is refused before the first evaluation
     scheme = options.get("resampling", "systematic")
     draws, lps, log_ws, accs, runs = [], [], [], [], []
-    with progress_bar(1000 * num_chains, "smc", progress) as bar:
+    with (
+        progress_bar(1000 * num_chains, "smc", progress) as bar,
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")  # each run's warnings, said once below
         for _ in range(num_chains):
             x0 = initial_particles(path, num_samples, generator, device)
             out = adaptive_tempered_smc(generator, path, x0, bar=bar, **options)
@@ -72,6 +76,8 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
             log_ws.append(log_w)
             accs.append(acc)
             runs.append(out)
+    for message, category in dict.fromkeys((str(w.message), w.category) for w in caught):
+        warnings.warn(message, category, stacklevel=2)
     log_zs, ses = [r.log_normalizer for r in runs], [r.log_normalizer_se for r in runs]
     log_z, se, se_method = pooled_log_z(log_zs, ses)
     agreement, rhat = runs_agreement(log_zs, ses), runs_rhat(torch.stack(draws))

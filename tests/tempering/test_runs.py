@@ -7,6 +7,7 @@ import arviz as az
 import numpy as np
 import pytest
 import torch
+from correlated_targets import regression
 from scipy import stats
 
 import diffstat as ds
@@ -91,3 +92,14 @@ def test_smc_runs_that_found_different_modes_are_flagged_by_their_draws():
         idata = ds.sample(target, "smc", num_samples=1000, seed=0, progress=False)
     attrs = idata.posterior.attrs
     assert attrs["rhat_max"] > 1.2 and attrs["runs_agreement_p"] > CHI2_ALPHA
+
+
+def test_a_warning_of_every_run_is_said_once():
+    """Moves capped at 2 random-walk steps hit the cap in every run; the four runs say so once."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds.sample(
+            regression(), "smc", num_samples=200, seed=0, progress=False, max_mcmc_steps=2, kernel="rwm"
+        )
+    capped = [w for w in caught if "max_mcmc_steps" in str(w.message)]
+    assert len(capped) == 1 and capped[0].category is RuntimeWarning
