@@ -65,7 +65,11 @@ def main() -> None:
     configs = [("diffusion", "diffusion", dict(num_samples=10_000, num_explore=args.num_explore))]
     if "smc" in ds.available_methods():
         configs.append(
-            ("smc", "smc (reference N(0, 16 I))", dict(num_samples=args.particles, reference=wide))
+            (
+                "smc",
+                "smc (reference N(0, 16 I))",
+                dict(num_samples=args.particles, num_chains=1, reference=wide),
+            )
         )
     else:
         print("method 'smc' is not available in this tree: diffusion only")

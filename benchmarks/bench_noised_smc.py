@@ -136,7 +136,7 @@ def main():
                 flush=True,
             )
             if not args.no_smc:
-                opts = dict(num_samples=args.particles, num_mcmc_steps=args.smc_moves)
+                opts = dict(num_samples=args.particles, num_chains=args.chains, num_mcmc_steps=args.smc_moves)
                 print(f"{name:11s} seed {seed} " + run(target, log_z, metric, "smc", seed, opts), flush=True)
 
 

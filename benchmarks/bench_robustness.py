@@ -49,7 +49,7 @@ def bench_ais(seeds):
         ("ais", dict(num_samples=1000, num_temperatures=100, schedule="geometric")),
         ("ais", dict(num_samples=100, num_temperatures=1000)),
         ("ais", dict(num_samples=100, num_temperatures=200, kernel="hmc")),
-        ("smc", dict(num_samples=1000, num_mcmc_steps=7)),
+        ("smc", dict(num_samples=1000, num_chains=1, num_mcmc_steps=7)),
     ]
     print(f"AIS on ionosphere (d=34), reference log Z {IONOSPHERE_LOG_Z}")
     for method, kw in configs:

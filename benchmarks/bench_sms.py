@@ -137,12 +137,20 @@ def training_free_part(dims, runs, seeds, steps, measurements, smc, estimator="l
             if not smc:
                 continue
             target = fast_target(gm)
-            probe = ds.sample(target, "smc", num_samples=runs, seed=seed, progress=False, num_mcmc_steps=5)
+            probe = ds.sample(
+                target, "smc", num_samples=runs, num_chains=1, seed=seed, progress=False, num_mcmc_steps=5
+            )
             steps_smc = max(1, round(5 * budget / probe.posterior.attrs["num_target_evals"]))
             target = fast_target(gm)
             start = time.perf_counter()
             smc_run = ds.sample(
-                target, "smc", num_samples=runs, seed=seed, progress=False, num_mcmc_steps=steps_smc
+                target,
+                "smc",
+                num_samples=runs,
+                num_chains=1,
+                seed=seed,
+                progress=False,
+                num_mcmc_steps=steps_smc,
             )
             s = summary(gm, smc_run)
             print(

@@ -107,8 +107,8 @@ def main() -> None:
     )
 
     configs = [
-        ("smc", "smc (target_ess 0.5)", dict(num_samples=args.particles)),
-        ("smc", "smc (target_ess 0.9)", dict(num_samples=args.particles, target_ess=0.9)),
+        ("smc", "smc (target_ess 0.5)", dict(num_samples=args.particles, num_chains=1)),
+        ("smc", "smc (target_ess 0.9)", dict(num_samples=args.particles, num_chains=1, target_ess=0.9)),
         (
             "pt",
             f"pt ({args.pt_temperatures} temperatures)",

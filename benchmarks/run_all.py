@@ -202,9 +202,9 @@ def ionosphere_problem(budget, fast, seed) -> Problem:
 
 def method_options(method: str, budget: int, dim: int, fast: bool) -> tuple[int, dict]:
     """``(num_samples, options)`` for a method, from the evaluation budget."""
-    if method == "smc":  # about 10 temperatures x (num_mcmc_steps + 1) evaluations per particle
+    if method == "smc":  # one run: about 10 temperatures x (num_mcmc_steps + 1) evaluations per particle
         n = 1000
-        return n, dict(num_mcmc_steps=max(1, round(budget / (n * 10)) - 1))
+        return n, dict(num_chains=1, num_mcmc_steps=max(1, round(budget / (n * 10)) - 1))
     if method == "ais":  # one MALA step per temperature
         n = 1000
         return n, dict(num_temperatures=max(2, budget // n))
