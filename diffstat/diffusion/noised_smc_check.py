@@ -29,7 +29,6 @@ Checks (each gives one ``RuntimeWarning`` naming the reason)
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from diffstat.tempering.runs import CHI2_ALPHA, pooled_log_z, runs_agreement
