@@ -17,6 +17,7 @@ import scipy.stats
 import torch
 
 from diffstat._util import ess_from_log_weights, log_normalizer_estimate, pareto_smooth
+from diffstat.tempering.runs import cochran_q
 
 __all__ = [
     "MAX_PARETO_K",
@@ -130,18 +131,14 @@ def round_agreement(rounds: list[dict], used: torch.Tensor) -> tuple[float, int]
     two). Each round's :math:`\hat Z_r` is unbiased for the same Z, so where the errors are honest
     :math:`Q` is about :math:`\chi^2` with that many degrees of freedom (Cochran 1954); a proposal
     that misses part of the target's mass misses a different part in each round, and the rounds then
-    lie many standard errors apart (Neal's funnel: 0.3 and 0.9 nats at errors of 0.03 to 0.15)."""
+    lie many standard errors apart (Neal's funnel: 0.3 and 0.9 nats at errors of 0.03 to 0.15).
+    Computed by :func:`~diffstat.tempering.runs.cochran_q`."""
     rows = [
         r
         for r, s in enumerate(rounds)
         if bool(used[r]) and math.isfinite(s["log_z"]) and 0.0 < s["se"] < math.inf
     ]
-    if len(rows) < 2:
-        return 0.0, 0
-    ell = torch.tensor([rounds[r]["log_z"] for r in rows], dtype=torch.float64)
-    prec = torch.tensor([rounds[r]["se"] ** -2 for r in rows], dtype=torch.float64)
-    mean = (prec * ell).sum() / prec.sum()
-    return float((prec * (ell - mean) ** 2).sum()), len(rows) - 1
+    return cochran_q([rounds[r]["log_z"] for r in rows], [rounds[r]["se"] for r in rows])
 
 
 def pool_rounds(rounds: list[dict]) -> dict:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
 import torch
+from scipy.stats import chi2
 
 from diffstat._util import check_device, check_options, check_positive_int, check_seed
 from diffstat.dnc.consensus import combine_consensus
@@ -310,13 +312,9 @@ def _warn_if_apart(separation: tuple[float, int, int], dim: int, num_shards: int
     :math:`\chi^2_d` quantile at ``_APART_LEVEL`` over the pairs: the shards disagree, their draws
     barely overlap (in one dimension beyond 4.9 sds of the difference, about 7 sds of one shard), and
     the product lies in the tails of some shards, where their draws say nothing about them."""
-    from scipy.stats import chi2
-
     distance, k, j = separation
     limit = float(chi2.isf(_APART_LEVEL / (num_shards * (num_shards - 1) / 2), dim)) ** 0.5
     if distance > limit:
-        import warnings
-
         warnings.warn(
             f"ds.dnc.combine: shards {k} and {j} are {distance:.1f} sds apart (the distance of their means "
             f"in the sd of their difference, from their own draws; sub-posteriors of one posterior are "

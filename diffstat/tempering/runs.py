@@ -36,6 +36,7 @@ from diffstat.rank_stats import rank_diagnostics
 
 __all__ = [
     "CHI2_ALPHA",
+    "cochran_q",
     "combine_runs",
     "max_runs_rhat",
     "pooled_log_z",
@@ -71,16 +72,27 @@ def pooled_log_z(log_zs: list[float], ses: list[float]) -> tuple[float, float, s
     return (log_z, se_runs, "runs") if se_runs > se else (log_z, se, "genealogy")
 
 
+def cochran_q(log_zs: list[float], ses: list[float]) -> tuple[float, int]:
+    r"""Cochran's :math:`Q = \sum_r (\ell_r - \bar\ell)^2/s_r^2` of estimates :math:`\ell_r` with
+    standard errors :math:`s_r` (:math:`\bar\ell` their inverse-variance mean) and its degrees of
+    freedom, one less than the number of estimates; ``(0, 0)`` for fewer than two. Every
+    :math:`\ell_r` finite and every :math:`s_r` finite and positive (the callers' filter)."""
+    if len(log_zs) < 2:
+        return 0.0, 0
+    lz, prec = np.asarray(log_zs, dtype=float), np.asarray(ses, dtype=float) ** -2.0
+    mean = float((prec * lz).sum() / prec.sum())
+    return float((prec * (lz - mean) ** 2).sum()), len(lz) - 1
+
+
 def runs_agreement(log_zs: list[float], ses: list[float]) -> float:
-    """The p-value of Cochran's Q for the runs' log Z estimates against their standard errors
-    (module docstring); 1 with fewer than two runs or where an estimate or error is not finite
-    and positive (nothing to test)."""
+    """The p-value of Cochran's Q (:func:`cochran_q`) for the runs' log Z estimates against their
+    standard errors (module docstring); 1 with fewer than two runs or where an estimate or error is
+    not finite and positive (nothing to test)."""
     lz, se = np.asarray(log_zs, dtype=float), np.asarray(ses, dtype=float)
     if len(lz) < 2 or not (np.all(np.isfinite(lz)) and np.all(np.isfinite(se)) and np.all(se > 0)):
         return 1.0
-    prec = se**-2
-    mean = float((prec * lz).sum() / prec.sum())
-    return float(stats.chi2.sf(float((prec * (lz - mean) ** 2).sum()), len(lz) - 1))
+    q, dof = cochran_q(log_zs, ses)
+    return float(stats.chi2.sf(q, dof))
 
 
 def max_runs_rhat(num_particles: int) -> float:
