@@ -50,6 +50,7 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
+from diffstat.pyro_checks import MODES, check_arguments, check_vectorised, non_float_observations
 from diffstat.pyro_sites import (
     PARTICLES,
     SetLatents,
@@ -72,7 +73,6 @@ _CHUNK = 4096
 #: LKJCholesky(3, 0.5) draw), so ten rounds fail only for a prior that puts mass there.
 _MAX_REDRAWS = 10
 _EMPTY_SHAPE = torch.Size()
-_MODES = ("plate", "vmap")
 
 
 class _PyroPrior(torch.distributions.Distribution):
@@ -97,24 +97,6 @@ class _PyroPrior(torch.distributions.Distribution):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         return self._target.log_prior(value.reshape(-1, self._target.dim)).reshape(value.shape[:-1])
-
-
-def _non_float_observations(trace) -> str:
-    """A hint naming the observed sites of ``trace`` whose values are not floating point ("" if none)."""
-    if trace is None:
-        return ""
-    sites = [
-        f"{name!r} ({site['value'].dtype})"
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample" and site["is_observed"] and torch.is_tensor(site["value"])
-        and not site["value"].is_floating_point()
-    ]  # fmt: skip
-    if not sites:
-        return ""
-    return (
-        f". Observed site(s) {', '.join(sites)} hold non-floating values, which this distribution cannot "
-        "score: pass the observations as floating-point tensors (y.double())"
-    )
 
 
 class PyroTarget(Target):
@@ -167,24 +149,8 @@ class PyroTarget(Target):
         vectorize: str | None = None,
         **model_kwargs,
     ):
-        if not callable(model):
-            raise ValueError(f"model must be a callable Pyro model, got {type(model).__name__}")
-        if vectorize is not None and vectorize not in _MODES:
-            raise ValueError(f"vectorize must be one of {_MODES} or None, got {vectorize!r}")
         arguments = (*model_args, *model_kwargs.values())
-        if dtype is None:
-            dtype = torch.get_default_dtype()
-            floats = [a.dtype for a in arguments if torch.is_tensor(a) and a.is_floating_point()]
-            for i, a in enumerate(floats):
-                dtype = a if i == 0 else torch.promote_types(dtype, a)
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        devices = {a.device for a in arguments if torch.is_tensor(a)}
-        if len(devices) > 1:
-            raise ValueError(
-                f"the model's tensor arguments lie on several devices: {sorted(map(str, devices))}"
-            )
-        self.device = devices.pop() if devices else torch.device("cpu")
+        dtype, self.device = check_arguments(model, arguments, dtype, vectorize)
 
         def cast(a):
             return a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a
@@ -195,7 +161,7 @@ class PyroTarget(Target):
         self.dtype = dtype
         self._find_sites()
         errors = []
-        for mode in _MODES if vectorize is None else (vectorize,):
+        for mode in MODES if vectorize is None else (vectorize,):
             self.vectorize = mode
             try:
                 name = getattr(model, "__name__", "model")
@@ -232,7 +198,7 @@ class PyroTarget(Target):
         except Exception as err:  # noqa: BLE001  (any failure of the user's model is a bad argument)
             raise ValueError(
                 "running the model with the given arguments failed: "
-                f"{type(err).__name__}: {str(err).rstrip('.')}" + _non_float_observations(trace)
+                f"{type(err).__name__}: {str(err).rstrip('.')}" + non_float_observations(trace)
             ) from err
         self.sites, self._particle_dim, self.dim = trace_sites(trace)
 
@@ -403,12 +369,7 @@ class PyroTarget(Target):
         with torch.no_grad():
             batched = self._log_density(u)
             single = torch.stack([sum(self._terms(v, None)) for v in u])
-        tol = 1e-4 if self.dtype == torch.float32 else 1e-9
-        if not torch.allclose(batched, single, rtol=tol, atol=tol, equal_nan=True):
-            raise ValueError(
-                f"the model is not vectorised over particles: its log-density at a batch of points "
-                f"{batched.tolist()} differs from the same points one at a time {single.tolist()}"
-            )
+        check_vectorised(batched, single, self.dtype)
 
     def __repr__(self) -> str:
         sites = ", ".join(f"{s.name}{list(s.shape)}" for s in self.sites.values())

@@ -40,13 +40,15 @@ whether one of its moves diverged, and the acceptance probability of the swap be
 coldest replicas (``swap_acceptance``, NaN at the iterations whose DEO parity does not propose it).
 
 **Dense moves**: all temperatures' factors in one product (:func:`~diffstat.tempering.moves.whitened_move`).
+
+Here are the state, one iteration (:func:`pt_step`), the run and the front door; the loops of the
+warm-up and recorded phases, with the evidence, are in :mod:`diffstat.tempering.pt_phases`.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import math
 from typing import NamedTuple
 
 import torch
@@ -73,16 +75,13 @@ from diffstat.tempering.core import check_initial, initial_particles
 from diffstat.tempering.ladder import (
     BETA_MIN,
     check_ladder,
-    end_of_round,
     equalize_ladder,
     geometric_ladder,
-    RoundSums,
-    is_dense,
     swap_step,
-    warmup_windows,
     with_factors,
 )
 from diffstat.tempering.moves import whitened_move
+from diffstat.tempering.pt_phases import PTOutput, record, warmup
 
 __all__ = [
     "PTOutput",
@@ -93,28 +92,6 @@ __all__ = [
     "swap_step",
     "pt_sampler",
 ]
-
-#: Reference draws for the beta = 0 replicas are made this many iterations at a time.
-_REFERENCE_BLOCK = 256
-#: With a single chain, the evidence's standard error comes from this many batches of iterations.
-_SE_BATCHES = 8
-
-
-class PTOutput(NamedTuple):
-    """Cold-chain draws ``(C, T, dim)``; their target log-densities, local acceptance, divergences and
-    the coldest pair's swap acceptance (NaN where not proposed), each ``(C, T)``; per temperature
-    ``betas``, ``swap_rate`` (pair r to r+1, NaN for the last), ``acceptance_rate``, ``step_size``,
-    ``log_z_increment`` (NaN for the last); ``log_normalizer`` and its ``se``; ``global_barrier``."""
-
-    draws: torch.Tensor
-    lp: torch.Tensor
-    acceptance: torch.Tensor
-    diverging: torch.Tensor
-    swap_acceptance: torch.Tensor
-    temperatures: dict[str, torch.Tensor]
-    log_normalizer: float
-    log_normalizer_se: float
-    global_barrier: float
 
 
 def _scatter(ps: PathState, rows: torch.Tensor, sub: PathState) -> PathState:
@@ -299,112 +276,19 @@ def parallel_tempering(
     step_fn = functools.partial(pt_step, path=path, layout=layout, kernel=step, num_mcmc_steps=num_mcmc_steps)
     with progress_bar(num_warmup + num_samples, "pt warm-up", progress) as bar:
         adapt_what = (adapt_ladder, adapt_mass)
-        state, block = _warmup(
+        state, block = warmup(
             generator, state, step_fn, adapt, num_warmup, adapt_what, exact, path, layout, bar
         )
         bar.set_description("pt")
-        return _sample(generator, state, step_fn, num_samples, num_warmup, (exact, block), path, layout, bar)
+        return record(generator, state, step_fn, num_samples, num_warmup, (exact, block), path, layout, bar)
 
 
-def _reference_draws(generator, path, it: int, c: int, block, device):
-    """Exact reference draws ``(C, dim)`` for iteration ``it``, made ``_REFERENCE_BLOCK`` iterations at
-    a time (reference sampling has a per-call overhead); returns them and the block."""
-    if it % _REFERENCE_BLOCK == 0:
-        block = path.sample_reference(c * _REFERENCE_BLOCK, generator, device)
-        block = block.reshape(_REFERENCE_BLOCK, c, -1)
-    return block[it % _REFERENCE_BLOCK], block
-
-
-def _warmup(generator, state, step_fn, adapt, num_warmup, adapt_what, exact, path, layout, bar):
-    """``num_warmup`` iterations tuning the step sizes per temperature by dual averaging, with the
-    ladder and preconditioners updated at the ends of rounds (:func:`end_of_round`). Returns the
-    state and the current block of reference draws."""
-    c, r, dim = layout.num_chains, state.betas.numel(), state.particles.x.shape[1]
-    dtype, device = state.betas.dtype, state.betas.device
-    updates, windows = warmup_windows(num_warmup, *adapt_what)
-    is_ref_temp = torch.zeros(r, dtype=torch.bool, device=device)
-    is_ref_temp[0] = exact
-    sums, block = RoundSums.zeros(r, dim, dtype, device, is_dense(state)), None
-    for it in range(num_warmup):
-        ref_x, block = _reference_draws(generator, path, it, c, block, device) if exact else (None, block)
-        state, info = step_fn(generator, state, it % 2, reference_x=ref_x)
-        acc_t = info.acceptance.reshape(c, r).mean(0)
-        h = adapt.update(torch.where(is_ref_temp, torch.full_like(acc_t, adapt.target_accept), acc_t))
-        state = state._replace(step_size=h)
-        sums = sums.add(info, state.particles.x.reshape(c, r, -1), moments=True)
-        if it + 1 in windows:
-            moments = [sums.m1, sums.m2, sums.count]
-            update = it + 1 in updates
-            betas, inv_mass = end_of_round(
-                update, state.betas, sums.swap_rate, adapt, state.inv_mass, moments
-            )
-            state = with_factors(PTState(state.particles, betas, adapt.step_size, inv_mass))
-            sums = RoundSums.zeros(r, dim, dtype, device, is_dense(state))
-        bar.update()
-    return state._replace(step_size=adapt.final_step_size if num_warmup else state.step_size), block
-
-
-def _sample(generator, state, step_fn, num_samples, num_warmup, reference, path, layout, bar) -> PTOutput:
-    """``num_samples`` recorded iterations: the cold replicas' draws, and stepping-stone sums per unit
-    (each chain, or with one chain, ``_SE_BATCHES`` batches of iterations) for the evidence.
-    ``reference``: whether the beta = 0 replicas are exact draws, and warm-up's block of them."""
-    c, r, dim = layout.num_chains, state.betas.numel(), state.particles.x.shape[1]
-    dtype, device = state.betas.dtype, state.betas.device
-    num_batches = 1 if c > 1 else min(_SE_BATCHES, num_samples)
-    ss_lse = torch.full((c, num_batches, r - 1), -math.inf, dtype=dtype, device=device)
-    draws = torch.empty(num_samples, c, dim, dtype=dtype, device=device)
-    lp, acc_cold, swap_cold = (torch.empty(num_samples, c, dtype=dtype, device=device) for _ in range(3))
-    div_cold = torch.empty(num_samples, c, dtype=torch.bool, device=device)
-    (exact, block), dbeta = reference, state.betas[1:] - state.betas[:-1]
-    sums = RoundSums.zeros(r, dim, dtype, device)
-    for j in range(num_samples):
-        it = num_warmup + j
-        ref_x, block = _reference_draws(generator, path, it, c, block, device) if exact else (None, block)
-        state, info = step_fn(generator, state, it % 2, reference_x=ref_x)
-        sums = sums.add(info, state.particles.x.reshape(c, r, -1), moments=False)
-        acc_cold[j] = info.acceptance[layout.cold_rows]
-        div_cold[j] = info.diverging[layout.cold_rows]
-        swap_cold[j] = torch.where(info.proposed[-1], info.swap_prob[:, -1], math.nan)
-        draws[j] = state.particles.x.reshape(c, r, -1)[:, -1]
-        lp[j] = state.particles.target_log_prob[layout.cold_rows]
-        b = j * num_batches // num_samples
-        ss_lse[:, b] = torch.logaddexp(ss_lse[:, b], dbeta * state.particles.delta.reshape(c, r)[:, :-1])
-        bar.update()
-    batch_size = torch.bincount(torch.arange(num_samples) * num_batches // num_samples, minlength=num_batches)
-    units = ss_lse.reshape(c * num_batches, r - 1)
-    pooled = torch.logsumexp(units, 0) - math.log(c * num_samples)  # (R-1,)
-    per_unit = (units - torch.log(batch_size.to(units)).repeat(c).unsqueeze(-1)).sum(1)
-    # one unit (one run of one draw) has no spread to estimate: its standard error is unknown (NaN)
-    se = float(per_unit.std() / math.sqrt(per_unit.numel())) if per_unit.numel() > 1 else math.nan
-    _, barrier = equalize_ladder(state.betas, 1 - sums.swap_rate)
-    nan = torch.full((1,), math.nan, dtype=dtype, device=device)
-    temperatures = {
-        "beta": state.betas,
-        "swap_rate": torch.cat([sums.swap_rate, nan]),
-        "acceptance_rate": sums.acc / num_samples,
-        "step_size": state.step_size,
-        "log_z_increment": torch.cat([pooled, nan]),
-    }
-    draws, lp, acc_cold, div_cold, swap_cold = (
-        t.transpose(0, 1) for t in (draws, lp, acc_cold, div_cold, swap_cold)
-    )
-    return PTOutput(draws, lp, acc_cold, div_cold, swap_cold, temperatures, float(pooled.sum()), se, barrier)
-
-
-_OPTIONS = {
-    "reference",
-    "num_warmup",
-    "num_temperatures",
-    "betas",
-    "beta_min",
-    "adapt_ladder",
-    "kernel",
-    "num_mcmc_steps",
-    "num_leapfrog",
-    "step_size",
-    "target_accept",
-    "adapt_mass",
-    "reference_draws",
+#: The options of ``ds.sample(target, "pt", ...)``: the reference, and the keywords of
+#: :func:`parallel_tempering` that the front door does not set itself.
+_OPTIONS = {"reference"} | {
+    name
+    for name, p in inspect.signature(parallel_tempering).parameters.items()
+    if p.kind is p.KEYWORD_ONLY and name not in ("num_samples", "progress")
 }
 
 

@@ -1,0 +1,73 @@
+"""The checks :class:`~diffstat.pyro_target.PyroTarget` makes on a model before any sampling.
+
+The validation half of :mod:`diffstat.pyro_target` (whose structure half is
+:mod:`diffstat.pyro_sites`): the target's keywords and the dtype and device of the model's
+arguments (:func:`check_arguments`), a hint naming observations that a distribution cannot score
+because they are not floating point (:func:`non_float_observations`), and the comparison of a
+batched evaluation with one-point runs of the plain model (:func:`check_vectorised`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["MODES", "check_arguments", "non_float_observations", "check_vectorised"]
+
+#: The ways to batch a model over particles, in the order they are tried (module docstring of
+#: :mod:`diffstat.pyro_target`).
+MODES = ("plate", "vmap")
+
+
+def check_arguments(model, arguments: tuple, dtype: torch.dtype | None, vectorize: str | None):
+    """``(dtype, device)`` of a model run with ``arguments`` (its positional and keyword values), or a
+    ``ValueError`` for a model that is not callable, an unknown ``vectorize``, a dtype other than
+    float32 or float64, or tensor arguments on several devices. ``dtype`` None: the promoted dtype
+    of the floating-point tensor arguments, else ``torch.get_default_dtype()``; the device: the
+    tensor arguments', CPU if none."""
+    if not callable(model):
+        raise ValueError(f"model must be a callable Pyro model, got {type(model).__name__}")
+    if vectorize is not None and vectorize not in MODES:
+        raise ValueError(f"vectorize must be one of {MODES} or None, got {vectorize!r}")
+    if dtype is None:
+        dtype = torch.get_default_dtype()
+        floats = [a.dtype for a in arguments if torch.is_tensor(a) and a.is_floating_point()]
+        for i, a in enumerate(floats):
+            dtype = a if i == 0 else torch.promote_types(dtype, a)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    devices = {a.device for a in arguments if torch.is_tensor(a)}
+    if len(devices) > 1:
+        raise ValueError(f"the model's tensor arguments lie on several devices: {sorted(map(str, devices))}")
+    return dtype, devices.pop() if devices else torch.device("cpu")
+
+
+def non_float_observations(trace) -> str:
+    """A hint naming the observed sites of ``trace`` whose values are not floating point ("" if none)."""
+    if trace is None:
+        return ""
+    sites = [
+        f"{name!r} ({site['value'].dtype})"
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and site["is_observed"] and torch.is_tensor(site["value"])
+        and not site["value"].is_floating_point()
+    ]  # fmt: skip
+    if not sites:
+        return ""
+    return (
+        f". Observed site(s) {', '.join(sites)} hold non-floating values, which this distribution cannot "
+        "score: pass the observations as floating-point tensors (y.double())"
+    )
+
+
+def check_vectorised(batched: torch.Tensor, single: torch.Tensor, dtype: torch.dtype) -> None:
+    """``ValueError`` unless the log-densities of a batched evaluation ``batched: (n,)`` match those of
+    one-point runs of the plain model at the same points ``single: (n,)``: within 1e-4 in float32
+    and 1e-9 in float64, relative and absolute, with NaN matching NaN. The margin is for rounding
+    (the same sums taken in another order); the faults it is for (``.item()``, Python control
+    flow on latent values, a reduction over all the dimensions of a latent value) change the value."""
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    if not torch.allclose(batched, single, rtol=tol, atol=tol, equal_nan=True):
+        raise ValueError(
+            f"the model is not vectorised over particles: its log-density at a batch of points "
+            f"{batched.tolist()} differs from the same points one at a time {single.tolist()}"
+        )
