@@ -158,21 +158,9 @@ def sample(
     ``divergent_fraction``, ``stuck_chains``, ``low_lp_chains`` (counts) and, where energies are
     recorded, ``e_bfmi_min``; one ``RuntimeWarning`` lists every problem found and what to do.
     """
-    if not isinstance(target, Target):
-        raise ValueError(f"target must be a diffstat.Target, got {type(target).__name__}")
-    _load_samplers()
-    if method not in _REGISTRY:
-        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(_REGISTRY))}")
-    num_samples = check_positive_int(num_samples, "num_samples")
-    if num_chains is not None:
-        num_chains = check_positive_int(num_chains, "num_chains")
-    seed = check_seed(seed)
-    device = check_device(device)
-    if method in _OPTIONS:
-        check_options(options, _OPTIONS[method], method)
-    check_option_types(options, _KINDS.get(method, {}), method)
-    if "reference" in options:
-        options["reference"] = resolve_reference(target, options["reference"])
+    num_samples, num_chains, seed, device = _check_arguments(
+        target, method, num_samples, num_chains, seed, device, options
+    )
     generator = torch.Generator(device=device).manual_seed(int(seed))
 
     from diffstat import io
@@ -202,6 +190,30 @@ def sample(
     if result.diagnose:
         _diagnose(method, result, attrs)
     return io.to_inference_data(target, result, attrs)
+
+
+def _check_arguments(target, method: str, num_samples, num_chains, seed, device, options: dict) -> tuple:
+    """The front door's checks, before any work: ``(num_samples, num_chains, seed, device)`` validated
+    (``num_chains`` None stays None: each method has its own default), or a ``ValueError`` for a
+    target that is not a :class:`~diffstat.target.Target`, an unknown method, an option the method
+    does not take or of the wrong type (:func:`register_sampler`). A ``reference`` option is
+    resolved to a distribution in ``options`` itself (:func:`~diffstat.target.resolve_reference`)."""
+    if not isinstance(target, Target):
+        raise ValueError(f"target must be a diffstat.Target, got {type(target).__name__}")
+    _load_samplers()
+    if method not in _REGISTRY:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(_REGISTRY))}")
+    num_samples = check_positive_int(num_samples, "num_samples")
+    if num_chains is not None:
+        num_chains = check_positive_int(num_chains, "num_chains")
+    seed = check_seed(seed)
+    device = check_device(device)
+    if method in _OPTIONS:
+        check_options(options, _OPTIONS[method], method)
+    check_option_types(options, _KINDS.get(method, {}), method)
+    if "reference" in options:
+        options["reference"] = resolve_reference(target, options["reference"])
+    return num_samples, num_chains, seed, device
 
 
 def _warn_if_nan(method: str, attrs: dict) -> None:

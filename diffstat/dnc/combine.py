@@ -192,10 +192,21 @@ def carried_log_probs(subposteriors, draws: list[torch.Tensor]) -> list[torch.Te
 _ROUTE_INPUTS = frozenset({"log_probs", "draw_log_probs", "energy_models", "fits", "calibration_log_probs"})
 
 
-def _carried_route(subposteriors, draws) -> dict:
-    """``{"draw_log_probs": ...}`` when the inputs carry log-densities at their draws, else ``{}``."""
+def _carried_route(method: str, subposteriors, draws, grads, options: dict) -> dict:
+    """``{"draw_log_probs": ...}`` for the diffusion combiner given scores (``grads``) and no input that
+    chooses its route (``_ROUTE_INPUTS`` in ``options``), when the inputs carry log-densities at their
+    draws; else ``{}``."""
+    if method != "diffusion" or grads is None or _ROUTE_INPUTS & options.keys():
+        return {}
     carried = carried_log_probs(subposteriors, draws)
     return {} if carried is None else {"draw_log_probs": carried}
+
+
+def _check_arguments(method: str, options: dict, num_samples, seed, device) -> tuple:
+    """``combine``'s checks before it reads the draws: the combiner and its options
+    (:func:`check_combiner`), then ``(num_samples, seed, device)`` validated."""
+    check_combiner(method, options)
+    return check_positive_int(num_samples, "num_samples"), check_seed(seed), check_device(device)
 
 
 def combine(
@@ -258,13 +269,9 @@ def combine(
         log-densities when ``"diffusion"`` is given ``log_probs``); ``posterior.attrs`` with
         ``method``, ``num_shards``, ``sampling_time``, ``seed``, ``diffstat_version``.
     """
-    check_combiner(method, options)
-    num_samples = check_positive_int(num_samples, "num_samples")
-    seed = check_seed(seed)
-    device = check_device(device)
+    num_samples, seed, device = _check_arguments(method, options, num_samples, seed, device)
     draws, grads = as_shard_draws(subposteriors, scores, device=device)
-    if method == "diffusion" and grads is not None and not _ROUTE_INPUTS & options.keys():
-        options.update(_carried_route(subposteriors, draws))
+    options.update(_carried_route(method, subposteriors, draws, grads, options))
     separation = shard_separation(draws)
     generator = torch.Generator(device=device).manual_seed(int(seed))
     start = time.perf_counter()

@@ -196,13 +196,17 @@ def _stats(provider, acceptance: torch.Tensor, num_evals: int, suspect: torch.Te
     return spread, modes, float(acceptance.mean()), num_evals, float(suspect.sum())
 
 
-def _run(generator, target, walk, y, provider, sigma, mala: bool, schedule, max_evals, progress) -> _Run:
+def _run(generator, target, walk, y, provider, sigma, mala: bool, schedule, progress) -> _Run:
     """The driver: ``num_warmup + num_jumps * thin`` walk steps from ``y``, a jump every ``thin``
     steps after warm-up (a Metropolis walk jumps with the provider's score when there is one); a run
-    whose training-free score spends ``max_evals`` target evaluations per draw (None: no cap) jumps
-    once more and stops."""
+    whose training-free score spends ``max_evals_per_draw`` target evaluations per draw (None: no
+    cap; a learned score, or none, is not capped) jumps once more and stops. ``schedule``:
+    ``(num_warmup, num_jumps, thin, max_evals_per_draw)``."""
     jump_score = (lambda z: provider(z, sigma)) if mala and provider is not None else None
-    num_warmup, num_samples, thin = schedule
+    num_warmup, num_samples, thin, max_evals_per_draw = schedule
+    # a training-free estimator: the one kind of score that evaluates the target as the walk goes
+    capped = provider is not None and provider.uses_target and not isinstance(provider, LearnedSmoothedScore)
+    max_evals = max_evals_per_draw if capped else None
     budget = None if max_evals is None else max_evals * y.shape[0] * num_samples
     evals0 = target.num_target_evals
     state, total, rows = init(generator, walk, y), num_warmup + num_samples * thin, []
@@ -307,15 +311,12 @@ def walk_jump(
     walkers, num_jumps, num_warmup = jump_schedule(num_samples, walkers_per_chain, num_warmup, learned, init)
     y = initial_walkers(target, provider, init, (num_chains, walkers), sigma, generator, device)
     kernel = make_walk(walk, provider, smoothed_log_prob, sigma, step_size, friction, num_warmup)
-    capped = provider is not None and provider.uses_target and not learned  # a training-free estimator
-    schedule, max_evals = (num_warmup, num_jumps, thin), (max_evals_per_draw if capped else None)
-    run = _run(generator, target, kernel, y, provider, sigma, walk == "mala", schedule, max_evals, progress)
+    schedule = (num_warmup, num_jumps, thin, max_evals_per_draw)
+    run = _run(generator, target, kernel, y, provider, sigma, walk == "mala", schedule, progress)
     run = _in_chains(run, num_chains, walkers, num_samples)
-    fisher = provider.fisher_information() if learned else None  # the correction's preconditioner
-    x, lp, h_corr = correct_jumps(generator, target, run.draws, run.walkers, sigma**2, num_mala, fisher)
     attrs = {"walk": walk, "walk_step_size": kernel.step_size(run.state.walk), "num_mala": num_mala,
              "walkers_per_chain": walkers}  # fmt: skip
-    return _result(x, lp, run, provider, sigma, rejected, dict(attrs, mala_step_size=h_corr, **score_attrs))
+    return _result(generator, target, run, provider, sigma, rejected, attrs, score_attrs)
 
 
 def _in_chains(run: _Run, num_chains: int, walkers: int, num_samples: int) -> _Run:
@@ -330,9 +331,18 @@ def _in_chains(run: _Run, num_chains: int, walkers: int, num_samples: int) -> _R
     return run._replace(**{k: arrange(getattr(run, k)) for k in fields})
 
 
-def _result(x, lp, run: _Run, provider, sigma, rejected, attrs) -> SamplerResult:
-    """The draws with their divergence marks (the walk's, a non-finite log-density, and one below
-    :func:`~diffstat.smoothing.walk_jump_checks.draw_floor`) and warning, and the attrs."""
+def _result(generator, target, run: _Run, provider, sigma, rejected, attrs, score_attrs) -> SamplerResult:
+    """The jumps of ``run`` (in chains) corrected by ``attrs["num_mala"]`` MALA steps on p(x | y)
+    (:func:`~diffstat.smoothing.correction.correct_jumps`, preconditioned by a learned score's Fisher
+    information), with their divergence marks (the walk's, a non-finite log-density, and one below
+    :func:`~diffstat.smoothing.walk_jump_checks.draw_floor`) and warning, and the attrs: the run's
+    ``attrs``, the correction's step size, then ``score_attrs`` (the learned score's report)."""
+    learned = isinstance(provider, LearnedSmoothedScore)
+    fisher = provider.fisher_information() if learned else None  # the correction's preconditioner
+    x, lp, h_corr = correct_jumps(
+        generator, target, run.draws, run.walkers, sigma**2, attrs["num_mala"], fisher
+    )
+    attrs = dict(attrs, mala_step_size=h_corr, **score_attrs)
     walk_marks = run.suspect | ~torch.isfinite(lp)
     # a kept score's held-out log-densities may differ from this target's by a constant (its check allows one)
     held = provider.particles.get("held_lp") if attrs.get("score_fitted_here") else None
