@@ -23,15 +23,22 @@ In whitened coordinates with reference :math:`\mathcal N(0, I)` and targets
    \mathrel{+}= \log\sum_i W_i w'_i/w_i`.
 4. **Resample** (systematic by default) when the ESS fraction falls below ``resample_threshold``.
 5. **Move** the particles by MCMC leaving :math:`\gamma_k` invariant, with the tempering samplers'
-   machinery (:mod:`diffstat.tempering.moves`): the metric is the particle covariance pooled within
-   clusters (:func:`~diffstat.tempering.moves.particle_metric`, so the distance between modes does
-   not set the step inside them), the step size is adapted toward the kernel's acceptance
+   machinery (:mod:`diffstat.tempering.moves`): the metric is the weighted particles' covariance
+   pooled within clusters, taken before resampling duplicates them
+   (:func:`~diffstat.tempering.core.cloud_metric`, so the distance between modes does not set the
+   step inside them), the step size is adapted toward the kernel's acceptance
    (Robbins-Monro on its logarithm, carried across levels), and the moves number ``num_mcmc_steps``
    or, with ``num_mcmc_steps=None``, repeat until the particles decorrelate from the level's start
    (:func:`~diffstat.tempering.moves.decorrelating_moves`, at most ``max_mcmc_steps``). Kernels:
    ``"mala"``, ``"hmc"``, or ``"local_mala"``
    (:func:`~diffstat.diffusion.noised_smc_path.local_mala_step`, a step that shrinks where the
    target is locally narrower than the metric).
+
+Each level is one :func:`~diffstat.tempering.core.smc_step`, the step of the tempering samplers,
+on the particles as a :class:`~diffstat.tempering.path.PathState` with ``base`` :math:`\log\mathcal
+N(x; 0, I)` and ``delta`` :math:`\log\hat g_k(x)`, so that the level's target is that path at
+:math:`\beta = 1`: the first level's reweighting is the tempered one from :math:`\beta = 0` (the
+reference) to 1, the others' is :func:`guided_reweight` (steps 2 and 3).
 
 :math:`\hat Z` is unbiased on the natural scale. Its standard error comes from the genealogy
 (:func:`diffstat.tempering.smc.genealogy_variance`, Chan and Lai 2013 for systematic resampling)
@@ -72,13 +79,29 @@ from diffstat.diffusion.noised_smc_path import GuidedState, NoisedPath, local_ma
 from diffstat.diffusion.noised_smc_setup import setup_path
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT
 from diffstat.sampling import SamplerResult, register_sampler
-from diffstat.tempering.moves import cluster_particles, decorrelating_moves, particle_metric
-from diffstat.tempering.path import PathState, default_step_size, get_kernel
-from diffstat.tempering.resampling import SCHEMES, ess, resample
+from diffstat.tempering.core import (
+    MoveConfig,
+    Reweight,
+    StageInfo,
+    TemperedState,
+    cloud_metric,
+    identity_metric,
+    smc_step,
+    tempered_reweight,
+)
+from diffstat.tempering.path import PathState, default_step_size
+from diffstat.tempering.resampling import SCHEMES, resample
 from diffstat.tempering.runs import stack_stages
 from diffstat.tempering.smc import genealogy_variance
 
-__all__ = ["NoisedSMCOutput", "guided_proposal", "incremental_log_weight", "noised_smc", "pdds_sampler"]
+__all__ = [
+    "NoisedSMCOutput",
+    "guided_proposal",
+    "guided_reweight",
+    "incremental_log_weight",
+    "noised_smc",
+    "pdds_sampler",
+]
 
 
 #: Per-level records of a run (the ``diffusion`` group of the output).
@@ -128,6 +151,17 @@ def incremental_log_weight(old: GuidedState, new: GuidedState, c, lam) -> torch.
     return -(e * v).sum(-1) + 0.5 * lam * (v**2).sum(-1) + new.log_g - old.log_g
 
 
+def _path_state(gs: GuidedState) -> PathState:
+    r"""A level's particles as the tempering moves take them: ``base`` :math:`\log\mathcal N(x; 0,
+    I)`, ``delta`` :math:`\log\hat g_k(x)`."""
+    return PathState(gs.x, NoisedPath.log_reference(gs.x), -gs.x, gs.log_g, gs.grad_g)
+
+
+def _guided_state(ps: PathState) -> GuidedState:
+    """Back from :func:`_path_state`; the target log-density, not carried, is NaN."""
+    return GuidedState(ps.x, ps.delta, ps.delta_grad, torch.full_like(ps.delta, math.nan))
+
+
 class _StagePath:
     r"""The stage target :math:`\gamma_k` in the form the tempering moves take
     (:func:`~diffstat.tempering.path.move` at ``beta = 1``): ``base`` is :math:`\log\mathcal N(x; 0,
@@ -137,53 +171,58 @@ class _StagePath:
         self.path, self.rho = path, rho
 
     def evaluate(self, x: torch.Tensor) -> PathState:
-        gs = self.path.evaluate(x, self.rho)
-        return PathState(x, NoisedPath.log_reference(x), -x, gs.log_g, gs.grad_g)
+        return _path_state(self.path.evaluate(x, self.rho))
 
 
-def _moves(path, generator, gs, rho, log_h, log_w, num_steps, kernel, max_steps, within_modes=True):
-    r"""MCMC moves leaving :math:`\gamma_k` invariant with the tempering samplers' machinery: the
-    within-cluster particle metric and moves repeated until the particles decorrelate from the stage
-    start (``num_steps`` None) or exactly ``num_steps``. Returns the state, the log step size, the
-    mean acceptance, the number of moves and the final decorrelation :math:`D_k`."""
-    nan = torch.full((), math.nan, dtype=gs.x.dtype, device=gs.x.device)
-    if num_steps == 0:
-        return gs, log_h, nan.expand(gs.x.shape[0]), 0, math.nan
-    labels = cluster_particles(gs.x, log_w, generator) if within_modes else None
-    metric = particle_metric(gs.x, log_w, "auto", labels)
-    step, target_accept = (
-        (local_mala_step, MALA_TARGET_ACCEPT) if kernel == "local_mala" else get_kernel(kernel)
-    )
-    ps = PathState(gs.x, NoisedPath.log_reference(gs.x), -gs.x, gs.log_g, gs.grad_g)
-    res = decorrelating_moves(
-        step,
-        generator,
-        ps,
-        _StagePath(path, rho),
-        1.0,
-        log_h,
-        inv_mass=metric,
-        target_accept=target_accept,
-        num_steps=num_steps,
-        max_steps=max_steps,
-    )
-    p = res.particles
-    out = GuidedState(p.x, p.delta, p.delta_grad, torch.full_like(p.delta, math.nan))
-    return out, res.log_step_size, res.acceptance, res.num_steps, res.distance
-
-
-def _advance(generator, path, gs, log_w, rho_from, rho_to):
-    """One level down: propose, reweight; the state, log weights, log Z increment and the
-    conditional ESS fraction of the incremental weights (Zhou, Johansen and Aston 2016)."""
+def guided_reweight(path: NoisedPath, rho_from: torch.Tensor, rho_to: torch.Tensor) -> Reweight:
+    r"""The reweighting hook of :func:`~diffstat.tempering.core.smc_step` from the level at signal
+    fraction ``rho_from`` down to ``rho_to``: propose by :func:`guided_proposal` with :math:`c =
+    \sqrt{\rho_{k+1}/\rho_k}`, :math:`\lambda = 1 - c^2`, and weight by
+    :func:`incremental_log_weight` (a NaN or :math:`+\infty` increment, from a proposal that
+    overflowed, counts as :math:`-\infty`)."""
     c = torch.sqrt(rho_from / rho_to)
     lam = 1.0 - c**2
-    new = path.evaluate(guided_proposal(generator, gs, c, lam), rho_to)
-    incr = incremental_log_weight(gs, new, c, lam)
-    incr = torch.nan_to_num(incr, nan=-math.inf, posinf=-math.inf)
-    log_wn = log_w - torch.logsumexp(log_w, -1)
-    incr_z = torch.logsumexp(log_wn + incr, -1)
-    cess = torch.exp(2 * incr_z - torch.logsumexp(log_wn + 2 * incr, -1))
-    return new, log_w + incr, incr_z, cess
+
+    def reweight(generator, particles, log_weights):
+        old = _guided_state(particles)
+        new = path.evaluate(guided_proposal(generator, old, c, lam), rho_to)
+        incr = incremental_log_weight(old, new, c, lam)
+        return _path_state(new), torch.nan_to_num(incr, nan=-math.inf, posinf=-math.inf)
+
+    return reweight
+
+
+def _init(generator, path: NoisedPath, n: int, rho, kernel: str, step_size, device) -> TemperedState:
+    r"""``n`` reference draws :math:`\mathcal N(0, I)`, equally weighted at :math:`\beta = 0` of the
+    noisiest level's path, with the initial step size (``step_size``, else the kernel's default)."""
+    dtype = path.target.dtype
+    x = torch.randn(n, path.dim, generator=generator, dtype=dtype, device=device)
+    h0 = step_size if step_size else default_step_size("mala" if kernel == "local_mala" else kernel, path.dim)
+    log_h = torch.tensor(math.log(h0), dtype=dtype, device=device)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    weights = torch.zeros(n, dtype=dtype, device=device)
+    return TemperedState(
+        _StagePath(path, rho).evaluate(x), weights, zero, log_h, torch.arange(n, device=device), 0
+    )
+
+
+def _record(rec: dict[str, list], info: StageInfo, path: NoisedPath, rho: torch.Tensor) -> None:
+    """Append one level's :data:`STAGE_KEYS` to ``rec`` (``decorrelation`` NaN where nothing moved)."""
+    dtype, device = info.ess.dtype, info.ess.device
+    for key, val in (
+        ("noise", 1 - rho),
+        ("guidance_power", path.beta(rho)),
+        ("ess", info.ess),
+        ("cess", info.cess),
+        ("log_z_increment", info.log_z_increment),
+        ("num_moves", info.num_mcmc_steps),
+        ("decorrelation", info.decorrelation if info.num_mcmc_steps else math.nan),
+        ("acceptance_rate", info.acceptance_rate),
+        ("stuck", (info.acceptance < STUCK_ACCEPTANCE).to(dtype).mean()),
+        ("step_size", info.step_size),
+        ("resampled", info.resampled),
+    ):
+        rec[key].append(torch.as_tensor(val, dtype=dtype, device=device))
 
 
 def noised_smc(
@@ -205,65 +244,48 @@ def noised_smc(
 ) -> NoisedSMCOutput:
     """Run the particle denoising diffusion sampler on ``path`` (module docstring). Progress goes to
     ``bar`` (one update per level) where given, else to a bar of its own when ``progress``."""
-    n, dim, dtype = num_particles, path.dim, path.target.dtype
-    rho = noise_schedule(num_steps, path.mode_scale_sq, dtype=dtype, device=device)
-    x = torch.randn(n, dim, generator=generator, dtype=dtype, device=device)
-    gs = path.evaluate(x, rho[-1])
-    log_w = gs.log_g.clone()  # gamma_K / N(0, I) = g_K
-    h0 = step_size if step_size else default_step_size("mala" if kernel == "local_mala" else kernel, dim)
-    log_h = torch.tensor(math.log(h0), dtype=dtype, device=device)
-    eve = torch.arange(n, device=device)
+    rho = noise_schedule(num_steps, path.mode_scale_sq, dtype=path.target.dtype, device=device)
+    state = _init(generator, path, num_particles, rho[-1], kernel, step_size, device)
+    one = torch.ones_like(state.beta)
+    local = kernel == "local_mala"
+    moves = MoveConfig(
+        local_mala_step if local else kernel,
+        target_accept=MALA_TARGET_ACCEPT if local else None,
+        num_mcmc_steps=num_mcmc_steps,
+        max_mcmc_steps=max_mcmc_steps,
+    )
+    precondition = identity_metric if num_mcmc_steps == 0 else cloud_metric("auto", within_modes)
     rec: dict[str, list] = {k: [] for k in STAGE_KEYS}
-    num_resampling = 0
     with (
         contextlib.nullcontext(bar)
         if bar is not None
         else progress_bar(num_steps + 1, "pdds", progress) as bar
     ):
         for k in range(num_steps, -1, -1):
-            if k == num_steps:
-                incr_z = torch.logsumexp(log_w, -1) - math.log(n)
-                cess = ess(log_w) / n
-            else:
-                gs, log_w, incr_z, cess = _advance(generator, path, gs, log_w, rho[k + 1], rho[k])
-            ess_frac = ess(log_w) / n
-            resampled = bool(ess_frac < resample_threshold)
-            if resampled:
-                idx = resample(generator, log_w, resampling)
-                gs, eve, log_w = gs.index(idx), eve[idx], torch.zeros_like(log_w)
-                num_resampling += 1
-            rec["step_size"].append(torch.exp(log_h))
-            gs, log_h, acc, num_moves, dist = _moves(
-                path,
-                generator,
-                gs,
-                rho[k],
-                log_h,
-                log_w,
-                num_mcmc_steps,
-                kernel,
-                max_mcmc_steps,
-                within_modes,
+            first = k == num_steps  # from the reference (beta = 0) to gamma_K (beta = 1)
+            reweight = (
+                tempered_reweight(state.beta, one) if first else guided_reweight(path, rho[k + 1], rho[k])
             )
-            for key, val in (
-                ("noise", 1 - rho[k]),
-                ("guidance_power", path.beta(rho[k])),
-                ("ess", ess_frac),
-                ("cess", cess),
-                ("log_z_increment", incr_z),
-                ("num_moves", num_moves),
-                ("decorrelation", dist),
-                ("acceptance_rate", acc.mean()),
-                ("stuck", (acc < STUCK_ACCEPTANCE).to(dtype).mean()),
-                ("resampled", resampled),
-            ):
-                rec[key].append(torch.as_tensor(val, dtype=dtype, device=device))
+            state, info = smc_step(
+                generator,
+                state,
+                reweight,
+                path=_StagePath(path, rho[k]),
+                beta=one,
+                moves=moves,
+                precondition=precondition,
+                stage=num_steps - k,
+                resample_threshold=resample_threshold,
+                scheme=resampling,
+            )
+            _record(rec, info, path, rho[k])
             bar.update(1)
-    v, num_eves = genealogy_variance(log_w, eve, num_resampling, resampling)
+    v, num_eves = genealogy_variance(state.log_weights, state.eve, state.num_resampling, resampling)
+    gs = _guided_state(state.particles)
     gs = gs._replace(target_lp=path.target_lp(gs))
     stages = {key: torch.stack(vals) for key, vals in rec.items()}
     log_z = float(stages["log_z_increment"].sum())
-    return NoisedSMCOutput(gs, log_w, log_z, math.sqrt(v), stages, num_resampling, num_eves)
+    return NoisedSMCOutput(gs, state.log_weights, log_z, math.sqrt(v), stages, state.num_resampling, num_eves)
 
 
 _OPTIONS = {

@@ -1,22 +1,30 @@
-r"""One stage of tempering as a pure step, shared by SMC, AIS and the AIS pilot.
+r"""One stage of sequential Monte Carlo as a pure step, shared by every SMC of the package.
 
-A population of weighted particles on the geometric path (:mod:`diffstat.tempering.path`) is a
-:class:`TemperedState`. :func:`tempered_step` takes it from :math:`\beta` to :math:`\beta'`:
+A population of weighted particles is a :class:`TemperedState`. :func:`smc_step` takes it to the
+next target, a path object and an inverse temperature :math:`\beta'` on it (what
+:func:`~diffstat.tempering.moves.decorrelating_moves` takes):
 
-1. **Reweight**: :math:`\log w_i \mathrel{+}= (\beta' - \beta)\,\delta(x_i)`; the evidence increment
-   is :math:`\log\sum_i W_i e^{(\beta'-\beta)\delta(x_i)}` with :math:`W` the normalised weights
-   before the update, so the increments sum to :math:`\log\hat Z` (Del Moral, Doucet and Jasra 2006;
-   without resampling they telescope to AIS's :math:`\log\frac1n\sum_i w_i`, Neal 2001).
+1. **Reweight**, through a hook ``reweight(generator, particles, log_w) -> (particles, increments)``:
+   on the geometric path (:mod:`diffstat.tempering.path`, :func:`tempered_reweight`) the particles
+   stay and gain :math:`(\beta' - \beta)\,\delta(x_i)`; on the noised path of PDDS
+   (:func:`~diffstat.diffusion.noised_smc.guided_reweight`) they are proposed by the guided reverse
+   SDE and weighted by the SMC-sampler ratio. The evidence increment is :math:`\log\sum_i W_i
+   e^{\ell_i}` with :math:`W` the normalised weights before the update and :math:`\ell` the
+   increments, so the increments sum to :math:`\log\hat Z` (Del Moral, Doucet and Jasra 2006;
+   without resampling they telescope to AIS's :math:`\log\frac1n\sum_i w_i`, Neal 2001); the
+   conditional ESS of the increments is recorded with it (Zhou, Johansen and Aston 2016).
 2. **Precondition**: a metric for the moves, from the weighted cloud *before* resampling duplicates
    particles (:func:`cloud_metric`), or fixed in advance (:func:`fixed_metrics`, from a pilot).
 3. **Resample** when the ESS fraction is under ``resample_threshold`` (0: never, as AIS; 1: at
    every stage, as the pilot); the weights are then reset to equal and the Eve indices follow.
-4. **Move**: MCMC steps leaving :math:`\pi_{\beta'}` invariant
+4. **Move**: MCMC steps leaving the stage's target invariant
    (:func:`~diffstat.tempering.moves.decorrelating_moves`: a fixed count, or until the particles
    have decorrelated from where the stage started).
 
-The drivers (:func:`~diffstat.tempering.smc.adaptive_tempered_smc`, :func:`~diffstat.tempering.ais.ais`,
-:func:`~diffstat.tempering.schedules.pilot_run`) only choose :math:`\beta'` and record the stages.
+:func:`tempered_step` is the stage of the geometric path from :math:`\beta` to :math:`\beta'`. The
+drivers (:func:`~diffstat.tempering.smc.adaptive_tempered_smc`, :func:`~diffstat.tempering.ais.ais`,
+:func:`~diffstat.tempering.schedules.pilot_run`, :func:`~diffstat.tempering.to_target.temper_to_target`,
+:func:`~diffstat.diffusion.noised_smc.noised_smc`) only choose the next target and record the stages.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from diffstat.tempering.resampling import SCHEMES, ess, resample
 
 __all__ = [
     "MoveConfig",
+    "Reweight",
     "StageInfo",
     "TemperedState",
     "check_betas",
@@ -44,7 +53,9 @@ __all__ = [
     "fixed_metrics",
     "init_tempered",
     "initial_particles",
+    "smc_step",
     "stack_stage_infos",
+    "tempered_reweight",
     "tempered_step",
 ]
 
@@ -53,15 +64,17 @@ __all__ = [
 class MoveConfig:
     r"""How particles move at each stage, validated on construction.
 
-    ``kernel`` ``"mala"`` | ``"hmc"`` (``num_leapfrog`` steps) | ``"rwm"``; ``target_accept`` (None:
-    the kernel's own, 0.574 / 0.8 / 0.234); ``num_mcmc_steps`` (None: until decorrelated, at most
+    ``kernel`` ``"mala"`` | ``"hmc"`` (``num_leapfrog`` steps) | ``"rwm"``, or a kernel function with
+    :func:`~diffstat.mcmc.mala.mala_step`'s signature (PDDS's ``local_mala_step``; its
+    ``target_accept`` is then required); ``target_accept`` (None: the named kernel's own, 0.574 /
+    0.8 / 0.234); ``num_mcmc_steps`` (None: until decorrelated, at most
     ``max_mcmc_steps``, tolerance ``decorrelation_tol``); ``adapt_rate`` of the Robbins-Monro step
     size rule (0: step sizes fixed in advance); ``step_jitter`` :math:`a \ge 0`: each particle's step
     size at each move is the adapted one times :math:`e^{a u}`, :math:`u \sim U(-1, 1)` (0, the
     default: off; why, :mod:`diffstat.tempering.moves`).
     """
 
-    kernel: str = "mala"
+    kernel: str | Callable = "mala"
     num_leapfrog: int = 5
     target_accept: float | None = None
     num_mcmc_steps: int | None = None
@@ -71,7 +84,10 @@ class MoveConfig:
     step_jitter: float = 0.0
 
     def __post_init__(self):
-        step, default_accept = get_kernel(self.kernel, self.num_leapfrog)  # refuses unknown kernels
+        # get_kernel refuses an unknown name
+        default_accept = None if callable(self.kernel) else get_kernel(self.kernel, self.num_leapfrog)[1]
+        if default_accept is None and self.target_accept is None:
+            raise ValueError("a kernel given as a function needs its target_accept")
         accept = (
             default_accept
             if self.target_accept is None
@@ -90,11 +106,12 @@ class MoveConfig:
 
     @property
     def step(self) -> Callable:
-        return get_kernel(self.kernel, self.num_leapfrog)[0]
+        return self.kernel if callable(self.kernel) else get_kernel(self.kernel, self.num_leapfrog)[0]
 
 
 class TemperedState(NamedTuple):
-    """Particles at inverse temperature ``beta`` (0-d) with log weights ``(n,)``, the shared 0-d
+    """Particles at inverse temperature ``beta`` (0-d) of their stage's path (1 on the noised path,
+    whose every level is a path of its own) with log weights ``(n,)``, the shared 0-d
     ``log_step_size`` of the moves, each particle's Eve (initial ancestor) index ``(n,)``, and the
     number of resampling events so far."""
 
@@ -111,7 +128,8 @@ class StageInfo(NamedTuple):
     ``step_size`` (of the moves), ``num_mcmc_steps``, ``decorrelation`` (the final mean whitened
     squared distance from the stage's start, per dimension), ``num_clusters`` (of the metric),
     ``acceptance_rate`` (mean), ``resampled``; ``acceptance`` ``(n,)`` each particle's mean over
-    the stage's moves."""
+    the stage's moves; ``cess`` the conditional ESS fraction of the stage's increments (module
+    docstring; recorded by PDDS, left out of :func:`stack_stage_infos`)."""
 
     beta: torch.Tensor
     ess: torch.Tensor
@@ -123,7 +141,13 @@ class StageInfo(NamedTuple):
     acceptance_rate: torch.Tensor
     resampled: bool
     acceptance: torch.Tensor
+    cess: torch.Tensor
 
+
+#: ``reweight(generator, particles, log_weights) -> (particles, increments (n,))``: the first half of
+#: a stage, bringing the particles to the stage's target (or leaving them where they are) and giving
+#: the log ratio of the new target to the old at them (module docstring).
+Reweight = Callable[[torch.Generator, PathState, torch.Tensor], tuple[PathState, torch.Tensor]]
 
 #: ``precondition(generator, stage, particles, log_weights) -> (metric, log_step_size or None,
 #: num_clusters)``: the metric of the stage's moves, and a step size that replaces the adapted one.
@@ -181,24 +205,37 @@ def init_tempered(path: GeometricPath, x0: torch.Tensor, step_size: float) -> Te
     )
 
 
-def tempered_step(
+def tempered_reweight(beta_from, beta_to) -> Reweight:
+    r"""The geometric path's reweighting: the particles stay and gain
+    :math:`(\beta' - \beta)\,\delta(x)` (:func:`~diffstat.tempering.path.incremental_log_weights`)."""
+
+    def reweight(generator, particles, log_weights):
+        return particles, incremental_log_weights(particles, beta_from, beta_to)
+
+    return reweight
+
+
+def smc_step(
     generator: torch.Generator,
     state: TemperedState,
-    new_beta: torch.Tensor,
+    reweight: Reweight,
     *,
     path: GeometricPath,
+    beta: torch.Tensor,
     moves: MoveConfig,
     precondition: Preconditioner = identity_metric,
     stage: int = 0,
     resample_threshold: float = 0.5,
     scheme: str = "systematic",
 ) -> tuple[TemperedState, StageInfo]:
-    """One stage from ``state.beta`` to ``new_beta`` (module docstring); ``stage`` is its index,
-    passed to ``precondition``."""
-    ps, log_w = state.particles, state.log_weights
-    incr = incremental_log_weights(ps, state.beta, new_beta)
-    log_z_increment = torch.logsumexp(torch.log_softmax(log_w, -1) + incr, -1)
-    log_w = log_w + incr
+    """One stage to the target ``path`` (anything with ``evaluate(x) -> PathState``) at ``beta``
+    (0-d): ``reweight``, evidence increment and ESS, ``precondition`` (``stage`` is its index),
+    resampling on the ESS, ``moves`` (module docstring). Returns the new state and the stage's info."""
+    ps, incr = reweight(generator, state.particles, state.log_weights)
+    log_w0 = torch.log_softmax(state.log_weights, -1)
+    log_z_increment = torch.logsumexp(log_w0 + incr, -1)
+    cess = torch.exp(2 * log_z_increment - torch.logsumexp(log_w0 + 2 * incr, -1))
+    log_w = state.log_weights + incr
     ess_frac = ess(log_w) / log_w.shape[0]
     inv_mass, log_h, clusters = precondition(generator, stage, ps, log_w)
     log_h = state.log_step_size if log_h is None else log_h.to(state.log_step_size)
@@ -212,7 +249,7 @@ def tempered_step(
         generator,
         ps,
         path,
-        new_beta,
+        beta,
         log_h,
         inv_mass=inv_mass,
         target_accept=moves.target_accept,
@@ -223,7 +260,7 @@ def tempered_step(
         step_jitter=float(moves.step_jitter),
     )
     info = StageInfo(
-        new_beta,
+        beta,
         ess_frac,
         log_z_increment,
         torch.exp(log_h),
@@ -233,14 +270,44 @@ def tempered_step(
         moved.acceptance.mean(),
         resampled,
         moved.acceptance,
+        cess,
     )
-    new = TemperedState(moved.particles, log_w, new_beta, moved.log_step_size, eve, num_resampling)
+    new = TemperedState(moved.particles, log_w, beta, moved.log_step_size, eve, num_resampling)
     return new, info
 
 
+def tempered_step(
+    generator: torch.Generator,
+    state: TemperedState,
+    new_beta: torch.Tensor,
+    *,
+    path: GeometricPath,
+    moves: MoveConfig,
+    precondition: Preconditioner = identity_metric,
+    stage: int = 0,
+    resample_threshold: float = 0.5,
+    scheme: str = "systematic",
+) -> tuple[TemperedState, StageInfo]:
+    """One stage of the geometric path from ``state.beta`` to ``new_beta``: :func:`smc_step` with
+    :func:`tempered_reweight`; ``stage`` is its index, passed to ``precondition``."""
+    return smc_step(
+        generator,
+        state,
+        tempered_reweight(state.beta, new_beta),
+        path=path,
+        beta=new_beta,
+        moves=moves,
+        precondition=precondition,
+        stage=stage,
+        resample_threshold=resample_threshold,
+        scheme=scheme,
+    )
+
+
 def stack_stage_infos(infos: list[StageInfo]) -> dict[str, torch.Tensor]:
-    """Per-stage tensors ``(stages,)`` of every :class:`StageInfo` field but ``acceptance``."""
-    fields = [f for f in StageInfo._fields if f != "acceptance"]
+    """Per-stage tensors ``(stages,)`` of every :class:`StageInfo` field but ``acceptance`` and
+    ``cess``."""
+    fields = [f for f in StageInfo._fields if f not in ("acceptance", "cess")]
     if not infos:
         return {f: torch.empty(0) for f in fields}
     device = infos[0].ess.device

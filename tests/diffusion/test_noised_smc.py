@@ -315,3 +315,21 @@ def test_local_mala_keeps_the_funnel_invariant_and_moves_in_its_neck():
         float(acc[neck].mean()),
         float(acc_mala[neck].mean()),
     )
+
+
+@pytest.mark.parametrize("guidance", ["power", "laplace"])
+def test_the_drivers_weights_are_the_path_importance_weight(guidance):
+    """``noised_smc`` (each level one ``tempering.core.smc_step``) with no resampling and no moves
+    draws the trajectory of ``run_path`` from the same seed, and its accumulated log weights are the
+    path importance weight; its log Z is then their log mean (the increments telescope)."""
+    white = Whitening.from_moments(torch.tensor([0.5, 0.0, 0.2], dtype=F64), 0.5 * torch.eye(3, dtype=F64))
+    path = NoisedPath(gaussian_target(), white, 0.2, guidance)
+    gen = torch.Generator().manual_seed(4)
+    out = ns.noised_smc(gen, path, 50, num_steps=12, num_mcmc_steps=0, resample_threshold=0.0)
+    _, log_path = run_path(path, torch.Generator().manual_seed(4), 12, 50)
+    assert out.num_resampling == 0 and out.stages["log_z_increment"].shape == (13,)
+    torch.testing.assert_close(out.log_weights, log_path, rtol=0, atol=1e-9)
+    log_mean = torch.logsumexp(out.log_weights, 0) - math.log(50)
+    assert abs(out.log_normalizer - float(log_mean)) < 1e-10
+    log_pi = path.target.log_prob(path.whitening.from_white(out.particles.x))
+    torch.testing.assert_close(out.particles.target_lp, log_pi, rtol=0, atol=1e-10)
