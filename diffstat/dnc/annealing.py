@@ -4,14 +4,18 @@ Sample :math:`\pi_t(w) \propto \exp(-\sum_k E_k(w, t))` (a
 :class:`~diffstat.dnc.energy.ProductEnergy`, in coordinates :math:`w` where the shards' Gaussian
 product is :math:`\mathcal N(0, I)`). Start from the product of the noised Gaussian parts at
 ``t_start`` (:func:`start_gaussian`, exact), then move down a grid of times to ``t_min``, uniform
-in :math:`\log\sigma_t` (:func:`time_grid`): at each time (:func:`anneal_step`) every particle
-takes ``mcmc_per_level`` MALA steps with a per-chain Metropolis-Hastings accept (proposal
-:math:`y = w + h\nabla\log\pi_t + \sqrt{2h}\,\xi`, whose density has :math:`4h` in the
-denominator: the trap in Du et al.'s public code), and the step size follows a Robbins-Monro
-recursion on :math:`\log h` toward MALA's optimal acceptance 0.574 (one host sync per level).
+in :math:`\log\sigma_t` (:func:`time_grid`): each time is one
+:func:`~diffstat.tempering.core.smc_step`, the step of the tempering samplers (:func:`anneal_step`),
+on the particles as a :class:`~diffstat.tempering.path.PathState` with ``delta``
+:math:`-\sum_k E_k(w, t)` at :math:`\beta = 1`: the particles are evaluated at the new time, every
+particle takes ``mcmc_per_level`` MALA steps at a fixed step size with a per-chain
+Metropolis-Hastings accept (proposal :math:`y = w + h\nabla\log\pi_t + \sqrt{2h}\,\xi`, whose
+density has :math:`4h` in the denominator: the trap in Du et al.'s public code), and then the step
+size follows a Robbins-Monro recursion on :math:`\log h` toward MALA's optimal acceptance 0.574.
 With ``reweight`` the annealing is sequential Monte Carlo: incremental weights
 :math:`\pi_{t_{i+1}}/\pi_{t_i}`, resampling when the ESS falls below ``resample_threshold`` and at
-``t_min``. Finally :func:`sample_at_t_min` runs MALA on the summed energy at ``t_min``, half of
+``t_min``; without it (the default) the weights stay equal and nothing is resampled. Finally
+:func:`sample_at_t_min` runs MALA on the summed energy at ``t_min``, half of
 the steps tuning the step size by dual averaging, with an optional mode-weight calibration between
 the halves (:mod:`diffstat.dnc.mode_weights`), and :func:`resample_within_modes` can correct the
 learned product to the exact one within each mode. References: Du et al. (2023), "Reduce, reuse,
@@ -34,6 +38,8 @@ from diffstat.dnc.options import AnnealOptions
 from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.mcmc.base import MCMCState
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
+from diffstat.tempering.core import MoveConfig, Reweight, TemperedState, smc_step
+from diffstat.tempering.path import PathState
 from diffstat.tempering.resampling import systematic
 
 __all__ = [
@@ -54,14 +60,28 @@ SAMPLING_DTYPE = torch.float32
 
 
 class AnnealState(NamedTuple):
-    r"""Particles ``mcmc.x (n, dim)`` with :math:`-\sum_k E_k(w, t)` and its gradient at the time
-    ``t`` they were last moved at, their log-weights ``log_w (n,)`` (float64, zero without
-    ``reweight``) and the MALA step size ``step_size`` (a 0-d tensor)."""
+    r"""The particles as the tempering samplers' state ``smc``: ``particles.x (n, dim)`` with
+    ``delta`` :math:`-\sum_k E_k(w, t)` and its gradient at the time ``t`` they were last moved at
+    (``base`` zero, ``beta`` 1), log weights ``(n,)`` (float64, zero without ``reweight``) and the
+    log of the MALA step size (float64, 0-d)."""
 
-    mcmc: MCMCState
+    smc: TemperedState
     t: float
-    log_w: torch.Tensor
-    step_size: torch.Tensor
+
+    @property
+    def mcmc(self) -> MCMCState:
+        r"""The particles as an MCMC state of :math:`\pi_t`."""
+        ps = self.smc.particles
+        return MCMCState(ps.x, ps.delta, ps.delta_grad)
+
+    @property
+    def log_w(self) -> torch.Tensor:
+        return self.smc.log_weights
+
+    @property
+    def step_size(self) -> torch.Tensor:
+        """The MALA step size, a 0-d :data:`SAMPLING_DTYPE` tensor."""
+        return torch.exp(self.smc.log_step_size).to(SAMPLING_DTYPE)
 
 
 class AnnealInfo(NamedTuple):
@@ -98,6 +118,34 @@ def start_gaussian(process, moments, shift, root, t_start: float):
     return (mu0 - shift) @ root_inv.T, root_inv @ cov0 @ root_inv.T
 
 
+class _ProductAt:
+    r""":math:`\pi_t \propto \exp(-\sum_k E_k(w, t))` as a path the tempering moves take at
+    :math:`\beta = 1`: ``base`` zero, ``delta`` :math:`-\sum_k E_k(w, t)` (counted in
+    ``product.num_evals``)."""
+
+    def __init__(self, product, t: float):
+        self.product, self.t = product, t
+
+    def evaluate(self, w: torch.Tensor) -> PathState:
+        lp, grad = self.product.log_prob_and_grad(self.t)(w)
+        return PathState(w, torch.zeros_like(lp), torch.zeros_like(w), lp, grad)
+
+
+def _time_reweight(product, t_from: float, t_to: float, reweight: bool) -> Reweight:
+    r"""The reweighting hook of :func:`~diffstat.tempering.core.smc_step` from time ``t_from`` to
+    ``t_to``: the particles evaluated at ``t_to``, with increments :math:`\log\pi_{t_{i+1}} -
+    \log\pi_{t_i}` (float64) when ``reweight``, else zero; at an unchanged time they stay."""
+
+    def hook(generator, particles, log_weights):
+        if t_to == t_from:
+            return particles, torch.zeros_like(log_weights)
+        new = _ProductAt(product, t_to).evaluate(particles.x)
+        incr = (new.delta - particles.delta).double() if reweight else torch.zeros_like(log_weights)
+        return new, incr
+
+    return hook
+
+
 def anneal_init(generator, product, mean, cov, num_samples: int, options: AnnealOptions) -> AnnealState:
     r"""``num_samples`` exact draws of the start Gaussian ``N(mean, cov)`` (sampling coordinates),
     evaluated at ``t_start``; with ``reweight``, weighted by :math:`\pi_{t_0} / q`."""
@@ -107,44 +155,40 @@ def anneal_init(generator, product, mean, cov, num_samples: int, options: Anneal
     )
     eps = eps.to(mean.device)
     w = (mean + eps @ chol0.T).to(SAMPLING_DTYPE)
-    mcmc = MCMCState(w, *product.log_prob_and_grad(options.t_start)(w))
+    particles = _ProductAt(product, options.t_start).evaluate(w)
     log_w = torch.zeros(num_samples, dtype=torch.float64, device=mean.device)
     if options.reweight:
-        log_w = mcmc.log_prob.double() + 0.5 * (eps**2).sum(-1).double()
+        log_w = particles.delta.double() + 0.5 * (eps**2).sum(-1).double()
     h = torch.tensor(0.5 * min(1.0, float(torch.linalg.eigvalsh(cov).min())), dtype=SAMPLING_DTYPE)
-    return AnnealState(mcmc, options.t_start, log_w, h)
+    one = torch.ones((), dtype=SAMPLING_DTYPE, device=w.device)
+    eve = torch.arange(num_samples, device=w.device)
+    return AnnealState(TemperedState(particles, log_w, one, torch.log(h.double()), eve, 0), options.t_start)
 
 
 def anneal_step(
     generator, state: AnnealState, product, t: float, options: AnnealOptions
 ) -> tuple[AnnealState, AnnealInfo]:
-    """One level at time ``t``: reweight (``reweight``), resample when the ESS fraction is below
-    ``resample_threshold`` (and at ``t_min`` with ``reweight``), ``mcmc_per_level`` MALA steps,
-    then the step size's Robbins-Monro update."""
+    """One level at time ``t``: :func:`~diffstat.tempering.core.smc_step` with
+    :func:`_time_reweight`, resampling when the ESS fraction is below ``resample_threshold`` (and
+    at ``t_min`` with ``reweight``), ``mcmc_per_level`` MALA steps at the state's step size; then
+    the step size's Robbins-Monro update from their mean acceptance."""
     evals0 = product.num_evals
-    (x, lp, _), log_w = state.mcmc, state.log_w
-    if options.reweight and t != state.t:
-        with torch.no_grad():
-            log_w = log_w + (-product.energy(x, t) - lp).double()
-    ess = ess_from_log_weights(log_w) / x.shape[0]
-    resampled = bool(ess < options.resample_threshold) or (options.reweight and t == options.t_min)
-    lpg = product.log_prob_and_grad(t)
-    mcmc = state.mcmc
-    if resampled:
-        x = x[systematic(generator, log_w).to(x.device)]
-        log_w = torch.zeros_like(log_w)
-    if resampled or t != state.t:
-        mcmc = MCMCState(x, *lpg(x))
-    accs = []
-    for _ in range(options.mcmc_per_level):
-        mcmc, info = mala_step(generator, mcmc, lpg, state.step_size)
-        accs.append(info.acceptance_rate.mean())
-    acc = torch.stack(accs).mean()
+    final = options.reweight and t == options.t_min
+    smc, info = smc_step(
+        generator,
+        state.smc,
+        _time_reweight(product, state.t, t, options.reweight),
+        path=_ProductAt(product, t),
+        beta=state.smc.beta,
+        moves=MoveConfig(num_mcmc_steps=options.mcmc_per_level, adapt_rate=0.0),
+        resample_threshold=1.0 if final else options.resample_threshold,
+    )
+    acc = info.acceptance_rate
     h = state.step_size * torch.exp(torch.clamp(2.0 * (acc - MALA_TARGET_ACCEPT), -1.0, 1.0)).to(
         SAMPLING_DTYPE
     )
-    info = AnnealInfo(t, ess, acc, h, resampled, product.num_evals - evals0)
-    return AnnealState(mcmc, t, log_w, h), info
+    info = AnnealInfo(t, info.ess, acc, h, info.resampled, product.num_evals - evals0)
+    return AnnealState(smc._replace(log_step_size=torch.log(h.double())), t), info
 
 
 def sample_at_t_min(generator, state: AnnealState, product, num_steps: int, calibrate=None, bar=None):

@@ -17,7 +17,8 @@ product lies in the shards' tails (RAND HIE: d_MAH about 2.3, ``docs/dnc.md``).
    :math:`t = 0` (:mod:`diffstat.dnc.energy`).
 3. **Sample** :math:`\pi_t(z) \propto \exp(-\sum_k E_k(z, t))` by annealed MCMC from the product
    of the noised Gaussian parts at ``t_start`` down to ``t_min``, then MALA at ``t_min``
-   (:mod:`diffstat.dnc.annealing`: an ``init``/``step`` pair over the annealing levels).
+   (:mod:`diffstat.dnc.annealing`: an ``init``/``step`` pair over the annealing levels, each level
+   one :func:`~diffstat.tempering.core.smc_step`, the step of the tempering samplers).
 
    Mode weights of a multimodal product are settled by the annealing, at the times where the
    modes part; MCMC at small t cannot move mass between modes. ``reweight=True`` turns the
