@@ -24,7 +24,8 @@ next target, a path object and an inverse temperature :math:`\beta'` on it (what
 :func:`tempered_step` is the stage of the geometric path from :math:`\beta` to :math:`\beta'`. The
 drivers (:func:`~diffstat.tempering.smc.adaptive_tempered_smc`, :func:`~diffstat.tempering.ais.ais`,
 :func:`~diffstat.tempering.schedules.pilot_run`, :func:`~diffstat.tempering.to_target.temper_to_target`,
-:func:`~diffstat.diffusion.noised_smc.noised_smc`) only choose the next target and record the stages.
+:func:`~diffstat.diffusion.noised_smc.noised_smc`, :func:`~diffstat.dnc.annealing.anneal_step`) only
+choose the next target and record the stages.
 """
 
 from __future__ import annotations
@@ -228,9 +229,26 @@ def smc_step(
     resample_threshold: float = 0.5,
     scheme: str = "systematic",
 ) -> tuple[TemperedState, StageInfo]:
-    """One stage to the target ``path`` (anything with ``evaluate(x) -> PathState``) at ``beta``
-    (0-d): ``reweight``, evidence increment and ESS, ``precondition`` (``stage`` is its index),
-    resampling on the ESS, ``moves`` (module docstring). Returns the new state and the stage's info."""
+    """One stage of SMC (module docstring): reweight, evidence increment and ESS, metric,
+    resampling on the ESS, moves.
+
+    Parameters
+    ----------
+    state : TemperedState
+        Particles ``(n, dim)`` with log weights ``(n,)``, at the last stage's target.
+    reweight : Reweight
+        Brings the particles to this stage's target; returns them and the increments ``(n,)``.
+    path, beta
+        The stage's target for the moves: ``path.evaluate(x) -> PathState`` at ``beta`` (0-d).
+    moves, precondition, stage
+        The moves' kernel and counts; their metric, given the stage's index ``stage``.
+    resample_threshold, scheme
+        Resample when the ESS fraction is under the threshold (always at 1), by ``scheme``.
+
+    Returns
+    -------
+    (TemperedState, StageInfo)
+    """
     ps, incr = reweight(generator, state.particles, state.log_weights)
     log_w0 = torch.log_softmax(state.log_weights, -1)
     log_z_increment = torch.logsumexp(log_w0 + incr, -1)
