@@ -60,6 +60,7 @@ from diffstat._util import (
     progress_bar,
 )
 from diffstat.sampling import SamplerResult, register_sampler
+from diffstat.tempering.mode_check import check_missed_modes, pop_check_modes
 from diffstat.tempering.core import (
     MoveConfig,
     check_betas,
@@ -197,6 +198,7 @@ _OPTIONS = {
     "resampling",
     "num_pilot",
     "min_ess",
+    "check_modes",
 }
 
 
@@ -225,9 +227,11 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
 
     The draws are resampled to equal weights, per run; ``log_weight`` in ``sample_stats`` is each
     draw's AIS log weight (that of the particle it was resampled from), and attrs'
-    ``num_distinct`` counts the distinct particles among the draws.
+    ``num_distinct`` counts the distinct particles among the draws. ``check_modes`` (True): after the
+    runs, look for modes that they missed (:mod:`diffstat.tempering.mode_check`).
     """
     check_options(options, _OPTIONS, "ais")
+    check_modes = pop_check_modes(options)
     _check_settings(options)
     num_chains = 1 if num_chains is None else num_chains
     reference = options.pop("reference", None)
@@ -273,6 +277,8 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
     }
     if not reliable:
         warnings.warn(_collapse_message(attrs, log_w.numel(), min_ess), RuntimeWarning, stacklevel=3)
+    if check_modes:
+        attrs.update(check_missed_modes("AIS", target, path, draws, log_z, generator, device))
     groups = {"tempering": stack_stages([out.stages for out, _, _ in runs])}
     return SamplerResult(draws, sample_stats, groups, attrs)
 

@@ -71,6 +71,7 @@ from diffstat.tempering.path import (
     make_path,
     move,
 )
+from diffstat.tempering.mode_check import check_missed_modes, pop_check_modes
 from diffstat.tempering.core import check_initial, initial_particles
 from diffstat.tempering.ladder import (
     BETA_MIN,
@@ -285,7 +286,7 @@ def parallel_tempering(
 
 #: The options of ``ds.sample(target, "pt", ...)``: the reference, and the keywords of
 #: :func:`parallel_tempering` that the front door does not set itself.
-_OPTIONS = {"reference"} | {
+_OPTIONS = {"reference", "check_modes"} | {
     name
     for name, p in inspect.signature(parallel_tempering).parameters.items()
     if p.kind is p.KEYWORD_ONLY and name not in ("num_samples", "progress")
@@ -301,9 +302,11 @@ def pt_sampler(target, *, num_samples, num_chains, generator, progress, device, 
     Options (see :func:`parallel_tempering`): ``reference``, ``num_warmup`` (``T``),
     ``num_temperatures`` (10), ``betas``, ``beta_min`` (1e-3), ``adapt_ladder`` (True), ``kernel``
     (``"mala"``), ``num_mcmc_steps`` (1), ``num_leapfrog`` (5), ``step_size``, ``target_accept``,
-    ``adapt_mass`` (True), ``reference_draws`` (True).
+    ``adapt_mass`` (True), ``reference_draws`` (True); ``check_modes`` (True): after the run, look for
+    modes that it missed (:mod:`diffstat.tempering.mode_check`).
     """
     check_options(options, _OPTIONS, "pt")
+    check_modes = pop_check_modes(options)
     num_chains = 4 if num_chains is None else num_chains
     path = make_path(target, options.pop("reference", None))
     defaults = inspect.signature(parallel_tempering).parameters  # the run's own defaults, stated once
@@ -327,4 +330,6 @@ def pt_sampler(target, *, num_samples, num_chains, generator, progress, device, 
         "num_warmup": num_samples if options.get("num_warmup") is None else int(options["num_warmup"]),
         "path": path.kind,
     }
+    if check_modes:
+        attrs.update(check_missed_modes("PT", target, path, out.draws, out.log_normalizer, generator, device))
     return SamplerResult(out.draws, sample_stats, {"tempering": out.temperatures}, attrs, diagnose=True)

@@ -12,6 +12,7 @@ import torch
 from diffstat._util import check_options, progress_bar
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.core import initial_particles
+from diffstat.tempering.mode_check import check_missed_modes, pop_check_modes
 from diffstat.tempering.path import make_path
 from diffstat.tempering.resampling import resample
 from diffstat.tempering.runs import (
@@ -26,7 +27,7 @@ from diffstat.tempering.smc import MIN_EVES, SMCConfig, adaptive_tempered_smc
 
 __all__ = ["smc_sampler"]
 
-_OPTIONS = {"reference"} | {f.name for f in fields(SMCConfig)}
+_OPTIONS = {"reference", "check_modes"} | {f.name for f in fields(SMCConfig)}
 
 
 @register_sampler("smc", typed_by=SMCConfig)
@@ -39,7 +40,10 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     (``"mala"``), ``num_mcmc_steps`` (None: adapted per stage), ``max_mcmc_steps`` (100),
     ``decorrelation_tol`` (0.1), ``metric`` (``"auto"``, ``"dense"``, ``"diag"``), ``within_modes``
     (True), ``num_leapfrog`` (5), ``step_size``, ``target_accept``, ``adapt_scale`` (True),
-    ``step_jitter`` (0), ``betas``, ``max_stages``.
+    ``step_jitter`` (0), ``betas``, ``max_stages``; ``check_modes`` (True): after the runs, look
+    for modes that every run missed (:func:`~diffstat.modes.coverage.missed_modes`: gradient ascent
+    from widened reference draws, Laplace masses of the peaks no draw reaches); ``missed_mode_share``
+    in attrs, and a ``RuntimeWarning`` above 0.05.
 
     Why four runs: the share of each mode in the draws is the ratio of the per-mode evidence
     estimates, so it carries their noise, about that of :math:`\log\hat Z` (0.1 at 1,000 particles on
@@ -52,6 +56,7 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     scheme; ``log_weight`` in ``sample_stats`` is each draw's log weight before that resampling.
     """
     check_options(options, _OPTIONS, "smc")
+    check_modes = pop_check_modes(options)
     num_chains = 4 if num_chains is None else num_chains
     path = make_path(target, options.pop("reference", None))
     SMCConfig.from_options(dict(options))  # a bad value is refused before the first evaluation
@@ -83,6 +88,8 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     agreement, rhat = runs_agreement(log_zs, ses), runs_rhat(torch.stack(draws))
     num_eves = min(r.num_eves for r in runs)
     _warn_if_unreliable(num_eves, num_samples, log_zs, ses, agreement, rhat, log_z, se)
+    pooled = torch.cat(draws)
+    missed = check_missed_modes("SMC", target, path, pooled, log_z, generator, device) if check_modes else {}
     sample_stats = {
         "lp": torch.stack(lps),
         "acceptance_rate": torch.stack(accs),
@@ -100,6 +107,7 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
         "num_eves": num_eves,
         "path": path.kind,
     }
+    attrs.update(missed)
     return SamplerResult(
         torch.stack(draws), sample_stats, {"tempering": stack_stages([r.stages for r in runs])}, attrs
     )

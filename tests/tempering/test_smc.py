@@ -140,7 +140,8 @@ def test_smc_counts_one_evaluation_per_point_on_a_pyro_model():
     target, _ = pyro_conjugate("normal")
     idata = ds.sample(target, "smc", num_samples=200, num_chains=1, seed=0, progress=False, num_mcmc_steps=2)
     attrs = idata.posterior.attrs
-    assert attrs["num_target_evals"] == 16 + 200 * (1 + 2 * attrs["num_stages"])
+    # the run's evaluations, then the check for missed modes (counted too)
+    assert attrs["num_target_evals"] == 16 + 200 * (1 + 2 * attrs["num_stages"]) + attrs["mode_check_evals"]
     assert list(idata.posterior.data_vars) == ["mu"] and idata.posterior.mu.shape == (1, 200, 3)
 
 
@@ -185,7 +186,8 @@ def test_smc_output_contract_and_evaluation_count():
     k = attrs["num_stages"]
     assert k == len(betas) and attrs["method"] == "smc"
     assert math.isclose(attrs["log_normalizer"], float(group.log_z_increment.sum()), abs_tol=1e-9)
-    assert attrs["num_target_evals"] == 16 + n * (1 + 3 * k)
+    assert attrs["num_target_evals"] == 16 + n * (1 + 3 * k) + attrs["mode_check_evals"]
+    assert attrs["missed_mode_share"] == 0.0
     # Independent runs as chains (4 by default): their per-stage diagnostics side by side, and the
     # pooled log Z the log of the mean of the runs' Z estimates.
     idata = ds.sample(target, "smc", num_samples=50, seed=0, progress=False)

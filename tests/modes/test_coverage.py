@@ -1,0 +1,101 @@
+"""The check for modes a run's draws miss (diffstat.modes.coverage) and SMC's warning built on it."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import diffstat as ds
+from diffstat.modes.coverage import laplace_log_mass, missed_modes
+from diffstat.targets.funnel import Funnel
+from diffstat.targets.two_modes import two_modes
+
+F64 = torch.float64
+
+
+def three_modes(dim=5):
+    """Weights 0.5 / 0.3 / 0.2 at 0, 8 e_1 and 8 e_2; covariances 0.5 I, a sheared one, 2 I."""
+    w = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
+    mus = torch.zeros(3, dim, dtype=F64)
+    mus[1, 0], mus[2, 1] = 8.0, 8.0
+    shear = torch.eye(dim, dtype=F64)
+    shear[0, 1] = 0.9
+    covs = torch.stack([0.5 * torch.eye(dim, dtype=F64), shear @ shear.T, 2.0 * torch.eye(dim, dtype=F64)])
+    comps = torch.distributions.MultivariateNormal(mus, covs)
+
+    def log_prob(x):
+        return torch.logsumexp(comps.log_prob(x[:, None, :]) + w.log(), -1)
+
+    return ds.Target(log_prob, dim), comps, w
+
+
+def test_laplace_mass_is_exact_for_a_gaussian_and_minus_inf_off_a_mode():
+    cov = torch.tensor([[2.0, 0.6], [0.6, 0.5]], dtype=F64)
+    gauss = torch.distributions.MultivariateNormal(torch.tensor([1.0, -2.0], dtype=F64), cov)
+    target = ds.Target(lambda x: gauss.log_prob(x) + 3.0, 2)
+    lm = laplace_log_mass(target, torch.tensor([[1.0, -2.0], [5.0, 5.0]], dtype=F64))
+    assert abs(float(lm[0]) - 3.0) < 1e-12  # log Z = 3 exactly at the mode
+    # An off-mode point of a log-density curving up in a direction is no mode.
+    saddle = ds.Target(lambda x: -(x[:, 0] ** 2) + x[:, 1] ** 2, 2)
+    assert laplace_log_mass(saddle, torch.zeros(1, 2, dtype=F64))[0] == -math.inf
+
+
+def test_draws_from_one_mode_miss_the_others_share_and_draws_from_all_miss_nothing():
+    target, comps, w = three_modes()
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    starts = torch.randn(256, 5, dtype=F64)  # N(0, I): the reference SMC uses by default
+    found = comps.sample((2000,))[:, 0]  # exact draws of the mode at 0 alone, evidence log 0.5
+    res = missed_modes(target, found, math.log(0.5), starts, gen)
+    assert res.centres.shape[0] == 2 and abs(res.share - 0.5) < 0.02  # exact 0.5: Gaussian modes
+    assert res.num_evals > 0
+    pick = torch.multinomial(w, 2000, replacement=True, generator=gen)
+    every = comps.sample((2000,))[torch.arange(2000), pick]
+    res = missed_modes(target, every, 0.0, starts, gen)
+    assert res.share == 0.0 and res.centres.shape[0] == 0
+
+
+def test_no_missed_mode_on_a_funnel_or_a_correlated_gaussian():
+    gen = torch.Generator().manual_seed(1)
+    funnel = Funnel(10).as_target(dtype=F64)
+    torch.manual_seed(1)
+    res = missed_modes(funnel, Funnel(10).sample(2000).to(F64), 0.0, torch.randn(256, 10, dtype=F64), gen)
+    assert res.share == 0.0  # the funnel's neck climbs to no mode with a negative definite Hessian
+    cov = 0.9 * torch.ones(8, 8, dtype=F64) + 0.1 * torch.eye(8, dtype=F64)
+    gauss = torch.distributions.MultivariateNormal(torch.full((8,), 3.0, dtype=F64), cov)
+    target = ds.Target(gauss.log_prob, 8)
+    res = missed_modes(target, gauss.sample((2000,)), 0.0, torch.randn(256, 8, dtype=F64), gen)
+    assert res.share == 0.0
+
+
+def test_smc_warns_of_the_modes_every_run_missed_and_not_where_a_reference_covers_them():
+    target, _, _ = three_modes()
+    with pytest.warns(RuntimeWarning, match="no draw reaches") as caught:
+        idata = ds.sample(target, "smc", num_samples=500, seed=0, progress=False)
+    attrs = idata.posterior.attrs
+    # From N(0, I) all four runs stay in the mode at 0 and agree: only the mode check sees the rest.
+    assert abs(attrs["log_normalizer"] - math.log(0.5)) < 0.1
+    assert abs(attrs["missed_mode_share"] - 0.5) < 0.05
+    assert not any("different parts" in str(w.message) for w in caught)
+    wide = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(5), 6.0), 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        idata = ds.sample(target, "smc", num_samples=500, seed=0, progress=False, reference=wide)
+    assert idata.posterior.attrs["missed_mode_share"] == 0.0
+    assert abs(idata.posterior.attrs["log_normalizer"]) < 0.15
+
+
+def test_smc_finds_the_far_mode_of_two_modes_16_that_its_runs_lost():
+    target = two_modes(16, weights=(3, 1)).as_target(dtype=F64)
+    with pytest.warns(RuntimeWarning, match="no draw reaches"):
+        idata = ds.sample(target, "smc", num_samples=1000, seed=0, progress=False)
+    assert abs(idata.posterior.attrs["missed_mode_share"] - 0.25) < 0.02
+
+
+def test_the_check_is_an_option():
+    target, _, _ = three_modes()
+    with pytest.raises(ValueError, match="check_modes"):
+        ds.sample(target, "smc", num_samples=50, seed=0, progress=False, check_modes="no")
+    idata = ds.sample(target, "smc", num_samples=200, seed=0, progress=False, check_modes=False)
+    assert "missed_mode_share" not in idata.posterior.attrs
