@@ -70,13 +70,17 @@ def equal_budget_smc(target_name: str, seed: int, budget: int, time_limit: float
     ``num_mcmc_steps`` scaled by budget / evaluations. Returns the second run and the first's count."""
     steps = 10
     first = run_with_time_limit(
-        _run, (target_name, seed, "smc", dict(num_chains=1, num_mcmc_steps=steps)), time_limit
+        _run,
+        (target_name, seed, "smc", dict(num_chains=1, num_mcmc_steps=steps, check_modes=False)),
+        time_limit,
     )
     if "evals" not in first:
         return first, 0
     steps = max(1, round((steps + 1) * budget / first["evals"]) - 1)
     second = run_with_time_limit(
-        _run, (target_name, seed, "smc", dict(num_chains=1, num_mcmc_steps=steps)), time_limit
+        _run,
+        (target_name, seed, "smc", dict(num_chains=1, num_mcmc_steps=steps, check_modes=False)),
+        time_limit,
     )
     second["num_mcmc_steps"] = steps
     return second, first["evals"]

@@ -1,0 +1,146 @@
+"""The check for modes every run missed (``check_modes``, ``diffstat/modes/coverage.py``): what it
+finds and what it costs, and that it stays silent where nothing is missed.
+
+``--detect`` (default): ``ds.sample(target, method, num_samples=1000, seed=s)`` for ``smc``, ``ais``
+and ``pt`` at their defaults, from each target's default reference (N(0, I): no reference given), on
+mixtures with exact mode weights. Columns: the total variation between the draws' mode shares and
+the exact weights (what is missed), the check's ``missed_mode_share``, whether it warned, whether
+anything else warned, the check's evaluations over the run's, seconds.
+
+* ``three_modes``: 5-d, weights 0.5 / 0.3 / 0.2 at 0, 8 e_1, 8 e_2 (covariances 0.5 I, sheared, 2 I);
+* ``two_modes16``: ``two_modes(16, weights=(3, 1))``, the SLIPS target, modes 8 apart;
+* ``narrow_wide10``: ``narrow_wide(10)``, heavy narrow mode 0.75;
+* ``mixture6``: issue 13's 6-d mixture (``tests/tempering/correlated_targets.py``) from N(0, I)
+  instead of its N(0, 36 I);
+* ``nine_modes``: the 2-d nine-mode grid.
+
+``--posteriordb``: false alarms. For each of the 37 posteriors the Stan reference draws (mapped to
+unconstrained space) stand for a run's draws, and a Laplace fit at the best of 64 climbed draws
+for its evidence; the check then runs from 256 prior draws. Columns: missed share, the number of
+uncovered local maxima with a negative definite Hessian and their Laplace log-masses, evaluations.
+
+    python benchmarks/bench_mode_check.py [--detect] [--posteriordb] [--seeds 0 1 2]
+        [--methods smc ais pt] [--targets ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+import sys
+import time
+import warnings
+
+import torch
+
+import diffstat as ds
+from diffstat.targets.gmm40 import nine_modes
+from diffstat.targets.two_modes import narrow_wide, two_modes
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "tempering"))
+from correlated_targets import mixture6  # noqa: E402
+
+F64 = torch.float64
+
+
+def three_modes():
+    """``(target, means (3, 5), weights (3,))`` of the 5-d three-mode mixture (module docstring)."""
+    w = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
+    mus = torch.zeros(3, 5, dtype=F64)
+    mus[1, 0], mus[2, 1] = 8.0, 8.0
+    shear = torch.eye(5, dtype=F64)
+    shear[0, 1] = 0.9
+    covs = torch.stack([0.5 * torch.eye(5, dtype=F64), shear @ shear.T, 2.0 * torch.eye(5, dtype=F64)])
+    comps = torch.distributions.MultivariateNormal(mus, covs)
+    target = ds.Target(lambda x: torch.logsumexp(comps.log_prob(x[:, None, :]) + w.log(), -1), 5)
+    return target, lambda x: comps.log_prob(x[:, None, :].to(F64)).argmax(-1), w
+
+
+def _mixture(gm):
+    return gm.as_target(dtype=F64), lambda x: gm.assign(x.to(F64)), gm.weights.to(F64)
+
+
+TARGETS = {
+    "three_modes": three_modes,
+    "two_modes16": lambda: _mixture(two_modes(16, weights=(3, 1))),
+    "narrow_wide10": lambda: _mixture(narrow_wide(10)),
+    "mixture6": lambda: _mixture(mixture6()[0]),
+    "nine_modes": lambda: _mixture(nine_modes()),
+}
+
+
+def detect(names, methods, seeds) -> None:
+    print("| target | method | seed | TV | missed | check warns | other warns | evals (check / all) | s |")
+    print("| --- | --- | --- | ---: | ---: | --- | --- | --- | ---: |")
+    for name in names:
+        for method in methods:
+            for seed in seeds:
+                target, assign, weights = TARGETS[name]()
+                t0 = time.time()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    idata = ds.sample(target, method, num_samples=1000, seed=seed, progress=False)
+                attrs = idata.posterior.attrs
+                x = torch.as_tensor(idata.posterior["x"].values).reshape(-1, target.dim)
+                share = torch.bincount(assign(x), minlength=len(weights)).to(F64) / x.shape[0]
+                tv = 0.5 * float((share / share.sum() - weights / weights.sum()).abs().sum())
+                messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+                check = any("no draw reaches" in m for m in messages)
+                other = any("no draw reaches" not in m for m in messages)
+                missed = attrs.get("missed_mode_share", math.nan)
+                evals = f"{attrs.get('mode_check_evals', 0):,} / {attrs['num_target_evals']:,}"
+                flags = f"{'yes' if check else 'no'} | {'yes' if other else 'no'}"
+                print(
+                    f"| {name} | {method} | {seed} | {tv:.3f} | {missed:.3f} | {flags} | {evals} | "
+                    f"{time.time() - t0:.0f} |",
+                    flush=True,
+                )
+
+
+def posteriordb_false_alarms() -> None:
+    from diffstat import posteriordb
+    from diffstat.modes.climb import hill_climb
+    from diffstat.modes.coverage import laplace_log_mass, missed_modes
+    from diffstat.tempering.path import make_path
+
+    print("| posterior | dim | missed share | uncovered modes (log-mass) | log Z (Laplace) | evals |")
+    print("| --- | ---: | ---: | --- | ---: | ---: |")
+    for name in posteriordb.names():
+        post = posteriordb.load(name)
+        target = post.target
+        u = target.unconstrain(post.reference_sites()).to(target.dtype)
+        gen = torch.Generator().manual_seed(0)
+        starts = make_path(target).sample_reference(256, gen)
+        lp, g = target.log_prob_and_grad(u[:64])
+        h = torch.full_like(lp, 0.1 * float(u.var(0).mean()))
+        peaks, peak_lp, _ = hill_climb(target.log_prob_and_grad, u[:64], lp, g, 200, h)
+        log_z = float(laplace_log_mass(target, peaks[peak_lp.argmax()][None])[0])
+        res = missed_modes(target, u, log_z, starts, gen)
+        masses = ", ".join(f"{float(v):.1f}" for v in res.log_masses[:3]) or "-"
+        print(
+            f"| {name} | {target.dim} | {res.share:.1e} | {res.centres.shape[0]} ({masses}) | {log_z:.2f} | "
+            f"{res.num_evals:,} |",
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--detect", action="store_true")
+    parser.add_argument("--posteriordb", action="store_true")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=["smc", "ais", "pt"])
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.detect or not args.posteriordb:
+        detect(args.targets, args.methods, args.seeds)
+    if args.posteriordb:
+        posteriordb_false_alarms()
+
+
+if __name__ == "__main__":
+    main()
