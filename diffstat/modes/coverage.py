@@ -9,12 +9,16 @@ every independent run alike, and then no check between runs sees it: the runs ag
 1. **Starts**: ``num_starts`` reference draws, scaled about their mean by ``scales`` (1, 2, 4),
    cycling: a draw moved outward starts in a far basin that the reference itself rarely visits.
 2. **Peaks**: every start climbs to its local maximum (:func:`~diffstat.modes.climb.hill_climb`,
-   at most ``num_climb`` steps), and so do ``num_found`` of the draws: their peaks are the modes the
-   draws hold.
-3. **Covered**: a climbed start joined to its nearest draw peak (coordinates standardised by the
-   draws' spread) by a segment without a barrier (:func:`~diffstat.modes.barriers.no_barrier`) is
-   in a mode the draws hold. A start that never got far up is covered by the same test (its own
-   log-density is the floor), so climbs that did not finish raise no alarm.
+   at most ``num_climb`` steps), and so do ``num_found`` of the draws, half of them chosen by
+   farthest-point selection so that a mode holding a few percent of the draws has one: their peaks
+   are the modes the draws hold.
+3. **Covered**: the draw peaks are grouped by barrier, and each group gets the share of the draws
+   nearest to its climbed draws; a group with at least ``MIN_DRAW_SHARE`` (1%) of them is a mode the
+   draws hold. A climbed start (or a draw peak of a group under that share) joined to its nearest
+   draw peak of a held mode (coordinates standardised by the draws' spread) by a segment without a
+   barrier (:func:`~diffstat.modes.barriers.no_barrier`) is covered. A start that never got far up
+   is covered by the same test (its own log-density is the floor), so unfinished climbs raise no
+   alarm.
 4. **Mass**: the uncovered peaks are grouped by barrier; the highest point of each group is a
    missed mode, with the Laplace mass :math:`\log p(m) + \tfrac d2\log 2\pi - \tfrac12\log\det(-\nabla^2
    \log p(m))` where the Hessian is negative definite (else it is not a mode and counts nothing).
@@ -40,10 +44,13 @@ from diffstat.modes.barriers import group_by_barrier, no_barrier
 from diffstat.modes.climb import hill_climb
 from diffstat.modes.laplace import log_prob_grad_hessian
 
-__all__ = ["MAX_MISSED_SHARE", "MissedModes", "laplace_log_mass", "missed_modes"]
+__all__ = ["MAX_MISSED_SHARE", "MIN_DRAW_SHARE", "MissedModes", "laplace_log_mass", "missed_modes"]
 
 #: The missed share above which a run is flagged (module notes).
 MAX_MISSED_SHARE = 0.05
+
+#: A mode holding a smaller share of the draws counts as missed (its mass then comes from Laplace).
+MIN_DRAW_SHARE = 0.01
 
 
 class MissedModes(NamedTuple):
@@ -92,6 +99,26 @@ def _in_box(target, x: torch.Tensor):
     return log_prob_and_grad
 
 
+def _spread_picks(draws: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices ``(min(k, n),)`` of draws: half by farthest-point selection in coordinates standardised
+    by the draws' sds (every separate cluster of draws gets one, however few draws it holds), the
+    rest at random."""
+    n = draws.shape[0]
+    order = torch.randperm(n, generator=generator, device=generator.device).to(draws.device)
+    if k >= n:
+        return order
+    z = draws / draws.std(0).clamp_min(1e-12) if n > 1 else draws
+    picks = [int(order[0])]
+    dist = (z - z[picks[0]]).norm(dim=-1)
+    for _ in range(k // 2 - 1):
+        picks.append(int(dist.argmax()))
+        dist = torch.minimum(dist, (z - z[picks[-1]]).norm(dim=-1))
+    chosen = torch.zeros(n, dtype=torch.bool, device=draws.device)
+    chosen[picks] = True
+    rest = order[~chosen[order]][: k - len(picks)]
+    return torch.cat([torch.tensor(picks, device=draws.device), rest])
+
+
 def missed_modes(
     target,
     draws: torch.Tensor,
@@ -124,8 +151,7 @@ def missed_modes(
         peaks, peak_lp, _ = hill_climb(
             log_prob_and_grad, x0[ok], lp0[ok], g0[ok], num_climb, step_size * scale[ok] ** 2
         )
-        pick = torch.randperm(draws.shape[0], generator=generator, device=generator.device)[:num_found]
-        xd = draws[pick.to(device)]
+        xd = draws[_spread_picks(draws, num_found, generator)]
         lpd, gd = log_prob_and_grad(xd)
         fine = torch.isfinite(lpd) & torch.isfinite(gd).all(-1)
         h = torch.full_like(lpd[fine], step_size * float(draws.var(0).mean()))
@@ -134,9 +160,18 @@ def missed_modes(
     if peaks.shape[0] == 0 or held.shape[0] == 0:
         return empty._replace(num_evals=target.num_target_evals - evals0)
     sd = draws.std(0).clamp_min(1e-12) if draws.shape[0] > 1 else torch.ones_like(draws[0])
-    near = torch.cdist(peaks / sd, held / sd).argmin(-1)
-    covered = no_barrier(target.log_prob, peaks, peak_lp, held[near], held_lp[near])
-    loose, loose_lp = peaks[~covered], peak_lp[~covered]
+    # The modes the draws hold: the climbed picks grouped by barrier, each group with the share of the
+    # draws nearest to its picks; a group under MIN_DRAW_SHARE holds too few to count as found.
+    group = group_by_barrier(target.log_prob, held, held_lp)
+    owner = torch.cdist(draws / sd, xd[fine] / sd).argmin(-1)
+    found = (torch.bincount(group[owner], minlength=int(group.max()) + 1) / draws.shape[0])[
+        group
+    ] >= MIN_DRAW_SHARE
+    anchors, anchors_lp = held[found], held_lp[found]
+    candidates, candidates_lp = torch.cat([peaks, held[~found]]), torch.cat([peak_lp, held_lp[~found]])
+    near = torch.cdist(candidates / sd, anchors / sd).argmin(-1)
+    covered = no_barrier(target.log_prob, candidates, candidates_lp, anchors[near], anchors_lp[near])
+    loose, loose_lp = candidates[~covered], candidates_lp[~covered]
     if loose.shape[0] == 0:
         return empty._replace(num_evals=target.num_target_evals - evals0)
     label = group_by_barrier(target.log_prob, loose, loose_lp)
