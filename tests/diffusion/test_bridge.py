@@ -142,24 +142,31 @@ def test_with_laplace_adds_the_exact_gaussian_at_half_of_each_modes_weight():
     assert with_laplace(saddle, two, 1.2) is two
 
 
-def _summary(ess: float, n: int) -> dict:
-    return {"ess": ess, "num_proposals": n}
+def _summary(ess: float, n: int, k: float) -> dict:
+    return {"ess": ess, "num_proposals": n, "pareto_k": k}
 
 
 def test_bridge_now_separates_misses_that_rounds_repeat_from_those_they_repair():
-    """The first rounds measured in ``docs/diffusion_sampler.md`` ("Bridging after a hopeless round"):
-    sonar (61-d, Kish ESS 2.2 of 4,096, next fit to 256 chains) and a 50-d Gaussian (ESS 4.3) missed
-    by about the log-weight variance d(d+3)/(2m) that the Gaussian fits' sampling error gives, and
-    bridge now; the 2-d Gaussian of sd 0.001 (ESS 1 of 1,000, 32 chains) and the 10-d funnel (ESS 6.4
-    of 2,048, 128 chains) missed by 11 and more times it, and later rounds repair or improve them. A
-    round with no finite weight, or one that did not miss by its ESS, never stops the rounds; the
-    boundary is at ``FIT_MARGIN`` times the floor."""
-    assert bridge_now(_summary(2.2, 4096), 61, 256) and bridge_now(_summary(4.3, 4096), 50, 256)
-    assert not bridge_now(_summary(1.0, 1000), 2, 32) and not bridge_now(_summary(6.36, 2048), 10, 128)
-    assert not bridge_now(_summary(0.0, 4096), 61, 256) and not bridge_now(_summary(25.0, 4096), 61, 256)
+    """First rounds measured at the defaults (``docs/diffusion_sampler.md``, "Bridging after a hopeless
+    round"; Kish ESS of n proposals, Pareto k, the next fit to m chains a mode): sonar (61-d, 4.5 of
+    4,096, k 1.43, m 256) and a 50-d Gaussian (2.9, k 1.24), which no later round repaired, bridge
+    now; ionosphere (34-d, 24.0, k 0.81), the 10-d funnel's second round (4.5 of 2,048, k 1.03, m 128)
+    and the 2-d Gaussian of sd 0.001 (1 of 1,000, k infinite, m 32), which later rounds repaired or
+    improved, do not, nor would ionosphere's at any ESS below 20. No finite weight (ESS 0), an ESS of
+    20 or k up to 1 never stop the rounds; the boundary is at ``FIT_MARGIN`` times the floor."""
+    assert bridge_now(_summary(4.51, 4096, 1.43), 61, 256) and bridge_now(_summary(2.93, 4096, 1.24), 50, 256)
+    assert not bridge_now(_summary(23.97, 4096, 0.81), 34, 256)
+    assert not bridge_now(_summary(19.99, 4096, 1.5), 34, 256) and not bridge_now(
+        _summary(1.0, 4096, 9), 34, 256
+    )
+    assert not bridge_now(_summary(4.5, 2048, 1.03), 10, 128) and not bridge_now(
+        _summary(1.0, 1000, math.inf), 2, 32
+    )
+    for ess, k in ((0.0, math.nan), (20.0, 1.43), (4.51, 1.0)):
+        assert not bridge_now(_summary(ess, 4096, k), 61, 256)
     floor = 40 * 43 / (2 * 256)
-    assert bridge_now(_summary(256 * math.exp(-0.99 * FIT_MARGIN * floor), 256), 40, 256)
-    assert not bridge_now(_summary(256 * math.exp(-1.01 * FIT_MARGIN * floor), 256), 40, 256)
+    assert bridge_now(_summary(256 * math.exp(-0.99 * FIT_MARGIN * floor), 256, 2.0), 40, 256)
+    assert not bridge_now(_summary(256 * math.exp(-1.01 * FIT_MARGIN * floor), 256, 2.0), 40, 256)
 
 
 def test_a_round_that_missed_by_its_fits_error_leaves_the_rounds_budget_to_the_bridge():
