@@ -170,18 +170,18 @@ def test_bridge_now_separates_misses_that_rounds_repeat_from_those_they_repair()
 
 
 def test_a_round_that_missed_by_its_fits_error_leaves_the_rounds_budget_to_the_bridge():
-    """On the 40-d Gaussian with three rounds allowed, the first round misses by less than its
-    Gaussian fit's sampling error (bridge_now): the rounds stop after it (the code before ran all
-    three, each missing) and the bridge is right with what they left; the narrow 2-d Gaussian, whose
-    first round missed by thousands of nats, still runs both its rounds before the bridge, whose
-    stages fill the last row of the per-round records."""
+    """On the 40-d Gaussian with three rounds allowed (seed 3), the first round misses by far (k 1.20,
+    Kish ESS 2.7) and by less than its Gaussian fit's sampling error (bridge_now): the rounds stop
+    after it (the code before ran all three, each missing) and the bridge is right with what they
+    left; the narrow 2-d Gaussian, whose first round missed by thousands of nats, still runs both its
+    rounds before the bridge, whose stages fill the last row of the per-round records."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         idata = ds.sample(
             _gaussian_target(),
             "gaussian_is",
             num_samples=500,
-            seed=1,
+            seed=3,
             progress=False,
             **(FEW | {"max_rounds": 3}),
         )
