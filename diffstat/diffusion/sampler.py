@@ -98,10 +98,11 @@ group) are then returned, with ``attrs["correction"]`` = ``"smc"`` (else ``"impo
 rounds' own estimate as ``importance_log_normalizer``. It
 spends what the rounds left of ``max_evals`` (1,000,000, the whole run's budget), and the rounds
 stop early to leave it more (``attrs["rounds_stopped_early"]``, :func:`~diffstat.diffusion.rounds.hopeless`)
-once a round missed by no more than the sampling error of a Gaussian fitted to the next round's chains
-would give by itself (:func:`~diffstat.diffusion.bridge.bridge_now`): such a miss is spread over many
-dimensions (sonar's 61), and a refit of the same size repeats it, where a miss far beyond it (a mode
-missed in place or scale) is what restocking repairs. A bridge that
+once a round missed by far (Pareto k above 1, Kish ESS below 20) yet by no more than twice what the
+sampling error of the Gaussians fitted to the next round's chains gives by itself
+(:func:`~diffstat.diffusion.bridge.bridge_now`): such a miss is spread thin over many dimensions
+(sonar's 61) and a refit of the same size repeats it, where a miss far beyond it (a mode missed in
+place or scale, as in 2-d) is what restocking repairs. A bridge that
 degenerates (too few particles, collapsed genealogy, moves that do not move or never settle) keeps
 ``reliable`` 0 and the warning, which then names its failure too. Runs whose rounds are reliable
 never start it, and are unchanged bit for bit.
