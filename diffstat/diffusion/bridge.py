@@ -130,7 +130,7 @@ FINAL_MOVES = 10
 MAX_STAGES = 1000
 #: How many times the log-weight variance that a Gaussian fit's sampling error alone gives (d(d+3)/(2m))
 #: a missed round may reach and still count as that error (:func:`bridge_now`): the rounds that never
-#: recovered reached 0.8 to 1.6 times it (sonar, a 50-d Gaussian), the first rounds that later rounds
+#: recovered reached 0.7 to 1.6 times it (sonar, a 50-d Gaussian), the first rounds that later rounds
 #: repaired 2.1 (ionosphere, 34-d) and 11 and more (a 10-d funnel, a 2-d Gaussian of sd 0.001;
 #: ``docs/diffusion_sampler.md``). With 2 no round of ESS below 20 of 4,096 proposals stops a run of
 #: 256 chains a mode in 35 or fewer dimensions.
