@@ -3,10 +3,11 @@ or nearly does: sonar (61-d), ionosphere (34-d) and Neal's funnel (10-d), at the
 
 Prints one markdown row per run: log Z and its error against the reference values (sonar -108.48 by
 AIS here and the literature's -108.58; ionosphere -111.61 by AIS and 10^6-draw importance sampling
-here; the funnel 0), the reported standard error, ``reliable``, the correction used, the importance
-rounds' own log Z, the bridge's particles, stages and surviving Eves, the sd of x_1 (funnel, exact
-3), the largest error of the posterior means in posterior sds against ``--nuts-seed`` NUTS draws
-(4 chains of 2,000, when asked), target evaluations and seconds. The section "The SMC bridge" of
+here; the funnel 0), the reported standard error, ``reliable``, the correction used, the rounds run
+(and whether they stopped early to leave the bridge their budget), the importance rounds' own log Z,
+the bridge's particles, stages and surviving Eves, the sd of x_1 (funnel, exact 3), the largest
+error of the posterior means in posterior sds against ``--nuts-seed`` NUTS draws (4 chains of
+2,000, when asked), target evaluations and seconds. The section "The SMC bridge" of
 ``docs/diffusion_sampler.md`` comes from
 
     python benchmarks/bench_diffusion_bridge.py --targets sonar ionosphere funnel --seeds 0 1 2
@@ -68,9 +69,10 @@ def run(name: str, seed: int, moments, **options) -> str:
         else "-"
     )
     rounds = a.get("importance_log_normalizer", a["log_normalizer"])
+    ran = f"{a['num_rounds']}" + (" (stopped early)" if a["rounds_stopped_early"] else "")
     return (
         f"| {name} | {seed} | {a['log_normalizer']:.3f} | {errs} | {a['log_normalizer_se']:.3f} "
-        f"| {a['reliable']} | {a['correction']} | {rounds:.3f} | {bridge} | {extra} "
+        f"| {a['reliable']} | {a['correction']} | {ran} | {rounds:.3f} | {bridge} | {extra} "
         f"| {a['num_target_evals']:,} | {seconds:.0f} | {flags} |"
     )
 

@@ -33,6 +33,18 @@ stages of 20 moves, what the bridges measured on sonar and ionosphere took
 the budget left after keeping ``FINAL_MOVES`` (10) moves a particle for the last stage, at the
 target itself; a stage with none left only reweights and resamples (and the checks below say so).
 
+**When to bridge.** The rounds stop early and leave their budget to the bridge once a round missed
+by far and in the way more rounds repeat (:func:`bridge_now`): Pareto :math:`\hat k` above
+``FAR_PARETO_K`` (1: the weights' mean no longer exists, Vehtari et al. 2024), a Kish ESS below
+``MIN_ROUND_ESS``, and a log-weight variance :math:`\hat\sigma^2 = \ln(n/\mathrm{ESS})` (exact for
+log-normal weights) below ``FIT_MARGIN`` (2) times :math:`d(d+3)/(2m)`, twice the expected
+Kullback-Leibler divergence of a :math:`d`-dimensional Gaussian fitted to :math:`m` draws
+(``refresh_chains`` per mode, what the next round refits each mode's Gaussian to). Such a miss is the
+fit's own sampling error, spread over many dimensions, which a refit of the same size makes again; a
+miss far above it is a mode missed in place or scale, which restocking from the best particles
+repairs. A pooled bank (its Gaussian part fitted per coordinate) and ``bridge=False`` never stop
+early.
+
 **Judged by its own diagnostics.** The bridge is unreliable (a ``RuntimeWarning``, ``reliable`` 0)
 when it ran with fewer than ``PARTICLES_PER_DIM`` (10) particles per dimension, when a stage
 before the last had no moves, when its last stage used all ``MAX_MOVES`` (100) moves (particles still
@@ -66,6 +78,7 @@ __all__ = [
     "ProposalDistribution",
     "BridgeResult",
     "bridge_weights",
+    "bridge_now",
     "with_laplace",
     "bridge_size",
     "smc_bridge",
@@ -77,6 +90,8 @@ __all__ = [
     "MIN_EVES",
     "MIN_DISTINCT",
     "MIN_DECORRELATION",
+    "FIT_MARGIN",
+    "FAR_PARETO_K",
 ]
 
 #: Target evaluations a whole run may spend (issue 15's budget), the rounds and the bridge together.
@@ -113,6 +128,15 @@ MAX_MOVES = 100
 FINAL_MOVES = 10
 #: Most stages (as :class:`~diffstat.tempering.smc.SMCConfig`'s ``max_stages``).
 MAX_STAGES = 1000
+#: How many times the log-weight variance that a Gaussian fit's sampling error alone gives (d(d+3)/(2m))
+#: a missed round may reach and still count as that error (:func:`bridge_now`): the rounds that never
+#: recovered reached 0.7 to 1.6 times it (sonar, a 50-d Gaussian), the first rounds that later rounds
+#: repaired 2.1 (ionosphere, 34-d) and 11 and more (a 10-d funnel, a 2-d Gaussian of sd 0.001;
+#: ``docs/diffusion_sampler.md``). With 2 no round of ESS below 20 of 4,096 proposals stops a run of
+#: 256 chains a mode in 35 or fewer dimensions.
+FIT_MARGIN = 2.0
+#: Pareto k above which a round missed by far: the weights' tail has no mean (Vehtari et al. 2024).
+FAR_PARETO_K = 1.0
 
 
 class ProposalDistribution(torch.distributions.Distribution):
@@ -190,6 +214,21 @@ def with_laplace(target, mixture, inflate: float):
     return GaussianMixtureProposal(
         torch.cat([mixture.means, m[keep]]), torch.cat([mixture.chols, chol[good]]), torch.cat([w, w[keep]])
     )
+
+
+def bridge_now(summary: dict, dim: int, fit_draws: int) -> bool:
+    r"""Whether a round (an :func:`~diffstat.diffusion.importance.importance_summary` with its
+    ``num_proposals`` :math:`n`) missed so that more importance rounds are hopeless (module docstring):
+    Pareto :math:`\hat k` above ``FAR_PARETO_K``, a Kish ESS positive and below ``MIN_ROUND_ESS``,
+    and a log-weight variance :math:`\ln(n/\mathrm{ESS})` below ``FIT_MARGIN`` times
+    :math:`d(d+3)/(2m)`, the one a ``dim``-dimensional Gaussian fitted to :math:`m` = ``fit_draws``
+    independent draws gives by its sampling error alone (twice its expected Kullback-Leibler
+    divergence, :math:`d + d(d+1)/2` parameters over :math:`2m`). A round without a finite weight
+    (ESS 0) missed in place, not in shape, and is not hopeless."""
+    ess, n = float(summary["ess"]), int(summary["num_proposals"])
+    if not (summary["pareto_k"] > FAR_PARETO_K and 0.0 < ess < MIN_ROUND_ESS):
+        return False
+    return math.log(n / ess) < FIT_MARGIN * dim * (dim + 3) / (2 * fit_draws)
 
 
 def bridge_size(budget: int, num_particles: int | None = None) -> int:

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from diffstat.diffusion.bridge import bridge_now
 from diffstat.diffusion.importance import importance_summary, resample_per_mode, round_missed, unique_rows
 from diffstat.diffusion.gaussians import MeanFieldMixture
 from diffstat.diffusion.modes import MAX_UNSEEN, ModeBank, explore_modes, smc_seeds
@@ -43,6 +44,7 @@ __all__ = [
     "RoundState",
     "Units",
     "done",
+    "hopeless",
     "init",
     "step",
     "chains_per_mode",
@@ -380,10 +382,24 @@ def step(generator: torch.Generator, state: RoundState, target, config: Diffusio
 
 
 def done(state: RoundState, info: RoundInfo, config: DiffusionConfig) -> bool:
-    """Stop after ``max_rounds``, or once a round that did not miss reaches an ESS fraction of
-    ``target_ess``, provided the score models have been fitted (or there are none to fit)."""
+    """Stop after ``max_rounds``, once a round that did not miss reaches an ESS fraction of
+    ``target_ess``, provided the score models have been fitted (or there are none to fit), or, where
+    the SMC bridge follows, once a round missed so that more rounds are hopeless (:func:`hopeless`)."""
     s = info.summary
     enough = s["ess"] >= config.target_ess * s["num_proposals"] and not round_missed(s)
-    return state.round == config.max_rounds or (
-        enough and (state.units is not None or not config.use_diffusion)
+    return (
+        state.round == config.max_rounds
+        or (enough and (state.units is not None or not config.use_diffusion))
+        or hopeless(state, info, config)
     )
+
+
+def hopeless(state: RoundState, info: RoundInfo, config: DiffusionConfig) -> bool:
+    """Whether the round of ``info`` missed by no more than the sampling error of the next round's
+    per-mode Gaussian fits, to ``refresh_chains`` chains a mode
+    (:func:`~diffstat.diffusion.bridge.bridge_now`), with the SMC bridge to follow (``bridge``) and
+    per-mode Gaussians (a pooled bank's are fitted per coordinate, and never stop the rounds)."""
+    if not config.bridge or _pooled(state.bank):
+        return False
+    fit_draws = chains_per_mode(config.refresh_chains, state.bank.num_modes)
+    return bridge_now(info.summary, info.population.x.shape[1], fit_draws)

@@ -96,7 +96,13 @@ mode weights with 10% uniform; each mode's Gaussian joined by its Laplace fit), 
 (unbiased, genealogy standard error), draws and per-stage records (``bridge_*`` in the ``diffusion``
 group) are then returned, with ``attrs["correction"]`` = ``"smc"`` (else ``"importance"``) and the
 rounds' own estimate as ``importance_log_normalizer``. It
-spends what the rounds left of ``max_evals`` (1,000,000, the whole run's budget). A bridge that
+spends what the rounds left of ``max_evals`` (1,000,000, the whole run's budget), and the rounds
+stop early to leave it more (``attrs["rounds_stopped_early"]``, :func:`~diffstat.diffusion.rounds.hopeless`)
+once a round missed by far (Pareto k above 1, Kish ESS below 20) yet by no more than twice what the
+sampling error of the Gaussians fitted to the next round's chains gives by itself
+(:func:`~diffstat.diffusion.bridge.bridge_now`): such a miss is spread thin over many dimensions
+(sonar's 61) and a refit of the same size repeats it, where a miss far beyond it (a mode missed in
+place or scale, as in 2-d) is what restocking repairs. A bridge that
 degenerates (too few particles, collapsed genealogy, moves that do not move or never settle) keeps
 ``reliable`` 0 and the warning, which then names its failure too. Runs whose rounds are reliable
 never start it, and are unchanged bit for bit.
@@ -136,9 +142,9 @@ from diffstat.diffusion.importance import (
     unreliable_reasons,
     unreliable_warning,
 )
-from diffstat.diffusion.rounds import RoundInfo, RoundState, done, init, step
+from diffstat.diffusion.rounds import RoundInfo, RoundState, done, hopeless, init, step
 from diffstat.diffusion.sampler_config import DiffusionConfig
-from diffstat.diffusion.sampler_output import bridge_draws, round_group, stack_runs
+from diffstat.diffusion.sampler_output import bridge_attrs, bridge_draws, round_group, stack_runs
 from diffstat.sampling import SamplerResult, register_sampler
 
 __all__ = [
@@ -151,6 +157,12 @@ __all__ = [
     "MIN_ROUND_ESS",
     "RUN_OPTIONS",
 ]
+
+#: Appended to the warning of a run whose rounds stopped early (rounds.hopeless) and whose bridge failed.
+STOPPED_EARLY = (
+    "The rounds stopped after round {}: it missed by what the Gaussian fits' sampling error gives in {} "
+    "dimensions, which more rounds repeat; raise max_evals (the bridge's budget) rather than max_rounds."
+)
 
 #: Options of the diffusion and gaussian_is methods: the fields of DiffusionConfig.
 RUN_OPTIONS = frozenset(f.name for f in dataclasses.fields(DiffusionConfig)) - {"use_diffusion"}
@@ -241,9 +253,11 @@ def _result(
     if not rounds_reliable and config.bridge:
         budget = config.max_evals - (target.num_target_evals - state.evals0)
         bridge, bridge_why = _run_bridge(generator, target, g, mode_weights, budget, config)
+    early = len(infos) < config.max_rounds and hopeless(state, infos[-1], config)
     if not rounds_reliable and (bridge is None or bridge_why):
         base = missed_warning(rounds, pool) if not pool["reliable"] else unreliable_warning(reasons)
         tail = "" if not bridge_why else " And " + "; ".join(bridge_why) + "."
+        tail += f" {STOPPED_EARLY.format(len(infos), target.dim)}" if early else ""
         warnings.warn(base + tail, RuntimeWarning, stacklevel=3)
     groups = {"diffusion": round_group(rounds, pool, state, bridge)}
     ess = groups["diffusion"]["ess"]
@@ -259,6 +273,7 @@ def _result(
         "pareto_k": float(rounds[-1]["pareto_k"]),
         "num_nan_exploration": int(state.explore_nan),
         "correction": "importance" if bridge is None else "smc",
+        "rounds_stopped_early": int(early),
     }
     if bridge is None:
         idx = torch.multinomial(p.to(generator.device), num_samples, replacement=True, generator=generator)
@@ -271,22 +286,7 @@ def _result(
         mode_weights = torch.zeros(num_modes, dtype=torch.float64, device=draws.device).index_add_(
             0, modes, torch.full_like(lp, 1.0 / lp.shape[0], dtype=torch.float64)
         )
-        ess_last = bridge.stages["ess"][-1:]  # the last stage's ESS fraction before its resampling
-        last_ess = float(ess_last.sum()) * bridge.num_particles
-        attrs.update(
-            log_normalizer=bridge.log_z,
-            log_normalizer_se=bridge.log_z_se,
-            reliable=int(not bridge_why),
-            ess=last_ess,
-            importance_log_normalizer=pool["log_z"],
-            importance_log_normalizer_se=pool["log_z_se"],
-            bridge_particles=bridge.num_particles,
-            bridge_stages=len(bridge.stages["beta"]),
-            bridge_eves=bridge.num_eves,
-            bridge_distinct=bridge.distinct,
-            bridge_evals=bridge.num_evals,
-            bridge_failures="; ".join(bridge_why),
-        )
+        attrs.update(bridge_attrs(bridge, bridge_why, pool))
     attrs["mode_weights"] = mode_weights.cpu().numpy()
     sample_stats = {"lp": lp.reshape(1, num_samples), "log_weight": log_w.reshape(1, num_samples)}
     return SamplerResult(draws.reshape(1, num_samples, target.dim), sample_stats, groups, attrs)

@@ -16,7 +16,7 @@ from diffstat.diffusion.rounds import RoundState
 from diffstat.sampling import SamplerResult
 from diffstat.tempering.runs import combine_runs
 
-__all__ = ["BRIDGE_FIELDS", "bridge_draws", "bridge_rows", "round_group", "stack_runs"]
+__all__ = ["BRIDGE_FIELDS", "bridge_attrs", "bridge_draws", "bridge_rows", "round_group", "stack_runs"]
 
 
 def stack_runs(results: list[SamplerResult]) -> SamplerResult:
@@ -48,10 +48,31 @@ def stack_runs(results: list[SamplerResult]) -> SamplerResult:
         num_proposals=sum(int(r.attrs["num_proposals"]) for r in results),
         pareto_k=max(float(r.attrs["pareto_k"]) for r in results),
         num_nan_exploration=sum(int(r.attrs["num_nan_exploration"]) for r in results),
+        rounds_stopped_early=max(int(r.attrs["rounds_stopped_early"]) for r in results),
         mode_weights=pad_stack([r.attrs["mode_weights"] for r in results], axis=0),
         correction="smc" if any(r.attrs["correction"] == "smc" for r in results) else "importance",
     )
     return SamplerResult(draws, stats, groups, attrs)
+
+
+def bridge_attrs(bridge, reasons: list[str], pool: dict) -> dict:
+    """The attrs of a run that the SMC bridge corrected: the bridge's log Z, its error and whether it is
+    reliable (no ``reasons``), its last stage's ESS (before the final resampling), the rounds' own
+    pooled estimate as ``importance_log_normalizer``, and the bridge's size and diagnostics."""
+    return dict(
+        log_normalizer=bridge.log_z,
+        log_normalizer_se=bridge.log_z_se,
+        reliable=int(not reasons),
+        ess=float(bridge.stages["ess"][-1:].sum()) * bridge.num_particles,
+        importance_log_normalizer=pool["log_z"],
+        importance_log_normalizer_se=pool["log_z_se"],
+        bridge_particles=bridge.num_particles,
+        bridge_stages=len(bridge.stages["beta"]),
+        bridge_eves=bridge.num_eves,
+        bridge_distinct=bridge.distinct,
+        bridge_evals=bridge.num_evals,
+        bridge_failures="; ".join(reasons),
+    )
 
 
 def bridge_draws(generator, bridge, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,11 +11,19 @@ score model to train) on a 40-d Gaussian with correlation 0.9 and scales 0.5 to 
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
 import diffstat as ds
-from diffstat.diffusion.bridge import LAPLACE_NEWTON_STEPS, ProposalDistribution, smc_bridge, with_laplace
+from diffstat.diffusion.bridge import (
+    FIT_MARGIN,
+    LAPLACE_NEWTON_STEPS,
+    ProposalDistribution,
+    bridge_now,
+    smc_bridge,
+    with_laplace,
+)
 from diffstat.diffusion.gaussians import GaussianMixtureProposal
 from diffstat.diffusion.importance import MAX_PARETO_K, MIN_ROUND_ESS
 
@@ -92,8 +100,8 @@ def test_every_round_missed_and_the_bridge_gives_log_z_and_moments():
     assert ((x.mean(0) - MEAN).abs() / sd).max() < 4 / math.sqrt(n_eff)
     assert ((x.std(0) / sd - 1).abs()).max() < 0.15
     assert a["num_target_evals"] <= 1_000_000
-    beta = group["bridge_beta"].values
-    assert beta[-1, -1] == 1.0 and math.isnan(beta[0, 0])  # the bridge's stages fill the last row
+    beta = group["bridge_beta"].values  # one row: the first round missed by its fits' error (bridge_now)
+    assert beta[-1, -1] == 1.0 and a["num_rounds"] == 1 and a["rounds_stopped_early"] == 1
 
 
 @pytest.mark.parametrize("starve", [dict(max_evals=10_000), dict(bridge_moves=0)])
@@ -132,3 +140,60 @@ def test_with_laplace_adds_the_exact_gaussian_at_half_of_each_modes_weight():
         torch.zeros(1, 2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)[None], torch.ones(1)
     )
     assert with_laplace(saddle, two, 1.2) is two
+
+
+def _summary(ess: float, n: int, k: float) -> dict:
+    return {"ess": ess, "num_proposals": n, "pareto_k": k}
+
+
+def test_bridge_now_separates_misses_that_rounds_repeat_from_those_they_repair():
+    """First rounds measured at the defaults (``docs/diffusion_sampler.md``, "Bridging after a hopeless
+    round"; Kish ESS of n proposals, Pareto k, the next fit to m chains a mode): sonar (61-d, 4.5 of
+    4,096, k 1.43, m 256) and a 50-d Gaussian (2.9, k 1.24), which no later round repaired, bridge
+    now; ionosphere (34-d, 24.0, k 0.81), the 10-d funnel's second round (4.5 of 2,048, k 1.03, m 128)
+    and the 2-d Gaussian of sd 0.001 (1 of 1,000, k infinite, m 32), which later rounds repaired or
+    improved, do not, nor would ionosphere's at any ESS below 20. No finite weight (ESS 0), an ESS of
+    20 or k up to 1 never stop the rounds; the boundary is at ``FIT_MARGIN`` times the floor."""
+    assert bridge_now(_summary(4.51, 4096, 1.43), 61, 256) and bridge_now(_summary(2.93, 4096, 1.24), 50, 256)
+    assert not bridge_now(_summary(23.97, 4096, 0.81), 34, 256)
+    assert not bridge_now(_summary(19.99, 4096, 1.5), 34, 256) and not bridge_now(
+        _summary(1.0, 4096, 9), 34, 256
+    )
+    assert not bridge_now(_summary(4.5, 2048, 1.03), 10, 128) and not bridge_now(
+        _summary(1.0, 1000, math.inf), 2, 32
+    )
+    for ess, k in ((0.0, math.nan), (20.0, 1.43), (4.51, 1.0)):
+        assert not bridge_now(_summary(ess, 4096, k), 61, 256)
+    floor = 40 * 43 / (2 * 256)
+    assert bridge_now(_summary(256 * math.exp(-0.99 * FIT_MARGIN * floor), 256, 2.0), 40, 256)
+    assert not bridge_now(_summary(256 * math.exp(-1.01 * FIT_MARGIN * floor), 256, 2.0), 40, 256)
+
+
+def test_a_round_that_missed_by_its_fits_error_leaves_the_rounds_budget_to_the_bridge():
+    """On the 40-d Gaussian with three rounds allowed (seed 3), the first round misses by far (k 1.20,
+    Kish ESS 2.7) and by less than its Gaussian fit's sampling error (bridge_now): the rounds stop
+    after it (the code before ran all three, each missing) and the bridge is right with what they
+    left; the narrow 2-d Gaussian, whose first round missed by thousands of nats, still runs both its
+    rounds before the bridge, whose stages fill the last row of the per-round records."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        idata = ds.sample(
+            _gaussian_target(),
+            "gaussian_is",
+            num_samples=500,
+            seed=3,
+            progress=False,
+            **(FEW | {"max_rounds": 3}),
+        )
+    a = idata.posterior.attrs
+    assert a["num_rounds"] == 1 and a["rounds_stopped_early"] == 1 and a["correction"] == "smc"
+    assert a["reliable"] == 1 and abs(a["log_normalizer"]) < 4 * a["log_normalizer_se"]
+    assert a["num_target_evals"] <= 1_000_000
+    center = torch.full((2,), 3.0, dtype=torch.float64)
+    narrow = ds.Target(lambda x: -0.5 * (((x - center.to(x)) / 1e-3) ** 2).sum(-1), 2, dtype=torch.float64)
+    tiny = dict(smc_explore=0, screen_ratio=1, num_explore=100, explore_steps=3, restock_steps=2)
+    tiny |= dict(chains_per_mode=16, refresh_chains=32, num_proposals=1000, max_rounds=2, refresh_steps=5)
+    idata = ds.sample(narrow, "gaussian_is", num_samples=200, seed=0, progress=False, **tiny)
+    a, beta = idata.posterior.attrs, idata["diffusion"]["bridge_beta"].values
+    assert a["num_rounds"] == 2 and a["rounds_stopped_early"] == 0 and a["correction"] == "smc"
+    assert np.isnan(beta[0]).all() and beta[-1, -1] == 1.0
