@@ -382,9 +382,8 @@ def step(generator: torch.Generator, state: RoundState, target, config: Diffusio
 
 
 def done(state: RoundState, info: RoundInfo, config: DiffusionConfig) -> bool:
-    """Stop after ``max_rounds``, once a round that did not miss reaches an ESS fraction of
-    ``target_ess``, provided the score models have been fitted (or there are none to fit), or, where
-    the SMC bridge follows, once a round missed so that more rounds are hopeless (:func:`hopeless`)."""
+    """Stop after ``max_rounds``; once a round that did not miss reaches an ESS fraction of
+    ``target_ess`` with the score models fitted (or none to fit); or once more rounds are hopeless."""
     s = info.summary
     enough = s["ess"] >= config.target_ess * s["num_proposals"] and not round_missed(s)
     return (
@@ -395,10 +394,8 @@ def done(state: RoundState, info: RoundInfo, config: DiffusionConfig) -> bool:
 
 
 def hopeless(state: RoundState, info: RoundInfo, config: DiffusionConfig) -> bool:
-    """Whether the round of ``info`` missed by no more than the sampling error of the next round's
-    per-mode Gaussian fits, to ``refresh_chains`` chains a mode
-    (:func:`~diffstat.diffusion.bridge.bridge_now`), with the SMC bridge to follow (``bridge``) and
-    per-mode Gaussians (a pooled bank's are fitted per coordinate, and never stop the rounds)."""
+    """Whether the round missed by no more than the error of the next round's per-mode Gaussian fits
+    (:func:`~diffstat.diffusion.bridge.bridge_now`), with the bridge to follow and a bank not pooled."""
     if not config.bridge or _pooled(state.bank):
         return False
     fit_draws = chains_per_mode(config.refresh_chains, state.bank.num_modes)
