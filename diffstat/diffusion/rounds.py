@@ -6,8 +6,7 @@ second round on), fits or warm-starts the score models (in a diffusion round), p
 defensive mixture and weighs the proposals by :math:`p / q`. The state carries what the next round
 needs: the latest restocked bank, the per-mode Gaussians and their weights :math:`\pi`, the
 training banks, the score models and the held-out particles of their check. The pipeline, its
-references and the reasons for every default are in :mod:`diffstat.diffusion.sampler`; the
-defaults here are the ones it documents.
+references and the reasons for every default are in :mod:`diffstat.diffusion.sampler`.
 """
 
 from __future__ import annotations
@@ -167,9 +166,8 @@ def _fit_gaussians(bank: ModeBank, config: DiffusionConfig, weights=None):
     """The Gaussian part of the proposal: per-mode Gaussians, or for a pooled bank the product of
     per-coordinate mixtures (:class:`~diffstat.diffusion.gaussians.MeanFieldMixture`), which covers
     the combinations of modes that no list holds, widened by the square root of ``inflate``: each
-    coordinate's two components already follow its shape, and the widening's cost multiplies over
-    the coordinates (many-well(32), seed 0, ESS fractions of the three rounds 0.09/0.10/0.13 widened
-    by 1.2, 0.18/0.25/0.27 by 1.1, 0.15/0.28/0.26 by 1; Pareto k at most 0.48 in all)."""
+    coordinate's components already follow its shape, and the widening's cost multiplies over the
+    coordinates (many-well(32): docs/diffusion_sampler.md)."""
     if _pooled(bank):
         return MeanFieldMixture.fit(bank.x, support=bank.support, inflate=math.sqrt(config.inflate))
     return fit_mode_gaussians(bank, inflate=config.inflate, weights=weights)
