@@ -154,7 +154,8 @@ def missed_modes(
         xd = draws[_spread_picks(draws, num_found, generator)]
         lpd, gd = log_prob_and_grad(xd)
         fine = torch.isfinite(lpd) & torch.isfinite(gd).all(-1)
-        h = torch.full_like(lpd[fine], step_size * float(draws.var(0).mean()))
+        spread = float(draws.var(0).mean()) if draws.shape[0] > 1 else 1.0
+        h = torch.full_like(lpd[fine], step_size * spread)
         held, held_lp, _ = hill_climb(log_prob_and_grad, xd[fine], lpd[fine], gd[fine], num_climb, h)
     empty = MissedModes(0.0, draws.new_empty(0, draws.shape[1]), draws.new_empty(0), 0)
     if peaks.shape[0] == 0 or held.shape[0] == 0:

@@ -269,8 +269,9 @@ def test_ais_output_contract_and_evaluation_count():
     per_run = torch.as_tensor(group.log_z_increment.sum("stage").values)
     assert math.isclose(attrs["log_normalizer"], float(log_mean_exp(per_run)), abs_tol=1e-9)
     # Per run: 16 validation points, the initial particles, and every move's proposals; plus the
-    # pilots' evaluations.
-    assert attrs["num_target_evals"] == chains * (16 + n * (1 + k * 2)) + attrs["pilot_evals"]
+    # pilots' evaluations and the check for missed modes.
+    check = attrs["mode_check_evals"]
+    assert attrs["num_target_evals"] == chains * (16 + n * (1 + k * 2)) + attrs["pilot_evals"] + check
     one = ds.sample(
         target, "ais", num_samples=n, seed=0, progress=False, num_temperatures=k, num_mcmc_steps=2
     )
@@ -280,11 +281,14 @@ def test_ais_output_contract_and_evaluation_count():
     pilots = 1 + a1["num_refits"]
     pilot = pilots * (16 + a1["num_pilot"]) + a1["num_pilot"] * 3 * a1["pilot_stages_total"]
     assert a1["pilot_evals"] == pilot and a1["num_refits"] >= 1 and a1["reference"] == "pilot"
-    assert a1["num_target_evals"] == 16 + n * (1 + k * 2) + pilot
+    assert a1["num_target_evals"] == 16 + n * (1 + k * 2) + pilot + a1["mode_check_evals"]
     fixed = ds.sample(
         target, "ais", num_samples=n, seed=0, progress=False, num_temperatures=k, schedule="linear"
     )
-    assert fixed.posterior.attrs["num_target_evals"] == 16 + n * (1 + k)
+    assert (
+        fixed.posterior.attrs["num_target_evals"]
+        == 16 + n * (1 + k) + fixed.posterior.attrs["mode_check_evals"]
+    )
     assert "pilot_evals" not in fixed.posterior.attrs
 
 

@@ -167,7 +167,8 @@ def test_pt_output_contract_and_evaluation_count():
     assert {"rhat_max", "ess_bulk_min", "ess_tail_min", "stuck_chains", "num_divergent"} <= set(attrs)
     # Validation of the c r starting points, their evaluation, then per iteration one exact
     # reference draw per chain and the moves of the other replicas.
-    assert attrs["num_target_evals"] == 2 * c * r + (t + w) * (c + c * (r - 1) * steps)
+    check = attrs["mode_check_evals"]  # the check for missed modes after the run
+    assert attrs["num_target_evals"] == 2 * c * r + (t + w) * (c + c * (r - 1) * steps) + check
 
 
 def _cold_chain_is_gaussian(idata, mean, var, z=4.5) -> bool:
@@ -199,7 +200,9 @@ def test_pt_with_a_fixed_ladder_and_mcmc_at_every_temperature():
     assert torch.allclose(
         torch.as_tensor(idata.tempering.beta.values), torch.tensor([0.0, 0.3, 0.6, 1.0], dtype=F64)
     )
-    assert idata.posterior.attrs["num_target_evals"] == min(16, c * r) + c * r + 2 * t * c * r * steps
+    attrs = idata.posterior.attrs
+    check = attrs["mode_check_evals"]
+    assert attrs["num_target_evals"] == min(16, c * r) + c * r + 2 * t * c * r * steps + check
     mean, var = tempered(1.0)
     assert _cold_chain_is_gaussian(idata, mean, var)
     assert not _cold_chain_is_gaussian(idata, mean + 0.1, var)  # a wrong target is rejected
