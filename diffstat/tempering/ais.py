@@ -60,7 +60,7 @@ from diffstat._util import (
     progress_bar,
 )
 from diffstat.sampling import SamplerResult, register_sampler
-from diffstat.tempering.mode_check import check_missed_modes, pop_check_modes
+from diffstat.tempering.mode_check import check_missed_modes, check_reference_width, pop_check_modes
 from diffstat.tempering.core import (
     MoveConfig,
     check_betas,
@@ -279,6 +279,7 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
         warnings.warn(_collapse_message(attrs, log_w.numel(), min_ess), RuntimeWarning, stacklevel=3)
     if check_modes:
         attrs.update(check_missed_modes("AIS", target, path, draws, log_z, generator, device))
+    attrs.update(check_reference_width("AIS", runs[0][2], draws, log_z, generator, device))
     groups = {"tempering": stack_stages([out.stages for out, _, _ in runs])}
     return SamplerResult(draws, sample_stats, groups, attrs)
 

@@ -12,7 +12,7 @@ import torch
 from diffstat._util import check_options, progress_bar
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.core import initial_particles
-from diffstat.tempering.mode_check import check_missed_modes, pop_check_modes
+from diffstat.tempering.mode_check import check_missed_modes, check_reference_width, pop_check_modes
 from diffstat.tempering.path import make_path
 from diffstat.tempering.resampling import resample
 from diffstat.tempering.runs import (
@@ -90,6 +90,7 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     _warn_if_unreliable(num_eves, num_samples, log_zs, ses, agreement, rhat, log_z, se)
     pooled = torch.cat(draws)
     missed = check_missed_modes("SMC", target, path, pooled, log_z, generator, device) if check_modes else {}
+    missed.update(check_reference_width("SMC", path, pooled, log_z, generator, device))
     sample_stats = {
         "lp": torch.stack(lps),
         "acceptance_rate": torch.stack(accs),

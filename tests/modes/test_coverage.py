@@ -99,3 +99,41 @@ def test_the_check_is_an_option():
         ds.sample(target, "smc", num_samples=50, seed=0, progress=False, check_modes="no")
     idata = ds.sample(target, "smc", num_samples=200, seed=0, progress=False, check_modes=False)
     assert "missed_mode_share" not in idata.posterior.attrs
+
+
+# ---------------------------------------------------------------------------- reference width
+def banana(x):
+    """A 2-d banana (Haario et al.): x_1 ~ N(0, 10^2), x_2 | x_1 ~ N(0.03 (x_1^2 - 100), 1); log Z = 0."""
+    x1, x2 = x[:, 0], x[:, 1]
+    return -0.5 * x1**2 / 100 - 0.5 * (x2 - 0.03 * (x1**2 - 100)) ** 2 - math.log(2 * math.pi * 10)
+
+
+def test_the_width_ratio_is_the_draws_sd_over_the_reference_sd_along_the_widest_direction():
+    from diffstat.tempering.mode_check import reference_width_ratio
+    from diffstat.tempering.path import make_path
+
+    gen = torch.Generator().manual_seed(0)
+    path = make_path(ds.Target(lambda x: -0.5 * (x**2).sum(-1), 3, dtype=F64))  # reference N(0, I)
+    draws = torch.randn(20000, 3, generator=gen, dtype=F64) * torch.tensor([1.0, 6.0, 0.5], dtype=F64)
+    assert abs(reference_width_ratio(path, draws, gen, None) - 6.0) < 0.3
+    rotated = draws @ torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=F64))[0]
+    assert abs(reference_width_ratio(path, rotated, gen, None) - 6.0) < 0.3
+
+
+def test_smc_warns_that_a_reference_narrower_than_the_posterior_underestimates_log_z():
+    target = ds.Target(banana, 2, dtype=F64)
+    with pytest.warns(RuntimeWarning, match="times as wide as the reference") as caught:
+        idata = ds.sample(target, "smc", num_samples=1000, seed=1, progress=False)
+    # From N(0, I), log Z is low by more than three of its standard errors, and the runs agree.
+    attrs = idata.posterior.attrs
+    assert attrs["log_normalizer"] < -3 * attrs["log_normalizer_se"] and attrs["reference_width_ratio"] > 4
+    assert not any("different parts" in str(w.message) for w in caught)
+    wide = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(2, dtype=F64), 20.0), 1)
+    with warnings.catch_warnings(record=True) as caught:  # the banana's curve still caps the moves
+        warnings.simplefilter("always")
+        idata = ds.sample(target, "smc", num_samples=1000, seed=1, progress=False, reference=wide)
+    assert not any("as wide as the reference" in str(w.message) for w in caught)
+    attrs = idata.posterior.attrs
+    assert (
+        attrs["reference_width_ratio"] < 1 and abs(attrs["log_normalizer"]) < 3 * attrs["log_normalizer_se"]
+    )
