@@ -17,9 +17,12 @@ anything else warned, the check's evaluations over the run's, seconds.
 ``--posteriordb``: false alarms. For each of the 37 posteriors the Stan reference draws (mapped to
 unconstrained space) stand for a run's draws, and a Laplace fit at the best of 64 climbed draws
 for its evidence; the check then runs from 256 prior draws. Columns: missed share, the number of
-uncovered local maxima with a negative definite Hessian and their Laplace log-masses, evaluations.
+uncovered local maxima with a negative definite Hessian and their Laplace log-masses, evaluations,
+and the reference width ratio of the draws against the prior (the reference of likelihood tempering).
 
-    python benchmarks/bench_mode_check.py [--detect] [--posteriordb] [--seeds 0 1 2]
+``--wide``: SMC's log Z on N(0, s^2 I) from N(0, I) (exact 0), the reference width check's basis.
+
+    python benchmarks/bench_mode_check.py [--detect] [--posteriordb] [--wide] [--seeds 0 1 2]
         [--methods smc ais pt] [--targets ...]
 """
 
@@ -102,10 +105,11 @@ def posteriordb_false_alarms() -> None:
     from diffstat import posteriordb
     from diffstat.modes.climb import hill_climb
     from diffstat.modes.coverage import laplace_log_mass, missed_modes
+    from diffstat.tempering.mode_check import reference_width_ratio
     from diffstat.tempering.path import make_path
 
-    print("| posterior | dim | missed share | uncovered modes (log-mass) | log Z (Laplace) | evals |")
-    print("| --- | ---: | ---: | --- | ---: | ---: |")
+    print("| posterior | dim | missed share | uncovered modes (log-mass) | log Z (Laplace) | evals | width |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
     for name in posteriordb.names():
         post = posteriordb.load(name)
         target = post.target
@@ -120,9 +124,29 @@ def posteriordb_false_alarms() -> None:
         masses = ", ".join(f"{float(v):.1f}" for v in res.log_masses[:3]) or "-"
         print(
             f"| {name} | {target.dim} | {res.share:.1e} | {res.centres.shape[0]} ({masses}) | {log_z:.2f} | "
-            f"{res.num_evals:,} |",
+            f"{res.num_evals:,} | {reference_width_ratio(make_path(target), u, gen, None):.2f} |",
             flush=True,
         )
+
+
+def wide(seeds) -> None:
+    print("| d | s | seed | log Z (s.e.) | width ratio | warned |")
+    print("| ---: | ---: | ---: | --- | ---: | --- |")
+    for d in (2, 10):
+        for s in (2.0, 3.0, 5.0, 10.0, 30.0):
+            normal = torch.distributions.Normal(torch.zeros(d, dtype=F64), s)
+            target = ds.Target(lambda x, n=normal: n.log_prob(x).sum(-1), d, dtype=F64)
+            for seed in seeds:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    idata = ds.sample(target, "smc", num_samples=1000, seed=seed, progress=False)
+                a = idata.posterior.attrs
+                warned = any("as wide as the reference" in str(w.message) for w in caught)
+                print(
+                    f"| {d} | {s:g} | {seed} | {a['log_normalizer']:+.3f} ({a['log_normalizer_se']:.3f}) | "
+                    f"{a['reference_width_ratio']:.2f} | {'yes' if warned else 'no'} |",
+                    flush=True,
+                )
 
 
 def main() -> None:
@@ -131,13 +155,16 @@ def main() -> None:
     )
     parser.add_argument("--detect", action="store_true")
     parser.add_argument("--posteriordb", action="store_true")
+    parser.add_argument("--wide", action="store_true")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["smc", "ais", "pt"])
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.detect or not args.posteriordb:
+    if args.detect or not (args.posteriordb or args.wide):
         detect(args.targets, args.methods, args.seeds)
+    if args.wide:
+        wide(args.seeds)
     if args.posteriordb:
         posteriordb_false_alarms()
 
