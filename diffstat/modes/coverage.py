@@ -25,9 +25,16 @@ every independent run alike, and then no check between runs sees it: the runs ag
    The missed share is :math:`M / (Z + M)`, :math:`M` the missed modes' total and :math:`Z` the
    run's evidence estimate.
 
-A run is flagged where the share exceeds ``MAX_MISSED_SHARE`` (0.05): Laplace masses of non-Gaussian
-modes are off by factors of order one, so a smaller share would not be a reliable signal, and a
-mode with 5% of the mass is one a statistician needs to hear about. A mode that no start reaches
+5. **Weights**: where the draws hold at most ``MAX_WEIGHED_MODES`` (8) modes, each held mode's
+   Laplace mass (at its best draw peak) and the missed ones' give each mode a share of the total;
+   the ``misweight`` is the total variation between these and the modes' shares of the draws (a
+   mode the runs reached with a few percent of the draws but three quarters of the mass, as
+   ``narrow_wide``'s heavy mode under tempering).
+
+A run is flagged where the missed share exceeds ``MAX_MISSED_SHARE`` (0.05: a mode with 5% of the
+mass is one a statistician needs to hear about) or the misweight exceeds ``MAX_MISWEIGHT`` (0.25:
+Laplace masses of non-Gaussian modes are off by factors of order one, so only a gross disagreement
+of the weights is a reliable signal). A mode that no start reaches
 (a narrow basin seen under a small solid angle, as the heavy mode of ``narrow_wide`` in 10-d on
 some seeds) stays unseen: the check finds what gradient ascent from the widened reference finds,
 which is far more than tempering's particles, not everything.
@@ -44,7 +51,14 @@ from diffstat.modes.barriers import group_by_barrier, no_barrier
 from diffstat.modes.climb import hill_climb
 from diffstat.modes.laplace import log_prob_grad_hessian
 
-__all__ = ["MAX_MISSED_SHARE", "MIN_DRAW_SHARE", "MissedModes", "laplace_log_mass", "missed_modes"]
+__all__ = [
+    "MAX_MISSED_SHARE",
+    "MAX_MISWEIGHT",
+    "MIN_DRAW_SHARE",
+    "MissedModes",
+    "laplace_log_mass",
+    "missed_modes",
+]
 
 #: The missed share above which a run is flagged (module notes).
 MAX_MISSED_SHARE = 0.05
@@ -52,14 +66,26 @@ MAX_MISSED_SHARE = 0.05
 #: A mode holding a smaller share of the draws counts as missed (its mass then comes from Laplace).
 MIN_DRAW_SHARE = 0.01
 
+#: The draws' modes and the missed ones are weighed against their Laplace masses only up to this
+#: many held modes: beyond it (many-well's thousands) the draws nearest to 64 climbed picks are no
+#: measure of a mode's share.
+MAX_WEIGHED_MODES = 8
+
+#: The misweight above which a run is flagged: Laplace masses of non-Gaussian modes are off by
+#: factors of order one, so only a gross disagreement with the draws is a signal.
+MAX_MISWEIGHT = 0.25
+
 
 class MissedModes(NamedTuple):
     """``share`` of the total mass in modes the draws miss (0 when none), each missed mode's
-    ``centres (k, dim)`` and Laplace ``log_masses (k,)``, and the target evaluations spent."""
+    ``centres (k, dim)`` and Laplace ``log_masses (k,)``, the ``misweight`` (total variation between
+    the modes' Laplace shares and their shares of the draws, NaN where they cannot be weighed), and
+    the target evaluations spent."""
 
     share: float
     centres: torch.Tensor
     log_masses: torch.Tensor
+    misweight: float
     num_evals: int
 
 
@@ -157,7 +183,7 @@ def missed_modes(
         spread = float(draws.var(0).mean()) if draws.shape[0] > 1 else 1.0
         h = torch.full_like(lpd[fine], step_size * spread)
         held, held_lp, _ = hill_climb(log_prob_and_grad, xd[fine], lpd[fine], gd[fine], num_climb, h)
-    empty = MissedModes(0.0, draws.new_empty(0, draws.shape[1]), draws.new_empty(0), 0)
+    empty = MissedModes(0.0, draws.new_empty(0, draws.shape[1]), draws.new_empty(0), 0.0, 0)
     if peaks.shape[0] == 0 or held.shape[0] == 0:
         return empty._replace(num_evals=target.num_target_evals - evals0)
     sd = draws.std(0).clamp_min(1e-12) if draws.shape[0] > 1 else torch.ones_like(draws[0])
@@ -165,25 +191,44 @@ def missed_modes(
     # draws nearest to its picks; a group under MIN_DRAW_SHARE holds too few to count as found.
     group = group_by_barrier(target.log_prob, held, held_lp)
     owner = torch.cdist(draws / sd, xd[fine] / sd).argmin(-1)
-    found = (torch.bincount(group[owner], minlength=int(group.max()) + 1) / draws.shape[0])[
-        group
-    ] >= MIN_DRAW_SHARE
+    draw_share = torch.bincount(group[owner], minlength=int(group.max()) + 1).double() / draws.shape[0]
+    found = draw_share[group] >= MIN_DRAW_SHARE
     anchors, anchors_lp = held[found], held_lp[found]
     candidates, candidates_lp = torch.cat([peaks, held[~found]]), torch.cat([peak_lp, held_lp[~found]])
     near = torch.cdist(candidates / sd, anchors / sd).argmin(-1)
     covered = no_barrier(target.log_prob, candidates, candidates_lp, anchors[near], anchors_lp[near])
     loose, loose_lp = candidates[~covered], candidates_lp[~covered]
-    if loose.shape[0] == 0:
-        return empty._replace(num_evals=target.num_target_evals - evals0)
-    label = group_by_barrier(target.log_prob, loose, loose_lp)
-    groups = [torch.nonzero(label == k).flatten() for k in range(int(label.max()) + 1)]
-    best = torch.stack([g[loose_lp[g].argmax()] for g in groups])
-    centres = loose[best]
-    log_mass = laplace_log_mass(target, centres)
-    keep = torch.isfinite(log_mass)
-    centres, log_mass = centres[keep], log_mass[keep]
+    centres, log_mass = empty.centres, empty.log_masses.double()
+    if loose.shape[0]:
+        label = group_by_barrier(target.log_prob, loose, loose_lp)
+        centres = loose[_best_of_groups(label, loose_lp)]
+        log_mass = laplace_log_mass(target, centres)
+        keep = torch.isfinite(log_mass)
+        centres, log_mass = centres[keep], log_mass[keep]
     share = 0.0
     if log_mass.numel():
         missed = torch.logsumexp(log_mass, 0)
         share = float(torch.exp(missed - torch.logaddexp(missed, missed.new_tensor(float(log_z)))))
-    return MissedModes(share, centres, log_mass, target.num_target_evals - evals0)
+    misweight = _misweight(target, held, held_lp, group, draw_share, log_mass)
+    return MissedModes(share, centres, log_mass, misweight, target.num_target_evals - evals0)
+
+
+def _best_of_groups(label: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    """The index of the highest point of each group ``0..K-1`` of ``label``, ``(K,)``."""
+    groups = [torch.nonzero(label == k).flatten() for k in range(int(label.max()) + 1)]
+    return torch.stack([g[lp[g].argmax()] for g in groups])
+
+
+def _misweight(target, held, held_lp, group, draw_share, missed_log_mass) -> float:
+    """Total variation between the modes' Laplace shares and their shares of the draws, over the
+    modes the draws hold (at least ``MIN_DRAW_SHARE`` each) and the missed ones (holding none); NaN
+    where more than ``MAX_WEIGHED_MODES`` are held or a held mode has no Laplace mass."""
+    kept = torch.nonzero(draw_share >= MIN_DRAW_SHARE).flatten()
+    if kept.numel() > MAX_WEIGHED_MODES:
+        return math.nan
+    best = _best_of_groups(group, held_lp)[kept]
+    log_mass = torch.cat([laplace_log_mass(target, held[best]), missed_log_mass.to(torch.float64)])
+    if not bool(torch.isfinite(log_mass).all()):
+        return math.nan
+    q = torch.cat([draw_share[kept] / draw_share[kept].sum(), log_mass.new_zeros(missed_log_mass.numel())])
+    return 0.5 * float((torch.softmax(log_mass, 0) - q.to(log_mass)).abs().sum())

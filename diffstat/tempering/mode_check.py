@@ -14,7 +14,8 @@ posterior, and did every run miss a mode?
   reference's mass does not lead to can be missed by every run alike (the between-run checks then
   agree). Gradient ascent from ``NUM_CHECK_STARTS`` widened reference draws, a few thousand to a few
   tens of thousands of evaluations (counted), and a warning where modes that no draw reaches hold
-  more than ``MAX_MISSED_SHARE`` of the mass by a Laplace estimate.
+  more than ``MAX_MISSED_SHARE`` of the mass by a Laplace estimate, or where the draws' shares of
+  the modes differ from the modes' Laplace masses by more than ``MAX_MISWEIGHT``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import warnings
 import torch
 
 from diffstat._util import check_bool
-from diffstat.modes.coverage import MAX_MISSED_SHARE, MissedModes, missed_modes
+from diffstat.modes.coverage import MAX_MISSED_SHARE, MAX_MISWEIGHT, MissedModes, missed_modes
 
 __all__ = [
     "MAX_WIDTH_RATIO",
@@ -72,7 +73,20 @@ def check_missed_modes(
         return {}
     if missed.share > MAX_MISSED_SHARE:
         warnings.warn(_message(method, missed, log_z), RuntimeWarning, stacklevel=3)
-    return {"missed_mode_share": missed.share, "mode_check_evals": missed.num_evals}
+    elif missed.misweight > MAX_MISWEIGHT:
+        warnings.warn(
+            f"{method}: the draws weigh the target's modes wrongly: their shares of the draws differ "
+            f"from the modes' Laplace masses by {missed.misweight:.2f} in total variation (a mode the runs "
+            "reached but left nearly empty). Give a reference= that covers the posterior (wider than it; "
+            "the default is the target's reference, else N(0, I)), or use method='diffusion'",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return {
+        "missed_mode_share": missed.share,
+        "mode_misweight": missed.misweight,
+        "mode_check_evals": missed.num_evals,
+    }
 
 
 def _message(method: str, missed: MissedModes, log_z: float) -> str:

@@ -137,3 +137,27 @@ def test_smc_warns_that_a_reference_narrower_than_the_posterior_underestimates_l
     assert (
         attrs["reference_width_ratio"] < 1 and abs(attrs["log_normalizer"]) < 3 * attrs["log_normalizer_se"]
     )
+
+
+def test_the_misweight_is_the_tv_between_laplace_and_draw_shares_of_the_modes():
+    target, comps, w = three_modes()
+    gen = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
+    starts = torch.randn(256, 5, dtype=F64)
+    every = comps.sample((4000,))
+    for weights, exact_tv in ((w, 0.0), (torch.tensor([0.9, 0.05, 0.05], dtype=F64), 0.4)):
+        pick = torch.multinomial(weights, 4000, replacement=True, generator=gen)
+        draws = every[torch.arange(4000), pick]
+        res = missed_modes(target, draws, 0.0, starts, gen)
+        assert res.share == 0.0 and abs(res.misweight - exact_tv) < 0.03  # Gaussian modes: Laplace exact
+
+
+def test_smc_warns_where_its_runs_left_the_heavy_mode_of_narrow_wide_nearly_empty():
+    from diffstat.targets.two_modes import narrow_wide
+
+    target = narrow_wide(10).as_target(dtype=F64)
+    with pytest.warns(RuntimeWarning, match="modes wrongly"):
+        idata = ds.sample(target, "smc", num_samples=1000, seed=1, progress=False)
+    x = torch.as_tensor(idata.posterior.x.values).reshape(-1, 10)
+    heavy = float((x.mean(-1) > 0).double().mean())
+    assert heavy < 0.1 and idata.posterior.attrs["mode_misweight"] > 0.5  # exact heavy weight 0.75
