@@ -17,7 +17,8 @@ it warned, whether anything else warned, the check's evaluations over the run's,
 ``--posteriordb``: false alarms. For each of the 37 posteriors the Stan reference draws (mapped to
 unconstrained space) stand for a run's draws, and a Laplace fit at the best of 64 climbed draws
 for its evidence; the check then runs from 256 prior draws. Columns: missed share, the number of
-uncovered local maxima with a negative definite Hessian and their Laplace log-masses, evaluations,
+uncovered local maxima with a negative definite Hessian and their Laplace log-masses, the misweight,
+evaluations,
 and the reference width ratio of the draws against the prior (the reference of likelihood tempering).
 
 ``--wide``: SMC's log Z on N(0, s^2 I) from N(0, I) (exact 0), the reference width check's basis.
@@ -113,8 +114,11 @@ def posteriordb_false_alarms() -> None:
     from diffstat.tempering.mode_check import reference_width_ratio
     from diffstat.tempering.path import make_path
 
-    print("| posterior | dim | missed share | uncovered modes (log-mass) | log Z (Laplace) | evals | width |")
-    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    print(
+        "| posterior | dim | missed | misweight | uncovered modes (log-mass) | log Z (Laplace) | evals "
+        "| width |"
+    )
+    print("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
     for name in posteriordb.names():
         post = posteriordb.load(name)
         target = post.target
@@ -128,7 +132,9 @@ def posteriordb_false_alarms() -> None:
         res = missed_modes(target, u, log_z, starts, gen)
         masses = ", ".join(f"{float(v):.1f}" for v in res.log_masses[:3]) or "-"
         print(
-            f"| {name} | {target.dim} | {res.share:.1e} | {res.centres.shape[0]} ({masses}) | {log_z:.2f} | "
+            f"| {name} | {target.dim} | {res.share:.1e} | {res.misweight:.3f} | "
+            f"{res.centres.shape[0]} ({masses}) | "
+            f"{log_z:.2f} | "
             f"{res.num_evals:,} | {reference_width_ratio(make_path(target), u, gen, None):.2f} |",
             flush=True,
         )
