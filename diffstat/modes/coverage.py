@@ -71,6 +71,9 @@ MIN_DRAW_SHARE = 0.01
 #: measure of a mode's share.
 MAX_WEIGHED_MODES = 8
 
+#: Missed modes weighed (by Laplace, ``dim`` backward passes each): the highest peaks first.
+MAX_MISSED_WEIGHED = 16
+
 #: The misweight above which a run is flagged: Laplace masses of non-Gaussian modes are off by
 #: factors of order one, so only a gross disagreement with the draws is a signal.
 MAX_MISWEIGHT = 0.25
@@ -201,7 +204,9 @@ def missed_modes(
     centres, log_mass = empty.centres, empty.log_masses.double()
     if loose.shape[0]:
         label = group_by_barrier(target.log_prob, loose, loose_lp)
-        centres = loose[_best_of_groups(label, loose_lp)]
+        best = _best_of_groups(label, loose_lp)
+        best = best[torch.argsort(loose_lp[best], descending=True)][:MAX_MISSED_WEIGHED]
+        centres = loose[best]
         log_mass = laplace_log_mass(target, centres)
         keep = torch.isfinite(log_mass)
         centres, log_mass = centres[keep], log_mass[keep]
