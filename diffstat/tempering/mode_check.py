@@ -57,7 +57,8 @@ def check_missed_modes(
     method: str, target, path, draws: torch.Tensor, log_z: float, generator, device
 ) -> dict:
     """Run the check on the pooled ``draws (..., dim)`` of a run with evidence ``log_z`` (skipped
-    where it is not finite), warn, and return the attrs ``missed_mode_share`` and ``mode_check_evals``."""
+    where it is not finite), warn, and return the attrs ``missed_mode_share``, ``mode_misweight`` and
+    ``mode_check_evals``."""
     if not math.isfinite(log_z):
         return {}
     starts = path.sample_reference(NUM_CHECK_STARTS, generator, device)
@@ -66,7 +67,7 @@ def check_missed_modes(
     except (ValueError, RuntimeError) as err:  # the model refused a point that the climbs reached
         warnings.warn(
             f"{method}: the check for missed modes stopped ({type(err).__name__}: {str(err)[:200]}); the "
-            "draws are as they are, unchecked for modes that the run missed. check_modes=False skips it",
+            "draws are returned unchecked for modes that the run missed. check_modes=False skips the check",
             RuntimeWarning,
             stacklevel=3,
         )
