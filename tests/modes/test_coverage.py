@@ -99,6 +99,13 @@ def test_the_check_is_an_option():
         ds.sample(target, "smc", num_samples=50, seed=0, progress=False, check_modes="no")
     idata = ds.sample(target, "smc", num_samples=200, seed=0, progress=False, check_modes=False)
     assert "missed_mode_share" not in idata.posterior.attrs
+    # The check runs after the draws: they are the same with it, only the evaluations grow by its own.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        checked = ds.sample(target, "smc", num_samples=200, seed=0, progress=False)
+    assert torch.equal(torch.as_tensor(checked.posterior.x.values), torch.as_tensor(idata.posterior.x.values))
+    a, b = checked.posterior.attrs, idata.posterior.attrs
+    assert a["num_target_evals"] == b["num_target_evals"] + a["mode_check_evals"]
 
 
 # ---------------------------------------------------------------------------- reference width
