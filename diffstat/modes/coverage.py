@@ -20,11 +20,12 @@ every independent run alike, and then no check between runs sees it: the runs ag
    is covered by the same test (its own log-density is the floor), so unfinished climbs raise no
    alarm.
 4. **Mass**: the uncovered peaks are grouped by barrier; the highest point of each group is a
-   missed mode, with the Laplace mass :math:`\log p(m) + \tfrac d2\log 2\pi - \tfrac12\log\det(-\nabla^2
-   \log p(m))` where the Hessian is negative definite (else it is not a mode and counts nothing).
-   The missed share is :math:`M / (Z + M)`, :math:`M` the missed modes' total and :math:`Z` the
-   run's evidence estimate.
-
+   missed mode unless one of its three nearest draws climbs to it and it is the nearest peak of 1%
+   of the draws (a held mode that none of the climbed draws is in, as when the draws hold more
+   modes than the 64 climbed: then the modes are not weighed). A missed mode's Laplace mass is
+   :math:`\log p(m) + \tfrac d2\log 2\pi - \tfrac12\log\det(-\nabla^2\log p(m))` where the
+   Hessian is negative definite (else it is not a mode and counts nothing). The missed share is
+   :math:`M / (Z + M)`, :math:`M` the missed modes' total and :math:`Z` the run's evidence estimate.
 5. **Weights**: where the draws hold at most ``MAX_WEIGHED_MODES`` (8) modes, each held mode's
    Laplace mass (at its best draw peak) and the missed ones' give each mode a share of the total;
    the ``misweight`` is the total variation between these and the modes' shares of the draws (a
@@ -70,6 +71,10 @@ MIN_DRAW_SHARE = 0.01
 #: many held modes: beyond it (many-well's thousands) the draws nearest to 64 climbed picks are no
 #: measure of a mode's share.
 MAX_WEIGHED_MODES = 8
+
+#: Uncovered peaks grouped by barrier (the highest first): many-well's hundreds would cost a barrier
+#: test per pair.
+MAX_LOOSE = 64
 
 #: Missed modes weighed (by Laplace, ``dim`` backward passes each): the highest peaks first.
 MAX_MISSED_WEIGHED = 16
@@ -184,7 +189,8 @@ def missed_modes(
         lpd, gd = log_prob_and_grad(xd)
         fine = torch.isfinite(lpd) & torch.isfinite(gd).all(-1)
         spread = float(draws.var(0).mean()) if draws.shape[0] > 1 else 1.0
-        h = torch.full_like(lpd[fine], step_size * spread)
+        h0 = step_size * spread
+        h = torch.full_like(lpd[fine], h0)
         held, held_lp, _ = hill_climb(log_prob_and_grad, xd[fine], lpd[fine], gd[fine], num_climb, h)
     empty = MissedModes(0.0, draws.new_empty(0, draws.shape[1]), draws.new_empty(0), 0.0, 0)
     if peaks.shape[0] == 0 or held.shape[0] == 0:
@@ -201,12 +207,24 @@ def missed_modes(
     near = torch.cdist(candidates / sd, anchors / sd).argmin(-1)
     covered = no_barrier(target.log_prob, candidates, candidates_lp, anchors[near], anchors_lp[near])
     loose, loose_lp = candidates[~covered], candidates_lp[~covered]
-    centres, log_mass = empty.centres, empty.log_masses.double()
+    centres, log_mass, unweighable = empty.centres, empty.log_masses.double(), False
     if loose.shape[0]:
+        top = torch.argsort(loose_lp, descending=True)[:MAX_LOOSE]  # the heaviest candidates, at bounded cost
+        loose, loose_lp = loose[top], loose_lp[top]
         label = group_by_barrier(target.log_prob, loose, loose_lp)
         best = _best_of_groups(label, loose_lp)
         best = best[torch.argsort(loose_lp[best], descending=True)][:MAX_MISSED_WEIGHED]
-        centres = loose[best]
+        # A held mode that none of the climbed picks is in: the peak that its nearest draws climb to.
+        held_too = _reached_by_draws(
+            log_prob_and_grad, target.log_prob, loose[best], loose_lp[best], draws, sd, h0
+        )
+        if bool(held_too.any()):  # held only with a share of the draws (those nearest to it) of 1% or more
+            points = torch.cat([anchors, loose[best[held_too]]])
+            nearest = torch.cdist(draws / sd, points / sd).argmin(-1)
+            counts = torch.bincount(nearest, minlength=points.shape[0])[anchors.shape[0] :]
+            held_too[held_too.clone()] = counts / draws.shape[0] >= MIN_DRAW_SHARE
+        unweighable = bool(held_too.any())
+        centres = loose[best[~held_too]]
         log_mass = laplace_log_mass(target, centres)
         keep = torch.isfinite(log_mass)
         centres, log_mass = centres[keep], log_mass[keep]
@@ -214,8 +232,28 @@ def missed_modes(
     if log_mass.numel():
         missed = torch.logsumexp(log_mass, 0)
         share = float(torch.exp(missed - torch.logaddexp(missed, missed.new_tensor(float(log_z)))))
-    misweight = _misweight(target, held, held_lp, group, draw_share, log_mass)
+    misweight = math.nan if unweighable else _misweight(target, held, held_lp, group, draw_share, log_mass)
     return MissedModes(share, centres, log_mass, misweight, target.num_target_evals - evals0)
+
+
+def _reached_by_draws(log_prob_and_grad, log_prob, x, lp, draws, sd, step: float, k: int = 3, num_climb=100):
+    """Whether each peak of ``x (m, dim)`` is the one that one of its ``k`` nearest draws (coordinates
+    standardised by ``sd``) climbs to: no barrier between that draw's peak and it. Climbs ``m k``
+    draws, at most ``num_climb`` steps each, the first of step size ``step``."""
+    k = min(k, draws.shape[0])
+    idx = torch.cdist(x / sd, draws / sd).topk(k, largest=False).indices.flatten()  # (m k,)
+    with torch.no_grad():
+        lp_d, g_d = log_prob_and_grad(draws[idx])
+        ok = torch.isfinite(lp_d) & torch.isfinite(g_d).all(-1)
+        step_sizes = torch.full_like(lp_d[ok], step)
+        peaks, peak_lp, _ = hill_climb(
+            log_prob_and_grad, draws[idx][ok], lp_d[ok], g_d[ok], num_climb, step_sizes
+        )
+    joined = torch.zeros(idx.shape[0], dtype=torch.bool, device=x.device)
+    if peaks.shape[0]:
+        rep = torch.arange(x.shape[0], device=x.device).repeat_interleave(k)[ok]
+        joined[ok] = no_barrier(log_prob, x[rep], lp[rep], peaks, peak_lp)
+    return joined.reshape(-1, k).any(-1)
 
 
 def _best_of_groups(label: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
