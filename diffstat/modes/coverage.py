@@ -209,31 +209,39 @@ def missed_modes(
     loose, loose_lp = candidates[~covered], candidates_lp[~covered]
     centres, log_mass, unweighable = empty.centres, empty.log_masses.double(), False
     if loose.shape[0]:
-        top = torch.argsort(loose_lp, descending=True)[:MAX_LOOSE]  # the heaviest candidates, at bounded cost
-        loose, loose_lp = loose[top], loose_lp[top]
-        label = group_by_barrier(target.log_prob, loose, loose_lp)
-        best = _best_of_groups(label, loose_lp)
-        best = best[torch.argsort(loose_lp[best], descending=True)][:MAX_MISSED_WEIGHED]
-        # A held mode that none of the climbed picks is in: the peak that its nearest draws climb to.
-        held_too = _reached_by_draws(
-            log_prob_and_grad, target.log_prob, loose[best], loose_lp[best], draws, sd, h0
+        centres, log_mass, unweighable = _missed(
+            target, log_prob_and_grad, loose, loose_lp, anchors, draws, sd, h0
         )
-        if bool(held_too.any()):  # held only with a share of the draws (those nearest to it) of 1% or more
-            points = torch.cat([anchors, loose[best[held_too]]])
-            nearest = torch.cdist(draws / sd, points / sd).argmin(-1)
-            counts = torch.bincount(nearest, minlength=points.shape[0])[anchors.shape[0] :]
-            held_too[held_too.clone()] = counts / draws.shape[0] >= MIN_DRAW_SHARE
-        unweighable = bool(held_too.any())
-        centres = loose[best[~held_too]]
-        log_mass = laplace_log_mass(target, centres)
-        keep = torch.isfinite(log_mass)
-        centres, log_mass = centres[keep], log_mass[keep]
     share = 0.0
     if log_mass.numel():
         missed = torch.logsumexp(log_mass, 0)
         share = float(torch.exp(missed - torch.logaddexp(missed, missed.new_tensor(float(log_z)))))
     misweight = math.nan if unweighable else _misweight(target, held, held_lp, group, draw_share, log_mass)
     return MissedModes(share, centres, log_mass, misweight, target.num_target_evals - evals0)
+
+
+def _missed(target, log_prob_and_grad, loose, loose_lp, anchors, draws, sd, step: float):
+    """The missed modes among the uncovered peaks ``loose (m, dim)`` (module notes, step 4): their
+    centres ``(k, dim)`` and Laplace log-masses ``(k,)``, and whether a held mode that no climbed draw
+    was in turned up (then the modes are not weighed)."""
+    top = torch.argsort(loose_lp, descending=True)[:MAX_LOOSE]  # the heaviest candidates, at bounded cost
+    loose, loose_lp = loose[top], loose_lp[top]
+    label = group_by_barrier(target.log_prob, loose, loose_lp)
+    best = _best_of_groups(label, loose_lp)
+    best = best[torch.argsort(loose_lp[best], descending=True)][:MAX_MISSED_WEIGHED]
+    # A held mode that none of the climbed picks is in: the peak that its nearest draws climb to.
+    held_too = _reached_by_draws(
+        log_prob_and_grad, target.log_prob, loose[best], loose_lp[best], draws, sd, step
+    )
+    if bool(held_too.any()):  # held only with a share of the draws (those nearest to it) of 1% or more
+        points = torch.cat([anchors, loose[best[held_too]]])
+        nearest = torch.cdist(draws / sd, points / sd).argmin(-1)
+        counts = torch.bincount(nearest, minlength=points.shape[0])[anchors.shape[0] :]
+        held_too[held_too.clone()] = counts / draws.shape[0] >= MIN_DRAW_SHARE
+    centres = loose[best[~held_too]]
+    log_mass = laplace_log_mass(target, centres)
+    keep = torch.isfinite(log_mass)
+    return centres[keep], log_mass[keep], bool(held_too.any())
 
 
 def _reached_by_draws(log_prob_and_grad, log_prob, x, lp, draws, sd, step: float, k: int = 3, num_climb=100):

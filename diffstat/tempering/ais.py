@@ -277,9 +277,9 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
     }
     if not reliable:
         warnings.warn(_collapse_message(attrs, log_w.numel(), min_ess), RuntimeWarning, stacklevel=3)
-    if check_modes:
-        attrs.update(check_missed_modes("AIS", target, path, draws, log_z, generator, device))
-    attrs.update(check_reference_width("AIS", runs[0][2], draws, log_z, generator, device))
+    # the modes' climbs start from the prior's (or given) reference, the width is the run's reference's
+    checks = check_missed_modes("AIS", target, path, draws, log_z, generator, device) if check_modes else {}
+    attrs.update(checks | check_reference_width("AIS", runs[0][2], draws, log_z, generator, device))
     groups = {"tempering": stack_stages([out.stages for out, _, _ in runs])}
     return SamplerResult(draws, sample_stats, groups, attrs)
 

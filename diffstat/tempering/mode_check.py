@@ -30,6 +30,7 @@ from diffstat.modes.coverage import MAX_MISSED_SHARE, MAX_MISWEIGHT, MissedModes
 
 __all__ = [
     "MAX_WIDTH_RATIO",
+    "after_checks",
     "NUM_CHECK_STARTS",
     "check_missed_modes",
     "check_reference_width",
@@ -135,3 +136,11 @@ def check_reference_width(method: str, path, draws: torch.Tensor, log_z: float, 
             stacklevel=3,
         )
     return {"reference_width_ratio": ratio}
+
+
+def after_checks(
+    method: str, check_modes: bool, target, path, draws, log_z: float, generator, device
+) -> dict:
+    """Both checks (the missed modes only with ``check_modes``): their warnings, and their attrs."""
+    attrs = check_missed_modes(method, target, path, draws, log_z, generator, device) if check_modes else {}
+    return attrs | check_reference_width(method, path, draws, log_z, generator, device)

@@ -71,7 +71,7 @@ from diffstat.tempering.path import (
     make_path,
     move,
 )
-from diffstat.tempering.mode_check import check_missed_modes, check_reference_width, pop_check_modes
+from diffstat.tempering.mode_check import after_checks, pop_check_modes
 from diffstat.tempering.core import check_initial, initial_particles
 from diffstat.tempering.ladder import (
     BETA_MIN,
@@ -330,7 +330,7 @@ def pt_sampler(target, *, num_samples, num_chains, generator, progress, device, 
         "num_warmup": num_samples if options.get("num_warmup") is None else int(options["num_warmup"]),
         "path": path.kind,
     }
-    if check_modes:
-        attrs.update(check_missed_modes("PT", target, path, out.draws, out.log_normalizer, generator, device))
-    attrs.update(check_reference_width("PT", path, out.draws, out.log_normalizer, generator, device))
+    attrs.update(
+        after_checks("PT", check_modes, target, path, out.draws, out.log_normalizer, generator, device)
+    )
     return SamplerResult(out.draws, sample_stats, {"tempering": out.temperatures}, attrs, diagnose=True)

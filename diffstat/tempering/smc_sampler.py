@@ -12,7 +12,7 @@ import torch
 from diffstat._util import check_options, progress_bar
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.core import initial_particles
-from diffstat.tempering.mode_check import check_missed_modes, check_reference_width, pop_check_modes
+from diffstat.tempering.mode_check import after_checks, pop_check_modes
 from diffstat.tempering.path import make_path
 from diffstat.tempering.resampling import resample
 from diffstat.tempering.runs import (
@@ -88,9 +88,7 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     agreement, rhat = runs_agreement(log_zs, ses), runs_rhat(torch.stack(draws))
     num_eves = min(r.num_eves for r in runs)
     _warn_if_unreliable(num_eves, num_samples, log_zs, ses, agreement, rhat, log_z, se)
-    pooled = torch.cat(draws)
-    missed = check_missed_modes("SMC", target, path, pooled, log_z, generator, device) if check_modes else {}
-    missed.update(check_reference_width("SMC", path, pooled, log_z, generator, device))
+    checks = after_checks("SMC", check_modes, target, path, torch.cat(draws), log_z, generator, device)
     sample_stats = {
         "lp": torch.stack(lps),
         "acceptance_rate": torch.stack(accs),
@@ -108,7 +106,7 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
         "num_eves": num_eves,
         "path": path.kind,
     }
-    attrs.update(missed)
+    attrs.update(checks)
     return SamplerResult(
         torch.stack(draws), sample_stats, {"tempering": stack_stages([r.stages for r in runs])}, attrs
     )
