@@ -110,7 +110,7 @@ def detect(names, methods, seeds) -> None:
 def posteriordb_false_alarms() -> None:
     from diffstat import posteriordb
     from diffstat.modes.climb import hill_climb
-    from diffstat.modes.coverage import laplace_log_mass, missed_modes
+    from diffstat.modes.coverage import laplace_log_mass_at, missed_modes
     from diffstat.tempering.mode_check import reference_width_ratio
     from diffstat.tempering.path import make_path
 
@@ -128,7 +128,7 @@ def posteriordb_false_alarms() -> None:
         lp, g = target.log_prob_and_grad(u[:64])
         h = torch.full_like(lp, 0.1 * float(u.var(0).mean()))
         peaks, peak_lp, _ = hill_climb(target.log_prob_and_grad, u[:64], lp, g, 200, h)
-        log_z = float(laplace_log_mass(target, peaks[peak_lp.argmax()][None])[0])
+        log_z = float(laplace_log_mass_at(target, peaks[peak_lp.argmax()][None])[0])
         res = missed_modes(target, u, log_z, starts, gen)
         masses = ", ".join(f"{float(v):.1f}" for v in res.log_masses[:3]) or "-"
         print(

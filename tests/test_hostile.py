@@ -487,6 +487,14 @@ def test_combining_shards_that_do_not_overlap_warns(method):
 _LIBRARY_NOISE = ("degrees of freedom", "encountered in", "empty slice", "More chains")
 
 
+def _short_options(method: str) -> dict:
+    """The method's short-run options; for SMS and walk-jump the exact smoothed score of N(0, I)."""
+    options = dict(SHORT.get(method, {}))
+    if method in ("sms", "walk_jump"):
+        options["smoothed_score"] = lambda y, s: -y / (1 + s**2)
+    return options
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("num_samples", [1, 2])
 def test_tiny_runs_leak_no_library_warnings(method, num_samples):
@@ -495,9 +503,7 @@ def test_tiny_runs_leak_no_library_warnings(method, num_samples):
     of one particle) and ArviZ from the conversion ("More chains (4) than draws (1)", for every
     method with more chains than draws). Now they compute NaN where one value has no spread, and the
     conversion knows its arrays are (chain, draw). A particle method that needs two refuses one."""
-    options = dict(SHORT.get(method, {}))
-    if method in ("sms", "walk_jump"):
-        options["smoothed_score"] = lambda y, s: -y / (1 + s**2)
+    options = _short_options(method)
     target = ds.Target(gaussian, 1, dtype=F64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -523,9 +529,7 @@ def test_plus_inf_met_mid_run_is_warned(method):
     rejected the +inf points silently (no draw beyond 2.5, where N(0, 1) has 0.6% of its mass), while
     NaN met mid-run was warned about. Now +inf is counted as NaN is (``num_posinf_evals``) and warned
     about; a method whose first look meets it (its starts cover the region) refuses it."""
-    options = dict(SHORT.get(method, {}))
-    if method in ("sms", "walk_jump"):
-        options["smoothed_score"] = lambda y, s: -y / (1 + s**2)
+    options = _short_options(method)
     target = ds.Target(plus_inf_beyond, 2, dtype=F64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

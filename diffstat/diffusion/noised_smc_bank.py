@@ -40,6 +40,8 @@ from typing import NamedTuple
 
 import torch
 
+from diffstat.modes.laplace import laplace_log_mass
+
 __all__ = ["ModeBank", "bank_log_g", "build_mode_bank"]
 
 #: Candidates closer than this many typical radii sqrt(d / c) of the better one are one mode.
@@ -145,7 +147,7 @@ def build_mode_bank(
     again, _ = _merge(m, lpm, evals.mean(-1))  # now at the centres
     again = torch.tensor(again, device=z.device, dtype=torch.long)
     m, lpm, evals, evecs = m[again], lpm[again], evals[again], evecs[again]
-    log_mass = lpm + 0.5 * d * math.log(2 * math.pi) - 0.5 * torch.log(evals).sum(-1)
+    log_mass = laplace_log_mass(lpm, evals)
     ok = log_mass > log_mass.max() - MASS_FLOOR
     return ModeBank(m[ok], evecs[ok], 1.0 / evals[ok], log_mass[ok]), unseen
 

@@ -50,14 +50,14 @@ import torch
 
 from diffstat.modes.barriers import group_by_barrier, no_barrier
 from diffstat.modes.climb import hill_climb
-from diffstat.modes.laplace import log_prob_grad_hessian
+from diffstat.modes.laplace import laplace_log_mass, log_prob_grad_hessian
 
 __all__ = [
     "MAX_MISSED_SHARE",
     "MAX_MISWEIGHT",
     "MIN_DRAW_SHARE",
     "MissedModes",
-    "laplace_log_mass",
+    "laplace_log_mass_at",
     "missed_modes",
 ]
 
@@ -97,7 +97,7 @@ class MissedModes(NamedTuple):
     num_evals: int
 
 
-def laplace_log_mass(target, x: torch.Tensor) -> torch.Tensor:
+def laplace_log_mass_at(target, x: torch.Tensor) -> torch.Tensor:
     r"""Laplace log-masses ``(n,)`` of :math:`\tilde p` at the points ``x: (n, dim)``:
     :math:`\log\tilde p(x) + \frac d2\log 2\pi - \frac12\log\det(-\nabla^2\log\tilde p(x))`, and
     :math:`-\infty` where :math:`-\nabla^2\log\tilde p` is not positive definite (or not finite).
@@ -109,8 +109,7 @@ def laplace_log_mass(target, x: torch.Tensor) -> torch.Tensor:
     hess = torch.where(ok[:, None, None], hess, -torch.eye(x.shape[1], dtype=x.dtype, device=x.device))
     eig = torch.linalg.eigvalsh(-hess.double())
     ok = ok & (eig > 0).all(-1)
-    log_det = eig.clamp_min(1e-300).log().sum(-1)
-    log_mass = lp.double() + 0.5 * x.shape[1] * math.log(2 * math.pi) - 0.5 * log_det
+    log_mass = laplace_log_mass(lp.double(), eig.clamp_min(1e-300))
     return torch.where(ok, log_mass, torch.full_like(log_mass, -math.inf))
 
 
@@ -133,15 +132,15 @@ def _in_box(target, x: torch.Tensor):
     return log_prob_and_grad
 
 
-def _spread_picks(draws: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def _spread_picks(draws: torch.Tensor, sd: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """Indices ``(min(k, n),)`` of draws: half by farthest-point selection in coordinates standardised
-    by the draws' sds (every separate cluster of draws gets one, however few draws it holds), the
-    rest at random."""
+    by ``sd`` (every separate cluster of draws gets one, however few draws it holds), the rest at
+    random."""
     n = draws.shape[0]
     order = torch.randperm(n, generator=generator, device=generator.device).to(draws.device)
     if k >= n:
         return order
-    z = draws / draws.std(0).clamp_min(1e-12) if n > 1 else draws
+    z = draws / sd
     picks = [int(order[0])]
     dist = (z - z[picks[0]]).norm(dim=-1)
     for _ in range(k // 2 - 1):
@@ -179,13 +178,14 @@ def missed_modes(
     scale = torch.as_tensor(scales, dtype=dtype, device=device)[torch.arange(m, device=device) % len(scales)]
     x0 = starts.mean(0) + scale[:, None] * (starts - starts.mean(0))
     log_prob_and_grad = _in_box(target, torch.cat([x0, draws]))
+    sd = draws.std(0).clamp_min(1e-12) if draws.shape[0] > 1 else torch.ones_like(draws[0])
     with torch.no_grad():
         lp0, g0 = log_prob_and_grad(x0)
         ok = torch.isfinite(lp0) & torch.isfinite(g0).all(-1)
         peaks, peak_lp, _ = hill_climb(
             log_prob_and_grad, x0[ok], lp0[ok], g0[ok], num_climb, step_size * scale[ok] ** 2
         )
-        xd = draws[_spread_picks(draws, num_found, generator)]
+        xd = draws[_spread_picks(draws, sd, num_found, generator)]
         lpd, gd = log_prob_and_grad(xd)
         fine = torch.isfinite(lpd) & torch.isfinite(gd).all(-1)
         spread = float(draws.var(0).mean()) if draws.shape[0] > 1 else 1.0
@@ -195,7 +195,6 @@ def missed_modes(
     empty = MissedModes(0.0, draws.new_empty(0, draws.shape[1]), draws.new_empty(0), 0.0, 0)
     if peaks.shape[0] == 0 or held.shape[0] == 0:
         return empty._replace(num_evals=target.num_target_evals - evals0)
-    sd = draws.std(0).clamp_min(1e-12) if draws.shape[0] > 1 else torch.ones_like(draws[0])
     # The modes the draws hold: the climbed picks grouped by barrier, each group with the share of the
     # draws nearest to its picks; a group under MIN_DRAW_SHARE holds too few to count as found.
     group = group_by_barrier(target.log_prob, held, held_lp)
@@ -239,7 +238,7 @@ def _missed(target, log_prob_and_grad, loose, loose_lp, anchors, draws, sd, step
         counts = torch.bincount(nearest, minlength=points.shape[0])[anchors.shape[0] :]
         held_too[held_too.clone()] = counts / draws.shape[0] >= MIN_DRAW_SHARE
     centres = loose[best[~held_too]]
-    log_mass = laplace_log_mass(target, centres)
+    log_mass = laplace_log_mass_at(target, centres)
     keep = torch.isfinite(log_mass)
     return centres[keep], log_mass[keep], bool(held_too.any())
 
@@ -278,7 +277,7 @@ def _misweight(target, held, held_lp, group, draw_share, missed_log_mass) -> flo
     if kept.numel() > MAX_WEIGHED_MODES:
         return math.nan
     best = _best_of_groups(group, held_lp)[kept]
-    log_mass = torch.cat([laplace_log_mass(target, held[best]), missed_log_mass.to(torch.float64)])
+    log_mass = torch.cat([laplace_log_mass_at(target, held[best]), missed_log_mass.to(torch.float64)])
     if not bool(torch.isfinite(log_mass).all()):
         return math.nan
     q = torch.cat([draw_share[kept] / draw_share[kept].sum(), log_mass.new_zeros(missed_log_mass.numel())])

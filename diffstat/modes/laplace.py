@@ -35,6 +35,7 @@ import torch
 __all__ = [
     "MAX_STEP",
     "log_prob_grad_hessian",
+    "laplace_log_mass",
     "safe_cholesky",
     "chol_solve",
     "newton_direction",
@@ -71,6 +72,14 @@ def log_prob_grad_hessian(target, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     hess = torch.stack(rows, 1)
     hess = 0.5 * (hess + hess.transpose(-1, -2))
     return lp.detach(), g.detach(), hess.detach()
+
+
+def laplace_log_mass(log_peak: torch.Tensor, precision_eigenvalues: torch.Tensor) -> torch.Tensor:
+    r"""Laplace log-masses ``(n,)`` of peaks of log-density ``log_peak (n,)`` whose precision
+    :math:`-\nabla^2\log p` has the positive eigenvalues ``(n, d)``:
+    :math:`\log p(m) + \tfrac d2\log 2\pi - \tfrac12\sum_i\log\lambda_i`."""
+    d = precision_eigenvalues.shape[-1]
+    return log_peak + 0.5 * d * math.log(2 * math.pi) - 0.5 * torch.log(precision_eigenvalues).sum(-1)
 
 
 def safe_cholesky(a: torch.Tensor, s2: float) -> torch.Tensor:

@@ -10,12 +10,11 @@ standard deviations of each other.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
-from diffstat.modes.laplace import later_duplicates, mahalanobis2, newton_ascent
+from diffstat.modes.laplace import laplace_log_mass, later_duplicates, mahalanobis2, newton_ascent
 
 __all__ = ["ModeBank", "ExploredModes", "explore_modes"]
 
@@ -113,7 +112,7 @@ def explore_modes(target, x: torch.Tensor, *, num_steps: int = 15, prox_scale: f
     x, lp, lam, vec = x[ok], lp[ok], lam_safe[ok], vec[ok]
     x = x + torch.einsum("nde,ne->nd", vec, torch.einsum("nde,nd->ne", vec, g[ok]) / lam)
     prec = torch.einsum("nde,ne,nfe->ndf", vec, lam, vec)
-    log_mass = lp + 0.5 * d * math.log(2 * math.pi) - 0.5 * torch.log(lam).sum(-1)
+    log_mass = laplace_log_mass(lp, lam)
     order = torch.argsort(log_mass, descending=True)
     x, prec, log_mass = x[order], prec[order], log_mass[order]
     dist2 = mahalanobis2(x, x, prec)  # (j, i): x_j in the metric of x_i

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import diffstat as ds
-from diffstat.modes.coverage import laplace_log_mass, missed_modes
+from diffstat.modes.coverage import laplace_log_mass_at, missed_modes
 from diffstat.targets.funnel import Funnel
 from diffstat.targets.two_modes import two_modes
 
@@ -34,11 +34,11 @@ def test_laplace_mass_is_exact_for_a_gaussian_and_minus_inf_off_a_mode():
     cov = torch.tensor([[2.0, 0.6], [0.6, 0.5]], dtype=F64)
     gauss = torch.distributions.MultivariateNormal(torch.tensor([1.0, -2.0], dtype=F64), cov)
     target = ds.Target(lambda x: gauss.log_prob(x) + 3.0, 2)
-    lm = laplace_log_mass(target, torch.tensor([[1.0, -2.0], [5.0, 5.0]], dtype=F64))
+    lm = laplace_log_mass_at(target, torch.tensor([[1.0, -2.0], [5.0, 5.0]], dtype=F64))
     assert abs(float(lm[0]) - 3.0) < 1e-12  # log Z = 3 exactly at the mode
     # An off-mode point of a log-density curving up in a direction is no mode.
     saddle = ds.Target(lambda x: -(x[:, 0] ** 2) + x[:, 1] ** 2, 2)
-    assert laplace_log_mass(saddle, torch.zeros(1, 2, dtype=F64))[0] == -math.inf
+    assert laplace_log_mass_at(saddle, torch.zeros(1, 2, dtype=F64))[0] == -math.inf
 
 
 def test_draws_from_one_mode_miss_the_others_share_and_draws_from_all_miss_nothing():
