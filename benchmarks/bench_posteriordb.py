@@ -8,7 +8,7 @@ Columns: ``mean err`` the largest |mean - ref mean| / ref sd over parameters (co
 names); ``sd err`` the largest |sd / ref sd - 1|; ``R-hat`` the largest rank-normalised R-hat
 (arviz; chains > 1 only); ``ESS/1k`` the smallest bulk ESS over parameters per 1,000 target
 evaluations; ``evals`` target evaluations; ``sec`` sampling time; ``pass`` mean err <= 0.15 and
-sd err <= 0.15.
+sd err <= 0.15; then the run's RuntimeWarnings by kind (``modes``: the check for missed modes).
 
 Run:
     python benchmarks/bench_posteriordb.py [--methods smc mala] [--posteriors NAME ...] [--fast]
@@ -72,15 +72,18 @@ def run_one(name: str, method: str, seed: int, dtype: str, num_samples: int, ini
         g = torch.Generator().manual_seed(seed + 1)
         u = torch.rand(num_chains, post.target.dim, generator=g, dtype=post.target.dtype)
         options["init"] = 4 * u - 2
-    idata = ds.sample(
-        post.target,
-        method,
-        num_samples=num_samples,
-        num_chains=num_chains,
-        seed=seed,
-        progress=False,
-        **options,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        idata = ds.sample(
+            post.target,
+            method,
+            num_samples=num_samples,
+            num_chains=num_chains,
+            seed=seed,
+            progress=False,
+            **options,
+        )
+    said = sorted({str(w.message)[:120] for w in caught if issubclass(w.category, RuntimeWarning)})
     cmp = post.compare(idata)
     flat = post.flatten(idata)
     chains = next(iter(flat.values())).shape[0]
@@ -105,6 +108,8 @@ def run_one(name: str, method: str, seed: int, dtype: str, num_samples: int, ini
         "evals": evals,
         "seconds": float(idata.posterior.attrs["sampling_time"]),
         "passed": cmp.passed(),
+        "warnings": said,
+        "mode_check_evals": int(idata.posterior.attrs.get("mode_check_evals", 0)),
         **extra,
     }
 
@@ -144,8 +149,16 @@ def format_row(r: dict) -> str:
     return (
         f"{r['posterior']:44s} {r['method']:9s} {r['mean_err']:8.3f} {r['sd_err']:7.3f} {rhat:>6s} "
         f"{r['ess_per_1k_evals']:7.2f} {r['evals']:9d} {r['seconds']:7.1f}  "
-        f"{'yes' if r['passed'] else 'NO'}"
+        f"{'yes' if r['passed'] else 'NO'}  {_warned(r)}"
     )
+
+
+def _warned(r: dict) -> str:
+    """The run's warnings, by kind: ``modes`` from the check for missed modes, ``other`` else."""
+    said = r.get("warnings", [])
+    modes = sum(("no draw reaches" in m or "modes wrongly" in m or "missed modes stopped" in m) for m in said)
+    kinds = [f"modes {modes}" if modes else "", f"other {len(said) - modes}" if len(said) > modes else ""]
+    return ", ".join(k for k in kinds if k) or "-"
 
 
 def timing(names, repeats: int = 5) -> None:

@@ -12,7 +12,11 @@ A run (:func:`run_mcmc`) has three phases, all batched over chains:
    (:mod:`diffstat.mcmc.chees`).
 3. **Sampling** with one shared step size, the final metric and (HMC) jittered trajectory lengths.
 
-A chain whose acceptance rate over the draws is under 5% raises a ``RuntimeWarning``.
+A chain whose acceptance rate over the draws is under 5% raises a ``RuntimeWarning``. After the
+run (``check_modes=True``, the default) gradient ascent from widened reference draws looks for modes
+that no chain visits (:mod:`diffstat.modes.check`, a few thousand to a few tens of thousands of
+counted evaluations): R-hat sees chains that sit in different modes, not chains that all sit in the
+same one, and a chain does not leave the mode its start phase climbed to.
 
 Defaults and why: ``num_warmup = num_samples`` (Stan's 1000/1000 ratio); target acceptance 0.8 for
 HMC and NUTS (Stan), 0.574 for MALA and 0.234 for random walk (optimal scaling, Roberts and Rosenthal
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from diffstat._util import (
+    check_bool,
     check_nonnegative_int,
     check_options,
     check_positive_int,
@@ -53,6 +58,7 @@ from diffstat.mcmc.nuts import nuts_step
 from diffstat.mcmc.rwm import RWM_TARGET_ACCEPT, rwm_step
 from diffstat.mcmc.start import find_start, initial_step_sizes
 from diffstat.mcmc.warmup import METRICS, windowed_warmup
+from diffstat.modes.check import NUM_CHECK_STARTS, check_missed_modes
 from diffstat.sampling import SamplerResult, register_sampler
 
 __all__ = ["KERNELS", "TARGET_ACCEPT", "KernelSpec", "initial_points", "run_mcmc"]
@@ -106,7 +112,10 @@ KERNELS = {
 }
 #: Target acceptance rates per kernel (read by the tempering path's inner moves).
 TARGET_ACCEPT = {name: spec.target_accept for name, spec in KERNELS.items()}
-_COMMON = {"num_warmup", "step_size", "target_accept", "adapt_mass", "metric", "thin", "init", "init_iters"}
+_COMMON = {
+    "num_warmup", "step_size", "target_accept", "adapt_mass", "metric", "thin", "init", "init_iters",
+    "check_modes",
+}  # fmt: skip
 _OPTIONS = {"hmc": _COMMON | {"num_leapfrog", "max_leapfrog"}, "nuts": _COMMON | {"max_tree_depth"}}
 
 
@@ -188,6 +197,7 @@ def run_mcmc(
     thin: int = 1,
     init=None,
     init_iters: int = 200,
+    check_modes: bool = True,
 ) -> SamplerResult:
     """Run ``num_chains`` chains of ``kernel`` in one batch: start, warm-up, then ``num_samples`` draws.
 
@@ -196,11 +206,13 @@ def run_mcmc(
     ``metric`` ``"diag" | "dense" | "auto"``; ``num_leapfrog`` (HMC: fixes the leapfrog steps, else
     ChEES adapts the trajectory length, with at most ``max_leapfrog`` steps); ``max_tree_depth``
     (NUTS); ``thin``; ``init`` (starting points, used as given); ``init_iters`` (ascent iterations
-    of the start phase, 0 to skip). See the module docstring for the phases and defaults.
+    of the start phase, 0 to skip); ``check_modes`` (look for modes no chain visits, module notes).
+    See the module docstring for the phases and defaults.
     """
     spec = KERNELS[kernel]
     num_warmup = num_samples if num_warmup is None else num_warmup
     _check(num_warmup, step_size, metric, init_iters, thin, num_leapfrog, max_leapfrog)
+    check_modes = check_bool(check_modes, "check_modes")
     num_warmup = int(num_warmup)
     target_accept = (
         spec.target_accept if target_accept is None else check_probability(target_accept, "target_accept")
@@ -233,9 +245,25 @@ def run_mcmc(
         bar.set_description(kernel)
         draws, stats = _sample(generator, warm, lpg, step, spec, trajectory, num_samples, thin, bar)
     attrs = _attrs(kernel, warm, trajectory, num_warmup, max_tree_depth)
+    if check_modes:
+        attrs |= _check_modes(kernel, target, draws, generator, device)
     return SamplerResult(
         draws.transpose(0, 1), {k: v.transpose(0, 1) for k, v in stats.items()}, attrs=attrs, diagnose=True
     )
+
+
+def _check_modes(kernel: str, target, draws: torch.Tensor, generator, device) -> dict:
+    """The check for modes that no chain visits, from reference draws (module notes); its attrs."""
+    starts = target.sample_reference(NUM_CHECK_STARTS, generator, device)
+    return check_missed_modes(
+        kernel.upper(), target, draws, None, starts, generator,
+        missed_advice="The chains never visit them: a chain stays in the mode it started in, and R-hat "
+        "cannot see a mode that every chain misses. Run more chains from dispersed starts (num_chains, "
+        "init=), or use method='smc' or 'diffusion', which weigh the modes against each other",
+        misweight_advice="The chains' shares of the modes follow where they started, not the modes' "
+        "masses: chains do not move between separated modes. Use method='smc' or 'diffusion' for the "
+        "weights of the modes",
+    )  # fmt: skip
 
 
 def _attrs(kernel, warm, trajectory, num_warmup, max_tree_depth) -> dict:

@@ -25,7 +25,8 @@ every independent run alike, and then no check between runs sees it: the runs ag
    modes than the 64 climbed: then the modes are not weighed). A missed mode's Laplace mass is
    :math:`\log p(m) + \tfrac d2\log 2\pi - \tfrac12\log\det(-\nabla^2\log p(m))` where the
    Hessian is negative definite (else it is not a mode and counts nothing). The missed share is
-   :math:`M / (Z + M)`, :math:`M` the missed modes' total and :math:`Z` the run's evidence estimate.
+   :math:`M / (Z + M)`, :math:`M` the missed modes' total and :math:`Z` the run's evidence estimate
+   (for MCMC, which has none, the held modes' Laplace masses of step 5).
 5. **Weights**: where the draws hold at most ``MAX_WEIGHED_MODES`` (8) modes, each held mode's
    Laplace mass (at its best draw peak) and the missed ones' give each mode a share of the total;
    the ``misweight`` is the total variation between these and the modes' shares of the draws (a
@@ -155,7 +156,7 @@ def _spread_picks(draws: torch.Tensor, sd: torch.Tensor, k: int, generator: torc
 def missed_modes(
     target,
     draws: torch.Tensor,
-    log_z: float,
+    log_z: float | None,
     starts: torch.Tensor,
     generator: torch.Generator,
     *,
@@ -164,8 +165,10 @@ def missed_modes(
     num_found: int = 64,
     step_size: float = 0.1,
 ) -> MissedModes:
-    r"""Look for modes that ``draws: (n, dim)`` (a run's draws, evidence ``log_z``) miss, climbing
-    from ``starts: (m, dim)`` (reference draws) scaled about their mean by ``scales`` (module notes).
+    r"""Look for modes that ``draws: (n, dim)`` (a run's draws, evidence ``log_z``; None for a run
+    without one, such as MCMC: the held modes' Laplace masses then stand for it, and the share is NaN
+    where they cannot be weighed) miss, climbing from ``starts: (m, dim)`` (reference draws) scaled
+    about their mean by ``scales`` (module notes).
 
     The starts' climbing steps begin at ``step_size`` times the squared scale (a reference draw
     moved by ``s`` is ``s`` reference sds from its mean), the draws' at ``step_size`` times their
@@ -211,11 +214,14 @@ def missed_modes(
         centres, log_mass, unweighable = _missed(
             target, log_prob_and_grad, loose, loose_lp, anchors, draws, sd, h0
         )
+    held_mass = None if unweighable else _held_log_mass(target, held, held_lp, group, draw_share)
+    misweight = math.nan if held_mass is None else _misweight(draw_share, held_mass, log_mass)
+    if log_z is None:  # no evidence estimate (MCMC): the held modes' Laplace masses stand for it
+        log_z = math.nan if held_mass is None else float(torch.logsumexp(held_mass, 0))
     share = 0.0
     if log_mass.numel():
         missed = torch.logsumexp(log_mass, 0)
         share = float(torch.exp(missed - torch.logaddexp(missed, missed.new_tensor(float(log_z)))))
-    misweight = math.nan if unweighable else _misweight(target, held, held_lp, group, draw_share, log_mass)
     return MissedModes(share, centres, log_mass, misweight, target.num_target_evals - evals0)
 
 
@@ -269,16 +275,22 @@ def _best_of_groups(label: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
     return torch.stack([g[lp[g].argmax()] for g in groups])
 
 
-def _misweight(target, held, held_lp, group, draw_share, missed_log_mass) -> float:
-    """Total variation between the modes' Laplace shares and their shares of the draws, over the
-    modes the draws hold (at least ``MIN_DRAW_SHARE`` each) and the missed ones (holding none); NaN
-    where more than ``MAX_WEIGHED_MODES`` are held or a held mode has no Laplace mass."""
+def _held_log_mass(target, held, held_lp, group, draw_share) -> torch.Tensor | None:
+    """The Laplace log-masses ``(k,)`` of the modes the draws hold (at least ``MIN_DRAW_SHARE`` each),
+    at each one's best draw peak; None where more than ``MAX_WEIGHED_MODES`` are held or one has no
+    finite Laplace mass."""
     kept = torch.nonzero(draw_share >= MIN_DRAW_SHARE).flatten()
     if kept.numel() > MAX_WEIGHED_MODES:
-        return math.nan
-    best = _best_of_groups(group, held_lp)[kept]
-    log_mass = torch.cat([laplace_log_mass_at(target, held[best]), missed_log_mass.to(torch.float64)])
-    if not bool(torch.isfinite(log_mass).all()):
-        return math.nan
+        return None
+    log_mass = laplace_log_mass_at(target, held[_best_of_groups(group, held_lp)[kept]]).to(torch.float64)
+    return log_mass if bool(torch.isfinite(log_mass).all()) else None
+
+
+def _misweight(draw_share, held_log_mass, missed_log_mass) -> float:
+    """Total variation between the modes' Laplace shares and their shares of the draws, over the
+    modes the draws hold (``held_log_mass``, in the order of their groups) and the missed ones
+    (holding none)."""
+    kept = draw_share >= MIN_DRAW_SHARE
+    log_mass = torch.cat([held_log_mass, missed_log_mass.to(torch.float64)])
     q = torch.cat([draw_share[kept] / draw_share[kept].sum(), log_mass.new_zeros(missed_log_mass.numel())])
     return 0.5 * float((torch.softmax(log_mass, 0) - q.to(log_mass)).abs().sum())

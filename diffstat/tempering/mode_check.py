@@ -25,8 +25,8 @@ import warnings
 
 import torch
 
-from diffstat._util import check_bool
-from diffstat.modes.coverage import MAX_MISSED_SHARE, MAX_MISWEIGHT, MissedModes, missed_modes
+from diffstat.modes import check
+from diffstat.modes.check import NUM_CHECK_STARTS, pop_check_modes
 
 __all__ = [
     "MAX_WIDTH_RATIO",
@@ -44,66 +44,30 @@ MAX_WIDTH_RATIO = 4.0
 #: Reference draws for the reference's covariance (free: the reference is not the target).
 _NUM_REFERENCE_DRAWS = 4096
 
-#: Reference draws the check climbs from: enough that a basin holding a few percent of the widened
-#: starts is reached by several, at about 3,000 to 30,000 evaluations on the posteriordb suite.
-NUM_CHECK_STARTS = 256
-
-
-def pop_check_modes(options: dict) -> bool:
-    """The ``check_modes`` option (default True), removed from ``options``; ``ValueError`` unless a bool."""
-    return check_bool(options.pop("check_modes", True), "check_modes")
+_MISWEIGHT_ADVICE = (
+    "A mode the runs reached but left nearly empty: give a reference= that covers the posterior (wider "
+    "than it; the default is the target's reference, else N(0, I)), or use method='diffusion'"
+)
 
 
 def check_missed_modes(
     method: str, target, path, draws: torch.Tensor, log_z: float, generator, device
 ) -> dict:
-    """Run the check on the pooled ``draws (..., dim)`` of a run with evidence ``log_z`` (skipped
-    where it is not finite), warn, and return the attrs ``missed_mode_share``, ``mode_misweight`` and
-    ``mode_check_evals``."""
+    """Run the check (:func:`diffstat.modes.check.check_missed_modes`) on the pooled ``draws (...,
+    dim)`` of a run with evidence ``log_z`` (skipped where it is not finite), from draws of the path's
+    reference; its attrs."""
     if not math.isfinite(log_z):
         return {}
     starts = path.sample_reference(NUM_CHECK_STARTS, generator, device)
-    try:
-        missed = missed_modes(target, draws.reshape(-1, draws.shape[-1]), log_z, starts, generator)
-    except (ValueError, RuntimeError) as err:  # the model refused a point that the climbs reached
-        warnings.warn(
-            f"{method}: the check for missed modes stopped ({type(err).__name__}: {str(err)[:200]}); the "
-            "draws are returned unchecked for modes that the run missed. check_modes=False skips the check",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return {}
-    if missed.share > MAX_MISSED_SHARE:
-        warnings.warn(_message(method, missed, log_z), RuntimeWarning, stacklevel=3)
-    elif missed.misweight > MAX_MISWEIGHT:
-        warnings.warn(
-            f"{method}: the draws weigh the target's modes wrongly: their shares of the draws differ "
-            f"from the modes' Laplace masses by {missed.misweight:.2f} in total variation (a mode the runs "
-            "reached but left nearly empty). Give a reference= that covers the posterior (wider than it; "
-            "the default is the target's reference, else N(0, I)), or use method='diffusion'",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return {
-        "missed_mode_share": missed.share,
-        "mode_misweight": missed.misweight,
-        "mode_check_evals": missed.num_evals,
-    }
-
-
-def _message(method: str, missed: MissedModes, log_z: float) -> str:
-    where = "; ".join(
-        f"log-mass {float(lm):.2f} near ({', '.join(f'{v:.3g}' for v in c[:4].tolist())}"
-        + (", ...)" if c.numel() > 4 else ")")
-        for c, lm in zip(missed.centres[:3], missed.log_masses[:3])
+    missed_advice = (
+        f"The draws miss them and log Z = {log_z:.3f} is that of the modes found only. Give a reference= "
+        "that covers the posterior (wider than it; the default is the target's reference, else N(0, I)), "
+        "or use method='diffusion'"
     )
-    return (
-        f"{method}: gradient ascent from widened reference draws found {missed.centres.shape[0]} mode(s) "
-        f"that no draw reaches, holding about {missed.share:.0%} of the mass by a Laplace estimate "
-        f"({where}). The draws miss them and log Z = {log_z:.3f} is that of the modes found only. Give a "
-        "reference= that covers the posterior (wider than it; the default is the target's reference, else "
-        "N(0, I)), or use method='diffusion'"
-    )
+    return check.check_missed_modes(
+        method, target, draws, log_z, starts, generator,
+        missed_advice=missed_advice, misweight_advice=_MISWEIGHT_ADVICE,
+    )  # fmt: skip
 
 
 def reference_width_ratio(path, draws: torch.Tensor, generator, device) -> float:

@@ -87,11 +87,14 @@ def test_evaluations_counted():
         init=MEAN,
         adapt_mass=False,
     )
-    # validation (3) + initial gradient (3) + 150 steps x 7 leapfrog steps x 3 chains
-    assert idata.posterior.attrs["num_target_evals"] == 3 + 3 + 150 * 7 * 3
+    # validation (3) + initial gradient (3) + 150 steps x 7 leapfrog steps x 3 chains + the mode check
+    attrs = idata.posterior.attrs
+    assert attrs["mode_check_evals"] > 0
+    assert attrs["num_target_evals"] == 3 + 3 + 150 * 7 * 3 + attrs["mode_check_evals"]
     # Jittered lengths: the sampling phase evaluates exactly the recorded leapfrog steps.
-    a = ds.sample(target, "hmc", num_samples=40, num_warmup=30, seed=0, progress=False, init=MEAN)
-    b = ds.sample(target, "hmc", num_samples=5, num_warmup=30, seed=0, progress=False, init=MEAN)
+    kw = {"num_warmup": 30, "seed": 0, "progress": False, "init": MEAN, "check_modes": False}
+    a = ds.sample(target, "hmc", num_samples=40, **kw)
+    b = ds.sample(target, "hmc", num_samples=5, **kw)
     extra = a.posterior.attrs["num_target_evals"] - b.posterior.attrs["num_target_evals"]
     steps = a.sample_stats["n_steps"].values
     assert extra == steps[:, 5:].sum()
