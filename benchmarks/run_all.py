@@ -201,9 +201,9 @@ def ionosphere_problem(budget, fast, seed) -> Problem:
 
 
 def method_options(method: str, budget: int, dim: int, fast: bool) -> tuple[int, dict]:
-    """``(num_samples, options)`` for a method, from the evaluation budget. The tempering methods run
-    without their check for missed modes (a diagnostic after sampling), so that the budget is spent on
-    the sampling the table compares."""
+    """``(num_samples, options)`` for a method, from the evaluation budget. The tempering and MCMC
+    methods run without their check for missed modes (a diagnostic after sampling), so that the budget
+    is spent on the sampling the table compares."""
     if method == "smc":  # one run: about 10 temperatures x (num_mcmc_steps + 1) evaluations per particle
         n = 1000
         return n, dict(num_chains=1, num_mcmc_steps=max(1, round(budget / (n * 10)) - 1), check_modes=False)
@@ -213,9 +213,9 @@ def method_options(method: str, budget: int, dim: int, fast: bool) -> tuple[int,
     if method == "pt":  # 4 chains x 10 temperatures x (warm-up T + T draws)
         return max(10, budget // 80), dict(num_chains=4, num_temperatures=10, check_modes=False)
     if method == "mala":  # 8 chains x (warm-up + draws)
-        return max(10, budget // 16), dict(num_chains=8)
+        return max(10, budget // 16), dict(num_chains=8, check_modes=False)
     if method == "hmc":  # 8 chains x (warm-up + draws) x about 10 leapfrog steps (then rescaled)
-        return max(10, budget // 160), dict(num_chains=8)
+        return max(10, budget // 160), dict(num_chains=8, check_modes=False)
     if method in ("diffusion", "gaussian_is"):  # exploration + restocking + proposals, adaptively
         options = dict(num_explore=1000, num_proposals=2048)
         if fast:  # restocking costs chains_per_mode x restock_steps per mode found (many on many-well)
