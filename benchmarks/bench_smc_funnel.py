@@ -6,7 +6,10 @@ are the log Z error, the draws' sd of x_1, their 1% and 99% quantiles of x_1 (ex
 the target evaluations (``attrs["num_target_evals"]``), the number of stages and the seconds.
 Settings are SMC options written ``key=value`` (Python literals), ``;`` between options, one per
 ``--settings`` argument; ``default`` is no option; ``reference_sd=s`` sets the reference to
-N(0, s^2 I). Figures and the commands that gave them:
+N(0, s^2 I); ``dr_stages=K`` and/or ``dr_factor=c`` make the kernel delayed-rejection MALA
+(``diffstat.mcmc.dr_mala.dr_mala_step``) with ``K`` stages (default 2) and step reduction ``c``
+(default 4), its first-stage target acceptance ``target_accept`` (default 0.4) and MALA's first
+step size (``kernel='dr_mala'`` is the same with both defaults). Figures and the commands that gave them:
 ``docs/smc_funnel.md``.
 
 ``--checks`` runs the same settings where SMC is right today, 1000 particles unless ``--particles``:
@@ -50,7 +53,10 @@ import warnings
 import numpy as np
 import torch
 
+import functools
+
 import diffstat as ds
+from diffstat.mcmc.dr_mala import DR_MALA_TARGET_ACCEPT, DR_NUM_STAGES, DR_STEP_FACTOR, dr_mala_step
 from diffstat.targets import Funnel, GaussianMixture
 from diffstat.tempering.core import cloud_metric, init_tempered, initial_particles, tempered_step
 from diffstat.tempering.path import default_step_size, make_path
@@ -76,9 +82,21 @@ def with_reference(dim: int, options: dict) -> dict:
     return options
 
 
+def with_kernel(dim: int, options: dict) -> dict:
+    """``options`` with ``dr_stages``/``dr_factor`` replaced by a DR-MALA kernel (module docstring)."""
+    options = dict(options)
+    if "dr_stages" in options or "dr_factor" in options:
+        stages = int(options.pop("dr_stages", DR_NUM_STAGES))
+        factor = float(options.pop("dr_factor", DR_STEP_FACTOR))
+        options["kernel"] = functools.partial(dr_mala_step, num_stages=stages, step_factor=factor)
+        options.setdefault("target_accept", DR_MALA_TARGET_ACCEPT)
+        options.setdefault("step_size", default_step_size("dr_mala", dim))
+    return options
+
+
 def run(dim: int, seed: int, particles: int, options: dict) -> dict:
     target = Funnel(dim).as_target(dtype=torch.float64)
-    options = with_reference(dim, options)
+    options = with_kernel(dim, with_reference(dim, options))
     t0 = time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -145,7 +163,7 @@ def checks(args) -> None:
     for name in args.targets:
         target, evaluate, base = check_target(name)
         for setting in args.settings:
-            options = {**base, **parse_setting(setting)}
+            options = with_kernel(target.dim, {**base, **parse_setting(setting)})
             for seed in args.seeds:
                 t0 = time.time()
                 with warnings.catch_warnings():
@@ -184,7 +202,7 @@ def trace(args) -> None:
     print("| setting | seed | beta | log Z_beta SMC | exact | q01, q50, q99 x1 | exact | moves | h | acc |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for setting in args.settings:
-        config = SMCConfig(**parse_setting(setting))
+        config = SMCConfig(**with_kernel(args.dim, parse_setting(setting)))
         precondition = cloud_metric(config.metric, config.within_modes)
         for seed in args.seeds:
             generator = torch.Generator().manual_seed(seed)
