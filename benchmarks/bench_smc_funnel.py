@@ -19,6 +19,9 @@ step size (``kernel='dr_mala'`` is the same with both defaults). Figures and the
 * ``mixture6``: the 6-d three-mode mixture of ``tests/tempering/test_smc.py`` (weights 0.5 / 0.3 / 0.2,
   sds 0.7 / 1.0 / 0.85, log Z 2.3), with that test's ``target_ess=0.9``; columns: log Z error, the
   total variation of the mode shares;
+* ``regression``, ``ar5``, ``mixture``: the targets of ``benchmarks/bench_smc_moves.py`` with their
+  exact answers (log Z error; the largest |mean error| in posterior sd and relative sd error for
+  the regressions, the mode total variation for the mixture);
 * posteriordb posteriors (any other name in ``--targets``): the largest mean and sd errors in
   reference sds against Stan's reference draws (``diffstat.posteriordb``), log Z not known ("-").
 
@@ -47,6 +50,8 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import pathlib
+import sys
 import time
 import warnings
 
@@ -146,6 +151,8 @@ def check_target(name: str):
             return idata.posterior.attrs["log_normalizer"] - 2.3, tv, math.nan
 
         return gm.as_target(dtype=torch.float64), evaluate, {"target_ess": 0.9}
+    if name in CORRELATED:
+        return correlated_check(name)
     from diffstat import posteriordb
 
     post = posteriordb.load(name, dtype=torch.float64)
@@ -155,6 +162,45 @@ def check_target(name: str):
         return math.nan, cmp.max_mean_error, cmp.max_sd_error
 
     return post.target, evaluate, {}
+
+
+#: The targets of ``benchmarks/bench_smc_moves.py`` (``tests/tempering/correlated_targets.py``).
+CORRELATED = ("regression", "ar5", "mixture")
+
+
+def correlated_check(name: str):
+    """``check_target`` for the targets of ``bench_smc_moves.py``: the regressions (log Z error, the
+    largest |mean error| in posterior sd and relative sd error over beta and sigma) and the 6-d
+    mixture with full covariances from N(0, 36 I) (log Z error, mode total variation)."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "tempering"))
+    import correlated_targets as ct
+
+    if name == "mixture":
+        gm, target = ct.mixture6()
+
+        def evaluate(idata):
+            x = torch.as_tensor(idata.posterior.x.values[0])
+            share = torch.bincount(gm.assign(x), minlength=3).to(torch.float64) / x.shape[0]
+            log_z = idata.posterior.attrs["log_normalizer"] - gm.log_normalizer
+            return log_z, 0.5 * float((share - gm.weights).abs().sum()), math.nan
+
+        return target, evaluate, {}
+    target = ct.regression() if name == "regression" else ct.ar5()
+
+    def evaluate(idata):
+        x = torch.as_tensor(idata.posterior.x.values[0])
+        beta, sigma = x[:, :-1], torch.exp(x[:, -1])
+        mean_z = torch.cat(
+            [
+                (beta.mean(0) - target.beta_mean) / target.beta_sd,
+                ((sigma.mean() - target.sigma_mean) / target.sigma_sd).reshape(1),
+            ]
+        )
+        sd_rel = torch.cat([beta.std(0) / target.beta_sd - 1, (sigma.std() / target.sigma_sd - 1).reshape(1)])
+        log_z = idata.posterior.attrs["log_normalizer"] - target.log_evidence
+        return log_z, float(mean_z.abs().max()), float(sd_rel.abs().max())
+
+    return target, evaluate, {}
 
 
 def checks(args) -> None:
