@@ -35,8 +35,9 @@ of the rejected particles only.
 **Points outside the support.** A point whose log-density is not finite (NaN, :math:`\pm\infty`) or
 whose gradient or coordinates are not has :math:`\pi = 0` in every flux: it is never accepted, and
 moving to it from any point has probability 0 (a property of the point alone, so both directions of
-a path agree). A stage whose log ratio is below :data:`~diffstat.mcmc.base.DIVERGENCE_THRESHOLD` or
-not a number is divergent; a row is reported divergent when the last stage it tried was.
+a path agree). A row is divergent as in MALA, when its first stage's log ratio is below
+:data:`~diffstat.mcmc.base.DIVERGENCE_THRESHOLD` or not a number, unless a later stage is accepted
+(a later stage's ratio is small whenever the first proposal went far, with no numerical failure).
 
 **Evaluations.** The first stage evaluates every row through ``log_prob_and_grad(y)``; a later stage
 evaluates only the rows still rejected. When ``log_prob_and_grad`` has a method
@@ -198,7 +199,6 @@ def dr_mala_step(
     new_g = None if state.grad is None else state.grad.clone()
     stage_acc = torch.full((n, num_stages), math.nan, dtype=x.dtype, device=device)
     accepted_stage = torch.zeros(n, dtype=torch.long, device=device)
-    diverging = torch.zeros(n, dtype=torch.bool, device=device)
     rows = torch.arange(n, device=device)
     points = [(x, state.log_prob, state.grad)]
     num_evals = 0
@@ -214,11 +214,11 @@ def dr_mala_step(
         dr = DelayedRejection(points, hs, metric)
         path = tuple(range(j + 1))
         log_alpha = dr.log_alpha(path)
-        ratio = torch.nan_to_num(dr.log_ratio(path), nan=-math.inf, posinf=-math.inf)
         u = torch.rand(rows.shape, generator=generator, dtype=x.dtype, device=device)
         accept = u < torch.exp(log_alpha)
         stage_acc[rows, j - 1] = torch.exp(log_alpha)
-        diverging[rows] = (ratio < -DIVERGENCE_THRESHOLD) & ~accept
+        if j == 1:  # MALA's divergence: the first stage's ratio; cleared by a later acceptance
+            diverging = torch.nan_to_num(dr.log_ratio(path), nan=-math.inf) < -DIVERGENCE_THRESHOLD
         won = rows[accept]
         new_x[won], new_lp[won], accepted_stage[won] = y[accept], lp_y[accept], j
         if new_g is not None:
@@ -228,5 +228,6 @@ def dr_mala_step(
             break
         rows = rows[keep]
         points = [tuple(t[keep] for t in p) for p in points]
-    info = DRMALAInfo(stage_acc[:, 0], accepted_stage > 0, diverging, num_evals, stage_acc, accepted_stage)
+    accepted = accepted_stage > 0
+    info = DRMALAInfo(stage_acc[:, 0], accepted, diverging & ~accepted, num_evals, stage_acc, accepted_stage)
     return MCMCState(new_x, new_lp, new_g), info
