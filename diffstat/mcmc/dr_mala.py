@@ -27,10 +27,12 @@ HMC, Modi, Barnett and Carpenter 2023). For two stages,
 The path flux :math:`F(x, y_1..y_j)\,\alpha_j` is symmetric under reversing the path, which is
 detailed balance; everything is computed in log space (:class:`DelayedRejection`).
 
-**Why** (Modi, Barnett and Carpenter 2023): on a multiscale target such as Neal's funnel one step
-size cannot suit the narrow and the wide regions; a first stage sized for the wide region and later
-stages :math:`c` and :math:`c^2` times smaller adapt the step to where each particle is, at the cost
-of the rejected particles only.
+**Why** (the motivation of Modi, Barnett and Carpenter 2023): on a multiscale target one step size
+cannot suit the narrow and the wide regions; a first stage sized for the wide region and smaller
+later ones adapt the step to where each particle is, at the cost of the rejected particles only.
+The later stages' ratio limits this: it carries :math:`q_1(y_2 \to y_1) / q_1(x \to y_1)`, which
+collapses where the gradient changes fast, and from stage 3 on the reversed path needs the bold
+:math:`y_1` proposed with a smaller step (measured on Neal's funnel: ``docs/smc_funnel.md``, section 6).
 
 **Points outside the support.** A point whose log-density is not finite (NaN, :math:`\pm\infty`) or
 whose gradient or coordinates are not has :math:`\pi = 0` in every flux: it is never accepted, and
@@ -71,9 +73,10 @@ __all__ = [
 #: a rejected first proposal is retried with a smaller step instead of wasting the move, so the
 #: first stage may be bolder (measurements: ``docs/smc_funnel.md``).
 DR_MALA_TARGET_ACCEPT = 0.4
-#: Stages: one retry, the cheapest form (Modi et al. 2023 use two or three).
+#: Stages: one retry, the cheapest form (a third stage is rarely accepted unless ``c`` is near 1).
 DR_NUM_STAGES = 2
-#: Each stage's step size is the previous one's divided by this (Modi et al. 2023 use 2 to 10).
+#: Each stage's step size is the previous one's divided by this: a retry distinctly smaller than the
+#: first step, still close enough for the stage-2 ratio's first-stage factor to stay moderate.
 DR_STEP_FACTOR = 4.0
 
 
