@@ -6,7 +6,10 @@ are the log Z error, the draws' sd of x_1, their 1% and 99% quantiles of x_1 (ex
 the target evaluations (``attrs["num_target_evals"]``), the number of stages and the seconds.
 Settings are SMC options written ``key=value`` (Python literals), ``;`` between options, one per
 ``--settings`` argument; ``default`` is no option; ``reference_sd=s`` sets the reference to
-N(0, s^2 I). Figures and the commands that gave them:
+N(0, s^2 I); ``dr_stages=K`` and/or ``dr_factor=c`` make the kernel delayed-rejection MALA
+(``diffstat.mcmc.dr_mala.dr_mala_step``) with ``K`` stages (default 2) and step reduction ``c``
+(default 4), its first-stage target acceptance ``target_accept`` (default 0.4) and MALA's first
+step size (``kernel='dr_mala'`` is the same with both defaults). Figures and the commands that gave them:
 ``docs/smc_funnel.md``.
 
 ``--checks`` runs the same settings where SMC is right today, 1000 particles unless ``--particles``:
@@ -16,6 +19,9 @@ N(0, s^2 I). Figures and the commands that gave them:
 * ``mixture6``: the 6-d three-mode mixture of ``tests/tempering/test_smc.py`` (weights 0.5 / 0.3 / 0.2,
   sds 0.7 / 1.0 / 0.85, log Z 2.3), with that test's ``target_ess=0.9``; columns: log Z error, the
   total variation of the mode shares;
+* ``regression``, ``ar5``, ``mixture``: the targets of ``benchmarks/bench_smc_moves.py`` with their
+  exact answers (log Z error; the largest |mean error| in posterior sd and relative sd error for
+  the regressions, the mode total variation for the mixture);
 * posteriordb posteriors (any other name in ``--targets``): the largest mean and sd errors in
   reference sds against Stan's reference draws (``diffstat.posteriordb``), log Z not known ("-").
 
@@ -44,13 +50,18 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import pathlib
+import sys
 import time
 import warnings
 
 import numpy as np
 import torch
 
+import functools
+
 import diffstat as ds
+from diffstat.mcmc.dr_mala import DR_MALA_TARGET_ACCEPT, DR_NUM_STAGES, DR_STEP_FACTOR, dr_mala_step
 from diffstat.targets import Funnel, GaussianMixture
 from diffstat.tempering.core import cloud_metric, init_tempered, initial_particles, tempered_step
 from diffstat.tempering.path import default_step_size, make_path
@@ -76,9 +87,21 @@ def with_reference(dim: int, options: dict) -> dict:
     return options
 
 
+def with_kernel(dim: int, options: dict) -> dict:
+    """``options`` with ``dr_stages``/``dr_factor`` replaced by a DR-MALA kernel (module docstring)."""
+    options = dict(options)
+    if "dr_stages" in options or "dr_factor" in options:
+        stages = int(options.pop("dr_stages", DR_NUM_STAGES))
+        factor = float(options.pop("dr_factor", DR_STEP_FACTOR))
+        options["kernel"] = functools.partial(dr_mala_step, num_stages=stages, step_factor=factor)
+        options.setdefault("target_accept", DR_MALA_TARGET_ACCEPT)
+        options.setdefault("step_size", default_step_size("dr_mala", dim))
+    return options
+
+
 def run(dim: int, seed: int, particles: int, options: dict) -> dict:
     target = Funnel(dim).as_target(dtype=torch.float64)
-    options = with_reference(dim, options)
+    options = with_kernel(dim, with_reference(dim, options))
     t0 = time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -128,6 +151,8 @@ def check_target(name: str):
             return idata.posterior.attrs["log_normalizer"] - 2.3, tv, math.nan
 
         return gm.as_target(dtype=torch.float64), evaluate, {"target_ess": 0.9}
+    if name in CORRELATED:
+        return correlated_check(name)
     from diffstat import posteriordb
 
     post = posteriordb.load(name, dtype=torch.float64)
@@ -139,13 +164,52 @@ def check_target(name: str):
     return post.target, evaluate, {}
 
 
+#: The targets of ``benchmarks/bench_smc_moves.py`` (``tests/tempering/correlated_targets.py``).
+CORRELATED = ("regression", "ar5", "mixture")
+
+
+def correlated_check(name: str):
+    """``check_target`` for the targets of ``bench_smc_moves.py``: the regressions (log Z error, the
+    largest |mean error| in posterior sd and relative sd error over beta and sigma) and the 6-d
+    mixture with full covariances from N(0, 36 I) (log Z error, mode total variation)."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "tempering"))
+    import correlated_targets as ct
+
+    if name == "mixture":
+        gm, target = ct.mixture6()
+
+        def evaluate(idata):
+            x = torch.as_tensor(idata.posterior.x.values[0])
+            share = torch.bincount(gm.assign(x), minlength=3).to(torch.float64) / x.shape[0]
+            log_z = idata.posterior.attrs["log_normalizer"] - gm.log_normalizer
+            return log_z, 0.5 * float((share - gm.weights).abs().sum()), math.nan
+
+        return target, evaluate, {}
+    target = ct.regression() if name == "regression" else ct.ar5()
+
+    def evaluate(idata):
+        x = torch.as_tensor(idata.posterior.x.values[0])
+        beta, sigma = x[:, :-1], torch.exp(x[:, -1])
+        mean_z = torch.cat(
+            [
+                (beta.mean(0) - target.beta_mean) / target.beta_sd,
+                ((sigma.mean() - target.sigma_mean) / target.sigma_sd).reshape(1),
+            ]
+        )
+        sd_rel = torch.cat([beta.std(0) / target.beta_sd - 1, (sigma.std() / target.sigma_sd - 1).reshape(1)])
+        log_z = idata.posterior.attrs["log_normalizer"] - target.log_evidence
+        return log_z, float(mean_z.abs().max()), float(sd_rel.abs().max())
+
+    return target, evaluate, {}
+
+
 def checks(args) -> None:
     print("| target | setting | seed | log Z err | err 1 | err 2 | evals | stages | s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.targets:
         target, evaluate, base = check_target(name)
         for setting in args.settings:
-            options = {**base, **parse_setting(setting)}
+            options = with_kernel(target.dim, {**base, **parse_setting(setting)})
             for seed in args.seeds:
                 t0 = time.time()
                 with warnings.catch_warnings():
@@ -184,7 +248,7 @@ def trace(args) -> None:
     print("| setting | seed | beta | log Z_beta SMC | exact | q01, q50, q99 x1 | exact | moves | h | acc |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for setting in args.settings:
-        config = SMCConfig(**parse_setting(setting))
+        config = SMCConfig(**with_kernel(args.dim, parse_setting(setting)))
         precondition = cloud_metric(config.metric, config.within_modes)
         for seed in args.seeds:
             generator = torch.Generator().manual_seed(seed)

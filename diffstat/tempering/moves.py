@@ -303,6 +303,14 @@ def whitened_move(kernel, generator, ps: PathState, path, beta, step_size, chol:
         st = tempered_state(last[0], beta)
         return st.log_prob, grad_u(st.grad)
 
+    def evaluate_rows(u, rows):  # a later delayed-rejection stage, at the rows (m,) still rejected
+        factors = chol[rows % chol.shape[0]]  # (m, dim, dim)
+        sub = path.evaluate(ps.x[rows] + torch.einsum("med,md->me", factors, u))
+        last[:] = [PathState(*(a.index_copy(0, rows, b) for a, b in zip(last[0], sub)))]
+        st = tempered_state(sub, beta[rows] if torch.is_tensor(beta) and beta.dim() == 1 else beta)
+        return st.log_prob, torch.einsum("med,me->md", factors, st.grad)
+
+    log_prob_and_grad.evaluate_rows = evaluate_rows
     start = tempered_state(ps, beta)
     origin = MCMCState(torch.zeros_like(ps.x), start.log_prob, grad_u(start.grad))
     _, info = kernel(generator, origin, log_prob_and_grad, step_size, None)

@@ -38,6 +38,7 @@ from collections.abc import Callable
 import torch
 
 from diffstat.mcmc.base import MCMCInfo, MCMCState, rows_finite
+from diffstat.mcmc.dr_mala import DR_MALA_TARGET_ACCEPT, dr_mala_step
 from diffstat.mcmc.hmc import HMC_TARGET_ACCEPT, hmc_step
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT, mala_step
 from diffstat.mcmc.rwm import RWM_TARGET_ACCEPT, rwm_step
@@ -258,6 +259,15 @@ class _Recorder:
         st = tempered_state(self.last, self.beta)
         return st.log_prob, st.grad
 
+    def evaluate_rows(self, x: torch.Tensor, rows: torch.Tensor):
+        """A later stage of a delayed-rejection kernel: the points ``x: (m, dim)`` proposed for the
+        rows ``rows (m,)`` of the last full batch, merged into ``last`` at those rows."""
+        sub = self.path.evaluate(x)
+        self.last = PathState(*(t.index_copy(0, rows, s) for t, s in zip(self.last, sub)))
+        beta = self.beta[rows] if torch.is_tensor(self.beta) and self.beta.dim() == 1 else self.beta
+        st = tempered_state(sub, beta)
+        return st.log_prob, st.grad
+
 
 def move(
     kernel: Callable[..., tuple[MCMCState, MCMCInfo]],
@@ -276,7 +286,8 @@ def move(
     ----------
     kernel : callable
         ``kernel(generator, state, log_prob_and_grad, step_size, inv_mass, **kernel_options)``;
-        its last evaluation of the density must be the proposal (true of MALA, HMC, RWM).
+        its last evaluation of the density must be the proposal (true of MALA, HMC, RWM), or a
+        later stage's evaluation of the rows still rejected through ``evaluate_rows`` (DR-MALA).
     beta : float or (n,) tensor
         Inverse temperature(s).
     step_size : float or (n,) tensor
@@ -295,10 +306,12 @@ def move(
 
 
 def get_kernel(name: str, num_leapfrog: int = 5) -> tuple[Callable, float]:
-    """The kernel ``"mala"``, ``"hmc"`` (``num_leapfrog`` steps) or ``"rwm"`` and its target
-    acceptance rate."""
+    """The kernel ``"mala"``, ``"dr_mala"`` (delayed rejection, its default stages), ``"hmc"``
+    (``num_leapfrog`` steps) or ``"rwm"`` and its target acceptance rate (DR-MALA's is its first
+    stage's)."""
     kernels = {
         "mala": (mala_step, MALA_TARGET_ACCEPT),
+        "dr_mala": (dr_mala_step, DR_MALA_TARGET_ACCEPT),
         "hmc": (functools.partial(hmc_step, num_steps=int(num_leapfrog)), HMC_TARGET_ACCEPT),
         "rwm": (rwm_step, RWM_TARGET_ACCEPT),
     }
@@ -312,8 +325,9 @@ def default_step_size(name: str, dim: int) -> float:
     dimension :math:`d` the optimal MALA proposal variance :math:`2h` is about
     :math:`1.65^2 d^{-1/3}` (Roberts and Rosenthal 1998), so :math:`h = 1.36\, d^{-1/3}`; RWM's is
     :math:`2.38^2/d` (Gelman, Roberts and Gilks 1996); for HMC a leapfrog step of
-    :math:`d^{-1/4}`. Adaptation corrects all three within a few moves."""
-    if name == "mala":
+    :math:`d^{-1/4}`. Adaptation corrects all three within a few moves. DR-MALA's first stage
+    starts at MALA's."""
+    if name in ("mala", "dr_mala"):
         return 1.36 * dim ** (-1.0 / 3.0)
     if name == "rwm":
         return 2.38**2 / dim
