@@ -23,7 +23,10 @@ and the reference width ratio of the draws against the prior (the reference of l
 
 ``--wide``: SMC's log Z on N(0, s^2 I) from N(0, I) (exact 0), the reference width check's basis.
 
-    python benchmarks/bench_mode_check.py [--detect] [--posteriordb] [--wide] [--seeds 0 1 2]
+``--mcmc-cost NAME ...``: NUTS on posteriordb posteriors without and with the check, side by side.
+
+    python benchmarks/bench_mode_check.py [--detect] [--posteriordb] [--wide] [--mcmc-cost NAME ...]
+        [--seeds 0 1 2]
         [--methods smc ais pt] [--targets ...]
 """
 
@@ -160,6 +163,34 @@ def wide(seeds) -> None:
                 )
 
 
+def mcmc_cost(names, seeds) -> None:
+    """NUTS at its defaults without and with the check, one after the other in one process: the
+    check's evaluations and the wall time of both runs (seconds are noisy on a shared machine)."""
+    from diffstat import posteriordb
+
+    print("| posterior | seed | evals without / with (check) | seconds without / with | warnings with |")
+    print("| --- | ---: | --- | --- | --- |")
+    for name in names:
+        target = posteriordb.load(name).target
+        for seed in seeds:
+            row = []
+            for check in (False, True):
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    t0 = time.perf_counter()
+                    idata = ds.sample(
+                        target, "nuts", num_samples=1000, seed=seed, progress=False, check_modes=check
+                    )
+                    row.append((idata.posterior.attrs, time.perf_counter() - t0, caught))
+            (a0, t0, _), (a1, t1, caught) = row
+            said = [str(w.message)[:60] for w in caught if issubclass(w.category, RuntimeWarning)]
+            print(
+                f"| {name} | {seed} | {a0['num_target_evals']:,} / {a1['num_target_evals']:,} "
+                f"({a1['mode_check_evals']:,}) | {t0:.0f} / {t1:.0f} | {'; '.join(said) or '-'} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -167,13 +198,18 @@ def main() -> None:
     parser.add_argument("--detect", action="store_true")
     parser.add_argument("--posteriordb", action="store_true")
     parser.add_argument("--wide", action="store_true")
+    parser.add_argument("--mcmc-cost", nargs="*", default=None, metavar="POSTERIOR")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["smc", "ais", "pt"])
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.detect or not (args.posteriordb or args.wide):
+    if args.detect or not (args.posteriordb or args.wide or args.mcmc_cost is not None):
         detect(args.targets, args.methods, args.seeds)
+    if args.mcmc_cost is not None:
+        mcmc_cost(
+            args.mcmc_cost or ["kidiq-kidscore_momhs", "earnings-logearn_height", "nes1980-nes"], args.seeds
+        )
     if args.wide:
         wide(args.seeds)
     if args.posteriordb:
