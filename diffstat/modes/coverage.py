@@ -8,10 +8,13 @@ every independent run alike, and then no check between runs sees it: the runs ag
 
 1. **Starts**: ``num_starts`` reference draws, scaled about their mean by ``scales`` (1, 2, 4),
    cycling: a draw moved outward starts in a far basin that the reference itself rarely visits.
-2. **Peaks**: every start climbs to its local maximum (:func:`~diffstat.modes.climb.hill_climb`,
-   at most ``num_climb`` steps), and so do ``num_found`` of the draws, half of them chosen by
-   farthest-point selection so that a mode holding a few percent of the draws has one: their peaks
-   are the modes the draws hold.
+2. **Peaks**: ``num_found`` of the draws, half of them chosen by farthest-point selection so that a
+   mode holding a few percent of the draws has one, climb to their local maxima
+   (:func:`~diffstat.modes.climb.hill_climb`, at most ``num_climb`` steps): their peaks are the modes
+   the draws hold. Then every start climbs (at most ``start_climb`` steps). The climbs are
+   preconditioned by the draws' covariance within modes (:func:`draws_metric`), so that a narrow,
+   correlated peak (a regression's, thousands of times narrower than its prior) is climbed in a
+   few steps instead of crawling along its narrowest direction.
 3. **Covered**: the draw peaks are grouped by barrier, and each group gets the share of the draws
    nearest to its climbed draws; a group with at least ``MIN_DRAW_SHARE`` (1%) of them is a mode the
    draws hold. A climbed start (or a draw peak of a group under that share) joined to its nearest
@@ -166,7 +169,7 @@ def missed_modes(
     num_found: int = 64,
     step_size: float = 0.1,
     precondition: bool = True,
-    start_climb: int = 50,
+    start_climb: int = 30,
 ) -> MissedModes:
     r"""Look for modes that ``draws: (n, dim)`` (a run's draws, evidence ``log_z``; None for a run
     without one, such as MCMC: the held modes' Laplace masses then stand for it, and the share is NaN
