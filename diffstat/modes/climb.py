@@ -73,4 +73,3 @@ def ascend(
         ok = torch.isfinite(new).all(-1, keepdim=True)
         w = torch.where(ok, new, w)
     return w
-
