@@ -21,11 +21,15 @@ uncovered local maxima with a negative definite Hessian and their Laplace log-ma
 evaluations,
 and the reference width ratio of the draws against the prior (the reference of likelihood tempering).
 
+``--posteriordb --isotropic``: the same with the climbs unpreconditioned (``precondition=False``: the
+check before preconditioning, isotropic steps and at most 100 of them for the starts too).
+
 ``--wide``: SMC's log Z on N(0, s^2 I) from N(0, I) (exact 0), the reference width check's basis.
 
 ``--mcmc-cost NAME ...``: NUTS on posteriordb posteriors without and with the check, side by side.
 
-    python benchmarks/bench_mode_check.py [--detect] [--posteriordb] [--wide] [--mcmc-cost NAME ...]
+    python benchmarks/bench_mode_check.py [--detect] [--posteriordb [--isotropic]] [--wide]
+        [--mcmc-cost NAME ...]
         [--seeds 0 1 2]
         [--methods smc ais pt] [--targets ...]
 """
@@ -110,7 +114,7 @@ def detect(names, methods, seeds) -> None:
                 )
 
 
-def posteriordb_false_alarms() -> None:
+def posteriordb_false_alarms(precondition: bool = True) -> None:
     from diffstat import posteriordb
     from diffstat.modes.climb import hill_climb
     from diffstat.modes.coverage import laplace_log_mass_at, missed_modes
@@ -132,7 +136,7 @@ def posteriordb_false_alarms() -> None:
         h = torch.full_like(lp, 0.1 * float(u.var(0).mean()))
         peaks, peak_lp, _ = hill_climb(target.log_prob_and_grad, u[:64], lp, g, 200, h)
         log_z = float(laplace_log_mass_at(target, peaks[peak_lp.argmax()][None])[0])
-        res = missed_modes(target, u, log_z, starts, gen)
+        res = missed_modes(target, u, log_z, starts, gen, precondition=precondition)
         masses = ", ".join(f"{float(v):.1f}" for v in res.log_masses[:3]) or "-"
         print(
             f"| {name} | {target.dim} | {res.share:.1e} | {res.misweight:.3f} | "
@@ -199,6 +203,9 @@ def main() -> None:
     parser.add_argument("--posteriordb", action="store_true")
     parser.add_argument("--wide", action="store_true")
     parser.add_argument("--mcmc-cost", nargs="*", default=None, metavar="POSTERIOR")
+    parser.add_argument(
+        "--isotropic", action="store_true", help="--posteriordb with the climbs unpreconditioned"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["smc", "ais", "pt"])
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
@@ -213,7 +220,7 @@ def main() -> None:
     if args.wide:
         wide(args.seeds)
     if args.posteriordb:
-        posteriordb_false_alarms()
+        posteriordb_false_alarms(precondition=not args.isotropic)
 
 
 if __name__ == "__main__":

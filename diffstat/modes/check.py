@@ -21,7 +21,7 @@ from diffstat.modes.coverage import MAX_MISSED_SHARE, MAX_MISWEIGHT, MissedModes
 __all__ = ["NUM_CHECK_STARTS", "check_missed_modes", "pop_check_modes"]
 
 #: Reference draws the check climbs from: enough that a basin holding a few percent of the widened
-#: starts is reached by several, at about 3,000 to 30,000 evaluations on the posteriordb suite.
+#: starts is reached by several, at about 3,000 to 12,000 evaluations on the posteriordb suite.
 NUM_CHECK_STARTS = 256
 
 

@@ -25,11 +25,15 @@ def hill_climb(
     num_steps: int,
     step_size: torch.Tensor,
     rtol: float = 1e-3,
+    metric: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     r"""Gradient ascent toward each point's local maximum, batched, with a per-point step size:
-    :math:`y = x + h \nabla\log p(x)` is kept (and :math:`h \leftarrow 1.5h`) if it raises
+    :math:`y = x + h M \nabla\log p(x)` is kept (and :math:`h \leftarrow 1.5h`) if it raises
     :math:`\log p`, else :math:`h \leftarrow h/2`. A point stops once its gain falls below ``rtol``
-    nats with an accepted step; only active points are evaluated.
+    nats with an accepted step; only active points are evaluated. :math:`M` is ``metric (dim, dim)``
+    (symmetric positive definite), the identity when None: with :math:`M` the posterior's covariance
+    a step of :math:`h = 1` is Newton's step on a Gaussian, so a correlated, badly scaled peak is
+    climbed in a few steps where isotropic steps, limited by its narrowest direction, take hundreds.
 
     Returns the climbed points ``(n, dim)``, their log-densities ``(n,)`` and the evaluations spent.
     Mode centres compare far better than samples: in high dimension typical points lie about
@@ -43,7 +47,8 @@ def hill_climb(
         idx = torch.nonzero(active).flatten()
         if idx.numel() == 0:
             break
-        y = x[idx] + h[idx, None] * g[idx]
+        step = g[idx] if metric is None else g[idx] @ metric
+        y = x[idx] + h[idx, None] * step
         lp_y, g_y = log_prob_and_grad(y)
         evals += idx.numel()
         up = torch.isfinite(lp_y) & torch.isfinite(g_y).all(-1) & (lp_y > lp[idx])

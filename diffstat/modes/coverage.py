@@ -8,10 +8,13 @@ every independent run alike, and then no check between runs sees it: the runs ag
 
 1. **Starts**: ``num_starts`` reference draws, scaled about their mean by ``scales`` (1, 2, 4),
    cycling: a draw moved outward starts in a far basin that the reference itself rarely visits.
-2. **Peaks**: every start climbs to its local maximum (:func:`~diffstat.modes.climb.hill_climb`,
-   at most ``num_climb`` steps), and so do ``num_found`` of the draws, half of them chosen by
-   farthest-point selection so that a mode holding a few percent of the draws has one: their peaks
-   are the modes the draws hold.
+2. **Peaks**: ``num_found`` of the draws, half of them chosen by farthest-point selection so that a
+   mode holding a few percent of the draws has one, climb to their local maxima
+   (:func:`~diffstat.modes.climb.hill_climb`, at most ``num_climb`` steps): their peaks are the modes
+   the draws hold. Then every start climbs (at most ``start_climb`` steps). The climbs are
+   preconditioned by the draws' covariance within modes (:func:`draws_metric`), so that a narrow,
+   correlated peak (a regression's, thousands of times narrower than its prior) is climbed in a
+   few steps instead of crawling along its narrowest direction.
 3. **Covered**: the draw peaks are grouped by barrier, and each group gets the share of the draws
    nearest to its climbed draws; a group with at least ``MIN_DRAW_SHARE`` (1%) of them is a mode the
    draws hold. A climbed start (or a draw peak of a group under that share) joined to its nearest
@@ -54,6 +57,7 @@ from diffstat.modes.climb import hill_climb
 from diffstat.modes.laplace import laplace_log_mass, log_prob_grad_hessian
 
 __all__ = [
+    "draws_metric",
     "MAX_MISSED_SHARE",
     "MAX_MISWEIGHT",
     "MIN_DRAW_SHARE",
@@ -164,15 +168,24 @@ def missed_modes(
     num_climb: int = 100,
     num_found: int = 64,
     step_size: float = 0.1,
+    precondition: bool = True,
+    start_climb: int = 30,
 ) -> MissedModes:
     r"""Look for modes that ``draws: (n, dim)`` (a run's draws, evidence ``log_z``; None for a run
     without one, such as MCMC: the held modes' Laplace masses then stand for it, and the share is NaN
     where they cannot be weighed) miss, climbing from ``starts: (m, dim)`` (reference draws) scaled
     about their mean by ``scales`` (module notes).
 
-    The starts' climbing steps begin at ``step_size`` times the squared scale (a reference draw
-    moved by ``s`` is ``s`` reference sds from its mean), the draws' at ``step_size`` times their
-    mean variance; :func:`~diffstat.modes.climb.hill_climb` adapts both per point.
+    With ``precondition`` (the default) every climb steps along :math:`M\nabla\log p`
+    (:func:`draws_metric`: the draws' covariance, the draws' own climbs with it pooled within
+    clusters, the starts' with it pooled within the modes those climbs found), beginning at
+    ``step_size``; the starts climb at most ``start_climb`` steps: with the metric the climbs on
+    mixtures end within it, while a start deep in a real posterior's prior tails is still crawling
+    after ``num_climb`` and is judged from where it got either way (``docs/mode_check.md``).
+    Without it (or where the draws give no metric) the climbs are isotropic, ``num_climb`` steps at
+    most, the starts' beginning at ``step_size`` times the squared scale (a reference draw moved by
+    ``s`` is ``s`` reference sds from its mean), the draws' at ``step_size`` times their mean
+    variance; :func:`~diffstat.modes.climb.hill_climb` adapts the step sizes per point.
     """
     evals0 = target.num_target_evals
     dtype, device = target.dtype, draws.device
@@ -182,21 +195,13 @@ def missed_modes(
     x0 = starts.mean(0) + scale[:, None] * (starts - starts.mean(0))
     log_prob_and_grad = _in_box(target, torch.cat([x0, draws]))
     sd = draws.std(0).clamp_min(1e-12) if draws.shape[0] > 1 else torch.ones_like(draws[0])
-    with torch.no_grad():
-        lp0, g0 = log_prob_and_grad(x0)
-        ok = torch.isfinite(lp0) & torch.isfinite(g0).all(-1)
-        peaks, peak_lp, _ = hill_climb(
-            log_prob_and_grad, x0[ok], lp0[ok], g0[ok], num_climb, step_size * scale[ok] ** 2
-        )
-        xd = draws[_spread_picks(draws, sd, num_found, generator)]
-        lpd, gd = log_prob_and_grad(xd)
-        fine = torch.isfinite(lpd) & torch.isfinite(gd).all(-1)
-        spread = float(draws.var(0).mean()) if draws.shape[0] > 1 else 1.0
-        h0 = step_size * spread
-        h = torch.full_like(lpd[fine], h0)
-        held, held_lp, _ = hill_climb(log_prob_and_grad, xd[fine], lpd[fine], gd[fine], num_climb, h)
+    metric = draws_metric(draws) if precondition else None
+    spread = float(draws.var(0).mean()) if draws.shape[0] > 1 else 1.0
+    h0 = step_size * spread if metric is None else step_size
+    xd = draws[_spread_picks(draws, sd, num_found, generator)]
+    held, held_lp, fine = _climb(log_prob_and_grad, xd, num_climb, lambda ok: h0, metric)
     empty = MissedModes(0.0, draws.new_empty(0, draws.shape[1]), draws.new_empty(0), 0.0, 0)
-    if peaks.shape[0] == 0 or held.shape[0] == 0:
+    if held.shape[0] == 0:
         return empty._replace(num_evals=target.num_target_evals - evals0)
     # The modes the draws hold: the climbed picks grouped by barrier, each group with the share of the
     # draws nearest to its picks; a group under MIN_DRAW_SHARE holds too few to count as found.
@@ -204,6 +209,14 @@ def missed_modes(
     owner = torch.cdist(draws / sd, xd[fine] / sd).argmin(-1)
     draw_share = torch.bincount(group[owner], minlength=int(group.max()) + 1).double() / draws.shape[0]
     found = draw_share[group] >= MIN_DRAW_SHARE
+    if precondition:  # the starts' metric: the covariance within the modes just found
+        metric = draws_metric(draws, group[owner]) if metric is not None else None
+    start_h = (lambda ok: step_size * scale[ok] ** 2) if metric is None else (lambda ok: step_size)
+    peaks, peak_lp, _ = _climb(
+        log_prob_and_grad, x0, num_climb if metric is None else start_climb, start_h, metric
+    )
+    if peaks.shape[0] == 0:
+        return empty._replace(num_evals=target.num_target_evals - evals0)
     anchors, anchors_lp = held[found], held_lp[found]
     candidates, candidates_lp = torch.cat([peaks, held[~found]]), torch.cat([peak_lp, held_lp[~found]])
     near = torch.cdist(candidates / sd, anchors / sd).argmin(-1)
@@ -212,7 +225,7 @@ def missed_modes(
     centres, log_mass, unweighable = empty.centres, empty.log_masses.double(), False
     if loose.shape[0]:
         centres, log_mass, unweighable = _missed(
-            target, log_prob_and_grad, loose, loose_lp, anchors, draws, sd, h0
+            target, log_prob_and_grad, loose, loose_lp, anchors, draws, sd, h0, metric
         )
     held_mass = None if unweighable else _held_log_mass(target, held, held_lp, group, draw_share)
     misweight = math.nan if held_mass is None else _misweight(draw_share, held_mass, log_mass)
@@ -225,7 +238,19 @@ def missed_modes(
     return MissedModes(share, centres, log_mass, misweight, target.num_target_evals - evals0)
 
 
-def _missed(target, log_prob_and_grad, loose, loose_lp, anchors, draws, sd, step: float):
+def _climb(log_prob_and_grad, x: torch.Tensor, num_climb: int, step, metric):
+    """The points of ``x (n, dim)`` with a finite log-density and gradient climbed by
+    :func:`~diffstat.modes.climb.hill_climb` (first step sizes ``step(ok)`` for the mask ``ok`` of
+    those points); the peaks, their log-densities and the mask."""
+    with torch.no_grad():
+        lp, g = log_prob_and_grad(x)
+        ok = torch.isfinite(lp) & torch.isfinite(g).all(-1)
+        h = torch.as_tensor(step(ok), dtype=x.dtype, device=x.device).expand(int(ok.sum())).clone()
+        peaks, peak_lp, _ = hill_climb(log_prob_and_grad, x[ok], lp[ok], g[ok], num_climb, h, metric=metric)
+    return peaks, peak_lp, ok
+
+
+def _missed(target, log_prob_and_grad, loose, loose_lp, anchors, draws, sd, step: float, metric=None):
     """The missed modes among the uncovered peaks ``loose (m, dim)`` (module notes, step 4): their
     centres ``(k, dim)`` and Laplace log-masses ``(k,)``, and whether a held mode that no climbed draw
     was in turned up (then the modes are not weighed)."""
@@ -236,7 +261,7 @@ def _missed(target, log_prob_and_grad, loose, loose_lp, anchors, draws, sd, step
     best = best[torch.argsort(loose_lp[best], descending=True)][:MAX_MISSED_WEIGHED]
     # A held mode that none of the climbed picks is in: the peak that its nearest draws climb to.
     held_too = _reached_by_draws(
-        log_prob_and_grad, target.log_prob, loose[best], loose_lp[best], draws, sd, step
+        log_prob_and_grad, target.log_prob, loose[best], loose_lp[best], draws, sd, step, metric
     )
     if bool(held_too.any()):  # held only with a share of the draws (those nearest to it) of 1% or more
         points = torch.cat([anchors, loose[best[held_too]]])
@@ -249,7 +274,7 @@ def _missed(target, log_prob_and_grad, loose, loose_lp, anchors, draws, sd, step
     return centres[keep], log_mass[keep], bool(held_too.any())
 
 
-def _reached_by_draws(log_prob_and_grad, log_prob, x, lp, draws, sd, step: float, k: int = 3, num_climb=100):
+def _reached_by_draws(log_prob_and_grad, log_prob, x, lp, draws, sd, step: float, metric, k=3, num_climb=100):
     """Whether each peak of ``x (m, dim)`` is the one that one of its ``k`` nearest draws (coordinates
     standardised by ``sd``) climbs to: no barrier between that draw's peak and it. Climbs ``m k``
     draws, at most ``num_climb`` steps each, the first of step size ``step``."""
@@ -260,13 +285,41 @@ def _reached_by_draws(log_prob_and_grad, log_prob, x, lp, draws, sd, step: float
         ok = torch.isfinite(lp_d) & torch.isfinite(g_d).all(-1)
         step_sizes = torch.full_like(lp_d[ok], step)
         peaks, peak_lp, _ = hill_climb(
-            log_prob_and_grad, draws[idx][ok], lp_d[ok], g_d[ok], num_climb, step_sizes
+            log_prob_and_grad, draws[idx][ok], lp_d[ok], g_d[ok], num_climb, step_sizes, metric=metric
         )
     joined = torch.zeros(idx.shape[0], dtype=torch.bool, device=x.device)
     if peaks.shape[0]:
         rep = torch.arange(x.shape[0], device=x.device).repeat_interleave(k)[ok]
         joined[ok] = no_barrier(log_prob, x[rep], lp[rep], peaks, peak_lp)
     return joined.reshape(-1, k).any(-1)
+
+
+def draws_metric(draws: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | None:
+    r"""The climbs' preconditioner from ``draws (n, dim)``: their covariance pooled within the groups
+    ``labels (n,)`` (the modes the draws hold), or when None within the clusters of
+    :func:`~diffstat.tempering.moves.cluster_particles` (draws in several modes would otherwise give
+    the spread between modes, too wide a step for a climb within one), shrunk toward its diagonal,
+    :math:`(1 - \lambda) S + \lambda\,\mathrm{diag}(S)` with :math:`\lambda = \min(1, d / n)` (a
+    sample covariance of :math:`n` draws has correlation errors of order :math:`\sqrt{d/n}`, and at
+    :math:`n \le d` it is singular); None with fewer than two draws or no finite, positive definite
+    result (the climbs are then isotropic)."""
+    from diffstat.tempering.moves import cluster_particles  # tempering imports this module
+
+    n, dim = draws.shape
+    if n < 2 or not bool(torch.isfinite(draws).all()):
+        return None
+    x = draws.double()
+    if labels is None:
+        gen = torch.Generator(device=x.device).manual_seed(0)  # the caller's stream is left as it was
+        labels = cluster_particles(x, x.new_zeros(n), gen)
+    labels = torch.unique(labels, return_inverse=True)[1]
+    centred = x - torch.stack([x[labels == c].mean(0) for c in range(int(labels.max()) + 1)])[labels]
+    cov = centred.T @ centred / max(n - int(labels.max()) - 1, 1)
+    shrink = min(1.0, dim / n)
+    metric = (1 - shrink) * cov + shrink * torch.diag(cov.diagonal())
+    if int(torch.linalg.cholesky_ex(metric).info) != 0:
+        return None
+    return metric.to(draws.dtype)
 
 
 def _best_of_groups(label: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:

@@ -36,3 +36,27 @@ def test_ascend_is_a_contraction_to_the_peak():
     torch.testing.assert_close(end, m + (1 - 0.1 / v) ** 7 * (w0 - m), rtol=1e-12, atol=1e-12)
     blown = ascend(grad_fn, torch.tensor([[1e308, 0.0]], dtype=torch.float64), -1e10, 1)
     assert blown.tolist() == [[1e308, 0.0]]
+
+
+def test_a_climb_preconditioned_by_the_covariance_takes_newton_steps():
+    """On N(m, S) the step x + h S grad log p(x) with h = 1 is Newton's: it lands on m from anywhere,
+    however badly scaled and correlated S is; isotropic steps of the same budget stay far off."""
+    sd = torch.logspace(-3, 0, 4, dtype=torch.float64)
+    cov = sd[:, None] * (0.95 * torch.ones(4, 4, dtype=torch.float64) + 0.05 * torch.eye(4)) * sd[None]
+    m = torch.tensor([5.0, -3.0, 2.0, 10.0], dtype=torch.float64)
+    gauss = torch.distributions.MultivariateNormal(m, cov)
+
+    def lpg(x):
+        x = x.detach().requires_grad_(True)
+        lp = gauss.log_prob(x)
+        return lp.detach(), torch.autograd.grad(lp.sum(), x)[0]
+
+    x0 = torch.zeros(3, 4, dtype=torch.float64)
+    x0[1], x0[2] = 20.0, torch.tensor([-7.0, 1.0, 0.0, 4.0])
+    lp, g = lpg(x0)
+    one = torch.ones(3, dtype=torch.float64)
+    peak, _, evals = hill_climb(lpg, x0, lp, g, 3, one, metric=cov)
+    torch.testing.assert_close(peak, m.expand(3, 4), rtol=0, atol=1e-9)
+    assert evals <= 9
+    flat, _, _ = hill_climb(lpg, x0, lp, g, 3, one * 1e-6)  # the isotropic default, same budget
+    assert ((flat - m).abs().max(-1).values > 1.0).all()
