@@ -230,7 +230,7 @@ def explore_modes(
     num_chains: int = 2000,
     num_steps: int = 20,
     num_screen: int = 0,
-    screen_steps: int = 6,
+    screen_steps: int = 2,
     num_climb: int = 30,
     start_scales=(0.5, 1.0, 2.0, 4.0),
     step_size: float = 0.1,

@@ -322,12 +322,12 @@ def diffusion(target, *, num_samples, num_chains, generator, progress, device, *
 
     Options (defaults): exploration ``num_explore`` chains (2000) of ``explore_steps`` MALA steps (20)
     from ``reference`` (the target's, else N(0, I)) scaled by each of ``start_scales`` ((0.5, 1, 2, 4)),
-    chosen from ``screen_ratio`` (16; 1 for none) times as many starts after ``screen_steps`` (6) steps
+    chosen from ``screen_ratio`` (36; 1 for none) times as many starts after ``screen_steps`` (2) steps
     each, half the highest in log-density and half at random (the basin-hit rate per start is fixed by the
-    geometry, so discovery is bought with cheap starts: on narrow_wide(12, scales=(0.3, 1)) 0.04% of the
-    starts reach the heavy mode, and after a few steps they rank at the top; 16 costs 224,000 evaluations
-    and gives that sibling about three expected hits, 6 lies between the 4 and 8 steps after which the
-    hits were measured on top), and from the ``smc_explore`` (256; 0 for none) particles of a tempered SMC
+    geometry, so discovery is bought with cheap starts; a start in a narrow high mode's basin ranks at
+    the top after a step or two, and at equal evaluations many starts screened briefly find such modes
+    more often than fewer screened longer: docs/diffusion_sampler.md), and from the ``smc_explore`` (256;
+    0 for none) particles of a tempered SMC
     run; restocking ``chains_per_mode`` chains (128) of ``restock_steps`` steps (40); ``gaussian_rounds``
     (1) rounds of per-mode Gaussian importance sampling first; after each round, ``refresh_chains`` (256)
     particles per mode resampled and moved by ``refresh_steps`` (20) MALA steps; score models ``hidden``

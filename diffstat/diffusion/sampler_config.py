@@ -25,8 +25,8 @@ class DiffusionConfig:
     num_explore: int = 2000
     smc_explore: int = 256
     explore_steps: int = 20
-    screen_ratio: int = 16
-    screen_steps: int = 6
+    screen_ratio: int = 36
+    screen_steps: int = 2
     start_scales: tuple = (0.5, 1.0, 2.0, 4.0)
     chains_per_mode: int = 128
     restock_steps: int = 40
