@@ -71,10 +71,11 @@ the rounds that did not miss, called *used*, on log scales only (real posteriors
   unbiased given its proposal, so any convex combination is too; a missed round is left out,
   because its :math:`\hat Z_r` is typically far below :math:`Z` and its standard error is no
   error bar.
-* The returned draws are a multinomial resample in which a particle of a used round :math:`r`
-  carries :math:`\mu_r` times its Pareto-smoothed normalised weight, :math:`\mu_r \propto` the
-  round's smoothed ESS: smoothing caps the few largest weights of a heavy tail at a small bias
-  (Vehtari et al. 2024); :math:`\hat Z` keeps the raw weights, whose mean is unbiased.
+* The returned draws are a systematic resample (a mode's share within :math:`O(1/n)` of its weight,
+  not a binomial :math:`O(1/\sqrt n)`; Douc, Cappe and Moulines 2005), in random order, in which a
+  particle of a used round :math:`r` carries :math:`\mu_r` times its Pareto-smoothed normalised
+  weight, :math:`\mu_r \propto` the round's smoothed ESS: smoothing caps the few largest weights of a
+  heavy tail at a small bias (Vehtari et al. 2024); :math:`\hat Z` keeps the raw weights (unbiased).
 
 If every round missed, the draws and :math:`\log\hat Z` are those of the round with the largest
 Kish ESS alone, ``attrs["reliable"]`` is 0 (else 1), and a ``RuntimeWarning`` gives every round's
@@ -95,8 +96,7 @@ tempered SMC on :math:`q^{1-\beta}p^\beta` from the rounds' Gaussian mixture :ma
 mode weights with 10% uniform; each mode's Gaussian joined by its Laplace fit), whose log Z
 (unbiased, genealogy standard error), draws and per-stage records (``bridge_*`` in the ``diffusion``
 group) are then returned, with ``attrs["correction"]`` = ``"smc"`` (else ``"importance"``) and the
-rounds' own estimate as ``importance_log_normalizer``. It
-spends what the rounds left of ``max_evals`` (1,000,000, the whole run's budget), and the rounds
+rounds' own estimate as ``importance_log_normalizer``. It spends what the rounds left of ``max_evals`` (1,000,000, the whole run's budget), and the rounds
 stop early to leave it more (``attrs["rounds_stopped_early"]``, :func:`~diffstat.diffusion.rounds.hopeless`)
 once a round missed by far (Pareto k above 1, Kish ESS below 20) yet by no more than twice what the
 sampling error of the Gaussians fitted to the next round's chains gives by itself
@@ -146,6 +146,7 @@ from diffstat.diffusion.rounds import RoundInfo, RoundState, done, hopeless, ini
 from diffstat.diffusion.sampler_config import DiffusionConfig
 from diffstat.diffusion.sampler_output import bridge_attrs, bridge_draws, round_group, stack_runs
 from diffstat.sampling import SamplerResult, register_sampler
+from diffstat.tempering.resampling import systematic
 
 __all__ = [
     "run_diffusion_sampler",
@@ -276,8 +277,8 @@ def _result(
         "rounds_stopped_early": int(early),
     }
     if bridge is None:
-        idx = torch.multinomial(p.to(generator.device), num_samples, replacement=True, generator=generator)
-        idx = idx.to(all_x.device)
+        idx = systematic(generator, torch.log(p).to(generator.device), num_samples)
+        idx = idx[torch.randperm(num_samples, generator=generator, device=generator.device)].to(all_x.device)
         draws, lp, log_w = all_x[idx], all_lp[idx], all_lw[idx]
     else:
         draws, lp = bridge_draws(generator, bridge, num_samples)
