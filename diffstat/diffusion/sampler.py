@@ -90,22 +90,22 @@ scaled by the Birge ratio :math:`\max(1, \sqrt{Q/\nu})` in any case), and the la
 fraction must reach ``MIN_FINAL_ESS_FRACTION`` (0.1; or ``target_ess`` if lower): after every
 round of learning, a proposal that still wastes nine in ten draws does not fit the target's shape.
 
-**The SMC bridge** (:mod:`diffstat.diffusion.bridge`, ``bridge`` = True). Where those rules make
-the rounds unreliable, importance sampling, SMC with one stage, is replaced by many: adaptive
-tempered SMC on :math:`q^{1-\beta}p^\beta` from the rounds' Gaussian mixture :math:`q` (the estimated
-mode weights with 10% uniform; each mode's Gaussian joined by its Laplace fit), whose log Z
-(unbiased, genealogy standard error), draws and per-stage records (``bridge_*`` in the ``diffusion``
-group) are then returned, with ``attrs["correction"]`` = ``"smc"`` (else ``"importance"``) and the
-rounds' own estimate as ``importance_log_normalizer``. It spends what the rounds left of ``max_evals`` (1,000,000, the whole run's budget), and the rounds
-stop early to leave it more (``attrs["rounds_stopped_early"]``, :func:`~diffstat.diffusion.rounds.hopeless`)
-once a round missed by far (Pareto k above 1, Kish ESS below 20) yet by no more than twice what the
-sampling error of the Gaussians fitted to the next round's chains gives by itself
-(:func:`~diffstat.diffusion.bridge.bridge_now`): such a miss is spread thin over many dimensions
-(sonar's 61) and a refit of the same size repeats it, where a miss far beyond it (a mode missed in
-place or scale, as in 2-d) is what restocking repairs. A bridge that
-degenerates (too few particles, collapsed genealogy, moves that do not move or never settle) keeps
-``reliable`` 0 and the warning, which then names its failure too. Runs whose rounds are reliable
-never start it, and are unchanged bit for bit.
+**The SMC bridge** (:mod:`diffstat.diffusion.bridge`, ``bridge`` = True). Where those rules make the
+rounds unreliable, importance sampling, SMC with one stage, is replaced by many: adaptive tempered SMC
+on :math:`q^{1-\beta}p^\beta` from the rounds' Gaussian mixture :math:`q` (the estimated mode weights
+with 10% uniform; each mode's Gaussian joined by its Laplace fit), whose log Z (unbiased, genealogy
+standard error), draws and per-stage records (``bridge_*`` in the ``diffusion`` group) are then
+returned, with ``attrs["correction"]`` = ``"smc"`` (else ``"importance"``) and the rounds' own estimate
+as ``importance_log_normalizer``. It spends what the rounds left of ``max_evals`` (1,000,000, the run's
+budget), and the rounds stop early to leave it more (``attrs["rounds_stopped_early"]``,
+:func:`~diffstat.diffusion.rounds.hopeless`) once a round missed by far (Pareto k above 1, Kish ESS
+below 20) yet by no more than twice what the sampling error of the Gaussians fitted to the next round's
+chains gives by itself (:func:`~diffstat.diffusion.bridge.bridge_now`): such a miss is spread thin over
+many dimensions (sonar's 61) and a refit of the same size repeats it, where a miss far beyond it (a mode
+missed in place or scale, as in 2-d) is what restocking repairs. A bridge that degenerates (too few
+particles, collapsed genealogy, moves that do not move or never settle) keeps ``reliable`` 0 and the
+warning, which then names its failure too. Runs whose rounds are reliable never start it, and are
+unchanged bit for bit.
 
 The code follows the pipeline in small steps: :func:`~diffstat.diffusion.rounds.init` (steps 1 and
 2), :func:`~diffstat.diffusion.rounds.step` (one round: restock, fit, propose and weigh) and the
