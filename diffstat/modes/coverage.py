@@ -54,6 +54,7 @@ import torch
 
 from diffstat.modes.barriers import group_by_barrier, no_barrier
 from diffstat.modes.climb import hill_climb
+from diffstat.modes.clusters import cluster_particles
 from diffstat.modes.laplace import laplace_log_mass, log_prob_grad_hessian
 
 __all__ = [
@@ -297,14 +298,12 @@ def _reached_by_draws(log_prob_and_grad, log_prob, x, lp, draws, sd, step: float
 def draws_metric(draws: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | None:
     r"""The climbs' preconditioner from ``draws (n, dim)``: their covariance pooled within the groups
     ``labels (n,)`` (the modes the draws hold), or when None within the clusters of
-    :func:`~diffstat.tempering.moves.cluster_particles` (draws in several modes would otherwise give
+    :func:`~diffstat.modes.clusters.cluster_particles` (draws in several modes would otherwise give
     the spread between modes, too wide a step for a climb within one), shrunk toward its diagonal,
     :math:`(1 - \lambda) S + \lambda\,\mathrm{diag}(S)` with :math:`\lambda = \min(1, d / n)` (a
     sample covariance of :math:`n` draws has correlation errors of order :math:`\sqrt{d/n}`, and at
     :math:`n \le d` it is singular); None with fewer than two draws or no finite, positive definite
     result (the climbs are then isotropic)."""
-    from diffstat.tempering.moves import cluster_particles  # tempering imports this module
-
     n, dim = draws.shape
     if n < 2 or not bool(torch.isfinite(draws).all()):
         return None
