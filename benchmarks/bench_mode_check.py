@@ -21,6 +21,7 @@ uncovered local maxima with a negative definite Hessian and their Laplace log-ma
 evaluations,
 and the reference width ratio of the draws against the prior (the reference of likelihood tempering).
 
+``--posteriordb --screen 4096``: the same with 4,096 starts screened (the most a long run gets).
 ``--posteriordb --isotropic``: the same with the climbs unpreconditioned (``precondition=False``: the
 check before preconditioning, isotropic steps and at most 100 of them for the starts too).
 
@@ -114,7 +115,7 @@ def detect(names, methods, seeds) -> None:
                 )
 
 
-def posteriordb_false_alarms(precondition: bool = True) -> None:
+def posteriordb_false_alarms(precondition: bool = True, screen: int = 0) -> None:
     from diffstat import posteriordb
     from diffstat.modes.climb import hill_climb
     from diffstat.modes.coverage import laplace_log_mass_at, missed_modes
@@ -131,12 +132,13 @@ def posteriordb_false_alarms(precondition: bool = True) -> None:
         target = post.target
         u = target.unconstrain(post.reference_sites()).to(target.dtype)
         gen = torch.Generator().manual_seed(0)
-        starts = make_path(target).sample_reference(256, gen)
+        starts = make_path(target).sample_reference(max(screen, 256), gen)
         lp, g = target.log_prob_and_grad(u[:64])
         h = torch.full_like(lp, 0.1 * float(u.var(0).mean()))
         peaks, peak_lp, _ = hill_climb(target.log_prob_and_grad, u[:64], lp, g, 200, h)
         log_z = float(laplace_log_mass_at(target, peaks[peak_lp.argmax()][None])[0])
-        res = missed_modes(target, u, log_z, starts, gen, precondition=precondition)
+        keep = 256 if screen > 256 else None
+        res = missed_modes(target, u, log_z, starts, gen, precondition=precondition, keep=keep)
         masses = ", ".join(f"{float(v):.1f}" for v in res.log_masses[:3]) or "-"
         print(
             f"| {name} | {target.dim} | {res.share:.1e} | {res.misweight:.3f} | "
@@ -206,6 +208,9 @@ def main() -> None:
     parser.add_argument(
         "--isotropic", action="store_true", help="--posteriordb with the climbs unpreconditioned"
     )
+    parser.add_argument(
+        "--screen", type=int, default=0, help="--posteriordb: screen this many starts, 256 of them climbing"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["smc", "ais", "pt"])
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
@@ -220,7 +225,7 @@ def main() -> None:
     if args.wide:
         wide(args.seeds)
     if args.posteriordb:
-        posteriordb_false_alarms(precondition=not args.isotropic)
+        posteriordb_false_alarms(precondition=not args.isotropic, screen=args.screen)
 
 
 if __name__ == "__main__":

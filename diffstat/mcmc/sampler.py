@@ -13,7 +13,7 @@ A run (:func:`run_mcmc`) has three phases, all batched over chains:
 3. **Sampling** with one shared step size, the final metric and (HMC) jittered trajectory lengths.
 
 A chain whose acceptance rate over the draws is under 5% raises a ``RuntimeWarning``. After the
-run (``check_modes=True``, the default) gradient ascent from widened reference draws looks for modes
+run (``check_modes=True``, the default) gradient ascent from scaled reference draws looks for modes
 that no chain visits (:mod:`diffstat.modes.check`, a few thousand to a few tens of thousands of
 counted evaluations): R-hat sees chains that sit in different modes, not chains that all sit in the
 same one, and a chain does not leave the mode its start phase climbed to.
@@ -58,7 +58,7 @@ from diffstat.mcmc.nuts import nuts_step
 from diffstat.mcmc.rwm import RWM_TARGET_ACCEPT, rwm_step
 from diffstat.mcmc.start import find_start, initial_step_sizes
 from diffstat.mcmc.warmup import METRICS, windowed_warmup
-from diffstat.modes.check import NUM_CHECK_STARTS, check_missed_modes
+from diffstat.modes.check import check_missed_modes, num_check_starts
 from diffstat.sampling import SamplerResult, register_sampler
 
 __all__ = ["KERNELS", "TARGET_ACCEPT", "KernelSpec", "initial_points", "run_mcmc"]
@@ -221,6 +221,7 @@ def run_mcmc(
     if kernel == "nuts":
         step = functools.partial(step, max_tree_depth=check_positive_int(max_tree_depth, "max_tree_depth"))
     lpg = target.log_prob_and_grad
+    evals0 = target.num_target_evals
     x0 = initial_points(target, num_chains, generator, device, init)
     target.validate(x0)
     state = init_state(lpg, x0)
@@ -246,15 +247,16 @@ def run_mcmc(
         draws, stats = _sample(generator, warm, lpg, step, spec, trajectory, num_samples, thin, bar)
     attrs = _attrs(kernel, warm, trajectory, num_warmup, max_tree_depth)
     if check_modes:
-        attrs |= _check_modes(kernel, target, draws, generator, device)
+        attrs |= _check_modes(kernel, target, draws, generator, device, target.num_target_evals - evals0)
     return SamplerResult(
         draws.transpose(0, 1), {k: v.transpose(0, 1) for k, v in stats.items()}, attrs=attrs, diagnose=True
     )
 
 
-def _check_modes(kernel: str, target, draws: torch.Tensor, generator, device) -> dict:
-    """The check for modes that no chain visits, from reference draws (module notes); its attrs."""
-    starts = target.sample_reference(NUM_CHECK_STARTS, generator, device)
+def _check_modes(kernel: str, target, draws: torch.Tensor, generator, device, run_evals: int) -> dict:
+    """The check for modes that no chain visits, from reference draws (as many as a run of
+    ``run_evals`` evaluations affords, module notes); its attrs."""
+    starts = target.sample_reference(num_check_starts(run_evals), generator, device)
     return check_missed_modes(
         kernel.upper(), target, draws, None, starts, generator,
         missed_advice="The chains never visit them: a chain stays in the mode it started in, and R-hat "

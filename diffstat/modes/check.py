@@ -3,7 +3,8 @@ shared by the samplers that run it: tempering (SMC, AIS, PT: :mod:`diffstat.temp
 and MCMC (:mod:`diffstat.mcmc.sampler`).
 
 Each passes the run's pooled draws, its evidence estimate (None for MCMC, which has none) and
-``NUM_CHECK_STARTS`` reference draws to climb from; a ``RuntimeWarning`` names the missed modes and
+:func:`num_check_starts` reference draws (more for a longer run), of which ``NUM_CHECK_STARTS``
+climb; a ``RuntimeWarning`` names the missed modes and
 their share of the mass above ``MAX_MISSED_SHARE``, or the misweight above ``MAX_MISWEIGHT``, with
 the method's own advice; the attrs ``missed_mode_share``, ``mode_misweight`` and
 ``mode_check_evals`` record it.
@@ -18,11 +19,27 @@ import torch
 from diffstat._util import check_bool
 from diffstat.modes.coverage import MAX_MISSED_SHARE, MAX_MISWEIGHT, MissedModes, missed_modes
 
-__all__ = ["NUM_CHECK_STARTS", "check_missed_modes", "pop_check_modes"]
+__all__ = ["NUM_CHECK_STARTS", "check_missed_modes", "num_check_starts", "pop_check_modes"]
 
-#: Reference draws the check climbs from: enough that a basin holding a few percent of the widened
+#: Reference draws the check climbs from: enough that a basin holding a few percent of the scaled
 #: starts is reached by several, at about 3,000 to 12,000 evaluations on the posteriordb suite.
 NUM_CHECK_STARTS = 256
+
+#: Share of a run's own evaluations that the check may spend screening further starts (each
+#: ``SCREEN_STEPS`` climbing steps, the highest half of ``NUM_CHECK_STARTS`` going on): a narrow
+#: basin that holds 0.1% of the starts is reached only among thousands, and a long run can afford
+#: them (module notes of :mod:`diffstat.modes.coverage`).
+SCREEN_SHARE = 0.03
+#: Climbing steps of a screened start, and the most starts screened.
+SCREEN_STEPS = 2
+MAX_SCREENED = 16 * NUM_CHECK_STARTS
+
+
+def num_check_starts(run_evals: int) -> int:
+    """Reference draws for the check after a run of ``run_evals`` target evaluations: as many as
+    ``SCREEN_SHARE`` of them screen (``SCREEN_STEPS + 1`` evaluations each), at least
+    ``NUM_CHECK_STARTS`` and at most ``MAX_SCREENED``."""
+    return int(min(MAX_SCREENED, max(NUM_CHECK_STARTS, SCREEN_SHARE * run_evals / (SCREEN_STEPS + 1))))
 
 
 def pop_check_modes(options: dict) -> bool:
@@ -45,7 +62,10 @@ def check_missed_modes(
     advice given, and return the attrs (module notes). A model that raises at a point the climbs
     reach stops the check with a warning; the draws are still returned."""
     try:
-        missed = missed_modes(target, draws.reshape(-1, draws.shape[-1]), log_z, starts, generator)
+        missed = missed_modes(
+            target, draws.reshape(-1, draws.shape[-1]), log_z, starts, generator,
+            keep=NUM_CHECK_STARTS, screen_steps=SCREEN_STEPS,
+        )  # fmt: skip
     except (ValueError, RuntimeError) as err:
         warnings.warn(
             f"{method}: the check for missed modes stopped ({type(err).__name__}: {str(err)[:200]}); the "
@@ -78,7 +98,7 @@ def _missed_message(method: str, missed: MissedModes) -> str:
         for c, lm in zip(missed.centres[:3], missed.log_masses[:3])
     )
     return (
-        f"{method}: gradient ascent from widened reference draws found {missed.centres.shape[0]} mode(s) "
+        f"{method}: gradient ascent from scaled reference draws found {missed.centres.shape[0]} mode(s) "
         f"that no draw reaches, holding about {missed.share:.0%} of the mass by a Laplace estimate "
         f"({where}). "
     )

@@ -213,25 +213,24 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
     (:func:`~diffstat.tempering.schedules.pilot_reference`); ``betas`` or ``num_temperatures`` with
     ``schedule`` (``"adaptive"``: a pilot of ``num_pilot`` particles, default
     ``min(256, max(64, n // 4))``, along the path AIS follows measures its thermodynamic length
-    :math:`\Lambda`, and by default
-    ``LENGTH_FACTOR`` :math:`\Lambda^2` temperatures within [``MIN_TEMPERATURES``,
-    ``MAX_TEMPERATURES``] = [200, 2000]; or the fixed ``"geometric"``, ``"sigmoid"``, ``"linear"`` with
-    200 by default); ``kernel`` (``"mala"``), ``num_mcmc_steps`` (1), ``num_leapfrog`` (5),
-    ``step_size``, ``target_accept``, ``adapt_scale`` (True), ``metric`` (``"auto"``, fixed
-    schedules); ``resampling`` (``"systematic"``), the scheme of the final resampling; ``min_ess``
-    (``MIN_ESS`` = 100), below which the result is flagged unreliable (a ``RuntimeWarning``): its
-    weights collapsed, or with even weights (ESS at least half the particles) too few particles.
+    :math:`\Lambda`, and by default ``LENGTH_FACTOR`` :math:`\Lambda^2` temperatures within
+    [``MIN_TEMPERATURES``, ``MAX_TEMPERATURES``] = [200, 2000]; or the fixed ``"geometric"``,
+    ``"sigmoid"``, ``"linear"`` with 200 by default); ``kernel`` (``"mala"``), ``num_mcmc_steps``
+    (1), ``num_leapfrog`` (5), ``step_size``, ``target_accept``, ``adapt_scale`` (True), ``metric``
+    (``"auto"``, fixed schedules); ``resampling`` (``"systematic"``), the scheme of the final
+    resampling; ``min_ess`` (``MIN_ESS`` = 100), below which the result is flagged unreliable (a
+    ``RuntimeWarning``): its weights collapsed, or with even weights too few particles.
     ``num_chains`` (default 1) independent runs, each with its own pilots, one after another (so
     R-hat across chains also sees a pilot that missed part of the posterior); ``log_normalizer``
     pools the particles of all runs (each run's weights are unbiased for :math:`Z`).
 
     The draws are resampled to equal weights, per run; ``log_weight`` in ``sample_stats`` is each
-    draw's AIS log weight (that of the particle it was resampled from), and attrs'
-    ``num_distinct`` counts the distinct particles among the draws. ``check_modes`` (True): after the
-    runs, look for modes that they missed (:mod:`diffstat.tempering.mode_check`).
+    draw's AIS log weight, attrs' ``num_distinct`` the distinct particles among them. ``check_modes``
+    (True): look for modes that the runs missed (:mod:`diffstat.tempering.mode_check`).
     """
     check_options(options, _OPTIONS, "ais")
     check_modes = pop_check_modes(options)
+    evals0 = target.num_target_evals
     _check_settings(options)
     num_chains = 1 if num_chains is None else num_chains
     reference = options.pop("reference", None)
@@ -278,7 +277,9 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
     if not reliable:
         warnings.warn(_collapse_message(attrs, log_w.numel(), min_ess), RuntimeWarning, stacklevel=3)
     # the modes' climbs start from the prior's (or given) reference, the width is the run's reference's
-    checks = check_missed_modes("AIS", target, path, draws, log_z, generator, device) if check_modes else {}
+    checks = {}
+    if check_modes:
+        checks = check_missed_modes("AIS", target, path, draws, log_z, generator, device, evals0)
     attrs.update(checks | check_reference_width("AIS", runs[0][2], draws, log_z, generator, device))
     groups = {"tempering": stack_stages([out.stages for out, _, _ in runs])}
     return SamplerResult(draws, sample_stats, groups, attrs)

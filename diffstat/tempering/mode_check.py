@@ -12,8 +12,9 @@ posterior, and did every run miss a mode?
   ``RuntimeWarning`` says so.
 - **Missed modes** (``check_modes=True``, :mod:`diffstat.modes.coverage`): a mode that the
   reference's mass does not lead to can be missed by every run alike (the between-run checks then
-  agree). Gradient ascent from ``NUM_CHECK_STARTS`` widened reference draws, a few thousand to a few
-  tens of thousands of evaluations (counted), and a warning where modes that no draw reaches hold
+  agree). Gradient ascent from ``NUM_CHECK_STARTS`` scaled reference draws (screened from up to 16
+  times as many after a long run: :func:`~diffstat.modes.check.num_check_starts`), a few thousand to a
+  few tens of thousands of evaluations (counted), and a warning where modes that no draw reaches hold
   more than ``MAX_MISSED_SHARE`` of the mass by a Laplace estimate, or where the draws' shares of
   the modes differ from the modes' Laplace masses by more than ``MAX_MISWEIGHT``.
 """
@@ -26,7 +27,7 @@ import warnings
 import torch
 
 from diffstat.modes import check
-from diffstat.modes.check import NUM_CHECK_STARTS, pop_check_modes
+from diffstat.modes.check import NUM_CHECK_STARTS, num_check_starts, pop_check_modes
 
 __all__ = [
     "MAX_WIDTH_RATIO",
@@ -51,14 +52,14 @@ _MISWEIGHT_ADVICE = (
 
 
 def check_missed_modes(
-    method: str, target, path, draws: torch.Tensor, log_z: float, generator, device
+    method: str, target, path, draws: torch.Tensor, log_z: float, generator, device, evals0: int
 ) -> dict:
     """Run the check (:func:`diffstat.modes.check.check_missed_modes`) on the pooled ``draws (...,
-    dim)`` of a run with evidence ``log_z`` (skipped where it is not finite), from draws of the path's
-    reference; its attrs."""
+    dim)`` of a run with evidence ``log_z`` (skipped where it is not finite) that began at the
+    target's evaluation count ``evals0``, from draws of the path's reference; its attrs."""
     if not math.isfinite(log_z):
         return {}
-    starts = path.sample_reference(NUM_CHECK_STARTS, generator, device)
+    starts = path.sample_reference(num_check_starts(target.num_target_evals - evals0), generator, device)
     missed_advice = (
         f"The draws miss them and log Z = {log_z:.3f} is that of the modes found only. Give a reference= "
         "that covers the posterior (wider than it; the default is the target's reference, else N(0, I)), "
@@ -103,8 +104,11 @@ def check_reference_width(method: str, path, draws: torch.Tensor, log_z: float, 
 
 
 def after_checks(
-    method: str, check_modes: bool, target, path, draws, log_z: float, generator, device
+    method: str, check_modes: bool, target, path, draws, log_z: float, generator, device, evals0: int
 ) -> dict:
-    """Both checks (the missed modes only with ``check_modes``): their warnings, and their attrs."""
-    attrs = check_missed_modes(method, target, path, draws, log_z, generator, device) if check_modes else {}
+    """Both checks (the missed modes only with ``check_modes``, for a run that began at the target's
+    evaluation count ``evals0``): their warnings, and their attrs."""
+    attrs = {}
+    if check_modes:
+        attrs = check_missed_modes(method, target, path, draws, log_z, generator, device, evals0)
     return attrs | check_reference_width(method, path, draws, log_z, generator, device)

@@ -307,6 +307,7 @@ def pt_sampler(target, *, num_samples, num_chains, generator, progress, device, 
     """
     check_options(options, _OPTIONS, "pt")
     check_modes = pop_check_modes(options)
+    evals0 = target.num_target_evals
     num_chains = 4 if num_chains is None else num_chains
     path = make_path(target, options.pop("reference", None))
     defaults = inspect.signature(parallel_tempering).parameters  # the run's own defaults, stated once
@@ -331,6 +332,8 @@ def pt_sampler(target, *, num_samples, num_chains, generator, progress, device, 
         "path": path.kind,
     }
     attrs.update(
-        after_checks("PT", check_modes, target, path, out.draws, out.log_normalizer, generator, device)
+        after_checks(
+            "PT", check_modes, target, path, out.draws, out.log_normalizer, generator, device, evals0
+        )
     )
     return SamplerResult(out.draws, sample_stats, {"tempering": out.temperatures}, attrs, diagnose=True)

@@ -42,21 +42,20 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     (True), ``num_leapfrog`` (5), ``step_size``, ``target_accept``, ``adapt_scale`` (True),
     ``step_jitter`` (0), ``betas``, ``max_stages``; ``check_modes`` (True): after the runs, look
     for modes that every run missed (:func:`~diffstat.modes.coverage.missed_modes`: gradient ascent
-    from widened reference draws, Laplace masses of the peaks no draw reaches); ``missed_mode_share``
+    from scaled reference draws, Laplace masses of the peaks no draw reaches); ``missed_mode_share``
     in attrs, and a ``RuntimeWarning`` above 0.05.
 
-    Why four runs: the share of each mode in the draws is the ratio of the per-mode evidence
-    estimates, so it carries their noise, about that of :math:`\log\hat Z` (0.1 at 1,000 particles on
-    a 6-d three-mode mixture, mode weights off by 0.05 in total variation on 5 seeds in 12 with
-    one run); four runs halve it, and their agreement is checked (:mod:`diffstat.tempering.runs`):
-    a ``RuntimeWarning`` when their log Z estimates disagree beyond their errors or their draws
-    do (R-hat across runs, ``rhat_max`` in attrs): runs that found different modes. The pooled
-    :math:`\hat Z` is the mean of the runs'; its standard error the larger of the genealogy's and
-    the runs' spread. Each run's draws are its particles resampled to equal weights with the run's
-    scheme; ``log_weight`` in ``sample_stats`` is each draw's log weight before that resampling.
+    Why four runs: a mode's share of the draws is the ratio of per-mode evidence estimates, with
+    about the noise of :math:`\log\hat Z` (0.1 at 1,000 particles on a 6-d three-mode mixture, mode
+    weights 0.05 off in total variation on 5 seeds in 12 with one run); four runs halve it, and a
+    ``RuntimeWarning`` says when their log Z estimates or draws (R-hat across runs, ``rhat_max`` in
+    attrs) disagree (:mod:`diffstat.tempering.runs`). The pooled :math:`\hat Z` is the runs' mean, its
+    standard error the larger of the genealogy's and the runs' spread. Each run's draws are its
+    particles resampled with the run's scheme; ``log_weight`` in ``sample_stats`` is their log weight.
     """
     check_options(options, _OPTIONS, "smc")
     check_modes = pop_check_modes(options)
+    evals0 = target.num_target_evals
     num_chains = 4 if num_chains is None else num_chains
     path = make_path(target, options.pop("reference", None))
     SMCConfig.from_options(dict(options))  # a bad value is refused before the first evaluation
@@ -88,7 +87,8 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     agreement, rhat = runs_agreement(log_zs, ses), runs_rhat(torch.stack(draws))
     num_eves = min(r.num_eves for r in runs)
     _warn_if_unreliable(num_eves, num_samples, log_zs, ses, agreement, rhat, log_z, se)
-    checks = after_checks("SMC", check_modes, target, path, torch.cat(draws), log_z, generator, device)
+    pooled = torch.cat(draws)
+    checks = after_checks("SMC", check_modes, target, path, pooled, log_z, generator, device, evals0)
     sample_stats = {
         "lp": torch.stack(lps),
         "acceptance_rate": torch.stack(accs),
