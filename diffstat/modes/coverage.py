@@ -9,9 +9,10 @@ every independent run alike, and then no check between runs sees it: the runs ag
 1. **Starts**: reference draws, scaled about their mean by ``scales`` (0.5, 1, 2, 4), cycling: a
    draw moved outward starts in a far basin that the reference itself rarely visits, one moved
    inward in the basin of a narrow mode that a wide mode's pull hides from farther out. With
-   ``keep``, more draws than that are screened: each takes ``screen_steps`` climbing steps, and the
-   ``keep // 2`` highest in log-density go on with ``keep - keep // 2`` of the others drawn at
-   random. A start in a narrow, high mode's basin is at the top after a step or two, so screening
+   ``keep``, the first ``keep`` climb and the others are screened: each takes ``screen_steps``
+   climbing steps, and the ``keep // 2`` highest in log-density climb on too (the first ``keep``
+   keep the check as it was without screening, for far modes that only wide starts reach, low
+   after a few steps). A start in a narrow, high mode's basin is at the top after a step or two, so screening
    buys starts at a few evaluations each: ``narrow_wide(10)``'s heavy mode is climbed to from 0.05% to
    0.1% of N(0, 16 I)'s draws at scale 1 and 1% at scale 0.5 (``docs/mode_check.md``).
 2. **Peaks**: ``num_found`` of the draws, half of them chosen by farthest-point selection so that a
@@ -217,11 +218,14 @@ def missed_modes(
     found = draw_share[group] >= MIN_DRAW_SHARE
     if precondition:  # the starts' metric: the covariance within the modes just found
         metric = draws_metric(draws, group[owner]) if metric is not None else None
-    start_h = (lambda ok: step_size * scale[ok] ** 2) if metric is None else (lambda ok: step_size)
+    start_h = (
+        (lambda s: lambda ok: step_size * s[ok] ** 2) if metric is None else (lambda s: lambda ok: step_size)
+    )
     if keep is not None and x0.shape[0] > keep:
-        x0, scale = _screen(log_prob_and_grad, x0, scale, keep, screen_steps, start_h, metric, generator)
+        top = _screen(log_prob_and_grad, x0[keep:], keep // 2, screen_steps, start_h(scale[keep:]), metric)
+        x0, scale = torch.cat([x0[:keep], top[0]]), torch.cat([scale[:keep], scale[keep:][top[1]]])
     peaks, peak_lp, _ = _climb(
-        log_prob_and_grad, x0, num_climb if metric is None else start_climb, start_h, metric
+        log_prob_and_grad, x0, num_climb if metric is None else start_climb, start_h(scale), metric
     )
     if peaks.shape[0] == 0:
         return empty._replace(num_evals=target.num_target_evals - evals0)
@@ -253,16 +257,12 @@ def _scaled(starts: torch.Tensor, scales) -> tuple[torch.Tensor, torch.Tensor]:
     return starts.mean(0) + scale[:, None] * (starts - starts.mean(0)), scale
 
 
-def _screen(log_prob_and_grad, x0, scale, keep: int, num_steps: int, step, metric, generator):
-    """``keep`` of the starts ``x0 (m, dim)`` (scales ``scale (m,)``) after ``num_steps`` climbing
-    steps each: the ``keep // 2`` highest in log-density, the rest drawn at random from the others
-    (module notes); the chosen points and their scales."""
-    x, lp, ok = _climb(log_prob_and_grad, x0, num_steps, step, metric)
-    order = lp.argsort(descending=True)
-    rest = order[keep // 2 :]
-    pick = torch.randperm(rest.numel(), generator=generator, device=generator.device)[: keep - keep // 2]
-    chosen = torch.cat([order[: keep // 2], rest[pick.to(rest.device)]])
-    return x[chosen], scale[ok][chosen]
+def _screen(log_prob_and_grad, x: torch.Tensor, k: int, num_steps: int, step, metric):
+    """The ``k`` of the starts ``x (m, dim)`` highest in log-density after ``num_steps`` climbing steps
+    each (module notes): their climbed points ``(k, dim)`` and their rows in ``x``."""
+    y, lp, ok = _climb(log_prob_and_grad, x, num_steps, step, metric)
+    top = lp.argsort(descending=True)[:k]
+    return y[top], torch.nonzero(ok).flatten()[top]
 
 
 def _climb(log_prob_and_grad, x: torch.Tensor, num_climb: int, step, metric):
