@@ -218,14 +218,9 @@ def missed_modes(
     found = draw_share[group] >= MIN_DRAW_SHARE
     if precondition:  # the starts' metric: the covariance within the modes just found
         metric = draws_metric(draws, group[owner]) if metric is not None else None
-    start_h = (
-        (lambda s: lambda ok: step_size * s[ok] ** 2) if metric is None else (lambda s: lambda ok: step_size)
-    )
-    if keep is not None and x0.shape[0] > keep:
-        top = _screen(log_prob_and_grad, x0[keep:], keep // 2, screen_steps, start_h(scale[keep:]), metric)
-        x0, scale = torch.cat([x0[:keep], top[0]]), torch.cat([scale[:keep], scale[keep:][top[1]]])
-    peaks, peak_lp, _ = _climb(
-        log_prob_and_grad, x0, num_climb if metric is None else start_climb, start_h(scale), metric
+    num_steps = num_climb if metric is None else start_climb
+    peaks, peak_lp = _climb_starts(
+        log_prob_and_grad, x0, scale, keep, screen_steps, num_steps, step_size, metric
     )
     if peaks.shape[0] == 0:
         return empty._replace(num_evals=target.num_target_evals - evals0)
@@ -255,6 +250,24 @@ def _scaled(starts: torch.Tensor, scales) -> tuple[torch.Tensor, torch.Tensor]:
     m = starts.shape[0]
     scale = starts.new_tensor(scales)[torch.arange(m, device=starts.device) % len(scales)]
     return starts.mean(0) + scale[:, None] * (starts - starts.mean(0)), scale
+
+
+def _climb_starts(log_prob_and_grad, x0, scale, keep, screen_steps: int, num_steps: int, step_size, metric):
+    """The starts ``x0 (m, dim)`` (scales ``scale (m,)``) climbed at most ``num_steps`` steps: all of
+    them, or with ``keep < m`` the first ``keep`` and the ``keep // 2`` highest of the others after
+    ``screen_steps`` steps (module notes). Without a metric a start's first step is ``step_size``
+    times its squared scale (``s`` reference sds from the mean); the peaks and their log-densities."""
+
+    def first_steps(s):
+        return (lambda ok: step_size * s[ok] ** 2) if metric is None else (lambda ok: step_size)
+
+    if keep is not None and x0.shape[0] > keep:
+        top, rows = _screen(
+            log_prob_and_grad, x0[keep:], keep // 2, screen_steps, first_steps(scale[keep:]), metric
+        )
+        x0, scale = torch.cat([x0[:keep], top]), torch.cat([scale[:keep], scale[keep:][rows]])
+    peaks, peak_lp, _ = _climb(log_prob_and_grad, x0, num_steps, first_steps(scale), metric)
+    return peaks, peak_lp
 
 
 def _screen(log_prob_and_grad, x: torch.Tensor, k: int, num_steps: int, step, metric):
