@@ -15,8 +15,10 @@ TSM/DSM loss (:func:`~diffstat.diffusion.losses.mixed_loss`, De Bortoli et al. 2
 :math:`\nabla\log\pi_t(x_t)`. Training points are drawn from the particles in proportion to their
 weights, noise levels uniformly in :math:`u` over the schedule's range. No target evaluation is
 spent on training (the DSM part needs none, the TSM part reuses the particles' gradients). The
-network's guidance is :math:`h_\theta(x, u) = -E_\theta(x, u) + \lVert x\rVert^2/2` (zero for the
-untrained network, whose energy is the reference's).
+network's guidance is :math:`h_\theta(x, u) = \log g^{\rm bank}_t(x) - E_\theta(x, u) + \lVert
+x\rVert^2/2`, with the closed-form noised guidance of the pilot's mode bank where the round-1
+guidance has one (:class:`LearnedGuidance`); the untrained network's energy is the reference's, so
+:math:`h` starts as the bank's :math:`\log g_t` (or 0).
 
 Round 2 runs the same SMC with
 
@@ -29,9 +31,9 @@ the network. The mixing weight is a logistic function of the log relative noise 
 mode scale :math:`s` (the schedule's unit), shifted by :math:`c` = :data:`MIX_SHIFT`: the network
 (trained on the target's own particles) replaces the round-1 guidance wherever the relative noise
 exceeds :math:`e^{-c}`, and the round-1 guidance, which converges to :math:`g`, takes over at the
-last levels, where a network fitted to a sharp :math:`g_t` is least accurate. (A network cannot
-learn a correction to the round-1 guidance itself without new evaluations: that guidance costs one
-target evaluation per noised training point. It learns :math:`\log g_t` whole instead.)
+last levels, where a network fitted to a sharp :math:`g_t` is least accurate. (The network cannot
+learn a correction to the whole round-1 guidance without new evaluations: that guidance costs one
+target evaluation per noised training point. It corrects the part that costs none, the bank's.)
 With ``num_rounds > 2`` each round refits the network on the previous round's particles (the
 round-1 guidance stays the base). The evidence and draws are the last round's; the evaluations
 count every round.
@@ -54,6 +56,7 @@ import torch
 
 from diffstat.diffusion.losses import mixed_loss
 from diffstat.diffusion.networks import EnergyMLP
+from diffstat.diffusion.noised_smc_bank import bank_log_g
 from diffstat.diffusion.noised_smc_path import LOG_NOISE_RANGE, GuidedState, NoisedPath
 
 __all__ = ["LearnedGuidance", "LearnedPath", "fit_guidance", "mixing_weight"]
@@ -64,6 +67,8 @@ HIDDEN, DEPTH = 64, 3
 TRAIN_STEPS, BATCH, LEARNING_RATE = 1000, 512, 2e-3
 #: Log relative noise (in units of the mode scale) below which the round-1 guidance dominates.
 MIX_SHIFT = 4.0
+#: Noise levels per training batch (the bank's guidance is computed per level).
+LEVELS_PER_BATCH = 16
 #: Scale of the log relative noise fed to the network's time embedding.
 TIME_SCALE = 0.125
 
@@ -86,25 +91,41 @@ class _RelativeNoise:
 
 
 class LearnedGuidance(torch.nn.Module):
-    r""":math:`h_\theta(x, u) = -E_\theta(x, u\,\tau) + \lVert x\rVert^2/2` with :math:`E_\theta` an
-    :class:`~diffstat.diffusion.networks.EnergyMLP` (plain form, :math:`\tau` = :data:`TIME_SCALE`):
-    a model of :math:`\log g_t(x)` up to a constant at the log relative noise ``u``."""
+    r""":math:`h_\theta(x, u) = \log g^{\rm bank}_t(x) - E_\theta(x, u\,\tau) + \lVert x\rVert^2/2`
+    with :math:`E_\theta` an :class:`~diffstat.diffusion.networks.EnergyMLP` (plain form, :math:`\tau`
+    = :data:`TIME_SCALE`): a model of :math:`\log g_t(x)` up to a constant at the log relative
+    noise ``u``. The first term, the closed-form noised guidance of the pilot's mode bank
+    (:func:`~diffstat.diffusion.noised_smc_bank.bank_log_g`; absent without a ``bank``), costs no
+    target evaluation, so the network learns only the correction to it."""
 
-    def __init__(self, dim: int, dtype=torch.float64, device=None, seed: int = 0):
+    def __init__(self, dim: int, dtype=torch.float64, device=None, seed: int = 0, bank=None):
         super().__init__()
         self.energy = EnergyMLP(dim, HIDDEN, DEPTH, seed=seed).to(dtype=dtype, device=device)
+        self.bank = bank
+
+    def _bank(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""The bank's :math:`\log g_t` and gradient at per-row (or one) ``u``, zero without a bank."""
+        if self.bank is None:
+            return torch.zeros_like(x[:, 0]), torch.zeros_like(x)
+        u = u.expand(x.shape[0]) if u.dim() == 0 else u
+        log_g, grad = torch.empty_like(x[:, 0]), torch.empty_like(x)
+        for value in torch.unique(u):
+            rows = u == value
+            log_g[rows], grad[rows] = bank_log_g(self.bank, x[rows], torch.sigmoid(-value))
+        return log_g, grad
 
     def score(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """:math:`\\nabla\\log\\pi_t(x) = -\\nabla E_\\theta`, differentiable (the training loss)."""
-        return self.energy(x, u * TIME_SCALE)
+        r""":math:`\nabla\log\pi_t(x)`, differentiable in the network's parameters (the loss)."""
+        return self.energy(x, u * TIME_SCALE) + self._bank(x.detach(), u)[1]
 
     def log_g_and_grad(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:math:`h_\\theta(x, u)` ``(n,)`` and its gradient ``(n, dim)``, detached."""
+        """:math:`h_\theta(x, u)` ``(n,)`` and its gradient ``(n, dim)``, detached."""
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             h = 0.5 * (xg**2).sum(-1) - self.energy.energy(xg, u * TIME_SCALE)
             (grad,) = torch.autograd.grad(h.sum(), xg)
-        return h.detach(), grad.detach()
+        bank_h, bank_grad = self._bank(x, u)
+        return h.detach() + bank_h, grad.detach() + bank_grad
 
 
 def mixing_weight(rho: torch.Tensor, mode_scale_sq: float) -> torch.Tensor:
@@ -154,6 +175,7 @@ def fit_guidance(
     steps: int | None = None,
     batch: int | None = None,
     lr: float | None = None,
+    bank=None,
 ) -> tuple[LearnedGuidance, float]:
     r"""Train :class:`LearnedGuidance` on weighted particles at zero noise (whitened ``x (n, dim)``,
     ``grad_log_g`` = :math:`\nabla\log g(x)`, ``log_weights (n,)``) with the mixed TSM/DSM loss,
@@ -163,14 +185,15 @@ def fit_guidance(
     steps, batch, lr = steps or TRAIN_STEPS, batch or BATCH, lr or LEARNING_RATE
     x0, grad0, w = training_data(x, grad_log_g, log_weights)
     seed = int(torch.randint(2**31 - 1, (1,), generator=generator, device=generator.device))
-    net = LearnedGuidance(x.shape[1], x.dtype, x.device, seed)
+    net = LearnedGuidance(x.shape[1], x.dtype, x.device, seed, bank)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     lo, hi = (v + math.log(mode_scale_sq) for v in sorted(LOG_NOISE_RANGE))
     process, tail = _RelativeNoise(), []
     for k in range(steps):
         idx = torch.multinomial(w, batch, replacement=True, generator=generator)
-        u = lo + (hi - lo) * torch.rand(batch, generator=generator, dtype=x.dtype, device=x.device)
+        u = lo + (hi - lo) * torch.rand(LEVELS_PER_BATCH, generator=generator, dtype=x.dtype, device=x.device)
+        u = u.repeat_interleave(-(-batch // LEVELS_PER_BATCH))[:batch]
         loss = mixed_loss(net.score, process, x0[idx], grad0[idx], generator, t=u, weighting="none")
         opt.zero_grad()
         loss.backward()
@@ -191,7 +214,8 @@ def refine_path(generator, path: NoisedPath, num_rounds: int, run) -> tuple[Nois
     for _ in range(num_rounds - 1):
         out = run(path)
         gs = out.particles
-        net, loss = fit_guidance(generator, gs.x, gs.grad_g, out.log_weights, base.mode_scale_sq)
+        bank = base.bank if base.guidance == "bank" else None
+        net, loss = fit_guidance(generator, gs.x, gs.grad_g, out.log_weights, base.mode_scale_sq, bank=bank)
         path = LearnedPath(base, net)
         log_zs.append(out.log_normalizer)
         ses.append(out.log_normalizer_se)

@@ -11,6 +11,7 @@ import torch
 import diffstat as ds
 from diffstat.diffusion import noised_smc as ns
 from diffstat.diffusion.gaussians import Whitening
+from diffstat.diffusion.noised_smc_bank import ModeBank, bank_log_g
 from diffstat.diffusion.noised_smc_learned import LearnedGuidance, LearnedPath, fit_guidance, mixing_weight
 from diffstat.diffusion.noised_smc_path import NoisedPath
 from tests.diffusion.test_noised_smc import LOG_Z, MU, gaussian_target, identity, log_z_hat, run_path
@@ -19,9 +20,9 @@ D = torch.distributions
 F64 = torch.float64
 
 
-def poor_network(dim, scale=0.3, seed=0):
+def poor_network(dim, scale=0.3, seed=0, bank=None):
     """An untrained network whose output layer is random (a zero layer would make h = 0)."""
-    net = LearnedGuidance(dim, F64, seed=seed)
+    net = LearnedGuidance(dim, F64, seed=seed, bank=bank)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         out = net.energy.net.out
@@ -75,6 +76,33 @@ def test_correction_is_exactly_zero_at_zero_noise():
     gs, gb = path.evaluate(x, one), base.evaluate(x, one)
     for a, b in zip(gs, gb, strict=True):
         assert torch.equal(a, b)
+
+
+def two_mode_bank():
+    """A bank of two anisotropic modes (whitened), as the pilot would build it."""
+    rot = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(7), dtype=F64))[0]
+    means = torch.tensor([[1.0, 0.0, 0.5], [-1.0, 0.5, 0.0]], dtype=F64)
+    evals = torch.tensor([[0.05, 0.1, 0.2], [0.3, 0.3, 0.1]], dtype=F64)
+    return ModeBank(
+        means, torch.stack([rot, torch.eye(3, dtype=F64)]), evals, torch.log(torch.tensor([0.7, 0.3]))
+    )
+
+
+def test_untrained_network_with_a_bank_is_the_banks_guidance_and_stays_exact():
+    bank = two_mode_bank()
+    net = LearnedGuidance(3, F64, bank=bank)
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+    u = torch.tensor([-3.0, -3.0, 0.5, 0.5, 2.0, 2.0], dtype=F64)
+    h, grad = net.log_g_and_grad(x, u)
+    for rows in ([0, 1], [2, 3], [4, 5]):
+        want, want_grad = bank_log_g(bank, x[rows], torch.sigmoid(-u[rows[0]]))
+        torch.testing.assert_close(h[rows], want, rtol=0, atol=1e-12)
+        torch.testing.assert_close(grad[rows], want_grad, rtol=0, atol=1e-12)
+        torch.testing.assert_close(net.score(x[rows], u[rows]), want_grad - x[rows], rtol=0, atol=1e-12)
+    base = NoisedPath(gaussian_target(), identity(3), 0.2, "bank", bank)
+    path = LearnedPath(base, poor_network(3, bank=bank))
+    log_w, log_path = run_path(path, torch.Generator().manual_seed(1), 12, 50)
+    torch.testing.assert_close(log_w, log_path, rtol=0, atol=1e-9)
 
 
 def log_weight_sd(path, seed=2, num_steps=32, n=400):
