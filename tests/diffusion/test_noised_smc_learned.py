@@ -161,3 +161,23 @@ def test_front_door_two_rounds_count_both_and_refuse_bad_rounds():
     assert abs(two["log_normalizer"] - LOG_Z) < 3 * two["log_normalizer_se"] + 0.02
     with pytest.raises(ValueError, match="num_rounds"):
         ds.sample(target, "pdds", num_rounds=0, **opts)
+
+
+def test_rounds_fill_the_one_progress_bar(monkeypatch):
+    import diffstat._util as util
+    from diffstat.diffusion import noised_smc_learned
+
+    bars, real = [], util.tqdm
+
+    def recording(*args, **kwargs):
+        bar = real(*args, **kwargs)
+        if not kwargs.get("disable", False):
+            bars.append(bar)
+        return bar
+
+    monkeypatch.setattr(util, "tqdm", recording)
+    monkeypatch.setattr(noised_smc_learned, "TRAIN_STEPS", 20)  # the test counts levels, not the fit
+    target = ds.Target(lambda x: D.Normal(0.0, 1.0).log_prob(x).sum(-1), 2, dtype=F64)
+    opts = dict(num_steps=4, pilot_chains=64, pilot_steps=5, seed=0, progress=True)
+    ds.sample(target, "pdds", num_samples=32, num_chains=2, num_rounds=3, **opts)
+    assert len(bars) == 1 and bars[0].n == bars[0].total == (2 + 3 - 1) * 5, [(b.n, b.total) for b in bars]
