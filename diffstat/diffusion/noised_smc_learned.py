@@ -65,7 +65,7 @@ __all__ = ["LearnedGuidance", "LearnedPath", "fit_guidance", "mixing_weight"]
 HIDDEN, DEPTH = 64, 3
 #: Adam steps, batch size and initial learning rate (cosine decay to zero).
 TRAIN_STEPS, BATCH, LEARNING_RATE = 1000, 512, 2e-3
-#: Log relative noise (in units of the mode scale) below which the round-1 guidance dominates.
+#: c: the round-1 guidance dominates below the log relative noise -c (in units of the mode scale).
 MIX_SHIFT = 4.0
 #: Noise levels per training batch (the bank's guidance is computed per level).
 LEVELS_PER_BATCH = 16
@@ -119,7 +119,7 @@ class LearnedGuidance(torch.nn.Module):
         return self.energy(x, u * TIME_SCALE) + self._bank(x.detach(), u)[1]
 
     def log_g_and_grad(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:math:`h_\theta(x, u)` ``(n,)`` and its gradient ``(n, dim)``, detached."""
+        r""":math:`h_\theta(x, u)` ``(n,)`` and its gradient ``(n, dim)``, detached."""
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             h = 0.5 * (xg**2).sum(-1) - self.energy.energy(xg, u * TIME_SCALE)
@@ -141,7 +141,6 @@ class LearnedPath(NoisedPath):
 
     def __init__(self, base: NoisedPath, network: LearnedGuidance):
         self.__dict__.update(base.__dict__)
-        self.base_guidance = base.guidance
         self.network = network
 
     def evaluate(self, x: torch.Tensor, rho: torch.Tensor) -> GuidedState:
