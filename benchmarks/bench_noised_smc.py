@@ -16,7 +16,12 @@ Run (one thread; about 10 minutes for everything)::
         --chains 4 --particles 500 --pdds num_mcmc_steps=None kernel="'local_mala'"
 
 ``--pdds key=value`` passes options to pdds (values read as Python literals); WARN marks a run that
-raised a RuntimeWarning (pdds: its reliability warning).
+raised a RuntimeWarning (pdds: its reliability warning). The learned guidance at equal evaluations
+(two rounds of 1000 particles against one of 2000; ``--learned NAME=value`` sets a constant of
+``diffstat.diffusion.noised_smc_learned``, e.g. ``MIX_SHIFT=2.0``; ``r1`` is round 1's error)::
+
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_noised_smc.py --no-smc --seeds 0 1 2 \
+        --targets funnel ionosphere narrow_wide nine_modes --particles 1000 --pdds num_rounds=2
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 
 import diffstat as ds
 from diffstat import targets as T
+from diffstat.diffusion import noised_smc_learned as learned
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 #: Literature log Z of the ionosphere posterior (standardised features, N(0, 1) priors).
@@ -104,9 +110,11 @@ def run(target, log_z, metric, method, seed, options):
     x = torch.as_tensor(idata.posterior["x"].values).reshape(-1, target.dim)
     err, se = a["log_normalizer"] - log_z, a["log_normalizer_se"]
     flag = " WARN" if any(issubclass(w.category, RuntimeWarning) for w in caught) else ""
+    rounds = zip(a.get("round_log_normalizers", []), a.get("round_log_normalizer_ses", []), strict=True)
+    earlier = "".join(f" r{i + 1} {v - log_z:+.3f} se {s:.3f}" for i, (v, s) in enumerate(rounds))
     return (
         f"{method:5s} err {err:+8.3f} se {se:6.3f} |err|/se {abs(err) / max(se, 1e-12):6.1f}  {metric(x):32s}"
-        f" evals {a['num_target_evals']:8d} {secs:6.1f}s{flag}"
+        f" evals {a['num_target_evals']:8d} {secs:6.1f}s{flag}{earlier}"
     )
 
 
@@ -123,7 +131,10 @@ def main():
     parser.add_argument(
         "--pdds", nargs="*", default=[], help="pdds options as key=value (values read as Python literals)"
     )
+    parser.add_argument("--learned", nargs="*", default=[], help="noised_smc_learned constants, NAME=value")
     args = parser.parse_args()
+    for name, value in (kv.split("=", 1) for kv in args.learned):
+        setattr(learned, name, ast.literal_eval(value))
     torch.set_num_threads(1)
     table = problems()
     pdds_options = dict(num_samples=args.particles, num_chains=args.chains)

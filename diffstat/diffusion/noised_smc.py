@@ -67,6 +67,7 @@ with 256 chains none did and the mode was lost).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from typing import NamedTuple
@@ -74,6 +75,7 @@ from typing import NamedTuple
 import torch
 
 from diffstat._util import check_nonnegative_int, check_options, check_positive_int, progress_bar
+from diffstat.diffusion.noised_smc_learned import refine_path
 from diffstat.diffusion.noised_smc_check import STUCK_ACCEPTANCE, pooled_log_z, reliability_problems
 from diffstat.diffusion.noised_smc_path import GuidedState, NoisedPath, local_mala_step, noise_schedule
 from diffstat.diffusion.noised_smc_setup import setup_path
@@ -303,6 +305,7 @@ _OPTIONS = {
     "pilot_chains",
     "pilot_steps",
     "guidance",
+    "num_rounds",
 }
 
 
@@ -310,7 +313,7 @@ def _check_settings(options: dict) -> None:
     """``ValueError`` for a bad count or scale among PDDS's options, before the pilot's first
     evaluation (each is otherwise met where it is used: after the pilot, or never, a negative
     ``pilot_steps`` running no pilot moves)."""
-    for name in ("num_steps", "max_mcmc_steps"):
+    for name in ("num_steps", "max_mcmc_steps", "num_rounds"):
         if name in options:
             check_positive_int(options[name], name)
     if options.get("pilot_chains") is not None:
@@ -337,7 +340,8 @@ def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device
     (``"systematic"``), ``step_size`` (initial step, default the kernel's), ``mode_scale``
     (the power guidance's :math:`s`, default estimated), ``guidance`` (``"bank"``; ``"power"``,
     ``"simple"``, ``"laplace"``), ``whitening`` (``"pilot"``, ``"reference"`` or ``(mean, cov)``),
-    ``pilot_chains`` (2048), ``pilot_steps`` (25).
+    ``pilot_chains`` (2048), ``pilot_steps`` (25), ``num_rounds`` (1; from 2, the guidance refined
+    by a network fitted to the previous round, :mod:`diffstat.diffusion.noised_smc_learned`).
     ``num_chains`` (default 1) independent runs share the pilot; their evidence estimates are pooled
     and, from two runs on, their spread gives the standard error when it exceeds the genealogy's.
     The draws are the final particles resampled to equal weights.
@@ -351,12 +355,17 @@ def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device
     if num_samples < 2:
         raise ValueError(f"pdds needs at least 2 particles, got {num_samples}")
     _check_settings(options)
+    num_rounds, levels = options.pop("num_rounds", 1), options.get("num_steps", 64) + 1
     path, attrs = setup_path(target, generator, device, options)
     scheme = options.get("resampling", "systematic")
     draws, lps, log_ws, runs = [], [], [], []
-    with progress_bar(num_chains * (options.get("num_steps", 64) + 1), "pdds", progress) as bar:
+    with progress_bar((num_chains + num_rounds - 1) * levels, "pdds", progress) as bar:
+        run = functools.partial(
+            noised_smc, generator, num_particles=num_samples, device=device, bar=bar, **options
+        )
+        path, attrs_rounds = refine_path(generator, path, num_rounds, run)
         for _ in range(num_chains):  # each run resampled before the next starts
-            out = noised_smc(generator, path, num_samples, device=device, bar=bar, **options)
+            out = run(path)
             idx = resample(generator, out.log_weights, scheme)
             draws.append(path.whitening.from_white(out.particles.x[idx]))
             lps.append(out.particles.target_lp[idx])
@@ -382,6 +391,7 @@ def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device
             "num_stages": len(runs[0].stages["noise"]),
             "num_resampling": sum(r.num_resampling for r in runs),
             "num_eves": min(r.num_eves for r in runs),
+            **attrs_rounds,
         }
     )
     sample_stats = {"lp": torch.stack(lps), "log_weight": torch.stack(log_ws)}
