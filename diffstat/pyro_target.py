@@ -276,13 +276,13 @@ class PyroTarget(Target):
     def log_likelihood(self, u: torch.Tensor) -> torch.Tensor:
         r"""Log-likelihood :math:`\log p(y \mid T(u))` of the observed sites, ``(n,)``; counts ``n``."""
         self.num_target_evals += u.shape[0]
-        return self.count_nan(self._log_terms(u)[1])
+        return self.count_nan(self._log_terms(u)[1], u)
 
     def log_prior_and_likelihood(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both terms from one model run, each ``(n,)`` and differentiable; counts ``n``."""
         self.num_target_evals += u.shape[0]
         prior, lik = self._log_terms(u)
-        self.count_nan(prior.detach() + lik.detach())
+        self.count_nan(prior.detach() + lik.detach(), u)
         return prior, lik
 
     # ------------------------------------------------------------------ spaces, draws, output

@@ -162,7 +162,7 @@ class Target:
         in the other float type, by parameters of their own, is cast: the samplers combine it with
         the points); counts ``n`` evaluations."""
         self.num_target_evals += x.shape[0]
-        return self.count_nan(self._log_prob(x).to(x.dtype))
+        return self.count_nan(self._log_prob(x).to(x.dtype), x)
 
     def log_prob_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-density ``(n,)`` and its gradient ``(n, dim)`` at ``x``, detached, both in ``x``'s
@@ -172,17 +172,24 @@ class Target:
             x = x.detach().requires_grad_(True)
             lp = self._log_prob(x)
             (grad,) = torch.autograd.grad(lp.sum(), x)
-        return self.count_nan(lp.detach().to(x.dtype)), grad.detach()
+        return self.count_nan(lp.detach().to(x.dtype), x), grad.detach()
 
-    def count_nan(self, lp: torch.Tensor) -> torch.Tensor:
+    def count_nan(self, lp: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Add the NaN entries of log-density values ``lp: (n,)`` to :attr:`num_nan_evals` and the
-        ``+inf`` ones to :attr:`num_posinf_evals`; return ``lp``. Accumulated on ``lp``'s device, so
-        counting adds no host synchronisation. Inside a ``torch.func`` transform (``vmap``,
-        ``hessian``) ``lp`` is a functorch tensor that must not outlive the transform, so its NaNs
-        are not counted there."""
+        ``+inf`` ones to :attr:`num_posinf_evals`, only at rows of the points ``x: (n, dim)`` whose
+        coordinates are all finite where ``x`` is given: a point with an infinite or NaN coordinate
+        is a sampler's divergence (a float32 leapfrog that overflowed), not the log-density's fault.
+        Returns ``lp``. Accumulated on ``lp``'s device, so counting adds no host synchronisation.
+        Inside a ``torch.func`` transform (``vmap``, ``hessian``) ``lp`` is a functorch tensor that
+        must not outlive the transform, so its NaNs are not counted there."""
         if torch.is_tensor(lp) and lp.is_floating_point() and not _functorch_wrapped(lp):
-            self._nan_evals = self._nan_evals + torch.isnan(lp.detach()).sum()
-            self._posinf_evals = self._posinf_evals + torch.isposinf(lp.detach()).sum()
+            lp_d = lp.detach()
+            nan, posinf = torch.isnan(lp_d), torch.isposinf(lp_d)
+            if x is not None and lp_d.dim() == 1 and x.dim() == 2 and x.shape[0] == lp_d.shape[0]:
+                finite = torch.isfinite(x.detach()).all(-1)
+                nan, posinf = nan & finite, posinf & finite
+            self._nan_evals = self._nan_evals + nan.sum()
+            self._posinf_evals = self._posinf_evals + posinf.sum()
         return lp
 
     @property

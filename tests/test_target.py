@@ -115,5 +115,22 @@ def test_a_target_works_inside_torch_func_transforms_and_counts_nans_outside():
             torch.func.vmap(torch.func.grad(f))(torch.ones(3, 2, dtype=torch.float64)),
             -torch.ones(3, 2, dtype=torch.float64),
         )
-    target.log_prob(torch.full((3, 2), math.nan, dtype=torch.float64))
-    assert target.num_nan_evals == 3
+    nan_far = ds.Target(
+        lambda x: torch.where(x[:, 0] > 5, math.nan, -0.5 * (x**2).sum(-1)), 2, dtype=torch.float64
+    )
+    nan_far.log_prob(torch.full((3, 2), 6.0, dtype=torch.float64))
+    assert nan_far.num_nan_evals == 3
+
+
+def test_nans_at_points_with_non_finite_coordinates_are_not_the_log_densitys():
+    """A float32 leapfrog that overflows proposes points with infinite coordinates, where any
+    log-density is NaN: not counted against the log-density (the front door's NaN warning tells the
+    user to fix their model), while a NaN at a finite point is."""
+    target = ds.Target(lambda x: -0.5 * (x**2).sum(-1), 2, dtype=torch.float32)
+    x = torch.tensor([[math.inf, 0.0], [math.nan, 1.0], [1.0, 2.0]])
+    lp, _ = target.log_prob_and_grad(x)
+    target.log_prob(x)
+    assert bool(torch.isnan(lp[:2]).any()) and target.num_nan_evals == 0
+    nan_far = ds.Target(lambda x: torch.where(x[:, 0] > 5, math.nan, -(x**2).sum(-1)), 2)
+    nan_far.log_prob_and_grad(torch.tensor([[6.0, 0.0], [math.inf, 0.0], [0.0, 0.0]]))
+    assert nan_far.num_nan_evals == 1
