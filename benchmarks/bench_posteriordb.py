@@ -112,6 +112,9 @@ def run_one(name: str, method: str, seed: int, dtype: str, num_samples: int, ini
         "passed": cmp.passed(),
         "warnings": said,
         "mode_check_evals": check_evals,
+        # the diffusion sampler: "importance" or "smc" (its bridge) and attrs["reliable"]
+        "correction": idata.posterior.attrs.get("correction"),
+        "reliable": int(idata.posterior.attrs.get("reliable", 1)),
         **extra,
     }
 

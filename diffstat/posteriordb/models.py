@@ -27,46 +27,14 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from torch.distributions import biject_to
+
+from diffstat.posteriordb.references import Pushforward, flat
 
 __all__ = ["BUILDERS", "Pushforward", "flat", "forward_log_lik", "linear_recurrence"]
 
 #: Width (in its unconstrained coordinate) of the reference drawn for a flat parameter, in units of
 #: the data scale: 10 data scales is wide for every regression of the suite.
 FLAT_WIDTH = 10.0
-
-
-class Pushforward(dist.TransformedDistribution):
-    """``biject_to(support)`` of ``base``, reporting ``support`` itself as its support.
-
-    (Pyro's ``TransformedDistribution`` reports the codomain of the last part of the transform:
-    ``biject_to(positive)`` is exp then an affine map, whose codomain is the real line, so the
-    site would be sampled unconstrained on its own scale.)"""
-
-    def __init__(self, base, support, validate_args=None):
-        self._constraint = support
-        super().__init__(base, [biject_to(support)], validate_args=validate_args)
-
-    @property
-    def support(self):
-        return self._constraint
-
-    def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(Pushforward, _instance)
-        new._constraint = self._constraint
-        return super().expand(batch_shape, _instance=new)
-
-
-def flat(name: str, loc: torch.Tensor, scale: torch.Tensor, support=constraints.real, event_dim: int = 0):
-    r"""A parameter with Stan's flat prior on ``support``: drawn from the reference
-    :math:`\rho = T_\# \mathcal N(loc, scale^2)`, ``T = biject_to(support)``, with the factor
-    :math:`-\log\rho(z)` that makes its prior density constant."""
-    base = dist.Normal(loc, scale)
-    base = base.to_event(event_dim) if event_dim else base
-    ref = base if support is constraints.real else Pushforward(base, support)
-    z = pyro.sample(name, ref)
-    pyro.factor(f"{name}_flat", -ref.log_prob(z))
-    return z
 
 
 def _t(a) -> torch.Tensor:
@@ -278,7 +246,10 @@ def hmm_drive(u, v, alpha, tau, rho, emission: str):
     log_theta = torch.stack([theta1, theta2], -2).log()
     phi, lam = phi[..., None, :], lam[..., None, :]
     if emission == "exponential":
-        log_em = dist.Exponential(phi).log_prob(u[:, None]) + dist.Exponential(lam).log_prob(v[:, None])
+        # a rate that overflowed to inf (an exp of an exp) held at the largest float: -inf, not NaN
+        big = torch.finfo(phi.dtype).max
+        log_em = dist.Exponential(phi.clamp(max=big)).log_prob(u[:, None])
+        log_em = log_em + dist.Exponential(lam.clamp(max=big)).log_prob(v[:, None])
     else:
         log_em = dist.Normal(phi, tau).log_prob(u[:, None]) + dist.Normal(lam, rho).log_prob(v[:, None])
     pyro.factor("uv_forward", forward_log_lik(log_theta, log_em))
