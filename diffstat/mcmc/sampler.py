@@ -58,7 +58,7 @@ from diffstat.mcmc.nuts import nuts_step
 from diffstat.mcmc.rwm import RWM_TARGET_ACCEPT, rwm_step
 from diffstat.mcmc.start import find_start, initial_step_sizes
 from diffstat.mcmc.warmup import METRICS, windowed_warmup
-from diffstat.modes.check import NUM_CHECK_STARTS, check_missed_modes
+from diffstat.modes.check import NUM_CHECK_CANDIDATES, check_missed_modes
 from diffstat.sampling import SamplerResult, register_sampler
 
 __all__ = ["KERNELS", "TARGET_ACCEPT", "KernelSpec", "initial_points", "run_mcmc"]
@@ -254,7 +254,7 @@ def run_mcmc(
 
 def _check_modes(kernel: str, target, draws: torch.Tensor, generator, device) -> dict:
     """The check for modes that no chain visits, from reference draws (module notes); its attrs."""
-    starts = target.sample_reference(NUM_CHECK_STARTS, generator, device)
+    starts = target.sample_reference(NUM_CHECK_CANDIDATES, generator, device)
     return check_missed_modes(
         kernel.upper(), target, draws, None, starts, generator,
         missed_advice="The chains never visit them: a chain stays in the mode it started in, and R-hat "

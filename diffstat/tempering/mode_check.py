@@ -12,8 +12,9 @@ posterior, and did every run miss a mode?
   ``RuntimeWarning`` says so.
 - **Missed modes** (``check_modes=True``, :mod:`diffstat.modes.coverage`): a mode that the
   reference's mass does not lead to can be missed by every run alike (the between-run checks then
-  agree). Gradient ascent from ``NUM_CHECK_STARTS`` widened reference draws, a few thousand to a few
-  tens of thousands of evaluations (counted), and a warning where modes that no draw reaches hold
+  agree). Gradient ascent from ``NUM_CHECK_STARTS`` widened reference draws (the best, after two
+  steps, of ``NUM_CHECK_CANDIDATES``), a few thousand to a few tens of thousands of evaluations
+  (counted), and a warning where modes that no draw reaches hold
   more than ``MAX_MISSED_SHARE`` of the mass by a Laplace estimate, or where the draws' shares of
   the modes differ from the modes' Laplace masses by more than ``MAX_MISWEIGHT``.
 """
@@ -26,7 +27,7 @@ import warnings
 import torch
 
 from diffstat.modes import check
-from diffstat.modes.check import NUM_CHECK_STARTS, pop_check_modes
+from diffstat.modes.check import NUM_CHECK_CANDIDATES, NUM_CHECK_STARTS, pop_check_modes
 
 __all__ = [
     "MAX_WIDTH_RATIO",
@@ -58,7 +59,7 @@ def check_missed_modes(
     reference; its attrs."""
     if not math.isfinite(log_z):
         return {}
-    starts = path.sample_reference(NUM_CHECK_STARTS, generator, device)
+    starts = path.sample_reference(NUM_CHECK_CANDIDATES, generator, device)
     missed_advice = (
         f"The draws miss them and log Z = {log_z:.3f} is that of the modes found only. Give a reference= "
         "that covers the posterior (wider than it; the default is the target's reference, else N(0, I)), "
