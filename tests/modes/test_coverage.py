@@ -255,7 +255,8 @@ def test_screened_starts_find_the_heavy_mode_of_narrow_wide_11_on_every_seed():
     reference draws' basins. Draws of the light mode alone: 256 unscreened starts found the heavy
     mode on 3 of 12 seeds (SMC, AIS and PT at defaults were then silently wrong by a mode weight of
     0.75 and log Z by -1.4 on half of the seeds); the check's 2,048 candidates screened by two climbing
-    steps find it on each of seeds 0-5, with the share it misses (exact 0.75)."""
+    steps find it on each of seeds 0-5, with the share it misses (exact 0.75), at about 11,000
+    evaluations."""
     from diffstat.modes.check import NUM_CHECK_CANDIDATES, check_missed_modes
     from diffstat.targets.two_modes import narrow_wide
 
@@ -270,3 +271,5 @@ def test_screened_starts_find_the_heavy_mode_of_narrow_wide_11_on_every_seed():
                 "SMC", target, draws, math.log(0.25), starts, gen, missed_advice="", misweight_advice=""
             )
         assert abs(attrs["missed_mode_share"] - 0.75) < 0.03
+        # within a budget: all 2,048 candidates climbing, unscreened, cost 26,500 (seeds 0 and 1)
+        assert attrs["mode_check_evals"] < 15_000, attrs["mode_check_evals"]
