@@ -121,15 +121,45 @@ def find_start(
     if jitter:
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         noise = a_min.sqrt().unsqueeze(-1) * noise
+        climbed, iso = (x, lp, g), noise
         if x.shape[1] <= LAPLACE_MAX_DIM:
             x, lp, g, hess = _newton(log_prob_and_grad, x, lp, g, NEWTON_ITERS)
             noise, cov = _laplace_jitter(hess, noise, a_min)
-        y = x + noise
-        lp_y, g_y = log_prob_and_grad(y)
-        ok = torch.isfinite(lp_y) & rows_finite(g_y)
-        k = ok.unsqueeze(-1)
-        x, lp, g = torch.where(k, y, x), torch.where(ok, lp_y, lp), torch.where(k, g_y, g)
+        x, lp, g, ok = _jitter(log_prob_and_grad, x, lp, g, noise)
+        if not bool(ok.all()):  # the local quadratic model fails within a jitter: a neck, not a bulk
+            cov = None
+            x, lp, g, ok = _fall_back(log_prob_and_grad, (x, lp, g), ok, climbed, iso)
+            x, lp, g, _ = _fall_back(log_prob_and_grad, (x, lp, g), ok, state, None)
     return MCMCState(x, lp, g), cov
+
+
+def _jitter(log_prob_and_grad, x, lp, g, noise):
+    """Each chain moved by its ``noise`` where the moved point's log-density is finite and
+    plausible: no more than ``STRAGGLER_GAP`` (10 + 2 dim) nats below the unmoved point's. A
+    Laplace jitter lowers the log-density by half a chi-square with dim degrees of freedom (dim / 2
+    on average); a far larger drop says the quadratic model fails within one of its own standard
+    deviations, the mark of a funnel's neck (the centred Eight Schools, where the climb runs to
+    log tau = -10 and a Laplace jitter there falls 3e4 to 7e5 nats), not of a bulk. Returns
+    ``(x, lp, g, ok)`` with ``ok`` the chains whose jitter is kept; the others keep ``x``."""
+    y = x + noise
+    lp_y, g_y = log_prob_and_grad(y)
+    ok = torch.isfinite(lp_y) & rows_finite(g_y) & (lp_y >= lp - (10.0 + 2.0 * x.shape[1]))
+    k = ok.unsqueeze(-1)
+    return torch.where(k, y, x), torch.where(ok, lp_y, lp), torch.where(k, g_y, g), ok
+
+
+def _fall_back(log_prob_and_grad, current, ok, earlier, noise):
+    """Chains whose jitter failed (``~ok``) go back to an earlier point of the start phase: the
+    ascent's end ``(x, lp, g)`` moved by ``noise`` (the isotropic jitter ``sqrt(a_min) z``, checked
+    alike by :func:`_jitter`), or, with ``noise`` None, the initial points (``earlier`` an
+    MCMCState) unmoved. Returns ``(x, lp, g, ok)``."""
+    x, lp, g = current
+    if noise is None:
+        bx, blp, bg, bok = earlier.x, earlier.log_prob, earlier.grad, torch.ones_like(ok)
+    else:
+        bx, blp, bg, bok = _jitter(log_prob_and_grad, *earlier, noise)
+    keep = ok.unsqueeze(-1)
+    return torch.where(keep, x, bx), torch.where(ok, lp, blp), torch.where(keep, g, bg), ok | bok
 
 
 def _restart_stragglers(x, lp, g, a_min):
