@@ -11,10 +11,10 @@ every independent run alike, and then no check between runs sees it: the runs ag
    inward in the basin of a narrow mode that a wide mode's pull hides from farther out. With
    ``keep``, the first ``keep`` climb and the others are screened: each takes ``screen_steps``
    climbing steps, and the ``keep // 2`` highest in log-density climb on too (the first ``keep``
-   keep the check as it was without screening, for far modes that only wide starts reach, low
-   after a few steps). A start in a narrow, high mode's basin is at the top after a step or two, so screening
-   buys starts at a few evaluations each: ``narrow_wide(10)``'s heavy mode is climbed to from 0.05% to
-   0.1% of N(0, 16 I)'s draws at scale 1 and 1% at scale 0.5 (``docs/mode_check.md``).
+   keep what the check found without screening: far modes that only wide starts reach, low after
+   a few steps). A start in a narrow, high mode's basin is at the top after a step or two, so
+   screening buys starts at a few evaluations each: ``narrow_wide(10)``'s heavy mode is climbed to
+   from 0.05% to 0.1% of N(0, 16 I)'s draws at scale 1 and 1% at scale 0.5 (``docs/mode_check.md``).
 2. **Peaks**: ``num_found`` of the draws, half of them chosen by farthest-point selection so that a
    mode holding a few percent of the draws has one, climb to their local maxima
    (:func:`~diffstat.modes.climb.hill_climb`, at most ``num_climb`` steps): their peaks are the modes
