@@ -4,8 +4,8 @@ and MCMC (:mod:`diffstat.mcmc.sampler`).
 
 Each passes the run's pooled draws, its evidence estimate (None for MCMC, which has none) and
 :func:`num_check_starts` reference draws (more for a longer run), of which the first
-``NUM_CHECK_STARTS`` climb and half as many more, the highest of the rest after ``SCREEN_STEPS``
-climbing steps; a ``RuntimeWarning`` names the missed modes and
+``NUM_CHECK_STARTS`` climb and a quarter as many more, the highest of the rest after
+``SCREEN_STEPS`` climbing steps; a ``RuntimeWarning`` names the missed modes and
 their share of the mass above ``MAX_MISSED_SHARE``, or the misweight above ``MAX_MISWEIGHT``, with
 the method's own advice; the attrs ``missed_mode_share``, ``mode_misweight`` and
 ``mode_check_evals`` record it.
@@ -27,7 +27,7 @@ __all__ = ["NUM_CHECK_STARTS", "check_missed_modes", "num_check_starts", "pop_ch
 NUM_CHECK_STARTS = 256
 
 #: Share of a run's own evaluations that the check may spend screening further starts (each
-#: ``SCREEN_STEPS`` climbing steps, the ``NUM_CHECK_STARTS // 2`` highest climbing on): a narrow
+#: ``SCREEN_STEPS`` climbing steps, the ``NUM_CHECK_STARTS // 4`` highest climbing on): a narrow
 #: basin that holds 0.1% of the starts is reached only among thousands, and a long run can afford
 #: them (module notes of :mod:`diffstat.modes.coverage`).
 SCREEN_SHARE = 0.03

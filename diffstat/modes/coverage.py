@@ -10,7 +10,7 @@ every independent run alike, and then no check between runs sees it: the runs ag
    draw moved outward starts in a far basin that the reference itself rarely visits, one moved
    inward in the basin of a narrow mode that a wide mode's pull hides from farther out. With
    ``keep``, the first ``keep`` climb and the others are screened: each takes ``screen_steps``
-   climbing steps, and the ``keep // 2`` highest in log-density climb on too (the first ``keep``
+   climbing steps, and the ``keep // 4`` highest in log-density climb on too (the first ``keep``
    keep what the check found without screening: far modes that only wide starts reach, low after
    a few steps). A start in a narrow, high mode's basin is at the top after a step or two, so
    screening buys starts at a few evaluations each: ``narrow_wide(10)``'s heavy mode is climbed to
@@ -254,7 +254,7 @@ def _scaled(starts: torch.Tensor, scales) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _climb_starts(log_prob_and_grad, x0, scale, keep, screen_steps: int, num_steps: int, step_size, metric):
     """The starts ``x0 (m, dim)`` (scales ``scale (m,)``) climbed at most ``num_steps`` steps: all of
-    them, or with ``keep < m`` the first ``keep`` and the ``keep // 2`` highest of the others after
+    them, or with ``keep < m`` the first ``keep`` and the ``keep // 4`` highest of the others after
     ``screen_steps`` steps (module notes). Without a metric a start's first step is ``step_size``
     times its squared scale (``s`` reference sds from the mean); the peaks and their log-densities."""
 
@@ -263,7 +263,7 @@ def _climb_starts(log_prob_and_grad, x0, scale, keep, screen_steps: int, num_ste
 
     if keep is not None and x0.shape[0] > keep:
         top, rows = _screen(
-            log_prob_and_grad, x0[keep:], keep // 2, screen_steps, first_steps(scale[keep:]), metric
+            log_prob_and_grad, x0[keep:], keep // 4, screen_steps, first_steps(scale[keep:]), metric
         )
         x0, scale = torch.cat([x0[:keep], top]), torch.cat([scale[:keep], scale[keep:][rows]])
     peaks, peak_lp, _ = _climb(log_prob_and_grad, x0, num_steps, first_steps(scale), metric)
