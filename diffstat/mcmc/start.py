@@ -67,6 +67,13 @@ MIN_BATCH = 1024
 NEWTON_TOL = 1.0
 
 
+def straggler_gap(dim: int) -> float:
+    """Nats below a reference log-density beyond which a start point is implausible: ``10 + 2 dim``
+    (a Gaussian's log-density varies by about ``dim / 2`` over its bulk; the slack covers the log of a
+    mass ratio between real modes)."""
+    return 10.0 + 2.0 * dim
+
+
 def find_start(
     generator: torch.Generator,
     state: MCMCState,
@@ -135,7 +142,7 @@ def find_start(
 
 def _jitter(log_prob_and_grad, x, lp, g, noise):
     """Each chain moved by its ``noise`` where the moved point's log-density is finite and
-    plausible: no more than ``STRAGGLER_GAP`` (10 + 2 dim) nats below the unmoved point's. A
+    plausible: no more than :func:`straggler_gap` (10 + 2 dim) nats below the unmoved point's. A
     Laplace jitter lowers the log-density by half a chi-square with dim degrees of freedom (dim / 2
     on average); a far larger drop says the quadratic model fails within one of its own standard
     deviations, the mark of a funnel's neck (the centred Eight Schools, where the climb runs to
@@ -143,7 +150,7 @@ def _jitter(log_prob_and_grad, x, lp, g, noise):
     ``(x, lp, g, ok)`` with ``ok`` the chains whose jitter is kept; the others keep ``x``."""
     y = x + noise
     lp_y, g_y = log_prob_and_grad(y)
-    ok = torch.isfinite(lp_y) & rows_finite(g_y) & (lp_y >= lp - (10.0 + 2.0 * x.shape[1]))
+    ok = torch.isfinite(lp_y) & rows_finite(g_y) & (lp_y >= lp - straggler_gap(x.shape[1]))
     k = ok.unsqueeze(-1)
     return torch.where(k, y, x), torch.where(ok, lp_y, lp), torch.where(k, g_y, g), ok
 
@@ -163,7 +170,7 @@ def _fall_back(log_prob_and_grad, current, ok, earlier, noise):
 
 
 def _restart_stragglers(x, lp, g, a_min):
-    """Chains whose climbed log-density lies more than ``STRAGGLER_GAP`` (10 + 2 dim) nats below the
+    """Chains whose climbed log-density lies more than :func:`straggler_gap` (10 + 2 dim) nats below the
     best chain's are moved to the best chain's point (the jitter then sets them apart): a chain that
     stalled in a far, flat region or a spurious local mode would otherwise start warm-up there and,
     stuck, drag down the step size every chain shares in the end. Between the peaks of modes that
@@ -173,7 +180,7 @@ def _restart_stragglers(x, lp, g, a_min):
     if not bool(finite.any()):
         return x, lp, g, a_min
     best = int(torch.argmax(torch.where(finite, lp, -torch.inf)))
-    far = ~finite | (lp < lp[best] - (10.0 + 2.0 * x.shape[1]))
+    far = ~finite | (lp < lp[best] - straggler_gap(x.shape[1]))
     k = far.unsqueeze(-1)
     x = torch.where(k, x[best], x)
     g = torch.where(k, g[best], g)

@@ -44,10 +44,10 @@ class Pushforward(dist.TransformedDistribution):
     def log_prob(self, value):
         """``TransformedDistribution.log_prob`` with each inverse taken in the floats' range
         (:func:`_inverse_in_range`): finite wherever ``value`` is a finite or infinite float, and
-        equal to the parent's (to rounding) wherever that is finite. The flat factor subtracts the same
-        value, so
-        the pair cancels even where the constrained value was rounded onto the support's boundary
-        (an ordered gap below the float spacing) or overflowed, where the parent gives NaN."""
+        equal to the parent's (to rounding) wherever that is finite. The flat factor subtracts the
+        same value, so the pair cancels even where the constrained value was rounded onto the
+        support's boundary (an ordered gap below the float spacing) or overflowed, where the parent
+        gives NaN."""
         event_dim, out, y = len(self.event_shape), 0.0, value
         for transform in reversed(list(_parts(self.transforms))):
             x = _inverse_in_range(transform, y)
