@@ -33,6 +33,9 @@ check before preconditioning, isotropic steps and at most 100 of them for the st
         [--mcmc-cost NAME ...]
         [--seeds 0 1 2]
         [--methods smc ais pt] [--targets ...]
+
+``--detect --targets readme_nw10 --methods smc ais pt nuts --seeds 0 1 2 3 4 5``: the README's example
+from N(0, 16 I) (``readme_nw12_s0.3`` and the others: its narrower siblings).
 """
 
 from __future__ import annotations
@@ -73,12 +76,28 @@ def _mixture(gm):
     return gm.as_target(dtype=F64), lambda x: gm.assign(x.to(F64)), gm.weights.to(F64)
 
 
+def _from_wide(gm, sd: float = 4.0):
+    """The mixture from N(0, sd^2 I): the README example's reference, wider than the posterior."""
+    wide = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(gm.dim, dtype=F64), sd), 1)
+    target = ds.Target(gm.unnormalized_log_prob, gm.dim, reference=wide, dtype=F64)
+    return target, lambda x: gm.assign(x.to(F64)), gm.weights.to(F64)
+
+
 TARGETS = {
     "three_modes": three_modes,
     "two_modes16": lambda: _mixture(two_modes(16, weights=(3, 1))),
     "narrow_wide10": lambda: _mixture(narrow_wide(10)),
     "mixture6": lambda: _mixture(mixture6()[0]),
     "nine_modes": lambda: _mixture(nine_modes()),
+}
+#: The default set of ``--detect`` (the table of docs/mode_check.md's "What it finds").
+DEFAULT_TARGETS = list(TARGETS)
+#: The README's example and its narrower siblings, from N(0, 16 I) (docs/mode_check.md, "Screened starts").
+TARGETS |= {
+    "readme_nw10": lambda: _from_wide(narrow_wide(10)),
+    "readme_nw12_s0.3": lambda: _from_wide(narrow_wide(12, scales=(0.3, 1.0))),
+    "readme_nw12_s0.25": lambda: _from_wide(narrow_wide(12, scales=(0.25, 1.0))),
+    "readme_nw14_s0.3": lambda: _from_wide(narrow_wide(14, scales=(0.3, 1.0))),
 }
 
 
@@ -213,7 +232,7 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["smc", "ais", "pt"])
-    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--targets", nargs="+", default=DEFAULT_TARGETS, choices=list(TARGETS))
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.detect or not (args.posteriordb or args.wide or args.mcmc_cost is not None):
