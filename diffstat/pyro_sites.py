@@ -33,7 +33,9 @@ __all__ = [
     "PARTICLES",
     "Site",
     "SetLatents",
+    "deterministic_shapes",
     "model_context",
+    "per_particle",
     "trace_sites",
     "unconstrain_draw",
     "sum_over_particles",
@@ -75,6 +77,11 @@ class SetLatents(Messenger):
         self.z: dict[str, torch.Tensor] = {}
         self.u: dict[str, torch.Tensor] = {}
         self.log_det: dict[str, torch.Tensor] = {}
+        self.det: dict[str, torch.Tensor] = {}
+
+    def _pyro_post_sample(self, msg) -> None:
+        if msg["infer"].get("_deterministic"):
+            self.det[msg["name"]] = msg["value"]
 
     def _pyro_sample(self, msg) -> None:
         site = self.sites.get(msg["name"])
@@ -152,6 +159,26 @@ def trace_sites(trace) -> tuple[dict[str, Site], int, int]:
     if not sites:
         raise ValueError("the model has no latent sample site: there is nothing to sample")
     return {s[0]: Site(*s[:5], pad=depth - s[5]) for s in sites}, -(depth + 1), offset
+
+
+def deterministic_shapes(trace) -> dict[str, tuple[int, ...]]:
+    """The shapes of a traced one-point run's ``pyro.deterministic`` sites, by name."""
+    return {
+        name: tuple(site["value"].shape)
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and site["infer"].get("_deterministic")
+    }
+
+
+def per_particle(value: torch.Tensor, n: int, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """A value recorded in a run over ``n`` particles as ``(n, *shape)``: its trailing dims are
+    ``shape`` and its leading ones hold the particle dim (or none, for a value that does not depend
+    on the latents) among singletons; None where it is not of that form."""
+    k = value.dim() - len(shape)
+    lead = int(np.prod(value.shape[:k])) if k >= 0 else 0
+    if k < 0 or tuple(value.shape[k:]) != shape or lead not in (1, n):
+        return None
+    return value.reshape((lead,) + shape).expand((n,) + shape)
 
 
 def unconstrain_draw(trace, sites: dict[str, Site], lead: tuple[int, ...]) -> torch.Tensor:

@@ -57,6 +57,8 @@ from diffstat.pyro_sites import (
     model_context,
     sum_over_particles,
     trace_sites,
+    deterministic_shapes,
+    per_particle,
     unconstrain_draw,
 )
 from diffstat.target import Target
@@ -201,6 +203,7 @@ class PyroTarget(Target):
                 f"{type(err).__name__}: {str(err).rstrip('.')}" + non_float_observations(trace)
             ) from err
         self.sites, self._particle_dim, self.dim = trace_sites(trace)
+        self.deterministic = deterministic_shapes(trace)
 
     def _split(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each site's slice of ``u: (..., dim)``."""
@@ -319,7 +322,7 @@ class PyroTarget(Target):
         return u.to(self.dtype).reshape(n, self.dim)
 
     def _map_sites(self, values, n: int, constrained: bool, out: str) -> dict[str, torch.Tensor]:
-        """Run the model with latents set to ``values``; return the setter's ``out`` space."""
+        """Run the model with latents set to ``values``; return the setter's ``out`` record."""
         with torch.no_grad():
             if self.vectorize == "plate":
                 return getattr(self._run(values, n=n, constrained=constrained)[1], out)
@@ -334,6 +337,16 @@ class PyroTarget(Target):
         n = u.shape[0]
         z = self._map_sites(self._split(u.to(self.dtype)), n, False, "z")
         return {s.name: z[s.name].reshape((n,) + s.shape) for s in self.sites.values()}
+
+    def deterministic_values(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model's ``pyro.deterministic`` sites ``{name: (n, *site_shape)}`` at ``u: (n, dim)``
+        (a site whose value does not keep one row per point is left out)."""
+        if not self.deterministic:
+            return {}
+        n = u.shape[0]
+        det = self._map_sites(self._split(u.to(self.dtype)), n, False, "det")
+        values = {k: per_particle(det[k], n, shape) for k, shape in self.deterministic.items() if k in det}
+        return {k: v for k, v in values.items() if v is not None}
 
     def unconstrain(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """Unconstrained points ``(n, dim)`` from ``{name: (n, *site_shape)}`` in constrained space
@@ -352,13 +365,20 @@ class PyroTarget(Target):
         return torch.cat([u[s.name].reshape(n, s.size) for s in self.sites.values()], dim=1)
 
     def to_posterior(self, x: torch.Tensor) -> dict[str, np.ndarray]:
-        """Each latent site by name, constrained, shape ``(chain, draw, *site_shape)``."""
+        """Each latent site by name, constrained, shape ``(chain, draw, *site_shape)``, then each
+        ``pyro.deterministic`` site (``theta = mu + tau * eta``, say) alike."""
         chains, draws = x.shape[:2]
         flat = x.detach().reshape(-1, self.dim)
-        chunks = [self.constrain(flat[i : i + _CHUNK]) for i in range(0, flat.shape[0], _CHUNK)]
+        chunks = []
+        for i in range(0, flat.shape[0], _CHUNK):
+            part = flat[i : i + _CHUNK]
+            chunks.append({**self.constrain(part), **self.deterministic_values(part)})
         return {
-            s.name: torch.cat([c[s.name] for c in chunks]).reshape((chains, draws) + s.shape).cpu().numpy()
-            for s in self.sites.values()
+            name: torch.cat([c[name] for c in chunks])
+            .reshape((chains, draws) + chunks[0][name].shape[1:])
+            .cpu()
+            .numpy()
+            for name in chunks[0]
         }
 
     def _check_batched(self) -> None:

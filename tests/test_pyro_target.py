@@ -471,3 +471,47 @@ def test_cuda():
     assert torch.allclose(target.log_prob(torch.zeros(4, 1, dtype=F64, device="cuda")).cpu(), lp_cpu)
     idata = ds.sample(target, "mala", num_chains=32, num_samples=500, seed=1, progress=False, device="cuda")
     assert abs(idata.posterior["tau"].values.mean() / exact.posterior_mean() - 1.0) < 0.03
+
+
+def schools_model(y, sigma, deterministic=True):
+    """Non-centred Eight Schools, reporting ``theta = mu + tau * eta`` (per school), ``tau2`` (a
+    function of one global) and ``J`` (no latent in it) as deterministic sites."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("school", y.shape[0]):
+        eta = pyro.sample("eta", dist.Normal(0.0, 1.0))
+        theta = mu + tau * eta
+        if deterministic:
+            pyro.deterministic("theta", theta)
+        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+    if deterministic:
+        pyro.deterministic("tau2", tau**2)
+        pyro.deterministic("J", torch.tensor(float(y.shape[0])))
+
+
+@pytest.mark.parametrize("vectorize", ["plate", "vmap"])
+def test_deterministic_sites_are_reported(vectorize):
+    y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0], dtype=F64)
+    sigma = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0], dtype=F64)
+    target = ds.Target.from_pyro(schools_model, y, sigma, vectorize=vectorize)
+    plain = ds.Target.from_pyro(schools_model, y, sigma, False, vectorize=vectorize)
+    assert set(target.sites) == {"mu", "tau", "eta"} and target.dim == 10
+    assert target.deterministic == {"theta": (8,), "tau2": (), "J": ()}
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        u = target.prior_draws(12)
+    # a deterministic site leaves the density alone
+    assert torch.equal(target.log_prob(u), plain.log_prob(u))
+    post = target.to_posterior(u.reshape(3, 4, -1))
+    assert {k: v.shape for k, v in post.items()} == {
+        "mu": (3, 4),
+        "tau": (3, 4),
+        "eta": (3, 4, 8),
+        "theta": (3, 4, 8),
+        "tau2": (3, 4),
+        "J": (3, 4),
+    }
+    expected = post["mu"][..., None] + post["tau"][..., None] * post["eta"]
+    assert np.allclose(post["theta"], expected, rtol=0, atol=1e-12)
+    assert np.allclose(post["tau2"], post["tau"] ** 2, rtol=1e-12) and (post["J"] == 8.0).all()
+    assert set(plain.to_posterior(u.reshape(3, 4, -1))) == {"mu", "tau", "eta"}
