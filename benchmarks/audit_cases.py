@@ -214,6 +214,81 @@ def sonar_case():
     return ds.Target(post.log_prob, post.dim, dtype=F64), dict(log_z=-108.48)
 
 
+# ----------------------------------------------------------------------------- second round
+def ring(radius: float = 5.0, width: float = 0.2, dtype=F64):
+    """A 2-d ring: log p = -(|x| - r)^2 / (2 w^2), normalised by its exact log Z (the mass below
+    r = 0 is under 1e-100): Z = 2 pi r w sqrt(2 pi); E x = 0, E x_1^2 = (r^2 + 3 w^2) / 2."""
+
+    def log_prob(x):
+        return -0.5 * ((x.norm(dim=-1) - radius) / width) ** 2
+
+    sd = math.sqrt((radius**2 + 3 * width**2) / 2)
+    log_z = math.log(2 * math.pi * radius * width * math.sqrt(2 * math.pi))
+    return ds.Target(log_prob, 2, dtype=dtype), dict(mean=np.zeros(2), sd=np.full(2, sd), log_z=log_z)
+
+
+def laplace(dim: int = 4, dtype=F64):
+    """Independent standard Laplace coordinates (a kink at 0), normalised: sd sqrt(2), log Z 0."""
+
+    def log_prob(x):
+        return -x.abs().sum(-1) - dim * math.log(2.0)
+
+    return ds.Target(log_prob, dim, dtype=dtype), dict(
+        mean=np.zeros(dim), sd=np.full(dim, math.sqrt(2.0)), log_z=0.0
+    )
+
+
+def log_gamma_1d(shape: float = 3.0, dtype=F64):
+    """One dimension: x = log g, g ~ Gamma(shape, 1); mean digamma(shape), sd sqrt(trigamma), log Z 0."""
+    from scipy.special import polygamma
+
+    def log_prob(x):
+        return (shape * x - x.exp()).sum(-1) - math.lgamma(shape)
+
+    mean, var = float(polygamma(0, shape)), float(polygamma(1, shape))
+    return ds.Target(log_prob, 1, dtype=dtype), dict(
+        mean=np.array([mean]), sd=np.array([var**0.5]), log_z=0.0
+    )
+
+
+def correlated_2d(rho: float = 0.995, scales=(1.0, 100.0), dtype=F64):
+    """A 2-d Gaussian with correlation ``rho`` and sds ``scales`` (a ridge at 1:100), log Z 0."""
+    cov = torch.tensor(
+        [[scales[0] ** 2, rho * scales[0] * scales[1]], [rho * scales[0] * scales[1], scales[1] ** 2]],
+        dtype=F64,
+    )
+    prec = torch.linalg.inv(cov)
+    const = -math.log(2 * math.pi) - 0.5 * math.log(float(torch.det(cov)))
+
+    def log_prob(x):
+        return const - 0.5 * ((x @ prec.to(x.dtype)) * x).sum(-1)
+
+    return ds.Target(log_prob, 2, dtype=dtype), dict(mean=np.zeros(2), sd=np.array(scales), log_z=0.0)
+
+
+def symmetric_modes():
+    """0.5 N((-4, 0), I) + 0.5 N((4, 0), I): two equal modes 8 sds apart, log Z 0."""
+    means = torch.tensor([[-4.0, 0.0], [4.0, 0.0]], dtype=F64)
+    return mixture_case(GaussianMixture(means, [0.5, 0.5], scales=[1.0, 1.0], log_normalizer=0.0))
+
+
+def beta_boundary():
+    """Pyro: p ~ Beta(0.5, 0.5) with 0 successes in 3 Bernoulli trials: Beta(0.5, 3.5), mass piled
+    at the boundary 0 (mean 1/8, sd 0.148)."""
+    import pyro
+    import pyro.distributions as dist
+
+    def model(y):
+        p = pyro.sample("p", dist.Beta(torch.tensor(0.5, dtype=F64), torch.tensor(0.5, dtype=F64)))
+        with pyro.plate("trials", y.shape[0]):
+            pyro.sample("y", dist.Bernoulli(p), obs=y)
+
+    a, b = 0.5, 3.5
+    sd = math.sqrt(a * b / ((a + b) ** 2 * (a + b + 1)))
+    y = torch.zeros(3, dtype=F64)
+    return ds.Target.from_pyro(model, y), dict(sites={"p": (np.array(a / (a + b)), np.array(sd))})
+
+
 CASES = {
     "banana2": lambda: banana(2),
     "banana5": lambda: banana(5),
@@ -230,4 +305,10 @@ CASES = {
     "poisson_glm": poisson_glm,
     "hier_logistic": hier_logistic,
     "sonar": sonar_case,
+    "ring": ring,
+    "laplace4": lambda: laplace(4),
+    "log_gamma1": log_gamma_1d,
+    "ridge2": correlated_2d,
+    "sym_modes": symmetric_modes,
+    "beta_boundary": beta_boundary,
 }
