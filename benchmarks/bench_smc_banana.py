@@ -13,6 +13,8 @@
 * ``student_t``: the 4-d t (5 dof), seeds 0-3, defaults against ``max_pareto_k`` 0.7 and 0.5.
 * ``posteriordb``: SMC on four posteriordb posteriors (``bench_posteriordb.run_one``, seed 0)
   at defaults and with ``max_pareto_k=0.5``: errors against Stan's reference and evaluations.
+* ``audit``: ``bench_audit.run`` (the audit's scoring) at defaults and with ``max_pareto_k=0.5``
+  on the audit's cases (``--cases``), seeds ``--seeds``.
 * ``diagnostics`` (tried, not adopted as warnings): per run, the largest Pareto k of a stage's
   weights and the Stein identity E[u (L^T grad log p)^T] = -I on the final weighted particles
   (u the whitened coordinates), for the bananas, the Student-t and two mixtures.
@@ -226,13 +228,29 @@ def posteriordb(options: dict) -> None:
         ds.sample = orig
 
 
+def audit(cases, seeds) -> None:
+    import bench_audit
+
+    print(
+        "\n| case | method | seed | (chain, draw) | mean err (sd) | sd err | mode TV | log Z err | log Z se ",
+        end="",
+    )
+    print("| evals | s | bars | RuntimeWarnings |\n" + "| --- " * 14 + "|")
+    for case in cases:
+        for seed in seeds:
+            for options in ({}, {"max_pareto_k": 0.5}):
+                row = bench_audit.fmt(bench_audit.run(case, "smc", seed, progress=False, **options))
+                print(row.replace("| smc |", f"| smc {options or ''} |"), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parts = ("squeeze", "mixing", "variants", "student_t", "posteriordb", "diagnostics")
+    parts = ("squeeze", "mixing", "variants", "student_t", "posteriordb", "audit", "diagnostics")
     parser.add_argument("--parts", nargs="+", default=list(parts), choices=parts)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--cases", nargs="+", default=["banana5", "banana2", "student_t", "corr50", "mix6"])
     args = parser.parse_args()
     if "squeeze" in args.parts:
         squeeze({})
@@ -246,6 +264,8 @@ def main() -> None:
         student_t(args.seeds)
     if "posteriordb" in args.parts:
         posteriordb({"max_pareto_k": 0.5})
+    if "audit" in args.parts:
+        audit(args.cases, args.seeds[:3])
     if "diagnostics" in args.parts:
         diagnostics(args.seeds[:3])
 
