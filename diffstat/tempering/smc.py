@@ -171,7 +171,8 @@ def next_beta(
 def tail_limited_beta(log_w, delta, beta, new_beta, max_k: float, halvings: int = 12):
     r"""``new_beta``, or a smaller step: the largest :math:`\beta'` (by ``halvings`` bisections of
     :math:`(\beta, \beta']`) at which the updated weights' Pareto :math:`\hat k` is at most
-    ``max_k`` (module docstring)."""
+    ``max_k`` (module docstring); never less than :math:`2^{-\text{halvings}}` of the step asked, so
+    the run always advances. A :math:`\hat k` that cannot be fitted (NaN) counts as 0."""
 
     def k_at(b):
         k = pareto_k(log_w + torch.where(delta == -math.inf, -math.inf, (b - beta) * delta))
