@@ -6,7 +6,14 @@ each stage, from :math:`\beta` with normalised weights :math:`W_i`:
 
 1. **Temperature.** :math:`\beta'` is found by bisection so that the conditional ESS of the
    increments :math:`g_i = \exp\{(\beta'-\beta)\delta(x_i)\}` is ``target_ess`` times ``n``
-   (Zhou, Johansen and Aston 2016); or 1 if that is reached first.
+   (Zhou, Johansen and Aston 2016); or 1 if that is reached first. With ``max_pareto_k``
+   :math:`k^\star` (off by default) the step is then shortened, by bisection, until the Pareto
+   :math:`\hat k` (PSIS, Vehtari et al. 2024) of the updated weights is at most :math:`k^\star`:
+   the CESS is a variance and means nothing when the weights have none (:math:`\hat k > 0.5`),
+   which is what a target with heavier tails than the reference gives, and where one step of
+   infinite-variance weights makes :math:`\log\hat Z` low. Off by default because it shortens
+   the bias there without removing it (the last step to a heavier-tailed target has such weights
+   at any length) and costs stages elsewhere (figures in ``docs/smc_banana.md``).
 2. **Reweight.** :math:`\log w_i \mathrel{+}= \log g_i`, and the evidence increment is
    :math:`\log \hat Z_{\beta'} - \log \hat Z_\beta = \log \sum_i W_i g_i`.
 3. **Resample** (multinomial, stratified or systematic) only if the ESS fraction falls below
@@ -26,6 +33,15 @@ particles inside each mode are at equilibrium for the current temperature (and, 
 separate, enough of them still change modes); 5 moves at a scale set by the distances between the
 modes do neither, and the narrow heavy mode's share and log Z come out low. Measured figures are
 in :mod:`diffstat.tempering.moves`.
+
+**Known limitation** (``docs/smc_banana.md``): on a curved target the geometric path from a Gaussian
+reference can hold a direction in at intermediate temperatures and release it only in the last
+stages (on a banana, where the other coordinates' mean grows with the square of the first, the first
+coordinate's spread opens up between :math:`\beta = 0.9` and 1). The moves must then carry the
+particles out along the curve within a few stages, where local moves (MALA, HMC) are slow: the draws
+come out too narrow and :math:`\log\hat Z` low, the runs agree with each other, and no check here
+sees it. More moves or stages narrow the gap only at a high cost; ``"nuts"`` and ``"pt"`` at least
+warn there (R-hat across chains).
 
 :math:`\log\hat Z = \sum_{\text{stages}} \log\sum_i W_i g_i` is the standard unbiased (on the
 natural scale) SMC estimate of :math:`\log Z` (Del Moral, Doucet and Jasra 2006).
@@ -60,7 +76,7 @@ from typing import NamedTuple
 
 import torch
 
-from diffstat._util import check_options, check_positive_int, check_probability, progress_bar
+from diffstat._util import check_options, check_positive_int, check_probability, pareto_k, progress_bar
 from diffstat.tempering.core import (
     MoveConfig,
     StageInfo,
@@ -83,6 +99,7 @@ __all__ = [
     "genealogy_variance",
     "initial_particles",
     "next_beta",
+    "tail_limited_beta",
 ]
 
 #: Fewer distinct initial ancestors (Eves) than this and the genealogy standard error of log Z is
@@ -151,6 +168,25 @@ def next_beta(
     return torch.where(crit(one) >= goal, one, hi)
 
 
+def tail_limited_beta(log_w, delta, beta, new_beta, max_k: float, halvings: int = 12):
+    r"""``new_beta``, or a smaller step: the largest :math:`\beta'` (by ``halvings`` bisections of
+    :math:`(\beta, \beta']`) at which the updated weights' Pareto :math:`\hat k` is at most
+    ``max_k`` (module docstring); never less than :math:`2^{-\text{halvings}}` of the step asked, so
+    the run always advances. A :math:`\hat k` that cannot be fitted (NaN) counts as 0."""
+
+    def k_at(b):
+        k = pareto_k(log_w + torch.where(delta == -math.inf, -math.inf, (b - beta) * delta))
+        return k if math.isfinite(k) else 0.0
+
+    if k_at(new_beta) <= max_k:
+        return new_beta
+    lo, hi = beta, new_beta
+    for _ in range(halvings):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if k_at(mid) <= max_k else (lo, mid)
+    return lo if float(lo) > float(beta) else hi
+
+
 def genealogy_variance(
     log_w: torch.Tensor, eve: torch.Tensor, num_resampling: int, scheme: str
 ) -> tuple[float, int]:
@@ -178,7 +214,8 @@ class SMCConfig:
     ``metric`` (``"auto"``) and ``within_modes`` (True) of the particle metric, or ``adapt_scale=False``
     for none; ``step_size`` (None: :func:`~diffstat.tempering.path.default_step_size`); ``step_jitter``
     (0: each particle's step size at each move randomised by :math:`e^{a u}`, :math:`u \sim U(-1, 1)`,
-    when positive, :mod:`diffstat.tempering.moves`); ``betas`` (a
+    when positive, :mod:`diffstat.tempering.moves`); ``max_pareto_k`` (None: each step's weights'
+    Pareto :math:`\hat k` at most this, module docstring); ``betas`` (a
     fixed schedule instead of the adaptive one); ``max_stages`` (1000)."""
 
     target_ess: float = 0.5
@@ -196,6 +233,7 @@ class SMCConfig:
     target_accept: float | None = None
     adapt_scale: bool = True
     step_jitter: float = 0.0
+    max_pareto_k: float | None = None
     betas: object = None
     max_stages: int = 1000
 
@@ -208,6 +246,8 @@ class SMCConfig:
         object.__setattr__(self, "max_stages", check_positive_int(self.max_stages, "max_stages"))
         self.moves  # noqa: B018 (validates the move options)
         cloud_metric(self.metric, self.within_modes)  # validates the metric
+        if self.max_pareto_k is not None and not 0 < float(self.max_pareto_k) < 1:
+            raise ValueError(f"max_pareto_k must lie in (0, 1) or be None, got {self.max_pareto_k}")
         if self.step_size is not None and not float(self.step_size) > 0:
             raise ValueError(f"step_size must be positive, got {self.step_size}")
 
@@ -274,6 +314,8 @@ def adaptive_tempered_smc(
                     config.criterion,
                 )
                 new_beta = next_beta(*args)
+                if config.max_pareto_k is not None:
+                    new_beta = tail_limited_beta(*args[:3], new_beta, config.max_pareto_k)
             else:
                 new_beta = schedule[k]
             state, info = step(generator, state, new_beta, stage=k)

@@ -40,10 +40,11 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     (``"mala"``), ``num_mcmc_steps`` (None: adapted per stage), ``max_mcmc_steps`` (100),
     ``decorrelation_tol`` (0.1), ``metric`` (``"auto"``, ``"dense"``, ``"diag"``), ``within_modes``
     (True), ``num_leapfrog`` (5), ``step_size``, ``target_accept``, ``adapt_scale`` (True),
-    ``step_jitter`` (0), ``betas``, ``max_stages``; ``check_modes`` (True): after the runs, look
-    for modes that every run missed (:func:`~diffstat.modes.coverage.missed_modes`: gradient ascent
-    from scaled reference draws, Laplace masses of the peaks no draw reaches); ``missed_mode_share``
-    in attrs, and a ``RuntimeWarning`` above 0.05.
+    ``step_jitter`` (0), ``max_pareto_k`` (None), ``betas``, ``max_stages``; ``check_modes`` (True):
+    after the runs, look for modes that every run missed
+    (:func:`~diffstat.modes.coverage.missed_modes`: gradient ascent from scaled reference draws,
+    Laplace masses of the peaks no draw reaches); ``missed_mode_share`` in attrs, and a
+    ``RuntimeWarning`` above 0.05.
 
     Why four runs: a mode's share of the draws is the ratio of per-mode evidence estimates, with
     about the noise of :math:`\log\hat Z` (0.1 at 1,000 particles on a 6-d three-mode mixture, mode
