@@ -82,6 +82,17 @@ def resolve_reference(target, reference) -> torch.distributions.Distribution | N
     return reference
 
 
+def _unvalidated(log_prob, x: torch.Tensor) -> torch.Tensor:
+    """``log_prob(x)`` with ``torch.distributions``' default validation off, then restored (Target)."""
+    distribution = torch.distributions.Distribution
+    before = distribution._validate_args
+    distribution.set_default_validate_args(False)
+    try:
+        return log_prob(x)
+    finally:
+        distribution.set_default_validate_args(before)
+
+
 def _functorch_wrapped(t: torch.Tensor) -> bool:
     """Whether ``t`` lives inside a ``torch.func`` transform (False where torch cannot say)."""
     functorch = getattr(torch._C, "_functorch", None)
@@ -117,6 +128,11 @@ class Target:
     that ``log_prob`` does not accept (where it accepts another width), an output of the wrong
     shape, NaN or ``+inf`` at the probe points, or a log-density autograd cannot differentiate. An
     exception of the user's own log-density otherwise reaches the user unchanged.
+
+    In a run ``torch.distributions``' argument validation is off (as Pyro's for a Pyro model; Stan
+    rejects such points too): a scale that overflowed to ``inf`` far in a tail gives NaN, which the
+    kernels reject and the run reports, not a ``ValueError`` mid-run. Probe and starting points are
+    checked with validation as the user has it.
     """
 
     def __init__(
@@ -162,7 +178,7 @@ class Target:
         in the other float type, by parameters of their own, is cast: the samplers combine it with
         the points); counts ``n`` evaluations."""
         self.num_target_evals += x.shape[0]
-        return self.count_nan(self._log_prob(x).to(x.dtype), x)
+        return self.count_nan(_unvalidated(self._log_prob, x).to(x.dtype), x)
 
     def log_prob_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-density ``(n,)`` and its gradient ``(n, dim)`` at ``x``, detached, both in ``x``'s
@@ -170,7 +186,7 @@ class Target:
         self.num_target_evals += x.shape[0]
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            lp = self._log_prob(x)
+            lp = _unvalidated(self._log_prob, x)
             (grad,) = torch.autograd.grad(lp.sum(), x)
         return self.count_nan(lp.detach().to(x.dtype), x), grad.detach()
 

@@ -134,3 +134,25 @@ def test_nans_at_points_with_non_finite_coordinates_are_not_the_log_densitys():
     nan_far = ds.Target(lambda x: torch.where(x[:, 0] > 5, math.nan, -(x**2).sum(-1)), 2)
     nan_far.log_prob_and_grad(torch.tensor([[6.0, 0.0], [math.inf, 0.0], [0.0, 0.0]]))
     assert nan_far.num_nan_evals == 1
+
+
+def funnel_with_distributions(x):
+    """Neal's funnel written with torch.distributions: the scale exp(x_0) underflows to 0 far down
+    the neck, where a validated Normal raises."""
+    return torch.distributions.Normal(0.0, 3.0).log_prob(x[:, 0]) + torch.distributions.Normal(
+        0.0, torch.exp(x[:, 0])
+    ).log_prob(x[:, 1])
+
+
+def test_a_run_meets_invalid_distribution_arguments_as_rejected_points_not_errors():
+    target = ds.Target(funnel_with_distributions, 2, dtype=torch.float64)
+    far = torch.tensor([[-800.0, 0.1], [0.0, 0.5]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="scale"):  # validated as the user has it: an error
+        funnel_with_distributions(far)
+    lp, grad = target.log_prob_and_grad(far)
+    assert not torch.isfinite(lp[0]) and torch.isfinite(lp[1]) and torch.isfinite(grad[1]).all()
+    assert torch.equal(lp[1:], funnel_with_distributions(far[1:]).detach())
+    assert not torch.isfinite(target.log_prob(far)[0]) and target.num_nan_evals == 2
+    assert torch.distributions.Distribution._validate_args  # the user's setting is restored
+    with pytest.raises(ValueError, match="scale"):  # starting points are checked with validation on
+        target.validate(far)
