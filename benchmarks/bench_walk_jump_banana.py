@@ -9,10 +9,11 @@ the code before them), side by side: the largest |mean error| in sds, the sd of 
 evaluations, seconds.
 
 ``sms-cost``: one score fitted per (case, seed) (``fit_smoothed_score``, the defaults), then SMS's
-1,000 x 4 draws from it twice: "before" with the diameter rule's sigma (``max(diameter, scale)`` of
-the particles, as before the log-concavity rule) and the kernel in one block (as before the blocks),
-and "after" at the defaults; seconds of each and of the kernel, sigma, M, evaluations, and the errors
-(mean, sd, mode TV) against the exact answers of ``benchmarks/audit_cases.py``.
+1,000 x 4 draws from it: "before" with the kernel in one block (the code before the blocks), "after"
+at the defaults (the same sigma, the kernel in blocks), and "log_concave" with the smaller sigma of
+``geometry.log_concave_sigma`` on the score's particles (tried, not adopted); ``--runs`` picks them.
+Seconds of each and of the kernel, sigma, M, evaluations, and the errors (mean, sd, mode TV) against
+the exact answers of ``benchmarks/audit_cases.py``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 import diffstat as ds
 import diffstat.smoothing.learned as learned_mod
 from diffstat.smoothing.fit import fit_smoothed_score
+from diffstat.smoothing.geometry import log_concave_sigma
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from audit_cases import CASES  # noqa: E402
@@ -96,7 +98,7 @@ class _KernelClock:
         learned_mod.LearnedSmoothedScore._kernel = timed
 
 
-def sms_cost(cases, seeds) -> None:
+def sms_cost(cases, seeds, runs=("before", "after", "log_concave")) -> None:
     clock = _KernelClock()
     print("| case | seed | run | sigma | M | s | kernel s | evals | mean err (sd) | sd err | mode TV |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -109,7 +111,17 @@ def sms_cost(cases, seeds) -> None:
                 score = fit_smoothed_score(target, generator=torch.Generator().manual_seed(seed))
             geo = score.geometry
             old_sigma = max(geo["diameter"], geo["scale"])
-            for name, opts, kernel_block in (("before", {"sigma": old_sigma}, 1 << 62), ("after", {}, block)):
+            lc_sigma = log_concave_sigma(
+                score.particles["x"][:1024], torch.Generator().manual_seed(seed), old_sigma
+            )
+            variants = (
+                ("before", {"sigma": old_sigma}, 1 << 62),
+                ("after", {}, block),
+                ("log_concave", {"sigma": lc_sigma}, block),
+            )
+            for name, opts, kernel_block in variants:
+                if name not in runs:
+                    continue
                 learned_mod._KERNEL_BLOCK = kernel_block
                 clock.seconds, evals0, t0 = 0.0, target.num_target_evals, time.perf_counter()
                 idata = ds.sample(
@@ -136,11 +148,14 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=None)
     parser.add_argument("--methods", nargs="+", default=["walk_jump", "sms"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument(
+        "--runs", nargs="+", default=["before", "after", "log_concave"], help="sms-cost: which runs"
+    )
     args = parser.parse_args()
     if args.what == "banana":
         banana(args.cases or ["banana2"], args.methods, args.seeds)
     else:
-        sms_cost(args.cases or ["mix6", "nw11", "banana2", "student_t"], args.seeds)
+        sms_cost(args.cases or ["mix6", "nw11", "banana2", "student_t"], args.seeds, args.runs)
 
 
 if __name__ == "__main__":

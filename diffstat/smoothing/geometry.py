@@ -84,8 +84,8 @@ def default_noise(
 def particle_geometry(x: torch.Tensor, generator: torch.Generator, max_pairs_points: int = 1024) -> dict:
     r"""Defaults for SMS from particles ``x: (n, d)``: ``center``, ``scale`` (root mean variance per
     coordinate), ``diameter`` (99% quantile of pairwise distances, which includes the within-mode
-    spread and so errs large) and ``sigma``, :func:`log_concave_sigma` below ``diameter`` (the
-    diameter rule's purpose, every conditional log-concave, checked on the particles themselves)."""
+    spread and so errs large) and ``sigma`` = ``diameter`` (the diameter rule, log-concave side;
+    :func:`log_concave_sigma` is a smaller sigma that can be passed to SMS)."""
     n = x.shape[0]
     idx = torch.randperm(n, generator=generator, device=generator.device)[:max_pairs_points].to(x.device)
     xs = x[idx].double()
@@ -93,14 +93,13 @@ def particle_geometry(x: torch.Tensor, generator: torch.Generator, max_pairs_poi
     iu = torch.triu_indices(xs.shape[0], xs.shape[0], 1)
     diameter = float(d2[iu[0], iu[1]].quantile(0.99).sqrt()) if xs.shape[0] > 1 else 0.0
     scale = math.sqrt(float(x.double().var(0).mean()))
-    upper = max(diameter, scale)
     return dict(
         source="particles",
         center=x.double().mean(0),
         scale=scale,
         diameter=diameter,
         tau=math.nan,
-        sigma=log_concave_sigma(xs, generator, upper) if xs.shape[0] > 1 else upper,
+        sigma=max(diameter, scale),
     )
 
 
@@ -119,10 +118,11 @@ def log_concave_sigma(
     two modes :math:`R` apart it peaks at the balance point, :math:`R^2/4` plus the within-mode
     variance, along the line joining them (a line between two particles of the two modes passes
     there). This is the condition SMS's diameter rule secures with room to spare (:math:`\sigma^2 = R^2
-    - \tau^2`, about four times the peak); the margin 1/2 keeps a factor of two, and the measurements
-    :math:`M \propto \sigma^2` fall with it (6-d two-mode mixture: sigma 12.8 to 7.6, 143 to 50
-    measurements, docs/walk_jump_banana.md). The scan stops at the first failure, so the
-    empirical law's own bumps, which fail at small noise, only stop it early (a larger sigma)."""
+    - \tau^2`, about four times the peak); the margin 1/2 keeps a factor of two, and SMS's
+    measurements :math:`M \propto \sigma^2` fall with it. Not SMS's default: on the 6-d two-mode
+    mixture its mode weights were further off than with the diameter rule on the same scores
+    (docs/walk_jump_banana.md). The scan stops at the first failure, so the empirical law's own
+    bumps, which fail at small noise, only stop it early (a larger sigma)."""
     xs = x.double()
     pairs = torch.randint(0, xs.shape[0], (2, num_points), generator=generator, device=generator.device)
     a, b = xs[pairs[0].to(xs.device)], xs[pairs[1].to(xs.device)]
