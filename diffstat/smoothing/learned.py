@@ -58,8 +58,8 @@ __all__ = ["LearnedSmoothedScore"]
 _FILE_FORMAT = "diffstat.smoothing.learned"
 _FILE_VERSION = 1
 
-#: Kernel weights per block of rows on CPU (float32: 2 MB, within a core's cache share; 64 to 256 rows
-#: of 3,687 particles ran 3.5 to 4 times faster than one block of 4,000 rows).
+#: Kernel weights per block of rows on CPU (float32: 2 MB, within a core's cache share, so that the
+#: three passes over the weights hit the cache; docs/walk_jump_banana.md).
 _KERNEL_BLOCK = 1 << 19
 
 
@@ -212,8 +212,8 @@ class LearnedSmoothedScore(SmoothedScore):
         \lVert x\rVert^2/\sigma^2`, is far below one at the noise where the kernel serves), the
         difference :math:`\bar x - y` in ``y``'s dtype. On CPU the rows go in blocks of about
         :data:`_KERNEL_BLOCK` weights, so that the weights stay in cache between the three passes
-        over them (logits, softmax, average): the same values, bit for bit, 3.5 times faster at 4,000
-        rows and 3,687 particles (docs/walk_jump_banana.md); one block on an accelerator."""
+        over them (logits, softmax, average): the same values, bit for bit, and several times faster
+        (docs/walk_jump_banana.md); one block on an accelerator."""
         x, half_sq = self._kernel_particles(y.device)
         yf, n = y.to(torch.float32), y.shape[0]
         rows = n if y.device.type != "cpu" else max(1, _KERNEL_BLOCK // x.shape[0])

@@ -6,25 +6,25 @@ sampling. Where a mode is far from Gaussian (a curved banana, a heavy tail) the 
 heavy-tailed (Pareto :math:`\hat k` above 0.7) and the pipeline replaces them by its SMC bridge, whose
 short MCMC leaves the particles concentrated where the Gaussian proposal put them: the curved arms of
 a banana are cut short, and every draw of a score fitted to such particles inherits that (walk-jump
-and SMS on the 2-d banana: the sd of :math:`x_2` 16% short, docs/walk_jump_banana.md). MALA moves on
+and SMS on the 2-d banana, docs/walk_jump_banana.md). MALA moves on
 :math:`p` repair it only slowly (a diffusive walk along the curve); HMC with trajectories of a few
 of the population's standard deviations travels along it (Neal 2011, "MCMC using Hamiltonian
 dynamics", section 3.3: the distance moved grows linearly in the trajectory length, not as its
 square root).
 
 :func:`hmc_moves`: ``num_iters`` HMC steps from the population, step size :math:`\epsilon = \sqrt{2h}/4`
-from the step :math:`h` the MALA moves adapted (a quarter of the MALA proposal's scale: at half of it
-the mean acceptance on the 2-d banana was 0.8, but the rejections fell in the arms, the very region
-to be repaired; halved again after an iteration with mean acceptance under 0.6), the length
-:math:`L\epsilon` = ``length`` times the population's largest marginal sd, each
-chain's step jittered uniformly in :math:`[0.8\epsilon, 1.2\epsilon]` so that no trajectory is
-periodic (Neal 2011, section 5.4.2.2).
+from the step :math:`h` the MALA moves adapted (a quarter of the MALA proposal's scale: a larger step
+is rejected where the curvature is high, in the arms, the very region to be repaired; halved
+again after an iteration with mean acceptance under 0.6), the length :math:`L\epsilon` =
+``length`` times the population's largest marginal sd, each chain's step jittered uniformly in
+:math:`[0.8\epsilon, 1.2\epsilon]` so that no trajectory is periodic (Neal 2011, section 5.4.2.2).
 
 :func:`drift`: if the particles are draws of :math:`p`, a kernel that keeps :math:`p` invariant
 leaves their law unchanged, so for any :math:`f` the paired change :math:`f(x') - f(x)` averages 0
 over the particles. The statistic is the largest :math:`|z|` of that mean over :math:`f = x_j` and
-:math:`f = x_j^2` (standardised), :math:`z` the mean over its standard error; a population still
-drifting toward :math:`p` shows a :math:`|z|` of several units.
+:math:`f = x_j^2` (standardised), :math:`z` the mean over its standard error: a population that
+moves fast toward :math:`p` shows a :math:`|z|` of several units, but along a curved target the
+change over a few steps can be too slow to show, so it is reported, not used to decide.
 """
 
 from __future__ import annotations

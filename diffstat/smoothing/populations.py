@@ -147,8 +147,8 @@ def modes_population(
     defaults: the per-mode covariances and masses need them in 64 dimensions; ``inflate`` default
     :func:`default_inflate`). When the pipeline did not trust its importance weights and corrected
     them with its SMC bridge, ``repair_moves`` long-trajectory HMC steps follow the MALA moves
-    (:func:`~diffstat.smoothing.population_moves.hmc_moves`): 8 brought the 2-d banana's x2 sd from
-    17% short to within 1% (docs/walk_jump_banana.md)."""
+    (:func:`~diffstat.smoothing.population_moves.hmc_moves`; 8: they bring a curved target's
+    particles to its spread where the MALA moves would need hundreds of steps, docs/walk_jump_banana.md)."""
     from diffstat.diffusion.sampler import run_diffusion_sampler
 
     evals0 = target.num_target_evals
