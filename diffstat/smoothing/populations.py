@@ -44,6 +44,7 @@ from typing import NamedTuple
 import torch
 
 from diffstat.smoothing.correction import posterior_mala
+from diffstat.smoothing.population_moves import hmc_moves
 
 __all__ = [
     "FitWarning",
@@ -109,14 +110,15 @@ class Population(NamedTuple):
     num_nan_exploration: int = 0
 
 
-def _move(target, x, generator, num_moves: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``num_moves`` MALA steps on ``p`` (step from the particles' spread); ``(x, lp, grad)``."""
+def _move(target, x, generator, num_moves: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """``num_moves`` MALA steps on ``p`` (step from the particles' spread); ``(x, lp, grad, step size)``
+    (NaN without moves)."""
     if num_moves == 0:
         lp, g = target.log_prob_and_grad(x)
-        return x, lp.detach(), g.detach()
+        return x, lp.detach(), g.detach(), math.nan
     scale2 = float(x.var(0).min().clamp_min(1e-12)) if x.shape[0] > 1 else 1.0
-    x, lp, _, _, g = posterior_mala(generator, target, x, x, math.inf, num_moves, scale2=scale2)
-    return x, lp.detach(), g.detach()
+    x, lp, _, h, g = posterior_mala(generator, target, x, x, math.inf, num_moves, scale2=scale2)
+    return x, lp.detach(), g.detach(), h
 
 
 def default_inflate(dim: int) -> float:
@@ -137,12 +139,16 @@ def modes_population(
     chains_per_mode: int = 512,
     num_proposals: int = 16384,
     inflate: float | None = None,
+    repair_moves: int = 8,
     **options,
 ) -> Population:
     """Per-mode Gaussian importance sampling (module doc), resampled and moved; ``options`` go to
     :func:`diffstat.diffusion.sampler.run_diffusion_sampler` (larger restocks and proposals than its
     defaults: the per-mode covariances and masses need them in 64 dimensions; ``inflate`` default
-    :func:`default_inflate`)."""
+    :func:`default_inflate`). When the pipeline did not trust its importance weights and corrected
+    them with its SMC bridge, ``repair_moves`` long-trajectory HMC steps follow the MALA moves
+    (:func:`~diffstat.smoothing.population_moves.hmc_moves`; 8: they bring a curved target's
+    particles to its spread where the MALA moves would need hundreds of steps, docs/walk_jump_banana.md)."""
     from diffstat.diffusion.sampler import run_diffusion_sampler
 
     evals0 = target.num_target_evals
@@ -168,7 +174,9 @@ def modes_population(
     if any(str(w.message).startswith("diffusion:") for w in caught):
         warnings.warn(_unreliable(out, chains_per_mode, num_proposals), stacklevel=2)
     x = out.draws.reshape(-1, target.dim).to(device=device, dtype=target.dtype)
-    x, lp, g = _move(target, x, generator, num_moves)
+    x, lp, g, h = _move(target, x, generator, num_moves)
+    if out.attrs.get("correction") == "smc" and repair_moves > 0:  # the importance weights were not trusted
+        x, lp, g, _ = hmc_moves(target, x, generator, h, repair_moves)
     nan_explore = int(out.attrs["num_nan_exploration"])
     return Population(x, g, lp, target.num_target_evals - evals0, "modes", nan_explore)
 
@@ -215,7 +223,7 @@ def smc_population(
         ps = ps.index(resample(generator, log_w, "systematic"))
     x, lp, g = ps.x, ps.target_log_prob, ps.base_grad + ps.delta_grad
     if num_moves > 0:
-        x, lp, g = _move(target, x, generator, num_moves)
+        x, lp, g, _ = _move(target, x, generator, num_moves)
     return Population(x.detach(), g.detach(), lp.detach(), target.num_target_evals - evals0, "smc")
 
 
