@@ -101,12 +101,14 @@ def particle_metric(
     metric: str = "auto",
     labels: torch.Tensor | None = None,
     shrink_until: float | None = None,
+    dense_ratio: float = _DENSE_RATIO,
 ) -> Metric:
     """The preconditioner of the moves from particles ``x: (n, d)`` with log weights ``(n,)``
     (module docstring): a :class:`DenseMetric` or a diagonal ``(d,)``, from the covariance pooled
     within the clusters ``labels (n,)`` (one cluster when None). ``shrink_until``: the dense
     covariance is shrunk only while :math:`n_{\text{eff}} <` ``shrink_until`` :math:`d` (None: always;
-    AIS's pilot passes 10, as a shrinkage of 1% turns a correlation of 0.9999 into 0.99)."""
+    AIS's pilot passes 10, as a shrinkage of 1% turns a correlation of 0.9999 into 0.99);
+    ``dense_ratio``: ``"auto"`` is dense from ``dense_ratio`` effective particles per dimension."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     n, d = x.shape
@@ -127,7 +129,7 @@ def particle_metric(
     if not float(var.max()) > 0:
         return torch.ones_like(var)
     var = var.clamp_min(1e-8 * var.max())
-    if metric == "diag" or (metric == "auto" and d > n_eff / _DENSE_RATIO):
+    if metric == "diag" or (metric == "auto" and d > n_eff / dense_ratio):
         return var
     lam = min(1.0, d / n_eff) if shrink_until is None or n_eff < shrink_until * d else 0.0
     shrunk = (1 - lam) * cov + lam * torch.diag(var)
