@@ -10,6 +10,9 @@ particles per dimension, else diagonal; always shrunk toward its diagonal by d /
 current one (``new``: dense from 4, the shrinkage capped at the least eigenvalue of the weighted
 correlation matrix) and, where said, the shrinkage removed outright (``noshrink``).
 
+``--kinds`` picks the metrics of ``methods`` and ``stages`` (default ``old new``; also ``noshrink`` and
+``shrink10``, the shrinkage off from 10 effective particles per dimension, diagonal below).
+
 * ``methods``: ``ds.sample(target, m, num_samples=1000, seed=0)`` at defaults for ``--methods``
   (4 runs for SMC): max |mean error| in posterior sds, max relative sd error, sigma, log Z error,
   evaluations, RuntimeWarnings. SMC under both metrics.
@@ -50,11 +53,13 @@ NEW = smc.cloud_metric
 
 
 def factory(kind: str):
-    """SMC's ``cloud_metric`` built the ``old``, ``new`` or ``noshrink`` way."""
+    """SMC's ``cloud_metric`` built the ``old``, ``new``, ``noshrink`` or ``shrink10`` way."""
     if kind == "new":
         return NEW
     if kind == "old":
         return lambda metric, within, **_: core.cloud_metric(metric, within)
+    if kind == "shrink10":  # shrinkage off from 10 effective particles per dimension, diagonal below
+        return lambda metric, within, **_: core.cloud_metric(metric, within, shrink_until=10.0)
     return lambda metric, within, **_: core.cloud_metric(
         metric, within, shrink_until=smc.DENSE_RATIO, dense_ratio=smc.DENSE_RATIO
     )
@@ -71,10 +76,10 @@ def errors(x: np.ndarray, t: NIGRegression) -> tuple[float, float, float]:
     return float(me), float(se), float(np.exp(x[:, -1]).mean())
 
 
-def methods(names, seed: int) -> None:
+def methods(names, seed: int, kinds) -> None:
     t = collinear()
     for m in names:
-        for kind in ("old", "new") if m == "smc" else ("-",):
+        for kind in kinds if m == "smc" else ("-",):
             if m == "smc":
                 use_metric(kind)
             t.num_target_evals = 0
@@ -121,9 +126,9 @@ def recording(make, rows: list):
     return build
 
 
-def stages(seed: int) -> None:
+def stages(seed: int, kinds) -> None:
     t = collinear()
-    for kind in ("old", "new"):
+    for kind in kinds:
         rows = []
         smc.cloud_metric = recording(factory(kind), rows)
         path = make_path(t, None)
@@ -246,14 +251,15 @@ def main() -> None:
     parser.add_argument("--prior-scales", nargs="+", type=float, default=[10.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=list(range(6)))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kinds", nargs="+", default=["old", "new"], help="metrics for methods, stages")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for part in args.parts:
         print(f"# {part}", flush=True)
         if part == "methods":
-            methods(args.methods, args.seed)
+            methods(args.methods, args.seed, args.kinds)
         elif part == "stages":
-            stages(args.seed)
+            stages(args.seed, args.kinds)
         elif part == "variants":
             variants(args.degrees, args.prior_scales, args.seed)
         elif part == "mix6":
