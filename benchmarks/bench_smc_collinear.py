@@ -15,7 +15,7 @@ correlation matrix) and, where said, the shrinkage removed outright (``noshrink`
 
 * ``methods``: ``ds.sample(target, m, num_samples=1000, seed=0)`` at defaults for ``--methods``
   (4 runs for SMC): max |mean error| in posterior sds, max relative sd error, sigma, log Z error,
-  evaluations, RuntimeWarnings. SMC under both metrics.
+  evaluations, RuntimeWarnings. SMC under each of ``--kinds``, with ``--smc-options key=value``.
 * ``stages``: one SMC run (1,000 particles, seed 0) per metric: per stage beta, ESS before
   resampling, the metric against the exact tempered covariance of beta (the extreme eigenvalues
   of C_exact^-1/2 M C_exact^-1/2; the tempered posterior is NIG with X, y scaled by sqrt(beta)),
@@ -76,7 +76,7 @@ def errors(x: np.ndarray, t: NIGRegression) -> tuple[float, float, float]:
     return float(me), float(se), float(np.exp(x[:, -1]).mean())
 
 
-def methods(names, seed: int, kinds) -> None:
+def methods(names, seed: int, kinds, options: dict) -> None:
     t = collinear()
     for m in names:
         for kind in kinds if m == "smc" else ("-",):
@@ -86,7 +86,9 @@ def methods(names, seed: int, kinds) -> None:
             t0 = time.time()
             with warnings.catch_warnings(record=True) as w:
                 warnings.simplefilter("always")
-                idata = ds.sample(t, m, num_samples=1000, seed=seed, progress=False)
+                idata = ds.sample(
+                    t, m, num_samples=1000, seed=seed, progress=False, **(options if m == "smc" else {})
+                )
             x = idata.posterior["x"].values.reshape(-1, t.dim)
             me, se, sig = errors(x, t)
             lz = idata.posterior.attrs.get("log_normalizer")
@@ -243,6 +245,17 @@ def mix6(seeds) -> None:
     use_metric("new")
 
 
+def parse(option: str):
+    key, value = option.split("=", 1)
+    try:
+        return key, int(value)
+    except ValueError:
+        try:
+            return key, float(value)
+        except ValueError:
+            return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["methods", "stages", "variants", "mix6"])
@@ -251,13 +264,14 @@ def main() -> None:
     parser.add_argument("--prior-scales", nargs="+", type=float, default=[10.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=list(range(6)))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smc-options", nargs="*", default=[], help="key=value options of SMC (methods)")
     parser.add_argument("--kinds", nargs="+", default=["old", "new"], help="metrics for methods, stages")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for part in args.parts:
         print(f"# {part}", flush=True)
         if part == "methods":
-            methods(args.methods, args.seed, args.kinds)
+            methods(args.methods, args.seed, args.kinds, dict(parse(o) for o in args.smc_options))
         elif part == "stages":
             stages(args.seed, args.kinds)
         elif part == "variants":
