@@ -158,18 +158,30 @@ Preconditioner = Callable[
 
 
 def cloud_metric(
-    metric: str = "auto", within_modes: bool = True, shrink_until: float | None = None
+    metric: str = "auto",
+    within_modes: bool = True,
+    shrink_until: float | None = None,
+    dense_ratio: float = 10.0,
+    keep_conditioning: bool = False,
 ) -> Preconditioner:
     """The weighted particles' covariance (:func:`~diffstat.tempering.moves.particle_metric`, with its
-    ``shrink_until``), pooled within the clusters of :func:`~diffstat.tempering.moves.cluster_particles`
-    when ``within_modes``."""
+    ``shrink_until``, ``dense_ratio`` and ``keep_conditioning``), pooled within the clusters of
+    :func:`~diffstat.tempering.moves.cluster_particles` when ``within_modes``."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
 
     def precondition(generator, stage, particles, log_weights):
         labels = cluster_particles(particles.x, log_weights, generator) if within_modes else None
         clusters = 1 if labels is None else int(labels.max()) + 1
-        dense = particle_metric(particles.x, log_weights, metric, labels, shrink_until=shrink_until)
+        dense = particle_metric(
+            particles.x,
+            log_weights,
+            metric,
+            labels,
+            shrink_until=shrink_until,
+            dense_ratio=dense_ratio,
+            keep_conditioning=keep_conditioning,
+        )
         return dense, None, clusters
 
     return precondition

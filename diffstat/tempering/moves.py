@@ -101,12 +101,20 @@ def particle_metric(
     metric: str = "auto",
     labels: torch.Tensor | None = None,
     shrink_until: float | None = None,
+    dense_ratio: float = _DENSE_RATIO,
+    keep_conditioning: bool = False,
 ) -> Metric:
-    """The preconditioner of the moves from particles ``x: (n, d)`` with log weights ``(n,)``
+    r"""The preconditioner of the moves from particles ``x: (n, d)`` with log weights ``(n,)``
     (module docstring): a :class:`DenseMetric` or a diagonal ``(d,)``, from the covariance pooled
     within the clusters ``labels (n,)`` (one cluster when None). ``shrink_until``: the dense
     covariance is shrunk only while :math:`n_{\text{eff}} <` ``shrink_until`` :math:`d` (None: always;
-    AIS's pilot passes 10, as a shrinkage of 1% turns a correlation of 0.9999 into 0.99)."""
+    AIS's pilot passes 10, as a shrinkage of 1% turns a correlation of 0.9999 into 0.99);
+    ``dense_ratio``: ``"auto"`` is dense from ``dense_ratio`` effective particles per dimension;
+    ``keep_conditioning`` (SMC's): from ``dense_ratio`` effective particles per dimension the
+    shrinkage :math:`\lambda` is at most the least eigenvalue :math:`\mu` of the weighted
+    *correlation* matrix, so that it widens the metric along no direction by more than a factor
+    about :math:`1 + \lambda/\mu \le 2` in variance (:mod:`diffstat.tempering.smc`, "Metric on a
+    collinear posterior")."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     n, d = x.shape
@@ -127,9 +135,12 @@ def particle_metric(
     if not float(var.max()) > 0:
         return torch.ones_like(var)
     var = var.clamp_min(1e-8 * var.max())
-    if metric == "diag" or (metric == "auto" and d > n_eff / _DENSE_RATIO):
+    if metric == "diag" or (metric == "auto" and d > n_eff / dense_ratio):
         return var
     lam = min(1.0, d / n_eff) if shrink_until is None or n_eff < shrink_until * d else 0.0
+    if keep_conditioning and lam > 0 and n_eff >= dense_ratio * d:
+        scale = var.rsqrt()
+        lam = min(lam, float(torch.linalg.eigvalsh(scale[:, None] * cov * scale[None, :]).min().clamp_min(0)))
     shrunk = (1 - lam) * cov + lam * torch.diag(var)
     shrunk = shrunk + torch.diag(var - shrunk.diagonal())  # the floored diagonal
     return DenseMetric.from_covariance(shrunk)

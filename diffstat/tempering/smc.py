@@ -20,7 +20,8 @@ each stage, from :math:`\beta` with normalised weights :math:`W_i`:
    ``resample_threshold``; weights are then reset to equal.
 4. **Move.** MALA (or HMC, RWM) steps leaving :math:`\pi_{\beta'}` invariant
    (:mod:`diffstat.tempering.moves`), preconditioned by the weighted particle covariance (``metric``:
-   dense when there are at least 10 effective particles per dimension, else diagonal), pooled
+   dense when there are at least :data:`DENSE_RATIO` (4) effective particles per dimension, else
+   diagonal, its shrinkage capped as below), pooled
    within clusters of the particles (``within_modes``) so that each mode of a multimodal stage
    is moved at its own scale; repeated until the particles have decorrelated from where the
    stage started (the mean whitened squared distance from the start stops growing), at most
@@ -42,6 +43,19 @@ particles out along the curve within a few stages, where local moves (MALA, HMC)
 come out too narrow and :math:`\log\hat Z` low, the runs agree with each other, and no check here
 sees it. More moves or stages narrow the gap only at a high cost; ``"nuts"`` and ``"pt"`` at least
 warn there (R-hat across chains).
+
+**Metric on a collinear posterior** (``docs/smc_collinear.md``). The metric is dense from 4 (not 10)
+effective particles per dimension, and its shrinkage toward the diagonal, :math:`\lambda = d/n_{\text{eff}}`,
+is capped at the least eigenvalue :math:`\mu` of the weighted correlation matrix. A regression on
+collinear predictors has a posterior whose correlation matrix is nearly singular (the data pin down
+sums of collinear coefficients, the prior their differences): a diagonal part
+:math:`\lambda\,\mathrm{diag}(S)` widens the metric along the narrow directions by about
+:math:`1 + \lambda/\mu` in variance, MALA's step size falls by its square root and the moves stop
+mixing; the cap bounds that factor by 2. The diagonal metric, below the dense threshold, is the
+extreme case. The sample covariance of :math:`n_{\text{eff}} \ge 4d` particles is well determined
+(whitened eigenvalues within :math:`(1 \pm \sqrt{d/n_{\text{eff}}})^2`), and with the default 50%
+CESS steps the weighted cloud keeps about a quarter of the particles effective, so 1,000 particles
+are dense at every stage up to about 60 dimensions.
 
 :math:`\log\hat Z = \sum_{\text{stages}} \log\sum_i W_i g_i` is the standard unbiased (on the
 natural scale) SMC estimate of :math:`\log Z` (Del Moral, Doucet and Jasra 2006).
@@ -93,6 +107,7 @@ from diffstat.tempering.path import GeometricPath, PathState, default_step_size
 from diffstat.tempering.resampling import conditional_ess, ess
 
 __all__ = [
+    "DENSE_RATIO",
     "MIN_EVES",
     "SMCOutput",
     "adaptive_tempered_smc",
@@ -105,6 +120,10 @@ __all__ = [
 #: Fewer distinct initial ancestors (Eves) than this and the genealogy standard error of log Z is
 #: unreliable (its variance estimate sums over Eve families: too few terms); PDDS uses the same.
 MIN_EVES = 20
+#: Effective particles per dimension from which the particle metric is dense (module docstring, "Metric
+#: on a collinear posterior"): the sample covariance's whitened eigenvalues then lie within
+#: :math:`(1 \pm 1/2)^2`, while a diagonal metric ruins an ill-conditioned posterior.
+DENSE_RATIO = 4.0
 #: Bisection halvings for the next temperature: 2^-60 is below float64 resolution on [0, 1].
 _NUM_BISECTION = 60
 
@@ -291,7 +310,11 @@ def adaptive_tempered_smc(
     schedule = None if config.betas is None else check_betas(config.betas, x0)
     if x0.shape[0] < 2:
         raise ValueError(f"SMC needs at least 2 particles, got {x0.shape[0]}")
-    precondition = cloud_metric(config.metric, config.within_modes) if config.adapt_scale else identity_metric
+    precondition = (
+        cloud_metric(config.metric, config.within_modes, dense_ratio=DENSE_RATIO, keep_conditioning=True)
+        if config.adapt_scale
+        else identity_metric
+    )
     h0 = default_step_size(config.kernel, path.dim) if config.step_size is None else config.step_size
     state, infos = init_tempered(path, x0, h0), []
     step = functools.partial(

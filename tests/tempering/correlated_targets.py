@@ -15,6 +15,7 @@ r"""Posteriors with exact answers for the tests of SMC moves on correlated targe
   so SMC tempers the likelihood from exact prior draws.
 * :func:`regression`: 5 equicorrelated (0.85) predictors, n = 100; :func:`ar5`: a persistent AR(5)
   series of length 200, its conditional likelihood given the first 5 values a regression on the lags.
+* :func:`collinear`: a diamonds-like regression on 24 collinear polynomial and product columns.
 * :func:`mixture6`: three 6-d Gaussian components with weights 0.5 / 0.3 / 0.2 and different full
   covariances, far apart relative to their widths, with the reference N(0, 36 I).
 """
@@ -157,3 +158,22 @@ def mixture6_iso(weights=(0.5, 0.3, 0.2), log_normalizer=1.3):
     gm = GaussianMixture(means, weights, scales=[0.7, 1.0, 0.85], log_normalizer=log_normalizer)
     ref = D.Independent(D.Normal(torch.zeros(6, dtype=F64), 6.0 * torch.ones(6, dtype=F64)), 1)
     return gm, gm.as_target(reference=ref, dtype=F64)
+
+
+def collinear(seed=5, n=500, degree=8, prior_scale=10.0):
+    """A diamonds-like regression (the analogue of posteriordb's diamonds, ``docs/smc_collinear.md``):
+    an intercept and ``3 * degree`` standardised columns :math:`a^k` (:math:`k = 1..` ``degree``),
+    :math:`b a^k` and :math:`b^2 a^k` (:math:`k = 0..` ``degree`` - 1), :math:`a \\sim U(0.2, 2.2)`,
+    :math:`b \\sim N(0, 1)`; coefficients N(0, 0.5^2), noise sd 0.7. At the defaults (25 coefficients,
+    n = 500) the condition number of :math:`X^\\top X` is 1.7e12 and the posterior's correlation
+    matrix has least eigenvalue 4e-6 (largest |correlation| 0.93)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(n, generator=g, dtype=F64) * 2 + 0.2
+    b = torch.randn(n, generator=g, dtype=F64)
+    cols = [a**k for k in range(1, degree + 1)] + [b * a**k for k in range(degree)]
+    cols += [(b**2) * a**k for k in range(degree)]
+    X = torch.stack(cols, 1)
+    X = torch.cat([torch.ones(n, 1, dtype=F64), (X - X.mean(0)) / X.std(0)], 1)
+    beta = torch.randn(X.shape[1], generator=g, dtype=F64) * 0.5
+    y = X @ beta + 0.7 * torch.randn(n, generator=g, dtype=F64)
+    return NIGRegression(X, y, prior_scale=prior_scale)
