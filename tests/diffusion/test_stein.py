@@ -1,11 +1,15 @@
 """The Stein check of the diffusion sampler's draws (diffstat/diffusion/stein.py): exact draws pass,
-draws of the wrong spread fail in the coordinate that is off, and a sampler run that the importance
-weights call fine but that misses the neck of a funnel warns."""
+draws of the wrong spread fail in the coordinate that is off; in the sampler a failure warns and sets
+``reliable`` 0 without starting the SMC bridge, and a check that passes leaves the draws as they were."""
+
+import warnings
 
 import pytest
 import torch
 
 import diffstat as ds
+import diffstat.diffusion.sampler as sampler_module
+import diffstat.diffusion.stein as stein_module
 from diffstat.diffusion.stein import STEIN_TOLERANCE, stein_check, stein_reason
 
 F64 = torch.float64
@@ -51,3 +55,52 @@ def test_too_wide_draws_fail_and_heavy_tails_pass():
     xt = torch.randn(4096, d, generator=g, dtype=F64) * torch.sqrt(nu / chi2)[:, None]
     check = stein_check(t, xt, torch.zeros(4096, dtype=F64), torch.Generator().manual_seed(0))
     assert not bool(check["fails"].any())
+
+
+#: A cheap per-mode Gaussian importance run (no score model) on a correlated 3-d Gaussian.
+FEW = dict(
+    num_explore=200,
+    max_rounds=2,
+    gaussian_rounds=2,
+    num_proposals=1000,
+    chains_per_mode=32,
+    refresh_chains=32,
+)
+
+
+def _correlated():
+    cov = 0.5 * torch.eye(3, dtype=F64) + 0.5
+    return ds.Target(
+        torch.distributions.MultivariateNormal(torch.ones(3, dtype=F64), cov).log_prob, 3, dtype=F64
+    )
+
+
+def test_a_passing_check_leaves_the_draws_and_a_failing_one_warns(monkeypatch):
+    """On a correlated Gaussian the check passes (no warning, ``reliable`` 1) and the draws are the
+    ones the run gives with the check replaced by a no-op (the generator's state is restored), the
+    evaluations differing by its ``stein_evals`` alone. With its thresholds at zero every coordinate
+    fails: a RuntimeWarning naming Stein's identity, ``reliable`` 0, and no SMC bridge."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        idata = ds.sample(_correlated(), "gaussian_is", num_samples=300, seed=4, progress=False, **FEW)
+    a = idata.posterior.attrs
+    assert a["reliable"] == 1 and a["correction"] == "importance" and 0 < a["stein_evals"] <= 4096
+    assert a["stein_max_z"] < 5
+
+    def no_check(generator, target, x, log_w, budget):
+        zero = torch.zeros(x.shape[1], dtype=F64)
+        return {"stat": zero, "se": zero, "z": zero, "fails": zero > 0, "evals": 0}, None
+
+    monkeypatch.setattr(sampler_module, "stein_checked", no_check)
+    plain = ds.sample(_correlated(), "gaussian_is", num_samples=300, seed=4, progress=False, **FEW)
+    assert torch.equal(
+        torch.as_tensor(plain.posterior["x"].values), torch.as_tensor(idata.posterior["x"].values)
+    )
+    assert plain.posterior.attrs["num_target_evals"] == a["num_target_evals"] - a["stein_evals"]
+    monkeypatch.undo()
+    monkeypatch.setattr(stein_module, "STEIN_Z", 0.0)
+    monkeypatch.setattr(stein_module, "STEIN_TOLERANCE", 0.0)
+    with pytest.warns(RuntimeWarning, match="Stein's identity"):
+        idata = ds.sample(_correlated(), "gaussian_is", num_samples=300, seed=4, progress=False, **FEW)
+    a = idata.posterior.attrs
+    assert a["reliable"] == 0 and a["correction"] == "importance"
