@@ -1,13 +1,14 @@
 """The diffusion sampler on curved and heavy-tailed targets (``docs/diffusion_tails.md``): the audit's
-cases (``benchmarks/audit_cases.py``) scored against their exact answers by ``bench_audit.run``, at
+cases (``benchmarks/audit_cases.py``) scored against their exact answers by ``bench_audit.score``, at
 defaults or with options given as ``key=value`` (Python literals), one Markdown row per (case, seed):
 
-    python benchmarks/bench_diffusion_tails.py --cases banana2 banana5_f32 --seeds 0 1 2
-    python benchmarks/bench_diffusion_tails.py --cases banana2 --seeds 0 --options tail_share=0.0
+    python benchmarks/bench_diffusion_tails.py --cases schools_c banana2 banana5_f32 mix6 nw11 student_t --seeds 0 1 2
+    python benchmarks/bench_diffusion_tails.py --cases banana2 banana5 schools_c --seeds 0 1 --options bridge=False
 
-Columns: the largest |mean error| in posterior sds, the largest relative sd error (x2's on the
-bananas), log Z error and its standard error, ``attrs['reliable']``, target evaluations, seconds and
-the RuntimeWarnings (first words).
+Columns: the largest |mean error| in posterior sds, the largest relative sd error and (torch targets) its
+sign, the mode weights' TV, log Z error and its standard error, the last round's Pareto k, the Stein check's
+largest |S_j| and |z| (``diffstat/diffusion/stein.py``), ``attrs['reliable']``, the correction (importance
+or the SMC bridge), target evaluations, seconds and the RuntimeWarnings (first words).
 """
 
 from __future__ import annotations
