@@ -2,8 +2,8 @@
 cases (``benchmarks/audit_cases.py``) scored against their exact answers by ``bench_audit.score``, at
 defaults or with options given as ``key=value`` (Python literals), one Markdown row per (case, seed):
 
-    python benchmarks/bench_diffusion_tails.py --cases schools_c banana2 banana5_f32 mix6 nw11 student_t --seeds 0 1 2
-    python benchmarks/bench_diffusion_tails.py --cases banana2 banana5 schools_c --seeds 0 1 --options bridge=False
+    python benchmarks/bench_diffusion_tails.py  # schools_c banana2 banana5_f32 mix6 nw11 student_t, 0 1 2
+    python benchmarks/bench_diffusion_tails.py --cases banana2 banana5 --seeds 0 1 --options bridge=False
 
 Columns: the largest |mean error| in posterior sds, the largest relative sd error and (torch targets) its
 sign, the mode weights' TV, log Z error and its standard error, the last round's Pareto k, the Stein check's
@@ -87,7 +87,9 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--cases", nargs="+", default=["banana2", "banana5", "banana5_f32", "schools_c"])
+    parser.add_argument(
+        "--cases", nargs="+", default=["schools_c", "banana2", "banana5_f32", "mix6", "nw11", "student_t"]
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
