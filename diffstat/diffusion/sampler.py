@@ -89,6 +89,9 @@ be heavy), so two more checks judge the run as a whole, and either makes ``relia
 scaled by the Birge ratio :math:`\max(1, \sqrt{Q/\nu})` in any case), and the last round's ESS
 fraction must reach ``MIN_FINAL_ESS_FRACTION`` (0.1; or ``target_ess`` if lower): after every
 round of learning, a proposal that still wastes nine in ten draws does not fit the target's shape.
+A third looks past the weights (:mod:`diffstat.diffusion.stein`, at most 4,096 gradients): the returned
+draws must satisfy Stein's identity :math:`E[(x_j - \bar x_j)\partial_j\log p] = -1`; its failure (a
+funnel's neck missed) makes ``reliable`` 0 with a warning, but starts no bridge (SMC misses it too).
 
 **The SMC bridge** (:mod:`diffstat.diffusion.bridge`, ``bridge`` = True). Where those rules make the
 rounds unreliable, importance sampling, SMC with one stage, is replaced by many: adaptive tempered SMC
@@ -107,16 +110,13 @@ particles, collapsed genealogy, moves that do not move or never settle) keeps ``
 warning, which then names its failure too. Runs whose rounds are reliable never start it, and are
 unchanged bit for bit.
 
-The code follows the pipeline in small steps: :func:`~diffstat.diffusion.rounds.init` (steps 1 and
-2), :func:`~diffstat.diffusion.rounds.step` (one round: restock, fit, propose and weigh) and the
-judging and pooling of rounds in :mod:`diffstat.diffusion.importance`; :func:`run_diffusion_sampler`
-is the loop over them, with one progress bar for the whole call.
+The code: :func:`~diffstat.diffusion.rounds.init` (steps 1, 2), :func:`~diffstat.diffusion.rounds.step`
+(a round), :mod:`diffstat.diffusion.importance` (judging, pooling), the loop :func:`run_diffusion_sampler`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 
 import torch
@@ -144,7 +144,14 @@ from diffstat.diffusion.importance import (
 )
 from diffstat.diffusion.rounds import RoundInfo, RoundState, done, hopeless, init, step
 from diffstat.diffusion.sampler_config import DiffusionConfig
-from diffstat.diffusion.sampler_output import bridge_attrs, bridge_draws, round_group, stack_runs
+from diffstat.diffusion.stein import STEIN_DRAWS, stein_attrs, stein_checked
+from diffstat.diffusion.sampler_output import (
+    bridge_attrs,
+    bridge_draws,
+    pooled_log_weights,
+    round_group,
+    stack_runs,
+)
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.resampling import systematic
 
@@ -216,21 +223,6 @@ def _one_run(generator, target, config: DiffusionConfig, device, bar, method: st
     return state, infos
 
 
-def _pooled_log_weights(rounds: list[dict], pool: dict, log_ws: list[torch.Tensor]) -> torch.Tensor:
-    r"""Log weights ``(sum n_r,)`` of the returned draws: each used round's Pareto-smoothed weights
-    scaled by its share :math:`\mu_r`; where no weight is finite anywhere, the stand-in round
-    uniformly (never NaN)."""
-    mu = pool["log_mu"]
-    log_pool = torch.cat(
-        [mu[r].to(w) + s["log_w_psis"].to(w) for r, (s, w) in enumerate(zip(rounds, log_ws))]
-    )
-    if not bool(torch.isfinite(log_pool).any()):
-        log_pool = torch.cat(
-            [torch.full_like(w, 0.0 if bool(pool["used"][r]) else -math.inf) for r, w in enumerate(log_ws)]
-        )
-    return log_pool
-
-
 def _result(
     generator, target, state: RoundState, infos: list[RoundInfo], num_samples: int, config: DiffusionConfig
 ):
@@ -241,7 +233,7 @@ def _result(
     pool = pool_rounds(rounds)
     reasons = unreliable_reasons(rounds, pool, min(MIN_FINAL_ESS_FRACTION, config.target_ess))
     pops = [info.population for info in infos]
-    log_pool = _pooled_log_weights(rounds, pool, [p.log_w for p in pops])
+    log_pool = pooled_log_weights(rounds, pool, [p.log_w for p in pops])
     all_x, all_lw, all_lp = (torch.cat([getattr(p, f) for p in pops]) for f in ("x", "log_w", "log_prob"))
     p = torch.softmax(log_pool.double(), 0)
     g, num_modes = state.gaussians, state.bank.num_modes
@@ -251,9 +243,15 @@ def _result(
     )
     rounds_reliable = pool["reliable"] and not reasons
     bridge, bridge_why = None, []
-    if not rounds_reliable and config.bridge:
-        budget = config.max_evals - (target.num_target_evals - state.evals0)
+    left = lambda: config.max_evals - (target.num_target_evals - state.evals0)  # noqa: E731
+    if not rounds_reliable and config.bridge:  # its budget less the check's (diffusion/stein.py)
+        budget = left() - min(STEIN_DRAWS, left() // 10)
         bridge, bridge_why = _run_bridge(generator, target, g, mode_weights, budget, config)
+    x_s, lw_s = (all_x, log_pool) if bridge is None else (bridge.x, torch.zeros_like(bridge.lp))
+    stein, stein_why = stein_checked(generator, target, x_s, lw_s, left())
+    bridge_why += [stein_why] if stein_why and bridge is not None else []
+    if rounds_reliable and stein_why:
+        warnings.warn(unreliable_warning([stein_why]), RuntimeWarning, stacklevel=3)
     early = len(infos) < config.max_rounds and hopeless(state, infos[-1], config)
     if not rounds_reliable and (bridge is None or bridge_why):
         base = missed_warning(rounds, pool) if not pool["reliable"] else unreliable_warning(reasons)
@@ -265,7 +263,7 @@ def _result(
     attrs = {
         "log_normalizer": pool["log_z"],
         "log_normalizer_se": pool["log_z_se"],
-        "reliable": int(rounds_reliable),
+        "reliable": int(rounds_reliable and not stein_why),
         "round_agreement_p": pool["agreement_p"],
         "num_modes": num_modes,
         "num_rounds": len(rounds),
@@ -275,6 +273,7 @@ def _result(
         "num_nan_exploration": int(state.explore_nan),
         "correction": "importance" if bridge is None else "smc",
         "rounds_stopped_early": int(early),
+        **stein_attrs(stein),
     }
     if bridge is None:
         idx = systematic(generator, torch.log(p).to(generator.device), num_samples)

@@ -16,7 +16,15 @@ from diffstat.diffusion.rounds import RoundState
 from diffstat.sampling import SamplerResult
 from diffstat.tempering.runs import combine_runs
 
-__all__ = ["BRIDGE_FIELDS", "bridge_attrs", "bridge_draws", "bridge_rows", "round_group", "stack_runs"]
+__all__ = [
+    "BRIDGE_FIELDS",
+    "bridge_attrs",
+    "bridge_draws",
+    "bridge_rows",
+    "pooled_log_weights",
+    "round_group",
+    "stack_runs",
+]
 
 
 def stack_runs(results: list[SamplerResult]) -> SamplerResult:
@@ -49,6 +57,9 @@ def stack_runs(results: list[SamplerResult]) -> SamplerResult:
         pareto_k=max(float(r.attrs["pareto_k"]) for r in results),
         num_nan_exploration=sum(int(r.attrs["num_nan_exploration"]) for r in results),
         rounds_stopped_early=max(int(r.attrs["rounds_stopped_early"]) for r in results),
+        stein_max_z=max(float(r.attrs["stein_max_z"]) for r in results),
+        stein_max_error=max(float(r.attrs["stein_max_error"]) for r in results),
+        stein_evals=sum(int(r.attrs["stein_evals"]) for r in results),
         mode_weights=pad_stack([r.attrs["mode_weights"] for r in results], axis=0),
         correction="smc" if any(r.attrs["correction"] == "smc" for r in results) else "importance",
     )
@@ -139,3 +150,18 @@ def bridge_rows(bridge, field: str, num_rounds: int) -> torch.Tensor:
     if stages:
         out[-1] = bridge.stages[field].detach().double().cpu()
     return out
+
+
+def pooled_log_weights(rounds: list[dict], pool: dict, log_ws: list[torch.Tensor]) -> torch.Tensor:
+    r"""Log weights ``(sum n_r,)`` of the returned draws: each used round's Pareto-smoothed weights
+    scaled by its share :math:`\mu_r`; where no weight is finite anywhere, the stand-in round
+    uniformly (never NaN)."""
+    mu = pool["log_mu"]
+    log_pool = torch.cat(
+        [mu[r].to(w) + s["log_w_psis"].to(w) for r, (s, w) in enumerate(zip(rounds, log_ws))]
+    )
+    if not bool(torch.isfinite(log_pool).any()):
+        log_pool = torch.cat(
+            [torch.full_like(w, 0.0 if bool(pool["used"][r]) else -math.inf) for r, w in enumerate(log_ws)]
+        )
+    return log_pool

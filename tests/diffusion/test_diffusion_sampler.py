@@ -153,7 +153,9 @@ def test_diffusion_output_contract(nine_mode_run):
     ):
         assert group[name].dims[0] == "stage"
     evals = group["num_target_evals"].values
-    assert (evals[1:] > evals[:-1]).all() and evals[-1] == attrs["num_target_evals"]
+    # the rounds' evaluations, then the Stein check's gradients at the distinct resampled draws
+    assert 0 < attrs["stein_evals"] <= 4096
+    assert (evals[1:] > evals[:-1]).all() and evals[-1] + attrs["stein_evals"] == attrs["num_target_evals"]
     # one pooled model for nine modes: the held-out check kept it (0) or fell back to the Gaussians (-1)
     choice = group["model_choice"].values
     assert choice.shape == (len(evals), 1) and (choice[0] == -2).all() and set(choice[1:].ravel()) <= {-1, 0}
@@ -260,7 +262,8 @@ def test_a_larger_final_round():
         and big.posterior.attrs["num_proposals"] == 4000
     )
     assert group["ess_fraction"].values == pytest.approx(group["ess"].values / [1000, 3000])
-    assert big.posterior.attrs["num_target_evals"] - small.posterior.attrs["num_target_evals"] == 2000
+    spent = [r.posterior.attrs["num_target_evals"] - r.posterior.attrs["stein_evals"] for r in (big, small)]
+    assert spent[0] - spent[1] == 2000  # less the Stein check's gradients (diffusion/stein.py)
     k = group["pareto_k"].values
     assert k.shape == (2,) and big.posterior.attrs["pareto_k"] == k[-1] and (k < 0.7).all()
     assert (group["ess_psis"].values > 0).all() and (group["ess_psis"].values <= [1000, 3000]).all()
