@@ -79,7 +79,7 @@ def test_proposal_distribution_is_the_mixture_and_a_bridge_from_the_target_is_ex
 
 
 def test_every_round_missed_and_the_bridge_gives_log_z_and_moments():
-    """Every importance round misses (their pooled log Z is several nats low: the old code returned
+    """Every importance round misses (their pooled log Z is many bridge errors low: the old code returned
     it with a warning and ``reliable`` 0); the bridge returns log Z within 4 of its standard errors
     of the exact 0 (and not of a value 0.5 off: the check can fail), means within 4 Monte Carlo
     errors (counting the surviving Eves, at most the draws, as the effective sample size) and sds
@@ -91,8 +91,9 @@ def test_every_round_missed_and_the_bridge_gives_log_z_and_moments():
     k, ess = group["pareto_k"].values, group["ess"].values
     assert ((k > MAX_PARETO_K) | (ess < MIN_ROUND_ESS)).all()  # every importance round missed
     assert a["correction"] == "smc" and a["reliable"] == 1
-    assert a["importance_log_normalizer"] < -1.0  # what importance sampling alone gave
     se = a["log_normalizer_se"]
+    # what importance sampling alone gave: -1.10 before the Laplace-frame restocking, -0.46 after
+    assert a["importance_log_normalizer"] < -4 * se
     assert 0 < se < 0.2 and abs(a["log_normalizer"]) < 4 * se and abs(a["log_normalizer"] - 0.5) > 4 * se
     x = torch.as_tensor(idata.posterior["x"].values).reshape(-1, DIM)
     sd = COV.diagonal().sqrt()
