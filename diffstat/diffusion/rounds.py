@@ -20,7 +20,7 @@ from diffstat.diffusion.bridge import bridge_now
 from diffstat.diffusion.importance import importance_summary, resample_per_mode, round_missed, unique_rows
 from diffstat.diffusion.gaussians import MeanFieldMixture
 from diffstat.diffusion.modes import MAX_UNSEEN, ModeBank, explore_modes, smc_seeds
-from diffstat.diffusion.restock import balance_modes
+from diffstat.diffusion.restock import balance_modes, laplace_frames
 from diffstat.diffusion.sampler_config import DiffusionConfig
 from diffstat.diffusion.networks import ScoreMLP
 from diffstat.diffusion.processes import VP
@@ -140,12 +140,10 @@ def init(generator: torch.Generator, target, config: DiffusionConfig, device=Non
     )
     explore_nan = target.num_nan_evals - nan0
     num_modes = bank.num_modes
+    count = chains_per_mode(config.chains_per_mode, num_modes)
+    frames = laplace_frames(target, bank)  # each mode restocked in its Laplace frame
     bank = balance_modes(
-        target,
-        bank,
-        generator,
-        chains_per_mode=chains_per_mode(config.chains_per_mode, num_modes),
-        num_steps=config.restock_steps,
+        target, bank, generator, chains_per_mode=count, num_steps=config.restock_steps, frames=frames
     )
     gaussians = _fit_gaussians(bank, config)
     uniform = torch.full((num_modes,), 1.0 / num_modes, dtype=bank.x.dtype, device=dev)
@@ -229,6 +227,7 @@ def _restock(generator: torch.Generator, state: RoundState, target, config: Diff
         chains_per_mode=count,
         num_steps=config.refresh_steps,
         keep_every=config.refresh_keep_every,
+        frames=laplace_frames(target, restart),
     )
     uniform = torch.full((num_modes,), 1.0 / num_modes, dtype=bank.x.dtype, device=state.pi.device)
     pi = 0.5 * summary["mode_weights"].to(bank.x.dtype) + 0.5 * uniform

@@ -7,7 +7,10 @@ the exploration (``smc_explore=0``) the banked mode is a handful of stuck points
 collapse to a point 4 sd from the mean (sd 1e-14 of the truth) while the importance weights look
 healthy (Kish ESS 2,300 of 4,096): the proposal-width check (the Cramer-Rao bound) must catch it,
 mark the run unreliable and warn. With the SMC seeds (the default) the draws match the exact mean
-and covariance, and the proposal is as wide as a fitted one should be."""
+and covariance, and the proposal is as wide as a fitted one should be. The restocking in each mode's
+Laplace frame (``restock.laplace_frames``) also reaches it without the seeds; the collapsed cases run
+with the frames off (the diagonal restocking alone), the failure the width check and the bridge are
+for."""
 
 import sys
 import warnings
@@ -43,8 +46,12 @@ def _run(**options):
     return np.abs(x.mean(0) - mean) / sd, x.std(0) / sd, idata, missed
 
 
-@pytest.mark.parametrize("smc_explore, bridge", [(256, True), (0, False), (0, True)])
-def test_diffusion_reaches_a_posterior_far_narrower_than_its_prior(smc_explore, bridge):
+@pytest.mark.parametrize(
+    "smc_explore, bridge, frames", [(256, True, True), (0, False, False), (0, True, False), (0, False, True)]
+)
+def test_diffusion_reaches_a_posterior_far_narrower_than_its_prior(smc_explore, bridge, frames, monkeypatch):
+    if not frames:  # the diagonal restocking alone (before the Laplace frames)
+        monkeypatch.setattr("diffstat.diffusion.rounds.laplace_frames", lambda target, bank: None)
     # without the SMC seeds, exploration is also left unscreened (screen_ratio=1): the bank of
     # stuck points that the width check exists for (with screening the rounds miss by their heavy
     # weights instead, Pareto k 1 to 125, and warn the same way)
@@ -54,10 +61,10 @@ def test_diffusion_reaches_a_posterior_far_narrower_than_its_prior(smc_explore, 
     # 1,000 resampled draws (Kish ESS of the weights about 7,800): the mean's standard error is
     # 1/sqrt(1000) = 0.032 sd and the sd's 0.022, so 0.13 and 0.1 are four standard errors
     right = bool((z < 0.13).all() and (np.abs(ratio - 1) < 0.1).all())
-    assert right == (smc_explore > 0 or bridge), (z, ratio)
+    assert right == (smc_explore > 0 or bridge or frames), (z, ratio)
     width = idata["diffusion"]["proposal_width"].values
     attrs = idata.posterior.attrs
-    if smc_explore:  # inflate^2 = 1.44 for a proposal fitted to exact draws; no warning
+    if smc_explore or frames:  # inflate^2 = 1.44 for a proposal fitted to exact draws; no warning
         # the rounds after the first fit their Gaussians to 256 refreshed chains per mode, so their
         # width varies (measured 0.89 to 2.14 over runs of this test): far above the 0.1 at which a
         # round is marked missed, and six orders of magnitude above the collapsed case below

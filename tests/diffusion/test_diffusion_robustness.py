@@ -68,6 +68,12 @@ def _round(log_z: float, se: float, ess: float, k: float, n: int = 1000) -> dict
     }
 
 
+def _diagonal_restock(monkeypatch):
+    """The restocking without the Laplace frames (``restock.laplace_frames``), whose rounds miss on the
+    narrow Gaussians below: the failure these tests exercise the handling of."""
+    monkeypatch.setattr("diffstat.diffusion.rounds.laplace_frames", lambda target, bank: None)
+
+
 def test_pooling_is_exact_in_log_space_far_beyond_the_float_range():
     r"""Rounds whose :math:`\log\hat Z_r` differ by 4000 nats (``math.exp`` overflows above 709)
     pool to :math:`\log\sum_r \lambda_r \hat Z_r`, :math:`\lambda_r \propto` ESS, checked against
@@ -165,13 +171,14 @@ def test_importance_summary_counts_infinite_weights_and_never_returns_nan():
 
 
 @pytest.mark.parametrize("shift", [2000.0, -2000.0])
-def test_no_overflow_and_log_z_right_when_rounds_differ_by_thousands_of_nats(shift):
+def test_no_overflow_and_log_z_right_when_rounds_differ_by_thousands_of_nats(shift, monkeypatch):
     r"""Reproduces the ``OverflowError`` of pooling with ``math.exp``: on the narrow Gaussian the
     first round's Gaussian misses the mode (Pareto k infinite, one effective draw, log Z about 4,500
     nats low), while the refreshed rounds find it. Seed 0 raised ``OverflowError: math range
     error`` before log-space pooling. Now log Z is within 4 standard errors of the exact value
     (and a value 0.2 nats off, 25 standard errors, is rejected: the check can fail), the missed
     round is left out, and the draws match the exact mean and sd."""
+    _diagonal_restock(monkeypatch)
     target, exact = _narrow(shift)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
@@ -189,11 +196,12 @@ def test_no_overflow_and_log_z_right_when_rounds_differ_by_thousands_of_nats(shi
     assert np.abs(x.mean(0) - CENTER).max() < 5 * SD / 30 and np.abs(x.std(0) / SD - 1).max() < 0.15
 
 
-def test_every_round_missed_warns_and_is_marked_unreliable():
+def test_every_round_missed_warns_and_is_marked_unreliable(monkeypatch):
     """With only 5 refresh steps no round reaches the narrow mode (k about 1 and above, Kish ESS
     of a handful): without the SMC bridge, a RuntimeWarning names k and the ESS and what to change,
     ``reliable`` is 0, and the draws, their lp and log weights and log Z are finite (no NaN). (With
     the bridge, its start's Laplace Gaussian is the target itself and the run is right: below.)"""
+    _diagonal_restock(monkeypatch)
     target, exact = _narrow(2000.0)
     with pytest.warns(
         RuntimeWarning, match=r"every round missed.*Pareto k = .*Kish ESS = .*num_explore"
@@ -214,11 +222,12 @@ def test_every_round_missed_warns_and_is_marked_unreliable():
     assert math.isfinite(attrs["log_normalizer"]) and abs(attrs["log_normalizer"] - exact) > 700
 
 
-def test_the_bridge_from_the_laplace_gaussian_rescues_rounds_that_all_missed():
+def test_the_bridge_from_the_laplace_gaussian_rescues_rounds_that_all_missed(monkeypatch):
     """The same run with the SMC bridge (the default): every round still misses, but the bridge starts
     from the mode's Laplace Gaussian, which for this Gaussian target is the target itself (inflated),
     so the run is right without a warning: log Z within 4 of its standard errors of the exact value
     (and not 0.2 off), the mean within 5 Monte Carlo standard errors and the sd within 15%."""
+    _diagonal_restock(monkeypatch)
     target, exact = _narrow(2000.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
