@@ -25,14 +25,21 @@ def banana(dim: int = 2, b: float = 0.5, s: float = 1.5) -> ds.Target:
 
 
 def test_banana_population_has_the_target_spread():
-    """Before the repair the particles' x2 sd was 1.55 for 1.879 (17% short) at this seed; 4,096 exact
-    draws give it within 2% (1 sd, the x2 marginal's kurtosis about 5), and 6% is the tolerance."""
-    target = banana()
-    pop = modes_population(target, 4096, torch.Generator().manual_seed(0))
-    sd = pop.x.std(0)
-    assert abs(float(sd[1]) / math.sqrt(1 + 2 * 0.25 * 1.5**4) - 1) < 0.06, sd
-    assert abs(float(sd[0]) / 1.5 - 1) < 0.06, sd
-    assert abs(float(pop.x[:, 1].mean()) - 0.5 * 1.5**2) < 0.1  # SE about 0.03
+    """The x2 sd of 4,096 particles, relative error averaged over seeds 0-3. Each population descends from
+    about 1,000 distinct bridge particles: at that size the sd of x2 (kurtosis about 5) has a relative
+    error of sqrt(4 / 4000) = 3.2%, 1.6% for the mean of four, so 4% is the tolerance. With the repair
+    the seeds give +7.1%, -0.3%, +2.2%, +1.0% (mean +2.5%); without it (``repair_moves=0``) -5.8%, -6.5%,
+    -3.9%, -2.6% (mean -4.7%, which fails), and -17% before the Laplace-frame restocking."""
+    exact = math.sqrt(1 + 2 * 0.25 * 1.5**4)
+    errors, means = [], []
+    for seed in range(4):
+        pop = modes_population(banana(), 4096, torch.Generator().manual_seed(seed))
+        sd = pop.x.std(0)
+        errors.append((float(sd[0]) / 1.5 - 1, float(sd[1]) / exact - 1))
+        means.append(float(pop.x[:, 1].mean()))
+    x1_error, x2_error = (sum(e) / 4 for e in zip(*errors))
+    assert abs(x2_error) < 0.04 and abs(x1_error) < 0.04, errors
+    assert abs(sum(means) / 4 - 0.5 * 1.5**2) < 0.1  # SE about 0.015
 
 
 def test_trusted_importance_weights_get_no_repair():
