@@ -144,7 +144,7 @@ from diffstat.diffusion.importance import (
 )
 from diffstat.diffusion.rounds import RoundInfo, RoundState, done, hopeless, init, step
 from diffstat.diffusion.sampler_config import DiffusionConfig
-from diffstat.diffusion.stein import STEIN_DRAWS, stein_attrs, stein_checked
+from diffstat.diffusion.stein import STEIN_DRAWS, cut_off, stein_attrs, stein_checked
 from diffstat.diffusion.sampler_output import (
     bridge_attrs,
     bridge_draws,
@@ -248,7 +248,8 @@ def _result(
         budget = left() - min(STEIN_DRAWS, left() // 10)
         bridge, bridge_why = _run_bridge(generator, target, g, mode_weights, budget, config)
     x_s, lw_s = (all_x, log_pool) if bridge is None else (bridge.x, torch.zeros_like(bridge.lp))
-    stein, stein_why = stein_checked(generator, target, x_s, lw_s, left())
+    budget = 0 if cut_off(all_x, all_lp) else left()  # no check of a density cut off at a boundary
+    stein, stein_why = stein_checked(generator, target, x_s, lw_s, budget)
     bridge_why += [stein_why] if stein_why and bridge is not None else []
     if rounds_reliable and stein_why:
         warnings.warn(unreliable_warning([stein_why]), RuntimeWarning, stacklevel=3)
