@@ -321,32 +321,35 @@ class PyroTarget(Target):
                 u = torch.cat([unconstrain_draw(trace, self.sites, (1,)) for trace in runs])
         return u.to(self.dtype).reshape(n, self.dim)
 
-    def _map_sites(self, values, n: int, constrained: bool, out: str) -> dict[str, torch.Tensor]:
-        """Run the model with latents set to ``values``; return the setter's ``out`` record."""
+    def _map_sites(self, values, n: int, constrained: bool, outs: tuple[str, ...]) -> tuple[dict, ...]:
+        """Run the model once with latents set to ``values``; return the setter's ``outs`` records."""
         with torch.no_grad():
             if self.vectorize == "plate":
-                return getattr(self._run(values, n=n, constrained=constrained)[1], out)
+                setter = self._run(values, n=n, constrained=constrained)[1]
+                return tuple(getattr(setter, out) for out in outs)
 
             def one(v):
-                return getattr(self._run(v, n=None, constrained=constrained)[1], out)
+                setter = self._run(v, n=None, constrained=constrained)[1]
+                return tuple(getattr(setter, out) for out in outs)
 
             return torch.func.vmap(one)(values)
 
-    def constrain(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Latent values ``{name: (n, *site_shape)}`` in constrained space from ``u: (n, dim)``."""
+    def constrain(self, u: torch.Tensor, *, deterministic: bool = False) -> dict[str, torch.Tensor]:
+        """Latent values ``{name: (n, *site_shape)}`` in constrained space from ``u: (n, dim)``; with
+        ``deterministic``, the model's ``pyro.deterministic`` sites too, from the same model run (a site
+        whose value does not keep one row per point is left out)."""
         n = u.shape[0]
-        z = self._map_sites(self._split(u.to(self.dtype)), n, False, "z")
-        return {s.name: z[s.name].reshape((n,) + s.shape) for s in self.sites.values()}
+        outs = ("z", "det") if deterministic and self.deterministic else ("z",)
+        found = self._map_sites(self._split(u.to(self.dtype)), n, False, outs)
+        values = {s.name: found[0][s.name].reshape((n,) + s.shape) for s in self.sites.values()}
+        det = found[1] if len(found) > 1 else {}
+        per_row = {k: per_particle(det[k], n, shape) for k, shape in self.deterministic.items() if k in det}
+        return values | {k: v for k, v in per_row.items() if v is not None}
 
     def deterministic_values(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The model's ``pyro.deterministic`` sites ``{name: (n, *site_shape)}`` at ``u: (n, dim)``
-        (a site whose value does not keep one row per point is left out)."""
-        if not self.deterministic:
-            return {}
-        n = u.shape[0]
-        det = self._map_sites(self._split(u.to(self.dtype)), n, False, "det")
-        values = {k: per_particle(det[k], n, shape) for k, shape in self.deterministic.items() if k in det}
-        return {k: v for k, v in values.items() if v is not None}
+        """The model's ``pyro.deterministic`` sites ``{name: (n, *site_shape)}`` at ``u: (n, dim)``."""
+        values = self.constrain(u, deterministic=True)
+        return {k: v for k, v in values.items() if k not in self.sites}
 
     def unconstrain(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """Unconstrained points ``(n, dim)`` from ``{name: (n, *site_shape)}`` in constrained space
@@ -361,7 +364,7 @@ class PyroTarget(Target):
                 raise ValueError(
                     f"site {s.name!r} needs shape {(n,) + s.shape}, got {tuple(values[s.name].shape)}"
                 )
-        u = self._map_sites(values, n, True, "u")
+        (u,) = self._map_sites(values, n, True, ("u",))
         return torch.cat([u[s.name].reshape(n, s.size) for s in self.sites.values()], dim=1)
 
     def to_posterior(self, x: torch.Tensor) -> dict[str, np.ndarray]:
@@ -372,7 +375,7 @@ class PyroTarget(Target):
         chunks = []
         for i in range(0, flat.shape[0], _CHUNK):
             part = flat[i : i + _CHUNK]
-            chunks.append({**self.constrain(part), **self.deterministic_values(part)})
+            chunks.append(self.constrain(part, deterministic=True))
         return {
             name: torch.cat([c[name] for c in chunks])
             .reshape((chains, draws) + chunks[0][name].shape[1:])
