@@ -173,7 +173,7 @@ def _frame(target, frames, mode: torch.Tensor):
 
     def log_prob_and_grad(y):
         lp, g = target.log_prob_and_grad(from_x(y))
-        return lp, per_mode(g, mode, lambda v, i: v @ chols[i])
+        return lp, _grad_y(g, chols, mode)
 
     def from_y(state):
         g = per_mode(

@@ -39,7 +39,13 @@ import torch
 
 from diffstat._util import check_probability
 from diffstat.mcmc.metric import DenseMetric, Metric
-from diffstat.tempering.moves import METRICS, cluster_particles, decorrelating_moves, particle_metric
+from diffstat.tempering.moves import (
+    _DENSE_RATIO,
+    METRICS,
+    cluster_particles,
+    decorrelating_moves,
+    particle_metric,
+)
 from diffstat.tempering.path import GeometricPath, PathState, get_kernel, incremental_log_weights
 from diffstat.tempering.resampling import SCHEMES, ess, resample
 
@@ -161,7 +167,7 @@ def cloud_metric(
     metric: str = "auto",
     within_modes: bool = True,
     shrink_until: float | None = None,
-    dense_ratio: float = 10.0,
+    dense_ratio: float = _DENSE_RATIO,
     keep_conditioning: bool = False,
 ) -> Preconditioner:
     """The weighted particles' covariance (:func:`~diffstat.tempering.moves.particle_metric`, with its

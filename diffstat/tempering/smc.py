@@ -152,6 +152,11 @@ class SMCOutput(NamedTuple):
     num_eves: int
 
 
+def _increments(delta: torch.Tensor, beta, new_beta) -> torch.Tensor:
+    r""":math:`\log g_i = (\beta' - \beta)\,\delta(x_i)`, ``-inf`` where :math:`\delta` is (never NaN)."""
+    return torch.where(delta == -math.inf, -math.inf, (new_beta - beta) * delta)
+
+
 def next_beta(
     log_w: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor, target_ess: float, criterion: str = "cess"
 ) -> torch.Tensor:
@@ -167,13 +172,13 @@ def next_beta(
         goal = target_ess * n
 
         def crit(b):
-            return conditional_ess(log_w, torch.where(delta == -math.inf, -math.inf, (b - beta) * delta))
+            return conditional_ess(log_w, _increments(delta, beta, b))
 
     elif criterion == "ess":
         goal = target_ess * ess(log_w)
 
         def crit(b):
-            return ess(log_w + torch.where(delta == -math.inf, -math.inf, (b - beta) * delta))
+            return ess(log_w + _increments(delta, beta, b))
 
     else:
         raise ValueError(f"criterion must be 'cess' or 'ess', got {criterion!r}")
@@ -194,7 +199,7 @@ def tail_limited_beta(log_w, delta, beta, new_beta, max_k: float, halvings: int 
     the run always advances. A :math:`\hat k` that cannot be fitted (NaN) counts as 0."""
 
     def k_at(b):
-        k = pareto_k(log_w + torch.where(delta == -math.inf, -math.inf, (b - beta) * delta))
+        k = pareto_k(log_w + _increments(delta, beta, b))
         return k if math.isfinite(k) else 0.0
 
     if k_at(new_beta) <= max_k:
