@@ -23,11 +23,14 @@ Algorithm:
    modes carry the particles' masses), not the network: in 32-d the network's denoiser was 17 to 25%
    off there and shifted the mode weights (docs/sms.md).
 6. **Check** on the held-out particles (:meth:`~diffstat.smoothing.learned.LearnedSmoothedScore.check`):
-   relative Fisher divergence against the true score at the smallest noise; a ``RuntimeWarning``
-   above ``max_fisher``.
+   relative Fisher divergence at the smallest noise against the true score smoothed to that noise,
+   in the frame whitened by the particles' Fisher information
+   (:func:`~diffstat.smoothing.fisher_check.relative_fisher`: scale-free, so a 1:100 ridge is judged
+   like a round target); a ``RuntimeWarning`` above ``max_fisher``.
 
-Defaults: ``sigma_min`` = 0.01 (in units of :math:`c`: the check's noise, far below any mode's
-width that matters); ``sigma_max`` twice the largest distance between particles (99% quantile over
+Defaults: ``sigma_min`` = 0.01 (in units of :math:`c`: the check's noise, below the width of every
+direction that carries a share of the scale; a narrower one is smoothed in the check's reference);
+``sigma_max`` twice the largest distance between particles (99% quantile over
 pairs), beyond which the modes are one blob and the smoothed moment Gaussian takes over; a network
 of width 128 and depth 3 trained for 2,000 Adam steps on batches of 512 (cosine learning rate from
 2e-3), a few seconds of CPU at d = 64 and negligible next to the population's evaluations.
@@ -51,7 +54,7 @@ from diffstat.smoothing.populations import FitWarning, get_population
 __all__ = ["fit_smoothed_score", "particle_geometry", "worded_for"]
 
 #: A held-out relative Fisher divergence above this is warned about (the learned score is off by
-#: more than a third of the true score's size at small noise).
+#: more than a third of the true score's size at small noise, per dimension in the whitened frame).
 _MAX_FISHER = 0.1
 
 

@@ -35,9 +35,10 @@ draw of :math:`p` a little beyond the particles' range (a held-out one, at the c
 an error of its excess over :math:`\sigma^2`.
 
 Self-checks (:meth:`LearnedSmoothedScore.check`), on the held-out particles kept with the score:
-the relative Fisher divergence :math:`\sum_i\lVert s(x_i, \sigma_{\min}) - \nabla\log p(x_i)\rVert^2 /
-\sum_i\lVert\nabla\log p(x_i)\rVert^2` against the target's true score (how far the learned score
-is from the target's as :math:`\sigma \to 0`), and the spread of :math:`\log p(x_i) - \log
+the relative Fisher divergence at the smallest trained noise against the target's true score smoothed
+to that noise, in the frame whitened by the Fisher information of the kept particles
+(:mod:`~diffstat.smoothing.fisher_check`: how far the learned score is from the target's as
+:math:`\sigma \to 0`, whatever the target's scales), and the spread of :math:`\log p(x_i) - \log
 p_{\rm fit}(x_i)` (zero up to a constant when the target is the one the score was fitted to; a
 score fitted to another target, even one with the same local shapes and other mode weights, is
 rejected). Files hold only tensors and plain values: :meth:`load` reads them with
@@ -52,6 +53,7 @@ import os
 import torch
 
 from diffstat.smoothing.base import SmoothedScore
+from diffstat.smoothing.fisher_check import relative_fisher
 
 __all__ = ["LearnedSmoothedScore"]
 
@@ -249,10 +251,11 @@ class LearnedSmoothedScore(SmoothedScore):
     # ------------------------------------------------------------------ checks
     def check(self, target=None, num_points: int | None = None) -> dict:
         r"""Held-out checks against ``target`` (module notes): ``fisher_divergence`` (relative, at the
-        smallest trained noise), ``log_prob_mismatch`` (standard deviation of :math:`\log p -
-        \log p_{\rm fit}` over the held-out particles, relative to that of :math:`\log p_{\rm fit}`)
-        and ``num_points``. Costs one target evaluation per held-out particle used; with ``target=None``
-        the stored scores are used (no evaluation, mismatch 0)."""
+        smallest trained noise, in the Fisher information's metric:
+        :func:`~diffstat.smoothing.fisher_check.relative_fisher`), ``log_prob_mismatch`` (standard
+        deviation of :math:`\log p - \log p_{\rm fit}` over the held-out particles, relative to that
+        of :math:`\log p_{\rm fit}`) and ``num_points``. Costs one target evaluation per held-out
+        particle used; with ``target=None`` the stored scores are used (no evaluation, mismatch 0)."""
         if "held_x" not in self.particles:
             return {"fisher_divergence": math.nan, "log_prob_mismatch": math.nan, "num_points": 0}
         x = self.particles["held_x"][: num_points or None]
@@ -268,8 +271,7 @@ class LearnedSmoothedScore(SmoothedScore):
             lp, g = lp.detach().cpu(), g.detach().cpu()
         t = torch.tensor(float(self.process.t_min), dtype=torch.float64)
         s_min = self.scale * float(self.process.sigma(t) / self.process.alpha(t))
-        s = self(x, s_min)
-        fisher = float(((s - g) ** 2).sum() / (g**2).sum().clamp_min(1e-300))
+        fisher = relative_fisher(self(x, s_min), g, self.fisher_information(), s_min)
         delta = lp.double() - self.particles["held_lp"][: x.shape[0]].double()
         spread = float(self.particles["held_lp"][: x.shape[0]].double().std()) if x.shape[0] > 1 else 1.0
         mismatch = float(delta.std() / max(spread, 1.0)) if x.shape[0] > 1 else 0.0
