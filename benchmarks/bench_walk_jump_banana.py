@@ -11,7 +11,7 @@ evaluations, seconds.
 ``sms-cost``: one score fitted per (case, seed) (``fit_smoothed_score``, the defaults), then SMS's
 1,000 x 4 draws from it: "before" with the kernel in one block (the code before the blocks), "after"
 at the defaults (the same sigma, the kernel in blocks), and "log_concave" with the smaller sigma of
-``geometry.log_concave_sigma`` on the score's particles (tried, not adopted); ``--runs`` picks them.
+``log_concave_sigma`` (below) on the score's particles (tried, not adopted); ``--runs`` picks them.
 Seconds of each and of the kernel, sigma, M, evaluations, and the errors (mean, sd, mode TV) against
 the exact answers of ``benchmarks/audit_cases.py``.
 """
@@ -30,7 +30,6 @@ import torch
 import diffstat as ds
 import diffstat.smoothing.learned as learned_mod
 from diffstat.smoothing.fit import fit_smoothed_score
-from diffstat.smoothing.geometry import log_concave_sigma
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from audit_cases import CASES  # noqa: E402
@@ -96,6 +95,44 @@ class _KernelClock:
             return out
 
         learned_mod.LearnedSmoothedScore._kernel = timed
+
+
+def log_concave_sigma(
+    x: torch.Tensor, generator: torch.Generator, upper: float, num_points: int = 512, margin: float = 0.5
+) -> float:
+    r"""The smallest noise, on a grid falling from ``upper`` by factors :math:`2^{1/4}`, at which the
+    smoothed empirical law of the particles ``x: (n, d)`` is log-concave with a margin along the lines
+    between particles: :math:`\operatorname{Var}(e^\top X \mid y) \le` ``margin`` :math:`\sigma^2` at
+    every test point :math:`y = x_i + u (x_j - x_i)` (``num_points`` random pairs, :math:`u \sim U(0,
+    1)`), :math:`e` the unit vector from :math:`x_i` to :math:`x_j` and the posterior that of :math:`X`
+    uniform on the particles given :math:`y = X + \sigma Z`; ``upper`` when that fails at once.
+
+    :math:`\nabla^2 \log q_\sigma(y) = (\operatorname{Cov}(X\mid y) - \sigma^2 I)/\sigma^4`, so
+    :math:`q_\sigma` is log-concave where the posterior variance stays below :math:`\sigma^2`; between
+    two modes :math:`R` apart it peaks at the balance point, :math:`R^2/4` plus the within-mode
+    variance, along the line joining them (a line between two particles of the two modes passes
+    there). This is the condition SMS's diameter rule secures with room to spare (:math:`\sigma^2 = R^2
+    - \tau^2`, about four times the peak); the margin 1/2 keeps a factor of two, and SMS's
+    measurements :math:`M \propto \sigma^2` fall with it. Not SMS's default: on the 6-d two-mode
+    mixture its mode weights were further off than with the diameter rule on the same scores
+    (docs/walk_jump_banana.md). The scan stops at the first failure, so the empirical law's own
+    bumps, which fail at small noise, only stop it early (a larger sigma). Was
+    ``diffstat.smoothing.geometry.log_concave_sigma`` (removed from the package: nothing used it)."""
+    xs = x.double()
+    pairs = torch.randint(0, xs.shape[0], (2, num_points), generator=generator, device=generator.device)
+    a, b = xs[pairs[0].to(xs.device)], xs[pairs[1].to(xs.device)]
+    u = torch.rand(num_points, 1, generator=generator, dtype=xs.dtype, device=generator.device).to(xs)
+    y, e = a + u * (b - a), torch.nn.functional.normalize(b - a, dim=-1)
+    d2 = torch.cdist(y, xs).pow(2)
+    proj = e @ xs.T  # (points, n): each particle along each test point's line
+    best, s = upper, upper
+    for _ in range(40):
+        w = torch.softmax(-d2 / (2 * s * s), -1)
+        var = (w * proj**2).sum(-1) - (w * proj).sum(-1) ** 2
+        if float(var.max()) > margin * s * s:
+            break
+        best, s = s, s / 2**0.25
+    return best
 
 
 def sms_cost(cases, seeds, runs=("before", "after", "log_concave")) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from diffstat.smoothing.laplace import explore_modes
 
-__all__ = ["default_noise", "particle_geometry", "log_concave_sigma", "noise_levels"]
+__all__ = ["default_noise", "particle_geometry", "noise_levels"]
 
 
 def default_noise(
@@ -84,8 +84,9 @@ def default_noise(
 def particle_geometry(x: torch.Tensor, generator: torch.Generator, max_pairs_points: int = 1024) -> dict:
     r"""Defaults for SMS from particles ``x: (n, d)``: ``center``, ``scale`` (root mean variance per
     coordinate), ``diameter`` (99% quantile of pairwise distances, which includes the within-mode
-    spread and so errs large) and ``sigma`` = ``diameter`` (the diameter rule, log-concave side;
-    :func:`log_concave_sigma` is a smaller sigma that can be passed to SMS)."""
+    spread and so errs large) and ``sigma`` = ``diameter`` (the diameter rule, log-concave side; a
+    smaller sigma by log-concavity along particle lines was tried and not adopted,
+    docs/walk_jump_banana.md)."""
     n = x.shape[0]
     idx = torch.randperm(n, generator=generator, device=generator.device)[:max_pairs_points].to(x.device)
     xs = x[idx].double()
@@ -101,43 +102,6 @@ def particle_geometry(x: torch.Tensor, generator: torch.Generator, max_pairs_poi
         tau=math.nan,
         sigma=max(diameter, scale),
     )
-
-
-def log_concave_sigma(
-    x: torch.Tensor, generator: torch.Generator, upper: float, num_points: int = 512, margin: float = 0.5
-) -> float:
-    r"""The smallest noise, on a grid falling from ``upper`` by factors :math:`2^{1/4}`, at which the
-    smoothed empirical law of the particles ``x: (n, d)`` is log-concave with a margin along the lines
-    between particles: :math:`\operatorname{Var}(e^\top X \mid y) \le` ``margin`` :math:`\sigma^2` at
-    every test point :math:`y = x_i + u (x_j - x_i)` (``num_points`` random pairs, :math:`u \sim U(0,
-    1)`), :math:`e` the unit vector from :math:`x_i` to :math:`x_j` and the posterior that of :math:`X`
-    uniform on the particles given :math:`y = X + \sigma Z`; ``upper`` when that fails at once.
-
-    :math:`\nabla^2 \log q_\sigma(y) = (\operatorname{Cov}(X\mid y) - \sigma^2 I)/\sigma^4`, so
-    :math:`q_\sigma` is log-concave where the posterior variance stays below :math:`\sigma^2`; between
-    two modes :math:`R` apart it peaks at the balance point, :math:`R^2/4` plus the within-mode
-    variance, along the line joining them (a line between two particles of the two modes passes
-    there). This is the condition SMS's diameter rule secures with room to spare (:math:`\sigma^2 = R^2
-    - \tau^2`, about four times the peak); the margin 1/2 keeps a factor of two, and SMS's
-    measurements :math:`M \propto \sigma^2` fall with it. Not SMS's default: on the 6-d two-mode
-    mixture its mode weights were further off than with the diameter rule on the same scores
-    (docs/walk_jump_banana.md). The scan stops at the first failure, so the empirical law's own
-    bumps, which fail at small noise, only stop it early (a larger sigma)."""
-    xs = x.double()
-    pairs = torch.randint(0, xs.shape[0], (2, num_points), generator=generator, device=generator.device)
-    a, b = xs[pairs[0].to(xs.device)], xs[pairs[1].to(xs.device)]
-    u = torch.rand(num_points, 1, generator=generator, dtype=xs.dtype, device=generator.device).to(xs)
-    y, e = a + u * (b - a), torch.nn.functional.normalize(b - a, dim=-1)
-    d2 = torch.cdist(y, xs).pow(2)
-    proj = e @ xs.T  # (points, n): each particle along each test point's line
-    best, s = upper, upper
-    for _ in range(40):
-        w = torch.softmax(-d2 / (2 * s * s), -1)
-        var = (w * proj**2).sum(-1) - (w * proj).sum(-1) ** 2
-        if float(var.max()) > margin * s * s:
-            break
-        best, s = s, s / 2**0.25
-    return best
 
 
 def noise_levels(geometry: dict, dim: int, sigma, num_measurements, w2_tol, learned: bool):

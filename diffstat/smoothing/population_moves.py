@@ -1,5 +1,4 @@
-r"""Long-trajectory HMC moves for a population whose importance weights were not trusted, and the drift
-check that tells whether a population is still moving toward :math:`p`.
+r"""Long-trajectory HMC moves for a population whose importance weights were not trusted.
 
 The ``"modes"`` population (:mod:`~diffstat.smoothing.populations`) is per-mode Gaussian importance
 sampling. Where a mode is far from Gaussian (a curved banana, a heavy tail) the weights are
@@ -18,13 +17,6 @@ is rejected where the curvature is high, in the arms, the very region to be repa
 again after an iteration with mean acceptance under 0.6), the length :math:`L\epsilon` =
 ``length`` times the population's largest marginal sd, each chain's step jittered uniformly in
 :math:`[0.8\epsilon, 1.2\epsilon]` so that no trajectory is periodic (Neal 2011, section 5.4.2.2).
-
-:func:`drift`: if the particles are draws of :math:`p`, a kernel that keeps :math:`p` invariant
-leaves their law unchanged, so for any :math:`f` the paired change :math:`f(x') - f(x)` averages 0
-over the particles. The statistic is the largest :math:`|z|` of that mean over :math:`f = x_j` and
-:math:`f = x_j^2` (standardised), :math:`z` the mean over its standard error: a population that
-moves fast toward :math:`p` shows a :math:`|z|` of several units, but along a curved target the
-change over a few steps can be too slow to show, so it is reported, not used to decide.
 """
 
 from __future__ import annotations
@@ -36,7 +28,7 @@ import torch
 from diffstat.mcmc.base import init as init_chain
 from diffstat.mcmc.hmc import hmc_step
 
-__all__ = ["hmc_moves", "drift"]
+__all__ = ["hmc_moves"]
 
 #: An iteration whose mean acceptance falls below this halves the step (and doubles the leapfrog steps).
 _MIN_ACCEPT = 0.6
@@ -45,35 +37,17 @@ _MIN_ACCEPT = 0.6
 _MAX_LEAPFROG = 64
 
 
-def drift(x_old: torch.Tensor, x_new: torch.Tensor) -> float:
-    r"""The largest :math:`|z|` of the paired changes of :math:`x_j` and :math:`x_j^2` between
-    ``x_old`` and ``x_new`` (``(n, d)``, particle ``i`` moved to row ``i``), standardised by the old
-    particles' mean and sd (module doc); 0 for fewer than 2 particles."""
-    if x_old.shape[0] < 2:
-        return 0.0
-    m, s = x_old.mean(0), x_old.std(0).clamp_min(1e-300)
-    u_old, u_new = ((x_old - m) / s).double(), ((x_new - m) / s).double()
-    diffs = torch.cat([u_new - u_old, u_new**2 - u_old**2], 1)
-    se = diffs.std(0) / math.sqrt(diffs.shape[0])
-    z = diffs.mean(0) / se.clamp_min(1e-300)
-    z = torch.where(se > 0, z, torch.zeros_like(z))
-    return float(z.abs().max())
-
-
 def hmc_moves(target, x, generator, mala_step: float, num_iters: int, length: float = 3.0):
     """``num_iters`` jittered HMC steps on ``p`` from ``x: (n, d)`` (module doc), ``mala_step`` the
     step the MALA moves adapted. Returns ``(x, lp, grad, info)``; ``info`` has ``step_size``,
-    ``num_leapfrog``, ``acceptance`` (mean over the last iteration), ``drift`` (:func:`drift` over the
-    last half of the iterations) and ``num_evals``."""
+    ``num_leapfrog``, ``acceptance`` (mean over the last iteration) and ``num_evals``."""
     evals0 = target.num_target_evals
     eps = 0.25 * math.sqrt(2 * mala_step) if math.isfinite(mala_step) and mala_step > 0 else 0.1
     spread = float(x.std(0).max()) if x.shape[0] > 1 else 1.0
     num_leapfrog = min(_MAX_LEAPFROG, max(1, math.ceil(length * spread / eps)))
     state = init_chain(target.log_prob_and_grad, x)
-    half, accept = x, math.nan
-    for it in range(num_iters):
-        if it == num_iters // 2:
-            half = state.x
+    accept = math.nan
+    for _ in range(num_iters):
         u = torch.rand(x.shape[0], generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
         state, info = hmc_step(
             generator, state, target.log_prob_and_grad, eps * (0.8 + 0.4 * u), None, num_leapfrog
@@ -85,7 +59,6 @@ def hmc_moves(target, x, generator, mala_step: float, num_iters: int, length: fl
         "step_size": eps,
         "num_leapfrog": num_leapfrog,
         "acceptance": accept,
-        "drift": drift(half, state.x),
         "num_evals": target.num_target_evals - evals0,
     }
     return state.x.detach(), state.log_prob.detach(), state.grad.detach(), info

@@ -9,7 +9,7 @@ import math
 import torch
 
 import diffstat as ds
-from diffstat.smoothing.population_moves import drift, hmc_moves
+from diffstat.smoothing.population_moves import hmc_moves
 from diffstat.smoothing.populations import modes_population
 
 F64 = torch.float64
@@ -56,9 +56,8 @@ def test_trusted_importance_weights_get_no_repair():
     assert torch.equal(pop.x, pop_fixed.x)
 
 
-def test_hmc_moves_keep_exact_draws_and_drift_sees_a_moving_population():
-    """From exact N(0, diag(1, 4)) draws the moves keep the law (means and variances within 4 MC sds)
-    and report no drift; from draws at half the sd, the moved population's drift statistic is large."""
+def test_hmc_moves_keep_exact_draws():
+    """From exact N(0, diag(1, 4)) draws the moves keep the law (means and variances within 4 MC sds)."""
     scales = torch.tensor([1.0, 2.0], dtype=F64)
     target = ds.Target(lambda x: -0.5 * ((x / scales) ** 2).sum(-1), 2, dtype=F64)
     g = torch.Generator().manual_seed(2)
@@ -68,49 +67,7 @@ def test_hmc_moves_keep_exact_draws_and_drift_sees_a_moving_population():
     assert torch.allclose(lp, target.log_prob(x))
     assert (x.mean(0).abs() / scales < 4 / math.sqrt(n)).all()
     assert ((x.var(0) / scales**2 - 1).abs() < 4 * math.sqrt(2 / n)).all()
-    assert info["drift"] < 4.0 and info["acceptance"] > 0.6
-    narrow = 0.5 * x0
-    moved, *_ = hmc_moves(target, narrow, g, 0.5, 1)
-    assert drift(narrow, moved) > 10.0
-    assert drift(x0, x0) == 0.0
-
-
-def balance_sigma(a: float, tau: float, margin: float = 0.5) -> float:
-    """The exact noise at which the smoothed 1-d mixture 0.5 N(-a, tau^2) + 0.5 N(a, tau^2) has its
-    largest posterior variance max_y Var(X | y) equal to margin sigma^2 (bisection; y on a fine grid)."""
-    y = torch.linspace(-3 * a, 3 * a, 4001, dtype=F64)
-
-    def excess(s: float) -> float:
-        v2 = tau**2 + s**2
-        means = torch.stack([(s**2 * m + tau**2 * y) / v2 for m in (-a, a)])
-        logw = torch.stack([-((y - m) ** 2) / (2 * v2) for m in (-a, a)])
-        w = torch.softmax(logw, 0)
-        mean = (w * means).sum(0)
-        var = tau**2 * s**2 / v2 + (w * means**2).sum(0) - mean**2
-        return float(var.max()) - margin * s**2
-
-    lo, hi = 0.5 * tau, 4 * a
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if excess(mid) > 0 else (lo, mid)
-    return hi
-
-
-def test_log_concave_sigma_against_the_exact_mixture():
-    """From 2,000 exact draws of two separated modes (embedded in 3-d), the rule's sigma is within one
-    grid step (a factor 2^(1/4), plus 5% for the draws) above the exact threshold of the mixture and
-    far below the diameter rule's."""
-    from diffstat.smoothing.geometry import log_concave_sigma, particle_geometry
-
-    a, tau, n = 4.0, 0.8, 2000
-    g = torch.Generator().manual_seed(3)
-    x = tau * torch.randn(n, 3, generator=g, dtype=F64)
-    x[:, 0] += a * (2 * (torch.rand(n, generator=g) < 0.5).to(F64) - 1)
-    exact = balance_sigma(a, tau)
-    geo = particle_geometry(x, g)
-    sigma = log_concave_sigma(x, g, geo["diameter"])
-    assert exact / 1.05 < sigma < exact * 2**0.25 * 1.05, (sigma, exact)
-    assert sigma < 0.75 * geo["sigma"]  # the diameter rule's, SMS's default
+    assert info["acceptance"] > 0.6
 
 
 def test_kernel_blocks_are_bit_identical():
