@@ -28,9 +28,9 @@ Algorithm:
    (:func:`~diffstat.smoothing.fisher_check.relative_fisher`: scale-free, so a 1:100 ridge is judged
    like a round target); a ``RuntimeWarning`` above ``max_fisher``.
 
-Defaults: ``sigma_min`` = 0.01 (in units of :math:`c`: the check's noise, below the width of every
-direction that carries a share of the scale; a narrower one is smoothed in the check's reference);
-``sigma_max`` twice the largest distance between particles (99% quantile over
+Defaults: ``sigma_min`` = 0.01 (in units of :math:`c`; also the check's noise: a direction narrower
+than it, as on a 1:100 ridge, is smoothed in the check's reference, not judged against the unsmoothed
+score); ``sigma_max`` twice the largest distance between particles (99% quantile over
 pairs), beyond which the modes are one blob and the smoothed moment Gaussian takes over; a network
 of width 128 and depth 3 trained for 2,000 Adam steps on batches of 512 (cosine learning rate from
 2e-3), a few seconds of CPU at d = 64 and negligible next to the population's evaluations.
