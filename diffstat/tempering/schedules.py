@@ -38,7 +38,7 @@ from diffstat.tempering.core import (
 )
 from diffstat.tempering.moves import particle_metric
 from diffstat.tempering.path import GeometricPath, default_step_size
-from diffstat.tempering.smc import next_beta
+from diffstat.tempering.smc import DENSE_RATIO, next_beta
 
 __all__ = [
     "REFERENCE_SCALE",
@@ -61,8 +61,14 @@ _GEOMETRIC_BETA_MIN = 1e-4
 REFERENCE_SCALE = 1.5
 #: Effective particles per dimension from which the pilot's covariances (its moves' metric, the
 #: preconditioners it hands to AIS, the fitted reference) are not shrunk toward their diagonal: the
-#: sample covariance's eigenvalues are then within (1 +- sqrt(1/10))^2 of the truth.
+#: sample covariance's eigenvalues are then within (1 +- sqrt(1/10))^2 of the truth. Below it the
+#: shrinkage is SMC's: capped from ``smc.DENSE_RATIO`` (4) per dimension at the least eigenvalue of
+#: the correlation matrix (``particle_metric``'s ``keep_conditioning``), since an uncapped shrinkage
+#: of d / n (0.1 for the default 250-particle pilot in 26 dimensions) widens the narrow directions of
+#: a collinear posterior 10^4-fold (``docs/ais_pt_errors.md``).
 _DENSE_RATIO = 10
+#: The keyword arguments of ``particle_metric`` for the pilot's covariances (the rule above).
+_SHRINKAGE = dict(shrink_until=_DENSE_RATIO, dense_ratio=DENSE_RATIO, keep_conditioning=True)
 
 
 class PilotRun(NamedTuple):
@@ -177,7 +183,7 @@ def pilot_reference(x: torch.Tensor, scale: float = REFERENCE_SCALE):
     distribution)."""
     if x.shape[0] < 2 or not bool(torch.isfinite(x).all()):
         return None
-    metric = particle_metric(x, None, "dense", shrink_until=_DENSE_RATIO)
+    metric = particle_metric(x, None, "dense", **_SHRINKAGE)
     if not isinstance(metric, DenseMetric):  # no spread: particle_metric's unit diagonal
         return None
     return torch.distributions.MultivariateNormal(x.mean(0), scale_tril=scale * metric.chol)
@@ -208,7 +214,7 @@ def _pilot_record(state, generator) -> tuple[torch.Tensor, ...]:
 #: The pilot's moves' preconditioner: the dense covariance of the weighted particles pooled within
 #: their clusters, as SMC's, but shrunk toward its diagonal only below ``_DENSE_RATIO`` effective
 #: particles per dimension.
-_pilot_metric = cloud_metric("dense", shrink_until=_DENSE_RATIO)
+_pilot_metric = cloud_metric("dense", **_SHRINKAGE)
 
 
 def _pilot_cholesky(particles, generator: torch.Generator) -> torch.Tensor:
