@@ -1,12 +1,17 @@
 """AIS on the collinear regression and PT's log Z standard error (issue 13, ``docs/ais_pt_errors.md``).
 
     python benchmarks/bench_ais_pt_errors.py --parts ais --seeds 0 1 2 3 4 5
+    python benchmarks/bench_ais_pt_errors.py --parts ais --ais-case corr50 \\
+        --pilot old new moves_only --seeds 0 1 2 3
     python benchmarks/bench_ais_pt_errors.py --parts pt --cases ring laplace4 ridge2 --seeds $(seq 0 19)
 
-* ``ais``: ``ds.sample(collinear(), "ais", num_samples=1000, seed=s)`` at defaults per seed: the
-  largest |mean error| over the coefficients in posterior sds, the RMS of those errors, the final
-  ESS, log Z error with its standard error and their ratio, the thermodynamic length and number of
-  temperatures of the plan, target evaluations, RuntimeWarnings.
+* ``ais``: ``ds.sample(target, "ais", num_samples=1000, seed=s, check_modes=False)`` per seed on
+  ``--ais-case`` (``collinear``, or the audit's ``corr50``) under each ``--pilot`` shrinkage of the
+  pilot's covariances (``new``: the default, SMC's capped shrinkage; ``old``: d / n below 10 per
+  dimension, uncapped, before issue 13; ``moves_only``: capped for the moves' metric only, the
+  reference fitted the old way): the largest |mean error| in posterior sds, the largest relative
+  sd error, the final ESS, log Z error with its standard error and their ratio, the thermodynamic
+  length and number of temperatures of the plan, target evaluations, RuntimeWarnings.
 * ``pt``: ``ds.sample(target, "pt", num_samples=1000, seed=s, check_modes=False)`` (4 chains) per
   seed on audit cases with an exact log Z: the error, the reported standard error, its two parts
   (the MCMC standard error of the delta-method series from the multi-chain ESS, and the spread of
@@ -28,6 +33,8 @@ import torch
 
 import diffstat as ds
 import diffstat.tempering.pt_phases as phases
+import diffstat.tempering.schedules as schedules
+from diffstat.tempering.core import cloud_metric
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "tempering"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,26 +42,51 @@ from audit_cases import CASES  # noqa: E402
 from correlated_targets import collinear  # noqa: E402
 
 
-def ais_part(seeds) -> None:
+OLD = dict(shrink_until=10)
+PILOTS = {
+    "new": (schedules._SHRINKAGE, schedules._SHRINKAGE),
+    "old": (OLD, OLD),
+    "moves_only": (schedules._SHRINKAGE, OLD),
+}
+
+
+def ais_case(name: str):
+    """The target and its exact means, sds (NaN where not scored) and log Z."""
+    if name == "corr50":
+        target, exact = CASES["corr50"]()
+        return target, exact["mean"], exact["sd"], exact["log_z"]
     t = collinear()
-    for seed in seeds:
-        t.num_target_evals = 0
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            idata = ds.sample(t, "ais", num_samples=1000, seed=seed, progress=False)
-        a = idata.posterior.attrs
-        x = idata.posterior["x"].values.reshape(-1, t.dim)
-        z = (x[:, :-1].mean(0) - t.beta_mean.numpy()) / t.beta_sd.numpy()
-        err = a["log_normalizer"] - t.log_evidence
-        warns = [str(w.message)[:60] for w in caught if issubclass(w.category, RuntimeWarning)]
-        print(
-            f"ais seed {seed}: max |mean err| {np.abs(z).max():.3f} rms {np.sqrt((z**2).mean()):.3f} "
-            f"ESS {a['ess']:.0f} log Z err {err:+.4f} se {a['log_normalizer_se']:.4f} "
-            f"({err / a['log_normalizer_se']:+.2f}) length {a['thermodynamic_length']:.2f} "
-            f"K {a['num_stages']} evals {a['num_target_evals']:,}",
-            warns,
-            flush=True,
-        )
+    nan = np.array([np.nan])
+    return t, np.r_[t.beta_mean.numpy(), nan], np.r_[t.beta_sd.numpy(), nan], t.log_evidence
+
+
+def ais_part(case: str, pilots, seeds) -> None:
+    t, mean, sd, log_z = ais_case(case)
+    for pilot in pilots:
+        moves, reference = PILOTS[pilot]
+        schedules._pilot_metric, schedules._SHRINKAGE = cloud_metric("dense", **moves), reference
+        for seed in seeds:
+            t.num_target_evals = 0
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                idata = ds.sample(t, "ais", num_samples=1000, seed=seed, progress=False, check_modes=False)
+            a = idata.posterior.attrs
+            x = idata.posterior["x"].values.reshape(-1, t.dim)
+            z, sd_err = np.abs(x.mean(0) - mean) / sd, np.abs(x.std(0) / sd - 1)
+            err = a["log_normalizer"] - log_z
+            warns = [str(w.message)[:60] for w in caught if issubclass(w.category, RuntimeWarning)]
+            print(
+                f"ais {case} {pilot} seed {seed}: max |mean err| {np.nanmax(z):.3f} sd err "
+                f"{np.nanmax(sd_err):.3f} ESS {a['ess']:.0f} log Z err {err:+.4f} se "
+                f"{a['log_normalizer_se']:.4f} ({err / a['log_normalizer_se']:+.2f}) length "
+                f"{a['thermodynamic_length']:.2f} K {a['num_stages']} evals {a['num_target_evals']:,}",
+                warns,
+                flush=True,
+            )
+    schedules._pilot_metric, schedules._SHRINKAGE = (
+        cloud_metric("dense", **PILOTS["new"][0]),
+        PILOTS["new"][1],
+    )
 
 
 def pt_part(cases, seeds) -> None:
@@ -99,9 +131,11 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["ais", "pt"])
     parser.add_argument("--cases", nargs="+", default=["ring", "laplace4", "ridge2"])
     parser.add_argument("--seeds", nargs="+", type=int, default=list(range(20)))
+    parser.add_argument("--ais-case", default="collinear", choices=("collinear", "corr50"))
+    parser.add_argument("--pilot", nargs="+", default=["new"], choices=tuple(PILOTS))
     args = parser.parse_args()
     if "ais" in args.parts:
-        ais_part(args.seeds)
+        ais_part(args.ais_case, args.pilot, args.seeds)
     if "pt" in args.parts:
         pt_part(args.cases, args.seeds)
 
