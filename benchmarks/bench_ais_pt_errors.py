@@ -4,6 +4,7 @@
     python benchmarks/bench_ais_pt_errors.py --parts ais --ais-case corr50 \\
         --pilot old new moves_only --seeds 0 1 2 3
     python benchmarks/bench_ais_pt_errors.py --parts pt --cases ring laplace4 ridge2 --seeds $(seq 0 19)
+    python benchmarks/bench_ais_pt_errors.py --parts ar1
 
 * ``ais``: ``ds.sample(target, "ais", num_samples=1000, seed=s, check_modes=False)`` per seed on
   ``--ais-case`` (``collinear``, or the audit's ``corr50``) under each ``--pilot`` shrinkage of the
@@ -12,12 +13,16 @@
   reference fitted the old way): the largest |mean error| in posterior sds, the largest relative
   sd error, the final ESS, log Z error with its standard error and their ratio, the thermodynamic
   length and number of temperatures of the plan, target evaluations, RuntimeWarnings.
-* ``pt``: ``ds.sample(target, "pt", num_samples=1000, seed=s, check_modes=False)`` (4 chains) per
+* ``pt``: ``ds.sample(target, "pt", num_samples=1000, seed=s, check_modes=False)`` (``--pt-chains``, 4) per
   seed on audit cases with an exact log Z: the error, the reported standard error, its two parts
   (the MCMC standard error of the delta-method series from the multi-chain ESS, and the spread of
   the 4 chains' estimates over 2, which was the whole standard error before issue 13), Cochran's p
   of the chains, the stones' largest Pareto k; then per case the RMS and mean of |error| / se for
   each error (|N(0,1)| has RMS 1 and mean 0.80) and the count beyond 2.
+* ``ar1``: ``stepping_stones`` on 400 replications of one pair's terms 0.3 x, x an AR(1) series at
+  rho 0.9 (4 chains of 400, seed 0; the series of ``tests/tempering/test_pt_evidence.py``): the mean
+  of se^2 over the variance of log Z hat across replications, for the reported error, its two parts
+  and an error that treats the draws as independent.
 """
 
 from __future__ import annotations
@@ -89,7 +94,7 @@ def ais_part(case: str, pilots, seeds) -> None:
     )
 
 
-def pt_part(cases, seeds) -> None:
+def pt_part(cases, seeds, chains: int = 4) -> None:
     captured = {}
     original = phases.stepping_stones
 
@@ -104,7 +109,15 @@ def pt_part(cases, seeds) -> None:
         for seed in seeds:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ds.sample(target, "pt", num_samples=1000, seed=seed, progress=False, check_modes=False)
+                ds.sample(
+                    target,
+                    "pt",
+                    num_samples=1000,
+                    num_chains=chains,
+                    seed=seed,
+                    progress=False,
+                    check_modes=False,
+                )
             ev, terms = captured["ev"], captured["terms"]
             u = torch.exp(terms - ev.increments).sum(-1).T
             parts = (phases._mean_se(u), float(ev.chain_log_z.std() / math.sqrt(terms.shape[1])))
@@ -126,18 +139,40 @@ def pt_part(cases, seeds) -> None:
     phases.stepping_stones = original
 
 
+def ar1_part(replications: int = 400) -> None:
+    from test_pt_evidence import ar1
+
+    generator = torch.Generator().manual_seed(0)
+    estimates, errors = [], {"reported": [], "ESS part": [], "spread": [], "independent": []}
+    for _ in range(replications):
+        terms = 0.3 * ar1(generator, 400, 4, 0.9).unsqueeze(-1)
+        ev = phases.stepping_stones(terms)
+        u = torch.exp(terms - ev.increments).sum(-1).T
+        estimates.append(ev.log_z)
+        errors["reported"].append(ev.se)
+        errors["ESS part"].append(phases._mean_se(u))
+        errors["spread"].append(float(ev.chain_log_z.std() / 2))
+        errors["independent"].append(float(u.std() / math.sqrt(u.numel())))
+    var = float(np.var(estimates, ddof=1))
+    for name, values in errors.items():
+        print(f"ar1 {name}: mean se^2 / Var(log Z hat) {np.mean(np.square(values)) / var:.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["ais", "pt"])
     parser.add_argument("--cases", nargs="+", default=["ring", "laplace4", "ridge2"])
     parser.add_argument("--seeds", nargs="+", type=int, default=list(range(20)))
+    parser.add_argument("--pt-chains", type=int, default=4)
     parser.add_argument("--ais-case", default="collinear", choices=("collinear", "corr50"))
     parser.add_argument("--pilot", nargs="+", default=["new"], choices=tuple(PILOTS))
     args = parser.parse_args()
     if "ais" in args.parts:
         ais_part(args.ais_case, args.pilot, args.seeds)
     if "pt" in args.parts:
-        pt_part(args.cases, args.seeds)
+        pt_part(args.cases, args.seeds, args.pt_chains)
+    if "ar1" in args.parts:
+        ar1_part()
 
 
 if __name__ == "__main__":
