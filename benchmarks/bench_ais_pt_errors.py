@@ -16,7 +16,8 @@
 * ``pt``: ``ds.sample(target, "pt", num_samples=1000, seed=s, check_modes=False)`` (``--pt-chains``, 4) per
   seed on audit cases with an exact log Z: the error, the reported standard error, its two parts
   (the MCMC standard error of the delta-method series from the multi-chain ESS, and the spread of
-  the 4 chains' estimates over 2, which was the whole standard error before issue 13), Cochran's p
+  the chains' estimates over sqrt(C), which was the whole standard error before issue 13; with
+  one chain that was the spread of 8 batches' estimates, shown instead), Cochran's p
   of the chains, the stones' largest Pareto k; then per case the RMS and mean of |error| / se for
   each error (|N(0,1)| has RMS 1 and mean 0.80) and the count beyond 2.
 * ``ar1``: ``stepping_stones`` on 400 replications of one pair's terms 0.3 x, x an AR(1) series at
@@ -94,6 +95,16 @@ def ais_part(case: str, pilots, seeds) -> None:
     )
 
 
+def before_se(terms: torch.Tensor) -> float:
+    """The standard error before issue 13: the sd of the chains' estimates over sqrt(C), or with one
+    chain of the estimates from 8 equal batches of its iterations over sqrt(8)."""
+    t, c, r1 = terms.shape
+    units = terms.reshape(t, c, r1) if c > 1 else terms[: t - t % 8].reshape(8, -1, r1).transpose(0, 1)
+    size = units.shape[0]
+    per_unit = (torch.logsumexp(units, 0) - math.log(size)).sum(-1)
+    return float(per_unit.std() / math.sqrt(per_unit.numel()))
+
+
 def pt_part(cases, seeds, chains: int = 4) -> None:
     captured = {}
     original = phases.stepping_stones
@@ -120,7 +131,7 @@ def pt_part(cases, seeds, chains: int = 4) -> None:
                 )
             ev, terms = captured["ev"], captured["terms"]
             u = torch.exp(terms - ev.increments).sum(-1).T
-            parts = (phases._mean_se(u), float(ev.chain_log_z.std() / math.sqrt(terms.shape[1])))
+            parts = (phases._mean_se(u), before_se(terms))
             err = ev.log_z - exact["log_z"]
             rows.append((err, ev.se, *parts))
             print(
