@@ -170,7 +170,8 @@ def pilot_reference(x: torch.Tensor, scale: float = REFERENCE_SCALE):
     :math:`\mathcal N(\bar x, s^2 \hat\Sigma)` with ``scale`` :math:`s` (:data:`REFERENCE_SCALE`),
     :math:`\hat\Sigma` the particles' covariance (over all of them, not pooled within clusters: the
     reference must cover every mode), shrunk toward its diagonal by :math:`\min(1, d/n)` only when
-    :math:`n < 10 d`: shrinking by 1% where two coordinates correlate at 0.9999 (posteriordb's
+    :math:`n < 10 d`, and from :math:`4 d` by at most the least eigenvalue of its correlation
+    matrix (:data:`_SHRINKAGE`): shrinking by 1% where two coordinates correlate at 0.9999 (posteriordb's
     kilpisjarvi, a regression on the year) makes the narrow direction 906 times too wide in
     variance, and the path from there 3 to 4 long instead of 0.75. None when the particles are not
     finite or have no spread.
@@ -213,7 +214,7 @@ def _pilot_record(state, generator) -> tuple[torch.Tensor, ...]:
 
 #: The pilot's moves' preconditioner: the dense covariance of the weighted particles pooled within
 #: their clusters, as SMC's, but shrunk toward its diagonal only below ``_DENSE_RATIO`` effective
-#: particles per dimension.
+#: particles per dimension (capped as SMC's, :data:`_SHRINKAGE`).
 _pilot_metric = cloud_metric("dense", **_SHRINKAGE)
 
 
