@@ -40,7 +40,7 @@ def ais_agrees(x: torch.Tensor, attrs: dict, exact) -> bool:
 
 
 def test_ais_defaults_on_the_collinear_regression():
-    """One run of 1,000 particles (about 0.25M evaluations). Before the pilot's shrinkage was capped
+    """One run of 1,000 particles (228,064 evaluations). Before the pilot's shrinkage was capped
     the same run's weights collapsed (ESS 1.5, a warning), means 3.0 sd off and log Z 94 too low."""
     target = collinear()
     with warnings.catch_warnings():
