@@ -27,9 +27,12 @@ Syed et al. suggest about :math:`2\Lambda` temperatures.
 
 **Evidence** by stepping stones over the ladder (Xie et al. 2011), from the post-warm-up states:
 :math:`\log\hat Z = \sum_{r} \log \overline{\exp\{(\beta_{r+1}-\beta_r)\,\delta(x_r)\}}`,
-pooled over chains; its standard error is the spread of the per-chain estimates over
-:math:`\sqrt C` (with one chain, of the estimates from 8 batches of iterations). The draws are the
-cold replicas' states after warm-up.
+pooled over chains; its standard error is that of an MCMC mean (delta method; the multi-chain
+ESS of split chains, so the chains' autocorrelation and disagreement count), or the spread of the
+per-chain estimates over :math:`\sqrt C` where larger (:func:`~diffstat.tempering.pt_phases.stepping_stones`).
+A ``RuntimeWarning`` (and ``log_normalizer_reliable`` False) says when the chains' estimates
+disagree beyond their own errors or a pair's weights are heavy-tailed. The draws are the cold
+replicas' states after warm-up.
 
 **Diagnosis.** The ``C`` runs are independent, so their cold chains are diagnosed as MCMC chains
 (:func:`diffstat.diagnostics.mcmc_diagnostics`: R-hat, bulk and tail ESS, stuck chains, the lp
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -82,7 +86,7 @@ from diffstat.tempering.ladder import (
     with_factors,
 )
 from diffstat.tempering.moves import whitened_move
-from diffstat.tempering.pt_phases import PTOutput, record, warmup
+from diffstat.tempering.pt_phases import PTOutput, evidence_problems, record, warmup
 
 __all__ = [
     "PTOutput",
@@ -326,11 +330,16 @@ def pt_sampler(target, *, num_samples, num_chains, generator, progress, device, 
     attrs = {
         "log_normalizer": out.log_normalizer,
         "log_normalizer_se": out.log_normalizer_se,
+        "log_normalizer_agreement_p": out.evidence.agreement_p,
+        "log_normalizer_pareto_k": out.evidence.pareto_k,
+        "log_normalizer_reliable": not evidence_problems(out.evidence),
         "num_stages": int(out.temperatures["beta"].numel()),
         "global_barrier": out.global_barrier,
         "num_warmup": num_samples if options.get("num_warmup") is None else int(options["num_warmup"]),
         "path": path.kind,
     }
+    if problems := evidence_problems(out.evidence):
+        warnings.warn(problems, RuntimeWarning, stacklevel=3)
     attrs.update(
         after_checks(
             "PT", check_modes, target, path, out.draws, out.log_normalizer, generator, device, evals0

@@ -38,7 +38,7 @@ from diffstat.tempering.core import (
 )
 from diffstat.tempering.moves import particle_metric
 from diffstat.tempering.path import GeometricPath, default_step_size
-from diffstat.tempering.smc import next_beta
+from diffstat.tempering.smc import DENSE_RATIO, next_beta
 
 __all__ = [
     "REFERENCE_SCALE",
@@ -61,8 +61,20 @@ _GEOMETRIC_BETA_MIN = 1e-4
 REFERENCE_SCALE = 1.5
 #: Effective particles per dimension from which the pilot's covariances (its moves' metric, the
 #: preconditioners it hands to AIS, the fitted reference) are not shrunk toward their diagonal: the
-#: sample covariance's eigenvalues are then within (1 +- sqrt(1/10))^2 of the truth.
+#: sample covariance's eigenvalues are then within (1 +- sqrt(1/10))^2 of the truth. Below it the
+#: shrinkage is SMC's: capped from ``smc.DENSE_RATIO`` (4) per dimension at the least eigenvalue of
+#: the correlation matrix (``particle_metric``'s ``keep_conditioning``), since an uncapped shrinkage
+#: of d / n (0.1 for the default 250-particle pilot in 26 dimensions) widens the narrow directions of
+#: a collinear posterior 10^4-fold (``docs/ais_pt_errors.md``).
 _DENSE_RATIO = 10
+#: The keyword arguments of ``particle_metric`` for the pilot's moves' metric and preconditioners
+#: (the rule above).
+_SHRINKAGE = dict(shrink_until=_DENSE_RATIO, dense_ratio=DENSE_RATIO, keep_conditioning=True)
+#: The same for the fitted reference, capped only from (s / (s - 1))^2 = 9 particles per dimension
+#: (s = REFERENCE_SCALE): from there the sample covariance's least eigenvalues, (1 - sqrt(d/n))^2 of
+#: the truth's, times s^2 still cover the target, while below it the d / n shrinkage is what keeps
+#: the widened fit from being narrower than the target along the directions that noise shrank.
+_REFERENCE_SHRINKAGE = _SHRINKAGE | {"dense_ratio": (REFERENCE_SCALE / (REFERENCE_SCALE - 1)) ** 2}
 
 
 class PilotRun(NamedTuple):
@@ -164,10 +176,11 @@ def pilot_reference(x: torch.Tensor, scale: float = REFERENCE_SCALE):
     :math:`\mathcal N(\bar x, s^2 \hat\Sigma)` with ``scale`` :math:`s` (:data:`REFERENCE_SCALE`),
     :math:`\hat\Sigma` the particles' covariance (over all of them, not pooled within clusters: the
     reference must cover every mode), shrunk toward its diagonal by :math:`\min(1, d/n)` only when
-    :math:`n < 10 d`: shrinking by 1% where two coordinates correlate at 0.9999 (posteriordb's
-    kilpisjarvi, a regression on the year) makes the narrow direction 906 times too wide in
-    variance, and the path from there 3 to 4 long instead of 0.75. None when the particles are not
-    finite or have no spread.
+    :math:`n < 10 d`, and from :math:`9 d` by at most the least eigenvalue of its correlation
+    matrix (:data:`_REFERENCE_SHRINKAGE`): shrinking by 1% where two coordinates correlate at
+    0.9999 (posteriordb's kilpisjarvi, a regression on the year) makes the narrow direction 906
+    times too wide in variance, and the path from there 3 to 4 long instead of 0.75. None when the
+    particles are not finite or have no spread.
 
     The path from the prior of a diffuse model to its posterior is long (thermodynamic length 10
     to 26 on posteriordb's regressions, whose priors are far wider than their posteriors), the path from
@@ -177,7 +190,7 @@ def pilot_reference(x: torch.Tensor, scale: float = REFERENCE_SCALE):
     distribution)."""
     if x.shape[0] < 2 or not bool(torch.isfinite(x).all()):
         return None
-    metric = particle_metric(x, None, "dense", shrink_until=_DENSE_RATIO)
+    metric = particle_metric(x, None, "dense", **_REFERENCE_SHRINKAGE)
     if not isinstance(metric, DenseMetric):  # no spread: particle_metric's unit diagonal
         return None
     return torch.distributions.MultivariateNormal(x.mean(0), scale_tril=scale * metric.chol)
@@ -207,8 +220,8 @@ def _pilot_record(state, generator) -> tuple[torch.Tensor, ...]:
 
 #: The pilot's moves' preconditioner: the dense covariance of the weighted particles pooled within
 #: their clusters, as SMC's, but shrunk toward its diagonal only below ``_DENSE_RATIO`` effective
-#: particles per dimension.
-_pilot_metric = cloud_metric("dense", shrink_until=_DENSE_RATIO)
+#: particles per dimension (capped as SMC's, :data:`_SHRINKAGE`).
+_pilot_metric = cloud_metric("dense", **_SHRINKAGE)
 
 
 def _pilot_cholesky(particles, generator: torch.Generator) -> torch.Tensor:
