@@ -3,10 +3,10 @@ an exact answer computed here without the package, on the model's own parameters
 
 * a conditionally Gaussian model (varying intercepts, an AR(1) latent series) is Gaussian given
   one or two scale parameters, so its moments are a quadrature over those of closed-form Gaussian
-  posteriors and evidences (``gaussian_given``);
-* a model of two to four parameters is integrated on a grid in the frame of its Laplace
-  approximation, +-8 sds, 26 to 61 points an axis (``grid_moments``), after checking that the grid's
-  edge holds no mass;
+  posteriors and evidences (``audit_exact.gaussian_given``);
+* a model of three or four parameters is integrated on a grid in the frame of its Laplace
+  approximation, +-12 to 16 sds, 33 to 81 points an axis (``audit_exact.grid_moments``), refused
+  where the grid's edge holds over 1e-7 of the mass;
 * the change point is conjugate given the switch, and the LKJ model is a grid over the three
   correlations themselves.
 
@@ -22,83 +22,13 @@ import numpy as np
 import torch
 
 import diffstat as ds
+from audit_exact import gaussian_given, grid_moments, mixture_moments, normal_lp
 
 F64 = torch.float64
 
 
 def _t(x):
     return torch.as_tensor(x, dtype=F64)
-
-
-# ----------------------------------------------------------------------------- exact-answer tools
-def gaussian_given(prior_prec, design, y, noise_var):
-    """theta ~ N(0, prior_prec^-1), y ~ N(design theta, noise_var I), batched over prior_prec
-    (..., p, p) and noise_var (...): posterior means, variances (diagonal) and log evidence."""
-    n = y.shape[0]
-    prec = prior_prec + design.T @ design / noise_var[..., None, None]
-    chol = np.linalg.cholesky(prec)
-    b = (design.T @ y) / noise_var[..., None]
-    mean = np.linalg.solve(prec, b[..., None])[..., 0]
-    eye = np.broadcast_to(np.eye(prec.shape[-1]), prec.shape)
-    var = np.diagonal(np.linalg.solve(prec, eye), axis1=-2, axis2=-1)
-    logdet_prior = np.linalg.slogdet(prior_prec)[1]
-    logdet_post = 2 * np.log(np.diagonal(chol, axis1=-2, axis2=-1)).sum(-1)
-    log_ev = (
-        -0.5 * n * np.log(2 * np.pi * noise_var)
-        - 0.5 * (y @ y) / noise_var
-        + 0.5 * (b * mean).sum(-1)
-        + 0.5 * logdet_prior
-        - 0.5 * logdet_post
-    )
-    return mean, var, log_ev
-
-
-def mixture_moments(log_w, means, variances):
-    """Mean and sd of a mixture with log weights ``log_w`` (m,) of (m, k) component moments."""
-    w = np.exp(log_w - log_w.max())
-    w /= w.sum()
-    m = w @ means
-    return m, np.sqrt(np.maximum(w @ (variances + means**2) - m**2, 0.0))
-
-
-def grid_moments(log_density, start, funcs, num=33, width=12.0):
-    """Means and sds of ``funcs`` (name -> map of (m, d) points to (m, k) values) under the density
-    ``exp(log_density)`` on R^d, by the trapezoid rule on a grid of ``num`` points an axis over
-    +-``width`` sds of its Laplace approximation (mode by L-BFGS, Hessian by autograd); refused where
-    the grid's edge holds over 1e-7 of the mass."""
-    u = _t(start).clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([u], max_iter=1000, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = -log_density(u[None])[0]
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    mode = u.detach()
-    hess = torch.autograd.functional.hessian(lambda v: -log_density(v[None])[0], mode)
-    chol = torch.linalg.cholesky(torch.linalg.inv(hess))
-    axis = torch.linspace(-width, width, num, dtype=F64)
-    z = torch.cartesian_prod(*[axis] * len(start)).reshape(-1, len(start))
-    points = mode + z @ chol.T
-    with torch.no_grad():
-        lp = torch.cat([log_density(p) for p in points.split(65536)])
-    w = torch.exp(lp - lp.max())
-    edge = float(w[(z.abs() == width).any(-1)].sum() / w.sum())
-    if edge > 1e-7:
-        raise RuntimeError(f"grid too narrow: {edge:.1e} of the mass on its edge")
-    w = (w / w.sum()).numpy()
-    out = {}
-    for name, f in funcs.items():
-        v = f(points).numpy().reshape(len(w), -1)
-        m = w @ v
-        out[name] = (m, np.sqrt(np.maximum(w @ v**2 - m**2, 0.0)))
-    return out
-
-
-def _normal(x, sd):
-    return -0.5 * (x / sd) ** 2 - math.log(sd) - 0.5 * math.log(2 * math.pi)
 
 
 # ----------------------------------------------------------------------------- varying intercepts
@@ -140,7 +70,7 @@ def radon_centred(groups: int = 12):
         prec[:, 2 + j, 2 + j] = itau2
         prec[:, 0, 2 + j] = prec[:, 2 + j, 0] = -itau2
     mean, var, log_ev = gaussian_given(prec, design, y, np.exp(2 * ls))
-    log_w = log_ev + _normal(np.exp(lt), 1.0) + lt + _normal(np.exp(ls), 1.0) + ls
+    log_w = log_ev + normal_lp(np.exp(lt), 1.0) + lt + normal_lp(np.exp(ls), 1.0) + ls
     scales = np.exp(np.c_[lt, ls])
     m, s = mixture_moments(log_w, np.c_[mean, scales], np.c_[var, 0 * scales])
     sites = {"mu": (m[0], s[0]), "beta": (m[1], s[1]), "alpha": (m[2:-2], s[2:-2])}
@@ -181,7 +111,7 @@ def ar1_latent(steps: int = 60, obs_sd: float = 0.7):
         q -= phi * (np.eye(steps, k=1) + np.eye(steps, k=-1))
         prec = q[None] / np.exp(2 * log_s)[:, None, None]
         mean, var, log_ev = gaussian_given(prec, design, y, np.full(log_s.size, obs_sd**2))
-        log_w = log_ev + _normal(np.exp(log_s), 1.0) + log_s
+        log_w = log_ev + normal_lp(np.exp(log_s), 1.0) + log_s
         parts.append((log_w, np.c_[mean, np.full_like(log_s, phi), np.exp(log_s)], var))
     log_w = np.concatenate([p[0] for p in parts])
     means = np.concatenate([p[1] for p in parts])
@@ -224,7 +154,7 @@ def ordered_logistic(n: int = 120):
         cdf = torch.cat([torch.zeros_like(cdf[..., :1]), cdf, torch.ones_like(cdf[..., :1])], -1)
         p = cdf[..., 1:] - cdf[..., :-1]
         lik = torch.log(p.gather(-1, yt.expand(len(u), -1)[..., None])[..., 0]).sum(-1)
-        return lik + _normal(u[:, 0], 2.5) + _normal(u[:, 1:], 5.0).sum(-1)
+        return lik + normal_lp(u[:, 0], 2.5) + normal_lp(u[:, 1:], 5.0).sum(-1)
 
     sites = grid_moments(
         log_density, [1.0, -1.0, 0.0, 0.0], {"beta": lambda u: u[:, 0], "cutpoints": cutpoints}
@@ -265,7 +195,7 @@ def negbin_regression(n: int = 60):
             + phi * (lphi - torch.logaddexp(lphi, eta))
             + yt * (eta - torch.logaddexp(lphi, eta))
         ).sum(-1)
-        prior = _normal(u[:, 0], 5.0) + _normal(u[:, 1:3], 2.5).sum(-1)
+        prior = normal_lp(u[:, 0], 5.0) + normal_lp(u[:, 1:3], 2.5).sum(-1)
         prior = prior + 2 * math.log(0.1) + lphi[:, 0] - 0.1 * phi[:, 0] + lphi[:, 0]  # with Jacobian
         return lik + prior
 
@@ -303,7 +233,7 @@ def weibull_censored(n: int = 80):
         z_obs = (data[1].log() - a - b * data[0]) * k  # log(t / scale)^k
         lik = (lk + (k - 1) * data[1].log() - k * (a + b * data[0]) - z_obs.exp()).sum(-1)
         lik = lik - torch.exp(k * (data[3].log() - a - b * data[2])).sum(-1)
-        prior = _normal(u[:, 0], 2.0) + _normal(u[:, 1], 2.0) + math.log(1.0) + 2 * lk[:, 0] - k[:, 0]
+        prior = normal_lp(u[:, 0], 2.0) + normal_lp(u[:, 1], 2.0) + math.log(1.0) + 2 * lk[:, 0] - k[:, 0]
         return lik + prior
 
     funcs = {"a": lambda u: u[:, 0], "b": lambda u: u[:, 1], "k": lambda u: u[:, 2].exp()}
@@ -337,7 +267,7 @@ def mixture_weights(n: int = 80):
         w, ls = weights(u), u[:, 2:]
         comp = -0.5 * ((yt[None, :, None] - lt) / ls.exp()[..., None]) ** 2 - ls[..., None]
         lik = torch.logsumexp(comp + w.log()[:, None, :], -1).sum(-1) - 0.5 * n * math.log(2 * math.pi)
-        prior = math.log(2.0) + _normal(ls[:, 0].exp(), 2.0) + ls[:, 0] + w.log().sum(-1)  # Jacobians
+        prior = math.log(2.0) + normal_lp(ls[:, 0].exp(), 2.0) + ls[:, 0] + w.log().sum(-1)  # Jacobians
         return lik + prior
 
     funcs = {"w": weights, "sigma": lambda u: u[:, 2].exp()}
