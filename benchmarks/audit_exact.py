@@ -46,11 +46,18 @@ def mixture_moments(log_w, means, variances):
     return m, np.sqrt(np.maximum(w @ (variances + means**2) - m**2, 0.0))
 
 
+def log_mass(log_w, cell: float) -> float:
+    """log of the trapezoid sum of exp(log_w) on a grid with cells of volume ``cell``."""
+    top = float(np.max(log_w))
+    return top + math.log(float(np.exp(log_w - top).sum()) * cell)
+
+
 def grid_moments(log_density, start, funcs, num=33, width=12.0):
     """Means and sds of ``funcs`` (name -> map of (m, d) points to (m, k) values) under the density
     ``exp(log_density)`` on R^d, by the trapezoid rule on a grid of ``num`` points an axis over
     +-``width`` sds of its Laplace approximation (mode by L-BFGS, Hessian by autograd); refused where
-    the grid's edge holds over 1e-7 of the mass."""
+    the grid's edge holds over 1e-7 of the mass. Returns the moments and log of the density's
+    integral."""
     u = _t(start).clone().requires_grad_(True)
     opt = torch.optim.LBFGS([u], max_iter=1000, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
 
@@ -73,13 +80,15 @@ def grid_moments(log_density, start, funcs, num=33, width=12.0):
     edge = float(w[(z.abs() == width).any(-1)].sum() / w.sum())
     if edge > 1e-7:
         raise RuntimeError(f"grid too narrow: {edge:.1e} of the mass on its edge")
+    cell = (2 * width / (num - 1)) ** len(start) * float(torch.diagonal(chol).prod())
+    log_z = log_mass(lp.numpy(), cell)
     w = (w / w.sum()).numpy()
     out = {}
     for name, f in funcs.items():
         v = f(points).numpy().reshape(len(w), -1)
         m = w @ v
         out[name] = (m, np.sqrt(np.maximum(w @ v**2 - m**2, 0.0)))
-    return out
+    return out, log_z
 
 
 def normal_lp(x, sd):
