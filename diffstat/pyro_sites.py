@@ -35,6 +35,7 @@ __all__ = [
     "SetLatents",
     "deterministic_shapes",
     "model_context",
+    "off_support",
     "per_particle",
     "trace_sites",
     "unconstrain_draw",
@@ -208,3 +209,30 @@ def sum_over_particles(t, n: int | None, particle_dim: int, name: str, like: tor
     if t.shape[0] not in (1, n):
         raise ValueError(f"site {name!r} does not broadcast over {n} particles (shape {tuple(t.shape)})")
     return t.expand(n)
+
+
+def off_support(site) -> torch.Tensor:
+    """1 where a latent site's value, not NaN, has no finite unconstrained value, else 0
+    (batch-shaped): the value lies on the boundary of its bijection's image.
+
+    A finite ``u`` can map onto that boundary in floating point: ``exp`` underflows to 0 or
+    overflows to inf (a scale far out in a funnel or its tail), an ordered vector's increment
+    ``exp(u_k)`` is below the spacing of the float at its predecessor (equal cutpoints). The
+    distributions compute NaN there (``0 / 0`` in ``Normal(mu, 0)``, ``inf - inf`` through the
+    inverse of ``OrderedTransform``), which the samplers reject but the run reports as the user's
+    NaN. The image of the bijection is open and the density in ``u`` of a point mapped outside it
+    is 0: ``-inf``, as for a prior draw without a finite unconstrained value
+    (:func:`unconstrain_draw`). A NaN value is left alone: it stays NaN and is reported.
+    """
+    value, support = site["value"], site["fn"].support
+    transform = biject_to(support)
+    with torch.no_grad():
+        u = transform.inv(value)
+
+    def per_value(t, event):
+        return t.flatten(-event).any(-1) if event else t
+
+    bad = per_value(~torch.isfinite(u), transform.domain.event_dim)
+    return (bad & ~per_value(torch.isnan(value), support.event_dim)).to(
+        value.dtype if value.is_floating_point() else torch.get_default_dtype()
+    )
