@@ -50,7 +50,7 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
-from diffstat.pyro_checks import MODES, check_arguments, check_vectorised, non_float_observations
+from diffstat.pyro_checks import MODES, check_arguments, check_vectorised, non_float_observations, rows_or_nan
 from diffstat.pyro_sites import (
     PARTICLES,
     off_support,
@@ -260,14 +260,13 @@ class PyroTarget(Target):
         """``(log_prior, log_likelihood)`` at ``u: (n, dim)``, each ``(n,)``, batched."""
         if u.dim() != 2 or u.shape[1] != self.dim:
             raise ValueError(f"points must have shape (n, {self.dim}), got {tuple(u.shape)}")
-        if self.vectorize == "plate":
-            terms = self._terms(u, u.shape[0])
+        if self.vectorize == "plate":  # rows_or_nan: a LinAlgError at one point is NaN there
+            terms = rows_or_nan(lambda v: self._terms(v, v.shape[0]), u)
         else:
-            terms = torch.func.vmap(lambda v: self._terms(v, None))(u)
+            terms = rows_or_nan(torch.func.vmap(lambda v: self._terms(v, None)), u)
         if not (u.requires_grad and torch.is_grad_enabled()):
             return terms
-        # A term that does not depend on u (no observed site: the likelihood is 0) stays in the
-        # graph with a zero gradient, so that autograd can differentiate each term on its own.
+        # A term without u (no observed site: likelihood 0) gets a zero gradient, for autograd per term.
         return tuple(t if t.requires_grad else t + (0.0 * u).sum(-1) for t in terms)
 
     def _log_density(self, u: torch.Tensor) -> torch.Tensor:

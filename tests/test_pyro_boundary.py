@@ -80,3 +80,24 @@ def test_a_nan_inside_the_support_is_still_reported():
     target = ds.Target.from_pyro(weibull, torch.tensor([5.0, 1.0], dtype=F64))
     lp = target.log_prob(torch.tensor([[6.0], [0.0]], dtype=F64))  # k = 403: 500^403 overflows
     assert torch.isnan(lp[0]) and torch.isfinite(lp[1]) and target.num_nan_evals == 1
+
+
+def test_a_linalg_error_at_one_point_is_nan_there_not_the_end_of_the_run():
+    """A covariance that is not positive-definite at one point (here a correlation left unconstrained,
+    |a| > 1; in the audit a 60-step stationary AR(1) covariance with phi near 1) makes
+    MultivariateNormal's Cholesky raise for the whole batch: it ended HMC and PT runs. That row is
+    NaN (counted, with a zero gradient); the other rows keep their one-point values."""
+
+    def correlated(y):
+        a = pyro.sample("a", dist.Normal(torch.tensor(0.0), 0.3))
+        cov = torch.stack([torch.stack([torch.ones_like(a), a]), torch.stack([a, torch.ones_like(a)])])
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.MultivariateNormal(torch.zeros(2), covariance_matrix=cov), obs=y)
+
+    target = ds.Target.from_pyro(correlated, torch.tensor([[0.5, 0.4], [-1.0, -0.7]], dtype=F64))
+    u = torch.tensor([[0.2], [1.5], [-0.4], [0.9]], dtype=F64)
+    alone = torch.stack([target.log_prob(u[i : i + 1])[0] for i in (0, 2, 3)])
+    lp, grad = target.log_prob_and_grad(u)
+    assert torch.isnan(lp[1]) and torch.equal(grad[1], torch.zeros_like(grad[1]))
+    assert torch.allclose(lp[[0, 2, 3]], alone, atol=1e-12) and torch.isfinite(grad[[0, 2, 3]]).all()
+    assert target.num_nan_evals == 1
