@@ -220,19 +220,19 @@ def off_support(site) -> torch.Tensor:
     ``exp(u_k)`` is below the spacing of the float at its predecessor (equal cutpoints). The
     distributions compute NaN there (``0 / 0`` in ``Normal(mu, 0)``, ``inf - inf`` through the
     inverse of ``OrderedTransform``), which the samplers reject but the run reports as the user's
-    NaN. The image of the bijection is open and the density in ``u`` of a point mapped outside it
-    is 0: ``-inf``, as for a prior draw without a finite unconstrained value
-    (:func:`unconstrain_draw`). A NaN value is left alone: it stays NaN and is reported.
+    NaN. :class:`~diffstat.pyro_target.PyroTarget` makes a NaN log-density at such a point
+    ``-inf``: the model cannot be evaluated there, far out in ``u`` (a prior draw there is drawn
+    again, :func:`unconstrain_draw`), and its mass is nil. A finite log-density there is kept (a
+    distribution that inverts in the floats' range, as posteriordb's ``Pushforward``, gives one);
+    a NaN value stays NaN and is reported.
     """
-    value, support = site["value"], site["fn"].support
-    transform = biject_to(support)
+    value, fn = site["value"], site["fn"]
     with torch.no_grad():
-        u = transform.inv(value)
+        u = biject_to(fn.support).inv(value)
+    batch = value.dim() - len(fn.event_shape)
 
-    def per_value(t, event):
-        return t.flatten(-event).any(-1) if event else t
+    def per_value(t):
+        return t.flatten(batch).any(-1) if t.dim() > batch else t
 
-    bad = per_value(~torch.isfinite(u), transform.domain.event_dim)
-    return (bad & ~per_value(torch.isnan(value), support.event_dim)).to(
-        value.dtype if value.is_floating_point() else torch.get_default_dtype()
-    )
+    bad = per_value(~torch.isfinite(u)) & ~per_value(torch.isnan(value))
+    return bad.to(value.dtype if value.is_floating_point() else torch.get_default_dtype())

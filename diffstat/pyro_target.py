@@ -252,7 +252,7 @@ class PyroTarget(Target):
             else:
                 lik = lik + lp
         zero = u.new_zeros(() if n is None else (n,))  # also broadcasts a term without particles
-        off = (outside + zero) > 0  # a point mapped onto a support's boundary: -inf (off_support)
+        off = ((outside + zero) > 0) & torch.isnan(prior + lik + zero)  # off_support: NaN -> -inf
         return tuple(torch.where(off, -torch.inf, (t + zero).to(self.dtype)) for t in (prior, lik))
 
     # ------------------------------------------------------------------ densities
