@@ -5,6 +5,7 @@ Pyro model is conjugate; the GLMs have none (``bench_audit.nuts_reference``).
 
 ``CASES[name]()`` returns ``(target, exact)``; ``exact`` holds ``mean`` and ``sd`` arrays (torch
 targets), or ``sites``: name -> (means, sds), and where known ``log_z``, mode ``weights`` and ``assign``.
+The third round's Pyro models are in ``audit_cases_pyro.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 import diffstat as ds
+from audit_cases_pyro import THIRD_ROUND
 from diffstat.targets import GaussianMixture, narrow_wide
 
 F64 = torch.float64
@@ -311,4 +313,5 @@ CASES = {
     "ridge2": correlated_2d,
     "sym_modes": symmetric_modes,
     "beta_boundary": beta_boundary,
+    **THIRD_ROUND,
 }

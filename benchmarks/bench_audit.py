@@ -48,8 +48,10 @@ def score(idata, exact) -> dict:
             if name == "tau":  # mean of tau only (its sd under a half-Cauchy prior is heavy-tailed)
                 errs.append(np.abs(x.mean(0) - m) / x.std(0))
                 continue
-            errs.append(np.abs(x.mean(0) - m) / s)
-            sd_errs.append(np.abs(x.std(0) / s - 1))
+            m, s = np.ravel(m), np.ravel(s)
+            scored = s > 0  # a constant coordinate (a Cholesky factor's 0 and 1 entries) is not
+            errs.append(np.abs(x.mean(0) - m)[scored] / s[scored])
+            sd_errs.append(np.abs(x.std(0)[scored] / s[scored] - 1))
         row["mean_err"] = float(np.max(np.concatenate(errs)))
         row["sd_err"] = float(np.max(np.concatenate(sd_errs)))
     else:

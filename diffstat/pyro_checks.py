@@ -4,14 +4,15 @@ The validation half of :mod:`diffstat.pyro_target` (whose structure half is
 :mod:`diffstat.pyro_sites`): the target's keywords and the dtype and device of the model's
 arguments (:func:`check_arguments`), a hint naming observations that a distribution cannot score
 because they are not floating point (:func:`non_float_observations`), and the comparison of a
-batched evaluation with one-point runs of the plain model (:func:`check_vectorised`).
+batched evaluation with one-point runs of the plain model (:func:`check_vectorised`); and, at run
+time, the rows of a batch at which the model's linear algebra fails (:func:`rows_or_nan`).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["MODES", "check_arguments", "non_float_observations", "check_vectorised"]
+__all__ = ["MODES", "check_arguments", "non_float_observations", "check_vectorised", "rows_or_nan"]
 
 #: The ways to batch a model over particles, in the order they are tried (module docstring of
 #: :mod:`diffstat.pyro_target`).
@@ -71,3 +72,21 @@ def check_vectorised(batched: torch.Tensor, single: torch.Tensor, dtype: torch.d
             f"the model is not vectorised over particles: its log-density at a batch of points "
             f"{batched.tolist()} differs from the same points one at a time {single.tolist()}"
         )
+
+
+def rows_or_nan(terms, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``terms(u)``, a tuple of ``(n,)`` tensors, with NaN in the rows at which the model's linear
+    algebra fails: where ``torch.linalg.LinAlgError`` ends a batched run (a covariance that is not
+    numerically positive-definite at one point, a ``MultivariateNormal`` of an AR(1) with phi near
+    1, ends the batch of every point), the batch is halved until the failing rows stand alone. A
+    NaN is rejected by the samplers and reported by the run's warning, where the error ended the
+    run; the NaN rows carry a zero gradient. Costs ``O(k log n)`` extra runs for ``k`` failures."""
+    try:
+        return terms(u)
+    except torch.linalg.LinAlgError:
+        if u.shape[0] == 1:
+            nan = u[:, 0] * 0.0 + torch.nan
+            return nan, nan
+        half = u.shape[0] // 2
+        parts = zip(rows_or_nan(terms, u[:half]), rows_or_nan(terms, u[half:]))
+        return tuple(torch.cat(p) for p in parts)

@@ -35,6 +35,7 @@ __all__ = [
     "SetLatents",
     "deterministic_shapes",
     "model_context",
+    "off_support",
     "per_particle",
     "trace_sites",
     "unconstrain_draw",
@@ -208,3 +209,30 @@ def sum_over_particles(t, n: int | None, particle_dim: int, name: str, like: tor
     if t.shape[0] not in (1, n):
         raise ValueError(f"site {name!r} does not broadcast over {n} particles (shape {tuple(t.shape)})")
     return t.expand(n)
+
+
+def off_support(site) -> torch.Tensor:
+    """1 where a latent site's value, not NaN, has no finite unconstrained value, else 0
+    (batch-shaped): the value lies on the boundary of its bijection's image.
+
+    A finite ``u`` can map onto that boundary in floating point: ``exp`` underflows to 0 or
+    overflows to inf (a scale far out in a funnel or its tail), an ordered vector's increment
+    ``exp(u_k)`` is below the spacing of the float at its predecessor (equal cutpoints). The
+    distributions compute NaN there (``0 / 0`` in ``Normal(mu, 0)``, ``inf - inf`` through the
+    inverse of ``OrderedTransform``), which the samplers reject but the run reports as the user's
+    NaN. :class:`~diffstat.pyro_target.PyroTarget` makes a NaN log-density at such a point
+    ``-inf``: the model cannot be evaluated there, far out in ``u`` (a prior draw there is drawn
+    again, :func:`unconstrain_draw`), and its mass is nil. A finite log-density there is kept (a
+    distribution that inverts in the floats' range, as posteriordb's ``Pushforward``, gives one);
+    a NaN value stays NaN and is reported.
+    """
+    value, fn = site["value"], site["fn"]
+    with torch.no_grad():
+        u = biject_to(fn.support).inv(value)
+    batch = value.dim() - len(fn.event_shape)
+
+    def per_value(t):
+        return t.flatten(batch).any(-1) if t.dim() > batch else t
+
+    bad = per_value(~torch.isfinite(u)) & ~per_value(torch.isnan(value))
+    return bad.to(value.dtype if value.is_floating_point() else torch.get_default_dtype())

@@ -50,9 +50,10 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
-from diffstat.pyro_checks import MODES, check_arguments, check_vectorised, non_float_observations
+from diffstat.pyro_checks import MODES, check_arguments, check_vectorised, non_float_observations, rows_or_nan
 from diffstat.pyro_sites import (
     PARTICLES,
+    off_support,
     SetLatents,
     model_context,
     sum_over_particles,
@@ -233,7 +234,7 @@ class PyroTarget(Target):
         """``(log_prior, log_likelihood)`` from one model run at ``u: (n, dim)`` (or ``(dim,)``
         with ``n`` None, a plain one-point run)."""
         trace, setter = self._run(self._split(u), n=n)
-        prior = lik = 0.0
+        prior = lik = outside = 0.0
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
@@ -247,24 +248,25 @@ class PyroTarget(Target):
             )
             if latent:
                 prior = prior + lp + self._reduce(setter.log_det[name], n, name)
+                outside = outside + self._reduce(off_support(site), n, name)
             else:
                 lik = lik + lp
         zero = u.new_zeros(() if n is None else (n,))  # also broadcasts a term without particles
-        return (prior + zero).to(self.dtype), (lik + zero).to(self.dtype)
+        off = ((outside + zero) > 0) & torch.isnan(prior + lik + zero)  # off_support: NaN -> -inf
+        return tuple(torch.where(off, -torch.inf, (t + zero).to(self.dtype)) for t in (prior, lik))
 
     # ------------------------------------------------------------------ densities
     def _log_terms(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log_prior, log_likelihood)`` at ``u: (n, dim)``, each ``(n,)``, batched."""
         if u.dim() != 2 or u.shape[1] != self.dim:
             raise ValueError(f"points must have shape (n, {self.dim}), got {tuple(u.shape)}")
-        if self.vectorize == "plate":
-            terms = self._terms(u, u.shape[0])
+        if self.vectorize == "plate":  # rows_or_nan: a LinAlgError at one point is NaN there
+            terms = rows_or_nan(lambda v: self._terms(v, v.shape[0]), u)
         else:
-            terms = torch.func.vmap(lambda v: self._terms(v, None))(u)
+            terms = rows_or_nan(torch.func.vmap(lambda v: self._terms(v, None)), u)
         if not (u.requires_grad and torch.is_grad_enabled()):
             return terms
-        # A term that does not depend on u (no observed site: the likelihood is 0) stays in the
-        # graph with a zero gradient, so that autograd can differentiate each term on its own.
+        # A term without u (no observed site: likelihood 0) gets a zero gradient, for autograd per term.
         return tuple(t if t.requires_grad else t + (0.0 * u).sum(-1) for t in terms)
 
     def _log_density(self, u: torch.Tensor) -> torch.Tensor:
@@ -372,10 +374,9 @@ class PyroTarget(Target):
         ``pyro.deterministic`` site (``theta = mu + tau * eta``, say) alike."""
         chains, draws = x.shape[:2]
         flat = x.detach().reshape(-1, self.dim)
-        chunks = []
-        for i in range(0, flat.shape[0], _CHUNK):
-            part = flat[i : i + _CHUNK]
-            chunks.append(self.constrain(part, deterministic=True))
+        chunks = [
+            self.constrain(flat[i : i + _CHUNK], deterministic=True) for i in range(0, len(flat), _CHUNK)
+        ]
         return {
             name: torch.cat([c[name] for c in chunks])
             .reshape((chains, draws) + chunks[0][name].shape[1:])
