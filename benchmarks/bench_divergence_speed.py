@@ -13,6 +13,11 @@ ratios to the loop and the largest difference from it relative to the largest di
 ``sample``: whole ``ds.sample(target, "diffusion", num_samples=1000, seed=0)`` runs with the loop
 patched in (``before``) and without (``after``): seconds, evaluations, log Z and the largest
 difference between the two runs' draws.
+
+``profile``: one run (``--variant before`` or ``after``) of each case under cProfile, the functions
+with the most cumulative seconds:
+
+    python benchmarks/bench_divergence_speed.py --parts profile --cases sonar --variant before
 """
 
 from __future__ import annotations
@@ -176,20 +181,36 @@ def sample(cases):
         )
 
 
+def profile(cases, variant):
+    import cProfile
+    import pstats
+
+    for case in cases:
+        prof = cProfile.Profile()
+        prof.enable()
+        sec, _, evals, log_z, _ = _run(case, loop=variant == "before")
+        prof.disable()
+        print(f"{case} {variant}: {sec:.1f} s, {evals:,} evaluations, log Z {log_z:.4f}")
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(r"diffstat|autograd", 30)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", nargs="+", default=["kernel"], choices=["kernel", "sample"])
+    ap.add_argument("--parts", nargs="+", default=["kernel"], choices=["kernel", "sample", "profile"])
     ap.add_argument("--dims", nargs="+", type=int, default=[1, 10, 61, 120])
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
         "--cases", nargs="+", default=["narrow_wide10", "kidiq", "sonar"], choices=list(SAMPLE_CASES)
     )
+    ap.add_argument("--variant", default="after", choices=["before", "after"])
     args = ap.parse_args()
     if "kernel" in args.parts:
         kernel(args.dims, args.n, args.repeats)
     if "sample" in args.parts:
         sample(args.cases)
+    if "profile" in args.parts:
+        profile(args.cases, args.variant)
 
 
 if __name__ == "__main__":

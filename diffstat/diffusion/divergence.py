@@ -38,8 +38,8 @@ __all__ = ["velocity_and_divergence", "autograd_divergence", "score_mlp_divergen
 #: (``is_grads_batched``, or ``torch.func.vmap`` over ``vjp``/``jvp``) was slower on a CPU.
 GRAD_CHUNK = 1
 #: Elements of the Jacobian block ``(H, rows, dim)`` per chunk of rows of the ScoreMLP method
-#: (4 MiB in float32): larger blocks made the elementwise products memory-bound on a CPU.
-JACOBIAN_ELEMENTS = 1 << 20
+#: (2 MiB in float32, a CPU's cache): larger blocks made the elementwise products memory-bound.
+JACOBIAN_ELEMENTS = 1 << 19
 
 
 def velocity_and_divergence(
@@ -98,42 +98,47 @@ def score_mlp_divergence(model: ScoreMLP, x: torch.Tensor, t: torch.Tensor) -> t
     else:  # s = c (N(c x, e) - c x)
         c2 = c_in.squeeze(-1) ** 2
         h, scale, shift = c_in * xp, c2, -c2 * d
-    width = model.net.hidden_layers[0].out_features
-    rows = max(1, JACOBIAN_ELEMENTS // (width * d))
+    slopes = _slopes(model.net, h, e)
+    rows = max(1, JACOBIAN_ELEMENTS // (slopes[0].shape[0] * d))
+    weights = [layer.weight for layer in model.net.hidden_layers] + [model.net.out.weight]
     trace = torch.cat(
-        [_mlp_trace(model.net, h[s : s + rows], e[s : s + rows]) for s in range(0, h.shape[0], rows)]
+        [
+            _mlp_trace(weights, [g[:, s : s + rows] for g in slopes], d, model.net.residual)
+            for s in range(0, h.shape[0], rows)
+        ]
     )
     return (scale * trace + shift).to(x.dtype)
 
 
-def _mlp_trace(net: _TimeMLP, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    r""":math:`\operatorname{tr}\,\partial N(h, e)/\partial h` ``(k,)`` for rows ``h: (k, d)``; the
-    Jacobian is held as ``(H, k, d)`` so each layer's product is one matrix product."""
-    k, d = h.shape
-    jac = None
+def _slopes(net: _TimeMLP, h: torch.Tensor, e: torch.Tensor) -> list[torch.Tensor]:
+    """The activation's derivative ``(H, n)`` at every hidden layer's pre-activation (the forward
+    pass of :class:`~diffstat.diffusion.networks._TimeMLP`)."""
+    slopes = []
+    for i, layer in enumerate(net.hidden_layers):
+        with torch.enable_grad():
+            pre = layer(torch.cat([h, e], -1)).detach().requires_grad_(True)
+            act = net.act(pre)
+            (slope,) = torch.autograd.grad(act.sum(), pre)
+        slopes.append(slope.T.contiguous())
+        h = h + act.detach() if (net.residual and i > 0) else act.detach()
+    return slopes
+
+
+def _mlp_trace(
+    weights: list[torch.Tensor], slopes: list[torch.Tensor], d: int, residual: bool
+) -> torch.Tensor:
+    r""":math:`\operatorname{tr}\,\partial N/\partial h` ``(k,)`` for a block of ``k`` rows, given the
+    layers' weights and the block's slopes ``(H, k)``; the Jacobian is held as ``(H, k, d)`` so each
+    layer's product is one matrix product."""
     with torch.no_grad():
-        for i, layer in enumerate(net.hidden_layers):
-            pre = layer(torch.cat([h, e], -1))
-            act, slope = _activation_and_slope(net.act, pre)
-            slope = slope.T.contiguous().unsqueeze(-1)  # (H, k, 1)
-            if i == 0:
-                jac = slope * layer.weight[:, :d].unsqueeze(1).contiguous()
-            else:
-                width = jac.shape[0]
-                step = (layer.weight[:, :width] @ jac.reshape(width, k * d)).view(-1, k, d)
-                jac = torch.addcmul(jac, slope, step) if net.residual else slope * step
-            h = h + act if (net.residual and i > 0) else act
-        w_out = net.out.weight[:, : jac.shape[0]]  # (d, H)
-        return (jac * w_out.T.unsqueeze(1)).sum((0, 2))
-
-
-def _activation_and_slope(act, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An elementwise activation and its derivative at ``pre`` (one elementwise backward pass)."""
-    with torch.enable_grad():
-        z = pre.detach().requires_grad_(True)
-        out = act(z)
-        (slope,) = torch.autograd.grad(out.sum(), z)
-    return out.detach(), slope
+        slope = slopes[0].unsqueeze(-1)
+        jac = slope * weights[0][:, :d].unsqueeze(1)  # (H, k, d)
+        width, k = jac.shape[0], jac.shape[1]
+        for w, slope in zip(weights[1:-1], slopes[1:]):
+            step = (w[:, :width] @ jac.view(width, k * d)).view(-1, k, d)
+            jac = jac.addcmul_(slope.unsqueeze(-1), step) if residual else step.mul_(slope.unsqueeze(-1))
+            width = jac.shape[0]
+        return (jac * weights[-1][:, :width].T.unsqueeze(1)).sum((0, 2))
 
 
 def _structured(score_fn, process) -> bool:
