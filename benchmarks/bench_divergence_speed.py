@@ -14,6 +14,9 @@ ratios to the loop and the largest difference from it relative to the largest di
 patched in (``before``) and without (``after``): seconds, evaluations, log Z and the largest
 difference between the two runs' draws.
 
+``frames``: seconds of the ``FRAME_NEWTON_STEPS`` Newton steps and Hessians of one Laplace frame
+(:func:`diffstat.diffusion.restock.laplace_frames`, one mode) on sonar, from the origin.
+
 ``profile``: one run (``--variant before`` or ``after``) of each case under cProfile, the functions
 with the most cumulative seconds:
 
@@ -181,6 +184,19 @@ def sample(cases):
         )
 
 
+def frames():
+    from diffstat.diffusion.restock import FRAME_NEWTON_STEPS
+    from diffstat.modes.laplace import newton_ascent
+
+    target = CASES["sonar"]()[0]
+    x, evals = torch.zeros(1, target.dim, dtype=F64), target.num_target_evals
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        newton_ascent(target, x, 1.0, FRAME_NEWTON_STEPS)
+    sec = time.perf_counter() - t0
+    print(f"one Laplace frame on sonar: {sec:.2f} s, {target.num_target_evals - evals} evaluations")
+
+
 def profile(cases, variant):
     import cProfile
     import pstats
@@ -196,7 +212,9 @@ def profile(cases, variant):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", nargs="+", default=["kernel"], choices=["kernel", "sample", "profile"])
+    ap.add_argument(
+        "--parts", nargs="+", default=["kernel"], choices=["kernel", "sample", "frames", "profile"]
+    )
     ap.add_argument("--dims", nargs="+", type=int, default=[1, 10, 61, 120])
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
@@ -209,6 +227,8 @@ def main():
         kernel(args.dims, args.n, args.repeats)
     if "sample" in args.parts:
         sample(args.cases)
+    if "frames" in args.parts:
+        frames()
     if "profile" in args.parts:
         profile(args.cases, args.variant)
 

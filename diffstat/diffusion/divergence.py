@@ -103,7 +103,7 @@ def score_mlp_divergence(model: ScoreMLP, x: torch.Tensor, t: torch.Tensor) -> t
     weights = [layer.weight for layer in model.net.hidden_layers] + [model.net.out.weight]
     trace = torch.cat(
         [
-            _mlp_trace(weights, [g[:, s : s + rows] for g in slopes], d, model.net.residual)
+            _mlp_trace(weights, [g[:, s : s + rows].contiguous() for g in slopes], d, model.net.residual)
             for s in range(0, h.shape[0], rows)
         ]
     )
