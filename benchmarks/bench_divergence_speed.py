@@ -14,6 +14,8 @@ ratios to the loop and the largest difference from it relative to the largest di
 patched in (``before``) and without (``after``): seconds, evaluations, log Z and the largest
 difference between the two runs' draws.
 
+``ops``: ``torch.profiler``'s table of one loop evaluation at dim 61.
+
 ``frames``: seconds of the ``FRAME_NEWTON_STEPS`` Newton steps and Hessians of one Laplace frame
 (:func:`diffstat.diffusion.restock.laplace_frames`, one mode) on sonar, from the origin.
 
@@ -75,6 +77,41 @@ def func_vjp_divergence(model, process, y, t, chunk=16):
     return v.detach(), div.detach()
 
 
+def func_jvp_divergence(model, process, y, t, chunk=16):
+    """``torch.func``: ``vmap`` of ``jvp`` (forward mode) over blocks of ``chunk`` unit tangents."""
+    from torch.func import jvp, vmap
+
+    tt = t.expand(y.shape[0])
+    n, d = y.shape
+    div, eye = torch.zeros(n, dtype=y.dtype), torch.eye(d, dtype=y.dtype)
+
+    def velocity(z):
+        return process.probability_flow_drift(z, tt, model(z, tt))
+
+    for start in range(0, d, chunk):
+        cols = torch.arange(start, min(start + chunk, d))
+        tangents = eye[cols].unsqueeze(1).expand(cols.numel(), n, d)
+        _, g = vmap(lambda u: jvp(velocity, (y,), (u,)))(tangents)
+        div = div + g.gather(2, cols.view(-1, 1, 1).expand(-1, n, 1)).squeeze(-1).sum(0)
+    return div.detach()
+
+
+def op_profile(dim, n):
+    """``torch.profiler``'s table of one loop evaluation (the operators its seconds go to)."""
+    from torch.profiler import profile as torch_profile
+
+    process = VP(t_max=0.6)
+    model = ScoreMLP(dim, 128, 3, process=process, seed=0)
+    y, t = (
+        torch.randn(n, dim, dtype=F64, generator=torch.Generator().manual_seed(0)),
+        torch.tensor(0.3, dtype=F64),
+    )
+    loop_velocity_and_divergence(model, process, y, t)
+    with torch_profile() as prof:
+        loop_velocity_and_divergence(model, process, y, t)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+
+
 def _best(fn, repeats):
     out, best = None, float("inf")
     for _ in range(repeats):
@@ -87,10 +124,10 @@ def _best(fn, repeats):
 def kernel(dims, n, repeats):
     print(
         "| dim | loop s | autograd, 16 cotangents a pass s (ratio) "
-        "| torch.func vmap(vjp), 16 a pass s (ratio) "
-        "| layer by layer s (ratio) | max rel. diff (autograd 16 / torch.func / layers) |"
+        "| torch.func vmap(vjp), 16 a pass s (ratio) | torch.func vmap(jvp), 16 a pass s (ratio) "
+        "| layer by layer s (ratio) | max rel. diff (autograd 16 / vjp / jvp / layers) |"
     )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for dim in dims:
         _kernel_row(dim, n, repeats)
 
@@ -112,13 +149,15 @@ def _kernel_row(dim, n, repeats):
     t_loop, (v0, d0) = _best(lambda: loop_velocity_and_divergence(model, process, y, t), repeats)
     t_gen, (v1, d1) = _best(lambda: divergence.autograd_divergence(velocity, y, 16), repeats)
     t_fun, (_, d3) = _best(lambda: func_vjp_divergence(model, process, y, t), repeats)
+    t_fwd, d4 = _best(lambda: func_jvp_divergence(model, process, y, t), repeats)
     t_lay, (v2, d2) = _best(lambda: divergence.velocity_and_divergence(model, process, y, t), repeats)
     assert torch.equal(v0, v1) and torch.equal(v0, v2)
     scale = float(d0.abs().max())
-    diffs = " / ".join(f"{float((d - d0).abs().max()) / scale:.1e}" for d in (d1, d3, d2))
+    diffs = " / ".join(f"{float((d - d0).abs().max()) / scale:.1e}" for d in (d1, d3, d4, d2))
     print(
         f"| {dim} | {t_loop:.3f} | {t_gen:.3f} ({t_loop / t_gen:.2f}) "
-        f"| {t_fun:.3f} ({t_loop / t_fun:.2f}) | {t_lay:.3f} ({t_loop / t_lay:.2f}) | {diffs} |",
+        f"| {t_fun:.3f} ({t_loop / t_fun:.2f}) | {t_fwd:.3f} ({t_loop / t_fwd:.2f}) "
+        f"| {t_lay:.3f} ({t_loop / t_lay:.2f}) | {diffs} |",
         flush=True,
     )
 
@@ -213,7 +252,7 @@ def profile(cases, variant):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--parts", nargs="+", default=["kernel"], choices=["kernel", "sample", "frames", "profile"]
+        "--parts", nargs="+", default=["kernel"], choices=["kernel", "ops", "sample", "frames", "profile"]
     )
     ap.add_argument("--dims", nargs="+", type=int, default=[1, 10, 61, 120])
     ap.add_argument("--n", type=int, default=4096)
@@ -225,6 +264,8 @@ def main():
     args = ap.parse_args()
     if "kernel" in args.parts:
         kernel(args.dims, args.n, args.repeats)
+    if "ops" in args.parts:
+        op_profile(61, args.n)
     if "sample" in args.parts:
         sample(args.cases)
     if "frames" in args.parts:
