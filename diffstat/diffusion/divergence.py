@@ -5,7 +5,8 @@ behind the exact-trace log-densities of :func:`diffstat.diffusion.reverse.probab
 
 Two exact methods, equal up to float rounding:
 
-* A :class:`~diffstat.diffusion.networks.ScoreMLP` (the sampler's model) under a VP or VE process:
+* A :class:`~diffstat.diffusion.networks.ScoreMLP` (the sampler's model) under a VP or VE process,
+  from ``LAYERWISE_MIN_DIM`` dimensions on:
   forward-mode propagation of the input Jacobian through the MLP, :math:`J_1 = D_1 W_1`,
   :math:`J_{k+1} = [J_k] + D_{k+1} W_{k+1} J_k` (:math:`D_k` the activation's derivative,
   :math:`[J_k]` the skip connection, :math:`W_k` the weights acting on the hidden state, not on the
@@ -40,6 +41,8 @@ GRAD_CHUNK = 1
 #: Elements of the Jacobian block ``(H, rows, dim)`` per chunk of rows of the ScoreMLP method
 #: (2 MiB in float32, a CPU's cache): larger blocks made the elementwise products memory-bound.
 JACOBIAN_ELEMENTS = 1 << 19
+#: Smallest dimension given the ScoreMLP method: below it the loop was as fast or faster.
+LAYERWISE_MIN_DIM = 10
 
 
 def velocity_and_divergence(
@@ -47,7 +50,8 @@ def velocity_and_divergence(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Velocity ``(n, dim)`` of the probability flow at ``y: (n, dim)``, time ``t`` (0-d), and its
     exact divergence ``(n,)``, both detached: by :func:`score_mlp_divergence` when ``score_fn`` is a
-    :class:`~diffstat.diffusion.networks.ScoreMLP` and ``process`` a VP or VE, else by
+    :class:`~diffstat.diffusion.networks.ScoreMLP` of at least ``LAYERWISE_MIN_DIM`` dimensions
+    and ``process`` a VP or VE, else by
     :func:`autograd_divergence`."""
     y = y.detach()
     tt = t.expand(y.shape[0])
@@ -143,7 +147,12 @@ def _mlp_trace(
 
 def _structured(score_fn, process) -> bool:
     """Whether :func:`score_mlp_divergence` applies: the package's MLP score under a linear drift."""
-    return isinstance(score_fn, ScoreMLP) and type(score_fn.net) is _TimeMLP and isinstance(process, (VP, VE))
+    return (
+        isinstance(score_fn, ScoreMLP)
+        and type(score_fn.net) is _TimeMLP
+        and isinstance(process, (VP, VE))
+        and score_fn.dim >= LAYERWISE_MIN_DIM
+    )
 
 
 def _checked(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,7 @@ def test_autograd_method_equals_the_loop_on_a_random_mlp(dim, chunk):
 def test_layer_method_equals_the_loop_on_the_package_network(process, dim, options, monkeypatch):
     # blocks of 7 rows for dim 40 (several blocks and a short last one), 140 rows for dim 1
     monkeypatch.setattr(dv, "JACOBIAN_ELEMENTS", 24 * 7 * 40)
+    monkeypatch.setattr(dv, "LAYERWISE_MIN_DIM", 1)
     model = _perturbed(ScoreMLP(dim, 24, 3, process=process, seed=0, **options).double())
     y = _points(37, dim)
     v0, d0 = loop_divergence(model, process, y, T)
@@ -85,7 +86,8 @@ def test_layer_method_equals_the_loop_on_the_package_network(process, dim, optio
     assert float(d0.abs().max()) > 0.01
 
 
-def test_layer_method_without_a_process_and_in_float32():
+def test_layer_method_without_a_process_and_in_float32(monkeypatch):
+    monkeypatch.setattr(dv, "LAYERWISE_MIN_DIM", 1)
     model = _perturbed(ScoreMLP(5, 16, 2, seed=0).double())
     y, process = _points(11, 5), VP()
     assert (
@@ -119,7 +121,8 @@ def test_divergence_of_the_exact_gaussian_score_is_its_closed_form():
     assert float((div - exact(1.1 * scales)).abs().min()) > 0.01
 
 
-def test_both_call_sites_give_the_same_log_densities_by_either_method():
+def test_both_call_sites_give_the_same_log_densities_by_either_method(monkeypatch):
+    monkeypatch.setattr(dv, "LAYERWISE_MIN_DIM", 1)
     # probability_flow (the draws' log q) and ode_log_density (at given points) with the network
     # itself (layer method) and wrapped in a lambda (autograd method)
     process = VP(t_max=0.6)
@@ -132,6 +135,17 @@ def test_both_call_sites_give_the_same_log_densities_by_either_method():
     l0 = ode_log_density(model, process, x0, num_steps=10)
     assert float((l0 - ode_log_density(wrapped, process, x0, num_steps=10)).abs().max()) < 1e-10
     assert float((l0 - lq).abs().max()) < 0.05  # forward and backward solves of one flow agree
+
+
+def test_small_dimensions_take_the_loop():
+    # below LAYERWISE_MIN_DIM the loop, bitwise; from it on the layer method
+    process, model = VP(), _perturbed(ScoreMLP(dv.LAYERWISE_MIN_DIM - 1, 16, 2, seed=0).double())
+    y = _points(9, dv.LAYERWISE_MIN_DIM - 1)
+    assert torch.equal(
+        dv.velocity_and_divergence(model, process, y, T)[1], loop_divergence(model, process, y, T)[1]
+    )
+    assert not dv._structured(model, process)
+    assert dv._structured(ScoreMLP(dv.LAYERWISE_MIN_DIM, 16, 2, seed=0), process)
 
 
 def test_a_score_of_the_wrong_shape_is_rejected():
