@@ -44,6 +44,7 @@ import math
 
 import torch
 
+from diffstat.diffusion.divergence import velocity_and_divergence
 from diffstat.diffusion.gaussians import (
     GaussianComponent,
     GaussianMixtureProposal,
@@ -66,22 +67,6 @@ __all__ = [
     "Whitening",
     "held_out_cross_entropy",
 ]
-
-
-def _velocity_and_divergence(
-    score_fn, process, y: torch.Tensor, t: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Probability-flow velocity ``(n, dim)`` and its exact divergence ``(n,)`` (``dim`` backward
-    passes), detached."""
-    with torch.enable_grad():
-        y = y.detach().requires_grad_(True)
-        tt = t.expand(y.shape[0])
-        v = process.probability_flow_drift(y, tt, score_fn(y, tt))
-        div = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
-        for i in range(y.shape[1]):
-            (gi,) = torch.autograd.grad(v[:, i].sum(), y, retain_graph=i + 1 < y.shape[1])
-            div = div + gi[:, i]
-    return v.detach(), div.detach()
 
 
 def _prior_log_prob(process, y: torch.Tensor, scale: float) -> torch.Tensor:
@@ -128,10 +113,10 @@ def ode_log_density(
     for j in range(num_steps):
         t0, t1 = grid[j], grid[j + 1]
         h = t1 - t0
-        k1, d1 = _velocity_and_divergence(score_fn, process, y, t0)
-        k2, d2 = _velocity_and_divergence(score_fn, process, y + 0.5 * h * k1, t0 + 0.5 * h)
-        k3, d3 = _velocity_and_divergence(score_fn, process, y + 0.5 * h * k2, t0 + 0.5 * h)
-        k4, d4 = _velocity_and_divergence(score_fn, process, y + h * k3, t1)
+        k1, d1 = velocity_and_divergence(score_fn, process, y, t0)
+        k2, d2 = velocity_and_divergence(score_fn, process, y + 0.5 * h * k1, t0 + 0.5 * h)
+        k3, d3 = velocity_and_divergence(score_fn, process, y + 0.5 * h * k2, t0 + 0.5 * h)
+        k4, d4 = velocity_and_divergence(score_fn, process, y + h * k3, t1)
         y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
         ell = ell + h / 6 * (d1 + 2 * d2 + 2 * d3 + d4)
     return _base_log_prob(process, y, prior_scale, tail_weight, tail_scale) + ell

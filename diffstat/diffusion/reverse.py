@@ -30,9 +30,10 @@ predictor-corrector).
   .. math:: \log q(x(t_{\min})) = \log \pi(x(t_{\max})) + \int_{t_{\min}}^{t_{\max}}
             \operatorname{div} v(x(t), t)\, dt,
 
-  integrated by the same RK4 steps. The divergence is exact (one backward pass per dimension)
-  or Hutchinson's :math:`\mathbb E[\varepsilon^\top \nabla v\, \varepsilon]` with Rademacher
-  probes held fixed along each trajectory (FFJORD), unbiased for the log-density up to the
+  integrated by the same RK4 steps. The divergence is exact
+  (:func:`diffstat.diffusion.divergence.velocity_and_divergence`) or Hutchinson's
+  :math:`\mathbb E[\varepsilon^\top \nabla v\, \varepsilon]` with Rademacher probes held fixed
+  along each trajectory (FFJORD), unbiased for the log-density up to the
   discretisation.
 """
 
@@ -43,6 +44,7 @@ from collections.abc import Callable
 import torch
 
 from diffstat._util import check_positive_int
+from diffstat.diffusion.divergence import velocity_and_divergence
 from diffstat.diffusion.processes import normal_draws
 
 __all__ = [
@@ -70,14 +72,8 @@ def _score(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def _divergence(v: torch.Tensor, x: torch.Tensor, trace: str, probes: torch.Tensor | None) -> torch.Tensor:
-    """``div v`` at ``x`` (which requires grad), exactly or by Hutchinson probes ``(m, n, dim)``."""
-    if trace == "exact":
-        div = torch.zeros(x.shape[0], dtype=v.dtype, device=v.device)
-        for i in range(x.shape[1]):
-            (gi,) = torch.autograd.grad(v[:, i].sum(), x, retain_graph=True)
-            div = div + gi[:, i]
-        return div
+def _hutchinson(v: torch.Tensor, x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+    """Hutchinson's estimate of ``div v`` at ``x`` (which requires grad) with probes ``(m, n, dim)``."""
     est = torch.zeros(x.shape[0], dtype=v.dtype, device=v.device)
     for eps in probes:
         (g,) = torch.autograd.grad((v * eps).sum(), x, retain_graph=True)
@@ -107,7 +103,7 @@ def probability_flow(
         RK4 steps (4 score evaluations each). 40 or more for accurate log-densities.
     log_prob : bool
         Also return the log-density of the returned points under the pushforward of the prior.
-    trace : ``"exact"`` (``dim`` backward passes per evaluation; low ``dim``) or ``"hutchinson"``
+    trace : ``"exact"`` (:mod:`~diffstat.diffusion.divergence`; low ``dim``) or ``"hutchinson"``
     generator : torch.Generator
         Source of the Hutchinson probes (required then).
     num_probes : int
@@ -182,10 +178,13 @@ def _flow_with_divergence(score_fn, process, x, ts, trace, generator, num_probes
         )
 
     def augmented(state, t):
+        if trace == "exact":
+            v, div = velocity_and_divergence(score_fn, process, state[:, :-1], t)
+            return torch.cat([v, -div.unsqueeze(-1)], -1)
         y = state[:, :-1].detach().requires_grad_(True)
         with torch.enable_grad():
             v = process.probability_flow_drift(y, t, _score(score_fn, y, t))
-            div = _divergence(v, y, trace, probes)
+            div = _hutchinson(v, y, probes)
         return torch.cat([v.detach(), -div.detach().unsqueeze(-1)], -1)
 
     state = torch.cat([x, torch.zeros_like(x[:, :1])], -1)

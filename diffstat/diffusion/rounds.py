@@ -319,7 +319,7 @@ def _fit_units(generator, state: RoundState, dim: int, config: DiffusionConfig):
         models[k] = fit.model
         losses.append(fit.history["train_loss"][-1] if fit.history["train_loss"] else math.nan)
         proposal = DiffusionProposal(
-            lambda y, t, m=fit.model: m(y, t),
+            fit.model,  # the model itself: velocity_and_divergence takes its exact trace layer by layer
             units.process,
             white,
             num_steps=config.ode_steps,
