@@ -62,11 +62,15 @@ def mcmc_population(
     ``num_warmup`` iterations, then every ``thin``-th state until ``num_particles`` are kept), with the
     gradients NUTS computed at the kept states; ``budget`` caps the target evaluations (the sampling
     stops once spent, keeping the particles so far, with a :class:`FitWarning`; default
-    :data:`BUDGET_PER_PARTICLE` per particle). ``init``: starting points (rows drawn at random), else the
+    :data:`BUDGET_PER_PARTICLE` per particle, for 64 particles a chain at least: warm-up's cost does
+    not shrink with the particles). ``init``: starting points (rows drawn at random), else the
     target's reference draws. Raises ``ValueError`` for a bad setting."""
+    num_particles = check_positive_int(num_particles, "num_particles")
     num_chains, thin = check_positive_int(num_chains, "num_chains"), check_positive_int(thin, "thin")
     num_warmup = check_nonnegative_int(num_warmup, "num_warmup")
-    budget = BUDGET_PER_PARTICLE * num_particles if budget is None else check_positive_int(budget, "budget")
+    if budget is None:  # warm-up costs the same for few particles: 64 per chain at least
+        budget = BUDGET_PER_PARTICLE * max(num_particles, 64 * num_chains)
+    budget = check_positive_int(budget, "budget")
     evals0 = target.num_target_evals
     state, fixed = _nuts_warmup(
         target, num_chains, generator, device, num_warmup, target_accept, max_tree_depth, init
@@ -82,7 +86,9 @@ def mcmc_population(
         if (i + 1) % thin == 0:
             kept.append(state)
     if not kept:
-        raise ValueError(f"population='nuts': the budget of {budget} evaluations was spent in warm-up")
+        raise ValueError(
+            f"population='nuts': the budget of {budget} evaluations was spent in warm-up; raise 'budget'"
+        )
     x, g, lp = (
         torch.stack([getattr(s, k) for s in kept], 1).flatten(0, 1) for k in ("x", "grad", "log_prob")
     )
