@@ -6,7 +6,8 @@
   exploration of :mod:`~diffstat.modes.laplace` and :mod:`~diffstat.smoothing.laplace`), the baselines
   (:mod:`~diffstat.smoothing.baselines`) and a score network (:mod:`~diffstat.smoothing.learned`),
   fitted from the log-density by :mod:`~diffstat.smoothing.fit` (the default estimator) on a
-  particle population of :mod:`~diffstat.smoothing.populations`, and checked on held-out particles
+  particle population of :mod:`~diffstat.smoothing.populations` (NUTS chains:
+  :mod:`~diffstat.smoothing.mcmc_population`), and checked on held-out particles
   (:mod:`~diffstat.smoothing.fisher_check`).
 - Kernels: the Langevin walks (:mod:`~diffstat.smoothing.walks`), the one adaptive MALA runner
   (:mod:`~diffstat.smoothing.adaptive_mala`) and the final MALA correction on p(x | y)

@@ -5,7 +5,7 @@ Algorithm:
 1. **Population**: ``num_particles`` equally weighted particles of :math:`p` with the target's
    score at each, from a pluggable source (:mod:`diffstat.smoothing.populations`; default
    ``"modes"``, per-mode Gaussian importance sampling, which keeps mode weights where tempering
-   loses them).
+   loses them, and NUTS chains in its place where its importance weights are not trusted).
 2. **Hold out** ``held_out`` of them (with their scores and log-densities) for the checks.
 3. **Whiten** isotropically, :math:`u = (x - m)/c`, :math:`c^2` the mean variance per coordinate,
    :math:`\nabla_u \log p = c\,\nabla_x\log p` (isotropic so that the smoothing noise stays
@@ -167,8 +167,9 @@ def fit_smoothed_score(
 
     Parameters
     ----------
-    population : ``"modes"``, ``"smc"`` or a callable
-        ``(target, n, generator, device, **options) -> Population``
+    population : ``"modes"``, ``"nuts"``, ``"smc"`` or a callable
+        ``(target, n, generator, device, **options) -> Population``; ``"modes"`` falls back to NUTS
+        chains where its importance weights are not trusted (:mod:`~diffstat.smoothing.populations`).
     num_particles : int
     population_options : dict, optional
         Keyword options of the population source.

@@ -218,19 +218,21 @@ def test_fit_warnings_speak_to_the_caller():
     from diffstat.targets import Funnel
 
     target = Funnel(3).as_target(dtype=torch.float64)
-    cheap = dict(
-        num_particles=256, train_steps=50, population_options=dict(chains_per_mode=64, num_proposals=1024)
-    )
+    chains = dict(num_chains=8, num_warmup=50, max_tree_depth=6)  # the NUTS fallback, cheap too
+    pop_options = dict(chains_per_mode=64, num_proposals=1024, fallback_options=chains)
+    cheap = dict(num_particles=256, train_steps=50, population_options=pop_options)
     run = dict(num_samples=20, num_chains=1, seed=0, progress=False, num_mala=2)
     for method, extra in (("sms", dict(num_measurements=8)), ("walk_jump", {})):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds.sample(target, method, estimator_options=cheap, **run, **extra)
+            idata = ds.sample(target, method, estimator_options=cheap, **run, **extra)
+        assert idata.posterior.attrs["score_population"] == "nuts (fallback from modes)"
         texts = [str(w.message) for w in caught]
         assert not any(t.startswith("diffusion:") for t in texts), texts
         population = [w.message for w in caught if "population that trains" in str(w.message)]
         assert len(population) == 1 and isinstance(population[0], FitWarning), texts
         assert str(population[0]).startswith(f"{method}: the population that trains the smoothed score")
+        assert "the particles were replaced by those of NUTS chains started from them" in str(population[0])
         assert (
             "estimator_options={'population_options': {'chains_per_mode': 128, 'num_proposals': 2048"
             in str(population[0])
