@@ -222,8 +222,9 @@ def _warn_if_nan(method: str, attrs: dict) -> None:
     NaN that hides probability mass (an overflow such as inf - inf) takes that mass out silently.
     Another for ``+inf`` log-densities (``attrs["num_posinf_evals"]``), which the samplers reject alike.
     The count leaves out the NaNs a sampler reports as met while searching far from the posterior
-    (``attrs["num_nan_exploration"]``: the diffusion sampler's mode search starts at up to four
-    times the reference's scale, where real models overflow); ``attrs["num_nan_evals"]`` counts all."""
+    (``attrs["num_nan_exploration"]``: the diffusion sampler's mode search and the missed-mode
+    check's climbs start at up to four times the reference's scale, where real models overflow);
+    ``attrs["num_nan_evals"]`` counts all."""
     num_nan = attrs["num_nan_evals"] - attrs.get("num_nan_exploration", 0)
     num_evals = attrs["num_target_evals"]
     if num_nan:

@@ -64,7 +64,11 @@ def check_missed_modes(
 ) -> dict:
     """Run the check on the pooled ``draws (..., dim)`` from ``starts (m, dim)``, warn with the
     advice given, and return the attrs (module notes). A model that raises at a point the climbs
-    reach stops the check with a warning; the draws are still returned."""
+    reach stops the check with a warning; the draws are still returned. The climbs start far out,
+    where real models overflow: their NaN evaluations are ``num_nan_exploration`` in the attrs, left
+    out of the run's NaN warning (:func:`diffstat.sampling.sample`) as the diffusion sampler's mode
+    search's are."""
+    nan_before = target.num_nan_evals
     try:
         missed = missed_modes(
             target, draws.reshape(-1, draws.shape[-1]), log_z, starts, generator,
@@ -92,6 +96,7 @@ def check_missed_modes(
         "missed_mode_share": missed.share,
         "mode_misweight": missed.misweight,
         "mode_check_evals": missed.num_evals,
+        "num_nan_exploration": int(target.num_nan_evals - nan_before),
     }
 
 
