@@ -132,11 +132,13 @@ def find_start(
         if x.shape[1] <= LAPLACE_MAX_DIM:
             x, lp, g, hess = _newton(log_prob_and_grad, x, lp, g, NEWTON_ITERS)
             noise, cov = _laplace_jitter(hess, noise, a_min)
+        # Newton climbing far above the ascent's end: no mode near it, the ascent was on its way down a neck
+        on_neck = lp > climbed[1] + straggler_gap(x.shape[1])
         x, lp, g, ok = _jitter(log_prob_and_grad, x, lp, g, noise)
         if not bool(ok.all()):  # the local quadratic model fails within a jitter: a neck, not a bulk
             cov = None
-            x, lp, g, ok = _fall_back(log_prob_and_grad, (x, lp, g), ok, climbed, iso)
-            x, lp, g, _ = _fall_back(log_prob_and_grad, (x, lp, g), ok, state, None)
+            x, lp, g, back = _fall_back(log_prob_and_grad, (x, lp, g), ok, climbed, iso)
+            x, lp, g, _ = _fall_back(log_prob_and_grad, (x, lp, g), ok | (back & ~on_neck), state, None)
     return MCMCState(x, lp, g), cov
 
 
