@@ -27,6 +27,10 @@ windows then estimate a metric too narrow there, which the next window inherits.
 not positive definite (or ``dim > 200``) the jitter is :math:`\mathcal N(0, a_{\min} I)`, with
 :math:`a_{\min}` the chain's smallest accepted BB step (about one over the largest curvature). The
 inverse of the chains' mean Hessian is also handed to warm-up as its first metric.
+A jitter that falls more than 10 + 2 dim nats below its centre marks a neck, not a bulk (the quadratic
+model fails within one of its own standard deviations): the chain goes back to the ascent's end with
+the isotropic jitter, or to its initial point where that fails too or where Newton climbed more than
+10 + 2 dim nats above the ascent's end (no mode near it: the ascent itself was running down the neck).
 
 :func:`initial_step_sizes` is Hoffman and Gelman's (2014) doubling/halving heuristic run per chain:
 each chain's step size is doubled (or halved) until its one-step acceptance probability crosses 1/2.
