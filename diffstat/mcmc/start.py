@@ -27,6 +27,10 @@ windows then estimate a metric too narrow there, which the next window inherits.
 not positive definite (or ``dim > 200``) the jitter is :math:`\mathcal N(0, a_{\min} I)`, with
 :math:`a_{\min}` the chain's smallest accepted BB step (about one over the largest curvature). The
 inverse of the chains' mean Hessian is also handed to warm-up as its first metric.
+A jitter that falls more than 10 + 2 dim nats below its centre marks a neck, not a bulk (the quadratic
+model fails within one of its own standard deviations): the chain goes back to the ascent's end with
+the isotropic jitter, or to its initial point where that fails too or where Newton climbed more than
+10 + 2 dim nats above the ascent's end (no mode near it: the ascent itself was running down the neck).
 
 :func:`initial_step_sizes` is Hoffman and Gelman's (2014) doubling/halving heuristic run per chain:
 each chain's step size is doubled (or halved) until its one-step acceptance probability crosses 1/2.
@@ -132,11 +136,13 @@ def find_start(
         if x.shape[1] <= LAPLACE_MAX_DIM:
             x, lp, g, hess = _newton(log_prob_and_grad, x, lp, g, NEWTON_ITERS)
             noise, cov = _laplace_jitter(hess, noise, a_min)
+        # Newton climbing far above the ascent's end: no mode near it, the ascent was on its way down a neck
+        on_neck = lp > climbed[1] + straggler_gap(x.shape[1])
         x, lp, g, ok = _jitter(log_prob_and_grad, x, lp, g, noise)
         if not bool(ok.all()):  # the local quadratic model fails within a jitter: a neck, not a bulk
             cov = None
-            x, lp, g, ok = _fall_back(log_prob_and_grad, (x, lp, g), ok, climbed, iso)
-            x, lp, g, _ = _fall_back(log_prob_and_grad, (x, lp, g), ok, state, None)
+            x, lp, g, back = _fall_back(log_prob_and_grad, (x, lp, g), ok, climbed, iso)
+            x, lp, g, _ = _fall_back(log_prob_and_grad, (x, lp, g), ok | (back & ~on_neck), state, None)
     return MCMCState(x, lp, g), cov
 
 

@@ -119,3 +119,49 @@ def test_start_does_not_chase_a_funnel_neck():
     state, cov = find_start(torch.Generator().manual_seed(0), start, lpg)
     assert bool((state.log_prob >= start.log_prob.min()).all()), (state.log_prob, start.log_prob)
     assert bool((state.x[:, 1] > -6).all()), state.x[:, 1]  # posterior P(log tau < -6) < 1e-3
+
+
+def _centred_ar1(steps: int = 60, obs_sd: float = 0.7):
+    """The audit's latent AR(1) posterior (``benchmarks/audit_cases_pyro.py``, ``ar1_latent``) in
+    Pyro's unconstrained coordinates (u, log sigma, x_1..x_60), phi = 2 sigmoid(u) - 1 ~ U(-1, 1),
+    sigma ~ HalfNormal(1), x stationary AR(1), y_t ~ N(x_t, 0.7), with the log-Jacobians. Unbounded
+    above as sigma -> 0 with x_t = phi x_{t-1}; the prior draws' log-densities are about -150 to -220."""
+    import numpy as np
+
+    rng = np.random.default_rng(32)
+    x = np.zeros(steps)
+    x[0] = 0.5 / np.sqrt(1 - 0.64) * rng.standard_normal()
+    for t in range(1, steps):
+        x[t] = 0.8 * x[t - 1] + 0.5 * rng.standard_normal()
+    y = torch.tensor(x + obs_sd * rng.standard_normal(steps))
+
+    def lpg(z):
+        z = z.detach().requires_grad_(True)
+        s, log_sigma, x = torch.sigmoid(z[:, 0]), z[:, 1], z[:, 2:]
+        phi, sigma = 2 * s - 1, log_sigma.exp()
+        q = (1 - phi**2) * x[:, 0] ** 2 + ((x[:, 1:] - phi[:, None] * x[:, :-1]) ** 2).sum(-1)
+        lp = torch.log(2 * s * (1 - s)) - sigma**2 / 2 + log_sigma
+        lp = lp - steps * log_sigma + 0.5 * torch.log1p(-(phi**2)) - q / (2 * sigma**2)
+        lp = lp - 0.5 * (((y - x) / obs_sd) ** 2).sum(-1)
+        (g,) = torch.autograd.grad(lp.sum(), z)
+        return lp.detach(), g
+
+    return lpg
+
+
+def test_start_does_not_stay_on_a_neck_the_ascent_ran_down():
+    """On the latent AR(1) model the ascent itself ran down the neck (sigma 0.003 to 0.007, phi
+    -0.75 to -0.97; the posterior: sigma 0.39 +- 0.11, phi 0.72 +- 0.15), Newton went on to sigma
+    1e-8 (lp +590 to +860) and the Laplace jitter failed there; the fall-back to the ascent's end kept
+    the chains in the neck (lp +135 to +188) and NUTS spent 1 to 2 s per warm-up iteration. A chain
+    whose Newton steps climb more than 10 + 2 dim nats above the ascent's end goes back to its
+    initial point instead."""
+    lpg = _centred_ar1()
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.cat([torch.randn(4, 1, generator=gen), 0.5 * torch.randn(4, 1, generator=gen)], 1).double()
+    x0 = torch.cat([x0, x0[:, 1:].exp() * torch.randn(4, 60, generator=gen).double()], 1)
+    start = init(lpg, x0)
+    state, _ = find_start(torch.Generator().manual_seed(0), start, lpg)
+    sigma = state.x[:, 1].exp()
+    # the exact posterior (quadrature over phi and log sigma in [-8, 0.5]): P(sigma < 0.05) = 2.3e-4
+    assert bool((sigma > 0.05).all()), sigma
