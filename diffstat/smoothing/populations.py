@@ -244,15 +244,16 @@ def _unreliable(
         f"(population='modes', per-mode importance sampling) is unreliable: its {rounds} rounds had "
         f"Pareto k {ks} and ESS fractions {fractions} of their proposals (trusted: k at most {MAX_PARETO_K} "
         f"and a last fraction of {MIN_FINAL_ESS_FRACTION} or more), so the particles likely lack part of "
-        "the target's mass (a neck or a heavy tail), and the smoothed score and every draw from it "
-        "inherit that"
+        "the target's mass (a neck or a heavy tail)"
     )
     options = dict(
         chains_per_mode=2 * chains_per_mode, num_proposals=2 * num_proposals, max_rounds=2 * rounds
     )
     fallback = "if that does not help, sample this target with MCMC ('nuts')"
-    if replaced is not None:
-        problem = problem.replace(", and the smoothed score and every draw from it inherit that", "") + (
+    if replaced is None:
+        problem += ", and the smoothed score and every draw from it inherit that"
+    else:
+        problem += (
             f"; the particles were replaced by those of NUTS chains started from them (population "
             f"'nuts', {replaced.num_target_evals} evaluations, {replaced.num_divergent} divergent "
             f"transitions of {replaced.num_transitions}), which, equally weighted, do not carry mode "
