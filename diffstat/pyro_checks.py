@@ -5,14 +5,25 @@ The validation half of :mod:`diffstat.pyro_target` (whose structure half is
 arguments (:func:`check_arguments`), a hint naming observations that a distribution cannot score
 because they are not floating point (:func:`non_float_observations`), and the comparison of a
 batched evaluation with one-point runs of the plain model (:func:`check_vectorised`); and, at run
-time, the rows of a batch at which the model's linear algebra fails (:func:`rows_or_nan`).
+time, the rows of a batch at which the model's linear algebra fails (:func:`rows_or_nan`), and the
+sites at which the log-density was NaN (:func:`keep_nan_points`, :func:`nan_sites`).
 """
 
 from __future__ import annotations
 
 import torch
+from pyro.poutine.util import site_is_subsample
 
-__all__ = ["MODES", "check_arguments", "non_float_observations", "check_vectorised", "rows_or_nan"]
+__all__ = [
+    "MODES",
+    "check_arguments",
+    "non_float_observations",
+    "check_vectorised",
+    "check_batched",
+    "rows_or_nan",
+    "keep_nan_points",
+    "nan_sites",
+]
 
 #: The ways to batch a model over particles, in the order they are tried (module docstring of
 #: :mod:`diffstat.pyro_target`).
@@ -74,6 +85,24 @@ def check_vectorised(batched: torch.Tensor, single: torch.Tensor, dtype: torch.d
         )
 
 
+#: Prior draws at which construction checks a batched evaluation against one-point runs.
+NUM_CHECK_POINTS = 3
+
+
+def check_batched(target) -> None:
+    """``ValueError`` unless a batched evaluation of ``target`` (a
+    :class:`~diffstat.pyro_target.PyroTarget`) at prior draws matches one-point runs of the plain
+    model (:func:`check_vectorised`)."""
+    device = target.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(1)
+        u = target.prior_draws(NUM_CHECK_POINTS)
+    with torch.no_grad():
+        batched = target._log_density(u)
+        single = torch.stack([sum(target._terms(v, None)) for v in u])
+    check_vectorised(batched, single, target.dtype)
+
+
 def rows_or_nan(terms, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``terms(u)``, a tuple of ``(n,)`` tensors, with NaN in the rows at which the model's linear
     algebra fails: where ``torch.linalg.LinAlgError`` ends a batched run (a covariance that is not
@@ -90,3 +119,45 @@ def rows_or_nan(terms, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
         half = u.shape[0] // 2
         parts = zip(rows_or_nan(terms, u[:half]), rows_or_nan(terms, u[half:]))
         return tuple(torch.cat(p) for p in parts)
+
+
+#: Points kept at which the log-density was NaN: enough to name the sites, few enough to re-run cheaply.
+NUM_NAN_POINTS = 4
+
+
+def keep_nan_points(kept: torch.Tensor | None, lp: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
+    """The last :data:`NUM_NAN_POINTS` rows of ``u: (n, dim)`` with all coordinates finite at which
+    ``lp: (n,)`` is NaN, or ``kept`` if there are none (a sampler's non-finite point is its own
+    divergence, not the model's NaN)."""
+    bad = torch.isnan(lp.detach()) & torch.isfinite(u.detach()).all(-1)
+    if not bool(bad.any()):
+        return kept
+    return u.detach()[bad][-NUM_NAN_POINTS:].clone()
+
+
+def _distribution_name(fn) -> str:
+    """The name of a site's distribution, unwrapped from ``Independent``, masks and expansions."""
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return type(fn).__name__
+
+
+def nan_sites(target, u: torch.Tensor) -> list[str]:
+    """The sample sites of ``target`` (a :class:`~diffstat.pyro_target.PyroTarget`) whose
+    log-density is NaN at some of the points ``u: (k, dim)``, in the model's order, each as
+    ``"'name' (Distribution)"``; a point at which the model's linear algebra fails is reported as
+    such. One model run per point (``vectorize="vmap"``) or one for all."""
+    runs = [(u, u.shape[0])] if target.vectorize == "plate" else [(v, None) for v in u]
+    found: dict[str, str] = {}
+    with torch.no_grad():
+        for v, n in runs:
+            try:
+                trace, _ = target._run(target._split(v), n=n)
+            except torch.linalg.LinAlgError:
+                found["linear algebra"] = "LinAlgError: a matrix that is not positive-definite"
+                continue
+            for name, site in trace.nodes.items():
+                if site["type"] == "sample" and not site_is_subsample(site):
+                    if bool(torch.isnan(site["fn"].log_prob(site["value"])).any()):
+                        found.setdefault(name, _distribution_name(site["fn"]))
+    return [f"{name!r} ({kind})" for name, kind in found.items()]

@@ -50,7 +50,8 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
-from diffstat.pyro_checks import MODES, check_arguments, check_vectorised, non_float_observations, rows_or_nan
+from diffstat import pyro_checks as checks
+from diffstat.pyro_checks import MODES, check_arguments, non_float_observations, rows_or_nan
 from diffstat.pyro_sites import (
     PARTICLES,
     off_support,
@@ -62,12 +63,10 @@ from diffstat.pyro_sites import (
     per_particle,
     unconstrain_draw,
 )
-from diffstat.target import Target
+from diffstat.target import Target, _functorch_wrapped
 
 __all__ = ["PyroTarget"]
 
-#: Prior draws at which construction checks a batched evaluation against one-point runs.
-_NUM_CHECK_POINTS = 3
 #: Points per model run when converting draws for ``posterior`` (bounds memory; 10^6 draws take
 #: 245 runs).
 _CHUNK = 4096
@@ -162,6 +161,7 @@ class PyroTarget(Target):
         self.model_args = tuple(cast(a) for a in model_args)
         self.model_kwargs = {k: cast(v) for k, v in model_kwargs.items()}
         self.dtype = dtype
+        self.nan_points: torch.Tensor | None = None  # the last few points where the log-density was NaN
         self._find_sites()
         errors = []
         for mode in MODES if vectorize is None else (vectorize,):
@@ -171,7 +171,7 @@ class PyroTarget(Target):
                 super().__init__(
                     self._log_density, self.dim, name=name, reference=_PyroPrior(self), dtype=dtype
                 )
-                self._check_batched()
+                checks.check_batched(self)
                 break
             except Exception as err:  # noqa: BLE001  (any failure of the user's model is reported)
                 errors.append(f"{mode}: {type(err).__name__}: {err}")
@@ -272,6 +272,13 @@ class PyroTarget(Target):
     def _log_density(self, u: torch.Tensor) -> torch.Tensor:
         prior, lik = self._log_terms(u)
         return prior + lik
+
+    def count_nan(self, lp: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`Target.count_nan`, keeping the last points where ``lp`` was NaN (``nan_points``)."""
+        lp = super().count_nan(lp, x)
+        if x is not None and lp.dim() == 1 and x.dim() == 2 and not _functorch_wrapped(lp):
+            self.nan_points = checks.keep_nan_points(self.nan_points, lp, x)
+        return lp
 
     def log_prior(self, u: torch.Tensor) -> torch.Tensor:
         r"""Normalised log-density of the prior pushed to unconstrained space at ``u: (n, dim)``,
@@ -384,16 +391,6 @@ class PyroTarget(Target):
             .numpy()
             for name in chunks[0]
         }
-
-    def _check_batched(self) -> None:
-        """Compare a batched evaluation at prior draws with one-point runs of the plain model."""
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(1)
-            u = self.prior_draws(_NUM_CHECK_POINTS)
-        with torch.no_grad():
-            batched = self._log_density(u)
-            single = torch.stack([sum(self._terms(v, None)) for v in u])
-        check_vectorised(batched, single, self.dtype)
 
     def __repr__(self) -> str:
         sites = ", ".join(f"{s.name}{list(s.shape)}" for s in self.sites.values())

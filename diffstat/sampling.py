@@ -186,7 +186,7 @@ def sample(
     }
     attrs.update(result.attrs, num_nan_evals=int(target.num_nan_evals - nan_before))
     attrs["num_posinf_evals"] = int(target.num_posinf_evals - posinf_before)
-    _warn_if_nan(method, attrs)
+    _warn_if_nan(method, attrs, target)
     if result.diagnose:
         _diagnose(method, result, attrs)
     return io.to_inference_data(target, result, attrs)
@@ -216,7 +216,18 @@ def _check_arguments(target, method: str, num_samples, num_chains, seed, device,
     return num_samples, num_chains, seed, device
 
 
-def _warn_if_nan(method: str, attrs: dict) -> None:
+def _nan_sites(target) -> str:
+    """For a Pyro model, the sites whose log-density was NaN at the last such points ("" if unknown)."""
+    points = getattr(target, "nan_points", None)
+    if points is None:
+        return ""
+    from diffstat.pyro_checks import nan_sites
+
+    sites = nan_sites(target, points)
+    return f" (at the last {len(points)} such points, in site(s) {', '.join(sites)})" if sites else ""
+
+
+def _warn_if_nan(method: str, attrs: dict, target=None) -> None:
     """``RuntimeWarning`` for a run that met NaN log-densities (runtime trouble the first look at
     the starting points cannot see): the samplers reject such points, so no draw is NaN, but a
     NaN that hides probability mass (an overflow such as inf - inf) takes that mass out silently.
@@ -224,13 +235,16 @@ def _warn_if_nan(method: str, attrs: dict) -> None:
     The count leaves out the NaNs a sampler reports as met while searching far from the posterior
     (``attrs["num_nan_exploration"]``: the diffusion sampler's mode search and the missed-mode
     check's climbs start at up to four times the reference's scale, where real models overflow);
-    ``attrs["num_nan_evals"]`` counts all."""
+    ``attrs["num_nan_evals"]`` counts all. For a Pyro model the warning names the sites whose
+    log-density was NaN at the last such points (an overflow inside a distribution's ``log_prob``
+    far in a tail is then told from a fault of the model's own code)."""
     num_nan = attrs["num_nan_evals"] - attrs.get("num_nan_exploration", 0)
     num_evals = attrs["num_target_evals"]
     if num_nan:
         warnings.warn(
             f"ds.sample(..., {method!r}): the log-density returned NaN at {num_nan} of {num_evals} "
-            "points evaluated during the run; they were rejected, so the draws miss any mass there. "
+            f"points evaluated during the run{_nan_sites(target)}; they were rejected, so the draws miss "
+            "any mass there. "
             "Return -inf outside the support, and look for an overflow (inf - inf, 0 * inf) where "
             "it is NaN",
             RuntimeWarning,
