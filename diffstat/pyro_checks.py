@@ -135,9 +135,13 @@ def keep_nan_points(kept: torch.Tensor | None, lp: torch.Tensor, u: torch.Tensor
     return u.detach()[bad][-NUM_NAN_POINTS:].clone()
 
 
+_WRAPPERS = ("Independent", "MaskedDistribution", "ExpandedDistribution")
+
+
 def _distribution_name(fn) -> str:
-    """The name of a site's distribution, unwrapped from ``Independent``, masks and expansions."""
-    while hasattr(fn, "base_dist"):
+    """The name of a site's distribution, unwrapped from ``Independent``, masks and expansions (not
+    from a transformed distribution's base: a Weibull is not its base Exponential)."""
+    while type(fn).__name__ in _WRAPPERS:
         fn = fn.base_dist
     return type(fn).__name__
 

@@ -53,3 +53,15 @@ def test_a_run_that_met_nan_names_the_site_and_a_clean_run_names_none():
         warnings.simplefilter("always")
         ds.sample(clean, "nuts", num_samples=200, seed=1, progress=False)
     assert clean.nan_points is None and not [w for w in caught if "returned NaN" in str(w.message)]
+
+
+def test_a_transformed_distribution_is_named_itself_not_its_base():
+    def weibull(t):
+        log_scale = pyro.sample("log_scale", dist.Normal(torch.tensor(0.0), 1.0))
+        with pyro.plate("data", len(t)):
+            pyro.sample("t", dist.Weibull(torch.exp(log_scale), 1.5).mask(True), obs=t)
+
+    target = ds.Target.from_pyro(weibull, torch.tensor([0.5, 2.0], dtype=F64))
+    u = torch.tensor([[-800.0], [0.0]], dtype=F64)  # t / scale overflows: inf - inf in log_prob
+    assert torch.isnan(target.log_prob(u)[0]) and target.nan_points.tolist() == [[-800.0]]
+    assert nan_sites(target, target.nan_points) == ["'t' (Weibull)"]
