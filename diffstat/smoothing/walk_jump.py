@@ -79,6 +79,7 @@ from diffstat.smoothing.walk_jump_setup import (
     jump_schedule,
     make_walk,
     resolve_provider,
+    walk_sigma,
 )
 from diffstat.smoothing.walks import Walk
 
@@ -246,7 +247,7 @@ def walk_jump(
     generator: torch.Generator,
     progress: bool = False,
     device=None,
-    sigma: float = 1.0,
+    sigma: float | None = None,
     smoothed_score=None,
     estimator: str = "auto",
     estimator_options: dict | None = None,
@@ -267,7 +268,9 @@ def walk_jump(
     Parameters
     ----------
     sigma, smoothed_score, estimator, estimator_options : float; as for SMS
-        Noise level of :math:`q_\sigma` (default 1, the public code's); the smoothed score (as SMS's).
+        Noise level of :math:`q_\sigma`: default 1 (the public code's), raised to a learned score's
+        ``kernel_sigma`` when its network failed its check (:func:`~diffstat.smoothing.walk_jump_setup.
+        walk_sigma`, with a warning; ``sigma_rule`` in attrs); the smoothed score (as SMS's).
     smoothed_log_prob : callable, optional
         ``(y, sigma) -> log q_sigma(y) + const``, ``(n,)``, differentiable; enables the
         Metropolis-adjusted walk (``walk="mala"``, the default when it is given).
@@ -306,6 +309,7 @@ def walk_jump(
     provider, score_attrs, rejected = resolve_provider(
         target, smoothed_score, estimator, estimator_options, walk, generator
     )
+    sigma, sigma_rule = walk_sigma(sigma, provider, score_attrs)
     learned = isinstance(provider, LearnedSmoothedScore)
     num_mala = check_num_mala(num_mala, _LEARNED_MALA if learned else 0)
     walkers, num_jumps, num_warmup = jump_schedule(num_samples, walkers_per_chain, num_warmup, learned, init)
@@ -315,7 +319,7 @@ def walk_jump(
     run = _run(generator, target, kernel, y, provider, sigma, walk == "mala", schedule, progress)
     run = _in_chains(run, num_chains, walkers, num_samples)
     attrs = {"walk": walk, "walk_step_size": kernel.step_size(run.state.walk), "num_mala": num_mala,
-             "walkers_per_chain": walkers}  # fmt: skip
+             "walkers_per_chain": walkers, "sigma_rule": sigma_rule}  # fmt: skip
     return _result(generator, target, run, provider, sigma, rejected, attrs, score_attrs)
 
 

@@ -1,20 +1,37 @@
 r"""The set-up of a walk-jump run (:mod:`diffstat.smoothing.walk_jump`): its options validated before
-any work, the smoothed score resolved (and a learned one checked), the starting walkers and the walk
-on :math:`q_\sigma`."""
+any work, the smoothed score resolved (and a learned one checked), the walk's noise, the starting
+walkers and the walk on :math:`q_\sigma`.
+
+The walk's noise (:func:`walk_sigma`): 1 unless given (the public code's default), raised to a learned
+score's ``kernel_sigma`` when its network failed its own check (held-out relative Fisher divergence at
+small noise above 0.1, the fit's threshold). From ``kernel_sigma`` on the learned score is the kernel
+estimate of its kept particles, the exact smoothed law of the particles, with their mode weights;
+below it the network serves, and a network that failed its check is off where it counts: on
+funnel(10) its score at :math:`\sigma = 1` pulled inward a sixth as hard as the true one in the neck and
+not enough in the mouth, the walk drifted into the mouth (mean :math:`|x_i|` twice the exact) and the
+jumps stopped short of the neck, while a walk on the exact smoothed score stayed put (docs/sms.md,
+``benchmarks/bench_walk_jump_funnel.py``). At the kernel's noise the walk keeps the particles' law and
+the correction on :math:`p(x\mid y)` restores the target's shape: the draws are as good as the
+population, which the warning says.
+"""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from diffstat._util import check_positive_int
-from diffstat.smoothing.fit import learned_score_report, worded_for
+from diffstat.smoothing.fit import _MAX_FISHER, learned_score_report, worded_for
 from diffstat.smoothing.learned import LearnedSmoothedScore
 from diffstat.smoothing.scores import resolve_smoothed_score
 from diffstat.smoothing.walks import Walk, mala_walk, ula_walk, underdamped_walk
 
-__all__ = ["check_options", "resolve_provider", "jump_schedule", "initial_walkers", "make_walk"]
+__all__ = ["check_options", "resolve_provider", "walk_sigma", "jump_schedule", "initial_walkers", "make_walk"]
+
+#: The walk's noise unless given or raised (:func:`walk_sigma`): the public code's.
+DEFAULT_SIGMA = 1.0
 
 
 def check_options(
@@ -22,12 +39,12 @@ def check_options(
 ):
     """Validated ``(sigma, walk, thin, num_warmup, init)``, before any work (a learned default would fit
     a score first); ``shape`` is ``(num_chains, num_samples, walkers_per_chain or None)``; ``num_warmup``
-    None stays None (its default depends on the walkers per chain)."""
+    and ``sigma`` None stay None (their defaults depend on the walkers per chain and on the score)."""
     num_chains, num_samples, walkers = shape
     if walkers is not None:
         walkers = check_positive_int(walkers, "walkers_per_chain")
-    sigma = float(sigma)
-    if not 0 < sigma < math.inf:
+    sigma = None if sigma is None else float(sigma)
+    if sigma is not None and not 0 < sigma < math.inf:
         raise ValueError(f"sigma must be positive and finite, got {sigma}")
     walk = ("mala" if smoothed_log_prob is not None else "underdamped") if walk is None else walk
     if walk not in ("underdamped", "ula", "mala"):
@@ -69,6 +86,29 @@ def resolve_provider(target, smoothed_score, estimator, estimator_options, walk,
         return provider, {}, False
     fitted = target.num_target_evals - evals0 if smoothed_score is None else None
     return provider, *learned_score_report(provider, target, fitted)
+
+
+def walk_sigma(sigma, provider, score_attrs: dict) -> tuple[float, str]:
+    """The walk's noise and its rule (module doc): ``(sigma, "given")``, else a learned score's
+    ``kernel_sigma`` when above :data:`DEFAULT_SIGMA` and its network failed its check
+    (``score_attrs["score_fisher_divergence"]`` above 0.1 or unknown), with a ``RuntimeWarning``:
+    ``(kernel_sigma, "kernel")``; else ``(1.0, "default")``."""
+    if sigma is not None:
+        return sigma, "given"
+    kernel = provider.kernel_sigma if isinstance(provider, LearnedSmoothedScore) else None
+    fisher = score_attrs.get("score_fisher_divergence", math.nan)
+    if kernel is None or not kernel > DEFAULT_SIGMA or fisher <= _MAX_FISHER or "x" not in provider.particles:
+        return DEFAULT_SIGMA, "default"
+    warnings.warn(
+        f"walk-jump: the learned score's network is far from the target's score at small noise (held-out "
+        f"relative Fisher divergence {fisher:.3g} > {_MAX_FISHER}), so the walk runs at sigma = "
+        f"{kernel:.3g} instead of {DEFAULT_SIGMA:g}, where the score is the kernel estimate of its kept "
+        "particles: the draws are as good as those particles (the population), no better. Pass sigma= to "
+        "choose it, or refit the score with more work.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return float(kernel), "kernel"
 
 
 def initial_walkers(target, provider, init_x, shape, sigma, generator, device) -> torch.Tensor:
