@@ -10,6 +10,8 @@ The trade-off of the seeds: a small :math:`\sigma` keeps :math:`\hat x` close to
 :math:`p` but the walk mixes slowly between modes; a large one mixes well but the jumps are
 posterior means, shrunk toward each other (for a Gaussian mode of variance :math:`\tau^2`, the jumps
 have variance :math:`\tau^4/(\tau^2+\sigma^2)`). ``benchmarks/bench_walk_jump_sigma.py`` sweeps it.
+With a learned score whose network failed its check the default is the score's kernel noise, where
+it is the kept particles' kernel estimate (:func:`~diffstat.smoothing.walk_jump_setup.walk_sigma`).
 
 The walk is the BAOAB underdamped scheme (:func:`diffstat.mcmc.langevin.underdamped_step`, the
 family of Sachs et al. 2017 used by the public code, whose defaults are :math:`\sigma = 1`, step
@@ -268,9 +270,7 @@ def walk_jump(
     Parameters
     ----------
     sigma, smoothed_score, estimator, estimator_options : float; as for SMS
-        Noise level of :math:`q_\sigma`: default 1 (the public code's), raised to a learned score's
-        ``kernel_sigma`` when its network failed its check (:func:`~diffstat.smoothing.walk_jump_setup.
-        walk_sigma`, with a warning; ``sigma_rule`` in attrs); the smoothed score (as SMS's).
+        Noise of :math:`q_\sigma`, default 1 or more (:func:`.walk_jump_setup.walk_sigma`); score as SMS's.
     smoothed_log_prob : callable, optional
         ``(y, sigma) -> log q_sigma(y) + const``, ``(n,)``, differentiable; enables the
         Metropolis-adjusted walk (``walk="mala"``, the default when it is given).
