@@ -188,6 +188,7 @@ def run(name: str, seed: int, num_draws: int, fit_options: dict, batches: list[s
             if method == "walk_jump":
                 attrs = idata.posterior.attrs
                 cells += f" sigma {attrs['sigma']:.3g} ({attrs['sigma_rule']})"
+                cells += f" drift {attrs.get('walk_spread_drift', math.nan):.3f}"
             print(f"  {name} seed {seed} {label:14s} {cells}", flush=True)
     exact = f" (exact {float(gm.weights.max()):.3f})" if gm is not None else ""
     print(

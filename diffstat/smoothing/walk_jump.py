@@ -79,6 +79,8 @@ from diffstat.smoothing.walk_jump_setup import (
     check_options,
     initial_walkers,
     jump_schedule,
+    in_chains,
+    kernel_noise,
     make_walk,
     resolve_provider,
     walk_sigma,
@@ -240,6 +242,23 @@ def _run(generator, target, walk, y, provider, sigma, mala: bool, schedule, prog
     return _Run(*stack, columns, state, bool(over))
 
 
+def _walk(generator, target, provider, init_x, sigma: float, rule: str, setup: tuple, schedule: tuple):
+    """The walkers at ``sigma`` (:func:`~diffstat.smoothing.walk_jump_setup.initial_walkers`), walked and
+    jumped (:func:`_run`); under the rule ``"check"`` once more at the score's kernel noise when the walk
+    moved their spread (:func:`~diffstat.smoothing.walk_jump_setup.kernel_noise`). ``setup``: ``((num_chains,
+    W), (walk, smoothed_log_prob, step_size, friction), score_attrs, device, progress)``. Returns ``(walk
+    kernel, run, sigma, rule)``."""
+    shape, (walk, log_q, step_size, friction), score_attrs, device, progress = setup
+    y = initial_walkers(target, provider, init_x, shape, sigma, generator, device)
+    kernel = make_walk(walk, provider, log_q, sigma, step_size, friction, schedule[0])
+    run = _run(generator, target, kernel, y, provider, sigma, walk == "mala", schedule, progress)
+    if rule == "check":
+        sigma, rule = kernel_noise(provider, score_attrs, y, run.walkers)
+        if rule == "kernel":
+            return _walk(generator, target, provider, init_x, sigma, rule, setup, schedule)
+    return kernel, run, sigma, rule
+
+
 @register_sampler("walk_jump")
 def walk_jump(
     target,
@@ -309,30 +328,18 @@ def walk_jump(
     provider, score_attrs, rejected = resolve_provider(
         target, smoothed_score, estimator, estimator_options, walk, generator
     )
-    sigma, sigma_rule = walk_sigma(sigma, provider, score_attrs)
+    sigma, sigma_rule = walk_sigma(sigma, provider, score_attrs, init)
     learned = isinstance(provider, LearnedSmoothedScore)
     num_mala = check_num_mala(num_mala, _LEARNED_MALA if learned else 0)
     walkers, num_jumps, num_warmup = jump_schedule(num_samples, walkers_per_chain, num_warmup, learned, init)
-    y = initial_walkers(target, provider, init, (num_chains, walkers), sigma, generator, device)
-    kernel = make_walk(walk, provider, smoothed_log_prob, sigma, step_size, friction, num_warmup)
+    setup = ((num_chains, walkers), (walk, smoothed_log_prob, step_size, friction), score_attrs,
+             device, progress)  # fmt: skip
     schedule = (num_warmup, num_jumps, thin, max_evals_per_draw)
-    run = _run(generator, target, kernel, y, provider, sigma, walk == "mala", schedule, progress)
-    run = _in_chains(run, num_chains, walkers, num_samples)
+    kernel, run, sigma, rule = _walk(generator, target, provider, init, sigma, sigma_rule, setup, schedule)
+    run = in_chains(run, num_chains, walkers, num_samples)
     attrs = {"walk": walk, "walk_step_size": kernel.step_size(run.state.walk), "num_mala": num_mala,
-             "walkers_per_chain": walkers, "sigma_rule": sigma_rule}  # fmt: skip
+             "walkers_per_chain": walkers, "sigma_rule": rule}  # fmt: skip
     return _result(generator, target, run, provider, sigma, rejected, attrs, score_attrs)
-
-
-def _in_chains(run: _Run, num_chains: int, walkers: int, num_samples: int) -> _Run:
-    """The per-walker jumps ``(num_chains * W, J, ...)`` as chains ``(num_chains, min(J W, num_samples),
-    ...)``: draw ``j`` of a chain is jump ``j // W`` of its walker ``j % W``."""
-
-    def arrange(t: torch.Tensor) -> torch.Tensor:
-        t = t.reshape(num_chains, walkers, *t.shape[1:]).transpose(1, 2)
-        return t.reshape(num_chains, -1, *t.shape[3:])[:, :num_samples]
-
-    fields = ("draws", "walkers", "acceptance", "suspect")
-    return run._replace(**{k: arrange(getattr(run, k)) for k in fields})
 
 
 def _result(generator, target, run: _Run, provider, sigma, rejected, attrs, score_attrs) -> SamplerResult:

@@ -28,10 +28,19 @@ from diffstat.smoothing.learned import LearnedSmoothedScore
 from diffstat.smoothing.scores import resolve_smoothed_score
 from diffstat.smoothing.walks import Walk, mala_walk, ula_walk, underdamped_walk
 
-__all__ = ["check_options", "resolve_provider", "walk_sigma", "jump_schedule", "initial_walkers", "make_walk"]
+__all__ = [
+    "check_options", "resolve_provider", "walk_sigma", "spread_drift", "kernel_noise", "in_chains",
+    "jump_schedule", "initial_walkers", "make_walk",
+]  # fmt: skip
 
 #: The walk's noise unless given or raised (:func:`walk_sigma`): the public code's.
 DEFAULT_SIGMA = 1.0
+
+#: A walk that moved the law of its walkers' radii by more than this Kolmogorov-Smirnov distance (and
+#: beyond noise, :func:`spread_drift`) does not keep their law: it displaced a tenth of them or more,
+#: the share at which walk-jump calls a run unreliable (``walk_jump_checks``). A smaller drift is left to
+#: the network: on many_well(32), 0.05, the kernel's larger noise made the draws worse (docs/sms.md).
+MAX_SPREAD_DRIFT = 0.1
 
 
 def check_options(
@@ -88,27 +97,77 @@ def resolve_provider(target, smoothed_score, estimator, estimator_options, walk,
     return provider, *learned_score_report(provider, target, fitted)
 
 
-def walk_sigma(sigma, provider, score_attrs: dict) -> tuple[float, str]:
-    """The walk's noise and its rule (module doc): ``(sigma, "given")``, else a learned score's
-    ``kernel_sigma`` when above :data:`DEFAULT_SIGMA` and its network failed its check
-    (``score_attrs["score_fisher_divergence"]`` above 0.1 or unknown), with a ``RuntimeWarning``:
-    ``(kernel_sigma, "kernel")``; else ``(1.0, "default")``."""
+def walk_sigma(sigma, provider, score_attrs: dict, init_x) -> tuple[float, str]:
+    """The walk's noise and its rule (module doc): ``(sigma, "given")``; ``(1.0, "check")`` for a learned
+    score whose network failed its check (``score_attrs["score_fisher_divergence"]`` above 0.1 or unknown)
+    and whose ``kernel_sigma`` is above :data:`DEFAULT_SIGMA`, walkers started from its particles (no
+    ``init``): the walk at 1 is then held to :func:`kernel_noise`; else ``(1.0, "default")``."""
     if sigma is not None:
         return sigma, "given"
     kernel = provider.kernel_sigma if isinstance(provider, LearnedSmoothedScore) else None
     fisher = score_attrs.get("score_fisher_divergence", math.nan)
-    if kernel is None or not kernel > DEFAULT_SIGMA or fisher <= _MAX_FISHER or "x" not in provider.particles:
+    if kernel is None or not kernel > DEFAULT_SIGMA or fisher <= _MAX_FISHER or init_x is not None:
         return DEFAULT_SIGMA, "default"
+    return DEFAULT_SIGMA, "check" if "x" in provider.particles else "default"
+
+
+def spread_drift(start: torch.Tensor, walkers: torch.Tensor) -> tuple[float, float]:
+    r"""How far the walkers' spread moved from their start: the two-sample Kolmogorov-Smirnov distance
+    :math:`D` between the radii :math:`\lVert (y - \bar y_0)/s_0\rVert` of the ``start`` walkers ``(n, d)``
+    and of the walked ones (any shape ending in ``d``), :math:`\bar y_0, s_0` the start's mean and sd per
+    coordinate, and its noise level :math:`1.95\sqrt{(n+m)/(nm)}`, exceeded with probability 1e-3 by
+    independent samples of one law (the walked walkers are the start's own, positively correlated with
+    it, which only lowers :math:`D`). Returns ``(D, noise level)``."""
+    walkers = walkers.reshape(-1, start.shape[-1])
+    center, scale = start.mean(0), start.std(0).clamp_min(torch.finfo(start.dtype).tiny)
+    a, b = (((z - center) / scale).norm(dim=-1).double().cpu() for z in (start, walkers))
+    a, b = a[torch.isfinite(a)].sort().values, b[torch.isfinite(b)].sort().values
+    if a.numel() < 2 or b.numel() < 2:
+        return math.inf, 0.0
+    both = torch.cat([a, b])
+    fa = torch.searchsorted(a, both, right=True).double() / a.numel()
+    fb = torch.searchsorted(b, both, right=True).double() / b.numel()
+    n, m = a.numel(), b.numel()
+    return float((fa - fb).abs().max()), 1.95 * math.sqrt((n + m) / (n * m))
+
+
+def kernel_noise(
+    provider, score_attrs: dict, start: torch.Tensor, walkers: torch.Tensor
+) -> tuple[float, str]:
+    """After a walk at 1 under the rule ``"check"`` (:func:`walk_sigma`): ``(kernel_sigma, "kernel")``, with
+    a ``RuntimeWarning``, when the walkers' spread moved beyond :data:`MAX_SPREAD_DRIFT` and beyond noise
+    (:func:`spread_drift` from their ``start``, draws of :math:`q_1` when the particles are the target's);
+    else ``(1.0, "checked")``. The distance goes into ``score_attrs`` as ``walk_spread_drift``."""
+    drift, noise = spread_drift(start, walkers)
+    score_attrs["walk_spread_drift"] = drift
+    if not drift > max(MAX_SPREAD_DRIFT, noise):
+        return DEFAULT_SIGMA, "checked"
+    kernel = float(provider.kernel_sigma)
     warnings.warn(
         f"walk-jump: the learned score's network is far from the target's score at small noise (held-out "
-        f"relative Fisher divergence {fisher:.3g} > {_MAX_FISHER}), so the walk runs at sigma = "
-        f"{kernel:.3g} instead of {DEFAULT_SIGMA:g}, where the score is the kernel estimate of its kept "
-        "particles: the draws are as good as those particles (the population), no better. Pass sigma= to "
-        "choose it, or refit the score with more work.",
+        f"relative Fisher divergence {score_attrs['score_fisher_divergence']:.3g} > {_MAX_FISHER}) and its "
+        f"walk at sigma = {DEFAULT_SIGMA:g} moved the walkers' spread away from their start (Kolmogorov-"
+        f"Smirnov distance {drift:.3g} > {MAX_SPREAD_DRIFT:g}), so the walk ran again at sigma = "
+        f"{kernel:.3g}, "
+        "where the score is the kernel estimate of its kept particles: the draws are as good as those "
+        "particles (the population), no better. Pass sigma= to choose it, or refit the score with more work.",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
-    return float(kernel), "kernel"
+    return kernel, "kernel"
+
+
+def in_chains(run, num_chains: int, walkers: int, num_samples: int):
+    """The per-walker jumps ``(num_chains * W, J, ...)`` of ``run`` (its ``draws``, ``walkers``,
+    ``acceptance``, ``suspect``) as chains ``(num_chains, min(J W, num_samples), ...)``: draw ``j`` of a
+    chain is jump ``j // W`` of its walker ``j % W``."""
+
+    def arrange(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(num_chains, walkers, *t.shape[1:]).transpose(1, 2)
+        return t.reshape(num_chains, -1, *t.shape[3:])[:, :num_samples]
+
+    fields = ("draws", "walkers", "acceptance", "suspect")
+    return run._replace(**{k: arrange(getattr(run, k)) for k in fields})
 
 
 def initial_walkers(target, provider, init_x, shape, sigma, generator, device) -> torch.Tensor:

@@ -1,7 +1,8 @@
-"""Walk-jump's noise with a learned score whose network failed its check (walk_jump_setup.py,
-``walk_sigma``): the walk moves to the score's ``kernel_sigma``, where the score is the kernel estimate of the
-kept particles, and the draws are the target's; at the network's noise (sigma given) the same run is wrong, so
-the test can fail. A score that passed its check keeps the default noise."""
+"""Walk-jump's noise with a learned score whose network failed its check (walk_jump_setup.py, ``walk_sigma``
+and ``kernel_noise``): when the walk at 1 moves the walkers' spread, the walk moves to the score's
+``kernel_sigma``, where the score is the kernel estimate of the kept particles, and the draws are the
+target's; at the network's noise (sigma given) the same run is wrong, so the test can fail. A score that
+passed its check, or one whose walk kept the spread, keeps the default noise."""
 
 import math
 import warnings
@@ -39,6 +40,16 @@ def target() -> ds.Target:
     return ds.Target(lambda x: -0.5 * ((x / SCALES) ** 2).sum(-1), DIM, dtype=torch.float64)
 
 
+class SmallNoiseOff(torch.nn.Module):
+    """Exact at noise 0.5 and above, below it the smoothed score of noise 0.7: fails the check (at the
+    smallest trained noise) and is right at the walk's noise."""
+
+    def forward(self, u, t):
+        sigma = PROCESS.sigma(t)[:, None]
+        sigma = torch.where(sigma < 0.5, torch.full_like(sigma, 0.7), sigma)
+        return -u / (SCALES.to(u) ** 2 + sigma**2)
+
+
 def score(model, kernel_sigma: float) -> LearnedSmoothedScore:
     """Exact draws as the kept particles (2,000) and the held-out ones (256, with the target's score and
     log-density), as a fit keeps them."""
@@ -69,7 +80,7 @@ def test_failed_network_walks_at_the_kernel_noise():
     at sigma = 1, given, the network drives the walk and the draws are wrong (sds up to three times the
     target's, unmarked: the tail holds the walkers within the particles' bounds)."""
     bad = score(Outward(), 1.5)
-    with pytest.warns(RuntimeWarning, match="walk runs at sigma = 1.5"):
+    with pytest.warns(RuntimeWarning, match="walk ran again at sigma = 1.5"):
         x, attrs, div = run(bad)
     assert (
         attrs["sigma"] == 1.5 and attrs["sigma_rule"] == "kernel" and attrs["score_fisher_divergence"] > 0.1
@@ -94,6 +105,19 @@ def test_passed_network_keeps_the_default_noise():
         attrs["sigma"] == 1.0 and attrs["sigma_rule"] == "default" and attrs["score_fisher_divergence"] < 0.1
     )
     assert not [w for w in caught if "walk runs at sigma" in str(w.message)]
+    n = x.shape[0]
+    assert div.sum() == 0
+    assert ((x.mean(0) / SCALES).abs() < 4 / math.sqrt(n)).all()
+    assert ((x.std(0) / SCALES - 1).abs() < 6 / math.sqrt(2 * n)).all()
+
+
+def test_failed_check_but_steady_walk_keeps_the_default_noise():
+    """A network off at small noise only: the check fails, the walk at 1 keeps the walkers' spread (distance
+    under 0.1), so the noise stays 1 (rule "checked") and the draws are the target's."""
+    with pytest.warns(RuntimeWarning, match="far from the target's at small noise"):
+        x, attrs, div = run(score(SmallNoiseOff(), 1.5))
+    assert attrs["score_fisher_divergence"] > 0.1 and attrs["walk_spread_drift"] < 0.1
+    assert attrs["sigma"] == 1.0 and attrs["sigma_rule"] == "checked"
     n = x.shape[0]
     assert div.sum() == 0
     assert ((x.mean(0) / SCALES).abs() < 4 / math.sqrt(n)).all()
