@@ -10,8 +10,8 @@ The trade-off of the seeds: a small :math:`\sigma` keeps :math:`\hat x` close to
 :math:`p` but the walk mixes slowly between modes; a large one mixes well but the jumps are
 posterior means, shrunk toward each other (for a Gaussian mode of variance :math:`\tau^2`, the jumps
 have variance :math:`\tau^4/(\tau^2+\sigma^2)`). ``benchmarks/bench_walk_jump_sigma.py`` sweeps it.
-With a learned score whose network failed its check the default is the score's kernel noise, where
-it is the kept particles' kernel estimate (:func:`~diffstat.smoothing.walk_jump_setup.walk_sigma`).
+A learned score's network that failed its check and moves its walkers' spread at 1 hands the walk to
+the score's kernel noise (:func:`~diffstat.smoothing.walk_jump_setup.kernel_noise`).
 
 The walk is the BAOAB underdamped scheme (:func:`diffstat.mcmc.langevin.underdamped_step`, the
 family of Sachs et al. 2017 used by the public code, whose defaults are :math:`\sigma = 1`, step

@@ -2,17 +2,20 @@ r"""The set-up of a walk-jump run (:mod:`diffstat.smoothing.walk_jump`): its opt
 any work, the smoothed score resolved (and a learned one checked), the walk's noise, the starting
 walkers and the walk on :math:`q_\sigma`.
 
-The walk's noise (:func:`walk_sigma`): 1 unless given (the public code's default), raised to a learned
-score's ``kernel_sigma`` when its network failed its own check (held-out relative Fisher divergence at
-small noise above 0.1, the fit's threshold). From ``kernel_sigma`` on the learned score is the kernel
-estimate of its kept particles, the exact smoothed law of the particles, with their mode weights;
-below it the network serves, and a network that failed its check is off where it counts: on
-funnel(10) its score at :math:`\sigma = 1` pulled inward a sixth as hard as the true one in the neck and
-not enough in the mouth, the walk drifted into the mouth (mean :math:`|x_i|` twice the exact) and the
-jumps stopped short of the neck, while a walk on the exact smoothed score stayed put (docs/sms.md,
-``benchmarks/bench_walk_jump_funnel.py``). At the kernel's noise the walk keeps the particles' law and
-the correction on :math:`p(x\mid y)` restores the target's shape: the draws are as good as the
-population, which the warning says.
+The walk's noise (:func:`walk_sigma`, :func:`kernel_noise`): 1 unless given (the public code's
+default). From ``kernel_sigma`` on a learned score is the kernel estimate of its kept particles, the
+exact smoothed law of the particles with their mode weights; below it the network serves. When the
+network failed its own check (held-out relative Fisher divergence at small noise above 0.1, the fit's
+threshold) and ``kernel_sigma`` is above 1, the walk at 1 is checked: its walkers start at draws of
+:math:`q_1` (particles plus noise), which a walk on the right score keeps, so a walk that moves the law
+of their whitened radii by a Kolmogorov-Smirnov distance above 0.1 (and beyond noise) follows a wrong
+score, and the walk is run again at ``kernel_sigma`` (no target evaluation: the walk only uses the
+score), with a warning that the draws are then as good as the particles. On funnel(10) the network's
+pull toward the axis at :math:`\sigma = 1` was a sixth to a fortieth of the true one, the walk moved
+the radii by 0.69 to 0.78 (mean :math:`|x_i|` two to four times the exact) while a walk on the exact
+smoothed score kept them; on many_well(32), a failed check too, the walk moved them by 0.05 and the
+kernel's larger noise (2.7) made the draws worse, so a drift that small is left to the network and the
+correction (docs/sms.md, ``benchmarks/bench_walk_jump_funnel.py``).
 """
 
 from __future__ import annotations
