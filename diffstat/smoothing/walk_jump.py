@@ -77,9 +77,9 @@ from diffstat.smoothing.scores import LaplaceSmoothedScore
 from diffstat.smoothing.walk_jump_checks import divergence_message, draw_floor
 from diffstat.smoothing.walk_jump_setup import (
     check_options,
+    in_chains,
     initial_walkers,
     jump_schedule,
-    in_chains,
     kernel_noise,
     make_walk,
     resolve_provider,

@@ -151,9 +151,9 @@ def kernel_noise(
         f"relative Fisher divergence {score_attrs['score_fisher_divergence']:.3g} > {_MAX_FISHER}) and its "
         f"walk at sigma = {DEFAULT_SIGMA:g} moved the walkers' spread away from their start (Kolmogorov-"
         f"Smirnov distance {drift:.3g} > {MAX_SPREAD_DRIFT:g}), so the walk ran again at sigma = "
-        f"{kernel:.3g}, "
-        "where the score is the kernel estimate of its kept particles: the draws are as good as those "
-        "particles (the population), no better. Pass sigma= to choose it, or refit the score with more work.",
+        f"{kernel:.3g}, where the score is the kernel estimate of its kept particles: the draws are as good "
+        "as those particles (the population), no better. Pass sigma= to choose it, or refit the score with "
+        "more work.",
         RuntimeWarning,
         stacklevel=4,
     )
