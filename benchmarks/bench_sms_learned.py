@@ -21,6 +21,13 @@ the fit's.
         --seeds 0 [--batches "sms 1st,jms 2nd"] [--draws 4000]
     python benchmarks/bench_sms_learned.py --targets funnel10 --seeds 0,1,2 --draws 1000 \
         --batches "sms 1st,walk-jump 2nd" [--fit "{'population_options': {'fallback': None}}"]
+    python benchmarks/bench_sms_learned.py --targets funnel10 --seeds 0,1,2 --draws 1000 \
+        --batches "walk-jump 2nd" --scores /tmp/scores [--walk-jump "{'sigma': 1.0}"]
+
+``--scores DIR`` keeps each fitted score in ``DIR/<target>_<seed>.pt`` and loads it from there when present
+(the fit's evaluations and seconds are then those stored, its seconds not re-measured); ``--walk-jump``
+passes options to the walk-jump batch (``sigma=1.0``: the noise before a failed network's score moved the
+walk to the kernel's noise, docs/sms.md).
 
 Funnel(10) is also compared with a long NUTS run (``NUTS ...`` columns, :data:`NUTS_FUNNEL10`), and
 the population's sd of :math:`x_1` and its source are printed.
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import time
 import warnings
 
@@ -38,6 +46,7 @@ import torch
 
 import diffstat as ds
 from diffstat.smoothing.fit import fit_smoothed_score
+from diffstat.smoothing.learned import LearnedSmoothedScore
 
 
 def make(name: str):
@@ -132,18 +141,32 @@ BATCHES = {
 }
 
 
-def run(name: str, seed: int, num_draws: int, fit_options: dict, batches: list[str]) -> None:
+def fitted(target, name: str, seed: int, fit_options: dict, scores: str | None):
+    """The fitted score, from ``scores/<name>_<seed>.pt`` when there (and kept there when fitted)."""
+    path = os.path.join(scores, f"{name}_{seed}.pt") if scores else None
+    if path and os.path.exists(path):
+        return LearnedSmoothedScore.load(path)
+    score = fit_smoothed_score(target, seed=seed, **fit_options)
+    if path:
+        score.save(path)
+    return score
+
+
+def run(name: str, seed: int, num_draws: int, fit_options: dict, batches: list[str], args=None) -> None:
     target, gm = make(name)
     t0, c0 = time.perf_counter(), time.process_time()
+    scores, wj_options = (args.scores, eval(args.walk_jump)) if args is not None else (None, {})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        score = fit_smoothed_score(target, seed=seed, **fit_options)
+        score = fitted(target, name, seed, fit_options, scores)
         fit_s, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
         fit_evals = score.info["num_target_evals"]
         rows = {}
         for label in batches:
             method, extra = BATCHES[label]
             options = dict(num_chains=4, num_samples=num_draws // 4, **extra)
+            if method == "walk_jump":
+                options.update(wj_options)
             target.num_target_evals = 0
             t1, c1 = time.perf_counter(), time.process_time()
             idata = ds.sample(
@@ -162,6 +185,10 @@ def run(name: str, seed: int, num_draws: int, fit_options: dict, batches: list[s
             cells = " ".join(
                 f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[label].items()
             )
+            if method == "walk_jump":
+                attrs = idata.posterior.attrs
+                cells += f" sigma {attrs['sigma']:.3g} ({attrs['sigma_rule']})"
+                cells += f" drift {attrs.get('walk_spread_drift', math.nan):.3f}"
             print(f"  {name} seed {seed} {label:14s} {cells}", flush=True)
     exact = f" (exact {float(gm.weights.max()):.3f})" if gm is not None else ""
     print(
@@ -186,11 +213,13 @@ def main() -> None:
         help=f"comma-separated, of {list(BATCHES)} (the joint variant is slow: M * d coordinates)",
     )
     parser.add_argument("--fit", default="{}", help="fit_smoothed_score options, a Python dict literal")
+    parser.add_argument("--scores", default=None, help="a folder to keep and reuse the fitted scores in")
+    parser.add_argument("--walk-jump", default="{}", help="options of the walk-jump batch, a dict literal")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.targets.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            run(name, seed, args.draws, eval(args.fit), args.batches.split(","))
+            run(name, seed, args.draws, eval(args.fit), args.batches.split(","), args)
 
 
 if __name__ == "__main__":

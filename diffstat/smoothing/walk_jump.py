@@ -10,6 +10,8 @@ The trade-off of the seeds: a small :math:`\sigma` keeps :math:`\hat x` close to
 :math:`p` but the walk mixes slowly between modes; a large one mixes well but the jumps are
 posterior means, shrunk toward each other (for a Gaussian mode of variance :math:`\tau^2`, the jumps
 have variance :math:`\tau^4/(\tau^2+\sigma^2)`). ``benchmarks/bench_walk_jump_sigma.py`` sweeps it.
+A learned score's network that failed its check and moves its walkers' spread at 1 hands the walk to
+the score's kernel noise (:func:`~diffstat.smoothing.walk_jump_setup.kernel_noise`).
 
 The walk is the BAOAB underdamped scheme (:func:`diffstat.mcmc.langevin.underdamped_step`, the
 family of Sachs et al. 2017 used by the public code, whose defaults are :math:`\sigma = 1`, step
@@ -75,10 +77,13 @@ from diffstat.smoothing.scores import LaplaceSmoothedScore
 from diffstat.smoothing.walk_jump_checks import divergence_message, draw_floor
 from diffstat.smoothing.walk_jump_setup import (
     check_options,
+    in_chains,
     initial_walkers,
     jump_schedule,
+    kernel_noise,
     make_walk,
     resolve_provider,
+    walk_sigma,
 )
 from diffstat.smoothing.walks import Walk
 
@@ -237,6 +242,23 @@ def _run(generator, target, walk, y, provider, sigma, mala: bool, schedule, prog
     return _Run(*stack, columns, state, bool(over))
 
 
+def _walk(generator, target, provider, init_x, sigma: float, rule: str, setup: tuple, schedule: tuple):
+    """The walkers at ``sigma`` (:func:`~diffstat.smoothing.walk_jump_setup.initial_walkers`), walked and
+    jumped (:func:`_run`); under the rule ``"check"`` once more at the score's kernel noise when the walk
+    moved their spread (:func:`~diffstat.smoothing.walk_jump_setup.kernel_noise`). ``setup``: ``((num_chains,
+    W), (walk, smoothed_log_prob, step_size, friction), score_attrs, device, progress)``. Returns ``(walk
+    kernel, run, sigma, rule)``."""
+    shape, (walk, log_q, step_size, friction), score_attrs, device, progress = setup
+    y = initial_walkers(target, provider, init_x, shape, sigma, generator, device)
+    kernel = make_walk(walk, provider, log_q, sigma, step_size, friction, schedule[0])
+    run = _run(generator, target, kernel, y, provider, sigma, walk == "mala", schedule, progress)
+    if rule == "check":
+        sigma, rule = kernel_noise(provider, score_attrs, y, run.walkers)
+        if rule == "kernel":
+            return _walk(generator, target, provider, init_x, sigma, rule, setup, schedule)
+    return kernel, run, sigma, rule
+
+
 @register_sampler("walk_jump")
 def walk_jump(
     target,
@@ -246,7 +268,7 @@ def walk_jump(
     generator: torch.Generator,
     progress: bool = False,
     device=None,
-    sigma: float = 1.0,
+    sigma: float | None = None,
     smoothed_score=None,
     estimator: str = "auto",
     estimator_options: dict | None = None,
@@ -267,7 +289,7 @@ def walk_jump(
     Parameters
     ----------
     sigma, smoothed_score, estimator, estimator_options : float; as for SMS
-        Noise level of :math:`q_\sigma` (default 1, the public code's); the smoothed score (as SMS's).
+        Noise of :math:`q_\sigma`, default 1 or more (:func:`.walk_jump_setup.walk_sigma`); score as SMS's.
     smoothed_log_prob : callable, optional
         ``(y, sigma) -> log q_sigma(y) + const``, ``(n,)``, differentiable; enables the
         Metropolis-adjusted walk (``walk="mala"``, the default when it is given).
@@ -306,29 +328,18 @@ def walk_jump(
     provider, score_attrs, rejected = resolve_provider(
         target, smoothed_score, estimator, estimator_options, walk, generator
     )
+    sigma, sigma_rule = walk_sigma(sigma, provider, score_attrs, init)
     learned = isinstance(provider, LearnedSmoothedScore)
     num_mala = check_num_mala(num_mala, _LEARNED_MALA if learned else 0)
     walkers, num_jumps, num_warmup = jump_schedule(num_samples, walkers_per_chain, num_warmup, learned, init)
-    y = initial_walkers(target, provider, init, (num_chains, walkers), sigma, generator, device)
-    kernel = make_walk(walk, provider, smoothed_log_prob, sigma, step_size, friction, num_warmup)
+    setup = ((num_chains, walkers), (walk, smoothed_log_prob, step_size, friction), score_attrs,
+             device, progress)  # fmt: skip
     schedule = (num_warmup, num_jumps, thin, max_evals_per_draw)
-    run = _run(generator, target, kernel, y, provider, sigma, walk == "mala", schedule, progress)
-    run = _in_chains(run, num_chains, walkers, num_samples)
+    kernel, run, sigma, rule = _walk(generator, target, provider, init, sigma, sigma_rule, setup, schedule)
+    run = in_chains(run, num_chains, walkers, num_samples)
     attrs = {"walk": walk, "walk_step_size": kernel.step_size(run.state.walk), "num_mala": num_mala,
-             "walkers_per_chain": walkers}  # fmt: skip
+             "walkers_per_chain": walkers, "sigma_rule": rule}  # fmt: skip
     return _result(generator, target, run, provider, sigma, rejected, attrs, score_attrs)
-
-
-def _in_chains(run: _Run, num_chains: int, walkers: int, num_samples: int) -> _Run:
-    """The per-walker jumps ``(num_chains * W, J, ...)`` as chains ``(num_chains, min(J W, num_samples),
-    ...)``: draw ``j`` of a chain is jump ``j // W`` of its walker ``j % W``."""
-
-    def arrange(t: torch.Tensor) -> torch.Tensor:
-        t = t.reshape(num_chains, walkers, *t.shape[1:]).transpose(1, 2)
-        return t.reshape(num_chains, -1, *t.shape[3:])[:, :num_samples]
-
-    fields = ("draws", "walkers", "acceptance", "suspect")
-    return run._replace(**{k: arrange(getattr(run, k)) for k in fields})
 
 
 def _result(generator, target, run: _Run, provider, sigma, rejected, attrs, score_attrs) -> SamplerResult:
