@@ -78,7 +78,7 @@ from diffstat._util import check_options, progress_bar
 from diffstat.diffusion.noised_smc_learned import refine_path
 from diffstat.diffusion.noised_smc_check import STUCK_ACCEPTANCE, pooled_log_z, reliability_problems
 from diffstat.diffusion.noised_smc_path import GuidedState, NoisedPath, local_mala_step, noise_schedule
-from diffstat.diffusion.noised_smc_mixture import independence_moves, population_path
+from diffstat.diffusion.noised_smc_mixture import independence_moves, population_defaults, population_path
 from diffstat.diffusion.noised_smc_setup import OPTIONS, check_settings, setup_path
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT
 from diffstat.sampling import SamplerResult, register_sampler
@@ -322,7 +322,8 @@ def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device
     ``population`` (None; ``"nuts"``: a Gaussian mixture fitted to NUTS draws guides the noisy
     levels and proposes independence moves, :mod:`diffstat.diffusion.noised_smc_mixture`) with
     ``population_size`` (4096), ``population_budget`` (140 evaluations per draw),
-    ``mixture_components`` (8) and ``num_mixture_moves`` (2; ``num_mcmc_steps`` then defaults to 2).
+    ``mixture_components`` (8) and ``num_mixture_moves`` (1; with a population ``num_steps`` defaults
+    to 128 and ``num_mcmc_steps`` to 1).
     ``num_chains`` (default 1) independent runs share the pilot; their evidence estimates are pooled
     and, from two runs on, their spread gives the standard error when it exceeds the genealogy's.
     The draws are the final particles resampled to equal weights.
@@ -336,6 +337,7 @@ def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device
     if num_samples < 2:
         raise ValueError(f"pdds needs at least 2 particles, got {num_samples}")
     check_settings(options)
+    population_defaults(options)
     num_rounds, levels = options.pop("num_rounds", 1), options.get("num_steps", 64) + 1
     path, attrs = setup_path(target, generator, device, options)
     path, mixture, mixture_moves, attrs_pop = population_path(target, generator, device, path, options)

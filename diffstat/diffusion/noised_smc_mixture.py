@@ -4,7 +4,7 @@ r"""A population-fitted Gaussian mixture for the particle denoising diffusion sa
 Algorithm
 ---------
 1. **Population.** NUTS chains (:func:`diffstat.smoothing.mcmc_population.mcmc_population`: Stan's
-   windowed warm-up, target acceptance 0.9) give draws of the target within a budget of target
+   windowed warm-up, target acceptance 0.95) give draws of the target within a budget of target
    evaluations, counted with the run's.
 2. **Mixture.** In the pilot's whitened coordinates a Gaussian mixture
    :math:`q = \sum_j w_j\,\mathcal N(m_j, C_j)` is fitted to the draws by EM (Dempster, Laird and
@@ -24,13 +24,14 @@ Algorithm
    moves do not do (docs/noised_smc.md).
 
 Rationale of the defaults (measured on funnel(10) only, docs/noised_smc.md): 8 components (with
-about 1,000 correlated NUTS draws in 10-d, 8 full covariances are better determined than 16 or
-32, which gave larger errors); the log-density quantile start (a k-means++ start put 14 of 16
-components in the funnel's mouth, where the distances are largest, and lost the neck); 64 chains
-of 100 warm-up iterations, every state kept, until 4,096 draws or a budget of 140 evaluations per
-draw (573k: with the pilot and 1,000 particles a run stays under 1M evaluations; 64 short chains
-reached further into the neck than 32 of 200 warm-up iterations at the same cost); 2
-independence and 2 local moves per level with a population, the 4 moves of the default's cost.
+1,000 to 4,000 correlated NUTS draws in 10-d, 8 full covariances gave smaller errors than 16 or
+32); the log-density quantile start (a k-means++ start put 14 of 16 components in the funnel's
+mouth, where the distances are largest, and lost the neck); 64 chains of 100 warm-up iterations
+at target acceptance 0.95, every state kept, until 4,096 draws or a budget of 140 evaluations
+per draw (573k: with the pilot and 900 particles a run stays under 1M evaluations; 32 chains of
+100 or 200 warm-up iterations, 128 of 50, or acceptance 0.9 reached less far into the neck at
+that cost); 128 levels with 1 independence and 1 local move each (at 64 levels with 2 and 2 the
+standard error was 0.07 to 0.14, at 128 with 1 and 1 it is 0.04 to 0.05 for the same cost).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ __all__ = [
     "fit_mixture",
     "independence_moves",
     "noised_log_density",
+    "population_defaults",
     "population_path",
     "sample_noised",
 ]
@@ -60,8 +62,11 @@ POPULATION_SIZE, POPULATION_CHAINS, POPULATION_WARMUP, BUDGET_PER_DRAW = 4096, 6
 #: Every NUTS state is kept (thin 1): the budget, not the draws wanted, ends the sampling, and for a
 #: mixture fit correlated draws are more information than fewer.
 POPULATION_THIN = 1
-#: Moves per level with a population: independence moves from the noised mixture, local moves.
-MIXTURE_MOVES, LOCAL_MOVES = 2, 2
+#: NUTS's target acceptance: smaller steps than NUTS's 0.8 reach further into a narrowing neck.
+POPULATION_ACCEPT = 0.95
+#: With a population: noise levels, and moves per level (independence moves from the noised
+#: mixture, local moves).
+POPULATION_STEPS, MIXTURE_MOVES, LOCAL_MOVES = 128, 1, 1
 #: The population's options of ``ds.sample(target, "pdds", ...)``.
 POPULATION_OPTIONS = (
     "population",
@@ -143,6 +148,14 @@ def independence_moves(generator, particles, stage_path, mixture: ModeBank, rho,
     return particles, float(torch.stack(rates).mean()) if rates else math.nan
 
 
+def population_defaults(options: dict) -> None:
+    """With ``population`` in ``options``, the defaults of ``num_steps`` (:data:`POPULATION_STEPS`)
+    and ``num_mcmc_steps`` (:data:`LOCAL_MOVES`) where not given."""
+    if options.get("population") is not None:
+        options.setdefault("num_steps", POPULATION_STEPS)
+        options.setdefault("num_mcmc_steps", LOCAL_MOVES)
+
+
 class MixtureGuidance:
     r""":math:`\log g^q_t` and its gradient at the log relative noise :math:`u = \log(\lambda/\rho)`,
     in the form :class:`~diffstat.diffusion.noised_smc_learned.LearnedPath` takes a network."""
@@ -160,7 +173,8 @@ def population_path(target, generator, device, path: NoisedPath, options: dict):
     draw the population, fit the mixture in ``path``'s whitened coordinates and return the path
     with the mixture's guidance mixed in, the mixture, the number of independence moves per level
     and attrs (the population's evaluations, size and divergent transitions). Sets
-    ``num_mcmc_steps`` to :data:`LOCAL_MOVES` in ``options`` unless given."""
+    ``num_mcmc_steps`` to :data:`LOCAL_MOVES` in ``options`` unless given (:func:`population_defaults`
+    sets ``num_steps`` before)."""
     from diffstat.smoothing.mcmc_population import mcmc_population
     from diffstat.smoothing.populations import FitWarning
 
@@ -175,13 +189,12 @@ def population_path(target, generator, device, path: NoisedPath, options: dict):
         raise ValueError(f"population must be None or 'nuts', got {kind!r}")
     if budget is None:  # warm-up costs the same for few draws: 64 a chain at least, as mcmc_population's
         budget = BUDGET_PER_DRAW * max(size, 64 * POPULATION_CHAINS)
-    options.setdefault("num_mcmc_steps", LOCAL_MOVES)
     before = target.num_target_evals
     with warnings.catch_warnings():  # a population cut short by its budget is expected here
         warnings.simplefilter("ignore", FitWarning)
         pop = mcmc_population(
             target, size, generator, device, num_chains=POPULATION_CHAINS, num_warmup=POPULATION_WARMUP,
-            thin=POPULATION_THIN, budget=budget,
+            thin=POPULATION_THIN, budget=budget, target_accept=POPULATION_ACCEPT,
         )  # fmt: skip
     z = path.whitening.to_white(pop.x.to(dtype=target.dtype))
     lp = pop.log_prob.to(dtype=target.dtype) + path.whitening.log_det
