@@ -1,10 +1,12 @@
 """The population mixture of ``method="pdds"`` on funnel(10): is the mixture, or the population, the limit?
 
-For each seed: the pilot (``setup_path``), then a 16-component mixture fitted by EM to ``n`` exact
-funnel draws (``--exact n``) or to a NUTS population (``--nuts chains,warmup,size,budget``), the
-plain importance sampling estimate of log Z from 20,000 draws of the mixture and its ESS fraction,
-and one SMC run of ``--particles`` particles with ``--mixture-moves`` independence and
-``--local-moves`` MALA moves per level over ``--steps`` levels, the guidance ``--guidance``:
+For each seed: the pilot (``setup_path``), then a mixture of ``--components`` Gaussians fitted by EM
+to ``n`` exact funnel draws (``--exact n``) or to a NUTS population (``--nuts
+chains,warmup,size,budget`` with ``--accept`` and ``--thin``; the population's sd and 1%/99%
+quantiles of x_1 are printed), the plain importance sampling estimate of log Z from 20,000 draws
+of the mixture and its ESS fraction, and (unless ``--no-smc``) one SMC run of ``--particles``
+particles with ``--mixture-moves`` independence and ``--local-moves`` MALA moves per level over
+``--steps`` levels, the guidance ``--guidance``:
 ``mixed`` (the mixture's noised g_t mixed in at the noisy levels, what ``population="nuts"``
 does), ``power`` (no guidance from the mixture, moves only) or ``bank`` (the mixture as the
 pilot's bank, with the residual's power guidance). Prints the log Z error (s.e.), sd and 1%/99%
@@ -12,10 +14,12 @@ quantiles of x_1 (exact 3, -7.0, +7.0), the smallest ESS fraction over the level
 the independence moves' acceptance, and the evaluations (the run's, and all with the pilot and
 population). Results: ``docs/noised_smc.md``.
 
-Run (one thread)::
+The defaults are those of ``population="nuts"`` with 900 particles. Run (one thread)::
 
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_noised_smc_mixture.py --exact 2000
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_noised_smc_mixture.py --nuts 32,200,2048,512000
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_noised_smc_mixture.py --exact 2000 \
+        --components 16 --steps 64 --mixture-moves 2 --local-moves 2 --guidance power
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_noised_smc_mixture.py --no-smc \
+        --nuts 32,200,2048,600000 --accept 0.95 --thin 2
 """
 
 from __future__ import annotations
@@ -56,13 +60,16 @@ def main():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--exact", type=int, default=0)
-    parser.add_argument("--nuts", default="32,200,2048,512000")
+    parser.add_argument("--nuts", default="64,100,4096,573440")
+    parser.add_argument("--accept", type=float, default=0.95)
+    parser.add_argument("--thin", type=int, default=1)
+    parser.add_argument("--no-smc", action="store_true")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    parser.add_argument("--components", type=int, default=16)
-    parser.add_argument("--particles", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--mixture-moves", type=int, default=2)
-    parser.add_argument("--local-moves", type=int, default=2)
+    parser.add_argument("--components", type=int, default=8)
+    parser.add_argument("--particles", type=int, default=900)
+    parser.add_argument("--steps", type=int, default=128)
+    parser.add_argument("--mixture-moves", type=int, default=1)
+    parser.add_argument("--local-moves", type=int, default=1)
     parser.add_argument("--guidance", choices=("mixed", "power", "bank"), default="mixed")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -77,11 +84,22 @@ def main():
             source = f"exact {args.exact}"
         else:
             chains, warmup, size, budget = (int(v) for v in args.nuts.split(","))
-            x = mcmc_population(target, size, gen, num_chains=chains, num_warmup=warmup, budget=budget).x
-            source = f"nuts {args.nuts} sd(x1) {float(x[:, 0].std()):.2f}"
+            x = mcmc_population(
+                target, size, gen, num_chains=chains, num_warmup=warmup, budget=budget,
+                target_accept=args.accept, thin=args.thin,
+            ).x  # fmt: skip
+            q = x[:, 0].quantile(torch.tensor([0.01, 0.99], dtype=x.dtype))
+            source = (
+                f"nuts {args.nuts} acc {args.accept} thin {args.thin}: {x.shape[0]} draws, "
+                f"{target.num_target_evals} evals, sd(x1) {float(x[:, 0].std()):.2f} "
+                f"q {float(q[0]):+.2f} {float(q[1]):+.2f}"
+            )
         z = path.whitening.to_white(x)
         mixture = fit_mixture(z, path.log_pi_and_grad(z)[0], args.components)
         is_log_z, is_ess = importance_check(path, mixture, gen)
+        if args.no_smc:
+            print(f"seed {seed} {source} | IS {is_log_z - log_z:+.3f} ESS {is_ess:.3f}", flush=True)
+            continue
         if args.guidance == "mixed":
             run_path = LearnedPath(path, MixtureGuidance(mixture))
         else:

@@ -53,6 +53,7 @@ __all__ = [
     "population_defaults",
     "population_path",
     "sample_noised",
+    "with_bank",
 ]
 
 #: Mixture components, EM iterations, ridge on each covariance (relative to its mean variance).
@@ -148,6 +149,24 @@ def independence_moves(generator, particles, stage_path, mixture: ModeBank, rho,
     return particles, float(torch.stack(rates).mean()) if rates else math.nan
 
 
+def with_bank(mixture: ModeBank, log_scale: float, bank: ModeBank | None) -> ModeBank:
+    r"""The population's ``mixture`` pooled with the pilot's ``bank`` of Laplace modes: the bank's
+    modes with their Laplace masses, and the mixture's components whose mean lies outside every bank
+    mode (squared Mahalanobis distance over :math:`d + 3\sqrt{2d}`, the 0.999 point of a mode's
+    own draws, roughly), their log weights raised by ``log_scale`` (the mixture's estimate of its
+    region's :math:`\log Z`). NUTS chains keep the mode they start in, so their mixture's mode
+    weights follow the starts, where the bank's Laplace masses are exact for Gaussian modes; a mode
+    the chains never visit (a narrow heavy one) stays in the bank."""
+    mixture = mixture._replace(log_mass=mixture.log_mass + log_scale)
+    if bank is None or bank.means.shape[0] == 0:
+        return mixture
+    d = mixture.means.shape[1]
+    proj = torch.einsum("kjd,jde->kje", mixture.means[:, None] - bank.means[None], bank.evecs)
+    covered = ((proj**2 / bank.evals).sum(-1) < d + 3 * math.sqrt(2 * d)).any(1)
+    keep = ~covered
+    return ModeBank(*(torch.cat([b, m[keep]]) for b, m in zip(bank, mixture)))
+
+
 def population_defaults(options: dict) -> None:
     """With ``population`` in ``options``, the defaults of ``num_steps`` (:data:`POPULATION_STEPS`)
     and ``num_mcmc_steps`` (:data:`LOCAL_MOVES`) where not given."""
@@ -197,8 +216,11 @@ def population_path(target, generator, device, path: NoisedPath, options: dict):
             thin=POPULATION_THIN, budget=budget, target_accept=POPULATION_ACCEPT,
         )  # fmt: skip
     z = path.whitening.to_white(pop.x.to(dtype=target.dtype))
+    one = torch.ones((), dtype=z.dtype, device=z.device)
     lp = pop.log_prob.to(dtype=target.dtype) + path.whitening.log_det
     mixture = fit_mixture(z, lp, components)
+    bank = path.bank if path.guidance == "bank" else None
+    mixture = with_bank(mixture, float(torch.median(lp - noised_log_density(mixture, z, one))), bank)
     attrs = {
         "population_evals": int(target.num_target_evals - before),
         "population_size": int(pop.x.shape[0]),
