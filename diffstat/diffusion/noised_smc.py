@@ -93,7 +93,7 @@ from diffstat.tempering.core import (
     tempered_reweight,
 )
 from diffstat.tempering.path import PathState, default_step_size
-from diffstat.tempering.resampling import SCHEMES, resample
+from diffstat.tempering.resampling import resample
 from diffstat.tempering.runs import stack_stages
 from diffstat.tempering.smc import genealogy_variance
 
@@ -329,10 +329,6 @@ def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device
     The draws are the final particles resampled to equal weights.
     """
     check_options(options, OPTIONS, "pdds")
-    if options.get("resampling", "systematic") not in SCHEMES:
-        raise ValueError(
-            f"unknown resampling scheme {options['resampling']!r}; choose one of {', '.join(SCHEMES)}"
-        )
     num_chains = 1 if num_chains is None else num_chains
     if num_samples < 2:
         raise ValueError(f"pdds needs at least 2 particles, got {num_samples}")

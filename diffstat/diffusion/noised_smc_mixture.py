@@ -29,10 +29,10 @@ Rationale of the defaults (measured on funnel(10) only, docs/noised_smc.md): 8 c
 :math:`x_1 > 4`, in the funnel's mouth, where the distances are largest, and lost the neck); 64
 chains of 100 warm-up iterations at target acceptance 0.95, every state kept, until 4,096 draws
 or a budget of 140 evaluations per draw (573k: with the pilot and 900 particles a run stays under
-1M evaluations; 32 chains of 100 or 200 warm-up iterations, 128 of 50, or acceptance 0.9 reached
-less far into the neck at that cost); 128 levels with 1 independence and 1 local move each (at
-64 levels with 2 and 2 the standard error was 0.07 to 0.14, at 128 with 1 and 1 it is 0.04 to
-0.05 for the same cost).
+1M evaluations; 32 chains of 100 or 200 warm-up iterations, 128 of 50, or acceptance 0.9 gave
+mixtures whose importance sampling missed more of the mass at that cost); 128 levels with 1
+independence and 1 local move each (at 64 levels with 2 and 2 the standard error was 0.07 to
+0.14, at 128 with 1 and 1 it is 0.04 to 0.05 for the same cost).
 """
 
 from __future__ import annotations

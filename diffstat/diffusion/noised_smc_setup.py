@@ -18,6 +18,7 @@ from diffstat.diffusion.noised_smc_bank import build_mode_bank
 from diffstat.diffusion.gaussians import Whitening
 from diffstat.diffusion.noised_smc_mixture import POPULATION_OPTIONS
 from diffstat.diffusion.noised_smc_path import NoisedPath, pilot_whitening
+from diffstat.tempering.resampling import SCHEMES
 
 __all__ = ["OPTIONS", "check_settings", "default_reference", "setup_path"]
 
@@ -108,6 +109,10 @@ def check_settings(options: dict) -> None:
     """``ValueError`` for a bad count or scale among PDDS's options, before the pilot's first
     evaluation (each is otherwise met where it is used: after the pilot, or never, a negative
     ``pilot_steps`` running no pilot moves)."""
+    if options.get("resampling", "systematic") not in SCHEMES:
+        raise ValueError(
+            f"unknown resampling scheme {options['resampling']!r}; choose one of {', '.join(SCHEMES)}"
+        )
     for name in ("num_steps", "max_mcmc_steps", "num_rounds", "population_size", "mixture_components"):
         if name in options:
             check_positive_int(options[name], name)
