@@ -8,7 +8,10 @@ Algorithm
    evaluations, counted with the run's.
 2. **Mixture.** In the pilot's whitened coordinates a Gaussian mixture
    :math:`q = \sum_j w_j\,\mathcal N(m_j, C_j)` is fitted to the draws by EM (Dempster, Laird and
-   Rubin 1977), started from slices of the draws' log-density quantiles (:func:`fit_mixture`).
+   Rubin 1977), started from slices of the draws' log-density quantiles (:func:`fit_mixture`), and
+   pooled with the pilot's bank of Laplace modes where there is one (:func:`with_bank`: the chains
+   keep the modes they start in and miss the ones they never enter; the bank's masses are exact
+   for Gaussian modes).
 3. **Guidance.** The noised mixture is closed-form,
    :math:`q_t = \sum_j w_j\,\mathcal N(a m_j, a^2 C_j + \lambda I)`
    (:func:`~diffstat.diffusion.noised_smc_bank.bank_log_g`), and :math:`\log g^q_t = \log q_t -
@@ -192,9 +195,8 @@ def population_path(target, generator, device, path: NoisedPath, options: dict):
     ``population`` return ``path``, no mixture, 0 moves and no attrs. With ``population="nuts"``:
     draw the population, fit the mixture in ``path``'s whitened coordinates and return the path
     with the mixture's guidance mixed in, the mixture, the number of independence moves per level
-    and attrs (the population's evaluations, size and divergent transitions). Sets
-    ``num_mcmc_steps`` to :data:`LOCAL_MOVES` in ``options`` unless given (:func:`population_defaults`
-    sets ``num_steps`` before)."""
+    and attrs (the population's evaluations, size and divergent transitions). The mixture is pooled
+    with the pilot's bank where ``path`` has one (:func:`with_bank`)."""
     from diffstat.smoothing.mcmc_population import mcmc_population
     from diffstat.smoothing.populations import FitWarning
 
