@@ -22,6 +22,12 @@ raised a RuntimeWarning (pdds: its reliability warning). The learned guidance at
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_noised_smc.py --no-smc --seeds 0 1 2 \
         --targets funnel ionosphere narrow_wide nine_modes --particles 1000 --pdds num_rounds=2
+
+A NUTS population's mixture (``population="nuts"``, docs/noised_smc.md; 900 particles keep a
+funnel(10) run under 1M evaluations with the population)::
+
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_noised_smc.py --no-smc --seeds 0 1 2 \
+        --targets funnel --particles 900 --pdds population="'nuts'"
 """
 
 from __future__ import annotations

@@ -74,11 +74,12 @@ from typing import NamedTuple
 
 import torch
 
-from diffstat._util import check_nonnegative_int, check_options, check_positive_int, progress_bar
+from diffstat._util import check_options, progress_bar
 from diffstat.diffusion.noised_smc_learned import refine_path
 from diffstat.diffusion.noised_smc_check import STUCK_ACCEPTANCE, pooled_log_z, reliability_problems
 from diffstat.diffusion.noised_smc_path import GuidedState, NoisedPath, local_mala_step, noise_schedule
-from diffstat.diffusion.noised_smc_setup import setup_path
+from diffstat.diffusion.noised_smc_mixture import independence_moves, population_defaults, population_path
+from diffstat.diffusion.noised_smc_setup import OPTIONS, check_settings, setup_path
 from diffstat.mcmc.mala import MALA_TARGET_ACCEPT
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.core import (
@@ -92,7 +93,7 @@ from diffstat.tempering.core import (
     tempered_reweight,
 )
 from diffstat.tempering.path import PathState, default_step_size
-from diffstat.tempering.resampling import SCHEMES, resample
+from diffstat.tempering.resampling import resample
 from diffstat.tempering.runs import stack_stages
 from diffstat.tempering.smc import genealogy_variance
 
@@ -119,6 +120,7 @@ STAGE_KEYS = (
     "stuck",
     "step_size",
     "resampled",
+    "mixture_acceptance",
 )
 
 
@@ -208,7 +210,7 @@ def _init(generator, path: NoisedPath, n: int, rho, kernel: str, step_size, devi
     )
 
 
-def _record(rec: dict[str, list], info: StageInfo, path: NoisedPath, rho: torch.Tensor) -> None:
+def _record(rec: dict[str, list], info: StageInfo, path: NoisedPath, rho: torch.Tensor, mix_rate) -> None:
     """Append one level's :data:`STAGE_KEYS` to ``rec`` (``decorrelation`` NaN where nothing moved)."""
     dtype, device = info.ess.dtype, info.ess.device
     for key, val in (
@@ -223,6 +225,7 @@ def _record(rec: dict[str, list], info: StageInfo, path: NoisedPath, rho: torch.
         ("stuck", (info.acceptance < STUCK_ACCEPTANCE).to(dtype).mean()),
         ("step_size", info.step_size),
         ("resampled", info.resampled),
+        ("mixture_acceptance", mix_rate),
     ):
         rec[key].append(torch.as_tensor(val, dtype=dtype, device=device))
 
@@ -243,9 +246,13 @@ def noised_smc(
     progress: bool = False,
     device=None,
     bar=None,
+    mixture=None,
+    num_mixture_moves: int = 0,
 ) -> NoisedSMCOutput:
     """Run the particle denoising diffusion sampler on ``path`` (module docstring). Progress goes to
-    ``bar`` (one update per level) where given, else to a bar of its own when ``progress``."""
+    ``bar`` (one update per level) where given, else to a bar of its own when ``progress``. With a
+    ``mixture`` (:mod:`~diffstat.diffusion.noised_smc_mixture`), ``num_mixture_moves`` independence
+    moves from its noised form follow each level's moves."""
     rho = noise_schedule(num_steps, path.mode_scale_sq, dtype=path.target.dtype, device=device)
     state = _init(generator, path, num_particles, rho[-1], kernel, step_size, device)
     one = torch.ones_like(state.beta)
@@ -280,7 +287,15 @@ def noised_smc(
                 resample_threshold=resample_threshold,
                 scheme=resampling,
             )
-            _record(rec, info, path, rho[k])
+            moved, rate = (
+                independence_moves(
+                    generator, state.particles, _StagePath(path, rho[k]), mixture, rho[k], num_mixture_moves
+                )
+                if num_mixture_moves
+                else (state.particles, math.nan)
+            )
+            state = state._replace(particles=moved)
+            _record(rec, info, path, rho[k], rate)
             bar.update(1)
     v, num_eves = genealogy_variance(state.log_weights, state.eve, state.num_resampling, resampling)
     gs = _guided_state(state.particles)
@@ -288,44 +303,6 @@ def noised_smc(
     stages = {key: torch.stack(vals) for key, vals in rec.items()}
     log_z = float(stages["log_z_increment"].sum())
     return NoisedSMCOutput(gs, state.log_weights, log_z, math.sqrt(v), stages, state.num_resampling, num_eves)
-
-
-_OPTIONS = {
-    "reference",
-    "num_steps",
-    "num_mcmc_steps",
-    "max_mcmc_steps",
-    "kernel",
-    "within_modes",
-    "resample_threshold",
-    "resampling",
-    "step_size",
-    "mode_scale",
-    "whitening",
-    "pilot_chains",
-    "pilot_steps",
-    "guidance",
-    "num_rounds",
-}
-
-
-def _check_settings(options: dict) -> None:
-    """``ValueError`` for a bad count or scale among PDDS's options, before the pilot's first
-    evaluation (each is otherwise met where it is used: after the pilot, or never, a negative
-    ``pilot_steps`` running no pilot moves)."""
-    for name in ("num_steps", "max_mcmc_steps", "num_rounds"):
-        if name in options:
-            check_positive_int(options[name], name)
-    if options.get("pilot_chains") is not None:
-        if check_positive_int(options["pilot_chains"], "pilot_chains") < 2:
-            raise ValueError("pilot_chains must be at least 2 (the whitening is their covariance), got 1")
-    for name in ("num_mcmc_steps", "pilot_steps"):
-        if options.get(name) is not None:
-            check_nonnegative_int(options[name], name)
-    for name in ("mode_scale", "step_size"):
-        value = options.get(name)
-        if value is not None and not 0 < float(value) < math.inf:
-            raise ValueError(f"{name} must be positive and finite, got {value}")
 
 
 @register_sampler("pdds", typed_by=noised_smc)
@@ -341,27 +318,37 @@ def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device
     (the power guidance's :math:`s`, default estimated), ``guidance`` (``"bank"``; ``"power"``,
     ``"simple"``, ``"laplace"``), ``whitening`` (``"pilot"``, ``"reference"`` or ``(mean, cov)``),
     ``pilot_chains`` (2048), ``pilot_steps`` (25), ``num_rounds`` (1; from 2, the guidance refined
-    by a network fitted to the previous round, :mod:`diffstat.diffusion.noised_smc_learned`).
+    by a network fitted to the previous round, :mod:`diffstat.diffusion.noised_smc_learned`),
+    ``population`` (None; ``"nuts"``: a Gaussian mixture fitted to NUTS draws guides the noisy
+    levels and proposes independence moves, :mod:`diffstat.diffusion.noised_smc_mixture`) with
+    ``population_size`` (4096), ``population_budget`` (140 evaluations per draw),
+    ``mixture_components`` (8) and ``num_mixture_moves`` (1; with a population ``num_steps`` defaults
+    to 128 and ``num_mcmc_steps`` to 1).
     ``num_chains`` (default 1) independent runs share the pilot; their evidence estimates are pooled
     and, from two runs on, their spread gives the standard error when it exceeds the genealogy's.
     The draws are the final particles resampled to equal weights.
     """
-    check_options(options, _OPTIONS, "pdds")
-    if options.get("resampling", "systematic") not in SCHEMES:
-        raise ValueError(
-            f"unknown resampling scheme {options['resampling']!r}; choose one of {', '.join(SCHEMES)}"
-        )
+    check_options(options, OPTIONS, "pdds")
     num_chains = 1 if num_chains is None else num_chains
     if num_samples < 2:
         raise ValueError(f"pdds needs at least 2 particles, got {num_samples}")
-    _check_settings(options)
+    check_settings(options)
+    population_defaults(options)
     num_rounds, levels = options.pop("num_rounds", 1), options.get("num_steps", 64) + 1
     path, attrs = setup_path(target, generator, device, options)
+    path, mixture, mixture_moves, attrs_pop = population_path(target, generator, device, path, options)
     scheme = options.get("resampling", "systematic")
     draws, lps, log_ws, runs = [], [], [], []
     with progress_bar((num_chains + num_rounds - 1) * levels, "pdds", progress) as bar:
         run = functools.partial(
-            noised_smc, generator, num_particles=num_samples, device=device, bar=bar, **options
+            noised_smc,
+            generator,
+            num_particles=num_samples,
+            device=device,
+            bar=bar,
+            **options,
+            mixture=mixture,
+            num_mixture_moves=mixture_moves,
         )
         path, attrs_rounds = refine_path(generator, path, num_rounds, run)
         for _ in range(num_chains):  # each run resampled before the next starts
@@ -392,6 +379,7 @@ def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device
             "num_resampling": sum(r.num_resampling for r in runs),
             "num_eves": min(r.num_eves for r in runs),
             **attrs_rounds,
+            **attrs_pop,
         }
     )
     sample_stats = {"lp": torch.stack(lps), "log_weight": torch.stack(log_ws)}

@@ -13,11 +13,14 @@ import math
 
 import torch
 
+from diffstat._util import check_nonnegative_int, check_positive_int
 from diffstat.diffusion.noised_smc_bank import build_mode_bank
 from diffstat.diffusion.gaussians import Whitening
+from diffstat.diffusion.noised_smc_mixture import POPULATION_OPTIONS
 from diffstat.diffusion.noised_smc_path import NoisedPath, pilot_whitening
+from diffstat.tempering.resampling import SCHEMES
 
-__all__ = ["default_reference", "setup_path"]
+__all__ = ["OPTIONS", "check_settings", "default_reference", "setup_path"]
 
 
 def default_reference(target, reference):
@@ -80,3 +83,50 @@ def setup_path(target, generator, device, options) -> tuple[NoisedPath, dict]:
         **attrs_bank,
     }
     return path, attrs
+
+
+OPTIONS = {
+    "reference",
+    "num_steps",
+    "num_mcmc_steps",
+    "max_mcmc_steps",
+    "kernel",
+    "within_modes",
+    "resample_threshold",
+    "resampling",
+    "step_size",
+    "mode_scale",
+    "whitening",
+    "pilot_chains",
+    "pilot_steps",
+    "guidance",
+    "num_rounds",
+    *POPULATION_OPTIONS,
+}
+
+
+def check_settings(options: dict) -> None:
+    """``ValueError`` for a bad count or scale among PDDS's options, before the pilot's first
+    evaluation (each is otherwise met where it is used: after the pilot, or never, a negative
+    ``pilot_steps`` running no pilot moves)."""
+    if options.get("resampling", "systematic") not in SCHEMES:
+        raise ValueError(
+            f"unknown resampling scheme {options['resampling']!r}; choose one of {', '.join(SCHEMES)}"
+        )
+    for name in ("num_steps", "max_mcmc_steps", "num_rounds", "population_size", "mixture_components"):
+        if name in options:
+            check_positive_int(options[name], name)
+    if options.get("pilot_chains") is not None:
+        if check_positive_int(options["pilot_chains"], "pilot_chains") < 2:
+            raise ValueError("pilot_chains must be at least 2 (the whitening is their covariance), got 1")
+    for name in ("num_mcmc_steps", "pilot_steps", "num_mixture_moves", "population_budget"):
+        if options.get(name) is not None:
+            check_nonnegative_int(options[name], name)
+    if options.get("population") not in (None, "nuts"):
+        raise ValueError(f"population must be None or 'nuts', got {options['population']!r}")
+    if options.get("population") is not None and options.get("num_rounds", 1) > 1:
+        raise ValueError("population='nuts' and num_rounds > 1 cannot be combined")
+    for name in ("mode_scale", "step_size"):
+        value = options.get(name)
+        if value is not None and not 0 < float(value) < math.inf:
+            raise ValueError(f"{name} must be positive and finite, got {value}")
