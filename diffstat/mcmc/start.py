@@ -44,6 +44,7 @@ from collections.abc import Callable
 import torch
 
 from diffstat.mcmc.base import LogProbAndGrad, MCMCState, rows_finite
+from diffstat.mcmc.pathfinder import PathChoice
 
 __all__ = ["find_start", "initial_step_sizes"]
 
@@ -104,12 +105,68 @@ def find_start(
         The new state, and the Laplace covariance (the inverse of the chains' mean Hessian of
         :math:`-\\log\\pi`) where one was positive definite: a first metric for warm-up.
     """
+    n, dim = state.x.shape
+    choice = None
+    if jitter and dim <= LAPLACE_MAX_DIM:
+        choice = PathChoice(generator, lambda pts: _in_batches(log_prob_and_grad, pts, n), state.x)
+    visit = None if choice is None else _snapshot_visitor(log_prob_and_grad, choice)
+    x, lp, g, a_min = _ascend(log_prob_and_grad, state, max_iters, visit)
+    x, lp, g, a_min = _restart_stragglers(x, lp, g, a_min)
+    if not jitter:
+        return MCMCState(x, lp, g), None
+    noise = a_min.sqrt().unsqueeze(-1) * torch.randn(
+        x.shape, generator=generator, dtype=x.dtype, device=x.device
+    )
+    if choice is None:  # dim > LAPLACE_MAX_DIM: the isotropic jitter, else the initial point
+        x, lp, g, ok = _jitter(log_prob_and_grad, x, lp, g, noise)
+        x, lp, g, _ = _fall_back(log_prob_and_grad, (x, lp, g), ok, state, None)
+        return MCMCState(x, lp, g), None
+    climbed = (x, lp, g)
+    _newton(log_prob_and_grad, x, lp, g, NEWTON_ITERS, visit=choice.visit)
+    ok = choice.chosen()
+    k = ok.unsqueeze(-1)
+    x, lp, g = torch.where(k, choice.x, x), torch.where(ok, choice.lp, lp), torch.where(k, choice.g, g)
+    if not bool(ok.all()):  # no local Gaussian with a finite ELBO: as a failed jitter
+        x, lp, g, back = _fall_back(log_prob_and_grad, (x, lp, g), ok, climbed, noise)
+        x, lp, g, _ = _fall_back(log_prob_and_grad, (x, lp, g), back, state, None)
+    return MCMCState(x, lp, g), choice.covariance()
+
+
+#: Ascent iterations after which each chain's point is a candidate start (:mod:`diffstat.mcmc.
+#: pathfinder`), besides the ascent's end and the Newton iterates: doubling, since the climb crosses
+#: orders of magnitude of log-density in its first iterations and moves little in its last.
+SNAPSHOTS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def _snapshot_visitor(log_prob_and_grad, choice):
+    """A callback ``visit(it, x, g, last)`` for the ascent: at the iterations in ``SNAPSHOTS`` the
+    chains whose point moved since ``last`` (the previous snapshot) are visited with their Hessians
+    (``dim`` evaluations per chain). Returns the new ``last``."""
+
+    def visit(x, g, last):
+        moved = torch.ones_like(x[:, 0], dtype=torch.bool) if last is None else (x != last).any(-1)
+        rows = moved.nonzero().squeeze(1)
+        if rows.numel():
+            xs, gs = x.index_select(0, rows), g.index_select(0, rows)
+            choice.visit(rows, xs, gs, _hessian(log_prob_and_grad, xs, gs))
+        return x
+
+    return visit
+
+
+def _ascend(log_prob_and_grad, state: MCMCState, max_iters: int, visit=None):
+    """The Barzilai-Borwein gradient ascent with Armijo backtracking (module notes), every chain its
+    own step length; ``visit(x, g, last)`` is called at the iterations in ``SNAPSHOTS``. Returns
+    ``(x, lp, g, a_min)``, ``a_min`` each chain's smallest accepted step."""
     x, lp, g = state.x, state.log_prob, state.grad
     gnorm = g.norm(dim=-1).clamp_min(1e-12)
     a = (0.01 / gnorm).clamp(max=0.01)  # a first move of at most 0.01 in norm
     a_min = torch.full_like(lp, float("inf"))
     done = ~torch.isfinite(lp)
+    last = None
     for it in range(max_iters):
+        if visit is not None and it in SNAPSHOTS:
+            last = visit(x, g, last)
         a_col = a.unsqueeze(-1)
         y = x + a_col * g
         lp_y, g_y = log_prob_and_grad(y)
@@ -127,23 +184,7 @@ def find_start(
         if it % 10 == 9 and bool(done.all()):
             break
     a_min = torch.where(torch.isfinite(a_min), a_min, a)
-    x, lp, g, a_min = _restart_stragglers(x, lp, g, a_min)
-    cov = None
-    if jitter:
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        noise = a_min.sqrt().unsqueeze(-1) * noise
-        climbed, iso = (x, lp, g), noise
-        if x.shape[1] <= LAPLACE_MAX_DIM:
-            x, lp, g, hess = _newton(log_prob_and_grad, x, lp, g, NEWTON_ITERS)
-            noise, cov = _laplace_jitter(hess, noise, a_min)
-        # Newton climbing far above the ascent's end: no mode near it, the ascent was on its way down a neck
-        on_neck = lp > climbed[1] + straggler_gap(x.shape[1])
-        x, lp, g, ok = _jitter(log_prob_and_grad, x, lp, g, noise)
-        if not bool(ok.all()):  # the local quadratic model fails within a jitter: a neck, not a bulk
-            cov = None
-            x, lp, g, back = _fall_back(log_prob_and_grad, (x, lp, g), ok, climbed, iso)
-            x, lp, g, _ = _fall_back(log_prob_and_grad, (x, lp, g), ok | (back & ~on_neck), state, None)
-    return MCMCState(x, lp, g), cov
+    return x, lp, g, a_min
 
 
 def _jitter(log_prob_and_grad, x, lp, g, noise):
@@ -222,7 +263,7 @@ def _hessian(log_prob_and_grad, x: torch.Tensor, g: torch.Tensor) -> torch.Tenso
     return torch.nan_to_num(hess, nan=-1.0, posinf=-1.0, neginf=-1.0)
 
 
-def _newton(log_prob_and_grad, x, lp, g, max_iters: int):
+def _newton(log_prob_and_grad, x, lp, g, max_iters: int, visit=None):
     r"""Modified Newton steps per chain, :math:`x + t\,|H|^{-1}\nabla\log\pi` with :math:`|H|` the
     Hessian of :math:`-\log\pi` with its eigenvalues replaced by their absolute values (floored at
     :math:`10^{-12}` of the largest; finite differences make near-zero ones of either sign), and ``t``
@@ -239,6 +280,9 @@ def _newton(log_prob_and_grad, x, lp, g, max_iters: int):
     n, dim = x.shape
     ts = 4.0 ** -torch.arange(12, dtype=x.dtype, device=x.device)  # (k,)
     hess = _hessian(log_prob_and_grad, x, g)
+    rows = torch.arange(n, device=x.device)
+    if visit is not None:
+        visit(rows, x, g, hess)
     stuck = torch.zeros_like(lp, dtype=torch.bool)
     for _ in range(max_iters):
         d = _newton_direction(hess, g)
@@ -257,12 +301,14 @@ def _newton(log_prob_and_grad, x, lp, g, max_iters: int):
         first = valid.to(torch.int8).argmax(-1)  # the largest t that passes
         ok = active & valid.any(-1)
         stuck = stuck | (active & ~ok)
-        rows = torch.arange(n, device=x.device)
         k = ok.unsqueeze(-1)
         x, lp = torch.where(k, y[rows, first], x), torch.where(ok, lp_y[rows, first], lp)
         g = torch.where(k, g_y[rows, first], g)
         if bool(ok.any()):
             hess = torch.where(ok[:, None, None], _hessian(log_prob_and_grad, x, g), hess)
+            if visit is not None:
+                moved = ok.nonzero().squeeze(1)
+                visit(moved, x[moved], g[moved], hess[moved])
     return x, lp, g, hess
 
 
@@ -295,21 +341,6 @@ def _newton_direction(hess: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if slow.numel():
         d = d.index_copy(0, slow, _eigen_direction(hess.index_select(0, slow), g.index_select(0, slow)))
     return d
-
-
-def _laplace_jitter(hess, noise, a_min):
-    r"""Where a chain's Hessian ``hess: (n, dim, dim)`` of :math:`-\log\pi` is positive definite, its
-    isotropic jitter ``noise = sqrt(a_min) z`` becomes :math:`H^{-1/2} z`. Returns the new noise and the
-    inverse of the mean Hessian over those chains (None if no chain has a positive definite one)."""
-    chol, info = torch.linalg.cholesky_ex(hess)
-    pd = info == 0
-    if not bool(pd.any()):
-        return noise, None
-    z = noise / a_min.sqrt().unsqueeze(-1)
-    laplace = torch.linalg.solve_triangular(chol.transpose(1, 2), z.unsqueeze(-1), upper=True).squeeze(-1)
-    noise = torch.where(pd.unsqueeze(-1), torch.nan_to_num(laplace), noise)
-    cov = torch.linalg.inv(hess[pd].mean(0))
-    return noise, 0.5 * (cov + cov.T)
 
 
 def initial_step_sizes(

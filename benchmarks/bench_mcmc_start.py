@@ -1,0 +1,100 @@
+"""The MCMC start phase (``diffstat/mcmc/start.py``) on funnel geometry (``docs/mcmc_start.md``).
+
+    python benchmarks/bench_mcmc_start.py --start            # find_start alone on funnel(10)
+    python benchmarks/bench_mcmc_start.py --seeds 0 1 2      # ds.sample(funnel(10), "nuts") at defaults
+
+``--start``: :func:`~diffstat.mcmc.start.find_start` from 64 reference draws (N(0, I), float32)
+and from 64 exact draws (float64) of Neal's funnel(10) (seed 0): the start points' x_1 (mean, min,
+max, sd; the posterior x_1 ~ N(0, 3)) and the start's target evaluations. ``--seeds``:
+``ds.sample(Funnel(10).as_target(), method, num_samples=1000, seed=s)`` at defaults (4 chains):
+mean and sd of x_1 (exact 0 and 3), divergent transitions, the largest R-hat, the start's
+evaluations (a separate find_start from 4 reference draws with the run's seed), all
+evaluations, seconds, and the RuntimeWarnings (first words). The Eight Schools and AR(1) cases run
+through ``benchmarks/bench_audit.py`` (``--cases schools_c ar1_latent``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+
+import diffstat as ds
+from diffstat.mcmc.base import init
+from diffstat.mcmc.start import find_start
+from diffstat.targets.funnel import Funnel
+
+torch.set_num_threads(1)
+
+
+def start_only(n: int = 64, seed: int = 0, dim: int = 10, exact: bool = False) -> dict:
+    """find_start from ``n`` reference draws (N(0, I), float32 as in ds.sample) or, ``exact``, from
+    ``n`` exact draws in float64: the start points' x_1 and the evaluations."""
+    funnel = Funnel(dim)
+    target = funnel.as_target(dtype=torch.float64) if exact else funnel.as_target()
+    gen = torch.Generator().manual_seed(seed)
+    x0 = funnel.sample(n, gen) if exact else target.sample_reference(n, gen, None)
+    state = init(target.log_prob_and_grad, x0)
+    before = target.num_target_evals
+    out, cov = find_start(gen, state, target.log_prob_and_grad)
+    x1 = out.x[:, 0]
+    return dict(
+        x1_mean=float(x1.mean()), x1_min=float(x1.min()), x1_max=float(x1.max()),
+        x1_sd=float(x1.std()), evals=target.num_target_evals - before, cov=cov is not None,
+    )  # fmt: skip
+
+
+def start_evals(seed: int, dim: int = 10, chains: int = 4) -> int:
+    """The start phase's evaluations in a default run: find_start from the run's own reference draws."""
+    target = Funnel(dim).as_target()
+    gen = torch.Generator().manual_seed(seed)
+    x0 = target.sample_reference(chains, gen, None)
+    state = init(target.log_prob_and_grad, x0)
+    before = target.num_target_evals
+    find_start(gen, state, target.log_prob_and_grad)
+    return target.num_target_evals - before
+
+
+def run(seed: int, method: str = "nuts", dim: int = 10) -> dict:
+    target = Funnel(dim).as_target()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        idata = ds.sample(target, method, num_samples=1000, seed=seed, progress=False)
+    seconds = time.perf_counter() - t0
+    post = idata.posterior
+    x = post[list(post.data_vars)[0]].values  # (chains, draws, dim)
+    x1 = x[..., 0].reshape(-1)
+    return dict(
+        seed=seed, method=method, x1_mean=float(x1.mean()), x1_sd=float(x1.std()),
+        div=int(idata.sample_stats["diverging"].values.sum()), rhat=float(post.attrs["rhat_max"]),
+        start=start_evals(seed, dim), evals=int(post.attrs["num_target_evals"]), sec=seconds,
+        warn=[str(w.message)[:90].replace("\n", " ") for w in caught if w.category is RuntimeWarning],
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--start", action="store_true")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[])
+    parser.add_argument("--method", default="nuts")
+    args = parser.parse_args()
+    if args.start:
+        print("reference draws:", start_only())
+        print("exact draws, float64:", start_only(exact=True))
+    print("| seed | method | mean x_1 | sd x_1 | divergent | R-hat | start evals | evals | s | warnings |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for seed in args.seeds:
+        r = run(seed, args.method)
+        print(
+            f"| {r['seed']} | {r['method']} | {r['x1_mean']:.2f} | {r['x1_sd']:.2f} | {r['div']} "
+            f"| {r['rhat']:.3f} "
+            f"| {r['start']:,} | {r['evals']:,} | {r['sec']:.0f} | {' / '.join(r['warn']) or '-'} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
