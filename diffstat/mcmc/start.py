@@ -19,18 +19,26 @@ bulk, and Newton's step does not depend on the scaling that stalls it.
 A chain whose climbed log-density lies more than 10 + 2 dim nats below the best chain's (stalled in
 a far flat region or a spurious mode) restarts from the best chain's point (:func:`_restart_stragglers`).
 
-The result is jittered by a draw from the Laplace approximation there, :math:`\mathcal N(0, H^{-1})`
-with :math:`H` the Hessian of :math:`-\log\pi` by forward differences of the gradient (``dim``
-evaluations per chain, for ``dim <= 200``), so chains start spread as the posterior is, not piled at the
-mode: a start at the mode with a small jitter leaves the widest directions unexplored, and warm-up
-windows then estimate a metric too narrow there, which the next window inherits. Where the Hessian is
-not positive definite (or ``dim > 200``) the jitter is :math:`\mathcal N(0, a_{\min} I)`, with
-:math:`a_{\min}` the chain's smallest accepted BB step (about one over the largest curvature). The
-inverse of the chains' mean Hessian is also handed to warm-up as its first metric.
-A jitter that falls more than 10 + 2 dim nats below its centre marks a neck, not a bulk (the quadratic
-model fails within one of its own standard deviations): the chain goes back to the ascent's end with
-the isotropic jitter, or to its initial point where that fails too or where Newton climbed more than
-10 + 2 dim nats above the ascent's end (no mode near it: the ascent itself was running down the neck).
+Up to ``dim = 200`` the start is then chosen along each chain's path, as Pathfinder does (Zhang,
+Carpenter, Gelman and Vehtari 2022; :mod:`diffstat.mcmc.pathfinder`): at the initial point, after
+1, 2, 4, ..., 128 ascent iterations, at the ascent's end and at every Newton iterate, the Hessian
+:math:`H` of :math:`-\log\pi` (forward differences of the gradient, ``dim`` evaluations per chain
+and point; Newton's own at its iterates) defines local Gaussians, whose ELBOs are estimated from 8
+draws each; the chain starts at a draw of the Gaussian with the largest ELBO (importance resampling
+among its 8 draws, already evaluated). On a posterior close to Gaussian that is the Laplace
+approximation at the mode, so chains start spread as the posterior is, not piled at the mode (a
+start at the mode with a small jitter leaves the widest directions unexplored, and warm-up windows
+then estimate a metric too narrow there). Where the density is unbounded above (a funnel's neck:
+Neal's funnel, the centred Eight Schools, a latent AR(1) series with its scale) the climb runs
+down the neck, the mode does not exist, and the Gaussians there fit no mass: the ELBO picks a
+point of the path where the mass is, usually the first ones. Why not the mode with a check of the
+jitter (main's rule before): the check only knew that the neck was wrong, not where to go instead;
+the initial points, the ascent's end and every point between are now compared on one scale. The
+inverse of the chosen Gaussians' mean precision is handed to warm-up as its first metric. A chain
+with no Gaussian of finite ELBO (every one put a draw outside the support) starts from the
+ascent's end jittered by :math:`\mathcal N(0, a_{\min} I)`, with :math:`a_{\min}` its smallest
+accepted BB step (about one over the largest curvature), where that jitter falls no more than 10 +
+2 dim nats, else from its initial point; so do all chains over 200 dimensions (no Hessians).
 
 :func:`initial_step_sizes` is Hoffman and Gelman's (2014) doubling/halving heuristic run per chain:
 each chain's step size is doubled (or halved) until its one-step acceptance probability crosses 1/2.
@@ -50,7 +58,7 @@ __all__ = ["find_start", "initial_step_sizes"]
 
 #: Armijo constant: a step must gain at least this fraction of the first-order prediction a |g|^2.
 ARMIJO = 1e-4
-#: Up to this dimension the start is jittered from the Laplace approximation (a Hessian costs dim
+#: Up to this dimension the start is chosen among local Gaussians (a Hessian costs dim
 #: evaluations per chain and dim^2 memory; the same bound as a dense metric's).
 LAPLACE_MAX_DIM = 200
 #: A chain stops climbing once an accepted step gains fewer nats than this (near a mode, where the
@@ -96,14 +104,14 @@ def find_start(
         Iterations of the ascent (each one evaluation per chain); the loop stops earlier once every
         chain has converged (checked every 10 iterations, to avoid a host synchronisation per step).
     jitter : bool
-        Jitter each chain (see the module docstring); the jittered point is kept only where its
-        log-density is finite.
+        Start each chain at a draw of a local Gaussian chosen along its path (up to 200
+        dimensions) or at a jitter of the ascent's end (module notes); False: the ascent's end.
 
     Returns
     -------
     (MCMCState, (dim, dim) tensor or None)
-        The new state, and the Laplace covariance (the inverse of the chains' mean Hessian of
-        :math:`-\\log\\pi`) where one was positive definite: a first metric for warm-up.
+        The new state, and the inverse of the chosen Gaussians' mean precision (None where no chain
+        has one): a first metric for warm-up.
     """
     n, dim = state.x.shape
     choice = None
