@@ -54,14 +54,14 @@ def _floored(lam: torch.Tensor) -> torch.Tensor:
 
 def candidates(x: torch.Tensor, g: torch.Tensor, hess: torch.Tensor):
     r"""The local Gaussians of the points ``x, g: (r, dim)`` with Hessians ``hess: (r, dim, dim)`` of
-    :math:`-\log\pi`, as ``(rows, mean, precision)`` triples. Where :math:`H` is positive definite:
+    :math:`-\log\pi`, as a list. Where :math:`H` is positive definite:
     Pathfinder's :math:`\mathcal N(x + H^{-1}g, H^{-1})` (at a mode, the Laplace approximation).
     Elsewhere (the point is not near a mode; on a funnel, every point of the bulk) two, both tried:
     :math:`\mathcal N(x + D^{-1}g, D^{-1})` with :math:`D` the diagonal of :math:`H` in absolute
     value, and :math:`\mathcal N(x, |H|^{-1})` with :math:`|H|` the eigenvalues' absolute values (a
     Newton step with an indefinite :math:`|H|` can go far astray, so this one is centred at
-    :math:`x`). Measured on funnel(10) at 16 exact draws (200-draw ELBOs): the first -2 to -15 nats,
-    the second -4 to -18, and :math:`\mathcal N(x + |H|^{-1}g, |H|^{-1})` -5 to -15,700."""
+    :math:`x`; ``docs/mcmc_start.md`` compares them). Returns ``(rows, mean, precision, laplace)``
+    tuples, ``laplace`` True for the first kind."""
     _, info = torch.linalg.cholesky_ex(hess)
     finite = torch.isfinite(hess).flatten(1).all(-1) & rows_finite(g)
     pd = (info == 0) & finite
@@ -72,15 +72,15 @@ def candidates(x: torch.Tensor, g: torch.Tensor, hess: torch.Tensor):
         step = torch.cholesky_solve(g.index_select(0, rows).unsqueeze(-1), torch.linalg.cholesky(h)).squeeze(
             -1
         )
-        out.append((rows, x.index_select(0, rows) + step, h))
+        out.append((rows, x.index_select(0, rows) + step, h, True))
     rows = (~pd & finite).nonzero().squeeze(1)
     if rows.numel():
         h, xs, gs = hess.index_select(0, rows), x.index_select(0, rows), g.index_select(0, rows)
         d = _floored(h.diagonal(dim1=-2, dim2=-1))
-        out.append((rows, xs + gs / d, torch.diag_embed(d)))
+        out.append((rows, xs + gs / d, torch.diag_embed(d), False))
         lam, vec = torch.linalg.eigh(h)
         prec = vec @ (_floored(lam).unsqueeze(-1) * vec.transpose(1, 2))
-        out.append((rows, xs, 0.5 * (prec + prec.transpose(1, 2))))
+        out.append((rows, xs, 0.5 * (prec + prec.transpose(1, 2)), False))
     return out
 
 
@@ -115,15 +115,16 @@ class PathChoice:
         self.lp = torch.full((n,), torch.nan, dtype=like.dtype, device=like.device)
         self.g = torch.full_like(like, torch.nan)
         self.prec = torch.full((n, dim, dim), torch.nan, dtype=like.dtype, device=like.device)
+        self.laplace = torch.zeros(n, dtype=torch.bool, device=like.device)
 
     def visit(self, rows: torch.Tensor, x: torch.Tensor, g: torch.Tensor, hess: torch.Tensor) -> None:
         """The path points of the chains ``rows`` (indices) at ``x, g: (r, dim)`` with Hessians
         ``hess`` of :math:`-\\log\\pi`: the ELBOs of their local Gaussians (:func:`candidates`,
         ``ELBO_DRAWS`` evaluations each); a chain's best is replaced where one is larger."""
-        for sub, mean, prec in candidates(x, g, hess):
-            self._try(rows.index_select(0, sub), mean, prec)
+        for sub, mean, prec, laplace in candidates(x, g, hess):
+            self._try(rows.index_select(0, sub), mean, prec, laplace)
 
-    def _try(self, rows: torch.Tensor, mean: torch.Tensor, prec: torch.Tensor) -> None:
+    def _try(self, rows: torch.Tensor, mean: torch.Tensor, prec: torch.Tensor, laplace: bool) -> None:
         """One Gaussian per chain ``rows``: its ELBO estimate, and the chain's best updated."""
         r, m, dim = rows.numel(), self.z.shape[1], self.z.shape[2]
         draws, log_q, ok = local_gaussians(mean, prec, self.z.index_select(0, rows))
@@ -146,15 +147,18 @@ class PathChoice:
         self.lp[sel] = lp[idx, pick]
         self.g[sel] = grad[idx, pick]
         self.prec[sel] = prec[idx]
+        self.laplace[sel] = laplace
 
     def chosen(self) -> torch.Tensor:
         """Chains with a candidate of finite ELBO ``(n,)``."""
         return torch.isfinite(self.elbo)
 
     def covariance(self) -> torch.Tensor | None:
-        """The inverse of the chosen Gaussians' mean precision (chains with a choice), or None."""
-        chosen = self.chosen()
-        if not bool(chosen.any()):
+        """The inverse of the chosen Gaussians' mean precision where every chain chose the Gaussian
+        of a positive definite Hessian (a Laplace fit, Pathfinder's own), else None: the Gaussians
+        of indefinite Hessians (:func:`candidates`) fit points far from any mode, whose mean says
+        little of the posterior's covariance (warm-up then starts from the identity, as before)."""
+        if not bool((self.chosen() & self.laplace).all()):
             return None
-        cov = torch.linalg.inv(self.prec[chosen].mean(0))
+        cov = torch.linalg.inv(self.prec.mean(0))
         return 0.5 * (cov + cov.T) if bool(torch.isfinite(cov).all()) else None
