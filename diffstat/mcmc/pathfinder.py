@@ -99,10 +99,11 @@ def local_gaussians(mean: torch.Tensor, prec: torch.Tensor, z: torch.Tensor):
 
 
 class PathChoice:
-    """Per chain, the Gaussian of largest ELBO among the path points visited, and a draw of it.
+    """Per chain, the Gaussian of largest ELBO among the path points visited, its draws and their
+    importance log-weights; :meth:`starts` resamples the chains' starts from all chains' draws.
 
     ``evaluate(points: (m, dim)) -> (lp, grad)`` evaluates the target (the start phase's batched
-    evaluation); ``n`` chains of dimension ``dim``; ``draws`` per candidate.
+    evaluation); ``like: (n, dim)`` gives the chains, dtype and device; ``draws`` per candidate.
     """
 
     def __init__(self, generator, evaluate: Callable, like: torch.Tensor, draws: int = ELBO_DRAWS):
@@ -111,9 +112,10 @@ class PathChoice:
         self.generator = generator
         self.z = torch.randn(n, draws, dim, generator=generator, dtype=like.dtype, device=like.device)
         self.elbo = torch.full((n,), -torch.inf, dtype=like.dtype, device=like.device)
-        self.x = torch.full_like(like, torch.nan)
-        self.lp = torch.full((n,), torch.nan, dtype=like.dtype, device=like.device)
-        self.g = torch.full_like(like, torch.nan)
+        self.draws = torch.full_like(self.z, torch.nan)
+        self.grads = torch.full_like(self.z, torch.nan)
+        self.lp = torch.full((n, draws), torch.nan, dtype=like.dtype, device=like.device)
+        self.log_w = torch.full((n, draws), -torch.inf, dtype=like.dtype, device=like.device)
         self.prec = torch.full((n, dim, dim), torch.nan, dtype=like.dtype, device=like.device)
         self.laplace = torch.zeros(n, dtype=torch.bool, device=like.device)
 
@@ -140,25 +142,42 @@ class PathChoice:
         if not bool(better.any()):
             return
         idx = better.nonzero().squeeze(1)
-        sel, w = rows.index_select(0, idx), w.index_select(0, idx)
-        pick = torch.multinomial(torch.softmax(w, -1), 1, generator=self.generator).squeeze(1)
+        sel = rows.index_select(0, idx)
         self.elbo[sel] = elbo[idx]
-        self.x[sel] = draws[idx, pick]
-        self.lp[sel] = lp[idx, pick]
-        self.g[sel] = grad[idx, pick]
+        self.draws[sel], self.grads[sel] = draws[idx], grad[idx]
+        self.lp[sel], self.log_w[sel] = lp[idx], w[idx]
         self.prec[sel] = prec[idx]
         self.laplace[sel] = laplace
 
-    def chosen(self) -> torch.Tensor:
-        """Chains with a candidate of finite ELBO ``(n,)``."""
-        return torch.isfinite(self.elbo)
+    def starts(self):
+        """The chains' starts: ``n`` of all chains' best Gaussians' draws, resampled without
+        replacement with probabilities proportional to their importance weights :math:`\\pi / q`
+        (multi-path Pathfinder's importance resampling, Zhang et al. 2022, section 3; without
+        replacement so that chains start apart). A chain whose path's Gaussians were all poor (its
+        climb ran from far out straight down a neck, where a narrow Gaussian's ELBO is only a few
+        nats below the bulk's) thus starts from another chain's draw. Returns ``(x, lp, g, ok)``,
+        ``ok`` False for the chains left without a draw (fewer finite weights than chains)."""
+        n, m, dim = self.draws.shape
+        log_w = self.log_w.reshape(-1)
+        finite = torch.isfinite(log_w)
+        k = min(n, int(finite.sum()))
+        ok = torch.arange(n, device=log_w.device) < k
+        x = torch.full((n, dim), torch.nan, dtype=log_w.dtype, device=log_w.device)
+        lp = torch.full((n,), torch.nan, dtype=log_w.dtype, device=log_w.device)
+        g = torch.full_like(x, torch.nan)
+        if k:
+            prob = torch.softmax(torch.where(finite, log_w, -torch.inf), 0)
+            pick = torch.multinomial(prob, k, replacement=False, generator=self.generator)
+            x[:k], lp[:k] = self.draws.reshape(-1, dim)[pick], self.lp.reshape(-1)[pick]
+            g[:k] = self.grads.reshape(-1, dim)[pick]
+        return x, lp, g, ok
 
     def covariance(self) -> torch.Tensor | None:
         """The inverse of the chosen Gaussians' mean precision where every chain chose the Gaussian
         of a positive definite Hessian (a Laplace fit, Pathfinder's own), else None: the Gaussians
         of indefinite Hessians (:func:`candidates`) fit points far from any mode, whose mean says
         little of the posterior's covariance (warm-up then starts from the identity, as before)."""
-        if not bool((self.chosen() & self.laplace).all()):
+        if not bool((torch.isfinite(self.elbo) & self.laplace).all()):
             return None
         cov = torch.linalg.inv(self.prec.mean(0))
         return 0.5 * (cov + cov.T) if bool(torch.isfinite(cov).all()) else None

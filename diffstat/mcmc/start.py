@@ -131,9 +131,9 @@ def find_start(
         return MCMCState(x, lp, g), None
     climbed = (x, lp, g)
     _newton(log_prob_and_grad, x, lp, g, NEWTON_ITERS, visit=choice.visit)
-    ok = choice.chosen()
+    cx, clp, cg, ok = choice.starts()
     k = ok.unsqueeze(-1)
-    x, lp, g = torch.where(k, choice.x, x), torch.where(ok, choice.lp, lp), torch.where(k, choice.g, g)
+    x, lp, g = torch.where(k, cx, x), torch.where(ok, clp, lp), torch.where(k, cg, g)
     if not bool(ok.all()):  # no local Gaussian with a finite ELBO: as a failed jitter
         x, lp, g, back = _fall_back(log_prob_and_grad, (x, lp, g), ok, climbed, noise)
         x, lp, g, _ = _fall_back(log_prob_and_grad, (x, lp, g), back, state, None)

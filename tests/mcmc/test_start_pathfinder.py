@@ -57,8 +57,11 @@ def test_on_a_gaussian_the_candidate_is_the_posterior_and_its_elbo_is_log_z():
     choice.visit(torch.arange(2), x, g, hess)
     torch.testing.assert_close(choice.elbo, torch.full((2,), log_z, dtype=F64), rtol=0, atol=1e-10)
     torch.testing.assert_close(choice.covariance(), torch.linalg.inv(prec), rtol=1e-10, atol=1e-12)
-    lp, _ = lpg(choice.x)
-    torch.testing.assert_close(choice.lp, lp)
+    x, lp, g, ok = choice.starts()
+    assert bool(ok.all())
+    torch.testing.assert_close((lp, g), lpg(x))
+    # the starts are two distinct draws of the four (all four have the weight Z): resampled apart
+    assert not torch.equal(x[0], x[1])
 
 
 def test_an_indefinite_hessian_gives_two_gaussians_and_the_better_one_is_kept():
