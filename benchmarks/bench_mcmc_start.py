@@ -2,6 +2,7 @@
 
     python benchmarks/bench_mcmc_start.py --start            # find_start alone on funnel(10)
     python benchmarks/bench_mcmc_start.py --seeds 0 1 2      # ds.sample(funnel(10), "nuts") at defaults
+    python benchmarks/bench_mcmc_start.py --start --seeds 0 1 2 --typical   # the same, typical=True
 
 ``--start``: :func:`~diffstat.mcmc.start.find_start` from 64 reference draws (N(0, I), float32)
 and from 64 exact draws (float64) of Neal's funnel(10) (seed 0): the start points' x_1 (mean, min,
@@ -16,12 +17,14 @@ through ``benchmarks/bench_audit.py`` (``--cases schools_c ar1_latent``).
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 import warnings
 
 import torch
 
 import diffstat as ds
+from diffstat.mcmc import sampler
 from diffstat.mcmc.base import init
 from diffstat.mcmc.start import find_start
 from diffstat.targets.funnel import Funnel
@@ -29,7 +32,7 @@ from diffstat.targets.funnel import Funnel
 torch.set_num_threads(1)
 
 
-def start_only(n: int = 64, seed: int = 0, dim: int = 10, exact: bool = False) -> dict:
+def start_only(n: int = 64, seed: int = 0, dim: int = 10, exact: bool = False, typical: bool = False) -> dict:
     """find_start from ``n`` reference draws (N(0, I), float32 as in ds.sample) or, ``exact``, from
     ``n`` exact draws in float64: the start points' x_1 and the evaluations."""
     funnel = Funnel(dim)
@@ -38,7 +41,7 @@ def start_only(n: int = 64, seed: int = 0, dim: int = 10, exact: bool = False) -
     x0 = funnel.sample(n, gen) if exact else target.sample_reference(n, gen, None)
     state = init(target.log_prob_and_grad, x0)
     before = target.num_target_evals
-    out, cov = find_start(gen, state, target.log_prob_and_grad)
+    out, cov = find_start(gen, state, target.log_prob_and_grad, typical=typical)
     x1 = out.x[:, 0]
     return dict(
         x1_mean=float(x1.mean()), x1_min=float(x1.min()), x1_max=float(x1.max()),
@@ -46,18 +49,18 @@ def start_only(n: int = 64, seed: int = 0, dim: int = 10, exact: bool = False) -
     )  # fmt: skip
 
 
-def start_evals(seed: int, dim: int = 10, chains: int = 4) -> int:
+def start_evals(seed: int, dim: int = 10, chains: int = 4, typical: bool = False) -> int:
     """The start phase's evaluations in a default run: find_start from the run's own reference draws."""
     target = Funnel(dim).as_target()
     gen = torch.Generator().manual_seed(seed)
     x0 = target.sample_reference(chains, gen, None)
     state = init(target.log_prob_and_grad, x0)
     before = target.num_target_evals
-    find_start(gen, state, target.log_prob_and_grad)
+    find_start(gen, state, target.log_prob_and_grad, typical=typical)
     return target.num_target_evals - before
 
 
-def run(seed: int, method: str = "nuts", dim: int = 10) -> dict:
+def run(seed: int, method: str = "nuts", dim: int = 10, typical: bool = False) -> dict:
     target = Funnel(dim).as_target()
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -70,7 +73,7 @@ def run(seed: int, method: str = "nuts", dim: int = 10) -> dict:
     return dict(
         seed=seed, method=method, x1_mean=float(x1.mean()), x1_sd=float(x1.std()),
         div=int(idata.sample_stats["diverging"].values.sum()), rhat=float(post.attrs["rhat_max"]),
-        start=start_evals(seed, dim), evals=int(post.attrs["num_target_evals"]), sec=seconds,
+        start=start_evals(seed, dim, typical=typical), evals=int(post.attrs["num_target_evals"]), sec=seconds,
         warn=[str(w.message)[:90].replace("\n", " ") for w in caught if w.category is RuntimeWarning],
     )  # fmt: skip
 
@@ -80,14 +83,17 @@ def main() -> None:
     parser.add_argument("--start", action="store_true")
     parser.add_argument("--seeds", type=int, nargs="*", default=[])
     parser.add_argument("--method", default="nuts")
+    parser.add_argument("--typical", action="store_true", help="find_start(..., typical=True) in every run")
     args = parser.parse_args()
+    if args.typical:  # ds.sample's driver calls find_start by name: the option goes in there
+        sampler.find_start = functools.partial(find_start, typical=True)
     if args.start:
-        print("reference draws:", start_only())
-        print("exact draws, float64:", start_only(exact=True))
+        print("reference draws:", start_only(typical=args.typical))
+        print("exact draws, float64:", start_only(exact=True, typical=args.typical))
     print("| seed | method | mean x_1 | sd x_1 | divergent | R-hat | start evals | evals | s | warnings |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for seed in args.seeds:
-        r = run(seed, args.method)
+        r = run(seed, args.method, typical=args.typical)
         print(
             f"| {r['seed']} | {r['method']} | {r['x1_mean']:.2f} | {r['x1_sd']:.2f} | {r['div']} "
             f"| {r['rhat']:.3f} "

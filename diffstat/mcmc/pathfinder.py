@@ -32,7 +32,7 @@ import torch
 
 from diffstat.mcmc.base import rows_finite
 
-__all__ = ["ELBO_DRAWS", "PathChoice", "local_gaussians"]
+__all__ = ["ELBO_DRAWS", "SNAPSHOTS", "PathChoice", "candidates", "local_gaussians", "snapshot_visitor"]
 
 #: Draws per candidate for the ELBO estimate (Pathfinder's default is 5): cheap beside a Hessian's
 #: ``dim`` evaluations, and with common random numbers enough to rank candidates whose ELBOs differ
@@ -42,6 +42,10 @@ ELBO_DRAWS = 8
 #: floored at this fraction of the largest (or at 100 machine epsilons in the working precision,
 #: where that is larger, so the Cholesky factor exists).
 EIGEN_FLOOR = 1e-12
+#: Ascent iterations after which each chain's point is a candidate, besides the ascent's end and the
+#: Newton iterates: doubling, since the climb crosses orders of magnitude of log-density in its first
+#: iterations and moves little in its last.
+SNAPSHOTS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def _floored(lam: torch.Tensor) -> torch.Tensor:
@@ -181,3 +185,22 @@ class PathChoice:
             return None
         cov = torch.linalg.inv(self.prec.mean(0))
         return 0.5 * (cov + cov.T) if bool(torch.isfinite(cov).all()) else None
+
+
+def snapshot_visitor(hessian: Callable, choice: PathChoice) -> Callable:
+    """A callback ``visit(it, x, g, last)`` for the start phase's ascent: at the iterations in
+    ``SNAPSHOTS`` the chains whose point moved since ``last`` (the previous snapshot's points) are
+    visited with their Hessians ``hessian(x, g)`` (``dim`` evaluations per chain). Returns the new
+    ``last``."""
+
+    def visit(it, x, g, last):
+        if it not in SNAPSHOTS:
+            return last
+        moved = torch.ones_like(x[:, 0], dtype=torch.bool) if last is None else (x != last).any(-1)
+        rows = moved.nonzero().squeeze(1)
+        if rows.numel():
+            xs, gs = x.index_select(0, rows), g.index_select(0, rows)
+            choice.visit(rows, xs, gs, hessian(xs, gs))
+        return x
+
+    return visit

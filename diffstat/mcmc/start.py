@@ -19,26 +19,28 @@ bulk, and Newton's step does not depend on the scaling that stalls it.
 A chain whose climbed log-density lies more than 10 + 2 dim nats below the best chain's (stalled in
 a far flat region or a spurious mode) restarts from the best chain's point (:func:`_restart_stragglers`).
 
-Up to ``dim = 200`` the start is then chosen along each chain's path, as Pathfinder does (Zhang,
-Carpenter, Gelman and Vehtari 2022; :mod:`diffstat.mcmc.pathfinder`): at the initial point, after
-1, 2, 4, ..., 128 ascent iterations, at the ascent's end and at every Newton iterate, the Hessian
-:math:`H` of :math:`-\log\pi` (forward differences of the gradient, ``dim`` evaluations per chain
-and point; Newton's own at its iterates) defines local Gaussians, whose ELBOs are estimated from 8
-draws each; the chain starts at a draw of the Gaussian with the largest ELBO (importance resampling
-among its 8 draws, already evaluated). On a posterior close to Gaussian that is the Laplace
-approximation at the mode, so chains start spread as the posterior is, not piled at the mode (a
-start at the mode with a small jitter leaves the widest directions unexplored, and warm-up windows
-then estimate a metric too narrow there). Where the density is unbounded above (a funnel's neck:
-Neal's funnel, the centred Eight Schools, a latent AR(1) series with its scale) the climb runs
-down the neck, the mode does not exist, and the Gaussians there fit no mass: the ELBO picks a
-point of the path where the mass is, usually the first ones. Why not the mode with a check of the
-jitter (main's rule before): the check only knew that the neck was wrong, not where to go instead;
-the initial points, the ascent's end and every point between are now compared on one scale. The
-inverse of the chosen Gaussians' mean precision is handed to warm-up as its first metric. A chain
-with no Gaussian of finite ELBO (every one put a draw outside the support) starts from the
-ascent's end jittered by :math:`\mathcal N(0, a_{\min} I)`, with :math:`a_{\min}` its smallest
-accepted BB step (about one over the largest curvature), where that jitter falls no more than 10 +
-2 dim nats, else from its initial point; so do all chains over 200 dimensions (no Hessians).
+The result is jittered by a draw from the Laplace approximation there, :math:`\mathcal N(0, H^{-1})`
+with :math:`H` the Hessian of :math:`-\log\pi` by forward differences of the gradient (``dim``
+evaluations per chain, for ``dim <= 200``), so chains start spread as the posterior is, not piled at the
+mode: a start at the mode with a small jitter leaves the widest directions unexplored, and warm-up
+windows then estimate a metric too narrow there, which the next window inherits. Where the Hessian is
+not positive definite (or ``dim > 200``) the jitter is :math:`\mathcal N(0, a_{\min} I)`, with
+:math:`a_{\min}` the chain's smallest accepted BB step (about one over the largest curvature). The
+inverse of the chains' mean Hessian is also handed to warm-up as its first metric.
+A jitter that falls more than 10 + 2 dim nats below its centre marks a neck, not a bulk (the quadratic
+model fails within one of its own standard deviations): the chain goes back to the ascent's end with
+the isotropic jitter, or to its initial point where that fails too or where Newton climbed more than
+10 + 2 dim nats above the ascent's end (no mode near it: the ascent itself was running down the neck).
+
+With ``typical=True`` (not the default, which ``ds.sample`` uses; ``docs/mcmc_start.md``) the start
+is chosen along each chain's path instead, as Pathfinder does (Zhang, Carpenter, Gelman and Vehtari
+2022; :mod:`diffstat.mcmc.pathfinder`), up to ``dim = 200``: at the initial point, after 1, 2, 4,
+..., 128 ascent iterations, at the ascent's end and at every Newton iterate the Hessian defines
+local Gaussians whose ELBOs are estimated from 8 draws each, and the chains start at draws of the
+chains' best Gaussians resampled by importance weights. It aims at the typical set rather than
+the mode: on Neal's funnel and the centred Eight Schools the chains start in the bulk, not down
+the neck; but NUTS at defaults did not do better for it there (the centred Eight Schools' bias grew:
+warm-up that never visits the neck adapts a step size too large for it), so it is not the default.
 
 :func:`initial_step_sizes` is Hoffman and Gelman's (2014) doubling/halving heuristic run per chain:
 each chain's step size is doubled (or halved) until its one-step acceptance probability crosses 1/2.
@@ -52,13 +54,13 @@ from collections.abc import Callable
 import torch
 
 from diffstat.mcmc.base import LogProbAndGrad, MCMCState, rows_finite
-from diffstat.mcmc.pathfinder import PathChoice
+from diffstat.mcmc.pathfinder import PathChoice, snapshot_visitor
 
 __all__ = ["find_start", "initial_step_sizes"]
 
 #: Armijo constant: a step must gain at least this fraction of the first-order prediction a |g|^2.
 ARMIJO = 1e-4
-#: Up to this dimension the start is chosen among local Gaussians (a Hessian costs dim
+#: Up to this dimension the start is jittered from the Laplace approximation (a Hessian costs dim
 #: evaluations per chain and dim^2 memory; the same bound as a dense metric's).
 LAPLACE_MAX_DIM = 200
 #: A chain stops climbing once an accepted step gains fewer nats than this (near a mode, where the
@@ -93,6 +95,7 @@ def find_start(
     log_prob_and_grad: LogProbAndGrad,
     max_iters: int = 200,
     jitter: bool = True,
+    typical: bool = False,
 ) -> tuple[MCMCState, torch.Tensor | None]:
     """Batched per-chain gradient ascent on the log-density from ``state``, then a jitter.
 
@@ -104,67 +107,69 @@ def find_start(
         Iterations of the ascent (each one evaluation per chain); the loop stops earlier once every
         chain has converged (checked every 10 iterations, to avoid a host synchronisation per step).
     jitter : bool
-        Start each chain at a draw of a local Gaussian chosen along its path (up to 200
-        dimensions) or at a jitter of the ascent's end (module notes); False: the ascent's end.
+        Jitter each chain (see the module docstring); the jittered point is kept only where its
+        log-density is finite.
+    typical : bool
+        Up to 200 dimensions, start the chains at draws of local Gaussians chosen along their paths
+        by their ELBOs (:mod:`diffstat.mcmc.pathfinder`; module notes) instead of the Laplace jitter.
 
     Returns
     -------
     (MCMCState, (dim, dim) tensor or None)
-        The new state, and the inverse of the chosen Gaussians' mean precision (None where no chain
-        has one): a first metric for warm-up.
+        The new state, and the Laplace covariance (the inverse of the chains' mean Hessian of
+        :math:`-\\log\\pi`) where one was positive definite: a first metric for warm-up.
     """
     n, dim = state.x.shape
-    choice = None
-    if jitter and dim <= LAPLACE_MAX_DIM:
+    choice = visit = None
+    if jitter and typical and dim <= LAPLACE_MAX_DIM:
         choice = PathChoice(generator, lambda pts: _in_batches(log_prob_and_grad, pts, n), state.x)
-    visit = None if choice is None else _snapshot_visitor(log_prob_and_grad, choice)
+    if choice is not None:
+        visit = snapshot_visitor(lambda x, g: _hessian(log_prob_and_grad, x, g), choice)
     x, lp, g, a_min = _ascend(log_prob_and_grad, state, max_iters, visit)
     x, lp, g, a_min = _restart_stragglers(x, lp, g, a_min)
-    if not jitter:
-        return MCMCState(x, lp, g), None
-    noise = a_min.sqrt().unsqueeze(-1) * torch.randn(
-        x.shape, generator=generator, dtype=x.dtype, device=x.device
-    )
-    if choice is None:  # dim > LAPLACE_MAX_DIM: the isotropic jitter, else the initial point
+    cov = None
+    if choice is not None:
+        return _typical_start(generator, log_prob_and_grad, state, (x, lp, g), a_min, choice)
+    if jitter:
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        noise = a_min.sqrt().unsqueeze(-1) * noise
+        climbed, iso = (x, lp, g), noise
+        if x.shape[1] <= LAPLACE_MAX_DIM:
+            x, lp, g, hess = _newton(log_prob_and_grad, x, lp, g, NEWTON_ITERS)
+            noise, cov = _laplace_jitter(hess, noise, a_min)
+        # Newton climbing far above the ascent's end: no mode near it, the ascent was on its way down a neck
+        on_neck = lp > climbed[1] + straggler_gap(x.shape[1])
         x, lp, g, ok = _jitter(log_prob_and_grad, x, lp, g, noise)
-        x, lp, g, _ = _fall_back(log_prob_and_grad, (x, lp, g), ok, state, None)
-        return MCMCState(x, lp, g), None
-    climbed = (x, lp, g)
+        if not bool(ok.all()):  # the local quadratic model fails within a jitter: a neck, not a bulk
+            cov = None
+            x, lp, g, back = _fall_back(log_prob_and_grad, (x, lp, g), ok, climbed, iso)
+            x, lp, g, _ = _fall_back(log_prob_and_grad, (x, lp, g), ok | (back & ~on_neck), state, None)
+    return MCMCState(x, lp, g), cov
+
+
+def _typical_start(generator, log_prob_and_grad, state, climbed, a_min, choice):
+    """``find_start(..., typical=True)`` after the ascent: Newton's iterates visited too, then the
+    starts resampled from the chains' best Gaussians (:meth:`PathChoice.starts`). A chain left
+    without a draw (no Gaussian of finite ELBO) takes the ascent's end jittered by
+    :math:`\\mathcal N(0, a_{\\min} I)` where that falls no more than 10 + 2 dim nats, else its
+    initial point."""
+    x, lp, g = climbed
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    noise = a_min.sqrt().unsqueeze(-1) * noise
     _newton(log_prob_and_grad, x, lp, g, NEWTON_ITERS, visit=choice.visit)
     cx, clp, cg, ok = choice.starts()
     k = ok.unsqueeze(-1)
     x, lp, g = torch.where(k, cx, x), torch.where(ok, clp, lp), torch.where(k, cg, g)
-    if not bool(ok.all()):  # no local Gaussian with a finite ELBO: as a failed jitter
+    if not bool(ok.all()):
         x, lp, g, back = _fall_back(log_prob_and_grad, (x, lp, g), ok, climbed, noise)
         x, lp, g, _ = _fall_back(log_prob_and_grad, (x, lp, g), back, state, None)
     return MCMCState(x, lp, g), choice.covariance()
 
 
-#: Ascent iterations after which each chain's point is a candidate start (:mod:`diffstat.mcmc.
-#: pathfinder`), besides the ascent's end and the Newton iterates: doubling, since the climb crosses
-#: orders of magnitude of log-density in its first iterations and moves little in its last.
-SNAPSHOTS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
-
-
-def _snapshot_visitor(log_prob_and_grad, choice):
-    """A callback ``visit(it, x, g, last)`` for the ascent: at the iterations in ``SNAPSHOTS`` the
-    chains whose point moved since ``last`` (the previous snapshot) are visited with their Hessians
-    (``dim`` evaluations per chain). Returns the new ``last``."""
-
-    def visit(x, g, last):
-        moved = torch.ones_like(x[:, 0], dtype=torch.bool) if last is None else (x != last).any(-1)
-        rows = moved.nonzero().squeeze(1)
-        if rows.numel():
-            xs, gs = x.index_select(0, rows), g.index_select(0, rows)
-            choice.visit(rows, xs, gs, _hessian(log_prob_and_grad, xs, gs))
-        return x
-
-    return visit
-
-
 def _ascend(log_prob_and_grad, state: MCMCState, max_iters: int, visit=None):
     """The Barzilai-Borwein gradient ascent with Armijo backtracking (module notes), every chain its
-    own step length; ``visit(x, g, last)`` is called at the iterations in ``SNAPSHOTS``. Returns
+    own step length; ``visit(it, x, g, last)``, if given, is called before every iteration
+    (:func:`~diffstat.mcmc.pathfinder.snapshot_visitor`). Returns
     ``(x, lp, g, a_min)``, ``a_min`` each chain's smallest accepted step."""
     x, lp, g = state.x, state.log_prob, state.grad
     gnorm = g.norm(dim=-1).clamp_min(1e-12)
@@ -173,8 +178,8 @@ def _ascend(log_prob_and_grad, state: MCMCState, max_iters: int, visit=None):
     done = ~torch.isfinite(lp)
     last = None
     for it in range(max_iters):
-        if visit is not None and it in SNAPSHOTS:
-            last = visit(x, g, last)
+        if visit is not None:
+            last = visit(it, x, g, last)
         a_col = a.unsqueeze(-1)
         y = x + a_col * g
         lp_y, g_y = log_prob_and_grad(y)
@@ -349,6 +354,21 @@ def _newton_direction(hess: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if slow.numel():
         d = d.index_copy(0, slow, _eigen_direction(hess.index_select(0, slow), g.index_select(0, slow)))
     return d
+
+
+def _laplace_jitter(hess, noise, a_min):
+    r"""Where a chain's Hessian ``hess: (n, dim, dim)`` of :math:`-\log\pi` is positive definite, its
+    isotropic jitter ``noise = sqrt(a_min) z`` becomes :math:`H^{-1/2} z`. Returns the new noise and the
+    inverse of the mean Hessian over those chains (None if no chain has a positive definite one)."""
+    chol, info = torch.linalg.cholesky_ex(hess)
+    pd = info == 0
+    if not bool(pd.any()):
+        return noise, None
+    z = noise / a_min.sqrt().unsqueeze(-1)
+    laplace = torch.linalg.solve_triangular(chol.transpose(1, 2), z.unsqueeze(-1), upper=True).squeeze(-1)
+    noise = torch.where(pd.unsqueeze(-1), torch.nan_to_num(laplace), noise)
+    cov = torch.linalg.inv(hess[pd].mean(0))
+    return noise, 0.5 * (cov + cov.T)
 
 
 def initial_step_sizes(

@@ -91,12 +91,12 @@ def test_start_on_neals_funnel_is_in_the_bulk_not_down_the_neck():
     """Neal's funnel(10) in float64 from 64 exact draws (x_1 ~ N(0, 3)): the climb and Newton steps run
     down the neck (before: start x_1 mean -8.2, min -32.5, sd 12.6). The chosen starts' x_1 must look
     like the posterior's: mean within 3 standard errors (3 sd / 8) of 0, none below -10 (posterior
-    P(x_1 < -10) = 4e-4), sd within a factor 1.5 of 3."""
+    P(x_1 < -10) = 4e-4), sd within a factor 1.5 of 3. The default start (main's) fails it."""
     funnel = Funnel(10)
     target = funnel.as_target(dtype=F64)
     gen = torch.Generator().manual_seed(0)
     state = init(target.log_prob_and_grad, funnel.sample(64, gen))
-    out, cov = find_start(gen, state, target.log_prob_and_grad)
+    out, cov = find_start(gen, state, target.log_prob_and_grad, typical=True)
     x1 = out.x[:, 0]
     assert abs(float(x1.mean())) < 3 * 3 / math.sqrt(64), x1
     assert float(x1.min()) > -10, x1
@@ -104,3 +104,14 @@ def test_start_on_neals_funnel_is_in_the_bulk_not_down_the_neck():
     assert bool(torch.isfinite(out.log_prob).all())
     assert cov is None  # no chain chose a Laplace fit (the Hessians in the bulk are indefinite)
     torch.testing.assert_close(out.log_prob, target.log_prob_and_grad(out.x)[0])
+
+
+def test_the_default_start_is_mains_and_fails_the_funnel_check():
+    # typical=False (ds.sample's default) keeps the Laplace jitter: on the same funnel the chains
+    # start down the neck, which the test above rejects
+    funnel = Funnel(10)
+    target = funnel.as_target(dtype=F64)
+    gen = torch.Generator().manual_seed(0)
+    state = init(target.log_prob_and_grad, funnel.sample(64, gen))
+    out, _ = find_start(gen, state, target.log_prob_and_grad)
+    assert float(out.x[:, 0].mean()) < -3 * 3 / math.sqrt(64)
