@@ -3,6 +3,7 @@
     python benchmarks/bench_mcmc_start.py --start            # find_start alone on funnel(10)
     python benchmarks/bench_mcmc_start.py --seeds 0 1 2      # ds.sample(funnel(10), "nuts") at defaults
     python benchmarks/bench_mcmc_start.py --start --seeds 0 1 2 --typical   # the same, typical=True
+    python benchmarks/bench_mcmc_start.py --posteriordb NAME ... [--typical] [--method hmc]
 
 ``--start``: :func:`~diffstat.mcmc.start.find_start` from 64 reference draws (N(0, I), float32)
 and from 64 exact draws (float64) of Neal's funnel(10) (seed 0): the start points' x_1 (mean, min,
@@ -78,20 +79,47 @@ def run(seed: int, method: str = "nuts", dim: int = 10, typical: bool = False) -
     )  # fmt: skip
 
 
+def posteriordb_row(name: str, method: str) -> None:
+    """``benchmarks/bench_posteriordb.py``'s run of one posterior (seed 0, float64, 4 chains), in this
+    process so that ``--typical`` reaches it: mean and sd errors (in reference sds), R-hat, evals."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from bench_posteriordb import run_one
+
+    t0 = time.perf_counter()
+    r = run_one(name, method, 0, "float64", 1000)
+    print(
+        f"| {name} | {method} | {r['mean_err']:.3f} | {r['sd_err']:.3f} | {r['rhat']:.3f} | {r['evals']:,} "
+        f"| {time.perf_counter() - t0:.0f} | {r['passed']} |",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--start", action="store_true")
     parser.add_argument("--seeds", type=int, nargs="*", default=[])
     parser.add_argument("--method", default="nuts")
     parser.add_argument("--typical", action="store_true", help="find_start(..., typical=True) in every run")
+    parser.add_argument("--posteriordb", nargs="*", default=[], help="posteriordb names, run in this process")
     args = parser.parse_args()
     if args.typical:  # ds.sample's driver calls find_start by name: the option goes in there
         sampler.find_start = functools.partial(find_start, typical=True)
     if args.start:
         print("reference draws:", start_only(typical=args.typical))
         print("exact draws, float64:", start_only(exact=True, typical=args.typical))
-    print("| seed | method | mean x_1 | sd x_1 | divergent | R-hat | start evals | evals | s | warnings |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    if args.posteriordb:
+        print("| posterior | method | mean err | sd err | R-hat | evals | s | pass |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.posteriordb:
+        posteriordb_row(name, args.method)
+    if args.seeds:
+        print(
+            "| seed | method | mean x_1 | sd x_1 | divergent | R-hat | start evals | evals | s | warnings |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for seed in args.seeds:
         r = run(seed, args.method, typical=args.typical)
         print(
