@@ -3,6 +3,7 @@
     python benchmarks/bench_mcmc_start.py --start            # find_start alone on funnel(10)
     python benchmarks/bench_mcmc_start.py --seeds 0 1 2      # ds.sample(funnel(10), "nuts") at defaults
     python benchmarks/bench_mcmc_start.py --start --seeds 0 1 2 --typical   # the same, typical=True
+    python benchmarks/bench_mcmc_start.py --elbos            # local Gaussians' ELBOs on the funnel
     python benchmarks/bench_mcmc_start.py --posteriordb NAME ... [--typical] [--method hmc]
 
 ``--start``: :func:`~diffstat.mcmc.start.find_start` from 64 reference draws (N(0, I), float32)
@@ -79,6 +80,37 @@ def run(seed: int, method: str = "nuts", dim: int = 10, typical: bool = False) -
     )  # fmt: skip
 
 
+def elbos(n: int = 16, draws: int = 200, seed: int = 1, dim: int = 10) -> None:
+    """200-draw ELBOs of three local Gaussians at ``n`` exact funnel draws (float64), where every
+    Hessian is indefinite: N(x + |H|^-1 g, |H|^-1), N(x + D^-1 g, D^-1) with D = |diag H|, and
+    N(x, |H|^-1) (``diffstat.mcmc.pathfinder.candidates`` keeps the last two)."""
+    from diffstat.mcmc.pathfinder import _floored, local_gaussians
+    from diffstat.mcmc.start import _hessian
+
+    target = Funnel(dim).as_target(dtype=torch.float64)
+    lpg = target.log_prob_and_grad
+    gen = torch.Generator().manual_seed(seed)
+    x = Funnel(dim).sample(n, gen)
+    _, g = lpg(x)
+    hess = _hessian(lpg, x, g)
+    lam, vec = torch.linalg.eigh(hess)
+    prec_abs = vec @ (_floored(lam).unsqueeze(-1) * vec.transpose(1, 2))
+    d = _floored(hess.diagonal(dim1=-2, dim2=-1))
+    abs_step = torch.linalg.solve(prec_abs, g.unsqueeze(-1)).squeeze(-1)
+    z = torch.randn(n, draws, dim, generator=gen, dtype=torch.float64)
+    print("x_1:", [round(v, 1) for v in x[:, 0].tolist()])
+    print("positive definite:", int((torch.linalg.cholesky_ex(hess)[1] == 0).sum()), "of", n)
+    for label, mean, prec in (
+        ("N(x + |H|^-1 g, |H|^-1)", x + abs_step, prec_abs),
+        ("N(x + D^-1 g, D^-1)", x + g / d, torch.diag_embed(d)),
+        ("N(x, |H|^-1)", x, prec_abs),
+    ):
+        pts, log_q, _ = local_gaussians(mean, prec, z)
+        lp, _ = lpg(pts.reshape(-1, dim))
+        elbo = (lp.reshape(n, draws) - log_q).mean(-1)
+        print(label, [round(v, 1) for v in elbo.tolist()])
+
+
 def posteriordb_row(name: str, method: str) -> None:
     """``benchmarks/bench_posteriordb.py``'s run of one posterior (seed 0, float64, 4 chains), in this
     process so that ``--typical`` reaches it: mean and sd errors (in reference sds), R-hat, evals."""
@@ -100,6 +132,7 @@ def posteriordb_row(name: str, method: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--start", action="store_true")
+    parser.add_argument("--elbos", action="store_true", help="ELBOs of the local Gaussians on the funnel")
     parser.add_argument("--seeds", type=int, nargs="*", default=[])
     parser.add_argument("--method", default="nuts")
     parser.add_argument("--typical", action="store_true", help="find_start(..., typical=True) in every run")
@@ -107,6 +140,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.typical:  # ds.sample's driver calls find_start by name: the option goes in there
         sampler.find_start = functools.partial(find_start, typical=True)
+    if args.elbos:
+        elbos()
     if args.start:
         print("reference draws:", start_only(typical=args.typical))
         print("exact draws, float64:", start_only(exact=True, typical=args.typical))
