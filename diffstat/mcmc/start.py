@@ -38,9 +38,9 @@ is chosen along each chain's path instead, as Pathfinder does (Zhang, Carpenter,
 ..., 128 ascent iterations, at the ascent's end and at every Newton iterate the Hessian defines
 local Gaussians whose ELBOs are estimated from 8 draws each, and the chains start at draws of the
 chains' best Gaussians resampled by importance weights. It aims at the typical set rather than
-the mode: on Neal's funnel and the centred Eight Schools the chains start in the bulk, not down
-the neck; but NUTS at defaults did not do better for it there (the centred Eight Schools' bias grew:
-warm-up that never visits the neck adapts a step size too large for it), so it is not the default.
+the mode, and on funnels (Neal's, the centred Eight Schools) the chains do start in the bulk, not
+down the neck; it is not the default because NUTS at defaults did not do better for it there (a
+warm-up that starts in the bulk of a centred hierarchical model need not visit the neck).
 
 :func:`initial_step_sizes` is Hoffman and Gelman's (2014) doubling/halving heuristic run per chain:
 each chain's step size is doubled (or halved) until its one-step acceptance probability crosses 1/2.
@@ -127,9 +127,9 @@ def find_start(
         visit = snapshot_visitor(lambda x, g: _hessian(log_prob_and_grad, x, g), choice)
     x, lp, g, a_min = _ascend(log_prob_and_grad, state, max_iters, visit)
     x, lp, g, a_min = _restart_stragglers(x, lp, g, a_min)
-    cov = None
     if choice is not None:
         return _typical_start(generator, log_prob_and_grad, state, (x, lp, g), a_min, choice)
+    cov = None
     if jitter:
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         noise = a_min.sqrt().unsqueeze(-1) * noise
