@@ -7,20 +7,21 @@ point :math:`x_k` defines a Gaussian :math:`q_k = \mathcal N(x_k + \Sigma_k \nab
 whose Gaussian has the largest evidence lower bound :math:`\mathrm{ELBO}(q_k) = E_{q_k}[\log\pi -
 \log q_k]`, estimated from a few draws, is the one near the typical set, and a draw of that Gaussian
 is the chain's start. Pathfinder takes :math:`\Sigma_k` from L-BFGS's history; here it is the
-finite-difference Hessian that the start phase's Newton steps compute anyway (:mod:`diffstat.mcmc.
-start`), with its eigenvalues made positive (absolute values, floored) where it is not positive
-definite. Why not the mode: on a funnel (a hierarchical model's scale going to zero) the
-log-density is unbounded above, the climb runs down the neck and the Laplace Gaussian there is so
-narrow in the scale that a draw one of its own standard deviations away falls by thousands of
-nats, so its ELBO is far below that of a Gaussian fitted where the mass is; on a posterior close to
-Gaussian the Laplace fit at the mode has the largest ELBO and the start is the Laplace draw.
+finite-difference Hessian of the start phase (:mod:`diffstat.mcmc.start`, ``find_start(...,
+typical=True)``; not the default, ``docs/mcmc_start.md``), made positive definite where it is not
+(:func:`candidates`). Why not the mode: where the log-density is unbounded above (a funnel's neck)
+the climb runs down the neck, and a mode's Laplace fit there describes no mass; on a posterior
+close to Gaussian the Laplace fit at the mode has the largest ELBO, and the start is a Laplace draw.
 
 :class:`PathChoice` keeps, per chain, the best Gaussian seen so far as the path's points are
-visited (one chain's candidates one at a time, so memory stays ``chains x dim^2``). The ELBO of
-every candidate uses the same standard normal draws per chain (common random numbers: the
-comparison between candidates has far less noise than each estimate). The chain's start is one
-of its best Gaussian's draws, picked by importance resampling with weights :math:`\pi / q` (the
-draws' log-densities and gradients are already computed: no extra evaluation).
+visited (one candidate at a time, so memory stays ``chains x dim^2``). The ELBO of every candidate
+of a chain uses the same standard normal draws (common random numbers: the comparison between
+candidates has far less noise than each estimate). The starts are resampled from all chains' best
+Gaussians' draws with weights :math:`\pi / q`, without replacement (:meth:`PathChoice.starts`;
+the draws' log-densities and gradients are already computed: no extra evaluation). On a funnel a
+narrow Gaussian down the neck loses little ELBO (each slice of the funnel has the same normalised
+conditional), so a chain whose path never crossed the bulk can prefer the neck: resampling across
+chains moves it to the others' draws.
 """
 
 from __future__ import annotations
