@@ -115,3 +115,16 @@ def test_the_default_start_is_mains_and_fails_the_funnel_check():
     state = init(target.log_prob_and_grad, funnel.sample(64, gen))
     out, _ = find_start(gen, state, target.log_prob_and_grad)
     assert float(out.x[:, 0].mean()) < -3 * 3 / math.sqrt(64)
+
+
+def test_typical_start_on_a_gaussian_is_the_laplace_fit():
+    # on a Gaussian every positive definite candidate is the target itself (ELBO log Z), so the
+    # handed covariance is the target's (finite-difference Hessians: to 1e-5) and the starts are
+    # draws of it, all distinct
+    lpg, m, prec, _ = _gaussian()
+    gen = torch.Generator().manual_seed(0)
+    x0 = m + 10 * torch.randn(6, 4, generator=gen, dtype=F64)
+    out, cov = find_start(gen, init(lpg, x0), lpg, typical=True)
+    torch.testing.assert_close(cov, torch.linalg.inv(prec), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.log_prob, lpg(out.x)[0])
+    assert len({tuple(r) for r in out.x.tolist()}) == 6
