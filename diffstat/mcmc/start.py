@@ -32,6 +32,16 @@ model fails within one of its own standard deviations): the chain goes back to t
 the isotropic jitter, or to its initial point where that fails too or where Newton climbed more than
 10 + 2 dim nats above the ascent's end (no mode near it: the ascent itself was running down the neck).
 
+With ``typical=True`` (not the default, which ``ds.sample`` uses; ``docs/mcmc_start.md``) the start
+is chosen along each chain's path instead, as Pathfinder does (Zhang, Carpenter, Gelman and Vehtari
+2022; :mod:`diffstat.mcmc.pathfinder`), up to ``dim = 200``: at the initial point, after 1, 2, 4,
+..., 128 ascent iterations, at the ascent's end and at every Newton iterate the Hessian defines
+local Gaussians whose ELBOs are estimated from 8 draws each, and the chains start at draws of the
+chains' best Gaussians resampled by importance weights. It aims at the typical set rather than
+the mode, and on funnels (Neal's, the centred Eight Schools) the chains do start in the bulk, not
+down the neck; it is not the default because NUTS at defaults did not do better for it there (a
+warm-up that starts in the bulk of a centred hierarchical model need not visit the neck).
+
 :func:`initial_step_sizes` is Hoffman and Gelman's (2014) doubling/halving heuristic run per chain:
 each chain's step size is doubled (or halved) until its one-step acceptance probability crosses 1/2.
 """
@@ -44,6 +54,7 @@ from collections.abc import Callable
 import torch
 
 from diffstat.mcmc.base import LogProbAndGrad, MCMCState, rows_finite
+from diffstat.mcmc.pathfinder import PathChoice, snapshot_visitor
 
 __all__ = ["find_start", "initial_step_sizes"]
 
@@ -84,6 +95,7 @@ def find_start(
     log_prob_and_grad: LogProbAndGrad,
     max_iters: int = 200,
     jitter: bool = True,
+    typical: bool = False,
 ) -> tuple[MCMCState, torch.Tensor | None]:
     """Batched per-chain gradient ascent on the log-density from ``state``, then a jitter.
 
@@ -97,6 +109,9 @@ def find_start(
     jitter : bool
         Jitter each chain (see the module docstring); the jittered point is kept only where its
         log-density is finite.
+    typical : bool
+        Up to 200 dimensions, start the chains at draws of local Gaussians chosen along their paths
+        by their ELBOs (:mod:`diffstat.mcmc.pathfinder`; module notes) instead of the Laplace jitter.
 
     Returns
     -------
@@ -104,12 +119,67 @@ def find_start(
         The new state, and the Laplace covariance (the inverse of the chains' mean Hessian of
         :math:`-\\log\\pi`) where one was positive definite: a first metric for warm-up.
     """
+    n, dim = state.x.shape
+    choice = visit = None
+    if jitter and typical and dim <= LAPLACE_MAX_DIM:
+        choice = PathChoice(generator, lambda pts: _in_batches(log_prob_and_grad, pts, n), state.x)
+    if choice is not None:
+        visit = snapshot_visitor(lambda x, g: _hessian(log_prob_and_grad, x, g), choice)
+    x, lp, g, a_min = _ascend(log_prob_and_grad, state, max_iters, visit)
+    x, lp, g, a_min = _restart_stragglers(x, lp, g, a_min)
+    if choice is not None:
+        return _typical_start(generator, log_prob_and_grad, state, (x, lp, g), a_min, choice)
+    cov = None
+    if jitter:
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        noise = a_min.sqrt().unsqueeze(-1) * noise
+        climbed, iso = (x, lp, g), noise
+        if x.shape[1] <= LAPLACE_MAX_DIM:
+            x, lp, g, hess = _newton(log_prob_and_grad, x, lp, g, NEWTON_ITERS)
+            noise, cov = _laplace_jitter(hess, noise, a_min)
+        # Newton climbing far above the ascent's end: no mode near it, the ascent was on its way down a neck
+        on_neck = lp > climbed[1] + straggler_gap(x.shape[1])
+        x, lp, g, ok = _jitter(log_prob_and_grad, x, lp, g, noise)
+        if not bool(ok.all()):  # the local quadratic model fails within a jitter: a neck, not a bulk
+            cov = None
+            x, lp, g, back = _fall_back(log_prob_and_grad, (x, lp, g), ok, climbed, iso)
+            x, lp, g, _ = _fall_back(log_prob_and_grad, (x, lp, g), ok | (back & ~on_neck), state, None)
+    return MCMCState(x, lp, g), cov
+
+
+def _typical_start(generator, log_prob_and_grad, state, climbed, a_min, choice):
+    """``find_start(..., typical=True)`` after the ascent: Newton's iterates visited too, then the
+    starts resampled from the chains' best Gaussians (:meth:`PathChoice.starts`). A chain left
+    without a draw (no Gaussian of finite ELBO) takes the ascent's end jittered by
+    :math:`\\mathcal N(0, a_{\\min} I)` where that falls no more than 10 + 2 dim nats, else its
+    initial point."""
+    x, lp, g = climbed
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    noise = a_min.sqrt().unsqueeze(-1) * noise
+    _newton(log_prob_and_grad, x, lp, g, NEWTON_ITERS, visit=choice.visit)
+    cx, clp, cg, ok = choice.starts()
+    k = ok.unsqueeze(-1)
+    x, lp, g = torch.where(k, cx, x), torch.where(ok, clp, lp), torch.where(k, cg, g)
+    if not bool(ok.all()):
+        x, lp, g, back = _fall_back(log_prob_and_grad, (x, lp, g), ok, climbed, noise)
+        x, lp, g, _ = _fall_back(log_prob_and_grad, (x, lp, g), back, state, None)
+    return MCMCState(x, lp, g), choice.covariance()
+
+
+def _ascend(log_prob_and_grad, state: MCMCState, max_iters: int, visit=None):
+    """The Barzilai-Borwein gradient ascent with Armijo backtracking (module notes), every chain its
+    own step length; ``visit(it, x, g, last)``, if given, is called before every iteration
+    (:func:`~diffstat.mcmc.pathfinder.snapshot_visitor`). Returns
+    ``(x, lp, g, a_min)``, ``a_min`` each chain's smallest accepted step."""
     x, lp, g = state.x, state.log_prob, state.grad
     gnorm = g.norm(dim=-1).clamp_min(1e-12)
     a = (0.01 / gnorm).clamp(max=0.01)  # a first move of at most 0.01 in norm
     a_min = torch.full_like(lp, float("inf"))
     done = ~torch.isfinite(lp)
+    last = None
     for it in range(max_iters):
+        if visit is not None:
+            last = visit(it, x, g, last)
         a_col = a.unsqueeze(-1)
         y = x + a_col * g
         lp_y, g_y = log_prob_and_grad(y)
@@ -127,23 +197,7 @@ def find_start(
         if it % 10 == 9 and bool(done.all()):
             break
     a_min = torch.where(torch.isfinite(a_min), a_min, a)
-    x, lp, g, a_min = _restart_stragglers(x, lp, g, a_min)
-    cov = None
-    if jitter:
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        noise = a_min.sqrt().unsqueeze(-1) * noise
-        climbed, iso = (x, lp, g), noise
-        if x.shape[1] <= LAPLACE_MAX_DIM:
-            x, lp, g, hess = _newton(log_prob_and_grad, x, lp, g, NEWTON_ITERS)
-            noise, cov = _laplace_jitter(hess, noise, a_min)
-        # Newton climbing far above the ascent's end: no mode near it, the ascent was on its way down a neck
-        on_neck = lp > climbed[1] + straggler_gap(x.shape[1])
-        x, lp, g, ok = _jitter(log_prob_and_grad, x, lp, g, noise)
-        if not bool(ok.all()):  # the local quadratic model fails within a jitter: a neck, not a bulk
-            cov = None
-            x, lp, g, back = _fall_back(log_prob_and_grad, (x, lp, g), ok, climbed, iso)
-            x, lp, g, _ = _fall_back(log_prob_and_grad, (x, lp, g), ok | (back & ~on_neck), state, None)
-    return MCMCState(x, lp, g), cov
+    return x, lp, g, a_min
 
 
 def _jitter(log_prob_and_grad, x, lp, g, noise):
@@ -222,7 +276,7 @@ def _hessian(log_prob_and_grad, x: torch.Tensor, g: torch.Tensor) -> torch.Tenso
     return torch.nan_to_num(hess, nan=-1.0, posinf=-1.0, neginf=-1.0)
 
 
-def _newton(log_prob_and_grad, x, lp, g, max_iters: int):
+def _newton(log_prob_and_grad, x, lp, g, max_iters: int, visit=None):
     r"""Modified Newton steps per chain, :math:`x + t\,|H|^{-1}\nabla\log\pi` with :math:`|H|` the
     Hessian of :math:`-\log\pi` with its eigenvalues replaced by their absolute values (floored at
     :math:`10^{-12}` of the largest; finite differences make near-zero ones of either sign), and ``t``
@@ -239,6 +293,9 @@ def _newton(log_prob_and_grad, x, lp, g, max_iters: int):
     n, dim = x.shape
     ts = 4.0 ** -torch.arange(12, dtype=x.dtype, device=x.device)  # (k,)
     hess = _hessian(log_prob_and_grad, x, g)
+    rows = torch.arange(n, device=x.device)
+    if visit is not None:
+        visit(rows, x, g, hess)
     stuck = torch.zeros_like(lp, dtype=torch.bool)
     for _ in range(max_iters):
         d = _newton_direction(hess, g)
@@ -257,12 +314,14 @@ def _newton(log_prob_and_grad, x, lp, g, max_iters: int):
         first = valid.to(torch.int8).argmax(-1)  # the largest t that passes
         ok = active & valid.any(-1)
         stuck = stuck | (active & ~ok)
-        rows = torch.arange(n, device=x.device)
         k = ok.unsqueeze(-1)
         x, lp = torch.where(k, y[rows, first], x), torch.where(ok, lp_y[rows, first], lp)
         g = torch.where(k, g_y[rows, first], g)
         if bool(ok.any()):
             hess = torch.where(ok[:, None, None], _hessian(log_prob_and_grad, x, g), hess)
+            if visit is not None:
+                moved = ok.nonzero().squeeze(1)
+                visit(moved, x[moved], g[moved], hess[moved])
     return x, lp, g, hess
 
 
