@@ -1,0 +1,61 @@
+"""The lag check of AIS's final particles (diffstat.tempering.lag): the weighted shift against exact
+values, its noise under weights that ignore the positions, and the rule that flags a run."""
+
+import math
+
+import torch
+
+from diffstat.tempering.lag import MAX_LAG, is_lagging, weighted_shift
+
+F64 = torch.float64
+
+
+def test_weighted_shift_of_importance_weights_is_the_exact_shift():
+    """Particles from q = N(0, 1) weighted to pi = N(mu, 1): the shift of l = log pi is
+    (E_pi l - E_q l) / sd_pi(l) = (mu^2 / 2) / sqrt(1/2) exactly (l = -(x - mu)^2 / 2 + c, whose
+    variance under pi is 1/2)."""
+    g = torch.Generator().manual_seed(0)
+    mu, n = 0.6, 200_000
+    x = torch.randn(n, generator=g, dtype=F64)
+    log_pi = -0.5 * (x - mu) ** 2
+    shift, noise = weighted_shift(log_pi + 0.5 * x**2, log_pi)
+    exact = mu**2 / 2 / math.sqrt(0.5)  # 0.2546
+    # its error over seeds 0-3: sd 0.006 (with the sd of l unweighted, 0.93, it would be 0.19)
+    assert abs(shift - exact) < 0.025, (shift, exact)
+    assert 0.001 < noise < 0.002, noise  # sqrt(1 / ESS - 1 / n), ESS / n = exp(-mu^2)
+    # the wrong direction (particles from pi weighted to q) is a negative shift
+    assert weighted_shift(-(log_pi + 0.5 * x**2), log_pi)[0] < -0.2
+
+
+def test_weighted_shift_is_noise_of_the_stated_sd_when_the_weights_ignore_the_positions():
+    """Weights independent of the values: shift / noise over 400 replicates has mean 0 and sd 1 (the
+    noise sqrt(1/ESS - 1/n); with sqrt(1/ESS) instead the sd would be 0.79 here)."""
+    g = torch.Generator().manual_seed(1)
+    z = []
+    for _ in range(400):
+        log_w, values = torch.randn(2, 1000, generator=g, dtype=F64)
+        shift, noise = weighted_shift(log_w, values)
+        z.append(shift / noise)
+    z = torch.tensor(z)
+    assert abs(float(z.mean())) < 0.2, float(z.mean())  # se 0.05
+    assert 0.88 < float(z.std()) < 1.12, float(z.std())  # se 0.035
+
+
+def test_weighted_shift_skips_non_finite_particles_and_degenerate_values():
+    log_w = torch.tensor([0.0, 0.0, -math.inf, 1.0], dtype=F64)
+    values = torch.tensor([1.0, 2.0, 5.0, math.nan], dtype=F64)
+    shift, noise = weighted_shift(log_w, values)  # the first two only: even weights
+    assert abs(shift) < 1e-12 and noise == 0.0
+    assert all(math.isnan(v) for v in weighted_shift(log_w, torch.ones(4, dtype=F64)))
+    assert all(math.isnan(v) for v in weighted_shift(log_w[:1], values[:1]))
+
+
+def test_a_run_is_flagged_only_when_it_lags_and_the_moves_reject_where_the_weights_are_large():
+    lagging = (2 * MAX_LAG, 0.01)
+    rejecting = (-0.2, 0.05)  # 4 noise sds
+    assert is_lagging(lagging, rejecting)
+    assert not is_lagging(lagging, (0.2, 0.05))  # the moves accept as much where the weights are large
+    assert not is_lagging((0.5 * MAX_LAG, 0.001), rejecting)  # a small lag
+    assert not is_lagging((2 * MAX_LAG, 0.2), rejecting)  # a lag within its noise
+    assert not is_lagging((-2 * MAX_LAG, 0.01), rejecting)  # particles above the posterior
+    assert not is_lagging((math.nan, math.nan), rejecting)
