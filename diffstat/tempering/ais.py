@@ -120,12 +120,14 @@ _EVEN_FRACTION = 0.5
 class AISOutput(NamedTuple):
     """Result of AIS: the final particles (a :class:`PathState`), their log weights ``(n,)``,
     per-temperature tensors ``stages`` (those of :class:`~diffstat.tempering.core.StageInfo`) and each
-    particle's acceptance at the last temperature."""
+    particle's acceptance at the last temperature, and its mean over the last tenth of them
+    (``recent_acceptance``, at least one; :mod:`diffstat.tempering.lag`)."""
 
     particles: PathState
     log_weights: torch.Tensor
     stages: dict[str, torch.Tensor]
     acceptance: torch.Tensor
+    recent_acceptance: torch.Tensor | None = None
 
 
 def ais(
@@ -186,7 +188,10 @@ def ais(
             )
             infos.append(info)
             bar.update()
-    return AISOutput(state.particles, state.log_weights, stack_stage_infos(infos), infos[-1].acceptance)
+    recent = torch.stack([info.acceptance for info in infos[-max(1, len(infos) // 10) :]]).mean(0)
+    return AISOutput(
+        state.particles, state.log_weights, stack_stage_infos(infos), infos[-1].acceptance, recent
+    )
 
 
 _OPTIONS = {
@@ -297,7 +302,7 @@ def _reliability(runs, attrs: dict, num_particles: int, min_ess: float) -> dict:
     shifts = [
         (
             weighted_shift(out.log_weights, out.particles.target_log_prob),
-            weighted_shift(out.log_weights, out.acceptance),
+            weighted_shift(out.log_weights, out.recent_acceptance),
         )
         for out, _, _ in runs
     ]
