@@ -2,9 +2,13 @@
 values, its noise under weights that ignore the positions, and the rule that flags a run."""
 
 import math
+import warnings
 
+import numpy as np
 import torch
+from ar1_target import AR1
 
+import diffstat as ds
 from diffstat.tempering.lag import MAX_LAG, is_lagging, weighted_shift
 
 F64 = torch.float64
@@ -59,3 +63,40 @@ def test_a_run_is_flagged_only_when_it_lags_and_the_moves_reject_where_the_weigh
     assert not is_lagging((2 * MAX_LAG, 0.2), rejecting)  # a lag within its noise
     assert not is_lagging((-2 * MAX_LAG, 0.01), rejecting)  # particles above the posterior
     assert not is_lagging((math.nan, math.nan), rejecting)
+
+
+def test_ais_flags_a_run_whose_particles_lag_the_ar1_funnel():
+    """The audit's latent AR(1) model (tests/tempering/ar1_target.py): at defaults the moves, whose
+    step sizes the pilot fixed, do not follow the particles into the sigma/state funnel, the weights
+    favour the few that got there, and the run is off (seed 5: log Z 3 standard errors low, sigma
+    0.28 posterior sd high) with ESS 121 and no collapse. The check flags it."""
+    target = AR1()
+    log_z, sigma_mean = target.exact()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        idata = ds.sample(target, "ais", num_samples=1000, seed=5, progress=False, check_modes=False)
+    attrs = idata.posterior.attrs
+    sigma = np.exp(idata.posterior["x"].values[..., 1]).ravel()
+    # the run is wrong: log Z low by more than 2 of its standard errors, sigma high
+    assert log_z - attrs["log_normalizer"] > 2 * attrs["log_normalizer_se"], (attrs["log_normalizer"], log_z)
+    assert sigma.mean() > sigma_mean + 0.02, (sigma.mean(), sigma_mean)  # posterior sd 0.11
+    assert attrs["ess"] >= 100 and attrs["pareto_k"] < 0.7  # the weights' checks are silent
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert any("lag the path" in m for m in messages), messages
+    assert attrs["log_normalizer_reliable"] == 0
+    assert attrs["log_density_lag"] > MAX_LAG
+
+
+def test_ais_does_not_flag_a_gaussian():
+    """A correlated Gaussian from N(0, I) (AIS at defaults, three seeds): no lag flagged, the lag
+    within 4 noise sds."""
+    cov = torch.tensor([[1.0, 0.8, 0.0], [0.8, 1.0, 0.3], [0.0, 0.3, 0.5]], dtype=F64)
+    normal = torch.distributions.MultivariateNormal(torch.tensor([1.0, -2.0, 0.5], dtype=F64), cov)
+    target = ds.Target(normal.log_prob, 3, dtype=F64)
+    for seed in range(3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            idata = ds.sample(target, "ais", num_samples=1000, seed=seed, progress=False, check_modes=False)
+        attrs = idata.posterior.attrs
+        assert abs(attrs["log_density_lag"]) < 4 * attrs["log_density_lag_noise"], attrs["log_density_lag"]
+        assert attrs["log_normalizer_reliable"] == 1
