@@ -78,7 +78,7 @@ from diffstat.tempering.core import (
     stack_stage_infos,
     tempered_step,
 )
-from diffstat.tempering.lag import is_lagging, lag_message, weighted_shift
+from diffstat.tempering.lag import is_lagging, lag_message, run_shifts
 from diffstat.tempering.path import GeometricPath, PathState, default_step_size, make_path
 from diffstat.tempering.resampling import ess, resample
 from diffstat.tempering.runs import stack_stages
@@ -300,10 +300,7 @@ def _reliability(runs, attrs: dict, num_particles: int, min_ess: float) -> dict:
     flagged unreliable: its weights collapsed (ESS under ``min_ess`` or k above 0.7), else its
     particles lag the path where the moves cannot follow."""
     shifts = [
-        (
-            weighted_shift(out.log_weights, out.particles.target_log_prob),
-            weighted_shift(out.log_weights, out.recent_acceptance),
-        )
+        run_shifts(out.particles.x, out.log_weights, out.particles.target_log_prob, out.recent_acceptance)
         for out, _, _ in runs
     ]
     flagged = [is_lagging(*s) for s in shifts]
