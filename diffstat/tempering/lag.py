@@ -19,7 +19,8 @@ independent of the positions :math:`s` is noise of sd :math:`\sqrt{1/\mathrm{ESS
   their cloud is wider than the posterior (harmless: importance sampling from a wider cloud is
   reliable, and the weights drop the stragglers) or kept out of a region where the density rises
   (a funnel's neck);
-- the **acceptance shift**, :math:`s(a)` of each particle's acceptance at the last move: negative
+- the **acceptance shift**, :math:`s(a)` of each particle's mean acceptance over the last tenth of
+  the temperatures (AIS moves once per temperature, and one acceptance is too noisy): negative
   where the moves reject more where the weights are larger, that is where the weights say the
   posterior lies and the moves (whose step sizes the pilot fixed) cannot go. That is the second
   case: the weights then correct the lag by importance sampling over a region the cloud never
@@ -30,7 +31,9 @@ Both are computed within the modes (the clusters of
 :func:`~diffstat.modes.clusters.cluster_particles`, pooled with their weights): a mixture whose
 particles the run spread evenly among its modes, the weights then restoring the modes' shares (a
 correction that is reliable where each mode holds particles, and the missed-mode check's concern
-where one holds none), lags between the modes but not within them.
+where one holds none), lags between the modes but not within them. Within clusters the shift is
+:math:`\sum_c P_c (\bar v_{W,c} - \bar v_c) / (\sum_c P_c \mathrm{sd}_{W,c}(v)^2)^{1/2}` with
+:math:`P_c` a cluster's weight, and the noise variances add likewise.
 
 A run is flagged when both hold: a lag above ``MAX_LAG`` and ``MIN_LAG_Z`` noise sds, and an
 acceptance shift below ``-MIN_ACCEPT_Z`` noise sds. Measurements behind the thresholds (the audit's
