@@ -9,7 +9,7 @@ import torch
 from ar1_target import AR1
 
 import diffstat as ds
-from diffstat.tempering.lag import MAX_LAG, is_lagging, weighted_shift
+from diffstat.tempering.lag import MAX_LAG, is_lagging, run_shifts, weighted_shift
 
 F64 = torch.float64
 
@@ -52,6 +52,24 @@ def test_weighted_shift_skips_non_finite_particles_and_degenerate_values():
     assert abs(shift) < 1e-12 and noise == 0.0
     assert all(math.isnan(v) for v in weighted_shift(log_w, torch.ones(4, dtype=F64)))
     assert all(math.isnan(v) for v in weighted_shift(log_w[:1], values[:1]))
+
+
+def test_a_correction_of_the_modes_shares_is_no_lag_within_the_modes():
+    """Two modes 10 sds apart, 500 particles each, the one of higher log-density weighted 4 to 1 per
+    particle: the weights only restore the modes' shares (0.8, 0.2), constant within each mode, so
+    the shift within the modes is exactly 0, while over all particles it is large;
+    ``run_shifts`` finds the two modes."""
+    g = torch.Generator().manual_seed(2)
+    narrow = 0.5 * torch.randn(500, 2, generator=g, dtype=F64)
+    wide = torch.tensor([10.0, 0.0], dtype=F64) + torch.randn(500, 2, generator=g, dtype=F64)
+    x = torch.cat([narrow, wide])
+    log_density = torch.cat([3 - 2 * (narrow**2).sum(-1), -0.5 * ((wide - wide.mean(0)) ** 2).sum(-1)])
+    log_w = torch.cat([torch.full((500,), math.log(4.0)), torch.zeros(500)]).to(F64)
+    labels = (x[:, 0] > 5).long()
+    assert abs(weighted_shift(log_w, log_density, labels)[0]) < 1e-12
+    assert weighted_shift(log_w, log_density)[0] > 0.3  # between the modes
+    lag, accept = run_shifts(x, log_w, log_density, torch.rand(1000, generator=g, dtype=F64))
+    assert abs(lag[0]) < 1e-12, lag
 
 
 def test_a_run_is_flagged_only_when_it_lags_and_the_moves_reject_where_the_weights_are_large():
