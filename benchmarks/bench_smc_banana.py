@@ -16,6 +16,10 @@
 * ``audit``: ``bench_audit.run`` (the audit's scoring) at defaults and with ``max_pareto_k=0.5``
   on the audit's cases (``--cases``), seeds ``--seeds``.
 * ``reference``: ``bench_audit.run`` from the reference N(0, 3^2 I) instead of N(0, I), seed 0.
+* ``lag`` (tried, not adopted): AIS's lag check (``diffstat/tempering/lag.py``) at SMC's last
+  reweighting, to beta = 1, per run: the log-density lag and the acceptance shift (the previous
+  stage's per-particle acceptance) under that reweighting's weights, each with its noise z, for the
+  bananas, the Student-t and two mixtures, seeds ``--seeds``.
 * ``diagnostics`` (tried, not adopted as warnings): per run, the largest Pareto k of a stage's
   weights and the Stein identity E[u (L^T grad log p)^T] = -I on the final weighted particles
   (u the whitened coordinates), for the bananas, the Student-t and two mixtures.
@@ -261,11 +265,75 @@ def wide_reference(cases, seed: int = 0, scale: float = 3.0) -> None:
         print(bench_audit.fmt(bench_audit.run(case, "smc", seed, progress=False, reference=ref)), flush=True)
 
 
+def _recording_step(records: list):
+    """``core.smc_step`` that appends, at each stage, the stage's beta, its weights' log-density lag
+    and the acceptance shift of the previous stage's moves (``lag.weighted_shift``) to ``records``."""
+    from diffstat.tempering.lag import weighted_shift
+
+    real, previous = core.smc_step, {}
+
+    def step(generator, state, reweight, **kw):
+        ps, incr = reweight(generator, state.particles, state.log_weights)
+        new, info = real(generator, state, lambda g, p, w: (ps, incr), **kw)
+        acc = previous.get(id(kw["path"]))
+        if acc is not None and acc.shape == incr.shape:
+            log_w = state.log_weights + incr
+            records.append(
+                (float(kw["beta"]), weighted_shift(log_w, ps.target_log_prob), weighted_shift(log_w, acc))
+            )
+        previous[id(kw["path"])] = info.acceptance
+        return new, info
+
+    return step
+
+
+def lag(seeds, cases=("banana5", "banana2", "student_t", "mix6", "nw8")) -> None:
+    import bench_audit
+
+    print(
+        "| case | seed | mean err | sd err | log Z err | per run at beta = 1: lag (z), acceptance shift (z) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    real = core.smc_step
+    for case in cases:
+        for seed in seeds:
+            records = []
+            core.smc_step = _recording_step(records)
+            try:
+                target, exact = CASES[case]()
+                idata = ds.sample(
+                    target, "smc", num_samples=1000, seed=seed, progress=False, check_modes=False
+                )
+            finally:
+                core.smc_step = real
+            sc = bench_audit.score(idata, exact)
+            runs = "; ".join(
+                f"{a[0]:.3f} ({a[0] / a[1]:.1f}), {b[0]:.3f} ({b[0] / b[1]:.1f})"
+                for beta, a, b in records
+                if beta >= 1.0
+            )
+            print(
+                f"| {case} | {seed} | {sc['mean_err']:.3f} | {sc['sd_err']:.3f} | "
+                f"{sc.get('log_z_err', math.nan):.3f} | {runs} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parts = ("squeeze", "mixing", "variants", "student_t", "posteriordb", "audit", "reference", "diagnostics")
+    parts = (
+        "squeeze",
+        "mixing",
+        "variants",
+        "student_t",
+        "posteriordb",
+        "audit",
+        "reference",
+        "diagnostics",
+        "lag",
+    )
     parser.add_argument("--parts", nargs="+", default=list(parts), choices=parts)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--cases", nargs="+", default=["banana5", "banana2", "student_t", "corr50", "mix6"])
@@ -288,6 +356,8 @@ def main() -> None:
         wide_reference(["banana5", "banana2", "student_t", "mix6"])
     if "diagnostics" in args.parts:
         diagnostics(args.seeds[:3])
+    if "lag" in args.parts:
+        lag(args.seeds[:3])
 
 
 if __name__ == "__main__":

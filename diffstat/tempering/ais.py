@@ -39,6 +39,12 @@ log weights (Vehtari et al. 2024) are in attrs, the per-temperature ESS in the `
 and a ``RuntimeWarning`` is issued when ESS < ``min_ess`` (100: the draws, a resample of the
 weighted particles, then carry Monte Carlo errors above 0.1 sd in a mean) or :math:`\hat k > 0.7`:
 then the delta-method standard error is itself unreliable, and ``log_normalizer_reliable`` is False.
+Particles that lag the path where the moves cannot follow are reported too
+(:mod:`diffstat.tempering.lag`): where the final particles' mean log-density is well below the
+weighted one and the moves accept less where the weights are larger, the weights' correction misses
+a region the particles never filled, which no statistic of the weights alone sees; a
+``RuntimeWarning`` says so, ``log_normalizer_reliable`` is False, and both shifts are in attrs
+(``log_density_lag``, ``acceptance_shift``).
 Measurements behind the defaults (schedules compared, standard-error calibration): ``docs/ais.md``.
 """
 
@@ -72,6 +78,7 @@ from diffstat.tempering.core import (
     stack_stage_infos,
     tempered_step,
 )
+from diffstat.tempering.lag import is_lagging, lag_message, run_shifts
 from diffstat.tempering.path import GeometricPath, PathState, default_step_size, make_path
 from diffstat.tempering.resampling import ess, resample
 from diffstat.tempering.runs import stack_stages
@@ -113,12 +120,14 @@ _EVEN_FRACTION = 0.5
 class AISOutput(NamedTuple):
     """Result of AIS: the final particles (a :class:`PathState`), their log weights ``(n,)``,
     per-temperature tensors ``stages`` (those of :class:`~diffstat.tempering.core.StageInfo`) and each
-    particle's acceptance at the last temperature."""
+    particle's acceptance at the last temperature, and its mean over the last tenth of them
+    (``recent_acceptance``, at least one; :mod:`diffstat.tempering.lag`)."""
 
     particles: PathState
     log_weights: torch.Tensor
     stages: dict[str, torch.Tensor]
     acceptance: torch.Tensor
+    recent_acceptance: torch.Tensor | None = None
 
 
 def ais(
@@ -179,7 +188,10 @@ def ais(
             )
             infos.append(info)
             bar.update()
-    return AISOutput(state.particles, state.log_weights, stack_stage_infos(infos), infos[-1].acceptance)
+    recent = torch.stack([info.acceptance for info in infos[-max(1, len(infos) // 10) :]]).mean(0)
+    return AISOutput(
+        state.particles, state.log_weights, stack_stage_infos(infos), infos[-1].acceptance, recent
+    )
 
 
 _OPTIONS = {
@@ -256,13 +268,11 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
     draws = torch.stack([out.particles.x[idx] for out, idx, _ in runs])
     final_ess = float(ess(log_w))
     khat = pareto_k(log_w)
-    reliable = final_ess >= min_ess and not khat > _MAX_PARETO_K
     ref_kind = "given" if reference is not None else "pilot" if runs[0][2] is not path else "prior"
     distinct = sum(int(torch.unique(idx).numel()) for _, idx, _ in runs)
     attrs = {
         "log_normalizer": log_z,
         "log_normalizer_se": se,
-        "log_normalizer_reliable": bool(reliable),
         "num_stages": max(len(out.stages["beta"]) for out, _, _ in runs),
         "ess": final_ess,
         "ess_fraction": final_ess / log_w.numel(),
@@ -274,8 +284,7 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
         "reference": ref_kind,
         **_pooled_pilot_attrs(pilots),
     }
-    if not reliable:
-        warnings.warn(_collapse_message(attrs, log_w.numel(), min_ess), RuntimeWarning, stacklevel=3)
+    attrs.update(_reliability(runs, attrs, log_w.numel(), min_ess))
     # the modes' climbs start from the prior's (or given) reference, the width is the run's reference's
     checks = {}
     if check_modes:
@@ -283,6 +292,37 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
     attrs.update(checks | check_reference_width("AIS", runs[0][2], draws, log_z, generator, device))
     groups = {"tempering": stack_stages([out.stages for out, _, _ in runs])}
     return SamplerResult(draws, sample_stats, groups, attrs)
+
+
+def _reliability(runs, attrs: dict, num_particles: int, min_ess: float) -> dict:
+    """``log_normalizer_reliable`` and the log-density lag and acceptance shift (each with its noise)
+    of the run that lags most (:mod:`diffstat.tempering.lag`) as attrs, after the warning of a run
+    flagged unreliable: its weights collapsed (ESS under ``min_ess`` or k above 0.7), else its
+    particles lag the path where the moves cannot follow."""
+    shifts = [
+        run_shifts(out.particles.x, out.log_weights, out.particles.target_log_prob, out.recent_acceptance)
+        for out, _, _ in runs
+    ]
+    flagged = [is_lagging(*s) for s in shifts]
+    lag, accept = shifts[flagged.index(True)] if any(flagged) else max(shifts, key=lambda s: _finite(s[0][0]))
+    collapsed = not attrs["ess"] >= min_ess or attrs["pareto_k"] > _MAX_PARETO_K
+    if collapsed:
+        warnings.warn(_collapse_message(attrs, num_particles, min_ess), RuntimeWarning, stacklevel=4)
+    elif any(flagged):
+        message = lag_message("AIS", lag, accept, attrs["log_normalizer"], attrs["num_stages"])
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+    return {
+        "log_normalizer_reliable": not collapsed and not any(flagged),
+        "log_density_lag": lag[0],
+        "log_density_lag_noise": lag[1],
+        "acceptance_shift": accept[0],
+        "acceptance_shift_noise": accept[1],
+    }
+
+
+def _finite(value: float) -> float:
+    """``value``, or minus infinity where it is NaN (the last in a ``max``)."""
+    return value if math.isfinite(value) else -math.inf
 
 
 def _variance(values: torch.Tensor) -> float:
