@@ -55,7 +55,7 @@ __all__ = ["fit_smoothed_score", "particle_geometry", "worded_for"]
 
 #: A held-out relative Fisher divergence above this is warned about (the learned score is off by
 #: more than a third of the true score's size at small noise, per dimension in the whitened frame).
-_MAX_FISHER = 0.1
+MAX_FISHER = 0.1
 
 
 #: The kernel estimate of the kept particles replaces the network from the smallest noise at which the
@@ -155,7 +155,7 @@ def fit_smoothed_score(
     lr: float = 2e-3,
     sigma_min: float = 0.01,
     sigma_max: float | None = None,
-    max_fisher: float = _MAX_FISHER,
+    max_fisher: float = MAX_FISHER,
     keep_particles: int = 4096,
     progress: bool = False,
     dtype=torch.float32,
@@ -372,10 +372,10 @@ def learned_score_report(
             RuntimeWarning,
             stacklevel=4,
         )
-    elif training_evals is None and not check["fisher_divergence"] <= _MAX_FISHER:
+    elif training_evals is None and not check["fisher_divergence"] <= MAX_FISHER:
         warnings.warn(
             f"the learned smoothed score is far from the target's at small noise (held-out relative Fisher "
-            f"divergence {check['fisher_divergence']:.3g} > {_MAX_FISHER})",
+            f"divergence {check['fisher_divergence']:.3g} > {MAX_FISHER})",
             RuntimeWarning,
             stacklevel=4,
         )

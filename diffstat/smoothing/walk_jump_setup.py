@@ -26,7 +26,7 @@ import warnings
 import torch
 
 from diffstat._util import check_positive_int
-from diffstat.smoothing.fit import _MAX_FISHER, learned_score_report, worded_for
+from diffstat.smoothing.fit import MAX_FISHER, learned_score_report, worded_for
 from diffstat.smoothing.learned import LearnedSmoothedScore
 from diffstat.smoothing.scores import resolve_smoothed_score
 from diffstat.smoothing.walks import Walk, mala_walk, ula_walk, underdamped_walk
@@ -109,7 +109,7 @@ def walk_sigma(sigma, provider, score_attrs: dict, init_x) -> tuple[float, str]:
         return sigma, "given"
     kernel = provider.kernel_sigma if isinstance(provider, LearnedSmoothedScore) else None
     fisher = score_attrs.get("score_fisher_divergence", math.nan)
-    if kernel is None or not kernel > DEFAULT_SIGMA or fisher <= _MAX_FISHER or init_x is not None:
+    if kernel is None or not kernel > DEFAULT_SIGMA or fisher <= MAX_FISHER or init_x is not None:
         return DEFAULT_SIGMA, "default"
     return DEFAULT_SIGMA, "check" if "x" in provider.particles else "default"
 
@@ -148,7 +148,7 @@ def kernel_noise(
     kernel = float(provider.kernel_sigma)
     warnings.warn(
         f"walk-jump: the learned score's network is far from the target's score at small noise (held-out "
-        f"relative Fisher divergence {score_attrs['score_fisher_divergence']:.3g} > {_MAX_FISHER}) and its "
+        f"relative Fisher divergence {score_attrs['score_fisher_divergence']:.3g} > {MAX_FISHER}) and its "
         f"walk at sigma = {DEFAULT_SIGMA:g} moved the walkers' spread away from their start (Kolmogorov-"
         f"Smirnov distance {drift:.3g} > {MAX_SPREAD_DRIFT:g}), so the walk ran again at sigma = "
         f"{kernel:.3g}, where the score is the kernel estimate of its kept particles: the draws are as good "
