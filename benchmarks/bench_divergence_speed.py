@@ -50,16 +50,10 @@ F64 = torch.float64
 
 
 def loop_velocity_and_divergence(score_fn, process, y, t):
-    """The code before: ``dim`` backward passes, one per coordinate."""
-    with torch.enable_grad():
-        y = y.detach().requires_grad_(True)
-        tt = t.expand(y.shape[0])
-        v = process.probability_flow_drift(y, tt, score_fn(y, tt))
-        div = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
-        for i in range(y.shape[1]):
-            (gi,) = torch.autograd.grad(v[:, i].sum(), y, retain_graph=i + 1 < y.shape[1])
-            div = div + gi[:, i]
-    return v.detach(), div.detach()
+    """The code before: ``dim`` backward passes, one per coordinate (the library's autograd method,
+    :func:`~diffstat.diffusion.divergence.autograd_divergence`, with one unit cotangent per pass)."""
+    tt = t.expand(y.shape[0])
+    return divergence.autograd_divergence(lambda z: process.probability_flow_drift(z, tt, score_fn(z, tt)), y)
 
 
 def func_vjp_divergence(model, process, y, t, chunk=16):
