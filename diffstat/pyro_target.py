@@ -63,7 +63,7 @@ from diffstat.pyro_sites import (
     per_particle,
     unconstrain_draw,
 )
-from diffstat.target import Target, _functorch_wrapped
+from diffstat.target import Target
 
 __all__ = ["PyroTarget"]
 
@@ -274,10 +274,13 @@ class PyroTarget(Target):
         return prior + lik
 
     def count_nan(self, lp: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        """:meth:`Target.count_nan`, keeping the last points where ``lp`` was NaN (``nan_points``)."""
+        """:meth:`Target.count_nan`, keeping the last points where ``lp`` was NaN (``nan_points``), where
+        the count rose, on the CPU only (elsewhere that look would cost a host synchronisation)."""
+        before = self._nan_evals
         lp = super().count_nan(lp, x)
-        if x is not None and lp.dim() == 1 and x.dim() == 2 and not _functorch_wrapped(lp):
-            self.nan_points = checks.keep_nan_points(self.nan_points, lp, x)
+        if x is not None and lp.dim() == 1 and x.dim() == 2 and lp.device.type == "cpu":
+            if int(self._nan_evals) > int(before):
+                self.nan_points = checks.keep_nan_points(self.nan_points, lp, x)
         return lp
 
     def log_prior(self, u: torch.Tensor) -> torch.Tensor:
