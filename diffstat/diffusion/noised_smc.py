@@ -210,9 +210,16 @@ def _init(generator, path: NoisedPath, n: int, rho, kernel: str, step_size, devi
     )
 
 
-def _record(rec: dict[str, list], info: StageInfo, path: NoisedPath, rho: torch.Tensor, mix_rate) -> None:
-    """Append one level's :data:`STAGE_KEYS` to ``rec`` (``decorrelation`` NaN where nothing moved)."""
+def _record(
+    rec: dict[str, list], info: StageInfo, path: NoisedPath, rho: torch.Tensor, mix_rate, mix_best
+) -> None:
+    """Append one level's :data:`STAGE_KEYS` to ``rec`` (``decorrelation`` NaN where nothing moved).
+    A particle is stuck where its local moves accept under :data:`STUCK_ACCEPTANCE` on average and
+    no independence move (largest acceptance probability ``mix_best``, None without them) reaches it."""
     dtype, device = info.ess.dtype, info.ess.device
+    stuck = info.acceptance < STUCK_ACCEPTANCE
+    if mix_best is not None:
+        stuck = stuck & (mix_best < STUCK_ACCEPTANCE)
     for key, val in (
         ("noise", 1 - rho),
         ("guidance_power", path.beta(rho)),
@@ -222,7 +229,7 @@ def _record(rec: dict[str, list], info: StageInfo, path: NoisedPath, rho: torch.
         ("num_moves", info.num_mcmc_steps),
         ("decorrelation", info.decorrelation if info.num_mcmc_steps else math.nan),
         ("acceptance_rate", info.acceptance_rate),
-        ("stuck", (info.acceptance < STUCK_ACCEPTANCE).to(dtype).mean()),
+        ("stuck", stuck.to(dtype).mean()),
         ("step_size", info.step_size),
         ("resampled", info.resampled),
         ("mixture_acceptance", mix_rate),
@@ -287,15 +294,15 @@ def noised_smc(
                 resample_threshold=resample_threshold,
                 scheme=resampling,
             )
-            moved, rate = (
+            moved, rate, best = (
                 independence_moves(
                     generator, state.particles, _StagePath(path, rho[k]), mixture, rho[k], num_mixture_moves
                 )
                 if num_mixture_moves
-                else (state.particles, math.nan)
+                else (state.particles, math.nan, None)
             )
             state = state._replace(particles=moved)
-            _record(rec, info, path, rho[k], rate)
+            _record(rec, info, path, rho[k], rate, best)
             bar.update(1)
     v, num_eves = genealogy_variance(state.log_weights, state.eve, state.num_resampling, resampling)
     gs = _guided_state(state.particles)

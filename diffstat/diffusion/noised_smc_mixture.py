@@ -132,10 +132,11 @@ def sample_noised(generator, mixture: ModeBank, rho, n: int) -> torch.Tensor:
 def independence_moves(generator, particles, stage_path, mixture: ModeBank, rho, num_moves: int):
     r"""``num_moves`` independence Metropolis-Hastings steps on the level's target (``stage_path``,
     whose ``evaluate`` gives :class:`~diffstat.tempering.path.PathState`) from :math:`q_t` at
-    ``rho``; returns the particles and the mean acceptance rate (NaN for no move). One target
-    evaluation per particle and move."""
+    ``rho``; returns the particles, the mean acceptance rate (NaN for no move) and each particle's
+    largest acceptance probability over the moves ``(n,)`` (0 for no move; the stuck count of
+    :mod:`~diffstat.diffusion.noised_smc_check`). One target evaluation per particle and move."""
     lq = noised_log_density(mixture, particles.x, rho)
-    rates = []
+    rates, best = [], torch.zeros_like(lq)
     for _ in range(num_moves):
         y = sample_noised(generator, mixture, rho, particles.x.shape[0])
         new = stage_path.evaluate(y)
@@ -145,12 +146,13 @@ def independence_moves(generator, particles, stage_path, mixture: ModeBank, rho,
         )
         u = torch.rand(log_ratio.shape, generator=generator, dtype=log_ratio.dtype, device=log_ratio.device)
         ok = torch.log(u) < log_ratio
+        best = torch.maximum(best, torch.exp(log_ratio.clamp_max(0.0)))
         particles = type(particles)(
             *(torch.where(ok.view(-1, *([1] * (old.dim() - 1))), nw, old) for old, nw in zip(particles, new))
         )
         lq = torch.where(ok, lq_y, lq)
         rates.append(ok.to(lq.dtype).mean())
-    return particles, float(torch.stack(rates).mean()) if rates else math.nan
+    return particles, float(torch.stack(rates).mean()) if rates else math.nan, best
 
 
 def with_bank(mixture: ModeBank, log_scale: float, bank: ModeBank | None) -> ModeBank:

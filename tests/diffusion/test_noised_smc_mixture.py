@@ -122,8 +122,9 @@ def test_independence_moves_converge_to_the_level_target_and_a_missing_ratio_doe
     gen = torch.Generator().manual_seed(3)
     start = level.evaluate(torch.zeros(20000, 2, dtype=F64))
     one = torch.tensor(1.0, dtype=F64)
-    moved, rate = independence_moves(gen, start, level, proposal, one, 80)
+    moved, rate, best = independence_moves(gen, start, level, proposal, one, 80)
     assert 0.2 < rate < 0.9
+    assert best.shape == (20000,) and float(best.min()) >= 0 and float(best.max()) == 1.0
     share = float((moved.x[:, 0] < -0.25).double().mean())  # the modes split at x_0 = -0.25
     assert abs(share - 0.3) < 4 * math.sqrt(0.21 / 20000) + 0.005, share
     exact_mean = weights @ means
@@ -131,7 +132,7 @@ def test_independence_moves_converge_to_the_level_target_and_a_missing_ratio_doe
     assert float(z.abs().max()) < 5, z  # the particles are correlated through the start: a margin
     # without the proposal's density ratio the chain targets gamma * q: its share is far off
     flat = _Level(lambda x: level.log_prob(x) + noised_log_density(proposal, x, one))
-    wrong, _ = independence_moves(gen, start, flat, proposal, one, 80)
+    wrong, _, _ = independence_moves(gen, start, flat, proposal, one, 80)
     assert abs(float((wrong.x[:, 0] < -0.25).double().mean()) - 0.3) > 0.05
 
 
@@ -149,6 +150,29 @@ def test_mixture_guidance_keeps_the_weights_exact():
     rates = out.stages["mixture_acceptance"]
     assert rates.shape == (17,) and float(rates.min()) > 0.3
     assert abs(out.log_normalizer - LOG_Z) < max(4 * out.log_normalizer_se, 0.02)
+
+
+def test_a_particle_the_independence_moves_reach_is_not_stuck():
+    # MALA at a step of 1e6 rejects every move at every level (acceptance 0); independence moves
+    # from the exact target (acceptance probability 1) move every particle: not stuck, no warning
+    from diffstat.diffusion.noised_smc_check import reliability_problems
+
+    target = gaussian_target(0.3, MU[:2])
+    path = NoisedPath(target, identity(2), 0.3**2, "power")  # exact guidance: gamma_k is q_t
+    exact = as_bank(
+        MU[:2].reshape(1, 2), 0.09 * torch.eye(2, dtype=F64).unsqueeze(0), torch.ones(1, dtype=F64)
+    )
+    opts = dict(num_steps=16, num_mcmc_steps=1, step_size=1e6)
+    stuck_mala = ns.noised_smc(torch.Generator().manual_seed(5), path, 200, **opts)
+    assert float(stuck_mala.stages["acceptance_rate"].max()) < 1e-6
+    assert float(stuck_mala.stages["stuck"].min()) == 1.0
+    assert any("did not move" in p for p in reliability_problems([stuck_mala], stuck_mala.log_normalizer))
+    out = ns.noised_smc(
+        torch.Generator().manual_seed(5), path, 200, **opts, mixture=exact, num_mixture_moves=1
+    )
+    assert float(out.stages["acceptance_rate"].max()) < 1e-6
+    assert float(out.stages["stuck"].max()) == 0.0
+    assert not any("did not move" in p for p in reliability_problems([out], out.log_normalizer))
 
 
 def test_front_door_keeps_a_narrow_heavy_mode_the_chains_miss():
