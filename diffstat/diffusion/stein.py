@@ -50,6 +50,7 @@ __all__ = [
     "stein_check",
     "stein_checked",
     "stein_reason",
+    "stein_statistic",
 ]
 
 #: Draws resampled for the check (gradients at the distinct ones; at most this many evaluations).
@@ -79,8 +80,17 @@ def stein_check(target, x: torch.Tensor, log_w: torch.Tensor, generator, num: in
     before = target.num_target_evals
     lp, grad = target.log_prob_and_grad(x[uniq])
     ok = torch.isfinite(lp) & torch.isfinite(grad).all(-1)
-    xs, gs = x[uniq][ok].double(), grad[ok].double()
-    w = counts[ok].double()
+    check = stein_statistic(x[uniq][ok], grad[ok], counts[ok])
+    return check | {"evals": target.num_target_evals - before}
+
+
+def stein_statistic(x: torch.Tensor, grad: torch.Tensor, weights: torch.Tensor) -> dict:
+    r"""The statistic of the module docstring from distinct points ``x (n, dim)``, the gradients of
+    :math:`\log p` there ``grad (n, dim)`` and nonnegative ``weights (n,)`` (counts or importance
+    weights; their sum is normalised away): ``stat``, ``se``, ``z`` and ``fails`` ``(dim,)``, in
+    float64. The standard error treats the points as independent draws."""
+    xs, gs = x.double(), grad.double()
+    w = weights.double()
     w = w / w.sum()
     mean = (w[:, None] * xs).sum(0)
     f = (xs - mean) * gs
@@ -88,7 +98,7 @@ def stein_check(target, x: torch.Tensor, log_w: torch.Tensor, generator, num: in
     se = torch.sqrt((w[:, None] ** 2 * (f - (stat - 1.0)) ** 2).sum(0))
     z = torch.where(se > 0, stat.abs() / se.clamp_min(1e-300), torch.where(stat == 0, 0.0, math.inf))
     fails = (z > STEIN_Z) & (stat.abs() > STEIN_TOLERANCE)
-    return {"stat": stat, "se": se, "z": z, "fails": fails, "evals": target.num_target_evals - before}
+    return {"stat": stat, "se": se, "z": z, "fails": fails}
 
 
 def stein_reason(check: dict, names=None) -> str | None:
