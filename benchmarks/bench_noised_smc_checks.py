@@ -47,7 +47,7 @@ class Capture:
     """Wraps pdds's run, population and mixture so that the statistics see them."""
 
     def __init__(self):
-        self.runs, self.mixture, self.pop_x = [], None, None
+        self.runs, self.mixture, self.pop_x, self.pop_grad = [], None, None, None
         self._smc, self._pop, self._mcmc = ns.noised_smc, ns.population_path, mp.mcmc_population
         ns.noised_smc, ns.population_path, mp.mcmc_population = self.smc, self.population, self.mcmc
 
@@ -63,7 +63,7 @@ class Capture:
 
     def mcmc(self, *args, **kwargs):
         pop = self._mcmc(*args, **kwargs)
-        self.pop_x = pop.x
+        self.pop_x, self.pop_grad = pop.x, pop.grad
         return pop
 
 
@@ -74,12 +74,19 @@ def statistics(cap: Capture, seed: int, log_z: float) -> str:
     w = torch.zeros(uniq.shape[0], dtype=torch.float64).index_add_(0, inv, torch.softmax(log_w.double(), 0))
     first = torch.zeros(uniq.shape[0], dtype=torch.long).scatter_(0, inv, torch.arange(inv.shape[0]))
     st = stein_statistic(uniq, (gs.grad_g - gs.x)[first], w)  # score in whitened coordinates
-    stein = f"stein {float(st['stat'].abs().max()):.3f} z {float(st['z'].max()):5.1f} fail {int(st['fails'].sum())}"
+    stein = f"stein {float(st['stat'].abs().max()):.3f} z {float(st['z'].max()):5.1f}"
+    stein += f" fail {int(st['fails'].sum())}"
     one = torch.ones((), dtype=torch.float64)
     mix = cap.mixture
     if mix is None:
         return stein
-    lq_pop = noised_log_density(mix, path.whitening.to_white(cap.pop_x.to(torch.float64)), one)
+    mix = mix._replace(log_mass=mix.log_mass - torch.logsumexp(mix.log_mass, 0))  # q normalised
+    z_pop = path.whitening.to_white(cap.pop_x.to(torch.float64))
+    sp = stein_statistic(
+        z_pop, path.whitening.grad_to_white(cap.pop_grad.to(torch.float64)), torch.ones(len(z_pop))
+    )
+    stein += f" popstein {float(sp['stat'].abs().max()):.3f} z {float(sp['z'].max()):5.1f}"
+    lq_pop = noised_log_density(mix, z_pop, one)
     lq = noised_log_density(mix, gs.x, one)
     wt = torch.softmax(log_w.double(), 0)
     reach0 = float(wt[lq < lq_pop.min()].sum())
@@ -91,7 +98,8 @@ def statistics(cap: Capture, seed: int, log_z: float) -> str:
     r = torch.exp(lr - lr.max())
     se_is = float(r.std() / r.mean() / math.sqrt(900))
     z = (out.log_normalizer - lz_is) / math.sqrt(out.log_normalizer_se**2 + se_is**2)
-    return f"{stein} reach0 {reach0:.4f} reach1 {reach1:.4f} is err {lz_is - log_z:+.3f} ({se_is:.3f}) z {z:+.1f}"
+    is_err = lz_is - log_z
+    return f"{stein} reach0 {reach0:.4f} reach1 {reach1:.4f} is err {is_err:+.3f} ({se_is:.3f}) z {z:+.1f}"
 
 
 def main():
@@ -102,6 +110,7 @@ def main():
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--particles", type=int, default=900)
     parser.add_argument("--pdds", nargs="*", default=["population='nuts'"], help="pdds options, key=value")
+    parser.add_argument("--save", default=None, help="folder for each run's particles, population, mixture")
     args = parser.parse_args()
     torch.set_num_threads(1)
     table = problems()
@@ -123,13 +132,22 @@ def main():
                 stuck = float(torch.as_tensor(idata["diffusion"]["stuck"].values)[..., -LAST_LEVELS:].mean())
                 warned = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
                 row = (
-                    f"{name:11s} {seed} err {a['log_normalizer'] - log_z:+.3f} se {a['log_normalizer_se']:.3f}"
+                    f"{name:11s} {seed} err {a['log_normalizer'] - log_z:+.3f}"
+                    f" se {a['log_normalizer_se']:.3f}"
                     f" {metric(x)} evals {a['num_target_evals']} {secs:.0f}s stuck {stuck:.3f}"
-                    f" {'WARN' if warned else 'ok'} | {statistics(cap, seed, log_z)}"
+                    f" {'WARN' if warned else 'ok'} div {a.get('population_divergent', 0)}"
+                    f" | {statistics(cap, seed, log_z)}"
                 )
             finally:
                 ns.noised_smc, ns.population_path, mp.mcmc_population = cap._smc, cap._pop, cap._mcmc
             print(row, flush=True)
+            if args.save:
+                path, out = cap.runs[-1]
+                torch.save(
+                    dict(out=out._asdict(), pop_x=cap.pop_x, pop_grad=cap.pop_grad, mixture=cap.mixture,
+                         whitening=(path.whitening.shift, path.whitening.chol), log_z=log_z),
+                    f"{args.save}/{name}_{seed}.pt",
+                )  # fmt: skip
             for msg in warned:
                 print("   ", msg[:300], flush=True)
 
