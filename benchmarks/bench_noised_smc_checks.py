@@ -129,7 +129,7 @@ def main():
                 a = idata.posterior.attrs
                 secs = time.perf_counter() - start
                 x = torch.as_tensor(idata.posterior["x"].values).reshape(-1, target.dim)
-                stuck = float(torch.as_tensor(idata["diffusion"]["stuck"].values)[..., -LAST_LEVELS:].mean())
+                stuck = float(cap.runs[-1][1].stages["stuck"][-LAST_LEVELS:].mean())
                 warned = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
                 row = (
                     f"{name:11s} {seed} err {a['log_normalizer'] - log_z:+.3f}"

@@ -366,7 +366,7 @@ def pdds_sampler(target, *, num_samples, num_chains, generator, progress, device
             log_ws.append(out.log_weights[idx])
             runs.append(out)
     log_z, se, se_method = pooled_log_z([r.log_normalizer for r in runs], [r.log_normalizer_se for r in runs])
-    problems = reliability_problems(runs, log_z)
+    problems = reliability_problems(runs, log_z, stein=mixture is not None)
     if problems:
         warnings.warn(
             "pdds: the log Z estimate and its standard error are unreliable: "

@@ -24,13 +24,24 @@ Checks (each gives one ``RuntimeWarning`` naming the reason)
   shared by the particles cannot move them, as in a funnel's neck, and their placement rests on
   the weights alone, which cannot bring particles into a region none reached. (The moves reaching
   their cap before decorrelating is no such sign: on a narrow-heavy/wide-light mixture, whose log Z
-  is right, they reach it at every level, the shared step being small for the wide mode.)
+  is right, they reach it at every level, the shared step being small for the wide mode.) A
+  particle that a level's independence move (``population="nuts"``) reaches with acceptance
+  probability :data:`STUCK_ACCEPTANCE` or more has moved there, whatever its local moves did;
+* with ``stein=True`` (the sampler sets it for ``population="nuts"``), the final weighted particles
+  fail Stein's identity :math:`\mathbb E[(z_j - \bar z_j)\,\partial_j\log\pi(z)] = -1` in a
+  whitened coordinate (:func:`particle_stein`, :mod:`diffstat.diffusion.stein`'s statistic and
+  thresholds; the gradients are those the last level holds, no evaluation): particles placed by a
+  mixture that misses much of the mass have the spread of the mixture, not of the target. It has
+  power for gross failures only (many-well(32) with a population, log Z 7 to 10 too low; not the
+  funnel's 10% short sd of x_1, docs/noised_smc.md).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from diffstat.diffusion.stein import cut_off, stein_reason, stein_statistic
 from diffstat.tempering.runs import CHI2_ALPHA, pooled_log_z, runs_agreement
 from diffstat.tempering.smc import MIN_EVES
 
@@ -41,6 +52,7 @@ __all__ = [
     "MIN_ACCEPTANCE",
     "MIN_EVES",
     "STUCK_ACCEPTANCE",
+    "particle_stein",
     "pooled_log_z",
     "reliability_problems",
 ]
@@ -57,9 +69,28 @@ STUCK_ACCEPTANCE = 0.05
 MAX_STUCK = 0.1
 
 
-def reliability_problems(runs, log_z: float) -> list[str]:
+def particle_stein(particles, log_weights: torch.Tensor) -> dict | None:
+    r""":func:`~diffstat.diffusion.stein.stein_statistic` on a run's final particles
+    (:class:`~diffstat.diffusion.noised_smc_path.GuidedState` at zero noise, whitened) with their
+    weights: the score :math:`\nabla\log g(z) - z`, copies from resampling pooled into one point
+    with their summed weight, particles of zero weight or a non-finite gradient left out. None where
+    the target is cut off at a boundary (:func:`~diffstat.diffusion.stein.cut_off`)."""
+    if cut_off(particles.x, particles.target_lp):
+        return None
+    w = torch.softmax(log_weights.double(), 0)
+    ok = (w > 0) & torch.isfinite(particles.grad_g).all(-1)
+    x, score, w = particles.x[ok], (particles.grad_g - particles.x)[ok], w[ok]
+    uniq, inv = torch.unique(x, dim=0, return_inverse=True)
+    pooled = torch.zeros(uniq.shape[0], dtype=w.dtype, device=w.device).index_add_(0, inv, w)
+    first = torch.zeros(uniq.shape[0], dtype=torch.long, device=x.device)
+    first = first.scatter_(0, inv, torch.arange(inv.shape[0], device=x.device))
+    return stein_statistic(uniq, score[first], pooled)
+
+
+def reliability_problems(runs, log_z: float, stein: bool = False) -> list[str]:
     """The reasons (module docstring) why the runs' estimate is unreliable; empty when none.
-    ``runs`` are :class:`~diffstat.diffusion.noised_smc.NoisedSMCOutput`."""
+    ``runs`` are :class:`~diffstat.diffusion.noised_smc.NoisedSMCOutput`; ``stein``: also check
+    Stein's identity on their final particles."""
     problems = []
     num_eves = min(r.num_eves for r in runs)
     if num_eves < MIN_EVES or not np.isfinite(log_z):
@@ -80,4 +111,9 @@ def reliability_problems(runs, log_z: float) -> list[str]:
             f"{stuck.max():.0%} of the particles did not move at the last {LAST_LEVELS} levels "
             f"(acceptance under {STUCK_ACCEPTANCE}): a region the shared step size cannot enter"
         )
+    checks = [particle_stein(r.particles, r.log_weights) for r in runs] if stein else []
+    reasons = [
+        stein_reason(c, [f"z[{j}] (whitened)" for j in range(c["stat"].shape[0])]) for c in checks if c
+    ]
+    problems += [r for r in reasons if r][:1]
     return problems
