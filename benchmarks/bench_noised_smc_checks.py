@@ -19,7 +19,11 @@ Run (one thread; about 40 s a funnel run)::
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_noised_smc_checks.py --targets funnel \\
         --seeds 0 1 2 3 4
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_noised_smc_checks.py \\
-        --targets narrow_wide nine_modes gmm40 ionosphere --seeds 0 1 2
+        --targets narrow_wide nine_modes gmm40 ionosphere many_well --seeds 0 1 2
+
+``--pdds`` with no value runs the default pdds (no population: only the Stein columns);
+``--save DIR`` keeps each run's final particles, population and mixture. Results and the check
+adopted (Stein's, for population runs): docs/noised_smc.md.
 """
 
 from __future__ import annotations
