@@ -249,6 +249,8 @@ def test_particle_stein_passes_exact_or_reweighted_draws_and_fails_narrow_ones()
     )
     torch.testing.assert_close(doubled["stat"], check["stat"], rtol=0, atol=1e-12)
     torch.testing.assert_close(doubled["se"], check["se"], rtol=0, atol=1e-12)
+    one = torch.full((n,), -math.inf, dtype=F64).index_fill_(0, torch.tensor([0]), 0.0)
+    assert particle_stein(_gaussian_particles(narrow, scale), one) is None  # ESS 1: no check
     cut = _gaussian_particles(exact, scale)
     assert (
         particle_stein(cut._replace(target_lp=torch.where(exact[:, 0] > 2, -math.inf, cut.target_lp)), flat)
