@@ -76,7 +76,8 @@ def jittered_hmc_step(
     r"""One HMC step where chain ``c`` takes ``num_steps[c]`` leapfrog steps of size ``h[c]``.
 
     Momentum :math:`p \sim \mathcal N(0, M)`, leapfrog, per-chain accept with probability
-    :math:`\min(1, e^{-\Delta H})`; non-finite trajectories are rejected and flagged divergent.
+    :math:`\min(1, e^{-\Delta H})`; non-finite trajectories are rejected and flagged divergent, also
+    where the log-density raises at their non-finite points (:func:`_at_finite_rows`).
     ``num_steps`` is an int or an integer tensor ``(n,)`` (each at least 1).
     """
     x0 = state.x
@@ -91,16 +92,16 @@ def jittered_hmc_step(
     for i in range(max_steps):
         if uniform:
             x = x + h * velocity(inv_mass, p)
-            lp, g = log_prob_and_grad(x)
-            num_evals += n
+            lp, g, m = _at_finite_rows(log_prob_and_grad, x)
+            num_evals += m
         else:
             idx = (steps > i).nonzero().squeeze(-1)
             x = x.clone()
             x[idx] = x[idx] + h[idx] * velocity(inv_mass, p[idx])
-            lp_i, g_i = log_prob_and_grad(x[idx])
+            lp_i, g_i, m = _at_finite_rows(log_prob_and_grad, x[idx])
             lp, g = lp.clone(), g.clone()
             lp[idx], g[idx] = lp_i, g_i
-            num_evals += idx.numel()
+            num_evals += m
         last = (steps == i + 1).unsqueeze(-1)
         moving = (steps > i).unsqueeze(-1)
         p = torch.where(moving, p + torch.where(last, 0.5 * h, h) * g, p)
@@ -110,6 +111,28 @@ def jittered_hmc_step(
     energy = torch.where(info.is_accepted, -lp + kinetic1, -state.log_prob + kinetic0)
     extra = (energy, steps, x, velocity(inv_mass, p))
     return new, HMCInfo(*info, *extra)
+
+
+def _at_finite_rows(log_prob_and_grad: LogProbAndGrad, x: torch.Tensor):
+    r"""``log_prob_and_grad(x)`` for ``x: (m, dim)``, and the rows evaluated. Where that raises and a
+    row has a non-finite coordinate (a trajectory that overflowed: it has diverged and will be
+    rejected; a Pyro model run under ``vmap`` raises at NaN), the other rows are evaluated and those
+    get :math:`-\infty` and a zero gradient; an error at finite points is the model's and is raised.
+    Nothing is spent on the usual case, where every row is finite or the target returns NaN there."""
+    try:
+        lp, g = log_prob_and_grad(x)
+        return lp, g, x.shape[0]
+    except Exception:
+        ok = rows_finite(x)
+        if bool(ok.all()):
+            raise
+    lp = torch.full(x.shape[:1], -math.inf, dtype=x.dtype, device=x.device)
+    g = torch.zeros_like(x)
+    if bool(ok.any()):
+        lp_ok, g_ok = log_prob_and_grad(x[ok])
+        lp, g = lp.to(lp_ok.dtype), g.to(g_ok.dtype)
+        lp[ok], g[ok] = lp_ok, g_ok
+    return lp, g, int(ok.sum())
 
 
 class JitteredLength:

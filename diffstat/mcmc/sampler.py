@@ -254,8 +254,8 @@ def run_mcmc(
 
 
 def _check_modes(kernel: str, target, draws: torch.Tensor, generator, device, run_evals: int) -> dict:
-    """The check for modes that no chain visits, from reference draws (as many as a run of
-    ``run_evals`` evaluations affords, module notes); its attrs."""
+    """The check for modes that no chain visits, from reference draws
+    (:func:`~diffstat.modes.check.num_check_starts`); its attrs."""
     starts = target.sample_reference(num_check_starts(run_evals), generator, device)
     return check_missed_modes(
         kernel.upper(), target, draws, None, starts, generator,

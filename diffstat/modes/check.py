@@ -3,7 +3,7 @@ shared by the samplers that run it: tempering (SMC, AIS, PT: :mod:`diffstat.temp
 and MCMC (:mod:`diffstat.mcmc.sampler`).
 
 Each passes the run's pooled draws, its evidence estimate (None for MCMC, which has none) and
-:func:`num_check_starts` reference draws (more for a longer run), of which the first
+:func:`num_check_starts` reference draws, of which the first
 ``NUM_CHECK_STARTS`` climb and a quarter as many more, the highest of the rest after
 ``SCREEN_STEPS`` climbing steps; a ``RuntimeWarning`` names the missed modes and
 their share of the mass above ``MAX_MISSED_SHARE``, or the misweight above ``MAX_MISWEIGHT``, with
@@ -26,24 +26,22 @@ __all__ = ["NUM_CHECK_STARTS", "check_missed_modes", "num_check_starts", "pop_ch
 #: starts is reached by several, at about 3,000 to 12,000 evaluations on the posteriordb suite.
 NUM_CHECK_STARTS = 256
 
-#: Share of a run's own evaluations that the check may spend screening further starts (each
-#: ``SCREEN_STEPS`` climbing steps, the ``NUM_CHECK_STARTS // 4`` highest climbing on): a narrow
-#: basin that holds 0.1% of the starts is reached only among thousands, and a long run can afford
-#: them (module notes of :mod:`diffstat.modes.coverage`).
-SCREEN_SHARE = 0.03
-#: Climbing steps of a screened start, and the fewest and most starts screened (the fewest at
-#: about 2,300 evaluations more than climbing ``NUM_CHECK_STARTS`` alone: on the README's example
-#: NUTS then warns on 5 seeds of 6 instead of 4, at 4% of its run).
+#: Reference draws screened, for every run alike: each takes ``SCREEN_STEPS`` climbing steps and the
+#: ``NUM_CHECK_STARTS // 4`` highest climb on (module notes of :mod:`diffstat.modes.coverage`). A
+#: narrow basin that holds 0.1% to 0.2% of the starts is reached only among thousands, and a short
+#: run (MCMC's) misses such a mode as readily as a long one, so the number does not shrink with the
+#: run (``docs/audit.md``, fourth round).
 SCREEN_STEPS = 2
-MIN_SCREENED = 4 * NUM_CHECK_STARTS
-MAX_SCREENED = 16 * NUM_CHECK_STARTS
+NUM_SCREENED = 16 * NUM_CHECK_STARTS
+#: The fewest and most starts of :func:`num_check_starts` (both ``NUM_SCREENED``).
+MIN_SCREENED = MAX_SCREENED = NUM_SCREENED
 
 
 def num_check_starts(run_evals: int) -> int:
-    """Reference draws for the check after a run of ``run_evals`` target evaluations: as many as
-    ``SCREEN_SHARE`` of them screen (``SCREEN_STEPS + 1`` evaluations each), at least
-    ``MIN_SCREENED`` and at most ``MAX_SCREENED``."""
-    return int(min(MAX_SCREENED, max(MIN_SCREENED, SCREEN_SHARE * run_evals / (SCREEN_STEPS + 1))))
+    """Reference draws for the check after a run of ``run_evals`` target evaluations:
+    ``NUM_SCREENED`` whatever the run's length (the notes above)."""
+    del run_evals  # the same for every run
+    return NUM_SCREENED
 
 
 def pop_check_modes(options: dict) -> bool:

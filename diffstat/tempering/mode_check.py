@@ -12,8 +12,8 @@ posterior, and did every run miss a mode?
   ``RuntimeWarning`` says so.
 - **Missed modes** (``check_modes=True``, :mod:`diffstat.modes.coverage`): a mode that the
   reference's mass does not lead to can be missed by every run alike (the between-run checks then
-  agree). Gradient ascent from ``NUM_CHECK_STARTS`` scaled reference draws (screened from up to 16
-  times as many after a long run: :func:`~diffstat.modes.check.num_check_starts`), a few thousand to a
+  agree). Gradient ascent from ``NUM_CHECK_STARTS`` scaled reference draws (and the best of 16
+  times as many screened: :func:`~diffstat.modes.check.num_check_starts`), a few thousand to a
   few tens of thousands of evaluations (counted), and a warning where modes that no draw reaches hold
   more than ``MAX_MISSED_SHARE`` of the mass by a Laplace estimate, or where the draws' shares of
   the modes differ from the modes' Laplace masses by more than ``MAX_MISWEIGHT``.
