@@ -57,10 +57,13 @@ def laplace_frames(target, bank: ModeBank) -> tuple[torch.Tensor, torch.Tensor] 
     with torch.no_grad():
         m, lp, g, hess = newton_ascent(target, bank.centers, s2, FRAME_NEWTON_STEPS)
     prec_chol, info = torch.linalg.cholesky_ex(-hess)
+    eye = torch.eye(d, dtype=bank.x.dtype, device=bank.x.device).expand(k, d, d)
+    # a failed factor can hold a zero pivot, on which cholesky_inverse raises (a Laplace density's
+    # Hessian is 0 off its kinks): such modes invert the identity instead and are masked out below
+    prec_chol = torch.where((info == 0)[:, None, None], prec_chol, eye)
     m = m + torch.cholesky_solve(g.unsqueeze(-1), prec_chol).squeeze(-1)  # the quadratic model's peak
     chol, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(prec_chol))
     ok = (info == 0) & (info2 == 0) & torch.isfinite(chol).flatten(1).all(-1) & torch.isfinite(m).all(-1)
-    eye = torch.eye(d, dtype=bank.x.dtype, device=bank.x.device).expand(k, d, d)
     return torch.where(ok[:, None], m, bank.centers), torch.where(ok[:, None, None], chol, eye)
 
 
