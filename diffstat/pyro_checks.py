@@ -104,12 +104,23 @@ def check_batched(target) -> None:
 
 
 def rows_or_nan(terms, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``terms(u)``, a tuple of ``(n,)`` tensors, with NaN in the rows at which the model's linear
-    algebra fails: where ``torch.linalg.LinAlgError`` ends a batched run (a covariance that is not
+    """``terms(u)``, a tuple of ``(n,)`` tensors, with NaN in the rows that the model cannot
+    evaluate. A row with a non-finite coordinate (a sampler's trajectory that overflowed) is NaN
+    without being run: the model sees zeros there (a point of every unconstrained support), since
+    a model run under ``vmap`` may raise at NaN instead of returning it, ending the batch of every
+    point. A row where ``torch.linalg.LinAlgError`` ends a batched run (a covariance that is not
     numerically positive-definite at one point, a ``MultivariateNormal`` of an AR(1) with phi near
-    1, ends the batch of every point), the batch is halved until the failing rows stand alone. A
-    NaN is rejected by the samplers and reported by the run's warning, where the error ended the
-    run; the NaN rows carry a zero gradient. Costs ``O(k log n)`` extra runs for ``k`` failures."""
+    1) is NaN too: the batch is halved until the failing rows stand alone, ``O(k log n)`` extra runs
+    for ``k`` failures. The samplers reject a NaN row and the run's warning reports it; NaN rows
+    carry a zero gradient. The mask costs a few elementwise operations and no host
+    synchronisation."""
+    finite = torch.isfinite((u.detach() * 0).sum(-1))  # a row sum is finite iff every entry is
+    safe = torch.where(finite.unsqueeze(-1), u, torch.zeros_like(u))
+    return tuple(torch.where(finite, t, torch.nan) for t in _halving(terms, safe))
+
+
+def _halving(terms, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``terms(u)``, the rows at which it raises ``torch.linalg.LinAlgError`` NaN (:func:`rows_or_nan`)."""
     try:
         return terms(u)
     except torch.linalg.LinAlgError:
@@ -117,7 +128,7 @@ def rows_or_nan(terms, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
             nan = u[:, 0] * 0.0 + torch.nan
             return nan, nan
         half = u.shape[0] // 2
-        parts = zip(rows_or_nan(terms, u[:half]), rows_or_nan(terms, u[half:]))
+        parts = zip(_halving(terms, u[:half]), _halving(terms, u[half:]))
         return tuple(torch.cat(p) for p in parts)
 
 

@@ -515,3 +515,20 @@ def test_deterministic_sites_are_reported(vectorize):
     assert np.allclose(post["theta"], expected, rtol=0, atol=1e-12)
     assert np.allclose(post["tau2"], post["tau"] ** 2, rtol=1e-12) and (post["J"] == 8.0).all()
     assert set(plain.to_posterior(u.reshape(3, 4, -1))) == {"mu", "tau", "eta"}
+
+
+@pytest.mark.parametrize("vectorize", ["plate", "vmap"])
+def test_a_point_with_a_non_finite_coordinate_is_nan_without_running_the_model(vectorize):
+    """A sampler's trajectory that overflowed hands the target NaN or inf coordinates. The model is
+    not run there (under ``vmap`` a distribution's support check at NaN raises a RuntimeError that
+    ended HMC on the audit's hierarchical logistic regression, docs/audit.md): those rows are NaN
+    with a zero gradient, and the other rows are exactly what they are alone."""
+    x = torch.linspace(-1, 1, 5, dtype=F64).unsqueeze(-1).expand(5, 3)
+    mask = torch.ones(5, 1, dtype=torch.bool)
+    target = ds.Target.from_pyro(rich_model, x, mask, vectorize=vectorize)
+    u = 0.3 * torch.randn(4, target.dim, generator=torch.Generator().manual_seed(0), dtype=F64)
+    u[1, 0], u[3, -1] = float("nan"), float("inf")
+    lp, grad = target.log_prob_and_grad(u)
+    alone_lp, alone_grad = target.log_prob_and_grad(u[[0, 2]])
+    assert torch.isnan(lp[[1, 3]]).all() and torch.equal(grad[[1, 3]], torch.zeros_like(grad[[1, 3]]))
+    assert torch.equal(lp[[0, 2]], alone_lp) and torch.equal(grad[[0, 2]], alone_grad)
