@@ -36,7 +36,9 @@ def eight_schools(centred: bool) -> ds.Target:
 def run(centred: bool):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        idata = ds.sample(eight_schools(centred), "nuts", num_samples=300, seed=1, progress=False)
+        idata = ds.sample(
+            eight_schools(centred), "nuts", num_samples=300, seed=1, progress=False, check_modes=False
+        )
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     return idata, messages
 
@@ -44,7 +46,8 @@ def run(centred: bool):
 def test_centred_eight_schools_warns_and_reports_its_divergences():
     """300 draws per chain, seed 1: the centred form warns (R-hat, ESS, divergences: 5 at the time
     of writing), the non-centred form of the same posterior is silent with no divergence, so the
-    warning is the geometry's, not the run length's."""
+    warning is the geometry's, not the run length's. The check for missed modes (after sampling,
+    beside the point here) is off: it took two thirds of the test's time."""
     idata, messages = run(centred=True)
     assert len(messages) == 1, messages
     num_div = int(idata.sample_stats["diverging"].values.sum())
