@@ -33,6 +33,15 @@ F64 = torch.float64
 
 
 # ----------------------------------------------------------------------------- scoring
+def _short(message: str) -> str:
+    """A warning's first 160 characters, and the start of each problem it lists (an MCMC warning
+    lists R-hat, ESS, divergences and E-BFMI as ``  - `` lines, which the first characters hide)."""
+    problems = [line.strip()[2:42] for line in message.splitlines()[1:] if line.strip().startswith("- ")]
+    if not message:
+        return ""
+    return message.splitlines()[0][:160] + (f" [{'; '.join(problems)}]" if problems else "")
+
+
 def score(idata, exact) -> dict:
     """Errors of the draws against the exact answer."""
     post = idata.posterior
@@ -117,7 +126,7 @@ def run(case: str, method: str, seed: int, **options) -> dict:
     row["shape"] = tuple(int(n) for n in post[list(post.data_vars)[0]].shape[:2])
     row["evals"] = int(post.attrs["num_target_evals"])
     row["bars"] = len(shown)
-    row["warnings"] = [str(w.message)[:160] for w in caught if issubclass(w.category, RuntimeWarning)]
+    row["warnings"] = [_short(str(w.message)) for w in caught if issubclass(w.category, RuntimeWarning)]
     return row
 
 
