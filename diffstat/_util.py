@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 __all__ = [
+    "rows_finite",
     "check_options",
     "check_bool",
     "check_option_types",
@@ -136,6 +137,15 @@ def check_probability(value, name: str, *, open_interval: bool = True) -> float:
     if not ok:
         raise ValueError(f"{name} must lie in {'(0, 1)' if open_interval else '[0, 1]'}, got {value}")
     return value
+
+
+def rows_finite(t: torch.Tensor) -> torch.Tensor:
+    """``(n,)``: True where every entry of the row of ``t: (n, dim)`` is finite, the same mask as
+    ``torch.isfinite(t).all(-1)``. Computed as the finiteness of the row sums of ``t * 0`` (0 for
+    a finite entry, NaN for an infinite or NaN one, and no overflow): a reduction of booleans over
+    the last dimension is slow on the CPU, about 0.1 ms at 1,000 x 10 and 0.5 ms at 1,000 x 34,
+    10 to 25 times this (``docs/mala_overhead.md``), more than the logistic target's gradient."""
+    return torch.isfinite((t * 0).sum(-1))
 
 
 def progress_bar(total: int, desc: str, progress: bool):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from pyro.poutine.util import site_is_subsample
 
+from diffstat._util import rows_finite
+
 __all__ = [
     "MODES",
     "check_arguments",
@@ -114,7 +116,7 @@ def rows_or_nan(terms, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
     for ``k`` failures. The samplers reject a NaN row and the run's warning reports it; NaN rows
     carry a zero gradient. The mask costs a few elementwise operations and no host
     synchronisation."""
-    finite = torch.isfinite((u.detach() * 0).sum(-1))  # a row sum is finite iff every entry is
+    finite = rows_finite(u.detach())
     safe = torch.where(finite.unsqueeze(-1), u, torch.zeros_like(u))
     return tuple(torch.where(finite, t, torch.nan) for t in _halving(terms, safe))
 

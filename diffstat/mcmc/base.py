@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from diffstat._util import rows_finite
+
 LogProbAndGrad = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 __all__ = [
@@ -65,15 +67,6 @@ def as_per_chain(value, like: torch.Tensor) -> torch.Tensor:
     if value.dim() == 0:
         return value.expand(like.shape[0]).unsqueeze(-1)
     return value.reshape(-1, 1)
-
-
-def rows_finite(t: torch.Tensor) -> torch.Tensor:
-    """``(n,)``: True where every entry of the row of ``t: (n, dim)`` is finite, the same mask as
-    ``torch.isfinite(t).all(-1)``. Computed as the finiteness of the row sums of ``t * 0`` (0 for
-    a finite entry, NaN for an infinite or NaN one, and no overflow): a reduction of booleans over
-    the last dimension is slow on the CPU, about 0.1 ms at 1,000 x 10 and 0.5 ms at 1,000 x 34,
-    10 to 25 times this (``docs/mala_overhead.md``), more than the logistic target's gradient."""
-    return torch.isfinite((t * 0).sum(-1))
 
 
 def metropolis_accept(
