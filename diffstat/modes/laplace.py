@@ -107,15 +107,20 @@ def laplace_log_mass(log_peak: torch.Tensor, precision_eigenvalues: torch.Tensor
 def safe_cholesky(a: torch.Tensor, s2: float) -> torch.Tensor:
     r"""Lower Cholesky factors of the precisions ``a: (n, d, d)``; rows that are not positive
     definite are first made so, saddle-free: eigenvalues :math:`\lambda \mapsto \max(|\lambda|,
-    s^{-2})` (an eigen-decomposition only for those rows)."""
+    s^{-2})` (an eigen-decomposition only for those rows). Their factor is taken from the
+    decomposition itself, :math:`L = R^\top` for the QR factor :math:`R` of
+    :math:`\Lambda^{1/2}V^\top` (:math:`R^\top R = V\Lambda V^\top`), not by factoring the rebuilt
+    matrix, which rounding can leave indefinite when the eigenvalues span 16 orders."""
     chol, info = torch.linalg.cholesky_ex(a)
     bad = (info != 0) | ~torch.isfinite(chol).flatten(1).all(-1)
     if bad.any():
         a_bad = torch.nan_to_num(a[bad], nan=0.0, posinf=0.0, neginf=0.0)
         lam, vec = torch.linalg.eigh(a_bad)
         lam = torch.maximum(lam.abs(), torch.full_like(lam, 1.0 / s2))
+        r = torch.linalg.qr(lam.sqrt().unsqueeze(-1) * vec.transpose(-1, -2), mode="r").R
+        sign = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(r)
         chol = chol.clone()
-        chol[bad] = torch.linalg.cholesky(torch.einsum("nde,ne,nfe->ndf", vec, lam, vec))
+        chol[bad] = (sign.unsqueeze(-1) * r).transpose(-1, -2)
     return chol
 
 

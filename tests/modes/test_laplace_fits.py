@@ -12,6 +12,7 @@ from diffstat.modes.laplace import (
     mahalanobis2,
     merge_within,
     newton_ascent,
+    safe_cholesky,
 )
 
 
@@ -79,3 +80,19 @@ def test_duplicates_in_each_fits_own_metric():
     assert keep.tolist() == [[True, True, False]]
     keep = merge_within(x[None], torch.tensor([[1.0, 2.0, -math.inf]], dtype=torch.float64), chol, 2.0)
     assert keep.tolist() == [[False, True, False]]  # by key: point 1 first, point 0 at 1.5 sd of it
+
+
+def test_safe_cholesky_factors_an_indefinite_precision_whose_eigenvalues_span_17_orders():
+    """The saddle-free repair of an indefinite precision, |lambda| floored at 1 / s2, factored from its
+    eigen-decomposition: rebuilding the matrix and factoring it fails here (centred Eight Schools'
+    Newton step, seed 2, raised LinAlgError)."""
+    g = torch.Generator().manual_seed(1)
+    vec, _ = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64, generator=g))
+    lam = torch.tensor([1e17, 1e-3, -2.0, 3.0, 1e9, -1e16, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    a = torch.stack([vec @ torch.diag(lam) @ vec.T, torch.eye(10, dtype=torch.float64) * 4.0])
+    chol = safe_cholesky(a, 1.0)
+    assert torch.equal(chol[1], torch.eye(10, dtype=torch.float64) * 2.0)  # a good row is untouched
+    repaired = vec @ torch.diag(lam.abs().clamp(min=1.0)) @ vec.T
+    assert torch.equal(chol[0], chol[0].tril()) and bool((torch.diagonal(chol[0]) > 0).all())
+    err = (chol[0] @ chol[0].T - repaired).abs().max() / repaired.abs().max()
+    assert err < 1e-14
