@@ -7,7 +7,8 @@ defaults or with options given as ``key=value`` (Python literals), one Markdown 
 
 Columns: the largest |mean error| in posterior sds, the largest relative sd error and (torch targets) its
 sign, the mode weights' TV, log Z error and its standard error, the last round's Pareto k, the Stein check's
-largest |S_j| and |z| (``diffstat/diffusion/stein.py``), ``attrs['reliable']``, the correction (importance
+largest |S_j| and |z| (``diffstat/diffusion/stein.py``), the share of the exploration's SMC particles the
+proposal misses (``diffstat/diffusion/coverage.py``), ``attrs['reliable']``, the correction (importance
 or the SMC bridge), target evaluations, seconds and the RuntimeWarnings (first words).
 """
 
@@ -53,6 +54,7 @@ def run(case: str, seed: int, **options) -> dict:
                 "pareto_k",
                 "stein_max_z",
                 "stein_max_error",
+                "coverage_missed",
             )
         }
     )
@@ -72,7 +74,7 @@ def fmt(row: dict) -> str:
         "pareto_k",
         "stein_max_error",
     )
-    for key in keys + ("stein_max_z",):
+    for key in keys + ("stein_max_z", "coverage_missed"):
         cells.append(f"{row[key]:.3f}" if key in row else "-")
     cells += [
         str(row["reliable"]),
@@ -97,9 +99,9 @@ def main():
     print(f"options: {options or 'defaults'}")
     print(
         "| case | seed | mean err (sd) | sd err | sd ratio - 1 | mode TV | log Z err | log Z se | last k"
-        " | Stein |S| | Stein z | reliable | correction | evals | s | RuntimeWarnings |"
+        " | Stein |S| | Stein z | missed share | reliable | correction | evals | s | RuntimeWarnings |"
     )
-    print("| --- " * 16 + "|")
+    print("| --- " * 17 + "|")
     for case in args.cases:
         for seed in args.seeds:
             print(fmt(run(case, seed, **options)), flush=True)

@@ -115,6 +115,7 @@ def run_one(name: str, method: str, seed: int, dtype: str, num_samples: int, ini
         # the diffusion sampler: "importance" or "smc" (its bridge) and attrs["reliable"]
         "correction": idata.posterior.attrs.get("correction"),
         "reliable": int(idata.posterior.attrs.get("reliable", 1)),
+        "coverage_missed": idata.posterior.attrs.get("coverage_missed"),  # diffusion/coverage.py
         **extra,
     }
 

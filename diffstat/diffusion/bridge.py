@@ -70,7 +70,7 @@ from diffstat.diffusion.gaussians import GaussianMixtureProposal, MeanFieldMixtu
 from diffstat.diffusion.importance import MIN_ROUND_ESS, unique_rows
 from diffstat.modes.laplace import newton_ascent
 from diffstat.tempering.core import MoveConfig, cloud_metric, stack_stage_infos
-from diffstat.tempering.path import GeometricPath
+from diffstat.tempering.path import GeometricPath, make_path
 from diffstat.tempering.smc import genealogy_variance
 from diffstat.tempering.to_target import temper_to_target
 
@@ -276,6 +276,7 @@ def smc_bridge(
     budget: int,
     num_particles: int | None = None,
     num_moves: int | None = None,
+    reference=None,
 ) -> BridgeResult:
     r"""Adaptive tempered SMC from ``q`` to ``target`` (module docstring) within ``budget`` target
     evaluations (the initial draws' included; a stage with none left only reweights).
@@ -285,8 +286,10 @@ def smc_bridge(
     generator : torch.Generator
     target : Target
         Counts its evaluations (``num_target_evals``).
-    q : ProposalDistribution
-        The start, with a closed-form density.
+    q : ProposalDistribution or None
+        The start, with a closed-form density; None: the ``"smc"`` method's path from ``reference``
+        (:func:`~diffstat.tempering.path.make_path`: the target's reference or, for a model with a
+        prior and a likelihood, likelihood tempering).
     budget : int
         Evaluations the bridge may spend.
     num_particles : int, optional
@@ -298,7 +301,7 @@ def smc_bridge(
     -------
     BridgeResult
     """
-    path = GeometricPath(target, q)
+    path = GeometricPath(target, q) if q is not None else make_path(target, reference)
     n = bridge_size(budget, num_particles)
     evals0 = target.num_target_evals
     state, infos = temper_to_target(

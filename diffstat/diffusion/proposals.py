@@ -285,3 +285,12 @@ class DefensiveMixture:
             ]
         )
         return torch.cat([x_d, x_g]), log_q, from_diffusion
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixture's log-density ``(n,)`` at arbitrary points ``x (n, dim)``."""
+        lg = self.gaussians.log_prob(x)
+        if self.diffusion is None:
+            return lg
+        return torch.logaddexp(
+            math.log(self.weight) + self.diffusion.log_prob(x), math.log1p(-self.weight) + lg
+        )

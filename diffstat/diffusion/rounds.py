@@ -37,18 +37,8 @@ from diffstat.diffusion.proposals import (
 )
 from diffstat.diffusion.training import TrainConfig, train_score_model
 
-__all__ = [
-    "Population",
-    "RoundInfo",
-    "RoundState",
-    "Units",
-    "done",
-    "hopeless",
-    "init",
-    "step",
-    "chains_per_mode",
-    "MAX_FULL_MODES",
-]
+__all__ = ["Population", "RoundInfo", "RoundState", "Units", "MAX_FULL_MODES", "chains_per_mode"]
+__all__ += ["done", "hopeless", "init", "step"]
 
 #: Banks of at most this many modes restock every mode with the configured number of chains
 #: (``chains_per_mode``, ``refresh_chains``); a larger bank shares that total, 64 modes' worth, among
@@ -95,6 +85,7 @@ class RoundInfo(NamedTuple):
     population: Population
     summary: dict
     num_target_evals: int
+    proposal: object = None  # the DefensiveMixture that drew the population
 
 
 class RoundState(NamedTuple):
@@ -119,6 +110,7 @@ class RoundState(NamedTuple):
     per_mode: bool
     evals0: int
     explore_nan: int = 0
+    pilot: torch.Tensor | None = None  # the exploration's SMC particles (diffusion.coverage)
 
 
 def init(generator: torch.Generator, target, config: DiffusionConfig, device=None) -> RoundState:
@@ -136,7 +128,7 @@ def init(generator: torch.Generator, target, config: DiffusionConfig, device=Non
         start_scales=config.start_scales,
         device=dev,
         reference=config.reference,
-        extra_starts=smc_seeds(generator, target, config.smc_explore, config.reference, dev),
+        extra_starts=(pilot := smc_seeds(generator, target, config.smc_explore, config.reference, dev)),
     )
     explore_nan = target.num_nan_evals - nan0
     num_modes = bank.num_modes
@@ -152,7 +144,9 @@ def init(generator: torch.Generator, target, config: DiffusionConfig, device=Non
         if config.per_mode_models is None
         else bool(config.per_mode_models)
     )
-    return RoundState(bank, gaussians, uniform, (bank,), None, None, None, 0, per_mode, evals0, explore_nan)
+    return RoundState(
+        bank, gaussians, uniform, (bank,), None, None, None, 0, per_mode, evals0, explore_nan, pilot
+    )
 
 
 def _pooled(bank: ModeBank) -> bool:
@@ -374,7 +368,7 @@ def step(generator: torch.Generator, state: RoundState, target, config: Diffusio
         choice=choice,
         proposal_width=float(width[held].min()) if bool(held.any()) else math.inf,
     )
-    info = RoundInfo(Population(x, lp, log_w, modes), summary, evals)
+    info = RoundInfo(Population(x, lp, log_w, modes), summary, evals, proposal)
     return state._replace(units=units, last=info, round=r + 1), info
 
 

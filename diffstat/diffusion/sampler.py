@@ -83,19 +83,23 @@ Kish ESS alone, ``attrs["reliable"]`` is 0 (else 1), and a ``RuntimeWarning`` gi
 per-round ``used`` flags are in the ``diffusion`` group.
 
 A proposal that misses part of the mass in every round passes the rule above (no weight there to
-be heavy), so two more checks judge the run as a whole, and either makes ``reliable`` 0 with a
+be heavy), so three more checks judge the run as a whole, and each makes ``reliable`` 0 with a
 ``RuntimeWarning``: the used rounds' :math:`\log\hat Z_r` must agree within their errors
 (Cochran's Q above the :math:`\chi^2` quantile at ``MIN_AGREEMENT_P``; the reported error is
 scaled by the Birge ratio :math:`\max(1, \sqrt{Q/\nu})` in any case), and the last round's ESS
 fraction must reach ``MIN_FINAL_ESS_FRACTION`` (0.1; or ``target_ess`` if lower): after every
-round of learning, a proposal that still wastes nine in ten draws does not fit the target's shape.
-A third looks past the weights (:mod:`diffstat.diffusion.stein`, at most 4,096 gradients): the returned
-draws must satisfy Stein's identity :math:`E[(x_j - \bar x_j)\partial_j\log p] = -1`; its failure (a
-funnel's neck missed) makes ``reliable`` 0 with a warning, but starts no bridge (SMC misses it too).
+round of learning, a proposal that still wastes nine in ten draws does not fit the target's shape;
+and the last used round's proposal must cover the exploration's SMC particles, draws it did not make
+(:mod:`diffstat.diffusion.coverage`): at most 5% of them may lie where :math:`p / (\hat Z q)` exceeds
+100 (a funnel's neck missed). A fourth looks past the weights at the draws returned
+(:mod:`diffstat.diffusion.stein`, at most 4,096 gradients): they must satisfy Stein's identity
+:math:`E[(x_j - \bar x_j)\partial_j\log p] = -1`; its failure warns, but starts no bridge.
 
 **The SMC bridge** (:mod:`diffstat.diffusion.bridge`, ``bridge`` = True). Where those rules make the
 rounds unreliable, importance sampling, SMC with one stage, is replaced by many: adaptive tempered SMC
-on :math:`q^{1-\beta}p^\beta` from the rounds' Gaussian mixture :math:`q` (the estimated mode weights
+on :math:`q^{1-\beta}p^\beta` (where the coverage check failed, from the reference instead, the
+``"smc"`` method's path, which reached the mass :math:`q` misses) from the rounds' Gaussian mixture
+:math:`q` (the estimated mode weights
 with 10% uniform; each mode's Gaussian joined by its Laplace fit), whose log Z (unbiased, genealogy
 standard error), draws and per-stage records (``bridge_*`` in the ``diffusion`` group) are then
 returned, with ``attrs["correction"]`` = ``"smc"`` (else ``"importance"``) and the rounds' own estimate
@@ -122,6 +126,7 @@ import warnings
 import torch
 
 from diffstat._util import check_options, progress_bar
+from diffstat.diffusion.coverage import checked_coverage, coverage_attrs
 from diffstat.diffusion.bridge import (
     MIN_PARTICLES,
     ProposalDistribution,
@@ -155,16 +160,8 @@ from diffstat.diffusion.sampler_output import (
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.resampling import systematic
 
-__all__ = [
-    "run_diffusion_sampler",
-    "importance_summary",
-    "round_missed",
-    "pool_rounds",
-    "round_agreement",
-    "MAX_PARETO_K",
-    "MIN_ROUND_ESS",
-    "RUN_OPTIONS",
-]
+__all__ = ["run_diffusion_sampler", "importance_summary", "round_missed", "pool_rounds", "round_agreement"]
+__all__ += ["MAX_PARETO_K", "MIN_ROUND_ESS", "RUN_OPTIONS"]
 
 #: Appended to the warning of a run whose rounds stopped early (rounds.hopeless) and whose bridge failed.
 STOPPED_EARLY = (
@@ -232,6 +229,8 @@ def _result(
     rounds = [info.summary for info in infos]
     pool = pool_rounds(rounds)
     reasons = unreliable_reasons(rounds, pool, min(MIN_FINAL_ESS_FRACTION, config.target_ess))
+    cover, cover_why = checked_coverage(target, state.pilot, infos, pool["used"])
+    reasons += [cover_why] if cover_why else []
     pops = [info.population for info in infos]
     log_pool = pooled_log_weights(rounds, pool, [p.log_w for p in pops])
     all_x, all_lw, all_lp = (torch.cat([getattr(p, f) for p in pops]) for f in ("x", "log_w", "log_prob"))
@@ -246,7 +245,8 @@ def _result(
     left = lambda: config.max_evals - (target.num_target_evals - state.evals0)  # noqa: E731
     if not rounds_reliable and config.bridge:  # its budget less the check's (diffusion/stein.py)
         budget = left() - min(STEIN_DRAWS, left() // 10)
-        bridge, bridge_why = _run_bridge(generator, target, g, mode_weights, budget, config)
+        start = None if cover_why else (g, mode_weights)  # missed mass: temper from the reference
+        bridge, bridge_why = _run_bridge(generator, target, start, budget, config)
     x_s, lw_s = (all_x, log_pool) if bridge is None else (bridge.x, torch.zeros_like(bridge.lp))
     budget = 0 if cut_off(all_x, all_lp) else left()  # no check of a density cut off at a boundary
     stein, stein_why = stein_checked(generator, target, x_s, lw_s, budget)
@@ -275,6 +275,8 @@ def _result(
         "correction": "importance" if bridge is None else "smc",
         "rounds_stopped_early": int(early),
         **stein_attrs(stein),
+        **coverage_attrs(cover),
+        "bridge_start": "none" if bridge is None else "proposal" if not cover_why else "reference",
     }
     if bridge is None:
         idx = systematic(generator, torch.log(p).to(generator.device), num_samples)
@@ -293,27 +295,22 @@ def _result(
     return SamplerResult(draws.reshape(1, num_samples, target.dim), sample_stats, groups, attrs)
 
 
-def _run_bridge(generator, target, gaussians, mode_weights, budget: int, config: DiffusionConfig):
-    """The SMC bridge (:func:`~diffstat.diffusion.bridge.smc_bridge`) from the rounds' Gaussians
-    reweighted by :func:`~diffstat.diffusion.bridge.bridge_weights` of ``mode_weights (K,)``, each
-    mode's joined by its Laplace Gaussian (:func:`~diffstat.diffusion.bridge.with_laplace`), within
-    ``budget`` target evaluations; returns the bridge (None where the budget is below two bridges'
-    minimum particles) and the reasons it is not reliable (a list of sentences, empty where it is)."""
+def _run_bridge(generator, target, start, budget: int, config: DiffusionConfig):
+    """The SMC bridge (:func:`~diffstat.diffusion.bridge.smc_bridge`) within ``budget`` target
+    evaluations, from ``start = (gaussians, mode_weights (K,))``, the rounds' Gaussians reweighted by
+    :func:`~diffstat.diffusion.bridge.bridge_weights`, each mode's joined by its Laplace Gaussian
+    (:func:`~diffstat.diffusion.bridge.with_laplace`), or with ``start`` None from the reference (the
+    ``"smc"`` method's path). Returns the bridge (None where the budget is below two bridges' minimum
+    particles) and the reasons it is not reliable (a list of sentences, empty where it is)."""
     if budget < 2 * MIN_PARTICLES:
         left = f"{max(budget, 0):,} of max_evals = {config.max_evals:,}"
         return None, [f"no SMC bridge: the rounds left {left} evaluations"]
-    before = target.num_target_evals
-    q = ProposalDistribution(
-        with_laplace(target, gaussians.with_weights(bridge_weights(mode_weights)), config.inflate)
-    )
-    bridge = smc_bridge(
-        generator,
-        target,
-        q,
-        budget=budget - (target.num_target_evals - before),
-        num_particles=config.bridge_particles,
-        num_moves=config.bridge_moves,
-    )
+    before, (gaussians, mode_weights) = target.num_target_evals, start or (None, None)
+    mixture = None if start is None else gaussians.with_weights(bridge_weights(mode_weights))
+    q = None if start is None else ProposalDistribution(with_laplace(target, mixture, config.inflate))
+    size = dict(num_particles=config.bridge_particles, num_moves=config.bridge_moves)
+    budget -= target.num_target_evals - before
+    bridge = smc_bridge(generator, target, q, budget=budget, reference=config.reference, **size)
     return bridge, bridge_reasons(bridge)
 
 
