@@ -51,7 +51,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
 from diffstat import pyro_checks as checks
-from diffstat.pyro_checks import MODES, check_arguments, non_float_observations, rows_or_nan
+from diffstat.pyro_checks import MODES, check_arguments, rows_or_nan
 from diffstat.pyro_sites import (
     PARTICLES,
     off_support,
@@ -189,20 +189,10 @@ class PyroTarget(Target):
         return model_context(self.dtype, self.device, validate)
 
     def _find_sites(self) -> None:
-        """Trace the prior once: latent sites, their shapes and supports, the particle dim. Its log
-        density is computed there too, so that a model that cannot score its own prior draw (an
-        observation of integer or bool dtype where the distribution computes in floats, as
-        ``Bernoulli`` does) is refused here, naming the site, not later as a batching failure."""
-        trace = None
-        try:
-            with self._model_context(validate=True), torch.no_grad():
-                trace = poutine.trace(self.model).get_trace(*self.model_args, **self.model_kwargs)
-                trace.log_prob_sum()
-        except Exception as err:  # noqa: BLE001  (any failure of the user's model is a bad argument)
-            raise ValueError(
-                "running the model with the given arguments failed: "
-                f"{type(err).__name__}: {str(err).rstrip('.')}" + non_float_observations(trace)
-            ) from err
+        """Trace the prior at a seeded draw, its log-density computed with validation on
+        (:func:`~diffstat.pyro_checks.prior_trace`): the latent sites, their shapes and supports, the
+        particle dim, the deterministic sites."""
+        trace = checks.prior_trace(self)
         self.sites, self._particle_dim, self.dim = trace_sites(trace)
         self.deterministic = deterministic_shapes(trace)
 

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from diffstat._validation import unvalidated
+
 __all__ = ["Target", "check_reference", "check_dtype"]
 
 #: Points used to probe a log-density when a Target is built.
@@ -80,17 +82,6 @@ def resolve_reference(target, reference) -> torch.distributions.Distribution | N
         return target.reference
     check_reference(reference, target.dim)
     return reference
-
-
-def _unvalidated(log_prob, x: torch.Tensor) -> torch.Tensor:
-    """``log_prob(x)`` with ``torch.distributions``' default validation off, then restored (Target)."""
-    distribution = torch.distributions.Distribution
-    before = distribution._validate_args
-    distribution.set_default_validate_args(False)
-    try:
-        return log_prob(x)
-    finally:
-        distribution.set_default_validate_args(before)
 
 
 def _functorch_wrapped(t: torch.Tensor) -> bool:
@@ -178,7 +169,7 @@ class Target:
         in the other float type, by parameters of their own, is cast: the samplers combine it with
         the points); counts ``n`` evaluations."""
         self.num_target_evals += x.shape[0]
-        return self.count_nan(_unvalidated(self._log_prob, x).to(x.dtype), x)
+        return self.count_nan(unvalidated(self._log_prob, x).to(x.dtype), x)
 
     def log_prob_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-density ``(n,)`` and its gradient ``(n, dim)`` at ``x``, detached, both in ``x``'s
@@ -186,7 +177,7 @@ class Target:
         self.num_target_evals += x.shape[0]
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            lp = _unvalidated(self._log_prob, x)
+            lp = unvalidated(self._log_prob, x)
             (grad,) = torch.autograd.grad(lp.sum(), x)
         return self.count_nan(lp.detach().to(x.dtype), x), grad.detach()
 
