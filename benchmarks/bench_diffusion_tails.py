@@ -55,6 +55,7 @@ def run(case: str, seed: int, **options) -> dict:
                 "stein_max_z",
                 "stein_max_error",
                 "coverage_missed",
+                "bridge_start",
             )
         }
     )
@@ -78,7 +79,7 @@ def fmt(row: dict) -> str:
         cells.append(f"{row[key]:.3f}" if key in row else "-")
     cells += [
         str(row["reliable"]),
-        row["correction"],
+        row["correction"] + ("" if row["bridge_start"] != "reference" else " (from the reference)"),
         f"{row['num_target_evals']:,}",
         f"{row['seconds']:.0f}",
     ]

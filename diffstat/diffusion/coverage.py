@@ -95,5 +95,9 @@ def checked_coverage(target, pilot, infos, used) -> tuple[dict | None, str | Non
 def coverage_attrs(check: dict | None) -> dict:
     """The check's ``attrs`` (NaN and 0 where it did not run)."""
     if check is None:
-        return {"coverage_missed": math.nan, "coverage_points": 0}
-    return {"coverage_missed": check["missed"], "coverage_points": check["points"]}
+        return {"coverage_missed": math.nan, "coverage_points": 0, "coverage_evals": 0}
+    return {
+        "coverage_missed": check["missed"],
+        "coverage_points": check["points"],
+        "coverage_evals": check["evals"],
+    }

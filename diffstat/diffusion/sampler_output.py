@@ -60,6 +60,12 @@ def stack_runs(results: list[SamplerResult]) -> SamplerResult:
         stein_max_z=max(float(r.attrs["stein_max_z"]) for r in results),
         stein_max_error=max(float(r.attrs["stein_max_error"]) for r in results),
         stein_evals=sum(int(r.attrs["stein_evals"]) for r in results),
+        coverage_missed=max(
+            [m for r in results if (m := float(r.attrs["coverage_missed"])) == m], default=math.nan
+        ),
+        coverage_points=sum(int(r.attrs["coverage_points"]) for r in results),
+        coverage_evals=sum(int(r.attrs["coverage_evals"]) for r in results),
+        bridge_start=",".join(str(r.attrs["bridge_start"]) for r in results),
         mode_weights=pad_stack([r.attrs["mode_weights"] for r in results], axis=0),
         correction="smc" if any(r.attrs["correction"] == "smc" for r in results) else "importance",
     )

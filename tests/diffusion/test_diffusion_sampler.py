@@ -153,9 +153,12 @@ def test_diffusion_output_contract(nine_mode_run):
     ):
         assert group[name].dims[0] == "stage"
     evals = group["num_target_evals"].values
-    # the rounds' evaluations, then the Stein check's gradients at the distinct resampled draws
+    # the rounds' evaluations, then the Stein check's gradients at the distinct resampled draws and the
+    # coverage check's log-densities at the exploration's SMC particles
     assert 0 < attrs["stein_evals"] <= 4096
-    assert (evals[1:] > evals[:-1]).all() and evals[-1] + attrs["stein_evals"] == attrs["num_target_evals"]
+    assert (evals[1:] > evals[:-1]).all() and evals[-1] + attrs["stein_evals"] + attrs[
+        "coverage_evals"
+    ] == attrs["num_target_evals"]
     # one pooled model for nine modes: the held-out check kept it (0) or fell back to the Gaussians (-1)
     choice = group["model_choice"].values
     assert choice.shape == (len(evals), 1) and (choice[0] == -2).all() and set(choice[1:].ravel()) <= {-1, 0}
