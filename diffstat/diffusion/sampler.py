@@ -326,7 +326,7 @@ def diffusion(target, *, num_samples, num_chains, generator, progress, device, *
     the top after a step or two, and at equal evaluations many starts screened briefly find such modes
     more often than fewer screened longer: docs/diffusion_sampler.md), and from the ``smc_explore`` (256;
     0 for none) particles of a tempered SMC
-    run; restocking ``chains_per_mode`` chains (128) of ``restock_steps`` steps (40); ``gaussian_rounds``
+    run (also the coverage check's points); restocking ``chains_per_mode`` chains (128) of ``restock_steps`` steps (40); ``gaussian_rounds``
     (1) rounds of per-mode Gaussian importance sampling first; after each round, ``refresh_chains`` (256)
     particles per mode resampled and moved by ``refresh_steps`` (20) MALA steps; score models ``hidden``
     (128) x ``depth`` (3), one per mode if ``per_mode_models`` (None: when at most ``max_mode_models`` (4)
