@@ -15,10 +15,13 @@ its share, which the weights can only restore through draws that :math:`q` rarel
 estimate, the share :math:`\hat m` of the particles with :math:`w > K`, fails the check where it
 exceeds ``MAX_MISSED`` by ``MISSED_Z`` binomial standard errors. A proposal that covers :math:`p`
 keeps :math:`\hat m` small: by Markov's inequality :math:`P_p(w > K) \le \mathbb E_p[w]/K
-= 1/(K\,\mathrm{ESS}_\infty)`, the inverse of :math:`K` times the ideal ESS fraction. Particles the
-SMC failed to bring to :math:`p` (a mode it lost) only leave regions out, so they make the check miss,
-never fail. The evaluations are the particles' own (``len(pilot)``, 256 at the defaults), the
-proposal's density costs no target evaluations.
+= 1/(K\,\mathrm{ESS}_\infty)`, the inverse of :math:`K` times the ideal ESS fraction. A mode the SMC
+lost only leaves a region out, which can make the check miss but not fail; particles it left lagging
+outside the posterior's bulk could fail it where :math:`q` is narrower still (not seen on the
+posteriordb suite, ``docs/diffusion_coverage.md``). The evaluations are the particles' own
+(``len(pilot)``, 256 at the defaults); the proposal's density costs none. The sampler treats a
+failure as a reason the rounds are unreliable, and its SMC bridge then tempers from the reference,
+the path that reached the missed mass (:mod:`diffstat.diffusion.sampler`).
 
 This is the reverse of importance sampling: :math:`\mathbb E_p[1/w] = \hat Z / Z` over the region
 :math:`q` covers, Gelfand and Dey's (1994) identity with :math:`q` as the instrumental density.
