@@ -96,15 +96,14 @@ and the last used round's proposal must cover the exploration's SMC particles, d
 :math:`E[(x_j - \bar x_j)\partial_j\log p] = -1`; its failure warns, but starts no bridge.
 
 **The SMC bridge** (:mod:`diffstat.diffusion.bridge`, ``bridge`` = True). Where those rules make the
-rounds unreliable, importance sampling, SMC with one stage, is replaced by many: adaptive tempered SMC
-on :math:`q^{1-\beta}p^\beta` (where the coverage check failed, from the reference instead, the
-``"smc"`` method's path, which reached the mass :math:`q` misses) from the rounds' Gaussian mixture
-:math:`q` (the estimated mode weights
-with 10% uniform; each mode's Gaussian joined by its Laplace fit), whose log Z (unbiased, genealogy
-standard error), draws and per-stage records (``bridge_*`` in the ``diffusion`` group) are then
-returned, with ``attrs["correction"]`` = ``"smc"`` (else ``"importance"``) and the rounds' own estimate
-as ``importance_log_normalizer``. It spends what the rounds left of ``max_evals`` (1,000,000, the run's
-budget), and the rounds stop early to leave it more (``attrs["rounds_stopped_early"]``,
+rounds unreliable, importance sampling, SMC with one stage, is replaced by many: adaptive tempered SMC on
+:math:`q^{1-\beta}p^\beta` from the rounds' Gaussian mixture :math:`q` (the estimated mode weights with
+10% uniform; each mode's Gaussian joined by its Laplace fit), or, where the coverage check failed, from
+the reference (the ``"smc"`` method's path, which reached the mass :math:`q` misses), whose log Z
+(unbiased, genealogy standard error), draws and per-stage records (``bridge_*`` in the ``diffusion``
+group) are then returned, with ``attrs["correction"]`` = ``"smc"`` (else ``"importance"``) and the rounds'
+own estimate as ``importance_log_normalizer``. It spends what the rounds left of ``max_evals`` (1,000,000,
+the run's budget), and the rounds stop early to leave it more (``attrs["rounds_stopped_early"]``,
 :func:`~diffstat.diffusion.rounds.hopeless`) once a round missed by far (Pareto k above 1, Kish ESS
 below 20) yet by no more than twice what the sampling error of the Gaussians fitted to the next round's
 chains gives by itself (:func:`~diffstat.diffusion.bridge.bridge_now`): such a miss is spread thin over
@@ -326,11 +325,12 @@ def diffusion(target, *, num_samples, num_chains, generator, progress, device, *
     the top after a step or two, and at equal evaluations many starts screened briefly find such modes
     more often than fewer screened longer: docs/diffusion_sampler.md), and from the ``smc_explore`` (256;
     0 for none) particles of a tempered SMC
-    run (also the coverage check's points); restocking ``chains_per_mode`` chains (128) of ``restock_steps`` steps (40); ``gaussian_rounds``
-    (1) rounds of per-mode Gaussian importance sampling first; after each round, ``refresh_chains`` (256)
-    particles per mode resampled and moved by ``refresh_steps`` (20) MALA steps; score models ``hidden``
-    (128) x ``depth`` (3), one per mode if ``per_mode_models`` (None: when at most ``max_mode_models`` (4)
-    modes are listed; a pooled bank, module docstring, has one model), ``train_steps`` (2000) Adam steps
+    run (also the coverage check's points); restocking ``chains_per_mode`` chains (128) of
+    ``restock_steps`` steps (40); ``gaussian_rounds`` (1) rounds of per-mode Gaussian importance sampling
+    first; after each round, ``refresh_chains`` (256) particles per mode resampled and moved by
+    ``refresh_steps`` (20) MALA steps; score models ``hidden`` (128) x ``depth`` (3), one per mode if
+    ``per_mode_models`` (None: when at most ``max_mode_models`` (4) modes are listed; a pooled bank,
+    module docstring, has one model), ``train_steps`` (2000) Adam steps
     of the mixed loss (cosine learning rate from ``lr``, 1e-3;
     ``batch_size`` 256), ``refit_steps`` (500) in later rounds; ``num_proposals`` (4096) per round
     (``final_proposals`` in the last of ``max_rounds``; None: the same; the rounds before it only adapt,
