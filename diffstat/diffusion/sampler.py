@@ -255,7 +255,9 @@ def _result(
     early = len(infos) < config.max_rounds and hopeless(state, infos[-1], config)
     if not rounds_reliable and (bridge is None or bridge_why):
         base = missed_warning(rounds, pool) if not pool["reliable"] else unreliable_warning(reasons)
-        tail = "" if not bridge_why else " And " + "; ".join(bridge_why) + "."
+        why, start = "; ".join(bridge_why), "the reference" if cover_why else "their proposal"
+        tail = f" The SMC bridge from {start} that replaced them is not reliable either: {why}."
+        tail = "" if not bridge_why else f" And {why}." if bridge is None else tail
         tail += f" {STOPPED_EARLY.format(len(infos), target.dim)}" if early else ""
         warnings.warn(base + tail, RuntimeWarning, stacklevel=3)
     groups = {"diffusion": round_group(rounds, pool, state, bridge)}

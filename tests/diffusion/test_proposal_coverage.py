@@ -105,6 +105,7 @@ def test_where_the_proposal_misses_the_centred_eight_schools_neck_the_bridge_sta
     said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert attrs["coverage_points"] == 256 and attrs["coverage_missed"] > 0.15
     assert any("particles of the exploration's SMC run" in m for m in said), said
+    assert any("The SMC bridge from the reference that replaced them" in m for m in said), said
     assert attrs["bridge_start"] == "reference" and attrs["correction"] == "smc"
     assert abs(attrs["log_normalizer"] - LOG_Z) < 3 * attrs["log_normalizer_se"] + 0.02
     assert attrs["importance_log_normalizer"] - LOG_Z < -0.15  # what the rounds alone said
