@@ -184,8 +184,8 @@ class PathChoice:
         little of the posterior's covariance (warm-up then starts from the identity, as before)."""
         if not bool((torch.isfinite(self.elbo) & self.laplace).all()):
             return None
-        cov = torch.linalg.inv(self.prec.mean(0))
-        return 0.5 * (cov + cov.T) if bool(torch.isfinite(cov).all()) else None
+        cov, singular = torch.linalg.inv_ex(self.prec.mean(0))
+        return 0.5 * (cov + cov.T) if not int(singular) and bool(torch.isfinite(cov).all()) else None
 
 
 def snapshot_visitor(hessian: Callable, choice: PathChoice) -> Callable:

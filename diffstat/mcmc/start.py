@@ -359,7 +359,7 @@ def _newton_direction(hess: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def _laplace_jitter(hess, noise, a_min):
     r"""Where a chain's Hessian ``hess: (n, dim, dim)`` of :math:`-\log\pi` is positive definite, its
     isotropic jitter ``noise = sqrt(a_min) z`` becomes :math:`H^{-1/2} z`. Returns the new noise and the
-    inverse of the mean Hessian over those chains (None if no chain has a positive definite one)."""
+    inverse of their mean Hessian (None if no chain's is positive definite or the mean is singular)."""
     chol, info = torch.linalg.cholesky_ex(hess)
     pd = info == 0
     if not bool(pd.any()):
@@ -367,7 +367,9 @@ def _laplace_jitter(hess, noise, a_min):
     z = noise / a_min.sqrt().unsqueeze(-1)
     laplace = torch.linalg.solve_triangular(chol.transpose(1, 2), z.unsqueeze(-1), upper=True).squeeze(-1)
     noise = torch.where(pd.unsqueeze(-1), torch.nan_to_num(laplace), noise)
-    cov = torch.linalg.inv(hess[pd].mean(0))
+    cov, singular = torch.linalg.inv_ex(hess[pd].mean(0))
+    if int(singular) or not bool(torch.isfinite(cov).all()):
+        return noise, None
     return noise, 0.5 * (cov + cov.T)
 
 

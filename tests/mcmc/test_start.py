@@ -165,3 +165,20 @@ def test_start_does_not_stay_on_a_neck_the_ascent_ran_down():
     sigma = state.x[:, 1].exp()
     # the exact posterior (quadrature over phi and log sigma in [-8, 0.5]): P(sigma < 0.05) = 2.3e-4
     assert bool((sigma > 0.05).all()), sigma
+
+
+def test_a_laplace_jitter_whose_one_positive_definite_hessian_is_singular_gives_no_metric():
+    """One chain on a ring's crest (radius 5, width 0.2): its Hessian of -log p is 25 u u^T, flat along
+    the ring, and passes Cholesky by a rounded pivot; the others are indefinite. The mean of the one
+    is singular: no first metric (warm-up starts from the identity), where ``linalg.inv`` raised
+    (``ds.sample(ring, "nuts", seed=7)`` crashed). A regular Hessian still gives its inverse."""
+    from diffstat.mcmc.start import _laplace_jitter
+
+    h = [["0x1.387a4b7117cd6p+4", "-0x1.4abfcd33e273cp+3"], ["-0x1.4abfcd33e273cp+3", "0x1.5e16d0fba0caap+2"]]
+    crest = torch.tensor([[float.fromhex(v) for v in row] for row in h], dtype=torch.float64)  # the run's
+    hess = torch.stack([-torch.eye(2, dtype=torch.float64), crest, -torch.eye(2, dtype=torch.float64)])
+    noise, a_min = torch.ones(3, 2, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    _, cov = _laplace_jitter(hess, noise, a_min)
+    assert cov is None
+    _, cov = _laplace_jitter(torch.stack([torch.eye(2) * 4.0, -torch.eye(2)]).double(), noise[:2], a_min[:2])
+    assert torch.allclose(cov, torch.eye(2, dtype=torch.float64) / 4.0)
