@@ -10,6 +10,7 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
+import scipy.stats
 import torch
 
 import diffstat as ds
@@ -49,8 +50,6 @@ def test_a_wider_proposal_misses_nothing_and_a_narrower_one_fails(seed):
     assert coverage_reason(wide) is None
     narrow = coverage_check(target, x, Gaussian(0.7), log_z)
     threshold = (math.log(MISSED_RATIO) - DIM * math.log(0.7)) / (0.5 / 0.49 - 0.5)  # 15.7, on |x|^2
-    import scipy.stats
-
     share = scipy.stats.chi2(DIM).sf(threshold)
     assert abs(narrow["missed"] - share) < 4 * math.sqrt(share * (1 - share) / 2000)
     assert f"{narrow['missed']:.0%} of the 2000 particles" in coverage_reason(narrow)
