@@ -33,7 +33,15 @@ import torch
 
 from diffstat.mcmc.base import rows_finite
 
-__all__ = ["ELBO_DRAWS", "SNAPSHOTS", "PathChoice", "candidates", "local_gaussians", "snapshot_visitor"]
+__all__ = [
+    "ELBO_DRAWS",
+    "SNAPSHOTS",
+    "PathChoice",
+    "candidates",
+    "local_gaussians",
+    "mean_covariance",
+    "snapshot_visitor",
+]
 
 #: Draws per candidate for the ELBO estimate (Pathfinder's default is 5): cheap beside a Hessian's
 #: ``dim`` evaluations, and with common random numbers enough to rank candidates whose ELBOs differ
@@ -184,8 +192,14 @@ class PathChoice:
         little of the posterior's covariance (warm-up then starts from the identity, as before)."""
         if not bool((torch.isfinite(self.elbo) & self.laplace).all()):
             return None
-        cov, singular = torch.linalg.inv_ex(self.prec.mean(0))
-        return 0.5 * (cov + cov.T) if not int(singular) and bool(torch.isfinite(cov).all()) else None
+        return mean_covariance(self.prec)
+
+
+def mean_covariance(prec: torch.Tensor) -> torch.Tensor | None:
+    """The symmetrised inverse of the mean of the precisions ``prec: (n, dim, dim)``, or None where that
+    mean is singular or the inverse not finite (a Hessian flat along a ring's crest)."""
+    cov, singular = torch.linalg.inv_ex(prec.mean(0))
+    return 0.5 * (cov + cov.T) if not int(singular) and bool(torch.isfinite(cov).all()) else None
 
 
 def snapshot_visitor(hessian: Callable, choice: PathChoice) -> Callable:

@@ -54,7 +54,7 @@ from collections.abc import Callable
 import torch
 
 from diffstat.mcmc.base import LogProbAndGrad, MCMCState, rows_finite
-from diffstat.mcmc.pathfinder import PathChoice, snapshot_visitor
+from diffstat.mcmc.pathfinder import PathChoice, mean_covariance, snapshot_visitor
 
 __all__ = ["find_start", "initial_step_sizes"]
 
@@ -367,10 +367,7 @@ def _laplace_jitter(hess, noise, a_min):
     z = noise / a_min.sqrt().unsqueeze(-1)
     laplace = torch.linalg.solve_triangular(chol.transpose(1, 2), z.unsqueeze(-1), upper=True).squeeze(-1)
     noise = torch.where(pd.unsqueeze(-1), torch.nan_to_num(laplace), noise)
-    cov, singular = torch.linalg.inv_ex(hess[pd].mean(0))
-    if int(singular) or not bool(torch.isfinite(cov).all()):
-        return noise, None
-    return noise, 0.5 * (cov + cov.T)
+    return noise, mean_covariance(hess[pd])
 
 
 def initial_step_sizes(
