@@ -17,6 +17,8 @@ import torch
 
 import diffstat as ds
 from audit_cases_pyro import THIRD_ROUND
+from audit_cases_sixth_a import SIXTH_A
+from audit_cases_sixth_b import SIXTH_B
 from diffstat.targets import GaussianMixture, narrow_wide
 
 F64 = torch.float64
@@ -314,4 +316,6 @@ CASES = {
     "sym_modes": symmetric_modes,
     "beta_boundary": beta_boundary,
     **THIRD_ROUND,
+    **SIXTH_A,
+    **SIXTH_B,
 }
