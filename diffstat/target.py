@@ -14,7 +14,7 @@ import torch
 
 from diffstat._validation import unvalidated
 
-__all__ = ["Target", "check_reference", "check_dtype"]
+__all__ = ["Target", "check_reference", "check_dtype", "no_support_message"]
 
 #: Points used to probe a log-density when a Target is built.
 _NUM_PROBE_POINTS = 4
@@ -56,6 +56,15 @@ def check_reference(reference, dim: int) -> None:
             f"point the target can reach), got {type(reference).__name__} with support {support}; use "
             "e.g. a Normal, StudentT or MultivariateNormal, or sample in unconstrained coordinates"
         )
+
+
+def no_support_message(n: int) -> str:
+    """The ``ValueError`` message for a log-density that is -inf at all ``n`` starting points."""
+    return (
+        f"log_prob is -inf at all {n} initial points: no chain would start in the support; pass init= "
+        "points inside it, or better, sample an unconstrained parameter (for x > 0, u = log x with "
+        "log_prob(exp(u)) + u.sum(-1) as the log-density)"
+    )
 
 
 def _support(reference):
@@ -218,8 +227,9 @@ class Target:
     __call__ = log_prob
 
     # ------------------------------------------------------------------ validation
-    def validate(self, x: torch.Tensor, *, initial: bool = True) -> None:
-        """Check the log-density at the points ``x: (n, dim)``; raise ``ValueError`` if bad.
+    def validate(self, x: torch.Tensor, *, initial: bool = True, require_support: bool = True):
+        """Check the log-density at the points ``x: (n, dim)``; raise ``ValueError`` if bad, else
+        return where it is finite ``(n,)`` (``require_support=False``: no point need be finite).
 
         Checks, in order: the points' shape and dtype, that ``log_prob`` accepts them (a
         ``RuntimeError`` or ``IndexError`` of the user's log-density becomes a ``ValueError`` only
@@ -260,14 +270,12 @@ class Target:
         if grad is None:
             raise ValueError("log_prob is not differentiable by autograd: its output does not depend on x")
         finite = torch.isfinite(lp)
-        if initial and not finite.any():
-            raise ValueError(
-                f"log_prob is -inf at all {n} initial points: no chain would start in the support; "
-                "pass init= points inside the support (or a reference that covers it)"
-            )
+        if initial and require_support and not finite.any():
+            raise ValueError(no_support_message(n))
         if initial and bool(finite.all()) and bool((lp == lp[0]).all()) and bool((x != x[:1]).any()):
             self._check_not_flat(x.detach())  # one constant at distinct starting points: flat?
         self._check_gradient(x, finite, grad)
+        return finite
 
     def _evaluate_for_validation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(xg, lp)``: the points as a leaf that requires grad and ``log_prob`` there, ``(n,)``,
