@@ -12,8 +12,8 @@ import torch
 from diffstat._util import check_options, progress_bar
 from diffstat.sampling import SamplerResult, register_sampler
 from diffstat.tempering.core import initial_particles
+from diffstat.tempering.dispersed import check_scales, disagreement_note, run_paths
 from diffstat.tempering.mode_check import after_checks, pop_check_modes
-from diffstat.tempering.path import make_path
 from diffstat.tempering.resampling import resample
 from diffstat.tempering.runs import (
     CHI2_ALPHA,
@@ -27,7 +27,7 @@ from diffstat.tempering.smc import MIN_EVES, SMCConfig, adaptive_tempered_smc
 
 __all__ = ["smc_sampler"]
 
-_OPTIONS = {"reference", "check_modes"} | {f.name for f in fields(SMCConfig)}
+_OPTIONS = {"reference", "reference_scales", "check_modes"} | {f.name for f in fields(SMCConfig)}
 
 
 @register_sampler("smc", typed_by=SMCConfig)
@@ -40,7 +40,11 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     (``"mala"``), ``num_mcmc_steps`` (None: adapted per stage), ``max_mcmc_steps`` (100),
     ``decorrelation_tol`` (0.1), ``metric`` (``"auto"``, ``"dense"``, ``"diag"``), ``within_modes``
     (True), ``num_leapfrog`` (5), ``step_size``, ``target_accept``, ``adapt_scale`` (True),
-    ``step_jitter`` (0), ``max_pareto_k`` (None), ``betas``, ``max_stages``; ``check_modes`` (True):
+    ``step_jitter`` (0), ``max_pareto_k`` (None), ``betas``, ``max_stages``; ``reference_scales``
+    (None: :data:`~diffstat.tempering.dispersed.DISPERSED_SCALES` where the default N(0, I) applies):
+    run ``r`` tempers from N(0, c^2 I), ``c`` cycling through them, so that runs from a wider
+    reference that find a wider posterior trip the checks below (:mod:`~diffstat.tempering.dispersed`;
+    ``(1,)``: every run from N(0, I); ``reference_scales`` in attrs); ``check_modes`` (True):
     after the runs, look for modes that every run missed
     (:func:`~diffstat.modes.coverage.missed_modes`: gradient ascent from scaled reference draws,
     Laplace masses of the peaks no draw reaches); ``missed_mode_share`` in attrs, and a
@@ -58,7 +62,8 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     check_modes = pop_check_modes(options)
     evals0 = target.num_target_evals
     num_chains = 4 if num_chains is None else num_chains
-    path = make_path(target, options.pop("reference", None))
+    scales = check_scales(options.pop("reference_scales", None))
+    path, paths, per_run = run_paths(target, options.pop("reference", None), scales, num_chains, device)
     SMCConfig.from_options(dict(options))  # a bad value is refused before the first evaluation
     scheme = options.get("resampling", "systematic")
     draws, lps, log_ws, accs, runs = [], [], [], [], []
@@ -67,9 +72,9 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
         warnings.catch_warnings(record=True) as caught,
     ):
         warnings.simplefilter("always")  # each run's warnings, said once below
-        for _ in range(num_chains):
-            x0 = initial_particles(path, num_samples, generator, device)
-            out = adaptive_tempered_smc(generator, path, x0, bar=bar, **options)
+        for run_path in paths:
+            x0 = initial_particles(run_path, num_samples, generator, device)
+            out = adaptive_tempered_smc(generator, run_path, x0, bar=bar, **options)
             ps, log_w = out.particles, out.log_weights
             if not bool((log_w == log_w[0]).all()):
                 idx = resample(generator, log_w, scheme)
@@ -87,7 +92,8 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     log_z, se, se_method = pooled_log_z(log_zs, ses)
     agreement, rhat = runs_agreement(log_zs, ses), runs_rhat(torch.stack(draws))
     num_eves = min(r.num_eves for r in runs)
-    _warn_if_unreliable(num_eves, num_samples, log_zs, ses, agreement, rhat, log_z, se)
+    note = disagreement_note(per_run, log_zs, torch.stack(draws))
+    _warn_if_unreliable(num_eves, num_samples, log_zs, ses, agreement, rhat, log_z, se, note)
     pooled = torch.cat(draws)
     checks = after_checks("SMC", check_modes, target, path, pooled, log_z, generator, device, evals0)
     sample_stats = {
@@ -107,15 +113,18 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
         "num_eves": num_eves,
         "path": path.kind,
     }
+    if per_run is not None:
+        attrs["reference_scales"] = per_run
     attrs.update(checks)
     return SamplerResult(
         torch.stack(draws), sample_stats, {"tempering": stack_stages([r.stages for r in runs])}, attrs
     )
 
 
-def _warn_if_unreliable(num_eves, num_samples, log_zs, ses, agreement, rhat, log_z, se) -> None:
+def _warn_if_unreliable(num_eves, num_samples, log_zs, ses, agreement, rhat, log_z, se, note="") -> None:
     """The run-level ``RuntimeWarning``s of :func:`smc_sampler`: too few surviving Eves; runs whose
-    log Z estimates or draws disagree."""
+    log Z estimates or draws disagree (with ``note``, what that means for runs from references of
+    different widths)."""
     if num_eves < MIN_EVES:
         warnings.warn(
             f"SMC: only {num_eves} distinct initial particles survive (of {num_samples}); log Z = "
@@ -143,7 +152,7 @@ def _warn_if_unreliable(num_eves, num_samples, log_zs, ses, agreement, rhat, log
             + ". A mode some runs missed, or moves that do not mix: the draws' mode weights and log Z are "
             "unreliable. Give a reference= that covers the posterior (wider than it; the default is the "
             "target's reference, else N(0, I)), raise num_samples (the particles) or target_ess, or use "
-            "method='diffusion' or 'pt'",
+            "method='diffusion' or 'pt'" + note,
             RuntimeWarning,
             stacklevel=3,
         )
