@@ -22,13 +22,14 @@ import math
 import torch
 
 from diffstat.tempering.path import GeometricPath, make_path
+from diffstat.tempering.runs import CHI2_ALPHA
 
 __all__ = ["DISPERSED_SCALES", "check_scales", "disagreement_note", "run_paths", "ScaledNormalPath"]
 
-#: The runs' reference sds, cycled over the runs (runs 1, 3 from N(0, I), runs 2, 4 from N(0, 9 I)):
-#: the width at which the runs from the wider reference came out right on the 5-d banana
-#: (``docs/smc_banana.md``, sections 4 and 7), half the runs kept at the old default.
-DISPERSED_SCALES = (1.0, 3.0)
+#: The runs' reference sds, cycled over the runs (runs 1, 3 from N(0, I), runs 2, 4 from N(0, 16 I)):
+#: the widest of 3, 4 and 5 whose runs cost at most 1.5 times the evaluations of four runs from
+#: N(0, I) on every sound audit target (``docs/smc_banana.md``, section 7).
+DISPERSED_SCALES = (1.0, 4.0)
 
 
 class ScaledNormalPath(GeometricPath):
@@ -84,22 +85,32 @@ def _label(scale: float) -> str:
     return "N(0, I)" if scale == 1.0 else f"N(0, {scale:g}^2 I)"
 
 
-def disagreement_note(per_run: list | None, log_zs: list[float], draws: torch.Tensor) -> str:
-    """What a disagreement means where the runs came from references of different widths: each
-    width's runs, their mean log Z and the draws' mean sd, and that a wider posterior from a wider
-    reference means moves too slow to carry the narrower runs' particles out ("" otherwise)."""
+def disagreement_note(per_run: list | None, log_zs: list[float], draws: torch.Tensor, wider_p: float):
+    """For runs from references of different widths: the reason to warn where the runs from the
+    widest found a larger log Z (``wider_p``, :func:`~diffstat.tempering.runs.wider_runs_p`, under
+    :data:`~diffstat.tempering.runs.CHI2_ALPHA`), and what any disagreement means (each width's
+    runs, their log Z and the draws' mean sd; moves too slow to carry the narrower runs' particles
+    out); ``("", "")`` where the runs share one reference."""
     if per_run is None or len(set(per_run)) < 2:
-        return ""
-    parts = []
+        return "", ""
+    parts, lzs = [], {}
     for c in sorted(set(per_run)):
         idx = [i for i, s in enumerate(per_run) if s == c]
-        lz = torch.tensor([log_zs[i] for i in idx], dtype=torch.float64).logsumexp(0) - math.log(len(idx))
+        lzs[c] = sum(log_zs[i] for i in idx) / len(idx)
         sd = float(draws[idx].reshape(-1, draws.shape[-1]).double().std(0).mean())
         runs = ", ".join(str(i + 1) for i in idx)
-        parts.append(f"runs {runs} from {_label(c)}: log Z {float(lz):.3f}, mean sd of the draws {sd:.3f}")
-    return (
+        parts.append(f"runs {runs} from {_label(c)}: mean log Z {lzs[c]:.3f}, mean sd of the draws {sd:.3f}")
+    lo, hi = min(per_run), max(per_run)
+    reason = ""
+    if wider_p < CHI2_ALPHA:
+        reason = (
+            f"the runs from {_label(hi)} found more mass than those from {_label(lo)} (mean log Z "
+            f"{lzs[hi] - lzs[lo]:+.3f}, one-sided p = {wider_p:.1e} < {CHI2_ALPHA})"
+        )
+    note = (
         " The runs started from references of different widths (" + "; ".join(parts) + "). Where the "
-        "runs from the wider reference found a wider posterior (or a larger log Z), the moves did not "
+        "runs from the wider reference found a wider posterior or a larger log Z, the moves did not "
         "carry the particles from the narrower one out to the whole target: raise num_mcmc_steps, or "
         "give a reference= wider than the posterior."
     )
+    return reason, note

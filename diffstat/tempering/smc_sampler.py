@@ -22,6 +22,7 @@ from diffstat.tempering.runs import (
     runs_agreement,
     runs_rhat,
     stack_stages,
+    wider_runs_p,
 )
 from diffstat.tempering.smc import MIN_EVES, SMCConfig, adaptive_tempered_smc
 
@@ -92,7 +93,8 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     log_z, se, se_method = pooled_log_z(log_zs, ses)
     agreement, rhat = runs_agreement(log_zs, ses), runs_rhat(torch.stack(draws))
     num_eves = min(r.num_eves for r in runs)
-    note = disagreement_note(per_run, log_zs, torch.stack(draws))
+    wider_p = wider_runs_p(log_zs, ses, per_run)
+    note = disagreement_note(per_run, log_zs, torch.stack(draws), wider_p)
     _warn_if_unreliable(num_eves, num_samples, log_zs, ses, agreement, rhat, log_z, se, note)
     pooled = torch.cat(draws)
     checks = after_checks("SMC", check_modes, target, path, pooled, log_z, generator, device, evals0)
@@ -114,17 +116,20 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
         "path": path.kind,
     }
     if per_run is not None:
-        attrs["reference_scales"] = per_run
+        attrs["reference_scales"], attrs["wider_runs_p"] = per_run, wider_p
     attrs.update(checks)
     return SamplerResult(
         torch.stack(draws), sample_stats, {"tempering": stack_stages([r.stages for r in runs])}, attrs
     )
 
 
-def _warn_if_unreliable(num_eves, num_samples, log_zs, ses, agreement, rhat, log_z, se, note="") -> None:
+def _warn_if_unreliable(
+    num_eves, num_samples, log_zs, ses, agreement, rhat, log_z, se, note=("", "")
+) -> None:
     """The run-level ``RuntimeWarning``s of :func:`smc_sampler`: too few surviving Eves; runs whose
-    log Z estimates or draws disagree (with ``note``, what that means for runs from references of
-    different widths)."""
+    log Z estimates or draws disagree (``note``: the runs from a wider reference found more mass, and
+    what a disagreement means for runs from references of different widths, as
+    :func:`~diffstat.tempering.dispersed.disagreement_note` says)."""
     if num_eves < MIN_EVES:
         warnings.warn(
             f"SMC: only {num_eves} distinct initial particles survive (of {num_samples}); log Z = "
@@ -145,6 +150,8 @@ def _warn_if_unreliable(num_eves, num_samples, log_zs, ses, agreement, rhat, log
         reasons.append(
             f"their draws disagree (R-hat across runs {rhat:.3f} > {max_runs_rhat(num_samples):.3f})"
         )
+    reason, note = note
+    reasons += [reason] if reason else []
     if reasons:
         warnings.warn(
             f"SMC: the {len(log_zs)} runs found different parts of the target: "
@@ -152,7 +159,7 @@ def _warn_if_unreliable(num_eves, num_samples, log_zs, ses, agreement, rhat, log
             + ". A mode some runs missed, or moves that do not mix: the draws' mode weights and log Z are "
             "unreliable. Give a reference= that covers the posterior (wider than it; the default is the "
             "target's reference, else N(0, I)), raise num_samples (the particles) or target_ess, or use "
-            "method='diffusion' or 'pt'" + note,
+            "method='diffusion' or 'pt'" + (f". {note.strip()}" if note else ""),
             RuntimeWarning,
             stacklevel=3,
         )
