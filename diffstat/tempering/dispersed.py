@@ -7,9 +7,11 @@ follow the target out when it opens up at the end (a banana; ``docs/smc_banana.m
 agree, and the between-run checks (:mod:`diffstat.tempering.runs`) stay silent. Run :math:`r`
 instead tempers from :math:`\mathcal N(0, c_r^2 I)` with :math:`c_r` cycling through
 :data:`DISPERSED_SCALES`. Each run is still an exact SMC sampler of the same target, so sound runs
-agree and the pooled draws and :math:`\hat Z` (the runs' mean) stay valid; runs from a wider
-reference that find a wider posterior disagree with the others, which Cochran's Q on their log Z
-estimates or the R-hat across their draws reports.
+agree and the pooled draws and :math:`\hat Z` (the runs' mean) stay valid; where the runs from the
+narrower reference lost mass that those from the wider one found, the runs disagree: Cochran's Q on
+their log Z estimates, the R-hat across their draws, or the one-sided test of the wider runs' log Z
+against the narrower ones' (:func:`~diffstat.tempering.runs.wider_runs_p`) reports it, and the
+warning names the widths (:func:`disagreement_note`).
 
 A target with its own reference, a model tempered in its likelihood (from its prior) and a
 ``reference=`` keep that reference in every run.

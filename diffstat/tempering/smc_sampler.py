@@ -42,10 +42,8 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     ``decorrelation_tol`` (0.1), ``metric`` (``"auto"``, ``"dense"``, ``"diag"``), ``within_modes``
     (True), ``num_leapfrog`` (5), ``step_size``, ``target_accept``, ``adapt_scale`` (True),
     ``step_jitter`` (0), ``max_pareto_k`` (None), ``betas``, ``max_stages``; ``reference_scales``
-    (None: :data:`~diffstat.tempering.dispersed.DISPERSED_SCALES` where the default N(0, I) applies):
-    run ``r`` tempers from N(0, c^2 I), ``c`` cycling through them, so that runs from a wider
-    reference that find a wider posterior trip the checks below (:mod:`~diffstat.tempering.dispersed`;
-    ``(1,)``: every run from N(0, I); ``reference_scales`` in attrs); ``check_modes`` (True):
+    (None: runs from N(0, I) and N(0, 16 I) by turns where N(0, I) is the reference;
+    :mod:`~diffstat.tempering.dispersed`; ``(1,)`` for N(0, I) in every run); ``check_modes`` (True):
     after the runs, look for modes that every run missed
     (:func:`~diffstat.modes.coverage.missed_modes`: gradient ascent from scaled reference draws,
     Laplace masses of the peaks no draw reaches); ``missed_mode_share`` in attrs, and a
@@ -55,9 +53,11 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     about the noise of :math:`\log\hat Z` (0.1 at 1,000 particles on a 6-d three-mode mixture, mode
     weights 0.05 off in total variation on 5 seeds in 12 with one run); four runs halve it, and a
     ``RuntimeWarning`` says when their log Z estimates or draws (R-hat across runs, ``rhat_max`` in
-    attrs) disagree (:mod:`diffstat.tempering.runs`). The pooled :math:`\hat Z` is the runs' mean, its
-    standard error the larger of the genealogy's and the runs' spread. Each run's draws are its
-    particles resampled with the run's scheme; ``log_weight`` in ``sample_stats`` is their log weight.
+    attrs) disagree, or when runs from the wider reference find more mass (``wider_runs_p`` and
+    ``reference_scales`` in attrs; :mod:`diffstat.tempering.runs`). The pooled :math:`\hat Z` is the
+    runs' mean, its standard error the larger of the genealogy's and the runs' spread. Each run's
+    draws are its particles resampled with the run's scheme; ``log_weight`` in ``sample_stats`` is
+    their log weight.
     """
     check_options(options, _OPTIONS, "smc")
     check_modes = pop_check_modes(options)
@@ -67,26 +67,12 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     path, paths, per_run = run_paths(target, options.pop("reference", None), scales, num_chains, device)
     SMCConfig.from_options(dict(options))  # a bad value is refused before the first evaluation
     scheme = options.get("resampling", "systematic")
-    draws, lps, log_ws, accs, runs = [], [], [], [], []
     with (
         progress_bar(1000 * num_chains, "smc", progress) as bar,
         warnings.catch_warnings(record=True) as caught,
     ):
         warnings.simplefilter("always")  # each run's warnings, said once below
-        for run_path in paths:
-            x0 = initial_particles(run_path, num_samples, generator, device)
-            out = adaptive_tempered_smc(generator, run_path, x0, bar=bar, **options)
-            ps, log_w = out.particles, out.log_weights
-            if not bool((log_w == log_w[0]).all()):
-                idx = resample(generator, log_w, scheme)
-                ps, log_w, acc = ps.index(idx), log_w[idx], out.acceptance[idx]
-            else:
-                acc = out.acceptance
-            draws.append(ps.x)
-            lps.append(ps.target_log_prob)
-            log_ws.append(log_w)
-            accs.append(acc)
-            runs.append(out)
+        draws, lps, log_ws, accs, runs = _run_all(paths, num_samples, generator, device, bar, scheme, options)
     for message, category in dict.fromkeys((str(w.message), w.category) for w in caught):
         warnings.warn(message, category, stacklevel=2)
     log_zs, ses = [r.log_normalizer for r in runs], [r.log_normalizer_se for r in runs]
@@ -121,6 +107,27 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     return SamplerResult(
         torch.stack(draws), sample_stats, {"tempering": stack_stages([r.stages for r in runs])}, attrs
     )
+
+
+def _run_all(paths, num_samples, generator, device, bar, scheme, options) -> tuple[list, ...]:
+    """One SMC run along each of ``paths``: each run's draws (its particles resampled with
+    ``scheme``), their target log-density, log weights and acceptance, and the runs' outputs."""
+    draws, lps, log_ws, accs, runs = [], [], [], [], []
+    for run_path in paths:
+        x0 = initial_particles(run_path, num_samples, generator, device)
+        out = adaptive_tempered_smc(generator, run_path, x0, bar=bar, **options)
+        ps, log_w = out.particles, out.log_weights
+        if not bool((log_w == log_w[0]).all()):
+            idx = resample(generator, log_w, scheme)
+            ps, log_w, acc = ps.index(idx), log_w[idx], out.acceptance[idx]
+        else:
+            acc = out.acceptance
+        draws.append(ps.x)
+        lps.append(ps.target_log_prob)
+        log_ws.append(log_w)
+        accs.append(acc)
+        runs.append(out)
+    return draws, lps, log_ws, accs, runs
 
 
 def _warn_if_unreliable(
