@@ -1,8 +1,11 @@
 """SMC's runs from references of different widths (``diffstat/tempering/dispersed.py``,
-``docs/smc_banana.md`` section 7): per run, its reference sd, log Z (se), the draws' mean sd, and
-for the call Cochran's p, R-hat across runs, evaluations and whether it warned.
+``docs/smc_banana.md`` section 7): per run, its log Z error and the draws' mean sd; for the call,
+the pooled log Z error (se), Cochran's p, the wider runs' z (``wider_runs_p``), R-hat across runs,
+evaluations, the ratio of the draws' sds between the widths (largest and smallest over coordinates)
+and between two runs of one width, the shift of the mean log-density between the widths, and the
+RuntimeWarnings (first words).
 
-    python benchmarks/bench_smc_dispersed.py --cases banana5 banana2 --seeds 0 1 2 --scales 1 3
+    python benchmarks/bench_smc_dispersed.py --cases banana5 banana2 --seeds 0 1 2 --scales 1 4
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def main():
     )
     parser.add_argument("--cases", nargs="+", default=["banana5", "banana2"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--scales", nargs="+", type=float, default=[1.0, 3.0])
+    parser.add_argument("--scales", nargs="+", type=float, default=[1.0, 4.0])
     parser.add_argument("--num-samples", type=int, default=1000)
     args = parser.parse_args()
     print(
