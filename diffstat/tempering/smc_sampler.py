@@ -72,7 +72,9 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
         warnings.catch_warnings(record=True) as caught,
     ):
         warnings.simplefilter("always")  # each run's warnings, said once below
-        draws, lps, log_ws, accs, runs = _run_all(paths, num_samples, generator, device, bar, scheme, options)
+        draws, lps, log_ws, accs, runs, refused_nan = _run_all(
+            path, paths, per_run, num_samples, generator, device, bar, scheme, options
+        )
     for message, category in dict.fromkeys((str(w.message), w.category) for w in caught):
         warnings.warn(message, category, stacklevel=2)
     log_zs, ses = [r.log_normalizer for r in runs], [r.log_normalizer_se for r in runs]
@@ -104,18 +106,38 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     if per_run is not None:
         attrs["reference_scales"], attrs["wider_runs_p"] = per_run, wider_p
     attrs.update(checks)
+    if refused_nan:
+        attrs["num_nan_exploration"] = attrs.get("num_nan_exploration", 0) + refused_nan
     return SamplerResult(
         torch.stack(draws), sample_stats, {"tempering": stack_stages([r.stages for r in runs])}, attrs
     )
 
 
-def _run_all(paths, num_samples, generator, device, bar, scheme, options) -> tuple[list, ...]:
+def _run_all(
+    narrow, paths, per_run, num_samples, generator, device, bar, scheme, options
+) -> tuple[list, ...]:
     """One SMC run along each of ``paths``: each run's draws (its particles resampled with
-    ``scheme``), their target log-density, log weights and acceptance, and the runs' outputs."""
+    ``scheme``), their target log-density, log weights and acceptance, and the runs' outputs. A run
+    from a wider reference than ``narrow`` that is refused (``ValueError``: the target is NaN or
+    +inf at its reference draws, or -inf at all of them: a support or an overflow that N(0, I)
+    does not reach) is made from ``narrow`` instead, as are the later runs of that width, and
+    ``per_run`` (the runs' reference sds) says so; the NaNs the refused runs met are returned last
+    (exploration, as the missed-mode check's far starts: not the runs' NaN warning)."""
     draws, lps, log_ws, accs, runs = [], [], [], [], []
-    for run_path in paths:
-        x0 = initial_particles(run_path, num_samples, generator, device)
-        out = adaptive_tempered_smc(generator, run_path, x0, bar=bar, **options)
+    refused, nan_before, refused_nan = set(), narrow.target.num_nan_evals, 0
+    for r, run_path in enumerate(paths):
+        try:
+            out = _one_run(
+                narrow if run_path in refused else run_path, num_samples, generator, device, bar, options
+            )
+        except ValueError:
+            if run_path is narrow:
+                raise
+            refused.add(run_path)
+            refused_nan += narrow.target.num_nan_evals - nan_before
+            out = _one_run(narrow, num_samples, generator, device, bar, options)
+        if run_path in refused:
+            per_run[r] = min(per_run)
         ps, log_w = out.particles, out.log_weights
         if not bool((log_w == log_w[0]).all()):
             idx = resample(generator, log_w, scheme)
@@ -127,7 +149,13 @@ def _run_all(paths, num_samples, generator, device, bar, scheme, options) -> tup
         log_ws.append(log_w)
         accs.append(acc)
         runs.append(out)
-    return draws, lps, log_ws, accs, runs
+        nan_before = narrow.target.num_nan_evals
+    return draws, lps, log_ws, accs, runs, refused_nan
+
+
+def _one_run(run_path, num_samples, generator, device, bar, options):
+    x0 = initial_particles(run_path, num_samples, generator, device)
+    return adaptive_tempered_smc(generator, run_path, x0, bar=bar, **options)
 
 
 def _warn_if_unreliable(

@@ -112,3 +112,31 @@ def test_wider_runs_p():
     assert wider_runs_p([-0.2, 0.1, -0.2, 0.1], [0.1] * 4, [1.0] * 4) == 1.0
     assert wider_runs_p([-0.2, 0.1, -0.2, 0.1], [0.1, 0.0, 0.1, 0.1], scales) == 1.0
     assert np.isfinite(wider_runs_p([-0.2, 0.1, -0.2], [0.1] * 3, [1.0, 4.0, 1.0]))
+
+
+def nan_beyond_seven(x):
+    """N(0, I), NaN beyond 7 in any coordinate (an overflow far out, where N(0, 16 I) draws go)."""
+    lp = -0.5 * (x**2).sum(-1)
+    return torch.where(x.abs().amax(-1) > 7.0, torch.full_like(lp, math.nan), lp)
+
+
+def beta_box(x):
+    """Beta(2, 3) coordinates on (0, 1)^2, -inf outside: the 16 first draws of N(0, 16 I) may all miss."""
+    inside = ((x > 0) & (x < 1)).all(-1)
+    xs = torch.where(inside[:, None], x, torch.full_like(x, 0.5))
+    lp = (torch.log(xs) + 2 * torch.log1p(-xs)).sum(-1)
+    return torch.where(inside, lp, torch.full_like(lp, -torch.inf))
+
+
+@pytest.mark.parametrize("fn", [nan_beyond_seven, beta_box])
+def test_a_wider_reference_the_target_refuses_falls_back_to_n01(fn):
+    """Where the target is NaN at the wider reference's draws, or -inf at all of them, those runs
+    are made from N(0, I) (``reference_scales`` says 1), any NaN the refused runs met counts as
+    exploration (no NaN warning; seed 1, where the runs from N(0, I) meet none themselves)."""
+    target = ds.Target(fn, 2, dtype=F64)
+    attrs, messages = sample(target, 1, check_modes=False)
+    assert attrs["reference_scales"] == [1.0, 1.0, 1.0, 1.0] and attrs["wider_runs_p"] == 1.0
+    assert not any("returned NaN" in m for m in messages)
+    assert attrs["num_nan_evals"] == attrs.get("num_nan_exploration", 0)
+    with pytest.raises(ValueError, match="NaN|-inf"):  # from N(0, 4^2 I) only, the start is refused
+        ds.sample(target, "smc", num_samples=1000, seed=1, progress=False, reference_scales=(4.0,))
