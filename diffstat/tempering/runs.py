@@ -20,7 +20,13 @@ weights). With :math:`R` runs:
   :math:`c/n` for :math:`n` particles per run (:math:`c` up to 14 on a 6-d three-mode mixture:
   1.051 at 250 particles, 1.014 at 1,000, over 12 seeds each); runs that found different modes lie
   far beyond (1.04 to 1.39 at 1,000 particles on two- and nine-mode targets from N(0, I)). This
-  catches what the log Z test cannot: a run whose large error bar hides the mode it found alone.
+  catches what the log Z test cannot: a run whose large error bar hides the mode it found alone;
+* runs from references of different widths (:mod:`diffstat.tempering.dispersed`) are also compared
+  group against group (:func:`wider_runs_p`): the mean :math:`\log\hat Z` of the runs from the
+  widest reference against that of the runs from the narrowest, over its standard error from the
+  runs' own errors, one-sided at :data:`CHI2_ALPHA` (runs that missed mass in the target's tails
+  estimate a smaller :math:`Z`). One degree of freedom aimed at that difference has more power than
+  Cochran's Q spread over :math:`R - 1`.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ __all__ = [
     "runs_agreement",
     "runs_rhat",
     "stack_stages",
+    "wider_runs_p",
 ]
 
 #: Level of the runs-against-their-errors consistency test: one false alarm in a thousand calls.
@@ -93,6 +100,22 @@ def runs_agreement(log_zs: list[float], ses: list[float]) -> float:
         return 1.0
     q, dof = cochran_q(log_zs, ses)
     return float(stats.chi2.sf(q, dof))
+
+
+def wider_runs_p(log_zs: list[float], ses: list[float], scales: list[float] | None) -> float:
+    r"""One-sided p-value that the runs from the widest reference (sd ``scales[r]`` for run ``r``)
+    estimate a larger log Z than those from the narrowest: their mean log Z's difference over
+    :math:`\sqrt{\sum s_r^2/k^2}` summed over both groups of :math:`k` runs (module docstring); 1
+    where the runs share one width or an estimate or error is not finite and positive."""
+    lz, se = np.asarray(log_zs, dtype=float), np.asarray(ses, dtype=float)
+    if scales is None or len(set(scales)) < 2:
+        return 1.0
+    if not (np.all(np.isfinite(lz)) and np.all(np.isfinite(se)) and np.all(se > 0)):
+        return 1.0
+    wide, narrow = np.asarray(scales) == max(scales), np.asarray(scales) == min(scales)
+    diff = lz[wide].mean() - lz[narrow].mean()
+    sd = math.sqrt((se[wide] ** 2).sum() / wide.sum() ** 2 + (se[narrow] ** 2).sum() / narrow.sum() ** 2)
+    return float(stats.norm.sf(diff / sd))
 
 
 def max_runs_rhat(num_particles: int) -> float:

@@ -82,7 +82,14 @@ def test_smc_on_the_reference_itself_is_exact():
     systematic scheme is 0 however often it resamples; so are the four runs' pool and its spread."""
     target = ds.Target(lambda x: -0.5 * (x**2).sum(-1) - 0.5 * 2 * math.log(2 * math.pi), 2, dtype=F64)
     idata = ds.sample(
-        target, "smc", num_samples=100, seed=0, progress=False, betas=[0.3, 0.6, 1.0], resample_threshold=1.0
+        target,
+        "smc",
+        num_samples=100,
+        seed=0,
+        progress=False,
+        betas=[0.3, 0.6, 1.0],
+        resample_threshold=1.0,
+        reference_scales=(1.0,),  # every run from N(0, I), the target itself
     )
     attrs = idata.posterior.attrs
     assert attrs["num_resampling"] == 4 * 3 and attrs["runs_agreement_p"] == 1.0
