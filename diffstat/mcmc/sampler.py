@@ -136,28 +136,31 @@ def initial_points(target, num_chains: int, generator, device, init_x=None) -> t
     return x
 
 
-#: Reference draws tried, in batches of 256, when every starting point is outside the support: a
-#: constraint written as -inf outside a region holding 1/8 of N(0, I) (three positive coordinates)
-#: leaves 4 chains no start with probability 0.59, and 4,096 draws all outside with about 1e-237.
+#: Reference draws tried, in batches of 256, for the starts outside the support: a constraint written
+#: as -inf outside a region holding 1/8 of N(0, I) (three positive coordinates) leaves a start
+#: outside with probability 7/8, and 4,096 draws all outside with about 1e-237.
 SUPPORT_SEARCH = 4096
 
 
-def search_support(target, num_chains: int, generator, device) -> torch.Tensor:
-    """Starting points ``(num_chains, dim)`` where ``log_prob`` is finite, when the first reference
-    draws all fell outside the support: further reference draws, up to ``SUPPORT_SEARCH``, in
-    batches; the first ``num_chains`` finite ones, cycled when fewer were found (the start phase
-    then spreads chains that start alike). ``ValueError`` when none is finite."""
-    found = []
+def search_support(target, x0: torch.Tensor, finite: torch.Tensor, generator, device) -> torch.Tensor:
+    """The reference starts ``x0: (n, dim)`` with those where ``log_prob`` is -inf (``~finite``)
+    replaced by further reference draws where it is finite, up to ``SUPPORT_SEARCH`` of them: a
+    chain started outside the support never accepts a move, and its rejections drag the step size
+    shared in warm-up down for all. The finite points are cycled when too few were found (the start
+    phase spreads chains that start alike). ``ValueError`` when none is finite."""
+    found, need = [x0[finite]], int((~finite).sum())
     for _ in range(SUPPORT_SEARCH // 256):
+        if sum(len(f) for f in found[1:]) >= need:
+            break
         x = target.sample_reference(256, generator, device)
         with torch.no_grad():
             found.append(x[torch.isfinite(target.log_prob(x))])
-        if sum(len(f) for f in found) >= num_chains:
-            break
-    found = torch.cat(found)
-    if len(found) == 0:
-        raise ValueError(no_support_message(SUPPORT_SEARCH + num_chains))
-    x0 = found[torch.arange(num_chains, device=found.device) % len(found)]
+    fresh, pool = torch.cat(found[1:]) if len(found) > 1 else x0[:0], torch.cat(found)
+    if len(pool) == 0:
+        raise ValueError(no_support_message(SUPPORT_SEARCH + len(x0)))
+    fill = fresh[:need] if len(fresh) >= need else pool[torch.arange(need, device=pool.device) % len(pool)]
+    x0 = x0.clone()
+    x0[~finite] = fill
     target.validate(x0)
     return x0
 
@@ -250,8 +253,9 @@ def run_mcmc(
     lpg = target.log_prob_and_grad
     evals0 = target.num_target_evals
     x0 = initial_points(target, num_chains, generator, device, init)
-    if not bool(target.validate(x0, require_support=init is not None).any()):
-        x0 = search_support(target, num_chains, generator, device)
+    finite = target.validate(x0, require_support=init is not None)
+    if init is None and not bool(finite.all()):
+        x0 = search_support(target, x0, finite, generator, device)
     state = init_state(lpg, x0)
     inv_mass = None
     if init is None and num_warmup and init_iters:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import diffstat as ds
+from diffstat.mcmc.sampler import search_support
 
 F64 = torch.float64
 
@@ -41,3 +42,15 @@ def test_a_support_no_reference_draw_reaches_is_refused_with_advice():
     )
     with pytest.raises(ValueError, match=r"-inf at all .* u = log x"):
         ds.sample(target, "hmc", num_samples=100, seed=0, progress=False)
+
+
+def test_only_the_starts_outside_the_support_are_replaced():
+    """search_support keeps the finite starts as they are and gives each -inf one a finite reference
+    draw (a chain started outside never moves, and its rejections shrink the shared step size)."""
+    target = ds.Target(half_normal, 3, dtype=F64)
+    x0 = torch.tensor([[1.0, 2.0, 0.5], [-1.0, 1.0, 1.0], [0.3, 0.2, 0.1], [1.0, -2.0, 3.0]], dtype=F64)
+    finite = torch.isfinite(half_normal(x0))
+    out = search_support(target, x0, finite, torch.Generator().manual_seed(0), None)
+    assert torch.equal(out[finite], x0[finite])
+    assert bool(torch.isfinite(half_normal(out)).all())
+    assert not torch.equal(out[1], out[3])  # distinct fresh draws, not one copied
