@@ -116,12 +116,18 @@ def finish_climbs(target, x: torch.Tensor, s2: float, num_moves: int) -> tuple[t
     saddle-free Newton steps (:func:`~diffstat.modes.laplace.newton_ascent`, proximal scale
     :math:`s^2` = ``s2``; ``num_moves + 1`` Hessians a point): where a gradient climb's metric is
     wrong for the basin it is in, it crawls along the basin's narrow directions, while on a Gaussian
-    basin one Newton step lands on the mode. Returns the end points and their log-densities."""
+    basin one Newton step lands on the mode. Returns the end points and their log-densities; where
+    the log-density has no second derivative (autograd raises a RuntimeError) the points as they
+    were, so the climbs are judged as without the moves."""
     if x.shape[0] == 0:
         return x, x.new_empty(0)
-    with torch.no_grad():
-        x, lp, _, _ = newton_ascent(target, x, s2, num_moves)
-    return x, lp
+    try:
+        with torch.no_grad():
+            y, lp, _, _ = newton_ascent(target, x, s2, num_moves)
+    except RuntimeError:
+        with torch.no_grad():
+            return x, target.log_prob(x)
+    return y, lp
 
 
 def ascend(

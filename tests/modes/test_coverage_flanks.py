@@ -11,6 +11,7 @@ import torch
 
 import diffstat as ds
 from diffstat.modes.check import NUM_CHECK_STARTS, NUM_SCREENED, SCREEN_STEPS
+from diffstat.modes.climb import BoxedTarget, finish_climbs
 from diffstat.modes.coverage import missed_modes
 
 F64 = torch.float64
@@ -71,3 +72,30 @@ def test_draws_of_every_component_raise_no_alarm():
     starts = torch.randn(NUM_SCREENED, 5, generator=gen, dtype=F64)
     res = missed_modes(target, draws, 0.0, starts, gen, keep=NUM_CHECK_STARTS, screen_steps=SCREEN_STEPS)
     assert res.share == 0.0 and res.centres.shape[0] == 0 and res.misweight < 0.05
+
+
+class _FirstDerivativeOnly(torch.autograd.Function):
+    """-|x|^2 / 2 whose backward pass raises a RuntimeError when asked for a graph (create_graph, as
+    for a Hessian), as an operation without a second derivative in autograd does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return -0.5 * (x**2).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError("the derivative of this operation is not implemented")
+        (x,) = ctx.saved_tensors
+        return -grad[:, None] * x
+
+
+def test_climbs_on_a_log_density_without_second_derivatives_are_left_as_they_were():
+    """The Newton moves need Hessians; where autograd raises for them, ``finish_climbs`` returns the
+    points unchanged (with their log-densities) instead of stopping the check."""
+    target = ds.Target(_FirstDerivativeOnly.apply, 3, dtype=F64)
+    x = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.0, -1.0]], dtype=F64)
+    y, lp = finish_climbs(BoxedTarget(target, torch.cat([x, -x])), x, 1.0, 4)
+    assert torch.equal(y, x)
+    torch.testing.assert_close(lp, -0.5 * (x**2).sum(-1), rtol=0, atol=0)
