@@ -21,14 +21,20 @@ every independent run alike, and then no check between runs sees it: the runs ag
    the draws hold. Then every start climbs (at most ``start_climb`` steps). The climbs are
    preconditioned by the draws' covariance within modes (:func:`draws_metric`), so that a narrow,
    correlated peak (a regression's, thousands of times narrower than its prior) is climbed in a
-   few steps instead of crawling along its narrowest direction.
+   few steps instead of crawling along its narrowest direction. That metric is the held modes':
+   in a basin shaped otherwise (another component's correlations) a climb crawls as an isotropic
+   one does and is cut off on the flank, where step 3 counts it covered. So the starts still rising
+   when cut off take ``NEWTON_MOVES`` (4) monotone, capped, saddle-free Newton moves
+   (:func:`~diffstat.modes.climb.finish_climbs`, proximal scale 16 times the draws' largest
+   variance); on a Gaussian basin the first lands on the mode. They cost a Hessian (counted as one
+   evaluation, ``d`` backward passes) per move and start still rising.
 3. **Covered**: the draw peaks are grouped by barrier, and each group gets the share of the draws
    nearest to its climbed draws; a group with at least ``MIN_DRAW_SHARE`` (1%) of them is a mode the
    draws hold. A climbed start (or a draw peak of a group under that share) joined to its nearest
    draw peak of a held mode (coordinates standardised by the draws' spread) by a segment without a
    barrier (:func:`~diffstat.modes.barriers.no_barrier`) is covered. A start that never got far up
-   is covered by the same test (its own log-density is the floor), so unfinished climbs raise no
-   alarm.
+   even after its Newton moves is covered by the same test (its own log-density is the floor), so
+   unfinished climbs raise no alarm.
 4. **Mass**: the uncovered peaks are grouped by barrier; the highest point of each group is a
    missed mode unless one of its three nearest draws climbs to it and it is the nearest peak of 1%
    of the draws (a held mode that none of the climbed draws is in, as when the draws hold more
@@ -60,7 +66,7 @@ from typing import NamedTuple
 import torch
 
 from diffstat.modes.barriers import group_by_barrier, no_barrier
-from diffstat.modes.climb import hill_climb
+from diffstat.modes.climb import BoxedTarget, finish_climbs, hill_climb, hill_climb_unfinished
 from diffstat.modes.clusters import cluster_particles
 from diffstat.modes.laplace import laplace_log_mass, log_prob_grad_hessian
 
@@ -96,6 +102,14 @@ MAX_MISSED_WEIGHED = 16
 #: factors of order one, so only a gross disagreement with the draws is a signal.
 MAX_MISWEIGHT = 0.25
 
+#: Newton moves for a start still rising when its climb is cut off (module notes, step 2): on a
+#: Gaussian basin one lands on the mode, and a few allow for the damping and the other components.
+NEWTON_MOVES = 4
+
+#: Their proximal scale :math:`s^2`, in units of the draws' largest variance: wide enough that the
+#: damping :math:`s^{-2}` hardly slows a step across a basin of the draws' size.
+NEWTON_SCALE2 = 16.0
+
 
 class MissedModes(NamedTuple):
     """``share`` of the total mass in modes the draws miss (0 when none), each missed mode's
@@ -124,25 +138,6 @@ def laplace_log_mass_at(target, x: torch.Tensor) -> torch.Tensor:
     ok = ok & (eig > 0).all(-1)
     log_mass = laplace_log_mass(lp.double(), eig.clamp_min(1e-300))
     return torch.where(ok, log_mass, torch.full_like(log_mass, -math.inf))
-
-
-def _in_box(target, x: torch.Tensor):
-    r"""The target's ``log_prob_and_grad`` within the box that spans ``x: (n, dim)`` (the starts and
-    the draws) and as much again on each side, :math:`-\infty` outside without an evaluation: a
-    climb that runs off along a direction where the log-density keeps rising (or overflows) is
-    refused its step instead of reaching points where the model's own checks fail."""
-    lo, hi = x.min(0).values, x.max(0).values
-    lo, hi = lo - (hi - lo), hi + (hi - lo)
-
-    def log_prob_and_grad(y: torch.Tensor):
-        inside = ((y >= lo) & (y <= hi)).all(-1)
-        lp = torch.full(y.shape[:1], -math.inf, dtype=y.dtype, device=y.device)
-        grad = torch.zeros_like(y)
-        if bool(inside.any()):
-            lp[inside], grad[inside] = target.log_prob_and_grad(y[inside])
-        return lp, grad
-
-    return log_prob_and_grad
 
 
 def _spread_picks(draws: torch.Tensor, sd: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -200,13 +195,14 @@ def missed_modes(
     dtype, device = target.dtype, draws.device
     draws, starts = draws.to(dtype), starts.to(device=device, dtype=dtype)
     x0, scale = _scaled(starts, scales)
-    log_prob_and_grad = _in_box(target, torch.cat([x0, draws]))
+    box = BoxedTarget(target, torch.cat([x0, draws]))
+    log_prob_and_grad = box.log_prob_and_grad
     sd = draws.std(0).clamp_min(1e-12) if draws.shape[0] > 1 else torch.ones_like(draws[0])
     metric = draws_metric(draws) if precondition else None
     spread = float(draws.var(0).mean()) if draws.shape[0] > 1 else 1.0
     h0 = step_size * spread if metric is None else step_size
     xd = draws[_spread_picks(draws, sd, num_found, generator)]
-    held, held_lp, fine = _climb(log_prob_and_grad, xd, num_climb, lambda ok: h0, metric)
+    held, held_lp, fine, _ = _climb(log_prob_and_grad, xd, num_climb, lambda ok: h0, metric)
     empty = MissedModes(0.0, draws.new_empty(0, draws.shape[1]), draws.new_empty(0), 0.0, 0)
     if held.shape[0] == 0:
         return empty._replace(num_evals=target.num_target_evals - evals0)
@@ -219,9 +215,8 @@ def missed_modes(
     if precondition:  # the starts' metric: the covariance within the modes just found
         metric = draws_metric(draws, group[owner]) if metric is not None else None
     num_steps = num_climb if metric is None else start_climb
-    peaks, peak_lp = _climb_starts(
-        log_prob_and_grad, x0, scale, keep, screen_steps, num_steps, step_size, metric
-    )
+    s2 = NEWTON_SCALE2 * float(sd.max()) ** 2  # the Newton moves' proximal scale
+    peaks, peak_lp = _climb_starts(box, x0, scale, keep, screen_steps, num_steps, step_size, metric, s2)
     if peaks.shape[0] == 0:
         return empty._replace(num_evals=target.num_target_evals - evals0)
     anchors, anchors_lp = held[found], held_lp[found]
@@ -252,10 +247,11 @@ def _scaled(starts: torch.Tensor, scales) -> tuple[torch.Tensor, torch.Tensor]:
     return starts.mean(0) + scale[:, None] * (starts - starts.mean(0)), scale
 
 
-def _climb_starts(log_prob_and_grad, x0, scale, keep, screen_steps: int, num_steps: int, step_size, metric):
-    """The starts ``x0 (m, dim)`` (scales ``scale (m,)``) climbed at most ``num_steps`` steps: all of
-    them, or with ``keep < m`` the first ``keep`` and the ``keep // 4`` highest of the others after
-    ``screen_steps`` steps (module notes). Without a metric a start's first step is ``step_size``
+def _climb_starts(box, x0, scale, keep, screen_steps: int, num_steps: int, step_size, metric, s2: float):
+    """The starts ``x0 (m, dim)`` (scales ``scale (m,)``) climbed at most ``num_steps`` steps within
+    ``box``: all of them, or with ``keep < m`` the first ``keep`` and the ``keep // 4`` highest of the
+    others after ``screen_steps`` steps; those still rising then take ``NEWTON_MOVES`` Newton moves
+    at proximal scale ``s2`` (module notes). Without a metric a start's first step is ``step_size``
     times its squared scale (``s`` reference sds from the mean); the peaks and their log-densities."""
 
     def first_steps(s):
@@ -263,17 +259,18 @@ def _climb_starts(log_prob_and_grad, x0, scale, keep, screen_steps: int, num_ste
 
     if keep is not None and x0.shape[0] > keep:
         top, rows = _screen(
-            log_prob_and_grad, x0[keep:], keep // 4, screen_steps, first_steps(scale[keep:]), metric
+            box.log_prob_and_grad, x0[keep:], keep // 4, screen_steps, first_steps(scale[keep:]), metric
         )
         x0, scale = torch.cat([x0[:keep], top]), torch.cat([scale[:keep], scale[keep:][rows]])
-    peaks, peak_lp, _ = _climb(log_prob_and_grad, x0, num_steps, first_steps(scale), metric)
+    peaks, peak_lp, _, rising = _climb(box.log_prob_and_grad, x0, num_steps, first_steps(scale), metric)
+    peaks[rising], peak_lp[rising] = finish_climbs(box, peaks[rising], s2, NEWTON_MOVES)
     return peaks, peak_lp
 
 
 def _screen(log_prob_and_grad, x: torch.Tensor, k: int, num_steps: int, step, metric):
     """The ``k`` of the starts ``x (m, dim)`` highest in log-density after ``num_steps`` climbing steps
     each (module notes): their climbed points ``(k, dim)`` and their rows in ``x``."""
-    y, lp, ok = _climb(log_prob_and_grad, x, num_steps, step, metric)
+    y, lp, ok, _ = _climb(log_prob_and_grad, x, num_steps, step, metric)
     top = lp.argsort(descending=True)[:k]
     return y[top], torch.nonzero(ok).flatten()[top]
 
@@ -281,13 +278,16 @@ def _screen(log_prob_and_grad, x: torch.Tensor, k: int, num_steps: int, step, me
 def _climb(log_prob_and_grad, x: torch.Tensor, num_climb: int, step, metric):
     """The points of ``x (n, dim)`` with a finite log-density and gradient climbed by
     :func:`~diffstat.modes.climb.hill_climb` (first step sizes ``step(ok)`` for the mask ``ok`` of
-    those points); the peaks, their log-densities and the mask."""
+    those points); the peaks, their log-densities, the mask, and the mask ``(ok.sum(),)`` of the
+    peaks whose climbs were cut off while still rising."""
     with torch.no_grad():
         lp, g = log_prob_and_grad(x)
         ok = torch.isfinite(lp) & torch.isfinite(g).all(-1)
         h = torch.as_tensor(step(ok), dtype=x.dtype, device=x.device).expand(int(ok.sum())).clone()
-        peaks, peak_lp, _ = hill_climb(log_prob_and_grad, x[ok], lp[ok], g[ok], num_climb, h, metric=metric)
-    return peaks, peak_lp, ok
+        peaks, peak_lp, _, unfinished = hill_climb_unfinished(
+            log_prob_and_grad, x[ok], lp[ok], g[ok], num_climb, h, metric=metric
+        )
+    return peaks, peak_lp, ok, unfinished
 
 
 def _missed(target, log_prob_and_grad, loose, loose_lp, anchors, draws, sd, step: float, metric=None):

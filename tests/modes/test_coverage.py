@@ -214,7 +214,8 @@ def test_preconditioned_climbs_check_a_narrow_correlated_posterior_cheaply_and_f
     ends within about 20 steps (h grows from 0.1 to 1 in 6 accepted steps, then Newton steps):
     320 climbs x 20 plus a barrier test of 3 evaluations per climbed point, 7,360. On the mixture
     with its mirror mode, which the draws miss (exact share 0.5), the preconditioned check finds it;
-    the isotropic climbs end short of its peak, where the Laplace mass is far too small."""
+    so does the isotropic one: its climbs end short of the peak, and the Newton moves of the starts
+    still rising finish them (before those moves its Laplace mass there was far too small)."""
     gauss, target, mix = _narrow_correlated()
     torch.manual_seed(0)
     draws, starts = gauss.sample((2000,)), torch.randn(256, 6, dtype=F64)
@@ -228,7 +229,7 @@ def test_preconditioned_climbs_check_a_narrow_correlated_posterior_cheaply_and_f
     flat = missed_modes(
         mix, draws, math.log(0.5), starts, torch.Generator().manual_seed(0), precondition=False
     )
-    assert flat.share < 0.05
+    assert flat.centres.shape[0] == 1 and abs(flat.share - 0.5) < 1e-3
 
 
 def test_laplace_mass_where_autograd_gives_a_nan_hessian():
