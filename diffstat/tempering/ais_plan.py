@@ -11,7 +11,8 @@ from typing import NamedTuple
 
 import torch
 
-from diffstat.tempering.path import GeometricPath, make_path, stages_advice
+from diffstat.tempering.auto_reference import stages_advice
+from diffstat.tempering.path import GeometricPath, make_path
 from diffstat.tempering.schedules import (
     PilotRun,
     pilot_reference,
@@ -87,7 +88,7 @@ def plan_schedule(generator, path, options: dict, total: int, device, dtype, fit
 def _pilot_run(generator, path, num_pilot: int, pilot_options: dict) -> PilotRun:
     """:func:`~diffstat.tempering.schedules.pilot_run`, its out-of-stages error completed by what
     helps where the path starts from the default reference
-    (:func:`~diffstat.tempering.path.stages_advice`)."""
+    (:func:`~diffstat.tempering.auto_reference.stages_advice`)."""
     try:
         return pilot_run(generator, path, num_pilot, **pilot_options)
     except RuntimeError as err:

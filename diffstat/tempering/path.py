@@ -56,7 +56,6 @@ __all__ = [
     "move",
     "get_kernel",
     "default_step_size",
-    "stages_advice",
 ]
 
 
@@ -285,22 +284,6 @@ def make_path(target, reference=None) -> GeometricPath:
     (:mod:`diffstat.tempering.auto_reference`)."""
     checked = None if reference is None else resolve_reference(target, reference)
     return GeometricPath(target, checked, auto_reference=True)
-
-
-def stages_advice(path) -> str:
-    """What to do when tempering along ``path`` runs out of stages: from the default reference
-    (N(0, I), or the Gaussian fitted in its place) more stages rarely help, since their number grows
-    with the distance from the reference to the posterior; from a reference the user chose, more
-    stages or a lower target ESS may."""
-    source = getattr(path, "reference_source", None)
-    if source in ("N(0, I)", "fitted", "auto"):
-        start = "N(0, I)" if source != "fitted" else "a Gaussian fitted to the peaks a pilot found"
-        return (
-            f"the path starts from the default reference ({start}), which may be far from the "
-            "posterior's mass: pass reference= a distribution near the posterior (e.g. a Gaussian "
-            "at its mode, wider than it) or standardise the parameters"
-        )
-    return "raise max_stages or lower target_ess"
 
 
 class _Recorder:

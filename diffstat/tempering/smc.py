@@ -103,7 +103,8 @@ from diffstat.tempering.core import (
     stack_stage_infos,
     tempered_step,
 )
-from diffstat.tempering.path import GeometricPath, PathState, default_step_size, stages_advice
+from diffstat.tempering.auto_reference import stages_advice
+from diffstat.tempering.path import GeometricPath, PathState, default_step_size
 from diffstat.tempering.resampling import conditional_ess, ess
 
 __all__ = [
