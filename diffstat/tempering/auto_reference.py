@@ -51,6 +51,7 @@ __all__ = [
     "WIDEN",
     "default_reference",
     "decide",
+    "pilot_evals",
     "reference_attrs",
     "stages_advice",
 ]
@@ -155,13 +156,18 @@ def _pilot(target, device: torch.device) -> dict:
     }
 
 
+def pilot_evals(target) -> int:
+    """The target evaluations the default reference's pilot made on ``target`` (0 where none ran)."""
+    info = getattr(target, _ATTR, None) or {}
+    return int(info.get("pilot_evals", 0))
+
+
 def reference_attrs(path) -> dict:
     """The attrs a tempering sampler records about its reference: ``reference`` (the path's
     ``reference_source``: ``"given"``, ``"target"``, ``"prior"``, ``"N(0, I)"`` or ``"fitted"``)
     and ``reference_pilot_evals`` (the target evaluations of the pilot that chose between the last
     two, counted once per target, 0 where none ran)."""
-    info = getattr(path.target, "_default_reference", None) or {}
-    return {"reference": path.reference_source, "reference_pilot_evals": int(info.get("pilot_evals", 0))}
+    return {"reference": path.reference_source, "reference_pilot_evals": pilot_evals(path.target)}
 
 
 def stages_advice(path) -> str:
