@@ -68,10 +68,11 @@ PILOT_SEED = 0xFA2
 #: after 50 keeps N(0, I), as before.
 ASCENT_ITERS = 50
 #: Distance (in sds of N(0, I), pooled with the posterior's, step 3) beyond which N(0, I) is
-#: replaced: at 0.8 / D per stage, 30 costs about 40 extra stages, twice a typical run's, while the
-#: test and audit cases that work today lie within 6 (mixtures' modes at 4 to 6, a 3-d posterior of
-#: sd 1e-3 at 3.6).
-REACH = 30.0
+#: replaced: SMC from N(0, I) needs about 1.2 stages per unit of distance, so at 20 (28 sds for a
+#: unit-variance posterior) it already takes 35 stages and 5 times a near target's evaluations,
+#: while the test and audit cases that work today lie within 7.1 (corr50; mixtures' modes at 4 to
+#: 5, a 3-d posterior of sd 1e-3 at 3.6).
+REACH = 20.0
 #: The fitted reference is this many times wider than the Laplace fit: tempering needs a reference
 #: wider than the posterior, and twice covers tails the curvature at the peak understates at a
 #: cost of a few stages (the log-ratio of the widths enters the path length).
