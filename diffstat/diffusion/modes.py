@@ -351,12 +351,19 @@ def smc_seeds(generator, target, num_particles: int, reference=None, device=None
     tempering with moves preconditioned by the particles' covariance does. 256 particles: enough
     for a dense covariance in the suite's dimensions at a quarter of ``"smc"``'s cost; they only
     seed the mode search, so their bias (moves capped on the hardest posteriors) is corrected by
-    the importance weights and is not warned about."""
+    the importance weights and is not warned about. Where the SMC does not reach beta = 1 within
+    its stages (a posterior far beyond the reference's reach) it returns None: the seeds only seed
+    the mode search, which goes on from the reference's draws, so the sampler does not fail for them."""
     if not num_particles:
         return None
     path = make_path(target, reference)
     x0 = initial_particles(path, num_particles, generator, device)
     with warnings.catch_warnings():  # its moves capped or biased: the importance weights correct it
         warnings.filterwarnings("ignore", message="SMC moves hit max_mcmc_steps", category=RuntimeWarning)
-        out = adaptive_tempered_smc(generator, path, x0)
+        try:
+            out = adaptive_tempered_smc(generator, path, x0)
+        except RuntimeError as err:
+            if not str(err).startswith("SMC did not reach beta = 1"):
+                raise
+            return None
     return out.particles.x[resample(generator, out.log_weights, "systematic")]

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 
+from diffstat.tempering.auto_reference import stages_advice
 from diffstat.tempering.path import GeometricPath, make_path
 from diffstat.tempering.schedules import (
     PilotRun,
@@ -70,7 +71,7 @@ def plan_schedule(generator, path, options: dict, total: int, device, dtype, fit
         target_accept=options.get("target_accept"),
         device=device,
     )
-    pilot = pilot_run(generator, path, num_pilot, **pilot_options)
+    pilot = _pilot_run(generator, path, num_pilot, pilot_options)
     attrs = {
         "pilot_evals": int(pilot.num_evals),
         "num_pilot": int(num_pilot),
@@ -82,6 +83,19 @@ def plan_schedule(generator, path, options: dict, total: int, device, dtype, fit
         if fitted is not path:
             plans.insert(0, _plan(fitted, fitted_pilot, num_temperatures))
     return plans, kind, attrs
+
+
+def _pilot_run(generator, path, num_pilot: int, pilot_options: dict) -> PilotRun:
+    """:func:`~diffstat.tempering.schedules.pilot_run`, its out-of-stages error completed by what
+    helps where the path starts from the default reference
+    (:func:`~diffstat.tempering.auto_reference.stages_advice`)."""
+    try:
+        return pilot_run(generator, path, num_pilot, **pilot_options)
+    except RuntimeError as err:
+        default = getattr(path, "reference_source", None) in ("N(0, I)", "fitted")
+        if not (default and str(err).startswith("the AIS pilot did not reach")):
+            raise
+        raise RuntimeError(f"{err}, or: {stages_advice(path)}") from err
 
 
 def _plan(path, pilot: PilotRun, num_temperatures: int | None) -> Plan:

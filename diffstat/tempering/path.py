@@ -16,6 +16,9 @@ Two kinds of reference:
 
 * **geometric** (any target): :math:`\rho` is the ``reference=`` option, else the target's own
   reference, else :math:`\mathcal N(0, I)`; :math:`\pi_\beta \propto \rho^{1-\beta}\tilde\pi^\beta`.
+  A path made by :func:`make_path` replaces that last :math:`\mathcal N(0, I)` by a Gaussian fitted
+  to the posterior's peaks where a pilot finds them clearly out of its reach
+  (:mod:`diffstat.tempering.auto_reference`); ``reference_source`` says which.
 * **likelihood** (a target with ``log_prior`` and ``log_likelihood`` methods, such as a Pyro
   model, and no ``reference=`` override): :math:`\rho` is the prior and :math:`\delta` the
   log-likelihood, so :math:`\pi_\beta \propto \text{prior} \times \text{likelihood}^\beta`. Both
@@ -125,9 +128,21 @@ class GeometricPath:
     reference : torch.distributions.Distribution, optional
         Overrides the target's reference (already checked by ``resolve_reference``). Without it a
         target with ``log_prior``/``log_likelihood`` is tempered in its likelihood only.
+    auto_reference : bool
+        Where the reference would be N(0, I) (geometric, none given, none of the target's), let
+        :func:`~diffstat.tempering.auto_reference.default_reference` decide at the first use (when
+        the device is known) whether a fitted Gaussian replaces it.
+
+    Attributes
+    ----------
+    reference_source : str
+        ``"given"`` (``reference=``), ``"target"`` (the target's own), ``"prior"`` (likelihood
+        tempering), ``"N(0, I)"`` or ``"fitted"``; ``"auto"`` until the first use decides.
     """
 
-    def __init__(self, target, reference: torch.distributions.Distribution | None = None):
+    def __init__(
+        self, target, reference: torch.distributions.Distribution | None = None, auto_reference=False
+    ):
         self.target = target
         self.reference = reference
         has_terms = callable(getattr(target, "log_prior", None)) and callable(
@@ -135,6 +150,24 @@ class GeometricPath:
         )
         self.likelihood_tempering = reference is None and has_terms
         self.dim = target.dim
+        own = getattr(target, "reference", None)
+        if reference is not None:
+            self.reference_source = "given"
+        elif self.likelihood_tempering:
+            self.reference_source = "prior"
+        elif own is not None:
+            self.reference_source = "target"
+        else:
+            self.reference_source = "auto" if auto_reference else "N(0, I)"
+
+    def _resolve(self, device) -> None:
+        """At the first use of an ``"auto"`` reference, decide it (cached on the target)."""
+        if self.reference_source != "auto":
+            return
+        from diffstat.tempering.auto_reference import default_reference
+
+        self.reference = default_reference(self.target, device)
+        self.reference_source = "N(0, I)" if self.reference is None else "fitted"
 
     @property
     def kind(self) -> str:
@@ -144,6 +177,7 @@ class GeometricPath:
     # ------------------------------------------------------------------ the reference (free)
     def sample_reference(self, n: int, generator: torch.Generator, device=None) -> torch.Tensor:
         """``n`` exact draws ``(n, dim)`` from the reference (the prior for likelihood tempering)."""
+        self._resolve(device if device is not None else generator.device)
         if self.reference is None:
             return self.target.sample_reference(n, generator, device)
         device = torch.device(device) if device is not None else generator.device
@@ -157,6 +191,7 @@ class GeometricPath:
         r"""Normalised reference log-density ``(n,)``: not a target evaluation, not counted. A row
         that is not finite (a trajectory that overflowed) gets :math:`-\infty`, so that the move
         is rejected, instead of the ``ValueError`` of a distribution's argument check."""
+        self._resolve(x.device)
         bad = ~rows_finite(x)
         if bool(bad.any()):
             safe = torch.where(bad.unsqueeze(-1), torch.zeros_like(x), x)
@@ -171,6 +206,7 @@ class GeometricPath:
         return self.target.reference_log_prob(x).to(x.dtype)
 
     def _reference_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._resolve(x.device)
         if not self.likelihood_tempering:
             if self.reference is None and self.target.reference is None:
                 return self.target.reference_log_prob(x).to(x.dtype), -x  # N(0, I)
@@ -243,8 +279,11 @@ def _gaussian_score(dist: torch.distributions.Distribution, x: torch.Tensor) -> 
 def make_path(target, reference=None) -> GeometricPath:
     """The path a sampler uses: ``reference`` is the ``reference=`` option (checked by
     :func:`~diffstat.target.resolve_reference`); None means the target's own reference, or
-    likelihood tempering for a target with ``log_prior`` and ``log_likelihood``."""
-    return GeometricPath(target, None if reference is None else resolve_reference(target, reference))
+    likelihood tempering for a target with ``log_prior`` and ``log_likelihood``, or else N(0, I)
+    unless a pilot finds the posterior clearly out of its reach
+    (:mod:`diffstat.tempering.auto_reference`)."""
+    checked = None if reference is None else resolve_reference(target, reference)
+    return GeometricPath(target, checked, auto_reference=True)
 
 
 class _Recorder:

@@ -103,6 +103,7 @@ from diffstat.tempering.core import (
     stack_stage_infos,
     tempered_step,
 )
+from diffstat.tempering.auto_reference import stages_advice
 from diffstat.tempering.path import GeometricPath, PathState, default_step_size
 from diffstat.tempering.resampling import conditional_ess, ess
 
@@ -357,7 +358,7 @@ def adaptive_tempered_smc(
             if schedule is None:
                 raise RuntimeError(
                     f"SMC did not reach beta = 1 in {config.max_stages} stages "
-                    f"(beta = {float(state.beta):.3g}); raise max_stages or lower target_ess"
+                    f"(beta = {float(state.beta):.3g}); {stages_advice(path)}"
                 )
     if config.num_mcmc_steps is None:
         _warn_if_capped(infos, int(config.max_mcmc_steps), config.decorrelation_tol)

@@ -9,6 +9,7 @@ import torch
 import diffstat as ds
 from diffstat.targets import GaussianMixture
 from diffstat.mcmc.metric import DenseMetric
+from diffstat.tempering.auto_reference import pilot_evals
 from diffstat.tempering.path import GeometricPath, get_kernel, move
 from diffstat.tempering.pt import equalize_ladder, geometric_ladder, swap_step, whitened_move
 
@@ -168,6 +169,7 @@ def test_pt_output_contract_and_evaluation_count():
     # Validation of the c r starting points, their evaluation, then per iteration one exact
     # reference draw per chain and the moves of the other replicas.
     check = attrs["mode_check_evals"]  # the check for missed modes after the run
+    check += pilot_evals(target)  # the default reference's pilot (auto_reference)
     assert attrs["num_target_evals"] == 2 * c * r + (t + w) * (c + c * (r - 1) * steps) + check
 
 
@@ -201,7 +203,7 @@ def test_pt_with_a_fixed_ladder_and_mcmc_at_every_temperature():
         torch.as_tensor(idata.tempering.beta.values), torch.tensor([0.0, 0.3, 0.6, 1.0], dtype=F64)
     )
     attrs = idata.posterior.attrs
-    check = attrs["mode_check_evals"]
+    check = attrs["mode_check_evals"] + pilot_evals(target)  # and the default reference's pilot
     assert attrs["num_target_evals"] == min(16, c * r) + c * r + 2 * t * c * r * steps + check
     mean, var = tempered(1.0)
     assert _cold_chain_is_gaussian(idata, mean, var)

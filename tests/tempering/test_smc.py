@@ -11,6 +11,7 @@ import torch
 import diffstat as ds
 from diffstat._util import log_mean_exp, log_normalizer_estimate
 from diffstat.targets import GammaPrecision, GaussianMixture, NormalNormal
+from diffstat.tempering.auto_reference import pilot_evals
 from diffstat.tempering.path import GeometricPath
 from diffstat.tempering.resampling import conditional_ess, ess
 from diffstat.tempering.smc import adaptive_tempered_smc, genealogy_variance, next_beta
@@ -193,7 +194,8 @@ def test_smc_output_contract_and_evaluation_count():
     k = attrs["num_stages"]
     assert k == len(betas) and attrs["method"] == "smc"
     assert math.isclose(attrs["log_normalizer"], float(group.log_z_increment.sum()), abs_tol=1e-9)
-    assert attrs["num_target_evals"] == 16 + n * (1 + 3 * k) + attrs["mode_check_evals"]
+    pilot = pilot_evals(target)  # the default reference's pilot (auto_reference)
+    assert attrs["num_target_evals"] == 16 + n * (1 + 3 * k) + attrs["mode_check_evals"] + pilot
     assert attrs["missed_mode_share"] == 0.0
     # Independent runs as chains (4 by default): their per-stage diagnostics side by side, and the
     # pooled log Z the log of the mean of the runs' Z estimates.
