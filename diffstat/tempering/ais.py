@@ -66,6 +66,7 @@ from diffstat._util import (
     progress_bar,
 )
 from diffstat.sampling import SamplerResult, register_sampler
+from diffstat.tempering.auto_reference import reference_attrs
 from diffstat.tempering.mode_check import check_missed_modes, check_reference_width, pop_check_modes
 from diffstat.tempering.core import (
     MoveConfig,
@@ -282,6 +283,7 @@ def ais_sampler(target, *, num_samples, num_chains, generator, progress, device,
         "schedule": used,
         "path": runs[0][2].kind,
         "reference": ref_kind,
+        **reference_attrs(path),
         **_pooled_pilot_attrs(pilots),
     }
     attrs.update(_reliability(runs, attrs, log_w.numel(), min_ess))

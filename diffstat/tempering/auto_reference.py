@@ -164,11 +164,12 @@ def pilot_evals(target) -> int:
 
 
 def reference_attrs(path) -> dict:
-    """The attrs a tempering sampler records about its reference: ``reference`` (the path's
-    ``reference_source``: ``"given"``, ``"target"``, ``"prior"``, ``"N(0, I)"`` or ``"fitted"``)
+    """The attrs a tempering sampler records about its reference: ``reference_source`` (the path's:
+    ``"given"``, ``"target"``, ``"prior"``, ``"N(0, I)"`` or ``"fitted"``)
     and ``reference_pilot_evals`` (the target evaluations of the pilot that chose between the last
     two, counted once per target, 0 where none ran)."""
-    return {"reference": path.reference_source, "reference_pilot_evals": pilot_evals(path.target)}
+    path.resolve()
+    return {"reference_source": path.reference_source, "reference_pilot_evals": pilot_evals(path.target)}
 
 
 def stages_advice(path) -> str:

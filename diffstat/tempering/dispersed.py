@@ -68,12 +68,14 @@ def run_paths(target, reference, scales, num_runs: int, device) -> tuple[Geometr
     reference). ``scales`` is the ``reference_scales`` option (checked): None means
     :data:`DISPERSED_SCALES` where the default N(0, I) applies, else one shared reference."""
     path = make_path(target, reference)
-    default = reference is None and path.kind == "geometric" and target.reference is None
+    path.resolve(device)  # N(0, I), or a Gaussian fitted where N(0, I) is far from the mass
+    default = path.reference_source == "N(0, I)"
     if not default:
         if scales is not None and any(c != 1.0 for c in scales):
             raise ValueError(
                 "reference_scales widens the default N(0, I) reference; this run has its own reference "
-                "(reference=, the target's, or the prior of likelihood tempering): leave reference_scales "
+                "(reference=, the target's, the prior of likelihood tempering, or a Gaussian fitted where "
+                "N(0, I) is far from the posterior): leave reference_scales "
                 "out, or scale that reference yourself"
             )
         return path, [path] * num_runs, None

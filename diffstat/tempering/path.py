@@ -160,7 +160,7 @@ class GeometricPath:
         else:
             self.reference_source = "auto" if auto_reference else "N(0, I)"
 
-    def _resolve(self, device) -> None:
+    def resolve(self, device=None) -> None:
         """At the first use of an ``"auto"`` reference, decide it (cached on the target)."""
         if self.reference_source != "auto":
             return
@@ -177,7 +177,7 @@ class GeometricPath:
     # ------------------------------------------------------------------ the reference (free)
     def sample_reference(self, n: int, generator: torch.Generator, device=None) -> torch.Tensor:
         """``n`` exact draws ``(n, dim)`` from the reference (the prior for likelihood tempering)."""
-        self._resolve(device if device is not None else generator.device)
+        self.resolve(device if device is not None else generator.device)
         if self.reference is None:
             return self.target.sample_reference(n, generator, device)
         device = torch.device(device) if device is not None else generator.device
@@ -191,7 +191,7 @@ class GeometricPath:
         r"""Normalised reference log-density ``(n,)``: not a target evaluation, not counted. A row
         that is not finite (a trajectory that overflowed) gets :math:`-\infty`, so that the move
         is rejected, instead of the ``ValueError`` of a distribution's argument check."""
-        self._resolve(x.device)
+        self.resolve(x.device)
         bad = ~rows_finite(x)
         if bool(bad.any()):
             safe = torch.where(bad.unsqueeze(-1), torch.zeros_like(x), x)
@@ -206,7 +206,7 @@ class GeometricPath:
         return self.target.reference_log_prob(x).to(x.dtype)
 
     def _reference_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._resolve(x.device)
+        self.resolve(x.device)
         if not self.likelihood_tempering:
             if self.reference is None and self.target.reference is None:
                 return self.target.reference_log_prob(x).to(x.dtype), -x  # N(0, I)

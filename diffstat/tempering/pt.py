@@ -67,6 +67,7 @@ from diffstat._util import (
 from diffstat.mcmc.adaptation import AUTO_DENSE_MAX_DIM as DENSE_MAX_DIM
 from diffstat.mcmc.adaptation import DualAveraging
 from diffstat.sampling import SamplerResult, register_sampler
+from diffstat.tempering.auto_reference import reference_attrs
 from diffstat.tempering.path import (
     GeometricPath,
     PathState,
@@ -337,6 +338,7 @@ def pt_sampler(target, *, num_samples, num_chains, generator, progress, device, 
         "global_barrier": out.global_barrier,
         "num_warmup": num_samples if options.get("num_warmup") is None else int(options["num_warmup"]),
         "path": path.kind,
+        **reference_attrs(path),
     }
     if problems := evidence_problems(out.evidence):
         warnings.warn(problems, RuntimeWarning, stacklevel=3)

@@ -11,6 +11,7 @@ import torch
 
 from diffstat._util import check_options, progress_bar
 from diffstat.sampling import SamplerResult, register_sampler
+from diffstat.tempering.auto_reference import reference_attrs
 from diffstat.tempering.core import initial_particles
 from diffstat.tempering.dispersed import check_scales, disagreement_note, run_paths
 from diffstat.tempering.mode_check import after_checks, pop_check_modes
@@ -102,6 +103,7 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
         "num_resampling": sum(r.num_resampling for r in runs),
         "num_eves": num_eves,
         "path": path.kind,
+        **reference_attrs(path),
     }
     if per_run is not None:
         attrs["reference_scales"], attrs["wider_runs_p"] = per_run, wider_p

@@ -63,6 +63,9 @@ def test_far_target_right(method):
     info = target._default_reference
     assert info["reference"] == "fitted" and info["distance"] > REACH
     assert 0 < info["pilot_evals"] < 1000
+    assert a["reference_source"] == "fitted" and a["reference_pilot_evals"] == info["pilot_evals"]
+    # SMC's runs from wider references widen N(0, I) only: from a fitted reference they all share it
+    assert "reference_scales" not in a
 
 
 def test_far_mean_fifty_in_ten_dims_right():
