@@ -366,7 +366,7 @@ MODELS = {
     "softmax3": _softmax3_model_data,
     "gmix_ordered": _gmix_model_data,
 }
-NUTS_OPTIONS = {"horseshoe": dict(target_accept_prob=0.95), "sv": dict(target_accept_prob=0.99)}
+NUTS_OPTIONS = {"horseshoe": dict(target_accept_prob=0.95)}
 
 
 def pyro_reference(name: str, warmup: int = 1000, draws: int = 2000, chains: int = 4) -> None:
