@@ -3,7 +3,7 @@ returning ``(target, exact)`` as in ``audit_cases.py``.
 
 Pyro models of real-posterior shape. Where there is no closed form or grid, the answers come from
 Pyro's own NUTS (``pyro.infer.MCMC``, jit), independent of the package: ``python
-benchmarks/audit_cases_sixth_a.py NAME [WARMUP DRAWS]`` runs 4 chains (seeds 0 to 3, one process,
+benchmarks/audit_sixth_a_reference.py NAME [WARMUP DRAWS]`` runs 4 chains (seeds 0 to 3, one process,
 chains in turn; 1000 warm-up and 2000 draws unless given) and prints the means and sds hard-coded
 below, with the largest R-hat, the smallest bulk ESS (arviz) and the divergences. A model with a
 ``reference`` attribute is sampled in that equivalent parametrisation (the centred volatility
@@ -13,7 +13,6 @@ series through its non-centred innovations: the centred one gave R-hat 1.035 and
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 import torch
@@ -71,7 +70,7 @@ def _sv_model_data(steps: int = 40):
     return model, (_t(y),)
 
 
-# python benchmarks/audit_cases_sixth_a.py sv 500 1000 (the non-centred series): max R-hat 1.0239, min
+# python benchmarks/audit_sixth_a_reference.py sv 500 1000 (the non-centred series): max R-hat 1.0239, min
 # bulk ESS 234, 149 divergent, so NOT a reference to 0.15 sd (the centred run, same settings, gave mu
 # -1.342, sigma 0.379: 0.22 sd and 0.34 sd away; R-hat 1.035, ESS 102, 122 divergent)
 SV_REF = {
@@ -367,46 +366,3 @@ MODELS = {
     "gmix_ordered": _gmix_model_data,
 }
 NUTS_OPTIONS = {"horseshoe": dict(target_accept_prob=0.95)}
-
-
-def pyro_reference(name: str, warmup: int = 1000, draws: int = 2000, chains: int = 4) -> None:
-    """Pyro's NUTS on the case's model: means, sds (as ``_a`` strings), max R-hat, min bulk ESS."""
-    import arviz as az
-    import pyro
-    from pyro.infer import MCMC, NUTS
-
-    model, data = MODELS[name]()
-    model = getattr(model, "reference", model)  # an equivalent parametrisation NUTS samples better
-    runs, divergent = [], 0
-    for chain in range(chains):
-        pyro.set_rng_seed(chain)
-        mcmc = MCMC(
-            NUTS(model, jit_compile=True, ignore_jit_warnings=True, **NUTS_OPTIONS.get(name, {})),
-            draws,
-            warmup,
-            disable_progbar=True,
-        )
-        mcmc.run(*data)
-        divergent += sum(len(v) for v in mcmc.diagnostics()["divergences"].values())
-        samples = mcmc.get_samples()
-        sites = getattr(model, "deterministic", [])
-        det = pyro.infer.Predictive(model, samples, return_sites=sites)(*data) if sites else {}
-        runs.append({k: v.numpy() for k, v in {**samples, **det}.items()})
-        print(f"chain {chain} done", file=sys.stderr, flush=True)
-    post = {k: np.stack([r[k] for r in runs]) for k in runs[0]}
-    idata = az.from_dict(posterior=post)
-    rhat = float(az.rhat(idata).to_array().max())
-    ess = float(az.ess(idata).to_array().min())
-    print(
-        f"# {name}: {chains} x {draws} after {warmup}, max R-hat {rhat:.4f}, "
-        f"min bulk ESS {ess:.0f}, {divergent} divergent"
-    )
-    for k, v in post.items():
-        x = v.reshape(chains * draws, -1)
-        print(f'{k}: _a("' + " ".join(f"{m:.4g}" for m in x.mean(0)) + '"),')
-        print(f'{k} sd: _a("' + " ".join(f"{s:.4g}" for s in x.std(0)) + '"),')
-
-
-if __name__ == "__main__":
-    torch.set_default_dtype(F64)
-    pyro_reference(sys.argv[1], *(int(a) for a in sys.argv[2:4]))
