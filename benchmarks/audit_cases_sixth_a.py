@@ -242,7 +242,8 @@ def _gmix_model_data(n: int = 100):
     return model, (_t(y),)
 
 
-# python benchmarks/audit_sixth_a_reference.py gmix_ordered: gmix_ordered: 4 x 2000 after 1000, max R-hat 1.0040, min bulk ESS 739, 0 divergent
+# python benchmarks/audit_sixth_a_reference.py gmix_ordered: 4 x 2000 after 1000,
+# max R-hat 1.0040, min bulk ESS 739, 0 divergent
 GMIX_REF = {
     "delta": (2.639, 0.3961),
     "mu1": (-0.7261, 0.3973),
