@@ -1,8 +1,8 @@
 """The missed-mode check on ``mix3_corr`` (audit 6b, finding 2): 0.5 N(m1, S1) + 0.3 N(m2, S2) +
 0.2 N(m3, S3) in 5-d, each covariance correlated differently (sds 0.3 to 2; AR(0.9), equicorrelation
 0.6, a -0.9 pair), means 6.7 to 7.4 apart, normalised (log Z 0). From N(0, I) a tempering run can hold
-component 1 alone; the check must then warn. The case is a copy of ``mix3_corr`` from
-``benchmarks/audit_cases_sixth_b.py`` (branch ``audit6b``).
+component 1 alone; the check must then warn. The case is ``mix3_corr`` of
+``benchmarks/audit_cases_sixth_b.py``.
 
 ``python benchmarks/bench_mix3_check.py [--methods ais smc pt nuts] [--seeds 0 1]``: per run the
 draws' share in each component, log Z, the check's ``missed_mode_share``, ``mode_misweight`` and
@@ -13,6 +13,8 @@ evaluations, and whether the check (or anything else) warned. Results: ``docs/mo
 from __future__ import annotations
 
 import argparse
+import pathlib
+import sys
 import time
 import warnings
 
@@ -21,37 +23,16 @@ import torch
 
 import diffstat as ds
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from audit_cases_sixth_b import mix3_corr as audit_mix3_corr  # noqa: E402
+
 F64 = torch.float64
-
-
-def mix3_parts():
-    """Weights ``(3,)``, means ``(3, 5)`` and covariances ``(3, 5, 5)`` of ``mix3_corr``."""
-    ar = 0.9 ** np.abs(np.subtract.outer(np.arange(5), np.arange(5)))
-    equi = np.full((5, 5), 0.6) + 0.4 * np.eye(5)
-    neg = np.eye(5)
-    neg[0, 4] = neg[4, 0] = -0.9
-    neg[1, 2] = neg[2, 1] = 0.5
-    sds = [[0.3, 0.5, 1.0, 1.5, 2.0], [2.0, 1.0, 0.5, 0.3, 1.0], [0.6, 1.2, 0.8, 2.0, 0.4]]
-    covs = np.stack([np.outer(s, s) * c for s, c in zip(np.array(sds), [ar, equi, neg])])
-    means = np.array([[0.0] * 5, [4.0, -4.0, 3.0, 0.0, 2.0], [1.0, -1.0, 5.0, -4.0, -2.0]])
-    return np.array([0.5, 0.3, 0.2]), means, covs
 
 
 def mix3_corr():
     """The target (float64) and a function giving each draw's most probable component."""
-    w, means, covs = mix3_parts()
-    comps = torch.distributions.MultivariateNormal(
-        torch.as_tensor(means, dtype=F64), torch.as_tensor(covs, dtype=F64)
-    )
-    log_w = torch.log(torch.as_tensor(w, dtype=F64))
-
-    def component_lp(x):
-        return comps.log_prob(x[..., None, :]) + log_w
-
-    def log_prob(x):
-        return torch.logsumexp(component_lp(x), -1)
-
-    return ds.Target(log_prob, 5, dtype=F64), lambda x: component_lp(x).argmax(-1)
+    target, exact = audit_mix3_corr()
+    return target, exact["assign"]
 
 
 def run(method: str, seed: int) -> None:
