@@ -106,8 +106,13 @@ def decide(target, device=None) -> dict:
     ``pilot_evals``, and for a fit ``loc`` and ``scale_tril`` (float64, on the CPU)."""
     before = target.num_target_evals
     nan0, posinf0 = target._nan_evals, target._posinf_evals
+    device = torch.device("cpu") if device is None else torch.device(device)
+    # the pilot's draws are the method's first look: a bad log-density is refused here, as it would be there
+    gen = torch.Generator(device=device).manual_seed(PILOT_SEED)
+    target.validate(torch.randn(PILOT_DRAWS, target.dim, generator=gen, dtype=target.dtype, device=device),
+                    require_support=False)  # fmt: skip
     try:
-        info = _pilot(target, torch.device("cpu") if device is None else torch.device(device))
+        info = _pilot(target, device)
     except Exception:  # noqa: BLE001 - the log-density failed in the pilot: keep N(0, I), the run reports it
         info = {"reference": "N(0, I)", "distance": float("nan")}
     finally:

@@ -65,8 +65,9 @@ def smc_sampler(target, *, num_samples, num_chains, generator, progress, device,
     evals0 = target.num_target_evals
     num_chains = 4 if num_chains is None else num_chains
     scales = check_scales(options.pop("reference_scales", None))
-    path, paths, per_run = run_paths(target, options.pop("reference", None), scales, num_chains, device)
+    reference = options.pop("reference", None)
     SMCConfig.from_options(dict(options))  # a bad value is refused before the first evaluation
+    path, paths, per_run = run_paths(target, reference, scales, num_chains, device)
     scheme = options.get("resampling", "systematic")
     with (
         progress_bar(1000 * num_chains, "smc", progress) as bar,

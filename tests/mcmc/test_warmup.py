@@ -166,7 +166,8 @@ def test_uncentred_regression_is_cheap_and_right():
     assert sd_err.max() < 0.15, sd_err
     steps = idata.sample_stats["n_steps"].values
     assert steps.mean() < 12, steps.mean()
-    assert int(idata.posterior.attrs["num_target_evals"]) < 25_000
+    attrs = idata.posterior.attrs
+    assert int(attrs["num_target_evals"]) - int(attrs["mode_check_evals"]) < 25_000  # the sampler's own
 
 
 def test_whitening_loss_is_smallest_at_the_posterior_covariance():
