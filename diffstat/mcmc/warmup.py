@@ -23,6 +23,15 @@ that set the sampling step size). One shared step size for sampling keeps the ch
 metric windows (``adapt_mass=False`` or under 20 iterations) the step sizes stay per chain and the
 median of their averages is used.
 
+A first metric handed in (the start phase's Laplace covariance at the joint mode) is checked over
+the first :data:`FIRST_CHECK` iterations: where the chains' median tree depth reaches
+:data:`SATURATED_DEPTH`, the identity is tried for as many iterations (step sizes re-initialised) and
+kept if it moves the slowest coordinate further per leapfrog step; otherwise the first metric and
+its step sizes come back. The mode of a hierarchical model can sit where the bulk is not (a group
+scale far above its posterior, the non-centred coefficients pinned there), and its curvature is then
+far too narrow for the bulk: keeping it until the first slow window ends costs every fast-window
+iteration a near-maximal tree, while the identity is what warm-up uses without a start phase.
+
 With ``metric="auto"`` the kind is chosen at each metric update from that window's correlations
 (:func:`~diffstat.mcmc.adaptation.choose_metric`); the last choice is the one sampled with.
 """
@@ -64,6 +73,16 @@ DENSE_MIN_DRAWS_PER_DIM = 10
 #: current metric's variances (:func:`_floor`).
 FLOOR = 1e-3
 
+#: The start's Laplace covariance is checked over warm-up's first :data:`FIRST_CHECK` iterations, and
+#: the identity tried over as many: ten let the step sizes settle from the doubling heuristic's start
+#: (the median depth is taken over the last half), and cost little next to the 65 or more iterations
+#: of a fast window that a saturating metric would spend.
+FIRST_CHECK = 10
+#: The identity is tried where the chains' median tree depth under the first metric reaches this:
+#: 2^7 = 128 leapfrog steps before a U-turn, where a metric that matches the posterior's scales needs
+#: a few; the trial, not this bound, decides, so it only keeps the trial off where trees are short.
+SATURATED_DEPTH = 7
+
 
 @dataclass
 class WarmupResult:
@@ -75,6 +94,7 @@ class WarmupResult:
     inv_mass: Metric
     metric: str  # "identity", "diag" or "dense"
     length: float | None  # HMC's jittered trajectory length, if any
+    first_metric_dropped: bool = False  # the start's metric replaced by the identity (module notes)
 
 
 def _new_accumulator(metric: str, dim: int, device):
@@ -249,13 +269,14 @@ def windowed_warmup(
     """
     dim, dtype, device = state.x.shape[1], state.x.dtype, state.x.device
     _, windows, _ = stan_windows(num_warmup) if adapt_mass else (num_warmup, [], 0)
-    ends = {end: start for start, end in windows}
-    starts = {start for start, _ in windows}
+    starts, ends = {start for start, _ in windows}, {end for _, end in windows}
     last_end, pooled = (windows[-1][1] if windows else None), False
     dual = DualAveraging(step_size, target_accept)
     kind = "identity" if inv_mass is None else ("dense" if isinstance(inv_mass, DenseMetric) else "diag")
     acc, acc_g, collecting = None, None, False
     jittered = trajectory if isinstance(trajectory, JitteredLength) else None
+    checked = inv_mass is not None and 2 * FIRST_CHECK < (windows[0][1] if windows else num_warmup)
+    check = _FirstMetricCheck(inv_mass, kind) if checked else None
     for i in range(num_warmup):
         if i in starts:
             acc, acc_g, collecting = (
@@ -274,6 +295,8 @@ def windowed_warmup(
         dual.update(info.acceptance_rate.mean() if pooled else info.acceptance_rate)
         if jittered is not None:
             jittered.update(x_before, info)
+        if check is not None and check.active and getattr(info, "tree_depth", None) is not None:
+            inv_mass, kind = check.update(info, x_before, state, accept_prob, dual, inv_mass, kind)
         if collecting:
             acc.update(state.x)
             acc_g.update(state.grad)
@@ -288,4 +311,45 @@ def windowed_warmup(
     chain_h = chain_h.expand(step_size.shape) if pooled else chain_h
     h = torch.exp(torch.log(chain_h).median())
     length = jittered.final_length if jittered is not None else None
-    return WarmupResult(state, h, chain_h, inv_mass, kind, length)
+    return WarmupResult(state, h, chain_h, inv_mass, kind, length, check is not None and check.dropped)
+
+
+class _FirstMetricCheck:
+    """The first metric's check (module notes): after :data:`FIRST_CHECK` iterations whose median
+    tree depth (last half) reaches :data:`SATURATED_DEPTH`, the identity is tried for as many; it is
+    kept if it moves the chains further per leapfrog step (:meth:`_score`), else the first metric
+    comes back with its step sizes."""
+
+    def __init__(self, inv_mass: Metric, kind: str):
+        self.saved, self.trial_of, self.active, self.dropped = (inv_mass, kind), None, True, False
+        self.seen: list = []
+
+    def update(self, info, x_before, state, accept_prob, dual, inv_mass, kind):
+        self.seen.append((info.tree_depth, info.num_leapfrog, x_before, state.x))
+        if len(self.seen) < FIRST_CHECK:
+            return inv_mass, kind
+        recent, self.seen = self.seen[FIRST_CHECK // 2 :], []
+        if self.trial_of is None:
+            if float(torch.stack([r[0] for r in recent]).to(torch.float64).median()) < SATURATED_DEPTH:
+                self.active = False
+                return inv_mass, kind
+            self.trial_of = (self._score(recent), dual.step_size.clone())
+            dual.restart(initial_step_sizes(lambda h: accept_prob(state, h, None), dual.step_size))
+            return None, "identity"
+        self.active = False
+        if self._score(recent) > self.trial_of[0]:
+            self.dropped = True
+            return None, "identity"
+        dual.restart(self.trial_of[1])
+        return self.saved
+
+    @staticmethod
+    def _score(recent) -> float:
+        """The worst coordinate's squared jump per iteration over its variance (pooled over the
+        chains and iterations: the chains start spread as the posterior), per leapfrog step: the
+        slowest direction's mixing per gradient, which a metric's scaling does not change (short
+        trees that leave a wide direction to a random walk score low, unlike by tree depth)."""
+        jumps = torch.stack([(after - before) ** 2 for _, _, before, after in recent]).mean((0, 1))
+        spread = torch.stack([after for *_, after in recent]).flatten(0, 1).var(0)
+        steps = float(torch.stack([r[1] for r in recent]).to(torch.float64).mean())
+        return float((jumps / spread.clamp_min(torch.finfo(spread.dtype).tiny)).min()) / max(steps, 1.0)
