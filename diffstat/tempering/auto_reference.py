@@ -31,9 +31,11 @@ decides once per target, by a pilot:
 The decision is cached on the target (several samplers, and the stages of one, build paths on it),
 and a path says which reference it uses in ``reference_source`` (``"N(0, I)"`` or ``"fitted"``).
 The pilot's points are counted as target evaluations; NaN or ``+inf`` values it meets are not
-counted as run trouble (``num_nan_evals``), since its ascent refuses them. Any exception of the
-log-density during the pilot keeps :math:`\mathcal N(0, I)` (the run then meets it and reports it
-as before). Measurements: ``docs/far_reference.md``.
+counted as run trouble (``num_nan_evals``), since its ascent refuses them. The pilot's draws first
+get the method's own first look (:meth:`~diffstat.target.Target.validate`: a bad log-density is
+refused with its ``ValueError`` there); any later exception of the log-density during the pilot
+keeps :math:`\mathcal N(0, I)` (the run then meets it and reports it as before). Measurements:
+``docs/far_reference.md``.
 """
 
 from __future__ import annotations
@@ -107,12 +109,12 @@ def decide(target, device=None) -> dict:
     before = target.num_target_evals
     nan0, posinf0 = target._nan_evals, target._posinf_evals
     device = torch.device("cpu") if device is None else torch.device(device)
-    # the pilot's draws are the method's first look: a bad log-density is refused here, as it would be there
     gen = torch.Generator(device=device).manual_seed(PILOT_SEED)
-    target.validate(torch.randn(PILOT_DRAWS, target.dim, generator=gen, dtype=target.dtype, device=device),
-                    require_support=False)  # fmt: skip
+    x = torch.randn(PILOT_DRAWS, target.dim, generator=gen, dtype=target.dtype, device=device)
+    # the pilot's draws are the method's first look: a bad log-density is refused here, as it would be there
+    target.validate(x, require_support=False)
     try:
-        info = _pilot(target, device)
+        info = _pilot(target, x)
     except Exception:  # noqa: BLE001 - the log-density failed in the pilot: keep N(0, I), the run reports it
         info = {"reference": "N(0, I)", "distance": float("nan")}
     finally:
@@ -121,10 +123,8 @@ def decide(target, device=None) -> dict:
     return info
 
 
-def _pilot(target, device: torch.device) -> dict:
-    """Steps 1 to 4 of the module notes."""
-    gen = torch.Generator(device=device).manual_seed(PILOT_SEED)
-    x = torch.randn(PILOT_DRAWS, target.dim, generator=gen, dtype=target.dtype, device=device)
+def _pilot(target, x: torch.Tensor) -> dict:
+    """Steps 1 to 4 of the module notes, from the pilot's draws ``x: (PILOT_DRAWS, dim)``."""
     lp, g = target.log_prob_and_grad(x)
     keep = {"reference": "N(0, I)", "distance": float("nan")}
     if not bool(torch.isfinite(lp).any()):
